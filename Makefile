@@ -1,0 +1,39 @@
+# Two commands matter on a fresh machine; each sets itself up (a virtual environment in .venv):
+#   make course   run the course notebooks on the embedded synthetic data into outputs/
+#   make test     run the test suite and every notebook under nbval in the smoke profile
+# Options: make course PROFILE=smoke SEED=1; make test TORCH_SPEC=torch (for a CUDA build)
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# torch first, pinned, so pip does not pull a multi-GB CUDA build onto a CPU machine.
+TORCH_SPEC ?= torch==2.13.0
+PROFILE ?= course
+SEED ?= 0
+
+.PHONY: setup course test test-fast notebooks bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -e .
+	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
+	touch $@
+
+course: setup
+	$(PY) -m mtlearn.course --profile $(PROFILE) --seed $(SEED) --out outputs
+
+test: setup
+	$(PY) -m pytest -q tests
+	MTLEARN_PROFILE=smoke $(PY) -m pytest -q --nbval-lax --nbval-current-env -p no:cacheprovider notebooks
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow" tests
+
+bench: setup
+	$(PY) -m benchmarks
+
+clean:
+	rm -rf $(VENV) outputs .pytest_cache

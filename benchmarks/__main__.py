@@ -1,0 +1,55 @@
+"""Run the benchmarks and print one table.
+
+    python -m benchmarks                 # everything (several minutes on 2 CPU cores)
+    python -m benchmarks --quick         # smaller sizes, for a first look
+    python -m benchmarks --only models engine
+
+Each module in this folder exposes `run(quick: bool) -> list[dict]`; the rows of one module are
+measured in the same process, one after the other, so their ratios are comparable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import time
+
+MODULES = ("data", "models", "engine", "disentangle", "umsrep")
+
+
+def format_table(rows: list[dict]) -> str:
+    """Rows (dicts) -> an aligned text table with the union of their keys as columns."""
+    columns: list[str] = []
+    for row in rows:
+        columns += [k for k in row if k not in columns]
+    cells = [[_fmt(row.get(c, "")) for c in columns] for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
+    line = lambda values: "  ".join(v.rjust(w) if _numeric(v) else v.ljust(w) for v, w in zip(values, widths))
+    return "\n".join([line(columns), line(["-" * w for w in widths]), *map(line, cells)])
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 1000 else f"{value:,.0f}"
+    return str(value)
+
+
+def _numeric(text: str) -> bool:
+    return text.replace(".", "", 1).replace(",", "").replace("-", "", 1).replace("e", "", 1).isdigit()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="smaller sizes and fewer steps")
+    parser.add_argument("--only", nargs="*", choices=MODULES, default=None, help="run only these groups")
+    args = parser.parse_args(argv)
+    for name in args.only or MODULES:
+        module = importlib.import_module(f"benchmarks.bench_{name}")
+        started = time.perf_counter()
+        rows = module.run(quick=args.quick)
+        print(f"\n## {name}  ({time.perf_counter() - started:.0f} s)\n")
+        print(format_table(rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,153 @@
+"""Run the course notebooks with papermill: the project's main job.
+
+    python -m mtlearn.course                       # every notebook, course profile, into outputs/
+    python -m mtlearn.course --profile smoke --seed 7 --only 00 01
+
+Each notebook is executed into `outputs/<notebook>/<profile>/` (the executed notebook, its
+figures and its metrics.json); the committed notebooks in notebooks/ are never written. A notebook
+that fails is reported with its failing cell and the others still run. The run ends with one
+table of every notebook's headline metrics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
+
+
+@dataclass
+class NotebookResult:
+    """What one papermill execution left behind."""
+
+    notebook: str
+    out_dir: Path
+    ok: bool
+    seconds: float
+    error: str = ""
+    metrics: dict[str, Any] | None = None
+
+
+def course_notebooks(notebook_dir: Path = NOTEBOOK_DIR) -> list[Path]:
+    """The numbered notebooks `NN_topic.ipynb`, in course order."""
+    return sorted(p for p in notebook_dir.glob("[0-9][0-9]_*.ipynb"))
+
+
+def _failing_cell(error: Exception) -> str:
+    """Papermill's error names the cell; keep its first lines and the exception."""
+    name = getattr(error, "ename", type(error).__name__)
+    value = getattr(error, "evalue", str(error))
+    cell = getattr(error, "exec_count", None)
+    where = f"cell [{cell}]" if cell is not None else "a cell"
+    return f"{where} raised {name}: {value}".strip()
+
+
+def run_notebook(
+    notebook: Path,
+    out_dir: Path,
+    parameters: dict[str, Any],
+    *,
+    kernel_name: str | None = None,
+    progress: bool = False,
+) -> NotebookResult:
+    """Execute `notebook` into `out_dir` with papermill; never raises for a failing notebook.
+
+    `out_dir` is passed to the notebook as its `out_dir` parameter, so its figures and
+    metrics.json land next to the executed copy.
+    """
+    import papermill as pm
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    params = dict(parameters, out_dir=str(out_dir.resolve()))
+    started = time.perf_counter()
+    try:
+        pm.execute_notebook(
+            str(notebook),
+            str(out_dir / notebook.name),
+            parameters=params,
+            kernel_name=kernel_name,
+            cwd=str(notebook.parent),
+            progress_bar=progress,
+            log_output=False,
+        )
+    except Exception as error:  # papermill raises PapermillExecutionError, kernels may raise others
+        return NotebookResult(notebook.stem, out_dir, False, time.perf_counter() - started, _failing_cell(error))
+    metrics_path = out_dir / "metrics.json"
+    if not metrics_path.exists():
+        return NotebookResult(notebook.stem, out_dir, False, time.perf_counter() - started,
+                              "the notebook finished without writing metrics.json")
+    metrics = json.loads(metrics_path.read_text())
+    return NotebookResult(notebook.stem, out_dir, True, time.perf_counter() - started, metrics=metrics)
+
+
+def headline_table(results: list[NotebookResult]) -> str:
+    """One line per notebook: status, time and its top-level numeric metrics."""
+    lines = [f"{'notebook':<28} {'status':<6} {'time':>7}  headline metrics"]
+    for r in results:
+        if r.ok and r.metrics:
+            flat = _flatten(r.metrics.get("metrics", {}))
+            shown = ", ".join(f"{k}={v:.3g}" for k, v in list(flat.items())[:6])
+        else:
+            shown = r.error
+        lines.append(f"{r.notebook:<28} {'ok' if r.ok else 'FAIL':<6} {r.seconds:>6.0f}s  {shown}")
+    return "\n".join(lines)
+
+
+def _flatten(metrics: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    flat: dict[str, float] = {}
+    for key, value in metrics.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, name + "/"))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            flat[name] = float(value)
+    return flat
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mtlearn.course", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--profile", default="course", help="smoke | course | paper (default: course)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed passed to every notebook")
+    parser.add_argument("--out", type=Path, default=Path("outputs"), help="output folder (default: outputs/)")
+    parser.add_argument("--only", nargs="*", default=None, metavar="NN",
+                        help="run only notebooks whose number or name starts with these")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
+    args = parser.parse_args(argv)
+
+    from mtlearn.notebook import resolve_profile
+
+    try:
+        profile = resolve_profile(args.profile)
+    except ValueError as error:
+        parser.error(str(error))
+    notebooks = course_notebooks()
+    if args.only:
+        notebooks = [nb for nb in notebooks if any(nb.stem.startswith(s) for s in args.only)]
+    if not notebooks:
+        parser.error(f"no notebook matches {args.only}; available: {[p.stem for p in course_notebooks()]}")
+
+    from tqdm.auto import tqdm
+
+    results = []
+    bar = tqdm(notebooks, desc=f"course notebooks ({profile})", unit="notebook")
+    for nb in bar:
+        bar.set_postfix_str(nb.stem)
+        params = {"profile": profile, "seed": args.seed, "device": args.device}
+        result = run_notebook(nb, args.out / nb.stem / profile, params)
+        if not result.ok:
+            tqdm.write(f"{nb.stem} failed: {result.error} (executed copy: {result.out_dir / nb.name})")
+        results.append(result)
+    print()
+    print(headline_table(results))
+    return 0 if all(r.ok for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

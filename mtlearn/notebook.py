@@ -1,0 +1,169 @@
+"""The notebook contract, in one place.
+
+Every course notebook has a `parameters` cell of literals (papermill injects new values after it):
+
+    profile = None          # "smoke" | "course" | "paper"; None: $MTLEARN_PROFILE, else "course"
+    dataset = "synthetic"
+    data_root = None
+    seed = 0
+    device = "auto"
+    out_dir = None          # None: outputs/<notebook>/<profile>
+
+and then calls `run = start("01_resformer_mtl", profile=profile, ...)`, which checks every value
+(a bad one fails at once, naming the valid choices), seeds everything, picks the device, prints
+the environment and starts the clock. The notebook saves figures with `run.save_figure(fig, name)`
+and ends with `run.finish(metrics)`, which writes `out_dir/metrics.json` and prints device and
+wall time.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mtlearn.utils import environment_report, pick_device, seed_everything
+
+PROFILES = ("smoke", "course", "paper")
+PROFILE_HELP = {
+    "smoke": "seconds on a CPU; checks that the notebook runs (CI)",
+    "course": "minutes on 2 CPU cores or a Colab GPU; the numbers the course discusses",
+    "paper": "paper-scale settings for a GPU: real data, 224 px and more, the papers' schedules",
+}
+SYNTHETIC_DATASETS = ("synthetic", "shapes")
+REAL_DATASETS = ("busi", "bus_bra", "bus_uclm", "breastmnist")
+
+
+def resolve_profile(profile: str | None = None) -> str:
+    """`profile`, or $MTLEARN_PROFILE when it is None, or "course"; anything else is an error."""
+    source = "the profile parameter"
+    if profile is None:
+        profile = os.environ.get("MTLEARN_PROFILE") or "course"
+        source = "$MTLEARN_PROFILE" if os.environ.get("MTLEARN_PROFILE") else source
+    if profile not in PROFILES:
+        choices = "; ".join(f"{p!r}: {PROFILE_HELP[p]}" for p in PROFILES)
+        raise ValueError(f"unknown profile {profile!r} (from {source}); valid profiles are {choices}")
+    return profile
+
+
+def check_dataset(dataset: str, data_root: str | os.PathLike | None, allowed: tuple[str, ...]) -> Path | None:
+    """Fail early when `dataset` is unknown here or its files are missing (with the fetch command)."""
+    if dataset not in allowed:
+        raise ValueError(f"dataset {dataset!r} is not used by this notebook; choose one of {allowed}")
+    if dataset in SYNTHETIC_DATASETS:
+        return None
+    from data_fetch import default_data_dir
+
+    root = Path(data_root) if data_root is not None else default_data_dir()
+    folder = root / dataset
+    if not folder.exists() or not any(folder.iterdir()):
+        raise FileNotFoundError(
+            f"dataset {dataset!r} was not found under {root}. Download it first with\n"
+            f"    python -m data_fetch {dataset} --dest {root}\n"
+            f"or run with dataset='synthetic' (the embedded data, no download needed)."
+        )
+    return root
+
+
+@dataclass
+class Run:
+    """One execution of a notebook: where it writes, on what device, and since when."""
+
+    notebook: str
+    profile: str
+    dataset: str
+    data_root: Path | None
+    seed: int
+    device: torch.device
+    out_dir: Path
+    started: float = field(default_factory=time.perf_counter)
+    figures: list[str] = field(default_factory=list)
+
+    def pick(self, **per_profile: Any) -> Any:
+        """Choose a setting by profile: `run.pick(smoke=64, course=1200, paper=8000)`."""
+        missing = [p for p in PROFILES if p not in per_profile]
+        if missing:
+            raise ValueError(f"run.pick needs a value for every profile; missing {missing}")
+        return per_profile[self.profile]
+
+    def save_figure(self, fig, name: str) -> Path:
+        """Save a matplotlib figure as `out_dir/<name>.png` (and leave it displayed inline)."""
+        path = self.out_dir / f"{Path(name).stem}.png"
+        fig.savefig(path, dpi=110, bbox_inches="tight")
+        self.figures.append(path.name)
+        return path
+
+    @property
+    def wall_time(self) -> float:
+        return time.perf_counter() - self.started
+
+    def finish(self, metrics: dict[str, Any]) -> Path:
+        """Write `out_dir/metrics.json` (headline numbers + run facts) and print device and time."""
+        record = {
+            "notebook": self.notebook,
+            "profile": self.profile,
+            "dataset": self.dataset,
+            "seed": self.seed,
+            "device": str(self.device),
+            "wall_time_s": round(self.wall_time, 1),
+            "figures": self.figures,
+            "metrics": _jsonable(metrics),
+        }
+        path = self.out_dir / "metrics.json"
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(record, indent=2, allow_nan=False))
+        os.replace(tmp, path)
+        print(f"{self.notebook} [{self.profile}] finished on {self.device} in {self.wall_time:.0f} s; "
+              f"metrics written to {path}")
+        return path
+
+
+def _jsonable(value: Any) -> Any:
+    """Turn tensors, NumPy values and NaN into plain JSON (NaN and inf become None)."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu().tolist()
+        return _jsonable(value)
+    if hasattr(value, "item") and callable(value.item):  # NumPy scalars
+        value = value.item()
+    if isinstance(value, float):
+        return round(value, 6) if math.isfinite(value) else None
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    raise TypeError(f"metrics must be numbers, strings, lists or dicts; got {type(value).__name__}: {value!r}")
+
+
+def start(
+    notebook: str,
+    *,
+    profile: str | None,
+    dataset: str,
+    data_root: str | os.PathLike | None,
+    seed: int,
+    device: str,
+    out_dir: str | os.PathLike | None,
+    datasets: tuple[str, ...] = ("synthetic",) + REAL_DATASETS,
+    verbose: bool = True,
+) -> Run:
+    """Check a notebook's parameters, seed, pick the device and create `out_dir`; see module doc."""
+    profile = resolve_profile(profile)
+    root = check_dataset(dataset, data_root, datasets)
+    seed_everything(seed)
+    resolved = pick_device(device)
+    out = Path(out_dir) if out_dir is not None else Path("outputs") / notebook / profile
+    out.mkdir(parents=True, exist_ok=True)
+    run = Run(notebook, profile, dataset, root, int(seed), resolved, out)
+    if verbose:
+        env = environment_report(resolved)
+        print(f"{notebook}: profile={profile} dataset={dataset} seed={seed} out_dir={out}")
+        print(" | ".join(f"{k} {v}" for k, v in env.items()))
+    return run

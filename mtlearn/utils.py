@@ -1,0 +1,130 @@
+"""Small helpers every notebook and module needs: seeding, device choice, counting.
+
+Kept free of model and data code so that anything in the package can import it.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import random
+import sys
+from importlib import metadata
+
+import numpy as np
+import torch
+from torch import nn
+
+DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy, PyTorch (all devices) and MONAI's transform randomness.
+
+    Results are then repeatable on the same machine and library versions; GPUs add their own
+    non-determinism unless `torch.use_deterministic_algorithms(True)` is also set.
+    """
+    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    seed = int(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)  # seeds CUDA and MPS generators too
+    try:
+        from monai.utils import set_determinism
+    except ImportError:  # MONAI is a dependency; this only guards odd installs
+        return
+    set_determinism(seed=seed % 2**32)
+    # set_determinism also switches cuDNN to deterministic kernels; training speed matters more
+    # than bit-exact GPU runs in a course, so keep the fast autotuner on CUDA.
+    torch.backends.cudnn.deterministic = False
+    torch.backends.cudnn.benchmark = torch.cuda.is_available()
+
+
+def pick_device(device: str | torch.device = "auto") -> torch.device:
+    """Resolve `device`: "auto" picks CUDA, then Apple's MPS, then the CPU.
+
+    An explicit "cuda" or "mps" that is not available raises instead of silently using the CPU,
+    so a Colab runtime without a GPU is noticed at once.
+    """
+    if isinstance(device, torch.device):
+        device = str(device)
+    if not isinstance(device, str):
+        raise ValueError(f"device must be a string such as 'auto' or 'cuda:0', got {device!r}")
+    kind = device.split(":")[0]
+    if kind not in DEVICE_CHOICES:
+        raise ValueError(f"unknown device {device!r}; expected one of {DEVICE_CHOICES} (optionally 'cuda:N')")
+    if kind == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            "device 'cuda' was requested but no CUDA GPU is visible; use device='auto' or 'cpu' "
+            "(on Colab: Runtime > Change runtime type > GPU)"
+        )
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("device 'mps' was requested but Apple's MPS backend is not available; use 'auto' or 'cpu'")
+    return torch.device(device)
+
+
+def _version(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def environment_report(device: str | torch.device = "auto") -> dict[str, str]:
+    """What the run is using: Python, library versions, CPU threads and the chosen device."""
+    resolved = pick_device(device)
+    report = {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(terse=True),
+        "torch": torch.__version__,
+        "monai": _version("monai"),
+        "captum": _version("captum"),
+        "numpy": np.__version__,
+        "cpu_threads": str(torch.get_num_threads()),
+        "device": str(resolved),
+    }
+    if resolved.type == "cuda":
+        index = resolved.index if resolved.index is not None else torch.cuda.current_device()
+        props = torch.cuda.get_device_properties(index)
+        report["gpu"] = f"{props.name}, {props.total_memory / 2**30:.0f} GiB"
+        report["bf16"] = str(torch.cuda.is_bf16_supported())
+    report["colab"] = str("COLAB_RELEASE_TAG" in os.environ or "google.colab" in sys.modules)
+    return report
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
+    """Number of parameters in `model` (only those with requires_grad when `trainable_only`)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def count_flops(model: nn.Module, *inputs: torch.Tensor) -> int:
+    """Forward-pass FLOPs of `model(*inputs)`, counted by torch.utils.flop_counter.
+
+    One multiply-add counts as two FLOPs. The backward pass of a training step costs about twice
+    the forward pass, so a training step is roughly 3x this number.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(*inputs)
+    finally:
+        model.train(was_training)
+    return int(counter.get_total_flops())
+
+
+def format_count(n: float) -> str:
+    """Human-readable count: 33_712_000 -> '33.7M'."""
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.1f}{unit}"
+    return str(int(n))

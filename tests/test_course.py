@@ -1,0 +1,51 @@
+"""The main-job runner: papermill execution, failure reporting, summary table."""
+
+import json
+
+import nbformat
+from nbformat.v4 import new_code_cell, new_notebook
+
+from mtlearn.course import course_notebooks, headline_table, run_notebook
+
+
+def write_notebook(path, body):
+    params = new_code_cell("profile = None\nseed = 0\nout_dir = None")
+    params.metadata["tags"] = ["parameters"]
+    nb = new_notebook(cells=[params, new_code_cell(body)])
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, str(path))
+    return path
+
+
+GOOD = """import json, pathlib
+pathlib.Path(out_dir).mkdir(parents=True, exist_ok=True)
+json.dump({"profile": profile, "metrics": {"dice": 0.5 + seed}}, open(pathlib.Path(out_dir) / "metrics.json", "w"))"""
+
+
+def test_run_notebook_passes_parameters_and_reads_metrics(tmp_path):
+    nb = write_notebook(tmp_path / "01_good.ipynb", GOOD)
+    result = run_notebook(nb, tmp_path / "out", {"profile": "smoke", "seed": 2})
+    assert result.ok, result.error
+    assert result.metrics == {"profile": "smoke", "metrics": {"dice": 2.5}}
+    assert (tmp_path / "out" / "01_good.ipynb").exists()
+    assert "01_good" in headline_table([result]) and "dice=2.5" in headline_table([result])
+
+
+def test_failing_notebook_is_reported_with_its_cell(tmp_path):
+    nb = write_notebook(tmp_path / "02_bad.ipynb", "raise RuntimeError('boom in cell two')")
+    result = run_notebook(nb, tmp_path / "out", {"profile": "smoke"})
+    assert not result.ok
+    assert "RuntimeError" in result.error and "boom in cell two" in result.error
+    assert "FAIL" in headline_table([result])
+
+
+def test_notebook_without_metrics_counts_as_failed(tmp_path):
+    nb = write_notebook(tmp_path / "03_silent.ipynb", "x = 1")
+    result = run_notebook(nb, tmp_path / "out", {})
+    assert not result.ok and "metrics.json" in result.error
+
+
+def test_course_notebooks_are_numbered_and_sorted():
+    names = [p.name for p in course_notebooks()]
+    assert names == sorted(names)
+    assert all(n[:2].isdigit() and n[2] == "_" for n in names)

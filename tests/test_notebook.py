@@ -1,0 +1,76 @@
+"""The notebook contract: parameter checks, metrics.json, figures."""
+
+import json
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import pytest
+import torch
+
+from mtlearn.notebook import PROFILES, resolve_profile, start
+
+
+def test_profile_defaults_to_course(monkeypatch):
+    monkeypatch.delenv("MTLEARN_PROFILE", raising=False)
+    assert resolve_profile(None) == "course"
+
+
+def test_profile_environment_variable_sets_the_default(monkeypatch):
+    monkeypatch.setenv("MTLEARN_PROFILE", "smoke")
+    assert resolve_profile(None) == "smoke"
+    assert resolve_profile("paper") == "paper"  # an explicit parameter wins
+
+
+def test_bogus_profile_lists_the_valid_ones():
+    with pytest.raises(ValueError) as info:
+        resolve_profile("bogus")
+    assert all(p in str(info.value) for p in PROFILES)
+
+
+def test_bogus_profile_from_environment_names_the_variable(monkeypatch):
+    monkeypatch.setenv("MTLEARN_PROFILE", "fast")
+    with pytest.raises(ValueError, match="MTLEARN_PROFILE"):
+        resolve_profile(None)
+
+
+def start_here(tmp_path, **overrides):
+    params = dict(profile="smoke", dataset="synthetic", data_root=None, seed=0, device="cpu",
+                  out_dir=tmp_path / "out", verbose=False)
+    params.update(overrides)
+    return start("99_test", **params)
+
+
+def test_missing_real_dataset_prints_the_fetch_command(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"python -m data_fetch busi --dest"):
+        start_here(tmp_path, dataset="busi", data_root=tmp_path / "nowhere")
+
+
+def test_unknown_dataset_lists_the_choices(tmp_path):
+    with pytest.raises(ValueError, match="synthetic"):
+        start_here(tmp_path, dataset="imagenet")
+
+
+def test_run_writes_metrics_and_figures(tmp_path):
+    run = start_here(tmp_path, seed=5)
+    fig, ax = plt.subplots()
+    ax.plot([0, 1])
+    run.save_figure(fig, "curve")
+    path = run.finish({"dice": torch.tensor(0.5), "acc": float("nan"), "per_class": [1, 2]})
+    record = json.loads(path.read_text())
+    assert record["metrics"] == {"dice": 0.5, "acc": None, "per_class": [1, 2]}
+    assert record["profile"] == "smoke" and record["seed"] == 5 and record["figures"] == ["curve.png"]
+    assert (tmp_path / "out" / "curve.png").stat().st_size > 0
+
+
+def test_pick_chooses_by_profile_and_needs_every_profile(tmp_path):
+    run = start_here(tmp_path)
+    assert run.pick(smoke=1, course=2, paper=3) == 1
+    with pytest.raises(ValueError, match="paper"):
+        run.pick(smoke=1, course=2)
+
+
+def test_metrics_must_be_plain_values(tmp_path):
+    with pytest.raises(TypeError, match="metrics must be"):
+        start_here(tmp_path).finish({"model": object()})

@@ -1,0 +1,60 @@
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from mtlearn.utils import count_flops, count_parameters, environment_report, format_count, pick_device, seed_everything
+
+
+def test_seed_everything_repeats_torch_and_numpy():
+    seed_everything(3)
+    a = (torch.rand(4), np.random.rand(4))
+    seed_everything(3)
+    b = (torch.rand(4), np.random.rand(4))
+    assert torch.equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, "7", None, True])
+def test_seed_everything_rejects_bad_seeds(bad):
+    with pytest.raises(ValueError, match="seed"):
+        seed_everything(bad)
+
+
+def test_pick_device_auto_and_cpu():
+    assert pick_device("cpu") == torch.device("cpu")
+    expected = "cuda" if torch.cuda.is_available() else ("mps" if torch.backends.mps.is_available() else "cpu")
+    assert pick_device("auto").type == expected
+
+
+@pytest.mark.parametrize("bad, message", [("gpu", "unknown device"), (3, "device must be a string")])
+def test_pick_device_rejects_bad_names(bad, message):
+    with pytest.raises(ValueError, match=message):
+        pick_device(bad)
+
+
+def test_pick_device_cuda_without_gpu_says_so(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="no CUDA GPU"):
+        pick_device("cuda")
+
+
+def test_count_parameters_trainable_only():
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))  # 16 + 10 parameters
+    model[0].requires_grad_(False)
+    assert count_parameters(model) == 26
+    assert count_parameters(model, trainable_only=True) == 10
+
+
+def test_count_flops_linear_layer():
+    model = nn.Linear(8, 5, bias=False)
+    assert count_flops(model, torch.zeros(3, 8)) == 2 * 3 * 8 * 5
+    assert model.training  # the count leaves the mode as it found it
+
+
+def test_environment_report_names_device_and_versions():
+    report = environment_report("cpu")
+    assert report["device"] == "cpu" and report["torch"] == torch.__version__
+
+
+def test_format_count():
+    assert format_count(33_712_000) == "33.7M" and format_count(950) == "950"
