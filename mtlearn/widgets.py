@@ -1,0 +1,68 @@
+"""Interactive explorers for the notebooks (ipywidgets).
+
+They build without a browser: the figure is drawn into an `Output` widget, so a test can construct
+an explorer, move its controls programmatically and read what was drawn (`explorer.state`).
+"""
+
+from __future__ import annotations
+
+import ipywidgets as widgets
+import matplotlib.pyplot as plt
+
+from mtlearn.plots import _image
+
+
+class DatasetExplorer:
+    """Browse a dataset of dict items: image, mask outline, clean target, artifact region, labels.
+
+    explorer = DatasetExplorer(train); display(explorer.widget)
+    """
+
+    LAYERS = ("image", "clean", "mask", "artifact_mask")
+
+    def __init__(self, dataset, class_names=None):
+        if len(dataset) == 0:
+            raise ValueError("DatasetExplorer needs a non-empty dataset")
+        self.dataset = dataset
+        self.class_names = class_names or getattr(dataset, "class_names", None)
+        first = dataset[0]
+        self.index = widgets.IntSlider(0, 0, len(dataset) - 1, description="item", continuous_update=False)
+        self.show = widgets.Dropdown(options=[k for k in ("image", "clean") if k in first], description="show")
+        self.outline = widgets.Checkbox(value="mask" in first, description="lesion outline",
+                                        disabled="mask" not in first)
+        self.artifact = widgets.Checkbox(value=False, description="artifact region",
+                                         disabled="artifact_mask" not in first)
+        self.output = widgets.Output()
+        self.state: dict = {}
+        for control in (self.index, self.show, self.outline, self.artifact):
+            control.observe(lambda _change: self.draw(), names="value")
+        self.widget = widgets.VBox([widgets.HBox([self.index, self.show]),
+                                    widgets.HBox([self.outline, self.artifact]), self.output])
+        self.draw()
+
+    def describe(self, item: dict) -> str:
+        parts = [str(item.get("id", ""))]
+        if "label" in item:
+            label = int(item["label"])
+            parts.append(self.class_names[label] if self.class_names else f"label {label}")
+        for key in ("artifact", "shape", "background"):
+            if key in item:
+                parts.append(f"{key}={int(item[key])}")
+        return "  ".join(p for p in parts if p)
+
+    def draw(self) -> None:
+        item = self.dataset[self.index.value]
+        title = self.describe(item)
+        self.output.clear_output(wait=True)
+        with self.output:
+            fig, ax = plt.subplots(figsize=(4, 4))
+            ax.imshow(_image(item[self.show.value]), cmap="gray")
+            if self.outline.value and "mask" in item:
+                ax.contour(_image(item["mask"]), levels=[0.5], colors="lime", linewidths=1)
+            if self.artifact.value and "artifact_mask" in item:
+                ax.contour(_image(item["artifact_mask"]), levels=[0.5], colors="orange", linewidths=1)
+            ax.set_title(title, fontsize=9)
+            ax.set_axis_off()
+            plt.show()
+        self.state = {"index": self.index.value, "layer": self.show.value, "title": title,
+                      "outline": self.outline.value, "artifact": self.artifact.value}

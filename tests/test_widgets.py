@@ -1,0 +1,45 @@
+"""The explorer builds without a browser and redraws when a control changes."""
+
+import matplotlib
+
+matplotlib.use("Agg")
+import pytest
+import torch
+
+from mtlearn.widgets import DatasetExplorer
+
+
+def fake_items(n=3):
+    items = []
+    for i in range(n):
+        mask = torch.zeros(1, 16, 16)
+        mask[:, 4:8, 4:8] = 1
+        items.append({"image": torch.rand(1, 16, 16), "clean": torch.rand(1, 16, 16), "mask": mask,
+                      "artifact_mask": torch.zeros(1, 16, 16), "label": i % 3, "artifact": i % 2,
+                      "id": f"item-{i}"})
+    return items
+
+
+def test_explorer_redraws_on_control_changes():
+    explorer = DatasetExplorer(fake_items(), class_names=("normal", "benign", "malignant"))
+    assert explorer.state["index"] == 0 and "normal" in explorer.state["title"]
+    explorer.index.value = 2
+    assert explorer.state["index"] == 2 and "malignant" in explorer.state["title"]
+    assert "item-2" in explorer.state["title"] and "artifact=0" in explorer.state["title"]
+    explorer.show.value = "clean"
+    assert explorer.state["layer"] == "clean"
+    explorer.artifact.value = True
+    assert explorer.state["artifact"] is True
+    assert explorer.index.max == 2
+
+
+def test_explorer_without_masks_disables_the_outline():
+    items = [{"image": torch.rand(1, 8, 8), "label": 0}]
+    explorer = DatasetExplorer(items)
+    assert explorer.outline.disabled and explorer.artifact.disabled
+    assert explorer.show.options == ("image",)
+
+
+def test_explorer_rejects_an_empty_dataset():
+    with pytest.raises(ValueError, match="non-empty"):
+        DatasetExplorer([])
