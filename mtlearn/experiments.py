@@ -1,0 +1,184 @@
+"""Grids of notebook runs through papermill: notebooks x parameters x seeds, resumable.
+
+    python -m mtlearn.experiments --notebooks 01 02 --seeds 0 1 --profile smoke --out outputs/grid
+    python -m mtlearn.experiments --notebooks 02 --seeds 0 1 2 --set weighting=fixed,pcgrad
+
+Each run gets its own folder, named after its parameters. A run whose folder already holds a
+`metrics.json` written with the same parameters is skipped, so an interrupted grid picks up where it
+stopped and a finished grid does no work. A failing run is recorded (`error.txt` beside the executed
+notebook) and the grid goes on. `collect(out_root)` reads every metrics.json into one table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import itertools
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from mtlearn.course import NOTEBOOK_DIR, course_notebooks, run_notebook
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One cell of the grid: a notebook and the parameters papermill injects."""
+
+    notebook: Path
+    parameters: tuple[tuple[str, Any], ...]  # sorted (name, value) pairs, hashable
+
+    @property
+    def name(self) -> str:
+        """Folder name: the parameters that vary, e.g. `seed=1,weighting=pcgrad`."""
+        return ",".join(f"{k}={v}" for k, v in self.parameters) or "default"
+
+    def folder(self, out_root: Path) -> Path:
+        return Path(out_root) / self.notebook.stem / self.name
+
+    def is_complete(self, out_root: Path) -> bool:
+        """True when metrics.json exists and was written by a run with these parameters."""
+        path = self.folder(out_root) / "metrics.json"
+        if not path.exists():
+            return False
+        recorded = json.loads(path.read_text())
+        return all(recorded.get(k, v) == v for k, v in self.parameters if k in ("profile", "seed", "dataset"))
+
+
+def grid(notebooks: list[Path], parameters: dict[str, list[Any]], seeds: list[int], profile: str) -> list[RunSpec]:
+    """Every combination of notebook, parameter values and seed, in a stable order."""
+    if not notebooks:
+        raise ValueError("the grid needs at least one notebook")
+    if not seeds:
+        raise ValueError("the grid needs at least one seed, e.g. seeds=[0]")
+    names = sorted(parameters)
+    specs = []
+    for nb in notebooks:
+        for values in itertools.product(*(parameters[n] for n in names)):
+            for seed in seeds:
+                params = dict(zip(names, values), seed=seed, profile=profile)
+                specs.append(RunSpec(Path(nb), tuple(sorted(params.items()))))
+    return specs
+
+
+def run_grid(specs: list[RunSpec], out_root: str | Path, *, progress: bool = True) -> pd.DataFrame:
+    """Run every spec not yet complete; return a status table (one row per run)."""
+    from tqdm.auto import tqdm
+
+    out_root = Path(out_root)
+    rows = []
+    for spec in tqdm(specs, desc="experiment grid", unit="run", disable=not progress):
+        folder = spec.folder(out_root)
+        if spec.is_complete(out_root):
+            rows.append({"notebook": spec.notebook.stem, "run": spec.name, "status": "skipped (done)", "seconds": 0.0})
+            continue
+        result = run_notebook(spec.notebook, folder, dict(spec.parameters))
+        error_file = folder / "error.txt"
+        if result.ok:
+            error_file.unlink(missing_ok=True)
+        else:
+            error_file.write_text(result.error + "\n")
+        rows.append({"notebook": spec.notebook.stem, "run": spec.name,
+                     "status": "ok" if result.ok else f"failed: {result.error}", "seconds": round(result.seconds, 1)})
+    return pd.DataFrame(rows)
+
+
+def collect(out_root: str | Path) -> pd.DataFrame:
+    """Every metrics.json under `out_root` as one row: notebook, run parameters and flat metrics."""
+    rows = []
+    for path in sorted(Path(out_root).glob("*/*/metrics.json")):
+        record = json.loads(path.read_text())
+        row = {"notebook": record.get("notebook", path.parent.parent.name), "run": path.parent.name}
+        row.update({k: record.get(k) for k in ("profile", "seed", "dataset", "device", "wall_time_s")})
+        row.update(_flatten(record.get("metrics", {})))
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def summarise(table: pd.DataFrame, by: list[str], metrics: list[str]) -> pd.DataFrame:
+    """Mean and standard deviation of `metrics` across seeds for each group in `by`."""
+    missing = [m for m in [*by, *metrics] if m not in table.columns]
+    if missing:
+        raise ValueError(f"columns {missing} are not in the table; available: {list(table.columns)}")
+    return table.groupby(by)[metrics].agg(["mean", "std", "count"])
+
+
+def plot_spread(table: pd.DataFrame, by: str, metric: str, title: str = ""):
+    """Each run as a dot and the mean per group as a bar: the spread across seeds at a glance."""
+    import matplotlib.pyplot as plt
+
+    groups = list(dict.fromkeys(table[by]))
+    fig, ax = plt.subplots(figsize=(1.2 * len(groups) + 2.5, 3.2))
+    for i, group in enumerate(groups):
+        values = table.loc[table[by] == group, metric].astype(float)
+        ax.bar(i, values.mean(), color="tab:blue", alpha=0.35)
+        ax.scatter([i] * len(values), values, color="tab:blue", zorder=3, s=14)
+    ax.set_xticks(range(len(groups)), [str(g) for g in groups], rotation=30, ha="right")
+    ax.set_xlabel(by)
+    ax.set_ylabel(metric)
+    ax.set_title(title or f"{metric} by {by} (dots: seeds)")
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def _flatten(metrics: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in metrics.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}/"))
+        elif not isinstance(value, list):
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _parse_set(text: str) -> tuple[str, list[Any]]:
+    """`name=v1,v2` -> ("name", [v1, v2]) with Python literals where they parse."""
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"--set expects name=value[,value...], got {text!r}")
+    name, values = text.split("=", 1)
+
+    def literal(v: str) -> Any:
+        try:
+            return ast.literal_eval(v)
+        except (ValueError, SyntaxError):
+            return v
+
+    return name.strip(), [literal(v) for v in values.split(",")]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mtlearn.experiments", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--notebooks", nargs="+", required=True, metavar="NN", help="notebook numbers or names")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--profile", default="smoke", help="smoke | course | paper (default: smoke)")
+    parser.add_argument("--set", dest="sets", action="append", type=_parse_set, default=[],
+                        metavar="NAME=V1,V2", help="a notebook parameter and the values to sweep")
+    parser.add_argument("--out", type=Path, default=Path("outputs") / "experiments")
+    args = parser.parse_args(argv)
+
+    from mtlearn.notebook import resolve_profile
+
+    try:
+        profile = resolve_profile(args.profile)
+    except ValueError as error:
+        parser.error(str(error))
+    notebooks = [nb for nb in course_notebooks() if any(nb.stem.startswith(s) for s in args.notebooks)]
+    if not notebooks:
+        parser.error(f"no notebook in {NOTEBOOK_DIR} matches {args.notebooks}")
+    specs = grid(notebooks, dict(args.sets), args.seeds, profile)
+    status = run_grid(specs, args.out)
+    print(status.to_string(index=False))
+    table = collect(args.out)
+    if not table.empty:
+        table.to_csv(args.out / "results.csv", index=False)
+        print(f"\n{len(table)} results collected into {args.out / 'results.csv'}")
+    return 0 if not status["status"].str.startswith("failed").any() else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

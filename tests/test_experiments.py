@@ -1,0 +1,56 @@
+"""Experiment grids: every combination runs once, reruns do nothing, failures are recorded."""
+
+import pytest
+
+from mtlearn.experiments import _parse_set, collect, grid, run_grid, summarise
+from tests.test_course import write_notebook
+
+WRITES_METRICS = """import json, pathlib
+if scale < 0:
+    raise ValueError("negative scale")
+record = {"notebook": "nb", "profile": profile, "seed": seed, "metrics": {"score": scale * 10 + seed}}
+json.dump(record, open(pathlib.Path(out_dir) / "metrics.json", "w"))"""
+
+
+@pytest.fixture
+def notebooks(tmp_path):
+    paths = []
+    for name in ("01_a", "02_b"):
+        nb = write_notebook(tmp_path / f"{name}.ipynb", WRITES_METRICS)
+        text = nb.read_text().replace("out_dir = None", "out_dir = None\\nscale = 1")
+        nb.write_text(text)
+        paths.append(nb)
+    return paths
+
+
+def test_grid_is_every_combination(notebooks):
+    specs = grid(notebooks, {"scale": [1, 2]}, seeds=[0, 1], profile="smoke")
+    assert len(specs) == 2 * 2 * 2
+    assert specs[0].name == "profile=smoke,scale=1,seed=0"
+
+
+def test_grid_runs_once_then_skips_and_collects(notebooks, tmp_path):
+    specs = grid(notebooks, {}, seeds=[0, 1], profile="smoke")
+    first = run_grid(specs, tmp_path / "grid", progress=False)
+    assert list(first["status"]) == ["ok"] * 4
+    second = run_grid(specs, tmp_path / "grid", progress=False)
+    assert list(second["status"]) == ["skipped (done)"] * 4
+    table = collect(tmp_path / "grid")
+    assert sorted(table["score"]) == [10, 10, 11, 11]
+    summary = summarise(table, ["notebook"], ["score"])
+    assert summary.loc["nb", ("score", "mean")] == 10.5
+
+
+def test_a_failing_run_is_recorded_and_the_rest_go_on(notebooks, tmp_path):
+    specs = grid(notebooks[:1], {"scale": [-1, 1]}, seeds=[0], profile="smoke")
+    status = run_grid(specs, tmp_path / "grid", progress=False)
+    assert status["status"].iloc[0].startswith("failed") and "negative scale" in status["status"].iloc[0]
+    assert status["status"].iloc[1] == "ok"
+    assert "negative scale" in (specs[0].folder(tmp_path / "grid") / "error.txt").read_text()
+
+
+def test_bad_grid_arguments():
+    with pytest.raises(ValueError, match="seed"):
+        grid([__file__], {}, seeds=[], profile="smoke")
+    assert _parse_set("weighting=fixed,pcgrad") == ("weighting", ["fixed", "pcgrad"])
+    assert _parse_set("lr=0.1,1e-3") == ("lr", [0.1, 0.001])
