@@ -53,22 +53,26 @@ def resolve_profile(profile: str | None = None) -> str:
 
 
 def check_dataset(dataset: str, data_root: str | os.PathLike | None, allowed: tuple[str, ...]) -> Path | None:
-    """Fail early when `dataset` is unknown here or its files are missing (with the fetch command)."""
+    """Fail early when `dataset` is unknown here or its files are missing (with the fetch command).
+
+    `data_root` holds one folder per dataset (as `$MTLEARN_DATA` does); returns the dataset's own
+    folder, the `root` that `mtlearn.data.load_dataset` takes, or None for the generated datasets.
+    """
     if dataset not in allowed:
         raise ValueError(f"dataset {dataset!r} is not used by this notebook; choose one of {allowed}")
     if dataset in SYNTHETIC_DATASETS:
         return None
-    from data_fetch import default_data_dir
+    from data_fetch import default_data_dir, get_source
 
-    root = Path(data_root) if data_root is not None else default_data_dir()
-    folder = root / dataset
-    if not folder.exists() or not any(folder.iterdir()):
+    root = Path(data_root).expanduser() if data_root is not None else default_data_dir()
+    folder = root / get_source(dataset).folder
+    if not folder.is_dir() or not any(folder.iterdir()):
         raise FileNotFoundError(
-            f"dataset {dataset!r} was not found under {root}. Download it first with\n"
-            f"    python -m data_fetch {dataset} --dest {root}\n"
+            f"dataset {dataset!r} was not found in {folder}. Download it first with\n"
+            f"    python -m data_fetch {dataset} --dest {folder}\n"
             f"or run with dataset='synthetic' (the embedded data, no download needed)."
         )
-    return root
+    return folder
 
 
 @dataclass
@@ -78,7 +82,7 @@ class Run:
     notebook: str
     profile: str
     dataset: str
-    data_root: Path | None
+    data_root: Path | None  # the dataset's folder (load_dataset's `root`); None for generated data
     seed: int
     device: torch.device
     out_dir: Path

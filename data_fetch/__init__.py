@@ -1,0 +1,116 @@
+"""data_fetch: download the course's public breast ultrasound datasets, once, safely.
+
+    python -m data_fetch list                  # what can be fetched
+    python -m data_fetch bus_bra               # into the default data folder
+    python -m data_fetch busi --dest ~/data/busi --url https://mirror.example/Dataset_BUSI.zip
+
+    from data_fetch import fetch
+    folder = fetch("bus_bra")                  # Path of the unpacked dataset
+
+Each dataset goes to its own folder, `default_data_dir() / <folder>` unless `dest` says otherwise,
+and `mtlearn.data.load_dataset(name, root=...)` reads that same folder. A fetch that completed
+leaves a marker file there; fetching again then downloads nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from data_fetch.archive import UnsafeArchiveError, extract_zip
+from data_fetch.download import (
+    RETRIES, DownloadError, FetchError, HashMismatchError, check_hash, download_file, file_hash, parse_hash,
+)
+from data_fetch.sources import SOURCES, Source, get_source
+
+__all__ = [
+    "SOURCES", "DownloadError", "FetchError", "HashMismatchError", "Source", "UnsafeArchiveError",
+    "dataset_dir", "default_data_dir", "fetch",
+]
+
+DATA_ENV = "MTLEARN_DATA"  # environment variable that overrides the default data root
+
+
+def default_data_dir() -> Path:
+    """Where datasets live: $MTLEARN_DATA if set, else the user cache (pooch.os_cache("mtlearn"))."""
+    if os.environ.get(DATA_ENV):
+        return Path(os.environ[DATA_ENV]).expanduser()
+    import pooch  # only here: it is not needed to merely import data_fetch
+
+    return Path(pooch.os_cache("mtlearn"))
+
+
+def dataset_dir(name: str) -> Path:
+    """Default folder of dataset `name` (a data_fetch name, e.g. "busi_128")."""
+    return default_data_dir() / get_source(name).folder
+
+
+def fetch(
+    name: str,
+    dest: str | Path | None = None,
+    url: str | None = None,
+    known_hash: str | None = None,
+    progress: bool = True,
+    *,
+    retries: int = RETRIES,
+) -> Path:
+    """Download dataset `name` into `dest` (default `dataset_dir(name)`), unpack it, return `dest`.
+
+    `url` and `known_hash` replace the pinned ones (a mirror; a checksum you pinned yourself). A
+    file already at `dest/<filename>` (say, downloaded by hand) is checked and used as it is.
+    Raises DownloadError with manual-download instructions when the host fails,
+    HashMismatchError when the checksum differs, UnsafeArchiveError for a malicious archive.
+    """
+    source = get_source(name)
+    folder = Path(dest).expanduser() if dest is not None else dataset_dir(name)
+    url = url or source.url
+    known_hash = known_hash or source.known_hash
+    parse_hash(known_hash)  # a malformed checksum fails now, not after a long download
+    target = folder / source.filename
+    marker = folder / f".{source.name}.complete"
+    if marker.exists() and (source.extract or target.exists()):
+        return folder  # fetched before: nothing to do
+
+    if target.exists():  # an earlier run stopped before unpacking, or the user put the file here
+        try:
+            check_hash(target, known_hash)
+        except HashMismatchError as error:
+            raise HashMismatchError(f"{error}; delete {target} and fetch again") from None
+    else:
+        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            download_file(url, target, known_hash, progress=progress, retries=retries)
+        except DownloadError as error:
+            raise DownloadError(manual_instructions(source, url, known_hash, folder, reason=str(error))) from error
+    if known_hash is None:
+        digest = file_hash(target, "sha256")
+        known_hash = f"sha256:{digest}"
+        print(
+            f"{source.name}: no checksum is published for {source.filename}; its sha256 is {digest}.\n"
+            f"Pin it so that later downloads are checked: python -m data_fetch {source.name} --hash {known_hash}\n"
+            "(or set known_hash for this source in data_fetch/sources.py)"
+        )
+    if source.extract:
+        extract_zip(target, folder)
+    # Written last: a folder without the marker is not finished, whatever else it holds.
+    marker.write_text(json.dumps({"name": source.name, "url": url, "known_hash": known_hash}, indent=1))
+    return folder
+
+
+def manual_instructions(source: Source, url: str, known_hash: str | None, folder: Path, reason: str = "") -> str:
+    """How to download `source` by hand and let data_fetch check and unpack it."""
+    expected = parse_hash(known_hash)
+    check = (
+        f"its {expected[0]} must be {expected[1]} (`{expected[0]}sum {source.filename}`)"
+        if expected else "no checksum is published; data_fetch prints the sha256 so you can pin it"
+    )
+    return (
+        f"could not download {source.name} from {url}" + (f" ({reason})" if reason else "") + ".\n"
+        "Download it by hand instead:\n"
+        f"  1. open {url} in a browser, or run: curl -L -o \"{folder / source.filename}\" \"{url}\"\n"
+        f"  2. check the file: {check}\n"
+        f"  3. put it at {folder / source.filename}\n"
+        f"  4. run `python -m data_fetch {source.name} --dest \"{folder}\"` again: it checks and unpacks the file "
+        "without downloading"
+    )

@@ -1,0 +1,55 @@
+"""Command line: python -m data_fetch NAME [--dest DIR] [--url URL] [--hash HASH], or `list`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from data_fetch import SOURCES, FetchError, dataset_dir, default_data_dir, fetch
+
+
+def listing() -> str:
+    """One block per dataset: name, description, default folder, checksum, URL."""
+    lines = [f"data root: {default_data_dir()} (set MTLEARN_DATA to change it)", ""]
+    for source in SOURCES.values():
+        lines += [
+            f"{source.name}",
+            f"    {source.description}",
+            f"    folder:   {dataset_dir(source.name)}",
+            f"    checksum: {source.known_hash or 'none published (pin the sha256 printed after the first download)'}",
+            f"    url:      {source.url}",
+        ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m data_fetch",
+        description="Download a public breast ultrasound dataset once, check its checksum and unpack it.",
+        epilog=f"datasets: {', '.join(SOURCES)}. Data root: $MTLEARN_DATA, else the user cache.",
+    )
+    parser.add_argument("name", choices=[*SOURCES, "list"], metavar="NAME", help="dataset to fetch, or 'list'")
+    parser.add_argument(
+        "--dest", type=Path, default=None, help="folder for this dataset (default: <data root>/<folder>)"
+    )
+    parser.add_argument("--url", default=None, help="download from this URL (a mirror) instead of the pinned one")
+    parser.add_argument(
+        "--hash", dest="known_hash", default=None, help="expected checksum, 'sha256:<hex>' or 'md5:<hex>'"
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    if args.name == "list":
+        print(listing())
+        return 0
+    try:
+        folder = fetch(args.name, dest=args.dest, url=args.url, known_hash=args.known_hash, progress=not args.quiet)
+    except (FetchError, ValueError) as error:
+        print(f"data_fetch: {error}", file=sys.stderr)
+        return 1
+    print(f"{args.name} is ready in {folder}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,54 @@
+"""Unpack a zip archive safely: refuse any member that would land outside the target folder.
+
+A member named `../../.bashrc` or `/etc/passwd` ("zip slip") would write outside the dataset
+folder. Every name is checked before a single byte is written, so a bad archive leaves nothing.
+Some hosts (Mendeley Data, for BUS-UCLM) wrap the dataset's own zip inside the download: zips
+found in the archive are unpacked next to themselves, one level deep, with the same checks.
+"""
+
+from __future__ import annotations
+
+import re
+import zipfile
+from pathlib import Path, PurePosixPath
+
+from data_fetch.download import FetchError
+
+
+class UnsafeArchiveError(FetchError, ValueError):
+    """An archive member would be written outside the target folder."""
+
+
+def extract_zip(archive: Path, target: Path, nested: bool = True) -> list[str]:
+    """Unpack `archive` into `target` (created if needed); return the member names.
+
+    Raises UnsafeArchiveError, before extracting anything, if a member name is absolute or climbs
+    out of `target` with "..".
+    """
+    archive, target = Path(archive), Path(target)
+    try:
+        with zipfile.ZipFile(archive) as zf:
+            names = zf.namelist()
+            for name in names:
+                _check_member(name, archive, target)
+            target.mkdir(parents=True, exist_ok=True)
+            zf.extractall(target)
+    except zipfile.BadZipFile as error:
+        raise FetchError(f"{archive} is not a readable zip archive ({error}); delete it and fetch again") from None
+    if nested:
+        for name in names:
+            if name.lower().endswith(".zip"):
+                inner = target / name
+                extract_zip(inner, inner.parent, nested=False)
+    return names
+
+
+def _check_member(name: str, archive: Path, target: Path) -> None:
+    path = PurePosixPath(name.replace("\\", "/"))
+    drive_letter = re.match(r"^[A-Za-z]:", name) is not None
+    escapes = not (target / path).resolve().is_relative_to(target.resolve())
+    if path.is_absolute() or drive_letter or ".." in path.parts or escapes:
+        raise UnsafeArchiveError(
+            f"refusing to unpack {archive.name}: member {name!r} would be written outside {target} "
+            "(absolute path or '..'); the archive is damaged or malicious, nothing was extracted"
+        )

@@ -1,0 +1,146 @@
+"""Download one file safely: resume, retry, verify, and only then put it in place.
+
+The practice of SPEC section 5:
+
+- bytes go to `<file>.part`; an interrupted download leaves that file behind and the next attempt
+  asks the server for the rest (HTTP Range); a server that ignores Range sends everything again;
+- network errors and server errors (5xx, 429) are retried with exponential backoff;
+- every request says who is asking (User-Agent): Zenodo throttles anonymous clients;
+- the checksum is computed on the finished `.part` file; only a file that matches is renamed to
+  its final name (an atomic rename), so the final path never holds a broken download.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import os
+import re
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+USER_AGENT = "mtlearn-data_fetch/0.1 (course dataset downloader; Python urllib)"
+RETRIES = 4  # attempts after the first one
+BACKOFF_SECONDS = 2.0  # wait 2, 4, 8, 16 s between attempts
+TIMEOUT_SECONDS = 60.0  # per network read
+CHUNK_BYTES = 1 << 16
+
+
+class FetchError(RuntimeError):
+    """Base class of everything data_fetch raises about a download or an archive."""
+
+
+class DownloadError(FetchError):
+    """The host could not deliver the file (after all retries)."""
+
+
+class HashMismatchError(FetchError):
+    """The file arrived, but its checksum is not the expected one."""
+
+
+def parse_hash(known_hash: str | None) -> tuple[str, str] | None:
+    """"md5:abc..." / "sha256:abc..." (or a bare 32/64-digit hex) -> (algorithm, hex digest)."""
+    if known_hash is None:
+        return None
+    algorithm, _, digest = known_hash.strip().lower().rpartition(":")
+    if not algorithm:
+        algorithm = {32: "md5", 64: "sha256"}.get(len(digest), "")
+    if algorithm not in ("md5", "sha1", "sha256") or not re.fullmatch(r"[0-9a-f]+", digest):
+        raise ValueError(f"cannot read the checksum {known_hash!r}; expected 'sha256:<hex>' or 'md5:<hex>'")
+    return algorithm, digest
+
+
+def file_hash(path: Path, algorithm: str = "sha256") -> str:
+    """Hex digest of a file, read in 1 MiB blocks."""
+    digest = hashlib.new(algorithm)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_hash(path: Path, known_hash: str | None) -> None:
+    """Raise HashMismatchError naming the expected and the actual checksum if they differ."""
+    expected = parse_hash(known_hash)
+    if expected is None:
+        return
+    algorithm, digest = expected
+    actual = file_hash(path, algorithm)
+    if actual != digest:
+        raise HashMismatchError(
+            f"{path.name} is corrupted or not the expected file: expected {algorithm}:{digest}, "
+            f"got {algorithm}:{actual}"
+        )
+
+
+def download_file(
+    url: str, path: Path, known_hash: str | None = None, progress: bool = True, retries: int = RETRIES
+) -> None:
+    """Download `url` to `path` (resuming a `.part` file left by an earlier attempt), verify, rename.
+
+    Raises DownloadError when the host fails after `retries` retries (the `.part` file is kept,
+    so the next call resumes) and HashMismatchError when the checksum differs (the `.part` file
+    is deleted, so the next call starts afresh). Nothing is ever left at `path` unless verified.
+    """
+    path = Path(path)
+    part = path.with_name(path.name + ".part")
+    for attempt in range(retries + 1):
+        try:
+            _transfer(url, part, progress)
+            break
+        except (PermissionError, IsADirectoryError, NotADirectoryError):
+            raise  # a problem with the local folder, not with the host: retrying will not help
+        except (OSError, http.client.HTTPException) as error:  # URLError, timeouts, dropped connections
+            if attempt == retries or not _worth_retrying(error):
+                raise DownloadError(f"{type(error).__name__}: {error}") from error
+            time.sleep(BACKOFF_SECONDS * 2**attempt)
+    try:
+        check_hash(part, known_hash)
+    except HashMismatchError as error:
+        part.unlink()
+        raise HashMismatchError(f"{error} (downloaded from {url}); nothing was kept, run again to retry") from None
+    os.replace(part, path)  # atomic: `path` appears complete or not at all
+
+
+def _transfer(url: str, part: Path, progress: bool) -> None:
+    """One request: append the missing bytes to `part` (or rewrite it) until the server is done."""
+    from tqdm.auto import tqdm
+
+    offset = part.stat().st_size if part.exists() else 0
+    headers = {"User-Agent": USER_AGENT}
+    if offset:
+        headers["Range"] = f"bytes={offset}-"
+    try:
+        response = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=TIMEOUT_SECONDS)
+    except urllib.error.HTTPError as error:
+        if error.code == 416:  # our partial file is as long as (or longer than) the file: start again
+            part.unlink()
+        raise
+    with response:
+        resumed = response.status == 206 and _range_start(response.headers.get("Content-Range")) == offset
+        if not resumed:
+            offset = 0  # the server sent the whole file
+        length = response.headers.get("Content-Length")
+        total = offset + int(length) if length is not None else None
+        bar = tqdm(total=total, initial=offset, unit="B", unit_scale=True, desc=part.stem, disable=not progress)
+        with open(part, "ab" if resumed else "wb") as f, bar:
+            while chunk := response.read(CHUNK_BYTES):
+                f.write(chunk)
+                bar.update(len(chunk))
+    if total is not None and part.stat().st_size < total:
+        raise ConnectionError(f"connection closed after {part.stat().st_size} of {total} bytes")
+
+
+def _range_start(content_range: str | None) -> int | None:
+    """'bytes 100-199/200' -> 100."""
+    match = re.match(r"bytes (\d+)-", content_range or "")
+    return int(match.group(1)) if match else None
+
+
+def _worth_retrying(error: Exception) -> bool:
+    """Network trouble and server-side errors are retried; 'not found', 'forbidden' and the like are not."""
+    if isinstance(error, urllib.error.HTTPError):
+        return error.code in (408, 416, 429) or error.code >= 500
+    return True

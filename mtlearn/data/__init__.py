@@ -1,0 +1,19 @@
+"""Data for the course: generated datasets (synthetic ultrasound, shapes) and real breast ultrasound.
+
+    from mtlearn.data import load_dataset
+    train = load_dataset("synthetic", split="train")          # no download needed
+    busi = load_dataset("busi", split="test")                  # after `python -m data_fetch busi`
+
+Items are dicts of tensors ("image", "mask", "label", ...; see `load_dataset`). Real datasets live
+in `default_data_dir()`: $MTLEARN_DATA, else the user cache.
+"""
+
+from data_fetch import default_data_dir
+from mtlearn.data.real import DATASETS, SPLITS, LayoutError, UltrasoundDataset, load_dataset
+from mtlearn.data.shapes import ShapesBackground
+from mtlearn.data.synthetic import SyntheticUltrasound
+
+__all__ = [
+    "DATASETS", "SPLITS", "LayoutError", "ShapesBackground", "SyntheticUltrasound", "UltrasoundDataset",
+    "default_data_dir", "load_dataset",
+]

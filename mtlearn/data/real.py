@@ -1,0 +1,543 @@
+"""Every dataset of the course behind one function: `load_dataset(name, split=...)`.
+
+    name         what                                          labels                      split
+    synthetic    SyntheticUltrasound, generated on the fly     normal/benign/malignant     fixed index ranges
+    shapes       ShapesBackground (Meng et al. 2019)           circle/bar (+ background)   the paper's
+    busi         BUSI, 780 PNGs                                normal/benign/malignant     ours, by duplicate cluster
+    busi_npz     BUSI pre-resized by MedSegBench (128/256 px)  benign/malignant            official
+    bus_bra      BUS-BRA, 1,875 PNGs of 1,064 patients         benign/malignant            official test fold, ours by patient
+    bus_uclm     BUS-UCLM, 683 PNGs of 38 patients             normal/benign/malignant     ours, by patient
+    breastmnist  BreastMNIST, 28 or 224 px, no masks           malignant/normal-or-benign  official
+
+Real datasets are downloaded by `python -m data_fetch NAME` into `data_fetch.default_data_dir()`;
+`root` points elsewhere. Items are dicts: "image" (C, H, W) float32 in [0, 1], "mask" (1, H, W)
+0/1 (not for BreastMNIST), "label" int, "id" str (the source file's stem), and "artifact" 0/1
+where the data say so (BUS-UCLM: Doppler overlay or caliper marks).
+
+Splits are deterministic for a seed and never split a group: a patient (BUS-BRA, BUS-UCLM) or a
+cluster of near-duplicate images (BUSI, which does not identify patients).
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+import warnings
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import ConcatDataset, Dataset
+
+from data_fetch import default_data_dir, get_source
+from mtlearn.data.splits import (
+    DUPLICATE_MAX_DISTANCE, SPLIT_FRACTIONS, difference_hash, duplicate_groups, split_by_group,
+)
+from mtlearn.data.synthetic import SyntheticUltrasound
+from mtlearn.data.transforms import augment_item, augmentation, resize_image, resize_mask
+
+DATASETS = ("synthetic", "shapes", "busi", "busi_npz", "bus_bra", "bus_uclm", "breastmnist")
+SPLITS = ("train", "val", "test", "all")
+DEFAULT_IMAGE_SIZE = 128  # all ultrasound datasets; shapes keeps its own default (224, 288)
+SYNTHETIC_SIZES = {"train": 2000, "val": 200, "test": 400}  # default number of items per split
+# Synthetic splits are disjoint index ranges of one deterministic stream.
+SYNTHETIC_FIRST_INDEX = {"train": 0, "val": 1_000_000, "test": 2_000_000}
+SIZE_MISMATCH_POLICIES = ("skip", "resize")
+
+
+@dataclass(frozen=True)
+class Record:
+    """One image of a real dataset, before loading."""
+
+    id: str  # source file stem, unique within the dataset
+    label: int  # index into the dataset's class_names
+    image: Path | np.ndarray  # a file, or an (H, W) array (npz datasets)
+    masks: tuple[Path, ...] | np.ndarray | None  # files OR-merged (() = empty mask), an array, None = no masks
+    group: str  # patient or duplicate cluster: a split never separates a group
+    artifact: int | None = None  # 1 = nuisance overlay in the image, None = not recorded
+
+
+def load_dataset(
+    name: str,
+    root: str | Path | None = None,
+    split: str = "train",
+    image_size: int | Sequence[int] | None = None,
+    seed: int = 0,
+    augment: bool = False,
+    cache: bool = True,
+    in_channels: int = 1,
+    on_size_mismatch: str = "skip",
+    **kwargs,
+) -> Dataset:
+    """One split of dataset `name` (see the module docstring for the names).
+
+    Args:
+        root: the dataset's folder (what `python -m data_fetch NAME --dest DIR` filled); default
+            `default_data_dir() / <folder>`. Ignored by the generated datasets.
+        split: "train", "val", "test" or "all" (shapes also has "unseen").
+        image_size: int or (H, W); default 128 px, and (224, 288) for shapes.
+        seed: chooses our splits (not the official ones), the augmentation and the generated data.
+        augment: random left-right flips and +-25 degree rotations of image and mask (real data).
+        cache: keep resized images in memory after their first use (real data).
+        in_channels: 1 (grey) or 3 (grey repeated, for ImageNet-style encoders).
+        on_size_mismatch: what to do with images whose mask has another size: "skip" them, or
+            "resize" both to `image_size` anyway. Either way they are listed in `size_mismatches`.
+        **kwargs: dataset options. synthetic: those of SyntheticUltrasound, plus `num_samples`
+            per split; busi: `duplicate_distance`; bus_bra: `fold` (official test fold);
+            busi_npz / breastmnist: `resolution` (128/256; 28/224).
+    """
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; expected one of {DATASETS}")
+    if name == "shapes":
+        return _shapes(split, image_size, seed, augment, in_channels, **kwargs)
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+    size = _size_pair(DEFAULT_IMAGE_SIZE if image_size is None else image_size)
+    if name == "synthetic":
+        if augment:
+            raise ValueError("augment=True applies to real datasets; every synthetic item is already new")
+        return _synthetic(split, size, seed, in_channels, **kwargs)
+    if on_size_mismatch not in SIZE_MISMATCH_POLICIES:
+        raise ValueError(f"on_size_mismatch must be one of {SIZE_MISMATCH_POLICIES}, got {on_size_mismatch!r}")
+
+    fetch_name = _fetch_name(name, kwargs.get("resolution"))
+    folder = Path(root).expanduser() if root is not None else default_data_dir() / get_source(fetch_name).folder
+    command = f"python -m data_fetch {fetch_name}" + (f' --dest "{folder}"' if root is not None else "")
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{name} is not downloaded: {folder} does not exist. Fetch it with `{command}`")
+    try:
+        records, class_names, problems = READERS[name](folder, split, seed, **kwargs)
+    except LayoutError as error:
+        raise LayoutError(f"{error}. If the download is incomplete, fetch it again with `{command}`") from None
+    return UltrasoundDataset(
+        name, split, records, class_names, size, in_channels, augment, cache, seed, on_size_mismatch, problems
+    )
+
+
+class LayoutError(FileNotFoundError):
+    """The dataset folder exists but does not hold the files the loader expects."""
+
+
+class UltrasoundDataset(Dataset):
+    """One split of a real dataset: records -> resized, cached, optionally augmented tensors.
+
+    Attributes: `class_names`, `tasks` (("seg", "cls") or ("cls",) without masks), `records`,
+    `labels` (N,), `size_mismatches` (ids whose image and mask sizes differ), `problems` (notes
+    on files the loader skipped or found odd).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        split: str,
+        records: list[Record],
+        class_names: tuple[str, ...],
+        image_size: tuple[int, int] = (DEFAULT_IMAGE_SIZE, DEFAULT_IMAGE_SIZE),
+        in_channels: int = 1,
+        augment: bool = False,
+        cache: bool = True,
+        seed: int = 0,
+        on_size_mismatch: str = "skip",
+        problems: Sequence[str] = (),
+    ):
+        if in_channels not in (1, 3):
+            raise ValueError(f"in_channels must be 1 (grey) or 3 (grey repeated), got {in_channels!r}")
+        self.name, self.split, self.class_names = name, split, tuple(class_names)
+        self.image_size, self.in_channels = tuple(image_size), in_channels
+        self.problems = list(problems)
+        self.size_mismatches = [r.id for r in records if _sizes_differ(r)]
+        if self.size_mismatches:
+            skipped = on_size_mismatch == "skip"
+            if skipped:
+                mismatched = set(self.size_mismatches)
+                records = [r for r in records if r.id not in mismatched]
+            warnings.warn(
+                f"{name}: {len(self.size_mismatches)} image/mask pairs differ in size "
+                f"(e.g. {self.size_mismatches[:3]}); "
+                + ("skipped them (on_size_mismatch='resize' keeps them)" if skipped else "resized both")
+                + "; see dataset.size_mismatches",
+                stacklevel=3,
+            )
+        self.records = list(records)
+        self.tasks = ("cls",) if self.records and self.records[0].masks is None else ("seg", "cls")
+        self._augment = augmentation(seed) if augment else None
+        self._cache: dict[int, tuple] | None = {} if cache else None
+
+    @property
+    def labels(self) -> np.ndarray:
+        """(N,) class index of every item."""
+        return np.array([r.label for r in self.records], dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __repr__(self) -> str:
+        counts = np.bincount(self.labels, minlength=len(self.class_names))
+        summary = ", ".join(f"{c}: {n}" for c, n in zip(self.class_names, counts))
+        return f"UltrasoundDataset({self.name!r}, split={self.split!r}, {len(self)} items: {summary})"
+
+    def __getitem__(self, index: int) -> dict:
+        record = self.records[index]
+        image, mask = self._resized(index)
+        if self._augment is not None:
+            image, mask = augment_item(self._augment, image, mask)
+        item = {"image": image.repeat(self.in_channels, 1, 1), "label": record.label, "id": record.id}  # (C, H, W)
+        if mask is not None:
+            item["mask"] = mask  # (1, H, W)
+        if record.artifact is not None:
+            item["artifact"] = record.artifact
+        return item
+
+    def _resized(self, index: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Image (1, H, W) and mask (1, H, W) or None at `image_size`, from the cache if possible."""
+        if self._cache is not None and index in self._cache:
+            return self._cache[index]
+        record = self.records[index]
+        image = resize_image(_read_image(record.image), self.image_size)
+        mask = None
+        if record.masks is not None:
+            mask = torch.zeros_like(image)  # () = an empty mask (BUSI normal images may lack the file)
+            for part in _read_masks(record.masks):  # extra masks are OR-merged with the main one
+                mask = torch.maximum(mask, resize_mask(part, self.image_size))
+        if self._cache is not None:
+            self._cache[index] = (image, mask)
+        return image, mask
+
+
+# --------------------------------------------------------------------------------------------------
+# Readers: folder -> (records of the split, class names, problems)
+
+BUSI_CLASSES = ("normal", "benign", "malignant")
+BUSI_MASK_NAME = re.compile(r"(?P<stem>.+)_mask(?:_\d+)?")  # "benign (4)_mask", "benign (4)_mask_1"
+
+
+def _read_busi(folder: Path, split: str, seed: int, duplicate_distance: int = DUPLICATE_MAX_DISTANCE):
+    """BUSI: <class>/<class> (N).png + <class> (N)_mask.png [+ _mask_1.png, _mask_2.png]."""
+    base = _locate(
+        folder, lambda d: (d / "benign").is_dir() and (d / "malignant").is_dir(),
+        "Dataset_BUSI_with_GT/{benign,malignant,normal}/ holding '<class> (N).png' and '<class> (N)_mask.png'",
+    )
+    records, problems = [], []
+    for label, class_name in enumerate(BUSI_CLASSES):
+        images, masks = {}, defaultdict(list)
+        for path in _pngs(base / class_name):
+            match = BUSI_MASK_NAME.fullmatch(path.stem)
+            if match:
+                masks[match["stem"]].append(path)
+            else:
+                images[path.stem] = path
+        for stem, path in images.items():
+            if not masks[stem] and class_name != "normal":
+                problems.append(f"{stem}: no mask file, skipped")
+                continue
+            records.append(Record(stem, label, path, tuple(sorted(masks[stem])), group=""))
+        problems += [f"{stem}: mask without image, ignored" for stem in masks if stem not in images]
+    # near-duplicates (same hash within a few bits) form one group, so one split
+    hashes = np.stack([_file_hash(r.image, r.image.stat().st_mtime_ns) for r in records])  # (N, 64)
+    groups = duplicate_groups(hashes, duplicate_distance)
+    records = [Record(r.id, r.label, r.image, r.masks, group=f"cluster-{g}") for r, g in zip(records, groups)]
+    return _take_split(records, split, seed), BUSI_CLASSES, problems
+
+
+BUS_BRA_CLASSES = ("benign", "malignant")
+
+
+def _read_bus_bra(folder: Path, split: str, seed: int, fold: int | str | None = None):
+    """BUS-BRA: Images/bus_0001-l.png, Masks/mask_0001-l.png, bus_data.csv, 5-fold-cv.csv.
+
+    The official folds are patient-level: `fold` (default: the first) is the test split, the
+    other patients are split into train and val (7:1) by patient.
+    """
+    expected = "BUSBRA/bus_data.csv, BUSBRA/5-fold-cv.csv, BUSBRA/Images/bus_0001-l.png, BUSBRA/Masks/mask_0001-l.png"
+    base = _locate(folder, lambda d: (d / "bus_data.csv").is_file(), expected)
+    for needed in ("5-fold-cv.csv", "Images", "Masks"):
+        if not (base / needed).exists():
+            raise LayoutError(f"{base} has bus_data.csv but no {needed}; expected {expected}")
+    folds = {row["ID"]: row["kFold"] for row in _read_csv(base / "5-fold-cv.csv", ("ID", "kFold"))}
+    records, problems = [], []
+    for row in _read_csv(base / "bus_data.csv", ("ID", "Case", "Pathology")):
+        image, mask = base / "Images" / f"{row['ID']}.png", base / "Masks" / f"mask_{row['ID'][4:]}.png"
+        pathology = row["Pathology"].strip().lower()
+        if pathology not in BUS_BRA_CLASSES or not image.is_file() or not mask.is_file():
+            problems.append(f"{row['ID']}: pathology {row['Pathology']!r} or its image/mask file missing, skipped")
+            continue
+        records.append(Record(row["ID"], BUS_BRA_CLASSES.index(pathology), image, (mask,), group=row["Case"].strip()))
+    fold_names = sorted(set(folds.values()), key=lambda f: (len(f), f))
+    fold = fold_names[0] if fold is None else str(fold)
+    if fold not in fold_names:
+        raise ValueError(f"fold {fold!r} is not in 5-fold-cv.csv; expected one of {fold_names}")
+    records.sort(key=lambda r: r.id)
+    if split == "all":
+        return records, BUS_BRA_CLASSES, problems
+    # a patient with any image in the test fold goes wholly to test
+    test_patients = {r.group for r in records if folds.get(r.id) == fold}
+    if split == "test":
+        return [r for r in records if r.group in test_patients], BUS_BRA_CLASSES, problems
+    rest = [r for r in records if r.group not in test_patients]
+    return _take_split(rest, split, seed, fractions=(("train", 0.7), ("val", 0.1))), BUS_BRA_CLASSES, problems
+
+
+BUS_UCLM_CLASSES = ("normal", "benign", "malignant")
+
+
+def _read_bus_uclm(folder: Path, split: str, seed: int):
+    """BUS-UCLM: images/<PATIENT>_<NNN>.png, masks/ (same names, colour-coded), INFO.csv (';').
+
+    Mask colours give the class: green benign, red malignant, black everywhere = normal. INFO.csv's
+    Doppler and Marks (caliper) flags give the "artifact" label.
+    """
+    base = _locate(
+        folder, lambda d: (d / "INFO.csv").is_file() and (d / "images").is_dir() and (d / "masks").is_dir(),
+        "BUS-UCLM/INFO.csv (Image;Label;Doppler;Marks), BUS-UCLM/images/<PATIENT>_<NNN>.png, "
+        "BUS-UCLM/masks/<same name>",
+    )
+    info = {Path(row["Image"]).stem: row for row in _read_csv(base / "INFO.csv", ("Image", "Doppler", "Marks"), ";")}
+    records, problems = [], []
+    for image in _pngs(base / "images"):
+        mask, row = base / "masks" / image.name, info.get(image.stem)
+        if not mask.is_file():
+            problems.append(f"{image.stem}: no mask file, skipped")
+            continue
+        if row is None:
+            problems.append(f"{image.stem}: not in INFO.csv, artifact flag unknown (0)")
+        label = _colour_class(mask, mask.stat().st_mtime_ns)
+        stated = (row or {}).get("Label", "").strip().lower()
+        if stated in BUS_UCLM_CLASSES and BUS_UCLM_CLASSES.index(stated) != label:
+            problems.append(f"{image.stem}: INFO.csv says {stated}, the mask colour says {BUS_UCLM_CLASSES[label]}")
+        artifact = int(row is not None and (_flag(row["Doppler"]) or _flag(row["Marks"])))
+        records.append(Record(image.stem, label, image, (mask,), group=image.stem.rsplit("_", 1)[0], artifact=artifact))
+    return _take_split(records, split, seed), BUS_UCLM_CLASSES, problems
+
+
+BREASTMNIST_CLASSES = ("malignant", "normal_or_benign")  # MedMNIST's labels: 0 malignant, 1 normal + benign
+
+
+def _read_breastmnist(folder: Path, split: str, seed: int, resolution: int = 28):
+    """BreastMNIST npz: {train,val,test}_images (N, H, W) uint8 and _labels (N, 1); official splits."""
+    path = _locate_file(folder, get_source(_fetch_name("breastmnist", resolution)).filename)
+    records = []
+    with np.load(path) as data:
+        _require_keys(path, data, [f"{s}_{k}" for s in SPLITS[:3] for k in ("images", "labels")])
+        for part in _official_parts(split):
+            images, labels = data[f"{part}_images"], data[f"{part}_labels"].reshape(-1)
+            records += [
+                Record(f"breastmnist-{part}-{i:04d}", int(labels[i]), images[i], None, group="") for i in range(len(labels))
+            ]
+    return records, BREASTMNIST_CLASSES, []
+
+
+BUSI_NPZ_CLASSES = ("benign", "malignant")
+
+
+def _read_busi_npz(folder: Path, split: str, seed: int, resolution: int = 128):
+    """MedSegBench's BUSI npz: {split}_images_C1/_C2 (benign/malignant) and {split}_label_C1/_C2 (masks)."""
+    path = _locate_file(folder, get_source(_fetch_name("busi_npz", resolution)).filename)
+    records = []
+    with np.load(path) as data:
+        _require_keys(path, data, [f"{s}_{k}_C{c}" for s in SPLITS[:3] for k in ("images", "label") for c in (1, 2)])
+        for part in _official_parts(split):
+            for label, code in enumerate(("C1", "C2")):
+                images, masks = _grey_stack(data[f"{part}_images_{code}"]), _grey_stack(data[f"{part}_label_{code}"])
+                masks = masks > masks.max() / 2  # 0/1 or 0/255: binary either way
+                records += [
+                    Record(f"busi_npz-{part}-{code}-{i:04d}", label, images[i], masks[i], group="")
+                    for i in range(len(images))
+                ]
+    return records, BUSI_NPZ_CLASSES, []
+
+
+READERS: dict[str, Callable] = {
+    "busi": _read_busi, "busi_npz": _read_busi_npz, "bus_bra": _read_bus_bra,
+    "bus_uclm": _read_bus_uclm, "breastmnist": _read_breastmnist,
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# Generated datasets
+
+
+class _Concatenated(ConcatDataset):
+    """ConcatDataset that keeps the class names and tasks of its parts."""
+
+    def __init__(self, datasets):
+        super().__init__(datasets)
+        self.class_names, self.tasks = datasets[0].class_names, datasets[0].tasks
+
+
+def _synthetic(split: str, image_size, seed: int, in_channels: int, num_samples: int | None = None, **kwargs):
+    """SyntheticUltrasound for one split; `num_samples` (default SYNTHETIC_SIZES) sets each split's size."""
+    if split == "all":
+        return _Concatenated([_synthetic(s, image_size, seed, in_channels, num_samples, **kwargs) for s in SPLITS[:3]])
+    size = SYNTHETIC_SIZES[split] if num_samples is None else num_samples
+    if not isinstance(size, int) or not 1 <= size <= 1_000_000:
+        raise ValueError(f"num_samples must be an integer in [1, 1000000], got {size!r}")
+    return SyntheticUltrasound(
+        num_samples=size, image_size=image_size, seed=seed, in_channels=in_channels,
+        first_index=SYNTHETIC_FIRST_INDEX[split], **kwargs,
+    )
+
+
+def _shapes(split: str, image_size, seed: int, augment: bool, in_channels: int, **kwargs):
+    from mtlearn.data.shapes import ShapesBackground
+
+    if augment:  # flips would be harmless, but intensity tricks would defeat the benchmark: keep it as published
+        raise ValueError("augment=True is not available for shapes: the benchmark is used as published")
+    if in_channels != 1:
+        raise ValueError(f"shapes images are grey: in_channels must be 1, got {in_channels!r}")
+    if image_size is not None:
+        kwargs["image_size"] = image_size
+    return ShapesBackground(split=split, seed=seed, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------------
+# Helpers
+
+
+def _take_split(records: list[Record], split: str, seed: int, fractions=SPLIT_FRACTIONS) -> list[Record]:
+    """The records of `split` under a group-aware, stratified split (all of them for "all")."""
+    records = sorted(records, key=lambda r: r.id)  # independent of the order the file system lists them
+    if split == "all" or not records:
+        return records
+    names = split_by_group([r.group or r.id for r in records], [r.label for r in records], seed, fractions)
+    return [r for r, name in zip(records, names) if name == split]
+
+
+def _official_parts(split: str) -> tuple[str, ...]:
+    return SPLITS[:3] if split == "all" else (split,)
+
+
+def _fetch_name(name: str, resolution: int | None) -> str:
+    """data_fetch name of a dataset; the npz ones come in several resolutions."""
+    options = {  # dataset: (default resolution, {resolution: data_fetch name})
+        "busi_npz": (128, {128: "busi_128", 256: "busi_256"}),
+        "breastmnist": (28, {28: "breastmnist", 224: "breastmnist_224"}),
+    }
+    if name not in options:
+        return name
+    default, names = options[name]
+    resolution = default if resolution is None else resolution
+    if resolution not in names:
+        raise ValueError(f"{name} comes in resolution {tuple(names)}, got {resolution!r}")
+    return names[resolution]
+
+
+def _locate(folder: Path, is_base: Callable[[Path], bool], expected: str, depth: int = 3) -> Path:
+    """`folder` or the first folder below it (up to `depth` levels) for which `is_base` holds."""
+    candidates = [folder]
+    for _ in range(depth + 1):
+        for candidate in candidates:
+            if is_base(candidate):
+                return candidate
+        candidates = sorted(  # hidden folders and macOS zip debris (__MACOSX) are never the dataset
+            d for c in candidates for d in c.iterdir() if d.is_dir() and not d.name.startswith((".", "__MACOSX"))
+        )
+    raise LayoutError(f"{folder} does not hold the expected files: {expected}")
+
+
+def _locate_file(folder: Path, filename: str) -> Path:
+    path = folder / filename
+    if not path.is_file():
+        raise LayoutError(f"{folder} has no {filename}")
+    return path
+
+
+def _pngs(folder: Path) -> list[Path]:
+    """PNG files of a folder, sorted; hidden files (macOS "._" copies) excluded."""
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() == ".png" and not p.name.startswith("."))
+
+
+def _read_csv(path: Path, required: Sequence[str], delimiter: str = ",") -> list[dict[str, str]]:
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f, delimiter=delimiter)
+        rows = [{(k or "").strip(): (v or "") for k, v in row.items()} for row in reader]  # trim header spaces
+    columns = list(rows[0]) if rows else []
+    missing = [c for c in required if c not in columns]
+    if missing:
+        raise LayoutError(f"{path.name} lacks the column(s) {missing} (delimiter {delimiter!r}); found {columns}")
+    return rows
+
+
+def _require_keys(path: Path, data, keys: Sequence[str]) -> None:
+    missing = [k for k in keys if k not in data.files]
+    if missing:
+        raise LayoutError(f"{path.name} lacks the arrays {missing}; found {sorted(data.files)}")
+
+
+def _read_image(image: Path | np.ndarray) -> np.ndarray:
+    """A file or an array -> (H, W) float32 grey in [0, 1]. Colour and alpha are dropped."""
+    if isinstance(image, np.ndarray):
+        array = image.astype(np.float32)
+        return array / 255.0 if image.dtype == np.uint8 else array / max(float(array.max()), 1.0)
+    with Image.open(image) as img:
+        if img.mode.startswith("I"):  # 16-bit PNG
+            array = np.asarray(img, dtype=np.float32)
+            return array / max(float(array.max()), 1.0)
+        return np.asarray(img.convert("L"), dtype=np.float32) / 255.0
+
+
+def _read_masks(masks: tuple[Path, ...] | np.ndarray) -> list[np.ndarray]:
+    """Mask files (or an array) -> list of (H, W) 0/1 float32 arrays, to be OR-merged.
+
+    RGB and RGBA masks are converted to grey and thresholded at half their maximum, so white,
+    coloured, 0/1 and 0/255 masks all come out binary.
+    """
+    if isinstance(masks, np.ndarray):
+        return [masks.astype(np.float32)]
+    binary = []
+    for path in masks:
+        with Image.open(path) as img:
+            grey = np.asarray(img.convert("L"), dtype=np.float32)
+        binary.append((grey > grey.max() / 2).astype(np.float32))
+    return binary
+
+
+@lru_cache(maxsize=None)
+def _file_hash(path: Path, modified: int) -> np.ndarray:
+    """Perceptual hash of an image file; remembered (per modification time) across splits."""
+    return difference_hash(_read_image(path))
+
+
+@lru_cache(maxsize=None)
+def _colour_class(mask: Path, modified: int) -> int:
+    """BUS-UCLM mask colour -> 0 normal (no colour), 1 benign (green), 2 malignant (red); remembered."""
+    with Image.open(mask) as img:
+        rgb = np.asarray(img.convert("RGB"), dtype=np.int16)
+    red, green = rgb[..., 0], rgb[..., 1]
+    reds = np.count_nonzero((red > 127) & (red > green + 64))
+    greens = np.count_nonzero((green > 127) & (green > red + 64))
+    return 0 if reds == greens == 0 else (2 if reds > greens else 1)
+
+
+def _flag(value: str) -> bool:
+    return str(value).strip().lower() in {"1", "yes", "y", "true", "si", "sí", "x"}
+
+
+def _sizes_differ(record: Record) -> bool:
+    if not isinstance(record.image, Path) or not record.masks:
+        return False
+    with Image.open(record.image) as img:
+        size = img.size
+    for path in record.masks:
+        with Image.open(path) as img:
+            if img.size != size:
+                return True
+    return False
+
+
+def _grey_stack(array: np.ndarray) -> np.ndarray:
+    """(N, H, W), (N, H, W, 1) or (N, H, W, 3) -> (N, H, W)."""
+    return array if array.ndim == 3 else array.mean(axis=-1).astype(array.dtype)
+
+
+def _size_pair(image_size) -> tuple[int, int]:
+    size = (image_size, image_size) if isinstance(image_size, (int, np.integer)) else tuple(image_size)
+    if len(size) != 2 or not all(isinstance(n, (int, np.integer)) and not isinstance(n, bool) and n >= 8 for n in size):
+        raise ValueError(f"image_size must be an int or (H, W) of ints >= 8, got {image_size!r}")
+    return int(size[0]), int(size[1])

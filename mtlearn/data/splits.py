@@ -1,0 +1,76 @@
+"""Train / val / test splits that keep groups together: patients, and near-duplicate images.
+
+Why groups? Two images of the same patient (or two near-identical frames) on both sides of a split
+let a model score well by recognising the patient instead of the lesion: leakage. So a split is
+drawn over groups, and every group goes whole into one split.
+
+BUSI does not say which images come from one patient, and about a fifth of it are near-duplicates;
+a perceptual hash finds them (`difference_hash`, `duplicate_groups`).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+
+import numpy as np
+
+# Split names and their share of the data, in this order (7:1:2, as BreastMNIST splits BUSI).
+SPLIT_FRACTIONS = (("train", 0.7), ("val", 0.1), ("test", 0.2))
+HASH_SIZE = 8  # difference hash on an 8 x 9 thumbnail: 64 bits
+# Hashes at most this many bits apart count as near-duplicates. 5 of 64 is the usual "same picture"
+# convention for difference hashes; it was not tuned on BUSI (lower it if groups grow too large).
+DUPLICATE_MAX_DISTANCE = 5
+
+
+def split_by_group(
+    groups: Sequence, labels: Sequence[int], seed: int, fractions: Sequence[tuple[str, float]] = SPLIT_FRACTIONS
+) -> np.ndarray:
+    """Split name for every item, (N,) array of str; each group lands whole in one split.
+
+    Stratified: the groups of each class (a group's class is its most common label) are shuffled
+    with `seed` and dealt out in order, a group joining the split in which its middle item falls
+    (train for the first 70 % of the class's items, and so on). Deterministic for a given seed.
+    """
+    groups, labels = np.asarray(groups), np.asarray(labels)
+    names = [name for name, _ in fractions]
+    edges = np.cumsum([share for _, share in fractions]) / sum(share for _, share in fractions)
+    group_label = {g: Counter(labels[groups == g].tolist()).most_common(1)[0][0] for g in np.unique(groups)}
+    rng = np.random.default_rng(seed)
+    split_of_group = {}
+    for label in sorted(set(group_label.values())):
+        members = rng.permutation([g for g, l in group_label.items() if l == label])
+        sizes = np.array([np.sum(groups == g) for g in members])
+        middle = (np.cumsum(sizes) - sizes / 2) / sizes.sum()  # where each group's middle item falls
+        for g, position in zip(members, middle):
+            split_of_group[g] = names[int(np.searchsorted(edges, position, side="right").clip(max=len(names) - 1))]
+    return np.array([split_of_group[g] for g in groups])
+
+
+def difference_hash(grey: np.ndarray, hash_size: int = HASH_SIZE) -> np.ndarray:
+    """Perceptual hash of an image, (hash_size**2,) bool: is each thumbnail pixel darker than its right neighbour?
+
+    `grey`: (H, W) array. Small crops, rescaling, compression and overlays change few bits, so
+    near-duplicates have nearby hashes.
+    """
+    from PIL import Image
+
+    grey = np.asarray(grey, dtype=np.float32)
+    scaled = (255 * (grey - grey.min()) / max(float(np.ptp(grey)), 1e-6)).astype(np.uint8)
+    thumbnail = Image.fromarray(scaled).resize((hash_size + 1, hash_size), Image.Resampling.BOX)  # (W, H)
+    thumbnail = np.asarray(thumbnail, dtype=np.int16)
+    return (thumbnail[:, 1:] > thumbnail[:, :-1]).ravel()
+
+
+def duplicate_groups(hashes: np.ndarray, max_distance: int = DUPLICATE_MAX_DISTANCE) -> np.ndarray:
+    """Group id for every image, (N,) int: images linked by chains of near-identical hashes share one.
+
+    `hashes`: (N, B) bool. Hamming distance = bits set in one hash but not the other, both ways,
+    which two matrix products give for all pairs at once.
+    """
+    from scipy.sparse.csgraph import connected_components
+
+    bits = hashes.astype(np.float32)
+    distance = bits @ (1 - bits).T + (1 - bits) @ bits.T  # (N, N) Hamming distances
+    _, group = connected_components(distance <= max_distance, directed=False)
+    return group

@@ -1,0 +1,74 @@
+"""MONAI transforms for the real datasets: resizing, and the augmentation of the ResFormer paper.
+
+Augmentation (SPEC section 1): random flips and rotations of up to +-25 degrees, applied to image
+and mask together so that the mask still outlines the lesion. Flips are left-right only: depth has
+a direction in ultrasound (skin at the top, shadows below a mass), so an upside-down image is not
+a plausible scan.
+
+MONAI takes a few seconds to import, so each function imports it when first called: importing
+`mtlearn.data` stays quick for notebooks that only use the generated datasets.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+MAX_ROTATION_DEGREES = 25.0  # the paper's rotation range
+AUGMENT_PROBABILITY = 0.5  # chance of a flip, and independently of a rotation
+
+
+def resize_image(image: np.ndarray, image_size: tuple[int, int]) -> torch.Tensor:
+    """(H, W) grey image in [0, 1] -> (1, *image_size) float32.
+
+    "area" interpolation averages the pixels that fall into each output pixel, so shrinking an
+    image does not alias its speckle.
+    """
+    from monai.transforms import Resize
+    from monai.utils import convert_to_tensor
+
+    resized = Resize(image_size, mode="area")(np.asarray(image, dtype=np.float32)[None])
+    return convert_to_tensor(resized, dtype=torch.float32, track_meta=False)
+
+
+def resize_mask(mask: np.ndarray, image_size: tuple[int, int]) -> torch.Tensor:
+    """(H, W) 0/1 mask -> (1, *image_size) float32 0/1 (nearest neighbour keeps it binary)."""
+    from monai.transforms import Resize
+    from monai.utils import convert_to_tensor
+
+    resized = Resize(image_size, mode="nearest")(np.asarray(mask, dtype=np.float32)[None])
+    return convert_to_tensor(resized, dtype=torch.float32, track_meta=False)
+
+
+def augmentation(seed: int = 0):
+    """Random left-right flip and rotation, the same for "image" and "mask" (if the item has one).
+
+    Works on dicts of (C, H, W) tensors: `augment({"image": x, "mask": m})`. The image is rotated
+    with bilinear interpolation, the mask with nearest neighbour; corners are filled with black.
+    """
+    from monai.transforms import Compose, RandFlipd, RandRotated
+
+    keys = ("image", "mask")
+    return Compose(
+        [
+            RandFlipd(keys, prob=AUGMENT_PROBABILITY, spatial_axis=1, allow_missing_keys=True),  # axis 1 = W
+            RandRotated(
+                keys,
+                range_x=np.deg2rad(MAX_ROTATION_DEGREES),  # in-plane angle, drawn from +-25 degrees
+                prob=AUGMENT_PROBABILITY,
+                mode=("bilinear", "nearest"),
+                padding_mode="zeros",
+                allow_missing_keys=True,
+            ),
+        ]
+    ).set_random_state(seed=seed)
+
+
+def augment_item(augment, image: torch.Tensor, mask: torch.Tensor | None):
+    """Apply `augment` to an image (C, H, W) and optional mask (1, H, W); return plain tensors."""
+    from monai.utils import convert_to_tensor
+
+    data = augment({"image": image} if mask is None else {"image": image, "mask": mask})
+    image = convert_to_tensor(data["image"], dtype=torch.float32, track_meta=False)
+    mask = None if mask is None else convert_to_tensor(data["mask"], dtype=torch.float32, track_meta=False)
+    return image, mask

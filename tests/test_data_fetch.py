@@ -1,0 +1,233 @@
+"""data_fetch against a local HTTP server: resume, retries, checksums, markers, unsafe archives."""
+
+import hashlib
+import socket
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+import data_fetch
+from data_fetch import DownloadError, HashMismatchError, UnsafeArchiveError, fetch
+from data_fetch.__main__ import main
+from data_fetch.download import download_file, parse_hash
+from tests.fixtures_real import zip_bytes
+
+PAYLOAD = bytes(range(256)) * 400  # 100 kB, several chunks
+ARCHIVE = zip_bytes({"BUSBRA/bus_data.csv": b"ID,Case,Pathology\n", "BUSBRA/Images/bus_0001-l.png": b"png"})
+
+
+def sha256(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+class Handler(BaseHTTPRequestHandler):
+    """Serves `server.files`; honours Range unless `server.ignore_range`; can drop a response midway."""
+
+    def do_GET(self):
+        server = self.server
+        server.requests.append((self.path, self.headers.get("Range"), self.headers.get("User-Agent")))
+        data = server.files.get(self.path.split("?")[0])
+        if data is None:
+            self.send_error(404)
+            return
+        start = 0
+        if self.headers.get("Range") and not server.ignore_range:
+            start = int(self.headers["Range"].removeprefix("bytes=").split("-")[0])
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+        else:
+            self.send_response(200)
+        body = data[start:]
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if server.drops:  # announce everything, send part of it, hang up
+            server.drops -= 1
+            self.wfile.write(body[: len(body) // 3])
+            self.wfile.flush()
+            self.close_connection = True
+            return
+        self.wfile.write(body)
+
+    def log_message(self, *args):  # keep the test output quiet
+        pass
+
+
+@pytest.fixture
+def server():
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    httpd.files, httpd.requests, httpd.drops, httpd.ignore_range = {}, [], 0, False
+    httpd.url = f"http://127.0.0.1:{httpd.server_address[1]}"
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
+    thread.start()
+    yield httpd
+    httpd.shutdown()
+    httpd.server_close()
+
+
+@pytest.fixture(autouse=True)
+def no_backoff(monkeypatch):
+    monkeypatch.setattr(data_fetch.download, "BACKOFF_SECONDS", 0.0)
+
+
+def test_download_and_second_fetch_downloads_nothing(server, tmp_path):
+    server.files["/breastmnist.npz"] = PAYLOAD
+    folder = fetch("breastmnist", dest=tmp_path, url=server.url + "/breastmnist.npz", known_hash=sha256(PAYLOAD), progress=False)
+    assert folder == tmp_path and (tmp_path / "breastmnist.npz").read_bytes() == PAYLOAD
+    assert not (tmp_path / "breastmnist.npz.part").exists()
+    assert "mtlearn-data_fetch" in server.requests[0][2]  # identifies itself
+    count = len(server.requests)
+    fetch("breastmnist", dest=tmp_path, url=server.url + "/breastmnist.npz", known_hash=sha256(PAYLOAD), progress=False)
+    assert len(server.requests) == count
+
+
+def test_archive_is_extracted_once_with_a_marker(server, tmp_path):
+    server.files["/BUSBRA.zip"] = ARCHIVE
+    fetch("bus_bra", dest=tmp_path, url=server.url + "/BUSBRA.zip", known_hash=sha256(ARCHIVE), progress=False)
+    assert (tmp_path / "BUSBRA" / "bus_data.csv").is_file() and (tmp_path / ".bus_bra.complete").is_file()
+    count = len(server.requests)
+    fetch("bus_bra", dest=tmp_path, url=server.url + "/BUSBRA.zip", known_hash=sha256(ARCHIVE), progress=False)
+    assert len(server.requests) == count
+
+
+def test_half_extracted_folder_is_not_done(server, tmp_path):
+    """Archive on disk but no marker (say, the machine died while unpacking): unpack again, no download."""
+    server.files["/BUSBRA.zip"] = ARCHIVE
+    (tmp_path / "BUSBRA.zip").write_bytes(ARCHIVE)
+    fetch("bus_bra", dest=tmp_path, url=server.url + "/BUSBRA.zip", known_hash=sha256(ARCHIVE), progress=False)
+    assert server.requests == [] and (tmp_path / "BUSBRA" / "Images" / "bus_0001-l.png").read_bytes() == b"png"
+
+
+def test_corrupted_download_names_both_hashes_and_leaves_nothing(server, tmp_path):
+    server.files["/busi_128.npz"] = PAYLOAD
+    expected = "md5:" + "0" * 32
+    with pytest.raises(HashMismatchError) as error:
+        fetch("busi_128", dest=tmp_path, url=server.url + "/busi_128.npz", known_hash=expected, progress=False)
+    message = str(error.value)
+    assert expected in message and "md5:" + hashlib.md5(PAYLOAD).hexdigest() in message
+    assert list(tmp_path.iterdir()) == []  # no final file, no .part, no marker
+
+
+def test_dropped_connection_resumes_with_range(server, tmp_path):
+    server.files["/data.npz"] = PAYLOAD
+    server.drops = 1
+    download_file(server.url + "/data.npz", tmp_path / "data.npz", sha256(PAYLOAD), progress=False)
+    assert (tmp_path / "data.npz").read_bytes() == PAYLOAD
+    ranges = [r for _, r, _ in server.requests]
+    assert ranges[0] is None and ranges[1] == f"bytes={len(PAYLOAD) // 3}-"  # asked only for the rest
+
+
+def test_server_without_range_support_restarts_cleanly(server, tmp_path):
+    server.files["/data.npz"] = PAYLOAD
+    server.drops, server.ignore_range = 1, True
+    download_file(server.url + "/data.npz", tmp_path / "data.npz", sha256(PAYLOAD), progress=False)
+    assert (tmp_path / "data.npz").read_bytes() == PAYLOAD
+
+
+def test_leftover_part_file_resumes_or_restarts(server, tmp_path):
+    server.files["/data.npz"] = PAYLOAD
+    (tmp_path / "data.npz.part").write_bytes(PAYLOAD[:1000])  # an earlier, interrupted run
+    download_file(server.url + "/data.npz", tmp_path / "data.npz", sha256(PAYLOAD), progress=False)
+    assert server.requests[0][1] == "bytes=1000-" and (tmp_path / "data.npz").read_bytes() == PAYLOAD
+    # a leftover with wrong bytes fails the checksum, is deleted, and the next run starts afresh
+    (tmp_path / "data.npz").unlink()
+    (tmp_path / "data.npz.part").write_bytes(b"garbage")
+    with pytest.raises(HashMismatchError):
+        download_file(server.url + "/data.npz", tmp_path / "data.npz", sha256(PAYLOAD), progress=False)
+    assert list(tmp_path.iterdir()) == []
+    download_file(server.url + "/data.npz", tmp_path / "data.npz", sha256(PAYLOAD), progress=False)
+    assert (tmp_path / "data.npz").read_bytes() == PAYLOAD
+
+
+def test_gives_up_after_retries_and_keeps_the_part_file(server, tmp_path):
+    server.files["/data.npz"] = PAYLOAD
+    server.drops = 10
+    with pytest.raises(DownloadError):
+        download_file(server.url + "/data.npz", tmp_path / "data.npz", sha256(PAYLOAD), progress=False, retries=2)
+    assert len(server.requests) == 3 and (tmp_path / "data.npz.part").exists() and not (tmp_path / "data.npz").exists()
+
+
+def test_not_found_is_not_retried(server, tmp_path):
+    with pytest.raises(DownloadError, match="404"):
+        fetch("breastmnist", dest=tmp_path, url=server.url + "/missing.npz", progress=False)
+    assert len(server.requests) == 1
+
+
+@pytest.mark.parametrize("member", ["../evil.txt", "/tmp/evil.txt", "BUSBRA/../../evil.txt", "C:\\evil.txt"])
+def test_archive_members_escaping_the_folder_are_refused(server, tmp_path, member):
+    archive = zip_bytes({"BUSBRA/ok.txt": b"fine", member: b"evil"})
+    server.files["/BUSBRA.zip"] = archive
+    dest = tmp_path / "dest"
+    with pytest.raises(UnsafeArchiveError, match="refusing to unpack"):
+        fetch("bus_bra", dest=dest, url=server.url + "/BUSBRA.zip", known_hash=sha256(archive), progress=False)
+    assert not (dest / "BUSBRA").exists() and not (dest / ".bus_bra.complete").exists()
+    assert not (tmp_path / "evil.txt").exists()
+
+
+def test_nested_zip_is_unpacked(server, tmp_path):
+    inner = zip_bytes({"BUS-UCLM/INFO.csv": b"Image;Label;Doppler;Marks\n"})
+    outer = zip_bytes({"dataset/BUS-UCLM.zip": inner})
+    server.files["/uclm.zip"] = outer
+    fetch("bus_uclm", dest=tmp_path, url=server.url + "/uclm.zip", known_hash=sha256(outer), progress=False)
+    assert (tmp_path / "dataset" / "BUS-UCLM" / "INFO.csv").is_file()
+
+
+def test_source_without_checksum_prints_one_to_pin(server, tmp_path, capsys):
+    archive = zip_bytes({"BUS-UCLM/INFO.csv": b"x"})
+    server.files["/uclm.zip"] = archive
+    fetch("bus_uclm", dest=tmp_path, url=server.url + "/uclm.zip", progress=False)
+    out = capsys.readouterr().out
+    assert hashlib.sha256(archive).hexdigest() in out and f"--hash {sha256(archive)}" in out
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # nothing listens here once the socket is closed
+
+
+def test_unreachable_host_prints_manual_instructions(tmp_path, capsys):
+    url = f"http://127.0.0.1:{closed_port()}/BUSBRA.zip"
+    code = main(["bus_bra", "--dest", str(tmp_path), "--url", url, "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert url in err and "1f8b2be6476d58fc97bfb5e5a1ea9bab" in err  # where from, what checksum
+    assert str(tmp_path / "BUSBRA.zip") in err and "python -m data_fetch bus_bra" in err  # where to put it
+    assert not (tmp_path / "BUSBRA.zip").exists()
+
+
+def test_manually_placed_file_with_wrong_hash_is_reported_not_deleted(tmp_path):
+    (tmp_path / "breastmnist.npz").write_bytes(b"something else")
+    with pytest.raises(HashMismatchError, match="expected md5:750601b1f35ba3300ea97c75c52ff8f6.*delete"):
+        fetch("breastmnist", dest=tmp_path, progress=False)
+    assert (tmp_path / "breastmnist.npz").exists()
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda d: fetch("isic", dest=d), "unknown dataset 'isic'.*busi"),
+        (lambda d: fetch("busi", dest=d, known_hash="crc32:1234"), "checksum"),
+        (lambda d: parse_hash("sha256:not-hex"), "checksum"),
+    ],
+)
+def test_bad_arguments(tmp_path, call, message):
+    with pytest.raises(ValueError, match=message):
+        call(tmp_path)
+
+
+def test_default_data_dir_follows_the_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("MTLEARN_DATA", str(tmp_path))
+    assert data_fetch.default_data_dir() == tmp_path and data_fetch.dataset_dir("busi_256") == tmp_path / "busi_npz"
+    monkeypatch.delenv("MTLEARN_DATA")
+    assert data_fetch.default_data_dir().name == "mtlearn"
+
+
+def test_command_line_list_and_help(capsys):
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in data_fetch.SOURCES) and "md5:1f8b2be6476d58fc97bfb5e5a1ea9bab" in out
+    result = subprocess.run([sys.executable, "-m", "data_fetch", "--help"], capture_output=True, text=True, check=True)
+    assert "--dest" in result.stdout and "--hash" in result.stdout and "bus_uclm" in result.stdout

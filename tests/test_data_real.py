@@ -1,0 +1,297 @@
+"""load_dataset on fake copies of each real dataset (tests/fixtures_real.py): quirks, splits, errors."""
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from mtlearn.data import SPLITS, LayoutError, ShapesBackground, SyntheticUltrasound, load_dataset
+from tests.fixtures_real import (
+    make_breastmnist, make_bus_bra, make_bus_uclm, make_busi, make_busi_npz, random_image, save_png,
+)
+
+SIZE = 32  # image_size for the tests: the fixtures are 40 x 48
+
+
+@pytest.fixture(scope="module")
+def busi(tmp_path_factory):
+    root = tmp_path_factory.mktemp("busi")
+    return root, make_busi(root)
+
+
+def by_id(dataset):
+    return {dataset[i]["id"]: dataset[i] for i in range(len(dataset))}
+
+
+def expected_mask(mask: np.ndarray) -> torch.Tensor:
+    """What a (40, 48) fixture mask should become at SIZE (nearest-neighbour resize)."""
+    rows = (np.arange(SIZE) * mask.shape[0] / SIZE).astype(int)
+    cols = (np.arange(SIZE) * mask.shape[1] / SIZE).astype(int)
+    return torch.from_numpy(mask[np.ix_(rows, cols)].astype(np.float32))
+
+
+def iou(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a * b).sum() / ((a + b) > 0).sum())
+
+
+# --------------------------------------------------------------------------------------------------
+# BUSI
+
+
+def test_busi_quirks(busi):
+    root, info = busi
+    items = by_id(load_dataset("busi", root=root, split="all", image_size=SIZE))
+    # names with spaces and parentheses are kept as ids; "benign (99)" has no mask and is skipped
+    assert "benign (1)" in items and "normal (10)" in items and "benign (99)" not in items
+    for stem, item in items.items():
+        assert item["image"].shape == item["mask"].shape == (1, SIZE, SIZE)
+        assert set(item["mask"].unique().tolist()) <= {0.0, 1.0}
+        assert iou(item["mask"][0], expected_mask(info["masks"][stem])) > 0.9 if info["masks"][stem].any() else True
+    # _mask.png (left half) and _mask_1.png (right half) are OR-merged into the whole lesion
+    merged = items["benign (1)"]["mask"][0]
+    assert iou(merged, expected_mask(info["masks"]["benign (1)"])) > 0.9
+    # RGB and RGBA masks are binarised, not dropped
+    assert items["benign (2)"]["mask"].sum() > 0 and items["malignant (1)"]["mask"].sum() > 0
+    # normal images: empty masks, also where the mask file is missing
+    assert all(items[f"normal ({n})"]["mask"].sum() == 0 for n in range(1, 11))
+    assert [items[s]["label"] for s in ("normal (1)", "benign (1)", "malignant (1)")] == [0, 1, 2]
+
+
+def test_busi_problems_are_reported(busi):
+    root, _ = busi
+    dataset = load_dataset("busi", root=root, split="all", image_size=SIZE)
+    assert dataset.class_names == ("normal", "benign", "malignant")
+    assert any("benign (99)" in note for note in dataset.problems)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_busi_splits_deterministic_disjoint_and_duplicate_aware(busi, seed):
+    root, _ = busi
+    ids = {split: [r.id for r in load_dataset("busi", root=root, split=split, seed=seed).records] for split in SPLITS}
+    again = [r.id for r in load_dataset("busi", root=root, split="train", seed=seed).records]
+    assert ids["train"] == again
+    parts = [set(ids[s]) for s in ("train", "val", "test")]
+    assert all(parts) and not (parts[0] & parts[1] or parts[0] & parts[2] or parts[1] & parts[2])
+    assert set.union(*parts) == set(ids["all"])
+    # the near-duplicate pair always lands in the same split
+    assert [("benign (3)" in p) for p in parts] == [("benign (4)" in p) for p in parts]
+    groups = {r.id: r.group for r in load_dataset("busi", root=root, split="all").records}
+    assert groups["benign (3)"] == groups["benign (4)"] and len(set(groups.values())) == len(groups) - 1
+
+
+def test_augmentation_moves_image_and_mask_together(tmp_path):
+    base = tmp_path / "Dataset_BUSI_with_GT"
+    rng = np.random.default_rng(0)
+    for class_name in ("benign", "malignant"):
+        for n in range(1, 4):
+            lesion = np.zeros((40, 48), np.uint8)
+            top, left = rng.integers(2, 10, 2)
+            lesion[top : top + 24, left : left + 14] = 255  # image == mask, off-centre on purpose
+            save_png(base / class_name / f"{class_name} ({n}).png", lesion)
+            save_png(base / class_name / f"{class_name} ({n})_mask.png", lesion)
+    plain = load_dataset("busi", root=tmp_path, split="all", image_size=48)
+    augmented = load_dataset("busi", root=tmp_path, split="all", image_size=48, augment=True, seed=3)
+    moved = []
+    for _ in range(4):
+        for i in range(len(augmented)):
+            item = augmented[i]
+            assert iou((item["image"][0] > 0.5).float(), item["mask"][0]) > 0.8  # still on top of each other
+            assert set(item["mask"].unique().tolist()) <= {0.0, 1.0}
+            moved.append(iou(item["mask"][0], plain[i]["mask"][0]))
+    assert min(moved) < 0.5 and max(moved) == 1.0  # some items flipped or rotated away, some untouched
+
+
+def test_in_channels_and_cache(busi, tmp_path):
+    root, _ = busi
+    rgb = load_dataset("busi", root=root, split="val", image_size=SIZE, in_channels=3)[0]["image"]
+    assert rgb.shape == (3, SIZE, SIZE) and torch.equal(rgb[0], rgb[1])
+    # a cached item survives the deletion of its files; an uncached one does not
+    copy = tmp_path / "copy"
+    make_busi(copy, per_class=10)
+    cached = load_dataset("busi", root=copy, split="all", image_size=SIZE, cache=True)
+    uncached = load_dataset("busi", root=copy, split="all", image_size=SIZE, cache=False)
+    first = cached[0]
+    cached.records[0].image.unlink()
+    assert torch.equal(cached[0]["image"], first["image"])
+    with pytest.raises(FileNotFoundError):
+        uncached[0]
+
+
+# --------------------------------------------------------------------------------------------------
+# BUS-BRA
+
+
+@pytest.fixture(scope="module")
+def bus_bra(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bus_bra")
+    return root, make_bus_bra(root)
+
+
+def test_bus_bra_splits_by_patient(bus_bra):
+    root, info = bus_bra
+    cases = {s: {r.group for r in load_dataset("bus_bra", root=root, split=s).records} for s in ("train", "val", "test")}
+    assert all(cases.values())
+    assert not (cases["train"] & cases["val"] or cases["train"] & cases["test"] or cases["val"] & cases["test"])
+    assert set.union(*cases.values()) == set(info["cases"].values())
+    # test is the official fold 1 (patients 1, 6, 11, 16 in the fixture); fold=2 gives another one
+    assert cases["test"] == {"1", "6", "11", "16"}
+    assert {r.group for r in load_dataset("bus_bra", root=root, split="test", fold=2).records} == {"2", "7", "12", "17"}
+
+
+def test_bus_bra_items(bus_bra):
+    root, _ = bus_bra
+    dataset = load_dataset("bus_bra", root=root, split="all", image_size=SIZE)
+    assert dataset.class_names == ("benign", "malignant") and len(dataset) == 30
+    item = by_id(dataset)["bus_0003-l"]  # case 3: malignant; its mask is Masks/mask_0003-l.png
+    assert item["label"] == 1 and item["mask"].sum() > 0 and "artifact" not in item
+
+
+def test_bus_bra_layout_errors(tmp_path):
+    info = make_bus_bra(tmp_path, patients=5)
+    with pytest.raises(ValueError, match="fold '9'"):
+        load_dataset("bus_bra", root=tmp_path, split="test", fold=9)
+    (info["base"] / "5-fold-cv.csv").unlink()
+    with pytest.raises(LayoutError, match="5-fold-cv.csv.*python -m data_fetch bus_bra --dest"):
+        load_dataset("bus_bra", root=tmp_path)
+    (info["base"] / "5-fold-cv.csv").write_text("ID;kFold\nbus_0001-l;1\n")  # wrong delimiter
+    with pytest.raises(LayoutError, match="lacks the column"):
+        load_dataset("bus_bra", root=tmp_path)
+
+
+# --------------------------------------------------------------------------------------------------
+# BUS-UCLM
+
+
+@pytest.fixture(scope="module")
+def bus_uclm(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bus_uclm")
+    return root, make_bus_uclm(root, patients=20)
+
+
+def test_bus_uclm_colour_masks_give_class_and_binary_mask(bus_uclm):
+    root, info = bus_uclm
+    with pytest.warns(UserWarning, match="differ in size"):
+        dataset = load_dataset("bus_uclm", root=root, split="all", image_size=SIZE)
+    assert dataset.class_names == ("normal", "benign", "malignant")
+    for stem, item in by_id(dataset).items():
+        truth = info["truth"][stem]
+        assert item["label"] == truth["label"]
+        assert item["artifact"] == truth["artifact"]  # Doppler or Marks
+        assert set(item["mask"].unique().tolist()) <= ({0.0, 1.0} if truth["label"] else {0.0})
+        assert (item["mask"].sum() > 0) == (truth["label"] > 0)
+    assert dataset.problems == []  # INFO.csv's Label agrees with every mask colour
+
+
+def test_bus_uclm_size_mismatch_reported_not_fatal(bus_uclm):
+    root, info = bus_uclm
+    with pytest.warns(UserWarning, match="PAT00_001"):
+        skipped = load_dataset("bus_uclm", root=root, split="all", image_size=SIZE)
+    assert skipped.size_mismatches == info["mismatched"] and "PAT00_001" not in by_id(skipped)
+    with pytest.warns(UserWarning, match="resized"):
+        kept = load_dataset("bus_uclm", root=root, split="all", image_size=SIZE, on_size_mismatch="resize")
+    assert by_id(kept)["PAT00_001"]["image"].shape == (1, SIZE, SIZE)
+    with pytest.raises(ValueError, match="on_size_mismatch"):
+        load_dataset("bus_uclm", root=root, on_size_mismatch="crash")
+
+
+def test_bus_uclm_splits_by_patient(bus_uclm):
+    root, _ = bus_uclm
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        patients = {s: {r.group for r in load_dataset("bus_uclm", root=root, split=s).records} for s in ("train", "val", "test")}
+    assert all(patients.values()) and sum(map(len, patients.values())) == len(set.union(*patients.values()))
+
+
+# --------------------------------------------------------------------------------------------------
+# npz datasets
+
+
+@pytest.mark.parametrize("resolution", [28, 224])
+def test_breastmnist_official_splits(tmp_path, resolution):
+    make_breastmnist(tmp_path, resolution=resolution, counts=(6, 2, 3))
+    sizes = {s: len(load_dataset("breastmnist", root=tmp_path, split=s, resolution=resolution)) for s in SPLITS}
+    assert sizes == {"train": 6, "val": 2, "test": 3, "all": 11}
+    dataset = load_dataset("breastmnist", root=tmp_path, split="test", image_size=28, resolution=resolution)
+    item = dataset[0]
+    assert dataset.tasks == ("cls",) and "mask" not in item and item["image"].shape == (1, 28, 28)
+    assert dataset.class_names == ("malignant", "normal_or_benign") and item["label"] in (0, 1)
+    assert item["id"] == "breastmnist-test-0000"
+
+
+def test_busi_npz(tmp_path):
+    make_busi_npz(tmp_path, resolution=128, counts=(5, 2, 3))
+    dataset = load_dataset("busi_npz", root=tmp_path, split="val", image_size=SIZE)
+    assert len(dataset) == 5 and dataset.labels.tolist() == [0, 0, 1, 1, 1]
+    assert set(dataset[0]["mask"].unique().tolist()) == {0.0, 1.0}
+    with pytest.raises(LayoutError, match="busi_256.npz.*python -m data_fetch busi_256"):
+        load_dataset("busi_npz", root=tmp_path, resolution=256)
+    with pytest.raises(ValueError, match="resolution"):
+        load_dataset("busi_npz", root=tmp_path, resolution=64)
+
+
+# --------------------------------------------------------------------------------------------------
+# generated datasets through load_dataset
+
+
+def test_synthetic_splits_are_disjoint_index_ranges():
+    splits = {s: load_dataset("synthetic", split=s, image_size=32, num_samples=4, artifact_correlation=1.0) for s in SPLITS}
+    assert isinstance(splits["train"], SyntheticUltrasound) and splits["train"].artifact_correlation == 1.0
+    ids = {s: [d["id"] for d in splits[s]] for s in SPLITS}
+    assert ids["val"][0] == "synthetic-1000000"
+    assert len(set(ids["train"] + ids["val"] + ids["test"])) == 12 and ids["all"] == ids["train"] + ids["val"] + ids["test"]
+    assert splits["all"].class_names == ("normal", "benign", "malignant")
+    assert len(load_dataset("synthetic", split="val")) == 200
+
+
+def test_shapes_through_load_dataset():
+    default = load_dataset("shapes", split="unseen")
+    assert isinstance(default, ShapesBackground) and default[0]["image"].shape == (1, 224, 288)
+    assert load_dataset("shapes", split="test", image_size=(56, 72))[0]["image"].shape == (1, 56, 72)
+
+
+# --------------------------------------------------------------------------------------------------
+# bad input
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        ({"name": "isic"}, ValueError, "unknown dataset 'isic'.*busi"),
+        ({"name": "synthetic", "split": "dev"}, ValueError, "unknown split 'dev'.*train"),
+        ({"name": "synthetic", "image_size": 0}, ValueError, "image_size"),
+        ({"name": "synthetic", "augment": True}, ValueError, "augment"),
+        ({"name": "synthetic", "num_samples": 0}, ValueError, "num_samples"),
+        ({"name": "shapes", "in_channels": 3}, ValueError, "in_channels"),
+        ({"name": "breastmnist", "resolution": 64}, ValueError, "resolution"),
+    ],
+)
+def test_bad_arguments(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        load_dataset(**kwargs)
+
+
+def test_missing_data_names_the_download_command(tmp_path, monkeypatch):
+    with pytest.raises(FileNotFoundError, match=f'python -m data_fetch bus_uclm --dest "{tmp_path / "nowhere"}"'):
+        load_dataset("bus_uclm", root=tmp_path / "nowhere")
+    monkeypatch.setenv("MTLEARN_DATA", str(tmp_path))  # default root: <data root>/<folder>
+    with pytest.raises(FileNotFoundError, match=r"busi_npz does not exist\. Fetch it with `python -m data_fetch busi_256`"):
+        load_dataset("busi_npz", resolution=256)
+
+
+def test_wrong_layout_names_the_expected_files(tmp_path):
+    save_png(tmp_path / "stray.png", random_image(np.random.default_rng(0)))
+    for name, expected in [("busi", "Dataset_BUSI_with_GT"), ("bus_bra", "bus_data.csv"), ("bus_uclm", "INFO.csv"),
+                           ("breastmnist", "breastmnist.npz")]:
+        with pytest.raises(LayoutError, match=expected):
+            load_dataset(name, root=tmp_path)
+
+
+def test_datasets_pickle_for_dataloader_workers(busi):
+    """Spawned DataLoader workers (macOS, Windows) receive the dataset pickled."""
+    import pickle
+
+    root, _ = busi
+    dataset = load_dataset("busi", root=root, split="val", image_size=SIZE, augment=True)
+    copy = pickle.loads(pickle.dumps(dataset))
+    assert copy[0]["id"] == dataset[0]["id"] and copy[0]["image"].shape == (1, SIZE, SIZE)
