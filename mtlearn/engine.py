@@ -1,0 +1,625 @@
+"""The training engine every notebook and the command line use: `fit`, `evaluate`, `History`.
+
+    history = fit(model, train_loader, val_loader, tasks=("seg", "cls"), epochs=20, out_dir="runs/a")
+    metrics = evaluate(model, test_loader)          # {"seg/dice": ..., "cls/acc": ..., ...}
+    history.plot()                                  # losses, validation metrics, task weights, lr
+
+What one training step does (`_forward`, then `_update`):
+    1. move the batch to the device (non_blocking; the loader pins memory on CUDA),
+    2. forward under autocast (bf16, or fp16 with a GradScaler) and one loss per task,
+    3. stop with NonFiniteLossError if any task loss is NaN or inf,
+    4. let the weighting strategy back-propagate (weighted sum, GradNorm, PCGrad ...),
+    5. AdamW step, weighting update, polynomial learning-rate decay (per iteration).
+After every epoch: validation metrics, `last.pt`, and `best.pt` when the validation metric improved.
+Checkpoints hold everything needed to resume bit-for-bit (on CPU): model, optimiser, scheduler,
+weighting, grad scaler, every random generator and the history.
+
+Under torchrun (`python -m mtlearn.train`), `fit` wraps the model in DistributedDataParallel
+itself; progress bars and checkpoints then come from rank 0 only and metrics are summed over ranks.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import os
+import random
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from mtlearn.losses import LossConfig, build_losses, check_tasks, task_losses
+from mtlearn.metrics import MetricAccumulator
+from mtlearn.utils import pick_device, seed_everything
+from mtlearn.weighting import LossWeighting, build_weighting, find_shared_parameters
+
+CHECKPOINT_FORMAT = 1
+AMP_CHOICES = ("auto", "bf16", "fp16", "off")
+HEADLINE_METRICS = ("seg/dice", "seg/iou", "cls/acc", "cls/balanced_acc", "cls/auc", "recon/ssim")  # 0-1 scale
+DEFAULT_MONITOR = {"seg": "seg/dice", "cls": "cls/auc", "recon": "recon/psnr"}  # first task present wins
+
+
+class NonFiniteLossError(RuntimeError):
+    """A task loss became NaN or inf; training stopped before the bad step touched the weights."""
+
+    def __init__(self, epoch: int, step: int, task: str, value: float, checkpoint: Path | None = None):
+        self.epoch, self.step, self.task, self.value = epoch, step, task, value
+        where = f"; the last good checkpoint is {checkpoint}" if checkpoint else ""
+        super().__init__(
+            f"the {task!r} loss is {value} at epoch {epoch}, step {step}{where}. Usual causes: a learning "
+            "rate too high, fp16 overflow (try amp='bf16' or 'off'), or NaN in the data (check the batch)."
+        )
+
+
+@dataclass
+class TrainConfig:
+    tasks: Sequence[str] | None = None  # tasks to train; None: the model's `tasks` attribute
+    epochs: int = 10  # passes over the training set
+    lr: float = 1e-4  # peak learning rate (ResFormer: 1e-4; 7e-5 on ISIC)
+    weight_decay: float = 3e-5  # AdamW decoupled weight decay (ResFormer)
+    betas: tuple[float, float] = (0.9, 0.999)  # AdamW momentum coefficients (ResFormer)
+    poly_power: float = 0.9  # lr = base_lr * (1 - iteration / total_iterations) ** poly_power
+    weighting: str | LossWeighting = "fixed"  # "fixed", "uncertainty", "dwa", "gradnorm", "pcgrad" or an instance
+    task_weights: Mapping[str, float] | None = None  # weights of "fixed" (None: seg 1, cls 0.25, recon 1)
+    weighting_kwargs: Mapping[str, Any] = field(default_factory=dict)  # e.g. {"alpha": 1.5} for GradNorm
+    losses: LossConfig | None = None  # which loss per task (None: Dice+CE, CE, L1)
+    grad_clip: float | None = None  # clip the gradient norm to this value (None: no clipping)
+    device: str = "auto"  # "auto" (CUDA, then MPS, then CPU), "cpu", "cuda", "cuda:1", "mps"
+    amp: str | bool = "auto"  # "auto" (bf16/fp16 on CUDA, off elsewhere), "bf16", "fp16", "off"
+    channels_last: bool | None = None  # NHWC memory layout (None: on CUDA only)
+    compile: bool = False  # torch.compile the model for training
+    monitor: str = "auto"  # validation metric that selects best.pt ("auto": seg/dice, else cls/auc, else recon/psnr)
+    data_range: float = 1.0  # max - min of the clean images, for PSNR/SSIM
+    out_dir: str | os.PathLike | None = None  # where last.pt and best.pt go (None: no checkpoints)
+    resume: bool = False  # continue from out_dir/last.pt when it exists
+    restore_best: bool = True  # load the best-validation weights into the model at the end
+    seed: int | None = None  # seed everything first (None: leave the random generators as they are)
+    progress: bool = True  # one tqdm bar per epoch
+
+
+# ----------------------------------------------------------------------------- history
+
+
+@dataclass
+class History:
+    """Everything `fit` measured, one record per epoch.
+
+    Record keys: "epoch", "train/<task>" and "train/total" (mean losses), "val/<metric>",
+    "weight/<task>", "lr" (at the epoch's first step), "epoch_time", "data_time" (s spent waiting for
+    the loader) and "data_share" (data_time / epoch_time).
+    """
+
+    records: list[dict[str, float]] = field(default_factory=list)
+    monitor: str = "val/seg/dice"  # key of the record that selects the best epoch
+    mode: str = "max"  # "max" or "min"
+    best_epoch: int | None = None  # 1-based epoch of the best validation value
+    best_value: float | None = None
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def append(self, record: dict[str, float]) -> bool:
+        """Add an epoch; return True when it is the new best on the monitored key."""
+        record = {k: int(v) if k == "epoch" else float(v) for k, v in record.items()}  # plain numbers only
+        self.records.append(record)
+        value = record.get(self.monitor)
+        if value is None or math.isnan(value):
+            return False
+        better = (self.best_value is None or math.isnan(self.best_value)
+                  or (value > self.best_value if self.mode == "max" else value < self.best_value))
+        if better:
+            self.best_epoch, self.best_value = int(record["epoch"]), float(value)
+        return better
+
+    def to_frame(self):
+        """pandas DataFrame, one row per epoch (index "epoch")."""
+        import pandas as pd
+
+        return pd.DataFrame(self.records).set_index("epoch") if self.records else pd.DataFrame()
+
+    def plot(self, metrics: Sequence[str] | None = None):
+        """Figure with four panels: training losses, validation metrics, task weights, learning rate.
+
+        metrics: validation columns to draw (e.g. ["val/recon/psnr"]); default: those on a 0-1 scale.
+        """
+        from matplotlib.figure import Figure
+        from matplotlib.ticker import MaxNLocator
+
+        frame = self.to_frame()
+        fig = Figure(figsize=(16, 3.6), layout="constrained")
+        axes = fig.subplots(1, 4)
+        panels = [
+            ("Training loss", "loss", [c for c in frame if c.startswith("train/")]),
+            ("Validation metrics", "value", list(metrics) if metrics is not None
+             else [f"val/{m}" for m in HEADLINE_METRICS if f"val/{m}" in frame]),
+            ("Task weights", "weight", [c for c in frame if c.startswith("weight/")]),
+            ("Learning rate", "lr", ["lr"] if "lr" in frame else []),
+        ]
+        for ax, (title, ylabel, columns) in zip(axes, panels):
+            for column in columns:
+                ax.plot(frame.index, frame[column], marker="o", markersize=3, label=column.split("/", 1)[-1])
+            if title == "Validation metrics" and self.best_epoch is not None:
+                ax.axvline(self.best_epoch, color="grey", linestyle=":", label=f"best ({self.monitor})")
+            ax.set(title=title, xlabel="epoch", ylabel=ylabel)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            if columns:
+                ax.legend(fontsize=8)
+        return fig
+
+    def state_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_state_dict(cls, state: Mapping) -> History:
+        return cls(**state)
+
+
+# ----------------------------------------------------------------------------- devices, precision
+
+
+def resolve_amp(amp: str | bool | None, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for `amp` on `device`, or None for full float32."""
+    if amp in (False, None, "off"):
+        return None
+    if amp is True:
+        amp = "auto" if device.type == "cuda" else "bf16"
+    if amp not in AMP_CHOICES:
+        raise ValueError(f"unknown amp {amp!r}; expected one of {AMP_CHOICES} (or True/False)")
+    if amp == "auto":
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if amp == "fp16" and device.type != "cuda":
+        raise ValueError(f"amp='fp16' needs a CUDA GPU (device is {device}); use amp='bf16' or 'off'")
+    if amp == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError("this GPU has no bfloat16 support; use amp='fp16' (with loss scaling) or 'auto'")
+    return torch.bfloat16 if amp == "bf16" else torch.float16
+
+
+def _to_device(batch: Mapping[str, Any], device: torch.device, channels_last: bool) -> dict[str, Any]:
+    """Tensors to `device` (asynchronously from pinned memory); the image in channels_last if asked."""
+    moved = {k: v.to(device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in batch.items()}
+    if "image" not in moved:
+        raise ValueError(f"every batch needs an 'image' entry (the model input); got keys {sorted(batch)}")
+    if channels_last and moved["image"].dim() == 4:
+        moved["image"] = moved["image"].contiguous(memory_format=torch.channels_last)
+    return moved
+
+
+# ----------------------------------------------------------------------------- distributed plumbing
+
+
+def is_distributed() -> bool:
+    """True inside a torchrun process group of two or more processes."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def is_main_process() -> bool:
+    """Rank 0, or the only process: the one that shows progress and writes files."""
+    return not is_distributed() or dist.get_rank() == 0
+
+
+def _wrap_for_training(model: nn.Module, device: torch.device, compile_model: bool) -> nn.Module:
+    """DistributedDataParallel under torchrun, then torch.compile if asked; the plain model otherwise."""
+    if is_distributed():
+        device_ids = [device.index if device.index is not None else torch.cuda.current_device()] \
+            if device.type == "cuda" else None
+        model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    if compile_model:
+        model = torch.compile(model)
+    return model
+
+
+def _mean_across_processes(values: Sequence[float], device: torch.device) -> list[float]:
+    """Average a list of numbers over processes (each process passes its own)."""
+    if not is_distributed():
+        return [float(v) for v in values]
+    tensor = torch.tensor(list(values), dtype=torch.float64, device=device if device.type == "cuda" else None)
+    dist.all_reduce(tensor)
+    return (tensor / dist.get_world_size()).tolist()
+
+
+def _broadcast_buffers(model: nn.Module) -> None:
+    """Copy rank 0's buffers (BatchNorm running statistics) to every rank."""
+    if is_distributed():
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=0)
+
+
+def _average_gradients(parameters: Sequence[nn.Parameter]) -> None:
+    """Average .grad over processes for parameters DDP does not see (e.g. learned task weights)."""
+    if not is_distributed():
+        return
+    for p in parameters:
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad /= dist.get_world_size()
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def _rng_state(loader) -> dict:
+    """Every random generator a training epoch draws from, as tensors and numbers only."""
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+    for name, generator in _loader_generators(loader).items():
+        state[name] = generator.get_state()
+    return state
+
+
+def _set_rng_state(state: Mapping, loader) -> None:
+    torch.set_rng_state(state["torch"])
+    numpy = state["numpy"]
+    np.random.set_state(("MT19937", numpy["keys"].numpy().astype(np.uint32), numpy["pos"],
+                         numpy["has_gauss"], numpy["cached_gaussian"]))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    for name, generator in _loader_generators(loader).items():
+        if name in state:
+            generator.set_state(state[name])
+
+
+def _loader_generators(loader) -> dict[str, torch.Generator]:
+    """The DataLoader's own generator and its sampler's, when they are set (shuffling order)."""
+    found = {}
+    for name, owner in (("loader_generator", loader), ("sampler_generator", getattr(loader, "sampler", None))):
+        generator = getattr(owner, "generator", None)
+        if isinstance(generator, torch.Generator) and all(generator is not g for g in found.values()):
+            found[name] = generator
+    return found
+
+
+def save_checkpoint(state: Mapping, path: str | os.PathLike) -> Path:
+    """torch.save to a temporary file in the same folder, then rename: a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(dict(state), f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)  # atomic on POSIX and Windows
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike, model: nn.Module | None = None,
+                    map_location: str | torch.device = "cpu") -> dict:
+    """Read a checkpoint with torch.load(weights_only=True); load its weights into `model` if given.
+
+    Returns the whole dict: "model", "optimizer", "scheduler", "weighting", "scaler", "rng",
+    "history" (a dict; `History.from_state_dict` turns it back), "epoch" (epochs completed), "config".
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}; train with fit(..., out_dir=...) first "
+                                "(it writes last.pt every epoch and best.pt on validation improvement)")
+    state = torch.load(path, map_location=map_location, weights_only=True)
+    if model is not None:
+        model.load_state_dict(state["model"])
+    return state
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def _make_config(config: TrainConfig | None, overrides: Mapping[str, Any]) -> TrainConfig:
+    config = copy.deepcopy(config) if config is not None else TrainConfig()
+    valid = {f.name for f in dataclasses.fields(TrainConfig)}
+    for key, value in overrides.items():
+        if key not in valid:
+            raise ValueError(f"unknown fit() option {key!r}; valid options are {sorted(valid)}")
+        setattr(config, key, value)
+    if isinstance(config.epochs, bool) or not isinstance(config.epochs, int) or config.epochs < 1:
+        raise ValueError(f"epochs must be an integer >= 1, got {config.epochs!r}")
+    if not config.lr > 0:
+        raise ValueError(f"lr must be positive, got {config.lr!r}")
+    if config.grad_clip is not None and not config.grad_clip > 0:
+        raise ValueError(f"grad_clip must be positive or None, got {config.grad_clip!r}")
+    if config.resume and config.out_dir is None:
+        raise ValueError("resume=True needs out_dir (the folder holding last.pt)")
+    return config
+
+
+def _make_weighting(config: TrainConfig, tasks: tuple[str, ...]) -> LossWeighting:
+    if isinstance(config.weighting, LossWeighting):
+        if tuple(config.weighting.tasks) != tasks:
+            raise ValueError(f"the weighting was built for tasks {config.weighting.tasks}, training uses {tasks}")
+        return config.weighting
+    kwargs = dict(config.weighting_kwargs)
+    if config.task_weights is not None:
+        if config.weighting != "fixed":
+            raise ValueError(f"task_weights only applies to weighting='fixed', not {config.weighting!r}")
+        kwargs["weights"] = config.task_weights
+    return build_weighting(config.weighting, tasks, **kwargs)
+
+
+def _monitor(config: TrainConfig, tasks: tuple[str, ...]) -> tuple[str, str]:
+    key = next(DEFAULT_MONITOR[t] for t in ("seg", "cls", "recon") if t in tasks) \
+        if config.monitor == "auto" else config.monitor
+    key = key.removeprefix("val/")
+    return f"val/{key}", "min" if key.endswith("loss") else "max"
+
+
+def _shared_parameters(model: nn.Module, train_model: nn.Module, losses: Mapping[str, Tensor]) -> list:
+    """The model's own `shared_parameters()` when it has one, otherwise found by gradient reach."""
+    if callable(getattr(model, "shared_parameters", None)):
+        return [p for p in model.shared_parameters() if p.requires_grad]
+    return find_shared_parameters(train_model.parameters(), losses)
+
+
+def fit(model: nn.Module, train_loader, val_loader=None, config: TrainConfig | None = None, **overrides) -> History:
+    """Train `model` in place on `train_loader`, validating on `val_loader` after every epoch.
+
+    Options are the fields of TrainConfig, given as a config and/or keyword arguments
+    (fit(model, train, val, epochs=5, weighting="pcgrad")). Returns the History.
+    best.pt is selected on the validation metric only; without val_loader there is no best.pt.
+    resume=True continues from out_dir/last.pt (a fresh start when there is none yet); with a
+    larger `epochs` than before, the learning-rate schedule is recomputed for the new length.
+    """
+    config = _make_config(config, overrides)
+    tasks = check_tasks(config.tasks if config.tasks is not None else _model_tasks(model))
+    if len(train_loader) == 0:
+        raise ValueError("train_loader yields no batches; check the dataset size and batch_size/drop_last")
+    if config.seed is not None:
+        seed_everything(config.seed)
+    run = _prepare(model, config, tasks, total_steps=config.epochs * len(train_loader))
+    monitor, mode = _monitor(config, tasks)
+    history, start_epoch, best_state = History(monitor=monitor, mode=mode), 0, None
+    out_dir = Path(config.out_dir) if config.out_dir is not None else None
+    if config.resume and (out_dir / "last.pt").is_file():
+        history, start_epoch = _load_run(run, out_dir / "last.pt", train_loader)
+        if (out_dir / "best.pt").is_file():
+            best_state = load_checkpoint(out_dir / "best.pt")["model"]
+    run.train_model = _wrap_for_training(model, run.device, config.compile)
+
+    for epoch in range(start_epoch, config.epochs):
+        sampler = getattr(train_loader, "sampler", None)
+        if hasattr(sampler, "set_epoch"):  # DistributedSampler: a new shuffle every epoch
+            sampler.set_epoch(epoch)
+        bar = tqdm(total=len(train_loader), desc=f"epoch {epoch + 1}/{config.epochs}", leave=True,
+                   disable=not (config.progress and is_main_process()))
+        try:
+            record = {"epoch": epoch + 1, "lr": run.optimizer.param_groups[0]["lr"]}
+            record.update(_train_one_epoch(run, train_loader, epoch, tasks, bar, out_dir))
+            record.update({f"weight/{t}": w for t, w in run.weighting.weights().items()})  # used this epoch
+            run.weighting.end_epoch({t: record[f"train/{t}"] for t in tasks})
+            _broadcast_buffers(model)  # e.g. BatchNorm statistics: every rank keeps rank 0's, as DDP does
+            if val_loader is not None:
+                metrics = evaluate(model, val_loader, tasks, device=run.device, amp=config.amp,
+                                   channels_last=run.channels_last, losses=config.losses, data_range=config.data_range)
+                record.update({f"val/{k}": v for k, v in metrics.items()})
+                bar.set_postfix({k: f"{v:.3f}" for k, v in metrics.items() if not k.endswith("loss")})
+        finally:
+            bar.close()
+        improved = history.append(record)  # best epoch: judged on the validation split only
+        if improved:
+            best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        if out_dir is not None and is_main_process():
+            state = _run_state(run, epoch + 1, history, train_loader, config, tasks)
+            if improved:
+                save_checkpoint(state, out_dir / "best.pt")
+            save_checkpoint(state, out_dir / "last.pt")
+
+    if config.restore_best and best_state is not None:
+        model.load_state_dict(best_state)
+    if is_distributed():
+        dist.barrier()  # rank 0 has finished writing before anyone moves on
+    return history
+
+
+@dataclass
+class _Run:
+    """Everything one training run updates, bundled so that the loops below read cleanly."""
+
+    model: nn.Module  # the plain model (state dicts, shared parameters)
+    loss_fns: nn.ModuleDict  # task -> loss module
+    weighting: LossWeighting
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler | None  # fp16 only
+    device: torch.device
+    amp_dtype: torch.dtype | None  # autocast dtype, None for float32
+    channels_last: bool
+    grad_clip: float | None
+    train_model: nn.Module | None = None  # what runs forward: the model, DDP- and/or compile-wrapped
+    shared: list | None = None  # shared parameters, found at the first step when the weighting needs them
+
+
+def _prepare(model: nn.Module, config: TrainConfig, tasks: tuple[str, ...], total_steps: int) -> _Run:
+    """Device, precision, losses, weighting, AdamW and the polynomial schedule."""
+    device = pick_device(config.device)
+    amp_dtype = resolve_amp(config.amp, device)
+    channels_last = device.type == "cuda" if config.channels_last is None else config.channels_last
+    model.to(device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    weighting = _make_weighting(config, tasks).to(device)
+    groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
+    if weighting.in_optimizer:  # e.g. the log-variances of uncertainty weighting; no weight decay on them
+        groups.append({"params": list(weighting.parameters()), "weight_decay": 0.0})
+    optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=tuple(config.betas), weight_decay=config.weight_decay)
+    power = config.poly_power
+
+    def poly(step: int) -> float:  # lr = base_lr * (1 - step / total_steps) ** power, every iteration
+        return (1 - min(step, total_steps) / total_steps) ** power
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, poly)  # closed form: a resumed run may be longer
+    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
+    return _Run(model, build_losses(tasks, config.losses).to(device), weighting, optimizer, scheduler, scaler,
+                device, amp_dtype, channels_last, config.grad_clip)
+
+
+def _run_state(run: _Run, epoch: int, history: History, train_loader, config: TrainConfig, tasks) -> dict:
+    """A checkpoint: tensors, numbers, strings, lists and dicts only, so that weights_only=True loads it."""
+    return {
+        "format": CHECKPOINT_FORMAT, "epoch": epoch, "model": run.model.state_dict(),
+        "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
+        "weighting": run.weighting.state_dict(), "scaler": run.scaler.state_dict() if run.scaler else {},
+        "rng": _rng_state(train_loader), "history": history.state_dict(), "config": _plain_config(config, tasks),
+    }
+
+
+def _load_run(run: _Run, path: Path, train_loader) -> tuple[History, int]:
+    """Restore a run from a checkpoint; returns its history and the number of epochs done."""
+    state = load_checkpoint(path, run.model, map_location=run.device)
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    run.weighting.load_state_dict(state["weighting"])
+    if run.scaler is not None and state["scaler"]:
+        run.scaler.load_state_dict(state["scaler"])
+    _set_rng_state(state["rng"], train_loader)
+    return History.from_state_dict(state["history"]), int(state["epoch"])
+
+
+def _model_tasks(model: nn.Module) -> Sequence[str]:
+    tasks = getattr(model, "tasks", None)
+    if tasks is None:
+        raise ValueError("pass tasks=(...) to fit(): the model has no `tasks` attribute to read them from")
+    return tasks
+
+
+def _plain_config(config: TrainConfig, tasks: tuple[str, ...]) -> dict:
+    """The config as JSON-like primitives (stored in checkpoints for reference)."""
+    plain = {}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if isinstance(value, LossWeighting):
+            value = type(value).__name__
+        elif dataclasses.is_dataclass(value):
+            value = dataclasses.asdict(value)
+        elif isinstance(value, (os.PathLike, torch.device)):
+            value = str(value)
+        elif isinstance(value, Mapping):
+            value = dict(value)
+        elif isinstance(value, tuple):
+            value = list(value)
+        plain[f.name] = value
+    plain["tasks"] = list(tasks)
+    return plain
+
+
+def _train_one_epoch(run: _Run, loader, epoch: int, tasks: tuple[str, ...], bar,
+                     out_dir: Path | None) -> dict[str, float]:
+    """One pass over `loader`; returns mean losses, epoch time and time spent waiting for data."""
+    run.train_model.train()
+    sums = np.zeros(len(tasks) + 1)  # per-task losses, then the total
+    data_time, started, steps = 0.0, time.perf_counter(), 0
+    batches = iter(loader)
+    while True:
+        waited = time.perf_counter()
+        batch = next(batches, None)
+        data_time += time.perf_counter() - waited
+        if batch is None:
+            break
+        steps += 1
+        losses, values = _forward(run, batch, tasks)
+        for task, value in zip(tasks, values):  # before backward: weights and checkpoints stay good
+            if not np.isfinite(value):
+                last = out_dir / "last.pt" if out_dir is not None and (out_dir / "last.pt").is_file() else None
+                raise NonFiniteLossError(epoch + 1, steps, task, float(value), last)
+        total = _update(run, losses)
+        sums += np.append(values, total)
+        bar.update(1)
+        bar.set_postfix({t: f"{v:.3f}" for t, v in zip((*tasks, "total"), (*values, total))}, refresh=False)
+    epoch_time = time.perf_counter() - started
+    means = _mean_across_processes(list(sums / max(steps, 1)) + [epoch_time, data_time], run.device)
+    record = {f"train/{t}": v for t, v in zip((*tasks, "total"), means)}
+    record.update(epoch_time=means[-2], data_time=means[-1], data_share=means[-1] / max(means[-2], 1e-12))
+    return record
+
+
+def _forward(run: _Run, batch: Mapping[str, Any], tasks: tuple[str, ...]) -> tuple[dict, np.ndarray]:
+    """Batch to device, forward under autocast, one loss per task. Returns the losses and their values."""
+    batch = _to_device(batch, run.device, run.channels_last)
+    with torch.autocast(run.device.type, dtype=run.amp_dtype or torch.float32, enabled=run.amp_dtype is not None):
+        outputs = run.train_model(batch["image"])
+        losses = task_losses(outputs, batch, run.loss_fns)
+    values = torch.stack([losses[t].detach().float() for t in tasks]).cpu().numpy()  # (T,) one sync per step
+    return losses, values
+
+
+def _update(run: _Run, losses: Mapping[str, Tensor]) -> float:
+    """Backward through the weighting strategy, optimiser step, schedules. Returns the total loss."""
+    if run.weighting.needs_shared_parameters and run.shared is None:
+        run.shared = _shared_parameters(run.model, run.train_model, losses)
+    run.optimizer.zero_grad(set_to_none=True)
+    scale = run.scaler.scale if run.scaler is not None else None
+    total = run.weighting.backward(losses, run.shared, scale)
+    if run.weighting.in_optimizer:  # DDP does not see the weighting's parameters
+        _average_gradients(list(run.weighting.parameters()))
+    if run.grad_clip is not None:
+        if run.scaler is not None:
+            run.scaler.unscale_(run.optimizer)
+        nn.utils.clip_grad_norm_(run.model.parameters(), run.grad_clip)
+    if run.scaler is not None:
+        run.scaler.step(run.optimizer)  # skips the step if fp16 gradients overflowed
+        run.scaler.update()
+    else:
+        run.optimizer.step()
+    run.weighting.after_step()
+    run.scheduler.step()
+    return float(total)
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, tasks: Sequence[str] | None = None, *,
+             device: str | torch.device | None = None, amp: str | bool = "auto", channels_last: bool | None = None,
+             losses: LossConfig | None = None, data_range: float = 1.0, accumulator: MetricAccumulator | None = None,
+             progress: bool = False) -> dict[str, float]:
+    """Metrics of `model` over `loader`: {"seg/dice": ..., "cls/acc": ..., "seg/loss": ...}.
+
+    tasks: None reads the model's `tasks` attribute. device: None keeps the model where it is;
+    otherwise the model is moved there.
+    Pass your own MetricAccumulator to keep the class probabilities, labels and confusion matrix
+    for ROC curves and confusion-matrix plots. Under torchrun every rank evaluates its shard and
+    the sums are added (all_reduce) before averaging.
+    """
+    tasks = check_tasks(tasks if tasks is not None else _model_tasks(model))
+    if device is None:
+        device = next(model.parameters()).device
+    else:
+        device = pick_device(device)
+        model.to(device)
+    amp_dtype = resolve_amp(amp, device)
+    channels_last = device.type == "cuda" if channels_last is None else channels_last
+    loss_fns = build_losses(tasks, losses).to(device)
+    if accumulator is None:
+        accumulator = MetricAccumulator(tasks, data_range=data_range)
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in tqdm(loader, desc="evaluate", disable=not (progress and is_main_process()), leave=False):
+            batch = _to_device(batch, device, channels_last)
+            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                outputs = model(batch["image"])
+                batch_losses = task_losses(outputs, batch, loss_fns)
+            accumulator.update({t: outputs[t].float() for t in tasks}, batch, batch_losses)
+    finally:
+        model.train(was_training)
+    accumulator.sync()
+    return accumulator.compute()

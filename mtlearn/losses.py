@@ -1,0 +1,151 @@
+"""Task losses for multi-task training: one loss module per task, built from a small config.
+
+Each task reads its prediction from the model's output dict and its target from the batch:
+
+    task     prediction                    target (batch key)          loss
+    "seg"    (B, K, H, W) logits           "mask"  (B, 1, H, W) 0/1    Dice + cross-entropy (or Dice + focal)
+    "cls"    (B, num_classes) logits       "label" (B,) int            cross-entropy (optional class weights)
+    "recon"  (B, C, H, W) image            "clean" (B, C, H, W)        L1 (or MSE)
+
+The segmentation losses come from MONAI; the others are PyTorch's own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from monai.losses import DiceCELoss, DiceFocalLoss
+from torch import Tensor, nn
+
+# Which batch key holds each task's target (COMMON interface). The order is the canonical task order.
+TASK_TARGETS = {"seg": "mask", "cls": "label", "recon": "clean"}
+TASKS = tuple(TASK_TARGETS)
+
+SEG_LOSSES = ("dicece", "dicefocal")
+RECON_LOSSES = ("l1", "mse")
+
+
+@dataclass
+class LossConfig:
+    seg: str = "dicece"  # "dicece" (Dice + cross-entropy) or "dicefocal" (Dice + focal: ResFormer, several classes)
+    focal_gamma: float = 2.0  # focusing parameter of the focal term (Lin et al. 2017); used by "dicefocal" only
+    class_weights: Sequence[float] | None = None  # per-class weights of the classification cross-entropy (None: equal)
+    recon: str = "l1"  # "l1" or "mse" for the denoising / reconstruction task
+
+
+def check_tasks(tasks: Sequence[str]) -> tuple[str, ...]:
+    """Validate a task list and return it as a tuple in the order given."""
+    if isinstance(tasks, str):
+        tasks = (tasks,)
+    tasks = tuple(tasks)
+    if not tasks:
+        raise ValueError(f"tasks must name at least one of {TASKS}, got an empty list")
+    for task in tasks:
+        if task not in TASK_TARGETS:
+            raise ValueError(f"unknown task {task!r}; expected some of {TASKS}")
+    if len(set(tasks)) != len(tasks):
+        raise ValueError(f"tasks must not repeat, got {tasks}")
+    return tasks
+
+
+class SegmentationLoss(nn.Module):
+    """Dice + cross-entropy (or Dice + focal) on softmax logits, from MONAI.
+
+    Dice alone ignores how confident the pixels are and is noisy on small lesions; the
+    cross-entropy (or focal) term gives every pixel a smooth gradient. ResFormer (Bui et al. 2024)
+    trains with Dice (+ focal, gamma 2, for several classes).
+    """
+
+    def __init__(self, kind: str = "dicece", focal_gamma: float = 2.0):
+        super().__init__()
+        if kind not in SEG_LOSSES:
+            raise ValueError(f"unknown segmentation loss {kind!r}; expected one of {SEG_LOSSES}")
+        self.kind = kind
+        if kind == "dicece":
+            self.loss = DiceCELoss(softmax=True, to_onehot_y=True)
+        else:
+            self.loss = DiceFocalLoss(softmax=True, to_onehot_y=True, gamma=focal_gamma)
+
+    def forward(self, logits: Tensor, mask: Tensor) -> Tensor:
+        """logits: (B, K, H, W), mask: (B, 1, H, W) with values 0..K-1 (float or int) -> scalar."""
+        if mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[2:] != logits.shape[2:]:
+            raise ValueError(
+                f"segmentation target must be (B, 1, H, W) matching logits {tuple(logits.shape)}, "
+                f"got {tuple(mask.shape)}"
+            )
+        return self.loss(logits.float(), mask.round().long())  # (B, 1, H, W) class indices
+
+
+class ClassificationLoss(nn.Module):
+    """Cross-entropy on logits, optionally weighted per class to counter class imbalance."""
+
+    def __init__(self, class_weights: Sequence[float] | None = None):
+        super().__init__()
+        weight = None if class_weights is None else torch.as_tensor(class_weights, dtype=torch.float32)
+        if weight is not None and (weight.dim() != 1 or (weight < 0).any()):
+            raise ValueError(f"class_weights must be a flat list of non-negative numbers, got {class_weights!r}")
+        self.register_buffer("weight", weight)
+
+    def forward(self, logits: Tensor, label: Tensor) -> Tensor:
+        """logits: (B, num_classes), label: (B,) int -> scalar."""
+        if self.weight is not None and self.weight.numel() != logits.shape[1]:
+            raise ValueError(
+                f"class_weights has {self.weight.numel()} entries but the model predicts {logits.shape[1]} classes"
+            )
+        return nn.functional.cross_entropy(logits.float(), label.long().view(-1), weight=self.weight)
+
+
+class ReconstructionLoss(nn.Module):
+    """Pixel-wise L1 (robust to outliers, sharper images) or MSE between output and clean image."""
+
+    def __init__(self, kind: str = "l1"):
+        super().__init__()
+        if kind not in RECON_LOSSES:
+            raise ValueError(f"unknown reconstruction loss {kind!r}; expected one of {RECON_LOSSES}")
+        self.kind = kind
+
+    def forward(self, output: Tensor, clean: Tensor) -> Tensor:
+        """output, clean: (B, C, H, W) -> scalar."""
+        if output.shape != clean.shape:
+            raise ValueError(f"reconstruction output {tuple(output.shape)} and target {tuple(clean.shape)} differ")
+        if self.kind == "l1":
+            return nn.functional.l1_loss(output.float(), clean.float())
+        return nn.functional.mse_loss(output.float(), clean.float())
+
+
+def build_losses(tasks: Sequence[str] = ("seg", "cls"), config: LossConfig | None = None) -> nn.ModuleDict:
+    """One loss module per task, keyed by task name."""
+    tasks = check_tasks(tasks)
+    config = config or LossConfig()
+    makers = {
+        "seg": lambda: SegmentationLoss(config.seg, config.focal_gamma),
+        "cls": lambda: ClassificationLoss(config.class_weights),
+        "recon": lambda: ReconstructionLoss(config.recon),
+    }
+    return nn.ModuleDict({task: makers[task]() for task in tasks})
+
+
+def task_losses(outputs: Mapping[str, Tensor], batch: Mapping[str, Tensor],
+                loss_fns: Mapping[str, nn.Module]) -> dict[str, Tensor]:
+    """Compute every task's loss: outputs[task] against batch[TASK_TARGETS[task]].
+
+    Raises a ValueError naming the task when the model output or the batch target is missing.
+    """
+    losses = {}
+    for task, loss_fn in loss_fns.items():
+        if task not in outputs:
+            raise ValueError(
+                f"the model returned no output for task {task!r} (it returned {sorted(outputs)}); "
+                f"build the model with this task or train on a subset of its tasks"
+            )
+        key = TASK_TARGETS[task]
+        if key not in batch:
+            raise ValueError(
+                f"task {task!r} needs the target batch[{key!r}], but the batch only has {sorted(batch)}; "
+                f"use a dataset that provides {key!r} or drop {task!r} from tasks"
+            )
+        target = batch[key].to(outputs[task].device, non_blocking=True)
+        losses[task] = loss_fn(outputs[task], target)
+    return losses

@@ -1,0 +1,223 @@
+"""Evaluation metrics for every task, and an accumulator that sums them over a data loader.
+
+    key                  meaning                                                      source
+    "seg/dice"           mean per-image Dice of the foreground classes                 monai.metrics.compute_dice
+    "seg/iou"            mean per-image IoU (Jaccard) of the foreground classes        monai.metrics.compute_iou
+    "cls/acc"            accuracy                                                      confusion matrix
+    "cls/balanced_acc"   mean recall over the classes present (sklearn's definition)   confusion matrix
+    "cls/sensitivity"    recall; 2 classes: of class 1; more: macro one-vs-rest       confusion matrix
+    "cls/specificity"    true-negative rate; 2 classes: of class 1; more: macro OvR   confusion matrix
+    "cls/auc"            ROC AUC, one-vs-rest, averaged over the classes present       monai.metrics.compute_roc_auc
+    "recon/psnr"         mean per-image PSNR in dB                                     monai.metrics.PSNRMetric
+    "recon/ssim"         mean per-image SSIM (2-D)                                     monai.metrics.SSIMMetric
+    "<task>/loss"        mean loss per image (when the losses are given)
+
+Choices worth knowing:
+- An image whose ground-truth mask is empty (a "normal" scan) scores Dice/IoU 1 when the prediction
+  is empty too and 0 otherwise (MONAI's ignore_empty=False), so false alarms on normal scans count.
+- For three classes (normal / benign / malignant) sensitivity and specificity are computed one class
+  against the rest and averaged (macro); with two classes they are those of class 1, the positive class.
+
+The accumulator keeps sums and counts, not averages, so that several processes (torchrun) can add
+theirs with one all_reduce before the division.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from monai.metrics import PSNRMetric, SSIMMetric, compute_dice, compute_iou, compute_roc_auc
+from torch import Tensor
+
+from mtlearn.losses import TASK_TARGETS, check_tasks
+
+METRIC_KEYS = {
+    "seg": ("seg/dice", "seg/iou"),
+    "cls": ("cls/acc", "cls/balanced_acc", "cls/sensitivity", "cls/specificity", "cls/auc"),
+    "recon": ("recon/psnr", "recon/ssim"),
+}
+
+
+def classification_metrics(confusion: np.ndarray) -> dict[str, float]:
+    """Accuracy, balanced accuracy, sensitivity, specificity from a (K, K) confusion matrix.
+
+    confusion[i, j] counts images of true class i predicted as class j.
+    """
+    confusion = np.asarray(confusion, dtype=np.float64)
+    total = confusion.sum()
+    tp = np.diag(confusion)
+    fn = confusion.sum(axis=1) - tp  # true class k, predicted something else
+    fp = confusion.sum(axis=0) - tp  # predicted k, true class something else
+    tn = total - tp - fn - fp
+    with np.errstate(invalid="ignore", divide="ignore"):
+        recall = tp / (tp + fn)  # nan for a class absent from the labels
+        specificity = tn / (tn + fp)
+    if len(confusion) == 2:  # binary: report the positive class (1)
+        sensitivity, spec = recall[1], specificity[1]
+    else:
+        sensitivity, spec = _nanmean(recall), _nanmean(specificity)
+    return {
+        "cls/acc": float(tp.sum() / total) if total else float("nan"),
+        "cls/balanced_acc": _nanmean(recall),
+        "cls/sensitivity": float(sensitivity),
+        "cls/specificity": float(spec),
+    }
+
+
+def roc_auc(probabilities: np.ndarray | Tensor, labels: np.ndarray | Tensor) -> float:
+    """One-vs-rest ROC AUC averaged over the classes that occur in `labels` (and have negatives).
+
+    probabilities: (N, K) softmax outputs, labels: (N,) ints -> float (nan when undefined).
+    """
+    probabilities = torch.as_tensor(np.asarray(probabilities), dtype=torch.float32)
+    labels = torch.as_tensor(np.asarray(labels), dtype=torch.long)
+    if len(labels) == 0:
+        return float("nan")
+    onehot = torch.nn.functional.one_hot(labels, probabilities.shape[1])  # (N, K)
+    with warnings.catch_warnings():  # MONAI warns for a class with no positives (or no negatives)
+        warnings.simplefilter("ignore", UserWarning)
+        per_class = compute_roc_auc(probabilities, onehot, average="none")  # (K,), nan where undefined
+    return _nanmean(np.asarray(per_class, dtype=np.float64))
+
+
+def _nanmean(values: np.ndarray) -> float:
+    values = np.asarray(values, dtype=np.float64)
+    finite = values[~np.isnan(values)]
+    return float(finite.mean()) if finite.size else float("nan")
+
+
+class MetricAccumulator:
+    """Sums every task's metrics over batches; `compute()` turns them into one dict of floats.
+
+    Usage: acc.update(model_outputs, batch) per batch, acc.sync() under torchrun, acc.compute().
+    The classification probabilities and labels are kept (ROC AUC needs them all), so after an
+    evaluation `probabilities`, `labels` and `confusion_matrix()` feed ROC and confusion-matrix plots.
+    """
+
+    def __init__(self, tasks: Sequence[str] = ("seg", "cls"), num_classes: int | None = None,
+                 data_range: float = 1.0):
+        self.tasks = check_tasks(tasks)
+        if data_range <= 0:
+            raise ValueError(f"data_range must be positive (max - min of the clean images), got {data_range}")
+        self.num_classes = num_classes  # inferred from the first classification logits when None
+        self.data_range = float(data_range)  # max - min of the clean images, for PSNR and SSIM
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums: dict[str, float] = {}  # metric -> sum over images
+        self.counts: dict[str, float] = {}  # metric -> number of images that contributed
+        self.confusion = None if self.num_classes is None else np.zeros((self.num_classes,) * 2, np.int64)
+        self._probabilities: list[np.ndarray] = []
+        self._labels: list[np.ndarray] = []
+
+    def _add(self, key: str, values: Tensor) -> None:
+        values = values.detach().double().flatten().cpu()
+        values = values[~torch.isnan(values)]
+        self.sums[key] = self.sums.get(key, 0.0) + float(values.sum())
+        self.counts[key] = self.counts.get(key, 0.0) + float(values.numel())
+
+    @torch.no_grad()
+    def update(self, outputs: Mapping[str, Tensor], batch: Mapping[str, Tensor],
+               losses: Mapping[str, Tensor] | None = None) -> None:
+        """outputs: the model's dict; batch: the loader's dict; losses: optional per-task mean losses."""
+        for task in self.tasks:
+            key = TASK_TARGETS[task]
+            if task not in outputs or key not in batch:
+                raise ValueError(f"task {task!r} needs outputs[{task!r}] and batch[{key!r}]")
+            prediction = outputs[task].detach().float()
+            target = batch[key].to(prediction.device)
+            if task == "seg":
+                self._update_seg(prediction, target)
+            elif task == "cls":
+                self._update_cls(prediction, target)
+            else:
+                self._update_recon(prediction, target.float())
+            if losses is not None and task in losses:
+                n = len(prediction)
+                self._add(f"{task}/loss", losses[task].detach().double().repeat(n))
+
+    def _update_seg(self, logits: Tensor, mask: Tensor) -> None:
+        num_seg = logits.shape[1]
+        pred = torch.nn.functional.one_hot(logits.argmax(1), num_seg).permute(0, 3, 1, 2)  # (B, K, H, W)
+        true = torch.nn.functional.one_hot(mask[:, 0].round().long(), num_seg).permute(0, 3, 1, 2)
+        dice = compute_dice(pred, true, include_background=False, ignore_empty=False)  # (B, K-1)
+        iou = compute_iou(pred, true, include_background=False, ignore_empty=False)
+        self._add("seg/dice", dice.nanmean(dim=1))  # (B,) mean over foreground classes
+        self._add("seg/iou", iou.nanmean(dim=1))
+
+    def _update_cls(self, logits: Tensor, label: Tensor) -> None:
+        if self.num_classes is None:
+            self.num_classes = logits.shape[1]
+            self.confusion = np.zeros((self.num_classes,) * 2, np.int64)
+        if logits.shape[1] != self.num_classes:
+            raise ValueError(f"expected {self.num_classes} class logits, got {logits.shape[1]}")
+        label = label.long().view(-1)
+        if len(label) and (label.min() < 0 or label.max() >= self.num_classes):
+            raise ValueError(f"class labels must lie in 0..{self.num_classes - 1}, got {sorted(set(label.tolist()))}")
+        pred = logits.argmax(1)
+        pairs = (label * self.num_classes + pred).cpu()  # index of each (true, predicted) cell
+        self.confusion += torch.bincount(pairs, minlength=self.num_classes**2).view(
+            self.num_classes, self.num_classes).numpy()
+        self._probabilities.append(torch.softmax(logits, 1).cpu().numpy())
+        self._labels.append(label.cpu().numpy())
+
+    def _update_recon(self, output: Tensor, clean: Tensor) -> None:
+        side = min(11, *output.shape[2:])
+        win_size = side if side % 2 else side - 1  # SSIM needs an odd window no larger than the image
+        self._add("recon/psnr", PSNRMetric(max_val=self.data_range)(output, clean))
+        ssim = SSIMMetric(spatial_dims=2, data_range=self.data_range, win_size=win_size)
+        self._add("recon/ssim", ssim(output, clean))
+
+    def sync(self) -> None:
+        """Add up the sums, counts and predictions of every process (no-op without torchrun)."""
+        if not (dist.is_available() and dist.is_initialized()):
+            return
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+        keys = sorted(set(self.sums) | set(self.counts))
+        gathered: list = [None] * dist.get_world_size()  # every rank must know every key
+        dist.all_gather_object(gathered, keys)
+        keys = sorted({k for rank_keys in gathered for k in rank_keys})
+        values = torch.tensor([[self.sums.get(k, 0.0), self.counts.get(k, 0.0)] for k in keys],
+                              dtype=torch.float64, device=device).view(-1, 2)  # (num_keys, 2)
+        dist.all_reduce(values)
+        self.sums = {k: float(v[0]) for k, v in zip(keys, values)}
+        self.counts = {k: float(v[1]) for k, v in zip(keys, values)}
+        if "cls" in self.tasks:
+            predictions: list = [None] * dist.get_world_size()
+            dist.all_gather_object(predictions, (self.confusion, self._probabilities, self._labels))
+            confusions = [c for c, _, _ in predictions if c is not None]
+            self.confusion = sum(confusions) if confusions else None
+            self._probabilities = [p for _, probs, _ in predictions for p in probs]
+            self._labels = [y for _, _, labels in predictions for y in labels]
+
+    @property
+    def probabilities(self) -> np.ndarray:
+        """(N, num_classes) softmax probabilities of every image seen (classification)."""
+        if not self._probabilities:
+            return np.zeros((0, self.num_classes or 0), np.float32)
+        return np.concatenate(self._probabilities)
+
+    @property
+    def labels(self) -> np.ndarray:
+        """(N,) true class of every image seen (classification)."""
+        return np.concatenate(self._labels) if self._labels else np.zeros(0, np.int64)
+
+    def confusion_matrix(self) -> np.ndarray:
+        """(K, K) counts, rows = true class, columns = predicted class."""
+        if self.confusion is None:
+            raise ValueError("no classification batch was seen; call update() with 'cls' outputs first")
+        return self.confusion.copy()
+
+    def compute(self) -> dict[str, float]:
+        """All metrics as floats, keyed "task/metric" (nan where a metric is undefined)."""
+        results = {}
+        for key in self.sums:
+            results[key] = self.sums[key] / self.counts[key] if self.counts[key] else float("nan")
+        if "cls" in self.tasks and self.confusion is not None:
+            results.update(classification_metrics(self.confusion))
+            results["cls/auc"] = roc_auc(self.probabilities, self.labels)
+        return dict(sorted(results.items()))

@@ -1,0 +1,248 @@
+"""Train one configured experiment from the command line, on one process or several (torchrun).
+
+    python -m mtlearn.train --preset tiny --tasks seg cls --image-size 64 --epochs 2 --out-dir runs/demo
+    torchrun --nproc_per_node 2 -m mtlearn.train --preset course --epochs 20 --out-dir runs/ddp
+
+The same command runs unchanged under torchrun: with WORLD_SIZE > 1 every process joins a
+process group (NCCL on CUDA, one GPU per process; gloo on CPU), `fit` wraps the model in
+DistributedDataParallel, each process trains on its share of the data (DistributedSampler) and
+evaluates its share of the validation and test sets, metrics are summed over processes, and only
+rank 0 shows progress and writes files. --batch-size is per process.
+
+Writes to --out-dir: last.pt and best.pt (see mtlearn.engine) and metrics.json: the configuration,
+the best epoch's validation metrics, the test metrics of the best-validation weights, the history,
+and every process's final weight digest and task weights (all equal when the processes stayed in
+sync).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, DistributedSampler, Subset
+
+from mtlearn.engine import TrainConfig, evaluate, fit, is_distributed, is_main_process
+from mtlearn.losses import TASKS
+from mtlearn.utils import pick_device, seed_everything
+from mtlearn.weighting import WEIGHTINGS
+
+PRESETS = ("tiny", "course", "paper")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m mtlearn.train", description=__doc__.split("\n\n")[0])
+    model = parser.add_argument_group("model and data")
+    model.add_argument("--preset", choices=PRESETS, default="tiny",
+                       help="model size, see mtlearn.mtl.PRESETS (default: tiny)")
+    model.add_argument("--tasks", nargs="+", choices=TASKS, default=["seg", "cls"],
+                       help="tasks to train (default: seg cls)")
+    model.add_argument("--dataset", default="synthetic",
+                       help="a name mtlearn.data.load_dataset knows (default: synthetic)")
+    model.add_argument("--data-root", default=None, help="folder of a downloaded dataset (real datasets)")
+    model.add_argument("--image-size", type=int, default=64, help="square image size in pixels (default: 64)")
+    model.add_argument("--augment", action="store_true", help="random flips and rotations on the training split")
+    model.add_argument("--limit", type=int, default=None, metavar="N",
+                       help="use only the first N training images and N // 4 validation and test images")
+    train = parser.add_argument_group("training")
+    train.add_argument("--epochs", type=int, default=10, help="passes over the training set (default: 10)")
+    train.add_argument("--batch-size", type=int, default=8, help="images per step and process (default: 8)")
+    train.add_argument("--lr", type=float, default=1e-4,
+                       help="peak learning rate, polynomial decay with power 0.9 (default: 1e-4)")
+    train.add_argument("--weighting", choices=tuple(WEIGHTINGS), default="fixed",
+                       help="multi-task loss weighting, see mtlearn.weighting (default: fixed)")
+    train.add_argument("--task-weights", nargs="+", default=None, metavar="TASK=W",
+                       help="weights of --weighting fixed, e.g. seg=1 cls=0.25")
+    train.add_argument("--seed", type=int, default=0, help="seeds the weights, the data and its order (default: 0)")
+    train.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes (default: 0)")
+    run = parser.add_argument_group("run")
+    run.add_argument("--out-dir", default=None, help="default: outputs/train/<preset>_<tasks>_<weighting>_s<seed>")
+    run.add_argument("--device", default="auto",
+                     help="auto, cpu, cuda or mps; under torchrun one GPU per process (default: auto)")
+    run.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto",
+                     help="mixed precision; auto: bf16 or fp16 on CUDA, off elsewhere (default: auto)")
+    run.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                     help="NHWC memory layout (default: on CUDA)")
+    run.add_argument("--compile", action="store_true", help="torch.compile the model")
+    run.add_argument("--resume", action="store_true", help="continue from <out-dir>/last.pt if it exists")
+    run.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    args = parser.parse_args(argv)
+    for name in ("epochs", "batch_size", "image_size"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.limit is not None and args.limit < 4:
+        parser.error(f"--limit must be >= 4 (a quarter goes to validation and test), got {args.limit}")
+    args.task_weights = _parse_task_weights(parser, args.task_weights, args.tasks)
+    if args.task_weights is not None and args.weighting != "fixed":
+        parser.error("--task-weights only applies to --weighting fixed")
+    if args.out_dir is None:
+        args.out_dir = f"outputs/train/{args.preset}_{'+'.join(args.tasks)}_{args.weighting}_s{args.seed}"
+    return args
+
+
+def _parse_task_weights(parser, items: list[str] | None, tasks: list[str]) -> dict[str, float] | None:
+    if items is None:
+        return None
+    weights = {}
+    for item in items:
+        task, _, value = item.partition("=")
+        try:
+            weights[task] = float(value)
+        except ValueError:
+            parser.error(f"--task-weights takes TASK=NUMBER items such as seg=1 cls=0.25, got {item!r}")
+    if set(weights) != set(tasks):
+        parser.error(f"--task-weights must give one weight per task {tasks}, got {sorted(weights)}")
+    return weights
+
+
+# ----------------------------------------------------------------------------- distributed plumbing
+
+
+def setup_distributed(device: str = "auto") -> torch.device:
+    """Join the torchrun process group when WORLD_SIZE > 1; return this process's device."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return pick_device(device)
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if pick_device(device).type == "cuda":
+        torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl")
+        return torch.device("cuda", local_rank)
+    dist.init_process_group("gloo")
+    return torch.device("cpu")
+
+
+def cleanup_distributed() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def make_loader(dataset, batch_size: int, train: bool, seed: int, num_workers: int, device: torch.device) -> DataLoader:
+    """Training: shuffled (DistributedSampler under torchrun). Evaluation: this process's shard, in order."""
+    sampler, generator = None, None
+    if train and is_distributed():
+        sampler = DistributedSampler(dataset, shuffle=True, seed=seed, drop_last=True)
+    elif train:
+        generator = torch.Generator().manual_seed(seed)
+    elif is_distributed():  # every rank evaluates every world_size-th image: no padding, no duplicates
+        dataset = Subset(dataset, range(dist.get_rank(), len(dataset), dist.get_world_size()))
+    return DataLoader(dataset, batch_size=batch_size, shuffle=train and sampler is None, sampler=sampler,
+                      generator=generator, num_workers=num_workers, pin_memory=device.type == "cuda",
+                      persistent_workers=num_workers > 0,
+                      drop_last=train and len(dataset) > batch_size)  # no 1-image batch for BatchNorm
+
+
+def state_digest(*modules: torch.nn.Module) -> str:
+    """SHA-256 of the modules' parameters and buffers: equal digests mean identical weights."""
+    digest = hashlib.sha256()
+    for module in modules:
+        for name, tensor in module.state_dict().items():
+            if torch.is_tensor(tensor):
+                digest.update(name.encode())
+                digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _gather(value) -> list:
+    """The value of every process, in rank order (just [value] without torchrun)."""
+    if not is_distributed():
+        return [value]
+    values = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values
+
+
+# ----------------------------------------------------------------------------- the experiment
+
+
+def _datasets(args):
+    from mtlearn.data import load_dataset  # imported here: `--help` stays fast
+
+    common = dict(root=args.data_root, image_size=args.image_size, seed=args.seed)
+    splits = {split: load_dataset(args.dataset, split=split, augment=args.augment and split == "train", **common)
+              for split in ("train", "val", "test")}
+    info = splits["train"]
+    if args.limit is not None:
+        sizes = {"train": args.limit, "val": max(args.limit // 4, 1), "test": max(args.limit // 4, 1)}
+        splits = {s: Subset(d, range(min(sizes[s], len(d)))) for s, d in splits.items()}
+    return splits, info
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Train and evaluate as configured; returns (and on rank 0 writes) the metrics.json record."""
+    from mtlearn.mtl import build_model
+
+    started = time.perf_counter()
+    device = setup_distributed(args.device)
+    try:
+        seed_everything(args.seed)
+        splits, info = _datasets(args)
+        class_names = getattr(info, "class_names", None)
+        num_classes = len(class_names) if class_names is not None else 3
+        in_channels = splits["train"][0]["image"].shape[0]
+        model = build_model(args.preset, tasks=tuple(args.tasks), in_channels=in_channels,
+                            num_classes=num_classes, image_size=args.image_size)
+        loaders = {s: make_loader(d, args.batch_size, s == "train", args.seed, args.num_workers, device)
+                   for s, d in splits.items()}
+        config = TrainConfig(
+            tasks=tuple(args.tasks), epochs=args.epochs, lr=args.lr, weighting=args.weighting,
+            task_weights=args.task_weights, device=str(device), amp=args.amp, channels_last=args.channels_last,
+            compile=args.compile, out_dir=args.out_dir, resume=args.resume, seed=args.seed, progress=args.progress,
+        )
+        history = fit(model, loaders["train"], loaders["val"], config)  # ends with the best-validation weights
+        test = evaluate(model, loaders["test"], tuple(args.tasks), device=device, amp=args.amp,
+                        channels_last=args.channels_last)
+        best = next((r for r in history.records if r["epoch"] == history.best_epoch), history.records[-1])
+        digests = _gather(state_digest(model))  # one per process: equal when DDP kept them in sync
+        final_weights = _gather({k: v for k, v in history.records[-1].items() if k.startswith("weight/")})
+        record = {
+            "preset": args.preset, "tasks": list(args.tasks), "dataset": args.dataset, "image_size": args.image_size,
+            "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "weighting": args.weighting,
+            "seed": args.seed, "device": str(device), "amp": args.amp,
+            "world_size": dist.get_world_size() if is_distributed() else 1,
+            "wall_time_s": round(time.perf_counter() - started, 1), "best_epoch": history.best_epoch,
+            "monitor": history.monitor,
+            "metrics": {"val": {k.removeprefix("val/"): v for k, v in best.items() if k.startswith("val/")},
+                        "test": test},
+            "history": history.records,
+            "parameter_digests": digests,
+            "task_weights_per_process": final_weights,
+        }
+        if is_main_process():
+            _write_json(record, Path(args.out_dir) / "metrics.json")
+            summary = ", ".join(f"{k} {v:.3f}" for k, v in test.items() if not k.endswith("loss"))
+            print(f"best epoch {history.best_epoch} ({history.monitor}); test: {summary}; "
+                  f"{record['wall_time_s']:.0f} s on {record['world_size']} x {device}; wrote {args.out_dir}")
+        return record
+    finally:
+        cleanup_distributed()
+
+
+def _write_json(record: dict, path: Path) -> None:
+    def plain(value):
+        if isinstance(value, dict):
+            return {str(k): plain(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        if isinstance(value, float) and not math.isfinite(value):
+            return None  # JSON has no NaN
+        return value
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(plain(record), indent=2, allow_nan=False))
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    return run(parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()

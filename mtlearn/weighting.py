@@ -1,0 +1,370 @@
+"""Multi-task loss weighting: how several task losses become one update of a shared network.
+
+Every strategy is a small nn.Module with the same interface, called by `engine.fit` in this order:
+
+    total = weighting.backward(losses, shared_parameters, scale)  # fills .grad of the network
+    optimizer.step()                                              # (the weighting's own parameters included
+                                                                  #  when `in_optimizer` is True)
+    weighting.after_step()                                        # e.g. GradNorm's own update
+    ...
+    weighting.end_epoch(mean_train_losses)                        # once per epoch, e.g. DWA
+    weighting.weights() -> {"seg": 1.0, "cls": 0.25}              # current weights, for plots
+
+`losses` is a dict task -> scalar loss; `shared_parameters` the parameters every task uses (the
+encoder); `scale` multiplies a loss before backward (GradScaler.scale under fp16, identity
+otherwise). Strategies that only weight the losses (fixed, uncertainty, DWA) override `combine`;
+strategies that change gradients (GradNorm, PCGrad) override `backward`.
+
+Its state (learned weights, loss history, random generator) is in `state_dict()` and therefore in
+every checkpoint, so a resumed run continues with the same weights.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from mtlearn.losses import check_tasks
+
+Scale = Callable[[Tensor], Tensor]
+
+# ResFormer (Bui et al. 2024, SPEC section 1): L = L_seg + 0.25 * L_cls. Reconstruction counts fully.
+DEFAULT_WEIGHTS = {"seg": 1.0, "cls": 0.25, "recon": 1.0}
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _average_across_processes(tensor: Tensor) -> Tensor:
+    """In-place mean over torchrun processes (no-op in a single process)."""
+    if _distributed():
+        dist.all_reduce(tensor)
+        tensor /= dist.get_world_size()
+    return tensor
+
+
+class LossWeighting(nn.Module):
+    """Base class: turns a dict of task losses into gradients (see the module docstring)."""
+
+    needs_shared_parameters = False  # True: backward() needs the shared parameters
+    in_optimizer = False  # True: the training optimiser must also update this module's parameters
+
+    def __init__(self, tasks: Sequence[str]):
+        super().__init__()
+        self.tasks = check_tasks(tasks)
+
+    def _stack(self, losses: Mapping[str, Tensor]) -> Tensor:
+        """Task losses in self.tasks order: dict -> (T,)."""
+        if set(losses) != set(self.tasks):
+            raise ValueError(f"expected losses for tasks {self.tasks}, got {tuple(losses)}")
+        return torch.stack([losses[task].float() for task in self.tasks])
+
+    def combine(self, losses: Mapping[str, Tensor]) -> Tensor:
+        """Weighted sum of the task losses -> scalar (differentiable)."""
+        raise NotImplementedError
+
+    def backward(self, losses: Mapping[str, Tensor], shared_parameters: Sequence[nn.Parameter] | None = None,
+                 scale: Scale | None = None) -> Tensor:
+        """Back-propagate the combined loss; return it detached (for logging)."""
+        total = self.combine(losses)
+        (scale(total) if scale else total).backward()
+        return total.detach()
+
+    def after_step(self) -> None:
+        """Called after every optimiser step."""
+
+    def end_epoch(self, epoch_losses: Mapping[str, float]) -> None:
+        """Called once per epoch with the mean training loss of every task."""
+
+    def weights(self) -> dict[str, float]:
+        """Current weight of every task."""
+        raise NotImplementedError
+
+
+class FixedWeights(LossWeighting):
+    """L = sum_t w_t L_t with constant weights.
+
+    The ResFormer paper (Bui et al. 2024) trains with L_seg + 0.25 L_cls: the classification loss is
+    larger and noisier early on, and down-weighting it keeps it from dominating the shared encoder.
+    """
+
+    def __init__(self, tasks: Sequence[str] = ("seg", "cls"), weights: Mapping[str, float] | None = None):
+        super().__init__(tasks)
+        weights = dict(weights) if weights is not None else {t: DEFAULT_WEIGHTS[t] for t in self.tasks}
+        if set(weights) != set(self.tasks):
+            raise ValueError(f"weights must give one number per task {self.tasks}, got {weights}")
+        if any(not math.isfinite(w) or w < 0 for w in weights.values()):
+            raise ValueError(f"weights must be finite and non-negative, got {weights}")
+        self.register_buffer("task_weights", torch.tensor([float(weights[t]) for t in self.tasks]))
+
+    def combine(self, losses):
+        return (self.task_weights * self._stack(losses)).sum()
+
+    def weights(self):
+        return dict(zip(self.tasks, self.task_weights.tolist()))
+
+
+class UncertaintyWeighting(LossWeighting):
+    """Homoscedastic uncertainty weighting (Kendall, Gal, Cipolla, CVPR 2018).
+
+    Each task gets a learned log-variance s_t = log sigma_t^2 and the loss becomes
+        sum_t  c_t exp(-s_t) L_t + s_t / 2,
+    with c_t = 1/2 for a Gaussian (regression: "recon") and 1 for a softmax likelihood ("seg",
+    "cls"), as in the paper's equations (7) and (10). A noisy task cannot drive its loss down, so
+    raising s_t is cheaper than fitting it: its weight c_t exp(-s_t) falls (to 1 / (2 L_t) at the
+    optimum). The s_t are parameters: the training optimiser must update them (`in_optimizer`).
+    """
+
+    in_optimizer = True
+
+    def __init__(self, tasks: Sequence[str] = ("seg", "cls")):
+        super().__init__(tasks)
+        self.log_vars = nn.Parameter(torch.zeros(len(self.tasks)))  # s_t, start at sigma = 1
+        self.register_buffer("factors", torch.tensor([0.5 if t == "recon" else 1.0 for t in self.tasks]))
+
+    def combine(self, losses):
+        precision = self.factors * torch.exp(-self.log_vars)  # (T,) the effective task weights
+        return (precision * self._stack(losses) + 0.5 * self.log_vars).sum()
+
+    def weights(self):
+        return dict(zip(self.tasks, (self.factors * torch.exp(-self.log_vars)).tolist()))
+
+
+class DynamicWeightAverage(LossWeighting):
+    """Dynamic Weight Average (Liu, Johns, Davison, "End-to-End Multi-Task Learning with Attention", CVPR 2019).
+
+    Weights follow each task's rate of improvement over the last two epochs:
+        r_t = L_t(e-1) / L_t(e-2),   w_t(e) = T exp(r_t / temperature) / sum_k exp(r_k / temperature).
+    A task whose loss falls slowly (r_t near 1) gets more weight than one falling fast. The first
+    two epochs use w_t = 1. It needs only the losses, no gradients, so it costs nothing.
+    """
+
+    def __init__(self, tasks: Sequence[str] = ("seg", "cls"), temperature: float = 2.0):
+        super().__init__(tasks)
+        if temperature <= 0:
+            raise ValueError(f"temperature must be positive, got {temperature}")
+        self.temperature = temperature
+        self.register_buffer("task_weights", torch.ones(len(self.tasks)))
+        self.register_buffer("loss_history", torch.zeros(2, len(self.tasks)))  # rows: epoch e-2, e-1
+        self.register_buffer("epochs_seen", torch.zeros((), dtype=torch.long))
+
+    def combine(self, losses):
+        return (self.task_weights * self._stack(losses)).sum()
+
+    def end_epoch(self, epoch_losses):
+        current = torch.tensor([float(epoch_losses[t]) for t in self.tasks], device=self.loss_history.device)
+        self.loss_history = torch.stack([self.loss_history[1], current])  # (2, T)
+        self.epochs_seen += 1
+        if self.epochs_seen >= 2:
+            ratio = self.loss_history[1] / self.loss_history[0].clamp_min(1e-12)  # (T,)
+            self.task_weights = len(self.tasks) * torch.softmax(ratio / self.temperature, dim=0)
+
+    def weights(self):
+        return dict(zip(self.tasks, self.task_weights.tolist()))
+
+
+class GradNorm(LossWeighting):
+    """GradNorm (Chen, Badrinarayanan, Lee, Rabinovich, ICML 2018).
+
+    Balances tasks by their gradient magnitude at the last shared layer W. For each task
+        G_t = || d(w_t L_t) / dW ||,   r_t = (L_t / L_t(0)) / mean_k (L_k / L_k(0)),
+    and the weights w_t minimise  sum_t | G_t - mean(G) * r_t^alpha |  (the target is a constant).
+    A task with a small gradient, or one that trains more slowly (large r_t), gains weight. The
+    network itself is trained on sum_t w_t L_t. After every step the weights are renormalised to
+    sum to the number of tasks. The weights have their own Adam optimiser (they follow this
+    objective, not the training loss), stored in the checkpoint with them.
+
+    W is the last parameter with two or more dimensions in `shared_parameters` (the last conv or
+    linear weight of the encoder in registration order).
+    """
+
+    needs_shared_parameters = True
+
+    def __init__(self, tasks: Sequence[str] = ("seg", "cls"), alpha: float = 1.5, lr: float = 0.025):
+        super().__init__(tasks)
+        if alpha < 0 or lr <= 0:
+            raise ValueError(f"alpha must be >= 0 and lr > 0, got alpha={alpha}, lr={lr}")
+        self.alpha = alpha
+        self.task_weights = nn.Parameter(torch.ones(len(self.tasks)))
+        self.register_buffer("initial_losses", torch.zeros(len(self.tasks)))
+        self.register_buffer("initialised", torch.zeros((), dtype=torch.bool))
+        self.optimizer = torch.optim.Adam([self.task_weights], lr=lr)
+        self.last_grad_norms = torch.zeros(len(self.tasks))  # G_t of the last step, for inspection
+
+    def backward(self, losses, shared_parameters=None, scale=None):
+        if not shared_parameters:
+            raise ValueError("GradNorm needs the shared parameters (the encoder) to measure gradient norms")
+        layer = [p for p in shared_parameters if p.dim() >= 2][-1]  # last shared layer W
+        task_losses = self._stack(losses)  # (T,)
+        if not self.initialised:
+            self.initial_losses = _average_across_processes(task_losses.detach().clone())
+            self.initialised.fill_(True)
+        # G_t: graph kept (create_graph) so that the norm can be differentiated w.r.t. w_t
+        grad_norms = torch.stack([
+            torch.autograd.grad(w * loss, layer, retain_graph=True, create_graph=True)[0].norm()
+            for w, loss in zip(self.task_weights, task_losses)
+        ])  # (T,)
+        ratio = task_losses.detach() / self.initial_losses.clamp_min(1e-12)
+        ratio = ratio / ratio.mean()
+        target = (grad_norms.mean() * ratio**self.alpha).detach()  # a constant for the weights
+        gradnorm_loss = (grad_norms - target).abs().sum()
+        weight_grad = torch.autograd.grad(gradnorm_loss, self.task_weights, retain_graph=True)[0]
+        # the network: weighted sum with the weights held constant (.detach())
+        total = (self.task_weights.detach() * task_losses).sum()
+        (scale(total) if scale else total).backward()
+        self.task_weights.grad = weight_grad
+        self.last_grad_norms = grad_norms.detach().cpu()
+        return total.detach()
+
+    def after_step(self):
+        if self.task_weights.grad is None:
+            return
+        _average_across_processes(self.task_weights.grad)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():  # renormalise: sum_t w_t = T (and keep them positive)
+            self.task_weights.clamp_(min=1e-3)
+            self.task_weights.mul_(len(self.tasks) / self.task_weights.sum())
+
+    def weights(self):
+        return dict(zip(self.tasks, self.task_weights.detach().tolist()))
+
+    def get_extra_state(self):
+        return {"optimizer": self.optimizer.state_dict()}
+
+    def set_extra_state(self, state):
+        self.optimizer.load_state_dict(state["optimizer"])
+
+
+def project_conflicting(grads: Sequence[Tensor], generator: torch.Generator | None = None) -> list[Tensor]:
+    """PCGrad's projection of flat task gradients: list of (P,) -> list of (P,).
+
+    For each task i and every other task j in random order: if g_i . g_j < 0 (they conflict),
+    remove from g_i its component along g_j. Non-conflicting pairs are left untouched.
+    """
+    projected = []
+    for i, grad in enumerate(grads):
+        g = grad.clone()
+        others = [j for j in torch.randperm(len(grads), generator=generator).tolist() if j != i]
+        for j in others:
+            dot = torch.dot(g, grads[j])
+            if dot < 0:
+                g = g - dot / grads[j].pow(2).sum().clamp_min(1e-20) * grads[j]
+        projected.append(g)
+    return projected
+
+
+class PCGrad(LossWeighting):
+    """Projecting Conflicting Gradients (Yu, Kumar, Gupta, Levine, Hausman, Finn, NeurIPS 2020).
+
+    When two tasks pull the shared encoder in opposing directions (negative dot product), the
+    summed gradient favours the larger one and can hurt the other. PCGrad projects each task's
+    gradient onto the normal plane of every gradient it conflicts with (random task order) and
+    sums the results. Only the shared parameters are projected; task heads get their usual
+    gradient. Costs one backward pass per task. Task weights stay 1.
+    """
+
+    needs_shared_parameters = True
+
+    def __init__(self, tasks: Sequence[str] = ("seg", "cls"), seed: int = 0):
+        super().__init__(tasks)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.last_cosine = float("nan")  # cosine between the first two task gradients, for inspection
+
+    def backward(self, losses, shared_parameters=None, scale=None):
+        if not shared_parameters:
+            raise ValueError("PCGrad needs the shared parameters (the encoder) to project their gradients")
+        shared_parameters = list(shared_parameters)
+        scale = scale or (lambda t: t)
+        task_losses = self._stack(losses)
+        grads = []
+        for loss in task_losses:  # one gradient per task, flattened: (P,)
+            parts = torch.autograd.grad(scale(loss), shared_parameters, retain_graph=True,
+                                        allow_unused=True, materialize_grads=True)
+            grads.append(torch.cat([g.reshape(-1) for g in parts]))
+        if len(grads) >= 2:
+            self.last_cosine = float(nn.functional.cosine_similarity(grads[0], grads[1], dim=0))
+        merged = torch.stack(project_conflicting(grads, self.generator)).sum(0)  # (P,)
+        total = task_losses.sum()
+        scale(total).backward()  # task heads: plain gradients; shared ones are replaced below
+        _average_across_processes(merged)  # DDP averaged the unprojected sum; average ours instead
+        offset = 0
+        for p in shared_parameters:
+            p.grad = merged[offset:offset + p.numel()].view_as(p).to(p.dtype).clone()
+            offset += p.numel()
+        return total.detach()
+
+    def weights(self):
+        return {task: 1.0 for task in self.tasks}
+
+    def get_extra_state(self):
+        return {"generator": self.generator.get_state()}
+
+    def set_extra_state(self, state):
+        self.generator.set_state(state["generator"])
+
+
+WEIGHTINGS = {
+    "fixed": FixedWeights,
+    "uncertainty": UncertaintyWeighting,
+    "dwa": DynamicWeightAverage,
+    "gradnorm": GradNorm,
+    "pcgrad": PCGrad,
+}
+
+
+def build_weighting(name: str, tasks: Sequence[str] = ("seg", "cls"), **kwargs) -> LossWeighting:
+    """A weighting strategy by name, e.g. build_weighting("dwa", ("seg", "cls"), temperature=2.0)."""
+    if name not in WEIGHTINGS:
+        raise ValueError(f"unknown weighting {name!r}; expected one of {tuple(WEIGHTINGS)}")
+    return WEIGHTINGS[name](tasks, **kwargs)
+
+
+def find_shared_parameters(parameters: Iterable[nn.Parameter], losses: Mapping[str, Tensor]) -> list[nn.Parameter]:
+    """The parameters that every task's loss reaches (the shared encoder), in the given order.
+
+    One extra backward pass per task, done once: the graph is kept for the real backward.
+    """
+    parameters = [p for p in parameters if p.requires_grad]
+    reached = [torch.autograd.grad(loss, parameters, retain_graph=True, allow_unused=True)
+               for loss in losses.values()]
+    shared = [p for k, p in enumerate(parameters) if all(grads[k] is not None for grads in reached)]
+    if not shared:
+        raise ValueError(f"the tasks {tuple(losses)} share no parameters; gradient-based weighting "
+                         "(gradnorm, pcgrad) needs a shared encoder; use 'fixed' or 'uncertainty'")
+    return shared
+
+
+def delta_m(mtl_metrics: Mapping[str, float], single_task_metrics: Mapping[str, float],
+            higher_is_better: Mapping[str, bool] | None = None) -> float:
+    """Multi-task gain in percent (Maninis et al. 2019; Vandenhende et al. 2021, eq. 11):
+
+        Delta_m = 100 / M * sum_i (-1)^{l_i} (M_mtl,i - M_single,i) / M_single,i,
+
+    over the M metrics in `single_task_metrics`, with l_i = 1 when lower is better. Positive: the
+    multi-task model beats the single-task models on average. `higher_is_better` maps metric name
+    -> bool; when omitted, names ending in "loss" (or containing "error", "mse", "mae") are
+    lower-is-better and the rest higher-is-better.
+    """
+    if not single_task_metrics:
+        raise ValueError("single_task_metrics is empty; give at least one baseline metric")
+    total = 0.0
+    for name, baseline in single_task_metrics.items():
+        if name not in mtl_metrics:
+            raise ValueError(f"metric {name!r} of the single-task baseline is missing from mtl_metrics "
+                             f"(which has {sorted(mtl_metrics)})")
+        if baseline == 0:
+            raise ValueError(f"baseline metric {name!r} is 0; the relative change is undefined")
+        if higher_is_better is not None and name in higher_is_better:
+            higher = bool(higher_is_better[name])
+        else:
+            lowered = name.lower()
+            higher = not (lowered.endswith("loss") or any(k in lowered for k in ("error", "mse", "mae")))
+        sign = 1.0 if higher else -1.0
+        total += sign * (float(mtl_metrics[name]) - float(baseline)) / abs(float(baseline))
+    return 100.0 * total / len(single_task_metrics)

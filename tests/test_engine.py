@@ -1,0 +1,317 @@
+import os
+import random
+import time
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from mtlearn.engine import (
+    History,
+    NonFiniteLossError,
+    TrainConfig,
+    evaluate,
+    fit,
+    load_checkpoint,
+    resolve_amp,
+    save_checkpoint,
+)
+from mtlearn.metrics import MetricAccumulator
+from mtlearn.weighting import WEIGHTINGS
+
+TASKS = ("seg", "cls", "recon")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: one thread avoids thread hand-off costs that dominate on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class ToyNet(nn.Module):
+    """Shared conv encoder (BatchNorm, dropout) and one small head per task; returns a dict like mtl.py."""
+
+    def __init__(self, tasks=TASKS, num_classes=3, nan_at_call=None, nan_task="cls"):
+        super().__init__()
+        self.tasks = tuple(tasks)
+        self.encoder = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Dropout(0.2),
+                                     nn.Conv2d(8, 8, 3, padding=1), nn.ReLU())
+        self.heads = nn.ModuleDict({"seg": nn.Conv2d(8, 2, 1), "cls": nn.Linear(8, num_classes),
+                                    "recon": nn.Conv2d(8, 1, 1)})
+        self.nan_at_call, self.nan_task, self.calls, self.feature_dtype = nan_at_call, nan_task, 0, None
+
+    def forward(self, x):
+        features = self.encoder(x)  # (B, 8, H, W)
+        self.feature_dtype = features.dtype
+        out = {"seg": self.heads["seg"](features), "cls": self.heads["cls"](features.mean((2, 3))),
+               "recon": self.heads["recon"](features)}
+        out = {t: out[t] for t in self.tasks}
+        if self.training:
+            self.calls += 1
+            if self.calls == self.nan_at_call:
+                out[self.nan_task] = out[self.nan_task] * float("nan")
+        return out
+
+
+class ToyData(Dataset):
+    """Squares on noise; __getitem__ draws from NumPy's and Python's global generators (like augmentation)."""
+
+    def __init__(self, n=16, size=16, seed=0, keys=("image", "mask", "label", "clean"), delay=0.0, crash_after=None):
+        g = torch.Generator().manual_seed(seed)
+        self.items = []
+        for i in range(n):
+            label = i % 3
+            mask = torch.zeros(1, size, size)
+            if label:
+                mask[:, 4:4 + 4 * label, 4:12] = 1
+            clean = 0.1 + 0.8 * mask
+            self.items.append({"image": clean + 0.2 * torch.randn(1, size, size, generator=g), "mask": mask,
+                               "label": label, "clean": clean})
+        self.keys, self.delay, self.crash_after, self.fetched = keys, delay, crash_after, 0
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        self.fetched += 1
+        if self.crash_after is not None and self.fetched > self.crash_after:
+            raise RuntimeError("simulated crash (power cut)")
+        if self.delay:
+            time.sleep(self.delay)
+        item = {k: self.items[i][k] for k in self.keys}
+        if random.random() < 0.5:  # a "flip" from Python's generator
+            item = {k: v.flip(-1) if torch.is_tensor(v) else v for k, v in item.items()}
+        item["image"] = item["image"] + float(np.random.normal(0, 0.01))  # NumPy's generator
+        return item
+
+
+def _loaders(batch_size=4, seed=0, **data_kwargs):
+    generator = torch.Generator().manual_seed(seed)
+    train = DataLoader(ToyData(**data_kwargs), batch_size=batch_size, shuffle=True, generator=generator)
+    val = DataLoader(ToyData(n=8, seed=1), batch_size=4)
+    return train, val
+
+
+def _fit(model, train, val, **kwargs):
+    options = dict(epochs=2, lr=1e-2, progress=False, seed=0)
+    options.update(kwargs)
+    return fit(model, train, val, **options)
+
+
+@pytest.mark.parametrize("weighting", list(WEIGHTINGS))
+def test_fit_trains_every_weighting(weighting, tmp_path):
+    torch.manual_seed(0)
+    model = ToyNet()
+    before = [p.detach().clone() for p in model.parameters()]
+    train, val = _loaders()
+    history = _fit(model, train, val, weighting=weighting, out_dir=tmp_path, restore_best=False)
+    frame = history.to_frame()
+    assert list(frame.index) == [1, 2]
+    for key in ("train/seg", "train/cls", "train/recon", "train/total", "weight/seg", "val/seg/dice", "val/cls/auc",
+                "val/recon/psnr", "lr", "epoch_time", "data_time", "data_share"):
+        assert key in frame and np.isfinite(frame[key]).all(), key
+    assert frame["lr"].iloc[1] < frame["lr"].iloc[0] == pytest.approx(1e-2)  # polynomial decay
+    changed = [not torch.equal(b, p) for b, p in zip(before, model.parameters())]
+    assert all(changed)  # every parameter received a gradient and moved
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_train_subset_of_model_tasks():
+    model = ToyNet(tasks=("seg", "cls"))
+    train, val = _loaders(keys=("image", "mask", "label"))  # no "clean" needed for seg + cls
+    history = _fit(model, train, val, tasks=("cls",), epochs=1)
+    assert "train/seg" not in history.records[0] and "val/cls/acc" in history.records[0]
+
+
+def test_polynomial_decay_per_iteration():
+    model = ToyNet()
+    train, _ = _loaders()  # 4 steps per epoch
+    history = _fit(model, train, None, epochs=2, lr=1.0e-2, poly_power=0.9)
+    # second epoch starts after 4 of 8 iterations: lr = base * (1 - 4/8) ** 0.9
+    assert history.records[1]["lr"] == pytest.approx(1e-2 * 0.5**0.9)
+
+
+@pytest.mark.parametrize("weighting", ["dwa", "uncertainty", "pcgrad"])
+def test_resume_matches_an_uninterrupted_run(weighting, tmp_path):
+    torch.manual_seed(0)
+    reference = ToyNet()
+    train, val = _loaders()
+    full = _fit(reference, train, val, epochs=3, weighting=weighting, out_dir=tmp_path / "full")
+
+    torch.manual_seed(0)  # the same run again, but it crashes
+    model = ToyNet()
+    crashing, val = _loaders(crash_after=16 * 2 + 6)  # dies in the third epoch, after epoch 2's checkpoint
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _fit(model, crashing, val, epochs=3, weighting=weighting, out_dir=tmp_path / "resumed")
+    assert load_checkpoint(tmp_path / "resumed" / "last.pt")["epoch"] == 2
+
+    torch.manual_seed(7)  # a new process: another initialisation, everything must come from last.pt
+    model = ToyNet()
+    train, val = _loaders(seed=99)  # even the loader's generator state is restored
+    resumed = _fit(model, train, val, epochs=3, weighting=weighting, out_dir=tmp_path / "resumed",
+                   resume=True, seed=5)
+    for (name, a), b in zip(reference.state_dict().items(), model.state_dict().values()):
+        assert torch.equal(a, b), name
+    drop = ("epoch_time", "data_time", "data_share")
+    assert [{k: v for k, v in r.items() if k not in drop} for r in resumed.records] == \
+           [{k: v for k, v in r.items() if k not in drop} for r in full.records]
+    last_full = load_checkpoint(tmp_path / "full" / "last.pt")
+    last_resumed = load_checkpoint(tmp_path / "resumed" / "last.pt")
+    for key, value in last_full["weighting"].items():
+        if torch.is_tensor(value):
+            assert torch.equal(value, last_resumed["weighting"][key]), key
+
+
+@pytest.mark.parametrize("where", ["model", "data"])
+def test_nan_guard_stops_and_keeps_the_last_good_checkpoint(where, tmp_path):
+    torch.manual_seed(0)
+    model = ToyNet(nan_at_call=6 if where == "model" else None)  # epoch 2, step 2 (4 steps per epoch)
+    train, val = _loaders()
+    if where == "data":
+        train.dataset.items[5]["image"] = torch.full((1, 16, 16), float("nan"))
+    with pytest.raises(NonFiniteLossError) as caught:
+        _fit(model, train, val, epochs=3, out_dir=tmp_path)
+    error = caught.value
+    if where == "model":
+        assert (error.epoch, error.step, error.task) == (2, 2, "cls")
+        assert "epoch 2, step 2" in str(error) and "'cls' loss" in str(error)
+    else:
+        assert error.epoch == 1 and error.task in TASKS  # the NaN image is in epoch 1's shuffle
+    last = tmp_path / "last.pt"
+    if where == "model":
+        assert str(last) in str(error)
+        state = torch.load(last, weights_only=True)
+        assert state["epoch"] == 1 and len(state["history"]["records"]) == 1
+        fresh = ToyNet()
+        fresh.load_state_dict(state["model"])
+        assert all(torch.isfinite(p).all() for p in fresh.parameters())
+        # the good checkpoint resumes a healthy run to the end
+        history = _fit(ToyNet(), *_loaders(), epochs=3, out_dir=tmp_path, resume=True)
+        assert len(history) == 3
+    else:
+        assert not last.exists()  # no epoch finished, so there is nothing to trust
+
+
+def test_bf16_autocast_on_cpu():
+    model = ToyNet()
+    history = _fit(model, *_loaders(), epochs=1, amp="bf16")
+    assert model.feature_dtype == torch.bfloat16  # the forward really ran in bfloat16
+    assert np.isfinite(history.records[0]["train/total"])
+    assert next(model.parameters()).dtype == torch.float32  # weights stay float32
+    assert resolve_amp("auto", torch.device("cpu")) is None and resolve_amp(True, torch.device("cpu")) == torch.bfloat16
+
+
+def test_channels_last_on_cpu():
+    model = ToyNet()
+    _fit(model, *_loaders(), epochs=1, channels_last=True)
+    assert model.encoder[0].weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_checkpoint_contents_load_with_weights_only(tmp_path):
+    model = ToyNet()
+    history = _fit(model, *_loaders(), epochs=2, out_dir=tmp_path, weighting="gradnorm")
+    state = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert set(state) >= {"model", "optimizer", "scheduler", "weighting", "scaler", "rng", "history", "epoch", "config"}
+    assert set(state["rng"]) >= {"torch", "numpy", "python", "loader_generator"}
+    assert History.from_state_dict(state["history"]).records == history.records
+    assert state["config"]["weighting"] == "gradnorm" and state["config"]["tasks"] == list(TASKS)
+    best = load_checkpoint(tmp_path / "best.pt", ToyNet())
+    assert best["epoch"] == history.best_epoch
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+
+
+def test_best_checkpoint_is_chosen_on_validation_and_restored(tmp_path):
+    model = ToyNet()
+    history = _fit(model, *_loaders(), epochs=3, out_dir=tmp_path, monitor="seg/loss")
+    assert history.monitor == "val/seg/loss" and history.mode == "min"
+    losses = [r["val/seg/loss"] for r in history.records]
+    assert history.best_epoch == 1 + int(np.argmin(losses))
+    best = load_checkpoint(tmp_path / "best.pt")
+    for name, value in model.state_dict().items():  # restore_best=True
+        assert torch.equal(value, best["model"][name]), name
+    no_val = _fit(ToyNet(), _loaders()[0], None, epochs=1, out_dir=tmp_path / "noval")
+    assert no_val.best_epoch is None and not (tmp_path / "noval" / "best.pt").exists()
+
+
+def test_atomic_save_keeps_the_old_file_on_failure(tmp_path):
+    path = save_checkpoint({"epoch": 1, "weights": torch.ones(3)}, tmp_path / "last.pt")
+    with pytest.raises(Exception):
+        save_checkpoint({"epoch": 2, "broken": lambda: None}, path)  # a lambda cannot be pickled
+    assert load_checkpoint(path)["epoch"] == 1
+    assert os.listdir(tmp_path) == ["last.pt"]
+
+
+def test_data_wait_is_measured():
+    history = _fit(ToyNet(), *_loaders(delay=0.01), epochs=1)
+    record = history.records[0]
+    assert record["data_time"] >= 16 * 0.01 and 0.0 < record["data_share"] <= 1.0
+    assert record["data_time"] <= record["epoch_time"]
+
+
+def test_evaluate_returns_metrics_and_keeps_predictions():
+    model = ToyNet()
+    model.train()
+    accumulator = MetricAccumulator(TASKS)
+    metrics = evaluate(model, _loaders()[1], accumulator=accumulator)
+    assert {"seg/dice", "seg/iou", "cls/acc", "cls/auc", "recon/psnr", "recon/ssim", "seg/loss"} <= set(metrics)
+    assert accumulator.probabilities.shape == (8, 3) and accumulator.confusion_matrix().sum() == 8
+    assert model.training  # the mode is restored
+
+
+def test_history_frame_and_plot():
+    history = _fit(ToyNet(), *_loaders(), epochs=2)
+    frame = history.to_frame()
+    assert frame.shape[0] == 2 and frame.index.name == "epoch"
+    figure = history.plot()
+    assert len(figure.axes) == 4 and figure.axes[0].get_title() == "Training loss"
+    assert [line.get_label() for line in figure.axes[2].lines] == list(TASKS)
+
+
+def test_progress_bar_only_when_asked(capsys):
+    _fit(ToyNet(), *_loaders(), epochs=1, progress=False)
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err == ""
+    _fit(ToyNet(), *_loaders(), epochs=1, progress=True)
+    assert "epoch 1/1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(epochs=0), "epochs must be an integer >= 1"),
+    (dict(epochs=1.5), "epochs must be an integer >= 1"),
+    (dict(lr=0.0), "lr must be positive"),
+    (dict(learning_rate=1e-3), "unknown fit\\(\\) option 'learning_rate'"),
+    (dict(weighting="magic"), "unknown weighting 'magic'; expected one of \\('fixed'"),
+    (dict(tasks=("seg", "depth")), "unknown task 'depth'"),
+    (dict(resume=True), "resume=True needs out_dir"),
+    (dict(amp="fp16"), "amp='fp16' needs a CUDA GPU"),
+    (dict(amp="fp8"), "unknown amp 'fp8'"),
+    (dict(weighting="dwa", task_weights={"seg": 1, "cls": 1, "recon": 1}), "task_weights only applies"),
+    (dict(grad_clip=-1.0), "grad_clip"),
+])
+def test_bad_fit_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        _fit(ToyNet(), *_loaders(), **kwargs)
+
+
+def test_batch_missing_a_target_is_named():
+    train, val = _loaders(keys=("image", "label", "clean"))
+    with pytest.raises(ValueError, match=r"task 'seg' needs the target batch\['mask'\]"):
+        _fit(ToyNet(), train, val)
+
+
+def test_model_without_tasks_needs_tasks_argument():
+    model = ToyNet()
+    del model.tasks
+    with pytest.raises(ValueError, match="pass tasks="):
+        _fit(model, *_loaders())
+
+
+def test_empty_loader_is_refused():
+    empty = DataLoader(ToyData(n=2), batch_size=4, drop_last=True)
+    with pytest.raises(ValueError, match="yields no batches"):
+        fit(ToyNet(), empty, config=TrainConfig(progress=False))

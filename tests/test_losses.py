@@ -1,0 +1,97 @@
+import pytest
+import torch
+
+from mtlearn.losses import (
+    ClassificationLoss,
+    LossConfig,
+    ReconstructionLoss,
+    SegmentationLoss,
+    build_losses,
+    check_tasks,
+    task_losses,
+)
+
+
+def _mask(batch=2, size=8):
+    mask = torch.zeros(batch, 1, size, size)
+    mask[:, :, 2:6, 2:6] = 1.0
+    return mask
+
+
+def _logits_for(mask, confidence=20.0):
+    """Two-class logits that predict `mask` with the given margin."""
+    foreground = (mask * 2 - 1) * confidence  # (B, 1, H, W)
+    return torch.cat([-foreground, foreground], dim=1)  # (B, 2, H, W)
+
+
+@pytest.mark.parametrize("kind", ["dicece", "dicefocal"])
+def test_segmentation_loss_small_for_right_large_for_wrong(kind):
+    loss = SegmentationLoss(kind)
+    mask = _mask()
+    right = loss(_logits_for(mask), mask)
+    wrong = loss(_logits_for(1 - mask), mask)
+    assert right.dim() == 0 and right < 0.01
+    assert wrong > 1.0
+
+
+def test_segmentation_loss_gradient_and_integer_mask():
+    loss = SegmentationLoss("dicece")
+    logits = torch.randn(2, 2, 8, 8, requires_grad=True)
+    value = loss(logits, _mask().long())
+    value.backward()
+    assert torch.isfinite(value) and logits.grad.abs().sum() > 0
+
+
+def test_classification_loss_matches_weighted_cross_entropy():
+    logits = torch.tensor([[2.0, 0.0, -1.0], [0.0, 1.0, 0.0], [0.5, 0.5, 3.0]])
+    label = torch.tensor([0, 2, 2])
+    weights = [1.0, 2.0, 0.5]
+    # hand-computed: weighted mean of -log softmax[label], normalised by the weights of the labels
+    nll = -torch.log_softmax(logits, 1)[torch.arange(3), label]
+    w = torch.tensor(weights)[label]
+    expected = (w * nll).sum() / w.sum()
+    assert torch.allclose(ClassificationLoss(weights)(logits, label), expected)
+    assert torch.allclose(ClassificationLoss()(logits, label), nll.mean())
+
+
+@pytest.mark.parametrize("kind, expected", [("l1", 0.5), ("mse", 0.25)])
+def test_reconstruction_loss_values(kind, expected):
+    output = torch.full((2, 1, 4, 4), 0.5)
+    clean = torch.zeros(2, 1, 4, 4)
+    assert ReconstructionLoss(kind)(output, clean).item() == pytest.approx(expected)
+
+
+def test_build_losses_follows_config():
+    losses = build_losses(("recon", "seg", "cls"), LossConfig(seg="dicefocal", recon="mse", class_weights=[1, 1, 2]))
+    assert list(losses) == ["recon", "seg", "cls"]
+    assert losses["seg"].kind == "dicefocal" and losses["recon"].kind == "mse"
+    assert losses["cls"].weight.tolist() == [1.0, 1.0, 2.0]
+
+
+def test_task_losses_reads_targets_from_the_batch():
+    outputs = {"seg": torch.randn(2, 2, 8, 8), "cls": torch.randn(2, 3), "recon": torch.rand(2, 1, 8, 8)}
+    batch = {"mask": _mask(), "label": torch.tensor([0, 2]), "clean": torch.rand(2, 1, 8, 8)}
+    losses = task_losses(outputs, batch, build_losses(("seg", "cls", "recon")))
+    assert set(losses) == {"seg", "cls", "recon"}
+    assert all(v.dim() == 0 and torch.isfinite(v) for v in losses.values())
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda: SegmentationLoss("dice"), "unknown segmentation loss"),
+    (lambda: ReconstructionLoss("huber"), "unknown reconstruction loss"),
+    (lambda: ClassificationLoss([[1.0, 2.0]]), "class_weights"),
+    (lambda: ClassificationLoss([1.0, -1.0]), "class_weights"),
+    (lambda: check_tasks(("seg", "depth")), "unknown task 'depth'"),
+    (lambda: check_tasks(()), "at least one"),
+    (lambda: check_tasks(("seg", "seg")), "must not repeat"),
+    (lambda: SegmentationLoss()(torch.randn(2, 2, 8, 8), torch.zeros(2, 8, 8)), r"\(B, 1, H, W\)"),
+    (lambda: ClassificationLoss([1.0, 1.0])(torch.randn(2, 3), torch.tensor([0, 1])), "3 classes"),
+    (lambda: ReconstructionLoss()(torch.rand(2, 1, 8, 8), torch.rand(2, 3, 8, 8)), "differ"),
+    (lambda: task_losses({"seg": torch.randn(2, 2, 8, 8)}, {"image": torch.rand(2, 1, 8, 8)},
+                         build_losses(("seg",))), r"batch\['mask'\]"),
+    (lambda: task_losses({"cls": torch.randn(2, 3)}, {"mask": _mask()}, build_losses(("seg",))),
+     "no output for task 'seg'"),
+])
+def test_bad_arguments(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()

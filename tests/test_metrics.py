@@ -1,0 +1,114 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+from sklearn.metrics import balanced_accuracy_score, roc_auc_score
+
+from mtlearn.metrics import MetricAccumulator, classification_metrics, roc_auc
+
+
+def test_three_class_metrics_by_hand():
+    confusion = np.array([[3, 1, 0], [1, 2, 1], [0, 1, 4]])  # rows: true class
+    m = classification_metrics(confusion)
+    assert m["cls/acc"] == pytest.approx(9 / 13)
+    assert m["cls/balanced_acc"] == pytest.approx((3 / 4 + 2 / 4 + 4 / 5) / 3)
+    assert m["cls/sensitivity"] == pytest.approx(m["cls/balanced_acc"])  # macro one-vs-rest recall
+    # true negatives per class: 13 - tp - fn - fp = 8, 7, 7; negatives = 9, 9, 8
+    assert m["cls/specificity"] == pytest.approx((8 / 9 + 7 / 9 + 7 / 8) / 3)
+
+
+def test_binary_metrics_report_the_positive_class():
+    m = classification_metrics(np.array([[5, 1], [2, 2]]))
+    assert m["cls/sensitivity"] == pytest.approx(2 / 4)
+    assert m["cls/specificity"] == pytest.approx(5 / 6)
+    assert m["cls/balanced_acc"] == pytest.approx((5 / 6 + 2 / 4) / 2)
+
+
+def test_balanced_accuracy_and_auc_agree_with_sklearn():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 3, 40)
+    logits = rng.normal(size=(40, 3)) + 1.5 * np.eye(3)[labels]
+    probabilities = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    acc = MetricAccumulator(("cls",))
+    for start in range(0, 40, 16):  # three batches of unequal size
+        acc.update({"cls": torch.tensor(logits[start:start + 16])}, {"label": torch.tensor(labels[start:start + 16])})
+    m = acc.compute()
+    assert m["cls/balanced_acc"] == pytest.approx(balanced_accuracy_score(labels, logits.argmax(1)))
+    assert m["cls/auc"] == pytest.approx(roc_auc_score(labels, probabilities, multi_class="ovr"), abs=1e-6)
+    assert acc.confusion_matrix().sum() == 40 and acc.probabilities.shape == (40, 3)
+    assert (acc.labels == labels).all()
+
+
+def test_auc_skips_a_class_absent_from_the_labels():
+    probabilities = np.array([[0.8, 0.1, 0.1], [0.2, 0.7, 0.1], [0.6, 0.3, 0.1], [0.1, 0.8, 0.1]])
+    labels = np.array([0, 1, 0, 1])  # class 2 never occurs
+    expected = np.mean([roc_auc_score(labels == k, probabilities[:, k]) for k in (0, 1)])
+    assert roc_auc(probabilities, labels) == pytest.approx(expected)
+    assert math.isnan(roc_auc(probabilities[:0], labels[:0]))
+
+
+def _seg_logits(mask):
+    return torch.cat([1 - mask, mask], dim=1) * 10  # (B, 2, H, W) that predicts `mask`
+
+
+def test_dice_and_iou_by_hand():
+    true = torch.zeros(3, 1, 8, 8)
+    true[0, :, 0:4, 0:4] = 1  # 16 pixels
+    pred = torch.zeros(3, 1, 8, 8)
+    pred[0, :, 0:2, 0:4] = 1  # 8 of them: Dice 2*8/(16+8) = 2/3, IoU 8/16
+    pred[2, :, 0, 0] = 1  # image 1: both empty -> 1; image 2: empty truth, one false pixel -> 0
+    acc = MetricAccumulator(("seg",))
+    acc.update({"seg": _seg_logits(pred)}, {"mask": true})
+    m = acc.compute()
+    assert m["seg/dice"] == pytest.approx((2 / 3 + 1 + 0) / 3)
+    assert m["seg/iou"] == pytest.approx((1 / 2 + 1 + 0) / 3)
+
+
+def test_psnr_and_ssim():
+    clean = torch.rand(2, 1, 16, 16)
+    acc = MetricAccumulator(("recon",))
+    acc.update({"recon": clean + 0.1}, {"clean": clean})  # MSE 0.01 -> 10 log10(1 / 0.01) = 20 dB
+    assert acc.compute()["recon/psnr"] == pytest.approx(20.0, abs=1e-3)
+    acc.reset()
+    acc.update({"recon": clean}, {"clean": clean})
+    assert acc.compute()["recon/ssim"] == pytest.approx(1.0, abs=1e-4)
+
+
+def test_losses_are_averaged_per_image():
+    acc = MetricAccumulator(("cls",))
+    acc.update({"cls": torch.zeros(3, 3)}, {"label": torch.zeros(3)}, {"cls": torch.tensor(1.0)})
+    acc.update({"cls": torch.zeros(1, 3)}, {"label": torch.zeros(1)}, {"cls": torch.tensor(5.0)})
+    assert acc.compute()["cls/loss"] == pytest.approx((3 * 1.0 + 5.0) / 4)
+
+
+def test_sync_in_a_one_process_group_keeps_the_values(tmp_path):
+    acc = MetricAccumulator(("seg", "cls"))
+    mask = torch.zeros(2, 1, 8, 8)
+    mask[0, :, :4] = 1
+    acc.update({"seg": _seg_logits(mask), "cls": torch.tensor([[2.0, 0, 0], [0, 0, 2.0]])},
+               {"mask": mask, "label": torch.tensor([0, 1])})
+    before = acc.compute()
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        acc.sync()
+    finally:
+        dist.destroy_process_group()
+    assert acc.compute() == before
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda: MetricAccumulator(("seg", "pose")), "unknown task"),
+    (lambda: MetricAccumulator(("recon",), data_range=0), "data_range"),
+    (lambda: MetricAccumulator(("cls",)).confusion_matrix(), "no classification batch"),
+    (lambda: MetricAccumulator(("seg",)).update({"cls": torch.zeros(1, 3)}, {"mask": torch.zeros(1, 1, 4, 4)}),
+     r"outputs\['seg'\]"),
+    (lambda: MetricAccumulator(("cls",), num_classes=2).update({"cls": torch.zeros(1, 3)}, {"label": torch.zeros(1)}),
+     "expected 2 class logits"),
+    (lambda: MetricAccumulator(("cls",)).update({"cls": torch.zeros(2, 3)}, {"label": torch.tensor([0, 3])}),
+     r"labels must lie in 0..2"),
+])
+def test_bad_arguments(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()

@@ -1,0 +1,93 @@
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, Subset
+
+from mtlearn.data import load_dataset
+from mtlearn.engine import evaluate, load_checkpoint
+from mtlearn.mtl import build_model
+from mtlearn.train import main, parse_args
+
+SMOKE = ["--preset", "tiny", "--image-size", "32", "--batch-size", "4", "--no-progress"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: one thread avoids thread hand-off costs that dominate on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_help_lists_the_options(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        parse_args(["--help"])
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    for option in ("--preset", "--tasks", "--weighting", "--resume", "--amp", "--out-dir", "torchrun"):
+        assert option in text
+
+
+def test_defaults_name_the_output_folder():
+    args = parse_args(["--tasks", "seg", "cls", "recon", "--weighting", "pcgrad", "--seed", "3"])
+    assert args.out_dir == "outputs/train/tiny_seg+cls+recon_pcgrad_s3"
+    assert parse_args(["--task-weights", "seg=1", "cls=0.5"]).task_weights == {"seg": 1.0, "cls": 0.5}
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--epochs", "0"], "--epochs must be >= 1"),
+    (["--weighting", "magic"], "invalid choice: 'magic'"),
+    (["--tasks", "depth"], "invalid choice: 'depth'"),
+    (["--task-weights", "seg=high", "cls=1"], "TASK=NUMBER"),
+    (["--task-weights", "seg=1"], "one weight per task"),
+    (["--weighting", "dwa", "--task-weights", "seg=1", "cls=1"], "only applies to --weighting fixed"),
+    (["--limit", "2"], "--limit must be >= 4"),
+])
+def test_bad_arguments_exit_with_a_message(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        parse_args(argv)
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_train_writes_metrics_and_resumes(tmp_path):
+    out = tmp_path / "run"
+    first = main([*SMOKE, "--epochs", "1", "--limit", "8", "--out-dir", str(out)])
+    record = json.loads((out / "metrics.json").read_text())
+    assert record["world_size"] == 1 and record["best_epoch"] == 1 and len(record["history"]) == 1
+    assert {"seg/dice", "cls/acc", "cls/auc"} <= set(record["metrics"]["test"])
+    assert record["metrics"]["val"]["seg/dice"] == pytest.approx(first["history"][0]["val/seg/dice"])
+    assert (out / "last.pt").is_file() and (out / "best.pt").is_file()
+
+    second = main([*SMOKE, "--epochs", "2", "--limit", "8", "--out-dir", str(out), "--resume"])
+    assert len(second["history"]) == 2
+    assert second["history"][0] == first["history"][0]  # epoch 1 came from last.pt, not retrained
+    assert load_checkpoint(out / "last.pt")["epoch"] == 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("weighting", ["uncertainty", "pcgrad"])
+def test_torchrun_two_processes_stay_in_sync(weighting, tmp_path):
+    out = tmp_path / "ddp"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "mtlearn.train", *SMOKE, "--epochs", "2", "--limit", "32", "--weighting", weighting,
+               "--out-dir", str(out)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    record = json.loads((out / "metrics.json").read_text())
+    assert record["world_size"] == 2
+    digests, weights = record["parameter_digests"], record["task_weights_per_process"]
+    assert len(digests) == 2 and digests[0] == digests[1]  # identical weights on both ranks
+    assert len(weights) == 2 and weights[0] == weights[1]  # and identical task weights
+    if weighting == "uncertainty":
+        assert weights[0] != {"weight/seg": 1.0, "weight/cls": 1.0}  # they were learned
+    # metrics summed over the two ranks equal one process evaluating the whole test subset
+    model = build_model("tiny", tasks=("seg", "cls"), image_size=32)
+    load_checkpoint(out / "best.pt", model)
+    test = Subset(load_dataset("synthetic", split="test", image_size=32, seed=0), range(32 // 4))
+    expected = evaluate(model, DataLoader(test, batch_size=4), device="cpu")
+    for key, value in expected.items():
+        assert record["metrics"]["test"][key] == pytest.approx(value, rel=1e-4, abs=1e-6), key

@@ -1,0 +1,248 @@
+import io
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from mtlearn.weighting import (
+    WEIGHTINGS,
+    DynamicWeightAverage,
+    FixedWeights,
+    GradNorm,
+    PCGrad,
+    UncertaintyWeighting,
+    build_weighting,
+    delta_m,
+    find_shared_parameters,
+    project_conflicting,
+)
+
+TASKS = ("seg", "cls")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: one thread avoids thread hand-off costs that dominate on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class TwoTaskNet(nn.Module):
+    """Shared linear encoder, one linear head per task: the smallest multi-task network."""
+
+    def __init__(self):
+        super().__init__()
+        self.encoder = nn.Linear(4, 8)
+        self.heads = nn.ModuleDict({t: nn.Linear(8, 1) for t in TASKS})
+
+    def forward(self, x):
+        features = torch.tanh(self.encoder(x))
+        return {t: head(features).squeeze(1) for t, head in self.heads.items()}
+
+
+def _regression_problem(noise=(0.05, 1.0), n=256, seed=0):
+    """Two linear regression targets of the same input, with different label noise."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 4, generator=g)
+    targets = {t: x @ torch.randn(4, generator=g) * 0.5 + s * torch.randn(n, generator=g) for t, s in zip(TASKS, noise)}
+    return x, targets
+
+
+def _losses(net, x, targets, scale=None):
+    out = net(x)
+    scale = scale or {t: 1.0 for t in TASKS}
+    return {t: scale[t] * nn.functional.mse_loss(out[t], targets[t]) for t in TASKS}
+
+
+def test_fixed_weights_default_and_gradient():
+    weighting = FixedWeights(TASKS)
+    assert weighting.weights() == {"seg": 1.0, "cls": 0.25}  # ResFormer: L_seg + 0.25 L_cls
+    a, b = torch.tensor(2.0, requires_grad=True), torch.tensor(3.0, requires_grad=True)
+    total = weighting.backward({"seg": a * 1.0, "cls": b * 1.0})
+    assert total.item() == pytest.approx(2.0 + 0.25 * 3.0)
+    assert a.grad.item() == 1.0 and b.grad.item() == 0.25
+
+
+def test_uncertainty_weighting_down_weights_the_noisier_task():
+    torch.manual_seed(0)
+    net, weighting = TwoTaskNet(), UncertaintyWeighting(TASKS)
+    x, targets = _regression_problem(noise=(0.05, 1.0))
+    optimizer = torch.optim.Adam([*net.parameters(), *weighting.parameters()], lr=0.03)
+    for _ in range(300):
+        optimizer.zero_grad()
+        weighting.backward(_losses(net, x, targets))
+        optimizer.step()
+    w = weighting.weights()
+    assert w["cls"] < w["seg"] / 5  # the task with 20x the label noise counts far less
+
+
+def test_uncertainty_weighting_optimum_is_one_over_twice_the_loss():
+    weighting = UncertaintyWeighting(("seg", "recon"))
+    losses = {"seg": torch.tensor(0.1), "recon": torch.tensor(2.0)}
+    optimizer = torch.optim.Adam(weighting.parameters(), lr=0.05)
+    for _ in range(1500):
+        optimizer.zero_grad()
+        weighting.backward(losses)
+        optimizer.step()
+    # d/ds [c exp(-s) L + s/2] = 0  ->  weight c exp(-s) = 1 / (2 L), for either likelihood
+    assert weighting.weights()["seg"] == pytest.approx(1 / (2 * 0.1), rel=0.02)
+    assert weighting.weights()["recon"] == pytest.approx(1 / (2 * 2.0), rel=0.02)
+
+
+def test_dwa_raises_the_weight_of_the_slowest_task():
+    weighting = DynamicWeightAverage(TASKS, temperature=2.0)
+    weighting.end_epoch({"seg": 1.0, "cls": 1.0})
+    assert weighting.weights() == {"seg": 1.0, "cls": 1.0}  # first two epochs: equal weights
+    weighting.end_epoch({"seg": 0.5, "cls": 0.95})  # seg halves, cls barely moves
+    w = weighting.weights()
+    e_seg, e_cls = math.exp(0.5 / 2), math.exp(0.95 / 2)
+    assert w["cls"] == pytest.approx(2 * e_cls / (e_seg + e_cls))
+    assert w["cls"] > w["seg"] and sum(w.values()) == pytest.approx(2.0)
+    total = weighting.combine({"seg": torch.tensor(1.0), "cls": torch.tensor(1.0)})
+    assert total.item() == pytest.approx(2.0)
+
+
+def _weighted_grad_norms(net, losses, weighting):
+    layer = net.encoder.weight
+    return [torch.autograd.grad(w * losses[t], layer, retain_graph=True)[0].norm().item()
+            for t, w in weighting.weights().items()]
+
+
+def test_gradnorm_equalises_gradient_norms():
+    torch.manual_seed(0)
+    net, weighting = TwoTaskNet(), GradNorm(TASKS, alpha=0.0, lr=0.02)
+    x, targets = _regression_problem(noise=(0.1, 0.1))
+    shared = list(net.encoder.parameters())
+    scale = {"seg": 10.0, "cls": 1.0}  # seg's gradient is ten times larger
+    before = _weighted_grad_norms(net, _losses(net, x, targets, scale), weighting)
+    for _ in range(150):  # the network is held fixed: only the weights move
+        net.zero_grad()
+        weighting.backward(_losses(net, x, targets, scale), shared)
+        weighting.after_step()
+    after = _weighted_grad_norms(net, _losses(net, x, targets, scale), weighting)
+    w = weighting.weights()
+    assert w["cls"] > 1.5 > 0.5 > w["seg"]  # the task with the smaller gradient gains weight
+    assert sum(w.values()) == pytest.approx(2.0)  # renormalised to the number of tasks
+    assert before[0] / before[1] > 5 and abs(after[0] / after[1] - 1) < 0.1
+
+
+def test_gradnorm_favours_the_task_that_trains_slower():
+    net, weighting = TwoTaskNet(), GradNorm(TASKS, alpha=1.5, lr=0.02)
+    x, targets = _regression_problem(noise=(0.1, 0.1))
+    losses = _losses(net, x, targets)
+    weighting.backward(losses, list(net.encoder.parameters()))  # records L(0)
+    weighting.initial_losses = torch.stack([losses["seg"], losses["cls"] * 4]).detach()  # cls fell 4x, seg not
+    for _ in range(50):
+        weighting.backward(_losses(net, x, targets), list(net.encoder.parameters()))
+        weighting.after_step()
+    assert weighting.weights()["seg"] > weighting.weights()["cls"]
+
+
+def test_pcgrad_projection_by_hand():
+    g1, g2 = torch.tensor([1.0, 0.0]), torch.tensor([-1.0, 1.0])  # conflicting: g1 . g2 = -1
+    p1, p2 = project_conflicting([g1, g2])
+    assert torch.allclose(p1, torch.tensor([0.5, 0.5])) and torch.allclose(p2, torch.tensor([0.0, 1.0]))
+    h1, h2 = torch.tensor([1.0, 0.0]), torch.tensor([1.0, 1.0])  # not conflicting: untouched
+    q1, q2 = project_conflicting([h1, h2])
+    assert torch.equal(q1, h1) and torch.equal(q2, h2)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_pcgrad_removes_the_conflicting_component(seed):
+    g = torch.Generator().manual_seed(seed)
+    g1 = torch.randn(50, generator=g)
+    g2 = -g1 + 0.5 * torch.randn(50, generator=g)  # strongly conflicting
+    assert torch.dot(g1, g2) < 0
+    p1, p2 = project_conflicting([g1, g2], g)
+    assert torch.dot(p1, g2) >= -1e-5 and torch.dot(p2, g1) >= -1e-5
+
+
+def test_pcgrad_backward_projects_shared_and_keeps_heads():
+    torch.manual_seed(0)
+    net = TwoTaskNet()
+    x, targets = _regression_problem()
+    targets["cls"] = -targets["seg"]  # opposite targets with identical heads: conflicting encoder gradients
+    net.heads["cls"].load_state_dict(net.heads["seg"].state_dict())
+    shared = list(net.encoder.parameters())
+    losses = _losses(net, x, targets)
+    per_task = [torch.cat([g.flatten() for g in torch.autograd.grad(losses[t], shared, retain_graph=True)])
+                for t in TASKS]
+    head_grads = {t: torch.autograd.grad(losses[t], net.heads[t].weight, retain_graph=True)[0] for t in TASKS}
+    weighting = PCGrad(TASKS)
+    weighting.backward(losses, shared)
+    assert weighting.last_cosine < 0
+    expected = sum(project_conflicting(per_task))  # two tasks: the order does not matter
+    got = torch.cat([p.grad.flatten() for p in shared])
+    assert torch.allclose(got, expected, atol=1e-6)
+    for t in TASKS:
+        assert torch.allclose(net.heads[t].weight.grad, head_grads[t])
+
+
+def test_find_shared_parameters_is_the_encoder():
+    net = TwoTaskNet()
+    x, targets = _regression_problem(n=8)
+    shared = find_shared_parameters(net.parameters(), _losses(net, x, targets))
+    assert [id(p) for p in shared] == [id(p) for p in net.encoder.parameters()]
+    with pytest.raises(ValueError, match="share no parameters"):
+        out = net(x)
+        find_shared_parameters(net.heads.parameters(), {t: out[t].sum() for t in TASKS})
+
+
+@pytest.mark.parametrize("name", list(WEIGHTINGS))
+def test_state_survives_a_weights_only_round_trip(name):
+    torch.manual_seed(0)
+    net, weighting = TwoTaskNet(), build_weighting(name, TASKS)
+    x, targets = _regression_problem(n=16)
+    optimizer = torch.optim.SGD([*net.parameters(), *weighting.parameters()], lr=0.1)
+    for _ in range(3):
+        optimizer.zero_grad()
+        weighting.backward(_losses(net, x, targets), list(net.encoder.parameters()))
+        optimizer.step()
+        weighting.after_step()
+        weighting.end_epoch({"seg": 1.0 + _, "cls": 2.0})
+    buffer = io.BytesIO()
+    torch.save(weighting.state_dict(), buffer)
+    buffer.seek(0)
+    restored = build_weighting(name, TASKS)
+    restored.load_state_dict(torch.load(buffer, weights_only=True))
+    assert restored.weights() == weighting.weights()
+    if name == "pcgrad":
+        assert torch.equal(restored.generator.get_state(), weighting.generator.get_state())
+
+
+def test_weighting_gradients_are_finite_and_reach_every_parameter():
+    for name in WEIGHTINGS:
+        net, weighting = TwoTaskNet(), build_weighting(name, TASKS)
+        x, targets = _regression_problem(n=16)
+        weighting.backward(_losses(net, x, targets), list(net.encoder.parameters()))
+        for p in [*net.parameters(), *weighting.parameters()]:
+            assert p.grad is not None and torch.isfinite(p.grad).all(), name
+
+
+def test_delta_m_by_hand():
+    mtl = {"seg/dice": 0.8, "cls/acc": 0.9, "seg/loss": 0.5}
+    single = {"seg/dice": 0.75, "cls/acc": 1.0, "seg/loss": 0.4}
+    expected = 100 * ((0.8 - 0.75) / 0.75 + (0.9 - 1.0) / 1.0 - (0.5 - 0.4) / 0.4) / 3
+    assert delta_m(mtl, single) == pytest.approx(expected)
+    flipped = 100 * ((0.8 - 0.75) / 0.75 - (0.9 - 1.0) / 1.0 - (0.5 - 0.4) / 0.4) / 3
+    assert delta_m(mtl, single, {"cls/acc": False}) == pytest.approx(flipped)
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda: build_weighting("magic", TASKS), "unknown weighting 'magic'.*'fixed'.*'pcgrad'"),
+    (lambda: FixedWeights(TASKS, {"seg": 1.0}), "one number per task"),
+    (lambda: FixedWeights(TASKS, {"seg": 1.0, "cls": -1.0}), "non-negative"),
+    (lambda: DynamicWeightAverage(TASKS, temperature=0), "temperature"),
+    (lambda: GradNorm(TASKS, alpha=-1), "alpha"),
+    (lambda: FixedWeights(TASKS).combine({"seg": torch.tensor(1.0)}), "expected losses for tasks"),
+    (lambda: PCGrad(TASKS).backward({t: torch.tensor(1.0, requires_grad=True) for t in TASKS}), "shared parameters"),
+    (lambda: delta_m({}, {"seg/dice": 0.5}), "missing from mtl_metrics"),
+    (lambda: delta_m({"seg/dice": 0.5}, {"seg/dice": 0.0}), "is 0"),
+    (lambda: delta_m({}, {}), "empty"),
+])
+def test_bad_arguments(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
