@@ -1,0 +1,165 @@
+"""The shapes-on-background benchmark: split counts, combinations, geometry, determinism."""
+
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+from mtlearn.data.shapes import SPLIT_COUNTS, ShapesBackground
+
+SMALL = (32, 40)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors gain nothing from threads, and on a busy 2-core runner threads spin: use one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+# (split, n, {(shape, background): count}); shape 0 circle / 1 bar, background 0 black / 1 white
+EXPECTED = [
+    ("train", 1200, {(0, 1): 600, (1, 1): 100, (1, 0): 500}),
+    ("val", 300, {(0, 1): 100, (1, 1): 100, (1, 0): 100}),
+    ("test", 300, {(0, 1): 100, (1, 1): 100, (1, 0): 100}),
+    ("unseen", 100, {(0, 0): 100}),
+    ("all", 1900, {(0, 1): 800, (1, 1): 300, (1, 0): 700, (0, 0): 100}),
+]
+
+
+@pytest.mark.parametrize("split, n, combos", EXPECTED)
+def test_split_counts_per_combination(split, n, combos):
+    data = ShapesBackground(split, SMALL)
+    assert len(data) == n
+    pairs = Counter(zip(data.labels("shape").tolist(), data.labels("background").tolist()))
+    assert dict(pairs) == combos
+
+
+@pytest.mark.parametrize("split", ["train", "val", "test"])
+def test_no_circle_on_black_outside_unseen(split):
+    data = ShapesBackground(split, SMALL)
+    circle_on_black = (data.labels("shape") == 0) & (data.labels("background") == 0)
+    assert not circle_on_black.any()
+
+
+def test_item_keys_types_and_labels_agree():
+    data = ShapesBackground("val", SMALL)
+    for i in range(0, len(data), 37):
+        item = data[i]
+        assert item["image"].shape == (1, *SMALL) and item["image"].dtype == torch.float32
+        assert item["mask"].shape == (1, *SMALL) and item["mask"].dtype == torch.float32
+        assert set(item["mask"].unique().tolist()) == {0.0, 1.0}
+        assert item["label"] == item["shape"] == data.labels("shape")[i]
+        assert item["background"] == data.labels("background")[i]
+        assert item["id"] == f"val_{i:04d}"
+    assert data.class_names == ("circle", "bar")
+
+
+def test_images_are_z_scored_and_drawn_from_mask_and_background():
+    data = ShapesBackground("train", SMALL)
+    for i in range(0, 200, 13):
+        item = data[i]
+        image, mask = item["image"][0], item["mask"][0].bool()
+        assert abs(image.mean().item()) < 1e-4
+        assert abs(image.std(unbiased=False).item() - 1) < 1e-3
+        # the shape (grey 0.5) is brighter than a black background and darker than a white one
+        shape_value, background_value = image[mask].mean(), image[~mask].mean()
+        assert (shape_value < background_value) == (item["background"] == 1)
+        # two grey levels only: shape and background
+        assert len(torch.unique(image.round(decimals=4))) == 2
+
+
+def _unclipped_pixels(item: dict, size: tuple[int, int], pad: int = 50) -> np.ndarray:
+    """(row, col) of every pixel of the item's shape on a canvas `pad` pixels larger on each side."""
+    ys = np.arange(-pad, size[0] + pad)[:, None] - item["cy"]
+    xs = np.arange(-pad, size[1] + pad)[None, :] - item["cx"]
+    if item["shape"] == 0:
+        inside = ys**2 + xs**2 <= item["half_h"] ** 2
+    else:
+        inside = (np.abs(ys) <= item["half_h"]) & (np.abs(xs) <= item["half_w"])
+    return np.argwhere(inside) - pad
+
+
+@pytest.mark.parametrize("image_size", [(32, 40), (56, 72), (40, 32), 24, (224, 288)])
+def test_shapes_fully_inside_any_image_size(image_size):
+    data = ShapesBackground("test", image_size)
+    size = (image_size, image_size) if isinstance(image_size, int) else image_size
+    for i in range(0, len(data), 29):
+        mask = data[i]["mask"][0]
+        assert mask.shape == size
+        # every pixel of the full shape lies inside the image, and the mask is exactly that shape
+        pixels = _unclipped_pixels(data.items[i], size)
+        assert len(pixels) > 0
+        assert pixels.min() >= 0 and (pixels < np.array(size)).all()
+        assert int(mask.sum()) == len(pixels)
+
+
+def test_bars_are_elongated_and_circles_round():
+    data = ShapesBackground("val", (56, 72))
+    for i in range(0, len(data), 11):
+        rows, cols = torch.nonzero(data[i]["mask"][0], as_tuple=True)
+        height, width = rows.max() - rows.min() + 1, cols.max() - cols.min() + 1
+        if data.items[i]["shape"] == 1:
+            assert width >= 3 * height
+        else:
+            assert abs(int(width) - int(height)) <= 1
+
+
+def test_sizes_scale_with_image_size():
+    small = ShapesBackground("train", (56, 72))
+    large = ShapesBackground("train", (224, 288))
+    radii_small = np.array([it["half_h"] for it in small.items if it["shape"] == 0])
+    radii_large = np.array([it["half_h"] for it in large.items if it["shape"] == 0])
+    assert 2.5 - 1e-9 <= radii_small.min() and radii_small.max() <= 20 + 1e-9
+    assert 10 - 1e-9 <= radii_large.min() and radii_large.max() <= 80 + 1e-9
+    assert radii_large.mean() == pytest.approx(4 * radii_small.mean(), rel=0.05)
+
+
+def test_deterministic_by_seed_and_splits_independent():
+    a, b = ShapesBackground("train", SMALL, seed=3), ShapesBackground("train", SMALL, seed=3)
+    c = ShapesBackground("train", SMALL, seed=4)
+    assert torch.equal(a[5]["image"], b[5]["image"]) and a.items == b.items
+    assert a.items != c.items
+    # val and test have the same combinations but different random streams
+    val, test = ShapesBackground("val", SMALL), ShapesBackground("test", SMALL)
+    assert [(v["cy"], v["cx"], v["half_h"]) for v in val.items] != [(t["cy"], t["cx"], t["half_h"]) for t in test.items]
+    # "all" is the four splits one after the other, each unchanged
+    everything = ShapesBackground("all", SMALL)
+    assert everything.items[: len(ShapesBackground("train", SMALL))] == ShapesBackground("train", SMALL).items
+    assert everything.items[-100:] == ShapesBackground("unseen", SMALL).items
+
+
+def test_works_with_a_dataloader():
+    loader = torch.utils.data.DataLoader(ShapesBackground("unseen", SMALL), batch_size=16)
+    batch = next(iter(loader))
+    assert batch["image"].shape == (16, 1, *SMALL)
+    assert batch["shape"].tolist() == [0] * 16 and batch["background"].tolist() == [0] * 16
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"split": "training"}, "unknown split 'training'"),
+        ({"image_size": (8, 40)}, "image_size"),
+        ({"image_size": (32, 40, 3)}, "image_size"),
+        ({"image_size": 32.0}, "image_size"),
+        ({"seed": -1}, "seed"),
+    ],
+)
+def test_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ShapesBackground(**kwargs)
+
+
+def test_bad_split_message_lists_valid_splits():
+    with pytest.raises(ValueError) as info:
+        ShapesBackground("holdout")
+    for split in (*SPLIT_COUNTS, "all"):
+        assert split in str(info.value)
+
+
+def test_labels_rejects_unknown_key():
+    with pytest.raises(ValueError, match="unknown label"):
+        ShapesBackground("unseen", SMALL).labels("colour")
