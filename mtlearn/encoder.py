@@ -1,0 +1,159 @@
+"""The ResFormer encoder (Bui et al., arXiv 2412.00351, 2024): a ResNet-34 and a Swin transformer side by side.
+
+    encoder = ResFormerEncoder(ResFormerConfig(in_channels=1, image_size=128))
+    features = encoder(images)   # four maps at H/2, H/4, H/8, H/16
+
+The encoder only computes features; heads (segmentation decoder, classifier, ...) live in
+heads.py and read the list it returns (features separate from heads, like timm's
+`forward_features`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor, nn
+
+from mtlearn.blocks import PatchEmbed, ResFormerStage
+
+STRIDE = 16  # the deepest feature map is H/16 x W/16: inputs must be divisible by this
+
+
+@dataclass
+class ResFormerConfig:
+    """Encoder hyper-parameters. The defaults are the paper's (ResFormer "parallel", 224 px)."""
+
+    in_channels: int = 1  # image channels: 1 (grey ultrasound) or 3 (RGB); any positive int works
+    image_size: int | tuple[int, int] = 224  # training size in pixels, side or (H, W); sets the window and masks
+    widths: tuple[int, ...] = (64, 128, 256, 512)  # channels of the four stages at H/2, H/4, H/8, H/16
+    cnn_depths: tuple[int, ...] = (3, 4, 6, 3)  # BasicBlocks per stage (ResNet-34 layout)
+    attn_depths: tuple[int, ...] = (2, 2, 2, 2)  # Swin blocks per stage; every second one is shifted
+    num_heads: tuple[int, ...] = (2, 4, 8, 16)  # attention heads per stage (head dim = width / heads = 32)
+    mlp_ratio: float = 4.0  # hidden size of each transformer MLP, as a multiple of the width
+    window_size: int | None = None  # attention window side in tokens; None -> min(image_size) // 16
+    qkv_bias: bool = True  # learn a bias for the query/key/value projection
+    drop_path: float = 0.1  # stochastic depth, rising linearly from 0 to this over the Swin blocks
+    dropout: float = 0.0  # dropout after attention projections and MLPs (and before the classifier's last layer)
+    attn_dropout: float = 0.0  # dropout on attention weights, training only
+    use_attention: bool = True  # False: no transformer path at all -> a plain ResNet-34-style encoder
+
+    def __post_init__(self):
+        if isinstance(self.image_size, int):
+            self.image_size = (self.image_size, self.image_size)
+        self.image_size = tuple(self.image_size)
+        for name in ("widths", "cnn_depths", "attn_depths", "num_heads"):
+            setattr(self, name, tuple(getattr(self, name)))
+        if not isinstance(self.in_channels, int) or self.in_channels < 1:
+            raise ValueError(f"in_channels must be a positive integer (1 grey, 3 RGB), got {self.in_channels!r}")
+        if len(self.image_size) != 2 or any(s < STRIDE or s % STRIDE for s in self.image_size):
+            raise ValueError(f"image_size must be a multiple of the network stride {STRIDE} (e.g. 128 or 224), "
+                             f"got {self.image_size}")
+        lengths = {name: len(getattr(self, name)) for name in ("widths", "cnn_depths", "attn_depths", "num_heads")}
+        if set(lengths.values()) != {4}:
+            raise ValueError(f"widths, cnn_depths, attn_depths and num_heads need one entry per stage (4), got {lengths}")
+        if self.widths[0] % 8 != 0 or any(w < 1 or w % 2 for w in self.widths):
+            raise ValueError(f"widths must be even, the first a multiple of 8 (patch embedding split 4/2/1/1 "
+                             f"eighths), e.g. (64, 128, 256, 512); got {self.widths}")
+        if any(d < 1 for d in self.cnn_depths) or any(d < 0 for d in self.attn_depths):
+            raise ValueError(f"cnn_depths must be >= 1 and attn_depths >= 0, got {self.cnn_depths} and {self.attn_depths}")
+        for width, heads in zip(self.widths, self.num_heads):
+            if heads < 1 or width % heads != 0:
+                raise ValueError(f"num_heads {self.num_heads} must divide widths {self.widths} stage by stage "
+                                 f"(integer head dimension); {width} channels cannot be split into {heads} heads")
+        if self.window_size is None:
+            self.window_size = min(self.image_size) // STRIDE
+        if self.window_size < 1:
+            raise ValueError(f"window_size must be >= 1, got {self.window_size}")
+        if not 0.0 <= self.drop_path < 1.0 or not 0.0 <= self.dropout < 1.0 or not 0.0 <= self.attn_dropout < 1.0:
+            raise ValueError(f"drop_path, dropout and attn_dropout must be in [0, 1), got "
+                             f"{self.drop_path}, {self.dropout}, {self.attn_dropout}")
+        if self.mlp_ratio <= 0:
+            raise ValueError(f"mlp_ratio must be positive, got {self.mlp_ratio}")
+
+
+def check_image(x: Tensor, in_channels: int, stride: int = STRIDE) -> None:
+    """Raise ValueError unless x is a (B, in_channels, H, W) batch with H and W divisible by `stride`."""
+    if x.dim() != 4:
+        raise ValueError(f"expected a batch of images (B, C, H, W), got a tensor of shape {tuple(x.shape)}")
+    if x.shape[1] != in_channels:
+        raise ValueError(f"the model was built for {in_channels} input channel(s), got {x.shape[1]} "
+                         f"(shape {tuple(x.shape)}); build it with in_channels={x.shape[1]}")
+    H, W = x.shape[-2:]
+    if H % stride or W % stride:
+        raise ValueError(f"image size {H}x{W} is not divisible by the network stride {stride}; "
+                         f"resize or pad to a multiple of {stride} (e.g. {stride * max(1, round(H / stride))})")
+
+
+class ResFormerEncoder(nn.Module):
+    """ResFormer encoder (Bui et al., 2024): a ResNet-34 CNN path and a Swin transformer path, fused per stage.
+
+    Why two paths: convolutions are good at local texture and boundaries, attention at relating
+    distant regions (a lesion and its surroundings). Bui et al. run both on the same input at
+    every stage and add their outputs (the "parallel" variant); the sum feeds the next stage.
+
+        stem:   conv 7x7 stride 1 - BN - ReLU - max-pool 3/2      (B, w0, H/2, W/2)
+              + multi-scale patch embedding of the image          (B, w0, H/2, W/2)
+        stage i (i = 1..4): BasicBlocks + Swin blocks, added      (B, w_i, H/2^i, W/2^i)
+
+    With `use_attention=False` neither the patch embedding nor any transformer block is built:
+    the encoder is then a plain ResNet-34 (with a stride-1 stem), the single-path baseline.
+    """
+
+    def __init__(self, config: ResFormerConfig):
+        super().__init__()
+        self.config = config
+        self.out_channels = list(config.widths)  # channels of the four returned maps
+        self.strides = [2, 4, 8, 16]  # their downsampling factors
+        widths = config.widths
+        attn_depths = config.attn_depths if config.use_attention else (0, 0, 0, 0)
+
+        self.stem = nn.Sequential(
+            nn.Conv2d(config.in_channels, widths[0], 7, padding=3, bias=False),
+            nn.BatchNorm2d(widths[0]),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(3, stride=2, padding=1),
+        )
+        self.patch_embed = PatchEmbed(config.in_channels, widths[0]) if config.use_attention else None
+
+        # stochastic depth rises linearly over all transformer blocks of the encoder
+        total = sum(attn_depths)
+        rates = [config.drop_path * i / max(total - 1, 1) for i in range(total)]
+        H, W = config.image_size
+        self.stages = nn.ModuleList()
+        for i in range(4):
+            first = sum(attn_depths[:i])
+            self.stages.append(ResFormerStage(
+                in_channels=widths[max(i - 1, 0)], out_channels=widths[i], stride=1 if i == 0 else 2,
+                cnn_depth=config.cnn_depths[i], attn_depth=attn_depths[i], num_heads=config.num_heads[i],
+                window_size=config.window_size, mlp_ratio=config.mlp_ratio, qkv_bias=config.qkv_bias,
+                dropout=config.dropout, attn_dropout=config.attn_dropout,
+                drop_path=rates[first:first + attn_depths[i]], input_resolution=(H >> (i + 1), W >> (i + 1)),
+            ))
+        self.apply(init_weights)
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        """x: (B, in_channels, H, W) -> 4 maps (B, widths[i], H / 2^(i+1), W / 2^(i+1)), i = 0..3."""
+        check_image(x, self.config.in_channels)
+        features = self.stem(x)  # (B, w0, H/2, W/2)
+        if self.patch_embed is not None:
+            features = features + self.patch_embed(x)
+        outputs = []
+        for stage in self.stages:
+            features = stage(features)
+            outputs.append(features)
+        return outputs
+
+
+def init_weights(module: nn.Module) -> None:
+    """He init for convolutions (ResNet), truncated normal for linear layers (Swin), unit norms."""
+    if isinstance(module, nn.Conv2d):
+        nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Linear):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, (nn.BatchNorm2d, nn.LayerNorm)):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)

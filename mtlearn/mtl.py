@@ -1,0 +1,246 @@
+"""The multi-task UNet: one ResFormer encoder shared by segmentation, classification and denoising.
+
+    model = build_model("course", tasks=("seg", "cls"))      # a MultiTaskUNet
+    out = model(images)           # {"seg": (B, 2, H, W), "cls": (B, 3)}
+
+    single_task_model("seg")      # the same encoder with one head: the single-task baseline
+    monai_baseline("swinunetr")   # an outside baseline from MONAI, returning {"seg": ...}
+
+Presets (PRESETS) fix the encoder size: "paper" is Bui et al.'s network (GPU), "course" trains
+in minutes on two CPU cores, "tiny" is for smoke runs and tests.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from torch import Tensor, nn
+
+from mtlearn.encoder import ResFormerConfig, ResFormerEncoder, check_image, init_weights
+from mtlearn.heads import (DFE_MODES, MultiScaleClassificationHead, ReconstructionHead, SegmentationHead,
+                           UNetDecoder)
+
+TASKS = ("seg", "cls", "recon")  # segmentation, classification, reconstruction (denoising)
+CLS_HEADS = ("multiscale", "last")  # classifier reads the last two encoder stages, or the last one only
+
+
+@dataclass
+class MultiTaskConfig(ResFormerConfig):
+    """Encoder fields (ResFormerConfig) plus which tasks to build and how their heads look."""
+
+    tasks: tuple[str, ...] = ("seg", "cls")  # heads to build, any non-empty subset of TASKS; output keys
+    num_classes: int = 3  # image classes for "cls" (synthetic ultrasound: normal, benign, malignant)
+    seg_classes: int = 2  # mask classes for "seg" (background, lesion), softmax logits
+    dfe: str = "none"  # skip refinement in the seg decoder: "none", "three" (paper's DFE) or "four" (ASPP-like)
+    dilations: tuple[int, ...] = (6, 12, 18)  # DFE dilation rates, one branch each
+    cls_head: str = "multiscale"  # "multiscale" (last two stages, as published) or "last" (last stage only)
+    cls_hidden: int = 32  # width of the classifier's bottleneck layer (paper: 32)
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.tasks = (self.tasks,) if isinstance(self.tasks, str) else tuple(self.tasks)
+        self.dilations = tuple(self.dilations)
+        unknown = [t for t in self.tasks if t not in TASKS]
+        if not self.tasks or unknown or len(set(self.tasks)) != len(self.tasks):
+            raise ValueError(f"tasks must be a non-empty subset of {TASKS} without repeats, got {self.tasks}")
+        if self.dfe not in DFE_MODES:
+            raise ValueError(f"unknown DFE mode {self.dfe!r}; expected one of {DFE_MODES}")
+        if self.cls_head not in CLS_HEADS:
+            raise ValueError(f"unknown cls_head {self.cls_head!r}; expected one of {CLS_HEADS}")
+        if self.num_classes < 2 or self.seg_classes < 2:
+            raise ValueError(f"num_classes and seg_classes must be >= 2 (softmax logits), "
+                             f"got {self.num_classes} and {self.seg_classes}")
+        if not self.dilations or any(not isinstance(d, int) or d < 1 for d in self.dilations):
+            raise ValueError(f"dilations must be positive integers, e.g. (6, 12, 18), got {self.dilations}")
+
+
+class MultiTaskUNet(nn.Module):
+    """ResFormer multi-task UNet (Bui et al., arXiv 2412.00351, 2024), with UMS-Rep's denoising task.
+
+    Hard parameter sharing: one encoder computes features once per image and every task reads
+    them. Bui et al. pair segmentation (a UNet decoder with DFE skips) with classification (a
+    multi-scale head on the last two stages): the classification loss shapes the encoder's deep
+    features and the decoder's skips keep segmentation sharp. UMS-Rep (Zamzmi et al., 2021) adds
+    denoising as a task that needs no labels. Each dense task ("seg", "recon") gets its own
+    decoder, so the shared representation is exactly the encoder (`.encoder`,
+    `shared_parameters()`), which is what UMS-Rep transfers and fine-tunes.
+
+        x (B, C, H, W) -> encoder -> 4 maps -> {"seg": (B, seg_classes, H, W),
+                                                "cls": (B, num_classes),
+                                                "recon": (B, C, H, W)}   (keys = config.tasks)
+    """
+
+    def __init__(self, config: MultiTaskConfig):
+        super().__init__()
+        self.config = config
+        self.tasks = config.tasks
+        self.encoder = ResFormerEncoder(config)
+        widths = self.encoder.out_channels
+        self.decoders = nn.ModuleDict()
+        self.heads = nn.ModuleDict()
+        for task in self.tasks:
+            if task == "seg":
+                self.decoders["seg"] = UNetDecoder(widths, config.dfe, config.dilations)
+                self.heads["seg"] = SegmentationHead(widths[0], config.seg_classes)
+            elif task == "recon":
+                # DFE's wide dilations add lesion context; denoising is local, so its decoder has plain skips.
+                self.decoders["recon"] = UNetDecoder(widths, "none")
+                self.heads["recon"] = ReconstructionHead(widths[0], config.in_channels)
+            else:  # "cls"
+                read = widths[-2:] if config.cls_head == "multiscale" else widths[-1:]
+                self.heads["cls"] = MultiScaleClassificationHead(read, config.num_classes, config.cls_hidden,
+                                                                 config.dropout)
+        self.decoders.apply(init_weights)
+        self.heads.apply(init_weights)
+
+    def forward_features(self, x: Tensor) -> list[Tensor]:
+        """x: (B, in_channels, H, W) -> the encoder's 4 maps at H/2, H/4, H/8, H/16."""
+        return self.encoder(x)
+
+    def forward_heads(self, features: list[Tensor]) -> dict[str, Tensor]:
+        """Encoder maps -> {task: output}, one entry per task the model was built with."""
+        outputs = {}
+        for task in self.tasks:
+            if task in self.decoders:
+                outputs[task] = self.heads[task](self.decoders[task](features))
+            else:
+                outputs[task] = self.heads[task](features)
+        return outputs
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        """x: (B, in_channels, H, W), H and W divisible by 16 -> {task: output} (see the class docstring)."""
+        return self.forward_heads(self.forward_features(x))
+
+    def shared_parameters(self):
+        """The parameters every task uses: the encoder's (for gradient-surgery weighting methods)."""
+        return self.encoder.parameters()
+
+
+# Encoder sizes. Parameter counts for tasks ("seg", "cls"), 1 input channel, 3 classes, dfe "none";
+# forward GFLOPs per image (torch.utils.flop_counter, 2 per multiply-add).
+PRESETS: dict[str, dict] = {
+    # Bui et al.'s network: ResNet-34 + Swin (embed 64, heads 2/4/8/16).   33.65M params at 224 px, 46 GFLOPs
+    # (dfe="three": 44.11M, dfe="four": 45.15M, use_attention=False: 23.54M; + "recon": 35.90M)
+    "paper": dict(widths=(64, 128, 256, 512), cnn_depths=(3, 4, 6, 3), attn_depths=(2, 2, 2, 2),
+                  num_heads=(2, 4, 8, 16), drop_path=0.1),
+    # Half width, one BasicBlock and two Swin blocks per stage, head dim 32.   4.33M params at 128 px, 2.0 GFLOPs
+    # (dfe="three": 6.95M, dfe="four": 7.21M, use_attention=False: 1.80M; + "recon": 4.90M)
+    "course": dict(widths=(32, 64, 128, 256), cnn_depths=(1, 1, 1, 1), attn_depths=(2, 2, 2, 2),
+                   num_heads=(1, 2, 4, 8), drop_path=0.05),
+    # Smoke runs and tests: quarter width, one block of each kind, head dim 16.   0.83M params at 64 px, 0.1 GFLOPs
+    # (dfe="three": 1.48M, dfe="four": 1.55M, use_attention=False: 0.455M)
+    "tiny": dict(widths=(16, 32, 64, 128), cnn_depths=(1, 1, 1, 1), attn_depths=(1, 1, 1, 1),
+                 num_heads=(1, 2, 4, 8), drop_path=0.0),
+}
+
+
+def build_model(preset: str = "course", tasks: Sequence[str] = ("seg", "cls"), in_channels: int = 1,
+                num_classes: int = 3, seg_classes: int = 2, image_size: int | tuple[int, int] = 128,
+                **overrides) -> MultiTaskUNet:
+    """A MultiTaskUNet from a named preset; `overrides` replace any MultiTaskConfig field.
+
+    build_model("course", tasks=("seg", "cls", "recon"), dfe="three")
+    build_model("paper", in_channels=3, image_size=224)
+    """
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; expected one of {tuple(PRESETS)}")
+    fields = {f.name for f in dataclasses.fields(MultiTaskConfig)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise ValueError(f"unknown model option(s) {unknown}; valid options are {sorted(fields)}")
+    settings = {**PRESETS[preset], **overrides}
+    config = MultiTaskConfig(in_channels=in_channels, image_size=image_size, tasks=tuple(tasks),
+                             num_classes=num_classes, seg_classes=seg_classes, **settings)
+    return MultiTaskUNet(config)
+
+
+def single_task_model(task: str, preset: str = "course", in_channels: int = 1, num_classes: int = 3,
+                      seg_classes: int = 2, image_size: int | tuple[int, int] = 128, **overrides) -> MultiTaskUNet:
+    """The single-task baseline: the same encoder as build_model, with the head of one task."""
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
+    return build_model(preset, (task,), in_channels, num_classes, seg_classes, image_size, **overrides)
+
+
+# ---------------------------------------------------------------------------------------------
+# Outside baselines from MONAI
+# ---------------------------------------------------------------------------------------------
+
+MONAI_MODELS = ("unet", "swinunetr")
+
+
+class MonaiBaseline(nn.Module):
+    """A MONAI segmentation network behind the mtlearn interface: forward returns {"seg": logits}.
+
+    Outside baselines keep us honest: a well-known UNet (Ronneberger et al., 2015, MONAI's
+    residual form) and SwinUNETR (Hatamizadeh et al., 2022), trained by the same loop.
+    `.encoder` lists the modules of the contracting path, so the same freezing and fine-tuning
+    code works on them.
+    """
+
+    tasks = ("seg",)
+
+    def __init__(self, name: str, net: nn.Module, in_channels: int, stride: int):
+        super().__init__()
+        self.name = name
+        self.net = net
+        self.in_channels = in_channels
+        self.stride = stride
+
+    @property
+    def encoder(self) -> nn.ModuleList:
+        """The contracting path (not registered twice: a view built on each access)."""
+        if self.name == "swinunetr":
+            net = self.net
+            return nn.ModuleList([net.swinViT, net.encoder1, net.encoder2, net.encoder3, net.encoder4, net.encoder10])
+        from monai.networks.layers import SkipConnection
+
+        parts, level = [], self.net.model
+        while True:  # MONAI's UNet nests levels as Sequential(down, SkipConnection(next level), up)
+            parts.append(level[0])
+            inner = level[1].submodule
+            if not (isinstance(inner, nn.Sequential) and len(inner) == 3 and isinstance(inner[1], SkipConnection)):
+                parts.append(inner)  # the bottom layer
+                return nn.ModuleList(parts)
+            level = inner
+
+    def shared_parameters(self):
+        """The contracting path's parameters."""
+        return self.encoder.parameters()
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        """x: (B, in_channels, H, W), H and W divisible by the stride -> {"seg": (B, seg_classes, H, W)}."""
+        check_image(x, self.in_channels, self.stride)
+        return {"seg": self.net(x)}
+
+
+def monai_baseline(name: str = "unet", in_channels: int = 1, seg_classes: int = 2,
+                   image_size: int | tuple[int, int] = 128, **kwargs) -> MonaiBaseline:
+    """MONAI's 2-D UNet or SwinUNETR wrapped to return {"seg": logits}; kwargs go to the MONAI class.
+
+    "unet": channels (16, 32, 64, 128, 256), strides 2, two residual units (MONAI's tutorial
+    network, 1.6M params); inputs divisible by 16.
+    "swinunetr": spatial_dims=2, feature_size=48 (25.1M params); inputs divisible by 32. Needs einops.
+    """
+    if name not in MONAI_MODELS:
+        raise ValueError(f"unknown MONAI baseline {name!r}; expected one of {MONAI_MODELS}")
+    from monai.networks.nets import UNet, SwinUNETR
+
+    size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    if name == "unet":
+        options = dict(channels=(16, 32, 64, 128, 256), strides=(2, 2, 2, 2), num_res_units=2) | kwargs
+        stride = 2 ** len(options["strides"])
+        net = UNet(spatial_dims=2, in_channels=in_channels, out_channels=seg_classes, **options)
+    else:  # "swinunetr"
+        try:
+            import einops  # noqa: F401  (SwinUNETR needs it at run time; fail here, not in the first forward)
+        except ImportError as error:
+            raise ImportError("monai_baseline('swinunetr') needs einops: pip install einops") from error
+        stride = 32
+        options = dict(feature_size=48) | kwargs
+        net = SwinUNETR(in_channels=in_channels, out_channels=seg_classes, spatial_dims=2, **options)
+    if any(s % stride for s in size):
+        raise ValueError(f"image_size {size} is not divisible by {name}'s stride {stride}; use a multiple of {stride}")
+    return MonaiBaseline(name, net, in_channels, stride)

@@ -1,0 +1,259 @@
+"""Tests for mtlearn.blocks: shapes, bad arguments, what each block promises."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mtlearn.blocks import (ASPPDFE, DFE, ECA, BasicBlock, DropPath, PatchEmbed, PatchMerging, ResFormerStage,
+                            SpatialAttention, SwinBlock, WindowAttention, window_partition, window_reverse)
+
+torch.manual_seed(0)
+
+SHAPES = [
+    # (name, block factory, input shape, expected output shape)
+    ("eca", lambda: ECA(), (2, 8, 5, 7), (2, 8, 5, 7)),
+    ("spatial attention", lambda: SpatialAttention(), (2, 8, 5, 7), (2, 8, 5, 7)),
+    ("basic block", lambda: BasicBlock(8, 8), (2, 8, 6, 10), (2, 8, 6, 10)),
+    ("basic block stride 2", lambda: BasicBlock(8, 16, stride=2), (2, 8, 6, 10), (2, 16, 3, 5)),
+    ("drop path", lambda: DropPath(0.5), (4, 3, 2, 2), (4, 3, 2, 2)),
+    ("patch embed grey", lambda: PatchEmbed(1, 16), (2, 1, 32, 48), (2, 16, 16, 24)),
+    ("patch embed rgb", lambda: PatchEmbed(3, 8), (1, 3, 16, 16), (1, 8, 8, 8)),
+    ("patch merging", lambda: PatchMerging(8, 16), (2, 8, 8, 12), (2, 16, 4, 6)),
+    ("stage stride 1", lambda: ResFormerStage(8, 8, 1, cnn_depth=1, attn_depth=2, num_heads=2, window_size=4),
+     (2, 8, 8, 12), (2, 8, 8, 12)),
+    ("stage stride 2", lambda: ResFormerStage(8, 16, 2, cnn_depth=2, attn_depth=1, num_heads=2, window_size=4),
+     (2, 8, 16, 8), (2, 16, 8, 4)),
+    ("stage cnn only", lambda: ResFormerStage(8, 16, 2, cnn_depth=1, attn_depth=0, num_heads=2, window_size=4),
+     (2, 8, 8, 8), (2, 16, 4, 4)),
+    ("dfe three", lambda: DFE(8), (2, 8, 8, 12), (2, 8, 8, 12)),
+    ("dfe four", lambda: ASPPDFE(8), (2, 8, 8, 12), (2, 8, 8, 12)),
+    ("dfe four no residual", lambda: ASPPDFE(8, residual=False), (2, 8, 4, 4), (2, 8, 4, 4)),
+]
+
+
+@pytest.mark.parametrize("name, factory, in_shape, out_shape", SHAPES, ids=[s[0] for s in SHAPES])
+def test_block_shapes(name, factory, in_shape, out_shape):
+    out = factory()(torch.randn(in_shape))
+    assert out.shape == out_shape
+    assert torch.isfinite(out).all()
+
+
+SWIN_SHAPES = [
+    # (H, W, window_size, shift): square, non-square, not a multiple of the window, smaller than it
+    (8, 8, 4, False), (8, 8, 4, True), (6, 10, 4, True), (6, 6, 4, False), (3, 5, 4, True), (4, 4, 4, True),
+]
+
+
+@pytest.mark.parametrize("height, width, window_size, shift", SWIN_SHAPES)
+def test_swin_block_shapes(height, width, window_size, shift):
+    block = SwinBlock(16, 2, window_size, shift=shift)
+    out = block(torch.randn(2, height, width, 16))
+    assert out.shape == (2, height, width, 16)
+    assert torch.isfinite(out).all()
+
+
+BAD_ARGUMENTS = [
+    ("eca even kernel", lambda: ECA(kernel_size=2), "odd"),
+    ("spatial attention even kernel", lambda: SpatialAttention(kernel_size=4), "odd"),
+    ("basic block stride 3", lambda: BasicBlock(8, 8, stride=3), "stride"),
+    ("drop path 1", lambda: DropPath(1.0), "drop_prob"),
+    ("attention head dim", lambda: WindowAttention(10, 3), "divisible"),
+    ("patch embed width", lambda: PatchEmbed(1, 12), "multiple of 8"),
+    ("patch merging odd", lambda: PatchMerging(8, 15), "even"),
+    ("dfe no dilations", lambda: DFE(8, dilations=()), "dilations"),
+    ("dfe zero dilation", lambda: DFE(8, dilations=(0, 6)), "dilations"),
+    ("aspp negative dilation", lambda: ASPPDFE(8, dilations=(6, -1)), "dilations"),
+    ("stage no cnn", lambda: ResFormerStage(8, 8, 1, cnn_depth=0, attn_depth=1, num_heads=2, window_size=4), "cnn_depth"),
+    ("stage drop path length",
+     lambda: ResFormerStage(8, 8, 1, cnn_depth=1, attn_depth=2, num_heads=2, window_size=4, drop_path=[0.1]), "drop_path"),
+    ("stage width change at stride 1",
+     lambda: ResFormerStage(8, 16, 1, cnn_depth=1, attn_depth=1, num_heads=2, window_size=4), "stride-1"),
+]
+
+
+@pytest.mark.parametrize("name, factory, message", BAD_ARGUMENTS, ids=[b[0] for b in BAD_ARGUMENTS])
+def test_bad_arguments(name, factory, message):
+    with pytest.raises(ValueError, match=message):
+        factory()
+
+
+def test_gates_scale_by_values_in_zero_one():
+    x = torch.rand(2, 8, 6, 6) + 0.1
+    for gate in (ECA(), SpatialAttention()):
+        ratio = gate(x) / x
+        assert (ratio > 0).all() and (ratio < 1).all()
+    # ECA: one gate per (sample, channel); spatial attention: one gate per (sample, pixel)
+    eca_ratio = ECA()(x) / x
+    assert torch.allclose(eca_ratio, eca_ratio[..., :1, :1].expand_as(x), atol=1e-6)
+    spatial_ratio = SpatialAttention()(x) / x
+    assert torch.allclose(spatial_ratio, spatial_ratio[:, :1].expand_as(x), atol=1e-6)
+
+
+def test_drop_path_drops_whole_samples_in_training_only():
+    torch.manual_seed(1)
+    drop = DropPath(0.5)
+    x = torch.ones(64, 3, 4, 4)
+    out = drop(x)
+    per_sample = out.flatten(1)
+    kept = per_sample[:, 0] > 0
+    assert 0 < kept.sum() < 64  # some samples dropped, some kept
+    assert torch.all(per_sample[kept] == 2.0) and torch.all(per_sample[~kept] == 0.0)  # kept ones rescaled by 1/(1-p)
+    drop.eval()
+    assert torch.equal(drop(x), x)
+
+
+def test_window_partition_round_trip():
+    x = torch.randn(2, 6, 8, 3)
+    windows = window_partition(x, (3, 4))
+    assert windows.shape == (2 * 2 * 2, 12, 3)
+    assert torch.equal(windows[0], x[0, :3, :4].reshape(12, 3))  # first window of the first image
+    assert torch.equal(window_reverse(windows, (3, 4), 6, 8), x)
+
+
+def test_patch_embed_branch_kernels_and_split():
+    embed = PatchEmbed(3, 64)
+    assert [c.kernel_size[0] for c in embed.convs] == [2, 4, 8, 16]
+    assert [c.out_channels for c in embed.convs] == [32, 16, 8, 8]
+    assert all(c.stride == (2, 2) for c in embed.convs)
+
+
+def _reference_swin(block: SwinBlock, x: torch.Tensor) -> torch.Tensor:
+    """Full attention over all tokens, restricted by an explicit 'same shifted window' rule."""
+    B, H, W, C = x.shape
+    window, shift, _ = block.window_layout(H, W)
+    rows = torch.arange(H)[:, None].expand(H, W).flatten()
+    cols = torch.arange(W)[None, :].expand(H, W).flatten()
+    # in the unrolled image, shifted windows start at the shift; the first `shift` rows/cols form their own strip
+    row_group = torch.div(rows - shift[0], window[0], rounding_mode="floor")
+    col_group = torch.div(cols - shift[1], window[1], rounding_mode="floor")
+    allowed = (row_group[:, None] == row_group[None, :]) & (col_group[:, None] == col_group[None, :])  # (HW, HW)
+    attn = block.attn
+    y = block.norm1(x).reshape(B, H * W, C)
+    q, k, v = attn.qkv(y).reshape(B, H * W, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed).transpose(1, 2).reshape(B, H, W, C)
+    x = x + attn.proj(out)
+    return x + block.mlp(block.norm2(x))
+
+
+@pytest.mark.parametrize("height, width, window_size, shift", SWIN_SHAPES)
+def test_swin_block_matches_explicit_window_rule(height, width, window_size, shift):
+    # covers shifted windows, padding to a multiple of the window (masked out) and global windows
+    block = SwinBlock(16, 2, window_size, shift=shift).eval()
+    x = torch.randn(2, height, width, 16)
+    assert torch.allclose(block(x), _reference_swin(block, x), atol=1e-5)
+
+
+def _changed_by_corner(block, height, width, channels=16):
+    """Which outputs change when the token at (0, 0) changes: a (H, W) bool map."""
+    x = torch.randn(1, height, width, channels)
+    x2 = x.clone()
+    x2[0, 0, 0] += torch.randn(channels)  # not a constant: LayerNorm would remove it
+    return (block(x2) - block(x)).abs().amax(dim=-1)[0] > 1e-6
+
+
+def test_attention_is_local_when_the_map_is_larger_than_the_window():
+    changed = _changed_by_corner(SwinBlock(16, 2, window_size=4).eval(), 8, 8)
+    assert changed[:4, :4].all()
+    assert not changed[4:].any() and not changed[:, 4:].any()
+
+
+@pytest.mark.parametrize("window_size", [8, 16])
+def test_attention_is_global_and_unshifted_when_the_map_fits_the_window(window_size):
+    block = SwinBlock(16, 2, window_size=window_size, shift=True).eval()
+    assert block.window_layout(8, 8) == ((8, 8), (0, 0), (8, 8))
+    changed = _changed_by_corner(block, 8, 8)
+    assert changed.all()  # the opposite corner (7, 7) too
+
+
+def test_shifted_windows_straddle_the_unshifted_borders():
+    block = SwinBlock(16, 2, window_size=4, shift=True).eval()
+    # token (0, 0) lies in the 2x2 strip that the roll wraps round: it only sees that strip
+    changed = _changed_by_corner(block, 8, 8)
+    assert changed[:2, :2].all() and changed.sum() == 4
+    # token (2, 2) sits in the shifted window rows 2..5, cols 2..5, across the unshifted border at 4
+    x = torch.randn(1, 8, 8, 16)
+    x2 = x.clone()
+    x2[0, 2, 2] += torch.randn(16)
+    changed = (block(x2) - block(x)).abs().amax(dim=-1)[0] > 1e-6
+    expected = torch.zeros(8, 8, dtype=torch.bool)
+    expected[2:6, 2:6] = True
+    assert torch.equal(changed, expected)
+
+
+def test_shift_mask_is_a_buffer_for_the_training_size_and_computed_for_others():
+    block = SwinBlock(16, 2, window_size=4, shift=True, input_resolution=(8, 8)).eval()
+    assert block.attn_mask is not None and block.attn_mask.shape == (4, 1, 16, 16)
+    assert "attn_mask" not in block.state_dict()  # derived from the size, not a learned value
+    x = torch.randn(1, 12, 8, 16)  # another size: the mask is computed on the fly, same rule
+    assert torch.allclose(block(x), _reference_swin(block, x), atol=1e-5)
+    unshifted = SwinBlock(16, 2, window_size=4, input_resolution=(8, 8))
+    assert unshifted.attn_mask is None  # aligned, unshifted windows need no mask
+
+
+def test_attention_dropout_only_in_training():
+    attn = WindowAttention(16, 2, attn_dropout=0.5)
+    x = torch.randn(4, 9, 16)
+    attn.eval()
+    assert torch.equal(attn(x), attn(x))
+    attn.train()
+    assert not torch.equal(attn(x), attn(x))
+
+
+@pytest.mark.parametrize("dilations", [(6, 12, 18), (2, 3), (5,)])
+@pytest.mark.parametrize("cls", [DFE, ASPPDFE])
+def test_dfe_builds_one_branch_per_dilation(cls, dilations):
+    block = cls(8, dilations)
+    dilated = [m for m in block.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3)]
+    assert [m.dilation for m in dilated] == [(d, d) for d in dilations]
+    assert all(m.padding == m.dilation for m in dilated)  # resolution kept
+
+
+def _rows_changed_by_centre(block, size=41):
+    """Along the centre column: which outputs change when the centre pixel changes."""
+    x = torch.randn(1, 8, size, size)
+    x2 = x.clone()
+    x2[0, :, size // 2, size // 2] += 5.0
+    diff = (block(x2) - block(x)).abs().amax(dim=(0, 1))  # (H, W)
+    return diff[:, size // 2] > 1e-6
+
+
+@pytest.mark.parametrize("cls", [DFE, ASPPDFE])
+def test_dfe_receptive_field_follows_the_dilation(cls):
+    # A 3x3 conv of dilation d taps offsets 0 and +-d; the 7x7 spatial attention widens each tap by +-3.
+    torch.manual_seed(0)
+    centre = 20
+    changed = _rows_changed_by_centre(cls(8, (12,)).eval())
+    assert changed[centre + 12] and changed[centre - 12] and changed[centre]
+    assert not changed[centre + 6] and not changed[centre - 7]  # between the taps
+    assert not changed[centre + 16]  # beyond the widest tap
+    changed = _rows_changed_by_centre(cls(8, (6,)).eval())
+    assert changed[centre + 6] and changed[centre - 6]
+    assert not changed[centre + 10]
+
+
+def test_stage_without_attention_builds_no_transformer():
+    stage = ResFormerStage(8, 16, 2, cnn_depth=1, attn_depth=0, num_heads=2, window_size=4)
+    assert stage.transformer is None and stage.merge is None
+    assert not any(isinstance(m, (SwinBlock, PatchMerging)) for m in stage.modules())
+
+
+def test_stage_fuses_the_two_paths_by_addition():
+    stage = ResFormerStage(8, 16, 2, cnn_depth=1, attn_depth=1, num_heads=2, window_size=4).eval()
+    x = torch.randn(2, 8, 8, 8)
+    tokens = stage.merge(x).permute(0, 2, 3, 1)
+    for block in stage.transformer:
+        tokens = block(tokens)
+    expected = stage.cnn(x) + stage.norm(tokens).permute(0, 3, 1, 2)
+    assert torch.allclose(stage(x), expected, atol=1e-6)
+
+
+def test_blocks_keep_channels_last_and_bfloat16():
+    stage = ResFormerStage(8, 16, 2, cnn_depth=1, attn_depth=2, num_heads=2, window_size=4).eval()
+    x = torch.randn(2, 8, 8, 8)
+    reference = stage(x)
+    fast = stage.to(memory_format=torch.channels_last)(x.contiguous(memory_format=torch.channels_last))
+    assert torch.allclose(fast, reference, atol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = stage(x)
+    assert torch.isfinite(low).all()
+    assert torch.allclose(low.float(), reference, atol=0.15 * reference.abs().max().item())

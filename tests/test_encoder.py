@@ -1,0 +1,119 @@
+"""Tests for mtlearn.encoder: the ResFormer encoder and its config."""
+
+import pytest
+import torch
+
+from mtlearn.blocks import DropPath, PatchEmbed, SwinBlock
+from mtlearn.encoder import ResFormerConfig, ResFormerEncoder
+
+TINY = dict(widths=(8, 16, 32, 64), cnn_depths=(1, 1, 1, 1), attn_depths=(2, 1, 1, 1), num_heads=(1, 2, 2, 4))
+
+
+def tiny_config(**overrides) -> ResFormerConfig:
+    return ResFormerConfig(**{"in_channels": 1, "image_size": 32, **TINY, **overrides})
+
+
+SHAPES = [
+    # (in_channels, image_size the model is built for, input (H, W), use_attention)
+    (1, 32, (32, 32), True),
+    (3, 32, (32, 32), True),
+    (1, 32, (32, 48), True),  # non-square, another size than built for
+    (3, 64, (64, 32), True),
+    (1, 32, (48, 32), False),
+    (2, 32, (32, 32), False),
+]
+
+
+@pytest.mark.parametrize("in_channels, image_size, size, use_attention", SHAPES)
+def test_encoder_returns_four_stages(in_channels, image_size, size, use_attention):
+    encoder = ResFormerEncoder(tiny_config(in_channels=in_channels, image_size=image_size, use_attention=use_attention))
+    H, W = size
+    features = encoder(torch.randn(2, in_channels, H, W))
+    assert [tuple(f.shape) for f in features] == [
+        (2, 8, H // 2, W // 2), (2, 16, H // 4, W // 4), (2, 32, H // 8, W // 8), (2, 64, H // 16, W // 16)
+    ]
+    assert encoder.out_channels == [8, 16, 32, 64] and encoder.strides == [2, 4, 8, 16]
+    assert all(torch.isfinite(f).all() for f in features)
+
+
+BAD_CONFIGS = [
+    ("heads do not divide widths", dict(num_heads=(3, 2, 2, 4)), "num_heads"),
+    ("wrong number of heads", dict(num_heads=(1, 2, 2)), "one entry per stage"),
+    ("wrong number of depths", dict(cnn_depths=(1, 1, 1, 1, 1)), "one entry per stage"),
+    ("odd width", dict(widths=(8, 16, 33, 64), num_heads=(1, 1, 1, 1)), "even"),
+    ("first width not a multiple of 8", dict(widths=(4, 8, 16, 32), num_heads=(1, 1, 1, 1)), "multiple of 8"),
+    ("image size not divisible", dict(image_size=40), "stride 16"),
+    ("image size too small", dict(image_size=8), "stride 16"),
+    ("no input channels", dict(in_channels=0), "in_channels"),
+    ("zero cnn depth", dict(cnn_depths=(0, 1, 1, 1)), "cnn_depths"),
+    ("negative attention depth", dict(attn_depths=(1, -1, 1, 1)), "attn_depths"),
+    ("drop path 1", dict(drop_path=1.0), "drop_path"),
+    ("window 0", dict(window_size=0), "window_size"),
+    ("mlp ratio 0", dict(mlp_ratio=0), "mlp_ratio"),
+]
+
+
+@pytest.mark.parametrize("name, overrides, message", BAD_CONFIGS, ids=[b[0] for b in BAD_CONFIGS])
+def test_bad_config(name, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_config(**overrides)
+
+
+BAD_INPUTS = [
+    ("size not divisible by 16", (1, 1, 40, 32), r"40x32.*stride 16"),
+    ("wrong channel count", (1, 3, 32, 32), "3"),
+    ("not a batch", (1, 32, 32), "B, C, H, W"),
+]
+
+
+@pytest.mark.parametrize("name, shape, message", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
+def test_bad_input(name, shape, message):
+    encoder = ResFormerEncoder(tiny_config())
+    with pytest.raises(ValueError, match=message):
+        encoder(torch.randn(shape))
+
+
+def test_window_defaults_to_a_sixteenth_of_the_image():
+    assert tiny_config(image_size=128).window_size == 8
+    assert tiny_config(image_size=(224, 160)).window_size == 10
+    assert tiny_config(image_size=128, window_size=4).window_size == 4
+
+
+def test_without_attention_is_a_plain_resnet():
+    plain = ResFormerEncoder(tiny_config(use_attention=False))
+    assert plain.patch_embed is None
+    assert not any(isinstance(m, (SwinBlock, PatchEmbed)) for m in plain.modules())
+    blocks = [len(stage.cnn) for stage in plain.stages]
+    assert blocks == list(TINY["cnn_depths"])
+    full = ResFormerEncoder(tiny_config())
+    assert sum(isinstance(m, SwinBlock) for m in full.modules()) == sum(TINY["attn_depths"])
+    assert sum(p.numel() for p in plain.parameters()) < sum(p.numel() for p in full.parameters())
+
+
+def test_shifted_windows_in_every_second_block_and_drop_path_rising_linearly():
+    encoder = ResFormerEncoder(tiny_config(attn_depths=(2, 2, 2, 2), drop_path=0.1))
+    blocks = [m for m in encoder.modules() if isinstance(m, SwinBlock)]
+    assert [b.shift for b in blocks] == [False, True] * 4
+    rates = [b.drop_path.drop_prob if isinstance(b.drop_path, DropPath) else 0.0 for b in blocks]
+    assert rates == pytest.approx(torch.linspace(0, 0.1, 8).tolist())
+
+
+def test_stage_output_is_cnn_plus_transformer_and_feeds_the_next_stage():
+    encoder = ResFormerEncoder(tiny_config()).eval()
+    x = torch.randn(1, 1, 32, 32)
+    features = encoder(x)
+    stem = encoder.stem(x) + encoder.patch_embed(x)
+    assert torch.allclose(features[0], encoder.stages[0](stem), atol=1e-6)
+    assert torch.allclose(features[1], encoder.stages[1](features[0]), atol=1e-6)
+
+
+def test_gradient_reaches_every_parameter_and_eval_is_deterministic():
+    encoder = ResFormerEncoder(tiny_config(attn_depths=(2, 2, 2, 2)))
+    features = encoder(torch.randn(2, 1, 32, 32))
+    sum(f.square().mean() for f in features).backward()
+    missing = [n for n, p in encoder.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert not missing
+    assert any(p.grad.abs().sum() > 0 for p in encoder.parameters())
+    encoder.eval()
+    x = torch.randn(2, 1, 32, 48)
+    assert all(torch.equal(a, b) for a, b in zip(encoder(x), encoder(x)))

@@ -1,0 +1,100 @@
+"""Tests for mtlearn.heads: the UNet decoder and the task heads."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mtlearn.blocks import ASPPDFE, DFE
+from mtlearn.heads import (MultiScaleClassificationHead, ReconstructionHead, SegmentationHead, UNetDecoder,
+                           skip_refiner)
+
+WIDTHS = (8, 16, 32, 64)
+
+
+def features(batch=2, height=32, width=32):
+    """Encoder-shaped maps at H/2 ... H/16."""
+    return [torch.randn(batch, w, height >> (i + 1), width >> (i + 1)) for i, w in enumerate(WIDTHS)]
+
+
+@pytest.mark.parametrize("dfe", ["none", "three", "four"])
+@pytest.mark.parametrize("height, width", [(32, 32), (32, 64)])
+def test_decoder_shape(dfe, height, width):
+    out = UNetDecoder(WIDTHS, dfe)(features(2, height, width))
+    assert out.shape == (2, WIDTHS[0], height // 2, width // 2)
+    assert torch.isfinite(out).all()
+
+
+HEAD_SHAPES = [
+    ("seg 2 classes", lambda: SegmentationHead(8, 2), (2, 8, 16, 24), (2, 2, 32, 48)),
+    ("seg 4 classes", lambda: SegmentationHead(8, 4), (1, 8, 8, 8), (1, 4, 16, 16)),
+    ("recon grey", lambda: ReconstructionHead(8, 1), (2, 8, 16, 24), (2, 1, 32, 48)),
+    ("recon rgb", lambda: ReconstructionHead(8, 3), (1, 8, 8, 8), (1, 3, 16, 16)),
+]
+
+
+@pytest.mark.parametrize("name, factory, in_shape, out_shape", HEAD_SHAPES, ids=[h[0] for h in HEAD_SHAPES])
+def test_dense_head_shapes(name, factory, in_shape, out_shape):
+    assert factory()(torch.randn(in_shape)).shape == out_shape
+
+
+@pytest.mark.parametrize("read, num_classes", [((32, 64), 3), ((64,), 2), ((16, 32, 64), 5)])
+def test_classification_head_shape(read, num_classes):
+    head = MultiScaleClassificationHead(read, num_classes)
+    assert head.fc1.in_features == sum(read)
+    assert head(features()).shape == (2, num_classes)
+
+
+def test_classification_head_paper_sizes():
+    head = MultiScaleClassificationHead((256, 512), num_classes=3)
+    assert (head.fc1.in_features, head.fc1.out_features, head.fc2.out_features) == (768, 32, 3)
+
+
+BAD_ARGUMENTS = [
+    ("unknown dfe", lambda: UNetDecoder(WIDTHS, "five"), "DFE mode"),
+    ("unknown refiner", lambda: skip_refiner("two", 8), "DFE mode"),
+    ("seg no classes", lambda: SegmentationHead(8, 0), "num_classes"),
+    ("recon no channels", lambda: ReconstructionHead(8, 0), "out_channels"),
+    ("cls nothing read", lambda: MultiScaleClassificationHead((), 3), "at least one"),
+    ("cls no classes", lambda: MultiScaleClassificationHead((64,), 0), "num_classes"),
+]
+
+
+@pytest.mark.parametrize("name, factory, message", BAD_ARGUMENTS, ids=[b[0] for b in BAD_ARGUMENTS])
+def test_bad_arguments(name, factory, message):
+    with pytest.raises(ValueError, match=message):
+        factory()
+
+
+@pytest.mark.parametrize("dfe, cls", [("none", torch.nn.Identity), ("three", DFE), ("four", ASPPDFE)])
+def test_decoder_refines_all_four_skips(dfe, cls):
+    decoder = UNetDecoder(WIDTHS, dfe, dilations=(2, 4))
+    assert [type(r) for r in decoder.refine] == [cls] * 4
+    if dfe != "none":
+        assert all(r.dilations == (2, 4) for r in decoder.refine)
+
+
+def test_decoder_uses_every_skip():
+    decoder = UNetDecoder(WIDTHS).eval()
+    maps = features(1)
+    reference = decoder(maps)
+    for level in range(4):
+        changed = [m.clone() for m in maps]
+        changed[level] += 1.0
+        assert not torch.allclose(decoder(changed), reference)
+
+
+def test_classification_head_reads_only_the_last_stages():
+    head = MultiScaleClassificationHead((32, 64), 3).eval()
+    maps = features(2)
+    reference = head(maps)
+    earlier = [maps[0] + 1.0, maps[1] - 1.0, maps[2], maps[3]]
+    assert torch.equal(head(earlier), reference)
+    later = [maps[0], maps[1], maps[2] + torch.randn_like(maps[2]), maps[3]]
+    assert not torch.allclose(head(later), reference)
+
+
+def test_segmentation_head_convolution_commutes_with_upsampling():
+    head = SegmentationHead(8, 3)
+    x = torch.randn(2, 8, 6, 10)
+    upsampled_first = head.conv(F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False))
+    assert torch.allclose(head(x), upsampled_first, atol=1e-5)

@@ -1,0 +1,182 @@
+"""Tests for mtlearn.mtl: the multi-task UNet, presets, single-task and MONAI baselines."""
+
+import pytest
+import torch
+
+from mtlearn.mtl import (PRESETS, TASKS, MultiTaskConfig, MultiTaskUNet, build_model, monai_baseline,
+                         single_task_model)
+from mtlearn.utils import count_parameters
+
+TINY = dict(widths=(8, 16, 32, 64), cnn_depths=(1, 1, 1, 1), attn_depths=(2, 1, 1, 1), num_heads=(1, 2, 2, 4),
+            dilations=(2, 4))
+
+
+def tiny_model(**overrides) -> MultiTaskUNet:
+    return MultiTaskUNet(MultiTaskConfig(**{"in_channels": 1, "image_size": 32, **TINY, **overrides}))
+
+
+def expected_shapes(tasks, batch, in_channels, height, width, num_classes=3, seg_classes=2):
+    shapes = {"seg": (batch, seg_classes, height, width), "cls": (batch, num_classes),
+              "recon": (batch, in_channels, height, width)}
+    return {t: shapes[t] for t in tasks}
+
+
+VARIANTS = [
+    # (name, config overrides, input (C, H, W))
+    ("seg+cls", dict(), (1, 32, 32)),
+    ("all tasks rgb", dict(tasks=("seg", "cls", "recon"), in_channels=3), (3, 32, 32)),
+    ("seg only", dict(tasks=("seg",)), (1, 32, 48)),
+    ("cls only", dict(tasks=("cls",)), (1, 48, 32)),
+    ("recon only", dict(tasks=("recon",)), (1, 32, 32)),
+    ("cls+recon", dict(tasks=("cls", "recon")), (1, 32, 32)),
+    ("dfe three", dict(dfe="three"), (1, 32, 32)),
+    ("dfe four", dict(dfe="four", tasks=("seg", "cls", "recon")), (1, 32, 64)),
+    ("no attention", dict(use_attention=False, tasks=("seg", "cls", "recon")), (1, 32, 32)),
+    ("last-stage classifier", dict(cls_head="last"), (1, 32, 32)),
+    ("more classes", dict(num_classes=5, seg_classes=3), (1, 32, 32)),
+]
+
+
+@pytest.mark.parametrize("name, overrides, size", VARIANTS, ids=[v[0] for v in VARIANTS])
+def test_output_shapes(name, overrides, size):
+    model = tiny_model(**overrides)
+    C, H, W = size
+    out = model(torch.randn(2, C, H, W))
+    config = model.config
+    assert list(out) == list(config.tasks)  # keys in the order the tasks were given
+    assert {t: tuple(v.shape) for t, v in out.items()} == expected_shapes(
+        config.tasks, 2, C, H, W, config.num_classes, config.seg_classes)
+
+
+FULL_VARIANTS = [v for v in VARIANTS if v[0] in ("all tasks rgb", "dfe three", "dfe four", "no attention",
+                                                 "last-stage classifier")]
+
+
+@pytest.mark.parametrize("name, overrides, size", FULL_VARIANTS, ids=[v[0] for v in FULL_VARIANTS])
+def test_gradient_reaches_every_parameter_without_nan(name, overrides, size):
+    model = tiny_model(**overrides)
+    out = model(torch.randn(2, *size))
+    assert all(torch.isfinite(v).all() for v in out.values())
+    sum(v.float().square().mean() for v in out.values()).backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None]
+    assert not missing, f"no gradient reached {missing}"
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_eval_mode_is_deterministic():
+    model = tiny_model(tasks=("seg", "cls", "recon"), dfe="three", dropout=0.3, attn_dropout=0.3, drop_path=0.3).eval()
+    x = torch.randn(2, 1, 32, 32)
+    first, second = model(x), model(x)
+    assert all(torch.equal(first[t], second[t]) for t in first)
+
+
+BAD_ARGUMENTS = [
+    ("unknown task", lambda: tiny_model(tasks=("seg", "depth")), "tasks"),
+    ("no task", lambda: tiny_model(tasks=()), "tasks"),
+    ("repeated task", lambda: tiny_model(tasks=("seg", "seg")), "repeats"),
+    ("unknown dfe", lambda: tiny_model(dfe="five"), "DFE mode"),
+    ("unknown cls head", lambda: tiny_model(cls_head="first"), "cls_head"),
+    ("one class", lambda: tiny_model(num_classes=1), "num_classes"),
+    ("bad dilations", lambda: tiny_model(dilations=(6, 0)), "dilations"),
+    ("heads do not divide widths", lambda: tiny_model(num_heads=(3, 2, 2, 4)), "num_heads"),
+    ("unknown preset", lambda: build_model("huge"), "paper.*course.*tiny"),
+    ("unknown option", lambda: build_model("tiny", image_size=32, depth=3), "unknown model option"),
+    ("size not divisible", lambda: build_model("tiny", image_size=100), "stride 16"),
+    ("single task unknown", lambda: single_task_model("depth", "tiny"), "unknown task"),
+    ("unknown monai model", lambda: monai_baseline("vnet"), "unet.*swinunetr"),
+    ("monai size", lambda: monai_baseline("swinunetr", image_size=48, feature_size=12), "stride 32"),
+]
+
+
+@pytest.mark.parametrize("name, factory, message", BAD_ARGUMENTS, ids=[b[0] for b in BAD_ARGUMENTS])
+def test_bad_arguments(name, factory, message):
+    with pytest.raises(ValueError, match=message):
+        factory()
+
+
+@pytest.mark.parametrize("shape, message", [((1, 1, 40, 32), r"40x32.*stride 16"), ((1, 3, 32, 32), "in_channels=3")])
+def test_bad_input(shape, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_model()(torch.randn(shape))
+
+
+def test_dense_tasks_get_their_own_decoder_and_share_the_encoder():
+    model = tiny_model(tasks=("seg", "cls", "recon"), dfe="three")
+    assert set(model.decoders) == {"seg", "recon"} and set(model.heads) == set(TASKS)
+    assert model.decoders["seg"] is not model.decoders["recon"]
+    assert {id(p) for p in model.shared_parameters()} == {id(p) for p in model.encoder.parameters()}
+    # the features every task reads are computed once, by the encoder
+    x = torch.randn(1, 1, 32, 32)
+    model.eval()
+    assert torch.equal(model.forward_heads(model.forward_features(x))["cls"], model(x)["cls"])
+
+
+def test_single_task_model_has_the_same_encoder_and_one_head():
+    multi = build_model("tiny", tasks=("seg", "cls"), image_size=32)
+    for task in TASKS:
+        single = single_task_model(task, "tiny", image_size=32)
+        assert single.tasks == (task,) and list(single.heads) == [task]
+        assert count_parameters(single.encoder) == count_parameters(multi.encoder)
+        assert list(single(torch.randn(1, 1, 32, 32))) == [task]
+
+
+def test_build_model_applies_overrides():
+    model = build_model("tiny", tasks=("seg",), in_channels=3, image_size=64, dfe="four", window_size=2)
+    assert model.config.in_channels == 3 and model.config.dfe == "four" and model.config.window_size == 2
+    assert model.config.widths == PRESETS["tiny"]["widths"]
+
+
+# Parameter counts documented in the comments of mtl.PRESETS (tasks seg+cls, 1 channel, 3 classes).
+DOCUMENTED_PARAMETERS = [
+    # (preset, image_size, overrides, documented count)
+    ("paper", 224, dict(), 33.65e6),
+    ("paper", 224, dict(dfe="three"), 44.11e6),
+    ("paper", 224, dict(dfe="four"), 45.15e6),
+    ("paper", 224, dict(use_attention=False), 23.54e6),
+    ("paper", 224, dict(tasks=("seg", "cls", "recon")), 35.90e6),
+    ("course", 128, dict(), 4.33e6),
+    ("course", 128, dict(dfe="three"), 6.95e6),
+    ("course", 128, dict(dfe="four"), 7.21e6),
+    ("course", 128, dict(use_attention=False), 1.80e6),
+    ("tiny", 64, dict(), 0.83e6),
+    ("tiny", 64, dict(use_attention=False), 0.455e6),
+]
+
+
+@pytest.mark.parametrize("preset, image_size, overrides, documented", DOCUMENTED_PARAMETERS)
+def test_preset_parameter_counts_match_the_documentation(preset, image_size, overrides, documented):
+    count = count_parameters(build_model(preset, image_size=image_size, **overrides))
+    assert count == pytest.approx(documented, rel=0.01)
+
+
+def test_paper_preset_matches_the_published_size():
+    # Bui et al.: about 33.7M parameters at 224 px for the parallel variant without DFE (RGB input)
+    count = count_parameters(build_model("paper", in_channels=3, image_size=224))
+    assert count == pytest.approx(33.7e6, rel=0.05)
+    assert count_parameters(build_model("course", image_size=128, dfe="four")) <= 8e6
+    assert count_parameters(build_model("tiny", image_size=64)) < 1e6
+
+
+def test_channels_last_and_bfloat16():
+    model = tiny_model(tasks=("seg", "cls", "recon"), dfe="four").eval()
+    x = torch.randn(2, 1, 32, 32)
+    reference = model(x)
+    fast = model.to(memory_format=torch.channels_last)(x.contiguous(memory_format=torch.channels_last))
+    assert all(torch.allclose(fast[t], reference[t], atol=1e-4) for t in reference)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = model(x)
+    assert all(torch.isfinite(v).all() for v in low.values())
+
+
+@pytest.mark.parametrize("name, options", [("unet", dict(channels=(4, 8, 16), strides=(2, 2))),
+                                           ("swinunetr", dict(feature_size=12))])
+def test_monai_baselines(name, options):
+    model = monai_baseline(name, in_channels=3, seg_classes=2, image_size=64, **options)
+    out = model(torch.randn(1, 3, 64, 64))
+    assert list(out) == ["seg"] and out["seg"].shape == (1, 2, 64, 64)
+    assert model.tasks == ("seg",)
+    encoder = {id(p) for p in model.encoder.parameters()}
+    every = {id(p) for p in model.parameters()}
+    assert encoder and encoder < every  # the contracting path: part of the network, not all of it
+    with pytest.raises(ValueError, match="stride"):
+        model(torch.randn(1, 3, 66, 66))
