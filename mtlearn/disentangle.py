@@ -1,0 +1,723 @@
+"""Representation disentanglement for multi-task learning (Meng et al., 2019), written out plainly.
+
+Two encoders, one per task: A (the task we care about, e.g. shape) and B (the nuisance, e.g.
+background). Each has its own classifier. Two crossed adversaries try to read the *other* task
+from each encoder's features, and the encoders are trained to make them fail:
+
+    adversaries minimise             CE(adv_a(f_b), y_a) + CE(adv_b(f_a), y_b)
+    encoders + task heads minimise   CE(head_a(f_a), y_a) + CE(head_b(f_b), y_b) + w_adv * adversarial terms
+
+If f_a carries nothing about B, the task-A head cannot latch onto B, and keeps working when B
+takes a value never seen with a given A label (the "unseen" split of the shapes benchmark).
+
+The file reads top-down: parts (Encoder, Classifier), models (DisentangleNet and two entangled
+baselines), the min-max training loop, evaluation, and the shapes-benchmark experiment with its
+configuration presets.
+
+Reference: Meng, Pawlowski, Rueckert, Kainz, "Representation Disentanglement for Multi-task
+Learning with application to Fetal Ultrasound", MICCAI PIPPI/SUSI 2019, arXiv 1908.07885.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# ----------------------------------------------------------------------------------------------
+# parts
+
+
+class ResidualUnit(nn.Module):
+    """Pre-activation residual unit that halves the resolution (Meng et al. 2019, after He et al. 2016).
+
+    main path: BN -> LeakyReLU -> conv 3x3 stride 2 -> BN -> LeakyReLU -> conv 3x3
+    shortcut:  max-pool 3x3 stride 2 (-> 1x1 conv when the channel count changes)
+
+    The paper's shortcut is a max-pool; the 1x1 conv only matches the channel counts.
+
+    x: (B, in_channels, H, W) -> (B, out_channels, ceil(H/2), ceil(W/2))
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, negative_slope: float = 0.01):
+        super().__init__()
+        self.main = nn.Sequential(
+            nn.BatchNorm2d(in_channels),
+            nn.LeakyReLU(negative_slope),
+            nn.Conv2d(in_channels, out_channels, 3, stride=2, padding=1, bias=False),
+            nn.BatchNorm2d(out_channels),
+            nn.LeakyReLU(negative_slope),
+            nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False),
+        )
+        # kernel 3, stride 2, padding 1 gives ceil(H/2) like the strided conv, for any H
+        pool = nn.MaxPool2d(3, stride=2, padding=1)
+        project = nn.Conv2d(in_channels, out_channels, 1, bias=False) if in_channels != out_channels else nn.Identity()
+        self.shortcut = nn.Sequential(pool, project)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.main(x) + self.shortcut(x)
+
+
+class Encoder(nn.Module):
+    """Small residual CNN of Meng et al. (2019): conv-BN-LeakyReLU, then one ResidualUnit per further width.
+
+    Why so small: the paper's encoders are deliberately light (8/16/32/64 filters), so each task
+    can afford its own encoder. Any image size works (every unit rounds the size up when halving).
+
+    x: (B, in_channels, H, W) -> list of every stage's features; stage i is
+    (B, widths[i], ceil(H / 2^i), ceil(W / 2^i)) and the last stage is the encoder's output.
+    """
+
+    def __init__(self, in_channels: int = 1, widths: tuple[int, ...] = (8, 16, 32, 64), negative_slope: float = 0.01):
+        super().__init__()
+        if not isinstance(in_channels, int) or isinstance(in_channels, bool) or in_channels < 1:
+            raise ValueError(f"in_channels must be a positive int, got {in_channels!r}")
+        if len(widths) < 1 or any(not isinstance(w, int) or isinstance(w, bool) or w < 1 for w in widths):
+            raise ValueError(f"widths must be a non-empty sequence of positive ints, got {widths!r}")
+        self.in_channels = in_channels
+        self.out_channels = widths[-1]
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_channels, widths[0], 3, padding=1, bias=False),
+            nn.BatchNorm2d(widths[0]),
+            nn.LeakyReLU(negative_slope),
+        )
+        pairs = zip(widths[:-1], widths[1:])
+        self.units = nn.ModuleList(ResidualUnit(c_in, c_out, negative_slope) for c_in, c_out in pairs)
+        # the units are pre-activation, so the last one's sum still needs its BN and activation
+        self.norm = nn.Sequential(nn.BatchNorm2d(widths[-1]), nn.LeakyReLU(negative_slope))
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        if x.ndim != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f"expected input (B, {self.in_channels}, H, W), got {tuple(x.shape)}")
+        stages = [self.stem(x)]
+        for unit in self.units:
+            stages.append(unit(stages[-1]))
+        stages[-1] = self.norm(stages[-1])
+        return stages
+
+
+READOUTS = ("pooled", "spatial")
+
+
+class Classifier(nn.Module):
+    """The paper's classifier, dense 256 -> BN -> ReLU -> dense (Meng et al. 2019), after a readout.
+
+    readout "pooled":  global average pool,           features (B, C, h, w) -> (B, C)
+    readout "spatial": average pool to a grid x grid map, flattened         -> (B, C * grid * grid)
+    A pooled readout sees *what* is in the image; a spatial one also *where*.
+
+    hidden=0 gives a linear classifier on standardised features (BN without affine, then one
+    dense layer), i.e. a linear probe that trains online: a useful adversary, see DisentangleConfig.
+
+    features: (B, C, h, w) -> logits (B, num_classes)
+    """
+
+    def __init__(self, in_channels: int, num_classes: int, hidden: int = 256, readout: str = "pooled",
+                 dropout: float = 0.0, grid: int = 4):
+        super().__init__()
+        if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 2:
+            raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
+        if readout not in READOUTS:
+            raise ValueError(f"unknown readout {readout!r}; expected one of {READOUTS}")
+        if not isinstance(hidden, int) or hidden < 0:
+            raise ValueError(f"hidden must be an int >= 0 (0: linear classifier), got {hidden!r}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+        size = 1 if readout == "pooled" else grid
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(size), nn.Flatten())  # (B, C * size * size)
+        in_features = in_channels * size * size
+        if hidden == 0:
+            self.net = nn.Sequential(nn.BatchNorm1d(in_features, affine=False), nn.Linear(in_features, num_classes))
+        else:
+            self.net = nn.Sequential(
+                nn.Linear(in_features, hidden),
+                nn.BatchNorm1d(hidden),
+                nn.ReLU(),
+                nn.Dropout(dropout) if dropout > 0 else nn.Identity(),
+                nn.Linear(hidden, num_classes),
+            )
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.net(self.pool(features))
+
+
+# ----------------------------------------------------------------------------------------------
+# models: each returns {"features_a", "features_b", "logits_a", "logits_b"} (+ adversaries)
+
+
+class _TwoTaskNet(nn.Module):
+    """What the three models share: two task heads on (B, C, h, w) features, and forward()."""
+
+    def _build_heads(self, num_classes_a, num_classes_b, channels, hidden, readout, dropout) -> None:
+        for name, value in (("num_classes_a", num_classes_a), ("num_classes_b", num_classes_b)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 2:
+                raise ValueError(f"{name} must be an int >= 2, got {value!r}")
+        self.head_a = Classifier(channels, num_classes_a, hidden, readout, dropout)
+        self.head_b = Classifier(channels, num_classes_b, hidden, readout, dropout)
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: (B, in_channels, H, W) -> (features_a, features_b), each (B, C, h, w)."""
+        raise NotImplementedError
+
+    def classify(self, features_a: torch.Tensor, features_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Task heads: -> (logits_a (B, num_classes_a), logits_b (B, num_classes_b))."""
+        return self.head_a(features_a), self.head_b(features_b)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """x: (B, in_channels, H, W) -> {"features_a", "features_b": (B, C, h, w), "logits_a", "logits_b"}."""
+        features_a, features_b = self.encode(x)
+        logits_a, logits_b = self.classify(features_a, features_b)
+        return {"features_a": features_a, "features_b": features_b, "logits_a": logits_a, "logits_b": logits_b}
+
+
+class SharedEncoderNet(_TwoTaskNet):
+    """Entangled baseline: one encoder shared by both task heads (hard parameter sharing).
+
+    The usual multi-task network, and what Meng et al. (2019) compare against: nothing stops the
+    task-A head from using task-B information carried by the shared features.
+
+    x: (B, in_channels, H, W) -> {"features_a" (is "features_b"): (B, C, h, w), "logits_a", "logits_b"}
+    """
+
+    def __init__(self, in_channels: int = 1, num_classes_a: int = 2, num_classes_b: int = 2,
+                 widths: tuple[int, ...] = (8, 16, 32, 64), readout: str = "pooled", hidden: int = 256,
+                 dropout: float = 0.0):
+        super().__init__()
+        self.encoder = Encoder(in_channels, widths)
+        self._build_heads(num_classes_a, num_classes_b, widths[-1], hidden, readout, dropout)
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.encoder(x)[-1]
+        return features, features
+
+
+class TwoEncoderNet(_TwoTaskNet):
+    """Entangled baseline with two encoders and no adversaries (the ablation of DisentangleNet).
+
+    Separate encoders alone do not disentangle: encoder A is still free to encode task B
+    whenever that helps task A on the training data.
+
+    x: (B, in_channels, H, W) -> {"features_a", "features_b": (B, C, h, w), "logits_a", "logits_b"}
+    """
+
+    def __init__(self, in_channels: int = 1, num_classes_a: int = 2, num_classes_b: int = 2,
+                 widths: tuple[int, ...] = (8, 16, 32, 64), readout: str = "pooled", hidden: int = 256,
+                 dropout: float = 0.0):
+        super().__init__()
+        self.encoder_a = Encoder(in_channels, widths)
+        self.encoder_b = Encoder(in_channels, widths)
+        self._build_heads(num_classes_a, num_classes_b, widths[-1], hidden, readout, dropout)
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.encoder_a(x)[-1], self.encoder_b(x)[-1]
+
+
+class DisentangleNet(TwoEncoderNet):
+    """Two encoders, two task heads and two crossed adversaries (Meng et al. 2019, Fig. 1).
+
+    Why: a shared representation lets the task-A head use whatever correlates with A in the
+    training data, the nuisance B included. With its own encoder for B, and an adversary adv_b
+    that tries to read B from the task-A features (while encoder A is trained to defeat it),
+    B is pushed out of f_a. adv_a does the same the other way round, so f_b holds no task A.
+
+        features_a = encoder_a(x)         (B, C, h, w)        task-A features
+        features_b = encoder_b(x)         (B, C, h, w)        task-B (nuisance) features
+        logits_a   = head_a(features_a)   (B, num_classes_a)
+        logits_b   = head_b(features_b)   (B, num_classes_b)
+        adv_a      = adv_a(features_b)    (B, num_classes_a)  task A read from B's features
+        adv_b      = adv_b(features_a)    (B, num_classes_b)  task B read from A's features
+
+    Args:
+        in_channels: image channels.
+        num_classes_a, num_classes_b: classes of task A and task B.
+        widths: encoder filters per stage (the paper: 8/16/32/64).
+        readout: how the task heads read the features, "pooled" or "spatial" (see Classifier).
+        hidden: width of the task heads' hidden layer (the paper: 256).
+        dropout: dropout before each classifier's last layer.
+        adv_readout: how the adversaries read the features; None: same as `readout`.
+        adv_hidden: the adversaries' hidden width; None: same as `hidden`; 0: linear adversaries.
+    """
+
+    def __init__(self, in_channels: int = 1, num_classes_a: int = 2, num_classes_b: int = 2,
+                 widths: tuple[int, ...] = (8, 16, 32, 64), readout: str = "pooled", hidden: int = 256,
+                 dropout: float = 0.0, adv_readout: str | None = None, adv_hidden: int | None = None):
+        super().__init__(in_channels, num_classes_a, num_classes_b, widths, readout, hidden, dropout)
+        adv_readout = readout if adv_readout is None else adv_readout
+        adv_hidden = hidden if adv_hidden is None else adv_hidden
+        self.adv_a = Classifier(widths[-1], num_classes_a, adv_hidden, adv_readout, dropout)  # reads features_b
+        self.adv_b = Classifier(widths[-1], num_classes_b, adv_hidden, adv_readout, dropout)  # reads features_a
+
+    def adversaries(self, features_a: torch.Tensor, features_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Crossed adversaries: -> (adv_a: task A from features_b, adv_b: task B from features_a)."""
+        return self.adv_a(features_b), self.adv_b(features_a)
+
+    def main_parameters(self) -> list[nn.Parameter]:
+        """Encoders and task heads: what the main optimiser trains."""
+        parts = (self.encoder_a, self.encoder_b, self.head_a, self.head_b)
+        return [p for part in parts for p in part.parameters()]
+
+    def adversary_parameters(self) -> list[nn.Parameter]:
+        """The two adversaries: what the adversary optimiser trains."""
+        return [*self.adv_a.parameters(), *self.adv_b.parameters()]
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """x: (B, in_channels, H, W) -> features, task logits and adversary logits ("adv_a", "adv_b")."""
+        out = super().forward(x)
+        out["adv_a"], out["adv_b"] = self.adversaries(out["features_a"], out["features_b"])
+        return out
+
+
+MODELS = {"disentangle": DisentangleNet, "shared": SharedEncoderNet, "two_encoder": TwoEncoderNet}
+
+
+# ----------------------------------------------------------------------------------------------
+# training: the min-max loop, written out
+
+ADV_LOSSES = ("confusion", "negative_ce")
+ADV_TARGETS = ("prior", "uniform")
+
+
+def adversarial_term(logits: torch.Tensor, labels: torch.Tensor, loss: str, target: torch.Tensor) -> torch.Tensor:
+    """The encoders' loss for one adversary: lower means the adversary is more fooled.
+
+    "negative_ce": -CE(adversary, true labels), the paper's form. Unbounded below: with a large
+                   weight the encoders can win by making the adversary confidently *wrong*,
+                   which needs the very information they should drop.
+    "confusion":   CE(adversary, target), with `target` a probability per class: minimal when the
+                   adversary can do no better than predict `target` (see label_prior).
+    logits: (B, K), labels: (B,) int, target: (B, K) probabilities.
+    """
+    if loss == "negative_ce":
+        return -F.cross_entropy(logits, labels)
+    return F.cross_entropy(logits, target)
+
+
+def label_prior(joint: torch.Tensor, given: torch.Tensor, axis: int) -> torch.Tensor:
+    """p(predicted task | other task = given) from a joint count table.
+
+    joint: (K_a, K_b) counts of label pairs; axis=1: p(b | a = given), axis=0: p(a | b = given).
+    given: (B,) labels -> (B, K) probabilities.
+
+    Why: when the tasks are correlated in the training data (all circles are on white), an
+    encoder that holds the task-A label perfectly lets an adversary guess B better than chance.
+    Asking the adversary to be *uniform* then fights the task-A loss; asking it to be no better
+    than p(b | a) only removes what B-information goes beyond the A label.
+    """
+    table = joint if axis == 1 else joint.T
+    return (table / table.sum(dim=1, keepdim=True).clamp_min(1))[given]
+
+
+def adversary_step(model: DisentangleNet, optimizer: torch.optim.Optimizer, features_a: torch.Tensor,
+                   features_b: torch.Tensor, y_a: torch.Tensor, y_b: torch.Tensor) -> dict[str, float]:
+    """Phase 1: one optimiser step of both adversaries; the encoders are not touched.
+
+    features_*: (B, C, h, w) encoder features, detached by the caller; y_*: (B,) labels.
+    """
+    adv_a, adv_b = model.adversaries(features_a, features_b)
+    loss_a, loss_b = F.cross_entropy(adv_a, y_a), F.cross_entropy(adv_b, y_b)
+    optimizer.zero_grad(set_to_none=True)
+    (loss_a + loss_b).backward()
+    optimizer.step()
+    return {"adv_loss_a": loss_a.item(), "adv_loss_b": loss_b.item(),
+            "adv_acc_a": _accuracy(adv_a, y_a), "adv_acc_b": _accuracy(adv_b, y_b)}
+
+
+def main_step(model: nn.Module, optimizer: torch.optim.Optimizer, features_a: torch.Tensor, features_b: torch.Tensor,
+              y_a: torch.Tensor, y_b: torch.Tensor, w_adv: float = 0.0, adv_loss: str = "confusion",
+              target_a: torch.Tensor | None = None, target_b: torch.Tensor | None = None) -> dict[str, float]:
+    """Phase 2: one optimiser step of the encoders and task heads.
+
+    loss = CE(head_a) + CE(head_b) + w_adv * [adversarial_term(adv_a) + adversarial_term(adv_b)]
+    features_*: (B, C, h, w) straight from model.encode (not detached); target_*: (B, K) confusion
+    targets (needed for adv_loss "confusion"). With w_adv = 0 (or a baseline) only the task losses.
+    """
+    logits_a, logits_b = model.classify(features_a, features_b)
+    loss_a, loss_b = F.cross_entropy(logits_a, y_a), F.cross_entropy(logits_b, y_b)
+    loss = loss_a + loss_b
+    record = {"loss_a": loss_a.item(), "loss_b": loss_b.item(),
+              "acc_a": _accuracy(logits_a, y_a), "acc_b": _accuracy(logits_b, y_b)}
+    adversarial = isinstance(model, DisentangleNet) and w_adv > 0
+    if adversarial:
+        # requires_grad_(False): the adversaries are frozen in this phase; the encoders' loss
+        # (which wants them to fail) must not train them, only flow through them. (Their
+        # BatchNorm running statistics are buffers, not parameters, and still update.)
+        for p in model.adversary_parameters():
+            p.requires_grad_(False)
+        adv_a, adv_b = model.adversaries(features_a, features_b)  # not detached: gradients reach the encoders
+        term = adversarial_term(adv_a, y_a, adv_loss, target_a) + adversarial_term(adv_b, y_b, adv_loss, target_b)
+        loss = loss + w_adv * term
+        record["adv_term"] = term.item()
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    if adversarial:
+        # requires_grad_(True): unfreeze the adversaries for the next adversary phase
+        for p in model.adversary_parameters():
+            p.requires_grad_(True)
+    return record
+
+
+def adversary_weight(step: int, w_adv: float, warmup_steps: int = 0, ramp_steps: int = 0) -> float:
+    """w_adv schedule: 0 for `warmup_steps`, then a linear ramp over `ramp_steps`, then w_adv."""
+    if step < warmup_steps:
+        return 0.0
+    if ramp_steps <= 0:
+        return w_adv
+    return w_adv * min(1.0, (step - warmup_steps + 1) / ramp_steps)
+
+
+def train_disentangle(
+    model: nn.Module,
+    train_loader,
+    val_loader=None,
+    *,
+    task_keys: tuple[str, str] = ("shape", "background"),
+    epochs: int = 20,
+    lr: float = 1e-3,
+    betas: tuple[float, float] = (0.0, 0.9),
+    weight_decay: float = 1e-5,
+    w_adv: float = 3.0,
+    adv_loss: str = "confusion",
+    adv_target: str = "prior",
+    adv_steps: int = 100,
+    adv_lr: float = 0.1,
+    adv_momentum: float = 0.9,
+    warmup_epochs: float = 0.0,
+    ramp_epochs: float = 0.0,
+    cosine: bool = True,
+    recalibrate_bn: bool = True,
+    device: str | torch.device = "auto",
+    seed: int = 0,
+    progress: bool = True,
+) -> dict[str, list[float]]:
+    """Train `model` with the min-max loop of Meng et al. (2019); the baselines get the task losses only.
+
+    Every step, on one batch (x, y_a = batch[task_keys[0]], y_b = batch[task_keys[1]]):
+      1. the encoders run once: f_a, f_b = model.encode(x)
+      2. adversary phase (DisentangleNet only): `adv_steps` SGD steps of the adversaries on the
+         detached f_a, f_b (adversary_step)
+      3. main phase: one Adam step of encoders + task heads, task losses plus
+         w * adversarial terms with the adversaries frozen (main_step)
+    w follows adversary_weight (warm-up, ramp). The defaults are the "course" preset, whose
+    training loader also balances the task-label combinations (balanced_sampler, shapes_loaders).
+
+    Returns per-epoch means: "loss_a", "loss_b", "acc_a", "acc_b", "w_adv" and, for DisentangleNet,
+    "adv_loss_a", "adv_loss_b", "adv_acc_a", "adv_acc_b" (measured in the adversary phase) and
+    "adv_term"; with `val_loader` also "val_acc_a", ... from evaluate_disentangle.
+    """
+    from tqdm.auto import tqdm
+
+    from mtlearn.utils import pick_device, seed_everything
+
+    if adv_loss not in ADV_LOSSES:
+        raise ValueError(f"unknown adv_loss {adv_loss!r}; expected one of {ADV_LOSSES}")
+    if adv_target not in ADV_TARGETS:
+        raise ValueError(f"unknown adv_target {adv_target!r}; expected one of {ADV_TARGETS}")
+    if not isinstance(epochs, int) or epochs < 1:
+        raise ValueError(f"epochs must be a positive int, got {epochs!r}")
+    if not isinstance(adv_steps, int) or adv_steps < 1:
+        raise ValueError(f"adv_steps must be a positive int, got {adv_steps!r}")
+    seed_everything(seed)
+    device = pick_device(device)
+    model.to(device)
+    key_a, key_b = task_keys
+    adversarial = isinstance(model, DisentangleNet)
+    main_params = model.main_parameters() if adversarial else list(model.parameters())
+    optimizer = torch.optim.Adam(main_params, lr=lr, betas=betas, weight_decay=weight_decay)
+    if adversarial:
+        adv_optimizer = torch.optim.SGD(model.adversary_parameters(), lr=adv_lr, momentum=adv_momentum,
+                                        weight_decay=weight_decay)
+        k_a, k_b = model.adv_a.net[-1].out_features, model.adv_b.net[-1].out_features
+        joint = torch.zeros(k_a, k_b, device=device)  # label-pair counts seen so far, for the "prior" target
+    steps_per_epoch = len(train_loader)
+    warmup_steps, ramp_steps = round(warmup_epochs * steps_per_epoch), round(ramp_epochs * steps_per_epoch)
+    # cosine: the main learning rate decays to 0, so training ends in a settled state of the game
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs * steps_per_epoch) if cosine else None
+
+    history: dict[str, list[float]] = {}
+    step = 0
+    bar = tqdm(range(epochs), desc=f"train {type(model).__name__}", disable=not progress)
+    for _ in bar:
+        model.train()
+        sums: dict[str, float] = {}
+        for batch in train_loader:
+            x = batch["image"].to(device)
+            y_a, y_b = batch[key_a].to(device), batch[key_b].to(device)
+            w = adversary_weight(step, w_adv, warmup_steps, ramp_steps) if adversarial else 0.0
+            record = {"w_adv": w}
+
+            # 1. the encoders run once; both phases use these features
+            features_a, features_b = model.encode(x)
+
+            if adversarial:
+                # 2. adversary phase. detach(): the adversaries learn from the features as they
+                #    are; their loss must not send gradients into the encoders.
+                detached_a, detached_b = features_a.detach(), features_b.detach()
+                for _ in range(adv_steps):
+                    record.update(adversary_step(model, adv_optimizer, detached_a, detached_b, y_a, y_b))
+                joint.index_put_((y_a, y_b), torch.ones_like(y_a, dtype=joint.dtype), accumulate=True)
+                if adv_target == "prior":
+                    target_a, target_b = label_prior(joint, y_b, axis=0), label_prior(joint, y_a, axis=1)
+                else:
+                    target_a, target_b = torch.full((len(x), k_a), 1 / k_a), torch.full((len(x), k_b), 1 / k_b)
+                    target_a, target_b = target_a.to(device), target_b.to(device)
+            else:
+                target_a = target_b = None
+
+            # 3. main phase: encoders + task heads (+ the adversarial terms)
+            record.update(main_step(model, optimizer, features_a, features_b, y_a, y_b, w, adv_loss,
+                                    target_a, target_b))
+            if schedule is not None:
+                schedule.step()
+            for k, v in record.items():
+                sums[k] = sums.get(k, 0.0) + v
+            step += 1
+        for k, v in sums.items():
+            history.setdefault(k, []).append(v / steps_per_epoch)
+        if val_loader is not None:
+            for k, v in evaluate_disentangle(model, val_loader, task_keys=task_keys, device=device).items():
+                history.setdefault(f"val_{k}", []).append(v)
+        bar.set_postfix({k: f"{v[-1]:.2f}" for k, v in history.items() if k in ("acc_a", "adv_acc_b", "val_acc_a")})
+    if recalibrate_bn:
+        recalibrate_batchnorm(model, train_loader, device)
+    return history
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, loader, device: str | torch.device = "auto") -> None:
+    """Recompute every BatchNorm's running mean and variance over `loader` ("precise BN").
+
+    During adversarial training the encoders keep moving and BatchNorm's running averages lag
+    behind, so evaluation (which uses them) can disagree with training. One pass over the
+    training data with the weights fixed gives statistics that match the final weights.
+    """
+    from torch.optim.swa_utils import update_bn
+
+    from mtlearn.utils import pick_device
+
+    device = pick_device(device)
+    update_bn((batch["image"].to(device) for batch in loader), model)
+
+
+def _accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    return (logits.argmax(1) == labels).float().mean().item()
+
+
+# ----------------------------------------------------------------------------------------------
+# evaluation
+
+
+@torch.no_grad()
+def evaluate_disentangle(model: nn.Module, loader, *, task_keys: tuple[str, str] = ("shape", "background"),
+                         device: str | torch.device = "auto") -> dict[str, float]:
+    """Accuracy of both task heads and, for DisentangleNet, of both adversaries on `loader`.
+
+    Returns {"acc_a", "acc_b"} (+ {"adv_acc_a", "adv_acc_b"}); adv_acc_a is task A read from the
+    task-B features: near chance (or the label prior) means the features hold little of it.
+    """
+    from mtlearn.utils import pick_device
+
+    device = pick_device(device)
+    key_a, key_b = task_keys
+    outputs = (("acc_a", "logits_a", key_a), ("acc_b", "logits_b", key_b),
+               ("adv_acc_a", "adv_a", key_a), ("adv_acc_b", "adv_b", key_b))
+    was_training = model.training
+    model.eval().to(device)
+    correct: dict[str, float] = {}
+    total = 0
+    for batch in loader:
+        out = model(batch["image"].to(device))
+        for name, out_key, label_key in outputs:
+            if out_key in out:
+                hits = (out[out_key].argmax(1) == batch[label_key].to(device)).sum().item()
+                correct[name] = correct.get(name, 0.0) + hits
+        total += len(batch["image"])
+    model.train(was_training)
+    if total == 0:
+        raise ValueError("the loader yielded no batches; check the dataset is not empty")
+    return {k: v / total for k, v in correct.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# the shapes benchmark: configuration presets and one experiment
+
+
+@dataclass
+class DisentangleConfig:
+    """One shapes-benchmark run. PRESETS holds "smoke", "course" and "paper".
+
+    The "course" values differ from the paper's on purpose; each change was measured (56 x 72
+    images, 1 CPU thread, see the README's table). What it takes for the unseen circles on black:
+      - confusion toward the label prior p(b | a) instead of -CE or a uniform target: shape
+        predicts background in the training data, so a uniform target fights the shape loss
+        (seen accuracy collapses at large weights) and -CE is unbounded;
+      - a strong adversary: 100 SGD steps per main step on a linear, standardised readout. With 3
+        steps the encoders keep fooling a lagging adversary, and a fresh linear probe still reads
+        the background perfectly;
+      - balanced sampling of the seen combinations, so the informative case (bars on white vs
+        bars on black) is a third of every batch instead of 8 %;
+      - 20 epochs with a cosine decay of the main learning rate, so training ends in a settled
+        state of the game rather than wherever the oscillation happens to be.
+    Reweighting only: nothing ever shows a circle on black (no intensity inversion or the like).
+    """
+
+    image_size: tuple[int, int] = (56, 72)  # shapes image size (the paper: 224 x 288)
+    widths: tuple[int, ...] = (8, 16, 32, 64)  # encoder filters per stage (the paper's)
+    hidden: int = 256  # task heads' hidden width (the paper's)
+    adv_hidden: int = 0  # adversaries' hidden width; 0: linear on standardised features
+    adv_readout: str = "pooled"  # how the adversaries read the features: "pooled" | "spatial"
+    batch_size: int = 50  # the paper's
+    balance: bool = True  # sample each seen (shape, background) combination equally often
+    epochs: int = 20  # passes over the 1,200 training images (24 steps each)
+    lr: float = 1e-3  # Adam, encoders + task heads (the paper: 1e-5 for ~10k steps)
+    betas: tuple[float, float] = (0.0, 0.9)  # Adam betas (the paper's)
+    weight_decay: float = 1e-5  # L2 on every parameter (the paper's)
+    w_adv: float = 3.0  # weight of the adversarial terms in the encoders' loss (the paper: 0.01)
+    adv_loss: str = "confusion"  # "confusion" | "negative_ce" (the paper's)
+    adv_target: str = "prior"  # confusion target: "prior" p(b | a) | "uniform"
+    adv_steps: int = 100  # adversary SGD steps per main step (the paper: 3)
+    adv_lr: float = 0.1  # adversaries' SGD learning rate (not published for the paper)
+    adv_momentum: float = 0.9  # adversaries' SGD momentum (the paper's)
+    warmup_epochs: float = 0.0  # epochs with w_adv = 0 at the start
+    ramp_epochs: float = 0.0  # epochs over which w_adv then rises linearly to its value
+    cosine: bool = True  # decay the main learning rate to 0 along a cosine (the paper: constant)
+
+    def __post_init__(self):
+        if self.adv_loss not in ADV_LOSSES:
+            raise ValueError(f"unknown adv_loss {self.adv_loss!r}; expected one of {ADV_LOSSES}")
+        if self.adv_target not in ADV_TARGETS:
+            raise ValueError(f"unknown adv_target {self.adv_target!r}; expected one of {ADV_TARGETS}")
+        if self.adv_readout not in READOUTS:
+            raise ValueError(f"unknown adv_readout {self.adv_readout!r}; expected one of {READOUTS}")
+
+    def model_kwargs(self, kind: str) -> dict:
+        """Constructor arguments for MODELS[kind]."""
+        kwargs = {"widths": tuple(self.widths), "hidden": self.hidden}
+        if kind == "disentangle":
+            kwargs.update(adv_hidden=self.adv_hidden, adv_readout=self.adv_readout)
+        return kwargs
+
+    def train_kwargs(self) -> dict:
+        """Keyword arguments for train_disentangle."""
+        names = ("epochs", "lr", "betas", "weight_decay", "w_adv", "adv_loss", "adv_target", "adv_steps",
+                 "adv_lr", "adv_momentum", "warmup_epochs", "ramp_epochs", "cosine")
+        return {name: getattr(self, name) for name in names}
+
+
+PRESETS = {
+    # CI: seconds; checks that everything runs, the numbers mean nothing; DisentangleNet 11k params
+    "smoke": DisentangleConfig(image_size=(32, 40), widths=(4, 8, 16), hidden=32, epochs=1, adv_steps=5),
+    # minutes on 2 CPU cores (about 2 min for DisentangleNet with 1 thread); DisentangleNet 187k params
+    "course": DisentangleConfig(),
+    # the paper's hyper-parameters (GPU): 224 x 288, Adam 1e-5, w_adv 0.01 on -CE, 3 adversary steps,
+    # ~10k iterations (417 epochs of 24 steps); the adversary learning rate is not published; 222k params
+    "paper": DisentangleConfig(image_size=(224, 288), adv_hidden=256, balance=False, epochs=417, lr=1e-5,
+                               w_adv=0.01, adv_loss="negative_ce", adv_target="uniform", adv_steps=3, adv_lr=1e-3,
+                               cosine=False),
+}
+
+
+def disentangle_config(profile: str = "course", **overrides) -> DisentangleConfig:
+    """The preset for `profile` ("smoke" | "course" | "paper"), with fields replaced by `overrides`."""
+    if profile not in PRESETS:
+        raise ValueError(f"unknown profile {profile!r}; expected one of {tuple(PRESETS)}")
+    known = {f.name for f in fields(DisentangleConfig)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ValueError(f"unknown DisentangleConfig fields {unknown}; valid fields: {sorted(known)}")
+    return replace(PRESETS[profile], **overrides)
+
+
+def build_model(kind: str, config: DisentangleConfig | None = None, in_channels: int = 1,
+                num_classes_a: int = 2, num_classes_b: int = 2) -> nn.Module:
+    """MODELS[kind] ("disentangle" | "shared" | "two_encoder") with the config's architecture."""
+    if kind not in MODELS:
+        raise ValueError(f"unknown model kind {kind!r}; expected one of {tuple(MODELS)}")
+    config = config or PRESETS["course"]
+    return MODELS[kind](in_channels, num_classes_a, num_classes_b, **config.model_kwargs(kind))
+
+
+def balanced_sampler(*labels: np.ndarray, seed: int = 0) -> torch.utils.data.WeightedRandomSampler:
+    """Draw every combination of label values equally often (with replacement), one epoch long.
+
+    labels: one (N,) int array per task, e.g. shapes' labels("shape"), labels("background").
+    Reweighting only: combinations absent from the data (circle on black) stay absent.
+    """
+    if not labels or len({len(y) for y in labels}) != 1:
+        raise ValueError("balanced_sampler needs one or more label arrays of the same length")
+    _, combo = np.unique(np.stack([np.asarray(y) for y in labels], axis=1), axis=0, return_inverse=True)
+    combo = combo.reshape(-1)
+    weights = 1.0 / np.bincount(combo)[combo]
+    generator = torch.Generator().manual_seed(seed)
+    return torch.utils.data.WeightedRandomSampler(torch.as_tensor(weights, dtype=torch.double), len(combo),
+                                                  replacement=True, generator=generator)
+
+
+def shapes_loaders(config: DisentangleConfig, seed: int = 0) -> dict:
+    """DataLoaders for the shapes benchmark: "train" (balanced if config.balance), "val", "test", "unseen"."""
+    from torch.utils.data import DataLoader
+
+    from mtlearn.data.shapes import ShapesBackground
+
+    data = {split: ShapesBackground(split, config.image_size, seed=0) for split in ("train", "val", "test", "unseen")}
+    train = data["train"]
+    if config.balance:
+        sampler = balanced_sampler(train.labels("shape"), train.labels("background"), seed=seed)
+        loaders = {"train": DataLoader(train, batch_size=config.batch_size, sampler=sampler, drop_last=True)}
+    else:
+        generator = torch.Generator().manual_seed(seed)
+        loaders = {"train": DataLoader(train, batch_size=config.batch_size, shuffle=True, drop_last=True,
+                                       generator=generator)}
+    for split in ("val", "test", "unseen"):
+        loaders[split] = DataLoader(data[split], batch_size=100)
+    return loaders
+
+
+def shapes_experiment(kind: str, config: DisentangleConfig | None = None, *, seed: int = 0,
+                      device: str | torch.device = "auto", progress: bool = True):
+    """Train MODELS[kind] on the shapes benchmark and measure what the issue asks for.
+
+    Returns (model, history, metrics) with metrics:
+        seen_shape_acc, seen_background_acc: test split (the three seen combinations)
+        unseen_shape_acc: the 100 circles on black
+        probe_background_a: balanced accuracy of a linear probe reading the background from the
+            task-A encoder's pooled features, 5-fold cross-validated on test + unseen, where all
+            four combinations appear 100 times each, so shape and background are independent:
+            0.5 = no background information, 1.0 = fully readable
+        probe_shape_a, probe_shape_b, probe_background_b: the same for the other pairs
+        adv_acc_a, adv_acc_b (DisentangleNet): the trained adversaries' test accuracy
+        train_seconds
+    """
+    import time
+
+    from torch.utils.data import ConcatDataset, DataLoader
+
+    from mtlearn.probes import cross_validated_probe, extract_features
+
+    from mtlearn.utils import seed_everything
+
+    config = config or PRESETS["course"]
+    seed_everything(seed)  # the model's initial weights
+    model = build_model(kind, config)
+    loaders = shapes_loaders(config, seed)
+    started = time.perf_counter()
+    history = train_disentangle(model, loaders["train"], **config.train_kwargs(), device=device, seed=seed,
+                                progress=progress)
+    metrics = {"train_seconds": time.perf_counter() - started}
+    seen = evaluate_disentangle(model, loaders["test"], device=device)
+    metrics["seen_shape_acc"], metrics["seen_background_acc"] = seen["acc_a"], seen["acc_b"]
+    metrics["unseen_shape_acc"] = evaluate_disentangle(model, loaders["unseen"], device=device)["acc_a"]
+    metrics.update({k: v for k, v in seen.items() if k.startswith("adv_")})
+    model.eval()  # the probes read features with BatchNorm's running statistics
+    probe_set = ConcatDataset([loaders["test"].dataset, loaders["unseen"].dataset])
+    probe_loader = DataLoader(probe_set, batch_size=100)
+    for side in ("a", "b"):
+        encode = (lambda x, side=side: model.encode(x)[0 if side == "a" else 1])
+        features, labels = extract_features(encode, probe_loader, device, ("shape", "background"))
+        for key in ("shape", "background"):
+            probe = cross_validated_probe(features, labels[key], seed=seed)
+            metrics[f"probe_{key}_{side}"] = probe["balanced_accuracy"]
+    return model, history, metrics

@@ -1,0 +1,226 @@
+"""Linear probes and 2-D embeddings: what information do a network's features hold?
+
+A linear probe is a logistic regression trained on frozen features to predict a label. If it
+predicts the label well, the features encode the label in an easily readable (linear) form; if
+it is at chance, they do not (at least not linearly). Probing every encoder for every label gives
+a table that shows at a glance whether a representation is entangled:
+
+    probe_matrix(...)                     shape   background
+    DisentangleNet encoder A (task)        1.00      0.50     <- background is gone
+    SharedEncoderNet encoder               1.00      1.00     <- background is still there
+
+Generic over labels: any integer key of the data items ("shape", "background", "label",
+"artifact", ...). Uses scikit-learn for the probes, PCA and t-SNE.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+EMBEDDINGS = ("pca", "tsne")
+
+
+@torch.no_grad()
+def extract_features(
+    encoder_or_fn: nn.Module | Callable[[torch.Tensor], torch.Tensor],
+    loader,
+    device: str | torch.device = "auto",
+    label_keys: tuple[str, ...] | None = None,
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Run `encoder_or_fn` over `loader` and collect flat features and every integer label.
+
+    encoder_or_fn: an nn.Module or any function mapping images (B, C, H, W) to features
+        (B, D) or feature maps (B, C', h, w); maps are global-average-pooled to (B, C'). For an
+        encoder returning a list of stages, the last stage is used.
+    label_keys: which batch keys to collect; None collects every key whose values are integers.
+    Returns (features (N, D) float32, {key: (N,) int64}).
+    """
+    from mtlearn.utils import pick_device
+
+    device = pick_device(device)
+    module = encoder_or_fn if isinstance(encoder_or_fn, nn.Module) else None
+    if module is not None:
+        was_training = module.training
+        module.eval().to(device)
+    chunks, labels = [], {}
+    try:
+        for batch in loader:
+            features = encoder_or_fn(batch["image"].to(device))
+            if isinstance(features, (list, tuple)):  # an encoder that returns every stage: keep the last
+                features = features[-1]
+            if features.ndim == 4:
+                features = features.mean(dim=(2, 3))  # (B, C, h, w) -> (B, C)
+            elif features.ndim != 2:
+                raise ValueError(f"features must be (B, D) or (B, C, h, w), got {tuple(features.shape)}")
+            chunks.append(features.float().cpu().numpy())
+            keys = label_keys if label_keys is not None else [k for k, v in batch.items() if _is_int_labels(v)]
+            for key in keys:
+                if key not in batch:
+                    raise ValueError(f"label {key!r} is not in the batch; available keys: {sorted(batch)}")
+                labels.setdefault(key, []).append(torch.as_tensor(batch[key]).cpu().numpy().astype(np.int64))
+    finally:
+        if module is not None:
+            module.train(was_training)
+    if not chunks:
+        raise ValueError("the loader yielded no batches; check the dataset is not empty")
+    return np.concatenate(chunks), {k: np.concatenate(v) for k, v in labels.items()}
+
+
+def _is_int_labels(value) -> bool:
+    return isinstance(value, torch.Tensor) and value.ndim == 1 and not value.is_floating_point()
+
+
+def linear_probe(
+    features_train: np.ndarray,
+    y_train: np.ndarray,
+    features_test: np.ndarray,
+    y_test: np.ndarray,
+    C: float = 1.0,
+    max_iter: int = 2000,
+) -> dict[str, float]:
+    """Fit a standardised logistic regression on (features_train, y_train); score on the test set.
+
+    features_*: (N, D); y_*: (N,) integer labels. Classes are weighted by inverse frequency, so a
+    probe cannot look good by predicting the majority class.
+    Returns {"balanced_accuracy", "accuracy", "chance"} with chance = 1 / number of classes
+    (the balanced accuracy of a constant or random guess).
+    """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import accuracy_score, balanced_accuracy_score
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+    from threadpoolctl import threadpool_limits
+
+    features_train, features_test = np.asarray(features_train), np.asarray(features_test)
+    y_train, y_test = np.asarray(y_train), np.asarray(y_test)
+    for name, f, y in (("train", features_train, y_train), ("test", features_test, y_test)):
+        if f.ndim != 2 or y.ndim != 1 or len(f) != len(y):
+            raise ValueError(f"{name}: expected features (N, D) and labels (N,), got {f.shape} and {y.shape}")
+    if features_train.shape[1] != features_test.shape[1]:
+        raise ValueError(f"train and test features differ in width: {features_train.shape[1]} vs "
+                         f"{features_test.shape[1]}")
+    classes = np.unique(y_train)
+    if len(classes) < 2:
+        raise ValueError(f"the probe needs at least two classes in y_train, got only {classes.tolist()}")
+    probe = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=max_iter, class_weight="balanced"))
+    with threadpool_limits(limits=1):  # a small problem: extra BLAS threads only contend for the cores
+        probe.fit(features_train, y_train)
+        predicted = probe.predict(features_test)
+    return {
+        "balanced_accuracy": float(balanced_accuracy_score(y_test, predicted)),
+        "accuracy": float(accuracy_score(y_test, predicted)),
+        "chance": 1.0 / len(classes),
+    }
+
+
+def cross_validated_probe(features: np.ndarray, y: np.ndarray, folds: int = 5, seed: int = 0) -> dict[str, float]:
+    """linear_probe averaged over stratified K folds of one set (features (N, D), y (N,))."""
+    from sklearn.model_selection import StratifiedKFold
+
+    splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    scores = [linear_probe(features[tr], y[tr], features[te], y[te]) for tr, te in splitter.split(features, y)]
+    return {k: float(np.mean([s[k] for s in scores])) for k in scores[0]}
+
+
+def probe_matrix(
+    encoders: dict[str, nn.Module | Callable],
+    train_loader,
+    test_loader=None,
+    label_keys: tuple[str, ...] = ("shape", "background"),
+    device: str | torch.device = "auto",
+    folds: int = 5,
+    seed: int = 0,
+):
+    """Balanced accuracy of a linear probe for every (encoder, label) pair, as a DataFrame.
+
+    encoders: {row name: encoder or function}, e.g. {"disentangle A": model.encoder_a}.
+    With `test_loader`, each probe is fitted on train_loader's features and scored on
+    test_loader's; without it, `folds`-fold cross-validation on train_loader's features.
+    Returns a pandas DataFrame, rows: encoder names, columns: label_keys.
+    """
+    import pandas as pd
+
+    if not encoders:
+        raise ValueError("encoders is empty; pass e.g. {'encoder A': model.encoder_a}")
+    table = {}
+    for name, encoder in encoders.items():
+        f_train, y_train = extract_features(encoder, train_loader, device, label_keys)
+        if test_loader is not None:
+            f_test, y_test = extract_features(encoder, test_loader, device, label_keys)
+            row = {k: linear_probe(f_train, y_train[k], f_test, y_test[k])["balanced_accuracy"] for k in label_keys}
+        else:
+            row = {k: cross_validated_probe(f_train, y_train[k], folds, seed)["balanced_accuracy"] for k in label_keys}
+        table[name] = row
+    return pd.DataFrame.from_dict(table, orient="index")[list(label_keys)]
+
+
+def embed_2d(features: np.ndarray, method: str = "pca", seed: int = 0) -> np.ndarray:
+    """Project features (N, D) to (N, 2) with PCA or t-SNE (standardised first)."""
+    from sklearn.decomposition import PCA
+    from sklearn.manifold import TSNE
+    from sklearn.preprocessing import StandardScaler
+
+    if method not in EMBEDDINGS:
+        raise ValueError(f"unknown method {method!r}; expected one of {EMBEDDINGS}")
+    features = np.asarray(features, dtype=np.float64)
+    if features.ndim != 2 or len(features) < 3:
+        raise ValueError(f"features must be (N, D) with N >= 3, got {features.shape}")
+    scaled = StandardScaler().fit_transform(features)
+    if method == "pca":
+        return PCA(n_components=2, random_state=seed).fit_transform(scaled)
+    perplexity = min(30.0, (len(features) - 1) / 3)  # t-SNE needs perplexity < N
+    # exact gradients for small sets: as fast as Barnes-Hut there, and free of its thread spin-up
+    solver = "exact" if len(features) <= 500 else "barnes_hut"
+    tsne = TSNE(n_components=2, perplexity=perplexity, init="pca", method=solver, random_state=seed)
+    return tsne.fit_transform(scaled)
+
+
+def plot_embedding(embedding: np.ndarray, labels: dict[str, np.ndarray], title: str = "",
+                   class_names: dict | None = None, method: str = "PCA"):
+    """Scatter a (N, 2) embedding once per label, points coloured by that label's classes.
+
+    labels: {label name: (N,) ints}; class_names: optional {label name: sequence of class names}.
+    Returns the matplotlib Figure (one panel per label).
+    """
+    import matplotlib.pyplot as plt
+
+    embedding = np.asarray(embedding)
+    if embedding.ndim != 2 or embedding.shape[1] != 2:
+        raise ValueError(f"embedding must be (N, 2), got {embedding.shape}")
+    fig, axes = plt.subplots(1, len(labels), figsize=(4.2 * len(labels), 3.8), squeeze=False)
+    for ax, (key, y) in zip(axes[0], labels.items()):
+        for value in np.unique(y):
+            name = class_names[key][value] if class_names and key in class_names else str(value)
+            points = embedding[y == value]
+            ax.scatter(points[:, 0], points[:, 1], s=8, alpha=0.7, label=f"{key} = {name}")
+        ax.set_title(f"{title} coloured by {key}".strip())
+        ax.set_xlabel(f"{method} 1")
+        ax.set_ylabel(f"{method} 2")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_adversary_accuracy(history: dict[str, list[float]], chance: float = 0.5,
+                            title: str = "Adversaries during training"):
+    """Adversary accuracies per epoch (history from train_disentangle) against chance level."""
+    import matplotlib.pyplot as plt
+
+    curves = {k: v for k, v in history.items() if k.startswith(("adv_acc", "val_adv_acc"))}
+    if not curves:
+        raise ValueError(f"history has no adversary accuracies (adv_acc_*); keys: {sorted(history)}")
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for key, values in curves.items():
+        ax.plot(range(1, len(values) + 1), values, marker="o", ms=3, label=key)
+    ax.axhline(chance, color="grey", ls="--", label="chance")
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("adversary accuracy")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,321 @@
+"""Disentanglement models, the min-max loop and the shapes experiment (tiny sizes, CPU, seconds)."""
+
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Subset
+
+from mtlearn import disentangle as D
+from mtlearn.data.shapes import ShapesBackground
+
+TINY = (4, 8, 16)  # encoder widths for tests
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors gain nothing from threads, and on a busy 2-core runner threads spin: use one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_model(kind: str = "disentangle", **kwargs):
+    kwargs.setdefault("widths", TINY)
+    kwargs.setdefault("hidden", 16)
+    return D.MODELS[kind](**kwargs)
+
+
+@pytest.fixture(scope="module")
+def shapes_batch():
+    loader = DataLoader(Subset(ShapesBackground("train", (32, 40)), range(48)), batch_size=48)
+    return next(iter(loader))
+
+
+# ---------------------------------------------------------------------------------------------- parts
+
+
+@pytest.mark.parametrize(
+    "in_channels, widths, size, expected",
+    [
+        (1, (8, 16, 32, 64), (56, 72), [(8, 56, 72), (16, 28, 36), (32, 14, 18), (64, 7, 9)]),
+        (3, (4, 8), (33, 17), [(4, 33, 17), (8, 17, 9)]),
+        (1, (4,), (16, 16), [(4, 16, 16)]),
+        (2, (4, 8, 16), (5, 7), [(4, 5, 7), (8, 3, 4), (16, 2, 2)]),
+    ],
+)
+def test_encoder_stage_shapes(in_channels, widths, size, expected):
+    encoder = D.Encoder(in_channels, widths)
+    stages = encoder(torch.randn(2, in_channels, *size))
+    assert [tuple(s.shape[1:]) for s in stages] == expected
+    assert encoder.out_channels == widths[-1]
+
+
+@pytest.mark.parametrize("hidden", [0, 16])
+@pytest.mark.parametrize("readout", ["pooled", "spatial"])
+def test_classifier_shapes(hidden, readout):
+    head = D.Classifier(8, 3, hidden=hidden, readout=readout)
+    assert head(torch.randn(5, 8, 6, 7)).shape == (5, 3)
+
+
+@pytest.mark.parametrize("kind", list(D.MODELS))
+@pytest.mark.parametrize("in_channels, classes_a, classes_b, size", [(1, 2, 2, (32, 40)), (3, 3, 2, (24, 24))])
+def test_model_output_shapes(kind, in_channels, classes_a, classes_b, size):
+    model = tiny_model(kind, in_channels=in_channels, num_classes_a=classes_a, num_classes_b=classes_b)
+    out = model(torch.randn(4, in_channels, *size))
+    h, w = -(-size[0] // 4), -(-size[1] // 4)  # two halvings, rounded up
+    assert out["features_a"].shape == out["features_b"].shape == (4, 16, h, w)
+    assert out["logits_a"].shape == (4, classes_a) and out["logits_b"].shape == (4, classes_b)
+    if kind == "disentangle":
+        assert out["adv_a"].shape == (4, classes_a) and out["adv_b"].shape == (4, classes_b)
+    else:
+        assert "adv_a" not in out
+    if kind == "shared":
+        assert out["features_a"] is out["features_b"]
+
+
+def test_disentangle_parameter_groups_split_the_model():
+    model = tiny_model()
+    main, adversaries = model.main_parameters(), model.adversary_parameters()
+    assert {id(p) for p in main}.isdisjoint(id(p) for p in adversaries)
+    assert len(main) + len(adversaries) == len(list(model.parameters()))
+
+
+@pytest.mark.parametrize(
+    "build, match",
+    [
+        (lambda: D.Encoder(in_channels=0), "in_channels"),
+        (lambda: D.Encoder(widths=()), "widths"),
+        (lambda: D.Encoder(widths=(8, 0)), "widths"),
+        (lambda: D.Classifier(8, num_classes=1), "num_classes"),
+        (lambda: D.Classifier(8, 2, readout="local"), "unknown readout 'local'"),
+        (lambda: D.Classifier(8, 2, hidden=-1), "hidden"),
+        (lambda: D.Classifier(8, 2, dropout=1.0), "dropout"),
+        (lambda: D.DisentangleNet(num_classes_a=1), "num_classes_a"),
+        (lambda: D.SharedEncoderNet(num_classes_b=True), "num_classes_b"),
+        (lambda: D.DisentangleNet(adv_readout="grid"), "unknown readout"),
+        (lambda: D.build_model("vae"), "unknown model kind 'vae'"),
+        (lambda: D.disentangle_config("fast"), "unknown profile 'fast'"),
+        (lambda: D.disentangle_config("course", w=1.0), "unknown DisentangleConfig fields"),
+        (lambda: D.DisentangleConfig(adv_loss="gradient_reversal"), "adv_loss"),
+        (lambda: D.DisentangleConfig(adv_target="half"), "adv_target"),
+        (lambda: D.balanced_sampler(np.zeros(3), np.zeros(4)), "same length"),
+    ],
+)
+def test_bad_arguments(build, match):
+    with pytest.raises(ValueError, match=match):
+        build()
+
+
+def test_encoder_rejects_wrong_input():
+    with pytest.raises(ValueError, match=r"expected input \(B, 1, H, W\)"):
+        D.Encoder(1, TINY)(torch.randn(2, 3, 16, 16))
+
+
+@pytest.mark.parametrize("kind", list(D.MODELS))
+def test_every_parameter_gets_a_gradient_and_no_nan(kind):
+    torch.manual_seed(0)
+    model = tiny_model(kind, adv_hidden=0) if kind == "disentangle" else tiny_model(kind)
+    out = model(torch.randn(6, 1, 24, 32))
+    loss = sum((torch.randn_like(v) * v).sum() for k, v in out.items() if not k.startswith("features"))
+    loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None, name
+        assert torch.isfinite(p.grad).all(), name
+        assert p.grad.abs().sum() > 0, name
+    assert all(torch.isfinite(v).all() for v in out.values())
+
+
+# ---------------------------------------------------------------------------------------------- loop pieces
+
+
+def test_label_prior_reads_conditional_frequencies():
+    joint = torch.tensor([[0.0, 600.0], [500.0, 100.0]])  # rows: shape (circle, bar); cols: background
+    p_b_given_a = D.label_prior(joint, torch.tensor([0, 1]), axis=1)
+    assert torch.allclose(p_b_given_a, torch.tensor([[0.0, 1.0], [5 / 6, 1 / 6]]))
+    p_a_given_b = D.label_prior(joint, torch.tensor([0, 1]), axis=0)
+    assert torch.allclose(p_a_given_b, torch.tensor([[0.0, 1.0], [6 / 7, 1 / 7]]))
+
+
+def test_adversarial_term_forms():
+    logits = torch.tensor([[3.0, -3.0], [0.0, 0.0]])
+    labels = torch.tensor([0, 1])
+    uniform = torch.full((2, 2), 0.5)
+    expected = -F.cross_entropy(logits, labels).item()
+    assert D.adversarial_term(logits, labels, "negative_ce", uniform) == pytest.approx(expected)
+    confusion = D.adversarial_term(logits, labels, "confusion", uniform)
+    # confusion is smallest (log 2) when the adversary predicts the target exactly
+    assert confusion > D.adversarial_term(torch.zeros(2, 2), labels, "confusion", uniform)
+    assert D.adversarial_term(torch.zeros(2, 2), labels, "confusion", uniform) == pytest.approx(np.log(2))
+
+
+@pytest.mark.parametrize(
+    "step, warmup, ramp, expected",
+    [(0, 0, 0, 2.0), (5, 10, 0, 0.0), (10, 10, 4, 0.5), (13, 10, 4, 2.0), (100, 10, 4, 2.0), (1, 0, 4, 1.0)],
+)
+def test_adversary_weight_schedule(step, warmup, ramp, expected):
+    assert D.adversary_weight(step, 2.0, warmup, ramp) == pytest.approx(expected)
+
+
+def _snapshot(module):
+    return [p.detach().clone() for p in module.parameters()]
+
+
+def _unchanged(module, snapshot):
+    return all(torch.equal(p, q) for p, q in zip(module.parameters(), snapshot))
+
+
+def test_adversary_step_learns_and_leaves_the_rest_frozen(shapes_batch):
+    torch.manual_seed(0)
+    model = tiny_model()
+    x, y_a, y_b = shapes_batch["image"], shapes_batch["shape"], shapes_batch["background"]
+    features_a, features_b = model.encode(x)
+    frozen = {name: _snapshot(getattr(model, name)) for name in ("encoder_a", "encoder_b", "head_a", "head_b")}
+    optimizer = torch.optim.SGD(model.adversary_parameters(), lr=0.05, momentum=0.9)
+    first = D.adversary_step(model, optimizer, features_a.detach(), features_b.detach(), y_a, y_b)
+    for _ in range(30):
+        last = D.adversary_step(model, optimizer, features_a.detach(), features_b.detach(), y_a, y_b)
+    assert last["adv_loss_a"] < first["adv_loss_a"] and last["adv_loss_b"] < first["adv_loss_b"]
+    for name, snapshot in frozen.items():
+        assert _unchanged(getattr(model, name), snapshot), f"{name} changed in the adversary phase"
+
+
+@pytest.mark.parametrize("adv_loss", ["negative_ce", "confusion"])
+def test_main_step_makes_the_frozen_adversary_worse(shapes_batch, adv_loss):
+    torch.manual_seed(0)
+    model = tiny_model()
+    x, y_a, y_b = shapes_batch["image"], shapes_batch["shape"], shapes_batch["background"]
+    adv_optimizer = torch.optim.SGD(model.adversary_parameters(), lr=0.05, momentum=0.9)
+    features_a, features_b = model.encode(x)
+    for _ in range(30):  # a well-trained adversary first
+        D.adversary_step(model, adv_optimizer, features_a.detach(), features_b.detach(), y_a, y_b)
+
+    def adversary_ce():
+        with torch.no_grad():
+            adv_a, adv_b = model.adversaries(*model.encode(x))
+            return F.cross_entropy(adv_b, y_b).item()
+
+    before = adversary_ce()
+    adversaries = _snapshot(model.adv_a) + _snapshot(model.adv_b)
+    optimizer = torch.optim.Adam(model.main_parameters(), lr=1e-2)
+    uniform = torch.full((len(x), 2), 0.5)
+    for _ in range(5):
+        record = D.main_step(model, optimizer, *model.encode(x), y_a, y_b, w_adv=10.0, adv_loss=adv_loss,
+                             target_a=uniform, target_b=uniform)
+    assert "adv_term" in record
+    assert adversary_ce() > before + 0.1  # the encoders learned to fool the (fixed) adversary
+    assert all(torch.equal(p, q) for p, q in zip([*model.adv_a.parameters(), *model.adv_b.parameters()], adversaries))
+    assert all(p.requires_grad for p in model.adversary_parameters())  # unfrozen again afterwards
+
+
+def test_main_step_without_adversary_is_plain_multitask(shapes_batch):
+    torch.manual_seed(0)
+    model = tiny_model("shared")
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    x, y_a, y_b = shapes_batch["image"], shapes_batch["shape"], shapes_batch["background"]
+    first = D.main_step(model, optimizer, *model.encode(x), y_a, y_b, w_adv=5.0)
+    for _ in range(10):
+        last = D.main_step(model, optimizer, *model.encode(x), y_a, y_b, w_adv=5.0)
+    assert "adv_term" not in last
+    assert last["loss_a"] + last["loss_b"] < first["loss_a"] + first["loss_b"]
+
+
+def test_balanced_sampler_equalises_seen_combinations():
+    data = ShapesBackground("train", (32, 40))
+    sampler = D.balanced_sampler(data.labels("shape"), data.labels("background"), seed=0)
+    drawn = list(sampler)
+    assert len(drawn) == len(data)
+    combos = Counter(zip(data.labels("shape")[drawn].tolist(), data.labels("background")[drawn].tolist()))
+    assert set(combos) == {(0, 1), (1, 1), (1, 0)}  # circle on black stays absent
+    assert all(300 < n < 500 for n in combos.values())  # about 400 each instead of 600 / 100 / 500
+    assert drawn == list(D.balanced_sampler(data.labels("shape"), data.labels("background"), seed=0))
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+
+@pytest.fixture(scope="module")
+def tiny_loaders():
+    train = Subset(ShapesBackground("train", (32, 40)), range(64))
+    test = Subset(ShapesBackground("test", (32, 40)), range(40))
+    return DataLoader(train, batch_size=16, shuffle=True, drop_last=True), DataLoader(test, batch_size=20)
+
+
+@pytest.mark.parametrize("kind", list(D.MODELS))
+def test_train_disentangle_runs_every_model(kind, tiny_loaders):
+    train, val = tiny_loaders
+    model = tiny_model(kind)
+    history = D.train_disentangle(model, train, val, epochs=2, adv_steps=2, w_adv=1.0, ramp_epochs=1.0,
+                                  device="cpu", progress=False)
+    expected = {"loss_a", "loss_b", "acc_a", "acc_b", "w_adv", "val_acc_a", "val_acc_b"}
+    if kind == "disentangle":
+        expected |= {"adv_loss_a", "adv_loss_b", "adv_acc_a", "adv_acc_b", "adv_term", "val_adv_acc_a", "val_adv_acc_b"}
+        assert history["w_adv"][0] < history["w_adv"][1] == 1.0  # ramped up over the first epoch
+    else:
+        assert history["w_adv"] == [0.0, 0.0]
+    assert set(history) == expected
+    assert all(len(v) == 2 and np.isfinite(v).all() for v in history.values())
+
+
+def test_train_disentangle_is_repeatable(tiny_loaders):
+    train, _ = tiny_loaders
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(1)
+        model = tiny_model()
+        runs.append(D.train_disentangle(model, train, epochs=1, adv_steps=2, device="cpu", seed=3, progress=False))
+    assert runs[0] == runs[1]
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [({"adv_loss": "wasserstein"}, "adv_loss"), ({"adv_target": "half"}, "adv_target"),
+     ({"epochs": 0}, "epochs"), ({"adv_steps": 0}, "adv_steps")],
+)
+def test_train_disentangle_bad_arguments(kwargs, match, tiny_loaders):
+    with pytest.raises(ValueError, match=match):
+        D.train_disentangle(tiny_model(), tiny_loaders[0], device="cpu", progress=False, **kwargs)
+
+
+def test_recalibrate_batchnorm_matches_the_data(tiny_loaders):
+    model = tiny_model("shared")
+    bn = model.encoder.stem[1]
+    assert torch.equal(bn.running_mean, torch.zeros_like(bn.running_mean))
+    D.recalibrate_batchnorm(model, tiny_loaders[0], device="cpu")
+    with torch.no_grad():
+        stem_out = torch.cat([model.encoder.stem[0](b["image"]) for b in tiny_loaders[0]])
+    assert torch.allclose(bn.running_mean, stem_out.mean(dim=(0, 2, 3)), atol=1e-4)
+
+
+def test_evaluate_disentangle_keys_and_range(tiny_loaders):
+    model = tiny_model()
+    scores = D.evaluate_disentangle(model, tiny_loaders[1], device="cpu")
+    assert set(scores) == {"acc_a", "acc_b", "adv_acc_a", "adv_acc_b"}
+    assert all(0.0 <= v <= 1.0 for v in scores.values())
+    assert set(D.evaluate_disentangle(tiny_model("two_encoder"), tiny_loaders[1], device="cpu")) == {"acc_a", "acc_b"}
+
+
+def test_presets_and_config_helpers():
+    assert set(D.PRESETS) == {"smoke", "course", "paper"}
+    paper = D.PRESETS["paper"]
+    paper_values = (paper.lr, paper.w_adv, paper.adv_loss, paper.adv_steps, paper.image_size)
+    assert paper_values == (1e-5, 0.01, "negative_ce", 3, (224, 288))
+    config = D.disentangle_config("smoke", epochs=3)
+    assert config.epochs == 3 and D.PRESETS["smoke"].epochs == 1
+    assert set(config.train_kwargs()) <= set(D.train_disentangle.__kwdefaults__)
+    course = D.PRESETS["course"].train_kwargs()
+    assert {k: D.train_disentangle.__kwdefaults__[k] for k in course} == course  # defaults = course preset
+    model = D.build_model("disentangle", config)
+    assert isinstance(model, D.DisentangleNet) and model.adv_b.net[-1].in_features == config.widths[-1]
+
+
+def test_shapes_experiment_smoke():
+    config = D.disentangle_config("smoke")
+    model, history, metrics = D.shapes_experiment("disentangle", config, seed=0, device="cpu", progress=False)
+    assert isinstance(model, D.DisentangleNet) and len(history["acc_a"]) == config.epochs
+    for key in ("seen_shape_acc", "seen_background_acc", "unseen_shape_acc", "probe_background_a", "probe_shape_a",
+                "probe_background_b", "probe_shape_b", "adv_acc_a", "adv_acc_b"):
+        assert 0.0 <= metrics[key] <= 1.0, key

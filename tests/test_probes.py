@@ -1,0 +1,164 @@
+"""Linear probes, feature extraction, 2-D embeddings and the probe plots."""
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from mtlearn.probes import (
+    cross_validated_probe,
+    embed_2d,
+    extract_features,
+    linear_probe,
+    plot_adversary_accuracy,
+    plot_embedding,
+    probe_matrix,
+)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors gain nothing from threads, and on a busy 2-core runner threads spin: use one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def synthetic_features(n: int = 400, dim: int = 16, seed: int = 0):
+    """Features where label "coded" is written along one direction and "random" is not at all."""
+    rng = np.random.default_rng(seed)
+    coded = rng.integers(0, 2, n)
+    random = rng.integers(0, 2, n)
+    features = rng.normal(size=(n, dim))
+    features[:, 3] += 3.0 * (2 * coded - 1)  # linearly separable along feature 3 (with some overlap)
+    return features, coded, random
+
+
+def test_probe_recovers_a_linearly_coded_label():
+    features, coded, _ = synthetic_features()
+    scores = linear_probe(features[:300], coded[:300], features[300:], coded[300:])
+    assert scores["balanced_accuracy"] > 0.95
+    assert scores["chance"] == 0.5
+
+
+def test_probe_is_at_chance_on_a_random_label():
+    features, _, random = synthetic_features()
+    scores = linear_probe(features[:300], random[:300], features[300:], random[300:])
+    assert abs(scores["balanced_accuracy"] - 0.5) < 0.12
+
+
+def test_probe_balanced_accuracy_ignores_class_imbalance():
+    # 90 % of one class and no signal: plain accuracy can look high, balanced accuracy stays near 0.5
+    rng = np.random.default_rng(1)
+    features = rng.normal(size=(1000, 8))
+    labels = (rng.random(1000) < 0.1).astype(int)
+    scores = linear_probe(features[:700], labels[:700], features[700:], labels[700:])
+    assert abs(scores["balanced_accuracy"] - 0.5) < 0.1
+
+
+def test_cross_validated_probe_separates_coded_and_random_labels():
+    features, coded, random = synthetic_features()
+    assert cross_validated_probe(features, coded)["balanced_accuracy"] > 0.95
+    assert cross_validated_probe(features, random)["balanced_accuracy"] < 0.62
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        ((np.zeros((10, 3)), np.zeros(9), np.zeros((5, 3)), np.zeros(5)), "train"),
+        ((np.zeros((10, 3)), np.r_[np.zeros(5), np.ones(5)], np.zeros((5, 4)), np.zeros(5)), "width"),
+        ((np.zeros((10, 3)), np.zeros(10), np.zeros((5, 3)), np.zeros(5)), "two classes"),
+        ((np.zeros(10), np.zeros(10), np.zeros((5, 3)), np.zeros(5)), "train"),
+    ],
+)
+def test_linear_probe_bad_arguments(args, match):
+    with pytest.raises(ValueError, match=match):
+        linear_probe(*args)
+
+
+class TinyData(Dataset):
+    """Images whose mean encodes "coded"; "noise" is unrelated to the image."""
+
+    def __init__(self, n: int = 120, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        self.coded = torch.randint(0, 2, (n,), generator=g)
+        self.noise = torch.randint(0, 2, (n,), generator=g)
+        self.images = torch.randn(n, 1, 8, 8, generator=g) + 2.0 * self.coded[:, None, None, None]
+
+    def __len__(self):
+        return len(self.coded)
+
+    def __getitem__(self, i):
+        return {"image": self.images[i], "coded": int(self.coded[i]), "noise": int(self.noise[i]), "id": f"x{i}",
+                "mask": torch.zeros(1, 8, 8)}
+
+
+def test_extract_features_pools_maps_and_collects_integer_labels():
+    loader = DataLoader(TinyData(50), batch_size=16)
+    encoder = nn.Conv2d(1, 4, 3, padding=1)
+    features, labels = extract_features(encoder, loader, device="cpu")
+    assert features.shape == (50, 4) and features.dtype == np.float32
+    assert set(labels) == {"coded", "noise"}  # "id" (strings) and "mask" (floats) are not labels
+    assert labels["coded"].shape == (50,) and labels["coded"].dtype == np.int64
+    assert encoder.training  # the module's mode is restored
+
+
+def test_extract_features_takes_functions_and_stage_lists():
+    loader = DataLoader(TinyData(20), batch_size=8)
+    features, _ = extract_features(lambda x: x.flatten(1), loader, device="cpu", label_keys=("coded",))
+    assert features.shape == (20, 64)
+    features, _ = extract_features(lambda x: [x, x.mean(dim=(2, 3))], loader, device="cpu", label_keys=("coded",))
+    assert features.shape == (20, 1)
+    with pytest.raises(ValueError, match="not in the batch"):
+        extract_features(lambda x: x.flatten(1), loader, device="cpu", label_keys=("artifact",))
+
+
+def test_probe_matrix_rows_encoders_columns_labels():
+    train, test = DataLoader(TinyData(160, seed=0), batch_size=40), DataLoader(TinyData(80, seed=1), batch_size=40)
+    encoders = {"mean": lambda x: x.mean(dim=(2, 3)), "flat": lambda x: x.flatten(1)}
+    table = probe_matrix(encoders, train, test, label_keys=("coded", "noise"), device="cpu")
+    assert list(table.index) == ["mean", "flat"] and list(table.columns) == ["coded", "noise"]
+    assert table.loc["mean", "coded"] > 0.9
+    assert abs(table.loc["mean", "noise"] - 0.5) < 0.15
+    cross_validated = probe_matrix(encoders, train, label_keys=("coded",), device="cpu", folds=3)
+    assert cross_validated.loc["mean", "coded"] > 0.9
+    with pytest.raises(ValueError, match="encoders is empty"):
+        probe_matrix({}, train)
+
+
+@pytest.mark.parametrize("method", ["pca", "tsne"])
+def test_embed_2d_shapes(method):
+    features, _, _ = synthetic_features(n=60)
+    embedding = embed_2d(features, method=method, seed=0)
+    assert embedding.shape == (60, 2) and np.isfinite(embedding).all()
+
+
+def test_embed_2d_bad_arguments():
+    with pytest.raises(ValueError, match="unknown method"):
+        embed_2d(np.zeros((10, 3)), method="umap")
+    with pytest.raises(ValueError, match="N >= 3"):
+        embed_2d(np.zeros((2, 3)))
+
+
+def test_plots_have_titles_and_axis_labels():
+    features, coded, random = synthetic_features(n=60)
+    fig = plot_embedding(embed_2d(features), {"coded": coded, "random": random}, title="toy",
+                         class_names={"coded": ("no", "yes")})
+    assert len(fig.axes) == 2
+    for ax in fig.axes:
+        assert ax.get_title() and ax.get_xlabel() == "PCA 1" and ax.get_ylabel() == "PCA 2"
+    history = {"adv_acc_a": [0.9, 0.7, 0.6], "adv_acc_b": [0.95, 0.8, 0.55], "loss_a": [1.0, 0.5, 0.2]}
+    fig = plot_adversary_accuracy(history)
+    ax = fig.axes[0]
+    assert ax.get_title() and ax.get_xlabel() == "epoch" and ax.get_ylabel() == "adversary accuracy"
+    assert len(ax.get_lines()) == 3  # two adversaries + the chance line
+    with pytest.raises(ValueError, match="no adversary accuracies"):
+        plot_adversary_accuracy({"loss_a": [1.0]})
+    with pytest.raises(ValueError, match=r"\(N, 2\)"):
+        plot_embedding(features, {"coded": coded})
