@@ -1,0 +1,91 @@
+"""UMS-Rep fine-tuning strategies side by side: accuracy and compute of (a) frozen ... (e) scratch.
+
+Reproduces the strategy table of notebook 03 on the embedded synthetic data, then checks the
+issue's acceptance criterion: joint multi-task fine-tuning (d) costs at most 35 % of the three
+single-task models (e) in FLOPs and wall time, and every task metric stays within 2 points
+(0.5 dB of PSNR) of them or better.
+
+    python -m benchmarks.bench_umsrep            # course profile (minutes on 2 CPU cores)
+    python -m benchmarks.bench_umsrep --quick    # smoke profile (seconds; the numbers mean nothing)
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from mtlearn.umsrep import compare_strategies, joint_vs_single_task, strategy_config
+
+COLUMNS = ("models", "recon/psnr", "recon/ssim", "seg/dice", "cls/acc", "cls/auc", "trainable_params",
+           "train_gflops", "total_gflops", "wall_time_s", "total_wall_time_s", "cpu_time_s", "memory_mb",
+           "images_seen")
+
+
+def run(quick: bool = False, seed: int = 0, threads: int | None = 1) -> list[dict]:
+    """One row per strategy (profile "smoke" when `quick`, else "course"); see `strategy_rows`."""
+    config = strategy_config("smoke" if quick else "course", seed=seed, progress=False)
+    return strategy_rows(compare(config, threads), config)
+
+
+def compare(config, threads: int | None = 1):
+    """compare_strategies with torch limited to `threads` CPU threads (None: torch's default).
+
+    Why one thread by default: the ratios of wall times are the result here, and on a machine
+    shared with other jobs several intra-op threads wait for each other whenever one is descheduled,
+    which makes wall (and CPU) times swing by several times from one model to the next. A single
+    thread is slower but steady; every strategy runs under the same setting.
+    """
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        return compare_strategies(config)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def strategy_rows(table, config) -> list[dict]:
+    """The table as rows, with each strategy's share of (e) and, on the (d) row, the acceptance verdict.
+
+    flops_vs_e / time_vs_e: the strategy's own training FLOPs and wall time as a fraction of the
+    three single-task models from scratch; *_with_pretraining adds all of the representation's cost.
+    criterion: "pass" / "fail" for (d) without and with the pre-training counted.
+    """
+    scratch = table.loc["scratch"] if "scratch" in table.index else None
+    check = None
+    if {"joint", "scratch"} <= set(table.index):
+        check = joint_vs_single_task(table, config.max_compute_share, config.tolerance)
+    rows = []
+    for strategy, values in table.iterrows():
+        row = {"strategy": strategy, **{c: values[c] for c in COLUMNS}}
+        if scratch is not None:
+            row["flops_vs_e"] = values["train_gflops"] / scratch["train_gflops"]
+            row["time_vs_e"] = values["wall_time_s"] / scratch["wall_time_s"]
+            row["flops_vs_e_with_pretraining"] = values["total_gflops"] / scratch["train_gflops"]
+            row["time_vs_e_with_pretraining"] = values["total_wall_time_s"] / scratch["wall_time_s"]
+        judged = check is not None and strategy == "joint"
+        for column, key in (("criterion", "passed"), ("criterion_with_pretraining", "passed_with_pretraining")):
+            row[column] = ("pass" if check[key] else "fail") if judged else ""
+        rows.append(row)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    from benchmarks.__main__ import format_table
+
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_umsrep", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="smoke profile: seconds, tiny data")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's default)")
+    args = parser.parse_args(argv)
+    config = strategy_config("smoke" if args.quick else "course", seed=args.seed, progress=False)
+    table = compare(config, args.threads or None)
+    print(format_table(strategy_rows(table, config)))
+    print("\n(d) joint vs (e) single-task from scratch:")
+    for key, value in joint_vs_single_task(table, config.max_compute_share, config.tolerance).items():
+        print(f"  {key:<28} {value:.3f}" if isinstance(value, float) else f"  {key:<28} {value}")
+
+
+if __name__ == "__main__":
+    main()

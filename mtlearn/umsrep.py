@@ -1,0 +1,725 @@
+"""UMS-Rep (Zamzmi, Rajaraman, Antani 2021): one representation per modality, shared by every task.
+
+The idea: learn a modality's representation *once*, from unlabeled images, by denoising them;
+then share it among the tasks of that modality (denoising, segmentation, classification) and
+fine-tune them together. The paper reports up to ~9 % higher accuracy and up to ~86 % less
+computation time than training one task-specific model per task, and finds that the result
+depends strongly on how the shared representation is fine-tuned.
+
+    representation, cost = pretrain_representation(config, data)  # labels and masks never read
+    model = build_model("tiny", tasks=("seg", "cls", "recon"))
+    transfer_encoder(representation, model)     # start from the representation ...
+    transfer_decoders(representation, model)    # ... dense tasks from its denoising decoder
+    freeze_encoder(model, trainable_stages=2)   # (b) partial fine-tuning
+    table = compare_strategies("course")        # every strategy, accuracy and compute
+
+The strategies compared (same data, same image size, same seed):
+
+    pretrain   the representation itself: a denoising encoder-decoder on unlabeled images
+    (a) frozen   one model per task from the representation, encoder frozen, heads trained
+    (b) partial  one model per task, the last `partial_stages` encoder stages fine-tuned
+    (c) full     one model per task, everything fine-tuned
+    (d) joint    ONE model with all three heads, fine-tuned together from the representation
+    (e) scratch  three single-task models trained from random weights (the usual baseline)
+
+Compute is measured for every model trained: trainable parameters, training FLOPs (a full training
+step counted by torch.utils.flop_counter, backward included), wall time, memory and images seen.
+A strategy that starts from the representation is shown three ways: without the pre-training
+(the representation is an asset that already exists, as an ImageNet checkpoint would be), with
+all of it, and amortised over the strategies that reuse it in the comparison.
+
+Parts, top-down: 1. denoising pairs, 2. freezing and transfer, 3. compute accounting,
+4. the configuration and its profiles, 5. training and comparing the strategies.
+
+Reference: G. Zamzmi, S. Rajaraman, S. Antani, "UMS-Rep: Unified modality-specific representation
+for efficient medical image analysis", Informatics in Medicine Unlocked 24 (2021) 100571,
+arXiv 2006.11223. The encoder, the exact strategy list and the dataset sizes are not published in
+what we could read; the choices below are ours and documented where they are made.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from mtlearn.losses import build_losses, check_tasks, task_losses
+from mtlearn.utils import count_parameters, pick_device, seed_everything
+
+TASKS = ("recon", "seg", "cls")  # the order of the paper: denoising, segmentation, classification
+STRATEGIES = {  # name -> description (the letters of the issue)
+    "frozen": "(a) frozen encoder, task heads only",
+    "partial": "(b) partial: last encoder stages fine-tuned",
+    "full": "(c) full fine-tuning, one model per task",
+    "joint": "(d) joint multi-task fine-tuning, one model",
+    "scratch": "(e) three single-task models from scratch",
+    "joint_scratch": "joint multi-task model from scratch (ablation)",
+}
+PRETRAINED = ("frozen", "partial", "full", "joint")  # strategies that start from the representation
+NUM_STAGES = 4  # encoder stages of the ResFormer encoder (H/2 ... H/16)
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. denoising pairs: what the representation learns from
+
+
+class DenoisingPairs(Dataset):
+    """A view of a dataset as (noisy input, clean target) pairs for learning a denoiser.
+
+    Why: UMS-Rep's representation "can be trained using unlabeled data", denoising being learned
+    while constructing it. A denoiser needs a noisy input and a cleaner target, nothing else:
+
+    - synthetic ultrasound has a speckle-free "clean" image: the input is the speckled "image"
+      plus Gaussian noise of std `gaussian_std` (speckle and Gaussian noise in, clean image out);
+    - a real image has no clean version: the acquired image is the target and the input is that
+      image corrupted by multiplicative speckle (Gamma-distributed intensity with `speckle_looks`
+      looks, mean 1, variance 1 / looks) and Gaussian noise. The model then learns to remove the
+      noise we add, not the speckle already in the image: the usual self-supervised substitute.
+
+    With `labels=False` (pre-training) the items hold only "image", "clean" and "id": labels and
+    masks cannot leak into the representation because they are not there. With `labels=True`
+    (fine-tuning on real data, whose items have no "clean") "mask" and "label" are kept too.
+
+    `fixed_noise=True` draws the noise of item i from a generator seeded with (seed, i), so a test
+    set is the same for every model; False draws new noise each time (training augmentation).
+
+    Items: "image" (C, H, W) noisy input in [0, 1], "clean" (C, H, W) target, "id"; and "mask",
+    "label" when `labels`.
+    """
+
+    def __init__(self, dataset: Dataset, gaussian_std: float = 0.02, speckle_looks: float = 4.0,
+                 labels: bool = False, fixed_noise: bool = False, seed: int = 0):
+        if not gaussian_std >= 0:
+            raise ValueError(f"gaussian_std must be >= 0 (intensity units, images in [0, 1]), got {gaussian_std!r}")
+        if not speckle_looks > 0:
+            raise ValueError(f"speckle_looks must be > 0 (more looks = milder speckle, e.g. 4), got {speckle_looks!r}")
+        self.dataset = dataset
+        self.gaussian_std = float(gaussian_std)
+        self.speckle_looks = float(speckle_looks)
+        self.labels = labels
+        self.fixed_noise = fixed_noise
+        self.seed = int(seed)
+        self.class_names = getattr(dataset, "class_names", None)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict:
+        item = self.dataset[index]
+        if self.fixed_noise:
+            rng = np.random.default_rng([self.seed, int(index)])
+        else:  # drawn from torch's generator, so seed_everything makes a run repeatable
+            rng = np.random.default_rng(int(torch.randint(0, 2**62, ()).item()))
+        if "clean" in item:  # synthetic: the speckle is already in "image"
+            clean, noisy = item["clean"], item["image"]
+        else:  # real: the acquired image is the target; multiply by speckle first
+            clean = item["image"]
+            speckle = rng.gamma(self.speckle_looks, 1.0 / self.speckle_looks, size=tuple(clean.shape))  # mean 1
+            noisy = clean * torch.from_numpy(speckle.astype(np.float32))
+        noise = torch.from_numpy(rng.standard_normal(tuple(clean.shape), dtype=np.float32)) * self.gaussian_std
+        pair = {"image": (noisy + noise).clamp(0.0, 1.0), "clean": clean, "id": item.get("id", str(index))}
+        if self.labels:
+            pair.update({k: item[k] for k in ("mask", "label") if k in item})
+        return pair
+
+
+class InMemory(Dataset):
+    """Every item of `dataset` drawn once and kept (only `keys`): training then times the model, not the data."""
+
+    def __init__(self, dataset: Dataset, keys: Sequence[str] = ("image", "clean", "mask", "label")):
+        self.items = [{k: v for k, v in dataset[i].items() if k in keys} for i in range(len(dataset))]
+        self.class_names = getattr(dataset, "class_names", None)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.items[index]
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. freezing and transfer
+
+
+def encoder_parts(model: nn.Module) -> list[list[nn.Module]]:
+    """The encoder in NUM_STAGES + 1 groups, input side first: [[stem, patch embedding], [stage 1], ..., [stage 4]]."""
+    encoder = getattr(model, "encoder", None)
+    if encoder is None or not hasattr(encoder, "stages"):
+        raise ValueError(f"{type(model).__name__} has no ResFormer `encoder` with `stages`; "
+                         "build it with mtlearn.build_model(...)")
+    stem = [encoder.stem] + ([encoder.patch_embed] if encoder.patch_embed is not None else [])
+    return [stem, *([stage] for stage in encoder.stages)]
+
+
+def _stay_in_eval(module: nn.Module, args) -> None:
+    """Forward pre-hook of an encoder part: a frozen part runs in eval mode whatever model.train() said."""
+    if module._frozen:
+        module.eval()
+
+
+def freeze_encoder(model: nn.Module, trainable_stages: int = 0) -> nn.Module:
+    """Freeze the encoder except its last `trainable_stages` stages; decoders and heads stay trainable.
+
+    trainable_stages: 0 (frozen encoder, heads only) ... 4 (everything trainable). The input
+    layers (stem and patch embedding) belong with the first stage, so 4 trains the whole encoder.
+
+    What "frozen" means here, for a part of the encoder:
+    - its parameters get requires_grad=False: no gradients, and an optimiser built with
+      `build_optimizer` (or engine.fit, which does the same) does not hold them;
+    - it runs in eval mode even while the model trains: BatchNorm normalises with its stored
+      running statistics and does not update them, and stochastic depth / dropout are off.
+      Training mode would make BN use (and update) the statistics of each fine-tuning batch, so
+      a "frozen" encoder would still drift, and the features the heads learn on would differ
+      from those at test time. model.train() switches every module to training mode, so a
+      forward pre-hook puts each frozen part back into eval mode before it runs.
+    Calling it again replaces the previous choice. Returns `model`.
+    """
+    if isinstance(trainable_stages, bool) or not isinstance(trainable_stages, int) \
+            or not 0 <= trainable_stages <= NUM_STAGES:
+        raise ValueError(f"trainable_stages must be an integer from 0 (frozen encoder) to {NUM_STAGES} "
+                         f"(full fine-tuning), got {trainable_stages!r}")
+    groups = encoder_parts(model)
+    for p in model.parameters():  # start from "all trainable", then freeze
+        p.requires_grad_(True)
+    num_frozen = 0 if trainable_stages == NUM_STAGES else len(groups) - trainable_stages  # groups[0]: the input layers
+    for index, group in enumerate(groups):
+        for part in group:
+            if not hasattr(part, "_frozen"):  # one hook per part, however often we freeze
+                part.register_forward_pre_hook(_stay_in_eval)
+            part._frozen = index < num_frozen
+            if part._frozen:
+                part.requires_grad_(False)
+                part.eval()
+    return model
+
+
+def build_optimizer(model: nn.Module, lr: float = 1e-3, weight_decay: float = 3e-5,
+                    betas: tuple[float, float] = (0.9, 0.999)) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters only (requires_grad): frozen ones get no state and no decay.
+
+    Holding frozen parameters would not change them (their .grad stays None) but would still cost
+    a pass over them each step, and weight decay would then be the one thing moving them in
+    optimisers that apply decay without a gradient.
+    """
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    if not parameters:
+        raise ValueError("the model has no trainable parameters; unfreeze something (freeze_encoder(model, 4))")
+    return torch.optim.AdamW(parameters, lr=lr, betas=betas, weight_decay=weight_decay)
+
+
+def transfer_encoder(pretrained: nn.Module, model: nn.Module) -> int:
+    """Copy the encoder weights (and BN statistics) of `pretrained` into `model`. Returns the tensors copied.
+
+    Both must be built with the same encoder (preset, in_channels, image size); otherwise a
+    ValueError names the first tensor that differs.
+    """
+    return _copy_state(pretrained.encoder, model.encoder, "encoder")
+
+
+def transfer_decoders(pretrained: nn.Module, model: nn.Module, source: str = "recon") -> list[str]:
+    """Start the dense tasks of `model` from the denoiser's decoder. Returns what was copied.
+
+    - "recon": its decoder *and* head are the denoiser's (UMS-Rep learns denoising while
+      constructing the representation, so the denoising task starts where pre-training ended);
+    - "seg": its UNet decoder starts from the denoising decoder (same architecture when the seg
+      decoder has no DFE); only the 1x1 mask head starts from random weights.
+    Why the seg decoder too: a decoder that already turns encoder features back into the image
+    (tissue layers, the dark lesion and its outline) is a much better start for a mask than random
+    weights: in one course-profile run it lifted the joint model's Dice after 5 epochs from 0.78
+    to 0.86. Decoders are copied, not shared: each task fine-tunes its own copy.
+    A decoder whose layout differs from the denoiser's (e.g. dfe="three") is left as it is.
+    """
+    if source not in getattr(pretrained, "decoders", {}):
+        raise ValueError(f"the pretrained model has no {source!r} decoder to copy; "
+                         f"pre-train it with tasks=({source!r},)")
+    source_decoder = pretrained.decoders[source]
+    copied = []
+    for task, decoder in getattr(model, "decoders", {}).items():
+        if decoder.state_dict().keys() == source_decoder.state_dict().keys():
+            _copy_state(source_decoder, decoder, f"decoders.{task}")
+            copied.append(f"decoders.{task}")
+    if source in getattr(model, "heads", {}) and source in pretrained.heads:
+        _copy_state(pretrained.heads[source], model.heads[source], f"heads.{source}")
+        copied.append(f"heads.{source}")
+    return copied
+
+
+def _copy_state(source: nn.Module, target: nn.Module, where: str) -> int:
+    source_state, target_state = source.state_dict(), target.state_dict()
+    if source_state.keys() != target_state.keys():
+        missing = sorted(set(source_state) ^ set(target_state))[:3]
+        raise ValueError(f"the {where} of the two models differ (e.g. {missing}); build both with the same "
+                         "preset, in_channels and image_size")
+    for key, value in source_state.items():
+        if value.shape != target_state[key].shape:
+            raise ValueError(f"{where}.{key} has shape {tuple(value.shape)} in the pretrained model but "
+                             f"{tuple(target_state[key].shape)} here; build both with the same preset and in_channels")
+    target.load_state_dict(source_state)
+    return len(source_state)
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. compute accounting
+
+
+@dataclass
+class StepCost:
+    """What one training step costs, measured on a batch (see `measure_training_step`)."""
+
+    batch_size: int  # images in the measured batch
+    flops: int  # forward + backward FLOPs of the step (multiply-add = 2)
+    activation_bytes: int  # tensors autograd kept for the backward pass (not parameters)
+    parameter_bytes: int  # parameters and buffers
+    trainable_bytes: int  # trainable parameters: each also needs a gradient and two AdamW moments
+
+    @property
+    def flops_per_image(self) -> float:
+        return self.flops / self.batch_size
+
+    def memory_bytes(self, batch_size: int | None = None) -> float:
+        """Training memory estimate at `batch_size` (default: the measured one): weights + gradients
+        + AdamW's two moments + saved activations (which grow with the batch, the rest does not)."""
+        batch_size = self.batch_size if batch_size is None else batch_size
+        activations = self.activation_bytes / self.batch_size * batch_size
+        return self.parameter_bytes + 3 * self.trainable_bytes + activations
+
+
+def measure_training_step(model: nn.Module, batch: Mapping[str, Tensor], tasks: Sequence[str]) -> StepCost:
+    """Count one training step of `model` on `batch`: FLOPs of forward + backward, and saved activations.
+
+    Measured on a copy (the model itself is not touched), in training mode, with the task losses
+    summed. torch.utils.flop_counter counts matrix multiplications and convolutions, forward and
+    backward, at 2 FLOPs per multiply-add; element-wise work (norms, activations, the optimiser
+    update) is left out: a few percent. Frozen parts need no weight gradients and, below the
+    lowest trainable layer, no input gradients either: the count shows that saving directly,
+    which "3 x forward FLOPs" would not.
+
+    Memory: the tensors autograd saves for backward are summed through saved_tensors_hooks
+    (each storage once; parameters excluded). This is the same on every device, so strategies
+    can be compared on a CPU, where no allocator reports a peak for torch's tensors alone.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    tasks = check_tasks(tasks)
+    probe = copy.deepcopy(model).train()
+    device = next(probe.parameters()).device
+    batch = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
+    loss_fns = build_losses(tasks).to(device)
+    parameter_storages = {p.untyped_storage().data_ptr() for p in probe.parameters()}
+    saved: dict[int, int] = {}  # storage address -> bytes
+
+    def pack(tensor: Tensor) -> Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in parameter_storages:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with FlopCounterMode(display=False) as counter, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        outputs = probe(batch["image"])
+        losses = task_losses(outputs, batch, loss_fns)
+        total = sum(losses.values())
+        if total.requires_grad:
+            total.backward()
+    parameter_bytes = sum(t.numel() * t.element_size() for t in (*probe.parameters(), *probe.buffers()))
+    trainable_bytes = sum(p.numel() * p.element_size() for p in probe.parameters() if p.requires_grad)
+    return StepCost(len(batch["image"]), int(counter.get_total_flops()), sum(saved.values()),
+                    parameter_bytes, trainable_bytes)
+
+
+@dataclass
+class TrainedModel:
+    """One network trained by a strategy: what it scored and what it cost."""
+
+    strategy: str  # "frozen", "partial", "full", "joint", "scratch", "pretrain", ...
+    tasks: tuple[str, ...]  # the heads trained
+    metrics: dict[str, float]  # test metrics, "seg/dice", "cls/acc", ... (engine.evaluate)
+    trainable_parameters: int  # parameters with requires_grad during training
+    flops_per_image: float  # training FLOPs per image (forward + backward, measured)
+    images_seen: int  # training images processed (epochs x dataset size)
+    wall_time_s: float  # training wall time (fit, data loading included, evaluation excluded)
+    cpu_time_s: float  # CPU time of this process during training, all threads (less sensitive to other jobs)
+    memory_mb: float  # training memory estimate (StepCost.memory_bytes) for one batch
+    cuda_peak_mb: float = float("nan")  # torch.cuda.max_memory_allocated during training (CUDA only)
+    history: list[dict] = field(default_factory=list)  # engine History records, one per epoch
+    model: nn.Module | None = field(default=None, repr=False)  # the trained network, in eval mode
+
+    @property
+    def train_flops(self) -> float:
+        return self.flops_per_image * self.images_seen
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. configuration and profiles
+
+
+@dataclass
+class UMSRepConfig:
+    """Everything one comparison needs; PROFILES holds the three course settings."""
+
+    profile: str = "course"  # name of the profile these settings came from (for the record)
+    dataset: str = "synthetic"  # "synthetic", or "busi" (fine-tune on BUSI, representation from BUS-BRA + BUS-UCLM)
+    data_root: str | None = None  # folder holding the real datasets (None: data_fetch's default)
+    unlabeled_datasets: tuple[str, ...] = ("bus_bra", "bus_uclm")  # real data only: the representation's images
+    preset: str = "tiny"  # model size (mtlearn.mtl.PRESETS)
+    image_size: int = 64  # training and test size, pixels (a multiple of 16)
+    num_unlabeled: int | None = 600  # synthetic: the representation's images (None: 2 x num_train; real data: all)
+    num_train: int | None = 300  # labelled images, fine-tuning and baselines (None: the train split, synthetic 2000)
+    num_test: int | None = 300  # test images (None: the test split, synthetic 400)
+    batch_size: int = 16  # images per step, every strategy
+    lr: float = 1e-3  # AdamW peak learning rate, polynomial decay to 0 over each run (engine.fit)
+    weight_decay: float = 3e-5  # AdamW weight decay (ResFormer)
+    gaussian_std: float = 0.02  # Gaussian noise added to the pre-training inputs (intensity units)
+    speckle_looks: float = 4.0  # real data: speckle added to the inputs (Gamma intensity, mean 1, var 1 / looks)
+    pretrain_epochs: int = 5  # epochs of the denoising pre-training
+    finetune_epochs: int = 4  # epochs of each single-task fine-tuning, (a) (b) (c)
+    joint_epochs: int = 8  # epochs of the joint multi-task fine-tuning, (d)
+    scratch_epochs: int = 12  # epochs of each single-task model from scratch, (e)
+    partial_stages: int = 2  # (b): encoder stages fine-tuned, counted from the deepest
+    joint_stages: int = 4  # (d): encoder stages fine-tuned (4: all)
+    joint_task_weights: dict[str, float] | None = None  # (d) loss weights (None: seg 1, cls 0.25, recon 1, as engine)
+    strategies: tuple[str, ...] = ("frozen", "partial", "full", "joint", "scratch")  # which to run, in this order
+    seed: int = 0  # seeds data order and weight initialisation: identical for every strategy
+    device: str = "auto"  # "auto", "cpu", "cuda", ...
+    amp: str = "auto"  # mixed precision (engine.fit): bf16/fp16 on CUDA, off on the CPU
+    progress: bool = True  # tqdm bars
+    max_compute_share: float = 0.35  # acceptance: (d) may use at most this share of (e)'s compute
+    tolerance: dict[str, float] = field(default_factory=lambda: {  # acceptance: allowed drop below (e)
+        "recon/psnr": 0.5, "recon/ssim": 0.02, "seg/dice": 0.02, "cls/acc": 0.02, "cls/auc": 0.02})
+
+    def __post_init__(self):
+        self.strategies = tuple(self.strategies)
+        self.unlabeled_datasets = tuple(self.unlabeled_datasets)
+        unknown = [s for s in self.strategies if s not in STRATEGIES]
+        if unknown or not self.strategies:
+            raise ValueError(f"unknown strategies {unknown}; choose from {tuple(STRATEGIES)}")
+        if self.image_size % 16 or self.image_size < 32:
+            raise ValueError(f"image_size must be a multiple of 16 and at least 32, got {self.image_size}")
+        for name in ("pretrain_epochs", "finetune_epochs", "joint_epochs", "scratch_epochs", "batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        for name in ("partial_stages", "joint_stages"):
+            if not 0 <= getattr(self, name) <= NUM_STAGES:
+                raise ValueError(f"{name} must be in 0..{NUM_STAGES}, got {getattr(self, name)!r}")
+        for name in ("num_unlabeled", "num_train", "num_test"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 2):
+                raise ValueError(f"{name} must be None (all) or an integer >= 2, got {value!r}")
+
+
+PROFILES: dict[str, dict] = {
+    # CI: every strategy runs through once on a handful of 32 px images (seconds).
+    "smoke": dict(preset="tiny", image_size=32, num_unlabeled=32, num_train=32, num_test=32, batch_size=16,
+                  pretrain_epochs=1, finetune_epochs=1, joint_epochs=1, scratch_epochs=1),
+    # The numbers the course discusses (the defaults above): about 5 minutes on 2 CPU cores with one
+    # thread. Why these epochs: single-task models from scratch are near their plateau after 12 at
+    # this size (the notebook shows their curves); (d) gets 8, which with one encoder for three heads
+    # is 33 % of (e)'s training FLOPs, inside the 35 % budget of the acceptance check.
+    "course": dict(),
+    # GPU, paper scale: Bui et al.'s ResFormer at 224 px, their batch size and lr, long schedules;
+    # every split whole (synthetic: 2,000 labelled and 4,000 unlabeled images).
+    "paper": dict(preset="paper", image_size=224, num_unlabeled=None, num_train=None, num_test=None,
+                  batch_size=8, lr=1e-4, pretrain_epochs=50, finetune_epochs=30, joint_epochs=40, scratch_epochs=100),
+}
+
+
+def strategy_config(profile: str = "course", **overrides) -> UMSRepConfig:
+    """The settings of `profile` ("smoke", "course", "paper"), with any field replaced by `overrides`."""
+    if profile not in PROFILES:
+        raise ValueError(f"unknown profile {profile!r}; expected one of {tuple(PROFILES)}")
+    fields = {f.name for f in dataclasses.fields(UMSRepConfig)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise ValueError(f"unknown option(s) {unknown}; valid options are {sorted(fields)}")
+    return UMSRepConfig(**{"profile": profile, **PROFILES[profile], **overrides})
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. training and comparing the strategies
+
+
+@dataclass
+class StrategyData:
+    """The three sets every strategy uses: unlabeled pairs, labelled training images, test images."""
+
+    unlabeled: Dataset  # DenoisingPairs without labels: the representation's data
+    train: Dataset  # items with "image", "clean", "mask", "label"
+    test: Dataset  # same keys; noise fixed per item on real data
+    class_names: tuple[str, ...]
+    in_channels: int = 1
+
+
+def load_strategy_data(config: UMSRepConfig) -> StrategyData:
+    """The data of a comparison (see UMSRepConfig.dataset); held in memory once drawn.
+
+    Synthetic: one deterministic stream, so the unlabeled images (items num_train onwards of the
+    train split) never overlap the labelled ones (the first num_train) or the test split.
+    Real: the representation learns from every image of `unlabeled_datasets` (their labels and
+    masks are dropped), and the tasks are fine-tuned and tested on BUSI's train and test splits.
+    """
+    from mtlearn.data import load_dataset
+    from mtlearn.data.real import SYNTHETIC_SIZES
+
+    size, seed = config.image_size, config.seed
+    keep = ("image", "clean", "mask", "label")
+    if config.dataset == "synthetic":
+        num_train = config.num_train or SYNTHETIC_SIZES["train"]
+        num_unlabeled = config.num_unlabeled or 2 * num_train
+        pool = load_dataset("synthetic", split="train", image_size=size, seed=seed,
+                            num_samples=num_train + num_unlabeled)
+        test = load_dataset("synthetic", split="test", image_size=size, seed=seed,
+                            num_samples=config.num_test or SYNTHETIC_SIZES["test"])
+        train = torch.utils.data.Subset(pool, range(num_train))
+        unlabeled = torch.utils.data.Subset(pool, range(num_train, num_train + num_unlabeled))
+        # drawn once and kept; the Gaussian noise of the unlabeled pairs is new every epoch
+        return StrategyData(
+            unlabeled=DenoisingPairs(InMemory(unlabeled, ("image", "clean")), config.gaussian_std, seed=seed),
+            train=InMemory(train, keep), test=InMemory(test, keep), class_names=tuple(pool.class_names))
+    if config.dataset != "busi":
+        raise ValueError(f"dataset {config.dataset!r} is not supported here; use 'synthetic' or 'busi' "
+                         f"(with {config.unlabeled_datasets} for the representation)")
+
+    def root(name: str):
+        return None if config.data_root is None else Path(config.data_root) / name
+
+    parts = [load_dataset(name, root=root(name), split="all", image_size=size, seed=seed)
+             for name in config.unlabeled_datasets]
+    pool = torch.utils.data.ConcatDataset(parts)
+    train = load_dataset("busi", root=root("busi"), split="train", image_size=size, seed=seed)
+    test = load_dataset("busi", root=root("busi"), split="test", image_size=size, seed=seed)
+    if config.num_train is not None:
+        train = torch.utils.data.Subset(train, range(min(config.num_train, len(train))))
+    noise = dict(gaussian_std=config.gaussian_std, speckle_looks=config.speckle_looks, seed=seed)
+    # real images are cached once resized; the noise of the training sets is drawn anew each epoch
+    return StrategyData(
+        unlabeled=DenoisingPairs(pool, labels=False, **noise),
+        train=DenoisingPairs(InMemory(train, keep), labels=True, **noise),
+        test=InMemory(DenoisingPairs(test, labels=True, fixed_noise=True, **noise), keep),
+        class_names=tuple(getattr(test, "class_names", ("normal", "benign", "malignant"))))
+
+
+def _loader(dataset: Dataset, config: UMSRepConfig, shuffle: bool) -> DataLoader:
+    """The same batches in the same order for every strategy (a generator seeded with config.seed)."""
+    generator = torch.Generator().manual_seed(config.seed)
+    return DataLoader(dataset, batch_size=config.batch_size, shuffle=shuffle, generator=generator,
+                      pin_memory=torch.cuda.is_available())
+
+
+def _new_model(config: UMSRepConfig, tasks: Sequence[str], num_classes: int, in_channels: int) -> nn.Module:
+    from mtlearn.mtl import build_model
+
+    seed_everything(config.seed)  # same initial weights for the same architecture, whatever ran before
+    return build_model(config.preset, tasks=tuple(tasks), in_channels=in_channels, num_classes=num_classes,
+                       image_size=config.image_size)
+
+
+def train_and_measure(model: nn.Module, strategy: str, train: Dataset, test: Dataset | None, config: UMSRepConfig,
+                      epochs: int, task_weights: Mapping[str, float] | None = None) -> TrainedModel:
+    """Train `model` (engine.fit) on `train` for `epochs`, measure its cost, evaluate it on `test`.
+
+    No checkpoint selection: every run ends after its fixed number of epochs with the learning rate
+    decayed to zero, and the final weights are tested (there is no validation pass to pay for).
+    """
+    from mtlearn.engine import evaluate, fit
+
+    tasks = tuple(model.tasks)
+    device = pick_device(config.device)
+    model.to(device)
+    loader = _loader(train, config, shuffle=True)
+    # FLOPs and saved activations grow linearly with the batch: two images measure them per image,
+    # at a fraction of the cost of counting a whole batch (the counter slows every operation down)
+    sample = next(iter(DataLoader(train, batch_size=2)))
+    cost = measure_training_step(model, sample, tasks)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    started, cpu_started = time.perf_counter(), time.process_time()
+    history = fit(model, loader, None, tasks=tasks, epochs=epochs, lr=config.lr, weight_decay=config.weight_decay,
+                  task_weights=dict(task_weights) if task_weights else None, device=str(device), amp=config.amp,
+                  seed=config.seed, progress=config.progress)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    wall_time, cpu_time = time.perf_counter() - started, time.process_time() - cpu_started
+    cuda_peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else float("nan")
+    metrics = {}
+    if test is not None:
+        metrics = evaluate(model, _loader(test, config, shuffle=False), tasks, amp=config.amp)
+    return TrainedModel(
+        strategy=strategy, tasks=tasks, metrics={k: v for k, v in metrics.items() if not k.endswith("loss")},
+        trainable_parameters=count_parameters(model, trainable_only=True), flops_per_image=cost.flops_per_image,
+        images_seen=epochs * len(train), wall_time_s=wall_time, cpu_time_s=cpu_time,
+        memory_mb=cost.memory_bytes(config.batch_size) / 2**20,
+        cuda_peak_mb=cuda_peak, history=list(history.records), model=model.eval())
+
+
+def pretrain_representation(config: UMSRepConfig, data: StrategyData) -> tuple[nn.Module, TrainedModel]:
+    """Learn the representation: a denoising encoder-decoder trained on `data.unlabeled` only.
+
+    Returns the denoiser (its `.encoder` is the representation) and its TrainedModel record, whose
+    metrics are its denoising scores on the test set (no fine-tuning).
+    """
+    model = _new_model(config, ("recon",), len(data.class_names), data.in_channels)
+    record = train_and_measure(model, "pretrain", data.unlabeled, data.test, config, config.pretrain_epochs)
+    return model, record
+
+
+def run_strategy(strategy: str, config: UMSRepConfig, data: StrategyData,
+                 representation: nn.Module | None = None) -> list[TrainedModel]:
+    """Train the model(s) of one strategy and return one TrainedModel per network trained."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r}; expected one of {tuple(STRATEGIES)}")
+    if strategy in PRETRAINED and representation is None:
+        raise ValueError(f"strategy {strategy!r} starts from the representation; pass the pretrained denoiser "
+                         "(pretrain_representation(config, data)[0])")
+    num_classes = len(data.class_names)
+    if strategy in ("joint", "joint_scratch"):
+        groups, epochs = [TASKS], config.joint_epochs if strategy == "joint" else config.scratch_epochs
+        stages = config.joint_stages if strategy == "joint" else NUM_STAGES
+    else:
+        groups = [(task,) for task in TASKS]
+        epochs = {"frozen": config.finetune_epochs, "partial": config.finetune_epochs,
+                  "full": config.finetune_epochs, "scratch": config.scratch_epochs}[strategy]
+        stages = {"frozen": 0, "partial": config.partial_stages, "full": NUM_STAGES, "scratch": NUM_STAGES}[strategy]
+    weights = config.joint_task_weights if len(groups[0]) > 1 else None
+    records = []
+    for tasks in groups:
+        model = _new_model(config, tasks, num_classes, data.in_channels)
+        if strategy in PRETRAINED:
+            transfer_encoder(representation, model)
+            transfer_decoders(representation, model)
+        freeze_encoder(model, trainable_stages=stages)
+        records.append(train_and_measure(model, strategy, data.train, data.test, config, epochs, weights))
+    return records
+
+
+@dataclass
+class Comparison:
+    """Everything a comparison produced: the table, every trained model's record and the denoiser."""
+
+    table: "object"  # pandas DataFrame, one row per strategy (see `strategy_table`)
+    runs: list[TrainedModel]  # one per network trained, pre-training first
+    representation: nn.Module  # the pretrained denoiser
+    config: UMSRepConfig
+
+
+def run_comparison(config: UMSRepConfig | str = "course") -> Comparison:
+    """Pre-train the representation, run every strategy of `config`, and tabulate them."""
+    config = strategy_config(config) if isinstance(config, str) else config
+    data = load_strategy_data(config)
+    representation, pretrain = pretrain_representation(config, data)
+    runs = [pretrain]
+    for strategy in config.strategies:
+        runs += run_strategy(strategy, config, data, representation)
+    return Comparison(strategy_table(runs, config), runs, representation, config)
+
+
+def compare_strategies(config: UMSRepConfig | str = "course"):
+    """The strategy table of `config` (a UMSRepConfig or a profile name): one row per strategy.
+
+    Columns: strategy, description, models, the test metrics (recon/psnr, recon/ssim, seg/dice,
+    cls/acc, cls/auc), trainable_params (summed over the strategy's models), train_gflops and
+    wall_time_s (its own training), pretrain_gflops / pretrain_wall_time_s (the representation,
+    for strategies that use it), total_* (own + all of the pre-training) and amortised_* (own +
+    the pre-training divided among the strategies of this comparison that reuse it), memory_mb
+    (largest model's training-memory estimate), cuda_peak_mb, images_seen, pretrain_images_seen.
+    """
+    return run_comparison(config).table
+
+
+METRICS = ("recon/psnr", "recon/ssim", "seg/dice", "cls/acc", "cls/auc")
+
+
+def strategy_table(runs: Sequence[TrainedModel], config: UMSRepConfig):
+    """Group the TrainedModel records by strategy into the table described in `compare_strategies`.
+
+    Amortising: the representation is learned once and every strategy of PRETRAINED in this
+    comparison starts from it, so each is charged 1 / (number of them) of its cost. Real use
+    amortises further (every later task and dataset of the modality reuses it), the "total"
+    columns are the other extreme: a representation learned for this one strategy alone.
+    """
+    import pandas as pd
+
+    pretrain = next((r for r in runs if r.strategy == "pretrain"), None)
+    users = sorted({r.strategy for r in runs if r.strategy in PRETRAINED})
+    rows = []
+    for strategy in ["pretrain", *dict.fromkeys(r.strategy for r in runs if r.strategy != "pretrain")]:
+        group = [r for r in runs if r.strategy == strategy]
+        if not group:
+            continue
+        description = STRATEGIES.get(strategy, "representation: denoising on unlabeled images")
+        row = {"strategy": strategy, "description": description, "models": len(group)}
+        for metric in METRICS:
+            values = [r.metrics[metric] for r in group if metric in r.metrics]
+            row[metric] = values[0] if values else float("nan")
+        flops = sum(r.train_flops for r in group)
+        wall = sum(r.wall_time_s for r in group)
+        cpu = sum(r.cpu_time_s for r in group)
+        uses = pretrain is not None and strategy in PRETRAINED
+        pre_flops = pretrain.train_flops if uses else 0.0
+        pre_wall = pretrain.wall_time_s if uses else 0.0
+        pre_cpu = pretrain.cpu_time_s if uses else 0.0
+        share = 1 / max(len(users), 1)
+        row.update({
+            "trainable_params": sum(r.trainable_parameters for r in group),
+            "train_gflops": flops / 1e9,
+            "pretrain_gflops": pre_flops / 1e9,
+            "total_gflops": (flops + pre_flops) / 1e9,
+            "amortised_gflops": (flops + share * pre_flops) / 1e9,
+            "wall_time_s": wall,
+            "pretrain_wall_time_s": pre_wall,
+            "total_wall_time_s": wall + pre_wall,
+            "amortised_wall_time_s": wall + share * pre_wall,
+            "cpu_time_s": cpu,
+            "total_cpu_time_s": cpu + pre_cpu,
+            "amortised_cpu_time_s": cpu + share * pre_cpu,
+            "memory_mb": max(r.memory_mb for r in group),
+            "cuda_peak_mb": max(r.cuda_peak_mb for r in group),
+            "images_seen": sum(r.images_seen for r in group),
+            "pretrain_images_seen": pretrain.images_seen if uses else 0,
+        })
+        rows.append(row)
+    return pd.DataFrame(rows).set_index("strategy")
+
+
+def joint_vs_single_task(table, max_compute_share: float = 0.35, tolerance: Mapping[str, float] | None = None,
+                         joint: str = "joint", baseline: str = "scratch") -> dict:
+    """The acceptance check: does (d) cost at most `max_compute_share` of (e), and score as well?
+
+    Compute shares are given three ways (fine-tuning only, amortised, total with all of the
+    pre-training) for FLOPs and for wall time. A metric passes when the joint model's value is at
+    least the baseline's minus its tolerance (default UMSRepConfig.tolerance: 0.02 for scores on a
+    0-1 scale, i.e. 2 points, and 0.5 dB of PSNR). `passed` uses the fine-tuning-only shares;
+    `passed_with_pretraining` the totals.
+    """
+    tolerance = dict(UMSRepConfig().tolerance if tolerance is None else tolerance)
+    for name in (joint, baseline):
+        if name not in table.index:
+            raise ValueError(f"the table has no {name!r} row (rows: {list(table.index)}); run both strategies")
+    d, e = table.loc[joint], table.loc[baseline]
+    result = {}
+    for kind in ("train", "amortised", "total"):
+        result[f"flops_share_{kind}"] = float(d[f"{kind}_gflops"] / e["train_gflops"])
+        prefix = "" if kind == "train" else f"{kind}_"
+        result[f"time_share_{kind}"] = float(d[f"{prefix}wall_time_s"] / e["wall_time_s"])
+        result[f"cpu_share_{kind}"] = float(d[f"{prefix}cpu_time_s"] / e["cpu_time_s"])
+    metrics_ok = True
+    for metric, allowed in tolerance.items():
+        delta = float(d[metric] - e[metric])
+        result[f"delta_{metric}"] = delta
+        ok = not math.isnan(delta) and delta >= -allowed  # a missing metric fails
+        result[f"ok_{metric}"] = ok
+        metrics_ok &= ok
+    result["metrics_ok"] = metrics_ok
+    for suffix, kind in (("", "train"), ("_amortised", "amortised"), ("_with_pretraining", "total")):
+        result[f"passed{suffix}"] = bool(metrics_ok and result[f"flops_share_{kind}"] <= max_compute_share
+                                         and result[f"time_share_{kind}"] <= max_compute_share)
+    return result

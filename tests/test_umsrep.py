@@ -1,0 +1,334 @@
+"""UMS-Rep: freezing, transfer, compute accounting, denoising pairs, the strategy table and its check."""
+
+import math
+
+import pytest
+import torch
+
+from mtlearn.data import SyntheticUltrasound
+from mtlearn.losses import build_losses, task_losses
+from mtlearn.mtl import build_model
+from mtlearn.umsrep import (
+    NUM_STAGES,
+    DenoisingPairs,
+    TrainedModel,
+    UMSRepConfig,
+    build_optimizer,
+    encoder_parts,
+    freeze_encoder,
+    joint_vs_single_task,
+    measure_training_step,
+    run_comparison,
+    run_strategy,
+    strategy_config,
+    strategy_table,
+    transfer_encoder,
+    transfer_decoders,
+)
+from mtlearn.utils import count_parameters
+
+SIZE = 32
+TASKS = ("seg", "cls", "recon")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: one thread avoids thread hand-off costs that dominate on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny(tasks=TASKS, seed=0):
+    torch.manual_seed(seed)
+    return build_model("tiny", tasks=tasks, image_size=SIZE)
+
+
+def batch(n=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    clean = torch.rand(n, 1, SIZE, SIZE, generator=g)
+    return {"image": (clean + 0.1 * torch.randn(n, 1, SIZE, SIZE, generator=g)).clamp(0, 1), "clean": clean,
+            "mask": (torch.rand(n, 1, SIZE, SIZE, generator=g) > 0.7).float(),
+            "label": torch.randint(0, 3, (n,), generator=g)}
+
+
+def train_steps(model, optimizer, steps=2, tasks=TASKS):
+    loss_fns = build_losses(tasks)
+    model.train()
+    for step in range(steps):
+        losses = task_losses(model(batch(seed=step)["image"]), batch(seed=step), loss_fns)
+        optimizer.zero_grad()
+        sum(losses.values()).backward()
+        optimizer.step()
+
+
+def encoder_state(model, group_indices):
+    """Copies of every tensor (parameters and BN buffers) of the chosen encoder groups."""
+    groups = encoder_parts(model)
+    return {(i, k): v.detach().clone() for i in group_indices for part in groups[i]
+            for k, v in part.state_dict().items()}
+
+
+# ---------------------------------------------------------------------------------------------- freezing
+
+
+@pytest.mark.parametrize("trainable_stages", [0, 2])
+def test_frozen_parts_do_not_change_but_the_rest_trains(trainable_stages):
+    model = freeze_encoder(tiny(), trainable_stages)
+    frozen_groups = range(NUM_STAGES + 1 - trainable_stages)  # group 0: stem + patch embedding
+    frozen_before = encoder_state(model, frozen_groups)
+    heads_before = {k: v.clone() for k, v in model.heads.state_dict().items()}
+    assert any(k[1].endswith("running_mean") for k in frozen_before)  # BN statistics are part of the check
+    train_steps(model, build_optimizer(model, lr=1e-2))
+    frozen_after = encoder_state(model, frozen_groups)
+    for key, value in frozen_before.items():
+        assert torch.equal(value, frozen_after[key]), f"frozen tensor {key} changed"
+    assert any(not torch.equal(v, model.heads.state_dict()[k]) for k, v in heads_before.items())
+    if trainable_stages:
+        last_before = encoder_state(tiny(), [NUM_STAGES])
+        last_after = encoder_state(model, [NUM_STAGES])
+        assert any(not torch.equal(v, last_after[k]) for k, v in last_before.items()), "unfrozen stage did not train"
+
+
+def test_optimizer_holds_only_trainable_parameters():
+    model = freeze_encoder(tiny(), 1)
+    optimizer = build_optimizer(model)
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    assert held == trainable
+    assert not any(id(p) in held for p in model.encoder.stem.parameters())
+    assert all(p.requires_grad for p in [*model.heads.parameters(), *model.decoders.parameters()])
+
+
+def test_frozen_parts_stay_in_eval_mode_while_training():
+    model = freeze_encoder(tiny(), 2).train()
+    model(batch()["image"])
+    assert not model.encoder.stem.training and not model.encoder.stages[1].training  # frozen
+    assert model.encoder.stages[3].training and model.heads["cls"].training  # trainable
+
+
+def test_refreezing_replaces_the_previous_choice():
+    model = freeze_encoder(freeze_encoder(tiny(), 0), NUM_STAGES).train()
+    assert count_parameters(model, trainable_only=True) == count_parameters(model)
+    model(batch()["image"])
+    assert model.encoder.stem.training
+
+
+def test_trainable_parameters_grow_frozen_partial_full():
+    counts = [count_parameters(freeze_encoder(tiny(), stages), trainable_only=True) for stages in (0, 2, NUM_STAGES)]
+    assert counts[0] < counts[1] < counts[2] == count_parameters(tiny())
+    heads_only = sum(p.numel() for name in ("decoders", "heads") for p in getattr(tiny(), name).parameters())
+    assert counts[0] == heads_only
+
+
+@pytest.mark.parametrize("bad", [-1, NUM_STAGES + 1, 1.5, True, "all"])
+def test_freeze_encoder_rejects_bad_stage_counts(bad):
+    with pytest.raises(ValueError, match="trainable_stages"):
+        freeze_encoder(tiny(), bad)
+
+
+def test_build_optimizer_refuses_a_model_with_nothing_to_train():
+    model = tiny(("cls",))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        build_optimizer(model)
+
+
+# ---------------------------------------------------------------------------------------------- transfer
+
+
+def test_transfer_copies_the_encoder_and_starts_dense_decoders_from_the_denoiser():
+    denoiser, model = tiny(("recon",), seed=1), tiny(TASKS, seed=2)
+    assert transfer_encoder(denoiser, model) == len(denoiser.encoder.state_dict())
+    for key, value in denoiser.encoder.state_dict().items():
+        assert torch.equal(value, model.encoder.state_dict()[key])
+    assert sorted(transfer_decoders(denoiser, model)) == ["decoders.recon", "decoders.seg", "heads.recon"]
+    x = batch()["image"]
+    denoiser.eval(), model.eval()
+    assert torch.allclose(denoiser(x)["recon"], model(x)["recon"])  # the same denoiser inside the multi-task model
+    for key, value in denoiser.decoders["recon"].state_dict().items():
+        assert torch.equal(value, model.decoders["seg"].state_dict()[key])
+    fresh = tiny(TASKS, seed=2)  # the mask and class heads keep their own initial weights
+    for name in ("seg", "cls"):
+        assert all(torch.equal(v, model.heads[name].state_dict()[k]) for k, v in fresh.heads[name].state_dict().items())
+
+
+def test_a_decoder_of_another_layout_is_left_alone():
+    denoiser = tiny(("recon",))
+    with_dfe = build_model("tiny", tasks=("seg", "recon"), image_size=SIZE, dfe="three")
+    assert sorted(transfer_decoders(denoiser, with_dfe)) == ["decoders.recon", "heads.recon"]
+    with pytest.raises(ValueError, match="no 'recon' decoder"):
+        transfer_decoders(tiny(("cls",)), with_dfe)
+
+
+def test_transfer_encoder_refuses_another_architecture():
+    other = build_model("tiny", tasks=("recon",), image_size=SIZE, in_channels=3)
+    with pytest.raises(ValueError, match="in_channels"):
+        transfer_encoder(other, tiny())
+
+
+# ---------------------------------------------------------------------------------------------- compute
+
+
+def test_step_flops_scale_with_images_and_shrink_when_frozen():
+    model, data = tiny(), batch(4)
+    half = {k: v[:2] for k, v in data.items()}
+    full_4, full_2 = measure_training_step(model, data, TASKS), measure_training_step(model, half, TASKS)
+    assert full_4.flops == pytest.approx(2 * full_2.flops, rel=1e-6)  # per image: the same
+    assert full_4.activation_bytes == pytest.approx(2 * full_2.activation_bytes, rel=0.05)
+    frozen = measure_training_step(freeze_encoder(tiny(), 0), data, TASKS)
+    assert frozen.flops < full_4.flops and frozen.activation_bytes < full_4.activation_bytes
+    assert frozen.memory_bytes() < full_4.memory_bytes()
+    # a full training step is forward + backward: between 2x and 3.5x the forward FLOPs
+    from mtlearn.utils import count_flops
+    forward = count_flops(model, data["image"])
+    assert 2 * forward < full_4.flops < 3.5 * forward
+
+
+def test_measuring_does_not_touch_the_model():
+    model = tiny()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    measure_training_step(model, batch(), TASKS)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert all(p.grad is None for p in model.parameters())
+
+
+def record(strategy, tasks, flops_per_image=1e6, images=100, wall=1.0, **metrics):
+    return TrainedModel(strategy, tasks, dict(metrics), trainable_parameters=10, flops_per_image=flops_per_image,
+                        images_seen=images, wall_time_s=wall, cpu_time_s=2 * wall, memory_mb=1.0)
+
+
+def test_training_flops_are_per_image_flops_times_images_seen():
+    assert record("scratch", ("seg",), flops_per_image=3e6, images=250).train_flops == pytest.approx(7.5e8)
+
+
+def test_table_sums_models_and_amortises_the_pretraining():
+    runs = [record("pretrain", ("recon",), images=200, wall=4.0),
+            *(record("full", (t,), wall=2.0, **{"seg/dice": 0.8}) for t in ("seg", "cls", "recon")),
+            record("joint", TASKS, wall=3.0),
+            *(record("scratch", (t,), wall=5.0) for t in ("seg", "cls", "recon"))]
+    table = strategy_table(runs, UMSRepConfig())
+    assert list(table.index) == ["pretrain", "full", "joint", "scratch"]
+    assert table.loc["full", "models"] == 3 and table.loc["full", "wall_time_s"] == 6.0
+    assert table.loc["full", "train_gflops"] == pytest.approx(0.3)  # 3 models x 100 images x 1 MFLOP
+    assert table.loc["joint", "total_gflops"] == pytest.approx(0.1 + 0.2)
+    assert table.loc["joint", "amortised_wall_time_s"] == pytest.approx(3.0 + 4.0 / 2)  # 2 strategies reuse it
+    assert table.loc["scratch", "pretrain_gflops"] == 0 and table.loc["scratch", "total_wall_time_s"] == 15.0
+    assert table.loc["full", "seg/dice"] == 0.8 and math.isnan(table.loc["joint", "seg/dice"])
+
+
+def scores(psnr, dice):
+    return {"recon/psnr": psnr, "recon/ssim": 0.7, "seg/dice": dice, "cls/acc": 0.9, "cls/auc": 0.95}
+
+
+@pytest.mark.parametrize("joint_wall, joint_dice, passed", [
+    (3.0, 0.89, True),     # 20 % of the time, 1 point below: passes
+    (3.0, 0.87, False),    # 3 points below
+    (6.0, 0.91, False),    # 40 % of the time
+])
+def test_joint_vs_single_task_applies_both_conditions(joint_wall, joint_dice, passed):
+    runs = [record("pretrain", ("recon",), images=100, wall=5.0),
+            record("joint", TASKS, images=100, wall=joint_wall, **scores(24.0, joint_dice)),
+            *(record("scratch", (t,), images=200, wall=5.0, **scores(24.2, 0.90)) for t in TASKS)]
+    check = joint_vs_single_task(strategy_table(runs, UMSRepConfig()))
+    assert check["flops_share_train"] == pytest.approx(100 / 600)
+    assert check["time_share_train"] == pytest.approx(joint_wall / 15.0)
+    assert check["cpu_share_train"] == pytest.approx(joint_wall / 15.0)  # CPU time is 2 x wall in every record
+    assert check["flops_share_total"] == pytest.approx(200 / 600)
+    assert check["ok_recon/psnr"] and check["passed"] is passed
+    assert check["passed_with_pretraining"] is (passed and (joint_wall + 5.0) / 15.0 <= 0.35)
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+def test_denoising_pairs_carry_no_labels_and_use_the_clean_target():
+    data = SyntheticUltrasound(4, image_size=SIZE, seed=0)
+    pairs = DenoisingPairs(data, gaussian_std=0.05)
+    item = pairs[1]
+    assert set(item) == {"image", "clean", "id"}
+    assert torch.equal(item["clean"], data[1]["clean"])
+    assert 0 <= item["image"].min() and item["image"].max() <= 1
+    assert not torch.equal(item["image"], data[1]["image"])  # Gaussian noise added to the speckled image
+
+
+def test_real_images_become_their_own_target_with_added_noise():
+    real = [{"image": torch.full((1, SIZE, SIZE), 0.5), "mask": torch.zeros(1, SIZE, SIZE), "label": 1, "id": "a"}]
+    pairs = DenoisingPairs(real, gaussian_std=0.02, speckle_looks=4.0, labels=True, fixed_noise=True, seed=3)
+    item = pairs[0]
+    assert torch.equal(item["clean"], real[0]["image"]) and item["label"] == 1 and "mask" in item
+    assert 0.05 < (item["image"] - item["clean"]).std() < 0.5  # speckle std 0.5 / sqrt(4) at grey 0.5: 0.25
+    assert torch.equal(pairs[0]["image"], item["image"])  # fixed noise: the same each time
+
+
+@pytest.mark.parametrize("kwargs", [dict(gaussian_std=-0.1), dict(speckle_looks=0)])
+def test_denoising_pairs_reject_bad_noise(kwargs):
+    with pytest.raises(ValueError):
+        DenoisingPairs([], **kwargs)
+
+
+def test_a_few_denoising_steps_lower_the_reconstruction_error():
+    pairs = DenoisingPairs(SyntheticUltrasound(8, image_size=SIZE, seed=0), gaussian_std=0.02, fixed_noise=True)
+    data = {k: torch.stack([pairs[i][k] for i in range(len(pairs))]) for k in ("image", "clean")}
+    model = tiny(("recon",))
+    optimizer = build_optimizer(model, lr=3e-3)
+
+    def error():
+        model.eval()
+        with torch.no_grad():
+            return (model(data["image"])["recon"] - data["clean"]).abs().mean().item()
+
+    before = error()
+    model.train()
+    for _ in range(15):
+        loss = (model(data["image"])["recon"] - data["clean"]).abs().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert error() < 0.7 * before
+
+
+# ---------------------------------------------------------------------------------------------- configuration
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(strategies=("frozen", "best")), "unknown strategies"),
+    (dict(image_size=40), "image_size"),
+    (dict(joint_epochs=0), "joint_epochs"),
+    (dict(partial_stages=5), "partial_stages"),
+    (dict(num_train=1), "num_train"),
+])
+def test_config_rejects_bad_values(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        UMSRepConfig(**kwargs)
+
+
+def test_strategy_config_names_profiles_and_options():
+    assert strategy_config("smoke").image_size == 32 and strategy_config("course", seed=3).seed == 3
+    with pytest.raises(ValueError, match="unknown profile"):
+        strategy_config("huge")
+    with pytest.raises(ValueError, match="unknown option"):
+        strategy_config("smoke", epochs=3)
+
+
+def test_a_pretrained_strategy_needs_the_representation():
+    with pytest.raises(ValueError, match="representation"):
+        run_strategy("joint", strategy_config("smoke"), data=None)
+
+
+def test_comparison_end_to_end_on_a_handful_of_images():
+    config = strategy_config("smoke", num_unlabeled=4, num_train=4, num_test=4, batch_size=4,
+                             strategies=("frozen", "joint", "scratch"), progress=False, device="cpu")
+    result = run_comparison(config)
+    table = result.table
+    assert list(table.index) == ["pretrain", "frozen", "joint", "scratch"]
+    assert list(table["models"]) == [1, 3, 1, 3]
+    assert table.loc["frozen", "trainable_params"] < table.loc["scratch", "trainable_params"]
+    assert table.loc["frozen", "train_gflops"] < table.loc["scratch", "train_gflops"]
+    assert table.loc["joint", "images_seen"] == 4 and table.loc["scratch", "images_seen"] == 12
+    for metric in ("recon/psnr", "seg/dice", "cls/acc"):
+        assert not table.loc[["joint", "scratch", "frozen"], metric].isna().any()
+    assert table.loc["scratch", "pretrain_gflops"] == 0 < table.loc["joint", "pretrain_gflops"]
+    assert all(r.history for r in result.runs)
