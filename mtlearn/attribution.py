@@ -1,0 +1,865 @@
+"""Attribution maps for every head of a multi-task model, with Captum, and the checks that keep them honest.
+
+Captum explains one number per sample. A multi-task model returns a dict of whole tensors, so each
+head is first wrapped into a scalar-per-sample function (parts first in this file):
+
+    head     wrapper              the number explained, per sample
+    "cls"    ClassLogit           the logit of a target class (default: the predicted one)
+    "seg"    LesionScore          lesion log-odds summed over a region (default: the predicted lesion)
+    "recon"  ReconstructionError  mean squared denoising error over a region (default: the whole image)
+
+then handed to one of five methods (`Explainer.attribute`, or the one-call `attribute`):
+
+    "ig"          Integrated Gradients (Sundararajan et al. 2017) from a flat grey image, signed
+    "saliency"    |gradient| (Simonyan et al. 2014), unsigned
+    "smoothgrad"  NoiseTunnel over Saliency (Smilkov et al. 2017): |gradient| averaged over noisy copies
+    "gradcam"     LayerGradCam (Selvaraju et al. 2017) on the last encoder stage, upsampled to the input
+    "occlusion"   Occlusion (Zeiler & Fergus 2014): score drop when a square patch is greyed out, signed
+
+Every map comes back as (B, 1, H, W): input channels are summed. Two quantitative checks ask
+whether a map looks where it should (`mask_share`, `pointing_game`), and the parameter-
+randomisation test of Adebayo et al. (2018) asks whether it depends on the model at all
+(`cascading_randomisation`). `AttributionExplorer` is the interactive viewer.
+
+Captum's hooks break on in-place activations (nn.ReLU(inplace=True) overwrites the very tensor a
+hook has saved), so every explainer works on a copy made by `without_inplace`.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import ipywidgets as widgets
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from mtlearn.plots import _image
+
+HEADS = ("cls", "seg", "recon")
+METHODS = ("ig", "saliency", "smoothgrad", "gradcam", "occlusion")
+SIGNED_METHODS = ("ig", "occlusion")  # the others return non-negative maps
+MASS_MODES = ("positive", "absolute")
+
+
+# ----------------------------------------------------------------------------------------------
+# in-place activations
+
+
+def without_inplace(model: nn.Module) -> nn.Module:
+    """A deep copy of `model` with every `inplace=True` switched off (ReLU, LeakyReLU, Dropout ...).
+
+    Why: an in-place activation overwrites its input, which is often the output another module
+    produced and a Captum hook captured; gradients or layer attributions are then computed from the
+    overwritten tensor (or autograd raises "modified by an inplace operation"). In-place calls
+    written inside a forward (F.relu(x, inplace=True), x += y) cannot be switched off from outside.
+    The original model is left untouched.
+    """
+    model = copy.deepcopy(model)
+    for module in model.modules():
+        if getattr(module, "inplace", False) is True:
+            module.inplace = False
+    return model
+
+
+def count_inplace(model: nn.Module) -> int:
+    """How many modules of `model` have `inplace=True`."""
+    return sum(getattr(m, "inplace", False) is True for m in model.modules())
+
+
+# ----------------------------------------------------------------------------------------------
+# heads as scalar-per-sample functions
+
+
+def _head_output(outputs, key: str) -> Tensor:
+    """Pick `key` from a dict of outputs; a model that returns one tensor is its own head."""
+    if isinstance(outputs, Tensor):
+        return outputs
+    if key not in outputs:
+        raise ValueError(f"the model returns no {key!r} output (it returns {sorted(outputs)}); "
+                         "pass keys={head: name} to say which output belongs to the head")
+    return outputs[key]
+
+
+class ClassLogit(nn.Module):
+    """The logit of one class per sample: the classification head as Captum's forward function.
+
+    Logits rather than probabilities: a softmax saturates, and a saturated output has near-zero
+    gradients everywhere, which makes gradient maps look empty (Simonyan et al. 2014 explain the
+    unnormalised class score for the same reason).
+
+    images: (B, C, H, W), target: (B,) class indices -> (B,)
+    """
+
+    def __init__(self, model: nn.Module, key: str = "cls"):
+        super().__init__()
+        self.model = model
+        self.key = key
+
+    def forward(self, images: Tensor, target: Tensor) -> Tensor:
+        logits = _head_output(self.model(images), self.key)  # (B, num_classes)
+        return logits.gather(1, target.view(-1, 1)).squeeze(1)
+
+
+class LesionScore(nn.Module):
+    """Lesion evidence summed over a region, one number per sample: the segmentation head for Captum.
+
+    Captum needs a scalar per sample, a segmentation head gives one logit map per class. We sum the
+    lesion log-odds, logit_lesion - logsumexp(other logits) = log p / (1 - p), over the region
+    (usually the predicted lesion, fixed from the unperturbed image). Log-odds rather than the raw
+    lesion logit because a softmax ignores a shift shared by all classes: only the difference
+    decides the predicted mask. With a single output channel (sigmoid) the logit is the log-odds.
+
+    images: (B, C, H, W), region: (B, 1, H, W) 0/1 -> (B,)
+    """
+
+    def __init__(self, model: nn.Module, key: str = "seg", lesion_class: int = 1):
+        super().__init__()
+        self.model = model
+        self.key = key
+        self.lesion_class = lesion_class
+
+    def forward(self, images: Tensor, region: Tensor) -> Tensor:
+        logits = _head_output(self.model(images), self.key)  # (B, seg_classes, H, W)
+        if logits.shape[1] == 1:
+            log_odds = logits[:, 0]
+        else:
+            others = torch.cat([logits[:, :self.lesion_class], logits[:, self.lesion_class + 1:]], dim=1)
+            log_odds = logits[:, self.lesion_class] - others.logsumexp(dim=1)  # (B, H, W)
+        return (log_odds * region[:, 0]).flatten(1).sum(1)
+
+
+class ReconstructionError(nn.Module):
+    """Mean squared denoising error over a region, one number per sample: the recon head for Captum.
+
+    The map then answers "which input pixels make the reconstruction wrong here?". `reference` is
+    the clean target when there is one (synthetic data), otherwise the noisy input itself (the map
+    then shows what drives the change the denoiser makes).
+
+    images: (B, C, H, W), region: (B, 1, H, W) 0/1, reference: (B, C, H, W) -> (B,)
+    """
+
+    def __init__(self, model: nn.Module, key: str = "recon"):
+        super().__init__()
+        self.model = model
+        self.key = key
+
+    def forward(self, images: Tensor, region: Tensor, reference: Tensor) -> Tensor:
+        recon = _head_output(self.model(images), self.key)  # (B, C, H, W)
+        squared = ((recon - reference) ** 2).mean(dim=1)  # (B, H, W)
+        area = region[:, 0].flatten(1).sum(1).clamp_min(1.0)
+        return (squared * region[:, 0]).flatten(1).sum(1) / area
+
+
+WRAPPERS = {"cls": ClassLogit, "seg": LesionScore, "recon": ReconstructionError}
+
+
+# ----------------------------------------------------------------------------------------------
+# the explainer: one prepared copy of the model, every head, every method
+
+
+def default_layer(model: nn.Module) -> str:
+    """Name of the layer Grad-CAM reads by default: the last (deepest) encoder stage.
+
+    Why there: Selvaraju et al. (2017) take the last convolutional features, the most semantic ones
+    that still have a spatial layout. In the multi-task UNet the last encoder stage is also the one
+    representation every head depends on (the classifier pools it, the decoder starts from it), so
+    maps for different heads are comparable. It is coarse (H/16), hence the upsampling.
+    """
+    encoder = getattr(model, "encoder", None)
+    stages = getattr(encoder, "stages", None)
+    if isinstance(stages, (nn.ModuleList, nn.Sequential)) and len(stages) > 0:
+        return f"encoder.stages.{len(stages) - 1}"
+    raise ValueError(f"{type(model).__name__} has no encoder.stages to take the Grad-CAM layer from; "
+                     "pass layer='<module name>' (see model.named_modules()), a module whose output is (B, C, h, w)")
+
+
+class Explainer:
+    """Attribution maps for each head of `model`, computed on a private copy of it.
+
+    The copy has in-place activations switched off (`without_inplace`), is in eval mode (BatchNorm
+    statistics fixed, dropout off: the map must explain the deterministic model) and does not track
+    gradients for its parameters (Captum only needs input gradients; this saves memory and time).
+
+    layer: Grad-CAM layer, a module name or a module of `model` (None: `default_layer`).
+    keys: which model output each head reads, e.g. {"cls": "logits_a"} for a DisentangleNet.
+
+    explainer = Explainer(model); maps = explainer.attribute(images, head="seg", method="ig")
+    """
+
+    def __init__(self, model: nn.Module, layer: str | nn.Module | None = None, keys: Mapping[str, str] | None = None):
+        if isinstance(layer, nn.Module):
+            names = {module: name for name, module in model.named_modules()}
+            if layer not in names:
+                raise ValueError("layer must be a module of `model` (or its name); the module given is not part of it")
+            layer = names[layer]
+        self.model = without_inplace(model).eval().requires_grad_(False)
+        self.layer_name = layer
+        self.keys = {head: head for head in HEADS} | dict(keys or {})
+        self.device = next(self.model.parameters()).device
+
+    def head(self, head: str) -> nn.Module:
+        """The scalar-per-sample wrapper of `head` around the prepared copy."""
+        if head not in WRAPPERS:
+            raise ValueError(f"unknown head {head!r}; expected one of {HEADS}")
+        return WRAPPERS[head](self.model, self.keys[head])
+
+    @property
+    def layer(self) -> nn.Module:
+        name = self.layer_name if self.layer_name is not None else default_layer(self.model)
+        try:
+            return self.model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"the model has no module named {name!r}; pick one from model.named_modules()") from None
+
+    @torch.no_grad()
+    def forward_args(self, images: Tensor, head: str, target=None, reference: Tensor | None = None) -> tuple:
+        """What the head's wrapper takes after the images, with defaults filled in from the model.
+
+        cls:   target None -> the predicted class; an int -> that class for every sample; (B,) ints.
+        seg:   target None -> the predicted lesion mask; else a (B, 1, H, W) region.
+        recon: target None -> the whole image; else a (B, 1, H, W) region. reference None -> images.
+        Everything is fixed here, from the unperturbed images, so that every perturbed copy Captum
+        evaluates is scored against the same target.
+        """
+        images = self._check_images(images)
+        B, _, H, W = images.shape
+        if head == "cls":
+            if target is None:
+                target = self.head_output(images, "cls").argmax(1)
+            target = torch.as_tensor(target, device=self.device).long().flatten()
+            if target.numel() == 1:
+                target = target.expand(B)
+            if target.shape != (B,):
+                raise ValueError(f"cls target must be an int or {B} class indices, got shape {tuple(target.shape)}")
+            return (target,)
+        if head not in ("seg", "recon"):
+            raise ValueError(f"unknown head {head!r}; expected one of {HEADS}")
+        if target is None and head == "seg":
+            logits = self.head_output(images, "seg")
+            lesion = logits[:, :1] > 0 if logits.shape[1] == 1 else logits.argmax(1, keepdim=True) == 1
+            target = lesion.float()  # (B, 1, H, W) predicted lesion
+        elif target is None:
+            target = torch.ones(B, 1, H, W, device=self.device)
+        region = torch.as_tensor(target, device=self.device).float()
+        if region.dim() == 3:
+            region = region.unsqueeze(1)  # (B, 1, H, W)
+        if region.shape != (B, 1, H, W):
+            raise ValueError(f"{head} target must be a region of shape {(B, 1, H, W)}, got {tuple(region.shape)}")
+        if head == "seg":
+            return (region,)
+        reference = images if reference is None else reference.to(self.device).float()
+        if reference.shape != images.shape:
+            raise ValueError(f"reference must have the images' shape {tuple(images.shape)}, "
+                             f"got {tuple(reference.shape)}")
+        return (region, reference)
+
+    @torch.no_grad()
+    def head_output(self, images: Tensor, head: str) -> Tensor:
+        """The raw output of `head` for `images` (no gradients)."""
+        return _head_output(self.model(self._check_images(images)), self.keys[head])
+
+    def attribute(self, images: Tensor, head: str = "cls", target=None, method: str = "ig", *,
+                  reference: Tensor | None = None, **method_kw) -> Tensor:
+        """Attribution map of `head` for each image by `method`.
+
+        images: (B, C, H, W) -> (B, 1, H, W), input channels summed, on the images' device.
+        target: see `forward_args` (a class for "cls", a region for "seg" and "recon").
+        method_kw: the method's own settings, e.g. n_steps=16 for "ig", window=8 for "occlusion"
+        (see `_ig`, `_smoothgrad`, `_gradcam`, `_occlusion`).
+        """
+        if method not in METHODS:
+            raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+        run = getattr(self, f"_{method}")
+        allowed = [p for p in inspect.signature(run).parameters if p not in ("forward", "images", "args")]
+        unknown = sorted(set(method_kw) - set(allowed))
+        if unknown:
+            raise ValueError(f"{method!r} takes no option(s) {unknown}; its options are {allowed}")
+        checked = self._check_images(images)
+        device = images.device  # the maps go back where the images came from
+        images = checked
+        args = self.forward_args(images, head, target, reference)
+        images = images.detach().clone().requires_grad_(True)  # Captum differentiates w.r.t. this copy
+        maps = run(self.head(head), images, args, **method_kw)
+        return maps.sum(dim=1, keepdim=True).detach().to(device)  # (B, 1, H, W)
+
+    def _check_images(self, images: Tensor) -> Tensor:
+        if not isinstance(images, Tensor) or images.dim() != 4:
+            shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
+            raise ValueError(f"images must be a (B, C, H, W) tensor, got {shape}; add a batch axis with images[None]")
+        return images.to(self.device).float()
+
+    # the methods: each returns (B, C, H, W) or (B, 1, H, W) attributions
+
+    def _ig(self, forward, images, args, n_steps: int = 32, internal_batch_size: int = 64,
+            baseline: str | float = "mean"):
+        """Integrated Gradients along the straight path from a `baseline` image to the image.
+
+        baseline "mean" (a flat image of the image's mean grey level), "black", or a grey value.
+        Why not black by default: the ResFormer's patch embedding ends in LayerNorm, which ignores the
+        scale of its input, so the score barely changes along the path and then jumps in the last
+        sliver near the black image; the integral misses the jump and the maps stop adding up to
+        score(image) - score(baseline) (IG's completeness). A flat grey image has no such singularity.
+        internal_batch_size bounds how many interpolated images go through the model at once: the
+        n_steps * B images of the path integral do not need to fit in GPU memory together.
+        """
+        from captum.attr import IntegratedGradients
+
+        return IntegratedGradients(forward).attribute(
+            images, baselines=_baseline(images, baseline), additional_forward_args=args, n_steps=n_steps,
+            internal_batch_size=internal_batch_size)
+
+    def _saliency(self, forward, images, args):
+        """Absolute input gradient."""
+        from captum.attr import Saliency
+
+        return Saliency(forward).attribute(images, additional_forward_args=args, abs=True)
+
+    def _smoothgrad(self, forward, images, args, nt_samples: int = 8, stdev: float = 0.15,
+                    nt_samples_batch_size: int = 8):
+        """SmoothGrad: NoiseTunnel averages |gradient| over `nt_samples` noisy copies.
+
+        stdev is a fraction of the images' value range (Smilkov et al. suggest 10-20 %).
+        """
+        from captum.attr import NoiseTunnel, Saliency
+
+        sigma = float(stdev * (images.max() - images.min()).clamp_min(1e-6).detach())
+        return NoiseTunnel(Saliency(forward)).attribute(
+            images, nt_type="smoothgrad", nt_samples=nt_samples, nt_samples_batch_size=nt_samples_batch_size,
+            stdevs=sigma, additional_forward_args=args, abs=True)
+
+    def _gradcam(self, forward, images, args, interpolate_mode: str = "bilinear"):
+        """Grad-CAM on `self.layer`, ReLU applied (positive evidence only), upsampled to the input."""
+        from captum.attr import LayerAttribution, LayerGradCam
+
+        cam = LayerGradCam(forward, self.layer).attribute(images, additional_forward_args=args, relu_attributions=True)
+        if isinstance(cam, tuple):  # a layer with several outputs: explain the first
+            cam = cam[0]
+        if cam.dim() != 4:
+            name = self.layer_name or default_layer(self.model)
+            raise ValueError(f"Grad-CAM needs a layer with (B, C, h, w) output; {name!r} gives {cam.dim()} "
+                             "dimensions. Pass layer= a convolutional stage")
+        return LayerAttribution.interpolate(cam, images.shape[-2:], interpolate_mode)
+
+    def _occlusion(self, forward, images, args, window: int | None = None, stride: int | None = None,
+                   baseline: str | float = "mean", perturbations_per_eval: int = 16):
+        """Occlusion with square `window` patches (None: 1/8 of the image side) every `stride` pixels.
+
+        The patch is filled with `baseline` (as for "ig": "mean", "black" or a grey value).
+        Each pixel gets the mean score drop over the patches that covered it. Cost: (H / stride)^2
+        forward passes per image, `perturbations_per_eval` of them batched together; the default
+        stride = window (patches side by side, 64 passes at any image size) keeps it affordable,
+        a stride of window / 2 gives smoother maps for four times the cost.
+        """
+        from captum.attr import Occlusion
+
+        C, H, W = images.shape[1:]
+        window = window or max(2, min(H, W) // 8)
+        stride = stride or window
+        return Occlusion(forward).attribute(
+            images, sliding_window_shapes=(C, window, window), strides=(C, stride, stride),
+            baselines=_baseline(images, baseline), additional_forward_args=args,
+            perturbations_per_eval=perturbations_per_eval)
+
+
+def _baseline(images: Tensor, baseline: str | float) -> Tensor | float:
+    """The reference image of IG and Occlusion: "mean" -> (B, C, H, W) flat images, "black" -> 0."""
+    if baseline == "mean":
+        return images.detach().mean(dim=(1, 2, 3), keepdim=True).expand_as(images).contiguous()
+    if baseline == "black":
+        return 0.0
+    if isinstance(baseline, (int, float)) and not isinstance(baseline, bool):
+        return float(baseline)
+    raise ValueError(f"baseline must be 'mean', 'black' or a grey value, got {baseline!r}")
+
+
+def attribute(model: nn.Module, images: Tensor, head: str = "cls", target=None, method: str = "ig", *,
+              layer: str | nn.Module | None = None, keys: Mapping[str, str] | None = None,
+              reference: Tensor | None = None, **method_kw) -> Tensor:
+    """One call: (B, C, H, W) images -> (B, 1, H, W) attribution maps of `head` by `method`.
+
+    Builds an `Explainer` (a prepared copy of the model) each time; keep an Explainer when you
+    explain many batches. See `Explainer.forward_args` for what `target` means per head.
+    """
+    return Explainer(model, layer=layer, keys=keys).attribute(
+        images, head, target, method, reference=reference, **method_kw)
+
+
+# ----------------------------------------------------------------------------------------------
+# quantitative checks: does the map look where it should?
+
+
+def _mass(maps: Tensor, mode: str) -> Tensor:
+    if mode not in MASS_MODES:
+        raise ValueError(f"unknown mode {mode!r}; expected one of {MASS_MODES}")
+    return maps.clamp_min(0) if mode == "positive" else maps.abs()
+
+
+def _check_pair(maps: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    if maps.dim() != 4 or maps.shape[1] != 1:
+        raise ValueError(f"maps must be (B, 1, H, W), got {tuple(maps.shape)}")
+    mask = mask.to(maps.device).float()
+    if mask.shape != maps.shape:
+        raise ValueError(f"mask must have the maps' shape {tuple(maps.shape)}, got {tuple(mask.shape)}")
+    return maps.float(), mask
+
+
+def mask_share(maps: Tensor, mask: Tensor, mode: str = "positive") -> Tensor:
+    """Share of the attribution mass that lies inside `mask`, per sample.
+
+    maps, mask: (B, 1, H, W) -> (B,) in [0, 1]; NaN where the mask is empty or the map has no mass.
+    mode "positive" counts only evidence *for* the target (negative attributions argue against it,
+    and letting them cancel positive ones would hide where the model looks); "absolute" counts both.
+    A map that ignores the image scores the mask's area fraction: compare with that, not with 0.
+    """
+    maps, mask = _check_pair(maps, mask)
+    mass = _mass(maps, mode).flatten(1)  # (B, H*W)
+    inside = (mass * mask.flatten(1)).sum(1)
+    total = mass.sum(1)
+    share = inside / total.clamp_min(1e-12)
+    undefined = (mask.flatten(1).sum(1) == 0) | (total <= 0)
+    return share.masked_fill(undefined, float("nan"))
+
+
+def pointing_game(maps: Tensor, mask: Tensor, tolerance: int = 1, mode: str = "positive") -> Tensor:
+    """Pointing game (Zhang et al. 2016): is the map's maximum inside the mask? Per sample.
+
+    maps, mask: (B, 1, H, W) -> (B,) 1.0 hit / 0.0 miss; NaN where the mask is empty.
+    The mask is first grown by `tolerance` pixels (Zhang et al. allow 15 px at 224 px), so a peak on
+    the lesion's edge still counts. Occlusion and upsampled Grad-CAM maps can have a plateau of
+    equal maxima: it counts as a hit when at least half of it lies in the grown mask (for a single
+    maximum that is Zhang et al.'s rule). A map with no positive mass points nowhere: a miss.
+    """
+    if tolerance < 0:
+        raise ValueError(f"tolerance must be >= 0 pixels, got {tolerance!r}")
+    maps, mask = _check_pair(maps, mask)
+    grown = nn.functional.max_pool2d(mask, 2 * tolerance + 1, stride=1, padding=tolerance) if tolerance else mask
+    mass = _mass(maps, mode).flatten(1)  # (B, H*W)
+    peak = mass.amax(1, keepdim=True)  # (B, 1)
+    top = mass >= peak * (1 - 1e-6)  # (B, H*W) the maximal pixels
+    inside = (top & (grown.flatten(1) > 0)).sum(1) / top.sum(1)
+    hit = (inside >= 0.5) & (peak[:, 0] > 0)
+    return hit.float().masked_fill(mask.flatten(1).sum(1) == 0, float("nan"))
+
+
+def localisation_scores(explainer: Explainer, images: Tensor, mask: Tensor, head: str = "cls", target=None,
+                        methods: Sequence[str] = METHODS, *, tolerance: int = 1, mode: str = "positive",
+                        method_kw: Mapping[str, Mapping] | None = None, batch_size: int = 16,
+                        progress: bool = False) -> dict[str, dict[str, float]]:
+    """In-mask share and pointing game of each method, averaged over the samples with a non-empty mask.
+
+    images: (B, C, H, W), mask: (B, 1, H, W), the region the map should point at (lesion, artifact).
+    Images are explained `batch_size` at a time (SmoothGrad and Occlusion multiply the batch that
+    goes through the model by their samples or patches per pass: keep it small on a GPU).
+    Returns {method: {"mask_share": ..., "pointing_game": ..., "chance": mean mask area fraction}}.
+    """
+    method_kw = method_kw or {}
+    mask = mask.float()
+    keep = mask.flatten(1).sum(1) > 0
+    if not keep.any():
+        raise ValueError("every mask is empty; pass images whose region (e.g. lesion) is present")
+    images, mask = images[keep], mask[keep]
+    if isinstance(target, Tensor) and target.dim() >= 1 and target.shape[0] == keep.shape[0]:
+        target = target[keep.to(target.device)]
+    chance = float(mask.flatten(1).mean(1).mean())
+    scores = {}
+    for method in tqdm(methods, desc="attribution", disable=not progress, leave=False):
+        maps = torch.cat([
+            explainer.attribute(images[i:i + batch_size], head, _rows(target, i, batch_size), method,
+                                **method_kw.get(method, {})).cpu()
+            for i in range(0, len(images), batch_size)])
+        scores[method] = {
+            "mask_share": _nanmean(mask_share(maps, mask.cpu(), mode)),
+            "pointing_game": _nanmean(pointing_game(maps, mask.cpu(), tolerance, mode)),
+            "chance": chance,
+        }
+    return scores
+
+
+def _rows(target, start: int, size: int):
+    """Rows start:start+size of a per-sample target; an int or None applies to every sample."""
+    return target[start:start + size] if isinstance(target, Tensor) and target.dim() >= 1 else target
+
+
+def _nanmean(values: Tensor) -> float:
+    """Mean over the defined (non-NaN) values; NaN when none is defined."""
+    defined = values[~values.isnan()]
+    return float(defined.mean()) if defined.numel() else float("nan")
+
+
+# ----------------------------------------------------------------------------------------------
+# sanity check: cascading parameter randomisation (Adebayo et al. 2018)
+
+
+def spearman(a: Tensor, b: Tensor, absolute: bool = True) -> Tensor:
+    """Spearman rank correlation between two batches of maps, per sample.
+
+    a, b: (B, ...) -> (B,). Ties get their average rank. absolute: compare |a| with |b| (Adebayo et
+    al. report both; the absolute version ignores sign flips, which gradients of a re-initialised
+    layer make at random). A constant map has no ranking to share: correlation 0 if only one map is
+    constant, NaN if the first is (nothing to compare against).
+    """
+    from scipy.stats import rankdata
+
+    a = a.detach().flatten(1).double().cpu()
+    b = b.detach().flatten(1).double().cpu()
+    if absolute:
+        a, b = a.abs(), b.abs()
+    ra = torch.from_numpy(rankdata(a.numpy(), axis=1))
+    rb = torch.from_numpy(rankdata(b.numpy(), axis=1))
+    ra, rb = ra - ra.mean(1, keepdim=True), rb - rb.mean(1, keepdim=True)
+    norm = ra.norm(dim=1) * rb.norm(dim=1)
+    rho = (ra * rb).sum(1) / norm.clamp_min(1e-12)
+    rho = rho.masked_fill(rb.norm(dim=1) == 0, 0.0)
+    return rho.masked_fill(ra.norm(dim=1) == 0, float("nan")).float()
+
+
+def randomisation_groups(explainer: Explainer, images: Tensor, head: str = "cls", target=None,
+                         depth: int = 2) -> list[str]:
+    """The model's blocks that `head` depends on, ordered from the output back to the input.
+
+    A block is a module `depth` levels down the module tree (containers such as nn.ModuleList
+    do not count as a level), or a shallower leaf with parameters. Only blocks whose parameters
+    receive a gradient from the head's score are kept (randomising the segmentation decoder cannot
+    change a classification map), and the order is the reverse of the order the forward pass first
+    uses them in: "from the top", heads first, as in Adebayo et al. (2018).
+    """
+    if depth < 1:
+        raise ValueError(f"depth must be >= 1, got {depth!r}")
+    model = explainer.model
+    groups = _blocks(model, depth)
+    first_use: dict[str, int] = {}
+
+    def record(name: str):
+        def hook(_module, _inputs, _output) -> None:  # returns None: the output is left as it is
+            first_use.setdefault(name, len(first_use))
+        return hook
+
+    hooks = [model.get_submodule(name).register_forward_hook(record(name)) for name in groups]
+    params = {name: [p for p in model.get_submodule(name).parameters()] for name in groups}
+    flat = [p for name in groups for p in params[name]]
+    try:
+        for p in flat:
+            p.requires_grad_(True)
+        images = explainer._check_images(images)
+        args = explainer.forward_args(images, head, target)
+        with torch.enable_grad():
+            score = explainer.head(head)(images, *args).sum()
+            grads = torch.autograd.grad(score, flat, allow_unused=True)
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for p in flat:
+            p.requires_grad_(False)
+    reached = {id(p) for p, g in zip(flat, grads) if g is not None}
+    used = [name for name in groups if name in first_use and any(id(p) in reached for p in params[name])]
+    return sorted(used, key=lambda name: -first_use[name])
+
+
+def _blocks(model: nn.Module, depth: int) -> list[str]:
+    """Names of the modules `depth` levels down (containers not counted) that hold parameters."""
+    containers = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+    found = []
+
+    def visit(module: nn.Module, prefix: str, level: int) -> None:
+        for name, child in module.named_children():
+            full = f"{prefix}{name}"
+            if not any(True for _ in child.parameters()):
+                continue
+            child_level = level if isinstance(child, containers) else level + 1
+            has_own = any(True for _ in child.parameters(recurse=False))
+            is_leaf = not any(True for _ in child.children())
+            if not isinstance(child, containers) and (child_level >= depth or is_leaf or has_own):
+                found.append(full)  # a block (own parameters are never split from their module)
+            else:
+                visit(child, f"{full}.", child_level)
+
+    visit(model, "", 0)
+    return found
+
+
+def randomise_(module: nn.Module) -> None:
+    """Re-initialise every parameter of `module` in place, as a freshly built module would be.
+
+    Modules with `reset_parameters` (conv, linear, norms) use it; any other parameter is redrawn
+    from a normal distribution with the original's standard deviation (0.02 if it had none).
+    """
+    covered = set()
+    for sub in module.modules():
+        if callable(getattr(sub, "reset_parameters", None)):
+            sub.reset_parameters()
+            covered.update(id(p) for p in sub.parameters(recurse=False))
+    with torch.no_grad():
+        for p in module.parameters():
+            if id(p) not in covered:
+                std = float(p.std()) if p.numel() > 1 and float(p.std()) > 0 else 0.02
+                p.normal_(0.0, std)
+
+
+@dataclass
+class RandomisationResult:
+    """Maps and rank correlations along the cascade; step 0 is the trained model."""
+
+    steps: list[str] = field(default_factory=list)  # "original", then each randomised block, top first
+    spearman: list[float] = field(default_factory=list)  # mean over samples; 1.0 for "original"
+    maps: list[Tensor] = field(default_factory=list)  # (B, 1, H, W) per step
+
+    def as_dict(self) -> dict[str, float]:
+        return dict(zip(self.steps, self.spearman))
+
+
+def cascading_randomisation(model: nn.Module, images: Tensor, head: str = "cls", target=None, method: str = "gradcam",
+                            *, depth: int = 2, groups: Sequence[str] | None = None, absolute: bool = True,
+                            seed: int = 0, layer: str | nn.Module | None = None, keys: Mapping[str, str] | None = None,
+                            progress: bool = True, **method_kw) -> RandomisationResult:
+    """Adebayo et al. (2018), "Sanity checks for saliency maps": randomise the model block by block.
+
+    Starting from the top (the head), each step re-initialises one more block of a copy of the
+    model (cumulative) and recomputes the maps. A method that explains the *model* must change its
+    maps as the weights are destroyed: the Spearman correlation with the original maps should fall.
+    A method whose maps survive randomisation behaves like an edge detector of the input.
+
+    The target (class or region) is fixed from the trained model, so every step explains the same
+    quantity. groups: the block names to randomise, in order (None: `randomisation_groups`).
+    The caller's random state is left untouched; `seed` fixes the re-initialisation.
+    """
+    explainer = Explainer(model, layer=layer, keys=keys)  # a copy: `model` itself is never changed
+    images = explainer._check_images(images)
+    target = explainer.forward_args(images, head, target)[0]
+    original = explainer.attribute(images, head, target, method, **method_kw).cpu()
+    groups = list(groups) if groups is not None else randomisation_groups(explainer, images, head, target, depth)
+    result = RandomisationResult(["original"], [1.0], [original])
+    cuda = [explainer.device] if explainer.device.type == "cuda" else []  # init draws on the parameters' device
+    with torch.random.fork_rng(devices=cuda):
+        torch.manual_seed(seed)
+        for name in tqdm(groups, desc="randomise", disable=not progress, leave=False):
+            randomise_(explainer.model.get_submodule(name))
+            explainer.model.requires_grad_(False)
+            maps = explainer.attribute(images, head, target, method, **method_kw).cpu()
+            rho = spearman(original, maps, absolute)
+            result.steps.append(name)
+            result.spearman.append(_nanmean(rho))
+            result.maps.append(maps)
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
+# figures
+
+
+def _show_map(ax, image, attribution, method: str, mask=None, alpha: float = 0.6) -> None:
+    """Grey image with the map on top: diverging colours for signed methods, 'inferno' otherwise."""
+    values = _image(attribution)
+    ax.imshow(_image(image), cmap="gray")
+    if method in SIGNED_METHODS:
+        limit = float(np.abs(values).max()) or 1.0
+        ax.imshow(values, cmap="bwr", vmin=-limit, vmax=limit, alpha=alpha)
+    else:
+        ax.imshow(values, cmap="inferno", vmin=0, vmax=float(values.max()) or 1.0, alpha=alpha)
+    if mask is not None and float(mask.max()) > 0:  # an empty mask has no outline to draw
+        ax.contour(_image(mask), levels=[0.5], colors="lime", linewidths=0.8)
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def plot_attributions(images: Tensor, maps: Mapping[str, Tensor], masks: Tensor | None = None,
+                      row_labels: Sequence[str] | None = None, title: str = "", region: str = "lesion"):
+    """Grid: one row per image; columns: image, `region` mask, then one map per method (key of `maps`).
+
+    images: (B, C, H, W), maps: {method: (B, 1, H, W)}, masks: (B, 1, H, W) outlined in green.
+    Red/blue = positive/negative evidence for signed methods (IG, Occlusion); bright = strong otherwise.
+    """
+    B = images.shape[0]
+    columns = 1 + (masks is not None) + len(maps)
+    fig, axes = plt.subplots(B, columns, figsize=(1.9 * columns, 1.9 * B + 0.4), squeeze=False)
+    for row in range(B):
+        axes[row, 0].imshow(_image(images[row]), cmap="gray")
+        col = 1
+        if masks is not None:
+            axes[row, 1].imshow(_image(masks[row]), cmap="gray", vmin=0, vmax=1)
+            col = 2
+        for offset, (method, values) in enumerate(maps.items()):
+            mask = masks[row] if masks is not None else None
+            _show_map(axes[row, col + offset], images[row], values[row], _method_name(method), mask)
+        for ax in axes[row, :col]:
+            ax.set_xticks([])
+            ax.set_yticks([])
+        axes[row, 0].set_ylabel(row_labels[row] if row_labels is not None else f"image {row}", fontsize=8)
+    names = ["image"] + ([f"{region} mask"] if masks is not None else []) + list(maps)
+    for ax, name in zip(axes[0], names):
+        ax.set_title(name, fontsize=9)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def _method_name(key: str) -> str:
+    """'ig' from keys such as 'ig' or 'mtl/ig' (figure columns may be labelled by model and method)."""
+    return key.rsplit("/", 1)[-1]
+
+
+def plot_scores(rows: Sequence[Mapping], group: str = "model", chance: float | None = None, title: str = ""):
+    """Grouped bars: one panel per score ("mask_share", "pointing_game"), methods along x, one colour per group.
+
+    rows: dicts with "method", `group` (e.g. "model"), "mask_share" and "pointing_game", as built
+    from `localisation_scores`. chance: drawn as a dotted line on the share panel (the area fraction).
+    """
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    groups = list(dict.fromkeys(r[group] for r in rows))
+    width = 0.8 / len(groups)
+    fig, axes = plt.subplots(1, 2, figsize=(4.2 + 0.9 * len(methods), 3.4), squeeze=False)
+    for ax, score in zip(axes[0], ("mask_share", "pointing_game")):
+        for g, name in enumerate(groups):
+            values = {r["method"]: r[score] for r in rows if r[group] == name}
+            xs = [m + (g - (len(groups) - 1) / 2) * width for m in range(len(methods))]
+            ax.bar(xs, [values.get(m, float("nan")) for m in methods], width, label=str(name))
+        if chance is not None and score == "mask_share":
+            ax.axhline(chance, color="k", ls=":", lw=1, label="chance (area fraction)")
+        ax.set_xticks(range(len(methods)), methods, rotation=20)
+        ax.set_xlabel("method")
+        ax.set_ylabel(score.replace("_", " "))
+        ax.set_ylim(0, 1.05)
+        ax.set_title(score.replace("_", " "))
+        ax.grid(axis="y", alpha=0.3)
+    axes[0, 0].legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_randomisation(result: RandomisationResult, index: int = 0, method: str = "gradcam",
+                       image: Tensor | None = None, title: str = "Cascading randomisation"):
+    """One row of maps along the cascade for sample `index`, with the mean Spearman correlation above."""
+    n = len(result.steps)
+    columns = min(n, 6)
+    rows = -(-n // columns)  # ceil: wrap long cascades onto several rows
+    fig, axes = plt.subplots(rows, columns, figsize=(1.9 * columns, 2.2 * rows + 0.3), squeeze=False)
+    for ax in axes.flat[n:]:
+        ax.set_axis_off()
+    for ax, step, rho, maps in zip(axes.flat, result.steps, result.spearman, result.maps):
+        if image is not None:
+            _show_map(ax, image, maps[index], method)
+        else:
+            ax.imshow(_image(maps[index]), cmap="inferno")
+            ax.set_xticks([])
+            ax.set_yticks([])
+        ax.set_title(f"{step}\nrho = {rho:.2f}", fontsize=7)
+    axes[0, 0].set_ylabel(method)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+# ----------------------------------------------------------------------------------------------
+# the viewer
+
+
+class AttributionExplorer:
+    """Pick an image, a head, a target and a method; the attribution overlay is redrawn.
+
+    Like mtlearn.widgets.DatasetExplorer it builds without a browser: the figure goes into an
+    Output widget and what was drawn is recorded in `.state` (index, head, target, method,
+    title, the map's in-mask share and whether its peak lies in the lesion).
+
+    explorer = AttributionExplorer(model, test_set); display(explorer.widget)
+    """
+
+    def __init__(self, model: nn.Module, dataset, heads: Sequence[str] | None = None,
+                 methods: Sequence[str] = METHODS, class_names: Sequence[str] | None = None,
+                 layer: str | nn.Module | None = None, keys: Mapping[str, str] | None = None,
+                 method_kw: Mapping[str, Mapping] | None = None):
+        if len(dataset) == 0:
+            raise ValueError("AttributionExplorer needs a non-empty dataset")
+        unknown = [m for m in methods if m not in METHODS]
+        if unknown or not methods:
+            raise ValueError(f"methods must be a non-empty subset of {METHODS}, got {list(methods)}")
+        self.dataset = dataset
+        self.explainer = Explainer(model, layer=layer, keys=keys)
+        self.class_names = class_names or getattr(dataset, "class_names", None)
+        self.method_kw = dict(method_kw or {})
+        with torch.no_grad():  # one forward pass tells which heads the model has, and how many classes
+            outputs = self.explainer.model(dataset[0]["image"][None].to(self.explainer.device).float())
+        if heads is None:
+            heads = [h for h in HEADS if isinstance(outputs, dict) and self.explainer.keys[h] in outputs]
+        if not heads or any(h not in HEADS for h in heads):
+            raise ValueError(f"heads must be a non-empty subset of {HEADS}, got {heads}")
+        self.num_classes = int(_head_output(outputs, self.explainer.keys["cls"]).shape[1]) if "cls" in heads else 0
+        self.index = widgets.IntSlider(0, 0, len(dataset) - 1, description="item", continuous_update=False)
+        self.head = widgets.Dropdown(options=list(heads), description="head")
+        self.target = widgets.Dropdown(options=self._targets(self.head.value), description="target")
+        self.method = widgets.Dropdown(options=list(methods), description="method")
+        self.output = widgets.Output()
+        self.state: dict = {}
+        self._cache: dict = {}
+        self._redraw = True
+        for control in (self.index, self.target, self.method):
+            control.observe(lambda _change: self.draw(), names="value")
+        self.head.observe(self._head_changed, names="value")
+        self.widget = widgets.VBox([widgets.HBox([self.index, self.head]),
+                                    widgets.HBox([self.target, self.method]), self.output])
+        self.draw()
+
+    def _targets(self, head: str) -> list[tuple[str, object]]:
+        """(label, value) choices of the target dropdown for `head`."""
+        if head == "cls":
+            names = self.class_names or [str(k) for k in range(self.num_classes)]
+            return [("predicted class", "predicted")] + [(name, k) for k, name in enumerate(names)]
+        if head == "seg":
+            return [("predicted lesion", "predicted"), ("true lesion", "mask")]
+        return [("whole image", "image"), ("lesion region", "mask")]
+
+    def _head_changed(self, _change) -> None:
+        self._redraw = False  # changing the options resets the target: draw once, below
+        self.target.options = self._targets(self.head.value)
+        self.target.value = self.target.options[0][1]
+        self._redraw = True
+        self.draw()
+
+    def compute(self, index: int, head: str, target, method: str) -> tuple[dict, Tensor]:
+        """The item and its (1, 1, H, W) map, cached per (index, head, target, method)."""
+        item = self.dataset[index]
+        key = (index, head, target, method)
+        if key not in self._cache:
+            image = item["image"][None]
+            value = item["mask"][None] if target == "mask" else None if isinstance(target, str) else target
+            reference = item["clean"][None] if head == "recon" and "clean" in item else None
+            self._cache[key] = self.explainer.attribute(image, head, value, method, reference=reference,
+                                                        **self.method_kw.get(method, {})).cpu()
+        return item, self._cache[key]
+
+    def draw(self) -> None:
+        if not self._redraw:
+            return
+        index, head, target, method = self.index.value, self.head.value, self.target.value, self.method.value
+        item, maps = self.compute(index, head, target, method)
+        label = dict((v, k) for k, v in self._targets(head))[target]
+        title = f"{item.get('id', index)}  {head}: {label}  ({method})"
+        share, hit = float("nan"), float("nan")
+        if "mask" in item and item["mask"].sum() > 0:
+            share = float(mask_share(maps, item["mask"][None])[0])
+            hit = float(pointing_game(maps, item["mask"][None])[0])
+            title += f"\nin-lesion share {share:.2f}, peak in lesion: {'yes' if hit == 1 else 'no'}"
+        self.output.clear_output(wait=True)
+        with self.output:
+            fig, axes = plt.subplots(1, 2, figsize=(6.4, 3.4))
+            axes[0].imshow(_image(item["image"]), cmap="gray")
+            if "mask" in item and item["mask"].sum() > 0:
+                axes[0].contour(_image(item["mask"]), levels=[0.5], colors="lime", linewidths=1)
+            if "artifact_mask" in item and item["artifact_mask"].sum() > 0:
+                axes[0].contour(_image(item["artifact_mask"]), levels=[0.5], colors="orange", linewidths=1)
+            axes[0].set_title("image (lesion green, artifact orange)", fontsize=8)
+            axes[0].set_axis_off()
+            _show_map(axes[1], item["image"], maps[0], method, item.get("mask"))
+            axes[1].set_title(method, fontsize=8)
+            fig.suptitle(title, fontsize=9)
+            fig.tight_layout()
+            plt.show()
+            plt.close(fig)  # shown (inline backend) or not (tests): either way no figure piles up
+        peak = divmod(int(maps[0, 0].argmax()), maps.shape[-1])
+        self.state = {"index": index, "head": head, "target": label, "method": method, "title": title,
+                      "map_shape": tuple(maps.shape), "peak": peak, "mask_share": share, "pointing_game": hit}

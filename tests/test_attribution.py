@@ -1,0 +1,363 @@
+"""Attribution: every head and method gives an input-sized map, the checks score what they should,
+randomising the model changes the maps, and the viewer redraws when a control changes."""
+
+import matplotlib
+
+matplotlib.use("Agg")
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from mtlearn import attribution as A
+from mtlearn.data.synthetic import SyntheticUltrasound
+from mtlearn.mtl import build_model
+
+SIZE = 32
+FAST = {"ig": {"n_steps": 4}, "smoothgrad": {"nt_samples": 2}, "occlusion": {"window": 8, "stride": 8}}
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return build_model("tiny", tasks=("seg", "cls", "recon"), image_size=SIZE).eval()
+
+
+@pytest.fixture(scope="module")
+def explainer(model):
+    return A.Explainer(model)
+
+
+@pytest.fixture(scope="module")
+def data():
+    # items: benign, malignant, normal, malignant; every one with an artifact
+    return SyntheticUltrasound(num_samples=4, image_size=SIZE, seed=0, artifact_rate=1.0)
+
+
+@pytest.fixture(scope="module")
+def images(data):
+    return torch.stack([data[i]["image"] for i in range(2)])  # (2, 1, 32, 32)
+
+
+# ------------------------------------------------------------------------------------------ shapes
+
+
+@pytest.mark.parametrize("head", A.HEADS)
+@pytest.mark.parametrize("method", A.METHODS)
+def test_every_head_and_method_gives_an_input_sized_map(explainer, images, head, method):
+    maps = explainer.attribute(images, head, method=method, **FAST.get(method, {}))
+    assert maps.shape == (2, 1, SIZE, SIZE)
+    assert torch.isfinite(maps).all()
+    assert maps.abs().sum() > 0
+    if method not in A.SIGNED_METHODS:
+        assert (maps >= 0).all()
+
+
+def test_attribute_function_matches_the_explainer(model, explainer, images):
+    once = A.attribute(model, images, head="cls", target=1, method="ig", n_steps=8)
+    assert torch.allclose(once, explainer.attribute(images, "cls", 1, "ig", n_steps=8))
+
+
+def test_attribution_does_not_change_the_model(model, images):
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    A.attribute(model, images, head="seg", method="saliency")
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p.requires_grad for p in model.parameters())
+
+
+# ------------------------------------------------------------------------------------------ wrappers
+
+
+def test_class_logit_is_one_scalar_per_sample(model, images):
+    target = torch.tensor([2, 0])
+    scores = A.ClassLogit(model)(images, target)
+    logits = model(images)["cls"]
+    assert scores.shape == (2,)
+    assert torch.allclose(scores, logits[torch.arange(2), target])
+
+
+def test_lesion_score_sums_log_odds_over_the_region(model, images):
+    region = torch.zeros(2, 1, SIZE, SIZE)
+    region[0, :, 4:10, 4:10] = 1
+    region[1, :, 20:, :] = 1
+    scores = A.LesionScore(model)(images, region)
+    logits = model(images)["seg"]
+    log_odds = logits[:, 1] - logits[:, 0]  # two classes: logsumexp of the others is the background logit
+    assert scores.shape == (2,)
+    assert torch.allclose(scores, (log_odds * region[:, 0]).sum((1, 2)), rtol=1e-4, atol=1e-4)
+
+
+def test_reconstruction_error_is_the_mean_over_the_region(model, images):
+    region = torch.zeros(2, 1, SIZE, SIZE)
+    region[:, :, :8] = 1
+    reference = torch.rand_like(images)
+    errors = A.ReconstructionError(model)(images, region, reference)
+    squared = ((model(images)["recon"] - reference) ** 2)[:, 0, :8]
+    assert errors.shape == (2,)
+    assert torch.allclose(errors, squared.mean((1, 2)), rtol=1e-5)
+
+
+def test_default_targets_come_from_the_model(explainer, images):
+    (cls_target,) = explainer.forward_args(images, "cls")
+    assert torch.equal(cls_target, explainer.head_output(images, "cls").argmax(1))
+    (region,) = explainer.forward_args(images, "seg")
+    predicted = (explainer.head_output(images, "seg").argmax(1, keepdim=True) == 1).float()
+    assert region.shape == (2, 1, SIZE, SIZE) and torch.equal(region, predicted)
+    region, reference = explainer.forward_args(images, "recon")
+    assert region.eq(1).all() and torch.equal(reference, images)
+
+
+def test_integrated_gradients_are_complete(explainer, images):
+    """IG's maps add up to score(image) - score(baseline) (Sundararajan et al.'s completeness)."""
+    maps = explainer.attribute(images, "cls", 1, "ig", n_steps=32)  # default baseline: flat mean grey
+    head = explainer.head("cls")
+    target = torch.tensor([1, 1])
+    flat = images.mean(dim=(1, 2, 3), keepdim=True).expand_as(images)
+    with torch.no_grad():
+        gap = head(images, target) - head(flat, target)
+    assert torch.allclose(maps.sum((1, 2, 3)), gap, rtol=0.05, atol=0.005)
+
+
+def test_other_models_through_keys_and_layer(images):
+    """A DisentangleNet names its outputs differently and has no encoder.stages: say which to use."""
+    from mtlearn.disentangle import DisentangleNet
+
+    torch.manual_seed(0)
+    net = DisentangleNet(in_channels=1, num_classes_a=3, num_classes_b=2, widths=(4, 8))
+    explainer = A.Explainer(net, layer="encoder_a", keys={"cls": "logits_a"})
+    for method in ("gradcam", "ig"):
+        maps = explainer.attribute(images, "cls", 2, method, **FAST.get(method, {}))
+        assert maps.shape == (2, 1, SIZE, SIZE) and maps.abs().sum() > 0
+    groups = A.randomisation_groups(explainer, images, "cls")
+    assert groups[0].startswith("head_a.") and any(name.startswith("encoder_a.") for name in groups)
+    assert not any(name.startswith(("encoder_b", "head_b", "adv")) for name in groups)
+
+
+# ------------------------------------------------------------------------------------------ in-place
+
+
+def test_without_inplace_switches_every_inplace_module_off_on_a_copy(model, images):
+    before = A.count_inplace(model)  # the ResFormer stem and decoders use nn.ReLU(inplace=True)
+    copy = A.without_inplace(model)
+    assert A.count_inplace(copy) == 0 and A.count_inplace(model) == before
+    assert sum(isinstance(m, nn.ReLU) and not m.inplace for m in copy.modules()) >= before
+    with torch.no_grad():
+        assert torch.equal(copy(images)["cls"], model(images)["cls"])
+
+
+def test_without_inplace_repairs_a_layer_method():
+    """An in-place ReLU right after the explained layer breaks Captum's layer hooks."""
+    from captum.attr import LayerIntegratedGradients
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(4, 4, 3, padding=1),
+                        nn.ReLU(inplace=True), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+    x = torch.rand(2, 1, 8, 8)
+    with pytest.raises(RuntimeError, match="in-place"):
+        LayerIntegratedGradients(net, net[2]).attribute(x, target=0)
+    fixed = A.without_inplace(net)
+    maps = LayerIntegratedGradients(fixed, fixed[2]).attribute(x, target=0)
+    assert maps.shape == (2, 4, 8, 8) and torch.isfinite(maps).all()
+
+
+# ------------------------------------------------------------------------------------------ checks
+
+# hand-made 4 x 4 maps against the mask of the top-left 2 x 2 block
+MASK = torch.zeros(1, 1, 4, 4)
+MASK[..., :2, :2] = 1
+
+
+def _map(values):
+    return torch.tensor(values, dtype=torch.float32).view(1, 1, 4, 4)
+
+
+SHARE_CASES = [
+    # (map, mode, expected share)
+    (MASK.clone(), "positive", 1.0),
+    (1 - MASK, "positive", 0.0),
+    (torch.ones(1, 1, 4, 4), "positive", 4 / 16),  # a flat map scores the mask's area fraction
+    (MASK * 3 + (1 - MASK) * 1, "positive", 12 / 24),
+    (MASK * 2 - (1 - MASK), "positive", 1.0),  # negative evidence outside is not counted
+    (MASK * 2 - (1 - MASK), "absolute", 8 / 20),
+]
+
+
+@pytest.mark.parametrize("maps, mode, expected", SHARE_CASES)
+def test_mask_share_on_hand_made_maps(maps, mode, expected):
+    assert A.mask_share(maps, MASK, mode).item() == pytest.approx(expected)
+
+
+def test_mask_share_is_undefined_for_an_empty_mask_or_a_massless_map():
+    share = A.mask_share(torch.cat([_map(range(16)), torch.zeros(1, 1, 4, 4)]),
+                         torch.cat([torch.zeros(1, 1, 4, 4), MASK]))
+    assert math.isnan(share[0]) and math.isnan(share[1])
+
+
+POINTING_CASES = [
+    # (map, tolerance, mode, expected hit)
+    (_map([0, 0, 0, 0, 0, 9, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]), 0, "positive", 1.0),  # peak at (1, 1): inside
+    (_map([0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 9]), 0, "positive", 0.0),  # peak at (3, 3): outside
+    (_map([0, 0, 9, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]), 0, "positive", 0.0),  # (0, 2): next to the mask
+    (_map([0, 0, 9, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]), 1, "positive", 1.0),  # ... within 1 px tolerance
+    (_map([0, 0, 0, 9, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]), 1, "positive", 0.0),  # (0, 3): 2 px away
+    (_map([1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, -9]), 0, "positive", 1.0),  # strong negative ignored
+    (_map([1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, -9]), 0, "absolute", 0.0),  # ... unless absolute
+    (torch.zeros(1, 1, 4, 4), 0, "positive", 0.0),  # a map with no evidence points nowhere
+    (_map([0, 0, 0, 0, 0, 9, 9, 0, 0, 9, 9, 0, 0, 0, 0, 0]), 0, "positive", 0.0),  # plateau, 1 of 4 inside
+    (_map([9, 9, 9, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]), 0, "positive", 1.0),  # plateau, 2 of 3 inside
+]
+
+
+@pytest.mark.parametrize("maps, tolerance, mode, expected", POINTING_CASES)
+def test_pointing_game_on_hand_made_maps(maps, tolerance, mode, expected):
+    assert A.pointing_game(maps, MASK, tolerance, mode).item() == expected
+
+
+def test_pointing_game_skips_empty_masks():
+    hits = A.pointing_game(torch.rand(2, 1, 4, 4), torch.cat([MASK, torch.zeros(1, 1, 4, 4)]))
+    assert not math.isnan(hits[0]) and math.isnan(hits[1])
+
+
+def test_localisation_scores_average_over_items_with_a_region(explainer, data):
+    items = [data[i] for i in range(4)]
+    images = torch.stack([it["image"] for it in items])
+    masks = torch.stack([it["mask"] for it in items])
+    scores = A.localisation_scores(explainer, images, masks, "cls", methods=("saliency", "gradcam"))
+    assert set(scores) == {"saliency", "gradcam"}
+    for values in scores.values():
+        assert 0 <= values["mask_share"] <= 1 and 0 <= values["pointing_game"] <= 1
+    keep = masks.flatten(1).sum(1) > 0
+    assert scores["saliency"]["chance"] == pytest.approx(float(masks[keep].flatten(1).mean(1).mean()))
+    maps = explainer.attribute(images[keep], "cls", None, "saliency")
+    assert scores["saliency"]["mask_share"] == pytest.approx(float(A.mask_share(maps, masks[keep]).mean()), rel=1e-5)
+    labels = torch.tensor([it["label"] for it in items])
+    whole = A.localisation_scores(explainer, images, masks, "cls", labels, methods=("saliency",))
+    one_by_one = A.localisation_scores(explainer, images, masks, "cls", labels, methods=("saliency",), batch_size=1)
+    assert whole["saliency"] == pytest.approx(one_by_one["saliency"])
+
+
+# ------------------------------------------------------------------------------------------ sanity check
+
+
+def test_spearman_on_known_rankings():
+    a = torch.tensor([[1.0, 2.0, 3.0, 4.0], [0.0, 0.0, 1.0, 1.0]])
+    assert torch.allclose(A.spearman(a, a), torch.ones(2))
+    assert torch.allclose(A.spearman(a, -a, absolute=False), -torch.ones(2))  # reversed ranking
+    assert torch.allclose(A.spearman(a, a ** 3), torch.ones(2))  # ranks only: monotone maps agree
+    assert A.spearman(a[:1], torch.zeros(1, 4)).item() == 0.0  # a constant map shares no ranking
+
+
+def test_randomisation_groups_follow_the_head_from_the_top(explainer, images):
+    cls_groups = A.randomisation_groups(explainer, images, "cls")
+    assert cls_groups[0].startswith("heads.cls")
+    assert not any(name.startswith(("decoders", "heads.seg", "heads.recon")) for name in cls_groups)
+    stages = [name for name in cls_groups if name.startswith("encoder.stages")]
+    assert stages == [f"encoder.stages.{i}" for i in (3, 2, 1, 0)]
+    seg_groups = A.randomisation_groups(explainer, images, "seg")
+    assert seg_groups[0] == "heads.seg.conv" and any(name.startswith("decoders.seg") for name in seg_groups)
+
+
+def test_cascading_randomisation_lowers_the_rank_correlation(model, images):
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = A.cascading_randomisation(model, images, "cls", method="ig", n_steps=8, progress=False)
+    assert result.steps[0] == "original" and result.spearman[0] == 1.0
+    assert len(result.steps) == len(result.spearman) == len(result.maps) > 2
+    assert all(m.shape == (2, 1, SIZE, SIZE) for m in result.maps)
+    assert result.spearman[-1] < 0.8  # the fully randomised model explains nothing of the original
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # on a copy
+
+
+def test_randomise_redraws_parameters():
+    torch.manual_seed(0)
+    layer = nn.Linear(8, 8)
+    weight = layer.weight.detach().clone()
+    A.randomise_(layer)
+    assert not torch.allclose(layer.weight, weight)
+
+
+# ------------------------------------------------------------------------------------------ figures, viewer
+
+
+def test_plot_attributions_grid(images):
+    maps = {"ig": torch.randn(2, 1, SIZE, SIZE), "gradcam": torch.rand(2, 1, SIZE, SIZE)}
+    fig = A.plot_attributions(images, maps, masks=torch.zeros(2, 1, SIZE, SIZE), title="t")
+    assert len(fig.axes) == 2 * 4
+    assert [ax.get_title() for ax in fig.axes[:4]] == ["image", "lesion mask", "ig", "gradcam"]
+
+
+def test_viewer_redraws_on_control_changes(model, data):
+    viewer = A.AttributionExplorer(model, data, methods=("saliency", "gradcam"), method_kw=FAST)
+    assert viewer.head.options == ("cls", "seg", "recon")
+    assert viewer.state["head"] == "cls" and viewer.state["method"] == "saliency"
+    assert viewer.state["target"] == "predicted class" and viewer.state["map_shape"] == (1, 1, SIZE, SIZE)
+    assert [label for label, _ in viewer.target.options] == ["predicted class", "normal", "benign", "malignant"]
+    viewer.index.value = 1
+    assert viewer.state["index"] == 1 and "synthetic-00001" in viewer.state["title"]
+    assert 0 <= viewer.state["mask_share"] <= 1  # item 1 has a lesion
+    viewer.target.value = 2
+    assert viewer.state["target"] == "malignant"
+    viewer.method.value = "gradcam"
+    assert viewer.state["method"] == "gradcam"
+    viewer.head.value = "seg"
+    assert viewer.state["head"] == "seg" and viewer.state["target"] == "predicted lesion"
+    viewer.target.value = "mask"
+    assert viewer.state["target"] == "true lesion"
+    viewer.head.value = "recon"
+    assert viewer.state["target"] == "whole image"
+    viewer.index.value = 2  # a normal image: no lesion, so no in-lesion share
+    assert math.isnan(viewer.state["mask_share"]) and "in-lesion" not in viewer.state["title"]
+
+
+def test_viewer_rejects_bad_arguments(model, data):
+    with pytest.raises(ValueError, match="non-empty"):
+        A.AttributionExplorer(model, [])
+    with pytest.raises(ValueError, match="methods"):
+        A.AttributionExplorer(model, data, methods=("lime",))
+
+
+# ------------------------------------------------------------------------------------------ bad arguments
+
+BAD = [
+    (dict(head="depth"), "unknown head"),
+    (dict(method="lime"), "unknown method"),
+    (dict(method="ig", steps=3), "takes no option"),
+    (dict(method="ig", baseline="white"), "baseline must be"),
+    (dict(target=torch.tensor([0, 1, 2])), "cls target"),
+    (dict(head="seg", target=torch.ones(2, 1, 8, 8)), "seg target must be a region"),
+    (dict(head="recon", reference=torch.ones(1, 1, SIZE, SIZE)), "reference must have"),
+]
+
+
+@pytest.mark.parametrize("kwargs, message", BAD)
+def test_bad_arguments_are_named(explainer, images, kwargs, message):
+    kwargs = {"method": "saliency"} | kwargs
+    with pytest.raises(ValueError, match=message):
+        explainer.attribute(images, **kwargs)
+
+
+def test_bad_inputs_are_named(model, explainer, images):
+    with pytest.raises(ValueError, match=r"\(B, C, H, W\)"):
+        explainer.attribute(images[0], "cls", method="saliency")
+    with pytest.raises(ValueError, match="no module named"):
+        A.Explainer(model, layer="encoder.nothing").attribute(images, "cls", method="gradcam")
+    with pytest.raises(ValueError, match="pass layer="):
+        A.attribute(nn.Sequential(nn.Conv2d(1, 3, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten()), images, method="gradcam")
+    with pytest.raises(ValueError, match="no 'logits_a' output"):
+        A.Explainer(model, keys={"cls": "logits_a"}).attribute(images, "cls", method="saliency")
+    with pytest.raises(ValueError, match="mode"):
+        A.mask_share(torch.rand(1, 1, 4, 4), MASK, mode="signed")
+    with pytest.raises(ValueError, match="tolerance"):
+        A.pointing_game(torch.rand(1, 1, 4, 4), MASK, tolerance=-1)
+    with pytest.raises(ValueError, match="mask must have"):
+        A.mask_share(torch.rand(1, 1, 4, 4), torch.ones(1, 1, 3, 3))
+
+
+def test_plot_scores_groups_bars_by_model():
+    rows = [{"model": m, "method": k, "mask_share": 0.1 * i, "pointing_game": 0.5}
+            for i, (m, k) in enumerate([("a", "ig"), ("a", "gradcam"), ("b", "ig"), ("b", "gradcam")])]
+    fig = A.plot_scores(rows, chance=0.05)
+    share = fig.axes[0]
+    assert [round(p.get_height(), 6) for p in share.patches] == [0.0, 0.1, 0.2, 0.3]
+    assert [t.get_text() for t in share.get_xticklabels()] == ["ig", "gradcam"]
+    assert share.get_legend() is not None and share.get_ylabel() == "mask share"
