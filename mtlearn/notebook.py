@@ -107,7 +107,7 @@ class Run:
     def wall_time(self) -> float:
         return time.perf_counter() - self.started
 
-    def finish(self, metrics: dict[str, Any]) -> Path:
+    def finish(self, metrics: dict[str, Any]) -> None:
         """Write `out_dir/metrics.json` (headline numbers + run facts) and print device and time."""
         record = {
             "notebook": self.notebook,
@@ -125,7 +125,6 @@ class Run:
         os.replace(tmp, path)
         print(f"{self.notebook} [{self.profile}] finished on {self.device} in {self.wall_time:.0f} s; "
               f"metrics written to {path}")
-        return path
 
 
 def _jsonable(value: Any) -> Any:

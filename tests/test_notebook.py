@@ -57,8 +57,8 @@ def test_run_writes_metrics_and_figures(tmp_path):
     fig, ax = plt.subplots()
     ax.plot([0, 1])
     run.save_figure(fig, "curve")
-    path = run.finish({"dice": torch.tensor(0.5), "acc": float("nan"), "per_class": [1, 2]})
-    record = json.loads(path.read_text())
+    run.finish({"dice": torch.tensor(0.5), "acc": float("nan"), "per_class": [1, 2]})
+    record = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert record["metrics"] == {"dice": 0.5, "acc": None, "per_class": [1, 2]}
     assert record["profile"] == "smoke" and record["seed"] == 5 and record["figures"] == ["curve.png"]
     assert (tmp_path / "out" / "curve.png").stat().st_size > 0
