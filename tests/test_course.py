@@ -1,6 +1,5 @@
 """The main-job runner: papermill execution, failure reporting, summary table."""
 
-import json
 
 import nbformat
 from nbformat.v4 import new_code_cell, new_notebook

@@ -24,15 +24,6 @@ from mtlearn.weighting import WEIGHTINGS
 TASKS = ("seg", "cls", "recon")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread avoids thread hand-off costs that dominate on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class ToyNet(nn.Module):
     """Shared conv encoder (BatchNorm, dropout) and one small head per task; returns a dict like mtl.py."""
 

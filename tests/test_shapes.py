@@ -11,14 +11,6 @@ from mtlearn.data.shapes import SPLIT_COUNTS, ShapesBackground
 SMALL = (32, 40)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors gain nothing from threads, and on a busy 2-core runner threads spin: use one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 # (split, n, {(shape, background): count}); shape 0 circle / 1 bar, background 0 black / 1 white
 EXPECTED = [
     ("train", 1200, {(0, 1): 600, (1, 1): 100, (1, 0): 500}),

@@ -3,7 +3,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 from torch.utils.data import DataLoader, Subset
 
 from mtlearn.data import load_dataset
@@ -12,15 +11,6 @@ from mtlearn.mtl import build_model
 from mtlearn.train import main, parse_args
 
 SMOKE = ["--preset", "tiny", "--image-size", "32", "--batch-size", "4", "--no-progress"]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread avoids thread hand-off costs that dominate on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_help_lists_the_options(capsys):

@@ -31,15 +31,6 @@ SIZE = 32
 TASKS = ("seg", "cls", "recon")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread avoids thread hand-off costs that dominate on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny(tasks=TASKS, seed=0):
     torch.manual_seed(seed)
     return build_model("tiny", tasks=tasks, image_size=SIZE)

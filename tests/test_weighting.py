@@ -21,15 +21,6 @@ from mtlearn.weighting import (
 TASKS = ("seg", "cls")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread avoids thread hand-off costs that dominate on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class TwoTaskNet(nn.Module):
     """Shared linear encoder, one linear head per task: the smallest multi-task network."""
 
