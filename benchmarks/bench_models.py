@@ -2,6 +2,7 @@
 
     python -m benchmarks.bench_models            # ~2 minutes on 2 CPU cores
     python -m benchmarks.bench_models --quick    # smaller inputs, for a first look
+    python -m benchmarks.bench_models --threads 1 --group paper --rounds 4   # paper vs SwinUNETR only
 
 Every row is one model at one input size: parameters, forward GFLOPs per image (counted by
 torch.utils.flop_counter) and training images per second (forward + backward + AdamW step).
@@ -71,18 +72,28 @@ def measure(image_size: int, names: list[str], batch_size: int, rounds: int, in_
     return rows
 
 
-def run(quick: bool = False, threads: int = 2) -> list[dict]:
+GROUPS = ("paper", "course")  # the paper preset beside SwinUNETR; the course and tiny presets beside the UNet
+
+
+def run(quick: bool = False, threads: int = 2, groups: tuple[str, ...] = GROUPS, rounds: int | None = None) -> list[dict]:
     """All rows. quick: 128 px for the paper comparison and fewer rounds. threads: CPU threads
-    (2, the course machine; on a machine shared with other jobs 1 thread gives steadier ratios)."""
+    (2, the course machine; on a machine shared with other jobs 1 thread gives steadier ratios).
+    groups: which comparisons to run (see GROUPS). rounds: timed rounds per group (default 2,
+    quick 1 and 2); more rounds make the best-of-rounds steadier on a busy machine."""
+    unknown = [g for g in groups if g not in GROUPS]
+    if unknown:
+        raise ValueError(f"unknown benchmark group(s) {unknown}; expected some of {GROUPS}")
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
+    rows = []
     try:
-        if quick:
-            rows = (measure(128, ["paper", "monai swinunetr", "monai unet"], batch_size=2, rounds=1)
-                    + measure(64, ["course", "tiny", "monai unet"], batch_size=4, rounds=2))
-        else:
-            rows = (measure(224, ["paper", "monai swinunetr", "monai unet"], batch_size=2, rounds=2)
-                    + measure(128, ["course", "tiny", "monai unet"], batch_size=8, rounds=2))
+        if "paper" in groups:
+            size, default_rounds = (128, 1) if quick else (224, 2)
+            rows += measure(size, ["paper", "monai swinunetr", "monai unet"], batch_size=2,
+                            rounds=rounds or default_rounds)
+        if "course" in groups:
+            size, batch_size = (64, 4) if quick else (128, 8)
+            rows += measure(size, ["course", "tiny", "monai unet"], batch_size=batch_size, rounds=rounds or 2)
     finally:
         torch.set_num_threads(previous)
     return [{**row, "threads": threads} for row in rows]
@@ -94,8 +105,13 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_models", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smaller inputs and fewer rounds")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
+    parser.add_argument("--group", nargs="+", choices=GROUPS, default=list(GROUPS),
+                        help="comparisons to run: paper (224 px, beside SwinUNETR), course (128 px); default both")
+    parser.add_argument("--rounds", type=int, default=None, help="timed rounds per group (default 2)")
     args = parser.parse_args(argv)
-    print(format_table(run(quick=args.quick, threads=args.threads)))
+    if args.rounds is not None and args.rounds < 1:
+        parser.error(f"--rounds must be >= 1, got {args.rounds}")
+    print(format_table(run(quick=args.quick, threads=args.threads, groups=tuple(args.group), rounds=args.rounds)))
 
 
 if __name__ == "__main__":
