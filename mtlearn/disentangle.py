@@ -11,8 +11,9 @@ If f_a carries nothing about B, the task-A head cannot latch onto B, and keeps w
 takes a value never seen with a given A label (the "unseen" split of the shapes benchmark).
 
 The file reads top-down: parts (Encoder, Classifier), models (DisentangleNet and two entangled
-baselines), the min-max training loop, evaluation, and the shapes-benchmark experiment with its
-configuration presets.
+baselines), the min-max training loop, evaluation, the shapes-benchmark experiment with its
+configuration presets, and the same experiment on synthetic ultrasound (an artifact that marks
+malignant images in training only).
 
 Reference: Meng, Pawlowski, Rueckert, Kainz, "Representation Disentanglement for Multi-task
 Learning with application to Fetal Ultrasound", MICCAI PIPPI/SUSI 2019, arXiv 1908.07885.
@@ -680,7 +681,7 @@ def shapes_experiment(kind: str, config: DisentangleConfig | None = None, *, see
                       device: str | torch.device = "auto", progress: bool = True):
     """Train MODELS[kind] on the shapes benchmark and measure what the issue asks for.
 
-    Returns (model, history, metrics) with metrics:
+    Returns (model in eval mode, history, metrics) with metrics:
         seen_shape_acc, seen_background_acc: test split (the three seen combinations)
         unseen_shape_acc: the 100 circles on black
         probe_background_a: balanced accuracy of a linear probe reading the background from the
@@ -694,8 +695,6 @@ def shapes_experiment(kind: str, config: DisentangleConfig | None = None, *, see
     import time
 
     from torch.utils.data import ConcatDataset, DataLoader
-
-    from mtlearn.probes import cross_validated_probe, extract_features
 
     from mtlearn.utils import seed_everything
 
@@ -711,13 +710,146 @@ def shapes_experiment(kind: str, config: DisentangleConfig | None = None, *, see
     metrics["seen_shape_acc"], metrics["seen_background_acc"] = seen["acc_a"], seen["acc_b"]
     metrics["unseen_shape_acc"] = evaluate_disentangle(model, loaders["unseen"], device=device)["acc_a"]
     metrics.update({k: v for k, v in seen.items() if k.startswith("adv_")})
-    model.eval()  # the probes read features with BatchNorm's running statistics
     probe_set = ConcatDataset([loaders["test"].dataset, loaders["unseen"].dataset])
     probe_loader = DataLoader(probe_set, batch_size=100)
+    metrics.update(probe_encoders(model, probe_loader, ("shape", "background"), seed=seed, device=device))
+    return model.eval(), history, metrics
+
+
+def probe_encoders(model: nn.Module, loader, label_keys: tuple[str, str], *, seed: int = 0,
+                   device: str | torch.device = "auto") -> dict[str, float]:
+    """Balanced accuracy of a linear probe for every (encoder side, label) pair, cross-validated.
+
+    Reads the pooled features of model.encode (task-A side "a", task-B side "b"; the same features
+    twice for SharedEncoderNet) on `loader`, in eval mode (BatchNorm's running statistics), and
+    fits a 5-fold cross-validated logistic regression per label.
+    Returns {"probe_<label>_<side>": balanced accuracy}, e.g. "probe_background_a": the nuisance
+    read from the task-A features; 1 / number of classes = nothing readable.
+    """
+    from mtlearn.probes import cross_validated_probe, extract_features
+
+    was_training = model.training
+    model.eval()
+    scores = {}
     for side in ("a", "b"):
         encode = (lambda x, side=side: model.encode(x)[0 if side == "a" else 1])
-        features, labels = extract_features(encode, probe_loader, device, ("shape", "background"))
-        for key in ("shape", "background"):
+        features, labels = extract_features(encode, loader, device, label_keys)
+        for key in label_keys:
             probe = cross_validated_probe(features, labels[key], seed=seed)
-            metrics[f"probe_{key}_{side}"] = probe["balanced_accuracy"]
-    return model, history, metrics
+            scores[f"probe_{key}_{side}"] = probe["balanced_accuracy"]
+    model.train(was_training)
+    return scores
+
+
+# ----------------------------------------------------------------------------------------------
+# the same question on ultrasound: a caliper/text/shadow artifact as a shortcut for "malignant"
+
+ULTRASOUND_TESTS = ("shortcut", "independent", "reversed")
+
+
+def ultrasound_datasets(image_size: tuple[int, int] = (64, 64), *, seed: int = 0, num_train: int = 1200,
+                        num_test: int = 300, train_correlation: float = 0.8) -> dict[str, list[dict]]:
+    """Synthetic ultrasound where the artifact is a shortcut for "malignant" in training only.
+
+    train:        artifact_rate 0 and artifact_correlation `train_correlation` (c): the artifact
+                  appears on a fraction c of the malignant images and on no other image, so "artifact
+                  => malignant" is always right in training, and "normal/benign with artifact" is
+                  never seen (the counterpart of circle-on-black).
+    shortcut:     test images drawn like the training images.
+    independent:  the artifact on half the images of every class (correlation 0).
+    reversed:     the artifact exactly on the images that are NOT malignant (correlation -1).
+
+    train_correlation 1 would put the artifact on every malignant image: then nothing in the data
+    separates the two, and the label-prior confusion target asks nothing of the encoders.
+    The splits use disjoint item indices. Items are rendered once and kept in memory as dicts with
+    "image" (1, H, W), "label" (0 normal, 1 benign, 2 malignant) and "artifact" (0/1).
+    """
+    from mtlearn.data.synthetic import SyntheticUltrasound
+
+    if not 0.0 < train_correlation <= 1.0:
+        raise ValueError(f"train_correlation must lie in (0, 1] (the artifact marks malignancy), got {train_correlation!r}")
+    settings = {  # split: (artifact_correlation, artifact_rate, number of items)
+        "train": (train_correlation, 0.0, num_train),
+        "shortcut": (train_correlation, 0.0, num_test),
+        "independent": (0.0, 0.5, num_test),
+        "reversed": (-1.0, 0.5, num_test),
+    }
+    data, first_index = {}, 0
+    for split, (correlation, rate, size) in settings.items():
+        generator = SyntheticUltrasound(size, image_size, seed=seed, artifact_correlation=correlation,
+                                        artifact_rate=rate, first_index=first_index)
+        keep = ("image", "label", "artifact")
+        data[split] = [{k: item[k] for k in keep} for item in (generator[i] for i in range(size))]
+        first_index += size
+    return data
+
+
+def ultrasound_experiment(kind: str, config: DisentangleConfig | None = None, *, seed: int = 0,
+                          data: dict[str, list[dict]] | None = None, device: str | torch.device = "auto",
+                          progress: bool = True):
+    """Train MODELS[kind] with task A = class (3), task B = artifact on ultrasound_datasets.
+
+    `data`: the output of ultrasound_datasets (pass it to share one rendering between models);
+    None renders it at config.image_size with the defaults. With config.balance the training
+    batches draw the (class, artifact) pairs present equally often (malignant images then make up
+    half of each batch, half of them with the artifact); the artifact still implies "malignant".
+    Returns (model in eval mode, history, metrics) with metrics:
+        class_acc_<test>, artifact_acc_<test>: accuracy of the two task heads on each test set
+            of ULTRASOUND_TESTS ("shortcut", "independent", "reversed")
+        false_malignant_with_artifact: share of normal/benign images WITH the artifact (independent
+            test) that the class head calls malignant: what the shortcut costs
+        probe_artifact_a, probe_label_a, probe_artifact_b, probe_label_b: linear probes (see
+            probe_encoders) on the independent test set, where class and artifact are unrelated
+        adv_acc_a, adv_acc_b (DisentangleNet): the adversaries' accuracy on the independent test
+        train_seconds
+    """
+    import time
+
+    from torch.utils.data import DataLoader
+
+    from mtlearn.utils import seed_everything
+
+    config = config or PRESETS["course"]
+    data = data if data is not None else ultrasound_datasets(config.image_size, seed=seed)
+    missing = {"train", *ULTRASOUND_TESTS} - set(data)
+    if missing:
+        raise ValueError(f"data lacks the split(s) {sorted(missing)}; build it with ultrasound_datasets")
+    train = data["train"]
+    if config.balance:
+        labels = np.array([item["label"] for item in train]), np.array([item["artifact"] for item in train])
+        train_loader = DataLoader(train, batch_size=config.batch_size, sampler=balanced_sampler(*labels, seed=seed),
+                                  drop_last=True)
+    else:
+        train_loader = DataLoader(train, batch_size=config.batch_size, shuffle=True, drop_last=True,
+                                  generator=torch.Generator().manual_seed(seed))
+    seed_everything(seed)  # the model's initial weights
+    model = build_model(kind, config, num_classes_a=3)
+    keys = ("label", "artifact")
+    started = time.perf_counter()
+    history = train_disentangle(model, train_loader, task_keys=keys, **config.train_kwargs(), device=device,
+                                seed=seed, progress=progress)
+    metrics = {"train_seconds": time.perf_counter() - started}
+    for split in ULTRASOUND_TESTS:
+        scores = evaluate_disentangle(model, DataLoader(data[split], batch_size=100), task_keys=keys, device=device)
+        metrics[f"class_acc_{split}"], metrics[f"artifact_acc_{split}"] = scores["acc_a"], scores["acc_b"]
+        if split == "independent":
+            metrics.update({k: v for k, v in scores.items() if k.startswith("adv_")})
+    metrics["false_malignant_with_artifact"] = _false_malignant(model, data["independent"], device)
+    probe_loader = DataLoader(data["independent"], batch_size=100)
+    metrics.update(probe_encoders(model, probe_loader, keys, seed=seed, device=device))
+    return model.eval(), history, metrics
+
+
+@torch.no_grad()
+def _false_malignant(model: nn.Module, items: list[dict], device) -> float:
+    """Share of normal/benign items carrying the artifact that the class head calls malignant (2)."""
+    from mtlearn.utils import pick_device
+
+    device = pick_device(device)
+    chosen = [item["image"] for item in items if item["artifact"] == 1 and item["label"] != 2]
+    if not chosen:
+        return float("nan")
+    was_training = model.training
+    logits = model.eval().to(device)(torch.stack(chosen).to(device))["logits_a"]  # (N, 3)
+    model.train(was_training)
+    return (logits.argmax(1) == 2).float().mean().item()

@@ -205,9 +205,38 @@ def plot_embedding(embedding: np.ndarray, labels: dict[str, np.ndarray], title: 
     return fig
 
 
+def plot_probe_matrix(table, title: str = "Linear probes (balanced accuracy)", chance: float = 0.5):
+    """Heatmap of a probe_matrix table (rows: encoders, columns: labels), each cell annotated.
+
+    Colours run from `chance` (nothing readable, white) to 1.0 (fully readable, dark).
+    Returns the matplotlib Figure.
+    """
+    import matplotlib.pyplot as plt
+
+    values = np.asarray(table, dtype=float)
+    if values.ndim != 2 or values.size == 0:
+        raise ValueError(f"table must be a non-empty (encoders x labels) table, got shape {values.shape}")
+    fig, ax = plt.subplots(figsize=(1.6 * values.shape[1] + 2.6, 0.5 * values.shape[0] + 1.4))
+    image = ax.imshow(values, cmap="Blues", vmin=chance, vmax=1.0, aspect="auto")
+    for (row, col), value in np.ndenumerate(values):
+        ax.text(col, row, f"{value:.2f}", ha="center", va="center", color="white" if value > 0.85 else "black")
+    ax.set_xticks(range(values.shape[1]), [str(c) for c in table.columns])
+    ax.set_yticks(range(values.shape[0]), [str(i) for i in table.index])
+    ax.set_xlabel("label the probe reads")
+    ax.set_ylabel("features")
+    ax.set_title(title)
+    fig.colorbar(image, ax=ax, label="balanced accuracy")
+    fig.tight_layout()
+    return fig
+
+
 def plot_adversary_accuracy(history: dict[str, list[float]], chance: float = 0.5,
-                            title: str = "Adversaries during training"):
-    """Adversary accuracies per epoch (history from train_disentangle) against chance level."""
+                            title: str = "Adversaries during training", chance_label: str = "chance"):
+    """Adversary accuracies per epoch (history from train_disentangle) against a reference level.
+
+    chance: the dashed reference line, e.g. 0.5, or what the other task's label alone allows
+    (see the notebook); chance_label: its legend entry.
+    """
     import matplotlib.pyplot as plt
 
     curves = {k: v for k, v in history.items() if k.startswith(("adv_acc", "val_adv_acc"))}
@@ -216,7 +245,7 @@ def plot_adversary_accuracy(history: dict[str, list[float]], chance: float = 0.5
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     for key, values in curves.items():
         ax.plot(range(1, len(values) + 1), values, marker="o", ms=3, label=key)
-    ax.axhline(chance, color="grey", ls="--", label="chance")
+    ax.axhline(chance, color="grey", ls="--", label=chance_label)
     ax.set_ylim(0, 1.02)
     ax.set_xlabel("epoch")
     ax.set_ylabel("adversary accuracy")

@@ -14,15 +14,6 @@ from mtlearn.data.shapes import ShapesBackground
 TINY = (4, 8, 16)  # encoder widths for tests
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors gain nothing from threads, and on a busy 2-core runner threads spin: use one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_model(kind: str = "disentangle", **kwargs):
     kwargs.setdefault("widths", TINY)
     kwargs.setdefault("hidden", 16)
@@ -319,3 +310,62 @@ def test_shapes_experiment_smoke():
     for key in ("seen_shape_acc", "seen_background_acc", "unseen_shape_acc", "probe_background_a", "probe_shape_a",
                 "probe_background_b", "probe_shape_b", "adv_acc_a", "adv_acc_b"):
         assert 0.0 <= metrics[key] <= 1.0, key
+
+
+def test_probe_encoders_reads_both_sides():
+    model = tiny_model("two_encoder")
+    loader = DataLoader(Subset(ShapesBackground("all", (32, 40)), range(1100, 1500)), batch_size=100)
+    scores = D.probe_encoders(model, loader, ("shape", "background"), device="cpu")
+    assert set(scores) == {f"probe_{k}_{s}" for k in ("shape", "background") for s in "ab"}
+    assert scores["probe_background_a"] > 0.9  # even random conv features see a black or white image
+    assert model.training  # the mode is restored
+
+
+# ---------------------------------------------------------------------------------------------- ultrasound
+
+
+@pytest.fixture(scope="module")
+def ultrasound_data():
+    return D.ultrasound_datasets((32, 32), seed=0, num_train=60, num_test=40, train_correlation=0.8)
+
+
+def test_ultrasound_datasets_make_the_artifact_a_training_only_shortcut(ultrasound_data):
+    assert set(ultrasound_data) == {"train", *D.ULTRASOUND_TESTS}
+    assert [len(v) for v in ultrasound_data.values()] == [60, 40, 40, 40]
+    assert set(ultrasound_data["train"][0]) == {"image", "label", "artifact"}
+    assert ultrasound_data["train"][0]["image"].shape == (1, 32, 32)
+
+    def pairs(split):
+        return [(it["label"], it["artifact"]) for it in ultrasound_data[split]]
+
+    for split in ("train", "shortcut"):
+        assert all(label == 2 for label, artifact in pairs(split) if artifact)  # artifact => malignant
+    assert any(label == 2 and not artifact for label, artifact in pairs("train"))  # but not every malignant one
+    assert all(artifact == (label != 2) for label, artifact in pairs("reversed"))
+    assert any(label != 2 and artifact for label, artifact in pairs("independent"))
+    ids = {split: {float(it["image"].sum()) for it in items} for split, items in ultrasound_data.items()}
+    assert not ids["train"] & ids["independent"]  # disjoint items
+
+
+@pytest.mark.parametrize("correlation", [0.0, -0.5, 1.5])
+def test_ultrasound_datasets_bad_correlation(correlation):
+    with pytest.raises(ValueError, match="train_correlation"):
+        D.ultrasound_datasets((24, 24), num_train=4, num_test=4, train_correlation=correlation)
+
+
+@pytest.mark.parametrize("kind", ["shared", "disentangle"])
+def test_ultrasound_experiment_smoke(kind, ultrasound_data):
+    config = D.disentangle_config("smoke", image_size=(32, 32), batch_size=20)
+    model, history, metrics = D.ultrasound_experiment(kind, config, seed=0, data=ultrasound_data, device="cpu",
+                                                      progress=False)
+    assert model.head_a.net[-1].out_features == 3 and not model.training
+    expected = {f"{m}_{t}" for m in ("class_acc", "artifact_acc") for t in D.ULTRASOUND_TESTS}
+    expected |= {"false_malignant_with_artifact", "train_seconds"}
+    expected |= {f"probe_{k}_{s}" for k in ("label", "artifact") for s in "ab"}
+    if kind == "disentangle":
+        expected |= {"adv_acc_a", "adv_acc_b"}
+    assert set(metrics) == expected
+    assert all(0.0 <= v <= 1.0 for k, v in metrics.items() if k != "train_seconds")
+    with pytest.raises(ValueError, match="reversed"):
+        D.ultrasound_experiment(kind, config, data={k: v for k, v in ultrasound_data.items() if k != "reversed"},
+                                device="cpu", progress=False)

@@ -5,6 +5,7 @@ import matplotlib
 matplotlib.use("Agg")
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from torch import nn
@@ -17,17 +18,9 @@ from mtlearn.probes import (
     linear_probe,
     plot_adversary_accuracy,
     plot_embedding,
+    plot_probe_matrix,
     probe_matrix,
 )
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors gain nothing from threads, and on a busy 2-core runner threads spin: use one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def synthetic_features(n: int = 400, dim: int = 16, seed: int = 0):
@@ -162,3 +155,20 @@ def test_plots_have_titles_and_axis_labels():
         plot_adversary_accuracy({"loss_a": [1.0]})
     with pytest.raises(ValueError, match=r"\(N, 2\)"):
         plot_embedding(features, {"coded": coded})
+
+
+def test_adversary_plot_labels_its_reference_line():
+    fig = plot_adversary_accuracy({"adv_acc_b": [0.9, 0.7]}, chance=2 / 3, chance_label="label prior")
+    reference = fig.axes[0].get_lines()[-1]
+    assert reference.get_label() == "label prior" and reference.get_ydata()[0] == pytest.approx(2 / 3)
+
+
+def test_plot_probe_matrix_annotates_every_cell():
+    table = pd.DataFrame({"shape": [1.0, 0.98], "background": [1.0, 0.55]}, index=["shared", "disentangle A"])
+    fig = plot_probe_matrix(table, title="probes")
+    ax = fig.axes[0]
+    assert ax.get_title() == "probes" and ax.get_xlabel() and ax.get_ylabel()
+    assert [t.get_text() for t in ax.texts] == ["1.00", "1.00", "0.98", "0.55"]  # row by row
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["shared", "disentangle A"]
+    with pytest.raises(ValueError, match="non-empty"):
+        plot_probe_matrix(pd.DataFrame())
