@@ -1,0 +1,82 @@
+"""The notebook contract (README, "The notebooks"), checked on every committed notebook.
+
+nbval runs the notebooks; these tests check what running them cannot: the shape of each notebook
+(setup cell first, one `parameters` cell of literals, goal, summary, exercises, metrics written
+last) and that the committed copies carry the outputs of a real `course` run.
+"""
+import ast
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from mtlearn.notebook import PROFILES
+
+NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "notebooks"
+NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("[0-9][0-9]_*.ipynb"))
+COMMON_PARAMETERS = {"profile", "dataset", "data_root", "seed", "device", "out_dir"}
+
+
+def load(path: Path) -> list[dict]:
+    return json.loads(path.read_text())["cells"]
+
+
+def source(cell: dict) -> str:
+    return "".join(cell["source"])
+
+
+def outputs_text(cell: dict) -> str:
+    parts = []
+    for output in cell.get("outputs", []):
+        parts.append("".join(output.get("text", "")))
+        parts.append("".join(output.get("data", {}).get("text/plain", "")))
+    return "".join(parts)
+
+
+def test_the_course_has_its_numbered_notebooks():
+    numbers = [path.name[:2] for path in NOTEBOOKS]
+    assert numbers == [f"{i:02d}" for i in range(len(numbers))], numbers
+    assert len(NOTEBOOKS) >= 7
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_setup_cell_comes_first_and_installs_only_when_needed(path):
+    first = load(path)[0]
+    assert first["cell_type"] == "code"
+    text = source(first)
+    assert "find_spec(\"mtlearn\") is None" in text and "pip" in text
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_one_parameters_cell_of_literals(path):
+    cells = [c for c in load(path) if "parameters" in c["metadata"].get("tags", [])]
+    assert len(cells) == 1, "exactly one cell must be tagged `parameters`"
+    values = {}
+    for statement in ast.parse(source(cells[0])).body:
+        assert isinstance(statement, ast.Assign) and len(statement.targets) == 1, ast.unparse(statement)
+        values[statement.targets[0].id] = ast.literal_eval(statement.value)  # raises unless a literal
+    assert COMMON_PARAMETERS <= set(values), COMMON_PARAMETERS - set(values)
+    assert values["profile"] is None or values["profile"] in PROFILES
+    assert values["device"] == "auto" and values["dataset"] == "synthetic"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_goal_summary_exercises_and_metrics_at_the_end(path):
+    cells = load(path)
+    assert any("**Goal.**" in source(c) for c in cells[:3] if c["cell_type"] == "markdown")
+    markdown = "\n".join(source(c) for c in cells if c["cell_type"] == "markdown")
+    assert "## Summary" in markdown and "## Exercises" in markdown
+    assert "run.finish(" in source([c for c in cells if c["cell_type"] == "code"][-1])
+    assert any(source(c).startswith("# NBVAL_CHECK_OUTPUT") for c in cells), "no cell is marked for output checking"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_committed_outputs_come_from_a_course_run(path):
+    cells = [c for c in load(path) if c["cell_type"] == "code"]
+    printed = "\n".join(outputs_text(c) for c in cells)
+    started = re.findall(r"profile=(\w+)", printed)
+    assert started and started[0] == "course", f"{path.name} was last executed in profile {started[:1]}, not course"
+    assert re.search(r"\[course\] finished on \w+ in \d+ s", printed), "device and wall time are not printed"
+    figures = sum("image/png" in o.get("data", {}) for c in cells for o in c.get("outputs", []))
+    assert figures >= 1, f"{path.name} shows no figure"
