@@ -76,6 +76,9 @@ def run_notebook(
             cwd=str(notebook.parent),
             progress_bar=progress,
             log_output=False,
+            # The kernel's own log (e.g. "Kernel is running over TCP") would land in the caller's
+            # cell output when a notebook runs a grid of notebooks: keep only its errors.
+            extra_arguments=["--IPKernelApp.log_level=ERROR"],
         )
     except Exception as error:  # papermill raises PapermillExecutionError, kernels may raise others
         return NotebookResult(notebook.stem, out_dir, False, time.perf_counter() - started, _failing_cell(error))
