@@ -219,6 +219,11 @@ def run(args: argparse.Namespace) -> dict:
             summary = ", ".join(f"{k} {v:.3f}" for k, v in test.items() if not k.endswith("loss"))
             print(f"best epoch {history.best_epoch} ({history.monitor}); test: {summary}; "
                   f"{record['wall_time_s']:.0f} s on {record['world_size']} x {device}; wrote {args.out_dir}")
+        if is_distributed():
+            # Leave together: a rank that tears gloo down while rank 0 is still writing can make
+            # rank 0 abort ("terminate called without an active exception"). Only on success: a
+            # rank that failed must not wait here for a peer stuck in a collective.
+            dist.barrier()
         return record
     finally:
         cleanup_distributed()
