@@ -311,6 +311,58 @@ def label_prior(joint: torch.Tensor, given: torch.Tensor, axis: int) -> torch.Te
     return (table / table.sum(dim=1, keepdim=True).clamp_min(1))[given]
 
 
+class LinearLeakage:
+    """What a linear probe could read of one task from the other task's features, as a loss.
+
+    Why: the learned adversary fits a single batch of 50 (64 features, so almost anything is
+    separable there) and lags behind the encoders, so a fresh linear probe fitted on many images
+    still reads the nuisance. A linear classifier can only separate two classes whose means
+    differ; with (shared) covariance S its power grows with the Mahalanobis distance of the
+    means (linear discriminant analysis). So, on pooled features standardised over the batch
+    (like the probe's StandardScaler), for every value g of the *own* task and every pair of
+    values (t, u) of the *other* task found together with g in the batch:
+
+        penalty = mean over (g, t, u) of  d^T (S + shrink I)^-1 d,   d = mean(z | g, t) - mean(z | g, u)
+
+    Comparing within g leaves the own task alone (bars on white vs bars on black, never
+    circles vs bars). S is the within-combination covariance, an exponential moving average over
+    batches (decay `decay`), detached: the encoders move the means, not the yardstick.
+    Groups holding a single value of the other task (circles, always on white) add nothing.
+
+    features: (B, C, h, w); group, target: (B,) int labels -> penalty () (0 if no pair exists)
+    """
+
+    def __init__(self, shrink: float = 0.01, decay: float = 0.9):
+        if shrink <= 0:
+            raise ValueError(f"shrink must be > 0 (it keeps S + shrink I invertible), got {shrink!r}")
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"decay must be in [0, 1), got {decay!r}")
+        self.shrink, self.decay = shrink, decay
+        self.covariance: torch.Tensor | None = None  # (C, C) running within-combination covariance
+
+    def __call__(self, features: torch.Tensor, group: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        pooled = features.mean(dim=(2, 3))  # (B, C)
+        z = (pooled - pooled.mean(0)) / (pooled.std(0) + 1e-5)  # (B, C) standardised over the batch
+        cells = [(group == g) & (target == t) for g in group.unique() for t in target.unique()]
+        residuals = torch.cat([z[m] - z[m].mean(0) for m in cells if m.sum() > 1]).detach()  # (N, C)
+        batch_covariance = residuals.T @ residuals / len(residuals)  # (C, C)
+        if self.covariance is None:
+            self.covariance = batch_covariance
+        else:
+            self.covariance = self.decay * self.covariance + (1 - self.decay) * batch_covariance
+        eye = torch.eye(len(self.covariance), device=z.device)
+        precision = torch.linalg.inv(self.covariance + self.shrink * eye)  # (C, C)
+        distances = []
+        for g in group.unique():
+            values = [t for t in target.unique() if ((group == g) & (target == t)).any()]
+            means = [z[(group == g) & (target == t)].mean(0) for t in values]  # each (C,)
+            for i in range(len(means)):
+                for j in range(i + 1, len(means)):
+                    d = means[i] - means[j]  # (C,)
+                    distances.append(d @ precision @ d)
+        return torch.stack(distances).mean() if distances else z.new_zeros(())
+
+
 def adversary_step(model: DisentangleNet, optimizer: torch.optim.Optimizer, features_a: torch.Tensor,
                    features_b: torch.Tensor, y_a: torch.Tensor, y_b: torch.Tensor) -> dict[str, float]:
     """Phase 1: one optimiser step of both adversaries; the encoders are not touched.
@@ -328,12 +380,15 @@ def adversary_step(model: DisentangleNet, optimizer: torch.optim.Optimizer, feat
 
 def main_step(model: nn.Module, optimizer: torch.optim.Optimizer, features_a: torch.Tensor, features_b: torch.Tensor,
               y_a: torch.Tensor, y_b: torch.Tensor, w_adv: float = 0.0, adv_loss: str = "confusion",
-              target_a: torch.Tensor | None = None, target_b: torch.Tensor | None = None) -> dict[str, float]:
+              target_a: torch.Tensor | None = None, target_b: torch.Tensor | None = None,
+              w_leak: float = 0.0, leakage: tuple[LinearLeakage, LinearLeakage] | None = None) -> dict[str, float]:
     """Phase 2: one optimiser step of the encoders and task heads.
 
     loss = CE(head_a) + CE(head_b) + w_adv * [adversarial_term(adv_a) + adversarial_term(adv_b)]
+                                    + w_leak * [leak_a(task B in f_a) + leak_b(task A in f_b)]
     features_*: (B, C, h, w) straight from model.encode (not detached); target_*: (B, K) confusion
-    targets (needed for adv_loss "confusion"). With w_adv = 0 (or a baseline) only the task losses.
+    targets (needed for adv_loss "confusion"); leakage: one LinearLeakage per side (needed when
+    w_leak > 0). With w_adv = w_leak = 0 (or a baseline) only the task losses.
     """
     logits_a, logits_b = model.classify(features_a, features_b)
     loss_a, loss_b = F.cross_entropy(logits_a, y_a), F.cross_entropy(logits_b, y_b)
@@ -351,6 +406,14 @@ def main_step(model: nn.Module, optimizer: torch.optim.Optimizer, features_a: to
         term = adversarial_term(adv_a, y_a, adv_loss, target_a) + adversarial_term(adv_b, y_b, adv_loss, target_b)
         loss = loss + w_adv * term
         record["adv_term"] = term.item()
+    if isinstance(model, DisentangleNet) and w_leak > 0:
+        if leakage is None:
+            raise ValueError("w_leak > 0 needs leakage=(LinearLeakage(), LinearLeakage()), one per side")
+        leak_a, leak_b = leakage
+        # task B read from f_a within each task-A class, and task A from f_b within each task-B class
+        leak = leak_a(features_a, y_a, y_b) + leak_b(features_b, y_b, y_a)
+        loss = loss + w_leak * leak
+        record["leak"] = leak.item()
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
@@ -389,6 +452,8 @@ def train_disentangle(
     warmup_epochs: float = 0.0,
     ramp_epochs: float = 0.0,
     cosine: bool = True,
+    w_leak: float = 0.0,
+    leak_shrink: float = 0.01,
     recalibrate_bn: bool = True,
     device: str | torch.device = "auto",
     seed: int = 0,
@@ -401,13 +466,14 @@ def train_disentangle(
       2. adversary phase (DisentangleNet only): `adv_steps` SGD steps of the adversaries on the
          detached f_a, f_b (adversary_step)
       3. main phase: one Adam step of encoders + task heads, task losses plus
-         w * adversarial terms with the adversaries frozen (main_step)
+         w * adversarial terms with the adversaries frozen, plus w_leak * the LinearLeakage
+         of each side (DisentangleNet only; main_step)
     w follows adversary_weight (warm-up, ramp). The defaults are the "course" preset, whose
     training loader also balances the task-label combinations (balanced_sampler, shapes_loaders).
 
     Returns per-epoch means: "loss_a", "loss_b", "acc_a", "acc_b", "w_adv" and, for DisentangleNet,
     "adv_loss_a", "adv_loss_b", "adv_acc_a", "adv_acc_b" (measured in the adversary phase) and
-    "adv_term"; with `val_loader` also "val_acc_a", ... from evaluate_disentangle.
+    "adv_term" (and "leak" when w_leak > 0); with `val_loader` also "val_acc_a", ... from evaluate_disentangle.
     """
     from tqdm.auto import tqdm
 
@@ -433,6 +499,7 @@ def train_disentangle(
                                         weight_decay=weight_decay)
         k_a, k_b = model.adv_a.net[-1].out_features, model.adv_b.net[-1].out_features
         joint = torch.zeros(k_a, k_b, device=device)  # label-pair counts seen so far, for the "prior" target
+    leakage = (LinearLeakage(leak_shrink), LinearLeakage(leak_shrink)) if adversarial and w_leak > 0 else None
     steps_per_epoch = len(train_loader)
     warmup_steps, ramp_steps = round(warmup_epochs * steps_per_epoch), round(ramp_epochs * steps_per_epoch)
     # cosine: the main learning rate decays to 0, so training ends in a settled state of the game
@@ -470,7 +537,7 @@ def train_disentangle(
 
             # 3. main phase: encoders + task heads (+ the adversarial terms)
             record.update(main_step(model, optimizer, features_a, features_b, y_a, y_b, w, adv_loss,
-                                    target_a, target_b))
+                                    target_a, target_b, w_leak, leakage))
             if schedule is not None:
                 schedule.step()
             for k, v in record.items():
@@ -561,7 +628,12 @@ class DisentangleConfig:
       - balanced sampling of the seen combinations, so the informative case (bars on white vs
         bars on black) is a third of every batch instead of 8 %;
       - 20 epochs with a cosine decay of the main learning rate, so training ends in a settled
-        state of the game rather than wherever the oscillation happens to be.
+        state of the game rather than wherever the oscillation happens to be;
+    An option beyond the paper, off by default: the LinearLeakage penalty (`w_leak=5`). With the
+    adversary alone a fresh linear probe still reads the background from the shape features at
+    0.77 balanced accuracy (seed 1; 0.67-0.84 over seeds 0-4). With the penalty: 0.54 (seed 1),
+    0.53 (seed 2), 0.56 (seed 0), unseen accuracy 0.94, 0.95 and 0.58 (0.77 without it on seed 0:
+    the hard seed gets harder). Measured on three seeds only, so it stays an option.
     Reweighting only: nothing ever shows a circle on black (no intensity inversion or the like).
     """
 
@@ -585,6 +657,8 @@ class DisentangleConfig:
     warmup_epochs: float = 0.0  # epochs with w_adv = 0 at the start
     ramp_epochs: float = 0.0  # epochs over which w_adv then rises linearly to its value
     cosine: bool = True  # decay the main learning rate to 0 along a cosine (the paper: constant)
+    w_leak: float = 0.0  # weight of the LinearLeakage penalty (not in the paper; 5 is the measured option)
+    leak_shrink: float = 0.01  # LinearLeakage's ridge on the covariance
 
     def __post_init__(self):
         if self.adv_loss not in ADV_LOSSES:
@@ -593,6 +667,8 @@ class DisentangleConfig:
             raise ValueError(f"unknown adv_target {self.adv_target!r}; expected one of {ADV_TARGETS}")
         if self.adv_readout not in READOUTS:
             raise ValueError(f"unknown adv_readout {self.adv_readout!r}; expected one of {READOUTS}")
+        if self.w_leak < 0:
+            raise ValueError(f"w_leak must be >= 0 (0 turns the LinearLeakage penalty off), got {self.w_leak!r}")
 
     def model_kwargs(self, kind: str) -> dict:
         """Constructor arguments for MODELS[kind]."""
@@ -604,7 +680,7 @@ class DisentangleConfig:
     def train_kwargs(self) -> dict:
         """Keyword arguments for train_disentangle."""
         names = ("epochs", "lr", "betas", "weight_decay", "w_adv", "adv_loss", "adv_target", "adv_steps",
-                 "adv_lr", "adv_momentum", "warmup_epochs", "ramp_epochs", "cosine")
+                 "adv_lr", "adv_momentum", "warmup_epochs", "ramp_epochs", "cosine", "w_leak", "leak_shrink")
         return {name: getattr(self, name) for name in names}
 
 
@@ -617,7 +693,7 @@ PRESETS = {
     # ~10k iterations (417 epochs of 24 steps); the adversary learning rate is not published; 222k params
     "paper": DisentangleConfig(image_size=(224, 288), adv_hidden=256, balance=False, epochs=417, lr=1e-5,
                                w_adv=0.01, adv_loss="negative_ce", adv_target="uniform", adv_steps=3, adv_lr=1e-3,
-                               cosine=False),
+                               cosine=False, w_leak=0.0),
 }
 
 

@@ -240,10 +240,11 @@ def test_train_disentangle_runs_every_model(kind, tiny_loaders):
     train, val = tiny_loaders
     model = tiny_model(kind)
     history = D.train_disentangle(model, train, val, epochs=2, adv_steps=2, w_adv=1.0, ramp_epochs=1.0,
-                                  device="cpu", progress=False)
+                                  w_leak=1.0, device="cpu", progress=False)
     expected = {"loss_a", "loss_b", "acc_a", "acc_b", "w_adv", "val_acc_a", "val_acc_b"}
     if kind == "disentangle":
-        expected |= {"adv_loss_a", "adv_loss_b", "adv_acc_a", "adv_acc_b", "adv_term", "val_adv_acc_a", "val_adv_acc_b"}
+        expected |= {"adv_loss_a", "adv_loss_b", "adv_acc_a", "adv_acc_b", "adv_term", "leak", "val_adv_acc_a",
+                     "val_adv_acc_b"}
         assert history["w_adv"][0] < history["w_adv"][1] == 1.0  # ramped up over the first epoch
     else:
         assert history["w_adv"] == [0.0, 0.0]
@@ -369,3 +370,56 @@ def test_ultrasound_experiment_smoke(kind, ultrasound_data):
     with pytest.raises(ValueError, match="reversed"):
         D.ultrasound_experiment(kind, config, data={k: v for k, v in ultrasound_data.items() if k != "reversed"},
                                 device="cpu", progress=False)
+
+
+# LinearLeakage: the linear-probe-aware penalty
+
+
+def _leaky_features(shift: float, seed: int = 0):
+    """(40, 6, 2, 2) features whose channel 0 moves with `target` by `shift`, group 0/1 half each."""
+    generator = torch.Generator().manual_seed(seed)
+    features = torch.randn(40, 6, 2, 2, generator=generator)
+    group = torch.arange(40) % 2
+    target = (torch.arange(40) // 2) % 2
+    features[:, 0] += shift * target.view(-1, 1, 1).float()
+    return features, group, target
+
+
+def test_linear_leakage_grows_with_readable_information_and_its_gradient_removes_it():
+    small = D.LinearLeakage()(*_leaky_features(0.0))
+    features, group, target = _leaky_features(3.0)
+    features.requires_grad_(True)
+    leakage = D.LinearLeakage()
+    large = leakage(features, group, target)
+    assert torch.isfinite(large) and large > 10 * small
+    large.backward()
+    assert torch.isfinite(features.grad).all() and features.grad.abs().sum() > 0
+    with torch.no_grad():
+        after = leakage(features - 0.1 * features.grad / features.grad.norm(), group, target)
+    assert after < large  # a step against the gradient makes the target less readable
+    assert leakage.covariance.shape == (6, 6)
+
+
+def test_linear_leakage_ignores_groups_with_a_single_target_value():
+    features, group, _ = _leaky_features(3.0)
+    target = group.clone()  # every group holds one target value only, like circles always on white
+    assert D.LinearLeakage()(features, group, target).item() == 0.0
+
+
+@pytest.mark.parametrize("kwargs", [{"shrink": 0.0}, {"shrink": -1.0}, {"decay": 1.0}, {"decay": -0.1}])
+def test_linear_leakage_rejects_bad_arguments(kwargs):
+    with pytest.raises(ValueError):
+        D.LinearLeakage(**kwargs)
+
+
+def test_main_step_adds_the_leakage_term_and_needs_its_state(shapes_batch):
+    x, y_a, y_b = shapes_batch["image"], shapes_batch["shape"], shapes_batch["background"]
+    model = tiny_model()
+    optimizer = torch.optim.Adam(model.main_parameters(), lr=1e-3)
+    record = D.main_step(model, optimizer, *model.encode(x), y_a, y_b, w_leak=1.0,
+                         leakage=(D.LinearLeakage(), D.LinearLeakage()))
+    assert "leak" in record and np.isfinite(record["leak"]) and record["leak"] >= 0
+    with pytest.raises(ValueError, match="leakage"):
+        D.main_step(model, optimizer, *model.encode(x), y_a, y_b, w_leak=1.0)
+    with pytest.raises(ValueError, match="w_leak"):
+        D.disentangle_config("smoke", w_leak=-1.0)
