@@ -633,7 +633,7 @@ class DisentangleConfig:
     adversary alone a fresh linear probe still reads the background from the shape features at
     0.77 balanced accuracy (seed 1; 0.67-0.84 over seeds 0-4). With the penalty: 0.54 (seed 1),
     0.53 (seed 2), 0.56 (seed 0), 0.66 (seed 3), 0.56 (seed 4), but unseen accuracy 0.94, 0.95,
-    0.58, 0.41 and 0.75 (without it: 0.96, 1.00, 0.77, 1.00, 0.95). It removes the linear trace
+    0.58, 0.41 and 0.75 (without it: 0.96, 1.00, 0.77, 0.95, 1.00). It removes the linear trace
     of the background and, on three seeds of five, some of the shape with it: an option, not a fix.
     Reweighting only: nothing ever shows a circle on black (no intensity inversion or the like).
     """
