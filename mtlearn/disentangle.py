@@ -21,12 +21,14 @@ Learning with application to Fetal Ultrasound", MICCAI PIPPI/SUSI 2019, arXiv 19
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from mtlearn.utils import check_options
 
 # ----------------------------------------------------------------------------------------------
 # parts
@@ -702,10 +704,7 @@ def disentangle_config(profile: str = "course", **overrides) -> DisentangleConfi
     """The preset for `profile` ("smoke" | "course" | "paper"), with fields replaced by `overrides`."""
     if profile not in PRESETS:
         raise ValueError(f"unknown profile {profile!r}; expected one of {tuple(PRESETS)}")
-    known = {f.name for f in fields(DisentangleConfig)}
-    unknown = sorted(set(overrides) - known)
-    if unknown:
-        raise ValueError(f"unknown DisentangleConfig fields {unknown}; valid fields: {sorted(known)}")
+    check_options(DisentangleConfig, overrides, "DisentangleConfig fields")
     return replace(PRESETS[profile], **overrides)
 
 

@@ -12,7 +12,6 @@ in minutes on two CPU cores, "tiny" is for smoke runs and tests.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -21,6 +20,7 @@ from torch import Tensor, nn
 from mtlearn.encoder import ResFormerConfig, ResFormerEncoder, check_image, init_weights
 from mtlearn.heads import (DFE_MODES, MultiScaleClassificationHead, ReconstructionHead, SegmentationHead,
                            UNetDecoder)
+from mtlearn.utils import check_options
 
 TASKS = ("seg", "cls", "recon")  # segmentation, classification, reconstruction (denoising)
 CLS_HEADS = ("multiscale", "last")  # classifier reads the last two encoder stages, or the last one only
@@ -146,10 +146,7 @@ def build_model(preset: str = "course", tasks: Sequence[str] = ("seg", "cls"), i
     """
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; expected one of {tuple(PRESETS)}")
-    fields = {f.name for f in dataclasses.fields(MultiTaskConfig)}
-    unknown = sorted(set(overrides) - fields)
-    if unknown:
-        raise ValueError(f"unknown model option(s) {unknown}; valid options are {sorted(fields)}")
+    check_options(MultiTaskConfig, overrides, "model option(s)")
     settings = {**PRESETS[preset], **overrides}
     config = MultiTaskConfig(in_channels=in_channels, image_size=image_size, tasks=tuple(tasks),
                              num_classes=num_classes, seg_classes=seg_classes, **settings)

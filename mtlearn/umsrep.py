@@ -40,7 +40,6 @@ what we could read; the choices below are ours and documented where they are mad
 from __future__ import annotations
 
 import copy
-import dataclasses
 import math
 import time
 from collections.abc import Mapping, Sequence
@@ -53,7 +52,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from mtlearn.losses import build_losses, check_tasks, task_losses
-from mtlearn.utils import count_parameters, pick_device, seed_everything
+from mtlearn.utils import check_options, count_parameters, pick_device, seed_everything
 
 TASKS = ("recon", "seg", "cls")  # the order of the paper: denoising, segmentation, classification
 STRATEGIES = {  # name -> description (the letters of the issue)
@@ -436,10 +435,7 @@ def strategy_config(profile: str = "course", **overrides) -> UMSRepConfig:
     """The settings of `profile` ("smoke", "course", "paper"), with any field replaced by `overrides`."""
     if profile not in PROFILES:
         raise ValueError(f"unknown profile {profile!r}; expected one of {tuple(PROFILES)}")
-    fields = {f.name for f in dataclasses.fields(UMSRepConfig)}
-    unknown = sorted(set(overrides) - fields)
-    if unknown:
-        raise ValueError(f"unknown option(s) {unknown}; valid options are {sorted(fields)}")
+    check_options(UMSRepConfig, overrides)
     return UMSRepConfig(**{"profile": profile, **PROFILES[profile], **overrides})
 
 

@@ -5,6 +5,7 @@ Kept free of model and data code so that anything in the package can import it.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import platform
 import random
@@ -128,3 +129,15 @@ def format_count(n: float) -> str:
         if abs(n) >= scale:
             return f"{n / scale:.1f}{unit}"
     return str(int(n))
+
+
+def check_options(config_class: type, options, what: str = "option(s)") -> None:
+    """Raise ValueError naming every key of `options` that is not a field of the dataclass `config_class`.
+
+    The presets and configs (models, training, UMS-Rep, disentanglement) take overrides as
+    keyword arguments; a misspelt one should fail loudly with the valid names, not be ignored.
+    """
+    valid = {f.name for f in dataclasses.fields(config_class)}
+    unknown = sorted(set(options) - valid)
+    if unknown:
+        raise ValueError(f"unknown {what} {unknown}; valid options are {sorted(valid)}")

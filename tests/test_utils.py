@@ -58,3 +58,18 @@ def test_environment_report_names_device_and_versions():
 
 def test_format_count():
     assert format_count(33_712_000) == "33.7M" and format_count(950) == "950"
+
+
+def test_check_options_names_the_unknown_and_the_valid():
+    import dataclasses
+
+    from mtlearn.utils import check_options
+
+    @dataclasses.dataclass
+    class Config:
+        lr: float = 1e-3
+        epochs: int = 1
+
+    check_options(Config, {"lr": 0.1})  # known fields pass
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['learning_rate'\]; valid options are \['epochs', 'lr'\]"):
+        check_options(Config, {"learning_rate": 0.1, "lr": 0.1})
