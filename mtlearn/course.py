@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mtlearn.notebook import flatten_metrics
+
 NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 
 
@@ -95,23 +97,13 @@ def headline_table(results: list[NotebookResult]) -> str:
     lines = [f"{'notebook':<28} {'status':<6} {'time':>7}  headline metrics"]
     for r in results:
         if r.ok and r.metrics:
-            flat = _flatten(r.metrics.get("metrics", {}))
+            flat = {k: float(v) for k, v in flatten_metrics(r.metrics.get("metrics", {})).items()
+                    if isinstance(v, (int, float)) and not isinstance(v, bool)}
             shown = ", ".join(f"{k}={v:.3g}" for k, v in list(flat.items())[:6])
         else:
             shown = r.error
         lines.append(f"{r.notebook:<28} {'ok' if r.ok else 'FAIL':<6} {r.seconds:>6.0f}s  {shown}")
     return "\n".join(lines)
-
-
-def _flatten(metrics: dict[str, Any], prefix: str = "") -> dict[str, float]:
-    flat: dict[str, float] = {}
-    for key, value in metrics.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(_flatten(value, name + "/"))
-        elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            flat[name] = float(value)
-    return flat
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,6 +23,7 @@ from typing import Any
 import pandas as pd
 
 from mtlearn.course import NOTEBOOK_DIR, course_notebooks, run_notebook
+from mtlearn.notebook import flatten_metrics
 
 
 @dataclass(frozen=True)
@@ -94,7 +95,7 @@ def collect(out_root: str | Path) -> pd.DataFrame:
         record = json.loads(path.read_text())
         row = {"notebook": record.get("notebook", path.parent.parent.name), "run": path.parent.name}
         row.update({k: record.get(k) for k in ("profile", "seed", "dataset", "device", "wall_time_s")})
-        row.update(_flatten(record.get("metrics", {})))
+        row.update(flatten_metrics(record.get("metrics", {})))
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -124,16 +125,6 @@ def plot_spread(table: pd.DataFrame, by: str, metric: str, title: str = ""):
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     return fig
-
-
-def _flatten(metrics: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in metrics.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}/"))
-        elif not isinstance(value, list):
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def _parse_set(text: str) -> tuple[str, list[Any]]:

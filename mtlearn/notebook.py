@@ -117,32 +117,54 @@ class Run:
             "device": str(self.device),
             "wall_time_s": round(self.wall_time, 1),
             "figures": self.figures,
-            "metrics": _jsonable(metrics),
+            "metrics": to_jsonable(metrics, digits=6),
         }
         path = self.out_dir / "metrics.json"
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(record, indent=2, allow_nan=False))
-        os.replace(tmp, path)
+        write_json(record, path)
         print(f"{self.notebook} [{self.profile}] finished on {self.device} in {self.wall_time:.0f} s; "
               f"metrics written to {path}")
 
 
-def _jsonable(value: Any) -> Any:
-    """Turn tensors, NumPy values and NaN into plain JSON (NaN and inf become None)."""
+def to_jsonable(value: Any, digits: int | None = None) -> Any:
+    """Tensors, NumPy values, tuples and NaN -> plain JSON values (NaN and inf become None).
+
+    digits: round floats to this many decimals (metrics.json of a notebook: 6); None keeps them.
+    """
     if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): to_jsonable(v, digits) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [to_jsonable(v, digits) for v in value]
     if isinstance(value, torch.Tensor):
-        value = value.detach().cpu().tolist()
-        return _jsonable(value)
+        return to_jsonable(value.detach().cpu().tolist(), digits)
     if hasattr(value, "item") and callable(value.item):  # NumPy scalars
         value = value.item()
     if isinstance(value, float):
-        return round(value, 6) if math.isfinite(value) else None
+        if not math.isfinite(value):
+            return None  # JSON has no NaN
+        return round(value, digits) if digits is not None else value
     if value is None or isinstance(value, (bool, int, str)):
         return value
     raise TypeError(f"metrics must be numbers, strings, lists or dicts; got {type(value).__name__}: {value!r}")
+
+
+def write_json(record: dict[str, Any], path: Path) -> None:
+    """Write `record` to `path` atomically (temp file + rename): a reader never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(to_jsonable(record), indent=2, allow_nan=False))
+    os.replace(tmp, path)
+
+
+def flatten_metrics(metrics: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"seg": {"dice": 0.9}} -> {"seg/dice": 0.9}; lists are left out (one row per run)."""
+    flat: dict[str, Any] = {}
+    for key, value in metrics.items():
+        if isinstance(value, dict):
+            flat.update(flatten_metrics(value, f"{prefix}{key}/"))
+        elif not isinstance(value, list):
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def start(

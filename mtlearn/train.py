@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
-import math
 import os
 import time
 from pathlib import Path
@@ -31,6 +29,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from mtlearn.engine import TrainConfig, evaluate, fit, is_distributed, is_main_process
 from mtlearn.losses import TASKS
+from mtlearn.notebook import write_json
 from mtlearn.utils import pick_device, seed_everything
 from mtlearn.weighting import WEIGHTINGS
 
@@ -215,7 +214,7 @@ def run(args: argparse.Namespace) -> dict:
             "task_weights_per_process": final_weights,
         }
         if is_main_process():
-            _write_json(record, Path(args.out_dir) / "metrics.json")
+            write_json(record, Path(args.out_dir) / "metrics.json")
             summary = ", ".join(f"{k} {v:.3f}" for k, v in test.items() if not k.endswith("loss"))
             print(f"best epoch {history.best_epoch} ({history.monitor}); test: {summary}; "
                   f"{record['wall_time_s']:.0f} s on {record['world_size']} x {device}; wrote {args.out_dir}")
@@ -229,20 +228,6 @@ def run(args: argparse.Namespace) -> dict:
         cleanup_distributed()
 
 
-def _write_json(record: dict, path: Path) -> None:
-    def plain(value):
-        if isinstance(value, dict):
-            return {str(k): plain(v) for k, v in value.items()}
-        if isinstance(value, (list, tuple)):
-            return [plain(v) for v in value]
-        if isinstance(value, float) and not math.isfinite(value):
-            return None  # JSON has no NaN
-        return value
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(plain(record), indent=2, allow_nan=False))
-    os.replace(tmp, path)
 
 
 def main(argv: list[str] | None = None) -> dict:
