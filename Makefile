@@ -27,7 +27,7 @@ course: setup
 
 test: setup
 	$(PY) -m pytest -q tests
-	MTLEARN_PROFILE=smoke $(PY) -m pytest -q --nbval-lax --nbval-current-env -p no:cacheprovider notebooks
+	MTLEARN_PROFILE=smoke $(PY) -m pytest -q --nbval-lax --nbval-current-env -p no:cacheprovider notebooks/[0-9][0-9]_*.ipynb
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow" tests
