@@ -21,8 +21,9 @@ import torch
 from mtlearn.disentangle import MODELS, disentangle_config, shapes_experiment
 from mtlearn.utils import count_parameters
 
-COLUMNS = ("seen_shape_acc", "unseen_shape_acc", "seen_background_acc", "probe_background_a", "probe_shape_a",
-           "probe_shape_b", "adv_acc_a", "adv_acc_b", "train_seconds")
+COLUMNS = ("seen_shape_acc", "unseen_shape_acc", "seen_background_acc", "probe_background_a",
+           "probe_background_a_circle", "probe_background_a_bar", "probe_shape_a", "probe_shape_b", "adv_acc_a",
+           "adv_acc_b", "train_seconds")
 UNSEEN_MIN, UNSEEN_GAP, PROBE_MAX, PROBE_GAP = 0.90, 0.20, 0.60, 0.15
 
 

@@ -309,8 +309,19 @@ def test_shapes_experiment_smoke():
     model, history, metrics = D.shapes_experiment("disentangle", config, seed=0, device="cpu", progress=False)
     assert isinstance(model, D.DisentangleNet) and len(history["acc_a"]) == config.epochs
     for key in ("seen_shape_acc", "seen_background_acc", "unseen_shape_acc", "probe_background_a", "probe_shape_a",
-                "probe_background_b", "probe_shape_b", "adv_acc_a", "adv_acc_b"):
+                "probe_background_b", "probe_shape_b", "adv_acc_a", "adv_acc_b", "probe_background_a_circle",
+                "probe_background_a_bar"):
         assert 0.0 <= metrics[key] <= 1.0, key
+
+
+def test_probe_background_within_shape_reads_each_shape_alone():
+    model = tiny_model("two_encoder")
+    test_and_unseen = Subset(ShapesBackground("all", (32, 40)), range(1500, 1900))  # all four combinations
+    loader = DataLoader(test_and_unseen, batch_size=100)
+    scores = D.probe_background_within_shape(model, loader, device="cpu")
+    assert set(scores) == {"probe_background_a_circle", "probe_background_a_bar"}
+    assert min(scores.values()) > 0.9  # random conv features see black or white within either shape
+    assert model.training  # the mode is restored
 
 
 def test_probe_encoders_reads_both_sides():
