@@ -9,7 +9,8 @@ PY := $(VENV)/bin/python
 # torch first, pinned, so pip does not pull a multi-GB CUDA build onto a CPU machine.
 TORCH_SPEC ?= torch==2.13.0
 PROFILE ?= course
-SEED ?= 0
+# SEED empty: each notebook keeps its own default seed (those of the committed runs)
+SEED ?=
 
 .PHONY: setup course test test-fast notebooks bench clean
 
@@ -23,7 +24,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 course: setup
-	$(PY) -m mtlearn.course --profile $(PROFILE) --seed $(SEED) --out outputs
+	$(PY) -m mtlearn.course --profile $(PROFILE) $(if $(SEED),--seed $(SEED)) --out outputs
 
 test: setup
 	$(PY) -m pytest -q tests

@@ -106,10 +106,20 @@ def headline_table(results: list[NotebookResult]) -> str:
     return "\n".join(lines)
 
 
+def notebook_parameters(profile: str, seed: int | None = None, device: str = "auto") -> dict:
+    """The papermill parameters of one course run; seed None leaves each notebook's default seed
+    (notebook 04 defaults to 1), so the main job reproduces the committed runs."""
+    params = {"profile": profile, "device": device}
+    if seed is not None:
+        params["seed"] = seed
+    return params
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mtlearn.course", description=__doc__.split("\n\n")[0])
     parser.add_argument("--profile", default="course", help="smoke | course | paper (default: course)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed passed to every notebook")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="random seed passed to every notebook (default: each notebook's own, as committed)")
     parser.add_argument("--out", type=Path, default=Path("outputs"), help="output folder (default: outputs/)")
     parser.add_argument("--only", nargs="*", default=None, metavar="NN",
                         help="run only notebooks whose number or name starts with these")
@@ -134,8 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     bar = tqdm(notebooks, desc=f"course notebooks ({profile})", unit="notebook")
     for nb in bar:
         bar.set_postfix_str(nb.stem)
-        params = {"profile": profile, "seed": args.seed, "device": args.device}
-        result = run_notebook(nb, args.out / nb.stem / profile, params)
+        result = run_notebook(nb, args.out / nb.stem / profile, notebook_parameters(profile, args.seed, args.device))
         if not result.ok:
             tqdm.write(f"{nb.stem} failed: {result.error} (executed copy: {result.out_dir / nb.name})")
         results.append(result)

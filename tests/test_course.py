@@ -4,7 +4,7 @@
 import nbformat
 from nbformat.v4 import new_code_cell, new_notebook
 
-from mtlearn.course import course_notebooks, headline_table, run_notebook
+from mtlearn.course import course_notebooks, headline_table, notebook_parameters, run_notebook
 
 
 def write_notebook(path, body):
@@ -48,3 +48,8 @@ def test_course_notebooks_are_numbered_and_sorted():
     names = [p.name for p in course_notebooks()]
     assert names == sorted(names)
     assert all(n[:2].isdigit() and n[2] == "_" for n in names)
+
+
+def test_seed_is_passed_only_when_given():
+    assert notebook_parameters("course") == {"profile": "course", "device": "auto"}  # notebooks keep their seeds
+    assert notebook_parameters("smoke", 3, "cpu") == {"profile": "smoke", "device": "cpu", "seed": 3}
