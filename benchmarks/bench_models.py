@@ -8,8 +8,9 @@ Every row is one model at one input size: parameters, forward GFLOPs per image (
 torch.utils.flop_counter) and training images per second (forward + backward + AdamW step).
 Rows compared with each other share an input size and batch: the paper preset runs at 224 px
 beside SwinUNETR (feature_size 48) and MONAI's UNet, at the paper's training batch (8) and at
-batch 2; the course and tiny presets at 128 px beside the UNet. Timings interleave the models of one size round by round and keep each model's best round,
-so a busy machine slows them alike rather than favouring whichever ran last.
+batch 2; the course and tiny presets at 128 px beside the UNet. Timings interleave the models of
+one size round by round and keep each model's best round, so a busy machine slows them alike
+rather than favouring whichever ran last.
 """
 
 from __future__ import annotations

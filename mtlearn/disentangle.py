@@ -814,7 +814,8 @@ def probe_background_within_shape(model: nn.Module, loader, *, seed: int = 0,
     from mtlearn.probes import cross_validated_probe, extract_features
 
     was_training = model.training
-    features, labels = extract_features(lambda x: model.eval().encode(x)[0], loader, device, ("shape", "background"))
+    model.eval()  # BatchNorm's running statistics, as in probe_encoders
+    features, labels = extract_features(lambda x: model.encode(x)[0], loader, device, ("shape", "background"))
     model.train(was_training)
     scores = {}
     for value, name in enumerate(ShapesBackground.class_names):
