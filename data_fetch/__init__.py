@@ -9,7 +9,8 @@
 
 Each dataset goes to its own folder, `default_data_dir() / <folder>` unless `dest` says otherwise,
 and `mtlearn.data.load_dataset(name, root=...)` reads that same folder. A fetch that completed
-leaves a marker file there; fetching again then downloads nothing.
+leaves a marker file there (checksum and file list); fetching again then downloads nothing, unless
+files were deleted since or another checksum is asked for.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from data_fetch.sources import SOURCES, Source, get_source
 
 __all__ = [
     "SOURCES", "DownloadError", "FetchError", "HashMismatchError", "Source", "UnsafeArchiveError",
-    "dataset_dir", "default_data_dir", "fetch",
+    "completion_marker", "dataset_dir", "default_data_dir", "fetch",
 ]
 
 DATA_ENV = "MTLEARN_DATA"  # environment variable that overrides the default data root
@@ -68,9 +69,10 @@ def fetch(
     known_hash = known_hash or source.known_hash
     parse_hash(known_hash)  # a malformed checksum fails now, not after a long download
     target = folder / source.filename
-    marker = folder / f".{source.name}.complete"
-    if marker.exists() and (source.extract or target.exists()):
+    marker = completion_marker(folder, source.name)
+    if marker.exists() and _still_complete(marker, folder, target, source, known_hash):
         return folder  # fetched before: nothing to do
+    # (a stale marker stays until it is rewritten below: a wrong --hash must not undo a good fetch)
 
     if target.exists():  # an earlier run stopped before unpacking, or the user put the file here
         try:
@@ -91,11 +93,35 @@ def fetch(
             f"Pin it so that later downloads are checked: python -m data_fetch {source.name} --hash {known_hash}\n"
             "(or set known_hash for this source in data_fetch/sources.py)"
         )
-    if source.extract:
-        extract_zip(target, folder)
+    files = extract_zip(target, folder) if source.extract else [source.filename]
+    files = [name for name in files if not name.endswith("/")]  # directories are implied by their files
     # Written last: a folder without the marker is not finished, whatever else it holds.
-    marker.write_text(json.dumps({"name": source.name, "url": url, "known_hash": known_hash}, indent=1))
+    record = {"name": source.name, "url": url, "known_hash": known_hash, "files": files}
+    marker.write_text(json.dumps(record, indent=1))
     return folder
+
+
+def completion_marker(folder: str | Path, name: str) -> Path:
+    """The file a finished fetch of dataset `name` leaves in `folder` (its hash and file list)."""
+    return Path(folder) / f".{get_source(name).name}.complete"
+
+
+def _still_complete(marker: Path, folder: Path, target: Path, source: Source, known_hash: str | None) -> bool:
+    """Whether a fetch that once completed still holds: same checksum asked for, no file deleted since."""
+    try:
+        record = json.loads(marker.read_text())
+    except (OSError, ValueError):
+        return False  # unreadable: redo the cheap part (check and unpack) rather than trust it
+    if known_hash is not None and record.get("known_hash") not in (None, known_hash):
+        print(f"{source.name}: a different checksum than the one of the last fetch was given; checking again")
+        return False
+    # markers written before file lists were recorded: trust an archive's, check a plain file
+    files = record.get("files", [] if source.extract else [target.name])
+    missing = [name for name in files if not (folder / name).exists()]
+    if missing:
+        print(f"{source.name}: {len(missing)} file(s) of the last fetch are missing (e.g. {missing[0]}); fetching again")
+        return False
+    return True
 
 
 def manual_instructions(source: Source, url: str, known_hash: str | None, folder: Path, reason: str = "") -> str:

@@ -10,20 +10,23 @@ from __future__ import annotations
 
 import re
 import zipfile
+import zlib
 from pathlib import Path, PurePosixPath
 
 from data_fetch.download import FetchError
 
 
 class UnsafeArchiveError(FetchError, ValueError):
-    """An archive member would be written outside the target folder."""
+    """An archive member would be written outside the target folder, or over the archive itself."""
 
 
 def extract_zip(archive: Path, target: Path, nested: bool = True) -> list[str]:
-    """Unpack `archive` into `target` (created if needed); return the member names.
+    """Unpack `archive` into `target` (created if needed); return the member names, relative to
+    `target` (those of nested zips included).
 
-    Raises UnsafeArchiveError, before extracting anything, if a member name is absolute or climbs
-    out of `target` with "..".
+    Raises UnsafeArchiveError, before extracting anything, if a member name is absolute, climbs
+    out of `target` with "..", or would overwrite the archive itself; FetchError if the archive
+    cannot be read.
     """
     archive, target = Path(archive), Path(target)
     try:
@@ -33,13 +36,14 @@ def extract_zip(archive: Path, target: Path, nested: bool = True) -> list[str]:
                 _check_member(name, archive, target)
             target.mkdir(parents=True, exist_ok=True)
             zf.extractall(target)
-    except zipfile.BadZipFile as error:
+    except (zipfile.BadZipFile, EOFError, zlib.error) as error:
         raise FetchError(f"{archive} is not a readable zip archive ({error}); delete it and fetch again") from None
     if nested:
-        for name in names:
+        for name in list(names):
             if name.lower().endswith(".zip"):
                 inner = target / name
-                extract_zip(inner, inner.parent, nested=False)
+                parent = PurePosixPath(name.replace("\\", "/")).parent
+                names += [str(parent / member) for member in extract_zip(inner, inner.parent, nested=False)]
     return names
 
 
@@ -51,4 +55,9 @@ def _check_member(name: str, archive: Path, target: Path) -> None:
         raise UnsafeArchiveError(
             f"refusing to unpack {archive.name}: member {name!r} would be written outside {target} "
             "(absolute path or '..'); the archive is damaged or malicious, nothing was extracted"
+        )
+    if (target / path).resolve() == archive.resolve():
+        raise UnsafeArchiveError(
+            f"refusing to unpack {archive.name}: member {name!r} would overwrite the archive itself while it is "
+            f"being read; unpack it by hand into another folder, then point the loader at that folder"
         )

@@ -49,6 +49,12 @@ def parse_hash(known_hash: str | None) -> tuple[str, str] | None:
         algorithm = {32: "md5", 64: "sha256"}.get(len(digest), "")
     if algorithm not in ("md5", "sha1", "sha256") or not re.fullmatch(r"[0-9a-f]+", digest):
         raise ValueError(f"cannot read the checksum {known_hash!r}; expected 'sha256:<hex>' or 'md5:<hex>'")
+    length = 2 * hashlib.new(algorithm).digest_size  # md5 32, sha1 40, sha256 64 hex digits
+    if len(digest) != length:
+        raise ValueError(
+            f"the checksum {known_hash!r} has {len(digest)} hex digits; a {algorithm} digest has {length} "
+            "(copied only part of it?)"
+        )
     return algorithm, digest
 
 

@@ -52,7 +52,7 @@ SOURCES = {
         ),
         Source(
             "bus_uclm", "https://prod-dcd-datasets-cache-zipfiles.s3.eu-west-1.amazonaws.com/7fvgj4jsp7-1.zip",
-            None, "BUS-UCLM.zip", "bus_uclm", True,
+            None, "7fvgj4jsp7-1.zip", "bus_uclm", True,  # the host's name: the zip inside may be BUS-UCLM.zip
             "BUS-UCLM (Vallez et al. 2025): 683 PNGs of 38 patients, colour masks, Doppler/caliper flags",
         ),
         Source(

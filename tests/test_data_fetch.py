@@ -92,6 +92,31 @@ def test_archive_is_extracted_once_with_a_marker(server, tmp_path):
     assert len(server.requests) == count
 
 
+def test_deleted_files_or_another_checksum_make_the_next_fetch_check_again(server, tmp_path, capsys):
+    server.files["/BUSBRA.zip"] = ARCHIVE
+    kwargs = {"dest": tmp_path, "url": server.url + "/BUSBRA.zip", "progress": False}
+    fetch("bus_bra", known_hash=sha256(ARCHIVE), **kwargs)
+    (tmp_path / "BUSBRA" / "Images" / "bus_0001-l.png").unlink()  # say, cleaned up by hand
+    count = len(server.requests)
+    fetch("bus_bra", known_hash=sha256(ARCHIVE), **kwargs)
+    assert len(server.requests) == count  # the archive is still there: checked and unpacked, not downloaded
+    assert (tmp_path / "BUSBRA" / "Images" / "bus_0001-l.png").read_bytes() == b"png"
+    assert "missing (e.g. BUSBRA/Images/bus_0001-l.png)" in capsys.readouterr().out
+    with pytest.raises(HashMismatchError):  # a checksum pinned later is checked, not ignored
+        fetch("bus_bra", known_hash="md5:" + "0" * 32, **kwargs)
+    assert (tmp_path / ".bus_bra.complete").exists()  # and a wrong one does not undo the good fetch
+
+
+def test_member_that_would_overwrite_the_archive_is_refused(tmp_path):
+    from data_fetch.archive import extract_zip
+
+    archive = tmp_path / "data.zip"
+    archive.write_bytes(zip_bytes({"data.zip": b"inner", "data/a.txt": b"a"}))
+    with pytest.raises(UnsafeArchiveError, match="overwrite the archive itself"):
+        extract_zip(archive, tmp_path)
+    assert archive.read_bytes().startswith(b"PK") and not (tmp_path / "data").exists()
+
+
 def test_half_extracted_folder_is_not_done(server, tmp_path):
     """Archive on disk but no marker (say, the machine died while unpacking): unpack again, no download."""
     server.files["/BUSBRA.zip"] = ARCHIVE
@@ -211,6 +236,9 @@ def test_manually_placed_file_with_wrong_hash_is_reported_not_deleted(tmp_path):
         (lambda d: fetch("isic", dest=d), "unknown dataset 'isic'.*busi"),
         (lambda d: fetch("busi", dest=d, known_hash="crc32:1234"), "checksum"),
         (lambda d: parse_hash("sha256:not-hex"), "checksum"),
+        (lambda d: parse_hash("md5:abc"), "has 3 hex digits; a md5 digest has 32"),
+        (lambda d: parse_hash("sha256:" + "0" * 32), "has 32 hex digits; a sha256 digest has 64"),
+        (lambda d: fetch("bus_bra", dest=d, known_hash="md5:" + "0" * 64), "a md5 digest has 32"),
     ],
 )
 def test_bad_arguments(tmp_path, call, message):

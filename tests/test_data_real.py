@@ -82,6 +82,7 @@ def test_busi_splits_deterministic_disjoint_and_duplicate_aware(busi, seed):
 
 def test_augmentation_moves_image_and_mask_together(tmp_path):
     base = tmp_path / "Dataset_BUSI_with_GT"
+    (base / "normal").mkdir(parents=True)  # BUSI's three class folders; this test needs no normal image
     rng = np.random.default_rng(0)
     for class_name in ("benign", "malignant"):
         for n in range(1, 4):
@@ -100,6 +101,36 @@ def test_augmentation_moves_image_and_mask_together(tmp_path):
             assert set(item["mask"].unique().tolist()) <= {0.0, 1.0}
             moved.append(iou(item["mask"][0], plain[i]["mask"][0]))
     assert min(moved) < 0.5 and max(moved) == 1.0  # some items flipped or rotated away, some untouched
+
+
+def test_dataloader_workers_draw_their_own_augmentations(tmp_path):
+    """Every worker holds a copy of the dataset; each must flip and turn its items its own way."""
+    from torch.utils.data import DataLoader
+
+    base = tmp_path / "Dataset_BUSI_with_GT"
+    lesion = np.zeros((40, 48), np.uint8)
+    lesion[4:28, 6:20] = 255  # off-centre, so every flip and turn shows
+    for class_name in ("normal", "benign", "malignant"):
+        for n in range(1, 9):
+            save_png(base / class_name / f"{class_name} ({n}).png", lesion)
+            save_png(base / class_name / f"{class_name} ({n})_mask.png", lesion)
+    dataset = load_dataset("busi", root=tmp_path, split="all", image_size=32, augment=True, seed=0)
+    torch.manual_seed(0)
+    loader = DataLoader(dataset, batch_size=4, num_workers=2)  # batches alternate between the two workers
+    batches = [batch["image"] for batch in loader]
+    assert len(batches) == 6
+    assert not torch.equal(batches[0], batches[1])  # worker 0's first batch vs worker 1's first batch
+    torch.manual_seed(0)
+    assert all(torch.equal(a, b["image"]) for a, b in zip(batches, DataLoader(dataset, batch_size=4, num_workers=2)))
+
+
+def test_items_do_not_share_the_cached_tensors(busi):
+    root, _ = busi
+    dataset = load_dataset("busi", root=root, split="val", image_size=SIZE)
+    index = next(i for i in range(len(dataset)) if dataset[i]["mask"].sum() > 0)
+    dataset[index]["mask"].zero_()
+    dataset[index]["image"].zero_()
+    assert dataset[index]["mask"].sum() > 0 and dataset[index]["image"].abs().sum() > 0
 
 
 def test_in_channels_and_cache(busi, tmp_path):
@@ -264,6 +295,8 @@ def test_shapes_through_load_dataset():
         ({"name": "synthetic", "num_samples": 0}, ValueError, "num_samples"),
         ({"name": "shapes", "in_channels": 3}, ValueError, "in_channels"),
         ({"name": "breastmnist", "resolution": 64}, ValueError, "resolution"),
+        ({"name": "bus_bra", "folds": 2}, ValueError, r"bus_bra has no option 'folds'; its options: \['fold'\]"),
+        ({"name": "busi", "resolution": 128}, ValueError, "busi has no option 'resolution'.*duplicate_distance"),
     ],
 )
 def test_bad_arguments(kwargs, error, message):
@@ -295,3 +328,19 @@ def test_datasets_pickle_for_dataloader_workers(busi):
     dataset = load_dataset("busi", root=root, split="val", image_size=SIZE, augment=True)
     copy = pickle.loads(pickle.dumps(dataset))
     assert copy[0]["id"] == dataset[0]["id"] and copy[0]["image"].shape == (1, SIZE, SIZE)
+
+
+def test_partial_copies_are_refused_not_loaded(busi, tmp_path):
+    import shutil
+
+    root, _ = busi
+    copy = tmp_path / "busi"
+    shutil.copytree(root, copy)
+    shutil.rmtree(copy / "Dataset_BUSI_with_GT" / "normal")  # a class folder lost: not a smaller dataset
+    with pytest.raises(LayoutError, match="no normal/ folder"):
+        load_dataset("busi", root=copy)
+    # the archive beside the files but no marker: data_fetch died while unpacking
+    shutil.copytree(root, tmp_path / "unpacking", ignore=shutil.ignore_patterns(".*"))
+    (tmp_path / "unpacking" / "Dataset_BUSI.zip").write_bytes(b"zip")
+    with pytest.raises(LayoutError, match="unpacking did not finish.*python -m data_fetch busi"):
+        load_dataset("busi", root=tmp_path / "unpacking")

@@ -34,7 +34,7 @@ import torch
 from PIL import Image
 from torch.utils.data import ConcatDataset, Dataset
 
-from data_fetch import default_data_dir, get_source
+from data_fetch import completion_marker, default_data_dir, get_source
 from mtlearn.data.splits import (
     DUPLICATE_MAX_DISTANCE, SPLIT_FRACTIONS, difference_hash, duplicate_groups, split_by_group,
 )
@@ -105,11 +105,18 @@ def load_dataset(
     if on_size_mismatch not in SIZE_MISMATCH_POLICIES:
         raise ValueError(f"on_size_mismatch must be one of {SIZE_MISMATCH_POLICIES}, got {on_size_mismatch!r}")
 
+    _check_options(name, READERS[name], kwargs)
     fetch_name = _fetch_name(name, kwargs.get("resolution"))
     folder = Path(root).expanduser() if root is not None else default_data_dir() / get_source(fetch_name).folder
     command = f"python -m data_fetch {fetch_name}" + (f' --dest "{folder}"' if root is not None else "")
     if not folder.is_dir():
         raise FileNotFoundError(f"{name} is not downloaded: {folder} does not exist. Fetch it with `{command}`")
+    source, marker = get_source(fetch_name), completion_marker(folder, fetch_name)
+    if source.extract and (folder / source.filename).exists() and not marker.exists():
+        raise LayoutError(
+            f"{folder} holds {source.filename} but its unpacking did not finish (no {marker.name}). "
+            f"Run `{command}`: it checks the archive and unpacks it again, without downloading"
+        )
     try:
         records, class_names, problems = READERS[name](folder, split, seed, **kwargs)
     except LayoutError as error:
@@ -166,6 +173,7 @@ class UltrasoundDataset(Dataset):
         self.records = list(records)
         self.tasks = ("cls",) if self.records and self.records[0].masks is None else ("seg", "cls")
         self._augment = augmentation(seed) if augment else None
+        self._augment_seed, self._augment_stream = seed, None  # see _reseed_augmentation
         self._cache: dict[int, tuple] | None = {} if cache else None
 
     @property
@@ -185,13 +193,31 @@ class UltrasoundDataset(Dataset):
         record = self.records[index]
         image, mask = self._resized(index)
         if self._augment is not None:
+            self._reseed_augmentation()
             image, mask = augment_item(self._augment, image, mask)
         item = {"image": image.repeat(self.in_channels, 1, 1), "label": record.label, "id": record.id}  # (C, H, W)
         if mask is not None:
-            item["mask"] = mask  # (1, H, W)
+            item["mask"] = mask if self._augment is not None else mask.clone()  # (1, H, W); never the cached tensor
         if record.artifact is not None:
             item["artifact"] = record.artifact
         return item
+
+    def _reseed_augmentation(self) -> None:
+        """Give every DataLoader worker and every torchrun rank its own stream of random flips and angles.
+
+        Why: each worker (and each rank) holds a copy of this dataset with the same random state,
+        so without this worker k's i-th item would be flipped and turned exactly like every other
+        worker's i-th item. The worker's seed comes from the DataLoader (a new one each epoch
+        unless the workers persist), so runs stay reproducible under a fixed torch seed.
+        """
+        worker = torch.utils.data.get_worker_info()
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        rank = torch.distributed.get_rank() if distributed else 0
+        stream = (None if worker is None else worker.seed, rank)
+        if stream != self._augment_stream:
+            base = self._augment_seed if worker is None else worker.seed
+            self._augment.set_random_state(seed=(base + 1_000_003 * rank) % 2**32)
+            self._augment_stream = stream
 
     def _resized(self, index: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Image (1, H, W) and mask (1, H, W) or None at `image_size`, from the cache if possible."""
@@ -222,6 +248,9 @@ def _read_busi(folder: Path, split: str, seed: int, duplicate_distance: int = DU
         folder, lambda d: (d / "benign").is_dir() and (d / "malignant").is_dir(),
         "Dataset_BUSI_with_GT/{benign,malignant,normal}/ holding '<class> (N).png' and '<class> (N)_mask.png'",
     )
+    missing = [name for name in BUSI_CLASSES if not (base / name).is_dir()]
+    if missing:  # a partial copy would load, with a class silently empty
+        raise LayoutError(f"{base} has no {', '.join(missing)}/ folder; BUSI has one folder per class {BUSI_CLASSES}")
     records, problems = [], []
     for label, class_name in enumerate(BUSI_CLASSES):
         images, masks = {}, defaultdict(list)
@@ -409,6 +438,16 @@ def _take_split(records: list[Record], split: str, seed: int, fractions=SPLIT_FR
 
 def _official_parts(split: str) -> tuple[str, ...]:
     return SPLITS[:3] if split == "all" else (split,)
+
+
+def _check_options(name: str, reader: Callable, options: dict) -> None:
+    """Raise ValueError naming the options `reader` accepts if `options` holds another one."""
+    import inspect
+
+    accepted = [p for p in inspect.signature(reader).parameters if p not in ("folder", "split", "seed")]
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise ValueError(f"{name} has no option {', '.join(map(repr, unknown))}; its options: {accepted or 'none'}")
 
 
 def _fetch_name(name: str, resolution: int | None) -> str:
