@@ -81,7 +81,9 @@ def load_dataset(
             `default_data_dir() / <folder>`. Ignored by the generated datasets.
         split: "train", "val", "test" or "all" (shapes also has "unseen").
         image_size: int or (H, W); default 128 px, and (224, 288) for shapes.
-        seed: chooses our splits (not the official ones), the augmentation and the generated data.
+        seed: chooses our splits (not the official ones) and the generated data; augmentations
+            follow torch's random generator (torch.manual_seed), which DataLoader workers and
+            checkpoints carry.
         augment: random left-right flips and +-25 degree rotations of image and mask (real data).
         cache: keep resized images in memory after their first use (real data).
         in_channels: 1 (grey) or 3 (grey repeated, for ImageNet-style encoders).
@@ -172,8 +174,7 @@ class UltrasoundDataset(Dataset):
             )
         self.records = list(records)
         self.tasks = ("cls",) if self.records and self.records[0].masks is None else ("seg", "cls")
-        self._augment = augmentation(seed) if augment else None
-        self._augment_seed, self._augment_stream = seed, None  # see _reseed_augmentation
+        self._augment = augmentation() if augment else None  # reseeded per item: _reseed_augmentation
         self._cache: dict[int, tuple] | None = {} if cache else None
 
     @property
@@ -203,21 +204,17 @@ class UltrasoundDataset(Dataset):
         return item
 
     def _reseed_augmentation(self) -> None:
-        """Give every DataLoader worker and every torchrun rank its own stream of random flips and angles.
+        """Draw this item's flip and angle from torch's random generator.
 
-        Why: each worker (and each rank) holds a copy of this dataset with the same random state,
-        so without this worker k's i-th item would be flipped and turned exactly like every other
-        worker's i-th item. The worker's seed comes from the DataLoader (a new one each epoch
-        unless the workers persist), so runs stay reproducible under a fixed torch seed.
+        Why: every DataLoader worker (and every torchrun rank) holds a copy of this dataset; with
+        one fixed random state inside, worker k's i-th item would be flipped and turned exactly like
+        every other worker's i-th item. torch's generator is seeded per worker by the DataLoader
+        and saved in the trainer's checkpoints, so a resumed run draws the same augmentations.
         """
-        worker = torch.utils.data.get_worker_info()
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
         rank = torch.distributed.get_rank() if distributed else 0
-        stream = (None if worker is None else worker.seed, rank)
-        if stream != self._augment_stream:
-            base = self._augment_seed if worker is None else worker.seed
-            self._augment.set_random_state(seed=(base + 1_000_003 * rank) % 2**32)
-            self._augment_stream = stream
+        seed = int(torch.randint(0, 2**31 - 1, ()))
+        self._augment.set_random_state(seed=(seed + 1_000_003 * rank) % 2**32)
 
     def _resized(self, index: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Image (1, H, W) and mask (1, H, W) or None at `image_size`, from the cache if possible."""
