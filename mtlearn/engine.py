@@ -26,6 +26,7 @@ import math
 import os
 import random
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -177,11 +178,13 @@ def resolve_amp(amp: str | bool | None, device: torch.device) -> torch.dtype | N
     if amp == "auto":
         if device.type != "cuda":
             return None
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        # including_emulation=False: a T4 or V100 "supports" bf16 only by emulation, slowly; fp16 + scaler there
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
     if amp == "fp16" and device.type != "cuda":
         raise ValueError(f"amp='fp16' needs a CUDA GPU (device is {device}); use amp='bf16' or 'off'")
-    if amp == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ValueError("this GPU has no bfloat16 support; use amp='fp16' (with loss scaling) or 'auto'")
+    if amp == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
+        raise ValueError("this GPU has no native bfloat16 (it would be emulated, slowly); use amp='fp16' "
+                         "(with loss scaling) or 'auto'")
     return torch.bfloat16 if amp == "bf16" else torch.float16
 
 
@@ -256,11 +259,26 @@ def _rng_state(loader) -> dict:
         "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
                   "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
         "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "cuda": _cuda_rng_states(),
     }
     for name, generator in _loader_generators(loader).items():
         state[name] = generator.get_state()
     return state
+
+
+def _cuda_rng_states() -> list[Tensor]:
+    """The current GPU's random state, one per process under torchrun (rank k restores its own).
+
+    Collective under torchrun: every rank must call it, so it runs before the rank-0-only save.
+    """
+    if not torch.cuda.is_available():
+        return []
+    state = torch.cuda.get_rng_state()
+    if not is_distributed():
+        return [state]
+    states = [None] * dist.get_world_size()
+    dist.all_gather_object(states, state)
+    return [s.cpu() for s in states]
 
 
 def _set_rng_state(state: Mapping, loader) -> None:
@@ -271,7 +289,13 @@ def _set_rng_state(state: Mapping, loader) -> None:
     version, internal, gauss_next = state["python"]
     random.setstate((version, tuple(internal), gauss_next))
     if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        world, rank = (dist.get_world_size(), dist.get_rank()) if is_distributed() else (1, 0)
+        if len(state["cuda"]) == world:
+            torch.cuda.set_rng_state(state["cuda"][rank])
+        else:
+            warnings.warn(f"the checkpoint holds the CUDA random state of {len(state['cuda'])} process(es), this "
+                          f"run has {world}: dropout and drop-path will differ from an uninterrupted run",
+                          stacklevel=3)
     for name, generator in _loader_generators(loader).items():
         if name in state:
             generator.set_state(state[name])
@@ -389,7 +413,7 @@ def fit(model: nn.Module, train_loader, val_loader=None, config: TrainConfig | N
     history, start_epoch, best_state = History(monitor=monitor, mode=mode), 0, None
     out_dir = Path(config.out_dir) if config.out_dir is not None else None
     if config.resume and (out_dir / "last.pt").is_file():
-        history, start_epoch = _load_run(run, out_dir / "last.pt", train_loader)
+        history, start_epoch = _load_run(run, out_dir / "last.pt", train_loader, config, tasks)
         if (out_dir / "best.pt").is_file():
             best_state = load_checkpoint(out_dir / "best.pt")["model"]
     run.train_model = _wrap_for_training(model, run.device, config.compile)
@@ -410,17 +434,22 @@ def fit(model: nn.Module, train_loader, val_loader=None, config: TrainConfig | N
                 metrics = evaluate(model, val_loader, tasks, device=run.device, amp=config.amp,
                                    channels_last=run.channels_last, losses=config.losses, data_range=config.data_range)
                 record.update({f"val/{k}": v for k, v in metrics.items()})
+                if monitor not in record:  # a typo would otherwise mean: no best.pt, silently
+                    raise ValueError(f"monitor {config.monitor!r} is not a validation metric; choose one of "
+                                     f"{sorted(k.removeprefix('val/') for k in record if k.startswith('val/'))}")
                 bar.set_postfix({k: f"{v:.3f}" for k, v in metrics.items() if not k.endswith("loss")})
         finally:
             bar.close()
         improved = history.append(record)  # best epoch: judged on the validation split only
         if improved:
             best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-        if out_dir is not None and is_main_process():
-            state = _run_state(run, epoch + 1, history, train_loader, config, tasks)
-            if improved:
-                save_checkpoint(state, out_dir / "best.pt")
-            save_checkpoint(state, out_dir / "last.pt")
+        if out_dir is not None:
+            rng = _rng_state(train_loader)  # on every rank: it gathers each GPU's random state
+            if is_main_process():
+                state = _run_state(run, epoch + 1, history, config, tasks, rng)
+                if improved:
+                    save_checkpoint(state, out_dir / "best.pt")
+                save_checkpoint(state, out_dir / "last.pt")
 
     if config.restore_best and best_state is not None:
         model.load_state_dict(best_state)
@@ -471,21 +500,40 @@ def _prepare(model: nn.Module, config: TrainConfig, tasks: tuple[str, ...], tota
                 device, amp_dtype, channels_last, config.grad_clip)
 
 
-def _run_state(run: _Run, epoch: int, history: History, train_loader, config: TrainConfig, tasks) -> dict:
+def _run_state(run: _Run, epoch: int, history: History, config: TrainConfig, tasks, rng: dict) -> dict:
     """A checkpoint: tensors, numbers, strings, lists and dicts only, so that weights_only=True loads it."""
     return {
         "format": CHECKPOINT_FORMAT, "epoch": epoch, "model": run.model.state_dict(),
         "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
         "weighting": run.weighting.state_dict(), "scaler": run.scaler.state_dict() if run.scaler else {},
-        "rng": _rng_state(train_loader), "history": history.state_dict(), "config": _plain_config(config, tasks),
+        "rng": rng, "history": history.state_dict(), "config": _plain_config(config, tasks),
     }
 
 
-def _load_run(run: _Run, path: Path, train_loader) -> tuple[History, int]:
+# what a resumed run must share with the run that wrote the checkpoint (epochs may grow; device,
+# precision and speed options may change, e.g. when a run moves from a GPU to a CPU)
+RESUME_FIELDS = ("tasks", "lr", "weight_decay", "betas", "poly_power", "weighting", "task_weights",
+                 "weighting_kwargs", "losses", "grad_clip")
+
+
+def _load_run(run: _Run, path: Path, train_loader, config: TrainConfig, tasks) -> tuple[History, int]:
     """Restore a run from a checkpoint; returns its history and the number of epochs done."""
-    state = load_checkpoint(path, run.model, map_location=run.device)
+    state = load_checkpoint(path, map_location=run.device)
+    saved, current = state.get("config", {}), _plain_config(config, tasks)
+    changed = [name for name in RESUME_FIELDS if name in saved and saved[name] != current[name]]
+    if changed:
+        details = "; ".join(f"{name}: {saved[name]!r} then, {current[name]!r} now" for name in changed)
+        raise ValueError(f"cannot resume from {path} with other options ({details}). Resume with the options "
+                         "of that run, or start a new run in another out_dir")
+    run.model.load_state_dict(state["model"])
     run.optimizer.load_state_dict(state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
+    # the schedule's closed form knows the (possibly longer) new run: recompute this step's lr from it
+    scheduler = run.scheduler
+    scheduler._last_lr = [base * decay(scheduler.last_epoch)
+                          for base, decay in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    for group, lr in zip(run.optimizer.param_groups, scheduler._last_lr):
+        group["lr"] = lr
     run.weighting.load_state_dict(state["weighting"])
     if run.scaler is not None and state["scaler"]:
         run.scaler.load_state_dict(state["scaler"])
@@ -534,9 +582,13 @@ def _train_one_epoch(run: _Run, loader, epoch: int, tasks: tuple[str, ...], bar,
         if batch is None:
             break
         steps += 1
+        buffers = [b.detach().clone() for b in run.model.buffers()]  # BatchNorm statistics, before this batch
         losses, values = _forward(run, batch, tasks)
         for task, value in zip(tasks, values):  # before backward: weights and checkpoints stay good
             if not np.isfinite(value):
+                with torch.no_grad():  # the forward pass already fed the bad batch into the running statistics
+                    for buffer, saved in zip(run.model.buffers(), buffers):
+                        buffer.copy_(saved)
                 last = out_dir / "last.pt" if out_dir is not None and (out_dir / "last.pt").is_file() else None
                 raise NonFiniteLossError(epoch + 1, steps, task, float(value), last)
         total = _update(run, losses)

@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
-from monai.losses import DiceCELoss, DiceFocalLoss
+from monai.losses import DiceCELoss, DiceLoss, FocalLoss
 from torch import Tensor, nn
 
 # Which batch key holds each task's target (COMMON interface). The order is the canonical task order.
@@ -50,6 +50,24 @@ def check_tasks(tasks: Sequence[str]) -> tuple[str, ...]:
     return tasks
 
 
+class DiceSoftmaxFocal(nn.Module):
+    """Dice + focal loss, both on the softmax of the logits.
+
+    Why not MONAI's DiceFocalLoss: (in MONAI 1.6) its focal part applies a sigmoid to each channel
+    separately, which is not the multi-class focal loss of the paper and is not even invariant to
+    adding a constant to every logit.
+    logits: (B, K, H, W), mask: (B, 1, H, W) class indices -> scalar
+    """
+
+    def __init__(self, gamma: float = 2.0):
+        super().__init__()
+        self.dice = DiceLoss(softmax=True, to_onehot_y=True)
+        self.focal = FocalLoss(to_onehot_y=True, gamma=gamma, use_softmax=True)
+
+    def forward(self, logits: Tensor, mask: Tensor) -> Tensor:
+        return self.dice(logits, mask) + self.focal(logits, mask)
+
+
 class SegmentationLoss(nn.Module):
     """Dice + cross-entropy (or Dice + focal) on softmax logits, from MONAI.
 
@@ -66,7 +84,7 @@ class SegmentationLoss(nn.Module):
         if kind == "dicece":
             self.loss = DiceCELoss(softmax=True, to_onehot_y=True)
         else:
-            self.loss = DiceFocalLoss(softmax=True, to_onehot_y=True, gamma=focal_gamma)
+            self.loss = DiceSoftmaxFocal(focal_gamma)
 
     def forward(self, logits: Tensor, mask: Tensor) -> Tensor:
         """logits: (B, K, H, W), mask: (B, 1, H, W) with values 0..K-1 (float or int) -> scalar."""

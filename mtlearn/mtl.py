@@ -148,7 +148,8 @@ def build_model(preset: str = "course", tasks: Sequence[str] = ("seg", "cls"), i
         raise ValueError(f"unknown preset {preset!r}; expected one of {tuple(PRESETS)}")
     check_options(MultiTaskConfig, overrides, "model option(s)")
     settings = {**PRESETS[preset], **overrides}
-    config = MultiTaskConfig(in_channels=in_channels, image_size=image_size, tasks=tuple(tasks),
+    tasks = (tasks,) if isinstance(tasks, str) else tuple(tasks)  # "seg" is one task, not three letters
+    config = MultiTaskConfig(in_channels=in_channels, image_size=image_size, tasks=tasks,
                              num_classes=num_classes, seg_classes=seg_classes, **settings)
     return MultiTaskUNet(config)
 

@@ -186,6 +186,26 @@ def test_nan_guard_stops_and_keeps_the_last_good_checkpoint(where, tmp_path):
         assert len(history) == 3
     else:
         assert not last.exists()  # no epoch finished, so there is nothing to trust
+    # the bad batch went through BatchNorm in train mode; its statistics must not stay in the model
+    assert all(torch.isfinite(b).all() for b in model.buffers() if b.is_floating_point())
+
+
+def test_resume_into_a_longer_run_follows_the_longer_schedule(tmp_path):
+    train, val = _loaders()  # 4 steps per epoch
+    _fit(ToyNet(), train, val, epochs=1, lr=1e-2, out_dir=tmp_path)  # its schedule ends at lr 0
+    history = _fit(ToyNet(), train, val, epochs=2, lr=1e-2, out_dir=tmp_path, resume=True)
+    assert history.records[1]["lr"] == pytest.approx(1e-2 * (1 - 4 / 8) ** 0.9)  # step 4 of 8, not 0
+
+
+@pytest.mark.parametrize("changed, named", [(dict(weighting="dwa"), "weighting: 'fixed' then, 'dwa' now"),
+                                            (dict(lr=1e-3), "lr: 0.01 then, 0.001 now"),
+                                            (dict(tasks=("seg", "cls")), "tasks")])
+def test_resume_with_other_options_is_refused_by_name(changed, named, tmp_path):
+    train, val = _loaders()
+    _fit(ToyNet(), train, val, epochs=1, lr=1e-2, out_dir=tmp_path)
+    options = {"epochs": 2, "lr": 1e-2, **changed}
+    with pytest.raises(ValueError, match=f"cannot resume .*{named}.*another out_dir"):
+        _fit(ToyNet(), train, val, out_dir=tmp_path, resume=True, **options)
 
 
 def test_bf16_autocast_on_cpu():
@@ -283,6 +303,7 @@ def test_progress_bar_only_when_asked(capsys):
     (dict(amp="fp8"), "unknown amp 'fp8'"),
     (dict(weighting="dwa", task_weights={"seg": 1, "cls": 1, "recon": 1}), "task_weights only applies"),
     (dict(grad_clip=-1.0), "grad_clip"),
+    (dict(monitor="seg/dcie"), "monitor 'seg/dcie' is not a validation metric; choose one of .*'seg/dice'"),
 ])
 def test_bad_fit_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):

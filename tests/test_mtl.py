@@ -121,7 +121,7 @@ def test_single_task_model_has_the_same_encoder_and_one_head():
 
 
 def test_build_model_applies_overrides():
-    model = build_model("tiny", tasks=("seg",), in_channels=3, image_size=64, dfe="four", window_size=2)
+    model = build_model("tiny", tasks="seg", in_channels=3, image_size=64, dfe="four", window_size=2)
     assert model.config.in_channels == 3 and model.config.dfe == "four" and model.config.window_size == 2
     assert model.config.widths == PRESETS["tiny"]["widths"]
 
