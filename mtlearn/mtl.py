@@ -119,18 +119,18 @@ class MultiTaskUNet(nn.Module):
 
 
 # Encoder sizes. Parameter counts for tasks ("seg", "cls"), 1 input channel, 3 classes, dfe "none";
-# forward GFLOPs per image (torch.utils.flop_counter, 2 per multiply-add).
+# forward GFLOPs per image (mtlearn.utils.count_flops: 2 per multiply-add, attention included).
 PRESETS: dict[str, dict] = {
-    # Bui et al.'s network: ResNet-34 + Swin (embed 64, heads 2/4/8/16).   33.65M params at 224 px, 46 GFLOPs
-    # (dfe="three": 44.11M, dfe="four": 45.15M, use_attention=False: 23.54M; + "recon": 35.90M)
+    # Bui et al.'s network: ResNet-34 + Swin (embed 64, heads 2/4/8/16).   33.65M params at 224 px, 48.7 GFLOPs
+    # (dfe="three": 44.11M, dfe="four": 56.29M, use_attention=False: 23.54M; + "recon": 35.90M)
     "paper": dict(widths=(64, 128, 256, 512), cnn_depths=(3, 4, 6, 3), attn_depths=(2, 2, 2, 2),
                   num_heads=(2, 4, 8, 16), drop_path=0.1),
-    # Half width, one BasicBlock and two Swin blocks per stage, head dim 32.   4.33M params at 128 px, 2.0 GFLOPs
-    # (dfe="three": 6.95M, dfe="four": 7.21M, use_attention=False: 1.80M; + "recon": 4.90M)
+    # Half width, one BasicBlock and two Swin blocks per stage, head dim 32.   4.33M params at 128 px, 2.1 GFLOPs
+    # (dfe="three": 6.95M, dfe="four": 10.00M, use_attention=False: 1.80M; + "recon": 4.90M)
     "course": dict(widths=(32, 64, 128, 256), cnn_depths=(1, 1, 1, 1), attn_depths=(2, 2, 2, 2),
                    num_heads=(1, 2, 4, 8), drop_path=0.05),
-    # Smoke runs and tests: quarter width, one block of each kind, head dim 16.   0.83M params at 64 px, 0.1 GFLOPs
-    # (dfe="three": 1.48M, dfe="four": 1.55M, use_attention=False: 0.455M)
+    # Smoke runs and tests: quarter width, one block of each kind, head dim 16.   0.83M params at 64 px, 0.11 GFLOPs
+    # (dfe="three": 1.48M, dfe="four": 2.25M, use_attention=False: 0.455M)
     "tiny": dict(widths=(16, 32, 64, 128), cnn_depths=(1, 1, 1, 1), attn_depths=(1, 1, 1, 1),
                  num_heads=(1, 2, 4, 8), drop_path=0.0),
 }

@@ -116,7 +116,12 @@ def roc_curves(labels, probabilities, class_names: Sequence[str], title: str = "
 
 
 def bar_table(table, metrics: Sequence[str], title: str = "", errors=None):
-    """Grouped bars: rows of `table` (a pandas DataFrame indexed by run) for each metric column."""
+    """Grouped bars: rows of `table` (a pandas DataFrame indexed by run) for each metric column.
+
+    Metrics in [0, 1] that are all close (Dice 0.90 vs 0.92) get an axis starting just below the
+    lowest bar, so the differences show; read the tick labels, not the bar heights. Negative
+    values (e.g. a relative change) always keep 0 and the lowest bar in view.
+    """
     fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 3.2), squeeze=False)
     for ax, metric in zip(axes[0], metrics):
         values = table[metric]
@@ -126,7 +131,11 @@ def bar_table(table, metrics: Sequence[str], title: str = "", errors=None):
         ax.set_title(metric)
         ax.set_ylabel(metric)
         low = float(np.nanmin(values))
-        ax.set_ylim(max(0.0, low - 0.15), None)
+        if low < 0:
+            ax.axhline(0.0, color="k", lw=0.8)
+            ax.set_ylim(low - 0.1 * abs(low), None)
+        else:
+            ax.set_ylim(max(0.0, low - 0.15), None)
         ax.grid(axis="y", alpha=0.3)
     fig.suptitle(title)
     fig.tight_layout()

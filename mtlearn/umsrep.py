@@ -52,7 +52,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from mtlearn.losses import build_losses, check_tasks, task_losses
-from mtlearn.utils import check_options, count_parameters, pick_device, seed_everything
+from mtlearn.utils import check_options, count_parameters, countable_attention, pick_device, seed_everything
 
 TASKS = ("recon", "seg", "cls")  # the order of the paper: denoising, segmentation, classification
 STRATEGIES = {  # name -> description (the letters of the issue)
@@ -297,7 +297,8 @@ def measure_training_step(model: nn.Module, batch: Mapping[str, Tensor], tasks: 
 
     Measured on a copy (the model itself is not touched), in training mode, with the task losses
     summed. torch.utils.flop_counter counts matrix multiplications and convolutions, forward and
-    backward, at 2 FLOPs per multiply-add; element-wise work (norms, activations, the optimiser
+    backward, at 2 FLOPs per multiply-add (attention in its math form, see
+    mtlearn.utils.countable_attention, so its matrix products count as well); element-wise work (norms, activations, the optimiser
     update) is left out: a few percent. Frozen parts need no weight gradients and, below the
     lowest trainable layer, no input gradients either: the count shows that saving directly,
     which "3 x forward FLOPs" would not.
@@ -322,7 +323,8 @@ def measure_training_step(model: nn.Module, batch: Mapping[str, Tensor], tasks: 
             saved[storage.data_ptr()] = storage.nbytes()
         return tensor
 
-    with FlopCounterMode(display=False) as counter, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with countable_attention(), FlopCounterMode(display=False) as counter, \
+            torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         outputs = probe(batch["image"])
         losses = task_losses(outputs, batch, loss_fns)
         total = sum(losses.values())

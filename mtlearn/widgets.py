@@ -64,5 +64,6 @@ class DatasetExplorer:
             ax.set_title(title, fontsize=9)
             ax.set_axis_off()
             plt.show()
+            plt.close(fig)  # shown; without this every redraw would keep one more figure alive
         self.state = {"index": self.index.value, "layer": self.show.value, "title": title,
                       "outline": self.outline.value, "artifact": self.artifact.value}

@@ -203,7 +203,7 @@ def test_attention_dropout_only_in_training():
 @pytest.mark.parametrize("cls", [DFE, ASPPDFE])
 def test_dfe_builds_one_branch_per_dilation(cls, dilations):
     block = cls(8, dilations)
-    dilated = [m for m in block.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3)]
+    dilated = [m for m in block.branches.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3)]
     assert [m.dilation for m in dilated] == [(d, d) for d in dilations]
     assert all(m.padding == m.dilation for m in dilated)  # resolution kept
 
@@ -219,16 +219,17 @@ def _rows_changed_by_centre(block, size=41):
 
 @pytest.mark.parametrize("cls", [DFE, ASPPDFE])
 def test_dfe_receptive_field_follows_the_dilation(cls):
-    # A 3x3 conv of dilation d taps offsets 0 and +-d; the 7x7 spatial attention widens each tap by +-3.
+    # A 3x3 conv of dilation d taps offsets 0 and +-d; the 7x7 spatial attention widens each tap by +-3
+    # (and ASPPDFE's 3x3 projection by +-1 more).
     torch.manual_seed(0)
-    centre = 20
+    centre, spread = 20, 3 + (cls is ASPPDFE)
     changed = _rows_changed_by_centre(cls(8, (12,)).eval())
     assert changed[centre + 12] and changed[centre - 12] and changed[centre]
     assert not changed[centre + 6] and not changed[centre - 7]  # between the taps
-    assert not changed[centre + 16]  # beyond the widest tap
+    assert not changed[centre + 12 + spread + 1]  # beyond the widest tap
     changed = _rows_changed_by_centre(cls(8, (6,)).eval())
     assert changed[centre + 6] and changed[centre - 6]
-    assert not changed[centre + 10]
+    assert not changed[centre + 6 + spread + 1]
 
 
 def test_stage_without_attention_builds_no_transformer():

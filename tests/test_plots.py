@@ -40,3 +40,6 @@ def test_learning_curves_and_bars():
     table = pd.DataFrame({"dice": [0.8, 0.9]}, index=["a", "b"])
     fig = plots.bar_table(table, ["dice"])
     assert [p.get_height() for p in fig.axes[0].patches] == [0.8, 0.9]
+    changes = pd.DataFrame({"delta_m": [-3.0, -1.0, 2.0]}, index=["a", "b", "c"])  # e.g. relative changes, %
+    low, high = plots.bar_table(changes, ["delta_m"]).axes[0].get_ylim()
+    assert low < -3.0 and high > 2.0  # every bar in view, the negative ones included

@@ -51,6 +51,17 @@ def test_count_flops_linear_layer():
     assert model.training  # the count leaves the mode as it found it
 
 
+def test_count_flops_counts_attention_on_the_cpu():
+    """QK^T and AV: 2 x (2 N^2 d) FLOPs, which torch's counter misses in the fused CPU kernel."""
+
+    class Attention(torch.nn.Module):
+        def forward(self, q):
+            return torch.nn.functional.scaled_dot_product_attention(q, q, q)
+
+    n, d = 16, 8
+    assert count_flops(Attention(), torch.randn(1, 2, n, d)) == 2 * 2 * (2 * n * n * d)  # 2 heads
+
+
 def test_environment_report_names_device_and_versions():
     report = environment_report("cpu")
     assert report["device"] == "cpu" and report["torch"] == torch.__version__

@@ -33,6 +33,16 @@ def test_explorer_redraws_on_control_changes():
     assert explorer.index.max == 2
 
 
+def test_redraws_do_not_pile_up_figures():
+    import matplotlib.pyplot as plt
+
+    plt.close("all")
+    explorer = DatasetExplorer(fake_items(), class_names=("normal", "benign", "malignant"))
+    for index in (1, 2, 0, 1):
+        explorer.index.value = index
+    assert plt.get_fignums() == []
+
+
 def test_explorer_without_masks_disables_the_outline():
     items = [{"image": torch.rand(1, 8, 8), "label": 0}]
     explorer = DatasetExplorer(items)
