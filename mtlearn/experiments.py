@@ -1,7 +1,11 @@
 """Grids of notebook runs through papermill: notebooks x parameters x seeds, resumable.
 
     python -m mtlearn.experiments --notebooks 01 02 --seeds 0 1 --profile smoke --out outputs/grid
-    python -m mtlearn.experiments --notebooks 02 --seeds 0 1 2 --set weighting=fixed,pcgrad
+    python -m mtlearn.experiments --notebooks 02 --seeds 0 1 2 --set "weightings=['fixed'],['pcgrad']" \
+        --set num_seeds=1
+
+`--set NAME=V1,V2` sweeps a parameter of the notebook's `parameters` cell (a name the notebook does
+not have is an error, not a silently ignored value); the values are Python literals.
 
 Each run gets its own folder, named after its parameters. A run whose folder already holds a
 `metrics.json` written with the same parameters is skipped, so an interrupted grid picks up where it
@@ -36,7 +40,8 @@ class RunSpec:
     @property
     def name(self) -> str:
         """Folder name: the parameters that vary, e.g. `seed=1,weighting=pcgrad`."""
-        return ",".join(f"{k}={v}" for k, v in self.parameters) or "default"
+        name = ",".join(f"{k}={v}" for k, v in self.parameters) or "default"
+        return name.replace("/", "_")  # a value holding a path must not nest folders
 
     def folder(self, out_root: Path) -> Path:
         return Path(out_root) / self.notebook.stem / self.name
@@ -57,6 +62,8 @@ def grid(notebooks: list[Path], parameters: dict[str, list[Any]], seeds: list[in
     if not seeds:
         raise ValueError("the grid needs at least one seed, e.g. seeds=[0]")
     names = sorted(parameters)
+    for nb in notebooks:
+        _check_parameters(Path(nb), names)
     specs = []
     for nb in notebooks:
         for values in itertools.product(*(parameters[n] for n in names)):
@@ -64,6 +71,20 @@ def grid(notebooks: list[Path], parameters: dict[str, list[Any]], seeds: list[in
                 params = dict(zip(names, values), seed=seed, profile=profile)
                 specs.append(RunSpec(Path(nb), tuple(sorted(params.items()))))
     return specs
+
+
+def _check_parameters(notebook: Path, names: list[str]) -> None:
+    """Raise ValueError if `notebook`'s parameters cell lacks one of `names`.
+
+    Why: papermill only logs a warning for an unknown parameter and runs the notebook with its
+    defaults, so a misspelt name would give a grid of identical runs with different labels.
+    """
+    import papermill
+
+    known = papermill.inspect_notebook(str(notebook))
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        raise ValueError(f"{notebook.stem} has no parameter {unknown}; its parameters: {sorted(known)}")
 
 
 def run_grid(specs: list[RunSpec], out_root: str | Path, *, progress: bool = True) -> pd.DataFrame:
@@ -128,10 +149,18 @@ def plot_spread(table: pd.DataFrame, by: str, metric: str, title: str = ""):
 
 
 def _parse_set(text: str) -> tuple[str, list[Any]]:
-    """`name=v1,v2` -> ("name", [v1, v2]) with Python literals where they parse."""
+    """`name=v1,v2` -> ("name", [v1, v2]): Python literals, else plain strings.
+
+    "lr=1e-3,1e-4" -> [0.001, 0.0001]; "size=(64,64),(96,96)" -> [(64, 64), (96, 96)];
+    "weightings=['fixed'],['pcgrad']" -> [["fixed"], ["pcgrad"]]; "dataset=busi,synthetic" -> strings.
+    """
     if "=" not in text:
         raise argparse.ArgumentTypeError(f"--set expects name=value[,value...], got {text!r}")
     name, values = text.split("=", 1)
+    try:  # the whole list at once, so commas inside tuples and lists stay where they are
+        return name.strip(), list(ast.literal_eval(f"[{values}]"))
+    except (ValueError, SyntaxError):
+        pass
 
     def literal(v: str) -> Any:
         try:

@@ -54,3 +54,17 @@ def test_bad_grid_arguments():
         grid([__file__], {}, seeds=[], profile="smoke")
     assert _parse_set("weighting=fixed,pcgrad") == ("weighting", ["fixed", "pcgrad"])
     assert _parse_set("lr=0.1,1e-3") == ("lr", [0.1, 0.001])
+    assert _parse_set("weightings=['fixed','pcgrad']") == ("weightings", [["fixed", "pcgrad"]])  # one list
+    assert _parse_set("weightings=['fixed'],['pcgrad']") == ("weightings", [["fixed"], ["pcgrad"]])
+    assert _parse_set("size=(64,64),(96,96)") == ("size", [(64, 64), (96, 96)])
+
+
+def test_a_parameter_the_notebook_lacks_is_refused(notebooks):
+    """papermill would only warn and run the defaults: a grid of identical runs, labelled as different."""
+    with pytest.raises(ValueError, match=r"01_a has no parameter \['scael'\]; its parameters: .*'scale'"):
+        grid(notebooks, {"scael": [1, 2]}, seeds=[0], profile="smoke")
+
+
+def test_run_folders_stay_one_level_deep(notebooks, tmp_path):
+    spec = grid(notebooks[:1], {"out_dir": ["/data/runs"]}, seeds=[0], profile="smoke")[0]
+    assert spec.folder(tmp_path).parent == tmp_path / "01_a"
