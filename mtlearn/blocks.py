@@ -328,7 +328,7 @@ class PatchEmbed(nn.Module):
             raise ValueError(f"PatchEmbed out_channels must be a multiple of 8 (split 4/2/1/1 eighths), got {out_channels}")
         # padding (k - 2) / 2 makes every branch output exactly H/2 x W/2
         self.convs = nn.ModuleList(
-            nn.Conv2d(in_channels, out_channels * share // 8, k, stride=2, padding=(k - 2) // 2)
+            _ContiguousConv2d(in_channels, out_channels * share // 8, k, stride=2, padding=(k - 2) // 2)
             for k, share in zip(self.KERNELS, self.SHARES)
         )
         self.eca = ECA()
@@ -336,14 +336,22 @@ class PatchEmbed(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """x: (B, C_in, H, W) -> (B, C_out, H/2, W/2)."""
-        # Run in the default (NCHW) layout even when the model is channels_last: on CPU, oneDNN's
-        # channels_last backward of the k=16 stride-2 convolution on a 3-channel image was ~30x
-        # slower (torch 2.13). The copies are of the input image and 8k weights: cheap.
-        x = x.contiguous()
-        x = torch.cat([F.conv2d(x, conv.weight.contiguous(), conv.bias, conv.stride, conv.padding)
-                       for conv in self.convs], dim=1)  # (B, C_out, H/2, W/2)
+        x = torch.cat([conv(x) for conv in self.convs], dim=1)  # (B, C_out, H/2, W/2)
         x = x + self.eca(x)
         return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # LayerNorm over channels
+
+
+class _ContiguousConv2d(nn.Conv2d):
+    """A Conv2d that runs in the default (NCHW) layout even inside a channels_last model.
+
+    Why: on CPU, oneDNN's channels_last backward of PatchEmbed's k=16 stride-2 convolution on a
+    3-channel image was ~30x slower (torch 2.13). The copies are of the input image and a few
+    thousand weights: cheap. Being a module call (not F.conv2d), hooks (Captum's layer methods,
+    randomisation checks) see it like any other layer.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.conv2d(x.contiguous(), self.weight.contiguous(), self.bias, self.stride, self.padding)
 
 
 class PatchMerging(nn.Module):

@@ -813,10 +813,9 @@ def probe_background_within_shape(model: nn.Module, loader, *, seed: int = 0,
     from mtlearn.data.shapes import ShapesBackground
     from mtlearn.probes import cross_validated_probe, extract_features
 
-    was_training = model.training
-    model.eval()  # BatchNorm's running statistics, as in probe_encoders
-    features, labels = extract_features(lambda x: model.encode(x)[0], loader, device, ("shape", "background"))
-    model.train(was_training)
+    # model=model: eval mode meanwhile (BatchNorm's running statistics), as in probe_encoders
+    features, labels = extract_features(lambda x: model.encode(x)[0], loader, device, ("shape", "background"),
+                                        model=model)
     scores = {}
     for value, name in enumerate(ShapesBackground.class_names):
         chosen = labels["shape"] == value
@@ -837,16 +836,13 @@ def probe_encoders(model: nn.Module, loader, label_keys: tuple[str, str], *, see
     """
     from mtlearn.probes import cross_validated_probe, extract_features
 
-    was_training = model.training
-    model.eval()
     scores = {}
     for side in ("a", "b"):
         encode = (lambda x, side=side: model.encode(x)[0 if side == "a" else 1])
-        features, labels = extract_features(encode, loader, device, label_keys)
+        features, labels = extract_features(encode, loader, device, label_keys, model=model)  # in eval mode
         for key in label_keys:
             probe = cross_validated_probe(features, labels[key], seed=seed)
             scores[f"probe_{key}_{side}"] = probe["balanced_accuracy"]
-    model.train(was_training)
     return scores
 
 

@@ -30,6 +30,7 @@ def extract_features(
     loader,
     device: str | torch.device = "auto",
     label_keys: tuple[str, ...] | None = None,
+    model: nn.Module | None = None,
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Run `encoder_or_fn` over `loader` and collect flat features and every integer label.
 
@@ -37,12 +38,16 @@ def extract_features(
         (B, D) or feature maps (B, C', h, w); maps are global-average-pooled to (B, C'). For an
         encoder returning a list of stages, the last stage is used.
     label_keys: which batch keys to collect; None collects every key whose values are integers.
+    model: for a plain function, the module it runs (extract_features(lambda x: net.encode(x)[0],
+        loader, model=net)): it is put in eval mode meanwhile, as a module given directly is.
+        Without it a function runs the network as it is: in training mode BatchNorm would use the
+        batch's statistics and update its running ones.
     Returns (features (N, D) float32, {key: (N,) int64}).
     """
     from mtlearn.utils import pick_device
 
     device = pick_device(device)
-    module = encoder_or_fn if isinstance(encoder_or_fn, nn.Module) else None
+    module = encoder_or_fn if isinstance(encoder_or_fn, nn.Module) else model
     if module is not None:
         was_training = module.training
         module.eval().to(device)

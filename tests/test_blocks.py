@@ -115,6 +115,12 @@ def test_patch_embed_branch_kernels_and_split():
     assert [c.kernel_size[0] for c in embed.convs] == [2, 4, 8, 16]
     assert [c.out_channels for c in embed.convs] == [32, 16, 8, 8]
     assert all(c.stride == (2, 2) for c in embed.convs)
+    # every branch is a module call, so hooks (Captum's layer methods) see it, channels_last too
+    seen = []
+    for conv in embed.convs:
+        conv.register_forward_hook(lambda module, inputs, output: seen.append(tuple(output.shape)))
+    embed.to(memory_format=torch.channels_last)(torch.randn(1, 3, 32, 32).contiguous(memory_format=torch.channels_last))
+    assert seen == [(1, 32, 16, 16), (1, 16, 16, 16), (1, 8, 16, 16), (1, 8, 16, 16)]
 
 
 def _reference_swin(block: SwinBlock, x: torch.Tensor) -> torch.Tensor:

@@ -112,6 +112,15 @@ def test_extract_features_takes_functions_and_stage_lists():
         extract_features(lambda x: x.flatten(1), loader, device="cpu", label_keys=("artifact",))
 
 
+def test_a_function_with_its_model_runs_in_eval_mode():
+    loader = DataLoader(TinyData(20), batch_size=8)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4))
+    first, _ = extract_features(lambda x: net(x), loader, device="cpu", label_keys=("coded",), model=net)
+    again, _ = extract_features(lambda x: net(x), loader, device="cpu", label_keys=("coded",), model=net)
+    np.testing.assert_array_equal(first, again)  # running statistics untouched, batch statistics unused
+    assert torch.equal(net[1].running_mean, torch.zeros(4)) and net.training  # and the mode restored
+
+
 def test_probe_matrix_rows_encoders_columns_labels():
     train, test = DataLoader(TinyData(160, seed=0), batch_size=40), DataLoader(TinyData(80, seed=1), batch_size=40)
     encoders = {"mean": lambda x: x.mean(dim=(2, 3)), "flat": lambda x: x.flatten(1)}
