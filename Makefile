@@ -1,13 +1,17 @@
 # Two commands matter on a fresh machine; each sets itself up (a virtual environment in .venv):
 #   make course   run the course notebooks on the embedded synthetic data into outputs/
 #   make test     run the test suite and every notebook under nbval in the smoke profile
-# Options: make course PROFILE=smoke SEED=1; make test TORCH_SPEC=torch (for a CUDA build)
+# Options: make course PROFILE=smoke SEED=1; make test TORCH_SPEC=torch (your platform's default build);
+#          make test TORCH_INDEX=https://download.pytorch.org/whl/cpu (a CPU build on Linux)
 
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# torch first, pinned, so pip does not pull a multi-GB CUDA build onto a CPU machine.
+# torch first, pinned to the version CI uses. Which *build* pip takes depends on where it looks:
+# on Linux, PyPI's torch wheel bundles CUDA (several GB); TORCH_INDEX=https://download.pytorch.org/whl/cpu
+# takes the CPU build instead. (The project's own machines carry a local CPU wheel of 2.13.0.)
 TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?=
 PROFILE ?= course
 # SEED empty: each notebook keeps its own default seed (those of the committed runs)
 SEED ?=
@@ -18,7 +22,7 @@ setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH_SPEC)"
 	$(PY) -m pip install --quiet -e .
 	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
 	touch $@
