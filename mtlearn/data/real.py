@@ -39,7 +39,7 @@ from mtlearn.data.splits import (
     DUPLICATE_MAX_DISTANCE, SPLIT_FRACTIONS, difference_hash, duplicate_groups, split_by_group,
 )
 from mtlearn.data.synthetic import SyntheticUltrasound
-from mtlearn.data.transforms import augment_item, augmentation, resize_image, resize_mask
+from mtlearn.data.transforms import augment_item, augmentation, random_states, reseed, resize_image, resize_mask
 
 DATASETS = ("synthetic", "shapes", "busi", "busi_npz", "bus_bra", "bus_uclm", "breastmnist")
 SPLITS = ("train", "val", "test", "all")
@@ -175,6 +175,7 @@ class UltrasoundDataset(Dataset):
         self.records = list(records)
         self.tasks = ("cls",) if self.records and self.records[0].masks is None else ("seg", "cls")
         self._augment = augmentation() if augment else None  # reseeded per item: _reseed_augmentation
+        self._random_states = random_states(self._augment) if augment else []
         self._cache: dict[int, tuple] | None = {} if cache else None
 
     @property
@@ -214,7 +215,7 @@ class UltrasoundDataset(Dataset):
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
         rank = torch.distributed.get_rank() if distributed else 0
         seed = int(torch.randint(0, 2**31 - 1, ()))
-        self._augment.set_random_state(seed=(seed + 1_000_003 * rank) % 2**32)
+        reseed(self._random_states, seed + 1_000_003 * rank)
 
     def _resized(self, index: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Image (1, H, W) and mask (1, H, W) or None at `image_size`, from the cache if possible."""
