@@ -423,8 +423,8 @@ PROFILES: dict[str, dict] = {
                   pretrain_epochs=1, finetune_epochs=1, joint_epochs=1, scratch_epochs=1),
     # The numbers the course discusses (the defaults above): about 5 minutes on 2 CPU cores with one
     # thread. Why these epochs: single-task models from scratch are near their plateau after 12 at
-    # this size (the notebook shows their curves); (d) gets 8, which with one encoder for three heads
-    # is 33 % of (e)'s training FLOPs, inside the 35 % budget of the acceptance check.
+    # this size (the notebook shows their curves); (d) gets 8, chosen because with one encoder for
+    # three heads that is about a third of (e)'s training FLOPs, inside the 35 % budget of the check.
     "course": dict(),
     # GPU, paper scale: Bui et al.'s ResFormer at 224 px, their batch size and lr, long schedules;
     # every split whole (synthetic: 2,000 labelled and 4,000 unlabeled images).
