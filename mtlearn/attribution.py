@@ -169,7 +169,9 @@ def default_layer(model: nn.Module) -> str:
     Why there: Selvaraju et al. (2017) take the last convolutional features, the most semantic ones
     that still have a spatial layout. In the multi-task UNet the last encoder stage is also the one
     representation every head depends on (the classifier pools it, the decoder starts from it), so
-    maps for different heads are comparable. It is coarse (H/16), hence the upsampling.
+    maps for different heads are comparable. It is coarse (H/16), hence the upsampling. It is not
+    all a head sees: the multi-scale classifier also pools the stage before directly, and the
+    decoder reads every skip, so evidence that takes those paths is not in the map.
     """
     encoder = getattr(model, "encoder", None)
     stages = getattr(encoder, "stages", None)
@@ -230,13 +232,17 @@ class Explainer:
         images = self._check_images(images)
         B, _, H, W = images.shape
         if head == "cls":
+            logits = self.head_output(images, "cls")  # (B, num_classes)
             if target is None:
-                target = self.head_output(images, "cls").argmax(1)
+                target = logits.argmax(1)
             target = torch.as_tensor(target, device=self.device).long().flatten()
             if target.numel() == 1:
                 target = target.expand(B)
             if target.shape != (B,):
                 raise ValueError(f"cls target must be an int or {B} class indices, got shape {tuple(target.shape)}")
+            num_classes = logits.shape[1]
+            if bool(((target < 0) | (target >= num_classes)).any()):
+                raise ValueError(f"cls target must be class indices in 0..{num_classes - 1}, got {target.tolist()}")
             return (target,)
         if head not in ("seg", "recon"):
             raise ValueError(f"unknown head {head!r}; expected one of {HEADS}")
@@ -320,18 +326,23 @@ class Explainer:
 
         return Saliency(forward).attribute(images, additional_forward_args=args, abs=True)
 
-    def _smoothgrad(self, forward, images, args, nt_samples: int = 8, stdev: float = 0.15,
-                    nt_samples_batch_size: int = 8):
-        """SmoothGrad: NoiseTunnel averages |gradient| over `nt_samples` noisy copies.
+    def _smoothgrad(self, forward, images, args, nt_samples: int = 8, stdev: float = 0.15):
+        """SmoothGrad (Smilkov et al. 2017): |gradient| averaged over `nt_samples` noisy copies.
 
-        stdev is a fraction of the images' value range (Smilkov et al. suggest 10-20 %).
+        stdev is a fraction of each image's own value range (Smilkov et al. suggest 10-20 %).
+        Written out rather than with Captum's NoiseTunnel, whose noise level is one number for the
+        whole batch: an image's map would then depend on the other images it is explained with.
         """
-        from captum.attr import NoiseTunnel, Saliency
+        from captum.attr import Saliency
 
-        sigma = float(stdev * (images.max() - images.min()).clamp_min(1e-6).detach())
-        return NoiseTunnel(Saliency(forward)).attribute(
-            images, nt_type="smoothgrad", nt_samples=nt_samples, nt_samples_batch_size=nt_samples_batch_size,
-            stdevs=sigma, additional_forward_args=args, abs=True)
+        value_range = (images.amax(dim=(1, 2, 3)) - images.amin(dim=(1, 2, 3))).clamp_min(1e-6)  # (B,)
+        sigma = (stdev * value_range).detach().view(-1, 1, 1, 1)
+        saliency = Saliency(forward)
+        total = torch.zeros_like(images)
+        for _ in range(nt_samples):
+            noisy = (images + sigma * torch.randn_like(images)).detach().requires_grad_(True)
+            total += saliency.attribute(noisy, additional_forward_args=args, abs=True)
+        return total / nt_samples
 
     def _gradcam(self, forward, images, args, interpolate_mode: str = "bilinear"):
         """Grad-CAM on `self.layer`, ReLU applied (positive evidence only), upsampled to the input."""
@@ -412,18 +423,20 @@ def _check_pair(maps: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
 def mask_share(maps: Tensor, mask: Tensor, mode: str = "positive") -> Tensor:
     """Share of the attribution mass that lies inside `mask`, per sample.
 
-    maps, mask: (B, 1, H, W) -> (B,) in [0, 1]; NaN where the mask is empty or the map has no mass.
+    maps, mask: (B, 1, H, W) -> (B,) in [0, 1]; NaN where the mask is empty.
     mode "positive" counts only evidence *for* the target (negative attributions argue against it,
     and letting them cancel positive ones would hide where the model looks); "absolute" counts both.
     A map that ignores the image scores the mask's area fraction: compare with that, not with 0.
+    A map with no mass at all (Grad-CAM after its ReLU, for a class the model does not see) puts
+    nothing in the mask: 0, as the pointing game counts it a miss, so both scores average the same
+    samples.
     """
     maps, mask = _check_pair(maps, mask)
     mass = _mass(maps, mode).flatten(1)  # (B, H*W)
     inside = (mass * mask.flatten(1)).sum(1)
     total = mass.sum(1)
-    share = inside / total.clamp_min(1e-12)
-    undefined = (mask.flatten(1).sum(1) == 0) | (total <= 0)
-    return share.masked_fill(undefined, float("nan"))
+    share = inside / total.clamp_min(1e-12)  # 0 for a massless map
+    return share.masked_fill(mask.flatten(1).sum(1) == 0, float("nan"))
 
 
 def pointing_game(maps: Tensor, mask: Tensor, tolerance: int = 1, mode: str = "positive") -> Tensor:
@@ -456,7 +469,9 @@ def localisation_scores(explainer: Explainer, images: Tensor, mask: Tensor, head
     images: (B, C, H, W), mask: (B, 1, H, W), the region the map should point at (lesion, artifact).
     Images are explained `batch_size` at a time (SmoothGrad and Occlusion multiply the batch that
     goes through the model by their samples or patches per pass: keep it small on a GPU).
-    Returns {method: {"mask_share": ..., "pointing_game": ..., "chance": mean mask area fraction}}.
+    Returns {method: {"mask_share": ..., "pointing_game": ..., "chance": ..., "pointing_chance": ...}}:
+    "chance" is the mean area fraction of the mask (the share a map blind to the image gets),
+    "pointing_chance" that of the mask grown by `tolerance` (how often a peak at a random pixel hits).
     """
     method_kw = method_kw or {}
     mask = mask.float()
@@ -467,6 +482,8 @@ def localisation_scores(explainer: Explainer, images: Tensor, mask: Tensor, head
     if isinstance(target, Tensor) and target.dim() >= 1 and target.shape[0] == keep.shape[0]:
         target = target[keep.to(target.device)]
     chance = float(mask.flatten(1).mean(1).mean())
+    grown = nn.functional.max_pool2d(mask, 2 * tolerance + 1, stride=1, padding=tolerance) if tolerance else mask
+    pointing_chance = float(grown.flatten(1).mean(1).mean())
     scores = {}
     for method in tqdm(methods, desc="attribution", disable=not progress, leave=False):
         maps = torch.cat([
@@ -477,6 +494,7 @@ def localisation_scores(explainer: Explainer, images: Tensor, mask: Tensor, head
             "mask_share": _nanmean(mask_share(maps, mask.cpu(), mode)),
             "pointing_game": _nanmean(pointing_game(maps, mask.cpu(), tolerance, mode)),
             "chance": chance,
+            "pointing_chance": pointing_chance,
         }
     return scores
 
@@ -626,21 +644,28 @@ def cascading_randomisation(model: nn.Module, images: Tensor, head: str = "cls",
 
     The target (class or region) is fixed from the trained model, so every step explains the same
     quantity. groups: the block names to randomise, in order (None: `randomisation_groups`).
-    The caller's random state is left untouched; `seed` fixes the re-initialisation.
+    The caller's random state is left untouched. `seed` fixes the re-initialisation, and every map
+    of a noisy method (SmoothGrad) is drawn with the same noise, so the curve measures the weights,
+    not the noise.
     """
     explainer = Explainer(model, layer=layer, keys=keys)  # a copy: `model` itself is never changed
     images = explainer._check_images(images)
     target = explainer.forward_args(images, head, target)[0]
-    original = explainer.attribute(images, head, target, method, **method_kw).cpu()
     groups = list(groups) if groups is not None else randomisation_groups(explainer, images, head, target, depth)
-    result = RandomisationResult(["original"], [1.0], [original])
     cuda = [explainer.device] if explainer.device.type == "cuda" else []  # init draws on the parameters' device
+
+    def explain() -> Tensor:
+        torch.manual_seed(seed)  # the same noise for every map (SmoothGrad); no effect on the others
+        return explainer.attribute(images, head, target, method, **method_kw).cpu()
+
     with torch.random.fork_rng(devices=cuda):
-        torch.manual_seed(seed)
-        for name in tqdm(groups, desc="randomise", disable=not progress, leave=False):
+        original = explain()
+        result = RandomisationResult(["original"], [1.0], [original])
+        for k, name in enumerate(tqdm(groups, desc="randomise", disable=not progress, leave=False)):
+            torch.manual_seed(seed + 1 + k)  # this block's new weights
             randomise_(explainer.model.get_submodule(name))
             explainer.model.requires_grad_(False)
-            maps = explainer.attribute(images, head, target, method, **method_kw).cpu()
+            maps = explain()
             rho = spearman(original, maps, absolute)
             result.steps.append(name)
             result.spearman.append(_nanmean(rho))
@@ -703,11 +728,13 @@ def _method_name(key: str) -> str:
     return key.rsplit("/", 1)[-1]
 
 
-def plot_scores(rows: Sequence[Mapping], group: str = "model", chance: float | None = None, title: str = ""):
+def plot_scores(rows: Sequence[Mapping], group: str = "model", chance: float | None = None, title: str = "",
+                pointing_chance: float | None = None):
     """Grouped bars: one panel per score ("mask_share", "pointing_game"), methods along x, one colour per group.
 
     rows: dicts with "method", `group` (e.g. "model"), "mask_share" and "pointing_game", as built
-    from `localisation_scores`. chance: drawn as a dotted line on the share panel (the area fraction).
+    from `localisation_scores`. chance, pointing_chance: the chance levels that `localisation_scores`
+    returns, drawn as dotted lines on the share and the pointing panel.
     """
     methods = list(dict.fromkeys(r["method"] for r in rows))
     groups = list(dict.fromkeys(r[group] for r in rows))
@@ -718,8 +745,9 @@ def plot_scores(rows: Sequence[Mapping], group: str = "model", chance: float | N
             values = {r["method"]: r[score] for r in rows if r[group] == name}
             xs = [m + (g - (len(groups) - 1) / 2) * width for m in range(len(methods))]
             ax.bar(xs, [values.get(m, float("nan")) for m in methods], width, label=str(name))
-        if chance is not None and score == "mask_share":
-            ax.axhline(chance, color="k", ls=":", lw=1, label="chance (area fraction)")
+        level = chance if score == "mask_share" else pointing_chance
+        if level is not None:
+            ax.axhline(level, color="k", ls=":", lw=1, label="chance")
         ax.set_xticks(range(len(methods)), methods, rotation=20)
         ax.set_xlabel("method")
         ax.set_ylabel(score.replace("_", " "))
@@ -821,16 +849,21 @@ class AttributionExplorer:
         self.draw()
 
     def compute(self, index: int, head: str, target, method: str) -> tuple[dict, Tensor]:
-        """The item and its (1, 1, H, W) map, cached per (index, head, target, method)."""
-        item = self.dataset[index]
+        """The item and its (1, 1, H, W) map, cached together per (index, head, target, method).
+
+        Together: an augmented dataset returns another view of the item on every read, and the map
+        must stay on the image (and mask) it was computed from.
+        """
         key = (index, head, target, method)
         if key not in self._cache:
+            item = self.dataset[index]
             image = item["image"][None]
             value = item["mask"][None] if target == "mask" else None if isinstance(target, str) else target
             reference = item["clean"][None] if head == "recon" and "clean" in item else None
-            self._cache[key] = self.explainer.attribute(image, head, value, method, reference=reference,
-                                                        **self.method_kw.get(method, {})).cpu()
-        return item, self._cache[key]
+            maps = self.explainer.attribute(image, head, value, method, reference=reference,
+                                            **self.method_kw.get(method, {})).cpu()
+            self._cache[key] = (item, maps)
+        return self._cache[key]
 
     def draw(self) -> None:
         if not self._redraw:

@@ -188,10 +188,10 @@ def test_mask_share_on_hand_made_maps(maps, mode, expected):
     assert A.mask_share(maps, MASK, mode).item() == pytest.approx(expected)
 
 
-def test_mask_share_is_undefined_for_an_empty_mask_or_a_massless_map():
+def test_mask_share_is_undefined_for_an_empty_mask_and_zero_for_a_massless_map():
     share = A.mask_share(torch.cat([_map(range(16)), torch.zeros(1, 1, 4, 4)]),
                          torch.cat([torch.zeros(1, 1, 4, 4), MASK]))
-    assert math.isnan(share[0]) and math.isnan(share[1])
+    assert math.isnan(share[0]) and share[1] == 0.0  # no evidence anywhere: none in the mask (a pointing miss too)
 
 
 POINTING_CASES = [
@@ -229,6 +229,8 @@ def test_localisation_scores_average_over_items_with_a_region(explainer, data):
         assert 0 <= values["mask_share"] <= 1 and 0 <= values["pointing_game"] <= 1
     keep = masks.flatten(1).sum(1) > 0
     assert scores["saliency"]["chance"] == pytest.approx(float(masks[keep].flatten(1).mean(1).mean()))
+    grown = torch.nn.functional.max_pool2d(masks[keep], 3, stride=1, padding=1)  # tolerance 1
+    assert scores["saliency"]["pointing_chance"] == pytest.approx(float(grown.flatten(1).mean(1).mean()))
     maps = explainer.attribute(images[keep], "cls", None, "saliency")
     assert scores["saliency"]["mask_share"] == pytest.approx(float(A.mask_share(maps, masks[keep]).mean()), rel=1e-5)
     labels = torch.tensor([it["label"] for it in items])
@@ -266,6 +268,22 @@ def test_cascading_randomisation_lowers_the_rank_correlation(model, images):
     assert all(m.shape == (2, 1, SIZE, SIZE) for m in result.maps)
     assert result.spearman[-1] < 0.8  # the fully randomised model explains nothing of the original
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # on a copy
+
+
+def test_cascading_randomisation_is_seeded_and_leaves_the_callers_random_state(model, images):
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    first = A.cascading_randomisation(model, images, "cls", method="smoothgrad", nt_samples=2, progress=False)
+    assert torch.equal(torch.get_rng_state(), state)
+    again = A.cascading_randomisation(model, images, "cls", method="smoothgrad", nt_samples=2, progress=False)
+    assert first.spearman == again.spearman
+
+
+def test_smoothgrad_noise_follows_each_images_own_range(explainer):
+    """Noise at 15 % of the batch's range would give a flat image a map; of its own range, none."""
+    images = torch.stack([torch.zeros(1, 8, 8), torch.linspace(0, 1, 64).view(1, 8, 8)])
+    maps = explainer._smoothgrad(lambda x: x.square().flatten(1).sum(1), images, (), nt_samples=4)  # |grad| = 2|x|
+    assert maps[0].abs().max() < 1e-4 and maps[1].abs().max() > 0.5
 
 
 def test_randomise_redraws_parameters():
@@ -307,6 +325,8 @@ def test_viewer_redraws_on_control_changes(model, data):
     assert viewer.state["target"] == "whole image"
     viewer.index.value = 2  # a normal image: no lesion, so no in-lesion share
     assert math.isnan(viewer.state["mask_share"]) and "in-lesion" not in viewer.state["title"]
+    # the map is cached with the item it was computed on (an augmented dataset reads differently each time)
+    assert viewer.compute(2, "recon", "image", "gradcam")[0] is viewer.compute(2, "recon", "image", "gradcam")[0]
 
 
 def test_viewer_rejects_bad_arguments(model, data):
@@ -324,6 +344,7 @@ BAD = [
     (dict(method="ig", steps=3), "takes no option"),
     (dict(method="ig", baseline="white"), "baseline must be"),
     (dict(target=torch.tensor([0, 1, 2])), "cls target"),
+    (dict(target=7), r"class indices in 0\.\.2, got \[7, 7\]"),
     (dict(head="seg", target=torch.ones(2, 1, 8, 8)), "seg target must be a region"),
     (dict(head="recon", reference=torch.ones(1, 1, SIZE, SIZE)), "reference must have"),
 ]
@@ -356,8 +377,9 @@ def test_bad_inputs_are_named(model, explainer, images):
 def test_plot_scores_groups_bars_by_model():
     rows = [{"model": m, "method": k, "mask_share": 0.1 * i, "pointing_game": 0.5}
             for i, (m, k) in enumerate([("a", "ig"), ("a", "gradcam"), ("b", "ig"), ("b", "gradcam")])]
-    fig = A.plot_scores(rows, chance=0.05)
+    fig = A.plot_scores(rows, chance=0.05, pointing_chance=0.12)
     share = fig.axes[0]
+    assert [line.get_ydata()[0] for ax in fig.axes for line in ax.lines] == [0.05, 0.12]  # each panel its chance
     assert [round(p.get_height(), 6) for p in share.patches] == [0.0, 0.1, 0.2, 0.3]
     assert [t.get_text() for t in share.get_xticklabels()] == ["ig", "gradcam"]
     assert share.get_legend() is not None and share.get_ylabel() == "mask share"
