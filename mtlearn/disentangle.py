@@ -346,7 +346,10 @@ class LinearLeakage:
         pooled = features.mean(dim=(2, 3))  # (B, C)
         z = (pooled - pooled.mean(0)) / (pooled.std(0) + 1e-5)  # (B, C) standardised over the batch
         cells = [(group == g) & (target == t) for g in group.unique() for t in target.unique()]
-        residuals = torch.cat([z[m] - z[m].mean(0) for m in cells if m.sum() > 1]).detach()  # (N, C)
+        cells = [m for m in cells if m.sum() > 1]
+        if not cells:  # no combination seen twice in this batch: no covariance, no pair to compare
+            return z.new_zeros(())
+        residuals = torch.cat([z[m] - z[m].mean(0) for m in cells]).detach()  # (N, C)
         batch_covariance = residuals.T @ residuals / len(residuals)  # (C, C)
         if self.covariance is None:
             self.covariance = batch_covariance
@@ -392,37 +395,39 @@ def main_step(model: nn.Module, optimizer: torch.optim.Optimizer, features_a: to
     targets (needed for adv_loss "confusion"); leakage: one LinearLeakage per side (needed when
     w_leak > 0). With w_adv = w_leak = 0 (or a baseline) only the task losses.
     """
+    leaking = isinstance(model, DisentangleNet) and w_leak > 0
+    if leaking and leakage is None:
+        raise ValueError("w_leak > 0 needs leakage=(LinearLeakage(), LinearLeakage()), one per side")
     logits_a, logits_b = model.classify(features_a, features_b)
     loss_a, loss_b = F.cross_entropy(logits_a, y_a), F.cross_entropy(logits_b, y_b)
     loss = loss_a + loss_b
     record = {"loss_a": loss_a.item(), "loss_b": loss_b.item(),
               "acc_a": _accuracy(logits_a, y_a), "acc_b": _accuracy(logits_b, y_b)}
     adversarial = isinstance(model, DisentangleNet) and w_adv > 0
-    if adversarial:
-        # requires_grad_(False): the adversaries are frozen in this phase; the encoders' loss
-        # (which wants them to fail) must not train them, only flow through them. (Their
-        # BatchNorm running statistics are buffers, not parameters, and still update.)
-        for p in model.adversary_parameters():
-            p.requires_grad_(False)
-        adv_a, adv_b = model.adversaries(features_a, features_b)  # not detached: gradients reach the encoders
-        term = adversarial_term(adv_a, y_a, adv_loss, target_a) + adversarial_term(adv_b, y_b, adv_loss, target_b)
-        loss = loss + w_adv * term
-        record["adv_term"] = term.item()
-    if isinstance(model, DisentangleNet) and w_leak > 0:
-        if leakage is None:
-            raise ValueError("w_leak > 0 needs leakage=(LinearLeakage(), LinearLeakage()), one per side")
-        leak_a, leak_b = leakage
-        # task B read from f_a within each task-A class, and task A from f_b within each task-B class
-        leak = leak_a(features_a, y_a, y_b) + leak_b(features_b, y_b, y_a)
-        loss = loss + w_leak * leak
-        record["leak"] = leak.item()
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    if adversarial:
-        # requires_grad_(True): unfreeze the adversaries for the next adversary phase
-        for p in model.adversary_parameters():
-            p.requires_grad_(True)
+    try:
+        if adversarial:
+            # requires_grad_(False): the adversaries are frozen in this phase; the encoders' loss
+            # (which wants them to fail) must not train them, only flow through them. (Their
+            # BatchNorm running statistics are buffers, not parameters, and still update.)
+            for p in model.adversary_parameters():
+                p.requires_grad_(False)
+            adv_a, adv_b = model.adversaries(features_a, features_b)  # not detached: gradients reach the encoders
+            term = adversarial_term(adv_a, y_a, adv_loss, target_a) + adversarial_term(adv_b, y_b, adv_loss, target_b)
+            loss = loss + w_adv * term
+            record["adv_term"] = term.item()
+        if leaking:
+            leak_a, leak_b = leakage
+            # task B read from f_a within each task-A class, and task A from f_b within each task-B class
+            leak = leak_a(features_a, y_a, y_b) + leak_b(features_b, y_b, y_a)
+            loss = loss + w_leak * leak
+            record["leak"] = leak.item()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    finally:
+        if adversarial:  # requires_grad_(True): unfreeze the adversaries for the next adversary phase
+            for p in model.adversary_parameters():
+                p.requires_grad_(True)
     return record
 
 
@@ -474,8 +479,11 @@ def train_disentangle(
     training loader also balances the task-label combinations (balanced_sampler, shapes_loaders).
 
     Returns per-epoch means: "loss_a", "loss_b", "acc_a", "acc_b", "w_adv" and, for DisentangleNet,
-    "adv_loss_a", "adv_loss_b", "adv_acc_a", "adv_acc_b" (measured in the adversary phase) and
-    "adv_term" (and "leak" when w_leak > 0); with `val_loader` also "val_acc_a", ... from evaluate_disentangle.
+    "adv_loss_a", "adv_loss_b", "adv_acc_a", "adv_acc_b" (each batch scored before the adversaries'
+    steps on it, so on images they were not fitted to), "adv_fit_acc_a", "adv_fit_acc_b" (after
+    those steps: how well they fit the batch) and "adv_term" (and "leak" when w_leak > 0), each
+    averaged over the steps that recorded it (NaN for an epoch without any, e.g. adv_term during a
+    warm-up); with `val_loader` also "val_acc_a", ... from evaluate_disentangle.
     """
     from tqdm.auto import tqdm
 
@@ -489,6 +497,8 @@ def train_disentangle(
         raise ValueError(f"epochs must be a positive int, got {epochs!r}")
     if not isinstance(adv_steps, int) or adv_steps < 1:
         raise ValueError(f"adv_steps must be a positive int, got {adv_steps!r}")
+    if w_adv < 0 or w_leak < 0:
+        raise ValueError(f"w_adv and w_leak must be >= 0 (a negative weight helps the adversary), got {w_adv!r}, {w_leak!r}")
     seed_everything(seed)
     device = pick_device(device)
     model.to(device)
@@ -513,6 +523,7 @@ def train_disentangle(
     for _ in bar:
         model.train()
         sums: dict[str, float] = {}
+        counts: dict[str, int] = {}
         for batch in train_loader:
             x = batch["image"].to(device)
             y_a, y_b = batch[key_a].to(device), batch[key_b].to(device)
@@ -526,8 +537,12 @@ def train_disentangle(
                 # 2. adversary phase. detach(): the adversaries learn from the features as they
                 #    are; their loss must not send gradients into the encoders.
                 detached_a, detached_b = features_a.detach(), features_b.detach()
-                for _ in range(adv_steps):
-                    record.update(adversary_step(model, adv_optimizer, detached_a, detached_b, y_a, y_b))
+                for i in range(adv_steps):
+                    fitted = adversary_step(model, adv_optimizer, detached_a, detached_b, y_a, y_b)
+                    if i == 0:  # scored before any step on this batch: images the adversaries were not fitted to
+                        record.update(fitted)
+                # after the steps: how well they fit this one batch (50 images, 64 features: easily)
+                record.update(adv_fit_acc_a=fitted["adv_acc_a"], adv_fit_acc_b=fitted["adv_acc_b"])
                 joint.index_put_((y_a, y_b), torch.ones_like(y_a, dtype=joint.dtype), accumulate=True)
                 if adv_target == "prior":
                     target_a, target_b = label_prior(joint, y_b, axis=0), label_prior(joint, y_a, axis=1)
@@ -544,9 +559,12 @@ def train_disentangle(
                 schedule.step()
             for k, v in record.items():
                 sums[k] = sums.get(k, 0.0) + v
+                counts[k] = counts.get(k, 0) + 1
             step += 1
-        for k, v in sums.items():
-            history.setdefault(k, []).append(v / steps_per_epoch)
+        done = len(next(iter(history.values()), []))  # epochs already recorded
+        for k in sorted({k for k in history if not k.startswith("val_")} | set(sums)):
+            # each key over the steps that recorded it; NaN for an epoch without any (adv_term in a warm-up)
+            history.setdefault(k, [float("nan")] * done).append(sums[k] / counts[k] if k in sums else float("nan"))
         if val_loader is not None:
             for k, v in evaluate_disentangle(model, val_loader, task_keys=task_keys, device=device).items():
                 history.setdefault(f"val_{k}", []).append(v)
@@ -676,6 +694,12 @@ class DisentangleConfig:
             raise ValueError(f"unknown adv_readout {self.adv_readout!r}; expected one of {READOUTS}")
         if self.w_leak < 0:
             raise ValueError(f"w_leak must be >= 0 (0 turns the LinearLeakage penalty off), got {self.w_leak!r}")
+        if self.w_adv < 0:
+            raise ValueError(f"w_adv must be >= 0 (a negative weight would help the adversaries), got {self.w_adv!r}")
+        for name in ("epochs", "adv_steps", "batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
 
     def model_kwargs(self, kind: str) -> dict:
         """Constructor arguments for MODELS[kind]."""

@@ -139,10 +139,13 @@ def probe_matrix(
     device: str | torch.device = "auto",
     folds: int = 5,
     seed: int = 0,
+    model: nn.Module | None = None,
 ):
     """Balanced accuracy of a linear probe for every (encoder, label) pair, as a DataFrame.
 
     encoders: {row name: encoder or function}, e.g. {"disentangle A": model.encoder_a}.
+    model: the module the functions among `encoders` run, put in eval mode meanwhile (see
+        extract_features); encoders given as modules are switched themselves.
     With `test_loader`, each probe is fitted on train_loader's features and scored on
     test_loader's; without it, `folds`-fold cross-validation on train_loader's features.
     Returns a pandas DataFrame, rows: encoder names, columns: label_keys.
@@ -153,9 +156,9 @@ def probe_matrix(
         raise ValueError("encoders is empty; pass e.g. {'encoder A': model.encoder_a}")
     table = {}
     for name, encoder in encoders.items():
-        f_train, y_train = extract_features(encoder, train_loader, device, label_keys)
+        f_train, y_train = extract_features(encoder, train_loader, device, label_keys, model=model)
         if test_loader is not None:
-            f_test, y_test = extract_features(encoder, test_loader, device, label_keys)
+            f_test, y_test = extract_features(encoder, test_loader, device, label_keys, model=model)
             row = {k: linear_probe(f_train, y_train[k], f_test, y_test[k])["balanced_accuracy"] for k in label_keys}
         else:
             row = {k: cross_validated_probe(f_train, y_train[k], folds, seed)["balanced_accuracy"] for k in label_keys}

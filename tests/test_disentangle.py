@@ -93,6 +93,9 @@ def test_disentangle_parameter_groups_split_the_model():
         (lambda: D.disentangle_config("course", w=1.0), "unknown DisentangleConfig fields"),
         (lambda: D.DisentangleConfig(adv_loss="gradient_reversal"), "adv_loss"),
         (lambda: D.DisentangleConfig(adv_target="half"), "adv_target"),
+        (lambda: D.DisentangleConfig(w_adv=-3.0), "w_adv must be >= 0"),
+        (lambda: D.DisentangleConfig(batch_size=0), "batch_size must be an integer >= 1"),
+        (lambda: D.DisentangleConfig(epochs=0), "epochs must be an integer >= 1"),
         (lambda: D.balanced_sampler(np.zeros(3), np.zeros(4)), "same length"),
     ],
 )
@@ -172,6 +175,7 @@ def test_adversary_step_learns_and_leaves_the_rest_frozen(shapes_batch):
     assert last["adv_loss_a"] < first["adv_loss_a"] and last["adv_loss_b"] < first["adv_loss_b"]
     for name, snapshot in frozen.items():
         assert _unchanged(getattr(model, name), snapshot), f"{name} changed in the adversary phase"
+        assert all(p.grad is None for p in getattr(model, name).parameters()), f"{name} got gradients"
 
 
 @pytest.mark.parametrize("adv_loss", ["negative_ce", "confusion"])
@@ -191,6 +195,7 @@ def test_main_step_makes_the_frozen_adversary_worse(shapes_batch, adv_loss):
 
     before = adversary_ce()
     adversaries = _snapshot(model.adv_a) + _snapshot(model.adv_b)
+    adversary_grads = [p.grad.clone() for p in model.adversary_parameters()]  # from their own last step
     optimizer = torch.optim.Adam(model.main_parameters(), lr=1e-2)
     uniform = torch.full((len(x), 2), 0.5)
     for _ in range(5):
@@ -200,6 +205,26 @@ def test_main_step_makes_the_frozen_adversary_worse(shapes_batch, adv_loss):
     assert adversary_ce() > before + 0.1  # the encoders learned to fool the (fixed) adversary
     assert all(torch.equal(p, q) for p, q in zip([*model.adv_a.parameters(), *model.adv_b.parameters()], adversaries))
     assert all(p.requires_grad for p in model.adversary_parameters())  # unfrozen again afterwards
+    # frozen during the main phase: its backward passed through them without touching their gradients
+    assert all(torch.equal(p.grad, g) for p, g in zip(model.adversary_parameters(), adversary_grads))
+
+
+def test_main_step_refuses_bad_arguments_without_leaving_the_adversaries_frozen(shapes_batch):
+    model = tiny_model()
+    x, y_a, y_b = shapes_batch["image"], shapes_batch["shape"], shapes_batch["background"]
+    optimizer = torch.optim.Adam(model.main_parameters(), lr=1e-3)
+    uniform = torch.full((len(x), 2), 0.5)
+    with pytest.raises(ValueError, match="w_leak > 0 needs leakage"):
+        D.main_step(model, optimizer, *model.encode(x), y_a, y_b, w_adv=1.0, target_a=uniform, target_b=uniform,
+                    w_leak=1.0)
+    assert all(p.requires_grad for p in model.adversary_parameters())
+
+
+def test_linear_leakage_needs_a_combination_seen_twice():
+    leak = D.LinearLeakage()
+    features = torch.randn(4, 8, 2, 2, requires_grad=True)
+    assert leak(features, torch.tensor([0, 0, 1, 1]), torch.tensor([0, 1, 0, 1])).item() == 0.0  # one per cell
+    assert leak.covariance is None
 
 
 def test_main_step_without_adversary_is_plain_multitask(shapes_batch):
@@ -243,13 +268,35 @@ def test_train_disentangle_runs_every_model(kind, tiny_loaders):
                                   w_leak=1.0, device="cpu", progress=False)
     expected = {"loss_a", "loss_b", "acc_a", "acc_b", "w_adv", "val_acc_a", "val_acc_b"}
     if kind == "disentangle":
-        expected |= {"adv_loss_a", "adv_loss_b", "adv_acc_a", "adv_acc_b", "adv_term", "leak", "val_adv_acc_a",
-                     "val_adv_acc_b"}
+        expected |= {"adv_loss_a", "adv_loss_b", "adv_acc_a", "adv_acc_b", "adv_fit_acc_a", "adv_fit_acc_b",
+                     "adv_term", "leak", "val_adv_acc_a", "val_adv_acc_b"}
         assert history["w_adv"][0] < history["w_adv"][1] == 1.0  # ramped up over the first epoch
     else:
         assert history["w_adv"] == [0.0, 0.0]
     assert set(history) == expected
     assert all(len(v) == 2 and np.isfinite(v).all() for v in history.values())
+
+
+def test_history_averages_each_key_over_the_steps_that_recorded_it(tiny_loaders):
+    """adv_term exists only once w_adv > 0: a warm-up epoch has none (NaN), and no zeros dilute the next."""
+    train, _ = tiny_loaders  # 4 steps per epoch
+    history = D.train_disentangle(tiny_model(), train, epochs=3, adv_steps=2, w_adv=1.0, warmup_epochs=1.5,
+                                  device="cpu", progress=False)
+    assert all(len(v) == 3 for v in history.values())
+    assert np.isnan(history["adv_term"][0]) and np.isfinite(history["adv_term"][1:]).all()
+    assert history["w_adv"] == [0.0, 0.5, 1.0]  # 2 of epoch 2's 4 steps are past the warm-up
+
+
+def test_adversary_accuracy_is_scored_before_it_fits_the_batch():
+    """After 100 steps on 50 random images a linear adversary fits them; before, it is at chance."""
+    torch.manual_seed(0)
+    images = torch.randn(400, 1, 16, 16)
+    data = [{"image": x, "shape": int(i % 2), "background": int(torch.randint(0, 2, ()))} for i, x in enumerate(images)]
+    loader = DataLoader(data, batch_size=50, shuffle=True, drop_last=True)
+    history = D.train_disentangle(tiny_model(), loader, epochs=1, adv_steps=100, w_adv=0.0, device="cpu",
+                                  progress=False)
+    assert history["adv_fit_acc_b"][0] > 0.9  # random background labels, memorised batch by batch
+    assert history["adv_acc_b"][0] < 0.7  # ... and read no better than chance on the next batch
 
 
 def test_train_disentangle_is_repeatable(tiny_loaders):
@@ -265,7 +312,7 @@ def test_train_disentangle_is_repeatable(tiny_loaders):
 @pytest.mark.parametrize(
     "kwargs, match",
     [({"adv_loss": "wasserstein"}, "adv_loss"), ({"adv_target": "half"}, "adv_target"),
-     ({"epochs": 0}, "epochs"), ({"adv_steps": 0}, "adv_steps")],
+     ({"epochs": 0}, "epochs"), ({"adv_steps": 0}, "adv_steps"), ({"w_adv": -1.0}, "w_adv and w_leak must be >= 0")],
 )
 def test_train_disentangle_bad_arguments(kwargs, match, tiny_loaders):
     with pytest.raises(ValueError, match=match):

@@ -61,7 +61,7 @@ class ShapesBackground(Dataset):
     Shapes are drawn fully inside the image, axis-aligned, with a random position and size. Sizes
     scale with `image_size` relative to the paper's 224 x 288 (scale = min(H/224, W/288)), so a
     56 x 72 version is the paper's benchmark at a quarter of the resolution. Choice documented here
-    (not in the paper): a bar 4 d wide with d up to 40 does not fit in 288 pixels, so the upper
+    (not in the paper): a bar 8 d wide (half-width 4 d) with d up to 40 does not fit in 288 pixels, so the upper
     limit of d is lowered to what fits (about 36 at 224 x 288); circle radii are limited likewise.
 
     Args:
