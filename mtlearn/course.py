@@ -67,6 +67,8 @@ def run_notebook(
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    metrics_path = out_dir / "metrics.json"
+    metrics_path.unlink(missing_ok=True)  # an earlier run's metrics must not pass for this one's
     params = dict(parameters, out_dir=str(out_dir.resolve()))
     started = time.perf_counter()
     try:
@@ -84,7 +86,6 @@ def run_notebook(
         )
     except Exception as error:  # papermill raises PapermillExecutionError, kernels may raise others
         return NotebookResult(notebook.stem, out_dir, False, time.perf_counter() - started, _failing_cell(error))
-    metrics_path = out_dir / "metrics.json"
     if not metrics_path.exists():
         return NotebookResult(notebook.stem, out_dir, False, time.perf_counter() - started,
                               "the notebook finished without writing metrics.json")
@@ -117,7 +118,8 @@ def notebook_parameters(profile: str, seed: int | None = None, device: str = "au
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mtlearn.course", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--profile", default="course", help="smoke | course | paper (default: course)")
+    parser.add_argument("--profile", default=None,
+                        help="smoke | course | paper (default: $MTLEARN_PROFILE if set, else course)")
     parser.add_argument("--seed", type=int, default=None,
                         help="random seed passed to every notebook (default: each notebook's own, as committed)")
     parser.add_argument("--out", type=Path, default=Path("outputs"), help="output folder (default: outputs/)")
@@ -127,10 +129,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from mtlearn.notebook import resolve_profile
+    from mtlearn.utils import pick_device
 
     try:
         profile = resolve_profile(args.profile)
-    except ValueError as error:
+        pick_device(args.device)  # a typo fails here, once, not inside every notebook's kernel
+    except (ValueError, RuntimeError) as error:
         parser.error(str(error))
     notebooks = course_notebooks()
     if args.only:

@@ -525,7 +525,12 @@ def _load_run(run: _Run, path: Path, train_loader, config: TrainConfig, tasks) -
         details = "; ".join(f"{name}: {saved[name]!r} then, {current[name]!r} now" for name in changed)
         raise ValueError(f"cannot resume from {path} with other options ({details}). Resume with the options "
                          "of that run, or start a new run in another out_dir")
-    run.model.load_state_dict(state["model"])
+    try:
+        run.model.load_state_dict(state["model"])
+    except RuntimeError as error:  # missing keys, size mismatches: another architecture wrote it
+        raise ValueError(f"cannot resume from {path}: its weights do not fit this model (another preset, task list, "
+                         "channel count or class count?). Resume with the model of that run, or start a new run in "
+                         f"another out_dir. ({str(error).splitlines()[0]})") from None
     run.optimizer.load_state_dict(state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
     # the schedule's closed form knows the (possibly longer) new run: recompute this step's lr from it

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -27,6 +28,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
+from mtlearn.data import DATASETS
 from mtlearn.engine import TrainConfig, evaluate, fit, is_distributed, is_main_process
 from mtlearn.losses import TASKS
 from mtlearn.notebook import write_json
@@ -43,8 +45,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        help="model size, see mtlearn.mtl.PRESETS (default: tiny)")
     model.add_argument("--tasks", nargs="+", choices=TASKS, default=["seg", "cls"],
                        help="tasks to train (default: seg cls)")
-    model.add_argument("--dataset", default="synthetic",
-                       help="a name mtlearn.data.load_dataset knows (default: synthetic)")
+    model.add_argument("--dataset", default="synthetic", choices=[d for d in DATASETS if d != "shapes"],
+                       help="synthetic, or a real dataset after `python -m data_fetch NAME` (default: synthetic)")
     model.add_argument("--data-root", default=None, help="folder of a downloaded dataset (real datasets)")
     model.add_argument("--image-size", type=int, default=64, help="square image size in pixels (default: 64)")
     model.add_argument("--augment", action="store_true", help="random flips and rotations on the training split")
@@ -76,6 +78,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("epochs", "batch_size", "image_size"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.image_size % 16:
+        parser.error(f"--image-size must be a multiple of 16 (the network's stride), got {args.image_size}; "
+                     f"try {max(16, round(args.image_size / 16) * 16)}")
+    if not args.lr > 0:
+        parser.error(f"--lr must be positive, got {args.lr}")
+    if args.num_workers < 0:
+        parser.error(f"--num-workers must be >= 0 (0: load in the training process), got {args.num_workers}")
+    if args.augment and args.dataset == "synthetic":
+        parser.error("--augment applies to real datasets; every synthetic image is already new")
+    try:
+        pick_device(args.device)
+    except ValueError as error:
+        parser.error(str(error))
     if args.limit is not None and args.limit < 4:
         parser.error(f"--limit must be >= 4 (a quarter goes to validation and test), got {args.limit}")
     args.task_weights = _parse_task_weights(parser, args.task_weights, args.tasks)
@@ -231,7 +246,12 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    return run(parse_args(argv))
+    args = parse_args(argv)
+    try:
+        return run(args)
+    except (ValueError, FileNotFoundError) as error:  # bad data or options found once running: no traceback
+        print(f"python -m mtlearn.train: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

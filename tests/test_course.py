@@ -2,6 +2,7 @@
 
 
 import nbformat
+import pytest
 from nbformat.v4 import new_code_cell, new_notebook
 
 from mtlearn.course import course_notebooks, headline_table, notebook_parameters, run_notebook
@@ -42,6 +43,23 @@ def test_notebook_without_metrics_counts_as_failed(tmp_path):
     nb = write_notebook(tmp_path / "03_silent.ipynb", "x = 1")
     result = run_notebook(nb, tmp_path / "out", {})
     assert not result.ok and "metrics.json" in result.error
+    # ... also where an earlier run left its metrics.json: they are not this run's
+    assert run_notebook(write_notebook(tmp_path / "01_good.ipynb", GOOD), tmp_path / "again", {"seed": 0}).ok
+    silent_again = run_notebook(write_notebook(tmp_path / "01_good.ipynb", "x = 1"), tmp_path / "again", {})
+    assert not silent_again.ok and "metrics.json" in silent_again.error
+
+
+def test_command_line_profile_and_device(monkeypatch, capsys):
+    from mtlearn.course import main
+
+    monkeypatch.setenv("MTLEARN_PROFILE", "bogus")  # the default profile comes from the environment ...
+    with pytest.raises(SystemExit):
+        main(["--only", "00"])
+    assert "bogus" in capsys.readouterr().err
+    monkeypatch.delenv("MTLEARN_PROFILE")
+    with pytest.raises(SystemExit):  # ... and a misspelt device fails before any notebook starts
+        main(["--device", "cdua", "--only", "00"])
+    assert "unknown device 'cdua'" in capsys.readouterr().err
 
 
 def test_course_notebooks_are_numbered_and_sorted():

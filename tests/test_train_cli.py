@@ -36,6 +36,12 @@ def test_defaults_name_the_output_folder():
     (["--task-weights", "seg=1"], "one weight per task"),
     (["--weighting", "dwa", "--task-weights", "seg=1", "cls=1"], "only applies to --weighting fixed"),
     (["--limit", "2"], "--limit must be >= 4"),
+    (["--dataset", "nope"], "invalid choice: 'nope'"),
+    (["--image-size", "60"], "--image-size must be a multiple of 16 (the network's stride), got 60; try 64"),
+    (["--lr", "-1"], "--lr must be positive"),
+    (["--num-workers", "-1"], "--num-workers must be >= 0"),
+    (["--augment"], "--augment applies to real datasets"),
+    (["--device", "cdua"], "unknown device 'cdua'"),
 ])
 def test_bad_arguments_exit_with_a_message(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_:
@@ -56,6 +62,17 @@ def test_train_writes_metrics_and_resumes(tmp_path):
     assert len(second["history"]) == 2
     assert second["history"][0] == first["history"][0]  # epoch 1 came from last.pt, not retrained
     assert load_checkpoint(out / "last.pt")["epoch"] == 2
+
+
+def test_errors_found_while_running_are_messages_not_tracebacks(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:  # a real dataset that was never fetched
+        main([*SMOKE, "--dataset", "busi", "--data-root", str(tmp_path / "nowhere"), "--out-dir", str(tmp_path / "a")])
+    assert exit_.value.code == 2 and "python -m data_fetch busi" in capsys.readouterr().err
+    out = tmp_path / "run"
+    main([*SMOKE, "--epochs", "1", "--limit", "8", "--out-dir", str(out)])
+    with pytest.raises(SystemExit):  # resuming a tiny run with another preset
+        main([*SMOKE, "--preset", "course", "--epochs", "2", "--limit", "8", "--out-dir", str(out), "--resume"])
+    assert "its weights do not fit this model" in capsys.readouterr().err
 
 
 @pytest.mark.slow
