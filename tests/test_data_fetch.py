@@ -259,3 +259,11 @@ def test_command_line_list_and_help(capsys):
     assert all(name in out for name in data_fetch.SOURCES) and "md5:1f8b2be6476d58fc97bfb5e5a1ea9bab" in out
     result = subprocess.run([sys.executable, "-m", "data_fetch", "--help"], capture_output=True, text=True, check=True)
     assert "--dest" in result.stdout and "--hash" in result.stdout and "bus_uclm" in result.stdout
+
+
+def test_command_line_names_an_unwritable_destination(tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    assert main(["busi", "--dest", str(blocker / "busi"), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "cannot write to" in err and "choose another --dest" in err
