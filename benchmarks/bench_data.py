@@ -9,7 +9,7 @@ with 2 workers on 2 CPU cores keeps a small model fed.
 
 from __future__ import annotations
 
-import sys
+import argparse
 import time
 
 from mtlearn.data import SyntheticUltrasound
@@ -47,6 +47,14 @@ def run(quick: bool = False) -> list[dict]:
     return rows
 
 
+def main(argv: list[str] | None = None) -> None:
+    from benchmarks.__main__ import format_table
+
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_data", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a tenth of the items, scaled up")
+    args = parser.parse_args(argv)
+    print(format_table(run(quick=args.quick)))
+
+
 if __name__ == "__main__":
-    for row in run(quick="--quick" in sys.argv[1:]):
-        print(row)
+    main()

@@ -39,7 +39,7 @@ def run(quick: bool = False, seed: int = 0, threads: int | None = 1, epochs: int
     try:
         rows = []
         for kind in MODELS:
-            model, _, metrics = shapes_experiment(kind, config, seed=seed, device="auto", progress=False)
+            model, _, metrics = shapes_experiment(kind, config, seed=seed, device="auto", progress=True)
             row = {"model": kind, "params": count_parameters(model)}
             row.update({c: metrics.get(c, "") for c in COLUMNS})
             rows.append(row)
@@ -77,6 +77,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--epochs", type=int, default=None, help="override the profile's epochs")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's default)")
     args = parser.parse_args(argv)
+    if args.threads < 0:
+        parser.error(f"--threads must be >= 0 (0: torch's default), got {args.threads}")
+    if args.epochs is not None and args.epochs < 1:
+        parser.error(f"--epochs must be >= 1, got {args.epochs}")
     print(format_table(run(args.quick, args.seed, args.threads or None, args.epochs)))
 
 

@@ -20,6 +20,7 @@ import time
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from mtlearn.mtl import build_model, monai_baseline
 from mtlearn.utils import count_flops, count_parameters
@@ -53,12 +54,16 @@ def measure(image_size: int, names: list[str], batch_size: int, rounds: int, in_
         model.to(memory_format=torch.channels_last).train()
         optimizers[name] = torch.optim.AdamW(model.parameters(), lr=1e-4)
     best = {name: float("inf") for name in models}
+    bar = tqdm(total=(rounds + 1) * len(models), desc=f"{image_size} px, batch {batch_size}", leave=False)
     for round_ in range(rounds + 1):
         for name, model in models.items():
+            bar.set_postfix_str(name)
+            bar.update()
             started = time.perf_counter()
             _train_step(model, optimizers[name], images)
             if round_ > 0:  # round 0 warms up allocators and kernels
                 best[name] = min(best[name], time.perf_counter() - started)
+    bar.close()
     rows = []
     for name, model in models.items():
         flops = count_flops(model, images[:1])
@@ -70,6 +75,9 @@ def measure(image_size: int, names: list[str], batch_size: int, rounds: int, in_
             "train_img_per_s": batch_size / best[name],
             "batch": batch_size,
         })
+    reference = next((r["train_img_per_s"] for r in rows if r["model"] == "monai swinunetr"), None)
+    for row in rows:  # the target, side by side: the paper preset at least as fast as SwinUNETR-48
+        row["vs_swinunetr"] = row["train_img_per_s"] / reference if reference else ""
     return rows
 
 
@@ -114,6 +122,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.rounds is not None and args.rounds < 1:
         parser.error(f"--rounds must be >= 1, got {args.rounds}")
+    if args.threads < 1:
+        parser.error(f"--threads must be >= 1, got {args.threads}")
     print(format_table(run(quick=args.quick, threads=args.threads, groups=tuple(args.group), rounds=args.rounds)))
 
 

@@ -24,7 +24,7 @@ COLUMNS = ("models", "recon/psnr", "recon/ssim", "seg/dice", "cls/acc", "cls/auc
 
 def run(quick: bool = False, seed: int = 0, threads: int | None = 1) -> list[dict]:
     """One row per strategy (profile "smoke" when `quick`, else "course"); see `strategy_rows`."""
-    config = strategy_config("smoke" if quick else "course", seed=seed, progress=False)
+    config = strategy_config("smoke" if quick else "course", seed=seed)  # progress bars on stderr
     return strategy_rows(compare(config, threads), config)
 
 
@@ -79,7 +79,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's default)")
     args = parser.parse_args(argv)
-    config = strategy_config("smoke" if args.quick else "course", seed=args.seed, progress=False)
+    if args.threads < 0:
+        parser.error(f"--threads must be >= 0 (0: torch's default), got {args.threads}")
+    config = strategy_config("smoke" if args.quick else "course", seed=args.seed)
     table = compare(config, args.threads or None)
     print(format_table(strategy_rows(table, config)))
     print("\n(d) joint vs (e) single-task from scratch:")
