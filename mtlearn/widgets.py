@@ -34,6 +34,7 @@ class DatasetExplorer:
                                          disabled="artifact_mask" not in first)
         self.output = widgets.Output()
         self.state: dict = {}
+        self.figure = None  # the last figure drawn (closed after display; still readable, e.g. to save)
         for control in (self.index, self.show, self.outline, self.artifact):
             control.observe(lambda _change: self.draw(), names="value")
         self.widget = widgets.VBox([widgets.HBox([self.index, self.show]),
@@ -65,5 +66,6 @@ class DatasetExplorer:
             ax.set_axis_off()
             plt.show()
             plt.close(fig)  # shown; without this every redraw would keep one more figure alive
+        self.figure = fig
         self.state = {"index": self.index.value, "layer": self.show.value, "title": title,
                       "outline": self.outline.value, "artifact": self.artifact.value}

@@ -337,6 +337,38 @@ def test_evaluate_disentangle_keys_and_range(tiny_loaders):
     assert set(D.evaluate_disentangle(tiny_model("two_encoder"), tiny_loaders[1], device="cpu")) == {"acc_a", "acc_b"}
 
 
+class AlwaysCircleOnWhite(torch.nn.Module):
+    """A stub whose every answer is known: shape "circle" (0), background "white" (1), for every image."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.ones(()))
+
+    def encode(self, x):
+        pooled = x.mean(dim=(2, 3), keepdim=True) * self.scale  # (B, 1, 1, 1)
+        return pooled.expand(-1, 4, 2, 2), pooled.expand(-1, 4, 2, 2)
+
+    def forward(self, x):
+        logits = torch.tensor([[5.0, -5.0]]).expand(len(x), 2)
+        return {"logits_a": logits, "logits_b": logits.flip(1)}
+
+
+def test_evaluate_disentangle_scores_exactly_what_a_model_predicts():
+    test = DataLoader(ShapesBackground("test", (32, 40)), batch_size=64)  # 100 per seen combination
+    unseen = DataLoader(ShapesBackground("unseen", (32, 40)), batch_size=64)  # 100 circles on black
+    assert D.evaluate_disentangle(AlwaysCircleOnWhite(), test, device="cpu") == pytest.approx(
+        {"acc_a": 1 / 3, "acc_b": 2 / 3})  # circles right, bars wrong; white right, black wrong
+    assert D.evaluate_disentangle(AlwaysCircleOnWhite(), unseen, device="cpu") == {"acc_a": 1.0, "acc_b": 0.0}
+
+
+def test_shapes_experiment_scores_the_unseen_split(monkeypatch):
+    monkeypatch.setattr(D, "build_model", lambda kind, config: AlwaysCircleOnWhite())
+    monkeypatch.setattr(D, "train_disentangle", lambda model, loader, **kwargs: {})
+    _, _, metrics = D.shapes_experiment("shared", D.disentangle_config("smoke"), device="cpu", progress=False)
+    assert metrics["unseen_shape_acc"] == 1.0 and metrics["seen_shape_acc"] == pytest.approx(1 / 3)
+    assert metrics["seen_background_acc"] == pytest.approx(2 / 3)
+
+
 def test_presets_and_config_helpers():
     assert set(D.PRESETS) == {"smoke", "course", "paper"}
     paper = D.PRESETS["paper"]

@@ -1,6 +1,5 @@
 import os
 import random
-import time
 
 import numpy as np
 import pytest
@@ -52,7 +51,7 @@ class ToyNet(nn.Module):
 class ToyData(Dataset):
     """Squares on noise; __getitem__ draws from NumPy's and Python's global generators (like augmentation)."""
 
-    def __init__(self, n=16, size=16, seed=0, keys=("image", "mask", "label", "clean"), delay=0.0, crash_after=None):
+    def __init__(self, n=16, size=16, seed=0, keys=("image", "mask", "label", "clean"), crash_after=None):
         g = torch.Generator().manual_seed(seed)
         self.items = []
         for i in range(n):
@@ -63,7 +62,7 @@ class ToyData(Dataset):
             clean = 0.1 + 0.8 * mask
             self.items.append({"image": clean + 0.2 * torch.randn(1, size, size, generator=g), "mask": mask,
                                "label": label, "clean": clean})
-        self.keys, self.delay, self.crash_after, self.fetched = keys, delay, crash_after, 0
+        self.keys, self.crash_after, self.fetched = keys, crash_after, 0
 
     def __len__(self):
         return len(self.items)
@@ -72,8 +71,6 @@ class ToyData(Dataset):
         self.fetched += 1
         if self.crash_after is not None and self.fetched > self.crash_after:
             raise RuntimeError("simulated crash (power cut)")
-        if self.delay:
-            time.sleep(self.delay)
         item = {k: self.items[i][k] for k in self.keys}
         if random.random() < 0.5:  # a "flip" from Python's generator
             item = {k: v.flip(-1) if torch.is_tensor(v) else v for k, v in item.items()}
@@ -257,11 +254,31 @@ def test_atomic_save_keeps_the_old_file_on_failure(tmp_path):
     assert os.listdir(tmp_path) == ["last.pt"]
 
 
-def test_data_wait_is_measured():
-    history = _fit(ToyNet(), *_loaders(delay=0.01), epochs=1)
-    record = history.records[0]
-    assert record["data_time"] >= 16 * 0.01 and 0.0 < record["data_share"] <= 1.0
-    assert record["data_time"] <= record["epoch_time"]
+def test_data_wait_is_measured(monkeypatch):
+    """On a fake clock: each item takes 1 s to load, each training forward 0.5 s, nothing else any time."""
+    import mtlearn.engine as engine
+
+    clock = [0.0]
+
+    class FakeTime:
+        perf_counter = staticmethod(lambda: clock[0])
+
+    class TimedData(ToyData):
+        def __getitem__(self, i):
+            clock[0] += 1.0
+            return super().__getitem__(i)
+
+    class TimedNet(ToyNet):
+        def forward(self, x):
+            if self.training:
+                clock[0] += 0.5
+            return super().forward(x)
+
+    monkeypatch.setattr(engine, "time", FakeTime)
+    train = DataLoader(TimedData(), batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(0))
+    record = _fit(TimedNet(), train, None, epochs=1).records[0]  # 16 items in 4 batches, 4 forwards
+    assert record["data_time"] == 16.0 and record["epoch_time"] == 18.0
+    assert record["data_share"] == pytest.approx(16.0 / 18.0)
 
 
 def test_evaluate_returns_metrics_and_keeps_predictions():

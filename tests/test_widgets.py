@@ -3,6 +3,7 @@
 import matplotlib
 
 matplotlib.use("Agg")
+import numpy as np
 import pytest
 import torch
 
@@ -31,6 +32,21 @@ def test_explorer_redraws_on_control_changes():
     explorer.artifact.value = True
     assert explorer.state["artifact"] is True
     assert explorer.index.max == 2
+
+
+def test_explorer_draws_the_chosen_layer_and_outlines():
+    items = fake_items()
+    items[1]["artifact_mask"][:, 10:14, 10:14] = 1
+    explorer = DatasetExplorer(items, class_names=("normal", "benign", "malignant"))
+    explorer.index.value = 1
+    explorer.show.value = "clean"
+    ax = explorer.figure.axes[0]
+    assert np.array_equal(ax.images[0].get_array(), items[1]["clean"][0].numpy())  # the clean image, not the noisy one
+    assert len(ax.collections) == 1  # one contour: the lesion outline
+    explorer.artifact.value = True
+    assert len(explorer.figure.axes[0].collections) == 2  # ... and the artifact's
+    explorer.outline.value = False
+    assert len(explorer.figure.axes[0].collections) == 1  # the artifact's alone
 
 
 def test_redraws_do_not_pile_up_figures():
