@@ -242,6 +242,8 @@ def plot_adversary_accuracy(history: dict[str, list[float]], chance: float = 0.5
                             title: str = "Adversaries during training", chance_label: str = "chance"):
     """Adversary accuracies per epoch (history from train_disentangle) against a reference level.
 
+    Solid: adv_acc_* (each batch scored before the adversaries' steps on it) and val_adv_acc_*;
+    dotted, in the same colour: adv_fit_acc_* (after those steps, on the batch they were fitted to).
     chance: the dashed reference line, e.g. 0.5, or what the other task's label alone allows
     (see the notebook); chance_label: its legend entry.
     """
@@ -252,7 +254,11 @@ def plot_adversary_accuracy(history: dict[str, list[float]], chance: float = 0.5
         raise ValueError(f"history has no adversary accuracies (adv_acc_*); keys: {sorted(history)}")
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     for key, values in curves.items():
-        ax.plot(range(1, len(values) + 1), values, marker="o", ms=3, label=key)
+        line, = ax.plot(range(1, len(values) + 1), values, marker="o", ms=3, label=key)
+        fitted = history.get(key.replace("adv_acc", "adv_fit_acc"))
+        if key.startswith("adv_acc") and fitted is not None:
+            ax.plot(range(1, len(fitted) + 1), fitted, ls=":", color=line.get_color(),
+                    label=f"{key.replace('adv_acc', 'adv_fit_acc')} (on the batch it was fitted to)")
     ax.axhline(chance, color="grey", ls="--", label=chance_label)
     ax.set_ylim(0, 1.02)
     ax.set_xlabel("epoch")

@@ -170,6 +170,10 @@ def test_adversary_plot_labels_its_reference_line():
     fig = plot_adversary_accuracy({"adv_acc_b": [0.9, 0.7]}, chance=2 / 3, chance_label="label prior")
     reference = fig.axes[0].get_lines()[-1]
     assert reference.get_label() == "label prior" and reference.get_ydata()[0] == pytest.approx(2 / 3)
+    fig = plot_adversary_accuracy({"adv_acc_b": [0.6, 0.6], "adv_fit_acc_b": [1.0, 1.0]})
+    scored, fitted = fig.axes[0].get_lines()[:2]  # the fit drawn beside its curve, dotted, same colour
+    assert list(fitted.get_ydata()) == [1.0, 1.0] and fitted.get_linestyle() == ":"
+    assert fitted.get_color() == scored.get_color()
 
 
 def test_plot_probe_matrix_annotates_every_cell():
