@@ -292,7 +292,8 @@ class StepCost:
         return self.parameter_bytes + 3 * self.trainable_bytes + activations
 
 
-def measure_training_step(model: nn.Module, batch: Mapping[str, Tensor], tasks: Sequence[str]) -> StepCost:
+def measure_training_step(model: nn.Module, batch: Mapping[str, Tensor], tasks: Sequence[str],
+                          amp_dtype: torch.dtype | None = None) -> StepCost:
     """Count one training step of `model` on `batch`: FLOPs of forward + backward, and saved activations.
 
     Measured on a copy (the model itself is not touched), in training mode, with the task losses
@@ -304,8 +305,10 @@ def measure_training_step(model: nn.Module, batch: Mapping[str, Tensor], tasks: 
     which "3 x forward FLOPs" would not.
 
     Memory: the tensors autograd saves for backward are summed through saved_tensors_hooks
-    (each storage once; parameters excluded). This is the same on every device, so strategies
+    (each storage once; parameters excluded). It does not depend on the allocator, so strategies
     can be compared on a CPU, where no allocator reports a peak for torch's tensors alone.
+    amp_dtype: run the step under autocast with this dtype, as engine.fit trains with mixed
+    precision (resolve_amp): half-precision activations take less memory.
     """
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -323,10 +326,12 @@ def measure_training_step(model: nn.Module, batch: Mapping[str, Tensor], tasks: 
             saved[storage.data_ptr()] = storage.nbytes()
         return tensor
 
+    autocast = torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
     with countable_attention(), FlopCounterMode(display=False) as counter, \
             torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        outputs = probe(batch["image"])
-        losses = task_losses(outputs, batch, loss_fns)
+        with autocast:  # as training runs it (engine.fit): half-precision activations take half the memory
+            outputs = probe(batch["image"])
+            losses = task_losses(outputs, batch, loss_fns)
         total = sum(losses.values())
         if total.requires_grad:
             total.backward()
@@ -373,8 +378,9 @@ class UMSRepConfig:
     preset: str = "tiny"  # model size (mtlearn.mtl.PRESETS)
     image_size: int = 64  # training and test size, pixels (a multiple of 16)
     num_unlabeled: int | None = 600  # synthetic: the representation's images (None: 2 x num_train; real data: all)
-    num_train: int | None = 300  # labelled images, fine-tuning and baselines (None: the train split, synthetic 2000)
-    num_test: int | None = 300  # test images (None: the test split, synthetic 400)
+    num_train: int | None = 300  # labelled images, fine-tuning and baselines (None: the train split, synthetic 2000;
+    # a real split is subsampled at random with `seed`, at most its size)
+    num_test: int | None = 300  # test images (None: the test split, synthetic 400; real data as num_train)
     batch_size: int = 16  # images per step, every strategy
     lr: float = 1e-3  # AdamW peak learning rate, polynomial decay to 0 over each run (engine.fit)
     weight_decay: float = 3e-5  # AdamW weight decay (ResFormer)
@@ -408,9 +414,18 @@ class UMSRepConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if len(set(self.strategies)) != len(self.strategies):
+            raise ValueError(f"strategies must not repeat (a repeated one would count its compute twice), got "
+                             f"{self.strategies}")
         for name in ("partial_stages", "joint_stages"):
-            if not 0 <= getattr(self, name) <= NUM_STAGES:
-                raise ValueError(f"{name} must be in 0..{NUM_STAGES}, got {getattr(self, name)!r}")
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= NUM_STAGES:
+                raise ValueError(f"{name} must be an integer in 0..{NUM_STAGES}, got {value!r}")
+        if not 0 < self.max_compute_share <= 1:
+            raise ValueError(f"max_compute_share is a fraction in (0, 1] (0.35 for 35 %), got {self.max_compute_share!r}")
+        unknown = sorted(set(self.tolerance) - set(METRICS))
+        if unknown or any(v < 0 for v in self.tolerance.values()):
+            raise ValueError(f"tolerance maps metrics of {METRICS} to allowed drops >= 0, got {self.tolerance!r}")
         for name in ("num_unlabeled", "num_train", "num_test"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 2):
@@ -494,15 +509,24 @@ def load_strategy_data(config: UMSRepConfig) -> StrategyData:
     pool = torch.utils.data.ConcatDataset(parts)
     train = load_dataset("busi", root=root("busi"), split="train", image_size=size, seed=seed)
     test = load_dataset("busi", root=root("busi"), split="test", image_size=size, seed=seed)
-    if config.num_train is not None:
-        train = torch.utils.data.Subset(train, range(min(config.num_train, len(train))))
+    # a seeded random subset: the split is ordered by file name, so its first N would all be benign
+    train, test = _random_subset(train, config.num_train, seed), _random_subset(test, config.num_test, seed)
     noise = dict(gaussian_std=config.gaussian_std, speckle_looks=config.speckle_looks, seed=seed)
-    # real images are cached once resized; the noise of the training sets is drawn anew each epoch
+    # real images are read and resized once, here, before any clock starts; the noise of the
+    # training sets is drawn anew each epoch
     return StrategyData(
-        unlabeled=DenoisingPairs(pool, labels=False, **noise),
+        unlabeled=DenoisingPairs(InMemory(pool, ("image",)), labels=False, **noise),
         train=DenoisingPairs(InMemory(train, keep), labels=True, **noise),
         test=InMemory(DenoisingPairs(test, labels=True, fixed_noise=True, **noise), keep),
         class_names=tuple(getattr(test, "class_names", ("normal", "benign", "malignant"))))
+
+
+def _random_subset(dataset: Dataset, size: int | None, seed: int) -> Dataset:
+    """`size` items of `dataset` drawn at random with `seed` (all of them when size is None or larger)."""
+    if size is None or size >= len(dataset):
+        return dataset
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:size]
+    return torch.utils.data.Subset(dataset, sorted(order.tolist()))
 
 
 def _loader(dataset: Dataset, config: UMSRepConfig, shuffle: bool) -> DataLoader:
@@ -527,7 +551,7 @@ def train_and_measure(model: nn.Module, strategy: str, train: Dataset, test: Dat
     No checkpoint selection: every run ends after its fixed number of epochs with the learning rate
     decayed to zero, and the final weights are tested (there is no validation pass to pay for).
     """
-    from mtlearn.engine import evaluate, fit
+    from mtlearn.engine import evaluate, fit, resolve_amp
 
     tasks = tuple(model.tasks)
     device = pick_device(config.device)
@@ -536,10 +560,11 @@ def train_and_measure(model: nn.Module, strategy: str, train: Dataset, test: Dat
     # FLOPs and saved activations grow linearly with the batch: two images measure them per image,
     # at a fraction of the cost of counting a whole batch (the counter slows every operation down)
     sample = next(iter(DataLoader(train, batch_size=2)))
-    cost = measure_training_step(model, sample, tasks)
+    cost = measure_training_step(model, sample, tasks, amp_dtype=resolve_amp(config.amp, device))
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
+        resident = torch.cuda.memory_allocated(device)  # earlier strategies' models still on the GPU
     started, cpu_started = time.perf_counter(), time.process_time()
     history = fit(model, loader, None, tasks=tasks, epochs=epochs, lr=config.lr, weight_decay=config.weight_decay,
                   task_weights=dict(task_weights) if task_weights else None, device=str(device), amp=config.amp,
@@ -547,7 +572,7 @@ def train_and_measure(model: nn.Module, strategy: str, train: Dataset, test: Dat
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     wall_time, cpu_time = time.perf_counter() - started, time.process_time() - cpu_started
-    cuda_peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else float("nan")
+    cuda_peak = (torch.cuda.max_memory_allocated(device) - resident) / 2**20 if device.type == "cuda" else float("nan")
     metrics = {}
     if test is not None:
         metrics = evaluate(model, _loader(test, config, shuffle=False), tasks, amp=config.amp)
@@ -698,6 +723,8 @@ def joint_vs_single_task(table, max_compute_share: float = 0.35, tolerance: Mapp
     0-1 scale, i.e. 2 points, and 0.5 dB of PSNR). `passed` uses the fine-tuning-only shares;
     `passed_with_pretraining` the totals.
     """
+    if not 0 < max_compute_share <= 1:
+        raise ValueError(f"max_compute_share is a fraction in (0, 1] (0.35 for 35 %), got {max_compute_share!r}")
     tolerance = dict(UMSRepConfig().tolerance if tolerance is None else tolerance)
     for name in (joint, baseline):
         if name not in table.index:

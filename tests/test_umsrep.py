@@ -232,6 +232,33 @@ def test_joint_vs_single_task_applies_both_conditions(joint_wall, joint_dice, pa
     assert check["passed_with_pretraining"] is (passed and (joint_wall + 5.0) / 15.0 <= 0.35)
 
 
+@pytest.mark.parametrize("joint_flops, joint_wall, joint_dice, passed", [
+    (250.0, 3.0, 0.90, False),  # 42 % of the FLOPs, 20 % of the time: both shares must hold
+    (100.0, 6.0, 0.90, False),  # 17 % of the FLOPs, 40 % of the time
+    (100.0, 3.0, 0.99, True),   # 9 points *above* the baseline: a gain never fails the tolerance
+])
+def test_joint_vs_single_task_needs_both_shares_and_only_limits_drops(joint_flops, joint_wall, joint_dice, passed):
+    runs = [record("pretrain", ("recon",), images=100, wall=5.0),
+            record("joint", TASKS, flops_per_image=joint_flops * 1e4, images=100, wall=joint_wall,
+                   **scores(24.0, joint_dice)),
+            *(record("scratch", (t,), images=200, wall=5.0, **scores(24.2, 0.90)) for t in TASKS)]
+    check = joint_vs_single_task(strategy_table(runs, UMSRepConfig()))
+    assert check["flops_share_train"] == pytest.approx(joint_flops / 600)
+    assert check["passed"] is passed
+    with pytest.raises(ValueError, match="a fraction"):
+        joint_vs_single_task(strategy_table(runs, UMSRepConfig()), max_compute_share=35)
+
+
+def test_random_subset_draws_from_the_whole_split():
+    from mtlearn.umsrep import _random_subset
+
+    ordered = list(range(100))  # a split sorted by file name: "benign (N)" before every "malignant"
+    subset = _random_subset(ordered, 30, seed=0)
+    picked = [subset[i] for i in range(len(subset))]
+    assert len(picked) == 30 and max(picked) > 60 and picked == sorted(picked)
+    assert _random_subset(ordered, 30, seed=0).indices == subset.indices and _random_subset(ordered, None, 0) is ordered
+
+
 # ---------------------------------------------------------------------------------------------- data
 
 
@@ -290,6 +317,12 @@ def test_a_few_denoising_steps_lower_the_reconstruction_error():
     (dict(joint_epochs=0), "joint_epochs"),
     (dict(partial_stages=5), "partial_stages"),
     (dict(num_train=1), "num_train"),
+    (dict(partial_stages=1.5), "partial_stages must be an integer"),
+    (dict(joint_stages=True), "joint_stages must be an integer"),
+    (dict(max_compute_share=35), "a fraction in"),
+    (dict(tolerance={"seg/dice": -0.1}), "allowed drops >= 0"),
+    (dict(tolerance={"dice": 0.02}), "tolerance maps metrics"),
+    (dict(strategies=("joint", "joint")), "must not repeat"),
 ])
 def test_config_rejects_bad_values(kwargs, match):
     with pytest.raises(ValueError, match=match):
