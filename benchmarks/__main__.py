@@ -1,6 +1,6 @@
-"""Run the benchmarks and print one table.
+"""Run the benchmark groups and print one table each.
 
-    python -m benchmarks                 # everything (several minutes on 2 CPU cores)
+    python -m benchmarks                 # everything (about 25 minutes on 2 CPU cores)
     python -m benchmarks --quick         # smaller sizes, for a first look
     python -m benchmarks --only models engine
 
