@@ -70,7 +70,7 @@ def fetch(
     parse_hash(known_hash)  # a malformed checksum fails now, not after a long download
     target = folder / source.filename
     marker = completion_marker(folder, source.name)
-    if marker.exists() and _still_complete(marker, folder, target, source, known_hash):
+    if marker.exists() and _still_complete(marker, folder, source, known_hash):
         return folder  # fetched before: nothing to do
     # (a stale marker stays until it is rewritten below: a wrong --hash must not undo a good fetch)
 
@@ -106,7 +106,7 @@ def completion_marker(folder: str | Path, name: str) -> Path:
     return Path(folder) / f".{get_source(name).name}.complete"
 
 
-def _still_complete(marker: Path, folder: Path, target: Path, source: Source, known_hash: str | None) -> bool:
+def _still_complete(marker: Path, folder: Path, source: Source, known_hash: str | None) -> bool:
     """Whether a fetch that once completed still holds: same checksum asked for, no file deleted since."""
     try:
         record = json.loads(marker.read_text())
@@ -116,10 +116,11 @@ def _still_complete(marker: Path, folder: Path, target: Path, source: Source, kn
         print(f"{source.name}: a different checksum than the one of the last fetch was given; checking again")
         return False
     # markers written before file lists were recorded: trust an archive's, check a plain file
-    files = record.get("files", [] if source.extract else [target.name])
+    files = record.get("files", [] if source.extract else [source.filename])
     missing = [name for name in files if not (folder / name).exists()]
     if missing:
-        print(f"{source.name}: {len(missing)} file(s) of the last fetch are missing (e.g. {missing[0]}); fetching again")
+        print(f"{source.name}: {len(missing)} file(s) of the last fetch are missing (e.g. {missing[0]}); "
+              "fetching again")
         return False
     return True
 

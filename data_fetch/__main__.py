@@ -49,7 +49,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except OSError as error:  # the destination: a file where a folder should be, no permission, disk full
         where = error.filename or args.dest or "the data folder"
-        print(f"data_fetch: cannot write to {where} ({error.strerror or error}); choose another --dest", file=sys.stderr)
+        print(f"data_fetch: cannot write to {where} ({error.strerror or error}); choose another --dest",
+              file=sys.stderr)
         return 1
     print(f"{args.name} is ready in {folder}")
     return 0

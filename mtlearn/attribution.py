@@ -204,6 +204,7 @@ class Explainer:
         self.layer_name = layer
         self.keys = {head: head for head in HEADS} | dict(keys or {})
         self.device = next(self.model.parameters()).device
+        self._num_classes: int | None = None  # of the cls head, read from its first output
 
     def head(self, head: str) -> nn.Module:
         """The scalar-per-sample wrapper of `head` around the prepared copy."""
@@ -232,17 +233,19 @@ class Explainer:
         images = self._check_images(images)
         B, _, H, W = images.shape
         if head == "cls":
-            logits = self.head_output(images, "cls")  # (B, num_classes)
-            if target is None:
-                target = logits.argmax(1)
+            if target is None or self._num_classes is None:
+                logits = self.head_output(images, "cls")  # (B, num_classes)
+                self._num_classes = logits.shape[1]
+                if target is None:
+                    target = logits.argmax(1)
             target = torch.as_tensor(target, device=self.device).long().flatten()
             if target.numel() == 1:
                 target = target.expand(B)
             if target.shape != (B,):
                 raise ValueError(f"cls target must be an int or {B} class indices, got shape {tuple(target.shape)}")
-            num_classes = logits.shape[1]
-            if bool(((target < 0) | (target >= num_classes)).any()):
-                raise ValueError(f"cls target must be class indices in 0..{num_classes - 1}, got {target.tolist()}")
+            if bool(((target < 0) | (target >= self._num_classes)).any()):
+                raise ValueError(f"cls target must be class indices in 0..{self._num_classes - 1}, "
+                                 f"got {target.tolist()}")
             return (target,)
         if head not in ("seg", "recon"):
             raise ValueError(f"unknown head {head!r}; expected one of {HEADS}")
@@ -439,6 +442,11 @@ def mask_share(maps: Tensor, mask: Tensor, mode: str = "positive") -> Tensor:
     return share.masked_fill(mask.flatten(1).sum(1) == 0, float("nan"))
 
 
+def _grow(mask: Tensor, pixels: int) -> Tensor:
+    """(B, 1, H, W) mask dilated by `pixels` in every direction (a square neighbourhood)."""
+    return nn.functional.max_pool2d(mask, 2 * pixels + 1, stride=1, padding=pixels) if pixels else mask
+
+
 def pointing_game(maps: Tensor, mask: Tensor, tolerance: int = 1, mode: str = "positive") -> Tensor:
     """Pointing game (Zhang et al. 2016): is the map's maximum inside the mask? Per sample.
 
@@ -451,7 +459,7 @@ def pointing_game(maps: Tensor, mask: Tensor, tolerance: int = 1, mode: str = "p
     if tolerance < 0:
         raise ValueError(f"tolerance must be >= 0 pixels, got {tolerance!r}")
     maps, mask = _check_pair(maps, mask)
-    grown = nn.functional.max_pool2d(mask, 2 * tolerance + 1, stride=1, padding=tolerance) if tolerance else mask
+    grown = _grow(mask, tolerance)
     mass = _mass(maps, mode).flatten(1)  # (B, H*W)
     peak = mass.amax(1, keepdim=True)  # (B, 1)
     top = mass >= peak * (1 - 1e-6)  # (B, H*W) the maximal pixels
@@ -482,7 +490,7 @@ def localisation_scores(explainer: Explainer, images: Tensor, mask: Tensor, head
     if isinstance(target, Tensor) and target.dim() >= 1 and target.shape[0] == keep.shape[0]:
         target = target[keep.to(target.device)]
     chance = float(mask.flatten(1).mean(1).mean())
-    grown = nn.functional.max_pool2d(mask, 2 * tolerance + 1, stride=1, padding=tolerance) if tolerance else mask
+    grown = _grow(mask, tolerance)
     pointing_chance = float(grown.flatten(1).mean(1).mean())
     scores = {}
     for method in tqdm(methods, desc="attribution", disable=not progress, leave=False):

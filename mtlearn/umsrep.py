@@ -299,10 +299,10 @@ def measure_training_step(model: nn.Module, batch: Mapping[str, Tensor], tasks: 
     Measured on a copy (the model itself is not touched), in training mode, with the task losses
     summed. torch.utils.flop_counter counts matrix multiplications and convolutions, forward and
     backward, at 2 FLOPs per multiply-add (attention in its math form, see
-    mtlearn.utils.countable_attention, so its matrix products count as well); element-wise work (norms, activations, the optimiser
-    update) is left out: a few percent. Frozen parts need no weight gradients and, below the
-    lowest trainable layer, no input gradients either: the count shows that saving directly,
-    which "3 x forward FLOPs" would not.
+    mtlearn.utils.countable_attention, so its matrix products count as well); element-wise work
+    (norms, activations, the optimiser update) is left out: a few percent. Frozen parts need no
+    weight gradients and, below the lowest trainable layer, no input gradients either: the count
+    shows that saving directly, which "3 x forward FLOPs" would not.
 
     Memory: the tensors autograd saves for backward are summed through saved_tensors_hooks
     (each storage once; parameters excluded). It does not depend on the allocator, so strategies
@@ -329,7 +329,7 @@ def measure_training_step(model: nn.Module, batch: Mapping[str, Tensor], tasks: 
     autocast = torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
     with countable_attention(), FlopCounterMode(display=False) as counter, \
             torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        with autocast:  # as training runs it (engine.fit): half-precision activations take half the memory
+        with autocast:  # the precision training runs in (engine.fit autocasts the same way)
             outputs = probe(batch["image"])
             losses = task_losses(outputs, batch, loss_fns)
         total = sum(losses.values())
