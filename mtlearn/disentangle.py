@@ -654,10 +654,10 @@ class DisentangleConfig:
     (probe_background_a 0.70-0.76 over seeds 0-4, one CPU thread). Split by shape
     (probe_background_within_shape) it is readable within the bars too (0.81-0.96), although bars
     come on both backgrounds in every batch: the adversary lowers, not removes, what a probe fitted
-    on many images finds. With the penalty (seeds 0 and 3) the bars are clean (0.47, chance) but
-    the circles are not (0.77, 0.95: the encoder never saw a circle on black, so nothing made its
-    circle features blind to the background), and the unseen accuracy drops (0.58 and 0.36 against
-    0.94 and 0.89 without it). Also measured, no better: the penalty on every encoder stage, and
+    on many images finds. With the penalty (seeds 0-4) the bars are clean (0.41-0.49, chance) and
+    the probe falls to 0.52-0.65, but the circles are cleared on some seeds only (0.45-0.95: the
+    encoder never saw a circle on black, so nothing made its circle features blind to the
+    background), and the unseen accuracy follows them (0.36-0.98; both targets hold on 2 seeds). Also measured, no better: the penalty on every encoder stage, and
     adversaries trained on the last 8 batches at once instead of the current one.
     Reweighting only: nothing ever shows a circle on black (no intensity inversion or the like).
     """
