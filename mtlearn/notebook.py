@@ -11,7 +11,9 @@ Every course notebook has a `parameters` cell of literals (papermill injects new
 
 and then calls `run = start("01_resformer_mtl", profile=profile, ...)`, which checks every value
 (a bad one fails at once, naming the valid choices), seeds everything, picks the device, prints
-the environment and starts the clock. The notebook saves figures with `run.save_figure(fig, name)`
+the environment and starts the clock. A notebook's own knobs that default by profile go through
+`run.setting("epochs", epochs, smoke=1, course=8, paper=150)`, which checks a value that was set.
+The notebook saves figures with `run.save_figure(fig, name)`
 and ends with `run.finish(metrics)`, which writes `out_dir/metrics.json` and prints device and
 wall time.
 """
@@ -95,6 +97,28 @@ class Run:
         if missing:
             raise ValueError(f"run.pick needs a value for every profile; missing {missing}")
         return per_profile[self.profile]
+
+    def setting(self, name: str, value: Any, *, positive: bool = True, **per_profile: Any) -> Any:
+        """A knob of the parameters cell: `value` when it was set, else the profile's default.
+
+            epochs = run.setting("epochs", epochs, smoke=1, course=8, paper=150)
+
+        Why not `epochs or run.pick(...)`: that quietly turns epochs=0 into the default. A set
+        value must have the default's type (an int where the default is an int; an int or a float
+        where it is a float) and, with `positive`, be > 0; anything else is an error naming the
+        parameter.
+        """
+        default = self.pick(**per_profile)
+        if value is None:
+            return default
+        kind = type(default)
+        accepted = (int, float) if kind is float else (kind,)
+        wrong_type = isinstance(value, bool) is not isinstance(default, bool) or not isinstance(value, accepted)
+        if wrong_type or (positive and not value > 0):
+            wanted = f"a positive {kind.__name__}" if positive else f"a {kind.__name__}"
+            raise ValueError(f"parameter {name} must be {wanted} (or None for the {self.profile} profile's "
+                             f"{default!r}), got {value!r}")
+        return value
 
     def save_figure(self, fig, name: str) -> Path:
         """Save a matplotlib figure as `out_dir/<name>.png` (and leave it displayed inline)."""

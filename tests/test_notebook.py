@@ -71,6 +71,21 @@ def test_pick_chooses_by_profile_and_needs_every_profile(tmp_path):
         run.pick(smoke=1, course=2)
 
 
+def test_setting_takes_the_profile_default_only_when_unset(tmp_path):
+    run = start_here(tmp_path)  # smoke
+    assert run.setting("epochs", None, smoke=1, course=8, paper=150) == 1
+    assert run.setting("epochs", 3, smoke=1, course=8, paper=150) == 3
+    assert run.setting("lr", 1, smoke=1e-3, course=1e-3, paper=1e-4) == 1  # an int where a float is due
+    assert run.setting("offset", -2, positive=False, smoke=0, course=0, paper=0) == -2
+
+
+@pytest.mark.parametrize("value", [0, -1, 2.5, "8", True])
+def test_setting_refuses_what_the_default_would_hide(tmp_path, value):
+    run = start_here(tmp_path)
+    with pytest.raises(ValueError, match=r"parameter epochs must be a positive int .*smoke profile's 1"):
+        run.setting("epochs", value, smoke=1, course=8, paper=150)
+
+
 def test_metrics_must_be_plain_values(tmp_path):
     with pytest.raises(TypeError, match="metrics must be"):
         start_here(tmp_path).finish({"model": object()})
