@@ -532,8 +532,8 @@ def spearman(a: Tensor, b: Tensor, absolute: bool = True) -> Tensor:
     """
     from scipy.stats import rankdata
 
-    a = a.detach().flatten(1).double().cpu()
-    b = b.detach().flatten(1).double().cpu()
+    a = a.detach().flatten(1).cpu().double()  # .cpu() first: MPS has no float64
+    b = b.detach().flatten(1).cpu().double()
     if absolute:
         a, b = a.abs(), b.abs()
     ra = torch.from_numpy(rankdata(a.numpy(), axis=1))
@@ -660,13 +660,15 @@ def cascading_randomisation(model: nn.Module, images: Tensor, head: str = "cls",
     images = explainer._check_images(images)
     target = explainer.forward_args(images, head, target)[0]
     groups = list(groups) if groups is not None else randomisation_groups(explainer, images, head, target, depth)
-    cuda = [explainer.device] if explainer.device.type == "cuda" else []  # init draws on the parameters' device
+    # re-initialisation draws on the parameters' device: fork that device's generator too (CUDA or MPS)
+    accelerator = explainer.device.type in ("cuda", "mps")
+    forked = dict(devices=[explainer.device], device_type=explainer.device.type) if accelerator else dict(devices=[])
 
     def explain() -> Tensor:
         torch.manual_seed(seed)  # the same noise for every map (SmoothGrad); no effect on the others
         return explainer.attribute(images, head, target, method, **method_kw).cpu()
 
-    with torch.random.fork_rng(devices=cuda):
+    with torch.random.fork_rng(**forked):
         original = explain()
         result = RandomisationResult(["original"], [1.0], [original])
         for k, name in enumerate(tqdm(groups, desc="randomise", disable=not progress, leave=False)):

@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 from mtlearn.losses import LossConfig, build_losses, check_tasks, task_losses
 from mtlearn.metrics import MetricAccumulator
 from mtlearn.utils import pick_device, seed_everything
-from mtlearn.weighting import LossWeighting, build_weighting, find_shared_parameters
+from mtlearn.weighting import GradNorm, LossWeighting, build_weighting, find_shared_parameters
 
 CHECKPOINT_FORMAT = 1
 AMP_CHOICES = ("auto", "bf16", "fp16", "off")
@@ -52,11 +52,13 @@ DEFAULT_MONITOR = {"seg": "seg/dice", "cls": "cls/auc", "recon": "recon/psnr"}  
 class NonFiniteLossError(RuntimeError):
     """A task loss became NaN or inf; training stopped before the bad step touched the weights."""
 
-    def __init__(self, epoch: int, step: int, task: str, value: float, checkpoint: Path | None = None):
+    def __init__(self, epoch: int, step: int, task: str | None, value: float, checkpoint: Path | None = None):
+        """task None: the loss went bad in another torchrun process (every process stops together)."""
         self.epoch, self.step, self.task, self.value = epoch, step, task, value
         where = f"; the last good checkpoint is {checkpoint}" if checkpoint else ""
+        what = f"the {task!r} loss is {value}" if task is not None else "a loss is not finite in another process"
         super().__init__(
-            f"the {task!r} loss is {value} at epoch {epoch}, step {step}{where}. Usual causes: a learning "
+            f"{what} at epoch {epoch}, step {step}{where}. Usual causes: a learning "
             "rate too high, fp16 overflow (try amp='bf16' or 'off'), or NaN in the data (check the batch)."
         )
 
@@ -231,6 +233,15 @@ def _mean_across_processes(values: Sequence[float], device: torch.device) -> lis
     return (tensor / dist.get_world_size()).tolist()
 
 
+def _any_across_processes(flag: bool, device: torch.device) -> bool:
+    """True on every process when `flag` is True on any of them (no-op without torchrun)."""
+    if not is_distributed():
+        return flag
+    tensor = torch.tensor([float(flag)], device=device if device.type == "cuda" else None)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return bool(tensor.item())
+
+
 def _broadcast_buffers(model: nn.Module) -> None:
     """Copy rank 0's buffers (BatchNorm running statistics) to every rank."""
     if is_distributed():
@@ -363,6 +374,10 @@ def _make_config(config: TrainConfig | None, overrides: Mapping[str, Any]) -> Tr
         raise ValueError(f"grad_clip must be positive or None, got {config.grad_clip!r}")
     if config.resume and config.out_dir is None:
         raise ValueError("resume=True needs out_dir (the folder holding last.pt)")
+    if config.compile and (config.weighting == "gradnorm" or isinstance(config.weighting, GradNorm)):
+        raise ValueError("weighting='gradnorm' cannot train with compile=True: GradNorm differentiates gradient "
+                         "norms (a double backward), which torch.compile does not support. Use compile=False "
+                         "or another weighting")
     return config
 
 
@@ -518,7 +533,9 @@ RESUME_FIELDS = ("tasks", "lr", "weight_decay", "betas", "poly_power", "weightin
 
 def _load_run(run: _Run, path: Path, train_loader, config: TrainConfig, tasks) -> tuple[History, int]:
     """Restore a run from a checkpoint; returns its history and the number of epochs done."""
-    state = load_checkpoint(path, map_location=run.device)
+    # map_location "cpu": the random states must stay CPU tensors (torch.set_rng_state refuses others);
+    # load_state_dict below copies weights and optimiser moments onto the parameters' device
+    state = load_checkpoint(path, map_location="cpu")
     saved, current = state.get("config", {}), _plain_config(config, tasks)
     changed = [name for name in RESUME_FIELDS if name in saved and saved[name] != current[name]]
     if changed:
@@ -589,13 +606,16 @@ def _train_one_epoch(run: _Run, loader, epoch: int, tasks: tuple[str, ...], bar,
         steps += 1
         buffers = [b.detach().clone() for b in run.model.buffers()]  # BatchNorm statistics, before this batch
         losses, values = _forward(run, batch, tasks)
-        for task, value in zip(tasks, values):  # before backward: weights and checkpoints stay good
-            if not np.isfinite(value):
-                with torch.no_grad():  # the forward pass already fed the bad batch into the running statistics
-                    for buffer, saved in zip(run.model.buffers(), buffers):
-                        buffer.copy_(saved)
-                last = out_dir / "last.pt" if out_dir is not None and (out_dir / "last.pt").is_file() else None
-                raise NonFiniteLossError(epoch + 1, steps, task, float(value), last)
+        # checked before backward, so weights and checkpoints stay good; under torchrun every process
+        # stops when any one sees a bad loss (the others would wait in backward's all-reduce for ever)
+        if _any_across_processes(not np.isfinite(values).all(), run.device):
+            with torch.no_grad():  # the forward pass already fed the bad batch into the running statistics
+                for buffer, saved in zip(run.model.buffers(), buffers):
+                    buffer.copy_(saved)
+            last = out_dir / "last.pt" if out_dir is not None and (out_dir / "last.pt").is_file() else None
+            bad = [(task, float(value)) for task, value in zip(tasks, values) if not np.isfinite(value)]
+            task, value = bad[0] if bad else (None, float("nan"))
+            raise NonFiniteLossError(epoch + 1, steps, task, value, last)
         total = _update(run, losses)
         sums += np.append(values, total)
         bar.update(1)

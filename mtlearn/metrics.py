@@ -115,7 +115,7 @@ class MetricAccumulator:
         self._labels: list[np.ndarray] = []
 
     def _add(self, key: str, values: Tensor) -> None:
-        values = values.detach().double().flatten().cpu()
+        values = values.detach().cpu().double().flatten()  # .cpu() first: MPS has no float64
         values = values[~torch.isnan(values)]
         self.sums[key] = self.sums.get(key, 0.0) + float(values.sum())
         self.counts[key] = self.counts.get(key, 0.0) + float(values.numel())
@@ -138,7 +138,7 @@ class MetricAccumulator:
                 self._update_recon(prediction, target.float())
             if losses is not None and task in losses:
                 n = len(prediction)
-                self._add(f"{task}/loss", losses[task].detach().double().repeat(n))
+                self._add(f"{task}/loss", losses[task].detach().cpu().double().repeat(n))
 
     def _update_seg(self, logits: Tensor, mask: Tensor) -> None:
         num_seg = logits.shape[1]

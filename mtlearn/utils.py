@@ -95,7 +95,7 @@ def environment_report(device: str | torch.device = "auto") -> dict[str, str]:
         index = resolved.index if resolved.index is not None else torch.cuda.current_device()
         props = torch.cuda.get_device_properties(index)
         report["gpu"] = f"{props.name}, {props.total_memory / 2**30:.0f} GiB"
-        report["bf16"] = str(torch.cuda.is_bf16_supported())
+        report["bf16"] = str(torch.cuda.is_bf16_supported(including_emulation=False))  # as resolve_amp decides
     report["colab"] = str("COLAB_RELEASE_TAG" in os.environ or "google.colab" in sys.modules)
     return report
 

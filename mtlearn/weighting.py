@@ -204,11 +204,15 @@ class GradNorm(LossWeighting):
         if not self.initialised:
             self.initial_losses = _average_across_processes(task_losses.detach().clone())
             self.initialised.fill_(True)
-        # G_t: graph kept (create_graph) so that the norm can be differentiated w.r.t. w_t
+        # G_t: graph kept (create_graph) so that the norm can be differentiated w.r.t. w_t. Under fp16
+        # the gradients are taken of the scaled loss, as the network's are (small ones would underflow),
+        # and the norms divided by the loss scale S again; S overflowing gives inf, see after_step
+        scale = scale or (lambda t: t)
+        loss_scale = scale(torch.ones((), device=task_losses.device))  # S; 1 without a GradScaler
         grad_norms = torch.stack([
-            torch.autograd.grad(w * loss, layer, retain_graph=True, create_graph=True)[0].norm()
+            torch.autograd.grad(scale(w * loss), layer, retain_graph=True, create_graph=True)[0].norm()
             for w, loss in zip(self.task_weights, task_losses)
-        ])  # (T,)
+        ]) / loss_scale  # (T,)
         ratio = task_losses.detach() / self.initial_losses.clamp_min(1e-12)
         ratio = ratio / ratio.mean()
         target = (grad_norms.mean() * ratio**self.alpha).detach()  # a constant for the weights
@@ -216,7 +220,7 @@ class GradNorm(LossWeighting):
         weight_grad = torch.autograd.grad(gradnorm_loss, self.task_weights, retain_graph=True)[0]
         # the network: weighted sum with the weights held constant (.detach())
         total = (self.task_weights.detach() * task_losses).sum()
-        (scale(total) if scale else total).backward()
+        scale(total).backward()
         self.task_weights.grad = weight_grad
         self.last_grad_norms = grad_norms.detach().cpu()
         return total.detach()
@@ -224,7 +228,10 @@ class GradNorm(LossWeighting):
     def after_step(self):
         if self.task_weights.grad is None:
             return
-        _average_across_processes(self.task_weights.grad)
+        _average_across_processes(self.task_weights.grad)  # a rank's inf makes every rank's mean inf
+        if not torch.isfinite(self.task_weights.grad).all():  # fp16 gradients overflowed: the
+            self.optimizer.zero_grad(set_to_none=True)  # GradScaler skips this step, and so do the weights
+            return
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():  # renormalise: sum_t w_t = T (and keep them positive)

@@ -187,6 +187,39 @@ def test_nan_guard_stops_and_keeps_the_last_good_checkpoint(where, tmp_path):
     assert all(torch.isfinite(b).all() for b in model.buffers() if b.is_floating_point())
 
 
+def _train_with_nan_on_rank_one(rank, store, results):
+    """One torchrun-like process of two (gloo): rank 1's model returns NaN at its second step."""
+    import datetime
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        torch.set_num_threads(1)
+        model = ToyNet(nan_at_call=2 if rank == 1 else None)
+        try:
+            _fit(model, _loaders()[0], None, epochs=1)
+            outcome = "finished"
+        except NonFiniteLossError as error:
+            outcome = f"stopped at step {error.step}, task {error.task}"
+        except Exception as error:  # e.g. gloo's error once the other process has gone
+            outcome = f"{type(error).__name__}: {error}"
+        (results / f"rank{rank}.txt").write_text(outcome)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_nan_guard_stops_every_torchrun_process_together(tmp_path):
+    """A bad loss on one process stops all of them (not one raising while the others wait in all-reduce)."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_train_with_nan_on_rank_one, args=(tmp_path / "store", tmp_path), nprocs=2)
+    assert (tmp_path / "rank1.txt").read_text() == "stopped at step 2, task cls"
+    assert (tmp_path / "rank0.txt").read_text() == "stopped at step 2, task None"
+
+
 def test_resume_into_a_longer_run_follows_the_longer_schedule(tmp_path):
     train, val = _loaders()  # 4 steps per epoch
     _fit(ToyNet(), train, val, epochs=1, lr=1e-2, out_dir=tmp_path)  # its schedule ends at lr 0
@@ -320,6 +353,7 @@ def test_progress_bar_only_when_asked(capsys):
     (dict(amp="fp8"), "unknown amp 'fp8'"),
     (dict(weighting="dwa", task_weights={"seg": 1, "cls": 1, "recon": 1}), "task_weights only applies"),
     (dict(grad_clip=-1.0), "grad_clip"),
+    (dict(weighting="gradnorm", compile=True), "'gradnorm' cannot train with compile=True"),  # double backward
     (dict(monitor="seg/dcie"), "monitor 'seg/dcie' is not a validation metric; choose one of .*'seg/dice'"),
 ])
 def test_bad_fit_arguments(kwargs, match):

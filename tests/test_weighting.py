@@ -132,6 +132,39 @@ def test_gradnorm_favours_the_task_that_trains_slower():
     assert weighting.weights()["seg"] > weighting.weights()["cls"]
 
 
+def _gradnorm_weights(dtype, loss_scale, steps=20):
+    """GradNorm's weights after `steps` on a network run in `dtype`, with losses far below 1."""
+    x, targets = _regression_problem(noise=(0.1, 0.1))
+    torch.manual_seed(0)
+    net, weighting = TwoTaskNet().to(dtype), GradNorm(TASKS, alpha=0.0, lr=0.02)
+    for _ in range(steps):
+        net.zero_grad()
+        out = net(x.to(dtype))
+        # gradients of about 1e-7: below fp16's smallest normal number (6e-5), as in a late fp16 run
+        losses = {t: f * 1e-7 * nn.functional.mse_loss(out[t].float(), targets[t]) for t, f in zip(TASKS, (10.0, 1.0))}
+        weighting.backward(losses, list(net.encoder.parameters()), scale=lambda t: t * loss_scale)
+        weighting.after_step()
+    return weighting.weights()
+
+
+def test_gradnorm_under_fp16_measures_the_norms_of_the_scaled_loss():
+    """Under fp16 the engine passes GradScaler.scale: the weights must move as in fp32."""
+    reference = _gradnorm_weights(torch.float32, 1.0)
+    assert reference["cls"] > 1.2  # the task with the smaller gradient gains weight
+    assert _gradnorm_weights(torch.float16, 2.0**16) == pytest.approx(reference, rel=1e-3)
+
+
+def test_gradnorm_skips_a_step_whose_scaled_gradients_overflowed():
+    net, weighting = TwoTaskNet(), GradNorm(TASKS, alpha=0.0, lr=0.02)
+    x, targets = _regression_problem()
+    weighting.backward(_losses(net, x, targets), list(net.encoder.parameters()), scale=lambda t: t * float("inf"))
+    weighting.after_step()
+    assert weighting.weights() == {"seg": 1.0, "cls": 1.0} and weighting.task_weights.grad is None
+    weighting.backward(_losses(net, x, targets, {"seg": 10.0, "cls": 1.0}), list(net.encoder.parameters()))
+    weighting.after_step()  # the next good step moves them again
+    assert weighting.weights()["cls"] > 1.0
+
+
 def test_pcgrad_projection_by_hand():
     g1, g2 = torch.tensor([1.0, 0.0]), torch.tensor([-1.0, 1.0])  # conflicting: g1 . g2 = -1
     p1, p2 = project_conflicting([g1, g2])
