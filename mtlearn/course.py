@@ -21,7 +21,7 @@ from typing import Any
 
 from mtlearn.notebook import flatten_metrics
 
-NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
+NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"  # in a clone (and an editable install)
 
 
 @dataclass
@@ -36,9 +36,23 @@ class NotebookResult:
     metrics: dict[str, Any] | None = None
 
 
-def course_notebooks(notebook_dir: Path = NOTEBOOK_DIR) -> list[Path]:
-    """The numbered notebooks `NN_topic.ipynb`, in course order."""
-    return sorted(p for p in notebook_dir.glob("[0-9][0-9]_*.ipynb"))
+def course_notebooks(notebook_dir: Path | None = None) -> list[Path]:
+    """The numbered notebooks `NN_topic.ipynb`, in course order.
+
+    notebook_dir None: the repository's notebooks/ beside the package, else ./notebooks, else the
+    working directory. A pip install from git brings the package but not the notebooks (Colab's
+    setup cell): then none of these holds them and the error says to clone the repository.
+    """
+    candidates = [notebook_dir] if notebook_dir is not None else [NOTEBOOK_DIR, Path.cwd() / "notebooks", Path.cwd()]
+    for folder in candidates:
+        found = sorted(Path(folder).glob("[0-9][0-9]_*.ipynb"))
+        if found:
+            return found
+    raise FileNotFoundError(
+        f"no course notebook (NN_topic.ipynb) in {', '.join(str(c) for c in candidates)}. The notebooks come with "
+        "the repository, not with the pip package: clone it and run from the clone (on Colab: "
+        "`!git clone <repository URL>` then `%cd <clone>/notebooks`)"
+    )
 
 
 def _failing_cell(error: Exception) -> str:
@@ -136,7 +150,10 @@ def main(argv: list[str] | None = None) -> int:
         pick_device(args.device)  # a typo fails here, once, not inside every notebook's kernel
     except (ValueError, RuntimeError) as error:
         parser.error(str(error))
-    notebooks = course_notebooks()
+    try:
+        notebooks = course_notebooks()
+    except FileNotFoundError as error:
+        parser.error(str(error))
     if args.only:
         notebooks = [nb for nb in notebooks if any(nb.stem.startswith(s) for s in args.only)]
     if not notebooks:

@@ -26,7 +26,7 @@ from typing import Any
 
 import pandas as pd
 
-from mtlearn.course import NOTEBOOK_DIR, course_notebooks, run_notebook
+from mtlearn.course import course_notebooks, run_notebook
 from mtlearn.notebook import flatten_metrics
 
 
@@ -187,9 +187,13 @@ def main(argv: list[str] | None = None) -> int:
         profile = resolve_profile(args.profile)
     except ValueError as error:
         parser.error(str(error))
-    notebooks = [nb for nb in course_notebooks() if any(nb.stem.startswith(s) for s in args.notebooks)]
+    try:
+        available = course_notebooks()
+    except FileNotFoundError as error:
+        parser.error(str(error))
+    notebooks = [nb for nb in available if any(nb.stem.startswith(s) for s in args.notebooks)]
     if not notebooks:
-        parser.error(f"no notebook in {NOTEBOOK_DIR} matches {args.notebooks}")
+        parser.error(f"no notebook in {available[0].parent} matches {args.notebooks}")
     specs = grid(notebooks, dict(args.sets), args.seeds, profile)
     status = run_grid(specs, args.out)
     print(status.to_string(index=False))

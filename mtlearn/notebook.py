@@ -40,6 +40,7 @@ PROFILE_HELP = {
 }
 SYNTHETIC_DATASETS = ("synthetic", "shapes")
 REAL_DATASETS = ("busi", "bus_bra", "bus_uclm", "breastmnist")
+MASKED_DATASETS = ("busi", "bus_bra", "bus_uclm")  # with lesion masks: what a notebook training `seg` accepts
 
 
 def resolve_profile(profile: str | None = None) -> str:
@@ -61,7 +62,9 @@ def check_dataset(dataset: str, data_root: str | os.PathLike | None, allowed: tu
     folder, the `root` that `mtlearn.data.load_dataset` takes, or None for the generated datasets.
     """
     if dataset not in allowed:
-        raise ValueError(f"dataset {dataset!r} is not used by this notebook; choose one of {allowed}")
+        unmasked = dataset in REAL_DATASETS and dataset not in MASKED_DATASETS and set(MASKED_DATASETS) <= set(allowed)
+        why = " (it has no lesion masks, and this notebook trains segmentation)" if unmasked else ""
+        raise ValueError(f"dataset {dataset!r} is not used by this notebook{why}; choose one of {allowed}")
     if dataset in SYNTHETIC_DATASETS:
         return None
     from data_fetch import default_data_dir, get_source

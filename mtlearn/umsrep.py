@@ -504,7 +504,9 @@ def load_strategy_data(config: UMSRepConfig) -> StrategyData:
     def root(name: str):
         return None if config.data_root is None else Path(config.data_root) / name
 
-    parts = [load_dataset(name, root=root(name), split="all", image_size=size, seed=seed)
+    # on_size_mismatch="resize": only the images are used here, so a mask of another size (BUS-UCLM
+    # has a few) is no reason to drop its image
+    parts = [load_dataset(name, root=root(name), split="all", image_size=size, seed=seed, on_size_mismatch="resize")
              for name in config.unlabeled_datasets]
     pool = torch.utils.data.ConcatDataset(parts)
     train = load_dataset("busi", root=root("busi"), split="train", image_size=size, seed=seed)

@@ -5,6 +5,7 @@ import nbformat
 import pytest
 from nbformat.v4 import new_code_cell, new_notebook
 
+from mtlearn import course
 from mtlearn.course import course_notebooks, headline_table, notebook_parameters, run_notebook
 
 
@@ -66,6 +67,20 @@ def test_course_notebooks_are_numbered_and_sorted():
     names = [p.name for p in course_notebooks()]
     assert names == sorted(names)
     assert all(n[:2].isdigit() and n[2] == "_" for n in names)
+
+
+def test_notebooks_are_found_in_a_clone_when_the_package_came_from_pip(tmp_path, monkeypatch):
+    """A pip install has no notebooks/ beside the package: look in the working directory's."""
+    monkeypatch.setattr(course, "NOTEBOOK_DIR", tmp_path / "site-packages" / "notebooks")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="clone it and run from the clone"):
+        course_notebooks()
+    (tmp_path / "notebooks").mkdir()
+    (tmp_path / "notebooks" / "01_b.ipynb").write_text("{}")
+    (tmp_path / "notebooks" / "00_a.ipynb").write_text("{}")
+    assert [p.name for p in course_notebooks()] == ["00_a.ipynb", "01_b.ipynb"]
+    monkeypatch.chdir(tmp_path / "notebooks")  # a notebook's own folder (Colab after %cd)
+    assert [p.name for p in course_notebooks()] == ["00_a.ipynb", "01_b.ipynb"]
 
 
 def test_seed_is_passed_only_when_given():

@@ -89,3 +89,10 @@ def test_setting_refuses_what_the_default_would_hide(tmp_path, value):
 def test_metrics_must_be_plain_values(tmp_path):
     with pytest.raises(TypeError, match="metrics must be"):
         start_here(tmp_path).finish({"model": object()})
+
+
+def test_a_dataset_without_masks_is_refused_where_segmentation_is_trained(tmp_path):
+    from mtlearn.notebook import MASKED_DATASETS
+
+    with pytest.raises(ValueError, match="'breastmnist' is not used by this notebook \\(it has no lesion masks"):
+        start_here(tmp_path, dataset="breastmnist", datasets=("synthetic", *MASKED_DATASETS))

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from mtlearn.data import SyntheticUltrasound
+from mtlearn.data import SyntheticUltrasound, load_dataset
 from mtlearn.losses import build_losses, task_losses
 from mtlearn.mtl import build_model
 from mtlearn.umsrep import (
@@ -17,6 +17,7 @@ from mtlearn.umsrep import (
     encoder_parts,
     freeze_encoder,
     joint_vs_single_task,
+    load_strategy_data,
     measure_training_step,
     run_comparison,
     run_strategy,
@@ -356,3 +357,20 @@ def test_comparison_end_to_end_on_a_handful_of_images():
         assert not table.loc[["joint", "scratch", "frozen"], metric].isna().any()
     assert table.loc["scratch", "pretrain_gflops"] == 0 < table.loc["joint", "pretrain_gflops"]
     assert all(r.history for r in result.runs)
+
+
+def test_real_data_uses_every_unlabeled_image_and_random_busi_subsets(tmp_path):
+    """dataset="busi": the representation reads BUS-BRA + BUS-UCLM (all of it), the tasks use BUSI."""
+    from tests.fixtures_real import make_bus_bra, make_bus_uclm, make_busi
+
+    make_busi(tmp_path / "busi", per_class=10)
+    make_bus_bra(tmp_path / "bus_bra", patients=5)
+    uclm = make_bus_uclm(tmp_path / "bus_uclm", patients=4, per_patient=3)  # PAT00_001: image and mask sizes differ
+    config = strategy_config("smoke", dataset="busi", data_root=str(tmp_path), num_train=6, num_test=4, seed=1)
+    data = load_strategy_data(config)
+    bus_bra = load_dataset("bus_bra", root=tmp_path / "bus_bra", split="all", image_size=config.image_size)
+    # the masks are not used there, so the image whose mask has another size is kept
+    assert len(data.unlabeled) == len(bus_bra) + len(uclm["truth"])
+    assert set(data.unlabeled[0]) >= {"image", "clean"}
+    assert len(data.train) == 6 and len(data.test) == 4 and data.class_names == ("normal", "benign", "malignant")
+    assert {"mask", "label", "clean"} <= set(data.train[0])
