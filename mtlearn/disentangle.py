@@ -431,6 +431,21 @@ def main_step(model: nn.Module, optimizer: torch.optim.Optimizer, features_a: to
     return record
 
 
+def _check_training(*, epochs, adv_steps, w_adv, w_leak, adv_loss, adv_target) -> None:
+    """The options train_disentangle and DisentangleConfig share, checked in one place."""
+    if adv_loss not in ADV_LOSSES:
+        raise ValueError(f"unknown adv_loss {adv_loss!r}; expected one of {ADV_LOSSES}")
+    if adv_target not in ADV_TARGETS:
+        raise ValueError(f"unknown adv_target {adv_target!r}; expected one of {ADV_TARGETS}")
+    for name, value in (("epochs", epochs), ("adv_steps", adv_steps)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    for name, value in (("w_adv", w_adv), ("w_leak", w_leak)):
+        if value < 0:
+            raise ValueError(f"{name} must be >= 0 (a negative weight helps the adversaries; 0 turns the term off), "
+                             f"got {value!r}")
+
+
 def adversary_weight(step: int, w_adv: float, warmup_steps: int = 0, ramp_steps: int = 0) -> float:
     """w_adv schedule: 0 for `warmup_steps`, then a linear ramp over `ramp_steps`, then w_adv."""
     if step < warmup_steps:
@@ -489,16 +504,8 @@ def train_disentangle(
 
     from mtlearn.utils import pick_device, seed_everything
 
-    if adv_loss not in ADV_LOSSES:
-        raise ValueError(f"unknown adv_loss {adv_loss!r}; expected one of {ADV_LOSSES}")
-    if adv_target not in ADV_TARGETS:
-        raise ValueError(f"unknown adv_target {adv_target!r}; expected one of {ADV_TARGETS}")
-    if not isinstance(epochs, int) or epochs < 1:
-        raise ValueError(f"epochs must be a positive int, got {epochs!r}")
-    if not isinstance(adv_steps, int) or adv_steps < 1:
-        raise ValueError(f"adv_steps must be a positive int, got {adv_steps!r}")
-    if w_adv < 0 or w_leak < 0:
-        raise ValueError(f"w_adv and w_leak must be >= 0 (a negative weight helps the adversary), got {w_adv!r}, {w_leak!r}")
+    _check_training(epochs=epochs, adv_steps=adv_steps, w_adv=w_adv, w_leak=w_leak, adv_loss=adv_loss,
+                    adv_target=adv_target)
     seed_everything(seed)
     device = pick_device(device)
     model.to(device)
@@ -657,7 +664,8 @@ class DisentangleConfig:
     on many images finds. With the penalty (seeds 0-4) the bars are clean (0.41-0.49, chance) and
     the probe falls to 0.52-0.65, but the circles are cleared on some seeds only (0.45-0.95: the
     encoder never saw a circle on black, so nothing made its circle features blind to the
-    background), and the unseen accuracy follows them (0.36-0.98; both targets hold on 2 seeds). Also measured, no better: the penalty on every encoder stage, and
+    background), and the unseen accuracy follows them (0.36-0.98; both targets hold on 2 seeds).
+    Also measured, no better: the penalty on every encoder stage, and
     adversaries trained on the last 8 batches at once instead of the current one.
     Reweighting only: nothing ever shows a circle on black (no intensity inversion or the like).
     """
@@ -686,20 +694,12 @@ class DisentangleConfig:
     leak_shrink: float = 0.01  # LinearLeakage's ridge on the covariance
 
     def __post_init__(self):
-        if self.adv_loss not in ADV_LOSSES:
-            raise ValueError(f"unknown adv_loss {self.adv_loss!r}; expected one of {ADV_LOSSES}")
-        if self.adv_target not in ADV_TARGETS:
-            raise ValueError(f"unknown adv_target {self.adv_target!r}; expected one of {ADV_TARGETS}")
+        _check_training(epochs=self.epochs, adv_steps=self.adv_steps, w_adv=self.w_adv, w_leak=self.w_leak,
+                        adv_loss=self.adv_loss, adv_target=self.adv_target)
         if self.adv_readout not in READOUTS:
             raise ValueError(f"unknown adv_readout {self.adv_readout!r}; expected one of {READOUTS}")
-        if self.w_leak < 0:
-            raise ValueError(f"w_leak must be >= 0 (0 turns the LinearLeakage penalty off), got {self.w_leak!r}")
-        if self.w_adv < 0:
-            raise ValueError(f"w_adv must be >= 0 (a negative weight would help the adversaries), got {self.w_adv!r}")
-        for name in ("epochs", "adv_steps", "batch_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ValueError(f"batch_size must be an integer >= 1, got {self.batch_size!r}")
 
     def model_kwargs(self, kind: str) -> dict:
         """Constructor arguments for MODELS[kind]."""

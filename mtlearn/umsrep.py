@@ -421,11 +421,7 @@ class UMSRepConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= NUM_STAGES:
                 raise ValueError(f"{name} must be an integer in 0..{NUM_STAGES}, got {value!r}")
-        if not 0 < self.max_compute_share <= 1:
-            raise ValueError(f"max_compute_share is a fraction in (0, 1] (0.35 for 35 %), got {self.max_compute_share!r}")
-        unknown = sorted(set(self.tolerance) - set(METRICS))
-        if unknown or any(v < 0 for v in self.tolerance.values()):
-            raise ValueError(f"tolerance maps metrics of {METRICS} to allowed drops >= 0, got {self.tolerance!r}")
+        _check_acceptance(self.max_compute_share, self.tolerance)
         for name in ("num_unlabeled", "num_train", "num_test"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 2):
@@ -715,6 +711,15 @@ def strategy_table(runs: Sequence[TrainedModel], config: UMSRepConfig):
     return pd.DataFrame(rows).set_index("strategy")
 
 
+def _check_acceptance(max_compute_share: float, tolerance: Mapping[str, float]) -> None:
+    """The acceptance options UMSRepConfig and joint_vs_single_task share, checked in one place."""
+    if not 0 < max_compute_share <= 1:
+        raise ValueError(f"max_compute_share is a fraction in (0, 1] (0.35 for 35 %), got {max_compute_share!r}")
+    unknown = sorted(set(tolerance) - set(METRICS))
+    if unknown or any(v < 0 for v in tolerance.values()):
+        raise ValueError(f"tolerance maps metrics of {METRICS} to allowed drops >= 0, got {dict(tolerance)!r}")
+
+
 def joint_vs_single_task(table, max_compute_share: float = 0.35, tolerance: Mapping[str, float] | None = None,
                          joint: str = "joint", baseline: str = "scratch") -> dict:
     """The acceptance check: does (d) cost at most `max_compute_share` of (e), and score as well?
@@ -725,9 +730,8 @@ def joint_vs_single_task(table, max_compute_share: float = 0.35, tolerance: Mapp
     0-1 scale, i.e. 2 points, and 0.5 dB of PSNR). `passed` uses the fine-tuning-only shares;
     `passed_with_pretraining` the totals.
     """
-    if not 0 < max_compute_share <= 1:
-        raise ValueError(f"max_compute_share is a fraction in (0, 1] (0.35 for 35 %), got {max_compute_share!r}")
     tolerance = dict(UMSRepConfig().tolerance if tolerance is None else tolerance)
+    _check_acceptance(max_compute_share, tolerance)
     for name in (joint, baseline):
         if name not in table.index:
             raise ValueError(f"the table has no {name!r} row (rows: {list(table.index)}); run both strategies")

@@ -312,7 +312,7 @@ def test_train_disentangle_is_repeatable(tiny_loaders):
 @pytest.mark.parametrize(
     "kwargs, match",
     [({"adv_loss": "wasserstein"}, "adv_loss"), ({"adv_target": "half"}, "adv_target"),
-     ({"epochs": 0}, "epochs"), ({"adv_steps": 0}, "adv_steps"), ({"w_adv": -1.0}, "w_adv and w_leak must be >= 0")],
+     ({"epochs": 0}, "epochs"), ({"adv_steps": 0}, "adv_steps"), ({"w_adv": -1.0}, "w_adv must be >= 0")],
 )
 def test_train_disentangle_bad_arguments(kwargs, match, tiny_loaders):
     with pytest.raises(ValueError, match=match):
