@@ -461,8 +461,9 @@ class DFE(nn.Module):
     (each + BN, then a 1x1 convolution + BN) look 13, 25 and 37 pixels wide at the same cost as
     a plain 3x3; the branches are summed, passed through ReLU, and spatial attention keeps the
     regions that matter. Input and output channels are equal, so DFE drops into any skip.
-    On a map smaller than 2d + 1 pixels a branch's outer taps fall in the zero padding and it acts
-    as a 1x1 convolution (at 64 px input the H/16 skip is 4 x 4: every branch does).
+    On a map no more than d pixels wide and high, every outer tap of a branch falls in the zero
+    padding and it acts as a 1x1 convolution (at 64 px input the H/16 skip is 4 x 4: every branch
+    does); on a larger map some taps reach inside it.
     """
 
     def __init__(self, channels: int, dilations: Sequence[int] = (6, 12, 18)):

@@ -39,7 +39,7 @@ class RunSpec:
 
     @property
     def name(self) -> str:
-        """Folder name: the parameters that vary, e.g. `seed=1,weighting=pcgrad`."""
+        """Folder name: every injected parameter, sorted, e.g. `profile=course,seed=1,weightings=['pcgrad']`."""
         name = ",".join(f"{k}={v}" for k, v in self.parameters) or "default"
         return name.replace("/", "_")  # a value holding a path must not nest folders
 

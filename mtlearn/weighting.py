@@ -32,7 +32,7 @@ from mtlearn.losses import check_tasks
 
 Scale = Callable[[Tensor], Tensor]
 
-# ResFormer (Bui et al. 2024, SPEC section 1): L = L_seg + 0.25 * L_cls. Reconstruction counts fully.
+# ResFormer (Bui et al. 2024, arXiv 2412.00351): L = L_seg + 0.25 * L_cls. Reconstruction counts fully.
 DEFAULT_WEIGHTS = {"seg": 1.0, "cls": 0.25, "recon": 1.0}
 
 

@@ -5,7 +5,7 @@ redistributed; a generator gives a course unlimited, labelled, instantly availab
 ground truth no real set has: the speckle-free image (a denoising target) and full control over a
 nuisance artifact, so that shortcut learning can be switched on and off.
 
-How an image is built (physics after SPEC section 6), everything in decibels (dB) of echo level:
+How an image is built (after the physics of B-mode imaging), everything in decibels (dB) of echo level:
 
 1. tissue layers run roughly horizontally: skin (bright), subcutaneous fat (dark),
    fibroglandular tissue (bright, heterogeneous), pectoral muscle (striated);
@@ -46,7 +46,7 @@ SPECKLE_DB_OFFSET = np.float32(10.0 * np.euler_gamma / np.log(10.0))
 class SyntheticUltrasound(Dataset):
     """B-mode-like breast ultrasound with lesion masks, speckle-free targets and artifacts.
 
-    Classes (after the BI-RADS ultrasound descriptors that separate typical masses, SPEC section 6):
+    Classes (after the BI-RADS ultrasound descriptors that separate typical masses):
 
     - 0 normal: tissue layers only, empty mask;
     - 1 benign: oval, smooth circumscribed margin, "wider than tall" (parallel orientation),

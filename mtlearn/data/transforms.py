@@ -1,6 +1,6 @@
 """MONAI transforms for the real datasets: resizing, and the augmentation of the ResFormer paper.
 
-Augmentation (SPEC section 1): random flips and rotations of up to +-25 degrees, applied to image
+Augmentation (Bui et al. 2024): random flips and rotations of up to +-25 degrees, applied to image
 and mask together so that the mask still outlines the lesion. Flips are left-right only: depth has
 a direction in ultrasound (skin at the top, shadows below a mass), so an upside-down image is not
 a plausible scan.
