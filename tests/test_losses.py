@@ -48,6 +48,24 @@ def test_dicefocal_is_softmax_dice_plus_softmax_focal():
     torch.testing.assert_close(loss(logits + 7.0, mask), loss(logits, mask))  # softmax: shifts do not matter
 
 
+def _dice_plus_ce_by_hand(logits, mask):
+    """Soft Dice (per image and class, background included, smoothing 1e-5) + pixel-mean cross-entropy."""
+    p = logits.softmax(1)
+    onehot = torch.nn.functional.one_hot(mask[:, 0].long(), logits.shape[1]).permute(0, 3, 1, 2).float()
+    ce = -(onehot * p.log()).sum(1).mean()
+    intersection, total = (p * onehot).sum((2, 3)), (p + onehot).sum((2, 3))
+    dice = (1 - (2 * intersection + 1e-5) / (total + 1e-5)).mean()
+    return dice, ce
+
+
+def test_dicece_is_softmax_dice_plus_cross_entropy():
+    torch.manual_seed(0)
+    logits, mask = torch.randn(2, 2, 4, 4), torch.randint(0, 2, (2, 1, 4, 4)).float()
+    dice, ce = _dice_plus_ce_by_hand(logits, mask)
+    assert dice > 0.1 and ce > 0.1  # both terms weigh in, so dropping either changes the sum
+    torch.testing.assert_close(SegmentationLoss("dicece")(logits, mask), dice + ce, rtol=1e-5, atol=1e-6)
+
+
 def test_segmentation_loss_gradient_and_integer_mask():
     loss = SegmentationLoss("dicece")
     logits = torch.randn(2, 2, 8, 8, requires_grad=True)
@@ -87,7 +105,13 @@ def test_task_losses_reads_targets_from_the_batch():
     batch = {"mask": _mask(), "label": torch.tensor([0, 2]), "clean": torch.rand(2, 1, 8, 8)}
     losses = task_losses(outputs, batch, build_losses(("seg", "cls", "recon")))
     assert set(losses) == {"seg", "cls", "recon"}
-    assert all(v.dim() == 0 and torch.isfinite(v) for v in losses.values())
+    assert all(v.dim() == 0 for v in losses.values())
+    # each loss scores its own output against its own batch key, with the default kinds
+    dice, ce = _dice_plus_ce_by_hand(outputs["seg"], batch["mask"])
+    torch.testing.assert_close(losses["seg"], dice + ce, rtol=1e-5, atol=1e-6)
+    nll = -torch.log_softmax(outputs["cls"], 1)[torch.arange(2), batch["label"]]
+    torch.testing.assert_close(losses["cls"], nll.mean())
+    torch.testing.assert_close(losses["recon"], (outputs["recon"] - batch["clean"]).abs().mean())  # L1
 
 
 @pytest.mark.parametrize("make, match", [

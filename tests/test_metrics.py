@@ -76,6 +76,50 @@ def test_psnr_and_ssim():
     assert acc.compute()["recon/ssim"] == pytest.approx(1.0, abs=1e-4)
 
 
+def _recon_metrics(output, clean, data_range=1.0):
+    acc = MetricAccumulator(("recon",), data_range=data_range)
+    acc.update({"recon": output}, {"clean": clean})
+    return acc.compute()
+
+
+@pytest.mark.parametrize("data_range", [1.0, 2.0])
+def test_psnr_is_the_per_image_formula_with_the_data_range(data_range):
+    g = torch.Generator().manual_seed(0)
+    clean = torch.rand(3, 1, 16, 16, generator=g)
+    output = clean + torch.tensor([0.05, 0.1, 0.2]).view(3, 1, 1, 1) * torch.randn(clean.shape, generator=g)
+    mse = ((output - clean) ** 2).mean((1, 2, 3)).double()  # one MSE per image
+    expected = (10 * torch.log10(data_range**2 / mse)).mean()  # mean of the per-image PSNRs
+    assert _recon_metrics(output, clean, data_range)["recon/psnr"] == pytest.approx(float(expected), abs=1e-4)
+
+
+@pytest.mark.parametrize("data_range", [1.0, 2.0])
+def test_ssim_drops_with_noise_and_matches_skimage(data_range):
+    from skimage.metrics import structural_similarity
+
+    g = torch.Generator().manual_seed(0)
+    clean = torch.rand(2, 1, 32, 32, generator=g)
+    scores = []
+    for sigma in (0.05, 0.1, 0.3):
+        noisy = clean + sigma * torch.randn(clean.shape, generator=g)
+        ssim = _recon_metrics(noisy, clean, data_range)["recon/ssim"]
+        # skimage with the Gaussian window of Wang et al. (sigma 1.5, 11 taps, population covariances)
+        reference = np.mean([structural_similarity(c[0].double().numpy(), n[0].double().numpy(), data_range=data_range,
+                                                   gaussian_weights=True, sigma=1.5, use_sample_covariance=False)
+                             for c, n in zip(clean, noisy)])
+        assert ssim == pytest.approx(reference, abs=1e-5)
+        scores.append(ssim)
+    assert 1 > scores[0] > scores[1] > scores[2]
+
+
+@pytest.mark.parametrize("data_range", [1.0, 255.0])
+def test_ssim_of_a_constant_offset_follows_the_formula(data_range):
+    # flat images: no variance, so SSIM is the luminance term (2 mu_x mu_y + C1) / (mu_x^2 + mu_y^2 + C1)
+    clean = torch.full((1, 1, 16, 16), 0.2)
+    c1 = (0.01 * data_range) ** 2
+    expected = (2 * 0.2 * 0.3 + c1) / (0.2**2 + 0.3**2 + c1)  # 0.923 for range 1, 0.998 for 255
+    assert _recon_metrics(clean + 0.1, clean, data_range)["recon/ssim"] == pytest.approx(expected, rel=1e-4)
+
+
 def test_losses_are_averaged_per_image():
     acc = MetricAccumulator(("cls",))
     acc.update({"cls": torch.zeros(3, 3)}, {"label": torch.zeros(3)}, {"cls": torch.tensor(1.0)})
@@ -96,6 +140,34 @@ def test_sync_in_a_one_process_group_keeps_the_values(tmp_path):
     finally:
         dist.destroy_process_group()
     assert acc.compute() == before
+
+
+def test_sync_adds_the_sums_and_counts_of_every_process(tmp_path, monkeypatch):
+    # simulate two identical processes in a one-process group: every reduction doubles, every gather repeats
+    acc = MetricAccumulator(("seg", "cls"))
+    mask = torch.zeros(2, 1, 8, 8)
+    mask[0, :, :4] = 1
+    acc.update({"seg": _seg_logits(mask), "cls": torch.tensor([[2.0, 0, 0], [0, 0, 2.0]])},
+               {"mask": mask, "label": torch.tensor([0, 1])}, {"seg": torch.tensor(0.5)})
+    before, sums, counts, confusion = acc.compute(), dict(acc.sums), dict(acc.counts), acc.confusion_matrix()
+
+    def all_reduce(tensor, *args, **kwargs):
+        tensor.mul_(2)
+
+    def all_gather_object(object_list, obj, *args, **kwargs):
+        object_list[:] = [obj, obj]
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        monkeypatch.setattr(dist, "all_reduce", all_reduce)
+        monkeypatch.setattr(dist, "all_gather_object", all_gather_object)
+        acc.sync()
+    finally:
+        dist.destroy_process_group()
+    assert acc.counts == {k: 2 * v for k, v in counts.items()} and counts["seg/dice"] == 2
+    assert acc.sums == {k: 2 * v for k, v in sums.items()}
+    assert (acc.confusion_matrix() == 2 * confusion).all() and len(acc.labels) == 4
+    assert acc.compute() == pytest.approx(before)  # two identical halves: same averages
 
 
 @pytest.mark.parametrize("make, match", [

@@ -55,6 +55,23 @@ def test_probe_balanced_accuracy_ignores_class_imbalance():
     assert abs(scores["balanced_accuracy"] - 0.5) < 0.1
 
 
+def test_probe_balanced_accuracy_is_the_mean_per_class_recall():
+    # 90/10 classes split along feature 0 at -3 / +3; in the test set 6 of the 10 minority points sit
+    # among the majority, so the probe must call them class 0: plain accuracy 0.94, balanced 0.7
+    rng = np.random.default_rng(0)
+
+    def blob(center, n):
+        return np.c_[center + 0.3 * rng.normal(size=n), rng.normal(size=n)]
+
+    train = np.r_[blob(-3, 90), blob(3, 10)]
+    test = np.r_[blob(-3, 90), blob(3, 4), blob(-3, 6)]
+    y = np.r_[np.zeros(90, int), np.ones(10, int)]  # same labels for train and test
+    scores = linear_probe(train, y, test, y)
+    recall = [90 / 90, 4 / 10]  # class 0 all right; class 1 only the 4 on its own side
+    assert scores["balanced_accuracy"] == pytest.approx(np.mean(recall))
+    assert scores["accuracy"] == pytest.approx(94 / 100)
+
+
 def test_cross_validated_probe_separates_coded_and_random_labels():
     features, coded, random = synthetic_features()
     assert cross_validated_probe(features, coded)["balanced_accuracy"] > 0.95
