@@ -1,6 +1,7 @@
 """data_fetch against a local HTTP server: resume, retries, checksums, markers, unsafe archives."""
 
 import hashlib
+import json
 import socket
 import subprocess
 import sys
@@ -24,11 +25,15 @@ def sha256(data: bytes) -> str:
 
 
 class Handler(BaseHTTPRequestHandler):
-    """Serves `server.files`; honours Range unless `server.ignore_range`; can drop a response midway."""
+    """Serves `server.files`; honours Range unless `server.ignore_range`; can drop a response midway;
+    answers the first requests with the HTTP errors queued in `server.errors` (say, [503, 429])."""
 
     def do_GET(self):
         server = self.server
         server.requests.append((self.path, self.headers.get("Range"), self.headers.get("User-Agent")))
+        if server.errors:
+            self.send_error(server.errors.pop(0))
+            return
         data = server.files.get(self.path.split("?")[0])
         if data is None:
             self.send_error(404)
@@ -58,7 +63,7 @@ class Handler(BaseHTTPRequestHandler):
 @pytest.fixture
 def server():
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    httpd.files, httpd.requests, httpd.drops, httpd.ignore_range = {}, [], 0, False
+    httpd.files, httpd.requests, httpd.drops, httpd.ignore_range, httpd.errors = {}, [], 0, False, []
     httpd.url = f"http://127.0.0.1:{httpd.server_address[1]}"
     thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
     thread.start()
@@ -174,10 +179,40 @@ def test_gives_up_after_retries_and_keeps_the_part_file(server, tmp_path):
     assert len(server.requests) == 3 and (tmp_path / "data.npz.part").exists() and not (tmp_path / "data.npz").exists()
 
 
+@pytest.mark.parametrize("errors", [[503], [503, 502], [429], [500, 429]])
+def test_server_errors_and_throttling_are_retried(server, tmp_path, errors):
+    """5xx (the host is struggling) and 429 (Zenodo throttling) are passing trouble: ask again."""
+    server.files["/data.npz"] = PAYLOAD
+    server.errors = list(errors)
+    download_file(server.url + "/data.npz", tmp_path / "data.npz", sha256(PAYLOAD), progress=False, retries=2)
+    assert (tmp_path / "data.npz").read_bytes() == PAYLOAD
+    assert len(server.requests) == len(errors) + 1  # one request per error, then the file
+
+
+def test_persistent_server_error_gives_up_after_the_retries(server, tmp_path):
+    server.files["/data.npz"] = PAYLOAD
+    server.errors = [503] * 10
+    with pytest.raises(DownloadError, match="503"):
+        download_file(server.url + "/data.npz", tmp_path / "data.npz", sha256(PAYLOAD), progress=False, retries=2)
+    assert len(server.requests) == 3 and not (tmp_path / "data.npz").exists()
+
+
 def test_not_found_is_not_retried(server, tmp_path):
-    with pytest.raises(DownloadError, match="404"):
+    with pytest.raises(DownloadError, match="404") as error:
         fetch("breastmnist", dest=tmp_path, url=server.url + "/missing.npz", progress=False)
     assert len(server.requests) == 1
+    # the message says what failed, where from, and how to get the file by hand
+    message = str(error.value)
+    assert "Not Found" in message and server.url + "/missing.npz" in message and "Download it by hand" in message
+    assert not (tmp_path / "breastmnist.npz").exists() and not (tmp_path / "breastmnist.npz.part").exists()
+
+
+@pytest.mark.parametrize("code", [403, 404])
+def test_client_errors_are_not_retried_even_after_a_server_error(server, tmp_path, code):
+    server.errors = [503, code, 503]  # the third would only be seen by a retry that should not happen
+    with pytest.raises(DownloadError, match=str(code)):
+        download_file(server.url + "/data.npz", tmp_path / "data.npz", progress=False, retries=4)
+    assert len(server.requests) == 2
 
 
 @pytest.mark.parametrize("member", ["../evil.txt", "/tmp/evil.txt", "BUSBRA/../../evil.txt", "C:\\evil.txt"])
@@ -197,6 +232,13 @@ def test_nested_zip_is_unpacked(server, tmp_path):
     server.files["/uclm.zip"] = outer
     fetch("bus_uclm", dest=tmp_path, url=server.url + "/uclm.zip", known_hash=sha256(outer), progress=False)
     assert (tmp_path / "dataset" / "BUS-UCLM" / "INFO.csv").is_file()
+    # the marker lists the inner zip's files too, so that their deletion is noticed like any other
+    record = json.loads(data_fetch.completion_marker(tmp_path, "bus_uclm").read_text())
+    assert set(record["files"]) == {"dataset/BUS-UCLM.zip", "dataset/BUS-UCLM/INFO.csv"}
+    (tmp_path / "dataset" / "BUS-UCLM" / "INFO.csv").unlink()
+    count = len(server.requests)
+    fetch("bus_uclm", dest=tmp_path, url=server.url + "/uclm.zip", known_hash=sha256(outer), progress=False)
+    assert (tmp_path / "dataset" / "BUS-UCLM" / "INFO.csv").is_file() and len(server.requests) == count
 
 
 def test_source_without_checksum_prints_one_to_pin(server, tmp_path, capsys):

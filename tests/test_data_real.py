@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from mtlearn.data import SPLITS, LayoutError, ShapesBackground, SyntheticUltrasound, load_dataset
+from mtlearn.data.splits import SPLIT_FRACTIONS, split_by_group
 from tests.fixtures_real import (
     make_breastmnist, make_bus_bra, make_bus_uclm, make_busi, make_busi_npz, random_image, save_png,
 )
@@ -33,6 +34,24 @@ def expected_mask(mask: np.ndarray) -> torch.Tensor:
 
 def iou(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a * b).sum() / ((a + b) > 0).sum())
+
+
+def assert_class_shares(split_of, groups, labels, fractions=SPLIT_FRACTIONS):
+    """Each split holds its share of each class, off by less than its largest group (groups of one label).
+
+    split_by_group deals a class's groups out in order and a group joins the split in which its
+    middle item falls, so each edge of a split is off by at most half a group (with single images,
+    the shares come out exact: 10 images give 7, 1, 2).
+    """
+    split_of, groups, labels = np.asarray(split_of), np.asarray(groups), np.asarray(labels)
+    total = sum(share for _, share in fractions)
+    for label in np.unique(labels):
+        in_class = labels == label
+        largest = max(np.sum(groups == g) for g in np.unique(groups[in_class]))
+        for name, share in fractions:
+            count = np.sum(in_class & (split_of == name))
+            expected = share / total * in_class.sum()
+            assert abs(count - expected) < largest, f"class {label}: {count} items in {name}, expected {expected:g}"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -78,6 +97,15 @@ def test_busi_splits_deterministic_disjoint_and_duplicate_aware(busi, seed):
     assert [("benign (3)" in p) for p in parts] == [("benign (4)" in p) for p in parts]
     groups = {r.id: r.group for r in load_dataset("busi", root=root, split="all").records}
     assert groups["benign (3)"] == groups["benign (4)"] and len(set(groups.values())) == len(groups) - 1
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_busi_splits_are_7_1_2_within_each_class(busi, seed):
+    root, _ = busi
+    records = load_dataset("busi", root=root, split="all").records
+    split_of = {r.id: s for s in ("train", "val", "test") for r in load_dataset("busi", root=root, split=s, seed=seed).records}
+    # 10 images per class: 7 train, 1 val, 2 test, give or take the near-duplicate pair in benign
+    assert_class_shares([split_of[r.id] for r in records], [r.group for r in records], [r.label for r in records])
 
 
 def test_augmentation_moves_image_and_mask_together(tmp_path):
@@ -175,6 +203,9 @@ def test_bus_bra_splits_by_patient(bus_bra):
     # test is the official fold 1 (patients 1, 6, 11, 16 in the fixture); fold=2 gives another one
     assert cases["test"] == {"1", "6", "11", "16"}
     assert {r.group for r in load_dataset("bus_bra", root=root, split="test", fold=2).records} == {"2", "7", "12", "17"}
+    # the 24 images outside the test fold go 7:1 to train and val, give or take a patient per class
+    sizes = {s: len(load_dataset("bus_bra", root=root, split=s).records) for s in ("train", "val")}
+    assert abs(sizes["train"] - 24 * 7 / 8) <= 2 * 2 and abs(sizes["val"] - 24 / 8) <= 2 * 2
 
 
 def test_bus_bra_items(bus_bra):
@@ -239,6 +270,44 @@ def test_bus_uclm_splits_by_patient(bus_uclm):
         warnings.simplefilter("ignore")
         patients = {s: {r.group for r in load_dataset("bus_uclm", root=root, split=s).records} for s in ("train", "val", "test")}
     assert all(patients.values()) and sum(map(len, patients.values())) == len(set.union(*patients.values()))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_bus_uclm_patients_never_straddle_splits_and_train_holds_70_percent(bus_uclm, seed):
+    root, info = bus_uclm
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the size mismatch of PAT00_001
+        splits = {s: load_dataset("bus_uclm", root=root, split=s, seed=seed).records for s in ("train", "val", "test")}
+    # the patient comes from the fixture, not from the loader's own idea of a group
+    splits_of_patient = {}
+    for name, records in splits.items():
+        for r in records:
+            splits_of_patient.setdefault(info["truth"][r.id]["patient"], set()).add(name)
+    assert len(splits_of_patient) == 20 and all(len(names) == 1 for names in splits_of_patient.values())
+    # 59 images of 20 patients in groups of 3: the shares are 7:1:2 give or take one patient per class
+    total = sum(map(len, splits.values()))
+    for name, share in SPLIT_FRACTIONS:
+        assert abs(len(splits[name]) - share * total) <= 3 * 3, (name, len(splits[name]))
+        assert {r.label for r in splits[name]} == {0, 1, 2}  # stratified: every split sees every class
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_split_by_group_deals_7_1_2_of_each_class_and_keeps_groups_whole(seed):
+    """About 170 items in groups of 1 to 4, three classes of unequal size: the documented split, directly."""
+    rng = np.random.default_rng(100 + seed)
+    groups, labels = [], []
+    for g, label in enumerate([0] * 35 + [1] * 20 + [2] * 12):  # one label per group
+        size = int(rng.integers(1, 5))
+        groups += [f"g{g}"] * size
+        labels += [label] * size
+    split_of = split_by_group(groups, labels, seed=seed)
+    assert set(split_of) == {"train", "val", "test"}
+    assert all(len(set(split_of[np.asarray(groups) == g])) == 1 for g in set(groups))  # no group straddles
+    assert_class_shares(split_of, groups, labels)
+    assert split_of.tolist() == split_by_group(groups, labels, seed=seed).tolist()  # deterministic
+    # other fractions are honoured too (BUS-BRA splits what its test fold leaves 7:1)
+    two_way = (("train", 0.7), ("val", 0.1))
+    assert_class_shares(split_by_group(groups, labels, seed=seed, fractions=two_way), groups, labels, two_way)
 
 
 # --------------------------------------------------------------------------------------------------
