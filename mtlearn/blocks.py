@@ -480,7 +480,8 @@ class DFE(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """x: (B, C, H, W) -> (B, C, H, W)."""
-        context = torch.stack([branch(x) for branch in self.branches]).sum(dim=0)  # (B, C, H, W)
+        # a running sum, not torch.stack(...).sum(0): stacking returns NCHW and drops channels_last
+        context = sum(branch(x) for branch in self.branches)  # (B, C, H, W)
         return self.attention(F.relu(context))
 
 

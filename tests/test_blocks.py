@@ -254,13 +254,25 @@ def test_stage_fuses_the_two_paths_by_addition():
     assert torch.allclose(stage(x), expected, atol=1e-6)
 
 
-def test_blocks_keep_channels_last_and_bfloat16():
-    stage = ResFormerStage(8, 16, 2, cnn_depth=1, attn_depth=2, num_heads=2, window_size=4).eval()
-    x = torch.randn(2, 8, 8, 8)
-    reference = stage(x)
-    fast = stage.to(memory_format=torch.channels_last)(x.contiguous(memory_format=torch.channels_last))
+# every (B, C, H, W) block of SHAPES, plus a stage with a shifted Swin block. Left out: drop path (the
+# identity in eval mode)
+CHANNELS_LAST = [s[:3] for s in SHAPES if s[0] != "drop path"] + [
+    ("stage two swin blocks",
+     lambda: ResFormerStage(8, 16, 2, cnn_depth=1, attn_depth=2, num_heads=2, window_size=4), (2, 8, 8, 8)),
+]
+
+
+@pytest.mark.parametrize("name, factory, in_shape", CHANNELS_LAST, ids=[c[0] for c in CHANNELS_LAST])
+def test_blocks_keep_channels_last_and_bfloat16(name, factory, in_shape):
+    block = factory().eval()
+    x = torch.randn(in_shape)
+    reference = block(x)
+    fast = block.to(memory_format=torch.channels_last)(x.contiguous(memory_format=torch.channels_last))
     assert torch.allclose(fast, reference, atol=1e-5)
+    # still NHWC on the way out: a block that returns NCHW makes every following layer convert back
+    assert fast.is_contiguous(memory_format=torch.channels_last)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        low = stage(x)
+        low = block(x.contiguous(memory_format=torch.channels_last))
+    assert low.is_contiguous(memory_format=torch.channels_last)
     assert torch.isfinite(low).all()
     assert torch.allclose(low.float(), reference, atol=0.15 * reference.abs().max().item())
