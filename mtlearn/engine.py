@@ -213,12 +213,19 @@ def is_main_process() -> bool:
     return not is_distributed() or dist.get_rank() == 0
 
 
-def _wrap_for_training(model: nn.Module, device: torch.device, compile_model: bool) -> nn.Module:
-    """DistributedDataParallel under torchrun, then torch.compile if asked; the plain model otherwise."""
+def _wrap_for_training(model: nn.Module, device: torch.device, compile_model: bool,
+                       untrained_heads: bool = False) -> nn.Module:
+    """DistributedDataParallel under torchrun, then torch.compile if asked; the plain model otherwise.
+
+    untrained_heads: the model has heads for tasks this run does not train. Their parameters get
+    no gradient, and DDP, which waits for a gradient of every parameter, must be told to look for
+    such parameters at every step (find_unused_parameters, which costs a pass over the graph).
+    """
     if is_distributed():
         device_ids = [device.index if device.index is not None else torch.cuda.current_device()] \
             if device.type == "cuda" else None
-        model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+        model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids,
+                                                    find_unused_parameters=untrained_heads)
     if compile_model:
         model = torch.compile(model)
     return model
@@ -431,7 +438,8 @@ def fit(model: nn.Module, train_loader, val_loader=None, config: TrainConfig | N
         history, start_epoch = _load_run(run, out_dir / "last.pt", train_loader, config, tasks)
         if (out_dir / "best.pt").is_file():
             best_state = load_checkpoint(out_dir / "best.pt")["model"]
-    run.train_model = _wrap_for_training(model, run.device, config.compile)
+    untrained_heads = bool(set(getattr(model, "tasks", tasks)) - set(tasks))  # e.g. fit(tasks=("seg",)) of a seg+cls model
+    run.train_model = _wrap_for_training(model, run.device, config.compile, untrained_heads)
 
     for epoch in range(start_epoch, config.epochs):
         sampler = getattr(train_loader, "sampler", None)
