@@ -105,10 +105,16 @@ def test_dense_tasks_get_their_own_decoder_and_share_the_encoder():
     assert set(model.decoders) == {"seg", "recon"} and set(model.heads) == set(TASKS)
     assert model.decoders["seg"] is not model.decoders["recon"]
     assert {id(p) for p in model.shared_parameters()} == {id(p) for p in model.encoder.parameters()}
-    # the features every task reads are computed once, by the encoder
-    x = torch.randn(1, 1, 32, 32)
-    model.eval()
-    assert torch.equal(model.forward_heads(model.forward_features(x))["cls"], model(x)["cls"])
+    # the features every task reads are computed once per forward, by the encoder: count its calls
+    # and check that both decoders and the classifier receive that very output
+    encoded, received = [], {}
+    model.encoder.register_forward_hook(lambda module, inputs, output: encoded.append(output))
+    readers = {"seg": model.decoders["seg"], "recon": model.decoders["recon"], "cls": model.heads["cls"]}
+    for task, module in readers.items():
+        module.register_forward_hook(lambda module, inputs, output, task=task: received.update({task: inputs[0]}))
+    model(torch.randn(1, 1, 32, 32))
+    assert len(encoded) == 1
+    assert set(received) == {"seg", "recon", "cls"} and all(f is encoded[0] for f in received.values())
 
 
 def test_single_task_model_has_the_same_encoder_and_one_head():

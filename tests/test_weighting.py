@@ -215,26 +215,66 @@ def test_find_shared_parameters_is_the_encoder():
         find_shared_parameters(net.heads.parameters(), {t: out[t].sum() for t in TASKS})
 
 
-@pytest.mark.parametrize("name", list(WEIGHTINGS))
+def _weighting_step(net, weighting, x, targets, epoch, train_net=True):
+    """One training step as engine.fit runs it, then an epoch end; train_net=False holds the network fixed."""
+    params = [*net.parameters()] if train_net else []
+    if weighting.in_optimizer:  # the engine trains e.g. the log-variances with the network's optimiser
+        params += list(weighting.parameters())
+    optimizer = torch.optim.SGD(params, lr=0.1) if params else None
+    net.zero_grad()
+    weighting.zero_grad()
+    weighting.backward(_losses(net, x, targets), list(net.encoder.parameters()))
+    if optimizer is not None:
+        optimizer.step()
+    weighting.after_step()
+    weighting.end_epoch({"seg": 1.0 + epoch, "cls": 2.0})
+
+
+def _weights_only_round_trip(weighting, fresh):
+    """Save weighting.state_dict() as a checkpoint does, load it into `fresh` with weights_only=True."""
+    buffer = io.BytesIO()
+    torch.save(weighting.state_dict(), buffer)
+    buffer.seek(0)
+    fresh.load_state_dict(torch.load(buffer, weights_only=True))
+    return fresh
+
+
+@pytest.mark.parametrize("name", ["uncertainty", "dwa", "gradnorm"])
 def test_state_survives_a_weights_only_round_trip(name):
     torch.manual_seed(0)
     net, weighting = TwoTaskNet(), build_weighting(name, TASKS)
     x, targets = _regression_problem(n=16)
-    optimizer = torch.optim.SGD([*net.parameters(), *weighting.parameters()], lr=0.1)
-    for _ in range(3):
-        optimizer.zero_grad()
-        weighting.backward(_losses(net, x, targets), list(net.encoder.parameters()))
-        optimizer.step()
-        weighting.after_step()
-        weighting.end_epoch({"seg": 1.0 + _, "cls": 2.0})
-    buffer = io.BytesIO()
-    torch.save(weighting.state_dict(), buffer)
-    buffer.seek(0)
-    restored = build_weighting(name, TASKS)
-    restored.load_state_dict(torch.load(buffer, weights_only=True))
+    for epoch in range(3):
+        _weighting_step(net, weighting, x, targets, epoch)
+    assert weighting.weights() != build_weighting(name, TASKS).weights()  # it adapted: the check below can fail
+    restored = _weights_only_round_trip(weighting, build_weighting(name, TASKS))
     assert restored.weights() == weighting.weights()
-    if name == "pcgrad":
-        assert torch.equal(restored.generator.get_state(), weighting.generator.get_state())
+    # the hidden state must come back too (DWA's loss history, GradNorm's Adam moments): the next
+    # update from the same losses must be the same as the original's
+    for w in (weighting, restored):
+        _weighting_step(net, w, x, targets, epoch=3, train_net=False)
+    assert restored.weights() == weighting.weights()
+
+
+def test_fixed_weights_survive_a_weights_only_round_trip():
+    # fixed weights never change in training, so the configured ones must come back, not the defaults
+    weighting = FixedWeights(TASKS, {"seg": 0.3, "cls": 2.0})
+    restored = _weights_only_round_trip(weighting, FixedWeights(TASKS))
+    assert restored.weights() == weighting.weights() != FixedWeights(TASKS).weights()
+
+
+def test_pcgrad_generator_survives_a_weights_only_round_trip():
+    # PCGrad's weights are always 1: its state is the generator that orders the projections
+    torch.manual_seed(0)
+    net, weighting = TwoTaskNet(), PCGrad(TASKS)
+    x, targets = _regression_problem(n=16)
+    for epoch in range(3):
+        _weighting_step(net, weighting, x, targets, epoch)
+    assert not torch.equal(weighting.generator.get_state(), PCGrad(TASKS).generator.get_state())  # it was drawn from
+    restored = _weights_only_round_trip(weighting, PCGrad(TASKS))
+    # the next projection order: both generators draw the same permutation of many tasks
+    assert torch.equal(torch.randperm(20, generator=restored.generator),
+                       torch.randperm(20, generator=weighting.generator))
 
 
 def test_weighting_gradients_are_finite_and_reach_every_parameter():
