@@ -1,5 +1,6 @@
 """Disentanglement models, the min-max loop and the shapes experiment (tiny sizes, CPU, seconds)."""
 
+import copy
 from collections import Counter
 
 import numpy as np
@@ -299,14 +300,28 @@ def test_adversary_accuracy_is_scored_before_it_fits_the_batch():
     assert history["adv_acc_b"][0] < 0.7  # ... and read no better than chance on the next batch
 
 
-def test_train_disentangle_is_repeatable(tiny_loaders):
+def test_train_disentangle_seeds_itself(tiny_loaders):
+    """Same seed: same run whatever the global RNG held before; another seed: another run.
+
+    The model is built once and copied, so the initial weights are equal and only train_disentangle's
+    own seeding decides the shuffling of the training loader.
+    """
     train, _ = tiny_loaders
-    runs = []
-    for _ in range(2):
-        torch.manual_seed(1)
-        model = tiny_model()
-        runs.append(D.train_disentangle(model, train, epochs=1, adv_steps=2, device="cpu", seed=3, progress=False))
-    assert runs[0] == runs[1]
+    torch.manual_seed(1)
+    model = tiny_model()
+
+    def run(global_seed, seed):
+        torch.manual_seed(global_seed)  # a different global state before each run
+        trained = copy.deepcopy(model)
+        history = D.train_disentangle(trained, train, epochs=1, adv_steps=2, device="cpu", seed=seed, progress=False)
+        return history, [p.detach().clone() for p in trained.parameters()]
+
+    (history, weights), (again, weights_again) = run(123, seed=3), run(999, seed=3)
+    assert history == again
+    assert all(torch.equal(p, q) for p, q in zip(weights, weights_again))
+    other, other_weights = run(123, seed=4)
+    assert other != history
+    assert not all(torch.equal(p, q) for p, q in zip(weights, other_weights))
 
 
 @pytest.mark.parametrize(
@@ -393,22 +408,64 @@ def test_shapes_experiment_smoke():
         assert 0.0 <= metrics[key] <= 1.0, key
 
 
+def _coded_items(per_combination: int = 50, seed: int = 0) -> list[dict]:
+    """Items whose image spells out its labels: pixel 0 = shape, pixel 1 = background, 6 noise pixels.
+
+    Every (shape, background) combination appears `per_combination` times, so the two labels are
+    independent and a probe can read one only where a stub puts it.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    items = []
+    for shape in (0, 1):
+        for background in (0, 1):
+            for _ in range(per_combination):
+                image = torch.randn(1, 1, 8, generator=generator)
+                image[..., 0], image[..., 1] = shape, background
+                items.append({"image": image, "shape": shape, "background": background})
+    return items
+
+
+class CodedEncoders(torch.nn.Module):
+    """A stub whose two feature sides carry exactly what `side_a` / `side_b` compute from the labels.
+
+    side_*(shape, background) -> (B,) signal, appended as one channel to 3 noise channels (its own
+    noise pixels per side): (B, 4, 1, 1) features.
+    """
+
+    def __init__(self, side_a, side_b):
+        super().__init__()
+        self.side_a, self.side_b = side_a, side_b
+
+    def encode(self, x):
+        shape, background = x[:, 0, 0, 0], x[:, 0, 0, 1]
+        features_a = torch.cat([x[:, 0, :, 2:5], self.side_a(shape, background)[:, None, None]], dim=2)
+        features_b = torch.cat([x[:, 0, :, 5:8], self.side_b(shape, background)[:, None, None]], dim=2)
+        return features_a.transpose(1, 2)[..., None], features_b.transpose(1, 2)[..., None]  # (B, 4, 1, 1)
+
+
 def test_probe_background_within_shape_reads_each_shape_alone():
-    model = tiny_model("two_encoder")
-    test_and_unseen = Subset(ShapesBackground("all", (32, 40)), range(1500, 1900))  # all four combinations
-    loader = DataLoader(test_and_unseen, batch_size=100)
+    """Side a carries the background for circles only: the circle probe reads it, the bar probe cannot.
+
+    A probe over all images (not split by shape) would report about 0.75 for both.
+    """
+    model = CodedEncoders(side_a=lambda shape, background: background * (shape == 0),
+                          side_b=lambda shape, background: background)  # side b: the wrong side reads both
+    loader = DataLoader(_coded_items(), batch_size=50)
     scores = D.probe_background_within_shape(model, loader, device="cpu")
     assert set(scores) == {"probe_background_a_circle", "probe_background_a_bar"}
-    assert min(scores.values()) > 0.9  # random conv features see black or white within either shape
+    assert scores["probe_background_a_circle"] > 0.95
+    assert scores["probe_background_a_bar"] < 0.7  # noise only: chance is 0.5
     assert model.training  # the mode is restored
 
 
 def test_probe_encoders_reads_both_sides():
-    model = tiny_model("two_encoder")
-    loader = DataLoader(Subset(ShapesBackground("all", (32, 40)), range(1100, 1500)), batch_size=100)
+    """Side a carries the shape only, side b the background only: each key must read its own side."""
+    model = CodedEncoders(side_a=lambda shape, background: shape, side_b=lambda shape, background: background)
+    loader = DataLoader(_coded_items(), batch_size=50)
     scores = D.probe_encoders(model, loader, ("shape", "background"), device="cpu")
     assert set(scores) == {f"probe_{k}_{s}" for k in ("shape", "background") for s in "ab"}
-    assert scores["probe_background_a"] > 0.9  # even random conv features see a black or white image
+    assert scores["probe_shape_a"] > 0.95 and scores["probe_background_b"] > 0.95
+    assert scores["probe_background_a"] < 0.7 and scores["probe_shape_b"] < 0.7  # noise only: chance is 0.5
     assert model.training  # the mode is restored
 
 
@@ -460,6 +517,35 @@ def test_ultrasound_experiment_smoke(kind, ultrasound_data):
     with pytest.raises(ValueError, match="reversed"):
         D.ultrasound_experiment(kind, config, data={k: v for k, v in ultrasound_data.items() if k != "reversed"},
                                 device="cpu", progress=False)
+
+
+class PredictsFromPixel(torch.nn.Module):
+    """A stub class head that predicts the class written in each image's first pixel (0, 1 or 2)."""
+
+    def forward(self, x):
+        return {"logits_a": 10.0 * F.one_hot(x[:, 0, 0, 0].long(), 3).float()}
+
+
+def _ultrasound_item(label: int, artifact: int, predicted: int) -> dict:
+    image = torch.zeros(1, 4, 4)
+    image[0, 0, 0] = predicted
+    return {"image": image, "label": label, "artifact": artifact}
+
+
+def test_false_malignant_counts_normal_and_benign_images_with_the_artifact():
+    items = [
+        # normal/benign with the artifact: the only ones counted; 1 of 4 called malignant
+        _ultrasound_item(0, 1, predicted=2), _ultrasound_item(0, 1, predicted=0),
+        _ultrasound_item(1, 1, predicted=1), _ultrasound_item(1, 1, predicted=0),
+        # ignored: malignant ones (with or without the artifact), and those without the artifact
+        _ultrasound_item(2, 1, predicted=2), _ultrasound_item(2, 0, predicted=2),
+        _ultrasound_item(0, 0, predicted=2), _ultrasound_item(1, 0, predicted=2),
+    ]
+    model = PredictsFromPixel()
+    assert D._false_malignant(model, items, "cpu") == pytest.approx(0.25)
+    assert model.training  # the mode is restored
+    # no normal/benign image carries the artifact: nothing to measure
+    assert np.isnan(D._false_malignant(model, items[4:], "cpu"))
 
 
 # LinearLeakage: the linear-probe-aware penalty

@@ -1,8 +1,16 @@
 """Experiment grids: every combination runs once, reruns do nothing, failures are recorded."""
 
+import statistics
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
 import pytest
 
-from mtlearn.experiments import _parse_set, collect, grid, run_grid, summarise
+from mtlearn.experiments import _parse_set, collect, grid, plot_spread, run_grid, summarise
 from tests.test_course import write_notebook
 
 WRITES_METRICS = """import json, pathlib
@@ -68,3 +76,45 @@ def test_a_parameter_the_notebook_lacks_is_refused(notebooks):
 def test_run_folders_stay_one_level_deep(notebooks, tmp_path):
     spec = grid(notebooks[:1], {"out_dir": ["/data/runs"]}, seeds=[0], profile="smoke")[0]
     assert spec.folder(tmp_path).parent == tmp_path / "01_a"
+
+
+def _runs():
+    """Five runs of two weightings in first-seen order pcgrad, fixed; one pcgrad run lost its score."""
+    return pd.DataFrame({
+        "weighting": ["pcgrad", "fixed", "pcgrad", "fixed", "pcgrad", "fixed"],
+        "seed": [0, 0, 1, 1, 2, 2],
+        "score": [0.5, 0.25, 0.75, 0.5, np.nan, 1.0],
+        "dice": [1.0, 2.0, 3.0, 4.0, 5.0, 6.0],
+    })
+
+
+def test_summarise_gives_mean_sample_std_and_count_across_seeds():
+    summary = summarise(_runs(), ["weighting"], ["score", "dice"])
+    expected = {  # sample standard deviation (n - 1), as for a spread over a few seeds
+        ("fixed", "score"): [0.25, 0.5, 1.0], ("pcgrad", "score"): [0.5, 0.75],  # the missing score is no run
+        ("fixed", "dice"): [2.0, 4.0, 6.0], ("pcgrad", "dice"): [1.0, 3.0, 5.0],
+    }
+    for (group, metric), values in expected.items():
+        assert summary.loc[group, (metric, "mean")] == pytest.approx(statistics.mean(values))
+        assert summary.loc[group, (metric, "std")] == pytest.approx(statistics.stdev(values))
+        assert summary.loc[group, (metric, "count")] == len(values)
+    with pytest.raises(ValueError, match=r"columns \['loss'\] are not in the table"):
+        summarise(_runs(), ["weighting"], ["loss"])
+
+
+def test_plot_spread_draws_a_mean_bar_and_every_run_per_group():
+    table = _runs().dropna()
+    fig = plot_spread(table, "weighting", "score")
+    ax = fig.axes[0]
+    groups = ["pcgrad", "fixed"]  # the table's order, not sorted
+    assert [t.get_text() for t in ax.get_xticklabels()] == groups
+    bars = ax.patches
+    assert len(bars) == 2
+    assert [bar.get_x() + bar.get_width() / 2 for bar in bars] == pytest.approx([0, 1])
+    assert [bar.get_height() for bar in bars] == pytest.approx([1.25 / 2, 1.75 / 3])  # the mean per group
+    dots = [np.asarray(collection.get_offsets()).tolist() for collection in ax.collections]
+    assert dots == [[[0, 0.5], [0, 0.75]], [[1, 0.25], [1, 0.5], [1, 1.0]]]  # one dot per run, at its group
+    assert ax.get_xlabel() == "weighting" and ax.get_ylabel() == "score"
+    assert ax.get_title() == "score by weighting (dots: seeds)"
+    assert plot_spread(table, "weighting", "score", title="spread").axes[0].get_title() == "spread"
+    plt.close("all")
