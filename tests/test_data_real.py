@@ -316,13 +316,16 @@ def test_split_by_group_deals_7_1_2_of_each_class_and_keeps_groups_whole(seed):
 
 @pytest.mark.parametrize("resolution", [28, 224])
 def test_breastmnist_official_splits(tmp_path, resolution):
-    make_breastmnist(tmp_path, resolution=resolution, counts=(6, 2, 3))
+    path = make_breastmnist(tmp_path, resolution=resolution, counts=(6, 2, 3))
     sizes = {s: len(load_dataset("breastmnist", root=tmp_path, split=s, resolution=resolution)) for s in SPLITS}
     assert sizes == {"train": 6, "val": 2, "test": 3, "all": 11}
     dataset = load_dataset("breastmnist", root=tmp_path, split="test", image_size=28, resolution=resolution)
     item = dataset[0]
     assert dataset.tasks == ("cls",) and "mask" not in item and item["image"].shape == (1, 28, 28)
-    assert dataset.class_names == ("malignant", "normal_or_benign") and item["label"] in (0, 1)
+    # MedMNIST's 0 (malignant) becomes 1, so that a binary metric's positive class is malignant, as elsewhere
+    assert dataset.class_names == ("normal_or_benign", "malignant")
+    with np.load(path) as raw:
+        assert dataset.labels.tolist() == (1 - raw["test_labels"].reshape(-1)).tolist()
     assert item["id"] == "breastmnist-test-0000"
 
 

@@ -7,7 +7,7 @@
     busi_npz     BUSI pre-resized by MedSegBench (128/256 px)  benign/malignant            official
     bus_bra      BUS-BRA, 1,875 PNGs of 1,064 patients         benign/malignant            official test fold, ours by patient
     bus_uclm     BUS-UCLM, 683 PNGs of 38 patients             normal/benign/malignant     ours, by patient
-    breastmnist  BreastMNIST, 28 or 224 px, no masks           malignant/normal-or-benign  official
+    breastmnist  BreastMNIST, 28 or 224 px, no masks           normal-or-benign/malignant  official
 
 Real datasets are downloaded by `python -m data_fetch NAME` into `data_fetch.default_data_dir()`;
 `root` points elsewhere. Items are dicts: "image" (C, H, W) float32 in [0, 1], "mask" (1, H, W)
@@ -341,11 +341,16 @@ def _read_bus_uclm(folder: Path, split: str, seed: int):
     return _take_split(records, split, seed), BUS_UCLM_CLASSES, problems
 
 
-BREASTMNIST_CLASSES = ("malignant", "normal_or_benign")  # MedMNIST's labels: 0 malignant, 1 normal + benign
+# MedMNIST labels 0 malignant, 1 normal + benign; flipped here so that, as in every other set, the
+# last class is malignant and a binary metric's positive class (1) is the one to catch
+BREASTMNIST_CLASSES = ("normal_or_benign", "malignant")
 
 
 def _read_breastmnist(folder: Path, split: str, seed: int, resolution: int = 28):
-    """BreastMNIST npz: {train,val,test}_images (N, H, W) uint8 and _labels (N, 1); official splits."""
+    """BreastMNIST npz: {train,val,test}_images (N, H, W) uint8 and _labels (N, 1); official splits.
+
+    Labels are flipped from MedMNIST's (0 malignant) to 1 malignant, see BREASTMNIST_CLASSES.
+    """
     path = _locate_file(folder, get_source(_fetch_name("breastmnist", resolution)).filename)
     records = []
     with np.load(path) as data:
@@ -353,7 +358,8 @@ def _read_breastmnist(folder: Path, split: str, seed: int, resolution: int = 28)
         for part in _official_parts(split):
             images, labels = data[f"{part}_images"], data[f"{part}_labels"].reshape(-1)
             records += [
-                Record(f"breastmnist-{part}-{i:04d}", int(labels[i]), images[i], None, group="") for i in range(len(labels))
+                Record(f"breastmnist-{part}-{i:04d}", 1 - int(labels[i]), images[i], None, group="")
+                for i in range(len(labels))
             ]
     return records, BREASTMNIST_CLASSES, []
 
