@@ -53,9 +53,13 @@ def check_tasks(tasks: Sequence[str]) -> tuple[str, ...]:
 class DiceSoftmaxFocal(nn.Module):
     """Dice + focal loss, both on the softmax of the logits.
 
+    focal = mean over pixels of -(1 - p_t)^gamma log p_t, p_t the softmax probability of the true
+    class (Lin et al. 2017).
     Why not MONAI's DiceFocalLoss: (in MONAI 1.6) its focal part applies a sigmoid to each channel
     separately, which is not the multi-class focal loss of the paper and is not even invariant to
-    adding a constant to every logit.
+    adding a constant to every logit. MONAI's softmax FocalLoss is, but it averages over the K
+    channels too, where only the true class's is non-zero: that is the per-pixel focal loss / K,
+    so we multiply by K, or the focal term would weigh half as much as Dice with 2 classes.
     logits: (B, K, H, W), mask: (B, 1, H, W) class indices -> scalar
     """
 
@@ -65,7 +69,7 @@ class DiceSoftmaxFocal(nn.Module):
         self.focal = FocalLoss(to_onehot_y=True, gamma=gamma, use_softmax=True)
 
     def forward(self, logits: Tensor, mask: Tensor) -> Tensor:
-        return self.dice(logits, mask) + self.focal(logits, mask)
+        return self.dice(logits, mask) + self.focal(logits, mask) * logits.shape[1]
 
 
 class SegmentationLoss(nn.Module):

@@ -35,12 +35,12 @@ def test_segmentation_loss_small_for_right_large_for_wrong(kind):
 
 
 def test_dicefocal_is_softmax_dice_plus_softmax_focal():
-    """By hand: mean over classes and pixels of -(1 - p)^gamma log p at the true class, plus soft Dice."""
+    """By hand: mean over pixels of -(1 - p)^gamma log p at the true class (Lin et al.), plus soft Dice."""
     torch.manual_seed(0)
     logits, mask = torch.randn(2, 3, 6, 6), torch.randint(0, 3, (2, 1, 6, 6))
     p = logits.softmax(1)
     onehot = torch.nn.functional.one_hot(mask[:, 0], 3).permute(0, 3, 1, 2).float()
-    focal = -(onehot * (1 - p) ** 2 * p.log()).sum(1).mean() / 3  # MONAI averages over classes too
+    focal = -(onehot * (1 - p) ** 2 * p.log()).sum(1).mean()  # (B, H, W) per pixel -> mean
     intersection, total = (p * onehot).sum((2, 3)), (p + onehot).sum((2, 3))
     dice = (1 - (2 * intersection + 1e-5) / (total + 1e-5)).mean()
     loss = SegmentationLoss("dicefocal")
