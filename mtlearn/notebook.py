@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from mtlearn.utils import environment_report, pick_device, seed_everything
@@ -71,6 +72,12 @@ def check_dataset(dataset: str, data_root: str | os.PathLike | None, allowed: tu
 
     root = Path(data_root).expanduser() if data_root is not None else default_data_dir()
     folder = root / get_source(dataset).folder
+    if root.name == folder.name and root.is_dir() and any(root.iterdir()) and not folder.is_dir():
+        # load_dataset's `root` is the dataset's own folder; a notebook's data_root holds one per dataset
+        raise FileNotFoundError(
+            f"data_root {root} looks like the {dataset!r} folder itself; a notebook's data_root is the folder "
+            f"that holds one folder per dataset: pass data_root={str(root.parent)!r}"
+        )
     if not folder.is_dir() or not any(folder.iterdir()):
         raise FileNotFoundError(
             f"dataset {dataset!r} was not found in {folder}. Download it first with\n"
@@ -163,6 +170,8 @@ def to_jsonable(value: Any, digits: int | None = None) -> Any:
         return [to_jsonable(v, digits) for v in value]
     if isinstance(value, torch.Tensor):
         return to_jsonable(value.detach().cpu().tolist(), digits)
+    if isinstance(value, np.ndarray):  # before .item(), which only takes arrays of one value
+        return to_jsonable(value.tolist(), digits)
     if hasattr(value, "item") and callable(value.item):  # NumPy scalars
         value = value.item()
     if isinstance(value, float):
@@ -212,6 +221,9 @@ def start(
     seed_everything(seed)
     resolved = pick_device(device)
     out = Path(out_dir) if out_dir is not None else Path("outputs") / notebook / profile
+    if out.is_dir() and any(out.glob("*.ipynb")):  # figures and metrics.json would land among the notebooks
+        raise ValueError(f"out_dir {out} holds notebooks; give the outputs a folder of their own "
+                         f"(None: outputs/{notebook}/{profile})")
     out.mkdir(parents=True, exist_ok=True)
     run = Run(notebook, profile, dataset, root, int(seed), resolved, out)
     if verbose:

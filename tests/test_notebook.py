@@ -6,6 +6,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+import numpy as np
 import pytest
 import torch
 
@@ -47,6 +48,22 @@ def test_missing_real_dataset_prints_the_fetch_command(tmp_path):
         start_here(tmp_path, dataset="busi", data_root=tmp_path / "nowhere")
 
 
+def test_data_root_given_as_the_dataset_folder_names_its_parent(tmp_path):
+    # load_dataset's root is the dataset's own folder; a notebook's data_root is the folder above it
+    own = tmp_path / "data" / "busi"
+    own.mkdir(parents=True)
+    (own / "benign").mkdir()
+    with pytest.raises(FileNotFoundError, match=f"data_root={str(tmp_path / 'data')!r}"):
+        start_here(tmp_path, dataset="busi", data_root=own)
+
+
+def test_out_dir_among_the_notebooks_is_refused(tmp_path):
+    (tmp_path / "01_resformer_mtl.ipynb").write_text("{}")
+    with pytest.raises(ValueError, match="holds notebooks"):
+        start_here(tmp_path, out_dir=tmp_path)
+    assert not (tmp_path / "metrics.json").exists()
+
+
 def test_unknown_dataset_lists_the_choices(tmp_path):
     with pytest.raises(ValueError, match="synthetic"):
         start_here(tmp_path, dataset="imagenet")
@@ -57,9 +74,11 @@ def test_run_writes_metrics_and_figures(tmp_path):
     fig, ax = plt.subplots()
     ax.plot([0, 1])
     run.save_figure(fig, "curve")
-    run.finish({"dice": torch.tensor(0.5), "acc": float("nan"), "per_class": [1, 2]})
+    run.finish({"dice": torch.tensor(0.5), "acc": float("nan"), "per_class": [1, 2],
+                "confusion": np.array([[3, 1], [0, 4]]), "auc": np.float32(0.75)})
     record = json.loads((tmp_path / "out" / "metrics.json").read_text())
-    assert record["metrics"] == {"dice": 0.5, "acc": None, "per_class": [1, 2]}
+    assert record["metrics"] == {"dice": 0.5, "acc": None, "per_class": [1, 2], "confusion": [[3, 1], [0, 4]],
+                                 "auc": 0.75}
     assert record["profile"] == "smoke" and record["seed"] == 5 and record["figures"] == ["curve.png"]
     assert (tmp_path / "out" / "curve.png").stat().st_size > 0
 
