@@ -10,7 +10,8 @@ What one training step does (`_forward`, then `_update`):
     3. stop with NonFiniteLossError if any task loss is NaN or inf,
     4. let the weighting strategy back-propagate (weighted sum, GradNorm, PCGrad ...),
     5. AdamW step, weighting update, polynomial learning-rate decay (per iteration).
-After every epoch: validation metrics, `last.pt`, and `best.pt` when the validation metric improved.
+After every epoch: a check that the weights are still finite (NonFiniteWeightsError otherwise, before
+anything is saved), validation metrics, `last.pt`, and `best.pt` when the validation metric improved.
 Checkpoints hold everything needed to resume bit-for-bit (on CPU): model, optimiser, scheduler,
 weighting, grad scaler, every random generator and the history.
 
@@ -23,7 +24,9 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import numbers
 import os
+import pickle
 import random
 import time
 import warnings
@@ -36,6 +39,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from mtlearn.losses import LossConfig, build_losses, check_tasks, task_losses
@@ -60,6 +64,23 @@ class NonFiniteLossError(RuntimeError):
         super().__init__(
             f"{what} at epoch {epoch}, step {step}{where}. Usual causes: a learning "
             "rate too high, fp16 overflow (try amp='bf16' or 'off'), or NaN in the data (check the batch)."
+        )
+
+
+class NonFiniteWeightsError(RuntimeError):
+    """Weights became NaN or inf in an epoch whose losses were all finite (an update blew up).
+
+    Raised before that epoch's checkpoints are written, so last.pt and best.pt keep the previous epoch.
+    """
+
+    def __init__(self, epoch: int, names: Sequence[str], checkpoint: Path | None = None):
+        self.epoch, self.names = epoch, list(names)
+        where = f"; the last good checkpoint is {checkpoint}" if checkpoint else ""
+        shown = ", ".join(self.names[:3]) + (f" and {len(self.names) - 3} more" if len(self.names) > 3 else "")
+        super().__init__(
+            f"the weights became non-finite (NaN or inf) in epoch {epoch} ({shown}) although every loss was "
+            f"finite{where}; this epoch was not saved. Usual cause: a learning rate too high (lower lr, or set "
+            "grad_clip), or fp16 overflow (try amp='bf16' or 'off')."
         )
 
 
@@ -115,7 +136,9 @@ class History:
         record = {k: int(v) if k == "epoch" else float(v) for k, v in record.items()}  # plain numbers only
         self.records.append(record)
         value = record.get(self.monitor)
-        if value is None or math.isnan(value):
+        # a NaN/inf validation loss (bad data, overflow) makes the epoch untrustworthy, whatever the monitor says
+        broken = any(k.startswith("val/") and k.endswith("/loss") and not math.isfinite(v) for k, v in record.items())
+        if value is None or math.isnan(value) or broken:
             return False
         better = (self.best_value is None or math.isnan(self.best_value)
                   or (value > self.best_value if self.mode == "max" else value < self.best_value))
@@ -192,6 +215,10 @@ def resolve_amp(amp: str | bool | None, device: torch.device) -> torch.dtype | N
 
 def _to_device(batch: Mapping[str, Any], device: torch.device, channels_last: bool) -> dict[str, Any]:
     """Tensors to `device` (asynchronously from pinned memory); the image in channels_last if asked."""
+    if not isinstance(batch, Mapping):
+        raise TypeError(f"every batch must be a dict with 'image' and the task targets ('mask' for seg, 'label' "
+                        f"for cls, 'clean' for recon); got a {type(batch).__name__}. Make the dataset's "
+                        "__getitem__ return such a dict (a TensorDataset yields tuples)")
     moved = {k: v.to(device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in batch.items()}
     if "image" not in moved:
         raise ValueError(f"every batch needs an 'image' entry (the model input); got keys {sorted(batch)}")
@@ -357,10 +384,31 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module | None = None,
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}; train with fit(..., out_dir=...) first "
                                 "(it writes last.pt every epoch and best.pt on validation improvement)")
-    state = torch.load(path, map_location=map_location, weights_only=True)
+    not_ours = (f"cannot read {path}: it is not an mtlearn checkpoint (fit(..., out_dir=...) writes last.pt and "
+                "best.pt), or it is corrupt or truncated (an interrupted copy?). Use another checkpoint or retrain")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except (pickle.UnpicklingError, EOFError, KeyError, RuntimeError) as error:
+        if isinstance(error, RuntimeError) and "PytorchStreamReader" not in str(error):
+            raise  # not the file's fault (e.g. a map_location this machine lacks)
+        # `from None`: torch's text advises weights_only=False, i.e. running code from an unknown file
+        raise ValueError(not_ours) from None
+    if not isinstance(state, Mapping) or (model is not None and "model" not in state):
+        raise ValueError(not_ours)
     if model is not None:
-        model.load_state_dict(state["model"])
+        try:
+            model.load_state_dict(state["model"])
+        except RuntimeError as error:  # missing keys, size mismatches: another architecture wrote it
+            raise ValueError(f"cannot load {path} into this model: the checkpoint was written for another model "
+                             "(another preset, task list, channel count or class count?). Build the model with "
+                             f"the options of that run. ({_first_mismatch(error)})") from None
     return state
+
+
+def _first_mismatch(error: RuntimeError) -> str:
+    """The first specific line of load_state_dict's error (its first line only names the model class)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[1] if len(lines) > 1 else lines[0]
 
 
 # ----------------------------------------------------------------------------- training
@@ -375,8 +423,10 @@ def _make_config(config: TrainConfig | None, overrides: Mapping[str, Any]) -> Tr
         setattr(config, key, value)
     if isinstance(config.epochs, bool) or not isinstance(config.epochs, int) or config.epochs < 1:
         raise ValueError(f"epochs must be an integer >= 1, got {config.epochs!r}")
-    if not config.lr > 0:
-        raise ValueError(f"lr must be positive, got {config.lr!r}")
+    if not (_is_finite_number(config.lr) and config.lr > 0):  # inf passes `> 0` and trains a NaN model
+        raise ValueError(f"lr must be positive and finite (e.g. 1e-4), got {config.lr!r}")
+    if not (_is_finite_number(config.weight_decay) and config.weight_decay >= 0):
+        raise ValueError(f"weight_decay must be >= 0 and finite (0: no decay), got {config.weight_decay!r}")
     if config.grad_clip is not None and not config.grad_clip > 0:
         raise ValueError(f"grad_clip must be positive or None, got {config.grad_clip!r}")
     if config.resume and config.out_dir is None:
@@ -386,6 +436,24 @@ def _make_config(config: TrainConfig | None, overrides: Mapping[str, Any]) -> Tr
                          "norms (a double backward), which torch.compile does not support. Use compile=False "
                          "or another weighting")
     return config
+
+
+def _is_finite_number(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_out_dir(out_dir: Path, resume: bool) -> None:
+    """Refuse, before any training, an out_dir that cannot hold checkpoints or would lose a finished run."""
+    existing = next((p for p in (out_dir, *out_dir.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():  # else a whole epoch trains, then FileExistsError
+        raise ValueError(f"out_dir {out_dir} cannot be a folder: {existing} is a file. Choose another out_dir "
+                         "(it receives last.pt and best.pt)")
+    last = out_dir / "last.pt"
+    if not resume and last.is_file():  # training on would overwrite last.pt and mix best.pt of two runs
+        state = load_checkpoint(last)
+        done = f"epoch {state.get('epoch', '?')} of {state.get('config', {}).get('epochs', '?')}"
+        raise ValueError(f"out_dir {out_dir} already holds a run (last.pt, {done}): pass resume=True "
+                         "(CLI: --resume) to continue it, or choose another out_dir (or delete it)")
 
 
 def _make_weighting(config: TrainConfig, tasks: tuple[str, ...]) -> LossWeighting:
@@ -423,21 +491,31 @@ def fit(model: nn.Module, train_loader, val_loader=None, config: TrainConfig | N
     best.pt is selected on the validation metric only; without val_loader there is no best.pt.
     resume=True continues from out_dir/last.pt (a fresh start when there is none yet); with a
     larger `epochs` than before, the learning-rate schedule is recomputed for the new length.
+    Without resume=True, an out_dir that already holds a run (last.pt) is refused, never overwritten.
     """
     config = _make_config(config, overrides)
     tasks = check_tasks(config.tasks if config.tasks is not None else _model_tasks(model))
+    for name, loader in (("train_loader", train_loader), ("val_loader", val_loader)):
+        if isinstance(loader, Dataset):  # it would yield single unbatched items: cryptic shape errors later
+            raise TypeError(f"{name} is a Dataset ({type(loader).__name__}), not a DataLoader; wrap it: "
+                            "torch.utils.data.DataLoader(dataset, batch_size=8, shuffle=True) (shuffle for training)")
     if len(train_loader) == 0:
         raise ValueError("train_loader yields no batches; check the dataset size and batch_size/drop_last")
+    out_dir = Path(config.out_dir) if config.out_dir is not None else None
+    if out_dir is not None:
+        _check_out_dir(out_dir, config.resume)
     if config.seed is not None:
         seed_everything(config.seed)
     run = _prepare(model, config, tasks, total_steps=config.epochs * len(train_loader))
     monitor, mode = _monitor(config, tasks)
     history, start_epoch, best_state = History(monitor=monitor, mode=mode), 0, None
-    out_dir = Path(config.out_dir) if config.out_dir is not None else None
     if config.resume and (out_dir / "last.pt").is_file():
         history, start_epoch = _load_run(run, out_dir / "last.pt", train_loader, config, tasks)
         if (out_dir / "best.pt").is_file():
             best_state = load_checkpoint(out_dir / "best.pt")["model"]
+        if start_epoch >= config.epochs:  # nothing to train: say so rather than return the old run silently
+            warnings.warn(f"the run in {out_dir} already has {start_epoch} epochs; pass a larger epochs "
+                          f"(got {config.epochs}) to train further", stacklevel=2)
     untrained_heads = bool(set(getattr(model, "tasks", tasks)) - set(tasks))  # e.g. fit(tasks=("seg",)) of a seg+cls model
     run.train_model = _wrap_for_training(model, run.device, config.compile, untrained_heads)
 
@@ -453,6 +531,12 @@ def fit(model: nn.Module, train_loader, val_loader=None, config: TrainConfig | N
             record.update({f"weight/{t}": w for t, w in run.weighting.weights().items()})  # used this epoch
             run.weighting.end_epoch({t: record[f"train/{t}"] for t in tasks})
             _broadcast_buffers(model)  # e.g. BatchNorm statistics: every rank keeps rank 0's, as DDP does
+            # finite losses do not guarantee finite weights (the last step's update can overflow);
+            # stop before this epoch's checkpoints would overwrite the good ones of the previous epoch
+            bad = _non_finite_tensors(model, run.weighting)
+            if _any_across_processes(bool(bad), run.device):
+                last = out_dir / "last.pt" if out_dir is not None and (out_dir / "last.pt").is_file() else None
+                raise NonFiniteWeightsError(epoch + 1, bad, last)
             if val_loader is not None:
                 metrics = evaluate(model, val_loader, tasks, device=run.device, amp=config.amp,
                                    channels_last=run.channels_last, losses=config.losses, data_range=config.data_range)
@@ -555,7 +639,7 @@ def _load_run(run: _Run, path: Path, train_loader, config: TrainConfig, tasks) -
     except RuntimeError as error:  # missing keys, size mismatches: another architecture wrote it
         raise ValueError(f"cannot resume from {path}: its weights do not fit this model (another preset, task list, "
                          "channel count or class count?). Resume with the model of that run, or start a new run in "
-                         f"another out_dir. ({str(error).splitlines()[0]})") from None
+                         f"another out_dir. ({_first_mismatch(error)})") from None
     run.optimizer.load_state_dict(state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
     # the schedule's closed form knows the (possibly longer) new run: recompute this step's lr from it
@@ -569,6 +653,13 @@ def _load_run(run: _Run, path: Path, train_loader, config: TrainConfig, tasks) -
         run.scaler.load_state_dict(state["scaler"])
     _set_rng_state(state["rng"], train_loader)
     return History.from_state_dict(state["history"]), int(state["epoch"])
+
+
+def _non_finite_tensors(model: nn.Module, weighting: LossWeighting) -> list[str]:
+    """Names of the floating-point parameters and buffers (what a checkpoint saves) holding NaN or inf."""
+    named = [*model.state_dict().items(), *((f"weighting.{k}", v) for k, v in weighting.state_dict().items())]
+    return [name for name, t in named
+            if torch.is_tensor(t) and t.is_floating_point() and not torch.isfinite(t).all()]
 
 
 def _model_tasks(model: nn.Module) -> Sequence[str]:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import math
 import os
 import sys
 import time
@@ -81,8 +82,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.image_size % 16:
         parser.error(f"--image-size must be a multiple of 16 (the network's stride), got {args.image_size}; "
                      f"try {max(16, round(args.image_size / 16) * 16)}")
-    if not args.lr > 0:
-        parser.error(f"--lr must be positive, got {args.lr}")
+    if not (math.isfinite(args.lr) and args.lr > 0):  # "inf" parses as a float and is > 0
+        parser.error(f"--lr must be positive and finite, got {args.lr}")
     if args.num_workers < 0:
         parser.error(f"--num-workers must be >= 0 (0: load in the training process), got {args.num_workers}")
     if args.augment and args.dataset == "synthetic":

@@ -1,16 +1,23 @@
+import math
 import os
 import random
+import re
+import traceback
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
-from torch.optim.optimizer import register_optimizer_step_pre_hook
-from torch.utils.data import DataLoader, Dataset
+from torch.optim.optimizer import (
+    register_optimizer_step_post_hook,
+    register_optimizer_step_pre_hook,
+)
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from mtlearn.engine import (
     History,
     NonFiniteLossError,
+    NonFiniteWeightsError,
     TrainConfig,
     evaluate,
     fit,
@@ -417,6 +424,10 @@ def test_progress_bar_only_when_asked(capsys):
     (dict(epochs=0), "epochs must be an integer >= 1"),
     (dict(epochs=1.5), "epochs must be an integer >= 1"),
     (dict(lr=0.0), "lr must be positive"),
+    (dict(lr=float("inf")), "lr must be positive and finite"),  # inf > 0: it trained a NaN model
+    (dict(lr=float("nan")), "lr must be positive and finite"),
+    (dict(weight_decay=-1e-4), "weight_decay must be >= 0 and finite"),
+    (dict(weight_decay=float("inf")), "weight_decay must be >= 0 and finite"),
     (dict(learning_rate=1e-3), "unknown fit\\(\\) option 'learning_rate'"),
     (dict(weighting="magic"), "unknown weighting 'magic'; expected one of \\('fixed'"),
     (dict(tasks=("seg", "depth")), "unknown task 'depth'"),
@@ -450,3 +461,126 @@ def test_empty_loader_is_refused():
     empty = DataLoader(ToyData(n=2), batch_size=4, drop_last=True)
     with pytest.raises(ValueError, match="yields no batches"):
         fit(ToyNet(), empty, config=TrainConfig(progress=False))
+
+
+def test_out_dir_holding_a_run_is_refused_without_resume(tmp_path):
+    train, val = _loaders()
+    _fit(ToyNet(), train, val, epochs=1, out_dir=tmp_path)
+    before = {name: (tmp_path / name).read_bytes() for name in ("last.pt", "best.pt")}
+    model = ToyNet()
+    with pytest.raises(ValueError, match=re.escape(
+            f"out_dir {tmp_path} already holds a run (last.pt, epoch 1 of 1): pass resume=True (CLI: --resume) "
+            "to continue it, or choose another out_dir (or delete it)")):
+        _fit(model, train, val, epochs=2, out_dir=tmp_path)
+    assert model.calls == 0  # refused before the first step
+    assert {name: (tmp_path / name).read_bytes() for name in before} == before  # the old run is intact
+
+
+@pytest.mark.parametrize("below", [False, True])
+def test_out_dir_that_is_a_file_is_refused_before_training(below, tmp_path):
+    file = tmp_path / "notes.txt"
+    file.write_text("not a folder")
+    model = ToyNet()
+    with pytest.raises(ValueError, match=re.escape(f"{file} is a file. Choose another out_dir")):
+        _fit(model, *_loaders(), epochs=1, out_dir=file / "run" if below else file)
+    assert model.calls == 0  # not after a whole epoch of training
+    assert file.read_text() == "not a folder"
+
+
+def test_dataset_instead_of_a_loader_is_named():
+    train, val = _loaders()
+    with pytest.raises(TypeError, match=r"train_loader is a Dataset \(ToyData\), not a DataLoader; wrap it: "
+                                        r"torch\.utils\.data\.DataLoader\(dataset"):
+        _fit(ToyNet(), train.dataset, val)
+    with pytest.raises(TypeError, match=r"val_loader is a Dataset \(ToyData\), not a DataLoader"):
+        _fit(ToyNet(), train, val.dataset)
+
+
+def test_tuple_batches_are_named():
+    data = TensorDataset(torch.randn(8, 1, 16, 16), torch.zeros(8, 1, 16, 16), torch.zeros(8, dtype=torch.long))
+    with pytest.raises(TypeError, match=r"every batch must be a dict with 'image' and the task targets \('mask' "
+                                        r"for seg, 'label' for cls, 'clean' for recon\); got a list\..*TensorDataset"):
+        _fit(ToyNet(tasks=("seg", "cls")), DataLoader(data, batch_size=4), None)
+
+
+def _finite(state_dict) -> bool:
+    return all(torch.isfinite(v).all() for v in state_dict.values() if v.is_floating_point())
+
+
+def test_weights_that_blow_up_stop_before_the_checkpoints_are_overwritten(tmp_path):
+    torch.manual_seed(0)
+    model, steps = ToyNet(), []
+
+    def overflow(optimizer, step_args, step_kwargs):  # epoch 2's last update overflows; its losses were finite
+        steps.append(None)
+        if len(steps) == 8:  # 4 steps per epoch
+            with torch.no_grad():
+                model.encoder[0].weight.fill_(float("inf"))
+
+    handle = register_optimizer_step_post_hook(overflow)  # every optimiser: remove it after
+    try:
+        with pytest.raises(NonFiniteWeightsError) as caught:
+            _fit(model, *_loaders(), epochs=3, out_dir=tmp_path)
+    finally:
+        handle.remove()
+    error = caught.value
+    assert error.epoch == 2 and error.names == ["encoder.0.weight"]
+    assert "non-finite (NaN or inf) in epoch 2" in str(error) and "learning rate too high" in str(error)
+    assert str(tmp_path / "last.pt") in str(error)
+    for name in ("last.pt", "best.pt"):  # still epoch 1's, and what they hold is good
+        state = load_checkpoint(tmp_path / name)
+        assert state["epoch"] == 1 and _finite(state["model"]), name
+
+
+def test_an_epoch_with_a_nan_validation_loss_is_not_the_best(tmp_path):
+    train, val = _loaders()
+    for item in val.dataset.items:  # e.g. unreadable validation images (the mean skips a single NaN batch)
+        item["image"] = torch.full((1, 16, 16), float("nan"))
+    history = _fit(ToyNet(), train, val, epochs=1, out_dir=tmp_path)
+    record = history.records[0]
+    assert math.isnan(record["val/seg/loss"]) and math.isfinite(record["val/seg/dice"])  # the monitor looks fine
+    assert history.best_epoch is None and not (tmp_path / "best.pt").exists()
+    assert (tmp_path / "last.pt").exists()
+
+
+def test_resume_without_more_epochs_warns(tmp_path):
+    train, val = _loaders()
+    first = _fit(ToyNet(), train, val, epochs=2, out_dir=tmp_path)
+    with pytest.warns(UserWarning, match=re.escape(f"the run in {tmp_path} already has 2 epochs; pass a larger "
+                                                   "epochs (got 2) to train further")):
+        again = _fit(ToyNet(), train, val, epochs=2, out_dir=tmp_path, resume=True)
+    assert again.records == first.records
+
+
+def test_load_checkpoint_into_another_model_names_the_file(tmp_path):
+    _fit(ToyNet(), *_loaders(), epochs=1, out_dir=tmp_path)
+    path = tmp_path / "last.pt"
+    with pytest.raises(ValueError, match=re.escape(f"cannot load {path} into this model: the checkpoint was written "
+                                                   "for another model") + r".*size mismatch for heads\.cls\.weight"):
+        load_checkpoint(path, ToyNet(num_classes=5))
+
+
+class _Foreign:
+    """An object torch.load(weights_only=True) refuses to build."""
+
+
+@pytest.mark.parametrize("content", ["empty", "text", "truncated", "foreign object", "plain state_dict"])
+def test_load_checkpoint_refuses_a_corrupt_or_foreign_file(content, tmp_path):
+    path = tmp_path / "model.pt"
+    if content == "empty":
+        path.write_bytes(b"")
+    elif content == "text":
+        path.write_text("not a checkpoint\n")
+    elif content == "truncated":
+        save_checkpoint({"model": ToyNet().state_dict()}, path)
+        path.write_bytes(path.read_bytes()[:1000])
+    elif content == "foreign object":
+        torch.save({"model": _Foreign()}, path)
+    else:  # torch.save(model.state_dict()): weights, but not in an mtlearn checkpoint
+        torch.save(ToyNet().state_dict(), path)
+    with pytest.raises(ValueError) as caught:
+        load_checkpoint(path, ToyNet())
+    message = str(caught.value)
+    assert message.startswith(f"cannot read {path}: it is not an mtlearn checkpoint") and "corrupt" in message
+    # torch's advice to unpickle untrusted code is passed on neither in the message nor in the traceback
+    assert "weights_only" not in "".join(traceback.format_exception(caught.value))

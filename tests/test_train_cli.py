@@ -39,6 +39,7 @@ def test_defaults_name_the_output_folder():
     (["--dataset", "nope"], "invalid choice: 'nope'"),
     (["--image-size", "60"], "--image-size must be a multiple of 16 (the network's stride), got 60; try 64"),
     (["--lr", "-1"], "--lr must be positive"),
+    (["--lr", "inf"], "--lr must be positive and finite"),
     (["--num-workers", "-1"], "--num-workers must be >= 0"),
     (["--augment"], "--augment applies to real datasets"),
     (["--device", "cdua"], "unknown device 'cdua'"),
@@ -70,6 +71,9 @@ def test_errors_found_while_running_are_messages_not_tracebacks(tmp_path, capsys
     assert exit_.value.code == 2 and "python -m data_fetch busi" in capsys.readouterr().err
     out = tmp_path / "run"
     main([*SMOKE, "--epochs", "1", "--limit", "8", "--out-dir", str(out)])
+    with pytest.raises(SystemExit):  # the same command again would overwrite the run
+        main([*SMOKE, "--epochs", "1", "--limit", "8", "--out-dir", str(out)])
+    assert "already holds a run (last.pt, epoch 1 of 1): pass resume=True (CLI: --resume)" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # resuming a tiny run with another preset
         main([*SMOKE, "--preset", "course", "--epochs", "2", "--limit", "8", "--out-dir", str(out), "--resume"])
     assert "its weights do not fit this model" in capsys.readouterr().err
