@@ -114,9 +114,11 @@ class MetricAccumulator:
         self._probabilities: list[np.ndarray] = []
         self._labels: list[np.ndarray] = []
 
-    def _add(self, key: str, values: Tensor) -> None:
+    def _add(self, key: str, values: Tensor, skip_nan: bool = True) -> None:
+        """Add per-image values; skip_nan drops undefined ones (Dice of an image with nothing to find)."""
         values = values.detach().cpu().double().flatten()  # .cpu() first: MPS has no float64
-        values = values[~torch.isnan(values)]
+        if skip_nan:
+            values = values[~torch.isnan(values)]
         self.sums[key] = self.sums.get(key, 0.0) + float(values.sum())
         self.counts[key] = self.counts.get(key, 0.0) + float(values.numel())
 
@@ -138,7 +140,8 @@ class MetricAccumulator:
                 self._update_recon(prediction, target.float())
             if losses is not None and task in losses:
                 n = len(prediction)
-                self._add(f"{task}/loss", losses[task].detach().cpu().double().repeat(n))
+                # a NaN loss is a failure, not an undefined value: it must make the mean NaN, not vanish
+                self._add(f"{task}/loss", losses[task].detach().cpu().double().repeat(n), skip_nan=False)
 
     def _update_seg(self, logits: Tensor, mask: Tensor) -> None:
         num_seg = logits.shape[1]

@@ -41,6 +41,15 @@ def test_balanced_accuracy_and_auc_agree_with_sklearn():
     assert (acc.labels == labels).all()
 
 
+def test_a_nan_loss_in_one_batch_makes_the_mean_loss_nan():
+    # undefined metric values are skipped, but a NaN loss is a failure the validation must show
+    acc = MetricAccumulator(("cls",))
+    batch = {"label": torch.tensor([0, 1])}
+    acc.update({"cls": torch.tensor([[2.0, 0.0], [0.0, 2.0]])}, batch, losses={"cls": torch.tensor(0.2)})
+    acc.update({"cls": torch.tensor([[2.0, 0.0], [0.0, 2.0]])}, batch, losses={"cls": torch.tensor(float("nan"))})
+    assert math.isnan(acc.compute()["cls/loss"])
+
+
 def test_auc_skips_a_class_absent_from_the_labels():
     probabilities = np.array([[0.8, 0.1, 0.1], [0.2, 0.7, 0.1], [0.6, 0.3, 0.1], [0.1, 0.8, 0.1]])
     labels = np.array([0, 1, 0, 1])  # class 2 never occurs
