@@ -97,7 +97,17 @@ class SegmentationLoss(nn.Module):
                 f"segmentation target must be (B, 1, H, W) matching logits {tuple(logits.shape)}, "
                 f"got {tuple(mask.shape)}"
             )
-        return self.loss(logits.float(), mask.round().long())  # (B, 1, H, W) class indices
+        mask = mask.round().long()  # (B, 1, H, W) class indices
+        if mask.numel():
+            # MONAI's one-hot would fail with "index 255 is out of bounds"; one min/max (one sync) per step
+            low, high = torch.stack(torch.aminmax(mask)).tolist()
+            if low < 0 or high >= logits.shape[1]:
+                bad = f"max {high}" if high >= logits.shape[1] else f"min {low}"
+                raise ValueError(
+                    f"segmentation mask values must be class indices 0..{logits.shape[1] - 1}, got {bad}; "
+                    f"a 0/255 mask needs mask / 255 (or > 0), and seg_classes must cover every mask value"
+                )
+        return self.loss(logits.float(), mask)
 
 
 class ClassificationLoss(nn.Module):
@@ -111,12 +121,30 @@ class ClassificationLoss(nn.Module):
         self.register_buffer("weight", weight)
 
     def forward(self, logits: Tensor, label: Tensor) -> Tensor:
-        """logits: (B, num_classes), label: (B,) int -> scalar."""
+        """logits: (B, num_classes), label: (B,) int in 0..num_classes-1 -> scalar."""
         if self.weight is not None and self.weight.numel() != logits.shape[1]:
             raise ValueError(
                 f"class_weights has {self.weight.numel()} entries but the model predicts {logits.shape[1]} classes"
             )
-        return nn.functional.cross_entropy(logits.float(), label.long().view(-1), weight=self.weight)
+        num_classes = logits.shape[1]
+        # torch's own errors here are raw ("Target 5 is out of bounds", a device-side assert on CUDA)
+        if label.dtype.is_floating_point or label.numel() != len(logits):
+            raise ValueError(
+                f"classification labels must be (B,) integer class indices 0..{num_classes - 1}, got "
+                f"{label.dtype} of shape {tuple(label.shape)} for {len(logits)} predictions; "
+                f"one-hot labels need label.argmax(1), float ones label.long()"
+            )
+        label = label.long().view(-1)
+        if label.numel():
+            low, high = torch.stack(torch.aminmax(label)).tolist()  # one min/max (one sync) per step
+            if low < 0 or high >= num_classes:
+                fix = f"build the model with num_classes={high + 1} or " if high >= num_classes else ""
+                raise ValueError(
+                    f"classification labels must be class indices 0..{num_classes - 1} (num_classes={num_classes}), "
+                    f"got {f'max {high}' if high >= num_classes else f'min {low}'}; "
+                    f"{fix}map the labels to 0..{num_classes - 1}"
+                )
+        return nn.functional.cross_entropy(logits.float(), label, weight=self.weight)
 
 
 class ReconstructionLoss(nn.Module):

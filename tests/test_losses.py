@@ -133,3 +133,32 @@ def test_task_losses_reads_targets_from_the_batch():
 def test_bad_arguments(make, match):
     with pytest.raises(ValueError, match=match):
         make()
+
+
+@pytest.mark.parametrize("kind", ["dicece", "dicefocal"])
+@pytest.mark.parametrize("mask, match", [
+    (_mask() * 255, r"class indices 0\.\.1, got max 255; a 0/255 mask needs mask / 255"),
+    (-_mask(), r"class indices 0\.\.1, got min -1"),
+])
+def test_segmentation_loss_names_bad_mask_values(kind, mask, match):
+    # MONAI's own error was "index 255 is out of bounds for dimension 1 with size 2"
+    with pytest.raises(ValueError, match=match):
+        SegmentationLoss(kind)(torch.randn(2, 2, 8, 8), mask)
+
+
+@pytest.mark.parametrize("label, match", [
+    (torch.tensor([0, 5]), r"0\.\.2 \(num_classes=3\), got max 5; build the model with num_classes=6"),
+    (torch.tensor([0, -1]), r"got min -1; map the labels to 0\.\.2"),
+    (torch.eye(3)[:2], r"\(B,\) integer class indices.*shape \(2, 3\).*label\.argmax\(1\)"),  # one-hot
+    (torch.eye(3, dtype=torch.long)[:2], r"shape \(2, 3\).*label\.argmax\(1\)"),
+    (torch.tensor([0.0, 1.0]), r"torch\.float32.*label\.long\(\)"),
+])
+def test_classification_loss_names_bad_labels(label, match):
+    # torch's own errors were "Target 5 is out of bounds" (a device-side assert on CUDA) and a batch-size mismatch
+    with pytest.raises(ValueError, match=match):
+        ClassificationLoss()(torch.randn(2, 3), label)
+
+
+def test_classification_loss_still_takes_column_labels():
+    logits, label = torch.randn(2, 3), torch.tensor([0, 2])
+    assert torch.equal(ClassificationLoss()(logits, label.view(2, 1)), ClassificationLoss()(logits, label))
