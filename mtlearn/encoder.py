@@ -12,9 +12,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor, nn
 
 from mtlearn.blocks import PatchEmbed, ResFormerStage
+from mtlearn.utils import check_size
 
 STRIDE = 16  # the deepest feature map is H/16 x W/16: inputs must be divisible by this
 
@@ -38,9 +40,7 @@ class ResFormerConfig:
     use_attention: bool = True  # False: no transformer path at all -> a plain ResNet-34-style encoder
 
     def __post_init__(self):
-        if isinstance(self.image_size, int):
-            self.image_size = (self.image_size, self.image_size)
-        self.image_size = tuple(self.image_size)
+        self.image_size = check_size(self.image_size)  # a float (256 / 2) fails here, naming int(...)
         for name in ("widths", "cnn_depths", "attn_depths", "num_heads"):
             setattr(self, name, tuple(getattr(self, name)))
         if not isinstance(self.in_channels, int) or self.in_channels < 1:
@@ -71,10 +71,19 @@ class ResFormerConfig:
             raise ValueError(f"mlp_ratio must be positive, got {self.mlp_ratio}")
 
 
-def check_image(x: Tensor, in_channels: int, stride: int = STRIDE) -> None:
-    """Raise ValueError unless x is a (B, in_channels, H, W) batch with H and W divisible by `stride`."""
+def check_image(x: Tensor, in_channels: int, stride: int = STRIDE, dtype: torch.dtype | None = None) -> None:
+    """Raise ValueError unless x is a (B, in_channels, H, W) float batch with H and W divisible by `stride`.
+
+    `dtype`: the model's weight dtype; a float64 batch is refused unless it matches (conv layers
+    would fail with "expected scalar type Double but found Float").
+    """
     if x.dim() != 4:
         raise ValueError(f"expected a batch of images (B, C, H, W), got a tensor of shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        fix = ".float() / 255 (0..255 -> 0..1)" if x.dtype == torch.uint8 else ".float()"
+        raise ValueError(f"images must be a floating-point tensor, got {x.dtype}; convert with {fix}")
+    if x.dtype == torch.float64 and dtype not in (None, torch.float64):
+        raise ValueError(f"images are float64 but the model's weights are {dtype}; convert with .float()")
     if x.shape[1] != in_channels:
         raise ValueError(f"the model was built for {in_channels} input channel(s), got {x.shape[1]} "
                          f"(shape {tuple(x.shape)}); build it with in_channels={x.shape[1]}")
@@ -133,7 +142,7 @@ class ResFormerEncoder(nn.Module):
 
     def forward(self, x: Tensor) -> list[Tensor]:
         """x: (B, in_channels, H, W) -> 4 maps (B, widths[i], H / 2^(i+1), W / 2^(i+1)), i = 0..3."""
-        check_image(x, self.config.in_channels)
+        check_image(x, self.config.in_channels, dtype=self.stem[0].weight.dtype)
         features = self.stem(x)  # (B, w0, H/2, W/2)
         if self.patch_embed is not None:
             features = features + self.patch_embed(x)

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from mtlearn.encoder import ResFormerConfig, ResFormerEncoder, check_image, init_weights
 from mtlearn.heads import (DFE_MODES, MultiScaleClassificationHead, ReconstructionHead, SegmentationHead,
                            UNetDecoder)
-from mtlearn.utils import check_options
+from mtlearn.utils import check_int, check_options, check_size
 
 TASKS = ("seg", "cls", "recon")  # segmentation, classification, reconstruction (denoising)
 CLS_HEADS = ("multiscale", "last")  # classifier reads the last two encoder stages, or the last one only
@@ -49,9 +49,8 @@ class MultiTaskConfig(ResFormerConfig):
             raise ValueError(f"unknown DFE mode {self.dfe!r}; expected one of {DFE_MODES}")
         if self.cls_head not in CLS_HEADS:
             raise ValueError(f"unknown cls_head {self.cls_head!r}; expected one of {CLS_HEADS}")
-        if self.num_classes < 2 or self.seg_classes < 2:
-            raise ValueError(f"num_classes and seg_classes must be >= 2 (softmax logits), "
-                             f"got {self.num_classes} and {self.seg_classes}")
+        for name in ("num_classes", "seg_classes"):  # >= 2: softmax logits; a float (3.5) fails inside nn.Linear
+            check_int(name, getattr(self, name), 2)
         if not self.dilations or any(not isinstance(d, int) or d < 1 for d in self.dilations):
             raise ValueError(f"dilations must be positive integers, e.g. (6, 12, 18), got {self.dilations}")
 
@@ -210,7 +209,7 @@ class MonaiBaseline(nn.Module):
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         """x: (B, in_channels, H, W), H and W divisible by the stride -> {"seg": (B, seg_classes, H, W)}."""
-        check_image(x, self.in_channels, self.stride)
+        check_image(x, self.in_channels, self.stride, dtype=next(self.net.parameters()).dtype)
         return {"seg": self.net(x)}
 
 
@@ -226,7 +225,7 @@ def monai_baseline(name: str = "unet", in_channels: int = 1, seg_classes: int = 
         raise ValueError(f"unknown MONAI baseline {name!r}; expected one of {MONAI_MODELS}")
     from monai.networks.nets import UNet, SwinUNETR
 
-    size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    size = check_size(image_size)  # a float (256 / 2) fails here, naming int(...)
     if name == "unet":
         options = dict(channels=(16, 32, 64, 128, 256), strides=(2, 2, 2, 2), num_res_units=2) | kwargs
         stride = 2 ** len(options["strides"])

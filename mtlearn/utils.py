@@ -154,3 +154,33 @@ def check_options(config_class: type, options, what: str = "option(s)") -> None:
     unknown = sorted(set(options) - valid)
     if unknown:
         raise ValueError(f"unknown {what} {unknown}; valid options are {sorted(valid)}")
+
+
+def is_int(value) -> bool:
+    """True for Python and NumPy integers; False for bools (True is not a count) and floats (128.0)."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def check_int(name: str, value, minimum: int) -> int:
+    """`value` as an int, or a ValueError naming `name`, the bound and (for a float) the int(...) fix."""
+    if not is_int(value) or value < minimum:
+        fix = "; pass an int, e.g. int(...) of a computed value" if isinstance(value, float) else ""
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}{fix}")
+    return int(value)
+
+
+def check_size(image_size, minimum: int = 1) -> tuple[int, int]:
+    """128 -> (128, 128); (96, 160) -> (96, 160); anything else -> ValueError naming the fix.
+
+    Models and datasets all take an int or (H, W); a float such as 256 / 2 must not end in
+    "'float' object is not iterable".
+    """
+    try:
+        size = (image_size, image_size) if is_int(image_size) else tuple(image_size)
+    except TypeError:  # a float or None: not a pair
+        size = (image_size,)
+    if len(size) != 2 or not all(is_int(n) and n >= minimum for n in size):
+        # sizes computed by division (256 / 2) are floats
+        fix = "; pass ints: int(...) or // (e.g. 256 // 2)" if any(isinstance(n, float) for n in size) else ""
+        raise ValueError(f"image_size must be an int or (H, W) of ints >= {minimum}, got {image_size!r}{fix}")
+    return int(size[0]), int(size[1])

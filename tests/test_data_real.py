@@ -423,3 +423,18 @@ def test_partial_copies_are_refused_not_loaded(busi, tmp_path):
     (tmp_path / "unpacking" / "Dataset_BUSI.zip").write_bytes(b"zip")
     with pytest.raises(LayoutError, match="unpacking did not finish.*python -m data_fetch busi"):
         load_dataset("busi", root=tmp_path / "unpacking")
+
+
+@pytest.mark.parametrize("name, fix", [
+    ("synthetic", r"synthetic has no option 'foo'; its options: \['num_samples', 'class_probs', .*'noise_level'\]"),
+    ("shapes", r"shapes has no option 'foo'; its options: none"),
+])
+def test_generated_datasets_list_their_options(name, fix):
+    with pytest.raises(ValueError, match=fix):  # was a bare TypeError from the dataset's constructor
+        load_dataset(name, foo=1)
+
+
+@pytest.mark.parametrize("image_size", [256 / 2, (64, 64.0)])
+def test_float_image_size_names_int(image_size):
+    with pytest.raises(ValueError, match=r"image_size must be an int.*int\(\.\.\.\)"):  # was "'float' ... not iterable"
+        load_dataset("synthetic", image_size=image_size, num_samples=2)

@@ -150,3 +150,8 @@ def test_bad_arguments(kwargs, message):
 def test_index_out_of_range():
     with pytest.raises(IndexError):
         SyntheticUltrasound(num_samples=3)[3]
+
+
+def test_float_image_size_names_int():
+    with pytest.raises(ValueError, match=r"image_size must be an int.*128\.0.*int\(\.\.\.\)"):  # was a TypeError
+        SyntheticUltrasound(num_samples=2, image_size=256 / 2)

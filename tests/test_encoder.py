@@ -117,3 +117,25 @@ def test_gradient_reaches_every_parameter_and_eval_is_deterministic():
     encoder.eval()
     x = torch.randn(2, 1, 32, 48)
     assert all(torch.equal(a, b) for a, b in zip(encoder(x), encoder(x)))
+
+
+@pytest.mark.parametrize("dtype, match", [
+    (torch.uint8, r"torch\.uint8; convert with \.float\(\) / 255"),
+    (torch.int64, r"torch\.int64; convert with \.float\(\)"),
+    (torch.float64, r"float64 but the model's weights are torch\.float32; convert with \.float\(\)"),
+])
+def test_non_float32_images_are_refused_with_the_fix(dtype, match):
+    encoder = ResFormerEncoder(tiny_config())
+    with pytest.raises(ValueError, match=match):  # was conv's "expected scalar type Byte but found Float"
+        encoder(torch.zeros(1, 1, 32, 32, dtype=dtype))
+
+
+def test_float64_images_work_with_a_float64_encoder():
+    encoder = ResFormerEncoder(tiny_config()).double().eval()
+    assert encoder(torch.rand(1, 1, 32, 32, dtype=torch.float64))[0].dtype == torch.float64
+
+
+@pytest.mark.parametrize("image_size", [128.0, (128, 128.0)])
+def test_float_image_size_names_int(image_size):
+    with pytest.raises(ValueError, match=r"image_size must be an int.*got .*128\.0.*int\(\.\.\.\)"):
+        tiny_config(image_size=image_size)  # was "'float' object is not iterable" (or passed as floats)

@@ -84,3 +84,20 @@ def test_check_options_names_the_unknown_and_the_valid():
     check_options(Config, {"lr": 0.1})  # known fields pass
     with pytest.raises(ValueError, match=r"unknown option\(s\) \['learning_rate'\]; valid options are \['epochs', 'lr'\]"):
         check_options(Config, {"learning_rate": 0.1, "lr": 0.1})
+
+
+def test_check_int_and_check_size_name_the_int_fix():
+    from mtlearn.utils import check_int, check_size
+
+    assert check_int("n", np.int64(3), 2) == 3 and check_size(np.int64(64)) == (64, 64)
+    assert check_size([48, 64], minimum=32) == (48, 64)
+    for bad in (2.0, True, "3", 1):
+        with pytest.raises(ValueError, match=r"n must be an integer >= 2, got"):
+            check_int("n", bad, 2)
+    with pytest.raises(ValueError, match=r"got 3\.5; pass an int, e\.g\. int\(\.\.\.\)"):
+        check_int("n", 3.5, 2)
+    for bad in (128.0, (64, 64.0), None, "64", (64, 64, 3), (16, 64)):
+        with pytest.raises(ValueError, match=r"image_size must be an int or \(H, W\) of ints >= 32"):
+            check_size(bad, minimum=32)
+    with pytest.raises(ValueError, match=r"got 128\.0; pass ints: int\(\.\.\.\) or //"):
+        check_size(256 / 2)

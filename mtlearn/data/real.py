@@ -40,6 +40,7 @@ from mtlearn.data.splits import (
 )
 from mtlearn.data.synthetic import SyntheticUltrasound
 from mtlearn.data.transforms import augment_item, augmentation, random_states, reseed, resize_image, resize_mask
+from mtlearn.utils import check_size
 
 DATASETS = ("synthetic", "shapes", "busi", "busi_npz", "bus_bra", "bus_uclm", "breastmnist")
 SPLITS = ("train", "val", "test", "all")
@@ -103,6 +104,7 @@ def load_dataset(
     if name == "synthetic":
         if augment:
             raise ValueError("augment=True applies to real datasets; every synthetic item is already new")
+        _check_options(name, SyntheticUltrasound, kwargs, fixed=("image_size", "seed", "in_channels", "first_index"))
         return _synthetic(split, size, seed, in_channels, **kwargs)
     if on_size_mismatch not in SIZE_MISMATCH_POLICIES:
         raise ValueError(f"on_size_mismatch must be one of {SIZE_MISMATCH_POLICIES}, got {on_size_mismatch!r}")
@@ -422,6 +424,7 @@ def _shapes(split: str, image_size, seed: int, augment: bool, in_channels: int, 
         raise ValueError("augment=True is not available for shapes: the benchmark is used as published")
     if in_channels != 1:
         raise ValueError(f"shapes images are grey: in_channels must be 1, got {in_channels!r}")
+    _check_options("shapes", ShapesBackground, kwargs, fixed=("split", "image_size", "seed"))
     if image_size is not None:
         kwargs["image_size"] = image_size
     return ShapesBackground(split=split, seed=seed, **kwargs)
@@ -444,11 +447,15 @@ def _official_parts(split: str) -> tuple[str, ...]:
     return SPLITS[:3] if split == "all" else (split,)
 
 
-def _check_options(name: str, reader: Callable, options: dict) -> None:
-    """Raise ValueError naming the options `reader` accepts if `options` holds another one."""
+def _check_options(name: str, reader: Callable, options: dict,
+                   fixed: Sequence[str] = ("folder", "split", "seed")) -> None:
+    """Raise ValueError naming the options `reader` accepts if `options` holds another one.
+
+    `fixed`: the parameters of `reader` that load_dataset sets itself (not options).
+    """
     import inspect
 
-    accepted = [p for p in inspect.signature(reader).parameters if p not in ("folder", "split", "seed")]
+    accepted = [p for p in inspect.signature(reader).parameters if p not in fixed]
     unknown = sorted(set(options) - set(accepted))
     if unknown:
         raise ValueError(f"{name} has no option {', '.join(map(repr, unknown))}; its options: {accepted or 'none'}")
@@ -580,7 +587,4 @@ def _grey_stack(array: np.ndarray) -> np.ndarray:
 
 
 def _size_pair(image_size) -> tuple[int, int]:
-    size = (image_size, image_size) if isinstance(image_size, (int, np.integer)) else tuple(image_size)
-    if len(size) != 2 or not all(isinstance(n, (int, np.integer)) and not isinstance(n, bool) and n >= 8 for n in size):
-        raise ValueError(f"image_size must be an int or (H, W) of ints >= 8, got {image_size!r}")
-    return int(size[0]), int(size[1])
+    return check_size(image_size, minimum=8)  # a float (256 / 2) fails here, naming int(...)

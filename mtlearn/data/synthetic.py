@@ -29,6 +29,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from mtlearn.utils import check_size
+
 CLASS_NAMES = ("normal", "benign", "malignant")
 NORMAL, BENIGN, MALIGNANT = 0, 1, 2
 ARTIFACT_KINDS = ("calipers", "text", "shadow_band")
@@ -430,12 +432,8 @@ def _upsample(field: np.ndarray, upsampler, axis: int) -> np.ndarray:
 
 
 def _image_size(image_size) -> tuple[int, int]:
-    """128 -> (128, 128); (96, 160) -> (96, 160); anything smaller than 32 px is refused."""
-    size = (image_size, image_size) if isinstance(image_size, (int, np.integer)) else tuple(image_size)
-    valid = all(isinstance(n, (int, np.integer)) and not isinstance(n, bool) and n >= 32 for n in size)
-    if len(size) != 2 or not valid:
-        raise ValueError(f"image_size must be an int or (H, W) of ints >= 32, got {image_size!r}")
-    return int(size[0]), int(size[1])
+    """128 -> (128, 128); (96, 160) -> (96, 160); anything smaller than 32 px (or a float) is refused."""
+    return check_size(image_size, minimum=32)
 
 
 def _check_int(name: str, value, minimum: int) -> None:
