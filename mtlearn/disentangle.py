@@ -431,8 +431,17 @@ def main_step(model: nn.Module, optimizer: torch.optim.Optimizer, features_a: to
     return record
 
 
-def _check_training(*, epochs, adv_steps, w_adv, w_leak, adv_loss, adv_target) -> None:
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+
+
+def _check_training(*, epochs, adv_steps, w_adv, w_leak, adv_loss, adv_target, lr, betas, warmup_epochs,
+                    ramp_epochs) -> None:
     """The options train_disentangle and DisentangleConfig share, checked in one place."""
+    for name, value in (("lr", lr), ("w_adv", w_adv), ("w_leak", w_leak), ("warmup_epochs", warmup_epochs),
+                        ("ramp_epochs", ramp_epochs)):
+        if not _is_number(value):  # "1e-3" from a config file or a widget would fail later in Adam or a comparison
+            raise ValueError(f"{name} must be a number, got {value!r}; pass a number (e.g. 1e-3, not '1e-3')")
     if adv_loss not in ADV_LOSSES:
         raise ValueError(f"unknown adv_loss {adv_loss!r}; expected one of {ADV_LOSSES}")
     if adv_target not in ADV_TARGETS:
@@ -444,6 +453,15 @@ def _check_training(*, epochs, adv_steps, w_adv, w_leak, adv_loss, adv_target) -
         if value < 0:
             raise ValueError(f"{name} must be >= 0 (a negative weight helps the adversaries; 0 turns the term off), "
                              f"got {value!r}")
+    if not (0 < lr < float("inf")):
+        raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
+    if (not isinstance(betas, (tuple, list)) or len(betas) != 2
+            or not all(_is_number(b) and 0 <= b < 1 for b in betas)):
+        raise ValueError(f"betas must be a pair of numbers in [0, 1) (Adam's beta1, beta2), e.g. (0.0, 0.9); "
+                         f"got {betas!r}")
+    for name, value in (("warmup_epochs", warmup_epochs), ("ramp_epochs", ramp_epochs)):
+        if not (0 <= value < float("inf")):
+            raise ValueError(f"{name} must be a finite number >= 0 (0: none), got {value!r}")
 
 
 def adversary_weight(step: int, w_adv: float, warmup_steps: int = 0, ramp_steps: int = 0) -> float:
@@ -505,7 +523,7 @@ def train_disentangle(
     from mtlearn.utils import pick_device, seed_everything
 
     _check_training(epochs=epochs, adv_steps=adv_steps, w_adv=w_adv, w_leak=w_leak, adv_loss=adv_loss,
-                    adv_target=adv_target)
+                    adv_target=adv_target, lr=lr, betas=betas, warmup_epochs=warmup_epochs, ramp_epochs=ramp_epochs)
     seed_everything(seed)
     device = pick_device(device)
     model.to(device)
@@ -695,11 +713,16 @@ class DisentangleConfig:
 
     def __post_init__(self):
         _check_training(epochs=self.epochs, adv_steps=self.adv_steps, w_adv=self.w_adv, w_leak=self.w_leak,
-                        adv_loss=self.adv_loss, adv_target=self.adv_target)
+                        adv_loss=self.adv_loss, adv_target=self.adv_target, lr=self.lr, betas=self.betas,
+                        warmup_epochs=self.warmup_epochs, ramp_epochs=self.ramp_epochs)
         if self.adv_readout not in READOUTS:
             raise ValueError(f"unknown adv_readout {self.adv_readout!r}; expected one of {READOUTS}")
         if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise ValueError(f"batch_size must be an integer >= 1, got {self.batch_size!r}")
+        for name in ("hidden", "adv_hidden"):  # checked here too, so a bad preset fails before any model is built
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an integer >= 0 (0: linear classifier), got {value!r}")
 
     def model_kwargs(self, kind: str) -> dict:
         """Constructor arguments for MODELS[kind]."""

@@ -375,6 +375,7 @@ class UMSRepConfig:
     dataset: str = "synthetic"  # "synthetic", or "busi" (fine-tune on BUSI, representation from BUS-BRA + BUS-UCLM)
     data_root: str | None = None  # folder holding the real datasets (None: data_fetch's default)
     unlabeled_datasets: tuple[str, ...] = ("bus_bra", "bus_uclm")  # real data only: the representation's images
+    # (a single name, "busi", counts as ("busi",); so does a single strategy name)
     preset: str = "tiny"  # model size (mtlearn.mtl.PRESETS)
     image_size: int = 64  # training and test size, pixels (a multiple of 16)
     num_unlabeled: int | None = 600  # synthetic: the representation's images (None: 2 x num_train; real data: all)
@@ -403,8 +404,10 @@ class UMSRepConfig:
         "recon/psnr": 0.5, "recon/ssim": 0.02, "seg/dice": 0.02, "cls/acc": 0.02, "cls/auc": 0.02})
 
     def __post_init__(self):
-        self.strategies = tuple(self.strategies)
-        self.unlabeled_datasets = tuple(self.unlabeled_datasets)
+        # one name is a one-element tuple ("busi" is one dataset, not four letters), as build_model's tasks
+        self.strategies = (self.strategies,) if isinstance(self.strategies, str) else tuple(self.strategies)
+        self.unlabeled_datasets = ((self.unlabeled_datasets,) if isinstance(self.unlabeled_datasets, str)
+                                   else tuple(self.unlabeled_datasets))
         unknown = [s for s in self.strategies if s not in STRATEGIES]
         if unknown or not self.strategies:
             raise ValueError(f"unknown strategies {unknown}; choose from {tuple(STRATEGIES)}")

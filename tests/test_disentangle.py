@@ -599,3 +599,28 @@ def test_main_step_adds_the_leakage_term_and_needs_its_state(shapes_batch):
         D.main_step(model, optimizer, *model.encode(x), y_a, y_b, w_leak=1.0)
     with pytest.raises(ValueError, match="w_leak"):
         D.disentangle_config("smoke", w_leak=-1.0)
+
+
+@pytest.mark.parametrize("overrides, match", [
+    ({"lr": "1e-3"}, r"lr must be a number, got '1e-3'; pass a number"),
+    ({"w_adv": "3"}, r"w_adv must be a number, got '3'; pass a number"),
+    ({"lr": 0.0}, r"lr must be a finite number > 0"),
+    ({"lr": float("nan")}, r"lr must be a finite number > 0"),
+    ({"betas": (1.0, 0.9)}, r"betas must be a pair of numbers in \[0, 1\)"),
+    ({"betas": 0.9}, r"betas must be a pair"),
+    ({"betas": ("0.5", 0.9)}, r"betas must be a pair"),
+    ({"warmup_epochs": -1}, r"warmup_epochs must be a finite number >= 0"),
+    ({"ramp_epochs": -0.5}, r"ramp_epochs must be a finite number >= 0"),
+    ({"hidden": 2.5}, r"hidden must be an integer >= 0"),
+    ({"adv_hidden": -1}, r"adv_hidden must be an integer >= 0"),
+])
+def test_config_rejects_bad_training_values(overrides, match):
+    # these passed silently and failed later in Adam (or a comparison, or the model's constructor)
+    with pytest.raises(ValueError, match=match):
+        D.disentangle_config("smoke", **overrides)
+
+
+def test_train_disentangle_checks_lr_and_betas(tiny_loaders):
+    for kwargs, match in (({"lr": "1e-3"}, "pass a number"), ({"betas": (0.9, 1.5)}, "betas")):
+        with pytest.raises(ValueError, match=match):
+            D.train_disentangle(tiny_model(), tiny_loaders[0], device="cpu", progress=False, **kwargs)

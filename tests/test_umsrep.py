@@ -374,3 +374,9 @@ def test_real_data_uses_every_unlabeled_image_and_random_busi_subsets(tmp_path):
     assert set(data.unlabeled[0]) >= {"image", "clean"}
     assert len(data.train) == 6 and len(data.test) == 4 and data.class_names == ("normal", "benign", "malignant")
     assert {"mask", "label", "clean"} <= set(data.train[0])
+
+
+def test_one_dataset_or_strategy_name_is_a_one_element_tuple():
+    # tuple("busi") was silently ('b', 'u', 's', 'i')
+    config = strategy_config("smoke", unlabeled_datasets="busi", strategies="joint")
+    assert config.unlabeled_datasets == ("busi",) and config.strategies == ("joint",)
