@@ -221,9 +221,6 @@ def start(
     seed_everything(seed)
     resolved = pick_device(device)
     out = Path(out_dir) if out_dir is not None else Path("outputs") / notebook / profile
-    if out.is_dir() and any(out.glob("*.ipynb")):  # figures and metrics.json would land among the notebooks
-        raise ValueError(f"out_dir {out} holds notebooks; give the outputs a folder of their own "
-                         f"(None: outputs/{notebook}/{profile})")
     out.mkdir(parents=True, exist_ok=True)
     run = Run(notebook, profile, dataset, root, int(seed), resolved, out)
     if verbose:

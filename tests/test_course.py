@@ -32,6 +32,21 @@ def test_run_notebook_passes_parameters_and_reads_metrics(tmp_path):
     assert "01_good" in headline_table([result]) and "dice=2.5" in headline_table([result])
 
 
+CONTRACT = """from mtlearn.notebook import start
+run = start("04_contract", profile=profile, dataset="synthetic", data_root=None, seed=seed, device="cpu",
+            out_dir=out_dir, verbose=False)
+run.finish({"dice": 0.5})"""
+
+
+def test_a_notebook_using_the_contract_runs_where_its_executed_copy_is_written(tmp_path):
+    # run_notebook saves the executed copy (a .ipynb) into the very out_dir the notebook writes to
+    nb = write_notebook(tmp_path / "04_contract.ipynb", CONTRACT)
+    result = run_notebook(nb, tmp_path / "out", {"profile": "smoke", "seed": 1})
+    assert result.ok, result.error
+    assert result.metrics["metrics"] == {"dice": 0.5} and result.metrics["seed"] == 1
+    assert (tmp_path / "out" / "04_contract.ipynb").exists()
+
+
 def test_failing_notebook_is_reported_with_its_cell(tmp_path):
     nb = write_notebook(tmp_path / "02_bad.ipynb", "raise RuntimeError('boom in cell two')")
     result = run_notebook(nb, tmp_path / "out", {"profile": "smoke"})

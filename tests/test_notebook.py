@@ -57,13 +57,6 @@ def test_data_root_given_as_the_dataset_folder_names_its_parent(tmp_path):
         start_here(tmp_path, dataset="busi", data_root=own)
 
 
-def test_out_dir_among_the_notebooks_is_refused(tmp_path):
-    (tmp_path / "01_resformer_mtl.ipynb").write_text("{}")
-    with pytest.raises(ValueError, match="holds notebooks"):
-        start_here(tmp_path, out_dir=tmp_path)
-    assert not (tmp_path / "metrics.json").exists()
-
-
 def test_unknown_dataset_lists_the_choices(tmp_path):
     with pytest.raises(ValueError, match="synthetic"):
         start_here(tmp_path, dataset="imagenet")
