@@ -450,10 +450,15 @@ def _check_out_dir(out_dir: Path, resume: bool) -> None:
                          "(it receives last.pt and best.pt)")
     last = out_dir / "last.pt"
     if not resume and last.is_file():  # training on would overwrite last.pt and mix best.pt of two runs
-        state = load_checkpoint(last)
-        done = f"epoch {state.get('epoch', '?')} of {state.get('config', {}).get('epochs', '?')}"
-        raise ValueError(f"out_dir {out_dir} already holds a run (last.pt, {done}): pass resume=True "
-                         "(CLI: --resume) to continue it, or choose another out_dir (or delete it)")
+        try:
+            state = load_checkpoint(last)
+            done = f", epoch {state.get('epoch', '?')} of {state.get('config', {}).get('epochs', '?')}"
+        except ValueError:  # unreadable: still somebody's file, and the advice below still holds
+            done = ", unreadable"
+        # a new run (other data, other options) most often wants a new folder; resume only continues that run
+        raise ValueError(f"out_dir {out_dir} already holds a run (last.pt{done}): for a new run choose another "
+                         "out_dir (CLI: --out-dir) or delete this one; to continue that run pass resume=True "
+                         "(CLI: --resume)")
 
 
 def _make_weighting(config: TrainConfig, tasks: tuple[str, ...]) -> LossWeighting:

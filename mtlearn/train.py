@@ -12,7 +12,7 @@ rank 0 shows progress and writes files. --batch-size is per process.
 Writes to --out-dir: last.pt and best.pt (see mtlearn.engine) and metrics.json: the configuration,
 the best epoch's validation metrics, the test metrics of the best-validation weights, the history,
 and every process's final weight digest and task weights (all equal when the processes stayed in
-sync).
+sync). An --out-dir that already holds a run is refused: pass another one, or --resume to continue it.
 """
 
 from __future__ import annotations
@@ -65,7 +65,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     train.add_argument("--seed", type=int, default=0, help="seeds the weights, the data and its order (default: 0)")
     train.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes (default: 0)")
     run = parser.add_argument_group("run")
-    run.add_argument("--out-dir", default=None, help="default: outputs/train/<preset>_<tasks>_<weighting>_s<seed>")
+    run.add_argument("--out-dir", default=None, help="default: outputs/train/<preset>_<tasks>_<weighting>_s<seed>; "
+                     "a folder holding a run is refused unless --resume")
     run.add_argument("--device", default="auto",
                      help="auto, cpu, cuda or mps; under torchrun one GPU per process (default: auto)")
     run.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto",

@@ -469,8 +469,8 @@ def test_out_dir_holding_a_run_is_refused_without_resume(tmp_path):
     before = {name: (tmp_path / name).read_bytes() for name in ("last.pt", "best.pt")}
     model = ToyNet()
     with pytest.raises(ValueError, match=re.escape(
-            f"out_dir {tmp_path} already holds a run (last.pt, epoch 1 of 1): pass resume=True (CLI: --resume) "
-            "to continue it, or choose another out_dir (or delete it)")):
+            f"out_dir {tmp_path} already holds a run (last.pt, epoch 1 of 1): for a new run choose another "
+            "out_dir (CLI: --out-dir) or delete this one; to continue that run pass resume=True (CLI: --resume)")):
         _fit(model, train, val, epochs=2, out_dir=tmp_path)
     assert model.calls == 0  # refused before the first step
     assert {name: (tmp_path / name).read_bytes() for name in before} == before  # the old run is intact
