@@ -72,6 +72,20 @@ class DiceSoftmaxFocal(nn.Module):
         return self.dice(logits, mask) + self.focal(logits, mask) * logits.shape[1]
 
 
+def _index_range(targets: Tensor, module: nn.Module) -> tuple[int, int] | None:
+    """(min, max) of integer targets, or None when this call need not look.
+
+    Reading a value of a GPU tensor waits for every queued kernel, which would stall each training
+    step. So on an accelerator only the first batch a loss module sees is checked (targets that are
+    wrong, 0/255 masks or 1-based labels, are wrong from the first batch on); on the CPU, always.
+    """
+    if not targets.numel() or (targets.device.type != "cpu" and getattr(module, "_targets_checked", False)):
+        return None
+    module._targets_checked = True
+    low, high = torch.stack(torch.aminmax(targets)).tolist()
+    return low, high
+
+
 class SegmentationLoss(nn.Module):
     """Dice + cross-entropy (or Dice + focal) on softmax logits, from MONAI.
 
@@ -98,9 +112,9 @@ class SegmentationLoss(nn.Module):
                 f"got {tuple(mask.shape)}"
             )
         mask = mask.round().long()  # (B, 1, H, W) class indices
-        if mask.numel():
-            # MONAI's one-hot would fail with "index 255 is out of bounds"; one min/max (one sync) per step
-            low, high = torch.stack(torch.aminmax(mask)).tolist()
+        extremes = _index_range(mask, self)  # MONAI's one-hot would fail with "index 255 is out of bounds"
+        if extremes is not None:
+            low, high = extremes
             if low < 0 or high >= logits.shape[1]:
                 bad = f"max {high}" if high >= logits.shape[1] else f"min {low}"
                 raise ValueError(
@@ -135,8 +149,9 @@ class ClassificationLoss(nn.Module):
                 f"one-hot labels need label.argmax(1), float ones label.long()"
             )
         label = label.long().view(-1)
-        if label.numel():
-            low, high = torch.stack(torch.aminmax(label)).tolist()  # one min/max (one sync) per step
+        extremes = _index_range(label, self)
+        if extremes is not None:
+            low, high = extremes
             if low < 0 or high >= num_classes:
                 fix = f"build the model with num_classes={high + 1} or " if high >= num_classes else ""
                 raise ValueError(

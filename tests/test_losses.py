@@ -159,6 +159,17 @@ def test_classification_loss_names_bad_labels(label, match):
         ClassificationLoss()(torch.randn(2, 3), label)
 
 
+def test_targets_are_read_every_step_on_the_cpu_and_once_on_an_accelerator():
+    from mtlearn.losses import _index_range
+
+    loss = ClassificationLoss()
+    assert _index_range(torch.tensor([0, 2]), loss) == (0, 2)
+    assert _index_range(torch.tensor([1, 4]), loss) == (1, 4)  # CPU: reading costs nothing, so always
+    # off the CPU a read waits for the GPU; after the first batch it is skipped (a "meta" tensor has no
+    # values at all: reading one would raise)
+    assert _index_range(torch.empty(2, dtype=torch.long, device="meta"), loss) is None
+
+
 def test_classification_loss_still_takes_column_labels():
     logits, label = torch.randn(2, 3), torch.tensor([0, 2])
     assert torch.equal(ClassificationLoss()(logits, label.view(2, 1)), ClassificationLoss()(logits, label))
