@@ -1,8 +1,9 @@
 """The datasets data_fetch knows: where each file lives, its checksum, and which folder it goes to.
 
 Facts gathered from each dataset's publication and host page. All are direct downloads without a
-login; none may be redistributed, so the course downloads them on the user's machine. The BUSI checksum was pinned by another
-project (not by the authors); BUS-UCLM publishes none, so its first download prints one to pin.
+login; none may be redistributed, so the course downloads them on the user's machine. The BUSI
+checksum was pinned by another project (not by the authors); BUS-UCLM publishes none, so its first
+download prints one to pin.
 """
 
 from __future__ import annotations

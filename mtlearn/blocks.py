@@ -12,6 +12,8 @@ layouts cost nothing.
 
 from __future__ import annotations
 
+import functools
+import operator
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -481,7 +483,8 @@ class DFE(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """x: (B, C, H, W) -> (B, C, H, W)."""
         # a running sum, not torch.stack(...).sum(0): stacking returns NCHW and drops channels_last
-        context = sum(branch(x) for branch in self.branches)  # (B, C, H, W)
+        # (and not sum(), which would start with 0 + the first map: one more full-size add)
+        context = functools.reduce(operator.add, (branch(x) for branch in self.branches))  # (B, C, H, W)
         return self.attention(F.relu(context))
 
 

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mtlearn.utils import check_options
+from mtlearn.utils import check_options, is_number
 
 # ----------------------------------------------------------------------------------------------
 # parts
@@ -431,17 +431,13 @@ def main_step(model: nn.Module, optimizer: torch.optim.Optimizer, features_a: to
     return record
 
 
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
-
-
 def _check_training(*, epochs, adv_steps, w_adv, w_leak, adv_loss, adv_target, lr, betas, warmup_epochs,
                     ramp_epochs) -> None:
     """The options train_disentangle and DisentangleConfig share, checked in one place."""
     for name, value in (("lr", lr), ("w_adv", w_adv), ("w_leak", w_leak), ("warmup_epochs", warmup_epochs),
                         ("ramp_epochs", ramp_epochs)):
-        if not _is_number(value):  # "1e-3" from a config file or a widget would fail later in Adam or a comparison
-            raise ValueError(f"{name} must be a number, got {value!r}; pass a number (e.g. 1e-3, not '1e-3')")
+        if not is_number(value):  # "1e-3" from a config file or a widget would fail later in Adam or a comparison
+            raise ValueError(f"{name} must be a number, got {value!r}; pass it unquoted")
     if adv_loss not in ADV_LOSSES:
         raise ValueError(f"unknown adv_loss {adv_loss!r}; expected one of {ADV_LOSSES}")
     if adv_target not in ADV_TARGETS:
@@ -450,13 +446,13 @@ def _check_training(*, epochs, adv_steps, w_adv, w_leak, adv_loss, adv_target, l
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
     for name, value in (("w_adv", w_adv), ("w_leak", w_leak)):
-        if value < 0:
-            raise ValueError(f"{name} must be >= 0 (a negative weight helps the adversaries; 0 turns the term off), "
-                             f"got {value!r}")
+        if not 0 <= value < float("inf"):  # written so that NaN fails too
+            raise ValueError(f"{name} must be a finite number >= 0 (a negative weight helps the adversaries; "
+                             f"0 turns the term off), got {value!r}")
     if not (0 < lr < float("inf")):
         raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
     if (not isinstance(betas, (tuple, list)) or len(betas) != 2
-            or not all(_is_number(b) and 0 <= b < 1 for b in betas)):
+            or not all(is_number(b) and 0 <= b < 1 for b in betas)):
         raise ValueError(f"betas must be a pair of numbers in [0, 1) (Adam's beta1, beta2), e.g. (0.0, 0.9); "
                          f"got {betas!r}")
     for name, value in (("warmup_epochs", warmup_epochs), ("ramp_epochs", ramp_epochs)):

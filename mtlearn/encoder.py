@@ -40,7 +40,7 @@ class ResFormerConfig:
     use_attention: bool = True  # False: no transformer path at all -> a plain ResNet-34-style encoder
 
     def __post_init__(self):
-        self.image_size = check_size(self.image_size)  # a float (256 / 2) fails here, naming int(...)
+        self.image_size = check_size(self.image_size)
         for name in ("widths", "cnn_depths", "attn_depths", "num_heads"):
             setattr(self, name, tuple(getattr(self, name)))
         if not isinstance(self.in_channels, int) or self.in_channels < 1:

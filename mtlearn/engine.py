@@ -24,7 +24,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-import numbers
 import os
 import pickle
 import random
@@ -44,7 +43,7 @@ from tqdm.auto import tqdm
 
 from mtlearn.losses import LossConfig, build_losses, check_tasks, task_losses
 from mtlearn.metrics import MetricAccumulator
-from mtlearn.utils import pick_device, seed_everything
+from mtlearn.utils import is_number, pick_device, seed_everything
 from mtlearn.weighting import GradNorm, LossWeighting, build_weighting, find_shared_parameters
 
 CHECKPOINT_FORMAT = 1
@@ -439,7 +438,7 @@ def _make_config(config: TrainConfig | None, overrides: Mapping[str, Any]) -> Tr
 
 
 def _is_finite_number(value) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    return is_number(value) and math.isfinite(value)
 
 
 def _check_out_dir(out_dir: Path, resume: bool) -> None:
@@ -521,7 +520,8 @@ def fit(model: nn.Module, train_loader, val_loader=None, config: TrainConfig | N
         if start_epoch >= config.epochs:  # nothing to train: say so rather than return the old run silently
             warnings.warn(f"the run in {out_dir} already has {start_epoch} epochs; pass a larger epochs "
                           f"(got {config.epochs}) to train further", stacklevel=2)
-    untrained_heads = bool(set(getattr(model, "tasks", tasks)) - set(tasks))  # e.g. fit(tasks=("seg",)) of a seg+cls model
+    # heads for tasks this run does not train, e.g. fit(tasks=("seg",)) of a seg+cls model
+    untrained_heads = bool(set(getattr(model, "tasks", tasks)) - set(tasks))
     run.train_model = _wrap_for_training(model, run.device, config.compile, untrained_heads)
 
     for epoch in range(start_epoch, config.epochs):
@@ -663,8 +663,12 @@ def _load_run(run: _Run, path: Path, train_loader, config: TrainConfig, tasks) -
 def _non_finite_tensors(model: nn.Module, weighting: LossWeighting) -> list[str]:
     """Names of the floating-point parameters and buffers (what a checkpoint saves) holding NaN or inf."""
     named = [*model.state_dict().items(), *((f"weighting.{k}", v) for k, v in weighting.state_dict().items())]
-    return [name for name, t in named
-            if torch.is_tensor(t) and t.is_floating_point() and not torch.isfinite(t).all()]
+    named = [(name, t) for name, t in named if torch.is_tensor(t) and t.is_floating_point()]
+    if not named:
+        return []
+    flags = [torch.isfinite(t).all() for _, t in named]
+    finite = torch.stack([f.to(flags[0].device) for f in flags]).tolist()  # one wait for the GPU, not one per tensor
+    return [name for (name, _), ok in zip(named, finite) if not ok]
 
 
 def _model_tasks(model: nn.Module) -> Sequence[str]:

@@ -225,7 +225,7 @@ def monai_baseline(name: str = "unet", in_channels: int = 1, seg_classes: int = 
         raise ValueError(f"unknown MONAI baseline {name!r}; expected one of {MONAI_MODELS}")
     from monai.networks.nets import UNet, SwinUNETR
 
-    size = check_size(image_size)  # a float (256 / 2) fails here, naming int(...)
+    size = check_size(image_size)
     if name == "unet":
         options = dict(channels=(16, 32, 64, 128, 256), strides=(2, 2, 2, 2), num_res_units=2) | kwargs
         stride = 2 ** len(options["strides"])

@@ -161,6 +161,11 @@ def is_int(value) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
+def is_number(value) -> bool:
+    """True for Python and NumPy ints and floats; False for bools and strings ("1e-3" from a config file)."""
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+
+
 def check_int(name: str, value, minimum: int) -> int:
     """`value` as an int, or a ValueError naming `name`, the bound and (for a float) the int(...) fix."""
     if not is_int(value) or value < minimum:

@@ -103,7 +103,8 @@ def test_busi_splits_deterministic_disjoint_and_duplicate_aware(busi, seed):
 def test_busi_splits_are_7_1_2_within_each_class(busi, seed):
     root, _ = busi
     records = load_dataset("busi", root=root, split="all").records
-    split_of = {r.id: s for s in ("train", "val", "test") for r in load_dataset("busi", root=root, split=s, seed=seed).records}
+    split_of = {r.id: s for s in ("train", "val", "test")
+                for r in load_dataset("busi", root=root, split=s, seed=seed).records}
     # 10 images per class: 7 train, 1 val, 2 test, give or take the near-duplicate pair in benign
     assert_class_shares([split_of[r.id] for r in records], [r.group for r in records], [r.label for r in records])
 

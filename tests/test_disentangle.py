@@ -94,7 +94,7 @@ def test_disentangle_parameter_groups_split_the_model():
         (lambda: D.disentangle_config("course", w=1.0), "unknown DisentangleConfig fields"),
         (lambda: D.DisentangleConfig(adv_loss="gradient_reversal"), "adv_loss"),
         (lambda: D.DisentangleConfig(adv_target="half"), "adv_target"),
-        (lambda: D.DisentangleConfig(w_adv=-3.0), "w_adv must be >= 0"),
+        (lambda: D.DisentangleConfig(w_adv=-3.0), "w_adv must be a finite number >= 0"),
         (lambda: D.DisentangleConfig(batch_size=0), "batch_size must be an integer >= 1"),
         (lambda: D.DisentangleConfig(epochs=0), "epochs must be an integer >= 1"),
         (lambda: D.balanced_sampler(np.zeros(3), np.zeros(4)), "same length"),
@@ -327,7 +327,7 @@ def test_train_disentangle_seeds_itself(tiny_loaders):
 @pytest.mark.parametrize(
     "kwargs, match",
     [({"adv_loss": "wasserstein"}, "adv_loss"), ({"adv_target": "half"}, "adv_target"),
-     ({"epochs": 0}, "epochs"), ({"adv_steps": 0}, "adv_steps"), ({"w_adv": -1.0}, "w_adv must be >= 0")],
+     ({"epochs": 0}, "epochs"), ({"adv_steps": 0}, "adv_steps"), ({"w_adv": -1.0}, "w_adv must be a finite number >= 0")],
 )
 def test_train_disentangle_bad_arguments(kwargs, match, tiny_loaders):
     with pytest.raises(ValueError, match=match):
@@ -602,8 +602,9 @@ def test_main_step_adds_the_leakage_term_and_needs_its_state(shapes_batch):
 
 
 @pytest.mark.parametrize("overrides, match", [
-    ({"lr": "1e-3"}, r"lr must be a number, got '1e-3'; pass a number"),
-    ({"w_adv": "3"}, r"w_adv must be a number, got '3'; pass a number"),
+    ({"lr": "1e-3"}, r"lr must be a number, got '1e-3'; pass it unquoted"),
+    ({"w_adv": "3"}, r"w_adv must be a number, got '3'; pass it unquoted"),
+    ({"w_adv": float("nan")}, r"w_adv must be a finite number >= 0"),
     ({"lr": 0.0}, r"lr must be a finite number > 0"),
     ({"lr": float("nan")}, r"lr must be a finite number > 0"),
     ({"betas": (1.0, 0.9)}, r"betas must be a pair of numbers in \[0, 1\)"),
@@ -621,6 +622,6 @@ def test_config_rejects_bad_training_values(overrides, match):
 
 
 def test_train_disentangle_checks_lr_and_betas(tiny_loaders):
-    for kwargs, match in (({"lr": "1e-3"}, "pass a number"), ({"betas": (0.9, 1.5)}, "betas")):
+    for kwargs, match in (({"lr": "1e-3"}, "pass it unquoted"), ({"betas": (0.9, 1.5)}, "betas")):
         with pytest.raises(ValueError, match=match):
             D.train_disentangle(tiny_model(), tiny_loaders[0], device="cpu", progress=False, **kwargs)

@@ -124,7 +124,7 @@ def test_gradient_reaches_every_parameter_and_eval_is_deterministic():
     (torch.int64, r"torch\.int64; convert with \.float\(\)"),
     (torch.float64, r"float64 but the model's weights are torch\.float32; convert with \.float\(\)"),
 ])
-def test_non_float32_images_are_refused_with_the_fix(dtype, match):
+def test_integer_and_float64_images_are_refused_with_the_fix(dtype, match):
     encoder = ResFormerEncoder(tiny_config())
     with pytest.raises(ValueError, match=match):  # was conv's "expected scalar type Byte but found Float"
         encoder(torch.zeros(1, 1, 32, 32, dtype=dtype))

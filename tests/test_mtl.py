@@ -193,7 +193,8 @@ def test_monai_baselines(name, options):
 @pytest.mark.parametrize("factory, match", [
     (lambda: build_model("tiny", image_size=256 / 2), r"image_size must be an int.*128\.0.*int\(\.\.\.\)"),
     (lambda: monai_baseline("unet", image_size=64.0), r"image_size must be an int.*64\.0.*int\(\.\.\.\)"),
-    (lambda: build_model("tiny", image_size=32, num_classes=3.5), r"num_classes must be an integer >= 2, got 3\.5.*int"),
+    (lambda: build_model("tiny", image_size=32, num_classes=3.5),
+     r"num_classes must be an integer >= 2, got 3\.5.*int"),
     (lambda: build_model("tiny", image_size=32, seg_classes=2.0), r"seg_classes must be an integer >= 2, got 2\.0"),
 ])
 def test_float_sizes_and_class_counts_name_int(factory, match):
@@ -204,7 +205,7 @@ def test_float_sizes_and_class_counts_name_int(factory, match):
 
 @pytest.mark.parametrize("dtype, match", [(torch.uint8, r"convert with \.float\(\) / 255"),
                                           (torch.float64, r"float64 but the model's weights are torch\.float32")])
-def test_non_float32_images_are_refused_by_both_model_kinds(dtype, match):
+def test_integer_and_float64_images_are_refused_by_both_model_kinds(dtype, match):
     images = torch.zeros(1, 1, 32, 32, dtype=dtype)
     for model in (tiny_model(), monai_baseline("unet", image_size=32)):
         with pytest.raises(ValueError, match=match):

@@ -73,7 +73,8 @@ def test_errors_found_while_running_are_messages_not_tracebacks(tmp_path, capsys
     main([*SMOKE, "--epochs", "1", "--limit", "8", "--out-dir", str(out)])
     with pytest.raises(SystemExit):  # the same command again would overwrite the run
         main([*SMOKE, "--epochs", "1", "--limit", "8", "--out-dir", str(out)])
-    assert "already holds a run (last.pt, epoch 1 of 1): for a new run choose another out_dir" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "already holds a run (last.pt, epoch 1 of 1): for a new run choose another out_dir" in err
     with pytest.raises(SystemExit):  # resuming a tiny run with another preset
         main([*SMOKE, "--preset", "course", "--epochs", "2", "--limit", "8", "--out-dir", str(out), "--resume"])
     assert "its weights do not fit this model" in capsys.readouterr().err

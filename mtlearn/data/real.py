@@ -587,4 +587,4 @@ def _grey_stack(array: np.ndarray) -> np.ndarray:
 
 
 def _size_pair(image_size) -> tuple[int, int]:
-    return check_size(image_size, minimum=8)  # a float (256 / 2) fails here, naming int(...)
+    return check_size(image_size, minimum=8)

@@ -27,6 +27,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from mtlearn.utils import check_size
+
 # (shape, background) -> number of images, per split. shape: 0 circle, 1 bar; background: 0 black, 1 white.
 SPLIT_COUNTS = {
     "train": {(0, 1): 600, (1, 1): 100, (1, 0): 500},
@@ -78,7 +80,7 @@ class ShapesBackground(Dataset):
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
         self.split = split
-        self.image_size = _check_image_size(image_size)
+        self.image_size = check_size(image_size, minimum=MIN_SIZE)
         if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
         self.seed = int(seed)
@@ -112,19 +114,6 @@ class ShapesBackground(Dataset):
 
     def __repr__(self) -> str:
         return f"ShapesBackground(split={self.split!r}, image_size={self.image_size}, seed={self.seed}, n={len(self)})"
-
-
-def _check_image_size(image_size) -> tuple[int, int]:
-    if isinstance(image_size, (int, np.integer)) and not isinstance(image_size, bool):
-        image_size = (int(image_size), int(image_size))
-    ok = (
-        isinstance(image_size, (tuple, list))
-        and len(image_size) == 2
-        and all(isinstance(s, (int, np.integer)) and not isinstance(s, bool) for s in image_size)
-    )
-    if not ok or min(image_size) < MIN_SIZE:
-        raise ValueError(f"image_size must be an int or (H, W) of ints >= {MIN_SIZE}, got {image_size!r}")
-    return int(image_size[0]), int(image_size[1])
 
 
 def _size_ranges(image_size: tuple[int, int]) -> dict[str, tuple[float, float]]:

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from mtlearn.utils import check_size
+from mtlearn.utils import check_int, check_size
 
 CLASS_NAMES = ("normal", "benign", "malignant")
 NORMAL, BENIGN, MALIGNANT = 0, 1, 2
@@ -92,9 +92,9 @@ class SyntheticUltrasound(Dataset):
         in_channels: int = 1,
         first_index: int = 0,
     ):
-        _check_int("num_samples", num_samples, minimum=1)
-        _check_int("seed", seed, minimum=0)
-        _check_int("first_index", first_index, minimum=0)
+        check_int("num_samples", num_samples, minimum=1)
+        check_int("seed", seed, minimum=0)
+        check_int("first_index", first_index, minimum=0)
         self.height, self.width = _image_size(image_size)
         probs = np.asarray(class_probs, dtype=np.float64)
         if probs.shape != (3,) or np.any(probs < 0) or probs.sum() <= 0:
@@ -436,6 +436,3 @@ def _image_size(image_size) -> tuple[int, int]:
     return check_size(image_size, minimum=32)
 
 
-def _check_int(name: str, value, minimum: int) -> None:
-    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
