@@ -1,3 +1,4 @@
+import contextlib
 import math
 import os
 import random
@@ -227,8 +228,9 @@ def test_nan_guard_stops_and_keeps_the_last_good_checkpoint(where, tmp_path):
     assert all(torch.isfinite(b).all() for b in model.buffers() if b.is_floating_point())
 
 
-def _train_with_nan_on_rank_one(rank, store, results):
-    """One torchrun-like process of two (gloo): rank 1's model returns NaN at its second step."""
+@contextlib.contextmanager
+def _one_of_two_processes(rank, store):
+    """A torchrun-like process group of two (gloo, a file store), one CPU thread, for mp.spawn targets."""
     import datetime
 
     import torch.distributed as dist
@@ -237,6 +239,14 @@ def _train_with_nan_on_rank_one(rank, store, results):
                             timeout=datetime.timedelta(seconds=60))
     try:
         torch.set_num_threads(1)
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def _train_with_nan_on_rank_one(rank, store, results):
+    """Rank 1's model returns NaN at its second step."""
+    with _one_of_two_processes(rank, store):
         model = ToyNet(nan_at_call=2 if rank == 1 else None)
         try:
             _fit(model, _loaders()[0], None, epochs=1)
@@ -246,8 +256,6 @@ def _train_with_nan_on_rank_one(rank, store, results):
         except Exception as error:  # e.g. gloo's error once the other process has gone
             outcome = f"{type(error).__name__}: {error}"
         (results / f"rank{rank}.txt").write_text(outcome)
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.slow
@@ -261,26 +269,17 @@ def test_nan_guard_stops_every_torchrun_process_together(tmp_path):
 
 
 def _train_two_of_three_heads(rank, store, results):
-    """One torchrun-like process of two (gloo): a seg+cls+recon model trained on seg and cls only."""
-    import datetime
-
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2,
-                            timeout=datetime.timedelta(seconds=60))
-    try:
-        torch.set_num_threads(1)
+    """A seg+cls+recon model trained on seg and cls only."""
+    with _one_of_two_processes(rank, store):
         torch.manual_seed(0)  # the same initial weights on both processes
         model = ToyNet()  # returns all three outputs; recon takes no part in the loss
         try:
             _fit(model, _loaders()[0], None, epochs=1, tasks=("seg", "cls"), device="cpu")
-            torch.save({k: v for k, v in model.state_dict().items()}, results / f"rank{rank}.pt")
+            torch.save(model.state_dict(), results / f"rank{rank}.pt")
             outcome = "finished"
         except Exception as error:  # without find_unused_parameters: "Expected to have finished reduction ..."
             outcome = f"{type(error).__name__}: {error}"
         (results / f"rank{rank}.txt").write_text(outcome)
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.slow
