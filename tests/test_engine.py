@@ -229,8 +229,12 @@ def test_nan_guard_stops_and_keeps_the_last_good_checkpoint(where, tmp_path):
 
 
 @contextlib.contextmanager
-def _one_of_two_processes(rank, store):
-    """A torchrun-like process group of two (gloo, a file store), one CPU thread, for mp.spawn targets."""
+def _one_of_two_processes(rank, store, results):
+    """A torchrun-like process group of two (gloo, a file store), one CPU thread, for mp.spawn targets.
+
+    Writes how the body ended to results/rank<rank>.txt: "finished", "stopped at step S, task T" for
+    a NonFiniteLossError, or the error (e.g. gloo's once the other process has gone).
+    """
     import datetime
 
     import torch.distributed as dist
@@ -240,22 +244,20 @@ def _one_of_two_processes(rank, store):
     try:
         torch.set_num_threads(1)
         yield
+        outcome = "finished"
+    except NonFiniteLossError as error:
+        outcome = f"stopped at step {error.step}, task {error.task}"
+    except Exception as error:
+        outcome = f"{type(error).__name__}: {error}"
     finally:
         dist.destroy_process_group()
+    (results / f"rank{rank}.txt").write_text(outcome)
 
 
 def _train_with_nan_on_rank_one(rank, store, results):
     """Rank 1's model returns NaN at its second step."""
-    with _one_of_two_processes(rank, store):
-        model = ToyNet(nan_at_call=2 if rank == 1 else None)
-        try:
-            _fit(model, _loaders()[0], None, epochs=1)
-            outcome = "finished"
-        except NonFiniteLossError as error:
-            outcome = f"stopped at step {error.step}, task {error.task}"
-        except Exception as error:  # e.g. gloo's error once the other process has gone
-            outcome = f"{type(error).__name__}: {error}"
-        (results / f"rank{rank}.txt").write_text(outcome)
+    with _one_of_two_processes(rank, store, results):
+        _fit(ToyNet(nan_at_call=2 if rank == 1 else None), _loaders()[0], None, epochs=1)
 
 
 @pytest.mark.slow
@@ -269,17 +271,13 @@ def test_nan_guard_stops_every_torchrun_process_together(tmp_path):
 
 
 def _train_two_of_three_heads(rank, store, results):
-    """A seg+cls+recon model trained on seg and cls only."""
-    with _one_of_two_processes(rank, store):
+    """A seg+cls+recon model trained on seg and cls only (without find_unused_parameters DDP raised
+    "Expected to have finished reduction ..." at the second step)."""
+    with _one_of_two_processes(rank, store, results):
         torch.manual_seed(0)  # the same initial weights on both processes
         model = ToyNet()  # returns all three outputs; recon takes no part in the loss
-        try:
-            _fit(model, _loaders()[0], None, epochs=1, tasks=("seg", "cls"), device="cpu")
-            torch.save(model.state_dict(), results / f"rank{rank}.pt")
-            outcome = "finished"
-        except Exception as error:  # without find_unused_parameters: "Expected to have finished reduction ..."
-            outcome = f"{type(error).__name__}: {error}"
-        (results / f"rank{rank}.txt").write_text(outcome)
+        _fit(model, _loaders()[0], None, epochs=1, tasks=("seg", "cls"), device="cpu")
+        torch.save(model.state_dict(), results / f"rank{rank}.pt")
 
 
 @pytest.mark.slow
