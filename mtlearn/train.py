@@ -65,8 +65,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     train.add_argument("--seed", type=int, default=0, help="seeds the weights, the data and its order (default: 0)")
     train.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes (default: 0)")
     run = parser.add_argument_group("run")
-    run.add_argument("--out-dir", default=None, help="default: outputs/train/<preset>_<tasks>_<weighting>_s<seed>; "
-                     "a folder holding a run is refused unless --resume")
+    run.add_argument("--out-dir", default=None,
+                     help="default: outputs/train/<dataset>_<image-size>px_<preset>_<tasks>_<weighting>_s<seed> "
+                     "(no epochs: --resume --epochs N continues a run); a folder holding a run is refused "
+                     "unless --resume")
     run.add_argument("--device", default="auto",
                      help="auto, cpu, cuda or mps; under torchrun one GPU per process (default: auto)")
     run.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto",
@@ -99,7 +101,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.task_weights is not None and args.weighting != "fixed":
         parser.error("--task-weights only applies to --weighting fixed")
     if args.out_dir is None:
-        args.out_dir = f"outputs/train/{args.preset}_{'+'.join(args.tasks)}_{args.weighting}_s{args.seed}"
+        args.out_dir = (f"outputs/train/{args.dataset}_{args.image_size}px_{args.preset}_{'+'.join(args.tasks)}_"
+                        f"{args.weighting}_s{args.seed}")
     return args
 
 

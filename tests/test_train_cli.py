@@ -24,7 +24,11 @@ def test_help_lists_the_options(capsys):
 
 def test_defaults_name_the_output_folder():
     args = parse_args(["--tasks", "seg", "cls", "recon", "--weighting", "pcgrad", "--seed", "3"])
-    assert args.out_dir == "outputs/train/tiny_seg+cls+recon_pcgrad_s3"
+    assert args.out_dir == "outputs/train/synthetic_64px_tiny_seg+cls+recon_pcgrad_s3"
+    # the data's identity is in the name (another dataset or size is another run); the epochs are
+    # not (--resume --epochs N continues the same run)
+    other = parse_args(["--dataset", "busi", "--data-root", "data", "--image-size", "128", "--epochs", "9"])
+    assert other.out_dir == "outputs/train/busi_128px_tiny_seg+cls_fixed_s0"
     assert parse_args(["--task-weights", "seg=1", "cls=0.5"]).task_weights == {"seg": 1.0, "cls": 0.5}
 
 
