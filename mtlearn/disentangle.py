@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mtlearn.engine import NonFiniteLossError
 from mtlearn.utils import check_options, is_number
 
 # ----------------------------------------------------------------------------------------------
@@ -281,6 +282,8 @@ MODELS = {"disentangle": DisentangleNet, "shared": SharedEncoderNet, "two_encode
 
 ADV_LOSSES = ("confusion", "negative_ce")
 ADV_TARGETS = ("prior", "uniform")
+NON_FINITE_CAUSES = ("lr or adv_lr too high, w_adv or w_leak too large (adv_loss='negative_ce' is unbounded "
+                     "below), or NaN in the images")
 
 
 def adversarial_term(logits: torch.Tensor, labels: torch.Tensor, loss: str, target: torch.Tensor) -> torch.Tensor:
@@ -368,14 +371,31 @@ class LinearLeakage:
         return torch.stack(distances).mean() if distances else z.new_zeros(())
 
 
+class LossNotFiniteError(FloatingPointError):
+    """A loss of one min-max step is NaN or inf; raised before that step changes any weight."""
+
+    def __init__(self, name: str, value: float):
+        self.name, self.value = name, value
+        super().__init__(f"the {name} loss is {value}; the step stopped before changing any weight")
+
+
+def _stop_if_not_finite(**losses: torch.Tensor) -> None:
+    """Raise LossNotFiniteError for the first loss that is NaN or inf (call it before backward)."""
+    for name, loss in losses.items():
+        if not torch.isfinite(loss):
+            raise LossNotFiniteError(name, loss.item())
+
+
 def adversary_step(model: DisentangleNet, optimizer: torch.optim.Optimizer, features_a: torch.Tensor,
                    features_b: torch.Tensor, y_a: torch.Tensor, y_b: torch.Tensor) -> dict[str, float]:
     """Phase 1: one optimiser step of both adversaries; the encoders are not touched.
 
     features_*: (B, C, h, w) encoder features, detached by the caller; y_*: (B,) labels.
+    Raises LossNotFiniteError, before the optimiser step, if a loss is NaN or inf.
     """
     adv_a, adv_b = model.adversaries(features_a, features_b)
     loss_a, loss_b = F.cross_entropy(adv_a, y_a), F.cross_entropy(adv_b, y_b)
+    _stop_if_not_finite(adv_loss_a=loss_a, adv_loss_b=loss_b)
     optimizer.zero_grad(set_to_none=True)
     (loss_a + loss_b).backward()
     optimizer.step()
@@ -394,6 +414,7 @@ def main_step(model: nn.Module, optimizer: torch.optim.Optimizer, features_a: to
     features_*: (B, C, h, w) straight from model.encode (not detached); target_*: (B, K) confusion
     targets (needed for adv_loss "confusion"); leakage: one LinearLeakage per side (needed when
     w_leak > 0). With w_adv = w_leak = 0 (or a baseline) only the task losses.
+    Raises LossNotFiniteError, before the optimiser step, if the loss is NaN or inf.
     """
     leaking = isinstance(model, DisentangleNet) and w_leak > 0
     if leaking and leakage is None:
@@ -401,6 +422,7 @@ def main_step(model: nn.Module, optimizer: torch.optim.Optimizer, features_a: to
     logits_a, logits_b = model.classify(features_a, features_b)
     loss_a, loss_b = F.cross_entropy(logits_a, y_a), F.cross_entropy(logits_b, y_b)
     loss = loss_a + loss_b
+    terms = {"loss_a": loss_a, "loss_b": loss_b}  # checked before backward
     record = {"loss_a": loss_a.item(), "loss_b": loss_b.item(),
               "acc_a": _accuracy(logits_a, y_a), "acc_b": _accuracy(logits_b, y_b)}
     adversarial = isinstance(model, DisentangleNet) and w_adv > 0
@@ -414,13 +436,16 @@ def main_step(model: nn.Module, optimizer: torch.optim.Optimizer, features_a: to
             adv_a, adv_b = model.adversaries(features_a, features_b)  # not detached: gradients reach the encoders
             term = adversarial_term(adv_a, y_a, adv_loss, target_a) + adversarial_term(adv_b, y_b, adv_loss, target_b)
             loss = loss + w_adv * term
+            terms["adversarial"] = term
             record["adv_term"] = term.item()
         if leaking:
             leak_a, leak_b = leakage
             # task B read from f_a within each task-A class, and task A from f_b within each task-B class
             leak = leak_a(features_a, y_a, y_b) + leak_b(features_b, y_b, y_a)
             loss = loss + w_leak * leak
+            terms["leakage"] = leak
             record["leak"] = leak.item()
+        _stop_if_not_finite(**terms)  # a bad step stops here, before it changes any weight
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -513,6 +538,9 @@ def train_disentangle(
     those steps: how well they fit the batch) and "adv_term" (and "leak" when w_leak > 0), each
     averaged over the steps that recorded it (NaN for an epoch without any, e.g. adv_term during a
     warm-up); with `val_loader` also "val_acc_a", ... from evaluate_disentangle.
+
+    A NaN or inf loss raises NonFiniteLossError (epoch and step named) before that step changes
+    any weight or BatchNorm statistic: `model` keeps the last finite state.
     """
     from tqdm.auto import tqdm
 
@@ -541,55 +569,62 @@ def train_disentangle(
     history: dict[str, list[float]] = {}
     step = 0
     bar = tqdm(range(epochs), desc=f"train {type(model).__name__}", disable=not progress)
-    for _ in bar:
-        model.train()
-        sums: dict[str, float] = {}
-        counts: dict[str, int] = {}
-        for batch in train_loader:
-            x = batch["image"].to(device)
-            y_a, y_b = batch[key_a].to(device), batch[key_b].to(device)
-            w = adversary_weight(step, w_adv, warmup_steps, ramp_steps) if adversarial else 0.0
-            record = {"w_adv": w}
+    try:
+        for epoch in bar:
+            model.train()
+            sums: dict[str, float] = {}
+            counts: dict[str, int] = {}
+            for index, batch in enumerate(train_loader, 1):
+                x = batch["image"].to(device)
+                y_a, y_b = batch[key_a].to(device), batch[key_b].to(device)
+                w = adversary_weight(step, w_adv, warmup_steps, ramp_steps) if adversarial else 0.0
+                record = {"w_adv": w}
+                buffers = [b.detach().clone() for b in model.buffers()]  # BatchNorm statistics before this batch
 
-            # 1. the encoders run once; both phases use these features
-            features_a, features_b = model.encode(x)
+                # 1. the encoders run once; both phases use these features
+                features_a, features_b = model.encode(x)
 
-            if adversarial:
-                # 2. adversary phase. detach(): the adversaries learn from the features as they
-                #    are; their loss must not send gradients into the encoders.
-                detached_a, detached_b = features_a.detach(), features_b.detach()
-                for i in range(adv_steps):
-                    fitted = adversary_step(model, adv_optimizer, detached_a, detached_b, y_a, y_b)
-                    if i == 0:  # scored before any step on this batch: images the adversaries were not fitted to
-                        record.update(fitted)
-                # after the steps: how well they fit this one batch (50 images, 64 features: easily)
-                record.update(adv_fit_acc_a=fitted["adv_acc_a"], adv_fit_acc_b=fitted["adv_acc_b"])
-                joint.index_put_((y_a, y_b), torch.ones_like(y_a, dtype=joint.dtype), accumulate=True)
-                if adv_target == "prior":
-                    target_a, target_b = label_prior(joint, y_b, axis=0), label_prior(joint, y_a, axis=1)
+                if adversarial:
+                    # 2. adversary phase. detach(): the adversaries learn from the features as they
+                    #    are; their loss must not send gradients into the encoders.
+                    detached_a, detached_b = features_a.detach(), features_b.detach()
+                    for i in range(adv_steps):
+                        fitted = adversary_step(model, adv_optimizer, detached_a, detached_b, y_a, y_b)
+                        if i == 0:  # scored before any step on this batch: images the adversaries were not fitted to
+                            record.update(fitted)
+                    # after the steps: how well they fit this one batch (50 images, 64 features: easily)
+                    record.update(adv_fit_acc_a=fitted["adv_acc_a"], adv_fit_acc_b=fitted["adv_acc_b"])
+                    joint.index_put_((y_a, y_b), torch.ones_like(y_a, dtype=joint.dtype), accumulate=True)
+                    if adv_target == "prior":
+                        target_a, target_b = label_prior(joint, y_b, axis=0), label_prior(joint, y_a, axis=1)
+                    else:
+                        target_a, target_b = torch.full((len(x), k_a), 1 / k_a), torch.full((len(x), k_b), 1 / k_b)
+                        target_a, target_b = target_a.to(device), target_b.to(device)
                 else:
-                    target_a, target_b = torch.full((len(x), k_a), 1 / k_a), torch.full((len(x), k_b), 1 / k_b)
-                    target_a, target_b = target_a.to(device), target_b.to(device)
-            else:
-                target_a = target_b = None
+                    target_a = target_b = None
 
-            # 3. main phase: encoders + task heads (+ the adversarial terms)
-            record.update(main_step(model, optimizer, features_a, features_b, y_a, y_b, w, adv_loss,
-                                    target_a, target_b, w_leak, leakage))
-            if schedule is not None:
-                schedule.step()
-            for k, v in record.items():
-                sums[k] = sums.get(k, 0.0) + v
-                counts[k] = counts.get(k, 0) + 1
-            step += 1
-        done = len(next(iter(history.values()), []))  # epochs already recorded
-        for k in sorted({k for k in history if not k.startswith("val_")} | set(sums)):
-            # each key over the steps that recorded it; NaN for an epoch without any (adv_term in a warm-up)
-            history.setdefault(k, [float("nan")] * done).append(sums[k] / counts[k] if k in sums else float("nan"))
-        if val_loader is not None:
-            for k, v in evaluate_disentangle(model, val_loader, task_keys=task_keys, device=device).items():
-                history.setdefault(f"val_{k}", []).append(v)
-        bar.set_postfix({k: f"{v[-1]:.2f}" for k, v in history.items() if k in ("acc_a", "adv_acc_b", "val_acc_a")})
+                # 3. main phase: encoders + task heads (+ the adversarial terms)
+                record.update(main_step(model, optimizer, features_a, features_b, y_a, y_b, w, adv_loss,
+                                        target_a, target_b, w_leak, leakage))
+                if schedule is not None:
+                    schedule.step()
+                for k, v in record.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                    counts[k] = counts.get(k, 0) + 1
+                step += 1
+            done = len(next(iter(history.values()), []))  # epochs already recorded
+            for k in sorted({k for k in history if not k.startswith("val_")} | set(sums)):
+                # each key over the steps that recorded it; NaN for an epoch without any (adv_term in a warm-up)
+                history.setdefault(k, [float("nan")] * done).append(sums[k] / counts[k] if k in sums else float("nan"))
+            if val_loader is not None:
+                for k, v in evaluate_disentangle(model, val_loader, task_keys=task_keys, device=device).items():
+                    history.setdefault(f"val_{k}", []).append(v)
+            bar.set_postfix({k: f"{v[-1]:.2f}" for k, v in history.items() if k in ("acc_a", "adv_acc_b", "val_acc_a")})
+    except LossNotFiniteError as error:
+        with torch.no_grad():  # the bad batch already went through BatchNorm: put its statistics back
+            for buffer, saved in zip(model.buffers(), buffers):
+                buffer.copy_(saved)
+        raise NonFiniteLossError(epoch + 1, index, error.name, error.value, causes=NON_FINITE_CAUSES) from None
     if recalibrate_bn:
         recalibrate_batchnorm(model, train_loader, device)
     return history

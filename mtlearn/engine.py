@@ -55,15 +55,18 @@ DEFAULT_MONITOR = {"seg": "seg/dice", "cls": "cls/auc", "recon": "recon/psnr"}  
 class NonFiniteLossError(RuntimeError):
     """A task loss became NaN or inf; training stopped before the bad step touched the weights."""
 
-    def __init__(self, epoch: int, step: int, task: str | None, value: float, checkpoint: Path | None = None):
-        """task None: the loss went bad in another torchrun process (every process stops together)."""
+    CAUSES = "a learning rate too high, fp16 overflow (try amp='bf16' or 'off'), or NaN in the data (check the batch)"
+
+    def __init__(self, epoch: int, step: int, task: str | None, value: float, checkpoint: Path | None = None,
+                 causes: str = CAUSES):
+        """task None: the loss went bad in another torchrun process (every process stops together).
+
+        causes: the usual causes named in the message (the default is fit's; other loops name theirs).
+        """
         self.epoch, self.step, self.task, self.value = epoch, step, task, value
         where = f"; the last good checkpoint is {checkpoint}" if checkpoint else ""
         what = f"the {task!r} loss is {value}" if task is not None else "a loss is not finite in another process"
-        super().__init__(
-            f"{what} at epoch {epoch}, step {step}{where}. Usual causes: a learning "
-            "rate too high, fp16 overflow (try amp='bf16' or 'off'), or NaN in the data (check the batch)."
-        )
+        super().__init__(f"{what} at epoch {epoch}, step {step}{where}. Usual causes: {causes}.")
 
 
 class NonFiniteWeightsError(RuntimeError):

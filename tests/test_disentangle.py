@@ -324,6 +324,49 @@ def test_train_disentangle_seeds_itself(tiny_loaders):
     assert not all(torch.equal(p, q) for p, q in zip(weights, other_weights))
 
 
+@pytest.mark.parametrize("kind, name", [("disentangle", "adv_loss_a"), ("shared", "loss_a")])
+def test_a_nan_loss_stops_training_before_it_changes_the_model(kind, name, shapes_batch):
+    """Images holding NaN in the second batch: the run stops there, naming the epoch, the step and
+    the loss (the adversaries' comes first), and the model is exactly as after the first batch
+    (weights and BatchNorm statistics: the bad batch's statistics are put back)."""
+    from mtlearn.engine import NonFiniteLossError
+
+    keys = ("image", "shape", "background")
+    good = {k: shapes_batch[k][:16] for k in keys}
+    bad = {k: shapes_batch[k][16:32].clone() for k in keys}
+    bad["image"][3, 0, 5, 5] = float("nan")
+    torch.manual_seed(0)
+    model = tiny_model(kind)
+    reference = copy.deepcopy(model)
+    kwargs = dict(epochs=1, adv_steps=2, w_adv=1.0, device="cpu", progress=False, recalibrate_bn=False)
+    D.train_disentangle(reference, [good], **kwargs)
+    with pytest.raises(NonFiniteLossError, match=rf"the '{name}' loss is nan at epoch 1, step 2.*lr") as caught:
+        D.train_disentangle(model, [good, bad], **kwargs)
+    assert (caught.value.epoch, caught.value.step, caught.value.task) == (1, 2, name)
+    assert model.state_dict().keys() == reference.state_dict().keys()
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, reference.state_dict()[key]), key
+
+
+def test_each_step_refuses_a_nan_loss_before_its_optimiser_step(shapes_batch):
+    x, y_a, y_b = shapes_batch["image"][:16], shapes_batch["shape"][:16], shapes_batch["background"][:16]
+    model = tiny_model()
+    features_a, features_b = model.encode(x)
+    features_a = features_a.detach().clone()
+    features_a[0] = float("inf")
+    adv_optimizer = torch.optim.SGD(model.adversary_parameters(), lr=0.1)
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(D.LossNotFiniteError, match="adv_loss_b"):  # adv_b reads f_a
+        D.adversary_step(model, adv_optimizer, features_a, features_b.detach(), y_a, y_b)
+    optimizer = torch.optim.Adam(model.main_parameters())
+    with pytest.raises(D.LossNotFiniteError, match="loss_a"):
+        D.main_step(model, optimizer, features_a.requires_grad_(), features_b, y_a, y_b, w_adv=1.0,
+                    target_a=torch.full((16, 2), 0.5), target_b=torch.full((16, 2), 0.5))
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]) or "running" in key or "num_batches" in key, key
+    assert all(p.requires_grad for p in model.adversary_parameters())  # unfrozen again after the error
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [({"adv_loss": "wasserstein"}, "adv_loss"), ({"adv_target": "half"}, "adv_target"),
