@@ -24,6 +24,7 @@ import json
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -131,10 +132,19 @@ class Run:
         return value
 
     def save_figure(self, fig, name: str) -> Path:
-        """Save a matplotlib figure as `out_dir/<name>.png` (and leave it displayed inline)."""
-        path = self.out_dir / f"{Path(name).stem}.png"
+        """Save a matplotlib figure as `out_dir/<name>.png` (and leave it displayed inline).
+
+        name: a file name, ".png" optional ("dice_0.5" stays whole, not "dice_0"). Saving a name
+        again (a cell run twice) replaces that figure.
+        """
+        stem = name[:-len(".png")] if name.endswith(".png") else name
+        if not stem or Path(stem).name != stem:
+            raise ValueError(f"figure name must be a plain file name such as 'loss_curves', got {name!r} "
+                             f"(figures go to out_dir: {self.out_dir})")
+        path = self.out_dir / f"{stem}.png"
         fig.savefig(path, dpi=110, bbox_inches="tight")
-        self.figures.append(path.name)
+        if path.name not in self.figures:
+            self.figures.append(path.name)
         return path
 
     @property
@@ -153,10 +163,23 @@ class Run:
             "figures": self.figures,
             "metrics": to_jsonable(metrics, digits=6),
         }
+        not_finite = [k for k, v in flatten_metrics(metrics).items() if _not_finite(v)]
+        if not_finite:  # JSON has no NaN: they are written as null, which a table would silently drop
+            warnings.warn(f"metrics {not_finite} are NaN or inf; metrics.json records them as null", RuntimeWarning,
+                          stacklevel=2)
         path = self.out_dir / "metrics.json"
         write_json(record, path)
         print(f"{self.notebook} [{self.profile}] finished on {self.device} in {self.wall_time:.0f} s; "
               f"metrics written to {path}")
+
+
+def _not_finite(value: Any) -> bool:
+    """True for a NaN or infinite number: a float, a NumPy scalar or a one-element tensor."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    elif isinstance(value, (np.ndarray, np.generic)) and value.size == 1:
+        value = value.item()
+    return isinstance(value, float) and not math.isfinite(value)
 
 
 def to_jsonable(value: Any, digits: int | None = None) -> Any:

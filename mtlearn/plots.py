@@ -74,9 +74,22 @@ def learning_curves(histories: dict[str, "object"], metric: str, title: str = ""
 
 
 def confusion_matrix(labels, predictions, class_names: Sequence[str], title: str = "Confusion matrix"):
-    """Counts of true (rows) vs predicted (columns) classes, annotated."""
+    """Counts of true (rows) vs predicted (columns) classes, annotated.
+
+    labels, predictions: (N,) integers in 0..len(class_names) - 1.
+    """
     labels, predictions = np.asarray(labels), np.asarray(predictions)
     k = len(class_names)
+    for name, values in (("labels", labels), ("predictions", predictions)):
+        # a -1 (an "ignore" label) would be counted silently in the last class
+        malformed = values.ndim != 1 or values.size == 0 or values.dtype.kind not in "iu"
+        if malformed or not 0 <= values.min() <= values.max() < k:
+            raise ValueError(f"{name} must be a non-empty 1-D array of integer classes in 0..{k - 1} "
+                             f"({k} class names), got shape {values.shape}, dtype {values.dtype}"
+                             + (f", values {values.min()}..{values.max()}" if values.size else ""))
+    if len(labels) != len(predictions):
+        raise ValueError(f"labels and predictions must have one entry per image, got {len(labels)} and "
+                         f"{len(predictions)}")
     counts = np.zeros((k, k), dtype=int)
     np.add.at(counts, (labels, predictions), 1)
     fig, ax = plt.subplots(figsize=(3.6, 3.2))

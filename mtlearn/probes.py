@@ -50,6 +50,8 @@ def extract_features(
     module = encoder_or_fn if isinstance(encoder_or_fn, nn.Module) else model
     if module is not None:
         was_training = module.training
+        parameter = next(module.parameters(), None)
+        was_on = parameter.device if parameter is not None else device  # the caller's model goes back there
         module.eval().to(device)
     chunks, labels = [], {}
     try:
@@ -69,7 +71,7 @@ def extract_features(
                 labels.setdefault(key, []).append(torch.as_tensor(batch[key]).cpu().numpy().astype(np.int64))
     finally:
         if module is not None:
-            module.train(was_training)
+            module.train(was_training).to(was_on)
     if not chunks:
         raise ValueError("the loader yielded no batches; check the dataset is not empty")
     return np.concatenate(chunks), {k: np.concatenate(v) for k, v in labels.items()}

@@ -52,7 +52,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from mtlearn.losses import build_losses, check_tasks, task_losses
-from mtlearn.utils import check_options, count_parameters, countable_attention, pick_device, seed_everything
+from mtlearn.utils import (check_options, count_parameters, countable_attention, is_number, pick_device,
+                           seed_everything)
 
 TASKS = ("recon", "seg", "cls")  # the order of the paper: denoising, segmentation, classification
 STRATEGIES = {  # name -> description (the letters of the issue)
@@ -411,8 +412,9 @@ class UMSRepConfig:
         unknown = [s for s in self.strategies if s not in STRATEGIES]
         if unknown or not self.strategies:
             raise ValueError(f"unknown strategies {unknown}; choose from {tuple(STRATEGIES)}")
-        if self.image_size % 16 or self.image_size < 32:
-            raise ValueError(f"image_size must be a multiple of 16 and at least 32, got {self.image_size}")
+        size = self.image_size
+        if isinstance(size, bool) or not isinstance(size, int) or size % 16 or size < 32:
+            raise ValueError(f"image_size must be an integer multiple of 16, at least 32, got {size!r}")
         for name in ("pretrain_epochs", "finetune_epochs", "joint_epochs", "scratch_epochs", "batch_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -425,6 +427,12 @@ class UMSRepConfig:
             if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= NUM_STAGES:
                 raise ValueError(f"{name} must be an integer in 0..{NUM_STAGES}, got {value!r}")
         _check_acceptance(self.max_compute_share, self.tolerance)
+        # checked here, not when (d) starts: by then the representation and (a)-(c) have trained
+        weights = self.joint_task_weights
+        if weights is not None and (not isinstance(weights, Mapping) or set(weights) != set(TASKS)
+                                    or not all(is_number(w) and 0 <= w < math.inf for w in weights.values())):
+            raise ValueError(f"joint_task_weights must be None or give a finite number >= 0 for each of {TASKS}, "
+                             f"e.g. {{'recon': 1.0, 'seg': 1.0, 'cls': 0.25}}; got {weights!r}")
         for name in ("num_unlabeled", "num_train", "num_test"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 2):
@@ -554,6 +562,9 @@ def train_and_measure(model: nn.Module, strategy: str, train: Dataset, test: Dat
     """
     from mtlearn.engine import evaluate, fit, resolve_amp
 
+    if len(train) == 0:  # else torch's sampler fails with "num_samples should be a positive integer"
+        raise ValueError(f"strategy {strategy!r}: the training set is empty; check num_train and the dataset's "
+                         "train split")
     tasks = tuple(model.tasks)
     device = pick_device(config.device)
     model.to(device)

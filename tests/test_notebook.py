@@ -67,13 +67,28 @@ def test_run_writes_metrics_and_figures(tmp_path):
     fig, ax = plt.subplots()
     ax.plot([0, 1])
     run.save_figure(fig, "curve")
-    run.finish({"dice": torch.tensor(0.5), "acc": float("nan"), "per_class": [1, 2],
-                "confusion": np.array([[3, 1], [0, 4]]), "auc": np.float32(0.75)})
+    with pytest.warns(RuntimeWarning, match=r"\['acc', 'seg/auc'\] are NaN or inf"):
+        run.finish({"dice": torch.tensor(0.5), "acc": float("nan"), "per_class": [1, 2],
+                    "confusion": np.array([[3, 1], [0, 4]]), "auc": np.float32(0.75),
+                    "seg": {"auc": torch.tensor(float("inf"))}})
     record = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert record["metrics"] == {"dice": 0.5, "acc": None, "per_class": [1, 2], "confusion": [[3, 1], [0, 4]],
-                                 "auc": 0.75}
+                                 "auc": 0.75, "seg": {"auc": None}}
     assert record["profile"] == "smoke" and record["seed"] == 5 and record["figures"] == ["curve.png"]
     assert (tmp_path / "out" / "curve.png").stat().st_size > 0
+
+
+def test_figure_names_keep_their_dots_and_a_saved_name_is_replaced(tmp_path):
+    run = start_here(tmp_path)
+    for name in ("dice_0.3", "dice_0.5", "dice_0.5.png"):  # the last one: a cell run again
+        fig, ax = plt.subplots()
+        ax.plot([0, 1])
+        run.save_figure(fig, name)
+        plt.close(fig)
+    assert run.figures == ["dice_0.3.png", "dice_0.5.png"]
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.png")) == run.figures
+    with pytest.raises(ValueError, match="plain file name"):
+        run.save_figure(fig, "../elsewhere")
 
 
 def test_pick_chooses_by_profile_and_needs_every_profile(tmp_path):

@@ -5,6 +5,7 @@ import matplotlib
 matplotlib.use("Agg")
 import numpy as np
 import pandas as pd
+import pytest
 import torch
 
 from mtlearn import plots
@@ -16,6 +17,18 @@ def test_confusion_matrix_counts():
     counts = ax.images[0].get_array()
     assert counts.tolist() == [[1, 1, 0], [0, 1, 0], [0, 0, 1]]
     assert ax.get_xlabel() == "predicted" and ax.get_ylabel() == "true"
+
+
+@pytest.mark.parametrize("labels, predictions, match", [
+    ([0, 1, -1], [0, 1, 2], "labels must be .* in 0..2"),  # -1 used to be counted in the last class
+    ([0, 1, 2], [0, 3, 1], "predictions must be .* in 0..2"),
+    ([], [], "labels must be a non-empty"),
+    ([0.0, 1.0], [0, 1], "integer classes"),
+    ([0, 1], [0], "one entry per image"),
+])
+def test_confusion_matrix_refuses_labels_it_cannot_count(labels, predictions, match):
+    with pytest.raises(ValueError, match=match):
+        plots.confusion_matrix(labels, predictions, ["a", "b", "c"])
 
 
 def test_roc_curves_one_line_per_present_class():

@@ -119,6 +119,20 @@ def test_extract_features_pools_maps_and_collects_integer_labels():
     assert encoder.training  # the module's mode is restored
 
 
+def test_extract_features_moves_the_model_back_where_it_was():
+    """The caller's model runs on `device` and then returns to its own device (here both are the CPU:
+    the test records the moves, which is what a GPU run would see)."""
+    moves = []
+
+    class Tracked(nn.Conv2d):
+        def to(self, *args, **kwargs):
+            moves.append(torch.device(args[0] if args else kwargs["device"]))
+            return super().to(*args, **kwargs)
+
+    extract_features(Tracked(1, 4, 3), DataLoader(TinyData(8), batch_size=8), device="cpu")
+    assert moves == [torch.device("cpu"), torch.device("cpu")]  # to the extraction's device, then back
+
+
 def test_extract_features_takes_functions_and_stage_lists():
     loader = DataLoader(TinyData(20), batch_size=8)
     features, _ = extract_features(lambda x: x.flatten(1), loader, device="cpu", label_keys=("coded",))

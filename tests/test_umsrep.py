@@ -13,6 +13,7 @@ from mtlearn.umsrep import (
     DenoisingPairs,
     TrainedModel,
     UMSRepConfig,
+    _new_model,
     build_optimizer,
     encoder_parts,
     freeze_encoder,
@@ -23,6 +24,7 @@ from mtlearn.umsrep import (
     run_strategy,
     strategy_config,
     strategy_table,
+    train_and_measure,
     transfer_encoder,
     transfer_decoders,
 )
@@ -324,6 +326,11 @@ def test_a_few_denoising_steps_lower_the_reconstruction_error():
     (dict(tolerance={"seg/dice": -0.1}), "allowed drops >= 0"),
     (dict(tolerance={"dice": 0.02}), "tolerance maps metrics"),
     (dict(strategies=("joint", "joint")), "must not repeat"),
+    (dict(image_size="64"), "image_size must be an integer"),
+    (dict(joint_task_weights={"sgm": 1.0}), "joint_task_weights must be None or give"),
+    (dict(joint_task_weights={"recon": 1.0, "seg": 1.0, "cls": -0.25}), "joint_task_weights"),
+    (dict(joint_task_weights={"recon": 1.0, "seg": 1.0, "cls": float("nan")}), "joint_task_weights"),
+    (dict(joint_task_weights={"recon": 1.0, "seg": "1", "cls": 0.25}), "joint_task_weights"),
 ])
 def test_config_rejects_bad_values(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -336,6 +343,18 @@ def test_strategy_config_names_profiles_and_options():
         strategy_config("huge")
     with pytest.raises(ValueError, match="unknown option"):
         strategy_config("smoke", epochs=3)
+
+
+def test_config_takes_joint_task_weights_for_every_task():
+    weights = {"recon": 0.5, "seg": 1, "cls": 0.25}
+    assert UMSRepConfig(joint_task_weights=weights).joint_task_weights == weights
+
+
+def test_an_empty_training_set_is_named_before_training():
+    config = strategy_config("smoke", device="cpu", progress=False)
+    model = _new_model(config, ("seg",), num_classes=3, in_channels=1)
+    with pytest.raises(ValueError, match="'scratch': the training set is empty"):
+        train_and_measure(model, "scratch", [], None, config, epochs=1)
 
 
 def test_a_pretrained_strategy_needs_the_representation():
