@@ -78,14 +78,21 @@ def fetch(
         try:
             check_hash(target, known_hash)
         except HashMismatchError as error:
-            raise HashMismatchError(f"{error}; delete {target} and fetch again") from None
+            advice = mismatch_advice(source, known_hash, folder, error)
+            raise HashMismatchError(f"{error}; delete {target} and fetch again.\n{advice}", error.actual) from None
     else:
         folder.mkdir(parents=True, exist_ok=True)
         try:
             download_file(url, target, known_hash, progress=progress, retries=retries)
         except DownloadError as error:
             raise DownloadError(manual_instructions(source, url, known_hash, folder, reason=str(error))) from error
+        except HashMismatchError as error:
+            advice = mismatch_advice(source, known_hash, folder, error)
+            raise HashMismatchError(f"{error}.\n{advice}", error.actual, error.kept) from None
+    files = extract_zip(target, folder) if source.extract else [source.filename]
+    files = [name for name in files if not name.endswith("/")]  # directories are implied by their files
     if known_hash is None:
+        # Only after unpacking: a host's error page saved under the archive's name must not be pinned.
         digest = file_hash(target, "sha256")
         known_hash = f"sha256:{digest}"
         print(
@@ -93,8 +100,6 @@ def fetch(
             f"Pin it so that later downloads are checked: python -m data_fetch {source.name} --hash {known_hash}\n"
             "(or set known_hash for this source in data_fetch/sources.py)"
         )
-    files = extract_zip(target, folder) if source.extract else [source.filename]
-    files = [name for name in files if not name.endswith("/")]  # directories are implied by their files
     # Written last: a folder without the marker is not finished, whatever else it holds.
     record = {"name": source.name, "url": url, "known_hash": known_hash, "files": files}
     marker.write_text(json.dumps(record, indent=1))
@@ -125,6 +130,23 @@ def _still_complete(marker: Path, folder: Path, source: Source, known_hash: str 
     return True
 
 
+def mismatch_advice(source: Source, known_hash: str, folder: Path, error: HashMismatchError) -> str:
+    """What a checksum mismatch of `source` likely means, and how to accept a file the user checked."""
+    if known_hash == source.known_hash and not source.hash_is_official:
+        cause = (f"The checksum of {source.name} was pinned by another project, not published by its authors: if "
+                 "the host re-packed the archive, every download fails this way, so check the file rather than retry.")
+    elif error.kept is not None:
+        cause = "A broken transfer is the usual cause: run again to retry."
+    else:
+        cause = ""  # a file put there by hand: the caller says to delete it
+    accept = f"python -m data_fetch {source.name} --dest \"{folder}\" --hash {error.actual}"
+    if error.kept is not None:  # use the kept copy instead of downloading it again
+        accept = f"rename {error.kept} to {source.filename}, then run `{accept}`"
+    return (cause + "\n" if cause else "") + (
+        f"If you checked the file (it unpacks, the images look right) and want to use it: {accept}"
+    )
+
+
 def manual_instructions(source: Source, url: str, known_hash: str | None, folder: Path, reason: str = "") -> str:
     """How to download `source` by hand and let data_fetch check and unpack it."""
     expected = parse_hash(known_hash)
@@ -132,10 +154,16 @@ def manual_instructions(source: Source, url: str, known_hash: str | None, folder
         f"its {expected[0]} must be {expected[1]} (`{expected[0]}sum {source.filename}`)"
         if expected else "no checksum is published; data_fetch prints the sha256 so you can pin it"
     )
+    mirror = (  # the same host is likely to fail the curl too (not said of a mirror the user chose)
+        f"     (this host is often unreliable: from a mirror, run `python -m data_fetch {source.name} "
+        f"--dest \"{folder}\" --url <mirror URL>`; the file is checked against the same checksum)\n"
+        if source.host_unreliable and url == source.url else ""
+    )
     return (
         f"could not download {source.name} from {url}" + (f" ({reason})" if reason else "") + ".\n"
         "Download it by hand instead:\n"
         f"  1. open {url} in a browser, or run: curl -L -o \"{folder / source.filename}\" \"{url}\"\n"
+        f"{mirror}"
         f"  2. check the file: {check}\n"
         f"  3. put it at {folder / source.filename}\n"
         f"  4. run `python -m data_fetch {source.name} --dest \"{folder}\"` again: it checks and unpacks the file "

@@ -17,7 +17,8 @@ def listing() -> str:
             f"{source.name}",
             f"    {source.description}",
             f"    folder:   {dataset_dir(source.name)}",
-            f"    checksum: {source.known_hash or 'none published (pin the sha256 printed after the first download)'}",
+            f"    checksum: {source.known_hash or 'none published (pin the sha256 printed after the first download)'}"
+            + ("" if source.hash_is_official else " (pinned by another project, not by the publisher)"),
             f"    url:      {source.url}",
         ]
     return "\n".join(lines)

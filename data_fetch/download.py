@@ -7,7 +7,8 @@ The practice of SPEC section 5:
 - network errors and server errors (5xx, 429) are retried with exponential backoff;
 - every request says who is asking (User-Agent): Zenodo throttles anonymous clients;
 - the checksum is computed on the finished `.part` file; only a file that matches is renamed to
-  its final name (an atomic rename), so the final path never holds a broken download.
+  its final name (an atomic rename), so the final path never holds a broken download; one that
+  does not match is kept as `<file>.mismatch` for the user to inspect.
 """
 
 from __future__ import annotations
@@ -37,7 +38,15 @@ class DownloadError(FetchError):
 
 
 class HashMismatchError(FetchError):
-    """The file arrived, but its checksum is not the expected one."""
+    """The file arrived, but its checksum is not the expected one.
+
+    `actual` ("sha256:<hex>", in the algorithm of the expected checksum) lets a user who checked the
+    file pin it; `kept` is where a mismatched download was kept (None: nothing was moved).
+    """
+
+    def __init__(self, message: str, actual: str | None = None, kept: Path | None = None):
+        super().__init__(message)
+        self.actual, self.kept = actual, kept
 
 
 def parse_hash(known_hash: str | None) -> tuple[str, str] | None:
@@ -67,8 +76,12 @@ def file_hash(path: Path, algorithm: str = "sha256") -> str:
     return digest.hexdigest()
 
 
-def check_hash(path: Path, known_hash: str | None) -> None:
-    """Raise HashMismatchError naming the expected and the actual checksum if they differ."""
+def check_hash(path: Path, known_hash: str | None, name: str | None = None) -> None:
+    """Raise HashMismatchError naming the expected and the actual checksum if they differ.
+
+    `name` is what the message calls the file (default: its own name; a `.part` file is named
+    after the file it will become).
+    """
     expected = parse_hash(known_hash)
     if expected is None:
         return
@@ -76,8 +89,9 @@ def check_hash(path: Path, known_hash: str | None) -> None:
     actual = file_hash(path, algorithm)
     if actual != digest:
         raise HashMismatchError(
-            f"{path.name} is corrupted or not the expected file: expected {algorithm}:{digest}, "
-            f"got {algorithm}:{actual}"
+            f"{name or path.name} is corrupted or not the expected file: expected {algorithm}:{digest}, "
+            f"got {algorithm}:{actual}",
+            actual=f"{algorithm}:{actual}",
         )
 
 
@@ -88,10 +102,17 @@ def download_file(
 
     Raises DownloadError when the host fails after `retries` retries (the `.part` file is kept,
     so the next call resumes) and HashMismatchError when the checksum differs (the `.part` file
-    is deleted, so the next call starts afresh). Nothing is ever left at `path` unless verified.
+    is moved to `<path>.mismatch`, so the next call starts afresh). Nothing is ever left at `path`
+    unless verified.
     """
     path = Path(path)
     part = path.with_name(path.name + ".part")
+    expected = parse_hash(known_hash)
+    if expected and part.exists() and file_hash(part, expected[0]) == expected[1]:
+        # An earlier run died between the download and the rename: asking for the bytes after the
+        # end of a complete file would only get a 416 and a whole new download.
+        os.replace(part, path)
+        return
     for attempt in range(retries + 1):
         try:
             _transfer(url, part, progress)
@@ -103,10 +124,16 @@ def download_file(
                 raise DownloadError(f"{type(error).__name__}: {error}") from error
             time.sleep(BACKOFF_SECONDS * 2**attempt)
     try:
-        check_hash(part, known_hash)
+        check_hash(part, known_hash, name=path.name)
     except HashMismatchError as error:
-        part.unlink()
-        raise HashMismatchError(f"{error} (downloaded from {url}); nothing was kept, run again to retry") from None
+        # Kept rather than deleted: if the host re-packed the file, every retry gets these same bytes,
+        # and a user who checks this copy can accept it without downloading it again.
+        kept = path.with_name(path.name + ".mismatch")
+        os.replace(part, kept)
+        raise HashMismatchError(
+            f"{error} (downloaded from {url}); it was kept as {kept}, not as {path.name}",
+            actual=error.actual, kept=kept,
+        ) from None
     os.replace(part, path)  # atomic: `path` appears complete or not at all
 
 

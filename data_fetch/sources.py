@@ -25,6 +25,8 @@ class Source:
     folder: str  # the dataset folder under the data root (several files may share one)
     extract: bool  # a zip archive, unpacked into the dataset folder
     description: str  # one line for `python -m data_fetch list`
+    hash_is_official: bool = True  # False: pinned by someone else, so a mismatch may be a re-packed archive
+    host_unreliable: bool = False  # the host often fails: the manual instructions suggest a mirror (--url)
 
 
 SOURCES = {
@@ -35,6 +37,7 @@ SOURCES = {
             "sha256:b2ce09f6063a31a73f628b6a6ee1245187cbaec225e93e563735691d68654de7",
             "Dataset_BUSI.zip", "busi", True,
             "BUSI (Al-Dhabyani et al. 2020): 780 PNGs, normal/benign/malignant + masks; host TLS is unreliable",
+            hash_is_official=False, host_unreliable=True,
         ),
         Source(
             "busi_128", f"{ZENODO_MEDSEGBENCH}/busi_128.npz?download=1", "md5:68877751adef0ab639de73946aac0985",

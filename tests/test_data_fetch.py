@@ -25,8 +25,9 @@ def sha256(data: bytes) -> str:
 
 
 class Handler(BaseHTTPRequestHandler):
-    """Serves `server.files`; honours Range unless `server.ignore_range`; can drop a response midway;
-    answers the first requests with the HTTP errors queued in `server.errors` (say, [503, 429])."""
+    """Serves `server.files`; honours Range unless `server.ignore_range` (a Range at or past the end gets
+    416, as real servers answer); can drop a response midway; answers the first requests with the
+    HTTP errors queued in `server.errors` (say, [503, 429])."""
 
     def do_GET(self):
         server = self.server
@@ -41,6 +42,12 @@ class Handler(BaseHTTPRequestHandler):
         start = 0
         if self.headers.get("Range") and not server.ignore_range:
             start = int(self.headers["Range"].removeprefix("bytes=").split("-")[0])
+            if start >= len(data):  # nothing left to send (RFC 9110: 416 names the full length)
+                self.send_response(416)
+                self.send_header("Content-Range", f"bytes */{len(data)}")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
             self.send_response(206)
             self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
         else:
@@ -130,14 +137,33 @@ def test_half_extracted_folder_is_not_done(server, tmp_path):
     assert server.requests == [] and (tmp_path / "BUSBRA" / "Images" / "bus_0001-l.png").read_bytes() == b"png"
 
 
-def test_corrupted_download_names_both_hashes_and_leaves_nothing(server, tmp_path):
+def test_corrupted_download_names_both_hashes_and_is_kept_aside(server, tmp_path):
     server.files["/busi_128.npz"] = PAYLOAD
     expected = "md5:" + "0" * 32
     with pytest.raises(HashMismatchError) as error:
         fetch("busi_128", dest=tmp_path, url=server.url + "/busi_128.npz", known_hash=expected, progress=False)
     message = str(error.value)
     assert expected in message and "md5:" + hashlib.md5(PAYLOAD).hexdigest() in message
-    assert list(tmp_path.iterdir()) == []  # no final file, no .part, no marker
+    assert "run again to retry" in message and "not official" not in message  # an official pin: retrying is right
+    kept = tmp_path / "busi_128.npz.mismatch"
+    assert list(tmp_path.iterdir()) == [kept] and f"kept as {kept}" in message  # no final file, .part or marker
+
+
+def test_mismatch_with_an_unofficial_pin_says_so_and_how_to_accept_the_file(server, tmp_path):
+    """BUSI's sha256 was pinned by another project: a re-packed archive fails every retry the same way."""
+    archive = zip_bytes({"Dataset_BUSI_with_GT/normal/normal (1).png": b"png"})
+    server.files["/Dataset_BUSI.zip"] = archive
+    with pytest.raises(HashMismatchError) as error:  # with BUSI's pinned checksum, which this zip has not
+        fetch("busi", dest=tmp_path, url=server.url + "/Dataset_BUSI.zip", progress=False)
+    message, kept, actual = str(error.value), tmp_path / "Dataset_BUSI.zip.mismatch", sha256(archive)
+    assert message.startswith("Dataset_BUSI.zip is")  # the dataset's file, not its .part
+    assert "pinned by another project" in message and "run again to retry" not in message
+    assert kept.read_bytes() == archive and f"rename {kept} to Dataset_BUSI.zip" in message
+    assert f"--hash {actual}" in message and error.value.actual == actual
+    # following the advice uses the kept copy: no second download
+    kept.rename(tmp_path / "Dataset_BUSI.zip")
+    assert main(["busi", "--dest", str(tmp_path), "--hash", actual, "--quiet"]) == 0
+    assert len(server.requests) == 1 and (tmp_path / "Dataset_BUSI_with_GT/normal/normal (1).png").is_file()
 
 
 def test_dropped_connection_resumes_with_range(server, tmp_path):
@@ -161,14 +187,31 @@ def test_leftover_part_file_resumes_or_restarts(server, tmp_path):
     (tmp_path / "data.npz.part").write_bytes(PAYLOAD[:1000])  # an earlier, interrupted run
     download_file(server.url + "/data.npz", tmp_path / "data.npz", sha256(PAYLOAD), progress=False)
     assert server.requests[0][1] == "bytes=1000-" and (tmp_path / "data.npz").read_bytes() == PAYLOAD
-    # a leftover with wrong bytes fails the checksum, is deleted, and the next run starts afresh
+    # a leftover with wrong bytes fails the checksum, is moved aside, and the next run starts afresh
     (tmp_path / "data.npz").unlink()
     (tmp_path / "data.npz.part").write_bytes(b"garbage")
     with pytest.raises(HashMismatchError):
         download_file(server.url + "/data.npz", tmp_path / "data.npz", sha256(PAYLOAD), progress=False)
-    assert list(tmp_path.iterdir()) == []
+    assert list(tmp_path.iterdir()) == [tmp_path / "data.npz.mismatch"]
     download_file(server.url + "/data.npz", tmp_path / "data.npz", sha256(PAYLOAD), progress=False)
     assert (tmp_path / "data.npz").read_bytes() == PAYLOAD
+
+
+def test_part_file_longer_than_the_file_gets_416_and_restarts(server, tmp_path):
+    server.files["/data.npz"] = PAYLOAD
+    (tmp_path / "data.npz.part").write_bytes(PAYLOAD + b"stale tail")  # say, from a bigger earlier version
+    download_file(server.url + "/data.npz", tmp_path / "data.npz", sha256(PAYLOAD), progress=False)
+    assert [r for _, r, _ in server.requests] == [f"bytes={len(PAYLOAD) + 10}-", None]  # 416, then everything
+    assert (tmp_path / "data.npz").read_bytes() == PAYLOAD and not (tmp_path / "data.npz.part").exists()
+
+
+def test_complete_part_file_is_checked_and_used_without_a_request(server, tmp_path):
+    """The run died between the download and the rename: the bytes are all there."""
+    server.files["/data.npz"] = PAYLOAD
+    (tmp_path / "data.npz.part").write_bytes(PAYLOAD)
+    download_file(server.url + "/data.npz", tmp_path / "data.npz", sha256(PAYLOAD), progress=False)
+    assert server.requests == [] and (tmp_path / "data.npz").read_bytes() == PAYLOAD
+    assert not (tmp_path / "data.npz.part").exists()
 
 
 def test_gives_up_after_retries_and_keeps_the_part_file(server, tmp_path):
@@ -187,6 +230,16 @@ def test_server_errors_and_throttling_are_retried(server, tmp_path, errors):
     download_file(server.url + "/data.npz", tmp_path / "data.npz", sha256(PAYLOAD), progress=False, retries=2)
     assert (tmp_path / "data.npz").read_bytes() == PAYLOAD
     assert len(server.requests) == len(errors) + 1  # one request per error, then the file
+
+
+def test_retries_back_off_exponentially(server, tmp_path, monkeypatch):
+    slept = []
+    monkeypatch.setattr(data_fetch.download, "BACKOFF_SECONDS", 2.0)  # undo the autouse no_backoff
+    monkeypatch.setattr(data_fetch.download.time, "sleep", slept.append)
+    server.errors = [503] * 10
+    with pytest.raises(DownloadError):
+        download_file(server.url + "/data.npz", tmp_path / "data.npz", progress=False, retries=3)
+    assert slept == [2.0, 4.0, 8.0]  # doubling, and no wait after the last attempt
 
 
 def test_persistent_server_error_gives_up_after_the_retries(server, tmp_path):
@@ -249,6 +302,40 @@ def test_source_without_checksum_prints_one_to_pin(server, tmp_path, capsys):
     assert hashlib.sha256(archive).hexdigest() in out and f"--hash {sha256(archive)}" in out
 
 
+def test_error_page_is_not_offered_for_pinning(server, tmp_path, capsys):
+    """A host that answers 200 with an HTML error page: no checksum to catch it, so unpacking must."""
+    server.files["/uclm.zip"] = b"<html><body>Access denied</body></html>"
+    with pytest.raises(data_fetch.FetchError, match="not a readable zip archive"):
+        fetch("bus_uclm", dest=tmp_path, url=server.url + "/uclm.zip", progress=False)
+    out = capsys.readouterr().out
+    assert "Pin it" not in out and "sha256" not in out
+
+
+# SPEC section 4, copied by hand: a typo in sources.py must not pass unnoticed.
+SPEC_SOURCES = [
+    ("busi", "https://scholar.cu.edu.eg/Dataset_BUSI.zip",
+     "sha256:b2ce09f6063a31a73f628b6a6ee1245187cbaec225e93e563735691d68654de7"),
+    ("busi_128", "https://zenodo.org/records/13358372/files/busi_128.npz?download=1",
+     "md5:68877751adef0ab639de73946aac0985"),
+    ("busi_256", "https://zenodo.org/records/13358372/files/busi_256.npz?download=1",  # SPEC: "(also _256, _512)"
+     "md5:198aea70968b71adf593b32c41a6e995"),
+    ("bus_bra", "https://zenodo.org/records/8231412/files/BUSBRA.zip?download=1",
+     "md5:1f8b2be6476d58fc97bfb5e5a1ea9bab"),
+    ("bus_uclm", "https://prod-dcd-datasets-cache-zipfiles.s3.eu-west-1.amazonaws.com/7fvgj4jsp7-1.zip", None),
+    ("breastmnist", "https://zenodo.org/records/10519652/files/breastmnist.npz?download=1",
+     "md5:750601b1f35ba3300ea97c75c52ff8f6"),
+    ("breastmnist_224", "https://zenodo.org/records/10519652/files/breastmnist_224.npz?download=1",  # "(and _224)"
+     "md5:b56378a6eefa9fed602bb16d192d4c8b"),
+]
+
+
+def test_sources_match_the_spec():
+    assert [(s.name, s.url, s.known_hash) for s in data_fetch.SOURCES.values()] == SPEC_SOURCES
+    # SPEC: BUSI's sha256 is "pinned by another project; not official", and its host's TLS is unreliable
+    assert [s.name for s in data_fetch.SOURCES.values() if not s.hash_is_official] == ["busi"]
+    assert [s.name for s in data_fetch.SOURCES.values() if s.host_unreliable] == ["busi"]
+
+
 def closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -263,6 +350,15 @@ def test_unreachable_host_prints_manual_instructions(tmp_path, capsys):
     assert url in err and "1f8b2be6476d58fc97bfb5e5a1ea9bab" in err  # where from, what checksum
     assert str(tmp_path / "BUSBRA.zip") in err and "python -m data_fetch bus_bra" in err  # where to put it
     assert not (tmp_path / "BUSBRA.zip").exists()
+
+
+@pytest.mark.parametrize("name, url, suggested", [("busi", None, True), ("busi", "https://mirror.example/b.zip", False),
+                                                  ("bus_bra", None, False)])
+def test_unreliable_host_suggests_a_mirror(tmp_path, name, url, suggested):
+    """BUSI's host has unreliable TLS: a curl against it is likely to fail too. Not said of a chosen mirror."""
+    source = data_fetch.SOURCES[name]
+    message = data_fetch.manual_instructions(source, url or source.url, source.known_hash, tmp_path, reason="timed out")
+    assert (f'python -m data_fetch {name} --dest "{tmp_path}" --url <mirror URL>' in message) == suggested
 
 
 def test_manually_placed_file_with_wrong_hash_is_reported_not_deleted(tmp_path):
