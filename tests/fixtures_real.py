@@ -38,7 +38,8 @@ def save_png(path: Path, array: np.ndarray, mode: str | None = None) -> None:
 def make_busi(root: Path, per_class: int = 10, seed: int = 0) -> dict:
     """Dataset_BUSI_with_GT/{benign,malignant,normal}/ with the BUSI quirks.
 
-    - "benign (1)" has a second mask "benign (1)_mask_1.png" (left box + right box = the lesion);
+    - "benign (1)" has three masks, "_mask", "_mask_1" and "_mask_2": the left, middle and right
+      part of the lesion (their union is the lesion, as in the 17 real images with extra masks);
     - "benign (2)" has an RGB mask, "malignant (1)" an RGBA mask;
     - "benign (4)" is a near-duplicate of "benign (3)" (the same picture plus faint noise);
     - normal images have all-zero masks, and "normal (1)" has no mask file at all;
@@ -64,11 +65,11 @@ def make_busi(root: Path, per_class: int = 10, seed: int = 0) -> dict:
             lesion = box_mask(8 + n % 5, 6 + n % 7, 14, 18)
             masks[stem] = lesion
             grey = lesion.astype(np.uint8) * 255
-            if stem == "benign (1)":
-                left, right = lesion.copy(), lesion.copy()
-                left[:, 15:], right[:, :15] = False, False
-                save_png(base / class_name / f"{stem}_mask.png", left.astype(np.uint8) * 255)
-                save_png(base / class_name / f"{stem}_mask_1.png", right.astype(np.uint8) * 255)
+            if stem == "benign (1)":  # lesion columns 7..24, cut at 13 and 19
+                for suffix, columns in (("", slice(0, 13)), ("_1", slice(13, 19)), ("_2", slice(19, None))):
+                    part = np.zeros_like(lesion)
+                    part[:, columns] = lesion[:, columns]
+                    save_png(base / class_name / f"{stem}_mask{suffix}.png", part.astype(np.uint8) * 255)
             elif stem == "benign (2)":
                 save_png(base / class_name / f"{stem}_mask.png", grey, mode="RGB")
             elif stem == "malignant (1)":
@@ -105,11 +106,15 @@ UCLM_COLOURS = {0: (0, 0, 0), 1: (0, 255, 0), 2: (255, 0, 0)}  # normal black, b
 def make_bus_uclm(root: Path, patients: int = 12, per_patient: int = 3, seed: int = 0) -> dict:
     """BUS-UCLM/{images,masks}/<PATIENT>_<NNN>.png with colour masks and INFO.csv (';').
 
-    "PAT00_001"'s image is cropped (smaller than its mask): a size mismatch.
+    - "PAT00_001"'s image is cropped (smaller than its mask): a size mismatch;
+    - "PAT01_000" (benign) is drawn in a dark green (0, 120, 0);
+    - "PAT02_000" (malignant) holds a red (250, 0, 0) lesion and a separate green one;
+    - "PAT03_001" (benign by its mask colour) is "malignant" in INFO.csv.
+    `truth[stem]["mask"]` is the (H, W) bool lesion mask the loader should give.
     """
     rng = np.random.default_rng(seed)
     base = root / "dataset" / "BUS-UCLM"  # one extra level, like the Mendeley download
-    rows, truth = ["Image;Label;Doppler;Marks"], {}
+    rows, truth, info_disagrees = ["Image;Label;Doppler;Marks"], {}, {}
     for p in range(patients):
         for k in range(per_patient):
             stem = f"PAT{p:02d}_{k:03d}"
@@ -120,13 +125,23 @@ def make_bus_uclm(root: Path, patients: int = 12, per_patient: int = 3, seed: in
             lesion = box_mask(9, 11, 15, 17) if label else np.zeros(SIZE, bool)
             colour = np.zeros((*SIZE, 3), np.uint8)
             colour[lesion] = UCLM_COLOURS[label]
+            if stem == "PAT01_000":
+                colour[lesion] = (0, 120, 0)
+            elif stem == "PAT02_000":
+                red, green = box_mask(5, 5, 10, 10), box_mask(22, 30, 10, 10)
+                colour[lesion] = 0
+                colour[red], colour[green] = (250, 0, 0), (0, 255, 0)
+                lesion = red | green
             save_png(base / "images" / f"{stem}.png", image)
             save_png(base / "masks" / f"{stem}.png", colour)
             doppler, marks = int(k == 1), int(p % 4 == 0)
-            rows.append(f"{stem}.png;{('normal', 'benign', 'malignant')[label]};{doppler};{marks}")
-            truth[stem] = {"label": label, "artifact": int(doppler or marks), "patient": f"PAT{p:02d}"}
+            stated = ("normal", "benign", "malignant")[label]
+            if stem == "PAT03_001":
+                stated = info_disagrees[stem] = "malignant"
+            rows.append(f"{stem}.png;{stated};{doppler};{marks}")
+            truth[stem] = {"label": label, "artifact": int(doppler or marks), "patient": f"PAT{p:02d}", "mask": lesion}
     (base / "INFO.csv").write_text("\n".join(rows) + "\n")
-    return {"base": base, "truth": truth, "mismatched": ["PAT00_001"]}
+    return {"base": base, "truth": truth, "mismatched": ["PAT00_001"], "info_disagrees": info_disagrees}
 
 
 def make_breastmnist(root: Path, resolution: int = 28, counts=(12, 4, 6), seed: int = 0) -> Path:

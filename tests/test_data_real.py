@@ -67,9 +67,10 @@ def test_busi_quirks(busi):
         assert item["image"].shape == item["mask"].shape == (1, SIZE, SIZE)
         assert set(item["mask"].unique().tolist()) <= {0.0, 1.0}
         assert iou(item["mask"][0], expected_mask(info["masks"][stem])) > 0.9 if info["masks"][stem].any() else True
-    # _mask.png (left half) and _mask_1.png (right half) are OR-merged into the whole lesion
-    merged = items["benign (1)"]["mask"][0]
-    assert iou(merged, expected_mask(info["masks"]["benign (1)"])) > 0.9
+    # _mask.png, _mask_1.png and _mask_2.png (left, middle, right part) are OR-merged into the whole
+    # lesion, and no extra mask is taken for an image of its own
+    assert torch.equal(items["benign (1)"]["mask"][0], expected_mask(info["masks"]["benign (1)"]))
+    assert not any("_mask" in stem for stem in items)
     # RGB and RGBA masks are binarised, not dropped
     assert items["benign (2)"]["mask"].sum() > 0 and items["malignant (1)"]["mask"].sum() > 0
     # normal images: empty masks, also where the mask file is missing
@@ -82,6 +83,7 @@ def test_busi_problems_are_reported(busi):
     dataset = load_dataset("busi", root=root, split="all", image_size=SIZE)
     assert dataset.class_names == ("normal", "benign", "malignant")
     assert any("benign (99)" in note for note in dataset.problems)
+    assert not any("_mask" in note for note in dataset.problems)  # every mask file found its image
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -250,7 +252,40 @@ def test_bus_uclm_colour_masks_give_class_and_binary_mask(bus_uclm):
         assert item["artifact"] == truth["artifact"]  # Doppler or Marks
         assert set(item["mask"].unique().tolist()) <= ({0.0, 1.0} if truth["label"] else {0.0})
         assert (item["mask"].sum() > 0) == (truth["label"] > 0)
-    assert dataset.problems == []  # INFO.csv's Label agrees with every mask colour
+        assert torch.equal(item["mask"][0], expected_mask(truth["mask"]))  # the red and the green lesions
+    # red beside green is malignant; a dark green (0, 120, 0) lesion is benign, not normal
+    assert by_id(dataset)["PAT02_000"]["label"] == 2 and by_id(dataset)["PAT01_000"]["label"] == 1
+
+
+def test_bus_uclm_info_csv_disagreeing_with_the_mask_colour_is_reported(bus_uclm):
+    root, info = bus_uclm
+    with pytest.warns(UserWarning, match="differ in size"), \
+            pytest.warns(UserWarning, match=r"bus_uclm: 1 note\(s\) on the files, e\.g\. \['PAT03_001: INFO.csv says"):
+        dataset = load_dataset("bus_uclm", root=root, split="all", image_size=SIZE)
+    assert info["info_disagrees"] == {"PAT03_001": "malignant"}
+    # the mask colour wins (it is drawn on the image); the disagreement is noted, only for that image
+    assert dataset.problems == ["PAT03_001: INFO.csv says malignant, the mask colour says benign"]
+    assert by_id(dataset)["PAT03_001"]["label"] == 1
+
+
+@pytest.mark.parametrize("colours, label, lesion_pixels", [
+    ({(5, 5): (255, 0, 0)}, 2, 100),
+    ({(5, 5): (0, 255, 0)}, 1, 100),
+    ({(5, 5): (0, 120, 0)}, 1, 100),  # dark green: benign, not normal
+    ({(5, 5): (250, 0, 0), (22, 30): (0, 255, 0)}, 2, 200),  # both lesions kept; malignant dominates
+    ({(5, 5): (0, 255, 0), (22, 30): (110, 8, 4)}, 2, 200),  # a dim, JPEG-ish red still counts
+    ({(5, 5): (6, 3, 0)}, 0, 0),  # compression noise on black is no lesion
+], ids=["red", "green", "dark-green", "red-and-green", "dim-red-and-green", "noise"])
+def test_bus_uclm_one_colour_rule_gives_class_and_mask(tmp_path, colours, label, lesion_pixels):
+    base = tmp_path / "BUS-UCLM"
+    mask = np.zeros((40, 48, 3), np.uint8)
+    for (top, left), colour in colours.items():
+        mask[top : top + 10, left : left + 10] = colour  # 100 pixels each
+    save_png(base / "masks" / "P_000.png", mask)
+    save_png(base / "images" / "P_000.png", random_image(np.random.default_rng(0)))
+    (base / "INFO.csv").write_text("Image;Label;Doppler;Marks\nP_000.png;;0;0\n")
+    item = load_dataset("bus_uclm", root=tmp_path, split="all", image_size=(40, 48))[0]
+    assert item["label"] == label and item["mask"].sum() == lesion_pixels
 
 
 def test_bus_uclm_size_mismatch_reported_not_fatal(bus_uclm):
@@ -408,6 +443,20 @@ def test_datasets_pickle_for_dataloader_workers(busi):
     dataset = load_dataset("busi", root=root, split="val", image_size=SIZE, augment=True)
     copy = pickle.loads(pickle.dumps(dataset))
     assert copy[0]["id"] == dataset[0]["id"] and copy[0]["image"].shape == (1, SIZE, SIZE)
+
+
+def test_a_fetched_folder_short_of_images_warns(tmp_path):
+    from data_fetch import completion_marker
+
+    make_busi(tmp_path, per_class=2)  # 7 images, 6 with a mask; the real BUSI has 780
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # no marker: a hand-made folder (or this fake) may be small
+        load_dataset("busi", root=tmp_path, split="all")
+    assert [str(w.message) for w in caught if "full download" in str(w.message)] == []
+    assert any("no mask file, skipped" in str(w.message) for w in caught)  # the image without a mask is said
+    completion_marker(tmp_path, "busi").write_text("{}")  # data_fetch finished here once
+    with pytest.warns(UserWarning, match=r"gives 6 images, a full download 780.*`python -m data_fetch busi --dest"):
+        load_dataset("busi", root=tmp_path, split="all")
 
 
 def test_partial_copies_are_refused_not_loaded(busi, tmp_path):

@@ -49,6 +49,9 @@ SYNTHETIC_SIZES = {"train": 2000, "val": 200, "test": 400}  # default number of 
 # Synthetic splits are disjoint index ranges of one deterministic stream.
 SYNTHETIC_FIRST_INDEX = {"train": 0, "val": 1_000_000, "test": 2_000_000}
 SIZE_MISMATCH_POLICIES = ("skip", "resize")
+# Images in a complete download (the publications' counts). Only the unpacked archives can come up
+# short; a truncated npz does not load at all.
+FULL_DOWNLOAD_SIZES = {"busi": 780, "bus_bra": 1875, "bus_uclm": 683}
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,7 @@ class Record:
     masks: tuple[Path, ...] | np.ndarray | None  # files OR-merged (() = empty mask), an array, None = no masks
     group: str  # patient or duplicate cluster: a split never separates a group
     artifact: int | None = None  # 1 = nuisance overlay in the image, None = not recorded
+    colour_coded: bool = False  # masks are BUS-UCLM colour masks: lesion = red or green pixels
 
 
 def load_dataset(
@@ -125,6 +129,20 @@ def load_dataset(
         records, class_names, problems = READERS[name](folder, split, seed, **kwargs)
     except LayoutError as error:
         raise LayoutError(f"{error}. If the download is incomplete, fetch it again with `{command}`") from None
+    if problems:  # said once here, not only kept in a list nobody reads
+        warnings.warn(f"{name}: {len(problems)} note(s) on the files, e.g. {problems[:2]}; see dataset.problems",
+                      stacklevel=2)
+    # Only a folder with data_fetch's marker is known to have been a full download: a hand-unpacked
+    # folder or a test's fake copy may rightly hold fewer images, so those are not checked. Below 95 %
+    # only: the counts are the publications', and a few images the reader skips are already listed
+    # in dataset.problems; a copy that stopped half-way is short by far more.
+    expected = FULL_DOWNLOAD_SIZES.get(fetch_name)
+    if split == "all" and expected and marker.exists() and len(records) < 0.95 * expected:
+        warnings.warn(
+            f"{name}: {folder} gives {len(records)} images, a full download {expected}. If files were deleted "
+            f"or copied only in part, `{command}` restores them; dataset.problems lists the images skipped",
+            stacklevel=2,
+        )
     return UltrasoundDataset(
         name, split, records, class_names, size, in_channels, augment, cache, seed, on_size_mismatch, problems
     )
@@ -228,7 +246,7 @@ class UltrasoundDataset(Dataset):
         mask = None
         if record.masks is not None:
             mask = torch.zeros_like(image)  # () = an empty mask (BUSI normal images may lack the file)
-            for part in _read_masks(record.masks):  # extra masks are OR-merged with the main one
+            for part in _read_masks(record.masks, record.colour_coded):  # extra masks are OR-merged
                 mask = torch.maximum(mask, resize_mask(part, self.image_size))
         if self._cache is not None:
             self._cache[index] = (image, mask)
@@ -317,7 +335,7 @@ BUS_UCLM_CLASSES = ("normal", "benign", "malignant")
 def _read_bus_uclm(folder: Path, split: str, seed: int):
     """BUS-UCLM: images/<PATIENT>_<NNN>.png, masks/ (same names, colour-coded), INFO.csv (';').
 
-    Mask colours give the class: green benign, red malignant, black everywhere = normal. INFO.csv's
+    Mask colours give the class: green benign, red malignant (also beside green), none = normal. INFO.csv's
     Doppler and Marks (caliper) flags give the "artifact" label.
     """
     base = _locate(
@@ -339,7 +357,9 @@ def _read_bus_uclm(folder: Path, split: str, seed: int):
         if stated in BUS_UCLM_CLASSES and BUS_UCLM_CLASSES.index(stated) != label:
             problems.append(f"{image.stem}: INFO.csv says {stated}, the mask colour says {BUS_UCLM_CLASSES[label]}")
         artifact = int(row is not None and (_flag(row["Doppler"]) or _flag(row["Marks"])))
-        records.append(Record(image.stem, label, image, (mask,), group=image.stem.rsplit("_", 1)[0], artifact=artifact))
+        records.append(Record(
+            image.stem, label, image, (mask,), group=image.stem.rsplit("_", 1)[0], artifact=artifact, colour_coded=True,
+        ))
     return _take_split(records, split, seed), BUS_UCLM_CLASSES, problems
 
 
@@ -532,16 +552,22 @@ def _read_image(image: Path | np.ndarray) -> np.ndarray:
         return np.asarray(img.convert("L"), dtype=np.float32) / 255.0
 
 
-def _read_masks(masks: tuple[Path, ...] | np.ndarray) -> list[np.ndarray]:
+def _read_masks(masks: tuple[Path, ...] | np.ndarray, colour_coded: bool = False) -> list[np.ndarray]:
     """Mask files (or an array) -> list of (H, W) 0/1 float32 arrays, to be OR-merged.
 
     RGB and RGBA masks are converted to grey and thresholded at half their maximum, so white,
-    coloured, 0/1 and 0/255 masks all come out binary.
+    0/1 and 0/255 masks all come out binary. Colour-coded masks (BUS-UCLM) are not: there grey
+    would rank red below green (0.30 vs 0.59 of the brightness) and could drop a red lesion, so
+    their lesion pixels are the red or green ones of `_lesion_colours`, the rule that gives the class.
     """
     if isinstance(masks, np.ndarray):
         return [masks.astype(np.float32)]
     binary = []
     for path in masks:
+        if colour_coded:
+            red, green = _lesion_colours(path)
+            binary.append((red | green).astype(np.float32))
+            continue
         with Image.open(path) as img:
             grey = np.asarray(img.convert("L"), dtype=np.float32)
         binary.append((grey > grey.max() / 2).astype(np.float32))
@@ -554,15 +580,31 @@ def _file_hash(path: Path, modified: int) -> np.ndarray:
     return difference_hash(_read_image(path))
 
 
+# A BUS-UCLM mask pixel is red (green) when that channel exceeds both others by more than this. The
+# masks are drawn in saturated colours, but a margin rather than a brightness cut also keeps dark
+# fills (0, 120, 0) and anti-aliased or JPEG-blurred edges, while black, grey and white pixels and
+# compression noise (a few levels) are never a lesion.
+LESION_COLOUR_MARGIN = 64
+
+
+def _lesion_colours(mask: Path) -> tuple[np.ndarray, np.ndarray]:
+    """BUS-UCLM colour mask -> (red, green): (H, W) bool maps of malignant and benign lesion pixels."""
+    with Image.open(mask) as img:
+        r, g, b = np.moveaxis(np.asarray(img.convert("RGB"), dtype=np.int16), -1, 0)
+    red = r - np.maximum(g, b) > LESION_COLOUR_MARGIN
+    green = g - np.maximum(r, b) > LESION_COLOUR_MARGIN
+    return red, green
+
+
 @lru_cache(maxsize=None)
 def _colour_class(mask: Path, modified: int) -> int:
-    """BUS-UCLM mask colour -> 0 normal (no colour), 1 benign (green), 2 malignant (red); remembered."""
-    with Image.open(mask) as img:
-        rgb = np.asarray(img.convert("RGB"), dtype=np.int16)
-    red, green = rgb[..., 0], rgb[..., 1]
-    reds = np.count_nonzero((red > 127) & (red > green + 64))
-    greens = np.count_nonzero((green > 127) & (green > red + 64))
-    return 0 if reds == greens == 0 else (2 if reds > greens else 1)
+    """BUS-UCLM mask colour -> 0 normal (no lesion), 1 benign (green only), 2 malignant (any red); remembered.
+
+    Malignant dominates: an image that shows a cancer is a malignant case whatever else it shows,
+    and counting pixels would let a large benign lesion outvote a small cancer.
+    """
+    red, green = _lesion_colours(mask)
+    return 2 if red.any() else (1 if green.any() else 0)
 
 
 def _flag(value: str) -> bool:
