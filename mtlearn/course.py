@@ -4,15 +4,20 @@
     python -m mtlearn.course --profile smoke --seed 7 --only 00 01
 
 Each notebook is executed into `outputs/<notebook>/<profile>/` (the executed notebook, its
-figures and its metrics.json); the committed notebooks in notebooks/ are never written. A notebook
-that fails is reported with its failing cell and the others still run. The run ends with one
-table of every notebook's headline metrics.
+figures, its metrics.json and a `done` marker); the committed notebooks in notebooks/ are never
+written. A notebook runs in a staging folder beside it (`<profile>.partial/`) that replaces the
+old folder only when the run succeeds, so a failed or interrupted rerun leaves the previous results
+as they were (and the failed run in `<profile>.partial/` to look at). A notebook that fails is
+reported with its failing cell and the others still run. The run ends with one table of every
+notebook's headline metrics.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -22,6 +27,7 @@ from typing import Any
 from mtlearn.notebook import flatten_metrics
 
 NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"  # in a clone (and an editable install)
+DONE = "done"  # marker file: the folder holds a whole successful run (written last, before it is moved in)
 
 
 @dataclass
@@ -29,7 +35,7 @@ class NotebookResult:
     """What one papermill execution left behind."""
 
     notebook: str
-    out_dir: Path
+    out_dir: Path  # where the executed copy is: the requested folder, or on failure its kept `.partial` staging
     ok: bool
     seconds: float
     error: str = ""
@@ -75,20 +81,28 @@ def run_notebook(
     """Execute `notebook` into `out_dir` with papermill; never raises for a failing notebook.
 
     `out_dir` is passed to the notebook as its `out_dir` parameter, so its figures and
-    metrics.json land next to the executed copy.
+    metrics.json land next to the executed copy. The notebook runs in `<out_dir>.partial`, which
+    replaces `out_dir` only on success: a failure leaves `out_dir` untouched and the failed run in
+    the staging folder (the result's `out_dir`), until the next run of the same notebook.
     """
     import papermill as pm
 
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    metrics_path = out_dir / "metrics.json"
-    metrics_path.unlink(missing_ok=True)  # an earlier run's metrics must not pass for this one's
-    params = dict(parameters, out_dir=str(out_dir.resolve()))
+    final = out_dir.resolve()
+    staging = final.with_name(final.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)  # an earlier failed attempt: its files are not this run's
+    staging.mkdir(parents=True)
+    metrics_path = staging / "metrics.json"
+    params = dict(parameters, out_dir=str(staging))
     started = time.perf_counter()
+
+    def failed(error: str) -> NotebookResult:
+        return NotebookResult(notebook.stem, staging, False, time.perf_counter() - started, error)
+
     try:
         pm.execute_notebook(
             str(notebook),
-            str(out_dir / notebook.name),
+            str(staging / notebook.name),
             parameters=params,
             kernel_name=kernel_name,
             cwd=str(notebook.parent),
@@ -99,26 +113,52 @@ def run_notebook(
             extra_arguments=["--IPKernelApp.log_level=ERROR"],
         )
     except Exception as error:  # papermill raises PapermillExecutionError, kernels may raise others
-        return NotebookResult(notebook.stem, out_dir, False, time.perf_counter() - started, _failing_cell(error))
+        return failed(_failing_cell(error))
     if not metrics_path.exists():
-        return NotebookResult(notebook.stem, out_dir, False, time.perf_counter() - started,
-                              "the notebook finished without writing metrics.json")
+        return failed("the notebook finished without writing metrics.json")
     metrics = json.loads(metrics_path.read_text())
+    _publish(staging, final, notebook.name)
     return NotebookResult(notebook.stem, out_dir, True, time.perf_counter() - started, metrics=metrics)
 
 
+def _publish(staging: Path, final: Path, notebook_name: str) -> None:
+    """Move a successful run from `staging` to `final`, replacing the previous run there."""
+    # The executed copy shows the folder it ran in (injected parameters, printed paths): point it at
+    # the folder its files are about to be in. Paths are JSON-escaped, as in the .ipynb text.
+    executed = staging / notebook_name
+    escaped = [json.dumps(str(p), ensure_ascii=False)[1:-1] for p in (staging, final)]
+    executed.write_text(executed.read_text(encoding="utf-8").replace(*escaped), encoding="utf-8")
+    (staging / DONE).write_text(f"{notebook_name} finished {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    # Two renames, not a copy: at every moment one whole run (old or new) is on disk. An interruption
+    # between them leaves the previous run in `<final>.old` (and no `final`) until a run succeeds.
+    old = final.with_name(final.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        final.rename(old)
+    staging.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def headline_table(results: list[NotebookResult]) -> str:
-    """One line per notebook: status, time and its top-level numeric metrics."""
+    """One line per notebook: status, time and its top-level numeric metrics.
+
+    A metric that is NaN (metrics.json stores it as null) shows as `name=NaN`: a broken metric must
+    be seen, not left out.
+    """
     lines = [f"{'notebook':<28} {'status':<6} {'time':>7}  headline metrics"]
     for r in results:
         if r.ok and r.metrics:
-            flat = {k: float(v) for k, v in flatten_metrics(r.metrics.get("metrics", {})).items()
-                    if isinstance(v, (int, float)) and not isinstance(v, bool)}
-            shown = ", ".join(f"{k}={v:.3g}" for k, v in list(flat.items())[:6])
+            flat = {k: v for k, v in flatten_metrics(r.metrics.get("metrics", {})).items()
+                    if v is None or isinstance(v, (int, float)) and not isinstance(v, bool)}
+            shown = ", ".join(f"{k}={_number(v)}" for k, v in list(flat.items())[:6])
         else:
             shown = r.error
         lines.append(f"{r.notebook:<28} {'ok' if r.ok else 'FAIL':<6} {r.seconds:>6.0f}s  {shown}")
     return "\n".join(lines)
+
+
+def _number(value: float | None) -> str:
+    return "NaN" if value is None or math.isnan(value) else f"{value:.3g}"
 
 
 def notebook_parameters(profile: str, seed: int | None = None, device: str = "auto") -> dict:
@@ -143,11 +183,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from mtlearn.notebook import resolve_profile
-    from mtlearn.utils import pick_device
+    from mtlearn.utils import pick_device, seed_everything
 
     try:
         profile = resolve_profile(args.profile)
         pick_device(args.device)  # a typo fails here, once, not inside every notebook's kernel
+        if args.seed is not None:  # the check each notebook's start() makes; seeding this process is harmless
+            seed_everything(args.seed)
     except (ValueError, RuntimeError) as error:
         parser.error(str(error))
     try:
@@ -167,7 +209,8 @@ def main(argv: list[str] | None = None) -> int:
         bar.set_postfix_str(nb.stem)
         result = run_notebook(nb, args.out / nb.stem / profile, notebook_parameters(profile, args.seed, args.device))
         if not result.ok:
-            tqdm.write(f"{nb.stem} failed: {result.error} (executed copy: {result.out_dir / nb.name})")
+            tqdm.write(f"{nb.stem} failed: {result.error} (executed copy: {result.out_dir / nb.name}; "
+                       f"the previous run, if any, is kept in {args.out / nb.stem / profile})")
         results.append(result)
     print()
     print(headline_table(results))

@@ -7,10 +7,11 @@
 `--set NAME=V1,V2` sweeps a parameter of the notebook's `parameters` cell (a name the notebook does
 not have is an error, not a silently ignored value); the values are Python literals.
 
-Each run gets its own folder, named after its parameters. A run whose folder already holds a
-`metrics.json` written with the same parameters is skipped, so an interrupted grid picks up where it
-stopped and a finished grid does no work. A failing run is recorded (`error.txt` beside the executed
-notebook) and the grid goes on. `collect(out_root)` reads every metrics.json into one table.
+Each run gets its own folder, named after its parameters. A run whose folder holds the `done`
+marker of a successful run with the same parameters is skipped, so an interrupted grid picks up
+where it stopped and a finished grid does no work. A failing run is recorded (`error.txt` beside
+the executed notebook, in the run's `.partial` folder; an earlier successful run stays as it was)
+and the grid goes on. `collect(out_root, specs)` reads the grid's finished runs into one table.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import argparse
 import ast
 import itertools
 import json
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +28,7 @@ from typing import Any
 
 import pandas as pd
 
-from mtlearn.course import course_notebooks, run_notebook
+from mtlearn.course import DONE, course_notebooks, run_notebook
 from mtlearn.notebook import flatten_metrics
 
 
@@ -47,20 +49,46 @@ class RunSpec:
         return Path(out_root) / self.notebook.stem / self.name
 
     def is_complete(self, out_root: Path) -> bool:
-        """True when metrics.json exists and was written by a run with these parameters."""
-        path = self.folder(out_root) / "metrics.json"
-        if not path.exists():
+        """True when the folder holds a finished run (see `_finished`) with these parameters."""
+        folder = self.folder(out_root)
+        if not _finished(folder):
             return False
-        recorded = json.loads(path.read_text())
+        recorded = json.loads((folder / "metrics.json").read_text())
         return all(recorded.get(k, v) == v for k, v in self.parameters if k in ("profile", "seed", "dataset"))
 
 
+def _finished(folder: Path) -> bool:
+    """A run that succeeded: its `done` marker (written after the notebook's last save) and no error.txt.
+
+    Why not just metrics.json: a notebook writes it in run.finish, so a run that failed or was
+    interrupted after that has one too. Runs from before the marker existed rerun once.
+    """
+    return (folder / DONE).exists() and (folder / "metrics.json").exists() and not (folder / "error.txt").exists()
+
+
+# Parameters the grid sets itself: a swept value would be silently replaced (or nest folders).
+GRID_PARAMETERS = {"seed": "give the seeds as seeds=[...] (--seeds)", "profile": "give it as profile= (--profile)",
+                   "out_dir": "the grid chooses each run's folder under its out_root (--out)"}
+
+
 def grid(notebooks: list[Path], parameters: dict[str, list[Any]], seeds: list[int], profile: str) -> list[RunSpec]:
-    """Every combination of notebook, parameter values and seed, in a stable order."""
+    """Every combination of notebook, parameter values and seed, in a stable order.
+
+    parameters: name -> a list of the values to sweep, e.g. {"lr": [1e-3, 1e-4]}; one value is [1e-3].
+    """
     if not notebooks:
         raise ValueError("the grid needs at least one notebook")
     if not seeds:
         raise ValueError("the grid needs at least one seed, e.g. seeds=[0]")
+    for name, values in parameters.items():
+        if name in GRID_PARAMETERS:
+            raise ValueError(f"parameter {name!r} is set by the grid, not swept: {GRID_PARAMETERS[name]}")
+        if not isinstance(values, (list, tuple)):
+            raise ValueError(f"parameter {name!r} needs a list of values to sweep, got {values!r}; "
+                             f"write {{{name!r}: [{values!r}]}} for one value")
+        if not values:
+            raise ValueError(f"parameter {name!r} has no values, so the grid would have no runs; "
+                             f"give at least one, e.g. {{{name!r}: [value]}}")
     names = sorted(parameters)
     for nb in notebooks:
         _check_parameters(Path(nb), names)
@@ -99,22 +127,31 @@ def run_grid(specs: list[RunSpec], out_root: str | Path, *, progress: bool = Tru
             rows.append({"notebook": spec.notebook.stem, "run": spec.name, "status": "skipped (done)", "seconds": 0.0})
             continue
         result = run_notebook(spec.notebook, folder, dict(spec.parameters))
-        error_file = folder / "error.txt"
-        if result.ok:
-            error_file.unlink(missing_ok=True)
-        else:
-            error_file.write_text(result.error + "\n")
+        if not result.ok:  # result.out_dir: the failed run's staging folder; `folder` keeps any earlier run
+            (result.out_dir / "error.txt").write_text(result.error + "\n")
         rows.append({"notebook": spec.notebook.stem, "run": spec.name,
                      "status": "ok" if result.ok else f"failed: {result.error}", "seconds": round(result.seconds, 1)})
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=["notebook", "run", "status", "seconds"])
 
 
-def collect(out_root: str | Path) -> pd.DataFrame:
-    """Every metrics.json under `out_root` as one row: notebook, run parameters and flat metrics."""
+def collect(out_root: str | Path, specs: list[RunSpec] | None = None) -> pd.DataFrame:
+    """The finished runs under `out_root`, one row each: notebook, run parameters and flat metrics.
+
+    specs: only these runs (pass the grid's specs), so runs of an earlier grid with other values or
+    another profile in the same folder stay out of the table. None: every finished run there.
+    """
+    out_root = Path(out_root)
+    if specs is None:  # staging (.partial) and set-aside (.old) folders are not runs
+        folders = [m.parent for m in sorted(out_root.glob(f"*/*/{DONE}"))
+                   if not m.parent.name.endswith((".partial", ".old"))]
+    else:
+        folders = [spec.folder(out_root) for spec in specs]
     rows = []
-    for path in sorted(Path(out_root).glob("*/*/metrics.json")):
-        record = json.loads(path.read_text())
-        row = {"notebook": record.get("notebook", path.parent.parent.name), "run": path.parent.name}
+    for folder in folders:
+        if not _finished(folder):
+            continue
+        record = json.loads((folder / "metrics.json").read_text())
+        row = {"notebook": record.get("notebook", folder.parent.name), "run": folder.name}
         row.update({k: record.get(k) for k in ("profile", "seed", "dataset", "device", "wall_time_s")})
         row.update(flatten_metrics(record.get("metrics", {})))
         rows.append(row)
@@ -157,6 +194,9 @@ def _parse_set(text: str) -> tuple[str, list[Any]]:
     if "=" not in text:
         raise argparse.ArgumentTypeError(f"--set expects name=value[,value...], got {text!r}")
     name, values = text.split("=", 1)
+    if not name.strip() or not values.strip():
+        raise argparse.ArgumentTypeError(f"--set {text!r} needs a name and at least one value, "
+                                         "e.g. --set num_seeds=1 or --set lr=1e-3,1e-4")
     try:  # the whole list at once, so commas inside tuples and lists stay where they are
         return name.strip(), list(ast.literal_eval(f"[{values}]"))
     except (ValueError, SyntaxError):
@@ -194,13 +234,19 @@ def main(argv: list[str] | None = None) -> int:
     notebooks = [nb for nb in available if any(nb.stem.startswith(s) for s in args.notebooks)]
     if not notebooks:
         parser.error(f"no notebook in {available[0].parent} matches {args.notebooks}")
-    specs = grid(notebooks, dict(args.sets), args.seeds, profile)
+    try:
+        specs = grid(notebooks, dict(args.sets), args.seeds, profile)
+    except ValueError as error:  # e.g. --set seed=5, or a name the notebook lacks: a usage error, not a traceback
+        parser.error(str(error))
     status = run_grid(specs, args.out)
     print(status.to_string(index=False))
-    table = collect(args.out)
+    table = collect(args.out, specs)  # this grid's runs only, not those of earlier grids in --out
     if not table.empty:
-        table.to_csv(args.out / "results.csv", index=False)
-        print(f"\n{len(table)} results collected into {args.out / 'results.csv'}")
+        path = args.out / "results.csv"
+        tmp = path.with_name(path.name + ".tmp")  # a crash while writing keeps the previous results.csv
+        table.to_csv(tmp, index=False)
+        os.replace(tmp, path)
+        print(f"\n{len(table)} results collected into {path}")
     return 0 if not status["status"].str.startswith("failed").any() else 1
 
 

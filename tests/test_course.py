@@ -32,6 +32,13 @@ def test_run_notebook_passes_parameters_and_reads_metrics(tmp_path):
     assert "01_good" in headline_table([result]) and "dice=2.5" in headline_table([result])
 
 
+def test_headline_table_shows_a_nan_metric():
+    """metrics.json stores NaN as null; a broken metric must show, not vanish from the table."""
+    result = course.NotebookResult("01_x", None, True, 1.0, metrics={"metrics": {"auc": None, "f1": float("nan"),
+                                                                                   "dice": 0.5}})
+    assert "auc=NaN, f1=NaN, dice=0.5" in headline_table([result])
+
+
 CONTRACT = """from mtlearn.notebook import start
 run = start("04_contract", profile=profile, dataset="synthetic", data_root=None, seed=seed, device="cpu",
             out_dir=out_dir, verbose=False)
@@ -45,6 +52,32 @@ def test_a_notebook_using_the_contract_runs_where_its_executed_copy_is_written(t
     assert result.ok, result.error
     assert result.metrics["metrics"] == {"dice": 0.5} and result.metrics["seed"] == 1
     assert (tmp_path / "out" / "04_contract.ipynb").exists()
+
+
+FIGURE_THEN_METRICS = """import json, pathlib
+pathlib.Path(out_dir, name + ".png").write_text("figure")
+print("out_dir", out_dir)
+json.dump({"metrics": {"dice": 0.5}}, open(pathlib.Path(out_dir) / "metrics.json", "w"))
+if name == "bad":
+    raise RuntimeError("failed after writing metrics")"""
+
+
+def test_a_rerun_replaces_the_old_results_only_when_it_succeeds(tmp_path):
+    nb = write_notebook(tmp_path / "01_rerun.ipynb", FIGURE_THEN_METRICS)
+    nb.write_text(nb.read_text().replace("out_dir = None", "out_dir = None\\nname = 'first'"))
+    out = tmp_path / "out"
+    assert run_notebook(nb, out, {"name": "first"}).ok
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert str(out) in before["01_rerun.ipynb"].decode() and ".partial" not in before["01_rerun.ipynb"].decode()
+
+    failed = run_notebook(nb, out, {"name": "bad"})  # fails after writing its metrics and a figure
+    assert not failed.ok and failed.out_dir == tmp_path / "out.partial"
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the good run, untouched
+    assert (failed.out_dir / "bad.png").exists() and (failed.out_dir / "01_rerun.ipynb").exists()
+
+    assert run_notebook(nb, out, {"name": "second"}).ok
+    assert sorted(p.name for p in out.iterdir()) == ["01_rerun.ipynb", "done", "metrics.json", "second.png"]
+    assert not (tmp_path / "out.partial").exists() and not (tmp_path / "out.old").exists()
 
 
 def test_failing_notebook_is_reported_with_its_cell(tmp_path):
@@ -68,6 +101,10 @@ def test_notebook_without_metrics_counts_as_failed(tmp_path):
 def test_command_line_profile_and_device(monkeypatch, capsys):
     from mtlearn.course import main
 
+    def no_notebook(*args, **kwargs):
+        raise AssertionError("a notebook started despite a bad argument")
+
+    monkeypatch.setattr(course, "run_notebook", no_notebook)
     monkeypatch.setenv("MTLEARN_PROFILE", "bogus")  # the default profile comes from the environment ...
     with pytest.raises(SystemExit):
         main(["--only", "00"])
@@ -76,6 +113,9 @@ def test_command_line_profile_and_device(monkeypatch, capsys):
     with pytest.raises(SystemExit):  # ... and a misspelt device fails before any notebook starts
         main(["--device", "cdua", "--only", "00"])
     assert "unknown device 'cdua'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # ... and so does a bad seed, with the notebooks' own message
+        main(["--seed", "-1", "--only", "00"])
+    assert "seed must be a non-negative integer, got -1" in capsys.readouterr().err
 
 
 def test_course_notebooks_are_numbered_and_sorted():

@@ -1,5 +1,6 @@
 """Experiment grids: every combination runs once, reruns do nothing, failures are recorded."""
 
+import argparse
 import statistics
 
 import matplotlib
@@ -10,7 +11,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mtlearn.experiments import _parse_set, collect, grid, plot_spread, run_grid, summarise
+from mtlearn import experiments
+from mtlearn.experiments import _parse_set, collect, grid, main, plot_spread, run_grid, summarise
 from tests.test_course import write_notebook
 
 WRITES_METRICS = """import json, pathlib
@@ -54,12 +56,16 @@ def test_a_failing_run_is_recorded_and_the_rest_go_on(notebooks, tmp_path):
     status = run_grid(specs, tmp_path / "grid", progress=False)
     assert status["status"].iloc[0].startswith("failed") and "negative scale" in status["status"].iloc[0]
     assert status["status"].iloc[1] == "ok"
-    assert "negative scale" in (specs[0].folder(tmp_path / "grid") / "error.txt").read_text()
+    failed = specs[0].folder(tmp_path / "grid")
+    assert not failed.exists()  # a failed run is kept beside, in its staging folder, with its error
+    assert "negative scale" in (failed.with_name(failed.name + ".partial") / "error.txt").read_text()
 
 
 def test_bad_grid_arguments():
     with pytest.raises(ValueError, match="seed"):
         grid([__file__], {}, seeds=[], profile="smoke")
+    with pytest.raises(argparse.ArgumentTypeError, match="needs a name and at least one value"):
+        _parse_set("num_seeds=")  # was zero runs, then KeyError 'status'
     assert _parse_set("weighting=fixed,pcgrad") == ("weighting", ["fixed", "pcgrad"])
     assert _parse_set("lr=0.1,1e-3") == ("lr", [0.1, 0.001])
     assert _parse_set("weightings=['fixed','pcgrad']") == ("weightings", [["fixed", "pcgrad"]])  # one list
@@ -73,9 +79,75 @@ def test_a_parameter_the_notebook_lacks_is_refused(notebooks):
         grid(notebooks, {"scael": [1, 2]}, seeds=[0], profile="smoke")
 
 
+@pytest.mark.parametrize("parameters, message", [
+    ({"scale": 0.001}, r"'scale' needs a list of values to sweep, got 0.001; write \{'scale': \[0.001\]\}"),
+    ({"scale": "abc"}, r"'scale' needs a list"),  # not three runs a, b, c
+    ({"scale": []}, r"'scale' has no values"),
+    ({"seed": [5]}, r"'seed' is set by the grid.*--seeds"),  # not silently seed 0
+    ({"profile": ["paper"]}, r"'profile' is set by the grid.*--profile"),
+    ({"out_dir": ["/data"]}, r"'out_dir' is set by the grid.*chooses each run's folder"),
+])
+def test_grid_refuses_values_it_would_misread(notebooks, parameters, message):
+    with pytest.raises(ValueError, match=message):
+        grid(notebooks, parameters, seeds=[0], profile="smoke")
+
+
 def test_run_folders_stay_one_level_deep(notebooks, tmp_path):
-    spec = grid(notebooks[:1], {"out_dir": ["/data/runs"]}, seeds=[0], profile="smoke")[0]
+    spec = grid(notebooks[:1], {"scale": ["/data/runs"]}, seeds=[0], profile="smoke")[0]
     assert spec.folder(tmp_path).parent == tmp_path / "01_a"
+
+
+FAILS_AFTER_FINISH = WRITES_METRICS.replace('raise ValueError("negative scale")\n', "pass\n") + """
+if scale < 0:
+    raise ValueError("failed after writing metrics.json")"""
+
+
+def test_only_a_successful_run_counts_as_done(notebooks, tmp_path):
+    """metrics.json alone is no proof: a notebook can fail (or be stopped) after run.finish wrote it."""
+    nb = notebooks[0]
+    nb.write_text(write_notebook(tmp_path / "tmp.ipynb", FAILS_AFTER_FINISH).read_text()
+                  .replace("out_dir = None", "out_dir = None\\nscale = 1"))
+    specs = grid([nb], {"scale": [-1, 1]}, seeds=[0], profile="smoke")
+    root = tmp_path / "grid"
+    assert list(run_grid(specs, root, progress=False)["status"].str[:6]) == ["failed", "ok"]
+    assert list(run_grid(specs, root, progress=False)["status"].str[:6]) == ["failed", "skippe"]
+    assert list(collect(root, specs)["run"]) == [specs[1].name]
+    folder = specs[1].folder(root)
+    (folder / "error.txt").write_text("failed")  # a run recorded as failed is not done ...
+    assert not specs[1].is_complete(root)
+    (folder / "error.txt").unlink()
+    (folder / "done").unlink()  # ... nor one without the marker (stopped before the notebook's last save)
+    assert not specs[1].is_complete(root) and collect(root).empty
+
+
+def test_collect_keeps_to_the_grid_it_is_given(notebooks, tmp_path):
+    root = tmp_path / "grid"
+    first = grid(notebooks[:1], {"scale": [1]}, seeds=[0], profile="smoke")
+    second = grid(notebooks[:1], {"scale": [2]}, seeds=[0], profile="smoke")
+    run_grid(first + second, root, progress=False)
+    assert list(collect(root, second)["score"]) == [20]
+    assert sorted(collect(root)["score"]) == [10, 20]  # specs=None: every finished run in the folder
+
+
+def test_command_line_tables_only_its_own_runs_and_keeps_results_on_a_crash(notebooks, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(experiments, "course_notebooks", lambda: notebooks)
+    out = tmp_path / "grid"
+    with pytest.raises(SystemExit):  # a usage error naming the fix, not a traceback (nor a run of seed 0)
+        main(["--notebooks", "01", "--set", "seed=5", "--out", str(out)])
+    assert "'seed' is set by the grid" in capsys.readouterr().err
+    assert main(["--notebooks", "01", "--set", "scale=1", "--out", str(out)]) == 0
+    assert main(["--notebooks", "01", "--set", "scale=2", "--out", str(out)]) == 0
+    results = (out / "results.csv").read_text()
+    assert list(pd.read_csv(out / "results.csv")["score"]) == [20]  # not the earlier grid's 10
+
+    def crash(self, path, **kwargs):
+        open(path, "w").write("half a ta")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(pd.DataFrame, "to_csv", crash)
+    with pytest.raises(OSError, match="disk full"):
+        main(["--notebooks", "01", "--set", "scale=2", "--out", str(out)])
+    assert (out / "results.csv").read_text() == results
 
 
 def _runs():
