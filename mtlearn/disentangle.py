@@ -22,13 +22,14 @@ Learning with application to Fetal Ultrasound", MICCAI PIPPI/SUSI 2019, arXiv 19
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mtlearn.engine import NonFiniteLossError
+from mtlearn.engine import NonFiniteLossError, _check_out_dir
 from mtlearn.utils import check_options, is_number
 
 # ----------------------------------------------------------------------------------------------
@@ -519,6 +520,8 @@ def train_disentangle(
     device: str | torch.device = "auto",
     seed: int = 0,
     progress: bool = True,
+    out_dir: str | Path | None = None,
+    resume: bool = False,
 ) -> dict[str, list[float]]:
     """Train `model` with the min-max loop of Meng et al. (2019); the baselines get the task losses only.
 
@@ -541,6 +544,11 @@ def train_disentangle(
 
     A NaN or inf loss raises NonFiniteLossError (epoch and step named) before that step changes
     any weight or BatchNorm statistic: `model` keeps the last finite state.
+
+    out_dir: after every epoch, `out_dir/last.pt` holds the whole game (weights, both optimisers,
+    the schedule, the label counts, the leakage statistics, the random states), written
+    atomically. resume=True continues from it, with the same options, to the same result as an
+    uninterrupted run; without resume an out_dir holding a run is refused.
     """
     from tqdm.auto import tqdm
 
@@ -567,8 +575,20 @@ def train_disentangle(
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs * steps_per_epoch) if cosine else None
 
     history: dict[str, list[float]] = {}
-    step = 0
-    bar = tqdm(range(epochs), desc=f"train {type(model).__name__}", disable=not progress)
+    step = start = 0
+    checkpoint = Path(out_dir) / "last.pt" if out_dir is not None else None
+    options = dict(model=type(model).__name__, task_keys=list(task_keys), epochs=epochs, lr=lr, betas=list(betas),
+                   weight_decay=weight_decay, w_adv=w_adv, adv_loss=adv_loss, adv_target=adv_target,
+                   adv_steps=adv_steps, adv_lr=adv_lr, adv_momentum=adv_momentum, warmup_epochs=warmup_epochs,
+                   ramp_epochs=ramp_epochs, cosine=cosine, w_leak=w_leak, leak_shrink=leak_shrink, seed=seed)
+    game = dict(model=model, optimizer=optimizer, schedule=schedule, leakage=leakage,
+                adv_optimizer=adv_optimizer if adversarial else None, joint=joint if adversarial else None)
+    if checkpoint is not None:
+        _check_out_dir(Path(out_dir), resume)
+        if resume and checkpoint.is_file():
+            history, step, start = _load_game(checkpoint, game, options, train_loader)
+    bar = tqdm(range(start, epochs), initial=start, total=epochs, desc=f"train {type(model).__name__}",
+               disable=not progress)
     try:
         for epoch in bar:
             model.train()
@@ -620,14 +640,59 @@ def train_disentangle(
                 for k, v in evaluate_disentangle(model, val_loader, task_keys=task_keys, device=device).items():
                     history.setdefault(f"val_{k}", []).append(v)
             bar.set_postfix({k: f"{v[-1]:.2f}" for k, v in history.items() if k in ("acc_a", "adv_acc_b", "val_acc_a")})
+            if checkpoint is not None:  # the state the next epoch starts from, random states included
+                _save_game(checkpoint, game, options, train_loader, history, step, epoch + 1)
     except LossNotFiniteError as error:
         with torch.no_grad():  # the bad batch already went through BatchNorm: put its statistics back
             for buffer, saved in zip(model.buffers(), buffers):
                 buffer.copy_(saved)
-        raise NonFiniteLossError(epoch + 1, index, error.name, error.value, causes=NON_FINITE_CAUSES) from None
+        last = checkpoint if checkpoint is not None and checkpoint.is_file() else None
+        raise NonFiniteLossError(epoch + 1, index, error.name, error.value, last, causes=NON_FINITE_CAUSES) from None
     if recalibrate_bn:
         recalibrate_batchnorm(model, train_loader, device)
     return history
+
+
+def _save_game(path: Path, game: dict, options: dict, loader, history: dict, step: int, epoch: int) -> None:
+    """Everything the min-max loop carries from one epoch to the next, to `path` (atomically)."""
+    from mtlearn.engine import _rng_state, save_checkpoint
+
+    leakage = game["leakage"]
+    save_checkpoint({
+        "model": game["model"].state_dict(),
+        "optimizer": game["optimizer"].state_dict(),
+        "schedule": game["schedule"].state_dict() if game["schedule"] is not None else None,
+        "adv_optimizer": game["adv_optimizer"].state_dict() if game["adv_optimizer"] is not None else None,
+        "joint": game["joint"],  # label-pair counts behind the "prior" target
+        "leakage": [side.covariance for side in leakage] if leakage is not None else None,
+        "rng": _rng_state(loader),
+        "history": history, "step": step, "epoch": epoch, "options": options,
+    }, path)
+
+
+def _load_game(path: Path, game: dict, options: dict, loader) -> tuple[dict, int, int]:
+    """Restore `game` from `path` (weights_only); returns the history, the step and the epochs done."""
+    from mtlearn.engine import _set_rng_state, load_checkpoint
+
+    state = load_checkpoint(path, map_location="cpu")  # random states must stay on the CPU
+    saved = state.get("options", {})
+    changed = [k for k in options if saved.get(k) != options[k]]
+    if changed:
+        details = "; ".join(f"{k}: {saved.get(k)!r} then, {options[k]!r} now" for k in changed)
+        raise ValueError(f"cannot resume from {path} with other options ({details}). Resume with the options of "
+                         "that run, or start a new run in another out_dir")
+    game["model"].load_state_dict(state["model"])
+    game["optimizer"].load_state_dict(state["optimizer"])
+    for name in ("schedule", "adv_optimizer"):
+        if game[name] is not None:
+            game[name].load_state_dict(state[name])
+    if game["joint"] is not None:
+        game["joint"].copy_(state["joint"])
+    if game["leakage"] is not None:
+        for side, covariance in zip(game["leakage"], state["leakage"]):
+            side.covariance = covariance.to(game["joint"].device) if covariance is not None else None
+    _set_rng_state(state["rng"], loader)
+    return state["history"], int(state["step"]), int(state["epoch"])
 
 
 @torch.no_grad()
@@ -836,7 +901,8 @@ def shapes_loaders(config: DisentangleConfig, seed: int = 0) -> dict:
 
 
 def shapes_experiment(kind: str, config: DisentangleConfig | None = None, *, seed: int = 0,
-                      device: str | torch.device = "auto", progress: bool = True):
+                      device: str | torch.device = "auto", progress: bool = True,
+                      out_dir: str | Path | None = None, resume: bool = False):
     """Train MODELS[kind] on the shapes benchmark and measure what the issue asks for.
 
     Returns (model in eval mode, history, metrics) with metrics:
@@ -851,7 +917,9 @@ def shapes_experiment(kind: str, config: DisentangleConfig | None = None, *, see
             shape (200 images each): bars were seen on both backgrounds in training, circles
             only on white, so these say where any background information left is
         adv_acc_a, adv_acc_b (DisentangleNet): the trained adversaries' test accuracy
-        train_seconds
+        train_seconds (of this call: a resumed run counts only what it trained)
+    out_dir, resume: checkpoints of the training, see train_disentangle (long runs, e.g. the paper
+        profile on a GPU, survive an interruption).
     """
     import time
 
@@ -865,7 +933,7 @@ def shapes_experiment(kind: str, config: DisentangleConfig | None = None, *, see
     loaders = shapes_loaders(config, seed)
     started = time.perf_counter()
     history = train_disentangle(model, loaders["train"], **config.train_kwargs(), device=device, seed=seed,
-                                progress=progress)
+                                progress=progress, out_dir=out_dir, resume=resume)
     metrics = {"train_seconds": time.perf_counter() - started}
     seen = evaluate_disentangle(model, loaders["test"], device=device)
     metrics["seen_shape_acc"], metrics["seen_background_acc"] = seen["acc_a"], seen["acc_b"]
@@ -969,7 +1037,7 @@ def ultrasound_datasets(image_size: tuple[int, int] = (64, 64), *, seed: int = 0
 
 def ultrasound_experiment(kind: str, config: DisentangleConfig | None = None, *, seed: int = 0,
                           data: dict[str, list[dict]] | None = None, device: str | torch.device = "auto",
-                          progress: bool = True):
+                          progress: bool = True, out_dir: str | Path | None = None, resume: bool = False):
     """Train MODELS[kind] with task A = class (3), task B = artifact on ultrasound_datasets.
 
     `data`: the output of ultrasound_datasets (pass it to share one rendering between models);
@@ -984,7 +1052,8 @@ def ultrasound_experiment(kind: str, config: DisentangleConfig | None = None, *,
         probe_artifact_a, probe_label_a, probe_artifact_b, probe_label_b: linear probes (see
             probe_encoders) on the independent test set, where class and artifact are unrelated
         adv_acc_a, adv_acc_b (DisentangleNet): the adversaries' accuracy on the independent test
-        train_seconds
+        train_seconds (of this call: a resumed run counts only what it trained)
+    out_dir, resume: checkpoints of the training, as in shapes_experiment.
     """
     import time
 
@@ -1010,7 +1079,7 @@ def ultrasound_experiment(kind: str, config: DisentangleConfig | None = None, *,
     keys = ("label", "artifact")
     started = time.perf_counter()
     history = train_disentangle(model, train_loader, task_keys=keys, **config.train_kwargs(), device=device,
-                                seed=seed, progress=progress)
+                                seed=seed, progress=progress, out_dir=out_dir, resume=resume)
     metrics = {"train_seconds": time.perf_counter() - started}
     for split in ULTRASOUND_TESTS:
         scores = evaluate_disentangle(model, DataLoader(data[split], batch_size=100), task_keys=keys, device=device)

@@ -348,6 +348,70 @@ def test_a_nan_loss_stops_training_before_it_changes_the_model(kind, name, shape
         assert torch.equal(value, reference.state_dict()[key]), key
 
 
+def test_an_interrupted_run_resumes_to_the_same_result(tiny_loaders, tmp_path, monkeypatch):
+    """Killed in the middle of epoch 2 of 3, resumed from last.pt: the same weights (adversaries,
+    BatchNorm statistics) and history as a run that was never interrupted. The ramp, the leakage
+    statistics and the shuffling all cross the epoch boundary, so each must be restored."""
+    train, val = tiny_loaders  # 4 steps per epoch, shuffled with the global generator
+    kwargs = dict(epochs=3, adv_steps=2, w_adv=1.0, ramp_epochs=1.5, w_leak=1.0, device="cpu", progress=False, seed=2)
+    torch.manual_seed(0)
+    model = tiny_model()
+    straight, interrupted = copy.deepcopy(model), copy.deepcopy(model)
+    expected = D.train_disentangle(straight, train, val, **kwargs)
+
+    main_step, calls = D.main_step, []
+
+    def dies_in_epoch_two(*args, **kw):
+        calls.append(1)
+        if len(calls) == 6:
+            raise KeyboardInterrupt  # Ctrl-C, a Colab disconnect
+        return main_step(*args, **kw)
+
+    monkeypatch.setattr(D, "main_step", dies_in_epoch_two)
+    with pytest.raises(KeyboardInterrupt):
+        D.train_disentangle(interrupted, train, val, out_dir=tmp_path, **kwargs)
+    monkeypatch.setattr(D, "main_step", main_step)
+    resumed = tiny_model()  # a new session: a fresh model, its weights come from last.pt
+    history = D.train_disentangle(resumed, train, val, out_dir=tmp_path, resume=True, **kwargs)
+    assert history == expected
+    for key, value in straight.state_dict().items():
+        assert torch.equal(value, resumed.state_dict()[key]), key
+
+
+def test_a_checkpointed_run_is_not_overwritten_or_resumed_with_other_options(tiny_loaders, tmp_path):
+    train, _ = tiny_loaders
+    kwargs = dict(epochs=1, adv_steps=2, device="cpu", progress=False)
+    D.train_disentangle(tiny_model(), train, out_dir=tmp_path, **kwargs)
+    with pytest.raises(ValueError, match="already holds a run"):
+        D.train_disentangle(tiny_model(), train, out_dir=tmp_path, **kwargs)
+    with pytest.raises(ValueError, match=r"other options \(w_adv: 3.0 then, 1.0 now\)"):
+        D.train_disentangle(tiny_model(), train, out_dir=tmp_path, resume=True, **kwargs, w_adv=1.0)
+
+
+def test_a_nan_loss_names_the_last_checkpoint(shapes_batch, tmp_path):
+    from mtlearn.engine import NonFiniteLossError, load_checkpoint
+
+    keys = ("image", "shape", "background")
+    good = {k: shapes_batch[k][:16] for k in keys}
+    bad = {k: shapes_batch[k][16:32].clone() for k in keys}
+    bad["image"][0, 0, 0, 0] = float("nan")
+
+    class GoodThenBad:  # one batch per epoch: a good one, then one holding a NaN
+        epoch = 0
+
+        def __len__(self):
+            return 1
+
+        def __iter__(self):
+            self.epoch += 1
+            return iter([good if self.epoch == 1 else bad])
+
+    with pytest.raises(NonFiniteLossError, match=rf"epoch 2, step 1; the last good checkpoint is {tmp_path}/last.pt"):
+        D.train_disentangle(tiny_model(), GoodThenBad(), epochs=2, adv_steps=2, device="cpu", progress=False,
+                            out_dir=tmp_path)
+    assert load_checkpoint(tmp_path / "last.pt")["epoch"] == 1  # epoch 1, kept
+
+
 def test_each_step_refuses_a_nan_loss_before_its_optimiser_step(shapes_batch):
     x, y_a, y_b = shapes_batch["image"][:16], shapes_batch["shape"][:16], shapes_batch["background"][:16]
     model = tiny_model()
@@ -441,14 +505,21 @@ def test_presets_and_config_helpers():
     assert isinstance(model, D.DisentangleNet) and model.adv_b.net[-1].in_features == config.widths[-1]
 
 
-def test_shapes_experiment_smoke():
+def test_shapes_experiment_smoke(tmp_path):
     config = D.disentangle_config("smoke")
-    model, history, metrics = D.shapes_experiment("disentangle", config, seed=0, device="cpu", progress=False)
+    model, history, metrics = D.shapes_experiment("disentangle", config, seed=0, device="cpu", progress=False,
+                                                  out_dir=tmp_path)
     assert isinstance(model, D.DisentangleNet) and len(history["acc_a"]) == config.epochs
     for key in ("seen_shape_acc", "seen_background_acc", "unseen_shape_acc", "probe_background_a", "probe_shape_a",
                 "probe_background_b", "probe_shape_b", "adv_acc_a", "adv_acc_b", "probe_background_a_circle",
                 "probe_background_a_bar"):
         assert 0.0 <= metrics[key] <= 1.0, key
+    # the finished run's checkpoint: resuming it trains nothing and measures the same model
+    _, again, remeasured = D.shapes_experiment("disentangle", config, seed=0, device="cpu", progress=False,
+                                               out_dir=tmp_path, resume=True)
+    assert again == history
+    assert {k: v for k, v in remeasured.items() if k != "train_seconds"} == \
+        {k: v for k, v in metrics.items() if k != "train_seconds"}
 
 
 def _coded_items(per_combination: int = 50, seed: int = 0) -> list[dict]:
