@@ -8,13 +8,18 @@
     "cls/sensitivity"    recall; 2 classes: of class 1; more: macro one-vs-rest       confusion matrix
     "cls/specificity"    true-negative rate; 2 classes: of class 1; more: macro OvR   confusion matrix
     "cls/auc"            ROC AUC, one-vs-rest, averaged over the classes present       monai.metrics.compute_roc_auc
-    "recon/psnr"         mean per-image PSNR in dB                                     monai.metrics.PSNRMetric
+    "recon/psnr"         mean per-image PSNR in dB, each capped at 100 dB              monai.metrics.PSNRMetric
     "recon/ssim"         mean per-image SSIM (2-D)                                     monai.metrics.SSIMMetric
     "<task>/loss"        mean loss per image (when the losses are given)
 
 Choices worth knowing:
 - An image whose ground-truth mask is empty (a "normal" scan) scores Dice/IoU 1 when the prediction
   is empty too and 0 otherwise (MONAI's ignore_empty=False), so false alarms on normal scans count.
+- With more than two segmentation classes, an image's Dice/IoU is the mean over the foreground classes
+  present in its true mask or its prediction (a class absent from both is skipped, not counted as a
+  perfect 1); an image whose whole foreground is empty in both scores 1, as in the binary case.
+- A perfect reconstruction has infinite PSNR; each image's PSNR is capped at PSNR_CEILING_DB (100 dB)
+  so that one such image cannot make the mean inf.
 - For three classes (normal / benign / malignant) sensitivity and specificity are computed one class
   against the rest and averaged (macro); with two classes they are those of class 1, the positive class.
 
@@ -40,6 +45,11 @@ METRIC_KEYS = {
     "cls": ("cls/acc", "cls/balanced_acc", "cls/sensitivity", "cls/specificity", "cls/auc"),
     "recon": ("recon/psnr", "recon/ssim"),
 }
+
+# Per-image PSNR ceiling. 100 dB is an RMSE of 1e-5 of the data range: below the quantisation noise of
+# 16-bit images (~101 dB) and far below that of the 8-bit scans used here (~59 dB), so any image above
+# it is indistinguishable from perfect, and capping keeps the mean finite when one image has zero error.
+PSNR_CEILING_DB = 100.0
 
 
 def classification_metrics(confusion: np.ndarray) -> dict[str, float]:
@@ -145,12 +155,21 @@ class MetricAccumulator:
 
     def _update_seg(self, logits: Tensor, mask: Tensor) -> None:
         num_seg = logits.shape[1]
+        if num_seg < 2:  # argmax over one channel is always background; one_hot would fail obscurely
+            raise ValueError(f"segmentation logits need one channel per class including background (>= 2), "
+                             f"got {num_seg} channel(s) in shape {tuple(logits.shape)}")
         pred = torch.nn.functional.one_hot(logits.argmax(1), num_seg).permute(0, 3, 1, 2)  # (B, K, H, W)
         true = torch.nn.functional.one_hot(mask[:, 0].round().long(), num_seg).permute(0, 3, 1, 2)
         dice = compute_dice(pred, true, include_background=False, ignore_empty=False)  # (B, K-1)
         iou = compute_iou(pred, true, include_background=False, ignore_empty=False)
-        self._add("seg/dice", dice.nanmean(dim=1))  # (B,) mean over foreground classes
-        self._add("seg/iou", iou.nanmean(dim=1))
+        # ignore_empty=False scores a class empty in both masks 1: right for the one foreground class of
+        # the binary case, but with several it would reward every class the image simply lacks. So skip
+        # those classes, and score 1 only an image whose whole foreground is empty in both.
+        present = (pred[:, 1:] | true[:, 1:]).flatten(2).any(2)  # (B, K-1)
+        nothing = ~present.any(1)  # (B,) no foreground in the truth or the prediction
+        for key, values in (("seg/dice", dice), ("seg/iou", iou)):
+            per_image = values.masked_fill(~present, float("nan")).nanmean(dim=1)  # (B,)
+            self._add(key, per_image.masked_fill(nothing, 1.0))
 
     def _update_cls(self, logits: Tensor, label: Tensor) -> None:
         if self.num_classes is None:
@@ -171,7 +190,8 @@ class MetricAccumulator:
     def _update_recon(self, output: Tensor, clean: Tensor) -> None:
         side = min(11, *output.shape[2:])
         win_size = side if side % 2 else side - 1  # SSIM needs an odd window no larger than the image
-        self._add("recon/psnr", PSNRMetric(max_val=self.data_range)(output, clean))
+        psnr = PSNRMetric(max_val=self.data_range)(output, clean)  # (B, 1), inf at zero error
+        self._add("recon/psnr", psnr.clamp(max=PSNR_CEILING_DB))
         ssim = SSIMMetric(spatial_dims=2, data_range=self.data_range, win_size=win_size)
         self._add("recon/ssim", ssim(output, clean))
 

@@ -75,6 +75,31 @@ def test_dice_and_iou_by_hand():
     assert m["seg/iou"] == pytest.approx((1 / 2 + 1 + 0) / 3)
 
 
+def test_binary_dice_scores_every_empty_truth_image_one_or_zero():
+    # the binary rule the committed notebooks rely on: empty and empty 1, a false alarm 0, no image skipped
+    true = torch.zeros(2, 1, 4, 4)
+    pred = torch.zeros(2, 1, 4, 4)
+    pred[1, :, 0, 0] = 1
+    acc = MetricAccumulator(("seg",))
+    acc.update({"seg": _seg_logits(pred)}, {"mask": true})
+    assert acc.sums == {"seg/dice": 1.0, "seg/iou": 1.0} and acc.counts == {"seg/dice": 2.0, "seg/iou": 2.0}
+
+
+def test_multiclass_dice_averages_only_the_classes_present():
+    # 3 classes; a class absent from both masks of an image must not count as a perfect 1
+    true = torch.zeros(3, 1, 8, 8, dtype=torch.long)
+    true[0, :, 0:4, 0:4] = 1  # 16 pixels of class 1
+    pred = torch.zeros(3, 1, 8, 8, dtype=torch.long)
+    pred[0, :, 0:2, 0:4] = 1  # 8 of them: Dice 2/3, IoU 1/2 (class 2 is absent from both: skipped)
+    pred[2, :, 0, 0] = 2  # image 1: no foreground anywhere -> 1; image 2: a false class-2 pixel -> 0
+    logits = torch.nn.functional.one_hot(pred[:, 0], 3).permute(0, 3, 1, 2).float() * 10  # (B, 3, H, W)
+    acc = MetricAccumulator(("seg",))
+    acc.update({"seg": logits}, {"mask": true.float()})
+    m = acc.compute()
+    assert m["seg/dice"] == pytest.approx((2 / 3 + 1 + 0) / 3)
+    assert m["seg/iou"] == pytest.approx((1 / 2 + 1 + 0) / 3)
+
+
 def test_psnr_and_ssim():
     clean = torch.rand(2, 1, 16, 16)
     acc = MetricAccumulator(("recon",))
@@ -99,6 +124,13 @@ def test_psnr_is_the_per_image_formula_with_the_data_range(data_range):
     mse = ((output - clean) ** 2).mean((1, 2, 3)).double()  # one MSE per image
     expected = (10 * torch.log10(data_range**2 / mse)).mean()  # mean of the per-image PSNRs
     assert _recon_metrics(output, clean, data_range)["recon/psnr"] == pytest.approx(float(expected), abs=1e-4)
+
+
+def test_a_perfect_reconstruction_keeps_the_mean_psnr_finite():
+    clean = torch.rand(2, 1, 16, 16)
+    output = clean.clone()
+    output[1] += 0.1  # image 0 perfect (capped at 100 dB), image 1 at 20 dB
+    assert _recon_metrics(output, clean)["recon/psnr"] == pytest.approx((100.0 + 20.0) / 2, abs=1e-3)
 
 
 @pytest.mark.parametrize("data_range", [1.0, 2.0])
@@ -189,6 +221,8 @@ def test_sync_adds_the_sums_and_counts_of_every_process(tmp_path, monkeypatch):
      "expected 2 class logits"),
     (lambda: MetricAccumulator(("cls",)).update({"cls": torch.zeros(2, 3)}, {"label": torch.tensor([0, 3])}),
      r"labels must lie in 0..2"),
+    (lambda: MetricAccumulator(("seg",)).update({"seg": torch.zeros(1, 1, 4, 4)}, {"mask": torch.zeros(1, 1, 4, 4)}),
+     r"one channel per class including background \(>= 2\), got 1 channel"),
 ])
 def test_bad_arguments(make, match):
     with pytest.raises(ValueError, match=match):
