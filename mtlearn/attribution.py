@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import copy
 import inspect
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import ipywidgets as widgets
@@ -39,6 +39,8 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from mtlearn.encoder import ResFormerEncoder, init_weights
+from mtlearn.mtl import MultiTaskUNet
 from mtlearn.plots import _image
 
 HEADS = ("cls", "seg", "recon")
@@ -609,11 +611,29 @@ def _blocks(model: nn.Module, depth: int) -> list[str]:
     return found
 
 
-def randomise_(module: nn.Module) -> None:
-    """Re-initialise every parameter of `module` in place, as a freshly built module would be.
+def model_init(model: nn.Module) -> Callable[[nn.Module], None] | None:
+    """The initialisation `model` applied to its modules when it was built, where this package knows it.
 
-    Modules with `reset_parameters` (conv, linear, norms) use it; any other parameter is redrawn
-    from a normal distribution with the original's standard deviation (0.02 if it had none).
+    mtlearn's MultiTaskUNet and ResFormerEncoder run `mtlearn.encoder.init_weights` over every module
+    (Kaiming-normal convolutions, truncated-normal linear layers with std 0.02): that function.
+    Anything else (MONAI networks, DisentangleNet) keeps PyTorch's per-layer defaults: None.
+    """
+    return init_weights if isinstance(model, (MultiTaskUNet, ResFormerEncoder)) else None
+
+
+def randomise_(module: nn.Module, init: Callable[[nn.Module], None] | None = None) -> None:
+    """Re-initialise every parameter of `module` in place, with the scheme its model was built with.
+
+    First every module with `reset_parameters` (conv, linear, norms) is reset to PyTorch's defaults
+    (running statistics of norms too); any other parameter is redrawn from a normal distribution with
+    the original's standard deviation (0.02 if it had none). Then `init`, if given, is applied to
+    every submodule (`module.apply(init)`), as the model's constructor did: pass the model's own
+    initialisation (`model_init(model)`, e.g. `mtlearn.encoder.init_weights`), so the weights have
+    the scale of a freshly built model's, as in Adebayo et al. (2018). Why it matters: PyTorch's
+    default draws a linear layer's weights with std 1 / sqrt(3 fan_in), several times the 0.02 the
+    mtlearn models use, and a layer that is louder than it ever was at initialisation is a stronger
+    perturbation than the test intends. init None: PyTorch's defaults only, which is what a freshly
+    built module is for models that use them (MONAI, DisentangleNet).
     """
     covered = set()
     for sub in module.modules():
@@ -625,6 +645,8 @@ def randomise_(module: nn.Module) -> None:
             if id(p) not in covered:
                 std = float(p.std()) if p.numel() > 1 and float(p.std()) > 0 else 0.02
                 p.normal_(0.0, std)
+        if init is not None:
+            module.apply(init)
 
 
 @dataclass
@@ -641,7 +663,8 @@ class RandomisationResult:
 
 def cascading_randomisation(model: nn.Module, images: Tensor, head: str = "cls", target=None, method: str = "gradcam",
                             *, depth: int = 2, groups: Sequence[str] | None = None, absolute: bool = True,
-                            seed: int = 0, layer: str | nn.Module | None = None, keys: Mapping[str, str] | None = None,
+                            seed: int = 0, init: Callable[[nn.Module], None] | str | None = "auto",
+                            layer: str | nn.Module | None = None, keys: Mapping[str, str] | None = None,
                             progress: bool = True, **method_kw) -> RandomisationResult:
     """Adebayo et al. (2018), "Sanity checks for saliency maps": randomise the model block by block.
 
@@ -652,28 +675,36 @@ def cascading_randomisation(model: nn.Module, images: Tensor, head: str = "cls",
 
     The target (class or region) is fixed from the trained model, so every step explains the same
     quantity. groups: the block names to randomise, in order (None: `randomisation_groups`).
+    init: how a block is re-initialised (see `randomise_`): "auto" the model's own scheme
+    (`model_init`), a function applied to every submodule, or None for PyTorch's defaults.
     The caller's random state is left untouched. `seed` fixes the re-initialisation, and every map
     of a noisy method (SmoothGrad) is drawn with the same noise, so the curve measures the weights,
     not the noise.
     """
     explainer = Explainer(model, layer=layer, keys=keys)  # a copy: `model` itself is never changed
+    if init == "auto":
+        init = model_init(model)
+    elif init is not None and not callable(init):
+        raise ValueError(f"init must be 'auto', None or a function of a module, got {init!r}")
     images = explainer._check_images(images)
     target = explainer.forward_args(images, head, target)[0]
     groups = list(groups) if groups is not None else randomisation_groups(explainer, images, head, target, depth)
-    # re-initialisation draws on the parameters' device: fork that device's generator too (CUDA or MPS)
-    accelerator = explainer.device.type in ("cuda", "mps")
-    forked = dict(devices=[explainer.device], device_type=explainer.device.type) if accelerator else dict(devices=[])
+    # Noise and new weights are drawn on the CPU and on the parameters' device: fork (save and restore)
+    # exactly those generators, and seed only those (torch.manual_seed would seed every accelerator).
+    device = explainer.device
+    accelerator = device.type in ("cuda", "mps")
+    forked = dict(devices=[device], device_type=device.type) if accelerator else dict(devices=[])
 
     def explain() -> Tensor:
-        torch.manual_seed(seed)  # the same noise for every map (SmoothGrad); no effect on the others
+        _seed_forked(device, seed)  # the same noise for every map (SmoothGrad); no effect on the others
         return explainer.attribute(images, head, target, method, **method_kw).cpu()
 
     with torch.random.fork_rng(**forked):
         original = explain()
         result = RandomisationResult(["original"], [1.0], [original])
         for k, name in enumerate(tqdm(groups, desc="randomise", disable=not progress, leave=False)):
-            torch.manual_seed(seed + 1 + k)  # this block's new weights
-            randomise_(explainer.model.get_submodule(name))
+            _seed_forked(device, seed + 1 + k)  # this block's new weights
+            randomise_(explainer.model.get_submodule(name), init)
             explainer.model.requires_grad_(False)
             maps = explain()
             rho = spearman(original, maps, absolute)
@@ -681,6 +712,16 @@ def cascading_randomisation(model: nn.Module, images: Tensor, head: str = "cls",
             result.spearman.append(_nanmean(rho))
             result.maps.append(maps)
     return result
+
+
+def _seed_forked(device: torch.device, seed: int) -> None:
+    """Seed the CPU generator and, for a CUDA or MPS `device`, that device's: the ones forked above."""
+    torch.random.default_generator.manual_seed(seed)
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        torch.cuda.default_generators[index].manual_seed(seed)
+    elif device.type == "mps":
+        torch.mps.manual_seed(seed)  # MPS has one device
 
 
 # ----------------------------------------------------------------------------------------------
@@ -803,6 +844,9 @@ class AttributionExplorer:
     Like mtlearn.widgets.DatasetExplorer it builds without a browser: the figure goes into an
     Output widget and what was drawn is recorded in `.state` (index, head, target, method,
     title, the map's in-mask share and whether its peak lies in the lesion).
+    tolerance: pixels by which the lesion is grown before the "peak in lesion" check (`pointing_game`);
+    pass the tolerance your scores use so that the viewer agrees with them (default: that of
+    `localisation_scores`, 1).
 
     explorer = AttributionExplorer(model, test_set); display(explorer.widget)
     """
@@ -810,13 +854,16 @@ class AttributionExplorer:
     def __init__(self, model: nn.Module, dataset, heads: Sequence[str] | None = None,
                  methods: Sequence[str] = METHODS, class_names: Sequence[str] | None = None,
                  layer: str | nn.Module | None = None, keys: Mapping[str, str] | None = None,
-                 method_kw: Mapping[str, Mapping] | None = None):
+                 method_kw: Mapping[str, Mapping] | None = None, tolerance: int = 1):
         if len(dataset) == 0:
             raise ValueError("AttributionExplorer needs a non-empty dataset")
         unknown = [m for m in methods if m not in METHODS]
         if unknown or not methods:
             raise ValueError(f"methods must be a non-empty subset of {METHODS}, got {list(methods)}")
+        if tolerance < 0:
+            raise ValueError(f"tolerance must be >= 0 pixels, got {tolerance!r}")
         self.dataset = dataset
+        self.tolerance = tolerance
         self.explainer = Explainer(model, layer=layer, keys=keys)
         self.class_names = class_names or getattr(dataset, "class_names", None)
         self.method_kw = dict(method_kw or {})
@@ -885,7 +932,7 @@ class AttributionExplorer:
         share, hit = float("nan"), float("nan")
         if "mask" in item and item["mask"].sum() > 0:
             share = float(mask_share(maps, item["mask"][None])[0])
-            hit = float(pointing_game(maps, item["mask"][None])[0])
+            hit = float(pointing_game(maps, item["mask"][None], self.tolerance)[0])
             title += f"\nin-lesion share {share:.2f}, peak in lesion: {'yes' if hit == 1 else 'no'}"
         self.output.clear_output(wait=True)
         with self.output:

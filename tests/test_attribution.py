@@ -4,14 +4,17 @@ randomising the model changes the maps, and the viewer redraws when a control ch
 import matplotlib
 
 matplotlib.use("Agg")
+import copy
 import math
 
+import matplotlib.pyplot as plt
 import pytest
 import torch
 from torch import nn
 
 from mtlearn import attribution as A
 from mtlearn.data.synthetic import SyntheticUltrasound
+from mtlearn.encoder import init_weights
 from mtlearn.mtl import build_model
 
 SIZE = 32
@@ -57,6 +60,19 @@ def test_every_head_and_method_gives_an_input_sized_map(explainer, images, head,
 def test_attribute_function_matches_the_explainer(model, explainer, images):
     once = A.attribute(model, images, head="cls", target=1, method="ig", n_steps=8)
     assert torch.allclose(once, explainer.attribute(images, "cls", 1, "ig", n_steps=8))
+
+
+def test_explainer_explains_a_training_model_in_eval_mode(images):
+    """In train mode BatchNorm normalises with the batch's statistics, so an image's map would depend on
+    the images it is explained with: the explainer's copy is in eval mode, the user's model stays in train."""
+    torch.manual_seed(0)
+    net = build_model("tiny", tasks=("seg", "cls", "recon"), image_size=SIZE).train()
+    explainer = A.Explainer(net)
+    for method in ("saliency", "gradcam"):
+        together = explainer.attribute(images, "cls", 1, method)
+        alone = explainer.attribute(images[:1], "cls", 1, method)
+        assert torch.allclose(alone[0], together[0], rtol=1e-4, atol=1e-6 * float(together.abs().max()))
+    assert all(module.training for module in net.modules())
 
 
 def test_attribution_does_not_change_the_model(model, images):
@@ -117,6 +133,23 @@ def test_integrated_gradients_are_complete(explainer, images):
     with torch.no_grad():
         gap = head(images, target) - head(flat, target)
     assert torch.allclose(maps.sum((1, 2, 3)), gap, rtol=0.05, atol=0.005)
+
+
+def test_occlusion_fills_each_patch_with_the_baseline(explainer, images):
+    """window = stride = 16 on 32 px: four patches, each pixel covered once, so the map over a patch is the
+    score drop when that patch is replaced by the baseline (for "mean", the image's own mean grey)."""
+    head, target = explainer.head("cls"), torch.tensor([1, 1])
+    fills = {"mean": images.mean(dim=(1, 2, 3), keepdim=True), "black": torch.zeros(2, 1, 1, 1)}  # (B, 1, 1, 1)
+    maps = {}
+    for baseline, fill in fills.items():
+        maps[baseline] = explainer.attribute(images, "cls", 1, "occlusion", window=16, stride=16, baseline=baseline)
+        occluded = images.clone()
+        occluded[:, :, :16, 16:] = fill  # the top-right patch
+        with torch.no_grad():
+            drop = head(images, target) - head(occluded, target)  # (B,)
+        patch = maps[baseline][:, 0, :16, 16:]  # (B, 16, 16)
+        assert torch.allclose(patch, drop.view(2, 1, 1).expand_as(patch), rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(maps["mean"], maps["black"])
 
 
 def test_other_models_through_keys_and_layer(images):
@@ -279,6 +312,30 @@ def test_cascading_randomisation_is_seeded_and_leaves_the_callers_random_state(m
     assert first.spearman == again.spearman
 
 
+def test_cascading_randomisation_draws_the_same_noise_at_every_step(model, images):
+    """The segmentation head's last layer cannot change a cls map: a SmoothGrad map that changes, changed its noise."""
+    result = A.cascading_randomisation(model, images, "cls", method="smoothgrad", groups=["heads.seg.conv"],
+                                       nt_samples=2, progress=False)
+    assert torch.equal(result.maps[0], result.maps[1])
+
+
+def test_cascading_randomisation_is_cumulative(model, images):
+    """Step 2 randomises a block the cls head does not use on top of step 1: fc2 stays random, the maps stay."""
+    result = A.cascading_randomisation(model, images, "cls", method="saliency",
+                                       groups=["heads.cls.fc2", "heads.seg.conv"], progress=False)
+    assert not torch.allclose(result.maps[1], result.maps[0])
+    assert torch.equal(result.maps[2], result.maps[1])
+
+
+def test_cascading_randomisation_seeds_only_the_generators_it_restores(model, images, monkeypatch):
+    """torch.manual_seed would also seed every CUDA device, whose states a CPU run does not save."""
+    seeded = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: seeded.append(("cuda", seed)))
+    monkeypatch.setattr(torch.mps, "manual_seed", lambda seed: seeded.append(("mps", seed)))
+    A.cascading_randomisation(model, images, "cls", method="saliency", groups=["heads.cls.fc2"], progress=False)
+    assert seeded == []
+
+
 def test_smoothgrad_noise_follows_each_images_own_range(explainer):
     """Noise at 15 % of the batch's range would give a flat image a map; of its own range, none."""
     images = torch.stack([torch.zeros(1, 8, 8), torch.linspace(0, 1, 64).view(1, 8, 8)])
@@ -292,6 +349,33 @@ def test_randomise_redraws_parameters():
     weight = layer.weight.detach().clone()
     A.randomise_(layer)
     assert not torch.allclose(layer.weight, weight)
+
+
+def test_randomise_restores_the_weight_scale_of_a_freshly_built_model(model):
+    """Adebayo et al. re-initialise with the model's own scheme: mtlearn's init_weights (linear std 0.02,
+    Kaiming-normal convolutions), not PyTorch's defaults (std 1 / sqrt(3 fan_in) for both)."""
+    torch.manual_seed(1)
+    fresh = build_model("tiny", tasks=("seg", "cls", "recon"), image_size=SIZE)
+    assert A.model_init(fresh) is init_weights and A.model_init(nn.Linear(2, 2)) is None
+    net = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.mul_(3.0)  # as if trained: far from the initial scale
+    for block in ("heads.cls.fc1", "encoder.stages.3"):
+        A.randomise_(net.get_submodule(block), A.model_init(net))
+    for name in ("heads.cls.fc1.weight", "encoder.stages.3.cnn.0.conv2.weight"):
+        std, fresh_std = float(net.get_parameter(name).detach().std()), float(fresh.get_parameter(name).detach().std())
+        assert std == pytest.approx(fresh_std, rel=0.1), name
+
+
+def test_cascading_randomisation_reinitialises_with_the_models_scheme(model, images, monkeypatch):
+    used = []
+    randomise = A.randomise_
+    monkeypatch.setattr(A, "randomise_", lambda module, init=None: used.append(init) or randomise(module, init))
+    for init in ("auto", None):
+        A.cascading_randomisation(model, images, "cls", method="saliency", groups=["heads.cls.fc2"], init=init,
+                                  progress=False)
+    assert used == [init_weights, None]
 
 
 # ------------------------------------------------------------------------------------------ figures, viewer
@@ -329,11 +413,29 @@ def test_viewer_redraws_on_control_changes(model, data):
     assert viewer.compute(2, "recon", "image", "gradcam")[0] is viewer.compute(2, "recon", "image", "gradcam")[0]
 
 
+def test_viewer_points_with_its_tolerance_and_closes_its_figures(model, data):
+    plt.close("all")
+    hits = {}
+    for tolerance in (None, 2):
+        viewer = A.AttributionExplorer(model, data, methods=("saliency", "gradcam"),
+                                       **({} if tolerance is None else {"tolerance": tolerance}))
+        viewer.index.value = 1  # an image with a lesion
+        item, maps = viewer.compute(1, "cls", "predicted", "saliency")
+        hits[tolerance] = viewer.state["pointing_game"]
+        assert hits[tolerance] == float(A.pointing_game(maps, item["mask"][None], tolerance or 1)[0])
+        viewer.method.value = "gradcam"
+        viewer.head.value = "seg"
+        assert plt.get_fignums() == []  # every drawn figure was closed after showing
+    assert hits == {None: 0.0, 2: 1.0}  # this saliency peak lies 2 px from the lesion: a hit at the notebook's 2
+
+
 def test_viewer_rejects_bad_arguments(model, data):
     with pytest.raises(ValueError, match="non-empty"):
         A.AttributionExplorer(model, [])
     with pytest.raises(ValueError, match="methods"):
         A.AttributionExplorer(model, data, methods=("lime",))
+    with pytest.raises(ValueError, match="tolerance"):
+        A.AttributionExplorer(model, data, tolerance=-1)
 
 
 # ------------------------------------------------------------------------------------------ bad arguments
