@@ -205,14 +205,21 @@ def resolve_amp(amp: str | bool | None, device: torch.device) -> torch.dtype | N
     if amp == "auto":
         if device.type != "cuda":
             return None
-        # including_emulation=False: a T4 or V100 "supports" bf16 only by emulation, slowly; fp16 + scaler there
-        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+        return torch.bfloat16 if _native_bf16(device) else torch.float16
     if amp == "fp16" and device.type != "cuda":
         raise ValueError(f"amp='fp16' needs a CUDA GPU (device is {device}); use amp='bf16' or 'off'")
-    if amp == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
+    if amp == "bf16" and device.type == "cuda" and not _native_bf16(device):
         raise ValueError("this GPU has no native bfloat16 (it would be emulated, slowly); use amp='fp16' "
                          "(with loss scaling) or 'auto'")
     return torch.bfloat16 if amp == "bf16" else torch.float16
+
+
+def _native_bf16(device: torch.device) -> bool:
+    """Whether the GPU `device` (not the current one) computes in bfloat16 natively: Ampere (8.x) or later.
+
+    A T4 or V100 (7.x) "supports" bf16 only by emulation, slowly: fp16 with loss scaling there.
+    """
+    return torch.cuda.get_device_capability(device)[0] >= 8
 
 
 def _to_device(batch: Mapping[str, Any], device: torch.device, channels_last: bool) -> dict[str, Any]:
@@ -514,6 +521,10 @@ def fit(model: nn.Module, train_loader, val_loader=None, config: TrainConfig | N
     if config.seed is not None:
         seed_everything(config.seed)
     run = _prepare(model, config, tasks, total_steps=config.epochs * len(train_loader))
+    if config.seed is not None and is_distributed() and run.device.type == "cuda":
+        # dropout and drop-path draw from the GPU's generator: one stream per rank, or every rank would
+        # drop the same units (each rank's CUDA state is saved in the checkpoint, so a resume keeps this)
+        torch.cuda.manual_seed(config.seed + dist.get_rank())
     monitor, mode = _monitor(config, tasks)
     history, start_epoch, best_state = History(monitor=monitor, mode=mode), 0, None
     if config.resume and (out_dir / "last.pt").is_file():
@@ -767,7 +778,11 @@ def _update(run: _Run, losses: Mapping[str, Tensor]) -> float:
     else:
         run.optimizer.step()
     run.weighting.after_step()
-    run.scheduler.step()
+    with warnings.catch_warnings():
+        if run.scaler is not None:  # it skipped an overflowing fp16 step, which torch reports as a misordered
+            # call; the schedule is a closed form of the step count and is not affected
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
+        run.scheduler.step()
     return float(total)
 
 

@@ -205,19 +205,23 @@ class GradNorm(LossWeighting):
             self.initial_losses = _average_across_processes(task_losses.detach().clone())
             self.initialised.fill_(True)
         # G_t: graph kept (create_graph) so that the norm can be differentiated w.r.t. w_t. Under fp16
-        # the gradients are taken of the scaled loss, as the network's are (small ones would underflow),
-        # and the norms divided by the loss scale S again; S overflowing gives inf, see after_step
+        # everything here is S times larger (S: the loss scale; 1 without a GradScaler): the gradients
+        # are taken of the scaled loss, as the network's are, and the objective is differentiated in
+        # that scaled form too, then divided by S in fp32. Dividing the norms by S first would send
+        # values ~1/S back through fp16 operations, where they underflow to 0 (the weights would stop
+        # moving on a T4). S overflowing gives inf, see after_step.
         scale = scale or (lambda t: t)
-        loss_scale = scale(torch.ones((), device=task_losses.device))  # S; 1 without a GradScaler
-        grad_norms = torch.stack([
+        loss_scale = scale(torch.ones((), device=task_losses.device))  # S
+        scaled_norms = torch.stack([
             torch.autograd.grad(scale(w * loss), layer, retain_graph=True, create_graph=True)[0].norm()
             for w, loss in zip(self.task_weights, task_losses)
-        ]) / loss_scale  # (T,)
+        ])  # (T,) S * G_t
         ratio = task_losses.detach() / self.initial_losses.clamp_min(1e-12)
         ratio = ratio / ratio.mean()
-        target = (grad_norms.mean() * ratio**self.alpha).detach()  # a constant for the weights
-        gradnorm_loss = (grad_norms - target).abs().sum()
-        weight_grad = torch.autograd.grad(gradnorm_loss, self.task_weights, retain_graph=True)[0]
+        target = (scaled_norms.mean() * ratio**self.alpha).detach()  # a constant for the weights
+        gradnorm_loss = (scaled_norms - target).abs().sum()  # S * sum_t |G_t - mean(G) r_t^alpha|
+        weight_grad = torch.autograd.grad(gradnorm_loss, self.task_weights, retain_graph=True)[0] / loss_scale
+        grad_norms = scaled_norms / loss_scale  # (T,) G_t
         # the network: weighted sum with the weights held constant (.detach())
         total = (self.task_weights.detach() * task_losses).sum()
         scale(total).backward()
@@ -302,7 +306,9 @@ class PCGrad(LossWeighting):
         _average_across_processes(merged)  # DDP averaged the unprojected sum; average ours instead
         offset = 0
         for p in shared_parameters:
-            p.grad = merged[offset:offset + p.numel()].view_as(p).to(p.dtype).clone()
+            # empty_like keeps the parameter's memory format: channels_last weights get channels_last
+            # gradients (a plain view would be NCHW, and the optimiser's fused kernels fall back)
+            p.grad = torch.empty_like(p).copy_(merged[offset:offset + p.numel()].view_as(p))
             offset += p.numel()
         return total.detach()
 

@@ -4,6 +4,7 @@ import os
 import random
 import re
 import traceback
+import warnings
 
 import numpy as np
 import pytest
@@ -321,6 +322,31 @@ def test_bf16_autocast_on_cpu():
     assert np.isfinite(history.records[0]["train/total"])
     assert next(model.parameters()).dtype == torch.float32  # weights stay float32
     assert resolve_amp("auto", torch.device("cpu")) is None and resolve_amp(True, torch.device("cpu")) == torch.bfloat16
+
+
+def test_auto_precision_asks_the_gpu_it_runs_on(monkeypatch):
+    """A box with an A100 (cuda:0) and a T4 (cuda:1): the T4 gets fp16 with loss scaling, not bf16."""
+    capability = {0: (8, 0), 1: (7, 5)}
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability[torch.device(device).index])
+    assert resolve_amp("auto", torch.device("cuda:0")) == torch.bfloat16
+    assert resolve_amp("auto", torch.device("cuda:1")) == torch.float16
+    with pytest.raises(ValueError, match="no native bfloat16"):
+        resolve_amp("bf16", torch.device("cuda:1"))
+
+
+def test_a_step_skipped_by_the_loss_scaler_raises_no_scheduler_warning(monkeypatch):
+    """fp16 with a GradScaler, simulated on the CPU: an initial scale of 2^60 overflows, the scaler
+    skips the step, and torch would warn that the schedule stepped before the optimiser."""
+    import functools
+
+    import mtlearn.engine as engine
+
+    monkeypatch.setattr(engine, "resolve_amp", lambda amp, device: torch.float16)
+    monkeypatch.setattr(torch.amp, "GradScaler", functools.partial(torch.amp.GradScaler, init_scale=2.0**60))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _fit_on_cpu(ToyNet(), *_loaders(), epochs=1)
+    assert not [w for w in caught if "lr_scheduler.step()" in str(w.message)]
 
 
 def test_channels_last_on_cpu():

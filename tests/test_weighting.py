@@ -154,6 +154,31 @@ def test_gradnorm_under_fp16_measures_the_norms_of_the_scaled_loss():
     assert _gradnorm_weights(torch.float16, 2.0**16) == pytest.approx(reference, rel=1e-3)
 
 
+def test_gradnorm_weight_gradient_survives_fp16_autocast_with_a_large_shared_layer():
+    """A Colab T4 trains in fp16 with a GradScaler (S = 65536). GradNorm differentiates the norms of
+    the last shared layer's gradients again; with a layer of 262k weights a gradient divided by S
+    before that second backward falls to the edge of fp16's range (4 % off here, 0 on a deeper model:
+    the weights froze). It must match fp32."""
+    torch.manual_seed(0)
+    encoder, heads = nn.Linear(512, 512), nn.ModuleDict({t: nn.Linear(512, 1) for t in TASKS})
+    x = torch.randn(64, 512)
+    targets = {t: torch.randn(64) for t in TASKS}
+
+    def weight_grad(dtype, loss_scale):
+        weighting = GradNorm(TASKS, alpha=1.5)
+        with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
+            features = torch.tanh(encoder(x))
+            out = {t: heads[t](features).squeeze(1) for t in TASKS}
+        losses = {t: f * nn.functional.mse_loss(out[t].float(), targets[t]) for t, f in zip(TASKS, (10.0, 1.0))}
+        encoder.zero_grad()
+        weighting.backward(losses, [encoder.weight, encoder.bias], scale=lambda t: t * loss_scale)
+        return weighting.task_weights.grad
+
+    reference = weight_grad(None, 1.0)
+    assert reference.abs().min() > 0  # two tasks with different gradient norms: both weights move
+    torch.testing.assert_close(weight_grad(torch.float16, 2.0**16), reference, rtol=5e-3, atol=0)
+
+
 def test_gradnorm_skips_a_step_whose_scaled_gradients_overflowed():
     net, weighting = TwoTaskNet(), GradNorm(TASKS, alpha=0.0, lr=0.02)
     x, targets = _regression_problem()
@@ -203,6 +228,22 @@ def test_pcgrad_backward_projects_shared_and_keeps_heads():
     assert torch.allclose(got, expected, atol=1e-6)
     for t in TASKS:
         assert torch.allclose(net.heads[t].weight.grad, head_grads[t])
+
+
+def test_pcgrad_gives_channels_last_weights_channels_last_gradients():
+    """Projected gradients go back in the parameter's own memory format, with the same values."""
+    torch.manual_seed(0)
+    encoder = nn.Conv2d(2, 4, 3).to(memory_format=torch.channels_last)  # 2 input channels: NCHW != NHWC
+    heads = {t: nn.Linear(4, 1) for t in TASKS}
+    features = encoder(torch.randn(6, 2, 8, 8).to(memory_format=torch.channels_last)).mean(dim=(2, 3))
+    losses = {t: heads[t](features).pow(2).mean() * (1 if t == "seg" else -1) for t in TASKS}
+    shared = [encoder.weight, encoder.bias]
+    per_task = [torch.cat([g.flatten() for g in torch.autograd.grad(losses[t], shared, retain_graph=True)])
+                for t in TASKS]
+    expected = sum(project_conflicting(per_task))
+    PCGrad(TASKS).backward(losses, shared)
+    assert encoder.weight.grad.is_contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(torch.cat([p.grad.flatten() for p in shared]), expected, atol=1e-6)
 
 
 def test_find_shared_parameters_is_the_encoder():
