@@ -280,6 +280,8 @@ class StepCost:
     activation_bytes: int  # tensors autograd kept for the backward pass (not parameters)
     parameter_bytes: int  # parameters and buffers
     trainable_bytes: int  # trainable parameters: each also needs a gradient and two AdamW moments
+    fixed_saved_bytes: int = 0  # the part of activation_bytes that does not grow with the batch
+    # (under autocast: the half-precision copies of the weights that backward needs)
 
     @property
     def flops_per_image(self) -> float:
@@ -287,10 +289,10 @@ class StepCost:
 
     def memory_bytes(self, batch_size: int | None = None) -> float:
         """Training memory estimate at `batch_size` (default: the measured one): weights + gradients
-        + AdamW's two moments + saved activations (which grow with the batch, the rest does not)."""
+        + AdamW's two moments + saved tensors (the activations grow with the batch, the rest does not)."""
         batch_size = self.batch_size if batch_size is None else batch_size
-        activations = self.activation_bytes / self.batch_size * batch_size
-        return self.parameter_bytes + 3 * self.trainable_bytes + activations
+        per_image = (self.activation_bytes - self.fixed_saved_bytes) / self.batch_size
+        return self.parameter_bytes + 3 * self.trainable_bytes + self.fixed_saved_bytes + per_image * batch_size
 
 
 def measure_training_step(model: nn.Module, batch: Mapping[str, Tensor], tasks: Sequence[str],
@@ -307,9 +309,13 @@ def measure_training_step(model: nn.Module, batch: Mapping[str, Tensor], tasks: 
 
     Memory: the tensors autograd saves for backward are summed through saved_tensors_hooks
     (each storage once; parameters excluded). It does not depend on the allocator, so strategies
-    can be compared on a CPU, where no allocator reports a peak for torch's tensors alone.
+    can be compared on a CPU, where no allocator reports a peak for torch's tensors alone. With
+    4 or more images (an even number) the step is also run on the first half of the batch: what
+    did not double with the batch does not grow with it (fixed_saved_bytes), so memory_bytes
+    extrapolates only the rest (with fewer images everything is taken to grow).
     amp_dtype: run the step under autocast with this dtype, as engine.fit trains with mixed
-    precision (resolve_amp): half-precision activations take less memory.
+    precision (resolve_amp): half-precision activations take less memory, but autocast also saves
+    a half-precision copy of each weight, once per step whatever the batch.
     """
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -319,27 +325,36 @@ def measure_training_step(model: nn.Module, batch: Mapping[str, Tensor], tasks: 
     batch = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
     loss_fns = build_losses(tasks).to(device)
     parameter_storages = {p.untyped_storage().data_ptr() for p in probe.parameters()}
-    saved: dict[int, int] = {}  # storage address -> bytes
 
-    def pack(tensor: Tensor) -> Tensor:
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in parameter_storages:
-            saved[storage.data_ptr()] = storage.nbytes()
-        return tensor
+    def step(batch: Mapping) -> int:
+        """One forward + backward; returns the bytes autograd saved for the backward pass."""
+        saved: dict[int, int] = {}  # storage address -> bytes
 
-    autocast = torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
-    with countable_attention(), FlopCounterMode(display=False) as counter, \
-            torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        with autocast:  # the precision training runs in (engine.fit autocasts the same way)
-            outputs = probe(batch["image"])
-            losses = task_losses(outputs, batch, loss_fns)
-        total = sum(losses.values())
-        if total.requires_grad:
-            total.backward()
+        def pack(tensor: Tensor) -> Tensor:
+            storage = tensor.untyped_storage()
+            if storage.data_ptr() not in parameter_storages:
+                saved[storage.data_ptr()] = storage.nbytes()
+            return tensor
+
+        autocast = torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            with autocast:  # the precision training runs in (engine.fit autocasts the same way)
+                outputs = probe(batch["image"])
+                losses = task_losses(outputs, batch, loss_fns)
+            total = sum(losses.values())
+            if total.requires_grad:
+                total.backward()
+        return sum(saved.values())
+
+    with countable_attention(), FlopCounterMode(display=False) as counter:
+        saved = step(batch)
+    size, fixed = len(batch["image"]), 0
+    if size >= 4 and size % 2 == 0:  # other images, not the same ones twice: some saved sizes follow the data
+        half = step({k: v[: size // 2] for k, v in batch.items()})
+        fixed = min(max(2 * half - saved, 0), saved)  # what did not double with the batch
     parameter_bytes = sum(t.numel() * t.element_size() for t in (*probe.parameters(), *probe.buffers()))
     trainable_bytes = sum(p.numel() * p.element_size() for p in probe.parameters() if p.requires_grad)
-    return StepCost(len(batch["image"]), int(counter.get_total_flops()), sum(saved.values()),
-                    parameter_bytes, trainable_bytes)
+    return StepCost(size, int(counter.get_total_flops()), saved, parameter_bytes, trainable_bytes, fixed)
 
 
 @dataclass
@@ -569,9 +584,10 @@ def train_and_measure(model: nn.Module, strategy: str, train: Dataset, test: Dat
     device = pick_device(config.device)
     model.to(device)
     loader = _loader(train, config, shuffle=True)
-    # FLOPs and saved activations grow linearly with the batch: two images measure them per image,
-    # at a fraction of the cost of counting a whole batch (the counter slows every operation down)
-    sample = next(iter(DataLoader(train, batch_size=2)))
+    # FLOPs and saved activations grow linearly with the batch: four images measure them per image
+    # (and, with their first two, what does not grow), at a fraction of the cost of counting a whole
+    # batch (the counter slows every operation down)
+    sample = next(iter(DataLoader(train, batch_size=4)))
     cost = measure_training_step(model, sample, tasks, amp_dtype=resolve_amp(config.amp, device))
     if device.type == "cuda":
         torch.cuda.synchronize(device)

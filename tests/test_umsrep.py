@@ -181,6 +181,20 @@ def test_step_flops_scale_with_images_and_shrink_when_frozen():
     assert 2 * forward < full_4.flops < 3.5 * forward
 
 
+@pytest.mark.parametrize("amp_dtype", [None, torch.bfloat16])
+def test_memory_estimate_extrapolates_only_what_grows_with_the_batch(amp_dtype):
+    """Under autocast a half-precision copy of each weight is saved once per step: an estimate for 8
+    images from a step on 2 must not multiply it by 4 (it was ~30 % high for the course preset)."""
+    model, data = tiny(), batch(16)
+    small = measure_training_step(model, {k: v[:4] for k, v in data.items()}, TASKS, amp_dtype=amp_dtype)
+    large = measure_training_step(model, data, TASKS, amp_dtype=amp_dtype)
+    assert small.memory_bytes(16) == pytest.approx(large.memory_bytes(), rel=0.03)  # some saved sizes follow the data
+    if amp_dtype is not None:
+        assert small.fixed_saved_bytes > 0.3 * small.activation_bytes  # the weight copies
+    with_nothing_fixed = small.parameter_bytes + 3 * small.trainable_bytes + 4 * small.activation_bytes
+    assert with_nothing_fixed > large.memory_bytes() * (1.1 if amp_dtype else 1.0)  # the old estimate: too high
+
+
 def test_measuring_does_not_touch_the_model():
     model = tiny()
     before = {k: v.clone() for k, v in model.state_dict().items()}
