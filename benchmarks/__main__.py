@@ -1,17 +1,21 @@
 """Run the benchmark groups and print one table each.
 
-    python -m benchmarks                 # everything (about 25 minutes on 2 CPU cores)
+    python -m benchmarks                 # everything (about half an hour on 2 CPU cores)
     python -m benchmarks --quick         # smaller sizes, for a first look
     python -m benchmarks --only models engine
+    python -m benchmarks --only models --threads 1 --rounds 3   # options for the groups that take them
 
-Each module in this folder exposes `run(quick: bool) -> list[dict]`; the rows of one module are
-measured in the same process, one after the other, so their ratios are comparable.
+Each module in this folder exposes `run(quick: bool, ...) -> list[dict]`; the rows of one module
+are measured in the same process, so their ratios are comparable. --threads and --rounds go only
+to the groups whose `run` takes them (threads: models, disentangle, umsrep; rounds: models,
+engine); left out, every group keeps its own default (its module's docstring says which).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import time
 
 MODULES = ("data", "models", "engine", "disentangle", "umsrep")
@@ -41,13 +45,25 @@ def _numeric(text: str) -> bool:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smaller sizes and fewer steps")
-    parser.add_argument("--only", nargs="*", choices=MODULES, default=None, help="run only these groups")
+    parser.add_argument("--only", nargs="+", choices=MODULES, default=MODULES, help="run only these groups")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for models, disentangle and umsrep (default: each group's own, 2, 1, 1)")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="timed rounds for models and engine (default: each group's own, 2 and 5; "
+                             "fewer with --quick)")
     args = parser.parse_args(argv)
-    for name in args.only or MODULES:
+    for option in ("threads", "rounds"):
+        if getattr(args, option) is not None and getattr(args, option) < 1:
+            parser.error(f"--{option} must be >= 1, got {getattr(args, option)}")
+    for name in args.only:
         module = importlib.import_module(f"benchmarks.bench_{name}")
+        accepted = inspect.signature(module.run).parameters
+        options = {k: v for k, v in (("threads", args.threads), ("rounds", args.rounds))
+                   if v is not None and k in accepted}
         started = time.perf_counter()
-        rows = module.run(quick=args.quick)
-        print(f"\n## {name}  ({time.perf_counter() - started:.0f} s)\n")
+        rows = module.run(quick=args.quick, **options)
+        settings = "".join(f", {k} {v}" for k, v in options.items())
+        print(f"\n## {name}  ({time.perf_counter() - started:.0f} s{settings})\n")
         print(format_table(rows))
 
 

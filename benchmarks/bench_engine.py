@@ -1,21 +1,28 @@
 """Training throughput of the engine: precision, memory layout, torch.compile, data loading.
 
-    python -m benchmarks.bench_engine            # about a minute on 2 CPU cores, plus torch.compile's
-    python -m benchmarks.bench_engine --quick    # compilation (minutes on a CPU; skipped with --quick)
+    python -m benchmarks.bench_engine             # a few minutes on 2 CPU cores, plus torch.compile's
+    python -m benchmarks.bench_engine --quick     # compilation (minutes on a CPU; skipped with --quick)
+    python -m benchmarks.bench_engine --rounds 9  # more rounds: a steadier median on a busy machine
 
 Every row trains the same model (preset "tiny", 64 px, batch 8) with `mtlearn.engine.fit` over the
-same synthetic images, generated on the fly as in the notebooks. The first epoch warms up
-(allocator, autotuning, compilation); the fastest of the later epochs is reported, which is the
-most stable figure on a shared machine. The rows run one after the
-other in one process, so their ratios are comparable; absolute numbers depend on the machine.
+same synthetic images, generated on the fly as in the notebooks. Every configuration is built
+first (its own model and loader); then the configurations take turns, one epoch each
+(`fit(..., epochs=1)` on the same model and loader), for one warm-up round (allocator,
+autotuning, compilation; not counted) and `rounds` timed rounds. (Each call starts a fresh AdamW
+state and wraps the model in torch.compile again; dynamo reuses the warm-up round's graphs, since
+its inductor backends compare equal.) A busy machine thus slows all
+configurations alike, and the median over the rounds is reported with its spread (min-max),
+so a ratio can be read against the noise. Absolute numbers depend on the machine.
 
-Columns: images_per_s, step_ms, speedup (vs fp32), data_wait_pct (share of the epoch spent waiting
-for the next batch; the target is under 5 %), and `note` (why a row was skipped).
+Columns: images_per_s (median), images_per_s_min / _max, step_ms (median), speedup (ratio of
+the medians, vs fp32), data_wait_pct (median share of the epoch spent waiting for the next batch;
+the target is under 5 %), warmup_s, rounds, and `note` (why a row was skipped).
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import torch
@@ -50,7 +57,8 @@ def _configs(device: torch.device, quick: bool) -> list[dict]:
     return rows
 
 
-def _measure(config: dict, dataset, device: torch.device, steps: int, epochs: int) -> dict:
+def _build(config: dict, dataset, device: torch.device) -> tuple[torch.nn.Module, DataLoader]:
+    """The model and loader of one configuration, built once and trained for every round."""
     torch.manual_seed(0)
     model = build_model(PRESET, tasks=("seg", "cls"), image_size=IMAGE_SIZE)
     workers = config.get("num_workers", 0)
@@ -58,60 +66,87 @@ def _measure(config: dict, dataset, device: torch.device, steps: int, epochs: in
         dataset = [dataset[i] for i in range(len(dataset))]
     loader = DataLoader(dataset, batch_size=BATCH_SIZE, shuffle=True, drop_last=True, num_workers=workers,
                         pin_memory=device.type == "cuda", persistent_workers=workers > 0)
-    history = fit(model, loader, None, epochs=epochs, device=str(device), amp=config["amp"],
+    return model, loader
+
+
+def _epoch(config: dict, model: torch.nn.Module, loader: DataLoader, device: torch.device) -> dict:
+    """One epoch of `fit` (the engine times it: epoch_time, data_share); returns its record."""
+    history = fit(model, loader, None, epochs=1, device=str(device), amp=config["amp"],
                   channels_last=config.get("channels_last", False), compile=config.get("compile", False),
                   progress=False, restore_best=False)
-    timed = min(history.records[1:], key=lambda r: r["epoch_time"])  # after warm-up, the fastest epoch
+    return history.records[-1]
+
+
+def _summary(records: list[dict], steps: int) -> dict:
+    """Median and spread over the timed rounds (records[0], the warm-up, is left out)."""
+    rates = [steps * BATCH_SIZE / r["epoch_time"] for r in records[1:]]  # images per second
+    median = statistics.median(rates)
     return {
-        "images_per_s": steps * BATCH_SIZE / timed["epoch_time"],
-        "step_ms": 1000 * timed["epoch_time"] / steps,
-        "data_wait_pct": 100 * timed["data_share"],
-        "warmup_s": history.records[0]["epoch_time"],
+        "images_per_s": median, "images_per_s_min": min(rates), "images_per_s_max": max(rates),
+        "step_ms": 1000 * BATCH_SIZE / median,
+        "data_wait_pct": 100 * statistics.median(r["data_share"] for r in records[1:]),
+        "warmup_s": records[0]["epoch_time"], "rounds": len(rates),
     }
 
 
-def run(quick: bool = False) -> list[dict]:
-    """One row per configuration (see the module docstring)."""
+def run(quick: bool = False, rounds: int | None = None) -> list[dict]:
+    """One row per configuration (see the module docstring). rounds: timed rounds after the
+    warm-up round (default 5; quick 2)."""
     device = pick_device("auto")
     threads = torch.get_num_threads()
     if device.type == "cpu":
         torch.set_num_threads(1)  # a shared 2-core machine: one thread per process is the stable choice
-    steps, epochs = (4, 2) if quick else (8, 3)
+    steps = 4 if quick else 8
+    rounds = rounds or (2 if quick else 5)
     dataset = Subset(load_dataset("synthetic", split="train", image_size=IMAGE_SIZE), range(steps * BATCH_SIZE))
     rows = []
+    jobs, records, notes = {}, {}, {}  # by name: (config, model, loader) to time; epoch records; why it stopped
     try:
         for config in _configs(device, quick):
-            row = {"config": config["name"], "device": str(device), "preset": PRESET, "image_size": IMAGE_SIZE,
-                   "batch": BATCH_SIZE, "threads": torch.get_num_threads()}
+            rows.append({"config": config["name"], "device": str(device), "preset": PRESET,
+                         "image_size": IMAGE_SIZE, "batch": BATCH_SIZE, "threads": torch.get_num_threads()})
             if config.get("skip"):
-                rows.append({**row, "note": config["skip"]})
-                continue
-            try:
-                row.update(_measure(config, dataset, device, steps, epochs))
-            except Exception as error:  # torch.compile needs a working compiler tool chain
-                if not config.get("compile"):
-                    raise
-                rows.append({**row, "note": f"torch.compile failed: {type(error).__name__}: {str(error)[:120]}"})
-                continue
-            rows.append(row)
+                notes[config["name"]] = config["skip"]
+            else:
+                jobs[config["name"]] = (config, *_build(config, dataset, device))
+                records[config["name"]] = []
+        for _ in range(rounds + 1):  # round 0 warms up; then one epoch per configuration, in turn
+            for name, (config, model, loader) in list(jobs.items()):
+                try:
+                    records[name].append(_epoch(config, model, loader, device))
+                except Exception as error:  # torch.compile needs a working compiler tool chain
+                    if not config.get("compile"):
+                        raise
+                    del jobs[name]
+                    notes[name] = f"torch.compile failed: {type(error).__name__}: {str(error)[:120]}"
     finally:
         torch.set_num_threads(threads)
+    for row in rows:
+        if row["config"] in notes:
+            row["note"] = notes[row["config"]]
+        else:
+            row.update(_summary(records[row["config"]], steps))
     baseline = rows[0]["images_per_s"]
     for row in rows:
         if "images_per_s" in row:
-            row["speedup"] = row["images_per_s"] / baseline
+            row["speedup"] = row["images_per_s"] / baseline  # ratio of the medians
             row["data_wait_ok"] = row["data_wait_pct"] < DATA_WAIT_TARGET_PCT
     return rows
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     from benchmarks.__main__ import format_table
 
     parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_engine", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="fewer steps, no torch.compile on a CPU")
-    args = parser.parse_args()
+    parser.add_argument("--quick", action="store_true", help="fewer steps and rounds, no torch.compile on a CPU")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="timed rounds (one epoch per configuration each) after one warm-up round "
+                             "(default 5; --quick: 2)")
+    args = parser.parse_args(argv)
+    if args.rounds is not None and args.rounds < 1:
+        parser.error(f"--rounds must be >= 1, got {args.rounds}")
     started = time.perf_counter()
-    rows = run(quick=args.quick)
+    rows = run(quick=args.quick, rounds=args.rounds)
     print(format_table(rows))
     print(f"\n{time.perf_counter() - started:.0f} s")
 

@@ -1,21 +1,30 @@
 """Model sizes and training speed: the ResFormer presets beside MONAI's UNet and SwinUNETR.
 
-    python -m benchmarks.bench_models            # ~2 minutes on 2 CPU cores
+    python -m benchmarks.bench_models            # several minutes on 2 CPU cores (two layouts per model)
     python -m benchmarks.bench_models --quick    # smaller inputs, for a first look
     python -m benchmarks.bench_models --threads 1 --group paper --rounds 4   # paper vs SwinUNETR only
+    python -m benchmarks.bench_models --device cuda --group paper            # on a GPU
 
 Every row is one model at one input size: parameters, forward GFLOPs per image (counted by
 torch.utils.flop_counter) and training images per second (forward + backward + AdamW step).
 Rows compared with each other share an input size and batch: the paper preset runs at 224 px
 beside SwinUNETR (feature_size 48) and MONAI's UNet, at the paper's training batch (8) and at
-batch 2; the course and tiny presets at 128 px beside the UNet. Timings interleave the models of
-one size round by round and keep each model's best round, so a busy machine slows them alike
-rather than favouring whichever ran last.
+batch 2; the course and tiny presets at 128 px beside the UNet (--quick: 128 and 64 px).
+
+Each model is timed in both memory layouts (contiguous NCHW and channels_last NHWC, model and
+input alike), because the faster layout differs between models: channels_last helps the
+ResFormer presets and slows SwinUNETR on a CPU. The row reports both rates, names the faster
+layout and gives its rate as train_img_per_s; vs_swinunetr compares those best rates (each model
+in its own faster layout). Timings interleave every model and layout of one size round by round
+after one warm-up round, and keep each one's best round, so a busy machine slows them alike
+rather than favouring whichever ran last. On CUDA the GPU is synchronised before and after each
+timed step.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import time
 
 import torch
@@ -23,7 +32,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from mtlearn.mtl import build_model, monai_baseline
-from mtlearn.utils import count_flops, count_parameters
+from mtlearn.utils import count_flops, count_parameters, pick_device
+
+LAYOUTS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
 
 
 def _models(image_size: int, in_channels: int, names: list[str]) -> dict[str, nn.Module]:
@@ -45,34 +56,64 @@ def _train_step(model: nn.Module, optimizer: torch.optim.Optimizer, images: torc
     optimizer.step()
 
 
-def measure(image_size: int, names: list[str], batch_size: int, rounds: int, in_channels: int = 3) -> list[dict]:
-    """Rows for the models `names` at one input size, timed round-robin (first round = warm-up)."""
-    models = _models(image_size, in_channels, names)
-    images = torch.randn(batch_size, in_channels, image_size, image_size).contiguous(memory_format=torch.channels_last)
-    optimizers = {}
-    for name, model in models.items():
-        model.to(memory_format=torch.channels_last).train()
-        optimizers[name] = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    best = {name: float("inf") for name in models}
-    bar = tqdm(total=(rounds + 1) * len(models), desc=f"{image_size} px, batch {batch_size}", leave=False)
+def _device(name: str | torch.device) -> torch.device:
+    """The device `name` names: "auto" is CUDA if available, else the CPU (never MPS); anything else
+    as mtlearn.utils.pick_device reads it (an unavailable "cuda" raises ValueError)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return pick_device(name)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed_step(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor) -> float:
+    """Seconds of one training step; on CUDA, queued work is waited for before and after."""
+    _synchronize(images.device)
+    started = time.perf_counter()
+    _train_step(model, optimizer, images)
+    _synchronize(images.device)
+    return time.perf_counter() - started
+
+
+def measure(image_size: int, names: list[str], batch_size: int, rounds: int, in_channels: int = 3,
+            device: str | torch.device = "auto") -> list[dict]:
+    """Rows for the models `names` at one input size, each timed in every layout of LAYOUTS,
+    round-robin (round 0 warms up allocators and kernels and is not counted)."""
+    device = _device(device)
+    images = torch.randn(batch_size, in_channels, image_size, image_size, device=device)
+    runs = {}  # (name, layout) -> (model, optimizer, input); one copy of each model per layout
+    for name, model in _models(image_size, in_channels, names).items():
+        for layout, memory_format in LAYOUTS.items():
+            copy_ = copy.deepcopy(model).to(device, memory_format=memory_format).train()
+            runs[name, layout] = (copy_, torch.optim.AdamW(copy_.parameters(), lr=1e-4),
+                                  images.contiguous(memory_format=memory_format))
+    best = {key: float("inf") for key in runs}
+    bar = tqdm(total=(rounds + 1) * len(runs), desc=f"{image_size} px, batch {batch_size}", leave=False)
     for round_ in range(rounds + 1):
-        for name, model in models.items():
-            bar.set_postfix_str(name)
+        for key, (model, optimizer, inputs) in runs.items():
+            bar.set_postfix_str(" ".join(key))
             bar.update()
-            started = time.perf_counter()
-            _train_step(model, optimizers[name], images)
-            if round_ > 0:  # round 0 warms up allocators and kernels
-                best[name] = min(best[name], time.perf_counter() - started)
+            seconds = _timed_step(model, optimizer, inputs)
+            if round_ > 0:  # round 0 is the warm-up
+                best[key] = min(best[key], seconds)
     bar.close()
     rows = []
-    for name, model in models.items():
-        flops = count_flops(model, images[:1])
+    for name in names:
+        model = runs[name, "contiguous"][0]
+        rates = {layout: batch_size / best[name, layout] for layout in LAYOUTS}  # images per second
+        layout = max(rates, key=rates.get)
         rows.append({
             "model": name,
             "input": f"{image_size}x{image_size}x{in_channels}",
+            "device": str(device),
             "params_M": count_parameters(model) / 1e6,
-            "GFLOPs_fwd": flops / 1e9,
-            "train_img_per_s": batch_size / best[name],
+            "GFLOPs_fwd": count_flops(model, images[:1]) / 1e9,
+            **{f"img_per_s_{key}": rate for key, rate in rates.items()},
+            "layout": layout,  # the faster one
+            "train_img_per_s": rates[layout],
             "batch": batch_size,
         })
     reference = next((r["train_img_per_s"] for r in rows if r["model"] == "monai swinunetr"), None)
@@ -84,14 +125,17 @@ def measure(image_size: int, names: list[str], batch_size: int, rounds: int, in_
 GROUPS = ("paper", "course")  # the paper preset beside SwinUNETR; the course and tiny presets beside the UNet
 
 
-def run(quick: bool = False, threads: int = 2, groups: tuple[str, ...] = GROUPS, rounds: int | None = None) -> list[dict]:
-    """All rows. quick: 128 px for the paper comparison and fewer rounds. threads: CPU threads
-    (2, the course machine; on a machine shared with other jobs 1 thread gives steadier ratios).
-    groups: which comparisons to run (see GROUPS). rounds: timed rounds per group (default 2,
-    quick 1 and 2); more rounds make the best-of-rounds steadier on a busy machine."""
+def run(quick: bool = False, threads: int = 2, groups: tuple[str, ...] = GROUPS, rounds: int | None = None,
+        device: str = "auto") -> list[dict]:
+    """All rows. quick: 128 px for the paper comparison (64 px for the course one) and fewer rounds.
+    threads: CPU threads (2, the course machine; on a machine shared with other jobs 1 thread gives
+    steadier ratios). groups: which comparisons to run (see GROUPS). rounds: timed rounds per group
+    (default 2; with quick, 1 for paper and 2 for course); more rounds make the best-of-rounds
+    steadier on a busy machine. device: "auto" (CUDA if available, else the CPU), "cpu", "cuda"."""
     unknown = [g for g in groups if g not in GROUPS]
     if unknown:
         raise ValueError(f"unknown benchmark group(s) {unknown}; expected some of {GROUPS}")
+    device = _device(device)
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     rows = []
@@ -101,10 +145,11 @@ def run(quick: bool = False, threads: int = 2, groups: tuple[str, ...] = GROUPS,
             size, batches, default_rounds = (128, (2,), 1) if quick else (224, (8, 2), 2)
             for batch_size in batches:
                 rows += measure(size, ["paper", "monai swinunetr", "monai unet"], batch_size=batch_size,
-                                rounds=rounds or default_rounds)
+                                rounds=rounds or default_rounds, device=device)
         if "course" in groups:
             size, batch_size = (64, 4) if quick else (128, 8)
-            rows += measure(size, ["course", "tiny", "monai unet"], batch_size=batch_size, rounds=rounds or 2)
+            rows += measure(size, ["course", "tiny", "monai unet"], batch_size=batch_size, rounds=rounds or 2,
+                            device=device)
     finally:
         torch.set_num_threads(previous)
     return [{**row, "threads": threads} for row in rows]
@@ -117,14 +162,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="smaller inputs and fewer rounds")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
     parser.add_argument("--group", nargs="+", choices=GROUPS, default=list(GROUPS),
-                        help="comparisons to run: paper (224 px, beside SwinUNETR), course (128 px); default both")
-    parser.add_argument("--rounds", type=int, default=None, help="timed rounds per group (default 2)")
+                        help="comparisons to run: paper (beside SwinUNETR; 224 px, 128 px with --quick), "
+                             "course (128 px, 64 px with --quick); default both")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="timed rounds per group after one warm-up round "
+                             "(default 2; --quick: 1 for paper, 2 for course)")
+    parser.add_argument("--device", default="auto",
+                        help="auto (CUDA if available, else the CPU), cpu, cuda or cuda:N (default auto)")
     args = parser.parse_args(argv)
     if args.rounds is not None and args.rounds < 1:
         parser.error(f"--rounds must be >= 1, got {args.rounds}")
     if args.threads < 1:
         parser.error(f"--threads must be >= 1, got {args.threads}")
-    print(format_table(run(quick=args.quick, threads=args.threads, groups=tuple(args.group), rounds=args.rounds)))
+    try:
+        _device(args.device)  # an unknown or missing device is refused before anything is measured
+    except ValueError as error:
+        parser.error(str(error))
+    print(format_table(run(quick=args.quick, threads=args.threads, groups=tuple(args.group), rounds=args.rounds,
+                           device=args.device)))
 
 
 if __name__ == "__main__":

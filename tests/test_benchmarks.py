@@ -1,5 +1,11 @@
-"""The benchmarks run and print the tables they promise (smallest sizes; no timing is asserted)."""
+"""The benchmarks run and print the tables they promise (smallest sizes; no timing is asserted).
 
+Their arithmetic is checked with a fake clock or a fake timed function that takes known times:
+which rounds count, images per second, scaling, ratios and their direction.
+"""
+
+import functools
+import math
 import os
 import subprocess
 import sys
@@ -8,9 +14,17 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from torch import nn
 
-from benchmarks import bench_disentangle, bench_engine, bench_models, bench_umsrep
+from benchmarks import (
+    bench_data,
+    bench_disentangle,
+    bench_engine,
+    bench_models,
+    bench_umsrep,
+)
 from benchmarks.__main__ import format_table
+from benchmarks.__main__ import main as benchmarks_main
 from mtlearn.mtl import build_model, monai_baseline
 from mtlearn.umsrep import strategy_config
 from mtlearn.utils import count_parameters, pick_device
@@ -61,9 +75,15 @@ def test_quick_run_prints_a_table_per_chosen_group():
     expected = [config["name"] for config in bench_engine._configs(pick_device("auto"), quick=True)]
     assert [row["config"] for row in engine] == expected
     measured = [row for row in engine if not row["note"]]
-    assert measured[0]["config"] == "fp32" and float(measured[0]["speedup"]) == 1.0  # the reference row
+    assert measured[0]["config"] == "fp32"  # the reference row
     assert all(row["preset"] == "tiny" and row["image_size"] == "64" and row["batch"] == "8" for row in engine)
-    assert all(float(row["images_per_s"]) > 0 and row["data_wait_ok"] in ("True", "False") for row in measured)
+    reference = float(measured[0]["images_per_s"])
+    for row in measured:  # the printed columns agree with each other (3 significant digits)
+        rate = float(row["images_per_s"])
+        assert float(row["images_per_s_min"]) <= rate <= float(row["images_per_s_max"]) and row["rounds"] == "2"
+        assert float(row["speedup"]) == pytest.approx(rate / reference, rel=0.01)
+        assert float(row["step_ms"]) == pytest.approx(1000 * 8 / rate, rel=0.01)
+        assert row["data_wait_ok"] == str(float(row["data_wait_pct"]) < bench_engine.DATA_WAIT_TARGET_PCT)
     if pick_device("auto").type == "cpu":  # compiling takes minutes on a CPU: quick skips it and says why
         assert engine[-1]["note"].startswith("skipped with --quick") and engine[-1]["images_per_s"] == ""
 
@@ -79,14 +99,78 @@ def test_format_table_aligns_the_union_of_columns():
 
 
 def test_models_measure_one_row_per_model_at_one_input_size():
-    rows = bench_models.measure(32, ["tiny", "monai unet"], batch_size=1, rounds=1, in_channels=1)
+    rows = bench_models.measure(32, ["tiny", "monai unet"], batch_size=1, rounds=1, in_channels=1, device="cpu")
     assert [row["model"] for row in rows] == ["tiny", "monai unet"]
     expected_params = [count_parameters(build_model("tiny", in_channels=1, image_size=32)),
                        count_parameters(monai_baseline("unet", 1, 2, 32))]
     assert [row["params_M"] for row in rows] == pytest.approx([p / 1e6 for p in expected_params])
-    assert all(row["input"] == "32x32x1" and row["batch"] == 1 for row in rows)
+    assert all(row["input"] == "32x32x1" and row["batch"] == 1 and row["device"] == "cpu" for row in rows)
     assert all(row["GFLOPs_fwd"] > 0 and row["train_img_per_s"] > 0 for row in rows)
+    for row in rows:  # both layouts timed; the faster one reported
+        assert row["train_img_per_s"] == max(row["img_per_s_contiguous"], row["img_per_s_channels_last"])
+        assert row["train_img_per_s"] == row[f"img_per_s_{row['layout']}"]
     assert all(row["vs_swinunetr"] == "" for row in rows)  # no SwinUNETR row to compare with
+
+
+class _Clock:
+    """A stand-in for the `time` module: `wall` and `cpu` seconds move only when a fake step says so."""
+
+    def __init__(self):
+        self.wall = self.cpu = 0.0
+
+    def perf_counter(self) -> float:
+        return self.wall
+
+    def process_time(self) -> float:
+        return self.cpu
+
+
+class _StubModel(nn.Conv2d):
+    """A real (tiny) module, so that FLOPs and parameters can be counted, with a name to look its times up."""
+
+    def __init__(self, name: str):
+        super().__init__(3, 2, 3)
+        self.name = name
+
+
+def _layout(tensor: torch.Tensor) -> str:
+    return "contiguous" if tensor.is_contiguous() else "channels_last"
+
+
+def test_models_rates_leave_out_the_warmup_and_compare_each_model_in_its_faster_layout(monkeypatch):
+    # seconds of each step, round by round; round 0 (the warm-up) is made the fastest by far
+    seconds = {("paper", "contiguous"): [0.001, 4.0, 5.0], ("paper", "channels_last"): [0.001, 3.0, 2.0],
+               ("monai swinunetr", "contiguous"): [0.001, 3.0, 4.0],
+               ("monai swinunetr", "channels_last"): [0.001, 6.0, 5.0]}
+    clock = _Clock()
+
+    def step(model, optimizer, images):
+        assert _layout(model.weight) == _layout(images)  # model and input converted alike
+        clock.wall += seconds[model.name, _layout(images)].pop(0)
+
+    monkeypatch.setattr(bench_models, "_models", lambda size, channels, names: {n: _StubModel(n) for n in names})
+    monkeypatch.setattr(bench_models, "_train_step", step)
+    monkeypatch.setattr(bench_models, "time", clock)
+    paper, swin = bench_models.measure(8, ["paper", "monai swinunetr"], batch_size=4, rounds=2, device="cpu")
+    assert all(not left for left in seconds.values())  # a warm-up round and 2 timed rounds of every layout
+    # images/s = batch / the best timed step of each layout
+    assert (paper["img_per_s_contiguous"], paper["img_per_s_channels_last"]) == pytest.approx((4 / 4.0, 4 / 2.0))
+    assert (swin["img_per_s_contiguous"], swin["img_per_s_channels_last"]) == pytest.approx((4 / 3.0, 4 / 5.0))
+    assert (paper["layout"], swin["layout"]) == ("channels_last", "contiguous")
+    assert (paper["train_img_per_s"], swin["train_img_per_s"]) == pytest.approx((2.0, 4 / 3))
+    # best against best: 2.0 / 1.33 (one layout for both would read 2.5 or 0.75)
+    assert (paper["vs_swinunetr"], swin["vs_swinunetr"]) == pytest.approx((1.5, 1.0))
+
+
+def test_models_time_a_step_between_two_synchronisations(monkeypatch):
+    events = []
+    clock = _Clock()
+    monkeypatch.setattr(clock, "perf_counter", lambda: events.append("clock") or 0.0)
+    monkeypatch.setattr(bench_models, "time", clock)
+    monkeypatch.setattr(bench_models, "_synchronize", lambda device: events.append(f"sync {device}"))
+    monkeypatch.setattr(bench_models, "_train_step", lambda *args: events.append("step"))
+    bench_models._timed_step(None, None, torch.zeros(1))
+    assert events == ["sync cpu", "clock", "step", "sync cpu", "clock"]  # on CUDA, queued work is waited for
 
 
 def test_models_refuses_an_unknown_group_and_bad_options():
@@ -96,6 +180,71 @@ def test_models_refuses_an_unknown_group_and_bad_options():
     assert torch.get_num_threads() == threads
     with pytest.raises(SystemExit):  # refused before anything is measured
         bench_models.main(["--rounds", "0"])
+    with pytest.raises(SystemExit):
+        bench_models.main(["--device", "tpu"])
+
+
+def test_engine_alternates_the_configurations_and_reports_medians(monkeypatch):
+    names = [c["name"] for c in bench_engine._configs(pick_device("auto"), quick=True) if not c.get("skip")]
+    # epoch seconds (4 steps of 8 images: 32 images) and data shares, round by round; round 0 warms up
+    epochs = {name: [(0.001, 0.5), (1.0, 0.01), (1.0, 0.01), (1.0, 0.01)] for name in names}
+    epochs["fp32"] = [(0.001, 0.9), (1.0, 0.01), (4.0, 0.02), (2.0, 0.10)]  # 32, 8, 16 images/s
+    epochs["fp32 + channels_last"] = [(0.001, 0.0), (0.5, 0.06), (0.5, 0.07), (8.0, 0.08)]  # 64, 64, 4
+    calls = []
+
+    def epoch(config, model, loader, device):
+        calls.append(config["name"])
+        seconds, share = epochs[config["name"]].pop(0)
+        return {"epoch_time": seconds, "data_share": share}
+
+    monkeypatch.setattr(bench_engine, "_build", lambda config, dataset, device: (None, None))
+    monkeypatch.setattr(bench_engine, "_epoch", epoch)
+    rows = {row["config"]: row for row in bench_engine.run(quick=True, rounds=3)}
+    assert calls == names * 4  # every configuration once per round, in turn
+    fp32, channels_last = rows["fp32"], rows["fp32 + channels_last"]
+    assert (fp32["images_per_s"], fp32["images_per_s_min"], fp32["images_per_s_max"]) == pytest.approx((16, 8, 32))
+    assert fp32["step_ms"] == pytest.approx(500) and fp32["rounds"] == 3 and fp32["warmup_s"] == 0.001
+    assert channels_last["images_per_s"] == pytest.approx(64)
+    assert channels_last["speedup"] == pytest.approx(4.0) and fp32["speedup"] == 1.0  # ratio of the medians
+    assert rows["bf16 autocast"]["speedup"] == pytest.approx(2.0)
+    assert (fp32["data_wait_pct"], fp32["data_wait_ok"]) == (pytest.approx(2.0), True)
+    assert (channels_last["data_wait_pct"], channels_last["data_wait_ok"]) == (pytest.approx(7.0), False)
+
+
+def test_data_scales_quick_runs_up_and_leaves_out_the_warmup(monkeypatch):
+    clock = _Clock()
+
+    class FakeUltrasound:  # each item costs 1 ms of wall time (0.5 ms CPU) per 128x128 pixels; the first 5 s
+        def __init__(self, num_samples, image_size, seed):
+            self.item_seconds, self.calls = (image_size / 128) ** 2 / 1000, 0
+
+        def __getitem__(self, index):
+            self.calls += 1
+            seconds = 5.0 if self.calls == 1 else self.item_seconds
+            clock.wall, clock.cpu = clock.wall + seconds, clock.cpu + seconds / 2
+
+    monkeypatch.setattr(bench_data, "SyntheticUltrasound", FakeUltrasound)
+    monkeypatch.setattr(bench_data, "time", clock)
+    small, large = bench_data.run(quick=True)  # 1,000 items at 128 px and 250 at 256 px, scaled to 10,000
+    assert (small["value"], small["cpu_s"], small["ms_per_item"]) == pytest.approx((10.0, 5.0, 1.0))
+    assert (large["value"], large["cpu_s"], large["ms_per_item"]) == pytest.approx((40.0, 20.0, 4.0))
+
+
+def test_main_passes_threads_and_rounds_only_to_the_groups_that_take_them(monkeypatch, capsys):
+    calls = {}
+    for name, module in (("data", bench_data), ("models", bench_models), ("engine", bench_engine),
+                         ("umsrep", bench_umsrep)):
+        def fake(name=name, **kwargs):
+            calls[name] = kwargs
+            return [{"group": name}]
+        monkeypatch.setattr(module, "run", functools.wraps(module.run)(fake))  # keeps run's signature
+    benchmarks_main(["--only", "data", "models", "engine", "umsrep", "--threads", "1", "--rounds", "3"])
+    assert calls == {"data": {"quick": False}, "models": {"quick": False, "threads": 1, "rounds": 3},
+                     "engine": {"quick": False, "rounds": 3}, "umsrep": {"quick": False, "threads": 1}}
+    assert "## models  (0 s, threads 1, rounds 3)" in capsys.readouterr().out
+    for argv in (["--only"], ["--rounds", "0"]):  # no group named, or no round: refused
+        with pytest.raises(SystemExit):
+            benchmarks_main(argv)
 
 
 def _disentangle_rows(unseen, shared_unseen, probe, shared_probe):
@@ -112,20 +261,23 @@ def test_disentangle_criterion_passes_and_names_each_failure():
                                       "shared probe 0.70 not clearly higher)")
 
 
-def _strategy_table(joint_dice: float) -> pd.DataFrame:
-    """A hand-made compare_strategies table: (d) joint trains 30 % of (e)'s FLOPs in 20 % of its time."""
+def _strategy_table(joint_dice: float, joint_cpu: float = 2.0) -> pd.DataFrame:
+    """A hand-made compare_strategies table: (d) joint trains 30 % of (e)'s FLOPs in 20 % of its wall time
+    and `joint_cpu` / 10 of its CPU time."""
     scores = {"recon/psnr": 20.0, "recon/ssim": 0.5, "seg/dice": 0.8, "cls/acc": 0.9, "cls/auc": 0.95}
     rows = {
         "joint": dict(models=1, train_gflops=3.0, amortised_gflops=5.0, total_gflops=8.0, wall_time_s=2.0,
-                      amortised_wall_time_s=4.0, total_wall_time_s=6.0, cpu_time_s=2.0, amortised_cpu_time_s=4.0,
-                      total_cpu_time_s=6.0, **{**scores, "seg/dice": joint_dice}),
+                      amortised_wall_time_s=4.0, total_wall_time_s=6.0, cpu_time_s=joint_cpu,
+                      amortised_cpu_time_s=joint_cpu + 2, total_cpu_time_s=joint_cpu + 4,
+                      **{**scores, "seg/dice": joint_dice}),
         "scratch": dict(models=3, train_gflops=10.0, amortised_gflops=10.0, total_gflops=10.0, wall_time_s=10.0,
                         amortised_wall_time_s=10.0, total_wall_time_s=10.0, cpu_time_s=10.0,
                         amortised_cpu_time_s=10.0, total_cpu_time_s=10.0, **scores),
     }
     table = pd.DataFrame.from_dict(rows, orient="index")
-    for column in ("trainable_params", "memory_mb", "images_seen"):
+    for column in ("trainable_params", "images_seen"):
         table[column] = 1
+    table["memory_mb"], table["cuda_peak_mb"] = [7.0, 9.0], float("nan")  # an estimate; not measured on a CPU
     return table
 
 
@@ -134,10 +286,21 @@ def test_umsrep_rows_give_shares_of_single_task_training_and_the_verdict():
     joint, scratch = bench_umsrep.strategy_rows(_strategy_table(joint_dice=0.8), config)
     assert joint["strategy"] == "joint" and scratch["strategy"] == "scratch"
     assert list(joint)[:len(bench_umsrep.COLUMNS) + 1] == ["strategy", *bench_umsrep.COLUMNS]
-    assert (joint["flops_vs_e"], joint["time_vs_e"]) == pytest.approx((0.3, 0.2))
-    assert (joint["flops_vs_e_with_pretraining"], joint["time_vs_e_with_pretraining"]) == pytest.approx((0.8, 0.6))
+    assert (joint["flops_vs_e"], joint["time_vs_e"], joint["cpu_vs_e"]) == pytest.approx((0.3, 0.2, 0.2))
+    assert (joint["flops_vs_e_with_pretraining"], joint["time_vs_e_with_pretraining"],
+            joint["cpu_vs_e_with_pretraining"]) == pytest.approx((0.8, 0.6, 0.6))
+    assert (joint["memory_est_mb"], scratch["memory_est_mb"]) == (7.0, 9.0) and "memory_mb" not in joint
+    assert math.isnan(joint["cuda_peak_mb"])
     # within 35 % of (e) on its own training, not once all of the pre-training is counted
-    assert (joint["criterion"], joint["criterion_with_pretraining"]) == ("pass", "fail")
+    assert joint["criterion"] == "pass"
+    assert joint["criterion_with_pretraining"] == "fail (flops 0.80, time 0.60, cpu 0.60)"
     assert (scratch["criterion"], scratch["flops_vs_e"]) == ("", 1.0)
     worse, _ = bench_umsrep.strategy_rows(_strategy_table(joint_dice=0.75), config)  # 5 points of Dice below (e)
-    assert worse["criterion"] == "fail"
+    assert worse["criterion"] == "fail (metrics)"
+
+
+def test_umsrep_verdict_also_needs_the_cpu_time_share():
+    """Wall time within 35 % (20 %), but the process worked half as long as (e): a busy moment for (e)."""
+    joint, _ = bench_umsrep.strategy_rows(_strategy_table(joint_dice=0.8, joint_cpu=5.0), strategy_config("smoke"))
+    assert (joint["time_vs_e"], joint["cpu_vs_e"]) == pytest.approx((0.2, 0.5))
+    assert joint["criterion"] == "fail (cpu 0.50)"
