@@ -583,8 +583,10 @@ def train_disentangle(
                    ramp_epochs=ramp_epochs, cosine=cosine, w_leak=w_leak, leak_shrink=leak_shrink, seed=seed)
     game = dict(model=model, optimizer=optimizer, schedule=schedule, leakage=leakage,
                 adv_optimizer=adv_optimizer if adversarial else None, joint=joint if adversarial else None)
+    if resume and checkpoint is None:
+        raise ValueError("resume=True needs out_dir (the folder holding last.pt)")
     if checkpoint is not None:
-        _check_out_dir(Path(out_dir), resume)
+        _check_out_dir(Path(out_dir), resume, writes="last.pt", cli=False)
         if resume and checkpoint.is_file():
             history, step, start = _load_game(checkpoint, game, options, train_loader)
     bar = tqdm(range(start, epochs), initial=start, total=epochs, desc=f"train {type(model).__name__}",
@@ -666,21 +668,16 @@ def _save_game(path: Path, game: dict, options: dict, loader, history: dict, ste
         "joint": game["joint"],  # label-pair counts behind the "prior" target
         "leakage": [side.covariance for side in leakage] if leakage is not None else None,
         "rng": _rng_state(loader),
-        "history": history, "step": step, "epoch": epoch, "options": options,
+        "history": history, "step": step, "epoch": epoch, "config": options,
     }, path)
 
 
 def _load_game(path: Path, game: dict, options: dict, loader) -> tuple[dict, int, int]:
     """Restore `game` from `path` (weights_only); returns the history, the step and the epochs done."""
-    from mtlearn.engine import _set_rng_state, load_checkpoint
+    from mtlearn.engine import _check_resume_options, _set_rng_state, load_checkpoint
 
     state = load_checkpoint(path, map_location="cpu")  # random states must stay on the CPU
-    saved = state.get("options", {})
-    changed = [k for k in options if saved.get(k) != options[k]]
-    if changed:
-        details = "; ".join(f"{k}: {saved.get(k)!r} then, {options[k]!r} now" for k in changed)
-        raise ValueError(f"cannot resume from {path} with other options ({details}). Resume with the options of "
-                         "that run, or start a new run in another out_dir")
+    _check_resume_options(path, state.get("config", {}), options, list(options))
     game["model"].load_state_dict(state["model"])
     game["optimizer"].load_state_dict(state["optimizer"])
     for name in ("schedule", "adv_optimizer"):

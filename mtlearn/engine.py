@@ -451,12 +451,16 @@ def _is_finite_number(value) -> bool:
     return is_number(value) and math.isfinite(value)
 
 
-def _check_out_dir(out_dir: Path, resume: bool) -> None:
-    """Refuse, before any training, an out_dir that cannot hold checkpoints or would lose a finished run."""
+def _check_out_dir(out_dir: Path, resume: bool, writes: str = "last.pt and best.pt", cli: bool = True) -> None:
+    """Refuse, before any training, an out_dir that cannot hold checkpoints or would lose a finished run.
+
+    writes: the checkpoints the caller writes there; cli: name the command line's flags too (fit's
+    run through python -m mtlearn.train; train_disentangle has no command line).
+    """
     existing = next((p for p in (out_dir, *out_dir.parents) if p.exists()), None)
     if existing is not None and not existing.is_dir():  # else a whole epoch trains, then FileExistsError
         raise ValueError(f"out_dir {out_dir} cannot be a folder: {existing} is a file. Choose another out_dir "
-                         "(it receives last.pt and best.pt)")
+                         f"(it receives {writes})")
     last = out_dir / "last.pt"
     if not resume and last.is_file():  # training on would overwrite last.pt and mix best.pt of two runs
         try:
@@ -466,8 +470,8 @@ def _check_out_dir(out_dir: Path, resume: bool) -> None:
             done = ", unreadable"
         # a new run (other data, other options) most often wants a new folder; resume only continues that run
         raise ValueError(f"out_dir {out_dir} already holds a run (last.pt{done}): for a new run choose another "
-                         "out_dir (CLI: --out-dir) or delete this one; to continue that run pass resume=True "
-                         "(CLI: --resume)")
+                         f"out_dir{' (CLI: --out-dir)' if cli else ''} or delete this one; to continue that run "
+                         f"pass resume=True{' (CLI: --resume)' if cli else ''}")
 
 
 def _make_weighting(config: TrainConfig, tasks: tuple[str, ...]) -> LossWeighting:
@@ -642,17 +646,21 @@ RESUME_FIELDS = ("tasks", "lr", "weight_decay", "betas", "poly_power", "weightin
                  "weighting_kwargs", "losses", "grad_clip")
 
 
+def _check_resume_options(path: Path, saved: Mapping, current: Mapping, names: Sequence[str]) -> None:
+    """Refuse to resume the run saved at `path` with options (of `names`) other than it was saved with."""
+    changed = [name for name in names if name in saved and saved[name] != current[name]]
+    if changed:
+        details = "; ".join(f"{name}: {saved[name]!r} then, {current[name]!r} now" for name in changed)
+        raise ValueError(f"cannot resume from {path} with other options ({details}). Resume with the options "
+                         "of that run, or start a new run in another out_dir")
+
+
 def _load_run(run: _Run, path: Path, train_loader, config: TrainConfig, tasks) -> tuple[History, int]:
     """Restore a run from a checkpoint; returns its history and the number of epochs done."""
     # map_location "cpu": the random states must stay CPU tensors (torch.set_rng_state refuses others);
     # load_state_dict below copies weights and optimiser moments onto the parameters' device
     state = load_checkpoint(path, map_location="cpu")
-    saved, current = state.get("config", {}), _plain_config(config, tasks)
-    changed = [name for name in RESUME_FIELDS if name in saved and saved[name] != current[name]]
-    if changed:
-        details = "; ".join(f"{name}: {saved[name]!r} then, {current[name]!r} now" for name in changed)
-        raise ValueError(f"cannot resume from {path} with other options ({details}). Resume with the options "
-                         "of that run, or start a new run in another out_dir")
+    _check_resume_options(path, state.get("config", {}), _plain_config(config, tasks), RESUME_FIELDS)
     try:
         run.model.load_state_dict(state["model"])
     except RuntimeError as error:  # missing keys, size mismatches: another architecture wrote it
@@ -780,10 +788,12 @@ def _update(run: _Run, losses: Mapping[str, Tensor]) -> float:
     else:
         run.optimizer.step()
     run.weighting.after_step()
-    with warnings.catch_warnings():
-        if run.scaler is not None:  # it skipped an overflowing fp16 step, which torch reports as a misordered
-            # call; the schedule is a closed form of the step count and is not affected
+    if run.scaler is not None and run.scheduler.last_epoch == 0:  # the very first step (torch checks only it)
+        with warnings.catch_warnings():  # the scaler may have skipped an overflowing fp16 step, which torch
+            # reports as a misordered call; the schedule is a closed form of the step count, not affected
             warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
+            run.scheduler.step()
+    else:
         run.scheduler.step()
     return float(total)
 

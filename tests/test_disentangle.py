@@ -382,8 +382,11 @@ def test_a_checkpointed_run_is_not_overwritten_or_resumed_with_other_options(tin
     train, _ = tiny_loaders
     kwargs = dict(epochs=1, adv_steps=2, device="cpu", progress=False)
     D.train_disentangle(tiny_model(), train, out_dir=tmp_path, **kwargs)
-    with pytest.raises(ValueError, match="already holds a run"):
+    with pytest.raises(ValueError, match=r"already holds a run \(last.pt, epoch 1 of 1\)") as caught:
         D.train_disentangle(tiny_model(), train, out_dir=tmp_path, **kwargs)
+    assert "CLI" not in str(caught.value)  # train_disentangle has no command line
+    with pytest.raises(ValueError, match="resume=True needs out_dir"):
+        D.train_disentangle(tiny_model(), train, resume=True, **kwargs)
     with pytest.raises(ValueError, match=r"other options \(w_adv: 3.0 then, 1.0 now\)"):
         D.train_disentangle(tiny_model(), train, out_dir=tmp_path, resume=True, **kwargs, w_adv=1.0)
 
