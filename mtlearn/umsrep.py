@@ -755,10 +755,12 @@ def joint_vs_single_task(table, max_compute_share: float = 0.35, tolerance: Mapp
     """The acceptance check: does (d) cost at most `max_compute_share` of (e), and score as well?
 
     Compute shares are given three ways (fine-tuning only, amortised, total with all of the
-    pre-training) for FLOPs and for wall time. A metric passes when the joint model's value is at
-    least the baseline's minus its tolerance (default UMSRepConfig.tolerance: 0.02 for scores on a
-    0-1 scale, i.e. 2 points, and 0.5 dB of PSNR). `passed` uses the fine-tuning-only shares;
-    `passed_with_pretraining` the totals.
+    pre-training) for FLOPs, wall time and CPU time; each must be within max_compute_share (CPU
+    time too: on a machine shared with other jobs wall time alone can pass or fail by luck). A
+    metric passes when the joint model's value is at least the baseline's minus its tolerance
+    (default UMSRepConfig.tolerance: 0.02 for scores on a 0-1 scale, i.e. 2 points, and 0.5 dB of
+    PSNR). `passed` uses the fine-tuning-only shares; `passed_amortised` and
+    `passed_with_pretraining` the amortised and total ones.
     """
     tolerance = dict(UMSRepConfig().tolerance if tolerance is None else tolerance)
     _check_acceptance(max_compute_share, tolerance)
@@ -781,6 +783,6 @@ def joint_vs_single_task(table, max_compute_share: float = 0.35, tolerance: Mapp
         metrics_ok &= ok
     result["metrics_ok"] = metrics_ok
     for suffix, kind in (("", "train"), ("_amortised", "amortised"), ("_with_pretraining", "total")):
-        result[f"passed{suffix}"] = bool(metrics_ok and result[f"flops_share_{kind}"] <= max_compute_share
-                                         and result[f"time_share_{kind}"] <= max_compute_share)
+        result[f"passed{suffix}"] = bool(metrics_ok and all(result[f"{name}_share_{kind}"] <= max_compute_share
+                                                             for name in ("flops", "time", "cpu")))
     return result

@@ -203,9 +203,10 @@ def test_measuring_does_not_touch_the_model():
     assert all(p.grad is None for p in model.parameters())
 
 
-def record(strategy, tasks, flops_per_image=1e6, images=100, wall=1.0, **metrics):
+def record(strategy, tasks, flops_per_image=1e6, images=100, wall=1.0, cpu=None, **metrics):
     return TrainedModel(strategy, tasks, dict(metrics), trainable_parameters=10, flops_per_image=flops_per_image,
-                        images_seen=images, wall_time_s=wall, cpu_time_s=2 * wall, memory_mb=1.0)
+                        images_seen=images, wall_time_s=wall, cpu_time_s=2 * wall if cpu is None else cpu,
+                        memory_mb=1.0)
 
 
 def test_training_flops_are_per_image_flops_times_images_seen():
@@ -264,6 +265,17 @@ def test_joint_vs_single_task_needs_both_shares_and_only_limits_drops(joint_flop
     assert check["passed"] is passed
     with pytest.raises(ValueError, match="a fraction"):
         joint_vs_single_task(strategy_table(runs, UMSRepConfig()), max_compute_share=35)
+
+
+def test_joint_vs_single_task_needs_the_cpu_time_share_too():
+    """Wall time can pass by luck on a shared machine (the joint run waited less for a core): the
+    CPU-time share must hold as well."""
+    runs = [record("pretrain", ("recon",), images=100, wall=5.0),
+            record("joint", TASKS, images=100, wall=3.0, cpu=14.0, **scores(24.0, 0.90)),  # CPU share 14 / 30
+            *(record("scratch", (t,), images=200, wall=5.0, **scores(24.2, 0.90)) for t in TASKS)]
+    check = joint_vs_single_task(strategy_table(runs, UMSRepConfig()))
+    assert check["time_share_train"] == pytest.approx(0.2) and check["cpu_share_train"] == pytest.approx(14 / 30)
+    assert check["metrics_ok"] and not check["passed"]
 
 
 def test_random_subset_draws_from_the_whole_split():
