@@ -27,7 +27,7 @@ from data_fetch.sources import SOURCES, Source, get_source
 
 __all__ = [
     "SOURCES", "DownloadError", "FetchError", "HashMismatchError", "Source", "UnsafeArchiveError",
-    "completion_marker", "dataset_dir", "default_data_dir", "fetch",
+    "completion_marker", "dataset_dir", "default_data_dir", "fetch", "missing_files",
 ]
 
 DATA_ENV = "MTLEARN_DATA"  # environment variable that overrides the default data root
@@ -120,14 +120,30 @@ def _still_complete(marker: Path, folder: Path, source: Source, known_hash: str 
     if known_hash is not None and record.get("known_hash") not in (None, known_hash):
         print(f"{source.name}: a different checksum than the one of the last fetch was given; checking again")
         return False
-    # markers written before file lists were recorded: trust an archive's, check a plain file
-    files = record.get("files", [] if source.extract else [source.filename])
-    missing = [name for name in files if not (folder / name).exists()]
+    missing = _missing(record, folder, source)
     if missing:
         print(f"{source.name}: {len(missing)} file(s) of the last fetch are missing (e.g. {missing[0]}); "
               "fetching again")
         return False
     return True
+
+
+def _missing(record: dict, folder: Path, source: Source) -> list[str]:
+    """The files a completed fetch (its marker's `record`) put in `folder` that are gone since."""
+    # markers written before file lists were recorded: trust an archive's, check a plain file
+    files = record.get("files", [] if source.extract else [source.filename])
+    return [name for name in files if not (folder / name).exists()]
+
+
+def missing_files(folder: str | Path, name: str) -> list[str]:
+    """Files the completed fetch of dataset `name` unpacked into `folder` that have been deleted or
+    moved since (its completion marker lists them); [] when no fetch completed there."""
+    folder = Path(folder)
+    try:
+        record = json.loads(completion_marker(folder, name).read_text())
+    except (OSError, ValueError):
+        return []
+    return _missing(record, folder, get_source(name))
 
 
 def mismatch_advice(source: Source, known_hash: str, folder: Path, error: HashMismatchError) -> str:

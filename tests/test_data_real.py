@@ -1,5 +1,6 @@
 """load_dataset on fake copies of each real dataset (tests/fixtures_real.py): quirks, splits, errors."""
 
+import re
 import warnings
 
 import numpy as np
@@ -445,17 +446,23 @@ def test_datasets_pickle_for_dataloader_workers(busi):
     assert copy[0]["id"] == dataset[0]["id"] and copy[0]["image"].shape == (1, SIZE, SIZE)
 
 
-def test_a_fetched_folder_short_of_images_warns(tmp_path):
+def test_a_fetched_folder_missing_files_warns(tmp_path):
+    """data_fetch's marker lists what it unpacked: a file deleted since is named, a hand-made folder
+    (no marker) is not checked."""
+    import json
+
     from data_fetch import completion_marker
 
-    make_busi(tmp_path, per_class=2)  # 7 images, 6 with a mask; the real BUSI has 780
+    make_busi(tmp_path, per_class=2)
     with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")  # no marker: a hand-made folder (or this fake) may be small
+        warnings.simplefilter("always")
         load_dataset("busi", root=tmp_path, split="all")
-    assert [str(w.message) for w in caught if "full download" in str(w.message)] == []
-    assert any("no mask file, skipped" in str(w.message) for w in caught)  # the image without a mask is said
-    completion_marker(tmp_path, "busi").write_text("{}")  # data_fetch finished here once
-    with pytest.warns(UserWarning, match=r"gives 6 images, a full download 780.*`python -m data_fetch busi --dest"):
+    assert not [w for w in caught if "missing" in str(w.message)]
+    files = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*.png"))
+    completion_marker(tmp_path, "busi").write_text(json.dumps({"name": "busi", "files": files}))
+    (tmp_path / files[0]).unlink()  # e.g. an image deleted by hand after the fetch
+    with pytest.warns(UserWarning, match=r"busi: 1 file\(s\) of the download are missing .*e\.g\. "
+                      + re.escape(files[0]) + r".*`python -m data_fetch busi --dest"):
         load_dataset("busi", root=tmp_path, split="all")
 
 

@@ -34,7 +34,7 @@ import torch
 from PIL import Image
 from torch.utils.data import ConcatDataset, Dataset
 
-from data_fetch import completion_marker, default_data_dir, get_source
+from data_fetch import completion_marker, default_data_dir, get_source, missing_files
 from mtlearn.data.splits import (
     DUPLICATE_MAX_DISTANCE, SPLIT_FRACTIONS, difference_hash, duplicate_groups, split_by_group,
 )
@@ -49,9 +49,6 @@ SYNTHETIC_SIZES = {"train": 2000, "val": 200, "test": 400}  # default number of 
 # Synthetic splits are disjoint index ranges of one deterministic stream.
 SYNTHETIC_FIRST_INDEX = {"train": 0, "val": 1_000_000, "test": 2_000_000}
 SIZE_MISMATCH_POLICIES = ("skip", "resize")
-# Images in a complete download (the publications' counts). Only the unpacked archives can come up
-# short; a truncated npz does not load at all.
-FULL_DOWNLOAD_SIZES = {"busi": 780, "bus_bra": 1875, "bus_uclm": 683}
 
 
 @dataclass(frozen=True)
@@ -132,17 +129,12 @@ def load_dataset(
     if problems:  # said once here, not only kept in a list nobody reads
         warnings.warn(f"{name}: {len(problems)} note(s) on the files, e.g. {problems[:2]}; see dataset.problems",
                       stacklevel=2)
-    # Only a folder with data_fetch's marker is known to have been a full download: a hand-unpacked
-    # folder or a test's fake copy may rightly hold fewer images, so those are not checked. Below 95 %
-    # only: the counts are the publications', and a few images the reader skips are already listed
-    # in dataset.problems; a copy that stopped half-way is short by far more.
-    expected = FULL_DOWNLOAD_SIZES.get(fetch_name)
-    if split == "all" and expected and marker.exists() and len(records) < 0.95 * expected:
-        warnings.warn(
-            f"{name}: {folder} gives {len(records)} images, a full download {expected}. If files were deleted "
-            f"or copied only in part, `{command}` restores them; dataset.problems lists the images skipped",
-            stacklevel=2,
-        )
+    # data_fetch's marker lists every file it unpacked: any gone since (deleted, a partial copy of the
+    # folder) would silently shrink the dataset. A hand-unpacked folder has no marker and no list.
+    missing = missing_files(folder, fetch_name)
+    if missing:
+        warnings.warn(f"{name}: {len(missing)} file(s) of the download are missing from {folder} (e.g. "
+                      f"{missing[0]}); `{command}` restores them", stacklevel=2)
     return UltrasoundDataset(
         name, split, records, class_names, size, in_channels, augment, cache, seed, on_size_mismatch, problems
     )
