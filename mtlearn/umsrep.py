@@ -52,8 +52,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from mtlearn.losses import build_losses, check_tasks, task_losses
-from mtlearn.utils import (check_options, count_parameters, countable_attention, is_number, pick_device,
-                           seed_everything)
+from mtlearn.utils import check_options, count_parameters, countable_attention, pick_device, seed_everything
+from mtlearn.weighting import check_task_weights
 
 TASKS = ("recon", "seg", "cls")  # the order of the paper: denoising, segmentation, classification
 STRATEGIES = {  # name -> description (the letters of the issue)
@@ -443,11 +443,8 @@ class UMSRepConfig:
                 raise ValueError(f"{name} must be an integer in 0..{NUM_STAGES}, got {value!r}")
         _check_acceptance(self.max_compute_share, self.tolerance)
         # checked here, not when (d) starts: by then the representation and (a)-(c) have trained
-        weights = self.joint_task_weights
-        if weights is not None and (not isinstance(weights, Mapping) or set(weights) != set(TASKS)
-                                    or not all(is_number(w) and 0 <= w < math.inf for w in weights.values())):
-            raise ValueError(f"joint_task_weights must be None or give a finite number >= 0 for each of {TASKS}, "
-                             f"e.g. {{'recon': 1.0, 'seg': 1.0, 'cls': 0.25}}; got {weights!r}")
+        if self.joint_task_weights is not None:
+            check_task_weights(self.joint_task_weights, TASKS, "joint_task_weights (or None)")
         for name in ("num_unlabeled", "num_train", "num_test"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 2):

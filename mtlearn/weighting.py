@@ -29,6 +29,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from mtlearn.losses import check_tasks
+from mtlearn.utils import is_number
 
 Scale = Callable[[Tensor], Tensor]
 
@@ -86,6 +87,15 @@ class LossWeighting(nn.Module):
         raise NotImplementedError
 
 
+def check_task_weights(weights, tasks: Sequence[str], name: str = "weights") -> None:
+    """Refuse anything but one finite number >= 0 per task of `tasks` (`name`: what the caller calls them)."""
+    example = {t: DEFAULT_WEIGHTS.get(t, 1.0) for t in tasks}
+    if not isinstance(weights, Mapping) or set(weights) != set(tasks):
+        raise ValueError(f"{name} must give one number per task {tuple(tasks)}, e.g. {example}; got {weights!r}")
+    if not all(is_number(w) and 0 <= w < math.inf for w in weights.values()):  # NaN fails the comparison
+        raise ValueError(f"{name} must be finite and non-negative numbers, e.g. {example}; got {weights!r}")
+
+
 class FixedWeights(LossWeighting):
     """L = sum_t w_t L_t with constant weights.
 
@@ -96,10 +106,7 @@ class FixedWeights(LossWeighting):
     def __init__(self, tasks: Sequence[str] = ("seg", "cls"), weights: Mapping[str, float] | None = None):
         super().__init__(tasks)
         weights = dict(weights) if weights is not None else {t: DEFAULT_WEIGHTS[t] for t in self.tasks}
-        if set(weights) != set(self.tasks):
-            raise ValueError(f"weights must give one number per task {self.tasks}, got {weights}")
-        if any(not math.isfinite(w) or w < 0 for w in weights.values()):
-            raise ValueError(f"weights must be finite and non-negative, got {weights}")
+        check_task_weights(weights, self.tasks)
         self.register_buffer("task_weights", torch.tensor([float(weights[t]) for t in self.tasks]))
 
     def combine(self, losses):

@@ -353,7 +353,7 @@ def test_a_few_denoising_steps_lower_the_reconstruction_error():
     (dict(tolerance={"dice": 0.02}), "tolerance maps metrics"),
     (dict(strategies=("joint", "joint")), "must not repeat"),
     (dict(image_size="64"), "image_size must be an integer"),
-    (dict(joint_task_weights={"sgm": 1.0}), "joint_task_weights must be None or give"),
+    (dict(joint_task_weights={"sgm": 1.0}), r"joint_task_weights \(or None\) must give one number per task"),
     (dict(joint_task_weights={"recon": 1.0, "seg": 1.0, "cls": -0.25}), "joint_task_weights"),
     (dict(joint_task_weights={"recon": 1.0, "seg": 1.0, "cls": float("nan")}), "joint_task_weights"),
     (dict(joint_task_weights={"recon": 1.0, "seg": "1", "cls": 0.25}), "joint_task_weights"),
