@@ -20,7 +20,6 @@ import argparse
 import ast
 import itertools
 import json
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +28,7 @@ from typing import Any
 import pandas as pd
 
 from mtlearn.course import DONE, course_notebooks, run_notebook
-from mtlearn.notebook import flatten_metrics
+from mtlearn.notebook import flatten_metrics, write_text
 
 
 @dataclass(frozen=True)
@@ -58,12 +57,14 @@ class RunSpec:
 
 
 def _finished(folder: Path) -> bool:
-    """A run that succeeded: its `done` marker (written after the notebook's last save) and no error.txt.
+    """A run that succeeded: its `done` marker, which run_notebook writes into the staging folder
+    after the notebook's last save and metrics.json, just before moving it into place (a failed
+    run stays in `<folder>.partial` with its error.txt).
 
     Why not just metrics.json: a notebook writes it in run.finish, so a run that failed or was
     interrupted after that has one too. Runs from before the marker existed rerun once.
     """
-    return (folder / DONE).exists() and (folder / "metrics.json").exists() and not (folder / "error.txt").exists()
+    return (folder / DONE).exists()
 
 
 # Parameters the grid sets itself: a swept value would be silently replaced (or nest folders).
@@ -243,9 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     table = collect(args.out, specs)  # this grid's runs only, not those of earlier grids in --out
     if not table.empty:
         path = args.out / "results.csv"
-        tmp = path.with_name(path.name + ".tmp")  # a crash while writing keeps the previous results.csv
-        table.to_csv(tmp, index=False)
-        os.replace(tmp, path)
+        write_text(table.to_csv(index=False), path)  # atomic: a crash while writing keeps the previous file
         print(f"\n{len(table)} results collected into {path}")
     return 0 if not status["status"].str.startswith("failed").any() else 1
 

@@ -206,13 +206,19 @@ def to_jsonable(value: Any, digits: int | None = None) -> Any:
     raise TypeError(f"metrics must be numbers, strings, lists or dicts; got {type(value).__name__}: {value!r}")
 
 
-def write_json(record: dict[str, Any], path: Path) -> None:
-    """Write `record` to `path` atomically (temp file + rename): a reader never sees half a file."""
+def write_text(text: str, path: Path) -> None:
+    """Write `text` to `path` atomically (temp file + rename): a reader never sees half a file, and a
+    crash while writing leaves the previous file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(to_jsonable(record), indent=2, allow_nan=False))
+    tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def write_json(record: dict[str, Any], path: Path) -> None:
+    """Write `record` to `path` as JSON, atomically (write_text)."""
+    write_text(json.dumps(to_jsonable(record), indent=2, allow_nan=False), path)
 
 
 def flatten_metrics(metrics: dict[str, Any], prefix: str = "") -> dict[str, Any]:
