@@ -29,7 +29,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mtlearn.engine import NonFiniteLossError, _check_out_dir
+from mtlearn.checkpoint import (
+    check_out_dir,
+    check_resume_options,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from mtlearn.engine import NonFiniteLossError
 from mtlearn.utils import check_options, is_number
 
 # ----------------------------------------------------------------------------------------------
@@ -586,7 +594,7 @@ def train_disentangle(
     if resume and checkpoint is None:
         raise ValueError("resume=True needs out_dir (the folder holding last.pt)")
     if checkpoint is not None:
-        _check_out_dir(Path(out_dir), resume, writes="last.pt", cli=False)
+        check_out_dir(Path(out_dir), resume, writes="last.pt", cli=False)
         if resume and checkpoint.is_file():
             history, step, start = _load_game(checkpoint, game, options, train_loader)
     bar = tqdm(range(start, epochs), initial=start, total=epochs, desc=f"train {type(model).__name__}",
@@ -657,8 +665,6 @@ def train_disentangle(
 
 def _save_game(path: Path, game: dict, options: dict, loader, history: dict, step: int, epoch: int) -> None:
     """Everything the min-max loop carries from one epoch to the next, to `path` (atomically)."""
-    from mtlearn.engine import _rng_state, save_checkpoint
-
     leakage = game["leakage"]
     save_checkpoint({
         "model": game["model"].state_dict(),
@@ -667,17 +673,15 @@ def _save_game(path: Path, game: dict, options: dict, loader, history: dict, ste
         "adv_optimizer": game["adv_optimizer"].state_dict() if game["adv_optimizer"] is not None else None,
         "joint": game["joint"],  # label-pair counts behind the "prior" target
         "leakage": [side.covariance for side in leakage] if leakage is not None else None,
-        "rng": _rng_state(loader),
+        "rng": rng_state(loader),
         "history": history, "step": step, "epoch": epoch, "config": options,
     }, path)
 
 
 def _load_game(path: Path, game: dict, options: dict, loader) -> tuple[dict, int, int]:
     """Restore `game` from `path` (weights_only); returns the history, the step and the epochs done."""
-    from mtlearn.engine import _check_resume_options, _set_rng_state, load_checkpoint
-
     state = load_checkpoint(path, map_location="cpu")  # random states must stay on the CPU
-    _check_resume_options(path, state.get("config", {}), options, list(options))
+    check_resume_options(path, state.get("config", {}), options, list(options))
     game["model"].load_state_dict(state["model"])
     game["optimizer"].load_state_dict(state["optimizer"])
     for name in ("schedule", "adv_optimizer"):
@@ -688,7 +692,7 @@ def _load_game(path: Path, game: dict, options: dict, loader) -> tuple[dict, int
     if game["leakage"] is not None:
         for side, covariance in zip(game["leakage"], state["leakage"]):
             side.covariance = covariance.to(game["joint"].device) if covariance is not None else None
-    _set_rng_state(state["rng"], loader)
+    set_rng_state(state["rng"], loader)
     return state["history"], int(state["step"]), int(state["epoch"])
 
 

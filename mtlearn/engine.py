@@ -13,7 +13,8 @@ What one training step does (`_forward`, then `_update`):
 After every epoch: a check that the weights are still finite (NonFiniteWeightsError otherwise, before
 anything is saved), validation metrics, `last.pt`, and `best.pt` when the validation metric improved.
 Checkpoints hold everything needed to resume bit-for-bit (on CPU): model, optimiser, scheduler,
-weighting, grad scaler, every random generator and the history.
+weighting, grad scaler, every random generator and the history. How they are written, read and
+checked is mtlearn.checkpoint's (`save_checkpoint` and `load_checkpoint` import from here too).
 
 Under torchrun (`python -m mtlearn.train`), `fit` wraps the model in DistributedDataParallel
 itself; progress bars and checkpoints then come from rank 0 only and metrics are summed over ranks.
@@ -25,8 +26,6 @@ import copy
 import dataclasses
 import math
 import os
-import pickle
-import random
 import time
 import warnings
 from collections.abc import Mapping, Sequence
@@ -41,6 +40,15 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from mtlearn.checkpoint import (
+    check_out_dir,
+    check_resume_options,
+    first_mismatch,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from mtlearn.losses import LossConfig, build_losses, check_tasks, task_losses
 from mtlearn.metrics import MetricAccumulator
 from mtlearn.utils import is_number, pick_device, seed_everything
@@ -302,124 +310,6 @@ def _average_gradients(parameters: Sequence[nn.Parameter]) -> None:
             p.grad /= dist.get_world_size()
 
 
-# ----------------------------------------------------------------------------- checkpoints
-
-
-def _rng_state(loader) -> dict:
-    """Every random generator a training epoch draws from, as tensors and numbers only."""
-    np_state = np.random.get_state()
-    state = {
-        "torch": torch.get_rng_state(),
-        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
-                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
-        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
-        "cuda": _cuda_rng_states(),
-    }
-    for name, generator in _loader_generators(loader).items():
-        state[name] = generator.get_state()
-    return state
-
-
-def _cuda_rng_states() -> list[Tensor]:
-    """The current GPU's random state, one per process under torchrun (rank k restores its own).
-
-    Collective under torchrun: every rank must call it, so it runs before the rank-0-only save.
-    """
-    if not torch.cuda.is_available():
-        return []
-    state = torch.cuda.get_rng_state()
-    if not is_distributed():
-        return [state]
-    states = [None] * dist.get_world_size()
-    dist.all_gather_object(states, state)
-    return [s.cpu() for s in states]
-
-
-def _set_rng_state(state: Mapping, loader) -> None:
-    torch.set_rng_state(state["torch"])
-    numpy = state["numpy"]
-    np.random.set_state(("MT19937", numpy["keys"].numpy().astype(np.uint32), numpy["pos"],
-                         numpy["has_gauss"], numpy["cached_gaussian"]))
-    version, internal, gauss_next = state["python"]
-    random.setstate((version, tuple(internal), gauss_next))
-    if state["cuda"] and torch.cuda.is_available():
-        world, rank = (dist.get_world_size(), dist.get_rank()) if is_distributed() else (1, 0)
-        if len(state["cuda"]) == world:
-            torch.cuda.set_rng_state(state["cuda"][rank])
-        else:
-            warnings.warn(f"the checkpoint holds the CUDA random state of {len(state['cuda'])} process(es), this "
-                          f"run has {world}: dropout and drop-path will differ from an uninterrupted run",
-                          stacklevel=3)
-    for name, generator in _loader_generators(loader).items():
-        if name in state:
-            generator.set_state(state[name])
-
-
-def _loader_generators(loader) -> dict[str, torch.Generator]:
-    """The DataLoader's own generator and its sampler's, when they are set (shuffling order)."""
-    found = {}
-    for name, owner in (("loader_generator", loader), ("sampler_generator", getattr(loader, "sampler", None))):
-        generator = getattr(owner, "generator", None)
-        if isinstance(generator, torch.Generator) and all(generator is not g for g in found.values()):
-            found[name] = generator
-    return found
-
-
-def save_checkpoint(state: Mapping, path: str | os.PathLike) -> Path:
-    """torch.save to a temporary file in the same folder, then rename: a crash never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(dict(state), f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)  # atomic on POSIX and Windows
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
-
-
-def load_checkpoint(path: str | os.PathLike, model: nn.Module | None = None,
-                    map_location: str | torch.device = "cpu") -> dict:
-    """Read a checkpoint with torch.load(weights_only=True); load its weights into `model` if given.
-
-    Returns the whole dict: "model", "optimizer", "scheduler", "weighting", "scaler", "rng",
-    "history" (a dict; `History.from_state_dict` turns it back), "epoch" (epochs completed), "config".
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}; train with fit(..., out_dir=...) first "
-                                "(it writes last.pt every epoch and best.pt on validation improvement)")
-    not_ours = (f"cannot read {path}: it is not an mtlearn checkpoint (fit(..., out_dir=...) writes last.pt and "
-                "best.pt), or it is corrupt or truncated (an interrupted copy?). Use another checkpoint or retrain")
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except (pickle.UnpicklingError, EOFError, KeyError, RuntimeError) as error:
-        if isinstance(error, RuntimeError) and "PytorchStreamReader" not in str(error):
-            raise  # not the file's fault (e.g. a map_location this machine lacks)
-        # `from None`: torch's text advises weights_only=False, i.e. running code from an unknown file
-        raise ValueError(not_ours) from None
-    if not isinstance(state, Mapping) or (model is not None and "model" not in state):
-        raise ValueError(not_ours)
-    if model is not None:
-        try:
-            model.load_state_dict(state["model"])
-        except RuntimeError as error:  # missing keys, size mismatches: another architecture wrote it
-            raise ValueError(f"cannot load {path} into this model: the checkpoint was written for another model "
-                             "(another preset, task list, channel count or class count?). Build the model with "
-                             f"the options of that run. ({_first_mismatch(error)})") from None
-    return state
-
-
-def _first_mismatch(error: RuntimeError) -> str:
-    """The first specific line of load_state_dict's error (its first line only names the model class)."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return lines[1] if len(lines) > 1 else lines[0]
-
-
 # ----------------------------------------------------------------------------- training
 
 
@@ -449,29 +339,6 @@ def _make_config(config: TrainConfig | None, overrides: Mapping[str, Any]) -> Tr
 
 def _is_finite_number(value) -> bool:
     return is_number(value) and math.isfinite(value)
-
-
-def _check_out_dir(out_dir: Path, resume: bool, writes: str = "last.pt and best.pt", cli: bool = True) -> None:
-    """Refuse, before any training, an out_dir that cannot hold checkpoints or would lose a finished run.
-
-    writes: the checkpoints the caller writes there; cli: name the command line's flags too (fit's
-    run through python -m mtlearn.train; train_disentangle has no command line).
-    """
-    existing = next((p for p in (out_dir, *out_dir.parents) if p.exists()), None)
-    if existing is not None and not existing.is_dir():  # else a whole epoch trains, then FileExistsError
-        raise ValueError(f"out_dir {out_dir} cannot be a folder: {existing} is a file. Choose another out_dir "
-                         f"(it receives {writes})")
-    last = out_dir / "last.pt"
-    if not resume and last.is_file():  # training on would overwrite last.pt and mix best.pt of two runs
-        try:
-            state = load_checkpoint(last)
-            done = f", epoch {state.get('epoch', '?')} of {state.get('config', {}).get('epochs', '?')}"
-        except ValueError:  # unreadable: still somebody's file, and the advice below still holds
-            done = ", unreadable"
-        # a new run (other data, other options) most often wants a new folder; resume only continues that run
-        raise ValueError(f"out_dir {out_dir} already holds a run (last.pt{done}): for a new run choose another "
-                         f"out_dir{' (CLI: --out-dir)' if cli else ''} or delete this one; to continue that run "
-                         f"pass resume=True{' (CLI: --resume)' if cli else ''}")
 
 
 def _make_weighting(config: TrainConfig, tasks: tuple[str, ...]) -> LossWeighting:
@@ -521,7 +388,7 @@ def fit(model: nn.Module, train_loader, val_loader=None, config: TrainConfig | N
         raise ValueError("train_loader yields no batches; check the dataset size and batch_size/drop_last")
     out_dir = Path(config.out_dir) if config.out_dir is not None else None
     if out_dir is not None:
-        _check_out_dir(out_dir, config.resume)
+        check_out_dir(out_dir, config.resume)
     if config.seed is not None:
         seed_everything(config.seed)
     run = _prepare(model, config, tasks, total_steps=config.epochs * len(train_loader))
@@ -574,7 +441,7 @@ def fit(model: nn.Module, train_loader, val_loader=None, config: TrainConfig | N
         if improved:
             best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
         if out_dir is not None:
-            rng = _rng_state(train_loader)  # on every rank: it gathers each GPU's random state
+            rng = rng_state(train_loader)  # on every rank: it gathers each GPU's random state
             if is_main_process():
                 state = _run_state(run, epoch + 1, history, config, tasks, rng)
                 if improved:
@@ -646,27 +513,18 @@ RESUME_FIELDS = ("tasks", "lr", "weight_decay", "betas", "poly_power", "weightin
                  "weighting_kwargs", "losses", "grad_clip")
 
 
-def _check_resume_options(path: Path, saved: Mapping, current: Mapping, names: Sequence[str]) -> None:
-    """Refuse to resume the run saved at `path` with options (of `names`) other than it was saved with."""
-    changed = [name for name in names if name in saved and saved[name] != current[name]]
-    if changed:
-        details = "; ".join(f"{name}: {saved[name]!r} then, {current[name]!r} now" for name in changed)
-        raise ValueError(f"cannot resume from {path} with other options ({details}). Resume with the options "
-                         "of that run, or start a new run in another out_dir")
-
-
 def _load_run(run: _Run, path: Path, train_loader, config: TrainConfig, tasks) -> tuple[History, int]:
     """Restore a run from a checkpoint; returns its history and the number of epochs done."""
     # map_location "cpu": the random states must stay CPU tensors (torch.set_rng_state refuses others);
     # load_state_dict below copies weights and optimiser moments onto the parameters' device
     state = load_checkpoint(path, map_location="cpu")
-    _check_resume_options(path, state.get("config", {}), _plain_config(config, tasks), RESUME_FIELDS)
+    check_resume_options(path, state.get("config", {}), _plain_config(config, tasks), RESUME_FIELDS)
     try:
         run.model.load_state_dict(state["model"])
     except RuntimeError as error:  # missing keys, size mismatches: another architecture wrote it
         raise ValueError(f"cannot resume from {path}: its weights do not fit this model (another preset, task list, "
                          "channel count or class count?). Resume with the model of that run, or start a new run in "
-                         f"another out_dir. ({_first_mismatch(error)})") from None
+                         f"another out_dir. ({first_mismatch(error)})") from None
     run.optimizer.load_state_dict(state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
     # the schedule's closed form knows the (possibly longer) new run: recompute this step's lr from it
@@ -678,7 +536,7 @@ def _load_run(run: _Run, path: Path, train_loader, config: TrainConfig, tasks) -
     run.weighting.load_state_dict(state["weighting"])
     if run.scaler is not None and state["scaler"]:
         run.scaler.load_state_dict(state["scaler"])
-    _set_rng_state(state["rng"], train_loader)
+    set_rng_state(state["rng"], train_loader)
     return History.from_state_dict(state["history"]), int(state["epoch"])
 
 

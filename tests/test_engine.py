@@ -3,7 +3,6 @@ import math
 import os
 import random
 import re
-import traceback
 import warnings
 
 import numpy as np
@@ -25,7 +24,6 @@ from mtlearn.engine import (
     fit,
     load_checkpoint,
     resolve_amp,
-    save_checkpoint,
 )
 from mtlearn.metrics import MetricAccumulator
 from mtlearn.weighting import WEIGHTINGS
@@ -381,14 +379,6 @@ def test_best_checkpoint_is_chosen_on_validation_and_restored(tmp_path):
     assert no_val.best_epoch is None and not (tmp_path / "noval" / "best.pt").exists()
 
 
-def test_atomic_save_keeps_the_old_file_on_failure(tmp_path):
-    path = save_checkpoint({"epoch": 1, "weights": torch.ones(3)}, tmp_path / "last.pt")
-    with pytest.raises(Exception):
-        save_checkpoint({"epoch": 2, "broken": lambda: None}, path)  # a lambda cannot be pickled
-    assert load_checkpoint(path)["epoch"] == 1
-    assert os.listdir(tmp_path) == ["last.pt"]
-
-
 def test_data_wait_is_measured(monkeypatch):
     """On a fake clock: each item takes 1 s to load, each training forward 0.5 s, nothing else any time."""
     import mtlearn.engine as engine
@@ -581,29 +571,3 @@ def test_load_checkpoint_into_another_model_names_the_file(tmp_path):
     with pytest.raises(ValueError, match=re.escape(f"cannot load {path} into this model: the checkpoint was written "
                                                    "for another model") + r".*size mismatch for heads\.cls\.weight"):
         load_checkpoint(path, ToyNet(num_classes=5))
-
-
-class _Foreign:
-    """An object torch.load(weights_only=True) refuses to build."""
-
-
-@pytest.mark.parametrize("content", ["empty", "text", "truncated", "foreign object", "plain state_dict"])
-def test_load_checkpoint_refuses_a_corrupt_or_foreign_file(content, tmp_path):
-    path = tmp_path / "model.pt"
-    if content == "empty":
-        path.write_bytes(b"")
-    elif content == "text":
-        path.write_text("not a checkpoint\n")
-    elif content == "truncated":
-        save_checkpoint({"model": ToyNet().state_dict()}, path)
-        path.write_bytes(path.read_bytes()[:1000])
-    elif content == "foreign object":
-        torch.save({"model": _Foreign()}, path)
-    else:  # torch.save(model.state_dict()): weights, but not in an mtlearn checkpoint
-        torch.save(ToyNet().state_dict(), path)
-    with pytest.raises(ValueError) as caught:
-        load_checkpoint(path, ToyNet())
-    message = str(caught.value)
-    assert message.startswith(f"cannot read {path}: it is not an mtlearn checkpoint") and "corrupt" in message
-    # torch's advice to unpickle untrusted code is passed on neither in the message nor in the traceback
-    assert "weights_only" not in "".join(traceback.format_exception(caught.value))

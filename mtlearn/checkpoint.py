@@ -1,0 +1,219 @@
+"""Checkpoint plumbing every training loop shares: safe files, random states, folder and option checks.
+
+    save_checkpoint(state, "runs/a/last.pt")             # temp file + rename: never half a file
+    state = load_checkpoint("runs/a/last.pt")             # torch.load(weights_only=True): runs no code
+    state["rng"] = rng_state(train_loader)                # torch, NumPy, Python, CUDA, loader shuffling
+    set_rng_state(state["rng"], train_loader)             # ... and back: the next epoch draws the same
+    check_out_dir("runs/a", resume=False)                 # refuses a folder that already holds a run
+    check_resume_options(path, state["config"], now, ("lr", "tasks"))  # refuses a resume with other options
+
+Why a module of its own: `engine.fit` and `disentangle.train_disentangle` each write their own
+checkpoint (their own keys), and `umsrep.run_comparison` keeps each finished run's record beside
+fit's, but the rules that make resuming safe are the same for all of them: a crash while writing
+keeps the previous file, a checkpoint is read without unpickling code, every random generator is
+saved so that a resumed run draws what an uninterrupted one would have, and a folder holding a
+finished run is never silently overwritten.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import random
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+# ----------------------------------------------------------------------------- files
+
+
+def save_checkpoint(state: Mapping, path: str | os.PathLike) -> Path:
+    """torch.save to a temporary file in the same folder, then rename: a crash never leaves half a file.
+
+    state: tensors, numbers, strings, lists and dicts only, so that `load_checkpoint` (weights_only)
+    reads it back. The rename is atomic, so `path` holds either the previous file or the new one;
+    the temporary file is removed whatever happens. Returns `path`.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(dict(state), f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)  # atomic on POSIX and Windows
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike, model: nn.Module | None = None,
+                    map_location: str | torch.device = "cpu") -> dict:
+    """Read a checkpoint with torch.load(weights_only=True); load its weights into `model` if given.
+
+    Why weights_only: a .pt file is a pickle, and unpickling may run any code the file names;
+    weights_only builds tensors and plain containers only, so a foreign or tampered file raises
+    a ValueError instead. Returns the whole dict; fit's holds "model", "optimizer", "scheduler",
+    "weighting", "scaler", "rng", "history" (a dict; `History.from_state_dict` turns it back),
+    "epoch" (epochs completed), "config".
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}; train with fit(..., out_dir=...) first "
+                                "(it writes last.pt every epoch and best.pt on validation improvement)")
+    not_ours = (f"cannot read {path}: it is not an mtlearn checkpoint (fit(..., out_dir=...) writes last.pt and "
+                "best.pt), or it is corrupt or truncated (an interrupted copy?). Use another checkpoint or retrain")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except (pickle.UnpicklingError, EOFError, KeyError, RuntimeError) as error:
+        if isinstance(error, RuntimeError) and "PytorchStreamReader" not in str(error):
+            raise  # not the file's fault (e.g. a map_location this machine lacks)
+        # `from None`: torch's text advises weights_only=False, i.e. running code from an unknown file
+        raise ValueError(not_ours) from None
+    if not isinstance(state, Mapping) or (model is not None and "model" not in state):
+        raise ValueError(not_ours)
+    if model is not None:
+        try:
+            model.load_state_dict(state["model"])
+        except RuntimeError as error:  # missing keys, size mismatches: another architecture wrote it
+            raise ValueError(f"cannot load {path} into this model: the checkpoint was written for another model "
+                             "(another preset, task list, channel count or class count?). Build the model with "
+                             f"the options of that run. ({first_mismatch(error)})") from None
+    return state
+
+
+def first_mismatch(error: RuntimeError) -> str:
+    """The first specific line of load_state_dict's error (its first line only names the model class)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[1] if len(lines) > 1 else lines[0]
+
+
+# ----------------------------------------------------------------------------- random states
+
+
+def rng_state(loader=None) -> dict:
+    """Every random generator a training epoch draws from, as tensors and numbers only (weights_only-safe).
+
+    Keys: "torch" (CPU generator, uint8 tensor), "numpy" ({"keys": (624,) int64 tensor, "pos",
+    "has_gauss", "cached_gaussian"}), "python" ([version, list of 625 ints, gauss_next]), "cuda"
+    (one uint8 tensor per torchrun process, [] without CUDA), and "loader_generator" /
+    "sampler_generator" when `loader` (a DataLoader) shuffles with its own generator.
+    Collective under torchrun (it gathers every GPU's state): every rank must call it.
+    """
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+        "cuda": _cuda_rng_states(),
+    }
+    for name, generator in _loader_generators(loader).items():
+        state[name] = generator.get_state()
+    return state
+
+
+def set_rng_state(state: Mapping, loader=None) -> None:
+    """Put back the generators `rng_state` saved, so the next draws are those of the saved moment.
+
+    state: as `rng_state` returns it, loaded with map_location="cpu" (torch.set_rng_state takes CPU
+    tensors only). Each torchrun rank restores its own CUDA state; with another number of processes
+    than the run that saved it, a warning says dropout will differ.
+    """
+    torch.set_rng_state(state["torch"])
+    numpy = state["numpy"]
+    np.random.set_state(("MT19937", numpy["keys"].numpy().astype(np.uint32), numpy["pos"],
+                         numpy["has_gauss"], numpy["cached_gaussian"]))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    if state["cuda"] and torch.cuda.is_available():
+        world, rank = _world_and_rank()
+        if len(state["cuda"]) == world:
+            torch.cuda.set_rng_state(state["cuda"][rank])
+        else:
+            warnings.warn(f"the checkpoint holds the CUDA random state of {len(state['cuda'])} process(es), this "
+                          f"run has {world}: dropout and drop-path will differ from an uninterrupted run",
+                          stacklevel=3)
+    for name, generator in _loader_generators(loader).items():
+        if name in state:
+            generator.set_state(state[name])
+
+
+def _world_and_rank() -> tuple[int, int]:
+    """(processes, this one's rank) under torchrun; (1, 0) otherwise."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
+
+
+def _cuda_rng_states() -> list[Tensor]:
+    """The current GPU's random state, one per process under torchrun (rank k restores its own).
+
+    Collective under torchrun: every rank must call it, so it runs before the rank-0-only save.
+    """
+    if not torch.cuda.is_available():
+        return []
+    state = torch.cuda.get_rng_state()
+    world, _ = _world_and_rank()
+    if world == 1:
+        return [state]
+    states = [None] * world
+    dist.all_gather_object(states, state)
+    return [s.cpu() for s in states]
+
+
+def _loader_generators(loader) -> dict[str, torch.Generator]:
+    """The DataLoader's own generator and its sampler's, when they are set (shuffling order)."""
+    found = {}
+    for name, owner in (("loader_generator", loader), ("sampler_generator", getattr(loader, "sampler", None))):
+        generator = getattr(owner, "generator", None)
+        if isinstance(generator, torch.Generator) and all(generator is not g for g in found.values()):
+            found[name] = generator
+    return found
+
+
+# ----------------------------------------------------------------------------- checks before training
+
+
+def check_out_dir(out_dir: str | os.PathLike, resume: bool, writes: str = "last.pt and best.pt", cli: bool = True) -> None:
+    """Refuse, before any training, an out_dir that cannot hold checkpoints or would lose a finished run.
+
+    writes: the checkpoints the caller writes there; cli: name the command line's flags too (fit's
+    run through python -m mtlearn.train; train_disentangle has no command line).
+    """
+    out_dir = Path(out_dir)
+    existing = next((p for p in (out_dir, *out_dir.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():  # else a whole epoch trains, then FileExistsError
+        raise ValueError(f"out_dir {out_dir} cannot be a folder: {existing} is a file. Choose another out_dir "
+                         f"(it receives {writes})")
+    last = out_dir / "last.pt"
+    if not resume and last.is_file():  # training on would overwrite last.pt and mix best.pt of two runs
+        try:
+            state = load_checkpoint(last)
+            done = f", epoch {state.get('epoch', '?')} of {state.get('config', {}).get('epochs', '?')}"
+        except ValueError:  # unreadable: still somebody's file, and the advice below still holds
+            done = ", unreadable"
+        # a new run (other data, other options) most often wants a new folder; resume only continues that run
+        raise ValueError(f"out_dir {out_dir} already holds a run (last.pt{done}): for a new run choose another "
+                         f"out_dir{' (CLI: --out-dir)' if cli else ''} or delete this one; to continue that run "
+                         f"pass resume=True{' (CLI: --resume)' if cli else ''}")
+
+
+def check_resume_options(path: str | os.PathLike, saved: Mapping, current: Mapping, names: Sequence[str]) -> None:
+    """Refuse to resume the run saved at `path` with options (of `names`) other than it was saved with.
+
+    saved, current: option name -> plain value (the checkpoint's "config", and this run's). Names
+    missing from `saved` are not compared: a checkpoint written before an option existed still resumes.
+    """
+    changed = [name for name in names if name in saved and saved[name] != current[name]]
+    if changed:
+        details = "; ".join(f"{name}: {saved[name]!r} then, {current[name]!r} now" for name in changed)
+        raise ValueError(f"cannot resume from {path} with other options ({details}). Resume with the options "
+                         "of that run, or start a new run in another out_dir")

@@ -1,0 +1,166 @@
+"""Checkpoint plumbing: atomic files, weights_only reading, random-state round trips, folder and option checks."""
+
+import os
+import pickle
+import random
+import re
+import traceback
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, RandomSampler
+
+from mtlearn.checkpoint import (
+    check_out_dir,
+    check_resume_options,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+
+
+def small_model(num_classes=3):
+    return nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, num_classes))
+
+
+# ---------------------------------------------------------------------------------------------- files
+
+
+def test_atomic_save_keeps_the_old_file_on_failure(tmp_path):
+    path = save_checkpoint({"epoch": 1, "weights": torch.ones(3)}, tmp_path / "last.pt")
+    with pytest.raises((pickle.PicklingError, AttributeError)):  # which one depends on the object
+        save_checkpoint({"epoch": 2, "broken": lambda: None}, path)  # a lambda cannot be pickled
+    assert load_checkpoint(path)["epoch"] == 1
+    assert os.listdir(tmp_path) == ["last.pt"]
+
+
+def test_a_save_that_fails_midway_keeps_the_old_file_and_leaves_no_partial_one(tmp_path, monkeypatch):
+    path = save_checkpoint({"epoch": 1, "weights": torch.ones(3)}, tmp_path / "last.pt")
+
+    def disk_full_halfway(obj, f):
+        f.write(b"PK\x03\x04 the first bytes of a zip archive")  # torch.save had begun writing
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full_halfway)
+    with pytest.raises(OSError, match="No space left"):
+        save_checkpoint({"epoch": 2, "weights": torch.zeros(3)}, path)
+    monkeypatch.undo()
+    assert load_checkpoint(path)["epoch"] == 1 and torch.equal(load_checkpoint(path)["weights"], torch.ones(3))
+    assert os.listdir(tmp_path) == ["last.pt"]  # no temporary file left behind
+
+
+class _Foreign:
+    """An object torch.load(weights_only=True) refuses to build."""
+
+
+@pytest.mark.parametrize("content", ["empty", "text", "truncated", "foreign object", "plain state_dict"])
+def test_load_checkpoint_refuses_a_corrupt_or_foreign_file(content, tmp_path):
+    path = tmp_path / "model.pt"
+    if content == "empty":
+        path.write_bytes(b"")
+    elif content == "text":
+        path.write_text("not a checkpoint\n")
+    elif content == "truncated":
+        save_checkpoint({"model": small_model().state_dict()}, path)
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    elif content == "foreign object":
+        torch.save({"model": _Foreign()}, path)
+    else:  # torch.save(model.state_dict()): weights, but not in an mtlearn checkpoint
+        torch.save(small_model().state_dict(), path)
+    with pytest.raises(ValueError) as caught:
+        load_checkpoint(path, small_model())
+    message = str(caught.value)
+    assert message.startswith(f"cannot read {path}: it is not an mtlearn checkpoint") and "corrupt" in message
+    # torch's advice to unpickle untrusted code is passed on neither in the message nor in the traceback
+    assert "weights_only" not in "".join(traceback.format_exception(caught.value))
+
+
+def _leave_mark(path):
+    """What a tampered checkpoint could run while being unpickled (here: only create a file)."""
+    with open(path, "w") as f:
+        f.write("ran")
+    return {}
+
+
+class _RunsCodeWhenUnpickled:
+    def __init__(self, mark):
+        self.mark = mark
+
+    def __reduce__(self):
+        return _leave_mark, (self.mark,)
+
+
+def test_loading_runs_no_code_from_the_file(tmp_path):
+    mark = tmp_path / "ran.txt"
+    path = tmp_path / "last.pt"
+    torch.save({"model": {}, "epoch": 1, "payload": _RunsCodeWhenUnpickled(str(mark))}, path)
+    with pytest.raises(ValueError, match="not an mtlearn checkpoint"):
+        load_checkpoint(path)
+    assert not mark.exists()
+
+
+def test_the_engine_keeps_exporting_the_file_functions():
+    from mtlearn import checkpoint, engine
+
+    assert engine.save_checkpoint is checkpoint.save_checkpoint and engine.load_checkpoint is checkpoint.load_checkpoint
+
+
+# ---------------------------------------------------------------------------------------------- random states
+
+
+def draws(loader) -> list:
+    """A few draws from every generator rng_state covers (the Gaussians use NumPy's and Python's caches)."""
+    return [torch.rand(3).tolist(), np.random.rand(2).tolist(), float(np.random.standard_normal()),
+            random.random(), random.gauss(0, 1), [batch.tolist() for batch in loader]]
+
+
+@pytest.mark.parametrize("owner", ["loader", "sampler"])
+def test_random_states_round_trip_through_a_checkpoint(owner, tmp_path):
+    data = list(range(10))
+    generator = torch.Generator().manual_seed(0)
+    loader = (DataLoader(data, batch_size=4, shuffle=True, generator=generator) if owner == "loader"
+              else DataLoader(data, batch_size=4, sampler=RandomSampler(data, generator=generator)))
+    torch.manual_seed(1), np.random.seed(1), random.seed(1)
+    np.random.standard_normal(), random.gauss(0, 1)  # each now holds a cached second Gaussian
+    path = save_checkpoint({"rng": rng_state(loader)}, tmp_path / "last.pt")
+    first = draws(loader)
+    assert draws(loader) != first  # every generator moved on
+    set_rng_state(load_checkpoint(path)["rng"], loader)  # through weights_only, as a resume reads it
+    assert draws(loader) == first
+    assert f"{owner}_generator" in load_checkpoint(path)["rng"]
+
+
+# ---------------------------------------------------------------------------------------------- checks
+
+
+def test_an_out_dir_holding_a_run_is_refused_without_resume(tmp_path):
+    save_checkpoint({"epoch": 3, "config": {"epochs": 5}}, tmp_path / "last.pt")
+    with pytest.raises(ValueError, match=re.escape(
+            f"out_dir {tmp_path} already holds a run (last.pt, epoch 3 of 5): for a new run choose another out_dir "
+            "(CLI: --out-dir) or delete this one; to continue that run pass resume=True (CLI: --resume)")):
+        check_out_dir(tmp_path, resume=False)
+    with pytest.raises(ValueError, match=r"choose another out_dir or delete this one; .* pass resume=True$"):
+        check_out_dir(tmp_path, resume=False, cli=False)  # no command line to name
+    check_out_dir(tmp_path, resume=True)  # continuing it is fine
+    check_out_dir(tmp_path / "new", resume=False)  # so is a folder without a run
+
+
+def test_an_out_dir_below_a_file_is_refused(tmp_path):
+    (tmp_path / "notes.txt").write_text("")
+    with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'notes.txt'} is a file. Choose another out_dir "
+                                                   "(it receives last.pt)")):
+        check_out_dir(tmp_path / "notes.txt" / "run", resume=False, writes="last.pt")
+
+
+def test_resuming_with_other_options_names_each_change(tmp_path):
+    saved = {"lr": 1e-3, "tasks": ["seg", "cls"], "seed": 0}
+    check_resume_options(tmp_path / "last.pt", saved, {**saved, "added_later": 1}, [*saved, "added_later"])
+    with pytest.raises(ValueError, match=re.escape(
+            f"cannot resume from {tmp_path / 'last.pt'} with other options (lr: 0.001 then, 0.0001 now; tasks: "
+            "['seg', 'cls'] then, ['seg'] now). Resume with the options of that run, or start a new run in another "
+            "out_dir")):
+        check_resume_options(tmp_path / "last.pt", saved, {**saved, "lr": 1e-4, "tasks": ["seg"], "seed": 1},
+                             ["lr", "tasks"])  # seed is not among the names compared
