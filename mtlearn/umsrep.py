@@ -12,6 +12,7 @@ depends strongly on how the shared representation is fine-tuned.
     transfer_decoders(representation, model)    # ... dense tasks from its denoising decoder
     freeze_encoder(model, trainable_stages=2)   # (b) partial fine-tuning
     table = compare_strategies("course")        # every strategy, accuracy and compute
+    table = compare_strategies("paper", out_dir="runs/ums", resume=True)  # survives an interruption
 
 The strategies compared (same data, same image size, same seed):
 
@@ -40,10 +41,13 @@ what we could read; the choices below are ours and documented where they are mad
 from __future__ import annotations
 
 import copy
+import json
 import math
+import os
 import time
+import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -51,7 +55,9 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from mtlearn.checkpoint import check_out_dir, check_resume_options, load_checkpoint, save_checkpoint
 from mtlearn.losses import build_losses, check_tasks, task_losses
+from mtlearn.notebook import to_jsonable, write_json
 from mtlearn.utils import check_options, count_parameters, countable_attention, pick_device, seed_everything
 from mtlearn.weighting import check_task_weights
 
@@ -371,6 +377,7 @@ class TrainedModel:
     cpu_time_s: float  # CPU time of this process during training, all threads (less sensitive to other jobs)
     memory_mb: float  # training memory estimate (StepCost.memory_bytes) for one batch
     cuda_peak_mb: float = float("nan")  # torch.cuda.max_memory_allocated during training (CUDA only)
+    resumed_epochs: int = 0  # epochs trained before an interruption, then resumed (see train_and_measure)
     history: list[dict] = field(default_factory=list)  # engine History records, one per epoch
     model: nn.Module | None = field(default=None, repr=False)  # the trained network, in eval mode
 
@@ -566,20 +573,50 @@ def _new_model(config: UMSRepConfig, tasks: Sequence[str], num_classes: int, in_
 
 
 def train_and_measure(model: nn.Module, strategy: str, train: Dataset, test: Dataset | None, config: UMSRepConfig,
-                      epochs: int, task_weights: Mapping[str, float] | None = None) -> TrainedModel:
+                      epochs: int, task_weights: Mapping[str, float] | None = None,
+                      out_dir: str | os.PathLike | None = None, resume: bool = False) -> TrainedModel:
     """Train `model` (engine.fit) on `train` for `epochs`, measure its cost, evaluate it on `test`.
 
     No checkpoint selection: every run ends after its fixed number of epochs with the learning rate
     decayed to zero, and the final weights are tested (there is no validation pass to pay for).
+
+    out_dir: this run's folder. It receives options.json (the options it was started with), fit's
+    last.pt after every epoch and, once the run is trained and tested, result.pt (the TrainedModel
+    without its model; load_checkpoint reads it). resume=True continues it: a finished run is loaded
+    (its weights from last.pt), not retrained; an interrupted one continues with fit(resume=True).
+    A folder holding a run is refused without resume, and with resume when that run was started
+    with other options (those of RESUME_FREE may change).
+    Time of a resumed run: wall_time_s adds, for the epochs of the interrupted session, the training
+    time fit recorded for each (History's "epoch_time"; that session's set-up, checkpoint writes and
+    the epoch it was interrupted in are not counted). History records no CPU time, so cpu_time_s is
+    NaN (unknown) rather than the resumed session's alone, and resumed_epochs says how many epochs
+    came from the earlier session.
     """
     from mtlearn.engine import evaluate, fit, resolve_amp
 
     if len(train) == 0:  # else torch's sampler fails with "num_samples should be a positive integer"
         raise ValueError(f"strategy {strategy!r}: the training set is empty; check num_train and the dataset's "
                          "train split")
+    if resume and out_dir is None:
+        raise ValueError("resume=True needs out_dir (the folder holding the run's last.pt and result.pt)")
     tasks = tuple(model.tasks)
     device = pick_device(config.device)
     model.to(device)
+    done = 0  # epochs an interrupted earlier session trained
+    if out_dir is not None:
+        out_dir = Path(out_dir)
+        options = {**_run_options(config), "strategy": strategy, "tasks": list(tasks), "epochs": epochs,
+                   "task_weights": to_jsonable(dict(task_weights)) if task_weights else None}
+        check_out_dir(out_dir, resume, writes="options.json, last.pt and result.pt", cli=False)
+        if resume and (out_dir / "options.json").is_file():
+            saved = json.loads((out_dir / "options.json").read_text())
+            check_resume_options(out_dir / "options.json", saved, options, list(options))
+        if resume and (out_dir / "result.pt").is_file():  # trained and tested in an earlier session
+            load_checkpoint(out_dir / "last.pt", model)
+            return TrainedModel(**load_checkpoint(out_dir / "result.pt")["record"], model=model.eval())
+        if resume and (out_dir / "last.pt").is_file():
+            done = int(load_checkpoint(out_dir / "last.pt")["epoch"])
+        write_json(options, out_dir / "options.json")
     loader = _loader(train, config, shuffle=True)
     # FLOPs and saved activations grow linearly with the batch: four images measure them per image
     # (and, with their first two, what does not grow), at a fraction of the cost of counting a whole
@@ -591,38 +628,70 @@ def train_and_measure(model: nn.Module, strategy: str, train: Dataset, test: Dat
         torch.cuda.reset_peak_memory_stats(device)
         resident = torch.cuda.memory_allocated(device)  # earlier strategies' models still on the GPU
     started, cpu_started = time.perf_counter(), time.process_time()
-    history = fit(model, loader, None, tasks=tasks, epochs=epochs, lr=config.lr, weight_decay=config.weight_decay,
-                  task_weights=dict(task_weights) if task_weights else None, device=str(device), amp=config.amp,
-                  seed=config.seed, progress=config.progress)
+    with warnings.catch_warnings():  # interrupted after its last epoch, before result.pt: nothing left to train
+        warnings.filterwarnings("ignore", message="the run in .* already has")
+        history = fit(model, loader, None, tasks=tasks, epochs=epochs, lr=config.lr, weight_decay=config.weight_decay,
+                      task_weights=dict(task_weights) if task_weights else None, device=str(device), amp=config.amp,
+                      seed=config.seed, progress=config.progress, out_dir=out_dir, resume=resume)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     wall_time, cpu_time = time.perf_counter() - started, time.process_time() - cpu_started
+    if done:  # the interrupted session's epochs count with the training time fit recorded for each
+        wall_time += sum(record["epoch_time"] for record in history.records[:done])
+        cpu_time = float("nan")  # not recorded per epoch: unknown, not the resumed session's share alone
     cuda_peak = (torch.cuda.max_memory_allocated(device) - resident) / 2**20 if device.type == "cuda" else float("nan")
     metrics = {}
     if test is not None:
         metrics = evaluate(model, _loader(test, config, shuffle=False), tasks, amp=config.amp)
-    return TrainedModel(
+    record = TrainedModel(
         strategy=strategy, tasks=tasks, metrics={k: v for k, v in metrics.items() if not k.endswith("loss")},
         trainable_parameters=count_parameters(model, trainable_only=True), flops_per_image=cost.flops_per_image,
         images_seen=epochs * len(train), wall_time_s=wall_time, cpu_time_s=cpu_time,
         memory_mb=cost.memory_bytes(config.batch_size) / 2**20,
-        cuda_peak_mb=cuda_peak, history=list(history.records), model=model.eval())
+        cuda_peak_mb=cuda_peak, resumed_epochs=done, history=list(history.records), model=model.eval())
+    if out_dir is not None:  # plain values only (NumPy scalars become floats), so that weights_only reads it
+        saved = {f.name: getattr(record, f.name) for f in fields(record) if f.name != "model"}
+        saved["metrics"] = {k: float(v) for k, v in record.metrics.items()}
+        save_checkpoint({"record": saved}, out_dir / "result.pt")
+    return record
 
 
-def pretrain_representation(config: UMSRepConfig, data: StrategyData) -> tuple[nn.Module, TrainedModel]:
+# what a resumed comparison may change: where and how fast it runs, which strategies, the acceptance
+# thresholds and the profile's name (as fit, which lets a resumed run change device and precision)
+RESUME_FREE = ("profile", "data_root", "device", "amp", "progress", "strategies", "max_compute_share", "tolerance")
+
+
+def _run_options(config: UMSRepConfig) -> dict:
+    """The options of `config` that shape what a run trains and measures, as JSON values."""
+    return {k: v for k, v in to_jsonable(asdict(config)).items() if k not in RESUME_FREE}
+
+
+def _run_dir(out_dir: str | os.PathLike | None, strategy: str, tasks: Sequence[str]) -> Path | None:
+    """The folder of one network of a comparison: out_dir/<strategy>/<tasks> (e.g. joint/recon+seg+cls)."""
+    return None if out_dir is None else Path(out_dir) / strategy / "+".join(tasks)
+
+
+def pretrain_representation(config: UMSRepConfig, data: StrategyData, out_dir: str | os.PathLike | None = None,
+                            resume: bool = False) -> tuple[nn.Module, TrainedModel]:
     """Learn the representation: a denoising encoder-decoder trained on `data.unlabeled` only.
 
     Returns the denoiser (its `.encoder` is the representation) and its TrainedModel record, whose
     metrics are its denoising scores on the test set (no fine-tuning).
+    out_dir, resume: the comparison's folder (the run goes to out_dir/pretrain/recon), see run_comparison.
     """
     model = _new_model(config, ("recon",), len(data.class_names), data.in_channels)
-    record = train_and_measure(model, "pretrain", data.unlabeled, data.test, config, config.pretrain_epochs)
+    record = train_and_measure(model, "pretrain", data.unlabeled, data.test, config, config.pretrain_epochs,
+                               out_dir=_run_dir(out_dir, "pretrain", ("recon",)), resume=resume)
     return model, record
 
 
-def run_strategy(strategy: str, config: UMSRepConfig, data: StrategyData,
-                 representation: nn.Module | None = None) -> list[TrainedModel]:
-    """Train the model(s) of one strategy and return one TrainedModel per network trained."""
+def run_strategy(strategy: str, config: UMSRepConfig, data: StrategyData, representation: nn.Module | None = None,
+                 out_dir: str | os.PathLike | None = None, resume: bool = False) -> list[TrainedModel]:
+    """Train the model(s) of one strategy and return one TrainedModel per network trained.
+
+    out_dir, resume: the comparison's folder (each network goes to out_dir/<strategy>/<tasks>), see
+    run_comparison.
+    """
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; expected one of {tuple(STRATEGIES)}")
     if strategy in PRETRAINED and representation is None:
@@ -645,7 +714,8 @@ def run_strategy(strategy: str, config: UMSRepConfig, data: StrategyData,
             transfer_encoder(representation, model)
             transfer_decoders(representation, model)
         freeze_encoder(model, trainable_stages=stages)
-        records.append(train_and_measure(model, strategy, data.train, data.test, config, epochs, weights))
+        records.append(train_and_measure(model, strategy, data.train, data.test, config, epochs, weights,
+                                         out_dir=_run_dir(out_dir, strategy, tasks), resume=resume))
     return records
 
 
@@ -659,18 +729,32 @@ class Comparison:
     config: UMSRepConfig
 
 
-def run_comparison(config: UMSRepConfig | str = "course") -> Comparison:
-    """Pre-train the representation, run every strategy of `config`, and tabulate them."""
+def run_comparison(config: UMSRepConfig | str = "course", out_dir: str | os.PathLike | None = None,
+                   resume: bool = False) -> Comparison:
+    """Pre-train the representation, run every strategy of `config`, and tabulate them.
+
+    out_dir: keep every network's run there, so that an interrupted comparison loses at most an
+    epoch: one folder per network, out_dir/<strategy>/<tasks> (pretrain/recon, frozen/seg, ...,
+    joint/recon+seg+cls), each with its options, fit's last.pt and, once done, result.pt (see
+    train_and_measure). resume=True continues the comparison in out_dir: finished networks are
+    loaded, not retrained, the interrupted one continues from its last epoch, and the metrics are
+    those of an uninterrupted comparison (bit for bit on the CPU). A resumed comparison may change
+    the options of RESUME_FREE (device, strategies, ...), not what it trains; without resume an
+    out_dir holding a comparison is refused. None (the default): nothing is written.
+    """
+    if resume and out_dir is None:  # before the data are loaded
+        raise ValueError("resume=True needs out_dir (the folder holding the comparison's runs)")
     config = strategy_config(config) if isinstance(config, str) else config
     data = load_strategy_data(config)
-    representation, pretrain = pretrain_representation(config, data)
+    representation, pretrain = pretrain_representation(config, data, out_dir, resume)
     runs = [pretrain]
     for strategy in config.strategies:
-        runs += run_strategy(strategy, config, data, representation)
+        runs += run_strategy(strategy, config, data, representation, out_dir, resume)
     return Comparison(strategy_table(runs, config), runs, representation, config)
 
 
-def compare_strategies(config: UMSRepConfig | str = "course"):
+def compare_strategies(config: UMSRepConfig | str = "course", out_dir: str | os.PathLike | None = None,
+                       resume: bool = False):
     """The strategy table of `config` (a UMSRepConfig or a profile name): one row per strategy.
 
     Columns: strategy, description, models, the test metrics (recon/psnr, recon/ssim, seg/dice,
@@ -678,9 +762,11 @@ def compare_strategies(config: UMSRepConfig | str = "course"):
     wall_time_s (its own training), pretrain_gflops / pretrain_wall_time_s (the representation,
     for strategies that use it), total_* (own + all of the pre-training) and amortised_* (own +
     the pre-training divided among the strategies of this comparison that reuse it), memory_mb
-    (largest model's training-memory estimate), cuda_peak_mb, images_seen, pretrain_images_seen.
+    (largest model's training-memory estimate), cuda_peak_mb, images_seen, pretrain_images_seen and
+    resumed_epochs (epochs trained before an interruption; its models' CPU times are then NaN).
+    out_dir, resume: keep the runs there and continue an interrupted comparison (run_comparison).
     """
-    return run_comparison(config).table
+    return run_comparison(config, out_dir, resume).table
 
 
 METRICS = ("recon/psnr", "recon/ssim", "seg/dice", "cls/acc", "cls/auc")
@@ -733,6 +819,7 @@ def strategy_table(runs: Sequence[TrainedModel], config: UMSRepConfig):
             "cuda_peak_mb": max(r.cuda_peak_mb for r in group),
             "images_seen": sum(r.images_seen for r in group),
             "pretrain_images_seen": pretrain.images_seen if uses else 0,
+            "resumed_epochs": sum(r.resumed_epochs for r in group),
         })
         rows.append(row)
     return pd.DataFrame(rows).set_index("strategy")

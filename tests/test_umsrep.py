@@ -1,6 +1,9 @@
 """UMS-Rep: freezing, transfer, compute accounting, denoising pairs, the strategy table and its check."""
 
 import math
+import re
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,6 +12,7 @@ from mtlearn.data import SyntheticUltrasound, load_dataset
 from mtlearn.losses import build_losses, task_losses
 from mtlearn.mtl import build_model
 from mtlearn.umsrep import (
+    METRICS,
     NUM_STAGES,
     DenoisingPairs,
     TrainedModel,
@@ -425,3 +429,112 @@ def test_one_dataset_or_strategy_name_is_a_one_element_tuple():
     # tuple("busi") was silently ('b', 'u', 's', 'i')
     config = strategy_config("smoke", unlabeled_datasets="busi", strategies="joint")
     assert config.unlabeled_datasets == ("busi",) and config.strategies == ("joint",)
+
+
+# ---------------------------------------------------------------------------------------------- interruption
+
+
+def handful(**overrides):
+    """The smoke profile on four images, one batch per epoch, quietly on the CPU."""
+    return strategy_config("smoke", **{"num_unlabeled": 4, "num_train": 4, "num_test": 4, "batch_size": 4,
+                                       "progress": False, "device": "cpu", **overrides})
+
+
+def count_fits(monkeypatch, root):
+    """Record (run folder below `root`, resume) for every engine.fit call from now on."""
+    from mtlearn import engine
+
+    fit, calls = engine.fit, []
+
+    def counting_fit(*args, **kwargs):
+        folder = kwargs["out_dir"] and Path(kwargs["out_dir"]).relative_to(root).as_posix()
+        calls.append((folder, kwargs["resume"]))
+        return fit(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "fit", counting_fit)
+    return calls
+
+
+def without_times(records):
+    return [{k: v for k, v in r.items() if k not in ("epoch_time", "data_time", "data_share")} for r in records]
+
+
+@pytest.mark.slow
+def test_an_interrupted_comparison_resumes_to_the_same_result_without_retraining(tmp_path, monkeypatch):
+    from mtlearn import engine
+    from mtlearn.checkpoint import load_checkpoint, save_checkpoint
+
+    config = handful(strategies=("frozen", "joint"), joint_epochs=2)
+    expected = run_comparison(config)  # no out_dir: nothing written, nothing resumed
+    calls = count_fits(monkeypatch, tmp_path)
+    update, joint_steps = engine._update, []
+
+    def dies_in_the_second_joint_epoch(run, losses):
+        if calls[-1][0] == "joint/recon+seg+cls":
+            joint_steps.append(1)
+            if len(joint_steps) == 2:  # one batch per epoch: the first step of epoch 2
+                raise KeyboardInterrupt
+        return update(run, losses)
+
+    monkeypatch.setattr(engine, "_update", dies_in_the_second_joint_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        run_comparison(config, out_dir=tmp_path)
+    assert [folder for folder, _ in calls] == ["pretrain/recon", "frozen/recon", "frozen/seg", "frozen/cls",
+                                               "joint/recon+seg+cls"]
+    assert (tmp_path / "frozen" / "cls" / "result.pt").is_file() and not (tmp_path / "joint" / "recon+seg+cls" /
+                                                                          "result.pt").exists()
+    # the interrupted session's first epoch took long (written into its checkpoint): the resumed run must count it
+    last = tmp_path / "joint" / "recon+seg+cls" / "last.pt"
+    state = load_checkpoint(last)
+    state["history"]["records"][0]["epoch_time"] = 1000.0
+    save_checkpoint(state, last)
+    monkeypatch.setattr(engine, "_update", update)
+    calls.clear()
+    resumed = run_comparison(config, out_dir=tmp_path, resume=True)
+    assert calls == [("joint/recon+seg+cls", True)]  # finished networks were loaded, not retrained
+
+    assert [(r.strategy, r.tasks) for r in resumed.runs] == [(r.strategy, r.tasks) for r in expected.runs]
+    for run, reference in zip(resumed.runs, expected.runs):
+        assert run.metrics == reference.metrics, run.strategy
+        assert without_times(run.history) == without_times(reference.history), run.strategy
+        for key, value in reference.model.state_dict().items():
+            assert torch.equal(value, run.model.state_dict()[key]), (run.strategy, key)
+        assert (run.flops_per_image, run.trainable_parameters, run.memory_mb) == \
+               (reference.flops_per_image, reference.trainable_parameters, reference.memory_mb)
+    joint = resumed.runs[-1]
+    assert joint.resumed_epochs == 1 and [r.resumed_epochs for r in resumed.runs[:-1]] == [0] * 4
+    assert 1000.0 <= joint.wall_time_s < 1000.0 + 60  # epoch 1 from the checkpoint, plus this session's work
+    assert math.isnan(joint.cpu_time_s)  # not recorded per epoch: unknown rather than too small
+    assert all(r.cpu_time_s > 0 for r in resumed.runs[:-1])  # finished runs keep the times they measured
+    columns = [*METRICS, "trainable_params", "train_gflops", "images_seen", "memory_mb"]
+    assert resumed.table[columns].equals(expected.table[columns])
+    assert list(resumed.table["resumed_epochs"]) == [0, 0, 1]
+
+
+def test_a_finished_comparison_reloads_and_refuses_other_options(tmp_path, monkeypatch):
+    config = handful(strategies=("joint",))
+    first = run_comparison(config, out_dir=tmp_path)
+    calls = count_fits(monkeypatch, tmp_path)
+    # the acceptance thresholds and the progress bars may change: nothing is retrained
+    again = run_comparison(replace(config, tolerance={"seg/dice": 0.1}, progress=True), out_dir=tmp_path, resume=True)
+    assert calls == [] and again.table[list(METRICS)].equals(first.table[list(METRICS)])
+    with pytest.raises(ValueError, match=re.escape(
+            f"cannot resume from {tmp_path / 'pretrain' / 'recon' / 'options.json'} with other options (seed: 0 then, "
+            "1 now). Resume with the options of that run, or start a new run in another out_dir")):
+        run_comparison(replace(config, seed=1), out_dir=tmp_path, resume=True)
+    with pytest.raises(ValueError, match=re.escape(f"out_dir {tmp_path / 'pretrain' / 'recon'} already holds a run "
+                                                   "(last.pt, epoch 1 of 1): for a new run choose another out_dir or "
+                                                   "delete this one; to continue that run pass resume=True")):
+        run_comparison(config, out_dir=tmp_path)
+    assert calls == []
+
+
+def test_resume_needs_an_out_dir():
+    with pytest.raises(ValueError, match=re.escape("resume=True needs out_dir (the folder holding the comparison's "
+                                                   "runs)")):
+        run_comparison(handful(), resume=True)
+    config = handful()
+    model = _new_model(config, ("seg",), num_classes=3, in_channels=1)
+    with pytest.raises(ValueError, match=re.escape("resume=True needs out_dir (the folder holding the run's last.pt "
+                                                   "and result.pt)")):
+        train_and_measure(model, "scratch", load_strategy_data(config).train, None, config, epochs=1, resume=True)
