@@ -89,6 +89,69 @@ def test_gates_scale_by_values_in_zero_one():
     assert torch.allclose(spatial_ratio, spatial_ratio[:, :1].expand_as(x), atol=1e-6)
 
 
+@pytest.mark.parametrize("channel, summary", [(0, lambda x: x.mean(dim=1, keepdim=True)),
+                                             (1, lambda x: x.amax(dim=1, keepdim=True))])
+def test_spatial_attention_gate_reads_the_channel_mean_and_max(channel, summary):
+    # a convolution that copies one input map (centre tap 1, all others 0) makes the gate sigmoid(that map)
+    gate = SpatialAttention()
+    with torch.no_grad():
+        gate.conv.weight.zero_()
+        gate.conv.weight[0, channel, 3, 3] = 1.0
+    x = torch.randn(2, 8, 5, 7)
+    assert torch.allclose(gate(x), x * torch.sigmoid(summary(x)), atol=1e-6)
+
+
+@pytest.mark.parametrize("taps, neighbour", [((0.0, 1.0, 0.0), 0), ((1.0, 0.0, 0.0), -1), ((0.0, 0.0, 1.0), 1)])
+def test_eca_gate_is_a_sigmoid_of_neighbouring_channel_means(taps, neighbour):
+    # ECA pools each channel to its mean, then a 1-D convolution over the channel sequence (zero-padded ends)
+    eca = ECA()
+    with torch.no_grad():
+        eca.conv.weight.copy_(torch.tensor(taps).view(1, 1, 3))
+    x = torch.randn(2, 8, 5, 7)
+    means = F.pad(x.mean(dim=(2, 3)), (1, 1))  # (B, C + 2): channel c at index c + 1
+    read = means[:, 1 + neighbour:1 + neighbour + 8]  # channel c reads channel c + neighbour
+    assert torch.allclose(eca(x), x * torch.sigmoid(read)[:, :, None, None], atol=1e-6)
+
+
+@pytest.mark.parametrize("in_channels, out_channels, stride", [(8, 8, 1), (8, 16, 2)])
+def test_basic_block_adds_the_shortcut_before_its_last_relu(in_channels, out_channels, stride):
+    block = BasicBlock(in_channels, out_channels, stride)
+    x = torch.randn(2, in_channels, 6, 10)
+    assert (block(x) >= 0).all()  # relu(residual + shortcut): never negative
+    with torch.no_grad():
+        block.bn2.weight.zero_()  # residual branch silenced (BN output = its bias, 0)
+    assert torch.allclose(block(x), F.relu(block.shortcut(x)), atol=1e-6)
+    if stride == 1:
+        assert torch.allclose(block(x), F.relu(x))  # identity shortcut
+
+
+class _ZeroGate(torch.nn.Module):
+    def forward(self, x):
+        return torch.zeros_like(x)
+
+
+def test_patch_merging_and_embedding_add_eca_as_a_residual():
+    # x + eca(x): with a gate that outputs 0 the block passes its convolutions through unchanged
+    x = torch.randn(2, 8, 8, 12)
+    merging = PatchMerging(8, 16)
+    merging.eca = _ZeroGate()
+    assert torch.allclose(merging(x), torch.cat([merging.conv2(x), merging.conv4(x)], dim=1))
+    embed = PatchEmbed(8, 16)
+    embed.eca = _ZeroGate()
+    branches = torch.cat([conv(x) for conv in embed.convs], dim=1)
+    expected = embed.norm(branches.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+    assert torch.allclose(embed(x), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("cls", [DFE, ASPPDFE])
+def test_dfe_output_is_rectified_then_gated(cls):
+    # attention(relu(...)): a ReLU map times a gate in (0, 1) is never negative, and it is zero where the ReLU is
+    block = cls(8, (2, 3))
+    x = torch.randn(2, 8, 8, 12)
+    out = block(x)
+    assert (out >= 0).all() and (out == 0).any() and (out > 0).any()
+
+
 def test_drop_path_drops_whole_samples_in_training_only():
     torch.manual_seed(1)
     drop = DropPath(0.5)
@@ -100,6 +163,17 @@ def test_drop_path_drops_whole_samples_in_training_only():
     assert torch.all(per_sample[kept] == 2.0) and torch.all(per_sample[~kept] == 0.0)  # kept ones rescaled by 1/(1-p)
     drop.eval()
     assert torch.equal(drop(x), x)
+
+
+def test_swin_block_drops_both_residual_branches_in_training():
+    # stochastic depth on the attention and on the MLP branch, drawn independently: with p = 0.5 about a
+    # quarter of the samples lose both and come out unchanged; in eval none does
+    torch.manual_seed(0)
+    block = SwinBlock(16, 2, window_size=4, drop_path=0.5)
+    x = torch.randn(64, 4, 4, 16)
+    unchanged = (block(x) == x).flatten(1).all(1)
+    assert 4 <= unchanged.sum() <= 30
+    assert not (block.eval()(x) == x).flatten(1).all(1).any()
 
 
 def test_window_partition_round_trip():

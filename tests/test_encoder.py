@@ -61,6 +61,7 @@ def test_bad_config(name, overrides, message):
 
 BAD_INPUTS = [
     ("size not divisible by 16", (1, 1, 40, 32), r"40x32.*stride 16"),
+    ("width not divisible by 16", (1, 1, 32, 40), r"32x40.*stride 16"),
     ("wrong channel count", (1, 3, 32, 32), "3"),
     ("not a batch", (1, 32, 32), "B, C, H, W"),
 ]
@@ -105,6 +106,30 @@ def test_stage_output_is_cnn_plus_transformer_and_feeds_the_next_stage():
     stem = encoder.stem(x) + encoder.patch_embed(x)
     assert torch.allclose(features[0], encoder.stages[0](stem), atol=1e-6)
     assert torch.allclose(features[1], encoder.stages[1](features[0]), atol=1e-6)
+
+
+def test_weights_are_initialised_as_resnet_and_swin():
+    # He (fan_out, ReLU) for convolutions: std sqrt(2 / (out_channels * k * k)); linear layers N(0, 0.02);
+    # biases zero. The layers are large (~20k weights) so the sample std is within a few percent.
+    torch.manual_seed(0)
+    encoder = ResFormerEncoder(tiny_config())
+    conv = encoder.stages[3].cnn[0].conv1  # 32 -> 64 channels, 3x3: fan_out 576, fan_in 288
+    assert conv.weight.std().item() == pytest.approx((2 / (64 * 9)) ** 0.5, rel=0.05)
+    qkv = encoder.stages[3].transformer[0].attn.qkv  # 64 -> 192
+    assert qkv.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    assert torch.all(qkv.bias == 0) and torch.all(encoder.stages[3].norm.weight == 1)
+
+
+def test_each_swin_block_precomputes_the_mask_of_the_map_it_sees_in_training():
+    # input_resolution: the block's mask buffer is for its own map size at the training image size
+    encoder = ResFormerEncoder(tiny_config(image_size=64, window_size=3)).eval()
+    seen = {}
+    for block in (m for m in encoder.modules() if isinstance(m, SwinBlock)):
+        block.register_forward_hook(lambda module, inputs, output: seen.update({module: tuple(inputs[0].shape[1:3])}))
+    encoder(torch.randn(1, 1, 64, 64))
+    assert len(seen) == sum(TINY["attn_depths"])
+    assert all(block.mask_resolution == size for block, size in seen.items())
+    assert any(block.attn_mask is not None for block in seen)  # window 3 pads every map: masks were needed
 
 
 def test_gradient_reaches_every_parameter_and_eval_is_deterministic():

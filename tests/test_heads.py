@@ -98,3 +98,48 @@ def test_segmentation_head_convolution_commutes_with_upsampling():
     x = torch.randn(2, 8, 6, 10)
     upsampled_first = head.conv(F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False))
     assert torch.allclose(head(x), upsampled_first, atol=1e-5)
+
+
+def test_classification_head_is_bn_relu_average_pool_then_two_linear_layers():
+    # eval mode with fresh running statistics (mean 0, var 1): BN is the identity up to its eps
+    head = MultiScaleClassificationHead((32, 64), 3).eval()
+    maps = features(2)
+    scale = (1 + head.norms[0].eps) ** -0.5
+    pooled = torch.cat([F.relu(maps[2] * scale).mean(dim=(2, 3)), F.relu(maps[3] * scale).mean(dim=(2, 3))], dim=1)
+    expected = pooled @ head.fc1.weight.T + head.fc1.bias
+    expected = expected @ head.fc2.weight.T + head.fc2.bias  # no activation between the two layers
+    assert torch.allclose(head(maps), expected, atol=1e-5)
+
+
+def test_reconstruction_head_rectifies_its_hidden_layer():
+    # up-convolution -> ReLU -> 1x1 convolution: a hidden layer pushed below zero leaves only the output bias
+    head = ReconstructionHead(8, 1)
+    with torch.no_grad():
+        head.up.bias.fill_(-1e3)
+        head.out.bias.fill_(0.25)
+    assert torch.equal(head(torch.randn(2, 8, 4, 4)), torch.full((2, 1, 8, 8), 0.25))
+
+
+class _Zero(torch.nn.Module):
+    def forward(self, x):
+        return torch.zeros_like(x)
+
+
+def test_decoder_input_is_the_refined_deepest_map():
+    # the H/16 map is refined like every skip before the decoder starts from it
+    decoder = UNetDecoder(WIDTHS).eval()
+    decoder.refine[3] = _Zero()
+    maps = features(1)
+    deepest_zero = maps[:3] + [torch.zeros_like(maps[3])]
+    assert torch.equal(decoder(maps), decoder(deepest_zero))
+
+
+def test_classification_head_dropout_acts_on_the_hidden_layer_not_the_logits():
+    torch.manual_seed(0)
+    head = MultiScaleClassificationHead((32, 64), 3, dropout=0.5).train()
+    with torch.no_grad():
+        head.fc2.bias.fill_(5.0)
+    maps = features(64)
+    logits = head(maps)
+    assert not (logits == 0).any()  # dropped hidden units still leave fc2's bias; dropout on logits zeroes half
+    assert not torch.equal(logits, head(maps))  # and it is active in training

@@ -48,6 +48,20 @@ def test_dicefocal_is_softmax_dice_plus_softmax_focal():
     torch.testing.assert_close(loss(logits + 7.0, mask), loss(logits, mask))  # softmax: shifts do not matter
 
 
+@pytest.mark.parametrize("gamma", [0.0, 1.0, 3.0])
+def test_dicefocal_uses_the_configured_focal_gamma(gamma):
+    """LossConfig.focal_gamma reaches the focal term: -(1 - p)^gamma log p (gamma 0: plain cross-entropy)."""
+    torch.manual_seed(0)
+    logits, mask = torch.randn(2, 3, 6, 6), torch.randint(0, 3, (2, 1, 6, 6))
+    p = logits.softmax(1)
+    onehot = torch.nn.functional.one_hot(mask[:, 0], 3).permute(0, 3, 1, 2).float()
+    focal = -(onehot * (1 - p) ** gamma * p.log()).sum(1).mean()
+    intersection, total = (p * onehot).sum((2, 3)), (p + onehot).sum((2, 3))
+    dice = (1 - (2 * intersection + 1e-5) / (total + 1e-5)).mean()
+    loss = build_losses(("seg",), LossConfig(seg="dicefocal", focal_gamma=gamma))["seg"]
+    torch.testing.assert_close(loss(logits, mask), dice + focal, rtol=1e-5, atol=1e-6)
+
+
 def _dice_plus_ce_by_hand(logits, mask):
     """Soft Dice (per image and class, background included, smoothing 1e-5) + pixel-mean cross-entropy."""
     p = logits.softmax(1)
@@ -64,6 +78,16 @@ def test_dicece_is_softmax_dice_plus_cross_entropy():
     dice, ce = _dice_plus_ce_by_hand(logits, mask)
     assert dice > 0.1 and ce > 0.1  # both terms weigh in, so dropping either changes the sum
     torch.testing.assert_close(SegmentationLoss("dicece")(logits, mask), dice + ce, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["dicece", "dicefocal"])
+def test_segmentation_loss_rounds_a_soft_mask_to_the_nearest_class(kind):
+    # an interpolated mask: 0.6 is lesion, 0.4 background (truncation would make both background)
+    torch.manual_seed(0)
+    logits, mask = torch.randn(2, 2, 8, 8), _mask()
+    loss = SegmentationLoss(kind)
+    torch.testing.assert_close(loss(logits, mask * 0.6), loss(logits, mask))
+    torch.testing.assert_close(loss(logits, mask * 0.4), loss(logits, torch.zeros_like(mask)))
 
 
 def test_segmentation_loss_gradient_and_integer_mask():
@@ -84,6 +108,14 @@ def test_classification_loss_matches_weighted_cross_entropy():
     expected = (w * nll).sum() / w.sum()
     assert torch.allclose(ClassificationLoss(weights)(logits, label), expected)
     assert torch.allclose(ClassificationLoss()(logits, label), nll.mean())
+
+
+def test_a_zero_class_weight_leaves_that_class_out():
+    logits = torch.tensor([[2.0, 0.0, -1.0], [0.0, 1.0, 0.0], [0.5, 0.5, 3.0]])
+    label = torch.tensor([0, 1, 2])
+    nll = -torch.log_softmax(logits, 1)[torch.arange(3), label]
+    loss = ClassificationLoss([1.0, 0.0, 1.0])(logits, label)  # class 1 ignored, not an error
+    assert torch.allclose(loss, (nll[0] + nll[2]) / 2)
 
 
 @pytest.mark.parametrize("kind, expected", [("l1", 0.5), ("mse", 0.25)])
@@ -139,6 +171,7 @@ def test_bad_arguments(make, match):
 @pytest.mark.parametrize("mask, match", [
     (_mask() * 255, r"class indices 0\.\.1, got max 255; a 0/255 mask needs mask / 255"),
     (-_mask(), r"class indices 0\.\.1, got min -1"),
+    (_mask() * 2, r"class indices 0\.\.1, got max 2"),  # one past the last class
 ])
 def test_segmentation_loss_names_bad_mask_values(kind, mask, match):
     # MONAI's own error was "index 255 is out of bounds for dimension 1 with size 2"
@@ -148,6 +181,7 @@ def test_segmentation_loss_names_bad_mask_values(kind, mask, match):
 
 @pytest.mark.parametrize("label, match", [
     (torch.tensor([0, 5]), r"0\.\.2 \(num_classes=3\), got max 5; build the model with num_classes=6"),
+    (torch.tensor([0, 3]), r"0\.\.2 \(num_classes=3\), got max 3; build the model with num_classes=4"),
     (torch.tensor([0, -1]), r"got min -1; map the labels to 0\.\.2"),
     (torch.eye(3)[:2], r"\(B,\) integer class indices.*shape \(2, 3\).*label\.argmax\(1\)"),  # one-hot
     (torch.eye(3, dtype=torch.long)[:2], r"shape \(2, 3\).*label\.argmax\(1\)"),

@@ -26,6 +26,12 @@ def test_binary_metrics_report_the_positive_class():
     assert m["cls/balanced_acc"] == pytest.approx((5 / 6 + 2 / 4) / 2)
 
 
+def test_balanced_accuracy_skips_a_class_absent_from_the_labels():
+    # class 2 never occurs (its recall is 0 / 0): the mean runs over the two classes present, as sklearn's
+    m = classification_metrics(np.array([[3, 1, 0], [1, 1, 2], [0, 0, 0]]))
+    assert m["cls/balanced_acc"] == pytest.approx((3 / 4 + 1 / 4) / 2)
+
+
 def test_balanced_accuracy_and_auc_agree_with_sklearn():
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 3, 40)
@@ -159,6 +165,47 @@ def test_ssim_of_a_constant_offset_follows_the_formula(data_range):
     c1 = (0.01 * data_range) ** 2
     expected = (2 * 0.2 * 0.3 + c1) / (0.2**2 + 0.3**2 + c1)  # 0.923 for range 1, 0.998 for 255
     assert _recon_metrics(clean + 0.1, clean, data_range)["recon/ssim"] == pytest.approx(expected, rel=1e-4)
+
+
+def _ssim_by_hand(x, y, window, data_range=1.0):
+    """Mean SSIM of Wang et al. (2004): Gaussian window (sigma 1.5, `window` taps), valid positions only."""
+    taps = np.arange(window) - window // 2
+    g = np.exp(-(taps**2) / (2 * 1.5**2))
+    kernel = np.outer(g, g) / g.sum() ** 2
+    n = x.shape[0] - window + 1
+
+    def local_mean(a):
+        return np.array([[(a[i:i + window, j:j + window] * kernel).sum() for j in range(n)] for i in range(n)])
+
+    mx, my = local_mean(x), local_mean(y)
+    vx, vy, cov = local_mean(x * x) - mx**2, local_mean(y * y) - my**2, local_mean(x * y) - mx * my
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    return float((((2 * mx * my + c1) * (2 * cov + c2)) / ((mx**2 + my**2 + c1) * (vx + vy + c2))).mean())
+
+
+@pytest.mark.parametrize("size, window", [(8, 7), (10, 9)])
+def test_ssim_of_an_image_smaller_than_the_window_uses_the_largest_odd_window(size, window):
+    # the 11-tap window does not fit: it shrinks to the largest odd size that does (an even one has no centre)
+    g = torch.Generator().manual_seed(0)
+    clean = torch.rand(2, 1, size, size, generator=g)
+    noisy = clean + 0.1 * torch.randn(clean.shape, generator=g)
+    expected = np.mean([_ssim_by_hand(c[0].double().numpy(), n[0].double().numpy(), window)
+                        for c, n in zip(clean, noisy)])
+    assert _recon_metrics(noisy, clean)["recon/ssim"] == pytest.approx(expected, abs=1e-5)
+
+
+def test_soft_masks_are_rounded_to_the_nearest_class():
+    # a resized (interpolated) mask holds values between 0 and 1: >= 0.5 is lesion, < 0.5 background,
+    # as in SegmentationLoss; truncation would drop every soft lesion pixel
+    true = torch.zeros(1, 1, 8, 8)
+    true[0, :, 0:4, 0:4] = 0.75  # 16 soft lesion pixels
+    true[0, :, 4:8, 4:8] = 0.25  # 16 soft background pixels
+    pred = torch.zeros(1, 1, 8, 8)
+    pred[0, :, 0:2, 0:4] = 1  # 8 of the 16 lesion pixels: Dice 2/3, IoU 1/2
+    acc = MetricAccumulator(("seg",))
+    acc.update({"seg": _seg_logits(pred)}, {"mask": true})
+    m = acc.compute()
+    assert m["seg/dice"] == pytest.approx(2 / 3) and m["seg/iou"] == pytest.approx(1 / 2)
 
 
 def test_losses_are_averaged_per_image():

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from mtlearn.blocks import DFE
 from mtlearn.mtl import (PRESETS, TASKS, MultiTaskConfig, MultiTaskUNet, build_model, monai_baseline,
                          single_task_model)
 from mtlearn.utils import count_parameters
@@ -117,6 +118,30 @@ def test_dense_tasks_get_their_own_decoder_and_share_the_encoder():
     assert set(received) == {"seg", "recon", "cls"} and all(f is encoded[0] for f in received.values())
 
 
+def test_only_the_segmentation_decoder_refines_its_skips():
+    # DFE adds lesion context for segmentation; the denoising decoder keeps plain skips
+    model = tiny_model(tasks=("seg", "cls", "recon"), dfe="three")
+    assert all(isinstance(r, DFE) for r in model.decoders["seg"].refine)
+    assert all(isinstance(r, torch.nn.Identity) for r in model.decoders["recon"].refine)
+
+
+@pytest.mark.parametrize("cls_head, read", [("multiscale", (32, 64)), ("last", (64,))])
+def test_classifier_reads_the_last_two_stages_or_the_last_one(cls_head, read):
+    head = tiny_model(cls_head=cls_head).heads["cls"]
+    assert [norm.num_features for norm in head.norms] == list(read) and head.fc1.in_features == sum(read)
+
+
+def test_decoders_and_heads_get_the_encoder_initialisation():
+    # He (fan_out) convolutions and N(0, 0.02) linear layers everywhere, not torch's defaults
+    torch.manual_seed(0)
+    model = tiny_model(widths=(32, 64, 128, 256), num_heads=(1, 2, 4, 8), tasks=("seg", "cls"))
+    fuse = model.decoders["seg"].fuse[2][0]  # 3x3 conv 256 -> 128 channels: fan_out 1152
+    assert fuse.weight.std().item() == pytest.approx((2 / (128 * 9)) ** 0.5, rel=0.05)
+    fc1 = model.heads["cls"].fc1  # 384 -> 32
+    assert fc1.weight.std().item() == pytest.approx(0.02, rel=0.05) and torch.all(fc1.bias == 0)
+    assert torch.all(model.heads["seg"].conv.bias == 0)
+
+
 def test_single_task_model_has_the_same_encoder_and_one_head():
     multi = build_model("tiny", tasks=("seg", "cls"), image_size=32)
     for task in TASKS:
@@ -130,6 +155,11 @@ def test_build_model_applies_overrides():
     model = build_model("tiny", tasks="seg", in_channels=3, image_size=64, dfe="four", window_size=2)
     assert model.config.in_channels == 3 and model.config.dfe == "four" and model.config.window_size == 2
     assert model.config.widths == PRESETS["tiny"]["widths"]
+    # an override of a value the preset sets wins over the preset
+    model = build_model("tiny", tasks="seg", image_size=32, widths=(8, 16, 32, 64), num_heads=(1, 1, 2, 2),
+                        drop_path=0.2)
+    assert model.config.widths == (8, 16, 32, 64) and model.config.num_heads == (1, 1, 2, 2)
+    assert model.config.drop_path == 0.2 and model.encoder.out_channels == [8, 16, 32, 64]
 
 
 # Parameter counts documented in the comments of mtl.PRESETS (tasks seg+cls, 1 channel, 3 classes).

@@ -57,6 +57,26 @@ def test_fixed_weights_default_and_gradient():
     assert a.grad.item() == 1.0 and b.grad.item() == 0.25
 
 
+def test_fixed_weights_accept_a_zero_weight():
+    # weight 0 switches a task's loss off (it is still computed and logged): allowed, unlike a negative one
+    weighting = FixedWeights(TASKS, {"seg": 1.0, "cls": 0})
+    a, b = torch.tensor(2.0, requires_grad=True), torch.tensor(3.0, requires_grad=True)
+    assert weighting.backward({"seg": a * 1.0, "cls": b * 1.0}).item() == 2.0
+    assert a.grad.item() == 1.0 and b.grad.item() == 0.0
+
+
+def test_uncertainty_weighting_halves_the_gaussian_task_by_hand():
+    # Kendall et al. eq. (7) and (10): c_t exp(-s_t) L_t + s_t / 2 with c = 1/2 for regression ("recon"), 1 otherwise
+    weighting = UncertaintyWeighting(("seg", "cls", "recon"))
+    assert weighting.weights() == {"seg": 1.0, "cls": 1.0, "recon": 0.5}  # s_t = 0 at the start
+    with torch.no_grad():
+        weighting.log_vars.copy_(torch.tensor([0.5, -1.0, 2.0]))
+    losses = {"seg": torch.tensor(0.4), "cls": torch.tensor(1.2), "recon": torch.tensor(3.0)}
+    expected = (math.exp(-0.5) * 0.4 + 0.25) + (math.exp(1.0) * 1.2 - 0.5) + (0.5 * math.exp(-2.0) * 3.0 + 1.0)
+    assert weighting.combine(losses).item() == pytest.approx(expected, rel=1e-6)
+    assert weighting.weights()["recon"] == pytest.approx(0.5 * math.exp(-2.0), rel=1e-6)
+
+
 def test_uncertainty_weighting_down_weights_the_noisier_task():
     torch.manual_seed(0)
     net, weighting = TwoTaskNet(), UncertaintyWeighting(TASKS)
@@ -118,6 +138,21 @@ def test_gradnorm_equalises_gradient_norms():
     assert w["cls"] > 1.5 > 0.5 > w["seg"]  # the task with the smaller gradient gains weight
     assert sum(w.values()) == pytest.approx(2.0)  # renormalised to the number of tasks
     assert before[0] / before[1] > 5 and abs(after[0] / after[1] - 1) < 0.1
+
+
+def test_gradnorm_measures_the_gradient_at_the_last_shared_layer():
+    # G_t = || d(w_t L_t) / dW || for W the last shared weight with >= 2 dims (w_t = 1 at the start)
+    torch.manual_seed(0)
+    encoder = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh())
+    heads = {t: nn.Linear(8, 1) for t in TASKS}
+    x, targets = _regression_problem(n=32)
+    features = encoder(x)
+    losses = {t: f * nn.functional.mse_loss(heads[t](features).squeeze(1), targets[t]) for t, f in zip(TASKS, (3, 1))}
+    last = encoder[2].weight
+    expected = [torch.autograd.grad(losses[t], last, retain_graph=True)[0].norm() for t in TASKS]
+    weighting = GradNorm(TASKS)
+    weighting.backward(losses, list(encoder.parameters()))
+    torch.testing.assert_close(weighting.last_grad_norms, torch.stack(expected))
 
 
 def test_gradnorm_favours_the_task_that_trains_slower():
@@ -334,6 +369,23 @@ def test_delta_m_by_hand():
     assert delta_m(mtl, single) == pytest.approx(expected)
     flipped = 100 * ((0.8 - 0.75) / 0.75 - (0.9 - 1.0) / 1.0 - (0.5 - 0.4) / 0.4) / 3
     assert delta_m(mtl, single, {"cls/acc": False}) == pytest.approx(flipped)
+
+
+@pytest.mark.parametrize("name", ["recon/loss", "recon/mse", "recon/MAE", "depth/abs_error"])
+def test_delta_m_counts_losses_and_errors_as_lower_is_better(name):
+    # halving an error or a loss is a +50 % gain
+    assert delta_m({name: 0.1}, {name: 0.2}) == pytest.approx(50.0)
+
+
+@pytest.mark.parametrize("name", ["seg/dice", "recon/psnr", "cls/auc"])
+def test_delta_m_counts_other_metrics_as_higher_is_better(name):
+    assert delta_m({name: 0.3}, {name: 0.2}) == pytest.approx(50.0)
+
+
+def test_delta_m_relative_change_of_a_negative_baseline_keeps_its_sign():
+    # higher is better, -2 -> -1 is an improvement: +50 %, not -50 % (the change is relative to |baseline|)
+    assert delta_m({"log_likelihood": -1.0}, {"log_likelihood": -2.0}) == pytest.approx(50.0)
+    assert delta_m({"val/loss": -3.0}, {"val/loss": -2.0}) == pytest.approx(50.0)  # lower is better
 
 
 @pytest.mark.parametrize("make, match", [
