@@ -38,7 +38,7 @@ from mtlearn.checkpoint import (
     set_rng_state,
 )
 from mtlearn.engine import NonFiniteLossError
-from mtlearn.utils import check_options, is_number
+from mtlearn.utils import check_options, eval_mode, is_number
 
 # ----------------------------------------------------------------------------------------------
 # parts
@@ -734,18 +734,16 @@ def evaluate_disentangle(model: nn.Module, loader, *, task_keys: tuple[str, str]
     key_a, key_b = task_keys
     outputs = (("acc_a", "logits_a", key_a), ("acc_b", "logits_b", key_b),
                ("adv_acc_a", "adv_a", key_a), ("adv_acc_b", "adv_b", key_b))
-    was_training = model.training
-    model.eval().to(device)
     correct: dict[str, float] = {}
     total = 0
-    for batch in loader:
-        out = model(batch["image"].to(device))
-        for name, out_key, label_key in outputs:
-            if out_key in out:
-                hits = (out[out_key].argmax(1) == batch[label_key].to(device)).sum().item()
-                correct[name] = correct.get(name, 0.0) + hits
-        total += len(batch["image"])
-    model.train(was_training)
+    with eval_mode(model.to(device)):
+        for batch in loader:
+            out = model(batch["image"].to(device))
+            for name, out_key, label_key in outputs:
+                if out_key in out:
+                    hits = (out[out_key].argmax(1) == batch[label_key].to(device)).sum().item()
+                    correct[name] = correct.get(name, 0.0) + hits
+            total += len(batch["image"])
     if total == 0:
         raise ValueError("the loader yielded no batches; check the dataset is not empty")
     return {k: v / total for k, v in correct.items()}
@@ -1102,7 +1100,6 @@ def _false_malignant(model: nn.Module, items: list[dict], device) -> float:
     chosen = [item["image"] for item in items if item["artifact"] == 1 and item["label"] != 2]
     if not chosen:
         return float("nan")
-    was_training = model.training
-    logits = model.eval().to(device)(torch.stack(chosen).to(device))["logits_a"]  # (N, 3)
-    model.train(was_training)
+    with eval_mode(model.to(device)):
+        logits = model(torch.stack(chosen).to(device))["logits_a"]  # (N, 3)
     return (logits.argmax(1) == 2).float().mean().item()

@@ -51,7 +51,7 @@ from mtlearn.checkpoint import (
 )
 from mtlearn.losses import LossConfig, build_losses, check_tasks, task_losses
 from mtlearn.metrics import MetricAccumulator
-from mtlearn.utils import is_number, pick_device, seed_everything
+from mtlearn.utils import eval_mode, is_number, pick_device, seed_everything
 from mtlearn.weighting import GradNorm, LossWeighting, build_weighting, find_shared_parameters
 
 CHECKPOINT_FORMAT = 1
@@ -683,16 +683,12 @@ def evaluate(model: nn.Module, loader, tasks: Sequence[str] | None = None, *,
     loss_fns = build_losses(tasks, losses).to(device)
     if accumulator is None:
         accumulator = MetricAccumulator(tasks, data_range=data_range)
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):  # each submodule gets its own mode back (a frozen BatchNorm stays frozen)
         for batch in tqdm(loader, desc="evaluate", disable=not (progress and is_main_process()), leave=False):
             batch = _to_device(batch, device, channels_last)
             with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
                 outputs = model(batch["image"])
                 batch_losses = task_losses(outputs, batch, loss_fns)
             accumulator.update({t: outputs[t].float() for t in tasks}, batch, batch_losses)
-    finally:
-        model.train(was_training)
     accumulator.sync()
     return accumulator.compute()

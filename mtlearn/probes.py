@@ -15,6 +15,7 @@ Generic over labels: any integer key of the data items ("shape", "background", "
 
 from __future__ import annotations
 
+import contextlib
 from typing import Callable
 
 import numpy as np
@@ -44,17 +45,19 @@ def extract_features(
         batch's statistics and update its running ones.
     Returns (features (N, D) float32, {key: (N,) int64}).
     """
-    from mtlearn.utils import pick_device
+    from mtlearn.utils import eval_mode, pick_device
 
     device = pick_device(device)
     module = encoder_or_fn if isinstance(encoder_or_fn, nn.Module) else model
     if module is not None:
-        was_training = module.training
         parameter = next(module.parameters(), None)
         was_on = parameter.device if parameter is not None else device  # the caller's model goes back there
-        module.eval().to(device)
+        module.to(device)
     chunks, labels = [], {}
-    try:
+    with contextlib.ExitStack() as stack:
+        if module is not None:
+            stack.enter_context(eval_mode(module))  # every submodule gets its own mode back afterwards
+            stack.callback(module.to, was_on)
         for batch in loader:
             features = encoder_or_fn(batch["image"].to(device))
             if isinstance(features, (list, tuple)):  # an encoder that returns every stage: keep the last
@@ -69,9 +72,6 @@ def extract_features(
                 if key not in batch:
                     raise ValueError(f"label {key!r} is not in the batch; available keys: {sorted(batch)}")
                 labels.setdefault(key, []).append(torch.as_tensor(batch[key]).cpu().numpy().astype(np.int64))
-    finally:
-        if module is not None:
-            module.train(was_training).to(was_on)
     if not chunks:
         raise ValueError("the loader yielded no batches; check the dataset is not empty")
     return np.concatenate(chunks), {k: np.concatenate(v) for k, v in labels.items()}

@@ -5,6 +5,7 @@ Kept free of model and data code so that anything in the package can import it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import platform
@@ -114,14 +115,26 @@ def count_flops(model: nn.Module, *inputs: torch.Tensor) -> int:
     """
     from torch.utils.flop_counter import FlopCounterMode
 
-    was_training = model.training
+    with eval_mode(model), torch.no_grad(), countable_attention(), FlopCounterMode(display=False) as counter:
+        model(*inputs)
+    return int(counter.get_total_flops())
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module):
+    """Run a block with `model` in eval mode, then give every submodule back its own mode.
+
+    Why not `model.train(was_training)`: that switches *every* submodule to the model's mode, so a
+    part the user had put in eval mode (a frozen BatchNorm, a frozen encoder) would leave an
+    evaluation in training mode, updating running statistics from then on.
+    """
+    modes = [(module, module.training) for module in model.modules()]
     model.eval()
     try:
-        with torch.no_grad(), countable_attention(), FlopCounterMode(display=False) as counter:
-            model(*inputs)
+        yield model
     finally:
-        model.train(was_training)
-    return int(counter.get_total_flops())
+        for module, training in modes:
+            module.training = training
 
 
 def countable_attention():
@@ -139,7 +152,7 @@ def countable_attention():
 def format_count(n: float) -> str:
     """Human-readable count: 33_712_000 -> '33.7M'."""
     for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(n) >= scale:
+        if abs(n) >= scale * 0.99995:  # from where one decimal rounds up to 1.0: 999_950 -> '1.0M', not '1000.0k'
             return f"{n / scale:.1f}{unit}"
     return str(int(n))
 

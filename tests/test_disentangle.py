@@ -462,6 +462,13 @@ def test_evaluate_disentangle_keys_and_range(tiny_loaders):
     assert set(D.evaluate_disentangle(tiny_model("two_encoder"), tiny_loaders[1], device="cpu")) == {"acc_a", "acc_b"}
 
 
+def test_evaluate_disentangle_leaves_a_frozen_encoder_frozen(tiny_loaders):
+    model = tiny_model()
+    model.encoder_b.eval()  # frozen by the user (its BatchNorm statistics fixed)
+    D.evaluate_disentangle(model, tiny_loaders[1], device="cpu")
+    assert model.training and not any(m.training for m in model.encoder_b.modules())
+
+
 class AlwaysCircleOnWhite(torch.nn.Module):
     """A stub whose every answer is known: shape "circle" (0), background "white" (1), for every image."""
 

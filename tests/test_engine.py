@@ -416,6 +416,14 @@ def test_evaluate_returns_metrics_and_keeps_predictions():
     assert model.training  # the mode is restored
 
 
+def test_evaluate_leaves_a_frozen_batchnorm_frozen():
+    """A part the user froze (eval mode) stays frozen: model.train(True) afterwards would unfreeze it."""
+    model = ToyNet()
+    model.encoder[1].eval()
+    evaluate(model, _loaders()[1])
+    assert model.training and not model.encoder[1].training
+
+
 def test_history_frame_and_plot():
     history = _fit(ToyNet(), *_loaders(), epochs=2)
     frame = history.to_frame()

@@ -72,6 +72,43 @@ def test_probe_balanced_accuracy_is_the_mean_per_class_recall():
     assert scores["accuracy"] == pytest.approx(94 / 100)
 
 
+def test_probe_standardises_the_features():
+    # features in tiny units (x 1e-4) read as well as the originals: the regularisation sees standardised ones
+    features, coded, _ = synthetic_features()
+    original = linear_probe(features[:300], coded[:300], features[300:], coded[300:])
+    tiny = linear_probe(features[:300] * 1e-4, coded[:300], features[300:] * 1e-4, coded[300:])
+    assert tiny == pytest.approx(original)
+
+
+def test_probe_chance_is_one_over_the_number_of_classes():
+    rng = np.random.default_rng(0)
+    labels = np.arange(90) % 3
+    features = rng.normal(size=(90, 4)) + 3.0 * np.eye(4)[labels]
+    assert linear_probe(features[:60], labels[:60], features[60:], labels[60:])["chance"] == pytest.approx(1 / 3)
+
+
+def test_probe_weights_the_classes_by_inverse_frequency():
+    # one feature with two values: at x = +1 sit 10 class-1 and 20 class-0 points, at x = -1 70 class-0 points.
+    # Unweighted, class 1 is the minority even at x = +1 (1/3); weighted by inverse frequency (x5 vs x0.56)
+    # it is the majority there, so the probe predicts it and gets both test points right
+    train = np.r_[np.ones(10), np.ones(20), -np.ones(70)][:, None]
+    y_train = np.r_[np.ones(10, int), np.zeros(90, int)]
+    scores = linear_probe(train, y_train, np.array([[1.0], [-1.0]]), np.array([1, 0]))
+    assert scores["balanced_accuracy"] == 1.0
+
+
+def test_cross_validated_probe_is_the_mean_over_stratified_folds():
+    from sklearn.model_selection import StratifiedKFold
+
+    features, _, random = synthetic_features(n=100)
+    splits = StratifiedKFold(n_splits=4, shuffle=True, random_state=3).split(features, random)
+    per_fold = [linear_probe(features[tr], random[tr], features[te], random[te]) for tr, te in splits]
+    assert len({s["balanced_accuracy"] for s in per_fold}) > 1  # folds differ: the mean is not any one of them
+    scores = cross_validated_probe(features, random, folds=4, seed=3)
+    for key in ("balanced_accuracy", "accuracy", "chance"):
+        assert scores[key] == pytest.approx(np.mean([s[key] for s in per_fold]))
+
+
 def test_cross_validated_probe_separates_coded_and_random_labels():
     features, coded, random = synthetic_features()
     assert cross_validated_probe(features, coded)["balanced_accuracy"] > 0.95
@@ -119,6 +156,13 @@ def test_extract_features_pools_maps_and_collects_integer_labels():
     assert encoder.training  # the module's mode is restored
 
 
+def test_extract_features_leaves_a_frozen_batchnorm_frozen():
+    encoder = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4))
+    encoder[1].eval()  # frozen by the user: extracting features must not unfreeze it
+    extract_features(encoder, DataLoader(TinyData(8), batch_size=8), device="cpu")
+    assert encoder.training and not encoder[1].training
+
+
 def test_extract_features_moves_the_model_back_where_it_was():
     """The caller's model runs on `device` and then returns to its own device (here both are the CPU:
     the test records the moves, which is what a GPU run would see)."""
@@ -141,6 +185,17 @@ def test_extract_features_takes_functions_and_stage_lists():
     assert features.shape == (20, 1)
     with pytest.raises(ValueError, match="not in the batch"):
         extract_features(lambda x: x.flatten(1), loader, device="cpu", label_keys=("artifact",))
+
+
+def test_extract_features_average_pools_the_last_stage():
+    data = TinyData(20)
+    loader = DataLoader(data, batch_size=8)
+    pooled, _ = extract_features(lambda x: x, loader, device="cpu", label_keys=("coded",))
+    np.testing.assert_allclose(pooled, data.images.mean(dim=(2, 3)).numpy(), rtol=1e-6)  # (N, 1): image means
+    # a list of stages: the last is read (here 2 channels), not the first
+    last, _ = extract_features(lambda x: [x, torch.cat([x, -x], dim=1)], loader, device="cpu", label_keys=("coded",))
+    means = data.images.mean(dim=(2, 3)).numpy()
+    np.testing.assert_allclose(last, np.c_[means, -means], rtol=1e-6)
 
 
 def test_a_function_with_its_model_runs_in_eval_mode():
@@ -170,6 +225,14 @@ def test_embed_2d_shapes(method):
     features, _, _ = synthetic_features(n=60)
     embedding = embed_2d(features, method=method, seed=0)
     assert embedding.shape == (60, 2) and np.isfinite(embedding).all()
+
+
+@pytest.mark.parametrize("method", ["pca", "tsne"])
+def test_embed_2d_standardises_the_features_first(method):
+    # a feature in other units (x 1000) must not take over the embedding: the result is the same
+    features, _, _ = synthetic_features(n=60)
+    scaled = features * np.r_[1000.0, np.ones(features.shape[1] - 1)]
+    np.testing.assert_allclose(embed_2d(scaled, method=method), embed_2d(features, method=method), atol=1e-4)
 
 
 def test_embed_2d_bad_arguments():

@@ -49,6 +49,9 @@ def test_count_flops_linear_layer():
     model = nn.Linear(8, 5, bias=False)
     assert count_flops(model, torch.zeros(3, 8)) == 2 * 3 * 8 * 5
     assert model.training  # the count leaves the mode as it found it
+    model.eval()
+    count_flops(model, torch.zeros(3, 8))
+    assert not model.training  # an evaluation model stays in eval mode
 
 
 def test_count_flops_counts_attention_on_the_cpu():
@@ -71,6 +74,42 @@ def test_format_count():
     assert format_count(33_712_000) == "33.7M" and format_count(950) == "950"
 
 
+@pytest.mark.parametrize("n, text", [(999_949, "999.9k"), (999_950, "1.0M"), (999_999_999, "1.0G"), (999, "999")])
+def test_format_count_never_writes_a_thousand_of_a_unit(n, text):
+    assert format_count(n) == text
+
+
+def _partly_frozen() -> nn.Module:
+    """A model in training mode whose BatchNorm the user froze (eval mode: running statistics fixed)."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 2))
+    model[1].eval()
+    return model
+
+
+def test_eval_mode_gives_every_submodule_its_own_mode_back():
+    from mtlearn.utils import eval_mode
+
+    model = _partly_frozen()
+    with eval_mode(model):
+        assert not any(module.training for module in model.modules())
+    assert [module.training for module in model.modules()] == [True, True, False, True, True]
+    with pytest.raises(RuntimeError), eval_mode(model):  # restored on an error too
+        raise RuntimeError
+    assert model.training and not model[1].training
+
+
+def test_count_flops_leaves_a_frozen_batchnorm_frozen():
+    model = _partly_frozen()
+    count_flops(model, torch.zeros(3, 4))
+    assert model.training and not model[1].training
+
+
+@pytest.mark.parametrize("n, text", [(1_000, "1.0k"), (999, "999"), (1_000_000, "1.0M"), (2_500_000_000, "2.5G"),
+                                     (1e9, "1.0G"), (-4_330_000, "-4.3M"), (0, "0")])
+def test_format_count_units_start_at_their_scale(n, text):
+    assert format_count(n) == text
+
+
 def test_check_options_names_the_unknown_and_the_valid():
     import dataclasses
 
@@ -90,6 +129,7 @@ def test_check_int_and_check_size_name_the_int_fix():
     from mtlearn.utils import check_int, check_size
 
     assert check_int("n", np.int64(3), 2) == 3 and check_size(np.int64(64)) == (64, 64)
+    assert check_int("n", 2, 2) == 2 and check_size(32, minimum=32) == (32, 32)  # the minimum itself is allowed
     assert check_size([48, 64], minimum=32) == (48, 64)
     for bad in (2.0, True, "3", 1):
         with pytest.raises(ValueError, match=r"n must be an integer >= 2, got"):
@@ -101,3 +141,13 @@ def test_check_int_and_check_size_name_the_int_fix():
             check_size(bad, minimum=32)
     with pytest.raises(ValueError, match=r"got 128\.0; pass ints: int\(\.\.\.\) or //"):
         check_size(256 / 2)
+
+
+@pytest.mark.parametrize("value, number, integer", [
+    (3, True, True), (np.int64(3), True, True), (2.5, True, False), (np.float32(2.5), True, False),
+    (True, False, False), (False, False, False), ("1e-3", False, False), (None, False, False),
+])
+def test_is_number_and_is_int_refuse_bools_and_strings(value, number, integer):
+    from mtlearn.utils import is_int, is_number
+
+    assert is_number(value) is number and is_int(value) is integer
