@@ -27,7 +27,8 @@ def sha256(data: bytes) -> str:
 class Handler(BaseHTTPRequestHandler):
     """Serves `server.files`; honours Range unless `server.ignore_range` (a Range at or past the end gets
     416, as real servers answer); can drop a response midway; answers the first requests with the
-    HTTP errors queued in `server.errors` (say, [503, 429])."""
+    HTTP errors queued in `server.errors` (say, [503, 429]); with `server.range_from_zero` it answers a
+    Range with a 206 that starts at byte 0 (the whole file, as its Content-Range says)."""
 
     def do_GET(self):
         server = self.server
@@ -42,6 +43,8 @@ class Handler(BaseHTTPRequestHandler):
         start = 0
         if self.headers.get("Range") and not server.ignore_range:
             start = int(self.headers["Range"].removeprefix("bytes=").split("-")[0])
+            if server.range_from_zero:
+                start = 0
             if start >= len(data):  # nothing left to send (RFC 9110: 416 names the full length)
                 self.send_response(416)
                 self.send_header("Content-Range", f"bytes */{len(data)}")
@@ -71,6 +74,7 @@ class Handler(BaseHTTPRequestHandler):
 def server():
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     httpd.files, httpd.requests, httpd.drops, httpd.ignore_range, httpd.errors = {}, [], 0, False, []
+    httpd.range_from_zero = False
     httpd.url = f"http://127.0.0.1:{httpd.server_address[1]}"
     thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
     thread.start()
@@ -117,6 +121,30 @@ def test_deleted_files_or_another_checksum_make_the_next_fetch_check_again(serve
     with pytest.raises(HashMismatchError):  # a checksum pinned later is checked, not ignored
         fetch("bus_bra", known_hash="md5:" + "0" * 32, **kwargs)
     assert (tmp_path / ".bus_bra.complete").exists()  # and a wrong one does not undo the good fetch
+
+
+def test_unreadable_marker_is_not_trusted(server, tmp_path):
+    """A marker cut short (disk full, killed while writing) proves nothing: check and unpack again."""
+    server.files["/BUSBRA.zip"] = ARCHIVE
+    kwargs = {"dest": tmp_path, "url": server.url + "/BUSBRA.zip", "known_hash": sha256(ARCHIVE), "progress": False}
+    fetch("bus_bra", **kwargs)
+    (tmp_path / "BUSBRA" / "Images" / "bus_0001-l.png").unlink()
+    (tmp_path / ".bus_bra.complete").write_text('{"name": "bus_b')
+    fetch("bus_bra", **kwargs)
+    assert (tmp_path / "BUSBRA" / "Images" / "bus_0001-l.png").read_bytes() == b"png" and len(server.requests) == 1
+    assert json.loads((tmp_path / ".bus_bra.complete").read_text())["known_hash"] == sha256(ARCHIVE)
+
+
+def test_escaping_member_of_a_nested_zip_is_refused(server, tmp_path):
+    """The zip inside the download (Mendeley wraps BUS-UCLM's) is checked like the outer one."""
+    inner = zip_bytes({"BUS-UCLM/INFO.csv": b"x", "../../evil.txt": b"evil"})
+    outer = zip_bytes({"dataset/BUS-UCLM.zip": inner})
+    server.files["/uclm.zip"] = outer
+    dest = tmp_path / "dest"
+    with pytest.raises(UnsafeArchiveError, match="refusing to unpack BUS-UCLM.zip"):
+        fetch("bus_uclm", dest=dest, url=server.url + "/uclm.zip", known_hash=sha256(outer), progress=False)
+    assert not (tmp_path / "evil.txt").exists() and not (dest / "evil.txt").exists()
+    assert not (dest / ".bus_uclm.complete").exists()
 
 
 def test_member_that_would_overwrite_the_archive_is_refused(tmp_path):
@@ -173,6 +201,18 @@ def test_dropped_connection_resumes_with_range(server, tmp_path):
     assert (tmp_path / "data.npz").read_bytes() == PAYLOAD
     ranges = [r for _, r, _ in server.requests]
     assert ranges[0] is None and ranges[1] == f"bytes={len(PAYLOAD) // 3}-"  # asked only for the rest
+    # every request identifies itself, the resumed one too (Zenodo throttles anonymous clients)
+    assert all(agent and "mtlearn-data_fetch" in agent for _, _, agent in server.requests)
+
+
+def test_partial_content_from_another_offset_is_not_appended(server, tmp_path):
+    """A 206 whose Content-Range does not start where the .part file ends is not the rest of the file:
+    appending it would duplicate bytes (here the server sends the whole file again as a 206)."""
+    server.files["/data.npz"] = PAYLOAD
+    server.drops, server.range_from_zero = 1, True
+    download_file(server.url + "/data.npz", tmp_path / "data.npz", sha256(PAYLOAD), progress=False)
+    assert [r for _, r, _ in server.requests] == [None, f"bytes={len(PAYLOAD) // 3}-"]
+    assert (tmp_path / "data.npz").read_bytes() == PAYLOAD and not list(tmp_path.glob("*.mismatch"))
 
 
 def test_server_without_range_support_restarts_cleanly(server, tmp_path):
@@ -222,9 +262,10 @@ def test_gives_up_after_retries_and_keeps_the_part_file(server, tmp_path):
     assert len(server.requests) == 3 and (tmp_path / "data.npz.part").exists() and not (tmp_path / "data.npz").exists()
 
 
-@pytest.mark.parametrize("errors", [[503], [503, 502], [429], [500, 429]])
+@pytest.mark.parametrize("errors", [[503], [503, 502], [429], [500, 429], [408]])
 def test_server_errors_and_throttling_are_retried(server, tmp_path, errors):
-    """5xx (the host is struggling) and 429 (Zenodo throttling) are passing trouble: ask again."""
+    """5xx (the host is struggling), 429 (Zenodo throttling) and 408 (request timeout) are passing
+    trouble: ask again."""
     server.files["/data.npz"] = PAYLOAD
     server.errors = list(errors)
     download_file(server.url + "/data.npz", tmp_path / "data.npz", sha256(PAYLOAD), progress=False, retries=2)
@@ -258,6 +299,17 @@ def test_not_found_is_not_retried(server, tmp_path):
     message = str(error.value)
     assert "Not Found" in message and server.url + "/missing.npz" in message and "Download it by hand" in message
     assert not (tmp_path / "breastmnist.npz").exists() and not (tmp_path / "breastmnist.npz.part").exists()
+
+
+def test_local_folder_errors_are_raised_at_once_not_retried(server, tmp_path):
+    """The host delivered; the file cannot be written (a file where the folder should be): asking the
+    host again cannot help, and the error is about the folder, not a DownloadError about the host."""
+    server.files["/data.npz"] = PAYLOAD
+    (tmp_path / "a_file").write_text("not a folder")
+    with pytest.raises(NotADirectoryError):
+        download_file(server.url + "/data.npz", tmp_path / "a_file" / "data.npz", sha256(PAYLOAD), progress=False,
+                      retries=3)
+    assert len(server.requests) == 1
 
 
 @pytest.mark.parametrize("code", [403, 404])
@@ -382,6 +434,13 @@ def test_manually_placed_file_with_wrong_hash_is_reported_not_deleted(tmp_path):
 def test_bad_arguments(tmp_path, call, message):
     with pytest.raises(ValueError, match=message):
         call(tmp_path)
+
+
+def test_checksums_bare_or_in_capitals_are_read():
+    """A digest copied from a web page: without the algorithm (told by its length) or in capitals."""
+    md5, sha = "68877751ADEF0AB639DE73946AAC0985", "B2CE09F6063A31A73F628B6A6EE1245187CBAEC225E93E563735691D68654DE7"
+    assert parse_hash(md5) == ("md5", md5.lower()) and parse_hash(sha) == ("sha256", sha.lower())
+    assert parse_hash(f"SHA256:{sha}") == ("sha256", sha.lower()) and parse_hash(f" md5:{md5} ") == ("md5", md5.lower())
 
 
 def test_default_data_dir_follows_the_environment(tmp_path, monkeypatch):

@@ -109,6 +109,32 @@ def test_sizes_scale_with_image_size():
     assert radii_large.mean() == pytest.approx(4 * radii_small.mean(), rel=0.05)
 
 
+def test_bar_half_heights_follow_the_paper():
+    """SPEC: bar half-height d in 10..40 at 224 x 288 (limited to what fits: 4 d <= 143, d <= 35.75)."""
+    data = ShapesBackground("train", (224, 288))
+    d = np.array([it["half_h"] for it in data.items if it["shape"] == 1])
+    widths = np.array([it["half_w"] for it in data.items if it["shape"] == 1])
+    assert 10 - 1e-9 <= d.min() and d.max() <= 40 and np.allclose(widths, 4 * d)
+    assert d.max() > 30 and d.min() < 12  # the range is used, not a corner of it
+
+
+def test_non_proportional_sizes_scale_by_the_smaller_ratio():
+    """scale = min(H / 224, W / 288): at 112 x 288 shapes are half the paper's, not its full size."""
+    data = ShapesBackground("train", (112, 288))
+    radii = np.array([it["half_h"] for it in data.items if it["shape"] == 0])
+    d = np.array([it["half_h"] for it in data.items if it["shape"] == 1])
+    assert 5 - 1e-9 <= radii.min() and radii.max() <= 40 + 1e-9 and radii.max() > 35
+    assert 5 - 1e-9 <= d.min() and d.max() <= 20 + 1e-9
+
+
+@pytest.mark.parametrize("split", ["train", "val", "test"])
+def test_combinations_are_mixed_so_any_prefix_holds_all_of_them(split):
+    """A DataLoader without shuffling, or a quick run on the first items, still sees every combination."""
+    data = ShapesBackground(split, SMALL)
+    first = Counter(zip(data.labels("shape")[:30].tolist(), data.labels("background")[:30].tolist()))
+    assert set(first) == set(SPLIT_COUNTS[split])
+
+
 def test_deterministic_by_seed_and_splits_independent():
     a, b = ShapesBackground("train", SMALL, seed=3), ShapesBackground("train", SMALL, seed=3)
     c = ShapesBackground("train", SMALL, seed=4)
