@@ -7,10 +7,28 @@ import numpy as np
 import pytest
 import torch
 
-from mtlearn.data import SPLITS, LayoutError, ShapesBackground, SyntheticUltrasound, load_dataset
-from mtlearn.data.splits import SPLIT_FRACTIONS, split_by_group
+from mtlearn.data import (
+    SPLITS,
+    LayoutError,
+    ShapesBackground,
+    SyntheticUltrasound,
+    load_dataset,
+)
+from mtlearn.data.splits import (
+    DUPLICATE_MAX_DISTANCE,
+    SPLIT_FRACTIONS,
+    difference_hash,
+    duplicate_groups,
+    split_by_group,
+)
 from tests.fixtures_real import (
-    make_breastmnist, make_bus_bra, make_bus_uclm, make_busi, make_busi_npz, random_image, save_png,
+    make_breastmnist,
+    make_bus_bra,
+    make_bus_uclm,
+    make_busi,
+    make_busi_npz,
+    random_image,
+    save_png,
 )
 
 SIZE = 32  # image_size for the tests: the fixtures are 40 x 48
@@ -87,6 +105,67 @@ def test_busi_problems_are_reported(busi):
     assert not any("_mask" in note for note in dataset.problems)  # every mask file found its image
 
 
+def test_images_are_the_files_grey_levels_in_0_1_area_averaged(busi):
+    """"image" is the PNG's grey level / 255: unchanged at the file's own size, and shrunk by averaging
+    ("area": each output pixel is the mean of the pixels it covers, so speckle does not alias)."""
+    from PIL import Image
+
+    root, info = busi
+    path = info["base"] / "benign" / "benign (5).png"
+    with Image.open(path) as img:
+        grey = np.asarray(img.convert("L"), dtype=np.float32) / 255  # (40, 48)
+    native = by_id(load_dataset("busi", root=root, split="all", image_size=(40, 48)))["benign (5)"]["image"][0]
+    assert native.min() >= 0 and native.max() <= 1 and grey.max() > 0.5
+    assert np.allclose(native.numpy(), grey, atol=1e-6)
+    half = by_id(load_dataset("busi", root=root, split="all", image_size=(20, 24)))["benign (5)"]["image"][0]
+    assert np.allclose(half.numpy(), grey.reshape(20, 2, 24, 2).mean(axis=(1, 3)), atol=1e-5)
+
+
+def make_small_busi(root, masks: dict[str, np.ndarray], images: dict[str, np.ndarray] | None = None) -> None:
+    """Dataset_BUSI_with_GT with the three class folders and the given "<stem>": mask arrays, saved as is."""
+    rng = np.random.default_rng(1)
+    base = root / "Dataset_BUSI_with_GT"
+    for class_name in ("normal", "benign", "malignant"):
+        (base / class_name).mkdir(parents=True, exist_ok=True)
+    for stem, mask in masks.items():
+        folder = base / stem.split(" ")[0]
+        save_png(folder / f"{stem}.png", (images or {}).get(stem, random_image(rng)))
+        save_png(folder / f"{stem}_mask.png", mask)
+
+
+def test_masks_stored_as_0_1_are_binarised_like_0_255(tmp_path):
+    """A mask saved with values 0 and 1 (not 0 and 255) is the same lesion, not an empty mask."""
+    lesion = np.zeros((40, 48), np.uint8)
+    lesion[6:20, 10:30] = 1
+    make_small_busi(tmp_path, {"benign (1)": lesion, "malignant (1)": lesion * 255, "normal (1)": 0 * lesion})
+    items = by_id(load_dataset("busi", root=tmp_path, split="all", image_size=(40, 48)))
+    for stem in ("benign (1)", "malignant (1)"):
+        assert torch.equal(items[stem]["mask"][0], torch.from_numpy(lesion.astype(np.float32))), stem
+    assert items["normal (1)"]["mask"].sum() == 0
+
+
+def test_16_bit_images_keep_their_grey_levels(tmp_path):
+    """A 16-bit PNG (values beyond 255) comes out in [0, 1] with its grey levels in order, not clipped
+    to white by an 8-bit conversion."""
+    raw = (np.arange(40 * 48).reshape(40, 48) * 2).astype(np.uint16)  # 0 .. 3838
+    make_small_busi(tmp_path, {"benign (1)": np.zeros((40, 48), np.uint8)}, images={"benign (1)": raw})
+    image = load_dataset("busi", root=tmp_path, split="all", image_size=(40, 48))[0]["image"][0].numpy()
+    assert image.min() >= 0 and image.max() <= 1
+    order = np.argsort(raw, axis=None)
+    assert np.all(np.diff(image.ravel()[order]) > 0)  # brighter in the file, brighter in the image
+
+
+def test_hidden_macos_copies_are_not_read_as_images(tmp_path):
+    """Zips made on a Mac carry '._<name>' AppleDouble files beside every PNG: not images, not masks."""
+    make_busi(tmp_path, per_class=2)
+    plain = load_dataset("busi", root=tmp_path, split="all")
+    for path in list((tmp_path / "Dataset_BUSI_with_GT").rglob("*.png")):
+        (path.parent / f"._{path.name}").write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        ")
+    dataset = load_dataset("busi", root=tmp_path, split="all", image_size=SIZE)
+    assert [r.id for r in dataset.records] == [r.id for r in plain.records] and dataset.problems == plain.problems
+    assert dataset[0]["image"].shape == (1, SIZE, SIZE)
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_busi_splits_deterministic_disjoint_and_duplicate_aware(busi, seed):
     root, _ = busi
@@ -110,6 +189,30 @@ def test_busi_splits_are_7_1_2_within_each_class(busi, seed):
                 for r in load_dataset("busi", root=root, split=s, seed=seed).records}
     # 10 images per class: 7 train, 1 val, 2 test, give or take the near-duplicate pair in benign
     assert_class_shares([split_of[r.id] for r in records], [r.group for r in records], [r.label for r in records])
+
+
+def test_busi_split_sizes_are_7_1_2_of_each_class(busi):
+    """10 images per class: 7 train, 1 val, 2 test (benign: the near-duplicate pair counts as one group
+    of two, so its class may be off by one)."""
+    root, _ = busi
+    for seed in (0, 1):
+        counts = {s: np.bincount(load_dataset("busi", root=root, split=s, seed=seed).labels, minlength=3)
+                  for s in ("train", "val", "test")}
+        for label in (0, 2):  # normal (10 single images) and malignant (10)
+            assert [counts[s][label] for s in ("train", "val", "test")] == [7, 1, 2], (seed, counts)
+        assert abs(counts["train"][1] - 7) <= 1 and counts["train"][1] + counts["val"][1] + counts["test"][1] == 10
+
+
+def test_seed_chooses_the_split(busi):
+    """Another seed deals the groups out differently (and train is not just the first 70 % by name)."""
+    root, _ = busi
+    trains = {seed: tuple(r.id for r in load_dataset("busi", root=root, split="train", seed=seed).records)
+              for seed in range(4)}
+    assert len(set(trains.values())) > 1
+    groups = [f"g{k:03d}" for k in range(100)]
+    by_seed = [split_by_group(groups, [0] * 100, seed=seed).tolist() for seed in range(3)]
+    assert by_seed[0] != by_seed[1] and by_seed[1] != by_seed[2]
+    assert by_seed[0][:70] != ["train"] * 70  # shuffled, not dealt in sorted order
 
 
 def test_augmentation_moves_image_and_mask_together(tmp_path):
@@ -163,6 +266,61 @@ def test_dataloader_workers_draw_their_own_augmentations(tmp_path):
     assert not all(torch.equal(a, dataset[i]["image"]) for i, a in enumerate(first))  # and move on
 
 
+def _orientation_degrees(mask: torch.Tensor) -> float:
+    """Angle of the long axis of a 0/1 (H, W) mask against the horizontal, in (-90, 90]."""
+    rows, cols = np.nonzero(mask.numpy())
+    cov = np.cov(np.stack([cols, rows]).astype(float))
+    return float(np.degrees(0.5 * np.arctan2(2 * cov[0, 1], cov[0, 0] - cov[1, 1])))
+
+
+def test_augmentation_flips_left_right_and_turns_at_most_25_degrees(tmp_path):
+    """The paper's augmentation: left-right flips (depth has a direction in ultrasound: never upside
+    down) and rotations within +-25 degrees, each with probability 1/2, independently. A thin
+    horizontal bar in the upper left must stay in the upper half and within 25 degrees of horizontal;
+    the draws must use the whole range and include plain flips and untouched items."""
+    bar = np.zeros((48, 48), np.uint8)
+    bar[8:12, 4:36] = 255  # 4 x 32, 14 px above and 4.5 px left of the centre
+    make_small_busi(tmp_path, {"benign (1)": bar, "malignant (1)": bar}, images={"benign (1)": bar, "malignant (1)": bar})
+    dataset = load_dataset("busi", root=tmp_path, split="all", image_size=48, augment=True)
+    plain = torch.from_numpy(bar > 0).float()
+    torch.manual_seed(0)
+    angles, flipped_only, untouched = [], 0, 0
+    for _ in range(60):
+        for i in range(len(dataset)):
+            mask = dataset[i]["mask"][0]
+            assert np.nonzero(mask.numpy())[0].mean() < 24 - 8  # still near the top: no up-down flip
+            angles.append(_orientation_degrees(mask))
+            flipped_only += torch.equal(mask, plain.flip(-1))
+            untouched += torch.equal(mask, plain)
+    assert max(abs(a) for a in angles) <= 25 + 3  # (+3: the rotated bar's pixel grid)
+    assert max(abs(a) for a in angles) > 20  # the whole +-25 degrees is drawn
+    assert flipped_only > 10 and untouched > 10  # a quarter each of the 120 draws: flip and turn are independent
+
+
+def test_augmentation_fills_the_corners_it_turns_in_with_black(tmp_path):
+    """Rotated images get black (0) corners, not copies of the border pixels."""
+    white = np.full((40, 48), 255, np.uint8)
+    make_small_busi(tmp_path, {"benign (1)": 0 * white, "malignant (1)": 0 * white},
+                    images={"benign (1)": white, "malignant (1)": white})
+    dataset = load_dataset("busi", root=tmp_path, split="all", image_size=(40, 48), augment=True)
+    torch.manual_seed(0)
+    turned = [image for image in (dataset[i % 2]["image"][0] for i in range(20)) if image.min() < 1]
+    assert turned and all(min(image[0, 0], image[0, -1], image[-1, 0], image[-1, -1]) < 1 for image in turned)
+    assert max(int((image == 0).sum()) for image in turned) > 20  # black, where the turn brought nothing in
+
+
+def test_augmented_items_do_not_share_the_cached_mask(tmp_path):
+    lesion = np.zeros((40, 48), np.uint8)
+    lesion[4:28, 6:20] = 255
+    make_small_busi(tmp_path, {"benign (1)": lesion, "malignant (1)": lesion})
+    dataset = load_dataset("busi", root=tmp_path, split="all", image_size=32, augment=True)
+    torch.manual_seed(0)
+    for _ in range(20):  # about a quarter of the draws neither flip nor turn
+        mask = dataset[0]["mask"]
+        assert mask.sum() > 0  # the lesion, flipped or turned by at most 25 degrees
+        mask.zero_()  # what a user's in-place transform would do: must not reach the next draw
+
+
 def test_items_do_not_share_the_cached_tensors(busi):
     root, _ = busi
     dataset = load_dataset("busi", root=root, split="val", image_size=SIZE)
@@ -210,6 +368,40 @@ def test_bus_bra_splits_by_patient(bus_bra):
     # the 24 images outside the test fold go 7:1 to train and val, give or take a patient per class
     sizes = {s: len(load_dataset("bus_bra", root=root, split=s).records) for s in ("train", "val")}
     assert abs(sizes["train"] - 24 * 7 / 8) <= 2 * 2 and abs(sizes["val"] - 24 / 8) <= 2 * 2
+
+
+def test_bus_bra_patient_with_any_image_in_the_test_fold_goes_wholly_to_test(tmp_path):
+    """Should an official fold list one of a patient's images in another fold, the patient still must
+    not straddle train and test: the whole patient goes to test."""
+    info = make_bus_bra(tmp_path, patients=10)
+    csv_path = info["base"] / "5-fold-cv.csv"
+    csv_path.write_text(csv_path.read_text().replace("bus_0002-r,2", "bus_0002-r,1"))  # patient 2: folds 2 and 1
+    placed = [(r.id, s) for s in ("train", "val", "test") for r in load_dataset("bus_bra", root=tmp_path, split=s).records]
+    split_of = dict(placed)
+    assert len(split_of) == len(placed) == len(info["cases"])  # every image in exactly one split
+    assert split_of["bus_0002-r"] == "test" and split_of["bus_0002-l"] == "test"
+    for case in set(info["cases"].values()):
+        assert len({split_of[i] for i, c in info["cases"].items() if c == case}) == 1, case
+
+
+def test_csv_files_with_a_byte_order_mark_or_spaced_headers_are_read(tmp_path):
+    """CSVs saved by Excel ("CSV UTF-8") start with a byte order mark; hand-edited headers gain spaces."""
+    info = make_bus_bra(tmp_path / "bra", patients=5)
+    for name in ("bus_data.csv", "5-fold-cv.csv"):
+        path = info["base"] / name
+        path.write_text("\ufeff" + path.read_text(), encoding="utf-8")
+    assert len(load_dataset("bus_bra", root=tmp_path / "bra", split="all")) == 7
+    uclm = make_bus_uclm(tmp_path / "uclm", patients=4)
+    path = uclm["base"] / "INFO.csv"
+    rows = path.read_text().splitlines()
+    path.write_text("\n".join(["\ufeffImage ; Label ; Doppler ; Marks", *rows[1:]]) + "\n", encoding="utf-8")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PAT00_001's size mismatch
+        items = by_id(load_dataset("bus_uclm", root=tmp_path / "uclm", split="all", image_size=SIZE))
+    assert {stem: item["artifact"] for stem, item in items.items()} == {
+        stem: truth["artifact"] for stem, truth in uclm["truth"].items() if stem in items
+    }
+    assert sum(item["artifact"] for item in items.values()) > 0
 
 
 def test_bus_bra_items(bus_bra):
@@ -347,6 +539,29 @@ def test_split_by_group_deals_7_1_2_of_each_class_and_keeps_groups_whole(seed):
     assert_class_shares(split_by_group(groups, labels, seed=seed, fractions=two_way), groups, labels, two_way)
 
 
+def test_duplicate_groups_join_hashes_at_most_the_threshold_apart_and_chain():
+    """"Hashes at most DUPLICATE_MAX_DISTANCE bits apart count as near-duplicates", through chains."""
+    d = DUPLICATE_MAX_DISTANCE
+    base = np.zeros(64, bool)
+    def flipped(first, count):
+        h = base.copy()
+        h[first : first + count] = True
+        return h
+    hashes = np.stack([base, flipped(0, d), flipped(0, 2 * d), flipped(40, d + 1)])
+    groups = duplicate_groups(hashes, d)
+    # 0-1 and 1-2 are d apart (one chain, although 0-2 are 2d apart); 3 is d+1 from 0 and further from 1, 2
+    assert groups[0] == groups[1] == groups[2] and groups[3] != groups[0]
+
+
+def test_difference_hash_ignores_brightness_and_contrast():
+    """The same picture darker or with less contrast (another gain setting) is still a near-duplicate."""
+    for seed in range(5):
+        grey = random_image(np.random.default_rng(seed)).astype(np.float32) / 255
+        reference = difference_hash(grey)
+        for changed in (0.1 * grey + 0.5, 0.02 * grey):
+            assert np.sum(difference_hash(changed) != reference) <= 2
+
+
 # --------------------------------------------------------------------------------------------------
 # npz datasets
 
@@ -364,6 +579,19 @@ def test_breastmnist_official_splits(tmp_path, resolution):
     with np.load(path) as raw:
         assert dataset.labels.tolist() == (1 - raw["test_labels"].reshape(-1)).tolist()
     assert item["id"] == "breastmnist-test-0000"
+
+
+def test_npz_uint8_images_are_divided_by_255(tmp_path):
+    """uint8 arrays are 0..255 grey levels: a dark image stays dark (not stretched to its own maximum)."""
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for split in ("train", "val", "test"):
+        arrays[f"{split}_images"] = rng.integers(0, 100, (3, 28, 28), dtype=np.uint8)  # dark: max < 100
+        arrays[f"{split}_labels"] = np.zeros((3, 1), np.uint8)
+    np.savez(tmp_path / "breastmnist.npz", **arrays)
+    dataset = load_dataset("breastmnist", root=tmp_path, split="test", image_size=28)
+    for i in range(3):
+        assert np.allclose(dataset[i]["image"][0].numpy(), arrays["test_images"][i] / 255, atol=1e-6)
 
 
 def test_busi_npz(tmp_path):
@@ -389,6 +617,16 @@ def test_synthetic_splits_are_disjoint_index_ranges():
     assert len(set(ids["train"] + ids["val"] + ids["test"])) == 12 and ids["all"] == ids["train"] + ids["val"] + ids["test"]
     assert splits["all"].class_names == ("normal", "benign", "malignant")
     assert len(load_dataset("synthetic", split="val")) == 200
+
+
+def test_synthetic_splits_stay_disjoint_at_any_size():
+    """Train, val and test are disjoint index ranges for every allowed size (up to 1,000,000 per split),
+    so the defaults (2000 / 200 / 400) and any larger choice never share an item."""
+    first_last = {}
+    for split in ("train", "val", "test"):
+        dataset = load_dataset("synthetic", split=split, image_size=32, num_samples=1_000_000)
+        first_last[split] = [int(dataset[i]["id"].split("-")[1]) for i in (0, len(dataset) - 1)]
+    assert first_last["train"][1] < first_last["val"][0] and first_last["val"][1] < first_last["test"][0]
 
 
 def test_shapes_through_load_dataset():

@@ -211,7 +211,8 @@ class UltrasoundDataset(Dataset):
             image, mask = augment_item(self._augment, image, mask)
         item = {"image": image.repeat(self.in_channels, 1, 1), "label": record.label, "id": record.id}  # (C, H, W)
         if mask is not None:
-            item["mask"] = mask if self._augment is not None else mask.clone()  # (1, H, W); never the cached tensor
+            # (1, H, W); never the cached tensor: an augmentation that neither flips nor turns returns its input
+            item["mask"] = mask.clone()
         if record.artifact is not None:
             item["artifact"] = record.artifact
         return item
