@@ -239,6 +239,7 @@ POINTING_CASES = [
     (torch.zeros(1, 1, 4, 4), 0, "positive", 0.0),  # a map with no evidence points nowhere
     (_map([0, 0, 0, 0, 0, 9, 9, 0, 0, 9, 9, 0, 0, 0, 0, 0]), 0, "positive", 0.0),  # plateau, 1 of 4 inside
     (_map([9, 9, 9, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]), 0, "positive", 1.0),  # plateau, 2 of 3 inside
+    (_map([0, 9, 0, 9, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]), 0, "positive", 1.0),  # plateau, 1 of 2: half counts
 ]
 
 
@@ -485,3 +486,172 @@ def test_plot_scores_groups_bars_by_model():
     assert [round(p.get_height(), 6) for p in share.patches] == [0.0, 0.1, 0.2, 0.3]
     assert [t.get_text() for t in share.get_xticklabels()] == ["ig", "gradcam"]
     assert share.get_legend() is not None and share.get_ylabel() == "mask share"
+
+
+# ------------------------------------------------------------------------------------------ by hand, on stubs
+
+
+class TinyCam(nn.Module):
+    """encoder.stages[0]: a 2 x 2 convolution of stride 2 (4 x 4 -> 2 x 2) whose channel 0 sums each block and
+    channel 1 is minus that sum; cls: the identity on the average-pooled channels (class k reads channel k)."""
+
+    def __init__(self):
+        super().__init__()
+        self.encoder = nn.Module()
+        self.encoder.stages = nn.ModuleList([nn.Conv2d(1, 2, 2, stride=2, bias=False)])
+        with torch.no_grad():
+            self.encoder.stages[0].weight.copy_(torch.tensor([1.0, -1.0]).view(2, 1, 1, 1).expand(2, 1, 2, 2))
+
+    def forward(self, x):
+        return {"cls": self.encoder.stages[0](x).mean(dim=(2, 3))}  # (B, 2)
+
+
+def test_gradcam_by_hand_relu_then_bilinear_upsampling():
+    """Class 0: the gradient of the pooled channel 0 is 1/4 everywhere, so the channel weights are (1/4, 0) and
+    the coarse map is A_0 / 4 = block sums / 4 = [[1, 0], [0, 2]] for blocks of ones and twos. Bilinear
+    upsampling (half-pixel centres) to 4 x 4 gives the rows below. Class 1 sees -A_0: negative, so ReLU leaves 0."""
+    x = torch.zeros(1, 1, 4, 4)
+    x[..., :2, :2], x[..., 2:, 2:] = 1.0, 2.0
+    explainer = A.Explainer(TinyCam())
+    assert A.default_layer(explainer.model) == "encoder.stages.0"
+    expected = torch.tensor([[1.0, 0.75, 0.25, 0.0],
+                             [0.75, 0.6875, 0.5625, 0.5],
+                             [0.25, 0.5625, 1.1875, 1.5],
+                             [0.0, 0.5, 1.5, 2.0]])
+    assert torch.allclose(explainer.attribute(x, "cls", 0, "gradcam")[0, 0], expected)
+    assert torch.equal(explainer.attribute(x, "cls", 1, "gradcam"), torch.zeros(1, 1, 4, 4))
+
+
+def test_default_gradcam_layer_is_the_last_encoder_stage(model, explainer, images):
+    assert len(model.encoder.stages) == 4 and A.default_layer(model) == "encoder.stages.3"
+    last = A.Explainer(model, layer="encoder.stages.3").attribute(images, "cls", 1, "gradcam")
+    assert torch.equal(explainer.attribute(images, "cls", 1, "gradcam"), last)
+
+
+def test_smoothgrad_averages_over_the_noisy_copies(explainer):
+    """A linear score has the gradient w at every noisy copy: the average of |w| is |w|, whatever nt_samples."""
+    w = torch.randn(2, 1, 8, 8)
+    maps = explainer._smoothgrad(lambda x: (x * w).flatten(1).sum(1), torch.rand(2, 1, 8, 8), (), nt_samples=3)
+    assert torch.allclose(maps, w.abs())
+
+
+def test_smoothgrad_noise_is_15_percent_of_each_images_range(explainer):
+    """Score sum(x^2): |gradient| = 2 |x + noise|. Away from the one bright pixel x = 0, so the map averages
+    2 |noise|, whose mean is 2 sigma sqrt(2 / pi) with sigma = 0.15 * range (ranges 1 and 10 here)."""
+    images = torch.zeros(2, 1, 8, 8)
+    images[0, 0, 0, 0], images[1, 0, 0, 0] = 1.0, 10.0
+    torch.manual_seed(0)
+    maps = explainer._smoothgrad(lambda x: x.square().flatten(1).sum(1), images, (), nt_samples=64)
+    expected = 2 * 0.15 * torch.tensor([1.0, 10.0]) * math.sqrt(2 / math.pi)
+    assert torch.allclose(maps.flatten(1)[:, 1:].mean(1), expected, rtol=0.05)
+
+
+def test_occlusion_default_patches_are_an_eighth_of_the_side_and_side_by_side(explainer):
+    """The score reads pixel (0, 0) only, so only a patch covering it drops the score, by x00 (black baseline).
+    Default window 32 / 8 = 4 and stride = window: the top-left 4 x 4 block gets x00, every other pixel 0."""
+    images = 1.0 + torch.rand(2, 1, 32, 32)
+    maps = explainer._occlusion(lambda x: x[:, 0, 0, 0], images, (), baseline="black")
+    expected = torch.zeros_like(images)
+    expected[:, :, :4, :4] = images[:, :, :1, :1]
+    assert torch.allclose(maps, expected)
+
+
+def test_spearman_ignores_signs_averages_ties_and_is_undefined_for_a_constant_first_map():
+    a = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
+    assert A.spearman(a, -a).item() == pytest.approx(1.0)  # absolute (the default): |-a| ranks like a
+    # ranks (1.5, 1.5, 3.5, 3.5) against (1, 2, 3, 4): centred, (-1, -1, 1, 1) . (-1.5, -0.5, 0.5, 1.5) = 4
+    assert A.spearman(torch.tensor([[0.0, 0.0, 1.0, 1.0]]), a).item() == pytest.approx(4 / (2 * math.sqrt(5)))
+    assert math.isnan(A.spearman(torch.zeros(1, 4), a).item())
+
+
+class ConstantHeads(nn.Module):
+    """A stub: seg logits (0, log 3, 0) at every pixel, so p(lesion) = 3/5 and its log-odds log(3/2); a 3-channel
+    reconstruction of zeros."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(()))
+
+    def forward(self, x):
+        B, _, H, W = x.shape
+        seg = torch.tensor([0.0, math.log(3.0), 0.0]).view(1, 3, 1, 1).expand(B, 3, H, W) * self.scale
+        return {"seg": seg, "recon": torch.zeros(B, 3, H, W)}
+
+
+def test_lesion_score_uses_the_log_odds_against_every_other_class():
+    region = torch.zeros(1, 1, 2, 2)
+    region[..., 0, :] = 1  # two pixels
+    score = A.LesionScore(ConstantHeads())(torch.zeros(1, 1, 2, 2), region)
+    assert score.item() == pytest.approx(2 * math.log(3 / 2))
+
+
+def test_reconstruction_error_averages_over_channels_and_region_pixels():
+    """Error 1 in one of three channels: 1/3 per pixel, whatever the region's size."""
+    reference = torch.zeros(1, 3, 2, 2)
+    reference[:, 0] = 1.0
+    region = torch.zeros(1, 1, 2, 2)
+    region[..., 0, :] = 1
+    error = A.ReconstructionError(ConstantHeads())(torch.zeros(1, 1, 2, 2), region, reference)
+    assert error.item() == pytest.approx(1 / 3)
+
+
+class LinearScore(nn.Module):
+    """A stub: class 0 scores sum(x * weight), class 1 minus that."""
+
+    def __init__(self, weight):
+        super().__init__()
+        self.weight = nn.Parameter(weight)
+
+    def forward(self, x):
+        score = (x * self.weight).flatten(1).sum(1)
+        return {"cls": torch.stack([score, -score], dim=1)}
+
+
+def test_maps_sum_the_input_channels():
+    """Saliency of a linear score is |weight| per channel; the map adds the three channels."""
+    weight = torch.randn(3, 4, 4)
+    maps = A.Explainer(LinearScore(weight)).attribute(torch.rand(2, 3, 4, 4), "cls", 0, "saliency")
+    assert torch.allclose(maps, weight.abs().sum(0).expand(2, 1, 4, 4))
+
+
+class SigmoidSeg(nn.Module):
+    """A stub segmentation head with one output channel (sigmoid): logit x - 0.5, lesion where x > 0.5."""
+
+    def __init__(self):
+        super().__init__()
+        self.bias = nn.Parameter(torch.tensor(-0.5))
+
+    def forward(self, x):
+        return {"seg": x + self.bias}
+
+
+def test_default_seg_region_of_a_single_channel_head_is_where_its_logit_is_positive():
+    images = torch.rand(2, 1, 6, 6)
+    (region,) = A.Explainer(SigmoidSeg()).forward_args(images, "seg")
+    assert torch.equal(region, (images > 0.5).float())
+
+
+def test_randomise_resets_a_layer_to_pytorchs_default_scale_not_its_trained_one():
+    """nn.Linear(16, 4) draws weight and bias uniformly within 1 / sqrt(16) = 0.25; a trained layer 100x louder
+    must come back at that scale, not at its own."""
+    torch.manual_seed(0)
+    layer = nn.Linear(16, 4)
+    with torch.no_grad():
+        layer.weight.mul_(100.0)
+        layer.bias.mul_(100.0)
+    A.randomise_(layer)
+    assert layer.weight.abs().max() <= 0.25 and layer.bias.abs().max() <= 0.25
+
+
+class FixedMaps:
+    """A stub explainer whose every map is the 4 x 4 map below: +1 inside MASK, -9 outside."""
+
+    def attribute(self, images, head, target, method, **method_kw):
+        return _map([1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, -9]).expand(len(images), 1, 4, 4)
+
+
+@pytest.mark.parametrize("mode, share, hit", [("positive", 1.0, 1.0), ("absolute", 1 / 10, 0.0)])
+def test_localisation_scores_pass_the_mode_to_both_scores(mode, share, hit):
+    scores = A.localisation_scores(FixedMaps(), torch.zeros(1, 1, 4, 4), MASK, methods=("ig",), tolerance=0, mode=mode)
+    assert scores == {"ig": pytest.approx({"mask_share": share, "pointing_game": hit, "chance": 0.25,
+                                           "pointing_chance": 0.25})}
