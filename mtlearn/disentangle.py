@@ -446,7 +446,8 @@ def main_step(model: nn.Module, optimizer: torch.optim.Optimizer, features_a: to
             term = adversarial_term(adv_a, y_a, adv_loss, target_a) + adversarial_term(adv_b, y_b, adv_loss, target_b)
             loss = loss + w_adv * term
             terms["adversarial"] = term
-            record["adv_term"] = term.item()
+            # the adversaries after this batch's adversary phase: how well they fit the batch
+            record.update(adv_term=term.item(), adv_fit_acc_a=_accuracy(adv_a, y_a), adv_fit_acc_b=_accuracy(adv_b, y_b))
         if leaking:
             leak_a, leak_b = leakage
             # task B read from f_a within each task-A class, and task A from f_b within each task-B class
@@ -546,7 +547,8 @@ def train_disentangle(
     Returns per-epoch means: "loss_a", "loss_b", "acc_a", "acc_b", "w_adv" and, for DisentangleNet,
     "adv_loss_a", "adv_loss_b", "adv_acc_a", "adv_acc_b" (each batch scored before the adversaries'
     steps on it, so on images they were not fitted to), "adv_fit_acc_a", "adv_fit_acc_b" (after
-    those steps: how well they fit the batch) and "adv_term" (and "leak" when w_leak > 0), each
+    those steps: how well they fit the batch; scored in the main phase, so like "adv_term" only
+    while w > 0) and "adv_term" (and "leak" when w_leak > 0), each
     averaged over the steps that recorded it (NaN for an epoch without any, e.g. adv_term during a
     warm-up); with `val_loader` also "val_acc_a", ... from evaluate_disentangle.
 
@@ -622,8 +624,7 @@ def train_disentangle(
                         fitted = adversary_step(model, adv_optimizer, detached_a, detached_b, y_a, y_b)
                         if i == 0:  # scored before any step on this batch: images the adversaries were not fitted to
                             record.update(fitted)
-                    # after the steps: how well they fit this one batch (50 images, 64 features: easily)
-                    record.update(adv_fit_acc_a=fitted["adv_acc_a"], adv_fit_acc_b=fitted["adv_acc_b"])
+                    # how well they then fit this one batch (50 images, 64 features: easily) main_step records
                     joint.index_put_((y_a, y_b), torch.ones_like(y_a, dtype=joint.dtype), accumulate=True)
                     if adv_target == "prior":
                         target_a, target_b = label_prior(joint, y_b, axis=0), label_prior(joint, y_a, axis=1)

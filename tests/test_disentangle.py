@@ -1,6 +1,8 @@
 """Disentanglement models, the min-max loop and the shapes experiment (tiny sizes, CPU, seconds)."""
 
 import copy
+import inspect
+import math
 from collections import Counter
 
 import numpy as np
@@ -749,3 +751,242 @@ def test_train_disentangle_checks_lr_and_betas(tiny_loaders):
     for kwargs, match in (({"lr": "1e-3"}, "pass it unquoted"), ({"betas": (0.9, 1.5)}, "betas")):
         with pytest.raises(ValueError, match=match):
             D.train_disentangle(tiny_model(), tiny_loaders[0], device="cpu", progress=False, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------- by hand
+
+
+def test_residual_unit_shortcut_is_a_max_pool():
+    """Meng et al.'s shortcut is a 3 x 3 max-pool of stride 2: with the main path silenced, each output
+    pixel is the largest input pixel of its 3 x 3 window (padding never wins a max)."""
+    unit = D.ResidualUnit(1, 1)
+    with torch.no_grad():
+        unit.main[-1].weight.zero_()  # the main path now adds 0
+    x = torch.arange(16.0).view(1, 1, 4, 4)
+    assert torch.equal(unit(x), torch.tensor([[[[5.0, 7.0], [13.0, 15.0]]]]))
+
+
+def _labelled_batch(pairs, seed=0):
+    """A batch of random 16 x 16 images (mean 3, so convolutions see a non-zero mean) with the given
+    (shape, background) label pairs."""
+    generator = torch.Generator().manual_seed(seed)
+    shape, background = zip(*pairs)
+    return {"image": 3.0 + torch.randn(len(pairs), 1, 16, 16, generator=generator),
+            "shape": torch.tensor(shape), "background": torch.tensor(background)}
+
+
+def _record_main_steps(monkeypatch):
+    """Replace D.main_step by a wrapper that records, per call, the learning rate and the confusion targets."""
+    main_step, calls = D.main_step, []
+
+    def recording(*args, **kwargs):
+        arguments = inspect.signature(main_step).bind(*args, **kwargs).arguments
+        targets = {k: None if arguments.get(k) is None else arguments[k].clone() for k in ("target_a", "target_b")}
+        calls.append({"lr": arguments["optimizer"].param_groups[0]["lr"], **targets})
+        return main_step(*args, **kwargs)
+
+    monkeypatch.setattr(D, "main_step", recording)
+    return calls
+
+
+def test_prior_targets_are_the_label_pair_frequencies_counted_so_far(monkeypatch):
+    """adv_a reads task A from f_b, so its target is p(a | b); adv_b's is p(b | a). Both are counted over
+    every batch so far, the current one included (its own pairs are never impossible)."""
+    first = _labelled_batch([(0, 1)] * 3 + [(1, 1)] + [(1, 0)] * 2)  # counts [[0, 3], [2, 1]] (rows: a)
+    second = _labelled_batch([(0, 0)] + [(1, 1)] * 3 + [(1, 0)] * 2, seed=1)  # then [[1, 3], [4, 4]]
+    calls = _record_main_steps(monkeypatch)
+    D.train_disentangle(tiny_model(), [first, second], epochs=1, adv_steps=1, w_adv=1.0, device="cpu",
+                        progress=False, recalibrate_bn=False)
+
+    def rows(*probabilities):
+        return torch.tensor(probabilities)
+
+    # batch 1: p(a | b=1) = (3/4, 1/4), p(a | b=0) = (0, 1); p(b | a=0) = (0, 1), p(b | a=1) = (2/3, 1/3)
+    assert torch.allclose(calls[0]["target_a"], rows(*[(3 / 4, 1 / 4)] * 4, *[(0.0, 1.0)] * 2))
+    assert torch.allclose(calls[0]["target_b"], rows(*[(0.0, 1.0)] * 3, *[(2 / 3, 1 / 3)] * 3))
+    # batch 2: p(a | b=0) = (1/5, 4/5), p(a | b=1) = (3/7, 4/7); p(b | a=0) = (1/4, 3/4), p(b | a=1) = (1/2, 1/2)
+    assert torch.allclose(calls[1]["target_a"], rows((1 / 5, 4 / 5), *[(3 / 7, 4 / 7)] * 3, *[(1 / 5, 4 / 5)] * 2))
+    assert torch.allclose(calls[1]["target_b"], rows((1 / 4, 3 / 4), *[(1 / 2, 1 / 2)] * 5))
+
+
+def test_uniform_targets_spread_over_each_tasks_own_classes(monkeypatch):
+    """Three classes for task A, two for task B: 1/3 each for adv_a, 1/2 each for adv_b."""
+    batch = _labelled_batch([(0, 0), (1, 1), (2, 0), (2, 1), (0, 1), (1, 0)])
+    calls = _record_main_steps(monkeypatch)
+    D.train_disentangle(tiny_model(num_classes_a=3), [batch], epochs=1, adv_steps=1, w_adv=1.0,
+                        adv_target="uniform", device="cpu", progress=False, recalibrate_bn=False)
+    assert torch.allclose(calls[0]["target_a"], torch.full((6, 3), 1 / 3))
+    assert torch.allclose(calls[0]["target_b"], torch.full((6, 2), 1 / 2))
+
+
+@pytest.mark.parametrize("cosine", [True, False])
+def test_cosine_schedule_decays_the_main_learning_rate_over_the_whole_run(monkeypatch, cosine):
+    """2 epochs of 2 steps: lr (1 + cos(pi t / 4)) / 2 at step t = 0..3, one period for the whole run."""
+    batches = [_labelled_batch([(0, 1), (1, 1), (1, 0), (1, 0)], seed=s) for s in (0, 1)]
+    calls = _record_main_steps(monkeypatch)
+    D.train_disentangle(tiny_model(), batches, epochs=2, lr=0.01, adv_steps=1, w_adv=1.0, cosine=cosine,
+                        device="cpu", progress=False, recalibrate_bn=False)
+    expected = [0.01 * (1 + math.cos(math.pi * t / 4)) / 2 if cosine else 0.01 for t in range(4)]
+    assert [call["lr"] for call in calls] == pytest.approx(expected)
+
+
+def test_the_optimisers_follow_the_options_and_split_the_model(tmp_path):
+    """The paper's optimisers: Adam (betas (0, 0.9)) for encoders + task heads, SGD with momentum for the
+    adversaries, L2 on both; read back from the checkpoint, which holds both optimisers."""
+    from mtlearn.engine import load_checkpoint
+
+    model = tiny_model()
+    D.train_disentangle(model, [_labelled_batch([(0, 1), (1, 1), (1, 0), (1, 0)])], epochs=1, lr=0.01, adv_lr=0.05,
+                        adv_momentum=0.8, weight_decay=1e-4, adv_steps=2, cosine=False, device="cpu", progress=False,
+                        out_dir=tmp_path)
+    state = load_checkpoint(tmp_path / "last.pt")
+    (main,), (adversary,) = state["optimizer"]["param_groups"], state["adv_optimizer"]["param_groups"]
+    assert (main["lr"], tuple(main["betas"]), main["weight_decay"]) == (0.01, (0.0, 0.9), 1e-4)
+    assert (adversary["lr"], adversary["momentum"], adversary["weight_decay"]) == (0.05, 0.8, 1e-4)
+    assert len(main["params"]) == len(model.main_parameters())
+    assert len(adversary["params"]) == len(model.adversary_parameters())
+    assert all("momentum_buffer" in s for s in state["adv_optimizer"]["state"].values())
+
+
+def test_main_step_scores_each_adversary_against_its_own_target(shapes_batch):
+    """adversarial term = CE(adv_a, target_a) + CE(adv_b, target_b), soft targets, written out by hand."""
+    torch.manual_seed(0)
+    model = tiny_model()
+    x, y_a, y_b = shapes_batch["image"][:16], shapes_batch["shape"][:16], shapes_batch["background"][:16]
+    features_a, features_b = model.encode(x)
+    target_a, target_b = torch.tensor([[0.9, 0.1]]).expand(16, 2), torch.tensor([[0.2, 0.8]]).expand(16, 2)
+    with torch.no_grad():  # train mode: the same batch statistics as inside main_step
+        adv_a, adv_b = model.adversaries(features_a, features_b)
+    expected = (-(target_a * adv_a.log_softmax(1)).sum(1).mean() - (target_b * adv_b.log_softmax(1)).sum(1).mean())
+    optimizer = torch.optim.Adam(model.main_parameters(), lr=1e-3)
+    record = D.main_step(model, optimizer, features_a, features_b, y_a, y_b, w_adv=1.0, adv_loss="confusion",
+                         target_a=target_a, target_b=target_b)
+    assert record["adv_term"] == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_main_step_reads_each_sides_leakage_within_its_own_task(shapes_batch):
+    """leak_a: task B read from f_a within each task-A class; leak_b: task A from f_b within each task-B class."""
+    calls = []
+
+    class Recorder:
+        def __call__(self, features, group, target):
+            calls.append((features, group, target))
+            return features.sum() * 0.0
+
+    model = tiny_model()
+    x, y_a, y_b = shapes_batch["image"][:16], shapes_batch["shape"][:16], shapes_batch["background"][:16]
+    assert not torch.equal(y_a, y_b)
+    features_a, features_b = model.encode(x)
+    optimizer = torch.optim.Adam(model.main_parameters(), lr=1e-3)
+    D.main_step(model, optimizer, features_a, features_b, y_a, y_b, w_leak=1.0, leakage=(Recorder(), Recorder()))
+    (f_a, group_a, target_a), (f_b, group_b, target_b) = calls
+    assert f_a is features_a and torch.equal(group_a, y_a) and torch.equal(target_a, y_b)
+    assert f_b is features_b and torch.equal(group_b, y_b) and torch.equal(target_b, y_a)
+
+
+def test_linear_leakage_by_hand():
+    """One channel, one group; target 0 at pooled values 0 and 2, target 1 at 4 and 8.
+
+    Standardised by the batch's (unbiased) variance 35/3: the within-cell covariance is the mean squared
+    residual (1, 1, 4, 4) / 4 = 2.5, i.e. 2.5 / (35/3) = 3/14, and the squared mean difference (6 - 1)^2 = 25
+    is 25 / (35/3) = 15/7; penalty = (15/7) / (3/14 + 0.01). A second batch (0, 1 | 2, 3: variance 5/3,
+    covariance 0.25 / (5/3) = 0.15, d^2 = 4 / (5/3) = 2.4) moves the covariance by 1 - decay = 0.1.
+    """
+    leakage = D.LinearLeakage(shrink=0.01, decay=0.9)
+    group, target = torch.zeros(4, dtype=torch.long), torch.tensor([0, 0, 1, 1])
+    first = leakage(torch.tensor([0.0, 2.0, 4.0, 8.0]).view(4, 1, 1, 1), group, target)
+    assert leakage.covariance.item() == pytest.approx(3 / 14, rel=1e-4)
+    assert first.item() == pytest.approx((15 / 7) / (3 / 14 + 0.01), rel=1e-4)
+    second = leakage(torch.tensor([0.0, 1.0, 2.0, 3.0]).view(4, 1, 1, 1), group, target)
+    covariance = 0.9 * 3 / 14 + 0.1 * 0.15
+    assert leakage.covariance.item() == pytest.approx(covariance, rel=1e-4)
+    assert second.item() == pytest.approx(2.4 / (covariance + 0.01), rel=1e-4)
+
+
+def test_training_ends_with_batchnorm_statistics_of_the_final_weights():
+    """recalibrate_bn (the default): one pass over the training data with the final weights, so a
+    BatchNorm's running mean is the mean of what its layer outputs now, not a lagging moving average."""
+    batches = [_labelled_batch([(0, 1), (1, 1), (1, 0), (1, 0)], seed=s) for s in (0, 1)]
+    torch.manual_seed(0)
+    model = tiny_model()
+    D.train_disentangle(model, batches, epochs=1, lr=0.01, adv_steps=1, device="cpu", progress=False)
+    for encoder in (model.encoder_a, model.encoder_b):
+        with torch.no_grad():
+            stem = torch.cat([encoder.stem[0](batch["image"]) for batch in batches])  # (8, C, 16, 16)
+        assert torch.allclose(encoder.stem[1].running_mean, stem.mean(dim=(0, 2, 3)), atol=1e-4)
+
+
+class FixedAdversaries(torch.nn.Module):
+    """A stub: the heads always answer class 0; adv_a (task A) always 1, adv_b (task B) always 0."""
+
+    def forward(self, x):
+        def answer(k):
+            return F.one_hot(torch.full((len(x),), k), 2).float()
+
+        return {"logits_a": answer(0), "logits_b": answer(0), "adv_a": answer(1), "adv_b": answer(0)}
+
+
+def test_evaluate_disentangle_scores_each_adversary_against_its_own_task():
+    pairs = [(0, 1), (1, 1), (1, 0), (1, 0)]  # (shape, background)
+    items = [{"image": torch.zeros(1, 4, 4), "shape": a, "background": b} for a, b in pairs]
+    scores = D.evaluate_disentangle(FixedAdversaries(), DataLoader(items, batch_size=2), device="cpu")
+    assert scores == pytest.approx({"acc_a": 1 / 4, "acc_b": 2 / 4, "adv_acc_a": 3 / 4, "adv_acc_b": 2 / 4})
+
+
+def test_evaluate_disentangle_changes_nothing_in_the_model(tiny_loaders):
+    """Evaluation runs in eval mode: BatchNorm uses, and keeps, its running statistics."""
+    torch.manual_seed(0)
+    model = tiny_model()
+    before = copy.deepcopy(model.state_dict())
+    D.evaluate_disentangle(model, tiny_loaders[1], device="cpu")
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+def test_every_main_step_follows_adv_steps_adversary_steps_on_the_same_batch(monkeypatch):
+    """Phase 1 then phase 2, per batch: adv_steps adversary steps (the paper: 3), then one main step."""
+    batches = [_labelled_batch([(0, 1), (1, 1), (1, 0), (1, 0)], seed=s) for s in (0, 1)]
+    calls = []
+    for name in ("adversary_step", "main_step"):
+        def counted(*args, step=getattr(D, name), name=name, **kwargs):
+            calls.append(name)
+            return step(*args, **kwargs)
+
+        monkeypatch.setattr(D, name, counted)
+    D.train_disentangle(tiny_model(), batches, epochs=1, adv_steps=3, device="cpu", progress=False,
+                        recalibrate_bn=False)
+    assert calls == (["adversary_step"] * 3 + ["main_step"]) * 2
+
+
+def test_probe_encoders_reads_the_features_in_eval_mode():
+    """A model still in train mode: the probes see BatchNorm's running statistics, which they leave unchanged."""
+    torch.manual_seed(0)
+    model = tiny_model()
+    before = copy.deepcopy(model.state_dict())
+    D.probe_encoders(model, DataLoader(_coded_items(), batch_size=50), ("shape", "background"), device="cpu")
+    assert model.training
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+def test_adv_fit_accuracy_is_scored_after_the_last_adversary_step(monkeypatch):
+    """adv_fit_acc_* report the adversaries as the batch's adversary phase left them: here the last
+    step is followed by a rewrite that makes adv_b always answer "background 0", so its fit accuracy
+    must be the batch's share of background 0, whatever it scored before."""
+    step = D.adversary_step
+
+    def step_then_always_zero(model, *args):
+        record = step(model, *args)
+        with torch.no_grad():
+            model.adv_b.net[-1].weight.zero_()
+            model.adv_b.net[-1].bias.copy_(torch.tensor([10.0, -10.0]))
+        return record
+
+    monkeypatch.setattr(D, "adversary_step", step_then_always_zero)
+    torch.manual_seed(0)
+    backgrounds = [0, 0, 0, 1] * 25  # batches of 50: 3/4 background 0 in each
+    data = [{"image": torch.randn(1, 16, 16), "shape": i % 2, "background": b} for i, b in enumerate(backgrounds)]
+    model = D.DisentangleNet(widths=(4, 8, 16), hidden=16, adv_hidden=0)
+    history = D.train_disentangle(model, DataLoader(data, batch_size=50), epochs=1, adv_steps=1, w_adv=1.0,
+                                  device="cpu", progress=False)
+    assert history["adv_fit_acc_b"] == [pytest.approx(0.75)]
