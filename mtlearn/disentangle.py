@@ -412,6 +412,22 @@ def adversary_step(model: DisentangleNet, optimizer: torch.optim.Optimizer, feat
             "adv_acc_a": _accuracy(adv_a, y_a), "adv_acc_b": _accuracy(adv_b, y_b)}
 
 
+@torch.no_grad()
+def fit_accuracy(model: DisentangleNet, features_a: torch.Tensor, features_b: torch.Tensor, y_a: torch.Tensor,
+                 y_b: torch.Tensor) -> dict[str, float]:
+    """The adversaries' accuracy on the batch their last steps fitted: {"adv_fit_acc_a", "adv_fit_acc_b"}.
+
+    In training mode, as they were fitted (BatchNorm on the batch's statistics); the running
+    statistics are put back afterwards, so scoring changes nothing that training or evaluation sees.
+    """
+    buffers = [buffer for adversary in (model.adv_a, model.adv_b) for buffer in adversary.buffers()]
+    saved = [buffer.clone() for buffer in buffers]
+    adv_a, adv_b = model.adversaries(features_a, features_b)
+    for buffer, value in zip(buffers, saved):
+        buffer.copy_(value)
+    return {"adv_fit_acc_a": _accuracy(adv_a, y_a), "adv_fit_acc_b": _accuracy(adv_b, y_b)}
+
+
 def main_step(model: nn.Module, optimizer: torch.optim.Optimizer, features_a: torch.Tensor, features_b: torch.Tensor,
               y_a: torch.Tensor, y_b: torch.Tensor, w_adv: float = 0.0, adv_loss: str = "confusion",
               target_a: torch.Tensor | None = None, target_b: torch.Tensor | None = None,
@@ -446,8 +462,7 @@ def main_step(model: nn.Module, optimizer: torch.optim.Optimizer, features_a: to
             term = adversarial_term(adv_a, y_a, adv_loss, target_a) + adversarial_term(adv_b, y_b, adv_loss, target_b)
             loss = loss + w_adv * term
             terms["adversarial"] = term
-            # the adversaries after this batch's adversary phase: how well they fit the batch
-            record.update(adv_term=term.item(), adv_fit_acc_a=_accuracy(adv_a, y_a), adv_fit_acc_b=_accuracy(adv_b, y_b))
+            record["adv_term"] = term.item()
         if leaking:
             leak_a, leak_b = leakage
             # task B read from f_a within each task-A class, and task A from f_b within each task-B class
@@ -547,8 +562,7 @@ def train_disentangle(
     Returns per-epoch means: "loss_a", "loss_b", "acc_a", "acc_b", "w_adv" and, for DisentangleNet,
     "adv_loss_a", "adv_loss_b", "adv_acc_a", "adv_acc_b" (each batch scored before the adversaries'
     steps on it, so on images they were not fitted to), "adv_fit_acc_a", "adv_fit_acc_b" (after
-    those steps: how well they fit the batch; scored in the main phase, so like "adv_term" only
-    while w > 0) and "adv_term" (and "leak" when w_leak > 0), each
+    those steps: how well they fit the batch) and "adv_term" (and "leak" when w_leak > 0), each
     averaged over the steps that recorded it (NaN for an epoch without any, e.g. adv_term during a
     warm-up); with `val_loader` also "val_acc_a", ... from evaluate_disentangle.
 
@@ -624,7 +638,8 @@ def train_disentangle(
                         fitted = adversary_step(model, adv_optimizer, detached_a, detached_b, y_a, y_b)
                         if i == 0:  # scored before any step on this batch: images the adversaries were not fitted to
                             record.update(fitted)
-                    # how well they then fit this one batch (50 images, 64 features: easily) main_step records
+                    # after the steps: how well they fit this one batch (50 images, 64 features: easily)
+                    record.update(fit_accuracy(model, detached_a, detached_b, y_a, y_b))
                     joint.index_put_((y_a, y_b), torch.ones_like(y_a, dtype=joint.dtype), accumulate=True)
                     if adv_target == "prior":
                         target_a, target_b = label_prior(joint, y_b, axis=0), label_prior(joint, y_a, axis=1)
