@@ -1,5 +1,7 @@
 """The main-job runner: papermill execution, failure reporting, summary table."""
 
+import json
+from pathlib import Path
 
 import nbformat
 import pytest
@@ -29,14 +31,17 @@ def test_run_notebook_passes_parameters_and_reads_metrics(tmp_path):
     assert result.ok, result.error
     assert result.metrics == {"profile": "smoke", "metrics": {"dice": 2.5}}
     assert (tmp_path / "out" / "01_good.ipynb").exists()
+    assert result.out_dir == tmp_path / "out"  # where the results are now, not the staging folder they ran in
     assert "01_good" in headline_table([result]) and "dice=2.5" in headline_table([result])
 
 
 def test_headline_table_shows_a_nan_metric():
     """metrics.json stores NaN as null; a broken metric must show, not vanish from the table."""
     result = course.NotebookResult("01_x", None, True, 1.0, metrics={"metrics": {"auc": None, "f1": float("nan"),
-                                                                                   "dice": 0.5}})
+                                                                                   "dice": 0.5,
+                                                                                   "converged": True}})
     assert "auc=NaN, f1=NaN, dice=0.5" in headline_table([result])
+    assert "converged" not in headline_table([result])  # a flag is not a number to compare
 
 
 CONTRACT = """from mtlearn.notebook import start
@@ -85,6 +90,9 @@ def test_failing_notebook_is_reported_with_its_cell(tmp_path):
     result = run_notebook(nb, tmp_path / "out", {"profile": "smoke"})
     assert not result.ok
     assert "RuntimeError" in result.error and "boom in cell two" in result.error
+    # the cell's execution count, as shown in the executed copy (parameters, injected parameters, this one)
+    assert result.error.startswith("cell [3] raised RuntimeError")
+    assert not (result.out_dir / "done").exists() and not (tmp_path / "out").exists()
     assert "FAIL" in headline_table([result])
 
 
@@ -92,6 +100,7 @@ def test_notebook_without_metrics_counts_as_failed(tmp_path):
     nb = write_notebook(tmp_path / "03_silent.ipynb", "x = 1")
     result = run_notebook(nb, tmp_path / "out", {})
     assert not result.ok and "metrics.json" in result.error
+    assert not (result.out_dir / course.DONE).exists()  # the marker says: a whole successful run
     # ... also where an earlier run left its metrics.json: they are not this run's
     assert run_notebook(write_notebook(tmp_path / "01_good.ipynb", GOOD), tmp_path / "again", {"seed": 0}).ok
     silent_again = run_notebook(write_notebook(tmp_path / "01_good.ipynb", "x = 1"), tmp_path / "again", {})
@@ -141,3 +150,66 @@ def test_notebooks_are_found_in_a_clone_when_the_package_came_from_pip(tmp_path,
 def test_seed_is_passed_only_when_given():
     assert notebook_parameters("course") == {"profile": "course", "device": "auto"}  # notebooks keep their seeds
     assert notebook_parameters("smoke", 3, "cpu") == {"profile": "smoke", "device": "cpu", "seed": 3}
+
+
+def test_notebooks_run_in_their_own_folder(tmp_path):
+    """A notebook opens files relative to notebooks/ (as in Jupyter), wherever the runner was started."""
+    folder = tmp_path / "notebooks"
+    folder.mkdir()
+    body = GOOD.replace('"dice": 0.5 + seed', '"cwd": __import__("os").getcwd()')
+    result = run_notebook(write_notebook(folder / "01_cwd.ipynb", body), tmp_path / "out", {"seed": 0})
+    assert result.ok, result.error
+    assert result.metrics["metrics"]["cwd"] == str(folder.resolve())
+
+
+def test_an_interruption_between_the_renames_keeps_the_previous_run(tmp_path, monkeypatch):
+    nb = write_notebook(tmp_path / "01_good.ipynb", GOOD)
+    out = tmp_path / "out"
+    assert run_notebook(nb, out, {"seed": 1}).ok
+    real_rename = Path.rename
+
+    def interrupted(self, target):
+        if self.name.endswith(".partial"):
+            raise KeyboardInterrupt  # stopped after the old run was set aside, before the new one moved in
+        return real_rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_notebook(nb, out, {"seed": 2})
+    monkeypatch.undo()
+    kept = tmp_path / "out.old"
+    assert json.loads((kept / "metrics.json").read_text())["metrics"] == {"dice": 1.5} and (kept / "done").exists()
+
+
+def test_course_notebooks_are_only_the_numbered_ones(tmp_path):
+    for name in ("01_b.ipynb", "00_a.ipynb", "scratch.ipynb", "1_x.ipynb", "02_c.py"):
+        (tmp_path / name).write_text("{}")
+    assert [p.name for p in course_notebooks(tmp_path)] == ["00_a.ipynb", "01_b.ipynb"]
+
+
+def test_command_line_runs_each_notebook_into_its_profile_folder_and_fails_on_a_failure(tmp_path, monkeypatch, capsys):
+    from mtlearn.course import NotebookResult, main
+
+    calls = []
+
+    def fake_run(nb, out_dir, parameters):
+        calls.append((nb.stem, out_dir, parameters))
+        ok = not nb.stem.startswith("01")
+        return NotebookResult(nb.stem, out_dir, ok, 1.0, "" if ok else "cell [3] raised RuntimeError: boom",
+                              {"metrics": {"dice": 0.5}} if ok else None)
+
+    monkeypatch.setattr(course, "run_notebook", fake_run)
+    monkeypatch.delenv("MTLEARN_PROFILE", raising=False)
+    out = tmp_path / "outputs"
+    assert main(["--profile", "smoke", "--seed", "7", "--device", "cpu", "--out", str(out), "--only", "00", "01"]) == 1
+    names = [p.stem for p in course_notebooks()]
+    expected = [n for n in names if n.startswith(("00", "01"))]
+    assert [c[0] for c in calls] == expected
+    assert [c[1] for c in calls] == [out / n / "smoke" for n in expected]
+    assert all(c[2] == {"profile": "smoke", "device": "cpu", "seed": 7} for c in calls)
+    table = capsys.readouterr().out
+    assert any(line.startswith(expected[1]) and "FAIL" in line and "boom" in line for line in table.splitlines())
+    calls.clear()
+    monkeypatch.setenv("MTLEARN_PROFILE", "paper")  # the default profile: the environment's
+    assert main(["--out", str(out), "--only", "00"]) == 0  # every notebook ok
+    assert calls == [(expected[0], out / expected[0] / "paper", {"profile": "paper", "device": "auto"})]

@@ -1,6 +1,7 @@
 """Experiment grids: every combination runs once, reruns do nothing, failures are recorded."""
 
 import argparse
+import json
 import statistics
 from pathlib import Path
 
@@ -117,6 +118,7 @@ def test_only_a_successful_run_counts_as_done(notebooks, tmp_path):
     assert (specs[0].folder(root).with_name(specs[0].folder(root).name + ".partial") / "error.txt").exists()
     (folder / "done").unlink()  # without the marker (stopped before the notebook's last save): not done
     assert not specs[1].is_complete(root) and collect(root).empty
+    assert collect(root, specs).empty  # ... nor in the grid's own table
 
 
 def test_collect_keeps_to_the_grid_it_is_given(notebooks, tmp_path):
@@ -191,3 +193,51 @@ def test_plot_spread_draws_a_mean_bar_and_every_run_per_group():
     assert ax.get_title() == "score by weighting (dots: seeds)"
     assert plot_spread(table, "weighting", "score", title="spread").axes[0].get_title() == "spread"
     plt.close("all")
+
+
+def _finished_run(folder, record):
+    """A folder as a successful run leaves it: metrics.json and the `done` marker."""
+    folder.mkdir(parents=True)
+    (folder / "metrics.json").write_text(json.dumps(record))
+    (folder / "done").write_text("finished\n")
+    return folder
+
+
+RECORD = {"notebook": "01_a", "profile": "smoke", "seed": 0, "dataset": "synthetic", "device": "cpu",
+          "wall_time_s": 12.5, "figures": ["curve.png"], "metrics": {"seg": {"dice": 0.8}, "acc": 0.9, "curve": [1, 2]}}
+
+
+def test_collect_gives_one_row_per_run_with_its_facts_and_flat_metrics(tmp_path):
+    _finished_run(tmp_path / "01_a" / "profile=smoke,seed=0", RECORD)
+    table = collect(tmp_path)
+    assert list(table.columns) == ["notebook", "run", "profile", "seed", "dataset", "device", "wall_time_s",
+                                   "seg/dice", "acc"]
+    assert table.iloc[0].to_dict() == {"notebook": "01_a", "run": "profile=smoke,seed=0", "profile": "smoke",
+                                       "seed": 0, "dataset": "synthetic", "device": "cpu", "wall_time_s": 12.5,
+                                       "seg/dice": 0.8, "acc": 0.9}
+
+
+def test_collect_leaves_out_staging_and_set_aside_folders(tmp_path):
+    """An interrupted move can leave a whole run in `<run>.partial` or `<run>.old` beside the real one."""
+    for suffix in ("", ".partial", ".old"):
+        _finished_run(tmp_path / "01_a" / f"profile=smoke,seed=0{suffix}", RECORD)
+    assert list(collect(tmp_path)["run"]) == ["profile=smoke,seed=0"]
+
+
+def test_a_finished_run_of_other_parameters_in_the_folder_is_not_complete(notebooks, tmp_path):
+    spec = grid(notebooks[:1], {}, seeds=[0], profile="smoke")[0]
+    folder = _finished_run(spec.folder(tmp_path), dict(RECORD, profile="course"))  # e.g. a copied-in run
+    assert not spec.is_complete(tmp_path)
+    (folder / "metrics.json").write_text(json.dumps(dict(RECORD, seed=1)))
+    assert not spec.is_complete(tmp_path)
+    (folder / "metrics.json").write_text(json.dumps(RECORD))
+    assert spec.is_complete(tmp_path)
+
+
+def test_command_line_fails_when_a_run_fails(notebooks, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(experiments, "course_notebooks", lambda: notebooks)
+    monkeypatch.delenv("MTLEARN_PROFILE", raising=False)
+    assert main(["--notebooks", "01", "--set", "scale=-1", "--out", str(tmp_path / "grid")]) == 1
+    assert "negative scale" in capsys.readouterr().out
+    # the default profile of a grid is smoke, and it names the run's folder
+    assert (tmp_path / "grid" / "01_a" / "profile=smoke,scale=-1,seed=0.partial" / "error.txt").exists()

@@ -1,6 +1,7 @@
 """The notebook contract: parameter checks, metrics.json, figures."""
 
 import json
+from pathlib import Path
 
 import matplotlib
 
@@ -123,3 +124,109 @@ def test_a_dataset_without_masks_is_refused_where_segmentation_is_trained(tmp_pa
 
     with pytest.raises(ValueError, match="'breastmnist' is not used by this notebook \\(it has no lesion masks"):
         start_here(tmp_path, dataset="breastmnist", datasets=("synthetic", *MASKED_DATASETS))
+
+
+# --- behaviour pinned down by the mutation audit of mtlearn/notebook.py ---
+
+
+def test_default_out_dir_is_outputs_notebook_profile(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    run = start_here(tmp_path, out_dir=None, profile="smoke")
+    assert run.out_dir == Path("outputs") / "99_test" / "smoke"
+    assert (tmp_path / "outputs" / "99_test" / "smoke").is_dir()
+    monkeypatch.setenv("MTLEARN_PROFILE", "paper")  # the profile from the environment names the folder too
+    assert start_here(tmp_path, out_dir=None, profile=None).out_dir == Path("outputs") / "99_test" / "paper"
+
+
+def test_an_explicit_profile_wins_over_the_environment_in_start(tmp_path, monkeypatch):
+    monkeypatch.setenv("MTLEARN_PROFILE", "paper")
+    assert start_here(tmp_path, profile="smoke").profile == "smoke"
+    assert start_here(tmp_path, profile=None).profile == "paper"
+
+
+def test_metrics_json_records_the_device_and_wall_time_and_the_message_says_them(tmp_path, capsys):
+    run = start_here(tmp_path)
+    run.started -= 42.0  # the clock started 42 s ago
+    run.finish({"dice": 0.5})
+    record = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert record["device"] == "cpu" and record["notebook"] == "99_test" and record["dataset"] == "synthetic"
+    assert 42.0 <= record["wall_time_s"] < 60.0
+    printed = capsys.readouterr().out
+    assert "on cpu" in printed and " 42 s" in printed and str(tmp_path / "out" / "metrics.json") in printed
+
+
+def test_metrics_are_rounded_to_six_decimals(tmp_path):
+    start_here(tmp_path).finish({"loss": 1 / 3, "nested": {"auc": torch.tensor(2 / 3, dtype=torch.float64)}})
+    record = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert record["metrics"] == {"loss": 0.333333, "nested": {"auc": 0.666667}}
+
+
+def test_a_crash_while_writing_metrics_keeps_the_previous_file(tmp_path, monkeypatch):
+    run = start_here(tmp_path)
+    run.finish({"dice": 0.5})
+    before = (tmp_path / "out" / "metrics.json").read_text()
+    real_write_text = Path.write_text
+
+    def crash(self, text, *args, **kwargs):  # the disk fills half-way through the file
+        real_write_text(self, text[: len(text) // 2], *args, **kwargs)
+        raise OSError("disk full")
+
+    monkeypatch.setattr(Path, "write_text", crash)
+    with pytest.raises(OSError, match="disk full"):
+        run.finish({"dice": 0.75})
+    monkeypatch.undo()
+    assert (tmp_path / "out" / "metrics.json").read_text() == before
+
+
+def test_figures_are_png_files_in_out_dir(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    run = start_here(tmp_path)
+    fig, ax = plt.subplots()
+    ax.plot([0, 1])
+    path = run.save_figure(fig, "curve")
+    plt.close(fig)
+    assert path == tmp_path / "out" / "curve.png"
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in tmp_path.rglob("*.png")) == ["curve.png"]  # nowhere else
+
+
+def test_start_seeds_every_generator(tmp_path):
+    import random
+
+    draws = []
+    for _ in range(2):
+        start_here(tmp_path, seed=3)
+        draws.append((random.random(), np.random.rand(), torch.rand(3).tolist()))
+        start_here(tmp_path, seed=4)  # something else in between
+        random.random(), np.random.rand(), torch.rand(3)
+    assert draws[0] == draws[1]
+
+
+def test_data_root_resolves_to_the_dataset_folder(tmp_path):
+    from data_fetch import get_source
+
+    folder = tmp_path / "data" / get_source("busi").folder
+    (folder / "benign").mkdir(parents=True)
+    run = start_here(tmp_path, dataset="busi", data_root=tmp_path / "data")
+    assert run.data_root == folder  # load_dataset's root: the dataset's own folder
+    assert start_here(tmp_path, dataset="synthetic").data_root is None
+
+
+def test_flatten_metrics_joins_keys_and_leaves_lists_out():
+    from mtlearn.notebook import flatten_metrics
+
+    assert flatten_metrics({"seg": {"dice": 0.9, "per_class": [0.8, 1.0]}, "acc": 0.5, "curve": [1, 2]}) == {
+        "seg/dice": 0.9, "acc": 0.5}
+
+
+def test_a_nan_numpy_float32_metric_is_warned_about(tmp_path):
+    with pytest.warns(RuntimeWarning, match=r"\['iou'\] are NaN or inf"):
+        start_here(tmp_path).finish({"iou": np.float32("nan"), "dice": np.float32(0.5)})
+
+
+def test_an_empty_dataset_folder_counts_as_missing(tmp_path):
+    from data_fetch import get_source
+
+    (tmp_path / "data" / get_source("busi").folder).mkdir(parents=True)  # an interrupted or failed download
+    with pytest.raises(FileNotFoundError, match=r"python -m data_fetch busi --dest"):
+        start_here(tmp_path, dataset="busi", data_root=tmp_path / "data")

@@ -56,3 +56,89 @@ def test_learning_curves_and_bars():
     changes = pd.DataFrame({"delta_m": [-3.0, -1.0, 2.0]}, index=["a", "b", "c"])  # e.g. relative changes, %
     low, high = plots.bar_table(changes, ["delta_m"]).axes[0].get_ylim()
     assert low < -3.0 and high > 2.0  # every bar in view, the negative ones included
+
+
+# --- behaviour pinned down by the mutation audit of mtlearn/plots.py ---
+
+
+def _square(top, size=4, n=16):
+    mask = np.zeros((n, n), dtype=np.float32)
+    mask[top:top + size, top:top + size] = 1
+    return mask
+
+
+def test_overlay_outlines_the_mask_in_green_and_the_prediction_in_red():
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import to_rgba
+
+    fig, ax = plt.subplots()
+    plots.overlay(ax, torch.rand(1, 16, 16), mask=torch.from_numpy(_square(2))[None],
+                  prediction=_square(8, size=6), title="case 1")
+    truth, predicted = ax.collections
+    assert tuple(truth.get_edgecolor()[0]) == to_rgba("lime") and tuple(predicted.get_edgecolor()[0]) == to_rgba("red")
+    # each outline sits around its own square (contour at 0.5: half a pixel outside)
+    assert truth.get_paths()[0].vertices.min(axis=0).tolist() == [1.5, 1.5]
+    assert predicted.get_paths()[0].vertices.min(axis=0).tolist() == [7.5, 7.5]
+    assert ax.get_title() == "case 1" and ax.images[0].get_cmap().name == "gray"
+    plt.close(fig)
+
+
+def test_roc_curve_axes_are_false_then_true_positive_rate():
+    labels = np.array([1, 1, 0, 0])
+    p1 = np.array([0.8, 0.3, 0.6, 0.1])  # 3 of the 4 (positive, negative) pairs ranked right: AUC 0.75
+    fig = plots.roc_curves(labels, np.stack([1 - p1, p1], axis=1), ["a", "b"])
+    ax = fig.axes[0]
+    assert ax.get_xlabel() == "false positive rate" and ax.get_ylabel() == "true positive rate"
+    curve_b = ax.lines[1]
+    assert curve_b.get_label() == "b (AUC 0.75)"
+    x, y = curve_b.get_xdata(), curve_b.get_ydata()
+    assert np.sum(np.diff(x) * (y[1:] + y[:-1]) / 2) == pytest.approx(0.75)  # area under tpr(fpr), not fpr(tpr)
+    assert (x[0], y[0], x[-1], y[-1]) == (0, 0, 1, 1)
+
+
+def test_learning_curves_plot_against_the_epoch_with_a_legend_per_run():
+    histories = {"mtl": [{"epoch": 1, "train/loss": 2.0}, {"epoch": 2, "val/dice": 0.5}, {"epoch": 3, "val/dice": 0.7}],
+                 "seg only": [{"epoch": 1, "val/dice": 0.4}]}
+    fig = plots.learning_curves(histories, "val/dice")
+    ax = fig.axes[0]
+    assert ax.lines[0].get_xdata().tolist() == [2, 3]  # epochs that have the metric, not 0, 1
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["mtl", "seg only"]
+    assert ax.get_xlabel() == "epoch" and ax.get_ylabel() == "val/dice" and ax.get_title() == "val/dice"
+
+
+def test_bar_table_zooms_in_on_close_scores_and_draws_the_error_bars():
+    table = pd.DataFrame({"dice": [0.8, 0.9]}, index=["a", "b"])
+    errors = pd.DataFrame({"dice": [0.05, 0.01]}, index=["a", "b"])
+    ax = plots.bar_table(table, ["dice"], errors=errors).axes[0]
+    low, _ = ax.get_ylim()
+    assert low == pytest.approx(0.65)  # just below the lowest bar, so 0.8 vs 0.9 shows
+    from matplotlib.container import ErrorbarContainer
+
+    (bars,) = [c for c in ax.containers if isinstance(c, ErrorbarContainer)]
+    spans = [sorted(segment[:, 1].tolist()) for segment in bars.lines[2][0].get_segments()]
+    assert spans == [pytest.approx([0.75, 0.85]), pytest.approx([0.89, 0.91])]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["a", "b"] and ax.get_ylabel() == "dice"
+
+
+def test_show_items_titles_each_column_with_its_class_and_labels_each_row():
+    items = [{"image": torch.rand(1, 8, 8), "mask": torch.ones(1, 8, 8), "label": i, "artifact": i % 2}
+             for i in (2, 1, 0)]
+    fig = plots.show_items(items * 4, keys=("image", "mask"), class_names=["n", "b", "m"], title="train")
+    axes = np.array(fig.axes).reshape(2, -1)
+    assert axes.shape == (2, 8)  # max_items=8 columns of the 12 items
+    assert [ax.get_title() for ax in axes[0, :3]] == ["m", "b +artifact", "n"]
+    assert [ax.get_ylabel() for ax in axes[:, 0]] == ["image", "mask"]
+    assert axes[1, 0].images[0].get_clim() == (0, 1)  # an all-lesion mask shows white, not mid-grey
+    assert fig._suptitle.get_text() == "train"
+
+
+def test_an_rgb_image_is_shown_in_colour():
+    rgb = torch.rand(3, 8, 8)
+    assert np.array_equal(plots._image(rgb), rgb.permute(1, 2, 0).numpy())
+    assert plots._image(torch.rand(1, 8, 8)).shape == (8, 8)
+
+
+def test_confusion_matrix_writes_dark_cells_in_white():
+    ax = plots.confusion_matrix([0, 0, 0, 1], [0, 0, 0, 1], ["a", "b"]).axes[0]
+    colours = {t.get_text(): t.get_color() for t in ax.texts}
+    assert colours == {"3": "white", "0": "black", "1": "black"}

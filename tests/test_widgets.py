@@ -69,3 +69,39 @@ def test_explorer_without_masks_disables_the_outline():
 def test_explorer_rejects_an_empty_dataset():
     with pytest.raises(ValueError, match="non-empty"):
         DatasetExplorer([])
+
+
+# --- behaviour pinned down by the mutation audit of mtlearn/widgets.py ---
+
+
+class NamedItems(list):
+    class_names = ("normal", "benign", "malignant")
+
+
+def test_state_follows_each_checkbox_and_the_title_is_drawn():
+    explorer = DatasetExplorer(fake_items(), class_names=("normal", "benign", "malignant"))
+    assert explorer.state["outline"] is True and explorer.state["artifact"] is False
+    explorer.outline.value = False
+    assert explorer.state["outline"] is False and explorer.state["artifact"] is False
+    explorer.artifact.value = True
+    assert explorer.state["outline"] is False and explorer.state["artifact"] is True
+    assert explorer.figure.axes[0].get_title() == explorer.state["title"] == "item-0  normal  artifact=0"
+
+
+def test_labels_are_named_by_the_dataset_or_by_number():
+    named = DatasetExplorer(NamedItems(fake_items()))  # class names from the dataset itself
+    named.index.value = 1
+    assert named.state["title"] == "item-1  benign  artifact=1"
+    plain = DatasetExplorer(fake_items())
+    plain.index.value = 1
+    assert plain.state["title"] == "item-1  label 1  artifact=1"
+
+
+def test_the_artifact_outline_is_drawn_around_the_artifact():
+    items = fake_items()
+    items[0]["artifact_mask"][:, 10:14, 10:14] = 1
+    explorer = DatasetExplorer(items)
+    explorer.outline.value = False
+    explorer.artifact.value = True
+    (outline,) = explorer.figure.axes[0].collections
+    assert outline.get_paths()[0].vertices.min(axis=0).tolist() == [9.5, 9.5]  # the artifact, not the lesion at 4
