@@ -116,7 +116,10 @@ def run_notebook(
         return failed(_failing_cell(error))
     if not metrics_path.exists():
         return failed("the notebook finished without writing metrics.json")
-    metrics = json.loads(metrics_path.read_text())
+    try:
+        metrics = json.loads(metrics_path.read_text())
+    except json.JSONDecodeError as error:  # written by hand, or cut short: a failed run, not a crashed course
+        return failed(f"metrics.json is not valid JSON ({error}); write it with run.finish (atomic)")
     _publish(staging, final, notebook.name)
     return NotebookResult(notebook.stem, out_dir, True, time.perf_counter() - started, metrics=metrics)
 

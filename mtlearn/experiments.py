@@ -235,6 +235,11 @@ def main(argv: list[str] | None = None) -> int:
     notebooks = [nb for nb in available if any(nb.stem.startswith(s) for s in args.notebooks)]
     if not notebooks:
         parser.error(f"no notebook in {available[0].parent} matches {args.notebooks}")
+    names = [name for name, _ in args.sets]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:  # dict() would keep the last one silently
+        parser.error(f"--set {', '.join(repeated)} given more than once; list the values in one --set, "
+                     "e.g. --set lr=1e-3,1e-4")
     try:
         specs = grid(notebooks, dict(args.sets), args.seeds, profile)
     except ValueError as error:  # e.g. --set seed=5, or a name the notebook lacks: a usage error, not a traceback

@@ -147,8 +147,10 @@ def bar_table(table, metrics: Sequence[str], title: str = "", errors=None):
         if low < 0:
             ax.axhline(0.0, color="k", lw=0.8)
             ax.set_ylim(low - 0.1 * abs(low), None)
-        else:
+        elif float(np.nanmax(values)) <= 1.0:  # scores in [0, 1]: zoom in on close ones
             ax.set_ylim(max(0.0, low - 0.15), None)
+        else:  # counts, times, PSNR: bars from 0, or 100 vs 200 parameters would look like 0 vs 100
+            ax.set_ylim(0.0, None)
         ax.grid(axis="y", alpha=0.3)
     fig.suptitle(title)
     fig.tight_layout()

@@ -107,6 +107,13 @@ def test_notebook_without_metrics_counts_as_failed(tmp_path):
     assert not silent_again.ok and "metrics.json" in silent_again.error
 
 
+def test_malformed_metrics_json_is_a_failed_run_not_a_crash(tmp_path):
+    body = "import pathlib\npathlib.Path(out_dir, 'metrics.json').write_text('{\"metrics\": {\"dice\": 0.')"
+    result = run_notebook(write_notebook(tmp_path / "01_cut.ipynb", body), tmp_path / "out", {})
+    assert not result.ok and "metrics.json is not valid JSON" in result.error
+    assert not (tmp_path / "out").exists()  # nothing published
+
+
 def test_command_line_profile_and_device(monkeypatch, capsys):
     from mtlearn.course import main
 

@@ -241,3 +241,11 @@ def test_command_line_fails_when_a_run_fails(notebooks, tmp_path, monkeypatch, c
     assert "negative scale" in capsys.readouterr().out
     # the default profile of a grid is smoke, and it names the run's folder
     assert (tmp_path / "grid" / "01_a" / "profile=smoke,scale=-1,seed=0.partial" / "error.txt").exists()
+
+
+def test_command_line_refuses_a_repeated_set(notebooks, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(experiments, "course_notebooks", lambda: notebooks)
+    with pytest.raises(SystemExit) as stop:
+        main(["--notebooks", "01", "--set", "lr=1", "--set", "lr=2", "--out", str(tmp_path)])
+    assert stop.value.code == 2
+    assert "--set lr given more than once; list the values in one --set" in capsys.readouterr().err

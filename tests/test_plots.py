@@ -120,6 +120,13 @@ def test_bar_table_zooms_in_on_close_scores_and_draws_the_error_bars():
     assert [t.get_text() for t in ax.get_xticklabels()] == ["a", "b"] and ax.get_ylabel() == "dice"
 
 
+def test_bar_table_keeps_zero_in_view_for_values_above_one():
+    """Parameter counts 100 vs 200: zooming to just below 100 would draw them as about 0 vs 100."""
+    table = pd.DataFrame({"params": [100.0, 200.0], "psnr": [30.1, 30.4]}, index=["a", "b"])
+    axes = plots.bar_table(table, ["params", "psnr"]).axes
+    assert [ax.get_ylim()[0] for ax in axes] == [0.0, 0.0]
+
+
 def test_show_items_titles_each_column_with_its_class_and_labels_each_row():
     items = [{"image": torch.rand(1, 8, 8), "mask": torch.ones(1, 8, 8), "label": i, "artifact": i % 2}
              for i in (2, 1, 0)]
