@@ -164,3 +164,30 @@ def test_resuming_with_other_options_names_each_change(tmp_path):
             "out_dir")):
         check_resume_options(tmp_path / "last.pt", saved, {**saved, "lr": 1e-4, "tasks": ["seg"], "seed": 1},
                              ["lr", "tasks"])  # seed is not among the names compared
+
+
+# ---------------------------------------------------------------------------------------------- mutation audit
+# Tests that pin down what surviving mutants of checkpoint.py changed unnoticed.
+
+
+def test_save_replaces_the_file_instead_of_writing_into_it(tmp_path):
+    """A rename gives `path` a new file: a reader still holding the old one (here a hard link to it) keeps
+    reading a whole old checkpoint, never a half-written new one (writing into the file in place would)."""
+    path = save_checkpoint({"epoch": 1, "weights": torch.ones(3)}, tmp_path / "last.pt")
+    os.link(path, tmp_path / "reader.pt")
+    save_checkpoint({"epoch": 2, "weights": torch.zeros(3)}, path)
+    assert load_checkpoint(path)["epoch"] == 2
+    assert load_checkpoint(tmp_path / "reader.pt")["epoch"] == 1
+
+
+def test_load_checkpoint_honours_map_location(tmp_path):
+    path = save_checkpoint({"epoch": 1, "weights": torch.ones(3)}, tmp_path / "last.pt")
+    assert load_checkpoint(path, map_location="meta")["weights"].device.type == "meta"
+    assert load_checkpoint(path)["weights"].device.type == "cpu"  # the default
+
+
+def test_an_unreadable_run_in_the_out_dir_is_still_refused_and_named(tmp_path):
+    (tmp_path / "last.pt").write_bytes(b"half a checkpoint")
+    with pytest.raises(ValueError, match=re.escape(f"out_dir {tmp_path} already holds a run (last.pt, unreadable): "
+                                                   "for a new run choose another out_dir")):
+        check_out_dir(tmp_path, resume=False)

@@ -350,7 +350,9 @@ def test_a_step_skipped_by_the_loss_scaler_raises_no_scheduler_warning(monkeypat
 def test_channels_last_on_cpu():
     model = ToyNet()
     _fit_on_cpu(model, *_loaders(), epochs=1, channels_last=True)
-    assert model.encoder[0].weight.is_contiguous(memory_format=torch.channels_last)
+    # encoder[4]: 8 input channels (a weight with one input channel is contiguous in either layout)
+    assert model.encoder[4].weight.is_contiguous(memory_format=torch.channels_last)
+    assert not ToyNet().encoder[4].weight.is_contiguous(memory_format=torch.channels_last)
 
 
 def test_checkpoint_contents_load_with_weights_only(tmp_path):
@@ -374,7 +376,7 @@ def test_best_checkpoint_is_chosen_on_validation_and_restored(tmp_path):
     assert history.best_epoch == 1 + int(np.argmin(losses))
     best = load_checkpoint(tmp_path / "best.pt")
     for name, value in model.state_dict().items():  # restore_best=True
-        assert torch.equal(value, best["model"][name]), name
+        assert torch.equal(value.cpu(), best["model"][name]), name  # the checkpoint loads onto the CPU
     no_val = _fit(ToyNet(), _loaders()[0], None, epochs=1, out_dir=tmp_path / "noval")
     assert no_val.best_epoch is None and not (tmp_path / "noval" / "best.pt").exists()
 
@@ -579,3 +581,205 @@ def test_load_checkpoint_into_another_model_names_the_file(tmp_path):
     with pytest.raises(ValueError, match=re.escape(f"cannot load {path} into this model: the checkpoint was written "
                                                    "for another model") + r".*size mismatch for heads\.cls\.weight"):
         load_checkpoint(path, ToyNet(num_classes=5))
+
+
+# ---------------------------------------------------------------------------------------------- mutation audit
+# Tests that pin down what surviving mutants of engine.py changed unnoticed.
+
+
+def _optimiser_groups(model, **kwargs):
+    """Fit one epoch; return the hyperparameters of fit's AdamW groups: (lr, betas, weight_decay, holds_model)."""
+    seen = []
+
+    def record(optimizer, step_args, step_kwargs):
+        if type(optimizer) is torch.optim.AdamW and not seen:  # GradNorm's own Adam is not fit's optimiser
+            model_ids = {id(p) for p in model.parameters()}
+            seen.extend((g["initial_lr"], tuple(g["betas"]), g["weight_decay"],
+                         all(id(p) in model_ids for p in g["params"])) for g in optimizer.param_groups)
+
+    handle = register_optimizer_step_pre_hook(record)
+    try:
+        fit(model, _loaders()[0], None, epochs=1, progress=False, seed=0, **kwargs)
+    finally:
+        handle.remove()
+    return seen
+
+
+def test_training_defaults_are_resformers():
+    """SPEC section 1: AdamW, betas 0.9/0.999, weight decay 3e-5, lr 1e-4, polynomial decay power 0.9."""
+    config = TrainConfig()
+    assert (config.lr, tuple(config.betas), config.weight_decay, config.poly_power) == (1e-4, (0.9, 0.999), 3e-5, 0.9)
+    assert _optimiser_groups(ToyNet()) == [(1e-4, (0.9, 0.999), 3e-5, True)]
+
+
+def test_adamw_takes_the_configured_betas_and_weight_decay():
+    groups = _optimiser_groups(ToyNet(), lr=2e-3, betas=(0.8, 0.95), weight_decay=0.1)
+    assert groups == [(2e-3, (0.8, 0.95), 0.1, True)]
+    # learned task weights (uncertainty's log-variances) are optimised with the network but never decayed
+    groups = _optimiser_groups(ToyNet(), lr=2e-3, betas=(0.8, 0.95), weight_decay=0.1, weighting="uncertainty")
+    assert groups == [(2e-3, (0.8, 0.95), 0.1, True), (2e-3, (0.8, 0.95), 0.0, False)]
+
+
+@pytest.mark.parametrize("tasks, monitor", [(("seg", "cls"), "val/seg/dice"), (("cls", "recon"), "val/cls/auc"),
+                                            (("recon",), "val/recon/psnr")])
+def test_default_monitor_is_dice_then_auc_then_psnr(tasks, monitor):
+    history = _fit(ToyNet(tasks=tasks), *_loaders(), epochs=1)
+    assert (history.monitor, history.mode) == (monitor, "max")
+
+
+def test_history_keeps_the_first_of_equal_best_values():
+    """A later epoch must improve on the best, not merely tie it; mode "min" for losses."""
+    history = History(monitor="val/seg/dice", mode="max")
+    assert [history.append({"epoch": e, "val/seg/dice": v}) for e, v in enumerate([0.5, 0.7, 0.7, 0.6], 1)] == \
+           [True, True, False, False]
+    assert (history.best_epoch, history.best_value) == (2, 0.7)
+    history = History(monitor="val/seg/loss", mode="min")
+    assert [history.append({"epoch": e, "val/seg/loss": v}) for e, v in enumerate([0.5, 0.3, 0.3, 0.4], 1)] == \
+           [True, True, False, False]
+    assert history.best_epoch == 2
+    # an infinite validation loss (overflow) makes an epoch untrustworthy, like NaN
+    history = History(monitor="val/seg/dice", mode="max")
+    assert not history.append({"epoch": 1, "val/seg/dice": 0.9, "val/cls/loss": float("inf")})
+    assert history.best_epoch is None
+
+
+def test_loss_scaled_gradients_are_unscaled_before_clipping(monkeypatch):
+    """fp16 with a GradScaler (simulated on the CPU, scale 2^10): the clip applies to the true gradients,
+    so the optimiser sees norm grad_clip, not grad_clip / 2^10 (clipped while still scaled)."""
+    import functools
+
+    import mtlearn.engine as engine
+
+    monkeypatch.setattr(engine, "resolve_amp", lambda amp, device: torch.float16)
+    monkeypatch.setattr(torch.amp, "GradScaler", functools.partial(torch.amp.GradScaler, init_scale=2.0**10))
+    clipped = _gradient_norms_seen_by_the_optimiser(grad_clip=0.05, device="cpu")
+    assert clipped == pytest.approx([0.05] * 4, rel=1e-3)
+
+
+class LayoutNet(ToyNet):
+    """ToyNet on 3-channel images; records whether each input arrived in channels_last layout."""
+
+    def __init__(self):
+        super().__init__()
+        self.layouts = {True: [], False: []}  # training -> one flag per forward
+
+    def forward(self, x):
+        self.layouts[self.training].append(x.is_contiguous(memory_format=torch.channels_last))
+        return super().forward(x.mean(1, keepdim=True))
+
+
+class RGBData(ToyData):
+    def __getitem__(self, i):
+        item = super().__getitem__(i)
+        item["image"] = item["image"].repeat(3, 1, 1)  # (3, H, W): channels_last differs from NCHW
+        return item
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_channels_last_reaches_the_weights_and_every_input(channels_last):
+    model = LayoutNet()
+    train = DataLoader(RGBData(), batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(0))
+    val = DataLoader(RGBData(n=8, seed=1), batch_size=4)
+    _fit_on_cpu(model, train, val, epochs=1, channels_last=channels_last)
+    assert model.layouts[True] == [channels_last] * 4 and model.layouts[False] == [channels_last] * 2
+    # a weight with several input channels (one input channel is contiguous in either layout)
+    assert model.encoder[4].weight.is_contiguous(memory_format=torch.channels_last) is channels_last
+    model.layouts[False].clear()
+    evaluate(model, val, channels_last=not channels_last)  # evaluate's own option
+    assert model.layouts[False] == [not channels_last] * 2
+
+
+def test_recorded_task_weights_are_those_the_epoch_trained_with():
+    """DWA: w = 1 in epochs 1 and 2; epoch 3 trains with T softmax(r / 2), r_t = L_t(2) / L_t(1) (T = 3 tasks)."""
+    history = _fit(ToyNet(), *_loaders(), epochs=3, weighting="dwa")
+    first, second, third = history.records
+    assert all(r[f"weight/{t}"] == 1.0 for r in (first, second) for t in TASKS)
+    ratios = np.array([second[f"train/{t}"] / first[f"train/{t}"] for t in TASKS])
+    expected = 3 * np.exp(ratios / 2) / np.exp(ratios / 2).sum()
+    assert [third[f"weight/{t}"] for t in TASKS] == pytest.approx(list(expected), rel=1e-5)
+
+
+def test_train_losses_are_the_mean_over_the_epochs_steps(monkeypatch):
+    import mtlearn.engine as engine
+
+    forward, steps = engine._forward, []
+
+    def recording_forward(run, batch, tasks):
+        losses, values = forward(run, batch, tasks)
+        steps.append(values.copy())
+        return losses, values
+
+    monkeypatch.setattr(engine, "_forward", recording_forward)
+    record = _fit(ToyNet(), _loaders()[0], None, epochs=1).records[0]  # 4 steps, fixed weights 1, 0.25, 1
+    means = np.mean(steps, axis=0)
+    assert len(steps) == 4
+    assert [record[f"train/{t}"] for t in TASKS] == pytest.approx(list(means), rel=1e-6)
+    assert record["train/total"] == pytest.approx(means @ np.array([1.0, 0.25, 1.0]), rel=1e-5)
+
+
+class FlatClsNet(ToyNet):
+    """Constant class logits: cls/acc is the same every epoch, so epoch 1 stays the best (ties do not win)."""
+
+    def forward(self, x):
+        out = super().forward(x)
+        out["cls"] = torch.zeros_like(out["cls"])
+        return out
+
+
+@pytest.mark.parametrize("restore_best", [True, False])
+def test_restore_best_chooses_between_best_and_last_weights(restore_best, tmp_path):
+    torch.manual_seed(0)
+    model = FlatClsNet()
+    history = _fit_on_cpu(model, *_loaders(), epochs=3, out_dir=tmp_path, monitor="cls/acc", restore_best=restore_best)
+    assert len({r["val/cls/acc"] for r in history.records}) == 1 and history.best_epoch == 1
+    best, last = load_checkpoint(tmp_path / "best.pt"), load_checkpoint(tmp_path / "last.pt")
+    assert (best["epoch"], last["epoch"]) == (1, 3)
+    expected = best["model"] if restore_best else last["model"]
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, expected[name]), name
+    assert not torch.equal(best["model"]["encoder.0.weight"], last["model"]["encoder.0.weight"])
+
+
+def test_resumed_run_restores_the_best_epoch_of_the_earlier_session(tmp_path):
+    train, val = _loaders()
+    _fit_on_cpu(FlatClsNet(), train, val, epochs=1, out_dir=tmp_path, monitor="cls/acc")
+    model = FlatClsNet()
+    history = _fit_on_cpu(model, train, val, epochs=3, out_dir=tmp_path, monitor="cls/acc", resume=True)
+    assert history.best_epoch == 1
+    best = load_checkpoint(tmp_path / "best.pt")
+    assert best["epoch"] == 1
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, best["model"][name]), name
+
+
+def test_non_finite_batchnorm_statistics_stop_training_too(tmp_path):
+    """Buffers are saved in checkpoints as well: an inf running variance must not be written either."""
+    torch.manual_seed(0)
+    model, steps = ToyNet(), []
+
+    def overflow(optimizer, step_args, step_kwargs):
+        steps.append(None)
+        if len(steps) == 8:  # the last step of epoch 2
+            model.encoder[1].running_var.fill_(float("inf"))
+
+    handle = register_optimizer_step_post_hook(overflow)
+    try:
+        with pytest.raises(NonFiniteWeightsError) as caught:
+            _fit(model, *_loaders(), epochs=3, out_dir=tmp_path)
+    finally:
+        handle.remove()
+    assert caught.value.epoch == 2 and caught.value.names == ["encoder.1.running_var"]
+    assert load_checkpoint(tmp_path / "last.pt")["epoch"] == 1
+
+
+def test_evaluate_averages_over_images_not_batches():
+    """8 validation images in batches of 3, 3, 2 score what one batch of 8 scores (eval mode: per-image outputs)."""
+    torch.manual_seed(0)
+    model, data, scores = ToyNet(), ToyData(n=8, seed=1), []
+    for batch_size in (8, 3):
+        np.random.seed(0), random.seed(0)  # the same flips and noise for both (ToyData draws them)
+        scores.append(evaluate(model, DataLoader(data, batch_size=batch_size)))
+    whole, uneven = scores
+    assert set(whole) == set(uneven)
+    for key, value in whole.items():
+        assert uneven[key] == pytest.approx(value, rel=1e-5, abs=1e-7), key

@@ -107,3 +107,71 @@ def test_torchrun_two_processes_stay_in_sync(weighting, tmp_path):
     expected = evaluate(model, DataLoader(test, batch_size=4), device="cpu")
     for key, value in expected.items():
         assert record["metrics"]["test"][key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+
+
+# ---------------------------------------------------------------------------------------------- mutation audit
+# Tests that pin down what surviving mutants of train.py changed unnoticed.
+
+
+def test_every_training_flag_reaches_the_run(tmp_path):
+    """Options parsed but not passed on would be silently ignored: each is read back from the run itself."""
+    out = tmp_path / "run"
+    record = main([*SMOKE, "--device", "cpu", "--epochs", "1", "--limit", "8", "--lr", "3e-3", "--task-weights",
+                   "seg=1", "cls=0.5", "--amp", "bf16", "--channels-last", "--seed", "3", "--out-dir", str(out)])
+    config = load_checkpoint(out / "last.pt")["config"]
+    assert (config["lr"], config["weighting"], config["task_weights"]) == (3e-3, "fixed", {"seg": 1.0, "cls": 0.5})
+    assert (config["amp"], config["channels_last"], config["seed"], config["epochs"]) == ("bf16", True, 3, 1)
+    first = record["history"][0]
+    assert first["lr"] == pytest.approx(3e-3) and (first["weight/seg"], first["weight/cls"]) == (1.0, 0.5)
+    other = main([*SMOKE, "--epochs", "1", "--limit", "8", "--weighting", "uncertainty", "--tasks", "cls", "recon",
+                  "--no-channels-last", "--out-dir", str(tmp_path / "other")])
+    config = load_checkpoint(tmp_path / "other" / "last.pt")["config"]
+    assert (config["weighting"], config["tasks"], config["channels_last"]) == ("uncertainty", ["cls", "recon"], False)
+    assert set(other["metrics"]["test"]) >= {"cls/acc", "recon/psnr"} and "seg/dice" not in other["metrics"]["test"]
+
+
+def test_metrics_are_those_of_the_best_validation_epoch(tmp_path, monkeypatch):
+    """Validation peaks at epoch 1 of 2 (forced): metrics.json then holds epoch 1's validation metrics, and
+    the test metrics of best.pt's weights on the test split, and best.pt was chosen on the validation split."""
+    from mtlearn.engine import History
+
+    append = History.append
+
+    def only_the_first_epoch_improves(self, record):
+        best = (self.best_epoch, self.best_value)
+        improved = append(self, record)
+        if record["epoch"] > 1:
+            self.best_epoch, self.best_value = best
+            return False
+        return improved
+
+    monkeypatch.setattr(History, "append", only_the_first_epoch_improves)
+    out = tmp_path / "run"
+    record = main([*SMOKE, "--device", "cpu", "--epochs", "2", "--limit", "8", "--seed", "3", "--out-dir", str(out)])
+    assert record["best_epoch"] == 1 and load_checkpoint(out / "best.pt")["epoch"] == 1
+    assert record["metrics"]["val"] == {k.removeprefix("val/"): v for k, v in record["history"][0].items()
+                                        if k.startswith("val/")}
+    model = build_model("tiny", tasks=("seg", "cls"), image_size=32)
+    load_checkpoint(out / "best.pt", model)
+    for split in ("val", "test"):  # --limit 8: the first 8 // 4 = 2 images of each split, data seeded with --seed
+        data = Subset(load_dataset("synthetic", split=split, image_size=32, seed=3), range(2))
+        expected = evaluate(model, DataLoader(data, batch_size=4), device="cpu")
+        measured = record["metrics"][split]
+        for key, value in expected.items():
+            assert measured[key] == pytest.approx(value, rel=1e-5, abs=1e-7), (split, key)
+
+
+def test_training_order_follows_the_seed_and_evaluation_keeps_every_image_in_order():
+    import torch
+
+    from mtlearn.train import make_loader
+
+    data = list(range(10))
+
+    def order(seed):
+        return [batch.tolist() for batch in make_loader(data, 4, True, seed, 0, torch.device("cpu"))]
+
+    assert order(3) == order(3) != order(4)
+    assert all(len(batch) == 4 for batch in order(3)) and len(order(3)) == 2  # no short batch for BatchNorm
+    evaluation = make_loader(data, 4, False, 3, 0, torch.device("cpu"))
+    assert [batch.tolist() for batch in evaluation] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from mtlearn.checkpoint import load_checkpoint as load_checkpoint_file
 from mtlearn.data import SyntheticUltrasound, load_dataset
 from mtlearn.losses import build_losses, task_losses
 from mtlearn.mtl import build_model
@@ -538,3 +539,126 @@ def test_resume_needs_an_out_dir():
     with pytest.raises(ValueError, match=re.escape("resume=True needs out_dir (the folder holding the run's last.pt "
                                                    "and result.pt)")):
         train_and_measure(model, "scratch", load_strategy_data(config).train, None, config, epochs=1, resume=True)
+
+
+# ---------------------------------------------------------------------------------------------- mutation audit
+# Tests that pin down what surviving mutants of umsrep.py changed unnoticed.
+
+
+def test_build_optimizer_is_adamw_with_the_given_hyperparameters():
+    groups = build_optimizer(tiny()).param_groups
+    assert [(g["lr"], tuple(g["betas"]), g["weight_decay"]) for g in groups] == [(1e-3, (0.9, 0.999), 3e-5)]
+    optimizer = build_optimizer(tiny(), lr=2e-3, weight_decay=0.1, betas=(0.8, 0.95))
+    assert type(optimizer) is torch.optim.AdamW
+    groups = optimizer.param_groups
+    assert [(g["lr"], tuple(g["betas"]), g["weight_decay"]) for g in groups] == [(2e-3, (0.8, 0.95), 0.1)]
+
+
+def test_table_amortises_flops_and_cpu_time_and_reports_the_largest_memory():
+    runs = [record("pretrain", ("recon",), images=200, wall=4.0),  # 0.2 GFLOP, 8 s CPU
+            *(replace(record("full", (t,), wall=2.0), memory_mb=m) for t, m in zip(("seg", "cls", "recon"), (3, 7, 5))),
+            record("joint", TASKS, wall=3.0)]
+    table = strategy_table(runs, UMSRepConfig())  # two strategies reuse the representation: half each
+    assert table.loc["joint", "amortised_gflops"] == pytest.approx(0.1 + 0.2 / 2)
+    assert table.loc["full", "amortised_gflops"] == pytest.approx(0.3 + 0.2 / 2)
+    assert table.loc["joint", "cpu_time_s"] == 6.0 and table.loc["joint", "total_cpu_time_s"] == pytest.approx(6 + 8)
+    assert table.loc["joint", "amortised_cpu_time_s"] == pytest.approx(6.0 + 8.0 / 2)
+    assert table.loc["full", "memory_mb"] == 7  # the models train one after another: the largest, not the sum
+
+
+def test_joint_vs_single_task_shares_by_hand_and_passed_amortised():
+    """Pre-training 0.1 GFLOP / 4 s / 8 s CPU, shared by two strategies (frozen and joint); joint 0.1 GFLOP / 3 s;
+    scratch 0.6 GFLOP / 15 s. Fine-tuning and amortised shares pass 35 %, the total's time share does not."""
+    runs = [record("pretrain", ("recon",), images=100, wall=4.0),
+            *(record("frozen", (t,), images=100, wall=1.0) for t in TASKS),
+            record("joint", TASKS, images=100, wall=3.0, **scores(24.0, 0.90)),
+            *(record("scratch", (t,), images=200, wall=5.0, **scores(24.2, 0.90)) for t in TASKS)]
+    check = joint_vs_single_task(strategy_table(runs, UMSRepConfig()))
+    expected = {"flops_share_train": 1 / 6, "time_share_train": 3 / 15, "cpu_share_train": 6 / 30,
+                "flops_share_amortised": 1.5 / 6, "time_share_amortised": 5 / 15, "cpu_share_amortised": 10 / 30,
+                "flops_share_total": 2 / 6, "time_share_total": 7 / 15, "cpu_share_total": 14 / 30}
+    for key, value in expected.items():
+        assert check[key] == pytest.approx(value), key
+    assert check["passed"] and check["passed_amortised"] and not check["passed_with_pretraining"]
+
+
+def test_joint_vs_single_task_limits_are_inclusive():
+    """Exactly max_compute_share of the compute and exactly the tolerated drop both pass (values exact in binary)."""
+    runs = [record("joint", TASKS, flops_per_image=3e6, images=100, wall=7.5, **{"seg/dice": 0.5}),
+            *(record("scratch", (t,), images=200, wall=5.0, **{"seg/dice": 0.75}) for t in TASKS)]
+    check = joint_vs_single_task(strategy_table(runs, UMSRepConfig()), max_compute_share=0.5,
+                                 tolerance={"seg/dice": 0.25})
+    assert (check["flops_share_train"], check["time_share_train"], check["cpu_share_train"]) == (0.5, 0.5, 0.5)
+    assert check["delta_seg/dice"] == -0.25 and check["ok_seg/dice"] and check["passed"]
+    worse = joint_vs_single_task(strategy_table(runs, UMSRepConfig()), max_compute_share=0.5,
+                                 tolerance={"seg/dice": 0.24})
+    assert not worse["ok_seg/dice"] and not worse["passed"]
+
+
+def test_each_strategy_trains_what_it_promises(monkeypatch):
+    """Without training (train_and_measure recorded): the networks, epochs, loss weights, trainable
+    encoder stages and starting weights of every strategy."""
+    import mtlearn.umsrep as umsrep
+    from mtlearn.umsrep import StrategyData
+
+    weights = {"recon": 0.5, "seg": 1.0, "cls": 0.25}
+    config = strategy_config("smoke", finetune_epochs=2, joint_epochs=3, scratch_epochs=4, partial_stages=1,
+                             joint_stages=3, joint_task_weights=weights, device="cpu", progress=False)
+    data = StrategyData(unlabeled=None, train=None, test=None, class_names=("normal", "benign", "malignant"))
+    representation = _new_model(config, ("recon",), 3, 1)
+    with torch.no_grad():  # unlike any fresh model (which _new_model seeds identically)
+        for p in representation.parameters():
+            p.add_(1.0)
+    calls = []
+
+    def recording(model, strategy, train, test, config, epochs, task_weights=None, out_dir=None, resume=False):
+        encoder_copied = all(torch.equal(v, model.encoder.state_dict()[k])
+                             for k, v in representation.encoder.state_dict().items())
+        seg_decoder_copied = "seg" in model.decoders and all(
+            torch.equal(v, model.decoders["seg"].state_dict()[k])
+            for k, v in representation.decoders["recon"].state_dict().items())
+        calls.append((tuple(model.tasks), epochs, task_weights, count_parameters(model, trainable_only=True),
+                      encoder_copied, seg_decoder_copied))
+
+    monkeypatch.setattr(umsrep, "train_and_measure", recording)
+
+    def trainable(tasks, stages):  # all parameters but those of the first NUM_STAGES + 1 - stages encoder groups
+        model = tiny(tasks)
+        frozen = encoder_parts(model)[:NUM_STAGES + 1 - stages] if stages < NUM_STAGES else []
+        return count_parameters(model) - sum(p.numel() for group in frozen for part in group for p in part.parameters())
+
+    single = [("recon",), ("seg",), ("cls",)]
+    expected = {
+        "frozen": [(t, 2, None, trainable(t, 0), True, t == ("seg",)) for t in single],
+        "partial": [(t, 2, None, trainable(t, 1), True, t == ("seg",)) for t in single],
+        "full": [(t, 2, None, trainable(t, NUM_STAGES), True, t == ("seg",)) for t in single],
+        "joint": [(("recon", "seg", "cls"), 3, weights, trainable(("recon", "seg", "cls"), 3), True, True)],
+        "scratch": [(t, 4, None, count_parameters(tiny(t)), False, False) for t in single],
+        "joint_scratch": [(("recon", "seg", "cls"), 4, weights, count_parameters(tiny(("recon", "seg", "cls"))),
+                           False, False)],
+    }
+    for strategy, calls_expected in expected.items():
+        calls.clear()
+        run_strategy(strategy, config, data, representation)
+        assert calls == calls_expected, strategy
+
+
+def test_train_and_measure_trains_with_the_configured_optimiser(tmp_path):
+    config = handful(lr=2e-3, weight_decay=0.05)
+    model = _new_model(config, ("seg",), num_classes=3, in_channels=1)
+    result = train_and_measure(model, "scratch", load_strategy_data(config).train, None, config, epochs=2,
+                               out_dir=tmp_path)
+    saved = load_checkpoint_file(tmp_path / "last.pt")["config"]
+    assert (saved["lr"], saved["weight_decay"], saved["epochs"], saved["tasks"]) == (2e-3, 0.05, 2, ["seg"])
+    assert result.images_seen == 2 * 4 and len(result.history) == 2
+    assert result.history[0]["lr"] == pytest.approx(2e-3)
+
+
+def test_fixed_noise_is_drawn_per_item_and_seed():
+    """A fixed test set: each item keeps its noise, but items (and seeds) get different noise, not one pattern."""
+    grey = {"image": torch.full((1, SIZE, SIZE), 0.5), "mask": torch.zeros(1, SIZE, SIZE), "label": 0}
+    pairs = DenoisingPairs([grey, grey], labels=True, fixed_noise=True, seed=3)
+    assert torch.equal(pairs[0]["image"], pairs[0]["image"]) and torch.equal(pairs[1]["image"], pairs[1]["image"])
+    assert not torch.equal(pairs[0]["image"], pairs[1]["image"])  # the same picture, other noise
+    other_seed = DenoisingPairs([grey, grey], labels=True, fixed_noise=True, seed=4)
+    assert not torch.equal(pairs[0]["image"], other_seed[0]["image"])
