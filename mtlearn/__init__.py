@@ -15,7 +15,7 @@ from mtlearn.utils import count_flops, count_parameters, environment_report, pic
 __version__ = "0.1.0"
 
 _SUBMODULES = (
-    "attribution", "blocks", "course", "data", "disentangle", "encoder", "engine", "experiments",
+    "attribution", "blocks", "checkpoint", "course", "data", "disentangle", "encoder", "engine", "experiments",
     "heads", "losses", "metrics", "mtl", "notebook", "plots", "probes", "train", "umsrep", "utils",
     "weighting", "widgets",
 )

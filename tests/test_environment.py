@@ -51,3 +51,14 @@ def test_ci_runs_the_readme_test_command():
     readme, ci = (ROOT / "README.md").read_text(), (ROOT / ".ci" / "run").read_text()
     assert "make test" in readme and "make test" in ci
     assert "make course" in readme
+
+
+def test_every_submodule_loads_from_the_package_attribute():
+    """`mt.<module>` works for every module of the package (the lazy list must not fall behind)."""
+    import mtlearn
+
+    package = Path(mtlearn.__file__).parent
+    modules = sorted(p.stem for p in package.glob("*.py") if not p.stem.startswith("_"))
+    modules += sorted(p.name for p in package.iterdir() if (p / "__init__.py").is_file())
+    assert sorted(mtlearn._SUBMODULES) == sorted(modules)
+    assert all(getattr(mtlearn, name).__name__ == f"mtlearn.{name}" for name in modules)
