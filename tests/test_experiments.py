@@ -3,7 +3,6 @@
 import argparse
 import json
 import statistics
-from pathlib import Path
 
 import matplotlib
 
@@ -130,7 +129,8 @@ def test_collect_keeps_to_the_grid_it_is_given(notebooks, tmp_path):
     assert sorted(collect(root)["score"]) == [10, 20]  # specs=None: every finished run in the folder
 
 
-def test_command_line_tables_only_its_own_runs_and_keeps_results_on_a_crash(notebooks, tmp_path, monkeypatch, capsys):
+def test_command_line_tables_only_its_own_runs_and_keeps_results_on_a_crash(notebooks, tmp_path, monkeypatch, capsys,
+                                                                             disk_full_midway):
     monkeypatch.setattr(experiments, "course_notebooks", lambda: notebooks)
     out = tmp_path / "grid"
     with pytest.raises(SystemExit):  # a usage error naming the fix, not a traceback (nor a run of seed 0)
@@ -141,13 +141,7 @@ def test_command_line_tables_only_its_own_runs_and_keeps_results_on_a_crash(note
     results = (out / "results.csv").read_text()
     assert list(pd.read_csv(out / "results.csv")["score"]) == [20]  # not the earlier grid's 10
 
-    real_write_text = Path.write_text
-
-    def crash(self, text, *args, **kwargs):  # the disk fills half-way through the file
-        real_write_text(self, text[: len(text) // 2], *args, **kwargs)
-        raise OSError("disk full")
-
-    monkeypatch.setattr(Path, "write_text", crash)
+    disk_full_midway()  # the disk fills half-way through the file
     with pytest.raises(OSError, match="disk full"):
         main(["--notebooks", "01", "--set", "scale=2", "--out", str(out)])
     assert (out / "results.csv").read_text() == results
