@@ -29,6 +29,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from mtlearn.utils import world_and_rank
+
 # ----------------------------------------------------------------------------- files
 
 
@@ -134,7 +136,7 @@ def set_rng_state(state: Mapping, loader=None) -> None:
     version, internal, gauss_next = state["python"]
     random.setstate((version, tuple(internal), gauss_next))
     if state["cuda"] and torch.cuda.is_available():
-        world, rank = _world_and_rank()
+        world, rank = world_and_rank()
         if len(state["cuda"]) == world:
             torch.cuda.set_rng_state(state["cuda"][rank])
         else:
@@ -146,13 +148,6 @@ def set_rng_state(state: Mapping, loader=None) -> None:
             generator.set_state(state[name])
 
 
-def _world_and_rank() -> tuple[int, int]:
-    """(processes, this one's rank) under torchrun; (1, 0) otherwise."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size(), dist.get_rank()
-    return 1, 0
-
-
 def _cuda_rng_states() -> list[Tensor]:
     """The current GPU's random state, one per process under torchrun (rank k restores its own).
 
@@ -161,7 +156,7 @@ def _cuda_rng_states() -> list[Tensor]:
     if not torch.cuda.is_available():
         return []
     state = torch.cuda.get_rng_state()
-    world, _ = _world_and_rank()
+    world, _ = world_and_rank()
     if world == 1:
         return [state]
     states = [None] * world

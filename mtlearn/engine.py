@@ -51,7 +51,7 @@ from mtlearn.checkpoint import (
 )
 from mtlearn.losses import LossConfig, build_losses, check_tasks, task_losses
 from mtlearn.metrics import MetricAccumulator
-from mtlearn.utils import eval_mode, is_number, pick_device, seed_everything
+from mtlearn.utils import eval_mode, is_distributed, is_main_process, is_number, pick_device, seed_everything
 from mtlearn.weighting import GradNorm, LossWeighting, build_weighting, find_shared_parameters
 
 CHECKPOINT_FORMAT = 1
@@ -245,16 +245,6 @@ def _to_device(batch: Mapping[str, Any], device: torch.device, channels_last: bo
 
 
 # ----------------------------------------------------------------------------- distributed plumbing
-
-
-def is_distributed() -> bool:
-    """True inside a torchrun process group of two or more processes."""
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def is_main_process() -> bool:
-    """Rank 0, or the only process: the one that shows progress and writes files."""
-    return not is_distributed() or dist.get_rank() == 0
 
 
 def _wrap_for_training(model: nn.Module, device: torch.device, compile_model: bool,

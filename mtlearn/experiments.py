@@ -28,7 +28,8 @@ from typing import Any
 import pandas as pd
 
 from mtlearn.course import DONE, course_notebooks, run_notebook
-from mtlearn.notebook import flatten_metrics, write_text
+from mtlearn.notebook import flatten_metrics
+from mtlearn.utils import write_text
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,6 @@ wall time.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -32,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mtlearn.utils import environment_report, pick_device, seed_everything
+from mtlearn.utils import environment_report, pick_device, seed_everything, to_jsonable, write_json
 
 PROFILES = ("smoke", "course", "paper")
 PROFILE_HELP = {
@@ -180,45 +179,6 @@ def _not_finite(value: Any) -> bool:
     elif isinstance(value, (np.ndarray, np.generic)) and value.size == 1:
         value = value.item()
     return isinstance(value, float) and not math.isfinite(value)
-
-
-def to_jsonable(value: Any, digits: int | None = None) -> Any:
-    """Tensors, NumPy values, tuples and NaN -> plain JSON values (NaN and inf become None).
-
-    digits: round floats to this many decimals (metrics.json of a notebook: 6); None keeps them.
-    """
-    if isinstance(value, dict):
-        return {str(k): to_jsonable(v, digits) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [to_jsonable(v, digits) for v in value]
-    if isinstance(value, torch.Tensor):
-        return to_jsonable(value.detach().cpu().tolist(), digits)
-    if isinstance(value, np.ndarray):  # before .item(), which only takes arrays of one value
-        return to_jsonable(value.tolist(), digits)
-    if hasattr(value, "item") and callable(value.item):  # NumPy scalars
-        value = value.item()
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            return None  # JSON has no NaN
-        return round(value, digits) if digits is not None else value
-    if value is None or isinstance(value, (bool, int, str)):
-        return value
-    raise TypeError(f"metrics must be numbers, strings, lists or dicts; got {type(value).__name__}: {value!r}")
-
-
-def write_text(text: str, path: Path) -> None:
-    """Write `text` to `path` atomically (temp file + rename): a reader never sees half a file, and a
-    crash while writing leaves the previous file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def write_json(record: dict[str, Any], path: Path) -> None:
-    """Write `record` to `path` as JSON, atomically (write_text)."""
-    write_text(json.dumps(to_jsonable(record), indent=2, allow_nan=False), path)
 
 
 def flatten_metrics(metrics: dict[str, Any], prefix: str = "") -> dict[str, Any]:

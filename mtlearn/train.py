@@ -30,10 +30,9 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from mtlearn.data import DATASETS
-from mtlearn.engine import TrainConfig, evaluate, fit, is_distributed, is_main_process
+from mtlearn.engine import TrainConfig, evaluate, fit
 from mtlearn.losses import TASKS
-from mtlearn.notebook import write_json
-from mtlearn.utils import pick_device, seed_everything
+from mtlearn.utils import is_distributed, is_main_process, pick_device, seed_everything, write_json
 from mtlearn.weighting import WEIGHTINGS
 
 PRESETS = ("tiny", "course", "paper")

@@ -57,8 +57,15 @@ from torch.utils.data import DataLoader, Dataset
 
 from mtlearn.checkpoint import check_out_dir, check_resume_options, load_checkpoint, save_checkpoint
 from mtlearn.losses import build_losses, check_tasks, task_losses
-from mtlearn.notebook import to_jsonable, write_json
-from mtlearn.utils import check_options, count_parameters, countable_attention, pick_device, seed_everything
+from mtlearn.utils import (
+    check_options,
+    count_parameters,
+    countable_attention,
+    pick_device,
+    seed_everything,
+    to_jsonable,
+    write_json,
+)
 from mtlearn.weighting import check_task_weights
 
 TASKS = ("recon", "seg", "cls")  # the order of the paper: denoising, segmentation, classification

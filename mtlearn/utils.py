@@ -1,4 +1,5 @@
-"""Small helpers every notebook and module needs: seeding, device choice, counting.
+"""Small helpers every notebook and module needs: seeding, device choice, counting, argument
+checks, torchrun process groups and atomic JSON files.
 
 Kept free of model and data code so that anything in the package can import it.
 """
@@ -7,14 +8,19 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
+import math
 import os
 import platform
 import random
 import sys
 from importlib import metadata
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
@@ -202,3 +208,65 @@ def check_size(image_size, minimum: int = 1) -> tuple[int, int]:
         fix = "; pass ints: int(...) or // (e.g. 256 // 2)" if any(isinstance(n, float) for n in size) else ""
         raise ValueError(f"image_size must be an int or (H, W) of ints >= {minimum}, got {image_size!r}{fix}")
     return int(size[0]), int(size[1])
+
+
+# ----------------------------------------------------------------------------- torchrun process groups
+
+
+def world_and_rank() -> tuple[int, int]:
+    """(processes, this one's rank) inside a torchrun process group; (1, 0) otherwise."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
+
+
+def is_distributed() -> bool:
+    """True inside a torchrun process group of two or more processes."""
+    return world_and_rank()[0] > 1
+
+
+def is_main_process() -> bool:
+    """Rank 0, or the only process: the one that shows progress and writes files."""
+    return world_and_rank()[1] == 0
+
+
+# ----------------------------------------------------------------------------- JSON files
+
+
+def to_jsonable(value: Any, digits: int | None = None) -> Any:
+    """Tensors, NumPy values, tuples and NaN -> plain JSON values (NaN and inf become None).
+
+    digits: round floats to this many decimals (metrics.json of a notebook: 6); None keeps them.
+    """
+    if isinstance(value, dict):
+        return {str(k): to_jsonable(v, digits) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_jsonable(v, digits) for v in value]
+    if isinstance(value, torch.Tensor):
+        return to_jsonable(value.detach().cpu().tolist(), digits)
+    if isinstance(value, np.ndarray):  # before .item(), which only takes arrays of one value
+        return to_jsonable(value.tolist(), digits)
+    if hasattr(value, "item") and callable(value.item):  # NumPy scalars
+        value = value.item()
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return None  # JSON has no NaN
+        return round(value, digits) if digits is not None else value
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    raise TypeError(f"metrics must be numbers, strings, lists or dicts; got {type(value).__name__}: {value!r}")
+
+
+def write_text(text: str, path: Path) -> None:
+    """Write `text` to `path` atomically (temp file + rename): a reader never sees half a file, and a
+    crash while writing leaves the previous file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_json(record: dict[str, Any], path: Path) -> None:
+    """Write `record` to `path` as JSON, atomically (write_text)."""
+    write_text(json.dumps(to_jsonable(record), indent=2, allow_nan=False), path)

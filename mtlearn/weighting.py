@@ -29,7 +29,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from mtlearn.losses import check_tasks
-from mtlearn.utils import is_number
+from mtlearn.utils import is_distributed, is_number
 
 Scale = Callable[[Tensor], Tensor]
 
@@ -37,13 +37,9 @@ Scale = Callable[[Tensor], Tensor]
 DEFAULT_WEIGHTS = {"seg": 1.0, "cls": 0.25, "recon": 1.0}
 
 
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
 def _average_across_processes(tensor: Tensor) -> Tensor:
     """In-place mean over torchrun processes (no-op in a single process)."""
-    if _distributed():
+    if is_distributed():
         dist.all_reduce(tensor)
         tensor /= dist.get_world_size()
     return tensor

@@ -1,9 +1,20 @@
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
 from torch import nn
 
-from mtlearn.utils import count_flops, count_parameters, environment_report, format_count, pick_device, seed_everything
+from mtlearn.utils import (
+    count_flops,
+    count_parameters,
+    environment_report,
+    format_count,
+    is_distributed,
+    is_main_process,
+    pick_device,
+    seed_everything,
+    world_and_rank,
+)
 
 
 def test_seed_everything_repeats_torch_and_numpy():
@@ -151,3 +162,18 @@ def test_is_number_and_is_int_refuse_bools_and_strings(value, number, integer):
     from mtlearn.utils import is_int, is_number
 
     assert is_number(value) is number and is_int(value) is integer
+
+
+def test_process_group_helpers_outside_in_a_group_of_one_and_on_a_second_rank(tmp_path, monkeypatch):
+    assert (world_and_rank(), is_distributed(), is_main_process()) == ((1, 0), False, True)  # no torchrun
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        assert (world_and_rank(), is_distributed(), is_main_process()) == ((1, 0), False, True)  # a group of one
+        monkeypatch.setattr(dist, "get_world_size", lambda *args, **kwargs: 3)
+        monkeypatch.setattr(dist, "get_rank", lambda *args, **kwargs: 2)
+        assert (world_and_rank(), is_distributed(), is_main_process()) == ((3, 2), True, False)
+        monkeypatch.setattr(dist, "get_rank", lambda *args, **kwargs: 0)
+        assert (is_distributed(), is_main_process()) == (True, True)  # rank 0 writes the files
+    finally:
+        monkeypatch.undo()
+        dist.destroy_process_group()

@@ -40,7 +40,7 @@ from mtlearn.data.splits import (
 )
 from mtlearn.data.synthetic import SyntheticUltrasound
 from mtlearn.data.transforms import augment_item, augmentation, random_states, reseed, resize_image, resize_mask
-from mtlearn.utils import check_size
+from mtlearn.utils import check_size, world_and_rank
 
 DATASETS = ("synthetic", "shapes", "busi", "busi_npz", "bus_bra", "bus_uclm", "breastmnist")
 SPLITS = ("train", "val", "test", "all")
@@ -225,8 +225,7 @@ class UltrasoundDataset(Dataset):
         every other worker's i-th item. torch's generator is seeded per worker by the DataLoader
         and saved in the trainer's checkpoints, so a resumed run draws the same augmentations.
         """
-        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-        rank = torch.distributed.get_rank() if distributed else 0
+        _, rank = world_and_rank()
         seed = int(torch.randint(0, 2**31 - 1, ()))
         reseed(self._random_states, seed + 1_000_003 * rank)
 
