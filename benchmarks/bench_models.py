@@ -8,8 +8,9 @@
 Every row is one model at one input size: parameters, forward GFLOPs per image (counted by
 torch.utils.flop_counter) and training images per second (forward + backward + AdamW step).
 Rows compared with each other share an input size and batch: the paper preset runs at 224 px
-beside SwinUNETR (feature_size 48) and MONAI's UNet, at the paper's training batch (8) and at
-batch 2; the course and tiny presets at 128 px beside the UNet (--quick: 128 and 64 px).
+beside SwinUNETR (feature_size 48), MONAI's UNet and the course and tiny presets, at the paper's
+training batch (8) and at batch 2; the course and tiny presets also at 128 px, their working size,
+beside the UNet (--quick: 128 and 64 px).
 
 Each model is timed in both memory layouts (contiguous NCHW and channels_last NHWC, model and
 input alike), because the faster layout differs between models: channels_last helps the
@@ -19,12 +20,19 @@ in its own faster layout). Timings interleave every model and layout of one size
 after one warm-up round, and keep each one's best round, so a busy machine slows them alike
 rather than favouring whichever ran last. On CUDA the GPU is synchronised before and after each
 timed step.
+
+On a CPU, freed memory stays in the process while it runs (keep_freed_memory; --default-malloc
+measures with the C library's defaults instead): glibc hands blocks above 32 MB back to the system
+on every free, so a model whose activations exceed that pays page faults on every step and the
+ratio would partly measure the allocator (the `malloc` column says which way a row was measured).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import ctypes
+import ctypes.util
 import time
 
 import torch
@@ -35,6 +43,32 @@ from mtlearn.mtl import build_model, monai_baseline
 from mtlearn.utils import count_flops, count_parameters, pick_device
 
 LAYOUTS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
+
+
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # mallopt's parameter numbers, from glibc's malloc.h
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc keep freed memory in this process, for the rest of it; True if it did.
+
+    By default glibc serves every block above its mmap threshold (at most 32 MB) with a fresh mmap
+    and unmaps it on free, so the next step touches new pages again: SwinUNETR-48 at 224 px, batch 8,
+    took about 1.6 million minor page faults and spent about 40 % of each training step in the kernel
+    on the development machine (batch 2: almost none; the `paper` preset at batch 8: a third as many
+    or fewer), which made SwinUNETR 2-2.5x slower there and flipped the ratio (benchmarks/README.md).
+    With mmap off (M_MMAP_MAX 0) and trimming off (M_TRIM_THRESHOLD -1) blocks are reused, as
+    PyTorch's CUDA caching allocator reuses GPU memory, or jemalloc/tcmalloc would on a CPU.
+    Returns False where the C library has no mallopt (macOS, Windows, musl): nothing changed.
+    """
+    name = ctypes.util.find_library("c")
+    try:
+        mallopt = ctypes.CDLL(name).mallopt if name else None
+    except (OSError, AttributeError):
+        mallopt = None
+    if mallopt is None:
+        return False
+    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+    return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, -1))  # each returns 1 on success
 
 
 def _models(image_size: int, in_channels: int, names: list[str]) -> dict[str, nn.Module]:
@@ -126,16 +160,21 @@ GROUPS = ("paper", "course")  # the paper preset beside SwinUNETR; the course an
 
 
 def run(quick: bool = False, threads: int = 2, groups: tuple[str, ...] = GROUPS, rounds: int | None = None,
-        device: str = "auto") -> list[dict]:
+        device: str = "auto", default_malloc: bool = False) -> list[dict]:
     """All rows. quick: 128 px for the paper comparison (64 px for the course one) and fewer rounds.
     threads: CPU threads (2, the course machine; on a machine shared with other jobs 1 thread gives
     steadier ratios). groups: which comparisons to run (see GROUPS). rounds: timed rounds per group
     (default 2; with quick, 1 for paper and 2 for course); more rounds make the best-of-rounds
-    steadier on a busy machine. device: "auto" (CUDA if available, else the CPU), "cpu", "cuda"."""
+    steadier on a busy machine. device: "auto" (CUDA if available, else the CPU), "cpu", "cuda".
+    default_malloc: on a CPU, measure with the C library's allocator settings instead of calling
+    keep_freed_memory first (which, once called, holds for the rest of the process)."""
     unknown = [g for g in groups if g not in GROUPS]
     if unknown:
         raise ValueError(f"unknown benchmark group(s) {unknown}; expected some of {GROUPS}")
     device = _device(device)
+    malloc = "default"
+    if device.type == "cpu" and not default_malloc and keep_freed_memory():
+        malloc = "kept"
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     rows = []
@@ -144,15 +183,15 @@ def run(quick: bool = False, threads: int = 2, groups: tuple[str, ...] = GROUPS,
             # batch 8 is the paper's training batch; batch 2 shows how the ratio moves with the batch
             size, batches, default_rounds = (128, (2,), 1) if quick else (224, (8, 2), 2)
             for batch_size in batches:
-                rows += measure(size, ["paper", "monai swinunetr", "monai unet"], batch_size=batch_size,
-                                rounds=rounds or default_rounds, device=device)
+                rows += measure(size, ["paper", "monai swinunetr", "monai unet", "course", "tiny"],
+                                batch_size=batch_size, rounds=rounds or default_rounds, device=device)
         if "course" in groups:
             size, batch_size = (64, 4) if quick else (128, 8)
             rows += measure(size, ["course", "tiny", "monai unet"], batch_size=batch_size, rounds=rounds or 2,
                             device=device)
     finally:
         torch.set_num_threads(previous)
-    return [{**row, "threads": threads} for row in rows]
+    return [{**row, "threads": threads, "malloc": malloc if device.type == "cpu" else ""} for row in rows]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -169,6 +208,9 @@ def main(argv: list[str] | None = None) -> None:
                              "(default 2; --quick: 1 for paper, 2 for course)")
     parser.add_argument("--device", default="auto",
                         help="auto (CUDA if available, else the CPU), cpu, cuda or cuda:N (default auto)")
+    parser.add_argument("--default-malloc", action="store_true",
+                        help="on a CPU, keep the C library's allocator settings (freed memory above 32 MB "
+                             "goes back to the system on every free; see keep_freed_memory)")
     args = parser.parse_args(argv)
     if args.rounds is not None and args.rounds < 1:
         parser.error(f"--rounds must be >= 1, got {args.rounds}")
@@ -179,7 +221,7 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as error:
         parser.error(str(error))
     print(format_table(run(quick=args.quick, threads=args.threads, groups=tuple(args.group), rounds=args.rounds,
-                           device=args.device)))
+                           device=args.device, default_malloc=args.default_malloc)))
 
 
 if __name__ == "__main__":

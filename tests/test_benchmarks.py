@@ -173,6 +173,51 @@ def test_models_time_a_step_between_two_synchronisations(monkeypatch):
     assert events == ["sync cpu", "clock", "step", "sync cpu", "clock"]  # on CUDA, queued work is waited for
 
 
+_PAGE_FAULTS = """
+import resource, sys
+import torch
+from benchmarks.bench_models import keep_freed_memory
+kept = keep_freed_memory() if sys.argv[1] == "keep" else None
+torch.empty(64 << 20).fill_(1.0)  # a 256 MB block, touched, freed: once, before counting
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(5):
+    torch.empty(64 << 20).fill_(1.0)
+print(kept, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+def _page_faults(mode: str) -> tuple[str, int]:
+    done = subprocess.run([sys.executable, "-c", _PAGE_FAULTS, mode], cwd=ROOT, capture_output=True, text=True,
+                          check=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    kept, faults = done.stdout.split()
+    return kept, int(faults)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt and getrusage page faults")
+def test_keep_freed_memory_stops_the_page_faults_of_large_blocks():
+    # with glibc's defaults each 256 MB block is a fresh mmap: 65,536 new 4 kB pages in each of 5 rounds
+    assert _page_faults("default")[1] > 250_000
+    kept, faults = _page_faults("keep")
+    assert kept == "True"
+    assert faults < 100_000  # reused; at most one round touches a new block while the heap settles
+
+
+def test_models_run_keeps_freed_memory_on_the_cpu_unless_asked_not_to(monkeypatch):
+    calls = []
+    monkeypatch.setattr(bench_models, "keep_freed_memory", lambda: calls.append("kept") or True)
+    monkeypatch.setattr(bench_models, "measure", lambda *args, **kwargs: [{"model": "tiny"}])
+    assert bench_models.run(quick=True, groups=("course",), device="cpu")[0]["malloc"] == "kept"
+    assert calls == ["kept"]
+    assert bench_models.run(quick=True, groups=("course",), device="cpu", default_malloc=True)[0]["malloc"] == "default"
+    assert calls == ["kept"]  # not called again
+    monkeypatch.setattr(bench_models, "keep_freed_memory", lambda: False)  # no glibc: said so, not claimed
+    assert bench_models.run(quick=True, groups=("course",), device="cpu")[0]["malloc"] == "default"
+    run_args = []
+    monkeypatch.setattr(bench_models, "run", lambda **kwargs: run_args.append(kwargs) or [{"model": "tiny"}])
+    bench_models.main(["--default-malloc", "--group", "course"])
+    assert run_args[0]["default_malloc"] is True
+
+
 def test_models_refuses_an_unknown_group_and_bad_options():
     threads = torch.get_num_threads()
     with pytest.raises(ValueError, match=r"unknown benchmark group\(s\) \['gpu'\]"):
