@@ -162,14 +162,27 @@ class Run:
             "figures": self.figures,
             "metrics": to_jsonable(metrics, digits=6),
         }
-        not_finite = [k for k, v in flatten_metrics(metrics).items() if _not_finite(v)]
+        not_finite = _not_finite_names(metrics)
         if not_finite:  # JSON has no NaN: they are written as null, which a table would silently drop
-            warnings.warn(f"metrics {not_finite} are NaN or inf; metrics.json records them as null", RuntimeWarning,
+            shown = not_finite if len(not_finite) <= 6 else [*not_finite[:5], f"... {len(not_finite)} in all"]
+            warnings.warn(f"metrics {shown} are NaN or inf; metrics.json records them as null", RuntimeWarning,
                           stacklevel=2)
         path = self.out_dir / "metrics.json"
         write_json(record, path)
         print(f"{self.notebook} [{self.profile}] finished on {self.device} in {self.wall_time:.0f} s; "
               f"metrics written to {path}")
+
+
+def _not_finite_names(value: Any, name: str = "") -> list[str]:
+    """Where `value` (a metrics dict) holds NaN or inf: "seg/dice"; inside lists and arrays "curve[3]"."""
+    if isinstance(value, dict):
+        return [n for key, item in value.items()
+                for n in _not_finite_names(item, f"{name}/{key}" if name else str(key))]
+    if isinstance(value, (torch.Tensor, np.ndarray)) and value.ndim > 0:
+        value = value.tolist()
+    if isinstance(value, (list, tuple)):
+        return [n for i, item in enumerate(value) for n in _not_finite_names(item, f"{name}[{i}]")]
+    return [name] if _not_finite(value) else []
 
 
 def _not_finite(value: Any) -> bool:

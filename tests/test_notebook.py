@@ -213,6 +213,15 @@ def test_flatten_metrics_joins_keys_and_leaves_lists_out():
         "seg/dice": 0.9, "acc": 0.5}
 
 
+def test_nan_inside_lists_and_arrays_is_warned_about_by_position(tmp_path):
+    with pytest.warns(RuntimeWarning, match=r"\['curve\[1\]', 'seg/per_class\[0\]\[1\]', 'probe\[2\]'\] are NaN"):
+        start_here(tmp_path).finish({"curve": [0.5, float("nan")], "seg": {"per_class": [[0.1, float("inf")]]},
+                                     "probe": np.array([0.5, 0.6, np.nan]), "fine": torch.tensor([1.0, 2.0])})
+    with pytest.warns(RuntimeWarning, match=r"\['loss\[0\]', 'loss\[1\]', 'loss\[2\]', 'loss\[3\]', 'loss\[4\]', "
+                                             r"'\.\.\. 9 in all'\]"):  # a long list: the first five and the count
+        start_here(tmp_path, out_dir=tmp_path / "again").finish({"loss": [float("nan")] * 9})
+
+
 def test_a_nan_numpy_float32_metric_is_warned_about(tmp_path):
     with pytest.warns(RuntimeWarning, match=r"\['iou'\] are NaN or inf"):
         start_here(tmp_path).finish({"iou": np.float32("nan"), "dice": np.float32(0.5)})
