@@ -8,7 +8,8 @@
 Each module in this folder exposes `run(quick: bool, ...) -> list[dict]`; the rows of one module
 are measured in the same process, so their ratios are comparable. --threads and --rounds go only
 to the groups whose `run` takes them (threads: models, disentangle, umsrep; rounds: models,
-engine); left out, every group keeps its own default (its module's docstring says which).
+engine); left out, every group keeps its own default (its module's docstring says which). The
+models group runs last: on a CPU it changes how the process allocates memory (see bench_models).
 """
 
 from __future__ import annotations
@@ -55,7 +56,9 @@ def main(argv: list[str] | None = None) -> None:
     for option in ("threads", "rounds"):
         if getattr(args, option) is not None and getattr(args, option) < 1:
             parser.error(f"--{option} must be >= 1, got {getattr(args, option)}")
-    for name in args.only:
+    # models last: on a CPU it makes the process keep its freed memory (bench_models.keep_freed_memory),
+    # which would hold for every group measured after it
+    for name in sorted(args.only, key=lambda group: group == "models"):
         module = importlib.import_module(f"benchmarks.bench_{name}")
         accepted = inspect.signature(module.run).parameters
         options = {k: v for k, v in (("threads", args.threads), ("rounds", args.rounds))

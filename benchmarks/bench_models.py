@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import copy
 import ctypes
-import ctypes.util
 import time
 
 import torch
@@ -46,6 +45,7 @@ LAYOUTS = {"contiguous": torch.contiguous_format, "channels_last": torch.channel
 
 
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # mallopt's parameter numbers, from glibc's malloc.h
+_malloc_changed = False  # keep_freed_memory changed this process's allocator (there is no way back)
 
 
 def keep_freed_memory() -> bool:
@@ -58,17 +58,18 @@ def keep_freed_memory() -> bool:
     or fewer), which made SwinUNETR 2-2.5x slower there and flipped the ratio (benchmarks/README.md).
     With mmap off (M_MMAP_MAX 0) and trimming off (M_TRIM_THRESHOLD -1) blocks are reused, as
     PyTorch's CUDA caching allocator reuses GPU memory, or jemalloc/tcmalloc would on a CPU.
-    Returns False where the C library has no mallopt (macOS, Windows, musl): nothing changed.
+    Returns False where the C library has no working mallopt (macOS, Windows; musl's does nothing).
+    The process keeps the freed memory it reached (its high-water mark) until it ends.
     """
-    name = ctypes.util.find_library("c")
-    try:
-        mallopt = ctypes.CDLL(name).mallopt if name else None
-    except (OSError, AttributeError):
-        mallopt = None
-    if mallopt is None:
+    global _malloc_changed
+    try:  # the symbols already loaded into this process: the C library's, without looking for its file
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError, TypeError):  # no mallopt (macOS); Windows cannot open None
         return False
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
-    return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, -1))  # each returns 1 on success
+    done = [bool(mallopt(M_MMAP_MAX, 0)), bool(mallopt(M_TRIM_THRESHOLD, -1))]  # each returns 1 on success
+    _malloc_changed = _malloc_changed or any(done)
+    return all(done)
 
 
 def _models(image_size: int, in_channels: int, names: list[str]) -> dict[str, nn.Module]:
@@ -156,7 +157,7 @@ def measure(image_size: int, names: list[str], batch_size: int, rounds: int, in_
     return rows
 
 
-GROUPS = ("paper", "course")  # the paper preset beside SwinUNETR; the course and tiny presets beside the UNet
+GROUPS = ("paper", "course")  # every model at 224 px beside SwinUNETR; the course and tiny presets at 128 px
 
 
 def run(quick: bool = False, threads: int = 2, groups: tuple[str, ...] = GROUPS, rounds: int | None = None,
@@ -167,14 +168,15 @@ def run(quick: bool = False, threads: int = 2, groups: tuple[str, ...] = GROUPS,
     (default 2; with quick, 1 for paper and 2 for course); more rounds make the best-of-rounds
     steadier on a busy machine. device: "auto" (CUDA if available, else the CPU), "cpu", "cuda".
     default_malloc: on a CPU, measure with the C library's allocator settings instead of calling
-    keep_freed_memory first (which, once called, holds for the rest of the process)."""
+    keep_freed_memory first; refused in a process where it was already called (it cannot be undone)."""
     unknown = [g for g in groups if g not in GROUPS]
     if unknown:
         raise ValueError(f"unknown benchmark group(s) {unknown}; expected some of {GROUPS}")
     device = _device(device)
-    malloc = "default"
-    if device.type == "cpu" and not default_malloc and keep_freed_memory():
-        malloc = "kept"
+    if device.type == "cpu" and default_malloc and _malloc_changed:
+        raise ValueError("this process already keeps its freed memory (keep_freed_memory ran): measure "
+                         "with default_malloc=True (--default-malloc) in a new process")
+    malloc = "kept" if device.type == "cpu" and not default_malloc and keep_freed_memory() else "default"
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     rows = []
