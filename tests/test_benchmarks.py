@@ -79,12 +79,15 @@ def test_quick_run_prints_a_table_per_chosen_group():
     assert measured[0]["config"] == "fp32"  # the reference row
     assert all(row["preset"] == "tiny" and row["image_size"] == "64" and row["batch"] == "8" for row in engine)
     reference = float(measured[0]["images_per_s"])
-    for row in measured:  # the printed columns agree with each other (3 significant digits)
+    for row in measured:  # the printed columns agree with each other, to their rounding (3 significant digits)
         rate = float(row["images_per_s"])
         assert float(row["images_per_s_min"]) <= rate <= float(row["images_per_s_max"]) and row["rounds"] == "2"
-        assert float(row["speedup"]) == pytest.approx(rate / reference, rel=0.01)
-        assert float(row["step_ms"]) == pytest.approx(1000 * 8 / rate, rel=0.01)
-        assert row["data_wait_ok"] == str(float(row["data_wait_pct"]) < bench_engine.DATA_WAIT_TARGET_PCT)
+        # each printed value is off by up to 0.5 %, so a ratio of two of them by up to about 1.5 %
+        assert float(row["speedup"]) == pytest.approx(rate / reference, rel=0.02)
+        assert float(row["step_ms"]) == pytest.approx(1000 * 8 / rate, rel=0.02)
+        wait, target = float(row["data_wait_pct"]), bench_engine.DATA_WAIT_TARGET_PCT
+        if abs(wait - target) > 0.01 * target:  # nearer than its rounding, the table cannot tell the verdict
+            assert row["data_wait_ok"] == str(wait < target)
     if pick_device("auto").type == "cpu":  # compiling takes minutes on a CPU: quick skips it and says why
         assert engine[-1]["note"].startswith("skipped with --quick") and engine[-1]["images_per_s"] == ""
 
