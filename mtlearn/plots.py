@@ -57,10 +57,14 @@ def show_items(items: Sequence[dict], keys: Sequence[str] = ("image", "mask"), c
 
 
 def learning_curves(histories: dict[str, "object"], metric: str, title: str = ""):
-    """Plot `metric` per epoch for several runs; each history has `.epochs` rows with that key."""
+    """Plot `metric` per epoch for several runs.
+
+    histories: {run name: a `History` from `fit`, or its `.records` (a list of per-epoch dicts with
+    "epoch")}; epochs without `metric` are left out.
+    """
     fig, ax = plt.subplots(figsize=(5.5, 3.5))
     for name, rows in histories.items():
-        rows = getattr(rows, "epochs", rows)
+        rows = getattr(rows, "records", rows)
         xs = [r["epoch"] for r in rows if metric in r]
         ys = [r[metric] for r in rows if metric in r]
         ax.plot(xs, ys, marker="o", ms=3, label=name)

@@ -106,6 +106,16 @@ def test_learning_curves_plot_against_the_epoch_with_a_legend_per_run():
     assert ax.get_xlabel() == "epoch" and ax.get_ylabel() == "val/dice" and ax.get_title() == "val/dice"
 
 
+def test_learning_curves_take_a_history_from_fit_as_well_as_its_records():
+    from mtlearn.engine import History
+
+    history = History(monitor="val/dice")
+    for epoch, dice in [(1, 0.4), (2, 0.6)]:
+        history.append({"epoch": epoch, "val/dice": dice})
+    fig = plots.learning_curves({"mtl": history, "records": history.records}, "val/dice")
+    assert [line.get_ydata().tolist() for line in fig.axes[0].lines] == [[0.4, 0.6], [0.4, 0.6]]
+
+
 def test_bar_table_zooms_in_on_close_scores_and_draws_the_error_bars():
     table = pd.DataFrame({"dice": [0.8, 0.9]}, index=["a", "b"])
     errors = pd.DataFrame({"dice": [0.05, 0.01]}, index=["a", "b"])
