@@ -272,6 +272,14 @@ def test_engine_alternates_the_configurations_and_reports_medians(monkeypatch):
     assert (channels_last["data_wait_pct"], channels_last["data_wait_ok"]) == (pytest.approx(7.0), False)
 
 
+@pytest.mark.parametrize("capability, bf16_rows", [((7, 5), 0), ((8, 0), 2)])  # T4: emulated bf16; A100: native
+def test_engine_times_bf16_on_a_gpu_only_where_fit_accepts_it(monkeypatch, capability, bf16_rows):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    names = [c["name"] for c in bench_engine._configs(torch.device("cuda"), quick=False)]
+    assert "fp16 autocast + GradScaler" in names
+    assert sum(name.startswith("bf16") for name in names) == bf16_rows
+
+
 def test_data_scales_quick_runs_up_and_leaves_out_the_warmup(monkeypatch):
     clock = _Clock()
 
