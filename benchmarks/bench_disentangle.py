@@ -2,7 +2,7 @@
 
 Trains the three models of mtlearn.disentangle with the same configuration and data, then reports,
 side by side, the shape accuracy on the seen combinations and on the unseen circles on black, and
-what linear probes can read from each encoder. Checks the issue's acceptance criterion:
+what linear probes can read from each encoder. Checks the project's targets:
 
     DisentangleNet unseen shape accuracy >= 0.90, the shared-encoder baseline >= 20 points lower;
     a linear probe reads the background from DisentangleNet's task-A features at <= 0.60 balanced

@@ -152,7 +152,7 @@ def measure(image_size: int, names: list[str], batch_size: int, rounds: int, in_
             "batch": batch_size,
         })
     reference = next((r["train_img_per_s"] for r in rows if r["model"] == "monai swinunetr"), None)
-    for row in rows:  # the target, side by side: the paper preset at least as fast as SwinUNETR-48
+    for row in rows:  # the target, side by side: the paper preset at least as fast as SwinUNETR-48
         row["vs_swinunetr"] = row["train_img_per_s"] / reference if reference else ""
     return rows
 

@@ -1,7 +1,7 @@
 """UMS-Rep fine-tuning strategies side by side: accuracy and compute of (a) frozen ... (e) scratch.
 
 Reproduces the strategy table of notebook 03 on the embedded synthetic data, then checks the
-issue's acceptance criterion: joint multi-task fine-tuning (d) costs at most 35 % of the three
+project's target: joint multi-task fine-tuning (d) costs at most 35 % of the three
 single-task models (e) in FLOPs and wall time, and every task metric stays within 2 points
 (0.5 dB of PSNR) of them or better. The strategies train one after the other, so on a machine
 shared with other jobs a wall-time share also measures the load of the moment; the CPU time of

@@ -1,6 +1,6 @@
 """Download one file safely: resume, retry, verify, and only then put it in place.
 
-The practice of SPEC section 5:
+How, and why:
 
 - bytes go to `<file>.part`; an interrupted download leaves that file behind and the next attempt
   asks the server for the rest (HTTP Range); a server that ignores Range sends everything again;

@@ -104,6 +104,7 @@ class ClassLogit(nn.Module):
         self.key = key
 
     def forward(self, images: Tensor, target: Tensor) -> Tensor:
+        """images: (B, C, H, W), target: (B,) class indices -> (B,) class scores"""
         logits = _head_output(self.model(images), self.key)  # (B, num_classes)
         return logits.gather(1, target.view(-1, 1)).squeeze(1)
 
@@ -127,6 +128,7 @@ class LesionScore(nn.Module):
         self.lesion_class = lesion_class
 
     def forward(self, images: Tensor, region: Tensor) -> Tensor:
+        """images: (B, C, H, W), region: (B, 1, H, W) 0/1 -> (B,) summed lesion log-odds"""
         logits = _head_output(self.model(images), self.key)  # (B, seg_classes, H, W)
         if logits.shape[1] == 1:
             log_odds = logits[:, 0]
@@ -152,6 +154,7 @@ class ReconstructionError(nn.Module):
         self.key = key
 
     def forward(self, images: Tensor, region: Tensor, reference: Tensor) -> Tensor:
+        """images: (B, C, H, W), region: (B, 1, H, W) 0/1, reference: (B, C, H, W) -> (B,) mean squared error"""
         recon = _head_output(self.model(images), self.key)  # (B, C, H, W)
         squared = ((recon - reference) ** 2).mean(dim=1)  # (B, H, W)
         area = region[:, 0].flatten(1).sum(1).clamp_min(1.0)

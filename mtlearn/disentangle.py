@@ -71,6 +71,7 @@ class ResidualUnit(nn.Module):
         self.shortcut = nn.Sequential(pool, project)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, in_channels, H, W) -> (B, out_channels, ceil(H/2), ceil(W/2))"""
         return self.main(x) + self.shortcut(x)
 
 
@@ -103,6 +104,7 @@ class Encoder(nn.Module):
         self.norm = nn.Sequential(nn.BatchNorm2d(widths[-1]), nn.LeakyReLU(negative_slope))
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """x: (B, in_channels, H, W) -> [stage i: (B, widths[i], ceil(H / 2^i), ceil(W / 2^i))]"""
         if x.ndim != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"expected input (B, {self.in_channels}, H, W), got {tuple(x.shape)}")
         stages = [self.stem(x)]
@@ -154,6 +156,7 @@ class Classifier(nn.Module):
             )
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """features: (B, C, h, w) -> logits (B, num_classes)"""
         return self.net(self.pool(features))
 
 
@@ -397,7 +400,9 @@ def _stop_if_not_finite(**losses: torch.Tensor) -> None:
 
 def adversary_step(model: DisentangleNet, optimizer: torch.optim.Optimizer, features_a: torch.Tensor,
                    features_b: torch.Tensor, y_a: torch.Tensor, y_b: torch.Tensor) -> dict[str, float]:
-    """Phase 1: one optimiser step of both adversaries; the encoders are not touched.
+    """The adversary phase (step 2 of train_disentangle's loop): one optimiser step of both adversaries.
+
+    The encoders are not touched.
 
     features_*: (B, C, h, w) encoder features, detached by the caller; y_*: (B,) labels.
     Raises LossNotFiniteError, before the optimiser step, if a loss is NaN or inf.
@@ -432,7 +437,7 @@ def main_step(model: nn.Module, optimizer: torch.optim.Optimizer, features_a: to
               y_a: torch.Tensor, y_b: torch.Tensor, w_adv: float = 0.0, adv_loss: str = "confusion",
               target_a: torch.Tensor | None = None, target_b: torch.Tensor | None = None,
               w_leak: float = 0.0, leakage: tuple[LinearLeakage, LinearLeakage] | None = None) -> dict[str, float]:
-    """Phase 2: one optimiser step of the encoders and task heads.
+    """The main phase (step 3 of train_disentangle's loop): one optimiser step of the encoders and task heads.
 
     loss = CE(head_a) + CE(head_b) + w_adv * [adversarial_term(adv_a) + adversarial_term(adv_b)]
                                     + w_leak * [leak_a(task B in f_a) + leak_b(task A in f_b)]
@@ -918,7 +923,7 @@ def shapes_loaders(config: DisentangleConfig, seed: int = 0) -> dict:
 def shapes_experiment(kind: str, config: DisentangleConfig | None = None, *, seed: int = 0,
                       device: str | torch.device = "auto", progress: bool = True,
                       out_dir: str | Path | None = None, resume: bool = False):
-    """Train MODELS[kind] on the shapes benchmark and measure what the issue asks for.
+    """Train MODELS[kind] on the shapes benchmark; measure seen and unseen accuracy and what probes read.
 
     Returns (model in eval mode, history, metrics) with metrics:
         seen_shape_acc, seen_background_acc: test split (the three seen combinations)

@@ -96,6 +96,8 @@ class NonFiniteWeightsError(RuntimeError):
 
 @dataclass
 class TrainConfig:
+    """The options of `fit`, given as a TrainConfig or as keyword arguments of the same names."""
+
     tasks: Sequence[str] | None = None  # tasks to train; None: the model's `tasks` attribute
     epochs: int = 10  # passes over the training set
     lr: float = 1e-4  # peak learning rate (ResFormer: 1e-4; 7e-5 on ISIC)

@@ -29,6 +29,8 @@ RECON_LOSSES = ("l1", "mse")
 
 @dataclass
 class LossConfig:
+    """Which loss each task trains with (`fit(..., losses=LossConfig(...))`); the defaults suit two-class masks."""
+
     seg: str = "dicece"  # "dicece" (Dice + cross-entropy) or "dicefocal" (Dice + focal: ResFormer, several classes)
     focal_gamma: float = 2.0  # focusing parameter of the focal term (Lin et al. 2017); used by "dicefocal" only
     class_weights: Sequence[float] | None = None  # per-class weights of the classification cross-entropy (None: equal)
@@ -69,6 +71,7 @@ class DiceSoftmaxFocal(nn.Module):
         self.focal = FocalLoss(to_onehot_y=True, gamma=gamma, use_softmax=True)
 
     def forward(self, logits: Tensor, mask: Tensor) -> Tensor:
+        """logits: (B, K, H, W), mask: (B, 1, H, W) class indices -> scalar"""
         return self.dice(logits, mask) + self.focal(logits, mask) * logits.shape[1]
 
 

@@ -69,7 +69,7 @@ from mtlearn.utils import (
 from mtlearn.weighting import check_task_weights
 
 TASKS = ("recon", "seg", "cls")  # the order of the paper: denoising, segmentation, classification
-STRATEGIES = {  # name -> description (the letters of the issue)
+STRATEGIES = {  # name -> description; the letters (a)-(e) label them in notebook 03 and the benchmark
     "frozen": "(a) frozen encoder, task heads only",
     "partial": "(b) partial: last encoder stages fine-tuned",
     "full": "(c) full fine-tuning, one model per task",

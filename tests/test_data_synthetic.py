@@ -75,7 +75,7 @@ def test_benign_is_wider_than_tall_and_malignant_often_taller():
 
 
 # --------------------------------------------------------------------------------------------------
-# The BI-RADS signs that make benign vs malignant learnable (SPEC section 6). Each test measures one
+# The BI-RADS signs that make benign vs malignant learnable (BI-RADS descriptors). Each test measures one
 # sign on the speckle-free `clean` image of the same ~170 lesions (96 px, seed 11, no artifact, which
 # would draw over them) and fails if the generator stops drawing it.
 
