@@ -38,7 +38,7 @@ from mtlearn.checkpoint import (
     set_rng_state,
 )
 from mtlearn.engine import NonFiniteLossError
-from mtlearn.utils import check_options, eval_mode, is_number
+from mtlearn.utils import check_int, check_options, eval_mode, is_int, is_number
 
 # ----------------------------------------------------------------------------------------------
 # parts
@@ -87,9 +87,8 @@ class Encoder(nn.Module):
 
     def __init__(self, in_channels: int = 1, widths: tuple[int, ...] = (8, 16, 32, 64), negative_slope: float = 0.01):
         super().__init__()
-        if not isinstance(in_channels, int) or isinstance(in_channels, bool) or in_channels < 1:
-            raise ValueError(f"in_channels must be a positive int, got {in_channels!r}")
-        if len(widths) < 1 or any(not isinstance(w, int) or isinstance(w, bool) or w < 1 for w in widths):
+        in_channels = check_int("in_channels", in_channels, 1)
+        if len(widths) < 1 or any(not is_int(w) or w < 1 for w in widths):
             raise ValueError(f"widths must be a non-empty sequence of positive ints, got {widths!r}")
         self.in_channels = in_channels
         self.out_channels = widths[-1]
@@ -133,8 +132,7 @@ class Classifier(nn.Module):
     def __init__(self, in_channels: int, num_classes: int, hidden: int = 256, readout: str = "pooled",
                  dropout: float = 0.0, grid: int = 4):
         super().__init__()
-        if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 2:
-            raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
+        num_classes = check_int("num_classes", num_classes, 2)
         if readout not in READOUTS:
             raise ValueError(f"unknown readout {readout!r}; expected one of {READOUTS}")
         if not isinstance(hidden, int) or hidden < 0:
@@ -169,8 +167,7 @@ class _TwoTaskNet(nn.Module):
 
     def _build_heads(self, num_classes_a, num_classes_b, channels, hidden, readout, dropout) -> None:
         for name, value in (("num_classes_a", num_classes_a), ("num_classes_b", num_classes_b)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 2:
-                raise ValueError(f"{name} must be an int >= 2, got {value!r}")
+            check_int(name, value, 2)
         self.head_a = Classifier(channels, num_classes_a, hidden, readout, dropout)
         self.head_b = Classifier(channels, num_classes_b, hidden, readout, dropout)
 
@@ -498,8 +495,7 @@ def _check_training(*, epochs, adv_steps, w_adv, w_leak, adv_loss, adv_target, l
     if adv_target not in ADV_TARGETS:
         raise ValueError(f"unknown adv_target {adv_target!r}; expected one of {ADV_TARGETS}")
     for name, value in (("epochs", epochs), ("adv_steps", adv_steps)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        check_int(name, value, 1)
     for name, value in (("w_adv", w_adv), ("w_leak", w_leak)):
         if not 0 <= value < float("inf"):  # written so that NaN fails too
             raise ValueError(f"{name} must be a finite number >= 0 (a negative weight helps the adversaries; "
@@ -833,11 +829,10 @@ class DisentangleConfig:
                         warmup_epochs=self.warmup_epochs, ramp_epochs=self.ramp_epochs)
         if self.adv_readout not in READOUTS:
             raise ValueError(f"unknown adv_readout {self.adv_readout!r}; expected one of {READOUTS}")
-        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
-            raise ValueError(f"batch_size must be an integer >= 1, got {self.batch_size!r}")
+        check_int("batch_size", self.batch_size, 1)
         for name in ("hidden", "adv_hidden"):  # checked here too, so a bad preset fails before any model is built
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            if not is_int(value) or value < 0:
                 raise ValueError(f"{name} must be an integer >= 0 (0: linear classifier), got {value!r}")
 
     def model_kwargs(self, kind: str) -> dict:

@@ -51,7 +51,7 @@ from mtlearn.checkpoint import (
 )
 from mtlearn.losses import LossConfig, build_losses, check_tasks, task_losses
 from mtlearn.metrics import MetricAccumulator
-from mtlearn.utils import eval_mode, is_distributed, is_main_process, is_number, pick_device, seed_everything
+from mtlearn.utils import check_int, eval_mode, is_distributed, is_main_process, is_number, pick_device, seed_everything
 from mtlearn.weighting import GradNorm, LossWeighting, build_weighting, find_shared_parameters
 
 CHECKPOINT_FORMAT = 1
@@ -312,8 +312,7 @@ def _make_config(config: TrainConfig | None, overrides: Mapping[str, Any]) -> Tr
         if key not in valid:
             raise ValueError(f"unknown fit() option {key!r}; valid options are {sorted(valid)}")
         setattr(config, key, value)
-    if isinstance(config.epochs, bool) or not isinstance(config.epochs, int) or config.epochs < 1:
-        raise ValueError(f"epochs must be an integer >= 1, got {config.epochs!r}")
+    check_int("epochs", config.epochs, 1)
     if not (_is_finite_number(config.lr) and config.lr > 0):  # inf passes `> 0` and trains a NaN model
         raise ValueError(f"lr must be positive and finite (e.g. 1e-4), got {config.lr!r}")
     if not (_is_finite_number(config.weight_decay) and config.weight_decay >= 0):

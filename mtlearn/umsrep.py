@@ -58,9 +58,11 @@ from torch.utils.data import DataLoader, Dataset
 from mtlearn.checkpoint import check_out_dir, check_resume_options, load_checkpoint, save_checkpoint
 from mtlearn.losses import build_losses, check_tasks, task_losses
 from mtlearn.utils import (
+    check_int,
     check_options,
     count_parameters,
     countable_attention,
+    is_int,
     pick_device,
     seed_everything,
     to_jsonable,
@@ -196,8 +198,7 @@ def freeze_encoder(model: nn.Module, trainable_stages: int = 0) -> nn.Module:
       forward pre-hook puts each frozen part back into eval mode before it runs.
     Calling it again replaces the previous choice. Returns `model`.
     """
-    if isinstance(trainable_stages, bool) or not isinstance(trainable_stages, int) \
-            or not 0 <= trainable_stages <= NUM_STAGES:
+    if not is_int(trainable_stages) or not 0 <= trainable_stages <= NUM_STAGES:
         raise ValueError(f"trainable_stages must be an integer from 0 (frozen encoder) to {NUM_STAGES} "
                          f"(full fine-tuning), got {trainable_stages!r}")
     groups = encoder_parts(model)
@@ -442,18 +443,16 @@ class UMSRepConfig:
         if unknown or not self.strategies:
             raise ValueError(f"unknown strategies {unknown}; choose from {tuple(STRATEGIES)}")
         size = self.image_size
-        if isinstance(size, bool) or not isinstance(size, int) or size % 16 or size < 32:
+        if not is_int(size) or size % 16 or size < 32:
             raise ValueError(f"image_size must be an integer multiple of 16, at least 32, got {size!r}")
         for name in ("pretrain_epochs", "finetune_epochs", "joint_epochs", "scratch_epochs", "batch_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+            check_int(name, getattr(self, name), 1)
         if len(set(self.strategies)) != len(self.strategies):
             raise ValueError(f"strategies must not repeat (a repeated one would count its compute twice), got "
                              f"{self.strategies}")
         for name in ("partial_stages", "joint_stages"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= NUM_STAGES:
+            if not is_int(value) or not 0 <= value <= NUM_STAGES:
                 raise ValueError(f"{name} must be an integer in 0..{NUM_STAGES}, got {value!r}")
         _check_acceptance(self.max_compute_share, self.tolerance)
         # checked here, not when (d) starts: by then the representation and (a)-(c) have trained
@@ -461,7 +460,7 @@ class UMSRepConfig:
             check_task_weights(self.joint_task_weights, TASKS, "joint_task_weights (or None)")
         for name in ("num_unlabeled", "num_train", "num_test"):
             value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 2):
+            if value is not None and (not is_int(value) or value < 2):
                 raise ValueError(f"{name} must be None (all) or an integer >= 2, got {value!r}")
 
 
