@@ -177,11 +177,14 @@ def _loader_generators(loader) -> dict[str, torch.Generator]:
 # ----------------------------------------------------------------------------- checks before training
 
 
-def check_out_dir(out_dir: str | os.PathLike, resume: bool, writes: str = "last.pt and best.pt", cli: bool = True) -> None:
+def check_out_dir(out_dir: str | os.PathLike, resume: bool, writes: str = "last.pt and best.pt", cli: bool = True,
+                  also_kept: Sequence[str] = ("best.pt",)) -> None:
     """Refuse, before any training, an out_dir that cannot hold checkpoints or would lose a finished run.
 
     writes: the checkpoints the caller writes there; cli: name the command line's flags too (fit's
-    run through python -m mtlearn.train; train_disentangle has no command line).
+    run through python -m mtlearn.train; train_disentangle has no command line); also_kept: the
+    other files a new run would overwrite, refused too when last.pt is gone (e.g. deleted to save
+    space while best.pt was kept).
     """
     out_dir = Path(out_dir)
     existing = next((p for p in (out_dir, *out_dir.parents) if p.exists()), None)
@@ -199,6 +202,11 @@ def check_out_dir(out_dir: str | os.PathLike, resume: bool, writes: str = "last.
         raise ValueError(f"out_dir {out_dir} already holds a run (last.pt{done}): for a new run choose another "
                          f"out_dir{' (CLI: --out-dir)' if cli else ''} or delete this one; to continue that run "
                          f"pass resume=True{' (CLI: --resume)' if cli else ''}")
+    kept = [name for name in also_kept if (out_dir / name).is_file()]
+    if not resume and not last.is_file() and kept:
+        raise ValueError(f"out_dir {out_dir} already holds {' and '.join(kept)} of an earlier run (without its "
+                         f"last.pt), which a new run would overwrite: choose another out_dir"
+                         f"{' (CLI: --out-dir)' if cli else ''} or move {' and '.join(kept)} away first")
 
 
 def check_resume_options(path: str | os.PathLike, saved: Mapping, current: Mapping, names: Sequence[str]) -> None:

@@ -611,7 +611,7 @@ def train_disentangle(
     if resume and checkpoint is None:
         raise ValueError("resume=True needs out_dir (the folder holding last.pt)")
     if checkpoint is not None:
-        check_out_dir(Path(out_dir), resume, writes="last.pt", cli=False)
+        check_out_dir(Path(out_dir), resume, writes="last.pt", cli=False, also_kept=())
         if resume and checkpoint.is_file():
             history, step, start = _load_game(checkpoint, game, options, train_loader)
     bar = tqdm(range(start, epochs), initial=start, total=epochs, desc=f"train {type(model).__name__}",

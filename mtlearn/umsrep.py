@@ -613,7 +613,8 @@ def train_and_measure(model: nn.Module, strategy: str, train: Dataset, test: Dat
         out_dir = Path(out_dir)
         options = {**_run_options(config), "strategy": strategy, "tasks": list(tasks), "epochs": epochs,
                    "task_weights": to_jsonable(dict(task_weights)) if task_weights else None}
-        check_out_dir(out_dir, resume, writes="options.json, last.pt and result.pt", cli=False)
+        check_out_dir(out_dir, resume, writes="options.json, last.pt and result.pt", cli=False,
+                      also_kept=("result.pt",))
         if resume and (out_dir / "options.json").is_file():
             saved = json.loads((out_dir / "options.json").read_text())
             check_resume_options(out_dir / "options.json", saved, options, list(options))

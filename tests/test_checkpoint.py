@@ -148,6 +148,19 @@ def test_an_out_dir_holding_a_run_is_refused_without_resume(tmp_path):
     check_out_dir(tmp_path / "new", resume=False)  # so is a folder without a run
 
 
+def test_a_best_checkpoint_kept_without_its_last_pt_is_not_overwritten(tmp_path):
+    save_checkpoint({"epoch": 7}, tmp_path / "best.pt")  # last.pt deleted to save space, the best weights kept
+    with pytest.raises(ValueError, match=re.escape(
+            f"out_dir {tmp_path} already holds best.pt of an earlier run (without its last.pt), which a new run "
+            "would overwrite: choose another out_dir (CLI: --out-dir) or move best.pt away first")):
+        check_out_dir(tmp_path, resume=False)
+    check_out_dir(tmp_path, resume=True)  # continuing the run in that folder (it starts over without last.pt)
+    check_out_dir(tmp_path, resume=False, also_kept=())  # a caller that writes no best.pt
+    with pytest.raises(ValueError, match=r"already holds result.pt .* or move result.pt away first$"):
+        save_checkpoint({"record": {}}, tmp_path / "result.pt")
+        check_out_dir(tmp_path, resume=False, cli=False, also_kept=("result.pt",))
+
+
 def test_an_out_dir_below_a_file_is_refused(tmp_path):
     (tmp_path / "notes.txt").write_text("")
     with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'notes.txt'} is a file. Choose another out_dir "

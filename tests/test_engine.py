@@ -497,6 +497,10 @@ def test_out_dir_holding_a_run_is_refused_without_resume(tmp_path):
         _fit(model, train, val, epochs=2, out_dir=tmp_path)
     assert model.calls == 0  # refused before the first step
     assert {name: (tmp_path / name).read_bytes() for name in before} == before  # the old run is intact
+    (tmp_path / "last.pt").unlink()  # deleted to save space; the best weights are what was worth keeping
+    with pytest.raises(ValueError, match=r"already holds best.pt of an earlier run \(without its last.pt\)"):
+        _fit(model, train, val, epochs=2, out_dir=tmp_path)
+    assert model.calls == 0 and (tmp_path / "best.pt").read_bytes() == before["best.pt"]
 
 
 @pytest.mark.parametrize("below", [False, True])
