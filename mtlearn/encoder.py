@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from mtlearn.blocks import PatchEmbed, ResFormerStage
-from mtlearn.utils import check_size
+from mtlearn.utils import check_bool, check_size
 
 STRIDE = 16  # the deepest feature map is H/16 x W/16: inputs must be divisible by this
 
@@ -41,6 +41,8 @@ class ResFormerConfig:
 
     def __post_init__(self):
         self.image_size = check_size(self.image_size)
+        for name in ("qkv_bias", "use_attention"):
+            setattr(self, name, check_bool(name, getattr(self, name)))
         for name in ("widths", "cnn_depths", "attn_depths", "num_heads"):
             setattr(self, name, tuple(getattr(self, name)))
         if not isinstance(self.in_channels, int) or self.in_channels < 1:

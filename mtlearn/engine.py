@@ -51,7 +51,7 @@ from mtlearn.checkpoint import (
 )
 from mtlearn.losses import LossConfig, build_losses, check_tasks, task_losses
 from mtlearn.metrics import MetricAccumulator
-from mtlearn.utils import check_int, eval_mode, is_distributed, is_main_process, is_number, pick_device, seed_everything
+from mtlearn.utils import check_bool, check_int, eval_mode, is_distributed, is_main_process, is_number, pick_device, seed_everything
 from mtlearn.weighting import GradNorm, LossWeighting, build_weighting, find_shared_parameters
 
 CHECKPOINT_FORMAT = 1
@@ -306,6 +306,9 @@ def _average_gradients(parameters: Sequence[nn.Parameter]) -> None:
 
 
 def _make_config(config: TrainConfig | None, overrides: Mapping[str, Any]) -> TrainConfig:
+    if config is not None and not isinstance(config, TrainConfig):
+        raise TypeError(f"config must be a TrainConfig, got a {type(config).__name__}; pass options as keyword "
+                        "arguments (fit(model, loader, epochs=5)) or build one (TrainConfig(epochs=5))")
     config = copy.deepcopy(config) if config is not None else TrainConfig()
     valid = {f.name for f in dataclasses.fields(TrainConfig)}
     for key, value in overrides.items():
@@ -317,8 +320,22 @@ def _make_config(config: TrainConfig | None, overrides: Mapping[str, Any]) -> Tr
         raise ValueError(f"lr must be positive and finite (e.g. 1e-4), got {config.lr!r}")
     if not (_is_finite_number(config.weight_decay) and config.weight_decay >= 0):
         raise ValueError(f"weight_decay must be >= 0 and finite (0: no decay), got {config.weight_decay!r}")
-    if config.grad_clip is not None and not config.grad_clip > 0:
-        raise ValueError(f"grad_clip must be positive or None, got {config.grad_clip!r}")
+    if config.grad_clip is not None and not (_is_finite_number(config.grad_clip) and config.grad_clip > 0):
+        raise ValueError(f"grad_clip must be a positive number or None, got {config.grad_clip!r}")
+    if not (_is_finite_number(config.poly_power) and config.poly_power >= 0):  # < 0 divides by 0 at the last step
+        raise ValueError(f"poly_power must be a number >= 0 (0.9 as published; 0: constant lr), got "
+                         f"{config.poly_power!r}")
+    betas = config.betas
+    if (not isinstance(betas, Sequence) or isinstance(betas, str) or len(betas) != 2
+            or not all(_is_finite_number(b) and 0 <= b < 1 for b in betas)):
+        raise ValueError(f"betas must be a pair of numbers in [0, 1), e.g. (0.9, 0.999), got {betas!r}")
+    if config.task_weights is not None and not isinstance(config.task_weights, Mapping):
+        raise ValueError(f"task_weights must map task names to weights, e.g. {{'seg': 1, 'cls': 0.25}}, got "
+                         f"{config.task_weights!r}")
+    for name in ("compile", "resume", "restore_best", "progress"):
+        check_bool(name, getattr(config, name))
+    if config.channels_last is not None:
+        check_bool("channels_last (or None: on CUDA only)", config.channels_last)
     if config.resume and config.out_dir is None:
         raise ValueError("resume=True needs out_dir (the folder holding last.pt)")
     if config.compile and (config.weighting == "gradnorm" or isinstance(config.weighting, GradNorm)):

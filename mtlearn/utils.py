@@ -193,6 +193,18 @@ def check_int(name: str, value, minimum: int) -> int:
     return int(value)
 
 
+def check_bool(name: str, value) -> bool:
+    """`value` if it is True or False, else a ValueError naming `name`.
+
+    A switch set from a config file, a notebook parameter or the command line can arrive as the
+    string "False", which Python reads as true: without this check the run silently does the opposite.
+    """
+    if not isinstance(value, (bool, np.bool_)):
+        hint = "; pass it unquoted" if isinstance(value, str) else ""
+        raise ValueError(f"{name} must be True or False, got {value!r}{hint}")
+    return bool(value)
+
+
 def check_size(image_size, minimum: int = 1) -> tuple[int, int]:
     """128 -> (128, 128); (96, 160) -> (96, 160); anything else -> ValueError naming the fix.
 

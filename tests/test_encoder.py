@@ -50,6 +50,8 @@ BAD_CONFIGS = [
     ("drop path 1", dict(drop_path=1.0), "drop_path"),
     ("window 0", dict(window_size=0), "window_size"),
     ("mlp ratio 0", dict(mlp_ratio=0), "mlp_ratio"),
+    ("switch as a string", dict(use_attention="False"), "use_attention must be True or False, got 'False'"),
+    ("bias switch as a number", dict(qkv_bias=2), "qkv_bias must be True or False"),
 ]
 
 

@@ -461,10 +461,24 @@ def test_progress_bar_only_when_asked(capsys):
     (dict(grad_clip=-1.0), "grad_clip"),
     (dict(weighting="gradnorm", compile=True), "'gradnorm' cannot train with compile=True"),  # double backward
     (dict(monitor="seg/dcie"), "monitor 'seg/dcie' is not a validation metric; choose one of .*'seg/dice'"),
+    (dict(grad_clip="1"), "grad_clip must be a positive number or None, got '1'"),  # raw TypeError before
+    (dict(poly_power=-1.0), "poly_power must be a number >= 0"),  # trained the whole run, then divided by 0
+    (dict(poly_power="0.9"), "poly_power must be a number >= 0"),
+    (dict(betas=(0.9,)), r"betas must be a pair of numbers in \[0, 1\)"),  # IndexError inside Adam before
+    (dict(betas=(0.9, 1.5)), r"betas must be a pair of numbers in \[0, 1\)"),
+    (dict(task_weights=[1, 0.25]), "task_weights must map task names to weights"),
+    (dict(restore_best="no"), "restore_best must be True or False, got 'no'; pass it unquoted"),  # "no" is truthy
+    (dict(progress="false"), "progress must be True or False"),
+    (dict(channels_last="yes"), r"channels_last \(or None: on CUDA only\) must be True or False"),
 ])
 def test_bad_fit_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         _fit(ToyNet(), *_loaders(), **kwargs)
+
+
+def test_a_config_that_is_not_a_train_config_is_named():
+    with pytest.raises(TypeError, match=r"config must be a TrainConfig, got a dict; pass options as keyword"):
+        _fit(ToyNet(), *_loaders(), config={"epochs": 1})
 
 
 def test_batch_missing_a_target_is_named():
