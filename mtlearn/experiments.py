@@ -93,7 +93,7 @@ def grid(notebooks: list[Path], parameters: dict[str, list[Any]], seeds: list[in
                              f"give at least one, e.g. {{{name!r}: [value]}}")
     names = sorted(parameters)
     for nb in notebooks:
-        _check_parameters(Path(nb), names)
+        _check_parameters(Path(nb), parameters)
     specs = []
     for nb in notebooks:
         for values in itertools.product(*(parameters[n] for n in names)):
@@ -103,18 +103,36 @@ def grid(notebooks: list[Path], parameters: dict[str, list[Any]], seeds: list[in
     return specs
 
 
-def _check_parameters(notebook: Path, names: list[str]) -> None:
-    """Raise ValueError if `notebook`'s parameters cell lacks one of `names`.
+def _check_parameters(notebook: Path, parameters: dict[str, list[Any]]) -> None:
+    """Raise ValueError if `notebook`'s parameters cell lacks a swept name, or a value has the wrong kind.
 
     Why: papermill only logs a warning for an unknown parameter and runs the notebook with its
-    defaults, so a misspelt name would give a grid of identical runs with different labels.
+    defaults, so a misspelt name would give a grid of identical runs with different labels. And a
+    string where the notebook has a list ("pcgrad" for ["pcgrad"]) would fail in every run, after
+    the first had already started; a number or a switch given as text, too.
     """
     import papermill
 
     known = papermill.inspect_notebook(str(notebook))
-    unknown = [name for name in names if name not in known]
+    unknown = [name for name in parameters if name not in known]
     if unknown:
         raise ValueError(f"{notebook.stem} has no parameter {unknown}; its parameters: {sorted(known)}")
+    for name, values in parameters.items():
+        try:
+            default = ast.literal_eval(known[name]["default"])
+        except (ValueError, SyntaxError):
+            continue  # an expression, not a literal: nothing to compare with
+        kinds = {list: (list, tuple), tuple: (list, tuple), bool: (bool,), int: (int, float), float: (int, float)}
+        expected = kinds.get(type(default))  # None (None, a string): anything goes
+        if expected is None:
+            continue
+        # True is an int to isinstance: a switch and a number must not stand in for each other
+        wrong = [v for v in values if not isinstance(v, expected) or isinstance(v, bool) != (type(default) is bool)]
+        if wrong:
+            kind = {list: "a list", tuple: "a tuple", bool: "True or False"}.get(type(default), "a number")
+            example = {list: "['a'],['b']", tuple: "(64,64),(96,96)", bool: "True,False"}.get(type(default), "1,2")
+            raise ValueError(f"{notebook.stem}'s parameter {name!r} takes {kind} (its default: {default!r}); "
+                             f"{wrong[0]!r} is not. Give one such value per run, e.g. --set \"{name}={example}\"")
 
 
 def run_grid(specs: list[RunSpec], out_root: str | Path, *, progress: bool = True) -> pd.DataFrame:
@@ -208,6 +226,9 @@ def _parse_set(text: str) -> tuple[str, list[Any]]:
         try:
             return ast.literal_eval(v)
         except (ValueError, SyntaxError):
+            if v.strip()[:1] in "([{'\"":  # meant as a literal (a tuple, a list, a quoted string) but malformed
+                raise argparse.ArgumentTypeError(f"--set {text!r}: {v!r} is not a valid Python literal; check its "
+                                                 "brackets, and quote the strings inside (['fixed'], not [fixed])") from None
             return v
 
     return name.strip(), [literal(v) for v in values.split(",")]
