@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import copy
 import inspect
+import math
+import numbers
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -200,6 +202,14 @@ class Explainer:
     """
 
     def __init__(self, model: nn.Module, layer: str | nn.Module | None = None, keys: Mapping[str, str] | None = None):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"Explainer expects the model, an nn.Module, got {type(model).__name__}; for saved "
+                            "weights build the model and load_state_dict first: model = mtlearn.build_model(...); "
+                            "model.load_state_dict(state)")
+        unknown = sorted(set(keys or {}) - set(HEADS))
+        if unknown:
+            raise ValueError(f"keys name unknown head(s) {unknown}; the heads are {HEADS}, "
+                             "e.g. keys={'cls': 'logits_a'} (head: the model output it reads)")
         if isinstance(layer, nn.Module):
             names = {module: name for name, module in model.named_modules()}
             if layer not in names:
@@ -243,7 +253,7 @@ class Explainer:
                 self._num_classes = logits.shape[1]
                 if target is None:
                     target = logits.argmax(1)
-            target = torch.as_tensor(target, device=self.device).long().flatten()
+            target = _class_indices(target, B).to(self.device).flatten()
             if target.numel() == 1:
                 target = target.expand(B)
             if target.shape != (B,):
@@ -324,6 +334,7 @@ class Explainer:
         """
         from captum.attr import IntegratedGradients
 
+        _check_count("n_steps", n_steps)
         return IntegratedGradients(forward).attribute(
             images, baselines=_baseline(images, baseline), additional_forward_args=args, n_steps=n_steps,
             internal_batch_size=internal_batch_size)
@@ -343,6 +354,10 @@ class Explainer:
         """
         from captum.attr import Saliency
 
+        _check_count("nt_samples", nt_samples)
+        if isinstance(stdev, bool) or not isinstance(stdev, numbers.Real) or not math.isfinite(stdev) or stdev <= 0:
+            raise ValueError(f"stdev must be a number > 0 (a fraction of the image's value range, e.g. 0.15), "
+                             f"got {stdev!r}")
         value_range = (images.amax(dim=(1, 2, 3)) - images.amin(dim=(1, 2, 3))).clamp_min(1e-6)  # (B,)
         sigma = (stdev * value_range).detach().view(-1, 1, 1, 1)
         saliency = Saliency(forward)
@@ -378,12 +393,39 @@ class Explainer:
         from captum.attr import Occlusion
 
         C, H, W = images.shape[1:]
-        window = window or max(2, min(H, W) // 8)
-        stride = stride or window
+        window = (max(2, min(H, W) // 8) if window is None
+                  else _check_count("window", window, min(H, W), " (the image side; None: 1/8 of it)"))
+        stride = window if stride is None else _check_count("stride", stride, window, " (the window; None: the window)")
+        _check_count("perturbations_per_eval", perturbations_per_eval)
         return Occlusion(forward).attribute(
             images, sliding_window_shapes=(C, window, window), strides=(C, stride, stride),
             baselines=_baseline(images, baseline), additional_forward_args=args,
             perturbations_per_eval=perturbations_per_eval)
+
+
+def _check_count(name: str, value, most: int | None = None, hint: str = "") -> int:
+    """`value` if it is an int >= 1 (and <= `most`), else a ValueError naming the option and the range."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1 or (
+            most is not None and value > most):
+        expected = "an int >= 1" if most is None else f"an int in 1..{most}"
+        raise ValueError(f"{name} must be {expected}{hint}, got {value!r}")
+    return int(value)
+
+
+def _class_indices(target, batch: int) -> Tensor:
+    """A cls target as a long tensor; anything but integer class indices is a TypeError saying what to pass."""
+    expected = f"a class index (int), {batch} class indices or None (the predicted class)"
+    if isinstance(target, str):
+        raise TypeError(f"cls target must be {expected}, got the name {target!r}; pass its index, "
+                        f"e.g. class_names.index({target!r})")
+    try:
+        indices = torch.as_tensor(target)
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"cls target must be {expected}, got {target!r}") from None
+    if indices.is_floating_point() or indices.is_complex() or indices.dtype == torch.bool:
+        raise TypeError(f"cls target must be {expected}, got {indices.dtype} values {indices.flatten().tolist()}; "
+                        "class indices are whole numbers (labels stored as floats: .long())")
+    return indices.long()
 
 
 def _baseline(images: Tensor, baseline: str | float) -> Tensor | float:

@@ -62,6 +62,10 @@ def extract_features(
             features = encoder_or_fn(batch["image"].to(device))
             if isinstance(features, (list, tuple)):  # an encoder that returns every stage: keep the last
                 features = features[-1]
+            if not isinstance(features, torch.Tensor):
+                got = f"a dict with keys {sorted(features)}" if isinstance(features, dict) else type(features).__name__
+                raise TypeError(f"the probe needs a module that returns a feature tensor (B, C, ...), e.g. "
+                                f"model.encoder_a (not the whole model), or a function that picks one; got {got}")
             if features.ndim == 4:
                 features = features.mean(dim=(2, 3))  # (B, C, h, w) -> (B, C)
             elif features.ndim != 2:
@@ -128,6 +132,10 @@ def cross_validated_probe(features: np.ndarray, y: np.ndarray, folds: int = 5, s
     """linear_probe averaged over stratified K folds of one set (features (N, D), y (N,))."""
     from sklearn.model_selection import StratifiedKFold
 
+    features, y = np.asarray(features), np.asarray(y)
+    if features.ndim != 2 or y.ndim != 1 or len(features) != len(y):
+        raise ValueError(f"expected features (N, D) and labels (N,) with the same N, got features {features.shape} "
+                         f"and labels {y.shape}")
     splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
     scores = [linear_probe(features[tr], y[tr], features[te], y[te]) for tr, te in splitter.split(features, y)]
     return {k: float(np.mean([s[k] for s in scores])) for k in scores[0]}

@@ -8,6 +8,7 @@ import copy
 import math
 
 import matplotlib.pyplot as plt
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -450,6 +451,17 @@ BAD = [
     (dict(target=7), r"class indices in 0\.\.2, got \[7, 7\]"),
     (dict(head="seg", target=torch.ones(2, 1, 8, 8)), "seg target must be a region"),
     (dict(head="recon", reference=torch.ones(1, 1, SIZE, SIZE)), "reference must have"),
+    # method options that Captum would assert on, or that gave NaN maps / were silently replaced
+    (dict(method="ig", n_steps=0), "n_steps must be an int >= 1, got 0"),
+    (dict(method="smoothgrad", nt_samples=0), "nt_samples must be an int >= 1, got 0"),
+    (dict(method="smoothgrad", nt_samples=2.5), "nt_samples must be an int"),
+    (dict(method="smoothgrad", stdev=-1), "stdev must be a number > 0"),
+    (dict(method="smoothgrad", stdev=float("nan")), "stdev must be a number > 0"),
+    (dict(method="occlusion", window=64), r"window must be an int in 1\.\.32 \(the image side"),
+    (dict(method="occlusion", window=0), r"window must be an int in 1\.\.32 .*got 0"),
+    (dict(method="occlusion", window=8, stride=0), r"stride must be an int in 1\.\.8"),
+    (dict(method="occlusion", window=8, stride=16), r"stride must be an int in 1\.\.8"),
+    (dict(method="occlusion", perturbations_per_eval=0), "perturbations_per_eval must be an int >= 1"),
 ]
 
 
@@ -458,6 +470,43 @@ def test_bad_arguments_are_named(explainer, images, kwargs, message):
     kwargs = {"method": "saliency"} | kwargs
     with pytest.raises(ValueError, match=message):
         explainer.attribute(images, **kwargs)
+
+
+BAD_TARGET_TYPES = [
+    ("malignant", r"class index \(int\), 2 class indices or None.*class_names\.index\('malignant'\)"),
+    (["benign", "normal"], r"class index \(int\), 2 class indices or None"),
+    (1.5, "whole numbers"),
+    (torch.tensor([0.0, 1.0]), "whole numbers"),
+]
+
+
+@pytest.mark.parametrize("target, message", BAD_TARGET_TYPES)
+def test_bad_cls_target_types_are_named(explainer, images, target, message):
+    with pytest.raises(TypeError, match=message):
+        explainer.attribute(images, "cls", target, method="saliency")
+
+
+BAD_EXPLAINERS = [
+    (lambda m: A.Explainer(m.state_dict()), TypeError, r"nn\.Module, got OrderedDict.*load_state_dict"),
+    (lambda m: A.Explainer(None), TypeError, r"nn\.Module, got NoneType"),
+    (lambda m: A.attribute(m.state_dict(), torch.zeros(1, 1, SIZE, SIZE)), TypeError, "load_state_dict"),
+    (lambda m: A.Explainer(m, keys={"classification": "cls"}), ValueError,
+     r"unknown head\(s\) \['classification'\]; the heads are \('cls', 'seg', 'recon'\)"),
+]
+
+
+@pytest.mark.parametrize("make, error, message", BAD_EXPLAINERS,
+                         ids=["state_dict", "None", "attribute(state_dict)", "unknown keys"])
+def test_bad_explainer_arguments_are_named(model, make, error, message):
+    with pytest.raises(error, match=message):
+        make(model)
+
+
+def test_default_options_still_accepted(explainer, images):
+    """None keeps meaning "the default" for occlusion's window and stride; numpy ints count as ints."""
+    assert explainer.attribute(images, method="occlusion", window=None, stride=None).shape == (2, 1, SIZE, SIZE)
+    maps = explainer.attribute(images, target=np.array([0, 1]), method="occlusion", window=np.int64(SIZE))
+    assert maps.shape == (2, 1, SIZE, SIZE)
 
 
 def test_bad_inputs_are_named(model, explainer, images):

@@ -129,6 +129,12 @@ def test_linear_probe_bad_arguments(args, match):
         linear_probe(*args)
 
 
+def test_cross_validated_probe_names_a_length_mismatch():
+    features, coded, _ = synthetic_features(n=20)
+    with pytest.raises(ValueError, match=r"same N, got features \(20, 16\) and labels \(15,\)"):
+        cross_validated_probe(features, coded[:15])
+
+
 class TinyData(Dataset):
     """Images whose mean encodes "coded"; "noise" is unrelated to the image."""
 
@@ -218,6 +224,27 @@ def test_probe_matrix_rows_encoders_columns_labels():
     assert cross_validated.loc["mean", "coded"] > 0.9
     with pytest.raises(ValueError, match="encoders is empty"):
         probe_matrix({}, train)
+
+
+class WholeModel(nn.Module):
+    """Stands in for a DisentangleNet passed where an encoder is expected: its forward returns a dict."""
+
+    def __init__(self):
+        super().__init__()
+        self.encoder_a = nn.Conv2d(1, 4, 3, padding=1)
+
+    def forward(self, x):
+        features = self.encoder_a(x)
+        return {"logits_a": features.mean(dim=(2, 3)), "features_a": features}
+
+
+def test_probe_matrix_names_a_model_that_returns_a_dict():
+    train = DataLoader(TinyData(16), batch_size=8)
+    with pytest.raises(TypeError, match=r"feature tensor \(B, C, \.\.\.\), e\.g\. model\.encoder_a.*"
+                                        r"got a dict with keys \['features_a', 'logits_a'\]"):
+        probe_matrix({"a": WholeModel()}, train, label_keys=("coded",), device="cpu")
+    table = probe_matrix({"a": WholeModel().encoder_a}, train, label_keys=("coded",), device="cpu", folds=2)
+    assert table.shape == (1, 1)  # the encoder itself is what the probe takes
 
 
 @pytest.mark.parametrize("method", ["pca", "tsne"])
