@@ -21,6 +21,7 @@ Learning with application to Fetal Ultrasound", MICCAI PIPPI/SUSI 2019, arXiv 19
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -28,6 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import Dataset
 
 from mtlearn.checkpoint import (
     check_out_dir,
@@ -483,10 +485,11 @@ def main_step(model: nn.Module, optimizer: torch.optim.Optimizer, features_a: to
     return record
 
 
-def _check_training(*, epochs, adv_steps, w_adv, w_leak, adv_loss, adv_target, lr, betas, warmup_epochs,
-                    ramp_epochs) -> None:
+def _check_training(*, epochs, adv_steps, w_adv, w_leak, adv_loss, adv_target, lr, betas, weight_decay, adv_lr,
+                    adv_momentum, warmup_epochs, ramp_epochs) -> None:
     """The options train_disentangle and DisentangleConfig share, checked in one place."""
-    for name, value in (("lr", lr), ("w_adv", w_adv), ("w_leak", w_leak), ("warmup_epochs", warmup_epochs),
+    for name, value in (("lr", lr), ("w_adv", w_adv), ("w_leak", w_leak), ("weight_decay", weight_decay),
+                        ("adv_lr", adv_lr), ("adv_momentum", adv_momentum), ("warmup_epochs", warmup_epochs),
                         ("ramp_epochs", ramp_epochs)):
         if not is_number(value):  # "1e-3" from a config file or a widget would fail later in Adam or a comparison
             raise ValueError(f"{name} must be a number, got {value!r}; pass it unquoted")
@@ -500,8 +503,14 @@ def _check_training(*, epochs, adv_steps, w_adv, w_leak, adv_loss, adv_target, l
         if not 0 <= value < float("inf"):  # written so that NaN fails too
             raise ValueError(f"{name} must be a finite number >= 0 (a negative weight helps the adversaries; "
                              f"0 turns the term off), got {value!r}")
-    if not (0 < lr < float("inf")):
-        raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
+    for name, value in (("lr", lr), ("adv_lr", adv_lr)):
+        if not (0 < value < float("inf")):
+            raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    if not (0 <= weight_decay < float("inf")):
+        raise ValueError(f"weight_decay must be a finite number >= 0 (0: none), got {weight_decay!r}")
+    if not (0 <= adv_momentum < 1):
+        raise ValueError(f"adv_momentum must be a number in [0, 1) (the adversaries' SGD momentum; 0: none), "
+                         f"got {adv_momentum!r}")
     if (not isinstance(betas, (tuple, list)) or len(betas) != 2
             or not all(is_number(b) and 0 <= b < 1 for b in betas)):
         raise ValueError(f"betas must be a pair of numbers in [0, 1) (Adam's beta1, beta2), e.g. (0.0, 0.9); "
@@ -509,6 +518,39 @@ def _check_training(*, epochs, adv_steps, w_adv, w_leak, adv_loss, adv_target, l
     for name, value in (("warmup_epochs", warmup_epochs), ("ramp_epochs", ramp_epochs)):
         if not (0 <= value < float("inf")):
             raise ValueError(f"{name} must be a finite number >= 0 (0: none), got {value!r}")
+
+
+def _not_a_two_task_model(model) -> TypeError:
+    """The error for a model without encode(), classify() and the two-task outputs (e.g. mtlearn.build_model's)."""
+    return TypeError(f"model must be one of MODELS {tuple(MODELS)} (DisentangleNet, SharedEncoderNet, "
+                     f"TwoEncoderNet), got a {type(model).__name__}; build one with "
+                     "mtlearn.disentangle.build_model(kind, config)")
+
+
+def _check_loader(name: str, loader, wrap: str) -> None:
+    """A Dataset would yield single unbatched items (int labels): refuse it, as mtlearn.engine.fit does."""
+    if isinstance(loader, Dataset):
+        raise TypeError(f"{name} is a Dataset ({type(loader).__name__}), not a DataLoader; wrap it: {wrap}")
+
+
+def _check_batch(batch, task_keys: tuple[str, str]) -> None:
+    """A batch must be a dict with "image" and both task labels as batched tensors; else say which and why."""
+    if not isinstance(batch, Mapping):
+        raise TypeError(f"every batch must be a dict with 'image' and the task labels {tuple(task_keys)}; got a "
+                        f"{type(batch).__name__}. Make the dataset's __getitem__ return such a dict (a "
+                        "TensorDataset yields tuples)")
+    if "image" not in batch:
+        raise ValueError(f"every batch needs an 'image' entry (the model input); got keys {sorted(batch)}")
+    missing = [key for key in task_keys if key not in batch]
+    if missing:
+        names = ", ".join(map(repr, missing))
+        raise ValueError(f"task_keys {tuple(task_keys)}: the batches have no {names}; they hold {sorted(batch)}, "
+                         "pass two of these as task_keys")
+    for key in ("image", *task_keys):
+        if not isinstance(batch[key], torch.Tensor):  # e.g. a list of items: single images, int labels
+            raise TypeError(f"batch[{key!r}] is not a tensor (got {type(batch[key]).__name__}): the loader yields "
+                            "single items, not batches; wrap the data in a DataLoader, e.g. "
+                            "torch.utils.data.DataLoader(data, batch_size=50, shuffle=True)")
 
 
 def adversary_weight(step: int, w_adv: float, warmup_steps: int = 0, ramp_steps: int = 0) -> float:
@@ -580,7 +622,12 @@ def train_disentangle(
     from mtlearn.utils import pick_device, seed_everything
 
     _check_training(epochs=epochs, adv_steps=adv_steps, w_adv=w_adv, w_leak=w_leak, adv_loss=adv_loss,
-                    adv_target=adv_target, lr=lr, betas=betas, warmup_epochs=warmup_epochs, ramp_epochs=ramp_epochs)
+                    adv_target=adv_target, lr=lr, betas=betas, weight_decay=weight_decay, adv_lr=adv_lr,
+                    adv_momentum=adv_momentum, warmup_epochs=warmup_epochs, ramp_epochs=ramp_epochs)
+    if not isinstance(model, _TwoTaskNet):
+        raise _not_a_two_task_model(model)
+    _check_loader("train_loader", train_loader, "torch.utils.data.DataLoader(dataset, batch_size=50, shuffle=True)")
+    _check_loader("val_loader", val_loader, "torch.utils.data.DataLoader(dataset, batch_size=100)")
     seed_everything(seed)
     device = pick_device(device)
     model.to(device)
@@ -622,6 +669,7 @@ def train_disentangle(
             sums: dict[str, float] = {}
             counts: dict[str, int] = {}
             for index, batch in enumerate(train_loader, 1):
+                _check_batch(batch, task_keys)
                 x = batch["image"].to(device)
                 y_a, y_b = batch[key_a].to(device), batch[key_b].to(device)
                 w = adversary_weight(step, w_adv, warmup_steps, ramp_steps) if adversarial else 0.0
@@ -747,6 +795,7 @@ def evaluate_disentangle(model: nn.Module, loader, *, task_keys: tuple[str, str]
     """
     from mtlearn.utils import pick_device
 
+    _check_loader("loader", loader, "torch.utils.data.DataLoader(dataset, batch_size=100)")
     device = pick_device(device)
     key_a, key_b = task_keys
     outputs = (("acc_a", "logits_a", key_a), ("acc_b", "logits_b", key_b),
@@ -755,7 +804,10 @@ def evaluate_disentangle(model: nn.Module, loader, *, task_keys: tuple[str, str]
     total = 0
     with eval_mode(model.to(device)):
         for batch in loader:
+            _check_batch(batch, task_keys)
             out = model(batch["image"].to(device))
+            if not (isinstance(out, Mapping) and {"logits_a", "logits_b"} <= set(out)):  # else it would score nothing
+                raise _not_a_two_task_model(model)
             for name, out_key, label_key in outputs:
                 if out_key in out:
                     hits = (out[out_key].argmax(1) == batch[label_key].to(device)).sum().item()
@@ -826,6 +878,7 @@ class DisentangleConfig:
     def __post_init__(self):
         _check_training(epochs=self.epochs, adv_steps=self.adv_steps, w_adv=self.w_adv, w_leak=self.w_leak,
                         adv_loss=self.adv_loss, adv_target=self.adv_target, lr=self.lr, betas=self.betas,
+                        weight_decay=self.weight_decay, adv_lr=self.adv_lr, adv_momentum=self.adv_momentum,
                         warmup_epochs=self.warmup_epochs, ramp_epochs=self.ramp_epochs)
         if self.adv_readout not in READOUTS:
             raise ValueError(f"unknown adv_readout {self.adv_readout!r}; expected one of {READOUTS}")
@@ -870,12 +923,27 @@ def disentangle_config(profile: str = "course", **overrides) -> DisentangleConfi
     return replace(PRESETS[profile], **overrides)
 
 
+def _config_or_course(config) -> DisentangleConfig:
+    """`config`, or the "course" preset for None; a profile name or anything else -> TypeError naming the fix."""
+    if config is None:
+        return PRESETS["course"]
+    if not isinstance(config, DisentangleConfig):
+        example = repr(config) if isinstance(config, str) and config in PRESETS else "'smoke'"
+        raise TypeError(f"config must be a DisentangleConfig or None (the course preset), got "
+                        f"{type(config).__name__} {config!r}; pass disentangle_config({example}) "
+                        f"(profiles: {tuple(PRESETS)})")
+    return config
+
+
 def build_model(kind: str, config: DisentangleConfig | None = None, in_channels: int = 1,
                 num_classes_a: int = 2, num_classes_b: int = 2) -> nn.Module:
-    """MODELS[kind] ("disentangle" | "shared" | "two_encoder") with the config's architecture."""
+    """MODELS[kind] ("disentangle" | "shared" | "two_encoder") with the config's architecture.
+
+    config: a DisentangleConfig, e.g. disentangle_config("smoke"); None: the "course" preset.
+    """
     if kind not in MODELS:
         raise ValueError(f"unknown model kind {kind!r}; expected one of {tuple(MODELS)}")
-    config = config or PRESETS["course"]
+    config = _config_or_course(config)
     return MODELS[kind](in_channels, num_classes_a, num_classes_b, **config.model_kwargs(kind))
 
 
@@ -942,7 +1010,7 @@ def shapes_experiment(kind: str, config: DisentangleConfig | None = None, *, see
 
     from mtlearn.utils import seed_everything
 
-    config = config or PRESETS["course"]
+    config = _config_or_course(config)
     seed_everything(seed)  # the model's initial weights
     model = build_model(kind, config)
     loaders = shapes_loaders(config, seed)
@@ -1076,7 +1144,7 @@ def ultrasound_experiment(kind: str, config: DisentangleConfig | None = None, *,
 
     from mtlearn.utils import seed_everything
 
-    config = config or PRESETS["course"]
+    config = _config_or_course(config)
     data = data if data is not None else ultrasound_datasets(config.image_size, seed=seed)
     missing = {"train", *ULTRASOUND_TESTS} - set(data)
     if missing:

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 
+import mtlearn
 from mtlearn import disentangle as D
 from mtlearn.data.shapes import ShapesBackground
 
@@ -439,11 +440,59 @@ def test_each_step_refuses_a_nan_loss_before_its_optimiser_step(shapes_batch):
 @pytest.mark.parametrize(
     "kwargs, match",
     [({"adv_loss": "wasserstein"}, "adv_loss"), ({"adv_target": "half"}, "adv_target"),
-     ({"epochs": 0}, "epochs"), ({"adv_steps": 0}, "adv_steps"), ({"w_adv": -1.0}, "w_adv must be a finite number >= 0")],
+     ({"epochs": 0}, "epochs"), ({"adv_steps": 0}, "adv_steps"),
+     ({"w_adv": -1.0}, "w_adv must be a finite number >= 0"),
+     # these reached torch's SGD ("Invalid learning rate: -1", not naming adv_lr) or gave NaN losses
+     ({"adv_lr": -1}, "adv_lr must be a finite number > 0"), ({"weight_decay": -1}, "weight_decay must be a finite"),
+     ({"adv_momentum": 5}, r"adv_momentum must be a number in \[0, 1\)")],
 )
 def test_train_disentangle_bad_arguments(kwargs, match, tiny_loaders):
     with pytest.raises(ValueError, match=match):
         D.train_disentangle(tiny_model(), tiny_loaders[0], device="cpu", progress=False, **kwargs)
+
+
+def _train(model, train_loader, val_loader=None, **kwargs):
+    return D.train_disentangle(model, train_loader, val_loader, epochs=1, adv_steps=1, device="cpu", progress=False,
+                               **kwargs)
+
+
+@pytest.fixture(scope="module")
+def square_loader():  # 32 x 32: a size mtlearn.build_model's networks accept
+    return DataLoader(Subset(ShapesBackground("test", (32, 32)), range(8)), batch_size=4)
+
+
+@pytest.mark.parametrize("call, error, match", [
+    # these ended in a bare KeyError, "'int' object has no attribute 'to'", "... has no attribute 'encode'" or {}
+    (lambda train, square: _train(tiny_model(), train, task_keys=("shape", "colour")), ValueError,
+     r"task_keys \('shape', 'colour'\): the batches have no 'colour'; they hold \['background', 'id', 'image'"),
+    (lambda train, square: D.evaluate_disentangle(tiny_model(), train, task_keys=("shape", "bg"), device="cpu"),
+     ValueError, r"no 'bg'; they hold \[.*'shape'\], pass two of these as task_keys"),
+    (lambda train, square: _train(tiny_model(), train.dataset), TypeError,
+     r"train_loader is a Dataset \(Subset\), not a DataLoader; wrap it: torch.utils.data.DataLoader\(dataset"),
+    (lambda train, square: _train(tiny_model(), train, train.dataset), TypeError, "val_loader is a Dataset"),
+    (lambda train, square: D.evaluate_disentangle(tiny_model(), train.dataset, device="cpu"), TypeError,
+     "loader is a Dataset"),
+    (lambda train, square: _train(tiny_model(), [train.dataset[i] for i in range(4)]), TypeError,
+     r"batch\['shape'\] is not a tensor \(got int\).*single items.*DataLoader"),
+    (lambda train, square: _train(mtlearn.build_model("tiny"), train), TypeError,
+     r"model must be one of MODELS .*got a MultiTaskUNet; build one with mtlearn.disentangle.build_model"),
+    (lambda train, square: D.evaluate_disentangle(mtlearn.build_model("tiny", image_size=32), square, device="cpu"),
+     TypeError, r"model must be one of MODELS .*got a MultiTaskUNet"),
+])
+def test_train_and_evaluate_refuse_bad_input(call, error, match, tiny_loaders, square_loader):
+    with pytest.raises(error, match=match):
+        call(tiny_loaders[0], square_loader)
+
+
+@pytest.mark.parametrize("call", [
+    lambda: D.build_model("shared", config="course"),
+    lambda: D.shapes_experiment("disentangle", "smoke", device="cpu", progress=False),
+    lambda: D.ultrasound_experiment("shared", "smoke", device="cpu", progress=False),
+])
+def test_a_profile_name_is_not_a_config(call):
+    # this failed with "'str' object has no attribute 'model_kwargs'" (or 'image_size')
+    with pytest.raises(TypeError, match=r"config must be a DisentangleConfig or None .*; pass disentangle_config\('"):
+        call()
 
 
 def test_recalibrate_batchnorm_matches_the_data(tiny_loaders):
@@ -740,6 +789,13 @@ def test_main_step_adds_the_leakage_term_and_needs_its_state(shapes_batch):
     ({"ramp_epochs": -0.5}, r"ramp_epochs must be a finite number >= 0"),
     ({"hidden": 2.5}, r"hidden must be an integer >= 0"),
     ({"adv_hidden": -1}, r"adv_hidden must be an integer >= 0"),
+    ({"adv_lr": -1}, r"adv_lr must be a finite number > 0, got -1"),
+    ({"adv_lr": float("inf")}, r"adv_lr must be a finite number > 0"),
+    ({"adv_lr": "0.1"}, r"adv_lr must be a number, got '0.1'; pass it unquoted"),
+    ({"weight_decay": -1}, r"weight_decay must be a finite number >= 0"),
+    ({"weight_decay": float("nan")}, r"weight_decay must be a finite number >= 0"),
+    ({"adv_momentum": 5}, r"adv_momentum must be a number in \[0, 1\)"),
+    ({"adv_momentum": -0.1}, r"adv_momentum must be a number in \[0, 1\)"),
 ])
 def test_config_rejects_bad_training_values(overrides, match):
     # these passed silently and failed later in Adam (or a comparison, or the model's constructor)
