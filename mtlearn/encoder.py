@@ -10,6 +10,7 @@ heads.py and read the list it returns (features separate from heads, like timm's
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -79,6 +80,11 @@ def check_image(x: Tensor, in_channels: int, stride: int = STRIDE, dtype: torch.
     `dtype`: the model's weight dtype; a float64 batch is refused unless it matches (conv layers
     would fail with "expected scalar type Double but found Float").
     """
+    if not isinstance(x, Tensor):  # a whole batch dict, or a NumPy array, passed to model(...)
+        fix = ("pass its image: model(batch['image'])" if isinstance(x, Mapping)
+               else "convert it: torch.as_tensor(array).float()" if hasattr(x, "__array__") else "")
+        raise TypeError(f"the model takes a batch of images, a tensor (B, C, H, W); got a {type(x).__name__}"
+                        + (f"; {fix}" if fix else ""))
     if x.dim() != 4:
         raise ValueError(f"expected a batch of images (B, C, H, W), got a tensor of shape {tuple(x.shape)}")
     if not x.is_floating_point():

@@ -37,6 +37,11 @@ class LossConfig:
     recon: str = "l1"  # "l1" or "mse" for the denoising / reconstruction task
 
 
+def class_indices(mask: Tensor) -> Tensor:
+    """A mask as long class indices: a soft (float) mask rounds to the nearest class, a bool mask is 0/1."""
+    return mask.long() if mask.dtype == torch.bool else mask.round().long()
+
+
 def check_tasks(tasks: Sequence[str]) -> tuple[str, ...]:
     """Validate a task list and return it as a tuple in the order given."""
     if isinstance(tasks, str):
@@ -114,7 +119,7 @@ class SegmentationLoss(nn.Module):
                 f"segmentation target must be (B, 1, H, W) matching logits {tuple(logits.shape)}, "
                 f"got {tuple(mask.shape)}"
             )
-        mask = mask.round().long()  # (B, 1, H, W) class indices
+        mask = class_indices(mask)  # (B, 1, H, W)
         extremes = _index_range(mask, self)  # MONAI's one-hot would fail with "index 255 is out of bounds"
         if extremes is not None:
             low, high = extremes

@@ -38,7 +38,7 @@ import torch.distributed as dist
 from monai.metrics import PSNRMetric, SSIMMetric, compute_dice, compute_iou, compute_roc_auc
 from torch import Tensor
 
-from mtlearn.losses import TASK_TARGETS, check_tasks
+from mtlearn.losses import TASK_TARGETS, check_tasks, class_indices
 
 METRIC_KEYS = {
     "seg": ("seg/dice", "seg/iou"),
@@ -159,7 +159,7 @@ class MetricAccumulator:
             raise ValueError(f"segmentation logits need one channel per class including background (>= 2), "
                              f"got {num_seg} channel(s) in shape {tuple(logits.shape)}")
         pred = torch.nn.functional.one_hot(logits.argmax(1), num_seg).permute(0, 3, 1, 2)  # (B, K, H, W)
-        true = torch.nn.functional.one_hot(mask[:, 0].round().long(), num_seg).permute(0, 3, 1, 2)
+        true = torch.nn.functional.one_hot(class_indices(mask[:, 0]), num_seg).permute(0, 3, 1, 2)
         dice = compute_dice(pred, true, include_background=False, ignore_empty=False)  # (B, K-1)
         iou = compute_iou(pred, true, include_background=False, ignore_empty=False)
         # ignore_empty=False scores a class empty in both masks 1: right for the one foreground class of

@@ -226,6 +226,7 @@ def monai_baseline(name: str = "unet", in_channels: int = 1, seg_classes: int = 
     from monai.networks.nets import UNet, SwinUNETR
 
     size = check_size(image_size)
+    in_channels, seg_classes = check_int("in_channels", in_channels, 1), check_int("seg_classes", seg_classes, 2)
     if name == "unet":
         options = dict(channels=(16, 32, 64, 128, 256), strides=(2, 2, 2, 2), num_res_units=2) | kwargs
         stride = 2 ** len(options["strides"])

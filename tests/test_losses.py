@@ -90,6 +90,14 @@ def test_segmentation_loss_rounds_a_soft_mask_to_the_nearest_class(kind):
     torch.testing.assert_close(loss(logits, mask * 0.4), loss(logits, torch.zeros_like(mask)))
 
 
+@pytest.mark.parametrize("kind", ["dicece", "dicefocal"])
+def test_segmentation_loss_takes_a_boolean_mask_as_zero_one(kind):
+    torch.manual_seed(0)
+    logits, mask = torch.randn(2, 2, 8, 8), _mask()
+    loss = SegmentationLoss(kind)
+    torch.testing.assert_close(loss(logits, mask > 0.5), loss(logits, mask))  # round() has no bool kernel
+
+
 def test_segmentation_loss_gradient_and_integer_mask():
     loss = SegmentationLoss("dicece")
     logits = torch.randn(2, 2, 8, 8, requires_grad=True)

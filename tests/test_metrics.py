@@ -206,6 +206,9 @@ def test_soft_masks_are_rounded_to_the_nearest_class():
     acc.update({"seg": _seg_logits(pred)}, {"mask": true})
     m = acc.compute()
     assert m["seg/dice"] == pytest.approx(2 / 3) and m["seg/iou"] == pytest.approx(1 / 2)
+    acc = MetricAccumulator(("seg",))
+    acc.update({"seg": _seg_logits(pred)}, {"mask": true > 0.5})  # a boolean mask: the same classes
+    assert acc.compute()["seg/dice"] == pytest.approx(2 / 3)
 
 
 def test_losses_are_averaged_per_image():

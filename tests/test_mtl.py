@@ -1,5 +1,6 @@
 """Tests for mtlearn.mtl: the multi-task UNet, presets, single-task and MONAI baselines."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -86,6 +87,8 @@ BAD_ARGUMENTS = [
     ("single task unknown", lambda: single_task_model("depth", "tiny"), "unknown task"),
     ("unknown monai model", lambda: monai_baseline("vnet"), "unet.*swinunetr"),
     ("monai size", lambda: monai_baseline("swinunetr", image_size=48, feature_size=12), "stride 32"),
+    ("monai no channels", lambda: monai_baseline("unet", in_channels=0), "in_channels must be an integer >= 1"),
+    ("monai one class", lambda: monai_baseline("unet", seg_classes=1), "seg_classes must be an integer >= 2"),
 ]
 
 
@@ -99,6 +102,15 @@ def test_bad_arguments(name, factory, message):
 def test_bad_input(shape, message):
     with pytest.raises(ValueError, match=message):
         tiny_model()(torch.randn(shape))
+
+
+@pytest.mark.parametrize("given, fix", [
+    ({"image": torch.zeros(1, 1, 32, 32)}, r"got a dict; pass its image: model\(batch\['image'\]\)"),
+    (np.zeros((1, 1, 32, 32), dtype=np.float32), r"got a ndarray; convert it: torch.as_tensor"),
+])
+def test_input_that_is_not_a_tensor_names_the_fix(given, fix):
+    with pytest.raises(TypeError, match=r"the model takes a batch of images, a tensor \(B, C, H, W\); " + fix):
+        tiny_model()(given)
 
 
 def test_dense_tasks_get_their_own_decoder_and_share_the_encoder():
