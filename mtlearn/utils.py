@@ -59,9 +59,9 @@ def pick_device(device: str | torch.device = "auto") -> torch.device:
         device = str(device)
     if not isinstance(device, str):
         raise ValueError(f"device must be a string such as 'auto' or 'cuda:0', got {device!r}")
-    kind = device.split(":")[0]
-    if kind not in DEVICE_CHOICES:
-        raise ValueError(f"unknown device {device!r}; expected one of {DEVICE_CHOICES} (optionally 'cuda:N')")
+    kind, _, index = device.partition(":")
+    if kind not in DEVICE_CHOICES or (":" in device and (kind != "cuda" or not index.isdigit())):
+        raise ValueError(f"unknown device {device!r}; expected one of {DEVICE_CHOICES} (or 'cuda:N', N a GPU number)")
     if kind == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -75,6 +75,9 @@ def pick_device(device: str | torch.device = "auto") -> torch.device:
         )
     if kind == "mps" and not torch.backends.mps.is_available():
         raise ValueError("device 'mps' was requested but Apple's MPS backend is not available; use 'auto' or 'cpu'")
+    if index and int(index) >= torch.cuda.device_count():  # else torch fails at the first tensor moved there
+        raise ValueError(f"device {device!r}: there is no GPU {index}, this machine has "
+                         f"{torch.cuda.device_count()} (cuda:0 to cuda:{torch.cuda.device_count() - 1})")
     return torch.device(device)
 
 

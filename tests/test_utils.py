@@ -37,10 +37,19 @@ def test_pick_device_auto_and_cpu():
     assert pick_device("auto").type == expected
 
 
-@pytest.mark.parametrize("bad, message", [("gpu", "unknown device"), (3, "device must be a string")])
+@pytest.mark.parametrize("bad, message", [("gpu", "unknown device"), (3, "device must be a string"),
+                                          ("cuda:x", "unknown device 'cuda:x'"), ("cpu:1", "unknown device 'cpu:1'")])
 def test_pick_device_rejects_bad_names(bad, message):
     with pytest.raises(ValueError, match=message):
         pick_device(bad)
+
+
+def test_pick_device_names_a_gpu_number_the_machine_lacks(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # one GPU, as on Colab
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert pick_device("cuda:0") == torch.device("cuda:0")
+    with pytest.raises(ValueError, match=r"device 'cuda:7': there is no GPU 7, this machine has 1 \(cuda:0 to cuda:0\)"):
+        pick_device("cuda:7")
 
 
 def test_pick_device_cuda_without_gpu_says_so(monkeypatch):
