@@ -392,8 +392,10 @@ def fit(model: nn.Module, train_loader, val_loader=None, config: TrainConfig | N
         if isinstance(loader, Dataset):  # it would yield single unbatched items: cryptic shape errors later
             raise TypeError(f"{name} is a Dataset ({type(loader).__name__}), not a DataLoader; wrap it: "
                             "torch.utils.data.DataLoader(dataset, batch_size=8, shuffle=True) (shuffle for training)")
-    if len(train_loader) == 0:
-        raise ValueError("train_loader yields no batches; check the dataset size and batch_size/drop_last")
+    for name, loader in (("train_loader", train_loader), ("val_loader", val_loader)):
+        if loader is not None and len(loader) == 0:  # val: else one epoch trains, then "monitor ... choose one of []"
+            raise ValueError(f"{name} yields no batches; check the dataset size and batch_size/drop_last"
+                             + (" (or pass val_loader=None: no validation, no best.pt)" if name == "val_loader" else ""))
     out_dir = Path(config.out_dir) if config.out_dir is not None else None
     if out_dir is not None:
         check_out_dir(out_dir, config.resume)
@@ -562,7 +564,7 @@ def _non_finite_tensors(model: nn.Module, weighting: LossWeighting) -> list[str]
 def _model_tasks(model: nn.Module) -> Sequence[str]:
     tasks = getattr(model, "tasks", None)
     if tasks is None:
-        raise ValueError("pass tasks=(...) to fit(): the model has no `tasks` attribute to read them from")
+        raise ValueError("the model has no `tasks` attribute to read its tasks from; pass them, e.g. tasks=('seg', 'cls')")
     return tasks
 
 
@@ -699,4 +701,8 @@ def evaluate(model: nn.Module, loader, tasks: Sequence[str] | None = None, *,
                 batch_losses = task_losses(outputs, batch, loss_fns)
             accumulator.update({t: outputs[t].float() for t in tasks}, batch, batch_losses)
     accumulator.sync()
-    return accumulator.compute()
+    metrics = accumulator.compute()
+    if not metrics:  # after sync: every process agrees, none waits for the others
+        raise ValueError("the loader yielded no batches, so there is nothing to evaluate; check the dataset size and "
+                         "batch_size/drop_last")
+    return metrics

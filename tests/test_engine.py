@@ -490,14 +490,21 @@ def test_batch_missing_a_target_is_named():
 def test_model_without_tasks_needs_tasks_argument():
     model = ToyNet()
     del model.tasks
-    with pytest.raises(ValueError, match="pass tasks="):
-        _fit(model, *_loaders())
+    for call in (lambda: _fit(model, *_loaders()), lambda: evaluate(model, _loaders()[1])):
+        with pytest.raises(ValueError, match=r"the model has no `tasks` attribute .*; pass them, e.g. tasks="):
+            call()
 
 
 def test_empty_loader_is_refused():
     empty = DataLoader(ToyData(n=2), batch_size=4, drop_last=True)
     with pytest.raises(ValueError, match="yields no batches"):
         fit(ToyNet(), empty, config=TrainConfig(progress=False))
+    model = ToyNet()
+    with pytest.raises(ValueError, match=r"val_loader yields no batches; .* \(or pass val_loader=None"):
+        fit(model, _loaders()[0], empty, config=TrainConfig(progress=False))
+    assert model.calls == 0  # not after an epoch of training
+    with pytest.raises(ValueError, match="the loader yielded no batches, so there is nothing to evaluate"):
+        evaluate(ToyNet(), empty)  # it returned {} without a word
 
 
 def test_out_dir_holding_a_run_is_refused_without_resume(tmp_path):
