@@ -720,6 +720,99 @@ def test_partial_copies_are_refused_not_loaded(busi, tmp_path):
         load_dataset("busi", root=tmp_path / "unpacking")
 
 
+def cut_short(data: bytes) -> bytes:
+    return data[: len(data) // 2]
+
+
+ERROR_PAGE = b"<html><body><h1>502 Bad Gateway</h1></body></html>"  # what a host may serve under the file's name
+
+
+@pytest.mark.parametrize("name, make, damage", [
+    ("breastmnist", make_breastmnist, lambda data: ERROR_PAGE),
+    ("breastmnist", make_breastmnist, cut_short),
+    ("busi_npz", make_busi_npz, cut_short),
+], ids=["breastmnist-error-page", "breastmnist-cut-short", "busi_npz-cut-short"])
+def test_a_damaged_npz_names_the_file_and_the_fix(tmp_path, name, make, damage):
+    """Was numpy's advice to pass allow_pickle=True (unsafe) or a bare zipfile.BadZipFile."""
+    path = make(tmp_path)
+    path.write_bytes(damage(path.read_bytes()))
+    with pytest.raises(ValueError, match=re.escape(f"{path} is not a valid .npz file") + r".*error page.*"
+                       + re.escape(f"delete it and run `python -m data_fetch {path.stem} --dest")) as caught:
+        load_dataset(name, root=tmp_path)
+    assert "allow_pickle" not in str(caught.value)
+
+
+@pytest.mark.parametrize("damage", [lambda data: b"", lambda data: ERROR_PAGE, cut_short],
+                         ids=["empty", "error-page", "cut-short"])
+def test_unreadable_busi_files_are_skipped_and_named(tmp_path, damage):
+    """Like an image without its mask, an image or mask that cannot be read is skipped, with a warning
+    naming it and the fix (was PIL's UnidentifiedImageError, and no dataset at all)."""
+    base = make_busi(tmp_path, per_class=3)["base"]
+    for path in (base / "benign" / "benign (2).png", base / "malignant" / "malignant (3)_mask.png"):
+        path.write_bytes(damage(path.read_bytes()))
+    # every image is hashed (read whole) when the dataset is made, a mask only by its header: a mask
+    # cut short after its header is found when its item is read
+    skipped = 1 if damage is cut_short else 2
+    with pytest.warns(UserWarning, match=rf"busi: skipped {skipped} unreadable image file\(s\), e\.g\. .*"
+                      + re.escape("is not a readable image") + r".*delete them and run `python -m data_fetch busi"):
+        dataset = load_dataset("busi", root=tmp_path, split="all", image_size=SIZE)
+    kept = {r.id for r in dataset.records}
+    assert kept == {f"{c} ({n})" for c in ("normal", "benign", "malignant") for n in (1, 2, 3)} - {
+        "benign (2)", *(["malignant (3)"] if skipped == 2 else [])}
+    assert sum(" is not a readable image " in note for note in dataset.problems) == skipped
+    errors = []
+    for i in range(len(dataset)):
+        try:
+            dataset[i]
+        except ValueError as error:
+            errors.append(str(error))
+    assert len(errors) == 2 - skipped
+    assert all("malignant (3)_mask.png is not a readable image" in e and "delete it and run `python -m data_fetch "
+               "busi --dest" in e for e in errors)
+
+
+def test_a_file_cut_short_names_itself_when_its_item_is_read(tmp_path):
+    """Images are read lazily: the error of one cut short names the file and the fix, not only PIL's words."""
+    info = make_bus_bra(tmp_path, patients=3)
+    image = info["base"] / "Images" / "bus_0002-l.png"
+    image.write_bytes(cut_short(image.read_bytes()))
+    dataset = load_dataset("bus_bra", root=tmp_path, split="all", image_size=SIZE)
+    index = [r.id for r in dataset.records].index("bus_0002-l")
+    with pytest.raises(ValueError, match=re.escape(f"{image} is not a readable image") + ".*"
+                       + re.escape(f'delete it and run `python -m data_fetch bus_bra --dest "{tmp_path}"` again')):
+        dataset[index]
+
+
+def test_busi_without_any_image_says_so(tmp_path):
+    for class_name in ("normal", "benign", "malignant"):
+        (tmp_path / "Dataset_BUSI_with_GT" / class_name).mkdir(parents=True)
+    with pytest.raises(LayoutError, match=r"no images found under .*Dataset_BUSI_with_GT.*"
+                       r"If the download is incomplete, fetch it again with `python -m data_fetch busi --dest"):
+        load_dataset("busi", root=tmp_path)  # was numpy's "need at least one array to stack"
+
+
+def test_root_that_is_a_file_is_named_as_such(tmp_path):
+    stray = tmp_path / "notes.txt"
+    stray.write_text("x")
+    with pytest.raises(ValueError, match=r"root .*notes\.txt is a file, not a folder"):  # was "does not exist"
+        load_dataset("busi", root=stray)
+    path = make_breastmnist(tmp_path)  # the dataset's file itself: its folder is meant
+    with pytest.raises(ValueError, match=r"is a file, not a folder.*" + re.escape(f"root={str(tmp_path)!r}")):
+        load_dataset("breastmnist", root=path)
+
+
+@pytest.mark.parametrize("text, says", [
+    ("ID,kFold\n", r"5-fold-cv\.csv has its header \(ID, kFold\) but no rows"),
+    ("", r"5-fold-cv\.csv is empty"),
+], ids=["header-only", "empty"])
+def test_a_csv_without_rows_says_so(tmp_path, text, says):
+    """Was "lacks the column(s) ['ID', 'kFold']; found []" although the header was there."""
+    info = make_bus_bra(tmp_path, patients=3)
+    (info["base"] / "5-fold-cv.csv").write_text(text)
+    with pytest.raises(ValueError, match=says + r".*delete it and run `python -m data_fetch bus_bra --dest"):
+        load_dataset("bus_bra", root=tmp_path)
+
+
 @pytest.mark.parametrize("name, fix", [
     ("synthetic", r"synthetic has no option 'foo'; its options: \['num_samples', 'class_probs', .*'noise_level'\]"),
     ("shapes", r"shapes has no option 'foo'; its options: none"),

@@ -9,11 +9,11 @@ in `default_data_dir()`: $MTLEARN_DATA, else the user cache.
 """
 
 from data_fetch import default_data_dir
-from mtlearn.data.real import DATASETS, SPLITS, LayoutError, UltrasoundDataset, load_dataset
+from mtlearn.data.real import DATASETS, SPLITS, DamagedFileError, LayoutError, UltrasoundDataset, load_dataset
 from mtlearn.data.shapes import ShapesBackground
 from mtlearn.data.synthetic import SyntheticUltrasound
 
 __all__ = [
-    "DATASETS", "SPLITS", "LayoutError", "ShapesBackground", "SyntheticUltrasound", "UltrasoundDataset",
+    "DATASETS", "SPLITS", "DamagedFileError", "LayoutError", "ShapesBackground", "SyntheticUltrasound", "UltrasoundDataset",
     "default_data_dir", "load_dataset",
 ]

@@ -23,8 +23,11 @@ from __future__ import annotations
 import csv
 import re
 import warnings
+import zipfile
+import zlib
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -114,6 +117,10 @@ def load_dataset(
     fetch_name = _fetch_name(name, kwargs.get("resolution"))
     folder = Path(root).expanduser() if root is not None else default_data_dir() / get_source(fetch_name).folder
     command = f"python -m data_fetch {fetch_name}" + (f' --dest "{folder}"' if root is not None else "")
+    if folder.is_file():  # e.g. root="data/breastmnist.npz": the file, not the folder that holds it
+        hint = f", here root={str(folder.parent)!r}" if folder.name == get_source(fetch_name).filename else ""
+        raise ValueError(f"root {folder} is a file, not a folder; pass the dataset's folder (what "
+                         f"`python -m data_fetch {fetch_name} --dest DIR` fills){hint}")
     if not folder.is_dir():
         raise FileNotFoundError(f"{name} is not downloaded: {folder} does not exist. Fetch it with `{command}`")
     source, marker = get_source(fetch_name), completion_marker(folder, fetch_name)
@@ -126,8 +133,16 @@ def load_dataset(
         records, class_names, problems = READERS[name](folder, split, seed, **kwargs)
     except LayoutError as error:
         raise LayoutError(f"{error}. If the download is incomplete, fetch it again with `{command}`") from None
-    if problems:  # said once here, not only kept in a list nobody reads
-        warnings.warn(f"{name}: {len(problems)} note(s) on the files, e.g. {problems[:2]}; see dataset.problems",
+    except DamagedFileError as error:  # fetching again alone would keep it: data_fetch only checks files exist
+        raise DamagedFileError(f"{error}; delete it and run `{command}` again") from None
+    # said once here, not only kept in a list nobody reads; unreadable files first, with their fix
+    unreadable = [note for note in problems if NOT_AN_IMAGE in note]
+    others = [note for note in problems if NOT_AN_IMAGE not in note]
+    if unreadable:
+        warnings.warn(f"{name}: skipped {len(unreadable)} unreadable image file(s), e.g. {unreadable[0]!r}; "
+                      f"delete them and run `{command}` again", stacklevel=2)
+    if others:
+        warnings.warn(f"{name}: {len(others)} note(s) on the files, e.g. {others[:2]}; see dataset.problems",
                       stacklevel=2)
     # data_fetch's marker lists every file it unpacked: any gone since (deleted, a partial copy of the
     # folder) would silently shrink the dataset. A hand-unpacked folder has no marker and no list.
@@ -136,12 +151,18 @@ def load_dataset(
         warnings.warn(f"{name}: {len(missing)} file(s) of the download are missing from {folder} (e.g. "
                       f"{missing[0]}); `{command}` restores them", stacklevel=2)
     return UltrasoundDataset(
-        name, split, records, class_names, size, in_channels, augment, cache, seed, on_size_mismatch, problems
+        name, split, records, class_names, size, in_channels, augment, cache, seed, on_size_mismatch, problems,
+        fetch_command=command,
     )
 
 
 class LayoutError(FileNotFoundError):
     """The dataset folder exists but does not hold the files the loader expects."""
+
+
+class DamagedFileError(ValueError):
+    """A file of the dataset is there but cannot be read: a download or copy cut short, or a host's
+    error page saved under the file's name."""
 
 
 class UltrasoundDataset(Dataset):
@@ -165,12 +186,13 @@ class UltrasoundDataset(Dataset):
         seed: int = 0,
         on_size_mismatch: str = "skip",
         problems: Sequence[str] = (),
+        fetch_command: str | None = None,  # said with the fix when a file turns out damaged while loading
     ):
         if in_channels not in (1, 3):
             raise ValueError(f"in_channels must be 1 (grey) or 3 (grey repeated), got {in_channels!r}")
         self.name, self.split, self.class_names = name, split, tuple(class_names)
         self.image_size, self.in_channels = tuple(image_size), in_channels
-        self.problems = list(problems)
+        self.problems, self.fetch_command = list(problems), fetch_command
         self.size_mismatches = [r.id for r in records if _sizes_differ(r)]
         if self.size_mismatches:
             skipped = on_size_mismatch == "skip"
@@ -234,11 +256,16 @@ class UltrasoundDataset(Dataset):
         if self._cache is not None and index in self._cache:
             return self._cache[index]
         record = self.records[index]
-        image = resize_image(_read_image(record.image), self.image_size)
+        try:  # files are read here, not when the dataset is made: one cut short is found now
+            image = resize_image(_read_image(record.image), self.image_size)
+            parts = [] if record.masks is None else _read_masks(record.masks, record.colour_coded)
+        except DamagedFileError as error:
+            fix = f"run `{self.fetch_command}` again" if self.fetch_command else "fetch the dataset again"
+            raise DamagedFileError(f"{error}; delete it and {fix}") from None
         mask = None
         if record.masks is not None:
             mask = torch.zeros_like(image)  # () = an empty mask (BUSI normal images may lack the file)
-            for part in _read_masks(record.masks, record.colour_coded):  # extra masks are OR-merged
+            for part in parts:  # extra masks are OR-merged
                 mask = torch.maximum(mask, resize_mask(part, self.image_size))
         if self._cache is not None:
             self._cache[index] = (image, mask)
@@ -261,7 +288,7 @@ def _read_busi(folder: Path, split: str, seed: int, duplicate_distance: int = DU
     missing = [name for name in BUSI_CLASSES if not (base / name).is_dir()]
     if missing:  # a partial copy would load, with a class silently empty
         raise LayoutError(f"{base} has no {', '.join(missing)}/ folder; BUSI has one folder per class {BUSI_CLASSES}")
-    records, problems = [], []
+    records, problems, found = [], [], 0
     for label, class_name in enumerate(BUSI_CLASSES):
         images, masks = {}, defaultdict(list)
         for path in _pngs(base / class_name):
@@ -270,14 +297,30 @@ def _read_busi(folder: Path, split: str, seed: int, duplicate_distance: int = DU
                 masks[match["stem"]].append(path)
             else:
                 images[path.stem] = path
+        found += len(images)
         for stem, path in images.items():
             if not masks[stem] and class_name != "normal":
                 problems.append(f"{stem}: no mask file, skipped")
                 continue
+            if _unreadable((path, *masks[stem]), problems):
+                continue
             records.append(Record(stem, label, path, tuple(sorted(masks[stem])), group=""))
         problems += [f"{stem}: mask without image, ignored" for stem in masks if stem not in images]
-    # near-duplicates (same hash within a few bits) form one group, so one split
-    hashes = np.stack([_file_hash(r.image, r.image.stat().st_mtime_ns) for r in records])  # (N, 64)
+    # near-duplicates (same hash within a few bits) form one group, so one split; hashing reads every
+    # image whole, so one cut short after its header is skipped here too
+    hash_of = {}
+    for r in records:
+        try:
+            hash_of[r.id] = _file_hash(r.image, r.image.stat().st_mtime_ns)  # (64,)
+        except DamagedFileError as error:
+            problems.append(f"{error}, skipped")
+    records = [r for r in records if r.id in hash_of]
+    if not records:  # rather than np.stack's "need at least one array to stack"
+        raise LayoutError(
+            f"no images found under {base}: its {'/, '.join(BUSI_CLASSES)}/ folders hold no '<class> (N).png'"
+            if not found else f"none of the {found} images under {base} can be used, e.g. {problems[:2]}"
+        )
+    hashes = np.stack([hash_of[r.id] for r in records])  # (N, 64)
     groups = duplicate_groups(hashes, duplicate_distance)
     records = [Record(r.id, r.label, r.image, r.masks, group=f"cluster-{g}") for r, g in zip(records, groups)]
     return _take_split(records, split, seed), BUSI_CLASSES, problems
@@ -304,6 +347,8 @@ def _read_bus_bra(folder: Path, split: str, seed: int, fold: int | str | None = 
         pathology = row["Pathology"].strip().lower()
         if pathology not in BUS_BRA_CLASSES or not image.is_file() or not mask.is_file():
             problems.append(f"{row['ID']}: pathology {row['Pathology']!r} or its image/mask file missing, skipped")
+            continue
+        if _unreadable((image, mask), problems):
             continue
         records.append(Record(row["ID"], BUS_BRA_CLASSES.index(pathology), image, (mask,), group=row["Case"].strip()))
     fold_names = sorted(set(folds.values()), key=lambda f: (len(f), f))
@@ -342,6 +387,8 @@ def _read_bus_uclm(folder: Path, split: str, seed: int):
         if not mask.is_file():
             problems.append(f"{image.stem}: no mask file, skipped")
             continue
+        if _unreadable((image, mask), problems):
+            continue
         if row is None:
             problems.append(f"{image.stem}: not in INFO.csv, artifact flag unknown (0)")
         label = _colour_class(mask, mask.stat().st_mtime_ns)
@@ -367,7 +414,7 @@ def _read_breastmnist(folder: Path, split: str, seed: int, resolution: int = 28)
     """
     path = _locate_file(folder, get_source(_fetch_name("breastmnist", resolution)).filename)
     records = []
-    with np.load(path) as data:
+    with _npz(path) as data:
         _require_keys(path, data, [f"{s}_{k}" for s in SPLITS[:3] for k in ("images", "labels")])
         for part in _official_parts(split):
             images, labels = data[f"{part}_images"], data[f"{part}_labels"].reshape(-1)
@@ -385,7 +432,7 @@ def _read_busi_npz(folder: Path, split: str, seed: int, resolution: int = 128):
     """MedSegBench's BUSI npz: {split}_images_C1/_C2 (benign/malignant) and {split}_label_C1/_C2 (masks)."""
     path = _locate_file(folder, get_source(_fetch_name("busi_npz", resolution)).filename)
     records = []
-    with np.load(path) as data:
+    with _npz(path) as data:
         _require_keys(path, data, [f"{s}_{k}_C{c}" for s in SPLITS[:3] for k in ("images", "label") for c in (1, 2)])
         for part in _official_parts(split):
             for label, code in enumerate(("C1", "C2")):
@@ -519,11 +566,33 @@ def _read_csv(path: Path, required: Sequence[str], delimiter: str = ",") -> list
     with open(path, newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f, delimiter=delimiter)
         rows = [{(k or "").strip(): (v or "") for k, v in row.items()} for row in reader]  # trim header spaces
-    columns = list(rows[0]) if rows else []
+        columns = [(c or "").strip() for c in reader.fieldnames or []]
+    if not columns:
+        raise DamagedFileError(f"{path} is empty")
     missing = [c for c in required if c not in columns]
     if missing:
         raise LayoutError(f"{path.name} lacks the column(s) {missing} (delimiter {delimiter!r}); found {columns}")
+    if not rows:
+        raise DamagedFileError(f"{path} has its header ({', '.join(columns)}) but no rows")
     return rows
+
+
+@contextmanager
+def _npz(path: Path) -> Iterator[np.lib.npyio.NpzFile]:
+    """np.load(path) of an .npz file; DamagedFileError naming it if it is not one, or one cut short.
+
+    Never with allow_pickle (numpy's advice for a file it cannot read): a pickle can run any code.
+    """
+    try:
+        # opened here: np.load leaves its own handle open when the file is no zip; arrays are read
+        # when indexed, so the errors can come from the body
+        with open(path, "rb") as f, np.load(f) as data:
+            yield data
+    except (ValueError, EOFError, zipfile.BadZipFile, zlib.error):
+        raise DamagedFileError(
+            f"{path} is not a valid .npz file ({path.stat().st_size:,} bytes): a download cut short, "
+            "or an error page saved under its name"
+        ) from None
 
 
 def _require_keys(path: Path, data, keys: Sequence[str]) -> None:
@@ -532,12 +601,45 @@ def _require_keys(path: Path, data, keys: Sequence[str]) -> None:
         raise LayoutError(f"{path.name} lacks the arrays {missing}; found {sorted(data.files)}")
 
 
+NOT_AN_IMAGE = "is not a readable image"  # in the notes on skipped files: load_dataset warns about them apart
+
+
+@contextmanager
+def _opened(path: Path) -> Iterator[Image.Image]:
+    """Image.open(path); DamagedFileError naming the file if it is empty, cut short or not an image."""
+    try:
+        with Image.open(path) as img:  # pixels are decoded when used: the errors can come from the body
+            yield img
+    except (OSError, SyntaxError) as error:
+        if getattr(error, "errno", None) is not None:  # the file system's (not found, no permission), not the file's
+            raise
+        raise DamagedFileError(
+            f"{path} {NOT_AN_IMAGE} ({path.stat().st_size:,} bytes: empty, cut short, or an error page)"
+        ) from None
+
+
+def _unreadable(paths: Sequence[Path], problems: list[str]) -> bool:
+    """Whether one of `paths` is no image at all (empty, an error page); noted in `problems`.
+
+    Only the headers are read, as cheap as the size check every record gets; a file cut short
+    further on is found when its pixels are read.
+    """
+    for path in paths:
+        try:
+            with _opened(path):
+                pass
+        except DamagedFileError as error:
+            problems.append(f"{error}, skipped")
+            return True
+    return False
+
+
 def _read_image(image: Path | np.ndarray) -> np.ndarray:
     """A file or an array -> (H, W) float32 grey in [0, 1]. Colour and alpha are dropped."""
     if isinstance(image, np.ndarray):
         array = image.astype(np.float32)
         return array / 255.0 if image.dtype == np.uint8 else array / max(float(array.max()), 1.0)
-    with Image.open(image) as img:
+    with _opened(image) as img:
         if img.mode.startswith("I"):  # 16-bit PNG
             array = np.asarray(img, dtype=np.float32)
             return array / max(float(array.max()), 1.0)
@@ -560,7 +662,7 @@ def _read_masks(masks: tuple[Path, ...] | np.ndarray, colour_coded: bool = False
             red, green = _lesion_colours(path)
             binary.append((red | green).astype(np.float32))
             continue
-        with Image.open(path) as img:
+        with _opened(path) as img:
             grey = np.asarray(img.convert("L"), dtype=np.float32)
         binary.append((grey > grey.max() / 2).astype(np.float32))
     return binary
@@ -581,7 +683,7 @@ LESION_COLOUR_MARGIN = 64
 
 def _lesion_colours(mask: Path) -> tuple[np.ndarray, np.ndarray]:
     """BUS-UCLM colour mask -> (red, green): (H, W) bool maps of malignant and benign lesion pixels."""
-    with Image.open(mask) as img:
+    with _opened(mask) as img:
         r, g, b = np.moveaxis(np.asarray(img.convert("RGB"), dtype=np.int16), -1, 0)
     red = r - np.maximum(g, b) > LESION_COLOUR_MARGIN
     green = g - np.maximum(r, b) > LESION_COLOUR_MARGIN
@@ -606,10 +708,10 @@ def _flag(value: str) -> bool:
 def _sizes_differ(record: Record) -> bool:
     if not isinstance(record.image, Path) or not record.masks:
         return False
-    with Image.open(record.image) as img:
+    with _opened(record.image) as img:
         size = img.size
     for path in record.masks:
-        with Image.open(path) as img:
+        with _opened(path) as img:
             if img.size != size:
                 return True
     return False
