@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from mtlearn.utils import world_and_rank
+from mtlearn.utils import check_folder, world_and_rank
 
 # ----------------------------------------------------------------------------- files
 
@@ -187,10 +187,7 @@ def check_out_dir(out_dir: str | os.PathLike, resume: bool, writes: str = "last.
     space while best.pt was kept).
     """
     out_dir = Path(out_dir)
-    existing = next((p for p in (out_dir, *out_dir.parents) if p.exists()), None)
-    if existing is not None and not existing.is_dir():  # else a whole epoch trains, then FileExistsError
-        raise ValueError(f"out_dir {out_dir} cannot be a folder: {existing} is a file. Choose another out_dir "
-                         f"(it receives {writes})")
+    check_folder(out_dir, "out_dir", writes)  # else a whole epoch trains, then FileExistsError
     last = out_dir / "last.pt"
     if not resume and last.is_file():  # training on would overwrite last.pt and mix best.pt of two runs
         try:

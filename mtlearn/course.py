@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from mtlearn.notebook import resolve_profile
-    from mtlearn.utils import pick_device, seed_everything
+    from mtlearn.utils import check_folder, pick_device, seed_everything
 
     try:
         profile = resolve_profile(args.profile)
@@ -198,6 +198,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         notebooks = course_notebooks()
     except FileNotFoundError as error:
+        parser.error(str(error))
+    try:
+        check_folder(args.out, "--out", "one folder per notebook")
+    except ValueError as error:
         parser.error(str(error))
     if args.only:
         notebooks = [nb for nb in notebooks if any(nb.stem.startswith(s) for s in args.only)]

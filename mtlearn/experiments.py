@@ -29,7 +29,7 @@ import pandas as pd
 
 from mtlearn.course import DONE, course_notebooks, run_notebook
 from mtlearn.notebook import flatten_metrics
-from mtlearn.utils import write_text
+from mtlearn.utils import check_folder, write_text
 
 
 @dataclass(frozen=True)
@@ -263,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--set {', '.join(repeated)} given more than once; list the values in one --set, "
                      "e.g. --set lr=1e-3,1e-4")
     try:
+        check_folder(args.out, "--out", "one folder per run and results.csv")
         specs = grid(notebooks, dict(args.sets), args.seeds, profile)
     except ValueError as error:  # e.g. --set seed=5, or a name the notebook lacks: a usage error, not a traceback
         parser.error(str(error))

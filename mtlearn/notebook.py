@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mtlearn.utils import environment_report, pick_device, seed_everything, to_jsonable, write_json
+from mtlearn.utils import check_folder, environment_report, pick_device, seed_everything, to_jsonable, write_json
 
 PROFILES = ("smoke", "course", "paper")
 PROFILE_HELP = {
@@ -104,8 +104,10 @@ class Run:
     def pick(self, **per_profile: Any) -> Any:
         """Choose a setting by profile: `run.pick(smoke=64, course=1200, paper=8000)`."""
         missing = [p for p in PROFILES if p not in per_profile]
-        if missing:
-            raise ValueError(f"run.pick needs a value for every profile; missing {missing}")
+        unknown = sorted(set(per_profile) - set(PROFILES))
+        if missing or unknown:  # a misspelt profile (papr=) would otherwise only show up as missing, or not at all
+            raise ValueError(f"run.pick needs one value per profile {PROFILES}; missing {missing}"
+                             + (f", unknown {unknown}" if unknown else ""))
         return per_profile[self.profile]
 
     def setting(self, name: str, value: Any, *, positive: bool = True, **per_profile: Any) -> Any:
@@ -124,8 +126,11 @@ class Run:
         kind = type(default)
         accepted = (int, float) if kind is float else (kind,)
         wrong_type = isinstance(value, bool) is not isinstance(default, bool) or not isinstance(value, accepted)
-        if wrong_type or (positive and not value > 0):
-            wanted = f"a positive {kind.__name__}" if positive else f"a {kind.__name__}"
+        countable = isinstance(value, (int, float)) and not isinstance(value, bool)  # `positive` means > 0 for these
+        if not wrong_type and countable and not math.isfinite(value):  # inf epochs, NaN lr: never what was meant
+            raise ValueError(f"parameter {name} must be finite, got {value!r}")
+        if wrong_type or (positive and countable and not value > 0):
+            wanted = f"a positive {kind.__name__}" if positive and kind in (int, float) else f"a {kind.__name__}"
             raise ValueError(f"parameter {name} must be {wanted} (or None for the {self.profile} profile's "
                              f"{default!r}), got {value!r}")
         return value
@@ -223,6 +228,7 @@ def start(
     seed_everything(seed)
     resolved = pick_device(device)
     out = Path(out_dir) if out_dir is not None else Path("outputs") / notebook / profile
+    check_folder(out, "out_dir", "metrics.json and the figures")
     out.mkdir(parents=True, exist_ok=True)
     run = Run(notebook, profile, dataset, root, int(seed), resolved, out)
     if verbose:

@@ -208,6 +208,19 @@ def check_bool(name: str, value) -> bool:
     return bool(value)
 
 
+def check_folder(path: str | os.PathLike, option: str, receives: str) -> None:
+    """Raise ValueError if `path` cannot become a folder because it, or a folder above it, is a file.
+
+    Checked before any work: mkdir would fail with FileExistsError or NotADirectoryError, and only
+    after a notebook ran or an epoch trained if the folder is first needed then.
+    """
+    path = Path(path)
+    existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise ValueError(f"{option} {path} cannot be a folder: {existing} is a file. Choose another {option} "
+                         f"(it receives {receives})")
+
+
 def check_size(image_size, minimum: int = 1) -> tuple[int, int]:
     """128 -> (128, 128); (96, 160) -> (96, 160); anything else -> ValueError naming the fix.
 

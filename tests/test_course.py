@@ -134,6 +134,16 @@ def test_command_line_profile_and_device(monkeypatch, capsys):
     assert "seed must be a non-negative integer, got -1" in capsys.readouterr().err
 
 
+def test_command_line_names_an_out_that_is_a_file(tmp_path, monkeypatch, capsys):
+    from mtlearn.course import main
+
+    monkeypatch.setattr(course, "run_notebook", lambda *a, **k: pytest.fail("a notebook started"))
+    (tmp_path / "results").write_text("not a folder")
+    with pytest.raises(SystemExit):  # it was a NotADirectoryError traceback from the first notebook
+        main(["--profile", "smoke", "--only", "00", "--out", str(tmp_path / "results")])
+    assert f"--out {tmp_path / 'results'} cannot be a folder: {tmp_path / 'results'} is a file" in capsys.readouterr().err
+
+
 def test_course_notebooks_are_numbered_and_sorted():
     names = [p.name for p in course_notebooks()]
     assert names == sorted(names)

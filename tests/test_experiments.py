@@ -252,6 +252,14 @@ def test_a_finished_run_of_other_parameters_in_the_folder_is_not_complete(notebo
     assert spec.is_complete(tmp_path)
 
 
+def test_command_line_names_an_out_that_is_a_file(notebooks, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(experiments, "course_notebooks", lambda: notebooks)
+    (tmp_path / "grid").write_text("not a folder")
+    with pytest.raises(SystemExit):
+        main(["--notebooks", "01", "--out", str(tmp_path / "grid" / "a")])
+    assert f"{tmp_path / 'grid'} is a file. Choose another --out" in capsys.readouterr().err
+
+
 def test_command_line_fails_when_a_run_fails(notebooks, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(experiments, "course_notebooks", lambda: notebooks)
     monkeypatch.delenv("MTLEARN_PROFILE", raising=False)

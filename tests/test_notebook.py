@@ -1,6 +1,7 @@
 """The notebook contract: parameter checks, metrics.json, figures."""
 
 import json
+import re
 from pathlib import Path
 
 import matplotlib
@@ -97,6 +98,10 @@ def test_pick_chooses_by_profile_and_needs_every_profile(tmp_path):
     assert run.pick(smoke=1, course=2, paper=3) == 1
     with pytest.raises(ValueError, match="paper"):
         run.pick(smoke=1, course=2)
+    with pytest.raises(ValueError, match=r"missing \['paper'\], unknown \['papr'\]"):
+        run.pick(smoke=1, course=2, papr=3)
+    with pytest.raises(ValueError, match=r"unknown \['Course'\]"):  # not silently ignored
+        run.pick(smoke=1, course=2, paper=3, Course=4)
 
 
 def test_setting_takes_the_profile_default_only_when_unset(tmp_path):
@@ -112,6 +117,27 @@ def test_setting_refuses_what_the_default_would_hide(tmp_path, value):
     run = start_here(tmp_path)
     with pytest.raises(ValueError, match=r"parameter epochs must be a positive int .*smoke profile's 1"):
         run.setting("epochs", value, smoke=1, course=8, paper=150)
+
+
+def test_setting_refuses_non_finite_numbers_and_compares_only_numbers_with_zero(tmp_path):
+    run = start_here(tmp_path)
+    for value in (float("inf"), float("nan")):
+        with pytest.raises(ValueError, match=r"parameter lr must be finite"):
+            run.setting("lr", value, smoke=1e-3, course=1e-3, paper=1e-4)
+    tasks = dict(smoke=("seg", "cls"), course=("seg", "cls"), paper=("seg", "cls"))
+    assert run.setting("tasks", ("cls",), **tasks) == ("cls",)  # a tuple is not "> 0": it was a TypeError
+    with pytest.raises(ValueError, match=r"parameter tasks must be a tuple \(or None"):
+        run.setting("tasks", "cls", **tasks)
+
+
+@pytest.mark.parametrize("below", [False, True])
+def test_an_out_dir_that_is_a_file_is_named(tmp_path, below):
+    file = tmp_path / "notes.txt"
+    file.write_text("mine")
+    with pytest.raises(ValueError, match=re.escape(f"{file} is a file. Choose another out_dir (it receives "
+                                                   "metrics.json and the figures)")):
+        start_here(tmp_path, out_dir=file / "run" if below else file)
+    assert file.read_text() == "mine"
 
 
 def test_metrics_must_be_plain_values(tmp_path):
