@@ -50,7 +50,7 @@ from mtlearn.checkpoint import (
     set_rng_state,
 )
 from mtlearn.losses import LossConfig, build_losses, check_tasks, task_losses
-from mtlearn.metrics import MetricAccumulator
+from mtlearn.metrics import METRIC_KEYS, MetricAccumulator
 from mtlearn.utils import check_bool, check_int, eval_mode, is_distributed, is_main_process, is_number, pick_device, seed_everything
 from mtlearn.weighting import GradNorm, LossWeighting, build_weighting, find_shared_parameters
 
@@ -407,6 +407,9 @@ def fit(model: nn.Module, train_loader, val_loader=None, config: TrainConfig | N
         # drop the same units (each rank's CUDA state is saved in the checkpoint, so a resume keeps this)
         torch.cuda.manual_seed(config.seed + dist.get_rank())
     monitor, mode = _monitor(config, tasks)
+    expected = sorted(k for t in tasks for k in (*METRIC_KEYS[t], f"{t}/loss"))  # what evaluate will return
+    if val_loader is not None and monitor.removeprefix("val/") not in expected:  # now, not after an epoch
+        raise ValueError(f"monitor {config.monitor!r} is not a validation metric; choose one of {expected}")
     history, start_epoch, best_state = History(monitor=monitor, mode=mode), 0, None
     if config.resume and (out_dir / "last.pt").is_file():
         history, start_epoch = _load_run(run, out_dir / "last.pt", train_loader, config, tasks)

@@ -476,6 +476,16 @@ def test_bad_fit_arguments(kwargs, match):
         _fit(ToyNet(), *_loaders(), **kwargs)
 
 
+def test_a_misspelt_monitor_is_refused_before_the_first_step():
+    model = ToyNet(tasks=("seg", "cls"))
+    with pytest.raises(ValueError, match=r"monitor 'dice' is not a validation metric; choose one of \['cls/acc'"):
+        _fit(model, *_loaders(), monitor="dice")
+    assert model.calls == 0  # it trained a whole epoch, unsaved, before saying so
+    with pytest.raises(ValueError, match=r"monitor 'recon/psnr' is not a validation metric"):  # a task not trained
+        _fit(model, *_loaders(), monitor="recon/psnr")
+    _fit(ToyNet(tasks=("seg", "cls")), *_loaders(), epochs=1, monitor="val/cls/loss")  # every real key is accepted
+
+
 def test_a_config_that_is_not_a_train_config_is_named():
     with pytest.raises(TypeError, match=r"config must be a TrainConfig, got a dict; pass options as keyword"):
         _fit(ToyNet(), *_loaders(), config={"epochs": 1})
