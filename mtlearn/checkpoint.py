@@ -67,6 +67,10 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module | None = None,
     "epoch" (epochs completed), "config".
     """
     path = Path(path)
+    if path.is_dir():  # the run's folder rather than a file in it
+        inside = sorted(p.name for p in path.glob("*.pt"))
+        raise FileNotFoundError(f"{path} is a folder, not a checkpoint; load one in it, e.g. {path / 'best.pt'} "
+                                f"(it holds {inside or 'no .pt file'})")
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}; train with fit(..., out_dir=...) first "
                                 "(it writes last.pt every epoch and best.pt on validation improvement)")
@@ -76,7 +80,10 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module | None = None,
         state = torch.load(path, map_location=map_location, weights_only=True)
     except (pickle.UnpicklingError, EOFError, KeyError, RuntimeError) as error:
         if isinstance(error, RuntimeError) and "PytorchStreamReader" not in str(error):
-            raise  # not the file's fault (e.g. a map_location this machine lacks)
+            if "CUDA" in str(error) and not torch.cuda.is_available():  # map_location="cuda" on this machine
+                raise ValueError(f"cannot load {path} onto {map_location!r}: this machine has no CUDA GPU; use "
+                                 "map_location='cpu' (the default) and move the model afterwards") from None
+            raise  # not the file's fault
         # `from None`: torch's text advises weights_only=False, i.e. running code from an unknown file
         raise ValueError(not_ours) from None
     if not isinstance(state, Mapping) or (model is not None and "model" not in state):

@@ -199,6 +199,20 @@ def test_load_checkpoint_honours_map_location(tmp_path):
     assert load_checkpoint(path)["weights"].device.type == "cpu"  # the default
 
 
+def test_load_checkpoint_names_a_folder_and_a_gpu_this_machine_lacks(tmp_path, monkeypatch):
+    path = save_checkpoint({"epoch": 1, "weights": torch.ones(3)}, tmp_path / "best.pt")
+    with pytest.raises(FileNotFoundError, match=re.escape(f"{tmp_path} is a folder, not a checkpoint; load one in "
+                                                          f"it, e.g. {path} (it holds ['best.pt'])")):
+        load_checkpoint(tmp_path)
+    def load_on_a_cpu_machine(*args, **kwargs):  # what torch.load says there (the test runs where a GPU is too)
+        raise RuntimeError("Attempting to deserialize object on a CUDA device but torch.cuda.is_available() is False.")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch, "load", load_on_a_cpu_machine)
+    with pytest.raises(ValueError, match=r"onto 'cuda': this machine has no CUDA GPU; use map_location='cpu'"):
+        load_checkpoint(path, map_location="cuda")
+
+
 def test_an_unreadable_run_in_the_out_dir_is_still_refused_and_named(tmp_path):
     (tmp_path / "last.pt").write_bytes(b"half a checkpoint")
     with pytest.raises(ValueError, match=re.escape(f"out_dir {tmp_path} already holds a run (last.pt, unreadable): "
