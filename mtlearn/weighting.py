@@ -21,6 +21,7 @@ every checkpoint, so a resumed run continues with the same weights.
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
@@ -338,6 +339,11 @@ def build_weighting(name: str, tasks: Sequence[str] = ("seg", "cls"), **kwargs) 
     """A weighting strategy by name, e.g. build_weighting("dwa", ("seg", "cls"), temperature=2.0)."""
     if name not in WEIGHTINGS:
         raise ValueError(f"unknown weighting {name!r}; expected one of {tuple(WEIGHTINGS)}")
+    options = [p for p in inspect.signature(WEIGHTINGS[name]).parameters if p != "tasks"]
+    unknown = sorted(set(kwargs) - set(options))
+    if unknown:  # rather than __init__'s "got an unexpected keyword argument" without the valid names
+        raise ValueError(f"weighting {name!r} has no option {unknown}; its options are {options or 'none'} "
+                         "(in fit: weighting_kwargs)")
     return WEIGHTINGS[name](tasks, **kwargs)
 
 
@@ -369,13 +375,17 @@ def delta_m(mtl_metrics: Mapping[str, float], single_task_metrics: Mapping[str, 
     """
     if not single_task_metrics:
         raise ValueError("single_task_metrics is empty; give at least one baseline metric")
+    stray = sorted(set(higher_is_better or {}) - set(single_task_metrics))
+    if stray:  # a misspelt name would silently fall back to guessing its direction from the name
+        raise ValueError(f"higher_is_better names {stray}, which single_task_metrics lacks; its metrics are "
+                         f"{sorted(single_task_metrics)}")
     total = 0.0
     for name, baseline in single_task_metrics.items():
         if name not in mtl_metrics:
             raise ValueError(f"metric {name!r} of the single-task baseline is missing from mtl_metrics "
                              f"(which has {sorted(mtl_metrics)})")
-        if baseline == 0:
-            raise ValueError(f"baseline metric {name!r} is 0; the relative change is undefined")
+        if baseline == 0 or not math.isfinite(baseline):
+            raise ValueError(f"baseline metric {name!r} is {baseline}; the relative change is undefined")
         if higher_is_better is not None and name in higher_is_better:
             higher = bool(higher_is_better[name])
         else:

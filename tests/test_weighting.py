@@ -399,6 +399,12 @@ def test_delta_m_relative_change_of_a_negative_baseline_keeps_its_sign():
     (lambda: delta_m({}, {"seg/dice": 0.5}), "missing from mtl_metrics"),
     (lambda: delta_m({"seg/dice": 0.5}, {"seg/dice": 0.0}), "is 0"),
     (lambda: delta_m({}, {}), "empty"),
+    (lambda: delta_m({"seg/dice": 0.5}, {"seg/dice": float("nan")}), "'seg/dice' is nan; the relative change"),
+    (lambda: delta_m({"val/loss": 1.0}, {"val/loss": 2.0}, {"val/los": False}),
+     r"higher_is_better names \['val/los'\], which single_task_metrics lacks"),
+    (lambda: build_weighting("dwa", TASKS, temprature=2.0), r"weighting 'dwa' has no option \['temprature'\]; "
+                                                            r"its options are \['temperature'\]"),
+    (lambda: build_weighting("uncertainty", TASKS, foo=1), r"its options are none"),
 ])
 def test_bad_arguments(make, match):
     with pytest.raises(ValueError, match=match):
