@@ -94,6 +94,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         pick_device(args.device)
     except ValueError as error:
         parser.error(str(error))
+    if args.dataset == "breastmnist" and "seg" in args.tasks:  # before any data loads: it has no lesion masks
+        others = [t for t in args.tasks if t != "seg"]
+        parser.error("breastmnist has no lesion masks, so it cannot train seg; "
+                     + (f"use --tasks {' '.join(others)}" if others else "use --tasks cls, or a dataset with masks "
+                        "(busi, bus_bra, bus_uclm, synthetic)"))
     if args.limit is not None and args.limit < 4:
         parser.error(f"--limit must be >= 4 (a quarter goes to validation and test), got {args.limit}")
     args.task_weights = _parse_task_weights(parser, args.task_weights, args.tasks)

@@ -47,6 +47,8 @@ def test_defaults_name_the_output_folder():
     (["--num-workers", "-1"], "--num-workers must be >= 0"),
     (["--augment"], "--augment applies to real datasets"),
     (["--device", "cdua"], "unknown device 'cdua'"),
+    (["--dataset", "breastmnist"], "breastmnist has no lesion masks, so it cannot train seg; use --tasks cls"),
+    (["--dataset", "breastmnist", "--tasks", "seg"], "use --tasks cls, or a dataset with masks"),
 ])
 def test_bad_arguments_exit_with_a_message(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_:
