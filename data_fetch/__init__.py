@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from data_fetch.archive import UnsafeArchiveError, extract_zip
 from data_fetch.download import (
@@ -66,6 +67,9 @@ def fetch(
     source = get_source(name)
     folder = Path(dest).expanduser() if dest is not None else dataset_dir(name)
     url = url or source.url
+    if urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).netloc:  # urllib: "unknown url type"
+        raise ValueError(f"url {url!r} is not a web address; give the whole address of the file, starting with "
+                         f"https:// (the pinned one: {source.url})")
     known_hash = known_hash or source.known_hash
     parse_hash(known_hash)  # a malformed checksum fails now, not after a long download
     target = folder / source.filename

@@ -429,6 +429,8 @@ def test_manually_placed_file_with_wrong_hash_is_reported_not_deleted(tmp_path):
         (lambda d: parse_hash("md5:abc"), "has 3 hex digits; a md5 digest has 32"),
         (lambda d: parse_hash("sha256:" + "0" * 32), "has 32 hex digits; a sha256 digest has 64"),
         (lambda d: fetch("bus_bra", dest=d, known_hash="md5:" + "0" * 64), "a md5 digest has 32"),
+        (lambda d: fetch("breastmnist", dest=d, url="notaurl"), r"url 'notaurl' is not a web address; .*https://"),
+        (lambda d: fetch("breastmnist", dest=d, url="zenodo.org/records/1/breastmnist.npz"), "not a web address"),
     ],
 )
 def test_bad_arguments(tmp_path, call, message):
