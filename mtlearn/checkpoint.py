@@ -87,6 +87,9 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module | None = None,
         # `from None`: torch's text advises weights_only=False, i.e. running code from an unknown file
         raise ValueError(not_ours) from None
     if not isinstance(state, Mapping) or (model is not None and "model" not in state):
+        if isinstance(state, Mapping) and state and all(isinstance(v, Tensor) for v in state.values()):
+            raise ValueError(f"{path} holds a plain state_dict (torch.save(model.state_dict())), not an mtlearn "
+                             "checkpoint; load it with model.load_state_dict(torch.load(path, weights_only=True))")
         raise ValueError(not_ours)
     if model is not None:
         try:

@@ -414,7 +414,11 @@ def fit(model: nn.Module, train_loader, val_loader=None, config: TrainConfig | N
     if config.resume and (out_dir / "last.pt").is_file():
         history, start_epoch = _load_run(run, out_dir / "last.pt", train_loader, config, tasks)
         if (out_dir / "best.pt").is_file():
-            best_state = load_checkpoint(out_dir / "best.pt")["model"]
+            try:
+                best_state = load_checkpoint(out_dir / "best.pt")["model"]
+            except ValueError as error:  # last.pt is fine: only the best weights are lost, and they can be set aside
+                raise ValueError(f"{error}. To resume from last.pt anyway, move best.pt aside (e.g. to best.pt.bad): "
+                                 "the run continues, and best.pt is written again at the next improvement") from None
         if start_epoch >= config.epochs:  # nothing to train: say so rather than return the old run silently
             warnings.warn(f"the run in {out_dir} already has {start_epoch} epochs; pass a larger epochs "
                           f"(got {config.epochs}) to train further", stacklevel=2)

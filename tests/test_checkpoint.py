@@ -73,9 +73,14 @@ def test_load_checkpoint_refuses_a_corrupt_or_foreign_file(content, tmp_path):
     with pytest.raises(ValueError) as caught:
         load_checkpoint(path, small_model())
     message = str(caught.value)
-    assert message.startswith(f"cannot read {path}: it is not an mtlearn checkpoint") and "corrupt" in message
+    if content == "plain state_dict":  # readable weights: say how to load them, not "corrupt"
+        assert message == (f"{path} holds a plain state_dict (torch.save(model.state_dict())), not an mtlearn "
+                           "checkpoint; load it with model.load_state_dict(torch.load(path, weights_only=True))")
+    else:
+        assert message.startswith(f"cannot read {path}: it is not an mtlearn checkpoint") and "corrupt" in message
     # torch's advice to unpickle untrusted code is passed on neither in the message nor in the traceback
-    assert "weights_only" not in "".join(traceback.format_exception(caught.value))
+    assert "weights_only=False" not in "".join(traceback.format_exception(caught.value))
+    assert "weights_only" not in "".join(traceback.format_exception(caught.value)).replace("weights_only=True", "")
 
 
 def _leave_mark(path):

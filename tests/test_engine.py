@@ -227,6 +227,16 @@ def test_nan_guard_stops_and_keeps_the_last_good_checkpoint(where, tmp_path):
     assert all(torch.isfinite(b).all() for b in model.buffers() if b.is_floating_point())
 
 
+def test_resume_with_a_damaged_best_pt_says_how_to_go_on_from_last_pt(tmp_path):
+    train, val = _loaders()
+    _fit(ToyNet(), train, val, epochs=1, out_dir=tmp_path)
+    (tmp_path / "best.pt").write_bytes(b"half a checkpoint")  # last.pt is intact
+    with pytest.raises(ValueError, match=r"cannot read .*best.pt.*\. To resume from last.pt anyway, move best.pt aside"):
+        _fit(ToyNet(), train, val, epochs=2, out_dir=tmp_path, resume=True)
+    (tmp_path / "best.pt").rename(tmp_path / "best.pt.bad")
+    assert len(_fit(ToyNet(), train, val, epochs=2, out_dir=tmp_path, resume=True)) == 2  # as the message says
+
+
 @contextlib.contextmanager
 def _one_of_two_processes(rank, store, results):
     """A torchrun-like process group of two (gloo, a file store), one CPU thread, for mp.spawn targets.
