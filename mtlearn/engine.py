@@ -345,6 +345,14 @@ def _make_config(config: TrainConfig | None, overrides: Mapping[str, Any]) -> Tr
     return config
 
 
+def _length(loader) -> int | None:
+    """len(loader), or None for one that has no length (an IterableDataset without __len__)."""
+    try:
+        return len(loader)
+    except TypeError:
+        return None
+
+
 def _is_finite_number(value) -> bool:
     return is_number(value) and math.isfinite(value)
 
@@ -384,7 +392,8 @@ def fit(model: nn.Module, train_loader, val_loader=None, config: TrainConfig | N
     best.pt is selected on the validation metric only; without val_loader there is no best.pt.
     resume=True continues from out_dir/last.pt (a fresh start when there is none yet); with a
     larger `epochs` than before, the learning-rate schedule is recomputed for the new length.
-    Without resume=True, an out_dir that already holds a run (last.pt) is refused, never overwritten.
+    Without resume=True, an out_dir that already holds a run (last.pt, or a best.pt kept without it) is
+    refused, never overwritten.
     """
     config = _make_config(config, overrides)
     tasks = check_tasks(config.tasks if config.tasks is not None else _model_tasks(model))
@@ -392,10 +401,18 @@ def fit(model: nn.Module, train_loader, val_loader=None, config: TrainConfig | N
         if isinstance(loader, Dataset):  # it would yield single unbatched items: cryptic shape errors later
             raise TypeError(f"{name} is a Dataset ({type(loader).__name__}), not a DataLoader; wrap it: "
                             "torch.utils.data.DataLoader(dataset, batch_size=8, shuffle=True) (shuffle for training)")
-    for name, loader in (("train_loader", train_loader), ("val_loader", val_loader)):
-        if loader is not None and len(loader) == 0:  # val: else one epoch trains, then "monitor ... choose one of []"
-            raise ValueError(f"{name} yields no batches; check the dataset size and batch_size/drop_last"
-                             + (" (or pass val_loader=None: no validation, no best.pt)" if name == "val_loader" else ""))
+    if len(train_loader) == 0:
+        raise ValueError("train_loader yields no batches; check the dataset size and batch_size/drop_last")
+    # an empty validation loader: else one epoch trains, then "monitor ... choose one of []". Not under
+    # torchrun, where one process's evaluation shard may be empty (evaluate sums over all of them), and
+    # not for a loader without a length (an IterableDataset)
+    if val_loader is not None and not is_distributed() and _length(val_loader) == 0:
+        raise ValueError("val_loader yields no batches; check the dataset size and batch_size/drop_last (or pass "
+                         "val_loader=None: no validation, no best.pt)")
+    monitor, mode = _monitor(config, tasks)
+    expected = sorted(k for t in tasks for k in (*METRIC_KEYS[t], f"{t}/loss"))  # what evaluate will return
+    if val_loader is not None and monitor.removeprefix("val/") not in expected:  # before any work, not after an epoch
+        raise ValueError(f"monitor {config.monitor!r} is not a validation metric; choose one of {expected}")
     out_dir = Path(config.out_dir) if config.out_dir is not None else None
     if out_dir is not None:
         check_out_dir(out_dir, config.resume)
@@ -406,10 +423,6 @@ def fit(model: nn.Module, train_loader, val_loader=None, config: TrainConfig | N
         # dropout and drop-path draw from the GPU's generator: one stream per rank, or every rank would
         # drop the same units (each rank's CUDA state is saved in the checkpoint, so a resume keeps this)
         torch.cuda.manual_seed(config.seed + dist.get_rank())
-    monitor, mode = _monitor(config, tasks)
-    expected = sorted(k for t in tasks for k in (*METRIC_KEYS[t], f"{t}/loss"))  # what evaluate will return
-    if val_loader is not None and monitor.removeprefix("val/") not in expected:  # now, not after an epoch
-        raise ValueError(f"monitor {config.monitor!r} is not a validation metric; choose one of {expected}")
     history, start_epoch, best_state = History(monitor=monitor, mode=mode), 0, None
     if config.resume and (out_dir / "last.pt").is_file():
         history, start_epoch = _load_run(run, out_dir / "last.pt", train_loader, config, tasks)

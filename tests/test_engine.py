@@ -13,7 +13,7 @@ from torch.optim.optimizer import (
     register_optimizer_step_post_hook,
     register_optimizer_step_pre_hook,
 )
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from mtlearn.engine import (
     History,
@@ -277,6 +277,24 @@ def test_nan_guard_stops_every_torchrun_process_together(tmp_path):
     mp.spawn(_train_with_nan_on_rank_one, args=(tmp_path / "store", tmp_path), nprocs=2)
     assert (tmp_path / "rank1.txt").read_text() == "stopped at step 2, task cls"
     assert (tmp_path / "rank0.txt").read_text() == "stopped at step 2, task None"
+
+
+def _validate_on_an_empty_shard(rank, store, results):
+    """Rank 1's share of a one-image validation set is empty, as train.make_loader splits it."""
+    with _one_of_two_processes(rank, store, results):
+        val = DataLoader(Subset(ToyData(n=1, seed=1), range(rank, 1, 2)), batch_size=4)
+        history = _fit(ToyNet(), _loaders()[0], val, epochs=1, device="cpu")
+        (results / f"dice{rank}.txt").write_text(str(history.records[-1]["val/seg/dice"]))
+
+
+@pytest.mark.slow
+def test_torchrun_validates_when_one_process_has_no_validation_images(tmp_path):
+    """Refusing an empty val_loader per process would stop one process and leave the other waiting."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_validate_on_an_empty_shard, args=(tmp_path / "store", tmp_path), nprocs=2)
+    assert [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)] == ["finished", "finished"]
+    assert (tmp_path / "dice0.txt").read_text() == (tmp_path / "dice1.txt").read_text()  # the one image, on both
 
 
 def _train_two_of_three_heads(rank, store, results):
