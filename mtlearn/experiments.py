@@ -5,7 +5,8 @@
         --set num_seeds=1
 
 `--set NAME=V1,V2` sweeps a parameter of the notebook's `parameters` cell (a name the notebook does
-not have is an error, not a silently ignored value); the values are Python literals.
+not have is an error, not a silently ignored value); the values are Python literals, and text where
+the notebook has a list, a number or a switch is refused before the first run.
 
 Each run gets its own folder, named after its parameters. A run whose folder holds the `done`
 marker of a successful run with the same parameters is skipped, so an interrupted grid picks up
@@ -122,17 +123,18 @@ def _check_parameters(notebook: Path, parameters: dict[str, list[Any]]) -> None:
             default = ast.literal_eval(known[name]["default"])
         except (ValueError, SyntaxError):
             continue  # an expression, not a literal: nothing to compare with
-        kinds = {list: (list, tuple), tuple: (list, tuple), bool: (bool,), int: (int, float), float: (int, float)}
-        expected = kinds.get(type(default))  # None (None, a string): anything goes
-        if expected is None:
+        # only what cannot be meant: text where the notebook has a list or a number/switch (None, a
+        # tuple for an int image size, numpy numbers: all may be fine, the notebook checks them itself)
+        if isinstance(default, (list, tuple)):
+            kind, example = "a list", "['a'],['b']"
+        elif isinstance(default, (bool, int, float)):
+            kind, example = ("True or False", "True,False") if isinstance(default, bool) else ("a number", "1,2")
+        else:
             continue
-        # True is an int to isinstance: a switch and a number must not stand in for each other
-        wrong = [v for v in values if not isinstance(v, expected) or isinstance(v, bool) != (type(default) is bool)]
+        wrong = [v for v in values if isinstance(v, str)]
         if wrong:
-            kind = {list: "a list", tuple: "a tuple", bool: "True or False"}.get(type(default), "a number")
-            example = {list: "['a'],['b']", tuple: "(64,64),(96,96)", bool: "True,False"}.get(type(default), "1,2")
             raise ValueError(f"{notebook.stem}'s parameter {name!r} takes {kind} (its default: {default!r}); "
-                             f"{wrong[0]!r} is not. Give one such value per run, e.g. --set \"{name}={example}\"")
+                             f"{wrong[0]!r} is text. Give one such value per run, e.g. --set \"{name}={example}\"")
 
 
 def run_grid(specs: list[RunSpec], out_root: str | Path, *, progress: bool = True) -> pd.DataFrame:
@@ -226,7 +228,7 @@ def _parse_set(text: str) -> tuple[str, list[Any]]:
         try:
             return ast.literal_eval(v)
         except (ValueError, SyntaxError):
-            if v.strip()[:1] in "([{'\"":  # meant as a literal (a tuple, a list, a quoted string) but malformed
+            if v.strip()[:1] and v.strip()[0] in "([{'\"":  # meant as a literal (a tuple, a list, a quoted string) but malformed
                 raise argparse.ArgumentTypeError(f"--set {text!r}: {v!r} is not a valid Python literal; check its "
                                                  "brackets, and quote the strings inside (['fixed'], not [fixed])") from None
             return v

@@ -93,17 +93,19 @@ def test_grid_refuses_values_it_would_misread(notebooks, parameters, message):
         grid(notebooks, parameters, seeds=[0], profile="smoke")
 
 
-def test_grid_refuses_values_of_another_kind_than_the_notebooks_default(notebooks):
+def test_grid_refuses_text_where_the_notebook_has_a_list_a_number_or_a_switch(notebooks):
     """A string where the notebook has a list failed in every run, letter by letter ("unknown weighting 'p'")."""
     text = notebooks[0].read_text().replace("scale = 1", "scale = 1\\nnames = ['x']\\nflag = False")
     notebooks[0].write_text(text)
-    grid(notebooks[:1], {"names": [["a"], ("b",)], "flag": [True], "scale": [2, 0.5]}, seeds=[0], profile="smoke")
+    # what may be meant is left to the notebook: None, a tuple for an int (an image size), numpy numbers
+    grid(notebooks[:1], {"names": [["a"], ("b",), None], "flag": [True, None], "scale": [2, 0.5, None, (64, 96),
+                                                                                          np.int64(3)]},
+         seeds=[0], profile="smoke")
     for parameters, message in [
-        ({"names": ["pcgrad"]}, r"01_a's parameter 'names' takes a list \(its default: \['x'\]\); 'pcgrad' is not\. "
-                                r"Give one such value per run, e.g. --set \"names=\['a'\],\['b'\]\""),
-        ({"flag": ["False"]}, r"'flag' takes True or False .*'False' is not"),
-        ({"scale": ["big"]}, r"'scale' takes a number \(its default: 1\); 'big' is not"),
-        ({"scale": [True]}, r"'scale' takes a number"),  # True is an int to isinstance, not a scale
+        ({"names": ["pcgrad"]}, r"01_a's parameter 'names' takes a list \(its default: \['x'\]\); 'pcgrad' is "
+                                r"text\. Give one such value per run, e.g. --set \"names=\['a'\],\['b'\]\""),
+        ({"flag": ["False"]}, r"'flag' takes True or False .*'False' is text"),
+        ({"scale": ["big"]}, r"'scale' takes a number \(its default: 1\); 'big' is text"),
     ]:
         with pytest.raises(ValueError, match=message):
             grid(notebooks[:1], parameters, seeds=[0], profile="smoke")
@@ -114,6 +116,7 @@ def test_set_refuses_a_malformed_literal_instead_of_splitting_it_into_strings(te
     with pytest.raises(argparse.ArgumentTypeError, match=r"is not a valid Python literal; check its brackets, and "
                                                           r"quote the strings inside"):
         _parse_set(text)
+    assert _parse_set("tag=a,,b") == ("tag", ["a", "", "b"])  # an empty item is text, not a broken literal
 
 
 def test_run_folders_stay_one_level_deep(notebooks, tmp_path):
