@@ -67,9 +67,10 @@ def fetch(
     source = get_source(name)
     folder = Path(dest).expanduser() if dest is not None else dataset_dir(name)
     url = url or source.url
-    if urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).netloc:  # urllib: "unknown url type"
+    parts = urlsplit(url)  # urllib's own error would be "unknown url type"
+    if not (parts.scheme in ("http", "https", "ftp") and parts.netloc or parts.scheme == "file" and parts.path):
         raise ValueError(f"url {url!r} is not a web address; give the whole address of the file, starting with "
-                         f"https:// (the pinned one: {source.url})")
+                         f"https:// (or file:// for a local copy; the pinned one: {source.url})")
     known_hash = known_hash or source.known_hash
     parse_hash(known_hash)  # a malformed checksum fails now, not after a long download
     target = folder / source.filename

@@ -60,7 +60,7 @@ def pick_device(device: str | torch.device = "auto") -> torch.device:
     if not isinstance(device, str):
         raise ValueError(f"device must be a string such as 'auto' or 'cuda:0', got {device!r}")
     kind, _, index = device.partition(":")
-    if kind not in DEVICE_CHOICES or (":" in device and (kind != "cuda" or not index.isdigit())):
+    if kind not in DEVICE_CHOICES or (":" in device and (kind == "auto" or not index.isdigit())):
         raise ValueError(f"unknown device {device!r}; expected one of {DEVICE_CHOICES} (or 'cuda:N', N a GPU number)")
     if kind == "auto":
         if torch.cuda.is_available():
@@ -75,7 +75,7 @@ def pick_device(device: str | torch.device = "auto") -> torch.device:
         )
     if kind == "mps" and not torch.backends.mps.is_available():
         raise ValueError("device 'mps' was requested but Apple's MPS backend is not available; use 'auto' or 'cpu'")
-    if index and int(index) >= torch.cuda.device_count():  # else torch fails at the first tensor moved there
+    if kind == "cuda" and index and int(index) >= torch.cuda.device_count():  # else torch fails at the first tensor moved there
         raise ValueError(f"device {device!r}: there is no GPU {index}, this machine has "
                          f"{torch.cuda.device_count()} (cuda:0 to cuda:{torch.cuda.device_count() - 1})")
     return torch.device(device)

@@ -413,6 +413,17 @@ def test_unreliable_host_suggests_a_mirror(tmp_path, name, url, suggested):
     assert (f'python -m data_fetch {name} --dest "{tmp_path}" --url <mirror URL>' in message) == suggested
 
 
+def test_a_local_copy_is_fetched_from_a_file_url(tmp_path):
+    """A mirror on a shared drive (a cluster without internet): file:// goes through the same checks."""
+    copy = tmp_path / "mirror" / "breastmnist.npz"
+    copy.parent.mkdir()
+    copy.write_bytes(b"a pretend archive")
+    digest = hashlib.sha256(copy.read_bytes()).hexdigest()
+    folder = fetch("breastmnist", dest=tmp_path / "data", url=copy.as_uri(), known_hash=f"sha256:{digest}",
+                   progress=False)
+    assert (folder / "breastmnist.npz").read_bytes() == b"a pretend archive"
+
+
 def test_manually_placed_file_with_wrong_hash_is_reported_not_deleted(tmp_path):
     (tmp_path / "breastmnist.npz").write_bytes(b"something else")
     with pytest.raises(HashMismatchError, match="expected md5:750601b1f35ba3300ea97c75c52ff8f6.*delete"):

@@ -38,7 +38,7 @@ def test_pick_device_auto_and_cpu():
 
 
 @pytest.mark.parametrize("bad, message", [("gpu", "unknown device"), (3, "device must be a string"),
-                                          ("cuda:x", "unknown device 'cuda:x'"), ("cpu:1", "unknown device 'cpu:1'")])
+                                          ("cuda:x", "unknown device 'cuda:x'"), ("auto:0", "unknown device 'auto:0'")])
 def test_pick_device_rejects_bad_names(bad, message):
     with pytest.raises(ValueError, match=message):
         pick_device(bad)
@@ -48,6 +48,7 @@ def test_pick_device_names_a_gpu_number_the_machine_lacks(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # one GPU, as on Colab
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     assert pick_device("cuda:0") == torch.device("cuda:0")
+    assert pick_device("cpu:0") == torch.device("cpu:0")  # a tensor's .device, passed on as it is
     with pytest.raises(ValueError, match=r"device 'cuda:7': there is no GPU 7, this machine has 1 \(cuda:0 to cuda:0\)"):
         pick_device("cuda:7")
 
