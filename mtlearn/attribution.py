@@ -297,20 +297,43 @@ class Explainer:
         method_kw: the method's own settings, e.g. n_steps=16 for "ig", window=8 for "occlusion"
         (see `_ig`, `_smoothgrad`, `_gradcam`, `_occlusion`).
         """
-        if method not in METHODS:
-            raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
-        run = getattr(self, f"_{method}")
-        allowed = [p for p in inspect.signature(run).parameters if p not in ("forward", "images", "args")]
-        unknown = sorted(set(method_kw) - set(allowed))
-        if unknown:
-            raise ValueError(f"{method!r} takes no option(s) {unknown}; its options are {allowed}")
         checked = self._check_images(images)
+        self.check_options(method, checked.shape[-2:], **method_kw)
+        run = getattr(self, f"_{method}")
         device = images.device  # the maps go back where the images came from
         images = checked
         args = self.forward_args(images, head, target, reference)
         images = images.detach().clone().requires_grad_(True)  # Captum differentiates w.r.t. this copy
         maps = run(self.head(head), images, args, **method_kw)
         return maps.sum(dim=1, keepdim=True).detach().to(device)  # (B, 1, H, W)
+
+    def check_options(self, method: str, image_size: Sequence[int], **method_kw) -> None:
+        """Refuse an unknown method, an option it lacks or a value out of range, before any map is made.
+
+        image_size: (H, W) of the images to explain (the occlusion window must fit). The loops over
+        many images and methods (localisation_scores, cascading_randomisation, the explorer) call
+        this first, so a typo in the last method's settings does not wait for the others to run.
+        """
+        if method not in METHODS:
+            raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+        allowed = [p for p in inspect.signature(getattr(self, f"_{method}")).parameters
+                   if p not in ("forward", "images", "args")]
+        unknown = sorted(set(method_kw) - set(allowed))
+        if unknown:
+            raise ValueError(f"{method!r} takes no option(s) {unknown}; its options are {allowed}")
+        for name in ("n_steps", "internal_batch_size", "nt_samples", "perturbations_per_eval"):
+            if name in method_kw:
+                _check_count(name, method_kw[name])
+        stdev = method_kw.get("stdev", 0.15)
+        if isinstance(stdev, bool) or not isinstance(stdev, numbers.Real) or not math.isfinite(stdev) or stdev <= 0:
+            raise ValueError(f"stdev must be a number > 0 (a fraction of the image's value range, e.g. 0.15), "
+                             f"got {stdev!r}")
+        window = method_kw.get("window")
+        if window is not None:
+            _check_count("window", window, min(image_size), " (the image side; None: 1/8 of it)")
+        if method_kw.get("stride") is not None:
+            most = window if window is not None else _default_window(image_size)
+            _check_count("stride", method_kw["stride"], most, " (the window; None: the window)")
 
     def _check_images(self, images: Tensor) -> Tensor:
         if not isinstance(images, Tensor) or images.dim() != 4:
@@ -334,7 +357,6 @@ class Explainer:
         """
         from captum.attr import IntegratedGradients
 
-        _check_count("n_steps", n_steps)
         return IntegratedGradients(forward).attribute(
             images, baselines=_baseline(images, baseline), additional_forward_args=args, n_steps=n_steps,
             internal_batch_size=internal_batch_size)
@@ -354,10 +376,6 @@ class Explainer:
         """
         from captum.attr import Saliency
 
-        _check_count("nt_samples", nt_samples)
-        if isinstance(stdev, bool) or not isinstance(stdev, numbers.Real) or not math.isfinite(stdev) or stdev <= 0:
-            raise ValueError(f"stdev must be a number > 0 (a fraction of the image's value range, e.g. 0.15), "
-                             f"got {stdev!r}")
         value_range = (images.amax(dim=(1, 2, 3)) - images.amin(dim=(1, 2, 3))).clamp_min(1e-6)  # (B,)
         sigma = (stdev * value_range).detach().view(-1, 1, 1, 1)
         saliency = Saliency(forward)
@@ -392,15 +410,18 @@ class Explainer:
         """
         from captum.attr import Occlusion
 
-        C, H, W = images.shape[1:]
-        window = (max(2, min(H, W) // 8) if window is None
-                  else _check_count("window", window, min(H, W), " (the image side; None: 1/8 of it)"))
-        stride = window if stride is None else _check_count("stride", stride, window, " (the window; None: the window)")
-        _check_count("perturbations_per_eval", perturbations_per_eval)
+        C = images.shape[1]
+        window = _default_window(images.shape[-2:]) if window is None else int(window)  # checked in check_options
+        stride = window if stride is None else int(stride)
         return Occlusion(forward).attribute(
             images, sliding_window_shapes=(C, window, window), strides=(C, stride, stride),
             baselines=_baseline(images, baseline), additional_forward_args=args,
             perturbations_per_eval=perturbations_per_eval)
+
+
+def _default_window(image_size: Sequence[int]) -> int:
+    """Occlusion's patch side when none is given: 1/8 of the image side, at least 2 pixels."""
+    return max(2, min(image_size) // 8)
 
 
 def _check_count(name: str, value, most: int | None = None, hint: str = "") -> int:
@@ -422,9 +443,10 @@ def _class_indices(target, batch: int) -> Tensor:
         indices = torch.as_tensor(target)
     except (TypeError, ValueError, RuntimeError):
         raise TypeError(f"cls target must be {expected}, got {target!r}") from None
-    if indices.is_floating_point() or indices.is_complex() or indices.dtype == torch.bool:
+    whole = not indices.is_floating_point() or bool((indices == indices.round()).all())  # labels kept as 0., 1.
+    if indices.is_complex() or indices.dtype == torch.bool or not whole:
         raise TypeError(f"cls target must be {expected}, got {indices.dtype} values {indices.flatten().tolist()}; "
-                        "class indices are whole numbers (labels stored as floats: .long())")
+                        "class indices are whole numbers")
     return indices.long()
 
 
@@ -529,6 +551,8 @@ def localisation_scores(explainer: Explainer, images: Tensor, mask: Tensor, head
     "pointing_chance" that of the mask grown by `tolerance` (how often a peak at a random pixel hits).
     """
     method_kw = method_kw or {}
+    for method in methods:  # all of them before the first map: a typo in the last must not wait for the others
+        explainer.check_options(method, images.shape[-2:], **method_kw.get(method, {}))
     mask = mask.float()
     keep = mask.flatten(1).sum(1) > 0
     if not keep.any():
@@ -732,6 +756,7 @@ def cascading_randomisation(model: nn.Module, images: Tensor, head: str = "cls",
     elif init is not None and not callable(init):
         raise ValueError(f"init must be 'auto', None or a function of a module, got {init!r}")
     images = explainer._check_images(images)
+    explainer.check_options(method, images.shape[-2:], **method_kw)
     target = explainer.forward_args(images, head, target)[0]
     groups = list(groups) if groups is not None else randomisation_groups(explainer, images, head, target, depth)
     # Noise and new weights are drawn on the CPU and on the parameters' device: fork (save and restore)
@@ -912,6 +937,8 @@ class AttributionExplorer:
         self.explainer = Explainer(model, layer=layer, keys=keys)
         self.class_names = class_names or getattr(dataset, "class_names", None)
         self.method_kw = dict(method_kw or {})
+        for method in methods:  # now, not when a student first picks the method in the widget
+            self.explainer.check_options(method, dataset[0]["image"].shape[-2:], **self.method_kw.get(method, {}))
         with torch.no_grad():  # one forward pass tells which heads the model has, and how many classes
             outputs = self.explainer.model(dataset[0]["image"][None].to(self.explainer.device).float())
         if heads is None:

@@ -475,9 +475,30 @@ def test_bad_arguments_are_named(explainer, images, kwargs, message):
 BAD_TARGET_TYPES = [
     ("malignant", r"class index \(int\), 2 class indices or None.*class_names\.index\('malignant'\)"),
     (["benign", "normal"], r"class index \(int\), 2 class indices or None"),
-    (1.5, "whole numbers"),
-    (torch.tensor([0.0, 1.0]), "whole numbers"),
+    (1.5, "whole numbers"),  # it became class 1 without a word
+    (torch.tensor([0.0, 1.5]), "whole numbers"),
+    (torch.tensor([True, False]), "whole numbers"),
 ]
+
+
+def test_labels_kept_as_whole_floats_are_class_indices(explainer, images):
+    torch.manual_seed(0)
+    as_floats = explainer.attribute(images, "cls", torch.tensor([0.0, 2.0]), method="saliency")
+    torch.manual_seed(0)
+    torch.testing.assert_close(as_floats, explainer.attribute(images, "cls", torch.tensor([0, 2]), method="saliency"))
+
+
+def test_a_bad_setting_of_any_method_stops_the_loops_before_the_first_map(explainer, images, monkeypatch):
+    calls = []
+    attribute = A.Explainer.attribute  # every explainer, the copy cascading_randomisation makes included
+    monkeypatch.setattr(A.Explainer, "attribute", lambda *a, **k: calls.append(a[2:]) or attribute(*a, **k))
+    mask = torch.ones(len(images), 1, SIZE, SIZE)
+    with pytest.raises(ValueError, match=r"window must be an int in 1\.\.32"):  # occlusion comes last
+        A.localisation_scores(explainer, images, mask, methods=("saliency", "occlusion"),
+                              method_kw={"occlusion": {"window": 99}})
+    with pytest.raises(ValueError, match=r"n_steps must be an int >= 1"):
+        A.cascading_randomisation(explainer.model, images, method="ig", n_steps=0, progress=False)
+    assert calls == []  # neither computed a single map first
 
 
 @pytest.mark.parametrize("target, message", BAD_TARGET_TYPES)
@@ -694,6 +715,9 @@ def test_randomise_resets_a_layer_to_pytorchs_default_scale_not_its_trained_one(
 
 class FixedMaps:
     """A stub explainer whose every map is the 4 x 4 map below: +1 inside MASK, -9 outside."""
+
+    def check_options(self, method, image_size, **method_kw):
+        pass
 
     def attribute(self, images, head, target, method, **method_kw):
         return _map([1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, -9]).expand(len(images), 1, 4, 4)
