@@ -137,7 +137,7 @@ class Classifier(nn.Module):
         num_classes = check_int("num_classes", num_classes, 2)
         if readout not in READOUTS:
             raise ValueError(f"unknown readout {readout!r}; expected one of {READOUTS}")
-        if not isinstance(hidden, int) or hidden < 0:
+        if not is_int(hidden) or hidden < 0:
             raise ValueError(f"hidden must be an int >= 0 (0: linear classifier), got {hidden!r}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from mtlearn.blocks import PatchEmbed, ResFormerStage
-from mtlearn.utils import check_bool, check_size
+from mtlearn.utils import check_bool, check_size, is_int
 
 STRIDE = 16  # the deepest feature map is H/16 x W/16: inputs must be divisible by this
 
@@ -46,7 +46,7 @@ class ResFormerConfig:
             setattr(self, name, check_bool(name, getattr(self, name)))
         for name in ("widths", "cnn_depths", "attn_depths", "num_heads"):
             setattr(self, name, tuple(getattr(self, name)))
-        if not isinstance(self.in_channels, int) or self.in_channels < 1:
+        if not is_int(self.in_channels) or self.in_channels < 1:
             raise ValueError(f"in_channels must be a positive integer (1 grey, 3 RGB), got {self.in_channels!r}")
         if len(self.image_size) != 2 or any(s < STRIDE or s % STRIDE for s in self.image_size):
             raise ValueError(f"image_size must be a multiple of the network stride {STRIDE} (e.g. 128 or 224), "

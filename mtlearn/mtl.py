@@ -220,6 +220,7 @@ def monai_baseline(name: str = "unet", in_channels: int = 1, seg_classes: int = 
     "unet": channels (16, 32, 64, 128, 256), strides 2, two residual units (MONAI's tutorial
     network, 1.6M params); inputs divisible by 16.
     "swinunetr": spatial_dims=2, feature_size=48 (25.1M params); inputs divisible by 32. Needs einops.
+    seg_classes >= 2: softmax logits with a background channel, as the ResFormer's.
     """
     if name not in MONAI_MODELS:
         raise ValueError(f"unknown MONAI baseline {name!r}; expected one of {MONAI_MODELS}")

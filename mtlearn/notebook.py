@@ -117,8 +117,8 @@ class Run:
 
         Why not `epochs or run.pick(...)`: that quietly turns epochs=0 into the default. A set
         value must have the default's type (an int where the default is an int; an int or a float
-        where it is a float) and, with `positive`, be > 0; anything else is an error naming the
-        parameter.
+        where it is a float), be finite if it is a number and, with `positive`, a number > 0;
+        anything else is an error naming the parameter.
         """
         default = self.pick(**per_profile)
         if value is None:

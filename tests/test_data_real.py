@@ -742,6 +742,15 @@ def test_a_damaged_npz_names_the_file_and_the_fix(tmp_path, name, make, damage):
     assert "allow_pickle" not in str(caught.value)
 
 
+def test_an_error_of_the_reader_itself_is_not_blamed_on_the_npz(tmp_path):
+    from mtlearn.data.real import _npz
+
+    path = make_breastmnist(tmp_path)
+    with pytest.raises(ValueError, match="^zero-size array") as caught, _npz(path) as data:
+        data["train_images"][:0].max()  # a reader's bug (an empty class, say), not a damaged download
+    assert "not a valid .npz" not in str(caught.value)
+
+
 @pytest.mark.parametrize("damage", [lambda data: b"", lambda data: ERROR_PAGE, cut_short],
                          ids=["empty", "error-page", "cut-short"])
 def test_unreadable_busi_files_are_skipped_and_named(tmp_path, damage):

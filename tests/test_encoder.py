@@ -76,6 +76,12 @@ def test_bad_input(name, shape, message):
         encoder(torch.randn(shape))
 
 
+def test_numpy_integers_from_a_sweep_are_accepted():
+    import numpy as np
+
+    assert tiny_config(in_channels=np.int64(3)).in_channels == 3
+
+
 def test_window_defaults_to_a_sixteenth_of_the_image():
     assert tiny_config(image_size=128).window_size == 8
     assert tiny_config(image_size=(224, 160)).window_size == 10

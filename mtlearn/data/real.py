@@ -43,7 +43,7 @@ from mtlearn.data.splits import (
 )
 from mtlearn.data.synthetic import SyntheticUltrasound
 from mtlearn.data.transforms import augment_item, augmentation, random_states, reseed, resize_image, resize_mask
-from mtlearn.utils import check_size, world_and_rank
+from mtlearn.utils import check_size, is_int, world_and_rank
 
 DATASETS = ("synthetic", "shapes", "busi", "busi_npz", "bus_bra", "bus_uclm", "breastmnist")
 SPLITS = ("train", "val", "test", "all")
@@ -468,7 +468,7 @@ def _synthetic(split: str, image_size, seed: int, in_channels: int, num_samples:
     if split == "all":
         return _Concatenated([_synthetic(s, image_size, seed, in_channels, num_samples, **kwargs) for s in SPLITS[:3]])
     size = SYNTHETIC_SIZES[split] if num_samples is None else num_samples
-    if not isinstance(size, int) or not 1 <= size <= 1_000_000:
+    if not is_int(size) or not 1 <= size <= 1_000_000:
         raise ValueError(f"num_samples must be an integer in [1, 1000000], got {size!r}")
     return SyntheticUltrasound(
         num_samples=size, image_size=image_size, seed=seed, in_channels=in_channels,
@@ -583,16 +583,18 @@ def _npz(path: Path) -> Iterator[np.lib.npyio.NpzFile]:
 
     Never with allow_pickle (numpy's advice for a file it cannot read): a pickle can run any code.
     """
-    try:
-        # opened here: np.load leaves its own handle open when the file is no zip; arrays are read
-        # when indexed, so the errors can come from the body
-        with open(path, "rb") as f, np.load(f) as data:
-            yield data
-    except (ValueError, EOFError, zipfile.BadZipFile, zlib.error):
-        raise DamagedFileError(
-            f"{path} is not a valid .npz file ({path.stat().st_size:,} bytes): a download cut short, "
-            "or an error page saved under its name"
-        ) from None
+    damaged = DamagedFileError(f"{path} is not a valid .npz file ({path.stat().st_size:,} bytes): a download "
+                               "cut short, or an error page saved under its name")
+    with open(path, "rb") as f:  # opened here: np.load leaves its own handle open when the file is no zip
+        try:
+            data = np.load(f)  # an error page: ValueError (with numpy's advice to allow pickles)
+        except (ValueError, EOFError, zipfile.BadZipFile, zlib.error):
+            raise damaged from None
+        with data:
+            try:
+                yield data  # arrays are read when indexed: a member cut short fails in the caller's body
+            except (EOFError, zipfile.BadZipFile, zlib.error):  # not ValueError: the caller's own, e.g. max()
+                raise damaged from None
 
 
 def _require_keys(path: Path, data, keys: Sequence[str]) -> None:
