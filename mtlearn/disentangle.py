@@ -486,11 +486,11 @@ def main_step(model: nn.Module, optimizer: torch.optim.Optimizer, features_a: to
 
 
 def _check_training(*, epochs, adv_steps, w_adv, w_leak, adv_loss, adv_target, lr, betas, weight_decay, adv_lr,
-                    adv_momentum, warmup_epochs, ramp_epochs) -> None:
+                    adv_momentum, warmup_epochs, ramp_epochs, leak_shrink) -> None:
     """The options train_disentangle and DisentangleConfig share, checked in one place."""
     for name, value in (("lr", lr), ("w_adv", w_adv), ("w_leak", w_leak), ("weight_decay", weight_decay),
                         ("adv_lr", adv_lr), ("adv_momentum", adv_momentum), ("warmup_epochs", warmup_epochs),
-                        ("ramp_epochs", ramp_epochs)):
+                        ("ramp_epochs", ramp_epochs), ("leak_shrink", leak_shrink)):
         if not is_number(value):  # "1e-3" from a config file or a widget would fail later in Adam or a comparison
             raise ValueError(f"{name} must be a number, got {value!r}; pass it unquoted")
     if adv_loss not in ADV_LOSSES:
@@ -503,8 +503,8 @@ def _check_training(*, epochs, adv_steps, w_adv, w_leak, adv_loss, adv_target, l
         if not 0 <= value < float("inf"):  # written so that NaN fails too
             raise ValueError(f"{name} must be a finite number >= 0 (a negative weight helps the adversaries; "
                              f"0 turns the term off), got {value!r}")
-    for name, value in (("lr", lr), ("adv_lr", adv_lr)):
-        if not (0 < value < float("inf")):
+    for name, value in (("lr", lr), ("adv_lr", adv_lr), ("leak_shrink", leak_shrink)):  # shrink: checked even
+        if not (0 < value < float("inf")):  # with w_leak 0, so a preset that turns the penalty on later is sound
             raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
     if not (0 <= weight_decay < float("inf")):
         raise ValueError(f"weight_decay must be a finite number >= 0 (0: none), got {weight_decay!r}")
@@ -531,6 +531,14 @@ def _check_loader(name: str, loader, wrap: str) -> None:
     """A Dataset would yield single unbatched items (int labels): refuse it, as mtlearn.engine.fit does."""
     if isinstance(loader, Dataset):
         raise TypeError(f"{name} is a Dataset ({type(loader).__name__}), not a DataLoader; wrap it: {wrap}")
+
+
+def _check_task_keys(task_keys) -> None:
+    """Two different label names, task A's first (e.g. ("shape", "background"))."""
+    if (isinstance(task_keys, str) or len(task_keys) != 2 or not all(isinstance(k, str) for k in task_keys)
+            or task_keys[0] == task_keys[1]):
+        raise ValueError(f"task_keys must be two different label names, task A's first, e.g. ('shape', "
+                         f"'background'); got {task_keys!r}")
 
 
 def _check_batch(batch, task_keys: tuple[str, str]) -> None:
@@ -623,7 +631,9 @@ def train_disentangle(
 
     _check_training(epochs=epochs, adv_steps=adv_steps, w_adv=w_adv, w_leak=w_leak, adv_loss=adv_loss,
                     adv_target=adv_target, lr=lr, betas=betas, weight_decay=weight_decay, adv_lr=adv_lr,
-                    adv_momentum=adv_momentum, warmup_epochs=warmup_epochs, ramp_epochs=ramp_epochs)
+                    adv_momentum=adv_momentum, warmup_epochs=warmup_epochs, ramp_epochs=ramp_epochs,
+                    leak_shrink=leak_shrink)
+    _check_task_keys(task_keys)
     if not isinstance(model, _TwoTaskNet):
         raise _not_a_two_task_model(model)
     _check_loader("train_loader", train_loader, "torch.utils.data.DataLoader(dataset, batch_size=50, shuffle=True)")
@@ -796,6 +806,7 @@ def evaluate_disentangle(model: nn.Module, loader, *, task_keys: tuple[str, str]
     from mtlearn.utils import pick_device
 
     _check_loader("loader", loader, "torch.utils.data.DataLoader(dataset, batch_size=100)")
+    _check_task_keys(task_keys)
     device = pick_device(device)
     key_a, key_b = task_keys
     outputs = (("acc_a", "logits_a", key_a), ("acc_b", "logits_b", key_b),
@@ -879,7 +890,7 @@ class DisentangleConfig:
         _check_training(epochs=self.epochs, adv_steps=self.adv_steps, w_adv=self.w_adv, w_leak=self.w_leak,
                         adv_loss=self.adv_loss, adv_target=self.adv_target, lr=self.lr, betas=self.betas,
                         weight_decay=self.weight_decay, adv_lr=self.adv_lr, adv_momentum=self.adv_momentum,
-                        warmup_epochs=self.warmup_epochs, ramp_epochs=self.ramp_epochs)
+                        warmup_epochs=self.warmup_epochs, ramp_epochs=self.ramp_epochs, leak_shrink=self.leak_shrink)
         if self.adv_readout not in READOUTS:
             raise ValueError(f"unknown adv_readout {self.adv_readout!r}; expected one of {READOUTS}")
         check_int("batch_size", self.batch_size, 1)

@@ -241,6 +241,10 @@ def _to_device(batch: Mapping[str, Any], device: torch.device, channels_last: bo
     moved = {k: v.to(device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in batch.items()}
     if "image" not in moved:
         raise ValueError(f"every batch needs an 'image' entry (the model input); got keys {sorted(batch)}")
+    if isinstance(moved["image"], Tensor) and moved["image"].dim() == 3:  # e.g. fit(model, [item, item, ...])
+        raise TypeError(f"batch['image'] has shape {tuple(moved['image'].shape)}: the loader yields single items, "
+                        "not batches; wrap the data in a DataLoader, e.g. torch.utils.data.DataLoader(data, "
+                        "batch_size=8, shuffle=True)")
     if channels_last and moved["image"].dim() == 4:
         moved["image"] = moved["image"].contiguous(memory_format=torch.channels_last)
     return moved

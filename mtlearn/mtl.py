@@ -230,6 +230,9 @@ def monai_baseline(name: str = "unet", in_channels: int = 1, seg_classes: int = 
     in_channels, seg_classes = check_int("in_channels", in_channels, 1), check_int("seg_classes", seg_classes, 2)
     if name == "unet":
         options = dict(channels=(16, 32, 64, 128, 256), strides=(2, 2, 2, 2), num_res_units=2) | kwargs
+        if len(options["channels"]) != len(options["strides"]) + 1:  # MONAI would only warn, and build another net
+            raise ValueError(f"MONAI's UNet needs one stride per downsampling, one fewer than channels; got "
+                             f"channels={tuple(options['channels'])} and strides={tuple(options['strides'])}")
         stride = 2 ** len(options["strides"])
         net = UNet(spatial_dims=2, in_channels=in_channels, out_channels=seg_classes, **options)
     else:  # "swinunetr"

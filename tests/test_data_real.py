@@ -800,6 +800,14 @@ def test_busi_without_any_image_says_so(tmp_path):
         load_dataset("busi", root=tmp_path)  # was numpy's "need at least one array to stack"
 
 
+def test_bus_uclm_without_any_image_says_so(tmp_path):
+    base = make_bus_uclm(tmp_path)["base"]
+    for image in (base / "images").glob("*.png"):
+        image.unlink()
+    with pytest.raises(LayoutError, match=r"no images found under .*images: BUS-UCLM has <PATIENT>_<NNN>\.png"):
+        load_dataset("bus_uclm", root=tmp_path)  # it was an empty dataset, failing later in a sampler
+
+
 def test_root_that_is_a_file_is_named_as_such(tmp_path):
     stray = tmp_path / "notes.txt"
     stray.write_text("x")

@@ -444,7 +444,10 @@ def test_each_step_refuses_a_nan_loss_before_its_optimiser_step(shapes_batch):
      ({"w_adv": -1.0}, "w_adv must be a finite number >= 0"),
      # these reached torch's SGD ("Invalid learning rate: -1", not naming adv_lr) or gave NaN losses
      ({"adv_lr": -1}, "adv_lr must be a finite number > 0"), ({"weight_decay": -1}, "weight_decay must be a finite"),
-     ({"adv_momentum": 5}, r"adv_momentum must be a number in \[0, 1\)")],
+     ({"adv_momentum": 5}, r"adv_momentum must be a number in \[0, 1\)"),
+     ({"leak_shrink": -1.0}, "leak_shrink must be a finite number > 0"),  # failed only with w_leak > 0, later
+     ({"task_keys": "shape"}, r"task_keys must be two different label names, .*got 'shape'"),  # "too many values"
+     ({"task_keys": ("shape", "shape")}, "task_keys must be two different label names")],
 )
 def test_train_disentangle_bad_arguments(kwargs, match, tiny_loaders):
     with pytest.raises(ValueError, match=match):
@@ -796,6 +799,7 @@ def test_main_step_adds_the_leakage_term_and_needs_its_state(shapes_batch):
     ({"weight_decay": float("nan")}, r"weight_decay must be a finite number >= 0"),
     ({"adv_momentum": 5}, r"adv_momentum must be a number in \[0, 1\)"),
     ({"adv_momentum": -0.1}, r"adv_momentum must be a number in \[0, 1\)"),
+    ({"leak_shrink": 0.0}, r"leak_shrink must be a finite number > 0"),
 ])
 def test_config_rejects_bad_training_values(overrides, match):
     # these passed silently and failed later in Adam (or a comparison, or the model's constructor)

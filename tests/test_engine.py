@@ -580,6 +580,9 @@ def test_dataset_instead_of_a_loader_is_named():
         _fit(ToyNet(), train.dataset, val)
     with pytest.raises(TypeError, match=r"val_loader is a Dataset \(ToyData\), not a DataLoader"):
         _fit(ToyNet(), train, val.dataset)
+    items = [train.dataset[i] for i in range(4)]  # a plain list: not a Dataset, but just as unbatched
+    with pytest.raises(TypeError, match=r"batch\['image'\] has shape \(1, 16, 16\): the loader yields single items"):
+        _fit(ToyNet(), items, None)
 
 
 def test_tuple_batches_are_named():

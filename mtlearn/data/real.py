@@ -382,7 +382,10 @@ def _read_bus_uclm(folder: Path, split: str, seed: int):
     )
     info = {Path(row["Image"]).stem: row for row in _read_csv(base / "INFO.csv", ("Image", "Doppler", "Marks"), ";")}
     records, problems = [], []
-    for image in _pngs(base / "images"):
+    images = _pngs(base / "images")
+    if not images:  # rather than an empty dataset that fails later, in a sampler or a mean
+        raise LayoutError(f"no images found under {base / 'images'}: BUS-UCLM has <PATIENT>_<NNN>.png files there")
+    for image in images:
         mask, row = base / "masks" / image.name, info.get(image.stem)
         if not mask.is_file():
             problems.append(f"{image.stem}: no mask file, skipped")
