@@ -513,6 +513,8 @@ def mask_share(maps: Tensor, mask: Tensor, mode: str = "positive") -> Tensor:
 
 def _grow(mask: Tensor, pixels: int) -> Tensor:
     """(B, 1, H, W) mask dilated by `pixels` in every direction (a square neighbourhood)."""
+    if isinstance(pixels, bool) or not isinstance(pixels, numbers.Integral) or pixels < 0:  # every caller's check
+        raise ValueError(f"tolerance must be an integer >= 0 (pixels), got {pixels!r}")
     return nn.functional.max_pool2d(mask, 2 * pixels + 1, stride=1, padding=pixels) if pixels else mask
 
 
@@ -525,8 +527,6 @@ def pointing_game(maps: Tensor, mask: Tensor, tolerance: int = 1, mode: str = "p
     equal maxima: it counts as a hit when at least half of it lies in the grown mask (for a single
     maximum that is Zhang et al.'s rule). A map with no positive mass points nowhere: a miss.
     """
-    if tolerance < 0:
-        raise ValueError(f"tolerance must be >= 0 pixels, got {tolerance!r}")
     maps, mask = _check_pair(maps, mask)
     grown = _grow(mask, tolerance)
     mass = _mass(maps, mode).flatten(1)  # (B, H*W)

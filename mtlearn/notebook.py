@@ -24,6 +24,7 @@ import math
 import os
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from mtlearn.utils import check_folder, environment_report, pick_device, seed_everything, to_jsonable, write_json
+from mtlearn.utils import (
+    check_folder,
+    environment_report,
+    is_int,
+    is_number,
+    pick_device,
+    seed_everything,
+    to_jsonable,
+    write_json,
+)
 
 PROFILES = ("smoke", "course", "paper")
 PROFILE_HELP = {
@@ -44,9 +54,12 @@ REAL_DATASETS = ("busi", "bus_bra", "bus_uclm", "breastmnist")
 MASKED_DATASETS = ("busi", "bus_bra", "bus_uclm")  # with lesion masks: what a notebook training `seg` accepts
 
 
-def resolve_profile(profile: str | None = None) -> str:
-    """`profile`, or $MTLEARN_PROFILE when it is None, or "course"; anything else is an error."""
-    source = "the profile parameter"
+def resolve_profile(profile: str | None = None, name: str = "profile") -> str:
+    """`profile`, or $MTLEARN_PROFILE when it is None, or "course"; anything else is an error.
+
+    name: the parameter the value came from, for the message (notebook 06's grid_profile).
+    """
+    source = f"the {name} parameter"
     if profile is None:
         profile = os.environ.get("MTLEARN_PROFILE") or "course"
         source = "$MTLEARN_PROFILE" if os.environ.get("MTLEARN_PROFILE") else source
@@ -109,6 +122,47 @@ class Run:
             raise ValueError(f"run.pick needs one value per profile {PROFILES}; missing {missing}"
                              + (f", unknown {unknown}" if unknown else ""))
         return per_profile[self.profile]
+
+    def names(self, name: str, value: Any, choices: Sequence[str]) -> list[str]:
+        """A knob that lists names (methods, weightings, strategies): a non-empty list of distinct `choices`.
+
+            methods = run.names("methods", methods, A.METHODS)
+
+        Why: a bare string ("ig") would be iterated letter by letter, and an empty list or a typo
+        would only fail after the models have trained, in the cell that first uses it.
+        """
+        choices = tuple(choices)
+        if isinstance(value, str) or not isinstance(value, (list, tuple)):
+            hint = f", e.g. [{value!r}] for that one alone" if isinstance(value, str) else ""
+            raise ValueError(f"parameter {name} must be a list of names from {choices}{hint}; got {value!r}")
+        unknown = [v for v in value if v not in choices]
+        repeated = sorted({v for v in value if v in choices and value.count(v) > 1})
+        if not value or unknown or repeated:
+            problem = "is empty" if not value else f"names unknown {unknown}" if unknown else f"repeats {repeated}"
+            raise ValueError(f"parameter {name} {problem}; give a list of distinct names from {choices}")
+        return list(value)
+
+    def number(self, name: str, value: Any, *, minimum: float, maximum: float | None = None,
+               integer: bool = False, above: bool = False, none: bool = False) -> Any:
+        """A fixed-default knob that must be a number in [minimum, maximum] (`above`: > minimum).
+
+            tolerance = run.number("tolerance", tolerance, minimum=0, integer=True)
+
+        integer: a whole number (an int); none: None is allowed (it means a documented default).
+        """
+        if value is None and none:
+            return None
+        kind = "an integer" if integer else "a number"
+        low = f"> {minimum}" if above else f">= {minimum}"
+        wanted = f"{kind} {low}" + (f" and <= {maximum}" if maximum is not None else "") + (" or None" if none else "")
+        ok = is_int(value) if integer else is_number(value)
+        if ok:
+            ok = math.isfinite(value) and (value > minimum if above else value >= minimum)
+            ok = ok and (maximum is None or value <= maximum)
+        if not ok:
+            hint = "; pass it unquoted" if isinstance(value, str) else ""
+            raise ValueError(f"parameter {name} must be {wanted}, got {value!r}{hint}")
+        return value
 
     def setting(self, name: str, value: Any, *, positive: bool = True, **per_profile: Any) -> Any:
         """A knob of the parameters cell: `value` when it was set, else the profile's default.

@@ -32,8 +32,9 @@ def seed_everything(seed: int) -> None:
     Results are then repeatable on the same machine and library versions; GPUs add their own
     non-determinism unless `torch.use_deterministic_algorithms(True)` is also set.
     """
-    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or not 0 <= seed < 2**32:
+        # 2**32: NumPy's legacy seeds stop there (torch's at 2**64, with a bare "Overflow" error)
+        raise ValueError(f"seed must be a non-negative integer below 2**32, got {seed!r}")
     seed = int(seed)
     random.seed(seed)
     np.random.seed(seed % 2**32)

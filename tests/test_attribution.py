@@ -543,6 +543,9 @@ def test_bad_inputs_are_named(model, explainer, images):
         A.mask_share(torch.rand(1, 1, 4, 4), MASK, mode="signed")
     with pytest.raises(ValueError, match="tolerance"):
         A.pointing_game(torch.rand(1, 1, 4, 4), MASK, tolerance=-1)
+    for bad in (-1, 2.5):  # localisation_scores grew the mask first: torch's "pad must be non-negative"
+        with pytest.raises(ValueError, match=r"tolerance must be an integer >= 0 \(pixels\)"):
+            A.localisation_scores(FixedMaps(), torch.zeros(1, 1, 4, 4), MASK, methods=("ig",), tolerance=bad)
     with pytest.raises(ValueError, match="mask must have"):
         A.mask_share(torch.rand(1, 1, 4, 4), torch.ones(1, 1, 3, 3))
 

@@ -30,6 +30,9 @@ def test_bogus_profile_lists_the_valid_ones():
     with pytest.raises(ValueError) as info:
         resolve_profile("bogus")
     assert all(p in str(info.value) for p in PROFILES)
+    assert "(from the profile parameter)" in str(info.value)
+    with pytest.raises(ValueError, match=r"unknown profile 'Smoke' \(from the grid_profile parameter\)"):
+        resolve_profile("Smoke", name="grid_profile")  # notebook 06's second profile
 
 
 def test_bogus_profile_from_environment_names_the_variable(monkeypatch):
@@ -138,6 +141,43 @@ def test_an_out_dir_that_is_a_file_is_named(tmp_path, below):
                                                    "metrics.json and the figures)")):
         start_here(tmp_path, out_dir=file / "run" if below else file)
     assert file.read_text() == "mine"
+
+
+def test_names_takes_a_list_of_distinct_known_names_and_names_each_mistake(tmp_path):
+    run = start_here(tmp_path)
+    choices = ("ig", "saliency", "gradcam")
+    assert run.names("methods", ("ig", "gradcam"), choices) == ["ig", "gradcam"]
+    for value, message in [
+        ("ig", r"parameter methods must be a list of names from .*, e.g. \['ig'\] for that one alone; got 'ig'"),
+        (None, r"parameter methods must be a list of names"),  # was "'NoneType' object is not iterable"
+        ([], r"parameter methods is empty; give a list of distinct names"),  # failed after training, in pandas
+        (["ig", "gradcam++"], r"parameter methods names unknown \['gradcam\+\+'\]"),
+        (["ig", "ig"], r"parameter methods repeats \['ig'\]"),  # trained twice, silently
+    ]:
+        with pytest.raises(ValueError, match=message):
+            run.names("methods", value, choices)
+
+
+@pytest.mark.parametrize("value, kwargs, message", [
+    (-1, dict(minimum=0, integer=True), r"tolerance must be an integer >= 0, got -1$"),
+    (2.5, dict(minimum=0, integer=True), r"tolerance must be an integer >= 0, got 2.5"),
+    ("2", dict(minimum=0, integer=True), r"got '2'; pass it unquoted"),
+    (0, dict(minimum=0, maximum=1, above=True), r"tolerance must be a number > 0 and <= 1, got 0"),
+    (1.5, dict(minimum=0, maximum=1, above=True), r"<= 1, got 1.5"),
+    (float("nan"), dict(minimum=0), r"must be a number >= 0, got nan"),
+    (None, dict(minimum=1, integer=True), r"must be an integer >= 1, got None"),
+    (0, dict(minimum=1, integer=True, none=True), r"must be an integer >= 1 or None, got 0"),
+])
+def test_number_names_the_parameter_and_its_range(tmp_path, value, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        start_here(tmp_path).number("tolerance", value, **kwargs)
+
+
+def test_number_returns_good_values_and_none_where_allowed(tmp_path):
+    run = start_here(tmp_path)
+    assert run.number("tolerance", 2, minimum=0, integer=True) == 2
+    assert run.number("train_correlation", 1, minimum=0, maximum=1, above=True) == 1
+    assert run.number("threads", None, minimum=1, integer=True, none=True) is None
 
 
 def test_metrics_must_be_plain_values(tmp_path):

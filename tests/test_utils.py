@@ -25,7 +25,7 @@ def test_seed_everything_repeats_torch_and_numpy():
     assert torch.equal(a[0], b[0]) and np.array_equal(a[1], b[1])
 
 
-@pytest.mark.parametrize("bad", [-1, 1.5, "7", None, True])
+@pytest.mark.parametrize("bad", [-1, 1.5, "7", None, True, 2**32, 2**64])  # 2**64: torch's bare "Overflow"
 def test_seed_everything_rejects_bad_seeds(bad):
     with pytest.raises(ValueError, match="seed"):
         seed_everything(bad)
