@@ -12,8 +12,10 @@ Every course notebook has a `parameters` cell of literals (papermill injects new
 and then calls `run = start("01_resformer_mtl", profile=profile, ...)`, which checks every value
 (a bad one fails at once, naming the valid choices), seeds everything, picks the device, prints
 the environment and starts the clock. A notebook's own knobs that default by profile go through
-`run.setting("epochs", epochs, smoke=1, course=8, paper=150)`, which checks a value that was set.
-The notebook saves figures with `run.save_figure(fig, name)`
+`run.setting("epochs", epochs, smoke=1, course=8, paper=150)`, which checks a value that was set;
+knobs that list names go through `run.names("methods", methods, A.METHODS)` and fixed-default
+numbers through `run.number("tolerance", tolerance, minimum=0, integer=True)`, so that a bad value
+fails in the first cell, not after the models have trained. The notebook saves figures with `run.save_figure(fig, name)`
 and ends with `run.finish(metrics)`, which writes `out_dir/metrics.json` and prints device and
 wall time.
 """
