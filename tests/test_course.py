@@ -131,7 +131,7 @@ def test_command_line_profile_and_device(monkeypatch, capsys):
     assert "unknown device 'cdua'" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # ... and so does a bad seed, with the notebooks' own message
         main(["--seed", "-1", "--only", "00"])
-    assert "seed must be a non-negative integer, got -1" in capsys.readouterr().err
+    assert "seed must be a non-negative integer below 2**32, got -1" in capsys.readouterr().err
 
 
 def test_command_line_names_an_out_that_is_a_file(tmp_path, monkeypatch, capsys):
