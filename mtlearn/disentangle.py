@@ -29,7 +29,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import Dataset
 
 from mtlearn.checkpoint import (
     check_out_dir,
@@ -40,7 +39,7 @@ from mtlearn.checkpoint import (
     set_rng_state,
 )
 from mtlearn.engine import NonFiniteLossError
-from mtlearn.utils import check_int, check_options, eval_mode, is_int, is_number
+from mtlearn.utils import check_int, check_loader, check_options, eval_mode, is_int, is_number
 
 # ----------------------------------------------------------------------------------------------
 # parts
@@ -527,12 +526,6 @@ def _not_a_two_task_model(model) -> TypeError:
                      "mtlearn.disentangle.build_model(kind, config)")
 
 
-def _check_loader(name: str, loader, wrap: str) -> None:
-    """A Dataset would yield single unbatched items (int labels): refuse it, as mtlearn.engine.fit does."""
-    if isinstance(loader, Dataset):
-        raise TypeError(f"{name} is a Dataset ({type(loader).__name__}), not a DataLoader; wrap it: {wrap}")
-
-
 def _check_task_keys(task_keys) -> None:
     """Two different label names, task A's first (e.g. ("shape", "background"))."""
     if (isinstance(task_keys, str) or len(task_keys) != 2 or not all(isinstance(k, str) for k in task_keys)
@@ -636,8 +629,8 @@ def train_disentangle(
     _check_task_keys(task_keys)
     if not isinstance(model, _TwoTaskNet):
         raise _not_a_two_task_model(model)
-    _check_loader("train_loader", train_loader, "torch.utils.data.DataLoader(dataset, batch_size=50, shuffle=True)")
-    _check_loader("val_loader", val_loader, "torch.utils.data.DataLoader(dataset, batch_size=100)")
+    check_loader("train_loader", train_loader, "torch.utils.data.DataLoader(dataset, batch_size=50, shuffle=True)")
+    check_loader("val_loader", val_loader, "torch.utils.data.DataLoader(dataset, batch_size=100)")
     seed_everything(seed)
     device = pick_device(device)
     model.to(device)
@@ -805,7 +798,7 @@ def evaluate_disentangle(model: nn.Module, loader, *, task_keys: tuple[str, str]
     """
     from mtlearn.utils import pick_device
 
-    _check_loader("loader", loader, "torch.utils.data.DataLoader(dataset, batch_size=100)")
+    check_loader("loader", loader, "torch.utils.data.DataLoader(dataset, batch_size=100)")
     _check_task_keys(task_keys)
     device = pick_device(device)
     key_a, key_b = task_keys

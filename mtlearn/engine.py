@@ -37,7 +37,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from mtlearn.checkpoint import (
@@ -51,7 +50,7 @@ from mtlearn.checkpoint import (
 )
 from mtlearn.losses import LossConfig, build_losses, check_tasks, task_losses
 from mtlearn.metrics import METRIC_KEYS, MetricAccumulator
-from mtlearn.utils import check_bool, check_int, eval_mode, is_distributed, is_main_process, is_number, pick_device, seed_everything
+from mtlearn.utils import check_bool, check_int, check_loader, eval_mode, is_distributed, is_main_process, is_number, pick_device, seed_everything
 from mtlearn.weighting import GradNorm, LossWeighting, build_weighting, find_shared_parameters
 
 CHECKPOINT_FORMAT = 1
@@ -401,10 +400,8 @@ def fit(model: nn.Module, train_loader, val_loader=None, config: TrainConfig | N
     """
     config = _make_config(config, overrides)
     tasks = check_tasks(config.tasks if config.tasks is not None else _model_tasks(model))
-    for name, loader in (("train_loader", train_loader), ("val_loader", val_loader)):
-        if isinstance(loader, Dataset):  # it would yield single unbatched items: cryptic shape errors later
-            raise TypeError(f"{name} is a Dataset ({type(loader).__name__}), not a DataLoader; wrap it: "
-                            "torch.utils.data.DataLoader(dataset, batch_size=8, shuffle=True) (shuffle for training)")
+    check_loader("train_loader", train_loader, "torch.utils.data.DataLoader(dataset, batch_size=8, shuffle=True)")
+    check_loader("val_loader", val_loader, "torch.utils.data.DataLoader(dataset, batch_size=8)")
     if len(train_loader) == 0:
         raise ValueError("train_loader yields no batches; check the dataset size and batch_size/drop_last")
     # an empty validation loader: else one epoch trains, then "monitor ... choose one of []". Not under

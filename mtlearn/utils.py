@@ -209,6 +209,15 @@ def check_bool(name: str, value) -> bool:
     return bool(value)
 
 
+def check_loader(name: str, loader, wrap: str) -> None:
+    """Refuse a Dataset where a DataLoader is due: it would yield single, unbatched items (int labels,
+    images without a batch axis) and fail later with a cryptic shape error. wrap: the call to suggest."""
+    from torch.utils.data import Dataset
+
+    if isinstance(loader, Dataset):
+        raise TypeError(f"{name} is a Dataset ({type(loader).__name__}), not a DataLoader; wrap it: {wrap}")
+
+
 def check_folder(path: str | os.PathLike, option: str, receives: str) -> None:
     """Raise ValueError if `path` cannot become a folder because it, or a folder above it, is a file.
 
