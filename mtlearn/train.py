@@ -252,8 +252,6 @@ def run(args: argparse.Namespace) -> dict:
         cleanup_distributed()
 
 
-
-
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     try:

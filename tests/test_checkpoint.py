@@ -209,6 +209,7 @@ def test_load_checkpoint_names_a_folder_and_a_gpu_this_machine_lacks(tmp_path, m
     with pytest.raises(FileNotFoundError, match=re.escape(f"{tmp_path} is a folder, not a checkpoint; load one in "
                                                           f"it, e.g. {path} (it holds ['best.pt'])")):
         load_checkpoint(tmp_path)
+
     def load_on_a_cpu_machine(*args, **kwargs):  # what torch.load says there (the test runs where a GPU is too)
         raise RuntimeError("Attempting to deserialize object on a CUDA device but torch.cuda.is_available() is False.")
 

@@ -543,6 +543,7 @@ def test_duplicate_groups_join_hashes_at_most_the_threshold_apart_and_chain():
     """"Hashes at most DUPLICATE_MAX_DISTANCE bits apart count as near-duplicates", through chains."""
     d = DUPLICATE_MAX_DISTANCE
     base = np.zeros(64, bool)
+
     def flipped(first, count):
         h = base.copy()
         h[first : first + count] = True
