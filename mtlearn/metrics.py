@@ -22,6 +22,9 @@ Choices worth knowing:
   so that one such image cannot make the mean inf.
 - For three classes (normal / benign / malignant) sensitivity and specificity are computed one class
   against the rest and averaged (macro); with two classes they are those of class 1, the positive class.
+- ROC AUC ranks the images by their one-vs-rest logit margins (one_vs_rest_scores), not by the
+  float32 softmax: a confident model's probabilities round to exactly 1.0 (from a logit gap of
+  about 17), and the ties would make its AUC depend on that rounding. The ranking is the same.
 
 The accumulator keeps sums and counts, not averages, so that several processes (torchrun) can add
 theirs with one all_reduce before the division.
@@ -78,19 +81,35 @@ def classification_metrics(confusion: np.ndarray) -> dict[str, float]:
     }
 
 
-def roc_auc(probabilities: np.ndarray | Tensor, labels: np.ndarray | Tensor) -> float:
+def one_vs_rest_scores(logits: np.ndarray | Tensor) -> np.ndarray:
+    """(N, K) logits -> (N, K) float64 scores s[:, k] = log(p_k / (1 - p_k)), p = softmax(logits).
+
+    The log-odds of each class against the rest: they rank the images exactly as p_k does, but
+    computed as logit_k - logsumexp(other logits) they do not round to a tie where p_k rounds to 1.
+    """
+    logits = torch.as_tensor(np.asarray(logits), dtype=torch.float64)
+    if logits.ndim != 2 or logits.shape[1] < 2:
+        raise ValueError(f"logits must have shape (N, K) with K >= 2 classes, got {tuple(logits.shape)}")
+    others = logits.unsqueeze(1).expand(-1, logits.shape[1], -1)  # (N, K, K): row k holds every logit
+    own = torch.eye(logits.shape[1], dtype=torch.bool)  # ... of which class k's own is masked out
+    return (logits - torch.logsumexp(others.masked_fill(own, float("-inf")), dim=2)).numpy()
+
+
+def roc_auc(scores: np.ndarray | Tensor, labels: np.ndarray | Tensor) -> float:
     """One-vs-rest ROC AUC averaged over the classes that occur in `labels` (and have negatives).
 
-    probabilities: (N, K) softmax outputs, labels: (N,) ints -> float (nan when undefined).
+    scores: (N, K), higher = more likely class k: softmax probabilities, or better the
+    one_vs_rest_scores of the logits (the same ranking, without ties from rounding);
+    labels: (N,) ints -> float (nan when undefined).
     """
-    probabilities = torch.as_tensor(np.asarray(probabilities), dtype=torch.float32)
+    scores = torch.as_tensor(np.asarray(scores), dtype=torch.float64)
     labels = torch.as_tensor(np.asarray(labels), dtype=torch.long)
     if len(labels) == 0:
         return float("nan")
-    onehot = torch.nn.functional.one_hot(labels, probabilities.shape[1])  # (N, K)
+    onehot = torch.nn.functional.one_hot(labels, scores.shape[1])  # (N, K)
     with warnings.catch_warnings():  # MONAI warns for a class with no positives (or no negatives)
         warnings.simplefilter("ignore", UserWarning)
-        per_class = compute_roc_auc(probabilities, onehot, average="none")  # (K,), nan where undefined
+        per_class = compute_roc_auc(scores, onehot, average="none")  # (K,), nan where undefined
     return _nanmean(np.asarray(per_class, dtype=np.float64))
 
 
@@ -104,8 +123,8 @@ class MetricAccumulator:
     """Sums every task's metrics over batches; `compute()` turns them into one dict of floats.
 
     Usage: acc.update(model_outputs, batch) per batch, acc.sync() under torchrun, acc.compute().
-    The classification probabilities and labels are kept (ROC AUC needs them all), so after an
-    evaluation `probabilities`, `labels` and `confusion_matrix()` feed ROC and confusion-matrix plots.
+    The classification logits and labels are kept (ROC AUC needs them all), so after an evaluation
+    `probabilities`, `scores`, `labels` and `confusion_matrix()` feed ROC and confusion-matrix plots.
     """
 
     def __init__(self, tasks: Sequence[str] = ("seg", "cls"), num_classes: int | None = None,
@@ -121,7 +140,7 @@ class MetricAccumulator:
         self.sums: dict[str, float] = {}  # metric -> sum over images
         self.counts: dict[str, float] = {}  # metric -> number of images that contributed
         self.confusion = None if self.num_classes is None else np.zeros((self.num_classes,) * 2, np.int64)
-        self._probabilities: list[np.ndarray] = []
+        self._logits: list[np.ndarray] = []
         self._labels: list[np.ndarray] = []
 
     def _add(self, key: str, values: Tensor, skip_nan: bool = True) -> None:
@@ -184,7 +203,7 @@ class MetricAccumulator:
         pairs = (label * self.num_classes + pred).cpu()  # index of each (true, predicted) cell
         self.confusion += torch.bincount(pairs, minlength=self.num_classes**2).view(
             self.num_classes, self.num_classes).numpy()
-        self._probabilities.append(torch.softmax(logits, 1).cpu().numpy())
+        self._logits.append(logits.detach().cpu().double().numpy())  # .cpu() first: MPS has no float64
         self._labels.append(label.cpu().numpy())
 
     def _update_recon(self, output: Tensor, clean: Tensor) -> None:
@@ -211,18 +230,30 @@ class MetricAccumulator:
         self.counts = {k: float(v[1]) for k, v in zip(keys, values)}
         if "cls" in self.tasks:
             predictions: list = [None] * dist.get_world_size()
-            dist.all_gather_object(predictions, (self.confusion, self._probabilities, self._labels))
+            dist.all_gather_object(predictions, (self.confusion, self._logits, self._labels))
             confusions = [c for c, _, _ in predictions if c is not None]
             self.confusion = sum(confusions) if confusions else None
-            self._probabilities = [p for _, probs, _ in predictions for p in probs]
+            self._logits = [z for _, logits, _ in predictions for z in logits]
             self._labels = [y for _, _, labels in predictions for y in labels]
+
+    @property
+    def logits(self) -> np.ndarray:
+        """(N, num_classes) float64 classification logits of every image seen."""
+        if not self._logits:
+            return np.zeros((0, self.num_classes or 0), np.float64)
+        return np.concatenate(self._logits)
 
     @property
     def probabilities(self) -> np.ndarray:
         """(N, num_classes) softmax probabilities of every image seen (classification)."""
-        if not self._probabilities:
-            return np.zeros((0, self.num_classes or 0), np.float32)
-        return np.concatenate(self._probabilities)
+        return torch.softmax(torch.from_numpy(self.logits), 1).numpy()
+
+    @property
+    def scores(self) -> np.ndarray:
+        """(N, num_classes) one-vs-rest log-odds (one_vs_rest_scores): what ROC curves should rank by."""
+        if not self._logits:
+            return self.logits
+        return one_vs_rest_scores(self.logits)
 
     @property
     def labels(self) -> np.ndarray:
@@ -242,5 +273,5 @@ class MetricAccumulator:
             results[key] = self.sums[key] / self.counts[key] if self.counts[key] else float("nan")
         if "cls" in self.tasks and self.confusion is not None:
             results.update(classification_metrics(self.confusion))
-            results["cls/auc"] = roc_auc(self.probabilities, self.labels)
+            results["cls/auc"] = roc_auc(self.scores, self.labels)
         return dict(sorted(results.items()))

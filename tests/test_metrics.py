@@ -6,7 +6,7 @@ import torch
 import torch.distributed as dist
 from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 
-from mtlearn.metrics import MetricAccumulator, classification_metrics, roc_auc
+from mtlearn.metrics import MetricAccumulator, classification_metrics, one_vs_rest_scores, roc_auc
 
 
 def test_three_class_metrics_by_hand():
@@ -45,6 +45,31 @@ def test_balanced_accuracy_and_auc_agree_with_sklearn():
     assert m["cls/auc"] == pytest.approx(roc_auc_score(labels, probabilities, multi_class="ovr"), abs=1e-6)
     assert acc.confusion_matrix().sum() == 40 and acc.probabilities.shape == (40, 3)
     assert (acc.labels == labels).all()
+
+
+def test_auc_of_a_confident_model_ranks_by_the_logits_not_the_rounded_softmax():
+    # every logit gap is above 17, where a float32 softmax rounds p(class 1) to exactly 1.0 for most
+    # images: ranking by those probabilities would tie them; the true ranking is the logit gap's
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 2, 400)
+    gap = np.where(labels == 1, rng.normal(32, 4, 400), rng.normal(26, 4, 400))
+    logits = torch.tensor(np.stack([np.zeros(400), gap], 1), dtype=torch.float32)
+    assert len(np.unique(torch.softmax(logits, 1)[:, 1].numpy())) < 400  # the ties that would bite
+    acc = MetricAccumulator(("cls",))
+    acc.update({"cls": logits}, {"label": torch.tensor(labels)})
+    assert acc.compute()["cls/auc"] == pytest.approx(roc_auc_score(labels, gap.astype(np.float32)), abs=1e-12)
+
+
+def test_one_vs_rest_scores_are_the_log_odds_of_the_softmax():
+    logits = torch.tensor([[0.5, -1.0, 2.0], [3.0, 0.0, 0.1], [200.0, 0.0, -5.0]], dtype=torch.float64)
+    scores = one_vs_rest_scores(logits)
+    p = torch.softmax(logits[:2], 1).numpy()
+    assert scores[:2] == pytest.approx(np.log(p / (1 - p)))
+    assert scores[2, 0] == pytest.approx(200 - np.log(1 + np.exp(-5.0)))  # finite where p rounds to 1
+    binary = one_vs_rest_scores(logits[:, :2])  # two classes: the logit gap, with either sign
+    assert binary[:, 1] == pytest.approx((logits[:, 1] - logits[:, 0]).numpy()) and (binary[:, 0] == -binary[:, 1]).all()
+    with pytest.raises(ValueError, match="K >= 2"):
+        one_vs_rest_scores(torch.zeros(3, 1))
 
 
 def test_a_nan_loss_in_one_batch_makes_the_mean_loss_nan():
