@@ -45,10 +45,35 @@ def by_id(dataset):
 
 
 def expected_mask(mask: np.ndarray) -> torch.Tensor:
-    """What a (40, 48) fixture mask should become at SIZE (nearest-neighbour resize)."""
-    rows = (np.arange(SIZE) * mask.shape[0] / SIZE).astype(int)
-    cols = (np.arange(SIZE) * mask.shape[1] / SIZE).astype(int)
+    """What a (40, 48) fixture mask should become at SIZE (the source pixel at each output pixel's centre)."""
+    rows = ((np.arange(SIZE) + 0.5) * mask.shape[0] / SIZE).astype(int)
+    cols = ((np.arange(SIZE) + 0.5) * mask.shape[1] / SIZE).astype(int)
     return torch.from_numpy(mask[np.ix_(rows, cols)].astype(np.float32))
+
+
+@pytest.mark.parametrize("side", [12, 23, 40])
+def test_a_resized_mask_stays_on_its_lesion(side):
+    """A square lesion in a 500 px scan, resized to 128 px: the mask lies where the image shows it.
+
+    The image is area-averaged; the mask must take the pixel at each output pixel's centre, not
+    each block's top-left one (torch's "nearest"), which shifted it by about half a pixel (mean
+    centroid error 0.57 px against 0.33 from rounding alone) and cost the smallest lesions Dice
+    down to 0.47 against the lesion as the resized image shows it.
+    """
+    from mtlearn.data.transforms import resize_image, resize_mask
+
+    grid = torch.stack(torch.meshgrid(torch.arange(128.0), torch.arange(128.0), indexing="ij"))
+    errors, dices = [], []
+    for offset in range(8):  # every sub-pixel position of the lesion on the output grid (500/128 ~ 4)
+        mask = np.zeros((500, 500), np.float32)
+        mask[201 + offset:201 + offset + side, 303 + offset:303 + offset + side] = 1
+        image, resized = resize_image(mask, (128, 128))[0], resize_mask(mask, (128, 128))[0]
+        centre_image = (grid * image).flatten(1).sum(1) / image.sum()
+        centre_mask = (grid * resized).flatten(1).sum(1) / resized.sum()
+        errors.append(float((centre_mask - centre_image).abs().max()))
+        shown = (image >= 0.5).float()  # the lesion as the resized image shows it
+        dices.append(float(2 * (shown * resized).sum() / (shown.sum() + resized.sum())))
+    assert np.mean(errors) < 0.4 and min(dices) >= 0.9, (errors, dices)
 
 
 def iou(a: torch.Tensor, b: torch.Tensor) -> float:
