@@ -100,6 +100,14 @@ class SegmentationLoss(nn.Module):
     Dice alone ignores how confident the pixels are and is noisy on small lesions; the
     cross-entropy (or focal) term gives every pixel a smooth gradient. ResFormer (Bui et al. 2024)
     trains with Dice (+ focal, gamma 2, for several classes).
+
+    The Dice part is MONAI's: per image and per class, background included, averaged. On an image
+    whose mask is empty (a normal scan) the foreground class has nothing to overlap, so its Dice is
+    about 0 whatever the model predicts (only predicted foreground summing below the 1e-5 smoothing
+    escapes it): such an image adds a nearly constant 1/K to the Dice part, with almost no gradient,
+    and the cross-entropy (focal) term alone teaches it to stay empty. So the reported segmentation
+    loss keeps a floor that grows with the share of normal scans, however good the masks are.
+    (nnU-Net instead takes Dice over the whole batch: MONAI's DiceLoss(batch=True).)
     """
 
     def __init__(self, kind: str = "dicece", focal_gamma: float = 2.0):
