@@ -167,29 +167,45 @@ class History:
         """Figure with four panels: training losses, validation metrics, task weights, learning rate.
 
         metrics: validation columns to draw (e.g. ["val/recon/psnr"]); default: those on a 0-1 scale.
+        A task has one colour in every panel (mtlearn.plots.TASK_COLOURS: seg blue, cls orange, recon
+        green, total black); the metrics of one task share it and differ by line style and marker
+        (the second one open), so cls/acc and cls/balanced_acc stay apart where they coincide.
+        Legends sit below their panels, off the curves.
         """
         from matplotlib.figure import Figure
         from matplotlib.ticker import MaxNLocator
 
+        from mtlearn.plots import task_colours
+
         frame = self.to_frame()
-        fig = Figure(figsize=(16, 3.6), layout="constrained")
+        fig = Figure(figsize=(16, 4.4), layout="constrained")
         axes = fig.subplots(1, 4)
         panels = [
             ("Training loss", "loss", [c for c in frame if c.startswith("train/")]),
             ("Validation metrics", "value", list(metrics) if metrics is not None
              else [f"val/{m}" for m in HEADLINE_METRICS if f"val/{m}" in frame]),
             ("Task weights", "weight", [c for c in frame if c.startswith("weight/")]),
-            ("Learning rate", "lr", ["lr"] if "lr" in frame else []),
+            ("Learning rate", "learning rate", ["lr"] if "lr" in frame else []),
         ]
+        # "train/seg" -> "seg", "val/seg/dice" -> "seg/dice"; its task is the part before the next "/"
+        names = {column: column.split("/", 1)[-1] for _, _, columns in panels for column in columns}
+        colours = task_colours([name.split("/")[0] for name in names.values()])
+        styles = [("-", "o"), ("--", "s"), (":", "^"), ("-.", "D")]  # 1st, 2nd, ... metric of a task
         for ax, (title, ylabel, columns) in zip(axes, panels):
+            drawn: dict[str, int] = {}  # task -> lines drawn in this panel
             for column in columns:
-                ax.plot(frame.index, frame[column], marker="o", markersize=3, label=column.split("/", 1)[-1])
+                name = names[column]
+                task = name.split("/")[0]
+                k = drawn[task] = drawn.get(task, -1) + 1
+                linestyle, marker = styles[k % len(styles)]
+                ax.plot(frame.index, frame[column], color=colours[task], linestyle=linestyle, marker=marker,
+                        markersize=4, markerfacecolor=colours[task] if k == 0 else "white", label=name)
             if title == "Validation metrics" and self.best_epoch is not None:
-                ax.axvline(self.best_epoch, color="grey", linestyle=":", label=f"best ({self.monitor})")
+                ax.axvline(self.best_epoch, color="grey", linestyle=":", label=f"best epoch ({self.monitor})")
             ax.set(title=title, xlabel="epoch", ylabel=ylabel)
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-            if columns:
-                ax.legend(fontsize=8)
+            if columns and columns != ["lr"]:  # the learning rate is named by its axis label
+                ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncols=2, frameon=False)
         return fig
 
     def state_dict(self) -> dict:

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from mtlearn.course import DONE, course_notebooks, run_notebook
@@ -188,21 +189,33 @@ def summarise(table: pd.DataFrame, by: list[str], metrics: list[str]) -> pd.Data
     return table.groupby(by)[metrics].agg(["mean", "std", "count"])
 
 
-def plot_spread(table: pd.DataFrame, by: str, metric: str, title: str = ""):
-    """Each run as a dot and the mean per group as a bar: the spread across seeds at a glance."""
+def plot_spread(table: pd.DataFrame, by: str, metric: str, title: str = "", ylabel: str | None = None):
+    """Each run as a dot and the mean per group as a short line: the spread across seeds at a glance.
+
+    With a few seeds a bar up to the mean would describe no run; the dots are the runs, the line
+    only marks their mean. A group's dots are set side by side (deterministically, in table order:
+    with the runs listed seed by seed, a seed sits at the same place in every group), so equal
+    values do not hide each other.
+    ylabel: the y-axis label; default `metric`, "Δm (%)" for "delta_m" (weighting.delta_m is in percent).
+    """
     import matplotlib.pyplot as plt
 
     groups = list(dict.fromkeys(table[by]))
-    fig, ax = plt.subplots(figsize=(1.2 * len(groups) + 2.5, 3.2))
+    fig, ax = plt.subplots(figsize=(1.2 * len(groups) + 3.5, 3.2))
     for i, group in enumerate(groups):
-        values = table.loc[table[by] == group, metric].astype(float)
-        ax.bar(i, values.mean(), color="tab:blue", alpha=0.35)
-        ax.scatter([i] * len(values), values, color="tab:blue", zorder=3, s=14)
+        values = table.loc[table[by] == group, metric].to_numpy(dtype=float)
+        offsets = np.linspace(-0.15, 0.15, len(values)) if len(values) > 1 else np.zeros(len(values))
+        ax.scatter(i + offsets, values, color="tab:blue", zorder=3, s=16, label="a run (seed)" if i == 0 else None)
+        if np.isfinite(values).any():
+            ax.hlines(np.nanmean(values), i - 0.28, i + 0.28, color="black", lw=1.8, zorder=2,
+                      label="mean of the runs" if i == 0 else None)
     ax.set_xticks(range(len(groups)), [str(g) for g in groups], rotation=30, ha="right")
+    ax.set_xlim(-0.5, len(groups) - 0.5)
     ax.set_xlabel(by)
-    ax.set_ylabel(metric)
-    ax.set_title(title or f"{metric} by {by} (dots: seeds)")
+    ax.set_ylabel(ylabel or ("Δm (%)" if metric == "delta_m" else metric))
+    ax.set_title(title or f"{metric} by {by} (dots: seeds, line: mean)")
     ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)  # beside, off the dots
     fig.tight_layout()
     return fig
 

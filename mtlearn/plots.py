@@ -6,11 +6,25 @@ save it with `run.save_figure(fig, name)`.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
+
+TASK_COLOURS = {"seg": "tab:blue", "cls": "tab:orange", "recon": "tab:green", "total": "black"}  # in every panel
+SPARE_COLOURS = ("tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan")  # other names, in order
+
+
+def task_colours(names: Sequence[str]) -> dict[str, str]:
+    """One colour per task name, the same in every panel of a figure: TASK_COLOURS for the course's
+    tasks, then SPARE_COLOURS for other names in the order they come."""
+    colours = {}
+    spare = iter(SPARE_COLOURS)
+    for name in dict.fromkeys(names):
+        colours[name] = TASK_COLOURS.get(name) or next(spare, "tab:gray")
+    return colours
 
 
 def _image(x) -> np.ndarray:
@@ -22,26 +36,46 @@ def _image(x) -> np.ndarray:
 
 
 def overlay(ax, image, mask=None, prediction=None, title: str = "") -> None:
-    """Draw `image` in grey with the true `mask` outline (green) and a `prediction` outline (red)."""
+    """Draw `image` in grey with the true `mask` outline (green, solid) and a `prediction` outline
+    (magenta, dashed): told apart by the line as well as the colour, for red-green colour blindness."""
     ax.imshow(_image(image), cmap="gray")
     if mask is not None:
         ax.contour(_image(mask), levels=[0.5], colors="lime", linewidths=1.0)
     if prediction is not None:
-        ax.contour(_image(prediction), levels=[0.5], colors="red", linewidths=1.0)
+        ax.contour(_image(prediction), levels=[0.5], colors="magenta", linewidths=1.2, linestyles="--")
     ax.set_title(title, fontsize=9)
     ax.set_xticks([])
     ax.set_yticks([])
 
 
+def _is_mask(key: str) -> bool:
+    """Rows named "mask", "artifact_mask", ... are masks (0 black, 1 white); the rest are intensities."""
+    return key.endswith("mask")
+
+
 def show_items(items: Sequence[dict], keys: Sequence[str] = ("image", "mask"), class_names=None,
                title: str = "", max_items: int = 8):
-    """A grid: one column per item, one row per key ("image", "mask", "clean", "artifact_mask")."""
+    """A grid: one column per item, one row per key ("image", "mask", "clean", "artifact_mask").
+
+    The intensity rows of one item ("image", "clean", ...) share one grey scale, the item's range
+    over all of them (min to max), so the speckled image and its clean scene can be compared pixel
+    for pixel: the same grey is the same value. Rows whose key ends in "mask" are drawn as masks,
+    0 black and 1 (or the largest class) white.
+    """
     items = list(items)[:max_items]
     fig, axes = plt.subplots(len(keys), len(items), figsize=(1.9 * len(items), 1.9 * len(keys)), squeeze=False)
     for col, item in enumerate(items):
+        pictures = {key: _image(item[key]) for key in keys}
+        intensities = [p for key, p in pictures.items() if not _is_mask(key)]
+        low = min(float(np.nanmin(p)) for p in intensities) if intensities else None  # one scale per item
+        high = max(float(np.nanmax(p)) for p in intensities) if intensities else None
         for row, key in enumerate(keys):
             ax = axes[row, col]
-            ax.imshow(_image(item[key]), cmap="gray", vmin=0 if key != "image" else None)
+            picture = pictures[key]
+            if _is_mask(key):
+                ax.imshow(picture, cmap="gray", vmin=0, vmax=max(1.0, float(np.nanmax(picture))))
+            else:
+                ax.imshow(picture, cmap="gray", vmin=low, vmax=high)
             ax.set_xticks([])
             ax.set_yticks([])
             if row == 0:
@@ -111,18 +145,22 @@ def confusion_matrix(labels, predictions, class_names: Sequence[str], title: str
     return fig
 
 
-def roc_curves(labels, probabilities, class_names: Sequence[str], title: str = "ROC (one vs rest)"):
-    """One-vs-rest ROC curve per class with its AUC in the legend."""
+def roc_curves(labels, scores, class_names: Sequence[str], title: str = "ROC (one vs rest)"):
+    """One-vs-rest ROC curve per class with its AUC in the legend.
+
+    scores: (N, K), higher = more likely class k: a MetricAccumulator's `scores` (the one-vs-rest
+    log-odds, which rank like the probabilities without their rounding ties) or probabilities.
+    """
     from sklearn.metrics import roc_auc_score, roc_curve
 
-    labels, probabilities = np.asarray(labels), np.asarray(probabilities)
+    labels, scores = np.asarray(labels), np.asarray(scores)
     fig, ax = plt.subplots(figsize=(4, 3.6))
     for c, name in enumerate(class_names):
         positive = labels == c
         if positive.all() or not positive.any():
             continue  # AUC is undefined for a class absent from (or alone in) the labels
-        fpr, tpr, _ = roc_curve(positive, probabilities[:, c])
-        ax.plot(fpr, tpr, label=f"{name} (AUC {roc_auc_score(positive, probabilities[:, c]):.2f})")
+        fpr, tpr, _ = roc_curve(positive, scores[:, c])
+        ax.plot(fpr, tpr, label=f"{name} (AUC {roc_auc_score(positive, scores[:, c]):.2f})")
     ax.plot([0, 1], [0, 1], "k:", lw=1)
     ax.set_xlabel("false positive rate")
     ax.set_ylabel("true positive rate")
@@ -132,29 +170,79 @@ def roc_curves(labels, probabilities, class_names: Sequence[str], title: str = "
     return fig
 
 
-def bar_table(table, metrics: Sequence[str], title: str = "", errors=None):
+def _bar_range(values: np.ndarray, spans: np.ndarray) -> tuple[float, float, bool]:
+    """(bottom, top, zoomed) of a bar axis for the finite `values` and their error bars `spans`.
+
+    Scores in [0, 1] start below the lowest bar by twice the spread of the bars (at least 0.05),
+    rounded down to a round number: Dice 0.901 to 0.918 gets an axis from 0.85, where the
+    differences show without being blown up. Negative values keep 0 and the lowest bar in view;
+    anything else (counts, times, PSNR) starts at 0, or 100 vs 200 parameters would look like
+    0 vs 100. The top leaves room for the values written above the bars.
+    """
+    if values.size == 0:
+        return 0.0, 1.0, False
+    lo, hi = float(np.min(values - spans)), float(np.max(values + spans))
+    zoomed = False
+    if lo < 0:
+        bottom = lo
+    elif float(np.max(values)) <= 1.0:  # scores in [0, 1]: zoom in on close ones
+        pad = max(2.0 * (hi - lo), 0.05)
+        step = 10.0 ** math.floor(math.log10(pad))
+        bottom = max(0.0, round(math.floor((lo - pad) / step) * step, 10))
+        zoomed = bottom > 0
+    else:
+        bottom = 0.0
+    top = max(hi, 0.0)
+    room = 0.12 * (top - bottom) or 0.1
+    return (bottom - room if lo < 0 else bottom), top + room, zoomed
+
+
+def _break_mark(ax) -> None:
+    """Two short slashes across the foot of the y axis: the axis does not start at 0."""
+    kwargs = {"transform": ax.transAxes, "color": "k", "lw": 1.0, "clip_on": False}
+    for dy in (0.0, 0.035):
+        ax.plot([-0.025, 0.025], [0.0 + dy, 0.03 + dy], **kwargs)
+
+
+def bar_table(table, metrics: Sequence[str], title: str = "", errors=None, fmt: str = "{:.3f}"):
     """Grouped bars: rows of `table` (a pandas DataFrame indexed by run) for each metric column.
 
-    Metrics in [0, 1] that are all close (Dice 0.90 vs 0.92) get an axis starting just below the
-    lowest bar, so the differences show; read the tick labels, not the bar heights. Negative
-    values (e.g. a relative change) always keep 0 and the lowest bar in view.
+    Every bar carries its value (`fmt`, e.g. "{:.1f}"). A missing value (NaN: a task the run does
+    not have, such as the accuracy of a segmentation-only model) gets no bar and an "n/a" mark;
+    do not fill it with 0, or it would look like a score and drag the axis down to 0.
+    The y range comes from the values present (see `_bar_range`): scores in [0, 1] that are close
+    get an axis that starts above 0, marked by a break (//) at the foot of the axis and by its label
+    ("dice (axis from 0.85)"); compare the written values, not the bar heights. Negative values
+    (e.g. a relative change) keep 0 and the lowest bar in view.
+    errors: a DataFrame like `table` (e.g. the std over seeds), drawn as error bars.
     """
-    fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 3.2), squeeze=False)
+    from matplotlib.transforms import blended_transform_factory
+
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 3.4), squeeze=False)
     for ax, metric in zip(axes[0], metrics):
-        values = table[metric]
-        err = errors[metric] if errors is not None else None
-        ax.bar(range(len(values)), values, yerr=err, color="tab:blue", alpha=0.8, capsize=3)
-        ax.set_xticks(range(len(values)), [str(i) for i in table.index], rotation=35, ha="right", fontsize=8)
-        ax.set_title(metric)
-        ax.set_ylabel(metric)
-        low = float(np.nanmin(values))
-        if low < 0:
+        values = np.asarray(table[metric], dtype=float)
+        x = np.arange(len(values))
+        present = np.isfinite(values)
+        err = np.asarray(errors[metric], dtype=float)[present] if errors is not None else None
+        spans = np.nan_to_num(np.abs(err)) if err is not None else np.zeros(int(present.sum()))
+        ax.bar(x[present], values[present], yerr=err, color="tab:blue", alpha=0.8, capsize=3)
+        bottom, top, zoomed = _bar_range(values[present], spans)
+        ax.set_ylim(bottom, top)
+        if bottom < 0 < top:
             ax.axhline(0.0, color="k", lw=0.8)
-            ax.set_ylim(low - 0.1 * abs(low), None)
-        elif float(np.nanmax(values)) <= 1.0:  # scores in [0, 1]: zoom in on close ones
-            ax.set_ylim(max(0.0, low - 0.15), None)
-        else:  # counts, times, PSNR: bars from 0, or 100 vs 200 parameters would look like 0 vs 100
-            ax.set_ylim(0.0, None)
+        for i, value, span in zip(x[present], values[present], spans):  # the value beside the bar's end
+            end, align = (value + span, "bottom") if value >= 0 else (value - span, "top")
+            ax.text(i, end, fmt.format(value), ha="center", va=align, fontsize=7)
+        x_data_y_axes = blended_transform_factory(ax.transData, ax.transAxes)
+        for i in x[~present]:
+            ax.text(i, 0.03, "n/a", transform=x_data_y_axes, ha="center", va="bottom", fontsize=9,
+                    color="dimgrey", fontstyle="italic")
+        ax.set_xticks(x, [str(i) for i in table.index], rotation=35, ha="right", fontsize=8)
+        ax.set_xlim(-0.6, len(values) - 0.4)
+        ax.set_title(metric)
+        ax.set_ylabel(f"{metric} (axis from {bottom:g})" if zoomed else metric)
+        if zoomed:
+            _break_mark(ax)
         ax.grid(axis="y", alpha=0.3)
     fig.suptitle(title)
     fig.tight_layout()

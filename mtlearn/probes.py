@@ -249,31 +249,52 @@ def plot_probe_matrix(table, title: str = "Linear probes (balanced accuracy)", c
 
 
 def plot_adversary_accuracy(history: dict[str, list[float]], chance: float = 0.5,
-                            title: str = "Adversaries during training", chance_label: str = "chance"):
+                            title: str = "Adversaries during training", chance_label: str = "chance",
+                            task_keys: tuple[str, str] = ("shape", "background")):
     """Adversary accuracies per epoch (history from train_disentangle) against a reference level.
 
-    Solid: adv_acc_* (each batch scored before the adversaries' steps on it) and val_adv_acc_*;
-    dotted, in the same colour: adv_fit_acc_* (after those steps, on the batch they were fitted to).
-    chance: the dashed reference line, e.g. 0.5, or what the other task's label alone allows
+    Solid: adv_acc_* (each batch scored before the adversaries' steps on it); dotted, in the same
+    colour: adv_fit_acc_* (after those steps, on the batch they were fitted to); dashed with open
+    squares: val_adv_acc_*. The legend says in words what each adversary reads: adv_acc_a is task A
+    read from task B's features, adv_acc_b task B read from task A's features.
+    chance: the dashed grey reference line, e.g. 0.5, or what the other task's label alone allows
     (see the notebook); chance_label: its legend entry.
+    task_keys: the names of task A and task B, as given to train_disentangle (default: the shapes
+    experiment, A = shape, B = background).
     """
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
+    if len(task_keys) != 2 or task_keys[0] == task_keys[1]:
+        raise ValueError(f"task_keys must be two different names, task A's first, e.g. ('shape', 'background'); "
+                         f"got {task_keys!r}")
+    name_a, name_b = task_keys
+    reads = {"a": f"{name_a} read from {name_b} features", "b": f"{name_b} read from {name_a} features"}
+    colours = {"a": "tab:blue", "b": "tab:orange"}
     curves = {k: v for k, v in history.items() if k.startswith(("adv_acc", "val_adv_acc"))}
     if not curves:
         raise ValueError(f"history has no adversary accuracies (adv_acc_*); keys: {sorted(history)}")
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    fig, ax = plt.subplots(figsize=(6, 5))
     for key, values in curves.items():
-        line, = ax.plot(range(1, len(values) + 1), values, marker="o", ms=3, label=key)
-        fitted = history.get(key.replace("adv_acc", "adv_fit_acc"))
-        if key.startswith("adv_acc") and fitted is not None:
+        side = key.rsplit("_", 1)[-1]  # "adv_acc_b" -> "b"
+        what, colour = reads.get(side, key), colours.get(side)
+        epochs = range(1, len(values) + 1)
+        if key.startswith("val_"):
+            ax.plot(epochs, values, ls="--", marker="s", ms=4, mfc="white", color=colour,
+                    label=f"{what}, validation ({key})")
+            continue
+        line, = ax.plot(epochs, values, marker="o", ms=3, color=colour, label=f"{what} ({key})")
+        fitted_key = key.replace("adv_acc", "adv_fit_acc")
+        fitted = history.get(fitted_key)
+        if fitted is not None:
             ax.plot(range(1, len(fitted) + 1), fitted, ls=":", color=line.get_color(),
-                    label=f"{key.replace('adv_acc', 'adv_fit_acc')} (on the batch it was fitted to)")
+                    label=f"   same, on the batch it was fitted to ({fitted_key})")
     ax.axhline(chance, color="grey", ls="--", label=chance_label)
     ax.set_ylim(0, 1.02)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, steps=[1, 2, 5, 10]))  # whole epochs: 5, 10, 15
     ax.set_xlabel("epoch")
     ax.set_ylabel("adversary accuracy")
     ax.set_title(title)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), frameon=False)  # below, off the curves
     fig.tight_layout()
     return fig

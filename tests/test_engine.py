@@ -463,6 +463,48 @@ def test_history_frame_and_plot():
     assert [line.get_label() for line in figure.axes[2].lines] == list(TASKS)
 
 
+
+def _review_history() -> History:
+    """Two tasks, where cls/acc and cls/balanced_acc coincide (balanced classes)."""
+    history = History(monitor="val/seg/dice")
+    for epoch in (1, 2, 3):
+        history.append({"epoch": epoch, "train/seg": 1 / epoch, "train/cls": 2 / epoch, "train/total": 1.5 / epoch,
+                        "val/seg/dice": 0.5 + epoch / 10, "val/seg/iou": 0.4 + epoch / 10,
+                        "val/cls/acc": 0.6, "val/cls/balanced_acc": 0.6, "val/cls/auc": 0.7,
+                        "weight/seg": 1.0, "weight/cls": 0.25, "lr": 1e-3 / epoch})
+    return history
+
+
+def test_history_plot_gives_each_task_one_colour_in_every_panel():
+    """Orange was "cls" in the loss and weight panels but "seg/iou" among the validation metrics."""
+    from matplotlib.colors import to_hex
+
+    losses, metrics, weights, _ = _review_history().plot().axes
+    colour = {}
+    for ax in (losses, metrics, weights):
+        for line in ax.get_lines():
+            task = line.get_label().split("/")[0]
+            if task in ("seg", "cls"):
+                colour.setdefault(task, set()).add(to_hex(line.get_color()))
+    assert colour == {"seg": {to_hex("tab:blue")}, "cls": {to_hex("tab:orange")}}
+    # the metrics of one task differ by line style and marker, so coinciding curves stay apart
+    styles = {line.get_label(): (line.get_linestyle(), line.get_marker()) for line in metrics.get_lines()}
+    assert len({styles[m] for m in ("cls/acc", "cls/balanced_acc", "cls/auc")}) == 3
+    assert styles["seg/dice"] != styles["seg/iou"]
+
+
+def test_history_plot_legends_sit_outside_the_panels():
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    figure = _review_history().plot()
+    canvas = FigureCanvasAgg(figure)
+    canvas.draw()  # lays the panels out (constrained layout)
+    renderer = canvas.get_renderer()
+    for ax in figure.axes[:3]:
+        legend, box = ax.get_legend(), ax.get_window_extent(renderer)
+        assert legend.get_window_extent(renderer).y1 < box.y0  # below the panel, not over the curves
+    assert figure.axes[3].get_legend() is None and figure.axes[3].get_ylabel() == "learning rate"
+
 def test_progress_bar_only_when_asked(capsys):
     _fit(ToyNet(), *_loaders(), epochs=1, progress=False)
     captured = capsys.readouterr()

@@ -198,23 +198,42 @@ def test_summarise_gives_mean_sample_std_and_count_across_seeds():
         summarise(_runs(), ["weighting"], ["loss"])
 
 
-def test_plot_spread_draws_a_mean_bar_and_every_run_per_group():
+def test_plot_spread_draws_every_run_side_by_side_and_the_mean_as_a_line():
     table = _runs().dropna()
     fig = plot_spread(table, "weighting", "score")
     ax = fig.axes[0]
     groups = ["pcgrad", "fixed"]  # the table's order, not sorted
     assert [t.get_text() for t in ax.get_xticklabels()] == groups
-    bars = ax.patches
-    assert len(bars) == 2
-    assert [bar.get_x() + bar.get_width() / 2 for bar in bars] == pytest.approx([0, 1])
-    assert [bar.get_height() for bar in bars] == pytest.approx([1.25 / 2, 1.75 / 3])  # the mean per group
-    dots = [np.asarray(collection.get_offsets()).tolist() for collection in ax.collections]
-    assert dots == [[[0, 0.5], [0, 0.75]], [[1, 0.25], [1, 0.5], [1, 1.0]]]  # one dot per run, at its group
+    assert not ax.patches  # no bar: with a few seeds a bar up to the mean describes no run
+    from matplotlib.collections import LineCollection, PathCollection
+
+    dots = [np.asarray(c.get_offsets()) for c in ax.collections if isinstance(c, PathCollection)]
+    assert [d[:, 1].tolist() for d in dots] == [[0.5, 0.75], [0.25, 0.5, 1.0]]  # one dot per run
+    for centre, d in enumerate(dots):  # at its group, at distinct x positions, centred on the group
+        assert len(set(d[:, 0])) == len(d) and np.all(np.abs(d[:, 0] - centre) < 0.5)
+        assert d[:, 0].mean() == pytest.approx(centre)
+    again = plot_spread(table, "weighting", "score").axes[0].collections
+    assert [np.asarray(c.get_offsets()).tolist() for c in again if isinstance(c, PathCollection)] == \
+        [d.tolist() for d in dots]  # no random jitter: the same figure every time
+    means = [c.get_segments()[0] for c in ax.collections if isinstance(c, LineCollection)]
+    assert len(means) == 2
+    for centre, (segment, mean) in enumerate(zip(means, [1.25 / 2, 1.75 / 3])):
+        assert segment[:, 1] == pytest.approx([mean, mean])  # a short line at the mean, across the group's dots
+        assert segment[0, 0] < centre - 0.15 and segment[1, 0] > centre + 0.15
     assert ax.get_xlabel() == "weighting" and ax.get_ylabel() == "score"
-    assert ax.get_title() == "score by weighting (dots: seeds)"
+    assert ax.get_title() == "score by weighting (dots: seeds, line: mean)"
     assert plot_spread(table, "weighting", "score", title="spread").axes[0].get_title() == "spread"
     plt.close("all")
 
+
+def test_plot_spread_says_delta_m_is_in_percent():
+    table = pd.DataFrame({"weighting": ["fixed", "fixed", "pcgrad"], "delta_m": [-1.3, -1.3, 0.5]})
+    ax = plot_spread(table, "weighting", "delta_m").axes[0]
+    assert ax.get_ylabel() == "Δm (%)"
+    assert plot_spread(table, "weighting", "delta_m", ylabel="gain").axes[0].get_ylabel() == "gain"
+    (dots, *_) = ax.collections
+    assert np.asarray(dots.get_offsets())[:, 0].tolist() == pytest.approx([-0.15, 0.15])  # equal values both seen
+    plt.close("all")
 
 def _finished_run(folder, record):
     """A folder as a successful run leaves it: metrics.json and the `done` marker."""

@@ -67,7 +67,7 @@ def _square(top, size=4, n=16):
     return mask
 
 
-def test_overlay_outlines_the_mask_in_green_and_the_prediction_in_red():
+def test_overlay_outlines_the_mask_solid_green_and_the_prediction_dashed_magenta():
     import matplotlib.pyplot as plt
     from matplotlib.colors import to_rgba
 
@@ -75,7 +75,9 @@ def test_overlay_outlines_the_mask_in_green_and_the_prediction_in_red():
     plots.overlay(ax, torch.rand(1, 16, 16), mask=torch.from_numpy(_square(2))[None],
                   prediction=_square(8, size=6), title="case 1")
     truth, predicted = ax.collections
-    assert tuple(truth.get_edgecolor()[0]) == to_rgba("lime") and tuple(predicted.get_edgecolor()[0]) == to_rgba("red")
+    assert tuple(truth.get_edgecolor()[0]) == to_rgba("lime") and tuple(predicted.get_edgecolor()[0]) == to_rgba("magenta")
+    # told apart by the line too (red-green colour blindness): solid truth, dashed prediction
+    assert truth.get_linestyle()[0][1] is None and predicted.get_linestyle()[0][1] is not None
     # each outline sits around its own square (contour at 0.5: half a pixel outside)
     assert truth.get_paths()[0].vertices.min(axis=0).tolist() == [1.5, 1.5]
     assert predicted.get_paths()[0].vertices.min(axis=0).tolist() == [7.5, 7.5]
@@ -121,13 +123,13 @@ def test_bar_table_zooms_in_on_close_scores_and_draws_the_error_bars():
     errors = pd.DataFrame({"dice": [0.05, 0.01]}, index=["a", "b"])
     ax = plots.bar_table(table, ["dice"], errors=errors).axes[0]
     low, _ = ax.get_ylim()
-    assert low == pytest.approx(0.65)  # just below the lowest bar, so 0.8 vs 0.9 shows
+    assert low == pytest.approx(0.4)  # below the lowest error bar (0.75) by twice the spread, rounded: 0.8 vs 0.9 shows
     from matplotlib.container import ErrorbarContainer
 
     (bars,) = [c for c in ax.containers if isinstance(c, ErrorbarContainer)]
     spans = [sorted(segment[:, 1].tolist()) for segment in bars.lines[2][0].get_segments()]
     assert spans == [pytest.approx([0.75, 0.85]), pytest.approx([0.89, 0.91])]
-    assert [t.get_text() for t in ax.get_xticklabels()] == ["a", "b"] and ax.get_ylabel() == "dice"
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["a", "b"] and ax.get_ylabel() == "dice (axis from 0.4)"
 
 
 def test_bar_table_keeps_zero_in_view_for_values_above_one():
@@ -159,3 +161,69 @@ def test_confusion_matrix_writes_dark_cells_in_white():
     ax = plots.confusion_matrix([0, 0, 0, 1], [0, 0, 0, 1], ["a", "b"]).axes[0]
     colours = {t.get_text(): t.get_color() for t in ax.texts}
     assert colours == {"3": "white", "0": "black", "1": "black"}
+
+
+# --- figure review: missing values, written values, an honest zoom, one grey scale per item ---
+
+
+TEST_TABLE = pd.DataFrame({"seg/dice": [0.907, 0.901, np.nan, 0.918], "cls/acc": [0.950, np.nan, 0.944, 0.975]},
+                          index=["mtl", "seg only", "cls only", "no attention"])
+
+
+def _bar_centres(ax):
+    return [p.get_x() + p.get_width() / 2 for p in ax.patches]
+
+
+def test_bar_table_draws_no_bar_but_an_n_a_mark_where_a_value_is_missing():
+    dice, acc = plots.bar_table(TEST_TABLE, ["seg/dice", "cls/acc"]).axes
+    assert _bar_centres(dice) == pytest.approx([0, 1, 3]) and _bar_centres(acc) == pytest.approx([0, 2, 3])
+    assert all(np.isfinite(p.get_height()) for ax in (dice, acc) for p in ax.patches)
+    marks = [t for t in dice.texts if t.get_text() == "n/a"]
+    assert len(marks) == 1 and marks[0].get_position()[0] == 2  # at the run without a Dice ("cls only")
+    assert [t.get_position()[0] for t in acc.texts if t.get_text() == "n/a"] == [1]
+
+
+def test_bar_table_writes_each_value_on_its_bar():
+    dice = plots.bar_table(TEST_TABLE, ["seg/dice"]).axes[0]
+    written = {t.get_position()[0]: t.get_text() for t in dice.texts if t.get_text() != "n/a"}
+    assert written == {0: "0.907", 1: "0.901", 3: "0.918"}
+    assert plots.bar_table(TEST_TABLE, ["seg/dice"], fmt="{:.1%}").axes[0].texts[0].get_text() == "90.7%"
+
+
+def test_bar_table_zooms_in_on_close_scores_from_the_values_present_and_says_so():
+    """Dice 0.901-0.918: an axis from 0 (or from a 0 filled in for a missing value) shows no difference."""
+    dice, acc = plots.bar_table(TEST_TABLE, ["seg/dice", "cls/acc"]).axes
+    low, high = dice.get_ylim()
+    assert 0.85 <= low < 0.901 and high > 0.918  # every bar's top in view, the bottom well above 0
+    assert acc.get_ylim()[0] > 0.8
+    assert dice.get_ylabel() == f"seg/dice (axis from {low:g})"  # the axis not starting at 0 is said ...
+    assert len(dice.get_lines()) == 2  # ... and drawn: two slashes across the foot of the y axis
+    assert all(line.get_transform() == dice.transAxes for line in dice.get_lines())
+    far = pd.DataFrame({"acc": [0.1, 0.9]})  # far apart: from 0, no break mark
+    ax = plots.bar_table(far, ["acc"]).axes[0]
+    assert ax.get_ylim()[0] == 0 and ax.get_ylabel() == "acc" and not ax.get_lines()
+
+
+def test_bar_table_survives_a_metric_no_run_has():
+    ax = plots.bar_table(pd.DataFrame({"auc": [np.nan, np.nan]}, index=["a", "b"]), ["auc"]).axes[0]
+    assert not ax.patches and [t.get_text() for t in ax.texts] == ["n/a", "n/a"]
+
+
+def test_show_items_gives_the_intensity_rows_of_an_item_one_grey_scale():
+    """The speckled image and its clean scene: the same grey must be the same value in both rows."""
+    image = torch.linspace(0.1, 0.9, 64).reshape(1, 8, 8)
+    clean = torch.linspace(0.0, 0.5, 64).reshape(1, 8, 8)
+    items = [{"image": image, "clean": clean, "mask": torch.zeros(1, 8, 8), "label": 0},
+             {"image": image * 0.5, "clean": clean * 0.5, "mask": torch.ones(1, 8, 8), "label": 1}]
+    fig = plots.show_items(items, keys=("image", "clean", "mask"))
+    axes = np.array(fig.axes).reshape(3, 2)
+    for col, (low, high) in enumerate([(0.0, 0.9), (0.0, 0.45)]):
+        image_clim, clean_clim = (axes[row, col].images[0].get_clim() for row in (0, 1))
+        assert image_clim == clean_clim == (pytest.approx(low), pytest.approx(high))  # the item's range
+        assert axes[2, col].images[0].get_clim() == (0, 1)  # a mask, empty or full, shown as a mask
+
+
+def test_task_colours_are_fixed_for_the_course_tasks():
+    assert plots.task_colours(["cls", "seg", "recon", "total"]) == {
+        "cls": "tab:orange", "seg": "tab:blue", "recon": "tab:green", "total": "black"}
+    assert plots.task_colours(["depth", "seg", "lr"]) == {"depth": "tab:red", "seg": "tab:blue", "lr": "tab:purple"}

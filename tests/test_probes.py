@@ -297,6 +297,34 @@ def test_adversary_plot_labels_its_reference_line():
     assert fitted.get_color() == scored.get_color()
 
 
+
+def test_adversary_plot_says_in_words_which_label_each_adversary_reads_from_which_features():
+    """adv_acc_b is adv_b(features_a): task B (background) read from task A's (shape) features."""
+    history = {"adv_acc_a": [0.6, 0.6], "adv_acc_b": [0.5, 0.6], "adv_fit_acc_b": [1.0, 0.9],
+               "val_adv_acc_b": [0.55, 0.6]}
+    ax = plot_adversary_accuracy(history).axes[0]
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert labels[:4] == ["shape read from background features (adv_acc_a)",
+                          "background read from shape features (adv_acc_b)",
+                          "   same, on the batch it was fitted to (adv_fit_acc_b)",
+                          "background read from shape features, validation (val_adv_acc_b)"]
+    lines = {line.get_label(): line for line in ax.get_lines()}  # one colour per adversary
+    assert lines[labels[1]].get_color() == lines[labels[2]].get_color() == lines[labels[3]].get_color()
+    assert lines[labels[0]].get_color() != lines[labels[1]].get_color()
+    ax = plot_adversary_accuracy({"adv_acc_b": [0.5]}, task_keys=("digit", "colour")).axes[0]
+    assert ax.get_legend().get_texts()[0].get_text() == "colour read from digit features (adv_acc_b)"
+    with pytest.raises(ValueError, match="two different names"):
+        plot_adversary_accuracy({"adv_acc_b": [0.5]}, task_keys=("shape", "shape"))
+
+
+def test_adversary_plot_has_whole_epochs_and_its_legend_off_the_curves():
+    fig = plot_adversary_accuracy({"adv_acc_a": list(np.linspace(0.6, 0.7, 20)), "adv_acc_b": [0.6] * 20})
+    ax = fig.axes[0]
+    ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+    assert ticks and all(float(t).is_integer() for t in ticks)  # no epoch 2.5
+    fig.canvas.draw()
+    assert ax.get_legend().get_window_extent().y1 < ax.get_window_extent().y0  # below the axes
+
 def test_plot_probe_matrix_annotates_every_cell():
     table = pd.DataFrame({"shape": [1.0, 0.98], "background": [1.0, 0.55]}, index=["shared", "disentangle A"])
     fig = plot_probe_matrix(table, title="probes")
