@@ -19,7 +19,9 @@ then handed to one of five methods (`Explainer.attribute`, or the one-call `attr
 Every map comes back as (B, 1, H, W): input channels are summed. Two quantitative checks ask
 whether a map looks where it should (`mask_share`, `pointing_game`), and the parameter-
 randomisation test of Adebayo et al. (2018) asks whether it depends on the model at all
-(`cascading_randomisation`). `AttributionExplorer` is the interactive viewer.
+(`cascading_randomisation`). The figures (`plot_attributions`, `plot_scores`, `plot_randomisation`)
+draw maps with a transparent low end, on colour scales shared where panels are compared
+(`colour_limit`); `AttributionExplorer` is the interactive viewer.
 
 Captum's hooks break on in-place activations (nn.ReLU(inplace=True) overwrites the very tensor a
 hook has saved), so every explainer works on a copy made by `without_inplace`.
@@ -38,6 +40,7 @@ import ipywidgets as widgets
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
+from matplotlib.colors import ListedColormap
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
@@ -725,6 +728,7 @@ class RandomisationResult:
     steps: list[str] = field(default_factory=list)  # "original", then each randomised block, top first
     spearman: list[float] = field(default_factory=list)  # mean over samples; 1.0 for "original"
     maps: list[Tensor] = field(default_factory=list)  # (B, 1, H, W) per step
+    absolute: bool = True  # whether the correlations compare |maps| (see `spearman`)
 
     def as_dict(self) -> dict[str, float]:
         return dict(zip(self.steps, self.spearman))
@@ -771,7 +775,7 @@ def cascading_randomisation(model: nn.Module, images: Tensor, head: str = "cls",
 
     with torch.random.fork_rng(**forked):
         original = explain()
-        result = RandomisationResult(["original"], [1.0], [original])
+        result = RandomisationResult(["original"], [1.0], [original], absolute=absolute)
         for k, name in enumerate(tqdm(groups, desc="randomise", disable=not progress, leave=False)):
             _seed_forked(device, seed + 1 + k)  # this block's new weights
             randomise_(explainer.model.get_submodule(name), init)
@@ -796,51 +800,149 @@ def _seed_forked(device: torch.device, seed: int) -> None:
 
 # ----------------------------------------------------------------------------------------------
 # figures
+#
+# How a map is drawn (`_show_map`): the image in grey, the map on top in a colour map whose low end
+# is transparent, so weak attribution leaves the image readable (a dark lesion with strong
+# attribution is coloured, not left black). Signed maps (IG, Occlusion): blue below 0, red above,
+# opacity growing with |value|, clear at 0. Unsigned maps: colour (purple -> yellow) and opacity
+# both grow with the value.
+# The colour limit is a robust maximum (`colour_limit`): the `percentile`-th percentile of the non-zero
+# |values| of every panel drawn on that scale; stronger pixels are clipped (the colourbar's arrow says so).
+# Panels meant to be compared share one limit and one colourbar: in `plot_attributions` every panel
+# of the same method (all rows; "mtl/ig" and "shortcut/ig" alike) by default.
+
+SHARES = ("method", "column", "panel")
+OPACITY = 0.85  # of the strongest colour; a value at fraction t of the limit gets OPACITY * t ** 1.5
+_NEGATIVE, _POSITIVE = (0.10, 0.35, 0.95), (0.90, 0.10, 0.05)  # blue against, red for
 
 
-def _show_map(ax, image, attribution, method: str, mask=None, alpha: float = 0.6) -> None:
-    """Grey image with the map on top: diverging colours for signed methods, 'inferno' otherwise."""
-    values = _image(attribution)
-    ax.imshow(_image(image), cmap="gray")
-    if method in SIGNED_METHODS:
-        limit = float(np.abs(values).max()) or 1.0
-        ax.imshow(values, cmap="bwr", vmin=-limit, vmax=limit, alpha=alpha)
+def colour_limit(maps: Sequence, percentile: float = 99.0) -> float:
+    """One colour limit for maps drawn on one scale: the `percentile`-th percentile of their non-zero |values|.
+
+    A percentile rather than the maximum: a handful of extreme pixels (common in gradient maps) would
+    otherwise make the rest of the map, and every map sharing its scale, look empty. Captum's own
+    `visualize_image_attr` clips in the same way (its outlier_perc=2). Zeros are left out: they say
+    nothing about strength, and Grad-CAM (after its ReLU) or an all-zero map in the group would
+    otherwise pull the limit down until every weak value saturates. All-zero maps: 1.
+    maps: tensors or arrays of any shape, pooled; percentile: in (0, 100], 100 = the maximum.
+    """
+    if not 0 < percentile <= 100:
+        raise ValueError(f"percentile must be in (0, 100] (100: the maximum), got {percentile!r}")
+    values = np.abs(np.concatenate([_image(m).ravel() for m in maps])) if len(maps) else np.zeros(1)
+    values = values[np.isfinite(values) & (values > 0)]  # NaN / inf pixels say nothing about the scale either
+    return float(np.percentile(values, percentile)) if values.size else 1.0
+
+
+def _overlay_cmap(signed: bool) -> ListedColormap:
+    """Colour map with a transparent low end: for signed maps transparent at the centre (0)."""
+    t = np.linspace(0.0, 1.0, 256)
+    if signed:
+        colours = np.where((t < 0.5)[:, None], _NEGATIVE, _POSITIVE)  # (256, 3)
+        strength = np.abs(2 * t - 1)  # 0 at the centre, 1 at -limit and +limit
     else:
-        ax.imshow(values, cmap="inferno", vmin=0, vmax=float(values.max()) or 1.0, alpha=alpha)
+        colours = plt.get_cmap("inferno")(0.3 + 0.65 * t)[:, :3]  # purple -> orange -> yellow, no black
+        strength = t
+    # opacity grows a little faster than linearly: faint noise stays clear, strong values stand out
+    return ListedColormap(np.column_stack([colours, OPACITY * strength ** 1.5]))
+
+
+def _is_signed(method: str, maps) -> bool:
+    """Signed colours for IG / Occlusion, and for any map with negative values."""
+    return _method_name(method) in SIGNED_METHODS or any(float(np.min(_image(m))) < 0 for m in maps)
+
+
+def _show_map(ax, image, attribution, method: str, mask=None, limit: float | None = None,
+              signed: bool | None = None, percentile: float = 99.0):
+    """Draw one map over its grey `image` (None: on white); returns the map's AxesImage for a colourbar.
+
+    limit: colour limit (None: this map's own `colour_limit`); signed: None decides from `method` and
+    the values. An all-zero map is labelled "map = 0" (it would otherwise look like a plain image).
+    """
+    values = _image(attribution)
+    signed = _is_signed(method, [values]) if signed is None else signed
+    limit = colour_limit([values], percentile) if limit is None else limit
+    if image is not None:
+        ax.imshow(_image(image), cmap="gray")
+    lower = -limit if signed else 0.0
+    shown = ax.imshow(values, cmap=_overlay_cmap(signed), vmin=lower, vmax=limit, interpolation="nearest")
+    if not np.any(values):
+        ax.text(0.5, 0.5, "map = 0", transform=ax.transAxes, ha="center", va="center", fontsize=8,
+                bbox=dict(boxstyle="round", facecolor="white", alpha=0.8, linewidth=0))
     if mask is not None and float(mask.max()) > 0:  # an empty mask has no outline to draw
         ax.contour(_image(mask), levels=[0.5], colors="lime", linewidths=0.8)
     ax.set_xticks([])
     ax.set_yticks([])
+    return shown
+
+
+def _colourbar(fig, shown, axes, values=None, location: str = "bottom"):
+    """A colourbar for `shown` (from `_show_map`) under `axes`, with an arrow where `values` were clipped."""
+    lower, limit = shown.get_clim()
+    clipped = values is not None and any(float(np.abs(_image(v)).max()) > limit for v in values)
+    extend = ("both" if lower < 0 else "max") if clipped else "neither"
+    bar = fig.colorbar(shown, ax=axes, location=location, extend=extend, shrink=0.85, aspect=16, pad=0.01)
+    bar.set_ticks([lower, 0.0, limit] if lower < 0 else [0.0, limit])
+    bar.ax.tick_params(labelsize=6)
+    for axis in (bar.ax.xaxis, bar.ax.yaxis):  # two significant digits, no exponent before 1e5
+        axis.set_major_formatter(lambda x, _pos: f"{x:.2g}" if abs(x) < 100 else f"{x:.0f}")
+    bar.set_label("blue: against, red: for" if lower < 0 else "weak → strong", fontsize=7)
+    return bar
 
 
 def plot_attributions(images: Tensor, maps: Mapping[str, Tensor], masks: Tensor | None = None,
-                      row_labels: Sequence[str] | None = None, title: str = "", region: str = "lesion"):
-    """Grid: one row per image; columns: image, `region` mask, then one map per method (key of `maps`).
+                      row_labels: Sequence[str] | None = None, title: str = "", region: str = "lesion",
+                      share: str = "method", percentile: float = 99.0):
+    """Grid: one row per image; columns: image, `region` mask, then one map per key of `maps`.
 
-    images: (B, C, H, W), maps: {method: (B, 1, H, W)}, masks: (B, 1, H, W) outlined in green.
-    Red/blue = positive/negative evidence for signed methods (IG, Occlusion); bright = strong otherwise.
+    images: (B, C, H, W), maps: {key: (B, 1, H, W)}, masks: (B, 1, H, W) outlined in green.
+    A key is a method ("ig") or a model and a method ("mtl/ig", "shortcut/ig"). Signed methods
+    (IG, Occlusion): red/blue = evidence for/against, clear = none; the others: brighter and more
+    opaque = stronger. Scales (see `colour_limit`), each with a colourbar under its columns:
+      share="method"  one scale per method, shared by all rows and by every column of that method, so
+                      the same method can be compared across images and across models (default)
+      share="column"  one scale per column, shared by its rows
+      share="panel"   every panel on its own scale, with its own colourbar (strength not comparable)
+    Different methods never share a scale: their units differ (logits, |gradient|, activations).
     """
+    if share not in SHARES:
+        raise ValueError(f"share must be one of {SHARES}, got {share!r}")
     B = images.shape[0]
-    columns = 1 + (masks is not None) + len(maps)
-    fig, axes = plt.subplots(B, columns, figsize=(1.9 * columns, 1.9 * B + 0.4), squeeze=False)
+    keys = list(maps)
+    columns = 1 + (masks is not None) + len(keys)
+    fig, axes = plt.subplots(B, columns, figsize=(1.9 * columns, 1.9 * B + 1.0), squeeze=False, layout="constrained")
+    # one scale per group of columns: all columns of a method, each column alone, or each panel
+    group = {key: _method_name(key) if share == "method" else key for key in keys}
+    members = {g: [maps[k][row] for k in keys if group[k] == g for row in range(B)] for g in group.values()}
+    limits = {g: colour_limit(values, percentile) for g, values in members.items()}
+    signs = {g: _is_signed(g, values) for g, values in members.items()}
+    col = 1 + (masks is not None)
     for row in range(B):
         axes[row, 0].imshow(_image(images[row]), cmap="gray")
-        col = 1
         if masks is not None:
             axes[row, 1].imshow(_image(masks[row]), cmap="gray", vmin=0, vmax=1)
-            col = 2
-        for offset, (method, values) in enumerate(maps.items()):
-            mask = masks[row] if masks is not None else None
-            _show_map(axes[row, col + offset], images[row], values[row], _method_name(method), mask)
         for ax in axes[row, :col]:
             ax.set_xticks([])
             ax.set_yticks([])
         axes[row, 0].set_ylabel(row_labels[row] if row_labels is not None else f"image {row}", fontsize=8)
-    names = ["image"] + ([f"{region} mask"] if masks is not None else []) + list(maps)
+    for offset, key in enumerate(keys):
+        g, column = group[key], axes[:, col + offset]
+        for row, ax in enumerate(column):
+            mask = masks[row] if masks is not None else None
+            limit = None if share == "panel" else limits[g]
+            shown = _show_map(ax, images[row], maps[key][row], key, mask, limit, signs[g], percentile)
+            if share == "panel":
+                _colourbar(fig, shown, ax, [maps[key][row]])
+        if share != "panel":
+            _colourbar(fig, shown, list(column), [maps[key][row] for row in range(B)])
+    names = ["image"] + ([f"{region} mask"] if masks is not None else []) + keys
     for ax, name in zip(axes[0], names):
         ax.set_title(name, fontsize=9)
+    rule = {"method": "one colour scale per method, shared by all its panels",
+            "column": "one colour scale per column, shared by its rows",
+            "panel": "each panel on its own colour scale"}[share]
+    clip = "the largest |value|" if percentile == 100 else f"the {percentile:g}th percentile of the non-zero |values|"
+    fig.supxlabel(f"{rule}; limit: {clip}", fontsize=7)
     fig.suptitle(title)
-    fig.tight_layout()
     return fig
 
 
@@ -855,52 +957,71 @@ def plot_scores(rows: Sequence[Mapping], group: str = "model", chance: float | N
 
     rows: dicts with "method", `group` (e.g. "model"), "mask_share" and "pointing_game", as built
     from `localisation_scores`. chance, pointing_chance: the chance levels that `localisation_scores`
-    returns, drawn as dotted lines on the share and the pointing panel.
+    returns, drawn as dotted lines on the share and the pointing panel (their values in the panel
+    titles). Each panel's y-axis runs from 0 to 1.3 x the larger of its highest bar and its chance
+    line, so small shares are not squashed at the bottom of a 0-1 axis and each can be read against
+    chance; every bar carries its value. One legend, under both panels, keeps the bars clear.
     """
     methods = list(dict.fromkeys(r["method"] for r in rows))
     groups = list(dict.fromkeys(r[group] for r in rows))
     width = 0.8 / len(groups)
-    fig, axes = plt.subplots(1, 2, figsize=(4.2 + 0.9 * len(methods), 3.4), squeeze=False)
+    fig, axes = plt.subplots(1, 2, figsize=(4.2 + 0.9 * len(methods), 3.6), squeeze=False, layout="constrained")
     for ax, score in zip(axes[0], ("mask_share", "pointing_game")):
-        for g, name in enumerate(groups):
-            values = {r["method"]: r[score] for r in rows if r[group] == name}
-            xs = [m + (g - (len(groups) - 1) / 2) * width for m in range(len(methods))]
-            ax.bar(xs, [values.get(m, float("nan")) for m in methods], width, label=str(name))
         level = chance if score == "mask_share" else pointing_chance
+        found = [float(r[score]) for r in rows if np.isfinite(float(r[score]))]
+        peak = max(found + ([level] if level is not None else []), default=0.0)
+        top = 1.3 * peak if peak > 0 else 1.0  # headroom for the values written on the bars
+        digits = 3 if top < 0.5 else 2  # small scores need the third decimal to tell them apart
+        for g, name in enumerate(groups):
+            values = {r["method"]: float(r[score]) for r in rows if r[group] == name}
+            xs = [m + (g - (len(groups) - 1) / 2) * width for m in range(len(methods))]
+            heights = [values.get(m, float("nan")) for m in methods]
+            bars = ax.bar(xs, heights, width, label=str(name))
+            ax.bar_label(bars, [f"{v:.{digits}f}" if np.isfinite(v) else "" for v in heights], padding=1,
+                         fontsize=6, rotation=90 if len(groups) > 2 else 0)
+        name = score.replace("_", " ")
         if level is not None:
             ax.axhline(level, color="k", ls=":", lw=1, label="chance")
+            name += f" (chance {level:.3f})"
         ax.set_xticks(range(len(methods)), methods, rotation=20)
         ax.set_xlabel("method")
         ax.set_ylabel(score.replace("_", " "))
-        ax.set_ylim(0, 1.05)
-        ax.set_title(score.replace("_", " "))
+        ax.set_ylim(min(0.0, 1.3 * min(found, default=0.0)), top)
+        ax.set_title(name)
         ax.grid(axis="y", alpha=0.3)
-    axes[0, 0].legend(fontsize=7)
+    handles = list(axes[0, 0].containers) + [ax.lines[0] for ax in axes[0] if ax.lines][:1]  # groups, then chance
+    fig.legend(handles=handles, loc="outside lower center", ncols=len(handles), fontsize=7, frameon=False)
     fig.suptitle(title)
-    fig.tight_layout()
     return fig
 
 
 def plot_randomisation(result: RandomisationResult, index: int = 0, method: str = "gradcam",
-                       image: Tensor | None = None, title: str = "Cascading randomisation"):
-    """One row of maps along the cascade for sample `index`, with the mean Spearman correlation above."""
+                       image: Tensor | None = None, title: str = "Cascading randomisation", percentile: float = 99.0):
+    """The maps of sample `index` along the cascade, each with its rank correlation to the original map.
+
+    Each panel's title gives that image's Spearman rho (the map shown) and the mean over all the
+    result's images (the curve of the first figure). Every map is on its own colour scale: the test
+    compares rankings, not strengths, and a randomised model's maps can be orders of magnitude
+    weaker or stronger. All-zero maps are labelled "map = 0".
+    """
     n = len(result.steps)
+    count = result.maps[0].shape[0]
+    original = result.maps[0][index:index + 1]
+    absolute = getattr(result, "absolute", True)  # a result made before the field existed compared |maps|
     columns = min(n, 6)
     rows = -(-n // columns)  # ceil: wrap long cascades onto several rows
-    fig, axes = plt.subplots(rows, columns, figsize=(1.9 * columns, 2.2 * rows + 0.3), squeeze=False)
+    fig, axes = plt.subplots(rows, columns, figsize=(1.9 * columns, 2.3 * rows + 0.5), squeeze=False,
+                             layout="constrained")
     for ax in axes.flat[n:]:
         ax.set_axis_off()
     for ax, step, rho, maps in zip(axes.flat, result.steps, result.spearman, result.maps):
-        if image is not None:
-            _show_map(ax, image, maps[index], method)
-        else:
-            ax.imshow(_image(maps[index]), cmap="inferno")
-            ax.set_xticks([])
-            ax.set_yticks([])
-        ax.set_title(f"{step}\nrho = {rho:.2f}", fontsize=7)
+        _show_map(ax, image, maps[index], method, percentile=percentile)
+        own = float(spearman(original, maps[index:index + 1], absolute)[0])
+        ax.set_title(f"{step}\nthis image: rho = {own:.2f}\nmean of {count}: rho = {rho:.2f}", fontsize=7)
     axes[0, 0].set_ylabel(method)
+    fig.supxlabel(f"rho: Spearman rank correlation with the original map{' (of |values|)' if absolute else ''}"
+                  f"; each map on its own colour scale", fontsize=7)
     fig.suptitle(title)
-    fig.tight_layout()
     return fig
 
 
@@ -1008,7 +1129,7 @@ class AttributionExplorer:
             title += f"\nin-lesion share {share:.2f}, peak in lesion: {'yes' if hit == 1 else 'no'}"
         self.output.clear_output(wait=True)
         with self.output:
-            fig, axes = plt.subplots(1, 2, figsize=(6.4, 3.4))
+            fig, axes = plt.subplots(1, 2, figsize=(6.4, 3.8), layout="constrained")
             axes[0].imshow(_image(item["image"]), cmap="gray")
             if "mask" in item and item["mask"].sum() > 0:
                 axes[0].contour(_image(item["mask"]), levels=[0.5], colors="lime", linewidths=1)
@@ -1016,10 +1137,10 @@ class AttributionExplorer:
                 axes[0].contour(_image(item["artifact_mask"]), levels=[0.5], colors="orange", linewidths=1)
             axes[0].set_title("image (lesion green, artifact orange)", fontsize=8)
             axes[0].set_axis_off()
-            _show_map(axes[1], item["image"], maps[0], method, item.get("mask"))
+            shown = _show_map(axes[1], item["image"], maps[0], method, item.get("mask"))
+            _colourbar(fig, shown, axes[1], [maps[0]])  # one map: its own scale
             axes[1].set_title(method, fontsize=8)
             fig.suptitle(title, fontsize=9)
-            fig.tight_layout()
             plt.show()
             plt.close(fig)  # shown (inline backend) or not (tests): either way no figure piles up
         peak = divmod(int(maps[0, 0].argmax()), maps.shape[-1])

@@ -383,11 +383,123 @@ def test_cascading_randomisation_reinitialises_with_the_models_scheme(model, ima
 # ------------------------------------------------------------------------------------------ figures, viewer
 
 
+def _panels(fig) -> list:
+    """A figure's axes without its colourbars."""
+    return [ax for ax in fig.axes if ax.get_label() != "<colorbar>"]
+
+
+def _colourbars(fig) -> list:
+    return [ax for ax in fig.axes if ax.get_label() == "<colorbar>"]
+
+
+def _limits(fig, columns: int, first: int = 2) -> list[list[tuple]]:
+    """(vmin, vmax) of the map drawn in each panel, by row, map columns only (the map is the top image)."""
+    panels = _panels(fig)
+    rows = [panels[r * columns:(r + 1) * columns] for r in range(len(panels) // columns)]
+    return [[tuple(round(v, 6) for v in ax.get_images()[-1].get_clim()) for ax in row[first:]] for row in rows]
+
+
 def test_plot_attributions_grid(images):
     maps = {"ig": torch.randn(2, 1, SIZE, SIZE), "gradcam": torch.rand(2, 1, SIZE, SIZE)}
     fig = A.plot_attributions(images, maps, masks=torch.zeros(2, 1, SIZE, SIZE), title="t")
-    assert len(fig.axes) == 2 * 4
+    assert len(_panels(fig)) == 2 * 4
     assert [ax.get_title() for ax in fig.axes[:4]] == ["image", "lesion mask", "ig", "gradcam"]
+    assert len(_colourbars(fig)) == 2  # one under each map column
+    plt.close(fig)
+
+
+def _two_models():
+    """Maps of two models, the second's three times as strong: keys as in notebook 05's shortcut figure."""
+    torch.manual_seed(0)
+    ig, cam = torch.randn(2, 1, SIZE, SIZE), torch.rand(2, 1, SIZE, SIZE)
+    return {"mtl/ig": ig, "mtl/gradcam": cam, "shortcut/ig": 3 * ig.flip(-1), "shortcut/gradcam": 3 * cam.flip(-1)}
+
+
+def test_plot_attributions_shares_one_colour_scale_per_method_across_models_and_rows(images):
+    maps = _two_models()
+    fig = A.plot_attributions(images, maps, torch.zeros(2, 1, SIZE, SIZE))
+    limits = _limits(fig, 6)  # by row: mtl/ig, mtl/gradcam, shortcut/ig, shortcut/gradcam
+    assert len({row[0] for row in limits} | {row[2] for row in limits}) == 1  # one IG scale for both models
+    assert len({row[1] for row in limits} | {row[3] for row in limits}) == 1  # one Grad-CAM scale
+    ig = A.colour_limit([maps[k][r] for k in ("mtl/ig", "shortcut/ig") for r in range(2)])
+    cam = A.colour_limit([maps[k][r] for k in ("mtl/gradcam", "shortcut/gradcam") for r in range(2)])
+    signed, unsigned = (-round(ig, 6), round(ig, 6)), (0.0, round(cam, 6))
+    assert limits == [[signed, unsigned, signed, unsigned]] * 2  # IG centred on 0, Grad-CAM from 0
+    assert len(_colourbars(fig)) == 4
+    plt.close(fig)
+
+
+def test_plot_attributions_share_column_and_panel(images):
+    maps = _two_models()
+    fig = A.plot_attributions(images, maps, share="column")
+    limits = _limits(fig, 5, first=1)
+    assert limits[0] == limits[1]  # rows share
+    assert limits[0][2][1] == pytest.approx(3 * limits[0][0][1], rel=1e-4)  # the columns of one method do not
+    assert len(_colourbars(fig)) == 4
+    fig = A.plot_attributions(images, maps, share="panel")
+    limits = _limits(fig, 5, first=1)
+    assert limits[0] != limits[1]
+    assert len(_colourbars(fig)) == 2 * 4  # each panel its own
+    with pytest.raises(ValueError, match="share must be one of"):
+        A.plot_attributions(images, maps, share="row")
+    plt.close("all")
+
+
+def test_an_all_zero_map_is_labelled_and_low_values_are_transparent(images):
+    maps = {"gradcam": torch.stack([torch.rand(1, SIZE, SIZE), torch.zeros(1, SIZE, SIZE)]),
+            "ig": torch.randn(2, 1, SIZE, SIZE)}
+    fig = A.plot_attributions(images, maps)
+    panels = _panels(fig)  # row 0: image, gradcam, ig; row 1: the same
+    labels = [[t.get_text() for t in ax.texts] for ax in panels]
+    assert labels == [[], [], [], [], ["map = 0"], []]
+    for ax in (panels[1], panels[2]):
+        overlay = ax.get_images()[-1]
+        low, high = overlay.get_clim()
+        assert overlay.cmap(overlay.norm(0.0))[3] < 0.01  # no attribution: the image shows through
+        assert overlay.cmap(overlay.norm(high))[3] > 0.5  # strong attribution: clearly coloured
+        if low < 0:  # signed (IG): strong negative too, transparent at 0 in the middle
+            assert overlay.cmap(overlay.norm(low))[3] > 0.5
+    plt.close(fig)
+
+
+def test_colour_limit_is_a_robust_maximum():
+    values = torch.arange(1, 101, dtype=torch.float32).view(1, 10, 10)
+    assert A.colour_limit([values], 100) == 100
+    assert A.colour_limit([values, -values], 50) == pytest.approx(50.5)  # |value| of all maps pooled
+    sparse = torch.zeros(1, 10, 10)
+    sparse[0, 0, 0] = -4.0
+    assert A.colour_limit([sparse]) == 4.0  # zeros say nothing about strength: one non-zero pixel sets the scale
+    assert A.colour_limit([torch.zeros(1, 4, 4)]) == 1.0
+    with pytest.raises(ValueError, match="percentile"):
+        A.colour_limit([values], 0)
+
+
+def test_plot_randomisation_gives_this_images_and_the_mean_rho_and_labels_empty_maps():
+    original = torch.arange(2 * 16, dtype=torch.float32).view(2, 1, 4, 4)
+    flipped = torch.stack([original[0], -original[1]])  # image 1: every sign flipped, the ranking of |value| kept
+    result = A.RandomisationResult(["original", "head", "stem"], [1.0, 0.25, 0.0],
+                                   [original, flipped, torch.zeros(2, 1, 4, 4)])  # absolute (the default)
+    fig = A.plot_randomisation(result, index=1, method="ig", image=original[1])
+    titles = [ax.get_title() for ax in _panels(fig)]
+    assert titles[1] == "head\nthis image: rho = 1.00\nmean of 2: rho = 0.25"
+    assert [[t.get_text() for t in ax.texts] for ax in _panels(fig)] == [[], [], ["map = 0"]]
+    result.absolute = False  # as cascading_randomisation(..., absolute=False) records it: signs count
+    fig = A.plot_randomisation(result, index=1, method="ig")
+    assert "this image: rho = -1.00" in _panels(fig)[1].get_title()
+    plt.close("all")
+
+
+def test_cascading_randomisation_records_how_it_compared(model, images):
+    result = A.cascading_randomisation(model, images[:1], "cls", 1, "saliency", groups=["heads.cls.fc2"],
+                                       absolute=False, progress=False)
+    assert result.absolute is False
+
+
+def test_viewer_draws_its_map_with_a_colourbar(model, data, monkeypatch):
+    shown = []
+    monkeypatch.setattr(A.plt, "show", lambda: shown.append(len(_colourbars(plt.gcf()))))
+    A.AttributionExplorer(model, data, methods=("saliency",))
+    assert shown == [1]
 
 
 def test_viewer_redraws_on_control_changes(model, data):
@@ -558,7 +670,23 @@ def test_plot_scores_groups_bars_by_model():
     assert [line.get_ydata()[0] for ax in fig.axes for line in ax.lines] == [0.05, 0.12]  # each panel its chance
     assert [round(p.get_height(), 6) for p in share.patches] == [0.0, 0.1, 0.2, 0.3]
     assert [t.get_text() for t in share.get_xticklabels()] == ["ig", "gradcam"]
-    assert share.get_legend() is not None and share.get_ylabel() == "mask share"
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["a", "b", "chance"]
+    assert share.get_ylabel() == "mask share"
+    plt.close(fig)
+
+
+def test_plot_scores_y_axis_follows_the_bars_and_chance_and_each_bar_shows_its_value():
+    shares = {("mtl", "ig"): 0.091, ("shortcut", "ig"): 0.157,
+              ("mtl", "gradcam"): 0.022, ("shortcut", "gradcam"): 0.039}
+    rows = [{"model": m, "method": k, "mask_share": v, "pointing_game": v / 2} for (m, k), v in shares.items()]
+    fig = A.plot_scores(rows, chance=0.038, pointing_chance=0.099)
+    share, pointing = fig.axes[:2]
+    assert 0.157 < share.get_ylim()[1] < 0.3 and share.get_ylim()[0] == 0  # not squashed under a 0-1 axis
+    assert 0.099 < pointing.get_ylim()[1] < 0.2  # the chance line is above every bar here, and still shown
+    written = sorted(float(t.get_text()) for t in share.texts)
+    assert written == sorted(shares.values())
+    assert "0.038" in share.get_title() and "0.099" in pointing.get_title()
+    plt.close(fig)
 
 
 # ------------------------------------------------------------------------------------------ by hand, on stubs
