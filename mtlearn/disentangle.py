@@ -1100,7 +1100,8 @@ def ultrasound_datasets(image_size: tuple[int, int] = (64, 64), *, seed: int = 0
     train_correlation 1 would put the artifact on every malignant image: then nothing in the data
     separates the two, and the label-prior confusion target asks nothing of the encoders.
     The splits use disjoint item indices. Items are rendered once and kept in memory as dicts with
-    "image" (1, H, W), "label" (0 normal, 1 benign, 2 malignant) and "artifact" (0/1).
+    "image" (1, H, W), "label" (0 normal, 1 benign, 2 malignant), "artifact" (0/1) and
+    "artifact_mask" (1, H, W), where the artifact is drawn (for figures; no model reads it).
     """
     from mtlearn.data.synthetic import SyntheticUltrasound
 
@@ -1116,7 +1117,7 @@ def ultrasound_datasets(image_size: tuple[int, int] = (64, 64), *, seed: int = 0
     for split, (correlation, rate, size) in settings.items():
         generator = SyntheticUltrasound(size, image_size, seed=seed, artifact_correlation=correlation,
                                         artifact_rate=rate, first_index=first_index)
-        keep = ("image", "label", "artifact")
+        keep = ("image", "label", "artifact", "artifact_mask")
         data[split] = [{k: item[k] for k in keep} for item in (generator[i] for i in range(size))]
         first_index += size
     return data

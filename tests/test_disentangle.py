@@ -658,7 +658,8 @@ def ultrasound_data():
 def test_ultrasound_datasets_make_the_artifact_a_training_only_shortcut(ultrasound_data):
     assert set(ultrasound_data) == {"train", *D.ULTRASOUND_TESTS}
     assert [len(v) for v in ultrasound_data.values()] == [60, 40, 40, 40]
-    assert set(ultrasound_data["train"][0]) == {"image", "label", "artifact"}
+    assert set(ultrasound_data["train"][0]) == {"image", "label", "artifact", "artifact_mask"}
+    assert all(bool(it["artifact_mask"].any()) == bool(it["artifact"]) for it in ultrasound_data["independent"])
     assert ultrasound_data["train"][0]["image"].shape == (1, 32, 32)
 
     def pairs(split):
