@@ -1005,7 +1005,7 @@ def plot_randomisation(result: RandomisationResult, index: int = 0, method: str 
     weaker or stronger. All-zero maps are labelled "map = 0".
     """
     n = len(result.steps)
-    count = result.maps[0].shape[0]
+    count = result.maps[0].shape[0]  # the spearman means skip images whose original map is constant (rho NaN)
     original = result.maps[0][index:index + 1]
     absolute = getattr(result, "absolute", True)  # a result made before the field existed compared |maps|
     columns = min(n, 6)
@@ -1017,9 +1017,10 @@ def plot_randomisation(result: RandomisationResult, index: int = 0, method: str 
     for ax, step, rho, maps in zip(axes.flat, result.steps, result.spearman, result.maps):
         _show_map(ax, image, maps[index], method, percentile=percentile)
         own = float(spearman(original, maps[index:index + 1], absolute)[0])
-        ax.set_title(f"{step}\nthis image: rho = {own:.2f}\nmean of {count}: rho = {rho:.2f}", fontsize=7)
+        ax.set_title(f"{step}\nthis image: rho = {own:.2f}\nmean: rho = {rho:.2f}", fontsize=7)
     axes[0, 0].set_ylabel(method)
     fig.supxlabel(f"rho: Spearman rank correlation with the original map{' (of |values|)' if absolute else ''}"
+                  f"; mean: over the {count} images (leaving out any whose original map is constant)"
                   f"; each map on its own colour scale", fontsize=7)
     fig.suptitle(title)
     return fig

@@ -39,7 +39,7 @@ from mtlearn.checkpoint import (
     set_rng_state,
 )
 from mtlearn.engine import NonFiniteLossError
-from mtlearn.utils import check_int, check_loader, check_options, eval_mode, is_int, is_number
+from mtlearn.utils import check_int, check_label_pair, check_loader, check_options, eval_mode, is_int, is_number
 
 # ----------------------------------------------------------------------------------------------
 # parts
@@ -526,14 +526,6 @@ def _not_a_two_task_model(model) -> TypeError:
                      "mtlearn.disentangle.build_model(kind, config)")
 
 
-def _check_task_keys(task_keys) -> None:
-    """Two different label names, task A's first (e.g. ("shape", "background"))."""
-    if (isinstance(task_keys, str) or len(task_keys) != 2 or not all(isinstance(k, str) for k in task_keys)
-            or task_keys[0] == task_keys[1]):
-        raise ValueError(f"task_keys must be two different label names, task A's first, e.g. ('shape', "
-                         f"'background'); got {task_keys!r}")
-
-
 def _check_batch(batch, task_keys: tuple[str, str]) -> None:
     """A batch must be a dict with "image" and both task labels as batched tensors; else say which and why."""
     if not isinstance(batch, Mapping):
@@ -626,7 +618,7 @@ def train_disentangle(
                     adv_target=adv_target, lr=lr, betas=betas, weight_decay=weight_decay, adv_lr=adv_lr,
                     adv_momentum=adv_momentum, warmup_epochs=warmup_epochs, ramp_epochs=ramp_epochs,
                     leak_shrink=leak_shrink)
-    _check_task_keys(task_keys)
+    check_label_pair(task_keys)
     if not isinstance(model, _TwoTaskNet):
         raise _not_a_two_task_model(model)
     check_loader("train_loader", train_loader, "torch.utils.data.DataLoader(dataset, batch_size=50, shuffle=True)")
@@ -799,7 +791,7 @@ def evaluate_disentangle(model: nn.Module, loader, *, task_keys: tuple[str, str]
     from mtlearn.utils import pick_device
 
     check_loader("loader", loader, "torch.utils.data.DataLoader(dataset, batch_size=100)")
-    _check_task_keys(task_keys)
+    check_label_pair(task_keys)
     device = pick_device(device)
     key_a, key_b = task_keys
     outputs = (("acc_a", "logits_a", key_a), ("acc_b", "logits_b", key_b),

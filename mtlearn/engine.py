@@ -169,7 +169,7 @@ class History:
         metrics: validation columns to draw (e.g. ["val/recon/psnr"]); default: those on a 0-1 scale.
         A task has one colour in every panel (mtlearn.plots.TASK_COLOURS: seg blue, cls orange, recon
         green, total black); the metrics of one task share it and differ by line style and marker
-        (the second one open), so cls/acc and cls/balanced_acc stay apart where they coincide.
+        (every one after the first with open markers), so cls/acc and cls/balanced_acc stay apart where they coincide.
         Legends sit below their panels, off the curves.
         """
         from matplotlib.figure import Figure

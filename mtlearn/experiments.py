@@ -194,8 +194,8 @@ def plot_spread(table: pd.DataFrame, by: str, metric: str, title: str = "", ylab
 
     With a few seeds a bar up to the mean would describe no run; the dots are the runs, the line
     only marks their mean. A group's dots are set side by side (deterministically, in table order:
-    with the runs listed seed by seed, a seed sits at the same place in every group), so equal
-    values do not hide each other.
+    when every group holds the same seeds, listed seed by seed, a seed sits at the same place in
+    every group), so equal values do not hide each other.
     ylabel: the y-axis label; default `metric`, "Δm (%)" for "delta_m" (weighting.delta_m is in percent).
     """
     import matplotlib.pyplot as plt

@@ -22,7 +22,7 @@ Choices worth knowing:
   so that one such image cannot make the mean inf.
 - For three classes (normal / benign / malignant) sensitivity and specificity are computed one class
   against the rest and averaged (macro); with two classes they are those of class 1, the positive class.
-- ROC AUC ranks the images by their one-vs-rest logit margins (one_vs_rest_scores), not by the
+- ROC AUC ranks the images by their one-vs-rest log-odds (one_vs_rest_scores), not by the
   float32 softmax: a confident model's probabilities round to exactly 1.0 (from a logit gap of
   about 17), and the ties would make its AUC depend on that rounding. The ranking is the same.
 
@@ -87,7 +87,7 @@ def one_vs_rest_scores(logits: np.ndarray | Tensor) -> np.ndarray:
     The log-odds of each class against the rest: they rank the images exactly as p_k does, but
     computed as logit_k - logsumexp(other logits) they do not round to a tie where p_k rounds to 1.
     """
-    logits = torch.as_tensor(np.asarray(logits), dtype=torch.float64)
+    logits = torch.as_tensor(logits).detach().cpu().double()  # a model's output as it comes, or an array
     if logits.ndim != 2 or logits.shape[1] < 2:
         raise ValueError(f"logits must have shape (N, K) with K >= 2 classes, got {tuple(logits.shape)}")
     others = logits.unsqueeze(1).expand(-1, logits.shape[1], -1)  # (N, K, K): row k holds every logit

@@ -188,7 +188,7 @@ def _bar_range(values: np.ndarray, spans: np.ndarray) -> tuple[float, float, boo
     elif float(np.max(values)) <= 1.0:  # scores in [0, 1]: zoom in on close ones
         pad = max(2.0 * (hi - lo), 0.05)
         step = 10.0 ** math.floor(math.log10(pad))
-        bottom = max(0.0, round(math.floor((lo - pad) / step) * step, 10))
+        bottom = max(0.0, round(math.floor((lo - pad) / step + 1e-9) * step, 10))  # 1e-9: 0.85 - 0.05 is 0.8
         zoomed = bottom > 0
     else:
         bottom = 0.0

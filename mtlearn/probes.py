@@ -22,6 +22,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from mtlearn.utils import check_label_pair
+
 EMBEDDINGS = ("pca", "tsne")
 
 
@@ -265,9 +267,7 @@ def plot_adversary_accuracy(history: dict[str, list[float]], chance: float = 0.5
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    if len(task_keys) != 2 or task_keys[0] == task_keys[1]:
-        raise ValueError(f"task_keys must be two different names, task A's first, e.g. ('shape', 'background'); "
-                         f"got {task_keys!r}")
+    check_label_pair(task_keys)
     name_a, name_b = task_keys
     reads = {"a": f"{name_a} read from {name_b} features", "b": f"{name_b} read from {name_a} features"}
     colours = {"a": "tab:blue", "b": "tab:orange"}
@@ -291,7 +291,8 @@ def plot_adversary_accuracy(history: dict[str, list[float]], chance: float = 0.5
                     label=f"   same, on the batch it was fitted to ({fitted_key})")
     ax.axhline(chance, color="grey", ls="--", label=chance_label)
     ax.set_ylim(0, 1.02)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True, steps=[1, 2, 5, 10]))  # whole epochs: 5, 10, 15
+    ax.set_xlim(0.5, max(len(v) for v in curves.values()) + 0.5)  # one epoch too: ticks at whole epochs
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, steps=[1, 2, 5, 10], min_n_ticks=1))  # whole epochs: 5, 10, 15
     ax.set_xlabel("epoch")
     ax.set_ylabel("adversary accuracy")
     ax.set_title(title)

@@ -209,6 +209,14 @@ def check_bool(name: str, value) -> bool:
     return bool(value)
 
 
+def check_label_pair(task_keys) -> None:
+    """Two different label names, task A's first (e.g. ("shape", "background")): the disentanglement's task_keys."""
+    if (isinstance(task_keys, str) or len(task_keys) != 2 or not all(isinstance(k, str) for k in task_keys)
+            or task_keys[0] == task_keys[1]):
+        raise ValueError(f"task_keys must be two different label names, task A's first, e.g. ('shape', "
+                         f"'background'); got {task_keys!r}")
+
+
 def check_loader(name: str, loader, wrap: str) -> None:
     """Refuse a Dataset where a DataLoader is due: it would yield single, unbatched items (int labels,
     images without a batch axis) and fail later with a cryptic shape error. wrap: the call to suggest."""

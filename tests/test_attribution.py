@@ -481,7 +481,7 @@ def test_plot_randomisation_gives_this_images_and_the_mean_rho_and_labels_empty_
                                    [original, flipped, torch.zeros(2, 1, 4, 4)])  # absolute (the default)
     fig = A.plot_randomisation(result, index=1, method="ig", image=original[1])
     titles = [ax.get_title() for ax in _panels(fig)]
-    assert titles[1] == "head\nthis image: rho = 1.00\nmean of 2: rho = 0.25"
+    assert titles[1] == "head\nthis image: rho = 1.00\nmean: rho = 0.25"
     assert [[t.get_text() for t in ax.texts] for ax in _panels(fig)] == [[], [], ["map = 0"]]
     result.absolute = False  # as cascading_randomisation(..., absolute=False) records it: signs count
     fig = A.plot_randomisation(result, index=1, method="ig")

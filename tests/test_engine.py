@@ -463,7 +463,6 @@ def test_history_frame_and_plot():
     assert [line.get_label() for line in figure.axes[2].lines] == list(TASKS)
 
 
-
 def _review_history() -> History:
     """Two tasks, where cls/acc and cls/balanced_acc coincide (balanced classes)."""
     history = History(monitor="val/seg/dice")
@@ -504,6 +503,7 @@ def test_history_plot_legends_sit_outside_the_panels():
         legend, box = ax.get_legend(), ax.get_window_extent(renderer)
         assert legend.get_window_extent(renderer).y1 < box.y0  # below the panel, not over the curves
     assert figure.axes[3].get_legend() is None and figure.axes[3].get_ylabel() == "learning rate"
+
 
 def test_progress_bar_only_when_asked(capsys):
     _fit(ToyNet(), *_loaders(), epochs=1, progress=False)

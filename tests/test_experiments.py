@@ -235,6 +235,7 @@ def test_plot_spread_says_delta_m_is_in_percent():
     assert np.asarray(dots.get_offsets())[:, 0].tolist() == pytest.approx([-0.15, 0.15])  # equal values both seen
     plt.close("all")
 
+
 def _finished_run(folder, record):
     """A folder as a successful run leaves it: metrics.json and the `done` marker."""
     folder.mkdir(parents=True)

@@ -70,6 +70,8 @@ def test_one_vs_rest_scores_are_the_log_odds_of_the_softmax():
     assert binary[:, 1] == pytest.approx((logits[:, 1] - logits[:, 0]).numpy()) and (binary[:, 0] == -binary[:, 1]).all()
     with pytest.raises(ValueError, match="K >= 2"):
         one_vs_rest_scores(torch.zeros(3, 1))
+    raw = logits[:2].float().requires_grad_()  # a model's output as it comes
+    assert one_vs_rest_scores(raw) == pytest.approx(scores[:2], abs=1e-5)
 
 
 def test_a_nan_loss_in_one_batch_makes_the_mean_loss_nan():

@@ -202,6 +202,8 @@ def test_bar_table_zooms_in_on_close_scores_from_the_values_present_and_says_so(
     far = pd.DataFrame({"acc": [0.1, 0.9]})  # far apart: from 0, no break mark
     ax = plots.bar_table(far, ["acc"]).axes[0]
     assert ax.get_ylim()[0] == 0 and ax.get_ylabel() == "acc" and not ax.get_lines()
+    equal = pd.DataFrame({"acc": [0.85, 0.85]})  # bottom 0.85 - 0.05 rounds down to 0.8, not 0.79 (float error)
+    assert plots.bar_table(equal, ["acc"]).axes[0].get_ylim()[0] == pytest.approx(0.8)
 
 
 def test_bar_table_survives_a_metric_no_run_has():

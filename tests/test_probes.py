@@ -297,7 +297,6 @@ def test_adversary_plot_labels_its_reference_line():
     assert fitted.get_color() == scored.get_color()
 
 
-
 def test_adversary_plot_says_in_words_which_label_each_adversary_reads_from_which_features():
     """adv_acc_b is adv_b(features_a): task B (background) read from task A's (shape) features."""
     history = {"adv_acc_a": [0.6, 0.6], "adv_acc_b": [0.5, 0.6], "adv_fit_acc_b": [1.0, 0.9],
@@ -313,17 +312,20 @@ def test_adversary_plot_says_in_words_which_label_each_adversary_reads_from_whic
     assert lines[labels[0]].get_color() != lines[labels[1]].get_color()
     ax = plot_adversary_accuracy({"adv_acc_b": [0.5]}, task_keys=("digit", "colour")).axes[0]
     assert ax.get_legend().get_texts()[0].get_text() == "colour read from digit features (adv_acc_b)"
-    with pytest.raises(ValueError, match="two different names"):
-        plot_adversary_accuracy({"adv_acc_b": [0.5]}, task_keys=("shape", "shape"))
+    for keys in [("shape", "shape"), "ab"]:  # a string of two letters is not two names
+        with pytest.raises(ValueError, match="two different label names"):
+            plot_adversary_accuracy({"adv_acc_b": [0.5]}, task_keys=keys)
 
 
-def test_adversary_plot_has_whole_epochs_and_its_legend_off_the_curves():
-    fig = plot_adversary_accuracy({"adv_acc_a": list(np.linspace(0.6, 0.7, 20)), "adv_acc_b": [0.6] * 20})
+@pytest.mark.parametrize("epochs", [20, 1])  # 1: a smoke run
+def test_adversary_plot_has_whole_epochs_and_its_legend_off_the_curves(epochs):
+    fig = plot_adversary_accuracy({"adv_acc_a": list(np.linspace(0.6, 0.7, epochs)), "adv_acc_b": [0.6] * epochs})
     ax = fig.axes[0]
     ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
-    assert ticks and all(float(t).is_integer() for t in ticks)  # no epoch 2.5
+    assert ticks and all(float(t).is_integer() for t in ticks)  # no epoch 2.5 (or 0.96)
     fig.canvas.draw()
     assert ax.get_legend().get_window_extent().y1 < ax.get_window_extent().y0  # below the axes
+
 
 def test_plot_probe_matrix_annotates_every_cell():
     table = pd.DataFrame({"shape": [1.0, 0.98], "background": [1.0, 0.55]}, index=["shared", "disentangle A"])

@@ -643,9 +643,10 @@ def _read_image(image: Path | np.ndarray) -> np.ndarray:
     """A file or an array -> (H, W) float32 grey in [0, 1]. Colour and alpha are dropped.
 
     8-bit images are divided by 255. 16-bit PNGs and non-uint8 arrays are divided by their own
-    maximum when it exceeds 1 (arrays already in [0, 1] are kept): their true bit depth is not recorded (a 12-bit scan saved in 16 bits would stay nearly
-    black divided by 65535), so their brightness is relative to the image. The datasets loaded here
-    ship 8-bit files; this path is for images converted by hand.
+    maximum when it exceeds 1 (arrays already in [0, 1] are kept): their true bit depth is not
+    recorded (a 12-bit scan saved in 16 bits would stay nearly black divided by 65535), so their
+    brightness is relative to the image. The datasets loaded here ship 8-bit files; this path is for
+    images converted by hand.
     """
     if isinstance(image, np.ndarray):
         array = image.astype(np.float32)
