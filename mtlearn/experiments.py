@@ -202,13 +202,15 @@ def plot_spread(table: pd.DataFrame, by: str, metric: str, title: str = "", ylab
 
     groups = list(dict.fromkeys(table[by]))
     fig, ax = plt.subplots(figsize=(1.2 * len(groups) + 3.5, 3.2))
+    means = 0  # mean lines drawn: the first one names the line in the legend
     for i, group in enumerate(groups):
         values = table.loc[table[by] == group, metric].to_numpy(dtype=float)
         offsets = np.linspace(-0.15, 0.15, len(values)) if len(values) > 1 else np.zeros(len(values))
         ax.scatter(i + offsets, values, color="tab:blue", zorder=3, s=16, label="a run (seed)" if i == 0 else None)
-        if np.isfinite(values).any():
+        if np.isfinite(values).any():  # a group of failed runs (NaN) has no mean
             ax.hlines(np.nanmean(values), i - 0.28, i + 0.28, color="black", lw=1.8, zorder=2,
-                      label="mean of the runs" if i == 0 else None)
+                      label="mean of the runs" if means == 0 else None)
+            means += 1
     ax.set_xticks(range(len(groups)), [str(g) for g in groups], rotation=30, ha="right")
     ax.set_xlim(-0.5, len(groups) - 0.5)
     ax.set_xlabel(by)

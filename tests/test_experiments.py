@@ -223,6 +223,9 @@ def test_plot_spread_draws_every_run_side_by_side_and_the_mean_as_a_line():
     assert ax.get_xlabel() == "weighting" and ax.get_ylabel() == "score"
     assert ax.get_title() == "score by weighting (dots: seeds, line: mean)"
     assert plot_spread(table, "weighting", "score", title="spread").axes[0].get_title() == "spread"
+    failed_first = pd.DataFrame({"weighting": ["dwa", "fixed"], "score": [np.nan, 0.5]})  # dwa's run failed
+    legend = plot_spread(failed_first, "weighting", "score").axes[0].get_legend()
+    assert [t.get_text() for t in legend.get_texts()] == ["a run (seed)", "mean of the runs"]
     plt.close("all")
 
 
