@@ -1007,7 +1007,7 @@ def plot_randomisation(result: RandomisationResult, index: int = 0, method: str 
     n = len(result.steps)
     count = result.maps[0].shape[0]  # the spearman means skip images whose original map is constant (rho NaN)
     original = result.maps[0][index:index + 1]
-    absolute = getattr(result, "absolute", True)  # a result made before the field existed compared |maps|
+    absolute = result.absolute
     columns = min(n, 6)
     rows = -(-n // columns)  # ceil: wrap long cascades onto several rows
     fig, axes = plt.subplots(rows, columns, figsize=(1.9 * columns, 2.3 * rows + 0.5), squeeze=False,
