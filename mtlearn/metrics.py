@@ -5,8 +5,8 @@
     "seg/iou"            mean per-image IoU (Jaccard) of the foreground classes        monai.metrics.compute_iou
     "cls/acc"            accuracy                                                      confusion matrix
     "cls/balanced_acc"   mean recall over the classes present (sklearn's definition)   confusion matrix
-    "cls/sensitivity"    recall; 2 classes: of class 1; more: macro one-vs-rest       confusion matrix
-    "cls/specificity"    true-negative rate; 2 classes: of class 1; more: macro OvR   confusion matrix
+    "cls/sensitivity"    recall of the last class (malignant) against the rest         confusion matrix
+    "cls/specificity"    true-negative rate of the last class against the rest         confusion matrix
     "cls/auc"            ROC AUC, one-vs-rest, averaged over the classes present       monai.metrics.compute_roc_auc
     "recon/psnr"         mean per-image PSNR in dB, each capped at 100 dB              monai.metrics.PSNRMetric
     "recon/ssim"         mean per-image SSIM (2-D)                                     monai.metrics.SSIMMetric
@@ -20,8 +20,11 @@ Choices worth knowing:
   perfect 1); an image whose whole foreground is empty in both scores 1, as in the binary case.
 - A perfect reconstruction has infinite PSNR; each image's PSNR is capped at PSNR_CEILING_DB (100 dB)
   so that one such image cannot make the mean inf.
-- For three classes (normal / benign / malignant) sensitivity and specificity are computed one class
-  against the rest and averaged (macro); with two classes they are those of class 1, the positive class.
+- Sensitivity and specificity are those of the last class against all the others: malignant, in
+  every dataset here (class 1 of two, class 2 of normal / benign / malignant; the loaders order
+  their classes so). That is the clinical question, "how many cancers are caught, how many other
+  scans are cleared". Averaged over the classes instead (macro), the sensitivity would repeat the
+  balanced accuracy, and the specificity would count the normal class's, which no one reads.
 - ROC AUC ranks the images by their one-vs-rest log-odds (one_vs_rest_scores), not by the
   float32 softmax: a confident model's probabilities round to exactly 1.0 (from a logit gap of
   about 17), and the ties would make its AUC depend on that rounding. The ranking is the same.
@@ -58,7 +61,9 @@ PSNR_CEILING_DB = 100.0
 def classification_metrics(confusion: np.ndarray) -> dict[str, float]:
     """Accuracy, balanced accuracy, sensitivity, specificity from a (K, K) confusion matrix.
 
-    confusion[i, j] counts images of true class i predicted as class j.
+    confusion[i, j] counts images of true class i predicted as class j. Sensitivity and
+    specificity are the last class's (malignant) against the rest; nan when no image of it, or
+    none of the others, is among the labels.
     """
     confusion = np.asarray(confusion, dtype=np.float64)
     total = confusion.sum()
@@ -69,15 +74,11 @@ def classification_metrics(confusion: np.ndarray) -> dict[str, float]:
     with np.errstate(invalid="ignore", divide="ignore"):
         recall = tp / (tp + fn)  # nan for a class absent from the labels
         specificity = tn / (tn + fp)
-    if len(confusion) == 2:  # binary: report the positive class (1)
-        sensitivity, spec = recall[1], specificity[1]
-    else:
-        sensitivity, spec = _nanmean(recall), _nanmean(specificity)
     return {
         "cls/acc": float(tp.sum() / total) if total else float("nan"),
         "cls/balanced_acc": _nanmean(recall),
-        "cls/sensitivity": float(sensitivity),
-        "cls/specificity": float(spec),
+        "cls/sensitivity": float(recall[-1]),  # the last class, the positive one (see the module's notes)
+        "cls/specificity": float(specificity[-1]),
     }
 
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-from sklearn.metrics import balanced_accuracy_score, roc_auc_score
+from sklearn.metrics import balanced_accuracy_score, recall_score, roc_auc_score
 
 from mtlearn.metrics import MetricAccumulator, classification_metrics, one_vs_rest_scores, roc_auc
 
@@ -14,9 +14,27 @@ def test_three_class_metrics_by_hand():
     m = classification_metrics(confusion)
     assert m["cls/acc"] == pytest.approx(9 / 13)
     assert m["cls/balanced_acc"] == pytest.approx((3 / 4 + 2 / 4 + 4 / 5) / 3)
-    assert m["cls/sensitivity"] == pytest.approx(m["cls/balanced_acc"])  # macro one-vs-rest recall
-    # true negatives per class: 13 - tp - fn - fp = 8, 7, 7; negatives = 9, 9, 8
-    assert m["cls/specificity"] == pytest.approx((8 / 9 + 7 / 9 + 7 / 8) / 3)
+    # the last class (malignant) against the rest: 4 of its 5 caught; of the 8 others, 7 not called it
+    assert m["cls/sensitivity"] == pytest.approx(4 / 5)
+    assert m["cls/specificity"] == pytest.approx(7 / 8)
+
+
+def test_three_class_sensitivity_is_malignant_against_the_rest_as_sklearn_reads_it():
+    rng = np.random.default_rng(1)
+    labels, predicted = rng.integers(0, 3, 60), rng.integers(0, 3, 60)
+    confusion = np.zeros((3, 3))
+    np.add.at(confusion, (labels, predicted), 1)
+    m = classification_metrics(confusion)
+    malignant, called_malignant = labels == 2, predicted == 2
+    assert m["cls/sensitivity"] == pytest.approx(recall_score(malignant, called_malignant))
+    assert m["cls/specificity"] == pytest.approx(recall_score(~malignant, ~called_malignant))
+    assert m["cls/sensitivity"] != pytest.approx(m["cls/balanced_acc"])
+
+
+def test_sensitivity_is_nan_without_a_positive_image():
+    m = classification_metrics(np.array([[3, 1, 0], [1, 2, 1], [0, 0, 0]]))
+    assert math.isnan(m["cls/sensitivity"])
+    assert m["cls/specificity"] == pytest.approx(7 / 8)
 
 
 def test_binary_metrics_report_the_positive_class():
@@ -250,7 +268,7 @@ def test_sync_in_a_one_process_group_keeps_the_values(tmp_path):
     mask = torch.zeros(2, 1, 8, 8)
     mask[0, :, :4] = 1
     acc.update({"seg": _seg_logits(mask), "cls": torch.tensor([[2.0, 0, 0], [0, 0, 2.0]])},
-               {"mask": mask, "label": torch.tensor([0, 1])})
+               {"mask": mask, "label": torch.tensor([0, 2])})
     before = acc.compute()
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
@@ -266,7 +284,7 @@ def test_sync_adds_the_sums_and_counts_of_every_process(tmp_path, monkeypatch):
     mask = torch.zeros(2, 1, 8, 8)
     mask[0, :, :4] = 1
     acc.update({"seg": _seg_logits(mask), "cls": torch.tensor([[2.0, 0, 0], [0, 0, 2.0]])},
-               {"mask": mask, "label": torch.tensor([0, 1])}, {"seg": torch.tensor(0.5)})
+               {"mask": mask, "label": torch.tensor([0, 2])}, {"seg": torch.tensor(0.5)})
     before, sums, counts, confusion = acc.compute(), dict(acc.sums), dict(acc.counts), acc.confusion_matrix()
 
     def all_reduce(tensor, *args, **kwargs):
