@@ -10,6 +10,11 @@ old folder only when the run succeeds, so a failed or interrupted rerun leaves t
 as they were (and the failed run in `<profile>.partial/` to look at). A notebook that fails is
 reported with its failing cell and the others still run. The run ends with one table of every
 notebook's headline metrics.
+
+A cell that runs longer than `--cell-timeout` seconds (default: one hour, none for the paper
+profile) stops its notebook with an error instead of leaving the job waiting forever: the longest
+course cell takes a few minutes on 2 CPU cores, and a kernel whose reply got lost (seen once) would
+otherwise hang the whole run without a word.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from mtlearn.notebook import flatten_metrics
 
 NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"  # in a clone (and an editable install)
 DONE = "done"  # marker file: the folder holds a whole successful run (written last, before it is moved in)
+CELL_TIMEOUT_S = {"smoke": 3600.0, "course": 3600.0, "paper": None}  # --cell-timeout's default per profile
 
 
 @dataclass
@@ -77,6 +83,7 @@ def run_notebook(
     *,
     kernel_name: str | None = None,
     progress: bool = False,
+    cell_timeout: float | None = None,
 ) -> NotebookResult:
     """Execute `notebook` into `out_dir` with papermill; never raises for a failing notebook.
 
@@ -84,9 +91,13 @@ def run_notebook(
     metrics.json land next to the executed copy. The notebook runs in `<out_dir>.partial`, which
     replaces `out_dir` only on success: a failure leaves `out_dir` untouched and the failed run in
     the staging folder (the result's `out_dir`), until the next run of the same notebook.
+    cell_timeout: seconds one cell may run before the notebook is stopped as failed; None: no limit.
     """
     import papermill as pm
+    from nbclient.exceptions import CellTimeoutError  # papermill's executor
 
+    if cell_timeout is not None and not (isinstance(cell_timeout, (int, float)) and cell_timeout > 0):
+        raise ValueError(f"cell_timeout must be a number of seconds > 0, or None for no limit; got {cell_timeout!r}")
     out_dir = Path(out_dir)
     final = out_dir.resolve()
     staging = final.with_name(final.name + ".partial")
@@ -108,11 +119,15 @@ def run_notebook(
             cwd=str(notebook.parent),
             progress_bar=progress,
             log_output=False,
+            execution_timeout=cell_timeout,
             # The kernel's own log (e.g. "Kernel is running over TCP") would land in the caller's
             # cell output when a notebook runs a grid of notebooks: keep only its errors.
             extra_arguments=["--IPKernelApp.log_level=ERROR"],
         )
     except Exception as error:  # papermill raises PapermillExecutionError, kernels may raise others
+        if isinstance(error, CellTimeoutError):  # its own text is one long line about the kernel
+            return failed(f"a cell ran longer than the cell timeout ({cell_timeout:g} s) and was stopped; "
+                          "if it was only slow, raise the limit (--cell-timeout SECONDS, 0: none)")
         return failed(_failing_cell(error))
     if not metrics_path.exists():
         return failed("the notebook finished without writing metrics.json")
@@ -183,6 +198,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="*", default=None, metavar="NN",
                         help="run only notebooks whose number or name starts with these")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
+    parser.add_argument("--cell-timeout", type=float, default=None, metavar="SECONDS",
+                        help="stop a notebook whose cell runs longer than this (default: 3600, none for the "
+                             "paper profile; 0: no limit)")
     args = parser.parse_args(argv)
 
     from mtlearn.notebook import resolve_profile
@@ -195,6 +213,9 @@ def main(argv: list[str] | None = None) -> int:
             seed_everything(args.seed)
     except (ValueError, RuntimeError) as error:
         parser.error(str(error))
+    cell_timeout = CELL_TIMEOUT_S.get(profile) if args.cell_timeout is None else args.cell_timeout or None
+    if cell_timeout is not None and not 0 < cell_timeout < math.inf:
+        parser.error(f"--cell-timeout must be a number of seconds > 0 (0: no limit), got {args.cell_timeout:g}")
     try:
         notebooks = course_notebooks()
     except FileNotFoundError as error:
@@ -214,7 +235,8 @@ def main(argv: list[str] | None = None) -> int:
     bar = tqdm(notebooks, desc=f"course notebooks ({profile})", unit="notebook")
     for nb in bar:
         bar.set_postfix_str(nb.stem)
-        result = run_notebook(nb, args.out / nb.stem / profile, notebook_parameters(profile, args.seed, args.device))
+        result = run_notebook(nb, args.out / nb.stem / profile, notebook_parameters(profile, args.seed, args.device),
+                              cell_timeout=cell_timeout)
         if not result.ok:
             tqdm.write(f"{nb.stem} failed: {result.error} (executed copy: {result.out_dir / nb.name}; "
                        f"the previous run, if any, is kept in {args.out / nb.stem / profile})")

@@ -207,10 +207,11 @@ def test_course_notebooks_are_only_the_numbered_ones(tmp_path):
 def test_command_line_runs_each_notebook_into_its_profile_folder_and_fails_on_a_failure(tmp_path, monkeypatch, capsys):
     from mtlearn.course import NotebookResult, main
 
-    calls = []
+    calls, timeouts = [], []
 
-    def fake_run(nb, out_dir, parameters):
+    def fake_run(nb, out_dir, parameters, cell_timeout):
         calls.append((nb.stem, out_dir, parameters))
+        timeouts.append(cell_timeout)
         ok = not nb.stem.startswith("01")
         return NotebookResult(nb.stem, out_dir, ok, 1.0, "" if ok else "cell [3] raised RuntimeError: boom",
                               {"metrics": {"dice": 0.5}} if ok else None)
@@ -224,9 +225,41 @@ def test_command_line_runs_each_notebook_into_its_profile_folder_and_fails_on_a_
     assert [c[0] for c in calls] == expected
     assert [c[1] for c in calls] == [out / n / "smoke" for n in expected]
     assert all(c[2] == {"profile": "smoke", "device": "cpu", "seed": 7} for c in calls)
+    assert timeouts == [3600.0, 3600.0]  # an hour per cell unless asked otherwise
     table = capsys.readouterr().out
     assert any(line.startswith(expected[1]) and "FAIL" in line and "boom" in line for line in table.splitlines())
     calls.clear()
     monkeypatch.setenv("MTLEARN_PROFILE", "paper")  # the default profile: the environment's
     assert main(["--out", str(out), "--only", "00"]) == 0  # every notebook ok
     assert calls == [(expected[0], out / expected[0] / "paper", {"profile": "paper", "device": "auto"})]
+    assert timeouts[-1] is None  # paper-scale training cells may run for hours
+    assert main(["--out", str(out), "--only", "00", "--cell-timeout", "90"]) == 0 and timeouts[-1] == 90
+    assert main(["--out", str(out), "--only", "00", "--cell-timeout", "0"]) == 0 and timeouts[-1] is None
+
+
+@pytest.mark.parametrize("value", ["-5", "nan", "inf"])
+def test_command_line_names_a_bad_cell_timeout(value, monkeypatch, capsys):
+    from mtlearn.course import main
+
+    def no_notebook(*args, **kwargs):
+        raise AssertionError("a notebook started despite a bad argument")
+
+    monkeypatch.setattr(course, "run_notebook", no_notebook)
+    with pytest.raises(SystemExit):
+        main(["--only", "00", "--cell-timeout", value])
+    assert "--cell-timeout must be a number of seconds > 0 (0: no limit)" in capsys.readouterr().err
+
+
+def test_a_cell_past_the_timeout_fails_its_notebook_instead_of_hanging(tmp_path):
+    nb = write_notebook(tmp_path / "05_hung.ipynb", "import time\ntime.sleep(120)")
+    result = run_notebook(nb, tmp_path / "out", {"profile": "smoke"}, cell_timeout=3)
+    assert not result.ok and result.seconds < 60
+    assert "ran longer than the cell timeout (3 s)" in result.error and "--cell-timeout" in result.error
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("value", [0, -1, float("nan"), "60"])
+def test_run_notebook_refuses_a_bad_cell_timeout(value, tmp_path):
+    nb = write_notebook(tmp_path / "01_good.ipynb", GOOD)
+    with pytest.raises(ValueError, match="cell_timeout must be a number of seconds > 0"):
+        run_notebook(nb, tmp_path / "out", {"profile": "smoke"}, cell_timeout=value)
