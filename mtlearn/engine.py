@@ -518,6 +518,8 @@ class _Run:
     grad_clip: float | None
     train_model: nn.Module | None = None  # what runs forward: the model, DDP- and/or compile-wrapped
     shared: list | None = None  # shared parameters, found at the first step when the weighting needs them
+    data_range: float = 1.0  # the config's: the intensity range the images are expected in
+    range_checked: bool = False  # the first batch's intensities looked at (_warn_if_unscaled)
 
 
 def _prepare(model: nn.Module, config: TrainConfig, tasks: tuple[str, ...], total_steps: int) -> _Run:
@@ -541,7 +543,27 @@ def _prepare(model: nn.Module, config: TrainConfig, tasks: tuple[str, ...], tota
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, poly)  # closed form: a resumed run may be longer
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
     return _Run(model, build_losses(tasks, config.losses).to(device), weighting, optimizer, scheduler, scaler,
-                device, amp_dtype, channels_last, config.grad_clip)
+                device, amp_dtype, channels_last, config.grad_clip, data_range=config.data_range)
+
+
+def _warn_if_unscaled(image, data_range: float = 1.0) -> bool:
+    """Warn (and return True) when a float image batch looks like raw 8-bit intensities.
+
+    Images here are scaled to 0..1 (or z-scored, as the shapes benchmark is). Floats that are all
+    >= 0 and reach past twice `data_range` are most likely 0..255 that nobody divided by 255: the
+    networks run on them, but a reconstruction loss is 65,025 times larger and PSNR/SSIM read the
+    wrong range, without a word. Called on the first batch of fit.
+    """
+    if not isinstance(image, Tensor) or not image.is_floating_point() or image.numel() == 0:
+        return False  # uint8 is refused by the models themselves, with the fix
+    low, high = (float(v) for v in torch.aminmax(image.detach()))
+    if low < 0 or not high > 2 * data_range:
+        return False
+    warnings.warn(f"the first training batch's images range from {low:g} to {high:g}, which looks like 0..255 "
+                  f"intensities: scale them to 0..1 (image / 255) in the dataset, as the course's datasets do, "
+                  f"or, if this range is meant, pass data_range={high - low:g} (now {data_range:g}) to fit",
+                  stacklevel=4)  # the caller of fit
+    return True
 
 
 def _run_state(run: _Run, epoch: int, history: History, config: TrainConfig, tasks, rng: dict) -> dict:
@@ -639,6 +661,9 @@ def _train_one_epoch(run: _Run, loader, epoch: int, tasks: tuple[str, ...], bar,
         if batch is None:
             break
         steps += 1
+        if not run.range_checked and isinstance(batch, Mapping):
+            run.range_checked = True
+            _warn_if_unscaled(batch.get("image"), run.data_range)
         buffers = [b.detach().clone() for b in run.model.buffers()]  # BatchNorm statistics, before this batch
         losses, values = _forward(run, batch, tasks)
         # checked before backward, so weights and checkpoints stay good; under torchrun every process

@@ -683,6 +683,39 @@ def test_resume_without_more_epochs_warns(tmp_path):
     assert again.records == first.records
 
 
+class Scaled(Dataset):
+    """ToyData's items with the image mapped to `low`..`high` (e.g. 0..255: 8-bit intensities never divided)."""
+
+    def __init__(self, low, high):
+        self.data, self.low, self.high = ToyData(keys=("image", "label")), low, high
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, i):
+        item = self.data[i]
+        image = item["image"].clamp(0, 1)
+        return dict(item, image=self.low + (self.high - self.low) * image)
+
+
+@pytest.mark.parametrize("low, high, options, warned", [
+    (0, 255, {}, True),  # raw 8-bit intensities as floats
+    (0, 1, {}, False),  # scaled, as the course's datasets are
+    (-3, 3, {}, False),  # z-scored (the shapes benchmark)
+    (0, 255, {"data_range": 255.0}, False),  # the range is meant, and said
+])
+def test_fit_warns_once_when_the_images_look_like_unscaled_8_bit(low, high, options, warned):
+    train = DataLoader(Scaled(low, high), batch_size=4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _fit_on_cpu(ToyNet(tasks=("cls",)), train, None, epochs=2, **options)
+    messages = [str(w.message) for w in caught if "looks like 0..255" in str(w.message)]
+    assert len(messages) == int(warned)  # the first batch only, not every step or epoch
+    if warned:
+        assert "from 0 to 255" in messages[0] and "image / 255" in messages[0] and "data_range=255" in messages[0]
+        assert [w.filename for w in caught if "looks like 0..255" in str(w.message)] == [__file__]  # points at fit's caller
+
+
 def test_load_checkpoint_into_another_model_names_the_file(tmp_path):
     _fit(ToyNet(), *_loaders(), epochs=1, out_dir=tmp_path)
     path = tmp_path / "last.pt"
