@@ -13,8 +13,8 @@ notebook's headline metrics.
 
 A cell that runs longer than `--cell-timeout` seconds (default: one hour, none for the paper
 profile) stops its notebook with an error instead of leaving the job waiting forever: the longest
-course cell takes a few minutes on 2 CPU cores, and a kernel whose reply got lost (seen once) would
-otherwise hang the whole run without a word.
+course cell takes up to about ten minutes on 2 CPU cores, and a kernel whose reply got lost (seen
+once) would otherwise hang the whole run without a word.
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import numbers
+import re
 import shutil
 import sys
 import time
@@ -76,6 +78,23 @@ def _failing_cell(error: Exception) -> str:
     return f"{where} raised {name}: {value}".strip()
 
 
+def _timed_out(error: Exception, cell_timeout: float | None) -> str:
+    """nbclient's CellTimeoutError (several lines, the cell's source among them) -> one line and the fix.
+
+    It comes for two reasons: the cell ran past `cell_timeout` ("Cell execution timed out"), or the
+    cell finished but its output did not arrive in time ("Timeout waiting for IOPub output").
+    """
+    text = str(error)
+    parts = text.split("-------------------\n")  # nbclient's layout: the cell's source between two rules
+    lines = parts[1].strip().splitlines() if len(parts) > 2 else []
+    cell = f"the cell starting {lines[0]!r}" if lines else "a cell"
+    if cell_timeout is not None and "Cell execution timed out" in text:
+        return (f"{cell} ran longer than the cell timeout ({cell_timeout:g} s) and was stopped; if it was "
+                "only slow, raise the limit (--cell-timeout SECONDS, 0: none)")
+    reason = re.search(r"The message was: (.*?)\.?$", text, re.MULTILINE)
+    return f"{cell} timed out: {reason.group(1) if reason else text.splitlines()[0]}"
+
+
 def run_notebook(
     notebook: Path,
     out_dir: Path,
@@ -96,8 +115,10 @@ def run_notebook(
     import papermill as pm
     from nbclient.exceptions import CellTimeoutError  # papermill's executor
 
-    if cell_timeout is not None and not (isinstance(cell_timeout, (int, float)) and cell_timeout > 0):
-        raise ValueError(f"cell_timeout must be a number of seconds > 0, or None for no limit; got {cell_timeout!r}")
+    if cell_timeout is not None and not (isinstance(cell_timeout, numbers.Real) and not isinstance(cell_timeout, bool)
+                                         and 0 < cell_timeout < math.inf):
+        raise ValueError(f"cell_timeout must be a finite number of seconds > 0, or None for no limit; "
+                         f"got {cell_timeout!r}")
     out_dir = Path(out_dir)
     final = out_dir.resolve()
     staging = final.with_name(final.name + ".partial")
@@ -125,9 +146,8 @@ def run_notebook(
             extra_arguments=["--IPKernelApp.log_level=ERROR"],
         )
     except Exception as error:  # papermill raises PapermillExecutionError, kernels may raise others
-        if isinstance(error, CellTimeoutError):  # its own text is one long line about the kernel
-            return failed(f"a cell ran longer than the cell timeout ({cell_timeout:g} s) and was stopped; "
-                          "if it was only slow, raise the limit (--cell-timeout SECONDS, 0: none)")
+        if isinstance(error, CellTimeoutError):
+            return failed(_timed_out(error, cell_timeout))
         return failed(_failing_cell(error))
     if not metrics_path.exists():
         return failed("the notebook finished without writing metrics.json")

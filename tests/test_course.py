@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import nbformat
+import numpy as np
 import pytest
 from nbformat.v4 import new_code_cell, new_notebook
 
@@ -27,7 +28,8 @@ json.dump({"profile": profile, "metrics": {"dice": 0.5 + seed}}, open(pathlib.Pa
 
 def test_run_notebook_passes_parameters_and_reads_metrics(tmp_path):
     nb = write_notebook(tmp_path / "01_good.ipynb", GOOD)
-    result = run_notebook(nb, tmp_path / "out", {"profile": "smoke", "seed": 2})
+    # a limit from a NumPy sweep is a number like any other
+    result = run_notebook(nb, tmp_path / "out", {"profile": "smoke", "seed": 2}, cell_timeout=np.int64(600))
     assert result.ok, result.error
     assert result.metrics == {"profile": "smoke", "metrics": {"dice": 2.5}}
     assert (tmp_path / "out" / "01_good.ipynb").exists()
@@ -254,12 +256,32 @@ def test_a_cell_past_the_timeout_fails_its_notebook_instead_of_hanging(tmp_path)
     nb = write_notebook(tmp_path / "05_hung.ipynb", "import time\ntime.sleep(120)")
     result = run_notebook(nb, tmp_path / "out", {"profile": "smoke"}, cell_timeout=3)
     assert not result.ok and result.seconds < 60
-    assert "ran longer than the cell timeout (3 s)" in result.error and "--cell-timeout" in result.error
+    assert result.error.startswith("the cell starting 'import time' ran longer than the cell timeout (3 s)")
+    assert "--cell-timeout" in result.error
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("value", [0, -1, float("nan"), "60"])
+@pytest.mark.parametrize("cell_timeout", [None, 3600])
+def test_output_arriving_late_is_not_reported_as_the_cell_timeout(cell_timeout, tmp_path, monkeypatch):
+    # nbclient raises the same CellTimeoutError when a finished cell's output is late (papermill's
+    # raise_on_iopub_timeout); with no limit set, formatting the limit used to crash run_notebook
+    import papermill
+    from nbclient.exceptions import CellTimeoutError
+    from nbformat.v4 import new_code_cell
+
+    def late_output(*args, **kwargs):
+        raise CellTimeoutError.error_from_timeout_and_cell("Timeout waiting for IOPub output", 4,
+                                                           new_code_cell("train(model)\nsave(model)"))
+
+    monkeypatch.setattr(papermill, "execute_notebook", late_output)
+    nb = write_notebook(tmp_path / "01_good.ipynb", GOOD)
+    result = run_notebook(nb, tmp_path / "out", {"profile": "smoke"}, cell_timeout=cell_timeout)
+    assert not result.ok
+    assert result.error == "the cell starting 'train(model)' timed out: Timeout waiting for IOPub output"
+
+
+@pytest.mark.parametrize("value", [0, -1, float("nan"), float("inf"), True, "60"])
 def test_run_notebook_refuses_a_bad_cell_timeout(value, tmp_path):
     nb = write_notebook(tmp_path / "01_good.ipynb", GOOD)
-    with pytest.raises(ValueError, match="cell_timeout must be a number of seconds > 0"):
+    with pytest.raises(ValueError, match="cell_timeout must be a finite number of seconds > 0"):
         run_notebook(nb, tmp_path / "out", {"profile": "smoke"}, cell_timeout=value)
