@@ -547,21 +547,23 @@ def _prepare(model: nn.Module, config: TrainConfig, tasks: tuple[str, ...], tota
 
 
 def _warn_if_unscaled(image, data_range: float = 1.0) -> bool:
-    """Warn (and return True) when a float image batch looks like raw 8-bit intensities.
+    """Warn (and return True) when a float image batch looks like raw, unscaled intensities.
 
     Images here are scaled to 0..1 (or z-scored, as the shapes benchmark is). Floats that are all
-    >= 0 and reach past twice `data_range` are most likely 0..255 that nobody divided by 255: the
-    networks run on them, but a reconstruction loss is 65,025 times larger and PSNR/SSIM read the
-    wrong range, without a word. Called on the first batch of fit.
+    >= 0 and reach past twice `data_range` are most likely raw pixel values (0..255 for 8-bit
+    scans) that nobody divided by the scale's maximum: the networks run on them, but a
+    reconstruction loss is 65,025 times larger and PSNR/SSIM read the wrong range, without a word.
+    Called on the first batch of fit, on the main process only (torchrun: one warning, not one per GPU).
     """
     if not isinstance(image, Tensor) or not image.is_floating_point() or image.numel() == 0:
         return False  # uint8 is refused by the models themselves, with the fix
     low, high = (float(v) for v in torch.aminmax(image.detach()))
-    if low < 0 or not high > 2 * data_range:
-        return False
-    warnings.warn(f"the first training batch's images range from {low:g} to {high:g}, which looks like 0..255 "
-                  f"intensities: scale them to 0..1 (image / 255) in the dataset, as the course's datasets do, "
-                  f"or, if this range is meant, pass data_range={high - low:g} (now {data_range:g}) to fit",
+    if not (math.isfinite(low) and math.isfinite(high)) or low < 0 or not high > 2 * data_range:
+        return False  # NaN/inf stop training anyway, with their own message
+    warnings.warn(f"the first training batch's images range from {low:g} to {high:g}, which looks like raw, "
+                  f"unscaled intensities (e.g. 0..255): scale them to 0..1 in the dataset (8-bit: image / 255), "
+                  f"as the course's datasets do, or, if this range is meant, pass fit the scale's full range "
+                  f"as data_range (e.g. data_range=255; now {data_range:g})",
                   stacklevel=4)  # the caller of fit
     return True
 
@@ -663,7 +665,8 @@ def _train_one_epoch(run: _Run, loader, epoch: int, tasks: tuple[str, ...], bar,
         steps += 1
         if not run.range_checked and isinstance(batch, Mapping):
             run.range_checked = True
-            _warn_if_unscaled(batch.get("image"), run.data_range)
+            if is_main_process():
+                _warn_if_unscaled(batch.get("image"), run.data_range)
         buffers = [b.detach().clone() for b in run.model.buffers()]  # BatchNorm statistics, before this batch
         losses, values = _forward(run, batch, tasks)
         # checked before backward, so weights and checkpoints stay good; under torchrun every process

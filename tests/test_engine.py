@@ -1,4 +1,5 @@
 import contextlib
+import inspect
 import math
 import os
 import random
@@ -708,12 +709,14 @@ def test_fit_warns_once_when_the_images_look_like_unscaled_8_bit(low, high, opti
     train = DataLoader(Scaled(low, high), batch_size=4)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        _fit_on_cpu(ToyNet(tasks=("cls",)), train, None, epochs=2, **options)
-    messages = [str(w.message) for w in caught if "looks like 0..255" in str(w.message)]
-    assert len(messages) == int(warned)  # the first batch only, not every step or epoch
+        fit(ToyNet(tasks=("cls",)), train, None, epochs=2, progress=False, device="cpu", **options)  # line below
+        line = inspect.currentframe().f_lineno - 1
+    ours = [w for w in caught if "unscaled intensities" in str(w.message)]
+    assert len(ours) == int(warned)  # the first batch only, not every step or epoch
     if warned:
-        assert "from 0 to 255" in messages[0] and "image / 255" in messages[0] and "data_range=255" in messages[0]
-        assert [w.filename for w in caught if "looks like 0..255" in str(w.message)] == [__file__]  # points at fit's caller
+        message = str(ours[0].message)
+        assert "from 0 to 255" in message and "image / 255" in message and "data_range=255" in message
+        assert (ours[0].filename, ours[0].lineno) == (__file__, line)  # it points at the call of fit
 
 
 def test_load_checkpoint_into_another_model_names_the_file(tmp_path):
