@@ -21,8 +21,8 @@ Choices worth knowing:
 - A perfect reconstruction has infinite PSNR; each image's PSNR is capped at PSNR_CEILING_DB (100 dB)
   so that one such image cannot make the mean inf.
 - Sensitivity and specificity are those of the last class against all the others: malignant, in
-  every dataset here (class 1 of two, class 2 of normal / benign / malignant; the loaders order
-  their classes so). That is the clinical question, "how many cancers are caught, how many other
+  every breast-ultrasound dataset here (class 1 of two, class 2 of normal / benign / malignant; the
+  loaders order their classes so). That is the clinical question, "how many cancers are caught, how many other
   scans are cleared". Averaged over the classes instead (macro), the sensitivity would repeat the
   balanced accuracy, and the specificity would count the normal class's, which no one reads.
 - ROC AUC ranks the images by their one-vs-rest log-odds (one_vs_rest_scores), not by the
@@ -77,8 +77,9 @@ def classification_metrics(confusion: np.ndarray) -> dict[str, float]:
     return {
         "cls/acc": float(tp.sum() / total) if total else float("nan"),
         "cls/balanced_acc": _nanmean(recall),
-        "cls/sensitivity": float(recall[-1]),  # the last class, the positive one (see the module's notes)
-        "cls/specificity": float(specificity[-1]),
+        # the last class, the positive one (see the module's notes); no class at all: nothing to report
+        "cls/sensitivity": float(recall[-1]) if len(recall) else float("nan"),
+        "cls/specificity": float(specificity[-1]) if len(specificity) else float("nan"),
     }
 
 

@@ -31,6 +31,11 @@ def test_three_class_sensitivity_is_malignant_against_the_rest_as_sklearn_reads_
     assert m["cls/sensitivity"] != pytest.approx(m["cls/balanced_acc"])
 
 
+def test_an_empty_confusion_matrix_gives_nan_not_an_error():
+    m = classification_metrics(np.zeros((0, 0)))
+    assert all(math.isnan(m[k]) for k in ("cls/acc", "cls/balanced_acc", "cls/sensitivity", "cls/specificity"))
+
+
 def test_sensitivity_is_nan_without_a_positive_image():
     m = classification_metrics(np.array([[3, 1, 0], [1, 2, 1], [0, 0, 0]]))
     assert math.isnan(m["cls/sensitivity"])
