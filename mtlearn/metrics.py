@@ -22,9 +22,9 @@ Choices worth knowing:
   so that one such image cannot make the mean inf.
 - Sensitivity and specificity are those of the last class against all the others: malignant, in
   every breast-ultrasound dataset here (class 1 of two, class 2 of normal / benign / malignant; the
-  loaders order their classes so). That is the clinical question, "how many cancers are caught, how many other
-  scans are cleared". Averaged over the classes instead (macro), the sensitivity would repeat the
-  balanced accuracy, and the specificity would count the normal class's, which no one reads.
+  loaders order their classes so). That is the clinical question: how many cancers are caught, how
+  many other scans are cleared. Averaged over the classes instead (macro), the sensitivity would
+  repeat the balanced accuracy, and the specificity would count the normal class's, which no one reads.
 - ROC AUC ranks the images by their one-vs-rest log-odds (one_vs_rest_scores), not by the
   float32 softmax: a confident model's probabilities round to exactly 1.0 (from a logit gap of
   about 17), and the ties would make its AUC depend on that rounding. The ranking is the same.
