@@ -464,7 +464,8 @@ def fit(model: nn.Module, train_loader, val_loader=None, config: TrainConfig | N
                    disable=not (config.progress and is_main_process()))
         try:
             record = {"epoch": epoch + 1, "lr": run.optimizer.param_groups[0]["lr"]}
-            record.update(_train_one_epoch(run, train_loader, epoch, tasks, bar, out_dir))
+            record.update(_train_one_epoch(run, train_loader, epoch, tasks, bar, out_dir,
+                                           first=epoch == start_epoch))
             record.update({f"weight/{t}": w for t, w in run.weighting.weights().items()})  # used this epoch
             run.weighting.end_epoch({t: record[f"train/{t}"] for t in tasks})
             _broadcast_buffers(model)  # e.g. BatchNorm statistics: every rank keeps rank 0's, as DDP does
@@ -519,7 +520,6 @@ class _Run:
     train_model: nn.Module | None = None  # what runs forward: the model, DDP- and/or compile-wrapped
     shared: list | None = None  # shared parameters, found at the first step when the weighting needs them
     data_range: float = 1.0  # the config's: the intensity range the images are expected in
-    range_checked: bool = False  # the first batch's intensities looked at (_warn_if_unscaled)
 
 
 def _prepare(model: nn.Module, config: TrainConfig, tasks: tuple[str, ...], total_steps: int) -> _Run:
@@ -650,8 +650,11 @@ def _plain_config(config: TrainConfig, tasks: tuple[str, ...]) -> dict:
 
 
 def _train_one_epoch(run: _Run, loader, epoch: int, tasks: tuple[str, ...], bar,
-                     out_dir: Path | None) -> dict[str, float]:
-    """One pass over `loader`; returns mean losses, epoch time and time spent waiting for data."""
+                     out_dir: Path | None, first: bool = False) -> dict[str, float]:
+    """One pass over `loader`; returns mean losses, epoch time and time spent waiting for data.
+
+    first: the first epoch of this fit call, whose first batch's intensities are looked at.
+    """
     run.train_model.train()
     sums = np.zeros(len(tasks) + 1)  # per-task losses, then the total
     data_time, started, steps = 0.0, time.perf_counter(), 0
@@ -663,10 +666,8 @@ def _train_one_epoch(run: _Run, loader, epoch: int, tasks: tuple[str, ...], bar,
         if batch is None:
             break
         steps += 1
-        if not run.range_checked and isinstance(batch, Mapping):
-            run.range_checked = True
-            if is_main_process():
-                _warn_if_unscaled(batch.get("image"), run.data_range)
+        if first and steps == 1 and isinstance(batch, Mapping) and is_main_process():
+            _warn_if_unscaled(batch.get("image"), run.data_range)
         buffers = [b.detach().clone() for b in run.model.buffers()]  # BatchNorm statistics, before this batch
         losses, values = _forward(run, batch, tasks)
         # checked before backward, so weights and checkpoints stay good; under torchrun every process
