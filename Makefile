@@ -16,7 +16,7 @@ PROFILE ?= course
 # SEED empty: each notebook keeps its own default seed (those of the committed runs)
 SEED ?=
 
-.PHONY: setup course test test-fast notebooks bench clean
+.PHONY: setup course test test-fast bench clean
 
 setup: $(VENV)/.installed
 

@@ -3,8 +3,8 @@
 Target: 10,000 items at 128 px in under 10 s (1 ms per item) in one process, so that a DataLoader
 with 2 workers on 2 CPU cores keeps a small model fed.
 
-    python -m benchmarks.bench_data            # 10,000 items
-    python -m benchmarks.bench_data --quick    # 1,000 items, scaled up
+    python -m benchmarks.bench_data            # 10,000 items at 128 px; 2,500 at 256 px, scaled to 10,000
+    python -m benchmarks.bench_data --quick    # a tenth of each, scaled up
 """
 
 from __future__ import annotations

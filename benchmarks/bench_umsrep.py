@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_umsrep", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smoke profile: seconds, tiny data")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: 1; 0: torch's default)")
     args = parser.parse_args(argv)
     if args.threads < 0:
         parser.error(f"--threads must be >= 0 (0: torch's default), got {args.threads}")

@@ -1,4 +1,4 @@
-"""Command line: python -m data_fetch NAME [--dest DIR] [--url URL] [--hash HASH], or `list`."""
+"""Command line: python -m data_fetch NAME [--dest DIR] [--url URL] [--hash HASH] [--quiet], or `list`."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Grids of notebook runs through papermill: notebooks x parameters x seeds, resumable.
+r"""Grids of notebook runs through papermill: notebooks x parameters x seeds, resumable.
 
     python -m mtlearn.experiments --notebooks 01 02 --seeds 0 1 --profile smoke --out outputs/grid
     python -m mtlearn.experiments --notebooks 02 --seeds 0 1 2 --set "weightings=['fixed'],['pcgrad']" \

@@ -46,7 +46,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     model.add_argument("--tasks", nargs="+", choices=TASKS, default=["seg", "cls"],
                        help="tasks to train (default: seg cls)")
     model.add_argument("--dataset", default="synthetic", choices=[d for d in DATASETS if d != "shapes"],
-                       help="synthetic, or a real dataset after `python -m data_fetch NAME` (default: synthetic)")
+                       help="synthetic, or a real dataset fetched with `python -m data_fetch NAME` (busi_npz "
+                            "is fetched as busi_128) (default: synthetic)")
     model.add_argument("--data-root", default=None, help="folder of a downloaded dataset (real datasets)")
     model.add_argument("--image-size", type=int, default=64, help="square image size in pixels (default: 64)")
     model.add_argument("--augment", action="store_true", help="random flips and rotations on the training split")

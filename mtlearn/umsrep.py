@@ -6,7 +6,7 @@ fine-tune them together. The paper reports up to ~9 % higher accuracy and up to 
 computation time than training one task-specific model per task, and finds that the result
 depends strongly on how the shared representation is fine-tuned.
 
-    representation, cost = pretrain_representation(config, data)  # labels and masks never read
+    representation, record = pretrain_representation(config, data)  # labels and masks never read
     model = build_model("tiny", tasks=("seg", "cls", "recon"))
     transfer_encoder(representation, model)     # start from the representation ...
     transfer_decoders(representation, model)    # ... dense tasks from its denoising decoder

@@ -54,6 +54,11 @@ def _tables(stdout: str) -> dict[str, list[dict]]:
     return tables
 
 
+def _number(text: str) -> float:
+    """A number as format_table prints it: 3 significant digits, or a thousands separator from 1,000."""
+    return float(text.replace(",", ""))
+
+
 @pytest.mark.slow
 def test_quick_run_prints_a_table_per_chosen_group():
     """The cheapest groups through the command line, as the README runs them."""
@@ -70,7 +75,7 @@ def test_quick_run_prints_a_table_per_chosen_group():
     assert [row["setting"] for row in data] == ["10,000 items, 128 px, 1 process (from 1,000)",
                                                 "10,000 items, 256 px, 1 process (from 250)"]
     assert [row["target"] for row in data] == ["< 10", ""]  # the target is for 128 px only
-    assert all(float(row["value"]) > 0 and row["unit"] == "s" for row in data)
+    assert all(_number(row["value"]) > 0 and row["unit"] == "s" for row in data)
 
     engine = tables["engine"]
     expected = [config["name"] for config in bench_engine._configs(pick_device("auto"), quick=True)]
@@ -78,14 +83,14 @@ def test_quick_run_prints_a_table_per_chosen_group():
     measured = [row for row in engine if not row["note"]]
     assert measured[0]["config"] == "fp32"  # the reference row
     assert all(row["preset"] == "tiny" and row["image_size"] == "64" and row["batch"] == "8" for row in engine)
-    reference = float(measured[0]["images_per_s"])
+    reference = _number(measured[0]["images_per_s"])
     for row in measured:  # the printed columns agree with each other, to their rounding (3 significant digits)
-        rate = float(row["images_per_s"])
-        assert float(row["images_per_s_min"]) <= rate <= float(row["images_per_s_max"]) and row["rounds"] == "2"
+        rate = _number(row["images_per_s"])
+        assert _number(row["images_per_s_min"]) <= rate <= _number(row["images_per_s_max"]) and row["rounds"] == "2"
         # each printed value is off by up to 0.5 %, so a ratio of two of them by up to about 1.5 %
-        assert float(row["speedup"]) == pytest.approx(rate / reference, rel=0.02)
-        assert float(row["step_ms"]) == pytest.approx(1000 * 8 / rate, rel=0.02)
-        wait, target = float(row["data_wait_pct"]), bench_engine.DATA_WAIT_TARGET_PCT
+        assert _number(row["speedup"]) == pytest.approx(rate / reference, rel=0.02)
+        assert _number(row["step_ms"]) == pytest.approx(1000 * 8 / rate, rel=0.02)
+        wait, target = _number(row["data_wait_pct"]), bench_engine.DATA_WAIT_TARGET_PCT
         if abs(wait - target) > 0.01 * target:  # nearer than its rounding, the table cannot tell the verdict
             assert row["data_wait_ok"] == str(wait < target)
     if pick_device("auto").type == "cpu":  # compiling takes minutes on a CPU: quick skips it and says why

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -29,6 +30,16 @@ def test_environment_yml_matches_pyproject():
     assert sorted(pyproject) == sorted(environment)
     for name, req in pyproject.items():
         assert str(req.specifier) == str(environment[name].specifier), name
+
+
+def test_python_versions_agree():
+    """environment.yml's Python satisfies requires-python, which the README states (tests use tomllib: 3.11)."""
+    requires = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["requires-python"]
+    env = yaml.safe_load((ROOT / "environment.yml").read_text())
+    (pinned,) = [d.split("=", 1)[1] for d in env["dependencies"] if isinstance(d, str) and d.startswith("python=")]
+    assert SpecifierSet(requires).contains(Version(pinned)), (requires, pinned)
+    assert SpecifierSet(requires).contains(Version("3.11")), "the tests import tomllib (Python 3.11+)"
+    assert f"Python {requires.removeprefix('>=')}+" in (ROOT / "README.md").read_text()
 
 
 def test_environment_yml_installs_the_package_itself():
