@@ -964,6 +964,61 @@ def test_linear_leakage_by_hand():
     assert second.item() == pytest.approx(2.4 / (covariance + 0.01), rel=1e-4)
 
 
+def test_linear_leakage_averages_over_the_groups_by_hand():
+    """Two groups, each with both target values: the penalty is the mean of their two distances.
+
+    Pooled values: group 0 holds target 0 at (0, 2) and target 1 at (4, 8); group 1 holds (0, 1) and
+    (2, 3). Over the batch of 8: mean 2.5, unbiased variance 48/7. Within-cell residuals (+-1, +-2,
+    +-0.5, +-0.5) give a covariance of (11/8) / (48/7) = 77/384; the squared mean differences are
+    5^2 and 2^2, i.e. 175/48 and 28/48 standardised.
+    """
+    group, target = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1]), torch.tensor([0, 0, 1, 1, 0, 0, 1, 1])
+    features = torch.tensor([0.0, 2.0, 4.0, 8.0, 0.0, 1.0, 2.0, 3.0]).view(8, 1, 1, 1)
+    penalty = D.LinearLeakage(shrink=0.01)(features, group, target)
+    covariance = 77 / 384
+    assert penalty.item() == pytest.approx((175 / 48 + 28 / 48) / 2 / (covariance + 0.01), rel=1e-4)
+
+
+@pytest.mark.parametrize("weight", ["w_adv", "w_leak"])
+def test_main_step_scales_each_extra_term_by_its_weight(shapes_batch, weight):
+    """With plain SGD a step moves the weights by -lr * (task gradient + w * term gradient): linear in w."""
+    torch.manual_seed(0)
+    model = tiny_model()
+    x, y_a, y_b = shapes_batch["image"], shapes_batch["shape"], shapes_batch["background"]
+    uniform = torch.full((len(x), 2), 0.5)
+
+    def step(w):
+        copy_ = copy.deepcopy(model)
+        before = torch.nn.utils.parameters_to_vector(copy_.main_parameters()).detach().clone()
+        optimizer = torch.optim.SGD(copy_.main_parameters(), lr=1.0)
+        options = ({"w_adv": w, "target_a": uniform, "target_b": uniform} if weight == "w_adv"
+                   else {"w_leak": w, "leakage": (D.LinearLeakage(), D.LinearLeakage())})
+        D.main_step(copy_, optimizer, *copy_.encode(x), y_a, y_b, **options)
+        return torch.nn.utils.parameters_to_vector(copy_.main_parameters()).detach() - before
+
+    plain, once, twice = step(0.0), step(1.0), step(2.0)
+    assert (once - plain).abs().max() > 1e-4  # the term moves the weights at all
+    term = once - plain
+    assert torch.allclose(twice - plain, 2 * term, atol=1e-3 * term.abs().max().item())  # float32 sums
+
+
+def test_main_step_stops_on_a_non_finite_leakage_before_any_change(shapes_batch):
+    class NaNLeakage:
+        def __call__(self, features, group, target):
+            return features.sum() * float("nan")
+
+    model = tiny_model()
+    x, y_a, y_b = shapes_batch["image"][:16], shapes_batch["shape"][:16], shapes_batch["background"][:16]
+    features_a, features_b = model.encode(x)
+    before = [p.detach().clone() for p in model.main_parameters()]
+    optimizer = torch.optim.SGD(model.main_parameters(), lr=1.0)
+    with pytest.raises(D.LossNotFiniteError, match="leakage"):
+        D.main_step(model, optimizer, features_a, features_b, y_a, y_b, w_leak=1.0,
+                    leakage=(NaNLeakage(), NaNLeakage()))
+    assert all(torch.equal(p, q) for p, q in zip(model.main_parameters(), before))
+    assert all(p.grad is None for p in model.main_parameters())  # stopped before backward
+
+
 def test_training_ends_with_batchnorm_statistics_of_the_final_weights():
     """recalibrate_bn (the default): one pass over the training data with the final weights, so a
     BatchNorm's running mean is the mean of what its layer outputs now, not a lagging moving average."""
