@@ -233,6 +233,19 @@ def test_monai_baselines(name, options):
         model(torch.randn(1, 3, 66, 66))
 
 
+def test_monai_unet_encoder_is_the_contracting_path_down_to_the_bottom_layer():
+    # MONAI nests UNet levels as Sequential(down, SkipConnection(next level), up); the innermost
+    # SkipConnection holds the bottom (bottleneck) layer, the deepest part of the contracting path
+    model = monai_baseline("unet", in_channels=1, image_size=32, channels=(4, 8, 16), strides=(2, 2))
+    outer = model.net.model
+    inner = outer[1].submodule
+    down, bottom = [outer[0], inner[0]], inner[1].submodule
+    assert [id(m) for m in model.encoder] == [id(m) for m in (*down, bottom)]
+    shared = {id(p) for p in model.shared_parameters()}
+    assert {id(p) for p in bottom.parameters()} <= shared
+    assert not shared & {id(p) for p in (*outer[2].parameters(), *inner[2].parameters())}  # up path excluded
+
+
 @pytest.mark.parametrize("factory, match", [
     (lambda: build_model("tiny", image_size=256 / 2), r"image_size must be an int.*128\.0.*int\(\.\.\.\)"),
     (lambda: monai_baseline("unet", image_size=64.0), r"image_size must be an int.*64\.0.*int\(\.\.\.\)"),

@@ -162,6 +162,20 @@ def test_extract_features_pools_maps_and_collects_integer_labels():
     assert encoder.training  # the module's mode is restored
 
 
+class ScoredData(TinyData):
+    """TinyData plus "score", a float per item: a measurement, not a class label."""
+
+    def __getitem__(self, i):
+        return {**super().__getitem__(i), "score": 0.3 * i}
+
+
+def test_extract_features_does_not_collect_float_values_as_labels():
+    # a 1-D float batch key (collated to float64) would be cast to int64 and probed as if it were classes
+    loader = DataLoader(ScoredData(20), batch_size=8)
+    _, labels = extract_features(lambda x: x.mean(dim=(2, 3)), loader, device="cpu")
+    assert set(labels) == {"coded", "noise"}
+
+
 def test_extract_features_leaves_a_frozen_batchnorm_frozen():
     encoder = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4))
     encoder[1].eval()  # frozen by the user: extracting features must not unfreeze it
@@ -226,6 +240,20 @@ def test_probe_matrix_rows_encoders_columns_labels():
         probe_matrix({}, train)
 
 
+def test_probe_matrix_scores_on_the_test_loader():
+    # 64 raw pixels for 40 training images: the probe fits the unrelated "noise" label perfectly on its
+    # own training set, so only a score on the test loader's features is an honest one
+    train, test = DataLoader(TinyData(40, seed=0), batch_size=20), DataLoader(TinyData(40, seed=1), batch_size=20)
+    flat = lambda x: x.flatten(1)  # noqa: E731
+    f_train, y_train = extract_features(flat, train, device="cpu", label_keys=("noise",))
+    f_test, y_test = extract_features(flat, test, device="cpu", label_keys=("noise",))
+    expected = linear_probe(f_train, y_train["noise"], f_test, y_test["noise"])["balanced_accuracy"]
+    on_train = linear_probe(f_train, y_train["noise"], f_train, y_train["noise"])["balanced_accuracy"]
+    assert on_train == 1.0 and expected < 0.8  # the two differ: the check below can tell them apart
+    table = probe_matrix({"flat": flat}, train, test, label_keys=("noise",), device="cpu")
+    assert table.loc["flat", "noise"] == pytest.approx(expected)
+
+
 class WholeModel(nn.Module):
     """Stands in for a DisentangleNet passed where an encoder is expected: its forward returns a dict."""
 
@@ -260,6 +288,13 @@ def test_embed_2d_standardises_the_features_first(method):
     features, _, _ = synthetic_features(n=60)
     scaled = features * np.r_[1000.0, np.ones(features.shape[1] - 1)]
     np.testing.assert_allclose(embed_2d(scaled, method=method), embed_2d(features, method=method), atol=1e-4)
+
+
+def test_embed_2d_tsne_works_on_a_small_set():
+    # t-SNE refuses a perplexity >= N: for 12 points the default 30 must come down (to (N - 1) / 3)
+    features, _, _ = synthetic_features(n=12)
+    embedding = embed_2d(features, method="tsne", seed=0)
+    assert embedding.shape == (12, 2) and np.isfinite(embedding).all()
 
 
 def test_embed_2d_bad_arguments():

@@ -116,6 +116,13 @@ def test_dwa_raises_the_weight_of_the_slowest_task():
     assert total.item() == pytest.approx(2.0)
 
 
+def test_dwa_keeps_equal_weights_after_one_epoch_even_with_unequal_losses():
+    # a ratio needs two epochs of history: after one, the weights must still be 1 whatever the losses
+    weighting = DynamicWeightAverage(TASKS, temperature=2.0)
+    weighting.end_epoch({"seg": 1.0, "cls": 3.0})
+    assert weighting.weights() == {"seg": 1.0, "cls": 1.0}
+
+
 def _weighted_grad_norms(net, losses, weighting):
     layer = net.encoder.weight
     return [torch.autograd.grad(w * losses[t], layer, retain_graph=True)[0].norm().item()
@@ -225,6 +232,29 @@ def test_gradnorm_skips_a_step_whose_scaled_gradients_overflowed():
     assert weighting.weights()["cls"] > 1.0
 
 
+def _gradnorm_step_with_weights(values):
+    """GradNorm.after_step from the given weights with a zero gradient: Adam leaves them put, so
+    whatever changes them is the clamp and renormalisation."""
+    weighting = GradNorm(TASKS)
+    with torch.no_grad():
+        weighting.task_weights.copy_(torch.tensor(values))
+    weighting.task_weights.grad = torch.zeros(len(TASKS))
+    weighting.after_step()
+    return weighting.task_weights.detach()
+
+
+def test_gradnorm_renormalises_the_weights_to_sum_to_the_number_of_tasks():
+    weights = _gradnorm_step_with_weights([3.0, 0.5])
+    torch.testing.assert_close(weights, torch.tensor([3.0, 0.5]) * 2 / 3.5)  # ratios kept, sum 2
+
+
+def test_gradnorm_keeps_the_weights_positive():
+    # a weight pushed below zero would flip its task's gradient: clamped to 1e-3 before renormalising
+    weights = _gradnorm_step_with_weights([3.0, -0.5])
+    assert (weights > 0).all() and weights.sum().item() == pytest.approx(2.0)
+    torch.testing.assert_close(weights, torch.tensor([3.0, 1e-3]) * 2 / 3.001)
+
+
 def test_pcgrad_projection_by_hand():
     g1, g2 = torch.tensor([1.0, 0.0]), torch.tensor([-1.0, 1.0])  # conflicting: g1 . g2 = -1
     p1, p2 = project_conflicting([g1, g2])
@@ -232,6 +262,19 @@ def test_pcgrad_projection_by_hand():
     h1, h2 = torch.tensor([1.0, 0.0]), torch.tensor([1.0, 1.0])  # not conflicting: untouched
     q1, q2 = project_conflicting([h1, h2])
     assert torch.equal(q1, h1) and torch.equal(q2, h2)
+
+
+def test_pcgrad_projects_the_already_projected_gradient_with_three_tasks():
+    # each later projection starts from g_i as projected so far, not from the original g_i: g1 . g3 = 0,
+    # but g1 projected on g2's normal plane, (0.5, 0.5), conflicts with g3 and is projected again
+    g1, g2, g3 = torch.tensor([1.0, 0.0]), torch.tensor([-1.0, 1.0]), torch.tensor([0.0, -1.0])
+    twin = torch.Generator().manual_seed(1)
+    orders = [torch.randperm(3, generator=twin).tolist() for _ in range(3)]
+    assert orders[0] == [1, 2, 0] and orders[2] == [1, 2, 0]  # seed 1: g1 sees g2 then g3, g3 sees g2 then g1
+    p1, p2, p3 = project_conflicting([g1, g2, g3], torch.Generator().manual_seed(1))
+    torch.testing.assert_close(p1, torch.tensor([0.5, 0.0]))  # (0.5, 0.5) from g2, then g3's component removed
+    torch.testing.assert_close(p2, torch.tensor([0.0, 0.0]))
+    torch.testing.assert_close(p3, torch.tensor([0.0, -0.5]))  # (-0.5, -0.5) from g2, then g1's component removed
 
 
 @pytest.mark.parametrize("seed", range(5))
