@@ -5,6 +5,7 @@ import pickle
 import random
 import re
 import traceback
+import warnings
 
 import numpy as np
 import pytest
@@ -224,3 +225,28 @@ def test_an_unreadable_run_in_the_out_dir_is_still_refused_and_named(tmp_path):
     with pytest.raises(ValueError, match=re.escape(f"out_dir {tmp_path} already holds a run (last.pt, unreadable): "
                                                    "for a new run choose another out_dir")):
         check_out_dir(tmp_path, resume=False)
+
+
+@pytest.mark.parametrize("saved_by, world, rank, applied", [(1, 1, 0, 0), (2, 2, 1, 1), (2, 1, 0, None)])
+def test_each_process_restores_its_own_cuda_state_or_warns(saved_by, world, rank, applied, monkeypatch):
+    """GPU-only code, run on the CPU with a fake GPU: rank k takes the k-th saved CUDA state; a checkpoint of
+    another number of processes has none that belongs to this one, so nothing is applied and a warning says so."""
+    import mtlearn.checkpoint as checkpoint
+
+    state = rng_state()  # before the fake GPU: it has no "cuda" states to gather
+    state["cuda"] = [torch.full((8,), k, dtype=torch.uint8) for k in range(saved_by)]
+    applied_states = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda new_state, device="cuda": applied_states.append(new_state))
+    monkeypatch.setattr(checkpoint, "world_and_rank", lambda: (world, rank))
+    if applied is None:
+        with pytest.warns(UserWarning, match=re.escape(
+                "the checkpoint holds the CUDA random state of 2 process(es), this run has 1: dropout and drop-path "
+                "will differ from an uninterrupted run")):
+            set_rng_state(state)
+        assert applied_states == []  # not another process's state
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # its own state is there: nothing to warn about
+            set_rng_state(state)
+        assert len(applied_states) == 1 and applied_states[0] is state["cuda"][applied]

@@ -27,7 +27,7 @@ from mtlearn.engine import (
     resolve_amp,
 )
 from mtlearn.metrics import MetricAccumulator
-from mtlearn.weighting import WEIGHTINGS
+from mtlearn.weighting import WEIGHTINGS, FixedWeights
 
 TASKS = ("seg", "cls", "recon")
 
@@ -927,3 +927,71 @@ def test_evaluate_averages_over_images_not_batches():
     assert set(whole) == set(uneven)
     for key, value in whole.items():
         assert uneven[key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
+
+
+def test_a_nan_validation_metric_never_becomes_the_best():
+    """NaN compares False with everything, so only an explicit check keeps it from winning a first epoch."""
+    history = History(monitor="val/seg/dice", mode="max")
+    assert not history.append({"epoch": 1, "val/seg/dice": float("nan")})
+    assert (history.best_epoch, history.best_value) == (None, None)
+    assert history.append({"epoch": 2, "val/seg/dice": 0.4})  # the first real value is the best, not "worse than NaN"
+    assert (history.best_epoch, history.best_value) == (2, 0.4)
+
+
+class BlowUpWeights(FixedWeights):
+    """Fixed weights whose state turns NaN at the end of epoch `at` (e.g. a learned weight that overflowed)."""
+
+    def __init__(self, at):
+        super().__init__(TASKS)
+        self.at, self.epochs = at, 0
+
+    def end_epoch(self, epoch_losses):
+        self.epochs += 1
+        if self.epochs == self.at:
+            self.task_weights.fill_(float("nan"))
+
+
+def test_non_finite_task_weights_stop_training_before_they_are_saved(tmp_path):
+    """The weighting's state is saved in last.pt too: a NaN task weight must be caught like a NaN model weight."""
+    with pytest.raises(NonFiniteWeightsError) as caught:
+        _fit(ToyNet(), *_loaders(), epochs=3, weighting=BlowUpWeights(at=2), out_dir=tmp_path)
+    assert caught.value.epoch == 2 and caught.value.names == ["weighting.task_weights"]
+    state = load_checkpoint(tmp_path / "last.pt")  # still epoch 1's, with the weights it trained with
+    assert state["epoch"] == 1 and state["weighting"]["task_weights"].tolist() == [1.0, 0.25, 1.0]
+
+
+def test_resume_restores_the_loss_scalers_scale(monkeypatch, tmp_path):
+    """fp16 with a GradScaler, simulated on the CPU: 2^60 overflows, so epoch 1 backs the scale off. A resumed
+    run must go on from that scale, not start again at 2^60 (and skip the steps the first run already skipped)."""
+    import functools
+
+    import mtlearn.engine as engine
+
+    monkeypatch.setattr(engine, "resolve_amp", lambda amp, device: torch.float16)
+    monkeypatch.setattr(torch.amp, "GradScaler", functools.partial(torch.amp.GradScaler, init_scale=2.0**60))
+    train_one_epoch, starts = engine._train_one_epoch, []
+
+    def recording(run, *args, **kwargs):  # the scale each epoch starts from
+        starts.append(run.scaler.get_scale())
+        return train_one_epoch(run, *args, **kwargs)
+
+    monkeypatch.setattr(engine, "_train_one_epoch", recording)
+    crashing, val = _loaders(crash_after=16 + 6)  # dies in epoch 2, after epoch 1's checkpoint
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _fit_on_cpu(ToyNet(), crashing, val, epochs=2, out_dir=tmp_path)
+    saved = load_checkpoint(tmp_path / "last.pt")
+    assert saved["epoch"] == 1 and saved["scaler"]["scale"] < 2.0**60  # the scaler did back off
+    assert starts == [2.0**60, saved["scaler"]["scale"]]  # the crashed run's epoch 2 went on from it
+    _fit_on_cpu(ToyNet(), *_loaders(), epochs=2, out_dir=tmp_path, resume=True)
+    assert starts[2:] == [saved["scaler"]["scale"]]
+
+
+def test_several_bad_losses_name_the_first_task():
+    """NaN images make every task's loss NaN; the error names the first task in the run's order."""
+    train, _ = _loaders()
+    for item in train.dataset.items:
+        item["image"] = torch.full((1, 16, 16), float("nan"))
+    with pytest.raises(NonFiniteLossError) as caught:
+        _fit(ToyNet(), train, None, epochs=1)
+    assert (caught.value.epoch, caught.value.step, caught.value.task) == (1, 1, "seg")
+    assert "the 'seg' loss is nan" in str(caught.value)
