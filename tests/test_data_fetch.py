@@ -1,11 +1,13 @@
 """data_fetch against a local HTTP server: resume, retries, checksums, markers, unsafe archives."""
 
 import hashlib
+import io
 import json
 import socket
 import subprocess
 import sys
 import threading
+import zipfile
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -135,6 +137,16 @@ def test_unreadable_marker_is_not_trusted(server, tmp_path):
     assert json.loads((tmp_path / ".bus_bra.complete").read_text())["known_hash"] == sha256(ARCHIVE)
 
 
+def test_marker_without_a_file_list_still_notices_a_deleted_file(server, tmp_path):
+    """Markers written before file lists were recorded: the downloaded file itself is still checked for."""
+    server.files["/breastmnist.npz"] = PAYLOAD
+    url = server.url + "/breastmnist.npz"
+    record = {"name": "breastmnist", "url": url, "known_hash": sha256(PAYLOAD)}  # the file is gone since
+    (tmp_path / ".breastmnist.complete").write_text(json.dumps(record))
+    fetch("breastmnist", dest=tmp_path, url=url, known_hash=sha256(PAYLOAD), progress=False)
+    assert (tmp_path / "breastmnist.npz").read_bytes() == PAYLOAD and len(server.requests) == 1
+
+
 def test_escaping_member_of_a_nested_zip_is_refused(server, tmp_path):
     """The zip inside the download (Mendeley wraps BUS-UCLM's) is checked like the outer one."""
     inner = zip_bytes({"BUS-UCLM/INFO.csv": b"x", "../../evil.txt": b"evil"})
@@ -192,6 +204,15 @@ def test_mismatch_with_an_unofficial_pin_says_so_and_how_to_accept_the_file(serv
     kept.rename(tmp_path / "Dataset_BUSI.zip")
     assert main(["busi", "--dest", str(tmp_path), "--hash", actual, "--quiet"]) == 0
     assert len(server.requests) == 1 and (tmp_path / "Dataset_BUSI_with_GT/normal/normal (1).png").is_file()
+
+
+def test_mismatch_with_your_own_checksum_does_not_blame_the_unofficial_pin(server, tmp_path):
+    """BUSI with a checksum the user gave: the other project's pin is not involved, a broken transfer may be."""
+    server.files["/Dataset_BUSI.zip"] = zip_bytes({"Dataset_BUSI_with_GT/normal/normal (1).png": b"png"})
+    with pytest.raises(HashMismatchError) as error:
+        fetch("busi", dest=tmp_path, url=server.url + "/Dataset_BUSI.zip", known_hash="sha256:" + "0" * 64,
+              progress=False)
+    assert "pinned by another project" not in str(error.value) and "run again to retry" in str(error.value)
 
 
 def test_dropped_connection_resumes_with_range(server, tmp_path):
@@ -254,6 +275,51 @@ def test_complete_part_file_is_checked_and_used_without_a_request(server, tmp_pa
     assert not (tmp_path / "data.npz.part").exists()
 
 
+def test_final_name_appears_only_after_the_checksum_passed(server, tmp_path, monkeypatch):
+    """Hashing a big download takes a while: Ctrl-C then must leave only the .part (which the next run
+    verifies), never an unchecked file under the final name."""
+    server.files["/data.npz"] = PAYLOAD
+    real_hash = data_fetch.download.file_hash
+
+    def interrupted(path, algorithm="sha256"):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(data_fetch.download, "file_hash", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        download_file(server.url + "/data.npz", tmp_path / "data.npz", sha256(PAYLOAD), progress=False)
+    assert list(tmp_path.iterdir()) == [tmp_path / "data.npz.part"]
+    monkeypatch.setattr(data_fetch.download, "file_hash", real_hash)
+    download_file(server.url + "/data.npz", tmp_path / "data.npz", sha256(PAYLOAD), progress=False)
+    assert len(server.requests) == 1 and (tmp_path / "data.npz").read_bytes() == PAYLOAD
+
+
+def test_ctrl_c_during_the_transfer_keeps_the_part_file_and_the_next_run_resumes(server, tmp_path, monkeypatch):
+    """Ctrl-C is the usual interruption: the bytes received so far are kept, not asked for again."""
+
+    class InterruptedBar:  # stands in for tqdm: the user presses Ctrl-C after the first chunk
+        def __init__(self, **kwargs):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def update(self, n):
+            raise KeyboardInterrupt
+
+    server.files["/data.npz"] = PAYLOAD
+    with monkeypatch.context() as patch:
+        patch.setattr("tqdm.auto.tqdm", InterruptedBar)
+        with pytest.raises(KeyboardInterrupt):
+            download_file(server.url + "/data.npz", tmp_path / "data.npz", sha256(PAYLOAD), progress=False)
+    received = (tmp_path / "data.npz.part").stat().st_size
+    assert 0 < received < len(PAYLOAD) and not (tmp_path / "data.npz").exists()
+    download_file(server.url + "/data.npz", tmp_path / "data.npz", sha256(PAYLOAD), progress=False)
+    assert server.requests[1][1] == f"bytes={received}-" and (tmp_path / "data.npz").read_bytes() == PAYLOAD
+
+
 def test_gives_up_after_retries_and_keeps_the_part_file(server, tmp_path):
     server.files["/data.npz"] = PAYLOAD
     server.drops = 10
@@ -291,6 +357,27 @@ def test_persistent_server_error_gives_up_after_the_retries(server, tmp_path):
     assert len(server.requests) == 3 and not (tmp_path / "data.npz").exists()
 
 
+def test_a_host_that_never_answers_times_out(tmp_path, monkeypatch):
+    """A host that accepts the connection and then says nothing must not hang the download forever."""
+    monkeypatch.setattr(data_fetch.download, "TIMEOUT_SECONDS", 0.2)
+    outcome = []
+
+    def run():
+        try:
+            download_file(url, tmp_path / "data.npz", progress=False, retries=1)
+        except DownloadError as error:
+            outcome.append(str(error))
+
+    with socket.socket() as silent:  # listens (the kernel completes the connection) but never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}/data.npz"
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        thread.join(timeout=10)
+        assert not thread.is_alive() and outcome and "timed out" in outcome[0]
+
+
 def test_not_found_is_not_retried(server, tmp_path):
     with pytest.raises(DownloadError, match="404") as error:
         fetch("breastmnist", dest=tmp_path, url=server.url + "/missing.npz", progress=False)
@@ -320,7 +407,9 @@ def test_client_errors_are_not_retried_even_after_a_server_error(server, tmp_pat
     assert len(server.requests) == 2
 
 
-@pytest.mark.parametrize("member", ["../evil.txt", "/tmp/evil.txt", "BUSBRA/../../evil.txt", "C:\\evil.txt"])
+@pytest.mark.parametrize(
+    "member", ["../evil.txt", "/tmp/evil.txt", "BUSBRA/../../evil.txt", "C:\\evil.txt", "..\\evil.txt"]
+)
 def test_archive_members_escaping_the_folder_are_refused(server, tmp_path, member):
     archive = zip_bytes({"BUSBRA/ok.txt": b"fine", member: b"evil"})
     server.files["/BUSBRA.zip"] = archive
@@ -329,6 +418,22 @@ def test_archive_members_escaping_the_folder_are_refused(server, tmp_path, membe
         fetch("bus_bra", dest=dest, url=server.url + "/BUSBRA.zip", known_hash=sha256(archive), progress=False)
     assert not (dest / "BUSBRA").exists() and not (dest / ".bus_bra.complete").exists()
     assert not (tmp_path / "evil.txt").exists()
+
+
+def test_a_symlink_in_the_folder_does_not_carry_members_outside(tmp_path):
+    """A link already in the dataset folder would let a harmless-looking member write elsewhere: where the
+    member really lands is what is checked."""
+    from data_fetch.archive import extract_zip
+
+    outside, dest = tmp_path / "outside", tmp_path / "dest"
+    outside.mkdir()
+    dest.mkdir()
+    (dest / "BUSBRA").symlink_to(outside, target_is_directory=True)
+    archive = tmp_path / "BUSBRA.zip"
+    archive.write_bytes(zip_bytes({"BUSBRA/evil.txt": b"evil"}))
+    with pytest.raises(UnsafeArchiveError, match="would be written outside"):
+        extract_zip(archive, dest)
+    assert list(outside.iterdir()) == []
 
 
 def test_nested_zip_is_unpacked(server, tmp_path):
@@ -344,6 +449,30 @@ def test_nested_zip_is_unpacked(server, tmp_path):
     count = len(server.requests)
     fetch("bus_uclm", dest=tmp_path, url=server.url + "/uclm.zip", known_hash=sha256(outer), progress=False)
     assert (tmp_path / "dataset" / "BUS-UCLM" / "INFO.csv").is_file() and len(server.requests) == count
+
+
+def test_only_one_level_of_nested_zips_is_unpacked(tmp_path):
+    """The host's wrapper is unpacked; a zip inside the dataset's own zip is its data, left as it is."""
+    from data_fetch.archive import extract_zip
+
+    inner = zip_bytes({"BUS-UCLM/INFO.csv": b"x", "BUS-UCLM/extra.zip": zip_bytes({"deep.txt": b"deep"})})
+    (tmp_path / "outer.zip").write_bytes(zip_bytes({"dataset/BUS-UCLM.zip": inner}))
+    names = extract_zip(tmp_path / "outer.zip", tmp_path / "dest")
+    assert set(names) == {"dataset/BUS-UCLM.zip", "dataset/BUS-UCLM/INFO.csv", "dataset/BUS-UCLM/extra.zip"}
+    assert not list((tmp_path / "dest").rglob("deep.txt"))
+
+
+def test_damaged_compressed_data_is_a_clear_error(server, tmp_path):
+    """No checksum for BUS-UCLM: a zip whose compressed bytes are damaged must say so, not raise zlib's error."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("BUS-UCLM/INFO.csv", b"Image;Label;Doppler;Marks\n" * 50)
+    damaged = bytearray(buffer.getvalue())
+    damaged[30 + len("BUS-UCLM/INFO.csv")] = 0xFF  # the first deflate block: an invalid block type
+    server.files["/uclm.zip"] = bytes(damaged)
+    with pytest.raises(data_fetch.FetchError, match="not a readable zip archive.*delete it and fetch again"):
+        fetch("bus_uclm", dest=tmp_path, url=server.url + "/uclm.zip", progress=False)
+    assert not (tmp_path / ".bus_uclm.complete").exists()
 
 
 def test_source_without_checksum_prints_one_to_pin(server, tmp_path, capsys):
@@ -386,6 +515,20 @@ def test_sources_match_the_spec():
     # SPEC: BUSI's sha256 is "pinned by another project; not official", and its host's TLS is unreliable
     assert [s.name for s in data_fetch.SOURCES.values() if not s.hash_is_official] == ["busi"]
     assert [s.name for s in data_fetch.SOURCES.values() if s.host_unreliable] == ["busi"]
+
+
+def test_resolutions_sharing_a_folder_keep_their_own_files(server, tmp_path, monkeypatch):
+    """breastmnist and breastmnist_224 (busi_128 and busi_256 too) go to one folder: neither clobbers or
+    blocks the other, and the loader finds each under its own name."""
+    monkeypatch.setenv("MTLEARN_DATA", str(tmp_path))
+    names = ["breastmnist", "breastmnist_224", "busi_128", "busi_256"]
+    assert data_fetch.dataset_dir("breastmnist") == data_fetch.dataset_dir("breastmnist_224")
+    assert data_fetch.dataset_dir("busi_128") == data_fetch.dataset_dir("busi_256")
+    for name in names:
+        server.files[f"/{name}"] = name.encode() * 100
+        fetch(name, url=f"{server.url}/{name}", known_hash=sha256(name.encode() * 100), progress=False)
+    for name in names:
+        assert (data_fetch.dataset_dir(name) / data_fetch.SOURCES[name].filename).read_bytes() == name.encode() * 100
 
 
 def closed_port() -> int:
@@ -442,6 +585,7 @@ def test_manually_placed_file_with_wrong_hash_is_reported_not_deleted(tmp_path):
         (lambda d: fetch("bus_bra", dest=d, known_hash="md5:" + "0" * 64), "a md5 digest has 32"),
         (lambda d: fetch("breastmnist", dest=d, url="notaurl"), r"url 'notaurl' is not a web address; .*https://"),
         (lambda d: fetch("breastmnist", dest=d, url="zenodo.org/records/1/breastmnist.npz"), "not a web address"),
+        (lambda d: fetch("breastmnist", dest=d, url="https:/zenodo.org/records/1/breastmnist.npz"), "not a web addr"),
     ],
 )
 def test_bad_arguments(tmp_path, call, message):
@@ -477,3 +621,30 @@ def test_command_line_names_an_unwritable_destination(tmp_path, capsys):
     assert main(["busi", "--dest", str(blocker / "busi"), "--quiet"]) == 1
     err = capsys.readouterr().err
     assert "cannot write to" in err and "choose another --dest" in err
+
+
+def test_command_line_quiet_hides_the_progress_bar(server, tmp_path, capsys):
+    server.files["/breastmnist.npz"] = PAYLOAD
+    args = ["breastmnist", "--url", server.url + "/breastmnist.npz", "--hash", sha256(PAYLOAD)]
+    assert main([*args, "--dest", str(tmp_path / "quiet"), "--quiet"]) == 0
+    quiet = capsys.readouterr()
+    assert main([*args, "--dest", str(tmp_path / "loud")]) == 0
+    loud = capsys.readouterr()
+    assert "100%" in loud.err and "100%" not in quiet.err
+    assert f"breastmnist is ready in {tmp_path / 'quiet'}" in quiet.out  # where the data went
+
+
+@pytest.mark.parametrize("option, says", [("--hash=crc32:1234", "cannot read the checksum 'crc32:1234'"),
+                                           ("--url=zenodo.org/BUSBRA.zip", "is not a web address")])
+def test_command_line_bad_option_is_a_message_not_a_traceback(tmp_path, capsys, option, says):
+    assert main(["bus_bra", "--dest", str(tmp_path), option, "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("data_fetch: ") and says in err
+
+
+def test_command_line_unknown_dataset_is_a_usage_error_naming_the_choices(capsys):
+    """A typo in the name is a usage error (exit 2, before anything is touched), not a failed download (1)."""
+    with pytest.raises(SystemExit) as exit_:
+        main(["isic"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "invalid choice" in err and all(name in err for name in data_fetch.SOURCES)
