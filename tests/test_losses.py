@@ -80,6 +80,19 @@ def test_dicece_is_softmax_dice_plus_cross_entropy():
     torch.testing.assert_close(SegmentationLoss("dicece")(logits, mask), dice + ce, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("kind, gamma", [("dicece", 0.0), ("dicefocal", 2.0)])
+def test_an_empty_mask_keeps_the_documented_one_over_k_dice_floor(kind, gamma):
+    """Normal scan: the foreground Dice is ~0 whatever the model predicts (the Dice part ~1/K), unless its
+    predicted foreground sums below the 1e-5 smoothing; then the Dice part is ~0."""
+    empty = torch.zeros(2, 1, 8, 8)
+    for confidence, dice_part in ((3.0, 1 / 2), (20.0, 0.0)):  # foreground sum 64 sigmoid(-6) = 0.16; ~1e-16
+        logits = _logits_for(empty, confidence)
+        p = logits.softmax(1)
+        pixel_term = -((1 - p[:, :1]) ** gamma * p[:, :1].log()).mean()  # cross-entropy or focal, class 0 true
+        loss = SegmentationLoss(kind)(logits, empty)
+        assert loss - pixel_term == pytest.approx(dice_part, abs=2e-3)
+
+
 @pytest.mark.parametrize("kind", ["dicece", "dicefocal"])
 def test_segmentation_loss_rounds_a_soft_mask_to_the_nearest_class(kind):
     # an interpolated mask: 0.6 is lesion, 0.4 background (truncation would make both background)
@@ -152,6 +165,12 @@ def test_task_losses_reads_targets_from_the_batch():
     nll = -torch.log_softmax(outputs["cls"], 1)[torch.arange(2), batch["label"]]
     torch.testing.assert_close(losses["cls"], nll.mean())
     torch.testing.assert_close(losses["recon"], (outputs["recon"] - batch["clean"]).abs().mean())  # L1
+
+
+def test_a_single_task_may_be_named_by_a_bare_string():
+    """check_tasks("seg") is one task, not the letters s, e, g."""
+    assert check_tasks("seg") == ("seg",)
+    assert list(build_losses("cls")) == ["cls"]
 
 
 @pytest.mark.parametrize("make, match", [

@@ -222,10 +222,10 @@ def _ssim_by_hand(x, y, window, data_range=1.0):
     taps = np.arange(window) - window // 2
     g = np.exp(-(taps**2) / (2 * 1.5**2))
     kernel = np.outer(g, g) / g.sum() ** 2
-    n = x.shape[0] - window + 1
+    rows, cols = x.shape[0] - window + 1, x.shape[1] - window + 1
 
     def local_mean(a):
-        return np.array([[(a[i:i + window, j:j + window] * kernel).sum() for j in range(n)] for i in range(n)])
+        return np.array([[(a[i:i + window, j:j + window] * kernel).sum() for j in range(cols)] for i in range(rows)])
 
     mx, my = local_mean(x), local_mean(y)
     vx, vy, cov = local_mean(x * x) - mx**2, local_mean(y * y) - my**2, local_mean(x * y) - mx * my
@@ -240,6 +240,16 @@ def test_ssim_of_an_image_smaller_than_the_window_uses_the_largest_odd_window(si
     clean = torch.rand(2, 1, size, size, generator=g)
     noisy = clean + 0.1 * torch.randn(clean.shape, generator=g)
     expected = np.mean([_ssim_by_hand(c[0].double().numpy(), n[0].double().numpy(), window)
+                        for c, n in zip(clean, noisy)])
+    assert _recon_metrics(noisy, clean)["recon/ssim"] == pytest.approx(expected, abs=1e-5)
+
+
+def test_ssim_window_fits_the_shorter_side_of_a_non_square_image():
+    """A 16 x 8 image: the window shrinks to 7 taps for its 8-pixel width, not 11 for its height."""
+    g = torch.Generator().manual_seed(0)
+    clean = torch.rand(2, 1, 16, 8, generator=g)
+    noisy = clean + 0.1 * torch.randn(clean.shape, generator=g)
+    expected = np.mean([_ssim_by_hand(c[0].double().numpy(), n[0].double().numpy(), 7)
                         for c, n in zip(clean, noisy)])
     assert _recon_metrics(noisy, clean)["recon/ssim"] == pytest.approx(expected, abs=1e-5)
 
@@ -266,6 +276,28 @@ def test_losses_are_averaged_per_image():
     acc.update({"cls": torch.zeros(3, 3)}, {"label": torch.zeros(3)}, {"cls": torch.tensor(1.0)})
     acc.update({"cls": torch.zeros(1, 3)}, {"label": torch.zeros(1)}, {"cls": torch.tensor(5.0)})
     assert acc.compute()["cls/loss"] == pytest.approx((3 * 1.0 + 5.0) / 4)
+
+
+def test_probabilities_are_each_images_softmax():
+    """The probabilities fed to ROC and calibration plots: one softmax per image, over its classes."""
+    logits = torch.tensor([[2.0, 0.0, -1.0], [0.0, 3.0, 1.0]])
+    acc = MetricAccumulator(("cls",))
+    acc.update({"cls": logits}, {"label": torch.tensor([0, 1])})
+    expected = np.exp(logits.double().numpy()) / np.exp(logits.double().numpy()).sum(1, keepdims=True)
+    assert acc.probabilities == pytest.approx(expected)
+
+
+def test_reset_forgets_the_classification_batches_too():
+    """An accumulator reused for the next evaluation must not carry the last one's confusion matrix or AUC inputs."""
+    acc = MetricAccumulator(("cls",))
+    acc.update({"cls": torch.tensor([[0.0, 2.0], [0.0, 2.0]])}, {"label": torch.tensor([0, 0])})  # two false alarms
+    acc.reset()
+    logits, labels = torch.tensor([[2.0, 0.0], [0.0, 2.0], [1.0, 0.0]]), np.array([0, 1, 1])
+    acc.update({"cls": logits}, {"label": torch.tensor(labels)})
+    assert (acc.confusion_matrix() == [[1, 0], [1, 1]]).all() and (acc.labels == labels).all()
+    m = acc.compute()
+    assert m["cls/specificity"] == 1.0 and m["cls/sensitivity"] == 0.5
+    assert m["cls/auc"] == pytest.approx(roc_auc_score(labels, (logits[:, 1] - logits[:, 0]).numpy()))
 
 
 def test_sync_in_a_one_process_group_keeps_the_values(tmp_path):
@@ -327,3 +359,27 @@ def test_sync_adds_the_sums_and_counts_of_every_process(tmp_path, monkeypatch):
 def test_bad_arguments(make, match):
     with pytest.raises(ValueError, match=match):
         make()
+
+
+def test_sync_reduces_every_key_any_process_has(tmp_path, monkeypatch):
+    """A process that saw no loss must still join that key's reduction (all_reduce needs equal tensors on every
+    rank), and the merged mean must count the other process's images."""
+    acc = MetricAccumulator(("seg",))
+    mask = torch.zeros(1, 1, 8, 8)
+    acc.update({"seg": _seg_logits(mask)}, {"mask": mask})  # no losses on this process: keys seg/dice, seg/iou
+
+    def all_gather_object(object_list, obj, *args, **kwargs):
+        object_list[:] = [obj, sorted([*obj, "seg/loss"])]  # the other process also has a loss
+
+    def all_reduce(tensor, *args, **kwargs):
+        # the other process: three images of Dice and IoU 0, loss sum 1.2 over those three
+        tensor.add_(torch.tensor([[0.0, 3.0], [0.0, 3.0], [1.2, 3.0]], dtype=tensor.dtype))
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        monkeypatch.setattr(dist, "all_reduce", all_reduce)
+        monkeypatch.setattr(dist, "all_gather_object", all_gather_object)
+        acc.sync()
+    finally:
+        dist.destroy_process_group()
+    assert acc.compute() == pytest.approx({"seg/dice": 1 / 4, "seg/iou": 1 / 4, "seg/loss": 0.4})
