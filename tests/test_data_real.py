@@ -122,6 +122,25 @@ def test_busi_quirks(busi):
     assert [items[s]["label"] for s in ("normal (1)", "benign (1)", "malignant (1)")] == [0, 1, 2]
 
 
+def test_busi_duplicate_distance_option_sets_the_groups(busi):
+    """duplicate_distance reaches the grouping: 64 of 64 bits makes every image a near-duplicate of every other."""
+    root, _ = busi
+    records = load_dataset("busi", root=root, split="all", duplicate_distance=64).records
+    assert len(records) == 30 and len({r.group for r in records}) == 1
+
+
+def test_busi_extra_mask_of_another_size_is_a_size_mismatch(tmp_path):
+    """Every mask of an image is checked against it, not only the first: an extra _mask_1.png of another size
+    would be stretched onto the image."""
+    lesion = np.zeros((40, 48), np.uint8)
+    lesion[6:20, 10:30] = 255
+    make_small_busi(tmp_path, {"benign (1)": lesion, "malignant (1)": lesion})
+    save_png(tmp_path / "Dataset_BUSI_with_GT" / "benign" / "benign (1)_mask_1.png", np.zeros((20, 24), np.uint8))
+    with pytest.warns(UserWarning, match="differ in size"):
+        dataset = load_dataset("busi", root=tmp_path, split="all")
+    assert dataset.size_mismatches == ["benign (1)"] and [r.id for r in dataset.records] == ["malignant (1)"]
+
+
 def test_busi_problems_are_reported(busi):
     root, _ = busi
     dataset = load_dataset("busi", root=root, split="all", image_size=SIZE)
@@ -144,6 +163,16 @@ def test_images_are_the_files_grey_levels_in_0_1_area_averaged(busi):
     assert np.allclose(native.numpy(), grey, atol=1e-6)
     half = by_id(load_dataset("busi", root=root, split="all", image_size=(20, 24)))["benign (5)"]["image"][0]
     assert np.allclose(half.numpy(), grey.reshape(20, 2, 24, 2).mean(axis=(1, 3)), atol=1e-5)
+
+
+def test_images_shrunk_by_four_average_each_block():
+    """"area" at any factor: each output pixel is the mean of its whole 4 x 4 block (bilinear would
+    take only the middle 2 x 2 of it, and alias the speckle)."""
+    from mtlearn.data.transforms import resize_image
+
+    grey = np.random.default_rng(0).random((40, 48)).astype(np.float32)
+    resized = resize_image(grey, (10, 12))[0].numpy()
+    assert np.allclose(resized, grey.reshape(10, 4, 12, 4).mean(axis=(1, 3)), atol=1e-5)
 
 
 def make_small_busi(root, masks: dict[str, np.ndarray], images: dict[str, np.ndarray] | None = None) -> None:
@@ -178,6 +207,15 @@ def test_16_bit_images_keep_their_grey_levels(tmp_path):
     assert image.min() >= 0 and image.max() <= 1
     order = np.argsort(raw, axis=None)
     assert np.all(np.diff(image.ravel()[order]) > 0)  # brighter in the file, brighter in the image
+
+
+def test_16_bit_images_are_scaled_by_their_own_maximum(tmp_path):
+    """Their bit depth is not recorded (a 12-bit scan saved in 16 bits), so the brightest pixel becomes 1,
+    not 3838 / 65535 (a nearly black image)."""
+    raw = (np.arange(40 * 48).reshape(40, 48) * 2).astype(np.uint16)  # 0 .. 3838
+    make_small_busi(tmp_path, {"benign (1)": np.zeros((40, 48), np.uint8)}, images={"benign (1)": raw})
+    image = load_dataset("busi", root=tmp_path, split="all", image_size=(40, 48))[0]["image"][0].numpy()
+    assert np.allclose(image, raw / raw.max(), atol=1e-6)
 
 
 def test_hidden_macos_copies_are_not_read_as_images(tmp_path):
@@ -291,6 +329,21 @@ def test_dataloader_workers_draw_their_own_augmentations(tmp_path):
     assert not all(torch.equal(a, dataset[i]["image"]) for i, a in enumerate(first))  # and move on
 
 
+def test_torchrun_ranks_draw_their_own_augmentations(tmp_path, monkeypatch):
+    """Every rank seeds torch alike (same seed, same code); the rank must still change the flips and turns,
+    or all ranks would augment their i-th items identically."""
+    lesion = np.zeros((40, 48), np.uint8)
+    lesion[4:28, 6:20] = 255  # off-centre, so every flip and turn shows
+    make_small_busi(tmp_path, {"benign (1)": lesion, "malignant (1)": lesion})
+    dataset = load_dataset("busi", root=tmp_path, split="all", image_size=32, augment=True)
+    draws = {}
+    for rank in (0, 1):
+        monkeypatch.setattr("mtlearn.data.real.world_and_rank", lambda rank=rank: (2, rank))
+        torch.manual_seed(0)
+        draws[rank] = [dataset[i % 2]["mask"] for i in range(8)]
+    assert not all(torch.equal(a, b) for a, b in zip(draws[0], draws[1]))
+
+
 def _orientation_degrees(mask: torch.Tensor) -> float:
     """Angle of the long axis of a 0/1 (H, W) mask against the horizontal, in (-90, 90]."""
     rows, cols = np.nonzero(mask.numpy())
@@ -319,7 +372,8 @@ def test_augmentation_flips_left_right_and_turns_at_most_25_degrees(tmp_path):
             untouched += torch.equal(mask, plain)
     assert max(abs(a) for a in angles) <= 25 + 3  # (+3: the rotated bar's pixel grid)
     assert max(abs(a) for a in angles) > 20  # the whole +-25 degrees is drawn
-    assert flipped_only > 10 and untouched > 10  # a quarter each of the 120 draws: flip and turn are independent
+    # a quarter each of the 120 draws (30 +- 15; p = 0.3 gives 19 and 54): flip and turn are independent, p = 1/2
+    assert 15 < flipped_only < 45 and 15 < untouched < 45
 
 
 def test_augmentation_fills_the_corners_it_turns_in_with_black(tmp_path):
@@ -369,6 +423,12 @@ def test_in_channels_and_cache(busi, tmp_path):
     assert torch.equal(cached[0]["image"], first["image"])
     with pytest.raises(FileNotFoundError):
         uncached[0]
+
+
+def test_real_datasets_refuse_other_channel_counts(busi):
+    root, _ = busi
+    with pytest.raises(ValueError, match=r"in_channels must be 1 \(grey\) or 3"):
+        load_dataset("busi", root=root, split="val", in_channels=2)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -435,6 +495,16 @@ def test_bus_bra_items(bus_bra):
     assert dataset.class_names == ("benign", "malignant") and len(dataset) == 30
     item = by_id(dataset)["bus_0003-l"]  # case 3: malignant; its mask is Masks/mask_0003-l.png
     assert item["label"] == 1 and item["mask"].sum() > 0 and "artifact" not in item
+
+
+def test_bus_bra_pathology_is_read_whatever_its_case(tmp_path):
+    """'Malignant' or ' Benign ' in a hand-edited bus_data.csv is the same class, not a skipped image."""
+    info = make_bus_bra(tmp_path, patients=6)
+    path = info["base"] / "bus_data.csv"
+    path.write_text(path.read_text().replace(",malignant,", ",Malignant,").replace(",benign,", ", Benign ,"))
+    dataset = load_dataset("bus_bra", root=tmp_path, split="all")
+    assert not dataset.problems
+    assert {r.id: r.label for r in dataset.records} == {i: int(int(c) % 3 == 0) for i, c in info["cases"].items()}
 
 
 def test_bus_bra_layout_errors(tmp_path):
@@ -506,6 +576,30 @@ def test_bus_uclm_one_colour_rule_gives_class_and_mask(tmp_path, colours, label,
     assert item["label"] == label and item["mask"].sum() == lesion_pixels
 
 
+def test_bus_uclm_image_without_its_mask_is_skipped_and_noted(tmp_path):
+    """A mask file lost from masks/ costs that image only (was FileNotFoundError for the whole dataset)."""
+    info = make_bus_uclm(tmp_path, patients=2)
+    (info["base"] / "masks" / "PAT01_002.png").unlink()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dataset = load_dataset("bus_uclm", root=tmp_path, split="all", on_size_mismatch="resize")
+    assert {r.id for r in dataset.records} == set(info["truth"]) - {"PAT01_002"}
+    assert "PAT01_002: no mask file, skipped" in dataset.problems
+
+
+def test_bus_uclm_flags_in_words_are_read(tmp_path):
+    """INFO.csv flags may be words, in any case and in Spanish: "Yes", "TRUE", "Sí" mark an artifact."""
+    base = tmp_path / "BUS-UCLM"
+    flags = {"P_000": ("Yes", "No", 1), "P_001": ("no", "TRUE", 1), "P_002": ("Sí", "", 1), "P_003": ("0", "NO", 0)}
+    for stem in flags:
+        save_png(base / "masks" / f"{stem}.png", np.zeros((40, 48, 3), np.uint8))
+        save_png(base / "images" / f"{stem}.png", random_image(np.random.default_rng(0)))
+    rows = [f"{stem}.png;normal;{doppler};{marks}" for stem, (doppler, marks, _) in flags.items()]
+    (base / "INFO.csv").write_text("\n".join(["Image;Label;Doppler;Marks", *rows]) + "\n", encoding="utf-8")
+    dataset = load_dataset("bus_uclm", root=tmp_path, split="all")
+    assert {r.id: r.artifact for r in dataset.records} == {stem: flag for stem, (_, _, flag) in flags.items()}
+
+
 def test_bus_uclm_size_mismatch_reported_not_fatal(bus_uclm):
     root, info = bus_uclm
     with pytest.warns(UserWarning, match="PAT00_001"):
@@ -562,6 +656,19 @@ def test_split_by_group_deals_7_1_2_of_each_class_and_keeps_groups_whole(seed):
     # other fractions are honoured too (BUS-BRA splits what its test fold leaves 7:1)
     two_way = (("train", 0.7), ("val", 0.1))
     assert_class_shares(split_by_group(groups, labels, seed=seed, fractions=two_way), groups, labels, two_way)
+
+
+def test_a_group_counts_as_its_most_common_label():
+    """A near-duplicate cluster of mixed labels (0, 1, 1) is dealt out as class 1, its majority.
+
+    Alone in class 1, its middle item falls in train for every seed, and the ten class-0 images split
+    exactly 7:1:2; dealt with class 0 (its first label), it would land in val or test for some seeds.
+    """
+    groups, labels = ["mixed"] * 3 + [f"g{k}" for k in range(10)], [0, 1, 1] + [0] * 10
+    for seed in range(10):
+        split_of = split_by_group(groups, labels, seed=seed)
+        assert split_of[:3].tolist() == ["train"] * 3
+        assert [np.sum(split_of[3:] == name) for name in ("train", "val", "test")] == [7, 1, 2]
 
 
 def test_duplicate_groups_join_hashes_at_most_the_threshold_apart_and_chain():
@@ -673,6 +780,7 @@ def test_shapes_through_load_dataset():
         ({"name": "synthetic", "image_size": 0}, ValueError, "image_size"),
         ({"name": "synthetic", "augment": True}, ValueError, "augment"),
         ({"name": "synthetic", "num_samples": 0}, ValueError, "num_samples"),
+        ({"name": "synthetic", "num_samples": 1_000_001}, ValueError, "num_samples"),  # would reach into val
         ({"name": "shapes", "in_channels": 3}, ValueError, "in_channels"),
         ({"name": "breastmnist", "resolution": 64}, ValueError, "resolution"),
         ({"name": "bus_bra", "folds": 2}, ValueError, r"bus_bra has no option 'folds'; its options: \['fold'\]"),

@@ -225,6 +225,14 @@ def test_artifact_mask_marks_exactly_what_the_artifact_changes():
         assert ds[i]["artifact"] == int(ds[i]["artifact_mask"].sum() > 0)
 
 
+def test_overlays_are_burnt_into_the_clean_image_too():
+    """Calipers and text are part of the display: without speckle, image and clean agree on them as well."""
+    ds = SyntheticUltrasound(num_samples=12, image_size=48, seed=9, noise_level=0.0)
+    for i in range(len(ds)):
+        item = ds.render(i, artifact=True)
+        assert np.array_equal(item["image"], item["clean"])
+
+
 def test_clean_is_the_speckle_free_image():
     noiseless = SyntheticUltrasound(num_samples=1, noise_level=0.0)[0]
     assert torch.equal(noiseless["image"], noiseless["clean"])
@@ -255,9 +263,11 @@ def test_default_collate_batches_items():
         ({"image_size": (64, 64, 3)}, "image_size"),
         ({"class_probs": (0.5, 0.5)}, "class_probs"),
         ({"class_probs": (1, -1, 1)}, "class_probs"),
+        ({"class_probs": (0, 0, 0)}, "class_probs"),
         ({"artifact_correlation": 1.5}, "artifact_correlation"),
         ({"artifact_rate": -0.1}, "artifact_rate"),
         ({"noise_level": -1.0}, "noise_level"),
+        ({"noise_level": float("nan")}, "noise_level"),
         ({"in_channels": 2}, "in_channels"),
     ],
 )
@@ -269,6 +279,12 @@ def test_bad_arguments(kwargs, message):
 def test_index_out_of_range():
     with pytest.raises(IndexError):
         SyntheticUltrasound(num_samples=3)[3]
+
+
+def test_negative_index_is_refused():
+    """ds[-1] would seed item first_index - 1 of the stream, another dataset's item: an IndexError instead."""
+    with pytest.raises(IndexError):
+        SyntheticUltrasound(num_samples=3, first_index=5)[-1]
 
 
 def test_float_image_size_names_int():

@@ -164,6 +164,7 @@ def test_works_with_a_dataloader():
         ({"image_size": (32, 40, 3)}, "image_size"),
         ({"image_size": 32.0}, "image_size"),
         ({"seed": -1}, "seed"),
+        ({"seed": True}, "seed"),
     ],
 )
 def test_bad_arguments(kwargs, match):
@@ -176,6 +177,13 @@ def test_bad_split_message_lists_valid_splits():
         ShapesBackground("holdout")
     for split in (*SPLIT_COUNTS, "all"):
         assert split in str(info.value)
+
+
+def test_labels_of_label_are_the_shapes():
+    """labels("label") gives the items' "label", the shape: what a classifier's sampler or metric reads."""
+    data = ShapesBackground("train", SMALL)
+    assert data.labels("label").tolist() == data.labels("shape").tolist() == [data[i]["label"] for i in range(len(data))]
+    assert data.labels("label").tolist() != data.labels("background").tolist()
 
 
 def test_labels_rejects_unknown_key():
