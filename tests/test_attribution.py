@@ -859,3 +859,91 @@ def test_localisation_scores_pass_the_mode_to_both_scores(mode, share, hit):
     scores = A.localisation_scores(FixedMaps(), torch.zeros(1, 1, 4, 4), MASK, methods=("ig",), tolerance=0, mode=mode)
     assert scores == {"ig": pytest.approx({"mask_share": share, "pointing_game": hit, "chance": 0.25,
                                            "pointing_chance": 0.25})}
+
+
+# ------------------------------------------------------------------------------------------ baselines, pointing, cascade
+# Grey baselines, the pointing game's tolerance, rank correlation and the cascade's details (each
+# survived a mutation before).
+
+
+def test_integrated_gradients_start_from_a_given_grey_value(explainer, images):
+    """baseline=0.3: the maps add up to score(image) - score(flat 0.3 image), not to the gap from black."""
+    maps = explainer.attribute(images, "cls", 1, "ig", n_steps=32, baseline=0.3)
+    head, target = explainer.head("cls"), torch.tensor([1, 1])
+    with torch.no_grad():
+        gap = head(images, target) - head(torch.full_like(images, 0.3), target)
+        from_black = head(images, target) - head(torch.zeros_like(images), target)
+    assert torch.allclose(maps.sum((1, 2, 3)), gap, rtol=0.05, atol=0.005)
+    assert not torch.allclose(gap, from_black, rtol=0.05, atol=0.005)
+
+
+class StubMaps:
+    """A stub explainer whose every map is `values` (1, 1, 4, 4)."""
+
+    def __init__(self, values):
+        self.values = values
+
+    def check_options(self, method, image_size, **method_kw):
+        pass
+
+    def attribute(self, images, head, target, method, **method_kw):
+        return self.values.expand(len(images), 1, 4, 4)
+
+
+@pytest.mark.parametrize("tolerance, hit", [(0, 0.0), (1, 1.0), (2, 1.0)])
+def test_localisation_scores_point_with_their_tolerance(tolerance, hit):
+    """The peak at (0, 2) is one pixel right of the mask: a miss without tolerance, a hit with it."""
+    peak_next_to_mask = _map([0, 0, 9, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0])
+    scores = A.localisation_scores(StubMaps(peak_next_to_mask), torch.zeros(1, 1, 4, 4), MASK, methods=("ig",),
+                                   tolerance=tolerance)
+    assert scores["ig"]["pointing_game"] == hit
+
+
+def test_spearman_compares_ranks_not_values():
+    """A monotone but uneven map ranks like an even one: rho 1, where a linear correlation would not be."""
+    even, uneven = torch.tensor([[1.0, 2.0, 3.0, 4.0]]), torch.tensor([[1.0, 2.0, 3.0, 100.0]])
+    assert A.spearman(uneven, even).item() == pytest.approx(1.0)
+    assert A.spearman(even, uneven).item() == pytest.approx(1.0)
+
+
+def test_cascading_randomisation_explains_the_trained_models_class_at_every_step(model, images, monkeypatch):
+    """A randomised head predicts other classes; the target stays the one the trained model predicted."""
+    targets = []
+    attribute = A.Explainer.attribute
+    monkeypatch.setattr(A.Explainer, "attribute", lambda self, images, head, target, *args, **kw:
+                        targets.append(target) or attribute(self, images, head, target, *args, **kw))
+    A.cascading_randomisation(model, images, "cls", method="saliency", groups=["heads.cls.fc2", "heads.cls.fc1"],
+                              progress=False)
+    with torch.no_grad():
+        predicted = model(images)["cls"].argmax(1)
+    assert len(targets) == 3 and all(torch.equal(t, predicted) for t in targets)
+
+
+def test_cascading_randomisation_compares_signed_maps_when_asked(model, images):
+    """absolute=False: the curve is the signed rank correlation (a sign flip counts), not that of |maps|."""
+    result = A.cascading_randomisation(model, images, "cls", 1, "ig", groups=["heads.cls.fc2"], absolute=False,
+                                       n_steps=4, progress=False)
+    signed = A.spearman(result.maps[0], result.maps[1], absolute=False).mean().item()
+    unsigned = A.spearman(result.maps[0], result.maps[1]).mean().item()
+    assert result.spearman[1] == pytest.approx(signed) and signed != pytest.approx(unsigned)
+
+
+def test_an_empty_recon_region_gives_a_zero_map_not_nan(explainer, images):
+    """The viewer's "lesion region" of a normal image is empty: no error to explain, so no attribution."""
+    empty = torch.zeros(2, 1, SIZE, SIZE)
+    assert torch.equal(A.ReconstructionError(explainer.model)(images, empty, images), torch.zeros(2))
+    maps = explainer.attribute(images, "recon", empty, "saliency")
+    assert torch.equal(maps, torch.zeros_like(maps))
+
+
+def test_randomise_redraws_parameters_no_reset_covers_at_their_own_scale():
+    """A bare parameter (a Swin relative-position table, a layer scale) has no reset_parameters: it is
+    redrawn from a normal with its own std, not left trained."""
+    torch.manual_seed(0)
+    block = nn.Module()
+    block.table = nn.Parameter(0.5 * torch.randn(1000))
+    trained = block.table.detach().clone()
+    A.randomise_(block)
+    assert not torch.allclose(block.table, trained)
+    redrawn = block.table.detach()
+    assert float(redrawn.std()) == pytest.approx(0.5, rel=0.1) and abs(float(redrawn.mean())) < 0.05

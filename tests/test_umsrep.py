@@ -2,11 +2,13 @@
 
 import math
 import re
+import time
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
+from torch.utils.data import DataLoader
 
 from mtlearn.checkpoint import load_checkpoint as load_checkpoint_file
 from mtlearn.data import SyntheticUltrasound, load_dataset
@@ -16,6 +18,7 @@ from mtlearn.umsrep import (
     METRICS,
     NUM_STAGES,
     DenoisingPairs,
+    StepCost,
     TrainedModel,
     UMSRepConfig,
     _new_model,
@@ -662,3 +665,121 @@ def test_fixed_noise_is_drawn_per_item_and_seed():
     assert not torch.equal(pairs[0]["image"], pairs[1]["image"])  # the same picture, other noise
     other_seed = DenoisingPairs([grey, grey], labels=True, fixed_noise=True, seed=4)
     assert not torch.equal(pairs[0]["image"], other_seed[0]["image"])
+
+
+# ---------------------------------------------------------------------------------------------- accounting
+# The memory formula, what the step cost counts, the clocks and the record of train_and_measure, and
+# what makes strategies comparable (each survived a mutation before).
+
+
+def test_memory_estimate_by_hand():
+    """Weights + gradient and two AdamW moments per trainable weight + saved tensors, of which only
+    the part that grows with the batch is scaled to another batch size."""
+    cost = StepCost(batch_size=4, flops=0, activation_bytes=1000, parameter_bytes=300, trainable_bytes=100,
+                    fixed_saved_bytes=200)
+    assert cost.memory_bytes() == 300 + 3 * 100 + 1000
+    assert cost.memory_bytes(8) == 300 + 3 * 100 + 200 + 2 * 800
+
+
+def test_step_cost_holds_every_weight_and_buffer_and_only_trainable_weights_for_the_optimiser():
+    model = freeze_encoder(tiny(), 1)
+    cost = measure_training_step(model, batch(), TASKS)
+    assert cost.parameter_bytes == sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    assert cost.trainable_bytes == 4 * count_parameters(model, trainable_only=True) < cost.parameter_bytes
+
+
+def test_a_model_left_in_eval_mode_is_measured_as_it_trains():
+    """The step is a training step: BatchNorm saves its batch statistics whatever mode the model was left in."""
+    model = tiny()
+    trained = measure_training_step(model, batch(), TASKS)
+    assert measure_training_step(model.eval(), batch(), TASKS) == trained
+    assert not model.training  # measured on a copy
+
+
+def test_train_and_measure_records_memory_at_the_batch_size_cpu_time_and_an_eval_model(monkeypatch):
+    """Memory is estimated for config.batch_size (the step is measured on 4 images); CPU time is the
+    process's, not the wall clock (a training that waits uses no CPU); the model comes back in eval mode."""
+    from mtlearn import engine
+
+    def waiting_fit(model, loader, *args, **kwargs):
+        time.sleep(0.3)
+        return engine.History()
+
+    monkeypatch.setattr(engine, "fit", waiting_fit)
+    config = handful(num_train=8, batch_size=8)
+    train = load_strategy_data(config).train
+    model = _new_model(config, ("seg",), num_classes=3, in_channels=1)
+    result = train_and_measure(model, "scratch", train, None, config, epochs=1)
+    cost = measure_training_step(model, next(iter(DataLoader(train, batch_size=4))), ("seg",))
+    assert cost.memory_bytes(8) > cost.memory_bytes()
+    assert result.memory_mb == pytest.approx(cost.memory_bytes(8) / 2**20)
+    assert result.wall_time_s >= 0.3 and result.cpu_time_s < 0.15
+    assert result.model is model and not model.training
+
+
+def test_table_sums_the_trainable_parameters_of_a_strategys_models():
+    runs = [replace(record("full", (t,)), trainable_parameters=n) for t, n in zip(("seg", "cls", "recon"), (5, 7, 9))]
+    assert strategy_table(runs, UMSRepConfig()).loc["full", "trainable_params"] == 5 + 7 + 9
+
+
+def test_every_strategy_sees_the_same_batches_and_starts_from_the_same_weights():
+    """The loader's order and a new model's weights follow config.seed, not whatever ran before."""
+    from mtlearn.umsrep import _loader
+
+    config = handful()
+    data = list(range(32))
+    first = [b.tolist() for b in _loader(data, config, shuffle=True)]
+    torch.rand(10)  # another strategy drew random numbers in between
+    assert [b.tolist() for b in _loader(data, config, shuffle=True)] == first != [list(range(i, i + 4))
+                                                                                 for i in range(0, 32, 4)]
+    model = _new_model(config, TASKS, 3, 1)
+    torch.rand(10)
+    again = _new_model(config, TASKS, 3, 1)
+    assert all(torch.equal(v, again.state_dict()[k]) for k, v in model.state_dict().items())
+
+
+def test_synthetic_representation_images_are_not_the_labelled_ones():
+    data = load_strategy_data(handful(num_unlabeled=6))
+    unlabeled = [data.unlabeled[i]["clean"] for i in range(len(data.unlabeled))]
+    labelled = [data.train[i]["clean"] for i in range(len(data.train))] + [data.test[i]["clean"]
+                                                                           for i in range(len(data.test))]
+    assert len(unlabeled) == 6 and not any(torch.equal(u, x) for u in unlabeled for x in labelled)
+
+
+def test_the_representation_learns_from_the_unlabeled_images_only(monkeypatch):
+    import mtlearn.umsrep as umsrep
+    from mtlearn.umsrep import StrategyData, pretrain_representation
+
+    calls = []
+    monkeypatch.setattr(umsrep, "train_and_measure", lambda model, strategy, train, test, config, epochs, **kw:
+                        calls.append((tuple(model.tasks), strategy, train, test, epochs)))
+    data = StrategyData(unlabeled="unlabeled", train="labelled", test="test", class_names=("a", "b", "c"))
+    config = handful(pretrain_epochs=3)
+    pretrain_representation(config, data)
+    assert calls == [(("recon",), "pretrain", "unlabeled", "test", 3)]
+
+
+@pytest.mark.parametrize("looks", [4.0, 16.0])
+def test_speckle_has_mean_one_and_variance_one_over_looks(looks):
+    grey = {"image": torch.full((1, 64, 64), 0.1), "label": 0}  # dark: no clamping at 1
+    item = DenoisingPairs([grey], gaussian_std=0.0, speckle_looks=looks, fixed_noise=True)[0]
+    ratio = item["image"] / item["clean"]
+    assert ratio.mean() == pytest.approx(1.0, abs=0.03)
+    assert ratio.var() == pytest.approx(1 / looks, rel=0.15)
+
+
+def test_training_noise_is_new_at_every_read_but_follows_torchs_seed():
+    """Augmentation: each epoch sees other noise, and seed_everything makes the run repeatable."""
+    pairs = DenoisingPairs([{"image": torch.full((1, SIZE, SIZE), 0.5), "label": 0}], gaussian_std=0.05)
+    torch.manual_seed(0)
+    first, second = pairs[0]["image"], pairs[0]["image"]
+    assert not torch.equal(first, second)
+    torch.manual_seed(0)
+    assert torch.equal(pairs[0]["image"], first)
+
+
+def test_only_strategies_that_start_from_the_representation_count_its_images():
+    runs = [record("pretrain", ("recon",), images=200), record("joint", TASKS),
+            *(record("scratch", (t,)) for t in ("seg", "cls", "recon"))]
+    table = strategy_table(runs, UMSRepConfig())
+    assert table.loc["joint", "pretrain_images_seen"] == 200 and table.loc["scratch", "pretrain_images_seen"] == 0
