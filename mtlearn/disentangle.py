@@ -21,7 +21,7 @@ Learning with application to Fetal Ultrasound", MICCAI PIPPI/SUSI 2019, arXiv 19
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -623,6 +623,8 @@ def train_disentangle(
         raise _not_a_two_task_model(model)
     check_loader("train_loader", train_loader, "torch.utils.data.DataLoader(dataset, batch_size=50, shuffle=True)")
     check_loader("val_loader", val_loader, "torch.utils.data.DataLoader(dataset, batch_size=100)")
+    if len(train_loader) == 0:  # else every epoch ends at once and the untrained model is returned as trained
+        raise ValueError("train_loader yields no batches; check the dataset size and batch_size/drop_last")
     seed_everything(seed)
     device = pick_device(device)
     model.to(device)
@@ -837,7 +839,7 @@ class DisentangleConfig:
     An option beyond the paper, off by default: the LinearLeakage penalty (`w_leak=5`). With the
     adversary alone a fresh linear probe still reads the background from the shape features
     (probe_background_a 0.70-0.76 over seeds 0-4, one CPU thread). Split by shape
-    (probe_background_within_shape) it is readable within the bars too (0.81-0.96), although bars
+    (probe_within_groups) it is readable within the bars too (0.81-0.96), although bars
     come on both backgrounds in every batch: the adversary lowers, not removes, what a probe fitted
     on many images finds. With the penalty (seeds 0-4) the bars are clean (0.41-0.49, chance) and
     the probe falls to 0.52-0.65, but the circles are cleared on some seeds only (0.45-0.95: the
@@ -1004,6 +1006,7 @@ def shapes_experiment(kind: str, config: DisentangleConfig | None = None, *, see
 
     from torch.utils.data import ConcatDataset, DataLoader
 
+    from mtlearn.data.shapes import ShapesBackground
     from mtlearn.utils import seed_everything
 
     config = _config_or_course(config)
@@ -1021,31 +1024,36 @@ def shapes_experiment(kind: str, config: DisentangleConfig | None = None, *, see
     probe_set = ConcatDataset([loaders["test"].dataset, loaders["unseen"].dataset])
     probe_loader = DataLoader(probe_set, batch_size=100)
     metrics.update(probe_encoders(model, probe_loader, ("shape", "background"), seed=seed, device=device))
-    metrics.update(probe_background_within_shape(model, probe_loader, seed=seed, device=device))
+    metrics.update(probe_within_groups(model, probe_loader, "background", "shape", ShapesBackground.class_names,
+                                       seed=seed, device=device))
     return model.eval(), history, metrics
 
 
-def probe_background_within_shape(model: nn.Module, loader, *, seed: int = 0,
-                                  device: str | torch.device = "auto") -> dict[str, float]:
-    """The background probe on the task-A features, fitted within each shape separately.
+def probe_within_groups(model: nn.Module, loader, target: str, group: str, group_names: Sequence[str], *,
+                        seed: int = 0, folds: int = 5, device: str | torch.device = "auto") -> dict[str, float]:
+    """The probe for label `target` on the task-A features, fitted within each value of `group` alone.
 
-    Why: over all images a probe could mix "which background" with "which shape"; within one
-    shape it can only read the background. On test + unseen it tells the seen combination (bars,
-    trained on both backgrounds) from the unseen one (circles, never trained on black).
-    Returns {"probe_background_a_circle", "probe_background_a_bar"}: balanced accuracies,
-    5-fold cross-validated (0.5 = nothing readable).
+    Why: over all images a probe can read `target` through `group` wherever the two go together
+    (every circle is on white in training; malignant images carry more calipers); within one group
+    only `target` itself is left to read. On the shapes' test + unseen images, target "background"
+    within group "shape" tells the seen combination (bars, trained on both backgrounds) from the
+    unseen one (circles, never trained on black).
+    group_names: one name per group value 0, 1, ...: the keys' last part.
+    Returns {"probe_<target>_a_<name>": balanced accuracy, `folds`-fold cross-validated; 0.5 for
+    a 0/1 target = nothing readable}, NaN for a group with fewer than `folds` images of some
+    target value (too few to cross-validate).
     """
-    from mtlearn.data.shapes import ShapesBackground
     from mtlearn.probes import cross_validated_probe, extract_features
 
     # model=model: eval mode meanwhile (BatchNorm's running statistics), as in probe_encoders
-    features, labels = extract_features(lambda x: model.encode(x)[0], loader, device, ("shape", "background"),
-                                        model=model)
+    features, labels = extract_features(lambda x: model.encode(x)[0], loader, device, (target, group), model=model)
     scores = {}
-    for value, name in enumerate(ShapesBackground.class_names):
-        chosen = labels["shape"] == value
-        probe = cross_validated_probe(features[chosen], labels["background"][chosen], seed=seed)
-        scores[f"probe_background_a_{name}"] = probe["balanced_accuracy"]
+    for value, name in enumerate(group_names):
+        chosen = labels[group] == value
+        _, counts = np.unique(labels[target][chosen], return_counts=True)
+        enough = len(counts) > 1 and counts.min() >= folds
+        probe = cross_validated_probe(features[chosen], labels[target][chosen], folds, seed) if enough else None
+        scores[f"probe_{target}_a_{name}"] = probe["balanced_accuracy"] if probe else float("nan")
     return scores
 
 
@@ -1115,23 +1123,58 @@ def ultrasound_datasets(image_size: tuple[int, int] = (64, 64), *, seed: int = 0
     return data
 
 
+def real_ultrasound_datasets(name: str = "bus_uclm", root: str | Path | None = None,
+                             image_size: tuple[int, int] = (64, 64), *, seed: int = 0) -> dict[str, list[dict]]:
+    """A real dataset's recorded nuisance flag as task B: BUS-UCLM's Doppler overlays and calipers.
+
+    Returns {"train": load_dataset's train and val splits together (the experiment selects
+    nothing on validation), "test": its test split}, split by patient with `seed`, as lists of
+    dicts with "image" (1, H, W), "label" (0 normal, 1 benign, 2 malignant), "artifact" (0/1)
+    and "id" (the file's stem). Unlike ultrasound_datasets nothing is decorrelated: the flag goes
+    with the class at test as it did in training, so ultrasound_experiment reads the class
+    accuracy within each flag value and the artifact probes within each class.
+    """
+    from mtlearn.data import load_dataset
+
+    data = {}
+    for part, splits in (("train", ("train", "val")), ("test", ("test",))):
+        items = []
+        for split in splits:
+            dataset = load_dataset(name, root=root, split=split, image_size=image_size, seed=seed)
+            items += [dataset[i] for i in range(len(dataset))]
+        if any("artifact" not in item for item in items):
+            raise ValueError(f"{name} records no artifact flag per image; use 'bus_uclm' (Doppler and caliper "
+                             "flags) or the synthetic data (ultrasound_datasets)")
+        data[part] = [{k: item[k] for k in ("image", "label", "artifact", "id")} for item in items]
+    return data
+
+
 def ultrasound_experiment(kind: str, config: DisentangleConfig | None = None, *, seed: int = 0,
                           data: dict[str, list[dict]] | None = None, device: str | torch.device = "auto",
                           progress: bool = True, out_dir: str | Path | None = None, resume: bool = False):
-    """Train MODELS[kind] with task A = class (3), task B = artifact on ultrasound_datasets.
+    """Train MODELS[kind] with task A = class (3), task B = artifact on ultrasound data.
 
-    `data`: the output of ultrasound_datasets (pass it to share one rendering between models);
-    None renders it at config.image_size with the defaults. With config.balance the training
-    batches draw the (class, artifact) pairs present equally often (malignant images then make up
-    half of each batch, half of them with the artifact); the artifact still implies "malignant".
+    `data`: the output of ultrasound_datasets (pass it to share one rendering between models), or
+    of real_ultrasound_datasets (BUS-UCLM's own flags); None renders the synthetic data at
+    config.image_size with the defaults. With config.balance the training batches draw the
+    (class, artifact) pairs present equally often (synthetic: malignant images then make up half
+    of each batch, half of them with the artifact; the artifact still implies "malignant").
     Returns (model in eval mode, history, metrics) with metrics:
-        class_acc_<test>, artifact_acc_<test>: accuracy of the two task heads on each test set
-            of ULTRASOUND_TESTS ("shortcut", "independent", "reversed")
-        false_malignant_with_artifact: share of normal/benign images WITH the artifact (independent
-            test) that the class head calls malignant: what the shortcut costs
+        class_acc_<test>, artifact_acc_<test>: accuracy of the two task heads on each test set:
+            ULTRASOUND_TESTS ("shortcut", "independent", "reversed"), or "test" for real data
+        class_acc_test_artifact, class_acc_test_no_artifact (real data): the class accuracy on
+            the test images with and without the artifact
+        false_malignant_with_artifact: share of normal/benign images WITH the artifact that the
+            class head calls malignant (independent test, or the real test split): what the
+            shortcut costs; NaN when there is no such image
         probe_artifact_a, probe_label_a, probe_artifact_b, probe_label_b: linear probes (see
-            probe_encoders) on the independent test set, where class and artifact are unrelated
+            probe_encoders) on the independent test set, where class and artifact are unrelated;
+            real data have no such set, so there the probes read all images (train + test)
+        probe_artifact_a_<class> (normal, benign, malignant): the artifact probe within one class
+            (probe_within_groups, on the same images): real data's flag goes with the class, so
+            this is where to read them; NaN for a class with under 5 images of either flag value
         adv_acc_a, adv_acc_b (DisentangleNet): the adversaries' accuracy on the independent test
+            set, or the real test split
         train_seconds (of this call: a resumed run counts only what it trained)
     out_dir, resume: checkpoints of the training, as in shapes_experiment.
     """
@@ -1139,13 +1182,17 @@ def ultrasound_experiment(kind: str, config: DisentangleConfig | None = None, *,
 
     from torch.utils.data import DataLoader
 
+    from mtlearn.data.synthetic import SyntheticUltrasound
     from mtlearn.utils import seed_everything
 
     config = _config_or_course(config)
     data = data if data is not None else ultrasound_datasets(config.image_size, seed=seed)
-    missing = {"train", *ULTRASOUND_TESTS} - set(data)
+    real = "test" in data
+    tests = ("test",) if real else ULTRASOUND_TESTS
+    missing = {"train", *tests} - set(data)
     if missing:
-        raise ValueError(f"data lacks the split(s) {sorted(missing)}; build it with ultrasound_datasets")
+        raise ValueError(f"data lacks the split(s) {sorted(missing)}; build it with ultrasound_datasets "
+                         "or real_ultrasound_datasets")
     train = data["train"]
     if config.balance:
         labels = np.array([item["label"] for item in train]), np.array([item["artifact"] for item in train])
@@ -1161,14 +1208,24 @@ def ultrasound_experiment(kind: str, config: DisentangleConfig | None = None, *,
     history = train_disentangle(model, train_loader, task_keys=keys, **config.train_kwargs(), device=device,
                                 seed=seed, progress=progress, out_dir=out_dir, resume=resume)
     metrics = {"train_seconds": time.perf_counter() - started}
-    for split in ULTRASOUND_TESTS:
+    # where the adversaries and the false "malignant" calls are read: class and artifact unrelated, or real
+    scored = "test" if real else "independent"
+    for split in tests:
         scores = evaluate_disentangle(model, DataLoader(data[split], batch_size=100), task_keys=keys, device=device)
         metrics[f"class_acc_{split}"], metrics[f"artifact_acc_{split}"] = scores["acc_a"], scores["acc_b"]
-        if split == "independent":
+        if split == scored:
             metrics.update({k: v for k, v in scores.items() if k.startswith("adv_")})
-    metrics["false_malignant_with_artifact"] = _false_malignant(model, data["independent"], device)
-    probe_loader = DataLoader(data["independent"], batch_size=100)
+    if real:
+        for flag, name in ((1, "artifact"), (0, "no_artifact")):
+            chosen = [item for item in data["test"] if item["artifact"] == flag]
+            metrics[f"class_acc_test_{name}"] = (
+                evaluate_disentangle(model, DataLoader(chosen, batch_size=100), task_keys=keys, device=device)["acc_a"]
+                if chosen else float("nan"))
+    metrics["false_malignant_with_artifact"] = _false_malignant(model, data[scored], device)
+    probe_loader = DataLoader(data["train"] + data["test"] if real else data["independent"], batch_size=100)
     metrics.update(probe_encoders(model, probe_loader, keys, seed=seed, device=device))
+    class_names = SyntheticUltrasound.class_names  # BUS-UCLM's too: normal, benign, malignant
+    metrics.update(probe_within_groups(model, probe_loader, "artifact", "label", class_names, seed=seed, device=device))
     return model.eval(), history, metrics
 
 

@@ -475,6 +475,9 @@ def square_loader():  # 32 x 32: a size mtlearn.build_model's networks accept
     (lambda train, square: _train(tiny_model(), train, train.dataset), TypeError, "val_loader is a Dataset"),
     (lambda train, square: D.evaluate_disentangle(tiny_model(), train.dataset, device="cpu"), TypeError,
      "loader is a Dataset"),
+    (lambda train, square: _train(tiny_model(), DataLoader(Subset(train.dataset, range(3)), batch_size=4,
+                                                           drop_last=True)),
+     ValueError, "train_loader yields no batches; check the dataset size and batch_size/drop_last"),
     (lambda train, square: _train(tiny_model(), [train.dataset[i] for i in range(4)]), TypeError,
      r"batch\['shape'\] is not a tensor \(got int\).*single items.*DataLoader"),
     (lambda train, square: _train(mtlearn.build_model("tiny"), train), TypeError,
@@ -621,7 +624,7 @@ class CodedEncoders(torch.nn.Module):
         return features_a.transpose(1, 2)[..., None], features_b.transpose(1, 2)[..., None]  # (B, 4, 1, 1)
 
 
-def test_probe_background_within_shape_reads_each_shape_alone():
+def test_probe_within_groups_reads_each_group_alone():
     """Side a carries the background for circles only: the circle probe reads it, the bar probe cannot.
 
     A probe over all images (not split by shape) would report about 0.75 for both.
@@ -629,11 +632,26 @@ def test_probe_background_within_shape_reads_each_shape_alone():
     model = CodedEncoders(side_a=lambda shape, background: background * (shape == 0),
                           side_b=lambda shape, background: background)  # side b: the wrong side reads both
     loader = DataLoader(_coded_items(), batch_size=50)
-    scores = D.probe_background_within_shape(model, loader, device="cpu")
+    scores = D.probe_within_groups(model, loader, "background", "shape", ShapesBackground.class_names, device="cpu")
     assert set(scores) == {"probe_background_a_circle", "probe_background_a_bar"}
     assert scores["probe_background_a_circle"] > 0.95
     assert scores["probe_background_a_bar"] < 0.7  # noise only: chance is 0.5
     assert model.training  # the mode is restored
+
+
+def test_probe_within_groups_is_nan_where_a_group_cannot_be_cross_validated():
+    """Circles on black only 4 times: too few for 5 folds, so NaN rather than a score from empty folds."""
+    items = [it for it in _coded_items() if not (it["shape"] == 0 and it["background"] == 1)]
+    items += [it for it in _coded_items(seed=1) if it["shape"] == 0 and it["background"] == 1][:4]
+    model = CodedEncoders(side_a=lambda shape, background: background, side_b=lambda shape, background: shape)
+    scores = D.probe_within_groups(model, DataLoader(items, batch_size=50), "background", "shape", ("circle", "bar"),
+                                   device="cpu")
+    assert math.isnan(scores["probe_background_a_circle"])
+    assert scores["probe_background_a_bar"] > 0.95
+    only_white = [it for it in items if it["background"] == 0]  # one target value: nothing to tell apart
+    scores = D.probe_within_groups(model, DataLoader(only_white, batch_size=50), "background", "shape",
+                                   ("circle", "bar"), device="cpu")
+    assert all(math.isnan(v) for v in scores.values())
 
 
 def test_probe_encoders_reads_both_sides():
@@ -689,10 +707,15 @@ def test_ultrasound_experiment_smoke(kind, ultrasound_data):
     expected = {f"{m}_{t}" for m in ("class_acc", "artifact_acc") for t in D.ULTRASOUND_TESTS}
     expected |= {"false_malignant_with_artifact", "train_seconds"}
     expected |= {f"probe_{k}_{s}" for k in ("label", "artifact") for s in "ab"}
+    within = {f"probe_artifact_a_{name}" for name in ("normal", "benign", "malignant")}
     if kind == "disentangle":
         expected |= {"adv_acc_a", "adv_acc_b"}
-    assert set(metrics) == expected
-    assert all(0.0 <= v <= 1.0 for k, v in metrics.items() if k != "train_seconds")
+    assert set(metrics) == expected | within
+    assert all(0.0 <= v <= 1.0 for k, v in metrics.items() if k not in within | {"train_seconds"})
+    for label, name in enumerate(("normal", "benign", "malignant")):  # 40 images: some classes too few for 5 folds
+        flags = Counter(it["artifact"] for it in ultrasound_data["independent"] if it["label"] == label)
+        score = metrics[f"probe_artifact_a_{name}"]
+        assert math.isnan(score) if min(flags[0], flags[1]) < 5 else 0.0 <= score <= 1.0, (name, flags, score)
     with pytest.raises(ValueError, match="reversed"):
         D.ultrasound_experiment(kind, config, data={k: v for k, v in ultrasound_data.items() if k != "reversed"},
                                 device="cpu", progress=False)
@@ -1106,3 +1129,60 @@ def test_adv_fit_accuracy_is_scored_after_the_last_adversary_step(monkeypatch):
     history = D.train_disentangle(model, DataLoader(data, batch_size=50), epochs=1, adv_steps=1, w_adv=1.0,
                                   device="cpu", progress=False)
     assert history["adv_fit_acc_b"] == [pytest.approx(0.75)]
+
+
+@pytest.fixture(scope="module")
+def uclm_root(tmp_path_factory):
+    from tests.fixtures_real import make_bus_uclm
+
+    root = tmp_path_factory.mktemp("uclm")
+    return root, make_bus_uclm(root, patients=12)
+
+
+def test_real_ultrasound_datasets_carry_bus_uclm_flags_split_by_patient(uclm_root):
+    root, info = uclm_root
+    with pytest.warns(UserWarning, match="bus_uclm"):  # the fixture's cropped image and its INFO.csv disagreement
+        data = D.real_ultrasound_datasets("bus_uclm", root, (32, 32), seed=0)
+    assert set(data) == {"train", "test"}
+    assert all(set(item) == {"image", "label", "artifact", "id"} for items in data.values() for item in items)
+    assert data["test"][0]["image"].shape == (1, 32, 32)
+    # every image but the cropped one, once, with the fixture's label and flag
+    truth = info["truth"]
+    found = sorted((it["id"], it["label"], it["artifact"]) for items in data.values() for it in items)
+    assert found == sorted((stem, t["label"], t["artifact"]) for stem, t in truth.items()
+                           if stem not in info["mismatched"])
+    assert len(data["train"]) > len(data["test"]) > 0  # train also holds load_dataset's val split
+    patients = {part: {truth[it["id"]]["patient"] for it in items} for part, items in data.items()}
+    assert not patients["train"] & patients["test"]
+
+
+def test_real_ultrasound_datasets_refuse_a_dataset_without_flags(tmp_path):
+    from tests.fixtures_real import make_busi
+
+    make_busi(tmp_path / "busi")
+    with pytest.warns(UserWarning, match="busi"), \
+            pytest.raises(ValueError, match="busi records no artifact flag per image; use 'bus_uclm'"):
+        D.real_ultrasound_datasets("busi", tmp_path / "busi", (32, 32))
+
+
+@pytest.mark.parametrize("kind", ["shared", "disentangle"])
+def test_ultrasound_experiment_on_real_flags(kind, uclm_root):
+    with pytest.warns(UserWarning, match="bus_uclm"):
+        data = D.real_ultrasound_datasets("bus_uclm", uclm_root[0], (32, 32), seed=0)
+    config = D.disentangle_config("smoke", image_size=(32, 32), batch_size=10)
+    model, history, metrics = D.ultrasound_experiment(kind, config, seed=0, data=data, device="cpu", progress=False)
+    expected = {"class_acc_test", "artifact_acc_test", "class_acc_test_artifact", "class_acc_test_no_artifact",
+                "false_malignant_with_artifact", "train_seconds"}
+    expected |= {f"probe_{k}_{s}" for k in ("label", "artifact") for s in "ab"}
+    expected |= {f"probe_artifact_a_{name}" for name in ("normal", "benign", "malignant")}
+    if kind == "disentangle":
+        expected |= {"adv_acc_a", "adv_acc_b"}
+    assert set(metrics) == expected
+    assert len(history["loss_a"]) == config.epochs
+    # the test accuracy is the flag groups' accuracies weighted by their sizes
+    flags = [it["artifact"] for it in data["test"]]
+    with_flag = sum(flags) / len(flags)
+    groups = (metrics["class_acc_test_artifact"] if with_flag else 0.0) * with_flag
+    groups += (metrics["class_acc_test_no_artifact"] if with_flag < 1 else 0.0) * (1 - with_flag)
+    assert metrics["class_acc_test"] == pytest.approx(groups)
+    assert 0.0 <= metrics["probe_artifact_a"] <= 1.0 and 0.0 <= metrics["probe_label_a"] <= 1.0

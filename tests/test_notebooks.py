@@ -80,3 +80,26 @@ def test_committed_outputs_come_from_a_course_run(path):
     assert re.search(r"\[course\] finished on \w+ in \d+ s", printed), "device and wall time are not printed"
     figures = sum("image/png" in o.get("data", {}) for c in cells for o in c.get("outputs", []))
     assert figures >= 1, f"{path.name} shows no figure"
+
+
+@pytest.mark.slow
+def test_notebook_04_runs_its_ultrasound_section_on_bus_uclm_flags(tmp_path):
+    """nbval runs every notebook on the synthetic data; this runs notebook 04's real-data branch
+    (dataset="bus_uclm": section 4 on the recorded Doppler/caliper flags) on a fixture with
+    BUS-UCLM's layout, in the smoke profile (about a minute)."""
+    from mtlearn.course import run_notebook
+    from tests.fixtures_real import make_bus_uclm
+
+    make_bus_uclm(tmp_path / "data" / "bus_uclm", patients=40)
+    result = run_notebook(NOTEBOOK_DIR / "04_disentanglement.ipynb", tmp_path / "out",
+                          {"profile": "smoke", "dataset": "bus_uclm", "data_root": str(tmp_path / "data")})
+    assert result.ok, result.error
+    record = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert record["dataset"] == "bus_uclm" and record["profile"] == "smoke"
+    ultrasound = record["metrics"]["ultrasound"]
+    assert set(ultrasound) == {"shared", "disentangle"}
+    for metrics in ultrasound.values():
+        assert {"class_acc_test_artifact", "class_acc_test_no_artifact", "probe_artifact_a",
+                "probe_artifact_a_normal", "probe_artifact_a_benign", "probe_artifact_a_malignant"} <= set(metrics)
+        assert "class_acc_reversed" not in metrics  # the synthetic test sets do not exist for real data
+    assert (tmp_path / "out" / "ultrasound_accuracy.png").is_file()
