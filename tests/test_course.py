@@ -46,6 +46,13 @@ def test_headline_table_shows_a_nan_metric():
     assert "converged" not in headline_table([result])  # a flag is not a number to compare
 
 
+def test_headline_table_rounds_to_three_digits_and_shows_the_first_six_metrics():
+    """One readable line per notebook: 0.333, not 0.3333333333333333, and at most six numbers."""
+    metrics = {f"m{i}": 1 / 3 + i for i in range(7)}
+    line = headline_table([course.NotebookResult("01_x", None, True, 1.0, metrics={"metrics": metrics})])
+    assert "m0=0.333, m1=1.33, m2=2.33, m3=3.33, m4=4.33, m5=5.33" in line and "m6" not in line
+
+
 CONTRACT = """from mtlearn.notebook import start
 run = start("04_contract", profile=profile, dataset="synthetic", data_root=None, seed=seed, device="cpu",
             out_dir=out_dir, verbose=False)
@@ -59,6 +66,14 @@ def test_a_notebook_using_the_contract_runs_where_its_executed_copy_is_written(t
     assert result.ok, result.error
     assert result.metrics["metrics"] == {"dice": 0.5} and result.metrics["seed"] == 1
     assert (tmp_path / "out" / "04_contract.ipynb").exists()
+
+
+def test_the_notebook_writes_beside_its_executed_copy_whatever_the_parameters_say(tmp_path):
+    """An out_dir among the parameters must not send the figures and metrics.json away from the executed copy."""
+    nb = write_notebook(tmp_path / "01_good.ipynb", GOOD)
+    result = run_notebook(nb, tmp_path / "out", {"seed": 0, "out_dir": str(tmp_path / "elsewhere")})
+    assert result.ok, result.error
+    assert (tmp_path / "out" / "metrics.json").exists() and not (tmp_path / "elsewhere").exists()
 
 
 FIGURE_THEN_METRICS = """import json, pathlib
@@ -237,6 +252,56 @@ def test_command_line_runs_each_notebook_into_its_profile_folder_and_fails_on_a_
     assert timeouts[-1] is None  # paper-scale training cells may run for hours
     assert main(["--out", str(out), "--only", "00", "--cell-timeout", "90"]) == 0 and timeouts[-1] == 90
     assert main(["--out", str(out), "--only", "00", "--cell-timeout", "0"]) == 0 and timeouts[-1] is None
+
+
+def test_command_line_defaults_to_the_course_profile_with_an_hour_per_cell(tmp_path, monkeypatch):
+    """The main job with no options: the course profile, its folder, and a cell limit that stops a hung kernel."""
+    from mtlearn.course import NotebookResult, main
+
+    calls = []
+
+    def fake_run(nb, out_dir, parameters, cell_timeout):
+        calls.append((out_dir, parameters, cell_timeout))
+        return NotebookResult(nb.stem, out_dir, True, 1.0, metrics={"metrics": {"dice": 0.5}})
+
+    monkeypatch.setattr(course, "run_notebook", fake_run)
+    monkeypatch.delenv("MTLEARN_PROFILE", raising=False)
+    assert main(["--out", str(tmp_path), "--only", "00"]) == 0
+    [(out_dir, parameters, cell_timeout)] = calls
+    assert out_dir.name == "course" and parameters["profile"] == "course" and cell_timeout == 3600
+
+
+def test_command_line_only_matches_the_start_of_a_name_and_names_a_miss(tmp_path, monkeypatch, capsys):
+    """--only 0 means notebooks 00-09, not 10 too; a filter matching nothing is an error, not an empty green run."""
+    from mtlearn.course import NotebookResult, main
+
+    monkeypatch.setattr(course, "course_notebooks", lambda: [tmp_path / f"{n}.ipynb" for n in ("00_a", "01_b", "10_c")])
+    ran = []
+
+    def fake_run(nb, out_dir, parameters, cell_timeout):
+        ran.append(nb.stem)
+        return NotebookResult(nb.stem, out_dir, True, 1.0)
+
+    monkeypatch.setattr(course, "run_notebook", fake_run)
+    assert main(["--profile", "smoke", "--out", str(tmp_path / "out"), "--only", "0"]) == 0
+    assert ran == ["00_a", "01_b"]
+    with pytest.raises(SystemExit) as stop:
+        main(["--profile", "smoke", "--out", str(tmp_path / "out"), "--only", "99"])
+    assert stop.value.code == 2 and ran == ["00_a", "01_b"]
+    assert "no notebook matches ['99']; available: ['00_a', '01_b', '10_c']" in capsys.readouterr().err
+
+
+def test_command_line_says_where_the_failed_run_and_the_previous_one_are(tmp_path, monkeypatch, capsys):
+    """The table only says FAIL: the message says where to look, the failed copy and the run that was kept."""
+    from mtlearn.course import NotebookResult, main
+
+    monkeypatch.setattr(course, "course_notebooks", lambda: [tmp_path / "01_b.ipynb"])
+    staging = tmp_path / "out" / "01_b" / "smoke.partial"
+    monkeypatch.setattr(course, "run_notebook", lambda nb, out_dir, parameters, cell_timeout: NotebookResult(
+        nb.stem, staging, False, 1.0, "cell [3] raised RuntimeError: boom"))
+    assert main(["--profile", "smoke", "--out", str(tmp_path / "out")]) == 1
+    assert (f"01_b failed: cell [3] raised RuntimeError: boom (executed copy: {staging / '01_b.ipynb'}; the previous "
+            f"run, if any, is kept in {tmp_path / 'out' / '01_b' / 'smoke'})") in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("value", ["-5", "nan", "inf"])

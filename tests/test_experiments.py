@@ -74,10 +74,30 @@ def test_bad_grid_arguments():
     assert _parse_set("size=(64,64),(96,96)") == ("size", [(64, 64), (96, 96)])
 
 
+def test_grid_without_notebooks_is_an_error():
+    """An empty grid would "finish" at once with no runs and an empty table."""
+    with pytest.raises(ValueError, match="the grid needs at least one notebook"):
+        grid([], {}, seeds=[0], profile="smoke")
+
+
+def test_set_splits_at_the_first_equals_sign_and_needs_a_name():
+    """A value may hold "=" itself; a missing name would only fail later, as an unknown parameter ''."""
+    assert _parse_set("tag=a=b") == ("tag", ["a=b"])
+    with pytest.raises(argparse.ArgumentTypeError, match="needs a name and at least one value"):
+        _parse_set("=1")
+
+
 def test_a_parameter_the_notebook_lacks_is_refused(notebooks):
     """papermill would only warn and run the defaults: a grid of identical runs, labelled as different."""
     with pytest.raises(ValueError, match=r"01_a has no parameter \['scael'\]; its parameters: .*'scale'"):
         grid(notebooks, {"scael": [1, 2]}, seeds=[0], profile="smoke")
+
+
+def test_every_notebook_of_the_grid_must_have_the_swept_parameter(notebooks):
+    """A parameter only the first notebook has would give the second a grid of identical default runs."""
+    notebooks[0].write_text(notebooks[0].read_text().replace("scale = 1", "scale = 1\\nwidth = 8"))
+    with pytest.raises(ValueError, match=r"02_b has no parameter \['width'\]"):
+        grid(notebooks, {"width": [8, 16]}, seeds=[0], profile="smoke")
 
 
 @pytest.mark.parametrize("parameters, message", [
@@ -109,6 +129,15 @@ def test_grid_refuses_text_where_the_notebook_has_a_list_a_number_or_a_switch(no
     ]:
         with pytest.raises(ValueError, match=message):
             grid(notebooks[:1], parameters, seeds=[0], profile="smoke")
+
+
+def test_grid_checks_every_value_and_a_tuple_default_too(notebooks):
+    """Text anywhere in the sweep fails before the first run, also where the default is a tuple (an image size)."""
+    notebooks[0].write_text(notebooks[0].read_text().replace("scale = 1", "scale = 1\\nsize = (64, 64)"))
+    with pytest.raises(ValueError, match=r"'scale' takes a number \(its default: 1\); 'big' is text"):
+        grid(notebooks[:1], {"scale": [1, 2, "big"]}, seeds=[0], profile="smoke")
+    with pytest.raises(ValueError, match=r"'size' takes a list \(its default: \(64, 64\)\); '96' is text"):
+        grid(notebooks[:1], {"size": [(32, 32), "96"]}, seeds=[0], profile="smoke")
 
 
 @pytest.mark.parametrize("text", ["size=(64,64", "weightings=[fixed],[pcgrad]"])
@@ -278,6 +307,16 @@ def test_a_finished_run_of_other_parameters_in_the_folder_is_not_complete(notebo
     assert spec.is_complete(tmp_path)
 
 
+def test_a_finished_run_on_another_dataset_is_not_complete(notebooks, tmp_path):
+    """A dataset=busi folder holding a synthetic run (copied in, or renamed) must run again, not be skipped."""
+    notebooks[0].write_text(notebooks[0].read_text().replace("scale = 1", "scale = 1\\ndataset = 'synthetic'"))
+    spec = grid(notebooks[:1], {"dataset": ["busi"]}, seeds=[0], profile="smoke")[0]
+    folder = _finished_run(spec.folder(tmp_path), RECORD)  # RECORD's dataset: synthetic
+    assert not spec.is_complete(tmp_path)
+    (folder / "metrics.json").write_text(json.dumps(dict(RECORD, dataset="busi")))
+    assert spec.is_complete(tmp_path)
+
+
 def test_command_line_names_an_out_that_is_a_file(notebooks, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(experiments, "course_notebooks", lambda: notebooks)
     (tmp_path / "grid").write_text("not a folder")
@@ -301,3 +340,16 @@ def test_command_line_refuses_a_repeated_set(notebooks, tmp_path, monkeypatch, c
         main(["--notebooks", "01", "--set", "lr=1", "--set", "lr=2", "--out", str(tmp_path)])
     assert stop.value.code == 2
     assert "--set lr given more than once; list the values in one --set" in capsys.readouterr().err
+
+
+def test_command_line_refuses_a_bad_profile_and_notebooks_that_match_nothing(notebooks, tmp_path, monkeypatch, capsys):
+    """Both are usage errors before any run: not a grid of runs that each fail, nor a match inside a name."""
+    monkeypatch.setattr(experiments, "course_notebooks", lambda: notebooks)
+    monkeypatch.setattr(experiments, "run_notebook", lambda *a, **k: pytest.fail("a run started"))
+    with pytest.raises(SystemExit) as stop:
+        main(["--notebooks", "01", "--profile", "fast", "--out", str(tmp_path / "grid")])
+    assert stop.value.code == 2 and "unknown profile 'fast'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stop:  # "1" is not the start of 01_a's name
+        main(["--notebooks", "1", "--out", str(tmp_path / "grid")])
+    assert stop.value.code == 2
+    assert f"no notebook in {tmp_path} matches ['1']" in capsys.readouterr().err

@@ -41,6 +41,22 @@ def test_bogus_profile_from_environment_names_the_variable(monkeypatch):
         resolve_profile(None)
 
 
+def test_an_empty_profile_is_an_error_not_the_default(monkeypatch):
+    """`-p profile ""` was set, to nothing: it must fail, not quietly run $MTLEARN_PROFILE's (or course's) settings."""
+    monkeypatch.setenv("MTLEARN_PROFILE", "smoke")
+    with pytest.raises(ValueError, match=r"unknown profile '' \(from the profile parameter\)"):
+        resolve_profile("")
+
+
+def test_bogus_profile_says_what_each_profile_is_for():
+    """The names alone do not say which one to pick: the message tells what each profile runs."""
+    from mtlearn.notebook import PROFILE_HELP
+
+    with pytest.raises(ValueError) as info:
+        resolve_profile("fast")
+    assert all(f"{p!r}: {PROFILE_HELP[p]}" in str(info.value) for p in PROFILES)
+
+
 def start_here(tmp_path, **overrides):
     params = dict(profile="smoke", dataset="synthetic", data_root=None, seed=0, device="cpu",
                   out_dir=tmp_path / "out", verbose=False)
@@ -65,6 +81,20 @@ def test_data_root_given_as_the_dataset_folder_names_its_parent(tmp_path):
 def test_unknown_dataset_lists_the_choices(tmp_path):
     with pytest.raises(ValueError, match="synthetic"):
         start_here(tmp_path, dataset="imagenet")
+
+
+def test_a_real_dataset_is_not_blamed_on_masks_where_no_segmentation_is_trained(tmp_path):
+    """The lesion-mask reason is only true where the notebook accepts the masked datasets."""
+    with pytest.raises(ValueError) as info:
+        start_here(tmp_path, dataset="breastmnist", datasets=("synthetic",))
+    assert "lesion masks" not in str(info.value) and "choose one of ('synthetic',)" in str(info.value)
+
+
+def test_generated_datasets_need_no_data_folder(tmp_path, monkeypatch):
+    """shapes is generated like synthetic: no download, no folder looked up, whatever $MTLEARN_DATA says."""
+    monkeypatch.setenv("MTLEARN_DATA", str(tmp_path / "nowhere"))
+    for dataset in ("synthetic", "shapes"):
+        assert start_here(tmp_path, dataset=dataset, datasets=("synthetic", "shapes")).data_root is None
 
 
 def test_run_writes_metrics_and_figures(tmp_path):
@@ -94,6 +124,16 @@ def test_figure_names_keep_their_dots_and_a_saved_name_is_replaced(tmp_path):
     assert sorted(p.name for p in (tmp_path / "out").glob("*.png")) == run.figures
     with pytest.raises(ValueError, match="plain file name"):
         run.save_figure(fig, "../elsewhere")
+
+
+def test_a_figure_needs_a_name(tmp_path):
+    """A name of "" or ".png" would save a hidden `out_dir/.png` that no listing of the figures shows."""
+    run = start_here(tmp_path)
+    fig, ax = plt.subplots()
+    for name in ("", ".png"):
+        with pytest.raises(ValueError, match="figure name must be a plain file name"):
+            run.save_figure(fig, name)
+    assert run.figures == [] and list((tmp_path / "out").iterdir()) == []
 
 
 def test_pick_chooses_by_profile_and_needs_every_profile(tmp_path):
@@ -167,6 +207,7 @@ def test_names_takes_a_list_of_distinct_known_names_and_names_each_mistake(tmp_p
     (float("nan"), dict(minimum=0), r"must be a number >= 0, got nan"),
     (None, dict(minimum=1, integer=True), r"must be an integer >= 1, got None"),
     (0, dict(minimum=1, integer=True, none=True), r"must be an integer >= 1 or None, got 0"),
+    (float("inf"), dict(minimum=0), r"must be a number >= 0, got inf"),  # inf >= 0: a finite check, not the range
 ])
 def test_number_names_the_parameter_and_its_range(tmp_path, value, kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -262,6 +303,12 @@ def test_start_seeds_every_generator(tmp_path):
     assert draws[0] == draws[1]
 
 
+def test_a_numpy_seed_becomes_a_plain_int(tmp_path):
+    """A seed from np.arange (a sweep inside a notebook) must not leak a NumPy type into what the notebook saves."""
+    run = start_here(tmp_path, seed=np.int64(3))
+    assert type(run.seed) is int and json.dumps({"seed": run.seed}) == '{"seed": 3}'
+
+
 def test_data_root_resolves_to_the_dataset_folder(tmp_path):
     from data_fetch import get_source
 
@@ -270,6 +317,16 @@ def test_data_root_resolves_to_the_dataset_folder(tmp_path):
     run = start_here(tmp_path, dataset="busi", data_root=tmp_path / "data")
     assert run.data_root == folder  # load_dataset's root: the dataset's own folder
     assert start_here(tmp_path, dataset="synthetic").data_root is None
+
+
+def test_data_root_may_start_with_a_tilde(tmp_path, monkeypatch):
+    """data_root="~/data" as typed in a parameters cell: the home folder, not a folder called "~"."""
+    from data_fetch import get_source
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    folder = tmp_path / "data" / get_source("busi").folder
+    (folder / "benign").mkdir(parents=True)
+    assert start_here(tmp_path, dataset="busi", data_root="~/data").data_root == folder
 
 
 def test_flatten_metrics_joins_keys_and_leaves_lists_out():
@@ -286,6 +343,13 @@ def test_nan_inside_lists_and_arrays_is_warned_about_by_position(tmp_path):
     with pytest.warns(RuntimeWarning, match=r"\['loss\[0\]', 'loss\[1\]', 'loss\[2\]', 'loss\[3\]', 'loss\[4\]', "
                                              r"'\.\.\. 9 in all'\]"):  # a long list: the first five and the count
         start_here(tmp_path, out_dir=tmp_path / "again").finish({"loss": [float("nan")] * 9})
+
+
+def test_up_to_six_non_finite_metrics_are_all_named(tmp_path):
+    """The list is cut short only past six names: six broken metrics are all named."""
+    names = [f"m{i}" for i in range(6)]
+    with pytest.warns(RuntimeWarning, match=re.escape(f"metrics {names} are NaN or inf")):
+        start_here(tmp_path).finish(dict.fromkeys(names, float("nan")))
 
 
 def test_a_nan_numpy_float32_metric_is_warned_about(tmp_path):
