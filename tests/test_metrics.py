@@ -300,6 +300,15 @@ def test_reset_forgets_the_classification_batches_too():
     assert m["cls/auc"] == pytest.approx(roc_auc_score(labels, (logits[:, 1] - logits[:, 0]).numpy()))
 
 
+def _sync_in_one_process_group(acc, tmp_path):
+    """acc.sync() inside a real one-process gloo group (a test may have patched the collectives first)."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        acc.sync()
+    finally:
+        dist.destroy_process_group()
+
+
 def test_sync_in_a_one_process_group_keeps_the_values(tmp_path):
     acc = MetricAccumulator(("seg", "cls"))
     mask = torch.zeros(2, 1, 8, 8)
@@ -307,11 +316,7 @@ def test_sync_in_a_one_process_group_keeps_the_values(tmp_path):
     acc.update({"seg": _seg_logits(mask), "cls": torch.tensor([[2.0, 0, 0], [0, 0, 2.0]])},
                {"mask": mask, "label": torch.tensor([0, 2])})
     before = acc.compute()
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
-    try:
-        acc.sync()
-    finally:
-        dist.destroy_process_group()
+    _sync_in_one_process_group(acc, tmp_path)
     assert acc.compute() == before
 
 
@@ -330,13 +335,9 @@ def test_sync_adds_the_sums_and_counts_of_every_process(tmp_path, monkeypatch):
     def all_gather_object(object_list, obj, *args, **kwargs):
         object_list[:] = [obj, obj]
 
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
-    try:
-        monkeypatch.setattr(dist, "all_reduce", all_reduce)
-        monkeypatch.setattr(dist, "all_gather_object", all_gather_object)
-        acc.sync()
-    finally:
-        dist.destroy_process_group()
+    monkeypatch.setattr(dist, "all_reduce", all_reduce)
+    monkeypatch.setattr(dist, "all_gather_object", all_gather_object)
+    _sync_in_one_process_group(acc, tmp_path)
     assert acc.counts == {k: 2 * v for k, v in counts.items()} and counts["seg/dice"] == 2
     assert acc.sums == {k: 2 * v for k, v in sums.items()}
     assert (acc.confusion_matrix() == 2 * confusion).all() and len(acc.labels) == 4
@@ -375,11 +376,7 @@ def test_sync_reduces_every_key_any_process_has(tmp_path, monkeypatch):
         # the other process: three images of Dice and IoU 0, loss sum 1.2 over those three
         tensor.add_(torch.tensor([[0.0, 3.0], [0.0, 3.0], [1.2, 3.0]], dtype=tensor.dtype))
 
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
-    try:
-        monkeypatch.setattr(dist, "all_reduce", all_reduce)
-        monkeypatch.setattr(dist, "all_gather_object", all_gather_object)
-        acc.sync()
-    finally:
-        dist.destroy_process_group()
+    monkeypatch.setattr(dist, "all_reduce", all_reduce)
+    monkeypatch.setattr(dist, "all_gather_object", all_gather_object)
+    _sync_in_one_process_group(acc, tmp_path)
     assert acc.compute() == pytest.approx({"seg/dice": 1 / 4, "seg/iou": 1 / 4, "seg/loss": 0.4})
