@@ -15,6 +15,11 @@ from PIL import Image
 
 SIZE = (40, 48)  # (H, W) of the fake images
 
+# The fixtures reproduce the archives' quirks on purpose (a BUSI image without its mask, a BUS-UCLM mask of
+# another size, an INFO.csv that disagrees with the mask), and every load reports them in a UserWarning; a
+# pytest.mark.filterwarnings filter for tests that are about something else.
+QUIRK_REPORTS = r"ignore:(busi|bus_uclm). \d+ (note|image/mask pair):UserWarning"
+
 
 def random_image(rng: np.random.Generator, size=SIZE) -> np.ndarray:
     """(H, W) uint8 blocky random picture: different seeds give clearly different perceptual hashes."""

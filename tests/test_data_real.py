@@ -22,6 +22,7 @@ from mtlearn.data.splits import (
     split_by_group,
 )
 from tests.fixtures_real import (
+    QUIRK_REPORTS,
     make_breastmnist,
     make_bus_bra,
     make_bus_uclm,
@@ -32,6 +33,10 @@ from tests.fixtures_real import (
 )
 
 SIZE = 32  # image_size for the tests: the fixtures are 40 x 48
+
+# The tests about the quirk reports catch them with pytest.warns (which sees ignored warnings too); the
+# others need not print them by the dozen.
+pytestmark = pytest.mark.filterwarnings(QUIRK_REPORTS)
 
 
 @pytest.fixture(scope="module")
