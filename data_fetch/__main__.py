@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 from pathlib import Path
 
@@ -49,9 +50,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"data_fetch: {error}", file=sys.stderr)
         return 1
     except OSError as error:  # the destination: a file where a folder should be, no permission, disk full
-        where = error.filename or args.dest or "the data folder"
-        print(f"data_fetch: cannot write to {where} ({error.strerror or error}); choose another --dest",
-              file=sys.stderr)
+        where = error.filename or args.dest or dataset_dir(args.name)
+        remedy = "free some space or choose another --dest" if error.errno in (errno.ENOSPC, errno.EDQUOT) else (
+            "choose another --dest")
+        print(f"data_fetch: cannot write to {where} ({error.strerror or error}); {remedy}", file=sys.stderr)
         return 1
     print(f"{args.name} is ready in {folder}")
     return 0

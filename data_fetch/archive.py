@@ -3,7 +3,9 @@
 A member named `../../.bashrc` or `/etc/passwd` ("zip slip") would write outside the dataset
 folder. Every name is checked before a single byte is written, so a bad archive leaves nothing.
 Some hosts (Mendeley Data, for BUS-UCLM) wrap the dataset's own zip inside the download: zips
-found in the archive are unpacked next to themselves, one level deep, with the same checks.
+found in the archive are unpacked next to themselves, one level deep, and their names are checked
+too, before the outer archive is unpacked. The `._*` files a Mac adds under `__MACOSX/` are not
+zips, whatever their names end with, and are left as they are.
 """
 
 from __future__ import annotations
@@ -24,40 +26,67 @@ def extract_zip(archive: Path, target: Path, nested: bool = True) -> list[str]:
     """Unpack `archive` into `target` (created if needed); return the member names, relative to
     `target` (those of nested zips included).
 
-    Raises UnsafeArchiveError, before extracting anything, if a member name is absolute, climbs
-    out of `target` with "..", or would overwrite the archive itself; FetchError if the archive
-    cannot be read.
+    Raises UnsafeArchiveError, before extracting anything, if a member name (of the archive or of a
+    zip inside it) is absolute, climbs out of its folder with "..", or would overwrite its own
+    archive; FetchError if the archive, or a zip inside it, cannot be read.
     """
     archive, target = Path(archive), Path(target)
+    inner_zips = []
     try:
         with zipfile.ZipFile(archive) as zf:
             names = zf.namelist()
             for name in names:
                 _check_member(name, archive, target)
+            inner_zips = [name for name in names if _is_wrapped_zip(name)] if nested else []
+            for name in inner_zips:
+                _check_inner_zip(zf, name, archive, target)
             target.mkdir(parents=True, exist_ok=True)
             zf.extractall(target)
     except (zipfile.BadZipFile, EOFError, zlib.error) as error:
         raise FetchError(f"{archive} is not a readable zip archive ({error}); delete it and fetch again") from None
-    if nested:
-        for name in list(names):
-            if name.lower().endswith(".zip"):
-                inner = target / name
-                parent = PurePosixPath(name.replace("\\", "/")).parent
-                names += [str(parent / member) for member in extract_zip(inner, inner.parent, nested=False)]
+    for name in inner_zips:
+        inner = target / name
+        parent = PurePosixPath(name.replace("\\", "/")).parent
+        names += [str(parent / member) for member in extract_zip(inner, inner.parent, nested=False)]
     return names
 
 
-def _check_member(name: str, archive: Path, target: Path) -> None:
+def _is_wrapped_zip(name: str) -> bool:
+    """A zip to unpack in turn: `.zip` at the end, and not a Mac's resource-fork debris
+    (`__MACOSX/dataset/._BUS-UCLM.zip` is a few hundred bytes of metadata, not an archive)."""
+    path = PurePosixPath(name.replace("\\", "/"))
+    return path.suffix.lower() == ".zip" and "__MACOSX" not in path.parts and not path.name.startswith("._")
+
+
+def _check_inner_zip(zf: zipfile.ZipFile, name: str, archive: Path, target: Path) -> None:
+    """Check the member names of the zip `name` inside `zf` where it will be unpacked, without
+    writing it out first (ZipFile reads its directory from the compressed stream)."""
+    inner_path = target / name
+    try:
+        with zf.open(name) as stream, zipfile.ZipFile(stream) as inner:
+            for member in inner.namelist():
+                _check_member(member, inner_path, inner_path.parent, within=archive.name)
+    except (zipfile.BadZipFile, EOFError, zlib.error) as error:
+        raise FetchError(
+            f"{name} inside {archive} is not a readable zip archive ({error}); nothing was extracted. Delete "
+            f"{archive.name} and fetch again; if it happens again, unpack it by hand"
+        ) from None
+
+
+def _check_member(name: str, archive: Path, target: Path, within: str | None = None) -> None:
+    """Refuse a member `name` of `archive` (itself inside the archive `within`, if given) that would be
+    written outside `target` or over `archive`."""
+    label = archive.name + (f" (inside {within})" if within else "")
     path = PurePosixPath(name.replace("\\", "/"))
     drive_letter = re.match(r"^[A-Za-z]:", name) is not None
     escapes = not (target / path).resolve().is_relative_to(target.resolve())
     if path.is_absolute() or drive_letter or ".." in path.parts or escapes:
         raise UnsafeArchiveError(
-            f"refusing to unpack {archive.name}: member {name!r} would be written outside {target} "
+            f"refusing to unpack {label}: member {name!r} would be written outside {target} "
             "(absolute path or '..'); the archive is damaged or malicious, nothing was extracted"
         )
     if (target / path).resolve() == archive.resolve():
         raise UnsafeArchiveError(
-            f"refusing to unpack {archive.name}: member {name!r} would overwrite the archive itself while it is "
+            f"refusing to unpack {label}: member {name!r} would overwrite the archive itself while it is "
             f"being read; unpack it by hand into another folder, then point the loader at that folder"
         )

@@ -13,6 +13,7 @@ How, and why:
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import http.client
 import os
@@ -27,6 +28,8 @@ RETRIES = 4  # attempts after the first one
 BACKOFF_SECONDS = 2.0  # wait 2, 4, 8, 16 s between attempts
 TIMEOUT_SECONDS = 60.0  # per network read
 CHUNK_BYTES = 1 << 16
+# Errors of this machine's disk, not of the host: asking the host again cannot help.
+LOCAL_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
 
 
 class FetchError(RuntimeError):
@@ -117,9 +120,9 @@ def download_file(
         try:
             _transfer(url, part, progress)
             break
-        except (PermissionError, IsADirectoryError, NotADirectoryError):
-            raise  # a problem with the local folder, not with the host: retrying will not help
         except (OSError, http.client.HTTPException) as error:  # URLError, timeouts, dropped connections
+            if _local_write_error(error):
+                raise  # the folder or the disk (no permission, disk full), not the host: retrying will not help
             if attempt == retries or not _worth_retrying(error):
                 raise DownloadError(f"{type(error).__name__}: {error}") from error
             time.sleep(BACKOFF_SECONDS * 2**attempt)
@@ -170,6 +173,14 @@ def _range_start(content_range: str | None) -> int | None:
     """'bytes 100-199/200' -> 100."""
     match = re.match(r"bytes (\d+)-", content_range or "")
     return int(match.group(1)) if match else None
+
+
+def _local_write_error(error: Exception) -> bool:
+    """Whether writing the `.part` file failed on this machine: no permission, a file where a folder
+    should be, disk full, over quota, read-only file system."""
+    if isinstance(error, (PermissionError, IsADirectoryError, NotADirectoryError)):
+        return True
+    return isinstance(error, OSError) and error.errno in LOCAL_WRITE_ERRNOS
 
 
 def _worth_retrying(error: Exception) -> bool:

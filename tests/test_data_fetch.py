@@ -1,8 +1,10 @@
 """data_fetch against a local HTTP server: resume, retries, checksums, markers, unsafe archives."""
 
+import errno
 import hashlib
 import io
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -92,7 +94,8 @@ def no_backoff(monkeypatch):
 
 def test_download_and_second_fetch_downloads_nothing(server, tmp_path):
     server.files["/breastmnist.npz"] = PAYLOAD
-    folder = fetch("breastmnist", dest=tmp_path, url=server.url + "/breastmnist.npz", known_hash=sha256(PAYLOAD), progress=False)
+    url = server.url + "/breastmnist.npz"
+    folder = fetch("breastmnist", dest=tmp_path, url=url, known_hash=sha256(PAYLOAD), progress=False)
     assert folder == tmp_path and (tmp_path / "breastmnist.npz").read_bytes() == PAYLOAD
     assert not (tmp_path / "breastmnist.npz.part").exists()
     assert "mtlearn-data_fetch" in server.requests[0][2]  # identifies itself
@@ -153,10 +156,35 @@ def test_escaping_member_of_a_nested_zip_is_refused(server, tmp_path):
     outer = zip_bytes({"dataset/BUS-UCLM.zip": inner})
     server.files["/uclm.zip"] = outer
     dest = tmp_path / "dest"
-    with pytest.raises(UnsafeArchiveError, match="refusing to unpack BUS-UCLM.zip"):
+    with pytest.raises(UnsafeArchiveError, match=r"refusing to unpack BUS-UCLM.zip \(inside .*\): member '../../evil"):
         fetch("bus_uclm", dest=dest, url=server.url + "/uclm.zip", known_hash=sha256(outer), progress=False)
     assert not (tmp_path / "evil.txt").exists() and not (dest / "evil.txt").exists()
-    assert not (dest / ".bus_uclm.complete").exists()
+    # the inner names are checked before the outer archive is unpacked: only the download is there
+    assert [path.name for path in dest.iterdir()] == [data_fetch.SOURCES["bus_uclm"].filename]
+
+
+def test_mac_resource_forks_named_zip_are_not_unpacked(tmp_path):
+    """A zip made on a Mac carries `__MACOSX/.../._X.zip` metadata files: not archives, so not unpacked."""
+    from data_fetch.archive import extract_zip
+
+    inner = zip_bytes({"BUS-UCLM/INFO.csv": b"x"})
+    debris = b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        "  # AppleDouble header
+    outer = tmp_path / "outer.zip"
+    outer.write_bytes(zip_bytes({"dataset/BUS-UCLM.zip": inner, "__MACOSX/dataset/._BUS-UCLM.zip": debris,
+                                 "dataset/._other.zip": debris}))
+    names = extract_zip(outer, tmp_path / "dest")
+    assert "dataset/BUS-UCLM/INFO.csv" in names and (tmp_path / "dest/dataset/BUS-UCLM/INFO.csv").is_file()
+    assert (tmp_path / "dest/__MACOSX/dataset/._BUS-UCLM.zip").read_bytes() == debris
+
+
+def test_unreadable_zip_inside_the_download_names_both_and_extracts_nothing(tmp_path):
+    from data_fetch.archive import extract_zip
+
+    outer = tmp_path / "uclm.zip"
+    outer.write_bytes(zip_bytes({"dataset/BUS-UCLM.zip": b"not a zip at all", "dataset/readme.txt": b"r"}))
+    with pytest.raises(data_fetch.FetchError, match="dataset/BUS-UCLM.zip inside .*uclm.zip is not a readable zip"):
+        extract_zip(outer, tmp_path / "dest")
+    assert not (tmp_path / "dest").exists()
 
 
 def test_member_that_would_overwrite_the_archive_is_refused(tmp_path):
@@ -397,6 +425,32 @@ def test_local_folder_errors_are_raised_at_once_not_retried(server, tmp_path):
         download_file(server.url + "/data.npz", tmp_path / "a_file" / "data.npz", sha256(PAYLOAD), progress=False,
                       retries=3)
     assert len(server.requests) == 1
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT, errno.EROFS])
+def test_a_full_or_read_only_disk_is_raised_at_once_not_retried(server, tmp_path, monkeypatch, code):
+    """Disk full, over quota, read-only: the host is fine, so no retries and no manual-download advice."""
+    calls = []
+
+    def disk_fails(url, part, progress):
+        calls.append(url)
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(data_fetch.download, "_transfer", disk_fails)
+    with pytest.raises(OSError) as error:
+        download_file(server.url + "/data.npz", tmp_path / "data.npz", progress=False, retries=3)
+    assert error.value.errno == code and not isinstance(error.value, DownloadError) and len(calls) == 1
+
+
+def test_command_line_says_the_disk_is_full_and_what_to_do(tmp_path, monkeypatch, capsys):
+    def disk_full(url, part, progress):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(data_fetch.download, "_transfer", disk_full)
+    assert main(["busi", "--dest", str(tmp_path / "busi"), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert f"cannot write to {tmp_path / 'busi'} (No space left on device)" in err
+    assert "free some space or choose another --dest" in err and "by hand" not in err
 
 
 @pytest.mark.parametrize("code", [403, 404])
