@@ -103,3 +103,21 @@ def test_notebook_04_runs_its_ultrasound_section_on_bus_uclm_flags(tmp_path):
                 "probe_artifact_a_normal", "probe_artifact_a_benign", "probe_artifact_a_malignant"} <= set(metrics)
         assert "class_acc_reversed" not in metrics  # the synthetic test sets do not exist for real data
     assert (tmp_path / "out" / "ultrasound_accuracy.png").is_file()
+
+
+@pytest.mark.slow
+def test_notebook_06_ends_with_an_error_naming_the_failed_grid_runs(tmp_path):
+    """A failed grid run is recorded and the others go on, but the notebook must not report success:
+    `make course` and CI read its exit status. Its metrics are still written (about 30 s)."""
+    from mtlearn.course import run_notebook
+
+    grid_values = {"weightings": [["fixed"], ["bogus"]], "num_seeds": [1]}
+    result = run_notebook(NOTEBOOK_DIR / "06_experiments.ipynb", tmp_path / "out",
+                          {"profile": "smoke", "grid_values": grid_values})
+    assert not result.ok and "RuntimeError: 1 of 2 grid runs failed: " in result.error
+    assert "weightings=['bogus']" in result.error and "error.txt" in result.error
+    record = json.loads((result.out_dir / "metrics.json").read_text())
+    assert (record["metrics"]["ran"], record["metrics"]["failed"]) == (1, 1)
+    errors = list((result.out_dir / "grid").rglob("error.txt"))
+    assert len(errors) == 1 and "bogus" in errors[0].read_text()
+    assert not (tmp_path / "out").exists()  # a failed run never takes the final folder
