@@ -156,10 +156,14 @@ def make_loader(dataset, batch_size: int, train: bool, seed: int, num_workers: i
         generator = torch.Generator().manual_seed(seed)
     elif is_distributed():  # every rank evaluates every world_size-th image: no padding, no duplicates
         dataset = Subset(dataset, range(dist.get_rank(), len(dataset), dist.get_world_size()))
+    # Workers are started afresh every epoch (not persistent): their random generators, which the
+    # augmentation draws from, are then seeded from the loader's state, which a checkpoint saves, so a
+    # resumed run draws what an uninterrupted one would. This process's share decides drop_last: the
+    # whole dataset can be larger than a batch while each process's part is not.
+    images = len(sampler) if sampler is not None else len(dataset)
     return DataLoader(dataset, batch_size=batch_size, shuffle=train and sampler is None, sampler=sampler,
                       generator=generator, num_workers=num_workers, pin_memory=device.type == "cuda",
-                      persistent_workers=num_workers > 0,
-                      drop_last=train and len(dataset) > batch_size)  # no 1-image batch for BatchNorm
+                      drop_last=train and images > batch_size)  # no 1-image batch for BatchNorm
 
 
 def state_digest(*modules: torch.nn.Module) -> str:

@@ -179,3 +179,43 @@ def test_training_order_follows_the_seed_and_evaluation_keeps_every_image_in_ord
     assert all(len(batch) == 4 for batch in order(3)) and len(order(3)) == 2  # no short batch for BatchNorm
     evaluation = make_loader(data, 4, False, 3, 0, torch.device("cpu"))
     assert [batch.tolist() for batch in evaluation] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_a_resumed_run_with_loader_workers_matches_an_uninterrupted_one(num_workers, tmp_path):
+    """Workers draw the augmentation from generators seeded by the loader: a resumed run must seed them
+    as the uninterrupted run did (persistent workers kept epoch 1's, which no checkpoint holds).
+    Constant lr (poly_power 0), so that "2 epochs, then resume to 3" is the same schedule as 3 epochs."""
+    import torch
+
+    from mtlearn.engine import fit
+    from mtlearn.train import make_loader, state_digest
+    from tests.test_engine import ToyData, ToyNet
+
+    def run(out_dir, epochs, resume=False):
+        torch.manual_seed(0)
+        model = ToyNet()
+        loader = make_loader(ToyData(n=16), 4, train=True, seed=0, num_workers=num_workers, device=torch.device("cpu"))
+        fit(model, loader, None, epochs=epochs, lr=1e-2, poly_power=0, device="cpu", seed=0, progress=False,
+            out_dir=out_dir, resume=resume)
+        return state_digest(model)
+
+    uninterrupted = run(tmp_path / "full", 3)
+    run(tmp_path / "resumed", 2)
+    assert run(tmp_path / "resumed", 3, resume=True) == uninterrupted
+
+
+def test_under_torchrun_drop_last_looks_at_this_process_share(monkeypatch):
+    """12 images on 2 processes, batch 8: each process holds 6, one batch each (not none, which would stop
+    fit with 'no batches' although the whole dataset is larger than a batch)."""
+    import torch
+    from torch.utils.data import DistributedSampler, TensorDataset
+
+    import mtlearn.train as train
+
+    monkeypatch.setattr(train, "is_distributed", lambda: True)
+    monkeypatch.setattr(train, "DistributedSampler", lambda dataset, **kw: DistributedSampler(
+        dataset, num_replicas=2, rank=0, **kw))
+    loader = train.make_loader(TensorDataset(torch.zeros(12, 1)), 8, train=True, seed=0, num_workers=0,
+                               device=torch.device("cpu"))
+    assert len(loader) == 1 and len(next(iter(loader))[0]) == 6
