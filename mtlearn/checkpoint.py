@@ -110,13 +110,15 @@ def first_mismatch(error: RuntimeError) -> str:
 # ----------------------------------------------------------------------------- random states
 
 
-def rng_state(loader=None) -> dict:
+def rng_state(loader=None, device: str | torch.device | None = None) -> dict:
     """Every random generator a training epoch draws from, as tensors and numbers only (weights_only-safe).
 
     Keys: "torch" (CPU generator, uint8 tensor), "numpy" ({"keys": (624,) int64 tensor, "pos",
     "has_gauss", "cached_gaussian"}), "python" ([version, list of 625 ints, gauss_next]), "cuda"
     (one uint8 tensor per torchrun process, [] without CUDA), and "loader_generator" /
     "sampler_generator" when `loader` (a DataLoader) shuffles with its own generator.
+    device: the GPU training runs on, whose generator dropout draws from (None: the current one;
+    fit(device="cuda:1") does not make GPU 1 the current one).
     Collective under torchrun (it gathers every GPU's state): every rank must call it.
     """
     np_state = np.random.get_state()
@@ -125,19 +127,19 @@ def rng_state(loader=None) -> dict:
         "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
                   "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
         "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
-        "cuda": _cuda_rng_states(),
+        "cuda": _cuda_rng_states(device),
     }
     for name, generator in _loader_generators(loader).items():
         state[name] = generator.get_state()
     return state
 
 
-def set_rng_state(state: Mapping, loader=None) -> None:
+def set_rng_state(state: Mapping, loader=None, device: str | torch.device | None = None) -> None:
     """Put back the generators `rng_state` saved, so the next draws are those of the saved moment.
 
     state: as `rng_state` returns it, loaded with map_location="cpu" (torch.set_rng_state takes CPU
     tensors only). Each torchrun rank restores its own CUDA state; with another number of processes
-    than the run that saved it, a warning says dropout will differ.
+    than the run that saved it, a warning says dropout will differ. device: as for `rng_state`.
     """
     torch.set_rng_state(state["torch"])
     numpy = state["numpy"]
@@ -148,7 +150,7 @@ def set_rng_state(state: Mapping, loader=None) -> None:
     if state["cuda"] and torch.cuda.is_available():
         world, rank = world_and_rank()
         if len(state["cuda"]) == world:
-            torch.cuda.set_rng_state(state["cuda"][rank])
+            torch.cuda.set_rng_state(state["cuda"][rank], _cuda_device(device))
         else:
             warnings.warn(f"the checkpoint holds the CUDA random state of {len(state['cuda'])} process(es), this "
                           f"run has {world}: dropout and drop-path will differ from an uninterrupted run",
@@ -158,14 +160,20 @@ def set_rng_state(state: Mapping, loader=None) -> None:
             generator.set_state(state[name])
 
 
-def _cuda_rng_states() -> list[Tensor]:
-    """The current GPU's random state, one per process under torchrun (rank k restores its own).
+def _cuda_device(device: str | torch.device | None) -> str | torch.device:
+    """`device` when it is a GPU, else "cuda" (torch's name for the current GPU)."""
+    return device if device is not None and torch.device(device).type == "cuda" else "cuda"
+
+
+def _cuda_rng_states(device: str | torch.device | None = None) -> list[Tensor]:
+    """The random state of the GPU `device` (None: the current one), one per process under torchrun
+    (rank k restores its own).
 
     Collective under torchrun: every rank must call it, so it runs before the rank-0-only save.
     """
     if not torch.cuda.is_available():
         return []
-    state = torch.cuda.get_rng_state()
+    state = torch.cuda.get_rng_state(_cuda_device(device))
     world, _ = world_and_rank()
     if world == 1:
         return [state]

@@ -735,7 +735,7 @@ def _save_game(path: Path, game: dict, options: dict, loader, history: dict, ste
         "adv_optimizer": game["adv_optimizer"].state_dict() if game["adv_optimizer"] is not None else None,
         "joint": game["joint"],  # label-pair counts behind the "prior" target
         "leakage": [side.covariance for side in leakage] if leakage is not None else None,
-        "rng": rng_state(loader),
+        "rng": rng_state(loader, next(game["model"].parameters()).device),
         "history": history, "step": step, "epoch": epoch, "config": options,
     }, path)
 
@@ -754,7 +754,7 @@ def _load_game(path: Path, game: dict, options: dict, loader) -> tuple[dict, int
     if game["leakage"] is not None:
         for side, covariance in zip(game["leakage"], state["leakage"]):
             side.covariance = covariance.to(game["joint"].device) if covariance is not None else None
-    set_rng_state(state["rng"], loader)
+    set_rng_state(state["rng"], loader, next(game["model"].parameters()).device)
     return state["history"], int(state["step"]), int(state["epoch"])
 
 

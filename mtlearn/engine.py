@@ -328,12 +328,19 @@ def _make_config(config: TrainConfig | None, overrides: Mapping[str, Any]) -> Tr
     if config is not None and not isinstance(config, TrainConfig):
         raise TypeError(f"config must be a TrainConfig, got a {type(config).__name__}; pass options as keyword "
                         "arguments (fit(model, loader, epochs=5)) or build one (TrainConfig(epochs=5))")
-    config = copy.deepcopy(config) if config is not None else TrainConfig()
+    # a copy, so that overrides do not change the caller's config; but a weighting instance is the
+    # caller's own, as with fit(weighting=w): its learned weights (and PCGrad's last_cosine) stay readable
+    if config is None:
+        config = TrainConfig()
+    else:
+        config = copy.deepcopy(config, memo={id(config.weighting): config.weighting})
     valid = {f.name for f in dataclasses.fields(TrainConfig)}
     for key, value in overrides.items():
         if key not in valid:
             raise ValueError(f"unknown fit() option {key!r}; valid options are {sorted(valid)}")
         setattr(config, key, value)
+    for f in dataclasses.fields(config):
+        setattr(config, f.name, _python_numbers(getattr(config, f.name)))
     check_int("epochs", config.epochs, 1)
     if not (_is_finite_number(config.lr) and config.lr > 0):  # inf passes `> 0` and trains a NaN model
         raise ValueError(f"lr must be positive and finite (e.g. 1e-4), got {config.lr!r}")
@@ -418,7 +425,13 @@ def fit(model: nn.Module, train_loader, val_loader=None, config: TrainConfig | N
     tasks = check_tasks(config.tasks if config.tasks is not None else _model_tasks(model))
     check_loader("train_loader", train_loader, "torch.utils.data.DataLoader(dataset, batch_size=8, shuffle=True)")
     check_loader("val_loader", val_loader, "torch.utils.data.DataLoader(dataset, batch_size=8)")
-    if len(train_loader) == 0:
+    steps_per_epoch = _length(train_loader)
+    if steps_per_epoch is None:  # the learning-rate schedule and the progress bar need the number of steps
+        dataset = getattr(train_loader, "dataset", train_loader)
+        raise ValueError(f"train_loader has no length (a {type(dataset).__name__} without __len__?); fit needs "
+                         "the number of batches per epoch for its learning-rate schedule: give the dataset a "
+                         "__len__, or use a map-style Dataset")
+    if steps_per_epoch == 0:
         raise ValueError("train_loader yields no batches; check the dataset size and batch_size/drop_last")
     # an empty validation loader: else one epoch trains, then "monitor ... choose one of []". Not under
     # torchrun, where one process's evaluation shard may be empty (evaluate sums over all of them), and
@@ -435,14 +448,19 @@ def fit(model: nn.Module, train_loader, val_loader=None, config: TrainConfig | N
         check_out_dir(out_dir, config.resume)
     if config.seed is not None:
         seed_everything(config.seed)
-    run = _prepare(model, config, tasks, total_steps=config.epochs * len(train_loader))
-    if config.seed is not None and is_distributed() and run.device.type == "cuda":
-        # dropout and drop-path draw from the GPU's generator: one stream per rank, or every rank would
-        # drop the same units (each rank's CUDA state is saved in the checkpoint, so a resume keeps this)
-        torch.cuda.manual_seed(config.seed + dist.get_rank())
+    run = _prepare(model, config, tasks, total_steps=config.epochs * steps_per_epoch)
+    if config.seed is not None and is_distributed():
+        # dropout and drop-path draw from the generator of the device: one stream per rank, or every rank
+        # would drop the same units (each rank's states are saved in its checkpoint, so a resume keeps this).
+        # Only torch's generators: the data order is the sampler's, which must stay the same on every rank.
+        torch.manual_seed(config.seed + dist.get_rank())  # the CPU's generator and every GPU's
     history, start_epoch, best_state = History(monitor=monitor, mode=mode), 0, None
     if config.resume and (out_dir / "last.pt").is_file():
         history, start_epoch = _load_run(run, out_dir / "last.pt", train_loader, config, tasks)
+        if (history.monitor, history.mode) != (monitor, mode):  # best.pt so far was chosen by the old one
+            raise ValueError(f"cannot resume from {out_dir / 'last.pt'} with monitor {monitor!r}: its best.pt was "
+                             f"chosen by {history.monitor!r} ({history.mode}). Resume with "
+                             f"monitor={history.monitor.removeprefix('val/')!r}, or start a new run in another out_dir")
         if (out_dir / "best.pt").is_file():
             try:
                 best_state = load_checkpoint(out_dir / "best.pt")["model"]
@@ -489,7 +507,7 @@ def fit(model: nn.Module, train_loader, val_loader=None, config: TrainConfig | N
         if improved:
             best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
         if out_dir is not None:
-            rng = rng_state(train_loader)  # on every rank: it gathers each GPU's random state
+            rng = rng_state(train_loader, run.device)  # on every rank: it gathers each GPU's random state
             if is_main_process():
                 state = _run_state(run, epoch + 1, history, config, tasks, rng)
                 if improved:
@@ -607,7 +625,7 @@ def _load_run(run: _Run, path: Path, train_loader, config: TrainConfig, tasks) -
     run.weighting.load_state_dict(state["weighting"])
     if run.scaler is not None and state["scaler"]:
         run.scaler.load_state_dict(state["scaler"])
-    set_rng_state(state["rng"], train_loader)
+    set_rng_state(state["rng"], train_loader, run.device)
     return History.from_state_dict(state["history"]), int(state["epoch"])
 
 
@@ -647,6 +665,17 @@ def _plain_config(config: TrainConfig, tasks: tuple[str, ...]) -> dict:
         plain[f.name] = value
     plain["tasks"] = list(tasks)
     return plain
+
+
+def _python_numbers(value):
+    """NumPy numbers (fit accepts lr=np.float64(1e-3)) -> Python ones, inside mappings (-> dict), lists
+    and tuples too: torch.load(weights_only=True) refuses a checkpoint that holds NumPy objects, and the
+    options reach it through the optimiser's and the scheduler's state as well as the config."""
+    if isinstance(value, Mapping):
+        return {k: _python_numbers(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_python_numbers(v) for v in value)
+    return value.item() if isinstance(value, np.generic) else value
 
 
 def _train_one_epoch(run: _Run, loader, epoch: int, tasks: tuple[str, ...], bar,

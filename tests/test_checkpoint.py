@@ -250,3 +250,19 @@ def test_each_process_restores_its_own_cuda_state_or_warns(saved_by, world, rank
             warnings.simplefilter("error")  # its own state is there: nothing to warn about
             set_rng_state(state)
         assert len(applied_states) == 1 and applied_states[0] is state["cuda"][applied]
+
+
+@pytest.mark.parametrize("device, used", [(None, "cuda"), ("cpu", "cuda"), ("cuda:1", "cuda:1"),
+                                          (torch.device("cuda:1"), torch.device("cuda:1"))])
+def test_the_cuda_state_is_that_of_the_gpu_training_runs_on(device, used, monkeypatch):
+    """fit(device="cuda:1") leaves GPU 0 the current one: the state saved and restored must be GPU 1's,
+    whose generator its dropout draws from ("cuda": torch's name for the current GPU). Fake GPU, on the CPU."""
+    import mtlearn.checkpoint as checkpoint
+
+    asked = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": asked.append(device) or torch.zeros(8))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda new_state, device="cuda": asked.append(device))
+    monkeypatch.setattr(checkpoint, "world_and_rank", lambda: (1, 0))
+    set_rng_state(rng_state(device=device), device=device)
+    assert asked == [used, used]

@@ -27,7 +27,7 @@ from mtlearn.engine import (
     resolve_amp,
 )
 from mtlearn.metrics import MetricAccumulator
-from mtlearn.weighting import WEIGHTINGS, FixedWeights
+from mtlearn.weighting import WEIGHTINGS, FixedWeights, UncertaintyWeighting
 
 TASKS = ("seg", "cls", "recon")
 
@@ -333,7 +333,9 @@ def test_resume_into_a_longer_run_follows_the_longer_schedule(tmp_path):
 
 @pytest.mark.parametrize("changed, named", [(dict(weighting="dwa"), "weighting: 'fixed' then, 'dwa' now"),
                                             (dict(lr=1e-3), "lr: 0.01 then, 0.001 now"),
-                                            (dict(tasks=("seg", "cls")), "tasks")])
+                                            (dict(tasks=("seg", "cls")), "tasks"),
+                                            (dict(monitor="seg/loss"),
+                                             "with monitor 'val/seg/loss': its best.pt was chosen by 'val/seg/dice'")])
 def test_resume_with_other_options_is_refused_by_name(changed, named, tmp_path):
     train, val = _loaders()
     _fit(ToyNet(), train, val, epochs=1, lr=1e-2, out_dir=tmp_path)
@@ -995,3 +997,51 @@ def test_several_bad_losses_name_the_first_task():
         _fit(ToyNet(), train, None, epochs=1)
     assert (caught.value.epoch, caught.value.step, caught.value.task) == (1, 1, "seg")
     assert "the 'seg' loss is nan" in str(caught.value)
+
+
+def test_numpy_numbers_as_options_give_checkpoints_that_load(tmp_path):
+    """fit accepts NumPy numbers (a learning rate from np.logspace); the checkpoint must still load with
+    weights_only=True, which refuses NumPy objects, and the run must resume."""
+    train, val = _loaders()
+    options = dict(lr=np.logspace(-3, -2, 2)[1], poly_power=np.float32(0.9),
+                   task_weights={"seg": np.float32(1), "cls": np.float64(0.5), "recon": np.float32(1)})
+    _fit(ToyNet(), train, val, epochs=np.int64(1), out_dir=tmp_path, **options)
+    for name in ("best.pt", "last.pt"):
+        config = load_checkpoint(tmp_path / name)["config"]
+        assert type(config["lr"]) is float and type(config["task_weights"]["cls"]) is float
+    history = _fit(ToyNet(), train, val, epochs=np.int64(2), out_dir=tmp_path, resume=True, **options)
+    assert len(history.records) == 2
+
+
+def test_a_weighting_inside_a_train_config_is_the_one_that_learns():
+    """As with fit(weighting=w): the caller's object holds the learned weights afterwards."""
+    weighting = UncertaintyWeighting(TASKS)
+    history = fit(ToyNet(), _loaders()[0], None, TrainConfig(weighting=weighting, epochs=1, lr=1e-2, seed=0,
+                                                             progress=False))
+    assert weighting.log_vars.detach().abs().min() > 0  # every task's weight moved from its start
+    assert history.records[-1]["weight/seg"] != 1.0
+
+
+def test_a_training_loader_without_a_length_is_named():
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter(ToyData())
+
+    with pytest.raises(ValueError, match=r"train_loader has no length \(a Stream without __len__\?\); .* __len__"):
+        fit(ToyNet(), DataLoader(Stream(), batch_size=4), config=TrainConfig(progress=False))
+
+
+def _dropout_state_per_process(rank, store, results):
+    with _one_of_two_processes(rank, store, results):
+        _fit(ToyNet(), _loaders()[0], None, epochs=1, device="cpu")
+        (results / f"state{rank}.txt").write_text(str(torch.get_rng_state().sum().item()))
+
+
+@pytest.mark.slow
+def test_torchrun_processes_on_the_cpu_drop_different_units(tmp_path):
+    """Seeded, each process must draw its own dropout masks (gloo, CPU generator), not its neighbour's."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_dropout_state_per_process, args=(tmp_path / "store", tmp_path), nprocs=2)
+    assert [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)] == ["finished", "finished"]
+    assert (tmp_path / "state0.txt").read_text() != (tmp_path / "state1.txt").read_text()
