@@ -38,6 +38,7 @@ from mtlearn.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
+from mtlearn.encoder import check_image
 from mtlearn.engine import NonFiniteLossError
 from mtlearn.utils import check_int, check_label_pair, check_loader, check_options, eval_mode, is_int, is_number
 
@@ -105,8 +106,7 @@ class Encoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         """x: (B, in_channels, H, W) -> [stage i: (B, widths[i], ceil(H / 2^i), ceil(W / 2^i))]"""
-        if x.ndim != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(f"expected input (B, {self.in_channels}, H, W), got {tuple(x.shape)}")
+        check_image(x, self.in_channels, stride=1, dtype=self.stem[0].weight.dtype)  # any size: no stride
         stages = [self.stem(x)]
         for unit in self.units:
             stages.append(unit(stages[-1]))

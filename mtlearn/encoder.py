@@ -96,9 +96,12 @@ def check_image(x: Tensor, in_channels: int, stride: int = STRIDE, dtype: torch.
         raise ValueError(f"the model was built for {in_channels} input channel(s), got {x.shape[1]} "
                          f"(shape {tuple(x.shape)}); build it with in_channels={x.shape[1]}")
     H, W = x.shape[-2:]
+    if H == 0 or W == 0:
+        raise ValueError(f"the images are empty (size {H}x{W}, shape {tuple(x.shape)}); check how they were cropped")
     if H % stride or W % stride:
+        nearest = "x".join(str(stride * max(1, round(side / stride))) for side in (H, W))
         raise ValueError(f"image size {H}x{W} is not divisible by the network stride {stride}; "
-                         f"resize or pad to a multiple of {stride} (e.g. {stride * max(1, round(H / stride))})")
+                         f"resize or pad each side to a multiple of {stride} (the nearest: {nearest})")
 
 
 class ResFormerEncoder(nn.Module):

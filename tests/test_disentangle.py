@@ -108,9 +108,17 @@ def test_bad_arguments(build, match):
         build()
 
 
-def test_encoder_rejects_wrong_input():
-    with pytest.raises(ValueError, match=r"expected input \(B, 1, H, W\)"):
-        D.Encoder(1, TINY)(torch.randn(2, 3, 16, 16))
+@pytest.mark.parametrize("x, match", [
+    (torch.randn(2, 3, 16, 16), r"built for 1 input channel\(s\), got 3 .*in_channels=3"),
+    (torch.randn(2, 16, 16), r"\(B, C, H, W\), got a tensor of shape \(2, 16, 16\)"),
+    (torch.zeros(2, 1, 16, 16, dtype=torch.uint8), r"uint8; convert with .float\(\) / 255"),
+    (torch.zeros(2, 1, 16, 16, dtype=torch.float64), r"float64 but the model's weights are torch.float32"),
+    (torch.zeros(2, 1, 0, 16), r"the images are empty \(size 0x16"),
+])
+def test_encoder_rejects_wrong_input(x, match):
+    with pytest.raises(ValueError, match=match):
+        D.Encoder(1, TINY)(x)
+    assert D.Encoder(1, TINY)(torch.randn(2, 1, 5, 7))[-1].shape[0] == 2  # any size, no stride
 
 
 @pytest.mark.parametrize("kind", list(D.MODELS))

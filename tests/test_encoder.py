@@ -62,8 +62,10 @@ def test_bad_config(name, overrides, message):
 
 
 BAD_INPUTS = [
-    ("size not divisible by 16", (1, 1, 40, 32), r"40x32.*stride 16"),
-    ("width not divisible by 16", (1, 1, 32, 40), r"32x40.*stride 16"),
+    ("size not divisible by 16", (1, 1, 44, 32), r"44x32.*stride 16.*the nearest: 48x32\)"),
+    ("width not divisible by 16", (1, 1, 32, 100), r"32x100.*stride 16.*the nearest: 32x96\)"),
+    ("smaller than the stride", (1, 1, 8, 32), r"8x32.*stride 16.*the nearest: 16x32\)"),
+    ("empty image", (1, 1, 0, 64), r"the images are empty \(size 0x64"),
     ("wrong channel count", (1, 3, 32, 32), "3"),
     ("not a batch", (1, 32, 32), "B, C, H, W"),
 ]
