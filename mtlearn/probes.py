@@ -3,7 +3,7 @@
 A linear probe is a logistic regression trained on frozen features to predict a label. If it
 predicts the label well, the features encode the label in an easily readable (linear) form; if
 it is at chance, they do not (at least not linearly). Probing every encoder for every label gives
-a table that shows at a glance whether a representation is entangled (the ideal case; notebook
+a table that shows at a glance whether a representation is disentangled (the ideal case; notebook
 04 measures how close the course's DisentangleNet comes, about 0.7):
 
     probe_matrix(...)                     shape   background
@@ -40,7 +40,8 @@ def extract_features(
 
     encoder_or_fn: an nn.Module or any function mapping images (B, C, H, W) to features
         (B, D) or feature maps (B, C', h, w); maps are global-average-pooled to (B, C'). For an
-        encoder returning a list of stages, the last stage is used.
+        encoder returning a list of stages, the last stage is used; a tuple (net.encode's pair of
+        encoders) is refused: pick the one to probe.
     label_keys: which batch keys to collect; None collects every key whose values are integers.
     model: for a plain function, the module it runs (extract_features(lambda x: net.encode(x)[0],
         loader, model=net)): it is put in eval mode meanwhile, as a module given directly is.
@@ -63,8 +64,12 @@ def extract_features(
             stack.callback(module.to, was_on)
         for batch in loader:
             features = encoder_or_fn(batch["image"].to(device))
-            if isinstance(features, (list, tuple)):  # an encoder that returns every stage: keep the last
+            if isinstance(features, list):  # an encoder that returns every stage: keep the last
                 features = features[-1]
+            elif isinstance(features, tuple):  # (features_a, features_b) of net.encode: taking one silently would
+                raise TypeError(  # probe the wrong encoder under the other's name
+                    f"the function returns a tuple of {len(features)} (like net.encode's (features_a, features_b)), "
+                    "not one feature tensor: pick one, e.g. lambda x: net.encode(x)[0] for encoder A")
             if not isinstance(features, torch.Tensor):
                 got = f"a dict with keys {sorted(features)}" if isinstance(features, dict) else type(features).__name__
                 raise TypeError(f"the probe needs a module that returns a feature tensor (B, C, ...), e.g. "

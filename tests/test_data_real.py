@@ -790,6 +790,13 @@ def test_shapes_through_load_dataset():
         ({"name": "breastmnist", "resolution": 64}, ValueError, "resolution"),
         ({"name": "bus_bra", "folds": 2}, ValueError, r"bus_bra has no option 'folds'; its options: \['fold'\]"),
         ({"name": "busi", "resolution": 128}, ValueError, "busi has no option 'resolution'.*duplicate_distance"),
+        # seed=None drew a new split at every call, so two calls' train and test overlapped
+        ({"name": "busi", "seed": None}, ValueError, r"seed must be an integer >= 0, got None"),
+        ({"name": "bus_uclm", "seed": -1}, ValueError, r"seed must be an integer >= 0, got -1"),
+        ({"name": "busi", "seed": 1.5}, ValueError, r"seed must be an integer >= 0, got 1.5; pass an int"),
+        ({"name": "busi", "seed": True}, ValueError, r"seed must be an integer >= 0, got True"),
+        ({"name": "busi", "augment": "False"}, ValueError, r"augment must be True or False, got .False.; pass it unq"),
+        ({"name": "busi", "cache": "False"}, ValueError, r"cache must be True or False, got 'False'"),
     ],
 )
 def test_bad_arguments(kwargs, error, message):
@@ -982,3 +989,28 @@ def test_generated_datasets_list_their_options(name, fix):
 def test_float_image_size_names_int(image_size):
     with pytest.raises(ValueError, match=r"image_size must be an int.*int\(\.\.\.\)"):  # was "'float' ... not iterable"
         load_dataset("synthetic", image_size=image_size, num_samples=2)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"in_channels": 3.0}, r"in_channels must be 1 \(grey\) or 3 \(grey repeated\), got 3.0"),
+    ({"duplicate_distance": -1}, r"duplicate_distance must be an integer >= 0, got -1"),  # would group nothing
+    ({"duplicate_distance": "5"}, r"duplicate_distance must be an integer >= 0, got '5'"),
+])
+def test_bad_arguments_of_a_real_dataset(busi, kwargs, message):
+    root, _ = busi
+    with pytest.raises(ValueError, match=message):
+        load_dataset("busi", root=root, **kwargs)
+
+
+@pytest.mark.parametrize("name, make, saved, asked", [
+    ("busi_npz", make_busi_npz, 256, None), ("busi_npz", make_busi_npz, 128, 256),
+    ("breastmnist", make_breastmnist, 224, None),
+])
+def test_a_file_of_another_resolution_names_the_resolution_to_ask_for(tmp_path, name, make, saved, asked):
+    """The folder holds the 256-px file and the default (128) was asked for: the fix is resolution=256,
+    not a download of the 128-px file."""
+    make(tmp_path, resolution=saved, counts=(2, 1, 1))
+    options = {} if asked is None else {"resolution": asked}
+    with pytest.raises(LayoutError, match=rf"but has \S+: pass resolution={saved} to load that one"):
+        load_dataset(name, root=tmp_path, **options)
+    assert len(load_dataset(name, root=tmp_path, split="all", resolution=saved)) > 0

@@ -207,6 +207,18 @@ def test_extract_features_takes_functions_and_stage_lists():
         extract_features(lambda x: x.flatten(1), loader, device="cpu", label_keys=("artifact",))
 
 
+def test_extract_features_refuses_the_pair_of_encoders_of_net_encode():
+    """net.encode returns (features_a, features_b): keeping the last would probe encoder B as if it were A."""
+    import mtlearn.disentangle as D
+
+    net = D.build_model("disentangle", D.disentangle_config("smoke"))
+    loader = DataLoader(TinyData(8), batch_size=8)
+    with pytest.raises(TypeError, match=r"a tuple of 2 .*pick one, e\.g\. lambda x: net\.encode\(x\)\[0\]"):
+        extract_features(net.encode, loader, device="cpu", model=net)
+    features, _ = extract_features(lambda x: net.encode(x)[0], loader, device="cpu", model=net)
+    assert features.shape == (8, net.encoder_a.out_channels)
+
+
 def test_extract_features_average_pools_the_last_stage():
     data = TinyData(20)
     loader = DataLoader(data, batch_size=8)

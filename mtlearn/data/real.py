@@ -43,7 +43,7 @@ from mtlearn.data.splits import (
 )
 from mtlearn.data.synthetic import SyntheticUltrasound
 from mtlearn.data.transforms import augment_item, augmentation, random_states, reseed, resize_image, resize_mask
-from mtlearn.utils import check_size, is_int, world_and_rank
+from mtlearn.utils import check_bool, check_int, check_size, is_int, world_and_rank
 
 DATASETS = ("synthetic", "shapes", "busi", "busi_npz", "bus_bra", "bus_uclm", "breastmnist")
 SPLITS = ("train", "val", "test", "all")
@@ -100,6 +100,9 @@ def load_dataset(
     """
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; expected one of {DATASETS}")
+    # seed=None would draw a new split at every call: the train and test splits of two calls would overlap
+    seed = check_int("seed", seed, 0)
+    augment, cache = check_bool("augment", augment), check_bool("cache", cache)
     if name == "shapes":
         return _shapes(split, image_size, seed, augment, in_channels, **kwargs)
     if split not in SPLITS:
@@ -188,8 +191,9 @@ class UltrasoundDataset(Dataset):
         problems: Sequence[str] = (),
         fetch_command: str | None = None,  # said with the fix when a file turns out damaged while loading
     ):
-        if in_channels not in (1, 3):
+        if not is_int(in_channels) or in_channels not in (1, 3):  # 3.0 would pass `in` and fail in repeat()
             raise ValueError(f"in_channels must be 1 (grey) or 3 (grey repeated), got {in_channels!r}")
+        in_channels, augment, cache = int(in_channels), check_bool("augment", augment), check_bool("cache", cache)
         self.name, self.split, self.class_names = name, split, tuple(class_names)
         self.image_size, self.in_channels = tuple(image_size), in_channels
         self.problems, self.fetch_command = list(problems), fetch_command
@@ -281,6 +285,8 @@ BUSI_MASK_NAME = re.compile(r"(?P<stem>.+)_mask(?:_\d+)?")  # "benign (4)_mask",
 
 def _read_busi(folder: Path, split: str, seed: int, duplicate_distance: int = DUPLICATE_MAX_DISTANCE):
     """BUSI: <class>/<class> (N).png + <class> (N)_mask.png [+ _mask_1.png, _mask_2.png]."""
+    # before reading any image; -1 would group nothing, and near-duplicates could land in train and test
+    duplicate_distance = check_int("duplicate_distance", duplicate_distance, 0)
     base = _locate(
         folder, lambda d: (d / "benign").is_dir() and (d / "malignant").is_dir(),
         "Dataset_BUSI_with_GT/{benign,malignant,normal}/ holding '<class> (N).png' and '<class> (N)_mask.png'",
@@ -415,7 +421,7 @@ def _read_breastmnist(folder: Path, split: str, seed: int, resolution: int = 28)
 
     Labels are flipped from MedMNIST's (0 malignant) to 1 malignant, see BREASTMNIST_CLASSES.
     """
-    path = _locate_file(folder, get_source(_fetch_name("breastmnist", resolution)).filename)
+    path = _locate_npz(folder, "breastmnist", resolution)
     records = []
     with _npz(path) as data:
         _require_keys(path, data, [f"{s}_{k}" for s in SPLITS[:3] for k in ("images", "labels")])
@@ -433,7 +439,7 @@ BUSI_NPZ_CLASSES = ("benign", "malignant")
 
 def _read_busi_npz(folder: Path, split: str, seed: int, resolution: int = 128):
     """MedSegBench's BUSI npz: {split}_images_C1/_C2 (benign/malignant) and {split}_label_C1/_C2 (masks)."""
-    path = _locate_file(folder, get_source(_fetch_name("busi_npz", resolution)).filename)
+    path = _locate_npz(folder, "busi_npz", resolution)
     records = []
     with _npz(path) as data:
         _require_keys(path, data, [f"{s}_{k}_C{c}" for s in SPLITS[:3] for k in ("images", "label") for c in (1, 2)])
@@ -523,19 +529,37 @@ def _check_options(name: str, reader: Callable, options: dict,
         raise ValueError(f"{name} has no option {', '.join(map(repr, unknown))}; its options: {accepted or 'none'}")
 
 
+# dataset: (default resolution, {resolution: data_fetch name})
+NPZ_RESOLUTIONS = {
+    "busi_npz": (128, {128: "busi_128", 256: "busi_256"}),
+    "breastmnist": (28, {28: "breastmnist", 224: "breastmnist_224"}),
+}
+
+
 def _fetch_name(name: str, resolution: int | None) -> str:
     """data_fetch name of a dataset; the npz ones come in several resolutions."""
-    options = {  # dataset: (default resolution, {resolution: data_fetch name})
-        "busi_npz": (128, {128: "busi_128", 256: "busi_256"}),
-        "breastmnist": (28, {28: "breastmnist", 224: "breastmnist_224"}),
-    }
-    if name not in options:
+    if name not in NPZ_RESOLUTIONS:
         return name
-    default, names = options[name]
+    default, names = NPZ_RESOLUTIONS[name]
     resolution = default if resolution is None else resolution
     if resolution not in names:
         raise ValueError(f"{name} comes in resolution {tuple(names)}, got {resolution!r}")
     return names[resolution]
+
+
+def _locate_npz(folder: Path, name: str, resolution: int) -> Path:
+    """The npz file of `name` at `resolution`; when only another resolution's file is there, say
+    to ask for that one rather than to download this one."""
+    filename = get_source(_fetch_name(name, resolution)).filename
+    if not (folder / filename).is_file():
+        others = {r: get_source(n).filename for r, n in NPZ_RESOLUTIONS[name][1].items() if r != resolution}
+        present = [(r, f) for r, f in others.items() if (folder / f).is_file()]
+        if present:
+            r, f = present[0]
+            raise LayoutError(f"{folder} has no {filename} (resolution {resolution}) but has {f}: pass "
+                              f"resolution={r} to load that one, or fetch resolution {resolution} with "
+                              f"`python -m data_fetch {_fetch_name(name, resolution)}`")
+    return _locate_file(folder, filename)
 
 
 def _locate(folder: Path, is_base: Callable[[Path], bool], expected: str, depth: int = 3) -> Path:
