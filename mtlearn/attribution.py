@@ -1068,6 +1068,7 @@ class AttributionExplorer:
         if not heads or any(h not in HEADS for h in heads):
             raise ValueError(f"heads must be a non-empty subset of {HEADS}, got {heads}")
         self.num_classes = int(_head_output(outputs, self.explainer.keys["cls"]).shape[1]) if "cls" in heads else 0
+        self.has_mask = "mask" in dataset[0]  # BreastMNIST has none: no lesion targets to offer
         self.index = widgets.IntSlider(0, 0, len(dataset) - 1, description="item", continuous_update=False)
         self.head = widgets.Dropdown(options=list(heads), description="head")
         self.target = widgets.Dropdown(options=self._targets(self.head.value), description="target")
@@ -1088,9 +1089,10 @@ class AttributionExplorer:
         if head == "cls":
             names = self.class_names or [str(k) for k in range(self.num_classes)]
             return [("predicted class", "predicted")] + [(name, k) for k, name in enumerate(names)]
+        lesion = {"seg": [("true lesion", "mask")], "recon": [("lesion region", "mask")]}[head] if self.has_mask else []
         if head == "seg":
-            return [("predicted lesion", "predicted"), ("true lesion", "mask")]
-        return [("whole image", "image"), ("lesion region", "mask")]
+            return [("predicted lesion", "predicted")] + lesion
+        return [("whole image", "image")] + lesion
 
     def _head_changed(self, _change) -> None:
         self._redraw = False  # changing the options resets the target: draw once, below

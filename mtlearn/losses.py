@@ -12,12 +12,15 @@ The segmentation losses come from MONAI; the others are PyTorch's own.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 from monai.losses import DiceCELoss, DiceLoss, FocalLoss
 from torch import Tensor, nn
+
+from mtlearn.utils import is_number
 
 # Which batch key holds each task's target (COMMON interface). The order is the canonical task order.
 TASK_TARGETS = {"seg": "mask", "cls": "label", "recon": "clean"}
@@ -72,6 +75,9 @@ class DiceSoftmaxFocal(nn.Module):
 
     def __init__(self, gamma: float = 2.0):
         super().__init__()
+        if not (is_number(gamma) and math.isfinite(gamma) and gamma >= 0):  # < 0 gives NaN on confident pixels
+            raise ValueError(f"focal_gamma must be a number >= 0 (2 as published; 0: plain cross-entropy), "
+                             f"got {gamma!r}")
         self.dice = DiceLoss(softmax=True, to_onehot_y=True)
         self.focal = FocalLoss(to_onehot_y=True, gamma=gamma, use_softmax=True)
 
@@ -146,8 +152,11 @@ class ClassificationLoss(nn.Module):
     def __init__(self, class_weights: Sequence[float] | None = None):
         super().__init__()
         weight = None if class_weights is None else torch.as_tensor(class_weights, dtype=torch.float32)
-        if weight is not None and (weight.dim() != 1 or (weight < 0).any()):
-            raise ValueError(f"class_weights must be a flat list of non-negative numbers, got {class_weights!r}")
+        # NaN passes `< 0`, and weights summing to 0 divide by 0: either makes the loss NaN
+        if weight is not None and (weight.dim() != 1 or not torch.isfinite(weight).all() or (weight < 0).any()
+                                   or weight.sum() <= 0):
+            raise ValueError(f"class_weights must be a flat list of finite, non-negative numbers, not all 0 (e.g. "
+                             f"[1.0, 3.0]), got {class_weights!r}")
         self.register_buffer("weight", weight)
 
     def forward(self, logits: Tensor, label: Tensor) -> Tensor:

@@ -35,6 +35,7 @@ theirs with one all_reduce before the division.
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Mapping, Sequence
 
@@ -45,6 +46,7 @@ from monai.metrics import PSNRMetric, SSIMMetric, compute_dice, compute_iou, com
 from torch import Tensor
 
 from mtlearn.losses import TASK_TARGETS, check_tasks, class_indices
+from mtlearn.utils import is_number
 
 METRIC_KEYS = {
     "seg": ("seg/dice", "seg/iou"),
@@ -132,8 +134,9 @@ class MetricAccumulator:
     def __init__(self, tasks: Sequence[str] = ("seg", "cls"), num_classes: int | None = None,
                  data_range: float = 1.0):
         self.tasks = check_tasks(tasks)
-        if data_range <= 0:
-            raise ValueError(f"data_range must be positive (max - min of the clean images), got {data_range}")
+        if not (is_number(data_range) and math.isfinite(data_range) and data_range > 0):  # NaN passes `<= 0`
+            raise ValueError(f"data_range must be a positive number (max - min of the clean images, e.g. 1.0), "
+                             f"got {data_range!r}")
         self.num_classes = num_classes  # inferred from the first classification logits when None
         self.data_range = float(data_range)  # max - min of the clean images, for PSNR and SSIM
         self.reset()
@@ -212,9 +215,10 @@ class MetricAccumulator:
         side = min(11, *output.shape[2:])
         win_size = side if side % 2 else side - 1  # SSIM needs an odd window no larger than the image
         psnr = PSNRMetric(max_val=self.data_range)(output, clean)  # (B, 1), inf at zero error
-        self._add("recon/psnr", psnr.clamp(max=PSNR_CEILING_DB))
+        # NaN only where the output is not finite (a diverged model): it must make the mean NaN, not vanish
+        self._add("recon/psnr", psnr.clamp(max=PSNR_CEILING_DB), skip_nan=False)
         ssim = SSIMMetric(spatial_dims=2, data_range=self.data_range, win_size=win_size)
-        self._add("recon/ssim", ssim(output, clean))
+        self._add("recon/ssim", ssim(output, clean), skip_nan=False)
 
     def sync(self) -> None:
         """Add up the sums, counts and predictions of every process (no-op without torchrun)."""

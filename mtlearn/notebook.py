@@ -179,6 +179,8 @@ class Run:
         default = self.pick(**per_profile)
         if value is None:
             return default
+        if isinstance(value, np.generic):  # np.int64(3) from a sweep (np.arange), as seed and run.number take it
+            value = value.item()
         kind = type(default)
         accepted = (int, float) if kind is float else (kind,)
         wrong_type = isinstance(value, bool) is not isinstance(default, bool) or not isinstance(value, accepted)
@@ -187,8 +189,9 @@ class Run:
             raise ValueError(f"parameter {name} must be finite, got {value!r}")
         if wrong_type or (positive and countable and not value > 0):
             wanted = f"a positive {kind.__name__}" if positive and kind in (int, float) else f"a {kind.__name__}"
+            hint = "; pass an int, e.g. int(...) of a computed value" if kind is int and isinstance(value, float) else ""
             raise ValueError(f"parameter {name} must be {wanted} (or None for the {self.profile} profile's "
-                             f"{default!r}), got {value!r}")
+                             f"{default!r}), got {value!r}{hint}")
         return value
 
     def save_figure(self, fig, name: str) -> Path:

@@ -384,7 +384,8 @@ class TrainedModel:
     wall_time_s: float  # training wall time (fit, data loading included, evaluation excluded)
     cpu_time_s: float  # CPU time of this process during training, all threads (less sensitive to other jobs)
     memory_mb: float  # training memory estimate (StepCost.memory_bytes) for one batch
-    cuda_peak_mb: float = float("nan")  # torch.cuda.max_memory_allocated during training (CUDA only)
+    cuda_peak_mb: float = float("nan")  # torch.cuda.max_memory_allocated in training, this model's weights
+    # included, other models on the GPU not (CUDA only)
     resumed_epochs: int = 0  # epochs trained before an interruption, then resumed (see train_and_measure)
     history: list[dict] = field(default_factory=list)  # engine History records, one per epoch
     model: nn.Module | None = field(default=None, repr=False)  # the trained network, in eval mode
@@ -578,6 +579,11 @@ def _new_model(config: UMSRepConfig, tasks: Sequence[str], num_classes: int, in_
                        image_size=config.image_size)
 
 
+def _cuda_bytes(model: nn.Module) -> int:
+    """Bytes of the model's parameters and buffers that live on a GPU."""
+    return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()) if t.is_cuda)
+
+
 def train_and_measure(model: nn.Module, strategy: str, train: Dataset, test: Dataset | None, config: UMSRepConfig,
                       epochs: int, task_weights: Mapping[str, float] | None = None,
                       out_dir: str | os.PathLike | None = None, resume: bool = False) -> TrainedModel:
@@ -633,7 +639,9 @@ def train_and_measure(model: nn.Module, strategy: str, train: Dataset, test: Dat
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
-        resident = torch.cuda.memory_allocated(device)  # earlier strategies' models still on the GPU
+        # earlier strategies' models still on the GPU are not this run's; this model's own weights are (they
+        # are in memory_mb too), so they are not subtracted with the rest
+        resident = torch.cuda.memory_allocated(device) - _cuda_bytes(model)
     started, cpu_started = time.perf_counter(), time.process_time()
     with warnings.catch_warnings():  # interrupted after its last epoch, before result.pt: nothing left to train
         warnings.filterwarnings("ignore", message="the run in .* already has")

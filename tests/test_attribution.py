@@ -527,6 +527,17 @@ def test_viewer_redraws_on_control_changes(model, data):
     assert viewer.compute(2, "recon", "image", "gradcam")[0] is viewer.compute(2, "recon", "image", "gradcam")[0]
 
 
+def test_viewer_offers_lesion_targets_only_where_the_data_has_masks(model, data):
+    """A classification-only dataset (BreastMNIST) has no "mask": choosing a lesion target raised KeyError."""
+    no_masks = [{k: v for k, v in data[i].items() if k != "mask"} for i in range(len(data))]
+    viewer = A.AttributionExplorer(model, no_masks, methods=("saliency",))
+    viewer.head.value = "seg"
+    assert [value for _, value in viewer.target.options] == ["predicted"]
+    viewer.head.value = "recon"
+    assert [value for _, value in viewer.target.options] == ["image"]
+    assert math.isnan(viewer.state["mask_share"])
+
+
 def test_viewer_points_with_its_tolerance_and_closes_its_figures(model, data):
     plt.close("all")
     hits = {}

@@ -172,6 +172,16 @@ def _recon_metrics(output, clean, data_range=1.0):
     return acc.compute()
 
 
+def test_a_non_finite_reconstruction_makes_psnr_and_ssim_nan_not_vanish():
+    """A diverged model (an fp16 overflow) must not report the PSNR of its other images as if all were fine."""
+    torch.manual_seed(0)
+    clean = torch.rand(4, 1, 16, 16)
+    output = clean + 0.05 * torch.randn_like(clean)
+    output[1] = float("nan")
+    metrics = _recon_metrics(output, clean)
+    assert math.isnan(metrics["recon/psnr"]) and math.isnan(metrics["recon/ssim"])
+
+
 @pytest.mark.parametrize("data_range", [1.0, 2.0])
 def test_psnr_is_the_per_image_formula_with_the_data_range(data_range):
     g = torch.Generator().manual_seed(0)
@@ -347,6 +357,7 @@ def test_sync_adds_the_sums_and_counts_of_every_process(tmp_path, monkeypatch):
 @pytest.mark.parametrize("make, match", [
     (lambda: MetricAccumulator(("seg", "pose")), "unknown task"),
     (lambda: MetricAccumulator(("recon",), data_range=0), "data_range"),
+    (lambda: MetricAccumulator(("recon",), data_range=float("nan")), r"data_range must be a positive number.*nan"),
     (lambda: MetricAccumulator(("cls",)).confusion_matrix(), "no classification batch"),
     (lambda: MetricAccumulator(("seg",)).update({"cls": torch.zeros(1, 3)}, {"mask": torch.zeros(1, 1, 4, 4)}),
      r"outputs\['seg'\]"),

@@ -155,6 +155,16 @@ def test_setting_takes_the_profile_default_only_when_unset(tmp_path):
     assert run.setting("offset", -2, positive=False, smoke=0, course=0, paper=0) == -2
 
 
+def test_setting_takes_numpy_numbers_from_a_sweep_and_hints_at_int(tmp_path):
+    run = start_here(tmp_path)
+    epochs = run.setting("epochs", np.arange(1, 4)[2], smoke=1, course=8, paper=150)
+    assert epochs == 3 and type(epochs) is int
+    lr = run.setting("lr", np.float32(0.5), smoke=1e-3, course=1e-3, paper=1e-4)
+    assert lr == 0.5 and type(lr) is float
+    with pytest.raises(ValueError, match=r"epochs must be a positive int .*got 3.0; pass an int, e.g. int\(...\)"):
+        run.setting("epochs", 3.0, smoke=1, course=8, paper=150)
+
+
 @pytest.mark.parametrize("value", [0, -1, 2.5, "8", True])
 def test_setting_refuses_what_the_default_would_hide(tmp_path, value):
     run = start_here(tmp_path)
