@@ -189,7 +189,8 @@ class Run:
             raise ValueError(f"parameter {name} must be finite, got {value!r}")
         if wrong_type or (positive and countable and not value > 0):
             wanted = f"a positive {kind.__name__}" if positive and kind in (int, float) else f"a {kind.__name__}"
-            hint = "; pass an int, e.g. int(...) of a computed value" if kind is int and isinstance(value, float) else ""
+            as_float = kind is int and isinstance(value, float)
+            hint = "; pass an int, e.g. int(...) of a computed value" if as_float else ""
             raise ValueError(f"parameter {name} must be {wanted} (or None for the {self.profile} profile's "
                              f"{default!r}), got {value!r}{hint}")
         return value
