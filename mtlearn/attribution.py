@@ -543,12 +543,14 @@ def pointing_game(maps: Tensor, mask: Tensor, tolerance: int = 1, mode: str = "p
 def localisation_scores(explainer: Explainer, images: Tensor, mask: Tensor, head: str = "cls", target=None,
                         methods: Sequence[str] = METHODS, *, tolerance: int = 1, mode: str = "positive",
                         method_kw: Mapping[str, Mapping] | None = None, batch_size: int = 16,
-                        progress: bool = False) -> dict[str, dict[str, float]]:
+                        progress: bool = False, reference: Tensor | None = None) -> dict[str, dict[str, float]]:
     """In-mask share and pointing game of each method, averaged over the samples with a non-empty mask.
 
     images: (B, C, H, W), mask: (B, 1, H, W), the region the map should point at (lesion, artifact).
     Images are explained `batch_size` at a time (SmoothGrad and Occlusion multiply the batch that
     goes through the model by their samples or patches per pass: keep it small on a GPU).
+    reference: for the recon head, what the reconstruction is scored against, (B, C, H, W) like
+    `images` (the clean images, where there are any; None: the input itself, see `forward_args`).
     Returns {method: {"mask_share": ..., "pointing_game": ..., "chance": ..., "pointing_chance": ...}}:
     "chance" is the mean area fraction of the mask (the share a map blind to the image gets),
     "pointing_chance" that of the mask grown by `tolerance` (how often a peak at a random pixel hits).
@@ -561,6 +563,11 @@ def localisation_scores(explainer: Explainer, images: Tensor, mask: Tensor, head
     if not keep.any():
         raise ValueError("every mask is empty; pass images whose region (e.g. lesion) is present")
     images, mask = images[keep], mask[keep]
+    if reference is not None:
+        if reference.shape != keep.shape + images.shape[1:]:
+            raise ValueError(f"reference must have the images' shape {(len(keep), *images.shape[1:])}, "
+                             f"got {tuple(reference.shape)}")
+        reference = reference[keep.to(reference.device)]
     if isinstance(target, Tensor) and target.dim() >= 1 and target.shape[0] == keep.shape[0]:
         target = target[keep.to(target.device)]
     chance = float(mask.flatten(1).mean(1).mean())
@@ -570,7 +577,7 @@ def localisation_scores(explainer: Explainer, images: Tensor, mask: Tensor, head
     for method in tqdm(methods, desc="attribution", disable=not progress, leave=False):
         maps = torch.cat([
             explainer.attribute(images[i:i + batch_size], head, _rows(target, i, batch_size), method,
-                                **method_kw.get(method, {})).cpu()
+                                reference=_rows(reference, i, batch_size), **method_kw.get(method, {})).cpu()
             for i in range(0, len(images), batch_size)])
         scores[method] = {
             "mask_share": _nanmean(mask_share(maps, mask.cpu(), mode)),
@@ -738,7 +745,8 @@ def cascading_randomisation(model: nn.Module, images: Tensor, head: str = "cls",
                             *, depth: int = 2, groups: Sequence[str] | None = None, absolute: bool = True,
                             seed: int = 0, init: Callable[[nn.Module], None] | str | None = "auto",
                             layer: str | nn.Module | None = None, keys: Mapping[str, str] | None = None,
-                            progress: bool = True, **method_kw) -> RandomisationResult:
+                            progress: bool = True, reference: Tensor | None = None,
+                            **method_kw) -> RandomisationResult:
     """Adebayo et al. (2018), "Sanity checks for saliency maps": randomise the model block by block.
 
     Starting from the top (the head), each step re-initialises one more block of a copy of the
@@ -752,7 +760,8 @@ def cascading_randomisation(model: nn.Module, images: Tensor, head: str = "cls",
     (`model_init`), a function applied to every submodule, or None for PyTorch's defaults.
     The caller's random state is left untouched. `seed` fixes the re-initialisation, and every map
     of a noisy method (SmoothGrad) is drawn with the same noise, so the curve measures the weights,
-    not the noise.
+    not the noise. reference: for the recon head, what the reconstruction is scored against (the
+    clean images; None: the input itself).
     """
     explainer = Explainer(model, layer=layer, keys=keys)  # a copy: `model` itself is never changed
     if init == "auto":
@@ -761,7 +770,7 @@ def cascading_randomisation(model: nn.Module, images: Tensor, head: str = "cls",
         raise ValueError(f"init must be 'auto', None or a function of a module, got {init!r}")
     images = explainer._check_images(images)
     explainer.check_options(method, images.shape[-2:], **method_kw)
-    target = explainer.forward_args(images, head, target)[0]
+    target = explainer.forward_args(images, head, target, reference)[0]
     groups = list(groups) if groups is not None else randomisation_groups(explainer, images, head, target, depth)
     # Noise and new weights are drawn on the CPU and on the parameters' device: fork (save and restore)
     # exactly those generators, and seed only those (torch.manual_seed would seed every accelerator).
@@ -771,7 +780,7 @@ def cascading_randomisation(model: nn.Module, images: Tensor, head: str = "cls",
 
     def explain() -> Tensor:
         _seed_forked(device, seed)  # the same noise for every map (SmoothGrad); no effect on the others
-        return explainer.attribute(images, head, target, method, **method_kw).cpu()
+        return explainer.attribute(images, head, target, method, reference=reference, **method_kw).cpu()
 
     with torch.random.fork_rng(**forked):
         original = explain()

@@ -274,6 +274,26 @@ def test_localisation_scores_average_over_items_with_a_region(explainer, data):
     assert whole["saliency"] == pytest.approx(one_by_one["saliency"])
 
 
+def test_the_recon_head_is_scored_against_the_reference_given(explainer, model, data):
+    """The clean images, where there are any: the same maps as attribute(reference=...) gives, not those
+    of the reconstruction scored against the noisy input."""
+    items = [data[i] for i in range(4)]
+    images, masks = torch.stack([it["image"] for it in items]), torch.stack([it["mask"] for it in items])
+    clean = torch.stack([it["clean"] for it in items])
+    keep = masks.flatten(1).sum(1) > 0
+    scored = A.localisation_scores(explainer, images, masks, "recon", methods=("saliency",), reference=clean)
+    maps = explainer.attribute(images[keep], "recon", None, "saliency", reference=clean[keep])
+    assert scored["saliency"]["mask_share"] == pytest.approx(float(A.mask_share(maps, masks[keep]).mean()), rel=1e-5)
+    noisy = A.localisation_scores(explainer, images, masks, "recon", methods=("saliency",))
+    assert noisy["saliency"]["mask_share"] != pytest.approx(scored["saliency"]["mask_share"], rel=1e-3)
+    with pytest.raises(ValueError, match=r"reference must have the images' shape \(4, 1, 32, 32\)"):
+        A.localisation_scores(explainer, images, masks, "recon", methods=("saliency",), reference=clean[:2])
+    result = A.cascading_randomisation(model, images[:2], "recon", method="saliency", groups=["heads.recon.out"],
+                                       reference=clean[:2], progress=False)
+    assert torch.allclose(result.maps[0], explainer.attribute(images[:2], "recon", None, "saliency",
+                                                              reference=clean[:2]).cpu())
+
+
 # ------------------------------------------------------------------------------------------ sanity check
 
 
