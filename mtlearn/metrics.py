@@ -278,6 +278,10 @@ class MetricAccumulator:
         for key in self.sums:
             results[key] = self.sums[key] / self.counts[key] if self.counts[key] else float("nan")
         if "cls" in self.tasks and self.confusion is not None:
-            results.update(classification_metrics(self.confusion))
-            results["cls/auc"] = roc_auc(self.scores, self.labels)
+            scores = classification_metrics(self.confusion)
+            if all(np.isfinite(logits).all() for logits in self._logits):
+                scores["cls/auc"] = roc_auc(self.scores, self.labels)
+            else:  # the argmax of a NaN row is class 0: a diverged model would read as a plausible accuracy
+                scores = dict.fromkeys([*scores, "cls/auc"], float("nan"))
+            results.update(scores)
         return dict(sorted(results.items()))

@@ -172,6 +172,18 @@ def _recon_metrics(output, clean, data_range=1.0):
     return acc.compute()
 
 
+def test_non_finite_class_logits_make_every_classification_metric_nan():
+    """argmax of a NaN row is class 0: accuracy would still look plausible for a diverged model."""
+    acc = MetricAccumulator(("cls",))
+    logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 2.0, 0.0], [0.0, 0.0, 2.0]])
+    acc.update({"cls": logits}, {"label": torch.tensor([0, 1, 2])})
+    assert acc.compute()["cls/acc"] == 1.0
+    acc.update({"cls": torch.full((1, 3), float("nan"))}, {"label": torch.tensor([0])})
+    metrics = acc.compute()
+    assert {"cls/acc", "cls/auc", "cls/balanced_acc"} <= set(metrics)
+    assert all(math.isnan(v) for k, v in metrics.items() if k.startswith("cls/"))
+
+
 def test_a_non_finite_reconstruction_makes_psnr_and_ssim_nan_not_vanish():
     """A diverged model (an fp16 overflow) must not report the PSNR of its other images as if all were fine."""
     torch.manual_seed(0)
