@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=None,
                         help="random seed passed to every notebook (default: each notebook's own, as committed)")
     parser.add_argument("--out", type=Path, default=Path("outputs"), help="output folder (default: outputs/)")
-    parser.add_argument("--only", nargs="*", default=None, metavar="NN",
+    parser.add_argument("--only", nargs="+", default=None, metavar="NN",  # a bare --only must not mean "all"
                         help="run only notebooks whose number or name starts with these")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
     parser.add_argument("--cell-timeout", type=float, default=None, metavar="SECONDS",

@@ -21,6 +21,7 @@ import argparse
 import ast
 import itertools
 import json
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,9 +30,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from mtlearn.course import DONE, course_notebooks, run_notebook
+from mtlearn.course import CELL_TIMEOUT_S, DONE, course_notebooks, run_notebook
 from mtlearn.notebook import flatten_metrics
-from mtlearn.utils import check_folder, write_text
+from mtlearn.utils import check_folder, is_int, write_text
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,11 @@ def grid(notebooks: list[Path], parameters: dict[str, list[Any]], seeds: list[in
         raise ValueError("the grid needs at least one notebook")
     if not seeds:
         raise ValueError("the grid needs at least one seed, e.g. seeds=[0]")
+    bad = [s for s in seeds if not is_int(s) or s < 0]
+    if bad:  # now, not in every run's kernel
+        raise ValueError(f"seeds must be integers >= 0, got {bad}")
+    if len(set(seeds)) != len(seeds):  # one run counted twice: a mean of n, a std of 0 for nothing
+        raise ValueError(f"seeds repeat: {sorted(s for s in set(seeds) if list(seeds).count(s) > 1)}; give each once")
     for name, values in parameters.items():
         if name in GRID_PARAMETERS:
             raise ValueError(f"parameter {name!r} is set by the grid, not swept: {GRID_PARAMETERS[name]}")
@@ -93,6 +99,11 @@ def grid(notebooks: list[Path], parameters: dict[str, list[Any]], seeds: list[in
         if not values:
             raise ValueError(f"parameter {name!r} has no values, so the grid would have no runs; "
                              f"give at least one, e.g. {{{name!r}: [value]}}")
+        shown = [repr(v) for v in values]  # values may be lists, which do not hash
+        if len(set(shown)) != len(shown):
+            repeated = [v for v in dict.fromkeys(shown) if shown.count(v) > 1]
+            raise ValueError(f"parameter {name!r} repeats a value ({repeated}); give each once: the same run "
+                             "would count twice")
     names = sorted(parameters)
     for nb in notebooks:
         _check_parameters(Path(nb), parameters)
@@ -138,8 +149,14 @@ def _check_parameters(notebook: Path, parameters: dict[str, list[Any]]) -> None:
                              f"{wrong[0]!r} is text. Give one such value per run, e.g. --set \"{name}={example}\"")
 
 
-def run_grid(specs: list[RunSpec], out_root: str | Path, *, progress: bool = True) -> pd.DataFrame:
-    """Run every spec not yet complete; return a status table (one row per run)."""
+def run_grid(specs: list[RunSpec], out_root: str | Path, *, progress: bool = True,
+             cell_timeout: float | None | str = "auto") -> pd.DataFrame:
+    """Run every spec not yet complete; return a status table (one row per run).
+
+    cell_timeout: seconds one cell may run before its run is stopped as failed (a kernel whose reply
+    was lost would otherwise hang the whole grid); "auto": the course runner's default for each
+    run's profile (CELL_TIMEOUT_S: an hour, none for paper); None: no limit.
+    """
     from tqdm.auto import tqdm
 
     out_root = Path(out_root)
@@ -149,7 +166,8 @@ def run_grid(specs: list[RunSpec], out_root: str | Path, *, progress: bool = Tru
         if spec.is_complete(out_root):
             rows.append({"notebook": spec.notebook.stem, "run": spec.name, "status": "skipped (done)", "seconds": 0.0})
             continue
-        result = run_notebook(spec.notebook, folder, dict(spec.parameters))
+        timeout = CELL_TIMEOUT_S.get(dict(spec.parameters)["profile"]) if cell_timeout == "auto" else cell_timeout
+        result = run_notebook(spec.notebook, folder, dict(spec.parameters), cell_timeout=timeout)
         if not result.ok:  # result.out_dir: the failed run's staging folder; `folder` keeps any earlier run
             (result.out_dir / "error.txt").write_text(result.error + "\n")
         rows.append({"notebook": spec.notebook.stem, "run": spec.name,
@@ -186,7 +204,8 @@ def summarise(table: pd.DataFrame, by: list[str], metrics: list[str]) -> pd.Data
     missing = [m for m in [*by, *metrics] if m not in table.columns]
     if missing:
         raise ValueError(f"columns {missing} are not in the table; available: {list(table.columns)}")
-    return table.groupby(by)[metrics].agg(["mean", "std", "count"])
+    # dropna=False: a run whose group could not be read (NaN) stays in the table, under NaN
+    return table.groupby(by, dropna=False)[metrics].agg(["mean", "std", "count"])
 
 
 def plot_spread(table: pd.DataFrame, by: str, metric: str, title: str = "", ylabel: str | None = None):
@@ -200,11 +219,13 @@ def plot_spread(table: pd.DataFrame, by: str, metric: str, title: str = "", ylab
     """
     import matplotlib.pyplot as plt
 
-    groups = list(dict.fromkeys(table[by]))
+    # in table order; a run whose group is missing (NaN, never equal to itself) is its own "nan" group
+    grouped = list(table.groupby(by, sort=False, dropna=False)[metric])
+    groups = [group for group, _ in grouped]
     fig, ax = plt.subplots(figsize=(1.2 * len(groups) + 3.5, 3.2))
     means = 0  # mean lines drawn: the first one names the line in the legend
-    for i, group in enumerate(groups):
-        values = table.loc[table[by] == group, metric].to_numpy(dtype=float)
+    for i, (_, column) in enumerate(grouped):
+        values = column.to_numpy(dtype=float)
         offsets = np.linspace(-0.15, 0.15, len(values)) if len(values) > 1 else np.zeros(len(values))
         ax.scatter(i + offsets, values, color="tab:blue", zorder=3, s=16, label="a run (seed)" if i == 0 else None)
         if np.isfinite(values).any():  # a group of failed runs (NaN) has no mean
@@ -248,7 +269,7 @@ def _parse_set(text: str) -> tuple[str, list[Any]]:
                                                  "brackets, and quote the strings inside (['fixed'], not [fixed])") from None
             return v
 
-    return name.strip(), [literal(v) for v in values.split(",")]
+    return name.strip(), [literal(v.strip()) for v in values.split(",")]  # "busi, synthetic": no ' synthetic'
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -259,7 +280,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", dest="sets", action="append", type=_parse_set, default=[],
                         metavar="NAME=V1,V2", help="a notebook parameter and the values to sweep")
     parser.add_argument("--out", type=Path, default=Path("outputs") / "experiments")
+    parser.add_argument("--cell-timeout", type=float, default=None, metavar="SECONDS",
+                        help="stop a run whose cell runs longer than this (default: 3600, none for the paper "
+                             "profile; 0: no limit)")
     args = parser.parse_args(argv)
+    if args.cell_timeout is not None and not 0 <= args.cell_timeout < math.inf:
+        parser.error(f"--cell-timeout must be a number of seconds > 0 (0: no limit), got {args.cell_timeout:g}")
+    cell_timeout = "auto" if args.cell_timeout is None else args.cell_timeout or None
 
     from mtlearn.notebook import resolve_profile
 
@@ -284,13 +311,16 @@ def main(argv: list[str] | None = None) -> int:
         specs = grid(notebooks, dict(args.sets), args.seeds, profile)
     except ValueError as error:  # e.g. --set seed=5, or a name the notebook lacks: a usage error, not a traceback
         parser.error(str(error))
-    status = run_grid(specs, args.out)
+    status = run_grid(specs, args.out, cell_timeout=cell_timeout)
     print(status.to_string(index=False))
     table = collect(args.out, specs)  # this grid's runs only, not those of earlier grids in --out
+    path = args.out / "results.csv"
     if not table.empty:
-        path = args.out / "results.csv"
         write_text(table.to_csv(index=False), path)  # atomic: a crash while writing keeps the previous file
         print(f"\n{len(table)} results collected into {path}")
+    elif path.exists():  # an earlier grid's: left in place, it would pass for this one's
+        path.unlink()
+        print(f"\nno run of this grid finished; removed the earlier grid's {path}")
     return 0 if not status["status"].str.startswith("failed").any() else 1
 
 

@@ -63,6 +63,10 @@ def show_items(items: Sequence[dict], keys: Sequence[str] = ("image", "mask"), c
     0 black and 1 (or the largest class) white.
     """
     items = list(items)[:max_items]
+    missing = [key for key in keys if items and key not in items[0]]
+    if missing:  # e.g. the default "mask" row for a classification-only dataset (BreastMNIST)
+        raise ValueError(f"the items have no {missing}; their keys are {sorted(items[0])}: pass keys=, "
+                         f"e.g. keys=('image',)")
     fig, axes = plt.subplots(len(keys), len(items), figsize=(1.9 * len(items), 1.9 * len(keys)), squeeze=False)
     for col, item in enumerate(items):
         pictures = {key: _image(item[key]) for key in keys}
@@ -82,7 +86,7 @@ def show_items(items: Sequence[dict], keys: Sequence[str] = ("image", "mask"), c
                 label = item.get("label")
                 name = class_names[int(label)] if class_names is not None and label is not None else label
                 extra = " +artifact" if int(item.get("artifact", 0)) else ""
-                ax.set_title(f"{name}{extra}", fontsize=9)
+                ax.set_title(f"{'' if name is None else name}{extra}", fontsize=9)  # no label: no "None"
             if col == 0:
                 ax.set_ylabel(key)
     fig.suptitle(title)
@@ -223,7 +227,8 @@ def bar_table(table, metrics: Sequence[str], title: str = "", errors=None, fmt: 
         values = np.asarray(table[metric], dtype=float)
         x = np.arange(len(values))
         present = np.isfinite(values)
-        err = np.asarray(errors[metric], dtype=float)[present] if errors is not None else None
+        # matched to the bars by row name, not position: a std table from summarise comes out sorted
+        err = errors[metric].reindex(table.index).to_numpy(dtype=float)[present] if errors is not None else None
         spans = np.nan_to_num(np.abs(err)) if err is not None else np.zeros(int(present.sum()))
         ax.bar(x[present], values[present], yerr=err, color="tab:blue", alpha=0.8, capsize=3)
         bottom, top, zoomed = _bar_range(values[present], spans)

@@ -30,7 +30,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from mtlearn.data import DATASETS
-from mtlearn.engine import TrainConfig, evaluate, fit
+from mtlearn.engine import NonFiniteLossError, NonFiniteWeightsError, TrainConfig, evaluate, fit
 from mtlearn.losses import TASKS
 from mtlearn.utils import is_distributed, is_main_process, pick_device, seed_everything, write_json
 from mtlearn.weighting import WEIGHTINGS
@@ -264,6 +264,9 @@ def main(argv: list[str] | None = None) -> dict:
     except (ValueError, FileNotFoundError) as error:  # bad data or options found once running: no traceback
         print(f"python -m mtlearn.train: error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
+    except (NonFiniteLossError, NonFiniteWeightsError) as error:  # the run diverged; its message names the fix
+        print(f"python -m mtlearn.train: training stopped: {error}", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

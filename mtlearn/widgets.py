@@ -24,7 +24,8 @@ class DatasetExplorer:
         if len(dataset) == 0:
             raise ValueError("DatasetExplorer needs a non-empty dataset")
         self.dataset = dataset
-        self.class_names = class_names or getattr(dataset, "class_names", None)
+        # a NumPy array of names has no truth value: `class_names or ...` raised
+        self.class_names = list(class_names) if class_names is not None else getattr(dataset, "class_names", None)
         first = dataset[0]
         self.index = widgets.IntSlider(0, 0, len(dataset) - 1, description="item", continuous_update=False)
         self.show = widgets.Dropdown(options=[k for k in ("image", "clean") if k in first], description="show")

@@ -558,6 +558,11 @@ def test_viewer_offers_lesion_targets_only_where_the_data_has_masks(model, data)
     assert math.isnan(viewer.state["mask_share"])
 
 
+def test_viewer_takes_class_names_as_a_numpy_array(model, data):
+    viewer = A.AttributionExplorer(model, data, methods=("saliency",), class_names=np.array(["n", "b", "m"]))
+    assert [label for label, _ in viewer.target.options] == ["predicted class", "n", "b", "m"]
+
+
 def test_viewer_points_with_its_tolerance_and_closes_its_figures(model, data):
     plt.close("all")
     hits = {}

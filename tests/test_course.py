@@ -149,6 +149,9 @@ def test_command_line_profile_and_device(monkeypatch, capsys):
     with pytest.raises(SystemExit):  # ... and so does a bad seed, with the notebooks' own message
         main(["--seed", "-1", "--only", "00"])
     assert "seed must be a non-negative integer below 2**32, got -1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # a bare --only (an empty shell variable) ran every notebook
+        main(["--only"])
+    assert "--only: expected at least one argument" in capsys.readouterr().err
 
 
 def test_command_line_names_an_out_that_is_a_file(tmp_path, monkeypatch, capsys):

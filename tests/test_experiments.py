@@ -353,3 +353,58 @@ def test_command_line_refuses_a_bad_profile_and_notebooks_that_match_nothing(not
         main(["--notebooks", "1", "--out", str(tmp_path / "grid")])
     assert stop.value.code == 2
     assert f"no notebook in {tmp_path} matches ['1']" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("seeds, parameters, message", [
+    ([0, 0], {}, r"seeds repeat: \[0\]; give each once"),  # one run counted twice: n 2, std 0
+    ([-1], {}, r"seeds must be integers >= 0, got \[-1\]"),
+    ([1.5], {}, r"seeds must be integers >= 0, got \[1.5\]"),
+    ([0], {"scale": [1, 1]}, r"parameter 'scale' repeats a value \(\['1'\]\)"),
+])
+def test_grid_refuses_seeds_and_values_that_repeat_or_cannot_seed(notebooks, seeds, parameters, message):
+    with pytest.raises(ValueError, match=message):
+        grid(notebooks, parameters, seeds=seeds, profile="smoke")
+
+
+def test_set_drops_the_spaces_after_commas():
+    assert _parse_set("dataset=busi, synthetic") == ("dataset", ["busi", "synthetic"])
+
+
+def test_runs_whose_group_is_missing_are_kept_in_the_summary_and_the_plot():
+    """A run whose weighting could not be read (NaN) is a run: pandas' groupby would drop it silently."""
+    table = pd.DataFrame({"weighting": ["fixed", None, "fixed"], "score": [1.0, 3.0, 2.0]})
+    summary = summarise(table, ["weighting"], ["score"])
+    assert summary[("score", "count")].sum() == 3 and summary[("score", "mean")].isna().sum() == 0
+    from matplotlib.collections import PathCollection
+
+    ax = plot_spread(table, "weighting", "score").axes[0]
+    dots = [np.asarray(c.get_offsets())[:, 1].tolist() for c in ax.collections if isinstance(c, PathCollection)]
+    assert dots == [[1.0, 2.0], [3.0]] and [t.get_text() for t in ax.get_xticklabels()] == ["fixed", "nan"]
+    plt.close("all")
+
+
+def test_command_line_removes_an_earlier_grids_results_when_no_run_finished(notebooks, tmp_path, monkeypatch,
+                                                                            capsys):
+    monkeypatch.setattr(experiments, "course_notebooks", lambda: notebooks)
+    out = tmp_path / "grid"
+    assert main(["--notebooks", "01", "--set", "scale=1", "--out", str(out)]) == 0
+    assert (out / "results.csv").exists()
+    assert main(["--notebooks", "01", "--set", "scale=-1", "--out", str(out)]) == 1
+    assert not (out / "results.csv").exists() and "removed the earlier grid's" in capsys.readouterr().out
+
+
+def test_every_run_of_a_grid_has_its_profiles_cell_timeout(notebooks, tmp_path, monkeypatch):
+    """A kernel whose reply is lost would hang the whole grid: each run gets the course runner's limit."""
+    seen = []
+
+    def fake_run(notebook, out_dir, parameters, cell_timeout=None):
+        seen.append((parameters["profile"], cell_timeout))
+        raise KeyboardInterrupt  # stop after the first run: only the limit it was given matters here
+
+    monkeypatch.setattr(experiments, "run_notebook", fake_run)
+    for profile, expected in (("smoke", 3600.0), ("paper", None)):
+        with pytest.raises(KeyboardInterrupt):
+            run_grid(grid(notebooks[:1], {}, seeds=[0], profile=profile), tmp_path, progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        run_grid(grid(notebooks[:1], {}, seeds=[0], profile="smoke"), tmp_path, progress=False, cell_timeout=5)
+    assert seen == [("smoke", 3600.0), ("paper", None), ("smoke", 5)]

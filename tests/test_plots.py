@@ -132,6 +132,26 @@ def test_bar_table_zooms_in_on_close_scores_and_draws_the_error_bars():
     assert [t.get_text() for t in ax.get_xticklabels()] == ["a", "b"] and ax.get_ylabel() == "dice (axis from 0.4)"
 
 
+def test_bar_table_matches_the_error_bars_to_the_rows_by_name():
+    """A std table from summarise comes out sorted: pcgrad's spread must not land on fixed's bar."""
+    table = pd.DataFrame({"dice": [0.5, 0.8]}, index=["fixed", "pcgrad"])
+    errors = pd.DataFrame({"dice": [0.3, 0.01]}, index=["pcgrad", "fixed"])
+    from matplotlib.container import ErrorbarContainer
+
+    ax = plots.bar_table(table, ["dice"], errors=errors).axes[0]
+    (bars,) = [c for c in ax.containers if isinstance(c, ErrorbarContainer)]
+    spans = [sorted(segment[:, 1].tolist()) for segment in bars.lines[2][0].get_segments()]
+    assert spans == [pytest.approx([0.49, 0.51]), pytest.approx([0.5, 1.1])]
+
+
+def test_show_items_names_a_missing_row_and_leaves_no_none_title():
+    items = [{"image": torch.rand(1, 8, 8)}]  # BreastMNIST-like: no mask, and here no label
+    with pytest.raises(ValueError, match=r"the items have no \['mask'\]; .* pass keys=, e.g. keys=\('image',\)"):
+        plots.show_items(items)
+    fig = plots.show_items(items, keys=("image",))
+    assert fig.axes[0].get_title() == ""
+
+
 def test_bar_table_keeps_zero_in_view_for_values_above_one():
     """Parameter counts 100 vs 200: zooming to just below 100 would draw them as about 0 vs 100."""
     table = pd.DataFrame({"params": [100.0, 200.0], "psnr": [30.1, 30.4]}, index=["a", "b"])

@@ -86,6 +86,14 @@ def test_errors_found_while_running_are_messages_not_tracebacks(tmp_path, capsys
     assert "its weights do not fit this model" in capsys.readouterr().err
 
 
+def test_a_run_that_diverges_ends_with_a_message_not_a_traceback(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main([*SMOKE, "--epochs", "2", "--limit", "8", "--lr", "1e8", "--out-dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 1 and "python -m mtlearn.train: training stopped: " in err
+    assert "Traceback" not in err and "learning rate" in err
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("weighting", ["uncertainty", "pcgrad"])
 def test_torchrun_two_processes_stay_in_sync(weighting, tmp_path):

@@ -105,3 +105,10 @@ def test_the_artifact_outline_is_drawn_around_the_artifact():
     explorer.artifact.value = True
     (outline,) = explorer.figure.axes[0].collections
     assert outline.get_paths()[0].vertices.min(axis=0).tolist() == [9.5, 9.5]  # the artifact, not the lesion at 4
+
+
+def test_explorer_takes_class_names_as_a_numpy_array():
+    """`class_names or ...` raised "truth value of an array is ambiguous"."""
+    explorer = DatasetExplorer(fake_items(), class_names=np.array(["normal", "benign", "malignant"]))
+    explorer.index.value = 2
+    assert explorer.class_names == ["normal", "benign", "malignant"]
