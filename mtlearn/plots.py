@@ -100,9 +100,12 @@ def learning_curves(histories: dict[str, "object"], metric: str, title: str = ""
     histories: {run name: a `History` from `fit`, or its `.records` (a list of per-epoch dicts with
     "epoch")}; epochs without `metric` are left out.
     """
+    records = {name: getattr(rows, "records", rows) for name, rows in histories.items()}
+    if not any(metric in r for rows in records.values() for r in rows):  # a misspelt key: empty axes
+        keys = sorted({k for rows in records.values() for r in rows for k in r})
+        raise ValueError(f"no run recorded {metric!r}; the records hold {keys}")
     fig, ax = plt.subplots(figsize=(5.5, 3.5))
-    for name, rows in histories.items():
-        rows = getattr(rows, "records", rows)
+    for name, rows in records.items():
         xs = [r["epoch"] for r in rows if metric in r]
         ys = [r[metric] for r in rows if metric in r]
         ax.plot(xs, ys, marker="o", ms=3, label=name)
@@ -158,6 +161,9 @@ def roc_curves(labels, scores, class_names: Sequence[str], title: str = "ROC (on
     from sklearn.metrics import roc_auc_score, roc_curve
 
     labels, scores = np.asarray(labels), np.asarray(scores)
+    if not np.isfinite(scores).all():  # scikit-learn's own error says only "Input contains NaN"
+        raise ValueError(f"{int((~np.isfinite(scores)).any(axis=1).sum())} of {len(scores)} rows of scores are not "
+                         "finite (NaN or inf): the model's outputs diverged; evaluate a checkpoint with finite weights")
     fig, ax = plt.subplots(figsize=(4, 3.6))
     for c, name in enumerate(class_names):
         positive = labels == c

@@ -82,9 +82,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("epochs", "batch_size", "image_size"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.image_size % 16:
+    if args.image_size % 16:  # the synthetic data is at least 32 px: never suggest a size it refuses
         parser.error(f"--image-size must be a multiple of 16 (the network's stride), got {args.image_size}; "
-                     f"try {max(16, round(args.image_size / 16) * 16)}")
+                     f"try {max(32, round(args.image_size / 16) * 16)}")
     if not (math.isfinite(args.lr) and args.lr > 0):  # "inf" parses as a float and is > 0
         parser.error(f"--lr must be positive and finite, got {args.lr}")
     if args.num_workers < 0:
@@ -117,6 +117,8 @@ def _parse_task_weights(parser, items: list[str] | None, tasks: list[str]) -> di
     weights = {}
     for item in items:
         task, _, value = item.partition("=")
+        if task in weights:  # seg=1 ... seg=2: the last would win silently
+            parser.error(f"--task-weights gives {task!r} twice ({weights[task]:g} and {value}); give each task once")
         try:
             weights[task] = float(value)
         except ValueError:

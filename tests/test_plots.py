@@ -249,3 +249,15 @@ def test_task_colours_are_fixed_for_the_course_tasks():
     assert plots.task_colours(["cls", "seg", "recon", "total"]) == {
         "cls": "tab:orange", "seg": "tab:blue", "recon": "tab:green", "total": "black"}
     assert plots.task_colours(["depth", "seg", "lr"]) == {"depth": "tab:red", "seg": "tab:blue", "lr": "tab:purple"}
+
+
+def test_learning_curves_name_a_metric_no_run_recorded():
+    records = [{"epoch": 1, "val/seg/dice": 0.5}, {"epoch": 2, "val/seg/dice": 0.6}]
+    with pytest.raises(ValueError, match=r"no run recorded 'val/seg/dic'; the records hold \['epoch', 'val/seg/"):
+        plots.learning_curves({"run": records}, "val/seg/dic")
+
+
+def test_roc_curves_say_that_the_scores_are_not_finite():
+    scores = np.array([[0.1, 0.9], [np.nan, np.nan], [0.8, 0.2]])
+    with pytest.raises(ValueError, match=r"1 of 3 rows of scores are not finite"):
+        plots.roc_curves([1, 0, 0], scores, ["benign", "malignant"])

@@ -42,6 +42,8 @@ def test_defaults_name_the_output_folder():
     (["--limit", "2"], "--limit must be >= 4"),
     (["--dataset", "nope"], "invalid choice: 'nope'"),
     (["--image-size", "60"], "--image-size must be a multiple of 16 (the network's stride), got 60; try 64"),
+    (["--image-size", "20"], "got 20; try 32"),  # not 16, which the synthetic data refuses (>= 32)
+    (["--task-weights", "seg=1", "seg=2", "cls=1"], "--task-weights gives 'seg' twice (1 and 2); give each task once"),
     (["--lr", "-1"], "--lr must be positive"),
     (["--lr", "inf"], "--lr must be positive and finite"),
     (["--num-workers", "-1"], "--num-workers must be >= 0"),
