@@ -208,6 +208,15 @@ def notebook_parameters(profile: str, seed: int | None = None, device: str = "au
     return params
 
 
+def resolve_cell_timeout(seconds: float | None, profile: str) -> float | None:
+    """--cell-timeout as run_notebook takes it: None -> the profile's default (CELL_TIMEOUT_S), 0 -> no
+    limit (None); anything else must be a finite number of seconds > 0."""
+    cell_timeout = CELL_TIMEOUT_S.get(profile) if seconds is None else seconds or None
+    if cell_timeout is not None and not 0 < cell_timeout < math.inf:
+        raise ValueError(f"--cell-timeout must be a number of seconds > 0 (0: no limit), got {seconds:g}")
+    return cell_timeout
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mtlearn.course", description=__doc__.split("\n\n")[0])
     parser.add_argument("--profile", default=None,
@@ -233,9 +242,10 @@ def main(argv: list[str] | None = None) -> int:
             seed_everything(args.seed)
     except (ValueError, RuntimeError) as error:
         parser.error(str(error))
-    cell_timeout = CELL_TIMEOUT_S.get(profile) if args.cell_timeout is None else args.cell_timeout or None
-    if cell_timeout is not None and not 0 < cell_timeout < math.inf:
-        parser.error(f"--cell-timeout must be a number of seconds > 0 (0: no limit), got {args.cell_timeout:g}")
+    try:
+        cell_timeout = resolve_cell_timeout(args.cell_timeout, profile)
+    except ValueError as error:
+        parser.error(str(error))
     try:
         notebooks = course_notebooks()
     except FileNotFoundError as error:

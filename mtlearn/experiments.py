@@ -21,7 +21,6 @@ import argparse
 import ast
 import itertools
 import json
-import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +29,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from mtlearn.course import CELL_TIMEOUT_S, DONE, course_notebooks, run_notebook
+from mtlearn.course import CELL_TIMEOUT_S, DONE, course_notebooks, resolve_cell_timeout, run_notebook
 from mtlearn.notebook import flatten_metrics
 from mtlearn.utils import check_folder, is_int, write_text
 
@@ -284,14 +283,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="stop a run whose cell runs longer than this (default: 3600, none for the paper "
                              "profile; 0: no limit)")
     args = parser.parse_args(argv)
-    if args.cell_timeout is not None and not 0 <= args.cell_timeout < math.inf:
-        parser.error(f"--cell-timeout must be a number of seconds > 0 (0: no limit), got {args.cell_timeout:g}")
-    cell_timeout = "auto" if args.cell_timeout is None else args.cell_timeout or None
 
     from mtlearn.notebook import resolve_profile
 
     try:
         profile = resolve_profile(args.profile)
+        cell_timeout = resolve_cell_timeout(args.cell_timeout, profile)  # every run of a grid has its profile
     except ValueError as error:
         parser.error(str(error))
     try:

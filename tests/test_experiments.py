@@ -408,3 +408,12 @@ def test_every_run_of_a_grid_has_its_profiles_cell_timeout(notebooks, tmp_path, 
     with pytest.raises(KeyboardInterrupt):
         run_grid(grid(notebooks[:1], {}, seeds=[0], profile="smoke"), tmp_path, progress=False, cell_timeout=5)
     assert seen == [("smoke", 3600.0), ("paper", None), ("smoke", 5)]
+
+
+@pytest.mark.parametrize("value", ["-5", "nan", "inf"])
+def test_command_line_names_a_bad_cell_timeout(notebooks, tmp_path, monkeypatch, capsys, value):
+    monkeypatch.setattr(experiments, "course_notebooks", lambda: notebooks)
+    monkeypatch.setattr(experiments, "run_notebook", lambda *a, **k: pytest.fail("a run started"))
+    with pytest.raises(SystemExit):
+        main(["--notebooks", "01", "--cell-timeout", value, "--out", str(tmp_path)])
+    assert "--cell-timeout must be a number of seconds > 0 (0: no limit)" in capsys.readouterr().err
