@@ -6,12 +6,15 @@ save it with `run.save_figure(fig, name)`.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
+
+from mtlearn.utils import is_int
 
 TASK_COLOURS = {"seg": "tab:blue", "cls": "tab:orange", "recon": "tab:green", "total": "black"}  # in every panel
 SPARE_COLOURS = ("tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan")  # other names, in order
@@ -27,22 +30,47 @@ def task_colours(names: Sequence[str]) -> dict[str, str]:
     return colours
 
 
-def _image(x) -> np.ndarray:
-    """(C, H, W) or (H, W) tensor/array -> (H, W) or (H, W, 3) array for imshow."""
+def _image(x, name: str = "image") -> np.ndarray:
+    """(C, H, W) or (H, W) tensor/array -> (H, W) or (H, W, 3) array for imshow (C 1, or 3 and more:
+    the first three drawn as RGB)."""
     x = x.detach().cpu().float().numpy() if isinstance(x, torch.Tensor) else np.asarray(x, dtype=np.float32)
+    if x.ndim == 3 and x.shape[0] not in (1, 3) and x.shape[-1] in (1, 3, 4):  # e.g. an array from a PNG
+        raise ValueError(f"{name} must be (C, H, W) or (H, W), got the channels-last shape {x.shape}: "
+                         f"pass it as (C, H, W), e.g. torch.as_tensor({name}).permute(2, 0, 1)")
+    if x.ndim not in (2, 3) or (x.ndim == 3 and x.shape[0] == 2) or min(x.shape[-2:], default=0) == 0:
+        raise ValueError(f"{name} must be a non-empty (C, H, W) array with 1 or 3 channels, or (H, W); "
+                         f"got shape {x.shape}")
     if x.ndim == 3:
         x = x[0] if x.shape[0] == 1 else np.moveaxis(x[:3], 0, -1)
+    return x
+
+
+def _outline(x, name: str, size: tuple[int, int]) -> np.ndarray:
+    """A mask or predicted mask, (H, W) or (1, H, W), as the (H, W) array an outline is drawn from."""
+    x = x.detach().cpu().float().numpy() if isinstance(x, torch.Tensor) else np.asarray(x, dtype=np.float32)
+    if x.ndim == 3 and x.shape[0] == 1:
+        x = x[0]
+    if x.ndim != 2:  # e.g. the seg head's (num_classes, H, W) scores
+        raise ValueError(f"{name} must be one (H, W) or (1, H, W) mask, got shape {x.shape}; for a seg "
+                         f"head's scores pass the classes, out['seg'][i].argmax(0)")
+    if x.shape != size:  # drawn at another size, the outline would sit in the wrong place
+        raise ValueError(f"{name} is {x.shape[0]}x{x.shape[1]} but the image is {size[0]}x{size[1]}: "
+                         f"resize one to the other (nearest neighbour for a mask) before drawing")
     return x
 
 
 def overlay(ax, image, mask=None, prediction=None, title: str = "") -> None:
     """Draw `image` in grey with the true `mask` outline (green, solid) and a `prediction` outline
     (magenta, dashed): told apart by the line as well as the colour, for red-green colour blindness."""
-    ax.imshow(_image(image), cmap="gray")
-    if mask is not None:
-        ax.contour(_image(mask), levels=[0.5], colors="lime", linewidths=1.0)
-    if prediction is not None:
-        ax.contour(_image(prediction), levels=[0.5], colors="magenta", linewidths=1.2, linestyles="--")
+    picture = _image(image)
+    size = picture.shape[:2]
+    outlines = {key: _outline(value, key, size) for key, value in (("mask", mask), ("prediction", prediction))
+                if value is not None}  # checked before anything is drawn
+    ax.imshow(picture, cmap="gray")
+    if "mask" in outlines:
+        ax.contour(outlines["mask"], levels=[0.5], colors="lime", linewidths=1.0)
+    if "prediction" in outlines:
+        ax.contour(outlines["prediction"], levels=[0.5], colors="magenta", linewidths=1.2, linestyles="--")
     ax.set_title(title, fontsize=9)
     ax.set_xticks([])
     ax.set_yticks([])
@@ -62,8 +90,15 @@ def show_items(items: Sequence[dict], keys: Sequence[str] = ("image", "mask"), c
     for pixel: the same grey is the same value. Rows whose key ends in "mask" are drawn as masks,
     0 black and 1 (or the largest class) white.
     """
-    items = list(items)[:max_items]
-    missing = [key for key in keys if items and key not in items[0]]
+    if not is_int(max_items) or max_items < 1:
+        raise ValueError(f"max_items must be an int >= 1, got {max_items!r}")
+    keys = tuple(keys)
+    if not keys:
+        raise ValueError("keys is empty: name the rows to draw, e.g. keys=('image', 'mask')")
+    items = list(itertools.islice(items, max_items))  # a whole dataset is not rendered to show 8 items
+    if not items:
+        raise ValueError("there are no items to show (an empty list or dataset)")
+    missing = [key for key in keys if key not in items[0]]
     if missing:  # e.g. the default "mask" row for a classification-only dataset (BreastMNIST)
         raise ValueError(f"the items have no {missing}; their keys are {sorted(items[0])}: pass keys=, "
                          f"e.g. keys=('image',)")
@@ -118,20 +153,28 @@ def learning_curves(histories: dict[str, "object"], metric: str, title: str = ""
     return fig
 
 
+def _classes(name: str, values, k: int) -> np.ndarray:
+    """`values` as a non-empty (N,) integer array of classes in 0..k-1, or a ValueError saying what is wrong.
+
+    A -1 (an "ignore" label) would otherwise be counted silently: in the last class of a confusion
+    matrix, as a negative of every class in a ROC curve.
+    """
+    values = np.asarray(values)
+    malformed = values.ndim != 1 or values.size == 0 or values.dtype.kind not in "iu"
+    if malformed or not 0 <= values.min() <= values.max() < k:
+        raise ValueError(f"{name} must be a non-empty 1-D array of integer classes in 0..{k - 1} "
+                         f"({k} class names), got shape {values.shape}, dtype {values.dtype}"
+                         + (f", values {values.min()}..{values.max()}" if values.size else ""))
+    return values
+
+
 def confusion_matrix(labels, predictions, class_names: Sequence[str], title: str = "Confusion matrix"):
     """Counts of true (rows) vs predicted (columns) classes, annotated.
 
     labels, predictions: (N,) integers in 0..len(class_names) - 1.
     """
-    labels, predictions = np.asarray(labels), np.asarray(predictions)
     k = len(class_names)
-    for name, values in (("labels", labels), ("predictions", predictions)):
-        # a -1 (an "ignore" label) would be counted silently in the last class
-        malformed = values.ndim != 1 or values.size == 0 or values.dtype.kind not in "iu"
-        if malformed or not 0 <= values.min() <= values.max() < k:
-            raise ValueError(f"{name} must be a non-empty 1-D array of integer classes in 0..{k - 1} "
-                             f"({k} class names), got shape {values.shape}, dtype {values.dtype}"
-                             + (f", values {values.min()}..{values.max()}" if values.size else ""))
+    labels, predictions = _classes("labels", labels, k), _classes("predictions", predictions, k)
     if len(labels) != len(predictions):
         raise ValueError(f"labels and predictions must have one entry per image, got {len(labels)} and "
                          f"{len(predictions)}")
@@ -160,15 +203,19 @@ def roc_curves(labels, scores, class_names: Sequence[str], title: str = "ROC (on
     """
     from sklearn.metrics import roc_auc_score, roc_curve
 
-    labels, scores = np.asarray(labels), np.asarray(scores)
+    labels, scores = _classes("labels", labels, len(class_names)), np.asarray(scores)
+    if scores.shape != (len(labels), len(class_names)):  # e.g. a binary model's (N,) scores
+        raise ValueError(f"scores must be (N, K) = ({len(labels)}, {len(class_names)}): one column per class "
+                         f"name, one row per label; got shape {scores.shape}")
     if not np.isfinite(scores).all():  # scikit-learn's own error says only "Input contains NaN"
         raise ValueError(f"{int((~np.isfinite(scores)).any(axis=1).sum())} of {len(scores)} rows of scores are not "
                          "finite (NaN or inf): the model's outputs diverged; evaluate a checkpoint with finite weights")
     fig, ax = plt.subplots(figsize=(4, 3.6))
     for c, name in enumerate(class_names):
         positive = labels == c
-        if positive.all() or not positive.any():
-            continue  # AUC is undefined for a class absent from (or alone in) the labels
+        if positive.all() or not positive.any():  # AUC is undefined: say so rather than drop the class
+            ax.plot([], [], " ", label=f"{name} (no AUC: {'every' if positive.all() else 'no'} label)")
+            continue
         fpr, tpr, _ = roc_curve(positive, scores[:, c])
         ax.plot(fpr, tpr, label=f"{name} (AUC {roc_auc_score(positive, scores[:, c]):.2f})")
     ax.plot([0, 1], [0, 1], "k:", lw=1)
@@ -228,6 +275,13 @@ def bar_table(table, metrics: Sequence[str], title: str = "", errors=None, fmt: 
     """
     from matplotlib.transforms import blended_transform_factory
 
+    metrics = [metrics] if isinstance(metrics, str) else list(metrics)  # "dice" is one metric, not four
+    if not metrics:
+        raise ValueError("metrics is empty: name the columns to draw, e.g. metrics=['dice', 'accuracy']")
+    for name, frame in (("table", table), ("errors", errors)):
+        missing = [metric for metric in metrics if frame is not None and metric not in frame.columns]
+        if missing:  # checked before a figure is opened, so a failed call leaves none behind
+            raise ValueError(f"{name} has no column {missing}; its columns are {list(frame.columns)}")
     fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 3.4), squeeze=False)
     for ax, metric in zip(axes[0], metrics):
         values = np.asarray(table[metric], dtype=float)

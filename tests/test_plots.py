@@ -34,9 +34,10 @@ def test_confusion_matrix_refuses_labels_it_cannot_count(labels, predictions, ma
 def test_roc_curves_one_line_per_present_class():
     labels = np.array([0, 1, 0, 1])
     probs = np.array([[0.9, 0.1, 0.0], [0.2, 0.8, 0.0], [0.7, 0.3, 0.0], [0.4, 0.6, 0.0]])
-    fig = plots.roc_curves(labels, probs, ["a", "b", "c"])  # class c absent: no curve for it
+    fig = plots.roc_curves(labels, probs, ["a", "b", "c"])  # class c absent: no curve, but a legend entry
     legend = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
-    assert legend == ["a (AUC 1.00)", "b (AUC 1.00)"]
+    assert legend == ["a (AUC 1.00)", "b (AUC 1.00)", "c (no AUC: no label)"]
+    assert len([line for line in fig.axes[0].lines if len(line.get_xdata())]) == 3  # two curves + the diagonal
 
 
 def test_show_items_grid_shape_and_titles():
@@ -261,3 +262,90 @@ def test_roc_curves_say_that_the_scores_are_not_finite():
     scores = np.array([[0.1, 0.9], [np.nan, np.nan], [0.8, 0.2]])
     with pytest.raises(ValueError, match=r"1 of 3 rows of scores are not finite"):
         plots.roc_curves([1, 0, 0], scores, ["benign", "malignant"])
+
+
+@pytest.mark.parametrize("labels, scores, match", [
+    ([0, 1, -1], np.full((3, 3), 0.5), "labels must be .* in 0..2"),  # -1 would be a negative of every class
+    ([0.0, 1.0, 2.0], np.full((3, 3), 0.5), "integer classes"),
+    ([0, 1, 2], np.full(3, 0.5), r"scores must be \(N, K\) = \(3, 3\).*shape \(3,\)"),  # a binary model's
+    ([0, 1, 2], np.full((3, 2), 0.5), r"one column per class name.*shape \(3, 2\)"),
+])
+def test_roc_curves_refuse_labels_and_scores_they_cannot_read(labels, scores, match):
+    import matplotlib.pyplot as plt
+
+    plt.close("all")
+    with pytest.raises(ValueError, match=match):
+        plots.roc_curves(labels, scores, ["a", "b", "c"])
+    assert plt.get_fignums() == []  # checked before the figure is opened
+
+
+def test_overlay_refuses_an_outline_of_another_size_or_the_seg_scores():
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots()
+    image, mask = torch.rand(1, 16, 16), torch.zeros(1, 16, 16)
+    with pytest.raises(ValueError, match=r"prediction is 8x8 but the image is 16x16: resize"):
+        plots.overlay(ax, image, mask, torch.zeros(8, 8))  # would be drawn in the top-left quarter
+    with pytest.raises(ValueError, match=r"prediction must be one \(H, W\).*argmax\(0\)"):
+        plots.overlay(ax, image, mask, torch.rand(2, 16, 16))  # the seg head's scores before argmax
+    with pytest.raises(ValueError, match=r"mask is 16x12"):
+        plots.overlay(ax, image, torch.zeros(16, 12))
+    assert len(ax.images) == 0 and len(ax.collections) == 0  # nothing half drawn
+    plt.close(fig)
+
+
+def test_a_channels_last_image_is_refused_with_the_fix():
+    with pytest.raises(ValueError, match=r"channels-last shape \(12, 16, 3\).*permute\(2, 0, 1\)"):
+        plots._image(np.zeros((12, 16, 3)))  # used to draw its first three rows as a 16 x 3 strip
+    with pytest.raises(ValueError, match=r"1 or 3 channels"):
+        plots._image(np.zeros((2, 8, 8)))
+    assert plots._image(np.zeros((3, 12, 16))).shape == (12, 16, 3)
+
+
+def test_show_items_renders_only_the_items_it_shows():
+    class Counting(torch.utils.data.Dataset):
+        def __init__(self):
+            self.rendered = 0
+
+        def __len__(self):
+            return 500
+
+        def __getitem__(self, index):
+            if index >= len(self):
+                raise IndexError(index)
+            self.rendered += 1
+            return {"image": torch.rand(1, 8, 8), "label": 0}
+
+    data = Counting()
+    fig = plots.show_items(data, keys=("image",), max_items=3)
+    assert len(fig.axes) == 3 and data.rendered == 3  # was 500: every item drawn to keep 3
+
+
+@pytest.mark.parametrize("items, kwargs, match", [
+    ([], {}, "no items to show"),
+    ([{"image": torch.rand(1, 8, 8)}], {"keys": ()}, "keys is empty"),
+    ([{"image": torch.rand(1, 8, 8)}], {"keys": ("image",), "max_items": 0}, "max_items must be an int >= 1"),
+])
+def test_show_items_refuses_an_empty_grid_before_opening_a_figure(items, kwargs, match):
+    import matplotlib.pyplot as plt
+
+    plt.close("all")
+    with pytest.raises(ValueError, match=match):
+        plots.show_items(items, **kwargs)
+    assert plt.get_fignums() == []
+
+
+def test_bar_table_names_a_missing_column_before_opening_a_figure():
+    import matplotlib.pyplot as plt
+
+    plt.close("all")
+    table = pd.DataFrame({"dice": [0.9, 0.8]}, index=["mtl", "seg"])
+    with pytest.raises(ValueError, match=r"table has no column \['acc'\]; its columns are \['dice'\]"):
+        plots.bar_table(table, ["dice", "acc"])
+    with pytest.raises(ValueError, match=r"errors has no column \['dice'\]"):
+        plots.bar_table(table, ["dice"], errors=pd.DataFrame({"acc": [0.1, 0.1]}, index=["mtl", "seg"]))
+    with pytest.raises(ValueError, match="metrics is empty"):
+        plots.bar_table(table, [])
+    assert plt.get_fignums() == []
+    fig = plots.bar_table(table, "dice")  # one name, not the letters d, i, c, e
+    assert [ax.get_title() for ax in fig.axes] == ["dice"]
