@@ -663,6 +663,23 @@ def test_split_by_group_deals_7_1_2_of_each_class_and_keeps_groups_whole(seed):
     assert_class_shares(split_by_group(groups, labels, seed=seed, fractions=two_way), groups, labels, two_way)
 
 
+@pytest.mark.parametrize("groups, labels, fractions, match", [
+    (["a", "b", "c", "d"], [0, 1, 0], SPLIT_FRACTIONS, r"one per item, got shapes \(4,\) and \(3,\)"),
+    ([], [], SPLIT_FRACTIONS, "non-empty"),
+    (["a", "b"], [0, 1], (("train", 1.2), ("test", -0.2)), "shares >= 0"),  # dealt out as if valid
+    (["a", "b"], [0, 1], (("train", 0), ("test", 0)), "not all 0"),
+])
+def test_split_by_group_refuses_what_it_cannot_split(groups, labels, fractions, match):
+    with pytest.raises(ValueError, match=match):
+        split_by_group(groups, labels, seed=0, fractions=fractions)
+
+
+def test_difference_hash_refuses_a_colour_image():
+    """An (H, W, 3) image gave 192 bits, against which DUPLICATE_MAX_DISTANCE means something else."""
+    with pytest.raises(ValueError, match=r"grey \(H, W\) image, got shape \(32, 32, 3\)"):
+        difference_hash(np.zeros((32, 32, 3)))
+
+
 def test_a_group_counts_as_its_most_common_label():
     """A near-duplicate cluster of mixed labels (0, 1, 1) is dealt out as class 1, its majority.
 

@@ -264,10 +264,15 @@ def test_default_collate_batches_items():
         ({"class_probs": (0.5, 0.5)}, "class_probs"),
         ({"class_probs": (1, -1, 1)}, "class_probs"),
         ({"class_probs": (0, 0, 0)}, "class_probs"),
+        ({"class_probs": (float("nan"), 1, 1)}, "class_probs must be 3 finite"),  # drew class 0 for every item
+        ({"class_probs": (1, 1, float("inf"))}, "class_probs must be 3 finite"),
+        ({"seed": 2**32 + 7}, r"below 2\*\*32"),  # would draw seed 7's items, shifted by one
+        ({"first_index": 2**32 - 2, "num_samples": 3}, r"below 2\*\*32"),
         ({"artifact_correlation": 1.5}, "artifact_correlation"),
         ({"artifact_rate": -0.1}, "artifact_rate"),
         ({"noise_level": -1.0}, "noise_level"),
         ({"noise_level": float("nan")}, "noise_level"),
+        ({"noise_level": float("inf")}, "noise_level"),
         ({"in_channels": 2}, "in_channels"),
     ],
 )

@@ -33,6 +33,11 @@ def split_by_group(
     (train for the first 70 % of the class's items, and so on). Deterministic for a given seed.
     """
     groups, labels = np.asarray(groups), np.asarray(labels)
+    if groups.ndim != 1 or groups.shape != labels.shape or groups.size == 0:
+        raise ValueError(f"groups and labels must be non-empty and one per item, got shapes {groups.shape} "
+                         f"and {labels.shape}")
+    if any(not share >= 0 for _, share in fractions) or sum(share for _, share in fractions) <= 0:
+        raise ValueError(f"fractions must be (name, share) pairs with shares >= 0, not all 0, got {fractions!r}")
     names = [name for name, _ in fractions]
     edges = np.cumsum([share for _, share in fractions]) / sum(share for _, share in fractions)
     group_label = {g: Counter(labels[groups == g].tolist()).most_common(1)[0][0] for g in np.unique(groups)}
@@ -56,6 +61,9 @@ def difference_hash(grey: np.ndarray, hash_size: int = HASH_SIZE) -> np.ndarray:
     from PIL import Image
 
     grey = np.asarray(grey, dtype=np.float32)
+    if grey.ndim != 2:  # an (H, W, 3) image would give 3 x 64 bits, and its distances would mean something else
+        raise ValueError(f"difference_hash needs a grey (H, W) image, got shape {grey.shape}: convert it to "
+                         f"grey first (e.g. PIL's .convert('L'))")
     scaled = (255 * (grey - grey.min()) / max(float(np.ptp(grey)), 1e-6)).astype(np.uint8)
     thumbnail = Image.fromarray(scaled).resize((hash_size + 1, hash_size), Image.Resampling.BOX)  # (W, H)
     thumbnail = np.asarray(thumbnail, dtype=np.int16)

@@ -22,6 +22,7 @@ The "clean" image is the same scene without speckle (step 4), i.e. the target of
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from functools import cached_property
 
@@ -95,17 +96,22 @@ class SyntheticUltrasound(Dataset):
         check_int("num_samples", num_samples, minimum=1)
         check_int("seed", seed, minimum=0)
         check_int("first_index", first_index, minimum=0)
+        # NumPy splits a seed of 2**32 or more into 32-bit words: [7 + 2**32, i] would draw seed 7's item i + 1
+        if seed >= 2**32 or first_index + num_samples > 2**32:
+            raise ValueError(f"seed and first_index + num_samples must stay below 2**32, got seed {seed} and "
+                             f"first_index + num_samples {first_index + num_samples}: take e.g. seed % 2**32")
         self.height, self.width = _image_size(image_size)
         probs = np.asarray(class_probs, dtype=np.float64)
-        if probs.shape != (3,) or np.any(probs < 0) or probs.sum() <= 0:
+        if probs.shape != (3,) or not np.all(np.isfinite(probs)) or np.any(probs < 0) or probs.sum() <= 0:
             raise ValueError(
-                f"class_probs must be 3 non-negative numbers (normal, benign, malignant), got {class_probs!r}"
+                f"class_probs must be 3 finite non-negative numbers (normal, benign, malignant), not all 0, "
+                f"got {class_probs!r}"
             )
         if not -1.0 <= artifact_correlation <= 1.0:
             raise ValueError(f"artifact_correlation must lie in [-1, 1], got {artifact_correlation!r}")
         if not 0.0 <= artifact_rate <= 1.0:
             raise ValueError(f"artifact_rate must lie in [0, 1], got {artifact_rate!r}")
-        if not noise_level >= 0:
+        if not 0 <= noise_level < math.inf:
             raise ValueError(f"noise_level must be >= 0 (1.0 = fully developed speckle), got {noise_level!r}")
         if in_channels not in (1, 3):
             raise ValueError(f"in_channels must be 1 (grey) or 3 (grey repeated), got {in_channels!r}")
