@@ -21,6 +21,7 @@ Learning with application to Fetal Ultrasound", MICCAI PIPPI/SUSI 2019, arXiv 19
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -33,6 +34,7 @@ from torch import nn
 from mtlearn.checkpoint import (
     check_out_dir,
     check_resume_options,
+    first_mismatch,
     load_checkpoint,
     rng_state,
     save_checkpoint,
@@ -40,7 +42,17 @@ from mtlearn.checkpoint import (
 )
 from mtlearn.encoder import check_image
 from mtlearn.engine import NonFiniteLossError
-from mtlearn.utils import check_int, check_label_pair, check_loader, check_options, eval_mode, is_int, is_number
+from mtlearn.utils import (
+    check_bool,
+    check_int,
+    check_label_pair,
+    check_loader,
+    check_options,
+    eval_mode,
+    is_int,
+    is_number,
+    python_numbers,
+)
 
 # ----------------------------------------------------------------------------------------------
 # parts
@@ -447,13 +459,16 @@ def main_step(model: nn.Module, optimizer: torch.optim.Optimizer, features_a: to
     leaking = isinstance(model, DisentangleNet) and w_leak > 0
     if leaking and leakage is None:
         raise ValueError("w_leak > 0 needs leakage=(LinearLeakage(), LinearLeakage()), one per side")
+    adversarial = isinstance(model, DisentangleNet) and w_adv > 0
+    if adversarial and adv_loss == "confusion" and (target_a is None or target_b is None):
+        raise ValueError("adv_loss 'confusion' with w_adv > 0 needs target_a and target_b, the probabilities "
+                         "each adversary is pushed towards (label_prior, or a uniform (B, K) tensor)")
     logits_a, logits_b = model.classify(features_a, features_b)
     loss_a, loss_b = F.cross_entropy(logits_a, y_a), F.cross_entropy(logits_b, y_b)
     loss = loss_a + loss_b
     terms = {"loss_a": loss_a, "loss_b": loss_b}  # checked before backward
     record = {"loss_a": loss_a.item(), "loss_b": loss_b.item(),
               "acc_a": _accuracy(logits_a, y_a), "acc_b": _accuracy(logits_b, y_b)}
-    adversarial = isinstance(model, DisentangleNet) and w_adv > 0
     try:
         if adversarial:
             # requires_grad_(False): the adversaries are frozen in this phase; the encoders' loss
@@ -485,8 +500,9 @@ def main_step(model: nn.Module, optimizer: torch.optim.Optimizer, features_a: to
 
 
 def _check_training(*, epochs, adv_steps, w_adv, w_leak, adv_loss, adv_target, lr, betas, weight_decay, adv_lr,
-                    adv_momentum, warmup_epochs, ramp_epochs, leak_shrink) -> None:
+                    adv_momentum, warmup_epochs, ramp_epochs, leak_shrink, cosine) -> None:
     """The options train_disentangle and DisentangleConfig share, checked in one place."""
+    check_bool("cosine", cosine)
     for name, value in (("lr", lr), ("w_adv", w_adv), ("w_leak", w_leak), ("weight_decay", weight_decay),
                         ("adv_lr", adv_lr), ("adv_momentum", adv_momentum), ("warmup_epochs", warmup_epochs),
                         ("ramp_epochs", ramp_epochs), ("leak_shrink", leak_shrink)):
@@ -517,6 +533,9 @@ def _check_training(*, epochs, adv_steps, w_adv, w_leak, adv_loss, adv_target, l
     for name, value in (("warmup_epochs", warmup_epochs), ("ramp_epochs", ramp_epochs)):
         if not (0 <= value < float("inf")):
             raise ValueError(f"{name} must be a finite number >= 0 (0: none), got {value!r}")
+    if w_adv > 0 and warmup_epochs >= epochs:  # the adversarial term would never be switched on
+        raise ValueError(f"warmup_epochs ({warmup_epochs}) must be below epochs ({epochs}) when w_adv > 0, or "
+                         "DisentangleNet trains without its adversaries; for that baseline set w_adv=0")
 
 
 def _not_a_two_task_model(model) -> TypeError:
@@ -526,8 +545,9 @@ def _not_a_two_task_model(model) -> TypeError:
                      "mtlearn.disentangle.build_model(kind, config)")
 
 
-def _check_batch(batch, task_keys: tuple[str, str]) -> None:
-    """A batch must be a dict with "image" and both task labels as batched tensors; else say which and why."""
+def _check_batch(batch, task_keys: tuple[str, str], training: bool = False) -> None:
+    """A batch must be a dict with "image" and both task labels as batched tensors, one integer label
+    per image (and, for training, 2 images or more: BatchNorm); else say which and why."""
     if not isinstance(batch, Mapping):
         raise TypeError(f"every batch must be a dict with 'image' and the task labels {tuple(task_keys)}; got a "
                         f"{type(batch).__name__}. Make the dataset's __getitem__ return such a dict (a "
@@ -544,6 +564,17 @@ def _check_batch(batch, task_keys: tuple[str, str]) -> None:
             raise TypeError(f"batch[{key!r}] is not a tensor (got {type(batch[key]).__name__}): the loader yields "
                             "single items, not batches; wrap the data in a DataLoader, e.g. "
                             "torch.utils.data.DataLoader(data, batch_size=50, shuffle=True)")
+    size = len(batch["image"])
+    for key in task_keys:
+        labels = batch[key]
+        # (B, 1) labels would compare against (B,) predictions as a (B, B) table: accuracies above 1
+        if labels.shape != (size,) or labels.dtype.is_floating_point or labels.dtype.is_complex:
+            raise ValueError(f"batch[{key!r}] must hold one integer label per image, shape ({size},); got shape "
+                             f"{tuple(labels.shape)}, dtype {labels.dtype}. Make the dataset return a plain int "
+                             "label per item (or .squeeze(1) a (B, 1) tensor)")
+    if training and size < 2:  # BatchNorm cannot normalise one image; torch says only "more than 1 value"
+        raise ValueError(f"a training batch holds {size} image: BatchNorm needs 2 or more; use batch_size >= 2 "
+                         "and drop_last=True when the last batch could hold a single image")
 
 
 def adversary_weight(step: int, w_adv: float, warmup_steps: int = 0, ramp_steps: int = 0) -> float:
@@ -602,13 +633,17 @@ def train_disentangle(
     averaged over the steps that recorded it (NaN for an epoch without any, e.g. adv_term during a
     warm-up); with `val_loader` also "val_acc_a", ... from evaluate_disentangle.
 
-    A NaN or inf loss raises NonFiniteLossError (epoch and step named) before that step changes
-    any weight or BatchNorm statistic: `model` keeps the last finite state.
+    A NaN or inf loss raises NonFiniteLossError (epoch and step named), and whatever the failing
+    batch had changed (BatchNorm statistics, the adversaries and their momentum after earlier
+    adversary steps, the label counts, the leakage statistics) is put back: `model` keeps the state
+    it had after the last finite step.
 
     out_dir: after every epoch, `out_dir/last.pt` holds the whole game (weights, both optimisers,
     the schedule, the label counts, the leakage statistics, the random states), written
-    atomically. resume=True continues from it, with the same options, to the same result as an
-    uninterrupted run; without resume an out_dir holding a run is refused.
+    atomically. resume=True continues from it, with the same options, model and data, to the same
+    result as an uninterrupted run; other options, another architecture, another number of
+    batches, batch size or sampler, or images of another size are refused. Without resume an
+    out_dir holding a run is refused.
     """
     from tqdm.auto import tqdm
 
@@ -617,7 +652,14 @@ def train_disentangle(
     _check_training(epochs=epochs, adv_steps=adv_steps, w_adv=w_adv, w_leak=w_leak, adv_loss=adv_loss,
                     adv_target=adv_target, lr=lr, betas=betas, weight_decay=weight_decay, adv_lr=adv_lr,
                     adv_momentum=adv_momentum, warmup_epochs=warmup_epochs, ramp_epochs=ramp_epochs,
-                    leak_shrink=leak_shrink)
+                    leak_shrink=leak_shrink, cosine=cosine)
+    check_bool("recalibrate_bn", recalibrate_bn)
+    check_bool("progress", progress)
+    # NumPy numbers (an lr from np.logspace) -> Python ones: the optimisers' state and the options go
+    # into last.pt, which torch.load(weights_only=True) refuses to read with NumPy objects inside
+    (epochs, lr, betas, weight_decay, w_adv, adv_steps, adv_lr, adv_momentum, warmup_epochs, ramp_epochs, w_leak,
+     leak_shrink, seed) = python_numbers([epochs, lr, tuple(betas), weight_decay, w_adv, adv_steps, adv_lr,
+                                          adv_momentum, warmup_epochs, ramp_epochs, w_leak, leak_shrink, seed])
     check_label_pair(task_keys)
     if not isinstance(model, _TwoTaskNet):
         raise _not_a_two_task_model(model)
@@ -645,11 +687,16 @@ def train_disentangle(
 
     history: dict[str, list[float]] = {}
     step = start = 0
+    image_shape = None  # (C, H, W) of the training images, saved with the game: a resume must use the same
     checkpoint = Path(out_dir) / "last.pt" if out_dir is not None else None
     options = dict(model=type(model).__name__, task_keys=list(task_keys), epochs=epochs, lr=lr, betas=list(betas),
                    weight_decay=weight_decay, w_adv=w_adv, adv_loss=adv_loss, adv_target=adv_target,
                    adv_steps=adv_steps, adv_lr=adv_lr, adv_momentum=adv_momentum, warmup_epochs=warmup_epochs,
-                   ramp_epochs=ramp_epochs, cosine=cosine, w_leak=w_leak, leak_shrink=leak_shrink, seed=seed)
+                   ramp_epochs=ramp_epochs, cosine=cosine, w_leak=w_leak, leak_shrink=leak_shrink, seed=seed,
+                   # the data as far as the loader tells it without drawing a batch (which would move its
+                   # random state): the steps per epoch set the schedule; the image size is checked below
+                   batches=len(train_loader), batch_size=getattr(train_loader, "batch_size", None),
+                   sampler=type(getattr(train_loader, "sampler", None)).__name__)
     game = dict(model=model, optimizer=optimizer, schedule=schedule, leakage=leakage,
                 adv_optimizer=adv_optimizer if adversarial else None, joint=joint if adversarial else None)
     if resume and checkpoint is None:
@@ -657,7 +704,7 @@ def train_disentangle(
     if checkpoint is not None:
         check_out_dir(Path(out_dir), resume, writes="last.pt", cli=False, also_kept=())
         if resume and checkpoint.is_file():
-            history, step, start = _load_game(checkpoint, game, options, train_loader)
+            history, step, start, image_shape = _load_game(checkpoint, game, options, train_loader)
     bar = tqdm(range(start, epochs), initial=start, total=epochs, desc=f"train {type(model).__name__}",
                disable=not progress)
     try:
@@ -666,12 +713,18 @@ def train_disentangle(
             sums: dict[str, float] = {}
             counts: dict[str, int] = {}
             for index, batch in enumerate(train_loader, 1):
-                _check_batch(batch, task_keys)
+                _check_batch(batch, task_keys, training=True)
+                if image_shape is None:
+                    image_shape = list(batch["image"].shape[1:])
+                elif list(batch["image"].shape[1:]) != image_shape:
+                    raise ValueError(f"the training images are {tuple(batch['image'].shape[1:])} (C, H, W), but "
+                                     f"this run trained on {tuple(image_shape)}: resume with the data of that run, "
+                                     "or start a new run in another out_dir")
                 x = batch["image"].to(device)
                 y_a, y_b = batch[key_a].to(device), batch[key_b].to(device)
                 w = adversary_weight(step, w_adv, warmup_steps, ramp_steps) if adversarial else 0.0
                 record = {"w_adv": w}
-                buffers = [b.detach().clone() for b in model.buffers()]  # BatchNorm statistics before this batch
+                before = _snapshot(game)  # what a NaN in this batch's adversary or main phase must not keep
 
                 # 1. the encoders run once; both phases use these features
                 features_a, features_b = model.encode(x)
@@ -705,7 +758,9 @@ def train_disentangle(
                     counts[k] = counts.get(k, 0) + 1
                 step += 1
             done = len(next(iter(history.values()), []))  # epochs already recorded
-            for k in sorted({k for k in history if not k.startswith("val_")} | set(sums)):
+            # adv_term is expected even from an epoch that never switched it on (all warm-up): NaN then
+            expected = {"adv_term"} if adversarial and w_adv > 0 else set()
+            for k in sorted({k for k in history if not k.startswith("val_")} | set(sums) | expected):
                 # each key over the steps that recorded it; NaN for an epoch without any (adv_term in a warm-up)
                 history.setdefault(k, [float("nan")] * done).append(sums[k] / counts[k] if k in sums else float("nan"))
             if val_loader is not None:
@@ -713,11 +768,11 @@ def train_disentangle(
                     history.setdefault(f"val_{k}", []).append(v)
             bar.set_postfix({k: f"{v[-1]:.2f}" for k, v in history.items() if k in ("acc_a", "adv_acc_b", "val_acc_a")})
             if checkpoint is not None:  # the state the next epoch starts from, random states included
-                _save_game(checkpoint, game, options, train_loader, history, step, epoch + 1)
+                _save_game(checkpoint, game, options, train_loader, history, step, epoch + 1, image_shape)
     except LossNotFiniteError as error:
-        with torch.no_grad():  # the bad batch already went through BatchNorm: put its statistics back
-            for buffer, saved in zip(model.buffers(), buffers):
-                buffer.copy_(saved)
+        # the bad batch already went through BatchNorm, and the adversary steps before the bad one
+        # moved the adversaries (and their momentum, the label counts, the leakage statistics)
+        _restore(game, before)
         last = checkpoint if checkpoint is not None and checkpoint.is_file() else None
         raise NonFiniteLossError(epoch + 1, index, error.name, error.value, last, causes=NON_FINITE_CAUSES) from None
     if recalibrate_bn:
@@ -725,7 +780,29 @@ def train_disentangle(
     return history
 
 
-def _save_game(path: Path, game: dict, options: dict, loader, history: dict, step: int, epoch: int) -> None:
+def _snapshot(game: dict) -> dict:
+    """Copies of what one batch of the min-max loop changes (the main optimiser steps last, so not it)."""
+    leakage = game["leakage"]
+    return {"model": {k: v.detach().clone() for k, v in game["model"].state_dict().items()},
+            "adv_optimizer": copy.deepcopy(game["adv_optimizer"].state_dict()) if game["adv_optimizer"] else None,
+            "joint": game["joint"].clone() if game["joint"] is not None else None,
+            "leakage": [side.covariance for side in leakage] if leakage is not None else None}  # replaced, not edited
+
+
+def _restore(game: dict, saved: dict) -> None:
+    """Put `game` back to a `_snapshot` of it."""
+    game["model"].load_state_dict(saved["model"])
+    if saved["adv_optimizer"] is not None:
+        game["adv_optimizer"].load_state_dict(saved["adv_optimizer"])
+    if saved["joint"] is not None:
+        game["joint"].copy_(saved["joint"])
+    if saved["leakage"] is not None:
+        for side, covariance in zip(game["leakage"], saved["leakage"]):
+            side.covariance = covariance
+
+
+def _save_game(path: Path, game: dict, options: dict, loader, history: dict, step: int, epoch: int,
+               image_shape: list[int] | None) -> None:
     """Everything the min-max loop carries from one epoch to the next, to `path` (atomically)."""
     leakage = game["leakage"]
     save_checkpoint({
@@ -736,15 +813,21 @@ def _save_game(path: Path, game: dict, options: dict, loader, history: dict, ste
         "joint": game["joint"],  # label-pair counts behind the "prior" target
         "leakage": [side.covariance for side in leakage] if leakage is not None else None,
         "rng": rng_state(loader, next(game["model"].parameters()).device),
-        "history": history, "step": step, "epoch": epoch, "config": options,
+        "history": history, "step": step, "epoch": epoch, "config": options, "image_shape": image_shape,
     }, path)
 
 
-def _load_game(path: Path, game: dict, options: dict, loader) -> tuple[dict, int, int]:
-    """Restore `game` from `path` (weights_only); returns the history, the step and the epochs done."""
+def _load_game(path: Path, game: dict, options: dict, loader) -> tuple[dict, int, int, list[int] | None]:
+    """Restore `game` from `path` (weights_only); returns the history, the step, the epochs done and
+    the (C, H, W) of the images it trained on."""
     state = load_checkpoint(path, map_location="cpu")  # random states must stay on the CPU
     check_resume_options(path, state.get("config", {}), options, list(options))
-    game["model"].load_state_dict(state["model"])
+    try:
+        game["model"].load_state_dict(state["model"])
+    except RuntimeError as error:  # size mismatches: another architecture (widths, hidden, ...) wrote it
+        raise ValueError(f"cannot resume from {path}: its weights do not fit this model (other widths, hidden "
+                         "sizes or adversaries?). Resume with the model of that run, or start a new run in another "
+                         f"out_dir. ({first_mismatch(error)})") from None
     game["optimizer"].load_state_dict(state["optimizer"])
     for name in ("schedule", "adv_optimizer"):
         if game[name] is not None:
@@ -755,7 +838,7 @@ def _load_game(path: Path, game: dict, options: dict, loader) -> tuple[dict, int
         for side, covariance in zip(game["leakage"], state["leakage"]):
             side.covariance = covariance.to(game["joint"].device) if covariance is not None else None
     set_rng_state(state["rng"], loader, next(game["model"].parameters()).device)
-    return state["history"], int(state["step"]), int(state["epoch"])
+    return state["history"], int(state["step"]), int(state["epoch"]), state.get("image_shape")
 
 
 @torch.no_grad()
@@ -877,10 +960,12 @@ class DisentangleConfig:
         _check_training(epochs=self.epochs, adv_steps=self.adv_steps, w_adv=self.w_adv, w_leak=self.w_leak,
                         adv_loss=self.adv_loss, adv_target=self.adv_target, lr=self.lr, betas=self.betas,
                         weight_decay=self.weight_decay, adv_lr=self.adv_lr, adv_momentum=self.adv_momentum,
-                        warmup_epochs=self.warmup_epochs, ramp_epochs=self.ramp_epochs, leak_shrink=self.leak_shrink)
+                        warmup_epochs=self.warmup_epochs, ramp_epochs=self.ramp_epochs, leak_shrink=self.leak_shrink,
+                        cosine=self.cosine)
         if self.adv_readout not in READOUTS:
             raise ValueError(f"unknown adv_readout {self.adv_readout!r}; expected one of {READOUTS}")
-        check_int("batch_size", self.batch_size, 1)
+        check_int("batch_size", self.batch_size, 2)  # BatchNorm needs two images
+        check_bool("balance", self.balance)
         for name in ("hidden", "adv_hidden"):  # checked here too, so a bad preset fails before any model is built
             value = getattr(self, name)
             if not is_int(value) or value < 0:

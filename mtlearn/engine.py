@@ -50,7 +50,18 @@ from mtlearn.checkpoint import (
 )
 from mtlearn.losses import LossConfig, build_losses, check_tasks, task_losses
 from mtlearn.metrics import METRIC_KEYS, MetricAccumulator
-from mtlearn.utils import check_bool, check_int, check_loader, eval_mode, is_distributed, is_main_process, is_number, pick_device, seed_everything
+from mtlearn.utils import (
+    check_bool,
+    check_int,
+    check_loader,
+    eval_mode,
+    is_distributed,
+    is_main_process,
+    is_number,
+    pick_device,
+    python_numbers,
+    seed_everything,
+)
 from mtlearn.weighting import GradNorm, LossWeighting, build_weighting, find_shared_parameters
 
 CHECKPOINT_FORMAT = 1
@@ -340,7 +351,7 @@ def _make_config(config: TrainConfig | None, overrides: Mapping[str, Any]) -> Tr
             raise ValueError(f"unknown fit() option {key!r}; valid options are {sorted(valid)}")
         setattr(config, key, value)
     for f in dataclasses.fields(config):
-        setattr(config, f.name, _python_numbers(getattr(config, f.name)))
+        setattr(config, f.name, python_numbers(getattr(config, f.name)))
     check_int("epochs", config.epochs, 1)
     if not (_is_finite_number(config.lr) and config.lr > 0):  # inf passes `> 0` and trains a NaN model
         raise ValueError(f"lr must be positive and finite (e.g. 1e-4), got {config.lr!r}")
@@ -665,17 +676,6 @@ def _plain_config(config: TrainConfig, tasks: tuple[str, ...]) -> dict:
         plain[f.name] = value
     plain["tasks"] = list(tasks)
     return plain
-
-
-def _python_numbers(value):
-    """NumPy numbers (fit accepts lr=np.float64(1e-3)) -> Python ones, inside mappings (-> dict), lists
-    and tuples too: torch.load(weights_only=True) refuses a checkpoint that holds NumPy objects, and the
-    options reach it through the optimiser's and the scheduler's state as well as the config."""
-    if isinstance(value, Mapping):
-        return {k: _python_numbers(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_python_numbers(v) for v in value)
-    return value.item() if isinstance(value, np.generic) else value
 
 
 def _train_one_epoch(run: _Run, loader, epoch: int, tasks: tuple[str, ...], bar,

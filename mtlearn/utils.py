@@ -14,6 +14,7 @@ import os
 import platform
 import random
 import sys
+from collections.abc import Mapping
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -177,6 +178,21 @@ def check_options(config_class: type, options, what: str = "option(s)") -> None:
     unknown = sorted(set(options) - valid)
     if unknown:
         raise ValueError(f"unknown {what} {unknown}; valid options are {sorted(valid)}")
+
+
+def python_numbers(value):
+    """NumPy numbers -> Python ones, inside mappings (-> dict), lists and tuples too.
+
+    fit and train_disentangle accept lr=np.float64(1e-3) (from np.logspace, say), but
+    torch.load(weights_only=True) refuses a checkpoint that holds NumPy objects, and the options reach
+    it through the optimiser's and the scheduler's state as well as the config. Not to_jsonable: NaN
+    stays NaN and other objects pass through unchanged.
+    """
+    if isinstance(value, Mapping):
+        return {k: python_numbers(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(python_numbers(v) for v in value)
+    return value.item() if isinstance(value, np.generic) else value
 
 
 def is_int(value) -> bool:

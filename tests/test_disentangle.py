@@ -98,7 +98,7 @@ def test_disentangle_parameter_groups_split_the_model():
         (lambda: D.DisentangleConfig(adv_loss="gradient_reversal"), "adv_loss"),
         (lambda: D.DisentangleConfig(adv_target="half"), "adv_target"),
         (lambda: D.DisentangleConfig(w_adv=-3.0), "w_adv must be a finite number >= 0"),
-        (lambda: D.DisentangleConfig(batch_size=0), "batch_size must be an integer >= 1"),
+        (lambda: D.DisentangleConfig(batch_size=1), "batch_size must be an integer >= 2"),
         (lambda: D.DisentangleConfig(epochs=0), "epochs must be an integer >= 1"),
         (lambda: D.balanced_sampler(np.zeros(3), np.zeros(4)), "same length"),
     ],
@@ -832,6 +832,11 @@ def test_main_step_adds_the_leakage_term_and_needs_its_state(shapes_batch):
     ({"adv_momentum": 5}, r"adv_momentum must be a number in \[0, 1\)"),
     ({"adv_momentum": -0.1}, r"adv_momentum must be a number in \[0, 1\)"),
     ({"leak_shrink": 0.0}, r"leak_shrink must be a finite number > 0"),
+    # the string "False" is true: balanced sampling and the cosine decay stayed on
+    ({"balance": "False"}, r"balance must be True or False, got 'False'; pass it unquoted"),
+    ({"cosine": "False"}, r"cosine must be True or False"),
+    # the adversarial term never switched on: DisentangleNet trained as the two-encoder baseline
+    ({"epochs": 1, "warmup_epochs": 1}, r"warmup_epochs \(1\) must be below epochs \(1\) when w_adv > 0"),
 ])
 def test_config_rejects_bad_training_values(overrides, match):
     # these passed silently and failed later in Adam (or a comparison, or the model's constructor)
@@ -1194,3 +1199,113 @@ def test_ultrasound_experiment_on_real_flags(kind, uclm_root):
     groups += (metrics["class_acc_test_no_artifact"] if with_flag < 1 else 0.0) * (1 - with_flag)
     assert metrics["class_acc_test"] == pytest.approx(groups)
     assert 0.0 <= metrics["probe_artifact_a"] <= 1.0 and 0.0 <= metrics["probe_label_a"] <= 1.0
+
+
+# ---------------------------------------------------------------------------------------------- review fixes
+
+
+def _batches(pairs, size=4, label_shape=None, dtype=torch.long):
+    """[batch] of `size` 32 x 40 images with shape/background labels, reshaped or retyped as asked."""
+    images = torch.rand(size, 1, 32, 40)
+    labels = torch.tensor([pairs[i % len(pairs)] for i in range(size)])
+    shape, background = labels[:, 0].to(dtype), labels[:, 1].to(dtype)
+    if label_shape is not None:
+        shape, background = shape.reshape(label_shape), background.reshape(label_shape)
+    return [{"image": images, "shape": shape, "background": background}]
+
+
+def test_evaluate_refuses_labels_that_are_not_one_per_image():
+    """(B, 1) labels were compared with (B,) predictions as a (B, B) table: accuracies of 5.0."""
+    loader = _batches([(0, 1), (1, 0)], size=10, label_shape=(10, 1))
+    with pytest.raises(ValueError, match=r"batch\['shape'\] must hold one integer label per image, shape \(10,\); "
+                                         r"got shape \(10, 1\).*squeeze\(1\)"):
+        D.evaluate_disentangle(tiny_model(), loader, device="cpu")
+    with pytest.raises(ValueError, match=r"got shape \(4,\), dtype torch.float32"):  # torch: "expected Long"
+        _train(tiny_model(), _batches([(0, 1), (1, 0)], dtype=torch.float32))
+    scores = D.evaluate_disentangle(tiny_model(), _batches([(0, 1)], size=1), device="cpu")  # one image: fine here
+    assert all(0 <= v <= 1 for v in scores.values())
+
+
+def test_a_training_batch_of_one_image_is_refused_with_the_fix():
+    with pytest.raises(ValueError, match=r"a training batch holds 1 image: BatchNorm needs 2.*drop_last=True"):
+        _train(tiny_model(), _batches([(0, 1)], size=1))  # torch: "Expected more than 1 value per channel"
+
+
+def test_train_disentangle_refuses_a_string_for_a_switch(tiny_loaders):
+    for name in ("recalibrate_bn", "cosine", "progress"):
+        with pytest.raises(ValueError, match=rf"{name} must be True or False, got 'False'"):
+            D.train_disentangle(tiny_model(), tiny_loaders[0], **{"device": "cpu", "progress": False, name: "False"})
+
+
+def test_main_step_names_the_missing_confusion_targets(shapes_batch):
+    x, y_a, y_b = shapes_batch["image"][:8], shapes_batch["shape"][:8], shapes_batch["background"][:8]
+    model = tiny_model()
+    features_a, features_b = model.encode(x)
+    with pytest.raises(ValueError, match=r"adv_loss 'confusion' with w_adv > 0 needs target_a and target_b"):
+        D.main_step(model, torch.optim.Adam(model.main_parameters()), features_a, features_b, y_a, y_b, w_adv=1.0)
+
+
+def test_a_run_with_numpy_options_can_be_resumed(tiny_loaders, tmp_path):
+    """An lr from np.logspace went into last.pt as a NumPy object, which weights_only loading refuses."""
+    kwargs = dict(adv_steps=1, device="cpu", progress=False, out_dir=tmp_path, lr=np.logspace(-3, -2, 2)[0],
+                  w_adv=np.float32(1.0), epochs=np.int64(2), betas=(np.float64(0.0), 0.9), seed=np.int64(1))
+    D.train_disentangle(tiny_model(), tiny_loaders[0], **{**kwargs, "epochs": 1})
+    with pytest.raises(ValueError, match=r"other options \(epochs: 1 then, 2 now\)"):  # read, not "corrupt"
+        D.train_disentangle(tiny_model(), tiny_loaders[0], resume=True, **kwargs)
+
+
+def test_resuming_with_other_data_or_another_model_is_refused(tmp_path, monkeypatch):
+    """The checkpoint knew only train_disentangle's own options: another batch size, sampler or image
+    size resumed silently (another schedule, other data), another architecture ended in torch's
+    size-mismatch error."""
+    data = Subset(ShapesBackground("train", (32, 40)), range(32))
+    kwargs = dict(epochs=2, adv_steps=1, device="cpu", progress=False, out_dir=tmp_path, resume=True)
+    main_step, calls = D.main_step, []
+
+    def dies_in_epoch_two(*args, **kw):
+        calls.append(1)
+        if len(calls) == 5:  # 4 batches of 8 per epoch
+            raise KeyboardInterrupt
+        return main_step(*args, **kw)
+
+    monkeypatch.setattr(D, "main_step", dies_in_epoch_two)
+    with pytest.raises(KeyboardInterrupt):
+        D.train_disentangle(tiny_model(), DataLoader(data, batch_size=8), **{**kwargs, "resume": False})
+    monkeypatch.setattr(D, "main_step", main_step)
+    with pytest.raises(ValueError, match=r"other options \(batches: 4 then, 2 now; batch_size: 8 then, 16 now\)"):
+        D.train_disentangle(tiny_model(), DataLoader(data, batch_size=16), **kwargs)
+    balanced = D.balanced_sampler([data[i]["shape"] for i in range(32)], [data[i]["background"] for i in range(32)])
+    with pytest.raises(ValueError, match=r"sampler: 'SequentialSampler' then, 'WeightedRandomSampler' now"):
+        D.train_disentangle(tiny_model(), DataLoader(data, batch_size=8, sampler=balanced), **kwargs)
+    larger = DataLoader(Subset(ShapesBackground("train", (48, 56)), range(32)), batch_size=8)
+    with pytest.raises(ValueError, match=r"the training images are \(1, 48, 56\).*trained on \(1, 32, 40\)"):
+        D.train_disentangle(tiny_model(), larger, **kwargs)
+    with pytest.raises(ValueError, match=r"its weights do not fit this model.*another out_dir"):
+        D.train_disentangle(tiny_model(widths=(4, 8, 32)), DataLoader(data, batch_size=8), **kwargs)
+    history = D.train_disentangle(tiny_model(), DataLoader(data, batch_size=8), **kwargs)  # the same: resumes
+    assert len(history["acc_a"]) == 2
+
+
+def test_a_nan_after_some_adversary_steps_leaves_the_adversaries_as_they_were(monkeypatch):
+    """The adversary steps before the failing one had moved the adversaries; they are put back too."""
+    from mtlearn.engine import NonFiniteLossError
+
+    good, bad = _batches([(0, 1), (1, 1), (1, 0)], size=6), _batches([(0, 1), (1, 1), (1, 0)], size=6)
+    kwargs = dict(epochs=1, adv_steps=3, w_adv=1.0, device="cpu", progress=False, recalibrate_bn=False)
+    torch.manual_seed(0)
+    model = tiny_model()
+    reference = copy.deepcopy(model)
+    D.train_disentangle(reference, good, **kwargs)
+    adversary_step, calls = D.adversary_step, []
+
+    def fails_on_the_second_step_of_batch_two(*args):
+        calls.append(1)
+        if len(calls) == 5:  # 3 steps on batch 1, then one real step on batch 2 before this one
+            raise D.LossNotFiniteError("adv_loss_a", float("nan"))
+        return adversary_step(*args)
+
+    monkeypatch.setattr(D, "adversary_step", fails_on_the_second_step_of_batch_two)
+    with pytest.raises(NonFiniteLossError, match=r"epoch 1, step 2"):
+        D.train_disentangle(model, good + bad, **kwargs)
+    for key, value in reference.state_dict().items():
+        assert torch.equal(value, model.state_dict()[key]), key
