@@ -7,7 +7,7 @@ computation time than training one task-specific model per task, and finds that 
 depends strongly on how the shared representation is fine-tuned.
 
     representation, record = pretrain_representation(config, data)  # labels and masks never read
-    model = build_model("tiny", tasks=("seg", "cls", "recon"))
+    model = build_model("tiny", tasks=("seg", "cls", "recon"), image_size=config.image_size)
     transfer_encoder(representation, model)     # start from the representation ...
     transfer_decoders(representation, model)    # ... dense tasks from its denoising decoder
     freeze_encoder(model, trainable_stages=2)   # (b) partial fine-tuning
@@ -113,10 +113,12 @@ class DenoisingPairs(Dataset):
 
     def __init__(self, dataset: Dataset, gaussian_std: float = 0.02, speckle_looks: float = 4.0,
                  labels: bool = False, fixed_noise: bool = False, seed: int = 0):
-        if not gaussian_std >= 0:
-            raise ValueError(f"gaussian_std must be >= 0 (intensity units, images in [0, 1]), got {gaussian_std!r}")
-        if not speckle_looks > 0:
-            raise ValueError(f"speckle_looks must be > 0 (more looks = milder speckle, e.g. 4), got {speckle_looks!r}")
+        if not 0 <= gaussian_std < math.inf:
+            raise ValueError(f"gaussian_std must be finite and >= 0 (intensity units, images in [0, 1]), "
+                             f"got {gaussian_std!r}")
+        if not 0 < speckle_looks < math.inf:  # inf drew Gamma(inf, 0) = NaN images; no speckle is not an option
+            raise ValueError(f"speckle_looks must be finite and > 0 (more looks = milder speckle, e.g. 4), "
+                             f"got {speckle_looks!r}")
         self.dataset = dataset
         self.gaussian_std = float(gaussian_std)
         self.speckle_looks = float(speckle_looks)
@@ -213,6 +215,8 @@ def freeze_encoder(model: nn.Module, trainable_stages: int = 0) -> nn.Module:
             if part._frozen:
                 part.requires_grad_(False)
                 part.eval()
+            else:  # frozen by an earlier call: back to the model's mode (BatchNorm updates, dropout on)
+                part.train(model.training)
     return model
 
 
@@ -234,8 +238,14 @@ def transfer_encoder(pretrained: nn.Module, model: nn.Module) -> int:
     """Copy the encoder weights (and BN statistics) of `pretrained` into `model`. Returns the tensors copied.
 
     Both must be built with the same encoder (preset, in_channels, image size); otherwise a
-    ValueError names the first tensor that differs.
+    ValueError names what differs: the first tensor, or the image or window size (which change no
+    tensor's shape, but attention weights learnt on 4 x 4 windows mean something else on 8 x 8).
     """
+    source, target = pretrained.encoder.config, model.encoder.config
+    for name in ("image_size", "window_size"):
+        if getattr(source, name) != getattr(target, name):
+            raise ValueError(f"the encoders differ in {name}: {getattr(source, name)} in the pretrained model, "
+                             f"{getattr(target, name)} here; build both with the same image_size")
     return _copy_state(pretrained.encoder, model.encoder, "encoder")
 
 
@@ -322,7 +332,8 @@ def measure_training_step(model: nn.Module, batch: Mapping[str, Tensor], tasks: 
     shows that saving directly, which "3 x forward FLOPs" would not.
 
     Memory: the tensors autograd saves for backward are summed through saved_tensors_hooks
-    (each storage once; parameters excluded). It does not depend on the allocator, so strategies
+    (each storage once; parameters excluded), in a pass of its own with the attention kernel
+    training uses (the math form counted for FLOPs saves more). It does not depend on the allocator, so strategies
     can be compared on a CPU, where no allocator reports a peak for torch's tensors alone. With
     4 or more images (an even number) the step is also run on the first half of the batch: what
     did not double with the batch does not grow with it (fixed_saved_bytes), so memory_bytes
@@ -361,7 +372,8 @@ def measure_training_step(model: nn.Module, batch: Mapping[str, Tensor], tasks: 
         return sum(saved.values())
 
     with countable_attention(), FlopCounterMode(display=False) as counter:
-        saved = step(batch)
+        step(batch)  # FLOPs only: the math form of attention saves more for backward than training's kernel
+    saved = step(batch)  # both memory passes with the attention kernel training uses
     size, fixed = len(batch["image"]), 0
     if size >= 4 and size % 2 == 0:  # other images, not the same ones twice: some saved sizes follow the data
         half = step({k: v[: size // 2] for k, v in batch.items()})
@@ -440,6 +452,9 @@ class UMSRepConfig:
         self.strategies = (self.strategies,) if isinstance(self.strategies, str) else tuple(self.strategies)
         self.unlabeled_datasets = ((self.unlabeled_datasets,) if isinstance(self.unlabeled_datasets, str)
                                    else tuple(self.unlabeled_datasets))
+        names = self.unlabeled_datasets
+        if not names or len(set(names)) != len(names):  # () failed inside torch; a repeat doubled the images
+            raise ValueError(f"unlabeled_datasets must name one or more datasets, each once, got {names}")
         unknown = [s for s in self.strategies if s not in STRATEGIES]
         if unknown or not self.strategies:
             raise ValueError(f"unknown strategies {unknown}; choose from {tuple(STRATEGIES)}")
@@ -539,7 +554,10 @@ def load_strategy_data(config: UMSRepConfig) -> StrategyData:
 
     # on_size_mismatch="resize": only the images are used here, so a mask of another size (BUS-UCLM
     # has a few) is no reason to drop its image
-    parts = [load_dataset(name, root=root(name), split="all", image_size=size, seed=seed, on_size_mismatch="resize")
+    # BUSI itself as unlabeled data: its train split only, or the representation would have seen the
+    # test images its denoising (and, through the shared encoder, every task) is scored on
+    parts = [load_dataset(name, root=root(name), split="train" if name == "busi" else "all", image_size=size,
+                          seed=seed, on_size_mismatch="resize")
              for name in config.unlabeled_datasets]
     pool = torch.utils.data.ConcatDataset(parts)
     train = load_dataset("busi", root=root("busi"), split="train", image_size=size, seed=seed)

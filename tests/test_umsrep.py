@@ -118,6 +118,19 @@ def test_refreezing_replaces_the_previous_choice():
     assert model.encoder.stem.training
 
 
+def test_unfreezing_a_training_model_puts_the_unfrozen_parts_back_in_training_mode():
+    """Gradual unfreezing without another model.train(): the stem stayed in eval mode (BatchNorm
+    statistics fixed, stochastic depth off) until something called train()."""
+    model = freeze_encoder(tiny().train(), 0)
+    model = freeze_encoder(model, NUM_STAGES)
+    assert model.encoder.stem.training and model.encoder.stages[0].training
+    before = model.encoder.stem[1].running_mean.clone()
+    model(batch()["image"])
+    assert not torch.equal(model.encoder.stem[1].running_mean, before)  # its BatchNorm learns again
+    evaluating = freeze_encoder(freeze_encoder(tiny().eval(), 0), NUM_STAGES)
+    assert not evaluating.encoder.stem.training  # a model in eval mode stays there
+
+
 def test_trainable_parameters_grow_frozen_partial_full():
     counts = [count_parameters(freeze_encoder(tiny(), stages), trainable_only=True) for stages in (0, 2, NUM_STAGES)]
     assert counts[0] < counts[1] < counts[2] == count_parameters(tiny())
@@ -172,6 +185,13 @@ def test_transfer_encoder_refuses_another_architecture():
         transfer_encoder(other, tiny())
 
 
+def test_transfer_encoder_refuses_another_image_size():
+    """No tensor changes shape with the image size, but the attention windows do (2 x 2 vs 4 x 4)."""
+    larger = build_model("tiny", tasks=("recon",), image_size=2 * SIZE)
+    with pytest.raises(ValueError, match=r"differ in image_size: \(64, 64\) in the pretrained model, \(32, 32\) here"):
+        transfer_encoder(larger, tiny())
+
+
 # ---------------------------------------------------------------------------------------------- compute
 
 
@@ -202,6 +222,44 @@ def test_memory_estimate_extrapolates_only_what_grows_with_the_batch(amp_dtype):
         assert small.fixed_saved_bytes > 0.3 * small.activation_bytes  # the weight copies
     with_nothing_fixed = small.parameter_bytes + 3 * small.trainable_bytes + 4 * small.activation_bytes
     assert with_nothing_fixed > large.memory_bytes() * (1.1 if amp_dtype else 1.0)  # the old estimate: too high
+
+
+def test_saved_activations_are_measured_with_the_attention_training_uses(monkeypatch):
+    """The FLOPs need attention's math form (its matrix products count); the memory must not come from
+    it, or the estimate mixes two kernels (and the fixed part is computed from them)."""
+    import mtlearn.umsrep as U
+    from mtlearn.utils import countable_attention
+
+    counting = []
+    original = U.countable_attention
+
+    def tracked():
+        counting.append(True)
+        return original()
+
+    monkeypatch.setattr(U, "countable_attention", tracked)
+    model, data = tiny(), batch(4)
+    cost = measure_training_step(model, data, TASKS)
+    assert len(counting) == 1  # one pass for the FLOPs
+    saved = []
+
+    def pack(tensor):
+        saved.append(tensor.untyped_storage())
+        return tensor
+
+    probe = tiny().train()  # the same weights (seed 0): what autograd saves in a plain training step
+    parameters = {p.untyped_storage().data_ptr() for p in probe.parameters()}
+    loss_fns = build_losses(TASKS)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        torch.manual_seed(0)
+        sum(task_losses(probe(data["image"]), data, loss_fns).values()).backward()
+    plain = sum({s.data_ptr(): s.nbytes() for s in saved if s.data_ptr() not in parameters}.values())
+    saved.clear()
+    with countable_attention(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        sum(task_losses(probe(data["image"]), data, loss_fns).values()).backward()
+    math_form = sum({s.data_ptr(): s.nbytes() for s in saved if s.data_ptr() not in parameters}.values())
+    assert math_form != plain  # the test can tell the two apart
+    assert cost.activation_bytes == pytest.approx(plain, rel=0.01)
 
 
 def test_measuring_does_not_touch_the_model():
@@ -319,9 +377,14 @@ def test_real_images_become_their_own_target_with_added_noise():
     assert torch.equal(pairs[0]["image"], item["image"])  # fixed noise: the same each time
 
 
-@pytest.mark.parametrize("kwargs", [dict(gaussian_std=-0.1), dict(speckle_looks=0)])
-def test_denoising_pairs_reject_bad_noise(kwargs):
-    with pytest.raises(ValueError):
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(gaussian_std=-0.1), "gaussian_std must be finite and >= 0"),
+    (dict(gaussian_std=math.inf), "gaussian_std must be finite"),
+    (dict(speckle_looks=0), "speckle_looks must be finite and > 0"),
+    (dict(speckle_looks=math.inf), "speckle_looks must be finite"),  # Gamma(inf, 0) drew NaN images
+])
+def test_denoising_pairs_reject_bad_noise(kwargs, match):
+    with pytest.raises(ValueError, match=match):
         DenoisingPairs([], **kwargs)
 
 
@@ -366,6 +429,8 @@ def test_a_few_denoising_steps_lower_the_reconstruction_error():
     (dict(joint_task_weights={"recon": 1.0, "seg": 1.0, "cls": -0.25}), "joint_task_weights"),
     (dict(joint_task_weights={"recon": 1.0, "seg": 1.0, "cls": float("nan")}), "joint_task_weights"),
     (dict(joint_task_weights={"recon": 1.0, "seg": "1", "cls": 0.25}), "joint_task_weights"),
+    (dict(unlabeled_datasets=()), r"unlabeled_datasets must name one or more datasets"),  # failed inside torch
+    (dict(unlabeled_datasets=("busi", "busi")), r"each once, got \('busi', 'busi'\)"),  # doubled the images
 ])
 def test_config_rejects_bad_values(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -429,6 +494,23 @@ def test_real_data_uses_every_unlabeled_image_and_random_busi_subsets(tmp_path):
     assert set(data.unlabeled[0]) >= {"image", "clean"}
     assert len(data.train) == 6 and len(data.test) == 4 and data.class_names == ("normal", "benign", "malignant")
     assert {"mask", "label", "clean"} <= set(data.train[0])
+
+
+@pytest.mark.filterwarnings(QUIRK_REPORTS)
+def test_busi_as_unlabeled_data_gives_the_representation_no_test_image(tmp_path):
+    """split="all" put every BUSI test image into the denoiser's training data when the tasks use BUSI too."""
+    from tests.fixtures_real import make_busi
+
+    make_busi(tmp_path / "busi", per_class=10)
+    config = strategy_config("smoke", dataset="busi", data_root=str(tmp_path), unlabeled_datasets="busi",
+                             num_train=None, num_test=None)
+    data = load_strategy_data(config)
+    unlabeled = [data.unlabeled.dataset[i]["image"] for i in range(len(data.unlabeled))]  # the acquired images
+    train = load_dataset("busi", root=tmp_path / "busi", split="train", image_size=config.image_size, seed=0)
+    assert len(unlabeled) == len(train) > 0
+    assert len(data.test) > 0
+    for j in range(len(data.test)):
+        assert not any(torch.equal(data.test.items[j]["clean"], image) for image in unlabeled), j
 
 
 def test_one_dataset_or_strategy_name_is_a_one_element_tuple():
