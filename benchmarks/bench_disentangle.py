@@ -25,6 +25,7 @@ COLUMNS = ("seen_shape_acc", "unseen_shape_acc", "seen_background_acc", "probe_b
            "probe_background_a_circle", "probe_background_a_bar", "probe_shape_a", "probe_shape_b", "adv_acc_a",
            "adv_acc_b", "train_seconds")
 UNSEEN_MIN, UNSEEN_GAP, PROBE_MAX, PROBE_GAP = 0.90, 0.20, 0.60, 0.15
+EPS = 1e-9  # rounding slack for the comparisons: a value exactly at its limit passes
 
 
 def run(quick: bool = False, seed: int = 0, threads: int | None = 1, epochs: int | None = None) -> list[dict]:
@@ -53,13 +54,15 @@ def add_criterion(rows: list[dict]) -> list[dict]:
     by_model = {row["model"]: row for row in rows}
     ours, shared = by_model["disentangle"], by_model["shared"]
     failures = []
-    if ours["unseen_shape_acc"] < UNSEEN_MIN:
+    # each check says what passes, so that a NaN fails; EPS: 0.55 + 0.15 is 0.7000000000000001, and a
+    # shared-encoder probe of exactly 0.70 is the 0.15 higher the target asks for
+    if not ours["unseen_shape_acc"] >= UNSEEN_MIN - EPS:
         failures.append(f"unseen {ours['unseen_shape_acc']:.2f} < {UNSEEN_MIN}")
-    if shared["unseen_shape_acc"] > ours["unseen_shape_acc"] - UNSEEN_GAP:
+    if not shared["unseen_shape_acc"] <= ours["unseen_shape_acc"] - UNSEEN_GAP + EPS:
         failures.append(f"shared unseen {shared['unseen_shape_acc']:.2f} not {UNSEEN_GAP:.0%} lower")
-    if ours["probe_background_a"] > PROBE_MAX:
+    if not ours["probe_background_a"] <= PROBE_MAX + EPS:
         failures.append(f"probe {ours['probe_background_a']:.2f} > {PROBE_MAX}")
-    if shared["probe_background_a"] < ours["probe_background_a"] + PROBE_GAP:
+    if not shared["probe_background_a"] >= ours["probe_background_a"] + PROBE_GAP - EPS:
         failures.append(f"shared probe {shared['probe_background_a']:.2f} not clearly higher")
     for row in rows:
         row["criterion"] = ""

@@ -39,7 +39,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from mtlearn.mtl import build_model, monai_baseline
-from mtlearn.utils import count_flops, count_parameters, pick_device
+from mtlearn.utils import count_flops, count_parameters, pick_device, synchronize
 
 LAYOUTS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
 
@@ -99,17 +99,12 @@ def _device(name: str | torch.device) -> torch.device:
     return pick_device(name)
 
 
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _timed_step(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor) -> float:
-    """Seconds of one training step; on CUDA, queued work is waited for before and after."""
-    _synchronize(images.device)
+    """Seconds of one training step; on a GPU (CUDA, MPS), queued work is waited for before and after."""
+    synchronize(images.device)
     started = time.perf_counter()
     _train_step(model, optimizer, images)
-    _synchronize(images.device)
+    synchronize(images.device)
     return time.perf_counter() - started
 
 
@@ -166,7 +161,8 @@ def run(quick: bool = False, threads: int = 2, groups: tuple[str, ...] = GROUPS,
     threads: CPU threads (2, the course machine; on a machine shared with other jobs 1 thread gives
     steadier ratios). groups: which comparisons to run (see GROUPS). rounds: timed rounds per group
     (default 2; with quick, 1 for paper and 2 for course); more rounds make the best-of-rounds
-    steadier on a busy machine. device: "auto" (CUDA if available, else the CPU), "cpu", "cuda".
+    steadier on a busy machine. device: "auto" (CUDA if available, else the CPU), "cpu", "cuda",
+    "cuda:N" or "mps" (Apple silicon; timed with torch.mps.synchronize like CUDA).
     default_malloc: on a CPU, measure with the C library's allocator settings instead of calling
     keep_freed_memory first; refused in a process where it was already called (it cannot be undone)."""
     unknown = [g for g in groups if g not in GROUPS]
@@ -209,7 +205,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="timed rounds per group after one warm-up round "
                              "(default 2; --quick: 1 for paper, 2 for course)")
     parser.add_argument("--device", default="auto",
-                        help="auto (CUDA if available, else the CPU), cpu, cuda or cuda:N (default auto)")
+                        help="auto (CUDA if available, else the CPU), cpu, cuda, cuda:N or mps (default auto)")
     parser.add_argument("--default-malloc", action="store_true",
                         help="on a CPU, keep the C library's allocator settings (freed memory above 32 MB "
                              "goes back to the system on every free; see keep_freed_memory)")

@@ -61,6 +61,7 @@ from mtlearn.utils import (
     pick_device,
     python_numbers,
     seed_everything,
+    synchronize,
 )
 from mtlearn.weighting import GradNorm, LossWeighting, build_weighting, find_shared_parameters
 
@@ -713,8 +714,7 @@ def _train_one_epoch(run: _Run, loader, epoch: int, tasks: tuple[str, ...], bar,
         sums += np.append(values, total)
         bar.update(1)
         bar.set_postfix({t: f"{v:.3f}" for t, v in zip((*tasks, "total"), (*values, total))}, refresh=False)
-    if run.device.type == "cuda":  # the last step's backward and update may still be queued on the GPU
-        torch.cuda.synchronize(run.device)
+    synchronize(run.device)  # the last step's backward and update may still be queued on the GPU
     epoch_time = time.perf_counter() - started
     means = _mean_across_processes(list(sums / max(steps, 1)) + [epoch_time, data_time], run.device)
     record = {f"train/{t}": v for t, v in zip((*tasks, "total"), means)}

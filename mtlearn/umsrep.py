@@ -895,11 +895,11 @@ def joint_vs_single_task(table, max_compute_share: float = 0.35, tolerance: Mapp
     for metric, allowed in tolerance.items():
         delta = float(d[metric] - e[metric])
         result[f"delta_{metric}"] = delta
-        ok = not math.isnan(delta) and delta >= -allowed  # a missing metric fails
+        ok = delta >= -allowed - 1e-9  # a missing metric (NaN) fails; 1e-9: 0.78 - 0.80 is -0.020000000000000018
         result[f"ok_{metric}"] = ok
         metrics_ok &= ok
     result["metrics_ok"] = metrics_ok
     for suffix, kind in (("", "train"), ("_amortised", "amortised"), ("_with_pretraining", "total")):
-        result[f"passed{suffix}"] = bool(metrics_ok and all(result[f"{name}_share_{kind}"] <= max_compute_share
+        result[f"passed{suffix}"] = bool(metrics_ok and all(result[f"{name}_share_{kind}"] <= max_compute_share + 1e-9
                                                              for name in ("flops", "time", "cpu")))
     return result

@@ -148,6 +148,18 @@ def eval_mode(model: nn.Module):
             module.training = training
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the work queued on `device` (CUDA or Apple's MPS; the CPU runs it at once).
+
+    A GPU runs kernels asynchronously: without waiting, a timer stopped after a training step
+    measures how fast the work was queued, not how fast it ran.
+    """
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
 def countable_attention():
     """Context manager: F.scaled_dot_product_attention in its plain matrix-product form.
 

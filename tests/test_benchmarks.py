@@ -176,7 +176,7 @@ def test_models_time_a_step_between_two_synchronisations(monkeypatch):
     clock = _Clock()
     monkeypatch.setattr(clock, "perf_counter", lambda: events.append("clock") or 0.0)
     monkeypatch.setattr(bench_models, "time", clock)
-    monkeypatch.setattr(bench_models, "_synchronize", lambda device: events.append(f"sync {device}"))
+    monkeypatch.setattr(bench_models, "synchronize", lambda device: events.append(f"sync {device}"))
     monkeypatch.setattr(bench_models, "_train_step", lambda *args: events.append("step"))
     bench_models._timed_step(None, None, torch.zeros(1))
     assert events == ["sync cpu", "clock", "step", "sync cpu", "clock"]  # on CUDA, queued work is waited for
@@ -334,6 +334,17 @@ def test_disentangle_criterion_passes_and_names_each_failure():
     failed = bench_disentangle.add_criterion(_disentangle_rows(0.85, 0.7, 0.65, 0.7))
     assert failed[0]["criterion"] == ("fail (unseen 0.85 < 0.9; shared unseen 0.70 not 20% lower; probe 0.65 > 0.6; "
                                       "shared probe 0.70 not clearly higher)")
+
+
+def test_disentangle_criterion_passes_values_at_their_limits_and_fails_nan():
+    """0.55 + 0.15 is 0.7000000000000001: a shared probe of exactly 0.70 failed "0.15 higher"; and every
+    check was written "fail if x < limit", so NaN everywhere passed."""
+    at_limits = bench_disentangle.add_criterion(_disentangle_rows(0.90, 0.70, 0.55, 0.70))
+    assert at_limits[0]["criterion"] == "pass"
+    nan = float("nan")
+    assert bench_disentangle.add_criterion(_disentangle_rows(nan, nan, nan, nan))[0]["criterion"] == (
+        "fail (unseen nan < 0.9; shared unseen nan not 20% lower; probe nan > 0.6; "
+        "shared probe nan not clearly higher)")
 
 
 def _strategy_table(joint_dice: float, joint_cpu: float = 2.0) -> pd.DataFrame:

@@ -680,6 +680,12 @@ def test_joint_vs_single_task_limits_are_inclusive():
     worse = joint_vs_single_task(strategy_table(runs, UMSRepConfig()), max_compute_share=0.5,
                                  tolerance={"seg/dice": 0.24})
     assert not worse["ok_seg/dice"] and not worse["passed"]
+    # not exact in binary: 0.78 - 0.80 is -0.020000000000000018, which failed a tolerance of 0.02
+    runs = [record("joint", TASKS, flops_per_image=3e6, images=100, wall=7.5, **{"seg/dice": 0.78}),
+            *(record("scratch", (t,), images=200, wall=5.0, **{"seg/dice": 0.80}) for t in TASKS)]
+    check = joint_vs_single_task(strategy_table(runs, UMSRepConfig()), max_compute_share=0.5,
+                                 tolerance={"seg/dice": 0.02})
+    assert check["ok_seg/dice"] and check["passed"]
 
 
 def test_each_strategy_trains_what_it_promises(monkeypatch):

@@ -187,3 +187,15 @@ def test_process_group_helpers_outside_in_a_group_of_one_and_on_a_second_rank(tm
     finally:
         monkeypatch.undo()
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("device, waited", [("cuda:1", ["cuda:1"]), ("mps", ["mps"]), ("cpu", [])])
+def test_synchronize_waits_for_the_gpu_it_is_given(monkeypatch, device, waited):
+    """MPS queues work like CUDA: a timer that waited for CUDA only measured how fast MPS steps were queued."""
+    from mtlearn.utils import synchronize
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append(str(device)))
+    monkeypatch.setattr(torch.mps, "synchronize", lambda: calls.append("mps"))
+    synchronize(torch.device(device))
+    assert calls == waited
