@@ -12,7 +12,8 @@ then handed to one of five methods (`Explainer.attribute`, or the one-call `attr
 
     "ig"          Integrated Gradients (Sundararajan et al. 2017) from a flat grey image, signed
     "saliency"    |gradient| (Simonyan et al. 2014), unsigned
-    "smoothgrad"  NoiseTunnel over Saliency (Smilkov et al. 2017): |gradient| averaged over noisy copies
+    "smoothgrad"  SmoothGrad (Smilkov et al. 2017): |gradient| averaged over noisy copies, written out
+                  (noise scaled to each image's own range; Captum's NoiseTunnel uses one for the batch)
     "gradcam"     LayerGradCam (Selvaraju et al. 2017) on the last encoder stage, upsampled to the input
     "occlusion"   Occlusion (Zeiler & Fergus 2014): score drop when a square patch is greyed out, signed
 
