@@ -496,7 +496,8 @@ def fit(model: nn.Module, train_loader, val_loader=None, config: TrainConfig | N
             record = {"epoch": epoch + 1, "lr": run.optimizer.param_groups[0]["lr"]}
             record.update(_train_one_epoch(run, train_loader, epoch, tasks, bar, out_dir,
                                            first=epoch == start_epoch))
-            record.update({f"weight/{t}": w for t, w in run.weighting.weights().items()})  # used this epoch
+            # fixed and DWA: the weights used this epoch; learned ones (uncertainty, GradNorm): after its last step
+            record.update({f"weight/{t}": w for t, w in run.weighting.weights().items()})
             run.weighting.end_epoch({t: record[f"train/{t}"] for t in tasks})
             _broadcast_buffers(model)  # e.g. BatchNorm statistics: every rank keeps rank 0's, as DDP does
             # finite losses do not guarantee finite weights (the last step's update can overflow);
