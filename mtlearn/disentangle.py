@@ -782,9 +782,9 @@ def train_disentangle(
 
 def _snapshot(game: dict) -> dict:
     """Copies of what one batch of the min-max loop changes (the main optimiser steps last, so not it)."""
-    leakage = game["leakage"]
+    leakage, adv_optimizer = game["leakage"], game["adv_optimizer"]
     return {"model": {k: v.detach().clone() for k, v in game["model"].state_dict().items()},
-            "adv_optimizer": copy.deepcopy(game["adv_optimizer"].state_dict()) if game["adv_optimizer"] else None,
+            "adv_optimizer": copy.deepcopy(adv_optimizer.state_dict()) if adv_optimizer is not None else None,
             "joint": game["joint"].clone() if game["joint"] is not None else None,
             "leakage": [side.covariance for side in leakage] if leakage is not None else None}  # replaced, not edited
 
