@@ -30,10 +30,15 @@ def task_colours(names: Sequence[str]) -> dict[str, str]:
     return colours
 
 
+def _array(x) -> np.ndarray:
+    """A tensor (any device, dtype) or array-like as a float32 NumPy array."""
+    return x.detach().cpu().float().numpy() if isinstance(x, torch.Tensor) else np.asarray(x, dtype=np.float32)
+
+
 def _image(x, name: str = "image") -> np.ndarray:
     """(C, H, W) or (H, W) tensor/array -> (H, W) or (H, W, 3) array for imshow (C 1, or 3 and more:
     the first three drawn as RGB)."""
-    x = x.detach().cpu().float().numpy() if isinstance(x, torch.Tensor) else np.asarray(x, dtype=np.float32)
+    x = _array(x)
     if x.ndim == 3 and x.shape[0] not in (1, 3) and x.shape[-1] in (1, 3, 4):  # e.g. an array from a PNG
         raise ValueError(f"{name} must be (C, H, W) or (H, W), got the channels-last shape {x.shape}: "
                          f"pass it as (C, H, W), e.g. torch.as_tensor({name}).permute(2, 0, 1)")
@@ -47,7 +52,7 @@ def _image(x, name: str = "image") -> np.ndarray:
 
 def _outline(x, name: str, size: tuple[int, int]) -> np.ndarray:
     """A mask or predicted mask, (H, W) or (1, H, W), as the (H, W) array an outline is drawn from."""
-    x = x.detach().cpu().float().numpy() if isinstance(x, torch.Tensor) else np.asarray(x, dtype=np.float32)
+    x = _array(x)
     if x.ndim == 3 and x.shape[0] == 1:
         x = x[0]
     if x.ndim != 2:  # e.g. the seg head's (num_classes, H, W) scores
