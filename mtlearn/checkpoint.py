@@ -92,19 +92,20 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module | None = None,
                              "checkpoint; load it with model.load_state_dict(torch.load(path, weights_only=True))")
         raise ValueError(not_ours)
     if model is not None:
-        try:
-            model.load_state_dict(state["model"])
-        except RuntimeError as error:  # missing keys, size mismatches: another architecture wrote it
-            raise ValueError(f"cannot load {path} into this model: the checkpoint was written for another model "
-                             "(another preset, task list, channel count or class count?). Build the model with "
-                             f"the options of that run. ({first_mismatch(error)})") from None
+        load_weights(model, state["model"], f"cannot load {path} into this model: the checkpoint was written for "
+                     "another model (another preset, task list, channel count or class count?). Build the model "
+                     "with the options of that run.")
     return state
 
 
-def first_mismatch(error: RuntimeError) -> str:
-    """The first specific line of load_state_dict's error (its first line only names the model class)."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return lines[1] if len(lines) > 1 else lines[0]
+def load_weights(model: nn.Module, weights: Mapping, message: str) -> None:
+    """model.load_state_dict(weights), or a ValueError: `message` (what went wrong, and the fix) and the
+    first mismatch load_state_dict found (its first line only names the model class)."""
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as error:  # missing keys, size mismatches: another architecture wrote it
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        raise ValueError(f"{message} ({lines[1] if len(lines) > 1 else lines[0]})") from None
 
 
 # ----------------------------------------------------------------------------- random states

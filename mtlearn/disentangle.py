@@ -34,8 +34,8 @@ from torch import nn
 from mtlearn.checkpoint import (
     check_out_dir,
     check_resume_options,
-    first_mismatch,
     load_checkpoint,
+    load_weights,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -758,9 +758,7 @@ def train_disentangle(
                     counts[k] = counts.get(k, 0) + 1
                 step += 1
             done = len(next(iter(history.values()), []))  # epochs already recorded
-            # adv_term is expected even from an epoch that never switched it on (all warm-up): NaN then
-            expected = {"adv_term"} if adversarial and w_adv > 0 else set()
-            for k in sorted({k for k in history if not k.startswith("val_")} | set(sums) | expected):
+            for k in sorted({k for k in history if not k.startswith("val_")} | set(sums)):
                 # each key over the steps that recorded it; NaN for an epoch without any (adv_term in a warm-up)
                 history.setdefault(k, [float("nan")] * done).append(sums[k] / counts[k] if k in sums else float("nan"))
             if val_loader is not None:
@@ -822,12 +820,9 @@ def _load_game(path: Path, game: dict, options: dict, loader) -> tuple[dict, int
     the (C, H, W) of the images it trained on."""
     state = load_checkpoint(path, map_location="cpu")  # random states must stay on the CPU
     check_resume_options(path, state.get("config", {}), options, list(options))
-    try:
-        game["model"].load_state_dict(state["model"])
-    except RuntimeError as error:  # size mismatches: another architecture (widths, hidden, ...) wrote it
-        raise ValueError(f"cannot resume from {path}: its weights do not fit this model (other widths, hidden "
-                         "sizes or adversaries?). Resume with the model of that run, or start a new run in another "
-                         f"out_dir. ({first_mismatch(error)})") from None
+    load_weights(game["model"], state["model"], f"cannot resume from {path}: its weights do not fit this model "
+                 "(other widths, hidden sizes or adversaries?). Resume with the model of that run, or start a new "
+                 "run in another out_dir.")
     game["optimizer"].load_state_dict(state["optimizer"])
     for name in ("schedule", "adv_optimizer"):
         if game[name] is not None:

@@ -42,8 +42,8 @@ from tqdm.auto import tqdm
 from mtlearn.checkpoint import (
     check_out_dir,
     check_resume_options,
-    first_mismatch,
     load_checkpoint,
+    load_weights,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -621,12 +621,9 @@ def _load_run(run: _Run, path: Path, train_loader, config: TrainConfig, tasks) -
     # load_state_dict below copies weights and optimiser moments onto the parameters' device
     state = load_checkpoint(path, map_location="cpu")
     check_resume_options(path, state.get("config", {}), _plain_config(config, tasks), RESUME_FIELDS)
-    try:
-        run.model.load_state_dict(state["model"])
-    except RuntimeError as error:  # missing keys, size mismatches: another architecture wrote it
-        raise ValueError(f"cannot resume from {path}: its weights do not fit this model (another preset, task list, "
-                         "channel count or class count?). Resume with the model of that run, or start a new run in "
-                         f"another out_dir. ({first_mismatch(error)})") from None
+    load_weights(run.model, state["model"], f"cannot resume from {path}: its weights do not fit this model (another "
+                 "preset, task list, channel count or class count?). Resume with the model of that run, or start a "
+                 "new run in another out_dir.")
     run.optimizer.load_state_dict(state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
     # the schedule's closed form knows the (possibly longer) new run: recompute this step's lr from it
