@@ -4,6 +4,7 @@ import math
 import os
 import random
 import re
+import sys
 import warnings
 
 import numpy as np
@@ -243,7 +244,10 @@ def _one_of_two_processes(rank, store, results):
     """A torchrun-like process group of two (gloo, a file store), one CPU thread, for mp.spawn targets.
 
     Writes how the body ended to results/rank<rank>.txt: "finished", "stopped at step S, task T" for
-    a NonFiniteLossError, or the error (e.g. gloo's once the other process has gone).
+    a NonFiniteLossError, or the error (e.g. gloo's once the other process has gone). The process ends
+    with the with block, through os._exit as mtlearn.train's command line does under torchrun:
+    DistributedDataParallel keeps gloo's threads alive past destroy_process_group, and a normal exit
+    then aborts now and then (SIGABRT after the atexit handlers), which failed CI once.
     """
     import datetime
 
@@ -262,6 +266,9 @@ def _one_of_two_processes(rank, store, results):
     finally:
         dist.destroy_process_group()
     (results / f"rank{rank}.txt").write_text(outcome)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _train_with_nan_on_rank_one(rank, store, results):

@@ -229,3 +229,75 @@ def test_under_torchrun_drop_last_looks_at_this_process_share(monkeypatch):
     loader = train.make_loader(TensorDataset(torch.zeros(12, 1)), 8, train=True, seed=0, num_workers=0,
                                device=torch.device("cpu"))
     assert len(loader) == 1 and len(next(iter(loader))[0]) == 6
+
+
+class _Exited(Exception):
+    """Stands in for os._exit, which would end the test process."""
+
+
+@pytest.mark.parametrize("outcome, status, printed", [
+    (None, 0, ""),
+    (SystemExit(2), 2, ""),  # main's "error:" exit and argparse's
+    (SystemExit(None), 0, ""),
+    (SystemExit("stopped early"), 1, "stopped early"),
+    (RuntimeError("disk full"), 1, "RuntimeError: disk full"),  # with its traceback, as Python prints it
+])
+def test_under_torchrun_the_command_line_exits_with_main_status_without_the_teardown(
+        outcome, status, printed, monkeypatch, capsys):
+    """`python -m mtlearn.train` under torchrun leaves through os._exit (see _command_line): the status and
+    message must be main's, and the streams flushed, or torchrun would misreport how the run ended."""
+    import mtlearn.train as train
+
+    def fake_main():
+        print("trained")
+        if outcome is not None:
+            raise outcome
+
+    def fake_exit(code):
+        raise _Exited(code)
+
+    flushed = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(train, "main", fake_main)
+    monkeypatch.setattr(train.os, "_exit", fake_exit)
+    monkeypatch.setattr(sys.stdout, "flush", lambda: flushed.append("out"))
+    monkeypatch.setattr(sys.stderr, "flush", lambda: flushed.append("err"))
+    with pytest.raises(_Exited) as exited:
+        train._command_line()
+    assert exited.value.args == (status,)
+    assert flushed == ["out", "err"]
+    captured = capsys.readouterr()
+    assert captured.out == "trained\n" and printed in captured.err
+    assert ("Traceback" in captured.err) == isinstance(outcome, RuntimeError)
+
+
+@pytest.mark.parametrize("world_size", [None, "1"])
+def test_without_torchrun_the_command_line_exits_as_python_does(world_size, monkeypatch):
+    """One process keeps Python's own exit (atexit handlers and all): errors propagate, os._exit is never called."""
+    import mtlearn.train as train
+
+    def fake_main():
+        raise SystemExit(2)
+
+    if world_size is None:
+        monkeypatch.delenv("WORLD_SIZE", raising=False)
+    else:
+        monkeypatch.setenv("WORLD_SIZE", world_size)
+    monkeypatch.setattr(train, "main", fake_main)
+    monkeypatch.setattr(train.os, "_exit", lambda code: pytest.fail("os._exit called on one process"))
+    with pytest.raises(SystemExit) as exit_:
+        train._command_line()
+    assert exit_.value.code == 2
+
+
+def test_under_torchrun_ctrl_c_is_not_turned_into_an_exit_status(monkeypatch):
+    import mtlearn.train as train
+
+    def fake_main():
+        raise KeyboardInterrupt
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(train, "main", fake_main)
+    monkeypatch.setattr(train.os, "_exit", lambda code: pytest.fail("os._exit called after Ctrl-C"))
+    with pytest.raises(KeyboardInterrupt):
+        train._command_line()
