@@ -133,9 +133,14 @@ def _parse_task_weights(parser, items: list[str] | None, tasks: list[str]) -> di
 # ----------------------------------------------------------------------------- distributed plumbing
 
 
+def _under_torchrun() -> bool:
+    """Launched by torchrun with more than one process (WORLD_SIZE > 1); the process group may not exist yet."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
 def setup_distributed(device: str = "auto") -> torch.device:
     """Join the torchrun process group when WORLD_SIZE > 1; return this process's device."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    if not _under_torchrun():
         return pick_device(device)
     local_rank = int(os.environ["LOCAL_RANK"])
     if pick_device(device).type == "cuda":
@@ -285,7 +290,7 @@ def _command_line() -> None:
     returns or raises, so the process flushes its streams and leaves with main's exit status through
     os._exit (0 of 70 runs of the bare script aborted; 40 of 40 torchrun runs finished).
     """
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    if not _under_torchrun():
         main()
         return
     try:
