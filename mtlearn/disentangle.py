@@ -867,6 +867,7 @@ def evaluate_disentangle(model: nn.Module, loader, *, task_keys: tuple[str, str]
 
     Returns {"acc_a", "acc_b"} (+ {"adv_acc_a", "adv_acc_b"}); adv_acc_a is task A read from the
     task-B features: near chance (or the label prior) means the features hold little of it.
+    The model runs on `device` in eval mode, then goes back to its own device and modes.
     """
     from mtlearn.utils import pick_device
 
@@ -878,7 +879,7 @@ def evaluate_disentangle(model: nn.Module, loader, *, task_keys: tuple[str, str]
                ("adv_acc_a", "adv_a", key_a), ("adv_acc_b", "adv_b", key_b))
     correct: dict[str, float] = {}
     total = 0
-    with eval_mode(model.to(device)):
+    with eval_mode(model, device):  # the caller's model goes back to its device
         for batch in loader:
             _check_batch(batch, task_keys)
             out = model(batch["image"].to(device))
@@ -1318,6 +1319,6 @@ def _false_malignant(model: nn.Module, items: list[dict], device) -> float:
     chosen = [item["image"] for item in items if item["artifact"] == 1 and item["label"] != 2]
     if not chosen:
         return float("nan")
-    with eval_mode(model.to(device)):
+    with eval_mode(model, device):  # the caller's model goes back to its device
         logits = model(torch.stack(chosen).to(device))["logits_a"]  # (N, 3)
     return (logits.argmax(1) == 2).float().mean().item()

@@ -53,15 +53,10 @@ def extract_features(
 
     device = pick_device(device)
     module = encoder_or_fn if isinstance(encoder_or_fn, nn.Module) else model
-    if module is not None:
-        parameter = next(module.parameters(), None)
-        was_on = parameter.device if parameter is not None else device  # the caller's model goes back there
-        module.to(device)
     chunks, labels = [], {}
     with contextlib.ExitStack() as stack:
-        if module is not None:
-            stack.enter_context(eval_mode(module))  # every submodule gets its own mode back afterwards
-            stack.callback(module.to, was_on)
+        if module is not None:  # on `device` meanwhile; afterwards its own device, every submodule its own mode
+            stack.enter_context(eval_mode(module, device))
         for batch in loader:
             features = encoder_or_fn(batch["image"].to(device))
             if isinstance(features, list):  # an encoder that returns every stage: keep the last

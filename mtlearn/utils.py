@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -132,20 +133,30 @@ def count_flops(model: nn.Module, *inputs: torch.Tensor) -> int:
 
 
 @contextlib.contextmanager
-def eval_mode(model: nn.Module):
+def eval_mode(model: nn.Module, device: torch.device | None = None):
     """Run a block with `model` in eval mode, then give every submodule back its own mode.
 
+    device: None leaves the model where it is; a device moves it there for the block and back to
+    the device of its parameters (or buffers) afterwards, so a model evaluated on the GPU can go on
+    training on the CPU.
     Why not `model.train(was_training)`: that switches *every* submodule to the model's mode, so a
     part the user had put in eval mode (a frozen BatchNorm, a frozen encoder) would leave an
     evaluation in training mode, updating running statistics from then on.
     """
     modes = [(module, module.training) for module in model.modules()]
+    was_on = None
+    if device is not None:
+        tensor = next(itertools.chain(model.parameters(), model.buffers()), None)
+        was_on = tensor.device if tensor is not None else None
+        model.to(device)
     model.eval()
     try:
         yield model
     finally:
         for module, training in modes:
             module.training = training
+        if was_on is not None:
+            model.to(was_on)
 
 
 def synchronize(device: torch.device) -> None:

@@ -534,6 +534,19 @@ def test_evaluate_disentangle_leaves_a_frozen_encoder_frozen(tiny_loaders):
     assert model.training and not any(m.training for m in model.encoder_b.modules())
 
 
+def test_evaluate_disentangle_and_false_malignant_move_the_model_back(tiny_loaders):
+    """Both run the model on their device, then give it back its own (on this CPU-only machine the recorded
+    moves are what a GPU run would see: there, then back)."""
+    model, moves = tiny_model(), []
+    to = model.to
+    model.to = lambda device: moves.append(torch.device(device)) or to(device)
+    D.evaluate_disentangle(model, tiny_loaders[1], device="cpu")
+    assert moves == [torch.device("cpu")] * 2
+    moves.clear()
+    D._false_malignant(model, [_ultrasound_item(0, 1, predicted=2)], "cpu")
+    assert moves == [torch.device("cpu")] * 2
+
+
 class AlwaysCircleOnWhite(torch.nn.Module):
     """A stub whose every answer is known: shape "circle" (0), background "white" (1), for every image."""
 

@@ -119,6 +119,42 @@ def test_eval_mode_gives_every_submodule_its_own_mode_back():
     assert model.training and not model[1].training
 
 
+class _Tracked(nn.Linear):
+    """Records every device it is moved to (on a CPU-only machine the moves are what a GPU run would see)."""
+
+    def __init__(self):
+        super().__init__(4, 2)
+        self.moves = []
+
+    def to(self, *args, **kwargs):
+        self.moves.append(torch.device(args[0] if args else kwargs["device"]))
+        return super().to(*args, **kwargs)
+
+
+def test_eval_mode_with_a_device_moves_the_model_there_and_back():
+    from mtlearn.utils import eval_mode
+
+    model = _Tracked()
+    with eval_mode(model):
+        pass
+    assert model.moves == []  # no device: the model stays where it is
+    with eval_mode(model, torch.device("cpu")):
+        assert model.moves == [torch.device("cpu")]
+    assert model.moves == [torch.device("cpu")] * 2  # back to where its parameters were
+    with pytest.raises(RuntimeError), eval_mode(model, torch.device("cpu")):  # moved back on an error too
+        raise RuntimeError
+    assert len(model.moves) == 4 and model.training
+
+
+def test_eval_mode_moves_a_model_without_parameters_and_leaves_it():
+    from mtlearn.utils import eval_mode
+
+    model = nn.ReLU()  # nothing says where it was, and nothing needs moving back
+    with eval_mode(model, torch.device("cpu")):
+        assert not model.training
+    assert model.training
+
+
 def test_count_flops_leaves_a_frozen_batchnorm_frozen():
     model = _partly_frozen()
     count_flops(model, torch.zeros(3, 4))
