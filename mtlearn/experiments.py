@@ -34,6 +34,11 @@ from mtlearn.notebook import flatten_metrics
 from mtlearn.utils import check_folder, is_int, write_text
 
 
+def _label(name: str, value: Any) -> str:
+    """`name=value` as it appears in a run's folder name."""
+    return f"{name}={value}".replace("/", "_")  # a value holding a path must not nest folders
+
+
 @dataclass(frozen=True)
 class RunSpec:
     """One cell of the grid: a notebook and the parameters papermill injects."""
@@ -44,8 +49,7 @@ class RunSpec:
     @property
     def name(self) -> str:
         """Folder name: every injected parameter, sorted, e.g. `profile=course,seed=1,weightings=['pcgrad']`."""
-        name = ",".join(f"{k}={v}" for k, v in self.parameters) or "default"
-        return name.replace("/", "_")  # a value holding a path must not nest folders
+        return ",".join(_label(k, v) for k, v in self.parameters) or "default"
 
     def folder(self, out_root: Path) -> Path:
         return Path(out_root) / self.notebook.stem / self.name
@@ -103,6 +107,12 @@ def grid(notebooks: list[Path], parameters: dict[str, list[Any]], seeds: list[in
             repeated = [v for v in dict.fromkeys(shown) if shown.count(v) > 1]
             raise ValueError(f"parameter {name!r} repeats a value ({repeated}); give each once: the same run "
                              "would count twice")
+        labels = [_label(name, v) for v in values]  # 1 and "1", or "a/b" and "a_b", would share a folder
+        if len(set(labels)) != len(labels):
+            clash = [v for v, label in zip(values, labels) if labels.count(label) > 1]
+            raise ValueError(f"values {clash} of parameter {name!r} would share one run folder "
+                             f"({_label(name, clash[0])}), so one run would be taken for the other; give values "
+                             "that print differently")
     names = sorted(parameters)
     for nb in notebooks:
         _check_parameters(Path(nb), parameters)

@@ -360,6 +360,9 @@ def test_command_line_refuses_a_bad_profile_and_notebooks_that_match_nothing(not
     ([-1], {}, r"seeds must be integers >= 0, got \[-1\]"),
     ([1.5], {}, r"seeds must be integers >= 0, got \[1.5\]"),
     ([0], {"scale": [1, 1]}, r"parameter 'scale' repeats a value \(\['1'\]\)"),
+    # different values, one folder name: the second run would be skipped as done, its row the first's
+    ([0], {"scale": [1, "1"]}, r"values \[1, '1'\] of parameter 'scale' would share one run folder \(scale=1\)"),
+    ([0], {"scale": ["a/b", "a_b"]}, r"values \['a/b', 'a_b'\] .* one run folder \(scale=a_b\)"),
 ])
 def test_grid_refuses_seeds_and_values_that_repeat_or_cannot_seed(notebooks, seeds, parameters, message):
     with pytest.raises(ValueError, match=message):
