@@ -10,7 +10,8 @@
 Each dataset goes to its own folder, `default_data_dir() / <folder>` unless `dest` says otherwise,
 and `mtlearn.data.load_dataset(name, root=...)` reads that same folder. A fetch that completed
 leaves a marker file there (checksum and file list); fetching again then downloads nothing, unless
-files were deleted since or another checksum is asked for.
+files were deleted since or another checksum is asked for. Files deleted since are restored from the
+archive, checked against the marker's checksum: the one a user accepted with --hash stays accepted.
 """
 
 from __future__ import annotations
@@ -19,10 +20,12 @@ import json
 import os
 from pathlib import Path
 from urllib.parse import urlsplit
+from urllib.request import url2pathname
 
 from data_fetch.archive import UnsafeArchiveError, extract_zip
 from data_fetch.download import (
-    RETRIES, DownloadError, FetchError, HashMismatchError, check_hash, download_file, file_hash, parse_hash,
+    RETRIES, DownloadError, FetchError, HashMismatchError, check_hash, check_retries, download_file, file_hash,
+    parse_hash,
 )
 from data_fetch.sources import SOURCES, Source, get_source
 
@@ -59,11 +62,14 @@ def fetch(
 ) -> Path:
     """Download dataset `name` into `dest` (default `dataset_dir(name)`), unpack it, return `dest`.
 
-    `url` and `known_hash` replace the pinned ones (a mirror; a checksum you pinned yourself). A
-    file already at `dest/<filename>` (say, downloaded by hand) is checked and used as it is.
+    `url` and `known_hash` replace the pinned ones (a mirror; a checksum you pinned yourself). Without
+    `known_hash`, a folder fetched before is checked against the checksum its last fetch recorded (the
+    pinned one, or the one you accepted then). A file already at `dest/<filename>` (say, downloaded by
+    hand) is checked and used as it is. `retries`: attempts after the first one when the host fails.
     Raises DownloadError with manual-download instructions when the host fails,
     HashMismatchError when the checksum differs, UnsafeArchiveError for a malicious archive.
     """
+    retries = check_retries(retries)  # now, not after the folder was made
     source = get_source(name)
     folder = Path(dest).expanduser() if dest is not None else dataset_dir(name)
     url = url or source.url
@@ -71,29 +77,43 @@ def fetch(
     if not (parts.scheme in ("http", "https", "ftp") and parts.netloc or parts.scheme == "file" and parts.path):
         raise ValueError(f"url {url!r} is not a web address; give the whole address of the file, starting with "
                          f"https:// (or file:// for a local copy; the pinned one: {source.url})")
-    known_hash = known_hash or source.known_hash
     parse_hash(known_hash)  # a malformed checksum fails now, not after a long download
     target = folder / source.filename
     marker = completion_marker(folder, source.name)
-    if marker.exists() and _still_complete(marker, folder, source, known_hash):
+    record = _read_marker(marker)
+    if record is not None and _still_complete(record, folder, source, known_hash):
         return folder  # fetched before: nothing to do
     # (a stale marker stays until it is rewritten below: a wrong --hash must not undo a good fetch)
+    recorded = record is not None and known_hash is None and record.get("known_hash") is not None
+    if recorded:
+        # Restoring deleted files: the archive must be the one they came from. After `--hash` accepted a
+        # re-packed archive, the pinned checksum would refuse it, and with it every repair command printed.
+        known_hash = record["known_hash"]
+    known_hash = known_hash or source.known_hash
 
     if target.exists():  # an earlier run stopped before unpacking, or the user put the file here
         try:
             check_hash(target, known_hash)
         except HashMismatchError as error:
-            advice = mismatch_advice(source, known_hash, folder, error)
+            advice = mismatch_advice(source, known_hash, folder, error, recorded)
             raise HashMismatchError(f"{error}; delete {target} and fetch again.\n{advice}", error.actual) from None
     else:
+        created = not folder.exists()
         folder.mkdir(parents=True, exist_ok=True)
         try:
             download_file(url, target, known_hash, progress=progress, retries=retries)
         except DownloadError as error:
+            if parts.scheme == "file":  # a copy on this machine: a browser or curl would not do better
+                raise DownloadError(local_copy_problem(source, url, folder, error)) from error
             raise DownloadError(manual_instructions(source, url, known_hash, folder, reason=str(error))) from error
         except HashMismatchError as error:
-            advice = mismatch_advice(source, known_hash, folder, error)
+            advice = mismatch_advice(source, known_hash, folder, error, recorded)
             raise HashMismatchError(f"{error}.\n{advice}", error.actual, error.kept) from None
+        finally:
+            # An empty folder left by a failed download would look downloaded: mtlearn.data.load_dataset
+            # would then report a missing file instead of "not downloaded" and the command that fetches it.
+            if created and folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
     files = extract_zip(target, folder) if source.extract else [source.filename]
     files = [name for name in files if not name.endswith("/")]  # directories are implied by their files
     if known_hash is None:
@@ -116,13 +136,24 @@ def completion_marker(folder: str | Path, name: str) -> Path:
     return Path(folder) / f".{get_source(name).name}.complete"
 
 
-def _still_complete(marker: Path, folder: Path, source: Source, known_hash: str | None) -> bool:
-    """Whether a fetch that once completed still holds: same checksum asked for, no file deleted since."""
+def _read_marker(marker: Path) -> dict | None:
+    """The record a completed fetch left in `marker`; None if there is none, or it cannot be read or holds
+    a checksum that cannot be read (cut short, edited by hand): then the cheap part, checking the archive
+    and unpacking it, is done again rather than trusted."""
     try:
         record = json.loads(marker.read_text())
-    except (OSError, ValueError):
-        return False  # unreadable: redo the cheap part (check and unpack) rather than trust it
-    if known_hash is not None and record.get("known_hash") not in (None, known_hash):
+        parse_hash(record.get("known_hash"))
+    except (OSError, ValueError, AttributeError, TypeError):  # AttributeError, TypeError: not a dict of strings
+        return None
+    return record
+
+
+def _still_complete(record: dict, folder: Path, source: Source, known_hash: str | None) -> bool:
+    """Whether a fetch that once completed (its marker's `record`) still holds: no other checksum asked for,
+    no file deleted since."""
+    recorded = parse_hash(record.get("known_hash"))
+    # Compared as read: "md5:ABC..." and a bare "abc..." are the same checksum, not a reason to check again.
+    if known_hash is not None and recorded is not None and parse_hash(known_hash) != recorded:
         print(f"{source.name}: a different checksum than the one of the last fetch was given; checking again")
         return False
     missing = _missing(record, folder, source)
@@ -144,18 +175,26 @@ def missing_files(folder: str | Path, name: str) -> list[str]:
     """Files the completed fetch of dataset `name` unpacked into `folder` that have been deleted or
     moved since (its completion marker lists them); [] when no fetch completed there."""
     folder = Path(folder)
-    try:
-        record = json.loads(completion_marker(folder, name).read_text())
-    except (OSError, ValueError):
-        return []
-    return _missing(record, folder, get_source(name))
+    record = _read_marker(completion_marker(folder, name))
+    return [] if record is None else _missing(record, folder, get_source(name))
 
 
-def mismatch_advice(source: Source, known_hash: str, folder: Path, error: HashMismatchError) -> str:
-    """What a checksum mismatch of `source` likely means, and how to accept a file the user checked."""
-    if known_hash == source.known_hash and not source.hash_is_official:
+def mismatch_advice(
+    source: Source, known_hash: str, folder: Path, error: HashMismatchError, recorded: bool = False
+) -> str:
+    """What a checksum mismatch of `source` likely means, and how to accept a file the user checked.
+
+    `recorded`: `known_hash` is the one the last fetch into `folder` recorded, not one given or pinned
+    (the checksum the user accepted then, or computed where none is pinned).
+    """
+    pinned = parse_hash(known_hash) == parse_hash(source.known_hash)
+    if pinned and not source.hash_is_official:
         cause = (f"The checksum of {source.name} was pinned by another project, not published by its authors: if "
                  "the host re-packed the archive, every download fails this way, so check the file rather than retry.")
+    elif recorded and not pinned:
+        cause = (f"{known_hash} is the checksum of the archive the last fetch into {folder} unpacked (recorded in "
+                 f"{completion_marker(folder, source.name).name}); if that archive came from a mirror, fetch from "
+                 "it again with --url.")
     elif error.kept is not None:
         cause = "A broken transfer is the usual cause: run again to retry."
     else:
@@ -165,6 +204,22 @@ def mismatch_advice(source: Source, known_hash: str, folder: Path, error: HashMi
         accept = f"rename {error.kept} to {source.filename}, then run `{accept}`"
     return (cause + "\n" if cause else "") + (
         f"If you checked the file (it unpacks, the images look right) and want to use it: {accept}"
+    )
+
+
+def local_copy_problem(source: Source, url: str, folder: Path, error: DownloadError) -> str:
+    """Why the local copy `url` (file://) could not be read, and how to point data_fetch at the right one."""
+    path = Path(url2pathname(urlsplit(url).path))
+    if path.is_dir():
+        problem = f"{path} is a folder; give the path of the file itself, e.g. {(path / source.filename).as_uri()}"
+    elif not path.exists():
+        problem = f"there is no such file: {path}; check the path (the URL holds the file's absolute path)"
+    else:
+        problem = str(error)  # say, no permission to read it
+    return (
+        f"could not read {source.name} from {url}: {problem}.\n"
+        f"Or copy the file to {folder / source.filename} and run `python -m data_fetch {source.name} --dest "
+        f"\"{folder}\"`: it checks and unpacks the file without downloading"
     )
 
 

@@ -4,7 +4,8 @@ How, and why:
 
 - bytes go to `<file>.part`; an interrupted download leaves that file behind and the next attempt
   asks the server for the rest (HTTP Range); a server that ignores Range sends everything again;
-- network errors and server errors (5xx, 429) are retried with exponential backoff;
+- network errors and server errors (5xx, 429) are retried with exponential backoff; what asking
+  again cannot change is not (a 404, a missing local file, a certificate that fails verification);
 - every request says who is asking (User-Agent): Zenodo throttles anonymous clients;
 - the checksum is computed on the finished `.part` file; only a file that matches is renamed to
   its final name (an atomic rename), so the final path never holds a broken download; one that
@@ -16,8 +17,10 @@ from __future__ import annotations
 import errno
 import hashlib
 import http.client
+import operator
 import os
 import re
+import ssl
 import time
 import urllib.error
 import urllib.request
@@ -30,6 +33,12 @@ TIMEOUT_SECONDS = 60.0  # per network read
 CHUNK_BYTES = 1 << 16
 # Errors of this machine's disk, not of the host: asking the host again cannot help.
 LOCAL_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
+# Why a request failed, where asking again gets the same answer: a file:// path that is wrong or unreadable
+# (urllib wraps the error of opening it in a URLError), a certificate that is expired, self-signed or for
+# another host. Other TLS errors (a handshake cut short) are the passing trouble of unreliable hosts.
+FINAL_REASONS = (
+    FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError, ssl.SSLCertVerificationError,
+)
 
 
 class FetchError(RuntimeError):
@@ -70,6 +79,20 @@ def parse_hash(known_hash: str | None) -> tuple[str, str] | None:
     return algorithm, digest
 
 
+def check_retries(retries) -> int:
+    """`retries` as an int >= 0, or a ValueError saying so: -1 would make no attempt at all (and fail on
+    a `.part` file that was never written), 2.0 would fail inside range(). Not mtlearn.utils.check_int:
+    data_fetch works without mtlearn and torch."""
+    try:
+        count = operator.index(retries)  # ints and NumPy ints; floats raise TypeError
+    except TypeError:
+        count = None
+    if count is None or isinstance(retries, bool) or count < 0:
+        fix = "; pass an int, e.g. int(...) of a computed value" if isinstance(retries, float) else ""
+        raise ValueError(f"retries must be an integer >= 0 (attempts after the first one), got {retries!r}{fix}")
+    return count
+
+
 def file_hash(path: Path, algorithm: str = "sha256") -> str:
     """Hex digest of a file, read in 1 MiB blocks."""
     digest = hashlib.new(algorithm)
@@ -108,6 +131,7 @@ def download_file(
     is moved to `<path>.mismatch`, so the next call starts afresh). Nothing is ever left at `path`
     unless verified.
     """
+    retries = check_retries(retries)
     path = Path(path)
     part = path.with_name(path.name + ".part")
     expected = parse_hash(known_hash)
@@ -184,7 +208,10 @@ def _local_write_error(error: Exception) -> bool:
 
 
 def _worth_retrying(error: Exception) -> bool:
-    """Network trouble and server-side errors are retried; 'not found', 'forbidden' and the like are not."""
+    """Network trouble and server-side errors are retried; 'not found', 'forbidden' and the like are not,
+    nor a missing local file or a certificate that fails verification."""
     if isinstance(error, urllib.error.HTTPError):
         return error.code in (408, 416, 429) or error.code >= 500
+    if isinstance(error, urllib.error.URLError):
+        return not isinstance(error.reason, FINAL_REASONS)
     return True

@@ -6,6 +6,7 @@ import io
 import json
 import os
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -232,6 +233,47 @@ def test_mismatch_with_an_unofficial_pin_says_so_and_how_to_accept_the_file(serv
     kept.rename(tmp_path / "Dataset_BUSI.zip")
     assert main(["busi", "--dest", str(tmp_path), "--hash", actual, "--quiet"]) == 0
     assert len(server.requests) == 1 and (tmp_path / "Dataset_BUSI_with_GT/normal/normal (1).png").is_file()
+
+
+def test_a_checksum_accepted_with_hash_keeps_holding_for_repairs(server, tmp_path, capsys):
+    """After `--hash` accepted a re-packed BUSI, the repair command the loader prints (no --hash) must check
+    against that accepted checksum, not the pinned one that refused the archive in the first place."""
+    archive = zip_bytes({"Dataset_BUSI_with_GT/benign/benign (1).png": b"png1",
+                         "Dataset_BUSI_with_GT/benign/benign (2).png": b"png2"})
+    server.files["/Dataset_BUSI.zip"] = archive
+    url = server.url + "/Dataset_BUSI.zip"
+    with pytest.raises(HashMismatchError):
+        fetch("busi", dest=tmp_path, url=url, progress=False)
+    (tmp_path / "Dataset_BUSI.zip.mismatch").rename(tmp_path / "Dataset_BUSI.zip")
+    assert main(["busi", "--dest", str(tmp_path), "--hash", sha256(archive), "--quiet"]) == 0
+    image = tmp_path / "Dataset_BUSI_with_GT/benign/benign (2).png"
+    image.unlink()  # later, an image is deleted: `python -m data_fetch busi --dest ...` restores it
+    assert main(["busi", "--dest", str(tmp_path), "--quiet"]) == 0
+    assert image.read_bytes() == b"png2" and len(server.requests) == 1  # unpacked again, not downloaded
+    assert "different checksum" not in capsys.readouterr().out
+    # the archive deleted too: downloaded again and checked against the accepted checksum
+    image.unlink()
+    (tmp_path / "Dataset_BUSI.zip").unlink()
+    fetch("busi", dest=tmp_path, url=url, progress=False)
+    assert image.read_bytes() == b"png2" and len(server.requests) == 2
+    assert json.loads((tmp_path / ".busi.complete").read_text())["known_hash"] == sha256(archive)
+    # an archive that is not the accepted one is refused, and the message says which checksum it was held to
+    (tmp_path / "Dataset_BUSI.zip").write_bytes(zip_bytes({"Dataset_BUSI_with_GT/benign/benign (2).png": b"other"}))
+    image.unlink()
+    with pytest.raises(HashMismatchError, match=f"(?s)expected {sha256(archive)}.*recorded in .busi.complete"):
+        fetch("busi", dest=tmp_path, url=url, progress=False)
+
+
+@pytest.mark.parametrize("spelled", [str.lower, str.upper, lambda h: h.split(":")[1]])
+def test_the_same_checksum_spelled_otherwise_is_not_another_one(server, tmp_path, capsys, spelled):
+    """parse_hash reads "MD5:ABC..." and a bare "abc..." as "md5:abc...": the fetch must not count them as
+    another checksum, which would unpack again or, with the archive deleted to save space, download it again."""
+    server.files["/BUSBRA.zip"] = ARCHIVE
+    digest = "md5:" + hashlib.md5(ARCHIVE).hexdigest()
+    fetch("bus_bra", dest=tmp_path, url=server.url + "/BUSBRA.zip", known_hash=digest, progress=False)
+    (tmp_path / "BUSBRA.zip").unlink()  # unpacked: the archive is not needed any more
+    fetch("bus_bra", dest=tmp_path, url=server.url + "/BUSBRA.zip", known_hash=spelled(digest), progress=False)
+    assert len(server.requests) == 1 and "different checksum" not in capsys.readouterr().out
 
 
 def test_mismatch_with_your_own_checksum_does_not_blame_the_unofficial_pin(server, tmp_path):
@@ -621,6 +663,64 @@ def test_a_local_copy_is_fetched_from_a_file_url(tmp_path):
     assert (folder / "breastmnist.npz").read_bytes() == b"a pretend archive"
 
 
+@pytest.mark.parametrize("where, says", [("nope.npz", "there is no such file: "), ("", " is a folder; give the path")])
+def test_a_wrong_local_copy_is_not_retried_and_says_what_is_wrong(tmp_path, monkeypatch, where, says):
+    """A mistyped file:// path stays wrong however often it is read: no retries (30 s with the real backoff),
+    and no advice to open it in a browser or with curl. The dataset folder it made is removed again."""
+    slept = []
+    monkeypatch.setattr(data_fetch.download.time, "sleep", slept.append)
+    (tmp_path / "mirror").mkdir()
+    url = (tmp_path / "mirror" / where).as_uri()
+    with pytest.raises(DownloadError) as error:
+        fetch("breastmnist", dest=tmp_path / "data", url=url, progress=False)
+    message = str(error.value)
+    assert slept == [] and says in message and "browser" not in message and "curl" not in message
+    assert f"copy the file to {tmp_path / 'data' / 'breastmnist.npz'}" in message
+    assert not (tmp_path / "data").exists()
+
+
+def test_a_certificate_that_fails_verification_is_not_retried(tmp_path, monkeypatch):
+    """An expired or self-signed certificate is the same on every attempt (unlike a handshake cut short).
+    A real TLS server on 127.0.0.1 with a self-signed certificate, made by the openssl command."""
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+                    "-keyout", str(tmp_path / "key.pem"), "-out", str(tmp_path / "cert.pem"), "-days", "2",
+                    "-subj", "/CN=127.0.0.1"], check=True, capture_output=True)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(tmp_path / "cert.pem", tmp_path / "key.pem")
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)  # self-signed: no client trusts it
+    httpd.socket = context.wrap_socket(httpd.socket, server_side=True)
+    httpd.files, httpd.requests, httpd.errors = {"/data.npz": PAYLOAD}, [], []
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
+    thread.start()
+    slept = []
+    monkeypatch.setattr(data_fetch.download.time, "sleep", slept.append)
+    try:
+        with pytest.raises(DownloadError, match="CERTIFICATE_VERIFY_FAILED"):
+            download_file(f"https://127.0.0.1:{httpd.server_address[1]}/data.npz", tmp_path / "data.npz",
+                          progress=False, retries=3)
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert slept == [] and httpd.requests == []
+
+
+def test_a_failed_fetch_leaves_no_empty_folder(tmp_path):
+    """An empty dataset folder would look downloaded: the loader would report a missing file instead of
+    "not downloaded" and the command that fetches it. A folder that was there before stays."""
+    from mtlearn.data import load_dataset
+
+    url = f"http://127.0.0.1:{closed_port()}/breastmnist.npz"
+    with pytest.raises(DownloadError):
+        fetch("breastmnist", dest=tmp_path / "new" / "breastmnist", url=url, progress=False, retries=0)
+    assert not (tmp_path / "new" / "breastmnist").exists()
+    with pytest.raises(FileNotFoundError, match="breastmnist is not downloaded.*python -m data_fetch breastmnist"):
+        load_dataset("breastmnist", root=tmp_path / "new" / "breastmnist")
+    (tmp_path / "mine").mkdir()
+    with pytest.raises(DownloadError):
+        fetch("breastmnist", dest=tmp_path / "mine", url=url, progress=False, retries=0)
+    assert (tmp_path / "mine").is_dir()
+
+
 def test_manually_placed_file_with_wrong_hash_is_reported_not_deleted(tmp_path):
     (tmp_path / "breastmnist.npz").write_bytes(b"something else")
     with pytest.raises(HashMismatchError, match="expected md5:750601b1f35ba3300ea97c75c52ff8f6.*delete"):
@@ -640,6 +740,10 @@ def test_manually_placed_file_with_wrong_hash_is_reported_not_deleted(tmp_path):
         (lambda d: fetch("breastmnist", dest=d, url="notaurl"), r"url 'notaurl' is not a web address; .*https://"),
         (lambda d: fetch("breastmnist", dest=d, url="zenodo.org/records/1/breastmnist.npz"), "not a web address"),
         (lambda d: fetch("breastmnist", dest=d, url="https:/zenodo.org/records/1/breastmnist.npz"), "not a web addr"),
+        (lambda d: fetch("breastmnist", dest=d / "x", retries=-1), r"retries must be an integer >= 0.*got -1"),
+        (lambda d: fetch("breastmnist", dest=d / "x", retries=2.0), r"got 2.0; pass an int, e.g. int\(\.\.\.\)"),
+        (lambda d: fetch("breastmnist", dest=d / "x", retries=True), "retries must be an integer"),
+        (lambda d: download_file("file:///nope", d / "x.npz", retries=-1), "retries must be an integer >= 0"),
     ],
 )
 def test_bad_arguments(tmp_path, call, message):
