@@ -274,11 +274,34 @@ def test_default_collate_batches_items():
         ({"noise_level": float("nan")}, "noise_level"),
         ({"noise_level": float("inf")}, "noise_level"),
         ({"in_channels": 2}, "in_channels"),
+        # a number as a string (from a config file, the command line) named, not a TypeError from the comparison
+        ({"artifact_correlation": "0.5"}, r"artifact_correlation must be a number in \[-1, 1\], got '0.5'; pass it "
+                                          "unquoted"),
+        ({"artifact_rate": None}, r"artifact_rate must be a number in \[0, 1\], got None"),
+        ({"noise_level": "1.0"}, r"noise_level must be a finite number >= 0 .*got '1.0'; pass it unquoted"),
+        ({"class_probs": "abc"}, "class_probs must be 3 finite .*got 'abc'; pass numbers, not strings"),
+        ({"class_probs": ("0.2", "0.3", "0.5")}, "class_probs must be 3 finite .*pass numbers, not strings"),
+        ({"class_probs": [[1, 2], [3]]}, "class_probs must be 3 finite"),
     ],
 )
 def test_bad_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
         SyntheticUltrasound(**kwargs)
+
+
+def test_load_dataset_names_a_knob_given_as_a_string():
+    """The way a learner meets it: load_dataset passes the knobs on, and the error must name the one to fix."""
+    from mtlearn.data import load_dataset
+
+    with pytest.raises(ValueError, match="artifact_correlation must be a number in .*got '0.5'"):
+        load_dataset("synthetic", artifact_correlation="0.5")
+
+
+def test_class_probs_of_any_numeric_kind_draw_the_same_items():
+    """A tensor, an int array or a tuple of floats with the same ratios: the same classes, item by item."""
+    reference = SyntheticUltrasound(num_samples=64, image_size=32, class_probs=(0.25, 0.25, 0.5)).labels
+    for probs in (torch.tensor([1.0, 1.0, 2.0]), np.array([1, 1, 2]), (0.25, 0.25, 0.5)):
+        assert np.array_equal(SyntheticUltrasound(num_samples=64, image_size=32, class_probs=probs).labels, reference)
 
 
 def test_index_out_of_range():

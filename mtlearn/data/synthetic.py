@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from mtlearn.utils import check_int, check_size
+from mtlearn.utils import check_int, check_size, is_number
 
 CLASS_NAMES = ("normal", "benign", "malignant")
 NORMAL, BENIGN, MALIGNANT = 0, 1, 2
@@ -101,18 +101,17 @@ class SyntheticUltrasound(Dataset):
             raise ValueError(f"seed and first_index + num_samples must stay below 2**32, got seed {seed} and "
                              f"first_index + num_samples {first_index + num_samples}: take e.g. seed % 2**32")
         self.height, self.width = _image_size(image_size)
-        probs = np.asarray(class_probs, dtype=np.float64)
-        if probs.shape != (3,) or not np.all(np.isfinite(probs)) or np.any(probs < 0) or probs.sum() <= 0:
-            raise ValueError(
-                f"class_probs must be 3 finite non-negative numbers (normal, benign, malignant), not all 0, "
-                f"got {class_probs!r}"
-            )
-        if not -1.0 <= artifact_correlation <= 1.0:
-            raise ValueError(f"artifact_correlation must lie in [-1, 1], got {artifact_correlation!r}")
-        if not 0.0 <= artifact_rate <= 1.0:
-            raise ValueError(f"artifact_rate must lie in [0, 1], got {artifact_rate!r}")
-        if not 0 <= noise_level < math.inf:
-            raise ValueError(f"noise_level must be >= 0 (1.0 = fully developed speckle), got {noise_level!r}")
+        probs = _class_probs(class_probs)
+        # Numbers first: "0.5" (from a config file or the command line) would fail the range check as a bare
+        # TypeError, "'<=' not supported between 'float' and 'str'", which names neither the knob nor the fix.
+        for knob, value, low, high, meaning in (
+            ("artifact_correlation", artifact_correlation, -1.0, 1.0, "a number in [-1, 1]"),
+            ("artifact_rate", artifact_rate, 0.0, 1.0, "a number in [0, 1]"),
+            ("noise_level", noise_level, 0.0, math.inf, "a finite number >= 0 (1.0 = fully developed speckle)"),
+        ):
+            if not is_number(value) or not math.isfinite(value) or not low <= value <= high:
+                hint = "; pass it unquoted" if isinstance(value, str) else ""
+                raise ValueError(f"{knob} must be {meaning}, got {value!r}{hint}")
         if in_channels not in (1, 3):
             raise ValueError(f"in_channels must be 1 (grey) or 3 (grey repeated), got {in_channels!r}")
         self.num_samples = int(num_samples)
@@ -435,6 +434,26 @@ def _upsample(field: np.ndarray, upsampler, axis: int) -> np.ndarray:
     shape = [1] * field.ndim
     shape[axis] = len(low)
     return np.take(field, low, axis=axis) * w0.reshape(shape) + np.take(field, low + 1, axis=axis) * w1.reshape(shape)
+
+
+def _class_probs(class_probs) -> np.ndarray:
+    """class_probs -> (3,) float64 array, or a ValueError naming the argument and what it must be.
+
+    Strings are refused, not converted: NumPy would read ("0.2", "0.3", "0.5") as numbers, and "abc" would
+    fail with "could not convert string to float", which does not say which argument is wrong.
+    """
+    try:
+        probs = np.asarray(class_probs)
+    except ValueError:  # nested sequences of different lengths
+        probs = np.asarray(None)
+    if (probs.dtype.kind not in "iuf" or probs.shape != (3,) or not np.all(np.isfinite(probs)) or np.any(probs < 0)
+            or probs.sum() <= 0):
+        hint = "; pass numbers, not strings" if probs.dtype.kind in "SU" or isinstance(class_probs, str) else ""
+        raise ValueError(
+            f"class_probs must be 3 finite non-negative numbers (normal, benign, malignant), not all 0, "
+            f"got {class_probs!r}{hint}"
+        )
+    return probs.astype(np.float64)
 
 
 def _image_size(image_size) -> tuple[int, int]:
