@@ -345,6 +345,36 @@ def test_joint_vs_single_task_needs_the_cpu_time_share_too():
     assert check["metrics_ok"] and not check["passed"]
 
 
+def test_joint_vs_single_task_leaves_unmeasured_shares_out_of_the_verdict():
+    """A resumed run's CPU time is NaN (unknown): NaN <= 0.35 is False, which failed every verdict of a
+    resumed comparison with no reason given. An unknown share is reported and left out; the measured
+    shares and the metrics still decide."""
+    nan = float("nan")
+    scratch = [record("scratch", (t,), images=200, wall=5.0, **scores(24.2, 0.90)) for t in TASKS]
+    runs = [record("pretrain", ("recon",), images=100, wall=4.0),
+            *(record("frozen", (t,), images=100, wall=1.0) for t in TASKS),
+            record("joint", TASKS, images=100, wall=3.0, cpu=nan, **scores(24.0, 0.90)), *scratch]
+    check = joint_vs_single_task(strategy_table(runs, UMSRepConfig()))
+    assert check["unmeasured"] == ["cpu_share_train", "cpu_share_amortised", "cpu_share_total"]
+    assert all(math.isnan(check[key]) for key in check["unmeasured"])
+    # the verdicts of test_joint_vs_single_task_shares_by_hand_and_passed_amortised, whose CPU shares were measured
+    assert check["passed"] and check["passed_amortised"] and not check["passed_with_pretraining"]
+    # only the pre-training resumed: the fine-tuning share is known and still decides `passed`
+    runs[0] = record("pretrain", ("recon",), images=100, wall=4.0, cpu=nan)
+    runs[4] = record("joint", TASKS, images=100, wall=3.0, cpu=14.0, **scores(24.0, 0.90))  # CPU share 14 / 30
+    check = joint_vs_single_task(strategy_table(runs, UMSRepConfig()))
+    assert check["unmeasured"] == ["cpu_share_amortised", "cpu_share_total"]
+    assert check["metrics_ok"] and not check["passed"]  # a measured share above the limit still fails
+    assert check["passed_amortised"]  # 1.5 / 6 of the FLOPs, 5 / 15 of the time; its CPU share is unknown
+    # unknown shares never make the metrics pass
+    runs[4] = record("joint", TASKS, images=100, wall=3.0, cpu=nan, **scores(24.0, 0.80))
+    check = joint_vs_single_task(strategy_table(runs, UMSRepConfig()))
+    assert not check["metrics_ok"] and not check["passed"] and not check["passed_amortised"]
+    measured = joint_vs_single_task(strategy_table([record("joint", TASKS, images=100, wall=3.0), *scratch],
+                                                   UMSRepConfig()))
+    assert measured["unmeasured"] == []
+
+
 def test_random_subset_draws_from_the_whole_split():
     from mtlearn.umsrep import _random_subset
 
