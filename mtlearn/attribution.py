@@ -45,7 +45,7 @@ from matplotlib.colors import ListedColormap
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from mtlearn.encoder import ResFormerEncoder, init_weights
+from mtlearn.encoder import ResFormerEncoder, check_floating, init_weights
 from mtlearn.mtl import MultiTaskUNet
 from mtlearn.plots import _image
 
@@ -281,6 +281,8 @@ class Explainer:
             raise ValueError(f"{head} target must be a region of shape {(B, 1, H, W)}, got {tuple(region.shape)}")
         if head == "seg":
             return (region,)
+        if reference is not None:
+            check_floating(reference, "reference")  # compared with the 0..1 reconstruction
         reference = images if reference is None else reference.to(self.device).float()
         if reference.shape != images.shape:
             raise ValueError(f"reference must have the images' shape {tuple(images.shape)}, "
@@ -343,6 +345,7 @@ class Explainer:
         if not isinstance(images, Tensor) or images.dim() != 4:
             shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
             raise ValueError(f"images must be a (B, C, H, W) tensor, got {shape}; add a batch axis with images[None]")
+        check_floating(images)  # a bare .float() of uint8 would explain the model on 0..255, which it refuses
         return images.to(self.device).float()
 
     # the methods: each returns (B, C, H, W) or (B, 1, H, W) attributions
@@ -407,10 +410,12 @@ class Explainer:
         """Occlusion with square `window` patches (None: 1/8 of the image side) every `stride` pixels.
 
         The patch is filled with `baseline` (as for "ig": "mean", "black" or a grey value).
-        Each pixel gets the mean score drop over the patches that covered it. Cost: (H / stride)^2
-        forward passes per image, `perturbations_per_eval` of them batched together; the default
-        stride = window (patches side by side, 64 passes at any image size) keeps it affordable,
-        a stride of window / 2 gives smoother maps for four times the cost.
+        Each pixel gets the mean score drop over the patches that covered it. Cost: one forward pass
+        per patch, (ceil((H - window) / stride) + 1) x (the same for W) per image (the last patch of a
+        row or column may hang over the edge), `perturbations_per_eval` of them batched together.
+        The default stride = window (patches side by side) keeps it affordable: 8 x 8 = 64 passes for
+        a square image of any size; more for an oblong one, as the window is 1/8 of the shorter side
+        (48 x 80: 8 x 14 = 112). A stride of window / 2 gives smoother maps for about four times the cost.
         """
         from captum.attr import Occlusion
 
@@ -559,7 +564,15 @@ def localisation_scores(explainer: Explainer, images: Tensor, mask: Tensor, head
     method_kw = method_kw or {}
     for method in methods:  # all of them before the first map: a typo in the last must not wait for the others
         explainer.check_options(method, images.shape[-2:], **method_kw.get(method, {}))
-    mask = mask.float()
+    # per-sample targets (labels, regions), masks and references given as lists or NumPy arrays become
+    # tensors, so that they too lose the rows of empty masks and are cut into the images' batches
+    # (a list of 6 labels reached every batch of 4 whole: "4 class indices, got shape (6,)")
+    if isinstance(target, (list, tuple, np.ndarray)) and np.asarray(target).dtype.kind in "biuf":
+        target = torch.as_tensor(np.asarray(target))
+    if isinstance(target, Tensor) and target.numel() == 1:
+        target = target.reshape(())  # [2]: one class for every sample, like the int 2
+    mask = torch.as_tensor(mask).float()
+    reference = None if reference is None else torch.as_tensor(reference)
     keep = mask.flatten(1).sum(1) > 0
     if not keep.any():
         raise ValueError("every mask is empty; pass images whose region (e.g. lesion) is present")
@@ -569,7 +582,10 @@ def localisation_scores(explainer: Explainer, images: Tensor, mask: Tensor, head
             raise ValueError(f"reference must have the images' shape {(len(keep), *images.shape[1:])}, "
                              f"got {tuple(reference.shape)}")
         reference = reference[keep.to(reference.device)]
-    if isinstance(target, Tensor) and target.dim() >= 1 and target.shape[0] == keep.shape[0]:
+    if isinstance(target, Tensor) and target.dim() >= 1:
+        if target.shape[0] != len(keep):  # else each batch got a slice that fitted another batch
+            raise ValueError(f"a per-sample target needs one row per image ({len(keep)}), got shape "
+                             f"{tuple(target.shape)}; pass one per image, or one class index (int) for all")
         target = target[keep.to(target.device)]
     chance = float(mask.flatten(1).mean(1).mean())
     grown = _grow(mask, tolerance)

@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mtlearn.utils import is_int
+
 # Additive attention mask value for token pairs that must not attend to each other.
 MASKED = float("-inf")
 
@@ -206,8 +208,9 @@ class WindowAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, attn_dropout: float = 0.0,
                  dropout: float = 0.0):
         super().__init__()
-        if dim % num_heads != 0:
-            raise ValueError(f"dim {dim} must be divisible by num_heads {num_heads} (integer head dimension)")
+        if not is_int(num_heads) or num_heads < 1 or dim % num_heads != 0:  # 2.0 heads passed, then failed in reshape
+            raise ValueError(f"dim {dim} must be divisible by num_heads {num_heads!r} (integer head dimension); "
+                             "pass an int that divides dim, e.g. dim // 32 for 32-channel heads")
         self.num_heads = num_heads
         self.attn_dropout = attn_dropout
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
@@ -250,13 +253,19 @@ class SwinBlock(nn.Module):
                  qkv_bias: bool = True, dropout: float = 0.0, attn_dropout: float = 0.0, drop_path: float = 0.0,
                  input_resolution: tuple[int, int] | None = None):
         super().__init__()
+        if not is_int(window_size) or window_size < 1:  # 64 / 16 = 4.0 built, then failed in window_partition
+            raise ValueError(f"window_size must be an int >= 1 (tokens per window side), got {window_size!r}; "
+                             "pass an int, e.g. image_size // 16")
+        hidden = int(dim * mlp_ratio)
+        if hidden < 1:  # an MLP with no hidden units: torch only warns, and the block learns nothing there
+            raise ValueError(f"mlp_ratio {mlp_ratio} gives a {dim}-channel block's MLP {hidden} hidden units; "
+                             f"use an mlp_ratio of at least 1 / {dim} (the paper: 4.0)")
         self.window_size = window_size
         self.shift = shift
         self.norm1 = nn.LayerNorm(dim)
         self.attn = WindowAttention(dim, num_heads, qkv_bias, attn_dropout, dropout)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim)
-        hidden = int(dim * mlp_ratio)
         self.mlp = nn.Sequential(
             nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, dim), nn.Dropout(dropout)
         )

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from mtlearn.blocks import PatchEmbed, ResFormerStage
-from mtlearn.utils import check_bool, check_size, is_int
+from mtlearn.utils import check_bool, check_size, is_int, is_number
 
 STRIDE = 16  # the deepest feature map is H/16 x W/16: inputs must be divisible by this
 
@@ -45,7 +45,11 @@ class ResFormerConfig:
         for name in ("qkv_bias", "use_attention"):
             setattr(self, name, check_bool(name, getattr(self, name)))
         for name in ("widths", "cnn_depths", "attn_depths", "num_heads"):
-            setattr(self, name, tuple(getattr(self, name)))
+            values = tuple(getattr(self, name))
+            # a float such as 512 / 16 = 32.0 passes every check below and then fails deep inside torch
+            if not all(is_int(v) for v in values):
+                raise ValueError(f"{name} must be ints, got {values}; pass ints: int(...) or // (e.g. 512 // 16)")
+            setattr(self, name, tuple(int(v) for v in values))
         if not is_int(self.in_channels) or self.in_channels < 1:
             raise ValueError(f"in_channels must be a positive integer (1 grey, 3 RGB), got {self.in_channels!r}")
         if len(self.image_size) != 2 or any(s < STRIDE or s % STRIDE for s in self.image_size):
@@ -65,13 +69,35 @@ class ResFormerConfig:
                                  f"(integer head dimension); {width} channels cannot be split into {heads} heads")
         if self.window_size is None:
             self.window_size = min(self.image_size) // STRIDE
+        if not is_int(self.window_size):  # 64 / 16 = 4.0 built, then failed in window_partition's reshape
+            raise ValueError(f"window_size must be an int (tokens per window side), got {self.window_size!r}; "
+                             "pass an int, e.g. image_size // 16")
         if self.window_size < 1:
             raise ValueError(f"window_size must be >= 1, got {self.window_size}")
+        self.window_size = int(self.window_size)
         if not 0.0 <= self.drop_path < 1.0 or not 0.0 <= self.dropout < 1.0 or not 0.0 <= self.attn_dropout < 1.0:
             raise ValueError(f"drop_path, dropout and attn_dropout must be in [0, 1), got "
                              f"{self.drop_path}, {self.dropout}, {self.attn_dropout}")
-        if self.mlp_ratio <= 0:
-            raise ValueError(f"mlp_ratio must be positive, got {self.mlp_ratio}")
+        if not is_number(self.mlp_ratio) or self.mlp_ratio <= 0:
+            raise ValueError(f"mlp_ratio must be a positive number, got {self.mlp_ratio!r}")
+        # each Swin MLP has int(width * mlp_ratio) hidden units: 0 builds an empty layer (torch only warns)
+        attended = [w for w, d in zip(self.widths, self.attn_depths) if d > 0] if self.use_attention else []
+        if attended and int(min(attended) * self.mlp_ratio) < 1:
+            raise ValueError(f"mlp_ratio {self.mlp_ratio} gives the {min(attended)}-channel stage's MLP "
+                             f"{int(min(attended) * self.mlp_ratio)} hidden units; use an mlp_ratio of at least "
+                             f"1 / {min(attended)} (the paper: 4.0)")
+
+
+def check_floating(x: Tensor, name: str = "images") -> None:
+    """Raise ValueError unless x is a floating-point tensor, naming the conversion.
+
+    The model learned on images scaled to 0..1: a uint8 image (0..255) run through it, or through
+    anything that converts it with a bare .float() (attribution), describes the model on inputs it
+    never saw. Shared with attribution.Explainer so that both refuse them with the same advice.
+    """
+    if not x.is_floating_point():
+        fix = ".float() / 255 (0..255 -> 0..1)" if x.dtype == torch.uint8 else ".float()"
+        raise ValueError(f"{name} must be a floating-point tensor, got {x.dtype}; convert with {fix}")
 
 
 def check_image(x: Tensor, in_channels: int, stride: int = STRIDE, dtype: torch.dtype | None = None) -> None:
@@ -87,9 +113,7 @@ def check_image(x: Tensor, in_channels: int, stride: int = STRIDE, dtype: torch.
                         + (f"; {fix}" if fix else ""))
     if x.dim() != 4:
         raise ValueError(f"expected a batch of images (B, C, H, W), got a tensor of shape {tuple(x.shape)}")
-    if not x.is_floating_point():
-        fix = ".float() / 255 (0..255 -> 0..1)" if x.dtype == torch.uint8 else ".float()"
-        raise ValueError(f"images must be a floating-point tensor, got {x.dtype}; convert with {fix}")
+    check_floating(x)
     if x.dtype == torch.float64 and dtype not in (None, torch.float64):
         raise ValueError(f"images are float64 but the model's weights are {dtype}; convert with .float()")
     if x.shape[1] != in_channels:

@@ -983,3 +983,66 @@ def test_randomise_redraws_parameters_no_reset_covers_at_their_own_scale():
     assert not torch.allclose(block.table, trained)
     redrawn = block.table.detach()
     assert float(redrawn.std()) == pytest.approx(0.5, rel=0.1) and abs(float(redrawn.mean())) < 0.05
+
+
+# ------------------------------------------------------------------------------------------ inputs the model refuses,
+# targets as lists and arrays, occlusion's cost
+
+UINT8 = r"must be a floating-point tensor, got torch\.uint8; convert with \.float\(\) / 255"
+
+
+def test_integer_images_are_refused_as_the_model_refuses_them(model, explainer, images):
+    """A bare .float() turned uint8 images into 0..255 ones: the maps explained the model on inputs it
+    never saw, and that model(...) itself refuses with this very advice."""
+    as_bytes = (images * 255).to(torch.uint8)
+    with pytest.raises(ValueError, match="images " + UINT8):
+        model(as_bytes)
+    mask = torch.ones(len(images), 1, SIZE, SIZE)
+    for explain in (lambda: explainer.attribute(as_bytes, "cls", 1, method="saliency"),
+                    lambda: A.attribute(model, as_bytes, "cls", 1, method="saliency"),
+                    lambda: explainer.head_output(as_bytes, "cls"),
+                    lambda: A.localisation_scores(explainer, as_bytes, mask, "cls", 1, methods=("saliency",)),
+                    lambda: A.cascading_randomisation(model, as_bytes, "cls", 1, method="saliency", progress=False)):
+        with pytest.raises(ValueError, match="images " + UINT8):
+            explain()
+    with pytest.raises(ValueError, match="reference " + UINT8):  # the recon head scores against it on 0..1
+        explainer.attribute(images, "recon", method="saliency", reference=as_bytes)
+    with pytest.raises(ValueError, match=r"torch\.int64; convert with \.float\(\)$"):
+        explainer.attribute(as_bytes.long(), "cls", 1, method="saliency")
+
+
+@pytest.mark.parametrize("given", [list, np.array], ids=["list", "numpy"])
+def test_localisation_scores_take_per_sample_targets_as_lists_and_arrays(explainer, data, given):
+    """Only tensors lost the rows of empty masks and were cut into batches: a list of 4 labels reached
+    a batch of 3 whole ("3 class indices, got shape (4,)"), a NumPy region kept the empty mask's row."""
+    items = [data[i] for i in range(4)]  # the third (normal) has an empty mask: it is left out
+    images, masks = torch.stack([it["image"] for it in items]), torch.stack([it["mask"] for it in items])
+    labels = [it["label"] for it in items]
+
+    def saliency(head, target, mask=masks):
+        return A.localisation_scores(explainer, images, mask, head, target, methods=("saliency",),
+                                     batch_size=2)["saliency"]
+
+    assert saliency("cls", given(labels)) == pytest.approx(saliency("cls", torch.tensor(labels)))
+    regions = masks.numpy().tolist() if given is list else masks.numpy()  # the seg head's target, and the mask
+    assert saliency("seg", regions, regions) == pytest.approx(saliency("seg", masks))
+    assert saliency("cls", given([2])) == pytest.approx(saliency("cls", 2))  # [2]: class 2 for every image, like 2
+    with pytest.raises(ValueError, match=r"a per-sample target needs one row per image \(4\), got shape \(3,\)"):
+        A.localisation_scores(explainer, images, masks, "cls", given(labels[:3]), methods=("saliency",))
+
+
+@pytest.mark.parametrize("size, window, stride, passes", [
+    ((32, 32), None, None, 8 * 8),  # window 4, side by side
+    ((64, 64), None, None, 8 * 8),  # window 8: 64 passes whatever the side of a square image
+    ((48, 80), None, None, 8 * 14),  # window 6, from the shorter side: 80 / 6 -> 14 patches, the last over the edge
+    ((48, 80), 6, 4, 12 * 20),  # (ceil((48 - 6) / 4) + 1) x (ceil((80 - 6) / 4) + 1)
+])
+def test_occlusion_costs_what_its_docstring_says(explainer, size, window, stride, passes):
+    rows = []
+
+    def score(x):
+        rows.append(len(x))
+        return x[:, 0, 0, 0]
+
+    explainer._occlusion(score, torch.rand(1, 1, *size), (), window=window, stride=stride)
+    assert sum(rows) - 1 == passes  # one pass on the image itself, then one per patch

@@ -174,3 +174,36 @@ def test_float64_images_work_with_a_float64_encoder():
 def test_float_image_size_names_int(image_size):
     with pytest.raises(ValueError, match=r"image_size must be an int.*got .*128\.0.*int\(\.\.\.\)"):
         tiny_config(image_size=image_size)  # was "'float' object is not iterable" (or passed as floats)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(image_size=64, window_size=64 / 16),
+     r"window_size must be an int .*got 4\.0; pass an int, e.g. image_size // 16"),
+    (dict(window_size=2.5), r"window_size must be an int .*got 2\.5"),
+    (dict(widths=(8.0, 16, 32, 64)), r"widths must be ints, got \(8\.0, 16, 32, 64\); pass ints"),
+    (dict(cnn_depths=(1, 1, 1, 1.5)), r"cnn_depths must be ints"),
+    (dict(attn_depths=(2, 1, 1, 1.0)), r"attn_depths must be ints"),
+    (dict(num_heads=(1.0, 2, 2, 4)), r"num_heads must be ints"),
+])
+def test_float_sizes_and_counts_name_int(overrides, message):
+    # each passed the config check, then failed inside torch (reshape, range, empty) naming no config field
+    with pytest.raises(ValueError, match=message):
+        tiny_config(**overrides)
+
+
+def test_numpy_integer_counts_become_ints():
+    import numpy as np
+
+    config = tiny_config(window_size=np.int64(2), num_heads=tuple(np.array([1, 2, 2, 4])))
+    assert type(config.window_size) is int and all(type(h) is int for h in config.num_heads)
+
+
+def test_mlp_ratio_must_leave_a_hidden_unit():
+    # 8 channels x 0.1 = 0 hidden units: built with only a torch warning, an MLP that learns nothing
+    with pytest.raises(ValueError, match=r"mlp_ratio 0\.1 gives the 8-channel stage's MLP 0 hidden units; use an "
+                                         r"mlp_ratio of at least 1 / 8"):
+        tiny_config(mlp_ratio=0.1)
+    assert tiny_config(mlp_ratio=1 / 8).mlp_ratio == 1 / 8
+    assert tiny_config(mlp_ratio=0.1, use_attention=False).mlp_ratio == 0.1  # no MLP is built
+    with pytest.raises(ValueError, match="mlp_ratio must be a positive number, got '4'"):
+        tiny_config(mlp_ratio="4")
