@@ -152,6 +152,7 @@ class Classifier(nn.Module):
             raise ValueError(f"hidden must be an int >= 0 (0: linear classifier), got {hidden!r}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+        self.num_classes = num_classes
         size = 1 if readout == "pooled" else grid
         self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(size), nn.Flatten())  # (B, C * size * size)
         in_features = in_channels * size * size
@@ -545,9 +546,15 @@ def _not_a_two_task_model(model) -> TypeError:
                      "mtlearn.disentangle.build_model(kind, config)")
 
 
-def _check_batch(batch, task_keys: tuple[str, str], training: bool = False) -> None:
-    """A batch must be a dict with "image" and both task labels as batched tensors, one integer label
-    per image (and, for training, 2 images or more: BatchNorm); else say which and why."""
+def _batch_labels(batch, task_keys: tuple[str, str], num_classes: tuple[int, int] | None = None,
+                  training: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both task labels of a batch as int64 tensors (B,), after checking the batch; else say what and why.
+
+    A batch must be a dict with "image" and both task labels as batched tensors, one integer label
+    per image, each in 0..num_classes - 1 of its head (and, for training, 2 images or more: BatchNorm).
+    int32, uint8 or bool labels are taken as int64: cross-entropy refuses the others, and a uint8
+    tensor used as an index is read as a mask.
+    """
     if not isinstance(batch, Mapping):
         raise TypeError(f"every batch must be a dict with 'image' and the task labels {tuple(task_keys)}; got a "
                         f"{type(batch).__name__}. Make the dataset's __getitem__ return such a dict (a "
@@ -565,16 +572,25 @@ def _check_batch(batch, task_keys: tuple[str, str], training: bool = False) -> N
                             "single items, not batches; wrap the data in a DataLoader, e.g. "
                             "torch.utils.data.DataLoader(data, batch_size=50, shuffle=True)")
     size = len(batch["image"])
-    for key in task_keys:
+    checked = []
+    for side, key in enumerate(task_keys):
         labels = batch[key]
         # (B, 1) labels would compare against (B,) predictions as a (B, B) table: accuracies above 1
         if labels.shape != (size,) or labels.dtype.is_floating_point or labels.dtype.is_complex:
             raise ValueError(f"batch[{key!r}] must hold one integer label per image, shape ({size},); got shape "
                              f"{tuple(labels.shape)}, dtype {labels.dtype}. Make the dataset return a plain int "
                              "label per item (or .squeeze(1) a (B, 1) tensor)")
+        labels = labels.long()
+        if num_classes is not None and size and (labels.min() < 0 or labels.max() >= num_classes[side]):
+            k, name = num_classes[side], "ab"[side]  # torch: "Target 2 is out of bounds"; evaluation: wrong scores
+            raise ValueError(f"batch[{key!r}] holds labels {sorted(set(labels.tolist()))}, but the model's task-{name} "
+                             f"head has {k} classes (0..{k - 1}): build it with num_classes_{name}="
+                             f"{max(int(labels.max()) + 1, k)}, or check task_keys {tuple(task_keys)}")
+        checked.append(labels)
     if training and size < 2:  # BatchNorm cannot normalise one image; torch says only "more than 1 value"
         raise ValueError(f"a training batch holds {size} image: BatchNorm needs 2 or more; use batch_size >= 2 "
                          "and drop_last=True when the last batch could hold a single image")
+    return checked[0], checked[1]
 
 
 def adversary_weight(step: int, w_adv: float, warmup_steps: int = 0, ramp_steps: int = 0) -> float:
@@ -670,14 +686,14 @@ def train_disentangle(
     seed_everything(seed)
     device = pick_device(device)
     model.to(device)
-    key_a, key_b = task_keys
+    classes = (model.head_a.num_classes, model.head_b.num_classes)
     adversarial = isinstance(model, DisentangleNet)
     main_params = model.main_parameters() if adversarial else list(model.parameters())
     optimizer = torch.optim.Adam(main_params, lr=lr, betas=betas, weight_decay=weight_decay)
     if adversarial:
         adv_optimizer = torch.optim.SGD(model.adversary_parameters(), lr=adv_lr, momentum=adv_momentum,
                                         weight_decay=weight_decay)
-        k_a, k_b = model.adv_a.net[-1].out_features, model.adv_b.net[-1].out_features
+        k_a, k_b = model.adv_a.num_classes, model.adv_b.num_classes
         joint = torch.zeros(k_a, k_b, device=device)  # label-pair counts seen so far, for the "prior" target
     leakage = (LinearLeakage(leak_shrink), LinearLeakage(leak_shrink)) if adversarial and w_leak > 0 else None
     steps_per_epoch = len(train_loader)
@@ -713,7 +729,7 @@ def train_disentangle(
             sums: dict[str, float] = {}
             counts: dict[str, int] = {}
             for index, batch in enumerate(train_loader, 1):
-                _check_batch(batch, task_keys, training=True)
+                y_a, y_b = _batch_labels(batch, task_keys, classes, training=True)
                 if image_shape is None:
                     image_shape = list(batch["image"].shape[1:])
                 elif list(batch["image"].shape[1:]) != image_shape:
@@ -721,7 +737,7 @@ def train_disentangle(
                                      f"this run trained on {tuple(image_shape)}: resume with the data of that run, "
                                      "or start a new run in another out_dir")
                 x = batch["image"].to(device)
-                y_a, y_b = batch[key_a].to(device), batch[key_b].to(device)
+                y_a, y_b = y_a.to(device), y_b.to(device)
                 w = adversary_weight(step, w_adv, warmup_steps, ramp_steps) if adversarial else 0.0
                 record = {"w_adv": w}
                 before = _snapshot(game)  # what a NaN in this batch's adversary or main phase must not keep
@@ -763,7 +779,9 @@ def train_disentangle(
                 history.setdefault(k, [float("nan")] * done).append(sums[k] / counts[k] if k in sums else float("nan"))
             if val_loader is not None:
                 for k, v in evaluate_disentangle(model, val_loader, task_keys=task_keys, device=device).items():
-                    history.setdefault(f"val_{k}", []).append(v)
+                    history.setdefault(f"val_{k}", [float("nan")] * done).append(v)
+            for values in history.values():  # resumed with a val_loader, or without the one the run had
+                values.extend([float("nan")] * (done + 1 - len(values)))  # NaN: not measured in that epoch
             bar.set_postfix({k: f"{v[-1]:.2f}" for k, v in history.items() if k in ("acc_a", "adv_acc_b", "val_acc_a")})
             if checkpoint is not None:  # the state the next epoch starts from, random states included
                 _save_game(checkpoint, game, options, train_loader, history, step, epoch + 1, image_shape)
@@ -881,13 +899,15 @@ def evaluate_disentangle(model: nn.Module, loader, *, task_keys: tuple[str, str]
     total = 0
     with eval_mode(model, device):  # the caller's model goes back to its device
         for batch in loader:
-            _check_batch(batch, task_keys)
+            _batch_labels(batch, task_keys)  # checked before the model runs on it
             out = model(batch["image"].to(device))
             if not (isinstance(out, Mapping) and {"logits_a", "logits_b"} <= set(out)):  # else it would score nothing
                 raise _not_a_two_task_model(model)
+            labels = dict(zip(task_keys, _batch_labels(batch, task_keys, (out["logits_a"].shape[1],
+                                                                          out["logits_b"].shape[1]))))
             for name, out_key, label_key in outputs:
                 if out_key in out:
-                    hits = (out[out_key].argmax(1) == batch[label_key].to(device)).sum().item()
+                    hits = (out[out_key].argmax(1) == labels[label_key].to(device)).sum().item()
                     correct[name] = correct.get(name, 0.0) + hits
             total += len(batch["image"])
     if total == 0:

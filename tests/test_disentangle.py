@@ -389,6 +389,38 @@ def test_an_interrupted_run_resumes_to_the_same_result(tiny_loaders, tmp_path, m
         assert torch.equal(value, resumed.state_dict()[key]), key
 
 
+def test_a_run_resumed_with_a_val_loader_it_did_not_have_keeps_its_epochs_in_line(tiny_loaders, tmp_path,
+                                                                                   monkeypatch):
+    """Validation added on resume: epoch 2's score sat at index 0, where plots draw epoch 1. Every key of
+    the history has one entry per epoch, NaN where nothing was measured; dropped again, the same."""
+    train, val = tiny_loaders  # 4 steps per epoch
+    kwargs = dict(epochs=3, adv_steps=1, device="cpu", progress=False, out_dir=tmp_path)
+    main_step, calls = D.main_step, []
+
+    def dies_in_epoch_two(*args, **kw):
+        calls.append(1)
+        if len(calls) == 6:
+            raise KeyboardInterrupt
+        return main_step(*args, **kw)
+
+    monkeypatch.setattr(D, "main_step", dies_in_epoch_two)
+    with pytest.raises(KeyboardInterrupt):
+        D.train_disentangle(tiny_model(), train, **kwargs)  # no validation in epoch 1
+    monkeypatch.setattr(D, "main_step", main_step)
+    history = D.train_disentangle(tiny_model(), train, val, resume=True, **kwargs)
+    assert {len(values) for values in history.values()} == {3}
+    assert math.isnan(history["val_acc_a"][0]) and all(0 <= v <= 1 for v in history["val_acc_a"][1:])
+    (tmp_path / "last.pt").unlink()
+    monkeypatch.setattr(D, "main_step", dies_in_epoch_two)
+    calls.clear()
+    with pytest.raises(KeyboardInterrupt):
+        D.train_disentangle(tiny_model(), train, val, **kwargs)
+    monkeypatch.setattr(D, "main_step", main_step)
+    history = D.train_disentangle(tiny_model(), train, resume=True, **kwargs)  # validation dropped
+    assert {len(values) for values in history.values()} == {3}
+    assert not math.isnan(history["val_acc_a"][0]) and all(math.isnan(v) for v in history["val_acc_a"][1:])
+
+
 def test_a_checkpointed_run_is_not_overwritten_or_resumed_with_other_options(tiny_loaders, tmp_path):
     train, _ = tiny_loaders
     kwargs = dict(epochs=1, adv_steps=2, device="cpu", progress=False)
@@ -1237,6 +1269,36 @@ def test_evaluate_refuses_labels_that_are_not_one_per_image():
         _train(tiny_model(), _batches([(0, 1), (1, 0)], dtype=torch.float32))
     scores = D.evaluate_disentangle(tiny_model(), _batches([(0, 1)], size=1), device="cpu")  # one image: fine here
     assert all(0 <= v <= 1 for v in scores.values())
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int16, torch.uint8, torch.bool])
+def test_integer_labels_of_any_width_train_as_int64_ones(dtype):
+    """int32 labels (NumPy's default on Windows) failed in cross-entropy ("expected ... Long"), uint8 ones
+    in the label counts (an index read as a mask), for every model: the same training as int64 labels."""
+    pairs = [(0, 1), (1, 1), (1, 0), (0, 0)]
+    histories = []
+    for labels in (torch.long, dtype):
+        torch.manual_seed(0)
+        histories.append(_train(tiny_model(), _batches(pairs, dtype=labels)))
+    assert histories[1] == histories[0]
+    model, (batch,) = tiny_model(), _batches(pairs)
+    narrow = [{**batch, "shape": batch["shape"].to(dtype), "background": batch["background"].to(dtype)}]
+    assert D.evaluate_disentangle(model, narrow, device="cpu") == D.evaluate_disentangle(model, [batch], device="cpu")
+
+
+def test_labels_beyond_a_head_are_refused_naming_the_head_and_the_fix():
+    """Three classes on a two-class head: torch's "Target 2 is out of bounds" in training, and accuracies
+    that counted the impossible label as a miss in evaluation."""
+    loader = _batches([(0, 1), (2, 0)])
+    message = (r"batch\['shape'\] holds labels \[0, 2\], but the model's task-a head has 2 classes \(0..1\): "
+               r"build it with num_classes_a=3")
+    with pytest.raises(ValueError, match=message):
+        _train(tiny_model(), loader)
+    with pytest.raises(ValueError, match=message):
+        D.evaluate_disentangle(tiny_model(), loader, device="cpu")
+    with pytest.raises(ValueError, match=r"batch\['background'\] holds labels \[-1, 0\].*task-b head"):
+        _train(tiny_model("shared"), _batches([(0, -1), (1, 0)]))
+    assert set(_train(tiny_model(num_classes_a=3), loader)) >= {"acc_a", "acc_b"}
 
 
 def test_a_training_batch_of_one_image_is_refused_with_the_fix():
