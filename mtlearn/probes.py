@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from mtlearn.utils import check_label_pair
+from mtlearn.utils import check_label_pair, is_int
 
 EMBEDDINGS = ("pca", "tsne")
 
@@ -132,13 +132,28 @@ def linear_probe(
 
 
 def cross_validated_probe(features: np.ndarray, y: np.ndarray, folds: int = 5, seed: int = 0) -> dict[str, float]:
-    """linear_probe averaged over stratified K folds of one set (features (N, D), y (N,))."""
+    """linear_probe averaged over stratified K folds of one set (features (N, D), y (N,)).
+
+    Every class needs `folds` items or more: with fewer, some test folds hold none of it, and their
+    balanced accuracy is the recall of the other classes alone (pure noise features can then read
+    0.74 against a chance of 0.5), so that is refused.
+    """
     from sklearn.model_selection import StratifiedKFold
 
     features, y = np.asarray(features), np.asarray(y)
     if features.ndim != 2 or y.ndim != 1 or len(features) != len(y):
         raise ValueError(f"expected features (N, D) and labels (N,) with the same N, got features {features.shape} "
                          f"and labels {y.shape}")
+    if not is_int(folds) or folds < 2:
+        raise ValueError(f"folds must be an int >= 2, got {folds!r}")
+    classes, counts = np.unique(y, return_counts=True)
+    if len(classes) < 2:
+        raise ValueError(f"the probe needs at least two classes in y, got only {classes.tolist()}")
+    if counts.min() < folds:
+        rare, fewest = classes[counts.argmin()], counts.min()
+        fix = f"pass folds={fewest} or fewer, or probe more images" if fewest >= 2 else "probe more images"
+        raise ValueError(f"class {rare} has {fewest} item(s), fewer than folds={folds}: some test folds would hold "
+                         f"none of it and score the other classes alone; {fix}")
     splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
     scores = [linear_probe(features[tr], y[tr], features[te], y[te]) for tr, te in splitter.split(features, y)]
     return {k: float(np.mean([s[k] for s in scores])) for k in scores[0]}
@@ -188,8 +203,9 @@ def embed_2d(features: np.ndarray, method: str = "pca", seed: int = 0) -> np.nda
     if method not in EMBEDDINGS:
         raise ValueError(f"unknown method {method!r}; expected one of {EMBEDDINGS}")
     features = np.asarray(features, dtype=np.float64)
-    if features.ndim != 2 or len(features) < 3:
-        raise ValueError(f"features must be (N, D) with N >= 3, got {features.shape}")
+    if features.ndim != 2 or len(features) < 3 or features.shape[1] < 2:  # 2-D needs 2 columns to come from
+        raise ValueError(f"features must be (N, D) with N >= 3 and D >= 2, got {features.shape}; one feature "
+                         "per image is a 1-D picture already: plot it against the labels")
     scaled = StandardScaler().fit_transform(features)
     if method == "pca":
         return PCA(n_components=2, random_state=seed).fit_transform(scaled)

@@ -135,6 +135,22 @@ def test_cross_validated_probe_names_a_length_mismatch():
         cross_validated_probe(features, coded[:15])
 
 
+def test_cross_validated_probe_refuses_a_class_rarer_than_the_folds():
+    """37 of one class, 3 of the other, 5 folds: two test folds held no item of the rare class and scored
+    the common one alone; noise features read 0.74 against a chance of 0.5."""
+    features = np.random.default_rng(0).normal(size=(40, 4))
+    y = np.r_[np.zeros(37, int), np.ones(3, int)]
+    with pytest.raises(ValueError, match=r"class 1 has 3 item\(s\), fewer than folds=5: .*pass folds=3 or fewer"):
+        cross_validated_probe(features, y)
+    assert 0 <= cross_validated_probe(features, y, folds=3)["balanced_accuracy"] <= 1
+    with pytest.raises(ValueError, match=r"class 1 has 1 item\(s\).*; probe more images$"):
+        cross_validated_probe(features, np.r_[np.zeros(39, int), 1])  # was: "only [0] in y_train"
+    with pytest.raises(ValueError, match=r"at least two classes in y, got only \[0\]"):
+        cross_validated_probe(features, np.zeros(40, int))
+    with pytest.raises(ValueError, match=r"folds must be an int >= 2, got 1"):
+        cross_validated_probe(features, y, folds=1)
+
+
 class TinyData(Dataset):
     """Images whose mean encodes "coded"; "noise" is unrelated to the image."""
 
@@ -314,6 +330,8 @@ def test_embed_2d_bad_arguments():
         embed_2d(np.zeros((10, 3)), method="umap")
     with pytest.raises(ValueError, match="N >= 3"):
         embed_2d(np.zeros((2, 3)))
+    with pytest.raises(ValueError, match=r"D >= 2, got \(10, 1\)"):  # was scikit-learn's n_components error
+        embed_2d(np.random.default_rng(0).normal(size=(10, 1)))
 
 
 def test_plots_have_titles_and_axis_labels():
