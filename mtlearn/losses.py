@@ -146,6 +146,18 @@ class SegmentationLoss(nn.Module):
         return self.loss(logits.float(), mask)
 
 
+def check_class_logits(logits: Tensor) -> None:
+    """Refuse classification logits that are not (B, num_classes >= 2), with the fix.
+
+    A head with one output per image, (B,) or (B, 1) (a sigmoid-style binary head), would fail in
+    torch with an IndexError, or train a cross-entropy over one class, which is always 0.
+    """
+    if logits.dim() != 2 or logits.shape[1] < 2:
+        raise ValueError(f"classification logits must have shape (B, num_classes) with num_classes >= 2, got "
+                         f"{tuple(logits.shape)}; a binary task needs two logits per image (a head with 2 outputs, "
+                         "e.g. nn.Linear(features, 2), and labels 0/1), not one sigmoid logit")
+
+
 class ClassificationLoss(nn.Module):
     """Cross-entropy on logits, optionally weighted per class to counter class imbalance."""
 
@@ -161,6 +173,7 @@ class ClassificationLoss(nn.Module):
 
     def forward(self, logits: Tensor, label: Tensor) -> Tensor:
         """logits: (B, num_classes), label: (B,) int in 0..num_classes-1 -> scalar."""
+        check_class_logits(logits)
         if self.weight is not None and self.weight.numel() != logits.shape[1]:
             raise ValueError(
                 f"class_weights has {self.weight.numel()} entries but the model predicts {logits.shape[1]} classes"
@@ -208,6 +221,11 @@ class ReconstructionLoss(nn.Module):
 def build_losses(tasks: Sequence[str] = ("seg", "cls"), config: LossConfig | None = None) -> nn.ModuleDict:
     """One loss module per task, keyed by task name."""
     tasks = check_tasks(tasks)
+    if config is not None and not isinstance(config, LossConfig):  # a dict fails later as "no attribute 'seg'"
+        given = ", ".join(f"{k}={v!r}" for k, v in config.items()) if isinstance(config, Mapping) else ""
+        given = given or "seg='dicefocal'"
+        raise ValueError(f"losses must be a LossConfig (from mtlearn.losses) or None for the defaults, got a "
+                         f"{type(config).__name__}; pass e.g. losses=LossConfig({given})")
     config = config or LossConfig()
     makers = {
         "seg": lambda: SegmentationLoss(config.seg, config.focal_gamma),
@@ -217,12 +235,26 @@ def build_losses(tasks: Sequence[str] = ("seg", "cls"), config: LossConfig | Non
     return nn.ModuleDict({task: makers[task]() for task in tasks})
 
 
+def check_outputs(outputs) -> None:
+    """Refuse model outputs that are not a dict task -> prediction, with the fix.
+
+    Without this, a network that returns its logits as a plain tensor (MONAI's UNet, say) fails
+    inside torch with "Tensor.__contains__ only supports Tensor or scalar", which names neither the
+    model nor the dict it should return.
+    """
+    if not isinstance(outputs, Mapping):
+        raise ValueError(f"the model returned a {type(outputs).__name__}, not a dict of task outputs; return one "
+                         "keyed by task from forward, e.g. {'seg': logits} for a segmentation network (MONAI's UNet "
+                         "and SwinUNETR come wrapped so by mtlearn.mtl.monai_baseline('unet'))")
+
+
 def task_losses(outputs: Mapping[str, Tensor], batch: Mapping[str, Tensor],
                 loss_fns: Mapping[str, nn.Module]) -> dict[str, Tensor]:
     """Compute every task's loss: outputs[task] against batch[TASK_TARGETS[task]].
 
     Raises a ValueError naming the task when the model output or the batch target is missing.
     """
+    check_outputs(outputs)
     losses = {}
     for task, loss_fn in loss_fns.items():
         if task not in outputs:

@@ -45,7 +45,7 @@ import torch.distributed as dist
 from monai.metrics import PSNRMetric, SSIMMetric, compute_dice, compute_iou, compute_roc_auc
 from torch import Tensor
 
-from mtlearn.losses import TASK_TARGETS, check_tasks, class_indices
+from mtlearn.losses import TASK_TARGETS, check_class_logits, check_outputs, check_tasks, class_indices
 from mtlearn.utils import is_number
 
 METRIC_KEYS = {
@@ -159,7 +159,13 @@ class MetricAccumulator:
     @torch.no_grad()
     def update(self, outputs: Mapping[str, Tensor], batch: Mapping[str, Tensor],
                losses: Mapping[str, Tensor] | None = None) -> None:
-        """outputs: the model's dict; batch: the loader's dict; losses: optional per-task mean losses."""
+        """outputs: the model's dict; batch: the loader's dict; losses: optional per-task mean losses.
+
+        Shapes as the losses take them: "seg" (B, K, H, W) logits and "mask" (B, 1, H, W) class
+        indices 0..K-1; "cls" (B, num_classes) logits and "label" (B,) class indices; "recon" and
+        "clean" (B, C, H, W).
+        """
+        check_outputs(outputs)
         for task in self.tasks:
             key = TASK_TARGETS[task]
             if task not in outputs or key not in batch:
@@ -178,12 +184,27 @@ class MetricAccumulator:
                 self._add(f"{task}/loss", losses[task].detach().cpu().double().repeat(n), skip_nan=False)
 
     def _update_seg(self, logits: Tensor, mask: Tensor) -> None:
+        if logits.dim() != 4:
+            raise ValueError(f"segmentation logits must be (B, K, H, W), got shape {tuple(logits.shape)}")
         num_seg = logits.shape[1]
         if num_seg < 2:  # argmax over one channel is always background; one_hot would fail obscurely
             raise ValueError(f"segmentation logits need one channel per class including background (>= 2), "
                              f"got {num_seg} channel(s) in shape {tuple(logits.shape)}")
+        # else torch's one_hot and permute fail with messages about sparse tensors and class values
+        wanted = (logits.shape[0], 1, *logits.shape[2:])  # (B, 1, H, W)
+        if tuple(mask.shape) != wanted:
+            fix = "; a (B, H, W) mask needs mask.unsqueeze(1)" if mask.dim() == 3 else ""
+            raise ValueError(f"segmentation target must be (B, 1, H, W) matching logits {tuple(logits.shape)}, got "
+                             f"{tuple(mask.shape)}{fix}")
+        indices = class_indices(mask[:, 0])  # (B, H, W)
+        if indices.numel():  # the .cpu() of the scores below waits for the GPU anyway: no extra stall
+            low, high = torch.stack(torch.aminmax(indices)).tolist()
+            if low < 0 or high >= num_seg:
+                raise ValueError(f"segmentation mask values must be class indices 0..{num_seg - 1}, got "
+                                 f"{f'max {high}' if high >= num_seg else f'min {low}'}; a 0/255 mask needs mask / 255 "
+                                 "(or > 0), and the logits need one channel per mask value")
         pred = torch.nn.functional.one_hot(logits.argmax(1), num_seg).permute(0, 3, 1, 2)  # (B, K, H, W)
-        true = torch.nn.functional.one_hot(class_indices(mask[:, 0]), num_seg).permute(0, 3, 1, 2)
+        true = torch.nn.functional.one_hot(indices, num_seg).permute(0, 3, 1, 2)
         dice = compute_dice(pred, true, include_background=False, ignore_empty=False)  # (B, K-1)
         iou = compute_iou(pred, true, include_background=False, ignore_empty=False)
         # ignore_empty=False scores a class empty in both masks 1: right for the one foreground class of
@@ -196,6 +217,13 @@ class MetricAccumulator:
             self._add(key, per_image.masked_fill(nothing, 1.0))
 
     def _update_cls(self, logits: Tensor, label: Tensor) -> None:
+        check_class_logits(logits)
+        if label.numel() != len(logits):  # a one-hot (B, K) label would be read as B * K labels
+            raise ValueError(f"class labels must be (B,) class indices, got shape {tuple(label.shape)} for "
+                             f"{len(logits)} predictions; one-hot labels need label.argmax(1)")
+        if label.dtype.is_floating_point and not torch.equal(label, label.round()):  # .long() would truncate 1.7 to 1
+            raise ValueError(f"class labels must be whole numbers (class indices), got {label.flatten()[:8].tolist()}; "
+                             "probabilities or soft labels need label.argmax(1) (one column per class) or rounding")
         if self.num_classes is None:
             self.num_classes = logits.shape[1]
             self.confusion = np.zeros((self.num_classes,) * 2, np.int64)

@@ -236,6 +236,34 @@ def test_targets_are_read_every_step_on_the_cpu_and_once_on_an_accelerator():
     assert _index_range(torch.empty(2, dtype=torch.long, device="meta"), loss) is None
 
 
+@pytest.mark.parametrize("logits", [torch.randn(4), torch.randn(4, 1), torch.randn(4, 3, 1)])
+def test_classification_logits_that_are_not_two_per_image_are_named(logits):
+    # (4,) was an IndexError from logits.shape[1]; (4, 1) a cross-entropy over one class, always 0
+    with pytest.raises(ValueError, match=r"logits must have shape \(B, num_classes\) with num_classes >= 2, got "
+                                         r"\(4.*a binary task needs two logits per image"):
+        ClassificationLoss()(logits, torch.tensor([0, 1, 1, 0]))
+
+
+def test_a_model_output_that_is_not_a_dict_is_named():
+    """A raw MONAI UNet returns its logits as a tensor; torch said "Tensor.__contains__ only supports Tensor or
+    scalar"."""
+    with pytest.raises(ValueError, match=r"the model returned a Tensor, not a dict of task outputs; .*"
+                                         r"\{'seg': logits\}.*mtlearn\.mtl\.monai_baseline"):
+        task_losses(torch.randn(2, 2, 8, 8), {"mask": _mask()}, build_losses(("seg",)))
+
+
+@pytest.mark.parametrize("config, match", [
+    ({"seg": "dicefocal", "focal_gamma": 1.0}, r"got a dict; pass e.g. losses=LossConfig\(seg='dicefocal', "
+                                               r"focal_gamma=1\.0\)"),
+    ("dicefocal", r"got a str; pass e.g. losses=LossConfig\(seg='dicefocal'\)"),
+    ({}, r"got a dict"),  # falsy: it silently became the default LossConfig()
+])
+def test_losses_that_are_not_a_loss_config_are_named(config, match):
+    # a dict was an AttributeError: 'dict' object has no attribute 'seg'
+    with pytest.raises(ValueError, match=r"losses must be a LossConfig \(from mtlearn\.losses\) or None.*" + match):
+        build_losses(("seg", "cls"), config)
+
+
 def test_classification_loss_still_takes_column_labels():
     logits, label = torch.randn(2, 3), torch.tensor([0, 2])
     assert torch.equal(ClassificationLoss()(logits, label.view(2, 1)), ClassificationLoss()(logits, label))

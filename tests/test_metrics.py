@@ -379,6 +379,23 @@ def test_sync_adds_the_sums_and_counts_of_every_process(tmp_path, monkeypatch):
      r"labels must lie in 0..2"),
     (lambda: MetricAccumulator(("seg",)).update({"seg": torch.zeros(1, 1, 4, 4)}, {"mask": torch.zeros(1, 1, 4, 4)}),
      r"one channel per class including background \(>= 2\), got 1 channel"),
+    # what update said before: "Class values must be smaller than num_classes", a permute error about sparse
+    # tensors, an IndexError, a broadcast error; 1.7 was read as class 1 without a word
+    (lambda: MetricAccumulator(("seg",)).update({"seg": torch.zeros(2, 2, 4, 4)},
+                                                {"mask": torch.full((2, 1, 4, 4), 255.0)}),
+     r"mask values must be class indices 0\.\.1, got max 255; a 0/255 mask needs mask / 255"),
+    (lambda: MetricAccumulator(("seg",)).update({"seg": torch.zeros(2, 2, 4, 4)}, {"mask": torch.zeros(2, 4, 4)}),
+     r"target must be \(B, 1, H, W\) matching logits \(2, 2, 4, 4\), got \(2, 4, 4\); .*mask\.unsqueeze\(1\)"),
+    (lambda: MetricAccumulator(("seg",)).update({"seg": torch.zeros(2, 2, 4, 4)}, {"mask": torch.zeros(2, 1, 4, 5)}),
+     r"target must be \(B, 1, H, W\) matching logits \(2, 2, 4, 4\), got \(2, 1, 4, 5\)$"),
+    (lambda: MetricAccumulator(("cls",)).update({"cls": torch.zeros(4, 3)}, {"label": torch.tensor([0, 1.7, 2, 1])}),
+     r"class labels must be whole numbers \(class indices\), got \[0\.0, 1\.7"),
+    (lambda: MetricAccumulator(("cls",)).update({"cls": torch.zeros(3, 3)}, {"label": torch.eye(3)[[0, 2, 1]]}),
+     r"class labels must be \(B,\) class indices, got shape \(3, 3\) .*label\.argmax\(1\)"),
+    (lambda: MetricAccumulator(("cls",)).update({"cls": torch.zeros(4)}, {"label": torch.tensor([0, 1, 1, 0])}),
+     r"logits must have shape \(B, num_classes\) .*two logits per image"),
+    (lambda: MetricAccumulator(("seg",)).update(torch.zeros(2, 2, 4, 4), {"mask": torch.zeros(2, 1, 4, 4)}),
+     r"the model returned a Tensor, not a dict"),
 ])
 def test_bad_arguments(make, match):
     with pytest.raises(ValueError, match=match):
