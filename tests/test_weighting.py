@@ -452,3 +452,34 @@ def test_delta_m_relative_change_of_a_negative_baseline_keeps_its_sign():
 def test_bad_arguments(make, match):
     with pytest.raises(ValueError, match=match):
         make()
+
+
+@pytest.mark.parametrize("make, match", [
+    # NaN passed `temperature <= 0`, then made the weights NaN, and NonFiniteWeightsError blamed the learning rate
+    (lambda: DynamicWeightAverage(TASKS, temperature=float("nan")), r"temperature must be a finite number > 0 .*nan"),
+    (lambda: DynamicWeightAverage(TASKS, temperature=float("inf")), r"temperature must be a finite number > 0"),
+    # strings (from a config file) were a bare TypeError: '<=' not supported between instances of 'str' and 'int'
+    (lambda: DynamicWeightAverage(TASKS, temperature="2"), r"temperature .*got '2'; pass it unquoted"),
+    (lambda: GradNorm(TASKS, alpha="1.5"), r"alpha must be a finite number >= 0 \(1\.5 as published.*got '1\.5'; pass"),
+    (lambda: GradNorm(TASKS, alpha=float("nan")), r"alpha must be a finite number >= 0 .*got nan"),
+    (lambda: GradNorm(TASKS, lr=float("nan")), r"lr must be a finite number > 0 .*got nan"),
+    (lambda: GradNorm(TASKS, lr=0), r"lr must be a finite number > 0"),
+    (lambda: PCGrad(TASKS, seed="0"), r"seed must be an integer >= 0, got '0'"),
+])
+def test_bad_hyperparameters_are_named(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+def test_numpy_hyperparameters_keep_the_state_dict_loadable():
+    """GradNorm's lr reaches its Adam's state, and so the checkpoint: a NumPy float there made
+    torch.load(weights_only=True) refuse the whole file."""
+    import numpy as np
+
+    weighting = GradNorm(TASKS, alpha=np.float64(1.5), lr=np.float64(0.025))
+    assert type(weighting.alpha) is float and type(weighting.optimizer.param_groups[0]["lr"]) is float
+    buffer = io.BytesIO()
+    torch.save(weighting.state_dict(), buffer)
+    buffer.seek(0)
+    GradNorm(TASKS).load_state_dict(torch.load(buffer, weights_only=True))
+    assert type(DynamicWeightAverage(TASKS, temperature=np.float32(2)).temperature) is float
