@@ -64,7 +64,7 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module | None = None,
     weights_only builds tensors and plain containers only, so a foreign or tampered file raises
     a ValueError instead. Returns the whole dict; fit's holds "model", "optimizer", "scheduler",
     "weighting", "scaler", "rng", "history" (a dict; `History.from_state_dict` turns it back),
-    "epoch" (epochs completed), "config".
+    "epoch" (epochs completed), "steps_per_epoch" (batches per epoch), "config".
     """
     path = Path(path)
     if path.is_dir():  # the run's folder rather than a file in it
@@ -225,14 +225,19 @@ def check_out_dir(out_dir: str | os.PathLike, resume: bool, writes: str = "last.
                          f"{' (CLI: --out-dir)' if cli else ''} or move {' and '.join(kept)} away first")
 
 
-def check_resume_options(path: str | os.PathLike, saved: Mapping, current: Mapping, names: Sequence[str]) -> None:
+def check_resume_options(path: str | os.PathLike, saved: Mapping, current: Mapping, names: Sequence[str],
+                         notes: Mapping[str, str] | None = None) -> None:
     """Refuse to resume the run saved at `path` with options (of `names`) other than it was saved with.
 
     saved, current: option name -> plain value (the checkpoint's "config", and this run's). Names
     missing from `saved` are not compared: a checkpoint written before an option existed still resumes.
+    notes: name -> a sentence saying what it is and how to keep it, added for a changed name that does
+    not say so itself (fit's "steps_per_epoch" follows from the batch size, the data and the processes).
     """
+    notes = notes or {}
     changed = [name for name in names if name in saved and saved[name] != current[name]]
     if changed:
         details = "; ".join(f"{name}: {saved[name]!r} then, {current[name]!r} now" for name in changed)
-        raise ValueError(f"cannot resume from {path} with other options ({details}). Resume with the options "
-                         "of that run, or start a new run in another out_dir")
+        explained = "".join(f" {notes[name]}." for name in changed if name in notes)
+        raise ValueError(f"cannot resume from {path} with other options ({details}).{explained} Resume with the "
+                         "options of that run, or start a new run in another out_dir")

@@ -363,6 +363,10 @@ def _make_config(config: TrainConfig | None, overrides: Mapping[str, Any]) -> Tr
     if not (_is_finite_number(config.poly_power) and config.poly_power >= 0):  # < 0 divides by 0 at the last step
         raise ValueError(f"poly_power must be a number >= 0 (0.9 as published; 0: constant lr), got "
                          f"{config.poly_power!r}")
+    # checked here, not by the validation metrics after a whole epoch (or, without a val_loader, not at all)
+    if not (_is_finite_number(config.data_range) and config.data_range > 0):
+        raise ValueError(f"data_range must be a positive number (max - min of the clean images: 1.0 for images "
+                         f"scaled to 0..1, 255 for raw 8-bit ones), got {config.data_range!r}")
     betas = config.betas
     if (not isinstance(betas, Sequence) or isinstance(betas, str) or len(betas) != 2
             or not all(_is_finite_number(b) and 0 <= b < 1 for b in betas)):
@@ -397,6 +401,19 @@ def _is_finite_number(value) -> bool:
 
 def _make_weighting(config: TrainConfig, tasks: tuple[str, ...]) -> LossWeighting:
     if isinstance(config.weighting, LossWeighting):
+        # an instance is already built: these options would have nowhere to go, and be silently ignored
+        given, fixes = [], []
+        if config.task_weights:
+            given.append("task_weights")
+            fixes.append(f"FixedWeights(tasks, weights={dict(config.task_weights)!r})")
+        if config.weighting_kwargs:
+            given.append("weighting_kwargs")
+            options = ", ".join(f"{k}={v!r}" for k, v in config.weighting_kwargs.items())
+            fixes.append(f"{type(config.weighting).__name__}(tasks, {options})")
+        if given:
+            raise ValueError(f"{' and '.join(given)} only apply to a weighting given by name (e.g. weighting="
+                             f"'fixed'), not to the {type(config.weighting).__name__} instance passed as weighting, "
+                             f"which is already built; pass them to the constructor instead: {' or '.join(fixes)}")
         if tuple(config.weighting.tasks) != tasks:
             raise ValueError(f"the weighting was built for tasks {config.weighting.tasks}, training uses {tasks}")
         return config.weighting
@@ -429,7 +446,8 @@ def fit(model: nn.Module, train_loader, val_loader=None, config: TrainConfig | N
     (fit(model, train, val, epochs=5, weighting="pcgrad")). Returns the History.
     best.pt is selected on the validation metric only; without val_loader there is no best.pt.
     resume=True continues from out_dir/last.pt (a fresh start when there is none yet); with a
-    larger `epochs` than before, the learning-rate schedule is recomputed for the new length.
+    larger `epochs` than before, the learning-rate schedule is recomputed for the new length. The
+    other training options, and the number of batches per epoch, must be those of that run.
     Without resume=True, an out_dir that already holds a run (last.pt, or a best.pt kept without it) is
     refused, never overwritten.
     """
@@ -522,7 +540,7 @@ def fit(model: nn.Module, train_loader, val_loader=None, config: TrainConfig | N
         if out_dir is not None:
             rng = rng_state(train_loader, run.device)  # on every rank: it gathers each GPU's random state
             if is_main_process():
-                state = _run_state(run, epoch + 1, history, config, tasks, rng)
+                state = _run_state(run, epoch + 1, history, config, tasks, rng, steps_per_epoch)
                 if improved:
                     save_checkpoint(state, out_dir / "best.pt")
                 save_checkpoint(state, out_dir / "last.pt")
@@ -599,10 +617,15 @@ def _warn_if_unscaled(image, data_range: float = 1.0) -> bool:
     return True
 
 
-def _run_state(run: _Run, epoch: int, history: History, config: TrainConfig, tasks, rng: dict) -> dict:
-    """A checkpoint: tensors, numbers, strings, lists and dicts only, so that weights_only=True loads it."""
+def _run_state(run: _Run, epoch: int, history: History, config: TrainConfig, tasks, rng: dict,
+               steps_per_epoch: int) -> dict:
+    """A checkpoint: tensors, numbers, strings, lists and dicts only, so that weights_only=True loads it.
+
+    steps_per_epoch: len(train_loader), which a resumed run must match (see RESUME_NOTES).
+    """
     return {
-        "format": CHECKPOINT_FORMAT, "epoch": epoch, "model": run.model.state_dict(),
+        "format": CHECKPOINT_FORMAT, "epoch": epoch, "steps_per_epoch": steps_per_epoch,
+        "model": run.model.state_dict(),
         "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
         "weighting": run.weighting.state_dict(), "scaler": run.scaler.state_dict() if run.scaler else {},
         "rng": rng, "history": history.state_dict(), "config": _plain_config(config, tasks),
@@ -610,9 +633,16 @@ def _run_state(run: _Run, epoch: int, history: History, config: TrainConfig, tas
 
 
 # what a resumed run must share with the run that wrote the checkpoint (epochs may grow; device,
-# precision and speed options may change, e.g. when a run moves from a GPU to a CPU)
+# precision and speed options may change, e.g. when a run moves from a GPU to a CPU). steps_per_epoch is
+# no option but the training loader's length: the restored scheduler has counted steps of the old loader,
+# while the schedule's total is recomputed as epochs * len(new loader), so with another length the
+# learning rate would jump, or reach 0 long before the last epoch, without a word.
 RESUME_FIELDS = ("tasks", "lr", "weight_decay", "betas", "poly_power", "weighting", "task_weights",
-                 "weighting_kwargs", "losses", "grad_clip")
+                 "weighting_kwargs", "losses", "grad_clip", "steps_per_epoch")
+RESUME_NOTES = {"steps_per_epoch": "steps_per_epoch is the training loader's number of batches, which the "
+                                   "learning-rate schedule counts: keep the batch size, the training set and the "
+                                   "number of torchrun processes of that run (CLI: --batch-size, --limit, "
+                                   "--nproc_per_node)"}
 
 
 def _load_run(run: _Run, path: Path, train_loader, config: TrainConfig, tasks) -> tuple[History, int]:
@@ -620,7 +650,11 @@ def _load_run(run: _Run, path: Path, train_loader, config: TrainConfig, tasks) -
     # map_location "cpu": the random states must stay CPU tensors (torch.set_rng_state refuses others);
     # load_state_dict below copies weights and optimiser moments onto the parameters' device
     state = load_checkpoint(path, map_location="cpu")
-    check_resume_options(path, state.get("config", {}), _plain_config(config, tasks), RESUME_FIELDS)
+    saved = dict(state.get("config", {}))
+    if "steps_per_epoch" in state:  # not in a checkpoint written before it was saved: not compared then
+        saved["steps_per_epoch"] = state["steps_per_epoch"]
+    current = {**_plain_config(config, tasks), "steps_per_epoch": len(train_loader)}
+    check_resume_options(path, saved, current, RESUME_FIELDS, RESUME_NOTES)
     load_weights(run.model, state["model"], f"cannot resume from {path}: its weights do not fit this model (another "
                  "preset, task list, channel count or class count?). Resume with the model of that run, or start a "
                  "new run in another out_dir.")
@@ -658,7 +692,12 @@ def _model_tasks(model: nn.Module) -> Sequence[str]:
 
 
 def _plain_config(config: TrainConfig, tasks: tuple[str, ...]) -> dict:
-    """The config as JSON-like primitives (stored in checkpoints for reference)."""
+    """The config as JSON-like primitives (stored in checkpoints for reference, compared on resume).
+
+    Python numbers all the way down, the LossConfig's fields included: class weights from sklearn's
+    compute_class_weight are a NumPy array, and one NumPy object makes torch.load(weights_only=True)
+    refuse the whole checkpoint (best.pt, last.pt and every resume).
+    """
     plain = {}
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
@@ -674,7 +713,7 @@ def _plain_config(config: TrainConfig, tasks: tuple[str, ...]) -> dict:
             value = list(value)
         plain[f.name] = value
     plain["tasks"] = list(tasks)
-    return plain
+    return python_numbers(plain)
 
 
 def _train_one_epoch(run: _Run, loader, epoch: int, tasks: tuple[str, ...], bar,

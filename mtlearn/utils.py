@@ -204,17 +204,21 @@ def check_options(config_class: type, options, what: str = "option(s)") -> None:
 
 
 def python_numbers(value):
-    """NumPy numbers -> Python ones, inside mappings (-> dict), lists and tuples too.
+    """NumPy numbers -> Python ones, NumPy arrays -> (nested) lists, inside mappings (-> dict), lists
+    and tuples too.
 
-    fit and train_disentangle accept lr=np.float64(1e-3) (from np.logspace, say), but
-    torch.load(weights_only=True) refuses a checkpoint that holds NumPy objects, and the options reach
-    it through the optimiser's and the scheduler's state as well as the config. Not to_jsonable: NaN
-    stays NaN and other objects pass through unchanged.
+    fit and train_disentangle accept lr=np.float64(1e-3) (from np.logspace, say) and class weights
+    as an array (sklearn's compute_class_weight returns one), but torch.load(weights_only=True)
+    refuses a checkpoint that holds NumPy objects, and the options reach it through the optimiser's
+    and the scheduler's state as well as the config. Not to_jsonable: NaN stays NaN and other objects
+    pass through unchanged.
     """
     if isinstance(value, Mapping):
         return {k: python_numbers(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return type(value)(python_numbers(v) for v in value)
+    if isinstance(value, np.ndarray):
+        return value.tolist()  # Python numbers all the way down (a 0-d array: one number)
     return value.item() if isinstance(value, np.generic) else value
 
 

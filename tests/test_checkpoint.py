@@ -185,6 +185,19 @@ def test_resuming_with_other_options_names_each_change(tmp_path):
                              ["lr", "tasks"])  # seed is not among the names compared
 
 
+def test_resume_notes_explain_only_the_options_that_changed(tmp_path):
+    """A name like fit's steps_per_epoch does not say what to keep: its note does, when it is the one that changed."""
+    saved = {"lr": 1e-3, "steps_per_epoch": 4}
+    notes = {"steps_per_epoch": "steps_per_epoch is the loader's number of batches: keep the batch size",
+             "lr": "never shown here"}
+    with pytest.raises(ValueError, match=re.escape(
+            "(steps_per_epoch: 4 then, 2 now). steps_per_epoch is the loader's number of batches: keep the batch "
+            "size. Resume with the options of that run")) as caught:
+        check_resume_options(tmp_path / "last.pt", saved, {**saved, "steps_per_epoch": 2}, list(saved), notes)
+    assert "never shown" not in str(caught.value)
+    check_resume_options(tmp_path / "last.pt", {"lr": 1e-3}, {**saved, "steps_per_epoch": 2}, list(saved), notes)
+
+
 # ---------------------------------------------------------------------------------------------- mutation audit
 # Tests that pin down what surviving mutants of checkpoint.py changed unnoticed.
 

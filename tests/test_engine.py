@@ -27,8 +27,9 @@ from mtlearn.engine import (
     load_checkpoint,
     resolve_amp,
 )
+from mtlearn.losses import LossConfig
 from mtlearn.metrics import MetricAccumulator
-from mtlearn.weighting import WEIGHTINGS, FixedWeights, UncertaintyWeighting
+from mtlearn.weighting import WEIGHTINGS, DynamicWeightAverage, FixedWeights, UncertaintyWeighting
 
 TASKS = ("seg", "cls", "recon")
 
@@ -1018,6 +1019,112 @@ def test_numpy_numbers_as_options_give_checkpoints_that_load(tmp_path):
         assert type(config["lr"]) is float and type(config["task_weights"]["cls"]) is float
     history = _fit(ToyNet(), train, val, epochs=np.int64(2), out_dir=tmp_path, resume=True, **options)
     assert len(history.records) == 2
+
+
+@pytest.mark.parametrize("losses", [
+    LossConfig(class_weights=np.array([1.0, 2.0, 3.0])),  # as sklearn's compute_class_weight returns them
+    LossConfig(class_weights=list(np.array([1.0, 2.0, 3.0]))),  # a list of NumPy floats
+    LossConfig(seg="dicefocal", focal_gamma=np.float64(2.0), class_weights=[1.0, 2.0, 3.0]),
+], ids=["array", "list of numpy floats", "numpy focal_gamma"])
+def test_numpy_values_inside_the_loss_config_give_checkpoints_that_load(losses, tmp_path):
+    """The LossConfig's fields reach the checkpoint's config too: a NumPy array there made every checkpoint
+    unreadable ("corrupt or truncated"), after the whole run had trained, and resume failed the same way."""
+    train, val = _loaders()
+    _fit(ToyNet(), train, val, epochs=1, out_dir=tmp_path, losses=losses)
+    for name in ("best.pt", "last.pt"):
+        saved = load_checkpoint(tmp_path / name)["config"]["losses"]
+        assert saved["class_weights"] == [1.0, 2.0, 3.0] and type(saved["class_weights"][0]) is float
+        assert type(saved["focal_gamma"]) is float
+    history = _fit(ToyNet(), train, val, epochs=2, out_dir=tmp_path, resume=True, losses=losses)
+    assert [r["epoch"] for r in history.records] == [1, 2]
+
+
+@pytest.mark.parametrize("batch_size", [8, 2])
+def test_resume_with_another_number_of_batches_per_epoch_is_refused(batch_size, tmp_path):
+    """The restored scheduler counts steps of the old loader, the schedule's total those of the new one: 4 steps
+    of batch 4, then batches of 8 (2 per epoch) trained all of epoch 2 at lr 0.0, without a word."""
+    train, val = _loaders(batch_size=4)  # 16 images: 4 steps per epoch
+    _fit(ToyNet(), train, val, epochs=1, out_dir=tmp_path)
+    assert load_checkpoint(tmp_path / "last.pt")["steps_per_epoch"] == 4
+    model = ToyNet()
+    with pytest.raises(ValueError, match=rf"cannot resume .*\(steps_per_epoch: 4 then, {16 // batch_size} now\)\. "
+                                         r".*keep the batch size, the training set and the number of torchrun "
+                                         r"processes .*--batch-size, --limit, --nproc_per_node.*another out_dir"):
+        _fit(model, _loaders(batch_size=batch_size)[0], val, epochs=2, out_dir=tmp_path, resume=True)
+    assert model.calls == 0
+
+
+def test_a_checkpoint_without_steps_per_epoch_still_resumes(tmp_path):
+    """Checkpoints written before steps_per_epoch was saved resume as before, unchecked."""
+    from mtlearn.checkpoint import save_checkpoint
+
+    train, val = _loaders()
+    _fit(ToyNet(), train, val, epochs=1, out_dir=tmp_path)
+    state = load_checkpoint(tmp_path / "last.pt")
+    del state["steps_per_epoch"]
+    save_checkpoint(state, tmp_path / "last.pt")
+    history = _fit(ToyNet(), train, val, epochs=2, out_dir=tmp_path, resume=True)
+    assert history.records[1]["lr"] == pytest.approx(1e-2 * (1 - 4 / 8) ** 0.9)
+
+
+@pytest.mark.parametrize("options, match", [
+    (dict(weighting=FixedWeights(TASKS), task_weights={"seg": 5.0, "cls": 5.0, "recon": 5.0}),
+     r"task_weights only apply to a weighting given by name .*not to the FixedWeights instance .*pass them to the "
+     r"constructor instead: FixedWeights\(tasks, weights=\{'seg': 5\.0, 'cls': 5\.0, 'recon': 5\.0\}\)"),
+    (dict(weighting=DynamicWeightAverage(TASKS), weighting_kwargs={"temperature": 100.0}),
+     r"weighting_kwargs only apply .*DynamicWeightAverage\(tasks, temperature=100\.0\)"),
+])
+def test_a_weighting_instance_refuses_options_it_would_ignore(options, match):
+    """With weighting="fixed" the same misuse is refused; with an instance both were silently dropped."""
+    model = ToyNet()
+    with pytest.raises(ValueError, match=match):
+        _fit(model, *_loaders(), **options)
+    assert model.calls == 0
+
+
+def test_a_model_that_returns_a_tensor_is_told_to_return_a_dict():
+    """A raw MONAI UNet returns its logits, not {"seg": logits}: torch said "Tensor.__contains__ only supports
+    Tensor or scalar"."""
+    net = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 2, 1))
+    train, val = _loaders(keys=("image", "mask"))
+    match = r"the model returned a Tensor, not a dict .*\{'seg': logits\}.*monai_baseline\('unet'\)"
+    with pytest.raises(ValueError, match=match):
+        _fit(net, train, val, tasks=("seg",), epochs=1)
+    with pytest.raises(ValueError, match=match):
+        evaluate(net, val, tasks=("seg",))
+
+
+def test_classification_logits_of_one_per_image_are_named():
+    class OneLogitNet(ToyNet):
+        def forward(self, x):
+            out = super().forward(x)
+            out["cls"] = out["cls"][:, 0]  # (B,): a "binary" head with one output
+            return out
+
+    with pytest.raises(ValueError, match=r"logits must have shape \(B, num_classes\) .*got \(4,\); a binary task "
+                                         r"needs two logits per image"):
+        _fit(OneLogitNet(), *_loaders(), epochs=1)
+
+
+@pytest.mark.parametrize("data_range", [0, -1.0, float("nan"), float("inf"), "1"])
+@pytest.mark.parametrize("validate", [True, False])
+def test_a_bad_data_range_is_refused_before_the_first_step(data_range, validate):
+    """It was checked by the validation metrics, after a whole epoch; "1" was a bare TypeError in the check for
+    unscaled images; and without a val_loader it was never checked."""
+    model = ToyNet()
+    train, val = _loaders()
+    with pytest.raises(ValueError, match=r"data_range must be a positive number \(max - min of the clean images.*"
+                                         rf"got {re.escape(repr(data_range))}"):
+        _fit(model, train, val if validate else None, data_range=data_range)
+    assert model.calls == 0
+
+
+def test_losses_given_as_a_dict_are_named():
+    model = ToyNet()
+    with pytest.raises(ValueError, match=r"losses must be a LossConfig .*got a dict; pass e\.g\. "
+                                         r"losses=LossConfig\(seg='dicefocal'\)"):
+        _fit(model, *_loaders(), losses={"seg": "dicefocal"})
+    assert model.calls == 0
 
 
 def test_a_weighting_inside_a_train_config_is_the_one_that_learns():

@@ -235,3 +235,22 @@ def test_synchronize_waits_for_the_gpu_it_is_given(monkeypatch, device, waited):
     monkeypatch.setattr(torch.mps, "synchronize", lambda: calls.append("mps"))
     synchronize(torch.device(device))
     assert calls == waited
+
+
+def test_python_numbers_turns_numpy_arrays_into_lists_of_python_numbers():
+    """sklearn's compute_class_weight returns an array; one NumPy object in a checkpoint makes
+    torch.load(weights_only=True) refuse the whole file."""
+    import io
+
+    from mtlearn.utils import python_numbers
+
+    converted = python_numbers({"class_weights": np.array([0.5, 2.0]), "grid": (np.arange(4).reshape(2, 2),),
+                                "gamma": np.array(2.0), "lr": np.float32(0.5), "name": "dicefocal"})
+    assert converted == {"class_weights": [0.5, 2.0], "grid": ([[0, 1], [2, 3]],), "gamma": 2.0, "lr": 0.5,
+                         "name": "dicefocal"}
+    assert type(converted["class_weights"][0]) is float and type(converted["grid"][0][1][0]) is int
+    assert type(converted["gamma"]) is float  # a 0-d array: one number, not a list
+    buffer = io.BytesIO()
+    torch.save(converted, buffer)
+    buffer.seek(0)
+    assert torch.load(buffer, weights_only=True) == converted
