@@ -20,7 +20,11 @@ SEED ?=
 
 setup: $(VENV)/.installed
 
+# The Python version is checked before .venv is made: a venv of an older Python fails later, in pip,
+# with "No matching distribution found for torch==2.13.0", and stays behind for the next run.
 $(VENV)/.installed: pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(None if sys.version_info >= (3, 11) else "mtlearn needs Python 3.11 or newer, \
+	but $(PYTHON) is Python " + sys.version.split()[0] + ": run make again with PYTHON=python3.11 (or newer)")'
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH_SPEC)"
 	$(PY) -m pip install --quiet -e .

@@ -53,9 +53,31 @@ def test_torch_range_admits_ci_and_colab_versions(version):
 
 
 @pytest.mark.parametrize("name", ["torch", "monai", "captum", "papermill", "nbval", "jupyterlab",
-                                  "ipywidgets", "matplotlib", "scikit-learn", "pooch", "tqdm", "scikit-image"])
+                                  "ipywidgets", "matplotlib", "scikit-learn", "pooch", "tqdm", "scikit-image",
+                                  # imported by course.py, the notebooks and the tests themselves: declared, not
+                                  # left to arrive with papermill, ipykernel and nbval
+                                  "nbclient", "nbformat", "ipython", "pyyaml", "packaging"])
 def test_course_dependencies_declared(name):
     assert name in pyproject_requirements()
+
+
+def test_make_refuses_a_python_older_than_the_package_before_making_the_venv(tmp_path):
+    """macOS's /usr/bin/python3 is 3.9: its venv failed in pip ("No matching distribution found for
+    torch==2.13.0") and stayed behind. A stand-in that reports 3.9 runs the Makefile's check."""
+    import subprocess
+    import sys
+
+    old = tmp_path / "python3.9"
+    old.write_text(f"#!/bin/sh\nexec {sys.executable} -c 'import sys; sys.version_info = (3, 9, 18); "
+                   "sys.version = \"3.9.18\"; exec(sys.argv[1])' \"$2\"\n")
+    old.chmod(0o755)
+    venv = tmp_path / "venv"
+    done = subprocess.run(["make", "-C", str(ROOT), "setup", f"VENV={venv}", f"PYTHON={old}"],
+                          capture_output=True, text=True)
+    assert done.returncode != 0
+    assert f"mtlearn needs Python 3.11 or newer, but {old} is Python 3.9.18: run make again with " \
+           "PYTHON=python3.11" in done.stderr
+    assert not venv.exists()
 
 
 def test_ci_runs_the_readme_test_command():
