@@ -83,16 +83,10 @@ def check_dataset(dataset: str, data_root: str | os.PathLike | None, allowed: tu
         raise ValueError(f"dataset {dataset!r} is not used by this notebook{why}; choose one of {allowed}")
     if dataset in SYNTHETIC_DATASETS:
         return None
-    from data_fetch import default_data_dir, get_source
+    from mtlearn.data.real import dataset_folder
 
-    root = Path(data_root).expanduser() if data_root is not None else default_data_dir()
-    folder = root / get_source(dataset).folder
-    if root.name == folder.name and root.is_dir() and any(root.iterdir()) and not folder.is_dir():
-        # load_dataset's `root` is the dataset's own folder; a notebook's data_root holds one per dataset
-        raise FileNotFoundError(
-            f"data_root {root} looks like the {dataset!r} folder itself; a notebook's data_root is the folder "
-            f"that holds one folder per dataset: pass data_root={str(root.parent)!r}"
-        )
+    # load_dataset's `root` is the dataset's own folder; a notebook's data_root holds one per dataset
+    folder = dataset_folder(dataset, data_root)
     if not folder.is_dir() or not any(folder.iterdir()):
         raise FileNotFoundError(
             f"dataset {dataset!r} was not found in {folder}. Download it first with\n"

@@ -50,7 +50,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     model.add_argument("--dataset", default="synthetic", choices=[d for d in DATASETS if d != "shapes"],
                        help="synthetic, or a real dataset fetched with `python -m data_fetch NAME` (busi_npz "
                             "is fetched as busi_128) (default: synthetic)")
-    model.add_argument("--data-root", default=None, help="folder of a downloaded dataset (real datasets)")
+    model.add_argument("--data-root", default=None,
+                       help="folder holding one folder per real dataset, as a notebook's data_root and "
+                            "$MTLEARN_DATA do (default: $MTLEARN_DATA, else the user cache)")
     model.add_argument("--image-size", type=int, default=64, help="square image size in pixels (default: 64)")
     model.add_argument("--augment", action="store_true", help="random flips and rotations on the training split")
     model.add_argument("--limit", type=int, default=None, metavar="N",
@@ -201,7 +203,12 @@ def _gather(value) -> list:
 def _datasets(args):
     from mtlearn.data import load_dataset  # imported here: `--help` stays fast
 
-    common = dict(root=args.data_root, image_size=args.image_size, seed=args.seed)
+    root = None
+    if args.dataset != "synthetic" and args.data_root is not None:
+        from mtlearn.data.real import dataset_folder
+
+        root = dataset_folder(args.dataset, args.data_root, option="--data-root")  # e.g. ~/data -> ~/data/busi
+    common = dict(root=root, image_size=args.image_size, seed=args.seed)
     splits = {split: load_dataset(args.dataset, split=split, augment=args.augment and split == "train", **common)
               for split in ("train", "val", "test")}
     info = splits["train"]

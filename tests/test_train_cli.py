@@ -73,6 +73,22 @@ def test_train_writes_metrics_and_resumes(tmp_path):
     assert load_checkpoint(out / "last.pt")["epoch"] == 2
 
 
+def test_data_root_holds_one_folder_per_dataset_as_in_the_notebooks(tmp_path, capsys):
+    """--data-root ~/data, as a notebook's data_root: the dataset is looked for in ~/data/busi. (It was the
+    dataset's own folder, so the notebooks' value failed here and the fetch advice pointed at ~/data.)"""
+    data = tmp_path / "data"
+    data.mkdir()
+    with pytest.raises(SystemExit) as exit_:
+        main([*SMOKE, "--dataset", "busi", "--data-root", str(data), "--out-dir", str(tmp_path / "a")])
+    assert exit_.value.code == 2
+    assert f'busi is not downloaded: {data / "busi"} does not exist' in capsys.readouterr().err
+    (data / "busi" / "benign").mkdir(parents=True)  # the old meaning: the dataset's own folder
+    with pytest.raises(SystemExit):
+        main([*SMOKE, "--dataset", "busi", "--data-root", str(data / "busi"), "--out-dir", str(tmp_path / "a")])
+    assert (f"--data-root {data / 'busi'} looks like the 'busi' folder itself; --data-root is the folder that holds "
+            f'one folder per dataset: pass --data-root "{data}"') in capsys.readouterr().err
+
+
 def test_errors_found_while_running_are_messages_not_tracebacks(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:  # a real dataset that was never fetched
         main([*SMOKE, "--dataset", "busi", "--data-root", str(tmp_path / "nowhere"), "--out-dir", str(tmp_path / "a")])

@@ -536,6 +536,22 @@ NPZ_RESOLUTIONS = {
 }
 
 
+def dataset_folder(name: str, data_root: str | Path | None = None, option: str = "data_root") -> Path:
+    """The folder of real dataset `name` in `data_root`, the folder that holds one folder per dataset
+    (as `$MTLEARN_DATA` does; None: default_data_dir()). It is the `root` that load_dataset takes.
+
+    option: what the caller calls data_root (a notebook parameter, the command line's --data-root),
+    for the message when data_root looks like the dataset's own folder instead.
+    """
+    root = Path(data_root).expanduser() if data_root is not None else default_data_dir()
+    folder = root / get_source(_fetch_name(name, None)).folder
+    if root.name == folder.name and root.is_dir() and any(root.iterdir()) and not folder.is_dir():
+        given = f'{option} "{root.parent}"' if option.startswith("--") else f"{option}={str(root.parent)!r}"
+        raise FileNotFoundError(f"{option} {root} looks like the {name!r} folder itself; {option} is the folder "
+                                f"that holds one folder per dataset: pass {given}")
+    return folder
+
+
 def _fetch_name(name: str, resolution: int | None) -> str:
     """data_fetch name of a dataset; the npz ones come in several resolutions."""
     if name not in NPZ_RESOLUTIONS:
