@@ -546,14 +546,13 @@ def _not_a_two_task_model(model) -> TypeError:
                      "mtlearn.disentangle.build_model(kind, config)")
 
 
-def _batch_labels(batch, task_keys: tuple[str, str], num_classes: tuple[int, int] | None = None,
-                  training: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def _batch_labels(batch, task_keys: tuple[str, str], training: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Both task labels of a batch as int64 tensors (B,), after checking the batch; else say what and why.
 
     A batch must be a dict with "image" and both task labels as batched tensors, one integer label
-    per image, each in 0..num_classes - 1 of its head (and, for training, 2 images or more: BatchNorm).
-    int32, uint8 or bool labels are taken as int64: cross-entropy refuses the others, and a uint8
-    tensor used as an index is read as a mask.
+    per image (and, for training, 2 images or more: BatchNorm). int32, uint8 or bool labels are
+    taken as int64: cross-entropy refuses the others, and a uint8 tensor used as an index is read
+    as a mask. `_check_classes` checks them against the model's heads.
     """
     if not isinstance(batch, Mapping):
         raise TypeError(f"every batch must be a dict with 'image' and the task labels {tuple(task_keys)}; got a "
@@ -573,24 +572,30 @@ def _batch_labels(batch, task_keys: tuple[str, str], num_classes: tuple[int, int
                             "torch.utils.data.DataLoader(data, batch_size=50, shuffle=True)")
     size = len(batch["image"])
     checked = []
-    for side, key in enumerate(task_keys):
+    for key in task_keys:
         labels = batch[key]
         # (B, 1) labels would compare against (B,) predictions as a (B, B) table: accuracies above 1
         if labels.shape != (size,) or labels.dtype.is_floating_point or labels.dtype.is_complex:
             raise ValueError(f"batch[{key!r}] must hold one integer label per image, shape ({size},); got shape "
                              f"{tuple(labels.shape)}, dtype {labels.dtype}. Make the dataset return a plain int "
                              "label per item (or .squeeze(1) a (B, 1) tensor)")
-        labels = labels.long()
-        if num_classes is not None and size and (labels.min() < 0 or labels.max() >= num_classes[side]):
-            k, name = num_classes[side], "ab"[side]  # torch: "Target 2 is out of bounds"; evaluation: wrong scores
-            raise ValueError(f"batch[{key!r}] holds labels {sorted(set(labels.tolist()))}, but the model's task-{name} "
-                             f"head has {k} classes (0..{k - 1}): build it with num_classes_{name}="
-                             f"{max(int(labels.max()) + 1, k)}, or check task_keys {tuple(task_keys)}")
-        checked.append(labels)
+        checked.append(labels.long())
     if training and size < 2:  # BatchNorm cannot normalise one image; torch says only "more than 1 value"
         raise ValueError(f"a training batch holds {size} image: BatchNorm needs 2 or more; use batch_size >= 2 "
                          "and drop_last=True when the last batch could hold a single image")
     return checked[0], checked[1]
+
+
+def _check_classes(labels: tuple[torch.Tensor, torch.Tensor], task_keys: tuple[str, str],
+                   num_classes: tuple[int, int]) -> None:
+    """Refuse labels outside 0..num_classes - 1 of their head (torch: "Target 2 is out of bounds" in
+    training; in evaluation, an impossible label silently counted as a miss)."""
+    for side, (y, key, k) in enumerate(zip(labels, task_keys, num_classes)):
+        if len(y) and (y.min() < 0 or y.max() >= k):
+            name = "ab"[side]
+            raise ValueError(f"batch[{key!r}] holds labels {sorted(set(y.tolist()))}, but the model's task-{name} "
+                             f"head has {k} classes (0..{k - 1}): build it with num_classes_{name}="
+                             f"{max(int(y.max()) + 1, k)}, or check task_keys {tuple(task_keys)}")
 
 
 def adversary_weight(step: int, w_adv: float, warmup_steps: int = 0, ramp_steps: int = 0) -> float:
@@ -729,7 +734,8 @@ def train_disentangle(
             sums: dict[str, float] = {}
             counts: dict[str, int] = {}
             for index, batch in enumerate(train_loader, 1):
-                y_a, y_b = _batch_labels(batch, task_keys, classes, training=True)
+                y_a, y_b = _batch_labels(batch, task_keys, training=True)
+                _check_classes((y_a, y_b), task_keys, classes)
                 if image_shape is None:
                     image_shape = list(batch["image"].shape[1:])
                 elif list(batch["image"].shape[1:]) != image_shape:
@@ -899,12 +905,12 @@ def evaluate_disentangle(model: nn.Module, loader, *, task_keys: tuple[str, str]
     total = 0
     with eval_mode(model, device):  # the caller's model goes back to its device
         for batch in loader:
-            _batch_labels(batch, task_keys)  # checked before the model runs on it
+            y = _batch_labels(batch, task_keys)  # checked before the model runs on it
             out = model(batch["image"].to(device))
             if not (isinstance(out, Mapping) and {"logits_a", "logits_b"} <= set(out)):  # else it would score nothing
                 raise _not_a_two_task_model(model)
-            labels = dict(zip(task_keys, _batch_labels(batch, task_keys, (out["logits_a"].shape[1],
-                                                                          out["logits_b"].shape[1]))))
+            _check_classes(y, task_keys, (out["logits_a"].shape[1], out["logits_b"].shape[1]))
+            labels = dict(zip(task_keys, y))
             for name, out_key, label_key in outputs:
                 if out_key in out:
                     hits = (out[out_key].argmax(1) == labels[label_key].to(device)).sum().item()
