@@ -231,6 +231,25 @@ class WindowAttention(nn.Module):
         return self.proj_drop(self.proj(out))
 
 
+def check_window_size(window_size) -> int:
+    """`window_size` as an int >= 1 (tokens per window side), or a ValueError with the fix: a float
+    such as 64 / 16 = 4.0 builds, then fails in window_partition's reshape."""
+    if not is_int(window_size) or window_size < 1:
+        raise ValueError(f"window_size must be an int >= 1 (tokens per window side), got {window_size!r}; "
+                         "pass an int, e.g. image_size // 16")
+    return int(window_size)
+
+
+def mlp_hidden(dim: int, mlp_ratio: float) -> int:
+    """Hidden units of a `dim`-channel Swin MLP, int(dim * mlp_ratio), or a ValueError when that is 0:
+    an MLP without hidden units builds with only a torch warning, and learns nothing."""
+    hidden = int(dim * mlp_ratio)
+    if hidden < 1:
+        raise ValueError(f"mlp_ratio {mlp_ratio} x {dim} channels gives the MLP {hidden} hidden units; use an "
+                         f"mlp_ratio of at least 1 / {dim} (the paper: 4.0)")
+    return hidden
+
+
 class SwinBlock(nn.Module):
     """Swin transformer block (Liu et al., ICCV 2021): x + attn(norm(x)), then x + mlp(norm(x)).
 
@@ -253,13 +272,8 @@ class SwinBlock(nn.Module):
                  qkv_bias: bool = True, dropout: float = 0.0, attn_dropout: float = 0.0, drop_path: float = 0.0,
                  input_resolution: tuple[int, int] | None = None):
         super().__init__()
-        if not is_int(window_size) or window_size < 1:  # 64 / 16 = 4.0 built, then failed in window_partition
-            raise ValueError(f"window_size must be an int >= 1 (tokens per window side), got {window_size!r}; "
-                             "pass an int, e.g. image_size // 16")
-        hidden = int(dim * mlp_ratio)
-        if hidden < 1:  # an MLP with no hidden units: torch only warns, and the block learns nothing there
-            raise ValueError(f"mlp_ratio {mlp_ratio} gives a {dim}-channel block's MLP {hidden} hidden units; "
-                             f"use an mlp_ratio of at least 1 / {dim} (the paper: 4.0)")
+        check_window_size(window_size)
+        hidden = mlp_hidden(dim, mlp_ratio)
         self.window_size = window_size
         self.shift = shift
         self.norm1 = nn.LayerNorm(dim)

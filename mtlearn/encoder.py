@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from mtlearn.blocks import PatchEmbed, ResFormerStage
+from mtlearn.blocks import PatchEmbed, ResFormerStage, check_window_size, mlp_hidden
 from mtlearn.utils import check_bool, check_size, is_int, is_number
 
 STRIDE = 16  # the deepest feature map is H/16 x W/16: inputs must be divisible by this
@@ -69,23 +69,15 @@ class ResFormerConfig:
                                  f"(integer head dimension); {width} channels cannot be split into {heads} heads")
         if self.window_size is None:
             self.window_size = min(self.image_size) // STRIDE
-        if not is_int(self.window_size):  # 64 / 16 = 4.0 built, then failed in window_partition's reshape
-            raise ValueError(f"window_size must be an int (tokens per window side), got {self.window_size!r}; "
-                             "pass an int, e.g. image_size // 16")
-        if self.window_size < 1:
-            raise ValueError(f"window_size must be >= 1, got {self.window_size}")
-        self.window_size = int(self.window_size)
+        self.window_size = check_window_size(self.window_size)
         if not 0.0 <= self.drop_path < 1.0 or not 0.0 <= self.dropout < 1.0 or not 0.0 <= self.attn_dropout < 1.0:
             raise ValueError(f"drop_path, dropout and attn_dropout must be in [0, 1), got "
                              f"{self.drop_path}, {self.dropout}, {self.attn_dropout}")
         if not is_number(self.mlp_ratio) or self.mlp_ratio <= 0:
             raise ValueError(f"mlp_ratio must be a positive number, got {self.mlp_ratio!r}")
-        # each Swin MLP has int(width * mlp_ratio) hidden units: 0 builds an empty layer (torch only warns)
         attended = [w for w, d in zip(self.widths, self.attn_depths) if d > 0] if self.use_attention else []
-        if attended and int(min(attended) * self.mlp_ratio) < 1:
-            raise ValueError(f"mlp_ratio {self.mlp_ratio} gives the {min(attended)}-channel stage's MLP "
-                             f"{int(min(attended) * self.mlp_ratio)} hidden units; use an mlp_ratio of at least "
-                             f"1 / {min(attended)} (the paper: 4.0)")
+        if attended:  # now, not when the narrowest stage with attention builds its MLP
+            mlp_hidden(min(attended), self.mlp_ratio)
 
 
 def check_floating(x: Tensor, name: str = "images") -> None:

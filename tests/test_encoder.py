@@ -200,7 +200,7 @@ def test_numpy_integer_counts_become_ints():
 
 def test_mlp_ratio_must_leave_a_hidden_unit():
     # 8 channels x 0.1 = 0 hidden units: built with only a torch warning, an MLP that learns nothing
-    with pytest.raises(ValueError, match=r"mlp_ratio 0\.1 gives the 8-channel stage's MLP 0 hidden units; use an "
+    with pytest.raises(ValueError, match=r"mlp_ratio 0\.1 x 8 channels gives the MLP 0 hidden units; use an "
                                          r"mlp_ratio of at least 1 / 8"):
         tiny_config(mlp_ratio=0.1)
     assert tiny_config(mlp_ratio=1 / 8).mlp_ratio == 1 / 8
