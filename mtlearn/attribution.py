@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import copy
 import inspect
-import math
 import numbers
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -48,6 +47,7 @@ from tqdm.auto import tqdm
 from mtlearn.encoder import ResFormerEncoder, check_floating, init_weights
 from mtlearn.mtl import MultiTaskUNet
 from mtlearn.plots import _image
+from mtlearn.utils import check_number
 
 HEADS = ("cls", "seg", "recon")
 METHODS = ("ig", "saliency", "smoothgrad", "gradcam", "occlusion")
@@ -331,9 +331,7 @@ class Explainer:
             if name in method_kw:
                 _check_count(name, method_kw[name])
         stdev = method_kw.get("stdev", 0.15)
-        if isinstance(stdev, bool) or not isinstance(stdev, numbers.Real) or not math.isfinite(stdev) or stdev <= 0:
-            raise ValueError(f"stdev must be a number > 0 (a fraction of the image's value range, e.g. 0.15), "
-                             f"got {stdev!r}")
+        check_number("stdev", stdev, 0, above=True, advice="a fraction of the image's value range, e.g. 0.15")
         window = method_kw.get("window")
         if window is not None:
             _check_count("window", window, min(image_size), " (the image side; None: 1/8 of it)")

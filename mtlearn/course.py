@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import numbers
 import re
 import shutil
 import sys
@@ -32,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from mtlearn.notebook import flatten_metrics
+from mtlearn.utils import check_number
 
 NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"  # in a clone (and an editable install)
 DONE = "done"  # marker file: the folder holds a whole successful run (written last, before it is moved in)
@@ -115,10 +115,8 @@ def run_notebook(
     import papermill as pm
     from nbclient.exceptions import CellTimeoutError  # papermill's executor
 
-    if cell_timeout is not None and not (isinstance(cell_timeout, numbers.Real) and not isinstance(cell_timeout, bool)
-                                         and 0 < cell_timeout < math.inf):
-        raise ValueError(f"cell_timeout must be a finite number of seconds > 0, or None for no limit; "
-                         f"got {cell_timeout!r}")
+    if cell_timeout is not None:
+        check_number("cell_timeout", cell_timeout, 0, above=True, advice="seconds; None: no limit")
     out_dir = Path(out_dir)
     final = out_dir.resolve()
     staging = final.with_name(final.name + ".partial")

@@ -47,6 +47,7 @@ from mtlearn.utils import (
     check_int,
     check_label_pair,
     check_loader,
+    check_number,
     check_options,
     eval_mode,
     is_int,
@@ -504,36 +505,24 @@ def _check_training(*, epochs, adv_steps, w_adv, w_leak, adv_loss, adv_target, l
                     adv_momentum, warmup_epochs, ramp_epochs, leak_shrink, cosine) -> None:
     """The options train_disentangle and DisentangleConfig share, checked in one place."""
     check_bool("cosine", cosine)
-    for name, value in (("lr", lr), ("w_adv", w_adv), ("w_leak", w_leak), ("weight_decay", weight_decay),
-                        ("adv_lr", adv_lr), ("adv_momentum", adv_momentum), ("warmup_epochs", warmup_epochs),
-                        ("ramp_epochs", ramp_epochs), ("leak_shrink", leak_shrink)):
-        if not is_number(value):  # "1e-3" from a config file or a widget would fail later in Adam or a comparison
-            raise ValueError(f"{name} must be a number, got {value!r}; pass it unquoted")
+    for name, value in (("epochs", epochs), ("adv_steps", adv_steps)):
+        check_int(name, value, 1)
+    for name, value in (("w_adv", w_adv), ("w_leak", w_leak)):
+        check_number(name, value, 0, advice="a negative weight helps the adversaries; 0 turns the term off")
+    for name, value in (("lr", lr), ("adv_lr", adv_lr), ("leak_shrink", leak_shrink)):  # shrink: checked even
+        check_number(name, value, 0, above=True)  # with w_leak 0, so a preset that turns the penalty on later is sound
+    check_number("weight_decay", weight_decay, 0, advice="0: none")
+    check_number("adv_momentum", adv_momentum, 0, 1, below=True, advice="the adversaries' SGD momentum; 0: none")
+    for name, value in (("warmup_epochs", warmup_epochs), ("ramp_epochs", ramp_epochs)):
+        check_number(name, value, 0, advice="0: none")
     if adv_loss not in ADV_LOSSES:
         raise ValueError(f"unknown adv_loss {adv_loss!r}; expected one of {ADV_LOSSES}")
     if adv_target not in ADV_TARGETS:
         raise ValueError(f"unknown adv_target {adv_target!r}; expected one of {ADV_TARGETS}")
-    for name, value in (("epochs", epochs), ("adv_steps", adv_steps)):
-        check_int(name, value, 1)
-    for name, value in (("w_adv", w_adv), ("w_leak", w_leak)):
-        if not 0 <= value < float("inf"):  # written so that NaN fails too
-            raise ValueError(f"{name} must be a finite number >= 0 (a negative weight helps the adversaries; "
-                             f"0 turns the term off), got {value!r}")
-    for name, value in (("lr", lr), ("adv_lr", adv_lr), ("leak_shrink", leak_shrink)):  # shrink: checked even
-        if not (0 < value < float("inf")):  # with w_leak 0, so a preset that turns the penalty on later is sound
-            raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-    if not (0 <= weight_decay < float("inf")):
-        raise ValueError(f"weight_decay must be a finite number >= 0 (0: none), got {weight_decay!r}")
-    if not (0 <= adv_momentum < 1):
-        raise ValueError(f"adv_momentum must be a number in [0, 1) (the adversaries' SGD momentum; 0: none), "
-                         f"got {adv_momentum!r}")
     if (not isinstance(betas, (tuple, list)) or len(betas) != 2
             or not all(is_number(b) and 0 <= b < 1 for b in betas)):
         raise ValueError(f"betas must be a pair of numbers in [0, 1) (Adam's beta1, beta2), e.g. (0.0, 0.9); "
                          f"got {betas!r}")
-    for name, value in (("warmup_epochs", warmup_epochs), ("ramp_epochs", ramp_epochs)):
-        if not (0 <= value < float("inf")):
-            raise ValueError(f"{name} must be a finite number >= 0 (0: none), got {value!r}")
     if w_adv > 0 and warmup_epochs >= epochs:  # the adversarial term would never be switched on
         raise ValueError(f"warmup_epochs ({warmup_epochs}) must be below epochs ({epochs}) when w_adv > 0, or "
                          "DisentangleNet trains without its adversaries; for that baseline set w_adv=0")

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from mtlearn.blocks import PatchEmbed, ResFormerStage, check_window_size, mlp_hidden
-from mtlearn.utils import check_bool, check_size, is_int, is_number
+from mtlearn.utils import check_bool, check_number, check_size, is_int
 
 STRIDE = 16  # the deepest feature map is H/16 x W/16: inputs must be divisible by this
 
@@ -70,11 +70,9 @@ class ResFormerConfig:
         if self.window_size is None:
             self.window_size = min(self.image_size) // STRIDE
         self.window_size = check_window_size(self.window_size)
-        if not 0.0 <= self.drop_path < 1.0 or not 0.0 <= self.dropout < 1.0 or not 0.0 <= self.attn_dropout < 1.0:
-            raise ValueError(f"drop_path, dropout and attn_dropout must be in [0, 1), got "
-                             f"{self.drop_path}, {self.dropout}, {self.attn_dropout}")
-        if not is_number(self.mlp_ratio) or self.mlp_ratio <= 0:
-            raise ValueError(f"mlp_ratio must be a positive number, got {self.mlp_ratio!r}")
+        for name in ("drop_path", "dropout", "attn_dropout"):
+            check_number(name, getattr(self, name), 0, 1, below=True, advice="a probability; 0: none")
+        check_number("mlp_ratio", self.mlp_ratio, 0, above=True, advice="the MLP's width over the tokens', e.g. 4")
         attended = [w for w, d in zip(self.widths, self.attn_depths) if d > 0] if self.use_attention else []
         if attended:  # now, not when the narrowest stage with attention builds its MLP
             mlp_hidden(min(attended), self.mlp_ratio)

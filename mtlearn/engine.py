@@ -54,6 +54,7 @@ from mtlearn.utils import (
     check_bool,
     check_int,
     check_loader,
+    check_number,
     eval_mode,
     is_distributed,
     is_main_process,
@@ -354,22 +355,18 @@ def _make_config(config: TrainConfig | None, overrides: Mapping[str, Any]) -> Tr
     for f in dataclasses.fields(config):
         setattr(config, f.name, python_numbers(getattr(config, f.name)))
     check_int("epochs", config.epochs, 1)
-    if not (_is_finite_number(config.lr) and config.lr > 0):  # inf passes `> 0` and trains a NaN model
-        raise ValueError(f"lr must be positive and finite (e.g. 1e-4), got {config.lr!r}")
-    if not (_is_finite_number(config.weight_decay) and config.weight_decay >= 0):
-        raise ValueError(f"weight_decay must be >= 0 and finite (0: no decay), got {config.weight_decay!r}")
-    if config.grad_clip is not None and not (_is_finite_number(config.grad_clip) and config.grad_clip > 0):
-        raise ValueError(f"grad_clip must be a positive number or None, got {config.grad_clip!r}")
-    if not (_is_finite_number(config.poly_power) and config.poly_power >= 0):  # < 0 divides by 0 at the last step
-        raise ValueError(f"poly_power must be a number >= 0 (0.9 as published; 0: constant lr), got "
-                         f"{config.poly_power!r}")
+    check_number("lr", config.lr, 0, above=True, advice="e.g. 1e-4")  # inf passes `> 0` and trains a NaN model
+    check_number("weight_decay", config.weight_decay, 0, advice="0: no decay")
+    if config.grad_clip is not None:
+        check_number("grad_clip", config.grad_clip, 0, above=True, advice="the largest gradient norm, e.g. 1.0; "
+                     "or None: no clipping")
+    check_number("poly_power", config.poly_power, 0, advice="0.9 as published; 0: constant lr")  # < 0 divides by 0
     # checked here, not by the validation metrics after a whole epoch (or, without a val_loader, not at all)
-    if not (_is_finite_number(config.data_range) and config.data_range > 0):
-        raise ValueError(f"data_range must be a positive number (max - min of the clean images: 1.0 for images "
-                         f"scaled to 0..1, 255 for raw 8-bit ones), got {config.data_range!r}")
+    check_number("data_range", config.data_range, 0, above=True, advice="max - min of the clean images: 1.0 for "
+                 "images scaled to 0..1, 255 for raw 8-bit ones")
     betas = config.betas
     if (not isinstance(betas, Sequence) or isinstance(betas, str) or len(betas) != 2
-            or not all(_is_finite_number(b) and 0 <= b < 1 for b in betas)):
+            or not all(is_number(b) and 0 <= b < 1 for b in betas)):  # NaN fails the comparison
         raise ValueError(f"betas must be a pair of numbers in [0, 1), e.g. (0.9, 0.999), got {betas!r}")
     if config.task_weights is not None and not isinstance(config.task_weights, Mapping):
         raise ValueError(f"task_weights must map task names to weights, e.g. {{'seg': 1, 'cls': 0.25}}, got "
@@ -393,10 +390,6 @@ def _length(loader) -> int | None:
         return len(loader)
     except TypeError:
         return None
-
-
-def _is_finite_number(value) -> bool:
-    return is_number(value) and math.isfinite(value)
 
 
 def _make_weighting(config: TrainConfig, tasks: tuple[str, ...]) -> LossWeighting:

@@ -12,7 +12,6 @@ The segmentation losses come from MONAI; the others are PyTorch's own.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -20,7 +19,7 @@ import torch
 from monai.losses import DiceCELoss, DiceLoss, FocalLoss
 from torch import Tensor, nn
 
-from mtlearn.utils import is_number
+from mtlearn.utils import check_number
 
 # Which batch key holds each task's target (COMMON interface). The order is the canonical task order.
 TASK_TARGETS = {"seg": "mask", "cls": "label", "recon": "clean"}
@@ -75,9 +74,8 @@ class DiceSoftmaxFocal(nn.Module):
 
     def __init__(self, gamma: float = 2.0):
         super().__init__()
-        if not (is_number(gamma) and math.isfinite(gamma) and gamma >= 0):  # < 0 gives NaN on confident pixels
-            raise ValueError(f"focal_gamma must be a number >= 0 (2 as published; 0: plain cross-entropy), "
-                             f"got {gamma!r}")
+        # < 0 gives NaN on confident pixels
+        check_number("focal_gamma", gamma, 0, advice="2 as published; 0: plain cross-entropy")
         self.dice = DiceLoss(softmax=True, to_onehot_y=True)
         self.focal = FocalLoss(to_onehot_y=True, gamma=gamma, use_softmax=True)
 

@@ -35,7 +35,6 @@ theirs with one all_reduce before the division.
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Mapping, Sequence
 
@@ -46,7 +45,7 @@ from monai.metrics import PSNRMetric, SSIMMetric, compute_dice, compute_iou, com
 from torch import Tensor
 
 from mtlearn.losses import TASK_TARGETS, check_class_logits, check_outputs, check_tasks, class_indices
-from mtlearn.utils import is_number
+from mtlearn.utils import check_number
 
 METRIC_KEYS = {
     "seg": ("seg/dice", "seg/iou"),
@@ -134,11 +133,10 @@ class MetricAccumulator:
     def __init__(self, tasks: Sequence[str] = ("seg", "cls"), num_classes: int | None = None,
                  data_range: float = 1.0):
         self.tasks = check_tasks(tasks)
-        if not (is_number(data_range) and math.isfinite(data_range) and data_range > 0):  # NaN passes `<= 0`
-            raise ValueError(f"data_range must be a positive number (max - min of the clean images, e.g. 1.0), "
-                             f"got {data_range!r}")
         self.num_classes = num_classes  # inferred from the first classification logits when None
-        self.data_range = float(data_range)  # max - min of the clean images, for PSNR and SSIM
+        # max - min of the clean images, for PSNR and SSIM
+        self.data_range = check_number("data_range", data_range, 0, above=True,
+                                       advice="max - min of the clean images, e.g. 1.0")
         self.reset()
 
     def reset(self) -> None:

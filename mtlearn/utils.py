@@ -240,6 +240,33 @@ def check_int(name: str, value, minimum: int) -> int:
     return int(value)
 
 
+def check_number(name: str, value, low: float, high: float = math.inf, *, above: bool = False,
+                 below: bool = False, advice: str = "") -> float:
+    """`value` as a Python float if it is a finite number from `low` to `high`, else a ValueError naming `name`.
+
+        lr = check_number("lr", lr, 0, above=True, advice="e.g. 1e-4")   # a finite number > 0
+        rate = check_number("artifact_rate", rate, 0, 1)                # a number in [0, 1]
+
+    above / below: `low` / `high` itself is excluded. advice: the usual value and what it means, for the message.
+    Why not a plain `value > 0`: NaN fails every comparison, so `if value <= 0: raise` lets it through;
+    infinity passes `> 0` (and trains a NaN model); and "1e-3" from a config file fails the comparison as
+    a bare TypeError that names neither the option nor the fix. The float returned is a Python one, as a
+    NumPy one in an optimiser's state would make checkpoints unreadable under weights_only.
+    """
+    ok = is_number(value) and math.isfinite(value)
+    if ok:
+        ok = (value > low if above else value >= low) and (value < high if below else value <= high)
+    if not ok:
+        if math.isinf(high):
+            wanted = f"a finite number {'>' if above else '>='} {low:g}"
+        else:
+            wanted = f"a number in {'(' if above else '['}{low:g}, {high:g}{')' if below else ']'}"
+        advice = f" ({advice})" if advice else ""
+        unquote = "; pass it unquoted" if isinstance(value, str) else ""
+        raise ValueError(f"{name} must be {wanted}{advice}, got {value!r}{unquote}")
+    return float(value)
+
+
 def check_bool(name: str, value) -> bool:
     """`value` if it is True or False, else a ValueError naming `name`.
 

@@ -30,7 +30,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from mtlearn.losses import check_tasks
-from mtlearn.utils import check_int, is_distributed, is_number
+from mtlearn.utils import check_int, check_number, is_distributed, is_number
 
 Scale = Callable[[Tensor], Tensor]
 
@@ -82,20 +82,6 @@ class LossWeighting(nn.Module):
     def weights(self) -> dict[str, float]:
         """Current weight of every task."""
         raise NotImplementedError
-
-
-def _check_number(name: str, value, minimum: float, above: bool, advice: str) -> float:
-    """`value` as a float if it is a finite number > `minimum` (above) or >= it, else a ValueError naming `name`.
-
-    A hyperparameter from a config file can arrive as a string ("2"), which fails the bound check with
-    a bare TypeError; NaN passes `<= 0` and later makes the weights NaN, which NonFiniteWeightsError then
-    blames on the learning rate. advice: the usual value and what it means, for the message.
-    """
-    if not (is_number(value) and math.isfinite(value) and (value > minimum if above else value >= minimum)):
-        unquote = "; pass it unquoted" if isinstance(value, str) else ""
-        raise ValueError(f"{name} must be a finite number {'>' if above else '>='} {minimum:g} ({advice}), "
-                         f"got {value!r}{unquote}")
-    return float(value)  # a Python float: a NumPy one in the optimiser's state would make checkpoints unreadable
 
 
 def check_task_weights(weights, tasks: Sequence[str], name: str = "weights") -> None:
@@ -164,8 +150,8 @@ class DynamicWeightAverage(LossWeighting):
 
     def __init__(self, tasks: Sequence[str] = ("seg", "cls"), temperature: float = 2.0):
         super().__init__(tasks)
-        self.temperature = _check_number("temperature", temperature, 0, above=True,
-                                         advice="2 as published; larger: weights closer to equal")
+        self.temperature = check_number("temperature", temperature, 0, above=True,
+                                        advice="2 as published; larger: weights closer to equal")
         self.register_buffer("task_weights", torch.ones(len(self.tasks)))
         self.register_buffer("loss_history", torch.zeros(2, len(self.tasks)))  # rows: epoch e-2, e-1
         self.register_buffer("epochs_seen", torch.zeros((), dtype=torch.long))
@@ -204,9 +190,9 @@ class GradNorm(LossWeighting):
 
     def __init__(self, tasks: Sequence[str] = ("seg", "cls"), alpha: float = 1.5, lr: float = 0.025):
         super().__init__(tasks)
-        self.alpha = _check_number("alpha", alpha, 0, above=False,
-                                   advice="1.5 as published; 0: equal gradient norms, whatever the training rates")
-        lr = _check_number("lr", lr, 0, above=True, advice="the learning rate of the task weights' Adam, e.g. 0.025")
+        self.alpha = check_number("alpha", alpha, 0,
+                                  advice="1.5 as published; 0: equal gradient norms, whatever the training rates")
+        lr = check_number("lr", lr, 0, above=True, advice="the learning rate of the task weights' Adam, e.g. 0.025")
         self.task_weights = nn.Parameter(torch.ones(len(self.tasks)))
         self.register_buffer("initial_losses", torch.zeros(len(self.tasks)))
         self.register_buffer("initialised", torch.zeros((), dtype=torch.bool))

@@ -857,8 +857,8 @@ def test_main_step_adds_the_leakage_term_and_needs_its_state(shapes_batch):
 
 
 @pytest.mark.parametrize("overrides, match", [
-    ({"lr": "1e-3"}, r"lr must be a number, got '1e-3'; pass it unquoted"),
-    ({"w_adv": "3"}, r"w_adv must be a number, got '3'; pass it unquoted"),
+    ({"lr": "1e-3"}, r"lr must be a finite number > 0, got '1e-3'; pass it unquoted"),
+    ({"w_adv": "3"}, r"w_adv must be a finite number >= 0 \(a negative weight .*got '3'; pass it unquoted"),
     ({"w_adv": float("nan")}, r"w_adv must be a finite number >= 0"),
     ({"lr": 0.0}, r"lr must be a finite number > 0"),
     ({"lr": float("nan")}, r"lr must be a finite number > 0"),
@@ -871,11 +871,12 @@ def test_main_step_adds_the_leakage_term_and_needs_its_state(shapes_batch):
     ({"adv_hidden": -1}, r"adv_hidden must be an integer >= 0"),
     ({"adv_lr": -1}, r"adv_lr must be a finite number > 0, got -1"),
     ({"adv_lr": float("inf")}, r"adv_lr must be a finite number > 0"),
-    ({"adv_lr": "0.1"}, r"adv_lr must be a number, got '0.1'; pass it unquoted"),
+    ({"adv_lr": "0.1"}, r"adv_lr must be a finite number > 0, got '0.1'; pass it unquoted"),
     ({"weight_decay": -1}, r"weight_decay must be a finite number >= 0"),
     ({"weight_decay": float("nan")}, r"weight_decay must be a finite number >= 0"),
     ({"adv_momentum": 5}, r"adv_momentum must be a number in \[0, 1\)"),
-    ({"adv_momentum": -0.1}, r"adv_momentum must be a number in \[0, 1\)"),
+    ({"adv_momentum": -0.1}, r"adv_momentum must be a number in \[0, 1\) \(the adversaries' SGD momentum"),
+    ({"adv_momentum": "0.9"}, r"adv_momentum must be a number in \[0, 1\) .*got '0\.9'; pass it unquoted"),
     ({"leak_shrink": 0.0}, r"leak_shrink must be a finite number > 0"),
     # the string "False" is true: balanced sampling and the cosine decay stayed on
     ({"balance": "False"}, r"balance must be True or False, got 'False'; pass it unquoted"),

@@ -47,7 +47,10 @@ BAD_CONFIGS = [
     ("no input channels", dict(in_channels=0), "in_channels"),
     ("zero cnn depth", dict(cnn_depths=(0, 1, 1, 1)), "cnn_depths"),
     ("negative attention depth", dict(attn_depths=(1, -1, 1, 1)), "attn_depths"),
-    ("drop path 1", dict(drop_path=1.0), "drop_path"),
+    ("drop path 1", dict(drop_path=1.0), r"drop_path must be a number in \[0, 1\) \(a probability; 0: none\)"),
+    ("dropout as a string", dict(dropout="0.1"), r"dropout must be a number in \[0, 1\) .*got '0\.1'; pass it"),
+    ("attention dropout NaN", dict(attn_dropout=float("nan")), r"attn_dropout must be a number in \[0, 1\)"),
+    ("mlp ratio inf", dict(mlp_ratio=float("inf")), r"mlp_ratio must be a finite number > 0"),
     ("window 0", dict(window_size=0), "window_size"),
     ("mlp ratio 0", dict(mlp_ratio=0), "mlp_ratio"),
     ("switch as a string", dict(use_attention="False"), "use_attention must be True or False, got 'False'"),
@@ -205,5 +208,5 @@ def test_mlp_ratio_must_leave_a_hidden_unit():
         tiny_config(mlp_ratio=0.1)
     assert tiny_config(mlp_ratio=1 / 8).mlp_ratio == 1 / 8
     assert tiny_config(mlp_ratio=0.1, use_attention=False).mlp_ratio == 0.1  # no MLP is built
-    with pytest.raises(ValueError, match="mlp_ratio must be a positive number, got '4'"):
+    with pytest.raises(ValueError, match=r"mlp_ratio must be a finite number > 0 \(the MLP.*got '4'; pass it unquoted"):
         tiny_config(mlp_ratio="4")

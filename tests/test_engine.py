@@ -527,11 +527,12 @@ def test_progress_bar_only_when_asked(capsys):
 @pytest.mark.parametrize("kwargs, match", [
     (dict(epochs=0), "epochs must be an integer >= 1"),
     (dict(epochs=1.5), "epochs must be an integer >= 1"),
-    (dict(lr=0.0), "lr must be positive"),
-    (dict(lr=float("inf")), "lr must be positive and finite"),  # inf > 0: it trained a NaN model
-    (dict(lr=float("nan")), "lr must be positive and finite"),
-    (dict(weight_decay=-1e-4), "weight_decay must be >= 0 and finite"),
-    (dict(weight_decay=float("inf")), "weight_decay must be >= 0 and finite"),
+    (dict(lr=0.0), r"lr must be a finite number > 0 \(e\.g\. 1e-4\), got 0\.0"),
+    (dict(lr=float("inf")), "lr must be a finite number > 0"),  # inf > 0: it trained a NaN model
+    (dict(lr=float("nan")), "lr must be a finite number > 0"),
+    (dict(lr="1e-3"), "lr must be a finite number > 0 .*got '1e-3'; pass it unquoted"),  # a config file's string
+    (dict(weight_decay=-1e-4), r"weight_decay must be a finite number >= 0 \(0: no decay\)"),
+    (dict(weight_decay=float("inf")), "weight_decay must be a finite number >= 0"),
     (dict(learning_rate=1e-3), "unknown fit\\(\\) option 'learning_rate'"),
     (dict(weighting="magic"), "unknown weighting 'magic'; expected one of \\('fixed'"),
     (dict(tasks=("seg", "depth")), "unknown task 'depth'"),
@@ -542,9 +543,11 @@ def test_progress_bar_only_when_asked(capsys):
     (dict(grad_clip=-1.0), "grad_clip"),
     (dict(weighting="gradnorm", compile=True), "'gradnorm' cannot train with compile=True"),  # double backward
     (dict(monitor="seg/dcie"), "monitor 'seg/dcie' is not a validation metric; choose one of .*'seg/dice'"),
-    (dict(grad_clip="1"), "grad_clip must be a positive number or None, got '1'"),  # raw TypeError before
-    (dict(poly_power=-1.0), "poly_power must be a number >= 0"),  # trained the whole run, then divided by 0
-    (dict(poly_power="0.9"), "poly_power must be a number >= 0"),
+    # a raw TypeError before
+    (dict(grad_clip="1"), r"grad_clip must be a finite number > 0 .*or None: no clipping\), got '1'"),
+    # trained the whole run, then divided by 0
+    (dict(poly_power=-1.0), r"poly_power must be a finite number >= 0 \(0\.9 as published"),
+    (dict(poly_power="0.9"), "poly_power must be a finite number >= 0"),
     (dict(betas=(0.9,)), r"betas must be a pair of numbers in \[0, 1\)"),  # IndexError inside Adam before
     (dict(betas=(0.9, 1.5)), r"betas must be a pair of numbers in \[0, 1\)"),
     (dict(task_weights=[1, 0.25]), "task_weights must map task names to weights"),
@@ -1113,7 +1116,7 @@ def test_a_bad_data_range_is_refused_before_the_first_step(data_range, validate)
     unscaled images; and without a val_loader it was never checked."""
     model = ToyNet()
     train, val = _loaders()
-    with pytest.raises(ValueError, match=r"data_range must be a positive number \(max - min of the clean images.*"
+    with pytest.raises(ValueError, match=r"data_range must be a finite number > 0 \(max - min of the clean images.*"
                                          rf"got {re.escape(repr(data_range))}"):
         _fit(model, train, val if validate else None, data_range=data_range)
     assert model.calls == 0

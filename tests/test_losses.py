@@ -181,8 +181,9 @@ def test_a_single_task_may_be_named_by_a_bare_string():
     # each of these passed the old `< 0` check and made the loss NaN
     (lambda: ClassificationLoss([1.0, float("nan")]), r"class_weights must be .*finite.*got \[1.0, nan\]"),
     (lambda: ClassificationLoss([0.0, 0.0]), r"class_weights must be .*not all 0"),
-    (lambda: SegmentationLoss("dicefocal", focal_gamma=-1), r"focal_gamma must be a number >= 0.*got -1"),
-    (lambda: SegmentationLoss("dicefocal", focal_gamma=float("nan")), r"focal_gamma must be a number >= 0"),
+    (lambda: SegmentationLoss("dicefocal", focal_gamma=-1),
+     r"focal_gamma must be a finite number >= 0 \(2 as published.*got -1"),
+    (lambda: SegmentationLoss("dicefocal", focal_gamma=float("nan")), r"focal_gamma must be a finite number >= 0"),
     (lambda: check_tasks(("seg", "depth")), "unknown task 'depth'"),
     (lambda: check_tasks(()), "at least one"),
     (lambda: check_tasks(("seg", "seg")), "must not repeat"),

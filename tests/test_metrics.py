@@ -369,7 +369,8 @@ def test_sync_adds_the_sums_and_counts_of_every_process(tmp_path, monkeypatch):
 @pytest.mark.parametrize("make, match", [
     (lambda: MetricAccumulator(("seg", "pose")), "unknown task"),
     (lambda: MetricAccumulator(("recon",), data_range=0), "data_range"),
-    (lambda: MetricAccumulator(("recon",), data_range=float("nan")), r"data_range must be a positive number.*nan"),
+    (lambda: MetricAccumulator(("recon",), data_range=float("nan")),
+     r"data_range must be a finite number > 0 \(max - min.*got nan"),
     (lambda: MetricAccumulator(("cls",)).confusion_matrix(), "no classification batch"),
     (lambda: MetricAccumulator(("seg",)).update({"cls": torch.zeros(1, 3)}, {"mask": torch.zeros(1, 1, 4, 4)}),
      r"outputs\['seg'\]"),

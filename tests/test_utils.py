@@ -254,3 +254,28 @@ def test_python_numbers_turns_numpy_arrays_into_lists_of_python_numbers():
     torch.save(converted, buffer)
     buffer.seek(0)
     assert torch.load(buffer, weights_only=True) == converted
+
+
+def test_check_number_names_the_option_the_range_and_the_fix():
+    from mtlearn.utils import check_number
+
+    value = check_number("lr", np.float32(0.5), 0, above=True)
+    assert value == 0.5 and type(value) is float  # a Python float: NumPy ones make checkpoints unreadable
+    assert check_number("rate", 0, 0, 1) == 0.0 and check_number("rate", 1, 0, 1) == 1.0  # closed ends allowed
+    assert check_number("r", -1, -1, 1) == -1.0
+    for bad, match in [
+        (0, r"lr must be a finite number > 0 \(e\.g\. 1e-4\), got 0$"),  # `above`: the bound itself is refused
+        (float("nan"), r"lr must be a finite number > 0 .*got nan"),  # NaN fails every comparison
+        (float("inf"), r"lr must be a finite number > 0 .*got inf"),  # inf passes `> 0`
+        ("1e-3", r"got '1e-3'; pass it unquoted"),  # a config file's string
+        (True, r"got True$"),  # a bool is not a number
+        (None, r"got None$"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            check_number("lr", bad, 0, above=True, advice="e.g. 1e-4")
+    with pytest.raises(ValueError, match=r"momentum must be a number in \[0, 1\), got 1$"):
+        check_number("momentum", 1, 0, 1, below=True)
+    with pytest.raises(ValueError, match=r"c must be a number in \(-1, 1\], got -1$"):
+        check_number("c", -1, -1, 1, above=True)
+    with pytest.raises(ValueError, match=r"decay must be a finite number >= 0, got -0\.1$"):
+        check_number("decay", -0.1, 0)

@@ -22,7 +22,6 @@ The "clean" image is the same scene without speckle (step 4), i.e. the target of
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from functools import cached_property
 
@@ -30,7 +29,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from mtlearn.utils import check_int, check_size, is_number
+from mtlearn.utils import check_int, check_number, check_size
 
 CLASS_NAMES = ("normal", "benign", "malignant")
 NORMAL, BENIGN, MALIGNANT = 0, 1, 2
@@ -102,16 +101,9 @@ class SyntheticUltrasound(Dataset):
                              f"first_index + num_samples {first_index + num_samples}: take e.g. seed % 2**32")
         self.height, self.width = _image_size(image_size)
         probs = _class_probs(class_probs)
-        # Numbers first: "0.5" (from a config file or the command line) would fail the range check as a bare
-        # TypeError, "'<=' not supported between 'float' and 'str'", which names neither the knob nor the fix.
-        for knob, value, low, high, meaning in (
-            ("artifact_correlation", artifact_correlation, -1.0, 1.0, "a number in [-1, 1]"),
-            ("artifact_rate", artifact_rate, 0.0, 1.0, "a number in [0, 1]"),
-            ("noise_level", noise_level, 0.0, math.inf, "a finite number >= 0 (1.0 = fully developed speckle)"),
-        ):
-            if not is_number(value) or not math.isfinite(value) or not low <= value <= high:
-                hint = "; pass it unquoted" if isinstance(value, str) else ""
-                raise ValueError(f"{knob} must be {meaning}, got {value!r}{hint}")
+        check_number("artifact_correlation", artifact_correlation, -1, 1)
+        check_number("artifact_rate", artifact_rate, 0, 1)
+        check_number("noise_level", noise_level, 0, advice="1.0 = fully developed speckle")
         if in_channels not in (1, 3):
             raise ValueError(f"in_channels must be 1 (grey) or 3 (grey repeated), got {in_channels!r}")
         self.num_samples = int(num_samples)
