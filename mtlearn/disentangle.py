@@ -362,11 +362,10 @@ class LinearLeakage:
     """
 
     def __init__(self, shrink: float = 0.01, decay: float = 0.9):
-        if shrink <= 0:
-            raise ValueError(f"shrink must be > 0 (it keeps S + shrink I invertible), got {shrink!r}")
-        if not 0.0 <= decay < 1.0:
-            raise ValueError(f"decay must be in [0, 1), got {decay!r}")
-        self.shrink, self.decay = shrink, decay
+        # NaN passed the old `shrink <= 0` check and made every penalty NaN
+        self.shrink = check_number("shrink", shrink, 0, above=True, advice="it keeps S + shrink I invertible")
+        self.decay = check_number("decay", decay, 0, 1, below=True,
+                                  advice="the share of the running covariance kept per batch")
         self.covariance: torch.Tensor | None = None  # (C, C) running within-combination covariance
 
     def __call__(self, features: torch.Tensor, group: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -837,9 +837,16 @@ def test_linear_leakage_ignores_groups_with_a_single_target_value():
     assert D.LinearLeakage()(features, group, target).item() == 0.0
 
 
-@pytest.mark.parametrize("kwargs", [{"shrink": 0.0}, {"shrink": -1.0}, {"decay": 1.0}, {"decay": -0.1}])
-def test_linear_leakage_rejects_bad_arguments(kwargs):
-    with pytest.raises(ValueError):
+@pytest.mark.parametrize("kwargs, match", [
+    ({"shrink": 0.0}, r"shrink must be a finite number > 0 \(it keeps S \+ shrink I invertible\), got 0\.0"),
+    ({"shrink": -1.0}, r"shrink must be a finite number > 0"),
+    ({"shrink": float("nan")}, r"shrink must be a finite number > 0 .*got nan"),  # made every penalty NaN
+    ({"decay": 1.0}, r"decay must be a number in \[0, 1\) .*got 1\.0"),
+    ({"decay": -0.1}, r"decay must be a number in \[0, 1\)"),
+    ({"decay": "0.9"}, r"decay must be a number in \[0, 1\) .*got '0\.9'; pass it unquoted"),
+])
+def test_linear_leakage_rejects_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
         D.LinearLeakage(**kwargs)
 
 
