@@ -254,6 +254,20 @@ def test_pointing_game_skips_empty_masks():
     assert not math.isnan(hits[0]) and math.isnan(hits[1])
 
 
+def test_localisation_chances_on_hand_made_masks(explainer, data):
+    """The chance levels counted by hand: a one-pixel region in the middle and a 2 x 2 one in a corner;
+    an empty mask is left out. Grown by tolerance 1, both become 3 x 3 (the corner is clipped by the border)."""
+    images = torch.stack([data[i]["image"] for i in range(3)])
+    masks = torch.zeros(3, 1, SIZE, SIZE)
+    masks[0, 0, SIZE // 2, SIZE // 2] = 1
+    masks[1, 0, :2, :2] = 1  # masks[2]: empty
+    scores = A.localisation_scores(explainer, images, masks, "cls", methods=("saliency",), tolerance=1)["saliency"]
+    assert scores["chance"] == pytest.approx((1 + 4) / 2 / SIZE**2)
+    assert scores["pointing_chance"] == pytest.approx(9 / SIZE**2)
+    scores = A.localisation_scores(explainer, images, masks, "cls", methods=("saliency",), tolerance=0)["saliency"]
+    assert scores["pointing_chance"] == pytest.approx((1 + 4) / 2 / SIZE**2)  # no growing: the chance itself
+
+
 def test_localisation_scores_average_over_items_with_a_region(explainer, data):
     items = [data[i] for i in range(4)]
     images = torch.stack([it["image"] for it in items])

@@ -115,7 +115,10 @@ def test_busi_quirks(busi):
     for stem, item in items.items():
         assert item["image"].shape == item["mask"].shape == (1, SIZE, SIZE)
         assert set(item["mask"].unique().tolist()) <= {0.0, 1.0}
-        assert iou(item["mask"][0], expected_mask(info["masks"][stem])) > 0.9 if info["masks"][stem].any() else True
+        if info["masks"][stem].any():
+            assert iou(item["mask"][0], expected_mask(info["masks"][stem])) > 0.9, stem
+        else:  # a normal image: no lesion
+            assert item["mask"].sum() == 0, stem
     # _mask.png, _mask_1.png and _mask_2.png (left, middle, right part) are OR-merged into the whole
     # lesion, and no extra mask is taken for an image of its own
     assert torch.equal(items["benign (1)"]["mask"][0], expected_mask(info["masks"]["benign (1)"]))

@@ -118,10 +118,13 @@ def test_cross_validated_probe_separates_coded_and_random_labels():
 @pytest.mark.parametrize(
     "args, match",
     [
-        ((np.zeros((10, 3)), np.zeros(9), np.zeros((5, 3)), np.zeros(5)), "train"),
+        # two classes, so that only the length check can refuse it ("y_train" would match "train" too)
+        ((np.zeros((10, 3)), np.r_[np.zeros(5), np.ones(4)], np.zeros((5, 3)), np.zeros(5)),
+         r"train: expected features \(N, D\) and labels \(N,\)"),
         ((np.zeros((10, 3)), np.r_[np.zeros(5), np.ones(5)], np.zeros((5, 4)), np.zeros(5)), "width"),
         ((np.zeros((10, 3)), np.zeros(10), np.zeros((5, 3)), np.zeros(5)), "two classes"),
-        ((np.zeros(10), np.zeros(10), np.zeros((5, 3)), np.zeros(5)), "train"),
+        ((np.zeros(10), np.r_[np.zeros(5), np.ones(5)], np.zeros((5, 3)), np.zeros(5)),
+         r"train: expected features \(N, D\)"),
     ],
 )
 def test_linear_probe_bad_arguments(args, match):

@@ -2,9 +2,11 @@
 
 import math
 import re
+import itertools
 import time
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -579,7 +581,7 @@ def without_times(records):
 
 @pytest.mark.slow
 def test_an_interrupted_comparison_resumes_to_the_same_result_without_retraining(tmp_path, monkeypatch):
-    from mtlearn import engine
+    from mtlearn import engine, umsrep
     from mtlearn.checkpoint import load_checkpoint, save_checkpoint
 
     config = handful(strategies=("frozen", "joint"), joint_epochs=2)
@@ -607,6 +609,9 @@ def test_an_interrupted_comparison_resumes_to_the_same_result_without_retraining
     state["history"]["records"][0]["epoch_time"] = 1000.0
     save_checkpoint(state, last)
     monkeypatch.setattr(engine, "_update", update)
+    ticks = itertools.count(0.0, 5.0)  # this session's clock: its training takes 5 s (start 0, end 5)
+    monkeypatch.setattr(umsrep, "time", SimpleNamespace(perf_counter=lambda: next(ticks),
+                                                        process_time=time.process_time))
     calls.clear()
     resumed = run_comparison(config, out_dir=tmp_path, resume=True)
     assert calls == [("joint/recon+seg+cls", True)]  # finished networks were loaded, not retrained
@@ -621,7 +626,7 @@ def test_an_interrupted_comparison_resumes_to_the_same_result_without_retraining
                (reference.flops_per_image, reference.trainable_parameters, reference.memory_mb)
     joint = resumed.runs[-1]
     assert joint.resumed_epochs == 1 and [r.resumed_epochs for r in resumed.runs[:-1]] == [0] * 4
-    assert 1000.0 <= joint.wall_time_s < 1000.0 + 60  # epoch 1 from the checkpoint, plus this session's work
+    assert joint.wall_time_s == 1000.0 + 5.0  # epoch 1 from the checkpoint, plus this session's work
     assert math.isnan(joint.cpu_time_s)  # not recorded per epoch: unknown rather than too small
     assert all(r.cpu_time_s > 0 for r in resumed.runs[:-1])  # finished runs keep the times they measured
     columns = [*METRICS, "trainable_params", "train_gflops", "images_seen", "memory_mb"]
@@ -819,10 +824,15 @@ def test_a_model_left_in_eval_mode_is_measured_as_it_trains():
 def test_train_and_measure_records_memory_at_the_batch_size_cpu_time_and_an_eval_model(monkeypatch):
     """Memory is estimated for config.batch_size (the step is measured on 4 images); CPU time is the
     process's, not the wall clock (a training that waits uses no CPU); the model comes back in eval mode."""
-    from mtlearn import engine
+    from mtlearn import engine, umsrep
+
+    clock = SimpleNamespace(wall=100.0, cpu=10.0)  # read by the fake clock below, advanced by the fake fit
+    monkeypatch.setattr(umsrep, "time", SimpleNamespace(perf_counter=lambda: clock.wall,
+                                                        process_time=lambda: clock.cpu))
 
     def waiting_fit(model, loader, *args, **kwargs):
-        time.sleep(0.3)
+        clock.wall += 0.3  # 0.3 s passed, of which the process used 0.05 s of CPU
+        clock.cpu += 0.05
         return engine.History()
 
     monkeypatch.setattr(engine, "fit", waiting_fit)
@@ -833,7 +843,7 @@ def test_train_and_measure_records_memory_at_the_batch_size_cpu_time_and_an_eval
     cost = measure_training_step(model, next(iter(DataLoader(train, batch_size=4))), ("seg",))
     assert cost.memory_bytes(8) > cost.memory_bytes()
     assert result.memory_mb == pytest.approx(cost.memory_bytes(8) / 2**20)
-    assert result.wall_time_s >= 0.3 and result.cpu_time_s < 0.15
+    assert result.wall_time_s == pytest.approx(0.3) and result.cpu_time_s == pytest.approx(0.05)
     assert result.model is model and not model.training
 
 
