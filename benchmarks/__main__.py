@@ -49,7 +49,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="smaller sizes and fewer steps")
     parser.add_argument("--only", nargs="+", choices=MODULES, default=MODULES, help="run only these groups")
     parser.add_argument("--threads", type=int, default=None,
-                        help="CPU threads for models, disentangle and umsrep (default: each group's own, 2, 1, 1)")
+                        help="CPU threads (>= 1) for models, disentangle and umsrep (default: each group's own, "
+                             "2, 1, 1)")
     parser.add_argument("--rounds", type=int, default=None,
                         help="timed rounds for models and engine (default: each group's own, 2 and 5; "
                              "fewer with --quick)")

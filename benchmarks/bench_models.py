@@ -2,7 +2,7 @@
 
     python -m benchmarks.bench_models            # several minutes on 2 CPU cores (two layouts per model)
     python -m benchmarks.bench_models --quick    # smaller inputs, for a first look
-    python -m benchmarks.bench_models --threads 1 --group paper --rounds 4   # paper vs SwinUNETR only
+    python -m benchmarks.bench_models --threads 1 --group paper --rounds 4   # the 224 px rows only
     python -m benchmarks.bench_models --device cuda --group paper            # on a GPU
 
 Every row is one model at one input size: parameters, forward GFLOPs per image (counted by
