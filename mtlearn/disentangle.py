@@ -1125,7 +1125,8 @@ def shapes_experiment(kind: str, config: DisentangleConfig | None = None, *, see
 
 
 def probe_within_groups(model: nn.Module, loader, target: str, group: str, group_names: Sequence[str], *,
-                        seed: int = 0, folds: int = 5, device: str | torch.device = "auto") -> dict[str, float]:
+                        seed: int = 0, folds: int = 5, device: str | torch.device = "auto",
+                        patients: np.ndarray | None = None) -> dict[str, float]:
     """The probe for label `target` on the task-A features, fitted within each value of `group` alone.
 
     Why: over all images a probe can read `target` through `group` wherever the two go together
@@ -1134,31 +1135,35 @@ def probe_within_groups(model: nn.Module, loader, target: str, group: str, group
     within group "shape" tells the seen combination (bars, trained on both backgrounds) from the
     unseen one (circles, never trained on black).
     group_names: one name per group value 0, 1, ...: the keys' last part.
+    patients: the patient of every image in `loader`'s order, or None (one image per patient, as
+        generated data): the folds then keep each patient's images on one side (cross_validated_probe).
     Returns {"probe_<target>_a_<name>": balanced accuracy, `folds`-fold cross-validated; 0.5 for
-    a 0/1 target = nothing readable}, NaN for a group with fewer than `folds` images of some
-    target value (too few to cross-validate).
+    a 0/1 target = nothing readable}, NaN for a group with fewer than `folds` images (or patients)
+    of some target value (too few to cross-validate).
     """
-    from mtlearn.probes import cross_validated_probe, extract_features
+    from mtlearn.probes import cross_validated_probe, extract_features, too_few_for_folds
 
     # model=model: eval mode meanwhile (BatchNorm's running statistics), as in probe_encoders
     features, labels = extract_features(lambda x: model.encode(x)[0], loader, device, (target, group), model=model)
     scores = {}
     for value, name in enumerate(group_names):
         chosen = labels[group] == value
-        _, counts = np.unique(labels[target][chosen], return_counts=True)
-        enough = len(counts) > 1 and counts.min() >= folds
-        probe = cross_validated_probe(features[chosen], labels[target][chosen], folds, seed) if enough else None
+        y, within = labels[target][chosen], None if patients is None else np.asarray(patients)[chosen]
+        enough = too_few_for_folds(y, folds, within) is None
+        probe = cross_validated_probe(features[chosen], y, folds, seed, groups=within) if enough else None
         scores[f"probe_{target}_a_{name}"] = probe["balanced_accuracy"] if probe else float("nan")
     return scores
 
 
 def probe_encoders(model: nn.Module, loader, label_keys: tuple[str, str], *, seed: int = 0,
-                   device: str | torch.device = "auto") -> dict[str, float]:
+                   device: str | torch.device = "auto", patients: np.ndarray | None = None) -> dict[str, float]:
     """Balanced accuracy of a linear probe for every (encoder side, label) pair, cross-validated.
 
     Reads the pooled features of model.encode (task-A side "a", task-B side "b"; the same features
     twice for SharedEncoderNet) on `loader`, in eval mode (BatchNorm's running statistics), and
     fits a 5-fold cross-validated logistic regression per label.
+    patients: the patient of every image in `loader`'s order, or None (generated data): the folds
+        then keep each patient's images on one side (cross_validated_probe).
     Returns {"probe_<label>_<side>": balanced accuracy}, e.g. "probe_background_a": the nuisance
     read from the task-A features; 1 / number of classes = nothing readable.
     """
@@ -1169,7 +1174,7 @@ def probe_encoders(model: nn.Module, loader, label_keys: tuple[str, str], *, see
         encode = (lambda x, side=side: model.encode(x)[0 if side == "a" else 1])
         features, labels = extract_features(encode, loader, device, label_keys, model=model)  # in eval mode
         for key in label_keys:
-            probe = cross_validated_probe(features, labels[key], seed=seed)
+            probe = cross_validated_probe(features, labels[key], seed=seed, groups=patients)
             scores[f"probe_{key}_{side}"] = probe["balanced_accuracy"]
     return scores
 
@@ -1264,7 +1269,8 @@ def ultrasound_experiment(kind: str, config: DisentangleConfig | None = None, *,
             shortcut costs; NaN when there is no such image
         probe_artifact_a, probe_label_a, probe_artifact_b, probe_label_b: linear probes (see
             probe_encoders) on the independent test set, where class and artifact are unrelated;
-            real data have no such set, so there the probes read all images (train + test)
+            real data have no such set, so there the probes read all images (train + test), in
+            folds that keep each patient's images together
         probe_artifact_a_<class> (normal, benign, malignant): the artifact probe within one class
             (probe_within_groups, on the same images): real data's flag goes with the class, so
             this is where to read them; NaN for a class with under 5 images of either flag value
@@ -1277,6 +1283,7 @@ def ultrasound_experiment(kind: str, config: DisentangleConfig | None = None, *,
 
     from torch.utils.data import DataLoader
 
+    from mtlearn.data.real import bus_uclm_patient
     from mtlearn.data.synthetic import SyntheticUltrasound
     from mtlearn.utils import seed_everything
 
@@ -1317,10 +1324,14 @@ def ultrasound_experiment(kind: str, config: DisentangleConfig | None = None, *,
                 evaluate_disentangle(model, DataLoader(chosen, batch_size=100), task_keys=keys, device=device)["acc_a"]
                 if chosen else float("nan"))
     metrics["false_malignant_with_artifact"] = _false_malignant(model, data[scored], device)
-    probe_loader = DataLoader(data["train"] + data["test"] if real else data["independent"], batch_size=100)
-    metrics.update(probe_encoders(model, probe_loader, keys, seed=seed, device=device))
+    probed = data["train"] + data["test"] if real else data["independent"]
+    probe_loader = DataLoader(probed, batch_size=100)  # in order: `patients` lines up with it
+    # a patient's images look alike: on both sides of a fold, a probe would read the flag through the patient
+    patients = np.array([bus_uclm_patient(item["id"]) for item in probed]) if real else None
+    metrics.update(probe_encoders(model, probe_loader, keys, seed=seed, device=device, patients=patients))
     class_names = SyntheticUltrasound.class_names  # BUS-UCLM's too: normal, benign, malignant
-    metrics.update(probe_within_groups(model, probe_loader, "artifact", "label", class_names, seed=seed, device=device))
+    metrics.update(probe_within_groups(model, probe_loader, "artifact", "label", class_names, seed=seed, device=device,
+                                       patients=patients))
     return model.eval(), history, metrics
 
 

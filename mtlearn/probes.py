@@ -131,14 +131,41 @@ def linear_probe(
     }
 
 
-def cross_validated_probe(features: np.ndarray, y: np.ndarray, folds: int = 5, seed: int = 0) -> dict[str, float]:
+def too_few_for_folds(y: np.ndarray, folds: int, groups: np.ndarray | None = None) -> str | None:
+    """Why `folds`-fold cross-validation of labels `y` would mislead, or None when it would not.
+
+    Every class needs `folds` items (with `groups`: items in `folds` different groups) or more: with
+    fewer, some test folds hold none of it, and their balanced accuracy is the recall of the other
+    classes alone (pure noise features can then read 0.74 against a chance of 0.5).
+    """
+    classes = np.unique(y)
+    if len(classes) < 2:
+        return f"the probe needs at least two classes in y, got only {classes.tolist()}"
+    if groups is None:
+        spread = {c: int((y == c).sum()) for c in classes}
+        unit = "item(s)"
+    else:
+        spread = {c: len(np.unique(groups[y == c])) for c in classes}
+        unit = "group(s) (e.g. patients)"
+    rare = min(spread, key=spread.get)
+    if spread[rare] >= folds:
+        return None
+    fix = f"pass folds={spread[rare]} or fewer, or probe more images" if spread[rare] >= 2 else "probe more images"
+    return (f"class {rare} has {spread[rare]} {unit}, fewer than folds={folds}: some test folds would hold none "
+            f"of it and score the other classes alone; {fix}")
+
+
+def cross_validated_probe(features: np.ndarray, y: np.ndarray, folds: int = 5, seed: int = 0,
+                          groups: np.ndarray | None = None) -> dict[str, float]:
     """linear_probe averaged over stratified K folds of one set (features (N, D), y (N,)).
 
-    Every class needs `folds` items or more: with fewer, some test folds hold none of it, and their
-    balanced accuracy is the recall of the other classes alone (pure noise features can then read
-    0.74 against a chance of 0.5), so that is refused.
+    groups: (N,) the group of every item (e.g. its patient), or None. With groups, no group has items
+    on both sides of a fold (StratifiedGroupKFold): several images of one patient on both sides let
+    the probe read a label through who the patient is, and score well on features that do not
+    encode the label at all. Every class needs items in `folds` groups (`folds` items without
+    groups) or more, else the folds mislead (too_few_for_folds) and a ValueError says so.
     """
-    from sklearn.model_selection import StratifiedKFold
+    from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
     features, y = np.asarray(features), np.asarray(y)
     if features.ndim != 2 or y.ndim != 1 or len(features) != len(y):
@@ -146,16 +173,18 @@ def cross_validated_probe(features: np.ndarray, y: np.ndarray, folds: int = 5, s
                          f"and labels {y.shape}")
     if not is_int(folds) or folds < 2:
         raise ValueError(f"folds must be an int >= 2, got {folds!r}")
-    classes, counts = np.unique(y, return_counts=True)
-    if len(classes) < 2:
-        raise ValueError(f"the probe needs at least two classes in y, got only {classes.tolist()}")
-    if counts.min() < folds:
-        rare, fewest = classes[counts.argmin()], counts.min()
-        fix = f"pass folds={fewest} or fewer, or probe more images" if fewest >= 2 else "probe more images"
-        raise ValueError(f"class {rare} has {fewest} item(s), fewer than folds={folds}: some test folds would hold "
-                         f"none of it and score the other classes alone; {fix}")
-    splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
-    scores = [linear_probe(features[tr], y[tr], features[te], y[te]) for tr, te in splitter.split(features, y)]
+    if groups is not None:
+        groups = np.asarray(groups)
+        if groups.shape != y.shape:
+            raise ValueError(f"groups must name one group per item ({len(y)}), got shape {groups.shape}")
+    problem = too_few_for_folds(y, folds, groups)
+    if problem:
+        raise ValueError(problem)
+    if groups is None:
+        splits = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed).split(features, y)
+    else:
+        splits = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed).split(features, y, groups)
+    scores = [linear_probe(features[tr], y[tr], features[te], y[te]) for tr, te in splits]
     return {k: float(np.mean([s[k] for s in scores])) for k in scores[0]}
 
 

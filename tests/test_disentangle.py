@@ -1254,6 +1254,32 @@ def test_ultrasound_experiment_on_real_flags(kind, uclm_root):
     assert 0.0 <= metrics["probe_artifact_a"] <= 1.0 and 0.0 <= metrics["probe_label_a"] <= 1.0
 
 
+def test_the_real_data_probes_keep_each_patient_on_one_side_of_the_folds(uclm_root, monkeypatch):
+    """BUS-UCLM holds several images per patient: folds drawn per image put one patient's images on both sides,
+    and a probe could read the flag through who the patient is."""
+    import mtlearn.probes as probes
+
+    root, info = uclm_root
+    seen, original = [], probes.cross_validated_probe
+
+    def recording(features, y, folds=5, seed=0, groups=None):
+        seen.append(groups)
+        return original(features, y, folds, seed, groups=groups)
+
+    monkeypatch.setattr(probes, "cross_validated_probe", recording)
+    with pytest.warns(UserWarning, match="bus_uclm"):
+        data = D.real_ultrasound_datasets("bus_uclm", root, (32, 32), seed=0)
+    config = D.disentangle_config("smoke", image_size=(32, 32), batch_size=10)
+    D.ultrasound_experiment("shared", config, seed=0, data=data, device="cpu", progress=False)
+    probed = data["train"] + data["test"]
+    expected = [info["truth"][item["id"]]["patient"] for item in probed]
+    assert len(seen) >= 4 and all(groups is not None for groups in seen)
+    # the four probes over every image get the patients in the images' order (the fixture's own record)
+    whole = [list(groups) for groups in seen if len(groups) == len(probed)]
+    assert len(whole) == 4
+    assert all([str(p) for p in groups] == [str(p) for p in expected] for groups in whole)
+
+
 # ---------------------------------------------------------------------------------------------- review fixes
 
 

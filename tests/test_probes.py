@@ -132,6 +132,41 @@ def test_linear_probe_bad_arguments(args, match):
         linear_probe(*args)
 
 
+def _patients(n_patients=38, per_patient=18, seed=0):
+    """Features that say who the patient is (a centre each, plus noise) and a flag drawn per patient that no
+    feature direction encodes: only a probe that sees a patient on both sides of a fold can read it."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(n_patients, 16)) * 3
+    flags = rng.integers(0, 2, n_patients)
+    features = np.concatenate([c + rng.normal(size=(per_patient, 16)) for c in centres])
+    return features, np.repeat(flags, per_patient), np.repeat(np.arange(n_patients), per_patient)
+
+
+def test_cross_validated_probe_keeps_each_patient_on_one_side_of_every_fold():
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    features, flags, patients = _patients()
+    leaky = cross_validated_probe(features, flags)["balanced_accuracy"]
+    grouped = cross_validated_probe(features, flags, groups=patients)["balanced_accuracy"]
+    assert leaky > 0.7 and grouped < 0.55  # the flag read through the patient's identity, and not at all
+    splits = StratifiedGroupKFold(n_splits=5, shuffle=True, random_state=0).split(features, flags, patients)
+    expected = np.mean([linear_probe(features[tr], flags[tr], features[te], flags[te])["balanced_accuracy"]
+                        for tr, te in splits])
+    assert grouped == pytest.approx(expected)
+
+
+def test_cross_validated_probe_checks_its_groups():
+    features, flags, patients = _patients(n_patients=8)
+    with pytest.raises(ValueError, match=r"groups must name one group per item \(144\), got shape \(143,\)"):
+        cross_validated_probe(features, flags, groups=patients[:-1])
+    rare = np.isin(patients, [0, 1, 2, 3, 4, 5])  # only patients 6 and 7 left to carry class 1 below
+    flags = np.where(rare, 0, 1)
+    with pytest.raises(ValueError, match=r"class 1 has 2 group\(s\) \(e\.g\. patients\), fewer than folds=5: "
+                                         r".*pass folds=2 or fewer"):
+        cross_validated_probe(features, flags, groups=patients)  # 36 images of class 1, but 2 patients
+    assert 0 <= cross_validated_probe(features, flags, folds=2, groups=patients)["balanced_accuracy"] <= 1
+
+
 def test_cross_validated_probe_names_a_length_mismatch():
     features, coded, _ = synthetic_features(n=20)
     with pytest.raises(ValueError, match=r"same N, got features \(20, 16\) and labels \(15,\)"):

@@ -375,6 +375,12 @@ def _read_bus_bra(folder: Path, split: str, seed: int, fold: int | str | None = 
 BUS_UCLM_CLASSES = ("normal", "benign", "malignant")
 
 
+def bus_uclm_patient(image_id: str) -> str:
+    """The patient of a BUS-UCLM image, from its file stem ("ALWI_000" -> "ALWI"): splits keep a patient's
+    images together, and so must any cross-validation over them (mtlearn.probes.cross_validated_probe)."""
+    return image_id.rsplit("_", 1)[0]
+
+
 def _read_bus_uclm(folder: Path, split: str, seed: int):
     """BUS-UCLM: images/<PATIENT>_<NNN>.png, masks/ (same names, colour-coded), INFO.csv (';').
 
@@ -406,7 +412,7 @@ def _read_bus_uclm(folder: Path, split: str, seed: int):
             problems.append(f"{image.stem}: INFO.csv says {stated}, the mask colour says {BUS_UCLM_CLASSES[label]}")
         artifact = int(row is not None and (_flag(row["Doppler"]) or _flag(row["Marks"])))
         records.append(Record(
-            image.stem, label, image, (mask,), group=image.stem.rsplit("_", 1)[0], artifact=artifact, colour_coded=True,
+            image.stem, label, image, (mask,), group=bus_uclm_patient(image.stem), artifact=artifact, colour_coded=True,
         ))
     return _take_split(records, split, seed), BUS_UCLM_CLASSES, problems
 
