@@ -200,9 +200,10 @@ class WindowAttention(nn.Module):
 
     No relative position bias (Swin has one): a learned bias added to the attention logits needs
     a gradient through the mask, which forces SDPA onto its slow reference path on CPU (about 3x
-    slower for these windows, measured with torch 2.13). ResFormer's transformer path can do
-    without it: its tokens come from convolutions (patch embedding and merging) and the CNN path is
-    added back at every stage, so they already carry where they are.
+    slower for these windows, measured with torch 2.13). A speed choice with a cost: without it,
+    attention inside a window weighs the keys by their content alone, not by where they sit relative
+    to the query (convolutional tokens carry position only near zero-padded borders). The CNN path,
+    added back at every stage, supplies the local spatial structure.
     """
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, attn_dropout: float = 0.0,

@@ -53,9 +53,10 @@ METRIC_KEYS = {
     "recon": ("recon/psnr", "recon/ssim"),
 }
 
-# Per-image PSNR ceiling. 100 dB is an RMSE of 1e-5 of the data range: below the quantisation noise of
-# 16-bit images (~101 dB) and far below that of the 8-bit scans used here (~59 dB), so any image above
-# it is indistinguishable from perfect, and capping keeps the mean finite when one image has zero error.
+# Per-image PSNR ceiling. 100 dB is an RMSE of 1e-5 of the data range. Quantisation alone leaves an RMSE of
+# 1/sqrt(12) of a step: ~59 dB for the 8-bit scans used here (~107 dB for 16-bit images, just above the cap),
+# so an image above 100 dB is indistinguishable from perfect at their precision, and capping keeps the mean
+# finite when one image has zero error.
 PSNR_CEILING_DB = 100.0
 
 

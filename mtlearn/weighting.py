@@ -122,6 +122,9 @@ class UncertaintyWeighting(LossWeighting):
     "cls"), as in the paper's equations (7) and (10). A noisy task cannot drive its loss down, so
     raising s_t is cheaper than fitting it: its weight c_t exp(-s_t) falls (to 1 / (2 L_t) at the
     optimum). The s_t are parameters: the training optimiser must update them (`in_optimizer`).
+    The Gaussian factor 1/2 is exact for an MSE reconstruction loss (LossConfig(recon="mse")); the
+    default L1 loss is a Laplace likelihood, whose own form would settle recon's weight at 1 / L_t,
+    twice as high. It is kept as the paper writes it, for either loss.
     """
 
     in_optimizer = True
@@ -183,7 +186,10 @@ class GradNorm(LossWeighting):
     objective, not the training loss), stored in the checkpoint with them.
 
     W is the last parameter with two or more dimensions in `shared_parameters` (the last conv or
-    linear weight of the encoder in registration order).
+    linear weight of the encoder in registration order): in a ResFormer, the last MLP weight of the
+    last stage's attention path. The paper takes the last layer every task's gradient passes
+    through; here the decoder also reads the earlier stages through the skips (and the multi-scale
+    head the third stage), so G_t at W is a cheap proxy for a task's pull on the encoder, not all of it.
     """
 
     needs_shared_parameters = True
@@ -280,7 +286,8 @@ class PCGrad(LossWeighting):
     summed gradient favours the larger one and can hurt the other. PCGrad projects each task's
     gradient onto the normal plane of every gradient it conflicts with (random task order) and
     sums the results. Only the shared parameters are projected; task heads get their usual
-    gradient. Costs one backward pass per task. Task weights stay 1.
+    gradient. Costs one gradient pass per task (for the shared parameters) on top of the usual
+    backward. Task weights stay 1.
     """
 
     needs_shared_parameters = True
