@@ -16,7 +16,7 @@ PROFILE ?= course
 # SEED empty: each notebook keeps its own default seed (those of the committed runs)
 SEED ?=
 
-.PHONY: setup course test test-fast bench clean
+.PHONY: setup course test test-fast bench clean clean-outputs
 
 setup: $(VENV)/.installed
 
@@ -27,7 +27,7 @@ $(VENV)/.installed: pyproject.toml
 	but $(PYTHON) is Python " + sys.version.split()[0] + ": run make again with PYTHON=python3.11 (or newer)")'
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH_SPEC)"
-	$(PY) -m pip install --quiet -e .
+	$(PY) -m pip install --quiet -e ".[dev]"
 	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
 	touch $@
 
@@ -44,5 +44,9 @@ test-fast: setup
 bench: setup
 	$(PY) -m benchmarks
 
+# clean keeps outputs/ (a course run's notebooks, figures and metrics take half an hour to make again)
 clean:
-	rm -rf $(VENV) outputs .pytest_cache
+	rm -rf $(VENV) .pytest_cache
+
+clean-outputs:
+	rm -rf outputs

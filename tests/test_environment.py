@@ -12,8 +12,10 @@ from packaging.version import Version
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def pyproject_requirements() -> dict[str, Requirement]:
-    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+def pyproject_requirements(extras: tuple[str, ...] = ("dev",)) -> dict[str, Requirement]:
+    """The dependencies, with those of `extras` (environment.yml installs the dev tools too)."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    deps = project["dependencies"] + [d for extra in extras for d in project["optional-dependencies"][extra]]
     return {Requirement(d).name.lower(): Requirement(d) for d in deps}
 
 
@@ -43,7 +45,16 @@ def test_python_versions_agree():
 
 
 def test_environment_yml_installs_the_package_itself():
-    assert "- -e ." in (ROOT / "environment.yml").read_text()
+    assert "- -e .[dev]" in (ROOT / "environment.yml").read_text()
+
+
+def test_colab_keeps_its_own_jupyter():
+    """The notebooks' first cell installs the bare package on Colab, which pins IPython 7.34 and its own
+    ipykernel: requiring newer ones upgraded them under the running runtime (a restart, or a crash)."""
+    core = pyproject_requirements(extras=())
+    assert not {"ipykernel", "jupyterlab", "nbval", "pytest"} & set(core)
+    assert core["ipython"].specifier.contains(Version("7.34.0"))
+    assert '-e ".[dev]"' in (ROOT / "Makefile").read_text()  # make course and make test get the tools
 
 
 @pytest.mark.parametrize("version", ["2.13.0", "2.13.0+cpu", "2.9.1", "2.10.0", "2.14.1"])
