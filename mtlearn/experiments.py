@@ -284,11 +284,14 @@ def _parse_set(text: str) -> tuple[str, list[Any]]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mtlearn.experiments", description=__doc__.split("\n\n")[0])
     parser.add_argument("--notebooks", nargs="+", required=True, metavar="NN", help="notebook numbers or names")
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
-    parser.add_argument("--profile", default="smoke", help="smoke | course | paper (default: smoke)")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0], help="seeds to run (default: 0)")
+    # as python -m mtlearn.course and the notebooks: a smoke default made tables of untrained models look real
+    parser.add_argument("--profile", default=None,
+                        help="smoke | course | paper (default: $MTLEARN_PROFILE, else course)")
     parser.add_argument("--set", dest="sets", action="append", type=_parse_set, default=[],
                         metavar="NAME=V1,V2", help="a notebook parameter and the values to sweep")
-    parser.add_argument("--out", type=Path, default=Path("outputs") / "experiments")
+    parser.add_argument("--out", type=Path, default=Path("outputs") / "experiments",
+                        help="folder of the runs and results.csv (default: outputs/experiments)")
     parser.add_argument("--cell-timeout", type=float, default=None, metavar="SECONDS",
                         help="stop a run whose cell runs longer than this (default: 3600, none for the paper "
                              "profile; 0: no limit)")

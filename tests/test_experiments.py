@@ -330,8 +330,11 @@ def test_command_line_fails_when_a_run_fails(notebooks, tmp_path, monkeypatch, c
     monkeypatch.delenv("MTLEARN_PROFILE", raising=False)
     assert main(["--notebooks", "01", "--set", "scale=-1", "--out", str(tmp_path / "grid")]) == 1
     assert "negative scale" in capsys.readouterr().out
-    # the default profile of a grid is smoke, and it names the run's folder
-    assert (tmp_path / "grid" / "01_a" / "profile=smoke,scale=-1,seed=0.partial" / "error.txt").exists()
+    # the default profile is course, as for python -m mtlearn.course and the notebooks, and it names the folder
+    assert (tmp_path / "grid" / "01_a" / "profile=course,scale=-1,seed=0.partial" / "error.txt").exists()
+    monkeypatch.setenv("MTLEARN_PROFILE", "smoke")  # the environment's profile, as for the notebooks
+    assert main(["--notebooks", "01", "--set", "scale=-2", "--out", str(tmp_path / "grid")]) == 1
+    assert (tmp_path / "grid" / "01_a" / "profile=smoke,scale=-2,seed=0.partial" / "error.txt").exists()
 
 
 def test_command_line_refuses_a_repeated_set(notebooks, tmp_path, monkeypatch, capsys):
