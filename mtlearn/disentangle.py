@@ -1273,7 +1273,8 @@ def ultrasound_experiment(kind: str, config: DisentangleConfig | None = None, *,
             folds that keep each patient's images together
         probe_artifact_a_<class> (normal, benign, malignant): the artifact probe within one class
             (probe_within_groups, on the same images): real data's flag goes with the class, so
-            this is where to read them; NaN for a class with under 5 images of either flag value
+            this is where to read them; NaN for a class with under 5 images (real data: patients)
+            of either flag value
         adv_acc_a, adv_acc_b (DisentangleNet): the adversaries' accuracy on the independent test
             set, or the real test split
         train_seconds (of this call: a resumed run counts only what it trained)
