@@ -4,6 +4,7 @@
     python -m benchmarks.bench_models --quick    # smaller inputs, for a first look
     python -m benchmarks.bench_models --threads 1 --group paper --rounds 4   # the 224 px rows only
     python -m benchmarks.bench_models --device cuda --group paper            # on a GPU
+    python -m benchmarks.bench_models --device cuda --group paper --amp bf16 # as the trainer runs there
 
 Every row is one model at one input size: parameters, forward GFLOPs per image (counted by
 torch.utils.flop_counter) and training images per second (forward + backward + AdamW step).
@@ -83,12 +84,23 @@ def _models(image_size: int, in_channels: int, names: list[str]) -> dict[str, nn
     return {name: builders[name]() for name in names}
 
 
-def _train_step(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor) -> None:
-    outputs = model(images)
+def _train_step(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor,
+                amp_dtype: torch.dtype | None = None) -> None:
+    with torch.autocast(images.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        outputs = model(images)
     loss = sum(output.float().square().mean() for output in outputs.values())  # stands in for the task losses
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
+
+
+AMP = ("off", "bf16")  # fp16 would need a GradScaler: not timed here
+
+
+def _amp_dtype(amp: str) -> torch.dtype | None:
+    if amp not in AMP:
+        raise ValueError(f"unknown amp {amp!r}; expected one of {AMP}")
+    return torch.bfloat16 if amp == "bf16" else None
 
 
 def _device(name: str | torch.device) -> torch.device:
@@ -99,20 +111,23 @@ def _device(name: str | torch.device) -> torch.device:
     return pick_device(name)
 
 
-def _timed_step(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor) -> float:
+def _timed_step(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor,
+                amp_dtype: torch.dtype | None = None) -> float:
     """Seconds of one training step; on a GPU (CUDA, MPS), queued work is waited for before and after."""
     synchronize(images.device)
     started = time.perf_counter()
-    _train_step(model, optimizer, images)
+    _train_step(model, optimizer, images, amp_dtype)
     synchronize(images.device)
     return time.perf_counter() - started
 
 
 def measure(image_size: int, names: list[str], batch_size: int, rounds: int, in_channels: int = 3,
-            device: str | torch.device = "auto") -> list[dict]:
+            device: str | torch.device = "auto", amp: str = "off") -> list[dict]:
     """Rows for the models `names` at one input size, each timed in every layout of LAYOUTS,
-    round-robin (round 0 warms up allocators and kernels and is not counted)."""
+    round-robin (round 0 warms up allocators and kernels and is not counted). amp: "off" (float32)
+    or "bf16" (the forward pass under bfloat16 autocast, as mtlearn's trainer runs on a recent GPU)."""
     device = _device(device)
+    amp_dtype = _amp_dtype(amp)
     images = torch.randn(batch_size, in_channels, image_size, image_size, device=device)
     runs = {}  # (name, layout) -> (model, optimizer, input); one copy of each model per layout
     for name, model in _models(image_size, in_channels, names).items():
@@ -126,7 +141,7 @@ def measure(image_size: int, names: list[str], batch_size: int, rounds: int, in_
         for key, (model, optimizer, inputs) in runs.items():
             bar.set_postfix_str(" ".join(key))
             bar.update()
-            seconds = _timed_step(model, optimizer, inputs)
+            seconds = _timed_step(model, optimizer, inputs, amp_dtype)
             if round_ > 0:  # round 0 is the warm-up
                 best[key] = min(best[key], seconds)
     bar.close()
@@ -145,6 +160,7 @@ def measure(image_size: int, names: list[str], batch_size: int, rounds: int, in_
             "layout": layout,  # the faster one
             "train_img_per_s": rates[layout],
             "batch": batch_size,
+            "amp": amp,
         })
     reference = next((r["train_img_per_s"] for r in rows if r["model"] == "monai swinunetr"), None)
     for row in rows:  # the target, side by side: the paper preset at least as fast as SwinUNETR-48
@@ -156,7 +172,7 @@ GROUPS = ("paper", "course")  # every model at 224 px beside SwinUNETR; the cour
 
 
 def run(quick: bool = False, threads: int = 2, groups: tuple[str, ...] = GROUPS, rounds: int | None = None,
-        device: str = "auto", default_malloc: bool = False) -> list[dict]:
+        device: str = "auto", default_malloc: bool = False, amp: str = "off") -> list[dict]:
     """All rows. quick: 128 px for the paper comparison (64 px for the course one) and fewer rounds.
     threads: CPU threads (2, the course machine; on a machine shared with other jobs 1 thread gives
     steadier ratios). groups: which comparisons to run (see GROUPS). rounds: timed rounds per group
@@ -164,7 +180,9 @@ def run(quick: bool = False, threads: int = 2, groups: tuple[str, ...] = GROUPS,
     steadier on a busy machine. device: "auto" (CUDA if available, else the CPU), "cpu", "cuda",
     "cuda:N" or "mps" (Apple silicon; timed with torch.mps.synchronize like CUDA).
     default_malloc: on a CPU, measure with the C library's allocator settings instead of calling
-    keep_freed_memory first; refused in a process where it was already called (it cannot be undone)."""
+    keep_freed_memory first; refused in a process where it was already called (it cannot be undone).
+    amp: "off" (float32) or "bf16" (the forward pass under bfloat16 autocast; see measure)."""
+    _amp_dtype(amp)  # an unknown amp is refused before anything is measured
     unknown = [g for g in groups if g not in GROUPS]
     if unknown:
         raise ValueError(f"unknown benchmark group(s) {unknown}; expected some of {GROUPS}")
@@ -173,8 +191,11 @@ def run(quick: bool = False, threads: int = 2, groups: tuple[str, ...] = GROUPS,
         raise ValueError("this process already keeps its freed memory (keep_freed_memory ran): measure "
                          "with default_malloc=True (--default-malloc) in a new process")
     malloc = "kept" if device.type == "cpu" and not default_malloc and keep_freed_memory() else "default"
-    previous = torch.get_num_threads()
+    previous = torch.get_num_threads(), torch.backends.cudnn.benchmark
     torch.set_num_threads(threads)
+    # as mtlearn's trainer runs on CUDA (seed_everything): cuDNN picks the fastest convolution for
+    # each shape during the warm-up round
+    torch.backends.cudnn.benchmark = device.type == "cuda"
     rows = []
     try:
         if "paper" in groups:
@@ -182,13 +203,14 @@ def run(quick: bool = False, threads: int = 2, groups: tuple[str, ...] = GROUPS,
             size, batches, default_rounds = (128, (2,), 1) if quick else (224, (8, 2), 2)
             for batch_size in batches:
                 rows += measure(size, ["paper", "monai swinunetr", "monai unet", "course", "tiny"],
-                                batch_size=batch_size, rounds=rounds or default_rounds, device=device)
+                                batch_size=batch_size, rounds=rounds or default_rounds, device=device, amp=amp)
         if "course" in groups:
             size, batch_size = (64, 4) if quick else (128, 8)
             rows += measure(size, ["course", "tiny", "monai unet"], batch_size=batch_size, rounds=rounds or 2,
-                            device=device)
+                            device=device, amp=amp)
     finally:
-        torch.set_num_threads(previous)
+        torch.set_num_threads(previous[0])
+        torch.backends.cudnn.benchmark = previous[1]
     return [{**row, "threads": threads, "malloc": malloc if device.type == "cpu" else ""} for row in rows]
 
 
@@ -209,6 +231,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--default-malloc", action="store_true",
                         help="on a CPU, keep the C library's allocator settings (freed memory above 32 MB "
                              "goes back to the system on every free; see keep_freed_memory)")
+    parser.add_argument("--amp", choices=AMP, default="off",
+                        help="off: float32 (default); bf16: the forward pass under bfloat16 autocast, as "
+                             "python -m mtlearn.train runs on a recent GPU")
     args = parser.parse_args(argv)
     if args.rounds is not None and args.rounds < 1:
         parser.error(f"--rounds must be >= 1, got {args.rounds}")
@@ -219,7 +244,7 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as error:
         parser.error(str(error))
     print(format_table(run(quick=args.quick, threads=args.threads, groups=tuple(args.group), rounds=args.rounds,
-                           device=args.device, default_malloc=args.default_malloc)))
+                           device=args.device, default_malloc=args.default_malloc, amp=args.amp)))
 
 
 if __name__ == "__main__":

@@ -153,7 +153,7 @@ def test_models_rates_leave_out_the_warmup_and_compare_each_model_in_its_faster_
                ("monai swinunetr", "channels_last"): [0.001, 6.0, 5.0]}
     clock = _Clock()
 
-    def step(model, optimizer, images):
+    def step(model, optimizer, images, amp_dtype):
         assert _layout(model.weight) == _layout(images)  # model and input converted alike
         clock.wall += seconds[model.name, _layout(images)].pop(0)
 
@@ -169,6 +169,42 @@ def test_models_rates_leave_out_the_warmup_and_compare_each_model_in_its_faster_
     assert (paper["train_img_per_s"], swin["train_img_per_s"]) == pytest.approx((2.0, 4 / 3))
     # best against best: 2.0 / 1.33 (one layout for both would read 2.5 or 0.75)
     assert (paper["vs_swinunetr"], swin["vs_swinunetr"]) == pytest.approx((1.5, 1.0))
+
+
+class _AutocastRecorder(_StubModel):
+    """Records, at every training forward pass, the CPU autocast dtype in force (None when off)."""
+
+    def __init__(self, name: str):
+        super().__init__(name)
+        self.seen = []
+
+    def forward(self, images):
+        if self.training:
+            self.seen.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None)
+        return {"seg": super().forward(images)}
+
+
+@pytest.mark.parametrize("amp, dtype", [("off", None), ("bf16", torch.bfloat16)])
+def test_models_amp_runs_every_timed_forward_under_its_autocast(monkeypatch, amp, dtype):
+    recorders = []
+
+    def models(size, channels, names):
+        recorders.extend(_AutocastRecorder(n) for n in names)
+        return {r.name: r for r in recorders}
+
+    monkeypatch.setattr(bench_models, "_models", models)
+    monkeypatch.setattr(bench_models.copy, "deepcopy", lambda model: model)  # one recorder sees both layouts
+    (row,) = bench_models.measure(8, ["tiny"], batch_size=2, rounds=1, device="cpu", amp=amp)
+    assert recorders[0].seen == [dtype] * 4  # (warm-up + 1 timed round) x 2 layouts
+    assert row["amp"] == amp
+
+
+def test_models_refuse_an_unknown_amp_before_measuring(monkeypatch):
+    monkeypatch.setattr(bench_models, "measure", lambda *args, **kwargs: pytest.fail("measured"))
+    with pytest.raises(ValueError, match=r"unknown amp 'fp16'; expected one of \('off', 'bf16'\)"):
+        bench_models.run(quick=True, groups=("course",), device="cpu", amp="fp16")
+    with pytest.raises(SystemExit):
+        bench_models.main(["--amp", "fp16"])
 
 
 def test_models_time_a_step_between_two_synchronisations(monkeypatch):
