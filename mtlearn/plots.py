@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -36,8 +36,8 @@ def _array(x) -> np.ndarray:
 
 
 def _image(x, name: str = "image") -> np.ndarray:
-    """(C, H, W) or (H, W) tensor/array -> (H, W) or (H, W, 3) array for imshow (C 1, or 3 and more:
-    the first three drawn as RGB)."""
+    """(C, H, W) or (H, W) tensor/array -> (H, W) or (H, W, 3) array for imshow (C 1, or 3 equal
+    channels: grey; otherwise the first three drawn as RGB)."""
     x = _array(x)
     if x.ndim == 3 and x.shape[0] not in (1, 3) and x.shape[-1] in (1, 3, 4):  # e.g. an array from a PNG
         raise ValueError(f"{name} must be (C, H, W) or (H, W), got the channels-last shape {x.shape}: "
@@ -45,8 +45,10 @@ def _image(x, name: str = "image") -> np.ndarray:
     if x.ndim not in (2, 3) or (x.ndim == 3 and x.shape[0] == 2) or min(x.shape[-2:], default=0) == 0:
         raise ValueError(f"{name} must be a non-empty (C, H, W) array with 1 or 3 channels, or (H, W); "
                          f"got shape {x.shape}")
-    if x.ndim == 3:
-        x = x[0] if x.shape[0] == 1 else np.moveaxis(x[:3], 0, -1)
+    if x.ndim == 3:  # grey repeated over 3 channels (in_channels=3) stays grey, on the shared grey scale
+        grey = x.shape[0] == 1 or (np.array_equal(x[0], x[1], equal_nan=True)
+                                   and np.array_equal(x[0], x[2], equal_nan=True))
+        x = x[0] if grey else np.moveaxis(x[:3], 0, -1)
     return x
 
 
@@ -100,16 +102,20 @@ def show_items(items: Sequence[dict], keys: Sequence[str] = ("image", "mask"), c
     keys = tuple(keys)
     if not keys:
         raise ValueError("keys is empty: name the rows to draw, e.g. keys=('image', 'mask')")
+    if isinstance(items, Mapping):  # one item: iterating over it would give its keys
+        raise ValueError("items is one item (a dict); pass a list of items, e.g. show_items([item])")
     items = list(itertools.islice(items, max_items))  # a whole dataset is not rendered to show 8 items
     if not items:
         raise ValueError("there are no items to show (an empty list or dataset)")
-    missing = [key for key in keys if key not in items[0]]
-    if missing:  # e.g. the default "mask" row for a classification-only dataset (BreastMNIST)
-        raise ValueError(f"the items have no {missing}; their keys are {sorted(items[0])}: pass keys=, "
-                         f"e.g. keys=('image',)")
+    for index, item in enumerate(items):
+        missing = [key for key in keys if key not in item]
+        if missing:  # e.g. the default "mask" row for a classification-only dataset (BreastMNIST)
+            raise ValueError(f"item {index} has no {missing}; its keys are {sorted(item)}: pass keys=, "
+                             f"e.g. keys=('image',)")
+    # every picture before the figure: a bad one raises without leaving an empty grid behind
+    columns = [{key: _image(item[key], name=key) for key in keys} for item in items]
     fig, axes = plt.subplots(len(keys), len(items), figsize=(1.9 * len(items), 1.9 * len(keys)), squeeze=False)
-    for col, item in enumerate(items):
-        pictures = {key: _image(item[key]) for key in keys}
+    for col, (item, pictures) in enumerate(zip(items, columns)):
         intensities = [p for key, p in pictures.items() if not _is_mask(key)]
         low = min(float(np.nanmin(p)) for p in intensities) if intensities else None  # one scale per item
         high = max(float(np.nanmax(p)) for p in intensities) if intensities else None
@@ -164,7 +170,7 @@ def _classes(name: str, values, k: int) -> np.ndarray:
     A -1 (an "ignore" label) would otherwise be counted silently: in the last class of a confusion
     matrix, as a negative of every class in a ROC curve.
     """
-    values = np.asarray(values)
+    values = values.detach().cpu().numpy() if isinstance(values, torch.Tensor) else np.asarray(values)  # a GPU's too
     malformed = values.ndim != 1 or values.size == 0 or values.dtype.kind not in "iu"
     if malformed or not 0 <= values.min() <= values.max() < k:
         raise ValueError(f"{name} must be a non-empty 1-D array of integer classes in 0..{k - 1} "
@@ -208,7 +214,8 @@ def roc_curves(labels, scores, class_names: Sequence[str], title: str = "ROC (on
     """
     from sklearn.metrics import roc_auc_score, roc_curve
 
-    labels, scores = _classes("labels", labels, len(class_names)), np.asarray(scores)
+    labels = _classes("labels", labels, len(class_names))
+    scores = scores.detach().float().cpu().numpy() if isinstance(scores, torch.Tensor) else np.asarray(scores)
     if scores.shape != (len(labels), len(class_names)):  # e.g. a binary model's (N,) scores
         raise ValueError(f"scores must be (N, K) = ({len(labels)}, {len(class_names)}): one column per class "
                          f"name, one row per label; got shape {scores.shape}")

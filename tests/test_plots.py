@@ -147,10 +147,41 @@ def test_bar_table_matches_the_error_bars_to_the_rows_by_name():
 
 def test_show_items_names_a_missing_row_and_leaves_no_none_title():
     items = [{"image": torch.rand(1, 8, 8)}]  # BreastMNIST-like: no mask, and here no label
-    with pytest.raises(ValueError, match=r"the items have no \['mask'\]; .* pass keys=, e.g. keys=\('image',\)"):
+    with pytest.raises(ValueError, match=r"item 0 has no \['mask'\]; .* pass keys=, e.g. keys=\('image',\)"):
         plots.show_items(items)
     fig = plots.show_items(items, keys=("image",))
     assert fig.axes[0].get_title() == ""
+
+
+def test_show_items_checks_every_item_before_drawing_and_refuses_a_single_item():
+    import matplotlib.pyplot as plt
+
+    good = {"image": torch.rand(1, 8, 8), "mask": torch.zeros(1, 8, 8)}
+    plt.close("all")
+    with pytest.raises(ValueError, match=r"item 2 has no \['mask'\]"):
+        plots.show_items([good, good, {"image": torch.rand(1, 8, 8)}])
+    with pytest.raises(ValueError, match=r"channels-last shape"):  # a bad picture in a later item
+        plots.show_items([good, {"image": torch.rand(8, 8, 3), "mask": torch.zeros(1, 8, 8)}])
+    assert plt.get_fignums() == []  # no empty grid left behind under the error
+    with pytest.raises(ValueError, match=r"one item \(a dict\); pass a list of items, e.g. show_items\(\[item\]\)"):
+        plots.show_items(good)
+
+
+def test_grey_repeated_over_three_channels_is_drawn_grey_on_the_shared_scale():
+    grey = torch.rand(1, 8, 8) * 0.4 + 0.1  # values 0.1..0.5
+    assert np.array_equal(plots._image(grey.repeat(3, 1, 1)), grey[0].numpy())  # (H, W), not RGB
+    fig = plots.show_items([{"image": grey.repeat(3, 1, 1), "clean": grey}], keys=("image", "clean"))
+    image, clean = (ax.images[0] for ax in fig.axes)
+    assert image.get_clim() == clean.get_clim() == pytest.approx((grey.min().item(), grey.max().item()))
+
+
+def test_confusion_matrix_and_roc_take_tensors_that_track_gradients():
+    labels = torch.tensor([0, 1, 2, 1])
+    logits = torch.randn(4, 3, requires_grad=True)  # straight from a model, not detached
+    fig = plots.confusion_matrix(labels, logits.argmax(1), ["a", "b", "c"])
+    assert int(np.asarray(fig.axes[0].images[0].get_array()).sum()) == 4
+    fig = plots.roc_curves(labels, logits.softmax(1), ["a", "b", "c"])
+    assert len(fig.axes[0].get_legend().get_texts()) == 3
 
 
 def test_bar_table_keeps_zero_in_view_for_values_above_one():
@@ -299,7 +330,7 @@ def test_a_channels_last_image_is_refused_with_the_fix():
         plots._image(np.zeros((12, 16, 3)))  # used to draw its first three rows as a 16 x 3 strip
     with pytest.raises(ValueError, match=r"1 or 3 channels"):
         plots._image(np.zeros((2, 8, 8)))
-    assert plots._image(np.zeros((3, 12, 16))).shape == (12, 16, 3)
+    assert plots._image(np.random.rand(3, 12, 16)).shape == (12, 16, 3)  # 3 different channels: RGB
 
 
 def test_show_items_renders_only_the_items_it_shows():
