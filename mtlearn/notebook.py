@@ -90,7 +90,7 @@ def check_dataset(dataset: str, data_root: str | os.PathLike | None, allowed: tu
     if not folder.is_dir() or not any(folder.iterdir()):
         raise FileNotFoundError(
             f"dataset {dataset!r} was not found in {folder}. Download it first with\n"
-            f"    python -m data_fetch {dataset} --dest {folder}\n"
+            f"    python -m data_fetch {dataset} --dest \"{folder}\"\n"
             f"or run with dataset='synthetic' (the embedded data, no download needed)."
         )
     return folder
@@ -157,8 +157,10 @@ class Run:
             ok = ok and (maximum is None or value <= maximum)
         if not ok:
             hint = "; pass it unquoted" if isinstance(value, str) else ""
+            if integer and isinstance(value, float) and value.is_integer():
+                hint = "; pass an int, e.g. int(...) of a computed value"
             raise ValueError(f"parameter {name} must be {wanted}, got {value!r}{hint}")
-        return value
+        return value.item() if isinstance(value, np.generic) else value  # np.int64 from a sweep: a plain int
 
     def setting(self, name: str, value: Any, *, positive: bool = True, **per_profile: Any) -> Any:
         """A knob of the parameters cell: `value` when it was set, else the profile's default.
@@ -185,6 +187,8 @@ class Run:
             wanted = f"a positive {kind.__name__}" if positive and kind in (int, float) else f"a {kind.__name__}"
             as_float = kind is int and isinstance(value, float)
             hint = "; pass an int, e.g. int(...) of a computed value" if as_float else ""
+            if isinstance(value, str) and kind in (int, float):
+                hint = "; pass it unquoted"
             raise ValueError(f"parameter {name} must be {wanted} (or None for the {self.profile} profile's "
                              f"{default!r}), got {value!r}{hint}")
         return value
@@ -239,6 +243,8 @@ def _not_finite_names(value: Any, name: str = "") -> list[str]:
                 for n in _not_finite_names(item, f"{name}/{key}" if name else str(key))]
     if isinstance(value, (torch.Tensor, np.ndarray)) and value.ndim > 0:
         value = value.tolist()
+    if callable(getattr(value, "to_dict", None)):  # a pandas Series or DataFrame
+        return _not_finite_names(value.to_dict(), name)
     if isinstance(value, (list, tuple)):
         return [n for i, item in enumerate(value) for n in _not_finite_names(item, f"{name}[{i}]")]
     return [name] if _not_finite(value) else []

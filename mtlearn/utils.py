@@ -362,6 +362,8 @@ def to_jsonable(value: Any, digits: int | None = None) -> Any:
         return to_jsonable(value.detach().cpu().tolist(), digits)
     if isinstance(value, np.ndarray):  # before .item(), which only takes arrays of one value
         return to_jsonable(value.tolist(), digits)
+    if callable(getattr(value, "to_dict", None)):  # a pandas Series or DataFrame: by its index (and columns)
+        return to_jsonable(value.to_dict(), digits)
     if hasattr(value, "item") and callable(value.item):  # NumPy scalars
         value = value.item()
     if isinstance(value, float):

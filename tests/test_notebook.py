@@ -10,6 +10,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -219,6 +220,7 @@ def test_names_takes_a_list_of_distinct_known_names_and_names_each_mistake(tmp_p
     (None, dict(minimum=1, integer=True), r"must be an integer >= 1, got None"),
     (0, dict(minimum=1, integer=True, none=True), r"must be an integer >= 1 or None, got 0"),
     (float("inf"), dict(minimum=0), r"must be a number >= 0, got inf"),  # inf >= 0: a finite check, not the range
+    (32.0, dict(minimum=1, integer=True), r"must be an integer >= 1, got 32.0; pass an int, e.g. int\(...\)"),
 ])
 def test_number_names_the_parameter_and_its_range(tmp_path, value, kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -230,6 +232,30 @@ def test_number_returns_good_values_and_none_where_allowed(tmp_path):
     assert run.number("tolerance", 2, minimum=0, integer=True) == 2
     assert run.number("train_correlation", 1, minimum=0, maximum=1, above=True) == 1
     assert run.number("threads", None, minimum=1, integer=True, none=True) is None
+    batch = run.number("batch_size", np.arange(30, 40)[2], minimum=1, integer=True)  # from a sweep
+    assert batch == 32 and type(batch) is int  # a plain int, as setting gives: checkpoints stay loadable
+    rate = run.number("rate", np.float32(0.5), minimum=0)
+    assert rate == 0.5 and type(rate) is float
+
+
+def test_setting_hints_at_a_quoted_number(tmp_path):
+    with pytest.raises(ValueError, match=r"parameter lr must be a positive float .*got '1e-3'; pass it unquoted"):
+        start_here(tmp_path).setting("lr", "1e-3", smoke=1e-3, course=1e-3, paper=1e-4)
+
+
+def test_the_fetch_command_quotes_a_data_root_with_spaces(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r'python -m data_fetch busi --dest ".*my data.*busi"'):
+        start_here(tmp_path, dataset="busi", data_root=tmp_path / "my data")
+
+
+def test_metrics_take_pandas_series_and_frames(tmp_path):
+    run = start_here(tmp_path)
+    with pytest.warns(RuntimeWarning, match=r"metrics \['dice/dwa'\] are NaN or inf"):
+        run.finish({"dice": pd.Series([0.5, 0.25, float("nan")], index=["fixed", "pcgrad", "dwa"]),
+                    "table": pd.DataFrame({"acc": [0.75]}, index=["a"])})
+    metrics = json.loads((run.out_dir / "metrics.json").read_text())["metrics"]
+    assert metrics["dice"] == {"fixed": 0.5, "pcgrad": 0.25, "dwa": None}
+    assert metrics["table"] == {"acc": {"a": 0.75}}
 
 
 def test_metrics_must_be_plain_values(tmp_path):
