@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import zipfile
 from pathlib import Path
 from urllib.parse import urlsplit
 from urllib.request import url2pathname
@@ -102,6 +103,15 @@ def fetch(
         folder.mkdir(parents=True, exist_ok=True)
         try:
             download_file(url, target, known_hash, progress=progress, retries=retries)
+            if known_hash is None and source.extract and not zipfile.is_zipfile(target):
+                # no checksum caught it: a host's error or login page, saved under the archive's name,
+                # would look downloaded to the loaders and send the user round in circles
+                kept = target.with_name(target.name + ".not-a-zip")
+                os.replace(target, kept)
+                with open(kept, "rb") as file:
+                    start = file.read(40)
+                raise DownloadError(f"what the host sent is not a zip archive but begins {start!r}, an error or "
+                                    f"login page?; it was kept as {kept}, not as {target.name}")
         except DownloadError as error:
             if parts.scheme == "file":  # a copy on this machine: a browser or curl would not do better
                 raise DownloadError(local_copy_problem(source, url, folder, error)) from error
@@ -122,7 +132,8 @@ def fetch(
         known_hash = f"sha256:{digest}"
         print(
             f"{source.name}: no checksum is published for {source.filename}; its sha256 is {digest}.\n"
-            f"Pin it so that later downloads are checked: python -m data_fetch {source.name} --hash {known_hash}\n"
+            f"Pin it so that later downloads are checked: python -m data_fetch {source.name} --dest \"{folder}\" "
+            f"--hash {known_hash}\n"
             "(or set known_hash for this source in data_fetch/sources.py)"
         )
     # Written last: a folder without the marker is not finished, whatever else it holds.
@@ -238,10 +249,10 @@ def manual_instructions(source: Source, url: str, known_hash: str | None, folder
     return (
         f"could not download {source.name} from {url}" + (f" ({reason})" if reason else "") + ".\n"
         "Download it by hand instead:\n"
-        f"  1. open {url} in a browser, or run: curl -L -o \"{folder / source.filename}\" \"{url}\"\n"
+        f"  1. open {url} in a browser, or run: curl -L --create-dirs -o \"{folder / source.filename}\" \"{url}\"\n"
         f"{mirror}"
         f"  2. check the file: {check}\n"
-        f"  3. put it at {folder / source.filename}\n"
+        f"  3. put it at {folder / source.filename} (make the folder if it is not there)\n"
         f"  4. run `python -m data_fetch {source.name} --dest \"{folder}\"` again: it checks and unpacks the file "
         "without downloading"
     )

@@ -49,6 +49,10 @@ def main(argv: list[str] | None = None) -> int:
     except (FetchError, ValueError) as error:
         print(f"data_fetch: {error}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # the transfer keeps its .part file; an unpacking starts over next time
+        print(f"\ndata_fetch: interrupted; run the same command again to resume ({args.name} is not marked "
+              "ready until it finishes)", file=sys.stderr)
+        return 130
     except OSError as error:  # the destination: a file where a folder should be, no permission, disk full
         where = error.filename or args.dest or dataset_dir(args.name)
         remedy = "free some space or choose another --dest" if error.errno in (errno.ENOSPC, errno.EDQUOT) else (

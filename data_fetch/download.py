@@ -21,6 +21,7 @@ import operator
 import os
 import re
 import ssl
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -129,7 +130,8 @@ def download_file(
     Raises DownloadError when the host fails after `retries` retries (the `.part` file is kept,
     so the next call resumes) and HashMismatchError when the checksum differs (the `.part` file
     is moved to `<path>.mismatch`, so the next call starts afresh). Nothing is ever left at `path`
-    unless verified.
+    unless verified; with no `known_hash` there is nothing to verify against, and the caller checks
+    what it can (`data_fetch.fetch`: that an archive is a zip). Each retry is announced on stderr.
     """
     retries = check_retries(retries)
     path = Path(path)
@@ -149,7 +151,11 @@ def download_file(
                 raise  # the folder or the disk (no permission, disk full), not the host: retrying will not help
             if attempt == retries or not _worth_retrying(error):
                 raise DownloadError(f"{type(error).__name__}: {error}") from error
-            time.sleep(BACKOFF_SECONDS * 2**attempt)
+            wait = BACKOFF_SECONDS * 2**attempt
+            # said, so that up to a few minutes of retries (60 s timeouts) do not look like a hang
+            print(f"{path.name}: attempt {attempt + 1} of {retries + 1} failed ({type(error).__name__}: {error}); "
+                  f"retrying in {wait:g} s", file=sys.stderr, flush=True)
+            time.sleep(wait)
     try:
         check_hash(part, known_hash, name=path.name)
     except HashMismatchError as error:

@@ -409,7 +409,7 @@ def test_server_errors_and_throttling_are_retried(server, tmp_path, errors):
     assert len(server.requests) == len(errors) + 1  # one request per error, then the file
 
 
-def test_retries_back_off_exponentially(server, tmp_path, monkeypatch):
+def test_retries_back_off_exponentially_and_say_so(server, tmp_path, monkeypatch, capsys):
     slept = []
     monkeypatch.setattr(data_fetch.download, "BACKOFF_SECONDS", 2.0)  # undo the autouse no_backoff
     monkeypatch.setattr(data_fetch.download.time, "sleep", slept.append)
@@ -417,6 +417,9 @@ def test_retries_back_off_exponentially(server, tmp_path, monkeypatch):
     with pytest.raises(DownloadError):
         download_file(server.url + "/data.npz", tmp_path / "data.npz", progress=False, retries=3)
     assert slept == [2.0, 4.0, 8.0]  # doubling, and no wait after the last attempt
+    said = capsys.readouterr().err.splitlines()  # minutes of silent retries would look like a hang
+    assert len(said) == 3 and said[0].startswith("data.npz: attempt 1 of 4 failed (HTTPError: HTTP Error 503")
+    assert said[2].endswith("retrying in 8 s")
 
 
 def test_persistent_server_error_gives_up_after_the_retries(server, tmp_path):
@@ -576,16 +579,21 @@ def test_source_without_checksum_prints_one_to_pin(server, tmp_path, capsys):
     server.files["/uclm.zip"] = archive
     fetch("bus_uclm", dest=tmp_path, url=server.url + "/uclm.zip", progress=False)
     out = capsys.readouterr().out
-    assert hashlib.sha256(archive).hexdigest() in out and f"--hash {sha256(archive)}" in out
+    # the command as printed pins this folder's copy, not one in the default data folder
+    assert f'python -m data_fetch bus_uclm --dest "{tmp_path}" --hash {sha256(archive)}' in out
 
 
 def test_error_page_is_not_offered_for_pinning(server, tmp_path, capsys):
     """A host that answers 200 with an HTML error page: no checksum to catch it, so unpacking must."""
     server.files["/uclm.zip"] = b"<html><body>Access denied</body></html>"
-    with pytest.raises(data_fetch.FetchError, match="not a readable zip archive"):
+    with pytest.raises(DownloadError, match=r"not a zip archive but begins b'<html><body>Access denied.*', an "
+                                            r"error or login page\?; it was kept as .*7fvgj4jsp7-1.zip.not-a-zip"):
         fetch("bus_uclm", dest=tmp_path, url=server.url + "/uclm.zip", progress=False)
     out = capsys.readouterr().out
     assert "Pin it" not in out and "sha256" not in out
+    # nothing under the archive's name: the loader says "not downloaded", not "run data_fetch to unpack"
+    assert not (tmp_path / "7fvgj4jsp7-1.zip").exists()
+    assert (tmp_path / "7fvgj4jsp7-1.zip.not-a-zip").read_bytes() == server.files["/uclm.zip"]
 
 
 # SPEC section 4, copied by hand: a typo in sources.py must not pass unnoticed.
@@ -641,6 +649,23 @@ def test_unreachable_host_prints_manual_instructions(tmp_path, capsys):
     assert url in err and "1f8b2be6476d58fc97bfb5e5a1ea9bab" in err  # where from, what checksum
     assert str(tmp_path / "BUSBRA.zip") in err and "python -m data_fetch bus_bra" in err  # where to put it
     assert not (tmp_path / "BUSBRA.zip").exists()
+
+
+def test_the_manual_curl_command_makes_the_folder_it_writes_to(tmp_path):
+    """fetch removes the folder it made when the download fails: the printed curl must create it again."""
+    source = data_fetch.SOURCES["bus_bra"]
+    message = data_fetch.manual_instructions(source, source.url, source.known_hash, tmp_path / "gone")
+    assert f'curl -L --create-dirs -o "{tmp_path / "gone" / "BUSBRA.zip"}"' in message
+    assert "(make the folder if it is not there)" in message
+
+
+def test_ctrl_c_says_how_to_resume(monkeypatch, capsys):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(data_fetch.__main__, "fetch", interrupted)
+    assert main(["bus_bra", "--quiet"]) == 130
+    assert "interrupted; run the same command again to resume" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("name, url, suggested", [("busi", None, True), ("busi", "https://mirror.example/b.zip", False),

@@ -80,6 +80,17 @@ def test_data_root_given_as_the_dataset_folder_names_its_parent(tmp_path):
         start_here(tmp_path, dataset="busi", data_root=own)
 
 
+def test_data_root_that_holds_a_dataset_itself_says_so(tmp_path):
+    """`python -m data_fetch bus_uclm --dest ~/data` fills ~/data itself; data_root ~/data then used to
+    read as "not downloaded", with a command that downloads it again."""
+    root = tmp_path / "downloads"
+    (root / "BUS-UCLM").mkdir(parents=True)
+    (root / ".bus_uclm.complete").write_text("{}")
+    with pytest.raises(FileNotFoundError, match=r"holds the 'bus_uclm' dataset itself \(its .bus_uclm.complete\)"
+                                                 r".* rename .*downloads to .*bus_uclm and pass data_root="):
+        start_here(tmp_path, dataset="bus_uclm", data_root=root)
+
+
 def test_unknown_dataset_lists_the_choices(tmp_path):
     with pytest.raises(ValueError, match="synthetic"):
         start_here(tmp_path, dataset="imagenet")
