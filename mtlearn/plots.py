@@ -144,9 +144,12 @@ def learning_curves(histories: dict[str, "object"], metric: str, title: str = ""
     """Plot `metric` per epoch for several runs.
 
     histories: {run name: a `History` from `fit`, or its `.records` (a list of per-epoch dicts with
-    "epoch")}; epochs without `metric` are left out.
+    "epoch")}; epochs without `metric` are left out. A run with no finite value of `metric` (it
+    diverged, or never recorded it) keeps its legend entry, marked "(no finite values)".
     """
     records = {name: getattr(rows, "records", rows) for name, rows in histories.items()}
+    if not any(rows for rows in records.values()):
+        raise ValueError("histories holds no records: pass {run name: History or records} of runs that trained")
     if not any(metric in r for rows in records.values() for r in rows):  # a misspelt key: empty axes
         keys = sorted({k for rows in records.values() for r in rows for k in r})
         raise ValueError(f"no run recorded {metric!r}; the records hold {keys}")
@@ -154,7 +157,8 @@ def learning_curves(histories: dict[str, "object"], metric: str, title: str = ""
     for name, rows in records.items():
         xs = [r["epoch"] for r in rows if metric in r]
         ys = [r[metric] for r in rows if metric in r]
-        ax.plot(xs, ys, marker="o", ms=3, label=name)
+        drawn = any(y is not None and math.isfinite(y) for y in ys)
+        ax.plot(xs, ys, marker="o", ms=3, label=name if drawn else f"{name} (no finite values)")
     ax.set_xlabel("epoch")
     ax.set_ylabel(metric)
     ax.set_title(title or metric)

@@ -380,3 +380,14 @@ def test_bar_table_names_a_missing_column_before_opening_a_figure():
     assert plt.get_fignums() == []
     fig = plots.bar_table(table, "dice")  # one name, not the letters d, i, c, e
     assert [ax.get_title() for ax in fig.axes] == ["dice"]
+
+
+def test_learning_curves_mark_a_run_with_nothing_to_draw_and_refuse_no_records():
+    histories = {"diverged": [{"epoch": 1, "val/dice": float("nan")}, {"epoch": 2, "val/dice": float("nan")}],
+                 "fine": [{"epoch": 1, "val/dice": 0.5}, {"epoch": 2, "val/dice": 0.6}],
+                 "cls only": [{"epoch": 1, "val/acc": 0.7}]}
+    legend = plots.learning_curves(histories, "val/dice").axes[0].get_legend()
+    assert [t.get_text() for t in legend.get_texts()] == [
+        "diverged (no finite values)", "fine", "cls only (no finite values)"]
+    with pytest.raises(ValueError, match="histories holds no records"):
+        plots.learning_curves({"a": []}, "val/dice")
