@@ -1,7 +1,7 @@
 """Figures the notebooks share: image grids with mask overlays, curves, confusion and ROC.
 
-Every function returns its matplotlib Figure (titled, axes labelled) so a notebook can show it and
-save it with `run.save_figure(fig, name)`.
+Every function but `overlay` (which draws into an Axes it is given) returns its matplotlib Figure
+(titled, axes labelled) so a notebook can show it and save it with `run.save_figure(fig, name)`.
 """
 
 from __future__ import annotations
