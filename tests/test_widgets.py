@@ -66,6 +66,18 @@ def test_explorer_without_masks_disables_the_outline():
     assert explorer.show.options == ("image",)
 
 
+def test_explorer_finds_the_class_names_through_a_subset():
+    from torch.utils.data import Subset
+
+    class Named(list):
+        class_names = ("normal", "benign", "malignant")
+
+    explorer = DatasetExplorer(Subset(Subset(Named(fake_items()), [2, 1]), [0, 1]))  # e.g. train.py's --limit
+    assert list(explorer.class_names) == ["normal", "benign", "malignant"]
+    explorer.index.value = 1
+    assert "benign" in explorer.figure.axes[0].get_title()
+
+
 def test_explorer_rejects_an_empty_dataset():
     with pytest.raises(ValueError, match="non-empty"):
         DatasetExplorer([])
