@@ -800,7 +800,10 @@ def test_shapes_through_load_dataset():
 @pytest.mark.parametrize(
     "kwargs, error, message",
     [
-        ({"name": "isic"}, ValueError, "unknown dataset 'isic'.*busi"),
+        ({"name": "isic"}, ValueError, r"unknown dataset 'isic'.*busi.*'breastmnist'\)$"),
+        ({"name": "busi_128"}, ValueError, r"busi_128 is data_fetch's name for it; load it with "
+                                           r"load_dataset\('busi_npz', resolution=128\)"),
+        ({"name": "breastmnist_224"}, ValueError, r"load_dataset\('breastmnist', resolution=224\)"),
         ({"name": "synthetic", "split": "dev"}, ValueError, "unknown split 'dev'.*train"),
         ({"name": "synthetic", "image_size": 0}, ValueError, "image_size"),
         ({"name": "synthetic", "augment": True}, ValueError, "augment"),

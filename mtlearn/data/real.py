@@ -99,7 +99,11 @@ def load_dataset(
             busi_npz / breastmnist: `resolution` (128/256; 28/224).
     """
     if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; expected one of {DATASETS}")
+        npz = [(dataset, resolution) for dataset, (_, names) in NPZ_RESOLUTIONS.items()
+               for resolution, fetched in names.items() if fetched == name and fetched != dataset]
+        hint = (f" ({name} is data_fetch's name for it; load it with load_dataset({npz[0][0]!r}, "
+                f"resolution={npz[0][1]}))" if npz else "")
+        raise ValueError(f"unknown dataset {name!r}; expected one of {DATASETS}{hint}")
     # seed=None would draw a new split at every call: the train and test splits of two calls would overlap
     seed = check_int("seed", seed, 0)
     augment, cache = check_bool("augment", augment), check_bool("cache", cache)
