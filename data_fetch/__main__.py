@@ -57,7 +57,9 @@ def main(argv: list[str] | None = None) -> int:
         where = error.filename or args.dest or dataset_dir(args.name)
         remedy = "free some space or choose another --dest" if error.errno in (errno.ENOSPC, errno.EDQUOT) else (
             "choose another --dest")
-        print(f"data_fetch: cannot write to {where} ({error.strerror or error}); {remedy}", file=sys.stderr)
+        blocker = next((p for p in (Path(where), *Path(where).parents) if p.exists() and not p.is_dir()), None)
+        problem = f"{blocker} is a file, not a folder" if blocker is not None else error.strerror or error
+        print(f"data_fetch: cannot write to {where} ({problem}); {remedy}", file=sys.stderr)
         return 1
     print(f"{args.name} is ready in {folder}")
     return 0

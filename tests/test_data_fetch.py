@@ -803,7 +803,10 @@ def test_command_line_names_an_unwritable_destination(tmp_path, capsys):
     blocker.write_text("not a folder")
     assert main(["busi", "--dest", str(blocker / "busi"), "--quiet"]) == 1
     err = capsys.readouterr().err
-    assert "cannot write to" in err and "choose another --dest" in err
+    assert f"cannot write to {blocker / 'busi'} ({blocker} is a file, not a folder); choose another --dest" in err
+    assert main(["busi", "--dest", str(blocker), "--quiet"]) == 1  # was "(File exists)"
+    assert f"({blocker} is a file, not a folder); choose another --dest" in capsys.readouterr().err
+    assert blocker.read_text() == "not a folder"
 
 
 def test_command_line_quiet_hides_the_progress_bar(server, tmp_path, capsys):
