@@ -88,6 +88,9 @@ def _head_output(outputs, key: str) -> Tensor:
     """Pick `key` from a dict of outputs; a model that returns one tensor is its own head."""
     if isinstance(outputs, Tensor):
         return outputs
+    if not isinstance(outputs, Mapping):  # e.g. a tuple (cls, seg): which one is the head is not known
+        raise TypeError(f"the model returns a {type(outputs).__name__}; attribution needs one tensor or a dict of "
+                        "outputs: wrap the model so that it returns e.g. {'cls': logits}")
     if key not in outputs:
         raise ValueError(f"the model returns no {key!r} output (it returns {sorted(outputs)}); "
                          "pass keys={head: name} to say which output belongs to the head")
@@ -493,10 +496,20 @@ def _mass(maps: Tensor, mode: str) -> Tensor:
 def _check_pair(maps: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
     if maps.dim() != 4 or maps.shape[1] != 1:
         raise ValueError(f"maps must be (B, 1, H, W), got {tuple(maps.shape)}")
-    mask = mask.to(maps.device).float()
+    mask = _binary_mask(mask).to(maps.device)
     if mask.shape != maps.shape:
         raise ValueError(f"mask must have the maps' shape {tuple(maps.shape)}, got {tuple(mask.shape)}")
     return maps.float(), mask
+
+
+def _binary_mask(mask: Tensor) -> Tensor:
+    """`mask` as float 0/1, or a ValueError: a 0/255 PNG mask or a soft mask would weight the scores
+    and give shares above 1."""
+    mask = mask.float()
+    if not ((mask == 0) | (mask == 1)).all():
+        raise ValueError(f"mask must hold 0 and 1 only, got values in {mask.min().item():g}..{mask.max().item():g}; "
+                         "for a 0/255 image mask pass mask > 0")
+    return mask
 
 
 def mask_share(maps: Tensor, mask: Tensor, mode: str = "positive") -> Tensor:
@@ -569,7 +582,7 @@ def localisation_scores(explainer: Explainer, images: Tensor, mask: Tensor, head
         target = torch.as_tensor(np.asarray(target))
     if isinstance(target, Tensor) and target.numel() == 1:
         target = target.reshape(())  # [2]: one class for every sample, like the int 2
-    mask = torch.as_tensor(mask).float()
+    mask = _binary_mask(torch.as_tensor(mask))  # the chance levels too: a 0/255 mask gave "chance" 9.8
     reference = None if reference is None else torch.as_tensor(reference)
     keep = mask.flatten(1).sum(1) > 0
     if not keep.any():

@@ -214,11 +214,17 @@ def probe_matrix(
     table = {}
     for name, encoder in encoders.items():
         f_train, y_train = extract_features(encoder, train_loader, device, label_keys, model=model)
-        if test_loader is not None:
-            f_test, y_test = extract_features(encoder, test_loader, device, label_keys, model=model)
-            row = {k: linear_probe(f_train, y_train[k], f_test, y_test[k])["balanced_accuracy"] for k in label_keys}
-        else:
-            row = {k: cross_validated_probe(f_train, y_train[k], folds, seed)["balanced_accuracy"] for k in label_keys}
+        f_test, y_test = (extract_features(encoder, test_loader, device, label_keys, model=model)
+                          if test_loader is not None else (None, None))
+        row = {}
+        for key in label_keys:
+            try:
+                if test_loader is not None:
+                    row[key] = linear_probe(f_train, y_train[key], f_test, y_test[key])["balanced_accuracy"]
+                else:
+                    row[key] = cross_validated_probe(f_train, y_train[key], folds, seed)["balanced_accuracy"]
+            except ValueError as error:  # say which probe of the table could not be fitted
+                raise ValueError(f"probing encoder {name!r} for {key!r}: {error}") from None
         table[name] = row
     return pd.DataFrame.from_dict(table, orient="index")[list(label_keys)]
 

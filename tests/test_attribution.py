@@ -268,6 +268,27 @@ def test_localisation_chances_on_hand_made_masks(explainer, data):
     assert scores["pointing_chance"] == pytest.approx((1 + 4) / 2 / SIZE**2)  # no growing: the chance itself
 
 
+def test_masks_other_than_zero_and_one_are_refused_not_used_as_weights(explainer, data):
+    """A 0/255 PNG mask used to weight the scores: shares of 14 and a "chance" of 9.8."""
+    png = (MASK * 255).to(torch.uint8)
+    for score in (A.mask_share, A.pointing_game):
+        with pytest.raises(ValueError, match=r"mask must hold 0 and 1 only, got values in 0\.\.255; .*pass mask > 0"):
+            score(torch.rand(1, 1, 4, 4), png)
+    with pytest.raises(ValueError, match=r"mask must hold 0 and 1 only, got values in 0\.\.0\.5"):
+        A.mask_share(torch.rand(1, 1, 4, 4), MASK * 0.5)  # a soft mask
+    images = torch.stack([data[i]["image"] for i in range(2)])
+    masks = torch.stack([data[i]["mask"] for i in range(2)]) * 255
+    with pytest.raises(ValueError, match=r"mask must hold 0 and 1 only"):
+        A.localisation_scores(explainer, images, masks, "cls", methods=("saliency",))
+    assert A.mask_share(torch.rand(1, 1, 4, 4), MASK.bool()).item() <= 1  # booleans are 0/1
+
+
+def test_a_model_that_returns_a_tuple_is_named_with_the_fix():
+    with pytest.raises(TypeError, match=r"the model returns a tuple; .* wrap the model so that it returns "
+                                        r"e\.g\. \{'cls': logits\}"):
+        A._head_output((torch.zeros(2, 3), torch.zeros(2, 1, 4, 4)), "cls")
+
+
 def test_localisation_scores_average_over_items_with_a_region(explainer, data):
     items = [data[i] for i in range(4)]
     images = torch.stack([it["image"] for it in items])

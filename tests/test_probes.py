@@ -306,6 +306,12 @@ def test_probe_matrix_rows_encoders_columns_labels():
         probe_matrix({}, train)
 
 
+def test_probe_matrix_errors_name_the_encoder_and_the_label():
+    train = DataLoader(TinyData(16), batch_size=8)
+    with pytest.raises(ValueError, match=r"^probing encoder 'mean' for 'coded': .*fewer than folds=12"):
+        probe_matrix({"mean": lambda x: x.mean(dim=(2, 3))}, train, label_keys=("coded",), device="cpu", folds=12)
+
+
 def test_probe_matrix_scores_on_the_test_loader():
     # 64 raw pixels for 40 training images: the probe fits the unrelated "noise" label perfectly on its
     # own training set, so only a score on the test loader's features is an honest one
