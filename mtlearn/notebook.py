@@ -156,9 +156,7 @@ class Run:
             ok = math.isfinite(value) and (value > minimum if above else value >= minimum)
             ok = ok and (maximum is None or value <= maximum)
         if not ok:
-            hint = "; pass it unquoted" if isinstance(value, str) else ""
-            if integer and isinstance(value, float) and value.is_integer():
-                hint = "; pass an int, e.g. int(...) of a computed value"
+            hint = _number_hint(value, wants_int=integer)
             raise ValueError(f"parameter {name} must be {wanted}, got {value!r}{hint}")
         return value.item() if isinstance(value, np.generic) else value  # np.int64 from a sweep: a plain int
 
@@ -185,10 +183,7 @@ class Run:
             raise ValueError(f"parameter {name} must be finite, got {value!r}")
         if wrong_type or (positive and countable and not value > 0):
             wanted = f"a positive {kind.__name__}" if positive and kind in (int, float) else f"a {kind.__name__}"
-            as_float = kind is int and isinstance(value, float)
-            hint = "; pass an int, e.g. int(...) of a computed value" if as_float else ""
-            if isinstance(value, str) and kind in (int, float):
-                hint = "; pass it unquoted"
+            hint = _number_hint(value, wants_int=kind is int) if kind in (int, float) else ""
             raise ValueError(f"parameter {name} must be {wanted} (or None for the {self.profile} profile's "
                              f"{default!r}), got {value!r}{hint}")
         return value
@@ -234,6 +229,15 @@ class Run:
         write_json(record, path)
         print(f"{self.notebook} [{self.profile}] finished on {self.device} in {self.wall_time:.0f} s; "
               f"metrics written to {path}")
+
+
+def _number_hint(value: Any, wants_int: bool) -> str:
+    """The likely fix for a refused number parameter: quotes around it, or a float where an int is due."""
+    if isinstance(value, str):
+        return "; pass it unquoted"
+    if wants_int and isinstance(value, float):
+        return "; pass an int, e.g. int(...) of a computed value"
+    return ""
 
 
 def _not_finite_names(value: Any, name: str = "") -> list[str]:

@@ -556,13 +556,12 @@ def dataset_folder(name: str, data_root: str | Path | None = None, option: str =
     root = Path(data_root).expanduser() if data_root is not None else default_data_dir()
     fetch_name = _fetch_name(name, None)
     folder = root / get_source(fetch_name).folder
+    given = f'{option} "{root.parent}"' if option.startswith("--") else f"{option}={str(root.parent)!r}"
     if root.name == folder.name and root.is_dir() and any(root.iterdir()) and not folder.is_dir():
-        given = f'{option} "{root.parent}"' if option.startswith("--") else f"{option}={str(root.parent)!r}"
         raise FileNotFoundError(f"{option} {root} looks like the {name!r} folder itself; {option} is the folder "
                                 f"that holds one folder per dataset: pass {given}")
     marker = completion_marker(root, fetch_name)
     if marker.is_file() and not folder.is_dir():  # e.g. fetched with --dest ~/data instead of --dest ~/data/busi
-        given = f'{option} "{root.parent}"' if option.startswith("--") else f"{option}={str(root.parent)!r}"
         raise FileNotFoundError(
             f"{option} {root} holds the {name!r} dataset itself (its {marker.name}), not a folder per dataset; "
             f"rename {root} to {root.parent / folder.name} and pass {given}, or move its contents into {folder}")
