@@ -218,11 +218,12 @@ def check_out_dir(out_dir: str | os.PathLike, resume: bool, writes: str = "last.
         raise ValueError(f"out_dir {out_dir} already holds a run (last.pt{done}): for a new run choose another "
                          f"out_dir{' (CLI: --out-dir)' if cli else ''} or delete this one; to continue that run "
                          f"pass resume=True{' (CLI: --resume)' if cli else ''}")
-    kept = [name for name in also_kept if (out_dir / name).is_file()]
-    if not resume and not last.is_file() and kept:
-        raise ValueError(f"out_dir {out_dir} already holds {' and '.join(kept)} of an earlier run (without its "
-                         f"last.pt), which a new run would overwrite: choose another out_dir"
-                         f"{' (CLI: --out-dir)' if cli else ''} or move {' and '.join(kept)} away first")
+    kept = " and ".join(name for name in also_kept if (out_dir / name).is_file())
+    if not last.is_file() and kept:  # resuming too: without last.pt it would start over and overwrite them
+        problem = "has no last.pt to resume from, and holds" if resume else "already holds"
+        raise ValueError(f"out_dir {out_dir} {problem} {kept} of an earlier run (without its last.pt), which a new "
+                         f"run would overwrite: choose another out_dir{' (CLI: --out-dir)' if cli else ''} or move "
+                         f"{kept} away first")
 
 
 def check_resume_options(path: str | os.PathLike, saved: Mapping, current: Mapping, names: Sequence[str],

@@ -211,9 +211,13 @@ class MetricAccumulator:
         # those classes, and score 1 only an image whose whole foreground is empty in both.
         present = (pred[:, 1:] | true[:, 1:]).flatten(2).any(2)  # (B, K-1)
         nothing = ~present.any(1)  # (B,) no foreground in the truth or the prediction
+        # the argmax of NaN logits is background, which would score a diverged model 1 on every empty
+        # mask: such an image scores NaN, and that NaN must make the mean NaN, not vanish
+        diverged = ~logits.detach().isfinite().flatten(1).all(1)  # (B,)
         for key, values in (("seg/dice", dice), ("seg/iou", iou)):
             per_image = values.masked_fill(~present, float("nan")).nanmean(dim=1)  # (B,)
-            self._add(key, per_image.masked_fill(nothing, 1.0))
+            per_image = per_image.masked_fill(nothing, 1.0).masked_fill(diverged, float("nan"))
+            self._add(key, per_image, skip_nan=False)
 
     def _update_cls(self, logits: Tensor, label: Tensor) -> None:
         check_class_logits(logits)

@@ -127,6 +127,8 @@ def _parse_task_weights(parser, items: list[str] | None, tasks: list[str]) -> di
             weights[task] = float(value)
         except ValueError:
             parser.error(f"--task-weights takes TASK=NUMBER items such as seg=1 cls=0.25, got {item!r}")
+        if not math.isfinite(weights[task]) or weights[task] < 0:  # else refused only after the data is loaded
+            parser.error(f"--task-weights must be finite numbers >= 0, got {item!r}")
     if set(weights) != set(tasks):
         parser.error(f"--task-weights must give one weight per task {tasks}, got {sorted(weights)}")
     return weights

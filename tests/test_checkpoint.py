@@ -160,7 +160,10 @@ def test_a_best_checkpoint_kept_without_its_last_pt_is_not_overwritten(tmp_path)
             f"out_dir {tmp_path} already holds best.pt of an earlier run (without its last.pt), which a new run "
             "would overwrite: choose another out_dir (CLI: --out-dir) or move best.pt away first")):
         check_out_dir(tmp_path, resume=False)
-    check_out_dir(tmp_path, resume=True)  # continuing the run in that folder (it starts over without last.pt)
+    with pytest.raises(ValueError, match=re.escape(  # resuming would start over without last.pt, overwriting it too
+            f"out_dir {tmp_path} has no last.pt to resume from, and holds best.pt of an earlier run (without its "
+            "last.pt), which a new run would overwrite")):
+        check_out_dir(tmp_path, resume=True)
     check_out_dir(tmp_path, resume=False, also_kept=())  # a caller that writes no best.pt
     with pytest.raises(ValueError, match=r"already holds result.pt .* or move result.pt away first$"):
         save_checkpoint({"record": {}}, tmp_path / "result.pt")

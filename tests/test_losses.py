@@ -232,9 +232,14 @@ def test_targets_are_read_every_step_on_the_cpu_and_once_on_an_accelerator():
     loss = ClassificationLoss()
     assert _index_range(torch.tensor([0, 2]), loss) == (0, 2)
     assert _index_range(torch.tensor([1, 4]), loss) == (1, 4)  # CPU: reading costs nothing, so always
-    # off the CPU a read waits for the GPU; after the first batch it is skipped (a "meta" tensor has no
-    # values at all: reading one would raise)
-    assert _index_range(torch.empty(2, dtype=torch.long, device="meta"), loss) is None
+    # off the CPU a read waits for the GPU: only the first batch a module sees is read. A "meta" tensor
+    # stands in for a GPU one; it has no values, so reading it raises, which shows the read
+    meta = torch.empty(2, dtype=torch.long, device="meta")
+    fresh = ClassificationLoss()
+    with pytest.raises((RuntimeError, NotImplementedError)):
+        _index_range(meta, fresh)  # the first batch is checked
+    assert _index_range(meta, fresh) is None  # later ones are not
+    assert _index_range(meta, loss) is None  # nor on a module that has checked a batch already
 
 
 @pytest.mark.parametrize("logits", [torch.randn(4), torch.randn(4, 1), torch.randn(4, 3, 1)])

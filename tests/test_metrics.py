@@ -184,6 +184,20 @@ def test_non_finite_class_logits_make_every_classification_metric_nan():
     assert all(math.isnan(v) for k, v in metrics.items() if k.startswith("cls/"))
 
 
+def test_non_finite_segmentation_logits_make_dice_and_iou_nan():
+    """argmax of NaN logits is background: every empty mask would score 1 for a diverged model."""
+    acc = MetricAccumulator(("seg",))
+    mask = torch.zeros(2, 1, 8, 8)
+    mask[0, 0, 2:5, 2:5] = 1  # one lesion, one empty mask
+    logits = torch.stack([mask[:, 0] * -4 + 2, mask[:, 0] * 4 - 2], 1)  # (2, 2, 8, 8), right everywhere
+    acc.update({"seg": logits}, {"mask": mask})
+    assert acc.compute()["seg/dice"] == 1.0
+    nan_logits = torch.full_like(logits, float("nan"))
+    acc.update({"seg": nan_logits}, {"mask": mask})
+    metrics = acc.compute()
+    assert math.isnan(metrics["seg/dice"]) and math.isnan(metrics["seg/iou"])
+
+
 def test_a_non_finite_reconstruction_makes_psnr_and_ssim_nan_not_vanish():
     """A diverged model (an fp16 overflow) must not report the PSNR of its other images as if all were fine."""
     torch.manual_seed(0)

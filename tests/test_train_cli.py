@@ -38,6 +38,8 @@ def test_defaults_name_the_output_folder():
     (["--tasks", "depth"], "invalid choice: 'depth'"),
     (["--task-weights", "seg=high", "cls=1"], "TASK=NUMBER"),
     (["--task-weights", "seg=1"], "one weight per task"),
+    (["--task-weights", "seg=-1", "cls=1"], "--task-weights must be finite numbers >= 0, got 'seg=-1'"),
+    (["--task-weights", "seg=1", "cls=nan"], "--task-weights must be finite numbers >= 0, got 'cls=nan'"),
     (["--weighting", "dwa", "--task-weights", "seg=1", "cls=1"], "only applies to --weighting fixed"),
     (["--limit", "2"], "--limit must be >= 4"),
     (["--dataset", "nope"], "invalid choice: 'nope'"),
@@ -124,10 +126,10 @@ def test_torchrun_two_processes_stay_in_sync(weighting, tmp_path):
     record = json.loads((out / "metrics.json").read_text())
     assert record["world_size"] == 2
     digests, weights = record["parameter_digests"], record["task_weights_per_process"]
-    assert len(digests) == 2 and digests[0] == digests[1]  # identical weights on both ranks
-    assert len(weights) == 2 and weights[0] == weights[1]  # and identical task weights
-    if weighting == "uncertainty":
-        assert weights[0] != {"weight/seg": 1.0, "weight/cls": 1.0}  # they were learned
+    assert len(digests) == 2 and digests[0] == digests[1]  # identical weights on both ranks (PCGrad: its surgery)
+    assert len(weights) == 2
+    if weighting == "uncertainty":  # learned task weights, identical on both ranks (PCGrad's are constant 1)
+        assert weights[0] == weights[1] and weights[0] != {"weight/seg": 1.0, "weight/cls": 1.0}
     # metrics summed over the two ranks equal one process evaluating the whole test subset
     model = build_model("tiny", tasks=("seg", "cls"), image_size=32)
     load_checkpoint(out / "best.pt", model)
