@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 
 from mtlearn.course import CELL_TIMEOUT_S, DONE, course_notebooks, resolve_cell_timeout, run_notebook
-from mtlearn.notebook import flatten_metrics
+from mtlearn.notebook import flatten_metrics, resolve_profile
 from mtlearn.utils import check_folder, is_int, write_text
 
 
@@ -86,6 +86,7 @@ def grid(notebooks: list[Path], parameters: dict[str, list[Any]], seeds: list[in
     """
     if not notebooks:
         raise ValueError("the grid needs at least one notebook")
+    profile = resolve_profile(profile)  # now: in every run's kernel a wrong one would fail without a cell timeout
     if not seeds:
         raise ValueError("the grid needs at least one seed, e.g. seeds=[0]")
     bad = [s for s in seeds if not is_int(s) or s < 0]
@@ -208,8 +209,10 @@ def collect(out_root: str | Path, specs: list[RunSpec] | None = None) -> pd.Data
     return pd.DataFrame(rows)
 
 
-def summarise(table: pd.DataFrame, by: list[str], metrics: list[str]) -> pd.DataFrame:
-    """Mean and standard deviation of `metrics` across seeds for each group in `by`."""
+def summarise(table: pd.DataFrame, by: str | list[str], metrics: str | list[str]) -> pd.DataFrame:
+    """Mean and standard deviation of `metrics` across seeds for each group in `by` (a name or a list)."""
+    by = [by] if isinstance(by, str) else list(by)  # list("weighting") would be its letters
+    metrics = [metrics] if isinstance(metrics, str) else list(metrics)
     missing = [m for m in [*by, *metrics] if m not in table.columns]
     if missing:
         raise ValueError(f"columns {missing} are not in the table; available: {list(table.columns)}")
@@ -296,9 +299,6 @@ def main(argv: list[str] | None = None) -> int:
                         help="stop a run whose cell runs longer than this (default: 3600, none for the paper "
                              "profile; 0: no limit)")
     args = parser.parse_args(argv)
-
-    from mtlearn.notebook import resolve_profile
-
     try:
         profile = resolve_profile(args.profile)
         cell_timeout = resolve_cell_timeout(args.cell_timeout, profile)  # every run of a grid has its profile

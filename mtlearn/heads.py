@@ -103,7 +103,9 @@ class ReconstructionHead(nn.Module):
     smooth mask logits it needs fine detail: a learned 2x up-convolution (kernel 2, stride 2)
     with ReLU, then a 1x1 convolution to `out_channels`. No skip from the input image: the output
     must be rebuilt from the encoder's features (otherwise the model could copy its input and the
-    representation would learn nothing), and no output activation (targets are not bounded).
+    representation would learn nothing), and no output activation: the targets lie in 0..1, but a
+    sigmoid would flatten the gradient of the darkest and brightest pixels, and the L1 loss and PSNR
+    read the raw output.
     """
 
     def __init__(self, in_channels: int, out_channels: int = 1):

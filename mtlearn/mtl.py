@@ -173,8 +173,8 @@ class MonaiBaseline(nn.Module):
 
     Outside baselines keep us honest: a well-known UNet (Ronneberger et al., 2015, MONAI's
     residual form) and SwinUNETR (Hatamizadeh et al., 2022), trained by the same loop.
-    `.encoder` lists the modules of the contracting path, so the same freezing and fine-tuning
-    code works on them.
+    `.encoder` lists the modules of the contracting path (its `shared_parameters()`, for the loss
+    weightings); UMS-Rep's freezing and transfer need a ResFormer encoder and refuse these.
     """
 
     tasks = ("seg",)

@@ -59,10 +59,12 @@ from mtlearn.checkpoint import check_out_dir, check_resume_options, load_checkpo
 from mtlearn.losses import build_losses, check_tasks, task_losses
 from mtlearn.utils import (
     check_int,
+    check_number,
     check_options,
     count_parameters,
     countable_attention,
     is_int,
+    is_number,
     pick_device,
     seed_everything,
     to_jsonable,
@@ -167,12 +169,18 @@ class InMemory(Dataset):
 # 2. freezing and transfer
 
 
-def encoder_parts(model: nn.Module) -> list[list[nn.Module]]:
-    """The encoder in NUM_STAGES + 1 groups, input side first: [[stem, patch embedding], [stage 1], ..., [stage 4]]."""
+def _resformer_encoder(model: nn.Module, role: str = "") -> nn.Module:
+    """model.encoder, a ResFormerEncoder; else a ValueError (e.g. a MONAI baseline's contracting path)."""
     encoder = getattr(model, "encoder", None)
     if encoder is None or not hasattr(encoder, "stages"):
-        raise ValueError(f"{type(model).__name__} has no ResFormer `encoder` with `stages`; "
+        raise ValueError(f"{role}{type(model).__name__} has no ResFormer `encoder` with `stages`; "
                          "build it with mtlearn.build_model(...)")
+    return encoder
+
+
+def encoder_parts(model: nn.Module) -> list[list[nn.Module]]:
+    """The encoder in NUM_STAGES + 1 groups, input side first: [[stem, patch embedding], [stage 1], ..., [stage 4]]."""
+    encoder = _resformer_encoder(model)
     stem = [encoder.stem] + ([encoder.patch_embed] if encoder.patch_embed is not None else [])
     return [stem, *([stage] for stage in encoder.stages)]
 
@@ -241,7 +249,8 @@ def transfer_encoder(pretrained: nn.Module, model: nn.Module) -> int:
     ValueError names what differs: the first tensor, or the image or window size (which change no
     tensor's shape, but attention weights learnt on 4 x 4 windows mean something else on 8 x 8).
     """
-    source, target = pretrained.encoder.config, model.encoder.config
+    source = _resformer_encoder(pretrained, "the pretrained model: ").config
+    target = _resformer_encoder(model, "the model: ").config
     for name in ("image_size", "window_size"):
         if getattr(source, name) != getattr(target, name):
             raise ValueError(f"the encoders differ in {name}: {getattr(source, name)} in the pretrained model, "
@@ -430,7 +439,7 @@ class UMSRepConfig:
     lr: float = 1e-3  # AdamW peak learning rate, polynomial decay to 0 over each run (engine.fit)
     weight_decay: float = 3e-5  # AdamW weight decay (ResFormer)
     gaussian_std: float = 0.02  # Gaussian noise added to the pre-training inputs (intensity units)
-    speckle_looks: float = 4.0  # real data: speckle added to the inputs (Gamma intensity, mean 1, var 1 / looks)
+    speckle_looks: float = 4.0  # real data: speckle added to every task's input (Gamma, mean 1, var 1 / looks)
     pretrain_epochs: int = 5  # epochs of the denoising pre-training
     finetune_epochs: int = 4  # epochs of each single-task fine-tuning, (a) (b) (c)
     joint_epochs: int = 8  # epochs of the joint multi-task fine-tuning, (d)
@@ -457,7 +466,9 @@ class UMSRepConfig:
             raise ValueError(f"unlabeled_datasets must name one or more datasets, each once, got {names}")
         unknown = [s for s in self.strategies if s not in STRATEGIES]
         if unknown or not self.strategies:
-            raise ValueError(f"unknown strategies {unknown}; choose from {tuple(STRATEGIES)}")
+            problem = f"unknown strategies {unknown}" if unknown else "strategies is empty: name at least one"
+            raise ValueError(f"{problem}; choose from {tuple(STRATEGIES)}")
+        self._check_choices()
         size = self.image_size
         if not is_int(size) or size % 16 or size < 32:
             raise ValueError(f"image_size must be an integer multiple of 16, at least 32, got {size!r}")
@@ -478,6 +489,27 @@ class UMSRepConfig:
             value = getattr(self, name)
             if value is not None and (not is_int(value) or value < 2):
                 raise ValueError(f"{name} must be None (all) or an integer >= 2, got {value!r}")
+
+    def _check_choices(self) -> None:
+        """Names and numbers that would otherwise fail only after the data is loaded (BUSI: every image read)."""
+        from mtlearn.engine import AMP_CHOICES
+        from mtlearn.mtl import PRESETS
+
+        for name, value, choices in (("dataset", self.dataset, ("synthetic", "busi")),
+                                     ("preset", self.preset, tuple(PRESETS)), ("amp", self.amp, AMP_CHOICES)):
+            if value not in choices:
+                raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+        check_number("lr", self.lr, 0, above=True, advice="e.g. 1e-3")
+        check_number("weight_decay", self.weight_decay, 0, advice="e.g. 3e-5")
+        check_number("gaussian_std", self.gaussian_std, 0, advice="intensity units, e.g. 0.02")
+        check_number("speckle_looks", self.speckle_looks, 0, above=True, advice="more looks = milder speckle, e.g. 4")
+        check_int("seed", self.seed, 0)
+        if self.device != "auto":
+            try:
+                torch.device(self.device)
+            except (RuntimeError, TypeError):
+                raise ValueError(f"device must be 'auto' or a torch device such as 'cpu' or 'cuda', "
+                                 f"got {self.device!r}") from None
 
 
 PROFILES: dict[str, dict] = {
@@ -526,6 +558,10 @@ def load_strategy_data(config: UMSRepConfig) -> StrategyData:
     train split) never overlap the labelled ones (the first num_train) or the test split.
     Real: the representation learns from every image of `unlabeled_datasets` (their labels and
     masks are dropped), and the tasks are fine-tuned and tested on BUSI's train and test splits.
+    A real image has no clean version, so it becomes the denoising target and the input is that
+    image with speckle and Gaussian noise added: the input of *every* task, since one batch feeds all
+    (like the synthetic "image", which carries its speckle too). The BUSI Dice and accuracy are
+    therefore measured on noise-added images (fixed noise on the test split), for every strategy alike.
     """
     from mtlearn.data import load_dataset
     from mtlearn.data.real import SYNTHETIC_SIZES
@@ -571,7 +607,14 @@ def load_strategy_data(config: UMSRepConfig) -> StrategyData:
         unlabeled=DenoisingPairs(InMemory(pool, ("image",)), labels=False, **noise),
         train=DenoisingPairs(InMemory(train, keep), labels=True, **noise),
         test=InMemory(DenoisingPairs(test, labels=True, fixed_noise=True, **noise), keep),
-        class_names=tuple(getattr(test, "class_names", ("normal", "benign", "malignant"))))
+        class_names=tuple(_class_names(test)))
+
+
+def _class_names(dataset: Dataset) -> tuple[str, ...]:
+    """The class_names of `dataset`, looked up through Subset-style wrappers (their `.dataset`)."""
+    while getattr(dataset, "class_names", None) is None and hasattr(dataset, "dataset"):
+        dataset = dataset.dataset
+    return tuple(dataset.class_names)
 
 
 def _random_subset(dataset: Dataset, size: int | None, seed: int) -> Dataset:
@@ -861,10 +904,10 @@ def strategy_table(runs: Sequence[TrainedModel], config: UMSRepConfig):
 
 def _check_acceptance(max_compute_share: float, tolerance: Mapping[str, float]) -> None:
     """The acceptance options UMSRepConfig and joint_vs_single_task share, checked in one place."""
-    if not 0 < max_compute_share <= 1:
-        raise ValueError(f"max_compute_share is a fraction in (0, 1] (0.35 for 35 %), got {max_compute_share!r}")
+    check_number("max_compute_share", max_compute_share, 0, 1, above=True, advice="a fraction: 0.35 for 35 %")
     unknown = sorted(set(tolerance) - set(METRICS))
-    if unknown or any(v < 0 for v in tolerance.values()):
+    # not `v < 0`: NaN passes it, and then the metric fails every check without a reason
+    if unknown or not all(is_number(v) and math.isfinite(v) and v >= 0 for v in tolerance.values()):
         raise ValueError(f"tolerance maps metrics of {METRICS} to allowed drops >= 0, got {dict(tolerance)!r}")
 
 

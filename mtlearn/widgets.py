@@ -53,6 +53,9 @@ class DatasetExplorer:
         parts = [str(item.get("id", ""))]
         if "label" in item:
             label = int(item["label"])
+            if self.class_names and not 0 <= label < len(self.class_names):  # IndexError, or -1 the last name
+                raise ValueError(f"item {item.get('id', '')!r} has label {label}, but class_names {self.class_names} "
+                                 f"name labels 0..{len(self.class_names) - 1}: pass one name per class")
             parts.append(self.class_names[label] if self.class_names else f"label {label}")
         for key in ("artifact", "shape", "background"):
             if key in item:

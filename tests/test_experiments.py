@@ -78,6 +78,9 @@ def test_grid_without_notebooks_is_an_error():
     """An empty grid would "finish" at once with no runs and an empty table."""
     with pytest.raises(ValueError, match="the grid needs at least one notebook"):
         grid([], {}, seeds=[0], profile="smoke")
+    # an unknown profile failed later, inside every run's kernel, and with no cell timeout
+    with pytest.raises(ValueError, match="unknown profile 'fast' .*valid profiles are 'smoke'"):
+        grid([__file__], {}, seeds=[0], profile="fast")
 
 
 def test_set_splits_at_the_first_equals_sign_and_needs_a_name():
@@ -225,6 +228,8 @@ def test_summarise_gives_mean_sample_std_and_count_across_seeds():
         assert summary.loc[group, (metric, "count")] == len(values)
     with pytest.raises(ValueError, match=r"columns \['loss'\] are not in the table"):
         summarise(_runs(), ["weighting"], ["loss"])
+    # one name, as plot_spread takes it, is one column (it was split into letters: "columns ['w', 'e', ...")
+    assert summarise(_runs(), "weighting", "score").equals(summarise(_runs(), ["weighting"], ["score"]))
 
 
 def test_plot_spread_draws_every_run_side_by_side_and_the_mean_as_a_line():

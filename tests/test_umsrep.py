@@ -187,6 +187,17 @@ def test_transfer_encoder_refuses_another_architecture():
         transfer_encoder(other, tiny())
 
 
+def test_transfer_encoder_refuses_a_model_without_a_resformer_encoder():
+    """A MONAI baseline's `.encoder` is a ModuleList: it was AttributeError 'ModuleList' ... 'config'."""
+    from mtlearn.mtl import monai_baseline
+
+    unet = monai_baseline("unet", image_size=SIZE)
+    with pytest.raises(ValueError, match=r"the pretrained model: MonaiBaseline has no ResFormer `encoder` .*model"):
+        transfer_encoder(unet, tiny())
+    with pytest.raises(ValueError, match=r"the model: MonaiBaseline has no ResFormer `encoder`"):
+        transfer_encoder(tiny(), unet)
+
+
 def test_transfer_encoder_refuses_another_image_size():
     """No tensor changes shape with the image size, but the attention windows do (2 x 2 vs 4 x 4)."""
     larger = build_model("tiny", tasks=("recon",), image_size=2 * SIZE)
@@ -452,7 +463,20 @@ def test_a_few_denoising_steps_lower_the_reconstruction_error():
     (dict(num_train=1), "num_train"),
     (dict(partial_stages=1.5), "partial_stages must be an integer"),
     (dict(joint_stages=True), "joint_stages must be an integer"),
-    (dict(max_compute_share=35), "a fraction in"),
+    (dict(max_compute_share=35), r"max_compute_share must be a number in \(0, 1\] \(a fraction: 0.35 for 35 %\)"),
+    (dict(max_compute_share="0.35"), "pass it unquoted"),  # a bare TypeError from '<'
+    (dict(tolerance={"seg/dice": float("nan")}), "allowed drops >= 0"),  # every check failed, no reason given
+    (dict(strategies=()), r"strategies is empty: name at least one; choose from \('frozen'"),  # "unknown []"
+    # these failed only after the data was loaded (with BUSI: after every image was read and resized)
+    (dict(lr=-1), "lr must be a finite number > 0"),
+    (dict(weight_decay=float("inf")), "weight_decay must be a finite number >= 0"),
+    (dict(speckle_looks=-1), "speckle_looks must be a finite number > 0"),
+    (dict(gaussian_std=-0.1), "gaussian_std must be a finite number >= 0"),
+    (dict(seed=-3), "seed must be"),
+    (dict(preset="huge"), r"preset must be one of \('paper', 'course', 'tiny'\), got 'huge'"),
+    (dict(dataset="isic"), r"dataset must be one of \('synthetic', 'busi'\), got 'isic'"),
+    (dict(amp="fp8"), r"amp must be one of \('auto', 'bf16', 'fp16', 'off'\), got 'fp8'"),
+    (dict(device="gpu0"), r"device must be 'auto' or a torch device such as 'cpu' or 'cuda', got 'gpu0'"),
     (dict(tolerance={"seg/dice": -0.1}), "allowed drops >= 0"),
     (dict(tolerance={"dice": 0.02}), "tolerance maps metrics"),
     (dict(strategies=("joint", "joint")), "must not repeat"),
@@ -511,8 +535,9 @@ def test_comparison_end_to_end_on_a_handful_of_images():
 
 
 @pytest.mark.filterwarnings(QUIRK_REPORTS)  # the BUSI fixture's missing mask, on purpose
-def test_real_data_uses_every_unlabeled_image_and_random_busi_subsets(tmp_path):
+def test_real_data_uses_every_unlabeled_image_and_random_busi_subsets(tmp_path, monkeypatch):
     """dataset="busi": the representation reads BUS-BRA + BUS-UCLM (all of it), the tasks use BUSI."""
+    import mtlearn.data
     from tests.fixtures_real import make_bus_bra, make_bus_uclm, make_busi
 
     make_busi(tmp_path / "busi", per_class=10)
@@ -526,6 +551,17 @@ def test_real_data_uses_every_unlabeled_image_and_random_busi_subsets(tmp_path):
     assert set(data.unlabeled[0]) >= {"image", "clean"}
     assert len(data.train) == 6 and len(data.test) == 4 and data.class_names == ("normal", "benign", "malignant")
     assert {"mask", "label", "clean"} <= set(data.train[0])
+    # the names come from BUSI through the random subset, not from a default that happens to match
+    load = mtlearn.data.load_dataset
+
+    def renamed(name, **kwargs):
+        dataset = load(name, **kwargs)
+        if name == "busi":
+            dataset.class_names = ("N", "B", "M")
+        return dataset
+
+    monkeypatch.setattr(mtlearn.data, "load_dataset", renamed)
+    assert load_strategy_data(config).class_names == ("N", "B", "M")
 
 
 @pytest.mark.filterwarnings(QUIRK_REPORTS)

@@ -124,3 +124,13 @@ def test_explorer_takes_class_names_as_a_numpy_array():
     explorer = DatasetExplorer(fake_items(), class_names=np.array(["normal", "benign", "malignant"]))
     explorer.index.value = 2
     assert explorer.class_names == ["normal", "benign", "malignant"]
+
+
+@pytest.mark.parametrize("label", [3, -1])
+def test_a_label_without_a_class_name_is_named(label):
+    """It was an IndexError from inside the widget (3), or the last name for the wrong class (-1)."""
+    items = fake_items(1)
+    items[0]["label"] = label
+    with pytest.raises(ValueError, match=rf"item 'item-0' has label {label}, but class_names \['a', 'b'\] name "
+                                         r"labels 0..1: pass one name per class"):
+        DatasetExplorer(items, class_names=("a", "b"))
