@@ -116,11 +116,13 @@ def rng_state(loader=None, device: str | torch.device | None = None) -> dict:
 
     Keys: "torch" (CPU generator, uint8 tensor), "numpy" ({"keys": (624,) int64 tensor, "pos",
     "has_gauss", "cached_gaussian"}), "python" ([version, list of 625 ints, gauss_next]), "cuda"
-    (one uint8 tensor per torchrun process, [] without CUDA), and "loader_generator" /
-    "sampler_generator" when `loader` (a DataLoader) shuffles with its own generator.
+    (one uint8 tensor per torchrun process, [] without CUDA), under torchrun "ranks" (the first
+    three of every process, rank k's at k: each draws its own dropout masks on the CPU, and only
+    rank 0 writes the checkpoint), and "loader_generator" / "sampler_generator" when `loader` (a
+    DataLoader) shuffles with its own generator.
     device: the GPU training runs on, whose generator dropout draws from (None: the current one;
     fit(device="cuda:1") does not make GPU 1 the current one).
-    Collective under torchrun (it gathers every GPU's state): every rank must call it.
+    Collective under torchrun (it gathers every process's state): every rank must call it.
     """
     np_state = np.random.get_state()
     state = {
@@ -130,6 +132,11 @@ def rng_state(loader=None, device: str | torch.device | None = None) -> dict:
         "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
         "cuda": _cuda_rng_states(device),
     }
+    world, _ = world_and_rank()
+    if world > 1:
+        ranks = [None] * world
+        dist.all_gather_object(ranks, {key: state[key] for key in ("torch", "numpy", "python")})
+        state["ranks"] = ranks
     for name, generator in _loader_generators(loader).items():
         state[name] = generator.get_state()
     return state
@@ -139,23 +146,24 @@ def set_rng_state(state: Mapping, loader=None, device: str | torch.device | None
     """Put back the generators `rng_state` saved, so the next draws are those of the saved moment.
 
     state: as `rng_state` returns it, loaded with map_location="cpu" (torch.set_rng_state takes CPU
-    tensors only). Each torchrun rank restores its own CUDA state; with another number of processes
+    tensors only). Each torchrun rank restores its own states; with another number of processes
     than the run that saved it, a warning says dropout will differ. device: as for `rng_state`.
     """
+    world, rank = world_and_rank()
+    saved_world = len(state.get("ranks", [None]))
+    if saved_world != world:
+        warnings.warn(f"the checkpoint holds the random states of {saved_world} process(es), this run has {world}: "
+                      "dropout and drop-path will differ from an uninterrupted run", stacklevel=3)
+    elif world > 1:
+        state = {**state, **state["ranks"][rank]}  # this process's own CPU, NumPy and Python generators
     torch.set_rng_state(state["torch"])
     numpy = state["numpy"]
     np.random.set_state(("MT19937", numpy["keys"].numpy().astype(np.uint32), numpy["pos"],
                          numpy["has_gauss"], numpy["cached_gaussian"]))
     version, internal, gauss_next = state["python"]
     random.setstate((version, tuple(internal), gauss_next))
-    if state["cuda"] and torch.cuda.is_available():
-        world, rank = world_and_rank()
-        if len(state["cuda"]) == world:
-            torch.cuda.set_rng_state(state["cuda"][rank], _cuda_device(device))
-        else:
-            warnings.warn(f"the checkpoint holds the CUDA random state of {len(state['cuda'])} process(es), this "
-                          f"run has {world}: dropout and drop-path will differ from an uninterrupted run",
-                          stacklevel=3)
+    if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == world:
+        torch.cuda.set_rng_state(state["cuda"][rank], _cuda_device(device))
     for name, generator in _loader_generators(loader).items():
         if name in state:
             generator.set_state(state[name])

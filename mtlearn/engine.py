@@ -13,7 +13,7 @@ What one training step does (`_forward`, then `_update`):
 After every epoch: a check that the weights are still finite (NonFiniteWeightsError otherwise, before
 anything is saved), validation metrics, `last.pt`, and `best.pt` when the validation metric improved.
 Checkpoints hold everything needed to resume bit-for-bit (on CPU): model, optimiser, scheduler,
-weighting, grad scaler, every random generator and the history. How they are written, read and
+weighting, grad scaler, every random generator (of every torchrun process) and the history. How they are written, read and
 checked is mtlearn.checkpoint's (`save_checkpoint` and `load_checkpoint` import from here too).
 
 Under torchrun (`python -m mtlearn.train`), `fit` wraps the model in DistributedDataParallel
@@ -474,7 +474,7 @@ def fit(model: nn.Module, train_loader, val_loader=None, config: TrainConfig | N
     run = _prepare(model, config, tasks, total_steps=config.epochs * steps_per_epoch)
     if config.seed is not None and is_distributed():
         # dropout and drop-path draw from the generator of the device: one stream per rank, or every rank
-        # would drop the same units (each rank's states are saved in its checkpoint, so a resume keeps this).
+        # would drop the same units (rank 0's checkpoint holds every rank's states, so a resume keeps this).
         # Only torch's generators: the data order is the sampler's, which must stay the same on every rank.
         torch.manual_seed(config.seed + dist.get_rank())  # the CPU's generator and every GPU's
     history, start_epoch, best_state = History(monitor=monitor, mode=mode), 0, None

@@ -251,13 +251,16 @@ def test_each_process_restores_its_own_cuda_state_or_warns(saved_by, world, rank
 
     state = rng_state()  # before the fake GPU: it has no "cuda" states to gather
     state["cuda"] = [torch.full((8,), k, dtype=torch.uint8) for k in range(saved_by)]
+    if saved_by > 1:  # and each process's CPU generators, as rng_state gathers them under torchrun
+        state["ranks"] = [{**state, "torch": torch.Generator().manual_seed(100 + k).get_state()}
+                          for k in range(saved_by)]
     applied_states = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "set_rng_state", lambda new_state, device="cuda": applied_states.append(new_state))
     monkeypatch.setattr(checkpoint, "world_and_rank", lambda: (world, rank))
     if applied is None:
         with pytest.warns(UserWarning, match=re.escape(
-                "the checkpoint holds the CUDA random state of 2 process(es), this run has 1: dropout and drop-path "
+                "the checkpoint holds the random states of 2 process(es), this run has 1: dropout and drop-path "
                 "will differ from an uninterrupted run")):
             set_rng_state(state)
         assert applied_states == []  # not another process's state
@@ -266,6 +269,8 @@ def test_each_process_restores_its_own_cuda_state_or_warns(saved_by, world, rank
             warnings.simplefilter("error")  # its own state is there: nothing to warn about
             set_rng_state(state)
         assert len(applied_states) == 1 and applied_states[0] is state["cuda"][applied]
+        if saved_by > 1:  # the CPU generator too: this process's own
+            assert torch.equal(torch.get_rng_state(), state["ranks"][rank]["torch"])
 
 
 @pytest.mark.parametrize("device, used", [(None, "cuda"), ("cpu", "cuda"), ("cuda:1", "cuda:1"),

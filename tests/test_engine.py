@@ -1177,6 +1177,35 @@ def _dropout_state_per_process(rank, store, results):
         (results / f"state{rank}.txt").write_text(str(torch.get_rng_state().sum().item()))
 
 
+def _resume_per_process(rank, store, results):
+    """Two epochs straight, then one epoch and a resume to two; constant lr, so the runs can agree."""
+    from mtlearn.train import state_digest
+
+    with _one_of_two_processes(rank, store, results):
+        outcomes = []
+        for folder, epochs, resume in (("full", 2, False), ("part", 1, False), ("part", 2, True)):
+            torch.manual_seed(0)
+            model = ToyNet()
+            _fit(model, _loaders()[0], None, epochs=epochs, poly_power=0, device="cpu", out_dir=results / folder,
+                 resume=resume)
+            outcomes.append(f"{state_digest(model)} {torch.get_rng_state().sum().item()}")
+        (results / f"outcome{rank}.txt").write_text("\n".join(outcomes))
+
+
+@pytest.mark.slow
+def test_torchrun_on_the_cpu_resumes_each_process_to_the_uninterrupted_run(tmp_path):
+    """Only rank 0 writes last.pt: it restored rank 0's CPU generator on every rank, so after a resume
+    both dropped the same units and the weights differed from the uninterrupted run's."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_resume_per_process, args=(tmp_path / "store", tmp_path), nprocs=2)
+    assert [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)] == ["finished", "finished"]
+    outcomes = [(tmp_path / f"outcome{r}.txt").read_text().splitlines() for r in (0, 1)]
+    for full, _, resumed in outcomes:
+        assert resumed == full  # the same weights and, for the next epoch, the same generator
+    assert outcomes[0][0].split()[1] != outcomes[1][0].split()[1]  # each process its own generator
+
+
 @pytest.mark.slow
 def test_torchrun_processes_on_the_cpu_drop_different_units(tmp_path):
     """Seeded, each process must draw its own dropout masks (gloo, CPU generator), not its neighbour's."""
