@@ -10,16 +10,18 @@ evaluates its share of the validation and test sets, metrics are summed over pro
 rank 0 shows progress and writes files. --batch-size is per process. Under torchrun each process
 ends through os._exit once it has written everything (see _command_line: a torch teardown crash).
 
-Writes to --out-dir: last.pt and best.pt (see mtlearn.engine) and metrics.json: the configuration,
-the best epoch's validation metrics, the test metrics of the best-validation weights, the history,
-and every process's final weight digest and task weights (all equal when the processes stayed in
-sync). An --out-dir that already holds a run is refused: pass another one, or --resume to continue it.
+Writes to --out-dir: options.json (the data and model options, which --resume must repeat), last.pt
+and best.pt (see mtlearn.engine) and metrics.json: the configuration, the best epoch's validation
+metrics, the test metrics of the best-validation weights, the history, and every process's final
+weight digest and task weights (all equal when the processes stayed in sync). An --out-dir that
+already holds a run is refused: pass another one, or --resume to continue it.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import math
 import os
 import sys
@@ -38,6 +40,9 @@ from mtlearn.utils import is_distributed, is_main_process, pick_device, seed_eve
 from mtlearn.weighting import WEIGHTINGS
 
 PRESETS = ("tiny", "course", "paper")
+# what the checkpoint cannot tell: the same weights shapes fit another image size, and other data or
+# another seed (which draws the synthetic data) would train the rest of the run on other images
+RUN_OPTIONS = ("preset", "dataset", "image_size", "augment", "limit", "seed", "batch_size")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -227,6 +232,7 @@ def run(args: argparse.Namespace) -> dict:
     started = time.perf_counter()
     device = setup_distributed(args.device)
     try:
+        _check_run_options(args)  # before the data are read
         seed_everything(args.seed)
         splits, info = _datasets(args)
         class_names = getattr(info, "class_names", None)
@@ -273,6 +279,23 @@ def run(args: argparse.Namespace) -> dict:
         return record
     finally:
         cleanup_distributed()
+
+
+def _check_run_options(args: argparse.Namespace) -> None:
+    """Refuse --resume with other data or model options than the run in --out-dir; record them for a new run."""
+    from mtlearn.checkpoint import check_out_dir, check_resume_options
+
+    out_dir = Path(args.out_dir)
+    check_out_dir(out_dir, args.resume)  # as fit will: before options.json could replace an earlier run's
+    path, options = out_dir / "options.json", {name: getattr(args, name) for name in RUN_OPTIONS}
+    flags = {name: f"--{name.replace('_', '-')}" for name in RUN_OPTIONS}
+    resuming = args.resume and (out_dir / "last.pt").is_file()
+    if resuming and path.is_file():
+        saved = json.loads(path.read_text())
+        check_resume_options(path, {flags[k]: v for k, v in saved.items() if k in flags},
+                             {flags[k]: v for k, v in options.items()}, list(flags.values()))
+    elif not resuming and is_main_process():  # (a run saved before options.json existed: not known, not written)
+        write_json(options, path)
 
 
 def main(argv: list[str] | None = None) -> dict:

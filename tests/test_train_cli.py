@@ -103,7 +103,21 @@ def test_errors_found_while_running_are_messages_not_tracebacks(tmp_path, capsys
     assert "already holds a run (last.pt, epoch 1 of 1): for a new run choose another out_dir" in err
     with pytest.raises(SystemExit):  # resuming a tiny run with another preset
         main([*SMOKE, "--preset", "course", "--epochs", "2", "--limit", "8", "--out-dir", str(out), "--resume"])
+    assert (f"cannot resume from {out / 'options.json'} with other options (--preset: 'tiny' then, 'course' now)"
+            in capsys.readouterr().err)
+    # other data: the tiny model's weights fit any image size, and another seed draws other synthetic
+    # images; this resumed without a word
+    with pytest.raises(SystemExit):
+        main([*SMOKE, "--epochs", "2", "--limit", "8", "--image-size", "64", "--seed", "5", "--out-dir", str(out),
+              "--resume"])
+    assert ("(--image-size: 32 then, 64 now; --seed: 0 then, 5 now). Resume with the options of that run, or start "
+            "a new run in another out_dir") in capsys.readouterr().err
+    (out / "options.json").unlink()  # a run from before options.json: the weights still have to fit
+    with pytest.raises(SystemExit):
+        main([*SMOKE, "--preset", "course", "--epochs", "2", "--limit", "8", "--out-dir", str(out), "--resume"])
     assert "its weights do not fit this model" in capsys.readouterr().err
+    history = main([*SMOKE, "--epochs", "2", "--limit", "8", "--out-dir", str(out), "--resume"])["history"]
+    assert [r["epoch"] for r in history] == [1, 2]  # the same options resume
 
 
 def test_a_run_that_diverges_ends_with_a_message_not_a_traceback(tmp_path, capsys):
