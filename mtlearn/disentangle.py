@@ -91,7 +91,10 @@ class ResidualUnit(nn.Module):
 
 
 class Encoder(nn.Module):
-    """Small residual CNN of Meng et al. (2019): conv-BN-LeakyReLU, then one ResidualUnit per further width.
+    """Small residual CNN of Meng et al. (2019): a 3x3 conv, then one ResidualUnit per further width.
+
+    The units are pre-activation (each starts with BN -> LeakyReLU), so the stem is a bare conv, as
+    in the paper; the last unit's sum gets its BN and activation at the end.
 
     Why so small: the paper's encoders are deliberately light (8/16/32/64 filters), so each task
     can afford its own encoder. Any image size works (every unit rounds the size up when halving).
@@ -107,11 +110,7 @@ class Encoder(nn.Module):
             raise ValueError(f"widths must be a non-empty sequence of positive ints, got {widths!r}")
         self.in_channels = in_channels
         self.out_channels = widths[-1]
-        self.stem = nn.Sequential(
-            nn.Conv2d(in_channels, widths[0], 3, padding=1, bias=False),
-            nn.BatchNorm2d(widths[0]),
-            nn.LeakyReLU(negative_slope),
-        )
+        self.stem = nn.Conv2d(in_channels, widths[0], 3, padding=1, bias=False)  # BN and activation: in the unit
         pairs = zip(widths[:-1], widths[1:])
         self.units = nn.ModuleList(ResidualUnit(c_in, c_out, negative_slope) for c_in, c_out in pairs)
         # the units are pre-activation, so the last one's sum still needs its BN and activation
@@ -119,7 +118,7 @@ class Encoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         """x: (B, in_channels, H, W) -> [stage i: (B, widths[i], ceil(H / 2^i), ceil(W / 2^i))]"""
-        check_image(x, self.in_channels, stride=1, dtype=self.stem[0].weight.dtype)  # any size: no stride
+        check_image(x, self.in_channels, stride=1, dtype=self.stem.weight.dtype)  # any size: no stride
         stages = [self.stem(x)]
         for unit in self.units:
             stages.append(unit(stages[-1]))

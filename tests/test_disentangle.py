@@ -49,6 +49,16 @@ def test_encoder_stage_shapes(in_channels, widths, size, expected):
     assert encoder.out_channels == widths[-1]
 
 
+def test_encoder_is_a_conv_then_pre_activation_units():
+    """SPEC: conv, then residual units BN-LReLU-conv/2-BN-LReLU-conv; no BN-activation of its own in
+    the stem (the first unit applies it), one at the end (the last unit's sum has none)."""
+    encoder = D.Encoder(1, (8, 16, 32, 64))
+    assert isinstance(encoder.stem, torch.nn.Conv2d)
+    norms = [m for m in encoder.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert len(norms) == 2 * len(encoder.units) + 1
+    assert isinstance(encoder.units[0].main[0], torch.nn.BatchNorm2d)
+
+
 @pytest.mark.parametrize("hidden", [0, 16])
 @pytest.mark.parametrize("readout", ["pooled", "spatial"])
 def test_classifier_shapes(hidden, readout):
@@ -543,11 +553,11 @@ def test_a_profile_name_is_not_a_config(call):
 
 def test_recalibrate_batchnorm_matches_the_data(tiny_loaders):
     model = tiny_model("shared")
-    bn = model.encoder.stem[1]
+    bn = model.encoder.units[0].main[0]  # the first BN, on the stem's output
     assert torch.equal(bn.running_mean, torch.zeros_like(bn.running_mean))
     D.recalibrate_batchnorm(model, tiny_loaders[0], device="cpu")
     with torch.no_grad():
-        stem_out = torch.cat([model.encoder.stem[0](b["image"]) for b in tiny_loaders[0]])
+        stem_out = torch.cat([model.encoder.stem(b["image"]) for b in tiny_loaders[0]])
     assert torch.allclose(bn.running_mean, stem_out.mean(dim=(0, 2, 3)), atol=1e-4)
 
 
@@ -1117,8 +1127,8 @@ def test_training_ends_with_batchnorm_statistics_of_the_final_weights():
     D.train_disentangle(model, batches, epochs=1, lr=0.01, adv_steps=1, device="cpu", progress=False)
     for encoder in (model.encoder_a, model.encoder_b):
         with torch.no_grad():
-            stem = torch.cat([encoder.stem[0](batch["image"]) for batch in batches])  # (8, C, 16, 16)
-        assert torch.allclose(encoder.stem[1].running_mean, stem.mean(dim=(0, 2, 3)), atol=1e-4)
+            stem = torch.cat([encoder.stem(batch["image"]) for batch in batches])  # (8, C, 16, 16)
+        assert torch.allclose(encoder.units[0].main[0].running_mean, stem.mean(dim=(0, 2, 3)), atol=1e-4)
 
 
 class FixedAdversaries(torch.nn.Module):
