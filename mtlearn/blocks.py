@@ -472,11 +472,13 @@ class ResFormerStage(nn.Module):
 # ---------------------------------------------------------------------------------------------
 
 
-def _check_dilations(dilations: Sequence[int]) -> tuple[int, ...]:
+def check_dilations(dilations: Sequence[int]) -> tuple[int, ...]:
+    """`dilations` as a tuple of Python ints >= 1 (NumPy ints too, as from a sweep; not True), or a ValueError."""
     dilations = tuple(dilations)
-    if not dilations or not all(isinstance(d, int) and d >= 1 for d in dilations):
-        raise ValueError(f"dilations must be a non-empty sequence of positive integers, got {dilations}")
-    return dilations
+    if not dilations or not all(is_int(d) and d >= 1 for d in dilations):
+        raise ValueError(f"dilations must be a non-empty sequence of positive integers, e.g. (6, 12, 18), "
+                         f"got {dilations}")
+    return tuple(int(d) for d in dilations)
 
 
 class DFE(nn.Module):
@@ -494,7 +496,7 @@ class DFE(nn.Module):
 
     def __init__(self, channels: int, dilations: Sequence[int] = (6, 12, 18)):
         super().__init__()
-        self.dilations = _check_dilations(dilations)
+        self.dilations = check_dilations(dilations)
         self.branches = nn.ModuleList(
             nn.Sequential(
                 nn.Conv2d(channels, channels, 3, padding=d, dilation=d, bias=False), nn.BatchNorm2d(channels),
@@ -526,7 +528,7 @@ class ASPPDFE(nn.Module):
 
     def __init__(self, channels: int, dilations: Sequence[int] = (6, 12, 18), residual: bool = True):
         super().__init__()
-        self.dilations = _check_dilations(dilations)
+        self.dilations = check_dilations(dilations)
 
         def conv_bn_relu(kernel_size: int, dilation: int) -> nn.Sequential:
             padding = dilation * (kernel_size // 2)

@@ -34,6 +34,7 @@ class ResFormerConfig:
     num_heads: tuple[int, ...] = (2, 4, 8, 16)  # attention heads per stage (head dim = width / heads = 32)
     mlp_ratio: float = 4.0  # hidden size of each transformer MLP, as a multiple of the width
     window_size: int | None = None  # attention window side in tokens; None -> min(image_size) // 16
+    # (square windows: on a non-square image the H/16 stage is global along its shorter side only)
     qkv_bias: bool = True  # learn a bias for the query/key/value projection
     drop_path: float = 0.1  # stochastic depth, rising linearly from 0 to this over the Swin blocks
     dropout: float = 0.0  # dropout after attention projections and MLPs (and before the classifier's last layer)
@@ -90,11 +91,19 @@ def check_floating(x: Tensor, name: str = "images") -> None:
         raise ValueError(f"{name} must be a floating-point tensor, got {x.dtype}; convert with {fix}")
 
 
+def _autocasting(x: Tensor) -> bool:
+    """True inside torch.autocast for x's device type (there a layer casts its input itself)."""
+    try:
+        return torch.is_autocast_enabled(x.device.type)
+    except (RuntimeError, TypeError):  # a device type without autocast
+        return False
+
+
 def check_image(x: Tensor, in_channels: int, stride: int = STRIDE, dtype: torch.dtype | None = None) -> None:
     """Raise ValueError unless x is a (B, in_channels, H, W) float batch with H and W divisible by `stride`.
 
-    `dtype`: the model's weight dtype; a float64 batch is refused unless it matches (conv layers
-    would fail with "expected scalar type Double but found Float").
+    `dtype`: the model's weight dtype; outside torch.autocast a batch of another floating dtype is
+    refused (conv layers would fail with "expected scalar type Double but found Float").
     """
     if not isinstance(x, Tensor):  # a whole batch dict, or a NumPy array, passed to model(...)
         fix = ("pass its image: model(batch['image'])" if isinstance(x, Mapping)
@@ -104,8 +113,13 @@ def check_image(x: Tensor, in_channels: int, stride: int = STRIDE, dtype: torch.
     if x.dim() != 4:
         raise ValueError(f"expected a batch of images (B, C, H, W), got a tensor of shape {tuple(x.shape)}")
     check_floating(x)
-    if x.dtype == torch.float64 and dtype not in (None, torch.float64):
-        raise ValueError(f"images are float64 but the model's weights are {dtype}; convert with .float()")
+    # under autocast the layers cast for themselves; outside it, conv layers fail with "expected scalar
+    # type Half but found Float" or "Input type (CPUBFloat16Type) and weight type ... should be the same"
+    if dtype is not None and x.dtype != dtype and not _autocasting(x):
+        convert = {torch.float32: ".float()", torch.float64: ".double()", torch.float16: ".half()",
+                   torch.bfloat16: ".bfloat16()"}.get(dtype, f".to({dtype})")
+        raise ValueError(f"images are {x.dtype} but the model's weights are {dtype}; convert with {convert}, or "
+                         "run the model under torch.autocast for mixed precision")
     if x.shape[1] != in_channels:
         raise ValueError(f"the model was built for {in_channels} input channel(s), got {x.shape[1]} "
                          f"(shape {tuple(x.shape)}); build it with in_channels={x.shape[1]}")
@@ -179,7 +193,11 @@ class ResFormerEncoder(nn.Module):
 
 
 def init_weights(module: nn.Module) -> None:
-    """He init for convolutions (ResNet), truncated normal for linear layers (Swin), unit norms."""
+    """He init for 2-D convolutions (ResNet), truncated normal for linear layers (Swin), unit norms.
+
+    Transposed convolutions (the decoders' up-sampling) and ECA's 1-D convolution keep PyTorch's
+    default (Kaiming-uniform with a = sqrt(5)).
+    """
     if isinstance(module, nn.Conv2d):
         nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
         if module.bias is not None:

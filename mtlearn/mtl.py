@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
+from mtlearn.blocks import check_dilations
 from mtlearn.encoder import ResFormerConfig, ResFormerEncoder, check_image, init_weights
 from mtlearn.heads import (DFE_MODES, MultiScaleClassificationHead, ReconstructionHead, SegmentationHead,
                            UNetDecoder)
@@ -41,7 +42,6 @@ class MultiTaskConfig(ResFormerConfig):
     def __post_init__(self):
         super().__post_init__()
         self.tasks = (self.tasks,) if isinstance(self.tasks, str) else tuple(self.tasks)
-        self.dilations = tuple(self.dilations)
         unknown = [t for t in self.tasks if t not in TASKS]
         if not self.tasks or unknown or len(set(self.tasks)) != len(self.tasks):
             raise ValueError(f"tasks must be a non-empty subset of {TASKS} without repeats, got {self.tasks}")
@@ -51,8 +51,8 @@ class MultiTaskConfig(ResFormerConfig):
             raise ValueError(f"unknown cls_head {self.cls_head!r}; expected one of {CLS_HEADS}")
         for name in ("num_classes", "seg_classes"):  # >= 2: softmax logits; a float (3.5) fails inside nn.Linear
             check_int(name, getattr(self, name), 2)
-        if not self.dilations or any(not isinstance(d, int) or d < 1 for d in self.dilations):
-            raise ValueError(f"dilations must be positive integers, e.g. (6, 12, 18), got {self.dilations}")
+        self.cls_hidden = check_int("cls_hidden", self.cls_hidden, 1)  # 32.0 failed inside torch.empty
+        self.dilations = check_dilations(self.dilations)
 
 
 class MultiTaskUNet(nn.Module):

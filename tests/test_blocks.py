@@ -134,6 +134,17 @@ class _ZeroGate(torch.nn.Module):
         return torch.zeros_like(x)
 
 
+def _known_gate(eca):
+    """ECA's 1-D conv set to its centre tap: every channel's gate is then sigmoid(its own mean)."""
+    with torch.no_grad():
+        eca.conv.weight.zero_()
+        eca.conv.weight[0, 0, eca.conv.kernel_size[0] // 2] = 1.0
+
+
+def _gated(y):
+    return y + y * torch.sigmoid(y.mean(dim=(2, 3), keepdim=True))  # x + eca(x), with the known gate
+
+
 def test_patch_merging_and_embedding_add_eca_as_a_residual():
     # x + eca(x): with a gate that outputs 0 the block passes its convolutions through unchanged
     x = torch.randn(2, 8, 8, 12)
@@ -145,6 +156,20 @@ def test_patch_merging_and_embedding_add_eca_as_a_residual():
     branches = torch.cat([conv(x) for conv in embed.convs], dim=1)
     expected = embed.norm(branches.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
     assert torch.allclose(embed(x), expected, atol=1e-6)
+
+
+def test_patch_merging_and_embedding_apply_eca_where_the_paper_does():
+    """With a known gate: on the concatenated branches, before the embedding's LayerNorm (the zero-gate
+    test above passes just as well without any ECA)."""
+    x = torch.randn(2, 8, 8, 12)
+    merging = PatchMerging(8, 16)
+    _known_gate(merging.eca)
+    assert torch.allclose(merging(x), _gated(torch.cat([merging.conv2(x), merging.conv4(x)], dim=1)), atol=1e-6)
+    embed = PatchEmbed(8, 16)
+    _known_gate(embed.eca)
+    branches = _gated(torch.cat([conv(x) for conv in embed.convs], dim=1))
+    expected = embed.norm(branches.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+    assert torch.allclose(embed(x), expected, atol=1e-5)
 
 
 @pytest.mark.parametrize("cls", [DFE, ASPPDFE])
@@ -217,6 +242,18 @@ def _reference_swin(block: SwinBlock, x: torch.Tensor) -> torch.Tensor:
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed).transpose(1, 2).reshape(B, H, W, C)
     x = x + attn.proj(out)
     return x + block.mlp(block.norm2(x))
+
+
+@pytest.mark.parametrize("height, width, window_size, shift, layout", [
+    # (window, shift, padded), worked out by hand: a side not larger than the window is global and never
+    # shifted; a shifted side moves by half its window; a padded one still shifts
+    (8, 8, 4, False, ((4, 4), (0, 0), (8, 8))), (8, 8, 4, True, ((4, 4), (2, 2), (8, 8))),
+    (6, 10, 4, True, ((4, 4), (2, 2), (8, 12))), (6, 6, 4, False, ((4, 4), (0, 0), (8, 8))),
+    (3, 5, 4, True, ((3, 4), (0, 2), (3, 8))), (4, 4, 4, True, ((4, 4), (0, 0), (4, 4))),
+])
+def test_window_layouts(height, width, window_size, shift, layout):
+    """The reference below takes its windows from window_layout, so the layouts are checked here on their own."""
+    assert tuple(SwinBlock(16, 2, window_size, shift=shift).window_layout(height, width)) == layout
 
 
 @pytest.mark.parametrize("height, width, window_size, shift", SWIN_SHAPES)

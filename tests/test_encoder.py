@@ -69,7 +69,7 @@ BAD_INPUTS = [
     ("width not divisible by 16", (1, 1, 32, 100), r"32x100.*stride 16.*the nearest: 32x96\)"),
     ("smaller than the stride", (1, 1, 8, 32), r"8x32.*stride 16.*the nearest: 16x32\)"),
     ("empty image", (1, 1, 0, 64), r"the images are empty \(size 0x64"),
-    ("wrong channel count", (1, 3, 32, 32), "3"),
+    ("wrong channel count", (1, 3, 32, 32), r"got 3 \(shape \(1, 3, 32, 32\)\); build it with in_channels=3"),
     ("not a batch", (1, 32, 32), "B, C, H, W"),
 ]
 
@@ -101,7 +101,13 @@ def test_without_attention_is_a_plain_resnet():
     assert blocks == list(TINY["cnn_depths"])
     full = ResFormerEncoder(tiny_config())
     assert sum(isinstance(m, SwinBlock) for m in full.modules()) == sum(TINY["attn_depths"])
-    assert sum(p.numel() for p in plain.parameters()) < sum(p.numel() for p in full.parameters())
+    # the same CNN path, parameter for parameter; the full encoder adds the transformer path only
+    cnn, both = dict(plain.named_parameters()), dict(full.named_parameters())
+    assert all(both[name].shape == p.shape for name, p in cnn.items())
+    added = {name.split(".")[0] if name.startswith("patch_embed") else ".".join(name.split(".")[:3])
+             for name in set(both) - set(cnn)}
+    assert added == {"patch_embed", *(f"stages.{i}.{part}" for i in range(4) for part in ("transformer", "norm")),
+                     *(f"stages.{i}.merge" for i in (1, 2, 3))}
 
 
 def test_shifted_windows_in_every_second_block_and_drop_path_rising_linearly():
@@ -151,7 +157,9 @@ def test_gradient_reaches_every_parameter_and_eval_is_deterministic():
     sum(f.square().mean() for f in features).backward()
     missing = [n for n, p in encoder.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
     assert not missing
-    assert any(p.grad.abs().sum() > 0 for p in encoder.parameters())
+    # the attention path learns too (not only the CNN path): its gradients are not all zero
+    attention = [p for n, p in encoder.named_parameters() if ".transformer." in n and n.endswith("qkv.weight")]
+    assert attention and all(p.grad.abs().sum() > 0 for p in attention)
     encoder.eval()
     x = torch.randn(2, 1, 32, 48)
     assert all(torch.equal(a, b) for a, b in zip(encoder(x), encoder(x)))
@@ -161,8 +169,11 @@ def test_gradient_reaches_every_parameter_and_eval_is_deterministic():
     (torch.uint8, r"torch\.uint8; convert with \.float\(\) / 255"),
     (torch.int64, r"torch\.int64; convert with \.float\(\)"),
     (torch.float64, r"float64 but the model's weights are torch\.float32; convert with \.float\(\)"),
+    # half precision without autocast: "expected scalar type Half but found Float" from inside torch
+    (torch.float16, r"float16 but the model's weights are torch\.float32; convert with \.float\(\), or run .*autocast"),
+    (torch.bfloat16, r"bfloat16 but the model's weights are torch\.float32; convert with \.float\(\)"),
 ])
-def test_integer_and_float64_images_are_refused_with_the_fix(dtype, match):
+def test_integer_and_other_float_images_are_refused_with_the_fix(dtype, match):
     encoder = ResFormerEncoder(tiny_config())
     with pytest.raises(ValueError, match=match):  # was conv's "expected scalar type Byte but found Float"
         encoder(torch.zeros(1, 1, 32, 32, dtype=dtype))
@@ -171,6 +182,13 @@ def test_integer_and_float64_images_are_refused_with_the_fix(dtype, match):
 def test_float64_images_work_with_a_float64_encoder():
     encoder = ResFormerEncoder(tiny_config()).double().eval()
     assert encoder(torch.rand(1, 1, 32, 32, dtype=torch.float64))[0].dtype == torch.float64
+
+
+def test_half_precision_images_run_under_autocast():
+    """Under autocast the layers cast their inputs themselves: a bf16 batch is not refused there."""
+    encoder = ResFormerEncoder(tiny_config()).eval()
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        assert encoder(torch.rand(1, 1, 32, 32, dtype=torch.bfloat16))[0].dtype == torch.bfloat16
 
 
 @pytest.mark.parametrize("image_size", [128.0, (128, 128.0)])

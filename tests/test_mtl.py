@@ -80,6 +80,9 @@ BAD_ARGUMENTS = [
     ("unknown cls head", lambda: tiny_model(cls_head="first"), "cls_head"),
     ("one class", lambda: tiny_model(num_classes=1), "num_classes"),
     ("bad dilations", lambda: tiny_model(dilations=(6, 0)), "dilations"),
+    ("a switch as a dilation", lambda: tiny_model(dfe="three", dilations=(True, 2)), r"dilations .*got \(True, 2\)"),
+    ("no classifier width", lambda: tiny_model(cls_hidden=0), "cls_hidden must be an integer >= 1"),
+    ("float classifier width", lambda: tiny_model(cls_hidden=32.0), r"cls_hidden must be an integer >= 1.*int\("),
     ("heads do not divide widths", lambda: tiny_model(num_heads=(3, 2, 2, 4)), "num_heads"),
     ("unknown preset", lambda: build_model("huge"), "paper.*course.*tiny"),
     ("unknown option", lambda: build_model("tiny", image_size=32, depth=3), "unknown model option"),
@@ -257,6 +260,14 @@ def test_float_sizes_and_class_counts_name_int(factory, match):
     # were "'float' object is not iterable" and a TypeError from nn.Linear / torch.empty
     with pytest.raises(ValueError, match=match):
         factory()
+
+
+def test_numpy_dilations_from_a_sweep_are_taken_as_ints():
+    """isinstance(d, int) refused np.int64(6), which every other integer option accepts."""
+    import numpy as np
+
+    model = tiny_model(dfe="three", dilations=tuple(np.array([2, 3])))
+    assert model.config.dilations == (2, 3) and all(type(d) is int for d in model.config.dilations)
 
 
 @pytest.mark.parametrize("dtype, match", [(torch.uint8, r"convert with \.float\(\) / 255"),
