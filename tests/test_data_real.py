@@ -439,6 +439,16 @@ def test_real_datasets_refuse_other_channel_counts(busi):
         load_dataset("busi", root=root, split="val", in_channels=2)
 
 
+def test_the_dataset_class_takes_a_side_as_every_loader_does(busi):
+    """UltrasoundDataset is public: image_size=64 was "'int' object is not iterable"."""
+    from mtlearn.data.real import UltrasoundDataset
+
+    root, _ = busi
+    records = load_dataset("busi", root=root, split="val").records
+    dataset = UltrasoundDataset("busi", "val", records, ("normal", "benign", "malignant"), image_size=SIZE)
+    assert dataset.image_size == (SIZE, SIZE) and dataset[0]["image"].shape == (1, SIZE, SIZE)
+
+
 # --------------------------------------------------------------------------------------------------
 # BUS-BRA
 
@@ -451,13 +461,16 @@ def bus_bra(tmp_path_factory):
 
 def test_bus_bra_splits_by_patient(bus_bra):
     root, info = bus_bra
-    cases = {s: {r.group for r in load_dataset("bus_bra", root=root, split=s).records} for s in ("train", "val", "test")}
+    # the patient from the fixture, not from the loader's own idea of a group (split_by_group keeps those whole)
+    cases = {s: {info["cases"][r.id] for r in load_dataset("bus_bra", root=root, split=s).records}
+             for s in ("train", "val", "test")}
     assert all(cases.values())
     assert not (cases["train"] & cases["val"] or cases["train"] & cases["test"] or cases["val"] & cases["test"])
     assert set.union(*cases.values()) == set(info["cases"].values())
     # test is the official fold 1 (patients 1, 6, 11, 16 in the fixture); fold=2 gives another one
     assert cases["test"] == {"1", "6", "11", "16"}
-    assert {r.group for r in load_dataset("bus_bra", root=root, split="test", fold=2).records} == {"2", "7", "12", "17"}
+    assert {info["cases"][r.id] for r in load_dataset("bus_bra", root=root, split="test", fold=2).records} == {
+        "2", "7", "12", "17"}
     # the 24 images outside the test fold go 7:1 to train and val, give or take a patient per class
     sizes = {s: len(load_dataset("bus_bra", root=root, split=s).records) for s in ("train", "val")}
     assert abs(sizes["train"] - 24 * 7 / 8) <= 2 * 2 and abs(sizes["val"] - 24 / 8) <= 2 * 2
@@ -558,7 +571,6 @@ def test_bus_uclm_info_csv_disagreeing_with_the_mask_colour_is_reported(bus_uclm
     with pytest.warns(UserWarning, match="differ in size"), \
             pytest.warns(UserWarning, match=r"bus_uclm: 1 note\(s\) on the files, e\.g\. \['PAT03_001: INFO.csv says"):
         dataset = load_dataset("bus_uclm", root=root, split="all", image_size=SIZE)
-    assert info["info_disagrees"] == {"PAT03_001": "malignant"}
     # the mask colour wins (it is drawn on the image); the disagreement is noted, only for that image
     assert dataset.problems == ["PAT03_001: INFO.csv says malignant, the mask colour says benign"]
     assert by_id(dataset)["PAT03_001"]["label"] == 1
@@ -613,7 +625,7 @@ def test_bus_uclm_size_mismatch_reported_not_fatal(bus_uclm):
     with pytest.warns(UserWarning, match="PAT00_001"):
         skipped = load_dataset("bus_uclm", root=root, split="all", image_size=SIZE)
     assert skipped.size_mismatches == info["mismatched"] and "PAT00_001" not in by_id(skipped)
-    with pytest.warns(UserWarning, match="resized"):
+    with pytest.warns(UserWarning, match="resized both, so those masks do not line up with their images"):
         kept = load_dataset("bus_uclm", root=root, split="all", image_size=SIZE, on_size_mismatch="resize")
     assert by_id(kept)["PAT00_001"]["image"].shape == (1, SIZE, SIZE)
     with pytest.raises(ValueError, match="on_size_mismatch"):
@@ -621,10 +633,11 @@ def test_bus_uclm_size_mismatch_reported_not_fatal(bus_uclm):
 
 
 def test_bus_uclm_splits_by_patient(bus_uclm):
-    root, _ = bus_uclm
+    root, info = bus_uclm
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        patients = {s: {r.group for r in load_dataset("bus_uclm", root=root, split=s).records} for s in ("train", "val", "test")}
+        patients = {s: {info["truth"][r.id]["patient"] for r in load_dataset("bus_uclm", root=root, split=s).records}
+                    for s in ("train", "val", "test")}
     assert all(patients.values()) and sum(map(len, patients.values())) == len(set.union(*patients.values()))
 
 

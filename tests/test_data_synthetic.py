@@ -274,6 +274,8 @@ def test_default_collate_batches_items():
         ({"noise_level": float("nan")}, "noise_level"),
         ({"noise_level": float("inf")}, "noise_level"),
         ({"in_channels": 2}, "in_channels"),
+        ({"in_channels": True}, r"in_channels must be 1 \(grey\) or 3 .*got True"),  # gave 1-channel images
+        ({"in_channels": 3.0}, r"in_channels must be 1 \(grey\) or 3 .*got 3.0"),
         # a number as a string (from a config file, the command line) named, not a TypeError from the comparison
         ({"artifact_correlation": "0.5"}, r"artifact_correlation must be a number in \[-1, 1\], got '0.5'; pass it "
                                           "unquoted"),

@@ -45,6 +45,12 @@ def test_item_keys_types_and_labels_agree():
         assert set(item["mask"].unique().tolist()) == {0.0, 1.0}
         assert item["label"] == item["shape"] == data.labels("shape")[i]
         assert item["background"] == data.labels("background")[i]
+        # and the labels say what the pixels show: a bar's mask is 4x wider than high, a circle's square
+        rows, cols = item["mask"][0].nonzero(as_tuple=True)
+        aspect = (cols.max() - cols.min() + 1) / (rows.max() - rows.min() + 1)
+        assert (aspect > 2) == (item["shape"] == 1), (i, float(aspect))
+        corner = item["image"][0, 0, 0] > item["image"][0].mean()  # z-scored: a white background is above the mean
+        assert bool(corner) == (item["background"] == 1), i
         assert item["id"] == f"val_{i:04d}"
     assert data.class_names == ("circle", "bar")
 
@@ -189,3 +195,17 @@ def test_labels_of_label_are_the_shapes():
 def test_labels_rejects_unknown_key():
     with pytest.raises(ValueError, match="unknown label"):
         ShapesBackground("unseen", SMALL).labels("colour")
+
+
+@pytest.mark.parametrize("seed", [2**32 + 7, -1, True, 1.5])
+def test_a_seed_that_could_share_another_splits_stream_is_refused(seed):
+    """NumPy pads seed lists with zeros: [7 + 2**32, 0] (train) is the generator of [7, 1] (validation of seed 7)."""
+    with pytest.raises(ValueError, match=r"seed must be a non-negative integer below 2\*\*32"):
+        ShapesBackground("train", SMALL, seed=seed)
+
+
+def test_shapes_through_load_dataset_refuse_in_channels_true():
+    from mtlearn.data import load_dataset
+
+    with pytest.raises(ValueError, match="shapes images are grey: in_channels must be 1, got True"):
+        load_dataset("shapes", split="val", image_size=SMALL, in_channels=True)

@@ -31,10 +31,12 @@ def test_seed_everything_rejects_bad_seeds(bad):
         seed_everything(bad)
 
 
-def test_pick_device_auto_and_cpu():
+@pytest.mark.parametrize("cuda, mps, expected", [(True, True, "cuda"), (False, True, "mps"), (False, False, "cpu")])
+def test_pick_device_auto_prefers_cuda_then_mps_then_the_cpu(cuda, mps, expected, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: mps)
+    assert pick_device("auto") == torch.device(expected)
     assert pick_device("cpu") == torch.device("cpu")
-    expected = "cuda" if torch.cuda.is_available() else ("mps" if torch.backends.mps.is_available() else "cpu")
-    assert pick_device("auto").type == expected
 
 
 @pytest.mark.parametrize("bad, message", [("gpu", "unknown device"), (3, "device must be a string"),

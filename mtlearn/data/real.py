@@ -11,7 +11,8 @@
 
 Real datasets are downloaded by `python -m data_fetch NAME` into `data_fetch.default_data_dir()`;
 `root` points elsewhere. Items are dicts: "image" (C, H, W) float32 in [0, 1], "mask" (1, H, W)
-0/1 (not for BreastMNIST), "label" int, "id" str (the source file's stem), and "artifact" 0/1
+0/1 (not for BreastMNIST), "label" int, "id" str (the source file's stem; `<dataset>-<split>-<index>`
+for the .npz releases), and "artifact" 0/1
 where the data say so (BUS-UCLM: Doppler overlay or caliper marks).
 
 Splits are deterministic for a seed and never split a group: a patient (BUS-BRA, BUS-UCLM) or a
@@ -58,7 +59,7 @@ SIZE_MISMATCH_POLICIES = ("skip", "resize")
 class Record:
     """One image of a real dataset, before loading."""
 
-    id: str  # source file stem, unique within the dataset
+    id: str  # source file stem (npz releases: "<dataset>-<split>-<index>"), unique within the dataset
     label: int  # index into the dataset's class_names
     image: Path | np.ndarray  # a file, or an (H, W) array (npz datasets)
     masks: tuple[Path, ...] | np.ndarray | None  # files OR-merged (() = empty mask), an array, None = no masks
@@ -94,6 +95,9 @@ def load_dataset(
         in_channels: 1 (grey) or 3 (grey repeated, for ImageNet-style encoders).
         on_size_mismatch: what to do with images whose mask has another size: "skip" them, or
             "resize" both to `image_size` anyway. Either way they are listed in `size_mismatches`.
+            A mask of another size was drawn on another crop (BUS-UCLM), so a resized one does not
+            line up with its image: "resize" suits uses that ignore the masks (classification,
+            denoising).
         **kwargs: dataset options. synthetic: those of SyntheticUltrasound, plus `num_samples`
             per split; busi: `duplicate_distance`; bus_bra: `fold` (official test fold);
             busi_npz / breastmnist: `resolution` (128/256; 28/224).
@@ -199,7 +203,7 @@ class UltrasoundDataset(Dataset):
             raise ValueError(f"in_channels must be 1 (grey) or 3 (grey repeated), got {in_channels!r}")
         in_channels, augment, cache = int(in_channels), check_bool("augment", augment), check_bool("cache", cache)
         self.name, self.split, self.class_names = name, split, tuple(class_names)
-        self.image_size, self.in_channels = tuple(image_size), in_channels
+        self.image_size, self.in_channels = check_size(image_size, minimum=8), in_channels
         self.problems, self.fetch_command = list(problems), fetch_command
         self.size_mismatches = [r.id for r in records if _sizes_differ(r)]
         if self.size_mismatches:
@@ -210,7 +214,8 @@ class UltrasoundDataset(Dataset):
             warnings.warn(
                 f"{name}: {len(self.size_mismatches)} image/mask pairs differ in size "
                 f"(e.g. {self.size_mismatches[:3]}); "
-                + ("skipped them (on_size_mismatch='resize' keeps them)" if skipped else "resized both")
+                + ("skipped them (on_size_mismatch='resize' keeps them)" if skipped
+                   else "resized both, so those masks do not line up with their images")
                 + "; see dataset.size_mismatches",
                 stacklevel=3,
             )
@@ -500,7 +505,7 @@ def _shapes(split: str, image_size, seed: int, augment: bool, in_channels: int, 
 
     if augment:  # flips would be harmless, but intensity tricks would defeat the benchmark: keep it as published
         raise ValueError("augment=True is not available for shapes: the benchmark is used as published")
-    if in_channels != 1:
+    if not is_int(in_channels) or in_channels != 1:  # True == 1
         raise ValueError(f"shapes images are grey: in_channels must be 1, got {in_channels!r}")
     _check_options("shapes", ShapesBackground, kwargs, fixed=("split", "image_size", "seed"))
     if image_size is not None:

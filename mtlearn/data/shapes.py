@@ -88,8 +88,10 @@ class ShapesBackground(Dataset):
             raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
         self.split = split
         self.image_size = check_size(image_size, minimum=MIN_SIZE)
-        if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
-            raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+        # below 2**32: NumPy splits a larger seed into 32-bit words, so [7 + 2**32, 0] (train) would
+        # draw the stream of [7, 1] (another split of seed 7)
+        if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or not 0 <= seed < 2**32:
+            raise ValueError(f"seed must be a non-negative integer below 2**32, got {seed!r}; take e.g. seed % 2**32")
         self.seed = int(seed)
         names = tuple(SPLIT_COUNTS) if split == "all" else (split,)
         self.items = [item for name in names for item in _draw_split(name, self.image_size, self.seed)]

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from mtlearn.utils import check_int, check_number, check_size
+from mtlearn.utils import check_int, check_number, check_size, is_int
 
 CLASS_NAMES = ("normal", "benign", "malignant")
 NORMAL, BENIGN, MALIGNANT = 0, 1, 2
@@ -104,7 +104,7 @@ class SyntheticUltrasound(Dataset):
         check_number("artifact_correlation", artifact_correlation, -1, 1)
         check_number("artifact_rate", artifact_rate, 0, 1)
         check_number("noise_level", noise_level, 0, advice="1.0 = fully developed speckle")
-        if in_channels not in (1, 3):
+        if not is_int(in_channels) or in_channels not in (1, 3):  # True is 1 and 3.0 is 3 to `in`
             raise ValueError(f"in_channels must be 1 (grey) or 3 (grey repeated), got {in_channels!r}")
         self.num_samples = int(num_samples)
         self.seed = int(seed)
