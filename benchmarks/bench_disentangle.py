@@ -76,13 +76,14 @@ def main(argv: list[str] | None = None) -> None:
     description = __doc__.split("\n\n")[0]
     parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_disentangle", description=description)
     parser.add_argument("--quick", action="store_true", help="smoke profile: seconds, tiny models")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the data and the training (0 .. 2**32 - 1)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="training seed, 0 .. 2**32 - 1: weights and batch order (the data are fixed)")
     parser.add_argument("--epochs", type=int, default=None, help="override the profile's epochs")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: 1; 0: torch's default)")
     args = parser.parse_args(argv)
     if args.threads < 0:
         parser.error(f"--threads must be >= 0 (0: torch's default), got {args.threads}")
-    if not 0 <= args.seed < 2**32:  # refused now, not by the first training after minutes of data generation
+    if not 0 <= args.seed < 2**32:  # as argparse's error, not a traceback from seed_everything
         parser.error(f"--seed must be in 0 .. 2**32 - 1, got {args.seed}")
     if args.epochs is not None and args.epochs < 1:
         parser.error(f"--epochs must be >= 1, got {args.epochs}")

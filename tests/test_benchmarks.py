@@ -275,11 +275,12 @@ def test_models_run_keeps_freed_memory_on_the_cpu_unless_asked_not_to(monkeypatc
     assert run_args[0]["default_malloc"] is True
 
 
-def test_models_refuses_an_unknown_group_and_bad_options():
+def test_models_refuses_an_unknown_group_and_bad_options(monkeypatch):
     threads = torch.get_num_threads()
     with pytest.raises(ValueError, match=r"unknown benchmark group\(s\) \['gpu'\]"):
         bench_models.run(quick=True, groups=("gpu",))
     assert torch.get_num_threads() == threads
+    monkeypatch.setattr(bench_models, "run", _must_not_run)  # a broken check fails at once, not after a benchmark
     with pytest.raises(SystemExit):  # refused before anything is measured
         bench_models.main(["--rounds", "0"])
     with pytest.raises(SystemExit):
@@ -354,6 +355,7 @@ def test_main_passes_threads_and_rounds_only_to_the_groups_that_take_them(monkey
                      "engine": {"quick": False, "rounds": 3}, "umsrep": {"quick": False, "threads": 1}}
     assert list(calls) == ["data", "engine", "umsrep", "models"]  # models last: it changes the allocator
     assert "## models  (0 s, threads 1, rounds 3)" in capsys.readouterr().out
+    monkeypatch.setattr(bench_disentangle, "run", _must_not_run)  # the one group not faked above
     for argv in (["--only"], ["--rounds", "0"]):  # no group named, or no round: refused
         with pytest.raises(SystemExit):
             benchmarks_main(argv)
@@ -434,6 +436,15 @@ def test_umsrep_rows_give_shares_of_single_task_training_and_the_verdict():
     assert (scratch["criterion"], scratch["flops_vs_e"]) == ("", 1.0)
     worse, _ = bench_umsrep.strategy_rows(_strategy_table(joint_dice=0.75), config)  # 5 points of Dice below (e)
     assert worse["criterion"] == "fail (metrics)"
+
+
+def test_umsrep_verdict_names_only_what_counted():
+    """An unmeasured share (NaN) is left out of the check, so it is no reason for a failure either."""
+    check = {"passed": False, "metrics_ok": False, "unmeasured": ["cpu_share_train"], "flops_share_train": 0.3,
+             "time_share_train": 0.35 + 1e-12, "cpu_share_train": float("nan")}
+    assert bench_umsrep.verdict(check, "train", 0.35) == "fail (metrics)"
+    check.update(metrics_ok=True, time_share_train=0.5)
+    assert bench_umsrep.verdict(check, "train", 0.35) == "fail (time 0.50)"
 
 
 def test_umsrep_verdict_also_needs_the_cpu_time_share():
