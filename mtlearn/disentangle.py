@@ -106,8 +106,7 @@ class Encoder(nn.Module):
     def __init__(self, in_channels: int = 1, widths: tuple[int, ...] = (8, 16, 32, 64), negative_slope: float = 0.01):
         super().__init__()
         in_channels = check_int("in_channels", in_channels, 1)
-        if len(widths) < 1 or any(not is_int(w) or w < 1 for w in widths):
-            raise ValueError(f"widths must be a non-empty sequence of positive ints, got {widths!r}")
+        widths = _check_widths(widths)
         self.in_channels = in_channels
         self.out_channels = widths[-1]
         self.stem = nn.Conv2d(in_channels, widths[0], 3, padding=1, bias=False)  # BN and activation: in the unit
@@ -124,6 +123,14 @@ class Encoder(nn.Module):
             stages.append(unit(stages[-1]))
         stages[-1] = self.norm(stages[-1])
         return stages
+
+
+def _check_widths(widths) -> tuple[int, ...]:
+    """Encoder widths as a tuple of ints, or a ValueError (64 alone failed with "has no len()")."""
+    if not isinstance(widths, (tuple, list)) or not widths or any(not is_int(w) or w < 1 for w in widths):
+        raise ValueError(f"widths must be a non-empty sequence of positive ints, one per stage, e.g. (8, 16, 32, 64); "
+                         f"got {widths!r}")
+    return tuple(int(w) for w in widths)
 
 
 READOUTS = ("pooled", "spatial")
@@ -150,8 +157,7 @@ class Classifier(nn.Module):
             raise ValueError(f"unknown readout {readout!r}; expected one of {READOUTS}")
         if not is_int(hidden) or hidden < 0:
             raise ValueError(f"hidden must be an int >= 0 (0: linear classifier), got {hidden!r}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+        check_number("dropout", dropout, 0, 1, below=True, advice="a probability; 0: none")
         self.num_classes = num_classes
         size = 1 if readout == "pooled" else grid
         self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(size), nn.Flatten())  # (B, C * size * size)
@@ -263,7 +269,8 @@ class DisentangleNet(TwoEncoderNet):
         widths: encoder filters per stage (the paper: 8/16/32/64).
         readout: how the task heads read the features, "pooled" or "spatial" (see Classifier).
         hidden: width of the task heads' hidden layer (the paper: 256).
-        dropout: dropout before each classifier's last layer.
+        dropout: dropout before the last layer of each classifier with a hidden layer (a linear
+            one, hidden=0, has none).
         adv_readout: how the adversaries read the features; None: same as `readout`.
         adv_hidden: the adversaries' hidden width; None: same as `hidden`; 0: linear adversaries.
     """
@@ -432,15 +439,33 @@ def fit_accuracy(model: DisentangleNet, features_a: torch.Tensor, features_b: to
                  y_b: torch.Tensor) -> dict[str, float]:
     """The adversaries' accuracy on the batch their last steps fitted: {"adv_fit_acc_a", "adv_fit_acc_b"}.
 
-    In training mode, as they were fitted (BatchNorm on the batch's statistics); the running
-    statistics are put back afterwards, so scoring changes nothing that training or evaluation sees.
+    In training mode, as they were fitted (BatchNorm on the batch's statistics), but without
+    dropout; the running statistics are put back afterwards and no random number is drawn, so
+    scoring changes nothing that training or evaluation sees.
     """
+    saved = _adversary_buffers(model)
+    dropouts = [m for adversary in (model.adv_a, model.adv_b) for m in adversary.modules()
+                if isinstance(m, nn.Dropout) and m.training]
+    for module in dropouts:
+        module.eval()
+    try:
+        adv_a, adv_b = model.adversaries(features_a, features_b)
+    finally:
+        for module in dropouts:
+            module.train()
+        _restore_buffers(model, saved)
+    return {"adv_fit_acc_a": _accuracy(adv_a, y_a), "adv_fit_acc_b": _accuracy(adv_b, y_b)}
+
+
+def _adversary_buffers(model: DisentangleNet) -> list[torch.Tensor]:
+    """Copies of the adversaries' buffers (BatchNorm's running statistics and counts)."""
+    return [buffer.clone() for adversary in (model.adv_a, model.adv_b) for buffer in adversary.buffers()]
+
+
+def _restore_buffers(model: DisentangleNet, saved: list[torch.Tensor]) -> None:
     buffers = [buffer for adversary in (model.adv_a, model.adv_b) for buffer in adversary.buffers()]
-    saved = [buffer.clone() for buffer in buffers]
-    adv_a, adv_b = model.adversaries(features_a, features_b)
     for buffer, value in zip(buffers, saved):
         buffer.copy_(value)
-    return {"adv_fit_acc_a": _accuracy(adv_a, y_a), "adv_fit_acc_b": _accuracy(adv_b, y_b)}
 
 
 def main_step(model: nn.Module, optimizer: torch.optim.Optimizer, features_a: torch.Tensor, features_b: torch.Tensor,
@@ -746,6 +771,10 @@ def train_disentangle(
                         fitted = adversary_step(model, adv_optimizer, detached_a, detached_b, y_a, y_b)
                         if i == 0:  # scored before any step on this batch: images the adversaries were not fitted to
                             record.update(fitted)
+                            once = _adversary_buffers(model)
+                    # BatchNorm's running statistics take this batch once, not once per step: 100 steps at
+                    # momentum 0.1 would leave them this one batch's (0.9 ** 100 of everything before)
+                    _restore_buffers(model, once)
                     # after the steps: how well they fit this one batch (50 images, 64 features: easily)
                     record.update(fit_accuracy(model, detached_a, detached_b, y_a, y_b))
                     joint.index_put_((y_a, y_b), torch.ones_like(y_a, dtype=joint.dtype), accumulate=True)
@@ -974,6 +1003,7 @@ class DisentangleConfig:
         if self.adv_readout not in READOUTS:
             raise ValueError(f"unknown adv_readout {self.adv_readout!r}; expected one of {READOUTS}")
         check_int("batch_size", self.batch_size, 2)  # BatchNorm needs two images
+        self.widths = _check_widths(self.widths)  # now, not when build_model makes the encoders
         check_bool("balance", self.balance)
         for name in ("hidden", "adv_hidden"):  # checked here too, so a bad preset fails before any model is built
             value = getattr(self, name)
@@ -1138,7 +1168,8 @@ def probe_within_groups(model: nn.Module, loader, target: str, group: str, group
         generated data): the folds then keep each patient's images on one side (cross_validated_probe).
     Returns {"probe_<target>_a_<name>": balanced accuracy, `folds`-fold cross-validated; 0.5 for
     a 0/1 target = nothing readable}, NaN for a group with fewer than `folds` images (or patients)
-    of some target value (too few to cross-validate).
+    of some target value, or whose patients cannot be split into folds that each hold every value
+    (too few to cross-validate).
     """
     from mtlearn.probes import cross_validated_probe, extract_features, too_few_for_folds
 
@@ -1148,8 +1179,12 @@ def probe_within_groups(model: nn.Module, loader, target: str, group: str, group
     for value, name in enumerate(group_names):
         chosen = labels[group] == value
         y, within = labels[target][chosen], None if patients is None else np.asarray(patients)[chosen]
-        enough = too_few_for_folds(y, folds, within) is None
-        probe = cross_validated_probe(features[chosen], y, folds, seed, groups=within) if enough else None
+        probe = None
+        if too_few_for_folds(y, folds, within) is None:
+            try:
+                probe = cross_validated_probe(features[chosen], y, folds, seed, groups=within)
+            except ValueError:  # the patients' folds cannot all hold every value: too few, as above
+                probe = None
         scores[f"probe_{target}_a_{name}"] = probe["balanced_accuracy"] if probe else float("nan")
     return scores
 

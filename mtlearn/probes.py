@@ -163,7 +163,9 @@ def cross_validated_probe(features: np.ndarray, y: np.ndarray, folds: int = 5, s
     on both sides of a fold (StratifiedGroupKFold): several images of one patient on both sides let
     the probe read a label through who the patient is, and score well on features that do not
     encode the label at all. Every class needs items in `folds` groups (`folds` items without
-    groups) or more, else the folds mislead (too_few_for_folds) and a ValueError says so.
+    groups) or more, else the folds mislead (too_few_for_folds) and a ValueError says so. With
+    groups that is not always enough (a class spread unevenly over a few patients can still miss a
+    test fold, whose balanced accuracy would then be one class's recall): a ValueError says so too.
     """
     from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
@@ -184,6 +186,12 @@ def cross_validated_probe(features: np.ndarray, y: np.ndarray, folds: int = 5, s
         splits = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed).split(features, y)
     else:
         splits = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed).split(features, y, groups)
+    splits, classes = list(splits), np.unique(y)
+    for fold, (_, te) in enumerate(splits):
+        missing = np.setdiff1d(classes, y[te])
+        if len(missing):  # only possible with groups: StratifiedKFold puts every class in every fold
+            raise ValueError(f"test fold {fold + 1} of {folds} holds no item of class {missing[0]}: its groups are "
+                             f"too few or too uneven to split {folds} ways; pass fewer folds, or probe more groups")
     scores = [linear_probe(features[tr], y[tr], features[te], y[te]) for tr, te in splits]
     return {k: float(np.mean([s[k] for s in scores])) for k in scores[0]}
 

@@ -95,6 +95,9 @@ def test_disentangle_parameter_groups_split_the_model():
         (lambda: D.Encoder(in_channels=0), "in_channels"),
         (lambda: D.Encoder(widths=()), "widths"),
         (lambda: D.Encoder(widths=(8, 0)), "widths"),
+        (lambda: D.Encoder(widths=64), r"widths must be a non-empty sequence .*got 64"),  # "has no len()"
+        (lambda: D.disentangle_config("smoke", widths=64), r"widths must be a non-empty sequence"),  # at build
+        (lambda: D.DisentangleNet(widths=TINY, dropout="0.1"), r"dropout must be a number in \[0, 1\).*unquoted"),
         (lambda: D.Classifier(8, num_classes=1), "num_classes"),
         (lambda: D.Classifier(8, 2, readout="local"), "unknown readout 'local'"),
         (lambda: D.Classifier(8, 2, hidden=-1), "hidden"),
@@ -216,7 +219,6 @@ def test_main_step_makes_the_frozen_adversary_worse(shapes_batch, adv_loss):
             return F.cross_entropy(adv_b, y_b).item()
 
     before = adversary_ce()
-    adversaries = _snapshot(model.adv_a) + _snapshot(model.adv_b)
     adversary_grads = [p.grad.clone() for p in model.adversary_parameters()]  # from their own last step
     optimizer = torch.optim.Adam(model.main_parameters(), lr=1e-2)
     uniform = torch.full((len(x), 2), 0.5)
@@ -225,13 +227,12 @@ def test_main_step_makes_the_frozen_adversary_worse(shapes_batch, adv_loss):
                              target_a=uniform, target_b=uniform)
     assert "adv_term" in record
     assert adversary_ce() > before + 0.1  # the encoders learned to fool the (fixed) adversary
-    assert all(torch.equal(p, q) for p, q in zip([*model.adv_a.parameters(), *model.adv_b.parameters()], adversaries))
     assert all(p.requires_grad for p in model.adversary_parameters())  # unfrozen again afterwards
     # frozen during the main phase: its backward passed through them without touching their gradients
     assert all(torch.equal(p.grad, g) for p, g in zip(model.adversary_parameters(), adversary_grads))
 
 
-def test_main_step_refuses_bad_arguments_without_leaving_the_adversaries_frozen(shapes_batch):
+def test_main_step_refuses_bad_arguments_before_freezing_the_adversaries(shapes_batch):
     model = tiny_model()
     x, y_a, y_b = shapes_batch["image"], shapes_batch["shape"], shapes_batch["background"]
     optimizer = torch.optim.Adam(model.main_parameters(), lr=1e-3)
@@ -239,7 +240,55 @@ def test_main_step_refuses_bad_arguments_without_leaving_the_adversaries_frozen(
     with pytest.raises(ValueError, match="w_leak > 0 needs leakage"):
         D.main_step(model, optimizer, *model.encode(x), y_a, y_b, w_adv=1.0, target_a=uniform, target_b=uniform,
                     w_leak=1.0)
-    assert all(p.requires_grad for p in model.adversary_parameters())
+
+
+def test_the_adversary_phase_of_training_sends_no_gradient_into_the_encoders(monkeypatch):
+    """train_disentangle detaches the features for the adversaries: with its main phase stubbed out,
+    a whole epoch of adversary steps leaves the encoders and heads as they were, without gradients."""
+    monkeypatch.setattr(D, "main_step", lambda model, optimizer, *args, **kwargs: {"loss": 0.0})
+    torch.manual_seed(0)
+    model = tiny_model()
+    frozen = {name: _snapshot(getattr(model, name)) for name in ("encoder_a", "encoder_b", "head_a", "head_b")}
+    adversaries = _snapshot(model.adv_a)
+    batches = [_labelled_batch([(0, 1), (1, 1), (1, 0), (1, 0)], seed=s) for s in (0, 1)]
+    D.train_disentangle(model, batches, epochs=1, lr=0.01, adv_steps=3, device="cpu", progress=False,
+                        recalibrate_bn=False)
+    assert not _unchanged(model.adv_a, adversaries)  # the adversaries did learn
+    for name, snapshot in frozen.items():
+        assert all(p.grad is None for p in getattr(model, name).parameters()), f"{name} got gradients"
+        assert _unchanged(getattr(model, name), snapshot), f"{name} changed"
+
+
+def test_adversary_batchnorm_statistics_take_each_batch_once():
+    """100 adversary steps per batch at momentum 0.1 left the running mean that of the last batch alone
+    (0.9 ** 100 of everything before); one update per batch keeps the earlier batches in it."""
+    torch.manual_seed(0)
+    model = tiny_model(hidden=0)  # linear adversaries: BN on the pooled features, then one dense layer
+    batches = [_labelled_batch([(0, 1), (1, 1), (1, 0), (1, 0)], seed=s) for s in (0, 1, 2)]
+    seen = []
+    model.adv_b.net[0].register_forward_hook(lambda module, inputs, output: seen.append(inputs[0].mean(0)))
+    D.train_disentangle(model, batches, epochs=1, adv_steps=20, device="cpu", progress=False, recalibrate_bn=False)
+    assert len(seen) == 3 * 22  # per batch: 20 adversary steps, the fit score and the main step, on the same features
+    per_batch = [seen[i * 22] for i in range(3)]
+    # BatchNorm's running mean (momentum 0.1) from 0 after the first step and the main step of each batch
+    expected = torch.zeros_like(per_batch[0])
+    for mean in per_batch:
+        expected = 0.9 * (0.9 * expected + 0.1 * mean) + 0.1 * mean
+    assert torch.allclose(model.adv_b.net[0].running_mean, expected, atol=1e-5)
+
+
+def test_fit_accuracy_draws_no_random_number_and_uses_no_dropout(shapes_batch):
+    """It scores the adversaries in training mode (batch statistics); dropout drew masks there, moving
+    the global generator and making the score noisy."""
+    model = tiny_model(dropout=0.5)
+    features = [f.detach() for f in model.encode(shapes_batch["image"])]
+    y_a, y_b = shapes_batch["shape"], shapes_batch["background"]
+    torch.manual_seed(0)
+    state = torch.get_rng_state()
+    first = D.fit_accuracy(model, *features, y_a, y_b)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert D.fit_accuracy(model, *features, y_a, y_b) == first
+    assert all(m.training for m in model.adv_a.modules())  # left in training mode
 
 
 def test_linear_leakage_needs_a_combination_seen_twice():

@@ -167,6 +167,18 @@ def test_cross_validated_probe_checks_its_groups():
     assert 0 <= cross_validated_probe(features, flags, folds=2, groups=patients)["balanced_accuracy"] <= 1
 
 
+def test_grouped_folds_that_miss_a_class_are_refused():
+    """Class 1 is spread over 5 of 7 patients (enough by count), but unevenly: StratifiedGroupKFold then
+    left one test fold without it, whose balanced accuracy was class 0's recall alone."""
+    sizes = [4, 1, 7, 3, 10, 7, 1]
+    y = np.array([0, 0, 0, 0, 0, 1, 1, 1, 0, 0, 1, 1, 1, 0, 1, 0, 0, 1, 1, 0, 1, 0, 0, 0, 1, 0, 1, 1, 0, 1, 0, 0, 1])
+    groups = np.repeat(np.arange(7), sizes)
+    features = np.random.default_rng(1).normal(size=(len(y), 4))
+    assert len(np.unique(groups[y == 1])) == 5  # too_few_for_folds passes it
+    with pytest.raises(ValueError, match=r"test fold 1 of 5 holds no item of class 1: .*pass fewer folds"):
+        cross_validated_probe(features, y, folds=5, seed=0, groups=groups)
+
+
 def test_cross_validated_probe_names_a_length_mismatch():
     features, coded, _ = synthetic_features(n=20)
     with pytest.raises(ValueError, match=r"same N, got features \(20, 16\) and labels \(15,\)"):
