@@ -48,6 +48,7 @@ from mtlearn.encoder import ResFormerEncoder, check_floating, init_weights
 from mtlearn.mtl import MultiTaskUNet
 from mtlearn.plots import _image
 from mtlearn.utils import check_number
+from mtlearn.widgets import show_in
 
 HEADS = ("cls", "seg", "recon")
 METHODS = ("ig", "saliency", "smoothgrad", "gradcam", "occlusion")
@@ -1168,22 +1169,19 @@ class AttributionExplorer:
             share = float(mask_share(maps, item["mask"][None])[0])
             hit = float(pointing_game(maps, item["mask"][None], self.tolerance)[0])
             title += f"\nin-lesion share {share:.2f}, peak in lesion: {'yes' if hit == 1 else 'no'}"
-        self.output.clear_output(wait=True)
-        with self.output:
-            fig, axes = plt.subplots(1, 2, figsize=(6.4, 3.8), layout="constrained")
-            axes[0].imshow(_image(item["image"]), cmap="gray")
-            if "mask" in item and item["mask"].sum() > 0:
-                axes[0].contour(_image(item["mask"]), levels=[0.5], colors="lime", linewidths=1)
-            if "artifact_mask" in item and item["artifact_mask"].sum() > 0:
-                axes[0].contour(_image(item["artifact_mask"]), levels=[0.5], colors="orange", linewidths=1)
-            axes[0].set_title("image (lesion green, artifact orange)", fontsize=8)
-            axes[0].set_axis_off()
-            shown = _show_map(axes[1], item["image"], maps[0], method, item.get("mask"))
-            _colourbar(fig, shown, axes[1], [maps[0]])  # one map: its own scale
-            axes[1].set_title(method, fontsize=8)
-            fig.suptitle(title, fontsize=9)
-            plt.show()
-            plt.close(fig)  # shown (inline backend) or not (tests): either way no figure piles up
+        fig, axes = plt.subplots(1, 2, figsize=(6.4, 3.8), layout="constrained")
+        axes[0].imshow(_image(item["image"]), cmap="gray")
+        if "mask" in item and item["mask"].sum() > 0:
+            axes[0].contour(_image(item["mask"]), levels=[0.5], colors="lime", linewidths=1)
+        if "artifact_mask" in item and item["artifact_mask"].sum() > 0:
+            axes[0].contour(_image(item["artifact_mask"]), levels=[0.5], colors="orange", linewidths=1)
+        axes[0].set_title("image (lesion green, artifact orange)", fontsize=8)
+        axes[0].set_axis_off()
+        shown = _show_map(axes[1], item["image"], maps[0], method, item.get("mask"))
+        _colourbar(fig, shown, axes[1], [maps[0]])  # one map: its own scale
+        axes[1].set_title(method, fontsize=8)
+        fig.suptitle(title, fontsize=9)
+        show_in(self.output, fig)
         peak = divmod(int(maps[0, 0].argmax()), maps.shape[-1])
         self.state = {"index": index, "head": head, "target": label, "method": method, "title": title,
                       "map_shape": tuple(maps.shape), "peak": peak, "mask_share": share, "pointing_game": hit}

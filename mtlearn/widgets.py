@@ -1,6 +1,6 @@
 """Interactive explorers for the notebooks (ipywidgets).
 
-They build without a browser: the figure is drawn into an `Output` widget, so a test can construct
+They build without a browser: the figure is put into an `Output` widget, so a test can construct
 an explorer, move its controls programmatically and read what was drawn (`explorer.state`).
 """
 
@@ -10,6 +10,21 @@ import ipywidgets as widgets
 import matplotlib.pyplot as plt
 
 from mtlearn.plots import _image
+
+
+def show_in(output: widgets.Output, fig) -> None:
+    """Make `fig` the only thing `output` shows, and close it (no figure piles up over redraws).
+
+    Why not `with output: plt.show()`: inside that block a headless runner (papermill's nbclient)
+    plays the frontend and sends the widget's state back to the kernel on the shell channel while it
+    waits there for the cell's reply, which now and then never comes (jupyter/nbclient#312; notebook
+    00 hung 3 times in 19 papermill runs). Setting `outputs` from the kernel involves no reply.
+    """
+    from IPython.core.interactiveshell import InteractiveShell
+
+    data, metadata = InteractiveShell.instance().display_formatter.format(fig)  # PNG under the inline backend
+    output.outputs = ({"output_type": "display_data", "data": data, "metadata": metadata},)
+    plt.close(fig)
 
 
 def _class_names(dataset):
@@ -65,18 +80,15 @@ class DatasetExplorer:
     def draw(self) -> None:
         item = self.dataset[self.index.value]
         title = self.describe(item)
-        self.output.clear_output(wait=True)
-        with self.output:
-            fig, ax = plt.subplots(figsize=(4, 4))
-            ax.imshow(_image(item[self.show.value]), cmap="gray")
-            if self.outline.value and "mask" in item:
-                ax.contour(_image(item["mask"]), levels=[0.5], colors="lime", linewidths=1)
-            if self.artifact.value and "artifact_mask" in item:
-                ax.contour(_image(item["artifact_mask"]), levels=[0.5], colors="orange", linewidths=1)
-            ax.set_title(title, fontsize=9)
-            ax.set_axis_off()
-            plt.show()
-            plt.close(fig)  # shown; without this every redraw would keep one more figure alive
+        fig, ax = plt.subplots(figsize=(4, 4))
+        ax.imshow(_image(item[self.show.value]), cmap="gray")
+        if self.outline.value and "mask" in item:
+            ax.contour(_image(item["mask"]), levels=[0.5], colors="lime", linewidths=1)
+        if self.artifact.value and "artifact_mask" in item:
+            ax.contour(_image(item["artifact_mask"]), levels=[0.5], colors="orange", linewidths=1)
+        ax.set_title(title, fontsize=9)
+        ax.set_axis_off()
+        show_in(self.output, fig)
         self.figure = fig
         self.state = {"index": self.index.value, "layer": self.show.value, "title": title,
                       "outline": self.outline.value, "artifact": self.artifact.value}

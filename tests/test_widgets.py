@@ -134,3 +134,15 @@ def test_a_label_without_a_class_name_is_named(label):
     with pytest.raises(ValueError, match=rf"item 'item-0' has label {label}, but class_names \['a', 'b'\] name "
                                          r"labels 0..1: pass one name per class"):
         DatasetExplorer(items, class_names=("a", "b"))
+
+
+def test_the_figure_is_set_as_the_only_output_not_captured_in_a_with_block():
+    """`with output: plt.show()` made papermill's client answer on the shell channel mid-cell, which
+    hung notebook 00 now and then (jupyter/nbclient#312); the kernel now sets `outputs` itself."""
+    explorer = DatasetExplorer(fake_items())
+    for index in (1, 2):
+        explorer.index.value = index
+        (output,) = explorer.output.outputs  # one figure, the last one drawn, not one per redraw
+        assert output["output_type"] == "display_data" and "text/plain" in output["data"]
+        assert explorer.output.msg_id == ""  # never in capturing mode
+    assert not matplotlib.pyplot.get_fignums()  # closed after each draw
