@@ -1184,7 +1184,7 @@ def probe_within_groups(model: nn.Module, loader, target: str, group: str, group
             try:
                 probe = cross_validated_probe(features[chosen], y, folds, seed, groups=within)
             except ValueError:  # the patients' folds cannot all hold every value: too few, as above
-                probe = None
+                pass
         scores[f"probe_{target}_a_{name}"] = probe["balanced_accuracy"] if probe else float("nan")
     return scores
 
