@@ -14,7 +14,8 @@ After every epoch: a check that the weights are still finite (NonFiniteWeightsEr
 anything is saved), validation metrics, `last.pt`, and `best.pt` when the validation metric improved.
 Checkpoints hold everything needed to resume bit-for-bit (on CPU): model, optimiser, scheduler,
 weighting, grad scaler, every random generator (of every torchrun process) and the history. How
-they are written, read and checked is mtlearn.checkpoint's (`save_checkpoint` and `load_checkpoint` import from here too).
+they are written, read and checked is mtlearn.checkpoint's (`save_checkpoint` and
+`load_checkpoint` import from here too).
 
 Under torchrun (`python -m mtlearn.train`), `fit` wraps the model in DistributedDataParallel
 itself; progress bars and checkpoints then come from rank 0 only and metrics are summed over ranks.
