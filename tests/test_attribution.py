@@ -552,7 +552,7 @@ def test_cascading_randomisation_records_how_it_compared(model, images):
 
 def test_viewer_draws_its_map_with_a_colourbar(model, data, monkeypatch):
     shown = []
-    monkeypatch.setattr(A.plt, "show", lambda: shown.append(len(_colourbars(plt.gcf()))))
+    monkeypatch.setattr(A, "show_in", lambda output, fig: shown.append(len(_colourbars(fig))))
     A.AttributionExplorer(model, data, methods=("saliency",))
     assert shown == [1]
 
