@@ -242,6 +242,7 @@ def test_main_step_refuses_bad_arguments_before_freezing_the_adversaries(shapes_
                     w_leak=1.0)
 
 
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before:UserWarning")  # no main step
 def test_the_adversary_phase_of_training_sends_no_gradient_into_the_encoders(monkeypatch):
     """train_disentangle detaches the features for the adversaries: with its main phase stubbed out,
     a whole epoch of adversary steps leaves the encoders and heads as they were, without gradients."""
