@@ -62,6 +62,7 @@ from mtlearn.utils import (
     check_number,
     check_options,
     count_parameters,
+    find_class_names,
     countable_attention,
     is_int,
     is_number,
@@ -607,14 +608,7 @@ def load_strategy_data(config: UMSRepConfig) -> StrategyData:
         unlabeled=DenoisingPairs(InMemory(pool, ("image",)), labels=False, **noise),
         train=DenoisingPairs(InMemory(train, keep), labels=True, **noise),
         test=InMemory(DenoisingPairs(test, labels=True, fixed_noise=True, **noise), keep),
-        class_names=tuple(_class_names(test)))
-
-
-def _class_names(dataset: Dataset) -> tuple[str, ...]:
-    """The class_names of `dataset`, looked up through Subset-style wrappers (their `.dataset`)."""
-    while getattr(dataset, "class_names", None) is None and hasattr(dataset, "dataset"):
-        dataset = dataset.dataset
-    return tuple(dataset.class_names)
+        class_names=tuple(find_class_names(test)))
 
 
 def _random_subset(dataset: Dataset, size: int | None, seed: int) -> Dataset:

@@ -222,6 +222,13 @@ def python_numbers(value):
     return value.item() if isinstance(value, np.generic) else value
 
 
+def find_class_names(dataset):
+    """The dataset's class_names, looked up through Subset-style wrappers (their `.dataset`); None if none."""
+    while getattr(dataset, "class_names", None) is None and hasattr(dataset, "dataset"):
+        dataset = dataset.dataset
+    return getattr(dataset, "class_names", None)
+
+
 def is_int(value) -> bool:
     """True for Python and NumPy integers; False for bools (True is not a count) and floats (128.0)."""
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)

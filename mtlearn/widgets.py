@@ -10,6 +10,7 @@ import ipywidgets as widgets
 import matplotlib.pyplot as plt
 
 from mtlearn.plots import _image
+from mtlearn.utils import find_class_names
 
 
 def show_in(output: widgets.Output, fig) -> None:
@@ -27,13 +28,6 @@ def show_in(output: widgets.Output, fig) -> None:
     plt.close(fig)
 
 
-def _class_names(dataset):
-    """The dataset's class_names, looked up through Subset-style wrappers (their `.dataset`); None if none."""
-    while getattr(dataset, "class_names", None) is None and hasattr(dataset, "dataset"):
-        dataset = dataset.dataset
-    return getattr(dataset, "class_names", None)
-
-
 class DatasetExplorer:
     """Browse a dataset of dict items: image, mask outline, clean target, artifact region, labels.
 
@@ -47,7 +41,7 @@ class DatasetExplorer:
             raise ValueError("DatasetExplorer needs a non-empty dataset")
         self.dataset = dataset
         # a NumPy array of names has no truth value: `class_names or ...` raised
-        self.class_names = list(class_names) if class_names is not None else _class_names(dataset)
+        self.class_names = list(class_names) if class_names is not None else find_class_names(dataset)
         first = dataset[0]
         self.index = widgets.IntSlider(0, 0, len(dataset) - 1, description="item", continuous_update=False)
         self.show = widgets.Dropdown(options=[k for k in ("image", "clean") if k in first], description="show")
