@@ -15,6 +15,7 @@ then handed to one of five methods (`Explainer.attribute`, or the one-call `attr
     "smoothgrad"  SmoothGrad (Smilkov et al. 2017): |gradient| averaged over noisy copies, written out
                   (noise scaled to each image's own range; Captum's NoiseTunnel uses one for the batch)
     "gradcam"     LayerGradCam (Selvaraju et al. 2017) on the last encoder stage, upsampled to the input
+                  with each cell put on the pixel it is centred on (`upsample_cells`)
     "occlusion"   Occlusion (Zeiler & Fergus 2014): score drop when a square patch is greyed out, signed
 
 Every map comes back as (B, 1, H, W): input channels are summed. Two quantitative checks ask
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import math
 import numbers
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -223,10 +225,14 @@ class Explainer:
             if layer not in names:
                 raise ValueError("layer must be a module of `model` (or its name); the module given is not part of it")
             layer = names[layer]
+        weights = [p for p in model.parameters() if p.is_floating_point()]
+        if not weights:
+            raise ValueError(f"Explainer needs a model with floating-point weights; {type(model).__name__} has none "
+                             "(attribution explains a trained network)")
         self.model = without_inplace(model).eval().requires_grad_(False)
         self.layer_name = layer
         self.keys = {head: head for head in HEADS} | dict(keys or {})
-        self.device = next(self.model.parameters()).device
+        self.device, self.dtype = weights[0].device, weights[0].dtype  # the images are cast to both
         self._num_classes: int | None = None  # of the cls head, read from its first output
 
     def head(self, head: str) -> nn.Module:
@@ -287,7 +293,7 @@ class Explainer:
             return (region,)
         if reference is not None:
             check_floating(reference, "reference")  # compared with the 0..1 reconstruction
-        reference = images if reference is None else reference.to(self.device).float()
+        reference = images if reference is None else reference.to(self.device, self.dtype)
         if reference.shape != images.shape:
             raise ValueError(f"reference must have the images' shape {tuple(images.shape)}, "
                              f"got {tuple(reference.shape)}")
@@ -296,7 +302,8 @@ class Explainer:
     @torch.no_grad()
     def head_output(self, images: Tensor, head: str) -> Tensor:
         """The raw output of `head` for `images` (no gradients)."""
-        return _head_output(self.model(self._check_images(images)), self.keys[head])
+        with self._exact():
+            return _head_output(self.model(self._check_images(images)), self.keys[head])
 
     def attribute(self, images: Tensor, head: str = "cls", target=None, method: str = "ig", *,
                   reference: Tensor | None = None, **method_kw) -> Tensor:
@@ -312,10 +319,15 @@ class Explainer:
         run = getattr(self, f"_{method}")
         device = images.device  # the maps go back where the images came from
         images = checked
-        args = self.forward_args(images, head, target, reference)
-        images = images.detach().clone().requires_grad_(True)  # Captum differentiates w.r.t. this copy
-        maps = run(self.head(head), images, args, **method_kw)
+        with self._exact():
+            args = self.forward_args(images, head, target, reference)
+            images = images.detach().clone().requires_grad_(True)  # Captum differentiates w.r.t. this copy
+            maps = run(self.head(head), images, args, **method_kw)
         return maps.sum(dim=1, keepdim=True).detach().to(device)  # (B, 1, H, W)
+
+    def _exact(self):
+        """Autocast off: a caller's `torch.autocast` block would otherwise make the maps in bfloat16."""
+        return torch.autocast(self.device.type, enabled=False)
 
     def check_options(self, method: str, image_size: Sequence[int], **method_kw) -> None:
         """Refuse an unknown method, an option it lacks or a value out of range, before any map is made.
@@ -342,13 +354,20 @@ class Explainer:
         if method_kw.get("stride") is not None:
             most = window if window is not None else _default_window(image_size)
             _check_count("stride", method_kw["stride"], most, " (the window; None: the window)")
+        if "baseline" in method_kw:
+            _check_baseline(method_kw["baseline"])
+        if method_kw.get("interpolate_mode", "bilinear") not in UPSAMPLE_MODES:
+            raise ValueError(f"unknown interpolate_mode {method_kw['interpolate_mode']!r}; "
+                             f"expected one of {UPSAMPLE_MODES}")
+        if method_kw.get("anchor", "corner") not in ANCHORS:
+            raise ValueError(f"unknown anchor {method_kw['anchor']!r}; expected one of {ANCHORS}")
 
     def _check_images(self, images: Tensor) -> Tensor:
         if not isinstance(images, Tensor) or images.dim() != 4:
             shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
             raise ValueError(f"images must be a (B, C, H, W) tensor, got {shape}; add a batch axis with images[None]")
         check_floating(images)  # a bare .float() of uint8 would explain the model on 0..255, which it refuses
-        return images.to(self.device).float()
+        return images.to(self.device, self.dtype)  # the model's own precision (float32, or float64 to check maths)
 
     # the methods: each returns (B, C, H, W) or (B, 1, H, W) attributions
 
@@ -394,9 +413,16 @@ class Explainer:
             total += saliency.attribute(noisy, additional_forward_args=args, abs=True)
         return total / nt_samples
 
-    def _gradcam(self, forward, images, args, interpolate_mode: str = "bilinear"):
-        """Grad-CAM on `self.layer`, ReLU applied (positive evidence only), upsampled to the input."""
-        from captum.attr import LayerAttribution, LayerGradCam
+    def _gradcam(self, forward, images, args, interpolate_mode: str = "bilinear", anchor: str = "corner"):
+        """Grad-CAM on `self.layer`, ReLU applied (positive evidence only), upsampled to the input.
+
+        interpolate_mode: "bilinear", "nearest" or "bicubic" (how the coarse map is resampled).
+        anchor: where cell j of a stride-s layer sits in the image (see `upsample_cells`): "corner"
+        (pixel s*j: padded stride-2 convolutions and pooling, as in the ResFormer and the
+        disentanglement encoders) or "block" (the middle of its s-pixel block: patchify layers whose
+        kernel is the stride; what a plain resize assumes).
+        """
+        from captum.attr import LayerGradCam
 
         cam = LayerGradCam(forward, self.layer).attribute(images, additional_forward_args=args, relu_attributions=True)
         if isinstance(cam, tuple):  # a layer with several outputs: explain the first
@@ -405,7 +431,7 @@ class Explainer:
             name = self.layer_name or default_layer(self.model)
             raise ValueError(f"Grad-CAM needs a layer with (B, C, h, w) output; {name!r} gives {cam.dim()} "
                              "dimensions. Pass layer= a convolutional stage")
-        return LayerAttribution.interpolate(cam, images.shape[-2:], interpolate_mode)
+        return upsample_cells(cam, images.shape[-2:], interpolate_mode, anchor)
 
     def _occlusion(self, forward, images, args, window: int | None = None, stride: int | None = None,
                    baseline: str | float = "mean", perturbations_per_eval: int = 16):
@@ -428,6 +454,40 @@ class Explainer:
             images, sliding_window_shapes=(C, window, window), strides=(C, stride, stride),
             baselines=_baseline(images, baseline), additional_forward_args=args,
             perturbations_per_eval=perturbations_per_eval)
+
+
+UPSAMPLE_MODES = ("bilinear", "nearest", "bicubic")
+ANCHORS = ("corner", "block")
+
+
+def upsample_cells(cells: Tensor, size: Sequence[int], mode: str = "bilinear", anchor: str = "corner") -> Tensor:
+    """(B, C, h, w) map of a layer with stride s = H / h -> (B, C, H, W), each cell put where it looks.
+
+    anchor "corner": cell j is centred on pixel s*j. A 3x3 convolution with padding 1 and stride 2
+    centres output j on input pixel 2j, and so does a 3x3 max-pool with padding 1; stacked, the
+    ResFormer's H/16 stage centres cell j near pixel 16j (measured from its input gradients).
+    anchor "block": cell j is centred in the middle of its s-pixel block, s*j + (s - 1)/2, as for a
+    patchify convolution (kernel = stride, no padding). A plain resize (F.interpolate with
+    align_corners=False, Captum's LayerAttribution.interpolate) assumes "block"; on a "corner"
+    layer that shifts the map by (s - 1)/2 pixels, 7.5 at H/16: half a lesion at 64 px.
+    Beyond the outermost cell centres the edge values are repeated.
+    """
+    if mode not in UPSAMPLE_MODES:
+        raise ValueError(f"unknown interpolate_mode {mode!r}; expected one of {UPSAMPLE_MODES}")
+    if anchor not in ANCHORS:
+        raise ValueError(f"unknown anchor {anchor!r}; expected one of {ANCHORS}")
+    (H, W), (h, w) = size, cells.shape[-2:]
+
+    def axis(n_out: int, n_cells: int) -> Tensor:
+        """Grid coordinates in -1..1 (align_corners=True: -1 and 1 are the first and last cell)."""
+        stride = n_out / n_cells
+        centre = 0.0 if anchor == "corner" else (stride - 1) / 2
+        position = (torch.arange(n_out, dtype=torch.float32, device=cells.device) - centre) / stride  # in cells
+        return (2 * position / (n_cells - 1) - 1) if n_cells > 1 else torch.zeros_like(position)
+
+    gy, gx = torch.meshgrid(axis(H, h), axis(W, w), indexing="ij")
+    grid = torch.stack((gx, gy), dim=-1).expand(cells.shape[0], H, W, 2).to(cells.dtype)
+    return nn.functional.grid_sample(cells, grid, mode=mode, padding_mode="border", align_corners=True)
 
 
 def _default_window(image_size: Sequence[int]) -> int:
@@ -461,15 +521,21 @@ def _class_indices(target, batch: int) -> Tensor:
     return indices.long()
 
 
+def _check_baseline(baseline) -> None:
+    """A ValueError unless `baseline` is "mean", "black" or a finite grey value."""
+    if isinstance(baseline, str) and baseline in ("mean", "black"):
+        return
+    if isinstance(baseline, numbers.Real) and not isinstance(baseline, bool) and math.isfinite(baseline):
+        return
+    raise ValueError(f"baseline must be 'mean', 'black' or a finite grey value (e.g. 0.5), got {baseline!r}")
+
+
 def _baseline(images: Tensor, baseline: str | float) -> Tensor | float:
     """The reference image of IG and Occlusion: "mean" -> (B, C, H, W) flat images, "black" -> 0."""
+    _check_baseline(baseline)
     if baseline == "mean":
         return images.detach().mean(dim=(1, 2, 3), keepdim=True).expand_as(images).contiguous()
-    if baseline == "black":
-        return 0.0
-    if isinstance(baseline, (int, float)) and not isinstance(baseline, bool):
-        return float(baseline)
-    raise ValueError(f"baseline must be 'mean', 'black' or a grey value, got {baseline!r}")
+    return 0.0 if baseline == "black" else float(baseline)
 
 
 def attribute(model: nn.Module, images: Tensor, head: str = "cls", target=None, method: str = "ig", *,
@@ -584,11 +650,16 @@ def localisation_scores(explainer: Explainer, images: Tensor, mask: Tensor, head
     if isinstance(target, Tensor) and target.numel() == 1:
         target = target.reshape(())  # [2]: one class for every sample, like the int 2
     mask = _binary_mask(torch.as_tensor(mask))  # the chance levels too: a 0/255 mask gave "chance" 9.8
+    if mask.dim() == 3:
+        mask = mask.unsqueeze(1)  # (B, H, W) as `forward_args` takes regions
+    expected = (images.shape[0], 1, *images.shape[-2:])
+    if mask.shape != expected:  # before any map is made
+        raise ValueError(f"mask must be (B, 1, H, W) like the images, {expected}, got {tuple(mask.shape)}")
     reference = None if reference is None else torch.as_tensor(reference)
     keep = mask.flatten(1).sum(1) > 0
     if not keep.any():
         raise ValueError("every mask is empty; pass images whose region (e.g. lesion) is present")
-    images, mask = images[keep], mask[keep]
+    images, mask = images[keep.to(images.device)], mask[keep]
     if reference is not None:
         if reference.shape != keep.shape + images.shape[1:]:
             raise ValueError(f"reference must have the images' shape {(len(keep), *images.shape[1:])}, "
@@ -946,6 +1017,15 @@ def plot_attributions(images: Tensor, maps: Mapping[str, Tensor], masks: Tensor 
         raise ValueError(f"share must be one of {SHARES}, got {share!r}")
     B = images.shape[0]
     keys = list(maps)
+    expected = (B, 1, *images.shape[-2:])  # checked before the figure opens, so a bad call leaves none behind
+    for key in keys:
+        if tuple(maps[key].shape) != expected:
+            raise ValueError(f"maps[{key!r}] must be (B, 1, H, W) like the images, {expected}, "
+                             f"got {tuple(maps[key].shape)}")
+    if masks is not None and (tuple(masks.shape[:1]) + tuple(masks.shape[-2:])) != (B, *images.shape[-2:]):
+        raise ValueError(f"masks must be {expected} like the images, got {tuple(masks.shape)}")
+    if row_labels is not None and len(row_labels) != B:
+        raise ValueError(f"row_labels needs one label per image ({B}), got {len(row_labels)}")
     columns = 1 + (masks is not None) + len(keys)
     fig, axes = plt.subplots(B, columns, figsize=(1.9 * columns, 1.9 * B + 1.0), squeeze=False, layout="constrained")
     # one scale per group of columns: all columns of a method, each column alone, or each panel
@@ -1000,6 +1080,8 @@ def plot_scores(rows: Sequence[Mapping], group: str = "model", chance: float | N
     line, so small shares are not squashed at the bottom of a 0-1 axis and each can be read against
     chance; every bar carries its value. One legend, under both panels, keeps the bars clear.
     """
+    if len(rows) == 0:
+        raise ValueError("plot_scores needs at least one row (dicts built from localisation_scores)")
     methods = list(dict.fromkeys(r["method"] for r in rows))
     groups = list(dict.fromkeys(r[group] for r in rows))
     width = 0.8 / len(groups)
@@ -1044,6 +1126,8 @@ def plot_randomisation(result: RandomisationResult, index: int = 0, method: str 
     """
     n = len(result.steps)
     count = result.maps[0].shape[0]  # the spearman means skip images whose original map is constant (rho NaN)
+    if isinstance(index, bool) or not isinstance(index, numbers.Integral) or not 0 <= index < count:
+        raise ValueError(f"index must be an image of the result, an int in 0..{count - 1}, got {index!r}")
     original = result.maps[0][index:index + 1]
     absolute = result.absolute
     columns = min(n, 6)

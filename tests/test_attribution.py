@@ -58,9 +58,12 @@ def test_every_head_and_method_gives_an_input_sized_map(explainer, images, head,
         assert (maps >= 0).all()
 
 
-def test_attribute_function_matches_the_explainer(model, explainer, images):
-    once = A.attribute(model, images, head="cls", target=1, method="ig", n_steps=8)
-    assert torch.allclose(once, explainer.attribute(images, "cls", 1, "ig", n_steps=8))
+def test_attribute_function_passes_its_layer_target_and_options_on(model, explainer, images):
+    once = A.attribute(model, images, head="cls", target=1, method="gradcam", layer="encoder.stages.2")
+    assert torch.allclose(once, A.Explainer(model, layer="encoder.stages.2").attribute(images, "cls", 1, "gradcam"))
+    assert not torch.allclose(once, explainer.attribute(images, "cls", 1, "gradcam"))  # not the default layer
+    nearest = A.attribute(model, images, "cls", 1, "gradcam", layer="encoder.stages.2", interpolate_mode="nearest")
+    assert not torch.allclose(once, nearest)
 
 
 def test_explainer_explains_a_training_model_in_eval_mode(images):
@@ -115,11 +118,13 @@ def test_reconstruction_error_is_the_mean_over_the_region(model, images):
     assert torch.allclose(errors, squared.mean((1, 2)), rtol=1e-5)
 
 
-def test_default_targets_come_from_the_model(explainer, images):
+def test_default_targets_come_from_the_model(model, explainer, images):
+    with torch.no_grad():
+        outputs = model(images)  # the user's model itself, not the explainer's route to it
     (cls_target,) = explainer.forward_args(images, "cls")
-    assert torch.equal(cls_target, explainer.head_output(images, "cls").argmax(1))
+    assert torch.equal(cls_target, outputs["cls"].argmax(1))
     (region,) = explainer.forward_args(images, "seg")
-    predicted = (explainer.head_output(images, "seg").argmax(1, keepdim=True) == 1).float()
+    predicted = (outputs["seg"].argmax(1, keepdim=True) == 1).float()
     assert region.shape == (2, 1, SIZE, SIZE) and torch.equal(region, predicted)
     region, reference = explainer.forward_args(images, "recon")
     assert region.eq(1).all() and torch.equal(reference, images)
@@ -781,18 +786,60 @@ class TinyCam(nn.Module):
 
 def test_gradcam_by_hand_relu_then_bilinear_upsampling():
     """Class 0: the gradient of the pooled channel 0 is 1/4 everywhere, so the channel weights are (1/4, 0) and
-    the coarse map is A_0 / 4 = block sums / 4 = [[1, 0], [0, 2]] for blocks of ones and twos. Bilinear
-    upsampling (half-pixel centres) to 4 x 4 gives the rows below. Class 1 sees -A_0: negative, so ReLU leaves 0."""
+    the coarse map is A_0 / 4 = block sums / 4 = [[1, 0], [0, 2]] for blocks of ones and twos. TinyCam is a
+    patchify layer: anchor "block" puts each cell in the middle of its 2 x 2 block (pixel 0.5 and 2.5), and
+    bilinear upsampling gives the first rows below. The default anchor "corner" puts cell j on pixel 2j (as a
+    padded stride-2 convolution centres it): pixel 1 halfway, pixel 3 at the edge. Class 1 sees -A_0: ReLU -> 0."""
     x = torch.zeros(1, 1, 4, 4)
     x[..., :2, :2], x[..., 2:, 2:] = 1.0, 2.0
     explainer = A.Explainer(TinyCam())
     assert A.default_layer(explainer.model) == "encoder.stages.0"
-    expected = torch.tensor([[1.0, 0.75, 0.25, 0.0],
-                             [0.75, 0.6875, 0.5625, 0.5],
-                             [0.25, 0.5625, 1.1875, 1.5],
-                             [0.0, 0.5, 1.5, 2.0]])
-    assert torch.allclose(explainer.attribute(x, "cls", 0, "gradcam")[0, 0], expected)
+    block = torch.tensor([[1.0, 0.75, 0.25, 0.0],
+                          [0.75, 0.6875, 0.5625, 0.5],
+                          [0.25, 0.5625, 1.1875, 1.5],
+                          [0.0, 0.5, 1.5, 2.0]])
+    corner = torch.tensor([[1.0, 0.5, 0.0, 0.0],
+                           [0.5, 0.75, 1.0, 1.0],
+                           [0.0, 1.0, 2.0, 2.0],
+                           [0.0, 1.0, 2.0, 2.0]])
+    assert torch.allclose(explainer.attribute(x, "cls", 0, "gradcam", anchor="block")[0, 0], block)
+    assert torch.allclose(explainer.attribute(x, "cls", 0, "gradcam")[0, 0], corner)
     assert torch.equal(explainer.attribute(x, "cls", 1, "gradcam"), torch.zeros(1, 1, 4, 4))
+
+
+def test_upsample_cells_block_is_a_plain_resize_and_corner_puts_cell_j_on_pixel_stride_times_j():
+    torch.manual_seed(0)
+    cells = torch.rand(2, 3, 4, 6)
+    for mode in ("bilinear", "nearest", "bicubic"):
+        resized = nn.functional.interpolate(cells, (32, 36), mode=mode, **({} if mode == "nearest" else
+                                                                             {"align_corners": False}))
+        torch.testing.assert_close(A.upsample_cells(cells, (32, 36), mode, anchor="block"), resized)
+    one = torch.zeros(1, 1, 4, 4)
+    one[..., 1, 2] = 1.0
+    up = A.upsample_cells(one, (64, 64))  # stride 16
+    assert up[0, 0, 16, 32] == 1.0 and up[0, 0].argmax() == 16 * 64 + 32
+    assert A.upsample_cells(torch.full((1, 1, 1, 1), 3.0), (8, 8)).eq(3.0).all()  # one cell: everywhere
+    with pytest.raises(ValueError, match="unknown interpolate_mode 'cubic'"):
+        A.upsample_cells(one, (8, 8), "cubic")
+    with pytest.raises(ValueError, match="unknown anchor 'centre'"):
+        A.upsample_cells(one, (8, 8), anchor="centre")
+
+
+def test_the_resformers_last_stage_cells_are_centred_where_the_corner_anchor_puts_them():
+    """Why "corner" is the default: the input gradient of cell (3, 3) of the H/16 stage is centred near pixel
+    16 * 3 = 48 (padded stride-2 convolutions), not at 16 * 3 + 7.5 where a plain resize would put it."""
+    torch.manual_seed(0)
+    net = A.without_inplace(build_model("tiny", tasks=("seg", "cls"), image_size=128)).eval()
+    seen = {}
+    handle = net.encoder.stages[3].register_forward_hook(lambda _m, _i, out: seen.update(out=out))
+    x = torch.rand(2, 1, 128, 128, requires_grad=True)
+    net(x)
+    handle.remove()
+    seen["out"][:, :, 3, 3].sum().backward()
+    weight = x.grad.abs().sum((0, 1))  # (128, 128)
+    pixels = torch.arange(128.0)
+    rows, cols = (weight.sum(1) * pixels).sum() / weight.sum(), (weight.sum(0) * pixels).sum() / weight.sum()
+    assert abs(rows - 48) < 3 and abs(cols - 48) < 3, (rows, cols)
 
 
 def test_default_gradcam_layer_is_the_last_encoder_stage(model, explainer, images):
@@ -1082,3 +1129,77 @@ def test_occlusion_costs_what_its_docstring_says(explainer, size, window, stride
 
     explainer._occlusion(score, torch.rand(1, 1, *size), (), window=window, stride=stride)
     assert sum(rows) - 1 == passes  # one pass on the image itself, then one per patch
+
+
+# ------------------------------------------------------------------------------------------ review of 2026-12-04
+
+
+def test_a_float64_model_is_explained_in_float64(model, images):
+    """The images were cast to float32 whatever the model: a float64 model was refused with the advice to
+    convert the images with .double(), which the caller had already done."""
+    double = copy.deepcopy(model).double()
+    maps = A.attribute(double, images.double(), "cls", 1, "saliency")
+    assert maps.dtype == torch.float64
+    torch.testing.assert_close(maps.float(), A.attribute(model, images, "cls", 1, "saliency"), rtol=1e-3, atol=1e-6)
+
+
+def test_a_callers_autocast_does_not_reach_the_maps(explainer, images):
+    plain = explainer.attribute(images, "cls", 1, "ig", n_steps=8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert explainer.head_output(images, "cls").dtype == torch.float32
+        inside = explainer.attribute(images, "cls", 1, "ig", n_steps=8)
+    torch.testing.assert_close(inside, plain)
+
+
+@pytest.mark.parametrize("method, options, message", [
+    ("occlusion", {"baseline": "white"}, "baseline must be 'mean', 'black' or a finite grey value"),
+    ("ig", {"baseline": float("nan")}, "baseline must be .* got nan"),
+    ("gradcam", {"interpolate_mode": "cubic"}, "unknown interpolate_mode 'cubic'"),
+    ("gradcam", {"anchor": "centre"}, "unknown anchor 'centre'"),
+])
+def test_baselines_and_upsampling_options_are_checked_before_the_first_map(explainer, images, monkeypatch,
+                                                                           method, options, message):
+    calls = []
+    attribute = A.Explainer.attribute
+    monkeypatch.setattr(A.Explainer, "attribute", lambda *a, **k: calls.append(a[2:]) or attribute(*a, **k))
+    mask = torch.ones(len(images), 1, SIZE, SIZE)
+    with pytest.raises(ValueError, match=message):
+        A.localisation_scores(explainer, images, mask, methods=("saliency", method), method_kw={method: options})
+    assert calls == []
+
+
+def test_localisation_masks_are_checked_against_the_images_before_the_first_map(explainer, images, monkeypatch):
+    calls = []
+    attribute = A.Explainer.attribute
+    monkeypatch.setattr(A.Explainer, "attribute", lambda *a, **k: calls.append(a[2:]) or attribute(*a, **k))
+    for mask in (torch.ones(3, 1, SIZE, SIZE), torch.ones(2, 1, 16, 16)):  # IndexError; a ValueError after a pass
+        with pytest.raises(ValueError, match=r"mask must be \(B, 1, H, W\) like the images, \(2, 1, 32, 32\)"):
+            A.localisation_scores(explainer, images, mask, methods=("saliency",))
+    assert calls == []
+    monkeypatch.undo()
+    mask = torch.zeros(2, SIZE, SIZE)
+    mask[:, 8:20, 8:20] = 1
+    flat = A.localisation_scores(explainer, images, mask, "cls", 1, methods=("saliency",))  # (B, H, W), as regions
+    assert flat == A.localisation_scores(explainer, images, mask[:, None], "cls", 1, methods=("saliency",))
+
+
+def test_plots_refuse_bad_input_before_opening_a_figure(images):
+    plt.close("all")
+    maps = torch.rand(2, 1, SIZE, SIZE)
+    result = A.RandomisationResult(steps=["original", "head"], spearman=[1.0, 0.2], maps=[maps, maps], absolute=True)
+    for call, message in [
+        (lambda: A.plot_attributions(images, {"ig": maps[:1]}), r"maps\['ig'\] must be \(B, 1, H, W\)"),
+        (lambda: A.plot_attributions(images, {"ig": torch.rand(2, 2, SIZE, SIZE)}), r"maps\['ig'\] must be"),
+        (lambda: A.plot_attributions(images, {"ig": maps}, masks=torch.ones(1, 1, SIZE, SIZE)), "masks must be"),
+        (lambda: A.plot_attributions(images, {"ig": maps}, row_labels=["a"]), r"one label per image \(2\)"),
+        (lambda: A.plot_randomisation(result, index=2), r"index must be an image of the result, an int in 0\.\.1"),
+        (lambda: A.plot_scores([]), "at least one row"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            call()
+    assert plt.get_fignums() == []
+
+
+def test_a_model_without_weights_is_named():
+    with pytest.raises(ValueError, match="Explainer needs a model with floating-point weights; Identity has none"):
+        A.Explainer(nn.Identity())

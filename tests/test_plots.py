@@ -3,12 +3,20 @@
 import matplotlib
 
 matplotlib.use("Agg")
+import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
 from mtlearn import plots
+
+
+@pytest.fixture(autouse=True)
+def close_figures():
+    """Each test's figures are closed after it (pyplot keeps every open figure alive)."""
+    yield
+    plt.close("all")
 
 
 def test_confusion_matrix_counts():
