@@ -12,9 +12,11 @@ PY := $(VENV)/bin/python
 # takes the CPU build instead. (The project's own machines carry a local CPU wheel of 2.13.0.)
 TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
-PROFILE ?= course
+# PROFILE empty: $MTLEARN_PROFILE if set, else course (the notebooks' rule). Set with `=`, not `?=`:
+# only the command line (make course PROFILE=smoke) overrides them, never a shell variable named PROFILE.
+PROFILE =
 # SEED empty: each notebook keeps its own default seed (those of the committed runs)
-SEED ?=
+SEED =
 
 .PHONY: setup course test test-fast bench clean clean-outputs
 
@@ -32,10 +34,13 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 course: setup
-	$(PY) -m mtlearn.course --profile $(PROFILE) $(if $(SEED),--seed $(SEED)) --out outputs
+	$(PY) -m mtlearn.course $(if $(PROFILE),--profile $(PROFILE)) $(if $(SEED),--seed $(SEED)) --out outputs
 
+# The notebooks' smoke outputs of an earlier run go first: notebook 06 reuses finished grid runs,
+# which would then be checked instead of this code's.
 test: setup
 	$(PY) -m pytest -q tests
+	rm -rf notebooks/outputs/*/smoke notebooks/outputs/*/smoke.partial notebooks/outputs/*/smoke.old
 	MTLEARN_PROFILE=smoke $(PY) -m pytest -q --nbval-lax --nbval-current-env -p no:cacheprovider notebooks/[0-9][0-9]_*.ipynb
 
 test-fast: setup

@@ -70,12 +70,19 @@ def course_notebooks(notebook_dir: Path | None = None) -> list[Path]:
 
 
 def _failing_cell(error: Exception) -> str:
-    """Papermill's error names the cell; keep its first lines and the exception."""
-    name = getattr(error, "ename", type(error).__name__)
-    value = getattr(error, "evalue", str(error))
-    cell = getattr(error, "exec_count", None)
+    """Papermill's error names the cell; keep its first lines and the exception. Anything else (no
+    such kernel, an unreadable notebook) happened before any cell ran, and says so."""
+    from papermill.exceptions import PapermillExecutionError
+
+    if not isinstance(error, PapermillExecutionError):
+        text = f"the notebook could not run: {type(error).__name__}: {error}"
+        if type(error).__name__ == "NoSuchKernel":
+            text += ("; install this environment's kernel with "
+                     "python -m ipykernel install --sys-prefix --name python3")
+        return text
+    cell = error.exec_count
     where = f"cell [{cell}]" if cell is not None else "a cell"
-    return f"{where} raised {name}: {value}".strip()
+    return f"{where} raised {error.ename}: {error.evalue}".strip()
 
 
 def _timed_out(error: Exception, cell_timeout: float | None) -> str:
@@ -124,6 +131,10 @@ def run_notebook(
     staging.mkdir(parents=True)
     metrics_path = staging / "metrics.json"
     params = dict(parameters, out_dir=str(staging))
+    root = params.get("data_root")
+    if isinstance(root, (str, Path)) and str(root) and not Path(root).expanduser().is_absolute():
+        # the kernel runs in the notebook's folder: a relative data_root means the caller's folder
+        params["data_root"] = str(Path(root).expanduser().absolute())
     started = time.perf_counter()
 
     def failed(error: str) -> NotebookResult:

@@ -6,7 +6,8 @@ r"""Grids of notebook runs through papermill: notebooks x parameters x seeds, re
 
 `--set NAME=V1,V2` sweeps a parameter of the notebook's `parameters` cell (a name the notebook does
 not have is an error, not a silently ignored value); the values are Python literals, and text where
-the notebook has a list, a number or a switch is refused before the first run.
+the notebook has a list, a number or a switch is refused before the first run (a parameter whose
+default is None, "the profile's value", is checked by the notebook itself, in each run).
 
 Each run gets its own folder, named after its parameters. A run whose folder holds the `done`
 marker of a successful run with the same parameters is skipped, so an interrupted grid picks up
@@ -31,7 +32,7 @@ import pandas as pd
 
 from mtlearn.course import CELL_TIMEOUT_S, DONE, course_notebooks, resolve_cell_timeout, run_notebook
 from mtlearn.notebook import flatten_metrics, resolve_profile
-from mtlearn.utils import check_folder, is_int, write_text
+from mtlearn.utils import check_folder, check_number, is_int, write_text
 
 
 def _label(name: str, value: Any) -> str:
@@ -74,6 +75,8 @@ def _finished(folder: Path) -> bool:
     return (folder / DONE).exists()
 
 
+MAX_NAME_BYTES = 255  # a file name's limit on ext4, APFS and NTFS: a run folder's name must fit
+
 # Parameters the grid sets itself: a swept value would be silently replaced (or nest folders).
 GRID_PARAMETERS = {"seed": "give the seeds as seeds=[...] (--seeds)", "profile": "give it as profile= (--profile)",
                    "out_dir": "the grid chooses each run's folder under its out_root (--out)"}
@@ -89,9 +92,9 @@ def grid(notebooks: list[Path], parameters: dict[str, list[Any]], seeds: list[in
     profile = resolve_profile(profile)  # now: in every run's kernel a wrong one would fail without a cell timeout
     if not seeds:
         raise ValueError("the grid needs at least one seed, e.g. seeds=[0]")
-    bad = [s for s in seeds if not is_int(s) or s < 0]
-    if bad:  # now, not in every run's kernel
-        raise ValueError(f"seeds must be integers >= 0, got {bad}")
+    bad = [s for s in seeds if not is_int(s) or not 0 <= s < 2**32]
+    if bad:  # now, not in every run's kernel (seed_everything's range: NumPy's seeds are 32-bit)
+        raise ValueError(f"seeds must be integers in 0..2**32 - 1, got {bad}")
     if len(set(seeds)) != len(seeds):  # one run counted twice: a mean of n, a std of 0 for nothing
         raise ValueError(f"seeds repeat: {sorted(s for s in set(seeds) if list(seeds).count(s) > 1)}; give each once")
     for name, values in parameters.items():
@@ -123,6 +126,12 @@ def grid(notebooks: list[Path], parameters: dict[str, list[Any]], seeds: list[in
             for seed in seeds:
                 params = dict(zip(names, values), seed=seed, profile=profile)
                 specs.append(RunSpec(Path(nb), tuple(sorted(params.items()))))
+    for spec in specs:  # the folder and its staging twin must be names the file system takes
+        staging = f"{spec.name}.partial"
+        if len(staging.encode()) > MAX_NAME_BYTES:
+            raise ValueError(f"the run folder {spec.name[:60]!r}... would be {len(staging.encode())} bytes with its "
+                             f"'.partial' suffix, over the {MAX_NAME_BYTES} a file name may have; sweep fewer or "
+                             "shorter values per parameter (e.g. one run per weighting, not lists of five)")
     return specs
 
 
@@ -169,6 +178,11 @@ def run_grid(specs: list[RunSpec], out_root: str | Path, *, progress: bool = Tru
     """
     from tqdm.auto import tqdm
 
+    if cell_timeout != "auto" and cell_timeout is not None:  # once, before the first run (a finished grid too)
+        if isinstance(cell_timeout, str):
+            raise ValueError(f"cell_timeout must be 'auto', None (no limit) or seconds > 0, got {cell_timeout!r}")
+        check_number("cell_timeout", cell_timeout, 0, above=True, advice="seconds; None: no limit, 'auto': the "
+                     "profile's default")
     out_root = Path(out_root)
     rows = []
     for spec in tqdm(specs, desc="experiment grid", unit="run", disable=not progress):
@@ -195,8 +209,8 @@ def collect(out_root: str | Path, specs: list[RunSpec] | None = None) -> pd.Data
     if specs is None:  # staging (.partial) and set-aside (.old) folders are not runs
         folders = [m.parent for m in sorted(out_root.glob(f"*/*/{DONE}"))
                    if not m.parent.name.endswith((".partial", ".old"))]
-    else:
-        folders = [spec.folder(out_root) for spec in specs]
+    else:  # only runs with the spec's profile, seed and dataset (a copied-in folder may hold others)
+        folders = [spec.folder(out_root) for spec in specs if spec.is_complete(out_root)]
     rows = []
     for folder in folders:
         if not _finished(folder):

@@ -88,6 +88,7 @@ def check_dataset(dataset: str, data_root: str | os.PathLike | None, allowed: tu
     # load_dataset's `root` is the dataset's own folder; a notebook's data_root holds one per dataset
     folder = dataset_folder(dataset, data_root)
     if not folder.is_dir() or not any(folder.iterdir()):
+        folder = folder.absolute()  # a relative data_root is read from the kernel's folder: say which that is
         raise FileNotFoundError(
             f"dataset {dataset!r} was not found in {folder}. Download it first with\n"
             f"    python -m data_fetch {dataset} --dest \"{folder}\"\n"

@@ -354,3 +354,32 @@ def test_run_notebook_refuses_a_bad_cell_timeout(value, tmp_path):
     nb = write_notebook(tmp_path / "01_good.ipynb", GOOD)
     with pytest.raises(ValueError, match=r"cell_timeout must be a finite number > 0 \(seconds; None: no limit\), got "):
         run_notebook(nb, tmp_path / "out", {"profile": "smoke"}, cell_timeout=value)
+
+
+DATA_ROOT = """import json, pathlib
+json.dump({"metrics": {}, "data_root": data_root}, open(pathlib.Path(out_dir) / "metrics.json", "w"))"""
+
+
+def test_a_relative_data_root_means_the_callers_folder_not_the_notebooks(tmp_path, monkeypatch):
+    """The kernel runs in the notebook's folder: `--set data_root=data` from the repository root looked in
+    notebooks/data, and the fetch command in the error put the data where the next run would not look."""
+    folder = tmp_path / "notebooks"
+    folder.mkdir()
+    nb = write_notebook(folder / "01_root.ipynb", DATA_ROOT)
+    nb.write_text(nb.read_text().replace("out_dir = None", "out_dir = None\\ndata_root = None"))
+    monkeypatch.chdir(tmp_path)
+    for given, expected in [("data", str(tmp_path / "data")), (str(tmp_path / "abs"), str(tmp_path / "abs")),
+                            (None, None)]:
+        result = run_notebook(nb, tmp_path / "out", {"data_root": given})
+        assert result.ok, result.error
+        assert result.metrics["data_root"] == expected
+
+
+def test_a_notebook_that_cannot_start_is_not_reported_as_a_failing_cell(tmp_path):
+    nb = write_notebook(tmp_path / "01_good.ipynb", GOOD)
+    result = run_notebook(nb, tmp_path / "out", {}, kernel_name="no-such-kernel")
+    assert not result.ok
+    assert result.error.startswith("the notebook could not run: NoSuchKernel")
+    assert "python -m ipykernel install --sys-prefix --name python3" in result.error
+    missing = run_notebook(tmp_path / "01_missing.ipynb", tmp_path / "out", {})
+    assert missing.error.startswith("the notebook could not run: FileNotFoundError")

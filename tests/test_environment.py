@@ -115,3 +115,31 @@ def test_every_submodule_loads_from_the_package_attribute():
     modules += sorted(p.name for p in package.iterdir() if (p / "__init__.py").is_file())
     assert sorted(mtlearn._SUBMODULES) == sorted(modules)
     assert all(getattr(mtlearn, name).__name__ == f"mtlearn.{name}" for name in modules)
+
+
+@pytest.mark.parametrize("environment, arguments, expected", [
+    ({}, [], "-m mtlearn.course --out outputs"),  # the course profile, chosen by mtlearn.course itself
+    ({"MTLEARN_PROFILE": "smoke"}, [], "-m mtlearn.course --out outputs"),  # ... which reads MTLEARN_PROFILE
+    ({"PROFILE": "foo", "SEED": "3"}, [], "-m mtlearn.course --out outputs"),  # a shell's PROFILE stays out
+    ({}, ["PROFILE=smoke", "SEED=1"], "-m mtlearn.course --profile smoke --seed 1 --out outputs"),
+])
+def test_make_course_leaves_the_default_profile_to_mtlearn_course(environment, arguments, expected):
+    """`PROFILE ?= course` always passed --profile course, so MTLEARN_PROFILE never reached the runner."""
+    import os
+    import subprocess
+
+    done = subprocess.run(["make", "-n", "-s", "-C", str(ROOT), "course", *arguments], capture_output=True,
+                          text=True, env=os.environ | environment, check=True)
+    line = next(line for line in done.stdout.splitlines() if "mtlearn.course" in line)
+    assert " ".join(line.split()).endswith(expected)
+
+
+def test_make_test_removes_earlier_smoke_outputs_before_the_notebooks_run():
+    """Notebook 06 skips grid runs that an earlier `make test` finished, so nbval checked their old results."""
+    import subprocess
+
+    lines = subprocess.run(["make", "-n", "-s", "-C", str(ROOT), "test"], capture_output=True, text=True,
+                           check=True).stdout.splitlines()
+    clean = next(i for i, line in enumerate(lines) if line.startswith("rm -rf notebooks/outputs/*/smoke "))
+    nbval = next(i for i, line in enumerate(lines) if "--nbval-lax" in line)
+    assert clean < nbval

@@ -365,8 +365,9 @@ def test_command_line_refuses_a_bad_profile_and_notebooks_that_match_nothing(not
 
 @pytest.mark.parametrize("seeds, parameters, message", [
     ([0, 0], {}, r"seeds repeat: \[0\]; give each once"),  # one run counted twice: n 2, std 0
-    ([-1], {}, r"seeds must be integers >= 0, got \[-1\]"),
-    ([1.5], {}, r"seeds must be integers >= 0, got \[1.5\]"),
+    ([-1], {}, r"seeds must be integers in 0\.\.2\*\*32 - 1, got \[-1\]"),
+    ([1.5], {}, r"seeds must be integers in 0\.\.2\*\*32 - 1, got \[1.5\]"),
+    ([2**32], {}, r"seeds must be integers in 0\.\.2\*\*32 - 1, got \[4294967296\]"),  # seed_everything's limit
     ([0], {"scale": [1, 1]}, r"parameter 'scale' repeats a value \(\['1'\]\)"),
     # different values, one folder name: the second run would be skipped as done, its row the first's
     ([0], {"scale": [1, "1"]}, r"values \[1, '1'\] of parameter 'scale' would share one run folder \(scale=1\)"),
@@ -428,3 +429,31 @@ def test_command_line_names_a_bad_cell_timeout(notebooks, tmp_path, monkeypatch,
     with pytest.raises(SystemExit):
         main(["--notebooks", "01", "--cell-timeout", value, "--out", str(tmp_path)])
     assert "--cell-timeout must be a number of seconds > 0 (0: no limit)" in capsys.readouterr().err
+
+
+def test_collect_leaves_out_a_finished_run_of_other_parameters_in_a_grid_folder(notebooks, tmp_path):
+    """is_complete reruns such a folder; if the rerun fails, collect took the stale run as this grid's."""
+    spec = grid(notebooks[:1], {}, seeds=[0], profile="smoke")[0]
+    folder = _finished_run(spec.folder(tmp_path), dict(RECORD, seed=3))  # copied in from another grid
+    assert collect(tmp_path, [spec]).empty
+    (folder / "metrics.json").write_text(json.dumps(RECORD))
+    assert list(collect(tmp_path, [spec])["seed"]) == [0]
+
+
+def test_grid_refuses_run_folder_names_too_long_for_the_file_system(notebooks):
+    many = [[f"weighting_{i}" for i in range(25)], ["other"]]  # one name of ~300 characters
+    with pytest.raises(ValueError, match=r"over the 255 a file name may have; sweep fewer or shorter values"):
+        grid(notebooks, {"scale": many}, seeds=[0], profile="smoke")
+
+
+@pytest.mark.parametrize("value, message", [
+    (0, "cell_timeout must be a finite number > 0"),
+    ("autp", "cell_timeout must be 'auto', None \\(no limit\\) or seconds > 0, got 'autp'"),
+])
+def test_run_grid_checks_its_cell_timeout_before_any_run_even_when_all_are_done(notebooks, tmp_path, monkeypatch,
+                                                                                value, message):
+    specs = grid(notebooks[:1], {}, seeds=[0], profile="smoke")
+    _finished_run(specs[0].folder(tmp_path), RECORD)
+    monkeypatch.setattr(experiments, "run_notebook", lambda *a, **k: pytest.fail("no run should start"))
+    with pytest.raises(ValueError, match=message):
+        run_grid(specs, tmp_path, progress=False, cell_timeout=value)

@@ -71,6 +71,16 @@ def test_missing_real_dataset_prints_the_fetch_command(tmp_path):
         start_here(tmp_path, dataset="busi", data_root=tmp_path / "nowhere")
 
 
+def test_a_relative_data_root_is_shown_as_the_folder_it_was_read_from(tmp_path, monkeypatch):
+    """In Jupyter the kernel runs in notebooks/, so "data" is notebooks/data: the message and the fetch
+    command name that folder in full, so the data lands where the next run looks."""
+    monkeypatch.chdir(tmp_path)
+    folder = str(tmp_path / "data" / "busi")
+    with pytest.raises(FileNotFoundError) as info:
+        start_here(tmp_path, dataset="busi", data_root="data")
+    assert f"was not found in {folder}." in str(info.value) and f'--dest "{folder}"' in str(info.value)
+
+
 def test_data_root_given_as_the_dataset_folder_names_its_parent(tmp_path):
     # load_dataset's root is the dataset's own folder; a notebook's data_root is the folder above it
     own = tmp_path / "data" / "busi"
