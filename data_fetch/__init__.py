@@ -84,7 +84,7 @@ def fetch(
     record = _read_marker(marker)
     if record is not None and _still_complete(record, folder, source, known_hash):
         return folder  # fetched before: nothing to do
-    # (a stale marker stays until it is rewritten below: a wrong --hash must not undo a good fetch)
+    # (a stale marker stays until the archive is verified below: a wrong --hash must not undo a good fetch)
     recorded = record is not None and known_hash is None and record.get("known_hash") is not None
     if recorded:
         # Restoring deleted files: the archive must be the one they came from. After `--hash` accepted a
@@ -117,13 +117,16 @@ def fetch(
                 raise DownloadError(local_copy_problem(source, url, folder, error)) from error
             raise DownloadError(manual_instructions(source, url, known_hash, folder, reason=str(error))) from error
         except HashMismatchError as error:
-            advice = mismatch_advice(source, known_hash, folder, error, recorded)
+            advice = mismatch_advice(source, known_hash, folder, error, recorded, local=parts.scheme == "file")
             raise HashMismatchError(f"{error}.\n{advice}", error.actual, error.kept) from None
         finally:
             # An empty folder left by a failed download would look downloaded: mtlearn.data.load_dataset
             # would then report a missing file instead of "not downloaded" and the command that fetches it.
             if created and folder.is_dir() and not any(folder.iterdir()):
                 folder.rmdir()
+    # The archive is verified: from here the folder's files change, so the marker of an earlier fetch goes
+    # first. An unpacking cut short then leaves no marker over half-written files (the loaders say to fetch).
+    marker.unlink(missing_ok=True)
     files = extract_zip(target, folder) if source.extract else [source.filename]
     files = [name for name in files if not name.endswith("/")]  # directories are implied by their files
     if known_hash is None:
@@ -191,12 +194,14 @@ def missing_files(folder: str | Path, name: str) -> list[str]:
 
 
 def mismatch_advice(
-    source: Source, known_hash: str, folder: Path, error: HashMismatchError, recorded: bool = False
+    source: Source, known_hash: str, folder: Path, error: HashMismatchError, recorded: bool = False,
+    local: bool = False,
 ) -> str:
     """What a checksum mismatch of `source` likely means, and how to accept a file the user checked.
 
     `recorded`: `known_hash` is the one the last fetch into `folder` recorded, not one given or pinned
     (the checksum the user accepted then, or computed where none is pinned).
+    `local`: the file was copied from this machine (a file:// address), so no transfer broke it.
     """
     pinned = parse_hash(known_hash) == parse_hash(source.known_hash)
     if pinned and not source.hash_is_official:
@@ -206,6 +211,9 @@ def mismatch_advice(
         cause = (f"{known_hash} is the checksum of the archive the last fetch into {folder} unpacked (recorded in "
                  f"{completion_marker(folder, source.name).name}); if that archive came from a mirror, fetch from "
                  "it again with --url.")
+    elif error.kept is not None and local:
+        cause = ("The local copy given with --url is not the expected file (a copy read from this machine does not "
+                 "break in transit, so running again gives the same bytes); point --url at the right file.")
     elif error.kept is not None:
         cause = "A broken transfer is the usual cause: run again to retry."
     else:

@@ -1,7 +1,8 @@
 """Unpack a zip archive safely: refuse any member that would land outside the target folder.
 
 A member named `../../.bashrc` or `/etc/passwd` ("zip slip") would write outside the dataset
-folder. Every name is checked before a single byte is written, so a bad archive leaves nothing.
+folder. Every name is checked before a single byte is written, so a bad archive leaves nothing;
+symbolic links, and files that other members need as their folder, are refused the same way.
 Some hosts (Mendeley Data, for BUS-UCLM) wrap the dataset's own zip inside the download: zips
 found in the archive are unpacked next to themselves, one level deep, and their names are checked
 too, before the outer archive is unpacked. The `._*` files a Mac adds under `__MACOSX/` are not
@@ -11,6 +12,7 @@ zips, whatever their names end with, and are left as they are.
 from __future__ import annotations
 
 import re
+import stat
 import zipfile
 import zlib
 from pathlib import Path, PurePosixPath
@@ -19,7 +21,8 @@ from data_fetch.download import FetchError
 
 
 class UnsafeArchiveError(FetchError, ValueError):
-    """An archive member would be written outside the target folder, or over the archive itself."""
+    """An archive member would be written outside the target folder or over the archive itself, or is a
+    link, or is a file where other members need a folder."""
 
 
 def extract_zip(archive: Path, target: Path, nested: bool = True) -> list[str]:
@@ -28,7 +31,8 @@ def extract_zip(archive: Path, target: Path, nested: bool = True) -> list[str]:
 
     Raises UnsafeArchiveError, before extracting anything, if a member name (of the archive or of a
     zip inside it) is absolute, climbs out of its folder with "..", or would overwrite its own
-    archive; FetchError if the archive, or a zip inside it, cannot be read.
+    archive, or if a member of the archive is a symbolic link or a file that other members need as
+    their folder; FetchError if the archive, or a zip inside it, cannot be read.
     """
     archive, target = Path(archive), Path(target)
     inner_zips = []
@@ -37,6 +41,7 @@ def extract_zip(archive: Path, target: Path, nested: bool = True) -> list[str]:
             names = zf.namelist()
             for name in names:
                 _check_member(name, archive, target)
+            _check_kinds(zf.infolist(), archive)
             inner_zips = [name for name in names if _is_wrapped_zip(name)] if nested else []
             for name in inner_zips:
                 _check_inner_zip(zf, name, archive, target)
@@ -71,6 +76,23 @@ def _check_inner_zip(zf: zipfile.ZipFile, name: str, archive: Path, target: Path
             f"{name} inside {archive} is not a readable zip archive ({error}); nothing was extracted. Delete "
             f"{archive.name} and fetch again; if it happens again, unpack it by hand"
         ) from None
+
+
+def _check_kinds(infos: list[zipfile.ZipInfo], archive: Path) -> None:
+    """Refuse a symbolic-link member, and a member that is a file and also the folder of another.
+
+    zipfile writes a link as a small file holding its target's path, so a later member "under" it
+    would fail halfway through unpacking (NotADirectoryError), with part of the archive written.
+    """
+    folders = {str(parent) for info in infos for parent in PurePosixPath(info.filename.replace("\\", "/")).parents}
+    for info in infos:
+        if stat.S_ISLNK(info.external_attr >> 16):
+            raise UnsafeArchiveError(f"refusing to unpack {archive.name}: member {info.filename!r} is a symbolic "
+                                     "link; the archive is damaged or not the dataset's, nothing was extracted")
+        name = info.filename.replace("\\", "/").rstrip("/")
+        if not info.is_dir() and name in folders:
+            raise UnsafeArchiveError(f"refusing to unpack {archive.name}: member {info.filename!r} is a file and "
+                                     "also the folder of other members; the archive is damaged, nothing was extracted")
 
 
 def _check_member(name: str, archive: Path, target: Path, within: str | None = None) -> None:

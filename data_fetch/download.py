@@ -30,6 +30,7 @@ from pathlib import Path
 USER_AGENT = "mtlearn-data_fetch/0.1 (course dataset downloader; Python urllib)"
 RETRIES = 4  # attempts after the first one
 BACKOFF_SECONDS = 2.0  # wait 2, 4, 8, 16 s between attempts
+MAX_RETRY_AFTER_SECONDS = 120.0  # the longest wait a server's Retry-After may ask for
 TIMEOUT_SECONDS = 60.0  # per network read
 CHUNK_BYTES = 1 << 16
 # Errors of this machine's disk, not of the host: asking the host again cannot help.
@@ -151,7 +152,7 @@ def download_file(
                 raise  # the folder or the disk (no permission, disk full), not the host: retrying will not help
             if attempt == retries or not _worth_retrying(error):
                 raise DownloadError(f"{type(error).__name__}: {error}") from error
-            wait = BACKOFF_SECONDS * 2**attempt
+            wait = _retry_after(error) or BACKOFF_SECONDS * 2**attempt
             # said, so that up to a few minutes of retries (60 s timeouts) do not look like a hang
             print(f"{path.name}: attempt {attempt + 1} of {retries + 1} failed ({type(error).__name__}: {error}); "
                   f"retrying in {wait:g} s", file=sys.stderr, flush=True)
@@ -185,7 +186,12 @@ def _transfer(url: str, part: Path, progress: bool) -> None:
             part.unlink()
         raise
     with response:
-        resumed = response.status == 206 and _range_start(response.headers.get("Content-Range")) == offset
+        start = _range_start(response.headers.get("Content-Range")) if response.status == 206 else 0
+        if start not in (0, offset):  # a part from elsewhere in the file: neither what we have nor all of it
+            part.unlink()
+            raise ConnectionError(f"the server sent bytes from {start} on where {offset} were asked for; "
+                                  "the partial download was dropped, the next attempt starts afresh")
+        resumed = offset > 0 and start == offset
         if not resumed:
             offset = 0  # the server sent the whole file
         length = response.headers.get("Content-Length")
@@ -197,6 +203,15 @@ def _transfer(url: str, part: Path, progress: bool) -> None:
                 bar.update(len(chunk))
     if total is not None and part.stat().st_size < total:
         raise ConnectionError(f"connection closed after {part.stat().st_size} of {total} bytes")
+
+
+def _retry_after(error: Exception) -> float | None:
+    """The wait a rate-limited or busy server asks for (429/503 with Retry-After in seconds), at most
+    MAX_RETRY_AFTER_SECONDS; None when it names none (or a date, which we do not parse)."""
+    if not isinstance(error, urllib.error.HTTPError) or error.headers is None:
+        return None
+    value = (error.headers.get("Retry-After") or "").strip()
+    return min(float(value), MAX_RETRY_AFTER_SECONDS) if value.isdigit() else None
 
 
 def _range_start(content_range: str | None) -> int | None:

@@ -7,6 +7,7 @@ import json
 import os
 import socket
 import ssl
+import stat
 import subprocess
 import sys
 import threading
@@ -33,13 +34,21 @@ class Handler(BaseHTTPRequestHandler):
     """Serves `server.files`; honours Range unless `server.ignore_range` (a Range at or past the end gets
     416, as real servers answer); can drop a response midway; answers the first requests with the
     HTTP errors queued in `server.errors` (say, [503, 429]); with `server.range_from_zero` it answers a
-    Range with a 206 that starts at byte 0 (the whole file, as its Content-Range says)."""
+    Range with a 206 that starts at byte 0 (the whole file, as its Content-Range says); with
+    `server.range_start` (once) at that byte instead; `server.retry_after` goes with the queued errors."""
 
     def do_GET(self):
         server = self.server
         server.requests.append((self.path, self.headers.get("Range"), self.headers.get("User-Agent")))
         if server.errors:
-            self.send_error(server.errors.pop(0))
+            code = server.errors.pop(0)
+            if server.retry_after is None:
+                self.send_error(code)
+                return
+            self.send_response(code)
+            self.send_header("Retry-After", server.retry_after)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
             return
         data = server.files.get(self.path.split("?")[0])
         if data is None:
@@ -50,6 +59,8 @@ class Handler(BaseHTTPRequestHandler):
             start = int(self.headers["Range"].removeprefix("bytes=").split("-")[0])
             if server.range_from_zero:
                 start = 0
+            if server.range_start is not None:
+                start, server.range_start = server.range_start, None
             if start >= len(data):  # nothing left to send (RFC 9110: 416 names the full length)
                 self.send_response(416)
                 self.send_header("Content-Range", f"bytes */{len(data)}")
@@ -79,7 +90,7 @@ class Handler(BaseHTTPRequestHandler):
 def server():
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     httpd.files, httpd.requests, httpd.drops, httpd.ignore_range, httpd.errors = {}, [], 0, False, []
-    httpd.range_from_zero = False
+    httpd.range_from_zero, httpd.range_start, httpd.retry_after = False, None, None
     httpd.url = f"http://127.0.0.1:{httpd.server_address[1]}"
     thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
     thread.start()
@@ -834,3 +845,85 @@ def test_command_line_unknown_dataset_is_a_usage_error_naming_the_choices(capsys
         main(["isic"])
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and "invalid choice" in err and all(name in err for name in data_fetch.SOURCES)
+
+
+# ------------------------------------------------------------------------------------------ review of 2026-12-04
+
+
+def test_a_repair_cut_short_leaves_no_completion_marker(server, tmp_path, monkeypatch):
+    """Re-unpacking after a deleted file wrote over the folder under the old marker: cut short, a half
+    written image stayed marked complete, and every later fetch returned at once."""
+    server.files["/BUSBRA.zip"] = ARCHIVE
+    kwargs = {"dest": tmp_path, "url": server.url + "/BUSBRA.zip", "known_hash": sha256(ARCHIVE), "progress": False}
+    fetch("bus_bra", **kwargs)
+    (tmp_path / "BUSBRA" / "bus_data.csv").unlink()
+
+    def cut_short(archive, target):
+        (target / "BUSBRA" / "Images" / "bus_0001-l.png").write_bytes(b"p")  # half of "png"
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(data_fetch, "extract_zip", cut_short)
+    with pytest.raises(KeyboardInterrupt):
+        fetch("bus_bra", **kwargs)
+    assert not (tmp_path / ".bus_bra.complete").exists()
+    monkeypatch.undo()
+    monkeypatch.setattr(data_fetch.download, "BACKOFF_SECONDS", 0.0)
+    fetch("bus_bra", **kwargs)  # unpacks again
+    assert (tmp_path / "BUSBRA" / "Images" / "bus_0001-l.png").read_bytes() == b"png"
+    assert (tmp_path / ".bus_bra.complete").exists()
+
+
+def _link_zip() -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as zf:
+        link = zipfile.ZipInfo("BUSBRA/link")
+        link.external_attr = (stat.S_IFLNK | 0o777) << 16
+        zf.writestr(link, "/etc")
+        zf.writestr("BUSBRA/link/x.png", b"png")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("archive, says", [
+    (_link_zip(), "member 'BUSBRA/link' is a symbolic link"),
+    (zip_bytes({"BUSBRA/a": b"file", "BUSBRA/a/b.png": b"png"}), "member 'BUSBRA/a' is a file and also the folder"),
+])
+def test_links_and_files_that_are_also_folders_are_refused_before_anything_is_written(tmp_path, archive, says):
+    """zipfile writes a link as a small file, so the member under it failed halfway (NotADirectoryError) and
+    the command line blamed the destination folder."""
+    path = tmp_path / "BUSBRA.zip"
+    path.write_bytes(archive)
+    with pytest.raises(UnsafeArchiveError, match=says):
+        data_fetch.extract_zip(path, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_partial_content_from_the_middle_is_dropped_and_asked_for_again(server, tmp_path):
+    """A 206 starting neither where the .part file ends nor at 0 was saved as the whole file, failed its
+    checksum and was kept as .mismatch with the advice to run again."""
+    server.files["/data.npz"] = PAYLOAD
+    server.drops, server.range_start = 1, 500
+    download_file(server.url + "/data.npz", tmp_path / "data.npz", sha256(PAYLOAD), progress=False)
+    assert [r for _, r, _ in server.requests] == [None, f"bytes={len(PAYLOAD) // 3}-", None]
+    assert (tmp_path / "data.npz").read_bytes() == PAYLOAD and not list(tmp_path.glob("*.mismatch"))
+
+
+@pytest.mark.parametrize("asked, waited", [("7", 7.0), ("1000", 120.0), ("Fri, 04 Dec 2026 23:59:00 GMT", 2.0)])
+def test_a_servers_retry_after_sets_the_wait(server, tmp_path, monkeypatch, capsys, asked, waited):
+    slept = []
+    monkeypatch.setattr(data_fetch.download, "BACKOFF_SECONDS", 2.0)
+    monkeypatch.setattr(data_fetch.download.time, "sleep", slept.append)
+    server.files["/data.npz"] = PAYLOAD
+    server.errors, server.retry_after = [429], asked
+    download_file(server.url + "/data.npz", tmp_path / "data.npz", sha256(PAYLOAD), progress=False)
+    assert slept == [waited]  # capped at two minutes; a date is not parsed: the usual backoff
+    assert capsys.readouterr().err.strip().endswith(f"retrying in {waited:g} s")
+
+
+def test_a_local_copy_with_another_checksum_is_not_blamed_on_the_transfer(tmp_path):
+    copy = tmp_path / "mirror" / "breastmnist.npz"
+    copy.parent.mkdir()
+    copy.write_bytes(b"another file")
+    with pytest.raises(HashMismatchError) as error:
+        fetch("breastmnist", dest=tmp_path / "data", url=copy.as_uri(), known_hash="sha256:" + "0" * 64,
+              progress=False)
+    assert "point --url at the right file" in str(error.value) and "run again" not in str(error.value)
