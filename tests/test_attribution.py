@@ -787,8 +787,8 @@ class TinyCam(nn.Module):
 def test_gradcam_by_hand_relu_then_bilinear_upsampling():
     """Class 0: the gradient of the pooled channel 0 is 1/4 everywhere, so the channel weights are (1/4, 0) and
     the coarse map is A_0 / 4 = block sums / 4 = [[1, 0], [0, 2]] for blocks of ones and twos. TinyCam is a
-    patchify layer: anchor "block" puts each cell in the middle of its 2 x 2 block (pixel 0.5 and 2.5), and
-    bilinear upsampling gives the first rows below. The default anchor "corner" puts cell j on pixel 2j (as a
+    patchify layer: the default anchor "block" puts each cell in the middle of its 2 x 2 block (pixels 0.5 and
+    2.5), and bilinear upsampling gives the first rows below. anchor="corner" puts cell j on pixel 2j (as a
     padded stride-2 convolution centres it): pixel 1 halfway, pixel 3 at the edge. Class 1 sees -A_0: ReLU -> 0."""
     x = torch.zeros(1, 1, 4, 4)
     x[..., :2, :2], x[..., 2:, 2:] = 1.0, 2.0
@@ -802,8 +802,8 @@ def test_gradcam_by_hand_relu_then_bilinear_upsampling():
                            [0.5, 0.75, 1.0, 1.0],
                            [0.0, 1.0, 2.0, 2.0],
                            [0.0, 1.0, 2.0, 2.0]])
-    assert torch.allclose(explainer.attribute(x, "cls", 0, "gradcam", anchor="block")[0, 0], block)
-    assert torch.allclose(explainer.attribute(x, "cls", 0, "gradcam")[0, 0], corner)
+    assert torch.allclose(explainer.attribute(x, "cls", 0, "gradcam")[0, 0], block)
+    assert torch.allclose(explainer.attribute(x, "cls", 0, "gradcam", anchor="corner")[0, 0], corner)
     assert torch.equal(explainer.attribute(x, "cls", 1, "gradcam"), torch.zeros(1, 1, 4, 4))
 
 
@@ -816,20 +816,22 @@ def test_upsample_cells_block_is_a_plain_resize_and_corner_puts_cell_j_on_pixel_
         torch.testing.assert_close(A.upsample_cells(cells, (32, 36), mode, anchor="block"), resized)
     one = torch.zeros(1, 1, 4, 4)
     one[..., 1, 2] = 1.0
-    up = A.upsample_cells(one, (64, 64))  # stride 16
+    up = A.upsample_cells(one, (64, 64), anchor="corner")  # stride 16
     assert up[0, 0, 16, 32] == 1.0 and up[0, 0].argmax() == 16 * 64 + 32
-    assert A.upsample_cells(torch.full((1, 1, 1, 1), 3.0), (8, 8)).eq(3.0).all()  # one cell: everywhere
+    assert A.upsample_cells(torch.full((1, 1, 1, 1), 3.0), (8, 8), anchor="corner").eq(3.0).all()  # everywhere
+    assert torch.equal(A.upsample_cells(cells, (32, 36)), A.upsample_cells(cells, (32, 36), anchor="block"))
     with pytest.raises(ValueError, match="unknown interpolate_mode 'cubic'"):
         A.upsample_cells(one, (8, 8), "cubic")
     with pytest.raises(ValueError, match="unknown anchor 'centre'"):
         A.upsample_cells(one, (8, 8), anchor="centre")
 
 
-def test_the_resformers_last_stage_cells_are_centred_where_the_corner_anchor_puts_them():
-    """Why "corner" is the default: the input gradient of cell (3, 3) of the H/16 stage is centred near pixel
-    16 * 3 = 48 (padded stride-2 convolutions), not at 16 * 3 + 7.5 where a plain resize would put it."""
+def test_a_convolutional_encoders_cells_are_centred_where_the_corner_anchor_puts_them():
+    """What "corner" is for: in the attention-free encoder (padded stride-2 convolutions and pooling) the input
+    gradient of cell (3, 3) of the H/16 stage is centred near pixel 16 * 3 = 48, not at 16 * 3 + 7.5 where the
+    default "block" (a plain resize) puts it."""
     torch.manual_seed(0)
-    net = A.without_inplace(build_model("tiny", tasks=("seg", "cls"), image_size=128)).eval()
+    net = A.without_inplace(build_model("tiny", tasks=("seg", "cls"), image_size=128, use_attention=False)).eval()
     seen = {}
     handle = net.encoder.stages[3].register_forward_hook(lambda _m, _i, out: seen.update(out=out))
     x = torch.rand(2, 1, 128, 128, requires_grad=True)
