@@ -187,7 +187,8 @@ def _publish(staging: Path, final: Path, notebook_name: str) -> None:
 
 
 def headline_table(results: list[NotebookResult]) -> str:
-    """One line per notebook: status, time and its top-level numeric metrics.
+    """One line per notebook: status, time and its first six numeric metrics (nested ones flattened,
+    `seg/dice`), or the first line of its error.
 
     A metric that is NaN (metrics.json stores it as null) shows as `name=NaN`: a broken metric must
     be seen, not left out.
@@ -198,8 +199,9 @@ def headline_table(results: list[NotebookResult]) -> str:
             flat = {k: v for k, v in flatten_metrics(r.metrics.get("metrics", {})).items()
                     if v is None or isinstance(v, (int, float)) and not isinstance(v, bool)}
             shown = ", ".join(f"{k}={_number(v)}" for k, v in list(flat.items())[:6])
-        else:
-            shown = r.error
+        else:  # one line per notebook: a multi-line error (the missing-dataset advice) is in the failure report
+            lines_of_error = r.error.strip().splitlines() or [""]
+            shown = lines_of_error[0] + (" ..." if len(lines_of_error) > 1 else "")
         lines.append(f"{r.notebook:<28} {'ok' if r.ok else 'FAIL':<6} {r.seconds:>6.0f}s  {shown}")
     return "\n".join(lines)
 

@@ -37,6 +37,14 @@ def test_run_notebook_passes_parameters_and_reads_metrics(tmp_path):
     assert "01_good" in headline_table([result]) and "dice=2.5" in headline_table([result])
 
 
+def test_headline_table_keeps_one_line_per_notebook_for_a_multi_line_error():
+    error = "cell [4] raised FileNotFoundError: dataset 'busi' was not found in /d/busi. Download it first with\n" \
+            "    python -m data_fetch busi --dest \"/d/busi\""
+    table = headline_table([course.NotebookResult("01_x", None, False, 1.0, error)])
+    assert table.splitlines()[1].endswith("was not found in /d/busi. Download it first with ...")
+    assert len(table.splitlines()) == 2
+
+
 def test_headline_table_shows_a_nan_metric():
     """metrics.json stores NaN as null; a broken metric must show, not vanish from the table."""
     result = course.NotebookResult("01_x", None, True, 1.0, metrics={"metrics": {"auc": None, "f1": float("nan"),
