@@ -661,7 +661,8 @@ def train_disentangle(
 
     Returns per-epoch means: "loss_a", "loss_b", "acc_a", "acc_b", "w_adv" and, for DisentangleNet,
     "adv_loss_a", "adv_loss_b", "adv_acc_a", "adv_acc_b" (each batch scored before the adversaries'
-    steps on it, so on images they were not fitted to), "adv_fit_acc_a", "adv_fit_acc_b" (after
+    steps on it: a batch they have not yet been fitted to, though its images may have come in
+    earlier batches), "adv_fit_acc_a", "adv_fit_acc_b" (after
     those steps: how well they fit the batch) and "adv_term" (and "leak" when w_leak > 0), each
     averaged over the steps that recorded it (NaN for an epoch without any, e.g. adv_term during a
     warm-up); with `val_loader` also "val_acc_a", ... from evaluate_disentangle.
@@ -769,7 +770,7 @@ def train_disentangle(
                     detached_a, detached_b = features_a.detach(), features_b.detach()
                     for i in range(adv_steps):
                         fitted = adversary_step(model, adv_optimizer, detached_a, detached_b, y_a, y_b)
-                        if i == 0:  # scored before any step on this batch: images the adversaries were not fitted to
+                        if i == 0:  # scored before any step on this batch (not yet fitted to it)
                             record.update(fitted)
                             once = _adversary_buffers(model)
                     # BatchNorm's running statistics take this batch once, not once per step: 100 steps at
@@ -959,13 +960,13 @@ class DisentangleConfig:
         state of the game rather than wherever the oscillation happens to be;
     An option beyond the paper, off by default: the LinearLeakage penalty (`w_leak=5`). With the
     adversary alone a fresh linear probe still reads the background from the shape features
-    (probe_background_a 0.70-0.76 over seeds 0-4, one CPU thread). Split by shape
-    (probe_within_groups) it is readable within the bars too (0.81-0.96), although bars
+    (probe_background_a 0.65-0.76 over seeds 0-4, one CPU thread). Split by shape
+    (probe_within_groups) it is readable within the bars too (0.72-0.87), although bars
     come on both backgrounds in every batch: the adversary lowers, not removes, what a probe fitted
-    on many images finds. With the penalty (seeds 0-4) the bars are clean (0.41-0.49, chance) and
-    the probe falls to 0.52-0.65, but the circles are cleared on some seeds only (0.45-0.95: the
-    encoder never saw a circle on black, so nothing made its circle features blind to the
-    background), and the unseen accuracy follows them (0.36-0.98; both targets hold on 2 seeds).
+    on many images finds. With the penalty (seeds 0-4) the bars are clean (0.49-0.58, chance) and
+    the probe falls to 0.52-0.61, but the circles are not (0.53-0.74: the encoder never saw a
+    circle on black, so nothing made its circle features blind to the background), and the unseen
+    accuracy becomes a coin toss (0.22-0.98): both targets hold on no seed (benchmarks/README.md).
     Also measured, no better: the penalty on every encoder stage, and
     adversaries trained on the last 8 batches at once instead of the current one.
     Reweighting only: nothing ever shows a circle on black (no intensity inversion or the like).
