@@ -805,8 +805,9 @@ def evaluate(model: nn.Module, loader, tasks: Sequence[str] | None = None, *,
     tasks: None reads the model's `tasks` attribute. device: None keeps the model where it is;
     otherwise the model is moved there.
     Pass your own MetricAccumulator to keep the class probabilities, labels and confusion matrix
-    for ROC curves and confusion-matrix plots. Under torchrun every rank evaluates its shard and
-    the sums are added (all_reduce) before averaging.
+    for ROC curves and confusion-matrix plots (with class-weighted losses, give it their
+    class_weights, so that cls/loss does not depend on the batch size). Under torchrun every rank
+    evaluates its shard and the sums are added (all_reduce) before averaging.
     """
     tasks = check_tasks(tasks if tasks is not None else _model_tasks(model))
     if device is None:
@@ -818,7 +819,8 @@ def evaluate(model: nn.Module, loader, tasks: Sequence[str] | None = None, *,
     channels_last = device.type == "cuda" if channels_last is None else channels_last
     loss_fns = build_losses(tasks, losses).to(device)
     if accumulator is None:
-        accumulator = MetricAccumulator(tasks, data_range=data_range)
+        accumulator = MetricAccumulator(tasks, data_range=data_range,
+                                        class_weights=losses.class_weights if losses is not None else None)
     with eval_mode(model):  # each submodule gets its own mode back (a frozen BatchNorm stays frozen)
         for batch in tqdm(loader, desc="evaluate", disable=not (progress and is_main_process()), leave=False):
             batch = _to_device(batch, device, channels_last)

@@ -106,10 +106,20 @@ def roc_auc(scores: np.ndarray | Tensor, labels: np.ndarray | Tensor) -> float:
     one_vs_rest_scores of the logits (the same ranking, without ties from rounding);
     labels: (N,) ints -> float (nan when undefined).
     """
-    scores = torch.as_tensor(np.asarray(scores), dtype=torch.float64)
-    labels = torch.as_tensor(np.asarray(labels), dtype=torch.long)
+    # detached and on the CPU first: np.asarray fails on a tensor that needs grad or lives on a GPU
+    scores = torch.as_tensor(scores.detach().cpu() if isinstance(scores, Tensor) else np.asarray(scores),
+                             dtype=torch.float64)
+    labels = torch.as_tensor(labels.detach().cpu() if isinstance(labels, Tensor) else np.asarray(labels),
+                             dtype=torch.long).flatten()
+    if scores.ndim != 2 or scores.shape[0] != len(labels):
+        raise ValueError(f"roc_auc needs (N, K) scores, one column per class, for N = {len(labels)} labels, got "
+                         f"shape {tuple(scores.shape)}; for one positive-class score s per image pass "
+                         "torch.stack([-s, s], dim=1)")
     if len(labels) == 0:
         return float("nan")
+    if int(labels.min()) < 0 or int(labels.max()) >= scores.shape[1]:
+        raise ValueError(f"labels must be class indices 0..{scores.shape[1] - 1} (one per score column), "
+                         f"got values {int(labels.min())}..{int(labels.max())}")
     onehot = torch.nn.functional.one_hot(labels, scores.shape[1])  # (N, K)
     with warnings.catch_warnings():  # MONAI warns for a class with no positives (or no negatives)
         warnings.simplefilter("ignore", UserWarning)
@@ -132,9 +142,12 @@ class MetricAccumulator:
     """
 
     def __init__(self, tasks: Sequence[str] = ("seg", "cls"), num_classes: int | None = None,
-                 data_range: float = 1.0):
+                 data_range: float = 1.0, class_weights: Sequence[float] | None = None):
         self.tasks = check_tasks(tasks)
         self.num_classes = num_classes  # inferred from the first classification logits when None
+        # those of the classification loss (LossConfig.class_weights): its batch mean divides by the
+        # batch's summed label weights, so "cls/loss" weights each batch by that sum, not its size
+        self.class_weights = None if class_weights is None else torch.as_tensor(class_weights, dtype=torch.float64)
         # max - min of the clean images, for PSNR and SSIM
         self.data_range = check_number("data_range", data_range, 0, above=True,
                                        advice="max - min of the clean images, e.g. 1.0")
@@ -178,9 +191,21 @@ class MetricAccumulator:
             else:
                 self._update_recon(prediction, target.float())
             if losses is not None and task in losses:
-                n = len(prediction)
-                # a NaN loss is a failure, not an undefined value: it must make the mean NaN, not vanish
-                self._add(f"{task}/loss", losses[task].detach().cpu().double().repeat(n), skip_nan=False)
+                self._add_loss(task, losses[task], target)
+
+    def _add_loss(self, task: str, loss: Tensor, target: Tensor) -> None:
+        """Add one batch's mean loss, weighted by what it is a mean over: its images, or for a
+        class-weighted cross-entropy the summed weights of its labels (so that the result is the
+        dataset's loss whatever the batch size)."""
+        weight = float(len(target))
+        if task == "cls" and self.class_weights is not None:
+            weight = float(self.class_weights[target.detach().long().view(-1).cpu()].sum())
+            if weight == 0:  # only zero-weight labels: torch's mean is 0/0, and the dataset's gets nothing
+                return
+        key = f"{task}/loss"
+        # a NaN loss is a failure, not an undefined value: it must make the mean NaN, not vanish
+        self.sums[key] = self.sums.get(key, 0.0) + float(loss.detach().cpu().double()) * weight
+        self.counts[key] = self.counts.get(key, 0.0) + weight
 
     def _update_seg(self, logits: Tensor, mask: Tensor) -> None:
         if logits.dim() != 4:

@@ -190,6 +190,9 @@ class GradNorm(LossWeighting):
     last stage's attention path. The paper takes the last layer every task's gradient passes
     through; here the decoder also reads the earlier stages through the skips (and the multi-scale
     head the third stage), so G_t at W is a cheap proxy for a task's pull on the encoder, not all of it.
+    Under torchrun, L_t and L_t(0) are means over every process; G_t is each process's own (the
+    norm of its shard's gradient: a norm of the averaged gradient would need a differentiable
+    all-reduce), and the weights' gradients are averaged before their step.
     """
 
     needs_shared_parameters = True
@@ -204,6 +207,7 @@ class GradNorm(LossWeighting):
         self.register_buffer("initialised", torch.zeros((), dtype=torch.bool))
         self.optimizer = torch.optim.Adam([self.task_weights], lr=lr)
         self.last_grad_norms = torch.zeros(len(self.tasks))  # G_t of the last step, for inspection
+        self.last_ratios = torch.ones(len(self.tasks))  # r_t of the last step, for inspection
 
     def backward(self, losses, shared_parameters=None, scale=None):
         if not shared_parameters:
@@ -225,8 +229,10 @@ class GradNorm(LossWeighting):
             torch.autograd.grad(scale(w * loss), layer, retain_graph=True, create_graph=True)[0].norm()
             for w, loss in zip(self.task_weights, task_losses)
         ])  # (T,) S * G_t
-        ratio = task_losses.detach() / self.initial_losses.clamp_min(1e-12)
+        current = _average_across_processes(task_losses.detach().clone())  # L_t over every process, as L_t(0)
+        ratio = current / self.initial_losses.clamp_min(1e-12)
         ratio = ratio / ratio.mean()
+        self.last_ratios = ratio.cpu()
         target = (scaled_norms.mean() * ratio**self.alpha).detach()  # a constant for the weights
         gradnorm_loss = (scaled_norms - target).abs().sum()  # S * sum_t |G_t - mean(G) r_t^alpha|
         weight_grad = torch.autograd.grad(gradnorm_loss, self.task_weights, retain_graph=True)[0] / loss_scale
@@ -287,7 +293,8 @@ class PCGrad(LossWeighting):
     gradient onto the normal plane of every gradient it conflicts with (random task order) and
     sums the results. Only the shared parameters are projected; task heads get their usual
     gradient. Costs one gradient pass per task (for the shared parameters) on top of the usual
-    backward. Task weights stay 1.
+    backward. Task weights stay 1. Under torchrun each task's gradient is averaged over the
+    processes first (one all-reduce per task), so the update is PCGrad's of the whole batch.
     """
 
     needs_shared_parameters = True
@@ -307,13 +314,15 @@ class PCGrad(LossWeighting):
         for loss in task_losses:  # one gradient per task, flattened: (P,)
             parts = torch.autograd.grad(scale(loss), shared_parameters, retain_graph=True,
                                         allow_unused=True, materialize_grads=True)
-            grads.append(torch.cat([g.reshape(-1) for g in parts]))
+            # under torchrun: the whole batch's gradient of this task, averaged over the processes before
+            # the projection (which is not linear: projecting each shard's and averaging is another update)
+            grads.append(_average_across_processes(torch.cat([g.reshape(-1) for g in parts])))
         if len(grads) >= 2:
             self.last_cosine = float(nn.functional.cosine_similarity(grads[0], grads[1], dim=0))
         merged = torch.stack(project_conflicting(grads, self.generator)).sum(0)  # (P,)
         total = task_losses.sum()
         scale(total).backward()  # task heads: plain gradients; shared ones are replaced below
-        _average_across_processes(merged)  # DDP averaged the unprojected sum; average ours instead
+        # (`merged` is the same on every process: the same averaged gradients, the same random order)
         offset = 0
         for p in shared_parameters:
             # empty_like keeps the parameter's memory format: channels_last weights get channels_last

@@ -483,3 +483,48 @@ def test_numpy_hyperparameters_keep_the_state_dict_loadable():
     buffer.seek(0)
     GradNorm(TASKS).load_state_dict(torch.load(buffer, weights_only=True))
     assert type(DynamicWeightAverage(TASKS, temperature=np.float32(2)).temperature) is float
+
+
+def _pcgrad_on_two_shards(rank, store, results):
+    """Rank 0's task gradients conflict ([1, 0] and [-1, 1]), rank 1's do not ([1, 0] and [1, 1])."""
+    from tests.test_engine import _one_of_two_processes
+
+    with _one_of_two_processes(rank, store, results):
+        p = torch.zeros(2, requires_grad=True)
+        a, b = torch.tensor([1.0, 0.0]), torch.tensor([-1.0, 1.0]) if rank == 0 else torch.tensor([1.0, 1.0])
+        PCGrad(("seg", "cls")).backward({"seg": (a * p).sum(), "cls": (b * p).sum()}, [p])
+        (results / f"grad{rank}.txt").write_text(" ".join(f"{v:g}" for v in p.grad.tolist()))
+
+
+@pytest.mark.slow
+def test_pcgrad_under_torchrun_projects_the_whole_batchs_task_gradients(tmp_path):
+    """Averaged over the two shards the task gradients are [1, 0] and [0, 1]: no conflict, so the update is
+    their sum [1, 1] on both processes. Projecting each shard's and averaging gave [1.25, 1.25]."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_pcgrad_on_two_shards, args=(tmp_path / "store", tmp_path), nprocs=2)
+    assert [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)] == ["finished"] * 2
+    assert [(tmp_path / f"grad{r}.txt").read_text() for r in (0, 1)] == ["1 1"] * 2
+
+
+def _gradnorm_on_two_shards(rank, store, results):
+    """Both processes start at losses (1, 1) on average; then rank 0 sees (1, 3) and rank 1 (3, 1)."""
+    from tests.test_engine import _one_of_two_processes
+
+    with _one_of_two_processes(rank, store, results):
+        p = torch.ones(2, 2, requires_grad=True)
+        weighting = GradNorm(("seg", "cls"))
+        for seg, cls in ((1.0, 1.0), (1.0, 3.0) if rank == 0 else (3.0, 1.0)):
+            weighting.backward({"seg": seg * p.sum() / 4, "cls": cls * p.sum() / 4}, [p])
+        (results / f"ratio{rank}.txt").write_text(" ".join(f"{v:g}" for v in weighting.last_ratios.tolist()))
+
+
+@pytest.mark.slow
+def test_gradnorm_under_torchrun_reads_the_training_rates_of_the_whole_batch(tmp_path):
+    """L_t / L_t(0) from every process's losses: both tasks went from 1 to 2 on average, so r = (1, 1) on
+    both processes; each process's own losses gave (0.5, 1.5) on one and (1.5, 0.5) on the other."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_gradnorm_on_two_shards, args=(tmp_path / "store", tmp_path), nprocs=2)
+    assert [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)] == ["finished"] * 2
+    assert [(tmp_path / f"ratio{r}.txt").read_text() for r in (0, 1)] == ["1 1"] * 2
