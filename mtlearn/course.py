@@ -175,6 +175,7 @@ def _publish(staging: Path, final: Path, notebook_name: str) -> None:
     executed = staging / notebook_name
     escaped = [json.dumps(str(p), ensure_ascii=False)[1:-1] for p in (staging, final)]
     executed.write_text(executed.read_text(encoding="utf-8").replace(*escaped), encoding="utf-8")
+    freeze_progress_bars(executed)
     (staging / DONE).write_text(f"{notebook_name} finished {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
     # Two renames, not a copy: at every moment one whole run (old or new) is on disk. An interruption
     # between them leaves the previous run in `<final>.old` (and no `final`) until a run succeeds.
@@ -184,6 +185,56 @@ def _publish(staging: Path, final: Path, notebook_name: str) -> None:
         final.rename(old)
     staging.rename(final)
     shutil.rmtree(old, ignore_errors=True)
+
+
+WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
+WIDGET_STATE = "application/vnd.jupyter.widget-state+json"
+
+
+def freeze_progress_bars(path: Path) -> int:
+    """Give every progress bar of the saved notebook `path` the text of its final state; returns how many.
+
+    tqdm's notebook bars are widgets, and the plain-text copy saved beside each one (what GitHub and
+    other viewers without widgets show) is written when the bar is made: a saved notebook shows every
+    bar at 0 % (tqdm/tqdm#1120). The widget state saved with the notebook holds where each bar ended;
+    this writes that as text, "epoch 1/6: 100%|██████████| 30/30 [00:02<00:00, 12.0it/s]". The file
+    keeps its JSON layout (one-space indent, as Jupyter and papermill write it).
+    """
+    text = Path(path).read_text(encoding="utf-8")
+    notebook = json.loads(text)
+    state = notebook.get("metadata", {}).get("widgets", {}).get(WIDGET_STATE, {}).get("state", {})
+    changed = 0
+    for cell in notebook.get("cells", []):
+        for output in cell.get("outputs", []):
+            view = output.get("data", {}).get(WIDGET_VIEW)
+            final = _bar_text(state, view.get("model_id")) if isinstance(view, dict) else None
+            saved = output.get("data", {}).get("text/plain", "")
+            if final is not None and "".join(saved) != final:
+                output["data"]["text/plain"] = [final] if isinstance(saved, list) else final  # the file's form
+                changed += 1
+    if changed:
+        trailing = "\n" if text.endswith("\n") else ""
+        Path(path).write_text(json.dumps(notebook, indent=1, ensure_ascii=False) + trailing, encoding="utf-8")
+    return changed
+
+
+def _bar_text(state: dict, model_id: str | None) -> str | None:
+    """tqdm's text line for the bar widget `model_id` (a box of prefix, progress, suffix), or None."""
+    import html
+
+    box = state.get(model_id or "", {})
+    children = box.get("state", {}).get("children", []) if box.get("model_name") == "HBoxModel" else []
+    parts = [state.get(str(child).removeprefix("IPY_MODEL_"), {}) for child in children]
+    if [part.get("model_name") for part in parts] != ["HTMLModel", "FloatProgressModel", "HTMLModel"]:
+        return None
+    prefix, bar, suffix = (part.get("state", {}) for part in parts)
+    value, most = bar.get("value") or 0, bar.get("max") or 0
+    filled = max(0, min(10, int(10 * value / most))) if most else 0
+
+    def plain(value: str | None) -> str:
+        return html.unescape(value or "").replace("\u2007", " ")  # tqdm pads with figure spaces
+
+    return f"{plain(prefix.get('value'))}|{'█' * filled}{' ' * (10 - filled)}|{plain(suffix.get('value'))}"
 
 
 def headline_table(results: list[NotebookResult]) -> str:

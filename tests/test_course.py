@@ -391,3 +391,49 @@ def test_a_notebook_that_cannot_start_is_not_reported_as_a_failing_cell(tmp_path
     assert "python -m ipykernel install --sys-prefix --name python3" in result.error
     missing = run_notebook(tmp_path / "01_missing.ipynb", tmp_path / "out", {})
     assert missing.error.startswith("the notebook could not run: FileNotFoundError")
+
+
+BAR = """import json, pathlib
+from tqdm.auto import tqdm
+for _ in tqdm(range(3), desc="loop"):
+    pass
+json.dump({"metrics": {}}, open(pathlib.Path(out_dir) / "metrics.json", "w"))"""
+
+
+def test_a_runs_progress_bars_are_saved_at_their_end_for_viewers_without_widgets(tmp_path):
+    """tqdm saves a bar's plain-text copy when the bar is made, so GitHub showed every bar at 0 %."""
+    nb = write_notebook(tmp_path / "01_bar.ipynb", BAR)
+    result = run_notebook(nb, tmp_path / "out", {})
+    assert result.ok, result.error
+    executed = json.loads((tmp_path / "out" / "01_bar.ipynb").read_text())
+    texts = ["".join(output["data"]["text/plain"]) for cell in executed["cells"] for output in cell["outputs"]
+             if course.WIDGET_VIEW in output.get("data", {})]
+    assert len(texts) == 1 and texts[0].startswith("loop: 100%|██████████| 3/3 [")
+    assert course.freeze_progress_bars(tmp_path / "out" / "01_bar.ipynb") == 0  # nothing left to do
+
+
+def test_freeze_progress_bars_rewrites_only_bars_whose_state_was_saved(tmp_path):
+    def bar(prefix, value, most, suffix):
+        return {"b": {"model_name": "HBoxModel", "state": {"children": ["IPY_MODEL_p", "IPY_MODEL_f", "IPY_MODEL_s"]}},
+                "p": {"model_name": "HTMLModel", "state": {"value": prefix}},
+                "f": {"model_name": "FloatProgressModel", "state": {"value": value, "max": most}},
+                "s": {"model_name": "HTMLModel", "state": {"value": suffix}}}
+
+    def view(model_id):
+        return {"output_type": "display_data", "metadata": {},
+                "data": {course.WIDGET_VIEW: {"model_id": model_id}, "text/plain": ["train:   0%|          | 0/4"]}}
+
+    state = bar("train:\u2007\u200750%", 2, 4, "\u20072/4\u2007[00:01&lt;00:01]") | {"slider": {"model_name": "IntSliderModel"}}
+    notebook = {"cells": [{"cell_type": "code", "outputs": [view("b"), view("slider"), view("gone"),
+                                                              {"output_type": "stream", "text": "x"}]}],
+                "metadata": {"widgets": {course.WIDGET_STATE: {"state": state}}}, "nbformat": 4}
+    path = tmp_path / "nb.ipynb"
+    path.write_text(json.dumps(notebook, indent=1))
+    assert course.freeze_progress_bars(path) == 1
+    outputs = json.loads(path.read_text())["cells"][0]["outputs"]
+    assert outputs[0]["data"]["text/plain"] == ["train:  50%|█████     | 2/4 [00:01<00:01]"]
+    assert [o["data"]["text/plain"] for o in outputs[1:3]] == [["train:   0%|          | 0/4"]] * 2  # no bar state
+    plain = tmp_path / "plain.ipynb"
+    plain.write_text(json.dumps({"cells": [], "metadata": {}}))
+    before = plain.stat().st_mtime_ns
+    assert course.freeze_progress_bars(plain) == 0 and plain.stat().st_mtime_ns == before  # not rewritten

@@ -82,6 +82,17 @@ def test_committed_outputs_come_from_a_course_run(path):
     assert figures >= 1, f"{path.name} shows no figure"
 
 
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_committed_progress_bars_show_where_they_ended(path, tmp_path):
+    """Viewers without widgets (GitHub) show a bar's plain-text copy, which tqdm writes at 0 %."""
+    from mtlearn.course import freeze_progress_bars
+
+    copy = tmp_path / path.name
+    copy.write_bytes(path.read_bytes())
+    assert freeze_progress_bars(copy) == 0, f"{path.name} shows progress bars at their start; run " \
+        f"mtlearn.course.freeze_progress_bars on it"
+
+
 @pytest.mark.slow
 def test_notebook_04_runs_its_ultrasound_section_on_bus_uclm_flags(tmp_path):
     """nbval runs every notebook on the synthetic data; this runs notebook 04's real-data branch
