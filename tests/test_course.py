@@ -423,7 +423,8 @@ def test_freeze_progress_bars_rewrites_only_bars_whose_state_was_saved(tmp_path)
         return {"output_type": "display_data", "metadata": {},
                 "data": {course.WIDGET_VIEW: {"model_id": model_id}, "text/plain": ["train:   0%|          | 0/4"]}}
 
-    state = bar("train:\u2007\u200750%", 2, 4, "\u20072/4\u2007[00:01&lt;00:01]") | {"slider": {"model_name": "IntSliderModel"}}
+    state = bar("train:\u2007\u200750%", 2, 4, "\u20072/4\u2007[00:01&lt;00:01]")
+    state["slider"] = {"model_name": "IntSliderModel"}  # a widget that is not a bar
     notebook = {"cells": [{"cell_type": "code", "outputs": [view("b"), view("slider"), view("gone"),
                                                               {"output_type": "stream", "text": "x"}]}],
                 "metadata": {"widgets": {course.WIDGET_STATE: {"state": state}}}, "nbformat": 4}
