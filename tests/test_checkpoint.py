@@ -287,3 +287,16 @@ def test_the_cuda_state_is_that_of_the_gpu_training_runs_on(device, used, monkey
     monkeypatch.setattr(checkpoint, "world_and_rank", lambda: (1, 0))
     set_rng_state(rng_state(device=device), device=device)
     assert asked == [used, used]
+
+
+def test_a_failure_that_is_not_the_files_is_not_called_corrupt(tmp_path, monkeypatch):
+    """Only the zip reader's errors mean a damaged file; out of memory must not say "corrupt or truncated"."""
+    path = tmp_path / "last.pt"
+    save_checkpoint({"model": small_model().state_dict()}, path)
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory")
+
+    monkeypatch.setattr(torch, "load", out_of_memory)
+    with pytest.raises(RuntimeError, match="can't allocate memory"):
+        load_checkpoint(path)

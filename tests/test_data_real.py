@@ -1050,3 +1050,18 @@ def test_a_file_of_another_resolution_names_the_resolution_to_ask_for(tmp_path, 
     with pytest.raises(LayoutError, match=rf"but has \S+: pass resolution={saved} to load that one"):
         load_dataset(name, root=tmp_path, **options)
     assert len(load_dataset(name, root=tmp_path, split="all", resolution=saved)) > 0
+
+
+def test_a_file_the_system_will_not_let_us_read_is_not_called_damaged(tmp_path, monkeypatch):
+    """A PermissionError is the file system's, not the file's: "not a readable image ... delete it and fetch
+    again" would send the user to delete a good file."""
+    import PIL.Image
+
+    make_busi(tmp_path, per_class=3)
+
+    def denied(path, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(PIL.Image, "open", denied)
+    with pytest.raises(PermissionError, match="Permission denied"):
+        load_dataset("busi", root=tmp_path, split="all", image_size=SIZE)

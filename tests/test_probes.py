@@ -457,3 +457,52 @@ def test_plot_probe_matrix_annotates_every_cell():
     assert [t.get_text() for t in ax.get_yticklabels()] == ["shared", "disentangle A"]
     with pytest.raises(ValueError, match="non-empty"):
         plot_probe_matrix(pd.DataFrame())
+
+
+# ------------------------------------------------------------------------------------------ pinned by mutation
+
+
+def test_probe_matrix_runs_a_function_encoder_with_its_model_in_eval_mode():
+    """Without model= reaching extract_features, BatchNorm ran in training mode: batch statistics, and the
+    studied network's running statistics overwritten."""
+    loader = DataLoader(TinyData(40), batch_size=8)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4))
+    probe_matrix({"f": lambda x: net(x).mean((2, 3))}, loader, model=net, label_keys=("coded",), folds=2, device="cpu")
+    assert torch.equal(net[1].running_mean, torch.zeros(4)) and net.training
+
+
+def test_probe_matrix_uses_its_seed_for_the_folds():
+    loader = DataLoader(TinyData(90), batch_size=30)
+    def flat(x):  # 64 raw pixels: the noise label's score depends on the folds
+        return x.flatten(1)
+
+    features, labels = extract_features(flat, loader, device="cpu", label_keys=("noise",))
+    for seed in (0, 5):
+        table = probe_matrix({"flat": flat}, loader, label_keys=("noise",), folds=3, seed=seed, device="cpu")
+        expected = cross_validated_probe(features, labels["noise"], 3, seed=seed)["balanced_accuracy"]
+        assert table.loc["flat", "noise"] == pytest.approx(expected)
+
+
+def test_linear_probe_passes_its_regularisation_to_the_regression(monkeypatch):
+    import sklearn.linear_model
+
+    seen = []
+
+    class Recording(sklearn.linear_model.LogisticRegression):
+        def __init__(self, **kwargs):
+            seen.append({k: kwargs.get(k) for k in ("C", "max_iter")})
+            super().__init__(**kwargs)
+
+    monkeypatch.setattr(sklearn.linear_model, "LogisticRegression", Recording)
+    features, y = synthetic_features(n=60)[:2]
+    linear_probe(features, y, features, y, C=0.25, max_iter=321)
+    assert seen == [{"C": 0.25, "max_iter": 321}]
+
+
+def test_plots_name_the_classes_and_start_the_colour_scale_at_chance():
+    embedding, labels = np.random.default_rng(0).normal(size=(20, 2)), {"coded": np.array([0, 1] * 10)}
+    fig = plot_embedding(embedding, labels, class_names={"coded": ["no", "yes"]})
+    assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == ["coded = no", "coded = yes"]
+    table = pd.DataFrame({"shape": [1.0, 0.9], "background": [0.55, 1.0]}, index=["A", "shared"])
+    fig = plot_probe_matrix(table, chance=0.5)
+    assert fig.axes[0].images[0].get_clim() == (0.5, 1.0)

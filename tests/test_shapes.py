@@ -209,3 +209,21 @@ def test_shapes_through_load_dataset_refuse_in_channels_true():
 
     with pytest.raises(ValueError, match="shapes images are grey: in_channels must be 1, got True"):
         load_dataset("shapes", split="val", image_size=SMALL, in_channels=True)
+
+
+def test_the_documented_repeats_at_the_course_size_are_the_generated_ones():
+    """The module docstring promises exact regeneration and quotes 8 test and 3 validation images equal to a
+    training image at 56 x 72, seed 0 (an image is its mask and its background): both are checked here, with
+    the first validation items' geometry, so a change to the random streams cannot pass unnoticed."""
+    import hashlib
+
+    splits = {s: ShapesBackground(s, (56, 72), seed=0) for s in ("train", "val", "test")}
+
+    def key(item):
+        return hashlib.sha1(item["mask"].numpy().tobytes()).hexdigest(), item["shape"], item["background"]
+
+    train = {key(item) for item in splits["train"]}
+    assert [sum(key(item) in train for item in splits[s]) for s in ("val", "test")] == [3, 8]
+    first = [(item["cy"], item["cx"], round(item["half_h"], 3)) for item in splits["val"].items[:3]]
+    assert first == [(31, 31, 5.059), (49, 44, 4.157), (38, 35, 8.341)]
+    assert ShapesBackground("val", (56, 72)).items == splits["val"].items  # the default seed is 0

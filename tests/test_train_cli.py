@@ -333,3 +333,75 @@ def test_under_torchrun_ctrl_c_is_not_turned_into_an_exit_status(monkeypatch):
     monkeypatch.setattr(train.os, "_exit", lambda code: pytest.fail("os._exit called after Ctrl-C"))
     with pytest.raises(KeyboardInterrupt):
         train._command_line()
+
+
+# ------------------------------------------------------------------------------------------ pinned by mutation
+
+
+def test_only_the_training_split_is_augmented(tmp_path, monkeypatch):
+    """--augment on every split would pick the best epoch and report the test metrics on flipped images."""
+    import mtlearn.data
+    from mtlearn import train
+
+    calls = {}
+
+    def record(name, split, augment=False, **kwargs):
+        calls[split] = augment
+        return load_dataset("synthetic", split=split, num_samples=8, image_size=32)
+
+    monkeypatch.setattr(mtlearn.data, "load_dataset", record)
+    train._datasets(parse_args([*SMOKE, "--dataset", "busi", "--data-root", str(tmp_path), "--augment"]))
+    assert calls == {"train": True, "val": False, "test": False}
+
+
+def test_a_resume_into_an_empty_folder_records_its_options(tmp_path, capsys):
+    """--resume where nothing ran yet starts a run: its options.json must be written, or a later --resume
+    with another seed would not be refused."""
+    out = tmp_path / "run"
+    main([*SMOKE, "--epochs", "1", "--limit", "8", "--out-dir", str(out), "--resume"])
+    assert json.loads((out / "options.json").read_text())["seed"] == 0
+    with pytest.raises(SystemExit):
+        main([*SMOKE, "--epochs", "2", "--limit", "8", "--seed", "5", "--out-dir", str(out), "--resume"])
+    assert "--seed: 0 then, 5 now" in capsys.readouterr().err
+
+
+CHANGED_RUN_OPTIONS = [("--preset", ["--preset", "course"]), ("--dataset", ["--dataset", "bus_bra"]),
+                       ("--image-size", ["--image-size", "64"]), ("--augment", ["--augment"]),
+                       ("--limit", ["--limit", "8"]), ("--seed", ["--seed", "5"]),
+                       ("--batch-size", ["--batch-size", "8"])]
+
+
+def test_every_run_option_has_a_resume_check_below():
+    from mtlearn import train
+
+    assert {f"--{name.replace('_', '-')}" for name in train.RUN_OPTIONS} == {flag for flag, _ in CHANGED_RUN_OPTIONS}
+
+
+@pytest.mark.parametrize("flag, changed", CHANGED_RUN_OPTIONS, ids=[flag for flag, _ in CHANGED_RUN_OPTIONS])
+def test_resume_refuses_a_change_of_any_run_option(tmp_path, flag, changed):
+    from mtlearn import train
+
+    out = tmp_path / "run"
+    base = [*SMOKE, "--dataset", "busi", "--data-root", str(tmp_path), "--out-dir", str(out)]
+    train._check_run_options(parse_args(base))  # a new run records its options
+    (out / "last.pt").write_bytes(b"")  # as if it had trained an epoch
+    with pytest.raises(ValueError, match=f"cannot resume .*with other options \\({flag}: "):
+        train._check_run_options(parse_args([*base, *changed, "--resume"]))
+    train._check_run_options(parse_args([*base, "--resume"]))  # the same options resume
+
+
+def test_the_loaders_follow_seed_and_num_workers(tmp_path, monkeypatch):
+    from mtlearn import train
+
+    seen = {}
+
+    def stop(model, train_loader, val_loader, config):
+        seen.update(seed=train_loader.generator.initial_seed(), workers=train_loader.num_workers)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "fit", stop)
+    with pytest.raises(KeyboardInterrupt):
+        train.run(parse_args([*SMOKE, "--limit", "8", "--seed", "3", "--num-workers", "1", "--device", "cpu",
+                              "--out-dir", str(tmp_path / "run")]))
+    assert seen == {"seed": 3, "workers": 1}
+    assert parse_args(["--task-weights", "seg=0", "cls=1"]).task_weights == {"seg": 0.0, "cls": 1.0}  # 0 is a weight

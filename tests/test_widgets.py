@@ -146,3 +146,11 @@ def test_the_figure_is_set_as_the_only_output_not_captured_in_a_with_block():
         assert output["output_type"] == "display_data" and "text/plain" in output["data"]
         assert explorer.output.msg_id == ""  # never in capturing mode
     assert not matplotlib.pyplot.get_fignums()  # closed after each draw
+
+
+def test_the_explorer_opens_on_the_input_image_and_names_shape_and_background():
+    """The shapes benchmark's items carry their two labels; the title must show both."""
+    explorer = DatasetExplorer(fake_items(), class_names=("normal", "benign", "malignant"))
+    assert explorer.state["layer"] == "image" and list(explorer.show.options) == ["image", "clean"]
+    shapes = [{"image": torch.rand(1, 16, 16), "shape": 1, "background": 0, "id": "s0"}]
+    assert DatasetExplorer(shapes).state["title"].endswith("s0  shape=1  background=0")
