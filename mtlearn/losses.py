@@ -3,7 +3,7 @@
 Each task reads its prediction from the model's output dict and its target from the batch:
 
     task     prediction                    target (batch key)          loss
-    "seg"    (B, K, H, W) logits           "mask"  (B, 1, H, W) 0/1    Dice + cross-entropy (or Dice + focal)
+    "seg"    (B, K, H, W) logits           "mask"  (B, 1, H, W) 0..K-1 Dice + cross-entropy (or Dice + focal)
     "cls"    (B, num_classes) logits       "label" (B,) int            cross-entropy (optional class weights)
     "recon"  (B, C, H, W) image            "clean" (B, C, H, W)        L1 (or MSE)
 
