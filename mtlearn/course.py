@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import re
 import shutil
 import sys
@@ -85,6 +86,19 @@ def _failing_cell(error: Exception) -> str:
     return f"{where} raised {error.ename}: {error.evalue}".strip()
 
 
+def _kernel_died(executed: Path) -> str:
+    """The kernel process ended in the middle of a cell: no Python exception to show, so name the cell
+    (the last one given an execution count in the executed copy) and the usual cause."""
+    cell = "a cell"
+    try:
+        counts = [c.get("execution_count") for c in json.loads(executed.read_text(encoding="utf-8"))["cells"]]
+        cell = f"cell [{max(n for n in counts if n is not None)}]"
+    except (OSError, ValueError, KeyError, TypeError):  # no copy written yet, or no cell ran
+        pass
+    return (f"the kernel died while {cell} ran (out of memory, or a crash in native code): lower the batch "
+            f"size or the profile, and see the executed copy {executed}")
+
+
 def _timed_out(error: Exception, cell_timeout: float | None) -> str:
     """nbclient's CellTimeoutError (several lines, the cell's source among them) -> one line and the fix.
 
@@ -120,7 +134,7 @@ def run_notebook(
     cell_timeout: seconds one cell may run before the notebook is stopped as failed; None: no limit.
     """
     import papermill as pm
-    from nbclient.exceptions import CellTimeoutError  # papermill's executor
+    from nbclient.exceptions import CellTimeoutError, DeadKernelError  # papermill's executor
 
     if cell_timeout is not None:
         check_number("cell_timeout", cell_timeout, 0, above=True, advice="seconds; None: no limit")
@@ -140,7 +154,11 @@ def run_notebook(
     def failed(error: str) -> NotebookResult:
         return NotebookResult(notebook.stem, staging, False, time.perf_counter() - started, error)
 
+    env_root = os.environ.get("MTLEARN_DATA", "")
     try:
+        if env_root and not Path(env_root).expanduser().is_absolute():
+            # the default data_root likewise: the kernel inherits this environment, not this folder
+            os.environ["MTLEARN_DATA"] = str(Path(env_root).expanduser().absolute())
         pm.execute_notebook(
             str(notebook),
             str(staging / notebook.name),
@@ -157,7 +175,12 @@ def run_notebook(
     except Exception as error:  # papermill raises PapermillExecutionError, kernels may raise others
         if isinstance(error, CellTimeoutError):
             return failed(_timed_out(error, cell_timeout))
+        if isinstance(error, DeadKernelError):
+            return failed(_kernel_died(staging / notebook.name))
         return failed(_failing_cell(error))
+    finally:
+        if env_root:
+            os.environ["MTLEARN_DATA"] = env_root
     if not metrics_path.exists():
         return failed("the notebook finished without writing metrics.json")
     try:

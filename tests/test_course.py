@@ -1,6 +1,7 @@
 """The main-job runner: papermill execution, failure reporting, summary table."""
 
 import json
+import os
 from pathlib import Path
 
 import nbformat
@@ -383,6 +384,23 @@ def test_a_relative_data_root_means_the_callers_folder_not_the_notebooks(tmp_pat
         assert result.metrics["data_root"] == expected
 
 
+ENV_ROOT = """import json, os, pathlib
+json.dump({"metrics": {}, "env": os.environ.get("MTLEARN_DATA")}, open(pathlib.Path(out_dir) / "metrics.json", "w"))"""
+
+
+def test_a_relative_mtlearn_data_means_the_callers_folder_too(tmp_path, monkeypatch):
+    """`MTLEARN_DATA=data make course` (the default data_root) was read from notebooks/, the kernel's folder."""
+    folder = tmp_path / "notebooks"
+    folder.mkdir()
+    nb = write_notebook(folder / "01_env.ipynb", ENV_ROOT)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MTLEARN_DATA", "data")
+    result = run_notebook(nb, tmp_path / "out", {})
+    assert result.ok, result.error
+    assert result.metrics["env"] == str(tmp_path / "data")
+    assert os.environ["MTLEARN_DATA"] == "data"  # the caller's environment is left as it was
+
+
 def test_a_notebook_that_cannot_start_is_not_reported_as_a_failing_cell(tmp_path):
     nb = write_notebook(tmp_path / "01_good.ipynb", GOOD)
     result = run_notebook(nb, tmp_path / "out", {}, kernel_name="no-such-kernel")
@@ -391,6 +409,17 @@ def test_a_notebook_that_cannot_start_is_not_reported_as_a_failing_cell(tmp_path
     assert "python -m ipykernel install --sys-prefix --name python3" in result.error
     missing = run_notebook(tmp_path / "01_missing.ipynb", tmp_path / "out", {})
     assert missing.error.startswith("the notebook could not run: FileNotFoundError")
+
+
+def test_a_kernel_that_dies_mid_cell_is_named_with_its_cell_and_likely_cause(tmp_path):
+    """The kernel process ending (out of memory, a segfault) raises no Python exception: it was reported
+    as "the notebook could not run", as if nothing had run."""
+    nb = write_notebook(tmp_path / "01_die.ipynb", "import os\nos._exit(1)")
+    result = run_notebook(nb, tmp_path / "out", {})
+    assert not result.ok
+    # cell [2] is papermill's injected parameters; [3] the one that exits
+    assert result.error.startswith("the kernel died while cell [3] ran (out of memory"), result.error
+    assert str(result.out_dir / "01_die.ipynb") in result.error
 
 
 BAR = """import json, pathlib
