@@ -1188,8 +1188,8 @@ class AttributionExplorer:
         self.method_kw = dict(method_kw or {})
         for method in methods:  # now, not when a student first picks the method in the widget
             self.explainer.check_options(method, dataset[0]["image"].shape[-2:], **self.method_kw.get(method, {}))
-        with torch.no_grad():  # one forward pass tells which heads the model has, and how many classes
-            outputs = self.explainer.model(dataset[0]["image"][None].to(self.explainer.device).float())
+        with torch.no_grad(), self.explainer._exact():  # one pass tells which heads there are, how many classes
+            outputs = self.explainer.model(self.explainer._check_images(dataset[0]["image"][None]))
         if heads is None:
             heads = [h for h in HEADS if isinstance(outputs, dict) and self.explainer.keys[h] in outputs]
         if not heads or any(h not in HEADS for h in heads):

@@ -1145,6 +1145,13 @@ def test_a_float64_model_is_explained_in_float64(model, images):
     torch.testing.assert_close(maps.float(), A.attribute(model, images, "cls", 1, "saliency"), rtol=1e-3, atol=1e-6)
 
 
+def test_the_explorer_takes_a_float64_model(model, data):
+    """Its first forward pass (which heads, how many classes) cast the image to float32 whatever the model:
+    a float64 model, which the explainer takes, was refused before the widget existed."""
+    viewer = A.AttributionExplorer(copy.deepcopy(model).double(), data, methods=("saliency",))
+    assert viewer.num_classes == 3 and viewer.state["map_shape"] == (1, 1, SIZE, SIZE)
+
+
 def test_a_callers_autocast_does_not_reach_the_maps(explainer, images):
     plain = explainer.attribute(images, "cls", 1, "ig", n_steps=8)
     with torch.autocast("cpu", dtype=torch.bfloat16):
