@@ -71,6 +71,7 @@ def _check_inner_zip(zf: zipfile.ZipFile, name: str, archive: Path, target: Path
         with zf.open(name) as stream, zipfile.ZipFile(stream) as inner:
             for member in inner.namelist():
                 _check_member(member, inner_path, inner_path.parent, within=archive.name)
+            _check_kinds(inner.infolist(), inner_path, within=archive.name)
     except (zipfile.BadZipFile, EOFError, zlib.error) as error:
         raise FetchError(
             f"{name} inside {archive} is not a readable zip archive ({error}); nothing was extracted. Delete "
@@ -78,20 +79,22 @@ def _check_inner_zip(zf: zipfile.ZipFile, name: str, archive: Path, target: Path
         ) from None
 
 
-def _check_kinds(infos: list[zipfile.ZipInfo], archive: Path) -> None:
-    """Refuse a symbolic-link member, and a member that is a file and also the folder of another.
+def _check_kinds(infos: list[zipfile.ZipInfo], archive: Path, within: str | None = None) -> None:
+    """Refuse a symbolic-link member, and a member that is a file and also the folder of another
+    (`archive` itself inside the archive `within`, if given).
 
     zipfile writes a link as a small file holding its target's path, so a later member "under" it
     would fail halfway through unpacking (NotADirectoryError), with part of the archive written.
     """
+    label = archive.name + (f" (inside {within})" if within else "")
     folders = {str(parent) for info in infos for parent in PurePosixPath(info.filename.replace("\\", "/")).parents}
     for info in infos:
         if stat.S_ISLNK(info.external_attr >> 16):
-            raise UnsafeArchiveError(f"refusing to unpack {archive.name}: member {info.filename!r} is a symbolic "
+            raise UnsafeArchiveError(f"refusing to unpack {label}: member {info.filename!r} is a symbolic "
                                      "link; the archive is damaged or not the dataset's, nothing was extracted")
         name = info.filename.replace("\\", "/").rstrip("/")
         if not info.is_dir() and name in folders:
-            raise UnsafeArchiveError(f"refusing to unpack {archive.name}: member {info.filename!r} is a file and "
+            raise UnsafeArchiveError(f"refusing to unpack {label}: member {info.filename!r} is a file and "
                                      "also the folder of other members; the archive is damaged, nothing was extracted")
 
 

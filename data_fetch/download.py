@@ -187,9 +187,12 @@ def _transfer(url: str, part: Path, progress: bool) -> None:
         raise
     with response:
         start = _range_start(response.headers.get("Content-Range")) if response.status == 206 else 0
+        if start is None and offset == 0:
+            start = 0  # nothing was asked for by range: a 206 without Content-Range can only be the whole file
         if start not in (0, offset):  # a part from elsewhere in the file: neither what we have nor all of it
-            part.unlink()
-            raise ConnectionError(f"the server sent bytes from {start} on where {offset} were asked for; "
+            part.unlink(missing_ok=True)
+            sent = f"bytes from {start} on" if start is not None else "part of the file without saying which"
+            raise ConnectionError(f"the server sent {sent} where bytes from {offset} on were asked for; "
                                   "the partial download was dropped, the next attempt starts afresh")
         resumed = offset > 0 and start == offset
         if not resumed:

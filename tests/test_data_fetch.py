@@ -35,7 +35,8 @@ class Handler(BaseHTTPRequestHandler):
     416, as real servers answer); can drop a response midway; answers the first requests with the
     HTTP errors queued in `server.errors` (say, [503, 429]); with `server.range_from_zero` it answers a
     Range with a 206 that starts at byte 0 (the whole file, as its Content-Range says); with
-    `server.range_start` (once) at that byte instead; `server.retry_after` goes with the queued errors."""
+    `server.range_start` (once) at that byte instead; `server.retry_after` goes with the queued errors;
+    `server.bare_206` answers every request 206 without Content-Range."""
 
     def do_GET(self):
         server = self.server
@@ -55,7 +56,7 @@ class Handler(BaseHTTPRequestHandler):
             self.send_error(404)
             return
         start = 0
-        if self.headers.get("Range") and not server.ignore_range:
+        if self.headers.get("Range") and not server.ignore_range and not server.bare_206:
             start = int(self.headers["Range"].removeprefix("bytes=").split("-")[0])
             if server.range_from_zero:
                 start = 0
@@ -69,6 +70,9 @@ class Handler(BaseHTTPRequestHandler):
                 return
             self.send_response(206)
             self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+        elif server.bare_206:  # a broken server: 206 for every answer, without saying which bytes
+            start = int((self.headers.get("Range") or "bytes=0-").removeprefix("bytes=").split("-")[0])
+            self.send_response(206)
         else:
             self.send_response(200)
         body = data[start:]
@@ -90,7 +94,7 @@ class Handler(BaseHTTPRequestHandler):
 def server():
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     httpd.files, httpd.requests, httpd.drops, httpd.ignore_range, httpd.errors = {}, [], 0, False, []
-    httpd.range_from_zero, httpd.range_start, httpd.retry_after = False, None, None
+    httpd.range_from_zero, httpd.range_start, httpd.retry_after, httpd.bare_206 = False, None, None, False
     httpd.url = f"http://127.0.0.1:{httpd.server_address[1]}"
     thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
     thread.start()
@@ -886,6 +890,8 @@ def _link_zip() -> bytes:
 @pytest.mark.parametrize("archive, says", [
     (_link_zip(), "member 'BUSBRA/link' is a symbolic link"),
     (zip_bytes({"BUSBRA/a": b"file", "BUSBRA/a/b.png": b"png"}), "member 'BUSBRA/a' is a file and also the folder"),
+    # inside a wrapped zip: caught only after the outer archive was unpacked
+    (zip_bytes({"data/inner.zip": _link_zip()}), r"inner.zip \(inside BUSBRA.zip\): member 'BUSBRA/link' is a"),
 ])
 def test_links_and_files_that_are_also_folders_are_refused_before_anything_is_written(tmp_path, archive, says):
     """zipfile writes a link as a small file, so the member under it failed halfway (NotADirectoryError) and
@@ -905,6 +911,19 @@ def test_partial_content_from_the_middle_is_dropped_and_asked_for_again(server, 
     download_file(server.url + "/data.npz", tmp_path / "data.npz", sha256(PAYLOAD), progress=False)
     assert [r for _, r, _ in server.requests] == [None, f"bytes={len(PAYLOAD) // 3}-", None]
     assert (tmp_path / "data.npz").read_bytes() == PAYLOAD and not list(tmp_path.glob("*.mismatch"))
+
+
+def test_partial_content_without_content_range(server, tmp_path):
+    """A 206 naming no range: the whole file when nothing was asked by range (it failed: the absent .part
+    file was deleted), and bytes from an unknown place when a resume was asked (dropped, asked again)."""
+    server.files["/data.npz"] = PAYLOAD
+    server.bare_206 = True
+    download_file(server.url + "/data.npz", tmp_path / "data.npz", sha256(PAYLOAD), progress=False)
+    assert (tmp_path / "data.npz").read_bytes() == PAYLOAD and len(server.requests) == 1
+    server.drops = 1
+    download_file(server.url + "/data.npz", tmp_path / "again.npz", sha256(PAYLOAD), progress=False)
+    assert [r for _, r, _ in server.requests[1:]] == [None, f"bytes={len(PAYLOAD) // 3}-", None]
+    assert (tmp_path / "again.npz").read_bytes() == PAYLOAD
 
 
 @pytest.mark.parametrize("asked, waited", [("7", 7.0), ("1000", 120.0), ("Fri, 04 Dec 2026 23:59:00 GMT", 2.0)])
