@@ -347,6 +347,20 @@ def test_joint_vs_single_task_needs_both_shares_and_only_limits_drops(joint_flop
         joint_vs_single_task(strategy_table(runs, UMSRepConfig()), max_compute_share=35)
 
 
+def test_joint_vs_single_task_charges_a_pretrained_baseline_its_pretraining_too():
+    """The shares divided by the baseline's fine-tuning only: against `full` (which reuses the representation
+    as well) the amortised and total shares counted the pre-training on one side of the ratio."""
+    runs = [record("pretrain", ("recon",), images=200, wall=4.0),
+            record("joint", TASKS, images=100, wall=3.0, **scores(24.0, 0.90)),
+            *(record("full", (t,), images=100, wall=3.0, **scores(24.2, 0.90)) for t in TASKS)]
+    check = joint_vs_single_task(strategy_table(runs, UMSRepConfig()), baseline="full", max_compute_share=0.6)
+    assert check["flops_share_train"] == pytest.approx(100 / 300)
+    assert check["flops_share_amortised"] == pytest.approx((100 + 100) / (300 + 100))  # 2 strategies reuse it
+    assert check["flops_share_total"] == pytest.approx((100 + 200) / (300 + 200))
+    assert check["time_share_total"] == pytest.approx((3.0 + 4.0) / (9.0 + 4.0))
+    assert check["passed_with_pretraining"]
+
+
 def test_joint_vs_single_task_needs_the_cpu_time_share_too():
     """Wall time can pass by luck on a shared machine (the joint run waited less for a core): the
     CPU-time share must hold as well."""
