@@ -1,5 +1,6 @@
 """load_dataset on fake copies of each real dataset (tests/fixtures_real.py): quirks, splits, errors."""
 
+import math
 import re
 import warnings
 
@@ -684,10 +685,29 @@ def test_split_by_group_deals_7_1_2_of_each_class_and_keeps_groups_whole(seed):
     ([], [], SPLIT_FRACTIONS, "non-empty"),
     (["a", "b"], [0, 1], (("train", 1.2), ("test", -0.2)), "shares >= 0"),  # dealt out as if valid
     (["a", "b"], [0, 1], (("train", 0), ("test", 0)), "not all 0"),
+    (["a", "b"], [0, 1], (("train", math.inf), ("test", 1.0)), "finite shares"),  # NaN edges: all in train
+    (["a", "b"], [0, 1], (("train", 0.5), ("train", 0.5)), "distinct names"),
 ])
 def test_split_by_group_refuses_what_it_cannot_split(groups, labels, fractions, match):
     with pytest.raises(ValueError, match=match):
         split_by_group(groups, labels, seed=0, fractions=fractions)
+
+
+def test_split_by_group_needs_a_seed():
+    """seed=None drew a new split on every call, against the docstring's "deterministic for a given seed"."""
+    with pytest.raises(ValueError, match="seed must be an integer >= 0, got None"):
+        split_by_group(["a", "b"], [0, 1], seed=None)
+
+
+def test_split_by_group_does_not_depend_on_the_order_of_tied_items():
+    """A group whose labels tie (one benign and one malignant near-duplicate) took the class of the item
+    listed first, so the same files found in another order were split differently."""
+    groups = np.repeat(np.arange(20), 2)
+    labels = np.tile([0, 1], 20)
+    swapped = labels.copy()
+    swapped[:20] = 1 - swapped[:20]  # the first ten groups list their items the other way round
+    for seed in range(3):
+        assert split_by_group(groups, labels, seed).tolist() == split_by_group(groups, swapped, seed).tolist()
 
 
 def test_difference_hash_refuses_a_colour_image():

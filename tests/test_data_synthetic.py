@@ -317,6 +317,12 @@ def test_negative_index_is_refused():
         SyntheticUltrasound(num_samples=3, first_index=5)[-1]
 
 
+@pytest.mark.parametrize("index", [1.5, True, "1"])
+def test_an_index_that_is_not_an_integer_is_refused_before_drawing(index):
+    with pytest.raises(TypeError, match="index must be an integer, got "):
+        SyntheticUltrasound(num_samples=3)[index]
+
+
 def test_float_image_size_names_int():
     with pytest.raises(ValueError, match=r"image_size must be an int.*128\.0.*int\(\.\.\.\)"):  # was a TypeError
         SyntheticUltrasound(num_samples=2, image_size=256 / 2)

@@ -10,10 +10,13 @@ a perceptual hash finds them (`difference_hash`, `duplicate_groups`).
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Sequence
 
 import numpy as np
+
+from mtlearn.utils import check_int
 
 # Split names and their share of the data, in this order (7:1:2, as BreastMNIST splits BUSI).
 SPLIT_FRACTIONS = (("train", 0.7), ("val", 0.1), ("test", 0.2))
@@ -28,19 +31,24 @@ def split_by_group(
 ) -> np.ndarray:
     """Split name for every item, (N,) array of str; each group lands whole in one split.
 
-    Stratified: the groups of each class (a group's class is its most common label) are shuffled
-    with `seed` and dealt out in order, a group joining the split in which its middle item falls
-    (train for the first 70 % of the class's items, and so on). Deterministic for a given seed.
+    Stratified: the groups of each class (a group's class is its most common label, the smallest of
+    those tied) are shuffled with `seed` and dealt out in order, a group joining the split in which
+    its middle item falls (train for the first 70 % of the class's items, and so on). Deterministic
+    for a given seed, whatever the order of the items.
     """
     groups, labels = np.asarray(groups), np.asarray(labels)
     if groups.ndim != 1 or groups.shape != labels.shape or groups.size == 0:
         raise ValueError(f"groups and labels must be non-empty and one per item, got shapes {groups.shape} "
                          f"and {labels.shape}")
-    if any(not share >= 0 for _, share in fractions) or sum(share for _, share in fractions) <= 0:
-        raise ValueError(f"fractions must be (name, share) pairs with shares >= 0, not all 0, got {fractions!r}")
+    check_int("seed", seed, 0)  # None would draw a new split on every call
     names = [name for name, _ in fractions]
-    edges = np.cumsum([share for _, share in fractions]) / sum(share for _, share in fractions)
-    group_label = {g: Counter(labels[groups == g].tolist()).most_common(1)[0][0] for g in np.unique(groups)}
+    shares = [share for _, share in fractions]
+    if (not all(math.isfinite(share) and share >= 0 for share in shares) or sum(shares) <= 0
+            or len(set(names)) != len(names)):
+        raise ValueError(f"fractions must be (name, share) pairs with distinct names and finite shares >= 0, "
+                         f"not all 0, got {fractions!r}")
+    edges = np.cumsum(shares) / sum(shares)
+    group_label = {g: _majority(labels[groups == g].tolist()) for g in np.unique(groups)}
     rng = np.random.default_rng(seed)
     split_of_group = {}
     for label in sorted(set(group_label.values())):
@@ -50,6 +58,14 @@ def split_by_group(
         for g, position in zip(members, middle):
             split_of_group[g] = names[int(np.searchsorted(edges, position, side="right").clip(max=len(names) - 1))]
     return np.array([split_of_group[g] for g in groups])
+
+
+def _majority(labels: list[int]) -> int:
+    """The most common label; on a tie the smallest (not the first listed: the split must not depend on
+    the order the files were found in)."""
+    counts = Counter(labels)
+    most = max(counts.values())
+    return min(label for label, count in counts.items() if count == most)
 
 
 def difference_hash(grey: np.ndarray, hash_size: int = HASH_SIZE) -> np.ndarray:

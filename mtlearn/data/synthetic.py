@@ -162,6 +162,8 @@ class SyntheticUltrasound(Dataset):
 
     def _item_rng(self, index: int) -> tuple[np.random.Generator, int, int]:
         """Per-item generator, class and artifact flag: the first two draws of the item's stream."""
+        if not is_int(index):  # 1.5 drew item 1 and then failed on its id; True drew item 1
+            raise TypeError(f"index must be an integer, got {index!r}")
         if not 0 <= index < self.num_samples:
             raise IndexError(f"index {index} out of range for a dataset of {self.num_samples} items")
         rng = np.random.default_rng([self.seed, self.first_index + int(index)])
