@@ -355,6 +355,8 @@ def test_main_passes_threads_and_rounds_only_to_the_groups_that_take_them(monkey
                      "engine": {"quick": False, "rounds": 3}, "umsrep": {"quick": False, "threads": 1}}
     assert list(calls) == ["data", "engine", "umsrep", "models"]  # models last: it changes the allocator
     assert "## models  (0 s, threads 1, rounds 3)" in capsys.readouterr().out
+    benchmarks_main(["--only", "data", "data"])  # a group named twice runs once
+    assert capsys.readouterr().out.count("## data") == 1
     monkeypatch.setattr(bench_disentangle, "run", _must_not_run)  # the one group not faked above
     for argv in (["--only"], ["--rounds", "0"]):  # no group named, or no round: refused
         with pytest.raises(SystemExit):

@@ -473,6 +473,7 @@ def test_probe_matrix_runs_a_function_encoder_with_its_model_in_eval_mode():
 
 def test_probe_matrix_uses_its_seed_for_the_folds():
     loader = DataLoader(TinyData(90), batch_size=30)
+
     def flat(x):  # 64 raw pixels: the noise label's score depends on the folds
         return x.flatten(1)
 
