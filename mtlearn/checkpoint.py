@@ -118,8 +118,8 @@ def rng_state(loader=None, device: str | torch.device | None = None) -> dict:
     "has_gauss", "cached_gaussian"}), "python" ([version, list of 625 ints, gauss_next]), "cuda"
     (one uint8 tensor per torchrun process, [] without CUDA), under torchrun "ranks" (the first
     three of every process, rank k's at k: each draws its own dropout masks on the CPU, and only
-    rank 0 writes the checkpoint), and "loader_generator" / "sampler_generator" when `loader` (a
-    DataLoader) shuffles with its own generator.
+    rank 0 writes the checkpoint), and "loader_generator" / "sampler_generator" /
+    "batch_sampler_generator" when `loader` (a DataLoader) shuffles with its own generator.
     device: the GPU training runs on, whose generator dropout draws from (None: the current one;
     fit(device="cuda:1") does not make GPU 1 the current one).
     Collective under torchrun (it gathers every process's state): every rank must call it.
@@ -192,9 +192,13 @@ def _cuda_rng_states(device: str | torch.device | None = None) -> list[Tensor]:
 
 
 def _loader_generators(loader) -> dict[str, torch.Generator]:
-    """The DataLoader's own generator and its sampler's, when they are set (shuffling order)."""
+    """The DataLoader's own generator and its sampler's, when they are set (shuffling order); the sampler
+    inside a `batch_sampler=` too (the loader's `sampler` is then a SequentialSampler it does not use)."""
     found = {}
-    for name, owner in (("loader_generator", loader), ("sampler_generator", getattr(loader, "sampler", None))):
+    batch_sampler = getattr(loader, "batch_sampler", None)
+    owners = (("loader_generator", loader), ("sampler_generator", getattr(loader, "sampler", None)),
+              ("batch_sampler_generator", getattr(batch_sampler, "sampler", None)))
+    for name, owner in owners:
         generator = getattr(owner, "generator", None)
         if isinstance(generator, torch.Generator) and all(generator is not g for g in found.values()):
             found[name] = generator

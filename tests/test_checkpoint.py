@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, RandomSampler
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler
 
 from mtlearn.checkpoint import (
     check_out_dir,
@@ -123,12 +123,15 @@ def draws(loader) -> list:
             random.random(), random.gauss(0, 1), [batch.tolist() for batch in loader]]
 
 
-@pytest.mark.parametrize("owner", ["loader", "sampler"])
+@pytest.mark.parametrize("owner", ["loader", "sampler", "batch_sampler"])
 def test_random_states_round_trip_through_a_checkpoint(owner, tmp_path):
+    """batch_sampler: its sampler's generator was not saved (the loader's `sampler` is then another one)."""
     data = list(range(10))
     generator = torch.Generator().manual_seed(0)
-    loader = (DataLoader(data, batch_size=4, shuffle=True, generator=generator) if owner == "loader"
-              else DataLoader(data, batch_size=4, sampler=RandomSampler(data, generator=generator)))
+    loader = {"loader": lambda: DataLoader(data, batch_size=4, shuffle=True, generator=generator),
+              "sampler": lambda: DataLoader(data, batch_size=4, sampler=RandomSampler(data, generator=generator)),
+              "batch_sampler": lambda: DataLoader(data, batch_sampler=BatchSampler(
+                  RandomSampler(data, generator=generator), 4, drop_last=False))}[owner]()
     torch.manual_seed(1), np.random.seed(1), random.seed(1)
     np.random.standard_normal(), random.gauss(0, 1)  # each now holds a cached second Gaussian
     path = save_checkpoint({"rng": rng_state(loader)}, tmp_path / "last.pt")
