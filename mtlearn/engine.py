@@ -65,7 +65,7 @@ from mtlearn.utils import (
     seed_everything,
     synchronize,
 )
-from mtlearn.weighting import GradNorm, LossWeighting, build_weighting, find_shared_parameters
+from mtlearn.weighting import GradNorm, LossWeighting, build_weighting, find_shared_parameters, weighting_settings
 
 CHECKPOINT_FORMAT = 1
 AMP_CHOICES = ("auto", "bf16", "fp16", "off")
@@ -470,6 +470,10 @@ def fit(model: nn.Module, train_loader, val_loader=None, config: TrainConfig | N
     out_dir = Path(config.out_dir) if config.out_dir is not None else None
     if out_dir is not None:
         check_out_dir(out_dir, config.resume)
+        if getattr(train_loader, "persistent_workers", False):
+            warnings.warn("train_loader keeps its workers between epochs (persistent_workers=True): their random "
+                          "generators (augmentation) are in no checkpoint, so a resumed run will not repeat an "
+                          "uninterrupted one; for resumable runs use persistent_workers=False", stacklevel=2)
     if config.seed is not None:
         seed_everything(config.seed)
     run = _prepare(model, config, tasks, total_steps=config.epochs * steps_per_epoch)
@@ -485,12 +489,20 @@ def fit(model: nn.Module, train_loader, val_loader=None, config: TrainConfig | N
             raise ValueError(f"cannot resume from {out_dir / 'last.pt'} with monitor {monitor!r}: its best.pt was "
                              f"chosen by {history.monitor!r} ({history.mode}). Resume with "
                              f"monitor={history.monitor.removeprefix('val/')!r}, or start a new run in another out_dir")
+        best_epoch = None
         if (out_dir / "best.pt").is_file():
             try:
-                best_state = load_checkpoint(out_dir / "best.pt")["model"]
+                best = load_checkpoint(out_dir / "best.pt")
             except ValueError as error:  # last.pt is fine: only the best weights are lost, and they can be set aside
                 raise ValueError(f"{error}. To resume from last.pt anyway, move best.pt aside (e.g. to best.pt.bad): "
                                  "the run continues, and best.pt is written again at the next improvement") from None
+            best_state, best_epoch = best["model"], best.get("epoch")
+        if history.best_epoch is not None and history.best_epoch == start_epoch != best_epoch:
+            # the run stopped between writing last.pt and best.pt (in that order): last.pt is the best epoch
+            last = load_checkpoint(out_dir / "last.pt")
+            best_state = last["model"]
+            if is_main_process():
+                save_checkpoint(last, out_dir / "best.pt")
         if start_epoch >= config.epochs:  # nothing to train: say so rather than return the old run silently
             warnings.warn(f"the run in {out_dir} already has {start_epoch} epochs; pass a larger epochs "
                           f"(got {config.epochs}) to train further", stacklevel=2)
@@ -535,9 +547,12 @@ def fit(model: nn.Module, train_loader, val_loader=None, config: TrainConfig | N
             rng = rng_state(train_loader, run.device)  # on every rank: it gathers each GPU's random state
             if is_main_process():
                 state = _run_state(run, epoch + 1, history, config, tasks, rng, steps_per_epoch)
+                # last.pt first: stopped between the two, best.pt is an improvement behind, and a resume
+                # takes the best weights from last.pt (whose history says so); the other way round, best.pt
+                # would hold an epoch that the resumed history does not have
+                save_checkpoint(state, out_dir / "last.pt")
                 if improved:
                     save_checkpoint(state, out_dir / "best.pt")
-                save_checkpoint(state, out_dir / "last.pt")
 
     if config.restore_best and best_state is not None:
         model.load_state_dict(best_state)
@@ -648,7 +663,8 @@ def _load_run(run: _Run, path: Path, train_loader, config: TrainConfig, tasks) -
     if "steps_per_epoch" in state:  # not in a checkpoint written before it was saved: not compared then
         saved["steps_per_epoch"] = state["steps_per_epoch"]
     current = {**_plain_config(config, tasks), "steps_per_epoch": len(train_loader)}
-    check_resume_options(path, saved, current, RESUME_FIELDS, RESUME_NOTES)
+    check_resume_options(path, _weighting_as_settings(saved), _weighting_as_settings(current), RESUME_FIELDS,
+                         RESUME_NOTES)
     load_weights(run.model, state["model"], f"cannot resume from {path}: its weights do not fit this model (another "
                  "preset, task list, channel count or class count?). Resume with the model of that run, or start a "
                  "new run in another out_dir.")
@@ -665,6 +681,19 @@ def _load_run(run: _Run, path: Path, train_loader, config: TrainConfig, tasks) -
         run.scaler.load_state_dict(state["scaler"])
     set_rng_state(state["rng"], train_loader, run.device)
     return History.from_state_dict(state["history"]), int(state["epoch"])
+
+
+def _weighting_as_settings(plain: Mapping) -> dict:
+    """`plain` (a _plain_config) with its weighting, weighting_kwargs and task_weights as the settings
+    they amount to: a run saved with weighting="gradnorm" resumes with GradNorm(tasks) (the same
+    settings) and back, and GradNorm(tasks, alpha=0.0) is refused with the option that changed."""
+    if "weighting" not in plain:
+        return dict(plain)
+    kwargs = dict(plain.get("weighting_kwargs") or {})
+    if plain.get("task_weights") is not None:
+        kwargs["weights"] = plain["task_weights"]
+    name, settings = weighting_settings(plain["weighting"], kwargs, plain.get("tasks", ()))
+    return {**plain, "weighting": name, "weighting_kwargs": python_numbers(settings), "task_weights": None}
 
 
 def _non_finite_tensors(model: nn.Module, weighting: LossWeighting) -> list[str]:
@@ -706,6 +735,8 @@ def _plain_config(config: TrainConfig, tasks: tuple[str, ...]) -> dict:
         elif isinstance(value, tuple):
             value = list(value)
         plain[f.name] = value
+    if isinstance(config.weighting, LossWeighting):  # its settings, which the instance holds
+        plain["weighting_kwargs"] = dict(config.weighting.options())
     plain["tasks"] = list(tasks)
     return python_numbers(plain)
 

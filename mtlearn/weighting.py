@@ -24,6 +24,7 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -83,6 +84,10 @@ class LossWeighting(nn.Module):
         """Current weight of every task."""
         raise NotImplementedError
 
+    def options(self) -> dict[str, Any]:
+        """The constructor's settings other than `tasks` (what a resumed run must share with the saved one)."""
+        return {}
+
 
 def check_task_weights(weights, tasks: Sequence[str], name: str = "weights") -> None:
     """Refuse anything but one finite number >= 0 per task of `tasks` (`name`: what the caller calls them)."""
@@ -104,13 +109,17 @@ class FixedWeights(LossWeighting):
         super().__init__(tasks)
         weights = dict(weights) if weights is not None else {t: DEFAULT_WEIGHTS[t] for t in self.tasks}
         check_task_weights(weights, self.tasks)
-        self.register_buffer("task_weights", torch.tensor([float(weights[t]) for t in self.tasks]))
+        self.given = {t: float(weights[t]) for t in self.tasks}  # as given: 0.1, not float32's 0.10000000149
+        self.register_buffer("task_weights", torch.tensor([self.given[t] for t in self.tasks]))
 
     def combine(self, losses):
         return (self.task_weights * self._stack(losses)).sum()
 
     def weights(self):
         return dict(zip(self.tasks, self.task_weights.tolist()))
+
+    def options(self):
+        return {"weights": dict(self.given)}
 
 
 class UncertaintyWeighting(LossWeighting):
@@ -173,6 +182,9 @@ class DynamicWeightAverage(LossWeighting):
     def weights(self):
         return dict(zip(self.tasks, self.task_weights.tolist()))
 
+    def options(self):
+        return {"temperature": self.temperature}
+
 
 class GradNorm(LossWeighting):
     """GradNorm (Chen, Badrinarayanan, Lee, Rabinovich, ICML 2018).
@@ -201,11 +213,12 @@ class GradNorm(LossWeighting):
         super().__init__(tasks)
         self.alpha = check_number("alpha", alpha, 0,
                                   advice="1.5 as published; 0: equal gradient norms, whatever the training rates")
-        lr = check_number("lr", lr, 0, above=True, advice="the learning rate of the task weights' Adam, e.g. 0.025")
+        self.lr = check_number("lr", lr, 0, above=True,
+                               advice="the learning rate of the task weights' Adam, e.g. 0.025")
         self.task_weights = nn.Parameter(torch.ones(len(self.tasks)))
         self.register_buffer("initial_losses", torch.zeros(len(self.tasks)))
         self.register_buffer("initialised", torch.zeros((), dtype=torch.bool))
-        self.optimizer = torch.optim.Adam([self.task_weights], lr=lr)
+        self.optimizer = torch.optim.Adam([self.task_weights], lr=self.lr)
         self.last_grad_norms = torch.zeros(len(self.tasks))  # G_t of the last step, for inspection
         self.last_ratios = torch.ones(len(self.tasks))  # r_t of the last step, for inspection
 
@@ -260,6 +273,9 @@ class GradNorm(LossWeighting):
     def weights(self):
         return dict(zip(self.tasks, self.task_weights.detach().tolist()))
 
+    def options(self):
+        return {"alpha": self.alpha, "lr": self.lr}
+
     def get_extra_state(self):
         return {"optimizer": self.optimizer.state_dict()}
 
@@ -301,7 +317,8 @@ class PCGrad(LossWeighting):
 
     def __init__(self, tasks: Sequence[str] = ("seg", "cls"), seed: int = 0):
         super().__init__(tasks)
-        self.generator = torch.Generator().manual_seed(check_int("seed", seed, 0))
+        self.seed = check_int("seed", seed, 0)
+        self.generator = torch.Generator().manual_seed(self.seed)
         self.last_cosine = float("nan")  # cosine between the first two task gradients, for inspection
 
     def backward(self, losses, shared_parameters=None, scale=None):
@@ -334,6 +351,9 @@ class PCGrad(LossWeighting):
     def weights(self):
         return {task: 1.0 for task in self.tasks}
 
+    def options(self):
+        return {"seed": self.seed}
+
     def get_extra_state(self):
         return {"generator": self.generator.get_state()}
 
@@ -360,6 +380,21 @@ def build_weighting(name: str, tasks: Sequence[str] = ("seg", "cls"), **kwargs) 
         raise ValueError(f"weighting {name!r} has no option {unknown}; its options are {options or 'none'} "
                          "(in fit: weighting_kwargs)")
     return WEIGHTINGS[name](tasks, **kwargs)
+
+
+def weighting_settings(name: str, kwargs: Mapping[str, Any], tasks: Sequence[str]) -> tuple[str, dict[str, Any]]:
+    """The weighting `name` (a registered name or a class name) and every option it amounts to, defaults
+    filled in: ("gradnorm", {}) and ("GradNorm", {"alpha": 1.5}) both give ("gradnorm", {"alpha": 1.5,
+    "lr": 0.025}). An unregistered class (a user's own) keeps its name and the options given."""
+    cls = WEIGHTINGS.get(name) or next((c for c in WEIGHTINGS.values() if c.__name__ == name), None)
+    if cls is None:
+        return name, dict(kwargs)
+    defaults = {p.name: p.default for p in inspect.signature(cls).parameters.values() if p.name != "tasks"}
+    settings = {**defaults, **kwargs}
+    if cls is FixedWeights:
+        weights = settings["weights"] if settings["weights"] is not None else {t: DEFAULT_WEIGHTS[t] for t in tasks}
+        settings["weights"] = {t: float(w) for t, w in dict(weights).items()}
+    return next(key for key, c in WEIGHTINGS.items() if c is cls), settings
 
 
 def find_shared_parameters(parameters: Iterable[nn.Parameter], losses: Mapping[str, Tensor]) -> list[nn.Parameter]:

@@ -29,7 +29,7 @@ from mtlearn.engine import (
 )
 from mtlearn.losses import LossConfig
 from mtlearn.metrics import MetricAccumulator
-from mtlearn.weighting import WEIGHTINGS, DynamicWeightAverage, FixedWeights, UncertaintyWeighting
+from mtlearn.weighting import WEIGHTINGS, DynamicWeightAverage, FixedWeights, GradNorm, UncertaintyWeighting
 
 TASKS = ("seg", "cls", "recon")
 
@@ -350,6 +350,25 @@ def test_resume_with_other_options_is_refused_by_name(changed, named, tmp_path):
     options = {"epochs": 2, "lr": 1e-2, **changed}
     with pytest.raises(ValueError, match=f"cannot resume .*{named}.*another out_dir"):
         _fit(ToyNet(), train, val, out_dir=tmp_path, resume=True, **options)
+
+
+def test_a_weighting_instance_resumes_by_its_settings(tmp_path):
+    """Only an instance's class name was saved: GradNorm(alpha=1.5) resumed as GradNorm(alpha=0.0) without a
+    word, and the same run resumed by name (weighting="gradnorm", alpha=1.5) was refused."""
+    train, val = _loaders()
+    _fit(ToyNet(), train, val, epochs=1, out_dir=tmp_path / "a", weighting=GradNorm(TASKS, alpha=1.5))
+    with pytest.raises(ValueError, match=r"weighting_kwargs: \{'alpha': 1.5, 'lr': 0.025\} then, "
+                                         r"\{'alpha': 0.0, 'lr': 0.025\} now"):
+        _fit(ToyNet(), train, val, epochs=2, out_dir=tmp_path / "a", resume=True, weighting=GradNorm(TASKS, alpha=0.0))
+    by_name = _fit(ToyNet(), train, val, epochs=2, out_dir=tmp_path / "a", resume=True, weighting="gradnorm",
+                   weighting_kwargs={"alpha": 1.5})
+    assert [r["epoch"] for r in by_name.records] == [1, 2]  # resumed, not refused
+    # fixed weights given as task_weights, resumed with the instance that has them (and one that has not)
+    weights = {"seg": 1.0, "cls": 0.1, "recon": 0.5}
+    _fit(ToyNet(), train, val, epochs=1, out_dir=tmp_path / "b", weighting="fixed", task_weights=weights)
+    _fit(ToyNet(), train, val, epochs=2, out_dir=tmp_path / "b", resume=True, weighting=FixedWeights(TASKS, weights))
+    with pytest.raises(ValueError, match="'cls': 0.1.* then, .*'cls': 0.25.* now"):
+        _fit(ToyNet(), train, val, epochs=3, out_dir=tmp_path / "b", resume=True, weighting=FixedWeights(TASKS))
 
 
 def test_bf16_autocast_on_cpu():
@@ -720,6 +739,18 @@ def test_resume_without_more_epochs_warns(tmp_path):
     assert again.records == first.records
 
 
+def test_persistent_workers_with_checkpoints_warn_that_resume_will_differ(tmp_path):
+    """Persistent workers carry their Python and NumPy generators from epoch to epoch, and no checkpoint
+    holds them: a resumed run differed from an uninterrupted one without a word."""
+    train = DataLoader(ToyData(), batch_size=4, shuffle=True, num_workers=1, persistent_workers=True,
+                       generator=torch.Generator().manual_seed(0))
+    with pytest.warns(UserWarning, match=r"persistent_workers=True\).*for resumable runs use persistent_workers=False"):
+        _fit(ToyNet(), train, None, epochs=1, out_dir=tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # without checkpoints there is nothing to resume: no warning
+        _fit(ToyNet(), train, None, epochs=1)
+
+
 class Scaled(Dataset):
     """ToyData's items with the image mapped to `low`..`high` (e.g. 0..255: 8-bit intensities never divided)."""
 
@@ -930,6 +961,34 @@ def test_resumed_run_restores_the_best_epoch_of_the_earlier_session(tmp_path):
     assert best["epoch"] == 1
     for name, value in model.state_dict().items():
         assert torch.equal(value, best["model"][name]), name
+
+
+def test_a_run_stopped_between_its_two_checkpoints_resumes_with_the_right_best_weights(tmp_path, monkeypatch):
+    """best.pt was written before last.pt: stopped between them, best.pt held an epoch the resumed history
+    did not have, and restore_best could return weights of an epoch it never judged best."""
+    import mtlearn.engine as engine
+
+    save = engine.save_checkpoint
+
+    def stop_at_best_of_epoch_2(state, path):
+        if path.name == "best.pt" and state["epoch"] == 2:
+            raise KeyboardInterrupt  # the user, or the machine, between the two writes
+        return save(state, path)
+
+    train, val = _loaders()
+    _fit_on_cpu(ToyNet(), train, val, epochs=1, out_dir=tmp_path)
+    monkeypatch.setattr(engine, "save_checkpoint", stop_at_best_of_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        _fit_on_cpu(ToyNet(), train, val, epochs=2, out_dir=tmp_path, resume=True)
+    monkeypatch.undo()
+    last = load_checkpoint(tmp_path / "last.pt")
+    assert last["epoch"] == 2 and load_checkpoint(tmp_path / "best.pt")["epoch"] == 1
+    model = ToyNet()
+    with pytest.warns(UserWarning, match="already has 2 epochs"):
+        history = _fit_on_cpu(model, train, val, epochs=2, out_dir=tmp_path, resume=True)
+    assert history.best_epoch == 2 and load_checkpoint(tmp_path / "best.pt")["epoch"] == 2  # repaired
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, last["model"][name]), name
 
 
 def test_non_finite_batchnorm_statistics_stop_training_too(tmp_path):
