@@ -112,6 +112,11 @@ def show_items(items: Sequence[dict], keys: Sequence[str] = ("image", "mask"), c
         if missing:  # e.g. the default "mask" row for a classification-only dataset (BreastMNIST)
             raise ValueError(f"item {index} has no {missing}; its keys are {sorted(item)}: pass keys=, "
                              f"e.g. keys=('image',)")
+        label = item.get("label")
+        if class_names is not None and label is not None and not 0 <= int(label) < len(class_names):
+            # -1 would be titled with the last name, 5 of three an IndexError
+            raise ValueError(f"item {index} has label {int(label)}, but class_names {list(class_names)} name labels "
+                             f"0..{len(class_names) - 1}: pass one name per class")
     # every picture before the figure: a bad one raises without leaving an empty grid behind
     columns = [{key: _image(item[key], name=key) for key in keys} for item in items]
     fig, axes = plt.subplots(len(keys), len(items), figsize=(1.9 * len(items), 1.9 * len(keys)), squeeze=False)
@@ -153,6 +158,9 @@ def learning_curves(histories: dict[str, "object"], metric: str, title: str = ""
     if not any(metric in r for rows in records.values() for r in rows):  # a misspelt key: empty axes
         keys = sorted({k for rows in records.values() for r in rows for k in r})
         raise ValueError(f"no run recorded {metric!r}; the records hold {keys}")
+    if any(metric in r and "epoch" not in r for rows in records.values() for r in rows):
+        raise ValueError(f"a record with {metric!r} has no 'epoch': pass History.records of fit, or add the epoch "
+                         "(1, 2, ...) to each record")
     fig, ax = plt.subplots(figsize=(5.5, 3.5))
     for name, rows in records.items():
         xs = [r["epoch"] for r in rows if metric in r]
@@ -298,6 +306,17 @@ def bar_table(table, metrics: Sequence[str], title: str = "", errors=None, fmt: 
         missing = [metric for metric in metrics if frame is not None and metric not in frame.columns]
         if missing:  # checked before a figure is opened, so a failed call leaves none behind
             raise ValueError(f"{name} has no column {missing}; its columns are {list(frame.columns)}")
+        for metric in metrics if frame is not None else ():
+            try:
+                np.asarray(frame[metric], dtype=float)
+            except (TypeError, ValueError) as error:
+                raise ValueError(f"{name}'s column {metric!r} is not numbers ({error}); convert it, e.g. with "
+                                 "pd.to_numeric") from None
+    if errors is not None:
+        twice = sorted({str(i) for frame in (table, errors) for i in frame.index[frame.index.duplicated()]})
+        if twice:  # the error bars are matched to the bars by row name
+            raise ValueError(f"table and errors must name each row once (error bars are matched by name); "
+                             f"named twice: {twice}")
     fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 3.4), squeeze=False)
     for ax, metric in zip(axes[0], metrics):
         values = np.asarray(table[metric], dtype=float)

@@ -53,7 +53,7 @@ class DatasetExplorer:
         self.state: dict = {}
         self.figure = None  # the last figure drawn (closed after display; still readable, e.g. to save)
         for control in (self.index, self.show, self.outline, self.artifact):
-            control.observe(lambda _change: self.draw(), names="value")
+            control.observe(lambda _change: self._redraw(), names="value")
         self.widget = widgets.VBox([widgets.HBox([self.index, self.show]),
                                     widgets.HBox([self.outline, self.artifact]), self.output])
         self.draw()
@@ -71,15 +71,30 @@ class DatasetExplorer:
                 parts.append(f"{key}={int(item[key])}")
         return "  ".join(p for p in parts if p)
 
+    def _redraw(self) -> None:
+        """draw() for a control's change: an item it cannot draw is said where its picture would be (an
+        error raised in a widget's callback goes to the kernel's log, which students do not see)."""
+        try:
+            self.draw()
+        except (KeyError, ValueError) as error:
+            what = f"has no {error.args[0]!r}" if isinstance(error, KeyError) else f"cannot be drawn: {error}"
+            text = f"item {self.index.value} {what}"
+            self.output.outputs = ({"output_type": "stream", "name": "stderr", "text": text + "\n"},)
+            self.figure, self.state = None, {"index": self.index.value, "error": text}
+
     def draw(self) -> None:
         item = self.dataset[self.index.value]
         title = self.describe(item)
+        # every picture before the figure: a bad one raises without leaving a figure open
+        picture = _image(item[self.show.value])
+        outline = _image(item["mask"]) if self.outline.value and "mask" in item else None
+        region = _image(item["artifact_mask"]) if self.artifact.value and "artifact_mask" in item else None
         fig, ax = plt.subplots(figsize=(4, 4))
-        ax.imshow(_image(item[self.show.value]), cmap="gray")
-        if self.outline.value and "mask" in item:
-            ax.contour(_image(item["mask"]), levels=[0.5], colors="lime", linewidths=1)
-        if self.artifact.value and "artifact_mask" in item:
-            ax.contour(_image(item["artifact_mask"]), levels=[0.5], colors="orange", linewidths=1)
+        ax.imshow(picture, cmap="gray")
+        if outline is not None:
+            ax.contour(outline, levels=[0.5], colors="lime", linewidths=1)
+        if region is not None:
+            ax.contour(region, levels=[0.5], colors="orange", linewidths=1)
         ax.set_title(title, fontsize=9)
         ax.set_axis_off()
         show_in(self.output, fig)

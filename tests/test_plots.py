@@ -390,6 +390,25 @@ def test_bar_table_names_a_missing_column_before_opening_a_figure():
     assert [ax.get_title() for ax in fig.axes] == ["dice"]
 
 
+def test_bad_rows_labels_and_columns_are_named_before_a_figure_opens():
+    """Each failed after opening its figure, with a pandas or Python error naming no fix (or no error:
+    show_items titled label -1 with the last class name)."""
+    plt.close("all")
+    item = {"image": torch.rand(1, 8, 8)}
+    for label in (-1, 5):
+        with pytest.raises(ValueError, match=rf"item 0 has label {label}, but class_names \['benign', 'malignant'\]"):
+            plots.show_items([{**item, "label": label}], keys=("image",), class_names=["benign", "malignant"])
+    with pytest.raises(ValueError, match="a record with 'dice' has no 'epoch'"):
+        plots.learning_curves({"run": [{"dice": 0.5}]}, "dice")
+    table = pd.DataFrame({"dice": [0.9, 0.8], "name": ["a", "b"]}, index=["mtl", "seg"])
+    with pytest.raises(ValueError, match="table's column 'name' is not numbers"):
+        plots.bar_table(table, ["dice", "name"])
+    twice = pd.DataFrame({"dice": [0.9, 0.8]}, index=["mtl", "mtl"])
+    with pytest.raises(ValueError, match=r"named twice: \['mtl'\]"):
+        plots.bar_table(twice, "dice", errors=twice)
+    assert plt.get_fignums() == []
+
+
 def test_learning_curves_mark_a_run_with_nothing_to_draw_and_refuse_no_records():
     histories = {"diverged": [{"epoch": 1, "val/dice": float("nan")}, {"epoch": 2, "val/dice": float("nan")}],
                  "fine": [{"epoch": 1, "val/dice": 0.5}, {"epoch": 2, "val/dice": 0.6}],

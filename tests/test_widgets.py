@@ -59,6 +59,24 @@ def test_redraws_do_not_pile_up_figures():
     assert plt.get_fignums() == []
 
 
+def test_an_item_it_cannot_draw_is_named_in_the_output_and_leaves_no_figure_open():
+    """The figure was opened before the picture was read: moving to an item without the chosen layer left a
+    figure open per try, the old picture and state on show, and the KeyError in the kernel's log."""
+    import matplotlib.pyplot as plt
+
+    items = fake_items()
+    del items[1]["clean"]
+    explorer = DatasetExplorer(items, class_names=("normal", "benign", "malignant"))
+    explorer.show.value = "clean"
+    plt.close("all")
+    explorer.index.value = 1
+    assert explorer.state == {"index": 1, "error": "item 1 has no 'clean'"} and explorer.figure is None
+    assert explorer.output.outputs[0]["text"] == "item 1 has no 'clean'\n"
+    assert plt.get_fignums() == []
+    explorer.index.value = 2  # a good item draws again
+    assert explorer.state["index"] == 2 and explorer.figure is not None
+
+
 def test_explorer_without_masks_disables_the_outline():
     items = [{"image": torch.rand(1, 8, 8), "label": 0}]
     explorer = DatasetExplorer(items)
