@@ -359,9 +359,14 @@ def is_main_process() -> bool:
 def to_jsonable(value: Any, digits: int | None = None) -> Any:
     """Tensors, NumPy values, tuples and NaN -> plain JSON values (NaN and inf become None).
 
-    digits: round floats to this many decimals (metrics.json of a notebook: 6); None keeps them.
+    digits: round floats to this many decimals, and smaller ones to this many significant digits
+    (metrics.json of a notebook: 6, so a learning rate of 3e-7 is not written as 0.0); None keeps them.
     """
     if isinstance(value, dict):
+        keys = [str(k) for k in value]
+        twice = sorted({k for i, k in enumerate(keys) if k in keys[:i]}) if len(set(keys)) < len(keys) else []
+        if twice:  # {1: 0.5, "1": 0.7} would keep one of them, silently
+            raise ValueError(f"keys {twice} appear twice once written as text (JSON keys are strings); rename one")
         return {str(k): to_jsonable(v, digits) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [to_jsonable(v, digits) for v in value]
@@ -376,7 +381,9 @@ def to_jsonable(value: Any, digits: int | None = None) -> Any:
     if isinstance(value, float):
         if not math.isfinite(value):
             return None  # JSON has no NaN
-        return round(value, digits) if digits is not None else value
+        if digits is None or value == 0:
+            return value
+        return round(value, max(digits, digits - 1 - math.floor(math.log10(abs(value)))))
     if value is None or isinstance(value, (bool, int, str)):
         return value
     raise TypeError(f"metrics must be numbers, strings, lists or dicts; got {type(value).__name__}: {value!r}")

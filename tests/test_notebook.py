@@ -242,6 +242,7 @@ def test_names_takes_a_list_of_distinct_known_names_and_names_each_mistake(tmp_p
     (0, dict(minimum=1, integer=True, none=True), r"must be an integer >= 1 or None, got 0"),
     (float("inf"), dict(minimum=0), r"must be a number >= 0, got inf"),  # inf >= 0: a finite check, not the range
     (32.0, dict(minimum=1, integer=True), r"must be an integer >= 1, got 32.0; pass an int, e.g. int\(...\)"),
+    (10**400, dict(minimum=0, maximum=1), r"must be a number >= 0 and <= 1, got 1000"),  # was an OverflowError
 ])
 def test_number_names_the_parameter_and_its_range(tmp_path, value, kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -323,9 +324,27 @@ def test_metrics_json_records_the_device_and_wall_time_and_the_message_says_them
 
 
 def test_metrics_are_rounded_to_six_decimals(tmp_path):
-    start_here(tmp_path).finish({"loss": 1 / 3, "nested": {"auc": torch.tensor(2 / 3, dtype=torch.float64)}})
+    start_here(tmp_path).finish({"loss": 1 / 3, "nested": {"auc": torch.tensor(2 / 3, dtype=torch.float64)},
+                                 "psnr": 24.123456789, "lr": 3.14159265e-7, "zero": 0.0})
     record = json.loads((tmp_path / "out" / "metrics.json").read_text())
-    assert record["metrics"] == {"loss": 0.333333, "nested": {"auc": 0.666667}}
+    # below 1: six significant digits, not decimals (3e-7 was written as 0.0)
+    assert record["metrics"] == {"loss": 0.333333, "nested": {"auc": 0.666667}, "psnr": 24.123457,
+                                 "lr": 3.14159e-7, "zero": 0.0}
+
+
+def test_metrics_whose_keys_collide_as_text_are_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"keys \['1'\] appear twice once written as text"):
+        start_here(tmp_path).finish({1: 0.5, "1": 0.7})  # one of them was dropped, silently
+
+
+def test_an_empty_out_dir_is_refused_and_a_tilde_means_home(tmp_path, monkeypatch):
+    """"" was the kernel's folder, silently; "~/runs" made a folder named "~" there."""
+    with pytest.raises(ValueError, match="out_dir is empty; give a folder, or None for outputs/<notebook>/<profile>"):
+        start_here(tmp_path, out_dir="")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    assert start_here(tmp_path, out_dir="~/runs").out_dir == tmp_path / "home" / "runs"
+    assert not (tmp_path / "~").exists()
 
 
 def test_a_crash_while_writing_metrics_keeps_the_previous_file(tmp_path, monkeypatch, disk_full_midway):
