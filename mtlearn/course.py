@@ -88,12 +88,14 @@ def _failing_cell(error: Exception) -> str:
 
 def _kernel_died(executed: Path) -> str:
     """The kernel process ended in the middle of a cell: no Python exception to show, so name the cell
-    (the last one given an execution count in the executed copy) and the usual cause."""
+    (the last one papermill started; its execution count is not always saved) and the usual cause."""
     cell = "a cell"
     try:
-        counts = [c.get("execution_count") for c in json.loads(executed.read_text(encoding="utf-8"))["cells"]]
-        cell = f"cell [{max(n for n in counts if n is not None)}]"
-    except (OSError, ValueError, KeyError, TypeError):  # no copy written yet, or no cell ran
+        cells = json.loads(executed.read_text(encoding="utf-8"))["cells"]
+        started = [c for c in cells if c.get("metadata", {}).get("papermill", {}).get("start_time")]
+        lines = "".join(started[-1]["source"]).strip().splitlines()
+        cell = f"the cell starting {lines[0]!r}" if lines else cell
+    except (OSError, ValueError, KeyError, TypeError, IndexError):  # no copy written yet, or no cell started
         pass
     return (f"the kernel died while {cell} ran (out of memory, or a crash in native code): lower the batch "
             f"size or the profile, and see the executed copy {executed}")
