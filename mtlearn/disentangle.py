@@ -45,6 +45,7 @@ from mtlearn.engine import NonFiniteLossError
 from mtlearn.utils import (
     check_bool,
     check_int,
+    check_size,
     check_label_pair,
     check_loader,
     check_number,
@@ -675,7 +676,8 @@ def train_disentangle(
     out_dir: after every epoch, `out_dir/last.pt` holds the whole game (weights, both optimisers,
     the schedule, the label counts, the leakage statistics, the random states), written
     atomically. resume=True continues from it, with the same options, model and data, to the same
-    result as an uninterrupted run; other options, another architecture, another number of
+    result as an uninterrupted run (and starts a new run when there is no last.pt yet); other
+    options, another architecture (weightless layers such as dropout included), another number of
     batches, batch size or sampler, or images of another size are refused. Without resume an
     out_dir holding a run is refused.
     """
@@ -701,6 +703,9 @@ def train_disentangle(
     check_loader("val_loader", val_loader, "torch.utils.data.DataLoader(dataset, batch_size=100)")
     if len(train_loader) == 0:  # else every epoch ends at once and the untrained model is returned as trained
         raise ValueError("train_loader yields no batches; check the dataset size and batch_size/drop_last")
+    if val_loader is not None and hasattr(val_loader, "__len__") and len(val_loader) == 0:  # now, not after epoch 1
+        raise ValueError("val_loader yields no batches; check the dataset size and batch_size/drop_last (or pass "
+                         "val_loader=None)")
     seed_everything(seed)
     device = pick_device(device)
     model.to(device)
@@ -723,7 +728,8 @@ def train_disentangle(
     step = start = 0
     image_shape = None  # (C, H, W) of the training images, saved with the game: a resume must use the same
     checkpoint = Path(out_dir) / "last.pt" if out_dir is not None else None
-    options = dict(model=type(model).__name__, task_keys=list(task_keys), epochs=epochs, lr=lr, betas=list(betas),
+    options = dict(model=type(model).__name__, weightless_layers=_weightless_layers(model),
+                   task_keys=list(task_keys), epochs=epochs, lr=lr, betas=list(betas),
                    weight_decay=weight_decay, w_adv=w_adv, adv_loss=adv_loss, adv_target=adv_target,
                    adv_steps=adv_steps, adv_lr=adv_lr, adv_momentum=adv_momentum, warmup_epochs=warmup_epochs,
                    ramp_epochs=ramp_epochs, cosine=cosine, w_leak=w_leak, leak_shrink=leak_shrink, seed=seed,
@@ -856,6 +862,18 @@ def _save_game(path: Path, game: dict, options: dict, loader, history: dict, ste
     }, path)
 
 
+def _weightless_layers(model: nn.Module) -> dict[str, int]:
+    """How many of each layer without weights the model has, with its settings ({"Dropout(p=0.5,
+    inplace=False)": 2, ...}): a resume compares them, as the weights cannot tell another dropout."""
+    counts: dict[str, int] = {}
+    for module in model.modules():
+        own = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
+        if not own and not list(module.children()) and module.extra_repr():
+            key = f"{type(module).__name__}({module.extra_repr()})"
+            counts[key] = counts.get(key, 0) + 1
+    return dict(sorted(counts.items()))
+
+
 def _load_game(path: Path, game: dict, options: dict, loader) -> tuple[dict, int, int, list[int] | None]:
     """Restore `game` from `path` (weights_only); returns the history, the step, the epochs done and
     the (C, H, W) of the images it trained on."""
@@ -890,7 +908,24 @@ def recalibrate_batchnorm(model: nn.Module, loader, device: str | torch.device =
     from mtlearn.utils import pick_device
 
     device = pick_device(device)
-    update_bn((batch["image"].to(device) for batch in loader), model)
+    check_loader("loader", loader, "torch.utils.data.DataLoader(train_set, batch_size=100)")
+    seen = 0
+
+    def images():
+        nonlocal seen
+        for batch in loader:
+            if not isinstance(batch, Mapping) or "image" not in batch:
+                raise ValueError(f"each batch must be a dict with an 'image' tensor, got "
+                                 f"{sorted(batch) if isinstance(batch, Mapping) else type(batch).__name__}")
+            seen += 1
+            yield batch["image"].to(device)
+
+    states = {k: v.clone() for k, v in model.state_dict().items()}
+    update_bn(images(), model)
+    if not seen:  # update_bn reset every running mean to 0 and variance to 1, then saw nothing
+        model.load_state_dict(states)
+        raise ValueError("the loader yielded no batches, so BatchNorm's statistics could not be recomputed (they "
+                         "are unchanged); check the dataset is not empty")
 
 
 def _accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
@@ -929,6 +964,10 @@ def evaluate_disentangle(model: nn.Module, loader, *, task_keys: tuple[str, str]
             _check_classes(y, task_keys, (out["logits_a"].shape[1], out["logits_b"].shape[1]))
             labels = dict(zip(task_keys, y))
             for name, out_key, label_key in outputs:
+                if out_key in out and not torch.isfinite(out[out_key]).all():
+                    # argmax of NaN logits is class 0: a diverged model would score near chance, or 1.0
+                    raise ValueError(f"the model's {out_key} hold NaN or inf; check its weights (a diverged "
+                                     "training run?) and the images")
                 if out_key in out:
                     hits = (out[out_key].argmax(1) == labels[label_key].to(device)).sum().item()
                     correct[name] = correct.get(name, 0.0) + hits
@@ -1004,6 +1043,9 @@ class DisentangleConfig:
         if self.adv_readout not in READOUTS:
             raise ValueError(f"unknown adv_readout {self.adv_readout!r}; expected one of {READOUTS}")
         check_int("batch_size", self.batch_size, 2)  # BatchNorm needs two images
+        from mtlearn.data.shapes import MIN_SIZE
+
+        self.image_size = check_size(self.image_size, minimum=MIN_SIZE)  # now, not when the data is made
         self.widths = _check_widths(self.widths)  # now, not when build_model makes the encoders
         check_bool("balance", self.balance)
         for name in ("hidden", "adv_hidden"):  # checked here too, so a bad preset fails before any model is built
@@ -1174,8 +1216,16 @@ def probe_within_groups(model: nn.Module, loader, target: str, group: str, group
     """
     from mtlearn.probes import cross_validated_probe, extract_features, too_few_for_folds
 
+    check_int("folds", folds, 2)  # 0 or 1 made every score NaN, as if each group were too small
+    if isinstance(group_names, str) or not group_names:
+        raise ValueError(f"group_names must name each value of {group!r} (0, 1, ...), e.g. ['bar', 'circle']; "
+                         f"got {group_names!r}")
     # model=model: eval mode meanwhile (BatchNorm's running statistics), as in probe_encoders
     features, labels = extract_features(lambda x: model.encode(x)[0], loader, device, (target, group), model=model)
+    values = sorted(int(v) for v in np.unique(labels[group]))
+    if values[-1] >= len(group_names) or values[0] < 0:  # a group left out of the scores, silently
+        raise ValueError(f"{group!r} takes the values {values}, but group_names {list(group_names)} name "
+                         f"0..{len(group_names) - 1}: give one name per value")
     scores = {}
     for value, name in enumerate(group_names):
         chosen = labels[group] == value

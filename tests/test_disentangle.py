@@ -492,6 +492,9 @@ def test_a_checkpointed_run_is_not_overwritten_or_resumed_with_other_options(tin
         D.train_disentangle(tiny_model(), train, resume=True, **kwargs)
     with pytest.raises(ValueError, match=r"other options \(w_adv: 3.0 then, 1.0 now\)"):
         D.train_disentangle(tiny_model(), train, out_dir=tmp_path, resume=True, **kwargs, w_adv=1.0)
+    # the weights cannot tell another dropout: it resumed silently
+    with pytest.raises(ValueError, match=r"other options \(weightless_layers: .* then, .*'Dropout\(p=0.5"):
+        D.train_disentangle(tiny_model(dropout=0.5), train, out_dir=tmp_path, resume=True, **kwargs)
 
 
 def test_a_nan_loss_names_the_last_checkpoint(shapes_batch, tmp_path):
@@ -578,6 +581,9 @@ def square_loader():  # 32 x 32: a size mtlearn.build_model's networks accept
     (lambda train, square: _train(tiny_model(), DataLoader(Subset(train.dataset, range(3)), batch_size=4,
                                                            drop_last=True)),
      ValueError, "train_loader yields no batches; check the dataset size and batch_size/drop_last"),
+    (lambda train, square: _train(tiny_model(), train, DataLoader(Subset(train.dataset, range(3)), batch_size=4,
+                                                                  drop_last=True)),
+     ValueError, "val_loader yields no batches"),  # was: after the first epoch's training
     (lambda train, square: _train(tiny_model(), [train.dataset[i] for i in range(4)]), TypeError,
      r"batch\['shape'\] is not a tensor \(got int\).*single items.*DataLoader"),
     (lambda train, square: _train(mtlearn.build_model("tiny"), train), TypeError,
@@ -609,6 +615,27 @@ def test_recalibrate_batchnorm_matches_the_data(tiny_loaders):
     with torch.no_grad():
         stem_out = torch.cat([model.encoder.stem(b["image"]) for b in tiny_loaders[0]])
     assert torch.allclose(bn.running_mean, stem_out.mean(dim=(0, 2, 3)), atol=1e-4)
+
+
+def test_recalibrate_batchnorm_refuses_an_empty_loader_and_keeps_the_statistics(tiny_loaders):
+    """update_bn reset every running mean to 0 and variance to 1, then saw no batch: no error, wrong BN."""
+    model = tiny_model("shared")
+    D.recalibrate_batchnorm(model, tiny_loaders[0], device="cpu")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    empty = DataLoader(Subset(tiny_loaders[0].dataset, range(3)), batch_size=4, drop_last=True)
+    with pytest.raises(ValueError, match=r"the loader yielded no batches.*\(they are unchanged\)"):
+        D.recalibrate_batchnorm(model, empty, device="cpu")
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, before[name]), name
+
+
+def test_evaluate_disentangle_refuses_nan_logits(tiny_loaders):
+    """argmax of NaN logits is class 0: a diverged model scored near chance (or 1.0 on class-0 labels)."""
+    model = tiny_model()
+    with torch.no_grad():
+        model.head_a.net[-1].weight.fill_(float("nan"))  # the last layer of head A
+    with pytest.raises(ValueError, match=r"the model's logits_a hold NaN or inf; check its weights"):
+        D.evaluate_disentangle(model, tiny_loaders[1], device="cpu")
 
 
 def test_evaluate_disentangle_keys_and_range(tiny_loaders):
@@ -765,6 +792,18 @@ def test_probe_within_groups_is_nan_where_a_group_cannot_be_cross_validated():
     scores = D.probe_within_groups(model, DataLoader(only_white, batch_size=50), "background", "shape",
                                    ("circle", "bar"), device="cpu")
     assert all(math.isnan(v) for v in scores.values())
+
+
+def test_probe_within_groups_refuses_too_few_folds_or_names():
+    """folds=0 gave NaN for every group, as if each were too small; one name for two groups left one out."""
+    model = CodedEncoders(side_a=lambda shape, background: background, side_b=lambda shape, background: shape)
+    loader = DataLoader(_coded_items(), batch_size=50)
+    with pytest.raises(ValueError, match="folds must be an integer >= 2, got 0"):
+        D.probe_within_groups(model, loader, "background", "shape", ("circle", "bar"), folds=0, device="cpu")
+    with pytest.raises(ValueError, match=r"'shape' takes the values \[0, 1\], but group_names \['circle'\] name 0..0"):
+        D.probe_within_groups(model, loader, "background", "shape", ["circle"], device="cpu")
+    with pytest.raises(ValueError, match="group_names must name each value of 'shape'"):
+        D.probe_within_groups(model, loader, "background", "shape", "circle", device="cpu")
 
 
 def test_probe_encoders_reads_both_sides():
@@ -950,6 +989,9 @@ def test_main_step_adds_the_leakage_term_and_needs_its_state(shapes_batch):
     ({"cosine": "False"}, r"cosine must be True or False"),
     # the adversarial term never switched on: DisentangleNet trained as the two-encoder baseline
     ({"epochs": 1, "warmup_epochs": 1}, r"warmup_epochs \(1\) must be below epochs \(1\) when w_adv > 0"),
+    # accepted, and refused only when shapes_loaders made the data
+    ({"image_size": "56x72"}, r"image_size must be an int or \(H, W\) of ints >= 16, got '56x72'"),
+    ({"image_size": (0, -3)}, r"image_size must be an int or \(H, W\) of ints >= 16, got \(0, -3\)"),
 ])
 def test_config_rejects_bad_training_values(overrides, match):
     # these passed silently and failed later in Adam (or a comparison, or the model's constructor)
