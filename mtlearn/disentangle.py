@@ -920,10 +920,11 @@ def recalibrate_batchnorm(model: nn.Module, loader, device: str | torch.device =
             seen += 1
             yield batch["image"].to(device)
 
-    states = {k: v.clone() for k, v in model.state_dict().items()}
+    buffers = {name: buffer.clone() for name, buffer in model.named_buffers()}  # all update_bn changes
     update_bn(images(), model)
     if not seen:  # update_bn reset every running mean to 0 and variance to 1, then saw nothing
-        model.load_state_dict(states)
+        for name, buffer in model.named_buffers():
+            buffer.copy_(buffers[name])
         raise ValueError("the loader yielded no batches, so BatchNorm's statistics could not be recomputed (they "
                          "are unchanged); check the dataset is not empty")
 

@@ -484,7 +484,8 @@ def fit(model: nn.Module, train_loader, val_loader=None, config: TrainConfig | N
         torch.manual_seed(config.seed + dist.get_rank())  # the CPU's generator and every GPU's
     history, start_epoch, best_state = History(monitor=monitor, mode=mode), 0, None
     if config.resume and (out_dir / "last.pt").is_file():
-        history, start_epoch = _load_run(run, out_dir / "last.pt", train_loader, config, tasks)
+        last = _load_run(run, out_dir / "last.pt", train_loader, config, tasks)
+        history, start_epoch = History.from_state_dict(last["history"]), int(last["epoch"])
         if (history.monitor, history.mode) != (monitor, mode):  # best.pt so far was chosen by the old one
             raise ValueError(f"cannot resume from {out_dir / 'last.pt'} with monitor {monitor!r}: its best.pt was "
                              f"chosen by {history.monitor!r} ({history.mode}). Resume with "
@@ -499,7 +500,6 @@ def fit(model: nn.Module, train_loader, val_loader=None, config: TrainConfig | N
             best_state, best_epoch = best["model"], best.get("epoch")
         if history.best_epoch is not None and history.best_epoch == start_epoch != best_epoch:
             # the run stopped between writing last.pt and best.pt (in that order): last.pt is the best epoch
-            last = load_checkpoint(out_dir / "last.pt")
             best_state = last["model"]
             if is_main_process():
                 save_checkpoint(last, out_dir / "best.pt")
@@ -654,8 +654,8 @@ RESUME_NOTES = {"steps_per_epoch": "steps_per_epoch is the training loader's num
                                    "--nproc_per_node)"}
 
 
-def _load_run(run: _Run, path: Path, train_loader, config: TrainConfig, tasks) -> tuple[History, int]:
-    """Restore a run from a checkpoint; returns its history and the number of epochs done."""
+def _load_run(run: _Run, path: Path, train_loader, config: TrainConfig, tasks) -> dict:
+    """Restore a run from a checkpoint; returns the checkpoint (its history, epochs done, weights)."""
     # map_location "cpu": the random states must stay CPU tensors (torch.set_rng_state refuses others);
     # load_state_dict below copies weights and optimiser moments onto the parameters' device
     state = load_checkpoint(path, map_location="cpu")
@@ -680,7 +680,7 @@ def _load_run(run: _Run, path: Path, train_loader, config: TrainConfig, tasks) -
     if run.scaler is not None and state["scaler"]:
         run.scaler.load_state_dict(state["scaler"])
     set_rng_state(state["rng"], train_loader, run.device)
-    return History.from_state_dict(state["history"]), int(state["epoch"])
+    return state
 
 
 def _weighting_as_settings(plain: Mapping) -> dict:
