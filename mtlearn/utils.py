@@ -15,6 +15,7 @@ import os
 import platform
 import random
 import sys
+from collections import Counter
 from collections.abc import Mapping
 from importlib import metadata
 from pathlib import Path
@@ -364,7 +365,7 @@ def to_jsonable(value: Any, digits: int | None = None) -> Any:
     """
     if isinstance(value, dict):
         keys = [str(k) for k in value]
-        twice = sorted({k for i, k in enumerate(keys) if k in keys[:i]}) if len(set(keys)) < len(keys) else []
+        twice = sorted(k for k, n in Counter(keys).items() if n > 1)
         if twice:  # {1: 0.5, "1": 0.7} would keep one of them, silently
             raise ValueError(f"keys {twice} appear twice once written as text (JSON keys are strings); rename one")
         return {str(k): to_jsonable(v, digits) for k, v in value.items()}

@@ -383,18 +383,14 @@ def build_weighting(name: str, tasks: Sequence[str] = ("seg", "cls"), **kwargs) 
 
 
 def weighting_settings(name: str, kwargs: Mapping[str, Any], tasks: Sequence[str]) -> tuple[str, dict[str, Any]]:
-    """The weighting `name` (a registered name or a class name) and every option it amounts to, defaults
-    filled in: ("gradnorm", {}) and ("GradNorm", {"alpha": 1.5}) both give ("gradnorm", {"alpha": 1.5,
-    "lr": 0.025}). An unregistered class (a user's own) keeps its name and the options given."""
+    """The weighting `name` (a registered name or a class name) and the options of the weighting it
+    builds, defaults filled in: ("gradnorm", {}) and ("GradNorm", {"alpha": 1.5}) both give
+    ("gradnorm", {"alpha": 1.5, "lr": 0.025}). An unregistered class (a user's own) keeps its name
+    and the options given."""
     cls = WEIGHTINGS.get(name) or next((c for c in WEIGHTINGS.values() if c.__name__ == name), None)
     if cls is None:
         return name, dict(kwargs)
-    defaults = {p.name: p.default for p in inspect.signature(cls).parameters.values() if p.name != "tasks"}
-    settings = {**defaults, **kwargs}
-    if cls is FixedWeights:
-        weights = settings["weights"] if settings["weights"] is not None else {t: DEFAULT_WEIGHTS[t] for t in tasks}
-        settings["weights"] = {t: float(w) for t, w in dict(weights).items()}
-    return next(key for key, c in WEIGHTINGS.items() if c is cls), settings
+    return next(key for key, c in WEIGHTINGS.items() if c is cls), cls(tasks, **kwargs).options()
 
 
 def find_shared_parameters(parameters: Iterable[nn.Parameter], losses: Mapping[str, Tensor]) -> list[nn.Parameter]:
