@@ -37,6 +37,7 @@ import torch
 from mtlearn.utils import (
     check_folder,
     environment_report,
+    is_finite,
     is_int,
     is_number,
     pick_device,
@@ -154,7 +155,7 @@ class Run:
         wanted = f"{kind} {low}" + (f" and <= {maximum}" if maximum is not None else "") + (" or None" if none else "")
         ok = is_int(value) if integer else is_number(value)
         if ok:
-            ok = _finite(value) and (value > minimum if above else value >= minimum)
+            ok = is_finite(value) and (value > minimum if above else value >= minimum)
             ok = ok and (maximum is None or value <= maximum)
         if not ok:
             hint = _number_hint(value, wants_int=integer)
@@ -180,7 +181,7 @@ class Run:
         accepted = (int, float) if kind is float else (kind,)
         wrong_type = isinstance(value, bool) is not isinstance(default, bool) or not isinstance(value, accepted)
         countable = isinstance(value, (int, float)) and not isinstance(value, bool)  # `positive` means > 0 for these
-        if not wrong_type and countable and not _finite(value):  # inf epochs, NaN lr: never what was meant
+        if not wrong_type and countable and not is_finite(value):  # inf epochs, NaN lr: never what was meant
             raise ValueError(f"parameter {name} must be finite, got {value!r}")
         if wrong_type or (positive and countable and not value > 0):
             wanted = f"a positive {kind.__name__}" if positive and kind in (int, float) else f"a {kind.__name__}"
@@ -230,11 +231,6 @@ class Run:
         write_json(record, path)
         print(f"{self.notebook} [{self.profile}] finished on {self.device} in {self.wall_time:.0f} s; "
               f"metrics written to {path}")
-
-
-def _finite(value) -> bool:
-    """math.isfinite, but an int is always finite (math.isfinite(10**400) raises OverflowError)."""
-    return isinstance(value, (int, np.integer)) or math.isfinite(value)
 
 
 def _number_hint(value: Any, wants_int: bool) -> str:

@@ -240,6 +240,18 @@ def is_number(value) -> bool:
     return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
 
 
+def is_finite(value) -> bool:
+    """True for a number (see is_number) that is finite as a float; math.isfinite without its OverflowError.
+
+    math.isfinite(10**400) raises, as it converts to a float first; a notebook parameter or a config file
+    can hold such an int, and the user should get the check's message, not a traceback from inside it. An
+    int beyond the float range counts as not finite: it has no float to compute with.
+    """
+    if isinstance(value, (int, np.integer)):
+        return abs(int(value)) <= sys.float_info.max
+    return math.isfinite(value)
+
+
 def check_int(name: str, value, minimum: int) -> int:
     """`value` as an int, or a ValueError naming `name`, the bound and (for a float) the int(...) fix."""
     if not is_int(value) or value < minimum:
@@ -261,7 +273,7 @@ def check_number(name: str, value, low: float, high: float = math.inf, *, above:
     a bare TypeError that names neither the option nor the fix. The float returned is a Python one, as a
     NumPy one in an optimiser's state would make checkpoints unreadable under weights_only.
     """
-    ok = is_number(value) and math.isfinite(value)
+    ok = is_number(value) and is_finite(value)
     if ok:
         ok = (value > low if above else value >= low) and (value < high if below else value <= high)
     if not ok:

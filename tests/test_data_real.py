@@ -686,6 +686,8 @@ def test_split_by_group_deals_7_1_2_of_each_class_and_keeps_groups_whole(seed):
     (["a", "b"], [0, 1], (("train", 1.2), ("test", -0.2)), "shares >= 0"),  # dealt out as if valid
     (["a", "b"], [0, 1], (("train", 0), ("test", 0)), "not all 0"),
     (["a", "b"], [0, 1], (("train", math.inf), ("test", 1.0)), "finite shares"),  # NaN edges: all in train
+    (["a", "b"], [0, 1], (("train", 10**400), ("test", 1.0)), "finite shares"),  # was math.isfinite's OverflowError
+    (["a", "b"], [0, 1], (("train", "0.8"), ("test", 0.2)), "finite shares"),  # a config's string: was a TypeError
     (["a", "b"], [0, 1], (("train", 0.5), ("train", 0.5)), "distinct names"),
 ])
 def test_split_by_group_refuses_what_it_cannot_split(groups, labels, fractions, match):

@@ -272,9 +272,13 @@ def test_check_number_names_the_option_the_range_and_the_fix():
         ("1e-3", r"got '1e-3'; pass it unquoted"),  # a config file's string
         (True, r"got True$"),  # a bool is not a number
         (None, r"got None$"),
+        (10**400, r"lr must be a finite number > 0 .*got 1000"),  # has no float (was an OverflowError)
     ]:
         with pytest.raises(ValueError, match=match):
             check_number("lr", bad, 0, above=True, advice="e.g. 1e-4")
+    with pytest.raises(ValueError, match=r"rate must be a number in \[0, 1\], got -1000"):
+        check_number("rate", -10**400, 0, 1)  # out of range: the range message, not math.isfinite's OverflowError
+    assert check_number("big", 10**300, 0) == 1e300  # an int a float can hold is fine
     with pytest.raises(ValueError, match=r"momentum must be a number in \[0, 1\), got 1$"):
         check_number("momentum", 1, 0, 1, below=True)
     with pytest.raises(ValueError, match=r"c must be a number in \(-1, 1\], got -1$"):
