@@ -48,7 +48,7 @@ from tqdm.auto import tqdm
 from mtlearn.encoder import ResFormerEncoder, check_floating, init_weights
 from mtlearn.mtl import MultiTaskUNet
 from mtlearn.plots import _image
-from mtlearn.utils import check_number, is_finite, is_number
+from mtlearn.utils import check_number, is_finite
 from mtlearn.widgets import show_in
 
 HEADS = ("cls", "seg", "recon")
@@ -528,7 +528,7 @@ def _check_baseline(baseline) -> None:
     """A ValueError unless `baseline` is "mean", "black" or a finite grey value."""
     if isinstance(baseline, str) and baseline in ("mean", "black"):
         return
-    if is_number(baseline) and is_finite(baseline):
+    if is_finite(baseline):
         return
     raise ValueError(f"baseline must be 'mean', 'black' or a finite grey value (e.g. 0.5), got {baseline!r}")
 

@@ -66,7 +66,6 @@ from mtlearn.utils import (
     countable_attention,
     is_finite,
     is_int,
-    is_number,
     pick_device,
     seed_everything,
     to_jsonable,
@@ -902,7 +901,7 @@ def _check_acceptance(max_compute_share: float, tolerance: Mapping[str, float]) 
     check_number("max_compute_share", max_compute_share, 0, 1, above=True, advice="a fraction: 0.35 for 35 %")
     unknown = sorted(set(tolerance) - set(METRICS))
     # not `v < 0`: NaN passes it, and then the metric fails every check without a reason
-    if unknown or not all(is_number(v) and is_finite(v) and v >= 0 for v in tolerance.values()):
+    if unknown or not all(is_finite(v) and v >= 0 for v in tolerance.values()):
         raise ValueError(f"tolerance maps metrics of {METRICS} to allowed drops >= 0, got {dict(tolerance)!r}")
 
 

@@ -241,12 +241,14 @@ def is_number(value) -> bool:
 
 
 def is_finite(value) -> bool:
-    """True for a number (see is_number) that is finite as a float; math.isfinite without its OverflowError.
+    """True for a number (see is_number) that is finite as a float; False for anything else, a string included.
 
     math.isfinite(10**400) raises, as it converts to a float first; a notebook parameter or a config file
     can hold such an int, and the user should get the check's message, not a traceback from inside it. An
     int beyond the float range counts as not finite: it has no float to compute with.
     """
+    if not is_number(value):
+        return False
     if isinstance(value, (int, np.integer)):
         return abs(int(value)) <= sys.float_info.max
     return math.isfinite(value)
@@ -273,7 +275,7 @@ def check_number(name: str, value, low: float, high: float = math.inf, *, above:
     a bare TypeError that names neither the option nor the fix. The float returned is a Python one, as a
     NumPy one in an optimiser's state would make checkpoints unreadable under weights_only.
     """
-    ok = is_number(value) and is_finite(value)
+    ok = is_finite(value)
     if ok:
         ok = (value > low if above else value >= low) and (value < high if below else value <= high)
     if not ok:

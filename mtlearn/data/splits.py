@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from mtlearn.utils import check_int, is_finite, is_number
+from mtlearn.utils import check_int, is_finite
 
 # Split names and their share of the data, in this order (7:1:2, as BreastMNIST splits BUSI).
 SPLIT_FRACTIONS = (("train", 0.7), ("val", 0.1), ("test", 0.2))
@@ -42,7 +42,7 @@ def split_by_group(
     check_int("seed", seed, 0)  # None would draw a new split on every call
     names = [name for name, _ in fractions]
     shares = [share for _, share in fractions]
-    if (not all(is_number(share) and is_finite(share) and share >= 0 for share in shares) or sum(shares) <= 0
+    if (not all(is_finite(share) and share >= 0 for share in shares) or sum(shares) <= 0
             or len(set(names)) != len(names)):
         raise ValueError(f"fractions must be (name, share) pairs with distinct names and finite shares >= 0, "
                          f"not all 0, got {fractions!r}")
