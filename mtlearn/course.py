@@ -118,6 +118,12 @@ def _timed_out(error: Exception, cell_timeout: float | None) -> str:
     return f"{cell} timed out: {reason.group(1) if reason else text.splitlines()[0]}"
 
 
+def _literal_path(path: Path) -> str:
+    """`path` for papermill, which formats its paths with the parameters (str.format): a folder named after
+    a dict value, `flags={'a': 1}`, was read as a placeholder and the run failed with "Missing parameter"."""
+    return str(path).replace("{", "{{").replace("}", "}}")
+
+
 def run_notebook(
     notebook: Path,
     out_dir: Path,
@@ -161,9 +167,9 @@ def run_notebook(
         if env_root and not Path(env_root).expanduser().is_absolute():
             # the default data_root likewise: the kernel inherits this environment, not this folder
             os.environ["MTLEARN_DATA"] = str(Path(env_root).expanduser().absolute())
-        pm.execute_notebook(
-            str(notebook),
-            str(staging / notebook.name),
+        pm.execute_notebook(  # papermill fills {name} in its paths from the parameters: braces kept literal
+            _literal_path(notebook),
+            _literal_path(staging / notebook.name),
             parameters=params,
             kernel_name=kernel_name,
             cwd=str(notebook.parent),

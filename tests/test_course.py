@@ -38,6 +38,18 @@ def test_run_notebook_passes_parameters_and_reads_metrics(tmp_path):
     assert "01_good" in headline_table([result]) and "dice=2.5" in headline_table([result])
 
 
+def test_run_notebook_keeps_braces_in_its_paths_literal(tmp_path):
+    """papermill formats its paths with the parameters: "{seed}" in a folder name became the seed, and
+    "{'a': 1}" (a grid's dict value) failed with "Missing parameter"."""
+    folder = tmp_path / "{seed}"
+    folder.mkdir()
+    nb = write_notebook(folder / "01_good.ipynb", GOOD)
+    for name in ("flags={'a': 1}", "{seed}"):
+        result = run_notebook(nb, tmp_path / name, {"profile": "smoke", "seed": 2})
+        assert result.ok, result.error
+        assert (tmp_path / name / "01_good.ipynb").exists() and result.metrics["metrics"] == {"dice": 2.5}
+
+
 def test_headline_table_keeps_one_line_per_notebook_for_a_multi_line_error():
     error = "cell [4] raised FileNotFoundError: dataset 'busi' was not found in /d/busi. Download it first with\n" \
             "    python -m data_fetch busi --dest \"/d/busi\""
