@@ -82,22 +82,54 @@ GRID_PARAMETERS = {"seed": "give the seeds as seeds=[...] (--seeds)", "profile":
                    "out_dir": "the grid chooses each run's folder under its out_root (--out)"}
 
 
+def _injectable(value: Any, where: str) -> Any:
+    """`value` as papermill can write it into a notebook: None, bools, numbers, strings, lists, dicts.
+
+    Why: papermill writes any other value as its text, so a tuple (64, 64) would reach the notebook as
+    the string "(64, 64)", a NumPy seed np.int64(3) as "3" and a set as "{1, 2}". Tuples become lists
+    and NumPy numbers and arrays Python ones (what the notebook would get from a literal); anything
+    else is refused here, before the first run, not in every run's kernel.
+    """
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, np.bool_):
+        return bool(value)
+    if isinstance(value, (np.integer, np.floating)):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        value = value.tolist()
+    if isinstance(value, (list, tuple)):
+        return [_injectable(v, where) for v in value]
+    if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+        return {k: _injectable(v, where) for k, v in value.items()}
+    raise ValueError(f"{where}: {value!r} ({type(value).__name__}) cannot be passed to a notebook, which takes "
+                     "None, True/False, numbers, strings, lists and dicts with string keys (papermill would write "
+                     "it as text); give it as one of those, e.g. a list for a set")
+
+
 def grid(notebooks: list[Path], parameters: dict[str, list[Any]], seeds: list[int], profile: str) -> list[RunSpec]:
     """Every combination of notebook, parameter values and seed, in a stable order.
 
     parameters: name -> a list of the values to sweep, e.g. {"lr": [1e-3, 1e-4]}; one value is [1e-3].
+    The notebooks receive tuples as lists and NumPy numbers as Python ones (see _injectable).
     """
     if not notebooks:
         raise ValueError("the grid needs at least one notebook")
     profile = resolve_profile(profile)  # now: in every run's kernel a wrong one would fail without a cell timeout
+    if isinstance(seeds, np.ndarray):  # np.arange(3): a one-item array's truth would be its value
+        seeds = seeds.tolist()
+    if not isinstance(seeds, (list, tuple, range)):
+        raise ValueError(f"seeds must be a list of integers, e.g. seeds=[0, 1], got {seeds!r}")
     if not seeds:
         raise ValueError("the grid needs at least one seed, e.g. seeds=[0]")
     bad = [s for s in seeds if not is_int(s) or not 0 <= s < 2**32]
     if bad:  # now, not in every run's kernel (seed_everything's range: NumPy's seeds are 32-bit)
         raise ValueError(f"seeds must be integers in 0..2**32 - 1, got {bad}")
+    seeds = [int(s) for s in seeds]  # np.int64 would reach the notebook as the text "3"
     if len(set(seeds)) != len(seeds):  # one run counted twice: a mean of n, a std of 0 for nothing
         raise ValueError(f"seeds repeat: {sorted(s for s in set(seeds) if list(seeds).count(s) > 1)}; give each once")
-    for name, values in parameters.items():
+    parameters = dict(parameters)  # the values made injectable below; the caller's dict stays as it was
+    for name, values in list(parameters.items()):
         if name in GRID_PARAMETERS:
             raise ValueError(f"parameter {name!r} is set by the grid, not swept: {GRID_PARAMETERS[name]}")
         if not isinstance(values, (list, tuple)):
@@ -106,6 +138,7 @@ def grid(notebooks: list[Path], parameters: dict[str, list[Any]], seeds: list[in
         if not values:
             raise ValueError(f"parameter {name!r} has no values, so the grid would have no runs; "
                              f"give at least one, e.g. {{{name!r}: [value]}}")
+        parameters[name] = values = [_injectable(v, f"a value of parameter {name!r}") for v in values]
         shown = [repr(v) for v in values]  # values may be lists, which do not hash
         if len(set(shown)) != len(shown):
             repeated = [v for v in dict.fromkeys(shown) if shown.count(v) > 1]
@@ -272,7 +305,7 @@ def plot_spread(table: pd.DataFrame, by: str, metric: str, title: str = "", ylab
 def _parse_set(text: str) -> tuple[str, list[Any]]:
     """`name=v1,v2` -> ("name", [v1, v2]): Python literals, else plain strings.
 
-    "lr=1e-3,1e-4" -> [0.001, 0.0001]; "size=(64,64),(96,96)" -> [(64, 64), (96, 96)];
+    "lr=1e-3,1e-4" -> [0.001, 0.0001]; "size=(64,64),(96,96)" -> [(64, 64), (96, 96)] (lists in the notebook);
     "weightings=['fixed'],['pcgrad']" -> [["fixed"], ["pcgrad"]]; "dataset=busi,synthetic" -> strings.
     """
     if "=" not in text:

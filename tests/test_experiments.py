@@ -365,6 +365,8 @@ def test_command_line_refuses_a_bad_profile_and_notebooks_that_match_nothing(not
 
 @pytest.mark.parametrize("seeds, parameters, message", [
     ([0, 0], {}, r"seeds repeat: \[0\]; give each once"),  # one run counted twice: n 2, std 0
+    (3, {}, r"seeds must be a list of integers, e.g. seeds=\[0, 1\], got 3"),
+    (np.array([0, 0]), {}, r"seeds repeat: \[0\]"),  # an array of two: its truth is ambiguous, not a usage error
     ([-1], {}, r"seeds must be integers in 0\.\.2\*\*32 - 1, got \[-1\]"),
     ([1.5], {}, r"seeds must be integers in 0\.\.2\*\*32 - 1, got \[1.5\]"),
     ([2**32], {}, r"seeds must be integers in 0\.\.2\*\*32 - 1, got \[4294967296\]"),  # seed_everything's limit
@@ -457,3 +459,30 @@ def test_run_grid_checks_its_cell_timeout_before_any_run_even_when_all_are_done(
     monkeypatch.setattr(experiments, "run_notebook", lambda *a, **k: pytest.fail("no run should start"))
     with pytest.raises(ValueError, match=message):
         run_grid(specs, tmp_path, progress=False, cell_timeout=value)
+
+
+def test_notebooks_get_tuples_as_lists_and_numpy_numbers_as_python_ones(tmp_path):
+    """papermill writes a value it does not know as its text: (32, 32) reached the notebook as the string
+    "(32, 32)", a NumPy seed as "0", so every run failed (or computed with text)."""
+    body = """import json, pathlib
+kinds = {"scale": type(scale).__name__, "seed": type(seed).__name__, "size": size, "flags": flags}
+record = {"metrics": {"score": scale * 10 + seed}, "kinds": kinds}
+json.dump(record, open(pathlib.Path(out_dir) / "metrics.json", "w"))"""
+    nb = write_notebook(tmp_path / "03_c.ipynb", body)
+    nb.write_text(nb.read_text().replace("out_dir = None", "out_dir = None\\nscale = 1\\nsize = [8, 8]\\nflags = {}"))
+    parameters = {"scale": [np.int64(2), np.float32(0.5)], "size": [(32, 32)], "flags": [{"a": (np.bool_(True),)}]}
+    specs = grid([nb], parameters, seeds=np.arange(1), profile="smoke")
+    assert parameters["size"] == [(32, 32)]  # the caller's dict is left as it was
+    status = run_grid(specs, tmp_path / "grid", progress=False)
+    assert list(status["status"]) == ["ok", "ok"], status["status"].tolist()
+    kinds = [json.loads((spec.folder(tmp_path / "grid") / "metrics.json").read_text())["kinds"] for spec in specs]
+    assert kinds == [{"scale": "int", "seed": "int", "size": [32, 32], "flags": {"a": [True]}},
+                     {"scale": "float", "seed": "int", "size": [32, 32], "flags": {"a": [True]}}]
+    assert specs[0].name == "flags={'a': [True]},profile=smoke,scale=2,seed=0,size=[32, 32]"
+
+
+@pytest.mark.parametrize("value, kind", [({1, 2}, "set"), ({1: "a"}, "dict"), (object(), "object")])
+def test_grid_refuses_a_value_papermill_would_pass_as_text(notebooks, value, kind):
+    with pytest.raises(ValueError, match=rf"a value of parameter 'scale': .* \({kind}\) cannot be passed to a "
+                                         r"notebook, which takes None, True/False, numbers, strings, lists and dicts"):
+        grid(notebooks[:1], {"scale": [1, value]}, seeds=[0], profile="smoke")
