@@ -52,6 +52,7 @@ def extract_features(
     from mtlearn.utils import eval_mode, pick_device
 
     device = pick_device(device)
+    label_keys = _as_keys(label_keys) if label_keys is not None else None
     module = encoder_or_fn if isinstance(encoder_or_fn, nn.Module) else model
     chunks, labels = [], {}
     with contextlib.ExitStack() as stack:
@@ -82,6 +83,15 @@ def extract_features(
     if not chunks:
         raise ValueError("the loader yielded no batches; check the dataset is not empty")
     return np.concatenate(chunks), {k: np.concatenate(v) for k, v in labels.items()}
+
+
+def _as_keys(label_keys) -> tuple[str, ...]:
+    """("shape",) for "shape": iterated, the name would be its letters ('s', 'h', ...)."""
+    keys = (label_keys,) if isinstance(label_keys, str) else tuple(label_keys)
+    if not keys or not all(isinstance(k, str) for k in keys):
+        raise ValueError(f"label_keys must be a label name or a tuple of them, e.g. ('shape', 'background'), "
+                         f"got {label_keys!r}")
+    return keys
 
 
 def _is_int_labels(value) -> bool:
@@ -120,6 +130,10 @@ def linear_probe(
     classes = np.unique(y_train)
     if len(classes) < 2:
         raise ValueError(f"the probe needs at least two classes in y_train, got only {classes.tolist()}")
+    unseen = np.setdiff1d(y_test, classes)
+    if len(unseen):  # never predicted: its recall is 0, and chance (1 / the train classes) would be wrong too
+        raise ValueError(f"y_test holds class(es) {unseen.tolist()} that y_train lacks, so the probe can never "
+                         f"predict them (train classes: {classes.tolist()}); fit on a set that has every class")
     probe = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=max_iter, class_weight="balanced"))
     with threadpool_limits(limits=1):  # a small problem: extra BLAS threads only contend for the cores
         probe.fit(features_train, y_train)
@@ -212,16 +226,27 @@ def probe_matrix(
     model: the module the functions among `encoders` run, put in eval mode meanwhile (see
         extract_features); encoders given as modules are switched themselves.
     With `test_loader`, each probe is fitted on train_loader's features and scored on
-    test_loader's; without it, `folds`-fold cross-validation on train_loader's features.
+    test_loader's; without it, `folds`-fold cross-validation on train_loader's features, the same
+    folds for every encoder (train_loader must not shuffle: its items are read once per encoder).
     Returns a pandas DataFrame, rows: encoder names, columns: label_keys.
     """
     import pandas as pd
 
     if not encoders:
         raise ValueError("encoders is empty; pass e.g. {'encoder A': model.encoder_a}")
-    table = {}
+    label_keys = _as_keys(label_keys)
+    if test_loader is None and isinstance(getattr(train_loader, "sampler", None), torch.utils.data.RandomSampler):
+        raise ValueError("train_loader shuffles (shuffle=True), so every encoder would be probed on other folds of "
+                         "the data; pass a loader with shuffle=False (the folds are shuffled with `seed`)")
+    table, first_labels = {}, None
     for name, encoder in encoders.items():
         f_train, y_train = extract_features(encoder, train_loader, device, label_keys, model=model)
+        if first_labels is None:
+            first_labels = y_train
+        elif test_loader is None and any(not np.array_equal(first_labels[k], y_train[k]) for k in label_keys):
+            raise ValueError(f"train_loader gave encoder {name!r} its items in another order than the first encoder "
+                             "(a shuffling sampler?), so the rows would be probed on other folds; pass a loader "
+                             "that yields the same items in the same order on every pass")
         f_test, y_test = (extract_features(encoder, test_loader, device, label_keys, model=model)
                           if test_loader is not None else (None, None))
         row = {}

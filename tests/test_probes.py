@@ -507,3 +507,47 @@ def test_plots_name_the_classes_and_start_the_colour_scale_at_chance():
     table = pd.DataFrame({"shape": [1.0, 0.9], "background": [0.55, 1.0]}, index=["A", "shared"])
     fig = plot_probe_matrix(table, chance=0.5)
     assert fig.axes[0].images[0].get_clim() == (0.5, 1.0)
+
+
+def test_linear_probe_refuses_a_test_class_the_training_set_lacks():
+    """Class 2 only in the test set: it can never be predicted, and chance was reported as 1/2, not 1/3."""
+    features, y, _ = synthetic_features(60)
+    with pytest.raises(ValueError, match=r"y_test holds class\(es\) \[2\] that y_train lacks.*train classes: \[0, 1\]"):
+        linear_probe(features[:40], y[:40], features[40:], np.r_[y[40:50], np.full(10, 2)])
+    with pytest.warns(UserWarning, match="y_pred contains classes not in y_true"):  # fewer classes: allowed
+        fewer = linear_probe(features[:40], y[:40], features[40:], np.zeros(20, int))
+    assert 0 <= fewer["balanced_accuracy"] <= 1 and fewer["chance"] == 0.5
+
+
+def test_a_single_label_name_is_one_label_not_its_letters():
+    loader = DataLoader(TinyData(40), batch_size=20)
+    _, labels = extract_features(nn.Conv2d(1, 4, 3, padding=1), loader, device="cpu", label_keys="coded")
+    assert list(labels) == ["coded"]  # was: "label 'c' is not in the batch"
+    table = probe_matrix({"mean": lambda x: x.mean(dim=(2, 3))}, loader, label_keys="coded", device="cpu", folds=2)
+    assert list(table.columns) == ["coded"]
+    for bad in ((), ("coded", 3)):
+        with pytest.raises(ValueError, match=r"label_keys must be a label name or a tuple of them"):
+            probe_matrix({"mean": lambda x: x.mean(dim=(2, 3))}, loader, label_keys=bad, device="cpu")
+
+
+def test_probe_matrix_cross_validates_every_encoder_on_the_same_folds():
+    """A shuffling loader gave every row other items in each fold: the rows were not comparable."""
+    data = TinyData(60)
+    encoders = {"mean": lambda x: x.mean(dim=(2, 3)), "flat": lambda x: x.flatten(1)}
+    with pytest.raises(ValueError, match=r"train_loader shuffles \(shuffle=True\).*pass a loader with shuffle=False"):
+        probe_matrix(encoders, DataLoader(data, batch_size=20, shuffle=True), label_keys="coded", device="cpu")
+
+    class Reshuffled:  # a loader that hides its sampler: caught by its labels' order
+        def __init__(self):
+            self.passes = 0
+
+        def __iter__(self):
+            self.passes += 1
+            order = torch.randperm(len(data), generator=torch.Generator().manual_seed(self.passes))
+            return iter(DataLoader(torch.utils.data.Subset(data, order.tolist()), batch_size=20))
+
+    with pytest.raises(ValueError, match=r"gave encoder 'flat' its items in another order than the first encoder"):
+        probe_matrix(encoders, Reshuffled(), label_keys="coded", device="cpu")
+    test = DataLoader(TinyData(40, seed=1), batch_size=20)  # scored on a test set, the training order does not matter
+    assert probe_matrix(encoders, DataLoader(data, batch_size=20, shuffle=True), test, label_keys="coded",
+                        device="cpu").shape == (2, 1)
