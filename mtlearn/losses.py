@@ -126,11 +126,7 @@ class SegmentationLoss(nn.Module):
 
     def forward(self, logits: Tensor, mask: Tensor) -> Tensor:
         """logits: (B, K, H, W), mask: (B, 1, H, W) with values 0..K-1 (float or int) -> scalar."""
-        if mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[2:] != logits.shape[2:]:
-            raise ValueError(
-                f"segmentation target must be (B, 1, H, W) matching logits {tuple(logits.shape)}, "
-                f"got {tuple(mask.shape)}"
-            )
+        check_seg_pair(logits, mask)
         mask = class_indices(mask)  # (B, 1, H, W)
         extremes = _index_range(mask, self)  # MONAI's one-hot would fail with "index 255 is out of bounds"
         if extremes is not None:
@@ -142,6 +138,24 @@ class SegmentationLoss(nn.Module):
                     f"a 0/255 mask needs mask / 255 (or > 0), and seg_classes must cover every mask value"
                 )
         return self.loss(logits.float(), mask)
+
+
+def check_seg_pair(logits: Tensor, mask: Tensor) -> None:
+    """Refuse segmentation logits that are not (B, K >= 2, H, W), or a mask that is not (B, 1, H, W) beside them.
+
+    One channel cannot be a softmax over classes (its argmax is always background, and MONAI's loss
+    only warns); a mask of another batch size or size fails later in MONAI with a bare AssertionError.
+    """
+    if logits.dim() != 4:
+        raise ValueError(f"segmentation logits must be (B, K, H, W), got shape {tuple(logits.shape)}")
+    if logits.shape[1] < 2:
+        raise ValueError(f"segmentation logits need one channel per class including background (>= 2), "
+                         f"got {logits.shape[1]} channel(s) in shape {tuple(logits.shape)}")
+    wanted = (logits.shape[0], 1, *logits.shape[2:])  # (B, 1, H, W)
+    if tuple(mask.shape) != wanted:
+        fix = "; a (B, H, W) mask needs mask.unsqueeze(1)" if mask.dim() == 3 else ""
+        raise ValueError(f"segmentation target must be (B, 1, H, W) matching logits {tuple(logits.shape)}, got "
+                         f"{tuple(mask.shape)}{fix}")
 
 
 def check_class_logits(logits: Tensor) -> None:

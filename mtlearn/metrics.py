@@ -44,7 +44,8 @@ import torch.distributed as dist
 from monai.metrics import PSNRMetric, SSIMMetric, compute_dice, compute_iou, compute_roc_auc
 from torch import Tensor
 
-from mtlearn.losses import TASK_TARGETS, check_class_logits, check_outputs, check_tasks, class_indices
+from mtlearn.losses import (TASK_TARGETS, check_class_logits, check_outputs, check_seg_pair, check_tasks,
+                            class_indices)
 from mtlearn.utils import check_number
 
 METRIC_KEYS = {
@@ -208,18 +209,8 @@ class MetricAccumulator:
         self.counts[key] = self.counts.get(key, 0.0) + weight
 
     def _update_seg(self, logits: Tensor, mask: Tensor) -> None:
-        if logits.dim() != 4:
-            raise ValueError(f"segmentation logits must be (B, K, H, W), got shape {tuple(logits.shape)}")
+        check_seg_pair(logits, mask)
         num_seg = logits.shape[1]
-        if num_seg < 2:  # argmax over one channel is always background; one_hot would fail obscurely
-            raise ValueError(f"segmentation logits need one channel per class including background (>= 2), "
-                             f"got {num_seg} channel(s) in shape {tuple(logits.shape)}")
-        # else torch's one_hot and permute fail with messages about sparse tensors and class values
-        wanted = (logits.shape[0], 1, *logits.shape[2:])  # (B, 1, H, W)
-        if tuple(mask.shape) != wanted:
-            fix = "; a (B, H, W) mask needs mask.unsqueeze(1)" if mask.dim() == 3 else ""
-            raise ValueError(f"segmentation target must be (B, 1, H, W) matching logits {tuple(logits.shape)}, got "
-                             f"{tuple(mask.shape)}{fix}")
         indices = class_indices(mask[:, 0])  # (B, H, W)
         if indices.numel():  # the .cpu() of the scores below waits for the GPU anyway: no extra stall
             low, high = torch.stack(torch.aminmax(indices)).tolist()

@@ -188,6 +188,12 @@ def test_a_single_task_may_be_named_by_a_bare_string():
     (lambda: check_tasks(()), "at least one"),
     (lambda: check_tasks(("seg", "seg")), "must not repeat"),
     (lambda: SegmentationLoss()(torch.randn(2, 2, 8, 8), torch.zeros(2, 8, 8)), r"\(B, 1, H, W\)"),
+    # another batch size: MONAI's bare AssertionError; one channel: a loss over one class, MONAI only warned
+    (lambda: SegmentationLoss()(torch.randn(2, 2, 8, 8), torch.zeros(3, 1, 8, 8)),
+     r"target must be \(B, 1, H, W\) matching logits \(2, 2, 8, 8\), got \(3, 1, 8, 8\)"),
+    (lambda: SegmentationLoss("dicefocal")(torch.randn(2, 1, 8, 8), torch.zeros(2, 1, 8, 8)),
+     r"one channel per class including background \(>= 2\), got 1 channel"),
+    (lambda: SegmentationLoss()(torch.randn(2, 8, 8), torch.zeros(2, 1, 8, 8)), r"logits must be \(B, K, H, W\)"),
     (lambda: ClassificationLoss([1.0, 1.0])(torch.randn(2, 3), torch.tensor([0, 1])), "3 classes"),
     (lambda: ReconstructionLoss()(torch.rand(2, 1, 8, 8), torch.rand(2, 3, 8, 8)), "differ"),
     (lambda: task_losses({"seg": torch.randn(2, 2, 8, 8)}, {"image": torch.rand(2, 1, 8, 8)},
