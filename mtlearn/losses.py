@@ -170,18 +170,30 @@ def check_class_logits(logits: Tensor) -> None:
                          "e.g. nn.Linear(features, 2), and labels 0/1), not one sigmoid logit")
 
 
+def check_class_weights(class_weights: Sequence[float] | None, dtype=torch.float32) -> Tensor | None:
+    """class_weights as a flat tensor, or None; a ValueError for anything a weighted mean cannot use.
+
+    NaN passes `< 0`, and weights summing to 0 divide by 0: either makes the loss NaN.
+    """
+    if class_weights is None:
+        return None
+    try:
+        weight = torch.as_tensor(class_weights, dtype=dtype)
+    except (TypeError, ValueError, RuntimeError):  # text, ragged lists
+        weight = None
+    if (weight is None or weight.dim() != 1 or not torch.isfinite(weight).all() or (weight < 0).any()
+            or weight.sum() <= 0):
+        raise ValueError(f"class_weights must be a flat list of finite, non-negative numbers, not all 0 (e.g. "
+                         f"[1.0, 3.0]), got {class_weights!r}")
+    return weight
+
+
 class ClassificationLoss(nn.Module):
     """Cross-entropy on logits, optionally weighted per class to counter class imbalance."""
 
     def __init__(self, class_weights: Sequence[float] | None = None):
         super().__init__()
-        weight = None if class_weights is None else torch.as_tensor(class_weights, dtype=torch.float32)
-        # NaN passes `< 0`, and weights summing to 0 divide by 0: either makes the loss NaN
-        if weight is not None and (weight.dim() != 1 or not torch.isfinite(weight).all() or (weight < 0).any()
-                                   or weight.sum() <= 0):
-            raise ValueError(f"class_weights must be a flat list of finite, non-negative numbers, not all 0 (e.g. "
-                             f"[1.0, 3.0]), got {class_weights!r}")
-        self.register_buffer("weight", weight)
+        self.register_buffer("weight", check_class_weights(class_weights))
 
     def forward(self, logits: Tensor, label: Tensor) -> Tensor:
         """logits: (B, num_classes), label: (B,) int in 0..num_classes-1 -> scalar."""

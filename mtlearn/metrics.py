@@ -44,9 +44,9 @@ import torch.distributed as dist
 from monai.metrics import PSNRMetric, SSIMMetric, compute_dice, compute_iou, compute_roc_auc
 from torch import Tensor
 
-from mtlearn.losses import (TASK_TARGETS, check_class_logits, check_outputs, check_seg_pair, check_tasks,
-                            class_indices)
-from mtlearn.utils import check_number
+from mtlearn.losses import (TASK_TARGETS, check_class_logits, check_class_weights, check_outputs, check_seg_pair,
+                            check_tasks, class_indices)
+from mtlearn.utils import check_number, is_int
 
 METRIC_KEYS = {
     "seg": ("seg/dice", "seg/iou"),
@@ -69,6 +69,10 @@ def classification_metrics(confusion: np.ndarray) -> dict[str, float]:
     none of the others, is among the labels.
     """
     confusion = np.asarray(confusion, dtype=np.float64)
+    if confusion.ndim != 2 or confusion.shape[0] != confusion.shape[1]:
+        raise ValueError(f"a confusion matrix is (K, K), true classes by predicted ones, got shape {confusion.shape}")
+    if not np.isfinite(confusion).all() or (confusion < 0).any():
+        raise ValueError("a confusion matrix holds counts (finite, >= 0); got negative or non-finite entries")
     total = confusion.sum()
     tp = np.diag(confusion)
     fn = confusion.sum(axis=1) - tp  # true class k, predicted something else
@@ -105,13 +109,17 @@ def roc_auc(scores: np.ndarray | Tensor, labels: np.ndarray | Tensor) -> float:
 
     scores: (N, K), higher = more likely class k: softmax probabilities, or better the
     one_vs_rest_scores of the logits (the same ranking, without ties from rounding);
-    labels: (N,) ints -> float (nan when undefined).
+    labels: (N,) ints -> float (nan when undefined, and when a score is NaN: a diverged model has no
+    ranking, and MONAI would rank its NaNs somewhere and report a plausible AUC).
     """
     # detached and on the CPU first: np.asarray fails on a tensor that needs grad or lives on a GPU
     scores = torch.as_tensor(scores.detach().cpu() if isinstance(scores, Tensor) else np.asarray(scores),
                              dtype=torch.float64)
-    labels = torch.as_tensor(labels.detach().cpu() if isinstance(labels, Tensor) else np.asarray(labels),
-                             dtype=torch.long).flatten()
+    labels = torch.as_tensor(labels.detach().cpu() if isinstance(labels, Tensor) else np.asarray(labels)).flatten()
+    if labels.dtype.is_floating_point and not torch.equal(labels, labels.round()):  # .long() truncated 1.7 to 1
+        raise ValueError(f"labels must be whole numbers (class indices), got {labels[:8].tolist()}; probabilities "
+                         "or soft labels need .argmax(1) (one column per class) or rounding")
+    labels = labels.long()
     if scores.ndim != 2 or scores.shape[0] != len(labels):
         raise ValueError(f"roc_auc needs (N, K) scores, one column per class, for N = {len(labels)} labels, got "
                          f"shape {tuple(scores.shape)}; for one positive-class score s per image pass "
@@ -121,6 +129,8 @@ def roc_auc(scores: np.ndarray | Tensor, labels: np.ndarray | Tensor) -> float:
     if int(labels.min()) < 0 or int(labels.max()) >= scores.shape[1]:
         raise ValueError(f"labels must be class indices 0..{scores.shape[1] - 1} (one per score column), "
                          f"got values {int(labels.min())}..{int(labels.max())}")
+    if scores.isnan().any():
+        return float("nan")
     onehot = torch.nn.functional.one_hot(labels, scores.shape[1])  # (N, K)
     with warnings.catch_warnings():  # MONAI warns for a class with no positives (or no negatives)
         warnings.simplefilter("ignore", UserWarning)
@@ -145,10 +155,15 @@ class MetricAccumulator:
     def __init__(self, tasks: Sequence[str] = ("seg", "cls"), num_classes: int | None = None,
                  data_range: float = 1.0, class_weights: Sequence[float] | None = None):
         self.tasks = check_tasks(tasks)
+        if num_classes is not None and (not is_int(num_classes) or num_classes < 2):
+            raise ValueError(f"num_classes must be an int >= 2 (the classification logits' width), or None to take it "
+                             f"from the first logits, got {num_classes!r}")
         self.num_classes = num_classes  # inferred from the first classification logits when None
         # those of the classification loss (LossConfig.class_weights): its batch mean divides by the
         # batch's summed label weights, so "cls/loss" weights each batch by that sum, not its size
-        self.class_weights = None if class_weights is None else torch.as_tensor(class_weights, dtype=torch.float64)
+        self.class_weights = check_class_weights(class_weights, torch.float64)
+        if self.class_weights is not None and num_classes is not None and len(self.class_weights) != num_classes:
+            raise ValueError(f"class_weights has {len(self.class_weights)} entries for {num_classes} classes")
         # max - min of the clean images, for PSNR and SSIM
         self.data_range = check_number("data_range", data_range, 0, above=True,
                                        advice="max - min of the clean images, e.g. 1.0")
@@ -172,7 +187,8 @@ class MetricAccumulator:
     @torch.no_grad()
     def update(self, outputs: Mapping[str, Tensor], batch: Mapping[str, Tensor],
                losses: Mapping[str, Tensor] | None = None) -> None:
-        """outputs: the model's dict; batch: the loader's dict; losses: optional per-task mean losses.
+        """outputs: the model's dict; batch: the loader's dict; losses: optional per-task batch mean losses
+        (a scalar tensor or a float each).
 
         Shapes as the losses take them: "seg" (B, K, H, W) logits and "mask" (B, 1, H, W) class
         indices 0..K-1; "cls" (B, num_classes) logits and "label" (B,) class indices; "recon" and
@@ -198,8 +214,15 @@ class MetricAccumulator:
         """Add one batch's mean loss, weighted by what it is a mean over: its images, or for a
         class-weighted cross-entropy the summed weights of its labels (so that the result is the
         dataset's loss whatever the batch size)."""
+        loss = torch.as_tensor(loss)  # a float from loss.item() too
+        if loss.numel() != 1:
+            raise ValueError(f"losses[{task!r}] must be the batch's mean loss (one number), got shape "
+                             f"{tuple(loss.shape)}; per-image losses need .mean()")
         weight = float(len(target))
         if task == "cls" and self.class_weights is not None:
+            if len(self.class_weights) != self.num_classes:
+                raise ValueError(f"class_weights has {len(self.class_weights)} entries but the model predicts "
+                                 f"{self.num_classes} classes")
             weight = float(self.class_weights[target.detach().long().view(-1).cpu()].sum())
             if weight == 0:  # only zero-weight labels: torch's mean is 0/0, and the dataset's gets nothing
                 return

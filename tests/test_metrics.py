@@ -411,10 +411,41 @@ def test_sync_adds_the_sums_and_counts_of_every_process(tmp_path, monkeypatch):
      r"logits must have shape \(B, num_classes\) .*two logits per image"),
     (lambda: MetricAccumulator(("seg",)).update(torch.zeros(2, 2, 4, 4), {"mask": torch.zeros(2, 1, 4, 4)}),
      r"the model returned a Tensor, not a dict"),
+    # unchecked before: a string or NaN weight, 0 or "3" classes, a float loss (AttributeError), per-image losses
+    (lambda: MetricAccumulator(("cls",), class_weights=[1.0, float("nan")]), r"class_weights must be .*finite"),
+    (lambda: MetricAccumulator(("cls",), class_weights="ab"), r"class_weights must be a flat list"),
+    (lambda: MetricAccumulator(("cls",), num_classes=3, class_weights=[1.0, 2.0]),
+     r"class_weights has 2 entries for 3 classes"),
+    (lambda: MetricAccumulator(("cls",), class_weights=[1.0, 2.0]).update(
+        {"cls": torch.zeros(2, 3)}, {"label": torch.tensor([0, 2])}, {"cls": torch.tensor(1.0)}),
+     r"class_weights has 2 entries but the model predicts 3 classes"),
+    (lambda: MetricAccumulator(("cls",), num_classes="3"), r"num_classes must be an int >= 2 .*got '3'"),
+    (lambda: MetricAccumulator(("cls",), num_classes=1), r"num_classes must be an int >= 2"),
+    (lambda: MetricAccumulator(("cls",)).update({"cls": torch.zeros(2, 3)}, {"label": torch.tensor([0, 2])},
+                                                {"cls": torch.ones(2)}),
+     r"losses\['cls'\] must be the batch's mean loss \(one number\), got shape \(2,\); .*\.mean\(\)"),
+    (lambda: roc_auc(np.zeros((3, 2)), np.array([0.0, 1.0, 0.6])), r"labels must be whole numbers \(class indices\)"),
+    (lambda: classification_metrics(np.ones((2, 3))), r"confusion matrix is \(K, K\).*got shape \(2, 3\)"),
+    (lambda: classification_metrics(np.array([[1, -1], [0, 2]])), r"holds counts \(finite, >= 0\)"),
 ])
 def test_bad_arguments(make, match):
     with pytest.raises(ValueError, match=match):
         make()
+
+
+def test_a_loss_given_as_a_float_counts_like_a_tensor():
+    batch = {"label": torch.tensor([0, 1, 1])}
+    as_tensor, as_float = MetricAccumulator(("cls",)), MetricAccumulator(("cls",))
+    as_tensor.update({"cls": torch.zeros(3, 2)}, batch, {"cls": torch.tensor(0.5)})
+    as_float.update({"cls": torch.zeros(3, 2)}, batch, {"cls": 0.5})  # loss.item(): was an AttributeError
+    assert as_float.compute() == as_tensor.compute() and as_float.compute()["cls/loss"] == 0.5
+
+
+def test_roc_auc_of_nan_scores_is_nan():
+    """MONAI ranked the NaNs somewhere: a diverged model got a plausible AUC (0.5 here, 1.0 or 0.0 elsewhere)."""
+    scores = np.array([[0.0, 1.0], [0.0, np.nan], [0.0, 2.0], [0.0, 3.0]])
+    assert math.isnan(roc_auc(scores, np.array([0, 1, 0, 1])))
+    assert roc_auc(np.nan_to_num(scores), np.array([0, 1, 0, 1])) == pytest.approx(0.5)
 
 
 def test_sync_reduces_every_key_any_process_has(tmp_path, monkeypatch):
