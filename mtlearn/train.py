@@ -91,9 +91,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("epochs", "batch_size", "image_size"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.dataset == "synthetic" and args.image_size < 32:  # else refused later, without naming the option
+        parser.error(f"--image-size must be >= 32 for the synthetic data (its smallest size), got {args.image_size}")
+    if len(set(args.tasks)) != len(args.tasks):
+        parser.error(f"--tasks lists a task twice ({' '.join(args.tasks)}); give each once")
     if args.image_size % 16:  # the synthetic data is at least 32 px: never suggest a size it refuses
         parser.error(f"--image-size must be a multiple of 16 (the network's stride), got {args.image_size}; "
-                     f"try {max(32, round(args.image_size / 16) * 16)}")
+                     f"try {max(32 if args.dataset == 'synthetic' else 16, round(args.image_size / 16) * 16)}")
     if not (math.isfinite(args.lr) and args.lr > 0):  # "inf" parses as a float and is > 0
         parser.error(f"--lr must be positive and finite, got {args.lr}")
     if args.num_workers < 0:
@@ -255,8 +259,9 @@ def run(args: argparse.Namespace) -> dict:
         final_weights = _gather({k: v for k, v in history.records[-1].items() if k.startswith("weight/")})
         record = {
             "preset": args.preset, "tasks": list(args.tasks), "dataset": args.dataset, "image_size": args.image_size,
-            "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "weighting": args.weighting,
-            "seed": args.seed, "device": str(device), "amp": args.amp,
+            # trained, not asked for: a --resume with fewer --epochs than the run has trains none
+            "epochs": history.records[-1]["epoch"], "batch_size": args.batch_size, "lr": args.lr,
+            "weighting": args.weighting, "seed": args.seed, "device": str(device), "amp": args.amp,
             "world_size": dist.get_world_size() if is_distributed() else 1,
             "wall_time_s": round(time.perf_counter() - started, 1), "best_epoch": history.best_epoch,
             "monitor": history.monitor,
