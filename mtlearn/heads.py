@@ -42,6 +42,17 @@ def conv_bn_relu(in_channels: int, out_channels: int) -> nn.Sequential:
     )
 
 
+def check_maps(features: Sequence[Tensor], widths: tuple[int, ...], reader: str) -> None:
+    """Refuse feature maps that are not one (B, widths[i], h, w) map per width: BatchNorm or a convolution
+    would otherwise fail later with a bare RuntimeError about weights and channels."""
+    if len(features) != len(widths):
+        raise ValueError(f"{reader} was built for {len(widths)} encoder maps (channels {widths}), got {len(features)}")
+    got = tuple(f.shape[1] if f.dim() == 4 else tuple(f.shape) for f in features)
+    if got != widths:
+        raise ValueError(f"{reader} expects (B, C, h, w) maps with channels {widths}, got {got}: the encoder's "
+                         "widths must match the ones it was built with")
+
+
 class UNetDecoder(nn.Module):
     """The ResFormer UNet decoder (Bui et al., 2024): up-convolve, concatenate the refined skip, convolve.
 
@@ -60,7 +71,7 @@ class UNetDecoder(nn.Module):
         widths = tuple(widths)
         if dfe not in DFE_MODES:
             raise ValueError(f"unknown DFE mode {dfe!r}; expected one of {DFE_MODES}")
-        self.out_channels = widths[0]
+        self.widths, self.out_channels = widths, widths[0]
         self.refine = nn.ModuleList(skip_refiner(dfe, w, dilations) for w in widths)
         # level i turns widths[i + 1] channels at H/2^(i+2) into widths[i] channels at H/2^(i+1)
         self.up = nn.ModuleList(nn.ConvTranspose2d(widths[i + 1], widths[i], 2, stride=2) for i in range(len(widths) - 1))
@@ -68,6 +79,7 @@ class UNetDecoder(nn.Module):
 
     def forward(self, features: Sequence[Tensor]) -> Tensor:
         """features: maps (B, widths[i], H / 2^(i+1), W / 2^(i+1)) -> (B, widths[0], H/2, W/2)."""
+        check_maps(features, self.widths, "the decoder")
         skips = [refine(f) for refine, f in zip(self.refine, features)]
         x = skips[-1]  # (B, widths[-1], H/16, W/16)
         for i in reversed(range(len(self.up))):
@@ -148,6 +160,11 @@ class MultiScaleClassificationHead(nn.Module):
 
     def forward(self, features: Sequence[Tensor]) -> Tensor:
         """features: encoder maps (B, C_i, h_i, w_i), last len(in_channels) read -> (B, num_classes) logits."""
-        read = features[len(features) - len(self.norms):]
+        widths = tuple(norm.num_features for norm in self.norms)
+        if len(features) < len(widths):  # the slice below would read fewer maps, and BatchNorm fail on channels
+            raise ValueError(f"the classification head reads the last {len(widths)} encoder maps (channels {widths}), "
+                             f"got {len(features)} map(s)")
+        read = features[len(features) - len(widths):]
+        check_maps(read, widths, "the classification head")
         pooled = [F.relu(norm(f)).mean(dim=(2, 3)) for norm, f in zip(self.norms, read)]  # each (B, C_i)
         return self.fc2(self.drop(self.fc1(torch.cat(pooled, dim=1))))  # (B, sum C_i) -> (B, hidden) -> (B, classes)

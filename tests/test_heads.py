@@ -56,6 +56,17 @@ BAD_ARGUMENTS = [
     ("recon no channels", lambda: ReconstructionHead(8, 0), "out_channels"),
     ("cls nothing read", lambda: MultiScaleClassificationHead((), 3), "at least one"),
     ("cls no classes", lambda: MultiScaleClassificationHead((64,), 0), "num_classes"),
+    # maps that do not fit: were a bare RuntimeError from BatchNorm or a convolution, or a zip that stopped short
+    ("decoder short list", lambda: UNetDecoder(WIDTHS)(features()[:3]),
+     r"the decoder was built for 4 encoder maps \(channels \(8, 16, 32, 64\)\), got 3"),
+    ("decoder channels", lambda: UNetDecoder(WIDTHS)(features()[::-1]),
+     r"the decoder expects \(B, C, h, w\) maps with channels \(8, 16, 32, 64\), got \(64, 32, 16, 8\)"),
+    ("cls too few maps", lambda: MultiScaleClassificationHead((16, 32, 64), 3)(features()[-2:]),
+     r"reads the last 3 encoder maps \(channels \(16, 32, 64\)\), got 2 map\(s\)"),
+    ("cls channels", lambda: MultiScaleClassificationHead((32, 64), 3)(features()[:2]),
+     r"the classification head expects .* channels \(32, 64\), got \(8, 16\)"),
+    ("cls flat map", lambda: MultiScaleClassificationHead((64,), 3)([torch.randn(2, 64)]),
+     r"channels \(64,\), got \(\(2, 64\),\)"),
 ]
 
 
