@@ -15,6 +15,8 @@ from mtlearn.data import (
     SyntheticUltrasound,
     load_dataset,
 )
+from mtlearn.data import real
+from mtlearn.data.real import DamagedFileError
 from mtlearn.data.splits import (
     DUPLICATE_MAX_DISTANCE,
     SPLIT_FRACTIONS,
@@ -1087,3 +1089,31 @@ def test_a_file_the_system_will_not_let_us_read_is_not_called_damaged(tmp_path, 
     monkeypatch.setattr(PIL.Image, "open", denied)
     with pytest.raises(PermissionError, match="Permission denied"):
         load_dataset("busi", root=tmp_path, split="all", image_size=SIZE)
+
+
+def test_a_normal_scans_faint_mask_noise_is_not_a_lesion(tmp_path):
+    """The threshold was half the mask's own maximum: a normal mask with a few grey levels of noise (JPEG
+    history, a careless export) became a lesion of every pixel above 2. A dark red lesion stays a lesion."""
+    rng = np.random.default_rng(0)
+    noise = rng.integers(0, 5, (40, 48)).astype(np.uint8)  # 0..4: no lesion
+    lesion = np.zeros((40, 48), np.uint8)
+    lesion[6:20, 10:30] = 1
+    red = np.zeros((40, 48, 3), np.uint8)
+    red[..., 0] = lesion * 160  # a red lesion, darker than half of white in grey (0.30 * 160 = 48)
+    make_small_busi(tmp_path, {"normal (1)": noise, "benign (1)": lesion * 200 + noise, "malignant (1)": red})
+    items = by_id(load_dataset("busi", root=tmp_path, split="all", image_size=(40, 48)))
+    assert items["normal (1)"]["mask"].sum() == 0
+    for stem in ("benign (1)", "malignant (1)"):
+        assert torch.equal(items[stem]["mask"][0], torch.from_numpy(lesion.astype(np.float32))), stem
+
+
+def test_a_folder_named_like_an_image_is_no_image(tmp_path):
+    """A folder "normal (2).png" (an unzip tool's leftover) was read as BUSI's image, and ended the load with a
+    bare IsADirectoryError; read where a file is expected, a folder is named as such."""
+    make_small_busi(tmp_path, {"normal (1)": np.zeros((40, 48), np.uint8)})
+    folder = tmp_path / "Dataset_BUSI_with_GT" / "normal" / "normal (2).png"
+    folder.mkdir()
+    dataset = load_dataset("busi", root=tmp_path, split="all", image_size=(40, 48))
+    assert list(by_id(dataset)) == ["normal (1)"] and not dataset.problems
+    with pytest.raises(DamagedFileError, match=r"normal \(2\)\.png is a folder, not an image file"):
+        real._read_image(folder)

@@ -11,8 +11,8 @@
 
 Real datasets are downloaded by `python -m data_fetch NAME` into `data_fetch.default_data_dir()`;
 `root` points elsewhere. Items are dicts: "image" (C, H, W) float32 in [0, 1], "mask" (1, H, W)
-0/1 (not for BreastMNIST), "label" int, "id" str (the source file's stem; `<dataset>-<split>-<index>`
-for the .npz releases), and "artifact" 0/1
+0/1 (not for BreastMNIST), "label" int, "id" str (the source file's stem; for the .npz releases
+`breastmnist-<split>-<index>` and `busi_npz-<split>-<C1|C2>-<index>`), and "artifact" 0/1
 where the data say so (BUS-UCLM: Doppler overlay or caliper marks).
 
 Splits are deterministic for a seed and never split a group: a patient (BUS-BRA, BUS-UCLM) or a
@@ -59,7 +59,7 @@ SIZE_MISMATCH_POLICIES = ("skip", "resize")
 class Record:
     """One image of a real dataset, before loading."""
 
-    id: str  # source file stem (npz releases: "<dataset>-<split>-<index>"), unique within the dataset
+    id: str  # source file stem (npz: "breastmnist-test-0007", "busi_npz-test-C2-0007"), unique in the dataset
     label: int  # index into the dataset's class_names
     image: Path | np.ndarray  # a file, or an (H, W) array (npz datasets)
     masks: tuple[Path, ...] | np.ndarray | None  # files OR-merged (() = empty mask), an array, None = no masks
@@ -620,10 +620,11 @@ def _locate_file(folder: Path, filename: str) -> Path:
 
 
 def _pngs(folder: Path) -> list[Path]:
-    """PNG files of a folder, sorted; hidden files (macOS "._" copies) excluded."""
+    """PNG files of a folder, sorted; hidden files (macOS "._" copies) and folders named *.png excluded."""
     if not folder.is_dir():
         return []
-    return sorted(p for p in folder.iterdir() if p.suffix.lower() == ".png" and not p.name.startswith("."))
+    return sorted(p for p in folder.iterdir()
+                  if p.suffix.lower() == ".png" and not p.name.startswith(".") and not p.is_dir())
 
 
 def _read_csv(path: Path, required: Sequence[str], delimiter: str = ",") -> list[dict[str, str]]:
@@ -677,6 +678,8 @@ def _opened(path: Path) -> Iterator[Image.Image]:
         with Image.open(path) as img:  # pixels are decoded when used: the errors can come from the body
             yield img
     except (OSError, SyntaxError) as error:
+        if isinstance(error, IsADirectoryError):  # a folder where the dataset's layout has an image file
+            raise DamagedFileError(f"{path} is a folder, not an image file") from None
         if getattr(error, "errno", None) is not None:  # the file system's (not found, no permission), not the file's
             raise
         raise DamagedFileError(
@@ -719,13 +722,18 @@ def _read_image(image: Path | np.ndarray) -> np.ndarray:
         return np.asarray(img.convert("L"), dtype=np.float32) / 255.0
 
 
+MASK_THRESHOLD = 127  # 8-bit mask levels above this are lesion
+
+
 def _read_masks(masks: tuple[Path, ...] | np.ndarray, colour_coded: bool = False) -> list[np.ndarray]:
     """Mask files (or an array) -> list of (H, W) 0/1 float32 arrays, to be OR-merged.
 
-    RGB and RGBA masks are converted to grey and thresholded at half their maximum, so white,
-    0/1 and 0/255 masks all come out binary. Colour-coded masks (BUS-UCLM) are not: there grey
-    would rank red below green (0.30 vs 0.59 of the brightness) and could drop a red lesion, so
-    their lesion pixels are the red or green ones of `_lesion_colours`, the rule that gives the class.
+    A pixel is lesion where its brightest channel is above half the 8-bit range (MASK_THRESHOLD), so
+    white, red or green lesions on black, in grey, RGB or RGBA files, come out alike; a mask whose
+    values are only 0 and 1 (saved without scaling) is read as 0/1. The threshold is fixed, not half
+    the mask's own maximum: that read the faint noise of a normal scan's mask (a few grey levels) as
+    a lesion. Colour-coded masks (BUS-UCLM) give their lesion pixels by `_lesion_colours`, the rule
+    that gives the class.
     """
     if isinstance(masks, np.ndarray):
         return [masks.astype(np.float32)]
@@ -736,8 +744,9 @@ def _read_masks(masks: tuple[Path, ...] | np.ndarray, colour_coded: bool = False
             binary.append((red | green).astype(np.float32))
             continue
         with _opened(path) as img:
-            grey = np.asarray(img.convert("L"), dtype=np.float32)
-        binary.append((grey > grey.max() / 2).astype(np.float32))
+            levels = np.asarray(img.convert("RGB")).max(axis=-1)  # (H, W): the brightest channel, 0..255
+        threshold = 0 if levels.max() <= 1 else MASK_THRESHOLD  # a 0/1 mask, else half the 8-bit range
+        binary.append((levels > threshold).astype(np.float32))
     return binary
 
 
