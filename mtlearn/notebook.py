@@ -26,7 +26,7 @@ import math
 import os
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -193,10 +193,20 @@ class Run:
     def save_figure(self, fig, name: str) -> Path:
         """Save a matplotlib figure as `out_dir/<name>.png` (and leave it displayed inline).
 
-        name: a file name, ".png" optional ("dice_0.5" stays whole, not "dice_0"). Saving a name
-        again (a cell run twice) replaces that figure.
+        fig: a Figure (an Axes stands for its figure). name: a file name, ".png" optional ("dice_0.5"
+        stays whole, not "dice_0"). Saving a name again (a cell run twice) replaces that figure.
         """
-        stem = name[:-len(".png")] if name.endswith(".png") else name
+        from matplotlib.axes import Axes
+        from matplotlib.figure import Figure
+
+        if isinstance(fig, Axes):
+            fig = fig.figure
+        if not isinstance(fig, Figure):
+            hint = " (plt.subplots() returns (fig, ax): write fig, ax = plt.subplots())" * isinstance(fig, tuple)
+            raise ValueError(f"save_figure needs a matplotlib Figure, got {type(fig).__name__}{hint}")
+        if not isinstance(name, str):
+            raise ValueError(f"figure name must be text such as 'loss_curves', got {name!r}")
+        stem = name[:-len(".png")] if name.lower().endswith(".png") else name
         if not stem or Path(stem).name != stem:
             raise ValueError(f"figure name must be a plain file name such as 'loss_curves', got {name!r} "
                              f"(figures go to out_dir: {self.out_dir})")
@@ -211,7 +221,13 @@ class Run:
         return time.perf_counter() - self.started
 
     def finish(self, metrics: dict[str, Any]) -> None:
-        """Write `out_dir/metrics.json` (headline numbers + run facts) and print device and time."""
+        """Write `out_dir/metrics.json` (headline numbers + run facts) and print device and time.
+
+        metrics: {name: number, or a dict of them, ...}; the grid and the course runner read it as such.
+        """
+        if not isinstance(metrics, Mapping):  # None or a list: the runners' tables failed on it later
+            raise ValueError(f"run.finish needs a dict of headline numbers, e.g. {{'dice': 0.9}}, got "
+                             f"{type(metrics).__name__}")
         record = {
             "notebook": self.notebook,
             "profile": self.profile,

@@ -159,6 +159,31 @@ def test_a_figure_needs_a_name(tmp_path):
     assert run.figures == [] and list((tmp_path / "out").iterdir()) == []
 
 
+def test_save_figure_names_what_it_was_given_and_takes_an_axes_and_png_in_capitals(tmp_path):
+    """A tuple from plt.subplots(), or a number as name, ended in an AttributeError; "a.PNG" became a.PNG.png."""
+    run = start_here(tmp_path)
+    fig, ax = plt.subplots()
+    with pytest.raises(ValueError, match=r"needs a matplotlib Figure, got tuple .*fig, ax = plt\.subplots\(\)"):
+        run.save_figure(plt.subplots(), "curve")
+    with pytest.raises(ValueError, match=r"figure name must be text such as 'loss_curves', got 3"):
+        run.save_figure(fig, 3)
+    run.save_figure(ax, "from_axes")  # an Axes stands for its figure
+    run.save_figure(fig, "capitals.PNG")
+    plt.close("all")
+    assert run.figures == ["from_axes.png", "capitals.png"]
+    assert sorted(p.name for p in (tmp_path / "out").glob("*")) == ["capitals.png", "from_axes.png"]
+
+
+@pytest.mark.parametrize("metrics", [None, [1, 2], 0.9])
+def test_finish_needs_a_dict_of_metrics(tmp_path, metrics):
+    """None or a list was written as metrics.json's "metrics", and the course runner's table failed on it."""
+    run = start_here(tmp_path)
+    kind = type(metrics).__name__
+    with pytest.raises(ValueError, match=rf"run.finish needs a dict of headline numbers, .*got {kind}"):
+        run.finish(metrics)
+    assert not (tmp_path / "out" / "metrics.json").exists()
+
+
 def test_pick_chooses_by_profile_and_needs_every_profile(tmp_path):
     run = start_here(tmp_path)
     assert run.pick(smoke=1, course=2, paper=3) == 1
