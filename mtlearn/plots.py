@@ -161,10 +161,17 @@ def learning_curves(histories: dict[str, "object"], metric: str, title: str = ""
     if any(metric in r and "epoch" not in r for rows in records.values() for r in rows):
         raise ValueError(f"a record with {metric!r} has no 'epoch': pass History.records of fit, or add the epoch "
                          "(1, 2, ...) to each record")
-    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    points = {}  # run -> [(epoch, value)] in epoch order: a line drawn in list order would double back
     for name, rows in records.items():
-        xs = [r["epoch"] for r in rows if metric in r]
-        ys = [r[metric] for r in rows if metric in r]
+        points[name] = sorted((r["epoch"], r[metric]) for r in rows if metric in r)
+        epochs = [epoch for epoch, _ in points[name]]
+        if len(set(epochs)) != len(epochs):
+            twice = sorted({e for e in epochs if epochs.count(e) > 1})
+            raise ValueError(f"run {name!r} records epoch(s) {twice} more than once (two fits joined?); pass one "
+                             "fit's History per run, or number the epochs of the second fit on")
+    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    for name, pairs in points.items():
+        xs, ys = [epoch for epoch, _ in pairs], [value for _, value in pairs]
         drawn = any(y is not None and math.isfinite(y) for y in ys)
         ax.plot(xs, ys, marker="o", ms=3, label=name if drawn else f"{name} (no finite values)")
     ax.set_xlabel("epoch")
@@ -317,6 +324,13 @@ def bar_table(table, metrics: Sequence[str], title: str = "", errors=None, fmt: 
         if twice:  # the error bars are matched to the bars by row name
             raise ValueError(f"table and errors must name each row once (error bars are matched by name); "
                              f"named twice: {twice}")
+        absent = [str(i) for i in table.index if i not in errors.index]
+        if absent:  # its bar would have no error bar, silently (a NaN std, of one seed, is drawn as none too)
+            raise ValueError(f"errors has no row {absent} of the table; give every row an error (NaN for none)")
+        negative = [metric for metric in metrics if (np.asarray(errors[metric], dtype=float) < 0).any()]
+        if negative:
+            raise ValueError(f"errors in column(s) {negative} are negative; an error bar's half-length is >= 0 "
+                             "(e.g. a standard deviation)")
     fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 3.4), squeeze=False)
     for ax, metric in zip(axes[0], metrics):
         values = np.asarray(table[metric], dtype=float)

@@ -153,6 +153,31 @@ def test_bar_table_matches_the_error_bars_to_the_rows_by_name():
     assert spans == [pytest.approx([0.49, 0.51]), pytest.approx([0.5, 1.1])]
 
 
+def test_learning_curves_draw_each_run_in_epoch_order_and_refuse_repeated_epochs():
+    """Records out of order were drawn in list order, a line that doubled back; two fits joined restart at 1."""
+    fig = plots.learning_curves({"run": [{"epoch": 2, "loss": 0.5}, {"epoch": 1, "loss": 0.9},
+                                         {"epoch": 3, "loss": 0.4}]}, "loss")
+    line = fig.axes[0].lines[0]
+    assert line.get_xdata().tolist() == [1, 2, 3] and line.get_ydata().tolist() == [0.9, 0.5, 0.4]
+    joined = [{"epoch": 1, "loss": 0.9}, {"epoch": 2, "loss": 0.5}, {"epoch": 1, "loss": 0.8}]
+    with pytest.raises(ValueError, match=r"run 'b' records epoch\(s\) \[1\] more than once \(two fits joined\?\)"):
+        plots.learning_curves({"a": joined[:2], "b": joined}, "loss")
+
+
+@pytest.mark.parametrize("errors, message", [
+    (pd.DataFrame({"dice": [0.01]}, index=["fixed"]), r"errors has no row \['pcgrad'\] of the table"),
+    (pd.DataFrame({"dice": [0.01, -0.02]}, index=["fixed", "pcgrad"]),
+     r"errors in column\(s\) \['dice'\] are negative"),
+])
+def test_bar_table_refuses_errors_it_cannot_draw(errors, message):
+    """A row missing from errors silently lost its error bar; a negative one got matplotlib's message about 'yerr'."""
+    table = pd.DataFrame({"dice": [0.5, 0.8]}, index=["fixed", "pcgrad"])
+    with pytest.raises(ValueError, match=message):
+        plots.bar_table(table, ["dice"], errors=errors)
+    assert not plt.get_fignums()  # refused before a figure was opened
+    plots.bar_table(table, ["dice"], errors=pd.DataFrame({"dice": [0.01, np.nan]}, index=["fixed", "pcgrad"]))
+
+
 def test_show_items_names_a_missing_row_and_leaves_no_none_title():
     items = [{"image": torch.rand(1, 8, 8)}]  # BreastMNIST-like: no mask, and here no label
     with pytest.raises(ValueError, match=r"item 0 has no \['mask'\]; .* pass keys=, e.g. keys=\('image',\)"):
