@@ -140,6 +140,8 @@ def _parse_task_weights(parser, items: list[str] | None, tasks: list[str]) -> di
             parser.error(f"--task-weights must be finite numbers >= 0, got {item!r}")
     if set(weights) != set(tasks):
         parser.error(f"--task-weights must give one weight per task {tasks}, got {sorted(weights)}")
+    if not any(weights.values()):  # a loss of 0: nothing would train
+        parser.error("--task-weights are all 0, so nothing would train; give at least one task a weight > 0")
     return weights
 
 

@@ -116,18 +116,15 @@ class DenoisingPairs(Dataset):
 
     def __init__(self, dataset: Dataset, gaussian_std: float = 0.02, speckle_looks: float = 4.0,
                  labels: bool = False, fixed_noise: bool = False, seed: int = 0):
-        if not 0 <= gaussian_std < math.inf:
-            raise ValueError(f"gaussian_std must be finite and >= 0 (intensity units, images in [0, 1]), "
-                             f"got {gaussian_std!r}")
-        if not 0 < speckle_looks < math.inf:  # inf drew Gamma(inf, 0) = NaN images; no speckle is not an option
-            raise ValueError(f"speckle_looks must be finite and > 0 (more looks = milder speckle, e.g. 4), "
-                             f"got {speckle_looks!r}")
+        self.gaussian_std = check_number("gaussian_std", gaussian_std, 0,
+                                         advice="intensity units, images in [0, 1], e.g. 0.02")
+        # inf drew Gamma(inf, 0) = NaN images; no speckle is not an option
+        self.speckle_looks = check_number("speckle_looks", speckle_looks, 0, above=True,
+                                          advice="more looks = milder speckle, e.g. 4")
         self.dataset = dataset
-        self.gaussian_std = float(gaussian_std)
-        self.speckle_looks = float(speckle_looks)
         self.labels = labels
         self.fixed_noise = fixed_noise
-        self.seed = int(seed)
+        self.seed = check_int("seed", seed, 0)  # now, not NumPy's message at the first item
         self.class_names = getattr(dataset, "class_names", None)
 
     def __len__(self) -> int:

@@ -59,9 +59,12 @@ class LossWeighting(nn.Module):
 
     def _stack(self, losses: Mapping[str, Tensor]) -> Tensor:
         """Task losses in self.tasks order: dict -> (T,)."""
+        self._check_tasks(losses)
+        return torch.stack([losses[task].float() for task in self.tasks])
+
+    def _check_tasks(self, losses: Mapping[str, Any]) -> None:
         if set(losses) != set(self.tasks):
             raise ValueError(f"expected losses for tasks {self.tasks}, got {tuple(losses)}")
-        return torch.stack([losses[task].float() for task in self.tasks])
 
     def combine(self, losses: Mapping[str, Tensor]) -> Tensor:
         """Weighted sum of the task losses -> scalar (differentiable)."""
@@ -96,6 +99,9 @@ def check_task_weights(weights, tasks: Sequence[str], name: str = "weights") -> 
         raise ValueError(f"{name} must give one number per task {tuple(tasks)}, e.g. {example}; got {weights!r}")
     if not all(is_number(w) and 0 <= w < math.inf for w in weights.values()):  # NaN fails the comparison
         raise ValueError(f"{name} must be finite and non-negative numbers, e.g. {example}; got {weights!r}")
+    if not any(weights.values()):  # a total loss of 0: the network would get no gradient and train nothing
+        raise ValueError(f"{name} are all 0, so the loss would be 0 and nothing would train; give at least one "
+                         f"task a weight > 0, e.g. {example}")
 
 
 class FixedWeights(LossWeighting):
@@ -172,6 +178,7 @@ class DynamicWeightAverage(LossWeighting):
         return (self.task_weights * self._stack(losses)).sum()
 
     def end_epoch(self, epoch_losses):
+        self._check_tasks(epoch_losses)
         current = torch.tensor([float(epoch_losses[t]) for t in self.tasks], device=self.loss_history.device)
         self.loss_history = torch.stack([self.loss_history[1], current])  # (2, T)
         self.epochs_seen += 1
@@ -225,7 +232,12 @@ class GradNorm(LossWeighting):
     def backward(self, losses, shared_parameters=None, scale=None):
         if not shared_parameters:
             raise ValueError("GradNorm needs the shared parameters (the encoder) to measure gradient norms")
-        layer = [p for p in shared_parameters if p.dim() >= 2][-1]  # last shared layer W
+        layers = [p for p in shared_parameters if p.dim() >= 2]
+        if not layers:  # its norms are those of the last shared layer's weight matrix
+            raise ValueError("GradNorm measures gradient norms at the last shared convolution or linear layer, but "
+                             "the shared parameters hold none (only biases or norms); pass the encoder's parameters, "
+                             "or use 'uncertainty' or 'dwa', which need no gradients")
+        layer = layers[-1]  # last shared layer W
         task_losses = self._stack(losses)  # (T,)
         if not self.initialised:
             self.initial_losses = _average_across_processes(task_losses.detach().clone())

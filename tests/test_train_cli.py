@@ -40,6 +40,7 @@ def test_defaults_name_the_output_folder():
     (["--task-weights", "seg=1"], "one weight per task"),
     (["--task-weights", "seg=-1", "cls=1"], "--task-weights must be finite numbers >= 0, got 'seg=-1'"),
     (["--task-weights", "seg=1", "cls=nan"], "--task-weights must be finite numbers >= 0, got 'cls=nan'"),
+    (["--task-weights", "seg=0", "cls=0"], "--task-weights are all 0, so nothing would train"),
     (["--weighting", "dwa", "--task-weights", "seg=1", "cls=1"], "only applies to --weighting fixed"),
     (["--limit", "2"], "--limit must be >= 4"),
     (["--dataset", "nope"], "invalid choice: 'nope'"),

@@ -435,10 +435,13 @@ def test_real_images_become_their_own_target_with_added_noise():
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(gaussian_std=-0.1), "gaussian_std must be finite and >= 0"),
-    (dict(gaussian_std=math.inf), "gaussian_std must be finite"),
-    (dict(speckle_looks=0), "speckle_looks must be finite and > 0"),
-    (dict(speckle_looks=math.inf), "speckle_looks must be finite"),  # Gamma(inf, 0) drew NaN images
+    (dict(gaussian_std=-0.1), "gaussian_std must be a finite number >= 0"),
+    (dict(gaussian_std=math.inf), "gaussian_std must be a finite number"),
+    (dict(speckle_looks=0), "speckle_looks must be a finite number > 0"),
+    (dict(speckle_looks=math.inf), "speckle_looks must be a finite number"),  # Gamma(inf, 0) drew NaN images
+    # a TypeError from the comparison, and NumPy's message at the first item read
+    (dict(gaussian_std="0.1"), r"gaussian_std must be a finite number >= 0 \(intensity units.*got '0.1'"),
+    (dict(seed=-1), r"seed must be an integer >= 0, got -1"),
 ])
 def test_denoising_pairs_reject_bad_noise(kwargs, match):
     with pytest.raises(ValueError, match=match):

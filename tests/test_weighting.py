@@ -448,6 +448,12 @@ def test_delta_m_relative_change_of_a_negative_baseline_keeps_its_sign():
     (lambda: build_weighting("dwa", TASKS, temprature=2.0), r"weighting 'dwa' has no option \['temprature'\]; "
                                                             r"its options are \['temperature'\]"),
     (lambda: build_weighting("uncertainty", TASKS, foo=1), r"its options are none"),
+    # a loss of 0 trains nothing; an IndexError; a KeyError
+    (lambda: FixedWeights(TASKS, {"seg": 0, "cls": 0.0}), r"weights are all 0, so the loss would be 0"),
+    (lambda: GradNorm(TASKS).backward({t: torch.tensor(1.0, requires_grad=True) for t in TASKS},
+                                      [nn.Parameter(torch.ones(3))]),
+     r"GradNorm measures gradient norms at the last shared convolution or linear layer, but .* hold none"),
+    (lambda: DynamicWeightAverage(TASKS).end_epoch({"seg": 1.0}), r"expected losses for tasks \('seg', 'cls'\)"),
 ])
 def test_bad_arguments(make, match):
     with pytest.raises(ValueError, match=match):
