@@ -1100,10 +1100,12 @@ def test_a_normal_scans_faint_mask_noise_is_not_a_lesion(tmp_path):
     lesion[6:20, 10:30] = 1
     red = np.zeros((40, 48, 3), np.uint8)
     red[..., 0] = lesion * 160  # a red lesion, darker than half of white in grey (0.30 * 160 = 48)
-    make_small_busi(tmp_path, {"normal (1)": noise, "benign (1)": lesion * 200 + noise, "malignant (1)": red})
+    masks = {"normal (1)": noise, "benign (1)": lesion * 200 + noise, "malignant (1)": red,
+             "benign (2)": lesion * 2, "benign (3)": lesion * 100}  # two levels: a class index, a dim lesion
+    make_small_busi(tmp_path, masks)
     items = by_id(load_dataset("busi", root=tmp_path, split="all", image_size=(40, 48)))
     assert items["normal (1)"]["mask"].sum() == 0
-    for stem in ("benign (1)", "malignant (1)"):
+    for stem in ("benign (1)", "malignant (1)", "benign (2)", "benign (3)"):
         assert torch.equal(items[stem]["mask"][0], torch.from_numpy(lesion.astype(np.float32))), stem
 
 

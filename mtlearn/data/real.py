@@ -728,12 +728,12 @@ MASK_THRESHOLD = 127  # 8-bit mask levels above this are lesion
 def _read_masks(masks: tuple[Path, ...] | np.ndarray, colour_coded: bool = False) -> list[np.ndarray]:
     """Mask files (or an array) -> list of (H, W) 0/1 float32 arrays, to be OR-merged.
 
-    A pixel is lesion where its brightest channel is above half the 8-bit range (MASK_THRESHOLD), so
-    white, red or green lesions on black, in grey, RGB or RGBA files, come out alike; a mask whose
-    values are only 0 and 1 (saved without scaling) is read as 0/1. The threshold is fixed, not half
-    the mask's own maximum: that read the faint noise of a normal scan's mask (a few grey levels) as
-    a lesion. Colour-coded masks (BUS-UCLM) give their lesion pixels by `_lesion_colours`, the rule
-    that gives the class.
+    Each pixel's brightest channel is read, so white, red or green lesions on black, in grey, RGB or
+    RGBA files, come out alike. A mask of two levels, 0 and one other (0/255, 0/1 saved unscaled, 0/2
+    as a class index), is that level's lesion. Any other mask (anti-aliased edges, compression noise)
+    is lesion above half the 8-bit range (MASK_THRESHOLD), not above half its own maximum: that read
+    the faint noise of a normal scan's mask (a few grey levels) as a lesion. Colour-coded masks
+    (BUS-UCLM) give their lesion pixels by `_lesion_colours`, the rule that gives the class.
     """
     if isinstance(masks, np.ndarray):
         return [masks.astype(np.float32)]
@@ -745,7 +745,9 @@ def _read_masks(masks: tuple[Path, ...] | np.ndarray, colour_coded: bool = False
             continue
         with _opened(path) as img:
             levels = np.asarray(img.convert("RGB")).max(axis=-1)  # (H, W): the brightest channel, 0..255
-        threshold = 0 if levels.max() <= 1 else MASK_THRESHOLD  # a 0/1 mask, else half the 8-bit range
+        values = np.unique(levels)
+        two_levels = len(values) == 2 and values[0] == 0
+        threshold = 0 if two_levels or values[-1] <= 1 else MASK_THRESHOLD
         binary.append((levels > threshold).astype(np.float32))
     return binary
 
