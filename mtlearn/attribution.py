@@ -283,7 +283,8 @@ class Explainer:
             target = lesion.float()  # (B, 1, H, W) predicted lesion
         elif target is None:
             target = torch.ones(B, 1, H, W, device=self.device)
-        region = torch.as_tensor(target, device=self.device).float()
+        # 0/1: a 0/255 mask would scale the score 255 times, a soft one reweight it, without a word
+        region = _binary_mask(torch.as_tensor(target, device=self.device), f"{head} target")
         if region.dim() == 3:
             region = region.unsqueeze(1)  # (B, 1, H, W)
         if region.shape != (B, 1, H, W):
@@ -304,11 +305,14 @@ class Explainer:
         with self._exact():
             return _head_output(self.model(self._check_images(images)), self.keys[head])
 
+    @torch.inference_mode(False)  # a caller's inference_mode or no_grad block: gradients are needed here
+    @torch.enable_grad()
     def attribute(self, images: Tensor, head: str = "cls", target=None, method: str = "ig", *,
                   reference: Tensor | None = None, **method_kw) -> Tensor:
         """Attribution map of `head` for each image by `method`.
 
-        images: (B, C, H, W) -> (B, 1, H, W), input channels summed, on the images' device.
+        images: (B, C, H, W) -> (B, 1, H, W), input channels summed, on the images' device; it may be
+        called inside torch.no_grad() or torch.inference_mode() (evaluation code often is).
         target: see `forward_args` (a class for "cls", a region for "seg" and "recon").
         method_kw: the method's own settings, e.g. n_steps=16 for "ig", window=8 for "occlusion"
         (see `_ig`, `_smoothgrad`, `_gradcam`, `_occlusion`).
@@ -572,12 +576,12 @@ def _check_pair(maps: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
     return maps.float(), mask
 
 
-def _binary_mask(mask: Tensor) -> Tensor:
+def _binary_mask(mask: Tensor, name: str = "mask") -> Tensor:
     """`mask` as float 0/1, or a ValueError: a 0/255 PNG mask or a soft mask would weight the scores
     and give shares above 1."""
     mask = mask.float()
     if not ((mask == 0) | (mask == 1)).all():
-        raise ValueError(f"mask must hold 0 and 1 only, got values in {mask.min().item():g}..{mask.max().item():g}; "
+        raise ValueError(f"{name} must hold 0 and 1 only, got values in {mask.min().item():g}..{mask.max().item():g}; "
                          "for a 0/255 image mask pass mask > 0")
     return mask
 
@@ -729,6 +733,7 @@ def spearman(a: Tensor, b: Tensor, absolute: bool = True) -> Tensor:
     return rho.masked_fill(ra.norm(dim=1) == 0, float("nan")).float()
 
 
+@torch.inference_mode(False)  # as Explainer.attribute: the blocks are found by their gradients
 def randomisation_groups(explainer: Explainer, images: Tensor, head: str = "cls", target=None,
                          depth: int = 2) -> list[str]:
     """The model's blocks that `head` depends on, ordered from the output back to the input.
@@ -875,6 +880,12 @@ def cascading_randomisation(model: nn.Module, images: Tensor, head: str = "cls",
     explainer.check_options(method, images.shape[-2:], **method_kw)
     target = explainer.forward_args(images, head, target, reference)[0]
     groups = list(groups) if groups is not None else randomisation_groups(explainer, images, head, target, depth)
+    for name in groups:  # now, not after the original map (slow for occlusion or SmoothGrad)
+        try:
+            explainer.model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"groups names {name!r}, which the model does not have; pick from "
+                             "randomisation_groups(...) or model.named_modules()") from None
     # Noise and new weights are drawn on the CPU and on the parameters' device: fork (save and restore)
     # exactly those generators, and seed only those (torch.manual_seed would seed every accelerator).
     device = explainer.device
@@ -1194,6 +1205,9 @@ class AttributionExplorer:
         if not heads or any(h not in HEADS for h in heads):
             raise ValueError(f"heads must be a non-empty subset of {HEADS}, got {heads}")
         self.num_classes = int(_head_output(outputs, self.explainer.keys["cls"]).shape[1]) if "cls" in heads else 0
+        if "cls" in heads and self.class_names is not None and len(self.class_names) != self.num_classes:
+            raise ValueError(f"class_names has {len(self.class_names)} names, but the model predicts "
+                             f"{self.num_classes} classes: {self.class_names}; pass one name per class")
         self.has_mask = "mask" in dataset[0]  # BreastMNIST has none: no lesion targets to offer
         self.index = widgets.IntSlider(0, 0, len(dataset) - 1, description="item", continuous_update=False)
         self.head = widgets.Dropdown(options=list(heads), description="head")

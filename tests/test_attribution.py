@@ -626,6 +626,24 @@ def test_viewer_rejects_bad_arguments(model, data):
         A.AttributionExplorer(model, data, methods=("lime",))
     with pytest.raises(ValueError, match="tolerance"):
         A.AttributionExplorer(model, data, tolerance=-1)
+    for names in (["n", "b"], ["n", "b", "m", "x"]):  # a class the model lacks (a callback error), or one missing
+        with pytest.raises(ValueError, match=rf"class_names has {len(names)} names, but the model predicts 3 classes"):
+            A.AttributionExplorer(model, data, methods=("saliency",), class_names=names)
+
+
+def test_maps_are_made_inside_no_grad_and_inference_mode(explainer, images):
+    """Evaluation code runs under torch.inference_mode(): the maps needed gradients and Captum failed."""
+    plain = explainer.attribute(images, "cls", method="saliency")
+    for mode in (torch.no_grad, torch.inference_mode):
+        with mode():
+            torch.testing.assert_close(explainer.attribute(images, "cls", method="saliency"), plain)
+            assert A.randomisation_groups(explainer, images, "cls")  # found by their gradients too
+
+
+def test_an_unknown_randomisation_group_is_named_before_any_map(model, images, monkeypatch):
+    monkeypatch.setattr(A.Explainer, "attribute", lambda *a, **k: pytest.fail("a map was made"))
+    with pytest.raises(ValueError, match=r"groups names 'encoder.nope', which the model does not have"):
+        A.cascading_randomisation(model, images, "cls", method="saliency", groups=["encoder.nope"], progress=False)
 
 
 # ------------------------------------------------------------------------------------------ bad arguments
@@ -638,6 +656,9 @@ BAD = [
     (dict(target=torch.tensor([0, 1, 2])), "cls target"),
     (dict(target=7), r"class indices in 0\.\.2, got \[7, 7\]"),
     (dict(head="seg", target=torch.ones(2, 1, 8, 8)), "seg target must be a region"),
+    # a 0/255 mask scaled the score 255 times, a soft one reweighted it
+    (dict(head="seg", target=torch.full((2, 1, SIZE, SIZE), 255.0)), r"seg target must hold 0 and 1 only, .*mask > 0"),
+    (dict(head="recon", target=torch.full((2, 1, SIZE, SIZE), 0.3)), r"recon target must hold 0 and 1 only"),
     (dict(head="recon", reference=torch.ones(1, 1, SIZE, SIZE)), "reference must have"),
     # method options that Captum would assert on, or that gave NaN maps / were silently replaced
     (dict(method="ig", n_steps=0), "n_steps must be an int >= 1, got 0"),
