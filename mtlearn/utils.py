@@ -205,8 +205,8 @@ def check_options(config_class: type, options, what: str = "option(s)") -> None:
 
 
 def python_numbers(value):
-    """NumPy numbers -> Python ones, NumPy arrays -> (nested) lists, inside mappings (-> dict), lists
-    and tuples too.
+    """NumPy numbers -> Python ones, NumPy arrays and tensors -> (nested) lists, inside mappings (-> dict),
+    lists and tuples too.
 
     fit and train_disentangle accept lr=np.float64(1e-3) (from np.logspace, say) and class weights
     as an array (sklearn's compute_class_weight returns one), but torch.load(weights_only=True)
@@ -218,7 +218,7 @@ def python_numbers(value):
         return {k: python_numbers(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return type(value)(python_numbers(v) for v in value)
-    if isinstance(value, np.ndarray):
+    if isinstance(value, (np.ndarray, torch.Tensor)):  # a tensor compared on resume: "ambiguous truth value"
         return value.tolist()  # Python numbers all the way down (a 0-d array: one number)
     return value.item() if isinstance(value, np.generic) else value
 
