@@ -358,6 +358,10 @@ def _make_config(config: TrainConfig | None, overrides: Mapping[str, Any]) -> Tr
     check_int("epochs", config.epochs, 1)
     check_number("lr", config.lr, 0, above=True, advice="e.g. 1e-4")  # inf passes `> 0` and trains a NaN model
     check_number("weight_decay", config.weight_decay, 0, advice="0: no decay")
+    if config.lr * config.weight_decay >= 1:  # AdamW multiplies every weight by 1 - lr * weight_decay per step
+        raise ValueError(f"weight_decay {config.weight_decay:g} with lr {config.lr:g} would shrink every weight by "
+                         f"lr x weight_decay = {config.lr * config.weight_decay:g} (>= 1) each step, flipping its "
+                         "sign; weight decays are small, e.g. 3e-5 (ResFormer) or 1e-2")
     if config.grad_clip is not None:
         check_number("grad_clip", config.grad_clip, 0, above=True, advice="the largest gradient norm, e.g. 1.0; "
                      "or None: no clipping")
@@ -369,6 +373,14 @@ def _make_config(config: TrainConfig | None, overrides: Mapping[str, Any]) -> Tr
     if (not isinstance(betas, Sequence) or isinstance(betas, str) or len(betas) != 2
             or not all(is_number(b) and 0 <= b < 1 for b in betas)):  # NaN fails the comparison
         raise ValueError(f"betas must be a pair of numbers in [0, 1), e.g. (0.9, 0.999), got {betas!r}")
+    if not isinstance(config.monitor, str):  # None read as "no monitor" failed in removeprefix
+        raise ValueError(f"monitor must be a validation metric's name, e.g. 'seg/dice' or 'cls/auc', or 'auto' (the "
+                         f"first task's headline metric), got {config.monitor!r}")
+    if not isinstance(config.weighting_kwargs, Mapping):
+        raise ValueError(f"weighting_kwargs must map option names to values, e.g. {{'alpha': 1.5}} for GradNorm, got "
+                         f"{config.weighting_kwargs!r}")
+    if config.out_dir is not None and not isinstance(config.out_dir, (str, os.PathLike)):
+        raise ValueError(f"out_dir must be a folder path (or None: no checkpoints), got {config.out_dir!r}")
     if config.task_weights is not None and not isinstance(config.task_weights, Mapping):
         raise ValueError(f"task_weights must map task names to weights, e.g. {{'seg': 1, 'cls': 0.25}}, got "
                          f"{config.task_weights!r}")
@@ -503,6 +515,10 @@ def fit(model: nn.Module, train_loader, val_loader=None, config: TrainConfig | N
             best_state = last["model"]
             if is_main_process():
                 save_checkpoint(last, out_dir / "best.pt")
+        elif history.best_epoch is not None and best_state is None:
+            warnings.warn(f"{out_dir / 'best.pt'} is missing, so the weights of the best epoch so far "
+                          f"({history.best_epoch}) are lost: unless a later epoch does better, the model ends with "
+                          "its last epoch's weights, not those of history.best_epoch", stacklevel=2)
         if start_epoch >= config.epochs:  # nothing to train: say so rather than return the old run silently
             warnings.warn(f"the run in {out_dir} already has {start_epoch} epochs; pass a larger epochs "
                           f"(got {config.epochs}) to train further", stacklevel=2)

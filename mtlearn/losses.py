@@ -48,7 +48,10 @@ def check_tasks(tasks: Sequence[str]) -> tuple[str, ...]:
     """Validate a task list and return it as a tuple in the order given."""
     if isinstance(tasks, str):
         tasks = (tasks,)
-    tasks = tuple(tasks)
+    try:
+        tasks = tuple(tasks)
+    except TypeError:  # a number: "'int' object is not iterable" named nothing
+        raise ValueError(f"tasks must name some of {TASKS}, e.g. ('seg', 'cls'), got {tasks!r}") from None
     if not tasks:
         raise ValueError(f"tasks must name at least one of {TASKS}, got an empty list")
     for task in tasks:

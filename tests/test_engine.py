@@ -240,6 +240,17 @@ def test_resume_with_a_damaged_best_pt_says_how_to_go_on_from_last_pt(tmp_path):
     assert len(_fit(ToyNet(), train, val, epochs=2, out_dir=tmp_path, resume=True)) == 2  # as the message says
 
 
+def test_resume_without_best_pt_says_the_best_weights_are_lost(tmp_path):
+    """best.pt deleted, last.pt kept: the model ended with the last epoch's weights while history.best_epoch named
+    an earlier one, without a word."""
+    train, val = _loaders()
+    history = _fit(ToyNet(), train, val, epochs=2, lr=0.5, out_dir=tmp_path, monitor="cls/loss")
+    assert history.best_epoch == 1  # epoch 2 is worse at this learning rate: best.pt holds epoch 1
+    (tmp_path / "best.pt").unlink()
+    with pytest.warns(UserWarning, match=r"best.pt is missing, so the weights of the best epoch so far \(1\) are lost"):
+        _fit(ToyNet(), train, val, epochs=3, lr=0.5, out_dir=tmp_path, monitor="cls/loss", resume=True)
+
+
 @contextlib.contextmanager
 def _one_of_two_processes(rank, store, results):
     """A torchrun-like process group of two (gloo, a file store), one CPU thread, for mp.spawn targets.
@@ -585,6 +596,12 @@ def test_progress_bar_only_when_asked(capsys):
     (dict(restore_best="no"), "restore_best must be True or False, got 'no'; pass it unquoted"),  # "no" is truthy
     (dict(progress="false"), "progress must be True or False"),
     (dict(channels_last="yes"), r"channels_last \(or None: on CUDA only\) must be True or False"),
+    # raw AttributeError / TypeErrors before, or (weight decay) a run whose loss grew to 1e19 without a word
+    (dict(monitor=None), r"monitor must be a validation metric's name, .*got None"),
+    (dict(weighting_kwargs=[1]), r"weighting_kwargs must map option names to values"),
+    (dict(out_dir=5), r"out_dir must be a folder path \(or None: no checkpoints\), got 5"),
+    (dict(tasks=5), r"tasks must name some of \('seg', 'cls', 'recon'\), .*got 5"),
+    (dict(lr=1e-2, weight_decay=1e9), r"weight_decay 1e\+09 with lr 0.01 would shrink every weight by .* \(>= 1\)"),
 ])
 def test_bad_fit_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -1110,7 +1127,9 @@ def test_numpy_numbers_as_options_give_checkpoints_that_load(tmp_path):
     LossConfig(class_weights=np.array([1.0, 2.0, 3.0])),  # as sklearn's compute_class_weight returns them
     LossConfig(class_weights=list(np.array([1.0, 2.0, 3.0]))),  # a list of NumPy floats
     LossConfig(seg="dicefocal", focal_gamma=np.float64(2.0), class_weights=[1.0, 2.0, 3.0]),
-], ids=["array", "list of numpy floats", "numpy focal_gamma"])
+    # a tensor: saved, then its comparison on resume raised "Boolean value of Tensor ... is ambiguous"
+    LossConfig(class_weights=torch.tensor([1.0, 2.0, 3.0])),
+], ids=["array", "list of numpy floats", "numpy focal_gamma", "tensor"])
 def test_numpy_values_inside_the_loss_config_give_checkpoints_that_load(losses, tmp_path):
     """The LossConfig's fields reach the checkpoint's config too: a NumPy array there made every checkpoint
     unreadable ("corrupt or truncated"), after the whole run had trained, and resume failed the same way."""
