@@ -79,6 +79,7 @@ def fetch(
         raise ValueError(f"url {url!r} is not a web address; give the whole address of the file, starting with "
                          f"https:// (or file:// for a local copy; the pinned one: {source.url})")
     parse_hash(known_hash)  # a malformed checksum fails now, not after a long download
+    given_hash = known_hash
     target = folder / source.filename
     marker = completion_marker(folder, source.name)
     record = _read_marker(marker)
@@ -96,6 +97,7 @@ def fetch(
         try:
             check_hash(target, known_hash)
         except HashMismatchError as error:
+            _refuse_a_wrong_given_hash(target, given_hash, source, record, error)
             advice = mismatch_advice(source, known_hash, folder, error, recorded)
             raise HashMismatchError(f"{error}; delete {target} and fetch again.\n{advice}", error.actual) from None
     else:
@@ -117,6 +119,8 @@ def fetch(
                 raise DownloadError(local_copy_problem(source, url, folder, error)) from error
             raise DownloadError(manual_instructions(source, url, known_hash, folder, reason=str(error))) from error
         except HashMismatchError as error:
+            if error.kept is not None:
+                _refuse_a_wrong_given_hash(error.kept, given_hash, source, record, error)
             advice = mismatch_advice(source, known_hash, folder, error, recorded, local=parts.scheme == "file")
             raise HashMismatchError(f"{error}.\n{advice}", error.actual, error.kept) from None
         finally:
@@ -143,6 +147,29 @@ def fetch(
     record = {"name": source.name, "url": url, "known_hash": known_hash, "files": files}
     marker.write_text(json.dumps(record, indent=1))
     return folder
+
+
+def _refuse_a_wrong_given_hash(path: Path, given_hash: str | None, source: Source, record: dict | None,
+                               error: HashMismatchError) -> None:
+    """Raise HashMismatchError saying the given --hash looks wrong when the file at `path` matches the pinned
+    checksum or the one the last fetch recorded: the usual advice (delete it, fetch again) would throw a good
+    archive away and fail again the same way. Returns when there is no such checksum, or none matches."""
+    if given_hash is None:
+        return
+    checksums = {"the pinned checksum": source.known_hash,
+                 "the checksum the last fetch recorded": record and record.get("known_hash")}
+    for which, checksum in checksums.items():
+        if checksum is None or parse_hash(checksum) == parse_hash(given_hash):
+            continue
+        try:
+            check_hash(path, checksum)
+        except HashMismatchError:
+            continue
+        raise HashMismatchError(
+            f"{path} does not match the --hash you gave ({given_hash}) but matches {which} ({checksum}): "
+            f"the file is good and the --hash looks wrong. Run again without --hash (or with --hash {checksum})"
+            + (f", after renaming {path.name} to {source.filename}" if path.name != source.filename else ""),
+            error.actual, error.kept)
 
 
 def completion_marker(folder: str | Path, name: str) -> Path:

@@ -291,6 +291,29 @@ def test_the_same_checksum_spelled_otherwise_is_not_another_one(server, tmp_path
     assert len(server.requests) == 1 and "different checksum" not in capsys.readouterr().out
 
 
+def test_a_mistyped_hash_is_blamed_not_a_good_archive(server, tmp_path, monkeypatch):
+    """A good archive held to a mistyped --hash was called corrupted, "delete it and fetch again": the download
+    that followed failed the same way, and "a broken transfer ... run again" kept the user downloading."""
+    import dataclasses
+
+    server.files["/BUSBRA.zip"] = ARCHIVE
+    url, wrong = server.url + "/BUSBRA.zip", "md5:" + "0" * 32
+    fetch("bus_bra", dest=tmp_path, url=url, known_hash=sha256(ARCHIVE), progress=False)
+    (tmp_path / "BUSBRA" / "bus_data.csv").unlink()  # a repair is due: the archive is checked again
+    with pytest.raises(HashMismatchError) as error:
+        fetch("bus_bra", dest=tmp_path, url=url, known_hash=wrong, progress=False)
+    message = str(error.value)
+    assert f"matches the checksum the last fetch recorded ({sha256(ARCHIVE)})" in message
+    assert "the --hash looks wrong. Run again without --hash" in message and "delete" not in message
+    assert (tmp_path / "BUSBRA.zip").read_bytes() == ARCHIVE and len(server.requests) == 1
+    # downloaded afresh: the pinned checksum holds, the kept copy is named with how to use it
+    pinned = dataclasses.replace(data_fetch.get_source("bus_bra"), known_hash=sha256(ARCHIVE))
+    monkeypatch.setitem(data_fetch.SOURCES, "bus_bra", pinned)
+    with pytest.raises(HashMismatchError, match=r"matches the pinned checksum \(.*Run again without --hash .*after "
+                                                r"renaming BUSBRA.zip.mismatch to BUSBRA.zip"):
+        fetch("bus_bra", dest=tmp_path / "fresh", url=url, known_hash=wrong, progress=False)
+
+
 def test_mismatch_with_your_own_checksum_does_not_blame_the_unofficial_pin(server, tmp_path):
     """BUSI with a checksum the user gave: the other project's pin is not involved, a broken transfer may be."""
     server.files["/Dataset_BUSI.zip"] = zip_bytes({"Dataset_BUSI_with_GT/normal/normal (1).png": b"png"})
