@@ -51,7 +51,8 @@ def extract_zip(archive: Path, target: Path, nested: bool = True) -> list[str]:
         raise FetchError(f"{archive} is not a readable zip archive ({error}); delete it and fetch again") from None
     for name in inner_zips:
         inner = target / name
-        parent = PurePosixPath(name.replace("\\", "/")).parent
+        # where it was written: a name with backslashes (a Windows tool's) is one file in `target` on POSIX
+        parent = PurePosixPath(inner.parent.relative_to(target).as_posix())
         names += [str(parent / member) for member in extract_zip(inner, inner.parent, nested=False)]
     return names
 

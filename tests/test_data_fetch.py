@@ -573,6 +573,16 @@ def test_a_symlink_in_the_folder_does_not_carry_members_outside(tmp_path):
     assert list(outside.iterdir()) == []
 
 
+def test_a_nested_zip_named_with_backslashes_is_recorded_where_it_was_unpacked(server, tmp_path, capsys):
+    """A Windows tool's "dataset\\BUS-UCLM.zip" is one file on POSIX, unpacked beside it; its files were recorded
+    under dataset/, where they are not, so every later fetch unpacked again ("files of the last fetch are missing")."""
+    outer = zip_bytes({"dataset\\BUS-UCLM.zip": zip_bytes({"BUS-UCLM/INFO.csv": b"Image;Label;Doppler;Marks\n"})})
+    server.files["/uclm.zip"] = outer
+    for _ in range(2):
+        fetch("bus_uclm", dest=tmp_path, url=server.url + "/uclm.zip", known_hash=sha256(outer), progress=False)
+    assert data_fetch.missing_files(tmp_path, "bus_uclm") == [] and "missing" not in capsys.readouterr().out
+
+
 def test_nested_zip_is_unpacked(server, tmp_path):
     inner = zip_bytes({"BUS-UCLM/INFO.csv": b"Image;Label;Doppler;Marks\n"})
     outer = zip_bytes({"dataset/BUS-UCLM.zip": inner})
