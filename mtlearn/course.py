@@ -140,6 +140,7 @@ def run_notebook(
     replaces `out_dir` only on success: a failure leaves `out_dir` untouched and the failed run in
     the staging folder (the result's `out_dir`), until the next run of the same notebook.
     cell_timeout: seconds one cell may run before the notebook is stopped as failed; None: no limit.
+    Raises ValueError for an out_dir that holds the notebook (publishing would replace it).
     """
     import papermill as pm
     from nbclient.exceptions import CellTimeoutError, DeadKernelError  # papermill's executor
@@ -148,20 +149,26 @@ def run_notebook(
         check_number("cell_timeout", cell_timeout, 0, above=True, advice="seconds; None: no limit")
     out_dir = Path(out_dir)
     final = out_dir.resolve()
+    if notebook.resolve().parent.is_relative_to(final):  # publishing would replace the notebook's own folder
+        raise ValueError(f"out_dir {out_dir} holds the notebook {notebook.name} itself; a finished run replaces "
+                         "its out_dir, so give a folder outside the notebooks' one, e.g. outputs/<notebook>")
     staging = final.with_name(final.name + ".partial")
+    started = time.perf_counter()
+
+    def failed(error: str) -> NotebookResult:
+        return NotebookResult(notebook.stem, staging, False, time.perf_counter() - started, error)
+
     shutil.rmtree(staging, ignore_errors=True)  # an earlier failed attempt: its files are not this run's
-    staging.mkdir(parents=True)
+    try:
+        staging.mkdir(parents=True)
+    except OSError as error:  # e.g. a file where a folder of the path should be: this run fails, the rest go on
+        return failed(f"cannot make the run's folder {staging}: {error}")
     metrics_path = staging / "metrics.json"
     params = dict(parameters, out_dir=str(staging))
     root = params.get("data_root")
     if isinstance(root, (str, Path)) and str(root) and not Path(root).expanduser().is_absolute():
         # the kernel runs in the notebook's folder: a relative data_root means the caller's folder
         params["data_root"] = str(Path(root).expanduser().absolute())
-    started = time.perf_counter()
-
-    def failed(error: str) -> NotebookResult:
-        return NotebookResult(notebook.stem, staging, False, time.perf_counter() - started, error)
-
     env_root = os.environ.get("MTLEARN_DATA", "")
     try:
         if env_root and not Path(env_root).expanduser().is_absolute():
@@ -195,6 +202,9 @@ def run_notebook(
         metrics = json.loads(metrics_path.read_text())
     except json.JSONDecodeError as error:  # written by hand, or cut short: a failed run, not a crashed course
         return failed(f"metrics.json is not valid JSON ({error}); write it with run.finish (atomic)")
+    if not isinstance(metrics, dict) or not isinstance(metrics.get("metrics", {}), dict):  # the tables read both
+        return failed("metrics.json must hold a dict whose 'metrics' is a dict of headline numbers; write it with "
+                      "run.finish({'dice': ...})")
     _publish(staging, final, notebook.name)
     return NotebookResult(notebook.stem, out_dir, True, time.perf_counter() - started, metrics=metrics)
 

@@ -41,13 +41,39 @@ def test_run_notebook_passes_parameters_and_reads_metrics(tmp_path):
 def test_run_notebook_keeps_braces_in_its_paths_literal(tmp_path):
     """papermill formats its paths with the parameters: "{seed}" in a folder name became the seed, and
     "{'a': 1}" (a grid's dict value) failed with "Missing parameter"."""
-    folder = tmp_path / "{seed}"
+    folder = tmp_path / "{profile}"
     folder.mkdir()
     nb = write_notebook(folder / "01_good.ipynb", GOOD)
     for name in ("flags={'a': 1}", "{seed}"):
         result = run_notebook(nb, tmp_path / name, {"profile": "smoke", "seed": 2})
         assert result.ok, result.error
         assert (tmp_path / name / "01_good.ipynb").exists() and result.metrics["metrics"] == {"dice": 2.5}
+
+
+@pytest.mark.parametrize("written", ["[0.5]", '{"metrics": [0.5]}'])
+def test_a_metrics_json_that_is_not_a_dict_of_metrics_fails_the_run(tmp_path, written):
+    """It was published as a success, and the headline table then crashed the whole course with an AttributeError."""
+    body = f"import pathlib\npathlib.Path(out_dir, 'metrics.json').write_text({written!r})"
+    result = run_notebook(write_notebook(tmp_path / "01_list.ipynb", body), tmp_path / "out", {"profile": "smoke"})
+    assert not result.ok and "metrics.json must hold a dict whose 'metrics' is a dict" in result.error
+    assert not (tmp_path / "out").exists() and "01_list" in headline_table([result])
+
+
+def test_a_run_folder_that_cannot_be_made_fails_that_run_only(tmp_path):
+    (tmp_path / "outputs").write_text("a file where the runs' folder should be")
+    result = run_notebook(write_notebook(tmp_path / "01_good.ipynb", GOOD), tmp_path / "outputs" / "01_good",
+                          {"profile": "smoke"})
+    assert not result.ok and "cannot make the run's folder" in result.error  # was a raw NotADirectoryError
+
+
+def test_run_notebook_refuses_an_out_dir_that_holds_the_notebook(tmp_path):
+    """Publishing replaces out_dir: the notebook's own folder (and every other notebook in it) was deleted."""
+    (tmp_path / "nbs").mkdir()
+    nb = write_notebook(tmp_path / "nbs" / "01_good.ipynb", GOOD)
+    for out_dir in (tmp_path / "nbs", tmp_path):
+        with pytest.raises(ValueError, match=r"holds the notebook 01_good.ipynb itself"):
+            run_notebook(nb, out_dir, {"profile": "smoke"})
+    assert nb.is_file() and sorted(p.name for p in tmp_path.iterdir()) == ["nbs"]
 
 
 def test_headline_table_keeps_one_line_per_notebook_for_a_multi_line_error():
