@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import ipywidgets as widgets
 import matplotlib.pyplot as plt
+import torch
 
-from mtlearn.plots import _image
-from mtlearn.utils import find_class_names
+from mtlearn.plots import _image, _outline
+from mtlearn.utils import find_class_names, is_int
 
 
 def show_in(output: widgets.Output, fig) -> None:
@@ -61,7 +62,12 @@ class DatasetExplorer:
     def describe(self, item: dict) -> str:
         parts = [str(item.get("id", ""))]
         if "label" in item:
-            label = int(item["label"])
+            label = item["label"]
+            if isinstance(label, torch.Tensor) and label.numel() == 1 and not label.is_floating_point():
+                label = label.item()
+            if not is_int(label):  # None: int() raised a TypeError the callback did not catch; 1.7 was class 1
+                raise ValueError(f"item {item.get('id', '')!r} has label {label!r}; labels are class indices 0, 1, ...")
+            label = int(label)
             if self.class_names and not 0 <= label < len(self.class_names):  # IndexError, or -1 the last name
                 raise ValueError(f"item {item.get('id', '')!r} has label {label}, but class_names {self.class_names} "
                                  f"name labels 0..{len(self.class_names) - 1}: pass one name per class")
@@ -87,8 +93,10 @@ class DatasetExplorer:
         title = self.describe(item)
         # every picture before the figure: a bad one raises without leaving a figure open
         picture = _image(item[self.show.value])
-        outline = _image(item["mask"]) if self.outline.value and "mask" in item else None
-        region = _image(item["artifact_mask"]) if self.artifact.value and "artifact_mask" in item else None
+        size = picture.shape[:2]  # an outline of another size or of several channels is refused, not misdrawn
+        outline = _outline(item["mask"], "mask", size) if self.outline.value and "mask" in item else None
+        region = (_outline(item["artifact_mask"], "artifact_mask", size)
+                  if self.artifact.value and "artifact_mask" in item else None)
         fig, ax = plt.subplots(figsize=(4, 4))
         ax.imshow(picture, cmap="gray")
         if outline is not None:

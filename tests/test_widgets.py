@@ -3,6 +3,8 @@
 import matplotlib
 
 matplotlib.use("Agg")
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -75,6 +77,25 @@ def test_an_item_it_cannot_draw_is_named_in_the_output_and_leaves_no_figure_open
     assert plt.get_fignums() == []
     explorer.index.value = 2  # a good item draws again
     assert explorer.state["index"] == 2 and explorer.figure is not None
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"label": None}, r"item 1 cannot be drawn: item 'item-1' has label None; labels are class indices"),
+    ({"mask": torch.zeros(3, 16, 16)}, r"item 1 cannot be drawn: mask must be one \(H, W\) or \(1, H, W\) mask"),
+    ({"mask": torch.zeros(1, 8, 8)}, r"item 1 cannot be drawn: mask is 8x8 but the image is 16x16"),
+])
+def test_a_bad_label_or_outline_is_named_in_the_output(bad, message):
+    """A None label (TypeError) and a 3-channel mask (raised by contour after the figure opened) went to the kernel
+    log, the second leaving a figure open; a mask of another size was drawn in the wrong place."""
+    import matplotlib.pyplot as plt
+
+    items = fake_items()
+    items[1].update(bad)
+    explorer = DatasetExplorer(items, class_names=("normal", "benign", "malignant"))
+    plt.close("all")
+    explorer.index.value = 1
+    assert re.fullmatch(message + ".*", explorer.state["error"]) and plt.get_fignums() == []
+    assert explorer.describe({"label": torch.tensor(2)}) == "malignant"  # a 0-d tensor is a class index too
 
 
 def test_explorer_without_masks_disables_the_outline():
