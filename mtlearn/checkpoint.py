@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from mtlearn.utils import check_folder, world_and_rank
+from mtlearn.utils import atomic_file, check_folder, world_and_rank
 
 # ----------------------------------------------------------------------------- files
 
@@ -42,17 +42,8 @@ def save_checkpoint(state: Mapping, path: str | os.PathLike) -> Path:
     the temporary file is removed whatever happens. Returns `path`.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(dict(state), f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)  # atomic on POSIX and Windows
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with atomic_file(path, binary=True) as f:
+        torch.save(dict(state), f)
     return path
 
 

@@ -404,14 +404,44 @@ def to_jsonable(value: Any, digits: int | None = None) -> Any:
     raise TypeError(f"metrics must be numbers, strings, lists or dicts; got {type(value).__name__}: {value!r}")
 
 
-def write_text(text: str, path: Path) -> None:
-    """Write `text` to `path` atomically (temp file + rename): a reader never sees half a file, and a
-    crash while writing leaves the previous file."""
+_UMASK = os.umask(0)  # read once, at import: setting it back and forth later could race with other threads
+os.umask(_UMASK)
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike, binary: bool = False):
+    """Open a temporary file beside `path` for writing; on success put it in `path`'s place.
+
+    A reader never sees half a file, and a failure (an error, a full disk, a crash or power loss
+    while writing) leaves the previous file: the data reach the disk (fsync) before the rename,
+    which is atomic on POSIX and Windows. The temporary file has a unique name (two writers cannot
+    trip over each other's) and is removed whatever happens; a replaced file keeps its permissions.
+    Text is written as UTF-8, whatever the machine's locale.
+    """
+    import tempfile
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = Path(name)
+    try:
+        with open(fd, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"})) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        if path.exists():  # mkstemp makes the file private (0o600): keep the old file's mode
+            os.chmod(tmp, path.stat().st_mode & 0o7777)
+        else:  # a new file gets the mode any other new file would (0o666 less the umask)
+            os.chmod(tmp, 0o666 & ~_UMASK)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text(text: str, path: Path) -> None:
+    """Write `text` to `path` atomically (see atomic_file), as UTF-8."""
+    with atomic_file(path) as f:
+        f.write(text)
 
 
 def write_json(record: dict[str, Any], path: Path) -> None:

@@ -1,3 +1,7 @@
+import os
+import stat
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -14,6 +18,7 @@ from mtlearn.utils import (
     pick_device,
     seed_everything,
     world_and_rank,
+    write_text,
 )
 
 
@@ -285,3 +290,36 @@ def test_check_number_names_the_option_the_range_and_the_fix():
         check_number("c", -1, -1, 1, above=True)
     with pytest.raises(ValueError, match=r"decay must be a finite number >= 0, got -0\.1$"):
         check_number("decay", -0.1, 0)
+
+
+def test_write_text_is_utf8_and_leaves_the_old_file_and_no_temporary_one_on_failure(tmp_path):
+    """The temporary file was written in the locale's encoding (ASCII on some machines: 'bénin' failed) and left
+    behind when writing failed; its fixed name let two writers remove each other's; the file's mode was lost."""
+    path = tmp_path / "table.csv"
+    write_text("label,acc\nbénin,0.9\n", path)
+    assert path.read_bytes() == "label,acc\nbénin,0.9\n".encode("utf-8")
+    path.chmod(0o600)
+    with pytest.raises(UnicodeEncodeError):
+        write_text("\ud800", path)  # a lone surrogate: no encoding writes it
+    assert path.read_text(encoding="utf-8") == "label,acc\nbénin,0.9\n" and os.listdir(tmp_path) == ["table.csv"]
+    write_text("new\n", path)
+    assert path.read_text() == "new\n" and stat.S_IMODE(path.stat().st_mode) == 0o600  # its mode kept
+    umask = os.umask(0)
+    os.umask(umask)
+    write_text("x", tmp_path / "fresh.txt")  # a new file: the mode any new file gets
+    assert stat.S_IMODE((tmp_path / "fresh.txt").stat().st_mode) == 0o666 & ~umask
+    errors = []
+
+    def writer(k):
+        try:
+            for i in range(50):
+                write_text(f"{k} {i}", path)
+        except OSError as error:
+            errors.append(error)
+
+    threads = [threading.Thread(target=writer, args=(k,)) for k in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == [] and sorted(os.listdir(tmp_path)) == ["fresh.txt", "table.csv"]
