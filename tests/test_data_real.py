@@ -697,6 +697,16 @@ def test_split_by_group_refuses_what_it_cannot_split(groups, labels, fractions, 
         split_by_group(groups, labels, seed=0, fractions=fractions)
 
 
+def test_split_by_group_warns_when_a_split_gets_nothing():
+    """Three patients cannot fill 7:1:2: val came out empty, and only an empty loader or NaN metrics said so."""
+    with pytest.warns(UserWarning, match=r"split\(s\) \['val'\] got no items: 3 group\(s\) are too few"):
+        split = split_by_group(["a", "b", "c"], [0, 0, 0], seed=0)
+    assert sorted(split) == ["test", "train", "train"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a split asked for with share 0 is empty on purpose
+        split_by_group(["a", "b", "c"], [0, 0, 0], seed=0, fractions=(("train", 0.7), ("val", 0), ("test", 0.3)))
+
+
 def test_split_by_group_needs_a_seed():
     """seed=None drew a new split on every call, against the docstring's "deterministic for a given seed"."""
     with pytest.raises(ValueError, match="seed must be an integer >= 0, got None"):

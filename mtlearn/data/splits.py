@@ -10,6 +10,7 @@ a perceptual hash finds them (`difference_hash`, `duplicate_groups`).
 
 from __future__ import annotations
 
+import warnings
 from collections import Counter
 from collections.abc import Sequence
 
@@ -56,6 +57,10 @@ def split_by_group(
         middle = (np.cumsum(sizes) - sizes / 2) / sizes.sum()  # where each group's middle item falls
         for g, position in zip(members, middle):
             split_of_group[g] = names[int(np.searchsorted(edges, position, side="right").clip(max=len(names) - 1))]
+    empty = [name for name, share in fractions if share > 0 and name not in split_of_group.values()]
+    if empty:  # else an empty loader, or NaN metrics, far from the cause
+        warnings.warn(f"split(s) {empty} got no items: {len(group_label)} group(s) are too few to give every split "
+                      f"its share {dict(fractions)}; use more data, or other shares", stacklevel=2)
     return np.array([split_of_group[g] for g in groups])
 
 
