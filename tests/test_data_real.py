@@ -575,8 +575,31 @@ def test_bus_uclm_info_csv_disagreeing_with_the_mask_colour_is_reported(bus_uclm
             pytest.warns(UserWarning, match=r"bus_uclm: 1 note\(s\) on the files, e\.g\. \['PAT03_001: INFO.csv says"):
         dataset = load_dataset("bus_uclm", root=root, split="all", image_size=SIZE)
     # the mask colour wins (it is drawn on the image); the disagreement is noted, only for that image
-    assert dataset.problems == ["PAT03_001: INFO.csv says malignant, the mask colour says benign"]
+    assert dataset.problems == ["PAT03_001: INFO.csv says malignant, the mask colour says benign",
+                                "PAT00_001: image and mask sizes differ, skipped"]  # the skipped one too
     assert by_id(dataset)["PAT03_001"]["label"] == 1
+
+
+def test_bus_uclm_flags_are_read_by_value_and_unreadable_ones_and_missing_images_are_noted(tmp_path):
+    """'1.0' (a spreadsheet's export) and '2' (a count) were read as 0 without a word, and a row of INFO.csv
+    whose image was missing vanished silently."""
+    info = make_bus_uclm(tmp_path)
+    csv = info["base"] / "INFO.csv"
+    rows = csv.read_text().splitlines()
+    written = {"PAT04_000": ("1.0", "0"), "PAT04_001": ("0.0", "2"), "PAT04_002": ("maybe", "0"),
+               "PAT05_000": (" Yes ", "no")}
+    for i, row in enumerate(rows):
+        stem = row.split(";")[0].removesuffix(".png")
+        if stem in written:
+            rows[i] = ";".join([*row.split(";")[:2], *written[stem]])
+    csv.write_text("\n".join(rows) + "\n")
+    (info["base"] / "images" / "PAT05_001.png").unlink()
+    with pytest.warns(UserWarning):
+        dataset = load_dataset("bus_uclm", root=tmp_path, split="all", image_size=SIZE)
+    items = by_id(dataset)
+    assert [items[s]["artifact"] for s in ("PAT04_000", "PAT04_001", "PAT04_002", "PAT05_000")] == [1, 1, 0, 1]
+    assert "PAT04_002: INFO.csv flag(s) Doppler='maybe' unreadable, taken as 0" in dataset.problems
+    assert "PAT05_001: in INFO.csv but its image is missing" in dataset.problems
 
 
 @pytest.mark.parametrize("colours, label, lesion_pixels", [

@@ -211,6 +211,7 @@ class UltrasoundDataset(Dataset):
             if skipped:
                 mismatched = set(self.size_mismatches)
                 records = [r for r in records if r.id not in mismatched]
+                self.problems += [f"{item}: image and mask sizes differ, skipped" for item in self.size_mismatches]
             warnings.warn(
                 f"{name}: {len(self.size_mismatches)} image/mask pairs differ in size "
                 f"(e.g. {self.size_mismatches[:3]}); "
@@ -419,10 +420,16 @@ def _read_bus_uclm(folder: Path, split: str, seed: int):
         stated = (row or {}).get("Label", "").strip().lower()
         if stated in BUS_UCLM_CLASSES and BUS_UCLM_CLASSES.index(stated) != label:
             problems.append(f"{image.stem}: INFO.csv says {stated}, the mask colour says {BUS_UCLM_CLASSES[label]}")
-        artifact = int(row is not None and (_flag(row["Doppler"]) or _flag(row["Marks"])))
+        flags = {key: _flag(row[key]) for key in ("Doppler", "Marks")} if row is not None else {}
+        unread = [f"{key}={row[key]!r}" for key, flag in flags.items() if flag is None]
+        if unread:  # counted as not set, but said: a misread flag would change the artifact experiment
+            problems.append(f"{image.stem}: INFO.csv flag(s) {', '.join(unread)} unreadable, taken as 0")
+        artifact = int(any(flags.values()))
         records.append(Record(
             image.stem, label, image, (mask,), group=bus_uclm_patient(image.stem), artifact=artifact, colour_coded=True,
         ))
+    found = {image.stem for image in images}
+    problems += [f"{stem}: in INFO.csv but its image is missing" for stem in info if stem not in found]
     return _take_split(records, split, seed), BUS_UCLM_CLASSES, problems
 
 
@@ -785,8 +792,21 @@ def _colour_class(mask: Path, modified: int) -> int:
     return 2 if red.any() else (1 if green.any() else 0)
 
 
-def _flag(value: str) -> bool:
-    return str(value).strip().lower() in {"1", "yes", "y", "true", "si", "sí", "x"}
+FLAG_YES = {"yes", "y", "true", "si", "sí", "x"}
+FLAG_NO = {"", "no", "n", "false", "-"}
+
+
+def _flag(value: str) -> bool | None:
+    """An INFO.csv flag: True, False, or None when it cannot be read ('maybe'). A number counts by its value,
+    so "1.0" (a spreadsheet's export) and "2" (a count of marks) are set and "0.0" is not."""
+    text = str(value).strip().lower()
+    if text in FLAG_YES or text in FLAG_NO:
+        return text in FLAG_YES
+    try:
+        number = float(text)
+    except ValueError:
+        return None
+    return None if number != number else number != 0  # NaN: unknown
 
 
 def _sizes_differ(record: Record) -> bool:
