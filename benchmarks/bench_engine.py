@@ -16,7 +16,9 @@ so a ratio can be read against the noise. Absolute numbers depend on the machine
 
 Columns: images_per_s (median), images_per_s_min / _max, step_ms (median), speedup (ratio of
 the medians, vs fp32), data_wait_pct (median share of the epoch spent waiting for the next batch;
-the target is under 5 %), warmup_s, rounds, and `note` (why a row was skipped).
+the target is under 5 %; an epoch of 8 steps includes its loader workers' start-up, which a real
+epoch of hundreds of steps spreads thinner: see benchmarks/README.md), warmup_s, rounds, and
+`note` (why a row was skipped).
 """
 
 from __future__ import annotations
