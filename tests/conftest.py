@@ -23,13 +23,31 @@ def close_figures():
 
 @pytest.fixture
 def disk_full_midway(monkeypatch):
-    """Call it to make every Path.write_text write half its text, then raise OSError("disk full")."""
-    from pathlib import Path
+    """Call it to make every file written through mtlearn.utils.atomic_file (write_text, write_json,
+    save_checkpoint) receive half of what is written to it, then raise OSError("disk full")."""
+    import builtins
 
-    real_write_text = Path.write_text
+    from mtlearn import utils
 
-    def crash(self, text, *args, **kwargs):
-        real_write_text(self, text[: len(text) // 2], *args, **kwargs)
-        raise OSError("disk full")
+    class HalfWritten:
+        def __init__(self, file):
+            self.file = file
 
-    return lambda: monkeypatch.setattr(Path, "write_text", crash)
+        def write(self, data):
+            self.file.write(data[: len(data) // 2])
+            self.file.flush()
+            raise OSError("disk full")
+
+        def __getattr__(self, name):
+            return getattr(self.file, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return self.file.__exit__(*exc)
+
+    def half_written(*args, **kwargs):
+        return HalfWritten(builtins.open(*args, **kwargs))
+
+    return lambda: monkeypatch.setattr(utils, "open", half_written, raising=False)
