@@ -81,6 +81,7 @@ def test_an_item_it_cannot_draw_is_named_in_the_output_and_leaves_no_figure_open
 
 @pytest.mark.parametrize("bad, message", [
     ({"label": None}, r"item 1 cannot be drawn: item 'item-1' has label None; labels are class indices"),
+    ({"label": 1.7}, r"item 1 cannot be drawn: item 'item-1' has label 1.7; labels are class indices"),
     ({"mask": torch.zeros(3, 16, 16)}, r"item 1 cannot be drawn: mask must be one \(H, W\) or \(1, H, W\) mask"),
     ({"mask": torch.zeros(1, 8, 8)}, r"item 1 cannot be drawn: mask is 8x8 but the image is 16x16"),
 ])
