@@ -14,6 +14,7 @@ import math
 import os
 import platform
 import random
+import secrets
 import sys
 from collections import Counter
 from collections.abc import Mapping
@@ -404,10 +405,6 @@ def to_jsonable(value: Any, digits: int | None = None) -> Any:
     raise TypeError(f"metrics must be numbers, strings, lists or dicts; got {type(value).__name__}: {value!r}")
 
 
-_UMASK = os.umask(0)  # read once, at import: setting it back and forth later could race with other threads
-os.umask(_UMASK)
-
-
 @contextlib.contextmanager
 def atomic_file(path: str | os.PathLike, binary: bool = False):
     """Open a temporary file beside `path` for writing; on success put it in `path`'s place.
@@ -415,24 +412,20 @@ def atomic_file(path: str | os.PathLike, binary: bool = False):
     A reader never sees half a file, and a failure (an error, a full disk, a crash or power loss
     while writing) leaves the previous file: the data reach the disk (fsync) before the rename,
     which is atomic on POSIX and Windows. The temporary file has a unique name (two writers cannot
-    trip over each other's) and is removed whatever happens; a replaced file keeps its permissions.
-    Text is written as UTF-8, whatever the machine's locale.
+    trip over each other's) and is removed whatever happens; a new file gets the usual mode (0o666
+    less the umask), a replaced one keeps its own. Text is written as UTF-8, whatever the locale.
     """
-    import tempfile
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    tmp = Path(name)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
     try:
-        with open(fd, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"})) as f:
+        # "x": created here and only here, with the mode any new file gets
+        with open(tmp, "xb" if binary else "x", **({} if binary else {"encoding": "utf-8"})) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
-        if path.exists():  # mkstemp makes the file private (0o600): keep the old file's mode
+        if path.exists():
             os.chmod(tmp, path.stat().st_mode & 0o7777)
-        else:  # a new file gets the mode any other new file would (0o666 less the umask)
-            os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
