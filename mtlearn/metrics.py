@@ -104,6 +104,14 @@ def one_vs_rest_scores(logits: np.ndarray | Tensor) -> np.ndarray:
     return (logits - torch.logsumexp(others.masked_fill(own, float("-inf")), dim=2)).numpy()
 
 
+def class_labels(labels: Tensor) -> Tensor:
+    """`labels` as long class indices, or a ValueError for fractional ones (.long() would truncate 1.7 to 1)."""
+    if labels.dtype.is_floating_point and not torch.equal(labels, labels.round()):
+        raise ValueError(f"class labels must be whole numbers (class indices), got {labels.flatten()[:8].tolist()}; "
+                         "probabilities or soft labels need .argmax(1) (one column per class) or rounding")
+    return labels.long()
+
+
 def roc_auc(scores: np.ndarray | Tensor, labels: np.ndarray | Tensor) -> float:
     """One-vs-rest ROC AUC averaged over the classes that occur in `labels` (and have negatives).
 
@@ -116,10 +124,7 @@ def roc_auc(scores: np.ndarray | Tensor, labels: np.ndarray | Tensor) -> float:
     scores = torch.as_tensor(scores.detach().cpu() if isinstance(scores, Tensor) else np.asarray(scores),
                              dtype=torch.float64)
     labels = torch.as_tensor(labels.detach().cpu() if isinstance(labels, Tensor) else np.asarray(labels)).flatten()
-    if labels.dtype.is_floating_point and not torch.equal(labels, labels.round()):  # .long() truncated 1.7 to 1
-        raise ValueError(f"labels must be whole numbers (class indices), got {labels[:8].tolist()}; probabilities "
-                         "or soft labels need .argmax(1) (one column per class) or rounding")
-    labels = labels.long()
+    labels = class_labels(labels)
     if scores.ndim != 2 or scores.shape[0] != len(labels):
         raise ValueError(f"roc_auc needs (N, K) scores, one column per class, for N = {len(labels)} labels, got "
                          f"shape {tuple(scores.shape)}; for one positive-class score s per image pass "
@@ -263,15 +268,12 @@ class MetricAccumulator:
         if label.numel() != len(logits):  # a one-hot (B, K) label would be read as B * K labels
             raise ValueError(f"class labels must be (B,) class indices, got shape {tuple(label.shape)} for "
                              f"{len(logits)} predictions; one-hot labels need label.argmax(1)")
-        if label.dtype.is_floating_point and not torch.equal(label, label.round()):  # .long() would truncate 1.7 to 1
-            raise ValueError(f"class labels must be whole numbers (class indices), got {label.flatten()[:8].tolist()}; "
-                             "probabilities or soft labels need label.argmax(1) (one column per class) or rounding")
+        label = class_labels(label).view(-1)
         if self.num_classes is None:
             self.num_classes = logits.shape[1]
             self.confusion = np.zeros((self.num_classes,) * 2, np.int64)
         if logits.shape[1] != self.num_classes:
             raise ValueError(f"expected {self.num_classes} class logits, got {logits.shape[1]}")
-        label = label.long().view(-1)
         if len(label) and (label.min() < 0 or label.max() >= self.num_classes):
             raise ValueError(f"class labels must lie in 0..{self.num_classes - 1}, got {sorted(set(label.tolist()))}")
         pred = logits.argmax(1)
