@@ -495,13 +495,16 @@ def main_step(model: nn.Module, optimizer: torch.optim.Optimizer, features_a: to
     terms = {"loss_a": loss_a, "loss_b": loss_b}  # checked before backward
     record = {"loss_a": loss_a.item(), "loss_b": loss_b.item(),
               "acc_a": _accuracy(logits_a, y_a), "acc_b": _accuracy(logits_b, y_b)}
+    saved = None  # the adversaries' buffers, once they are about to run
     try:
         if adversarial:
             # requires_grad_(False): the adversaries are frozen in this phase; the encoders' loss
-            # (which wants them to fail) must not train them, only flow through them. (Their
-            # BatchNorm running statistics are buffers, not parameters, and still update.)
+            # (which wants them to fail) must not train them, only flow through them. Their BatchNorm
+            # running statistics are buffers, not parameters: put back after the step (backward still
+            # needs them), as the adversary phase already took this batch.
             for p in model.adversary_parameters():
                 p.requires_grad_(False)
+            saved = _adversary_buffers(model)
             adv_a, adv_b = model.adversaries(features_a, features_b)  # not detached: gradients reach the encoders
             term = adversarial_term(adv_a, y_a, adv_loss, target_a) + adversarial_term(adv_b, y_b, adv_loss, target_b)
             loss = loss + w_adv * term
@@ -522,6 +525,8 @@ def main_step(model: nn.Module, optimizer: torch.optim.Optimizer, features_a: to
         if adversarial:  # requires_grad_(True): unfreeze the adversaries for the next adversary phase
             for p in model.adversary_parameters():
                 p.requires_grad_(True)
+            if saved is not None:
+                _restore_buffers(model, saved)
     return record
 
 

@@ -222,10 +222,13 @@ def test_main_step_makes_the_frozen_adversary_worse(shapes_batch, adv_loss):
     adversary_grads = [p.grad.clone() for p in model.adversary_parameters()]  # from their own last step
     optimizer = torch.optim.Adam(model.main_parameters(), lr=1e-2)
     uniform = torch.full((len(x), 2), 0.5)
+    buffers = [b.clone() for b in (*model.adv_a.buffers(), *model.adv_b.buffers())]
     for _ in range(5):
         record = D.main_step(model, optimizer, *model.encode(x), y_a, y_b, w_adv=10.0, adv_loss=adv_loss,
                              target_a=uniform, target_b=uniform)
     assert "adv_term" in record
+    # their BatchNorm statistics too: the adversary phase counts each batch, the main phase does not
+    assert all(torch.equal(b, c) for b, c in zip((*model.adv_a.buffers(), *model.adv_b.buffers()), buffers))
     assert adversary_ce() > before + 0.1  # the encoders learned to fool the (fixed) adversary
     assert all(p.requires_grad for p in model.adversary_parameters())  # unfrozen again afterwards
     # frozen during the main phase: its backward passed through them without touching their gradients
@@ -262,7 +265,8 @@ def test_the_adversary_phase_of_training_sends_no_gradient_into_the_encoders(mon
 
 def test_adversary_batchnorm_statistics_take_each_batch_once():
     """100 adversary steps per batch at momentum 0.1 left the running mean that of the last batch alone
-    (0.9 ** 100 of everything before); one update per batch keeps the earlier batches in it."""
+    (0.9 ** 100 of everything before); one update per batch keeps the earlier batches in it. (The
+    main step's forward through the adversaries counted each batch a second time.)"""
     torch.manual_seed(0)
     model = tiny_model(hidden=0)  # linear adversaries: BN on the pooled features, then one dense layer
     batches = [_labelled_batch([(0, 1), (1, 1), (1, 0), (1, 0)], seed=s) for s in (0, 1, 2)]
@@ -271,10 +275,11 @@ def test_adversary_batchnorm_statistics_take_each_batch_once():
     D.train_disentangle(model, batches, epochs=1, adv_steps=20, device="cpu", progress=False, recalibrate_bn=False)
     assert len(seen) == 3 * 22  # per batch: 20 adversary steps, the fit score and the main step, on the same features
     per_batch = [seen[i * 22] for i in range(3)]
-    # BatchNorm's running mean (momentum 0.1) from 0 after the first step and the main step of each batch
+    # BatchNorm's running mean (momentum 0.1) from 0, updated by the first adversary step of each batch
+    # only: the main step runs the adversaries on the same features and must not count them again
     expected = torch.zeros_like(per_batch[0])
     for mean in per_batch:
-        expected = 0.9 * (0.9 * expected + 0.1 * mean) + 0.1 * mean
+        expected = 0.9 * expected + 0.1 * mean
     assert torch.allclose(model.adv_b.net[0].running_mean, expected, atol=1e-5)
 
 
