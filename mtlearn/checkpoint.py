@@ -21,6 +21,7 @@ import os
 import pickle
 import random
 import warnings
+import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -69,12 +70,16 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module | None = None,
                 "best.pt), or it is corrupt or truncated (an interrupted copy?). Use another checkpoint or retrain")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
-    except (pickle.UnpicklingError, EOFError, KeyError, RuntimeError) as error:
-        if isinstance(error, RuntimeError) and "PytorchStreamReader" not in str(error):
-            if "CUDA" in str(error) and not torch.cuda.is_available():  # map_location="cuda" on this machine
-                raise ValueError(f"cannot load {path} onto {map_location!r}: this machine has no CUDA GPU; use "
-                                 "map_location='cpu' (the default) and move the model afterwards") from None
-            raise  # not the file's fault
+    except Exception as error:
+        if isinstance(error, RuntimeError) and "CUDA" in str(error) and not torch.cuda.is_available():
+            raise ValueError(f"cannot load {path} onto {map_location!r}: this machine has no CUDA GPU; use "
+                             "map_location='cpu' (the default) and move the model afterwards") from None
+        # a damaged file fails in many ways (OSError, IndexError, RuntimeErrors from the zip reader...),
+        # so the archive itself is checked: an intact one that fails otherwise is not the file's fault
+        refused = isinstance(error, (pickle.UnpicklingError, EOFError, KeyError))  # e.g. weights_only's refusal
+        reader = "PytorchStreamReader" in str(error)  # torch's zip reader: a header Python's zipfile accepts
+        if not (refused or reader) and _intact_archive(path):
+            raise
         # `from None`: torch's text advises weights_only=False, i.e. running code from an unknown file
         raise ValueError(not_ours) from None
     if not isinstance(state, Mapping) or (model is not None and "model" not in state):
@@ -197,6 +202,15 @@ def _loader_generators(loader) -> dict[str, torch.Generator]:
 
 
 # ----------------------------------------------------------------------------- checks before training
+
+
+def _intact_archive(path: Path) -> bool:
+    """Whether `path` is a zip archive (torch.save's format) whose every member matches its CRC."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return archive.testzip() is None
+    except Exception:  # BadZipFile, OSError, or a damaged header (NotImplementedError: "compression method")
+        return False
 
 
 def check_out_dir(out_dir: str | os.PathLike, resume: bool, writes: str = "last.pt and best.pt", cli: bool = True,
