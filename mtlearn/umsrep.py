@@ -17,7 +17,8 @@ depends strongly on how the shared representation is fine-tuned.
 The strategies compared (same data, same image size, same seed):
 
     pretrain   the representation itself: a denoising encoder-decoder on unlabeled images
-    (a) frozen   one model per task from the representation, encoder frozen, heads trained
+    (a) frozen   one model per task from the representation, encoder frozen, task heads trained
+                 (a task's "head" here: its decoder and output layer, all that is not the encoder)
     (b) partial  one model per task, the last `partial_stages` encoder stages fine-tuned
     (c) full     one model per task, everything fine-tuned
     (d) joint    ONE model with all three heads, fine-tuned together from the representation
@@ -192,7 +193,7 @@ def _stay_in_eval(module: nn.Module, args) -> None:
 def freeze_encoder(model: nn.Module, trainable_stages: int = 0) -> nn.Module:
     """Freeze the encoder except its last `trainable_stages` stages; decoders and heads stay trainable.
 
-    trainable_stages: 0 (frozen encoder, heads only) ... 4 (everything trainable). The input
+    trainable_stages: 0 (frozen encoder: decoders and heads only) ... 4 (everything trainable). The input
     layers (stem and patch embedding) belong with the first stage, so 4 trains the whole encoder.
 
     What "frozen" means here, for a part of the encoder:
@@ -456,9 +457,8 @@ class UMSRepConfig:
 
     def __post_init__(self):
         # one name is a one-element tuple ("busi" is one dataset, not four letters), as build_model's tasks
-        self.strategies = (self.strategies,) if isinstance(self.strategies, str) else tuple(self.strategies)
-        self.unlabeled_datasets = ((self.unlabeled_datasets,) if isinstance(self.unlabeled_datasets, str)
-                                   else tuple(self.unlabeled_datasets))
+        self.strategies = _names("strategies", self.strategies, "('frozen', 'joint')")
+        self.unlabeled_datasets = _names("unlabeled_datasets", self.unlabeled_datasets, "('synthetic',)")
         names = self.unlabeled_datasets
         if not names or len(set(names)) != len(names):  # () failed inside torch; a repeat doubled the images
             raise ValueError(f"unlabeled_datasets must name one or more datasets, each once, got {names}")
@@ -812,6 +812,9 @@ def run_comparison(config: UMSRepConfig | str = "course", out_dir: str | os.Path
     if resume and out_dir is None:  # before the data are loaded
         raise ValueError("resume=True needs out_dir (the folder holding the comparison's runs)")
     config = strategy_config(config) if isinstance(config, str) else config
+    if not isinstance(config, UMSRepConfig):
+        raise ValueError(f"config must be a profile name {tuple(PROFILES)} or a UMSRepConfig (strategy_config(...)), "
+                         f"got {config!r}")
     data = load_strategy_data(config)
     representation, pretrain = pretrain_representation(config, data, out_dir, resume)
     runs = [pretrain]
@@ -893,9 +896,19 @@ def strategy_table(runs: Sequence[TrainedModel], config: UMSRepConfig):
     return pd.DataFrame(rows).set_index("strategy")
 
 
+def _names(option: str, value, example: str) -> tuple[str, ...]:
+    """A name or a sequence of names as a tuple of str; else a ValueError (None: "not iterable")."""
+    names = (value,) if isinstance(value, str) else value
+    if not isinstance(names, (tuple, list)) or not all(isinstance(name, str) for name in names):
+        raise ValueError(f"{option} must be a name or a tuple of names, e.g. {example}; got {value!r}")
+    return tuple(names)
+
+
 def _check_acceptance(max_compute_share: float, tolerance: Mapping[str, float]) -> None:
     """The acceptance options UMSRepConfig and joint_vs_single_task share, checked in one place."""
     check_number("max_compute_share", max_compute_share, 0, 1, above=True, advice="a fraction: 0.35 for 35 %")
+    if not isinstance(tolerance, Mapping):
+        raise ValueError(f"tolerance must map metrics to allowed drops, e.g. {{'seg/dice': 0.02}}; got {tolerance!r}")
     unknown = sorted(set(tolerance) - set(METRICS))
     # not `v < 0`: NaN passes it, and then the metric fails every check without a reason
     if unknown or not all(is_finite(v) and v >= 0 for v in tolerance.values()):
@@ -920,8 +933,9 @@ def joint_vs_single_task(table, max_compute_share: float = 0.35, tolerance: Mapp
     and `unmeasured` lists it (e.g. ["cpu_share_train", ...]; [] when every share was measured), so
     that a resumed comparison gets the verdict of an uninterrupted one, short of its unknown shares.
     """
-    tolerance = dict(UMSRepConfig().tolerance if tolerance is None else tolerance)
+    tolerance = UMSRepConfig().tolerance if tolerance is None else tolerance
     _check_acceptance(max_compute_share, tolerance)
+    tolerance = dict(tolerance)
     for name in (joint, baseline):
         if name not in table.index:
             raise ValueError(f"the table has no {name!r} row (rows: {list(table.index)}); run both strategies")

@@ -505,10 +505,23 @@ def test_a_few_denoising_steps_lower_the_reconstruction_error():
     (dict(joint_task_weights={"recon": 1.0, "seg": "1", "cls": 0.25}), "joint_task_weights"),
     (dict(unlabeled_datasets=()), r"unlabeled_datasets must name one or more datasets"),  # failed inside torch
     (dict(unlabeled_datasets=("busi", "busi")), r"each once, got \('busi', 'busi'\)"),  # doubled the images
+    # TypeError: 'NoneType' object is not iterable
+    (dict(strategies=None), r"strategies must be a name or a tuple of names, e.g. \('frozen', 'joint'\); got None"),
+    (dict(unlabeled_datasets=None), "unlabeled_datasets must be a name or a tuple of names"),
+    (dict(strategies=("frozen", 3)), "strategies must be a name or a tuple of names"),
+    (dict(tolerance=None), r"tolerance must map metrics to allowed drops, e.g. \{'seg/dice': 0.02\}; got None"),
 ])
 def test_config_rejects_bad_values(kwargs, match):
     with pytest.raises(ValueError, match=match):
         UMSRepConfig(**kwargs)
+
+
+def test_run_comparison_and_the_check_name_a_config_or_tolerance_of_the_wrong_kind():
+    """run_comparison(123) failed on 'int' object has no attribute 'image_size'; tolerance=5 in dict()."""
+    with pytest.raises(ValueError, match=r"config must be a profile name \('smoke', .* or a UMSRepConfig"):
+        run_comparison(123)
+    with pytest.raises(ValueError, match="tolerance must map metrics to allowed drops"):
+        joint_vs_single_task([], tolerance=5)
 
 
 def test_strategy_config_names_profiles_and_options():
