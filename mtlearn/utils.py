@@ -65,7 +65,7 @@ def pick_device(device: str | torch.device = "auto") -> torch.device:
     if not isinstance(device, str):
         raise ValueError(f"device must be a string such as 'auto' or 'cuda:0', got {device!r}")
     kind, _, index = device.partition(":")
-    if kind not in DEVICE_CHOICES or (":" in device and (kind == "auto" or not index.isdigit())):
+    if kind not in DEVICE_CHOICES or (":" in device and (kind == "auto" or not (index.isascii() and index.isdigit()))):
         raise ValueError(f"unknown device {device!r}; expected one of {DEVICE_CHOICES} (or 'cuda:N', N a GPU number)")
     if kind == "auto":
         if torch.cuda.is_available():
@@ -80,6 +80,9 @@ def pick_device(device: str | torch.device = "auto") -> torch.device:
         )
     if kind == "mps" and not torch.backends.mps.is_available():
         raise ValueError("device 'mps' was requested but Apple's MPS backend is not available; use 'auto' or 'cpu'")
+    if kind in ("cpu", "mps") and index and int(index) != 0:  # torch ignores the number: "cpu:7" is the CPU
+        raise ValueError(f"device {device!r}: there is one {kind.upper()} device; use {kind!r} (numbers are for GPUs, "
+                         "'cuda:N')")
     if kind == "cuda" and index and int(index) >= torch.cuda.device_count():  # else torch fails at the first tensor moved there
         raise ValueError(f"device {device!r}: there is no GPU {index}, this machine has "
                          f"{torch.cuda.device_count()} (cuda:0 to cuda:{torch.cuda.device_count() - 1})")
@@ -236,6 +239,19 @@ def is_int(value) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
+def check_item_index(index, length: int) -> int:
+    """A dataset's item index as an int in 0..length-1, or a TypeError / IndexError that says so.
+
+    ds[True] and ds[1.5] would otherwise read item 1, and ds[-1] a list's last item (or, for a
+    generated dataset, another dataset's); a DataLoader never asks for any of them.
+    """
+    if not is_int(index):
+        raise TypeError(f"index must be an integer, got {index!r}")
+    if not 0 <= index < length:
+        raise IndexError(f"index {index} out of range for a dataset of {length} items (0 to {length - 1})")
+    return int(index)
+
+
 def is_number(value) -> bool:
     """True for Python and NumPy ints and floats; False for bools and strings ("1e-3" from a config file)."""
     return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
@@ -304,8 +320,8 @@ def check_bool(name: str, value) -> bool:
 
 def check_label_pair(task_keys) -> None:
     """Two different label names, task A's first (e.g. ("shape", "background")): the disentanglement's task_keys."""
-    if (isinstance(task_keys, str) or len(task_keys) != 2 or not all(isinstance(k, str) for k in task_keys)
-            or task_keys[0] == task_keys[1]):
+    if (not isinstance(task_keys, (tuple, list)) or len(task_keys) != 2  # a set has no first; a dict's keys...
+            or not all(isinstance(k, str) for k in task_keys) or task_keys[0] == task_keys[1]):
         raise ValueError(f"task_keys must be two different label names, task A's first, e.g. ('shape', "
                          f"'background'); got {task_keys!r}")
 

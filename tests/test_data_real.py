@@ -420,6 +420,17 @@ def test_items_do_not_share_the_cached_tensors(busi):
     assert dataset[index]["mask"].sum() > 0 and dataset[index]["image"].abs().sum() > 0
 
 
+@pytest.mark.parametrize("index, error, message", [(1.5, TypeError, "index must be an integer, got 1.5"),
+                                                   (True, TypeError, "index must be an integer, got True"),
+                                                   (-1, IndexError, "index -1 out of range for a dataset of"),
+                                                   (10**6, IndexError, "out of range")])
+def test_an_index_that_is_not_an_item_number_is_refused(busi, index, error, message):
+    """ds[True] and ds[1.5] read item 1, ds[-1] the last one (cached a second time under -1)."""
+    root, _ = busi
+    with pytest.raises(error, match=message):
+        load_dataset("busi", root=root, split="val", image_size=SIZE)[index]
+
+
 def test_in_channels_and_cache(busi, tmp_path):
     root, _ = busi
     rgb = load_dataset("busi", root=root, split="val", image_size=SIZE, in_channels=3)[0]["image"]
@@ -714,6 +725,11 @@ def test_split_by_group_deals_7_1_2_of_each_class_and_keeps_groups_whole(seed):
     (["a", "b"], [0, 1], (("train", 10**400), ("test", 1.0)), "finite shares"),  # was math.isfinite's OverflowError
     (["a", "b"], [0, 1], (("train", "0.8"), ("test", 0.2)), "finite shares"),  # a config's string: was a TypeError
     (["a", "b"], [0, 1], (("train", 0.5), ("train", 0.5)), "distinct names"),
+    # "max() arg is an empty sequence" / "too many values to unpack" / TypeError: '<' not supported
+    ([1.0, math.nan, 2.0], [0, 1, 0], SPLIT_FRACTIONS, r"must name a group for every item; items \[1\] have nan"),
+    (["a", None, "b"], [0, 1, 0], SPLIT_FRACTIONS, r"items \[1\] have None \(e.g. an empty CSV cell\)"),
+    (["a", "b"], [0, 1], {"train": 0.8, "test": 0.2}, r"fractions must be a sequence of \(name, share\) pairs"),
+    (["a", "b"], [0, 1], "train", r"fractions must be a sequence of \(name, share\) pairs"),
 ])
 def test_split_by_group_refuses_what_it_cannot_split(groups, labels, fractions, match):
     with pytest.raises(ValueError, match=match):

@@ -313,7 +313,7 @@ def test_index_out_of_range():
 
 def test_negative_index_is_refused():
     """ds[-1] would seed item first_index - 1 of the stream, another dataset's item: an IndexError instead."""
-    with pytest.raises(IndexError):
+    with pytest.raises(IndexError, match=r"index -1 out of range for a dataset of 3 items \(0 to 2\)"):
         SyntheticUltrasound(num_samples=3, first_index=5)[-1]
 
 

@@ -555,7 +555,10 @@ def test_each_step_refuses_a_nan_loss_before_its_optimiser_step(shapes_batch):
      ({"adv_momentum": 5}, r"adv_momentum must be a number in \[0, 1\)"),
      ({"leak_shrink": -1.0}, "leak_shrink must be a finite number > 0"),  # failed only with w_leak > 0, later
      ({"task_keys": "shape"}, r"task_keys must be two different label names, .*got 'shape'"),  # "too many values"
-     ({"task_keys": ("shape", "shape")}, "task_keys must be two different label names")],
+     ({"task_keys": ("shape", "shape")}, "task_keys must be two different label names"),
+     # these gave TypeError / KeyError: 0 (a set has no first key)
+     ({"task_keys": None}, "task_keys must be two different"), ({"task_keys": {"shape", "background"}}, "got {"),
+     ({"task_keys": {"shape": 0, "background": 1}}, "task_keys must be two different label names")],
 )
 def test_train_disentangle_bad_arguments(kwargs, match, tiny_loaders):
     with pytest.raises(ValueError, match=match):

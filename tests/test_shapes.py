@@ -227,3 +227,26 @@ def test_the_documented_repeats_at_the_course_size_are_the_generated_ones():
     first = [(item["cy"], item["cx"], round(item["half_h"], 3)) for item in splits["val"].items[:3]]
     assert first == [(31, 31, 5.059), (49, 44, 4.157), (38, 35, 8.341)]
     assert ShapesBackground("val", (56, 72)).items == splits["val"].items  # the default seed is 0
+
+
+@pytest.mark.parametrize("image_size", [16, (24, 30), (32, 40)])
+def test_small_images_still_draw_circles_and_bars(image_size):
+    """Below about 45 x 58 the paper's smallest radius scales under 2 pixels: at 16 x 16 one circle
+    in seven was a single pixel, a label the image did not show. Every shape is at least 2 pixels
+    from its centre to its edge there."""
+    data = ShapesBackground("train", image_size)
+    width = image_size if isinstance(image_size, int) else image_size[1]
+    radii = np.array([it["half_h"] for it in data.items if it["shape"] == 0])
+    half_heights = np.array([it["half_h"] for it in data.items if it["shape"] == 1])
+    assert radii.min() >= 2 - 1e-9
+    assert half_heights.min() >= min(2, (width - 1) // 2 / 4) - 1e-9  # 16 wide: a bar 4 d wide fits d = 1.75
+    pixels = [int(data[i]["mask"].sum()) for i in range(len(data))]
+    assert min(p for p, s in zip(pixels, data.labels()) if s == 0) >= 13  # a radius-2 disc
+
+
+@pytest.mark.parametrize("index, error", [(1.5, TypeError), (True, TypeError), ("1", TypeError), (-1, IndexError),
+                                          (300, IndexError)])
+def test_an_index_that_is_not_an_item_number_is_refused(index, error):
+    """ds[True] read item 1 and ds[1.5] gave the list's own message; the other datasets refuse both."""
+    with pytest.raises(error, match="index must be an integer|out of range for a dataset of 300 items"):
+        ShapesBackground("val", SMALL)[index]

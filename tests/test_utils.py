@@ -45,7 +45,9 @@ def test_pick_device_auto_prefers_cuda_then_mps_then_the_cpu(cuda, mps, expected
 
 
 @pytest.mark.parametrize("bad, message", [("gpu", "unknown device"), (3, "device must be a string"),
-                                          ("cuda:x", "unknown device 'cuda:x'"), ("auto:0", "unknown device 'auto:0'")])
+                                          ("cuda:x", "unknown device 'cuda:x'"), ("auto:0", "unknown device 'auto:0'"),
+                                          ("cpu:7", "'cpu:7': there is one CPU device; use 'cpu'"),
+                                          ("cuda:\u00b2", "unknown device")])  # '²'.isdigit(), but int('²') fails
 def test_pick_device_rejects_bad_names(bad, message):
     with pytest.raises(ValueError, match=message):
         pick_device(bad)

@@ -44,7 +44,7 @@ from mtlearn.data.splits import (
 )
 from mtlearn.data.synthetic import SyntheticUltrasound
 from mtlearn.data.transforms import augment_item, augmentation, random_states, reseed, resize_image, resize_mask
-from mtlearn.utils import check_bool, check_int, check_size, is_int, world_and_rank
+from mtlearn.utils import check_bool, check_int, check_item_index, check_size, is_int, world_and_rank
 
 DATASETS = ("synthetic", "shapes", "busi", "busi_npz", "bus_bra", "bus_uclm", "breastmnist")
 SPLITS = ("train", "val", "test", "all")
@@ -240,6 +240,7 @@ class UltrasoundDataset(Dataset):
         return f"UltrasoundDataset({self.name!r}, split={self.split!r}, {len(self)} items: {summary})"
 
     def __getitem__(self, index: int) -> dict:
+        index = check_item_index(index, len(self.records))  # also the cache's key: ds[-1] would be a second copy
         record = self.records[index]
         image, mask = self._resized(index)
         if self._augment is not None:

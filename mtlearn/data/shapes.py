@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from mtlearn.utils import check_size
+from mtlearn.utils import check_item_index, check_size
 
 # (shape, background) -> number of images, per split. shape: 0 circle, 1 bar; background: 0 black, 1 white.
 SPLIT_COUNTS = {
@@ -50,6 +50,7 @@ BAR_HALF_HEIGHT = (10.0, 40.0)  # bar half-height d range; the half-width is 4 d
 BAR_ASPECT = 4.0  # half-width / half-height of a bar
 SHAPE_INTENSITY = 0.5  # grey value of the shape before z-scoring
 MIN_SIZE = 16  # smallest height or width that still draws recognisable shapes
+MIN_EXTENT = 2.0  # smallest circle radius and bar half-height in pixels (a radius-1 "circle" is a plus sign)
 
 
 class ShapesBackground(Dataset):
@@ -72,6 +73,8 @@ class ShapesBackground(Dataset):
     56 x 72 version is the paper's benchmark at a quarter of the resolution. Choice documented here
     (not in the paper): a bar 8 d wide (half-width 4 d) with d up to 40 does not fit in 288 pixels, so the upper
     limit of d is lowered to what fits (about 36 at 224 x 288); circle radii are limited likewise.
+    Below about 45 x 58 the smallest radius and half-height would be under 2 pixels (a circle of one
+    pixel or a plus sign), so they are at least 2 pixels there (where 2 pixels fit).
 
     Args:
         split: "train", "val", "test", "unseen" or "all" (the four, concatenated).
@@ -100,7 +103,7 @@ class ShapesBackground(Dataset):
         return len(self.items)
 
     def __getitem__(self, index: int) -> dict:
-        item = self.items[index]
+        item = self.items[check_item_index(index, len(self.items))]
         mask = _render_mask(self.image_size, item)
         image = np.full(self.image_size, float(item["background"]), dtype=np.float32)
         image[mask] = SHAPE_INTENSITY
@@ -132,8 +135,11 @@ def _size_ranges(image_size: tuple[int, int]) -> dict[str, tuple[float, float]]:
     # a shape with integer centre c and half-extent e covers c-e..c+e, which must lie in 0..size-1
     max_radius = (min(height, width) - 1) // 2
     max_half_height = min((height - 1) // 2, ((width - 1) // 2) / BAR_ASPECT)
-    radius = (CIRCLE_RADIUS[0] * scale, min(CIRCLE_RADIUS[1] * scale, max_radius))
-    half_height = (BAR_HALF_HEIGHT[0] * scale, min(BAR_HALF_HEIGHT[1] * scale, max_half_height))
+    top_radius = min(CIRCLE_RADIUS[1] * scale, max_radius)
+    top_half_height = min(BAR_HALF_HEIGHT[1] * scale, max_half_height)
+    # below about 45 x 58 the paper's smallest shapes would be a pixel or two: MIN_EXTENT instead
+    radius = (min(max(CIRCLE_RADIUS[0] * scale, MIN_EXTENT), top_radius), top_radius)
+    half_height = (min(max(BAR_HALF_HEIGHT[0] * scale, MIN_EXTENT), top_half_height), top_half_height)
     return {"radius": radius, "half_height": half_height}
 
 

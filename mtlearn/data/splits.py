@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import warnings
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -40,7 +40,17 @@ def split_by_group(
     if groups.ndim != 1 or groups.shape != labels.shape or groups.size == 0:
         raise ValueError(f"groups and labels must be non-empty and one per item, got shapes {groups.shape} "
                          f"and {labels.shape}")
+    values = groups.tolist()
+    missing = [i for i, g in enumerate(values) if g is None or (isinstance(g, float) and g != g)]
+    if missing:  # NaN != NaN: np.unique keeps one NaN that no item then equals; None cannot be sorted
+        shown = f"{missing[:5]}{' ...' if len(missing) > 5 else ''}"
+        raise ValueError(f"groups must name a group for every item; items {shown} have {values[missing[0]]!r} (e.g. "
+                         "an empty CSV cell): give each such item its own id as its group")
     check_int("seed", seed, 0)  # None would draw a new split on every call
+    if (isinstance(fractions, (str, Mapping)) or not isinstance(fractions, Sequence)
+            or not all(isinstance(pair, (tuple, list)) and len(pair) == 2 for pair in fractions)):
+        raise ValueError(f"fractions must be a sequence of (name, share) pairs, e.g. {list(SPLIT_FRACTIONS)}; got "
+                         f"{fractions!r}")
     names = [name for name, _ in fractions]
     shares = [share for _, share in fractions]
     if (not all(is_finite(share) and share >= 0 for share in shares) or sum(shares) <= 0

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from mtlearn.utils import check_int, check_number, check_size, is_int
+from mtlearn.utils import check_int, check_item_index, check_number, check_size, is_int
 
 CLASS_NAMES = ("normal", "benign", "malignant")
 NORMAL, BENIGN, MALIGNANT = 0, 1, 2
@@ -162,11 +162,8 @@ class SyntheticUltrasound(Dataset):
 
     def _item_rng(self, index: int) -> tuple[np.random.Generator, int, int]:
         """Per-item generator, class and artifact flag: the first two draws of the item's stream."""
-        if not is_int(index):  # 1.5 drew item 1 and then failed on its id; True drew item 1
-            raise TypeError(f"index must be an integer, got {index!r}")
-        if not 0 <= index < self.num_samples:
-            raise IndexError(f"index {index} out of range for a dataset of {self.num_samples} items")
-        rng = np.random.default_rng([self.seed, self.first_index + int(index)])
+        index = check_item_index(index, self.num_samples)  # -1 would seed another dataset's item
+        rng = np.random.default_rng([self.seed, self.first_index + index])
         u_class, u_artifact = rng.random(2)
         label = int(np.searchsorted(self.class_cdf, u_class, side="right").clip(max=2))
         artifact = int(u_artifact < self.artifact_probabilities()[label == MALIGNANT])
