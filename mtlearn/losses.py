@@ -191,6 +191,13 @@ def check_class_weights(class_weights: Sequence[float] | None, dtype=torch.float
     return weight
 
 
+def check_class_weight_count(count: int, num_classes: int) -> None:
+    """One class weight per class of the model, or a ValueError saying so (the loss and the metrics alike)."""
+    if count != num_classes:
+        raise ValueError(f"class_weights has {count} entries but the model predicts {num_classes} classes: give "
+                         "one weight per class, in class-index order")
+
+
 class ClassificationLoss(nn.Module):
     """Cross-entropy on logits, optionally weighted per class to counter class imbalance."""
 
@@ -201,10 +208,8 @@ class ClassificationLoss(nn.Module):
     def forward(self, logits: Tensor, label: Tensor) -> Tensor:
         """logits: (B, num_classes), label: (B,) int in 0..num_classes-1 -> scalar."""
         check_class_logits(logits)
-        if self.weight is not None and self.weight.numel() != logits.shape[1]:
-            raise ValueError(
-                f"class_weights has {self.weight.numel()} entries but the model predicts {logits.shape[1]} classes"
-            )
+        if self.weight is not None:
+            check_class_weight_count(self.weight.numel(), logits.shape[1])
         num_classes = logits.shape[1]
         # torch's own errors here are raw ("Target 5 is out of bounds", a device-side assert on CUDA)
         if label.dtype.is_floating_point or label.numel() != len(logits):

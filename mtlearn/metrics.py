@@ -44,8 +44,8 @@ import torch.distributed as dist
 from monai.metrics import PSNRMetric, SSIMMetric, compute_dice, compute_iou, compute_roc_auc
 from torch import Tensor
 
-from mtlearn.losses import (TASK_TARGETS, check_class_logits, check_class_weights, check_outputs, check_seg_pair,
-                            check_tasks, class_indices)
+from mtlearn.losses import (TASK_TARGETS, check_class_logits, check_class_weight_count, check_class_weights,
+                            check_outputs, check_seg_pair, check_tasks, class_indices)
 from mtlearn.utils import check_number, is_int
 
 METRIC_KEYS = {
@@ -167,8 +167,8 @@ class MetricAccumulator:
         # those of the classification loss (LossConfig.class_weights): its batch mean divides by the
         # batch's summed label weights, so "cls/loss" weights each batch by that sum, not its size
         self.class_weights = check_class_weights(class_weights, torch.float64)
-        if self.class_weights is not None and num_classes is not None and len(self.class_weights) != num_classes:
-            raise ValueError(f"class_weights has {len(self.class_weights)} entries for {num_classes} classes")
+        if self.class_weights is not None and num_classes is not None:
+            check_class_weight_count(len(self.class_weights), num_classes)
         # max - min of the clean images, for PSNR and SSIM
         self.data_range = check_number("data_range", data_range, 0, above=True,
                                        advice="max - min of the clean images, e.g. 1.0")
@@ -225,9 +225,7 @@ class MetricAccumulator:
                              f"{tuple(loss.shape)}; per-image losses need .mean()")
         weight = float(len(target))
         if task == "cls" and self.class_weights is not None:
-            if len(self.class_weights) != self.num_classes:
-                raise ValueError(f"class_weights has {len(self.class_weights)} entries but the model predicts "
-                                 f"{self.num_classes} classes")
+            check_class_weight_count(len(self.class_weights), self.num_classes)
             weight = float(self.class_weights[target.detach().long().view(-1).cpu()].sum())
             if weight == 0:  # only zero-weight labels: torch's mean is 0/0, and the dataset's gets nothing
                 return
