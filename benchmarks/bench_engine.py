@@ -66,8 +66,9 @@ def _build(config: dict, dataset, device: torch.device) -> tuple[torch.nn.Module
     workers = config.get("num_workers", 0)
     if config.get("cached"):  # generate every item once; the loader then only collates
         dataset = [dataset[i] for i in range(len(dataset))]
+    # not persistent_workers: as fit advises for a resumable run, each epoch starts its workers afresh
     loader = DataLoader(dataset, batch_size=BATCH_SIZE, shuffle=True, drop_last=True, num_workers=workers,
-                        pin_memory=device.type == "cuda", persistent_workers=workers > 0)
+                        pin_memory=device.type == "cuda")
     return model, loader
 
 
