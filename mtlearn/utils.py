@@ -248,7 +248,8 @@ def check_item_index(index, length: int) -> int:
     if not is_int(index):
         raise TypeError(f"index must be an integer, got {index!r}")
     if not 0 <= index < length:
-        raise IndexError(f"index {index} out of range for a dataset of {length} items (0 to {length - 1})")
+        valid = f"0 to {length - 1}" if length else "it is empty"
+        raise IndexError(f"index {index} out of range for a dataset of {length} items ({valid})")
     return int(index)
 
 

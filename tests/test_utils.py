@@ -219,6 +219,18 @@ def test_is_number_and_is_int_refuse_bools_and_strings(value, number, integer):
     assert is_number(value) is number and is_int(value) is integer
 
 
+def test_check_item_index_takes_item_numbers_only():
+    from mtlearn.utils import check_item_index
+
+    assert check_item_index(np.int64(2), 3) == 2 and type(check_item_index(np.int64(2), 3)) is int
+    with pytest.raises(IndexError, match=r"index 3 out of range for a dataset of 3 items \(0 to 2\)"):
+        check_item_index(3, 3)
+    with pytest.raises(IndexError, match=r"index 0 out of range for a dataset of 0 items \(it is empty\)"):
+        check_item_index(0, 0)
+    with pytest.raises(TypeError, match="index must be an integer, got 2.0"):
+        check_item_index(2.0, 3)
+
+
 def test_process_group_helpers_outside_in_a_group_of_one_and_on_a_second_rank(tmp_path, monkeypatch):
     assert (world_and_rank(), is_distributed(), is_main_process()) == ((1, 0), False, True)  # no torchrun
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
