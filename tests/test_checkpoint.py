@@ -324,6 +324,22 @@ def test_the_cuda_state_is_that_of_the_gpu_training_runs_on(device, used, monkey
     assert asked == [used, used]
 
 
+@pytest.mark.parametrize("error", [RuntimeError("PytorchStreamReader failed reading zip archive: too many files"),
+                                   KeyError("model"), pickle.UnpicklingError("Weights only load failed")])
+def test_errors_that_only_a_damaged_or_foreign_file_gives_are_named_even_when_the_zip_is_intact(error, tmp_path,
+                                                                                                monkeypatch):
+    """torch's zip reader refuses some headers Python's zipfile accepts; weights_only refuses foreign objects."""
+    path = tmp_path / "last.pt"
+    save_checkpoint({"model": small_model().state_dict()}, path)
+
+    def fails(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(torch, "load", fails)
+    with pytest.raises(ValueError, match="not an mtlearn checkpoint .* or it is corrupt or truncated"):
+        load_checkpoint(path)
+
+
 def test_a_failure_that_is_not_the_files_is_not_called_corrupt(tmp_path, monkeypatch):
     """Only the zip reader's errors mean a damaged file; out of memory must not say "corrupt or truncated"."""
     path = tmp_path / "last.pt"

@@ -730,6 +730,9 @@ def test_split_by_group_deals_7_1_2_of_each_class_and_keeps_groups_whole(seed):
     (["a", None, "b"], [0, 1, 0], SPLIT_FRACTIONS, r"items \[1\] have None \(e.g. an empty CSV cell\)"),
     (["a", "b"], [0, 1], {"train": 0.8, "test": 0.2}, r"fractions must be a sequence of \(name, share\) pairs"),
     (["a", "b"], [0, 1], "train", r"fractions must be a sequence of \(name, share\) pairs"),
+    (["a", "b"], [0, 1], {}, r"fractions must be a sequence of \(name, share\) pairs"),
+    (["a", "b"], [0, 1], "", r"fractions must be a sequence of \(name, share\) pairs"),
+    (["a", "b"], [0, 1], [("train", 0.8, 1), ("test", 0.2)], r"fractions must be a sequence of \(name, share\)"),
 ])
 def test_split_by_group_refuses_what_it_cannot_split(groups, labels, fractions, match):
     with pytest.raises(ValueError, match=match):

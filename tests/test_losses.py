@@ -196,6 +196,8 @@ def test_a_single_task_may_be_named_by_a_bare_string():
     (lambda: SegmentationLoss()(torch.randn(2, 8, 8), torch.zeros(2, 1, 8, 8)), r"logits must be \(B, K, H, W\)"),
     (lambda: ClassificationLoss([1.0, 1.0])(torch.randn(2, 3), torch.tensor([0, 1])),
      r"class_weights has 2 entries but the model predicts 3 classes: give one weight per class"),
+    (lambda: ClassificationLoss([1.0, 1.0, 1.0, 1.0])(torch.randn(2, 3), torch.tensor([0, 1])),
+     r"class_weights has 4 entries but the model predicts 3 classes"),  # torch's "weight tensor should be..."
     (lambda: ReconstructionLoss()(torch.rand(2, 1, 8, 8), torch.rand(2, 3, 8, 8)), "differ"),
     (lambda: task_losses({"seg": torch.randn(2, 2, 8, 8)}, {"image": torch.rand(2, 1, 8, 8)},
                          build_losses(("seg",))), r"batch\['mask'\]"),

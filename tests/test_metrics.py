@@ -416,6 +416,8 @@ def test_sync_adds_the_sums_and_counts_of_every_process(tmp_path, monkeypatch):
     (lambda: MetricAccumulator(("cls",), class_weights="ab"), r"class_weights must be a flat list"),
     (lambda: MetricAccumulator(("cls",), num_classes=3, class_weights=[1.0, 2.0]),
      r"class_weights has 2 entries but the model predicts 3 classes: give one weight per class"),
+    (lambda: MetricAccumulator(("cls",), num_classes=3, class_weights=[1.0, 2.0, 1.0, 1.0]),
+     r"class_weights has 4 entries but the model predicts 3 classes"),
     (lambda: MetricAccumulator(("cls",), class_weights=[1.0, 2.0]).update(
         {"cls": torch.zeros(2, 3)}, {"label": torch.tensor([0, 2])}, {"cls": torch.tensor(1.0)}),
      r"class_weights has 2 entries but the model predicts 3 classes"),

@@ -229,6 +229,19 @@ def test_check_item_index_takes_item_numbers_only():
         check_item_index(0, 0)
     with pytest.raises(TypeError, match="index must be an integer, got 2.0"):
         check_item_index(2.0, 3)
+    with pytest.raises(IndexError, match=r"index -1 out of range for a dataset of 3 items"):  # not the last item
+        check_item_index(-1, 3)
+
+
+@pytest.mark.parametrize("keys", [None, "shape", ("shape",), ("shape", "shape"), ("shape", 1),
+                                  {"shape", "background"}, {"shape": 0, "background": 1}])
+def test_check_label_pair_takes_two_different_names_in_order(keys):
+    from mtlearn.utils import check_label_pair
+
+    check_label_pair(("shape", "background"))
+    check_label_pair(["class", "artifact"])
+    with pytest.raises(ValueError, match=r"task_keys must be two different label names, task A's first"):
+        check_label_pair(keys)
 
 
 def test_process_group_helpers_outside_in_a_group_of_one_and_on_a_second_rank(tmp_path, monkeypatch):
