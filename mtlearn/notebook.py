@@ -228,6 +228,7 @@ class Run:
         if not isinstance(metrics, Mapping):  # None or a list: the runners' tables failed on it later
             raise ValueError(f"run.finish needs a dict of headline numbers, e.g. {{'dice': 0.9}}, got "
                              f"{type(metrics).__name__}")
+        metrics = dict(metrics)  # any Mapping: the JSON writer takes dicts
         record = {
             "notebook": self.notebook,
             "profile": self.profile,
@@ -292,6 +293,23 @@ def flatten_metrics(metrics: dict[str, Any], prefix: str = "") -> dict[str, Any]
     return flat
 
 
+def _folder_parameter(name: str, value, default: str) -> Path | None:
+    """A folder parameter as a Path (None stays None); else a ValueError naming it.
+
+    Path("") is ".", the kernel's folder, silently; a stray space makes a folder named "x "; an int
+    failed inside pathlib ("expected str, bytes or os.PathLike object").
+    """
+    if value is None:
+        return None
+    if not isinstance(value, (str, os.PathLike)):
+        raise ValueError(f"{name} must be a folder (a str or a Path), or {default}; got {value!r}")
+    text = os.fspath(value)
+    if not isinstance(text, str) or not text.strip() or text != text.strip():
+        problem = "is empty" if isinstance(text, str) and not text.strip() else "starts or ends with a space"
+        raise ValueError(f"{name} {problem} ({value!r}); give a folder, or {default}")
+    return Path(text)
+
+
 def start(
     notebook: str,
     *,
@@ -306,12 +324,12 @@ def start(
 ) -> Run:
     """Check a notebook's parameters, seed, pick the device and create `out_dir`; see module doc."""
     profile = resolve_profile(profile)
+    data_root = _folder_parameter("data_root", data_root, "None for $MTLEARN_DATA or the user cache")
+    out_dir = _folder_parameter("out_dir", out_dir, "None for outputs/<notebook>/<profile>")
     root = check_dataset(dataset, data_root, datasets)
     seed_everything(seed)
     resolved = pick_device(device)
-    if out_dir is not None and not str(out_dir).strip():  # Path("") is ".": the kernel's folder, silently
-        raise ValueError("out_dir is empty; give a folder, or None for outputs/<notebook>/<profile>")
-    out = Path(out_dir).expanduser() if out_dir is not None else Path("outputs") / notebook / profile
+    out = out_dir.expanduser() if out_dir is not None else Path("outputs") / notebook / profile
     check_folder(out, "out_dir", "metrics.json and the figures")
     out.mkdir(parents=True, exist_ok=True)
     run = Run(notebook, profile, dataset, root, int(seed), resolved, out)

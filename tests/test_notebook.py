@@ -367,12 +367,35 @@ def test_metrics_whose_keys_collide_as_text_are_refused(tmp_path):
 
 def test_an_empty_out_dir_is_refused_and_a_tilde_means_home(tmp_path, monkeypatch):
     """"" was the kernel's folder, silently; "~/runs" made a folder named "~" there."""
-    with pytest.raises(ValueError, match="out_dir is empty; give a folder, or None for outputs/<notebook>/<profile>"):
+    with pytest.raises(ValueError, match=r"out_dir is empty \(''\); give a folder, or None for outputs/<notebook>/"):
         start_here(tmp_path, out_dir="")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.chdir(tmp_path)
     assert start_here(tmp_path, out_dir="~/runs").out_dir == tmp_path / "home" / "runs"
     assert not (tmp_path / "~").exists()
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("out_dir", 5, r"out_dir must be a folder \(a str or a Path\), or None for outputs/<notebook>/<profile>; got 5"),
+    ("out_dir", ["runs"], r"out_dir must be a folder"),  # pathlib's "expected str, bytes or os.PathLike object"
+    ("out_dir", "runs ", r"out_dir starts or ends with a space \('runs '\)"),  # made a folder named "runs "
+    ("data_root", 5, r"data_root must be a folder \(a str or a Path\), or None for \$MTLEARN_DATA"),
+    ("data_root", "  ", r"data_root is empty"),  # "" was the kernel's folder
+])
+def test_folder_parameters_of_the_wrong_kind_are_named(option, value, message, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=message):
+        start_here(tmp_path, **{option: value})
+    assert not (tmp_path / "runs ").exists()
+
+
+def test_finish_takes_any_mapping(tmp_path):
+    """A MappingProxyType passed the check, then the JSON writer refused it, after all the training."""
+    import types
+
+    run = start_here(tmp_path)
+    run.finish(types.MappingProxyType({"dice": 0.5}))
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["metrics"] == {"dice": 0.5}
 
 
 def test_a_crash_while_writing_metrics_keeps_the_previous_file(tmp_path, monkeypatch, disk_full_midway):
