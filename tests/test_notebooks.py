@@ -117,6 +117,18 @@ def test_notebook_04_runs_its_ultrasound_section_on_bus_uclm_flags(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("model_preset", ["", ["tiny"]])
+def test_notebook_01_names_a_model_preset_that_is_no_preset(model_preset, tmp_path):
+    """"" (or 0) silently meant the profile's default, a list failed with "unhashable type" (about 10 s)."""
+    from mtlearn.course import run_notebook
+
+    result = run_notebook(NOTEBOOK_DIR / "01_resformer_mtl.ipynb", tmp_path / "out",
+                          {"profile": "smoke", "model_preset": model_preset})
+    assert not result.ok
+    assert f"model_preset={model_preset!r} is not a preset; choose one of ('paper', 'course', 'tiny')" in result.error
+
+
+@pytest.mark.slow
 def test_notebook_06_ends_with_an_error_naming_the_failed_grid_runs(tmp_path):
     """A failed grid run is recorded and the others go on, but the notebook must not report success:
     `make course` and CI read its exit status. Its metrics are still written (about 30 s)."""
