@@ -134,6 +134,10 @@ def linear_probe(
     if len(unseen):  # never predicted: its recall is 0, and chance (1 / the train classes) would be wrong too
         raise ValueError(f"y_test holds class(es) {unseen.tolist()} that y_train lacks, so the probe can never "
                          f"predict them (train classes: {classes.tolist()}); fit on a set that has every class")
+    absent = np.setdiff1d(classes, y_test)
+    if len(absent):  # balanced accuracy would average the classes present only: 1.0 for "always class 0"
+        raise ValueError(f"y_test has no item of class(es) {absent.tolist()} (train classes: {classes.tolist()}), so "
+                         "its balanced accuracy cannot be compared with chance; test on a set that has every class")
     probe = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=max_iter, class_weight="balanced"))
     with threadpool_limits(limits=1):  # a small problem: extra BLAS threads only contend for the cores
         probe.fit(features_train, y_train)

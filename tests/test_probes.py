@@ -514,9 +514,16 @@ def test_linear_probe_refuses_a_test_class_the_training_set_lacks():
     features, y, _ = synthetic_features(60)
     with pytest.raises(ValueError, match=r"y_test holds class\(es\) \[2\] that y_train lacks.*train classes: \[0, 1\]"):
         linear_probe(features[:40], y[:40], features[40:], np.r_[y[40:50], np.full(10, 2)])
-    with pytest.warns(UserWarning, match="y_pred contains classes not in y_true"):  # fewer classes: allowed
-        fewer = linear_probe(features[:40], y[:40], features[40:], np.zeros(20, int))
-    assert 0 <= fewer["balanced_accuracy"] <= 1 and fewer["chance"] == 0.5
+
+
+
+def test_linear_probe_refuses_a_test_set_without_one_of_the_classes():
+    """A test set of class 0 only (e.g. the "unseen" split, circles on black): balanced accuracy averaged
+    the classes present, so uninformative features predicting class 0 scored 1.0 against chance 0.5."""
+    features, y, _ = synthetic_features(60)
+    with pytest.raises(ValueError, match=r"y_test has no item of class\(es\) \[1\] \(train classes: \[0, 1\]\)"):
+        linear_probe(np.zeros((40, 3)), y[:40], np.zeros((20, 3)), np.zeros(20, int))
+    assert linear_probe(features[:40], y[:40], features[40:], y[40:])["chance"] == 0.5  # both classes: scored
 
 
 def test_a_single_label_name_is_one_label_not_its_letters():
