@@ -899,6 +899,16 @@ def test_occlusion_default_patches_are_an_eighth_of_the_side_and_side_by_side(ex
     assert torch.allclose(maps, expected)
 
 
+def test_occlusion_maps_of_a_colour_image_are_the_score_drop_once_not_per_channel(explainer):
+    """A patch covers all three channels; summing the channels' (equal) maps gave 3 x the drop."""
+    images = 1.0 + torch.rand(2, 3, 32, 32)
+    maps = explainer._occlusion(lambda x: x[:, 0, 0, 0], images, (), baseline="black")
+    assert maps.shape == (2, 1, 32, 32)
+    expected = torch.zeros(2, 1, 32, 32)
+    expected[:, :, :4, :4] = images[:, :1, :1, :1]
+    assert torch.allclose(maps, expected)
+
+
 def test_spearman_ignores_signs_averages_ties_and_is_undefined_for_a_constant_first_map():
     a = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
     assert A.spearman(a, -a).item() == pytest.approx(1.0)  # absolute (the default): |-a| ranks like a
