@@ -1220,7 +1220,7 @@ def probe_within_groups(model: nn.Module, loader, target: str, group: str, group
     of some target value, or whose patients cannot be split into folds that each hold every value
     (too few to cross-validate).
     """
-    from mtlearn.probes import cross_validated_probe, extract_features, too_few_for_folds
+    from mtlearn.probes import UnevenFoldsError, cross_validated_probe, extract_features, too_few_for_folds
 
     check_int("folds", folds, 2)  # 0 or 1 made every score NaN, as if each group were too small
     if isinstance(group_names, str) or not group_names:
@@ -1240,7 +1240,7 @@ def probe_within_groups(model: nn.Module, loader, target: str, group: str, group
         if too_few_for_folds(y, folds, within) is None:
             try:
                 probe = cross_validated_probe(features[chosen], y, folds, seed, groups=within)
-            except ValueError:  # the patients' folds cannot all hold every value: too few, as above
+            except UnevenFoldsError:  # the patients' folds cannot all hold every value: too few, as above
                 pass
         scores[f"probe_{target}_a_{name}"] = probe["balanced_accuracy"] if probe else float("nan")
     return scores

@@ -149,6 +149,10 @@ def linear_probe(
     }
 
 
+class UnevenFoldsError(ValueError):
+    """The groups (patients) cannot be split into folds that each hold every class."""
+
+
 def too_few_for_folds(y: np.ndarray, folds: int, groups: np.ndarray | None = None) -> str | None:
     """Why `folds`-fold cross-validation of labels `y` would mislead, or None when it would not.
 
@@ -208,8 +212,9 @@ def cross_validated_probe(features: np.ndarray, y: np.ndarray, folds: int = 5, s
     for fold, (_, te) in enumerate(splits):
         missing = np.setdiff1d(classes, y[te])
         if len(missing):  # only possible with groups: StratifiedKFold puts every class in every fold
-            raise ValueError(f"test fold {fold + 1} of {folds} holds no item of class {missing[0]}: its groups are "
-                             f"too few or too uneven to split {folds} ways; pass fewer folds, or probe more groups")
+            raise UnevenFoldsError(f"test fold {fold + 1} of {folds} holds no item of class {missing[0]}: its groups "
+                                   f"are too few or too uneven to split {folds} ways; pass fewer folds, or probe more "
+                                   "groups")
     scores = [linear_probe(features[tr], y[tr], features[te], y[te]) for tr, te in splits]
     return {k: float(np.mean([s[k] for s in scores])) for k in scores[0]}
 

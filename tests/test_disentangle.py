@@ -802,6 +802,29 @@ def test_probe_within_groups_is_nan_where_a_group_cannot_be_cross_validated():
     assert all(math.isnan(v) for v in scores.values())
 
 
+def test_probe_within_groups_reports_an_error_that_is_not_about_too_few_patients(monkeypatch):
+    """Only folds that cannot hold every value mean NaN; any other ValueError (NaN features, a bug) was
+    turned into NaN too, and the table looked like a small group's."""
+    import mtlearn.probes as P
+
+    model = CodedEncoders(side_a=lambda shape, background: background, side_b=lambda shape, background: shape)
+    loader = DataLoader(_coded_items(), batch_size=50)
+
+    def uneven(*args, **kwargs):
+        raise P.UnevenFoldsError("test fold 1 of 5 holds no item of class 1")
+
+    monkeypatch.setattr(P, "cross_validated_probe", uneven)
+    scores = D.probe_within_groups(model, loader, "background", "shape", ("circle", "bar"), device="cpu")
+    assert all(math.isnan(v) for v in scores.values())
+
+    def broken(*args, **kwargs):
+        raise ValueError("Input X contains NaN.")
+
+    monkeypatch.setattr(P, "cross_validated_probe", broken)
+    with pytest.raises(ValueError, match="Input X contains NaN"):
+        D.probe_within_groups(model, loader, "background", "shape", ("circle", "bar"), device="cpu")
+
+
 def test_probe_within_groups_refuses_too_few_folds_or_names():
     """folds=0 gave NaN for every group, as if each were too small; one name for two groups left one out."""
     model = CodedEncoders(side_a=lambda shape, background: background, side_b=lambda shape, background: shape)
