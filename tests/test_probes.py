@@ -516,7 +516,6 @@ def test_linear_probe_refuses_a_test_class_the_training_set_lacks():
         linear_probe(features[:40], y[:40], features[40:], np.r_[y[40:50], np.full(10, 2)])
 
 
-
 def test_linear_probe_refuses_a_test_set_without_one_of_the_classes():
     """A test set of class 0 only (e.g. the "unseen" split, circles on black): balanced accuracy averaged
     the classes present, so uninformative features predicting class 0 scored 1.0 against chance 0.5."""
