@@ -180,6 +180,7 @@ class MetricAccumulator:
         self.confusion = None if self.num_classes is None else np.zeros((self.num_classes,) * 2, np.int64)
         self._logits: list[np.ndarray] = []
         self._labels: list[np.ndarray] = []
+        self.synced = False  # sync() has added the other processes' totals in: a second one would again
 
     def _add(self, key: str, values: Tensor, skip_nan: bool = True) -> None:
         """Add per-image values; skip_nan drops undefined ones (Dice of an image with nothing to find)."""
@@ -200,6 +201,9 @@ class MetricAccumulator:
         "clean" (B, C, H, W).
         """
         check_outputs(outputs)
+        if self.synced:  # the totals are every process's now; this batch would join them on one only
+            raise ValueError("update() after sync(): the accumulator holds every process's totals; call reset() "
+                             "to start a new pass")
         for task in self.tasks:
             key = TASK_TARGETS[task]
             if task not in outputs or key not in batch:
@@ -291,8 +295,9 @@ class MetricAccumulator:
         self._add("recon/ssim", ssim(output, clean), skip_nan=False)
 
     def sync(self) -> None:
-        """Add up the sums, counts and predictions of every process (no-op without torchrun)."""
-        if not (dist.is_available() and dist.is_initialized()):
+        """Add up the sums, counts and predictions of every process (no-op without torchrun, and when
+        already synced: a second sum would count every other process's images again)."""
+        if self.synced or not (dist.is_available() and dist.is_initialized()):
             return
         device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
         keys = sorted(set(self.sums) | set(self.counts))
@@ -311,6 +316,7 @@ class MetricAccumulator:
             self.confusion = sum(confusions) if confusions else None
             self._logits = [z for _, logits, _ in predictions for z in logits]
             self._labels = [y for _, _, labels in predictions for y in labels]
+        self.synced = True
 
     @property
     def logits(self) -> np.ndarray:

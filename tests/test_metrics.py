@@ -378,6 +378,14 @@ def test_sync_adds_the_sums_and_counts_of_every_process(tmp_path, monkeypatch):
     assert acc.sums == {k: 2 * v for k, v in sums.items()}
     assert (acc.confusion_matrix() == 2 * confusion).all() and len(acc.labels) == 4
     assert acc.compute() == pytest.approx(before)  # two identical halves: same averages
+    # a second sync would double the other processes' images again; an update would join one process only
+    _sync_in_one_process_group(acc, tmp_path)
+    assert acc.counts == {k: 2 * v for k, v in counts.items()}
+    with pytest.raises(ValueError, match=r"update\(\) after sync\(\): .*call reset\(\) to start a new pass"):
+        acc.update({"seg": _seg_logits(mask), "cls": torch.tensor([[2.0, 0, 0], [0, 0, 2.0]])},
+                   {"mask": mask, "label": torch.tensor([0, 2])})
+    acc.reset()
+    assert not acc.synced
 
 
 @pytest.mark.parametrize("make, match", [
