@@ -1285,7 +1285,7 @@ def ultrasound_datasets(image_size: tuple[int, int] = (64, 64), *, seed: int = 0
                   => malignant" is always right in training, and "normal/benign with artifact" is
                   never seen (the counterpart of circle-on-black).
     shortcut:     test images drawn like the training images.
-    independent:  the artifact on half the images of every class (correlation 0).
+    independent:  each image of every class carries the artifact with probability 1/2 (correlation 0).
     reversed:     the artifact exactly on the images that are NOT malignant (correlation -1).
 
     train_correlation 1 would put the artifact on every malignant image: then nothing in the data
@@ -1323,7 +1323,9 @@ def real_ultrasound_datasets(name: str = "bus_uclm", root: str | Path | None = N
     dicts with "image" (1, H, W), "label" (0 normal, 1 benign, 2 malignant), "artifact" (0/1)
     and "id" (the file's stem). Unlike ultrasound_datasets nothing is decorrelated: the flag goes
     with the class at test as it did in training, so ultrasound_experiment reads the class
-    accuracy within each flag value and the artifact probes within each class.
+    accuracy within each flag value and the artifact probes within each class. Images cropped
+    relative to their masks are kept (on_size_mismatch="resize"): the experiment reads no mask,
+    and the class comes from the mask's colour, which a crop does not change.
     """
     from mtlearn.data import load_dataset
 
@@ -1331,7 +1333,8 @@ def real_ultrasound_datasets(name: str = "bus_uclm", root: str | Path | None = N
     for part, splits in (("train", ("train", "val")), ("test", ("test",))):
         items = []
         for split in splits:
-            dataset = load_dataset(name, root=root, split=split, image_size=image_size, seed=seed)
+            dataset = load_dataset(name, root=root, split=split, image_size=image_size, seed=seed,
+                                   on_size_mismatch="resize")
             items += [dataset[i] for i in range(len(dataset))]
         if any("artifact" not in item for item in items):
             raise ValueError(f"{name} records no artifact flag per image; use 'bus_uclm' (Doppler and caliper "
