@@ -110,8 +110,10 @@ def fetch(
                 # would look downloaded to the loaders and send the user round in circles
                 kept = target.with_name(target.name + ".not-a-zip")
                 os.replace(target, kept)
-                with open(kept, "rb") as file:
-                    start = file.read(40)
+                start = _first_bytes(kept)
+                if start.startswith(ZIP_START):  # a zip's beginning without its end: cut short, not a web page
+                    raise DownloadError(f"what the host sent begins like a zip archive but is cut short (the "
+                                        f"transfer stopped early?); it was kept as {kept}: delete it and run again")
                 raise DownloadError(f"what the host sent is not a zip archive but begins {start!r}, an error or "
                                     f"login page?; it was kept as {kept}, not as {target.name}")
         except DownloadError as error:
@@ -231,6 +233,13 @@ def mismatch_advice(
     `local`: the file was copied from this machine (a file:// address), so no transfer broke it.
     """
     pinned = parse_hash(known_hash) == parse_hash(source.known_hash)
+    start = _first_bytes(error.kept) if error.kept is not None and source.extract else ZIP_START
+    if not start.startswith(b"PK"):  # not a zip at all: retrying gets the same page, and accepting its checksum
+        # would only fail at unpacking
+        copy_url = f"file:///path/to/{source.filename}"
+        return (f"The file is not a zip archive but begins {start!r}: the host sent an error or login page, not "
+                f"{source.filename}. Download {source.filename} in a browser (signed in where the host asks) and "
+                f"run `python -m data_fetch {source.name} --dest \"{folder}\" --url {copy_url}`.")
     if pinned and not source.hash_is_official:
         cause = (f"The checksum of {source.name} was pinned by another project, not published by its authors: if "
                  "the host re-packed the archive, every download fails this way, so check the file rather than retry.")
@@ -251,6 +260,18 @@ def mismatch_advice(
     return (cause + "\n" if cause else "") + (
         f"If you checked the file (it unpacks, the images look right) and want to use it: {accept}"
     )
+
+
+ZIP_START = b"PK\x03\x04"  # a zip archive's first local file header
+
+
+def _first_bytes(path: Path, count: int = 40) -> bytes:
+    """The first `count` bytes of `path` (b"" when it cannot be read): what a host sent, to name it."""
+    try:
+        with open(path, "rb") as file:
+            return file.read(count)
+    except OSError:
+        return b""
 
 
 def local_copy_problem(source: Source, url: str, folder: Path, error: DownloadError) -> str:

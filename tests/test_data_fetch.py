@@ -644,6 +644,26 @@ def test_error_page_is_not_offered_for_pinning(server, tmp_path, capsys):
     assert (tmp_path / "7fvgj4jsp7-1.zip.not-a-zip").read_bytes() == server.files["/uclm.zip"]
 
 
+def test_a_login_page_under_a_pinned_checksum_is_named_not_retried_or_offered_for_pinning(server, tmp_path):
+    """The checksum catches the page, but "a broken transfer: run again" got the same page again, and
+    accepting its checksum with --hash ended in "not a readable zip archive": a loop."""
+    server.files["/Dataset_BUSI.zip"] = b"<!DOCTYPE html><html><body>Please sign in</body></html>"
+    with pytest.raises(HashMismatchError) as error:
+        fetch("busi", dest=tmp_path, url=server.url + "/Dataset_BUSI.zip", progress=False)
+    message = str(error.value)
+    assert "not a zip archive but begins b'<!DOCTYPE html><html><body>Please sign" in message
+    assert "the host sent an error or login page" in message and "in a browser" in message
+    assert "--url file:///path/to/Dataset_BUSI.zip" in message
+    assert "run again to retry" not in message and "--hash" not in message
+
+
+def test_a_zip_cut_short_without_a_checksum_is_called_cut_short_not_a_login_page(server, tmp_path):
+    server.files["/uclm.zip"] = zip_bytes({"BUS-UCLM/INFO.csv": b"x" * 5000})[:-60]  # no central directory
+    with pytest.raises(DownloadError, match=r"begins like a zip archive but is cut short \(the transfer stopped "
+                                            r"early\?\); it was kept as .*\.not-a-zip: delete it and run again"):
+        fetch("bus_uclm", dest=tmp_path, url=server.url + "/uclm.zip", progress=False)
+
+
 # SPEC section 4, copied by hand: a typo in sources.py must not pass unnoticed.
 SPEC_SOURCES = [
     ("busi", "https://scholar.cu.edu.eg/Dataset_BUSI.zip",
