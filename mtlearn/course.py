@@ -358,6 +358,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         parser.error(str(error))
     if args.only:
+        unmatched = [s for s in args.only if not any(nb.stem.startswith(s) for nb in notebooks)]
+        if unmatched:  # else `--only 00 99` ran 00 alone and said nothing of 99
+            parser.error(f"no notebook matches {unmatched}; available: {[p.stem for p in notebooks]}")
         notebooks = [nb for nb in notebooks if any(nb.stem.startswith(s) for s in args.only)]
     if not notebooks:
         parser.error(f"no notebook matches {args.only}; available: {[p.stem for p in course_notebooks()]}")

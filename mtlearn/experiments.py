@@ -35,9 +35,13 @@ from mtlearn.notebook import flatten_metrics, resolve_profile
 from mtlearn.utils import check_folder, check_number, is_int, write_text
 
 
+UNSAFE_IN_NAMES = str.maketrans({c: "_" for c in '/\\:*?"<>|'})  # separators, and what Windows refuses
+
+
 def _label(name: str, value: Any) -> str:
-    """`name=value` as it appears in a run's folder name."""
-    return f"{name}={value}".replace("/", "_")  # a value holding a path must not nest folders
+    """`name=value` as it appears in a run's folder name: a value holding a path must not nest folders,
+    and ':' '*' '?' ... cannot be in a folder's name on Windows."""
+    return f"{name}={value}".translate(UNSAFE_IN_NAMES)
 
 
 @dataclass(frozen=True)
@@ -58,10 +62,22 @@ class RunSpec:
     def is_complete(self, out_root: Path) -> bool:
         """True when the folder holds a finished run (see `_finished`) with these parameters."""
         folder = self.folder(out_root)
-        if not _finished(folder):
+        recorded = _recorded(folder)
+        if recorded is None:
             return False
-        recorded = json.loads((folder / "metrics.json").read_text())
         return all(recorded.get(k, v) == v for k, v in self.parameters if k in ("profile", "seed", "dataset"))
+
+
+def _recorded(folder: Path) -> dict | None:
+    """A finished run's metrics.json record; None when the run is not finished or its file is damaged
+    (a `done` beside a half-written or hand-edited metrics.json: the run is done again)."""
+    if not _finished(folder):
+        return None
+    try:
+        record = json.loads((folder / "metrics.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return record if isinstance(record, dict) else None
 
 
 def _finished(folder: Path) -> bool:
@@ -165,6 +181,11 @@ def grid(notebooks: list[Path], parameters: dict[str, list[Any]], seeds: list[in
             raise ValueError(f"the run folder {spec.name[:60]!r}... would be {len(staging.encode())} bytes with its "
                              f"'.partial' suffix, over the {MAX_NAME_BYTES} a file name may have; sweep fewer or "
                              "shorter values per parameter (e.g. one run per weighting, not lists of five)")
+    folders = [spec.folder(Path(".")) for spec in specs]
+    shared = sorted({str(f) for f in folders if folders.count(f) > 1})
+    if shared:  # values that print like ",name=...": two runs of one name, one taken for the other
+        raise ValueError(f"two runs of the grid would share the folder {shared[0]!r}; give values that do not "
+                         "hold ',' or '=' in their text")
     return specs
 
 
@@ -225,7 +246,8 @@ def run_grid(specs: list[RunSpec], out_root: str | Path, *, progress: bool = Tru
             continue
         timeout = CELL_TIMEOUT_S.get(dict(spec.parameters)["profile"]) if cell_timeout == "auto" else cell_timeout
         result = run_notebook(spec.notebook, folder, dict(spec.parameters), cell_timeout=timeout)
-        if not result.ok:  # result.out_dir: the failed run's staging folder; `folder` keeps any earlier run
+        if not result.ok and result.out_dir.is_dir():  # the failed run's staging folder (`folder` keeps any
+            # earlier run); not there when it could not be made, and the error says why
             (result.out_dir / "error.txt").write_text(result.error + "\n")
         rows.append({"notebook": spec.notebook.stem, "run": spec.name,
                      "status": "ok" if result.ok else f"failed: {result.error}", "seconds": round(result.seconds, 1)})
@@ -246,9 +268,9 @@ def collect(out_root: str | Path, specs: list[RunSpec] | None = None) -> pd.Data
         folders = [spec.folder(out_root) for spec in specs if spec.is_complete(out_root)]
     rows = []
     for folder in folders:
-        if not _finished(folder):
+        record = _recorded(folder)
+        if record is None:
             continue
-        record = json.loads((folder / "metrics.json").read_text())
         row = {"notebook": record.get("notebook", folder.parent.name), "run": folder.name}
         row.update({k: record.get(k) for k in ("profile", "seed", "dataset", "device", "wall_time_s")})
         row.update(flatten_metrics(record.get("metrics", {})))
@@ -355,9 +377,11 @@ def main(argv: list[str] | None = None) -> int:
         available = course_notebooks()
     except FileNotFoundError as error:
         parser.error(str(error))
+    unmatched = [s for s in args.notebooks if not any(nb.stem.startswith(s) for nb in available)]
+    if unmatched:  # else `--notebooks 02 20` ran 02 alone and said nothing of 20
+        parser.error(f"no notebook in {available[0].parent} matches {unmatched}; available: "
+                     f"{[nb.stem for nb in available]}")
     notebooks = [nb for nb in available if any(nb.stem.startswith(s) for s in args.notebooks)]
-    if not notebooks:
-        parser.error(f"no notebook in {available[0].parent} matches {args.notebooks}")
     names = [name for name, _ in args.sets]
     repeated = sorted({name for name in names if names.count(name) > 1})
     if repeated:  # dict() would keep the last one silently

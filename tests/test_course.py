@@ -199,6 +199,9 @@ def test_command_line_profile_and_device(monkeypatch, capsys):
     with pytest.raises(SystemExit):  # a bare --only (an empty shell variable) ran every notebook
         main(["--only"])
     assert "--only: expected at least one argument" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # `--only 00 99` ran 00 alone and said nothing of 99
+        main(["--only", "00", "99"])
+    assert "no notebook matches ['99']; available: ['00_setup_and_data'" in capsys.readouterr().err
 
 
 def test_command_line_names_an_out_that_is_a_file(tmp_path, monkeypatch, capsys):

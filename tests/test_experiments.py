@@ -322,6 +322,47 @@ def test_a_finished_run_on_another_dataset_is_not_complete(notebooks, tmp_path):
     assert spec.is_complete(tmp_path)
 
 
+def test_a_done_run_whose_metrics_are_damaged_runs_again(notebooks, tmp_path):
+    """A `done` beside a half-written metrics.json stopped the whole grid (and collect) with JSONDecodeError."""
+    spec = grid(notebooks[:1], {}, seeds=[0], profile="smoke")[0]
+    folder = _finished_run(spec.folder(tmp_path), RECORD)
+    (folder / "metrics.json").write_text('{"notebook": "nb", "prof')
+    assert not spec.is_complete(tmp_path) and collect(tmp_path).empty
+    status = run_grid([spec], tmp_path, progress=False)
+    assert list(status["status"]) == ["ok"] and spec.is_complete(tmp_path)
+
+
+def test_a_run_whose_folder_cannot_be_made_fails_alone(notebooks, tmp_path):
+    """run_notebook reports it as a failed run; run_grid then wrote error.txt into the missing folder and
+    the whole grid stopped with NotADirectoryError."""
+    specs = grid(notebooks[:1], {"scale": [1, 2]}, seeds=[0], profile="smoke")
+    (tmp_path / "01_a").mkdir()
+    (tmp_path / "01_a" / f"{specs[0].name}.partial").write_text("a file where the staging folder goes")
+    status = run_grid(specs, tmp_path, progress=False)
+    assert status["status"].iloc[0].startswith("failed") and list(status["status"].iloc[1:]) == ["ok"]
+
+
+def test_run_folders_hold_no_character_a_file_system_refuses_and_never_clash(notebooks):
+    """Only '/' was replaced: ':' '*' '?' ... cannot be in a folder name on Windows, and '\\' nests there."""
+    notebooks[0].write_text(notebooks[0].read_text().replace("scale = 1", "scale = 1\\ntag = 'x'\\nnote = 'y'"))
+    specs = grid(notebooks[:1], {"tag": ["a:b", "c*d?e", "f\\g", 'h"<i>|j']}, seeds=[0], profile="smoke")
+    assert [s.name for s in specs] == ["profile=smoke,seed=0,tag=a_b", "profile=smoke,seed=0,tag=c_d_e",
+                                       "profile=smoke,seed=0,tag=f_g", "profile=smoke,seed=0,tag=h__i__j"]
+    with pytest.raises(ValueError, match=r"two runs of the grid would share the folder .*give values that do not "
+                                         r"hold ',' or '='"):  # four runs, three folders
+        grid(notebooks[:1], {"note": ["a", "a,profile=smoke,seed=0,tag=b"], "tag": ["b,profile=smoke,seed=0,tag=c",
+                                                                                    "c"]}, seeds=[0], profile="smoke")
+
+
+def test_command_line_names_a_notebook_that_matches_nothing(notebooks, tmp_path, monkeypatch, capsys):
+    """`--notebooks 01 09` ran 01 alone and said nothing of 09."""
+    monkeypatch.setattr(experiments, "course_notebooks", lambda: notebooks)
+    with pytest.raises(SystemExit):
+        main(["--notebooks", "01", "09", "--out", str(tmp_path / "grid")])
+    assert "matches ['09']; available: ['01_a', '02_b']" in capsys.readouterr().err
+    assert not (tmp_path / "grid").exists()
+
+
 def test_command_line_names_an_out_that_is_a_file(notebooks, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(experiments, "course_notebooks", lambda: notebooks)
     (tmp_path / "grid").write_text("not a folder")
@@ -478,7 +519,7 @@ json.dump(record, open(pathlib.Path(out_dir) / "metrics.json", "w"))"""
     kinds = [json.loads((spec.folder(tmp_path / "grid") / "metrics.json").read_text())["kinds"] for spec in specs]
     assert kinds == [{"scale": "int", "seed": "int", "size": [32, 32], "flags": {"a": [True]}},
                      {"scale": "float", "seed": "int", "size": [32, 32], "flags": {"a": [True]}}]
-    assert specs[0].name == "flags={'a': [True]},profile=smoke,scale=2,seed=0,size=[32, 32]"
+    assert specs[0].name == "flags={'a'_ [True]},profile=smoke,scale=2,seed=0,size=[32, 32]"
 
 
 @pytest.mark.parametrize("value, kind", [({1, 2}, "set"), ({1: "a"}, "dict"), (object(), "object")])
