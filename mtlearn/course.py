@@ -51,6 +51,14 @@ class NotebookResult:
     metrics: dict[str, Any] | None = None
 
 
+def select_notebooks(available: list[Path], prefixes: list[str]) -> tuple[list[Path], list[str]]:
+    """The notebooks whose names start with one of `prefixes` ("02", "02_loss"), in course order, and
+    the prefixes that match none (for the caller's usage error)."""
+    chosen = [nb for nb in available if any(nb.stem.startswith(p) for p in prefixes)]
+    unmatched = [p for p in prefixes if not any(nb.stem.startswith(p) for nb in available)]
+    return chosen, unmatched
+
+
 def course_notebooks(notebook_dir: Path | None = None) -> list[Path]:
     """The numbered notebooks `NN_topic.ipynb`, in course order.
 
@@ -358,12 +366,10 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         parser.error(str(error))
     if args.only:
-        unmatched = [s for s in args.only if not any(nb.stem.startswith(s) for nb in notebooks)]
+        available = notebooks
+        notebooks, unmatched = select_notebooks(available, args.only)
         if unmatched:  # else `--only 00 99` ran 00 alone and said nothing of 99
-            parser.error(f"no notebook matches {unmatched}; available: {[p.stem for p in notebooks]}")
-        notebooks = [nb for nb in notebooks if any(nb.stem.startswith(s) for s in args.only)]
-    if not notebooks:
-        parser.error(f"no notebook matches {args.only}; available: {[p.stem for p in course_notebooks()]}")
+            parser.error(f"no notebook matches {unmatched}; available: {[p.stem for p in available]}")
 
     from tqdm.auto import tqdm
 

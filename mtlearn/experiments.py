@@ -30,7 +30,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from mtlearn.course import CELL_TIMEOUT_S, DONE, course_notebooks, resolve_cell_timeout, run_notebook
+from mtlearn.course import (CELL_TIMEOUT_S, DONE, course_notebooks, resolve_cell_timeout, run_notebook,
+                            select_notebooks)
 from mtlearn.notebook import flatten_metrics, resolve_profile
 from mtlearn.utils import check_folder, check_number, is_int, write_text
 
@@ -377,11 +378,10 @@ def main(argv: list[str] | None = None) -> int:
         available = course_notebooks()
     except FileNotFoundError as error:
         parser.error(str(error))
-    unmatched = [s for s in args.notebooks if not any(nb.stem.startswith(s) for nb in available)]
+    notebooks, unmatched = select_notebooks(available, args.notebooks)
     if unmatched:  # else `--notebooks 02 20` ran 02 alone and said nothing of 20
         parser.error(f"no notebook in {available[0].parent} matches {unmatched}; available: "
                      f"{[nb.stem for nb in available]}")
-    notebooks = [nb for nb in available if any(nb.stem.startswith(s) for s in args.notebooks)]
     names = [name for name, _ in args.sets]
     repeated = sorted({name for name in names if names.count(name) > 1})
     if repeated:  # dict() would keep the last one silently

@@ -301,11 +301,11 @@ def _folder_parameter(name: str, value, default: str) -> Path | None:
     """
     if value is None:
         return None
-    if not isinstance(value, (str, os.PathLike)):
+    text = os.fspath(value) if isinstance(value, os.PathLike) else value
+    if not isinstance(text, str):  # an int, a list, a bytes path
         raise ValueError(f"{name} must be a folder (a str or a Path), or {default}; got {value!r}")
-    text = os.fspath(value)
-    if not isinstance(text, str) or not text.strip() or text != text.strip():
-        problem = "is empty" if isinstance(text, str) and not text.strip() else "starts or ends with a space"
+    if not text.strip() or text != text.strip():
+        problem = "is empty" if not text.strip() else "starts or ends with a space"
         raise ValueError(f"{name} {problem} ({value!r}); give a folder, or {default}")
     return Path(text)
 
