@@ -6,7 +6,11 @@ How, and why:
   asks the server for the rest (HTTP Range); a server that ignores Range sends everything again;
 - network errors and server errors (5xx, 429) are retried with exponential backoff; what asking
   again cannot change is not (a 404, a missing local file, a certificate that fails verification);
-- every request says who is asking (User-Agent): Zenodo throttles anonymous clients;
+- every request says who is asking (User-Agent): Zenodo throttles anonymous clients; and asks for
+  the file's own bytes (Accept-Encoding: identity); a body compressed anyway (gzip, deflate) is decoded,
+  since the checksum is of the file;
+- a `.part` file that is already complete (a run that died before the rename) is recognised by its
+  checksum, or without one by the server's 416 answer naming the file's length;
 - the checksum is computed on the finished `.part` file; only a file that matches is renamed to
   its final name (an atomic rename), so the final path never holds a broken download; one that
   does not match is kept as `<file>.mismatch` for the user to inspect.
@@ -25,6 +29,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+import zlib
 from pathlib import Path
 
 USER_AGENT = "mtlearn-data_fetch/0.1 (course dataset downloader; Python urllib)"
@@ -176,16 +181,20 @@ def _transfer(url: str, part: Path, progress: bool) -> None:
     from tqdm.auto import tqdm
 
     offset = part.stat().st_size if part.exists() else 0
-    headers = {"User-Agent": USER_AGENT}
+    # identity: the bytes of the file itself, which the checksum is of (urllib would not decode a gzip body)
+    headers = {"User-Agent": USER_AGENT, "Accept-Encoding": "identity"}
     if offset:
         headers["Range"] = f"bytes={offset}-"
     try:
         response = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=TIMEOUT_SECONDS)
     except urllib.error.HTTPError as error:
-        if error.code == 416:  # our partial file is as long as (or longer than) the file: start again
-            part.unlink()
+        if error.code == 416:
+            if offset and _unsatisfied_length(error.headers) == offset:
+                return  # an earlier run had it all and died before the rename: nothing is missing
+            part.unlink()  # our partial file is longer than the file (or of another file): start again
         raise
     with response:
+        decoder = _decoder(response.headers.get("Content-Encoding"))
         start = _range_start(response.headers.get("Content-Range")) if response.status == 206 else 0
         if start is None and offset == 0:
             start = 0  # nothing was asked for by range: a 206 without Content-Range can only be the whole file
@@ -195,17 +204,27 @@ def _transfer(url: str, part: Path, progress: bool) -> None:
             raise ConnectionError(f"the server sent {sent} where bytes from {offset} on were asked for; "
                                   "the partial download was dropped, the next attempt starts afresh")
         resumed = offset > 0 and start == offset
+        if decoder is not None and resumed:
+            # a range of the compressed stream cannot be appended to the bytes decoded so far
+            part.unlink()
+            raise ConnectionError("the server compressed the rest of the file (Content-Encoding) in answer to a "
+                                  "range request; the partial download was dropped, the next attempt starts afresh")
         if not resumed:
             offset = 0  # the server sent the whole file
-        length = response.headers.get("Content-Length")
+        length = response.headers.get("Content-Length")  # of what is sent: the compressed bytes, if compressed
         total = offset + int(length) if length is not None else None
+        received = offset
         bar = tqdm(total=total, initial=offset, unit="B", unit_scale=True, desc=part.stem, disable=not progress)
         with open(part, "ab" if resumed else "wb") as f, bar:
             while chunk := response.read(CHUNK_BYTES):
-                f.write(chunk)
+                received += len(chunk)
+                f.write(chunk if decoder is None else decoder.decompress(chunk))
                 bar.update(len(chunk))
-    if total is not None and part.stat().st_size < total:
-        raise ConnectionError(f"connection closed after {part.stat().st_size} of {total} bytes")
+            if decoder is not None:
+                f.write(decoder.flush())
+    if (total is not None and received < total) or (decoder is not None and not decoder.eof):
+        sent = f"{received} of {total} bytes" if total is not None else f"{received} bytes, mid-stream"
+        raise ConnectionError(f"connection closed after {sent}")
 
 
 def _retry_after(error: Exception) -> float | None:
@@ -215,6 +234,26 @@ def _retry_after(error: Exception) -> float | None:
         return None
     value = (error.headers.get("Retry-After") or "").strip()
     return min(float(value), MAX_RETRY_AFTER_SECONDS) if value.isdigit() else None
+
+
+def _decoder(content_encoding: str | None):
+    """A zlib decompressor for a body a server compressed although asked not to (gzip, deflate);
+    None for the file's own bytes. An encoding zlib cannot undo is a DownloadError."""
+    encoding = (content_encoding or "identity").strip().lower()
+    if encoding == "identity":
+        return None
+    if encoding in ("gzip", "x-gzip"):
+        return zlib.decompressobj(16 + zlib.MAX_WBITS)
+    if encoding == "deflate":
+        return zlib.decompressobj(zlib.MAX_WBITS)
+    raise DownloadError(f"the server sent the file compressed as {content_encoding!r} although asked for it "
+                        "uncompressed, and data_fetch cannot undo that; download it in a browser instead")
+
+
+def _unsatisfied_length(headers) -> int | None:
+    """The file's length a 416 answer names ('Content-Range: bytes */200' -> 200); None if it names none."""
+    match = re.fullmatch(r"bytes \*/(\d+)", ((headers or {}).get("Content-Range") or "").strip())
+    return int(match.group(1)) if match else None
 
 
 def _range_start(content_range: str | None) -> int | None:

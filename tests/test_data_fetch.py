@@ -1,6 +1,7 @@
 """data_fetch against a local HTTP server: resume, retries, checksums, markers, unsafe archives."""
 
 import errno
+import gzip
 import hashlib
 import io
 import json
@@ -12,6 +13,7 @@ import subprocess
 import sys
 import threading
 import zipfile
+import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -36,11 +38,14 @@ class Handler(BaseHTTPRequestHandler):
     HTTP errors queued in `server.errors` (say, [503, 429]); with `server.range_from_zero` it answers a
     Range with a 206 that starts at byte 0 (the whole file, as its Content-Range says); with
     `server.range_start` (once) at that byte instead; `server.retry_after` goes with the queued errors;
-    `server.bare_206` answers every request 206 without Content-Range."""
+    `server.bare_206` answers every request 206 without Content-Range; `server.encoding` ("gzip",
+    "deflate", "br") compresses the answer whatever the client asked for, ignoring Range unless
+    `server.encoded_ranges` (then a Range gets that part of the compressed bytes)."""
 
     def do_GET(self):
         server = self.server
         server.requests.append((self.path, self.headers.get("Range"), self.headers.get("User-Agent")))
+        server.accept_encodings.append(self.headers.get("Accept-Encoding"))
         if server.errors:
             code = server.errors.pop(0)
             if server.retry_after is None:
@@ -56,7 +61,12 @@ class Handler(BaseHTTPRequestHandler):
             self.send_error(404)
             return
         start = 0
-        if self.headers.get("Range") and not server.ignore_range and not server.bare_206:
+        if server.encoding is not None:
+            compress = {"gzip": gzip.compress, "deflate": zlib.compress, "br": lambda b: b"not brotli"}
+            data = compress[server.encoding](data)
+        if self.headers.get("Range") and server.encoding is not None and not server.encoded_ranges:
+            self.send_response(200)  # a compressing server that does not do ranges
+        elif self.headers.get("Range") and not server.ignore_range and not server.bare_206:
             start = int(self.headers["Range"].removeprefix("bytes=").split("-")[0])
             if server.range_from_zero:
                 start = 0
@@ -76,6 +86,8 @@ class Handler(BaseHTTPRequestHandler):
         else:
             self.send_response(200)
         body = data[start:]
+        if server.encoding is not None:
+            self.send_header("Content-Encoding", server.encoding)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         if server.drops:  # announce everything, send part of it, hang up
@@ -95,6 +107,7 @@ def server():
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     httpd.files, httpd.requests, httpd.drops, httpd.ignore_range, httpd.errors = {}, [], 0, False, []
     httpd.range_from_zero, httpd.range_start, httpd.retry_after, httpd.bare_206 = False, None, None, False
+    httpd.encoding, httpd.encoded_ranges, httpd.accept_encodings = None, False, []
     httpd.url = f"http://127.0.0.1:{httpd.server_address[1]}"
     thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
     thread.start()
@@ -372,6 +385,40 @@ def test_part_file_longer_than_the_file_gets_416_and_restarts(server, tmp_path):
     download_file(server.url + "/data.npz", tmp_path / "data.npz", sha256(PAYLOAD), progress=False)
     assert [r for _, r, _ in server.requests] == [f"bytes={len(PAYLOAD) + 10}-", None]  # 416, then everything
     assert (tmp_path / "data.npz").read_bytes() == PAYLOAD and not (tmp_path / "data.npz.part").exists()
+
+
+def test_complete_unpinned_part_file_is_kept_on_416_even_without_retries(server, tmp_path):
+    """No checksum to recognise it by: the 416 naming the file's length says the part is complete."""
+    server.files["/data.npz"] = PAYLOAD
+    (tmp_path / "data.npz.part").write_bytes(PAYLOAD)  # the earlier run died before the rename
+    download_file(server.url + "/data.npz", tmp_path / "data.npz", None, progress=False, retries=0)
+    assert [r for _, r, _ in server.requests] == [f"bytes={len(PAYLOAD)}-"]
+    assert (tmp_path / "data.npz").read_bytes() == PAYLOAD and not (tmp_path / "data.npz.part").exists()
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate"])
+def test_a_compressed_answer_is_saved_decoded(server, tmp_path, encoding):
+    """Asked for the file's own bytes (Accept-Encoding: identity), a server may compress it anyway:
+    the checksum is of the file, so the body is decoded; one cut short is retried from the start."""
+    server.files["/data.npz"], server.encoding, server.drops = PAYLOAD, encoding, 1
+    download_file(server.url + "/data.npz", tmp_path / "data.npz", sha256(PAYLOAD), progress=False)
+    assert (tmp_path / "data.npz").read_bytes() == PAYLOAD
+    assert server.accept_encodings[0] == "identity" and len(server.requests) == 2
+
+
+def test_a_compressed_range_is_not_appended_to_decoded_bytes(server, tmp_path):
+    server.files["/data.npz"], server.encoding, server.encoded_ranges = PAYLOAD, "gzip", True
+    (tmp_path / "data.npz.part").write_bytes(PAYLOAD[:1000])  # decoded bytes of an interrupted run
+    download_file(server.url + "/data.npz", tmp_path / "data.npz", sha256(PAYLOAD), progress=False)
+    assert [r for _, r, _ in server.requests] == ["bytes=1000-", None]  # dropped, then afresh
+    assert (tmp_path / "data.npz").read_bytes() == PAYLOAD
+
+
+def test_an_encoding_zlib_cannot_undo_is_named_and_not_retried(server, tmp_path):
+    server.files["/data.npz"], server.encoding = PAYLOAD, "br"
+    with pytest.raises(DownloadError, match="compressed as 'br'.*download it in a browser"):
+        download_file(server.url + "/data.npz", tmp_path / "data.npz", sha256(PAYLOAD), progress=False)
+    assert len(server.requests) == 1 and not (tmp_path / "data.npz").exists()
 
 
 def test_complete_part_file_is_checked_and_used_without_a_request(server, tmp_path):
