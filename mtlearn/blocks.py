@@ -414,8 +414,10 @@ class ResFormerStage(nn.Module):
     Bui et al. (2024) run ResNet-34 blocks (local texture) and Swin blocks (long-range context)
     in parallel and fuse them by addition (the "parallel" variant of their released code); the sum
     feeds the next stage. Downsampling stages stride the first BasicBlock on the CNN path and
-    merge patches on the transformer path. attn_depth = 0 builds the CNN path only (a plain
-    ResNet stage): the transformer path is then not constructed at all.
+    merge patches on the transformer path. A LayerNorm closes the transformer path before the sum,
+    as Swin closes its stages, so both paths reach the addition on a comparable scale.
+    attn_depth = 0 builds the CNN path only (a plain ResNet stage): the transformer path is then
+    not constructed at all.
 
     drop_path: one stochastic-depth rate per Swin block (length attn_depth).
     input_resolution: the (H, W) of this stage's output in training, for the precomputed masks.
