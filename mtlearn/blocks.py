@@ -415,7 +415,8 @@ class ResFormerStage(nn.Module):
     in parallel and fuse them by addition (the "parallel" variant of their released code); the sum
     feeds the next stage. Downsampling stages stride the first BasicBlock on the CNN path and
     merge patches on the transformer path. A LayerNorm closes the transformer path before the sum,
-    as Swin closes its stages, so both paths reach the addition on a comparable scale.
+    as Swin backbones for dense prediction normalise each stage's output, so both paths reach the
+    addition on a comparable scale.
     attn_depth = 0 builds the CNN path only (a plain ResNet stage): the transformer path is then
     not constructed at all.
 
