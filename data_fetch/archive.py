@@ -6,12 +6,14 @@ symbolic links, and files that other members need as their folder, are refused t
 Some hosts (Mendeley Data, for BUS-UCLM) wrap the dataset's own zip inside the download: zips
 found in the archive are unpacked next to themselves, one level deep, and their names are checked
 too, before the outer archive is unpacked. The `._*` files a Mac adds under `__MACOSX/` are not
-zips, whatever their names end with, and are left as they are.
+zips, whatever their names end with, and are left as they are. An archive that would not fit on
+the disk (its members' sizes, nested zips included, against the free space) is refused up front.
 """
 
 from __future__ import annotations
 
 import re
+import shutil
 import stat
 import zipfile
 import zlib
@@ -43,8 +45,10 @@ def extract_zip(archive: Path, target: Path, nested: bool = True) -> list[str]:
                 _check_member(name, archive, target)
             _check_kinds(zf.infolist(), archive)
             inner_zips = [name for name in names if _is_wrapped_zip(name)] if nested else []
+            needed = sum(info.file_size for info in zf.infolist())
             for name in inner_zips:
-                _check_inner_zip(zf, name, archive, target)
+                needed += _check_inner_zip(zf, name, archive, target)
+            _check_free_space(needed, archive, target)
             target.mkdir(parents=True, exist_ok=True)
             zf.extractall(target)
     except (zipfile.BadZipFile, EOFError, zlib.error) as error:
@@ -64,15 +68,35 @@ def _is_wrapped_zip(name: str) -> bool:
     return path.suffix.lower() == ".zip" and "__MACOSX" not in path.parts and not path.name.startswith("._")
 
 
-def _check_inner_zip(zf: zipfile.ZipFile, name: str, archive: Path, target: Path) -> None:
+def _check_free_space(needed: int, archive: Path, target: Path) -> None:
+    """Refuse to start unpacking what the disk under `target` cannot hold: a full disk halfway
+    through would leave part of the dataset, and possibly no room for anything else."""
+    folder = target
+    while not folder.exists() and folder != folder.parent:  # the nearest folder that exists: same disk
+        folder = folder.parent
+    free = shutil.disk_usage(folder).free
+    if needed > free:
+        raise FetchError(f"unpacking {archive.name} needs {_size(needed)} and {folder} has {_size(free)} free; "
+                         "nothing was extracted. Free some space, or fetch into a folder on another disk "
+                         "(--dest, or $MTLEARN_DATA)")
+
+
+def _size(count: int) -> str:
+    """Bytes for people: '850.0 MB', '2.31 GB'."""
+    return f"{count / 1e6:.1f} MB" if count < 1e9 else f"{count / 1e9:.2f} GB"
+
+
+def _check_inner_zip(zf: zipfile.ZipFile, name: str, archive: Path, target: Path) -> int:
     """Check the member names of the zip `name` inside `zf` where it will be unpacked, without
-    writing it out first (ZipFile reads its directory from the compressed stream)."""
+    writing it out first (ZipFile reads its directory from the compressed stream); return the
+    bytes its members will take once unpacked."""
     inner_path = target / name
     try:
         with zf.open(name) as stream, zipfile.ZipFile(stream) as inner:
             for member in inner.namelist():
                 _check_member(member, inner_path, inner_path.parent, within=archive.name)
             _check_kinds(inner.infolist(), inner_path, within=archive.name)
+            return sum(info.file_size for info in inner.infolist())
     except (zipfile.BadZipFile, EOFError, zlib.error) as error:
         raise FetchError(
             f"{name} inside {archive} is not a readable zip archive ({error}); nothing was extracted. Delete "

@@ -216,6 +216,31 @@ def test_unreadable_zip_inside_the_download_names_both_and_extracts_nothing(tmp_
     assert not (tmp_path / "dest").exists()
 
 
+def test_an_archive_larger_than_the_free_space_is_refused_before_unpacking(tmp_path, monkeypatch):
+    """Nested zips count with what they unpack to; the nearest existing folder is asked (same disk)."""
+    import collections
+
+    from data_fetch import archive as archive_module
+
+    inner = zip_bytes({"BUS-UCLM/a.png": bytes(3000)})
+    outer = tmp_path / "uclm.zip"
+    outer.write_bytes(zip_bytes({"dataset/BUS-UCLM.zip": inner, "dataset/readme.txt": bytes(1000)}))
+    needed = len(inner) + 1000 + 3000
+    asked = []
+
+    def disk_usage(path, free):
+        asked.append(path)
+        return collections.namedtuple("usage", "total used free")(10**9, 10**9 - free, free)
+
+    monkeypatch.setattr(archive_module.shutil, "disk_usage", lambda path: disk_usage(path, needed - 1))
+    refused = r"needs 0\.0 MB and .* has 0\.0 MB free; nothing was extracted.*--dest"
+    with pytest.raises(data_fetch.FetchError, match=refused):
+        archive_module.extract_zip(outer, tmp_path / "new" / "dest")
+    assert asked == [tmp_path] and not (tmp_path / "new").exists()
+    monkeypatch.setattr(archive_module.shutil, "disk_usage", lambda path: disk_usage(path, needed))
+    assert "dataset/BUS-UCLM/a.png" in archive_module.extract_zip(outer, tmp_path / "new" / "dest")
+
+
 def test_member_that_would_overwrite_the_archive_is_refused(tmp_path):
     from data_fetch.archive import extract_zip
 
