@@ -47,7 +47,7 @@ from tqdm.auto import tqdm
 
 from mtlearn.encoder import ResFormerEncoder, check_floating, init_weights
 from mtlearn.mtl import MultiTaskUNet
-from mtlearn.plots import _image
+from mtlearn.plots import _draw_image, _image
 from mtlearn.utils import check_number, is_finite
 from mtlearn.widgets import show_in
 
@@ -989,7 +989,7 @@ def _show_map(ax, image, attribution, method: str, mask=None, limit: float | Non
     signed = _is_signed(method, [values]) if signed is None else signed
     limit = colour_limit([values], percentile) if limit is None else limit
     if image is not None:
-        ax.imshow(_image(image), cmap="gray")
+        _draw_image(ax, _image(image))
     lower = -limit if signed else 0.0
     shown = ax.imshow(values, cmap=_overlay_cmap(signed), vmin=lower, vmax=limit, interpolation="nearest")
     if not np.any(values):
@@ -1053,7 +1053,7 @@ def plot_attributions(images: Tensor, maps: Mapping[str, Tensor], masks: Tensor 
     signs = {g: _is_signed(g, values) for g, values in members.items()}
     col = 1 + (masks is not None)
     for row in range(B):
-        axes[row, 0].imshow(_image(images[row]), cmap="gray")
+        _draw_image(axes[row, 0], _image(images[row]))
         if masks is not None:
             axes[row, 1].imshow(_image(masks[row]), cmap="gray", vmin=0, vmax=1)
         for ax in axes[row, :col]:
@@ -1275,7 +1275,7 @@ class AttributionExplorer:
             hit = float(pointing_game(maps, item["mask"][None], self.tolerance)[0])
             title += f"\nin-lesion share {share:.2f}, peak in lesion: {'yes' if hit == 1 else 'no'}"
         fig, axes = plt.subplots(1, 2, figsize=(6.4, 3.8), layout="constrained")
-        axes[0].imshow(_image(item["image"]), cmap="gray")
+        _draw_image(axes[0], _image(item["image"]))
         if "mask" in item and item["mask"].sum() > 0:
             axes[0].contour(_image(item["mask"]), levels=[0.5], colors="lime", linewidths=1)
         if "artifact_mask" in item and item["artifact_mask"].sum() > 0:

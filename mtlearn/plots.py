@@ -36,20 +36,34 @@ def _array(x) -> np.ndarray:
 
 
 def _image(x, name: str = "image") -> np.ndarray:
-    """(C, H, W) or (H, W) tensor/array -> (H, W) or (H, W, 3) array for imshow (C 1, or 3 equal
-    channels: grey; otherwise the first three drawn as RGB)."""
+    """(C, H, W) or (H, W) tensor/array, C 1 or 3 -> (H, W) or (H, W, 3) array (C 1, or 3 equal
+    channels: grey, (H, W); 3 others: RGB). Draw it with `_draw_image`, which scales colour too."""
     x = _array(x)
     if x.ndim == 3 and x.shape[0] not in (1, 3) and x.shape[-1] in (1, 3, 4):  # e.g. an array from a PNG
         raise ValueError(f"{name} must be (C, H, W) or (H, W), got the channels-last shape {x.shape}: "
                          f"pass it as (C, H, W), e.g. torch.as_tensor({name}).permute(2, 0, 1)")
-    if x.ndim not in (2, 3) or (x.ndim == 3 and x.shape[0] == 2) or min(x.shape[-2:], default=0) == 0:
-        raise ValueError(f"{name} must be a non-empty (C, H, W) array with 1 or 3 channels, or (H, W); "
-                         f"got shape {x.shape}")
+    if x.ndim not in (2, 3) or (x.ndim == 3 and x.shape[0] not in (1, 3)) or min(x.shape[-2:], default=0) == 0:
+        # 4 or more "channels" is most often a batch or a seg head's scores, not one picture in colour
+        raise ValueError(f"{name} must be a non-empty (C, H, W) array with 1 or 3 channels, or (H, W); got "
+                         f"shape {x.shape}: for one image of a batch pass x[i], for class scores x.argmax(0)")
     if x.ndim == 3:  # grey repeated over 3 channels (in_channels=3) stays grey, on the shared grey scale
         grey = x.shape[0] == 1 or (np.array_equal(x[0], x[1], equal_nan=True)
                                    and np.array_equal(x[0], x[2], equal_nan=True))
-        x = x[0] if grey else np.moveaxis(x[:3], 0, -1)
+        x = x[0] if grey else np.moveaxis(x, 0, -1)
     return x
+
+
+def _draw_image(ax, picture: np.ndarray, low: float | None = None, high: float | None = None):
+    """imshow a `_image` picture: grey over [low, high] (None: its own range); colour, which imshow
+    would clip to [0, 1] (a uint8 image all white, a normalised one black below 0), scaled from
+    [low, high] (None: its own range) when its values leave [0, 1], so both read the same way."""
+    if picture.ndim == 2:
+        return ax.imshow(picture, cmap="gray", vmin=low, vmax=high)
+    low = float(np.nanmin(picture)) if low is None else low
+    high = float(np.nanmax(picture)) if high is None else high
+    if low < 0 or high > 1:
+        picture = (picture - low) / (high - low if high > low else 1.0)
+    return ax.imshow(np.clip(np.nan_to_num(picture), 0.0, 1.0))
 
 
 def _outline(x, name: str, size: tuple[int, int]) -> np.ndarray:
@@ -63,7 +77,25 @@ def _outline(x, name: str, size: tuple[int, int]) -> np.ndarray:
     if x.shape != size:  # drawn at another size, the outline would sit in the wrong place
         raise ValueError(f"{name} is {x.shape[0]}x{x.shape[1]} but the image is {size[0]}x{size[1]}: "
                          f"resize one to the other (nearest neighbour for a mask) before drawing")
+    if min(x.shape) < 2:  # matplotlib's contour needs a 2 x 2 grid, and raised a TypeError
+        raise ValueError(f"{name} is {x.shape[0]}x{x.shape[1]}: an outline needs an image of at least 2x2 pixels")
     return x
+
+
+def _class_index(label, where: str, class_names=None) -> int:
+    """`label` (an int, a NumPy int or a one-element integer tensor) as an int, checked against
+    `class_names`; else a ValueError naming `where` ("item 3") and the fix. 1.7 would be drawn as
+    class 1, None or a one-hot vector raised inside int(), -1 would get the last name."""
+    if isinstance(label, torch.Tensor) and label.numel() == 1 and not label.is_floating_point():
+        label = label.item()
+    if not is_int(label):
+        raise ValueError(f"{where} has label {label!r}; labels are class indices 0, 1, ... (for a one-hot "
+                         "vector pass its argmax)")
+    label = int(label)
+    if class_names is not None and len(class_names) and not 0 <= label < len(class_names):
+        raise ValueError(f"{where} has label {label}, but class_names {list(class_names)} name labels "
+                         f"0..{len(class_names) - 1}: pass one name per class")
+    return label
 
 
 def overlay(ax, image, mask=None, prediction=None, title: str = "") -> None:
@@ -73,7 +105,7 @@ def overlay(ax, image, mask=None, prediction=None, title: str = "") -> None:
     size = picture.shape[:2]
     outlines = {key: _outline(value, key, size) for key, value in (("mask", mask), ("prediction", prediction))
                 if value is not None}  # checked before anything is drawn
-    ax.imshow(picture, cmap="gray")
+    _draw_image(ax, picture)
     if "mask" in outlines:
         ax.contour(outlines["mask"], levels=[0.5], colors="lime", linewidths=1.0)
     if "prediction" in outlines:
@@ -95,7 +127,8 @@ def show_items(items: Sequence[dict], keys: Sequence[str] = ("image", "mask"), c
     The intensity rows of one item ("image", "clean", ...) share one grey scale, the item's range
     over all of them (min to max), so the speckled image and its clean scene can be compared pixel
     for pixel: the same grey is the same value. Rows whose key ends in "mask" are drawn as masks,
-    0 black and 1 (or the largest class) white.
+    0 black and 1 (or the largest class of any item in the row) white. Colour images are drawn as
+    they are when in [0, 1], else over the item's range like grey ones.
     """
     if not is_int(max_items) or max_items < 1:
         raise ValueError(f"max_items must be an int >= 1, got {max_items!r}")
@@ -112,15 +145,24 @@ def show_items(items: Sequence[dict], keys: Sequence[str] = ("image", "mask"), c
         if missing:  # e.g. the default "mask" row for a classification-only dataset (BreastMNIST)
             raise ValueError(f"item {index} has no {missing}; its keys are {sorted(item)}: pass keys=, "
                              f"e.g. keys=('image',)")
+    # every label and picture before the figure: a bad one raises without leaving an empty grid behind
+    titles = []
+    for index, item in enumerate(items):
         label = item.get("label")
-        if class_names is not None and label is not None and not 0 <= int(label) < len(class_names):
-            # -1 would be titled with the last name, 5 of three an IndexError
-            raise ValueError(f"item {index} has label {int(label)}, but class_names {list(class_names)} name labels "
-                             f"0..{len(class_names) - 1}: pass one name per class")
-    # every picture before the figure: a bad one raises without leaving an empty grid behind
+        if label is not None:
+            label = _class_index(label, f"item {index}", class_names)
+        name = class_names[label] if class_names is not None and label is not None else label
+        artifact = item.get("artifact", 0)
+        if not (is_int(artifact) or isinstance(artifact, (bool, np.bool_))
+                or isinstance(artifact, torch.Tensor) and artifact.numel() == 1):
+            raise ValueError(f"item {index} has artifact {artifact!r}; expected 0 or 1")
+        titles.append(f"{'' if name is None else name}{' +artifact' if int(artifact) else ''}")  # no "None"
     columns = [{key: _image(item[key], name=key) for key in keys} for item in items]
+    # one grey scale per mask row, so a class has the same shade in every column
+    mask_top = {key: max(1.0, *(float(np.nanmax(pictures[key])) for pictures in columns))
+                for key in keys if _is_mask(key)}
     fig, axes = plt.subplots(len(keys), len(items), figsize=(1.9 * len(items), 1.9 * len(keys)), squeeze=False)
-    for col, (item, pictures) in enumerate(zip(items, columns)):
+    for col, (heading, pictures) in enumerate(zip(titles, columns)):
         intensities = [p for key, p in pictures.items() if not _is_mask(key)]
         low = min(float(np.nanmin(p)) for p in intensities) if intensities else None  # one scale per item
         high = max(float(np.nanmax(p)) for p in intensities) if intensities else None
@@ -128,16 +170,13 @@ def show_items(items: Sequence[dict], keys: Sequence[str] = ("image", "mask"), c
             ax = axes[row, col]
             picture = pictures[key]
             if _is_mask(key):
-                ax.imshow(picture, cmap="gray", vmin=0, vmax=max(1.0, float(np.nanmax(picture))))
+                ax.imshow(picture, cmap="gray", vmin=0, vmax=mask_top[key])
             else:
-                ax.imshow(picture, cmap="gray", vmin=low, vmax=high)
+                _draw_image(ax, picture, low, high)
             ax.set_xticks([])
             ax.set_yticks([])
             if row == 0:
-                label = item.get("label")
-                name = class_names[int(label)] if class_names is not None and label is not None else label
-                extra = " +artifact" if int(item.get("artifact", 0)) else ""
-                ax.set_title(f"{'' if name is None else name}{extra}", fontsize=9)  # no label: no "None"
+                ax.set_title(heading, fontsize=9)
             if col == 0:
                 ax.set_ylabel(key)
     fig.suptitle(title)

@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import ipywidgets as widgets
 import matplotlib.pyplot as plt
-import torch
 
-from mtlearn.plots import _image, _outline
-from mtlearn.utils import find_class_names, is_int
+from mtlearn.plots import _class_index, _draw_image, _image, _outline
+from mtlearn.utils import find_class_names
 
 
 def show_in(output: widgets.Output, fig) -> None:
@@ -61,29 +60,28 @@ class DatasetExplorer:
 
     def describe(self, item: dict) -> str:
         parts = [str(item.get("id", ""))]
+        where = f"item {item.get('id', '')!r}"
         if "label" in item:
-            label = item["label"]
-            if isinstance(label, torch.Tensor) and label.numel() == 1 and not label.is_floating_point():
-                label = label.item()
-            if not is_int(label):  # None: int() raised a TypeError the callback did not catch; 1.7 was class 1
-                raise ValueError(f"item {item.get('id', '')!r} has label {label!r}; labels are class indices 0, 1, ...")
-            label = int(label)
-            if self.class_names and not 0 <= label < len(self.class_names):  # IndexError, or -1 the last name
-                raise ValueError(f"item {item.get('id', '')!r} has label {label}, but class_names {self.class_names} "
-                                 f"name labels 0..{len(self.class_names) - 1}: pass one name per class")
+            label = _class_index(item["label"], where, self.class_names or None)
             parts.append(self.class_names[label] if self.class_names else f"label {label}")
         for key in ("artifact", "shape", "background"):
-            if key in item:
-                parts.append(f"{key}={int(item[key])}")
+            if key in item:  # labels too: None or 0.5 is named, not drawn as 0 (or a TypeError)
+                parts.append(f"{key}={_class_index(item[key], f'{where} {key}')}")
         return "  ".join(p for p in parts if p)
 
     def _redraw(self) -> None:
         """draw() for a control's change: an item it cannot draw is said where its picture would be (an
-        error raised in a widget's callback goes to the kernel's log, which students do not see)."""
+        error raised in a widget's callback goes to the kernel's log, which students do not see), whatever
+        the error: a dataset's own (a damaged file) as well as the checks' ValueErrors."""
         try:
             self.draw()
-        except (KeyError, ValueError) as error:
-            what = f"has no {error.args[0]!r}" if isinstance(error, KeyError) else f"cannot be drawn: {error}"
+        except Exception as error:  # noqa: BLE001 (shown to the user, not swallowed)
+            if isinstance(error, KeyError):
+                what = f"has no {error.args[0]!r}"
+            elif isinstance(error, ValueError):
+                what = f"cannot be drawn: {error}"
+            else:
+                what = f"cannot be drawn: {type(error).__name__}: {error}"
             text = f"item {self.index.value} {what}"
             self.output.outputs = ({"output_type": "stream", "name": "stderr", "text": text + "\n"},)
             self.figure, self.state = None, {"index": self.index.value, "error": text}
@@ -98,13 +96,17 @@ class DatasetExplorer:
         region = (_outline(item["artifact_mask"], "artifact_mask", size)
                   if self.artifact.value and "artifact_mask" in item else None)
         fig, ax = plt.subplots(figsize=(4, 4))
-        ax.imshow(picture, cmap="gray")
-        if outline is not None:
-            ax.contour(outline, levels=[0.5], colors="lime", linewidths=1)
-        if region is not None:
-            ax.contour(region, levels=[0.5], colors="orange", linewidths=1)
-        ax.set_title(title, fontsize=9)
-        ax.set_axis_off()
+        try:
+            _draw_image(ax, picture)
+            if outline is not None:
+                ax.contour(outline, levels=[0.5], colors="lime", linewidths=1)
+            if region is not None:
+                ax.contour(region, levels=[0.5], colors="orange", linewidths=1)
+            ax.set_title(title, fontsize=9)
+            ax.set_axis_off()
+        except Exception:
+            plt.close(fig)  # not left open behind the error, one more per failed redraw
+            raise
         show_in(self.output, fig)
         self.figure = fig
         self.state = {"index": self.index.value, "layer": self.show.value, "title": title,

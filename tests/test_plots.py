@@ -242,6 +242,51 @@ def test_an_rgb_image_is_shown_in_colour():
     assert plots._image(torch.rand(1, 8, 8)).shape == (8, 8)
 
 
+def test_colour_outside_zero_one_is_scaled_not_clipped_and_inside_it_drawn_as_it_is():
+    """imshow clips colour to [0, 1]: a uint8 image was drawn white, a normalised one black below 0."""
+    uint8 = torch.randint(0, 256, (3, 8, 8), dtype=torch.uint8)
+    normalised = torch.randn(3, 8, 8)
+    inside = torch.rand(3, 8, 8) * 0.5 + 0.2
+    fig = plots.show_items([{"image": x} for x in (uint8, normalised, inside)], keys=("image",))
+    for ax, x in zip(fig.axes, (uint8.float(), normalised, inside)):
+        drawn, x = np.asarray(ax.images[0].get_array()), x.permute(1, 2, 0).numpy()
+        scaled = (x - x.min()) / (x.max() - x.min()) if x.min() < 0 or x.max() > 1 else x
+        assert np.allclose(drawn, scaled)
+    fig, ax = plt.subplots()
+    plots.overlay(ax, normalised)
+    assert np.asarray(ax.images[0].get_array()).min() == 0 and np.asarray(ax.images[0].get_array()).max() == 1
+    plt.close("all")
+
+
+def test_four_or_more_channels_are_refused_not_drawn_as_false_colour():
+    """A batch of grey images (N, H, W) or a seg head's (C, H, W) scores drew their first three as RGB."""
+    for shape in ((2, 8, 8), (4, 8, 8), (8, 8, 8)):
+        with pytest.raises(ValueError, match=r"1 or 3 channels.*got shape .*x\[i\].*argmax\(0\)"):
+            plots._image(np.zeros(shape))
+
+
+@pytest.mark.parametrize("label, message", [
+    (1.7, r"item 1 has label 1.7; labels are class indices"),
+    (torch.tensor([0.0, 1.0]), r"item 1 has label tensor\(\[0., 1.\]\).*one-hot vector pass its argmax"),
+    (5, r"item 1 has label 5, but class_names \['a', 'b'\] name labels 0..1"),
+])
+def test_show_items_refuses_a_label_that_is_not_a_class_index(label, message):
+    """1.7 was titled as class 1; a one-hot label raised torch's "only one element tensors ..."."""
+    items = [{"image": torch.rand(1, 8, 8), "label": 0}, {"image": torch.rand(1, 8, 8), "label": label}]
+    plt.close("all")
+    with pytest.raises(ValueError, match=message):
+        plots.show_items(items, keys=("image",), class_names=["a", "b"])
+    assert plt.get_fignums() == []
+    assert plots.show_items(items[:1] + [{"image": torch.rand(1, 8, 8), "label": torch.tensor(1)}],
+                            keys=("image",), class_names=["a", "b"]).axes[1].get_title() == "b"
+
+
+def test_a_mask_row_has_one_shade_per_class_in_every_column():
+    one, two = torch.ones(1, 8, 8), torch.ones(1, 8, 8) * 2
+    fig = plots.show_items([{"image": torch.rand(1, 8, 8), "mask": m} for m in (one, two)])
+    assert [fig.axes[i].images[0].get_clim() for i in (2, 3)] == [(0, 2), (0, 2)]  # class 1 mid-grey in both
+
+
 def test_confusion_matrix_writes_dark_cells_in_white():
     ax = plots.confusion_matrix([0, 0, 0, 1], [0, 0, 0, 1], ["a", "b"]).axes[0]
     colours = {t.get_text(): t.get_color() for t in ax.texts}

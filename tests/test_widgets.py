@@ -99,6 +99,55 @@ def test_a_bad_label_or_outline_is_named_in_the_output(bad, message):
     assert explorer.describe({"label": torch.tensor(2)}) == "malignant"  # a 0-d tensor is a class index too
 
 
+@pytest.mark.parametrize("bad, message", [
+    ({"artifact": None}, r"item 1 cannot be drawn: item 'item-1' artifact has label None"),
+    ({"image": torch.rand(1, 1, 16), "mask": torch.zeros(1, 1, 16)},
+     r"item 1 cannot be drawn: mask is 1x16: an outline needs an image of at least 2x2 pixels"),
+])
+def test_a_bad_flag_or_a_one_row_image_is_named_in_the_output(bad, message):
+    """int(None) raised a TypeError and contour on one row a TypeError after the figure opened: both went
+    to the kernel's log, leaving the old picture and state on show (and, the second, a figure open)."""
+    import matplotlib.pyplot as plt
+
+    items = fake_items()
+    items[1].update(bad)
+    explorer = DatasetExplorer(items)
+    plt.close("all")
+    explorer.index.value = 1
+    assert re.fullmatch(message + ".*", explorer.state["error"]) and plt.get_fignums() == []
+
+
+def test_an_error_of_the_dataset_itself_is_named_in_the_output():
+    """A damaged file raises whatever its reader raises; the explorer says so instead of going quiet."""
+    import matplotlib.pyplot as plt
+
+    class Damaged(torch.utils.data.Dataset):
+        def __len__(self):
+            return 3
+
+        def __getitem__(self, index):
+            if index == 1:
+                raise RuntimeError("corrupt PNG")
+            return fake_items()[index]
+
+    explorer = DatasetExplorer(Damaged())
+    plt.close("all")
+    explorer.index.value = 1
+    assert explorer.state == {"index": 1, "error": "item 1 cannot be drawn: RuntimeError: corrupt PNG"}
+    assert explorer.output.outputs[0]["text"] == "item 1 cannot be drawn: RuntimeError: corrupt PNG\n"
+    assert plt.get_fignums() == [] and explorer.figure is None
+
+
+def test_a_colour_image_is_drawn_in_colour_over_its_range():
+    """imshow clips colour to [0, 1]: a uint8 image (what torchvision's read_image gives) was all white."""
+    items = fake_items()
+    rgb = torch.randint(0, 256, (3, 16, 16), dtype=torch.uint8)
+    items[0]["image"] = rgb
+    drawn = np.asarray(DatasetExplorer(items).figure.axes[0].images[0].get_array())
+    expected = (rgb.permute(1, 2, 0).float().numpy() - float(rgb.min())) / float(rgb.max() - rgb.min())
+    assert drawn.shape == (16, 16, 3) and np.allclose(drawn, expected)
+
+
 def test_explorer_without_masks_disables_the_outline():
     items = [{"image": torch.rand(1, 8, 8), "label": 0}]
     explorer = DatasetExplorer(items)
