@@ -557,6 +557,13 @@ def fit(model: nn.Module, train_loader, val_loader=None, config: TrainConfig | N
         finally:
             bar.close()
         improved = history.append(record)  # best epoch: judged on the validation split only
+        broken = sorted(k for k, v in record.items() if k.startswith("val/") and k.endswith("/loss")
+                        and not math.isfinite(v))
+        if broken and is_main_process():  # finite training losses and weights, yet NaN on unseen images
+            warnings.warn(f"epoch {epoch + 1}: the validation loss is not finite ({', '.join(broken)}), so this "
+                          "epoch cannot be the best one; the training losses were finite, which points to a model "
+                          "that diverged on new images (overflowing activations or BatchNorm statistics): lower "
+                          f"lr (now {config.lr:g}) or check the validation data", stacklevel=2)
         if improved:
             best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
         if out_dir is not None:

@@ -283,9 +283,18 @@ def run(args: argparse.Namespace) -> dict:
             # rank 0 abort ("terminate called without an active exception"). Only on success: a
             # rank that failed must not wait here for a peer stuck in a collective.
             dist.barrier()
+        if history.best_epoch is None:  # every rank: the validation metrics are reduced over all of them
+            raise NoGoodEpochError(f"no epoch had a finite validation loss and {history.monitor}, so there is "
+                                   f"no best epoch and the test metrics are the last epoch's (in "
+                                   f"{Path(args.out_dir) / 'metrics.json'}): the run diverged; lower --lr "
+                                   f"(now {args.lr:g})")
         return record
     finally:
         cleanup_distributed()
+
+
+class NoGoodEpochError(RuntimeError):
+    """Training ended without one epoch whose validation numbers could be trusted."""
 
 
 def _check_run_options(args: argparse.Namespace) -> None:
@@ -312,7 +321,7 @@ def main(argv: list[str] | None = None) -> dict:
     except (ValueError, FileNotFoundError) as error:  # bad data or options found once running: no traceback
         print(f"python -m mtlearn.train: error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
-    except (NonFiniteLossError, NonFiniteWeightsError) as error:  # the run diverged; its message names the fix
+    except (NonFiniteLossError, NonFiniteWeightsError, NoGoodEpochError) as error:  # diverged; the message says how
         print(f"python -m mtlearn.train: training stopped: {error}", file=sys.stderr)
         raise SystemExit(1) from None
 

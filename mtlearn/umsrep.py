@@ -401,7 +401,7 @@ class TrainedModel:
     trainable_parameters: int  # parameters with requires_grad during training
     flops_per_image: float  # training FLOPs per image (forward + backward, measured)
     images_seen: int  # training images processed (epochs x dataset size)
-    wall_time_s: float  # training wall time (fit, data loading included, evaluation excluded)
+    wall_time_s: float  # training wall time (fit: data loading and, with out_dir, checkpoint writes included)
     cpu_time_s: float  # CPU time of this process during training, all threads (less sensitive to other jobs)
     memory_mb: float  # training memory estimate (StepCost.memory_bytes) for one batch
     cuda_peak_mb: float = float("nan")  # torch.cuda.max_memory_allocated in training, this model's weights
@@ -650,6 +650,9 @@ def train_and_measure(model: nn.Module, strategy: str, train: Dataset, test: Dat
     (its weights from last.pt), not retrained; an interrupted one continues with fit(resume=True).
     A folder holding a run is refused without resume, and with resume when that run was started
     with other options (those of RESUME_FREE may change).
+    Time: the whole of fit, so with out_dir it includes writing last.pt after every epoch (tens of
+    milliseconds per epoch for the course's model, more for the paper's with its optimiser state);
+    compare strategies run the same way, all with out_dir or all without, as run_comparison does.
     Time of a resumed run: wall_time_s adds, for the epochs of the interrupted session, the training
     time fit recorded for each (History's "epoch_time"; that session's set-up, checkpoint writes and
     the epoch it was interrupted in are not counted). History records no CPU time, so cpu_time_s is

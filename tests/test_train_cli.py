@@ -1,4 +1,5 @@
 import json
+import math
 import subprocess
 import sys
 
@@ -136,6 +137,28 @@ def test_a_run_that_diverges_ends_with_a_message_not_a_traceback(tmp_path, capsy
     err = capsys.readouterr().err
     assert exit_.value.code == 1 and "python -m mtlearn.train: training stopped: " in err
     assert "Traceback" not in err and "learning rate" in err
+
+
+def test_a_run_without_one_finite_validation_epoch_fails_with_a_message(tmp_path, capsys, monkeypatch):
+    """Finite training losses, NaN validation losses (lr 10 does this on the tiny preset): the run ended with
+    exit status 0, NaN test metrics and no word of why."""
+    import mtlearn.engine
+
+    real_evaluate = mtlearn.engine.evaluate
+
+    def nan_validation(*args, **kwargs):
+        return {k: math.nan if k.endswith("loss") else v for k, v in real_evaluate(*args, **kwargs).items()}
+
+    monkeypatch.setattr(mtlearn.engine, "evaluate", nan_validation)  # fit's validation, not the test split's
+    out = tmp_path / "run"
+    with pytest.warns(UserWarning, match=r"epoch 2: the validation loss is not finite \(val/cls/loss, .*val/seg/loss\)"):
+        with pytest.raises(SystemExit) as exit_:
+            main([*SMOKE, "--epochs", "2", "--limit", "8", "--lr", "3e-3", "--out-dir", str(out)])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 1 and "training stopped: no epoch had a finite validation loss" in err
+    assert "lower --lr (now 0.003)" in err and "Traceback" not in err
+    record = json.loads((out / "metrics.json").read_text())
+    assert record["best_epoch"] is None and record["epochs"] == 2  # written, for a look at what went wrong
 
 
 @pytest.mark.slow
