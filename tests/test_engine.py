@@ -739,7 +739,9 @@ class NaNClassifierInEval(ToyNet):
 
 def test_an_epoch_with_a_nan_validation_loss_is_not_the_best(tmp_path):
     train, val = _loaders()
-    history = _fit(NaNClassifierInEval(), train, val, epochs=1, out_dir=tmp_path)
+    with pytest.warns(UserWarning, match=r"epoch 1: the validation loss is not finite \(val/cls/loss\), so this "
+                                         r"epoch cannot be the best one.*lower lr \(now 0\.01\)"):
+        history = _fit(NaNClassifierInEval(), train, val, epochs=1, out_dir=tmp_path)
     record = history.records[0]
     assert history.monitor == "val/seg/dice"
     assert math.isnan(record["val/cls/loss"]) and math.isfinite(record["val/seg/dice"])  # the monitor looks fine
