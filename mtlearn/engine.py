@@ -830,12 +830,15 @@ def _update(run: _Run, losses: Mapping[str, Tensor]) -> float:
         if run.scaler is not None:
             run.scaler.unscale_(run.optimizer)
         nn.utils.clip_grad_norm_(run.model.parameters(), run.grad_clip)
+    skipped = False
     if run.scaler is not None:
+        loss_scale = run.scaler.get_scale()
         run.scaler.step(run.optimizer)  # skips the step if fp16 gradients overflowed
         run.scaler.update()
+        skipped = run.scaler.get_scale() < loss_scale  # update() lowers the scale exactly after a skipped step
     else:
         run.optimizer.step()
-    run.weighting.after_step()
+    run.weighting.after_step(skipped)
     if run.scaler is not None and run.scheduler.last_epoch == 0:  # the very first step (torch checks only it)
         with warnings.catch_warnings():  # the scaler may have skipped an overflowing fp16 step, which torch
             # reports as a misordered call; the schedule is a closed form of the step count, not affected

@@ -1,4 +1,5 @@
 import contextlib
+import copy
 import inspect
 import math
 import os
@@ -426,6 +427,25 @@ def test_a_step_skipped_by_the_loss_scaler_raises_no_scheduler_warning(monkeypat
         hook.remove()
     assert len(steps) < len(train)  # the scaler did skip steps: the case this test is about
     assert not [w for w in caught if "lr_scheduler.step()" in str(w.message)]
+
+
+def test_gradnorm_weights_stay_when_the_loss_scaler_skips_a_step_for_an_overflow_outside_its_layer(monkeypatch):
+    """fp16, simulated on the CPU: the cls head's gradients overflow every step, the last shared layer's (where
+    GradNorm measures) do not, so its own gradient is finite; the scaler skips every step and the network does
+    not move, and the task weights did (they followed an update that never happened)."""
+    import functools
+
+    import mtlearn.engine as engine
+
+    monkeypatch.setattr(engine, "resolve_amp", lambda amp, device: torch.float16)
+    monkeypatch.setattr(torch.amp, "GradScaler", functools.partial(torch.amp.GradScaler, init_scale=2.0**4))
+    train, val = _loaders()
+    model = ToyNet()
+    model.heads["cls"].weight.register_hook(lambda grad: torch.full_like(grad, float("inf")))
+    before = copy.deepcopy(model.encoder.state_dict())
+    history = _fit_on_cpu(model, train, val, epochs=1, weighting="gradnorm")
+    assert all(torch.equal(before[k], v) for k, v in model.encoder.named_parameters())  # no step taken
+    assert [history.records[-1][f"weight/{t}"] for t in ("seg", "cls")] == [1.0, 1.0]
 
 
 def test_channels_last_on_cpu():
