@@ -25,6 +25,7 @@ import math
 import os
 import re
 import shutil
+import socket
 import sys
 import time
 from dataclasses import dataclass
@@ -45,6 +46,7 @@ class NotebookResult:
 
     notebook: str
     out_dir: Path  # where the executed copy is: the requested folder, or on failure its kept `.partial` staging
+    # (or the folder's `.lock` when another run held it: nothing of this run was written)
     ok: bool
     seconds: float
     error: str = ""
@@ -150,9 +152,6 @@ def run_notebook(
     cell_timeout: seconds one cell may run before the notebook is stopped as failed; None: no limit.
     Raises ValueError for an out_dir that holds the notebook (publishing would replace it).
     """
-    import papermill as pm
-    from nbclient.exceptions import CellTimeoutError, DeadKernelError  # papermill's executor
-
     if cell_timeout is not None:
         check_number("cell_timeout", cell_timeout, 0, above=True, advice="seconds; None: no limit")
     out_dir = Path(out_dir)
@@ -166,6 +165,65 @@ def run_notebook(
     def failed(error: str) -> NotebookResult:
         return NotebookResult(notebook.stem, staging, False, time.perf_counter() - started, error)
 
+    lock = final.with_name(final.name + ".lock")
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        holder = _take_lock(lock)
+    except OSError as error:  # e.g. a file where a folder of the path should be: this run fails, the rest go on
+        return failed(f"cannot make the run's folder {staging}: {error}")
+    if holder is not None:  # a second run into the same folder would delete the first one's staging folder
+        # out_dir: the lock, not a folder of the other run's (a grid writes error.txt into a failed run's folder)
+        return NotebookResult(notebook.stem, lock, False, 0.0, f"another run is writing {out_dir} ({holder}); "
+                              f"wait for it to finish or pass another out folder; if none is running (a crashed "
+                              f"machine), delete {lock}")
+    try:
+        return _run_locked(notebook, out_dir, final, staging, parameters, kernel_name, progress, cell_timeout,
+                           failed)
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def _take_lock(lock: Path) -> str | None:
+    """Create `lock` holding this process's id; None when taken, else who holds it. A lock left by a
+    process of this machine that is gone (a killed run) is taken over; on Windows, where a process
+    cannot be asked whether it lives without risk, and for another machine's, it is kept."""
+    for _ in range(3):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                text, since = lock.read_text(errors="replace").strip(), time.ctime(lock.stat().st_mtime)
+            except FileNotFoundError:  # released in the meantime
+                continue
+            pid, _, host = text.partition(" on ")
+            if pid.isdigit() and host == socket.gethostname() and os.name == "posix" and not _alive(int(pid)):
+                lock.unlink(missing_ok=True)  # stale: its process is gone
+                continue
+            return f"process {text or 'unknown'}, since {since}"
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{os.getpid()} on {socket.gethostname()}\n")
+        return None
+    return "another run, which took it at the same moment"
+
+
+def _alive(pid: int) -> bool:
+    """Whether process `pid` of this (POSIX) machine exists; signal 0 asks without sending anything."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, another user's
+        return True
+    return True
+
+
+def _run_locked(notebook: Path, out_dir: Path, final: Path, staging: Path, parameters: dict[str, Any],
+                kernel_name: str | None, progress: bool, cell_timeout: float | None, failed) -> NotebookResult:
+    """run_notebook's work, with the folder's lock held."""
+    import papermill as pm
+    from nbclient.exceptions import CellTimeoutError, DeadKernelError  # papermill's executor
+
+    started = time.perf_counter()
     shutil.rmtree(staging, ignore_errors=True)  # an earlier failed attempt: its files are not this run's
     try:
         staging.mkdir(parents=True)
@@ -380,8 +438,10 @@ def main(argv: list[str] | None = None) -> int:
         result = run_notebook(nb, args.out / nb.stem / profile, notebook_parameters(profile, args.seed, args.device),
                               cell_timeout=cell_timeout)
         if not result.ok:
-            tqdm.write(f"{nb.stem} failed: {result.error} (executed copy: {result.out_dir / nb.name}; "
-                       f"the previous run, if any, is kept in {args.out / nb.stem / profile})")
+            executed = result.out_dir / nb.name
+            where = (f" (executed copy: {executed}; the previous run, if any, is kept in "
+                     f"{args.out / nb.stem / profile})") if executed.is_file() else ""
+            tqdm.write(f"{nb.stem} failed: {result.error}{where}")
         results.append(result)
     print()
     print(headline_table(results))

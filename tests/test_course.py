@@ -351,11 +351,54 @@ def test_command_line_says_where_the_failed_run_and_the_previous_one_are(tmp_pat
 
     monkeypatch.setattr(course, "course_notebooks", lambda: [tmp_path / "01_b.ipynb"])
     staging = tmp_path / "out" / "01_b" / "smoke.partial"
+    staging.mkdir(parents=True)
+    (staging / "01_b.ipynb").write_text("{}")  # papermill writes the executed copy as far as it got
     monkeypatch.setattr(course, "run_notebook", lambda nb, out_dir, parameters, cell_timeout: NotebookResult(
         nb.stem, staging, False, 1.0, "cell [3] raised RuntimeError: boom"))
     assert main(["--profile", "smoke", "--out", str(tmp_path / "out")]) == 1
     assert (f"01_b failed: cell [3] raised RuntimeError: boom (executed copy: {staging / '01_b.ipynb'}; the previous "
             f"run, if any, is kept in {tmp_path / 'out' / '01_b' / 'smoke'})") in capsys.readouterr().out
+    (staging / "01_b.ipynb").unlink()  # a run that wrote nothing (another run held the folder): no copy named
+    assert main(["--profile", "smoke", "--out", str(tmp_path / "out")]) == 1
+    assert "01_b failed: cell [3] raised RuntimeError: boom\n" in capsys.readouterr().out
+
+
+def test_a_second_run_into_the_same_folder_is_refused_and_leaves_the_first_alone(tmp_path):
+    """Two runs into one folder (two terminals, a grid beside `make course`): the second deleted the first's
+    staging folder under its kernel."""
+    import socket
+
+    nb = write_notebook(tmp_path / "01_good.ipynb", GOOD)
+    (tmp_path / "out.partial").mkdir()
+    (tmp_path / "out.partial" / "figure.png").write_bytes(b"the first run's")
+    lock = tmp_path / "out.lock"
+    lock.write_text(f"{os.getpid()} on {socket.gethostname()}\n")  # a live process: this one
+    result = run_notebook(nb, tmp_path / "out", {"profile": "smoke"})
+    assert not result.ok and result.out_dir == lock
+    assert result.error.startswith(f"another run is writing {tmp_path / 'out'} (process {os.getpid()} on ")
+    assert f"pass another out folder; if none is running (a crashed machine), delete {lock}" in result.error
+    assert (tmp_path / "out.partial" / "figure.png").read_bytes() == b"the first run's" and lock.is_file()
+
+
+def test_a_lock_left_by_a_killed_run_is_taken_over_and_released(tmp_path):
+    """On POSIX; on Windows no process is asked whether it lives (os.kill would end it), so the lock is kept."""
+    import socket
+    import subprocess
+    import sys
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # its process id now names no process (reused only after the kernel's whole range)
+    nb = write_notebook(tmp_path / "01_good.ipynb", GOOD)
+    lock = tmp_path / "out.lock"
+    lock.write_text(f"{gone.pid} on {socket.gethostname()}\n")
+    result = run_notebook(nb, tmp_path / "out", {"profile": "smoke"})
+    if os.name != "posix":
+        assert "another run is writing" in result.error and lock.is_file()
+        return
+    assert result.ok, result.error
+    assert not lock.exists()
+    lock.write_text(f"{gone.pid} on another-machine\n")  # another machine's process cannot be asked: kept
+    assert "another run is writing" in run_notebook(nb, tmp_path / "out", {"profile": "smoke"}).error
 
 
 @pytest.mark.parametrize("value", ["-5", "nan", "inf"])
