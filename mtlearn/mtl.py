@@ -6,8 +6,9 @@
     single_task_model("seg")      # the same encoder with one head: the single-task baseline
     monai_baseline("swinunetr")   # an outside baseline from MONAI, returning {"seg": ...}
 
-Presets (PRESETS) fix the encoder size: "paper" is Bui et al.'s network (GPU), "course" trains
-in minutes on two CPU cores, "tiny" is for smoke runs and tests.
+Presets (PRESETS) fix the encoder size: "paper" is Bui et al.'s network (GPU); "course", half its
+width, suits a GPU or a patient CPU; "tiny", a quarter of it, is what notebook 01 trains in its
+smoke and course profiles (six trainings in minutes on two CPU cores) and what the tests use.
 """
 
 from __future__ import annotations
@@ -128,7 +129,7 @@ PRESETS: dict[str, dict] = {
     # (dfe="three": 6.95M, dfe="four": 10.00M, use_attention=False: 1.80M; + "recon": 4.90M)
     "course": dict(widths=(32, 64, 128, 256), cnn_depths=(1, 1, 1, 1), attn_depths=(2, 2, 2, 2),
                    num_heads=(1, 2, 4, 8), drop_path=0.05),
-    # Smoke runs and tests: quarter width, one block of each kind, head dim 16.   0.83M params at 64 px, 0.11 GFLOPs
+    # Notebook 01 on a CPU, tests: quarter width, one block of each kind, head dim 16.   0.83M params at 64 px, 0.11 GFLOPs
     # (dfe="three": 1.48M, dfe="four": 2.25M, use_attention=False: 0.455M)
     "tiny": dict(widths=(16, 32, 64, 128), cnn_depths=(1, 1, 1, 1), attn_depths=(1, 1, 1, 1),
                  num_heads=(1, 2, 4, 8), drop_path=0.0),
