@@ -129,7 +129,7 @@ PRESETS: dict[str, dict] = {
     # (dfe="three": 6.95M, dfe="four": 10.00M, use_attention=False: 1.80M; + "recon": 4.90M)
     "course": dict(widths=(32, 64, 128, 256), cnn_depths=(1, 1, 1, 1), attn_depths=(2, 2, 2, 2),
                    num_heads=(1, 2, 4, 8), drop_path=0.05),
-    # Notebook 01 on a CPU, tests: quarter width, one block of each kind, head dim 16.  0.83M params at 64 px, 0.11 GFLOPs
+    # Notebook 01 on a CPU, tests: quarter width, one block each, head dim 16.  0.83M params at 64 px, 0.11 GFLOPs
     # (dfe="three": 1.48M, dfe="four": 2.25M, use_attention=False: 0.455M)
     "tiny": dict(widths=(16, 32, 64, 128), cnn_depths=(1, 1, 1, 1), attn_depths=(1, 1, 1, 1),
                  num_heads=(1, 2, 4, 8), drop_path=0.0),
