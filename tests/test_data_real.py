@@ -504,6 +504,42 @@ def test_bus_bra_patient_with_any_image_in_the_test_fold_goes_wholly_to_test(tmp
         assert len({split_of[i] for i, c in info["cases"].items() if c == case}) == 1, case
 
 
+def test_bus_bra_ids_with_spaces_keep_their_fold_and_an_image_in_no_fold_is_noted(tmp_path):
+    """A hand-edited "bus_0001-l " fell out of the test fold, into train, without a word; so did an
+    image that 5-fold-cv.csv does not list."""
+    info = make_bus_bra(tmp_path, patients=10)
+    path = info["base"] / "5-fold-cv.csv"
+    text = path.read_text().replace("bus_0001-l,1", " bus_0001-l , 1 ")
+    path.write_text(text.replace("bus_0006-l,1\n", "").replace("bus_0006-r,1\n", ""))  # patient 6: in no fold
+    with pytest.warns(UserWarning, match="2 note"):
+        test = load_dataset("bus_bra", root=tmp_path, split="test", fold=1)
+    assert {r.id for r in test.records} == {"bus_0001-l"}
+    assert test.problems == [f"bus_0006-{side}: not in 5-fold-cv.csv, so in no test fold (train or val)"
+                             for side in "lr"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rest = [r.id for s in ("train", "val") for r in load_dataset("bus_bra", root=tmp_path, split=s).records]
+    assert "bus_0006-l" in rest and "bus_0001-l" not in rest
+
+
+def test_png_files_named_in_capitals_are_found_by_their_csv_or_image_name(tmp_path):
+    """The folders are listed whatever the extension's case; the files named from a CSV row (BUS-BRA's
+    image and mask) or from the image (BUS-UCLM's mask) were looked for as .png only."""
+    info = make_bus_bra(tmp_path / "bra", patients=5)
+    for path in (info["base"] / "Images" / "bus_0002-l.png", info["base"] / "Masks" / "mask_0003-l.png"):
+        path.rename(path.with_suffix(".PNG"))
+    bra = load_dataset("bus_bra", root=tmp_path / "bra", split="all")
+    assert len(bra) == 7 and not bra.problems
+    uclm = make_bus_uclm(tmp_path / "uclm", patients=4)
+    mask = uclm["base"] / "masks" / "PAT01_001.png"
+    mask.rename(mask.with_suffix(".PNG"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PAT00_001's size mismatch
+        dataset = load_dataset("bus_uclm", root=tmp_path / "uclm", split="all")
+    assert "PAT01_001" in {r.id for r in dataset.records}
+    assert not [p for p in dataset.problems if "PAT01_001" in p]
+
+
 def test_csv_files_with_a_byte_order_mark_or_spaced_headers_are_read(tmp_path):
     """CSVs saved by Excel ("CSV UTF-8") start with a byte order mark; hand-edited headers gain spaces."""
     info = make_bus_bra(tmp_path / "bra", patients=5)

@@ -357,17 +357,21 @@ def _read_bus_bra(folder: Path, split: str, seed: int, fold: int | str | None = 
     for needed in ("5-fold-cv.csv", "Images", "Masks"):
         if not (base / needed).exists():
             raise LayoutError(f"{base} has bus_data.csv but no {needed}; expected {expected}")
-    folds = {row["ID"]: row["kFold"] for row in _read_csv(base / "5-fold-cv.csv", ("ID", "kFold"))}
+    # stripped: a hand-edited "bus_0001-l " would silently fall out of its fold (and into train)
+    folds = {row["ID"].strip(): row["kFold"].strip() for row in _read_csv(base / "5-fold-cv.csv", ("ID", "kFold"))}
     records, problems = [], []
     for row in _read_csv(base / "bus_data.csv", ("ID", "Case", "Pathology")):
-        image, mask = base / "Images" / f"{row['ID']}.png", base / "Masks" / f"mask_{row['ID'][4:]}.png"
+        image_id = row["ID"].strip()
+        image, mask = _png(base / "Images", image_id), _png(base / "Masks", f"mask_{image_id[4:]}")
         pathology = row["Pathology"].strip().lower()
         if pathology not in BUS_BRA_CLASSES or not image.is_file() or not mask.is_file():
-            problems.append(f"{row['ID']}: pathology {row['Pathology']!r} or its image/mask file missing, skipped")
+            problems.append(f"{image_id}: pathology {row['Pathology']!r} or its image/mask file missing, skipped")
             continue
         if _unreadable((image, mask), problems):
             continue
-        records.append(Record(row["ID"], BUS_BRA_CLASSES.index(pathology), image, (mask,), group=row["Case"].strip()))
+        if image_id not in folds:
+            problems.append(f"{image_id}: not in 5-fold-cv.csv, so in no test fold (train or val)")
+        records.append(Record(image_id, BUS_BRA_CLASSES.index(pathology), image, (mask,), group=row["Case"].strip()))
     fold_names = sorted(set(folds.values()), key=lambda f: (len(f), f))
     fold = fold_names[0] if fold is None else str(fold)
     if fold not in fold_names:
@@ -409,7 +413,7 @@ def _read_bus_uclm(folder: Path, split: str, seed: int):
     if not images:  # rather than an empty dataset that fails later, in a sampler or a mean
         raise LayoutError(f"no images found under {base / 'images'}: BUS-UCLM has <PATIENT>_<NNN>.png files there")
     for image in images:
-        mask, row = base / "masks" / image.name, info.get(image.stem)
+        mask, row = _png(base / "masks", image.stem), info.get(image.stem)
         if not mask.is_file():
             problems.append(f"{image.stem}: no mask file, skipped")
             continue
@@ -633,6 +637,14 @@ def _pngs(folder: Path) -> list[Path]:
         return []
     return sorted(p for p in folder.iterdir()
                   if p.suffix.lower() == ".png" and not p.name.startswith(".") and not p.is_dir())
+
+
+def _png(folder: Path, stem: str) -> Path:
+    """folder/<stem>.png, or <stem>.PNG where only that exists (as _pngs lists both); the .png path
+    when neither does, for the caller's "missing" note."""
+    path = folder / f"{stem}.png"
+    upper = folder / f"{stem}.PNG"
+    return upper if not path.is_file() and upper.is_file() else path
 
 
 def _read_csv(path: Path, required: Sequence[str], delimiter: str = ",") -> list[dict[str, str]]:
