@@ -78,7 +78,8 @@ def _recorded(folder: Path) -> dict | None:
         record = json.loads((folder / "metrics.json").read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return None
-    return record if isinstance(record, dict) else None
+    # "metrics": null or a list (edited by hand): damaged too, or every later collect() would fail on it
+    return record if isinstance(record, dict) and isinstance(record.get("metrics", {}), dict) else None
 
 
 def _finished(folder: Path) -> bool:
@@ -156,12 +157,13 @@ def grid(notebooks: list[Path], parameters: dict[str, list[Any]], seeds: list[in
             raise ValueError(f"parameter {name!r} has no values, so the grid would have no runs; "
                              f"give at least one, e.g. {{{name!r}: [value]}}")
         parameters[name] = values = [_injectable(v, f"a value of parameter {name!r}") for v in values]
-        shown = [repr(v) for v in values]  # values may be lists, which do not hash
-        if len(set(shown)) != len(shown):
-            repeated = [v for v in dict.fromkeys(shown) if shown.count(v) > 1]
+        # values may be lists, which do not hash; 1 and 1.0 (or 0.0 and -0.0) are equal, printed apart
+        repeated = [v for i, v in enumerate(values) if any(_same(v, w) for w in values[:i])]
+        if repeated:
             raise ValueError(f"parameter {name!r} repeats a value ({repeated}); give each once: the same run "
                              "would count twice")
-        labels = [_label(name, v) for v in values]  # 1 and "1", or "a/b" and "a_b", would share a folder
+        # 1 and "1", "a/b" and "a_b", or (on macOS and Windows) "PCGrad" and "pcgrad" would share a folder
+        labels = [_label(name, v).casefold() for v in values]
         if len(set(labels)) != len(labels):
             clash = [v for v, label in zip(values, labels) if labels.count(label) > 1]
             raise ValueError(f"values {clash} of parameter {name!r} would share one run folder "
@@ -182,12 +184,20 @@ def grid(notebooks: list[Path], parameters: dict[str, list[Any]], seeds: list[in
             raise ValueError(f"the run folder {spec.name[:60]!r}... would be {len(staging.encode())} bytes with its "
                              f"'.partial' suffix, over the {MAX_NAME_BYTES} a file name may have; sweep fewer or "
                              "shorter values per parameter (e.g. one run per weighting, not lists of five)")
-    folders = [spec.folder(Path(".")) for spec in specs]
-    shared = sorted({str(f) for f in folders if folders.count(f) > 1})
+    folders = [str(spec.folder(Path("."))).casefold() for spec in specs]  # as case-blind file systems see them
+    shared = sorted({f for f in folders if folders.count(f) > 1})
     if shared:  # values that print like ",name=...": two runs of one name, one taken for the other
         raise ValueError(f"two runs of the grid would share the folder {shared[0]!r}; give values that do not "
                          "hold ',' or '=' in their text")
     return specs
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Whether two injectable values are one value to a notebook: equal (1 == 1.0, [1] == [1.0]) and
+    not merely True == 1 (a switch and a count)."""
+    if isinstance(a, bool) != isinstance(b, bool):
+        return False
+    return type(a) is type(b) and a == b if isinstance(a, (list, dict)) else a == b
 
 
 def _check_parameters(notebook: Path, parameters: dict[str, list[Any]]) -> None:
@@ -256,25 +266,36 @@ def run_grid(specs: list[RunSpec], out_root: str | Path, *, progress: bool = Tru
 
 
 def collect(out_root: str | Path, specs: list[RunSpec] | None = None) -> pd.DataFrame:
-    """The finished runs under `out_root`, one row each: notebook, run parameters and flat metrics.
+    """The finished runs under `out_root`, one row each: notebook, run, what metrics.json records of
+    the run (profile, seed, dataset, device, wall_time_s), the swept parameters and the flat metrics.
 
     specs: only these runs (pass the grid's specs), so runs of an earlier grid with other values or
-    another profile in the same folder stay out of the table. None: every finished run there.
+    another profile in the same folder stay out of the table; each swept parameter is a column (a
+    list or dict value as its text, e.g. "['pcgrad']", so that the table can be grouped by it).
+    None: every finished run there, without the swept parameters (the folder name, column "run",
+    holds them). A metric named like one of the other columns is put under "metrics/<name>".
     """
     out_root = Path(out_root)
     if specs is None:  # staging (.partial) and set-aside (.old) folders are not runs
-        folders = [m.parent for m in sorted(out_root.glob(f"*/*/{DONE}"))
-                   if not m.parent.name.endswith((".partial", ".old"))]
+        runs = [(m.parent, None) for m in sorted(out_root.glob(f"*/*/{DONE}"))
+                if not m.parent.name.endswith((".partial", ".old"))]
     else:  # only runs with the spec's profile, seed and dataset (a copied-in folder may hold others)
-        folders = [spec.folder(out_root) for spec in specs if spec.is_complete(out_root)]
+        runs = [(spec.folder(out_root), spec) for spec in specs if spec.is_complete(out_root)]
     rows = []
-    for folder in folders:
+    for folder, spec in runs:
         record = _recorded(folder)
         if record is None:
             continue
         row = {"notebook": record.get("notebook", folder.parent.name), "run": folder.name}
         row.update({k: record.get(k) for k in ("profile", "seed", "dataset", "device", "wall_time_s")})
-        row.update(flatten_metrics(record.get("metrics", {})))
+        if spec is not None:
+            row.update({k: v if not isinstance(v, (list, dict)) else str(v)
+                        for k, v in spec.parameters if k not in row})
+        try:
+            metrics = flatten_metrics(record.get("metrics", {}))
+        except ValueError as error:
+            raise ValueError(f"{folder / 'metrics.json'}: {error}") from None
+        row.update({(k if k not in row else f"metrics/{k}"): v for k, v in metrics.items()})
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -286,6 +307,7 @@ def summarise(table: pd.DataFrame, by: str | list[str], metrics: str | list[str]
     missing = [m for m in [*by, *metrics] if m not in table.columns]
     if missing:
         raise ValueError(f"columns {missing} are not in the table; available: {list(table.columns)}")
+    _check_numeric(table, metrics)
     # dropna=False: a run whose group could not be read (NaN) stays in the table, under NaN
     return table.groupby(by, dropna=False)[metrics].agg(["mean", "std", "count"])
 
@@ -301,6 +323,10 @@ def plot_spread(table: pd.DataFrame, by: str, metric: str, title: str = "", ylab
     """
     import matplotlib.pyplot as plt
 
+    missing = [m for m in (by, metric) if m not in table.columns]
+    if missing:
+        raise ValueError(f"columns {missing} are not in the table; available: {list(table.columns)}")
+    _check_numeric(table, [metric])
     # in table order; a run whose group is missing (NaN, never equal to itself) is its own "nan" group
     grouped = list(table.groupby(by, sort=False, dropna=False)[metric])
     groups = [group for group, _ in grouped]
@@ -314,6 +340,9 @@ def plot_spread(table: pd.DataFrame, by: str, metric: str, title: str = "", ylab
             ax.hlines(np.nanmean(values), i - 0.28, i + 0.28, color="black", lw=1.8, zorder=2,
                       label="mean of the runs" if means == 0 else None)
             means += 1
+        else:  # said where its dots would be, rather than a blank column
+            ax.text(i, 0.5, f"{len(values)} run(s),\nno value", transform=ax.get_xaxis_transform(), ha="center",
+                    va="center", fontsize=8, color="tab:red")
     ax.set_xticks(range(len(groups)), [str(g) for g in groups], rotation=30, ha="right")
     ax.set_xlim(-0.5, len(groups) - 0.5)
     ax.set_xlabel(by)
@@ -323,6 +352,14 @@ def plot_spread(table: pd.DataFrame, by: str, metric: str, title: str = "", ylab
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)  # beside, off the dots
     fig.tight_layout()
     return fig
+
+
+def _check_numeric(table: pd.DataFrame, metrics: list[str]) -> None:
+    """Refuse metric columns that hold text (a mean of them fails deep inside pandas)."""
+    text = [m for m in metrics if not pd.api.types.is_numeric_dtype(table[m]) and not table[m].isna().all()]
+    if text:
+        raise ValueError(f"columns {text} do not hold numbers (e.g. {table[text[0]].dropna().iloc[0]!r}); "
+                         "summarise and plot the numeric metrics, group by the others")
 
 
 def _parse_set(text: str) -> tuple[str, list[Any]]:

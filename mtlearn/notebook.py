@@ -283,13 +283,24 @@ def _not_finite(value: Any) -> bool:
 
 
 def flatten_metrics(metrics: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{"seg": {"dice": 0.9}} -> {"seg/dice": 0.9}; lists are left out (one row per run)."""
+    """{"seg": {"dice": 0.9}} -> {"seg/dice": 0.9}; lists are left out (one row per run).
+
+    A name reached twice ({"seg": {"dice": 0.1}, "seg/dice": 0.9}) is a ValueError: one value would
+    silently replace the other.
+    """
     flat: dict[str, Any] = {}
     for key, value in metrics.items():
         if isinstance(value, dict):
-            flat.update(flatten_metrics(value, f"{prefix}{key}/"))
+            items = flatten_metrics(value, f"{prefix}{key}/").items()
         elif not isinstance(value, list):
-            flat[f"{prefix}{key}"] = value
+            items = [(f"{prefix}{key}", value)]
+        else:
+            continue
+        for name, number in items:
+            if name in flat:
+                raise ValueError(f"the metric {name!r} is given twice (nested and as one name with '/'); "
+                                 "rename one of them in run.finish")
+            flat[name] = number
     return flat
 
 

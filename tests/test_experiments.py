@@ -295,6 +295,53 @@ def test_collect_gives_one_row_per_run_with_its_facts_and_flat_metrics(tmp_path)
                                        "seg/dice": 0.8, "acc": 0.9}
 
 
+def test_collect_with_the_grid_has_a_column_per_swept_parameter(notebooks, tmp_path):
+    """summarise(table, "scale", ...) failed ("not in the table"): only the folder name held the values."""
+    specs = grid(notebooks[:1], {"scale": [2, [64, 64]]}, seeds=[0, 1], profile="smoke")
+    for score, spec in enumerate(specs):
+        _finished_run(spec.folder(tmp_path), dict(RECORD, seed=dict(spec.parameters)["seed"], metrics={"score": score}))
+    table = collect(tmp_path, specs)
+    assert table[["scale", "seed", "score"]].values.tolist() == [[2, 0, 0], [2, 1, 1], ["[64, 64]", 0, 2],
+                                                                 ["[64, 64]", 1, 3]]  # a list as its text
+    assert summarise(table, "scale", "score")[("score", "mean")].tolist() == [0.5, 2.5]
+    assert "scale" not in collect(tmp_path).columns  # without the specs: in the run's name only
+
+
+def test_collect_keeps_the_run_facts_when_a_metric_has_one_of_their_names(tmp_path):
+    metrics = {"seed": 0.5, "run": 3, "seg": {"dice": 0.8}}
+    _finished_run(tmp_path / "01_a" / "profile=smoke,seed=0", dict(RECORD, metrics=metrics))
+    row = collect(tmp_path).iloc[0].to_dict()
+    assert (row["seed"], row["run"]) == (0, "profile=smoke,seed=0")
+    assert (row["metrics/seed"], row["metrics/run"], row["seg/dice"]) == (0.5, 3, 0.8)
+    (tmp_path / "01_a" / "profile=smoke,seed=0" / "metrics.json").write_text(
+        json.dumps(dict(RECORD, metrics={"seg": {"dice": 0.1}, "seg/dice": 0.9})))  # one value would be lost
+    with pytest.raises(ValueError, match=r"profile=smoke,seed=0.metrics\.json: the metric 'seg/dice' is given twice"):
+        collect(tmp_path)
+
+
+def test_a_done_run_whose_metrics_are_not_a_dict_is_damaged_not_a_crash_of_every_collect(notebooks, tmp_path):
+    spec = grid(notebooks[:1], {}, seeds=[0], profile="smoke")[0]
+    _finished_run(spec.folder(tmp_path), dict(RECORD, metrics=None))
+    assert not spec.is_complete(tmp_path) and collect(tmp_path).empty  # AttributeError on None.items()
+
+
+def test_summarise_and_plot_spread_name_a_text_metric_and_a_missing_column():
+    table = pd.DataFrame({"weighting": ["fixed", "pcgrad"], "score": [0.5, 0.7], "device": ["cpu", "cpu"]})
+    for call in (lambda: summarise(table, "weighting", "device"), lambda: plot_spread(table, "weighting", "device")):
+        with pytest.raises(ValueError, match=r"columns \['device'\] do not hold numbers \(e\.g\. 'cpu'\)"):
+            call()
+    with pytest.raises(ValueError, match=r"columns \['nope'\] are not in the table; available: \['weighting'"):
+        plot_spread(table, "weighting", "nope")  # a bare KeyError "Column not found: nope"
+    plt.close("all")
+
+
+def test_plot_spread_says_when_every_run_of_a_group_has_no_value():
+    table = pd.DataFrame({"weighting": ["fixed", "fixed", "dwa", "dwa"], "score": [0.5, 0.6, np.nan, np.nan]})
+    ax = plot_spread(table, "weighting", "score").axes[0]
+    assert [(t.get_text(), t.get_position()[0]) for t in ax.texts] == [("2 run(s),\nno value", 1)]
+    plt.close("all")
+
+
 def test_collect_leaves_out_staging_and_set_aside_folders(tmp_path):
     """An interrupted move can leave a whole run in `<run>.partial` or `<run>.old` beside the real one."""
     for suffix in ("", ".partial", ".old"):
@@ -411,7 +458,13 @@ def test_command_line_refuses_a_bad_profile_and_notebooks_that_match_nothing(not
     ([-1], {}, r"seeds must be integers in 0\.\.2\*\*32 - 1, got \[-1\]"),
     ([1.5], {}, r"seeds must be integers in 0\.\.2\*\*32 - 1, got \[1.5\]"),
     ([2**32], {}, r"seeds must be integers in 0\.\.2\*\*32 - 1, got \[4294967296\]"),  # seed_everything's limit
-    ([0], {"scale": [1, 1]}, r"parameter 'scale' repeats a value \(\['1'\]\)"),
+    ([0], {"scale": [1, 1]}, r"parameter 'scale' repeats a value \(\[1\]\)"),
+    # one value to the notebook, two folders: the same run twice in every mean
+    ([0], {"scale": [1, 1.0]}, r"parameter 'scale' repeats a value \(\[1\.0\]\)"),
+    ([0], {"scale": [0.0, -0.0]}, r"parameter 'scale' repeats a value \(\[-0\.0\]\)"),
+    ([0], {"size": [[64, 64], [64.0, 64]]}, r"parameter 'size' repeats a value"),
+    # one folder on macOS and Windows, whose file systems ignore case
+    ([0], {"w": ["PCGrad", "pcgrad"]}, r"values \['PCGrad', 'pcgrad'\] of parameter 'w' would share one run folder"),
     # different values, one folder name: the second run would be skipped as done, its row the first's
     ([0], {"scale": [1, "1"]}, r"values \[1, '1'\] of parameter 'scale' would share one run folder \(scale=1\)"),
     ([0], {"scale": ["a/b", "a_b"]}, r"values \['a/b', 'a_b'\] .* one run folder \(scale=a_b\)"),

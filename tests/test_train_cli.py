@@ -1,7 +1,9 @@
 import json
 import math
+import re
 import subprocess
 import sys
+import warnings
 
 import pytest
 from torch.utils.data import DataLoader, Subset
@@ -151,9 +153,12 @@ def test_a_run_without_one_finite_validation_epoch_fails_with_a_message(tmp_path
 
     monkeypatch.setattr(mtlearn.engine, "evaluate", nan_validation)  # fit's validation, not the test split's
     out = tmp_path / "run"
-    with pytest.warns(UserWarning, match=r"epoch 2: the validation loss is not finite \(val/cls/loss, .*val/seg/loss\)"):
-        with pytest.raises(SystemExit) as exit_:
-            main([*SMOKE, "--epochs", "2", "--limit", "8", "--lr", "3e-3", "--out-dir", str(out)])
+    with warnings.catch_warnings(record=True) as caught, pytest.raises(SystemExit) as exit_:
+        warnings.simplefilter("always")
+        main([*SMOKE, "--epochs", "2", "--limit", "8", "--lr", "3e-3", "--out-dir", str(out)])
+    said = [str(w.message) for w in caught if "validation loss is not finite" in str(w.message)]
+    assert [re.match(r"epoch (\d): the validation loss is not finite \(val/cls/loss, .*val/seg/loss\)", text)[1]
+            for text in said] == ["1", "2"]
     err = capsys.readouterr().err
     assert exit_.value.code == 1 and "training stopped: no epoch had a finite validation loss" in err
     assert "lower --lr (now 0.003)" in err and "Traceback" not in err
