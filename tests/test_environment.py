@@ -80,6 +80,23 @@ def test_course_dependencies_declared(name):
     assert name in pyproject_requirements()
 
 
+def test_what_only_the_tests_import_is_not_installed_on_colab():
+    """The bare package is what the notebooks' first cell installs: test-only tools belong to `dev`."""
+    core = pyproject_requirements(extras=())
+    assert not {"scikit-image", "nbformat", "pyyaml", "packaging"} & set(core)
+    assert {"scikit-image", "nbformat", "pyyaml", "packaging"} <= set(pyproject_requirements())
+
+
+def test_the_license_is_an_spdx_string_that_new_setuptools_still_builds():
+    """The table form `license = {text = "MIT"}` is deprecated; setuptools stops building it in 2027."""
+    text = (ROOT / "pyproject.toml").read_text()
+    project = tomllib.loads(text)["project"]
+    assert project["license"] == "MIT" and project["license-files"] == ["LICENSE"]
+    assert (ROOT / "LICENSE").is_file()
+    setuptools = Requirement(tomllib.loads(text)["build-system"]["requires"][0])
+    assert setuptools.name == "setuptools" and not setuptools.specifier.contains("76.1")  # 77: the SPDX string
+
+
 def test_make_refuses_a_python_older_than_the_package_before_making_the_venv(tmp_path):
     """macOS's /usr/bin/python3 is 3.9: its venv failed in pip ("No matching distribution found for
     torch==2.13.0") and stayed behind. A stand-in that reports 3.9 runs the Makefile's check."""
