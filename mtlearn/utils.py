@@ -126,15 +126,33 @@ def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
 def count_flops(model: nn.Module, *inputs: torch.Tensor) -> int:
     """Forward-pass FLOPs of `model(*inputs)`, counted by torch.utils.flop_counter.
 
-    One multiply-add counts as two FLOPs. The backward pass of a training step costs about twice
-    the forward pass, so a training step is roughly 3x this number. Attention is counted too: see
-    countable_attention.
+    One multiply-add counts as two FLOPs. What is counted: matrix products, convolutions (transposed
+    and grouped too) and attention (see countable_attention), which is where nearly all the work of
+    these networks is; normalisation, activations and other element-wise operations count 0. The
+    backward pass of a training step costs about twice the forward pass, so a training step is
+    roughly 3x this number.
     """
     from torch.utils.flop_counter import FlopCounterMode
 
-    with eval_mode(model), torch.no_grad(), countable_attention(), FlopCounterMode(display=False) as counter:
+    with eval_mode(model), torch.no_grad(), countable_attention(), _no_mha_fastpath(), \
+            FlopCounterMode(display=False) as counter:
         model(*inputs)
     return int(counter.get_total_flops())
+
+
+@contextlib.contextmanager
+def _no_mha_fastpath():
+    """Run nn.MultiheadAttention and nn.TransformerEncoderLayer on their plain path for a block.
+
+    In eval mode without gradients torch sends them down a fused "fast path" whose operation the
+    FLOP counter has no formula for: a model built from them counted 0 FLOPs for its attention.
+    """
+    enabled = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(enabled)
 
 
 @contextlib.contextmanager
@@ -275,7 +293,7 @@ def is_finite(value) -> bool:
 def check_int(name: str, value, minimum: int) -> int:
     """`value` as an int, or a ValueError naming `name`, the bound and (for a float) the int(...) fix."""
     if not is_int(value) or value < minimum:
-        fix = "; pass an int, e.g. int(...) of a computed value" if isinstance(value, float) else ""
+        fix = "; pass an int, e.g. int(...) of a computed value" if isinstance(value, (float, np.floating)) else ""
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}{fix}")
     return int(value)
 
@@ -361,7 +379,8 @@ def check_size(image_size, minimum: int = 1) -> tuple[int, int]:
         size = (image_size,)
     if len(size) != 2 or not all(is_int(n) and n >= minimum for n in size):
         # sizes computed by division (256 / 2) are floats
-        fix = "; pass ints: int(...) or // (e.g. 256 // 2)" if any(isinstance(n, float) for n in size) else ""
+        fix = ("; pass ints: int(...) or // (e.g. 256 // 2)" if any(isinstance(n, (float, np.floating)) for n in size)
+               else "")
         raise ValueError(f"image_size must be an int or (H, W) of ints >= {minimum}, got {image_size!r}{fix}")
     return int(size[0]), int(size[1])
 
@@ -434,7 +453,9 @@ def atomic_file(path: str | os.PathLike, binary: bool = False):
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    # the name's first 200 bytes: a name near the 255 a file system allows would not take the suffix
+    stem = path.name.encode()[:200].decode(errors="ignore")
+    tmp = path.with_name(f".{stem}.{secrets.token_hex(8)}.tmp")
     try:
         # "x": created here and only here, with the mode any new file gets
         with open(tmp, "xb" if binary else "x", **({} if binary else {"encoding": "utf-8"})) as f:
@@ -455,5 +476,6 @@ def write_text(text: str, path: Path) -> None:
 
 
 def write_json(record: dict[str, Any], path: Path) -> None:
-    """Write `record` to `path` as JSON, atomically (write_text)."""
+    """Write `record` to `path` as JSON, atomically (write_text). NaN and infinities, which JSON
+    has no words for, are written as null (see to_jsonable); NumPy and torch numbers as plain ones."""
     write_text(json.dumps(to_jsonable(record), indent=2, allow_nan=False), path)

@@ -95,6 +95,28 @@ def test_count_flops_counts_attention_on_the_cpu():
     assert count_flops(Attention(), torch.randn(1, 2, n, d)) == 2 * 2 * (2 * n * n * d)  # 2 heads
 
 
+def test_count_flops_counts_torchs_own_attention_layers():
+    """In eval mode without gradients nn.MultiheadAttention takes a fused fast path the counter has no
+    formula for: it counted 0. Here: q, k, v and out projections 4 x (2 N E^2), QK^T and AV 2 x (2 N^2 E)."""
+    n, e = 12, 16
+    mha = nn.MultiheadAttention(e, num_heads=2, batch_first=True)
+    x = torch.randn(1, n, e)
+    assert count_flops(mha, x, x, x) == 4 * (2 * n * e * e) + 2 * (2 * n * n * e)
+    layer = nn.TransformerEncoderLayer(e, nhead=2, dim_feedforward=32, batch_first=True)
+    feed_forward = 2 * (2 * n * e * 32)
+    assert count_flops(layer, x) == 4 * (2 * n * e * e) + 2 * (2 * n * n * e) + feed_forward
+    assert torch.backends.mha.get_fastpath_enabled()  # given back as it was
+
+
+def test_a_file_whose_name_is_near_the_limit_is_written_atomically(tmp_path):
+    """The temporary name adds a dot, 16 hex digits and ".tmp": a 244-byte name failed ("File name too long")."""
+    from mtlearn.utils import write_text
+
+    path = tmp_path / ("é" * 100 + "x" * 40 + ".json")  # 244 bytes in UTF-8
+    write_text("{}", path)
+    assert path.read_text() == "{}" and [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
 def test_environment_report_names_device_and_versions():
     report = environment_report("cpu")
     assert report["device"] == "cpu" and report["torch"] == torch.__version__
@@ -200,8 +222,9 @@ def test_check_int_and_check_size_name_the_int_fix():
     for bad in (2.0, True, "3", 1):
         with pytest.raises(ValueError, match=r"n must be an integer >= 2, got"):
             check_int("n", bad, 2)
-    with pytest.raises(ValueError, match=r"got 3\.5; pass an int, e\.g\. int\(\.\.\.\)"):
-        check_int("n", 3.5, 2)
+    for computed in (3.5, np.float32(3.0)):  # a NumPy float (a mean, a division of arrays) is computed too
+        with pytest.raises(ValueError, match=r"; pass an int, e\.g\. int\(\.\.\.\)"):
+            check_int("n", computed, 2)
     for bad in (128.0, (64, 64.0), None, "64", (64, 64, 3), (16, 64)):
         with pytest.raises(ValueError, match=r"image_size must be an int or \(H, W\) of ints >= 32"):
             check_size(bad, minimum=32)
