@@ -6,6 +6,7 @@ import hashlib
 import io
 import json
 import os
+import random
 import socket
 import ssl
 import stat
@@ -40,7 +41,8 @@ class Handler(BaseHTTPRequestHandler):
     `server.range_start` (once) at that byte instead; `server.retry_after` goes with the queued errors;
     `server.bare_206` answers every request 206 without Content-Range; `server.encoding` ("gzip",
     "deflate", "br") compresses the answer whatever the client asked for, ignoring Range unless
-    `server.encoded_ranges` (then a Range gets that part of the compressed bytes)."""
+    `server.encoded_ranges` (then a Range gets that part of the compressed bytes); `server.no_length`
+    leaves Content-Length out (the end of the connection ends the body)."""
 
     def do_GET(self):
         server = self.server
@@ -62,8 +64,9 @@ class Handler(BaseHTTPRequestHandler):
             return
         start = 0
         if server.encoding is not None:
-            compress = {"gzip": gzip.compress, "deflate": zlib.compress, "br": lambda b: b"not brotli"}
-            data = compress[server.encoding](data)
+            compress = {"gzip": gzip.compress, "x-gzip": gzip.compress, "deflate": zlib.compress,
+                        "br": lambda b: b"not brotli"}
+            data = compress[server.encoding.strip().lower()](data)
         if self.headers.get("Range") and server.encoding is not None and not server.encoded_ranges:
             self.send_response(200)  # a compressing server that does not do ranges
         elif self.headers.get("Range") and not server.ignore_range and not server.bare_206:
@@ -88,7 +91,8 @@ class Handler(BaseHTTPRequestHandler):
         body = data[start:]
         if server.encoding is not None:
             self.send_header("Content-Encoding", server.encoding)
-        self.send_header("Content-Length", str(len(body)))
+        if not server.no_length:
+            self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         if server.drops:  # announce everything, send part of it, hang up
             server.drops -= 1
@@ -107,7 +111,7 @@ def server():
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     httpd.files, httpd.requests, httpd.drops, httpd.ignore_range, httpd.errors = {}, [], 0, False, []
     httpd.range_from_zero, httpd.range_start, httpd.retry_after, httpd.bare_206 = False, None, None, False
-    httpd.encoding, httpd.encoded_ranges, httpd.accept_encodings = None, False, []
+    httpd.encoding, httpd.encoded_ranges, httpd.accept_encodings, httpd.no_length = None, False, [], False
     httpd.url = f"http://127.0.0.1:{httpd.server_address[1]}"
     thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
     thread.start()
@@ -367,7 +371,7 @@ def test_dropped_connection_resumes_with_range(server, tmp_path):
     download_file(server.url + "/data.npz", tmp_path / "data.npz", sha256(PAYLOAD), progress=False)
     assert (tmp_path / "data.npz").read_bytes() == PAYLOAD
     ranges = [r for _, r, _ in server.requests]
-    assert ranges[0] is None and ranges[1] == f"bytes={len(PAYLOAD) // 3}-"  # asked only for the rest
+    assert ranges == [None, f"bytes={len(PAYLOAD) // 3}-"]  # asked only for the rest, once
     # every request identifies itself, the resumed one too (Zenodo throttles anonymous clients)
     assert all(agent and "mtlearn-data_fetch" in agent for _, _, agent in server.requests)
 
@@ -421,22 +425,26 @@ def test_complete_unpinned_part_file_is_kept_on_416_even_without_retries(server,
     assert (tmp_path / "data.npz").read_bytes() == PAYLOAD and not (tmp_path / "data.npz.part").exists()
 
 
-@pytest.mark.parametrize("encoding", ["gzip", "deflate"])
-def test_a_compressed_answer_is_saved_decoded(server, tmp_path, encoding):
+@pytest.mark.parametrize("encoding", ["gzip", "x-gzip", " GZIP", "deflate"])
+@pytest.mark.parametrize("length", [True, False])
+def test_a_compressed_answer_is_saved_decoded(server, tmp_path, encoding, length):
     """Asked for the file's own bytes (Accept-Encoding: identity), a server may compress it anyway:
-    the checksum is of the file, so the body is decoded; one cut short is retried from the start."""
-    server.files["/data.npz"], server.encoding, server.drops = PAYLOAD, encoding, 1
-    download_file(server.url + "/data.npz", tmp_path / "data.npz", sha256(PAYLOAD), progress=False)
+    the checksum is of the file, so the body is decoded; one cut short is retried from the start,
+    also where no Content-Length says how long it should have been (the stream's own end does)."""
+    server.files["/data.npz"], server.encoding, server.drops, server.no_length = PAYLOAD, encoding, 1, not length
+    download_file(server.url + "/data.npz", tmp_path / "data.npz", None, progress=False, retries=1)
     assert (tmp_path / "data.npz").read_bytes() == PAYLOAD
     assert server.accept_encodings[0] == "identity" and len(server.requests) == 2
 
 
-def test_a_compressed_range_is_not_appended_to_decoded_bytes(server, tmp_path):
-    server.files["/data.npz"], server.encoding, server.encoded_ranges = PAYLOAD, "gzip", True
-    (tmp_path / "data.npz.part").write_bytes(PAYLOAD[:1000])  # decoded bytes of an interrupted run
-    download_file(server.url + "/data.npz", tmp_path / "data.npz", sha256(PAYLOAD), progress=False)
+def test_a_compressed_range_is_not_appended_to_decoded_bytes(server, tmp_path, capsys):
+    payload = random.Random(0).randbytes(20_000)  # does not compress: the range after byte 1000 exists
+    server.files["/data.npz"], server.encoding, server.encoded_ranges = payload, "gzip", True
+    (tmp_path / "data.npz.part").write_bytes(payload[:1000])  # decoded bytes of an interrupted run
+    download_file(server.url + "/data.npz", tmp_path / "data.npz", sha256(payload), progress=False)
     assert [r for _, r, _ in server.requests] == ["bytes=1000-", None]  # dropped, then afresh
-    assert (tmp_path / "data.npz").read_bytes() == PAYLOAD
+    assert (tmp_path / "data.npz").read_bytes() == payload
+    assert "the server compressed the rest of the file (Content-Encoding)" in capsys.readouterr().err
 
 
 def test_an_encoding_zlib_cannot_undo_is_named_and_not_retried(server, tmp_path):

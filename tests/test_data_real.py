@@ -511,6 +511,8 @@ def test_bus_bra_ids_with_spaces_keep_their_fold_and_an_image_in_no_fold_is_note
     path = info["base"] / "5-fold-cv.csv"
     text = path.read_text().replace("bus_0001-l,1", " bus_0001-l , 1 ")
     path.write_text(text.replace("bus_0006-l,1\n", "").replace("bus_0006-r,1\n", ""))  # patient 6: in no fold
+    data = info["base"] / "bus_data.csv"
+    data.write_text(data.read_text().replace("bus_0001-l,", "bus_0001-l ,"))  # and in the other file
     with pytest.warns(UserWarning, match="2 note"):
         test = load_dataset("bus_bra", root=tmp_path, split="test", fold=1)
     assert {r.id for r in test.records} == {"bus_0001-l"}

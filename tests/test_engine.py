@@ -757,6 +757,21 @@ class NaNClassifierInEval(ToyNet):
         return out
 
 
+def test_an_infinite_validation_loss_is_named_as_a_nan_one_is(monkeypatch):
+    import mtlearn.engine as engine
+
+    real_evaluate = engine.evaluate
+
+    def overflowing(*args, **kwargs):  # an fp16 loss past 65504: inf, not NaN
+        return dict(real_evaluate(*args, **kwargs), **{"cls/loss": math.inf})
+
+    monkeypatch.setattr(engine, "evaluate", overflowing)
+    train, val = _loaders()
+    with pytest.warns(UserWarning, match=r"epoch 1: the validation loss is not finite \(val/cls/loss\)"):
+        history = _fit(ToyNet(), train, val, epochs=1)
+    assert history.records[0]["val/cls/loss"] == math.inf and history.best_epoch is None
+
+
 def test_an_epoch_with_a_nan_validation_loss_is_not_the_best(tmp_path):
     train, val = _loaders()
     with pytest.warns(UserWarning, match=r"epoch 1: the validation loss is not finite \(val/cls/loss\), so this "

@@ -474,6 +474,21 @@ def test_grid_refuses_seeds_and_values_that_repeat_or_cannot_seed(notebooks, see
         grid(notebooks, parameters, seeds=seeds, profile="smoke")
 
 
+def test_a_switch_and_a_count_are_two_values_and_folders_that_differ_only_in_case_clash(notebooks):
+    """True == 1 in Python, yet a notebook may treat them apart; "A" and "a" are one folder on macOS and Windows."""
+    assert len(grid(notebooks[:1], {"scale": [True, 1]}, seeds=[0], profile="smoke")) == 2
+    notebooks[0].write_text(notebooks[0].read_text().replace("scale = 1", "scale = 1\\ntag = 'x'\\nnote = 'y'"))
+    with pytest.raises(ValueError, match=r"two runs of the grid would share the folder"):  # across two parameters
+        grid(notebooks[:1], {"note": ["a", "A,profile=smoke,seed=0,tag=b"], "tag": ["b,profile=smoke,seed=0,tag=c",
+                                                                                    "c"]}, seeds=[0], profile="smoke")
+
+
+def test_summarise_takes_a_metric_no_run_recorded():
+    """A column of None (object dtype): every run failed to give it, which is a count of 0, not text."""
+    table = pd.DataFrame({"weighting": ["fixed", "pcgrad"], "score": [None, None], "dice": [0.5, 0.7]})
+    assert summarise(table, "weighting", "score")[("score", "count")].tolist() == [0, 0]
+
+
 def test_set_drops_the_spaces_after_commas():
     assert _parse_set("dataset=busi, synthetic") == ("dataset", ["busi", "synthetic"])
 

@@ -281,6 +281,16 @@ def test_show_items_refuses_a_label_that_is_not_a_class_index(label, message):
                             keys=("image",), class_names=["a", "b"]).axes[1].get_title() == "b"
 
 
+@pytest.mark.parametrize("artifact", [None, "yes", [0, 1]])
+def test_show_items_refuses_an_artifact_flag_that_is_not_0_or_1(artifact):
+    items = [{"image": torch.rand(1, 8, 8), "artifact": artifact}]
+    with pytest.raises(ValueError, match=r"item 0 has artifact .*; expected 0 or 1"):
+        plots.show_items(items, keys=("image",))
+    assert plots.show_items([{"image": torch.rand(1, 8, 8), "artifact": torch.tensor(1)}],
+                            keys=("image",)).axes[0].get_title() == " +artifact"
+    plt.close("all")
+
+
 def test_a_mask_row_has_one_shade_per_class_in_every_column():
     one, two = torch.ones(1, 8, 8), torch.ones(1, 8, 8) * 2
     fig = plots.show_items([{"image": torch.rand(1, 8, 8), "mask": m} for m in (one, two)])

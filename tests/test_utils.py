@@ -225,6 +225,8 @@ def test_check_int_and_check_size_name_the_int_fix():
     for computed in (3.5, np.float32(3.0)):  # a NumPy float (a mean, a division of arrays) is computed too
         with pytest.raises(ValueError, match=r"; pass an int, e\.g\. int\(\.\.\.\)"):
             check_int("n", computed, 2)
+        with pytest.raises(ValueError, match=r"; pass ints: int\(\.\.\.\) or //"):
+            check_size((64, computed * 16))
     for bad in (128.0, (64, 64.0), None, "64", (64, 64, 3), (16, 64)):
         with pytest.raises(ValueError, match=r"image_size must be an int or \(H, W\) of ints >= 32"):
             check_size(bad, minimum=32)

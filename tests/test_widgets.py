@@ -138,6 +138,24 @@ def test_an_error_of_the_dataset_itself_is_named_in_the_output():
     assert plt.get_fignums() == [] and explorer.figure is None
 
 
+def test_an_error_while_drawing_closes_its_figure(monkeypatch):
+    """Raised after the figure was opened (matplotlib itself, say): it was left open, one per redraw."""
+    import matplotlib.pyplot as plt
+
+    import mtlearn.widgets
+
+    explorer = DatasetExplorer(fake_items())
+    plt.close("all")
+
+    def broken(ax, picture):
+        raise RuntimeError("imshow failed")
+
+    monkeypatch.setattr(mtlearn.widgets, "_draw_image", broken)
+    explorer.index.value = 1
+    assert explorer.state["error"] == "item 1 cannot be drawn: RuntimeError: imshow failed"
+    assert plt.get_fignums() == []
+
+
 def test_a_colour_image_is_drawn_in_colour_over_its_range():
     """imshow clips colour to [0, 1]: a uint8 image (what torchvision's read_image gives) was all white."""
     items = fake_items()
