@@ -22,6 +22,7 @@ Learning with application to Fetal Ultrasound", MICCAI PIPPI/SUSI 2019, arXiv 19
 from __future__ import annotations
 
 import copy
+import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -907,6 +908,9 @@ def recalibrate_batchnorm(model: nn.Module, loader, device: str | torch.device =
     During adversarial training the encoders keep moving and BatchNorm's running averages lag
     behind, so evaluation (which uses them) can disagree with training. One pass over the
     training data with the weights fixed gives statistics that match the final weights.
+    The pass runs on `device`; the model then goes back to its own device, and every part of it
+    to its own train/eval mode (torch's update_bn would leave them all in the model's mode, so a
+    part put in eval mode, frozen, would go on updating its statistics).
     """
     from torch.optim.swa_utils import update_bn
 
@@ -926,7 +930,16 @@ def recalibrate_batchnorm(model: nn.Module, loader, device: str | torch.device =
             yield batch["image"].to(device)
 
     buffers = {name: buffer.clone() for name, buffer in model.named_buffers()}  # all update_bn changes
-    update_bn(images(), model)
+    modes = [(module, module.training) for module in model.modules()]
+    home = next(itertools.chain(model.parameters(), model.buffers()), None)
+    model.to(device)  # where the images go: a CPU model with device "auto" on a GPU machine failed
+    try:
+        update_bn(images(), model)
+    finally:
+        for module, training in modes:
+            module.training = training
+        if home is not None:
+            model.to(home.device)
     if not seen:  # update_bn reset every running mean to 0 and variance to 1, then saw nothing
         for name, buffer in model.named_buffers():
             buffer.copy_(buffers[name])
@@ -1223,11 +1236,16 @@ def probe_within_groups(model: nn.Module, loader, target: str, group: str, group
     from mtlearn.probes import UnevenFoldsError, cross_validated_probe, extract_features, too_few_for_folds
 
     check_int("folds", folds, 2)  # 0 or 1 made every score NaN, as if each group were too small
+    if not callable(getattr(model, "encode", None)):  # else "'Conv2d' object has no attribute 'encode'"
+        raise _not_a_two_task_model(model)
     if isinstance(group_names, str) or not group_names:
         raise ValueError(f"group_names must name each value of {group!r} (0, 1, ...), e.g. ['bar', 'circle']; "
                          f"got {group_names!r}")
     # model=model: eval mode meanwhile (BatchNorm's running statistics), as in probe_encoders
     features, labels = extract_features(lambda x: model.encode(x)[0], loader, device, (target, group), model=model)
+    if patients is not None and len(patients) != len(labels[group]):  # else NumPy's "boolean index did not match"
+        raise ValueError(f"patients has {len(patients)} entries but the loader gives {len(labels[group])} images; "
+                         "give the patient of every image, in the loader's order")
     values = sorted(int(v) for v in np.unique(labels[group]))
     if values[-1] >= len(group_names) or values[0] < 0:  # a group left out of the scores, silently
         raise ValueError(f"{group!r} takes the values {values}, but group_names {list(group_names)} name "
@@ -1259,6 +1277,9 @@ def probe_encoders(model: nn.Module, loader, label_keys: tuple[str, str], *, see
     read from the task-A features; 1 / number of classes = nothing readable.
     """
     from mtlearn.probes import cross_validated_probe, extract_features
+
+    if not callable(getattr(model, "encode", None)):  # else "'Conv2d' object has no attribute 'encode'"
+        raise _not_a_two_task_model(model)
 
     scores = {}
     for side in ("a", "b"):

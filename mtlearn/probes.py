@@ -305,6 +305,11 @@ def plot_embedding(embedding: np.ndarray, labels: dict[str, np.ndarray], title: 
     embedding = np.asarray(embedding)
     if embedding.ndim != 2 or embedding.shape[1] != 2:
         raise ValueError(f"embedding must be (N, 2), got {embedding.shape}")
+    labels = {key: np.asarray(y) for key, y in labels.items()}
+    wrong = {key: len(y) for key, y in labels.items() if y.shape != (len(embedding),)}
+    if wrong:  # else NumPy's "boolean index did not match", or points coloured by another item's label
+        raise ValueError(f"labels must be one (N,) array per name with N = {len(embedding)} (the embedding's points, "
+                         f"in its order); got lengths {wrong}")
     fig, axes = plt.subplots(1, len(labels), figsize=(4.2 * len(labels), 3.8), squeeze=False)
     for ax, (key, y) in zip(axes[0], labels.items()):
         for value in np.unique(y):

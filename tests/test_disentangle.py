@@ -625,6 +625,19 @@ def test_recalibrate_batchnorm_matches_the_data(tiny_loaders):
     assert torch.allclose(bn.running_mean, stem_out.mean(dim=(0, 2, 3)), atol=1e-4)
 
 
+def test_recalibrate_batchnorm_gives_every_part_its_own_mode_back(tiny_loaders):
+    """torch's update_bn put every submodule in the model's mode: a frozen (eval) encoder came out in
+    training mode and went on updating its statistics."""
+    model = tiny_model("disentangle").train()
+    model.encoder_b.eval()  # frozen by the user
+    D.recalibrate_batchnorm(model, tiny_loaders[0], device="cpu")
+    assert model.training and model.encoder_a.training and not model.encoder_b.training
+    assert not any(m.training for m in model.encoder_b.modules())
+    model.eval()
+    D.recalibrate_batchnorm(model, tiny_loaders[0], device="cpu")
+    assert not any(m.training for m in model.modules())
+
+
 def test_recalibrate_batchnorm_refuses_an_empty_loader_and_keeps_the_statistics(tiny_loaders):
     """update_bn reset every running mean to 0 and variance to 1, then saw no batch: no error, wrong BN."""
     model = tiny_model("shared")
@@ -835,6 +848,13 @@ def test_probe_within_groups_refuses_too_few_folds_or_names():
         D.probe_within_groups(model, loader, "background", "shape", ["circle"], device="cpu")
     with pytest.raises(ValueError, match="group_names must name each value of 'shape'"):
         D.probe_within_groups(model, loader, "background", "shape", "circle", device="cpu")
+    with pytest.raises(ValueError, match=r"patients has 3 entries but the loader gives \d+ images"):
+        D.probe_within_groups(model, loader, "background", "shape", ("circle", "bar"), device="cpu",
+                              patients=np.array(["p1", "p2", "p3"]))  # NumPy's "boolean index did not match"
+    for probe in (lambda m: D.probe_within_groups(m, loader, "background", "shape", ("circle", "bar"), device="cpu"),
+                  lambda m: D.probe_encoders(m, loader, ("shape", "background"), device="cpu")):
+        with pytest.raises(TypeError, match=r"model must be one of MODELS .*got a Conv2d"):  # no attribute 'encode'
+            probe(torch.nn.Conv2d(1, 4, 3))
 
 
 def test_probe_encoders_reads_both_sides():

@@ -557,3 +557,15 @@ def test_probe_matrix_cross_validates_every_encoder_on_the_same_folds():
     test = DataLoader(TinyData(40, seed=1), batch_size=20)  # scored on a test set, the training order does not matter
     assert probe_matrix(encoders, DataLoader(data, batch_size=20, shuffle=True), test, label_keys="coded",
                         device="cpu").shape == (2, 1)
+
+
+def test_plot_embedding_refuses_labels_of_another_length():
+    """A label array of another length raised NumPy's "boolean index did not match" (or, one the same
+    length as another split's, would colour the points by other images' labels)."""
+    from mtlearn.probes import plot_embedding
+
+    with pytest.raises(ValueError, match=r"labels must be one \(N,\) array per name with N = 5 .*\{'shape': 4\}"):
+        plot_embedding(np.zeros((5, 2)), {"background": np.zeros(5, int), "shape": np.zeros(4, int)})
+    import matplotlib.pyplot as plt
+
+    plt.close("all")
