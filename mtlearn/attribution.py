@@ -572,8 +572,12 @@ def _mass(maps: Tensor, mode: str) -> Tensor:
 
 
 def _check_pair(maps: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    maps, mask = torch.as_tensor(maps), torch.as_tensor(mask)  # NumPy arrays too, as localisation_scores takes
     if maps.dim() != 4 or maps.shape[1] != 1:
         raise ValueError(f"maps must be (B, 1, H, W), got {tuple(maps.shape)}")
+    if not torch.isfinite(maps).all():  # a NaN pixel scored a miss, an inf one a hit, and the share NaN
+        raise ValueError("maps hold NaN or inf values, which no score can rank; the method or the model overflowed "
+                         "(try float32, or another method), so check the maps before scoring them")
     mask = _binary_mask(mask).to(maps.device)
     if mask.shape != maps.shape:
         raise ValueError(f"mask must have the maps' shape {tuple(maps.shape)}, got {tuple(mask.shape)}")
@@ -690,6 +694,9 @@ def localisation_scores(explainer: Explainer, images: Tensor, mask: Tensor, head
             explainer.attribute(images[i:i + batch_size], head, _rows(target, i, batch_size), method,
                                 reference=_rows(reference, i, batch_size), **method_kw.get(method, {})).cpu()
             for i in range(0, len(images), batch_size)])
+        if not torch.isfinite(maps).all():  # named here, with its method, rather than by the scores below
+            raise ValueError(f"{method}'s maps hold NaN or inf values (the model or the method overflowed); "
+                             "try float32 or another method, and check the model's outputs on these images")
         scores[method] = {
             "mask_share": _nanmean(mask_share(maps, mask.cpu(), mode)),
             "pointing_game": _nanmean(pointing_game(maps, mask.cpu(), tolerance, mode)),
@@ -724,6 +731,10 @@ def spearman(a: Tensor, b: Tensor, absolute: bool = True) -> Tensor:
     """
     from scipy.stats import rankdata
 
+    a, b = torch.as_tensor(a), torch.as_tensor(b)
+    if a.shape != b.shape:  # (1, ...) against (3, ...) broadcast silently; other sizes failed deep in torch
+        raise ValueError(f"a and b must be maps of the same shape, one per sample, got {tuple(a.shape)} and "
+                         f"{tuple(b.shape)}")
     a = a.detach().flatten(1).cpu().double()  # .cpu() first: MPS has no float64
     b = b.detach().flatten(1).cpu().double()
     if absolute:
@@ -953,8 +964,8 @@ def colour_limit(maps: Sequence, percentile: float = 99.0) -> float:
     otherwise pull the limit down until every weak value saturates. All-zero maps: 1.
     maps: tensors or arrays of any shape, pooled; percentile: in (0, 100], 100 = the maximum.
     """
-    if not 0 < percentile <= 100:
-        raise ValueError(f"percentile must be in (0, 100] (100: the maximum), got {percentile!r}")
+    if isinstance(percentile, bool) or not isinstance(percentile, numbers.Real) or not 0 < percentile <= 100:
+        raise ValueError(f"percentile must be a number in (0, 100] (100: the maximum), got {percentile!r}")
     values = np.abs(np.concatenate([_image(m).ravel() for m in maps])) if len(maps) else np.zeros(1)
     values = values[np.isfinite(values) & (values > 0)]  # NaN / inf pixels say nothing about the scale either
     return float(np.percentile(values, percentile)) if values.size else 1.0
@@ -1044,6 +1055,9 @@ def plot_attributions(images: Tensor, maps: Mapping[str, Tensor], masks: Tensor 
         raise ValueError(f"masks must be {expected} like the images, got {tuple(masks.shape)}")
     if row_labels is not None and len(row_labels) != B:
         raise ValueError(f"row_labels needs one label per image ({B}), got {len(row_labels)}")
+    colour_limit([], percentile)  # its checks too, before the figure
+    if masks is not None:
+        _image(masks[0], "masks")  # one channel: (B, 2, H, W) class scores were named as "image"
     columns = 1 + (masks is not None) + len(keys)
     fig, axes = plt.subplots(B, columns, figsize=(1.9 * columns, 1.9 * B + 1.0), squeeze=False, layout="constrained")
     # one scale per group of columns: all columns of a method, each column alone, or each panel
@@ -1098,8 +1112,16 @@ def plot_scores(rows: Sequence[Mapping], group: str = "model", chance: float | N
     line, so small shares are not squashed at the bottom of a 0-1 axis and each can be read against
     chance; every bar carries its value. One legend, under both panels, keeps the bars clear.
     """
-    if len(rows) == 0:
-        raise ValueError("plot_scores needs at least one row (dicts built from localisation_scores)")
+    if isinstance(rows, Mapping) or len(rows) == 0:
+        raise ValueError("plot_scores needs a list of at least one row, one dict per (group, method) with "
+                         "'method', the group key, 'mask_share' and 'pointing_game', e.g. [dict(model='mtl', "
+                         "method=m, **scores[m]) for m in scores] from localisation_scores")
+    for i, row in enumerate(rows):
+        missing = [k for k in ("method", group, "mask_share", "pointing_game")
+                   if not isinstance(row, Mapping) or k not in row]
+        if missing:  # a bare KeyError 'model' otherwise
+            raise ValueError(f"row {i} has no {missing}; each row needs 'method', {group!r} (the group=), "
+                             "'mask_share' and 'pointing_game'")
     methods = list(dict.fromkeys(r["method"] for r in rows))
     groups = list(dict.fromkeys(r[group] for r in rows))
     width = 0.8 / len(groups)
@@ -1146,6 +1168,10 @@ def plot_randomisation(result: RandomisationResult, index: int = 0, method: str 
     count = result.maps[0].shape[0]  # the spearman means skip images whose original map is constant (rho NaN)
     if isinstance(index, bool) or not isinstance(index, numbers.Integral) or not 0 <= index < count:
         raise ValueError(f"index must be an image of the result, an int in 0..{count - 1}, got {index!r}")
+    size = tuple(result.maps[0].shape[-2:])
+    if image is not None and tuple(image.shape[-2:]) != size:  # else the map covered a corner of the image
+        raise ValueError(f"image is {tuple(image.shape[-2:])} but the maps are {size}: pass the image the maps "
+                         "were computed on")
     original = result.maps[0][index:index + 1]
     absolute = result.absolute
     columns = min(n, 6)
@@ -1189,11 +1215,12 @@ class AttributionExplorer:
                  method_kw: Mapping[str, Mapping] | None = None, tolerance: int = 1):
         if len(dataset) == 0:
             raise ValueError("AttributionExplorer needs a non-empty dataset")
+        methods = [methods] if isinstance(methods, str) else list(methods)  # "ig" is one method, not two letters
         unknown = [m for m in methods if m not in METHODS]
         if unknown or not methods:
             raise ValueError(f"methods must be a non-empty subset of {METHODS}, got {list(methods)}")
-        if tolerance < 0:
-            raise ValueError(f"tolerance must be >= 0 pixels, got {tolerance!r}")
+        if isinstance(tolerance, bool) or not isinstance(tolerance, numbers.Integral) or tolerance < 0:
+            raise ValueError(f"tolerance must be an integer >= 0 (pixels), got {tolerance!r}")
         self.dataset = dataset
         self.tolerance = tolerance
         self.explainer = Explainer(model, layer=layer, keys=keys)
@@ -1222,7 +1249,7 @@ class AttributionExplorer:
         self._cache: dict = {}
         self._redraw = True
         for control in (self.index, self.target, self.method):
-            control.observe(lambda _change: self.draw(), names="value")
+            control.observe(lambda _change: self._draw_or_say(), names="value")
         self.head.observe(self._head_changed, names="value")
         self.widget = widgets.VBox([widgets.HBox([self.index, self.head]),
                                     widgets.HBox([self.target, self.method]), self.output])
@@ -1243,7 +1270,18 @@ class AttributionExplorer:
         self.target.options = self._targets(self.head.value)
         self.target.value = self.target.options[0][1]
         self._redraw = True
-        self.draw()
+        self._draw_or_say()
+
+    def _draw_or_say(self) -> None:
+        """draw() for a control's change: what cannot be drawn (an item of another size than the options
+        were checked on, a method that fails on it) is said where the figure would be; raised in a
+        widget's callback it would go to the kernel's log, leaving the old figure up."""
+        try:
+            self.draw()
+        except Exception as error:  # noqa: BLE001 (shown to the user, not swallowed)
+            text = f"item {self.index.value} cannot be drawn: {type(error).__name__}: {error}"
+            self.output.outputs = ({"output_type": "stream", "name": "stderr", "text": text + "\n"},)
+            self.state = {"index": self.index.value, "error": text}
 
     def compute(self, index: int, head: str, target, method: str) -> tuple[dict, Tensor]:
         """The item and its (1, 1, H, W) map, cached together per (index, head, target, method).
@@ -1275,17 +1313,21 @@ class AttributionExplorer:
             hit = float(pointing_game(maps, item["mask"][None], self.tolerance)[0])
             title += f"\nin-lesion share {share:.2f}, peak in lesion: {'yes' if hit == 1 else 'no'}"
         fig, axes = plt.subplots(1, 2, figsize=(6.4, 3.8), layout="constrained")
-        _draw_image(axes[0], _image(item["image"]))
-        if "mask" in item and item["mask"].sum() > 0:
-            axes[0].contour(_image(item["mask"]), levels=[0.5], colors="lime", linewidths=1)
-        if "artifact_mask" in item and item["artifact_mask"].sum() > 0:
-            axes[0].contour(_image(item["artifact_mask"]), levels=[0.5], colors="orange", linewidths=1)
-        axes[0].set_title("image (lesion green, artifact orange)", fontsize=8)
-        axes[0].set_axis_off()
-        shown = _show_map(axes[1], item["image"], maps[0], method, item.get("mask"))
-        _colourbar(fig, shown, axes[1], [maps[0]])  # one map: its own scale
-        axes[1].set_title(method, fontsize=8)
-        fig.suptitle(title, fontsize=9)
+        try:
+            _draw_image(axes[0], _image(item["image"]))
+            if "mask" in item and item["mask"].sum() > 0:
+                axes[0].contour(_image(item["mask"]), levels=[0.5], colors="lime", linewidths=1)
+            if "artifact_mask" in item and item["artifact_mask"].sum() > 0:
+                axes[0].contour(_image(item["artifact_mask"]), levels=[0.5], colors="orange", linewidths=1)
+            axes[0].set_title("image (lesion green, artifact orange)", fontsize=8)
+            axes[0].set_axis_off()
+            shown = _show_map(axes[1], item["image"], maps[0], method, item.get("mask"))
+            _colourbar(fig, shown, axes[1], [maps[0]])  # one map: its own scale
+            axes[1].set_title(method, fontsize=8)
+            fig.suptitle(title, fontsize=9)
+        except Exception:
+            plt.close(fig)  # not left open behind the error
+            raise
         show_in(self.output, fig)
         peak = divmod(int(maps[0, 0].argmax()), maps.shape[-1])
         self.state = {"index": index, "head": head, "target": label, "method": method, "title": title,

@@ -1244,3 +1244,73 @@ def test_plots_refuse_bad_input_before_opening_a_figure(images):
 def test_a_model_without_weights_is_named():
     with pytest.raises(ValueError, match="Explainer needs a model with floating-point weights; Identity has none"):
         A.Explainer(nn.Identity())
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_scores_refuse_maps_with_nan_or_inf(bad):
+    """One NaN pixel made the share NaN and the pointing game a miss, one inf pixel a hit: averaged over
+    different samples, against the docstring's promise."""
+    maps, mask = torch.rand(2, 1, 8, 8), torch.zeros(2, 1, 8, 8)
+    mask[:, :, 2:5, 2:5] = 1
+    maps[1, 0, 0, 0] = bad
+    for score in (A.mask_share, A.pointing_game):
+        with pytest.raises(ValueError, match="maps hold NaN or inf values"):
+            score(maps, mask)
+    maps[1, 0, 0, 0] = 0.0
+    # NumPy arrays, as localisation_scores takes its masks: the same scores as tensors
+    assert torch.equal(A.mask_share(maps.numpy(), mask.numpy()), A.mask_share(maps, mask))
+
+
+def test_spearman_refuses_maps_of_another_shape():
+    with pytest.raises(ValueError, match=r"a and b must be maps of the same shape.*\(1, 1, 8, 8\) and \(3, 1, 8, 8\)"):
+        A.spearman(torch.rand(1, 1, 8, 8), torch.rand(3, 1, 8, 8))  # broadcast to 3 values, silently
+
+
+def test_plot_randomisation_refuses_an_image_of_another_size():
+    result = A.RandomisationResult(steps=["original", "head"], spearman=[1.0, 0.2],
+                                   maps=[torch.rand(1, 1, 16, 16), torch.rand(1, 1, 16, 16)])
+    plt.close("all")
+    with pytest.raises(ValueError, match=r"image is \(32, 32\) but the maps are \(16, 16\)"):
+        A.plot_randomisation(result, image=torch.rand(1, 32, 32))  # the map covered its top-left quarter
+    assert plt.get_fignums() == []
+    assert len(A.plot_randomisation(result, image=torch.rand(1, 16, 16)).axes) == 2
+    plt.close("all")
+
+
+def test_plot_attributions_checks_percentile_and_masks_before_the_figure(images):
+    maps = {"saliency": torch.rand(2, 1, *images.shape[-2:])}
+    plt.close("all")
+    with pytest.raises(ValueError, match=r"percentile must be a number in \(0, 100\]"):
+        A.plot_attributions(images, maps, percentile=0)
+    with pytest.raises(ValueError, match=r"masks must be a non-empty \(C, H, W\) array with 1 or 3 channels"):
+        A.plot_attributions(images, maps, masks=torch.zeros(2, 2, *images.shape[-2:]))
+    assert plt.get_fignums() == []
+
+
+@pytest.mark.parametrize("rows, message", [
+    ({"saliency": {"mask_share": 0.2, "pointing_game": 1.0}}, r"needs a list of at least one row"),
+    ([{"method": "saliency", "mask_share": 0.2, "pointing_game": 1.0}], r"row 0 has no \['model'\]"),
+    ([{"method": "ig", "model": "a", "mask_share": 0.2}], r"row 0 has no \['pointing_game'\]"),
+])
+def test_plot_scores_names_a_row_it_cannot_read(rows, message):
+    """A bare KeyError 'model', or "string indices must be integers" for localisation_scores' own dict."""
+    with pytest.raises(ValueError, match=message):
+        A.plot_scores(rows)
+    plt.close("all")
+
+
+def test_the_explorer_says_what_it_cannot_draw_and_takes_one_method_as_text(model, data, monkeypatch):
+    viewer = A.AttributionExplorer(model, data, methods="saliency", tolerance=np.int64(1))
+    assert list(viewer.method.options) == ["saliency"]  # not ['s', 'a', 'l', ...]
+    with pytest.raises(ValueError, match=r"tolerance must be an integer >= 0 \(pixels\), got '1'"):
+        A.AttributionExplorer(model, data, methods="saliency", tolerance="1")
+
+    def fails(*args):
+        raise RuntimeError("window larger than the image")
+
+    monkeypatch.setattr(viewer, "compute", fails)
+    plt.close("all")
+    viewer.index.value = 1
+    assert viewer.state == {"index": 1, "error": "item 1 cannot be drawn: RuntimeError: window larger than the image"}
+    assert viewer.output.outputs[0]["text"].startswith("item 1 cannot be drawn: RuntimeError")
+    assert plt.get_fignums() == []
