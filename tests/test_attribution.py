@@ -1314,3 +1314,12 @@ def test_the_explorer_says_what_it_cannot_draw_and_takes_one_method_as_text(mode
     assert viewer.state == {"index": 1, "error": "item 1 cannot be drawn: RuntimeError: window larger than the image"}
     assert viewer.output.outputs[0]["text"].startswith("item 1 cannot be drawn: RuntimeError")
     assert plt.get_fignums() == []
+
+
+def test_localisation_scores_name_the_method_whose_maps_overflowed(model, data, images, monkeypatch):
+    explainer = A.Explainer(model)
+    mask = torch.stack([data[i]["mask"] for i in range(2)])
+    monkeypatch.setattr(explainer, "attribute", lambda x, *args, **kwargs: torch.full((len(x), 1, *x.shape[-2:]),
+                                                                                      float("nan")))
+    with pytest.raises(ValueError, match=r"saliency's maps hold NaN or inf values"):
+        A.localisation_scores(explainer, images, mask, methods=("saliency",))
