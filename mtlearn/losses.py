@@ -39,6 +39,9 @@ class LossConfig:
     recon: str = "l1"  # "l1" or "mse" for the denoising / reconstruction task
 
 
+NOT_A_NUMBER_INDEX = -(2**62)  # .long() of NaN or -inf is int64's minimum: reported as NaN, not as that number
+
+
 def class_indices(mask: Tensor) -> Tensor:
     """A mask as long class indices: a soft (float) mask rounds to the nearest class, a bool mask is 0/1."""
     return mask.long() if mask.dtype == torch.bool else mask.round().long()
@@ -136,6 +139,7 @@ class SegmentationLoss(nn.Module):
             low, high = extremes
             if low < 0 or high >= logits.shape[1]:
                 bad = f"max {high}" if high >= logits.shape[1] else f"min {low}"
+                bad = "NaN or inf values" if low <= NOT_A_NUMBER_INDEX else bad  # what .long() makes of NaN
                 raise ValueError(
                     f"segmentation mask values must be class indices 0..{logits.shape[1] - 1}, got {bad}; "
                     f"a 0/255 mask needs mask / 255 (or > 0), and seg_classes must cover every mask value"
@@ -157,6 +161,8 @@ def check_seg_pair(logits: Tensor, mask: Tensor) -> None:
     wanted = (logits.shape[0], 1, *logits.shape[2:])  # (B, 1, H, W)
     if tuple(mask.shape) != wanted:
         fix = "; a (B, H, W) mask needs mask.unsqueeze(1)" if mask.dim() == 3 else ""
+        if mask.dim() == 4 and mask.shape[1] == logits.shape[1] and mask.shape[0] == logits.shape[0]:
+            fix = "; a one-hot mask (one channel per class) needs mask.argmax(1, keepdim=True)"
         raise ValueError(f"segmentation target must be (B, 1, H, W) matching logits {tuple(logits.shape)}, got "
                          f"{tuple(mask.shape)}{fix}")
 

@@ -44,8 +44,8 @@ import torch.distributed as dist
 from monai.metrics import PSNRMetric, SSIMMetric, compute_dice, compute_iou, compute_roc_auc
 from torch import Tensor
 
-from mtlearn.losses import (TASK_TARGETS, check_class_logits, check_class_weight_count, check_class_weights,
-                            check_outputs, check_seg_pair, check_tasks, class_indices)
+from mtlearn.losses import (NOT_A_NUMBER_INDEX, TASK_TARGETS, check_class_logits, check_class_weight_count,
+                            check_class_weights, check_outputs, check_seg_pair, check_tasks, class_indices)
 from mtlearn.utils import check_number, is_int
 
 METRIC_KEYS = {
@@ -240,14 +240,17 @@ class MetricAccumulator:
 
     def _update_seg(self, logits: Tensor, mask: Tensor) -> None:
         check_seg_pair(logits, mask)
+        if not len(logits):  # an empty batch adds nothing (MONAI's Dice fails on it: "non-empty TensorList")
+            return
         num_seg = logits.shape[1]
         indices = class_indices(mask[:, 0])  # (B, H, W)
         if indices.numel():  # the .cpu() of the scores below waits for the GPU anyway: no extra stall
             low, high = torch.stack(torch.aminmax(indices)).tolist()
             if low < 0 or high >= num_seg:
-                raise ValueError(f"segmentation mask values must be class indices 0..{num_seg - 1}, got "
-                                 f"{f'max {high}' if high >= num_seg else f'min {low}'}; a 0/255 mask needs mask / 255 "
-                                 "(or > 0), and the logits need one channel per mask value")
+                bad = f"max {high}" if high >= num_seg else f"min {low}"
+                bad = "NaN or inf values" if low <= NOT_A_NUMBER_INDEX else bad  # what .long() makes of NaN
+                raise ValueError(f"segmentation mask values must be class indices 0..{num_seg - 1}, got {bad}; a "
+                                 "0/255 mask needs mask / 255 (or > 0), and the logits need one channel per mask value")
         pred = torch.nn.functional.one_hot(logits.argmax(1), num_seg).permute(0, 3, 1, 2)  # (B, K, H, W)
         true = torch.nn.functional.one_hot(indices, num_seg).permute(0, 3, 1, 2)
         dice = compute_dice(pred, true, include_background=False, ignore_empty=False)  # (B, K-1)
@@ -267,7 +270,8 @@ class MetricAccumulator:
 
     def _update_cls(self, logits: Tensor, label: Tensor) -> None:
         check_class_logits(logits)
-        if label.numel() != len(logits):  # a one-hot (B, K) label would be read as B * K labels
+        if label.numel() != len(logits) or label.dim() > 2 or (label.dim() == 2 and label.shape[1] != 1):
+            # a one-hot (B, K) label would be read as B * K labels, a (2, 2) one for 4 logits as 4
             raise ValueError(f"class labels must be (B,) class indices, got shape {tuple(label.shape)} for "
                              f"{len(logits)} predictions; one-hot labels need label.argmax(1)")
         label = class_labels(label).view(-1)
@@ -286,6 +290,11 @@ class MetricAccumulator:
         self._labels.append(label.cpu().numpy())
 
     def _update_recon(self, output: Tensor, clean: Tensor) -> None:
+        if len(clean):
+            top = float(clean.detach().amax())  # the PSNR below reads its values anyway: no extra stall
+            if top > 2 * self.data_range:  # a 0..255 image scored against data_range 1: PSNR -43 dB, SSIM ~0
+                raise ValueError(f"the clean images reach {top:g}, but data_range is {self.data_range:g}: scale them "
+                                 f"to [0, {self.data_range:g}] (e.g. / 255) or pass data_range= their full range")
         side = min(11, *output.shape[2:])
         win_size = side if side % 2 else side - 1  # SSIM needs an odd window no larger than the image
         psnr = PSNRMetric(max_val=self.data_range)(output, clean)  # (B, 1), inf at zero error

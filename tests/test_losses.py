@@ -282,3 +282,13 @@ def test_losses_that_are_not_a_loss_config_are_named(config, match):
 def test_classification_loss_still_takes_column_labels():
     logits, label = torch.randn(2, 3), torch.tensor([0, 2])
     assert torch.equal(ClassificationLoss()(logits, label.view(2, 1)), ClassificationLoss()(logits, label))
+
+
+def test_a_one_hot_or_nan_seg_target_is_named_with_the_fix():
+    logits = torch.zeros(2, 3, 8, 8)
+    with pytest.raises(ValueError, match=r"got \(2, 3, 8, 8\); a one-hot mask .* needs mask\.argmax\(1, keepdim=True\)"):
+        SegmentationLoss()(logits, torch.zeros(2, 3, 8, 8))
+    mask = torch.zeros(2, 1, 8, 8)
+    mask[1, 0, 3, 3] = float("nan")
+    with pytest.raises(ValueError, match=r"class indices 0\.\.2, got NaN or inf values"):
+        SegmentationLoss()(logits, mask)

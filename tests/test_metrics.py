@@ -536,3 +536,34 @@ def test_roc_auc_takes_tensors_that_need_grad_and_names_bad_shapes_and_labels():
     with pytest.raises(ValueError, match=r"labels must be class indices 0\.\.1 .*got values 0\.\.2"):
         roc_auc(scores.detach(), torch.tensor([0, 1, 2, 1]))
     assert math.isnan(roc_auc(np.zeros((0, 2)), np.zeros(0, dtype=int)))
+
+
+def test_an_empty_seg_batch_adds_nothing_as_an_empty_cls_batch_does():
+    """MONAI's Dice failed on it: "stack expects a non-empty TensorList"."""
+    acc = MetricAccumulator(("seg",))
+    acc.update({"seg": torch.zeros(0, 2, 8, 8)}, {"mask": torch.zeros(0, 1, 8, 8)})
+    mask = torch.zeros(1, 1, 8, 8)
+    mask[..., 2:5, 2:5] = 1
+    acc.update({"seg": torch.cat([-mask, mask], 1) * 5}, {"mask": mask})
+    assert acc.compute()["seg/dice"] == 1.0
+
+
+def test_clean_images_far_beyond_the_data_range_are_named():
+    """A 0..255 target scored against data_range 1 gave PSNR -43.6 dB and SSIM 1e-5 without a word."""
+    clean = torch.randint(0, 256, (2, 1, 16, 16)).float()
+    acc = MetricAccumulator(("recon",))
+    with pytest.raises(ValueError, match=r"the clean images reach 25\d, but data_range is 1: scale them to \[0, 1\]"):
+        acc.update({"recon": clean}, {"clean": clean})
+    scaled = MetricAccumulator(("recon",), data_range=255.0)
+    scaled.update({"recon": clean}, {"clean": clean})
+    assert scaled.compute()["recon/ssim"] == pytest.approx(1.0)
+
+
+def test_nan_in_a_mask_and_labels_of_another_shape_are_named():
+    acc = MetricAccumulator(("seg", "cls"))
+    mask = torch.zeros(2, 1, 8, 8)
+    mask[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"class indices 0\.\.1, got NaN or inf values"):  # was "min -9223372036854775808"
+        acc.update({"seg": torch.zeros(2, 2, 8, 8)}, {"mask": mask})
+    with pytest.raises(ValueError, match=r"class labels must be \(B,\) class indices, got shape \(2, 2\) for 4"):
+        MetricAccumulator(("cls",)).update({"cls": torch.zeros(4, 3)}, {"label": torch.zeros(2, 2)})
