@@ -286,7 +286,8 @@ def test_classification_loss_still_takes_column_labels():
 
 def test_a_one_hot_or_nan_seg_target_is_named_with_the_fix():
     logits = torch.zeros(2, 3, 8, 8)
-    with pytest.raises(ValueError, match=r"got \(2, 3, 8, 8\); a one-hot mask .* needs mask\.argmax\(1, keepdim=True\)"):
+    one_hot = r"got \(2, 3, 8, 8\); a one-hot mask .* needs mask\.argmax\(1, keepdim=True\)"
+    with pytest.raises(ValueError, match=one_hot):
         SegmentationLoss()(logits, torch.zeros(2, 3, 8, 8))
     mask = torch.zeros(2, 1, 8, 8)
     mask[1, 0, 3, 3] = float("nan")

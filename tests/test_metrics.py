@@ -563,7 +563,7 @@ def test_nan_in_a_mask_and_labels_of_another_shape_are_named():
     acc = MetricAccumulator(("seg", "cls"))
     mask = torch.zeros(2, 1, 8, 8)
     mask[0, 0, 0, 0] = float("nan")
-    with pytest.raises(ValueError, match=r"class indices 0\.\.1, got NaN or inf values"):  # was "min -9223372036854775808"
+    with pytest.raises(ValueError, match=r"class indices 0\.\.1, got NaN or inf values"):  # was "min -922...808"
         acc.update({"seg": torch.zeros(2, 2, 8, 8)}, {"mask": mask})
     with pytest.raises(ValueError, match=r"class labels must be \(B,\) class indices, got shape \(2, 2\) for 4"):
         MetricAccumulator(("cls",)).update({"cls": torch.zeros(4, 3)}, {"label": torch.zeros(2, 2)})
