@@ -234,6 +234,9 @@ def mismatch_advice(
     """
     pinned = parse_hash(known_hash) == parse_hash(source.known_hash)
     start = _first_bytes(error.kept) if error.kept is not None and source.extract else ZIP_START
+    if error.kept is not None and source.filename.endswith(".npz"):  # a zip too: a web page saved in its place
+        page = _first_bytes(error.kept)  # is told apart by its markup (other bytes: a broken or other file)
+        start = page if page.lstrip()[:1] == b"<" else start
     if not start.startswith(b"PK"):  # not a zip at all: retrying gets the same page, and accepting its checksum
         # would only fail at unpacking
         copy_url = f"file:///path/to/{source.filename}"

@@ -7,7 +7,7 @@ import errno
 import sys
 from pathlib import Path
 
-from data_fetch import SOURCES, FetchError, dataset_dir, default_data_dir, fetch
+from data_fetch import DATA_ENV, SOURCES, FetchError, dataset_dir, default_data_dir, fetch
 
 
 def listing() -> str:
@@ -55,8 +55,9 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except OSError as error:  # the destination: a file where a folder should be, no permission, disk full
         where = error.filename or args.dest or dataset_dir(args.name)
-        remedy = "free some space or choose another --dest" if error.errno in (errno.ENOSPC, errno.EDQUOT) else (
-            "choose another --dest")
+        # without --dest the folder came from $MTLEARN_DATA (or the cache), which the user may not think of
+        elsewhere = "choose another --dest" if args.dest else f"set {DATA_ENV} to a folder, or pass --dest"
+        remedy = f"free some space or {elsewhere}" if error.errno in (errno.ENOSPC, errno.EDQUOT) else elsewhere
         blocker = next((p for p in (Path(where), *Path(where).parents) if p.exists() and not p.is_dir()), None)
         problem = f"{blocker} is a file, not a folder" if blocker is not None else error.strerror or error
         print(f"data_fetch: cannot write to {where} ({problem}); {remedy}", file=sys.stderr)

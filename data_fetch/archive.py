@@ -22,6 +22,10 @@ from pathlib import Path, PurePosixPath
 from data_fetch.download import FetchError
 
 
+# stored, deflated, bzip2, lzma: what zipfile reads (bzip2 and lzma only when Python was built with them)
+READABLE_METHODS = {zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA}
+
+
 class UnsafeArchiveError(FetchError, ValueError):
     """An archive member would be written outside the target folder or over the archive itself, or is a
     link, or is a file where other members need a folder."""
@@ -114,6 +118,16 @@ def _check_kinds(infos: list[zipfile.ZipInfo], archive: Path, within: str | None
     label = archive.name + (f" (inside {within})" if within else "")
     folders = {str(parent) for info in infos for parent in PurePosixPath(info.filename.replace("\\", "/")).parents}
     for info in infos:
+        # what Python's zipfile cannot read failed halfway through unpacking (NotImplementedError, RuntimeError)
+        if info.flag_bits & 0x1:
+            raise FetchError(f"cannot unpack {label}: member {info.filename!r} is encrypted (password-protected), "
+                             "which the dataset's archive is not; nothing was extracted. Download it again, or "
+                             "unpack it by hand and point the loader at the folder")
+        if info.compress_type not in READABLE_METHODS:
+            raise FetchError(f"cannot unpack {label}: member {info.filename!r} uses compression method "
+                             f"{info.compress_type} (e.g. Deflate64, written by Windows for large zips), which Python's "
+                             "zipfile cannot read; nothing was extracted. Unpack it with 7-Zip or unzip and point the "
+                             "loader at the folder, or download the original archive")
         if stat.S_ISLNK(info.external_attr >> 16):
             raise UnsafeArchiveError(f"refusing to unpack {label}: member {info.filename!r} is a symbolic "
                                      "link; the archive is damaged or not the dataset's, nothing was extracted")

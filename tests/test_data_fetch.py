@@ -737,6 +737,54 @@ def test_a_login_page_under_a_pinned_checksum_is_named_not_retried_or_offered_fo
     assert "run again to retry" not in message and "--hash" not in message
 
 
+def test_a_login_page_saved_as_an_npz_is_named_as_such(server, tmp_path):
+    """An .npz is a zip too: the page was called "a broken transfer: run again", and offered for --hash."""
+    server.files["/breastmnist.npz"] = b"  <html><body>Please sign in</body></html>"
+    with pytest.raises(HashMismatchError) as error:
+        fetch("breastmnist", dest=tmp_path, url=server.url + "/breastmnist.npz", progress=False)
+    message = str(error.value)
+    assert "not a zip archive but begins b'  <html>" in message and "the host sent an error or login page" in message
+    assert "run again to retry" not in message and "--hash" not in message
+
+
+def _patched_zip(tmp_path, method: int | None = None, encrypted: bool = False):
+    """A zip whose headers say `method` (9: Deflate64) or encryption, as zipfile would read them."""
+    data = bytearray(zip_bytes({"BUSBRA/bus_data.csv": b"ID,Case,Pathology\n", "BUSBRA/readme.txt": b"r"}))
+    for signature, method_at, flags_at in ((b"PK\x03\x04", 8, 6), (b"PK\x01\x02", 10, 8)):
+        start = data.find(signature)
+        while start >= 0:
+            if method is not None:
+                data[start + method_at:start + method_at + 2] = method.to_bytes(2, "little")
+            if encrypted:
+                data[start + flags_at] |= 0x1
+            start = data.find(signature, start + 4)
+    path = tmp_path / "data.zip"
+    path.write_bytes(bytes(data))
+    return path
+
+
+@pytest.mark.parametrize("method, encrypted, message", [
+    (9, False, r"uses compression method 9 \(e\.g\. Deflate64.*nothing was extracted. Unpack it with 7-Zip"),
+    (None, True, r"is encrypted \(password-protected\).*nothing was extracted"),
+])
+def test_a_zip_python_cannot_read_is_refused_before_unpacking(tmp_path, method, encrypted, message):
+    """NotImplementedError or RuntimeError came out of extractall as a traceback, half the archive written."""
+    from data_fetch.archive import extract_zip
+
+    with pytest.raises(data_fetch.FetchError, match=message):
+        extract_zip(_patched_zip(tmp_path, method, encrypted), tmp_path / "dest")
+    assert not (tmp_path / "dest").exists()
+
+
+def test_command_line_says_to_fix_mtlearn_data_when_no_dest_was_given(tmp_path, capsys, monkeypatch):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("MTLEARN_DATA", str(blocker))
+    assert main(["busi", "--quiet"]) == 1
+    assert f"({blocker} is a file, not a folder); set MTLEARN_DATA to a folder, or pass --dest" in \
+        capsys.readouterr().err
+
+
 def test_a_zip_cut_short_without_a_checksum_is_called_cut_short_not_a_login_page(server, tmp_path):
     server.files["/uclm.zip"] = zip_bytes({"BUS-UCLM/INFO.csv": b"x" * 5000})[:-60]  # no central directory
     with pytest.raises(DownloadError, match=r"begins like a zip archive but is cut short \(the transfer stopped "
