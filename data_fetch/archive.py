@@ -125,9 +125,9 @@ def _check_kinds(infos: list[zipfile.ZipInfo], archive: Path, within: str | None
                              "unpack it by hand and point the loader at the folder")
         if info.compress_type not in READABLE_METHODS:
             raise FetchError(f"cannot unpack {label}: member {info.filename!r} uses compression method "
-                             f"{info.compress_type} (e.g. Deflate64, written by Windows for large zips), which Python's "
-                             "zipfile cannot read; nothing was extracted. Unpack it with 7-Zip or unzip and point the "
-                             "loader at the folder, or download the original archive")
+                             f"{info.compress_type} (e.g. Deflate64, written by Windows for large zips), which "
+                             "Python's zipfile cannot read; nothing was extracted. Unpack it with 7-Zip or unzip and "
+                             "point the loader at the folder, or download the original archive")
         if stat.S_ISLNK(info.external_attr >> 16):
             raise UnsafeArchiveError(f"refusing to unpack {label}: member {info.filename!r} is a symbolic "
                                      "link; the archive is damaged or not the dataset's, nothing was extracted")
