@@ -838,7 +838,8 @@ def _update(run: _Run, losses: Mapping[str, Tensor]) -> float:
         skipped = run.scaler.get_scale() < loss_scale  # update() lowers the scale exactly after a skipped step
     else:
         run.optimizer.step()
-    run.weighting.after_step(skipped)
+    run.weighting.step_skipped = skipped  # an attribute, so that after_step() keeps its plain signature
+    run.weighting.after_step()
     if run.scaler is not None and run.scheduler.last_epoch == 0:  # the very first step (torch checks only it)
         with warnings.catch_warnings():  # the scaler may have skipped an overflowing fp16 step, which torch
             # reports as a misordered call; the schedule is a closed form of the step count, not affected

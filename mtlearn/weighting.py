@@ -5,7 +5,8 @@ Every strategy is a small nn.Module with the same interface, called by `engine.f
     total = weighting.backward(losses, shared_parameters, scale)  # fills .grad of the network
     optimizer.step()                                              # (the weighting's own parameters included
                                                                   #  when `in_optimizer` is True)
-    weighting.after_step(skipped)                                 # e.g. GradNorm's own update (skipped: the
+    weighting.after_step()                                        # e.g. GradNorm's own update (fit sets
+                                                                  #  .step_skipped first: True when the
                                                                   #  GradScaler skipped the step, fp16 overflow)
     ...
     weighting.end_epoch(mean_train_losses)                        # once per epoch, e.g. DWA
@@ -53,6 +54,7 @@ class LossWeighting(nn.Module):
 
     needs_shared_parameters = False  # True: backward() needs the shared parameters
     in_optimizer = False  # True: the training optimiser must also update this module's parameters
+    step_skipped = False  # set by fit before after_step(): the GradScaler skipped the step (the network did not move)
 
     def __init__(self, tasks: Sequence[str]):
         super().__init__()
@@ -78,9 +80,9 @@ class LossWeighting(nn.Module):
         (scale(total) if scale else total).backward()
         return total.detach()
 
-    def after_step(self, skipped: bool = False) -> None:
-        """Called after every optimiser step; skipped: the GradScaler skipped it (fp16 gradients
-        overflowed somewhere in the network), so the network did not move."""
+    def after_step(self) -> None:
+        """Called after every optimiser step (self.step_skipped: the GradScaler skipped it, fp16
+        gradients having overflowed somewhere in the network, so the network did not move)."""
 
     def end_epoch(self, epoch_losses: Mapping[str, float]) -> None:
         """Called once per epoch with the mean training loss of every task."""
@@ -271,13 +273,13 @@ class GradNorm(LossWeighting):
         self.last_grad_norms = grad_norms.detach().cpu()
         return total.detach()
 
-    def after_step(self, skipped: bool = False):
+    def after_step(self):
         if self.task_weights.grad is None:
             return
         _average_across_processes(self.task_weights.grad)  # a rank's inf makes every rank's mean inf
         # fp16 gradients overflowed, in the layer G_t is measured at (the weights' own gradient is inf)
-        # or anywhere else in the network (`skipped`): the GradScaler skipped the step, and so do the weights
-        if skipped or not torch.isfinite(self.task_weights.grad).all():
+        # or anywhere else in the network (step_skipped): the GradScaler skipped the step, and so do the weights
+        if self.step_skipped or not torch.isfinite(self.task_weights.grad).all():
             self.optimizer.zero_grad(set_to_none=True)
             return
         self.optimizer.step()

@@ -448,6 +448,26 @@ def test_gradnorm_weights_stay_when_the_loss_scaler_skips_a_step_for_an_overflow
     assert [history.records[-1][f"weight/{t}"] for t in ("seg", "cls")] == [1.0, 1.0]
 
 
+def test_a_weighting_subclass_overrides_after_step_without_arguments():
+    """Notebook 02's exercise: subclass PCGrad so that after_step() logs last_cosine. after_step(skipped)
+    made that override fail ("takes 1 positional argument but 2 were given")."""
+    from mtlearn.weighting import PCGrad
+
+    class Logged(PCGrad):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.cosines = []
+
+        def after_step(self):
+            super().after_step()
+            self.cosines.append(self.last_cosine)
+
+    train, val = _loaders()
+    weighting = Logged(TASKS)
+    _fit_on_cpu(ToyNet(), train, val, epochs=1, weighting=weighting)
+    assert len(weighting.cosines) == len(train) and weighting.step_skipped is False
+
+
 def test_channels_last_on_cpu():
     model = ToyNet()
     _fit_on_cpu(model, *_loaders(), epochs=1, channels_last=True)
