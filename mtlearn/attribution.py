@@ -47,7 +47,7 @@ from tqdm.auto import tqdm
 
 from mtlearn.encoder import ResFormerEncoder, check_floating, init_weights
 from mtlearn.mtl import MultiTaskUNet
-from mtlearn.plots import _draw_image, _image
+from mtlearn.plots import _array, _draw_image, _image
 from mtlearn.utils import check_number, is_finite
 from mtlearn.widgets import show_in
 
@@ -966,7 +966,7 @@ def colour_limit(maps: Sequence, percentile: float = 99.0) -> float:
     """
     if isinstance(percentile, bool) or not isinstance(percentile, numbers.Real) or not 0 < percentile <= 100:
         raise ValueError(f"percentile must be a number in (0, 100] (100: the maximum), got {percentile!r}")
-    values = np.abs(np.concatenate([_image(m).ravel() for m in maps])) if len(maps) else np.zeros(1)
+    values = np.abs(np.concatenate([_array(m).ravel() for m in maps])) if len(maps) else np.zeros(1)
     values = values[np.isfinite(values) & (values > 0)]  # NaN / inf pixels say nothing about the scale either
     return float(np.percentile(values, percentile)) if values.size else 1.0
 

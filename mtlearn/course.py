@@ -196,7 +196,9 @@ def _take_lock(lock: Path) -> str | None:
             except FileNotFoundError:  # released in the meantime
                 continue
             pid, _, host = text.partition(" on ")
-            if pid.isdigit() and host == socket.gethostname() and os.name == "posix" and not _alive(int(pid)):
+            # our own id: a lock of an earlier process that had it (a container restarted), never ours
+            if pid.isdigit() and host == socket.gethostname() and os.name == "posix" and (
+                    int(pid) == os.getpid() or not _alive(int(pid))):
                 lock.unlink(missing_ok=True)  # stale: its process is gone
                 continue
             return f"process {text or 'unknown'}, since {since}"

@@ -932,6 +932,7 @@ def recalibrate_batchnorm(model: nn.Module, loader, device: str | torch.device =
     buffers = {name: buffer.clone() for name, buffer in model.named_buffers()}  # all update_bn changes
     modes = [(module, module.training) for module in model.modules()]
     home = next(itertools.chain(model.parameters(), model.buffers()), None)
+    home = home.device if home is not None else None  # now: .to() moves the parameters in place
     model.to(device)  # where the images go: a CPU model with device "auto" on a GPU machine failed
     try:
         update_bn(images(), model)
@@ -939,7 +940,7 @@ def recalibrate_batchnorm(model: nn.Module, loader, device: str | torch.device =
         for module, training in modes:
             module.training = training
         if home is not None:
-            model.to(home.device)
+            model.to(home)
     if not seen:  # update_bn reset every running mean to 0 and variance to 1, then saw nothing
         for name, buffer in model.named_buffers():
             buffer.copy_(buffers[name])

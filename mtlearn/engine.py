@@ -526,56 +526,72 @@ def fit(model: nn.Module, train_loader, val_loader=None, config: TrainConfig | N
     untrained_heads = bool(set(getattr(model, "tasks", tasks)) - set(tasks))
     run.train_model = _wrap_for_training(model, run.device, config.compile, untrained_heads)
 
-    for epoch in range(start_epoch, config.epochs):
-        sampler = getattr(train_loader, "sampler", None)
-        if hasattr(sampler, "set_epoch"):  # DistributedSampler: a new shuffle every epoch
-            sampler.set_epoch(epoch)
-        bar = tqdm(total=len(train_loader), desc=f"epoch {epoch + 1}/{config.epochs}", leave=True,
-                   disable=not (config.progress and is_main_process()))
-        try:
-            record = {"epoch": epoch + 1, "lr": run.optimizer.param_groups[0]["lr"]}
-            record.update(_train_one_epoch(run, train_loader, epoch, tasks, bar, out_dir,
-                                           first=epoch == start_epoch))
-            # fixed and DWA: the weights used this epoch; learned ones (uncertainty, GradNorm): after its last step
-            record.update({f"weight/{t}": w for t, w in run.weighting.weights().items()})
-            run.weighting.end_epoch({t: record[f"train/{t}"] for t in tasks})
-            _broadcast_buffers(model)  # e.g. BatchNorm statistics: every rank keeps rank 0's, as DDP does
-            # finite losses do not guarantee finite weights (the last step's update can overflow);
-            # stop before this epoch's checkpoints would overwrite the good ones of the previous epoch
-            bad = _non_finite_tensors(model, run.weighting)
-            if _any_across_processes(bool(bad), run.device):
-                last = out_dir / "last.pt" if out_dir is not None and (out_dir / "last.pt").is_file() else None
-                raise NonFiniteWeightsError(epoch + 1, bad, last)
-            if val_loader is not None:
-                metrics = evaluate(model, val_loader, tasks, device=run.device, amp=config.amp,
-                                   channels_last=run.channels_last, losses=config.losses, data_range=config.data_range)
-                record.update({f"val/{k}": v for k, v in metrics.items()})
-                if monitor not in record:  # a typo would otherwise mean: no best.pt, silently
-                    raise ValueError(f"monitor {config.monitor!r} is not a validation metric; choose one of "
-                                     f"{sorted(k.removeprefix('val/') for k in record if k.startswith('val/'))}")
-                bar.set_postfix({k: f"{v:.3f}" for k, v in metrics.items() if not k.endswith("loss")})
-        finally:
-            bar.close()
-        improved = history.append(record)  # best epoch: judged on the validation split only
-        broken = sorted(k for k, v in record.items() if k.startswith("val/") and k.endswith("/loss")
-                        and not math.isfinite(v))
-        if broken and is_main_process():  # finite training losses and weights, yet NaN on unseen images
-            warnings.warn(f"epoch {epoch + 1}: the validation loss is not finite ({', '.join(broken)}), so this "
-                          "epoch cannot be the best one; the training losses were finite, which points to a model "
-                          "that diverged on new images (overflowing activations or BatchNorm statistics): lower "
-                          f"lr (now {config.lr:g}) or check the validation data", stacklevel=2)
-        if improved:
-            best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-        if out_dir is not None:
-            rng = rng_state(train_loader, run.device)  # on every rank: it gathers each GPU's random state
-            if is_main_process():
-                state = _run_state(run, epoch + 1, history, config, tasks, rng, steps_per_epoch)
-                # last.pt first: stopped between the two, best.pt is an improvement behind, and a resume
-                # takes the best weights from last.pt (whose history says so); the other way round, best.pt
-                # would hold an epoch that the resumed history does not have
-                save_checkpoint(state, out_dir / "last.pt")
-                if improved:
-                    save_checkpoint(state, out_dir / "best.pt")
+    # A fresh run with a folder to resume from: until its first last.pt, an interruption (Ctrl-C, an
+    # error) gives the model its starting weights, and the loader its generators, back. resume=True then
+    # starts afresh, as it does without a last.pt, and repeats the uninterrupted run instead of going on
+    # from what the interrupted call had already moved (the same objects, in a notebook).
+    start_state = start_rng = None
+    if out_dir is not None and start_epoch == 0:
+        start_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        start_rng = rng_state(train_loader, run.device)  # on every rank: it gathers each GPU's random state
+    try:
+        for epoch in range(start_epoch, config.epochs):
+            sampler = getattr(train_loader, "sampler", None)
+            if hasattr(sampler, "set_epoch"):  # DistributedSampler: a new shuffle every epoch
+                sampler.set_epoch(epoch)
+            bar = tqdm(total=len(train_loader), desc=f"epoch {epoch + 1}/{config.epochs}", leave=True,
+                       disable=not (config.progress and is_main_process()))
+            try:
+                record = {"epoch": epoch + 1, "lr": run.optimizer.param_groups[0]["lr"]}
+                record.update(_train_one_epoch(run, train_loader, epoch, tasks, bar, out_dir,
+                                               first=epoch == start_epoch))
+                # fixed and DWA: the weights used this epoch; learned ones (uncertainty, GradNorm): after its last step
+                record.update({f"weight/{t}": w for t, w in run.weighting.weights().items()})
+                run.weighting.end_epoch({t: record[f"train/{t}"] for t in tasks})
+                _broadcast_buffers(model)  # e.g. BatchNorm statistics: every rank keeps rank 0's, as DDP does
+                # finite losses do not guarantee finite weights (the last step's update can overflow);
+                # stop before this epoch's checkpoints would overwrite the good ones of the previous epoch
+                bad = _non_finite_tensors(model, run.weighting)
+                if _any_across_processes(bool(bad), run.device):
+                    last = out_dir / "last.pt" if out_dir is not None and (out_dir / "last.pt").is_file() else None
+                    raise NonFiniteWeightsError(epoch + 1, bad, last)
+                if val_loader is not None:
+                    metrics = evaluate(model, val_loader, tasks, device=run.device, amp=config.amp,
+                                       channels_last=run.channels_last, losses=config.losses,
+                                       data_range=config.data_range)
+                    record.update({f"val/{k}": v for k, v in metrics.items()})
+                    if monitor not in record:  # a typo would otherwise mean: no best.pt, silently
+                        raise ValueError(f"monitor {config.monitor!r} is not a validation metric; choose one of "
+                                         f"{sorted(k.removeprefix('val/') for k in record if k.startswith('val/'))}")
+                    bar.set_postfix({k: f"{v:.3f}" for k, v in metrics.items() if not k.endswith("loss")})
+            finally:
+                bar.close()
+            improved = history.append(record)  # best epoch: judged on the validation split only
+            broken = sorted(k for k, v in record.items() if k.startswith("val/") and k.endswith("/loss")
+                            and not math.isfinite(v))
+            if broken and is_main_process():  # finite training losses and weights, yet NaN on unseen images
+                warnings.warn(f"epoch {epoch + 1}: the validation loss is not finite ({', '.join(broken)}), so this "
+                              "epoch cannot be the best one; the training losses were finite, which points to a model "
+                              "that diverged on new images (overflowing activations or BatchNorm statistics): lower "
+                              f"lr (now {config.lr:g}) or check the validation data", stacklevel=2)
+            if improved:
+                best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+            if out_dir is not None:
+                rng = rng_state(train_loader, run.device)  # on every rank: it gathers each GPU's random state
+                if is_main_process():
+                    state = _run_state(run, epoch + 1, history, config, tasks, rng, steps_per_epoch)
+                    # last.pt first: stopped between the two, best.pt is an improvement behind, and a resume
+                    # takes the best weights from last.pt (whose history says so); the other way round, best.pt
+                    # would hold an epoch that the resumed history does not have
+                    save_checkpoint(state, out_dir / "last.pt")
+                    if improved:
+                        save_checkpoint(state, out_dir / "best.pt")
+            start_state = None  # last.pt holds the run from here on
+    except BaseException:
+        if start_state is not None:
+            model.load_state_dict(start_state)
+            set_rng_state(start_rng, train_loader, run.device)
+        raise
 
     if config.restore_best and best_state is not None:
         model.load_state_dict(best_state)
@@ -832,10 +848,12 @@ def _update(run: _Run, losses: Mapping[str, Tensor]) -> float:
         nn.utils.clip_grad_norm_(run.model.parameters(), run.grad_clip)
     skipped = False
     if run.scaler is not None:
-        loss_scale = run.scaler.get_scale()
+        # get_scale() waits for the GPU: asked only for a weighting with an update of its own (GradNorm)
+        ask = type(run.weighting).after_step is not LossWeighting.after_step
+        loss_scale = run.scaler.get_scale() if ask else None
         run.scaler.step(run.optimizer)  # skips the step if fp16 gradients overflowed
         run.scaler.update()
-        skipped = run.scaler.get_scale() < loss_scale  # update() lowers the scale exactly after a skipped step
+        skipped = ask and run.scaler.get_scale() < loss_scale  # update() lowers the scale exactly after a skip
     else:
         run.optimizer.step()
     run.weighting.step_skipped = skipped  # an attribute, so that after_step() keeps its plain signature

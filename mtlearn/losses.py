@@ -12,6 +12,7 @@ The segmentation losses come from MONAI; the others are PyTorch's own.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -37,9 +38,6 @@ class LossConfig:
     focal_gamma: float = 2.0  # focusing parameter of the focal term (Lin et al. 2017); used by "dicefocal" only
     class_weights: Sequence[float] | None = None  # per-class weights of the classification cross-entropy (None: equal)
     recon: str = "l1"  # "l1" or "mse" for the denoising / reconstruction task
-
-
-NOT_A_NUMBER_INDEX = -(2**62)  # .long() of NaN or -inf is int64's minimum: reported as NaN, not as that number
 
 
 def class_indices(mask: Tensor) -> Tensor:
@@ -90,8 +88,9 @@ class DiceSoftmaxFocal(nn.Module):
         return self.dice(logits, mask) + self.focal(logits, mask) * logits.shape[1]
 
 
-def _index_range(targets: Tensor, module: nn.Module) -> tuple[int, int] | None:
-    """(min, max) of integer targets, or None when this call need not look.
+def _index_range(targets: Tensor, module: nn.Module) -> tuple[float, float] | None:
+    """(min, max) of the targets as they came (NaN when one is NaN: what .long() makes of NaN is
+    undefined, int64's minimum on x86, 0 on ARM), or None when this call need not look.
 
     Reading a value of a GPU tensor waits for every queued kernel, which would stall each training
     step. So on an accelerator only the first batch a loss module sees is checked (targets that are
@@ -100,8 +99,18 @@ def _index_range(targets: Tensor, module: nn.Module) -> tuple[int, int] | None:
     if not targets.numel() or (targets.device.type != "cpu" and getattr(module, "_targets_checked", False)):
         return None
     module._targets_checked = True
-    low, high = torch.stack(torch.aminmax(targets)).tolist()
+    low, high = torch.stack(torch.aminmax(targets.to(torch.uint8) if targets.dtype == torch.bool else targets)).tolist()
     return low, high
+
+
+def describe_index_range(low: float, high: float, count: int) -> str | None:
+    """What is wrong with class indices ranging over [low, high] for `count` classes ("max 255"), as a
+    float mask rounds them; None when nothing is."""
+    if not (math.isfinite(low) and math.isfinite(high)):
+        return "NaN or inf values"
+    if round(high) >= count:
+        return f"max {high:g}"
+    return f"min {low:g}" if round(low) < 0 else None
 
 
 class SegmentationLoss(nn.Module):
@@ -133,13 +142,11 @@ class SegmentationLoss(nn.Module):
     def forward(self, logits: Tensor, mask: Tensor) -> Tensor:
         """logits: (B, K, H, W), mask: (B, 1, H, W) with values 0..K-1 (float or int) -> scalar."""
         check_seg_pair(logits, mask)
-        mask = class_indices(mask)  # (B, 1, H, W)
         extremes = _index_range(mask, self)  # MONAI's one-hot would fail with "index 255 is out of bounds"
+        mask = class_indices(mask)  # (B, 1, H, W)
         if extremes is not None:
-            low, high = extremes
-            if low < 0 or high >= logits.shape[1]:
-                bad = f"max {high}" if high >= logits.shape[1] else f"min {low}"
-                bad = "NaN or inf values" if low <= NOT_A_NUMBER_INDEX else bad  # what .long() makes of NaN
+            bad = describe_index_range(*extremes, logits.shape[1])
+            if bad is not None:
                 raise ValueError(
                     f"segmentation mask values must be class indices 0..{logits.shape[1] - 1}, got {bad}; "
                     f"a 0/255 mask needs mask / 255 (or > 0), and seg_classes must cover every mask value"

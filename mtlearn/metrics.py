@@ -44,8 +44,8 @@ import torch.distributed as dist
 from monai.metrics import PSNRMetric, SSIMMetric, compute_dice, compute_iou, compute_roc_auc
 from torch import Tensor
 
-from mtlearn.losses import (NOT_A_NUMBER_INDEX, TASK_TARGETS, check_class_logits, check_class_weight_count,
-                            check_class_weights, check_outputs, check_seg_pair, check_tasks, class_indices)
+from mtlearn.losses import (TASK_TARGETS, check_class_logits, check_class_weight_count, check_class_weights,
+                            check_outputs, check_seg_pair, check_tasks, class_indices, describe_index_range)
 from mtlearn.utils import check_number, is_int
 
 METRIC_KEYS = {
@@ -243,14 +243,13 @@ class MetricAccumulator:
         if not len(logits):  # an empty batch adds nothing (MONAI's Dice fails on it: "non-empty TensorList")
             return
         num_seg = logits.shape[1]
-        indices = class_indices(mask[:, 0])  # (B, H, W)
-        if indices.numel():  # the .cpu() of the scores below waits for the GPU anyway: no extra stall
-            low, high = torch.stack(torch.aminmax(indices)).tolist()
-            if low < 0 or high >= num_seg:
-                bad = f"max {high}" if high >= num_seg else f"min {low}"
-                bad = "NaN or inf values" if low <= NOT_A_NUMBER_INDEX else bad  # what .long() makes of NaN
+        if mask.numel():  # the .cpu() of the scores below waits for the GPU anyway: no extra stall
+            raw = mask.to(torch.uint8) if mask.dtype == torch.bool else mask  # before rounding: NaN stays NaN
+            bad = describe_index_range(*torch.stack(torch.aminmax(raw)).tolist(), num_seg)
+            if bad is not None:
                 raise ValueError(f"segmentation mask values must be class indices 0..{num_seg - 1}, got {bad}; a "
                                  "0/255 mask needs mask / 255 (or > 0), and the logits need one channel per mask value")
+        indices = class_indices(mask[:, 0])  # (B, H, W)
         pred = torch.nn.functional.one_hot(logits.argmax(1), num_seg).permute(0, 3, 1, 2)  # (B, K, H, W)
         true = torch.nn.functional.one_hot(indices, num_seg).permute(0, 3, 1, 2)
         dice = compute_dice(pred, true, include_background=False, ignore_empty=False)  # (B, K-1)

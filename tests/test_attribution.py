@@ -1323,3 +1323,9 @@ def test_localisation_scores_name_the_method_whose_maps_overflowed(model, data, 
                                                                                       float("nan")))
     with pytest.raises(ValueError, match=r"saliency's maps hold NaN or inf values"):
         A.localisation_scores(explainer, images, mask, methods=("saliency",))
+
+
+def test_colour_limit_pools_maps_of_any_shape():
+    """The docstring says any shape; a (C > 3, H, W) stack was refused as "not an image" by the picture check."""
+    maps = torch.arange(1, 8 * 4 * 4 + 1, dtype=torch.float32).reshape(8, 4, 4)
+    assert A.colour_limit([maps], 100.0) == 128.0 and A.colour_limit([maps.numpy(), -maps], 100.0) == 128.0

@@ -372,10 +372,10 @@ def test_a_second_run_into_the_same_folder_is_refused_and_leaves_the_first_alone
     (tmp_path / "out.partial").mkdir()
     (tmp_path / "out.partial" / "figure.png").write_bytes(b"the first run's")
     lock = tmp_path / "out.lock"
-    lock.write_text(f"{os.getpid()} on {socket.gethostname()}\n")  # a live process: this one
+    lock.write_text(f"{os.getppid()} on {socket.gethostname()}\n")  # a live process: this one's parent
     result = run_notebook(nb, tmp_path / "out", {"profile": "smoke"})
     assert not result.ok and result.out_dir == lock
-    assert result.error.startswith(f"another run is writing {tmp_path / 'out'} (process {os.getpid()} on ")
+    assert result.error.startswith(f"another run is writing {tmp_path / 'out'} (process {os.getppid()} on ")
     assert f"pass another out folder; if none is running (a crashed machine), delete {lock}" in result.error
     assert (tmp_path / "out.partial" / "figure.png").read_bytes() == b"the first run's" and lock.is_file()
 
@@ -397,6 +397,8 @@ def test_a_lock_left_by_a_killed_run_is_taken_over_and_released(tmp_path):
         return
     assert result.ok, result.error
     assert not lock.exists()
+    lock.write_text(f"{os.getpid()} on {socket.gethostname()}\n")  # our own id: an earlier process's (a restart)
+    assert run_notebook(nb, tmp_path / "out", {"profile": "smoke"}).ok and not lock.exists()
     lock.write_text(f"{gone.pid} on another-machine\n")  # another machine's process cannot be asked: kept
     assert "another run is writing" in run_notebook(nb, tmp_path / "out", {"profile": "smoke"}).error
 

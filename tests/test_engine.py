@@ -1349,3 +1349,33 @@ def test_torchrun_processes_on_the_cpu_drop_different_units(tmp_path):
     mp.spawn(_dropout_state_per_process, args=(tmp_path / "store", tmp_path), nprocs=2)
     assert [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)] == ["finished", "finished"]
     assert (tmp_path / "state0.txt").read_text() != (tmp_path / "state1.txt").read_text()
+
+
+def test_an_interrupted_first_epoch_gives_the_model_back_so_a_resume_repeats_the_run(tmp_path, monkeypatch):
+    """Ctrl-C in epoch 1 (no last.pt yet): resume=True starts afresh, but went on from the weights the
+    interrupted call had already moved in the same model object, so the run was not the uninterrupted one."""
+    import mtlearn.engine as engine
+
+    torch.manual_seed(0)
+    uninterrupted = ToyNet()
+    start = copy.deepcopy(uninterrupted.state_dict())
+    _fit(uninterrupted, *_loaders(), epochs=2, out_dir=tmp_path / "a")
+    train, val = _loaders()  # the same loaders throughout: the interrupted call drew from their generator too
+    model = ToyNet()
+    model.load_state_dict(start)
+    real_update, steps = engine._update, []
+
+    def interrupted(*args, **kwargs):
+        if len(steps) == 3:  # after three of epoch 1's four steps
+            raise KeyboardInterrupt
+        steps.append(1)
+        return real_update(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "_update", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _fit(model, train, val, epochs=2, out_dir=tmp_path / "b")
+    assert not (tmp_path / "b" / "last.pt").exists() and len(steps) == 3
+    assert all(torch.equal(v, start[k]) for k, v in model.state_dict().items())  # given back
+    monkeypatch.setattr(engine, "_update", real_update)
+    _fit(model, train, val, epochs=2, out_dir=tmp_path / "b", resume=True)
+    assert all(torch.equal(v, uninterrupted.state_dict()[k]) for k, v in model.state_dict().items())

@@ -261,3 +261,12 @@ def test_the_explorer_opens_on_the_input_image_and_names_shape_and_background():
     assert explorer.state["layer"] == "image" and list(explorer.show.options) == ["image", "clean"]
     shapes = [{"image": torch.rand(1, 16, 16), "shape": 1, "background": 0, "id": "s0"}]
     assert DatasetExplorer(shapes).state["title"].endswith("s0  shape=1  background=0")
+
+
+def test_flags_may_be_booleans_as_show_items_takes_them():
+    items = fake_items()
+    items[0]["artifact"], items[1]["artifact"] = True, torch.tensor(False)
+    explorer = DatasetExplorer(items)
+    assert "artifact=1" in explorer.state["title"]
+    explorer.index.value = 1
+    assert "artifact=0" in explorer.state["title"] and "error" not in explorer.state
