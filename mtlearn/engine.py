@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 import math
 import os
 import time
@@ -477,7 +478,9 @@ def fit(model: nn.Module, train_loader, val_loader=None, config: TrainConfig | N
                          "val_loader=None: no validation, no best.pt)")
     monitor, mode = _monitor(config, tasks)
     expected = sorted(k for t in tasks for k in (*METRIC_KEYS[t], f"{t}/loss"))  # what evaluate will return
-    if val_loader is not None and monitor.removeprefix("val/") not in expected:  # before any work, not after an epoch
+    # before any work, not after an epoch; without a val_loader too: a resume that adds one would be
+    # refused for a best.pt "chosen by" the typo
+    if monitor.removeprefix("val/") not in expected:
         raise ValueError(f"monitor {config.monitor!r} is not a validation metric; choose one of {expected}")
     out_dir = Path(config.out_dir) if config.out_dir is not None else None
     if out_dir is not None:
@@ -886,8 +889,10 @@ def evaluate(model: nn.Module, loader, tasks: Sequence[str] | None = None, *,
     evaluates its shard and the sums are added (all_reduce) before averaging.
     """
     tasks = check_tasks(tasks if tasks is not None else _model_tasks(model))
-    if device is None:
-        device = next(model.parameters()).device
+    if device is None:  # where the model is; a model without parameters or buffers: "auto"
+        home = next(itertools.chain(model.parameters(), model.buffers()), None)
+        device = home.device if home is not None else pick_device("auto")
+        model.to(device)
     else:
         device = pick_device(device)
         model.to(device)

@@ -1379,3 +1379,24 @@ def test_an_interrupted_first_epoch_gives_the_model_back_so_a_resume_repeats_the
     monkeypatch.setattr(engine, "_update", real_update)
     _fit(model, train, val, epochs=2, out_dir=tmp_path / "b", resume=True)
     assert all(torch.equal(v, uninterrupted.state_dict()[k]) for k, v in model.state_dict().items())
+
+
+def test_a_misspelt_monitor_is_refused_without_a_val_loader_too():
+    """Accepted silently, it went into the history; a resume that added a val_loader was then refused for a
+    best.pt "chosen by 'val/seg/dcie'"."""
+    train, _ = _loaders()
+    with pytest.raises(ValueError, match=r"monitor 'seg/dcie' is not a validation metric; choose one of"):
+        _fit(ToyNet(), train, None, epochs=1, monitor="seg/dcie")
+
+
+def test_evaluate_takes_a_model_without_parameters():
+    """device=None reads the model's device from its parameters: a model with none raised a bare StopIteration."""
+
+    class Fixed(nn.Module):  # a baseline that always predicts the same
+        tasks = ("cls",)
+
+        def forward(self, x):
+            return {"cls": torch.zeros(len(x), 3)}
+
+    metrics = evaluate(Fixed(), _loaders()[1], ("cls",))
+    assert 0.0 <= metrics["cls/acc"] <= 1.0
