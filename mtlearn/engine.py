@@ -452,7 +452,10 @@ def fit(model: nn.Module, train_loader, val_loader=None, config: TrainConfig | N
     Options are the fields of TrainConfig, given as a config and/or keyword arguments
     (fit(model, train, val, epochs=5, weighting="pcgrad")). Returns the History.
     best.pt is selected on the validation metric only; without val_loader there is no best.pt.
-    resume=True continues from out_dir/last.pt (a fresh start when there is none yet); with a
+    resume=True continues from out_dir/last.pt (a fresh start when there is none yet: so that it
+    repeats the uninterrupted run, a run with an out_dir interrupted before its first last.pt gives the
+    model, a weighting instance passed in and the loader's generators their starting state back;
+    without out_dir an interrupted model keeps the weights it had reached); with a
     larger `epochs` than before, the learning-rate schedule is recomputed for the new length. The
     other training options, and the number of batches per epoch, must be those of that run.
     Without resume=True, an out_dir that already holds a run (last.pt, or a best.pt kept without it) is
@@ -533,10 +536,12 @@ def fit(model: nn.Module, train_loader, val_loader=None, config: TrainConfig | N
     # error) gives the model its starting weights, and the loader its generators, back. resume=True then
     # starts afresh, as it does without a last.pt, and repeats the uninterrupted run instead of going on
     # from what the interrupted call had already moved (the same objects, in a notebook).
+    # (Not under torchrun, whose processes all end with an error: nothing would be there to restore into.)
     start_state = start_rng = None
-    if out_dir is not None and start_epoch == 0:
-        start_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-        start_rng = rng_state(train_loader, run.device)  # on every rank: it gathers each GPU's random state
+    if out_dir is not None and start_epoch == 0 and not is_distributed():
+        start_state = {"model": {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()},
+                       "weighting": copy.deepcopy(run.weighting.state_dict())}  # an instance passed in, too
+        start_rng = rng_state(train_loader, run.device)
     try:
         for epoch in range(start_epoch, config.epochs):
             sampler = getattr(train_loader, "sampler", None)
@@ -592,8 +597,13 @@ def fit(model: nn.Module, train_loader, val_loader=None, config: TrainConfig | N
             start_state = None  # last.pt holds the run from here on
     except BaseException:
         if start_state is not None:
-            model.load_state_dict(start_state)
-            set_rng_state(start_rng, train_loader, run.device)
+            try:
+                model.load_state_dict(start_state["model"])
+                run.weighting.load_state_dict(start_state["weighting"])
+                set_rng_state(start_rng, train_loader, run.device)
+            except Exception as error:  # noqa: BLE001 (the original error is the one to see)
+                warnings.warn(f"could not give the model its starting state back ({error}); rebuild it before "
+                              "fitting again", stacklevel=2)
         raise
 
     if config.restore_best and best_state is not None:
@@ -889,10 +899,9 @@ def evaluate(model: nn.Module, loader, tasks: Sequence[str] | None = None, *,
     evaluates its shard and the sums are added (all_reduce) before averaging.
     """
     tasks = check_tasks(tasks if tasks is not None else _model_tasks(model))
-    if device is None:  # where the model is; a model without parameters or buffers: "auto"
+    if device is None:  # where the model is (left there); a model without parameters or buffers: "auto"
         home = next(itertools.chain(model.parameters(), model.buffers()), None)
         device = home.device if home is not None else pick_device("auto")
-        model.to(device)
     else:
         device = pick_device(device)
         model.to(device)

@@ -1351,16 +1351,23 @@ def test_torchrun_processes_on_the_cpu_drop_different_units(tmp_path):
     assert (tmp_path / "state0.txt").read_text() != (tmp_path / "state1.txt").read_text()
 
 
-def test_an_interrupted_first_epoch_gives_the_model_back_so_a_resume_repeats_the_run(tmp_path, monkeypatch):
+@pytest.mark.parametrize("learned", [False, True])
+def test_an_interrupted_first_epoch_gives_the_model_back_so_a_resume_repeats_the_run(tmp_path, monkeypatch, learned):
     """Ctrl-C in epoch 1 (no last.pt yet): resume=True starts afresh, but went on from the weights the
-    interrupted call had already moved in the same model object, so the run was not the uninterrupted one."""
+    interrupted call had already moved in the same model object, so the run was not the uninterrupted one.
+    learned: a weighting instance with learned weights, passed in (its state moved too)."""
     import mtlearn.engine as engine
+    from mtlearn.weighting import UncertaintyWeighting
+
+    def weighting():
+        return {"weighting": UncertaintyWeighting(TASKS)} if learned else {}
 
     torch.manual_seed(0)
     uninterrupted = ToyNet()
     start = copy.deepcopy(uninterrupted.state_dict())
-    _fit(uninterrupted, *_loaders(), epochs=2, out_dir=tmp_path / "a")
+    _fit(uninterrupted, *_loaders(), epochs=2, out_dir=tmp_path / "a", **weighting())
     train, val = _loaders()  # the same loaders throughout: the interrupted call drew from their generator too
+    options = weighting()  # the same instance for the interrupted call and the resume
     model = ToyNet()
     model.load_state_dict(start)
     real_update, steps = engine._update, []
@@ -1373,11 +1380,11 @@ def test_an_interrupted_first_epoch_gives_the_model_back_so_a_resume_repeats_the
 
     monkeypatch.setattr(engine, "_update", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        _fit(model, train, val, epochs=2, out_dir=tmp_path / "b")
+        _fit(model, train, val, epochs=2, out_dir=tmp_path / "b", **options)
     assert not (tmp_path / "b" / "last.pt").exists() and len(steps) == 3
     assert all(torch.equal(v, start[k]) for k, v in model.state_dict().items())  # given back
     monkeypatch.setattr(engine, "_update", real_update)
-    _fit(model, train, val, epochs=2, out_dir=tmp_path / "b", resume=True)
+    _fit(model, train, val, epochs=2, out_dir=tmp_path / "b", resume=True, **options)
     assert all(torch.equal(v, uninterrupted.state_dict()[k]) for k, v in model.state_dict().items())
 
 
@@ -1400,3 +1407,17 @@ def test_evaluate_takes_a_model_without_parameters():
 
     metrics = evaluate(Fixed(), _loaders()[1], ("cls",))
     assert 0.0 <= metrics["cls/acc"] <= 1.0
+
+
+def test_a_restore_that_fails_does_not_hide_the_error_that_stopped_the_run(tmp_path, monkeypatch):
+    import mtlearn.engine as engine
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    model = ToyNet()
+    monkeypatch.setattr(engine, "_update", interrupted)
+    monkeypatch.setattr(model, "load_state_dict", lambda *args, **kwargs: 1 / 0)  # e.g. a broken CUDA context
+    with pytest.warns(UserWarning, match=r"could not give the model its starting state back \(division by zero\)"):
+        with pytest.raises(KeyboardInterrupt):
+            _fit(model, *_loaders(), epochs=1, out_dir=tmp_path)
