@@ -92,7 +92,7 @@ def _class_index(label, where: str, class_names=None) -> int:
         raise ValueError(f"{where} has label {label!r}; labels are class indices 0, 1, ... (for a one-hot "
                          "vector pass its argmax)")
     label = int(label)
-    if class_names is not None and len(class_names) and not 0 <= label < len(class_names):
+    if class_names is not None and not 0 <= label < len(class_names):  # [] names no class: every label out
         raise ValueError(f"{where} has label {label}, but class_names {list(class_names)} name labels "
                          f"0..{len(class_names) - 1}: pass one name per class")
     return label

@@ -498,3 +498,9 @@ def test_learning_curves_mark_a_run_with_nothing_to_draw_and_refuse_no_records()
         "diverged (no finite values)", "fine", "cls only (no finite values)"]
     with pytest.raises(ValueError, match="histories holds no records"):
         plots.learning_curves({"a": []}, "val/dice")
+
+
+def test_show_items_with_no_class_names_names_the_label_it_cannot_name():
+    with pytest.raises(ValueError, match=r"item 0 has label 1, but class_names \[\] name labels"):  # an IndexError
+        plots.show_items([{"image": torch.rand(1, 8, 8), "label": 1}], keys=("image",), class_names=[])
+    plt.close("all")
