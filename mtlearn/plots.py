@@ -98,6 +98,19 @@ def _class_index(label, where: str, class_names=None) -> int:
     return label
 
 
+def _flag(value, where: str, name: str) -> int:
+    """An item's 0/1 flag (artifact, shape, background: an int, a bool, a NumPy one, a 0-d or
+    one-element tensor) as an int; else a ValueError naming `where` and `name` (int(None) raised a
+    TypeError, int(0.5) drew 0)."""
+    if getattr(value, "shape", None) in ((), (1,)):
+        value = value.item()
+    if isinstance(value, (bool, np.bool_)):
+        value = int(value)
+    if not is_int(value) or value < 0:
+        raise ValueError(f"{where} has {name} {value!r}; expected 0 or 1 (a class index)")
+    return int(value)
+
+
 def overlay(ax, image, mask=None, prediction=None, title: str = "") -> None:
     """Draw `image` in grey with the true `mask` outline (green, solid) and a `prediction` outline
     (magenta, dashed): told apart by the line as well as the colour, for red-green colour blindness."""
@@ -152,11 +165,8 @@ def show_items(items: Sequence[dict], keys: Sequence[str] = ("image", "mask"), c
         if label is not None:
             label = _class_index(label, f"item {index}", class_names)
         name = class_names[label] if class_names is not None and label is not None else label
-        artifact = item.get("artifact", 0)
-        if not (is_int(artifact) or isinstance(artifact, (bool, np.bool_))
-                or isinstance(artifact, torch.Tensor) and artifact.numel() == 1):
-            raise ValueError(f"item {index} has artifact {artifact!r}; expected 0 or 1")
-        titles.append(f"{'' if name is None else name}{' +artifact' if int(artifact) else ''}")  # no "None"
+        artifact = _flag(item.get("artifact", 0), f"item {index}", "artifact")
+        titles.append(f"{'' if name is None else name}{' +artifact' if artifact else ''}")  # no "None"
     columns = [{key: _image(item[key], name=key) for key in keys} for item in items]
     # one grey scale per mask row, so a class has the same shade in every column
     mask_top = {key: max(1.0, *(float(np.nanmax(pictures[key])) for pictures in columns))

@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import ipywidgets as widgets
 import matplotlib.pyplot as plt
-import numpy as np
 
-from mtlearn.plots import _class_index, _draw_image, _image, _outline
+from mtlearn.plots import _class_index, _draw_image, _flag, _image, _outline
 from mtlearn.utils import find_class_names
 
 
@@ -66,13 +65,8 @@ class DatasetExplorer:
             label = _class_index(item["label"], where, self.class_names or None)
             parts.append(self.class_names[label] if self.class_names else f"label {label}")
         for key in ("artifact", "shape", "background"):
-            if key in item:  # labels too: None or 0.5 is named, not drawn as 0 (or a TypeError)
-                value = item[key]
-                if getattr(value, "shape", None) == () or getattr(value, "shape", None) == (1,):
-                    value = value.item()  # a 0-d or one-element tensor or array
-                if isinstance(value, (bool, np.bool_)):  # a flag may be True/False (show_items takes it too)
-                    value = int(value)
-                parts.append(f"{key}={_class_index(value, f'{where} {key}')}")
+            if key in item:  # None or 0.5 is named, not drawn as 0 (or a TypeError); True is 1
+                parts.append(f"{key}={_flag(item[key], where, key)}")
         return "  ".join(p for p in parts if p)
 
     def _redraw(self) -> None:

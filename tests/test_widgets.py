@@ -100,7 +100,7 @@ def test_a_bad_label_or_outline_is_named_in_the_output(bad, message):
 
 
 @pytest.mark.parametrize("bad, message", [
-    ({"artifact": None}, r"item 1 cannot be drawn: item 'item-1' artifact has label None"),
+    ({"artifact": None}, r"item 1 cannot be drawn: item 'item-1' has artifact None; expected 0 or 1"),
     ({"image": torch.rand(1, 1, 16), "mask": torch.zeros(1, 1, 16)},
      r"item 1 cannot be drawn: mask is 1x16: an outline needs an image of at least 2x2 pixels"),
 ])
