@@ -152,6 +152,9 @@ def run_notebook(
     cell_timeout: seconds one cell may run before the notebook is stopped as failed; None: no limit.
     Raises ValueError for an out_dir that holds the notebook (publishing would replace it).
     """
+    import papermill as pm
+    from nbclient.exceptions import CellTimeoutError, DeadKernelError  # papermill's executor
+
     if cell_timeout is not None:
         check_number("cell_timeout", cell_timeout, 0, above=True, advice="seconds; None: no limit")
     out_dir = Path(out_dir)
@@ -177,8 +180,55 @@ def run_notebook(
                               f"wait for it to finish or pass another out folder; if none is running (a crashed "
                               f"machine), delete {lock}")
     try:
-        return _run_locked(notebook, out_dir, final, staging, parameters, kernel_name, progress, cell_timeout,
-                           failed)
+        shutil.rmtree(staging, ignore_errors=True)  # an earlier failed attempt: its files are not this run's
+        try:
+            staging.mkdir(parents=True)
+        except OSError as error:  # e.g. a file where a folder of the path should be: this run fails, the rest go on
+            return failed(f"cannot make the run's folder {staging}: {error}")
+        metrics_path = staging / "metrics.json"
+        params = dict(parameters, out_dir=str(staging))
+        root = params.get("data_root")
+        if isinstance(root, (str, Path)) and str(root) and not Path(root).expanduser().is_absolute():
+            # the kernel runs in the notebook's folder: a relative data_root means the caller's folder
+            params["data_root"] = str(Path(root).expanduser().absolute())
+        env_root = os.environ.get("MTLEARN_DATA", "")
+        try:
+            if env_root and not Path(env_root).expanduser().is_absolute():
+                # the default data_root likewise: the kernel inherits this environment, not this folder
+                os.environ["MTLEARN_DATA"] = str(Path(env_root).expanduser().absolute())
+            pm.execute_notebook(  # papermill fills {name} in its paths from the parameters: braces kept literal
+                _literal_path(notebook),
+                _literal_path(staging / notebook.name),
+                parameters=params,
+                kernel_name=kernel_name,
+                cwd=str(notebook.parent),
+                progress_bar=progress,
+                log_output=False,
+                execution_timeout=cell_timeout,
+                # The kernel's own log (e.g. "Kernel is running over TCP") would land in the caller's
+                # cell output when a notebook runs a grid of notebooks: keep only its errors.
+                extra_arguments=["--IPKernelApp.log_level=ERROR"],
+            )
+        except Exception as error:  # papermill raises PapermillExecutionError, kernels may raise others
+            if isinstance(error, CellTimeoutError):
+                return failed(_timed_out(error, cell_timeout))
+            if isinstance(error, DeadKernelError):
+                return failed(_kernel_died(staging / notebook.name))
+            return failed(_failing_cell(error))
+        finally:
+            if env_root:
+                os.environ["MTLEARN_DATA"] = env_root
+        if not metrics_path.exists():
+            return failed("the notebook finished without writing metrics.json")
+        try:
+            metrics = json.loads(metrics_path.read_text())
+        except json.JSONDecodeError as error:  # written by hand, or cut short: a failed run, not a crashed course
+            return failed(f"metrics.json is not valid JSON ({error}); write it with run.finish (atomic)")
+        if not isinstance(metrics, dict) or not isinstance(metrics.get("metrics", {}), dict):  # the tables read both
+            return failed("metrics.json must hold a dict whose 'metrics' is a dict of headline numbers; write it with "
+                          "run.finish({'dice': ...})")
+        _publish(staging, final, notebook.name)
+        return NotebookResult(notebook.stem, out_dir, True, time.perf_counter() - started, metrics=metrics)
     finally:
         lock.unlink(missing_ok=True)
 
@@ -217,64 +267,6 @@ def _alive(pid: int) -> bool:
     except PermissionError:  # exists, another user's
         return True
     return True
-
-
-def _run_locked(notebook: Path, out_dir: Path, final: Path, staging: Path, parameters: dict[str, Any],
-                kernel_name: str | None, progress: bool, cell_timeout: float | None, failed) -> NotebookResult:
-    """run_notebook's work, with the folder's lock held."""
-    import papermill as pm
-    from nbclient.exceptions import CellTimeoutError, DeadKernelError  # papermill's executor
-
-    started = time.perf_counter()
-    shutil.rmtree(staging, ignore_errors=True)  # an earlier failed attempt: its files are not this run's
-    try:
-        staging.mkdir(parents=True)
-    except OSError as error:  # e.g. a file where a folder of the path should be: this run fails, the rest go on
-        return failed(f"cannot make the run's folder {staging}: {error}")
-    metrics_path = staging / "metrics.json"
-    params = dict(parameters, out_dir=str(staging))
-    root = params.get("data_root")
-    if isinstance(root, (str, Path)) and str(root) and not Path(root).expanduser().is_absolute():
-        # the kernel runs in the notebook's folder: a relative data_root means the caller's folder
-        params["data_root"] = str(Path(root).expanduser().absolute())
-    env_root = os.environ.get("MTLEARN_DATA", "")
-    try:
-        if env_root and not Path(env_root).expanduser().is_absolute():
-            # the default data_root likewise: the kernel inherits this environment, not this folder
-            os.environ["MTLEARN_DATA"] = str(Path(env_root).expanduser().absolute())
-        pm.execute_notebook(  # papermill fills {name} in its paths from the parameters: braces kept literal
-            _literal_path(notebook),
-            _literal_path(staging / notebook.name),
-            parameters=params,
-            kernel_name=kernel_name,
-            cwd=str(notebook.parent),
-            progress_bar=progress,
-            log_output=False,
-            execution_timeout=cell_timeout,
-            # The kernel's own log (e.g. "Kernel is running over TCP") would land in the caller's
-            # cell output when a notebook runs a grid of notebooks: keep only its errors.
-            extra_arguments=["--IPKernelApp.log_level=ERROR"],
-        )
-    except Exception as error:  # papermill raises PapermillExecutionError, kernels may raise others
-        if isinstance(error, CellTimeoutError):
-            return failed(_timed_out(error, cell_timeout))
-        if isinstance(error, DeadKernelError):
-            return failed(_kernel_died(staging / notebook.name))
-        return failed(_failing_cell(error))
-    finally:
-        if env_root:
-            os.environ["MTLEARN_DATA"] = env_root
-    if not metrics_path.exists():
-        return failed("the notebook finished without writing metrics.json")
-    try:
-        metrics = json.loads(metrics_path.read_text())
-    except json.JSONDecodeError as error:  # written by hand, or cut short: a failed run, not a crashed course
-        return failed(f"metrics.json is not valid JSON ({error}); write it with run.finish (atomic)")
-    if not isinstance(metrics, dict) or not isinstance(metrics.get("metrics", {}), dict):  # the tables read both
-        return failed("metrics.json must hold a dict whose 'metrics' is a dict of headline numbers; write it with "
-                      "run.finish({'dice': ...})")
-    _publish(staging, final, notebook.name)
-    return NotebookResult(notebook.stem, out_dir, True, time.perf_counter() - started, metrics=metrics)
 
 
 def _publish(staging: Path, final: Path, notebook_name: str) -> None:
