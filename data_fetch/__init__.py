@@ -233,10 +233,11 @@ def mismatch_advice(
     `local`: the file was copied from this machine (a file:// address), so no transfer broke it.
     """
     pinned = parse_hash(known_hash) == parse_hash(source.known_hash)
-    start = _first_bytes(error.kept) if error.kept is not None and source.extract else ZIP_START
-    if error.kept is not None and source.filename.endswith(".npz"):  # a zip too: a web page saved in its place
-        page = _first_bytes(error.kept)  # is told apart by its markup (other bytes: a broken or other file)
-        start = page if page.lstrip()[:1] == b"<" else start
+    start = ZIP_START
+    if error.kept is not None and (source.extract or source.filename.endswith(".npz")):
+        first = _first_bytes(error.kept)  # read once; an .npz is a zip too, but only markup (a web page saved
+        if source.extract or first.lstrip()[:1] == b"<":  # in its place) says more than a broken transfer
+            start = first
     if not start.startswith(b"PK"):  # not a zip at all: retrying gets the same page, and accepting its checksum
         # would only fail at unpacking
         copy_url = f"file:///path/to/{source.filename}"

@@ -49,7 +49,7 @@ from mtlearn.encoder import ResFormerEncoder, check_floating, init_weights
 from mtlearn.mtl import MultiTaskUNet
 from mtlearn.plots import _array, _draw_image, _image
 from mtlearn.utils import check_number, is_finite
-from mtlearn.widgets import show_in
+from mtlearn.widgets import say_in, show_in
 
 HEADS = ("cls", "seg", "recon")
 METHODS = ("ig", "saliency", "smoothgrad", "gradcam", "occlusion")
@@ -1280,7 +1280,7 @@ class AttributionExplorer:
             self.draw()
         except Exception as error:  # noqa: BLE001 (shown to the user, not swallowed)
             text = f"item {self.index.value} cannot be drawn: {type(error).__name__}: {error}"
-            self.output.outputs = ({"output_type": "stream", "name": "stderr", "text": text + "\n"},)
+            say_in(self.output, text)
             self.state = {"index": self.index.value, "error": text}
 
     def compute(self, index: int, head: str, target, method: str) -> tuple[dict, Tensor]:

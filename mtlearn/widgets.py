@@ -28,6 +28,12 @@ def show_in(output: widgets.Output, fig) -> None:
     plt.close(fig)
 
 
+def say_in(output: widgets.Output, text: str) -> None:
+    """Make `text` (what a control's change could not draw) the only thing `output` shows, as stderr:
+    an error raised in a widget's callback would go to the kernel's log, which students do not see."""
+    output.outputs = ({"output_type": "stream", "name": "stderr", "text": text + "\n"},)
+
+
 class DatasetExplorer:
     """Browse a dataset of dict items: image, mask outline, clean target, artifact region, labels.
 
@@ -83,7 +89,7 @@ class DatasetExplorer:
             else:
                 what = f"cannot be drawn: {type(error).__name__}: {error}"
             text = f"item {self.index.value} {what}"
-            self.output.outputs = ({"output_type": "stream", "name": "stderr", "text": text + "\n"},)
+            say_in(self.output, text)
             self.figure, self.state = None, {"index": self.index.value, "error": text}
 
     def draw(self) -> None:
