@@ -71,6 +71,14 @@ def test_missing_real_dataset_prints_the_fetch_command(tmp_path):
         start_here(tmp_path, dataset="busi", data_root=tmp_path / "nowhere")
 
 
+def test_a_data_root_that_is_a_file_is_named_as_one(tmp_path):
+    """It read "not found in FILE/busi" with a data_fetch command into that path, which could not succeed."""
+    (tmp_path / "data").write_text("")
+    with pytest.raises(ValueError, match=r"data_root .*data cannot be a folder: .*data is a file. Choose another "
+                                         r"data_root"):
+        start_here(tmp_path, dataset="busi", data_root=tmp_path / "data")
+
+
 def test_a_relative_data_root_is_shown_as_the_folder_it_was_read_from(tmp_path, monkeypatch):
     """In Jupyter the kernel runs in notebooks/, so "data" is notebooks/data: the message and the fetch
     command name that folder in full, so the data lands where the next run looks."""
