@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from mtlearn.utils import atomic_file, check_folder, world_and_rank
+from mtlearn.utils import atomic_file, check_bool, check_folder, world_and_rank
 
 # ----------------------------------------------------------------------------- files
 
@@ -97,6 +97,8 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module | None = None,
 def load_weights(model: nn.Module, weights: Mapping, message: str) -> None:
     """model.load_state_dict(weights), or a ValueError: `message` (what went wrong, and the fix) and the
     first mismatch load_state_dict found (its first line only names the model class)."""
+    if not isinstance(weights, Mapping):  # a foreign file with a "model" entry of its own
+        raise ValueError(f"{message} (its weights are a {type(weights).__name__}, not a state_dict)")
     try:
         model.load_state_dict(weights)
     except RuntimeError as error:  # missing keys, size mismatches: another architecture wrote it
@@ -213,6 +215,20 @@ def _intact_archive(path: Path) -> bool:
         return False
 
 
+def check_run_folder(out_dir, resume, holding: str = "last.pt") -> None:
+    """Refuse, before any work, an out_dir that is no path and a resume that is not True or False.
+
+    A resume read from a config or the command line as the string "no" is true, and resumed an old
+    run; out_dir=5 failed in Path() without naming the option. holding: what out_dir holds, for the
+    message of resume=True without it.
+    """
+    check_bool("resume", resume)
+    if out_dir is not None and not isinstance(out_dir, (str, os.PathLike)):
+        raise ValueError(f"out_dir must be a folder path (or None: no checkpoints), got {out_dir!r}")
+    if resume and out_dir is None:
+        raise ValueError(f"resume=True needs out_dir (the folder holding {holding})")
+
+
 def check_out_dir(out_dir: str | os.PathLike, resume: bool, writes: str = "last.pt and best.pt", cli: bool = True,
                   also_kept: Sequence[str] = ("best.pt",)) -> None:
     """Refuse, before any training, an out_dir that cannot hold checkpoints or would lose a finished run.
@@ -259,3 +275,49 @@ def check_resume_options(path: str | os.PathLike, saved: Mapping, current: Mappi
         explained = "".join(f" {notes[name]}." for name in changed if name in notes)
         raise ValueError(f"cannot resume from {path} with other options ({details}).{explained} Resume with the "
                          "options of that run, or start a new run in another out_dir")
+
+
+def check_checkpoint_keys(path: str | os.PathLike, state: Mapping, keys: Sequence[str], writer: str) -> None:
+    """Refuse to resume from a readable checkpoint that lacks what `writer` (e.g. "fit") saves, by name.
+
+    A last.pt of another writer (a hand-saved {"model": ...}, another training loop's) otherwise
+    stops at the first missing key with a bare KeyError.
+    """
+    missing = [key for key in keys if key not in state]
+    if missing:
+        raise ValueError(f"cannot resume from {path}: it is not a checkpoint written by {writer} (it has no "
+                         f"{', '.join(map(repr, missing))}). Move it out of the folder, or start the run in "
+                         "another out_dir")
+
+
+def trainable_names(model: nn.Module) -> list[str]:
+    """The names of the parameters that train (requires_grad), in the order the optimiser holds them."""
+    return [name for name, parameter in model.named_parameters() if parameter.requires_grad]
+
+
+def check_trainable(path: str | os.PathLike, saved: Sequence[str] | None, model: nn.Module,
+                    weights: Mapping) -> None:
+    """Refuse to resume when other parameters of `model` train now than in the run saved at `path`.
+
+    saved: that run's `trainable_names` (None: a checkpoint written before they were saved; not
+    compared); weights: its state_dict. Why: the optimiser's state is a list in parameter order, so
+    with another part frozen the saved moments fail to load, or worse, load onto the wrong
+    parameters when the counts agree. Another architecture (parameters the weights do not name) is
+    left to load_weights, whose message says so.
+    """
+    now = trainable_names(model)
+    if saved is None or list(saved) == now or not isinstance(weights, Mapping):
+        return
+    own = dict(model.named_parameters())
+    if any(name not in weights for name in own) or any(name not in own for name in saved):
+        return
+
+    def few(names: list[str]) -> str:
+        return ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "") if names else "none"
+
+    frozen = [name for name in saved if name not in set(now)]
+    thawed = [name for name in now if name not in set(saved)]
+    raise ValueError(f"cannot resume from {path}: other parameters train now than in that run (frozen now: "
+                     f"{few(frozen)}; training now: {few(thawed)}), and its optimiser state belongs to those that "
+                     "trained then. Freeze (requires_grad=False) the same parameters as that run, or start a new run "
+                     "in another out_dir")

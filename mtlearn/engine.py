@@ -42,13 +42,17 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from mtlearn.checkpoint import (
+    check_checkpoint_keys,
     check_out_dir,
     check_resume_options,
+    check_run_folder,
+    check_trainable,
     load_checkpoint,
     load_weights,
     rng_state,
     save_checkpoint,
     set_rng_state,
+    trainable_names,
 )
 from mtlearn.losses import LossConfig, build_losses, check_tasks, task_losses
 from mtlearn.metrics import METRIC_KEYS, MetricAccumulator
@@ -380,17 +384,14 @@ def _make_config(config: TrainConfig | None, overrides: Mapping[str, Any]) -> Tr
     if not isinstance(config.weighting_kwargs, Mapping):
         raise ValueError(f"weighting_kwargs must map option names to values, e.g. {{'alpha': 1.5}} for GradNorm, got "
                          f"{config.weighting_kwargs!r}")
-    if config.out_dir is not None and not isinstance(config.out_dir, (str, os.PathLike)):
-        raise ValueError(f"out_dir must be a folder path (or None: no checkpoints), got {config.out_dir!r}")
     if config.task_weights is not None and not isinstance(config.task_weights, Mapping):
         raise ValueError(f"task_weights must map task names to weights, e.g. {{'seg': 1, 'cls': 0.25}}, got "
                          f"{config.task_weights!r}")
-    for name in ("compile", "resume", "restore_best", "progress"):
+    for name in ("compile", "restore_best", "progress"):
         check_bool(name, getattr(config, name))
     if config.channels_last is not None:
         check_bool("channels_last (or None: on CUDA only)", config.channels_last)
-    if config.resume and config.out_dir is None:
-        raise ValueError("resume=True needs out_dir (the folder holding last.pt)")
+    check_run_folder(config.out_dir, config.resume)
     if config.compile and (config.weighting == "gradnorm" or isinstance(config.weighting, GradNorm)):
         raise ValueError("weighting='gradnorm' cannot train with compile=True: GradNorm differentiates gradient "
                          "norms (a double backward), which torch.compile does not support. Use compile=False "
@@ -686,7 +687,7 @@ def _run_state(run: _Run, epoch: int, history: History, config: TrainConfig, tas
     """
     return {
         "format": CHECKPOINT_FORMAT, "epoch": epoch, "steps_per_epoch": steps_per_epoch,
-        "model": run.model.state_dict(),
+        "model": run.model.state_dict(), "trainable": trainable_names(run.model),
         "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
         "weighting": run.weighting.state_dict(), "scaler": run.scaler.state_dict() if run.scaler else {},
         "rng": rng, "history": history.state_dict(), "config": _plain_config(config, tasks),
@@ -706,11 +707,17 @@ RESUME_NOTES = {"steps_per_epoch": "steps_per_epoch is the training loader's num
                                    "--nproc_per_node)"}
 
 
+# what _load_run reads from a checkpoint ("scaler" may be {}, "trainable" and "config" may be absent)
+FIT_KEYS = ("epoch", "model", "optimizer", "scheduler", "weighting", "rng", "history")
+
+
 def _load_run(run: _Run, path: Path, train_loader, config: TrainConfig, tasks) -> dict:
     """Restore a run from a checkpoint; returns the checkpoint (its history, epochs done, weights)."""
     # map_location "cpu": the random states must stay CPU tensors (torch.set_rng_state refuses others);
     # load_state_dict below copies weights and optimiser moments onto the parameters' device
     state = load_checkpoint(path, map_location="cpu")
+    check_checkpoint_keys(path, state, FIT_KEYS, "fit")
+    check_trainable(path, state.get("trainable"), run.model, state["model"])  # before the model is changed
     saved = dict(state.get("config", {}))
     if "steps_per_epoch" in state:  # not in a checkpoint written before it was saved: not compared then
         saved["steps_per_epoch"] = state["steps_per_epoch"]
@@ -729,7 +736,7 @@ def _load_run(run: _Run, path: Path, train_loader, config: TrainConfig, tasks) -
     for group, lr in zip(run.optimizer.param_groups, scheduler._last_lr):
         group["lr"] = lr
     run.weighting.load_state_dict(state["weighting"])
-    if run.scaler is not None and state["scaler"]:
+    if run.scaler is not None and state.get("scaler"):
         run.scaler.load_state_dict(state["scaler"])
     set_rng_state(state["rng"], train_loader, run.device)
     return state

@@ -131,6 +131,14 @@ class _RunsCodeWhenUnpickled:
         return _leave_mark, (self.mark,)
 
 
+def test_a_file_whose_model_entry_is_no_state_dict_is_named(tmp_path):
+    """load_weights caught load_state_dict's RuntimeErrors only: this gave its bare TypeError."""
+    path = save_checkpoint({"model": [1, 2]}, tmp_path / "foreign.pt")
+    with pytest.raises(ValueError, match=r"cannot load .*foreign.pt into this model.*\(its weights are a list, not "
+                                         r"a state_dict\)"):
+        load_checkpoint(path, nn.Linear(2, 2))
+
+
 def test_loading_runs_no_code_from_the_file(tmp_path):
     mark = tmp_path / "ran.txt"
     path = tmp_path / "last.pt"

@@ -18,6 +18,7 @@ from torch.optim.optimizer import (
 )
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
+from mtlearn.checkpoint import save_checkpoint
 from mtlearn.engine import (
     History,
     NonFiniteLossError,
@@ -362,6 +363,42 @@ def test_resume_with_other_options_is_refused_by_name(changed, named, tmp_path):
     options = {"epochs": 2, "lr": 1e-2, **changed}
     with pytest.raises(ValueError, match=f"cannot resume .*{named}.*another out_dir"):
         _fit(ToyNet(), train, val, out_dir=tmp_path, resume=True, **options)
+
+
+def _frozen(model, *prefixes):
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(not name.startswith(prefixes))
+    return model
+
+
+@pytest.mark.parametrize("then, now, named", [((), ("encoder.0",), r"frozen now: encoder.0.weight, encoder.0.bias; "
+                                                                    r"training now: none"),
+                                               (("heads.recon",), ("heads.seg",), r"frozen now: heads.seg.weight, "
+                                                r"heads.seg.bias; training now: heads.recon.weight, heads.recon.bias")])
+def test_resume_with_other_parameters_frozen_is_refused_before_the_model_changes(then, now, named, tmp_path):
+    """The optimiser's moments are a list in parameter order: with one more part frozen they failed to load
+    with torch's bare size error, and with another part of the same count frozen (the second case) they
+    loaded onto the wrong parameters, to crash at the first step on a shape, after the model was overwritten."""
+    train, val = _loaders()
+    _fit(_frozen(ToyNet(), *then), train, val, epochs=1, out_dir=tmp_path)
+    model = _frozen(ToyNet(), *now)
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=f"cannot resume from .*last.pt: other parameters train now .*\\({named}\\).*"
+                                         r"Freeze \(requires_grad=False\) the same parameters .*another out_dir"):
+        _fit(model, train, val, epochs=2, out_dir=tmp_path, resume=True)
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, before[key], rtol=0, atol=0)
+    assert [r["epoch"] for r in _fit(_frozen(ToyNet(), *then), train, val, epochs=2, out_dir=tmp_path,
+                                     resume=True).records] == [1, 2]  # the same parts frozen: it resumes
+
+
+def test_resume_from_a_last_pt_not_written_by_fit_names_what_it_lacks(tmp_path):
+    """A hand-saved last.pt (or another loop's) stopped with a bare KeyError: 'optimizer'."""
+    save_checkpoint({"model": ToyNet().state_dict(), "epoch": 1}, tmp_path / "last.pt")
+    train, val = _loaders()
+    with pytest.raises(ValueError, match=r"last.pt: it is not a checkpoint written by fit \(it has no 'optimizer', "
+                                         r"'scheduler', 'weighting', 'rng', 'history'\)\. Move it out of the folder"):
+        _fit(ToyNet(), train, val, epochs=2, out_dir=tmp_path, resume=True)
 
 
 def test_a_weighting_instance_resumes_by_its_settings(tmp_path):
