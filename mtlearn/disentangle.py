@@ -33,8 +33,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from mtlearn.checkpoint import (
+    check_checkpoint_keys,
     check_out_dir,
     check_resume_options,
+    check_run_folder,
     load_checkpoint,
     load_weights,
     rng_state,
@@ -697,6 +699,7 @@ def train_disentangle(
                     leak_shrink=leak_shrink, cosine=cosine)
     check_bool("recalibrate_bn", recalibrate_bn)
     check_bool("progress", progress)
+    check_run_folder(out_dir, resume)
     # NumPy numbers (an lr from np.logspace) -> Python ones: the optimisers' state and the options go
     # into last.pt, which torch.load(weights_only=True) refuses to read with NumPy objects inside
     (epochs, lr, betas, weight_decay, w_adv, adv_steps, adv_lr, adv_momentum, warmup_epochs, ramp_epochs, w_leak,
@@ -727,6 +730,10 @@ def train_disentangle(
     leakage = (LinearLeakage(leak_shrink), LinearLeakage(leak_shrink)) if adversarial and w_leak > 0 else None
     steps_per_epoch = len(train_loader)
     warmup_steps, ramp_steps = round(warmup_epochs * steps_per_epoch), round(ramp_epochs * steps_per_epoch)
+    if w_adv > 0 and warmup_steps >= epochs * steps_per_epoch:  # rounded up to every step (1.8 of 2 epochs)
+        raise ValueError(f"warmup_epochs ({warmup_epochs}) of {steps_per_epoch} batches each is {warmup_steps} "
+                         f"steps, every step of the {epochs} epochs: with w_adv > 0 make it shorter, or "
+                         "DisentangleNet trains without its adversaries; for that baseline set w_adv=0")
     # cosine: the main learning rate decays to 0, so training ends in a settled state of the game
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs * steps_per_epoch) if cosine else None
 
@@ -745,8 +752,6 @@ def train_disentangle(
                    sampler=type(getattr(train_loader, "sampler", None)).__name__)
     game = dict(model=model, optimizer=optimizer, schedule=schedule, leakage=leakage,
                 adv_optimizer=adv_optimizer if adversarial else None, joint=joint if adversarial else None)
-    if resume and checkpoint is None:
-        raise ValueError("resume=True needs out_dir (the folder holding last.pt)")
     if checkpoint is not None:
         check_out_dir(Path(out_dir), resume, writes="last.pt", cli=False, also_kept=())
         if resume and checkpoint.is_file():
@@ -880,10 +885,15 @@ def _weightless_layers(model: nn.Module) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
+# what _load_game reads ("image_shape" may be absent)
+GAME_KEYS = ("model", "optimizer", "schedule", "adv_optimizer", "joint", "leakage", "rng", "history", "step", "epoch")
+
+
 def _load_game(path: Path, game: dict, options: dict, loader) -> tuple[dict, int, int, list[int] | None]:
     """Restore `game` from `path` (weights_only); returns the history, the step, the epochs done and
     the (C, H, W) of the images it trained on."""
     state = load_checkpoint(path, map_location="cpu")  # random states must stay on the CPU
+    check_checkpoint_keys(path, state, GAME_KEYS, "train_disentangle")
     check_resume_options(path, state.get("config", {}), options, list(options))
     load_weights(game["model"], state["model"], f"cannot resume from {path}: its weights do not fit this model "
                  "(other widths, hidden sizes or adversaries?). Resume with the model of that run, or start a new "

@@ -56,7 +56,13 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from mtlearn.checkpoint import check_out_dir, check_resume_options, load_checkpoint, save_checkpoint
+from mtlearn.checkpoint import (
+    check_out_dir,
+    check_resume_options,
+    check_run_folder,
+    load_checkpoint,
+    save_checkpoint,
+)
 from mtlearn.losses import build_losses, check_tasks, task_losses
 from mtlearn.utils import (
     check_int,
@@ -664,8 +670,7 @@ def train_and_measure(model: nn.Module, strategy: str, train: Dataset, test: Dat
     if len(train) == 0:  # else torch's sampler fails with "num_samples should be a positive integer"
         raise ValueError(f"strategy {strategy!r}: the training set is empty; check num_train and the dataset's "
                          "train split")
-    if resume and out_dir is None:
-        raise ValueError("resume=True needs out_dir (the folder holding the run's last.pt and result.pt)")
+    check_run_folder(out_dir, resume, "the run's last.pt and result.pt")
     tasks = tuple(model.tasks)
     device = pick_device(config.device)
     model.to(device)
@@ -812,8 +817,7 @@ def run_comparison(config: UMSRepConfig | str = "course", out_dir: str | os.Path
     the options of RESUME_FREE (device, strategies, ...), not what it trains; without resume an
     out_dir holding a comparison is refused. None (the default): nothing is written.
     """
-    if resume and out_dir is None:  # before the data are loaded
-        raise ValueError("resume=True needs out_dir (the folder holding the comparison's runs)")
+    check_run_folder(out_dir, resume, "the comparison's runs")  # before the data are loaded
     config = strategy_config(config) if isinstance(config, str) else config
     if not isinstance(config, UMSRepConfig):
         raise ValueError(f"config must be a profile name {tuple(PROFILES)} or a UMSRepConfig (strategy_config(...)), "

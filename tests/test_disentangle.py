@@ -1056,6 +1056,29 @@ def test_train_disentangle_checks_lr_and_betas(tiny_loaders):
             D.train_disentangle(tiny_model(), tiny_loaders[0], device="cpu", progress=False, **kwargs)
 
 
+@pytest.mark.parametrize("kwargs, match", [
+    # "no" is true: it resumed the run in out_dir instead of refusing to overwrite it
+    (dict(resume="no"), r"resume must be True or False, got 'no'; pass it unquoted"),
+    (dict(out_dir=5), r"out_dir must be a folder path \(or None: no checkpoints\), got 5"),
+    # 1.9 of 2 epochs of 4 batches rounds to 8 steps, all of them: the adversaries never came on
+    (dict(epochs=2, warmup_epochs=1.9), r"warmup_epochs \(1.9\) of 4 batches each is 8 steps, every step of the 2 "
+                                        r"epochs: with w_adv > 0 make it shorter"),
+])
+def test_train_disentangle_refuses_bad_run_options(kwargs, match, tiny_loaders):
+    with pytest.raises(ValueError, match=match):
+        D.train_disentangle(tiny_model(), tiny_loaders[0], device="cpu", progress=False, **kwargs)
+
+
+def test_resume_from_a_last_pt_of_another_loop_names_what_it_lacks(tiny_loaders, tmp_path):
+    """fit's last.pt (same "model", "optimizer", "history" keys) stopped with a bare KeyError: 'schedule'."""
+    model = tiny_model()
+    torch.save({"model": model.state_dict(), "optimizer": {}, "history": {}, "epoch": 1, "rng": {}},
+               tmp_path / "last.pt")
+    with pytest.raises(ValueError, match=r"not a checkpoint written by train_disentangle \(it has no 'schedule', "
+                                         r"'adv_optimizer', 'joint', 'leakage', 'step'\)"):
+        D.train_disentangle(model, tiny_loaders[0], device="cpu", progress=False, out_dir=tmp_path, resume=True)
+
+
 # ---------------------------------------------------------------------------------------------- by hand
 
 

@@ -728,6 +728,11 @@ def test_resume_needs_an_out_dir():
     with pytest.raises(ValueError, match=re.escape("resume=True needs out_dir (the folder holding the run's last.pt "
                                                    "and result.pt)")):
         train_and_measure(model, "scratch", load_strategy_data(config).train, None, config, epochs=1, resume=True)
+    # before the data are loaded: resume="no" is true (it resumed), out_dir=5 failed in Path() unnamed
+    with pytest.raises(ValueError, match="resume must be True or False, got 'no'; pass it unquoted"):
+        run_comparison(handful(), out_dir="runs", resume="no")
+    with pytest.raises(ValueError, match=re.escape("out_dir must be a folder path (or None: no checkpoints), got 5")):
+        run_comparison(handful(), out_dir=5)
 
 
 # ---------------------------------------------------------------------------------------------- mutation audit
