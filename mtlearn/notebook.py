@@ -86,8 +86,6 @@ def check_dataset(dataset: str, data_root: str | os.PathLike | None, allowed: tu
         return None
     from mtlearn.data.real import dataset_folder
 
-    if data_root is not None:  # a file there: the download command below could not succeed either
-        check_folder(Path(data_root).expanduser(), "data_root", "one folder per dataset, from python -m data_fetch")
     # load_dataset's `root` is the dataset's own folder; a notebook's data_root holds one per dataset
     folder = dataset_folder(dataset, data_root)
     if not folder.is_dir() or not any(folder.iterdir()):

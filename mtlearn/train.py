@@ -104,10 +104,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--num-workers must be >= 0 (0: load in the training process), got {args.num_workers}")
     if args.augment and args.dataset == "synthetic":
         parser.error("--augment applies to real datasets; every synthetic image is already new")
+    if not 0 <= args.seed < 2**32:  # numpy's seeds; else refused once running, without naming the option
+        parser.error(f"--seed must be an integer from 0 to 2**32 - 1, got {args.seed}")
     try:
-        pick_device(args.device)
+        device = pick_device(args.device)
     except ValueError as error:
         parser.error(str(error))
+    if args.amp == "fp16" and device.type != "cuda":  # fit's own message names its keyword, amp='fp16'
+        parser.error(f"--amp fp16 needs a CUDA GPU (device is {device}); use --amp bf16 or --amp off")
     if args.dataset == "breastmnist" and "seg" in args.tasks:  # before any data loads: it has no lesion masks
         others = [t for t in args.tasks if t != "seg"]
         parser.error("breastmnist has no lesion masks, so it cannot train seg; "
@@ -324,6 +328,25 @@ def main(argv: list[str] | None = None) -> dict:
     except (NonFiniteLossError, NonFiniteWeightsError, NoGoodEpochError) as error:  # diverged; the message says how
         print(f"python -m mtlearn.train: training stopped: {error}", file=sys.stderr)
         raise SystemExit(1) from None
+    except KeyboardInterrupt:  # Ctrl-C: what is kept and how to go on, not a traceback from inside backward()
+        if is_main_process():
+            print(f"python -m mtlearn.train: interrupted. {_how_to_go_on(args)}", file=sys.stderr)
+        raise SystemExit(130) from None
+
+
+def _how_to_go_on(args: argparse.Namespace) -> str:
+    """After Ctrl-C: the epoch last.pt holds and the --resume that continues from it, or that none was saved."""
+    from mtlearn.checkpoint import load_checkpoint
+
+    last = Path(args.out_dir) / "last.pt"
+    try:
+        epoch = int(load_checkpoint(last)["epoch"]) if last.is_file() else None
+    except (ValueError, KeyError, TypeError):  # unreadable: nothing to promise
+        epoch = None
+    if epoch is None:
+        return f"No epoch had finished, so nothing was saved in {args.out_dir}: run the command again to start over"
+    return (f"{last} holds epoch {epoch} of {args.epochs}: run the same command with --resume to continue from "
+            "there")
 
 
 def _command_line() -> None:

@@ -62,6 +62,11 @@ def test_defaults_name_the_output_folder():
     (["--device", "cdua"], "unknown device 'cdua'"),
     (["--dataset", "breastmnist"], "breastmnist has no lesion masks, so it cannot train seg; use --tasks cls"),
     (["--dataset", "breastmnist", "--tasks", "seg"], "use --tasks cls, or a dataset with masks"),
+    # refused once running (after options.json was written), without naming the option
+    (["--seed", "-1"], "--seed must be an integer from 0 to 2**32 - 1, got -1"),
+    (["--seed", str(2**32)], "--seed must be an integer from 0 to 2**32 - 1, got 4294967296"),
+    # fit's message named its keyword: "use amp='bf16'", which the command line does not take
+    (["--amp", "fp16", "--device", "cpu"], "--amp fp16 needs a CUDA GPU (device is cpu); use --amp bf16 or --amp off"),
 ])
 def test_bad_arguments_exit_with_a_message(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_:
@@ -130,6 +135,46 @@ def test_errors_found_while_running_are_messages_not_tracebacks(tmp_path, capsys
     assert "its weights do not fit this model" in capsys.readouterr().err
     history = main([*SMOKE, "--epochs", "2", "--limit", "8", "--out-dir", str(out), "--resume"])["history"]
     assert [r["epoch"] for r in history] == [1, 2]  # the same options resume
+
+
+def test_ctrl_c_says_what_was_kept_and_how_to_go_on(tmp_path, capsys, monkeypatch):
+    """Ctrl-C printed a traceback from inside backward() and nothing about --resume."""
+    from mtlearn import train
+
+    out = tmp_path / "run"
+    real_fit = train.fit
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    def status(argv):
+        monkeypatch.setattr(train, "fit", interrupted)
+        try:
+            main(argv)
+        except KeyboardInterrupt:  # caught here, or it would stop the whole test session
+            pytest.fail("Ctrl-C left main() as a KeyboardInterrupt, i.e. a traceback")
+        except SystemExit as exit_:
+            return exit_.code
+        finally:
+            monkeypatch.setattr(train, "fit", real_fit)
+
+    assert status([*SMOKE, "--epochs", "2", "--limit", "8", "--out-dir", str(out)]) == 130  # in epoch 1
+    assert capsys.readouterr().err == (f"python -m mtlearn.train: interrupted. No epoch had finished, so nothing was "
+                                       f"saved in {out}: run the command again to start over\n")
+    main([*SMOKE, "--epochs", "1", "--limit", "8", "--out-dir", str(out)])  # as the message says
+    assert status([*SMOKE, "--epochs", "2", "--limit", "8", "--out-dir", str(out), "--resume"]) == 130  # in epoch 2
+    assert (f"interrupted. {out / 'last.pt'} holds epoch 1 of 2: run the same command with --resume to continue"
+            in capsys.readouterr().err)
+
+
+def test_a_data_root_that_is_a_file_is_named_as_one(tmp_path, capsys):
+    """It read "FILE/busi does not exist" with a data_fetch command into that path, which could not succeed."""
+    (tmp_path / "data").write_text("")
+    with pytest.raises(SystemExit) as exit_:
+        main([*SMOKE, "--dataset", "busi", "--data-root", str(tmp_path / "data"), "--out-dir", str(tmp_path / "a")])
+    assert exit_.value.code == 2
+    data = tmp_path / "data"
+    assert f"--data-root {data} cannot be a folder: {data} is a file" in capsys.readouterr().err
 
 
 def test_a_run_that_diverges_ends_with_a_message_not_a_traceback(tmp_path, capsys):

@@ -44,7 +44,15 @@ from mtlearn.data.splits import (
 )
 from mtlearn.data.synthetic import SyntheticUltrasound
 from mtlearn.data.transforms import augment_item, augmentation, random_states, reseed, resize_image, resize_mask
-from mtlearn.utils import check_bool, check_int, check_item_index, check_size, is_int, world_and_rank
+from mtlearn.utils import (
+    check_bool,
+    check_folder,
+    check_int,
+    check_item_index,
+    check_size,
+    is_int,
+    world_and_rank,
+)
 
 DATASETS = ("synthetic", "shapes", "busi", "busi_npz", "bus_bra", "bus_uclm", "breastmnist")
 SPLITS = ("train", "val", "test", "all")
@@ -571,6 +579,8 @@ def dataset_folder(name: str, data_root: str | Path | None = None, option: str =
     for the message when data_root looks like the dataset's own folder instead.
     """
     root = Path(data_root).expanduser() if data_root is not None else default_data_dir()
+    # a file there: "not found in FILE/busi" with a data_fetch command into that path could not succeed
+    check_folder(root, option, "one folder per dataset, from python -m data_fetch")
     fetch_name = _fetch_name(name, None)
     folder = root / get_source(fetch_name).folder
     given = f'{option} "{root.parent}"' if option.startswith("--") else f"{option}={str(root.parent)!r}"
