@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -684,7 +685,9 @@ def train_disentangle(
     out_dir: after every epoch, `out_dir/last.pt` holds the whole game (weights, both optimisers,
     the schedule, the label counts, the leakage statistics, the random states), written
     atomically. resume=True continues from it, with the same options, model and data, to the same
-    result as an uninterrupted run (and starts a new run when there is no last.pt yet); other
+    result as an uninterrupted run (and starts a new run when there is no last.pt yet: interrupted
+    before its first last.pt, the model and the loader's generators get their starting state back,
+    so that this new run is the same run too); other
     options, another architecture (weightless layers such as dropout included), another number of
     batches, batch size or sampler, or images of another size are refused. Without resume an
     out_dir holding a run is refused.
@@ -758,6 +761,9 @@ def train_disentangle(
             history, step, start, image_shape = _load_game(checkpoint, game, options, train_loader)
     bar = tqdm(range(start, epochs), initial=start, total=epochs, desc=f"train {type(model).__name__}",
                disable=not progress)
+    # before the first last.pt a resume starts afresh: an interruption until then gives the model (and the
+    # loader's generators) their starting state back, so that the fresh start repeats this run (as fit does)
+    starting = (_snapshot(game), rng_state(train_loader, device)) if checkpoint is not None and start == 0 else None
     try:
         for epoch in bar:
             model.train()
@@ -825,12 +831,22 @@ def train_disentangle(
             bar.set_postfix({k: f"{v[-1]:.2f}" for k, v in history.items() if k in ("acc_a", "adv_acc_b", "val_acc_a")})
             if checkpoint is not None:  # the state the next epoch starts from, random states included
                 _save_game(checkpoint, game, options, train_loader, history, step, epoch + 1, image_shape)
+                starting = None  # last.pt holds the run from here on
     except LossNotFiniteError as error:
         # the bad batch already went through BatchNorm, and the adversary steps before the bad one
         # moved the adversaries (and their momentum, the label counts, the leakage statistics)
         _restore(game, before)
         last = checkpoint if checkpoint is not None and checkpoint.is_file() else None
         raise NonFiniteLossError(epoch + 1, index, error.name, error.value, last, causes=NON_FINITE_CAUSES) from None
+    except BaseException:  # Ctrl-C, a disconnect, an error in a batch
+        if starting is not None:
+            try:
+                _restore(game, starting[0])
+                set_rng_state(starting[1], train_loader, device)
+            except Exception as error:  # noqa: BLE001 (the original error is the one to see)
+                warnings.warn(f"could not give the model its starting state back ({error}); rebuild it before "
+                              "training again", stacklevel=2)
+        raise
     if recalibrate_bn:
         recalibrate_batchnorm(model, train_loader, device)
     return history

@@ -454,6 +454,42 @@ def test_an_interrupted_run_resumes_to_the_same_result(tiny_loaders, tmp_path, m
         assert torch.equal(value, resumed.state_dict()[key]), key
 
 
+def test_a_run_interrupted_in_its_first_epoch_starts_again_from_where_it_started(tiny_loaders, tmp_path,
+                                                                                     monkeypatch):
+    """Before its first last.pt there is nothing to resume: rerunning the cell with resume=True starts
+    afresh, but on the model the interrupted epoch had trained (and a loader generator it had moved),
+    so the "same" run ended elsewhere. As fit does, the starting state is given back."""
+    dataset = tiny_loaders[0].dataset
+
+    def loader():  # shuffled by a generator of its own, which seed= does not reset
+        return DataLoader(dataset, batch_size=16, shuffle=True, drop_last=True,
+                          generator=torch.Generator().manual_seed(7))
+
+    kwargs = dict(epochs=2, adv_steps=2, w_adv=1.0, w_leak=1.0, device="cpu", progress=False, seed=2)
+    torch.manual_seed(0)
+    model = tiny_model()
+    straight, interrupted = copy.deepcopy(model), copy.deepcopy(model)
+    expected = D.train_disentangle(straight, loader(), **kwargs)
+    main_step, calls = D.main_step, []
+
+    def dies_in_epoch_one(*args, **kw):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return main_step(*args, **kw)
+
+    monkeypatch.setattr(D, "main_step", dies_in_epoch_one)
+    train = loader()
+    with pytest.raises(KeyboardInterrupt):
+        D.train_disentangle(interrupted, train, out_dir=tmp_path, **kwargs)
+    monkeypatch.setattr(D, "main_step", main_step)
+    for key, value in model.state_dict().items():  # its weights, BatchNorm statistics and adversaries
+        assert torch.equal(value, interrupted.state_dict()[key]), key
+    assert D.train_disentangle(interrupted, train, out_dir=tmp_path, resume=True, **kwargs) == expected
+    for key, value in straight.state_dict().items():
+        assert torch.equal(value, interrupted.state_dict()[key]), key
+
+
 def test_a_run_resumed_with_a_val_loader_it_did_not_have_keeps_its_epochs_in_line(tiny_loaders, tmp_path,
                                                                                    monkeypatch):
     """Validation added on resume: epoch 2's score sat at index 0, where plots draw epoch 1. Every key of
