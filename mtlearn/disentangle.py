@@ -680,7 +680,8 @@ def train_disentangle(
     A NaN or inf loss raises NonFiniteLossError (epoch and step named), and whatever the failing
     batch had changed (BatchNorm statistics, the adversaries and their momentum after earlier
     adversary steps, the label counts, the leakage statistics) is put back: `model` keeps the state
-    it had after the last finite step.
+    it had after the last finite step (with out_dir, before the first last.pt: its starting state,
+    see below).
 
     out_dir: after every epoch, `out_dir/last.pt` holds the whole game (weights, both optimisers,
     the schedule, the label counts, the leakage statistics, the random states), written
@@ -834,8 +835,11 @@ def train_disentangle(
                 starting = None  # last.pt holds the run from here on
     except LossNotFiniteError as error:
         # the bad batch already went through BatchNorm, and the adversary steps before the bad one
-        # moved the adversaries (and their momentum, the label counts, the leakage statistics)
-        _restore(game, before)
+        # moved the adversaries (and their momentum, the label counts, the leakage statistics);
+        # before the first last.pt, the start itself (the fresh start of a resume repeats this run)
+        _restore(game, before if starting is None else starting[0])
+        if starting is not None:
+            set_rng_state(starting[1], train_loader, device)
         last = checkpoint if checkpoint is not None and checkpoint.is_file() else None
         raise NonFiniteLossError(epoch + 1, index, error.name, error.value, last, causes=NON_FINITE_CAUSES) from None
     except BaseException:  # Ctrl-C, a disconnect, an error in a batch

@@ -329,7 +329,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"python -m mtlearn.train: training stopped: {error}", file=sys.stderr)
         raise SystemExit(1) from None
     except KeyboardInterrupt:  # Ctrl-C: what is kept and how to go on, not a traceback from inside backward()
-        if is_main_process():
+        if os.environ.get("RANK", "0") == "0":  # torchrun's; run() has already taken the process group down
             print(f"python -m mtlearn.train: interrupted. {_how_to_go_on(args)}", file=sys.stderr)
         raise SystemExit(130) from None
 

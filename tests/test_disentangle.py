@@ -424,6 +424,24 @@ def test_a_nan_loss_stops_training_before_it_changes_the_model(kind, name, shape
         assert torch.equal(value, reference.state_dict()[key]), key
 
 
+def test_a_nan_before_the_first_checkpoint_gives_the_starting_state_back(shapes_batch, tmp_path):
+    """With out_dir, a NaN in epoch 1 left the model as after the last finite step, so the fresh start of
+    resume=True (with a lower lr, say) began on half-trained weights; fit gives the starting state back."""
+    from mtlearn.engine import NonFiniteLossError
+
+    keys = ("image", "shape", "background")
+    good = {k: shapes_batch[k][:16] for k in keys}
+    bad = {k: shapes_batch[k][16:32].clone() for k in keys}
+    bad["image"][3, 0, 5, 5] = float("nan")
+    torch.manual_seed(0)
+    model = tiny_model()
+    start = copy.deepcopy(model.state_dict())
+    with pytest.raises(NonFiniteLossError, match="epoch 1, step 2"):
+        D.train_disentangle(model, [good, bad], epochs=1, adv_steps=2, device="cpu", progress=False, out_dir=tmp_path)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, start[key]), key
+
+
 def test_an_interrupted_run_resumes_to_the_same_result(tiny_loaders, tmp_path, monkeypatch):
     """Killed in the middle of epoch 2 of 3, resumed from last.pt: the same weights (adversaries,
     BatchNorm statistics) and history as a run that was never interrupted. The ramp, the leakage

@@ -165,6 +165,11 @@ def test_ctrl_c_says_what_was_kept_and_how_to_go_on(tmp_path, capsys, monkeypatc
     assert status([*SMOKE, "--epochs", "2", "--limit", "8", "--out-dir", str(out), "--resume"]) == 130  # in epoch 2
     assert (f"interrupted. {out / 'last.pt'} holds epoch 1 of 2: run the same command with --resume to continue"
             in capsys.readouterr().err)
+    # under torchrun every process gets the Ctrl-C; run() has taken the process group down by then, so
+    # each would count as the main one: torchrun's RANK says which prints
+    monkeypatch.setenv("RANK", "1")
+    assert status([*SMOKE, "--epochs", "2", "--limit", "8", "--out-dir", str(out), "--resume"]) == 130
+    assert capsys.readouterr().err == ""
 
 
 def test_a_data_root_that_is_a_file_is_named_as_one(tmp_path, capsys):
