@@ -149,7 +149,8 @@ def run_notebook(
     metrics.json land next to the executed copy. The notebook runs in `<out_dir>.partial`, which
     replaces `out_dir` only on success: a failure leaves `out_dir` untouched and the failed run in
     the staging folder (the result's `out_dir`), until the next run of the same notebook.
-    cell_timeout: seconds one cell may run before the notebook is stopped as failed; None: no limit.
+    cell_timeout: seconds one cell may run before the notebook is stopped as failed (a fraction is
+    rounded up to whole seconds); None: no limit.
     Raises ValueError for an out_dir that holds the notebook (publishing would replace it).
     """
     import papermill as pm
@@ -204,7 +205,8 @@ def run_notebook(
                 cwd=str(notebook.parent),
                 progress_bar=progress,
                 log_output=False,
-                execution_timeout=cell_timeout,
+                # nbclient takes whole seconds only (1.5 failed every notebook before its first cell)
+                execution_timeout=math.ceil(cell_timeout) if cell_timeout is not None else None,
                 # The kernel's own log (e.g. "Kernel is running over TCP") would land in the caller's
                 # cell output when a notebook runs a grid of notebooks: keep only its errors.
                 extra_arguments=["--IPKernelApp.log_level=ERROR"],

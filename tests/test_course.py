@@ -32,6 +32,8 @@ def test_run_notebook_passes_parameters_and_reads_metrics(tmp_path):
     # a limit from a NumPy sweep is a number like any other
     result = run_notebook(nb, tmp_path / "out", {"profile": "smoke", "seed": 2}, cell_timeout=np.int64(600))
     assert result.ok, result.error
+    # nbclient takes whole seconds: --cell-timeout 1.5 failed every notebook with a TraitError
+    assert run_notebook(nb, tmp_path / "out", {"profile": "smoke", "seed": 2}, cell_timeout=90.5).ok
     assert result.metrics == {"profile": "smoke", "metrics": {"dice": 2.5}}
     assert (tmp_path / "out" / "01_good.ipynb").exists()
     assert result.out_dir == tmp_path / "out"  # where the results are now, not the staging folder they ran in
