@@ -682,17 +682,23 @@ def test_bus_uclm_image_without_its_mask_is_skipped_and_noted(tmp_path):
     assert "PAT01_002: no mask file, skipped" in dataset.problems
 
 
-def test_bus_uclm_flags_in_words_are_read(tmp_path):
-    """INFO.csv flags may be words, in any case and in Spanish: "Yes", "TRUE", "Sí" mark an artifact."""
+@pytest.mark.parametrize("encoding", ["utf-8", "cp1252"])
+def test_bus_uclm_flags_in_words_are_read(tmp_path, encoding):
+    """INFO.csv flags may be words, in any case and in Spanish: "Yes", "TRUE", "Sí" mark an artifact. A
+    spreadsheet exported on a Spanish Windows writes "Sí" in Windows-1252: a bare UnicodeDecodeError before."""
     base = tmp_path / "BUS-UCLM"
     flags = {"P_000": ("Yes", "No", 1), "P_001": ("no", "TRUE", 1), "P_002": ("Sí", "", 1), "P_003": ("0", "NO", 0)}
     for stem in flags:
         save_png(base / "masks" / f"{stem}.png", np.zeros((40, 48, 3), np.uint8))
         save_png(base / "images" / f"{stem}.png", random_image(np.random.default_rng(0)))
     rows = [f"{stem}.png;normal;{doppler};{marks}" for stem, (doppler, marks, _) in flags.items()]
-    (base / "INFO.csv").write_text("\n".join(["Image;Label;Doppler;Marks", *rows]) + "\n", encoding="utf-8")
+    (base / "INFO.csv").write_text("\n".join(["Image;Label;Doppler;Marks", *rows]) + "\n", encoding=encoding)
     dataset = load_dataset("bus_uclm", root=tmp_path, split="all")
     assert {r.id: r.artifact for r in dataset.records} == {stem: flag for stem, (_, _, flag) in flags.items()}
+    (base / "INFO.csv").write_bytes(b"PK\x03\x04\x00\x00\xff\xfe")  # binary: an archive or a cut download
+    with pytest.raises(ValueError, match=r"INFO.csv is not a text \(CSV\) file: a download cut short.*python -m "
+                                         r"data_fetch bus_uclm"):
+        load_dataset("bus_uclm", root=tmp_path, split="all")
 
 
 def test_bus_uclm_size_mismatch_reported_not_fatal(bus_uclm):

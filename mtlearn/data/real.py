@@ -22,6 +22,7 @@ cluster of near-duplicate images (BUSI, which does not identify patients).
 from __future__ import annotations
 
 import csv
+import io
 import re
 import warnings
 import zipfile
@@ -657,11 +658,25 @@ def _png(folder: Path, stem: str) -> Path:
     return upper if not path.is_file() and upper.is_file() else path
 
 
+def _csv_text(path: Path) -> str:
+    """A CSV file's text: UTF-8 (with or without a byte-order mark), else Windows-1252, the encoding a
+    spreadsheet exported on a Spanish or Portuguese Windows uses ("Sí" as one byte); binary data is a
+    damaged file, named as one (it was a bare UnicodeDecodeError naming neither the file nor the fix)."""
+    data = path.read_bytes()
+    if b"\0" not in data:
+        for encoding in ("utf-8-sig", "cp1252"):
+            try:
+                return data.decode(encoding)
+            except UnicodeDecodeError:
+                continue
+    raise DamagedFileError(f"{path} is not a text (CSV) file: a download cut short, or a host's error page or a "
+                           "spreadsheet saved under its name?")
+
+
 def _read_csv(path: Path, required: Sequence[str], delimiter: str = ",") -> list[dict[str, str]]:
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f, delimiter=delimiter)
-        rows = [{(k or "").strip(): (v or "") for k, v in row.items()} for row in reader]  # trim header spaces
-        columns = [(c or "").strip() for c in reader.fieldnames or []]
+    reader = csv.DictReader(io.StringIO(_csv_text(path), newline=""), delimiter=delimiter)
+    rows = [{(k or "").strip(): (v or "") for k, v in row.items()} for row in reader]  # trim header spaces
+    columns = [(c or "").strip() for c in reader.fieldnames or []]
     if not columns:
         raise DamagedFileError(f"{path} is empty")
     missing = [c for c in required if c not in columns]
