@@ -339,12 +339,12 @@ def _how_to_go_on(args: argparse.Namespace) -> str:
     from mtlearn.checkpoint import load_checkpoint
 
     last = Path(args.out_dir) / "last.pt"
-    try:
-        epoch = int(load_checkpoint(last)["epoch"]) if last.is_file() else None
-    except (ValueError, KeyError, TypeError):  # unreadable: nothing to promise
-        epoch = None
-    if epoch is None:
+    if not last.is_file():
         return f"No epoch had finished, so nothing was saved in {args.out_dir}: run the command again to start over"
+    try:
+        epoch = int(load_checkpoint(last)["epoch"])
+    except (ValueError, KeyError, TypeError):  # the message must not become a traceback itself
+        return f"{last} cannot be read, so there is nothing to resume: move it aside and run the command again"
     return (f"{last} holds epoch {epoch} of {args.epochs}: run the same command with --resume to continue from "
             "there")
 

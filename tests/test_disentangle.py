@@ -426,20 +426,56 @@ def test_a_nan_loss_stops_training_before_it_changes_the_model(kind, name, shape
 
 def test_a_nan_before_the_first_checkpoint_gives_the_starting_state_back(shapes_batch, tmp_path):
     """With out_dir, a NaN in epoch 1 left the model as after the last finite step, so the fresh start of
-    resume=True (with a lower lr, say) began on half-trained weights; fit gives the starting state back."""
+    resume=True (with a lower lr, say) began on half-trained weights; fit gives the starting state back,
+    the loader's generator included."""
     from mtlearn.engine import NonFiniteLossError
 
     keys = ("image", "shape", "background")
-    good = {k: shapes_batch[k][:16] for k in keys}
-    bad = {k: shapes_batch[k][16:32].clone() for k in keys}
-    bad["image"][3, 0, 5, 5] = float("nan")
+    items = [{k: shapes_batch[k][i] for k in keys} for i in range(32)]
+    items[20]["image"] = items[20]["image"].clone()
+    items[20]["image"][0, 5, 5] = float("nan")
+    loader = DataLoader(items, batch_size=16, shuffle=True, generator=torch.Generator().manual_seed(3))
+    generator_state = loader.generator.get_state()
     torch.manual_seed(0)
     model = tiny_model()
     start = copy.deepcopy(model.state_dict())
-    with pytest.raises(NonFiniteLossError, match="epoch 1, step 2"):
-        D.train_disentangle(model, [good, bad], epochs=1, adv_steps=2, device="cpu", progress=False, out_dir=tmp_path)
+    with pytest.raises(NonFiniteLossError, match="epoch 1, step"):
+        D.train_disentangle(model, loader, epochs=1, adv_steps=2, device="cpu", progress=False, out_dir=tmp_path)
     for key, value in model.state_dict().items():
         assert torch.equal(value, start[key]), key
+    assert torch.equal(loader.generator.get_state(), generator_state)
+
+
+def test_an_interruption_after_the_first_checkpoint_keeps_the_weights_reached(tiny_loaders, tmp_path, monkeypatch):
+    """Once last.pt exists the starting state is no longer given back: an interruption in epoch 2, and one
+    in the first epoch of a resumed run, leave the model where it got to, as a run without out_dir does."""
+    train = tiny_loaders[0]  # 4 steps per epoch
+    kwargs = dict(epochs=3, adv_steps=2, w_adv=1.0, device="cpu", progress=False, seed=2)
+    main_step = D.main_step
+
+    def dies_at(call):
+        calls = []
+
+        def step(*args, **kw):
+            calls.append(1)
+            if len(calls) == call:
+                raise KeyboardInterrupt
+            return main_step(*args, **kw)
+        monkeypatch.setattr(D, "main_step", step)
+
+    torch.manual_seed(0)
+    model = tiny_model()
+    reference, first, resumed = copy.deepcopy(model), copy.deepcopy(model), tiny_model()
+    for net, out_dir in ((reference, None), (first, tmp_path)):
+        dies_at(6)  # epoch 2, step 2
+        with pytest.raises(KeyboardInterrupt):
+            D.train_disentangle(net, train, out_dir=out_dir, **kwargs)
+    dies_at(2)  # the resumed run's first epoch (epoch 2), step 2: where the others stopped
+    with pytest.raises(KeyboardInterrupt):
+        D.train_disentangle(resumed, train, out_dir=tmp_path, resume=True, **kwargs)
+    for key, value in reference.state_dict().items():
+        assert torch.equal(value, first.state_dict()[key]), key
+        assert torch.equal(value, resumed.state_dict()[key]), key
 
 
 def test_an_interrupted_run_resumes_to_the_same_result(tiny_loaders, tmp_path, monkeypatch):
@@ -1121,6 +1157,8 @@ def test_train_disentangle_checks_lr_and_betas(tiny_loaders):
 def test_train_disentangle_refuses_bad_run_options(kwargs, match, tiny_loaders):
     with pytest.raises(ValueError, match=match):
         D.train_disentangle(tiny_model(), tiny_loaders[0], device="cpu", progress=False, **kwargs)
+    if "warmup_epochs" in kwargs:  # the baseline the message recommends: no adversaries to switch on
+        D.train_disentangle(tiny_model(), tiny_loaders[0], device="cpu", progress=False, **kwargs, w_adv=0.0)
 
 
 def test_resume_from_a_last_pt_of_another_loop_names_what_it_lacks(tiny_loaders, tmp_path):

@@ -399,6 +399,30 @@ def test_resume_from_a_last_pt_not_written_by_fit_names_what_it_lacks(tmp_path):
     with pytest.raises(ValueError, match=r"last.pt: it is not a checkpoint written by fit \(it has no 'optimizer', "
                                          r"'scheduler', 'weighting', 'rng', 'history'\)\. Move it out of the folder"):
         _fit(ToyNet(), train, val, epochs=2, out_dir=tmp_path, resume=True)
+    _fit(ToyNet(), train, val, epochs=1, out_dir=tmp_path / "fit")
+    state = load_checkpoint(tmp_path / "fit" / "last.pt")
+    del state["history"]  # one key missing is named too
+    save_checkpoint(state, tmp_path / "fit" / "last.pt")
+    with pytest.raises(ValueError, match=r"not a checkpoint written by fit \(it has no 'history'\)"):
+        _fit(ToyNet(), train, val, epochs=2, out_dir=tmp_path / "fit", resume=True)
+
+
+class WiderNet(ToyNet):
+    """ToyNet with one more layer: another architecture, whose parameter names differ."""
+
+    def __init__(self):
+        super().__init__()
+        self.extra = nn.Linear(2, 2)
+
+
+@pytest.mark.parametrize("then, now", [(ToyNet, WiderNet), (WiderNet, ToyNet)])
+def test_resume_with_another_architecture_says_so_not_that_other_parameters_train(then, now, tmp_path):
+    """Other parameter names are another model: load_weights' message, not the frozen-parameters one."""
+    train, val = _loaders()
+    _fit(then(), train, val, epochs=1, out_dir=tmp_path)
+    with pytest.raises(ValueError, match=r"its weights do not fit this model") as caught:
+        _fit(now(), train, val, epochs=2, out_dir=tmp_path, resume=True)
+    assert "other parameters train now" not in str(caught.value)
 
 
 def test_a_weighting_instance_resumes_by_its_settings(tmp_path):

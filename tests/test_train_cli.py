@@ -165,6 +165,10 @@ def test_ctrl_c_says_what_was_kept_and_how_to_go_on(tmp_path, capsys, monkeypatc
     assert status([*SMOKE, "--epochs", "2", "--limit", "8", "--out-dir", str(out), "--resume"]) == 130  # in epoch 2
     assert (f"interrupted. {out / 'last.pt'} holds epoch 1 of 2: run the same command with --resume to continue"
             in capsys.readouterr().err)
+    (out / "last.pt").write_bytes(b"damaged")  # what the message reads must not raise a traceback itself
+    assert status([*SMOKE, "--epochs", "2", "--limit", "8", "--out-dir", str(out), "--resume"]) == 130
+    assert (f"interrupted. {out / 'last.pt'} cannot be read, so there is nothing to resume: move it aside"
+            in capsys.readouterr().err)
     # under torchrun every process gets the Ctrl-C; run() has taken the process group down by then, so
     # each would count as the main one: torchrun's RANK says which prints
     monkeypatch.setenv("RANK", "1")
