@@ -199,12 +199,13 @@ def test_models_amp_runs_every_timed_forward_under_its_autocast(monkeypatch, amp
     assert row["amp"] == amp
 
 
-def test_models_refuse_an_unknown_amp_before_measuring(monkeypatch):
+def test_models_refuse_an_unknown_amp_before_measuring(monkeypatch, capsys):
     monkeypatch.setattr(bench_models, "measure", lambda *args, **kwargs: pytest.fail("measured"))
     with pytest.raises(ValueError, match=r"unknown amp 'fp16'; expected one of \('off', 'bf16'\)"):
         bench_models.run(quick=True, groups=("course",), device="cpu", amp="fp16")
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exit_:
         bench_models.main(["--amp", "fp16"])
+    assert exit_.value.code == 2 and "--amp: invalid choice: 'fp16'" in capsys.readouterr().err
 
 
 def test_models_time_a_step_between_two_synchronisations(monkeypatch):
@@ -275,16 +276,17 @@ def test_models_run_keeps_freed_memory_on_the_cpu_unless_asked_not_to(monkeypatc
     assert run_args[0]["default_malloc"] is True
 
 
-def test_models_refuses_an_unknown_group_and_bad_options(monkeypatch):
+def test_models_refuses_an_unknown_group_and_bad_options(monkeypatch, capsys):
     threads = torch.get_num_threads()
     with pytest.raises(ValueError, match=r"unknown benchmark group\(s\) \['gpu'\]"):
         bench_models.run(quick=True, groups=("gpu",))
     assert torch.get_num_threads() == threads
     monkeypatch.setattr(bench_models, "run", _must_not_run)  # a broken check fails at once, not after a benchmark
-    with pytest.raises(SystemExit):  # refused before anything is measured
-        bench_models.main(["--rounds", "0"])
-    with pytest.raises(SystemExit):
-        bench_models.main(["--device", "tpu"])
+    for argv, message in ((["--rounds", "0"], "--rounds must be >= 1, got 0"),  # before anything is measured
+                          (["--device", "tpu"], "unknown device 'tpu'")):
+        with pytest.raises(SystemExit) as exit_:
+            bench_models.main(argv)
+        assert exit_.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_engine_alternates_the_configurations_and_reports_medians(monkeypatch):
@@ -358,9 +360,11 @@ def test_main_passes_threads_and_rounds_only_to_the_groups_that_take_them(monkey
     benchmarks_main(["--only", "data", "data"])  # a group named twice runs once
     assert capsys.readouterr().out.count("## data") == 1
     monkeypatch.setattr(bench_disentangle, "run", _must_not_run)  # the one group not faked above
-    for argv in (["--only"], ["--rounds", "0"]):  # no group named, or no round: refused
-        with pytest.raises(SystemExit):
+    for argv, message in ((["--only"], "--only: expected at least one argument"),  # no group named, or no round
+                          (["--rounds", "0"], "--rounds must be >= 1, got 0")):
+        with pytest.raises(SystemExit) as exit_:
             benchmarks_main(argv)
+        assert exit_.value.code == 2 and message in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("module", [bench_disentangle, bench_umsrep])

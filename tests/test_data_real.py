@@ -643,7 +643,7 @@ def test_bus_uclm_flags_are_read_by_value_and_unreadable_ones_and_missing_images
             rows[i] = ";".join([*row.split(";")[:2], *written[stem]])
     csv.write_text("\n".join(rows) + "\n")
     (info["base"] / "images" / "PAT05_001.png").unlink()
-    with pytest.warns(UserWarning):
+    with pytest.warns(UserWarning, match=r"bus_uclm: \d+ note\(s\) on the files"):
         dataset = load_dataset("bus_uclm", root=tmp_path, split="all", image_size=SIZE)
     items = by_id(dataset)
     assert [items[s]["artifact"] for s in ("PAT04_000", "PAT04_001", "PAT04_002", "PAT05_000")] == [1, 1, 0, 1]
