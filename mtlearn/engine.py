@@ -679,6 +679,33 @@ def _warn_if_unscaled(image, data_range: float = 1.0) -> bool:
     return True
 
 
+def _warn_if_probabilities(outputs: Mapping[str, Tensor]) -> bool:
+    """Warn (and return True) when a model's "seg" or "cls" scores look like probabilities.
+
+    The losses take logits and apply log-softmax themselves; a model that ends in a softmax trains on
+    log(softmax(probabilities)), whose gradients are small and flat, so it learns slowly or stalls,
+    without an error. Scores that all lie in [0, 1] and sum to 1 over the classes for every pixel or
+    image are almost surely probabilities (logits do so by chance practically never). Called on the
+    first batch of fit, on the main process only.
+    """
+    found = []
+    for task in ("seg", "cls"):
+        scores = outputs.get(task)
+        if not isinstance(scores, Tensor) or not scores.is_floating_point() or scores.dim() < 2 or scores.shape[1] < 2:
+            continue
+        scores = scores.detach().float()
+        low, high = (float(v) for v in torch.aminmax(scores))
+        if low >= 0 and high <= 1 and bool(((scores.sum(dim=1) - 1).abs() < 1e-3).all()):
+            found.append(task)
+    if found:
+        warnings.warn(f"the model's {' and '.join(map(repr, found))} outputs lie in [0, 1] and sum to 1 over the "
+                      "classes: probabilities, from a softmax at the end of the model? The losses take logits (raw "
+                      "scores) and apply log-softmax themselves, so a model trained on probabilities learns slowly "
+                      "or not at all: return the last layer's output without the softmax (apply it when predicting)",
+                      stacklevel=5)  # the caller of fit (through _forward and _train_one_epoch)
+    return bool(found)
+
+
 def _run_state(run: _Run, epoch: int, history: History, config: TrainConfig, tasks, rng: dict,
                steps_per_epoch: int) -> dict:
     """A checkpoint: tensors, numbers, strings, lists and dicts only, so that weights_only=True loads it.
@@ -817,10 +844,11 @@ def _train_one_epoch(run: _Run, loader, epoch: int, tasks: tuple[str, ...], bar,
         if batch is None:
             break
         steps += 1
-        if first and steps == 1 and isinstance(batch, Mapping) and is_main_process():
+        look = first and steps == 1 and is_main_process()  # the first batch: common mistakes, warned once
+        if look and isinstance(batch, Mapping):
             _warn_if_unscaled(batch.get("image"), run.data_range)
         buffers = [b.detach().clone() for b in run.model.buffers()]  # BatchNorm statistics, before this batch
-        losses, values = _forward(run, batch, tasks)
+        losses, values = _forward(run, batch, tasks, look=look)
         # checked before backward, so weights and checkpoints stay good; under torchrun every process
         # stops when any one sees a bad loss (the others would wait in backward's all-reduce for ever)
         if _any_across_processes(not np.isfinite(values).all(), run.device):
@@ -843,12 +871,18 @@ def _train_one_epoch(run: _Run, loader, epoch: int, tasks: tuple[str, ...], bar,
     return record
 
 
-def _forward(run: _Run, batch: Mapping[str, Any], tasks: tuple[str, ...]) -> tuple[dict, np.ndarray]:
-    """Batch to device, forward under autocast, one loss per task. Returns the losses and their values."""
+def _forward(run: _Run, batch: Mapping[str, Any], tasks: tuple[str, ...],
+             look: bool = False) -> tuple[dict, np.ndarray]:
+    """Batch to device, forward under autocast, one loss per task. Returns the losses and their values.
+
+    look: warn if the class scores look like probabilities (fit's first batch).
+    """
     batch = _to_device(batch, run.device, run.channels_last)
     with torch.autocast(run.device.type, dtype=run.amp_dtype or torch.float32, enabled=run.amp_dtype is not None):
         outputs = run.train_model(batch["image"])
         losses = task_losses(outputs, batch, run.loss_fns)
+    if look and isinstance(outputs, Mapping):
+        _warn_if_probabilities(outputs)
     values = torch.stack([losses[t].detach().float() for t in tasks]).cpu().numpy()  # (T,) one sync per step
     return losses, values
 

@@ -921,6 +921,34 @@ def test_fit_warns_once_when_the_images_look_like_unscaled_8_bit(low, high, opti
         assert (ours[0].filename, ours[0].lineno) == (__file__, line)  # it points at the call of fit
 
 
+class SoftmaxNet(ToyNet):
+    """ToyNet ending in a softmax, as students write it: probabilities where the losses take logits."""
+
+    def __init__(self, tasks=TASKS, which=("cls",)):
+        super().__init__(tasks=tasks)
+        self.which = which
+
+    def forward(self, x):
+        return {t: v.softmax(dim=1) if t in self.which else v for t, v in super().forward(x).items()}
+
+
+@pytest.mark.parametrize("model, named", [(SoftmaxNet(which=("cls",)), "'cls'"),
+                                          (SoftmaxNet(which=("seg", "cls")), "'seg' and 'cls'"),
+                                          (ToyNet(), None)])
+def test_fit_warns_once_when_the_model_returns_probabilities(model, named):
+    """A softmax at the end of the model trains on log(softmax(p)): slowly or not at all, without a word."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit(model, _loaders()[0], None, epochs=2, progress=False, device="cpu")  # line below
+        line = inspect.currentframe().f_lineno - 1
+    ours = [w for w in caught if "probabilities" in str(w.message)]
+    assert len(ours) == (named is not None)  # the first batch only, not every step or epoch
+    if named:
+        assert str(ours[0].message).startswith(f"the model's {named} outputs lie in [0, 1] and sum to 1 over the "
+                                               "classes: probabilities, from a softmax")
+        assert (ours[0].filename, ours[0].lineno) == (__file__, line)  # it points at the call of fit
+
+
 def test_load_checkpoint_into_another_model_names_the_file(tmp_path):
     _fit(ToyNet(), *_loaders(), epochs=1, out_dir=tmp_path)
     path = tmp_path / "last.pt"
