@@ -1020,10 +1020,10 @@ def _colourbar(fig, shown, axes, values=None, location: str = "bottom"):
     extend = ("both" if lower < 0 else "max") if clipped else "neither"
     bar = fig.colorbar(shown, ax=axes, location=location, extend=extend, shrink=0.85, aspect=16, pad=0.01)
     bar.set_ticks([lower, 0.0, limit] if lower < 0 else [0.0, limit])
-    bar.ax.tick_params(labelsize=6)
+    bar.ax.tick_params(labelsize=8)
     for axis in (bar.ax.xaxis, bar.ax.yaxis):  # two significant digits, no exponent before 1e5
         axis.set_major_formatter(lambda x, _pos: f"{x:.2g}" if abs(x) < 100 else f"{x:.0f}")
-    bar.set_label("blue: against, red: for" if lower < 0 else "weak → strong", fontsize=7)
+    bar.set_label("blue: against, red: for" if lower < 0 else "weak → strong", fontsize=8)
     return bar
 
 
