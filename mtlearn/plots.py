@@ -194,12 +194,14 @@ def show_items(items: Sequence[dict], keys: Sequence[str] = ("image", "mask"), c
     return fig
 
 
-def learning_curves(histories: dict[str, "object"], metric: str, title: str = ""):
+def learning_curves(histories: dict[str, "object"], metric: str, title: str = "", ylabel: str | None = None):
     """Plot `metric` per epoch for several runs.
 
     histories: {run name: a `History` from `fit`, or its `.records` (a list of per-epoch dicts with
     "epoch")}; epochs without `metric` are left out. A run with no finite value of `metric` (it
     diverged, or never recorded it) keeps its legend entry, marked "(no finite values)".
+    ylabel: the y axis' label; None: the metric, its "val/" or "train/" prefix spelled out
+    ("val/seg/dice" -> "seg/dice (validation)").
     """
     records = {name: getattr(rows, "records", rows) for name, rows in histories.items()}
     if not any(rows for rows in records.values()):
@@ -224,7 +226,11 @@ def learning_curves(histories: dict[str, "object"], metric: str, title: str = ""
         drawn = any(y is not None and math.isfinite(y) for y in ys)
         ax.plot(xs, ys, marker="o", ms=3, label=name if drawn else f"{name} (no finite values)")
     ax.set_xlabel("epoch")
-    ax.set_ylabel(metric)
+    if ylabel is None:  # a readable default: "val/seg/dice" -> "seg/dice (validation)"
+        split, _, rest = metric.partition("/")
+        spelled = {"val": "validation", "train": "training"}.get(split)
+        ylabel = f"{rest} ({spelled})" if spelled and rest else metric
+    ax.set_ylabel(ylabel)
     ax.set_title(title or metric)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)

@@ -114,7 +114,10 @@ def test_learning_curves_plot_against_the_epoch_with_a_legend_per_run():
     ax = fig.axes[0]
     assert ax.lines[0].get_xdata().tolist() == [2, 3]  # epochs that have the metric, not 0, 1
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["mtl", "seg only"]
-    assert ax.get_xlabel() == "epoch" and ax.get_ylabel() == "val/dice" and ax.get_title() == "val/dice"
+    # the y axis read the raw key "val/dice"
+    assert ax.get_xlabel() == "epoch" and ax.get_ylabel() == "dice (validation)" and ax.get_title() == "val/dice"
+    assert plots.learning_curves(histories, "val/dice", ylabel="Dice").axes[0].get_ylabel() == "Dice"
+    assert plots.learning_curves({"a": [{"epoch": 1, "loss": 1.0}]}, "loss").axes[0].get_ylabel() == "loss"
 
 
 def test_learning_curves_take_a_history_from_fit_as_well_as_its_records():
