@@ -1078,8 +1078,8 @@ def test_train_losses_are_the_mean_over_the_epochs_steps(monkeypatch):
 
     forward, steps = engine._forward, []
 
-    def recording_forward(run, batch, tasks):
-        losses, values = forward(run, batch, tasks)
+    def recording_forward(run, batch, tasks, **kwargs):
+        losses, values = forward(run, batch, tasks, **kwargs)
         steps.append(values.copy())
         return losses, values
 
