@@ -932,14 +932,16 @@ class SoftmaxNet(ToyNet):
         return {t: v.softmax(dim=1) if t in self.which else v for t, v in super().forward(x).items()}
 
 
-@pytest.mark.parametrize("model, named", [(SoftmaxNet(which=("cls",)), "'cls'"),
-                                          (SoftmaxNet(which=("seg", "cls")), "'seg' and 'cls'"),
-                                          (ToyNet(), None)])
-def test_fit_warns_once_when_the_model_returns_probabilities(model, named):
+@pytest.mark.parametrize("model, named, amp", [(SoftmaxNet(which=("cls",)), "'cls'", "off"),
+                                               (SoftmaxNet(which=("seg", "cls")), "'seg' and 'cls'", "off"),
+                                               # bfloat16 probabilities miss a float32 tolerance for their sum
+                                               (SoftmaxNet(which=("seg", "cls")), "'seg' and 'cls'", "bf16"),
+                                               (ToyNet(), None, "off"), (ToyNet(), None, "bf16")])
+def test_fit_warns_once_when_the_model_returns_probabilities(model, named, amp):
     """A softmax at the end of the model trains on log(softmax(p)): slowly or not at all, without a word."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        fit(model, _loaders()[0], None, epochs=2, progress=False, device="cpu")  # line below
+        fit(model, _loaders()[0], None, epochs=2, progress=False, device="cpu", amp=amp)  # line below
         line = inspect.currentframe().f_lineno - 1
     ours = [w for w in caught if "probabilities" in str(w.message)]
     assert len(ours) == (named is not None)  # the first batch only, not every step or epoch
