@@ -215,7 +215,7 @@ def _intact_archive(path: Path) -> bool:
         return False
 
 
-def check_run_folder(out_dir, resume, holding: str = "last.pt") -> None:
+def check_run_folder(out_dir: str | os.PathLike | None, resume: bool, holding: str = "last.pt") -> None:
     """Refuse, before any work, an out_dir that is no path and a resume that is not True or False.
 
     A resume read from a config or the command line as the string "no" is true, and resumed an old
@@ -315,8 +315,9 @@ def check_trainable(path: str | os.PathLike, saved: Sequence[str] | None, model:
     def few(names: list[str]) -> str:
         return ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "") if names else "none"
 
-    frozen = [name for name in saved if name not in set(now)]
-    thawed = [name for name in now if name not in set(saved)]
+    training_now, training_then = set(now), set(saved)
+    frozen = [name for name in saved if name not in training_now]
+    thawed = [name for name in now if name not in training_then]
     raise ValueError(f"cannot resume from {path}: other parameters train now than in that run (frozen now: "
                      f"{few(frozen)}; training now: {few(thawed)}), and its optimiser state belongs to those that "
                      "trained then. Freeze (requires_grad=False) the same parameters as that run, or start a new run "
