@@ -446,31 +446,38 @@ def test_a_nan_before_the_first_checkpoint_gives_the_starting_state_back(shapes_
     assert torch.equal(loader.generator.get_state(), generator_state)
 
 
+REAL_MAIN_STEP = D.main_step
+
+
+def interrupt_main_step(monkeypatch, at_call: int | None) -> None:
+    """From now on the `at_call`-th call of D.main_step raises KeyboardInterrupt (Ctrl-C, a Colab
+    disconnect) and every other call runs the real step; None puts the real step back."""
+    if at_call is None:
+        monkeypatch.setattr(D, "main_step", REAL_MAIN_STEP)
+        return
+    calls = []
+
+    def step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == at_call:
+            raise KeyboardInterrupt
+        return REAL_MAIN_STEP(*args, **kwargs)
+    monkeypatch.setattr(D, "main_step", step)
+
+
 def test_an_interruption_after_the_first_checkpoint_keeps_the_weights_reached(tiny_loaders, tmp_path, monkeypatch):
     """Once last.pt exists the starting state is no longer given back: an interruption in epoch 2, and one
     in the first epoch of a resumed run, leave the model where it got to, as a run without out_dir does."""
     train = tiny_loaders[0]  # 4 steps per epoch
     kwargs = dict(epochs=3, adv_steps=2, w_adv=1.0, device="cpu", progress=False, seed=2)
-    main_step = D.main_step
-
-    def dies_at(call):
-        calls = []
-
-        def step(*args, **kw):
-            calls.append(1)
-            if len(calls) == call:
-                raise KeyboardInterrupt
-            return main_step(*args, **kw)
-        monkeypatch.setattr(D, "main_step", step)
-
     torch.manual_seed(0)
     model = tiny_model()
     reference, first, resumed = copy.deepcopy(model), copy.deepcopy(model), tiny_model()
     for net, out_dir in ((reference, None), (first, tmp_path)):
-        dies_at(6)  # epoch 2, step 2
+        interrupt_main_step(monkeypatch, 6)  # epoch 2, step 2
         with pytest.raises(KeyboardInterrupt):
             D.train_disentangle(net, train, out_dir=out_dir, **kwargs)
-    dies_at(2)  # the resumed run's first epoch (epoch 2), step 2: where the others stopped
+    interrupt_main_step(monkeypatch, 2)  # the resumed run's first epoch (epoch 2), step 2: where the others stopped
     with pytest.raises(KeyboardInterrupt):
         D.train_disentangle(resumed, train, out_dir=tmp_path, resume=True, **kwargs)
     for key, value in reference.state_dict().items():
@@ -488,19 +495,10 @@ def test_an_interrupted_run_resumes_to_the_same_result(tiny_loaders, tmp_path, m
     model = tiny_model()
     straight, interrupted = copy.deepcopy(model), copy.deepcopy(model)
     expected = D.train_disentangle(straight, train, val, **kwargs)
-
-    main_step, calls = D.main_step, []
-
-    def dies_in_epoch_two(*args, **kw):
-        calls.append(1)
-        if len(calls) == 6:
-            raise KeyboardInterrupt  # Ctrl-C, a Colab disconnect
-        return main_step(*args, **kw)
-
-    monkeypatch.setattr(D, "main_step", dies_in_epoch_two)
+    interrupt_main_step(monkeypatch, 6)  # epoch 2, step 2
     with pytest.raises(KeyboardInterrupt):
         D.train_disentangle(interrupted, train, val, out_dir=tmp_path, **kwargs)
-    monkeypatch.setattr(D, "main_step", main_step)
+    interrupt_main_step(monkeypatch, None)
     resumed = tiny_model()  # a new session: a fresh model, its weights come from last.pt
     history = D.train_disentangle(resumed, train, val, out_dir=tmp_path, resume=True, **kwargs)
     assert history == expected
@@ -524,19 +522,11 @@ def test_a_run_interrupted_in_its_first_epoch_starts_again_from_where_it_started
     model = tiny_model()
     straight, interrupted = copy.deepcopy(model), copy.deepcopy(model)
     expected = D.train_disentangle(straight, loader(), **kwargs)
-    main_step, calls = D.main_step, []
-
-    def dies_in_epoch_one(*args, **kw):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return main_step(*args, **kw)
-
-    monkeypatch.setattr(D, "main_step", dies_in_epoch_one)
+    interrupt_main_step(monkeypatch, 3)  # epoch 1, step 3
     train = loader()
     with pytest.raises(KeyboardInterrupt):
         D.train_disentangle(interrupted, train, out_dir=tmp_path, **kwargs)
-    monkeypatch.setattr(D, "main_step", main_step)
+    interrupt_main_step(monkeypatch, None)
     for key, value in model.state_dict().items():  # its weights, BatchNorm statistics and adversaries
         assert torch.equal(value, interrupted.state_dict()[key]), key
     assert D.train_disentangle(interrupted, train, out_dir=tmp_path, resume=True, **kwargs) == expected
@@ -550,27 +540,18 @@ def test_a_run_resumed_with_a_val_loader_it_did_not_have_keeps_its_epochs_in_lin
     the history has one entry per epoch, NaN where nothing was measured; dropped again, the same."""
     train, val = tiny_loaders  # 4 steps per epoch
     kwargs = dict(epochs=3, adv_steps=1, device="cpu", progress=False, out_dir=tmp_path)
-    main_step, calls = D.main_step, []
-
-    def dies_in_epoch_two(*args, **kw):
-        calls.append(1)
-        if len(calls) == 6:
-            raise KeyboardInterrupt
-        return main_step(*args, **kw)
-
-    monkeypatch.setattr(D, "main_step", dies_in_epoch_two)
+    interrupt_main_step(monkeypatch, 6)  # epoch 2, step 2
     with pytest.raises(KeyboardInterrupt):
         D.train_disentangle(tiny_model(), train, **kwargs)  # no validation in epoch 1
-    monkeypatch.setattr(D, "main_step", main_step)
+    interrupt_main_step(monkeypatch, None)
     history = D.train_disentangle(tiny_model(), train, val, resume=True, **kwargs)
     assert {len(values) for values in history.values()} == {3}
     assert math.isnan(history["val_acc_a"][0]) and all(0 <= v <= 1 for v in history["val_acc_a"][1:])
     (tmp_path / "last.pt").unlink()
-    monkeypatch.setattr(D, "main_step", dies_in_epoch_two)
-    calls.clear()
+    interrupt_main_step(monkeypatch, 6)
     with pytest.raises(KeyboardInterrupt):
         D.train_disentangle(tiny_model(), train, val, **kwargs)
-    monkeypatch.setattr(D, "main_step", main_step)
+    interrupt_main_step(monkeypatch, None)
     history = D.train_disentangle(tiny_model(), train, resume=True, **kwargs)  # validation dropped
     assert {len(values) for values in history.values()} == {3}
     assert not math.isnan(history["val_acc_a"][0]) and all(math.isnan(v) for v in history["val_acc_a"][1:])
@@ -1638,18 +1619,10 @@ def test_resuming_with_other_data_or_another_model_is_refused(tmp_path, monkeypa
     size-mismatch error."""
     data = Subset(ShapesBackground("train", (32, 40)), range(32))
     kwargs = dict(epochs=2, adv_steps=1, device="cpu", progress=False, out_dir=tmp_path, resume=True)
-    main_step, calls = D.main_step, []
-
-    def dies_in_epoch_two(*args, **kw):
-        calls.append(1)
-        if len(calls) == 5:  # 4 batches of 8 per epoch
-            raise KeyboardInterrupt
-        return main_step(*args, **kw)
-
-    monkeypatch.setattr(D, "main_step", dies_in_epoch_two)
+    interrupt_main_step(monkeypatch, 5)  # epoch 2, step 1: 4 batches of 8 per epoch
     with pytest.raises(KeyboardInterrupt):
         D.train_disentangle(tiny_model(), DataLoader(data, batch_size=8), **{**kwargs, "resume": False})
-    monkeypatch.setattr(D, "main_step", main_step)
+    interrupt_main_step(monkeypatch, None)
     with pytest.raises(ValueError, match=r"other options \(batches: 4 then, 2 now; batch_size: 8 then, 16 now\)"):
         D.train_disentangle(tiny_model(), DataLoader(data, batch_size=16), **kwargs)
     balanced = D.balanced_sampler([data[i]["shape"] for i in range(32)], [data[i]["background"] for i in range(32)])
