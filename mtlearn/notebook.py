@@ -190,6 +190,20 @@ class Run:
                              f"{default!r}), got {value!r}{hint}")
         return value
 
+    def seeds(self, count: int, name: str = "num_seeds") -> list[int]:
+        """`count` consecutive seeds from the notebook's `seed`: `run.seeds(num_seeds)` -> [seed, seed + 1, ...].
+
+        Why here: every seed must stay below 2**32 (NumPy's limit); a last seed past it would only
+        fail once the earlier seeds had trained. `name` is the knob `count` came from, for the message.
+        """
+        if not is_int(count) or count < 1:
+            raise ValueError(f"parameter {name} must be a positive integer, got {count!r}")
+        last = self.seed + int(count) - 1
+        if last >= 2**32:
+            raise ValueError(f"the {count} seeds from seed={self.seed} ({name}) end at {last}, past 2**32 - 1, "
+                             f"NumPy's largest seed: take seed <= {2**32 - int(count)}")
+        return [self.seed + i for i in range(int(count))]
+
     def save_figure(self, fig, name: str) -> Path:
         """Save a matplotlib figure as `out_dir/<name>.png` (and leave it displayed inline).
 

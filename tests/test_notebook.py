@@ -203,6 +203,18 @@ def test_pick_chooses_by_profile_and_needs_every_profile(tmp_path):
         run.pick(smoke=1, course=2, paper=3, Course=4)
 
 
+def test_seeds_are_consecutive_and_refused_before_training_when_the_last_passes_numpy_limit(tmp_path):
+    assert start_here(tmp_path, seed=5).seeds(3) == [5, 6, 7]
+    run = start_here(tmp_path, seed=2**32 - 2)
+    assert run.seeds(2) == [2**32 - 2, 2**32 - 1]
+    with pytest.raises(ValueError, match=r"the 3 seeds from seed=4294967294 \(num_seeds\) end at 4294967296, "
+                                         r"past 2\*\*32 - 1.*take seed <= 4294967293"):
+        run.seeds(3)
+    for count in (0, 2.0, True):
+        with pytest.raises(ValueError, match=r"parameter repeats must be a positive integer"):
+            run.seeds(count, name="repeats")
+
+
 def test_setting_takes_the_profile_default_only_when_unset(tmp_path):
     run = start_here(tmp_path)  # smoke
     assert run.setting("epochs", None, smoke=1, course=8, paper=150) == 1

@@ -134,6 +134,17 @@ def test_notebook_01_names_a_model_preset_that_is_no_preset(model_preset, tmp_pa
 
 
 @pytest.mark.slow
+def test_notebook_02_refuses_seeds_past_numpys_limit_before_training(tmp_path):
+    """The third of three seeds from 2**32 - 2 used to fail only after the first two had trained."""
+    from mtlearn.course import run_notebook
+
+    result = run_notebook(NOTEBOOK_DIR / "02_loss_weighting.ipynb", tmp_path / "out",
+                          {"profile": "smoke", "seed": 2**32 - 2, "num_seeds": 3})
+    assert not result.ok and "the 3 seeds from seed=4294967294 (num_seeds) end at 4294967296" in result.error
+    assert "take seed <= 4294967293" in result.error
+
+
+@pytest.mark.slow
 def test_notebook_06_ends_with_an_error_naming_the_failed_grid_runs(tmp_path):
     """A failed grid run is recorded and the others go on, but the notebook must not report success:
     `make course` and CI read its exit status. Its metrics are still written (about 30 s)."""
