@@ -79,7 +79,7 @@ def extract_features(
             for key in keys:
                 if key not in batch:
                     raise ValueError(f"label {key!r} is not in the batch; available keys: {sorted(batch)}")
-                labels.setdefault(key, []).append(torch.as_tensor(batch[key]).cpu().numpy().astype(np.int64))
+                labels.setdefault(key, []).append(_class_indices(torch.as_tensor(batch[key]).cpu().numpy(), key))
     if not chunks:
         raise ValueError("the loader yielded no batches; check the dataset is not empty")
     return np.concatenate(chunks), {k: np.concatenate(v) for k, v in labels.items()}
@@ -91,7 +91,28 @@ def _as_keys(label_keys) -> tuple[str, ...]:
     if not keys or not all(isinstance(k, str) for k in keys):
         raise ValueError(f"label_keys must be a label name or a tuple of them, e.g. ('shape', 'background'), "
                          f"got {label_keys!r}")
+    repeated = sorted({k for k in keys if keys.count(k) > 1})
+    if repeated:  # each batch's labels would be collected twice: twice as many labels as features
+        raise ValueError(f"label_keys names {repeated} more than once; name each label once, got {label_keys!r}")
     return keys
+
+
+def _class_indices(values: np.ndarray, name: str) -> np.ndarray:
+    """Integer or float `values` as int64 class indices, floats only when whole (0.0/1.0 from a CSV): never
+    NaN or 0.3. Other labels (class names) are returned as they are.
+
+    A plain astype(int64) would turn 0.7 into class 0 and NaN into -2**63, and the probe would go on.
+    """
+    values = np.asarray(values)
+    if values.dtype.kind == "f":
+        bad = values[~np.isfinite(values) | (values != np.round(values))]
+        if bad.size:
+            raise ValueError(f"label {name!r} must hold integer class indices, got {bad[:3].tolist()}"
+                             f"{' and more' if bad.size > 3 else ''}; drop or fix those items, or round "
+                             "soft labels to classes first")
+    elif values.dtype.kind not in "biu":  # names ("benign") are classes to scikit-learn as they are
+        return values
+    return values.astype(np.int64)
 
 
 def _is_int_labels(value) -> bool:
@@ -124,6 +145,7 @@ def linear_probe(
     for name, f, y in (("train", features_train, y_train), ("test", features_test, y_test)):
         if f.ndim != 2 or y.ndim != 1 or len(f) != len(y):
             raise ValueError(f"{name}: expected features (N, D) and labels (N,), got {f.shape} and {y.shape}")
+    y_train, y_test = _class_indices(y_train, "y_train"), _class_indices(y_test, "y_test")
     if features_train.shape[1] != features_test.shape[1]:
         raise ValueError(f"train and test features differ in width: {features_train.shape[1]} vs "
                          f"{features_test.shape[1]}")
@@ -195,6 +217,7 @@ def cross_validated_probe(features: np.ndarray, y: np.ndarray, folds: int = 5, s
     if features.ndim != 2 or y.ndim != 1 or len(features) != len(y):
         raise ValueError(f"expected features (N, D) and labels (N,) with the same N, got features {features.shape} "
                          f"and labels {y.shape}")
+    y = _class_indices(y, "y")  # NaN labels were "class nan has 0 item(s)": y == nan is never true
     if not is_int(folds) or folds < 2:
         raise ValueError(f"folds must be an int >= 2, got {folds!r}")
     if groups is not None:

@@ -569,3 +569,34 @@ def test_plot_embedding_refuses_labels_of_another_length():
     import matplotlib.pyplot as plt
 
     plt.close("all")
+
+
+def test_a_label_named_twice_is_refused_not_collected_twice():
+    loader = DataLoader(TinyData(40), batch_size=20)
+    with pytest.raises(ValueError, match=r"label_keys names \['coded'\] more than once"):
+        probe_matrix({"mean": lambda x: x.mean(dim=(2, 3))}, loader, label_keys=("coded", "coded"), device="cpu")
+
+
+def test_float_labels_become_classes_only_when_whole():
+    loader = DataLoader(ScoredData(20), batch_size=8)  # "score" is 0.3 * i: not classes
+    with pytest.raises(ValueError, match=r"label 'score' must hold integer class indices, got \[0.3, 0.6, 0.899"):
+        extract_features(lambda x: x.mean(dim=(2, 3)), loader, device="cpu", label_keys=("coded", "score"))
+    batches = [{"image": torch.zeros(4, 1, 8, 8), "flag": torch.tensor([0.0, 1.0, 1.0, 0.0])}]  # 0/1 read as floats
+    _, labels = extract_features(lambda x: x.mean(dim=(2, 3)), batches, device="cpu", label_keys="flag")
+    assert labels["flag"].tolist() == [0, 1, 1, 0] and labels["flag"].dtype == np.int64
+    batches[0]["flag"] = torch.tensor([0.0, 1.0, float("nan"), 0.0])  # was class -2**63, with a cast warning
+    with pytest.raises(ValueError, match=r"label 'flag' must hold integer class indices, got \[nan\]"):
+        extract_features(lambda x: x.mean(dim=(2, 3)), batches, device="cpu", label_keys="flag")
+
+
+def test_probes_name_nan_labels():
+    features, coded, _ = synthetic_features(n=60)
+    y = coded.astype(float)
+    y[7] = np.nan  # was "class nan has 0 item(s)... probe more images": y == nan is never true
+    with pytest.raises(ValueError, match=r"label 'y' must hold integer class indices, got \[nan\]"):
+        cross_validated_probe(features, y, folds=2)
+    with pytest.raises(ValueError, match=r"label 'y_train' must hold integer class indices, got \[nan\]"):
+        linear_probe(features[:40], y[:40], features[40:], coded[40:])
+    names = np.where(coded == 1, "benign", "malignant")  # class names are classes to scikit-learn as they are
+    assert cross_validated_probe(features, names, folds=2)["balanced_accuracy"] > 0.9
+    assert cross_validated_probe(features, coded.astype(float), folds=2) == cross_validated_probe(features, coded, folds=2)
