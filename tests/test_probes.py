@@ -599,4 +599,5 @@ def test_probes_name_nan_labels():
         linear_probe(features[:40], y[:40], features[40:], coded[40:])
     names = np.where(coded == 1, "benign", "malignant")  # class names are classes to scikit-learn as they are
     assert cross_validated_probe(features, names, folds=2)["balanced_accuracy"] > 0.9
-    assert cross_validated_probe(features, coded.astype(float), folds=2) == cross_validated_probe(features, coded, folds=2)
+    whole = cross_validated_probe(features, coded.astype(float), folds=2)
+    assert whole == cross_validated_probe(features, coded, folds=2)
