@@ -6,6 +6,8 @@ an explorer, move its controls programmatically and read what was drawn (`explor
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import ipywidgets as widgets
 import matplotlib.pyplot as plt
 
@@ -46,11 +48,18 @@ class DatasetExplorer:
         if len(dataset) == 0:
             raise ValueError("DatasetExplorer needs a non-empty dataset")
         self.dataset = dataset
-        # a NumPy array of names has no truth value: `class_names or ...` raised
-        self.class_names = list(class_names) if class_names is not None else find_class_names(dataset)
+        # a NumPy array of names has no truth value: `class_names or ...` raised; a dict {0: "benign", ...}
+        # is looked up by label as it is (list() would keep its keys, not its names)
+        if class_names is None:
+            class_names = find_class_names(dataset)
+        self.class_names = class_names if class_names is None or isinstance(class_names, Mapping) else list(class_names)
         first = dataset[0]
+        layers = [k for k in ("image", "clean") if k in first]
+        if not layers:  # an empty dropdown drew item[None]: a bare KeyError: None
+            raise ValueError(f"DatasetExplorer draws an item's 'image' (or 'clean'), but the first item has only "
+                             f"{sorted(first)}; pass a dataset of dict items with an 'image'")
         self.index = widgets.IntSlider(0, 0, len(dataset) - 1, description="item", continuous_update=False)
-        self.show = widgets.Dropdown(options=[k for k in ("image", "clean") if k in first], description="show")
+        self.show = widgets.Dropdown(options=layers, description="show")
         self.outline = widgets.Checkbox(value="mask" in first, description="lesion outline",
                                         disabled="mask" not in first)
         self.artifact = widgets.Checkbox(value=False, description="artifact region",
@@ -69,7 +78,7 @@ class DatasetExplorer:
         where = f"item {item.get('id', '')!r}"
         if "label" in item:
             label = _class_index(item["label"], where, self.class_names or None)
-            parts.append(self.class_names[label] if self.class_names else f"label {label}")
+            parts.append(str(self.class_names[label]) if self.class_names else f"label {label}")  # names 0, 1 too
         for key in ("artifact", "shape", "background"):
             if key in item:  # None or 0.5 is named, not drawn as 0 (or a TypeError); True is 1
                 parts.append(f"{key}={_flag(item[key], where, key)}")

@@ -270,3 +270,19 @@ def test_flags_may_be_booleans_as_show_items_takes_them():
     assert "artifact=1" in explorer.state["title"]
     explorer.index.value = 1
     assert "artifact=0" in explorer.state["title"] and "error" not in explorer.state
+
+
+def test_class_names_that_are_numbers_or_a_dict_name_every_label():
+    explorer = DatasetExplorer(fake_items(), class_names=np.array([0, 7, 9]))  # join() raised on numbers
+    assert explorer.state["title"].split("  ")[:2] == ["item-0", "0"]  # a name 0 was dropped as empty
+    explorer.index.value = 1
+    assert "error" not in explorer.state and explorer.state["title"].split("  ")[1] == "7"
+    explorer = DatasetExplorer(fake_items(), class_names={0: "normal", 1: "benign", 2: "malignant"})
+    explorer.index.value = 2
+    assert explorer.state["title"].split("  ")[1] == "malignant"  # not its key, 2
+
+
+def test_items_without_an_image_are_refused_naming_the_keys():
+    items = [{"mask": torch.zeros(1, 8, 8), "label": 0}]
+    with pytest.raises(ValueError, match=r"'image' \(or 'clean'\), but the first item has only \['label', 'mask'\]"):
+        DatasetExplorer(items)  # was a bare KeyError: None
