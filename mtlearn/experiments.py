@@ -133,6 +133,11 @@ def grid(notebooks: list[Path], parameters: dict[str, list[Any]], seeds: list[in
     """
     if not notebooks:
         raise ValueError("the grid needs at least one notebook")
+    stems = [Path(nb).stem.casefold() for nb in notebooks]  # its runs' folders are out_root/<stem>/...
+    if len(set(stems)) != len(stems):
+        twice = sorted({str(nb) for nb, stem in zip(notebooks, stems) if stems.count(stem) > 1})
+        raise ValueError(f"notebooks {twice} share a name, so their runs would share folders (out_root/<name>/...) "
+                         "and one would be taken for the other; give each notebook once")
     profile = resolve_profile(profile)  # now: in every run's kernel a wrong one would fail without a cell timeout
     if isinstance(seeds, np.ndarray):  # np.arange(3): a one-item array's truth would be its value
         seeds = seeds.tolist()
@@ -388,7 +393,11 @@ def _parse_set(text: str) -> tuple[str, list[Any]]:
                                                  "brackets, and quote the strings inside (['fixed'], not [fixed])") from None
             return v
 
-    return name.strip(), [literal(v.strip()) for v in values.split(",")]  # "busi, synthetic": no ' synthetic'
+    pieces = [v.strip() for v in values.split(",")]  # "busi, synthetic": no ' synthetic'
+    if "" in pieces[:-1]:  # "a,,b": a run with the value "" (a last comma is allowed, as in [1, 2,] above)
+        raise argparse.ArgumentTypeError(f"--set {text!r} has an empty value between two commas; give each value "
+                                         "once, e.g. --set dataset=busi,synthetic ('' for an empty text)")
+    return name.strip(), [literal(v) for v in pieces if v]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -74,6 +74,24 @@ def test_bad_grid_arguments():
     assert _parse_set("size=(64,64),(96,96)") == ("size", [(64, 64), (96, 96)])
 
 
+def test_an_empty_value_in_set_is_refused_a_last_comma_allowed():
+    with pytest.raises(argparse.ArgumentTypeError, match=r"--set 'dataset=busi,,synthetic' has an empty value"):
+        _parse_set("dataset=busi,,synthetic")  # was ['busi', '', 'synthetic']: a run with dataset ""
+    with pytest.raises(argparse.ArgumentTypeError, match="has an empty value"):
+        _parse_set("dataset=,busi")
+    assert _parse_set("dataset=busi,synthetic,") == ("dataset", ["busi", "synthetic"])  # as [1, 2,] in Python
+
+
+def test_grid_refuses_a_notebook_twice_or_two_of_one_name(notebooks, tmp_path):
+    """Their runs would share out_root/<name>/...: was "give values that do not hold ',' or '='"."""
+    twin = tmp_path / "elsewhere" / notebooks[0].name
+    twin.parent.mkdir()
+    twin.write_text(notebooks[0].read_text())
+    for pair in ([notebooks[0], notebooks[0]], [notebooks[0], twin]):
+        with pytest.raises(ValueError, match=r"share a name, so their runs would share folders"):
+            grid(pair, {}, seeds=[0], profile="smoke")
+
+
 def test_grid_without_notebooks_is_an_error():
     """An empty grid would "finish" at once with no runs and an empty table."""
     with pytest.raises(ValueError, match="the grid needs at least one notebook"):
@@ -148,7 +166,7 @@ def test_set_refuses_a_malformed_literal_instead_of_splitting_it_into_strings(te
     with pytest.raises(argparse.ArgumentTypeError, match=r"is not a valid Python literal; check its brackets, and "
                                                           r"quote the strings inside"):
         _parse_set(text)
-    assert _parse_set("tag=a,,b") == ("tag", ["a", "", "b"])  # an empty item is text, not a broken literal
+    assert _parse_set("tag=a,'',b") == ("tag", ["a", "", "b"])  # an empty text, quoted, is text, not a broken literal
 
 
 def test_run_folders_stay_one_level_deep(notebooks, tmp_path):
