@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import zipfile
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -78,6 +79,15 @@ def fetch(
     if not (parts.scheme in ("http", "https", "ftp") and parts.netloc or parts.scheme == "file" and parts.path):
         raise ValueError(f"url {url!r} is not a web address; give the whole address of the file, starting with "
                          f"https:// (or file:// for a local copy; the pinned one: {source.url})")
+    try:
+        parts.port  # noqa: B018 (raises on a port that is no number: "127.0.0.1:80a")
+        bad_port = False
+    except ValueError:
+        bad_port = True
+    spaced = parts.scheme != "file" and re.search(r"[\x00-\x20\x7f]", url)  # a file:// path may hold spaces
+    if bad_port or spaced:  # urllib's InvalidURL, once retried as if the host had failed
+        problem = "has a port that is not a number from 0 to 65535" if bad_port else "holds a space or a control character"
+        raise ValueError(f"url {url!r} {problem}; copy the address again (a space is written %20)")
     parse_hash(known_hash)  # a malformed checksum fails now, not after a long download
     given_hash = known_hash
     target = folder / source.filename

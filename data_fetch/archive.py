@@ -99,6 +99,12 @@ def _check_inner_zip(zf: zipfile.ZipFile, name: str, archive: Path, target: Path
         with zf.open(name) as stream, zipfile.ZipFile(stream) as inner:
             for member in inner.namelist():
                 _check_member(member, inner_path, inner_path.parent, within=archive.name)
+                if (inner_path.parent / member.replace("\\", "/")).resolve() == archive.resolve():
+                    # unpacked after the outer archive was read: it would replace the verified download
+                    raise UnsafeArchiveError(
+                        f"refusing to unpack {inner_path.name} (inside {archive.name}): member {member!r} would "
+                        f"overwrite {archive.name}, the archive it came in; the archive is damaged or malicious, "
+                        "nothing was extracted")
             _check_kinds(inner.infolist(), inner_path, within=archive.name)
             return sum(info.file_size for info in inner.infolist())
     except (zipfile.BadZipFile, EOFError, zlib.error) as error:

@@ -273,6 +273,8 @@ def _local_write_error(error: Exception) -> bool:
 def _worth_retrying(error: Exception) -> bool:
     """Network trouble and server-side errors are retried; 'not found', 'forbidden' and the like are not,
     nor a missing local file or a certificate that fails verification."""
+    if isinstance(error, http.client.InvalidURL):  # a bad port, a space in the address: the same every time
+        return False
     if isinstance(error, urllib.error.HTTPError):
         return error.code in (408, 416, 429) or error.code >= 500
     if isinstance(error, urllib.error.URLError):

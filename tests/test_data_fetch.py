@@ -255,6 +255,18 @@ def test_member_that_would_overwrite_the_archive_is_refused(tmp_path):
     assert archive.read_bytes().startswith(b"PK") and not (tmp_path / "data").exists()
 
 
+def test_member_of_a_nested_zip_that_would_overwrite_the_outer_archive_is_refused(tmp_path):
+    """The inner zip is unpacked after the outer one was read and verified: it could replace the download."""
+    from data_fetch.archive import extract_zip
+
+    archive = tmp_path / "outer.zip"
+    archive.write_bytes(zip_bytes({"inner.zip": zip_bytes({"outer.zip": b"HACKED"})}))
+    with pytest.raises(UnsafeArchiveError, match=r"inner.zip \(inside outer.zip\): member 'outer.zip' would "
+                                                 r"overwrite outer.zip, the archive it came in"):
+        extract_zip(archive, tmp_path)
+    assert archive.read_bytes().startswith(b"PK") and sorted(p.name for p in tmp_path.iterdir()) == ["outer.zip"]
+
+
 def test_half_extracted_folder_is_not_done(server, tmp_path):
     """Archive on disk but no marker (say, the machine died while unpacking): unpack again, no download."""
     server.files["/BUSBRA.zip"] = ARCHIVE
@@ -961,6 +973,9 @@ def test_manually_placed_file_with_wrong_hash_is_reported_not_deleted(tmp_path):
         (lambda d: fetch("breastmnist", dest=d, url="notaurl"), r"url 'notaurl' is not a web address; .*https://"),
         (lambda d: fetch("breastmnist", dest=d, url="zenodo.org/records/1/breastmnist.npz"), "not a web address"),
         (lambda d: fetch("breastmnist", dest=d, url="https:/zenodo.org/records/1/breastmnist.npz"), "not a web addr"),
+        # urllib's InvalidURL was retried five times (about 30 s), then blamed on the host
+        (lambda d: fetch("breastmnist", dest=d, url="http://127.0.0.1:80a/x.npz"), "port that is not a number"),
+        (lambda d: fetch("breastmnist", dest=d, url="https://h.org/Dataset BUSI.zip"), r"holds a space.*%20"),
         (lambda d: fetch("breastmnist", dest=d / "x", retries=-1), r"retries must be an integer >= 0.*got -1"),
         (lambda d: fetch("breastmnist", dest=d / "x", retries=2.0), r"got 2.0; pass an int, e.g. int\(\.\.\.\)"),
         (lambda d: fetch("breastmnist", dest=d / "x", retries=True), "retries must be an integer"),
@@ -970,6 +985,22 @@ def test_manually_placed_file_with_wrong_hash_is_reported_not_deleted(tmp_path):
 def test_bad_arguments(tmp_path, call, message):
     with pytest.raises(ValueError, match=message):
         call(tmp_path)
+
+
+def test_an_invalid_address_is_not_retried(tmp_path, capsys):
+    """download_file alone (fetch refuses it up front): asking again gets the same InvalidURL."""
+    with pytest.raises(DownloadError, match="InvalidURL"):
+        download_file("http://127.0.0.1:1/a b.npz", tmp_path / "x.npz", progress=False)
+    assert "retrying" not in capsys.readouterr().err
+
+
+def test_a_local_path_with_a_space_is_a_valid_address(tmp_path):
+    source = tmp_path / "my data" / "breastmnist.npz"
+    source.parent.mkdir()
+    source.write_bytes(PAYLOAD)
+    folder = fetch("breastmnist", dest=tmp_path / "dest", url=f"file://{source}", known_hash=sha256(PAYLOAD),
+                   progress=False)
+    assert (folder / "breastmnist.npz").read_bytes() == PAYLOAD
 
 
 def test_checksums_bare_or_in_capitals_are_read():
