@@ -86,7 +86,7 @@ def fetch(
         bad_port = True
     spaced = parts.scheme != "file" and re.search(r"[\x00-\x20\x7f]", url)  # a file:// path may hold spaces
     if bad_port or spaced:  # urllib's InvalidURL, once retried as if the host had failed
-        problem = "has a port that is not a number from 0 to 65535" if bad_port else "holds a space or a control character"
+        problem = "has a port that is no number from 0 to 65535" if bad_port else "holds a space or a control character"
         raise ValueError(f"url {url!r} {problem}; copy the address again (a space is written %20)")
     parse_hash(known_hash)  # a malformed checksum fails now, not after a long download
     given_hash = known_hash

@@ -974,7 +974,7 @@ def test_manually_placed_file_with_wrong_hash_is_reported_not_deleted(tmp_path):
         (lambda d: fetch("breastmnist", dest=d, url="zenodo.org/records/1/breastmnist.npz"), "not a web address"),
         (lambda d: fetch("breastmnist", dest=d, url="https:/zenodo.org/records/1/breastmnist.npz"), "not a web addr"),
         # urllib's InvalidURL was retried five times (about 30 s), then blamed on the host
-        (lambda d: fetch("breastmnist", dest=d, url="http://127.0.0.1:80a/x.npz"), "port that is not a number"),
+        (lambda d: fetch("breastmnist", dest=d, url="http://127.0.0.1:80a/x.npz"), "port that is no number"),
         (lambda d: fetch("breastmnist", dest=d, url="https://h.org/Dataset BUSI.zip"), r"holds a space.*%20"),
         (lambda d: fetch("breastmnist", dest=d / "x", retries=-1), r"retries must be an integer >= 0.*got -1"),
         (lambda d: fetch("breastmnist", dest=d / "x", retries=2.0), r"got 2.0; pass an int, e.g. int\(\.\.\.\)"),
