@@ -3,14 +3,16 @@
 How, and why:
 
 - bytes go to `<file>.part`; an interrupted download leaves that file behind and the next attempt
-  asks the server for the rest (HTTP Range); a server that ignores Range sends everything again;
+  asks the server for the rest (HTTP Range), starting 4 KiB early: bytes that differ from the end of
+  the `.part` file mean the server's file is not the one it began (a new version), and the download
+  starts afresh; a server that ignores Range sends everything again;
 - network errors and server errors (5xx, 429) are retried with exponential backoff; what asking
   again cannot change is not (a 404, a missing local file, a certificate that fails verification);
 - every request says who is asking (User-Agent): Zenodo throttles anonymous clients; and asks for
   the file's own bytes (Accept-Encoding: identity); a body compressed anyway (gzip, deflate) is decoded,
   since the checksum is of the file;
 - a `.part` file that is already complete (a run that died before the rename) is recognised by its
-  checksum, or without one by the server's 416 answer naming the file's length;
+  checksum, or without one by the server sending nothing after the 4 KiB asked for again;
 - the checksum is computed on the finished `.part` file; only a file that matches is renamed to
   its final name (an atomic rename), so the final path never holds a broken download; one that
   does not match is kept as `<file>.mismatch` for the user to inspect.
@@ -38,6 +40,7 @@ BACKOFF_SECONDS = 2.0  # wait 2, 4, 8, 16 s between attempts
 MAX_RETRY_AFTER_SECONDS = 120.0  # the longest wait a server's Retry-After may ask for
 TIMEOUT_SECONDS = 60.0  # per network read
 CHUNK_BYTES = 1 << 16
+OVERLAP_BYTES = 1 << 12  # a resumed download asks for these last bytes of the .part file again, to compare
 # Errors of this machine's disk, not of the host: asking the host again cannot help.
 LOCAL_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
 # Why a request failed, where asking again gets the same answer: a file:// path that is wrong or unreadable
@@ -144,8 +147,7 @@ def download_file(
     part = path.with_name(path.name + ".part")
     expected = parse_hash(known_hash)
     if expected and part.exists() and file_hash(part, expected[0]) == expected[1]:
-        # An earlier run died between the download and the rename: asking for the bytes after the
-        # end of a complete file would only get a 416 and a whole new download.
+        # An earlier run died between the download and the rename: no request needed.
         os.replace(part, path)
         return
     for attempt in range(retries + 1):
@@ -177,42 +179,53 @@ def download_file(
 
 
 def _transfer(url: str, part: Path, progress: bool) -> None:
-    """One request: append the missing bytes to `part` (or rewrite it) until the server is done."""
+    """One request: append the missing bytes to `part` (or rewrite it) until the server is done.
+
+    A `.part` file longer than OVERLAP_BYTES is resumed from OVERLAP_BYTES before its end, and those bytes
+    must be the ones it holds: else the server's file is another (a new version), and the `.part` file is
+    dropped. A shorter one is not worth a range request: it is downloaded again.
+    """
     from tqdm.auto import tqdm
 
     offset = part.stat().st_size if part.exists() else 0
+    if offset <= OVERLAP_BYTES:
+        offset = 0
     # identity: the bytes of the file itself, which the checksum is of (urllib would not decode a gzip body)
     headers = {"User-Agent": USER_AGENT, "Accept-Encoding": "identity"}
+    asked = offset - OVERLAP_BYTES if offset else 0  # where the bytes asked for begin
     if offset:
-        headers["Range"] = f"bytes={offset}-"
+        headers["Range"] = f"bytes={asked}-"
     try:
         response = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=TIMEOUT_SECONDS)
     except urllib.error.HTTPError as error:
-        if error.code == 416:
-            if offset and _unsatisfied_length(error.headers) == offset:
-                return  # an earlier run had it all and died before the rename: nothing is missing
-            part.unlink()  # our partial file is longer than the file (or of another file): start again
+        if error.code == 416:  # the file is shorter than our partial one: another file, start again
+            part.unlink()
         raise
     with response:
         decoder = _decoder(response.headers.get("Content-Encoding"))
         start = _range_start(response.headers.get("Content-Range")) if response.status == 206 else 0
         if start is None and offset == 0:
             start = 0  # nothing was asked for by range: a 206 without Content-Range can only be the whole file
-        if start not in (0, offset):  # a part from elsewhere in the file: neither what we have nor all of it
+        if start not in (0, asked):  # a part from elsewhere in the file: neither what we asked for nor all of it
             part.unlink(missing_ok=True)
             sent = f"bytes from {start} on" if start is not None else "part of the file without saying which"
-            raise ConnectionError(f"the server sent {sent} where bytes from {offset} on were asked for; "
+            raise ConnectionError(f"the server sent {sent} where bytes from {asked} on were asked for; "
                                   "the partial download was dropped, the next attempt starts afresh")
-        resumed = offset > 0 and start == offset
+        resumed = offset > 0 and start == asked
         if decoder is not None and resumed:
             # a range of the compressed stream cannot be appended to the bytes decoded so far
             part.unlink()
             raise ConnectionError("the server compressed the rest of the file (Content-Encoding) in answer to a "
                                   "range request; the partial download was dropped, the next attempt starts afresh")
+        if resumed and _read_exactly(response, OVERLAP_BYTES) != _tail(part, OVERLAP_BYTES):
+            part.unlink()  # appending would splice two versions of the file; without a checksum, unnoticed
+            raise ConnectionError(f"the file on the server is not the one the partial download began (bytes "
+                                  f"{asked}-{offset - 1} differ): the partial download was dropped, the next "
+                                  "attempt starts afresh")
         if not resumed:
             offset = 0  # the server sent the whole file
         length = response.headers.get("Content-Length")  # of what is sent: the compressed bytes, if compressed
-        total = offset + int(length) if length is not None else None
+        total = (asked if resumed else 0) + int(length) if length is not None else None
         received = offset
         bar = tqdm(total=total, initial=offset, unit="B", unit_scale=True, desc=part.stem, disable=not progress)
         with open(part, "ab" if resumed else "wb") as f, bar:
@@ -250,10 +263,19 @@ def _decoder(content_encoding: str | None):
                         "uncompressed, and data_fetch cannot undo that; download it in a browser instead")
 
 
-def _unsatisfied_length(headers) -> int | None:
-    """The file's length a 416 answer names ('Content-Range: bytes */200' -> 200); None if it names none."""
-    match = re.fullmatch(r"bytes \*/(\d+)", ((headers or {}).get("Content-Range") or "").strip())
-    return int(match.group(1)) if match else None
+def _read_exactly(response, count: int) -> bytes:
+    """The next `count` bytes of `response` (fewer only where it ends): one read() may return less."""
+    data = b""
+    while len(data) < count and (chunk := response.read(count - len(data))):
+        data += chunk
+    return data
+
+
+def _tail(path: Path, count: int) -> bytes:
+    """The last `count` bytes of the file `path`."""
+    with open(path, "rb") as f:
+        f.seek(-count, os.SEEK_END)
+        return f.read()
 
 
 def _range_start(content_range: str | None) -> int | None:

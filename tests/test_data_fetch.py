@@ -22,7 +22,7 @@ import pytest
 import data_fetch
 from data_fetch import DownloadError, HashMismatchError, UnsafeArchiveError, fetch
 from data_fetch.__main__ import main
-from data_fetch.download import download_file, parse_hash
+from data_fetch.download import OVERLAP_BYTES, download_file, parse_hash
 from tests.fixtures_real import zip_bytes
 
 PAYLOAD = bytes(range(256)) * 400  # 100 kB, several chunks
@@ -31,6 +31,11 @@ ARCHIVE = zip_bytes({"BUSBRA/bus_data.csv": b"ID,Case,Pathology\n", "BUSBRA/Imag
 
 def sha256(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def resume_at(size: int) -> str:
+    """The Range header resuming a .part file of `size` bytes: its last OVERLAP_BYTES are asked for again."""
+    return f"bytes={size - OVERLAP_BYTES}-"
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -383,7 +388,7 @@ def test_dropped_connection_resumes_with_range(server, tmp_path):
     download_file(server.url + "/data.npz", tmp_path / "data.npz", sha256(PAYLOAD), progress=False)
     assert (tmp_path / "data.npz").read_bytes() == PAYLOAD
     ranges = [r for _, r, _ in server.requests]
-    assert ranges == [None, f"bytes={len(PAYLOAD) // 3}-"]  # asked only for the rest, once
+    assert ranges == [None, resume_at(len(PAYLOAD) // 3)]  # asked only for the rest (and 4 KiB to compare), once
     # every request identifies itself, the resumed one too (Zenodo throttles anonymous clients)
     assert all(agent and "mtlearn-data_fetch" in agent for _, _, agent in server.requests)
 
@@ -394,7 +399,7 @@ def test_partial_content_from_another_offset_is_not_appended(server, tmp_path):
     server.files["/data.npz"] = PAYLOAD
     server.drops, server.range_from_zero = 1, True
     download_file(server.url + "/data.npz", tmp_path / "data.npz", sha256(PAYLOAD), progress=False)
-    assert [r for _, r, _ in server.requests] == [None, f"bytes={len(PAYLOAD) // 3}-"]
+    assert [r for _, r, _ in server.requests] == [None, resume_at(len(PAYLOAD) // 3)]
     assert (tmp_path / "data.npz").read_bytes() == PAYLOAD and not list(tmp_path.glob("*.mismatch"))
 
 
@@ -407,33 +412,45 @@ def test_server_without_range_support_restarts_cleanly(server, tmp_path):
 
 def test_leftover_part_file_resumes_or_restarts(server, tmp_path):
     server.files["/data.npz"] = PAYLOAD
-    (tmp_path / "data.npz.part").write_bytes(PAYLOAD[:1000])  # an earlier, interrupted run
+    (tmp_path / "data.npz.part").write_bytes(PAYLOAD[:10_000])  # an earlier, interrupted run
     download_file(server.url + "/data.npz", tmp_path / "data.npz", sha256(PAYLOAD), progress=False)
-    assert server.requests[0][1] == "bytes=1000-" and (tmp_path / "data.npz").read_bytes() == PAYLOAD
-    # a leftover with wrong bytes fails the checksum, is moved aside, and the next run starts afresh
+    assert server.requests[0][1] == resume_at(10_000) and (tmp_path / "data.npz").read_bytes() == PAYLOAD
+    # a leftover too short to be worth a range request is downloaded again
     (tmp_path / "data.npz").unlink()
     (tmp_path / "data.npz.part").write_bytes(b"garbage")
-    with pytest.raises(HashMismatchError):
-        download_file(server.url + "/data.npz", tmp_path / "data.npz", sha256(PAYLOAD), progress=False)
-    assert list(tmp_path.iterdir()) == [tmp_path / "data.npz.mismatch"]
     download_file(server.url + "/data.npz", tmp_path / "data.npz", sha256(PAYLOAD), progress=False)
-    assert (tmp_path / "data.npz").read_bytes() == PAYLOAD
+    assert server.requests[1][1] is None and (tmp_path / "data.npz").read_bytes() == PAYLOAD
 
 
-def test_part_file_longer_than_the_file_gets_416_and_restarts(server, tmp_path):
+@pytest.mark.parametrize("pinned", [True, False])
+def test_a_part_file_of_another_version_of_the_file_is_dropped_not_completed(server, tmp_path, capsys, pinned):
+    """The host replaced the file since the interrupted run: its new tail was appended to the old head,
+    which failed the checksum with the advice to run again, or without one was renamed and unpacked."""
+    old = bytes(reversed(PAYLOAD))
     server.files["/data.npz"] = PAYLOAD
-    (tmp_path / "data.npz.part").write_bytes(PAYLOAD + b"stale tail")  # say, from a bigger earlier version
+    (tmp_path / "data.npz.part").write_bytes(old[:50_000])
+    download_file(server.url + "/data.npz", tmp_path / "data.npz", sha256(PAYLOAD) if pinned else None,
+                  progress=False)
+    assert [r for _, r, _ in server.requests] == [resume_at(50_000), None]  # compared, dropped, afresh
+    assert (tmp_path / "data.npz").read_bytes() == PAYLOAD and not list(tmp_path.glob("*.mismatch"))
+    assert "is not the one the partial download began (bytes 45904-49999 differ)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra", [10, 5000])  # the bytes asked for again: partly in the file, or all past it (416)
+def test_part_file_longer_than_the_file_restarts(server, tmp_path, extra):
+    server.files["/data.npz"] = PAYLOAD
+    (tmp_path / "data.npz.part").write_bytes(PAYLOAD + b"x" * extra)  # say, from a bigger earlier version
     download_file(server.url + "/data.npz", tmp_path / "data.npz", sha256(PAYLOAD), progress=False)
-    assert [r for _, r, _ in server.requests] == [f"bytes={len(PAYLOAD) + 10}-", None]  # 416, then everything
+    assert [r for _, r, _ in server.requests] == [resume_at(len(PAYLOAD) + extra), None]  # dropped, then everything
     assert (tmp_path / "data.npz").read_bytes() == PAYLOAD and not (tmp_path / "data.npz.part").exists()
 
 
-def test_complete_unpinned_part_file_is_kept_on_416_even_without_retries(server, tmp_path):
-    """No checksum to recognise it by: the 416 naming the file's length says the part is complete."""
+def test_complete_unpinned_part_file_is_kept_even_without_retries(server, tmp_path):
+    """No checksum to recognise it by: the server sends the 4 KiB asked for again, and nothing after them."""
     server.files["/data.npz"] = PAYLOAD
     (tmp_path / "data.npz.part").write_bytes(PAYLOAD)  # the earlier run died before the rename
     download_file(server.url + "/data.npz", tmp_path / "data.npz", None, progress=False, retries=0)
-    assert [r for _, r, _ in server.requests] == [f"bytes={len(PAYLOAD)}-"]
+    assert [r for _, r, _ in server.requests] == [resume_at(len(PAYLOAD))]
     assert (tmp_path / "data.npz").read_bytes() == PAYLOAD and not (tmp_path / "data.npz.part").exists()
 
 
@@ -452,9 +469,9 @@ def test_a_compressed_answer_is_saved_decoded(server, tmp_path, encoding, length
 def test_a_compressed_range_is_not_appended_to_decoded_bytes(server, tmp_path, capsys):
     payload = random.Random(0).randbytes(20_000)  # does not compress: the range after byte 1000 exists
     server.files["/data.npz"], server.encoding, server.encoded_ranges = payload, "gzip", True
-    (tmp_path / "data.npz.part").write_bytes(payload[:1000])  # decoded bytes of an interrupted run
+    (tmp_path / "data.npz.part").write_bytes(payload[:10_000])  # decoded bytes of an interrupted run
     download_file(server.url + "/data.npz", tmp_path / "data.npz", sha256(payload), progress=False)
-    assert [r for _, r, _ in server.requests] == ["bytes=1000-", None]  # dropped, then afresh
+    assert [r for _, r, _ in server.requests] == [resume_at(10_000), None]  # dropped, then afresh
     assert (tmp_path / "data.npz").read_bytes() == payload
     assert "the server compressed the rest of the file (Content-Encoding)" in capsys.readouterr().err
 
@@ -517,7 +534,7 @@ def test_ctrl_c_during_the_transfer_keeps_the_part_file_and_the_next_run_resumes
     received = (tmp_path / "data.npz.part").stat().st_size
     assert 0 < received < len(PAYLOAD) and not (tmp_path / "data.npz").exists()
     download_file(server.url + "/data.npz", tmp_path / "data.npz", sha256(PAYLOAD), progress=False)
-    assert server.requests[1][1] == f"bytes={received}-" and (tmp_path / "data.npz").read_bytes() == PAYLOAD
+    assert server.requests[1][1] == resume_at(received) and (tmp_path / "data.npz").read_bytes() == PAYLOAD
 
 
 def test_gives_up_after_retries_and_keeps_the_part_file(server, tmp_path):
@@ -1121,7 +1138,7 @@ def test_partial_content_from_the_middle_is_dropped_and_asked_for_again(server, 
     server.files["/data.npz"] = PAYLOAD
     server.drops, server.range_start = 1, 500
     download_file(server.url + "/data.npz", tmp_path / "data.npz", sha256(PAYLOAD), progress=False)
-    assert [r for _, r, _ in server.requests] == [None, f"bytes={len(PAYLOAD) // 3}-", None]
+    assert [r for _, r, _ in server.requests] == [None, resume_at(len(PAYLOAD) // 3), None]
     assert (tmp_path / "data.npz").read_bytes() == PAYLOAD and not list(tmp_path.glob("*.mismatch"))
 
 
@@ -1134,7 +1151,7 @@ def test_partial_content_without_content_range(server, tmp_path):
     assert (tmp_path / "data.npz").read_bytes() == PAYLOAD and len(server.requests) == 1
     server.drops = 1
     download_file(server.url + "/data.npz", tmp_path / "again.npz", sha256(PAYLOAD), progress=False)
-    assert [r for _, r, _ in server.requests[1:]] == [None, f"bytes={len(PAYLOAD) // 3}-", None]
+    assert [r for _, r, _ in server.requests[1:]] == [None, resume_at(len(PAYLOAD) // 3), None]
     assert (tmp_path / "again.npz").read_bytes() == PAYLOAD
 
 
