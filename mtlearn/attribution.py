@@ -228,7 +228,8 @@ class Explainer:
         if not weights:
             raise ValueError(f"Explainer needs a model with floating-point weights; {type(model).__name__} has none "
                              "(attribution explains a trained network)")
-        self.model = without_inplace(model).eval().requires_grad_(False)
+        with torch.inference_mode(False):  # copied inside inference_mode, the weights could not join autograd
+            self.model = without_inplace(model).eval().requires_grad_(False)
         self.layer_name = layer
         self.keys = {head: head for head in HEADS} | dict(keys or {})
         self.device, self.dtype = weights[0].device, weights[0].dtype  # the images are cast to both
@@ -323,7 +324,10 @@ class Explainer:
         device = images.device  # the maps go back where the images came from
         images = checked
         with self._exact():
-            args = self.forward_args(images, head, target, reference)
+            # copies: a target or reference made inside inference_mode (labels moved to the GPU in an evaluation
+            # loop) cannot be saved for the backward pass, and would fail every method but IG and occlusion
+            args = tuple(a.clone() if torch.is_tensor(a) else a for a in self.forward_args(images, head, target,
+                                                                                          reference))
             images = images.detach().clone().requires_grad_(True)  # Captum differentiates w.r.t. this copy
             maps = run(self.head(head), images, args, **method_kw)
         return maps.sum(dim=1, keepdim=True).detach().to(device)  # (B, 1, H, W)
@@ -777,7 +781,7 @@ def randomisation_groups(explainer: Explainer, images: Tensor, head: str = "cls"
         for p in flat:
             p.requires_grad_(True)
         images = explainer._check_images(images)
-        args = explainer.forward_args(images, head, target)
+        args = tuple(a.clone() for a in explainer.forward_args(images, head, target))  # see Explainer.attribute
         with torch.enable_grad():
             score = explainer.head(head)(images, *args).sum()
             grads = torch.autograd.grad(score, flat, allow_unused=True)
@@ -864,6 +868,7 @@ class RandomisationResult:
         return dict(zip(self.steps, self.spearman))
 
 
+@torch.inference_mode(False)  # as Explainer.attribute: a caller's inference_mode would make the target unusable
 def cascading_randomisation(model: nn.Module, images: Tensor, head: str = "cls", target=None, method: str = "gradcam",
                             *, depth: int = 2, groups: Sequence[str] | None = None, absolute: bool = True,
                             seed: int = 0, init: Callable[[nn.Module], None] | str | None = "auto",

@@ -640,6 +640,24 @@ def test_maps_are_made_inside_no_grad_and_inference_mode(explainer, images):
             assert A.randomisation_groups(explainer, images, "cls")  # found by their gradients too
 
 
+@pytest.mark.parametrize("method", A.METHODS)
+def test_an_explainer_and_targets_made_inside_inference_mode_work(model, images, method):
+    """The copy of the model made inside inference_mode had inference weights (every gradient method failed,
+    and randomisation could not switch their gradients on); targets made there could not be saved for backward."""
+    plain = A.Explainer(model)
+    with torch.inference_mode():
+        explainer = A.Explainer(model)
+        label, region = torch.tensor([0, 2]), (images > images.mean()).float()
+        for head, target in (("cls", label), ("seg", region), ("recon", region)):
+            torch.manual_seed(0)  # the same noise for SmoothGrad
+            inside = explainer.attribute(images, head, target, method)
+            torch.manual_seed(0)
+            torch.testing.assert_close(inside, plain.attribute(images, head, target.clone(), method))
+    with torch.inference_mode():
+        result = A.cascading_randomisation(model, images, "cls", method="saliency", progress=False)
+    assert result.spearman[0] == 1.0 and len(result.steps) > 1  # every block randomised in turn
+
+
 def test_an_unknown_randomisation_group_is_named_before_any_map(model, images, monkeypatch):
     monkeypatch.setattr(A.Explainer, "attribute", lambda *a, **k: pytest.fail("a map was made"))
     with pytest.raises(ValueError, match=r"groups names 'encoder.nope', which the model does not have"):
