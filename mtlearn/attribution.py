@@ -48,7 +48,7 @@ from tqdm.auto import tqdm
 from mtlearn.encoder import ResFormerEncoder, check_floating, init_weights
 from mtlearn.mtl import MultiTaskUNet
 from mtlearn.plots import _array, _draw_image, _image
-from mtlearn.utils import check_number, is_finite
+from mtlearn.utils import check_number, is_finite, is_number
 from mtlearn.widgets import say_in, show_in
 
 HEADS = ("cls", "seg", "recon")
@@ -374,6 +374,10 @@ class Explainer:
             shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
             raise ValueError(f"images must be a (B, C, H, W) tensor, got {shape}; add a batch axis with images[None]")
         check_floating(images)  # a bare .float() of uint8 would explain the model on 0..255, which it refuses
+        finite = torch.isfinite(images).flatten(1).all(1)
+        if not bool(finite.all()):  # the map of a NaN pixel is NaN, and silently so before any score is taken
+            raise ValueError(f"images {torch.nonzero(~finite).flatten().tolist()} hold NaN or infinite values; "
+                             "check the data (or the transform that made them) before explaining the model")
         return images.to(self.device, self.dtype)  # the model's own precision (float32, or float64 to check maths)
 
     # the methods: each returns (B, C, H, W) or (B, 1, H, W) attributions
@@ -1106,6 +1110,13 @@ def _method_name(key: str) -> str:
     return key.rsplit("/", 1)[-1]
 
 
+def _is_score(value) -> bool:
+    """A number, or a one-element tensor or array of one (not True, "0.3" or None)."""
+    if isinstance(value, (Tensor, np.ndarray)):
+        return value.size == 1 if isinstance(value, np.ndarray) else value.numel() == 1
+    return is_number(value)
+
+
 def plot_scores(rows: Sequence[Mapping], group: str = "model", chance: float | None = None, title: str = "",
                 pointing_chance: float | None = None):
     """Grouped bars: one panel per score ("mask_share", "pointing_game"), methods along x, one colour per group.
@@ -1127,6 +1138,15 @@ def plot_scores(rows: Sequence[Mapping], group: str = "model", chance: float | N
         if missing:  # a bare KeyError 'model' otherwise
             raise ValueError(f"row {i} has no {missing}; each row needs 'method', {group!r} (the group=), "
                              "'mask_share' and 'pointing_game'")
+        wrong = [k for k in ("mask_share", "pointing_game") if not _is_score(row[k])]
+        if wrong:  # float(None) raised a bare TypeError; NaN (no lesion to score) is a number, drawn as no bar
+            raise ValueError(f"row {i} has {', '.join(f'{k}={row[k]!r}' for k in wrong)}; scores are numbers "
+                             "(NaN where there was nothing to score)")
+    pairs = [(r[group], r["method"]) for r in rows]
+    repeated = sorted({str(p) for p in pairs if pairs.count(p) > 1})
+    if repeated:  # one bar per pair: the last row of a pair was drawn, the others dropped without a word
+        raise ValueError(f"rows repeat the ({group}, method) pair(s) {repeated}; give one row per pair (average "
+                         "repeated runs first)")
     methods = list(dict.fromkeys(r["method"] for r in rows))
     groups = list(dict.fromkeys(r[group] for r in rows))
     width = 0.8 / len(groups)

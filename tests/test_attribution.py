@@ -1309,12 +1309,32 @@ def test_plot_attributions_checks_percentile_and_masks_before_the_figure(images)
     ({"saliency": {"mask_share": 0.2, "pointing_game": 1.0}}, r"needs a list of at least one row"),
     ([{"method": "saliency", "mask_share": 0.2, "pointing_game": 1.0}], r"row 0 has no \['model'\]"),
     ([{"method": "ig", "model": "a", "mask_share": 0.2}], r"row 0 has no \['pointing_game'\]"),
+    ([{"method": "ig", "model": "a", "mask_share": None, "pointing_game": "1"}],  # was float(None)'s TypeError
+     r"row 0 has mask_share=None, pointing_game='1'; scores are numbers"),
+    ([{"method": "ig", "model": "a", "mask_share": 0.1, "pointing_game": 1.0},  # only the second was drawn
+      {"method": "ig", "model": "a", "mask_share": 0.3, "pointing_game": 0.0}],
+     r"rows repeat the \(model, method\) pair\(s\) \[\"\('a', 'ig'\)\"\]; give one row per pair"),
 ])
 def test_plot_scores_names_a_row_it_cannot_read(rows, message):
     """A bare KeyError 'model', or "string indices must be integers" for localisation_scores' own dict."""
     with pytest.raises(ValueError, match=message):
         A.plot_scores(rows)
     plt.close("all")
+
+
+def test_plot_scores_takes_numpy_and_tensor_scores():
+    rows = [{"method": "ig", "model": "a", "mask_share": np.float32(0.2), "pointing_game": torch.tensor(1.0)}]
+    fig = A.plot_scores(rows)
+    heights = [[bar.get_height() for bar in ax.containers[0]] for ax in fig.axes]
+    assert heights == [[pytest.approx(0.2)], [1.0]]
+    plt.close("all")
+
+
+def test_nan_images_are_named_not_explained(explainer, images):
+    bad = images.clone()
+    bad[1, 0, 3, 3] = float("nan")  # was a NaN map for that image, without a word
+    with pytest.raises(ValueError, match=r"images \[1\] hold NaN or infinite values; check the data"):
+        explainer.attribute(bad, "cls", method="ig")
 
 
 def test_the_explorer_says_what_it_cannot_draw_and_takes_one_method_as_text(model, data, monkeypatch):
