@@ -682,6 +682,43 @@ def test_bus_uclm_image_without_its_mask_is_skipped_and_noted(tmp_path):
     assert "PAT01_002: no mask file, skipped" in dataset.problems
 
 
+def test_bus_uclm_mask_cut_short_is_skipped_and_noted_and_a_mask_without_image_is_noted(tmp_path):
+    """A mask whose header reads but whose pixels are cut short stopped the whole load (DamagedFileError),
+    where an empty one was skipped; a mask of no image was ignored without a word (BUSI notes it)."""
+    info = make_bus_uclm(tmp_path, patients=2)
+    cut = info["base"] / "masks" / "PAT01_001.png"
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
+    save_png(info["base"] / "masks" / "PAT09_000.png", np.zeros((8, 8, 3), np.uint8))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dataset = load_dataset("bus_uclm", root=tmp_path, split="all", on_size_mismatch="resize")
+    assert {r.id for r in dataset.records} == set(info["truth"]) - {"PAT01_001"}
+    assert any(note.startswith(f"{cut} ") and note.endswith(", skipped") for note in dataset.problems)
+    assert "PAT09_000: mask without image, ignored" in dataset.problems
+
+
+def test_bus_bra_image_the_table_does_not_name_is_noted(tmp_path):
+    info = make_bus_bra(tmp_path, patients=3)
+    save_png(info["base"] / "Images" / "bus_9999-l.png", np.zeros((8, 8), np.uint8))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dataset = load_dataset("bus_bra", root=tmp_path, split="all")
+    assert "bus_9999-l" not in {r.id for r in dataset.records}
+    assert "bus_9999-l: in Images/ but not in bus_data.csv, ignored" in dataset.problems
+
+
+def test_a_root_holding_another_fetched_dataset_says_so_not_to_fetch_into_it(tmp_path):
+    """It said to run `python -m data_fetch busi --dest <the BUS-UCLM folder>`: two datasets in one folder."""
+    from data_fetch import completion_marker
+
+    make_bus_uclm(tmp_path, patients=2)
+    completion_marker(tmp_path, "bus_uclm").write_text("{}")
+    with pytest.raises(LayoutError, match=r"It holds data_fetch's download of 'bus_uclm', not busi: pass busi's own "
+                                          r"folder as root") as error:
+        load_dataset("busi", root=tmp_path)
+    assert "data_fetch busi" not in str(error.value)
+
+
 @pytest.mark.parametrize("encoding", ["utf-8", "cp1252"])
 def test_bus_uclm_flags_in_words_are_read(tmp_path, encoding):
     """INFO.csv flags may be words, in any case and in Spanish: "Yes", "TRUE", "Sí" mark an artifact. A

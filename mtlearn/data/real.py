@@ -39,7 +39,7 @@ import torch
 from PIL import Image
 from torch.utils.data import ConcatDataset, Dataset
 
-from data_fetch import completion_marker, default_data_dir, get_source, missing_files
+from data_fetch import SOURCES, completion_marker, default_data_dir, get_source, missing_files
 from mtlearn.data.splits import (
     DUPLICATE_MAX_DISTANCE, SPLIT_FRACTIONS, difference_hash, duplicate_groups, split_by_group,
 )
@@ -152,6 +152,10 @@ def load_dataset(
     try:
         records, class_names, problems = READERS[name](folder, split, seed, **kwargs)
     except LayoutError as error:
+        others = [n for n in SOURCES if get_source(n).folder != source.folder and completion_marker(folder, n).exists()]
+        if others:  # fetching `name` into another dataset's folder would only mix the two
+            raise LayoutError(f"{error}. It holds data_fetch's download of {others[0]!r}, not {name}: pass "
+                              f"{name}'s own folder as root (or load {others[0]!r} from this one)") from None
         raise LayoutError(f"{error}. If the download is incomplete, fetch it again with `{command}`") from None
     except DamagedFileError as error:  # fetching again alone would keep it: data_fetch only checks files exist
         raise DamagedFileError(f"{error}; delete it and run `{command}` again") from None
@@ -369,7 +373,8 @@ def _read_bus_bra(folder: Path, split: str, seed: int, fold: int | str | None = 
     # stripped: a hand-edited "bus_0001-l " would silently fall out of its fold (and into train)
     folds = {row["ID"].strip(): row["kFold"].strip() for row in _read_csv(base / "5-fold-cv.csv", ("ID", "kFold"))}
     records, problems = [], []
-    for row in _read_csv(base / "bus_data.csv", ("ID", "Case", "Pathology")):
+    rows = _read_csv(base / "bus_data.csv", ("ID", "Case", "Pathology"))
+    for row in rows:
         image_id = row["ID"].strip()
         image, mask = _png(base / "Images", image_id), _png(base / "Masks", f"mask_{image_id[4:]}")
         pathology = row["Pathology"].strip().lower()
@@ -381,6 +386,9 @@ def _read_bus_bra(folder: Path, split: str, seed: int, fold: int | str | None = 
         if image_id not in folds:
             problems.append(f"{image_id}: not in 5-fold-cv.csv, so in no test fold (train or val)")
         records.append(Record(image_id, BUS_BRA_CLASSES.index(pathology), image, (mask,), group=row["Case"].strip()))
+    listed = {row["ID"].strip() for row in rows}  # an image the table does not name has no label: said, not used
+    problems += [f"{p.stem}: in Images/ but not in bus_data.csv, ignored" for p in _pngs(base / "Images")
+                 if p.stem not in listed]
     fold_names = sorted(set(folds.values()), key=lambda f: (len(f), f))
     fold = fold_names[0] if fold is None else str(fold)
     if fold not in fold_names:
@@ -430,7 +438,11 @@ def _read_bus_uclm(folder: Path, split: str, seed: int):
             continue
         if row is None:
             problems.append(f"{image.stem}: not in INFO.csv, artifact flag unknown (0)")
-        label = _colour_class(mask, mask.stat().st_mtime_ns)
+        try:  # the mask's pixels are read here: one cut short is skipped like an empty one, not fatal
+            label = _colour_class(mask, mask.stat().st_mtime_ns)
+        except DamagedFileError as error:
+            problems.append(f"{error}, skipped")
+            continue
         stated = (row or {}).get("Label", "").strip().lower()
         if stated in BUS_UCLM_CLASSES and BUS_UCLM_CLASSES.index(stated) != label:
             problems.append(f"{image.stem}: INFO.csv says {stated}, the mask colour says {BUS_UCLM_CLASSES[label]}")
@@ -444,6 +456,8 @@ def _read_bus_uclm(folder: Path, split: str, seed: int):
         ))
     found = {image.stem for image in images}
     problems += [f"{stem}: in INFO.csv but its image is missing" for stem in info if stem not in found]
+    problems += [f"{mask.stem}: mask without image, ignored" for mask in _pngs(base / "masks")
+                 if mask.stem not in found]
     return _take_split(records, split, seed), BUS_UCLM_CLASSES, problems
 
 
