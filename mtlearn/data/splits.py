@@ -7,7 +7,8 @@ drawn over groups, and every group goes whole into one split.
 BUSI does not say which images come from one patient, and about a fifth of it are near-duplicates;
 a perceptual hash finds them (`difference_hash`, `duplicate_groups`). It groups copies that differ by
 overlays (caliper marks, text boxes), noise or a change of scale; a copy cropped by a few percent moves
-its edges across the 8 x 9 thumbnail, ends up 10-18 bits away and is not grouped.
+its edges across the 8 x 9 thumbnail and is not grouped (10-18 bits away for a 3 % border crop of
+smooth 600 x 480 test images, against the threshold of 5).
 """
 
 from __future__ import annotations
