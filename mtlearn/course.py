@@ -56,8 +56,9 @@ class NotebookResult:
 def select_notebooks(available: list[Path], prefixes: list[str]) -> tuple[list[Path], list[str]]:
     """The notebooks whose names start with one of `prefixes` ("02", "02_loss"), in course order, and
     the prefixes that match none (for the caller's usage error)."""
-    chosen = [nb for nb in available if any(nb.stem.startswith(p) for p in prefixes)]
-    unmatched = [p for p in prefixes if not any(nb.stem.startswith(p) for nb in available)]
+    # a blank prefix ('--only "$NB"' with NB unset) would match every notebook: an hour's run for a typo
+    chosen = [nb for nb in available if any(p.strip() and nb.stem.startswith(p) for p in prefixes)]
+    unmatched = [p for p in prefixes if not p.strip() or not any(nb.stem.startswith(p) for nb in available)]
     return chosen, unmatched
 
 
@@ -251,13 +252,39 @@ def _take_lock(lock: Path) -> str | None:
             # our own id: a lock of an earlier process that had it (a container restarted), never ours
             if pid.isdigit() and host == socket.gethostname() and os.name == "posix" and (
                     int(pid) == os.getpid() or not _alive(int(pid))):
-                lock.unlink(missing_ok=True)  # stale: its process is gone
+                _remove_stale(lock, text)  # its process is gone
                 continue
             return f"process {text or 'unknown'}, since {since}"
         with os.fdopen(fd, "w") as f:
             f.write(f"{os.getpid()} on {socket.gethostname()}\n")
         return None
     return "another run, which took it at the same moment"
+
+
+def _remove_stale(lock: Path, text: str) -> None:
+    """Delete `lock` if it still holds `text`, the id of a process that is gone.
+
+    Two runs that found the same stale lock must not both take it over: the later one would delete
+    the lock the first had just made (and then its staging folder). So the removal is guarded by a
+    file of its own, made exclusively, and the lock is read again under it: a lock that changed
+    (taken by another run meanwhile) is left alone.
+    """
+    guard = lock.with_name(f"{lock.name}.{text.partition(' ')[0]}.takeover")
+    try:
+        fd = os.open(guard, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:  # another run is taking it over right now
+        time.sleep(0.05)
+        return
+    try:
+        try:
+            unchanged = lock.read_text(errors="replace").strip() == text
+        except FileNotFoundError:
+            unchanged = False
+        if unchanged:
+            lock.unlink(missing_ok=True)
+    finally:
+        os.close(fd)
+        guard.unlink(missing_ok=True)
 
 
 def _alive(pid: int) -> bool:

@@ -2,6 +2,7 @@
 
 import json
 import os
+import time
 from pathlib import Path
 
 import nbformat
@@ -345,6 +346,11 @@ def test_command_line_only_matches_the_start_of_a_name_and_names_a_miss(tmp_path
         main(["--profile", "smoke", "--out", str(tmp_path / "out"), "--only", "99"])
     assert stop.value.code == 2 and ran == ["00_a", "01_b"]
     assert "no notebook matches ['99']; available: ['00_a', '01_b', '10_c']" in capsys.readouterr().err
+    for blank in ("", " "):  # --only "$NB" with NB unset matched every notebook: the whole course
+        with pytest.raises(SystemExit) as stop:
+            main(["--profile", "smoke", "--out", str(tmp_path / "out"), "--only", "01", blank])
+        assert stop.value.code == 2 and ran == ["00_a", "01_b"]
+        assert f"no notebook matches [{blank!r}]" in capsys.readouterr().err
 
 
 def test_command_line_says_where_the_failed_run_and_the_previous_one_are(tmp_path, monkeypatch, capsys):
@@ -403,6 +409,36 @@ def test_a_lock_left_by_a_killed_run_is_taken_over_and_released(tmp_path):
     assert run_notebook(nb, tmp_path / "out", {"profile": "smoke"}).ok and not lock.exists()
     lock.write_text(f"{gone.pid} on another-machine\n")  # another machine's process cannot be asked: kept
     assert "another run is writing" in run_notebook(nb, tmp_path / "out", {"profile": "smoke"}).error
+
+
+def _take_over_slowly(lock, stale_pid, delay, results):
+    """A run that finds `lock` and takes `delay` seconds to learn that process `stale_pid` is gone."""
+    real = course._alive
+    course._alive = lambda pid: (time.sleep(delay), pid != stale_pid and real(pid))[1]
+    results.put((delay, course._take_lock(lock)))
+    time.sleep(1.5)  # hold it (alive) while the other run looks
+
+
+@pytest.mark.skipif(os.name != "posix", reason="a stale lock is taken over on POSIX only (see the test above)")
+def test_two_runs_finding_one_stale_lock_do_not_both_take_it(tmp_path):
+    """The slower one deleted the lock the faster one had just made, and both went on (then the second deleted
+    the first's staging folder)."""
+    import multiprocessing
+    import socket
+
+    lock = tmp_path / "out.lock"
+    lock.write_text(f"999999999 on {socket.gethostname()}\n")  # above any pid_max: a killed run's
+    context = multiprocessing.get_context("fork")
+    results = context.Queue()
+    runs = [context.Process(target=_take_over_slowly, args=(lock, 999999999, d, results)) for d in (0.2, 0.8)]
+    for run in runs:
+        run.start()
+    outcomes = dict(results.get(timeout=30) for _ in runs)
+    for run in runs:
+        run.join(timeout=30)
+    assert outcomes[0.2] is None  # the first to learn it took the lock
+    assert outcomes[0.8] is not None and outcomes[0.8].startswith("process ")  # the second found it taken
+    assert not list(tmp_path.glob("*.takeover"))
 
 
 @pytest.mark.parametrize("value", ["-5", "nan", "inf"])
