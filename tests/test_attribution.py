@@ -654,6 +654,7 @@ def test_an_explainer_and_targets_made_inside_inference_mode_work(model, images,
             torch.manual_seed(0)
             torch.testing.assert_close(inside, plain.attribute(images, head, target.clone(), method))
     with torch.inference_mode():
+        assert A.randomisation_groups(plain, images, "cls", torch.tensor([0, 2]))  # a target made in there
         result = A.cascading_randomisation(model, images, "cls", method="saliency", progress=False)
     assert result.spearman[0] == 1.0 and len(result.steps) > 1  # every block randomised in turn
 
@@ -1311,6 +1312,8 @@ def test_plot_attributions_checks_percentile_and_masks_before_the_figure(images)
     ([{"method": "ig", "model": "a", "mask_share": 0.2}], r"row 0 has no \['pointing_game'\]"),
     ([{"method": "ig", "model": "a", "mask_share": None, "pointing_game": "1"}],  # was float(None)'s TypeError
      r"row 0 has mask_share=None, pointing_game='1'; scores are numbers"),
+    ([{"method": "ig", "model": "a", "mask_share": np.array([0.1, 0.2]), "pointing_game": torch.ones(2)}],
+     r"row 0 has mask_share=array\(\[0.1, 0.2\]\), pointing_game=tensor\(\[1., 1.\]\); scores are numbers"),
     ([{"method": "ig", "model": "a", "mask_share": 0.1, "pointing_game": 1.0},  # only the second was drawn
       {"method": "ig", "model": "a", "mask_share": 0.3, "pointing_game": 0.0}],
      r"rows repeat the \(model, method\) pair\(s\) \[\"\('a', 'ig'\)\"\]; give one row per pair"),
@@ -1335,6 +1338,9 @@ def test_nan_images_are_named_not_explained(explainer, images):
     bad[1, 0, 3, 3] = float("nan")  # was a NaN map for that image, without a word
     with pytest.raises(ValueError, match=r"images \[1\] hold NaN or infinite values; check the data"):
         explainer.attribute(bad, "cls", method="ig")
+    bad[0, 0, 1, 1] = float("inf")
+    with pytest.raises(ValueError, match=r"images \[0, 1\] hold NaN or infinite values"):
+        explainer.attribute(bad, "cls", method="saliency")
 
 
 def test_the_explorer_says_what_it_cannot_draw_and_takes_one_method_as_text(model, data, monkeypatch):

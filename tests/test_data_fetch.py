@@ -993,6 +993,7 @@ def test_manually_placed_file_with_wrong_hash_is_reported_not_deleted(tmp_path):
         # urllib's InvalidURL was retried five times (about 30 s), then blamed on the host
         (lambda d: fetch("breastmnist", dest=d, url="http://127.0.0.1:80a/x.npz"), "port that is no number"),
         (lambda d: fetch("breastmnist", dest=d, url="https://h.org/Dataset BUSI.zip"), r"holds a space.*%20"),
+        (lambda d: fetch("breastmnist", dest=d, url="https://h.org/busi\x7f.zip"), r"holds a space or a control"),
         (lambda d: fetch("breastmnist", dest=d / "x", retries=-1), r"retries must be an integer >= 0.*got -1"),
         (lambda d: fetch("breastmnist", dest=d / "x", retries=2.0), r"got 2.0; pass an int, e.g. int\(\.\.\.\)"),
         (lambda d: fetch("breastmnist", dest=d / "x", retries=True), "retries must be an integer"),
@@ -1009,6 +1010,24 @@ def test_an_invalid_address_is_not_retried(tmp_path, capsys):
     with pytest.raises(DownloadError, match="InvalidURL"):
         download_file("http://127.0.0.1:1/a b.npz", tmp_path / "x.npz", progress=False)
     assert "retrying" not in capsys.readouterr().err
+
+
+def test_the_bytes_compared_on_resume_are_read_whole_from_a_response_that_trickles():
+    """One read() may return less than asked (a slow connection): the comparison needs them all."""
+    from data_fetch.download import _read_exactly
+
+    class Trickle:
+        def __init__(self, data):
+            self.data = data
+
+        def read(self, n):
+            chunk, self.data = self.data[: min(n, 1000)], self.data[min(n, 1000):]
+            return chunk
+
+    assert _read_exactly(Trickle(PAYLOAD), OVERLAP_BYTES) == PAYLOAD[:OVERLAP_BYTES]
+    trickle = Trickle(PAYLOAD[:5000])
+    assert _read_exactly(trickle, OVERLAP_BYTES) == PAYLOAD[:OVERLAP_BYTES] and trickle.data == PAYLOAD[4096:5000]
+    assert _read_exactly(Trickle(PAYLOAD[:2500]), OVERLAP_BYTES) == PAYLOAD[:2500]  # the file ends first
 
 
 def test_a_local_path_with_a_space_is_a_valid_address(tmp_path):

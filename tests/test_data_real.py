@@ -717,6 +717,13 @@ def test_a_root_holding_another_fetched_dataset_says_so_not_to_fetch_into_it(tmp
                                           r"folder as root") as error:
         load_dataset("busi", root=tmp_path)
     assert "data_fetch busi" not in str(error.value)
+    for marker in tmp_path.glob(".*.complete"):
+        marker.unlink()
+    completion_marker(tmp_path, "busi").write_text("{}")  # its own download, unpacked and since damaged
+    with pytest.raises(LayoutError, match=r"If the download is incomplete, fetch it again with `python -m data_fetch "
+                                          r"busi") as error:
+        load_dataset("busi", root=tmp_path)
+    assert "It holds" not in str(error.value)
 
 
 @pytest.mark.parametrize("encoding", ["utf-8", "cp1252"])

@@ -87,7 +87,10 @@ def test_grid_refuses_a_notebook_twice_or_two_of_one_name(notebooks, tmp_path):
     twin = tmp_path / "elsewhere" / notebooks[0].name
     twin.parent.mkdir()
     twin.write_text(notebooks[0].read_text())
-    for pair in ([notebooks[0], notebooks[0]], [notebooks[0], twin]):
+    upper = tmp_path / "other" / notebooks[0].name.upper()  # one folder on macOS's and Windows' disks
+    upper.parent.mkdir()
+    upper.write_text(notebooks[0].read_text())
+    for pair in ([notebooks[0], notebooks[0]], [notebooks[0], twin], [notebooks[0], upper]):
         with pytest.raises(ValueError, match=r"share a name, so their runs would share folders"):
             grid(pair, {}, seeds=[0], profile="smoke")
 

@@ -597,6 +597,13 @@ def test_probes_name_nan_labels():
         cross_validated_probe(features, y, folds=2)
     with pytest.raises(ValueError, match=r"label 'y_train' must hold integer class indices, got \[nan\]"):
         linear_probe(features[:40], y[:40], features[40:], coded[40:])
+    soft = coded[40:].astype(float)
+    soft[3] = 0.7  # would be class 0
+    with pytest.raises(ValueError, match=r"label 'y_test' must hold integer class indices, got \[0.7\]"):
+        linear_probe(features[:40], coded[:40], features[40:], soft)
+    y[7] = np.inf  # NaN != NaN caught it; inf is whole to np.round, and would be cast to a garbage class
+    with pytest.raises(ValueError, match=r"label 'y' must hold integer class indices, got \[inf\]"):
+        cross_validated_probe(features, y, folds=2)
     names = np.where(coded == 1, "benign", "malignant")  # class names are classes to scikit-learn as they are
     assert cross_validated_probe(features, names, folds=2)["balanced_accuracy"] > 0.9
     whole = cross_validated_probe(features, coded.astype(float), folds=2)
