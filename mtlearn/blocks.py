@@ -478,7 +478,11 @@ class ResFormerStage(nn.Module):
 
 def check_dilations(dilations: Sequence[int]) -> tuple[int, ...]:
     """`dilations` as a tuple of Python ints >= 1 (NumPy ints too, as from a sweep; not True), or a ValueError."""
-    dilations = tuple(dilations)
+    try:
+        dilations = tuple(dilations)
+    except TypeError:  # dilations=6: "'int' object is not iterable" named nothing
+        raise ValueError(f"dilations must be a sequence of positive integers, one per DFE branch, e.g. (6, 12, 18) "
+                         f"or (6,) for one, got {dilations!r}") from None
     if not dilations or not all(is_int(d) and d >= 1 for d in dilations):
         raise ValueError(f"dilations must be a non-empty sequence of positive integers, e.g. (6, 12, 18), "
                          f"got {dilations}")

@@ -28,6 +28,16 @@ TASKS = ("seg", "cls", "recon")  # segmentation, classification, reconstruction 
 CLS_HEADS = ("multiscale", "last")  # classifier reads the last two encoder stages, or the last one only
 
 
+def _task_tuple(tasks) -> tuple:
+    """`tasks` as a tuple: "seg" is one task, not three letters; None or a number is named, not a bare TypeError."""
+    if isinstance(tasks, str):
+        return (tasks,)
+    try:
+        return tuple(tasks)
+    except TypeError:
+        raise ValueError(f"tasks must be a non-empty subset of {TASKS}, e.g. ('seg', 'cls'), got {tasks!r}") from None
+
+
 @dataclass
 class MultiTaskConfig(ResFormerConfig):
     """Encoder fields (ResFormerConfig) plus which tasks to build and how their heads look."""
@@ -42,7 +52,7 @@ class MultiTaskConfig(ResFormerConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        self.tasks = (self.tasks,) if isinstance(self.tasks, str) else tuple(self.tasks)
+        self.tasks = _task_tuple(self.tasks)
         unknown = [t for t in self.tasks if t not in TASKS]
         if not self.tasks or unknown or len(set(self.tasks)) != len(self.tasks):
             raise ValueError(f"tasks must be a non-empty subset of {TASKS} without repeats, got {self.tasks}")
@@ -51,7 +61,7 @@ class MultiTaskConfig(ResFormerConfig):
         if self.cls_head not in CLS_HEADS:
             raise ValueError(f"unknown cls_head {self.cls_head!r}; expected one of {CLS_HEADS}")
         for name in ("num_classes", "seg_classes"):  # >= 2: softmax logits; a float (3.5) fails inside nn.Linear
-            check_int(name, getattr(self, name), 2)
+            setattr(self, name, check_int(name, getattr(self, name), 2))  # np.int64(3) from a sweep: a plain int
         self.cls_hidden = check_int("cls_hidden", self.cls_hidden, 1)  # 32.0 failed inside torch.empty
         self.dilations = check_dilations(self.dilations)
 
@@ -148,7 +158,7 @@ def build_model(preset: str = "course", tasks: Sequence[str] = ("seg", "cls"), i
         raise ValueError(f"unknown preset {preset!r}; expected one of {tuple(PRESETS)}")
     check_options(MultiTaskConfig, overrides, "model option(s)")
     settings = {**PRESETS[preset], **overrides}
-    tasks = (tasks,) if isinstance(tasks, str) else tuple(tasks)  # "seg" is one task, not three letters
+    tasks = _task_tuple(tasks)
     config = MultiTaskConfig(in_channels=in_channels, image_size=image_size, tasks=tasks,
                              num_classes=num_classes, seg_classes=seg_classes, **settings)
     return MultiTaskUNet(config)

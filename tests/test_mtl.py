@@ -268,6 +268,21 @@ def test_numpy_dilations_from_a_sweep_are_taken_as_ints():
 
     model = tiny_model(dfe="three", dilations=tuple(np.array([2, 3])))
     assert model.config.dilations == (2, 3) and all(type(d) is int for d in model.config.dilations)
+    model = tiny_model(num_classes=np.int64(4))  # kept as given, a NumPy int reached the saved config
+    assert type(model.config.num_classes) is int and model(torch.zeros(1, 1, 32, 32))["cls"].shape == (1, 4)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(tasks=None), r"tasks must be a non-empty subset of \('seg', 'cls', 'recon'\), e.g. \('seg', 'cls'\), "
+                       r"got None"),
+    (dict(tasks=3), r"tasks must be a non-empty subset .*got 3"),
+    (dict(dfe="three", dilations=6), r"dilations must be a sequence of positive integers, one per DFE branch, "
+                                     r"e.g. \(6, 12, 18\) or \(6,\) for one, got 6"),
+])
+def test_a_non_sequence_for_tasks_or_dilations_is_named(kwargs, match):
+    """Each was a bare TypeError: "'NoneType' / 'int' object is not iterable"."""
+    with pytest.raises(ValueError, match=match):
+        build_model("tiny", image_size=32, **kwargs)
 
 
 @pytest.mark.parametrize("dtype, match", [(torch.uint8, r"convert with \.float\(\) / 255"),
