@@ -18,8 +18,23 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mtlearn.blocks import ASPPDFE, DFE
+from mtlearn.utils import check_int
 
 DFE_MODES = ("none", "three", "four")  # no DFE, the paper's three-branch DFE, the four-branch ASPP-like one
+
+
+def check_widths(name: str, widths, minimum: int = 1) -> tuple[int, ...]:
+    """Channel counts, one per feature map, as a tuple of ints (at least `minimum` of them), or a ValueError
+    naming `name` (128 for (128,) failed with "'int' object is not iterable", 64.0 inside torch.empty)."""
+    try:
+        widths = tuple(widths)
+    except TypeError:
+        raise ValueError(f"{name} must list the channels of each feature map, e.g. (256, 512), "
+                         f"got {widths!r}") from None
+    if len(widths) < minimum:
+        count = {1: "one feature map", 2: "two feature maps"}.get(minimum, f"{minimum} feature maps")
+        raise ValueError(f"{name} must list the channels of at least {count}, got {widths}")
+    return tuple(check_int(f"each of {name}", w, 1) for w in widths)
 
 
 def skip_refiner(mode: str, channels: int, dilations: Sequence[int] = (6, 12, 18)) -> nn.Module:
@@ -68,7 +83,7 @@ class UNetDecoder(nn.Module):
 
     def __init__(self, widths: Sequence[int], dfe: str = "none", dilations: Sequence[int] = (6, 12, 18)):
         super().__init__()
-        widths = tuple(widths)
+        widths = check_widths("widths", widths, 2)  # one width would make no up-sampling level: an identity
         if dfe not in DFE_MODES:
             raise ValueError(f"unknown DFE mode {dfe!r}; expected one of {DFE_MODES}")
         self.widths, self.out_channels = widths, widths[0]
@@ -98,8 +113,7 @@ class SegmentationHead(nn.Module):
 
     def __init__(self, in_channels: int, num_classes: int = 2):
         super().__init__()
-        if num_classes < 1:
-            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        in_channels, num_classes = check_int("in_channels", in_channels, 1), check_int("num_classes", num_classes, 1)
         self.conv = nn.Conv2d(in_channels, num_classes, 1)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -122,8 +136,7 @@ class ReconstructionHead(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int = 1):
         super().__init__()
-        if out_channels < 1:
-            raise ValueError(f"out_channels must be >= 1, got {out_channels}")
+        in_channels, out_channels = check_int("in_channels", in_channels, 1), check_int("out_channels", out_channels, 1)
         hidden = max(in_channels // 2, 8)
         self.up = nn.ConvTranspose2d(in_channels, hidden, 2, stride=2)
         self.out = nn.Conv2d(hidden, out_channels, 1)
@@ -148,11 +161,8 @@ class MultiScaleClassificationHead(nn.Module):
 
     def __init__(self, in_channels: Sequence[int], num_classes: int = 3, hidden: int = 32, dropout: float = 0.0):
         super().__init__()
-        in_channels = tuple(in_channels)
-        if not in_channels:
-            raise ValueError("in_channels must list at least one feature map's channels")
-        if num_classes < 1 or hidden < 1:
-            raise ValueError(f"num_classes and hidden must be >= 1, got {num_classes} and {hidden}")
+        in_channels = check_widths("in_channels", in_channels)
+        num_classes, hidden = check_int("num_classes", num_classes, 1), check_int("hidden", hidden, 1)
         self.norms = nn.ModuleList(nn.BatchNorm2d(c) for c in in_channels)
         self.fc1 = nn.Linear(sum(in_channels), hidden)
         self.drop = nn.Dropout(dropout)
