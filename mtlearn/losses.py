@@ -242,7 +242,13 @@ class ClassificationLoss(nn.Module):
                     f"got {f'max {high}' if high >= num_classes else f'min {low}'}; "
                     f"{fix}map the labels to 0..{num_classes - 1}"
                 )
-        return nn.functional.cross_entropy(logits.float(), label, weight=self.weight)
+        if self.weight is None:
+            return nn.functional.cross_entropy(logits.float(), label)
+        # torch's weighted mean divides by the batch's summed label weights: 0/0 = NaN for a batch of
+        # zero-weight labels only (a class weighted 0 to leave it out), which stopped training as if the
+        # model had diverged. Such a batch adds 0, as in MetricAccumulator; no GPU sync to find out.
+        summed = nn.functional.cross_entropy(logits.float(), label, weight=self.weight, reduction="sum")
+        return summed / self.weight[label].sum().clamp_min(torch.finfo(torch.float32).tiny)
 
 
 class ReconstructionLoss(nn.Module):

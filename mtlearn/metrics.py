@@ -163,6 +163,7 @@ class MetricAccumulator:
         if num_classes is not None and (not is_int(num_classes) or num_classes < 2):
             raise ValueError(f"num_classes must be an int >= 2 (the classification logits' width), or None to take it "
                              f"from the first logits, got {num_classes!r}")
+        self._given_classes = num_classes  # what reset() goes back to
         self.num_classes = num_classes  # inferred from the first classification logits when None
         # those of the classification loss (LossConfig.class_weights): its batch mean divides by the
         # batch's summed label weights, so "cls/loss" weights each batch by that sum, not its size
@@ -175,6 +176,8 @@ class MetricAccumulator:
         self.reset()
 
     def reset(self) -> None:
+        """Forget every batch, and a class count read from the logits: the next pass may have another."""
+        self.num_classes = self._given_classes
         self.sums: dict[str, float] = {}  # metric -> sum over images
         self.counts: dict[str, float] = {}  # metric -> number of images that contributed
         self.confusion = None if self.num_classes is None else np.zeros((self.num_classes,) * 2, np.int64)
@@ -289,11 +292,12 @@ class MetricAccumulator:
         self._labels.append(label.cpu().numpy())
 
     def _update_recon(self, output: Tensor, clean: Tensor) -> None:
-        if len(clean):
-            top = float(clean.detach().amax())  # the PSNR below reads its values anyway: no extra stall
-            if top > 2 * self.data_range:  # a 0..255 image scored against data_range 1: PSNR -43 dB, SSIM ~0
-                raise ValueError(f"the clean images reach {top:g}, but data_range is {self.data_range:g}: scale them "
-                                 f"to [0, {self.data_range:g}] (e.g. / 255) or pass data_range= their full range")
+        if not len(clean):  # an empty batch adds nothing (MONAI's PSNR fails on it: "index 0 is out of bounds")
+            return
+        top = float(clean.detach().amax())  # the PSNR below reads its values anyway: no extra stall
+        if top > 2 * self.data_range:  # a 0..255 image scored against data_range 1: PSNR -43 dB, SSIM ~0
+            raise ValueError(f"the clean images reach {top:g}, but data_range is {self.data_range:g}: scale them "
+                             f"to [0, {self.data_range:g}] (e.g. / 255) or pass data_range= their full range")
         side = min(11, *output.shape[2:])
         win_size = side if side % 2 else side - 1  # SSIM needs an odd window no larger than the image
         psnr = PSNRMetric(max_val=self.data_range)(output, clean)  # (B, 1), inf at zero error

@@ -137,6 +137,11 @@ def test_a_zero_class_weight_leaves_that_class_out():
     nll = -torch.log_softmax(logits, 1)[torch.arange(3), label]
     loss = ClassificationLoss([1.0, 0.0, 1.0])(logits, label)  # class 1 ignored, not an error
     assert torch.allclose(loss, (nll[0] + nll[2]) / 2)
+    # a batch of the left-out class alone adds 0: torch's weighted mean was 0/0, NaN, and stopped training
+    logits.requires_grad_(True)
+    loss = ClassificationLoss([1.0, 0.0, 1.0])(logits, torch.tensor([1, 1, 1]))
+    loss.backward()
+    assert loss.item() == 0.0 and torch.equal(logits.grad, torch.zeros_like(logits))
 
 
 @pytest.mark.parametrize("kind, expected", [("l1", 0.5), ("mse", 0.25)])

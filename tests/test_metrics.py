@@ -334,6 +334,12 @@ def test_reset_forgets_the_classification_batches_too():
     m = acc.compute()
     assert m["cls/specificity"] == 1.0 and m["cls/sensitivity"] == 0.5
     assert m["cls/auc"] == pytest.approx(roc_auc_score(labels, (logits[:, 1] - logits[:, 0]).numpy()))
+    acc.reset()  # the class count read from the first logits is forgotten too: "expected 2 class logits, got 3"
+    acc.update({"cls": torch.eye(3)}, {"label": torch.tensor([0, 1, 2])})
+    assert acc.confusion_matrix().shape == (3, 3) and acc.compute()["cls/acc"] == 1.0
+    given = MetricAccumulator(("cls",), num_classes=2)
+    given.reset()
+    assert given.num_classes == 2  # a count given stays
 
 
 def _sync_in_one_process_group(acc, tmp_path):
@@ -546,6 +552,15 @@ def test_an_empty_seg_batch_adds_nothing_as_an_empty_cls_batch_does():
     mask[..., 2:5, 2:5] = 1
     acc.update({"seg": torch.cat([-mask, mask], 1) * 5}, {"mask": mask})
     assert acc.compute()["seg/dice"] == 1.0
+
+
+def test_an_empty_recon_batch_adds_nothing():
+    """MONAI's PSNR failed on it: "index 0 is out of bounds for dimension 0 with size 0"."""
+    acc = MetricAccumulator(("recon",))
+    acc.update({"recon": torch.zeros(0, 1, 16, 16)}, {"clean": torch.zeros(0, 1, 16, 16)})
+    clean = torch.rand(2, 1, 16, 16)
+    acc.update({"recon": clean}, {"clean": clean})
+    assert acc.counts["recon/psnr"] == 2 and acc.compute()["recon/ssim"] == pytest.approx(1.0)
 
 
 def test_clean_images_far_beyond_the_data_range_are_named():
