@@ -236,7 +236,7 @@ class GradNorm(LossWeighting):
     def backward(self, losses, shared_parameters=None, scale=None):
         if not shared_parameters:
             raise ValueError("GradNorm needs the shared parameters (the encoder) to measure gradient norms")
-        layers = [p for p in shared_parameters if p.dim() >= 2]
+        layers = [p for p in _trainable(shared_parameters, "GradNorm") if p.dim() >= 2]
         if not layers:  # its norms are those of the last shared layer's weight matrix
             raise ValueError("GradNorm measures gradient norms at the last shared convolution or linear layer, but "
                              "the shared parameters hold none (only biases or norms); pass the encoder's parameters, "
@@ -342,7 +342,7 @@ class PCGrad(LossWeighting):
     def backward(self, losses, shared_parameters=None, scale=None):
         if not shared_parameters:
             raise ValueError("PCGrad needs the shared parameters (the encoder) to project their gradients")
-        shared_parameters = list(shared_parameters)
+        shared_parameters = _trainable(shared_parameters, "PCGrad")
         scale = scale or (lambda t: t)
         task_losses = self._stack(losses)
         grads = []
@@ -409,6 +409,16 @@ def weighting_settings(name: str, kwargs: Mapping[str, Any], tasks: Sequence[str
     if cls is None:
         return name, dict(kwargs)
     return next(key for key, c in WEIGHTINGS.items() if c is cls), cls(tasks, **kwargs).options()
+
+
+def _trainable(shared_parameters: Iterable[nn.Parameter], method: str) -> list[nn.Parameter]:
+    """The shared parameters that train (as fit passes them); a frozen one made autograd.grad raise
+    "One of the differentiated Tensors does not require grad", naming neither the method nor the cause."""
+    trainable = [p for p in shared_parameters if p.requires_grad]
+    if not trainable:
+        raise ValueError(f"{method} needs shared parameters that train, but every one given is frozen "
+                         "(requires_grad=False); unfreeze the encoder, or use 'fixed', 'uncertainty' or 'dwa'")
+    return trainable
 
 
 def find_shared_parameters(parameters: Iterable[nn.Parameter], losses: Mapping[str, Tensor]) -> list[nn.Parameter]:

@@ -308,6 +308,21 @@ def test_pcgrad_backward_projects_shared_and_keeps_heads():
         assert torch.allclose(net.heads[t].weight.grad, head_grads[t])
 
 
+@pytest.mark.parametrize("make", [lambda: GradNorm(TASKS), lambda: PCGrad(TASKS)])
+def test_gradient_weightings_skip_frozen_shared_parameters_and_name_an_all_frozen_encoder(make):
+    """As fit passes them: a frozen one made autograd raise "One of the differentiated Tensors does not
+    require grad", naming neither the weighting nor the cause."""
+    torch.manual_seed(0)
+    net = TwoTaskNet()
+    x, targets = _regression_problem()
+    net.encoder.bias.requires_grad_(False)  # part of the encoder frozen
+    make().backward(_losses(net, x, targets), list(net.encoder.parameters()))
+    assert net.encoder.weight.grad is not None and net.encoder.bias.grad is None
+    net.encoder.requires_grad_(False)
+    with pytest.raises(ValueError, match=r"needs shared parameters that train, but every one given is frozen"):
+        make().backward(_losses(net, x, targets), list(net.encoder.parameters()))
+
+
 def test_pcgrad_gives_channels_last_weights_channels_last_gradients():
     """Projected gradients go back in the parameter's own memory format, with the same values."""
     torch.manual_seed(0)
