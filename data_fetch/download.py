@@ -16,6 +16,11 @@ How, and why:
 - the checksum is computed on the finished `.part` file; only a file that matches is renamed to
   its final name (an atomic rename), so the final path never holds a broken download; one that
   does not match is kept as `<file>.mismatch` for the user to inspect.
+
+Why not `pooch.retrieve` (pooch gives data_fetch its cache folder): it streams into a temporary file
+that is deleted when the transfer fails, so an interrupted download of a dataset of several hundred
+MB starts over, and it retries a checksum mismatch like a network error, fetching the same wrong
+file again; what is above needs the `.part` file kept between attempts and between runs.
 """
 
 from __future__ import annotations
