@@ -18,8 +18,8 @@ How, and why:
   does not match is kept as `<file>.mismatch` for the user to inspect.
 
 Why not `pooch.retrieve` (pooch gives data_fetch its cache folder): it streams into a temporary file
-that is deleted when the transfer fails, so an interrupted download of a dataset of several hundred
-MB starts over, and it retries a checksum mismatch like a network error, fetching the same wrong
+that is deleted when the transfer fails, so an interrupted download of a dataset (BUSI: about 200
+MB) starts over, and it retries a checksum mismatch like a network error, fetching the same wrong
 file again; what is above needs the `.part` file kept between attempts and between runs.
 """
 
