@@ -626,7 +626,7 @@ def _loader(dataset: Dataset, config: UMSRepConfig, shuffle: bool) -> DataLoader
     """The same batches in the same order for every strategy (a generator seeded with config.seed)."""
     generator = torch.Generator().manual_seed(config.seed)
     return DataLoader(dataset, batch_size=config.batch_size, shuffle=shuffle, generator=generator,
-                      pin_memory=torch.cuda.is_available())
+                      pin_memory=pick_device(config.device).type == "cuda")  # the chosen device, not any GPU
 
 
 def _new_model(config: UMSRepConfig, tasks: Sequence[str], num_classes: int, in_channels: int) -> nn.Module:

@@ -924,6 +924,14 @@ def test_table_sums_the_trainable_parameters_of_a_strategys_models():
     assert strategy_table(runs, UMSRepConfig()).loc["full", "trainable_params"] == 5 + 7 + 9
 
 
+def test_batches_are_pinned_only_for_a_cuda_device(monkeypatch):
+    """On a machine with a GPU, a comparison run on the CPU (device="cpu") pinned every batch for nothing."""
+    from mtlearn.umsrep import _loader
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert _loader(list(range(8)), handful(device="cpu"), shuffle=False).pin_memory is False
+
+
 def test_every_strategy_sees_the_same_batches_and_starts_from_the_same_weights():
     """The loader's order and a new model's weights follow config.seed, not whatever ran before."""
     from mtlearn.umsrep import _loader
