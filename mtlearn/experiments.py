@@ -264,7 +264,9 @@ def run_grid(specs: list[RunSpec], out_root: str | Path, *, progress: bool = Tru
         result = run_notebook(spec.notebook, folder, dict(spec.parameters), cell_timeout=timeout)
         if not result.ok and result.out_dir.is_dir():  # the failed run's staging folder (`folder` keeps any
             # earlier run); not there when it could not be made, and the error says why
-            (result.out_dir / "error.txt").write_text(result.error + "\n")
+            # UTF-8, not the locale's: Windows' cp1252 cannot write a path or message in another script,
+            # and the UnicodeEncodeError ended the whole grid
+            (result.out_dir / "error.txt").write_text(result.error + "\n", encoding="utf-8")
         rows.append({"notebook": spec.notebook.stem, "run": spec.name,
                      "status": "ok" if result.ok else f"failed: {result.error}", "seconds": round(result.seconds, 1)})
     return pd.DataFrame(rows, columns=["notebook", "run", "status", "seconds"])

@@ -62,6 +62,31 @@ def test_a_failing_run_is_recorded_and_the_rest_go_on(notebooks, tmp_path):
     assert "negative scale" in (failed.with_name(failed.name + ".partial") / "error.txt").read_text()
 
 
+def test_the_error_of_a_failed_run_is_written_as_utf8_whatever_the_locale(notebooks, tmp_path, monkeypatch):
+    """Windows' cp1252 cannot write an error naming a path in another script: the UnicodeEncodeError ended the
+    grid. Here the locale is UTF-8, so the test pins the encoding passed instead of the failure."""
+    import pathlib
+
+    from mtlearn.course import NotebookResult
+
+    def fails(notebook, folder, parameters, cell_timeout):
+        folder.mkdir(parents=True)
+        return NotebookResult(notebook.stem, folder, False, 0.0, "cannot read C:/用户/数据.png")
+
+    written, real = [], pathlib.Path.write_text
+
+    def recording(self, text, encoding=None, **kwargs):
+        written.append((self.name, encoding))
+        return real(self, text, encoding=encoding, **kwargs)
+
+    monkeypatch.setattr("mtlearn.experiments.run_notebook", fails)
+    monkeypatch.setattr(pathlib.Path, "write_text", recording)
+    run_grid(grid(notebooks[:1], {}, seeds=[0], profile="smoke"), tmp_path / "grid", progress=False)
+    assert ("error.txt", "utf-8") in written
+    (error,) = (tmp_path / "grid").rglob("error.txt")
+    assert error.read_text(encoding="utf-8") == "cannot read C:/用户/数据.png\n"
+
+
 def test_bad_grid_arguments():
     with pytest.raises(ValueError, match="seed"):
         grid([__file__], {}, seeds=[], profile="smoke")
