@@ -162,6 +162,37 @@ def test_gradnorm_measures_the_gradient_at_the_last_shared_layer():
     torch.testing.assert_close(weighting.last_grad_norms, torch.stack(expected))
 
 
+def test_gradnorm_weight_gradient_by_hand_with_its_target_held_constant():
+    """d/dw_t sum_s |w_s n_s - mean(G) r_s^alpha| = sign(G_t - target_t) n_t, the target a constant (Chen et al.
+    2018); n_t = ||dL_t/dW|| at the last shared layer. A gradient through the target changes it once alpha > 0."""
+    torch.manual_seed(0)
+    net, weighting = TwoTaskNet(), GradNorm(TASKS, alpha=1.5)
+    x, targets = _regression_problem()
+    scale = {"seg": 3.0, "cls": 1.0}
+    losses = _losses(net, x, targets, scale)
+    weighting.backward(losses, list(net.encoder.parameters()))  # records L(0)
+    weighting.initial_losses = torch.stack([losses["seg"] * 2, losses["cls"]]).detach()  # seg has halved since
+    losses = _losses(net, x, targets, scale)
+    norms = torch.stack([torch.autograd.grad(losses[t], net.encoder.weight, retain_graph=True)[0].norm()
+                         for t in TASKS])  # G_t at w_t = 1
+    ratio = torch.stack([losses[t].detach() for t in TASKS]) / weighting.initial_losses
+    target = norms.mean() * (ratio / ratio.mean()) ** 1.5
+    weighting.backward(losses, list(net.encoder.parameters()))
+    torch.testing.assert_close(weighting.task_weights.grad, torch.sign(norms - target) * norms)
+
+
+def test_gradnorm_weights_stay_put_when_the_gradscaler_skipped_the_step():
+    """An overflow elsewhere in the network under fp16: the network did not move, so neither do the weights."""
+    net, weighting = TwoTaskNet(), GradNorm(TASKS, alpha=0.0, lr=0.02)
+    x, targets = _regression_problem()
+    weighting.backward(_losses(net, x, targets, {"seg": 10.0, "cls": 1.0}), list(net.encoder.parameters()))
+    assert torch.isfinite(weighting.task_weights.grad).all()  # its own gradient is fine
+    weighting.step_skipped = True  # as fit sets it from the GradScaler
+    weighting.after_step()
+    assert weighting.weights() == {"seg": 1.0, "cls": 1.0} and weighting.task_weights.grad is None
+    weighting.step_skipped = False
+
+
 def test_gradnorm_favours_the_task_that_trains_slower():
     net, weighting = TwoTaskNet(), GradNorm(TASKS, alpha=1.5, lr=0.02)
     x, targets = _regression_problem(noise=(0.1, 0.1))
@@ -418,6 +449,20 @@ def test_weighting_gradients_are_finite_and_reach_every_parameter():
         weighting.backward(_losses(net, x, targets), list(net.encoder.parameters()))
         for p in [*net.parameters(), *weighting.parameters()]:
             assert p.grad is not None and torch.isfinite(p.grad).all(), name
+
+
+def test_delta_m_averages_over_the_baselines_metrics_not_every_metric_reported():
+    """A student passes the whole compute() dict of the multi-task model and a two-metric baseline."""
+    mtl = {"seg/dice": 0.8, "cls/acc": 0.9, "seg/iou": 0.7, "cls/auc": 0.95}
+    single = {"seg/dice": 0.75, "cls/acc": 1.0}
+    assert delta_m(mtl, single) == pytest.approx(100 * ((0.8 - 0.75) / 0.75 + (0.9 - 1.0) / 1.0) / 2)
+
+
+def test_the_published_defaults():
+    """DWA's temperature 2 (Liu et al. 2019) and GradNorm's alpha 1.5 (Chen et al. 2018, their NYUv2 value),
+    with its weights' learning rate: what build_weighting("dwa") or ("gradnorm") gives a student."""
+    assert build_weighting("dwa", TASKS).options() == {"temperature": 2.0}
+    assert build_weighting("gradnorm", TASKS).options() == {"alpha": 1.5, "lr": 0.025}
 
 
 def test_delta_m_by_hand():
