@@ -232,6 +232,19 @@ def test_nan_guard_stops_and_keeps_the_last_good_checkpoint(where, tmp_path):
         assert all(torch.isfinite(b).all() for b in model.buffers() if b.is_floating_point())
 
 
+def test_a_nan_batch_leaves_batchnorm_as_it_found_it_without_a_checkpoint_to_go_back_to():
+    """Above, fit's start state (kept for out_dir) hid the guard's own undo: without out_dir, or after the first
+    last.pt, the model handed back carried NaN running statistics, and every later evaluation returned NaN."""
+    torch.manual_seed(0)
+    model = ToyNet()
+    train, val = _loaders()
+    train.dataset.items[5]["image"] = torch.full((1, 16, 16), float("nan"))
+    with pytest.raises(NonFiniteLossError):
+        _fit(model, train, val, epochs=3)
+    batchnorm = model.encoder[1]
+    assert torch.isfinite(batchnorm.running_mean).all() and torch.isfinite(batchnorm.running_var).all()
+
+
 def test_resume_with_a_damaged_best_pt_says_how_to_go_on_from_last_pt(tmp_path):
     train, val = _loaders()
     _fit(ToyNet(), train, val, epochs=1, out_dir=tmp_path)

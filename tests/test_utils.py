@@ -117,6 +117,17 @@ def test_a_file_whose_name_is_near_the_limit_is_written_atomically(tmp_path):
     assert path.read_text() == "{}" and [p.name for p in tmp_path.iterdir()] == [path.name]
 
 
+def test_an_atomic_write_reaches_the_disk_before_it_takes_the_name(tmp_path, monkeypatch):
+    """fsync before os.replace: else a power cut right after the rename can leave an empty file under the
+    final name (ext4's delayed allocation), the loss the temporary file exists to prevent."""
+    calls = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (calls.append("fsync"), real_fsync(fd))[1])
+    monkeypatch.setattr(os, "replace", lambda a, b: (calls.append("replace"), real_replace(a, b))[1])
+    write_text("{}", tmp_path / "metrics.json")
+    assert calls == ["fsync", "replace"] and (tmp_path / "metrics.json").read_text() == "{}"
+
+
 def test_environment_report_names_device_and_versions():
     report = environment_report("cpu")
     assert report["device"] == "cpu" and report["torch"] == torch.__version__
