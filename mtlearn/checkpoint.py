@@ -318,6 +318,11 @@ def check_trainable(path: str | os.PathLike, saved: Sequence[str] | None, model:
     training_now, training_then = set(now), set(saved)
     frozen = [name for name in saved if name not in training_now]
     thawed = [name for name in now if name not in training_then]
+    if not frozen and not thawed:  # the same names in another order: the moments would load crosswise
+        raise ValueError(f"cannot resume from {path}: the same parameters train, but the model lists them in "
+                         "another order (its modules are built in another order), and the optimiser's saved state "
+                         "is a list in that run's order; build the model as that run did, or start a new run in "
+                         "another out_dir")
     raise ValueError(f"cannot resume from {path}: other parameters train now than in that run (frozen now: "
                      f"{few(frozen)}; training now: {few(thawed)}), and its optimiser state belongs to those that "
                      "trained then. Freeze (requires_grad=False) the same parameters as that run, or start a new run "

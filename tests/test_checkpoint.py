@@ -359,3 +359,20 @@ def test_a_failure_that_is_not_the_files_is_not_called_corrupt(tmp_path, monkeyp
     monkeypatch.setattr(torch, "load", out_of_memory)
     with pytest.raises(RuntimeError, match="can't allocate memory"):
         load_checkpoint(path)
+
+
+def test_resume_is_refused_when_the_same_parameters_train_in_another_order(tmp_path):
+    """The optimiser's moments are a list in parameter order: the same names in another order (modules built in
+    another order) load them crosswise, which a comparison of the names as sets let through."""
+    from mtlearn.checkpoint import check_trainable, trainable_names
+
+    class Pair(nn.Module):
+        def __init__(self, first: str):
+            super().__init__()
+            for name in (first, "b" if first == "a" else "a"):
+                self.add_module(name, nn.Linear(2, 2))
+
+    saved = trainable_names(Pair("a"))
+    check_trainable(tmp_path / "last.pt", saved, Pair("a"), Pair("a").state_dict())  # as saved: fine
+    with pytest.raises(ValueError, match=r"the same parameters train, but the model lists them in another order"):
+        check_trainable(tmp_path / "last.pt", saved, Pair("b"), Pair("b").state_dict())
