@@ -104,11 +104,15 @@ def one_vs_rest_scores(logits: np.ndarray | Tensor) -> np.ndarray:
     return (logits - torch.logsumexp(others.masked_fill(own, float("-inf")), dim=2)).numpy()
 
 
-def class_labels(labels: Tensor) -> Tensor:
-    """`labels` as long class indices, or a ValueError for fractional ones (.long() would truncate 1.7 to 1)."""
-    if labels.dtype.is_floating_point and not torch.equal(labels, labels.round()):
-        raise ValueError(f"class labels must be whole numbers (class indices), got {labels.flatten()[:8].tolist()}; "
-                         "probabilities or soft labels need .argmax(1) (one column per class) or rounding")
+def class_labels(labels: Tensor, name: str = "class labels") -> Tensor:
+    """`labels` as long class indices, or a ValueError naming `name` for fractional or non-finite ones (.long()
+    would truncate 1.7 to 1, and turn NaN or inf into a garbage class)."""
+    if labels.dtype.is_floating_point:
+        bad = labels[~torch.isfinite(labels) | (labels != labels.round())].flatten()
+        if len(bad):
+            raise ValueError(f"{name} must be whole numbers (class indices), got {bad[:3].tolist()}"
+                             f"{' and more' if len(bad) > 3 else ''}; probabilities or soft labels need .argmax(1) "
+                             "(one column per class) or rounding, and NaN labels dropping or fixing")
     return labels.long()
 
 

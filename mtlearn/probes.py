@@ -98,21 +98,17 @@ def _as_keys(label_keys) -> tuple[str, ...]:
 
 
 def _class_indices(values: np.ndarray, name: str) -> np.ndarray:
-    """Integer or float `values` as int64 class indices, floats only when whole (0.0/1.0 from a CSV): never
-    NaN or 0.3. Other labels (class names) are returned as they are.
+    """Integer or float `values` as int64 class indices (metrics.class_labels: floats only when whole, as
+    0.0/1.0 from a CSV; never NaN, inf or 0.3). Other labels (class names) are returned as they are.
 
     A plain astype(int64) would turn 0.7 into class 0 and NaN into -2**63, and the probe would go on.
     """
+    from mtlearn.metrics import class_labels
+
     values = np.asarray(values)
-    if values.dtype.kind == "f":
-        bad = values[~np.isfinite(values) | (values != np.round(values))]
-        if bad.size:
-            raise ValueError(f"label {name!r} must hold integer class indices, got {bad[:3].tolist()}"
-                             f"{' and more' if bad.size > 3 else ''}; drop or fix those items, or round "
-                             "soft labels to classes first")
-    elif values.dtype.kind not in "biu":  # names ("benign") are classes to scikit-learn as they are
+    if values.dtype.kind not in "biuf":  # names ("benign") are classes to scikit-learn as they are
         return values
-    return values.astype(np.int64)
+    return class_labels(torch.from_numpy(values), f"label {name!r}").numpy()
 
 
 def _is_int_labels(value) -> bool:

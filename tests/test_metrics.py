@@ -418,7 +418,10 @@ def test_sync_adds_the_sums_and_counts_of_every_process(tmp_path, monkeypatch):
     (lambda: MetricAccumulator(("seg",)).update({"seg": torch.zeros(2, 2, 4, 4)}, {"mask": torch.zeros(2, 1, 4, 5)}),
      r"target must be \(B, 1, H, W\) matching logits \(2, 2, 4, 4\), got \(2, 1, 4, 5\)$"),
     (lambda: MetricAccumulator(("cls",)).update({"cls": torch.zeros(4, 3)}, {"label": torch.tensor([0, 1.7, 2, 1])}),
-     r"class labels must be whole numbers \(class indices\), got \[0\.0, 1\.7"),
+     r"class labels must be whole numbers \(class indices\), got \[1\.7"),  # the wrong ones
+    # inf passed round() and became class -2**63 (then "labels must lie in 0..2"); NaN failed as "not whole"
+    (lambda: MetricAccumulator(("cls",)).update({"cls": torch.zeros(3, 3)}, {"label": torch.tensor([0, 1, math.inf])}),
+     r"class labels must be whole numbers \(class indices\), got \[inf\]; .*NaN labels dropping or fixing"),
     (lambda: MetricAccumulator(("cls",)).update({"cls": torch.zeros(3, 3)}, {"label": torch.eye(3)[[0, 2, 1]]}),
      r"class labels must be \(B,\) class indices, got shape \(3, 3\) .*label\.argmax\(1\)"),
     (lambda: MetricAccumulator(("cls",)).update({"cls": torch.zeros(4)}, {"label": torch.tensor([0, 1, 1, 0])}),

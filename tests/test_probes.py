@@ -579,13 +579,14 @@ def test_a_label_named_twice_is_refused_not_collected_twice():
 
 def test_float_labels_become_classes_only_when_whole():
     loader = DataLoader(ScoredData(20), batch_size=8)  # "score" is 0.3 * i: not classes
-    with pytest.raises(ValueError, match=r"label 'score' must hold integer class indices, got \[0.3, 0.6, 0.899"):
+    with pytest.raises(ValueError, match=r"label 'score' must be whole numbers \(class indices\), "
+                                         r"got \[0.3, 0.6, 0.899"):
         extract_features(lambda x: x.mean(dim=(2, 3)), loader, device="cpu", label_keys=("coded", "score"))
     batches = [{"image": torch.zeros(4, 1, 8, 8), "flag": torch.tensor([0.0, 1.0, 1.0, 0.0])}]  # 0/1 read as floats
     _, labels = extract_features(lambda x: x.mean(dim=(2, 3)), batches, device="cpu", label_keys="flag")
     assert labels["flag"].tolist() == [0, 1, 1, 0] and labels["flag"].dtype == np.int64
     batches[0]["flag"] = torch.tensor([0.0, 1.0, float("nan"), 0.0])  # was class -2**63, with a cast warning
-    with pytest.raises(ValueError, match=r"label 'flag' must hold integer class indices, got \[nan\]"):
+    with pytest.raises(ValueError, match=r"label 'flag' must be whole numbers \(class indices\), got \[nan\]"):
         extract_features(lambda x: x.mean(dim=(2, 3)), batches, device="cpu", label_keys="flag")
 
 
@@ -593,16 +594,16 @@ def test_probes_name_nan_labels():
     features, coded, _ = synthetic_features(n=60)
     y = coded.astype(float)
     y[7] = np.nan  # was "class nan has 0 item(s)... probe more images": y == nan is never true
-    with pytest.raises(ValueError, match=r"label 'y' must hold integer class indices, got \[nan\]"):
+    with pytest.raises(ValueError, match=r"label 'y' must be whole numbers \(class indices\), got \[nan\]"):
         cross_validated_probe(features, y, folds=2)
-    with pytest.raises(ValueError, match=r"label 'y_train' must hold integer class indices, got \[nan\]"):
+    with pytest.raises(ValueError, match=r"label 'y_train' must be whole numbers \(class indices\), got \[nan\]"):
         linear_probe(features[:40], y[:40], features[40:], coded[40:])
     soft = coded[40:].astype(float)
     soft[3] = 0.7  # would be class 0
-    with pytest.raises(ValueError, match=r"label 'y_test' must hold integer class indices, got \[0.7\]"):
+    with pytest.raises(ValueError, match=r"label 'y_test' must be whole numbers \(class indices\), got \[0.7\]"):
         linear_probe(features[:40], coded[:40], features[40:], soft)
     y[7] = np.inf  # NaN != NaN caught it; inf is whole to np.round, and would be cast to a garbage class
-    with pytest.raises(ValueError, match=r"label 'y' must hold integer class indices, got \[inf\]"):
+    with pytest.raises(ValueError, match=r"label 'y' must be whole numbers \(class indices\), got \[inf\]"):
         cross_validated_probe(features, y, folds=2)
     names = np.where(coded == 1, "benign", "malignant")  # class names are classes to scikit-learn as they are
     assert cross_validated_probe(features, names, folds=2)["balanced_accuracy"] > 0.9
