@@ -1660,3 +1660,16 @@ def test_a_nan_after_some_adversary_steps_leaves_the_adversaries_as_they_were(mo
         D.train_disentangle(model, good + bad, **kwargs)
     for key, value in reference.state_dict().items():
         assert torch.equal(value, model.state_dict()[key]), key
+
+
+def test_the_adversaries_are_crossed_each_reads_the_other_tasks_features():
+    """The method's point: adv_a predicts task A's label from encoder B's features (and adv_b task B's from A's),
+    so that encoder B is pushed to drop A's information. The behavioural tests call model.adversaries
+    themselves, so a pairing swapped inside it passed them all."""
+    torch.manual_seed(0)
+    model = D.DisentangleNet(widths=TINY).eval()
+    features_a, features_b = torch.randn(2, TINY[-1], 4, 4), torch.randn(2, TINY[-1], 4, 4)
+    adv_a, adv_b = model.adversaries(features_a, features_b)
+    moved_a, moved_b = model.adversaries(features_a + 1.0, features_b)  # only encoder A's features change
+    assert torch.equal(moved_a, adv_a) and not torch.allclose(moved_b, adv_b)
+    torch.testing.assert_close(adv_a, model.adv_a(features_b))
