@@ -176,6 +176,12 @@ def test_unreadable_marker_is_not_trusted(server, tmp_path):
     fetch("bus_bra", **kwargs)
     assert (tmp_path / "BUSBRA" / "Images" / "bus_0001-l.png").read_bytes() == b"png" and len(server.requests) == 1
     assert json.loads((tmp_path / ".bus_bra.complete").read_text())["known_hash"] == sha256(ARCHIVE)
+    # whole JSON, but a checksum that cannot be read (edited by hand): also unpacked again, not a ValueError
+    (tmp_path / "BUSBRA" / "Images" / "bus_0001-l.png").unlink()
+    record = json.loads((tmp_path / ".bus_bra.complete").read_text())
+    (tmp_path / ".bus_bra.complete").write_text(json.dumps({**record, "known_hash": "sha256:not-a-checksum"}))
+    fetch("bus_bra", **kwargs)
+    assert (tmp_path / "BUSBRA" / "Images" / "bus_0001-l.png").read_bytes() == b"png" and len(server.requests) == 1
 
 
 def test_marker_without_a_file_list_still_notices_a_deleted_file(server, tmp_path):
@@ -213,6 +219,9 @@ def test_mac_resource_forks_named_zip_are_not_unpacked(tmp_path):
     names = extract_zip(outer, tmp_path / "dest")
     assert "dataset/BUS-UCLM/INFO.csv" in names and (tmp_path / "dest/dataset/BUS-UCLM/INFO.csv").is_file()
     assert (tmp_path / "dest/__MACOSX/dataset/._BUS-UCLM.zip").read_bytes() == debris
+    from data_fetch.archive import _is_wrapped_zip
+
+    assert not _is_wrapped_zip("__MACOSX/dataset/BUS-UCLM.zip")  # anything under __MACOSX, "._" or not
 
 
 def test_unreadable_zip_inside_the_download_names_both_and_extracts_nothing(tmp_path):
@@ -248,6 +257,18 @@ def test_an_archive_larger_than_the_free_space_is_refused_before_unpacking(tmp_p
     assert asked == [tmp_path] and not (tmp_path / "new").exists()
     monkeypatch.setattr(archive_module.shutil, "disk_usage", lambda path: disk_usage(path, needed))
     assert "dataset/BUS-UCLM/a.png" in archive_module.extract_zip(outer, tmp_path / "new" / "dest")
+
+
+def test_a_member_name_with_dot_dot_is_refused_even_where_it_stays_inside(tmp_path):
+    """zipfile writes "a/../b.txt" as a/b.txt while the marker would list the name as given: the file would
+    count as missing on every later check, and the dataset be unpacked again each time."""
+    from data_fetch.archive import extract_zip
+
+    archive = tmp_path / "data.zip"
+    archive.write_bytes(zip_bytes({"a/../b.txt": b"b"}))
+    with pytest.raises(UnsafeArchiveError, match=r"member 'a/../b.txt' would be written outside"):
+        extract_zip(archive, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_member_that_would_overwrite_the_archive_is_refused(tmp_path):
@@ -408,6 +429,7 @@ def test_server_without_range_support_restarts_cleanly(server, tmp_path):
     server.drops, server.ignore_range = 1, True
     download_file(server.url + "/data.npz", tmp_path / "data.npz", sha256(PAYLOAD), progress=False)
     assert (tmp_path / "data.npz").read_bytes() == PAYLOAD
+    assert len(server.requests) == 2  # the 200 to the range request is the whole file, kept: not an attempt lost
 
 
 def test_leftover_part_file_resumes_or_restarts(server, tmp_path):
@@ -985,6 +1007,7 @@ def test_manually_placed_file_with_wrong_hash_is_reported_not_deleted(tmp_path):
         (lambda d: fetch("busi", dest=d, known_hash="crc32:1234"), "checksum"),
         (lambda d: parse_hash("sha256:not-hex"), "checksum"),
         (lambda d: parse_hash("md5:abc"), "has 3 hex digits; a md5 digest has 32"),
+        (lambda d: parse_hash("sha256:" + "z" * 64), r"cannot read the checksum"),  # the right length, no hex
         (lambda d: parse_hash("sha256:" + "0" * 32), "has 32 hex digits; a sha256 digest has 64"),
         (lambda d: fetch("bus_bra", dest=d, known_hash="md5:" + "0" * 64), "a md5 digest has 32"),
         (lambda d: fetch("breastmnist", dest=d, url="notaurl"), r"url 'notaurl' is not a web address; .*https://"),
