@@ -22,20 +22,11 @@ from mtlearn.blocks import check_dilations
 from mtlearn.encoder import ResFormerConfig, ResFormerEncoder, check_image, init_weights
 from mtlearn.heads import (DFE_MODES, MultiScaleClassificationHead, ReconstructionHead, SegmentationHead,
                            UNetDecoder)
+from mtlearn.losses import check_tasks
 from mtlearn.utils import check_int, check_options, check_size
 
 TASKS = ("seg", "cls", "recon")  # segmentation, classification, reconstruction (denoising)
 CLS_HEADS = ("multiscale", "last")  # classifier reads the last two encoder stages, or the last one only
-
-
-def _task_tuple(tasks) -> tuple:
-    """`tasks` as a tuple: "seg" is one task, not three letters; None or a number is named, not a bare TypeError."""
-    if isinstance(tasks, str):
-        return (tasks,)
-    try:
-        return tuple(tasks)
-    except TypeError:
-        raise ValueError(f"tasks must be a non-empty subset of {TASKS}, e.g. ('seg', 'cls'), got {tasks!r}") from None
 
 
 @dataclass
@@ -52,10 +43,7 @@ class MultiTaskConfig(ResFormerConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        self.tasks = _task_tuple(self.tasks)
-        unknown = [t for t in self.tasks if t not in TASKS]
-        if not self.tasks or unknown or len(set(self.tasks)) != len(self.tasks):
-            raise ValueError(f"tasks must be a non-empty subset of {TASKS} without repeats, got {self.tasks}")
+        self.tasks = check_tasks(self.tasks)  # "seg" is one task; None, unknown or repeated names are refused
         if self.dfe not in DFE_MODES:
             raise ValueError(f"unknown DFE mode {self.dfe!r}; expected one of {DFE_MODES}")
         if self.cls_head not in CLS_HEADS:
@@ -158,7 +146,7 @@ def build_model(preset: str = "course", tasks: Sequence[str] = ("seg", "cls"), i
         raise ValueError(f"unknown preset {preset!r}; expected one of {tuple(PRESETS)}")
     check_options(MultiTaskConfig, overrides, "model option(s)")
     settings = {**PRESETS[preset], **overrides}
-    tasks = _task_tuple(tasks)
+    tasks = check_tasks(tasks)
     config = MultiTaskConfig(in_channels=in_channels, image_size=image_size, tasks=tasks,
                              num_classes=num_classes, seg_classes=seg_classes, **settings)
     return MultiTaskUNet(config)
