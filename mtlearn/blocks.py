@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mtlearn.utils import is_int
+from mtlearn.utils import check_int_sequence, is_int
 
 # Additive attention mask value for token pairs that must not attend to each other.
 MASKED = float("-inf")
@@ -478,15 +478,7 @@ class ResFormerStage(nn.Module):
 
 def check_dilations(dilations: Sequence[int]) -> tuple[int, ...]:
     """`dilations` as a tuple of Python ints >= 1 (NumPy ints too, as from a sweep; not True), or a ValueError."""
-    try:
-        dilations = tuple(dilations)
-    except TypeError:  # dilations=6: "'int' object is not iterable" named nothing
-        raise ValueError(f"dilations must be a sequence of positive integers, one per DFE branch, e.g. (6, 12, 18) "
-                         f"or (6,) for one, got {dilations!r}") from None
-    if not dilations or not all(is_int(d) and d >= 1 for d in dilations):
-        raise ValueError(f"dilations must be a non-empty sequence of positive integers, e.g. (6, 12, 18), "
-                         f"got {dilations}")
-    return tuple(int(d) for d in dilations)
+    return check_int_sequence("dilations", dilations, "one rate per DFE branch, e.g. (6, 12, 18) or (6,) for one")
 
 
 class DFE(nn.Module):

@@ -49,6 +49,7 @@ from mtlearn.engine import NonFiniteLossError
 from mtlearn.utils import (
     check_bool,
     check_int,
+    check_int_sequence,
     check_size,
     check_label_pair,
     check_loader,
@@ -132,10 +133,7 @@ class Encoder(nn.Module):
 
 def _check_widths(widths) -> tuple[int, ...]:
     """Encoder widths as a tuple of ints, or a ValueError (64 alone failed with "has no len()")."""
-    if not isinstance(widths, (tuple, list)) or not widths or any(not is_int(w) or w < 1 for w in widths):
-        raise ValueError(f"widths must be a non-empty sequence of positive ints, one per stage, e.g. (8, 16, 32, 64); "
-                         f"got {widths!r}")
-    return tuple(int(w) for w in widths)
+    return check_int_sequence("widths", widths, "the width of each encoder stage, e.g. (8, 16, 32, 64)")
 
 
 READOUTS = ("pooled", "spatial")

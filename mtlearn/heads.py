@@ -18,23 +18,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mtlearn.blocks import ASPPDFE, DFE
-from mtlearn.utils import check_int
+from mtlearn.utils import check_int, check_int_sequence
 
 DFE_MODES = ("none", "three", "four")  # no DFE, the paper's three-branch DFE, the four-branch ASPP-like one
-
-
-def check_widths(name: str, widths, minimum: int = 1) -> tuple[int, ...]:
-    """Channel counts, one per feature map, as a tuple of ints (at least `minimum` of them), or a ValueError
-    naming `name` (128 for (128,) failed with "'int' object is not iterable", 64.0 inside torch.empty)."""
-    try:
-        widths = tuple(widths)
-    except TypeError:
-        raise ValueError(f"{name} must list the channels of each feature map, e.g. (256, 512), "
-                         f"got {widths!r}") from None
-    if len(widths) < minimum:
-        count = {1: "one feature map", 2: "two feature maps"}.get(minimum, f"{minimum} feature maps")
-        raise ValueError(f"{name} must list the channels of at least {count}, got {widths}")
-    return tuple(check_int(f"each of {name}", w, 1) for w in widths)
 
 
 def skip_refiner(mode: str, channels: int, dilations: Sequence[int] = (6, 12, 18)) -> nn.Module:
@@ -83,7 +69,8 @@ class UNetDecoder(nn.Module):
 
     def __init__(self, widths: Sequence[int], dfe: str = "none", dilations: Sequence[int] = (6, 12, 18)):
         super().__init__()
-        widths = check_widths("widths", widths, 2)  # one width would make no up-sampling level: an identity
+        # one width would make no up-sampling level: an identity
+        widths = check_int_sequence("widths", widths, "the channels of each encoder stage, e.g. (64, 128, 256, 512)", 2)
         if dfe not in DFE_MODES:
             raise ValueError(f"unknown DFE mode {dfe!r}; expected one of {DFE_MODES}")
         self.widths, self.out_channels = widths, widths[0]
@@ -161,7 +148,7 @@ class MultiScaleClassificationHead(nn.Module):
 
     def __init__(self, in_channels: Sequence[int], num_classes: int = 3, hidden: int = 32, dropout: float = 0.0):
         super().__init__()
-        in_channels = check_widths("in_channels", in_channels)
+        in_channels = check_int_sequence("in_channels", in_channels, "the channels of each map read, e.g. (256, 512)")
         num_classes, hidden = check_int("num_classes", num_classes, 1), check_int("hidden", hidden, 1)
         self.norms = nn.ModuleList(nn.BatchNorm2d(c) for c in in_channels)
         self.fc1 = nn.Linear(sum(in_channels), hidden)

@@ -298,6 +298,19 @@ def check_int(name: str, value, minimum: int) -> int:
     return int(value)
 
 
+def check_int_sequence(name: str, value, what: str, minimum: int = 1) -> tuple[int, ...]:
+    """`value` as a tuple of Python ints >= 1 (NumPy ints too, as from a sweep; not True), at least `minimum`
+    of them, or a ValueError naming `name` and `what` it lists ("one rate per DFE branch, e.g. (6, 12, 18)").
+    An int where a sequence is due (6 for (6,)) failed with "'int' object is not iterable", naming nothing."""
+    try:
+        items = tuple(value)
+    except TypeError:
+        raise ValueError(f"{name} must list {what}, got {value!r}") from None
+    if len(items) < minimum:
+        raise ValueError(f"{name} must list {what}, at least {minimum}, got {items!r}")
+    return tuple(check_int(f"each of {name}", item, 1) for item in items)
+
+
 def check_number(name: str, value, low: float, high: float = math.inf, *, above: bool = False,
                  below: bool = False, advice: str = "") -> float:
     """`value` as a Python float if it is a finite number from `low` to `high`, else a ValueError naming `name`.

@@ -95,8 +95,8 @@ def test_disentangle_parameter_groups_split_the_model():
         (lambda: D.Encoder(in_channels=0), "in_channels"),
         (lambda: D.Encoder(widths=()), "widths"),
         (lambda: D.Encoder(widths=(8, 0)), "widths"),
-        (lambda: D.Encoder(widths=64), r"widths must be a non-empty sequence .*got 64"),  # "has no len()"
-        (lambda: D.disentangle_config("smoke", widths=64), r"widths must be a non-empty sequence"),  # at build
+        (lambda: D.Encoder(widths=64), r"widths must list the width of each encoder stage, .*got 64"),  # "has no len()"
+        (lambda: D.disentangle_config("smoke", widths=64), r"widths must list the width of each"),  # at build
         (lambda: D.DisentangleNet(widths=TINY, dropout="0.1"), r"dropout must be a number in \[0, 1\).*unquoted"),
         (lambda: D.Classifier(8, num_classes=1), "num_classes"),
         (lambda: D.Classifier(8, 2, readout="local"), "unknown readout 'local'"),

@@ -54,7 +54,8 @@ BAD_ARGUMENTS = [
     ("unknown refiner", lambda: skip_refiner("two", 8), "DFE mode"),
     ("seg no classes", lambda: SegmentationHead(8, 0), "num_classes"),
     ("recon no channels", lambda: ReconstructionHead(8, 0), "out_channels"),
-    ("cls nothing read", lambda: MultiScaleClassificationHead((), 3), "at least one"),
+    ("cls nothing read", lambda: MultiScaleClassificationHead((), 3), r"in_channels must list .*, at least 1, "
+                                                                      r"got \(\)"),
     ("cls no classes", lambda: MultiScaleClassificationHead((64,), 0), "num_classes"),
     # each failed inside torch ("empty(): argument 'size'", "'int' object is not iterable") or built silently
     ("seg float classes", lambda: SegmentationHead(16, 2.0), r"num_classes must be an integer >= 1, got 2.0"),
@@ -62,9 +63,10 @@ BAD_ARGUMENTS = [
     ("recon float channels", lambda: ReconstructionHead(16, 1.5), r"out_channels must be an integer >= 1, got 1.5"),
     ("cls float classes", lambda: MultiScaleClassificationHead((64, 128), 3.0), r"num_classes must be an integer"),
     ("cls float hidden", lambda: MultiScaleClassificationHead((64,), 3, hidden=32.0), r"hidden must be an integer"),
-    ("cls one int", lambda: MultiScaleClassificationHead(128, 3), r"in_channels must list the channels of each"),
+    ("cls one int", lambda: MultiScaleClassificationHead(128, 3), r"in_channels must list the channels of each map"),
     ("cls float width", lambda: MultiScaleClassificationHead((64.0,), 3), r"each of in_channels must be an integer"),
-    ("decoder one width", lambda: UNetDecoder((16,)), r"widths must list the channels of at least two feature maps"),
+    ("decoder one width", lambda: UNetDecoder((16,)), r"widths must list the channels of each encoder stage, e.g. "
+                                                      r"\(64, 128, 256, 512\), at least 2, got \(16,\)"),
     # maps that do not fit: were a bare RuntimeError from BatchNorm or a convolution, or a zip that stopped short
     ("decoder short list", lambda: UNetDecoder(WIDTHS)(features()[:3]),
      r"the decoder was built for 4 encoder maps \(channels \(8, 16, 32, 64\)\), got 3"),

@@ -80,7 +80,8 @@ BAD_ARGUMENTS = [
     ("unknown cls head", lambda: tiny_model(cls_head="first"), "cls_head"),
     ("one class", lambda: tiny_model(num_classes=1), "num_classes"),
     ("bad dilations", lambda: tiny_model(dilations=(6, 0)), "dilations"),
-    ("a switch as a dilation", lambda: tiny_model(dfe="three", dilations=(True, 2)), r"dilations .*got \(True, 2\)"),
+    ("a switch as a dilation", lambda: tiny_model(dfe="three", dilations=(True, 2)),
+     r"each of dilations must be an integer >= 1, got True"),
     ("no classifier width", lambda: tiny_model(cls_hidden=0), "cls_hidden must be an integer >= 1"),
     ("float classifier width", lambda: tiny_model(cls_hidden=32.0), r"cls_hidden must be an integer >= 1.*int\("),
     ("heads do not divide widths", lambda: tiny_model(num_heads=(3, 2, 2, 4)), "num_heads"),
@@ -275,8 +276,8 @@ def test_numpy_dilations_from_a_sweep_are_taken_as_ints():
 @pytest.mark.parametrize("kwargs, match", [
     (dict(tasks=None), r"tasks must name some of \('seg', 'cls', 'recon'\), e.g. \('seg', 'cls'\), got None"),
     (dict(tasks=3), r"tasks must name some of .*got 3"),
-    (dict(dfe="three", dilations=6), r"dilations must be a sequence of positive integers, one per DFE branch, "
-                                     r"e.g. \(6, 12, 18\) or \(6,\) for one, got 6"),
+    (dict(dfe="three", dilations=6), r"dilations must list one rate per DFE branch, e.g. \(6, 12, 18\) or \(6,\) "
+                                     r"for one, got 6"),
 ])
 def test_a_non_sequence_for_tasks_or_dilations_is_named(kwargs, match):
     """Each was a bare TypeError: "'NoneType' / 'int' object is not iterable"."""
