@@ -249,7 +249,7 @@ class Explainer:
         except AttributeError:
             raise ValueError(f"the model has no module named {name!r}; pick one from model.named_modules()") from None
 
-    @torch.no_grad()
+    @torch.inference_mode(False)
     def forward_args(self, images: Tensor, head: str, target=None, reference: Tensor | None = None) -> tuple:
         """What the head's wrapper takes after the images, with defaults filled in from the model.
 
@@ -257,8 +257,14 @@ class Explainer:
         seg:   target None -> the predicted lesion mask; else a (B, 1, H, W) region.
         recon: target None -> the whole image; else a (B, 1, H, W) region. reference None -> images.
         Everything is fixed here, from the unperturbed images, so that every perturbed copy Captum
-        evaluates is scored against the same target.
+        evaluates is scored against the same target. The tensors returned are copies made outside
+        inference mode: a target made inside torch.inference_mode (labels moved to the GPU in an
+        evaluation loop) cannot be saved for a backward pass, and failed every method but IG and occlusion.
         """
+        return tuple(arg.clone() for arg in self._forward_args(images, head, target, reference))
+
+    @torch.no_grad()
+    def _forward_args(self, images: Tensor, head: str, target=None, reference: Tensor | None = None) -> tuple:
         images = self._check_images(images)
         B, _, H, W = images.shape
         if head == "cls":
@@ -324,10 +330,7 @@ class Explainer:
         device = images.device  # the maps go back where the images came from
         images = checked
         with self._exact():
-            # copies: a target or reference made inside inference_mode (labels moved to the GPU in an evaluation
-            # loop) cannot be saved for the backward pass, and would fail every method but IG and occlusion
-            args = tuple(a.clone() if torch.is_tensor(a) else a for a in self.forward_args(images, head, target,
-                                                                                          reference))
+            args = self.forward_args(images, head, target, reference)
             images = images.detach().clone().requires_grad_(True)  # Captum differentiates w.r.t. this copy
             maps = run(self.head(head), images, args, **method_kw)
         return maps.sum(dim=1, keepdim=True).detach().to(device)  # (B, 1, H, W)
@@ -785,7 +788,7 @@ def randomisation_groups(explainer: Explainer, images: Tensor, head: str = "cls"
         for p in flat:
             p.requires_grad_(True)
         images = explainer._check_images(images)
-        args = tuple(a.clone() for a in explainer.forward_args(images, head, target))  # see Explainer.attribute
+        args = explainer.forward_args(images, head, target)
         with torch.enable_grad():
             score = explainer.head(head)(images, *args).sum()
             grads = torch.autograd.grad(score, flat, allow_unused=True)
