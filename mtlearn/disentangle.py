@@ -155,7 +155,9 @@ class Classifier(nn.Module):
     def __init__(self, in_channels: int, num_classes: int, hidden: int = 256, readout: str = "pooled",
                  dropout: float = 0.0, grid: int = 4):
         super().__init__()
+        in_channels = check_int("in_channels", in_channels, 1)
         num_classes = check_int("num_classes", num_classes, 2)
+        grid = check_int("grid", grid, 1)  # 0 built a classifier of 0 inputs that failed at its first batch
         if readout not in READOUTS:
             raise ValueError(f"unknown readout {readout!r}; expected one of {READOUTS}")
         if not is_int(hidden) or hidden < 0:

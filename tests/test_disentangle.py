@@ -102,6 +102,8 @@ def test_disentangle_parameter_groups_split_the_model():
         (lambda: D.Classifier(8, 2, readout="local"), "unknown readout 'local'"),
         (lambda: D.Classifier(8, 2, hidden=-1), "hidden"),
         (lambda: D.Classifier(8, 2, dropout=1.0), "dropout"),
+        (lambda: D.Classifier(8, 2, readout="spatial", grid=0), "grid must be an integer >= 1"),
+        (lambda: D.Classifier(0, 2), "in_channels must be an integer >= 1"),
         (lambda: D.DisentangleNet(num_classes_a=1), "num_classes_a"),
         (lambda: D.SharedEncoderNet(num_classes_b=True), "num_classes_b"),
         (lambda: D.DisentangleNet(adv_readout="grid"), "unknown readout"),
