@@ -1056,6 +1056,9 @@ def plot_attributions(images: Tensor, maps: Mapping[str, Tensor], masks: Tensor 
     """
     if share not in SHARES:
         raise ValueError(f"share must be one of {SHARES}, got {share!r}")
+    if not isinstance(images, Tensor) or images.dim() != 4 or images.shape[0] == 0:  # matplotlib named neither
+        shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
+        raise ValueError(f"images must be a (B, C, H, W) tensor of at least one image, got {shape}")
     B = images.shape[0]
     keys = list(maps)
     expected = (B, 1, *images.shape[-2:])  # checked before the figure opens, so a bad call leaves none behind

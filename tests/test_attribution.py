@@ -1252,6 +1252,8 @@ def test_plots_refuse_bad_input_before_opening_a_figure(images):
         (lambda: A.plot_attributions(images, {"ig": torch.rand(2, 2, SIZE, SIZE)}), r"maps\['ig'\] must be"),
         (lambda: A.plot_attributions(images, {"ig": maps}, masks=torch.ones(1, 1, SIZE, SIZE)), "masks must be"),
         (lambda: A.plot_attributions(images, {"ig": maps}, row_labels=["a"]), r"one label per image \(2\)"),
+        (lambda: A.plot_attributions(images[:0], {"ig": maps[:0]}), r"images must be .*at least one image, got \(0, "),
+        (lambda: A.plot_attributions(images[0], {"ig": maps[0]}), r"images must be a \(B, C, H, W\) tensor"),
         (lambda: A.plot_randomisation(result, index=2), r"index must be an image of the result, an int in 0\.\.1"),
         (lambda: A.plot_scores([]), "at least one row"),
     ]:
