@@ -182,6 +182,11 @@ class ResFormerEncoder(nn.Module):
     def forward(self, x: Tensor) -> list[Tensor]:
         """x: (B, in_channels, H, W) -> 4 maps (B, widths[i], H / 2^(i+1), W / 2^(i+1)), i = 0..3."""
         check_image(x, self.config.in_channels, dtype=self.stem[0].weight.dtype)
+        if self.training and x.shape[0] * (x.shape[-2] // STRIDE) * (x.shape[-1] // STRIDE) == 1:
+            # torch's own message ("Expected more than 1 value per channel") names neither cause nor fix
+            raise ValueError(f"one {x.shape[-2]}x{x.shape[-1]} image in training mode leaves BatchNorm a single value "
+                             f"per channel in the last stage ({STRIDE}x smaller); train on batches of 2 or more "
+                             "images (or larger images), or call model.eval() to run it on one")
         features = self.stem(x)  # (B, w0, H/2, W/2)
         if self.patch_embed is not None:
             features = features + self.patch_embed(x)

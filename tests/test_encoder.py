@@ -81,6 +81,15 @@ def test_bad_input(name, shape, message):
         encoder(torch.randn(shape))
 
 
+def test_one_image_of_one_stride_in_training_mode_is_named():
+    encoder = ResFormerEncoder(tiny_config())
+    with pytest.raises(ValueError, match=r"one 16x16 image in training mode.*batches of 2 or more.*model\.eval\(\)"):
+        encoder(torch.randn(1, 1, 16, 16))
+    assert [f.shape[-1] for f in encoder(torch.randn(2, 1, 16, 16))] == [8, 4, 2, 1]  # two images: BN has 2 values
+    assert encoder(torch.randn(1, 1, 16, 32))[-1].shape[-2:] == (1, 2)  # one image with a 1x2 last map trains
+    assert encoder.eval()(torch.randn(1, 1, 16, 16))[-1].shape[-2:] == (1, 1)  # eval: running statistics
+
+
 def test_numpy_integers_from_a_sweep_are_accepted():
     import numpy as np
 
