@@ -803,6 +803,9 @@ def test_split_by_group_deals_7_1_2_of_each_class_and_keeps_groups_whole(seed):
     # other fractions are honoured too (BUS-BRA splits what its test fold leaves 7:1)
     two_way = (("train", 0.7), ("val", 0.1))
     assert_class_shares(split_by_group(groups, labels, seed=seed, fractions=two_way), groups, labels, two_way)
+    # shares are relative: 7:1:2 in whole numbers is the default split itself
+    whole = tuple((name, round(10 * share)) for name, share in SPLIT_FRACTIONS)
+    assert split_by_group(groups, labels, seed=seed, fractions=whole).tolist() == split_of.tolist()
 
 
 @pytest.mark.parametrize("groups, labels, fractions, match", [

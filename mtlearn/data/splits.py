@@ -38,6 +38,10 @@ def split_by_group(
     those tied) are shuffled with `seed` and dealt out in order, a group joining the split in which
     its middle item falls (train for the first 70 % of the class's items, and so on). Deterministic
     for a given seed, whatever the order of the items.
+
+    `fractions`: (name, share) pairs in the order the splits are dealt. Shares are relative, divided by
+    their sum: (("train", 7), ("val", 1), ("test", 2)) splits as the 0.7 / 0.1 / 0.2 default does, and
+    (("train", 0.7), ("val", 0.1)) splits 7:1 (BUS-BRA, whose test fold is fixed).
     """
     groups, labels = np.asarray(groups), np.asarray(labels)
     if groups.ndim != 1 or groups.shape != labels.shape or groups.size == 0:
