@@ -1256,7 +1256,8 @@ class AttributionExplorer:
         self.tolerance = tolerance
         self.explainer = Explainer(model, layer=layer, keys=keys)
         # a NumPy array of names has no truth value: `class_names or ...` raised
-        self.class_names = list(class_names) if class_names is not None else getattr(dataset, "class_names", None)
+        names = class_names if class_names is not None else getattr(dataset, "class_names", None)
+        self.class_names = list(names) if names is not None else None  # the dataset's own may be an array too
         self.method_kw = dict(method_kw or {})
         for method in methods:  # now, not when a student first picks the method in the widget
             self.explainer.check_options(method, dataset[0]["image"].shape[-2:], **self.method_kw.get(method, {}))

@@ -601,6 +601,11 @@ def test_viewer_offers_lesion_targets_only_where_the_data_has_masks(model, data)
 def test_viewer_takes_class_names_as_a_numpy_array(model, data):
     viewer = A.AttributionExplorer(model, data, methods=("saliency",), class_names=np.array(["n", "b", "m"]))
     assert [label for label, _ in viewer.target.options] == ["predicted class", "n", "b", "m"]
+    # the dataset's own names as an array too (`self.class_names or ...` raised "truth value ... ambiguous")
+    array_named = SyntheticUltrasound(num_samples=4, image_size=SIZE, seed=0, artifact_rate=1.0)
+    array_named.class_names = np.array(["n", "b", "m"])
+    viewer = A.AttributionExplorer(model, array_named, methods=("saliency",))
+    assert [label for label, _ in viewer.target.options] == ["predicted class", "n", "b", "m"]
 
 
 def test_viewer_points_with_its_tolerance_and_closes_its_figures(model, data):
@@ -674,6 +679,7 @@ BAD = [
     (dict(method="ig", baseline="white"), "baseline must be"),
     (dict(target=torch.tensor([0, 1, 2])), "cls target"),
     (dict(target=7), r"class indices in 0\.\.2, got \[7, 7\]"),
+    (dict(target=3), r"class indices in 0\.\.2, got \[3, 3\]"),  # one past the last: gather's index error
     (dict(head="seg", target=torch.ones(2, 1, 8, 8)), "seg target must be a region"),
     # a 0/255 mask scaled the score 255 times, a soft one reweighted it
     (dict(head="seg", target=torch.full((2, 1, SIZE, SIZE), 255.0)), r"seg target must hold 0 and 1 only, .*mask > 0"),
