@@ -214,7 +214,8 @@ def learning_curves(histories: dict[str, "object"], metric: str, title: str = ""
                          "(1, 2, ...) to each record")
     points = {}  # run -> [(epoch, value)] in epoch order: a line drawn in list order would double back
     for name, rows in records.items():
-        points[name] = sorted((r["epoch"], r[metric]) for r in rows if metric in r)
+        # by epoch alone: a repeated epoch with a None value must reach the check below, not compare None < 0.5
+        points[name] = sorted(((r["epoch"], r[metric]) for r in rows if metric in r), key=lambda pair: pair[0])
         epochs = [epoch for epoch, _ in points[name]]
         if len(set(epochs)) != len(epochs):
             twice = sorted({e for e in epochs if epochs.count(e) > 1})

@@ -46,6 +46,10 @@ def test_roc_curves_one_line_per_present_class():
     legend = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
     assert legend == ["a (AUC 1.00)", "b (AUC 1.00)", "c (no AUC: no label)"]
     assert len([line for line in fig.axes[0].lines if len(line.get_xdata())]) == 3  # two curves + the diagonal
+    # one class in every label (a filtered test set): scikit-learn's AUC would raise
+    fig = plots.roc_curves(np.zeros(4, int), probs[:, :2], ["a", "b"])
+    assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == ["a (no AUC: every label)",
+                                                                            "b (no AUC: no label)"]
 
 
 def test_show_items_grid_shape_and_titles():
@@ -165,6 +169,9 @@ def test_learning_curves_draw_each_run_in_epoch_order_and_refuse_repeated_epochs
     joined = [{"epoch": 1, "loss": 0.9}, {"epoch": 2, "loss": 0.5}, {"epoch": 1, "loss": 0.8}]
     with pytest.raises(ValueError, match=r"run 'b' records epoch\(s\) \[1\] more than once \(two fits joined\?\)"):
         plots.learning_curves({"a": joined[:2], "b": joined}, "loss")
+    unset = [{"epoch": 1, "loss": None}, {"epoch": 1, "loss": 0.5}]  # sorting the pairs compared None with 0.5
+    with pytest.raises(ValueError, match=r"run 'c' records epoch\(s\) \[1\] more than once"):
+        plots.learning_curves({"c": unset}, "loss")
 
 
 @pytest.mark.parametrize("errors, message", [
