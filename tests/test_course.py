@@ -28,13 +28,17 @@ pathlib.Path(out_dir).mkdir(parents=True, exist_ok=True)
 json.dump({"profile": profile, "metrics": {"dice": 0.5 + seed}}, open(pathlib.Path(out_dir) / "metrics.json", "w"))"""
 
 
-def test_run_notebook_passes_parameters_and_reads_metrics(tmp_path):
+def test_run_notebook_passes_parameters_and_reads_metrics(tmp_path, monkeypatch):
     nb = write_notebook(tmp_path / "01_good.ipynb", GOOD)
     # a limit from a NumPy sweep is a number like any other
     result = run_notebook(nb, tmp_path / "out", {"profile": "smoke", "seed": 2}, cell_timeout=np.int64(600))
     assert result.ok, result.error
     # nbclient takes whole seconds: --cell-timeout 1.5 failed every notebook with a TraitError
     assert run_notebook(nb, tmp_path / "out", {"profile": "smoke", "seed": 2}, cell_timeout=90.5).ok
+    asked = []
+    monkeypatch.setattr("papermill.execute_notebook", lambda *a, **kw: asked.append(kw["execution_timeout"]))
+    run_notebook(nb, tmp_path / "short", {}, cell_timeout=0.5)  # rounded up: 0 would mean no limit at all
+    assert asked == [1]
     assert result.metrics == {"profile": "smoke", "metrics": {"dice": 2.5}}
     assert (tmp_path / "out" / "01_good.ipynb").exists()
     assert result.out_dir == tmp_path / "out"  # where the results are now, not the staging folder they ran in
@@ -241,6 +245,7 @@ def test_notebooks_are_found_in_a_clone_when_the_package_came_from_pip(tmp_path,
 def test_seed_is_passed_only_when_given():
     assert notebook_parameters("course") == {"profile": "course", "device": "auto"}  # notebooks keep their seeds
     assert notebook_parameters("smoke", 3, "cpu") == {"profile": "smoke", "device": "cpu", "seed": 3}
+    assert notebook_parameters("smoke", 0)["seed"] == 0  # --seed 0 is a seed, not "each notebook's own"
 
 
 def test_notebooks_run_in_their_own_folder(tmp_path):
@@ -270,6 +275,20 @@ def test_an_interruption_between_the_renames_keeps_the_previous_run(tmp_path, mo
     monkeypatch.undo()
     kept = tmp_path / "out.old"
     assert json.loads((kept / "metrics.json").read_text())["metrics"] == {"dice": 1.5} and (kept / "done").exists()
+
+
+def test_a_run_left_beside_an_earlier_interrupted_one_is_replaced(tmp_path):
+    """An interruption during the last clean-up leaves both `out` and `out.old`: the next run must still publish
+    (renaming `out` onto a non-empty `out.old` fails with "Directory not empty")."""
+    nb = write_notebook(tmp_path / "01_good.ipynb", GOOD)
+    out = tmp_path / "out"
+    assert run_notebook(nb, out, {"seed": 1}).ok
+    (tmp_path / "out.old").mkdir()
+    (tmp_path / "out.old" / "metrics.json").write_text("{}")
+    result = run_notebook(nb, out, {"seed": 2})
+    assert result.ok, result.error
+    assert json.loads((out / "metrics.json").read_text())["metrics"] == {"dice": 2.5}
+    assert not (tmp_path / "out.old").exists()
 
 
 def test_course_notebooks_are_only_the_numbered_ones(tmp_path):
@@ -586,6 +605,8 @@ def test_freeze_progress_bars_rewrites_only_bars_whose_state_was_saved(tmp_path)
     assert course.freeze_progress_bars(path) == 1
     outputs = json.loads(path.read_text())["cells"][0]["outputs"]
     assert outputs[0]["data"]["text/plain"] == ["train:  50%|█████     | 2/4 [00:01<00:01]"]
+    overshot = bar("train: 100%", 5, 4, " 5/4")  # tqdm's value can pass its total: the bar stays 10 wide
+    assert course._bar_text(overshot, "b") == "train: 100%|██████████| 5/4"
     assert [o["data"]["text/plain"] for o in outputs[1:3]] == [["train:   0%|          | 0/4"]] * 2  # no bar state
     plain = tmp_path / "plain.ipynb"
     plain.write_text(json.dumps({"cells": [], "metadata": {}}))
