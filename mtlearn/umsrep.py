@@ -850,6 +850,13 @@ def compare_strategies(config: UMSRepConfig | str = "course", out_dir: str | os.
 METRICS = ("recon/psnr", "recon/ssim", "seg/dice", "cls/acc", "cls/auc")
 
 
+def _largest_measured(values) -> float:
+    """The largest of the values that were measured (not NaN), NaN when none was: max() of [nan, 3.0] is nan but of
+    [3.0, nan] is 3.0 (a comparison resumed on a GPU after a CPU start mixes the two)."""
+    measured = [value for value in values if not math.isnan(value)]
+    return max(measured) if measured else float("nan")
+
+
 def strategy_table(runs: Sequence[TrainedModel], config: UMSRepConfig):
     """Group the TrainedModel records by strategy into the table described in `compare_strategies`.
 
@@ -894,7 +901,7 @@ def strategy_table(runs: Sequence[TrainedModel], config: UMSRepConfig):
             "total_cpu_time_s": cpu + pre_cpu,
             "amortised_cpu_time_s": cpu + share * pre_cpu,
             "memory_mb": max(r.memory_mb for r in group),
-            "cuda_peak_mb": max(r.cuda_peak_mb for r in group),
+            "cuda_peak_mb": _largest_measured(r.cuda_peak_mb for r in group),
             "images_seen": sum(r.images_seen for r in group),
             "pretrain_images_seen": pretrain.images_seen if uses else 0,
             "resumed_epochs": sum(r.resumed_epochs for r in group),
