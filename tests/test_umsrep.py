@@ -214,6 +214,7 @@ def test_step_flops_scale_with_images_and_shrink_when_frozen():
     full_4, full_2 = measure_training_step(model, data, TASKS), measure_training_step(model, half, TASKS)
     assert full_4.flops == pytest.approx(2 * full_2.flops, rel=1e-6)  # per image: the same
     assert full_4.activation_bytes == pytest.approx(2 * full_2.activation_bytes, rel=0.05)
+    assert full_2.fixed_saved_bytes == 0 < full_4.fixed_saved_bytes  # under 4 images all is taken to grow
     frozen = measure_training_step(freeze_encoder(tiny(), 0), data, TASKS)
     assert frozen.flops < full_4.flops and frozen.activation_bytes < full_4.activation_bytes
     assert frozen.memory_bytes() < full_4.memory_bytes()
@@ -499,6 +500,7 @@ def test_a_few_denoising_steps_lower_the_reconstruction_error():
     (dict(tolerance={"dice": 0.02}), "tolerance maps metrics"),
     (dict(strategies=("joint", "joint")), "must not repeat"),
     (dict(image_size="64"), "image_size must be an integer"),
+    (dict(image_size=16), r"image_size must be an integer multiple of 16, at least 32, got 16"),  # 1x1 last stage
     (dict(joint_task_weights={"sgm": 1.0}), r"joint_task_weights \(or None\) must give one number per task"),
     (dict(joint_task_weights={"recon": 1.0, "seg": 1.0, "cls": -0.25}), "joint_task_weights"),
     (dict(joint_task_weights={"recon": 1.0, "seg": 1.0, "cls": float("nan")}), "joint_task_weights"),
@@ -708,10 +710,13 @@ def test_a_finished_comparison_reloads_and_refuses_other_options(tmp_path, monke
     # the acceptance thresholds and the progress bars may change: nothing is retrained
     again = run_comparison(replace(config, tolerance={"seg/dice": 0.1}, progress=True), out_dir=tmp_path, resume=True)
     assert calls == [] and again.table[list(METRICS)].equals(first.table[list(METRICS)])
+    assert first.runs[0].metrics and not [k for r in first.runs for k in r.metrics if k.endswith("loss")]  # no losses
     with pytest.raises(ValueError, match=re.escape(
             f"cannot resume from {tmp_path / 'pretrain' / 'recon' / 'options.json'} with other options (seed: 0 then, "
             "1 now). Resume with the options of that run, or start a new run in another out_dir")):
         run_comparison(replace(config, seed=1), out_dir=tmp_path, resume=True)
+    with pytest.raises(ValueError, match=re.escape("with other options (lr: 0.001 then, 0.002 now)")):
+        run_comparison(replace(config, lr=2e-3), out_dir=tmp_path, resume=True)  # finished runs of another lr
     with pytest.raises(ValueError, match=re.escape(f"out_dir {tmp_path / 'pretrain' / 'recon'} already holds a run "
                                                    "(last.pt, epoch 1 of 1): for a new run choose another out_dir or "
                                                    "delete this one; to continue that run pass resume=True")):
@@ -919,6 +924,16 @@ def test_train_and_measure_records_memory_at_the_batch_size_cpu_time_and_an_eval
     assert result.model is model and not model.training
 
 
+def test_table_takes_the_largest_measured_cuda_peak_whatever_the_order():
+    """A comparison started on the CPU and resumed on a GPU mixes unmeasured (NaN) and measured peaks."""
+    peaks = {"seg": float("nan"), "cls": 3.0, "recon": 2.0}
+    for order in (("seg", "cls", "recon"), ("cls", "recon", "seg")):
+        runs = [replace(record("full", (t,)), cuda_peak_mb=peaks[t]) for t in order]
+        assert strategy_table(runs, UMSRepConfig()).loc["full", "cuda_peak_mb"] == 3.0, order
+    unmeasured = [record("full", (t,)) for t in peaks]  # the CPU: NaN for every model
+    assert math.isnan(strategy_table(unmeasured, UMSRepConfig()).loc["full", "cuda_peak_mb"])
+
+
 def test_table_sums_the_trainable_parameters_of_a_strategys_models():
     runs = [replace(record("full", (t,)), trainable_parameters=n) for t, n in zip(("seg", "cls", "recon"), (5, 7, 9))]
     assert strategy_table(runs, UMSRepConfig()).loc["full", "trainable_params"] == 5 + 7 + 9
@@ -954,6 +969,7 @@ def test_synthetic_representation_images_are_not_the_labelled_ones():
     labelled = [data.train[i]["clean"] for i in range(len(data.train))] + [data.test[i]["clean"]
                                                                            for i in range(len(data.test))]
     assert len(unlabeled) == 6 and not any(torch.equal(u, x) for u in unlabeled for x in labelled)
+    assert len(load_strategy_data(handful(num_unlabeled=None)).unlabeled) == 2 * 4  # default: twice the labelled
 
 
 def test_the_representation_learns_from_the_unlabeled_images_only(monkeypatch):
