@@ -179,6 +179,10 @@ def test_dfe_output_is_rectified_then_gated(cls):
     x = torch.randn(2, 8, 8, 12)
     out = block(x)
     assert (out >= 0).all() and (out == 0).any() and (out > 0).any()
+    if cls is DFE:  # one ReLU after the sum, not one per branch (which passes the check above too)
+        block.eval()
+        expected = block.attention(F.relu(sum(branch(x) for branch in block.branches)))
+        assert torch.allclose(block(x), expected, atol=1e-6)
 
 
 def test_drop_path_drops_whole_samples_in_training_only():
@@ -318,6 +322,10 @@ def test_attention_dropout_only_in_training():
     assert torch.equal(attn(x), attn(x))
     attn.train()
     assert not torch.equal(attn(x), attn(x))
+    # the output projection's dropout (`dropout`) zeroes whole outputs in training, half of them at p = 0.5
+    projected = WindowAttention(16, 2, dropout=0.5)
+    assert 0.3 < (projected(x) == 0).float().mean() < 0.7
+    assert not (projected.eval()(x) == 0).any()
 
 
 @pytest.mark.parametrize("dilations", [(6, 12, 18), (2, 3), (5,)])

@@ -263,6 +263,41 @@ def test_float_sizes_and_class_counts_name_int(factory, match):
         factory()
 
 
+def test_every_option_reaches_the_layer_it_configures():
+    """Options that change no shape and few parameters: a dropped one would still build and train."""
+    from torch import nn
+
+    model = tiny_model(tasks=("seg", "cls"), dfe="three", dilations=(3,), qkv_bias=False, mlp_ratio=2.0,
+                       dropout=0.25, attn_dropout=0.125, cls_hidden=12)
+    for stage, heads, width in zip(model.encoder.stages, TINY["num_heads"], TINY["widths"]):
+        for block in stage.transformer:
+            assert block.attn.num_heads == heads  # per stage, as the paper's 2/4/8/16 (head size 32)
+            assert block.attn.qkv.bias is None and block.attn.attn_dropout == 0.125
+            assert block.attn.proj_drop.p == 0.25
+            assert block.mlp[0].out_features == 2 * width
+            assert [m.p for m in block.mlp if isinstance(m, nn.Dropout)] == [0.25, 0.25]
+    assert [dfe.dilations for dfe in model.decoders["seg"].refine] == [(3,)] * 4
+    assert model.heads["cls"].fc1.out_features == 12 and model.heads["cls"].drop.p == 0.25
+
+
+def test_the_stem_and_blocks_are_resnet_ones():
+    """A 7x7 convolution, BN, ReLU and a 3x3 max-pool; basic blocks of two undilated 3x3 convolutions; the
+    decoder fuses with conv-BN-ReLU; each DFE branch is a dilated 3x3 conv + BN, then a 1x1 conv + BN."""
+    from torch import nn
+
+    model = tiny_model(dfe="three")
+    stem = model.encoder.stem
+    assert [type(m) for m in stem] == [nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.MaxPool2d]
+    assert stem[0].kernel_size == (7, 7) and stem[3].kernel_size == 3
+    for block in (b for stage in model.encoder.stages for b in stage.cnn):
+        assert [(c.kernel_size, c.dilation) for c in (block.conv1, block.conv2)] == [((3, 3), (1, 1))] * 2
+    for fuse in model.decoders["seg"].fuse:
+        assert [type(m) for m in fuse] == [nn.Conv2d, nn.BatchNorm2d, nn.ReLU]
+    for branch in model.decoders["seg"].refine[0].branches:
+        assert [type(m) for m in branch] == [nn.Conv2d, nn.BatchNorm2d, nn.Conv2d, nn.BatchNorm2d]
+        assert branch[2].kernel_size == (1, 1)
+
+
 def test_numpy_dilations_from_a_sweep_are_taken_as_ints():
     """isinstance(d, int) refused np.int64(6), which every other integer option accepts."""
     import numpy as np
