@@ -188,11 +188,7 @@ def run_notebook(
         except OSError as error:  # e.g. a file where a folder of the path should be: this run fails, the rest go on
             return failed(f"cannot make the run's folder {staging}: {error}")
         metrics_path = staging / "metrics.json"
-        params = dict(parameters, out_dir=str(staging))
-        root = params.get("data_root")
-        if isinstance(root, (str, Path)) and str(root) and not Path(root).expanduser().is_absolute():
-            # the kernel runs in the notebook's folder: a relative data_root means the caller's folder
-            params["data_root"] = str(Path(root).expanduser().absolute())
+        params = dict(injected_parameters(parameters), out_dir=str(staging))
         env_root = os.environ.get("MTLEARN_DATA", "")
         try:
             if env_root and not Path(env_root).expanduser().is_absolute():
@@ -389,6 +385,16 @@ def headline_table(results: list[NotebookResult]) -> str:
 
 def _number(value: float | None) -> str:
     return "NaN" if value is None or math.isnan(value) else f"{value:.3g}"
+
+
+def injected_parameters(parameters: dict) -> dict:
+    """`parameters` as run_notebook injects them (out_dir aside): the kernel runs in the notebook's folder, so a
+    relative data_root, which means the caller's folder, is made absolute."""
+    params = dict(parameters)
+    root = params.get("data_root")
+    if isinstance(root, (str, Path)) and str(root) and not Path(root).expanduser().is_absolute():
+        params["data_root"] = str(Path(root).expanduser().absolute())
+    return params
 
 
 def notebook_parameters(profile: str, seed: int | None = None, device: str = "auto") -> dict:

@@ -10,7 +10,8 @@ the notebook has a list, a number or a switch is refused before the first run (a
 default is None, "the profile's value", is checked by the notebook itself, in each run).
 
 Each run gets its own folder, named after its parameters. A run whose folder holds the `done`
-marker of a successful run with the same parameters is skipped, so an interrupted grid picks up
+marker of a successful run with the same parameters (those papermill recorded in its executed notebook)
+is skipped, so an interrupted grid picks up
 where it stopped and a finished grid does no work. A failing run is recorded (`error.txt` beside
 the executed notebook, in the run's `.partial` folder; an earlier successful run stays as it was)
 and the grid goes on. `collect(out_root, specs)` reads the grid's finished runs into one table.
@@ -30,8 +31,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from mtlearn.course import (CELL_TIMEOUT_S, DONE, course_notebooks, resolve_cell_timeout, run_notebook,
-                            select_notebooks)
+from mtlearn.course import (CELL_TIMEOUT_S, DONE, course_notebooks, injected_parameters, resolve_cell_timeout,
+                            run_notebook, select_notebooks)
 from mtlearn.notebook import flatten_metrics, resolve_profile
 from mtlearn.utils import check_folder, check_number, is_int, write_text
 
@@ -61,12 +62,24 @@ class RunSpec:
         return Path(out_root) / self.notebook.stem / self.name
 
     def is_complete(self, out_root: Path) -> bool:
-        """True when the folder holds a finished run (see `_finished`) with these parameters."""
+        """True when the folder holds a finished run (see `_finished`) with these parameters: the ones papermill
+        recorded in the executed notebook. The folder name alone does not tell: "a/b" and "a_b" share one, and
+        so do "PCGrad" and "pcgrad" on a file system blind to case (two grids run into one out_root)."""
         folder = self.folder(out_root)
         recorded = _recorded(folder)
-        if recorded is None:
+        if recorded is None or any(recorded.get(k, v) != v for k, v in self.parameters
+                                   if k in ("profile", "seed", "dataset")):  # what the notebook says it ran
             return False
-        return all(recorded.get(k, v) == v for k, v in self.parameters if k in ("profile", "seed", "dataset"))
+        try:
+            executed = json.loads((folder / self.notebook.name).read_text(encoding="utf-8"))
+            injected = executed["metadata"]["papermill"]["parameters"]
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
+            return False  # no executed notebook, or not papermill's: not known to be this run
+        wanted = injected_parameters(dict(self.parameters))
+        # as JSON text: a tuple was injected as a list, and NaN equals itself there
+        return isinstance(injected, dict) and all(
+            k in injected and json.dumps(injected[k], sort_keys=True) == json.dumps(v, sort_keys=True)
+            for k, v in wanted.items())
 
 
 def _recorded(folder: Path) -> dict | None:
@@ -286,7 +299,7 @@ def collect(out_root: str | Path, specs: list[RunSpec] | None = None) -> pd.Data
     if specs is None:  # staging (.partial) and set-aside (.old) folders are not runs
         runs = [(m.parent, None) for m in sorted(out_root.glob(f"*/*/{DONE}"))
                 if not m.parent.name.endswith((".partial", ".old"))]
-    else:  # only runs with the spec's profile, seed and dataset (a copied-in folder may hold others)
+    else:  # only runs of the spec's parameters (a copied-in folder, or another grid's, may hold others)
         runs = [(spec.folder(out_root), spec) for spec in specs if spec.is_complete(out_root)]
     rows = []
     for folder, spec in runs:

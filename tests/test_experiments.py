@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 
 from mtlearn import experiments
+from mtlearn.course import injected_parameters
 from mtlearn.experiments import _parse_set, collect, grid, main, plot_spread, run_grid, summarise
 from tests.test_course import write_notebook
 
@@ -50,6 +51,23 @@ def test_grid_runs_once_then_skips_and_collects(notebooks, tmp_path):
     assert sorted(table["score"]) == [10, 10, 11, 11]
     summary = summarise(table, ["notebook"], ["score"])
     assert summary.loc["nb", ("score", "mean")] == 10.5
+
+
+def test_two_grids_whose_values_share_a_folder_name_do_not_take_each_others_runs(tmp_path):
+    """"a/b" and "a_b" both make the folder tag=a_b (and "PCGrad" and "pcgrad" share one where case is ignored):
+    the second grid skipped its run as done and collect showed the first grid's result under its name."""
+    body = """import json, pathlib
+json.dump({"profile": profile, "seed": seed, "metrics": {"slash": int("/" in tag)}},
+          open(pathlib.Path(out_dir) / "metrics.json", "w"))"""
+    nb = write_notebook(tmp_path / "01_tag.ipynb", body)
+    nb.write_text(nb.read_text().replace("out_dir = None", "out_dir = None\\ntag = 'x'"))
+    first, second = (grid([nb], {"tag": [tag]}, seeds=[0], profile="smoke") for tag in ("a/b", "a_b"))
+    assert first[0].folder(tmp_path) == second[0].folder(tmp_path)
+    assert list(run_grid(first, tmp_path / "grid", progress=False)["status"]) == ["ok"]
+    assert list(run_grid(second, tmp_path / "grid", progress=False)["status"]) == ["ok"]  # not "skipped (done)"
+    assert collect(tmp_path / "grid", second)[["tag", "slash"]].values.tolist() == [["a_b", 0]]
+    assert list(run_grid(second, tmp_path / "grid", progress=False)["status"]) == ["skipped (done)"]
+    assert not first[0].is_complete(tmp_path / "grid")  # the folder now holds the second grid's run
 
 
 def test_a_failing_run_is_recorded_and_the_rest_go_on(notebooks, tmp_path):
@@ -97,6 +115,7 @@ def test_bad_grid_arguments():
     assert _parse_set("weightings=['fixed','pcgrad']") == ("weightings", [["fixed", "pcgrad"]])  # one list
     assert _parse_set("weightings=['fixed'],['pcgrad']") == ("weightings", [["fixed"], ["pcgrad"]])
     assert _parse_set("size=(64,64),(96,96)") == ("size", [(64, 64), (96, 96)])
+    assert _parse_set("lr = 1e-3,1e-4") == ("lr", [0.001, 0.0001])  # spaces around '=' (a name "lr " is unknown)
 
 
 def test_an_empty_value_in_set_is_refused_a_last_comma_allowed():
@@ -319,11 +338,15 @@ def test_plot_spread_says_delta_m_is_in_percent():
     plt.close("all")
 
 
-def _finished_run(folder, record):
-    """A folder as a successful run leaves it: metrics.json and the `done` marker."""
+def _finished_run(folder, record, spec=None):
+    """A folder as a successful run leaves it: metrics.json and the `done` marker, and with a spec the executed
+    notebook, where papermill records the parameters it injected."""
     folder.mkdir(parents=True)
     (folder / "metrics.json").write_text(json.dumps(record))
     (folder / "done").write_text("finished\n")
+    if spec is not None:
+        parameters = dict(injected_parameters(dict(spec.parameters)), out_dir=str(folder))
+        (folder / spec.notebook.name).write_text(json.dumps({"metadata": {"papermill": {"parameters": parameters}}}))
     return folder
 
 
@@ -341,11 +364,26 @@ def test_collect_gives_one_row_per_run_with_its_facts_and_flat_metrics(tmp_path)
                                        "seg/dice": 0.8, "acc": 0.9}
 
 
+def test_collect_lists_runs_in_name_order_and_keeps_recorded_facts_over_swept_values(notebooks, tmp_path):
+    for seed in (2, 0, 1):
+        _finished_run(tmp_path / "01_a" / f"profile=smoke,seed={seed}", dict(RECORD, seed=seed))
+    assert list(collect(tmp_path)["seed"]) == [0, 1, 2]  # not the file system's order
+    notebooks[0].write_text(notebooks[0].read_text().replace("scale = 1", "scale = 1\\ndevice = 'auto'"))
+    spec = grid(notebooks[:1], {"device": ["auto"]}, seeds=[0], profile="smoke")[0]
+    _finished_run(spec.folder(tmp_path / "grid"), RECORD, spec)  # RECORD: it ran on the cpu
+    assert list(collect(tmp_path / "grid", [spec])["device"]) == ["cpu"]  # what the run used, not "auto"
+
+
+def test_grid_takes_a_range_of_seeds(notebooks):
+    assert [dict(s.parameters)["seed"] for s in grid(notebooks, {}, seeds=range(2), profile="smoke")] == [0, 1, 0, 1]
+
+
 def test_collect_with_the_grid_has_a_column_per_swept_parameter(notebooks, tmp_path):
     """summarise(table, "scale", ...) failed ("not in the table"): only the folder name held the values."""
     specs = grid(notebooks[:1], {"scale": [2, [64, 64]]}, seeds=[0, 1], profile="smoke")
     for score, spec in enumerate(specs):
-        _finished_run(spec.folder(tmp_path), dict(RECORD, seed=dict(spec.parameters)["seed"], metrics={"score": score}))
+        _finished_run(spec.folder(tmp_path), dict(RECORD, seed=dict(spec.parameters)["seed"], metrics={"score": score}),
+                      spec)
     table = collect(tmp_path, specs)
     assert table[["scale", "seed", "score"]].values.tolist() == [[2, 0, 0], [2, 1, 1], ["[64, 64]", 0, 2],
                                                                  ["[64, 64]", 1, 3]]  # a list as its text
@@ -367,7 +405,7 @@ def test_collect_keeps_the_run_facts_when_a_metric_has_one_of_their_names(tmp_pa
 
 def test_a_done_run_whose_metrics_are_not_a_dict_is_damaged_not_a_crash_of_every_collect(notebooks, tmp_path):
     spec = grid(notebooks[:1], {}, seeds=[0], profile="smoke")[0]
-    _finished_run(spec.folder(tmp_path), dict(RECORD, metrics=None))
+    _finished_run(spec.folder(tmp_path), dict(RECORD, metrics=None), spec)
     assert not spec.is_complete(tmp_path) and collect(tmp_path).empty  # AttributeError on None.items()
 
 
@@ -397,7 +435,7 @@ def test_collect_leaves_out_staging_and_set_aside_folders(tmp_path):
 
 def test_a_finished_run_of_other_parameters_in_the_folder_is_not_complete(notebooks, tmp_path):
     spec = grid(notebooks[:1], {}, seeds=[0], profile="smoke")[0]
-    folder = _finished_run(spec.folder(tmp_path), dict(RECORD, profile="course"))  # e.g. a copied-in run
+    folder = _finished_run(spec.folder(tmp_path), dict(RECORD, profile="course"), spec)  # e.g. a copied-in run
     assert not spec.is_complete(tmp_path)
     (folder / "metrics.json").write_text(json.dumps(dict(RECORD, seed=1)))
     assert not spec.is_complete(tmp_path)
@@ -409,7 +447,7 @@ def test_a_finished_run_on_another_dataset_is_not_complete(notebooks, tmp_path):
     """A dataset=busi folder holding a synthetic run (copied in, or renamed) must run again, not be skipped."""
     notebooks[0].write_text(notebooks[0].read_text().replace("scale = 1", "scale = 1\\ndataset = 'synthetic'"))
     spec = grid(notebooks[:1], {"dataset": ["busi"]}, seeds=[0], profile="smoke")[0]
-    folder = _finished_run(spec.folder(tmp_path), RECORD)  # RECORD's dataset: synthetic
+    folder = _finished_run(spec.folder(tmp_path), RECORD, spec)  # RECORD's dataset: synthetic
     assert not spec.is_complete(tmp_path)
     (folder / "metrics.json").write_text(json.dumps(dict(RECORD, dataset="busi")))
     assert spec.is_complete(tmp_path)
@@ -418,7 +456,7 @@ def test_a_finished_run_on_another_dataset_is_not_complete(notebooks, tmp_path):
 def test_a_done_run_whose_metrics_are_damaged_runs_again(notebooks, tmp_path):
     """A `done` beside a half-written metrics.json stopped the whole grid (and collect) with JSONDecodeError."""
     spec = grid(notebooks[:1], {}, seeds=[0], profile="smoke")[0]
-    folder = _finished_run(spec.folder(tmp_path), RECORD)
+    folder = _finished_run(spec.folder(tmp_path), RECORD, spec)
     (folder / "metrics.json").write_text('{"notebook": "nb", "prof')
     assert not spec.is_complete(tmp_path) and collect(tmp_path).empty
     status = run_grid([spec], tmp_path, progress=False)
@@ -591,7 +629,7 @@ def test_command_line_names_a_bad_cell_timeout(notebooks, tmp_path, monkeypatch,
 def test_collect_leaves_out_a_finished_run_of_other_parameters_in_a_grid_folder(notebooks, tmp_path):
     """is_complete reruns such a folder; if the rerun fails, collect took the stale run as this grid's."""
     spec = grid(notebooks[:1], {}, seeds=[0], profile="smoke")[0]
-    folder = _finished_run(spec.folder(tmp_path), dict(RECORD, seed=3))  # copied in from another grid
+    folder = _finished_run(spec.folder(tmp_path), dict(RECORD, seed=3), spec)  # copied in from another grid
     assert collect(tmp_path, [spec]).empty
     (folder / "metrics.json").write_text(json.dumps(RECORD))
     assert list(collect(tmp_path, [spec])["seed"]) == [0]
@@ -601,6 +639,8 @@ def test_grid_refuses_run_folder_names_too_long_for_the_file_system(notebooks):
     many = [[f"weighting_{i}" for i in range(25)], ["other"]]  # one name of ~300 characters
     with pytest.raises(ValueError, match=r"over the 255 a file name may have; sweep fewer or shorter values"):
         grid(notebooks, {"scale": many}, seeds=[0], profile="smoke")
+    with pytest.raises(ValueError, match=r"would be 2\d\d bytes .* over the 255"):  # bytes, not characters
+        grid(notebooks, {"scale": [["\u00e9" * 120]]}, seeds=[0], profile="smoke")  # 120 characters, 240 bytes
 
 
 @pytest.mark.parametrize("value, message", [
@@ -610,7 +650,7 @@ def test_grid_refuses_run_folder_names_too_long_for_the_file_system(notebooks):
 def test_run_grid_checks_its_cell_timeout_before_any_run_even_when_all_are_done(notebooks, tmp_path, monkeypatch,
                                                                                 value, message):
     specs = grid(notebooks[:1], {}, seeds=[0], profile="smoke")
-    _finished_run(specs[0].folder(tmp_path), RECORD)
+    _finished_run(specs[0].folder(tmp_path), RECORD, specs[0])
     monkeypatch.setattr(experiments, "run_notebook", lambda *a, **k: pytest.fail("no run should start"))
     with pytest.raises(ValueError, match=message):
         run_grid(specs, tmp_path, progress=False, cell_timeout=value)
