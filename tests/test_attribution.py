@@ -243,6 +243,7 @@ POINTING_CASES = [
     (_map([1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, -9]), 0, "positive", 1.0),  # strong negative ignored
     (_map([1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, -9]), 0, "absolute", 0.0),  # ... unless absolute
     (torch.zeros(1, 1, 4, 4), 0, "positive", 0.0),  # a map with no evidence points nowhere
+    (torch.zeros(1, 1, 4, 4), 1, "positive", 0.0),  # ... even where the grown mask covers most of the image
     (_map([0, 0, 0, 0, 0, 9, 9, 0, 0, 9, 9, 0, 0, 0, 0, 0]), 0, "positive", 0.0),  # plateau, 1 of 4 inside
     (_map([9, 9, 9, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]), 0, "positive", 1.0),  # plateau, 2 of 3 inside
     (_map([0, 9, 0, 9, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]), 0, "positive", 1.0),  # plateau, 1 of 2: half counts
@@ -1094,6 +1095,34 @@ def test_cascading_randomisation_explains_the_trained_models_class_at_every_step
     with torch.no_grad():
         predicted = model(images)["cls"].argmax(1)
     assert len(targets) == 3 and all(torch.equal(t, predicted) for t in targets)
+
+
+def test_cascading_randomisation_leaves_out_an_image_whose_map_is_constant(model, images, monkeypatch):
+    """Its rank correlation is undefined (NaN): the curve is the mean over the other images, not NaN."""
+    attribute = A.Explainer.attribute
+
+    def first_flat(self, *args, **kw):
+        maps = attribute(self, *args, **kw)
+        maps[0] = 0.0  # e.g. Grad-CAM with nothing above zero after its ReLU
+        return maps
+
+    monkeypatch.setattr(A.Explainer, "attribute", first_flat)
+    result = A.cascading_randomisation(model, images, "cls", method="saliency", groups=["heads.cls.fc2"],
+                                       progress=False)
+    assert all(math.isfinite(rho) for rho in result.spearman), result.spearman
+
+
+def test_signed_maps_are_red_for_and_blue_against_and_the_colourbar_marks_clipping():
+    cmap = A._overlay_cmap(True)
+    top, bottom = cmap(1.0), cmap(0.0)
+    assert top[0] > top[2] and bottom[2] > bottom[0]  # red at the positive end, blue at the negative
+    fig, ax = plt.subplots()
+    strong = torch.zeros(1, 8, 8)
+    strong[0, 0, 0] = 10.0
+    shown = ax.imshow(np.zeros((8, 8)), vmin=0, vmax=1.0)
+    assert A._colourbar(fig, shown, ax, [strong, torch.zeros(1, 8, 8)]).extend == "max"  # one panel clipped
+    assert A._colourbar(fig, shown, ax, [torch.zeros(1, 8, 8)]).extend == "neither"
+    plt.close(fig)
 
 
 def test_cascading_randomisation_compares_signed_maps_when_asked(model, images):

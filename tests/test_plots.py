@@ -250,6 +250,9 @@ def test_an_rgb_image_is_shown_in_colour():
     rgb = torch.rand(3, 8, 8)
     assert np.array_equal(plots._image(rgb), rgb.permute(1, 2, 0).numpy())
     assert plots._image(torch.rand(1, 8, 8)).shape == (8, 8)
+    green = torch.zeros(3, 8, 8)
+    green[1] = 1  # red and blue equal, green not: colour, not grey
+    assert plots._image(green).shape == (8, 8, 3)
 
 
 def test_colour_outside_zero_one_is_scaled_not_clipped_and_inside_it_drawn_as_it_is():
@@ -291,7 +294,7 @@ def test_show_items_refuses_a_label_that_is_not_a_class_index(label, message):
                             keys=("image",), class_names=["a", "b"]).axes[1].get_title() == "b"
 
 
-@pytest.mark.parametrize("artifact", [None, "yes", [0, 1]])
+@pytest.mark.parametrize("artifact", [None, "yes", [0, 1], -1])
 def test_show_items_refuses_an_artifact_flag_that_is_not_0_or_1(artifact):
     items = [{"image": torch.rand(1, 8, 8), "artifact": artifact}]
     with pytest.raises(ValueError, match=r"item 0 has artifact .*; expected 0 or 1"):
