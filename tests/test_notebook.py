@@ -369,6 +369,11 @@ def test_metrics_json_records_the_device_and_wall_time_and_the_message_says_them
     assert record["wall_time_s"] == pytest.approx(42.0)
     printed = capsys.readouterr().out
     assert "on cpu" in printed and " 42 s" in printed and str(tmp_path / "out" / "metrics.json") in printed
+    gpu = start_here(tmp_path, out_dir=tmp_path / "gpu")
+    gpu.device = torch.device("cuda", 1)  # the device the run picked, as the record and the message say it
+    gpu.finish({"dice": 0.5})
+    assert json.loads((tmp_path / "gpu" / "metrics.json").read_text())["device"] == "cuda:1"
+    assert "on cuda:1" in capsys.readouterr().out
 
 
 def test_metrics_are_rounded_to_six_decimals(tmp_path):
