@@ -371,8 +371,14 @@ def _read_bus_bra(folder: Path, split: str, seed: int, fold: int | str | None = 
         if not (base / needed).exists():
             raise LayoutError(f"{base} has bus_data.csv but no {needed}; expected {expected}")
     # stripped: a hand-edited "bus_0001-l " would silently fall out of its fold (and into train)
-    folds = {row["ID"].strip(): row["kFold"].strip() for row in _read_csv(base / "5-fold-cv.csv", ("ID", "kFold"))}
-    records, problems = [], []
+    fold_rows = [(row["ID"].strip(), row["kFold"].strip())
+                 for row in _read_csv(base / "5-fold-cv.csv", ("ID", "kFold"))]
+    folds = {image_id: name for image_id, name in fold_rows if image_id and name}
+    if not folds:
+        raise DamagedFileError(f"{base / '5-fold-cv.csv'} gives no image a fold (every row lacks an ID or a kFold)")
+    # a blank row (a spreadsheet's last line) made "" the first fold name, so the default test split was empty
+    blank = [i for i, (image_id, name) in enumerate(fold_rows, start=2) if not (image_id and name)]
+    records, problems = [], [f"5-fold-cv.csv line {i}: no ID or no kFold, skipped" for i in blank]
     rows = _read_csv(base / "bus_data.csv", ("ID", "Case", "Pathology"))
     for row in rows:
         image_id = row["ID"].strip()
