@@ -525,6 +525,31 @@ def test_bus_bra_ids_with_spaces_keep_their_fold_and_an_image_in_no_fold_is_note
     assert "bus_0006-l" in rest and "bus_0001-l" not in rest
 
 
+def test_bus_bra_case_numbers_with_spaces_are_one_patient(tmp_path):
+    """" 2" and "2" were two patients, whose images could then land on both sides of a split."""
+    info = make_bus_bra(tmp_path, patients=4)
+    data = info["base"] / "bus_data.csv"
+    data.write_text(data.read_text().replace("bus_0002-r,2,", "bus_0002-r, 2 ,"))
+    groups = {r.id: r.group for r in load_dataset("bus_bra", root=tmp_path, split="all").records}
+    assert groups["bus_0002-r"] == groups["bus_0002-l"] == "2"
+
+
+def test_bus_bra_blank_rows_of_the_fold_list_are_skipped_not_the_default_test_fold(tmp_path):
+    """A spreadsheet's trailing "," row made "" the first fold name: the default test split was empty, and the
+    test patients trained."""
+    info = make_bus_bra(tmp_path, patients=10)
+    path = info["base"] / "5-fold-cv.csv"
+    before = [r.id for r in load_dataset("bus_bra", root=tmp_path, split="test").records]
+    path.write_text(path.read_text() + ",\n")
+    with pytest.warns(UserWarning, match="1 note"):
+        test = load_dataset("bus_bra", root=tmp_path, split="test")
+    assert [r.id for r in test.records] == before and len(before) > 0  # fold 1, as without the blank row
+    assert test.problems == [f"5-fold-cv.csv line {len(info['cases']) + 2}: no ID or no kFold, skipped"]
+    path.write_text("ID,kFold\n,\n,\n")
+    with pytest.raises(DamagedFileError, match=r"5-fold-cv.csv gives no image a fold"):
+        load_dataset("bus_bra", root=tmp_path, split="test")
+
+
 def test_png_files_named_in_capitals_are_found_by_their_csv_or_image_name(tmp_path):
     """The folders are listed whatever the extension's case; the files named from a CSV row (BUS-BRA's
     image and mask) or from the image (BUS-UCLM's mask) were looked for as .png only."""
@@ -650,6 +675,36 @@ def test_bus_uclm_flags_are_read_by_value_and_unreadable_ones_and_missing_images
     assert [items[s]["artifact"] for s in ("PAT04_000", "PAT04_001", "PAT04_002", "PAT05_000")] == [1, 1, 0, 1]
     assert "PAT04_002: INFO.csv flag(s) Doppler='maybe' unreadable, taken as 0" in dataset.problems
     assert "PAT05_001: in INFO.csv but its image is missing" in dataset.problems
+    csv.write_text("\n".join(r for r in rows if not r.startswith("PAT04_000")) + "\n")  # one image unlisted
+    with pytest.warns(UserWarning):
+        unlisted = by_id(load_dataset("bus_uclm", root=tmp_path, split="all", image_size=SIZE))["PAT04_000"]
+    assert unlisted["artifact"] == 0  # a key like every other item's, or a batch of them fails to collate
+    assert [real._flag(v) for v in ("nan", "NaN", " 1 ", "0")] == [None, None, True, False]  # NaN: unknown
+
+
+def test_a_bus_uclm_patient_is_the_stem_before_its_last_underscore():
+    assert real.bus_uclm_patient("ALWI_000") == "ALWI" and real.bus_uclm_patient("AB_CD_001") == "AB_CD"
+
+
+def test_masks_are_read_by_their_brightest_channel_and_two_levels_need_a_zero(tmp_path):
+    """A red mask with anti-aliased edges is the white one (its grey luminance, 76 for pure red, fell below the
+    threshold); a grey mask of 40 and 255 is lesion at 255 only (two levels count as 0/lesion only with 0)."""
+    soft = np.zeros((8, 8), np.uint8)
+    soft[2:6, 2:6], soft[1, 2:6] = 255, 128
+    white, red = tmp_path / "white.png", tmp_path / "red.png"
+    save_png(white, soft)
+    save_png(red, np.stack([soft, np.zeros_like(soft), np.zeros_like(soft)], axis=-1))
+    (from_white,), (from_red,) = real._read_masks((white,)), real._read_masks((red,))
+    assert np.array_equal(from_red, from_white) and from_white.sum() == 16 + 4
+    faint = tmp_path / "faint.png"
+    save_png(faint, np.where(soft == 255, 255, 40).astype(np.uint8))
+    assert real._read_masks((faint,))[0].sum() == 16
+
+
+def test_colour_images_load_as_their_grey_luminance(tmp_path):
+    path = tmp_path / "red.png"
+    save_png(path, np.tile(np.array([255, 0, 0], np.uint8), (4, 4, 1)))
+    assert real._read_image(path) == pytest.approx(np.full((4, 4), 76 / 255))  # ITU-R 601: 0.299 of red
 
 
 @pytest.mark.parametrize("colours, label, lesion_pixels", [
@@ -659,7 +714,8 @@ def test_bus_uclm_flags_are_read_by_value_and_unreadable_ones_and_missing_images
     ({(5, 5): (250, 0, 0), (22, 30): (0, 255, 0)}, 2, 200),  # both lesions kept; malignant dominates
     ({(5, 5): (0, 255, 0), (22, 30): (110, 8, 4)}, 2, 200),  # a dim, JPEG-ish red still counts
     ({(5, 5): (6, 3, 0)}, 0, 0),  # compression noise on black is no lesion
-], ids=["red", "green", "dark-green", "red-and-green", "dim-red-and-green", "noise"])
+    ({(5, 5): (0, 255, 255)}, 0, 0),  # cyan: green must stand out from blue too
+], ids=["red", "green", "dark-green", "red-and-green", "dim-red-and-green", "noise", "cyan"])
 def test_bus_uclm_one_colour_rule_gives_class_and_mask(tmp_path, colours, label, lesion_pixels):
     base = tmp_path / "BUS-UCLM"
     mask = np.zeros((40, 48, 3), np.uint8)
