@@ -837,8 +837,9 @@ def _train_one_epoch(run: _Run, loader, epoch: int, tasks: tuple[str, ...], bar,
     """
     run.train_model.train()
     sums = np.zeros(len(tasks) + 1)  # per-task losses, then the total
-    data_time, started, steps = 0.0, time.perf_counter(), 0
-    batches = iter(loader)
+    started, steps = time.perf_counter(), 0
+    batches = iter(loader)  # starts the loader's worker processes: waiting for data as much as next() is
+    data_time = time.perf_counter() - started
     while True:
         waited = time.perf_counter()
         batch = next(batches, None)
