@@ -140,6 +140,9 @@ def test_polynomial_decay_per_iteration():
     history = _fit(model, train, None, epochs=2, lr=1.0e-2, poly_power=0.9)
     # second epoch starts after 4 of 8 iterations: lr = base * (1 - 4/8) ** 0.9
     assert history.records[1]["lr"] == pytest.approx(1e-2 * 0.5**0.9)
+    squared = _fit(ToyNet(), train, None, epochs=2, lr=1.0e-2, poly_power=2.0)  # the power is the one given
+    assert squared.records[1]["lr"] == pytest.approx(1e-2 * 0.5**2)
+    assert type(squared.records[1]["epoch"]) is int  # metrics.json writes 2, not 2.0
 
 
 @pytest.mark.parametrize("weighting", ["dwa", "uncertainty", "gradnorm", "pcgrad"])
@@ -548,6 +551,43 @@ def test_channels_last_on_cpu():
     # encoder[4]: 8 input channels (a weight with one input channel is contiguous in either layout)
     assert model.encoder[4].weight.is_contiguous(memory_format=torch.channels_last)
     assert not ToyNet().encoder[4].weight.is_contiguous(memory_format=torch.channels_last)
+    default = ToyNet()
+    _fit_on_cpu(default, *_loaders(), epochs=1)  # channels_last=None: on CUDA only
+    assert not default.encoder[4].weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_bf16_needs_no_grad_scaler(tmp_path):
+    """Loss scaling is for fp16's narrow range; with bf16 a scaler would only rescale for nothing."""
+    _fit_on_cpu(ToyNet(), *_loaders(), epochs=1, amp="bf16", out_dir=tmp_path)
+    assert load_checkpoint(tmp_path / "last.pt")["scaler"] == {}
+
+
+def test_fit_gives_the_sampler_each_epoch(tmp_path):
+    """A DistributedSampler shuffles anew only when told the epoch: without it every epoch repeats one order."""
+    from torch.utils.data import RandomSampler
+
+    class EpochSampler(RandomSampler):
+        epochs = []
+
+        def set_epoch(self, epoch):
+            self.epochs.append(epoch)
+
+    data = ToyData()
+    train = DataLoader(data, batch_size=4, sampler=EpochSampler(data, generator=torch.Generator().manual_seed(0)))
+    _fit_on_cpu(ToyNet(), train, None, epochs=3)
+    assert EpochSampler.epochs == [0, 1, 2]
+
+
+def test_fit_validates_with_its_data_range():
+    """Images in 0..255: validation PSNR (and so best.pt) must use the range given, as evaluate does."""
+    train, val = _loaders()
+    scaled = [{k: v * 255 if k in ("image", "clean") else v for k, v in batch.items()} for batch in val]
+    model = ToyNet(tasks=("recon",))
+    history = _fit_on_cpu(model, [{k: v * 255 if k in ("image", "clean") else v for k, v in b.items()}
+                                  for b in train], scaled, epochs=1, tasks=("recon",), data_range=255.0,
+                          restore_best=False)
+    expected = evaluate(model, scaled, ("recon",), device="cpu", data_range=255.0)["recon/psnr"]
+    assert history.records[0]["val/recon/psnr"] == pytest.approx(expected)
 
 
 def test_checkpoint_contents_load_with_weights_only(tmp_path):
@@ -601,6 +641,15 @@ def test_data_wait_is_measured(monkeypatch):
     record = _fit(TimedNet(), train, None, epochs=1).records[0]  # 16 items in 4 batches, 4 forwards
     assert record["data_time"] == 16.0 and record["epoch_time"] == 18.0
     assert record["data_share"] == pytest.approx(16.0 / 18.0)
+
+    class SlowStart(DataLoader):  # starting the worker processes takes 3 s: a wait for data too
+        def __iter__(self):
+            clock[0] += 3.0
+            return super().__iter__()
+
+    started = SlowStart(TimedData(), batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(0))
+    record = _fit(TimedNet(), started, None, epochs=1).records[0]
+    assert record["data_time"] == 19.0 and record["epoch_time"] == 21.0
 
 
 def test_evaluate_returns_metrics_and_keeps_predictions():

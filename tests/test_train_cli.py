@@ -313,6 +313,9 @@ def test_training_order_follows_the_seed_and_evaluation_keeps_every_image_in_ord
     assert all(len(batch) == 4 for batch in order(3)) and len(order(3)) == 2  # no short batch for BatchNorm
     evaluation = make_loader(data, 4, False, 3, 0, torch.device("cpu"))
     assert [batch.tolist() for batch in evaluation] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    # a training set of one batch or less keeps it (dropping the short batch would leave none)
+    assert [len(batch) for batch in make_loader(data[:4], 4, True, 3, 0, torch.device("cpu"))] == [4]
+    assert [len(batch) for batch in make_loader(data[:3], 4, True, 3, 0, torch.device("cpu"))] == [3]
 
 
 @pytest.mark.parametrize("num_workers", [0, 1])
