@@ -317,6 +317,22 @@ def test_nan_guard_stops_every_torchrun_process_together(tmp_path):
     assert (tmp_path / "rank0.txt").read_text() == "stopped at step 2, task None"
 
 
+def _average_a_number_per_process(rank, store, results):
+    import mtlearn.engine as engine
+
+    with _one_of_two_processes(rank, store, results):
+        (results / f"mean{rank}.txt").write_text(repr(engine._mean_across_processes([rank, 10.0 * rank], torch.device("cpu"))))
+
+
+@pytest.mark.slow
+def test_losses_and_times_are_averaged_over_the_processes_not_summed(tmp_path):
+    """The epoch's losses and times are each process's mean: summed, two processes would read twice the loss."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_average_a_number_per_process, args=(tmp_path / "store", tmp_path), nprocs=2)
+    assert [(tmp_path / f"mean{rank}.txt").read_text() for rank in (0, 1)] == ["[0.5, 5.0]"] * 2
+
+
 def _validate_on_an_empty_shard(rank, store, results):
     """Rank 1's share of a one-image validation set is empty, as train.make_loader splits it."""
     with _one_of_two_processes(rank, store, results):
