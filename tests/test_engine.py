@@ -321,7 +321,8 @@ def _average_a_number_per_process(rank, store, results):
     import mtlearn.engine as engine
 
     with _one_of_two_processes(rank, store, results):
-        (results / f"mean{rank}.txt").write_text(repr(engine._mean_across_processes([rank, 10.0 * rank], torch.device("cpu"))))
+        means = engine._mean_across_processes([rank, 10.0 * rank], torch.device("cpu"))
+        (results / f"mean{rank}.txt").write_text(repr(means))
 
 
 @pytest.mark.slow
