@@ -532,6 +532,12 @@ def test_bus_bra_case_numbers_with_spaces_are_one_patient(tmp_path):
     data.write_text(data.read_text().replace("bus_0002-r,2,", "bus_0002-r, 2 ,"))
     groups = {r.id: r.group for r in load_dataset("bus_bra", root=tmp_path, split="all").records}
     assert groups["bus_0002-r"] == groups["bus_0002-l"] == "2"
+    data.write_text(data.read_text().replace("bus_0003-l,3,", "bus_0003-l,,").replace("bus_0004-l,4,", "bus_0004-l,,"))
+    with pytest.warns(UserWarning, match="2 note"):
+        dataset = load_dataset("bus_bra", root=tmp_path, split="all")
+    groups = {r.id: r.group for r in dataset.records}  # two images without a Case were one patient ""
+    assert groups["bus_0003-l"] == "bus_0003-l" and groups["bus_0004-l"] == "bus_0004-l"
+    assert "bus_0003-l: no Case (patient) in bus_data.csv, a patient of its own" in dataset.problems
 
 
 def test_bus_bra_blank_rows_of_the_fold_list_are_skipped_not_the_default_test_fold(tmp_path):

@@ -391,7 +391,10 @@ def _read_bus_bra(folder: Path, split: str, seed: int, fold: int | str | None = 
             continue
         if image_id not in folds:
             problems.append(f"{image_id}: not in 5-fold-cv.csv, so in no test fold (train or val)")
-        records.append(Record(image_id, BUS_BRA_CLASSES.index(pathology), image, (mask,), group=row["Case"].strip()))
+        case = row["Case"].strip()
+        if not case:  # else every image without one would be one "patient", kept together in one split
+            problems.append(f"{image_id}: no Case (patient) in bus_data.csv, a patient of its own")
+        records.append(Record(image_id, BUS_BRA_CLASSES.index(pathology), image, (mask,), group=case or image_id))
     listed = {row["ID"].strip() for row in rows}  # an image the table does not name has no label: said, not used
     problems += [f"{p.stem}: in Images/ but not in bus_data.csv, ignored" for p in _pngs(base / "Images")
                  if p.stem not in listed]
