@@ -10,9 +10,9 @@ the notebook has a list, a number or a switch is refused before the first run (a
 default is None, "the profile's value", is checked by the notebook itself, in each run).
 
 Each run gets its own folder, named after its parameters. A run whose folder holds the `done`
-marker of a successful run with the same parameters (those papermill recorded in its executed notebook)
-is skipped, so an interrupted grid picks up
-where it stopped and a finished grid does no work. A failing run is recorded (`error.txt` beside
+marker of a successful run with the same parameters (those papermill recorded in its executed
+notebook) is skipped, so an interrupted grid picks up where it stopped and a finished grid does no
+work. A failing run is recorded (`error.txt` beside
 the executed notebook, in the run's `.partial` folder; an earlier successful run stays as it was)
 and the grid goes on. `collect(out_root, specs)` reads the grid's finished runs into one table.
 """
@@ -75,11 +75,30 @@ class RunSpec:
             injected = executed["metadata"]["papermill"]["parameters"]
         except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
             return False  # no executed notebook, or not papermill's: not known to be this run
+        if not isinstance(injected, dict) or any(k not in injected for k, _ in self.parameters):
+            return False
         wanted = injected_parameters(dict(self.parameters))
-        # as JSON text: a tuple was injected as a list, and NaN equals itself there
-        return isinstance(injected, dict) and all(
-            k in injected and json.dumps(injected[k], sort_keys=True) == json.dumps(v, sort_keys=True)
-            for k, v in wanted.items())
+        for k, v in wanted.items():
+            if k == "data_root" and _same_relative_path(dict(self.parameters)[k], injected[k]):
+                continue  # made absolute where the grid ran: the same folder seen from another one
+            if _as_json(injected[k]) != _as_json(v):
+                return False
+        return True
+
+
+def _as_json(value: Any) -> str:
+    """`value` as JSON text, as papermill recorded it: a tuple as a list, a NumPy number as a Python one, a path
+    as its text; NaN equals itself there."""
+    return json.dumps(value, sort_keys=True, default=lambda v: v.item() if isinstance(v, np.generic) else str(v))
+
+
+def _same_relative_path(given: Any, recorded: Any) -> bool:
+    """True when `given` is a relative path and the `recorded` absolute one ends with it."""
+    if not isinstance(given, (str, Path)) or not isinstance(recorded, str) or not str(given):
+        return False
+    relative = Path(given).expanduser()
+    parts = relative.parts
+    return not relative.is_absolute() and Path(recorded).parts[-len(parts):] == parts
 
 
 def _recorded(folder: Path) -> dict | None:

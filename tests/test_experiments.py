@@ -3,6 +3,8 @@
 import argparse
 import json
 import statistics
+from dataclasses import replace
+from pathlib import Path
 
 import matplotlib
 
@@ -68,6 +70,28 @@ json.dump({"profile": profile, "seed": seed, "metrics": {"slash": int("/" in tag
     assert collect(tmp_path / "grid", second)[["tag", "slash"]].values.tolist() == [["a_b", 0]]
     assert list(run_grid(second, tmp_path / "grid", progress=False)["status"]) == ["skipped (done)"]
     assert not first[0].is_complete(tmp_path / "grid")  # the folder now holds the second grid's run
+
+
+def test_a_relative_data_root_is_the_same_run_seen_from_another_folder(tmp_path, monkeypatch):
+    """run_notebook makes a relative data_root absolute where the grid runs; collecting (or resuming) from
+    another folder must still find the run, not rerun it or leave it out of the table."""
+    body = """import json, pathlib
+json.dump({"profile": profile, "seed": seed, "metrics": {"x": 1}}, open(pathlib.Path(out_dir) / "metrics.json", "w"))"""
+    nb = write_notebook(tmp_path / "01_root.ipynb", body)
+    nb.write_text(nb.read_text().replace("out_dir = None", "out_dir = None\\ndata_root = None"))
+    (tmp_path / "sub").mkdir()
+    monkeypatch.chdir(tmp_path)
+    specs = grid([nb], {"data_root": ["data"]}, seeds=[0], profile="smoke")
+    assert list(run_grid(specs, tmp_path / "grid", progress=False)["status"]) == ["ok"]
+    monkeypatch.chdir(tmp_path / "sub")
+    assert specs[0].is_complete(tmp_path / "grid") and len(collect(tmp_path / "grid", specs)) == 1
+    # a hand-built spec may hold NumPy numbers and paths: compared as papermill wrote them, not a TypeError
+    numpy_seed = replace(specs[0], parameters=tuple((k, np.int64(v)) if k == "seed" else (k, v)
+                                                    for k, v in specs[0].parameters))
+    assert numpy_seed.is_complete(tmp_path / "grid")
+    as_path = replace(specs[0], parameters=tuple((k, Path("data")) if k == "data_root" else (k, v)
+                                                 for k, v in specs[0].parameters))
+    assert as_path.is_complete(tmp_path / "grid")
 
 
 def test_a_failing_run_is_recorded_and_the_rest_go_on(notebooks, tmp_path):
