@@ -550,7 +550,8 @@ def test_bus_bra_blank_rows_of_the_fold_list_are_skipped_not_the_default_test_fo
     with pytest.warns(UserWarning, match="1 note"):
         test = load_dataset("bus_bra", root=tmp_path, split="test")
     assert [r.id for r in test.records] == before and len(before) > 0  # fold 1, as without the blank row
-    assert test.problems == [f"5-fold-cv.csv line {len(info['cases']) + 2}: no ID or no kFold, skipped"]
+    assert test.problems == [f"5-fold-cv.csv row {len(info['cases']) + 1} (empty lines not counted): no ID or no "
+                             "kFold, skipped"]
     path.write_text("ID,kFold\n,\n,\n")
     with pytest.raises(DamagedFileError, match=r"5-fold-cv.csv gives no image a fold"):
         load_dataset("bus_bra", root=tmp_path, split="test")

@@ -377,8 +377,9 @@ def _read_bus_bra(folder: Path, split: str, seed: int, fold: int | str | None = 
     if not folds:
         raise DamagedFileError(f"{base / '5-fold-cv.csv'} gives no image a fold (every row lacks an ID or a kFold)")
     # a blank row (a spreadsheet's last line) made "" the first fold name, so the default test split was empty
-    blank = [i for i, (image_id, name) in enumerate(fold_rows, start=2) if not (image_id and name)]
-    records, problems = [], [f"5-fold-cv.csv line {i}: no ID or no kFold, skipped" for i in blank]
+    blank = [i for i, (image_id, name) in enumerate(fold_rows, start=1) if not (image_id and name)]
+    records, problems = [], [f"5-fold-cv.csv row {i} (empty lines not counted): no ID or no kFold, skipped"
+                             for i in blank]
     rows = _read_csv(base / "bus_data.csv", ("ID", "Case", "Pathology"))
     for row in rows:
         image_id = row["ID"].strip()
