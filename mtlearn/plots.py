@@ -107,7 +107,7 @@ def _flag(value, where: str, name: str) -> int:
     if isinstance(value, (bool, np.bool_)):
         value = int(value)
     if not is_int(value) or value < 0:
-        raise ValueError(f"{where} has {name} {value!r}; expected 0 or 1 (a class index)")
+        raise ValueError(f"{where} has {name} {value!r}; expected 0 or 1 (a flag), or another class index >= 0")
     return int(value)
 
 
