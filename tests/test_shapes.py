@@ -197,7 +197,7 @@ def test_labels_rejects_unknown_key():
         ShapesBackground("unseen", SMALL).labels("colour")
 
 
-@pytest.mark.parametrize("seed", [2**32 + 7, -1, True, 1.5])
+@pytest.mark.parametrize("seed", [2**32 + 7, 2**32, -1, True, 1.5])
 def test_a_seed_that_could_share_another_splits_stream_is_refused(seed):
     """NumPy pads seed lists with zeros: [7 + 2**32, 0] (train) is the generator of [7, 1] (validation of seed 7)."""
     with pytest.raises(ValueError, match=r"seed must be a non-negative integer below 2\*\*32"):

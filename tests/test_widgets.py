@@ -171,6 +171,17 @@ def test_explorer_without_masks_disables_the_outline():
     explorer = DatasetExplorer(items)
     assert explorer.outline.disabled and explorer.artifact.disabled
     assert explorer.show.options == ("image",)
+    masked = DatasetExplorer([{"image": torch.rand(1, 8, 8), "mask": torch.zeros(1, 8, 8)}])  # shapes-like items
+    assert not masked.outline.disabled and masked.artifact.disabled  # each box follows its own key
+
+
+def test_an_item_without_the_masks_of_the_first_is_drawn_without_them():
+    items = [{"image": torch.rand(1, 8, 8), "mask": torch.zeros(1, 8, 8), "artifact_mask": torch.zeros(1, 8, 8)},
+             {"image": torch.rand(1, 8, 8)}]
+    explorer = DatasetExplorer(items)
+    explorer.artifact.value = True
+    explorer.index.value = 1
+    assert "error" not in explorer.state and explorer.figure is not None
 
 
 def test_explorer_finds_the_class_names_through_a_subset():
@@ -214,6 +225,9 @@ def test_labels_are_named_by_the_dataset_or_by_number():
     plain = DatasetExplorer(fake_items())
     plain.index.value = 1
     assert plain.state["title"] == "item-1  label 1  artifact=1"
+    unnamed = DatasetExplorer(fake_items(), class_names=[])  # no names given: numbers, not an IndexError
+    unnamed.index.value = 1
+    assert unnamed.state["title"] == "item-1  label 1  artifact=1"
 
 
 def test_the_artifact_outline_is_drawn_around_the_artifact():
