@@ -12,9 +12,9 @@ default is None, "the profile's value", is checked by the notebook itself, in ea
 Each run gets its own folder, named after its parameters. A run whose folder holds the `done`
 marker of a successful run with the same parameters (those papermill recorded in its executed
 notebook) is skipped, so an interrupted grid picks up where it stopped and a finished grid does no
-work. A failing run is recorded (`error.txt` beside
-the executed notebook, in the run's `.partial` folder; an earlier successful run stays as it was)
-and the grid goes on. `collect(out_root, specs)` reads the grid's finished runs into one table.
+work. A failing run is recorded (`error.txt` beside the executed notebook, in the run's `.partial`
+folder; an earlier successful run stays as it was) and the grid goes on. `collect(out_root, specs)`
+reads the grid's finished runs into one table.
 """
 
 from __future__ import annotations
@@ -75,11 +75,11 @@ class RunSpec:
             injected = executed["metadata"]["papermill"]["parameters"]
         except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
             return False  # no executed notebook, or not papermill's: not known to be this run
-        if not isinstance(injected, dict) or any(k not in injected for k, _ in self.parameters):
+        given = dict(self.parameters)
+        if not isinstance(injected, dict) or any(k not in injected for k in given):
             return False
-        wanted = injected_parameters(dict(self.parameters))
-        for k, v in wanted.items():
-            if k == "data_root" and _same_relative_path(dict(self.parameters)[k], injected[k]):
+        for k, v in injected_parameters(given).items():
+            if k == "data_root" and _same_relative_path(given[k], injected[k]):
                 continue  # made absolute where the grid ran: the same folder seen from another one
             if _as_json(injected[k]) != _as_json(v):
                 return False
