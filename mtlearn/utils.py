@@ -207,8 +207,10 @@ def countable_attention():
 
 
 def format_count(n: float) -> str:
-    """Human-readable count: 33_712_000 -> '33.7M'."""
-    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+    """Human-readable count: 33_712_000 -> '33.7M', 1.5e13 FLOPs -> '15.0T'; NaN (not measured) -> 'nan'."""
+    if n != n:  # int(nan) raised
+        return "nan"
+    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
         if abs(n) >= scale * 0.99995:  # from where one decimal rounds up to 1.0: 999_950 -> '1.0M', not '1000.0k'
             return f"{n / scale:.1f}{unit}"
     return str(int(n))
@@ -238,6 +240,8 @@ def python_numbers(value):
     """
     if isinstance(value, Mapping):
         return {k: python_numbers(v) for k, v in value.items()}
+    if isinstance(value, tuple) and hasattr(value, "_fields"):  # a namedtuple takes its fields, not one iterable
+        return type(value)(*(python_numbers(v) for v in value))
     if isinstance(value, (list, tuple)):
         return type(value)(python_numbers(v) for v in value)
     if isinstance(value, (np.ndarray, torch.Tensor)):  # a tensor compared on resume: "ambiguous truth value"

@@ -1,6 +1,9 @@
 import os
 import stat
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -60,6 +63,14 @@ def test_pick_device_names_a_gpu_number_the_machine_lacks(monkeypatch):
     assert pick_device("cpu:0") == torch.device("cpu:0")  # a tensor's .device, passed on as it is
     with pytest.raises(ValueError, match=r"device 'cuda:7': there is no GPU 7, this machine has 1 \(cuda:0 to cuda:0\)"):
         pick_device("cuda:7")
+    with pytest.raises(ValueError, match=r"there is no GPU 1"):  # one past the last: numbered from 0
+        pick_device("cuda:1")
+
+
+def test_pick_device_mps_without_apples_backend_says_so(monkeypatch):
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="device 'mps' was requested but Apple's MPS backend is not available"):
+        pick_device("mps")
 
 
 def test_pick_device_cuda_without_gpu_says_so(monkeypatch):
@@ -135,6 +146,7 @@ def test_environment_report_names_device_and_versions():
 
 def test_format_count():
     assert format_count(33_712_000) == "33.7M" and format_count(950) == "950"
+    assert format_count(1.5e13) == "15.0T" and format_count(float("nan")) == "nan"  # a training's FLOPs; unmeasured
 
 
 @pytest.mark.parametrize("n, text", [(999_949, "999.9k"), (999_950, "1.0M"), (999_999_999, "1.0G"), (999, "999")])
@@ -201,6 +213,9 @@ def test_count_flops_leaves_a_frozen_batchnorm_frozen():
     model = _partly_frozen()
     count_flops(model, torch.zeros(3, 4))
     assert model.training and not model[1].training
+    training_bn = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
+    count_flops(training_bn, torch.randn(3, 4))
+    assert training_bn[1].num_batches_tracked == 0  # counted in eval mode: the running statistics untouched
 
 
 @pytest.mark.parametrize("n, text", [(1_000, "1.0k"), (999, "999"), (1_000_000, "1.0M"), (2_500_000_000, "2.5G"),
@@ -230,6 +245,8 @@ def test_check_int_and_check_size_name_the_int_fix():
     assert check_int("n", np.int64(3), 2) == 3 and check_size(np.int64(64)) == (64, 64)
     assert check_int("n", 2, 2) == 2 and check_size(32, minimum=32) == (32, 32)  # the minimum itself is allowed
     assert check_size([48, 64], minimum=32) == (48, 64)
+    with pytest.raises(ValueError, match=r"image_size must be an int or \(H, W\)"):
+        check_size((64, 64, 64))  # three sides: not cut to the first two
     for bad in (2.0, True, "3", 1):
         with pytest.raises(ValueError, match=r"n must be an integer >= 2, got"):
             check_int("n", bad, 2)
@@ -324,6 +341,10 @@ def test_python_numbers_turns_numpy_arrays_into_lists_of_python_numbers():
     torch.save(converted, buffer)
     buffer.seek(0)
     assert torch.load(buffer, weights_only=True) == converted
+    from collections import namedtuple
+
+    Pair = namedtuple("Pair", "low high")  # its constructor takes the fields, not one iterable (was a TypeError)
+    assert python_numbers(Pair(np.float32(0.5), 2)) == Pair(0.5, 2)
 
 
 def test_check_number_names_the_option_the_range_and_the_fix():
@@ -365,6 +386,14 @@ def test_write_text_is_utf8_and_leaves_the_old_file_and_no_temporary_one_on_fail
     with pytest.raises(UnicodeEncodeError):
         write_text("\ud800", path)  # a lone surrogate: no encoding writes it
     assert path.read_text(encoding="utf-8") == "label,acc\nbénin,0.9\n" and os.listdir(tmp_path) == ["table.csv"]
+    # where the locale is ASCII (LC_ALL=C, no UTF-8 mode), the text is still written as UTF-8
+    script = ("from pathlib import Path; from mtlearn.utils import write_text; "
+              f"write_text('b\\u00e9nin', Path({str(path)!r}))")
+    env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0",
+           "PYTHONIOENCODING": "utf-8"}
+    subprocess.run([sys.executable, "-c", script], check=True, env=env, cwd=Path(__file__).parents[1])
+    assert path.read_bytes() == "bénin".encode("utf-8")
+    write_text("label,acc\nbénin,0.9\n", path)
     write_text("new\n", path)
     assert path.read_text() == "new\n" and stat.S_IMODE(path.stat().st_mode) == 0o640  # its mode kept
     umask = os.umask(0)
