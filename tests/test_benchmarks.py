@@ -119,6 +119,8 @@ def test_models_measure_one_row_per_model_at_one_input_size():
         assert row["train_img_per_s"] == max(row["img_per_s_contiguous"], row["img_per_s_channels_last"])
         assert row["train_img_per_s"] == row[f"img_per_s_{row['layout']}"]
     assert all(row["vs_swinunetr"] == "" for row in rows)  # no SwinUNETR row to compare with
+    two = bench_models.measure(32, ["tiny"], batch_size=2, rounds=1, in_channels=1, device="cpu")[0]
+    assert two["GFLOPs_fwd"] == pytest.approx(rows[0]["GFLOPs_fwd"])  # per image, whatever the batch
 
 
 class _Clock:
@@ -260,8 +262,17 @@ def test_keep_freed_memory_stops_the_page_faults_of_large_blocks():
 def test_models_run_keeps_freed_memory_on_the_cpu_unless_asked_not_to(monkeypatch):
     calls = []
     monkeypatch.setattr(bench_models, "keep_freed_memory", lambda: calls.append("kept") or True)
-    monkeypatch.setattr(bench_models, "measure", lambda *args, **kwargs: [{"model": "tiny"}])
-    assert bench_models.run(quick=True, groups=("course",), device="cpu")[0]["malloc"] == "kept"
+    seen = []  # threads and rounds as measure gets them: the table's and the heading's
+    monkeypatch.setattr(bench_models, "measure", lambda *args, **kwargs: seen.append(
+        (torch.get_num_threads(), kwargs["rounds"])) or [{"model": "tiny"}])
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)  # not the count asked for, so that setting it shows
+    try:
+        rows = bench_models.run(quick=True, groups=("course",), device="cpu", threads=1, rounds=3)
+        assert rows[0]["malloc"] == "kept"
+        assert seen == [(1, 3)] and torch.get_num_threads() == 2  # restored afterwards
+    finally:
+        torch.set_num_threads(before)
     assert calls == ["kept"]
     assert bench_models.run(quick=True, groups=("course",), device="cpu", default_malloc=True)[0]["malloc"] == "default"
     assert calls == ["kept"]  # not called again
@@ -299,13 +310,21 @@ def test_engine_alternates_the_configurations_and_reports_medians(monkeypatch):
 
     def epoch(config, model, loader, device):
         calls.append(config["name"])
+        threads.add(torch.get_num_threads())
         seconds, share = epochs[config["name"]].pop(0)
         return {"epoch_time": seconds, "data_share": share}
 
     monkeypatch.setattr(bench_engine, "_build", lambda config, dataset, device: (None, None))
     monkeypatch.setattr(bench_engine, "_epoch", epoch)
-    rows = {row["config"]: row for row in bench_engine.run(quick=True, rounds=3)}
+    threads, before = set(), torch.get_num_threads()
+    torch.set_num_threads(2)  # not the count the benchmark sets, so that setting it shows
+    try:
+        rows = {row["config"]: row for row in bench_engine.run(quick=True, rounds=3)}
+    finally:
+        torch.set_num_threads(before)
     assert calls == names * 4  # every configuration once per round, in turn
+    if pick_device("auto").type == "cpu":
+        assert threads == {1}  # one thread per process on a CPU, as the table's column says
     fp32, channels_last = rows["fp32"], rows["fp32 + channels_last"]
     assert (fp32["images_per_s"], fp32["images_per_s_min"], fp32["images_per_s_max"]) == pytest.approx((16, 8, 32))
     assert fp32["step_ms"] == pytest.approx(500) and fp32["rounds"] == 3 and fp32["warmup_s"] == 0.001
@@ -441,6 +460,9 @@ def test_umsrep_rows_give_shares_of_single_task_training_and_the_verdict():
     assert joint["criterion_with_pretraining"] == "fail (flops 0.80, time 0.60, cpu 0.60)"
     assert (scratch["criterion"], scratch["flops_vs_e"]) == ("", 1.0)
     worse, _ = bench_umsrep.strategy_rows(_strategy_table(joint_dice=0.75), config)  # 5 points of Dice below (e)
+    busy = _strategy_table(joint_dice=0.8)
+    busy.loc["scratch", "cpu_time_s"] = 20.0  # (e)'s CPU time differs from its wall time on a loaded machine
+    assert bench_umsrep.strategy_rows(busy, config)[0]["cpu_vs_e"] == pytest.approx(0.1)  # CPU over CPU
     assert worse["criterion"] == "fail (metrics)"
 
 
