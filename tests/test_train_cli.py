@@ -357,6 +357,13 @@ def test_under_torchrun_drop_last_looks_at_this_process_share(monkeypatch):
                                device=torch.device("cpu"))
     assert len(loader) == 1 and len(next(iter(loader))[0]) == 6
 
+    def order(seed):  # --seed orders the data under torchrun too (the sampler's own seed, not the loader's)
+        numbered = TensorDataset(torch.arange(12.0)[:, None])
+        loader = train.make_loader(numbered, 6, train=True, seed=seed, num_workers=0, device=torch.device("cpu"))
+        return next(iter(loader))[0].flatten().tolist()
+
+    assert order(3) == order(3) != order(4)
+
 
 class _Exited(Exception):
     """Stands in for os._exit, which would end the test process."""
