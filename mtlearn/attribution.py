@@ -48,7 +48,7 @@ from tqdm.auto import tqdm
 from mtlearn.encoder import ResFormerEncoder, check_floating, init_weights
 from mtlearn.mtl import MultiTaskUNet
 from mtlearn.plots import _array, _draw_image, _image
-from mtlearn.utils import check_number, is_finite, is_number
+from mtlearn.utils import check_number, find_class_names, is_finite, is_number
 from mtlearn.widgets import say_in, show_in
 
 HEADS = ("cls", "seg", "recon")
@@ -1256,7 +1256,7 @@ class AttributionExplorer:
         self.tolerance = tolerance
         self.explainer = Explainer(model, layer=layer, keys=keys)
         # a NumPy array of names has no truth value: `class_names or ...` raised
-        names = class_names if class_names is not None else getattr(dataset, "class_names", None)
+        names = class_names if class_names is not None else find_class_names(dataset)  # through Subsets too
         self.class_names = list(names) if names is not None else None  # the dataset's own may be an array too
         self.method_kw = dict(method_kw or {})
         for method in methods:  # now, not when a student first picks the method in the widget
