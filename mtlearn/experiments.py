@@ -65,25 +65,29 @@ class RunSpec:
         """True when the folder holds a finished run (see `_finished`) with these parameters: the ones papermill
         recorded in the executed notebook. The folder name alone does not tell: "a/b" and "a_b" share one, and
         so do "PCGrad" and "pcgrad" on a file system blind to case (two grids run into one out_root)."""
+        return self.record(out_root) is not None
+
+    def record(self, out_root: Path) -> dict | None:
+        """The metrics.json record of this spec's finished run (see `is_complete`), None when there is none."""
         folder = self.folder(out_root)
         recorded = _recorded(folder)
         if recorded is None or any(recorded.get(k, v) != v for k, v in self.parameters
                                    if k in ("profile", "seed", "dataset")):  # what the notebook says it ran
-            return False
+            return None
         try:
             executed = json.loads((folder / self.notebook.name).read_text(encoding="utf-8"))
             injected = executed["metadata"]["papermill"]["parameters"]
         except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
-            return False  # no executed notebook, or not papermill's: not known to be this run
+            return None  # no executed notebook, or not papermill's: not known to be this run
         given = dict(self.parameters)
         if not isinstance(injected, dict) or any(k not in injected for k in given):
-            return False
+            return None
         for k, v in injected_parameters(given).items():
             if k == "data_root" and _same_relative_path(given[k], injected[k]):
                 continue  # made absolute where the grid ran: the same folder seen from another one
             if _as_json(injected[k]) != _as_json(v):
-                return False
-        return True
+                return None
+        return recorded
 
 
 def _as_json(value: Any) -> str:
@@ -316,13 +320,12 @@ def collect(out_root: str | Path, specs: list[RunSpec] | None = None) -> pd.Data
     """
     out_root = Path(out_root)
     if specs is None:  # staging (.partial) and set-aside (.old) folders are not runs
-        runs = [(m.parent, None) for m in sorted(out_root.glob(f"*/*/{DONE}"))
+        runs = [(m.parent, None, _recorded(m.parent)) for m in sorted(out_root.glob(f"*/*/{DONE}"))
                 if not m.parent.name.endswith((".partial", ".old"))]
     else:  # only runs of the spec's parameters (a copied-in folder, or another grid's, may hold others)
-        runs = [(spec.folder(out_root), spec) for spec in specs if spec.is_complete(out_root)]
+        runs = [(spec.folder(out_root), spec, spec.record(out_root)) for spec in specs]
     rows = []
-    for folder, spec in runs:
-        record = _recorded(folder)
+    for folder, spec, record in runs:
         if record is None:
             continue
         row = {"notebook": record.get("notebook", folder.parent.name), "run": folder.name}
