@@ -291,7 +291,11 @@ def probe_matrix(
 
 
 def embed_2d(features: np.ndarray, method: str = "pca", seed: int = 0) -> np.ndarray:
-    """Project features (N, D) to (N, 2) with PCA or t-SNE (standardised first)."""
+    """Project features (N, D) to (N, 2) with PCA or t-SNE (standardised first).
+
+    seed: the methods' random_state. t-SNE starts from the PCA projection, and up to 500 points it
+    takes exact gradients, so there its picture does not depend on the seed at all.
+    """
     from sklearn.decomposition import PCA
     from sklearn.manifold import TSNE
     from sklearn.preprocessing import StandardScaler

@@ -57,7 +57,8 @@ class _Foreign:
     """An object torch.load(weights_only=True) refuses to build."""
 
 
-@pytest.mark.parametrize("content", ["empty", "text", "truncated", "foreign object", "plain state_dict"])
+@pytest.mark.parametrize("content", ["empty", "text", "truncated", "foreign object", "plain state_dict",
+                                     "tensors and other values"])
 def test_load_checkpoint_refuses_a_corrupt_or_foreign_file(content, tmp_path):
     path = tmp_path / "model.pt"
     if content == "empty":
@@ -69,8 +70,10 @@ def test_load_checkpoint_refuses_a_corrupt_or_foreign_file(content, tmp_path):
         path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     elif content == "foreign object":
         torch.save({"model": _Foreign()}, path)
-    else:  # torch.save(model.state_dict()): weights, but not in an mtlearn checkpoint
+    elif content == "plain state_dict":  # torch.save(model.state_dict()): weights, but not in an mtlearn checkpoint
         torch.save(small_model().state_dict(), path)
+    else:  # one tensor does not make a state_dict: {"w": ..., "epoch": 1} is someone else's checkpoint
+        torch.save({"w": torch.zeros(2), "epoch": 1}, path)
     with pytest.raises(ValueError) as caught:
         load_checkpoint(path, small_model())
     message = str(caught.value)
@@ -182,7 +185,40 @@ def test_random_states_round_trip_through_a_checkpoint(owner, tmp_path):
     assert f"{owner}_generator" in load_checkpoint(path)["rng"]
 
 
+def test_random_states_saved_without_a_loader_leave_a_loaders_generator_as_it_is():
+    """A state saved with no loader (rng_state(None)) has no entry for the loader's generator: restoring it
+    into a loader that has one keeps that generator's state (its order is then the loader's own)."""
+    generator = torch.Generator().manual_seed(0)
+    loader = DataLoader(list(range(10)), batch_size=4, shuffle=True, generator=generator)
+    state = rng_state(None)
+    before = generator.get_state()
+    set_rng_state(state, loader)
+    assert torch.equal(generator.get_state(), before)
+
+
 # ---------------------------------------------------------------------------------------------- checks
+
+
+def test_a_checkpoint_of_another_writer_is_refused_naming_every_missing_key(tmp_path):
+    from mtlearn.checkpoint import check_checkpoint_keys
+
+    check_checkpoint_keys(tmp_path / "last.pt", {"model": {}, "optimizer": {}}, ("model", "optimizer"), "fit")
+    with pytest.raises(ValueError, match=re.escape(f"cannot resume from {tmp_path / 'last.pt'}: it is not a checkpoint "
+                                                   "written by fit (it has no 'model', 'optimizer')")):
+        check_checkpoint_keys(tmp_path / "last.pt", {"epoch": 1}, ("model", "optimizer"), "fit")
+
+
+@pytest.mark.parametrize("frozen, listed", [(4, "p0.weight, p1.weight, p2.weight, p3.weight; "),
+                                            (5, "p0.weight, p1.weight, p2.weight, p3.weight and 1 more; ")])
+def test_the_refusal_to_resume_with_other_parameters_frozen_names_four_and_counts_the_rest(frozen, listed, tmp_path):
+    from mtlearn.checkpoint import check_trainable, trainable_names
+
+    model = nn.ModuleDict({f"p{k}": nn.Linear(1, 1, bias=False) for k in range(6)})
+    saved = trainable_names(model)
+    for k in range(frozen):
+        model[f"p{k}"].weight.requires_grad_(False)
+    with pytest.raises(ValueError, match=re.escape(f"(frozen now: {listed}training now: none)")):
+        check_trainable(tmp_path / "last.pt", saved, model, model.state_dict())
 
 
 def test_an_out_dir_holding_a_run_is_refused_without_resume(tmp_path):
@@ -333,7 +369,8 @@ def test_the_cuda_state_is_that_of_the_gpu_training_runs_on(device, used, monkey
 
 
 @pytest.mark.parametrize("error", [RuntimeError("PytorchStreamReader failed reading zip archive: too many files"),
-                                   KeyError("model"), pickle.UnpicklingError("Weights only load failed")])
+                                   KeyError("model"), pickle.UnpicklingError("Weights only load failed"),
+                                   EOFError("Ran out of input")])
 def test_errors_that_only_a_damaged_or_foreign_file_gives_are_named_even_when_the_zip_is_intact(error, tmp_path,
                                                                                                 monkeypatch):
     """torch's zip reader refuses some headers Python's zipfile accepts; weights_only refuses foreign objects."""

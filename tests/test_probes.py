@@ -122,6 +122,7 @@ def test_cross_validated_probe_separates_coded_and_random_labels():
         ((np.zeros((10, 3)), np.r_[np.zeros(5), np.ones(4)], np.zeros((5, 3)), np.zeros(5)),
          r"train: expected features \(N, D\) and labels \(N,\)"),
         ((np.zeros((10, 3)), np.r_[np.zeros(5), np.ones(5)], np.zeros((5, 4)), np.zeros(5)), "width"),
+        ((np.zeros((10, 4)), np.r_[np.zeros(5), np.ones(5)], np.zeros((5, 3)), np.zeros(5)), "width: 4 vs 3"),
         ((np.zeros((10, 3)), np.zeros(10), np.zeros((5, 3)), np.zeros(5)), "two classes"),
         ((np.zeros(10), np.r_[np.zeros(5), np.ones(5)], np.zeros((5, 3)), np.zeros(5)),
          r"train: expected features \(N, D\)"),
@@ -240,6 +241,17 @@ def test_extract_features_does_not_collect_float_values_as_labels():
     loader = DataLoader(ScoredData(20), batch_size=8)
     _, labels = extract_features(lambda x: x.mean(dim=(2, 3)), loader, device="cpu")
     assert set(labels) == {"coded", "noise"}
+
+
+def test_extract_features_collects_only_one_label_per_image_and_as_int64():
+    """An integer mask (B, H, W) is no label of the image; a bool flag is one, returned as int64 like the rest."""
+    batches = [{"image": torch.zeros(4, 1, 8, 8), "label": torch.tensor([0, 1, 2, 1]),
+                "mask": torch.zeros(4, 8, 8, dtype=torch.long), "flag": torch.tensor([True, False, True, True])}]
+    _, labels = extract_features(lambda x: x.mean(dim=(2, 3)), batches, device="cpu")
+    assert set(labels) == {"label", "flag"}
+    assert labels["flag"].tolist() == [1, 0, 1, 1] and labels["flag"].dtype == np.int64
+    _, labels = extract_features(lambda x: x.mean(dim=(2, 3)), batches, device="cpu", label_keys="flag")
+    assert labels["flag"].dtype == np.int64
 
 
 def test_extract_features_leaves_a_frozen_batchnorm_frozen():
@@ -379,6 +391,23 @@ def test_embed_2d_tsne_works_on_a_small_set():
     features, _, _ = synthetic_features(n=12)
     embedding = embed_2d(features, method="tsne", seed=0)
     assert embedding.shape == (12, 2) and np.isfinite(embedding).all()
+
+
+@pytest.mark.parametrize("n, perplexity", [(200, 30.0), (12, 11 / 3)])
+def test_embed_2d_tsne_uses_the_usual_perplexity_where_the_set_allows_it(n, perplexity, monkeypatch):
+    import sklearn.manifold
+
+    asked = []
+
+    class Recorder(sklearn.manifold.TSNE):
+        def __init__(self, **kwargs):
+            asked.append(kwargs["perplexity"])
+            super().__init__(**kwargs)
+
+    monkeypatch.setattr(sklearn.manifold, "TSNE", Recorder)
+    features, _, _ = synthetic_features(n=n, dim=4)
+    embed_2d(features, method="tsne")
+    assert asked == [pytest.approx(perplexity)]
 
 
 def test_embed_2d_bad_arguments():
