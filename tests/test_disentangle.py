@@ -327,6 +327,24 @@ def test_balanced_sampler_equalises_seen_combinations():
     assert set(combos) == {(0, 1), (1, 1), (1, 0)}  # circle on black stays absent
     assert all(300 < n < 500 for n in combos.values())  # about 400 each instead of 600 / 100 / 500
     assert drawn == list(D.balanced_sampler(data.labels("shape"), data.labels("background"), seed=0))
+    assert drawn != list(D.balanced_sampler(data.labels("shape"), data.labels("background"), seed=1))
+
+
+def test_shapes_loaders_balance_the_seen_combinations_of_both_labels():
+    """The informative case (bars on black against bars on white) is a third of the draws, not its share
+    of the data; balancing by shape alone would leave it there."""
+    config = D.disentangle_config("smoke")
+    train = D.shapes_loaders(config)["train"]
+    data = train.dataset
+    weights = train.sampler.weights.numpy()
+    combos = Counter(zip(data.labels("shape").tolist(), data.labels("background").tolist()))
+    assert len(combos) == 3 and len(set(combos.values())) > 1  # the data itself is unbalanced
+    mass = Counter()
+    for shape, background, weight in zip(data.labels("shape"), data.labels("background"), weights):
+        mass[int(shape), int(background)] += weight
+    assert all(value == pytest.approx(sum(mass.values()) / 3) for value in mass.values())
+    assert not D.shapes_loaders(D.disentangle_config("smoke", balance=False))["train"].sampler.__class__.__name__ \
+        .startswith("Weighted")
 
 
 # ---------------------------------------------------------------------------------------------- training
@@ -354,6 +372,35 @@ def test_train_disentangle_runs_every_model(kind, tiny_loaders):
         assert history["w_adv"] == [0.0, 0.0]
     assert set(history) == expected
     assert all(len(v) == 2 and np.isfinite(v).all() for v in history.values())
+
+
+def test_train_disentangle_hands_leak_shrink_to_the_penalty(tiny_loaders, monkeypatch):
+    made = []
+
+    class Recorded(D.LinearLeakage):
+        def __init__(self, shrink=0.01, decay=0.9):
+            made.append(shrink)
+            super().__init__(shrink, decay)
+
+    monkeypatch.setattr(D, "LinearLeakage", Recorded)
+    D.train_disentangle(tiny_model(), tiny_loaders[0], epochs=1, adv_steps=1, w_leak=1.0, leak_shrink=0.5,
+                        device="cpu", progress=False)
+    assert made == [0.5, 0.5]
+
+
+def test_a_snapshot_of_the_game_is_a_copy_that_restores_it():
+    """What one batch changes in place (the label-pair counts) or replaces (the penalty's covariance) must
+    come back exactly when a step is undone."""
+    model = tiny_model()
+    leakage = (D.LinearLeakage(), D.LinearLeakage())
+    leakage[0].covariance = torch.eye(2)
+    game = dict(model=model, leakage=leakage, adv_optimizer=None, joint=torch.tensor([[3.0, 1.0], [0.0, 2.0]]))
+    saved = D._snapshot(game)
+    game["joint"] += 1.0
+    leakage[0].covariance, leakage[1].covariance = 2 * torch.eye(2), torch.ones(2, 2)
+    D._restore(game, saved)
+    assert torch.equal(game["joint"], torch.tensor([[3.0, 1.0], [0.0, 2.0]]))
+    assert torch.equal(leakage[0].covariance, torch.eye(2)) and leakage[1].covariance is None
 
 
 def test_history_averages_each_key_over_the_steps_that_recorded_it(tiny_loaders):
@@ -599,6 +646,14 @@ def test_a_nan_loss_names_the_last_checkpoint(shapes_batch, tmp_path):
     assert load_checkpoint(tmp_path / "last.pt")["epoch"] == 1  # epoch 1, kept
 
 
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
+def test_an_infinite_loss_stops_the_step_as_a_nan_one_does(value):
+    """An overflowing loss is inf (not NaN) until the backward pass spreads it: it is caught as it is."""
+    D._stop_if_not_finite(loss_a=torch.tensor(1.0))
+    with pytest.raises(D.LossNotFiniteError, match=f"the loss_b loss is {value}"):
+        D._stop_if_not_finite(loss_a=torch.tensor(1.0), loss_b=torch.tensor(value))
+
+
 def test_each_step_refuses_a_nan_loss_before_its_optimiser_step(shapes_batch):
     x, y_a, y_b = shapes_batch["image"][:16], shapes_batch["shape"][:16], shapes_batch["background"][:16]
     model = tiny_model()
@@ -799,11 +854,28 @@ def test_presets_and_config_helpers():
     assert paper_values == (1e-5, 0.01, "negative_ce", 3, (224, 288))
     config = D.disentangle_config("smoke", epochs=3)
     assert config.epochs == 3 and D.PRESETS["smoke"].epochs == 1
-    assert set(config.train_kwargs()) <= set(D.train_disentangle.__kwdefaults__)
+    # every field train_disentangle takes is passed on (a field left out would train with the default silently)
+    from dataclasses import fields
+
+    taken = {f.name for f in fields(D.DisentangleConfig)} & set(D.train_disentangle.__kwdefaults__)
+    assert set(config.train_kwargs()) == taken
+    assert D.disentangle_config("paper").train_kwargs()["adv_loss"] == "negative_ce"
     course = D.PRESETS["course"].train_kwargs()
     assert {k: D.train_disentangle.__kwdefaults__[k] for k in course} == course  # defaults = course preset
     model = D.build_model("disentangle", config)
     assert isinstance(model, D.DisentangleNet) and model.adv_b.net[-1].in_features == config.widths[-1]
+
+
+def test_the_config_builds_the_adversaries_it_names():
+    spatial = D.build_model("disentangle", D.disentangle_config("smoke", adv_readout="spatial"))
+    width = D.PRESETS["smoke"].widths[-1]
+    assert spatial.adv_a.net[-1].in_features == width * 4 * 4  # a 4 x 4 grid of the last stage
+    assert spatial.head_a.net[0].in_features == width  # the task heads keep their pooled readout
+
+
+@pytest.mark.parametrize("profile, thousands", [("smoke", 11), ("course", 187), ("paper", 222)])
+def test_preset_parameter_counts_are_the_ones_their_comments_give(profile, thousands):
+    assert round(mtlearn.count_parameters(D.build_model("disentangle", D.PRESETS[profile])) / 1000) == thousands
 
 
 def test_shapes_experiment_smoke(tmp_path):
