@@ -146,6 +146,8 @@ def test_archive_is_extracted_once_with_a_marker(server, tmp_path):
     server.files["/BUSBRA.zip"] = ARCHIVE
     fetch("bus_bra", dest=tmp_path, url=server.url + "/BUSBRA.zip", known_hash=sha256(ARCHIVE), progress=False)
     assert (tmp_path / "BUSBRA" / "bus_data.csv").is_file() and (tmp_path / ".bus_bra.complete").is_file()
+    record = json.loads((tmp_path / ".bus_bra.complete").read_text())  # where the files came from, for a reader
+    assert record["url"] == server.url + "/BUSBRA.zip" and record["known_hash"] == sha256(ARCHIVE)
     count = len(server.requests)
     fetch("bus_bra", dest=tmp_path, url=server.url + "/BUSBRA.zip", known_hash=sha256(ARCHIVE), progress=False)
     assert len(server.requests) == count
@@ -180,6 +182,11 @@ def test_unreadable_marker_is_not_trusted(server, tmp_path):
     (tmp_path / "BUSBRA" / "Images" / "bus_0001-l.png").unlink()
     record = json.loads((tmp_path / ".bus_bra.complete").read_text())
     (tmp_path / ".bus_bra.complete").write_text(json.dumps({**record, "known_hash": "sha256:not-a-checksum"}))
+    fetch("bus_bra", **kwargs)
+    assert (tmp_path / "BUSBRA" / "Images" / "bus_0001-l.png").read_bytes() == b"png" and len(server.requests) == 1
+    # whole JSON that is no record at all (a list): also unpacked again, not an AttributeError
+    (tmp_path / "BUSBRA" / "Images" / "bus_0001-l.png").unlink()
+    (tmp_path / ".bus_bra.complete").write_text("[1]")
     fetch("bus_bra", **kwargs)
     assert (tmp_path / "BUSBRA" / "Images" / "bus_0001-l.png").read_bytes() == b"png" and len(server.requests) == 1
 
@@ -432,6 +439,18 @@ def test_server_without_range_support_restarts_cleanly(server, tmp_path):
     assert len(server.requests) == 2  # the 200 to the range request is the whole file, kept: not an attempt lost
 
 
+def test_a_whole_file_sent_for_a_range_and_cut_short_is_not_completed_by_the_part_file(server, tmp_path):
+    """The 200 replaces the .part file: its 70 kB must not count toward the 100 kB announced, or a body cut
+    after 34 kB would look whole (70 + 34 > 100) and, with no checksum, be renamed into place."""
+    server.files["/data.npz"] = PAYLOAD
+    server.drops, server.ignore_range = 1, True
+    (tmp_path / "data.npz.part").write_bytes(PAYLOAD[:70_000])
+    cut = len(PAYLOAD) // 3
+    with pytest.raises(DownloadError, match=f"connection closed after {cut} of {len(PAYLOAD)} bytes"):
+        download_file(server.url + "/data.npz", tmp_path / "data.npz", progress=False, retries=0)
+    assert not (tmp_path / "data.npz").exists() and (tmp_path / "data.npz.part").stat().st_size == cut
+
+
 def test_leftover_part_file_resumes_or_restarts(server, tmp_path):
     server.files["/data.npz"] = PAYLOAD
     (tmp_path / "data.npz.part").write_bytes(PAYLOAD[:10_000])  # an earlier, interrupted run
@@ -591,6 +610,23 @@ def test_retries_back_off_exponentially_and_say_so(server, tmp_path, monkeypatch
     assert said[2].endswith("retrying in 8 s")
 
 
+def test_by_default_five_attempts_wait_2_4_8_16_seconds_and_each_read_60(server, tmp_path, monkeypatch):
+    monkeypatch.undo()  # the module's own values, not the autouse no_backoff
+    slept, timeouts = [], []
+    monkeypatch.setattr(data_fetch.download.time, "sleep", slept.append)
+    urlopen = data_fetch.download.urllib.request.urlopen
+
+    def recorded(request, timeout):
+        timeouts.append(timeout)
+        return urlopen(request, timeout=timeout)
+
+    monkeypatch.setattr(data_fetch.download.urllib.request, "urlopen", recorded)
+    server.errors = [503] * 10
+    with pytest.raises(DownloadError):
+        download_file(server.url + "/data.npz", tmp_path / "data.npz", progress=False)
+    assert len(server.requests) == 5 and slept == [2.0, 4.0, 8.0, 16.0] and timeouts == [60.0] * 5
+
+
 def test_persistent_server_error_gives_up_after_the_retries(server, tmp_path):
     server.files["/data.npz"] = PAYLOAD
     server.errors = [503] * 10
@@ -656,14 +692,15 @@ def test_a_full_or_read_only_disk_is_raised_at_once_not_retried(server, tmp_path
     assert error.value.errno == code and not isinstance(error.value, DownloadError) and len(calls) == 1
 
 
-def test_command_line_says_the_disk_is_full_and_what_to_do(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT])
+def test_command_line_says_the_disk_is_full_and_what_to_do(code, tmp_path, monkeypatch, capsys):
     def disk_full(url, part, progress):
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        raise OSError(code, os.strerror(code))
 
     monkeypatch.setattr(data_fetch.download, "_transfer", disk_full)
     assert main(["busi", "--dest", str(tmp_path / "busi"), "--quiet"]) == 1
     err = capsys.readouterr().err
-    assert f"cannot write to {tmp_path / 'busi'} (No space left on device)" in err
+    assert f"cannot write to {tmp_path / 'busi'} ({os.strerror(code)})" in err
     assert "free some space or choose another --dest" in err and "by hand" not in err
 
 
@@ -729,6 +766,15 @@ def test_nested_zip_is_unpacked(server, tmp_path):
     assert (tmp_path / "dataset" / "BUS-UCLM" / "INFO.csv").is_file() and len(server.requests) == count
 
 
+def test_a_nested_zip_named_in_capitals_is_unpacked(tmp_path):
+    from data_fetch.archive import extract_zip
+
+    (tmp_path / "outer.zip").write_bytes(zip_bytes({"dataset/BUS-UCLM.ZIP": zip_bytes({"BUS-UCLM/INFO.csv": b"x"})}))
+    assert set(extract_zip(tmp_path / "outer.zip", tmp_path / "dest")) == {"dataset/BUS-UCLM.ZIP",
+                                                                           "dataset/BUS-UCLM/INFO.csv"}
+    assert (tmp_path / "dest" / "dataset" / "BUS-UCLM" / "INFO.csv").read_bytes() == b"x"
+
+
 def test_only_one_level_of_nested_zips_is_unpacked(tmp_path):
     """The host's wrapper is unpacked; a zip inside the dataset's own zip is its data, left as it is."""
     from data_fetch.archive import extract_zip
@@ -773,6 +819,13 @@ def test_error_page_is_not_offered_for_pinning(server, tmp_path, capsys):
     # nothing under the archive's name: the loader says "not downloaded", not "run data_fetch to unpack"
     assert not (tmp_path / "7fvgj4jsp7-1.zip").exists()
     assert (tmp_path / "7fvgj4jsp7-1.zip.not-a-zip").read_bytes() == server.files["/uclm.zip"]
+
+
+def test_a_page_beginning_with_pk_is_no_zip_cut_short(server, tmp_path):
+    """Only a zip's whole first header ("PK\\x03\\x04") makes a body "a zip cut short"; "PK" alone is text."""
+    server.files["/uclm.zip"] = b"PKxx<html>not found</html>"
+    with pytest.raises(DownloadError, match=r"not a zip archive but begins b'PKxx<html>"):
+        fetch("bus_uclm", dest=tmp_path, url=server.url + "/uclm.zip", progress=False)
 
 
 def test_a_login_page_under_a_pinned_checksum_is_named_not_retried_or_offered_for_pinning(server, tmp_path):
@@ -1026,6 +1079,12 @@ def test_manually_placed_file_with_wrong_hash_is_reported_not_deleted(tmp_path):
 def test_bad_arguments(tmp_path, call, message):
     with pytest.raises(ValueError, match=message):
         call(tmp_path)
+
+
+def test_an_ftp_address_is_a_web_address(tmp_path):
+    """Mirrors may serve over FTP: the address is accepted and tried (nothing listens here, so the host fails)."""
+    with pytest.raises(DownloadError, match="could not download"):
+        fetch("breastmnist", dest=tmp_path, url="ftp://127.0.0.1:9/breastmnist.npz", retries=0, progress=False)
 
 
 def test_an_invalid_address_is_not_retried(tmp_path, capsys):
