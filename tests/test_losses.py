@@ -128,6 +128,8 @@ def test_classification_loss_matches_weighted_cross_entropy():
     w = torch.tensor(weights)[label]
     expected = (w * nll).sum() / w.sum()
     assert torch.allclose(ClassificationLoss(weights)(logits, label), expected)
+    # a weighted mean: the same for weights ten times smaller (their sum over the batch, 0.2, below 1)
+    assert torch.allclose(ClassificationLoss([w / 10 for w in weights])(logits, label), expected)
     assert torch.allclose(ClassificationLoss()(logits, label), nll.mean())
 
 

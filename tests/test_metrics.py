@@ -508,6 +508,13 @@ def test_a_class_weighted_loss_is_the_datasets_whatever_the_batch_size():
         targets = torch.full((2,), label)
         zero.update({"cls": logits[part]}, {"label": targets}, {"cls": zero_loss(logits[part], targets)})
     assert zero.compute()["cls/loss"] == pytest.approx(float(zero_loss(logits[2:4], torch.tensor([1, 1]))))
+    # torch's own weighted cross-entropy is 0/0 = NaN for that batch: it counts for nothing too
+    plain = MetricAccumulator(("cls",), class_weights=[0.0, 1.0])
+    for part, label in ((slice(0, 2), 0), (slice(2, 4), 1)):
+        targets = torch.full((2,), label)
+        batch_loss = torch.nn.functional.cross_entropy(logits[part], targets, weight=torch.tensor([0.0, 1.0]))
+        plain.update({"cls": logits[part]}, {"label": targets}, {"cls": batch_loss})
+    assert plain.compute()["cls/loss"] == pytest.approx(zero.compute()["cls/loss"])
 
 
 def test_evaluate_passes_the_losses_class_weights_to_its_accumulator():
@@ -575,6 +582,10 @@ def test_clean_images_far_beyond_the_data_range_are_named():
     scaled = MetricAccumulator(("recon",), data_range=255.0)
     scaled.update({"recon": clean}, {"clean": clean})
     assert scaled.compute()["recon/ssim"] == pytest.approx(1.0)
+    # the limit is twice the range: noise may push a clean image a little past 1, a factor 3 is another scale
+    MetricAccumulator(("recon",)).update({"recon": clean / 255}, {"clean": clean / 255 * 1.9})
+    with pytest.raises(ValueError, match=r"the clean images reach 2\.9\d*, but data_range is 1"):
+        MetricAccumulator(("recon",)).update({"recon": clean / 255}, {"clean": clean / 255 * 3.0})
 
 
 def test_nan_in_a_mask_and_labels_of_another_shape_are_named():

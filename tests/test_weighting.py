@@ -274,6 +274,28 @@ def _gradnorm_step_with_weights(values):
     return weighting.task_weights.detach()
 
 
+@pytest.mark.parametrize("lr", [0.1, 0.025])
+def test_gradnorm_moves_its_weights_by_its_learning_rate(lr):
+    """Adam's first step moves each weight by lr against the sign of its gradient (1 - lr, 1 + lr: still sum 2)."""
+    weighting = GradNorm(TASKS) if lr == 0.025 else GradNorm(TASKS, lr=lr)  # 0.025: the default
+    weighting.task_weights.grad = torch.tensor([1.0, -1.0])
+    weighting.after_step()
+    torch.testing.assert_close(weighting.task_weights.detach(), torch.tensor([1 - lr, 1 + lr]))
+
+
+def test_gradnorm_weights_the_networks_gradient_by_its_task_weights():
+    torch.manual_seed(0)
+    net, weighting = TwoTaskNet(), GradNorm(TASKS)
+    x, targets = _regression_problem()
+    with torch.no_grad():
+        weighting.task_weights.copy_(torch.tensor([2.0, 0.5]))
+    losses = _losses(net, x, targets)
+    expected = torch.autograd.grad(2.0 * losses["seg"] + 0.5 * losses["cls"], net.encoder.weight, retain_graph=True)[0]
+    total = weighting.backward(losses, list(net.encoder.parameters()))
+    torch.testing.assert_close(net.encoder.weight.grad, expected)
+    assert total.item() == pytest.approx(float((2.0 * losses["seg"] + 0.5 * losses["cls"]).detach()))
+
+
 def test_gradnorm_renormalises_the_weights_to_sum_to_the_number_of_tasks():
     weights = _gradnorm_step_with_weights([3.0, 0.5])
     torch.testing.assert_close(weights, torch.tensor([3.0, 0.5]) * 2 / 3.5)  # ratios kept, sum 2
@@ -306,6 +328,20 @@ def test_pcgrad_projects_the_already_projected_gradient_with_three_tasks():
     torch.testing.assert_close(p1, torch.tensor([0.5, 0.0]))  # (0.5, 0.5) from g2, then g3's component removed
     torch.testing.assert_close(p2, torch.tensor([0.0, 0.0]))
     torch.testing.assert_close(p3, torch.tensor([0.0, -0.5]))  # (-0.5, -0.5) from g2, then g1's component removed
+
+
+def test_pcgrad_draws_its_task_order_from_its_seed():
+    """With three tasks the order changes the result; PCGrad(seed=s) projects as project_conflicting does with
+    a generator seeded s."""
+    tasks = ("seg", "cls", "recon")
+    g = [torch.tensor([1.0, 0.0]), torch.tensor([-1.0, 1.0]), torch.tensor([0.0, -1.0])]
+    merged = {}
+    for seed in (0, 1):
+        p = nn.Parameter(torch.zeros(2))
+        PCGrad(tasks, seed=seed).backward({t: torch.dot(p, gt) for t, gt in zip(tasks, g)}, [p])
+        merged[seed] = p.grad
+        torch.testing.assert_close(p.grad, sum(project_conflicting(g, torch.Generator().manual_seed(seed))))
+    assert not torch.allclose(merged[0], merged[1])
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -495,6 +531,7 @@ def test_delta_m_relative_change_of_a_negative_baseline_keeps_its_sign():
     (lambda: build_weighting("magic", TASKS), "unknown weighting 'magic'.*'fixed'.*'pcgrad'"),
     (lambda: FixedWeights(TASKS, {"seg": 1.0}), "one number per task"),
     (lambda: FixedWeights(TASKS, {"seg": 1.0, "cls": -1.0}), "non-negative"),
+    (lambda: FixedWeights(TASKS, {"seg": math.inf, "cls": 1.0}), "must be finite"),
     (lambda: DynamicWeightAverage(TASKS, temperature=0), "temperature"),
     (lambda: GradNorm(TASKS, alpha=-1), "alpha"),
     (lambda: FixedWeights(TASKS).combine({"seg": torch.tensor(1.0)}), "expected losses for tasks"),
