@@ -540,6 +540,9 @@ def test_gradnorm_weights_stay_when_the_loss_scaler_skips_a_step_for_an_overflow
     history = _fit_on_cpu(model, train, val, epochs=1, weighting="gradnorm")
     assert all(torch.equal(before[k], v) for k, v in model.encoder.named_parameters())  # no step taken
     assert [history.records[-1][f"weight/{t}"] for t in ("seg", "cls")] == [1.0, 1.0]
+    # without the overflow every step is taken, and the weights follow them
+    history = _fit_on_cpu(ToyNet(), train, val, epochs=1, weighting="gradnorm")
+    assert [history.records[-1][f"weight/{t}"] for t in ("seg", "cls")] != [1.0, 1.0]
 
 
 def test_a_weighting_subclass_overrides_after_step_without_arguments():
@@ -723,6 +726,17 @@ def test_history_plot_gives_each_task_one_colour_in_every_panel():
     styles = {line.get_label(): (line.get_linestyle(), line.get_marker()) for line in metrics.get_lines()}
     assert len({styles[m] for m in ("cls/acc", "cls/balanced_acc", "cls/auc")}) == 3
     assert styles["seg/dice"] != styles["seg/iou"]
+    # a task's first metric has filled markers, its others hollow ones (white)
+    faces = {line.get_label(): to_hex(line.get_markerfacecolor()) for line in metrics.get_lines()}
+    assert faces["seg/dice"] == to_hex("tab:blue") and faces["cls/acc"] == to_hex("tab:orange")
+    assert {faces[m] for m in ("seg/iou", "cls/balanced_acc", "cls/auc")} == {to_hex("white")}
+
+
+def test_history_plot_marks_the_best_epoch_among_the_validation_metrics():
+    history = _review_history()  # val/seg/dice rises: epoch 3 is the best
+    metrics = history.plot().axes[1]
+    best = [line for line in metrics.get_lines() if line.get_label() == "best epoch (val/seg/dice)"]
+    assert history.best_epoch == 3 and len(best) == 1 and list(best[0].get_xdata()) == [3, 3]
 
 
 def test_history_plot_legends_sit_outside_the_panels():
@@ -772,6 +786,7 @@ def test_progress_bar_only_when_asked(capsys):
     (dict(poly_power="0.9"), "poly_power must be a finite number >= 0"),
     (dict(betas=(0.9,)), r"betas must be a pair of numbers in \[0, 1\)"),  # IndexError inside Adam before
     (dict(betas=(0.9, 1.5)), r"betas must be a pair of numbers in \[0, 1\)"),
+    (dict(betas=(0.9, 1.0)), r"betas must be a pair of numbers in \[0, 1\)"),  # 1: the moments never forget
     (dict(task_weights=[1, 0.25]), "task_weights must map task names to weights"),
     (dict(restore_best="no"), "restore_best must be True or False, got 'no'; pass it unquoted"),  # "no" is truthy
     (dict(progress="false"), "progress must be True or False"),
@@ -782,6 +797,7 @@ def test_progress_bar_only_when_asked(capsys):
     (dict(out_dir=5), r"out_dir must be a folder path \(or None: no checkpoints\), got 5"),
     (dict(tasks=5), r"tasks must name some of \('seg', 'cls', 'recon'\), .*got 5"),
     (dict(lr=1e-2, weight_decay=1e9), r"weight_decay 1e\+09 with lr 0.01 would shrink every weight by .* \(>= 1\)"),
+    (dict(lr=1.0, weight_decay=1.0), r"would shrink every weight by lr x weight_decay = 1 \(>= 1\)"),  # to 0
 ])
 def test_bad_fit_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -1000,6 +1016,15 @@ def test_fit_warns_once_when_the_images_look_like_unscaled_8_bit(low, high, opti
         assert (ours[0].filename, ours[0].lineno) == (__file__, line)  # it points at the call of fit
 
 
+def test_a_resumed_fit_looks_at_its_own_first_batch_too(tmp_path):
+    """The check runs on the first batch of each call of fit, a resumed one included (it starts at epoch 2)."""
+    train = DataLoader(Scaled(0, 255), batch_size=4)
+    for epochs, resume in ((1, False), (2, True)):
+        with pytest.warns(UserWarning, match="unscaled intensities"):
+            fit(ToyNet(tasks=("cls",)), train, None, epochs=epochs, progress=False, device="cpu", out_dir=tmp_path,
+                resume=resume)
+
+
 class SoftmaxNet(ToyNet):
     """ToyNet ending in a softmax, as students write it: probabilities where the losses take logits."""
 
@@ -1205,6 +1230,32 @@ def test_resumed_run_restores_the_best_epoch_of_the_earlier_session(tmp_path):
     assert best["epoch"] == 1
     for name, value in model.state_dict().items():
         assert torch.equal(value, best["model"][name]), name
+
+
+def test_a_first_epoch_stopped_before_its_best_pt_writes_it_on_resume(tmp_path, monkeypatch):
+    """No best.pt yet: the stop between the two writes of epoch 1 is repaired from last.pt, not reported as
+    best weights lost."""
+    import mtlearn.engine as engine
+
+    save = engine.save_checkpoint
+
+    def stop_at_best(state, path):
+        if path.name == "best.pt":
+            raise KeyboardInterrupt
+        return save(state, path)
+
+    train, val = _loaders()
+    monkeypatch.setattr(engine, "save_checkpoint", stop_at_best)
+    with pytest.raises(KeyboardInterrupt):
+        _fit_on_cpu(ToyNet(), train, val, epochs=1, out_dir=tmp_path)
+    monkeypatch.undo()
+    assert load_checkpoint(tmp_path / "last.pt")["epoch"] == 1 and not (tmp_path / "best.pt").exists()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _fit_on_cpu(ToyNet(), train, val, epochs=1, out_dir=tmp_path, resume=True)
+    said = [str(w.message) for w in caught]
+    assert any("already has 1 epochs" in m for m in said) and not any("is missing" in m for m in said)
+    assert load_checkpoint(tmp_path / "best.pt")["epoch"] == 1
 
 
 def test_a_run_stopped_between_its_two_checkpoints_resumes_with_the_right_best_weights(tmp_path, monkeypatch):
@@ -1556,6 +1607,29 @@ def test_an_interrupted_first_epoch_gives_the_model_back_so_a_resume_repeats_the
     monkeypatch.setattr(engine, "_update", real_update)
     _fit(model, train, val, epochs=2, out_dir=tmp_path / "b", resume=True, **options)
     assert all(torch.equal(v, uninterrupted.state_dict()[k]) for k, v in model.state_dict().items())
+
+
+def test_an_interruption_after_the_first_checkpoint_leaves_the_model_trained(tmp_path, monkeypatch):
+    """From the first last.pt on, the run is on disk: Ctrl-C in epoch 2 must not rewind the model in the
+    notebook to its starting weights (a resume reads last.pt in any case)."""
+    import mtlearn.engine as engine
+
+    torch.manual_seed(0)
+    model = ToyNet()
+    start = copy.deepcopy(model.state_dict())
+    real_update, steps = engine._update, []
+
+    def interrupted(*args, **kwargs):
+        if len(steps) == 5:  # one step into epoch 2 (four steps each)
+            raise KeyboardInterrupt
+        steps.append(1)
+        return real_update(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "_update", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _fit(model, *_loaders(), epochs=2, out_dir=tmp_path)
+    assert load_checkpoint(tmp_path / "last.pt")["epoch"] == 1
+    assert not all(torch.equal(v, start[k]) for k, v in model.state_dict().items())
 
 
 def test_a_misspelt_monitor_is_refused_without_a_val_loader_too():
