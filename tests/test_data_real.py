@@ -161,6 +161,35 @@ def test_busi_problems_are_reported(busi):
     assert not any("_mask" in note for note in dataset.problems)  # every mask file found its image
 
 
+def test_busi_mask_without_its_image_is_noted(tmp_path):
+    base = make_busi(tmp_path, per_class=2)["base"]
+    save_png(base / "benign" / "benign (7)_mask.png", np.zeros((40, 48), np.uint8))  # its image deleted
+    dataset = load_dataset("busi", root=tmp_path, split="all", image_size=SIZE)
+    assert "benign (7): mask without image, ignored" in dataset.problems
+
+
+def test_a_mask_file_of_ones_only_is_lesion_everywhere(tmp_path):
+    """A 0/1 mask whose lesion fills the image has the one level 1: it is lesion, not an 8-bit level 1 of 255."""
+    base = make_busi(tmp_path, per_class=2)["base"]
+    save_png(base / "benign" / "benign (1)_mask.png", np.ones((40, 48), np.uint8))
+    for extra in ("_1", "_2"):
+        (base / "benign" / f"benign (1)_mask{extra}.png").unlink()
+    mask = by_id(load_dataset("busi", root=tmp_path, split="all", image_size=SIZE))["benign (1)"]["mask"]
+    assert bool((mask == 1).all())
+
+
+def test_without_the_cache_each_read_takes_the_file_as_it_is_now(tmp_path):
+    base = make_busi(tmp_path, per_class=2)["base"]
+    path = base / "benign" / "benign (2).png"
+    items = {cache: load_dataset("busi", root=tmp_path, split="all", image_size=(40, 48), cache=cache)
+             for cache in (True, False)}
+    index = [r.id for r in items[True].records].index("benign (2)")
+    before = {cache: dataset[index]["image"] for cache, dataset in items.items()}
+    save_png(path, np.full((40, 48), 255, np.uint8), mode="RGB")  # the file changed on disk meanwhile
+    assert torch.equal(items[True][index]["image"], before[True])  # kept in memory
+    assert bool((items[False][index]["image"] == 1).all()) and not torch.equal(before[False], items[False][index]["image"])
+
+
 def test_images_are_the_files_grey_levels_in_0_1_area_averaged(busi):
     """"image" is the PNG's grey level / 255: unchanged at the file's own size, and shrunk by averaging
     ("area": each output pixel is the mean of the pixels it covers, so speckle does not alias)."""
@@ -491,6 +520,16 @@ def test_bus_bra_splits_by_patient(bus_bra):
     assert abs(sizes["train"] - 24 * 7 / 8) <= 2 * 2 and abs(sizes["val"] - 24 / 8) <= 2 * 2
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_bus_bra_patients_outside_the_test_fold_go_7_to_1_to_train_and_val(tmp_path_factory, seed):
+    root = tmp_path_factory.mktemp("bus_bra_80")
+    info = make_bus_bra(root, patients=80)  # fold 1: 16 patients; the other 64 split 56 : 8
+    patients = {s: {info["cases"][r.id] for r in load_dataset("bus_bra", root=root, split=s, seed=seed).records}
+                for s in ("train", "val", "test")}
+    assert len(patients["test"]) == 16
+    assert abs(len(patients["train"]) - 56) <= 2 and abs(len(patients["val"]) - 8) <= 2
+
+
 def test_bus_bra_patient_with_any_image_in_the_test_fold_goes_wholly_to_test(tmp_path):
     """Should an official fold list one of a patient's images in another fold, the patient still must
     not straddle train and test: the whole patient goes to test."""
@@ -603,6 +642,17 @@ def test_bus_bra_items(bus_bra):
     assert item["label"] == 1 and item["mask"].sum() > 0 and "artifact" not in item
 
 
+def test_bus_bra_mask_that_is_no_png_is_skipped_and_noted_when_the_dataset_is_made(tmp_path):
+    info = make_bus_bra(tmp_path, patients=4)
+    mask = info["base"] / "Masks" / "mask_0003-l.png"
+    mask.write_bytes(ERROR_PAGE)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dataset = load_dataset("bus_bra", root=tmp_path, split="all", image_size=SIZE)
+    assert "bus_0003-l" not in {r.id for r in dataset.records}
+    assert any(note.startswith(f"{mask} is not a readable image") for note in dataset.problems)
+
+
 def test_bus_bra_pathology_is_read_whatever_its_case(tmp_path):
     """'Malignant' or ' Benign ' in a hand-edited bus_data.csv is the same class, not a skipped image."""
     info = make_bus_bra(tmp_path, patients=6)
@@ -662,6 +712,14 @@ def test_bus_uclm_info_csv_disagreeing_with_the_mask_colour_is_reported(bus_uclm
     assert by_id(dataset)["PAT03_001"]["label"] == 1
 
 
+def test_bus_uclm_info_csv_label_disagreeing_is_noted_whatever_its_case(tmp_path):
+    info = make_bus_uclm(tmp_path, patients=4)
+    csv = info["base"] / "INFO.csv"
+    csv.write_text(csv.read_text().replace("PAT03_001.png;malignant;", "PAT03_001.png;Malignant;"))
+    dataset = load_dataset("bus_uclm", root=tmp_path, split="all", on_size_mismatch="resize")
+    assert "PAT03_001: INFO.csv says malignant, the mask colour says benign" in dataset.problems
+
+
 def test_bus_uclm_flags_are_read_by_value_and_unreadable_ones_and_missing_images_are_noted(tmp_path):
     """'1.0' (a spreadsheet's export) and '2' (a count) were read as 0 without a word, and a row of INFO.csv
     whose image was missing vanished silently."""
@@ -686,7 +744,11 @@ def test_bus_uclm_flags_are_read_by_value_and_unreadable_ones_and_missing_images
     with pytest.warns(UserWarning):
         unlisted = by_id(load_dataset("bus_uclm", root=tmp_path, split="all", image_size=SIZE))["PAT04_000"]
     assert unlisted["artifact"] == 0  # a key like every other item's, or a batch of them fails to collate
-    assert [real._flag(v) for v in ("nan", "NaN", " 1 ", "0")] == [None, None, True, False]  # NaN: unknown
+    with pytest.warns(UserWarning):
+        noted = load_dataset("bus_uclm", root=tmp_path, split="all", image_size=SIZE).problems
+    assert "PAT04_000: not in INFO.csv, artifact flag unknown (0)" in noted
+    # NaN: unknown; any other number but 0 is a yes (a count, or -1 from a tool's "present")
+    assert [real._flag(v) for v in ("nan", "NaN", " 1 ", "0", "-1", "-2.0")] == [None, None, True, False, True, True]
 
 
 def test_a_bus_uclm_patient_is_the_stem_before_its_last_underscore():
@@ -722,7 +784,8 @@ def test_colour_images_load_as_their_grey_luminance(tmp_path):
     ({(5, 5): (0, 255, 0), (22, 30): (110, 8, 4)}, 2, 200),  # a dim, JPEG-ish red still counts
     ({(5, 5): (6, 3, 0)}, 0, 0),  # compression noise on black is no lesion
     ({(5, 5): (0, 255, 255)}, 0, 0),  # cyan: green must stand out from blue too
-], ids=["red", "green", "dark-green", "red-and-green", "dim-red-and-green", "noise", "cyan"])
+    ({(5, 5): (255, 0, 255)}, 0, 0),  # magenta: and red from blue
+], ids=["red", "green", "dark-green", "red-and-green", "dim-red-and-green", "noise", "cyan", "magenta"])
 def test_bus_uclm_one_colour_rule_gives_class_and_mask(tmp_path, colours, label, lesion_pixels):
     base = tmp_path / "BUS-UCLM"
     mask = np.zeros((40, 48, 3), np.uint8)
@@ -1043,15 +1106,54 @@ def test_npz_uint8_images_are_divided_by_255(tmp_path):
         assert np.allclose(dataset[i]["image"][0].numpy(), arrays["test_images"][i] / 255, atol=1e-6)
 
 
+def test_npz_colour_images_load_as_the_mean_of_their_channels(tmp_path):
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for split in ("train", "val", "test"):
+        grey = rng.integers(0, 240, (3, 28, 28, 1), dtype=np.uint8)
+        arrays[f"{split}_images"] = np.concatenate([grey, grey + 3, grey + 12], axis=-1)  # mean: grey + 5
+        arrays[f"{split}_labels"] = np.zeros((3, 1), np.uint8)
+    np.savez(tmp_path / "breastmnist.npz", **arrays)
+    dataset = load_dataset("breastmnist", root=tmp_path, split="test", image_size=28)
+    expected = (arrays["test_images"][0, ..., 0].astype(np.float32) + 5) / 255
+    assert np.allclose(dataset[0]["image"][0].numpy(), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype, top", [(np.uint16, 4000), (np.float32, 37.5)])
+def test_npz_images_of_other_types_are_scaled_to_0_1_by_their_maximum(tmp_path, dtype, top):
+    """A hand-converted npz (16-bit or float grey levels): brightness relative to the image, never above 1."""
+    arrays = {}
+    for split in ("train", "val", "test"):
+        images = np.zeros((2, 28, 28), dtype)
+        images[:, 3:9, 4:12] = top
+        images[:, 10:14, 4:12] = top / 2
+        arrays[f"{split}_images"], arrays[f"{split}_labels"] = images, np.zeros((2, 1), np.uint8)
+    np.savez(tmp_path / "breastmnist.npz", **arrays)
+    image = load_dataset("breastmnist", root=tmp_path, split="test", image_size=28)[0]["image"][0]
+    assert float(image.max()) == 1.0 and float(image[12, 5]) == pytest.approx(0.5)
+
+
 def test_busi_npz(tmp_path):
     make_busi_npz(tmp_path, resolution=128, counts=(5, 2, 3))
     dataset = load_dataset("busi_npz", root=tmp_path, split="val", image_size=SIZE)
     assert len(dataset) == 5 and dataset.labels.tolist() == [0, 0, 1, 1, 1]
+    assert dataset[0]["id"] == "busi_npz-val-C1-0000" and dataset[4]["id"] == "busi_npz-val-C2-0002"
     assert set(dataset[0]["mask"].unique().tolist()) == {0.0, 1.0}
     with pytest.raises(LayoutError, match="busi_256.npz.*python -m data_fetch busi_256"):
         load_dataset("busi_npz", root=tmp_path, resolution=256)
     with pytest.raises(ValueError, match="resolution"):
         load_dataset("busi_npz", root=tmp_path, resolution=64)
+
+
+def test_busi_npz_masks_of_0_255_with_faint_noise_are_cut_at_half_their_maximum(tmp_path):
+    path = make_busi_npz(tmp_path, resolution=128, counts=(1, 1, 1))
+    with np.load(path) as data:
+        arrays = dict(data)
+    for key in [k for k in arrays if "_label_" in k]:
+        arrays[key] = np.where(arrays[key] > 0, 255, 3).astype(np.uint8)  # lesion 255, background a faint 3
+    np.savez(path, **arrays)
+    mask = load_dataset("busi_npz", root=tmp_path, split="test", image_size=128)[0]["mask"][0]
+    assert int(mask.sum()) == 16 * 24 and bool(mask[4:20, 6:30].all())  # the lesion box of make_busi_npz only
 
 
 # --------------------------------------------------------------------------------------------------

@@ -478,6 +478,7 @@ BREASTMNIST_CLASSES = ("normal_or_benign", "malignant")
 
 def _read_breastmnist(folder: Path, split: str, seed: int, resolution: int = 28):
     """BreastMNIST npz: {train,val,test}_images (N, H, W) uint8 and _labels (N, 1); official splits.
+    (N, H, W, 1) or (N, H, W, 3) images, as a hand-converted or other MedMNIST file may hold, become grey.
 
     Labels are flipped from MedMNIST's (0 malignant) to 1 malignant, see BREASTMNIST_CLASSES.
     """
@@ -486,7 +487,7 @@ def _read_breastmnist(folder: Path, split: str, seed: int, resolution: int = 28)
     with _npz(path) as data:
         _require_keys(path, data, [f"{s}_{k}" for s in SPLITS[:3] for k in ("images", "labels")])
         for part in _official_parts(split):
-            images, labels = data[f"{part}_images"], data[f"{part}_labels"].reshape(-1)
+            images, labels = _grey_stack(data[f"{part}_images"]), data[f"{part}_labels"].reshape(-1)
             records += [
                 Record(f"breastmnist-{part}-{i:04d}", 1 - int(labels[i]), images[i], None, group="")
                 for i in range(len(labels))
