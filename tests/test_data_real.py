@@ -187,7 +187,8 @@ def test_without_the_cache_each_read_takes_the_file_as_it_is_now(tmp_path):
     before = {cache: dataset[index]["image"] for cache, dataset in items.items()}
     save_png(path, np.full((40, 48), 255, np.uint8), mode="RGB")  # the file changed on disk meanwhile
     assert torch.equal(items[True][index]["image"], before[True])  # kept in memory
-    assert bool((items[False][index]["image"] == 1).all()) and not torch.equal(before[False], items[False][index]["image"])
+    now = items[False][index]["image"]
+    assert bool((now == 1).all()) and not torch.equal(before[False], now)
 
 
 def test_images_are_the_files_grey_levels_in_0_1_area_averaged(busi):
