@@ -39,6 +39,8 @@ def test_deterministic_by_seed_and_index():
     assert not torch.equal(a[0]["image"], other[0]["image"])
     shifted = SyntheticUltrasound(num_samples=5, seed=7, image_size=48, first_index=3)
     assert torch.equal(shifted[0]["image"], b[3]["image"]) and shifted[0]["id"] == "synthetic-00003"
+    # seed and index are two keys, not a sum: seed 8's item 0 is not seed 7's item 1
+    assert not torch.equal(other[0]["image"], a[1]["image"])
 
 
 def test_mask_is_empty_exactly_for_normal_items_and_labels_match():
@@ -179,6 +181,31 @@ def test_malignant_edges_fade_more_gradually_than_benign(lesions):
     assert np.median(sharpness[2]) < np.median(sharpness[1]) - 0.1
 
 
+def test_lesions_sit_in_the_gland_away_from_the_sides(lesions):
+    """Centres are drawn at 36-58 % of the depth (the gland) and 25-75 % of the width: no lesion in the skin
+    or fat, none cut off by the image's side."""
+    centres = np.array([ndimage.center_of_mass(mask) for _, _, mask in lesions]) / lesions[0][1].shape  # (N, 2)
+    assert 0.3 < centres[:, 0].min() and centres[:, 0].max() < 0.65
+    assert 0.2 < centres[:, 1].min() and centres[:, 1].max() < 0.8
+
+
+def test_lesion_sizes_follow_the_shorter_side_of_the_image():
+    """Sizes are given for 128 px and scaled by the shorter side: a wider image shows the same lesions."""
+    square, wide = (SyntheticUltrasound(num_samples=30, image_size=size, seed=2) for size in ((48, 48), (48, 80)))
+    areas = {name: [ds.render(int(i))["mask"].sum() for i in np.nonzero(ds.labels > 0)[0]]
+             for name, ds in (("square", square), ("wide", wide))}
+    assert np.mean(areas["wide"]) == pytest.approx(np.mean(areas["square"]), rel=0.05)
+
+
+def test_echoes_weaken_with_depth():
+    """Attenuation (what TGC leaves of it): within the gland of normal images, deeper rows are darker
+    (measured: 0.045 of the grey range between rows at 32-40 % and 54-62 % of the depth, in 85 % of images)."""
+    ds = SyntheticUltrasound(num_samples=200, image_size=64, seed=3)
+    drop = [ds.render(int(i), artifact=False)["clean"][20:26].mean()
+            - ds.render(int(i), artifact=False)["clean"][34:40].mean() for i in np.nonzero(ds.labels == 0)[0][:60]]
+    assert np.mean(drop) > 0.02 and np.mean(np.array(drop) > 0) > 0.7
+
+
 def test_mask_outlines_the_drawn_lesion(lesions):
     """The mask lies exactly on the hypoechoic mass of the speckle-free image (not shifted or resized).
 
@@ -242,12 +269,70 @@ def test_artifact_mask_marks_exactly_what_the_artifact_changes():
         assert ds[i]["artifact"] == int(ds[i]["artifact_mask"].sum() > 0)
 
 
+def test_every_combination_of_artifact_kinds_is_drawn():
+    from mtlearn.data import synthetic
+
+    rng = np.random.default_rng(0)
+    drawn = {synthetic._pick_kinds(rng) for _ in range(500)}
+    assert len(drawn) == 2 ** len(synthetic.ARTIFACT_KINDS) - 1 and synthetic.ARTIFACT_KINDS in drawn
+
+
+def test_a_shadow_band_darkens_the_image_where_its_mask_says(monkeypatch):
+    from mtlearn.data import synthetic
+
+    monkeypatch.setattr(synthetic, "_pick_kinds", lambda rng: ("shadow_band",))
+    ds = SyntheticUltrasound(num_samples=10, image_size=64, seed=4)
+    for i in range(len(ds)):
+        shadowed, plain = ds.render(i, artifact=True), ds.render(i, artifact=False)
+        band = shadowed["artifact_mask"] > 0
+        assert (shadowed["clean"][band] - plain["clean"][band]).mean() < -0.1
+
+
+def test_calipers_mark_the_lesions_two_ends(monkeypatch):
+    """Two "+" marks on the lesion's middle row, 2 px beyond its leftmost and rightmost pixels there."""
+    from mtlearn.data import synthetic
+
+    monkeypatch.setattr(synthetic, "_pick_kinds", lambda rng: ("calipers",))
+    ds = SyntheticUltrasound(num_samples=20, image_size=64, seed=4)
+    for i in np.nonzero(ds.labels > 0)[0][:5]:
+        item = ds.render(int(i), artifact=True)
+        rows, _ = np.nonzero(item["mask"])
+        row = int(rows.mean())
+        ends = np.nonzero(item["mask"][row])[0]
+        marks = item["artifact_mask"]
+        assert marks[row, ends.min() - 2] == 1 and marks[row, ends.max() + 2] == 1
+        assert marks[row, ends.min() + 1 : ends.max() - 1].sum() == 0  # nothing drawn over the lesion
+
+
 def test_overlays_are_burnt_into_the_clean_image_too():
     """Calipers and text are part of the display: without speckle, image and clean agree on them as well."""
     ds = SyntheticUltrasound(num_samples=12, image_size=48, seed=9, noise_level=0.0)
     for i in range(len(ds)):
         item = ds.render(i, artifact=True)
         assert np.array_equal(item["image"], item["clean"])
+
+
+def test_an_items_clean_is_the_renders_clean_not_its_image():
+    ds = SyntheticUltrasound(num_samples=3, image_size=32, seed=1, in_channels=3)
+    for i in range(len(ds)):
+        item, scene = ds[i], ds.render(i)
+        assert torch.equal(item["clean"], torch.from_numpy(scene["clean"]).expand(3, -1, -1))
+        assert not torch.equal(item["clean"], item["image"])
+
+
+def test_noise_level_scales_the_speckle_and_leaves_clean_alone():
+    """The residual image - clean at noise_level 0.5 is half that at 1 (measured 0.51 of it); clean is the same."""
+    std = {}
+    for level in (0.5, 1.0):
+        ds = SyntheticUltrasound(num_samples=20, image_size=64, seed=8, noise_level=level)
+        items = [ds.render(i) for i in range(len(ds))]
+        std[level] = np.concatenate([(it["image"] - it["clean"])[(it["clean"] > 0.2) & (it["clean"] < 0.8)
+                                                                 & (it["artifact_mask"] == 0)] for it in items]).std()
+        if level == 0.5:
+            cleans = [it["clean"] for it in items]
+        else:
+            assert all(np.array_equal(a, it["clean"]) for a, it in zip(cleans, items))
+    assert 0.4 < std[0.5] / std[1.0] < 0.6
 
 
 def test_clean_is_the_speckle_free_image():
