@@ -259,7 +259,7 @@ def transfer_encoder(pretrained: nn.Module, model: nn.Module) -> int:
     for name in ("image_size", "window_size"):
         if getattr(source, name) != getattr(target, name):
             raise ValueError(f"the encoders differ in {name}: {getattr(source, name)} in the pretrained model, "
-                             f"{getattr(target, name)} here; build both with the same image_size")
+                             f"{getattr(target, name)} here; build both with the same {name}")
     return _copy_state(pretrained.encoder, model.encoder, "encoder")
 
 

@@ -107,6 +107,8 @@ def test_optimizer_holds_only_trainable_parameters():
 
 
 def test_frozen_parts_stay_in_eval_mode_while_training():
+    frozen = freeze_encoder(tiny().train(), 0)
+    assert not frozen.encoder.stem.training and not frozen.encoder.stages[3].training  # at once, not at a forward
     model = freeze_encoder(tiny(), 2).train()
     model(batch()["image"])
     assert not model.encoder.stem.training and not model.encoder.stages[1].training  # frozen
@@ -203,6 +205,9 @@ def test_transfer_encoder_refuses_another_image_size():
     larger = build_model("tiny", tasks=("recon",), image_size=2 * SIZE)
     with pytest.raises(ValueError, match=r"differ in image_size: \(64, 64\) in the pretrained model, \(32, 32\) here"):
         transfer_encoder(larger, tiny())
+    larger_windows = build_model("tiny", tasks=("recon",), image_size=SIZE, window_size=4)  # tiny: 2
+    with pytest.raises(ValueError, match=r"differ in window_size: 4 in the pretrained model, 2 here; .* same window_size"):
+        transfer_encoder(larger_windows, tiny())
 
 
 # ---------------------------------------------------------------------------------------------- compute
@@ -424,6 +429,8 @@ def test_denoising_pairs_carry_no_labels_and_use_the_clean_target():
     assert torch.equal(item["clean"], data[1]["clean"])
     assert 0 <= item["image"].min() and item["image"].max() <= 1
     assert not torch.equal(item["image"], data[1]["image"])  # Gaussian noise added to the speckled image
+    assert torch.equal(DenoisingPairs(data, gaussian_std=0.0)[1]["image"], data[1]["image"])  # the speckle is kept
+    assert load_strategy_data(handful(gaussian_std=0.1)).unlabeled.gaussian_std == 0.1  # the config's, not 0.02
 
 
 def test_real_images_become_their_own_target_with_added_noise():
@@ -710,6 +717,7 @@ def test_a_finished_comparison_reloads_and_refuses_other_options(tmp_path, monke
     # the acceptance thresholds and the progress bars may change: nothing is retrained
     again = run_comparison(replace(config, tolerance={"seg/dice": 0.1}, progress=True), out_dir=tmp_path, resume=True)
     assert calls == [] and again.table[list(METRICS)].equals(first.table[list(METRICS)])
+    assert not any(run.model.training for run in again.runs)  # reloaded models come back in eval mode too
     assert first.runs[0].metrics and not [k for r in first.runs for k in r.metrics if k.endswith("loss")]  # no losses
     with pytest.raises(ValueError, match=re.escape(
             f"cannot resume from {tmp_path / 'pretrain' / 'recon' / 'options.json'} with other options (seed: 0 then, "
@@ -849,13 +857,13 @@ def test_each_strategy_trains_what_it_promises(monkeypatch):
 
 
 def test_train_and_measure_trains_with_the_configured_optimiser(tmp_path):
-    config = handful(lr=2e-3, weight_decay=0.05)
+    config = handful(lr=2e-3, weight_decay=0.05, num_train=6)  # batches of 4 and 2
     model = _new_model(config, ("seg",), num_classes=3, in_channels=1)
     result = train_and_measure(model, "scratch", load_strategy_data(config).train, None, config, epochs=2,
                                out_dir=tmp_path)
     saved = load_checkpoint_file(tmp_path / "last.pt")["config"]
     assert (saved["lr"], saved["weight_decay"], saved["epochs"], saved["tasks"]) == (2e-3, 0.05, 2, ["seg"])
-    assert result.images_seen == 2 * 4 and len(result.history) == 2
+    assert result.images_seen == 2 * 6 and len(result.history) == 2
     assert result.history[0]["lr"] == pytest.approx(2e-3)
 
 
@@ -932,6 +940,22 @@ def test_table_takes_the_largest_measured_cuda_peak_whatever_the_order():
         assert strategy_table(runs, UMSRepConfig()).loc["full", "cuda_peak_mb"] == 3.0, order
     unmeasured = [record("full", (t,)) for t in peaks]  # the CPU: NaN for every model
     assert math.isnan(strategy_table(unmeasured, UMSRepConfig()).loc["full", "cuda_peak_mb"])
+
+
+def test_table_sums_the_epochs_each_model_had_trained_before_a_resume():
+    runs = [replace(record("full", (t,)), resumed_epochs=n) for t, n in zip(("seg", "cls", "recon"), (1, 2, 0))]
+    assert strategy_table(runs, UMSRepConfig()).loc["full", "resumed_epochs"] == 3
+
+
+def test_a_run_resumed_with_other_task_weights_is_refused(tmp_path):
+    config = handful()
+    train = load_strategy_data(config).train
+    weights = {"seg": 1.0, "cls": 0.5, "recon": 1.0}
+    train_and_measure(_new_model(config, TASKS, 3, 1), "joint", train, None, config, epochs=1, task_weights=weights,
+                      out_dir=tmp_path)
+    with pytest.raises(ValueError, match=r"other options \(task_weights: .*'cls': 0.5.* then, .*'cls': 2.0.* now\)"):
+        train_and_measure(_new_model(config, TASKS, 3, 1), "joint", train, None, config, epochs=1,
+                          task_weights={**weights, "cls": 2.0}, out_dir=tmp_path, resume=True)
 
 
 def test_table_sums_the_trainable_parameters_of_a_strategys_models():
