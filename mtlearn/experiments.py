@@ -162,7 +162,8 @@ def _injectable(value: Any, where: str) -> Any:
 
 
 def grid(notebooks: list[Path], parameters: dict[str, list[Any]], seeds: list[int], profile: str) -> list[RunSpec]:
-    """Every combination of notebook, parameter values and seed, in a stable order.
+    """Every combination of notebook, parameter values and seed, in a stable order: notebook by notebook;
+    within one, the parameters' values with the names sorted (the first name changes slowest), then the seeds.
 
     parameters: name -> a list of the values to sweep, e.g. {"lr": [1e-3, 1e-4]}; one value is [1e-3].
     The notebooks receive tuples as lists and NumPy numbers as Python ones (see _injectable).

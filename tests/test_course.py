@@ -330,6 +330,25 @@ def test_command_line_runs_each_notebook_into_its_profile_folder_and_fails_on_a_
     assert main(["--out", str(out), "--only", "00", "--cell-timeout", "0"]) == 0 and timeouts[-1] is None
 
 
+def test_command_line_goes_on_after_a_failing_notebook(tmp_path, monkeypatch, capsys):
+    from mtlearn.course import NotebookResult, main
+
+    calls = []
+
+    def fake_run(nb, out_dir, parameters, cell_timeout):
+        calls.append(nb.stem)
+        ok = not nb.stem.startswith("00")  # the first one fails
+        return NotebookResult(nb.stem, out_dir, ok, 1.0, "" if ok else "cell [3] raised RuntimeError: boom",
+                              {"metrics": {"dice": 0.5}} if ok else None)
+
+    monkeypatch.setattr(course, "run_notebook", fake_run)
+    assert main(["--profile", "smoke", "--out", str(tmp_path), "--only", "00", "01"]) == 1
+    assert len(calls) == 2 and calls[0].startswith("00") and calls[1].startswith("01")
+    table = capsys.readouterr().out.splitlines()
+    assert any(line.startswith(calls[0]) and "FAIL" in line for line in table)
+    assert any(line.startswith(calls[1]) and "dice=0.5" in line for line in table)
+
+
 def test_command_line_defaults_to_the_course_profile_with_an_hour_per_cell(tmp_path, monkeypatch):
     """The main job with no options: the course profile, its folder, and a cell limit that stops a hung kernel."""
     from mtlearn.course import NotebookResult, main
@@ -607,7 +626,11 @@ def test_freeze_progress_bars_rewrites_only_bars_whose_state_was_saved(tmp_path)
     assert outputs[0]["data"]["text/plain"] == ["train:  50%|█████     | 2/4 [00:01<00:01]"]
     overshot = bar("train: 100%", 5, 4, " 5/4")  # tqdm's value can pass its total: the bar stays 10 wide
     assert course._bar_text(overshot, "b") == "train: 100%|██████████| 5/4"
+    # the bar is full at 100 % only: 29 of 30 fill nine blocks
+    assert course._bar_text(bar("train:  97%", 29, 30, " 29/30"), "b") == "train:  97%|█████████ | 29/30"
     assert [o["data"]["text/plain"] for o in outputs[1:3]] == [["train:   0%|          | 0/4"]] * 2  # no bar state
+    path.write_text(json.dumps(notebook, indent=1) + "\n")  # a file that ends in a newline keeps it
+    assert course.freeze_progress_bars(path) == 1 and path.read_text().endswith("}\n")
     plain = tmp_path / "plain.ipynb"
     plain.write_text(json.dumps({"cells": [], "metadata": {}}))
     before = plain.stat().st_mtime_ns

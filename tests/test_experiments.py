@@ -43,10 +43,20 @@ def test_grid_is_every_combination(notebooks):
     assert specs[0].name == "profile=smoke,scale=1,seed=0"
 
 
+def test_grid_order_is_notebook_then_sorted_parameter_names_then_seed(tmp_path):
+    nb = write_notebook(tmp_path / "01_ab.ipynb", WRITES_METRICS)
+    nb.write_text(nb.read_text().replace("out_dir = None", "out_dir = None\\na = 0\\nb = 0"))
+    specs = grid([nb], {"b": [1, 2], "a": [3, 4]}, seeds=[0, 1], profile="smoke")
+    assert [s.name for s in specs[:5]] == ["a=3,b=1,profile=smoke,seed=0", "a=3,b=1,profile=smoke,seed=1",
+                                           "a=3,b=2,profile=smoke,seed=0", "a=3,b=2,profile=smoke,seed=1",
+                                           "a=4,b=1,profile=smoke,seed=0"]
+
+
 def test_grid_runs_once_then_skips_and_collects(notebooks, tmp_path):
     specs = grid(notebooks, {}, seeds=[0, 1], profile="smoke")
     first = run_grid(specs, tmp_path / "grid", progress=False)
     assert list(first["status"]) == ["ok"] * 4
+    assert all(seconds > 0 and seconds == round(seconds, 1) for seconds in first["seconds"])  # tenths, for reading
     second = run_grid(specs, tmp_path / "grid", progress=False)
     assert list(second["status"]) == ["skipped (done)"] * 4
     table = collect(tmp_path / "grid")
@@ -232,7 +242,7 @@ def test_grid_checks_every_value_and_a_tuple_default_too(notebooks):
         grid(notebooks[:1], {"size": [(32, 32), "96"]}, seeds=[0], profile="smoke")
 
 
-@pytest.mark.parametrize("text", ["size=(64,64", "weightings=[fixed],[pcgrad]"])
+@pytest.mark.parametrize("text", ["size=(64,64", "weightings=[fixed],[pcgrad]", "dataset='busi"])
 def test_set_refuses_a_malformed_literal_instead_of_splitting_it_into_strings(text):
     with pytest.raises(argparse.ArgumentTypeError, match=r"is not a valid Python literal; check its brackets, and "
                                                           r"quote the strings inside"):
@@ -465,6 +475,14 @@ def test_a_finished_run_of_other_parameters_in_the_folder_is_not_complete(notebo
     assert not spec.is_complete(tmp_path)
     (folder / "metrics.json").write_text(json.dumps(RECORD))
     assert spec.is_complete(tmp_path)
+
+
+def test_a_finished_run_whose_notebook_recorded_no_swept_parameter_is_not_complete(notebooks, tmp_path):
+    """A run made before `scale` was swept (papermill recorded no scale): run again, not a KeyError."""
+    spec = grid(notebooks[:1], {"scale": [2]}, seeds=[0], profile="smoke")[0]
+    older = replace(spec, parameters=tuple((k, v) for k, v in spec.parameters if k != "scale"))
+    _finished_run(spec.folder(tmp_path), RECORD, older)
+    assert not spec.is_complete(tmp_path) and spec.record(tmp_path) is None
 
 
 def test_a_finished_run_on_another_dataset_is_not_complete(notebooks, tmp_path):
