@@ -743,11 +743,9 @@ def test_bus_uclm_flags_are_read_by_value_and_unreadable_ones_and_missing_images
     assert "PAT05_001: in INFO.csv but its image is missing" in dataset.problems
     csv.write_text("\n".join(r for r in rows if not r.startswith("PAT04_000")) + "\n")  # one image unlisted
     with pytest.warns(UserWarning):
-        unlisted = by_id(load_dataset("bus_uclm", root=tmp_path, split="all", image_size=SIZE))["PAT04_000"]
-    assert unlisted["artifact"] == 0  # a key like every other item's, or a batch of them fails to collate
-    with pytest.warns(UserWarning):
-        noted = load_dataset("bus_uclm", root=tmp_path, split="all", image_size=SIZE).problems
-    assert "PAT04_000: not in INFO.csv, artifact flag unknown (0)" in noted
+        again = load_dataset("bus_uclm", root=tmp_path, split="all", image_size=SIZE)
+    assert by_id(again)["PAT04_000"]["artifact"] == 0  # a key like every other item's, or a batch fails to collate
+    assert "PAT04_000: not in INFO.csv, artifact flag unknown (0)" in again.problems
     # NaN: unknown; any other number but 0 is a yes (a count, or -1 from a tool's "present")
     assert [real._flag(v) for v in ("nan", "NaN", " 1 ", "0", "-1", "-2.0")] == [None, None, True, False, True, True]
 
@@ -1107,17 +1105,33 @@ def test_npz_uint8_images_are_divided_by_255(tmp_path):
         assert np.allclose(dataset[i]["image"][0].numpy(), arrays["test_images"][i] / 255, atol=1e-6)
 
 
-def test_npz_colour_images_load_as_the_mean_of_their_channels(tmp_path):
-    rng = np.random.default_rng(0)
-    arrays = {}
-    for split in ("train", "val", "test"):
-        grey = rng.integers(0, 240, (3, 28, 28, 1), dtype=np.uint8)
-        arrays[f"{split}_images"] = np.concatenate([grey, grey + 3, grey + 12], axis=-1)  # mean: grey + 5
-        arrays[f"{split}_labels"] = np.zeros((3, 1), np.uint8)
-    np.savez(tmp_path / "breastmnist.npz", **arrays)
-    dataset = load_dataset("breastmnist", root=tmp_path, split="test", image_size=28)
-    expected = (arrays["test_images"][0, ..., 0].astype(np.float32) + 5) / 255
-    assert np.allclose(dataset[0]["image"][0].numpy(), expected, atol=1e-6)
+def _breastmnist_with_images(folder, images):
+    """breastmnist.npz holding `images` in every split, labels all 0."""
+    arrays = {f"{split}_{kind}": value for split in ("train", "val", "test")
+              for kind, value in (("images", images), ("labels", np.zeros((len(images), 1), np.uint8)))}
+    np.savez(folder / "breastmnist.npz", **arrays)
+
+
+def test_npz_colour_images_load_as_their_grey_luminance_as_pngs_do(tmp_path):
+    """The weights PIL's convert("L") gives a PNG (ITU-R 601), rounded: pure red 255 is 76, as in
+    test_colour_images_load_as_their_grey_luminance; (1, 1, 2) is 1.11, so 1."""
+    images = np.zeros((3, 28, 28, 3), np.uint8)
+    images[:, :14, :, 0] = 255  # red top half
+    images[:, 14:] = (1, 1, 2)
+    _breastmnist_with_images(tmp_path, images)
+    image = load_dataset("breastmnist", root=tmp_path, split="test", image_size=28)[0]["image"][0]
+    assert torch.allclose(image[:14], torch.tensor(76 / 255)) and torch.allclose(image[14:], torch.tensor(1 / 255))
+    _breastmnist_with_images(tmp_path, images[..., :1])  # (N, H, W, 1): the one channel
+    image = load_dataset("breastmnist", root=tmp_path, split="test", image_size=28)[0]["image"][0]
+    assert torch.allclose(image[:14], torch.tensor(1.0))
+
+
+@pytest.mark.parametrize("shape", [(3, 1, 28, 28), (3, 28, 28, 4)], ids=["channels-first", "rgba"])
+def test_npz_images_of_another_layout_are_named_not_resized_into_noise(tmp_path, shape):
+    _breastmnist_with_images(tmp_path, np.zeros(shape, np.uint8))
+    with pytest.raises(LayoutError, match=re.escape(f"breastmnist.npz: train_images has shape {shape}; expected "
+                                                    "images (N, H, W), (N, H, W, 1) or (N, H, W, 3)")):
+        load_dataset("breastmnist", root=tmp_path, split="train", image_size=28)
 
 
 @pytest.mark.parametrize("dtype, top", [(np.uint16, 4000), (np.float32, 37.5)])

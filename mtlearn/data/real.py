@@ -478,7 +478,8 @@ BREASTMNIST_CLASSES = ("normal_or_benign", "malignant")
 
 def _read_breastmnist(folder: Path, split: str, seed: int, resolution: int = 28):
     """BreastMNIST npz: {train,val,test}_images (N, H, W) uint8 and _labels (N, 1); official splits.
-    (N, H, W, 1) or (N, H, W, 3) images, as a hand-converted or other MedMNIST file may hold, become grey.
+    (N, H, W, 1) or (N, H, W, 3) images, as a hand-converted or other MedMNIST file may hold, become grey
+    (_grey_stack).
 
     Labels are flipped from MedMNIST's (0 malignant) to 1 malignant, see BREASTMNIST_CLASSES.
     """
@@ -487,7 +488,8 @@ def _read_breastmnist(folder: Path, split: str, seed: int, resolution: int = 28)
     with _npz(path) as data:
         _require_keys(path, data, [f"{s}_{k}" for s in SPLITS[:3] for k in ("images", "labels")])
         for part in _official_parts(split):
-            images, labels = _grey_stack(data[f"{part}_images"]), data[f"{part}_labels"].reshape(-1)
+            key = f"{part}_images"
+            images, labels = _grey_stack(data[key], path, key), data[f"{part}_labels"].reshape(-1)
             records += [
                 Record(f"breastmnist-{part}-{i:04d}", 1 - int(labels[i]), images[i], None, group="")
                 for i in range(len(labels))
@@ -506,7 +508,8 @@ def _read_busi_npz(folder: Path, split: str, seed: int, resolution: int = 128):
         _require_keys(path, data, [f"{s}_{k}_C{c}" for s in SPLITS[:3] for k in ("images", "label") for c in (1, 2)])
         for part in _official_parts(split):
             for label, code in enumerate(("C1", "C2")):
-                images, masks = _grey_stack(data[f"{part}_images_{code}"]), _grey_stack(data[f"{part}_label_{code}"])
+                images, masks = (_grey_stack(data[key], path, key) for key in (f"{part}_images_{code}",
+                                                                               f"{part}_label_{code}"))
                 masks = masks > masks.max() / 2  # 0/1 or 0/255: binary either way
                 records += [
                     Record(f"busi_npz-{part}-{code}-{i:04d}", label, images[i], masks[i], group="")
@@ -884,9 +887,20 @@ def _sizes_differ(record: Record) -> bool:
     return False
 
 
-def _grey_stack(array: np.ndarray) -> np.ndarray:
-    """(N, H, W), (N, H, W, 1) or (N, H, W, 3) -> (N, H, W)."""
-    return array if array.ndim == 3 else array.mean(axis=-1).astype(array.dtype)
+def _grey_stack(array: np.ndarray, path: Path, key: str) -> np.ndarray:
+    """(N, H, W), (N, H, W, 1) or (N, H, W, 3) array `key` of `path` -> (N, H, W); colour becomes its luminance
+    with the weights PIL's convert("L") gives a PNG (ITU-R 601), rounded for integer types. Anything else,
+    e.g. channels first (N, 1, H, W) or RGBA, is a LayoutError: taken as it is it would be resized into noise."""
+    if array.ndim == 3:
+        return array
+    if array.ndim != 4 or array.shape[-1] not in (1, 3):
+        raise LayoutError(f"{path.name}: {key} has shape {array.shape}; expected images (N, H, W), (N, H, W, 1) "
+                          "or (N, H, W, 3)")
+    if array.shape[-1] == 1:
+        return array[..., 0]
+    red, green, blue = (array[..., c].astype(np.float32) for c in range(3))
+    grey = np.float32(0.299) * red + np.float32(0.587) * green + np.float32(0.114) * blue
+    return (np.rint(grey) if np.issubdtype(array.dtype, np.integer) else grey).astype(array.dtype)
 
 
 def _size_pair(image_size) -> tuple[int, int]:
