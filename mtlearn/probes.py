@@ -293,8 +293,9 @@ def probe_matrix(
 def embed_2d(features: np.ndarray, method: str = "pca", seed: int = 0) -> np.ndarray:
     """Project features (N, D) to (N, 2) with PCA or t-SNE (standardised first).
 
-    seed: the methods' random_state. t-SNE starts from the PCA projection, and up to 500 points it
-    takes exact gradients, so there its picture does not depend on the seed at all.
+    seed: the methods' random_state. t-SNE starts from the PCA projection and takes exact gradients up to
+    500 points: for such sets of a few hundred features (the course's) its picture does not depend on the
+    seed; with more features sklearn's randomised PCA start makes it depend on it.
     """
     from sklearn.decomposition import PCA
     from sklearn.manifold import TSNE

@@ -127,7 +127,10 @@ def server():
 
 @pytest.fixture(autouse=True)
 def no_backoff(monkeypatch):
+    """No waits between attempts; its value is the module's own backoff, for the test of the defaults."""
+    own = data_fetch.download.BACKOFF_SECONDS
     monkeypatch.setattr(data_fetch.download, "BACKOFF_SECONDS", 0.0)
+    return own
 
 
 def test_download_and_second_fetch_downloads_nothing(server, tmp_path):
@@ -610,8 +613,8 @@ def test_retries_back_off_exponentially_and_say_so(server, tmp_path, monkeypatch
     assert said[2].endswith("retrying in 8 s")
 
 
-def test_by_default_five_attempts_wait_2_4_8_16_seconds_and_each_read_60(server, tmp_path, monkeypatch):
-    monkeypatch.undo()  # the module's own values, not the autouse no_backoff
+def test_by_default_five_attempts_wait_2_4_8_16_seconds_and_each_read_60(server, tmp_path, monkeypatch, no_backoff):
+    monkeypatch.setattr(data_fetch.download, "BACKOFF_SECONDS", no_backoff)  # the module's own value
     slept, timeouts = [], []
     monkeypatch.setattr(data_fetch.download.time, "sleep", slept.append)
     urlopen = data_fetch.download.urllib.request.urlopen
@@ -1081,8 +1084,10 @@ def test_bad_arguments(tmp_path, call, message):
         call(tmp_path)
 
 
-def test_an_ftp_address_is_a_web_address(tmp_path):
+def test_an_ftp_address_is_a_web_address(tmp_path, monkeypatch):
     """Mirrors may serve over FTP: the address is accepted and tried (nothing listens here, so the host fails)."""
+    for proxy in ("ftp_proxy", "FTP_PROXY", "all_proxy", "ALL_PROXY"):  # straight to 127.0.0.1, not via a proxy
+        monkeypatch.delenv(proxy, raising=False)
     with pytest.raises(DownloadError, match="could not download"):
         fetch("breastmnist", dest=tmp_path, url="ftp://127.0.0.1:9/breastmnist.npz", retries=0, progress=False)
 
