@@ -41,6 +41,8 @@ def test_block_shapes(name, factory, in_shape, out_shape):
 SWIN_SHAPES = [
     # (H, W, window_size, shift): square, non-square, not a multiple of the window, smaller than it
     (8, 8, 4, False), (8, 8, 4, True), (6, 10, 4, True), (6, 6, 4, False), (3, 5, 4, True), (4, 4, 4, True),
+    # one side shifted only, either one; an odd window (112 px images: 112 // 16 = 7) shifted by 3
+    (4, 8, 4, True), (8, 4, 4, True), (14, 14, 7, True),
 ]
 
 
@@ -254,6 +256,7 @@ def _reference_swin(block: SwinBlock, x: torch.Tensor) -> torch.Tensor:
     (8, 8, 4, False, ((4, 4), (0, 0), (8, 8))), (8, 8, 4, True, ((4, 4), (2, 2), (8, 8))),
     (6, 10, 4, True, ((4, 4), (2, 2), (8, 12))), (6, 6, 4, False, ((4, 4), (0, 0), (8, 8))),
     (3, 5, 4, True, ((3, 4), (0, 2), (3, 8))), (4, 4, 4, True, ((4, 4), (0, 0), (4, 4))),
+    (14, 14, 7, True, ((7, 7), (3, 3), (14, 14))),  # an odd window shifts by its lower half
 ])
 def test_window_layouts(height, width, window_size, shift, layout):
     """The reference below takes its windows from window_layout, so the layouts are checked here on their own."""

@@ -165,3 +165,10 @@ def test_classification_head_dropout_acts_on_the_hidden_layer_not_the_logits():
     logits = head(maps)
     assert not (logits == 0).any()  # dropped hidden units still leave fc2's bias; dropout on logits zeroes half
     assert not torch.equal(logits, head(maps))  # and it is active in training
+
+
+@pytest.mark.parametrize("in_channels, hidden", [(64, 32), (16, 8), (8, 8)])
+def test_reconstruction_head_halves_its_input_channels_down_to_eight(in_channels, hidden):
+    head = ReconstructionHead(in_channels, 1)
+    assert head.up.out_channels == hidden and head.out.in_channels == hidden
+

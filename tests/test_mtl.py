@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from mtlearn.blocks import DFE
+from mtlearn.blocks import DFE, DropPath
 from mtlearn.mtl import (PRESETS, TASKS, MultiTaskConfig, MultiTaskUNet, build_model, monai_baseline,
                          single_task_model)
 from mtlearn.utils import count_parameters
@@ -202,6 +202,19 @@ DOCUMENTED_PARAMETERS = [
 def test_preset_parameter_counts_match_the_documentation(preset, image_size, overrides, documented):
     count = count_parameters(build_model(preset, image_size=image_size, **overrides))
     assert count == pytest.approx(documented, rel=0.01)
+
+
+def test_stochastic_depth_rises_to_the_presets_rate():
+    """SPEC: 0 -> 0.1 over the paper's Swin blocks; the course preset half of it, the tiny one none."""
+    for preset, last in (("paper", 0.1), ("course", 0.05), ("tiny", 0.0)):
+        rates = [m.drop_prob for m in build_model(preset, image_size=64).modules() if isinstance(m, DropPath)]
+        assert (rates[-1] if rates else 0.0) == pytest.approx(last), preset
+
+
+def test_monai_unet_is_the_documented_network_and_its_stride_follows_its_strides():
+    assert count_parameters(monai_baseline("unet", image_size=64)) == pytest.approx(1.6e6, rel=0.03)  # 2 res units
+    shallow = monai_baseline("unet", image_size=36, channels=(4, 8, 16), strides=(2, 2))  # 36: divisible by 4
+    assert shallow.stride == 4 and shallow(torch.randn(1, 1, 36, 36))["seg"].shape == (1, 2, 36, 36)
 
 
 def test_paper_preset_matches_the_published_size():
