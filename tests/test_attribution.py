@@ -406,6 +406,47 @@ def test_smoothgrad_noise_follows_each_images_own_range(explainer):
     assert maps[0].abs().max() < 1e-4 and maps[1].abs().max() > 0.5
 
 
+def test_randomise_redraws_a_constant_parameter_without_reset_at_a_small_scale():
+    """A constant has no spread of its own to keep: it is redrawn with std 0.02 (a layer scale, a gate)."""
+    torch.manual_seed(0)
+    block = nn.Module()
+    block.gate = nn.Parameter(torch.ones(10_000))
+    A.randomise_(block)
+    gate = block.gate.detach()
+    assert float(gate.std()) == pytest.approx(0.02, rel=0.05) and abs(float(gate.mean())) < 0.002
+
+
+def test_count_inplace_looks_inside_nested_modules():
+    model = nn.Sequential(nn.Sequential(nn.Conv2d(1, 1, 1), nn.ReLU(inplace=True)), nn.ReLU())
+    assert A.count_inplace(model) == 1 and A.count_inplace(A.without_inplace(model)) == 0
+
+
+def test_cascading_randomisation_draws_each_blocks_weights_from_its_own_seed(model, images, monkeypatch):
+    drawn, randomise = [], A.randomise_
+
+    def recorded(module, init=None):
+        drawn.append(torch.initial_seed())
+        return randomise(module, init)
+
+    monkeypatch.setattr(A, "randomise_", recorded)
+    A.cascading_randomisation(model, images, "cls", 1, "saliency", groups=["heads.cls.fc2", "heads.cls.fc1"], seed=7,
+                              progress=False)
+    assert drawn == [8, 9]
+
+
+def test_the_occlusion_window_must_fit_the_shorter_side(explainer):
+    with pytest.raises(ValueError, match=r"window must be an int in 1\.\.32 \(the image side"):
+        explainer.check_options("occlusion", (32, 48), window=40)
+    explainer.check_options("occlusion", (32, 48), window=32)
+
+
+def test_a_non_negative_map_with_zeros_is_drawn_on_the_unsigned_scale():
+    """Grad-CAM after its ReLU is mostly zeros: that is no sign of negative evidence."""
+    cam = torch.zeros(1, 8, 8)  # one map per image, as _show_map gets them
+    cam[0, 2:4, 2:4] = 1.0
+    assert not A._is_signed("gradcam", [cam]) and A._is_signed("gradcam", [cam - 0.5])
+
+
 def test_randomise_redraws_parameters():
     torch.manual_seed(0)
     layer = nn.Linear(8, 8)
@@ -586,6 +627,12 @@ def test_viewer_redraws_on_control_changes(model, data):
     assert math.isnan(viewer.state["mask_share"]) and "in-lesion" not in viewer.state["title"]
     # the map is cached with the item it was computed on (an augmented dataset reads differently each time)
     assert viewer.compute(2, "recon", "image", "gradcam")[0] is viewer.compute(2, "recon", "image", "gradcam")[0]
+    # ... per target: another class is another map
+    assert not torch.equal(viewer.compute(1, "cls", 0, "saliency")[1], viewer.compute(1, "cls", 2, "saliency")[1])
+    # the recon head is explained against the item's clean image, as in the notebook
+    item, shown = viewer.compute(1, "recon", "image", "saliency")
+    expected = viewer.explainer.attribute(item["image"][None], "recon", None, "saliency", reference=item["clean"][None])
+    assert torch.allclose(shown, expected.cpu())
 
 
 def test_viewer_offers_lesion_targets_only_where_the_data_has_masks(model, data):
@@ -897,6 +944,15 @@ def test_default_gradcam_layer_is_the_last_encoder_stage(model, explainer, image
     assert torch.equal(explainer.attribute(images, "cls", 1, "gradcam"), last)
 
 
+def test_integrated_gradients_takes_its_number_of_steps(explainer):
+    """A curved score: a one-step path integral differs from a 16-step one, which adds up to the score change."""
+    images = torch.rand(2, 1, 8, 8)
+    score = lambda x: torch.sin(3 * x).flatten(1).sum(1)  # noqa: E731
+    one, many = (explainer._ig(score, images, (), n_steps=n, baseline="black") for n in (1, 16))
+    assert not torch.allclose(one, many, atol=1e-3)
+    assert torch.allclose(many.flatten(1).sum(1), score(images) - score(torch.zeros_like(images)), atol=1e-3)
+
+
 def test_smoothgrad_averages_over_the_noisy_copies(explainer):
     """A linear score has the gradient w at every noisy copy: the average of |w| is |w|, whatever nt_samples."""
     w = torch.randn(2, 1, 8, 8)
@@ -913,6 +969,13 @@ def test_smoothgrad_noise_is_15_percent_of_each_images_range(explainer):
     maps = explainer._smoothgrad(lambda x: x.square().flatten(1).sum(1), images, (), nt_samples=64)
     expected = 2 * 0.15 * torch.tensor([1.0, 10.0]) * math.sqrt(2 / math.pi)
     assert torch.allclose(maps.flatten(1)[:, 1:].mean(1), expected, rtol=0.05)
+    # stdev reaches the noise (twice as much, twice the mean); its range is max - min, not the maximum
+    torch.manual_seed(0)
+    doubled = explainer._smoothgrad(lambda x: x.square().flatten(1).sum(1), images, (), nt_samples=64, stdev=0.3)
+    assert torch.allclose(doubled.flatten(1)[:, 1:].mean(1), 2 * expected, rtol=0.05)
+    torch.manual_seed(0)
+    shifted = explainer._smoothgrad(lambda x: (x - 5).square().flatten(1).sum(1), images + 5, (), nt_samples=64)
+    assert torch.allclose(shifted, maps, atol=1e-4)
 
 
 def test_occlusion_default_patches_are_an_eighth_of_the_side_and_side_by_side(explainer):
@@ -1002,6 +1065,23 @@ class SigmoidSeg(nn.Module):
 
     def forward(self, x):
         return {"seg": x + self.bias}
+
+
+class ThreeClassSeg(nn.Module):
+    """Seg logits of three classes: class 1 wins where x > 0.5, class 2 where x < 0.4, class 0 between."""
+
+    def __init__(self):
+        super().__init__()
+        self.bias = nn.Parameter(torch.tensor(0.0))
+
+    def forward(self, x):
+        return {"seg": torch.cat([torch.zeros_like(x) + self.bias, x - 0.5, 0.4 - x], dim=1)}
+
+
+def test_default_seg_region_of_a_multi_class_head_is_where_the_lesion_class_wins():
+    images = torch.rand(2, 1, 6, 6)
+    (region,) = A.Explainer(ThreeClassSeg()).forward_args(images, "seg")
+    assert torch.equal(region, (images > 0.5).float())  # class 1 only, not every class but background
 
 
 def test_default_seg_region_of_a_single_channel_head_is_where_its_logit_is_positive():
