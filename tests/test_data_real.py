@@ -1137,13 +1137,10 @@ def test_npz_images_of_another_layout_are_named_not_resized_into_noise(tmp_path,
 @pytest.mark.parametrize("dtype, top", [(np.uint16, 4000), (np.float32, 37.5)])
 def test_npz_images_of_other_types_are_scaled_to_0_1_by_their_maximum(tmp_path, dtype, top):
     """A hand-converted npz (16-bit or float grey levels): brightness relative to the image, never above 1."""
-    arrays = {}
-    for split in ("train", "val", "test"):
-        images = np.zeros((2, 28, 28), dtype)
-        images[:, 3:9, 4:12] = top
-        images[:, 10:14, 4:12] = top / 2
-        arrays[f"{split}_images"], arrays[f"{split}_labels"] = images, np.zeros((2, 1), np.uint8)
-    np.savez(tmp_path / "breastmnist.npz", **arrays)
+    images = np.zeros((2, 28, 28), dtype)
+    images[:, 3:9, 4:12] = top
+    images[:, 10:14, 4:12] = top / 2
+    _breastmnist_with_images(tmp_path, images)
     image = load_dataset("breastmnist", root=tmp_path, split="test", image_size=28)[0]["image"][0]
     assert float(image.max()) == 1.0 and float(image[12, 5]) == pytest.approx(0.5)
 
