@@ -683,6 +683,11 @@ def test_grid_refuses_run_folder_names_too_long_for_the_file_system(notebooks):
         grid(notebooks, {"scale": many}, seeds=[0], profile="smoke")
     with pytest.raises(ValueError, match=r"would be 2\d\d bytes .* over the 255"):  # bytes, not characters
         grid(notebooks, {"scale": [["\u00e9" * 120]]}, seeds=[0], profile="smoke")  # 120 characters, 240 bytes
+    # the staging twin counts: a name of 250 bytes fits, "<name>.partial" (258) does not; 247 + 8 = 255 does
+    fits = grid(notebooks[:1], {"scale": [["x" * 216]]}, seeds=[0], profile="smoke")[0]
+    assert len(f"{fits.name}.partial".encode()) == 255
+    with pytest.raises(ValueError, match=r"would be 258 bytes with its '.partial' suffix, over the 255"):
+        grid(notebooks[:1], {"scale": [["x" * 219]]}, seeds=[0], profile="smoke")
 
 
 @pytest.mark.parametrize("value, message", [
