@@ -25,6 +25,8 @@ def test_confusion_matrix_counts():
     counts = ax.images[0].get_array()
     assert counts.tolist() == [[1, 1, 0], [0, 1, 0], [0, 0, 1]]
     assert ax.get_xlabel() == "predicted" and ax.get_ylabel() == "true"
+    written = {tuple(t.get_position()): t.get_text() for t in ax.texts}  # (column, row) = (predicted, true)
+    assert written[(1, 0)] == "1" and written[(0, 1)] == "0"  # true a, predicted b: one; not the other way
 
 
 @pytest.mark.parametrize("labels, predictions, match", [
@@ -57,6 +59,7 @@ def test_show_items_grid_shape_and_titles():
     fig = plots.show_items(items, keys=("image", "mask"), class_names=["n", "b", "m"])
     assert len(fig.axes) == 6
     assert fig.axes[0].get_title() == "n +artifact"
+    assert fig.get_size_inches() == pytest.approx((3 * 1.9, 2 * 1.9))  # a column per item, a row per key
 
 
 def test_learning_curves_and_bars():
@@ -253,6 +256,9 @@ def test_an_rgb_image_is_shown_in_colour():
     green = torch.zeros(3, 8, 8)
     green[1] = 1  # red and blue equal, green not: colour, not grey
     assert plots._image(green).shape == (8, 8, 3)
+    blue = torch.zeros(3, 8, 8)
+    blue[2] = 1  # red and green equal, blue not: colour too
+    assert plots._image(blue).shape == (8, 8, 3)
 
 
 def test_colour_outside_zero_one_is_scaled_not_clipped_and_inside_it_drawn_as_it_is():
@@ -343,6 +349,15 @@ def test_bar_table_writes_each_value_on_its_bar():
     assert plots.bar_table(TEST_TABLE, ["seg/dice"], fmt="{:.1%}").axes[0].texts[0].get_text() == "90.7%"
 
 
+def test_bar_table_writes_a_value_beyond_the_end_of_its_bar_and_error_bar():
+    """Below a negative bar (and its error bar), above a positive one: never on the bar itself."""
+    table = pd.DataFrame({"gain": [0.3, -0.3]}, index=["up", "down"])
+    errors = pd.DataFrame({"gain": [0.05, 0.1]}, index=["up", "down"])
+    up, down = plots.bar_table(table, ["gain"], errors=errors).axes[0].texts[:2]
+    assert up.get_position() == pytest.approx((0, 0.35)) and up.get_va() == "bottom"
+    assert down.get_position() == pytest.approx((1, -0.4)) and down.get_va() == "top"
+
+
 def test_bar_table_zooms_in_on_close_scores_from_the_values_present_and_says_so():
     """Dice 0.901-0.918: an axis from 0 (or from a 0 filled in for a missing value) shows no difference."""
     dice, acc = plots.bar_table(TEST_TABLE, ["seg/dice", "cls/acc"]).axes
@@ -429,6 +444,10 @@ def test_overlay_refuses_an_outline_of_another_size_or_the_seg_scores():
 def test_a_channels_last_image_is_refused_with_the_fix():
     with pytest.raises(ValueError, match=r"channels-last shape \(12, 16, 3\).*permute\(2, 0, 1\)"):
         plots._image(np.zeros((12, 16, 3)))  # used to draw its first three rows as a 16 x 3 strip
+    with pytest.raises(ValueError, match=r"channels-last shape \(8, 8, 4\)"):
+        plots._image(np.zeros((8, 8, 4)))  # an RGBA PNG read as an array
+    with pytest.raises(ValueError, match=r"non-empty"):
+        plots._image(np.zeros((1, 0, 8)))
     with pytest.raises(ValueError, match=r"1 or 3 channels"):
         plots._image(np.zeros((2, 8, 8)))
     assert plots._image(np.random.rand(3, 12, 16)).shape == (12, 16, 3)  # 3 different channels: RGB

@@ -74,6 +74,7 @@ def test_an_item_it_cannot_draw_is_named_in_the_output_and_leaves_no_figure_open
     explorer.index.value = 1
     assert explorer.state == {"index": 1, "error": "item 1 has no 'clean'"} and explorer.figure is None
     assert explorer.output.outputs[0]["text"] == "item 1 has no 'clean'\n"
+    assert explorer.output.outputs[0]["name"] == "stderr"  # shown as an error, not as printed text
     assert plt.get_fignums() == []
     explorer.index.value = 2  # a good item draws again
     assert explorer.state["index"] == 2 and explorer.figure is not None
@@ -238,6 +239,20 @@ def test_the_artifact_outline_is_drawn_around_the_artifact():
     explorer.artifact.value = True
     (outline,) = explorer.figure.axes[0].collections
     assert outline.get_paths()[0].vertices.min(axis=0).tolist() == [9.5, 9.5]  # the artifact, not the lesion at 4
+
+
+def test_with_both_boxes_ticked_each_outline_has_its_own_region_and_colour():
+    from matplotlib.colors import to_rgba
+
+    items = fake_items()
+    items[0]["artifact_mask"][:, 10:14, 10:14] = 1  # apart from the lesion at 4:8
+    explorer = DatasetExplorer(items)
+    explorer.artifact.value = True
+    lesion, artifact = explorer.figure.axes[0].collections
+    assert lesion.get_paths()[0].vertices.min(axis=0).tolist() == [3.5, 3.5]
+    assert artifact.get_paths()[0].vertices.min(axis=0).tolist() == [9.5, 9.5]
+    assert tuple(lesion.get_edgecolor()[0]) == to_rgba("lime")
+    assert tuple(artifact.get_edgecolor()[0]) == to_rgba("orange")
 
 
 def test_explorer_takes_class_names_as_a_numpy_array():
