@@ -344,7 +344,21 @@ def test_python_numbers_turns_numpy_arrays_into_lists_of_python_numbers():
     from collections import namedtuple
 
     Pair = namedtuple("Pair", "low high")  # its constructor takes the fields, not one iterable (was a TypeError)
-    assert python_numbers(Pair(np.float32(0.5), 2)) == Pair(0.5, 2)
+    pair = python_numbers(Pair(np.float32(0.5), 2))
+    assert pair == Pair(0.5, 2) and type(pair) is Pair and type(pair.low) is float  # not np.float32 == 0.5
+
+
+def test_write_json_writes_null_for_what_json_cannot_say_and_plain_numbers(tmp_path):
+    """metrics.json and options.json go through it: literal NaN is not JSON, strict readers refuse it."""
+    import json
+
+    from mtlearn.utils import write_json
+
+    path = tmp_path / "record.json"
+    write_json({"a": float("nan"), "b": np.float32(1.5), "c": torch.tensor(2), "d": [float("inf")]}, path)
+    text = path.read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    assert json.loads(text) == {"a": None, "b": 1.5, "c": 2, "d": [None]}
 
 
 def test_check_number_names_the_option_the_range_and_the_fix():
