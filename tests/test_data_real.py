@@ -1036,6 +1036,14 @@ def test_difference_hash_refuses_a_colour_image():
         difference_hash(np.zeros((32, 32, 3)))
 
 
+def test_difference_hash_compares_each_pixel_with_its_right_neighbour():
+    """64 bits, each "brighter than the pixel to its left": a left-to-right ramp sets all of them, a
+    top-to-bottom one none (a vertical comparison would give 63 bits and the opposite answers)."""
+    across = np.tile(np.arange(90.0), (80, 1))
+    assert difference_hash(across).shape == (64,) and difference_hash(across).all()
+    assert not difference_hash(across.T.copy()).any()
+
+
 def test_a_group_counts_as_its_most_common_label():
     """A near-duplicate cluster of mixed labels (0, 1, 1) is dealt out as class 1, its majority.
 
