@@ -66,6 +66,8 @@ def test_learning_curves_and_bars():
     histories = {"mtl": [{"epoch": 1, "val/dice": 0.5}, {"epoch": 2, "val/dice": 0.7}]}
     fig = plots.learning_curves(histories, "val/dice")
     assert fig.axes[0].lines[0].get_ydata().tolist() == [0.5, 0.7]
+    assert fig.axes[0].get_ylabel() == "dice (validation)"
+    assert plots.learning_curves({"mtl": [{"epoch": 1, "val": 0.5}]}, "val").axes[0].get_ylabel() == "val"
     table = pd.DataFrame({"dice": [0.8, 0.9]}, index=["a", "b"])
     fig = plots.bar_table(table, ["dice"])
     assert [p.get_height() for p in fig.axes[0].patches] == [0.8, 0.9]
@@ -237,6 +239,16 @@ def test_bar_table_keeps_zero_in_view_for_values_above_one():
     assert [ax.get_ylim()[0] for ax in axes] == [0.0, 0.0]
 
 
+def test_bar_table_keeps_zero_in_view_and_marks_it_for_negative_values():
+    """Changes against a baseline: all below 0, the axis still reaches 0 (plus room for the values
+    written at the bars' ends, 12 % of the span each side); on both sides of 0, a line marks it."""
+    table = pd.DataFrame({"all below": [-3.0, -1.0], "both sides": [-3.0, 2.0]}, index=["a", "b"])
+    below, both = plots.bar_table(table, ["all below", "both sides"]).axes
+    assert below.get_ylim() == pytest.approx((-3.36, 0.36))
+    assert both.get_ylim() == pytest.approx((-3.6, 2.6))
+    assert [list(line.get_ydata()) for line in both.lines if list(line.get_ydata()) == [0.0, 0.0]]  # the zero line
+
+
 def test_show_items_titles_each_column_with_its_class_and_labels_each_row():
     items = [{"image": torch.rand(1, 8, 8), "mask": torch.ones(1, 8, 8), "label": i, "artifact": i % 2}
              for i in (2, 1, 0)]
@@ -305,8 +317,9 @@ def test_show_items_refuses_an_artifact_flag_that_is_not_0_or_1(artifact):
     items = [{"image": torch.rand(1, 8, 8), "artifact": artifact}]
     with pytest.raises(ValueError, match=r"item 0 has artifact .*; expected 0 or 1"):
         plots.show_items(items, keys=("image",))
-    assert plots.show_items([{"image": torch.rand(1, 8, 8), "artifact": torch.tensor(1)}],
-                            keys=("image",)).axes[0].get_title() == " +artifact"
+    for flag in (torch.tensor(1), torch.tensor([1])):  # 0-d or one element, as a collated batch's item has
+        assert plots.show_items([{"image": torch.rand(1, 8, 8), "artifact": flag}],
+                                keys=("image",)).axes[0].get_title() == " +artifact"
     plt.close("all")
 
 
@@ -391,12 +404,20 @@ def test_show_items_gives_the_intensity_rows_of_an_item_one_grey_scale():
         image_clim, clean_clim = (axes[row, col].images[0].get_clim() for row in (0, 1))
         assert image_clim == clean_clim == (pytest.approx(low), pytest.approx(high))  # the item's range
         assert axes[2, col].images[0].get_clim() == (0, 1)  # a mask, empty or full, shown as a mask
+    item = {"image": image * 0.5, "artifact_mask": torch.ones(1, 8, 8)}
+    fig = plots.show_items([item], keys=("image", "artifact_mask"))
+    image_ax, artifact_ax = fig.axes  # artifact_mask is a mask too: 0/1, outside the image's grey scale
+    assert image_ax.images[0].get_clim() == (pytest.approx(0.05), pytest.approx(0.45))
+    assert artifact_ax.images[0].get_clim() == (0, 1)
 
 
 def test_task_colours_are_fixed_for_the_course_tasks():
     assert plots.task_colours(["cls", "seg", "recon", "total"]) == {
         "cls": "tab:orange", "seg": "tab:blue", "recon": "tab:green", "total": "black"}
     assert plots.task_colours(["depth", "seg", "lr"]) == {"depth": "tab:red", "seg": "tab:blue", "lr": "tab:purple"}
+    assert plots.task_colours(["a", "a", "b"]) == {"a": "tab:red", "b": "tab:purple"}  # a repeat takes no colour
+    many = plots.task_colours([f"t{i}" for i in range(8)])  # more names than spare colours: grey, not an error
+    assert many["t5"] == "tab:cyan" and many["t6"] == many["t7"] == "tab:gray"
 
 
 def test_learning_curves_name_a_metric_no_run_recorded():
