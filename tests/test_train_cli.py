@@ -82,9 +82,10 @@ def test_limit_keeps_that_many_training_images_and_a_quarter_of_it_to_validate_a
     assert list(splits["train"].indices) == list(range(10))  # the first ones, as the help says
 
 
-def test_train_writes_metrics_and_resumes(tmp_path):
+def test_train_writes_metrics_and_resumes(tmp_path, capsys):
     out = tmp_path / "run"
     first = main([*SMOKE, "--epochs", "1", "--limit", "8", "--out-dir", str(out)])
+    assert "it/s" not in capsys.readouterr().err  # --no-progress: no bars
     record = json.loads((out / "metrics.json").read_text())
     assert record["world_size"] == 1 and record["best_epoch"] == 1 and len(record["history"]) == 1
     assert {"seg/dice", "cls/acc", "cls/auc"} <= set(record["metrics"]["test"])
@@ -126,6 +127,10 @@ def test_errors_found_while_running_are_messages_not_tracebacks(tmp_path, capsys
         main([*SMOKE, "--epochs", "1", "--limit", "8", "--out-dir", str(out)])
     err = capsys.readouterr().err
     assert "already holds a run (last.pt, epoch 1 of 1): for a new run choose another out_dir" in err
+    with pytest.raises(SystemExit):  # refused too, before its options could replace the run's own
+        main([*SMOKE, "--epochs", "1", "--limit", "8", "--seed", "5", "--out-dir", str(out)])
+    assert json.loads((out / "options.json").read_text())["seed"] == 0
+    capsys.readouterr()
     with pytest.raises(SystemExit):  # resuming a tiny run with another preset
         main([*SMOKE, "--preset", "course", "--epochs", "2", "--limit", "8", "--out-dir", str(out), "--resume"])
     assert (f"cannot resume from {out / 'options.json'} with other options (--preset: 'tiny' then, 'course' now)"
@@ -226,6 +231,9 @@ def test_a_run_without_one_finite_validation_epoch_fails_with_a_message(tmp_path
     assert "lower --lr (now 0.003)" in err and "Traceback" not in err
     record = json.loads((out / "metrics.json").read_text())
     assert record["best_epoch"] is None and record["epochs"] == 2  # written, for a look at what went wrong
+    last = record["history"][-1]  # no best epoch: the validation numbers are the last epoch's, as the test's
+    assert record["metrics"]["val"] == {k.removeprefix("val/"): v for k, v in last.items() if k.startswith("val/")}
+    assert record["history"][0]["val/seg/dice"] != last["val/seg/dice"]  # (so epoch 1's would not pass)
 
 
 @pytest.mark.slow
@@ -255,6 +263,42 @@ def test_torchrun_two_processes_stay_in_sync(weighting, tmp_path):
 
 # ---------------------------------------------------------------------------------------------- mutation audit
 # Tests that pin down what surviving mutants of train.py changed unnoticed.
+
+
+def test_the_starting_weights_follow_the_seed(tmp_path, monkeypatch):
+    """fit seeds its own random streams only after the model exists: the weights come from --seed here."""
+    import mtlearn.train
+
+    class Built(Exception):
+        pass
+
+    digests = []
+
+    def stop_before_training(model, *args, **kwargs):
+        digests.append(mtlearn.train.state_digest(model))
+        raise Built
+
+    monkeypatch.setattr(mtlearn.train, "fit", stop_before_training)
+    for run, seed in enumerate((0, 3, 3)):
+        with pytest.raises(Built):
+            mtlearn.train.run(parse_args([*SMOKE, "--limit", "8", "--seed", str(seed),
+                                          "--out-dir", str(tmp_path / f"run{run}")]))
+    assert digests[0] != digests[1] == digests[2]
+
+
+def test_compile_reaches_the_run(tmp_path, capsys):
+    """Read back through the one combination fit refuses (no compiling needed to see that it was asked for)."""
+    with pytest.raises(SystemExit) as exit_:
+        main([*SMOKE, "--epochs", "1", "--limit", "8", "--compile", "--weighting", "gradnorm",
+              "--out-dir", str(tmp_path / "run")])
+    assert exit_.value.code == 2 and "cannot train with compile=True" in capsys.readouterr().err
+
+
+def test_the_recorded_task_weights_are_the_last_epochs(tmp_path):
+    record = main([*SMOKE, "--epochs", "2", "--limit", "8", "--weighting", "uncertainty", "--lr", "0.05",
+                   "--out-dir", str(tmp_path / "run")])
+    first, last = ({k: v for k, v in r.items() if k.startswith("weight/")} for r in record["history"])
+    assert record["task_weights_per_process"] == [last] and first != last
 
 
 def test_every_training_flag_reaches_the_run(tmp_path):

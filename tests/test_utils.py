@@ -287,6 +287,7 @@ def test_check_item_index_takes_item_numbers_only():
 
 
 @pytest.mark.parametrize("keys", [None, "shape", ("shape",), ("shape", "shape"), ("shape", 1),
+                                  ("shape", "background", "colour"),  # a third would be ignored
                                   {"shape", "background"}, {"shape": 0, "background": 1}])
 def test_check_label_pair_takes_two_different_names_in_order(keys):
     from mtlearn.utils import check_label_pair
