@@ -682,6 +682,22 @@ def test_evaluate_returns_metrics_and_keeps_predictions():
     assert model.training  # the mode is restored
 
 
+def test_evaluate_builds_no_graph():
+    """Under no_grad: validation keeps no activations for a backward that never comes (GPU memory)."""
+    model, grad_enabled = ToyNet(), []
+    model.register_forward_hook(lambda *args: grad_enabled.append(torch.is_grad_enabled()))
+    evaluate(model, _loaders()[1])
+    assert grad_enabled == [False, False]  # two batches of 4
+
+
+def test_fit_trains_a_model_handed_over_in_eval_mode_in_train_mode():
+    """e.g. after an evaluate or an inference: BatchNorm and dropout would otherwise stay frozen, silently."""
+    model = ToyNet()
+    model.eval()
+    _fit_on_cpu(model, _loaders()[0], None, epochs=1)
+    assert model.calls == 4  # ToyNet counts the forward passes made in train mode: every batch's
+
+
 def test_evaluate_leaves_a_frozen_batchnorm_frozen():
     """A part the user froze (eval mode) stays frozen: model.train(True) afterwards would unfreeze it."""
     model = ToyNet()
@@ -757,7 +773,8 @@ def test_progress_bar_only_when_asked(capsys):
     captured = capsys.readouterr()
     assert captured.out == "" and captured.err == ""
     _fit(ToyNet(), *_loaders(), epochs=1, progress=True)
-    assert "epoch 1/1" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "epoch 1/1" in err and "4/4" in err  # a step per batch: 16 images in batches of 4
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -999,6 +1016,8 @@ class Scaled(Dataset):
 @pytest.mark.parametrize("low, high, options, warned", [
     (0, 255, {}, True),  # raw 8-bit intensities as floats
     (0, 1, {}, False),  # scaled, as the course's datasets are
+    (0, 1.5, {}, False),  # a little over range (augmented, say): not called raw
+    (0, 2.5, {}, True),  # past twice the range: raw
     (-3, 3, {}, False),  # z-scored (the shapes benchmark)
     (0, 255, {"data_range": 255.0}, False),  # the range is meant, and said
 ])
@@ -1010,7 +1029,7 @@ def test_fit_warns_once_when_the_images_look_like_unscaled_8_bit(low, high, opti
         line = inspect.currentframe().f_lineno - 1
     ours = [w for w in caught if "unscaled intensities" in str(w.message)]
     assert len(ours) == int(warned)  # the first batch only, not every step or epoch
-    if warned:
+    if warned and high == 255:
         message = str(ours[0].message)
         assert "from 0 to 255" in message and "image / 255" in message and "data_range=255" in message
         assert (ours[0].filename, ours[0].lineno) == (__file__, line)  # it points at the call of fit
