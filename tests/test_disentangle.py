@@ -265,6 +265,18 @@ def test_the_adversary_phase_of_training_sends_no_gradient_into_the_encoders(mon
         assert _unchanged(getattr(model, name), snapshot), f"{name} changed"
 
 
+def test_a_model_handed_over_in_eval_mode_trains_in_train_mode():
+    """e.g. one that shapes_experiment returned (in eval mode) trained further: BatchNorm would use its
+    running statistics and dropout stay off, without a word."""
+    model = tiny_model()
+    model.eval()
+    modes = []
+    model.encoder_a.register_forward_hook(lambda module, inputs, output: modes.append(module.training))
+    batches = [_labelled_batch([(0, 1), (1, 1), (1, 0), (1, 0)], seed=s) for s in (0, 1)]
+    D.train_disentangle(model, batches, epochs=1, adv_steps=1, device="cpu", progress=False, recalibrate_bn=False)
+    assert modes == [True, True]  # one forward per batch, in train mode
+
+
 def test_adversary_batchnorm_statistics_take_each_batch_once():
     """100 adversary steps per batch at momentum 0.1 left the running mean that of the last batch alone
     (0.9 ** 100 of everything before); one update per batch keeps the earlier batches in it. (The
@@ -893,6 +905,17 @@ def test_shapes_experiment_smoke(tmp_path):
     assert again == history
     assert {k: v for k, v in remeasured.items() if k != "train_seconds"} == \
         {k: v for k, v in metrics.items() if k != "train_seconds"}
+    test = D.evaluate_disentangle(model, D.shapes_loaders(config)["test"], device="cpu")  # the test split's
+    assert (metrics["adv_acc_a"], metrics["adv_acc_b"]) == (test["adv_acc_a"], test["adv_acc_b"])
+
+
+def test_the_shapes_data_are_the_same_for_every_seed():
+    """The seed varies the starting weights and the batch order, not the images: a spread over seeds is
+    the method's, on one benchmark."""
+    config = D.disentangle_config("smoke")
+    for split in ("train", "unseen"):
+        images = [D.shapes_loaders(config, seed)[split].dataset[0]["image"] for seed in (0, 1)]
+        assert torch.equal(*images), split
 
 
 def _coded_items(per_combination: int = 50, seed: int = 0) -> list[dict]:
