@@ -480,3 +480,152 @@ def test_umsrep_verdict_also_needs_the_cpu_time_share():
     joint, _ = bench_umsrep.strategy_rows(_strategy_table(joint_dice=0.8, joint_cpu=5.0), strategy_config("smoke"))
     assert (joint["time_vs_e"], joint["cpu_vs_e"]) == pytest.approx((0.2, 0.5))
     assert joint["criterion"] == "fail (cpu 0.50)"
+
+
+def test_engine_epoch_hands_each_configuration_its_precision_layout_and_compile_to_fit(monkeypatch):
+    """A bf16, channels_last or compile row that reached fit as plain fp32 would time fp32 under another name."""
+    calls = []
+
+    class History:
+        records = [{"epoch_time": 1.0, "data_share": 0.0}]
+
+    monkeypatch.setattr(bench_engine, "fit", lambda *args, **kwargs: calls.append(kwargs) or History())
+    configs = bench_engine._configs(torch.device("cpu"), quick=False)
+    for config in configs:
+        assert bench_engine._epoch(config, None, None, torch.device("cpu")) == History.records[-1]
+    seen = {config["name"]: (kwargs["amp"], kwargs["channels_last"], kwargs["compile"], kwargs["epochs"])
+            for config, kwargs in zip(configs, calls)}
+    assert seen == {
+        "fp32": ("off", False, False, 1), "fp32 + channels_last": ("off", True, False, 1),
+        "bf16 autocast": ("bf16", False, False, 1), "bf16 autocast + channels_last": ("bf16", True, False, 1),
+        "fp32, 2 loader workers": ("off", False, False, 1), "fp32, images cached in memory": ("off", False, False, 1),
+        "fp32 + torch.compile": ("off", False, True, 1)}
+
+
+def test_engine_build_gives_the_loader_its_workers_and_caches_the_images_in_memory(monkeypatch):
+    monkeypatch.setattr(bench_engine, "build_model", lambda *args, **kwargs: nn.Linear(1, 1))
+    reads = []
+
+    class Items:
+        def __len__(self):
+            return 16
+
+        def __getitem__(self, index):
+            reads.append(index)
+            return torch.zeros(1)
+
+    dataset = Items()
+    built = {c["name"]: bench_engine._build(c, dataset, torch.device("cpu"))[1]
+             for c in bench_engine._configs(torch.device("cpu"), quick=False)}
+    assert {name: loader.num_workers for name, loader in built.items() if loader.num_workers} == {
+        "fp32, 2 loader workers": 2}
+    cached = built["fp32, images cached in memory"].dataset
+    assert isinstance(cached, list) and len(cached) == 16 and reads == list(range(16))  # each item made once
+    assert all(loader.dataset is dataset for name, loader in built.items() if name != "fp32, images cached in memory")
+    assert all(loader.batch_size == bench_engine.BATCH_SIZE and loader.drop_last for loader in built.values())
+
+
+def _engine_run(monkeypatch, quick, share=0.01, seconds=1.0):
+    """bench_engine.run on a (forced) CPU with fake epochs: (rows, names of the epochs timed, datasets built on)."""
+    calls, datasets = [], []
+    monkeypatch.setattr(bench_engine, "pick_device", lambda device: torch.device("cpu"))
+    monkeypatch.setattr(bench_engine, "load_dataset", lambda *args, **kwargs: list(range(1000)))
+    monkeypatch.setattr(bench_engine, "_build", lambda config, dataset, device: datasets.append(dataset) or (0, 0))
+    monkeypatch.setattr(bench_engine, "_epoch", lambda config, model, loader, device: calls.append(
+        config["name"]) or {"epoch_time": seconds, "data_share": share})
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)  # not the count the benchmark uses, so that a column copying it shows
+    try:
+        rows = bench_engine.run(quick=quick)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    return rows, calls, datasets
+
+
+def test_engine_data_wait_of_exactly_the_target_is_not_under_it(monkeypatch):
+    rows, _, _ = _engine_run(monkeypatch, quick=True, share=0.05)
+    assert all(row["data_wait_pct"] == pytest.approx(5.0) and row["data_wait_ok"] is False
+               for row in rows if "images_per_s" in row)
+    rows, _, _ = _engine_run(monkeypatch, quick=True, share=0.0499)
+    assert all(row["data_wait_ok"] is True for row in rows if "images_per_s" in row)
+
+
+def test_engine_threads_column_is_the_count_the_configurations_ran_with(monkeypatch):
+    rows, _, _ = _engine_run(monkeypatch, quick=True)
+    assert [row["threads"] for row in rows] == [1] * len(rows)  # set to 1 on a CPU; the caller had 2
+
+
+def test_engine_full_cpu_run_times_compile_for_5_rounds_of_8_steps(monkeypatch):
+    assert bench_engine._configs(torch.device("cpu"), quick=False)[-1]["skip"] is None
+    assert bench_engine._configs(torch.device("cpu"), quick=True)[-1]["skip"].startswith("skipped with --quick")
+    rows, calls, datasets = _engine_run(monkeypatch, quick=False, seconds=2.0)
+    names = [c["name"] for c in bench_engine._configs(torch.device("cpu"), quick=False)]
+    assert "fp32 + torch.compile" in names and calls == names * 6  # a warm-up and 5 timed rounds, compile too
+    assert all(len(dataset) == 8 * bench_engine.BATCH_SIZE for dataset in datasets)  # 8 steps of 8 images
+    assert all("note" not in row and row["rounds"] == 5 for row in rows)
+    assert all(row["images_per_s"] == pytest.approx(64 / 2.0) for row in rows)  # 64 images an epoch of 2 s
+
+
+def test_models_full_run_measures_the_paper_batches_8_and_2_and_the_course_batch_8(monkeypatch):
+    calls = []
+    monkeypatch.setattr(bench_models, "keep_freed_memory", lambda: True)
+    monkeypatch.setattr(bench_models, "measure", lambda size, names, **kwargs: calls.append(
+        (size, tuple(names), kwargs["batch_size"], kwargs["rounds"])) or [{"model": names[0]}])
+    bench_models.run(quick=False, device="cpu", threads=1)
+    paper = ("paper", "monai swinunetr", "monai unet", "course", "tiny")
+    assert calls == [(224, paper, 8, 2), (224, paper, 2, 2), (128, ("course", "tiny", "monai unet"), 8, 2)]
+
+
+def test_umsrep_total_verdict_reads_the_with_pretraining_check():
+    check = {"passed": True, "passed_amortised": True, "passed_with_pretraining": False, "metrics_ok": True,
+             "unmeasured": [], **{f"{name}_share_total": 0.8 for name in ("flops", "time", "cpu")},
+             **{f"{name}_share_amortised": 0.3 for name in ("flops", "time", "cpu")}}
+    assert bench_umsrep.verdict(check, "total", 0.35) == "fail (flops 0.80, time 0.80, cpu 0.80)"
+    assert bench_umsrep.verdict(check, "amortised", 0.35) == "pass"
+    check.update(passed_amortised=False, passed_with_pretraining=True)
+    assert bench_umsrep.verdict(check, "total", 0.35) == "pass"
+
+
+def test_umsrep_passes_its_threads_and_seed_on_and_restores_the_threads(monkeypatch, capsys):
+    seen = []
+
+    def strategies(config):
+        seen.append((torch.get_num_threads(), config.seed, config.profile))
+        return _strategy_table(joint_dice=0.8)
+
+    monkeypatch.setattr(bench_umsrep, "compare_strategies", strategies)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)  # not the count asked for, so that setting and restoring it shows
+    try:
+        bench_umsrep.main(["--quick", "--threads", "3", "--seed", "7"])
+        assert torch.get_num_threads() == 2
+        rows = bench_umsrep.run(quick=True, seed=5, threads=1)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [(3, 7, "smoke"), (1, 5, "smoke")]
+    assert rows[0]["criterion"] == "pass" and "joint vs (e)" in capsys.readouterr().out
+
+
+def test_disentangle_passes_its_seed_epochs_and_threads_on_and_restores_the_threads(monkeypatch, capsys):
+    seen = []
+
+    def experiment(kind, config, seed, device, progress):
+        seen.append((kind, torch.get_num_threads(), seed, config.epochs))
+        return nn.Linear(1, 1), None, {"unseen_shape_acc": 0.95 if kind == "disentangle" else 0.5,
+                                       "probe_background_a": 0.5 if kind == "disentangle" else 0.9}
+
+    monkeypatch.setattr(bench_disentangle, "shapes_experiment", experiment)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)  # not the count asked for, so that setting and restoring it shows
+    try:
+        bench_disentangle.main(["--quick", "--seed", "7", "--epochs", "3", "--threads", "3"])
+        assert torch.get_num_threads() == 2
+        rows = bench_disentangle.run(quick=True, seed=5, threads=1, epochs=4)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    kinds = list(bench_disentangle.MODELS)
+    assert seen == [(kind, 3, 7, 3) for kind in kinds] + [(kind, 1, 5, 4) for kind in kinds]
+    assert rows[0]["criterion"] == "pass" and "pass" in capsys.readouterr().out
