@@ -691,7 +691,7 @@ def test_evaluate_builds_no_graph():
 
 
 def test_fit_trains_a_model_handed_over_in_eval_mode_in_train_mode():
-    """e.g. after an evaluate or an inference: BatchNorm and dropout would otherwise stay frozen, silently."""
+    """e.g. after model.eval() for an inference: BatchNorm and dropout would otherwise stay frozen, silently."""
     model = ToyNet()
     model.eval()
     _fit_on_cpu(model, _loaders()[0], None, epochs=1)

@@ -241,12 +241,13 @@ def test_bar_table_keeps_zero_in_view_for_values_above_one():
 
 def test_bar_table_keeps_zero_in_view_and_marks_it_for_negative_values():
     """Changes against a baseline: all below 0, the axis still reaches 0 (plus room for the values
-    written at the bars' ends, 12 % of the span each side); on both sides of 0, a line marks it."""
+    written at the bars' ends, 12 % of the span each side); with 0 inside the axis, a line marks it."""
     table = pd.DataFrame({"all below": [-3.0, -1.0], "both sides": [-3.0, 2.0]}, index=["a", "b"])
     below, both = plots.bar_table(table, ["all below", "both sides"]).axes
     assert below.get_ylim() == pytest.approx((-3.36, 0.36))
     assert both.get_ylim() == pytest.approx((-3.6, 2.6))
-    assert [list(line.get_ydata()) for line in both.lines if list(line.get_ydata()) == [0.0, 0.0]]  # the zero line
+    for ax in (below, both):
+        assert [line for line in ax.lines if list(line.get_ydata()) == [0.0, 0.0]], ax.get_title()  # the zero line
 
 
 def test_show_items_titles_each_column_with_its_class_and_labels_each_row():
