@@ -431,6 +431,14 @@ def test_denoising_pairs_carry_no_labels_and_use_the_clean_target():
     assert not torch.equal(item["image"], data[1]["image"])  # Gaussian noise added to the speckled image
     assert torch.equal(DenoisingPairs(data, gaussian_std=0.0)[1]["image"], data[1]["image"])  # the speckle is kept
     assert load_strategy_data(handful(gaussian_std=0.1)).unlabeled.gaussian_std == 0.1  # the config's, not 0.02
+    unlabeled = load_strategy_data(handful()).unlabeled  # the representation's pairs: new noise at every read
+    assert not torch.equal(unlabeled[0]["image"], unlabeled[0]["image"])
+
+
+def test_the_added_noise_has_the_standard_deviation_asked_for():
+    grey = {"image": torch.full((1, 64, 64), 0.5), "label": 0}  # mid-grey: no clamping; 10**6 looks: no speckle
+    item = DenoisingPairs([grey], gaussian_std=0.05, speckle_looks=1e6, fixed_noise=True)[0]
+    assert (item["image"] - item["clean"]).std().item() == pytest.approx(0.05, rel=0.05)
 
 
 def test_real_images_become_their_own_target_with_added_noise():
@@ -585,6 +593,9 @@ def test_real_data_uses_every_unlabeled_image_and_random_busi_subsets(tmp_path, 
     uclm = make_bus_uclm(tmp_path / "bus_uclm", patients=4, per_patient=3)  # PAT00_001: image and mask sizes differ
     config = strategy_config("smoke", dataset="busi", data_root=str(tmp_path), num_train=6, num_test=4, seed=1)
     data = load_strategy_data(config)
+    torch.manual_seed(1)  # the test images' noise is drawn per item and seed, not from torch's state at loading
+    again = load_strategy_data(config)
+    assert all(torch.equal(data.test[i]["image"], again.test[i]["image"]) for i in range(len(data.test)))
     bus_bra = load_dataset("bus_bra", root=tmp_path / "bus_bra", split="all", image_size=config.image_size)
     # the masks are not used there, so the image whose mask has another size is kept
     assert len(data.unlabeled) == len(bus_bra) + len(uclm["truth"])
@@ -902,7 +913,10 @@ def test_a_model_left_in_eval_mode_is_measured_as_it_trains():
     """The step is a training step: BatchNorm saves its batch statistics whatever mode the model was left in."""
     model = tiny()
     trained = measure_training_step(model, batch(), TASKS)
+    modes = []
+    model.register_forward_pre_hook(lambda module, inputs: modes.append(module.training))  # copied with the model
     assert measure_training_step(model.eval(), batch(), TASKS) == trained
+    assert modes and all(modes)  # the copy measured ran in train mode
     assert not model.training  # measured on a copy
 
 
@@ -921,6 +935,13 @@ def test_train_and_measure_records_memory_at_the_batch_size_cpu_time_and_an_eval
         return engine.History()
 
     monkeypatch.setattr(engine, "fit", waiting_fit)
+    measure = umsrep.measure_training_step
+
+    def slow_measure(*args, **kwargs):  # counting FLOPs is slow, and no part of the training timed
+        clock.wall, clock.cpu = clock.wall + 5.0, clock.cpu + 5.0
+        return measure(*args, **kwargs)
+
+    monkeypatch.setattr(umsrep, "measure_training_step", slow_measure)
     config = handful(num_train=8, batch_size=8)
     train = load_strategy_data(config).train
     model = _new_model(config, ("seg",), num_classes=3, in_channels=1)
@@ -981,6 +1002,7 @@ def test_every_strategy_sees_the_same_batches_and_starts_from_the_same_weights()
     torch.rand(10)  # another strategy drew random numbers in between
     assert [b.tolist() for b in _loader(data, config, shuffle=True)] == first != [list(range(i, i + 4))
                                                                                  for i in range(0, 32, 4)]
+    assert [b.tolist() for b in _loader(data, handful(seed=1), shuffle=True)] != first  # config.seed's order
     model = _new_model(config, TASKS, 3, 1)
     torch.rand(10)
     again = _new_model(config, TASKS, 3, 1)
