@@ -33,6 +33,16 @@ from mtlearn.utils import count_parameters, pick_device
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture
+def two_threads():
+    """torch on 2 threads during the test, not the count a benchmark sets (so that setting it, copying it
+    or not restoring it shows); the caller's count back afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
 def _parse_table(lines: list[str]) -> list[dict]:
     """format_table's text back into rows, cut at the columns its dashed line marks (cells may be blank)."""
     header, dashes, *body = lines
@@ -259,20 +269,15 @@ def test_keep_freed_memory_stops_the_page_faults_of_large_blocks():
     assert faults < 1.5 * block  # reused; at most one round touches a new block while the heap settles
 
 
-def test_models_run_keeps_freed_memory_on_the_cpu_unless_asked_not_to(monkeypatch):
+def test_models_run_keeps_freed_memory_on_the_cpu_unless_asked_not_to(monkeypatch, two_threads):
     calls = []
     monkeypatch.setattr(bench_models, "keep_freed_memory", lambda: calls.append("kept") or True)
     seen = []  # threads and rounds as measure gets them: the table's and the heading's
     monkeypatch.setattr(bench_models, "measure", lambda *args, **kwargs: seen.append(
         (torch.get_num_threads(), kwargs["rounds"])) or [{"model": "tiny"}])
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)  # not the count asked for, so that setting it shows
-    try:
-        rows = bench_models.run(quick=True, groups=("course",), device="cpu", threads=1, rounds=3)
-        assert rows[0]["malloc"] == "kept"
-        assert seen == [(1, 3)] and torch.get_num_threads() == 2  # restored afterwards
-    finally:
-        torch.set_num_threads(before)
+    rows = bench_models.run(quick=True, groups=("course",), device="cpu", threads=1, rounds=3)
+    assert rows[0]["malloc"] == "kept"
+    assert seen == [(1, 3)] and torch.get_num_threads() == 2  # restored afterwards
     assert calls == ["kept"]
     assert bench_models.run(quick=True, groups=("course",), device="cpu", default_malloc=True)[0]["malloc"] == "default"
     assert calls == ["kept"]  # not called again
@@ -300,7 +305,7 @@ def test_models_refuses_an_unknown_group_and_bad_options(monkeypatch, capsys):
         assert exit_.value.code == 2 and message in capsys.readouterr().err
 
 
-def test_engine_alternates_the_configurations_and_reports_medians(monkeypatch):
+def test_engine_alternates_the_configurations_and_reports_medians(monkeypatch, two_threads):
     names = [c["name"] for c in bench_engine._configs(pick_device("auto"), quick=True) if not c.get("skip")]
     # epoch seconds (4 steps of 8 images: 32 images) and data shares, round by round; round 0 warms up
     epochs = {name: [(0.001, 0.5), (1.0, 0.01), (1.0, 0.01), (1.0, 0.01)] for name in names}
@@ -316,12 +321,8 @@ def test_engine_alternates_the_configurations_and_reports_medians(monkeypatch):
 
     monkeypatch.setattr(bench_engine, "_build", lambda config, dataset, device: (None, None))
     monkeypatch.setattr(bench_engine, "_epoch", epoch)
-    threads, before = set(), torch.get_num_threads()
-    torch.set_num_threads(2)  # not the count the benchmark sets, so that setting it shows
-    try:
-        rows = {row["config"]: row for row in bench_engine.run(quick=True, rounds=3)}
-    finally:
-        torch.set_num_threads(before)
+    threads = set()
+    rows = {row["config"]: row for row in bench_engine.run(quick=True, rounds=3)}
     assert calls == names * 4  # every configuration once per round, in turn
     if pick_device("auto").type == "cpu":
         assert threads == {1}  # one thread per process on a CPU, as the table's column says
@@ -526,24 +527,20 @@ def test_engine_build_gives_the_loader_its_workers_and_caches_the_images_in_memo
 
 
 def _engine_run(monkeypatch, quick, share=0.01, seconds=1.0):
-    """bench_engine.run on a (forced) CPU with fake epochs: (rows, names of the epochs timed, datasets built on)."""
+    """bench_engine.run on a (forced) CPU with fake epochs: (rows, names of the epochs timed, datasets built on).
+    Its callers take the two_threads fixture."""
     calls, datasets = [], []
     monkeypatch.setattr(bench_engine, "pick_device", lambda device: torch.device("cpu"))
     monkeypatch.setattr(bench_engine, "load_dataset", lambda *args, **kwargs: list(range(1000)))
     monkeypatch.setattr(bench_engine, "_build", lambda config, dataset, device: datasets.append(dataset) or (0, 0))
     monkeypatch.setattr(bench_engine, "_epoch", lambda config, model, loader, device: calls.append(
         config["name"]) or {"epoch_time": seconds, "data_share": share})
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)  # not the count the benchmark uses, so that a column copying it shows
-    try:
-        rows = bench_engine.run(quick=quick)
-        assert torch.get_num_threads() == 2
-    finally:
-        torch.set_num_threads(before)
+    rows = bench_engine.run(quick=quick)
+    assert torch.get_num_threads() == 2  # the two_threads fixture's, restored
     return rows, calls, datasets
 
 
-def test_engine_data_wait_of_exactly_the_target_is_not_under_it(monkeypatch):
+def test_engine_data_wait_of_exactly_the_target_is_not_under_it(monkeypatch, two_threads):
     rows, _, _ = _engine_run(monkeypatch, quick=True, share=0.05)
     assert all(row["data_wait_pct"] == pytest.approx(5.0) and row["data_wait_ok"] is False
                for row in rows if "images_per_s" in row)
@@ -551,12 +548,12 @@ def test_engine_data_wait_of_exactly_the_target_is_not_under_it(monkeypatch):
     assert all(row["data_wait_ok"] is True for row in rows if "images_per_s" in row)
 
 
-def test_engine_threads_column_is_the_count_the_configurations_ran_with(monkeypatch):
+def test_engine_threads_column_is_the_count_the_configurations_ran_with(monkeypatch, two_threads):
     rows, _, _ = _engine_run(monkeypatch, quick=True)
     assert [row["threads"] for row in rows] == [1] * len(rows)  # set to 1 on a CPU; the caller had 2
 
 
-def test_engine_full_cpu_run_times_compile_for_5_rounds_of_8_steps(monkeypatch):
+def test_engine_full_cpu_run_times_compile_for_5_rounds_of_8_steps(monkeypatch, two_threads):
     assert bench_engine._configs(torch.device("cpu"), quick=False)[-1]["skip"] is None
     assert bench_engine._configs(torch.device("cpu"), quick=True)[-1]["skip"].startswith("skipped with --quick")
     rows, calls, datasets = _engine_run(monkeypatch, quick=False, seconds=2.0)
@@ -587,7 +584,7 @@ def test_umsrep_total_verdict_reads_the_with_pretraining_check():
     assert bench_umsrep.verdict(check, "total", 0.35) == "pass"
 
 
-def test_umsrep_passes_its_threads_and_seed_on_and_restores_the_threads(monkeypatch, capsys):
+def test_umsrep_passes_its_threads_and_seed_on_and_restores_the_threads(monkeypatch, capsys, two_threads):
     seen = []
 
     def strategies(config):
@@ -595,20 +592,16 @@ def test_umsrep_passes_its_threads_and_seed_on_and_restores_the_threads(monkeypa
         return _strategy_table(joint_dice=0.8)
 
     monkeypatch.setattr(bench_umsrep, "compare_strategies", strategies)
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)  # not the count asked for, so that setting and restoring it shows
-    try:
-        bench_umsrep.main(["--quick", "--threads", "3", "--seed", "7"])
-        assert torch.get_num_threads() == 2
-        rows = bench_umsrep.run(quick=True, seed=5, threads=1)
-        assert torch.get_num_threads() == 2
-    finally:
-        torch.set_num_threads(before)
+    bench_umsrep.main(["--quick", "--threads", "3", "--seed", "7"])
+    assert torch.get_num_threads() == 2
+    rows = bench_umsrep.run(quick=True, seed=5, threads=1)
+    assert torch.get_num_threads() == 2
     assert seen == [(3, 7, "smoke"), (1, 5, "smoke")]
     assert rows[0]["criterion"] == "pass" and "joint vs (e)" in capsys.readouterr().out
 
 
-def test_disentangle_passes_its_seed_epochs_and_threads_on_and_restores_the_threads(monkeypatch, capsys):
+def test_disentangle_passes_its_seed_epochs_and_threads_on_and_restores_the_threads(monkeypatch, capsys,
+                                                                                    two_threads):
     seen = []
 
     def experiment(kind, config, seed, device, progress):
@@ -617,15 +610,10 @@ def test_disentangle_passes_its_seed_epochs_and_threads_on_and_restores_the_thre
                                        "probe_background_a": 0.5 if kind == "disentangle" else 0.9}
 
     monkeypatch.setattr(bench_disentangle, "shapes_experiment", experiment)
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)  # not the count asked for, so that setting and restoring it shows
-    try:
-        bench_disentangle.main(["--quick", "--seed", "7", "--epochs", "3", "--threads", "3"])
-        assert torch.get_num_threads() == 2
-        rows = bench_disentangle.run(quick=True, seed=5, threads=1, epochs=4)
-        assert torch.get_num_threads() == 2
-    finally:
-        torch.set_num_threads(before)
+    bench_disentangle.main(["--quick", "--seed", "7", "--epochs", "3", "--threads", "3"])
+    assert torch.get_num_threads() == 2
+    rows = bench_disentangle.run(quick=True, seed=5, threads=1, epochs=4)
+    assert torch.get_num_threads() == 2
     kinds = list(bench_disentangle.MODELS)
     assert seen == [(kind, 3, 7, 3) for kind in kinds] + [(kind, 1, 5, 4) for kind in kinds]
     assert rows[0]["criterion"] == "pass" and "pass" in capsys.readouterr().out
