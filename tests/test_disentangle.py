@@ -237,6 +237,29 @@ def test_main_step_makes_the_frozen_adversary_worse(shapes_batch, adv_loss):
     assert all(torch.equal(p.grad, g) for p, g in zip(model.adversary_parameters(), adversary_grads))
 
 
+def test_main_step_pushes_each_adversary_towards_its_own_target(shapes_batch):
+    """adv_a (task A read from f_b) towards target_a, adv_b towards target_b: with two classes on each
+    side a swap of the two would go unnoticed by every shape check."""
+    torch.manual_seed(0)
+    model = tiny_model(dropout=0.0)  # the adversaries' outputs, as main_step will see them, computed first
+    x, y_a, y_b = shapes_batch["image"], shapes_batch["shape"], shapes_batch["background"]
+    features_a, features_b = model.encode(x)
+    target_a = torch.softmax(torch.randn(len(x), 2), 1)
+    target_b = torch.softmax(3 * torch.randn(len(x), 2), 1)
+    with torch.no_grad():  # in train mode: BatchNorm on the batch's statistics, as in main_step
+        adv_a, adv_b = model.adversaries(features_a, features_b)
+
+    def term(first, second):
+        return (D.adversarial_term(adv_a, y_a, "confusion", first)
+                + D.adversarial_term(adv_b, y_b, "confusion", second)).item()
+
+    optimizer = torch.optim.Adam(model.main_parameters(), lr=1e-2)
+    record = D.main_step(model, optimizer, features_a, features_b, y_a, y_b, w_adv=1.0, target_a=target_a,
+                         target_b=target_b)
+    assert record["adv_term"] == pytest.approx(term(target_a, target_b), rel=1e-5)
+    assert term(target_a, target_b) != pytest.approx(term(target_b, target_a), rel=1e-3)  # a swap would show
+
+
 def test_main_step_refuses_bad_arguments_before_freezing_the_adversaries(shapes_batch):
     model = tiny_model()
     x, y_a, y_b = shapes_batch["image"], shapes_batch["shape"], shapes_batch["background"]
