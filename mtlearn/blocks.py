@@ -352,7 +352,8 @@ class PatchEmbed(nn.Module):
     def __init__(self, in_channels: int, out_channels: int):
         super().__init__()
         if out_channels % 8 != 0:
-            raise ValueError(f"PatchEmbed out_channels must be a multiple of 8 (split 4/2/1/1 eighths), got {out_channels}")
+            raise ValueError(f"PatchEmbed out_channels must be a multiple of 8 (split 4/2/1/1 eighths), "
+                             f"got {out_channels}")
         # padding (k - 2) / 2 makes every branch output exactly H/2 x W/2
         self.convs = nn.ModuleList(
             _ContiguousConv2d(in_channels, out_channels * share // 8, k, stride=2, padding=(k - 2) // 2)

@@ -1349,7 +1349,8 @@ def ultrasound_datasets(image_size: tuple[int, int] = (64, 64), *, seed: int = 0
     from mtlearn.data.synthetic import SyntheticUltrasound
 
     if not 0.0 < train_correlation <= 1.0:
-        raise ValueError(f"train_correlation must lie in (0, 1] (the artifact marks malignancy), got {train_correlation!r}")
+        raise ValueError(f"train_correlation must lie in (0, 1] (the artifact marks malignancy), "
+                         f"got {train_correlation!r}")
     settings = {  # split: (artifact_correlation, artifact_rate, number of items)
         "train": (train_correlation, 0.0, num_train),
         "shortcut": (train_correlation, 0.0, num_test),

@@ -58,12 +58,14 @@ class ResFormerConfig:
                              f"got {self.image_size}")
         lengths = {name: len(getattr(self, name)) for name in ("widths", "cnn_depths", "attn_depths", "num_heads")}
         if set(lengths.values()) != {4}:
-            raise ValueError(f"widths, cnn_depths, attn_depths and num_heads need one entry per stage (4), got {lengths}")
+            raise ValueError(f"widths, cnn_depths, attn_depths and num_heads need one entry per stage (4), "
+                             f"got {lengths}")
         if self.widths[0] % 8 != 0 or any(w < 1 or w % 2 for w in self.widths):
             raise ValueError(f"widths must be even, the first a multiple of 8 (patch embedding split 4/2/1/1 "
                              f"eighths), e.g. (64, 128, 256, 512); got {self.widths}")
         if any(d < 1 for d in self.cnn_depths) or any(d < 0 for d in self.attn_depths):
-            raise ValueError(f"cnn_depths must be >= 1 and attn_depths >= 0, got {self.cnn_depths} and {self.attn_depths}")
+            raise ValueError(f"cnn_depths must be >= 1 and attn_depths >= 0, "
+                             f"got {self.cnn_depths} and {self.attn_depths}")
         for width, heads in zip(self.widths, self.num_heads):
             if heads < 1 or width % heads != 0:
                 raise ValueError(f"num_heads {self.num_heads} must divide widths {self.widths} stage by stage "

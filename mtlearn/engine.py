@@ -798,7 +798,8 @@ def _non_finite_tensors(model: nn.Module, weighting: LossWeighting) -> list[str]
 def _model_tasks(model: nn.Module) -> Sequence[str]:
     tasks = getattr(model, "tasks", None)
     if tasks is None:
-        raise ValueError("the model has no `tasks` attribute to read its tasks from; pass them, e.g. tasks=('seg', 'cls')")
+        raise ValueError("the model has no `tasks` attribute to read its tasks from; "
+                         "pass them, e.g. tasks=('seg', 'cls')")
     return tasks
 
 

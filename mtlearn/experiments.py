@@ -426,9 +426,11 @@ def _parse_set(text: str) -> tuple[str, list[Any]]:
         try:
             return ast.literal_eval(v)
         except (ValueError, SyntaxError):
-            if v.strip()[:1] and v.strip()[0] in "([{'\"":  # meant as a literal (a tuple, a list, a quoted string) but malformed
-                raise argparse.ArgumentTypeError(f"--set {text!r}: {v!r} is not a valid Python literal; check its "
-                                                 "brackets, and quote the strings inside (['fixed'], not [fixed])") from None
+            # meant as a literal (a tuple, a list, a quoted string) but malformed
+            if v.strip()[:1] and v.strip()[0] in "([{'\"":
+                message = (f"--set {text!r}: {v!r} is not a valid Python literal; check its brackets, and quote "
+                           "the strings inside (['fixed'], not [fixed])")
+                raise argparse.ArgumentTypeError(message) from None
             return v
 
     pieces = [v.strip() for v in values.split(",")]  # "busi, synthetic": no ' synthetic'

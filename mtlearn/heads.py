@@ -76,7 +76,8 @@ class UNetDecoder(nn.Module):
         self.widths, self.out_channels = widths, widths[0]
         self.refine = nn.ModuleList(skip_refiner(dfe, w, dilations) for w in widths)
         # level i turns widths[i + 1] channels at H/2^(i+2) into widths[i] channels at H/2^(i+1)
-        self.up = nn.ModuleList(nn.ConvTranspose2d(widths[i + 1], widths[i], 2, stride=2) for i in range(len(widths) - 1))
+        self.up = nn.ModuleList(nn.ConvTranspose2d(widths[i + 1], widths[i], 2, stride=2)
+                                for i in range(len(widths) - 1))
         self.fuse = nn.ModuleList(conv_bn_relu(2 * widths[i], widths[i]) for i in range(len(widths) - 1))
 
     def forward(self, features: Sequence[Tensor]) -> Tensor:

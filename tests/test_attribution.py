@@ -1119,7 +1119,7 @@ def test_localisation_scores_pass_the_mode_to_both_scores(mode, share, hit):
                                            "pointing_chance": 0.25})}
 
 
-# ------------------------------------------------------------------------------------------ baselines, pointing, cascade
+# ----------------------------------------------------------------------------------------- baselines, pointing, cascade
 # Grey baselines, the pointing game's tolerance, rank correlation and the cascade's details (each
 # survived a mutation before).
 

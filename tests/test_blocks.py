@@ -69,9 +69,11 @@ BAD_ARGUMENTS = [
     ("dfe no dilations", lambda: DFE(8, dilations=()), "dilations"),
     ("dfe zero dilation", lambda: DFE(8, dilations=(0, 6)), "dilations"),
     ("aspp negative dilation", lambda: ASPPDFE(8, dilations=(6, -1)), "dilations"),
-    ("stage no cnn", lambda: ResFormerStage(8, 8, 1, cnn_depth=0, attn_depth=1, num_heads=2, window_size=4), "cnn_depth"),
+    ("stage no cnn",
+     lambda: ResFormerStage(8, 8, 1, cnn_depth=0, attn_depth=1, num_heads=2, window_size=4), "cnn_depth"),
     ("stage drop path length",
-     lambda: ResFormerStage(8, 8, 1, cnn_depth=1, attn_depth=2, num_heads=2, window_size=4, drop_path=[0.1]), "drop_path"),
+     lambda: ResFormerStage(8, 8, 1, cnn_depth=1, attn_depth=2, num_heads=2, window_size=4, drop_path=[0.1]),
+     "drop_path"),
     ("stage width change at stride 1",
      lambda: ResFormerStage(8, 16, 1, cnn_depth=1, attn_depth=1, num_heads=2, window_size=4), "stride-1"),
 ]

@@ -218,7 +218,8 @@ def test_command_line_names_an_out_that_is_a_file(tmp_path, monkeypatch, capsys)
     (tmp_path / "results").write_text("not a folder")
     with pytest.raises(SystemExit):  # it was a NotADirectoryError traceback from the first notebook
         main(["--profile", "smoke", "--only", "00", "--out", str(tmp_path / "results")])
-    assert f"--out {tmp_path / 'results'} cannot be a folder: {tmp_path / 'results'} is a file" in capsys.readouterr().err
+    said = capsys.readouterr().err
+    assert f"--out {tmp_path / 'results'} cannot be a folder: {tmp_path / 'results'} is a file" in said
 
 
 def test_the_repository_notebooks_are_the_course_in_order():

@@ -400,7 +400,8 @@ def test_augmentation_flips_left_right_and_turns_at_most_25_degrees(tmp_path):
     the draws must use the whole range and include plain flips and untouched items."""
     bar = np.zeros((48, 48), np.uint8)
     bar[8:12, 4:36] = 255  # 4 x 32, 14 px above and 4.5 px left of the centre
-    make_small_busi(tmp_path, {"benign (1)": bar, "malignant (1)": bar}, images={"benign (1)": bar, "malignant (1)": bar})
+    both = {"benign (1)": bar, "malignant (1)": bar}
+    make_small_busi(tmp_path, both, images=both)
     dataset = load_dataset("busi", root=tmp_path, split="all", image_size=48, augment=True)
     plain = torch.from_numpy(bar > 0).float()
     torch.manual_seed(0)
@@ -537,7 +538,8 @@ def test_bus_bra_patient_with_any_image_in_the_test_fold_goes_wholly_to_test(tmp
     info = make_bus_bra(tmp_path, patients=10)
     csv_path = info["base"] / "5-fold-cv.csv"
     csv_path.write_text(csv_path.read_text().replace("bus_0002-r,2", "bus_0002-r,1"))  # patient 2: folds 2 and 1
-    placed = [(r.id, s) for s in ("train", "val", "test") for r in load_dataset("bus_bra", root=tmp_path, split=s).records]
+    placed = [(r.id, s) for s in ("train", "val", "test")
+              for r in load_dataset("bus_bra", root=tmp_path, split=s).records]
     split_of = dict(placed)
     assert len(split_of) == len(placed) == len(info["cases"])  # every image in exactly one split
     assert split_of["bus_0002-r"] == "test" and split_of["bus_0002-l"] == "test"
@@ -1181,11 +1183,13 @@ def test_busi_npz_masks_of_0_255_with_faint_noise_are_cut_at_half_their_maximum(
 
 
 def test_synthetic_splits_are_disjoint_index_ranges():
-    splits = {s: load_dataset("synthetic", split=s, image_size=32, num_samples=4, artifact_correlation=1.0) for s in SPLITS}
+    splits = {s: load_dataset("synthetic", split=s, image_size=32, num_samples=4, artifact_correlation=1.0)
+              for s in SPLITS}
     assert isinstance(splits["train"], SyntheticUltrasound) and splits["train"].artifact_correlation == 1.0
     ids = {s: [d["id"] for d in splits[s]] for s in SPLITS}
     assert ids["val"][0] == "synthetic-1000000"
-    assert len(set(ids["train"] + ids["val"] + ids["test"])) == 12 and ids["all"] == ids["train"] + ids["val"] + ids["test"]
+    in_order = ids["train"] + ids["val"] + ids["test"]
+    assert len(set(in_order)) == 12 and ids["all"] == in_order
     assert splits["all"].class_names == ("normal", "benign", "malignant")
     assert len(load_dataset("synthetic", split="val")) == 200
 
@@ -1244,7 +1248,8 @@ def test_missing_data_names_the_download_command(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match=f'python -m data_fetch bus_uclm --dest "{tmp_path / "nowhere"}"'):
         load_dataset("bus_uclm", root=tmp_path / "nowhere")
     monkeypatch.setenv("MTLEARN_DATA", str(tmp_path))  # default root: <data root>/<folder>
-    with pytest.raises(FileNotFoundError, match=r"busi_npz does not exist\. Fetch it with `python -m data_fetch busi_256`"):
+    with pytest.raises(FileNotFoundError,
+                       match=r"busi_npz does not exist\. Fetch it with `python -m data_fetch busi_256`"):
         load_dataset("busi_npz", resolution=256)
 
 

@@ -31,7 +31,8 @@ def test_item_shapes_dtypes_and_ranges(image_size, in_channels, shape):
 
 
 def test_deterministic_by_seed_and_index():
-    a, b = SyntheticUltrasound(num_samples=5, seed=7, image_size=48), SyntheticUltrasound(num_samples=50, seed=7, image_size=48)
+    a = SyntheticUltrasound(num_samples=5, seed=7, image_size=48)
+    b = SyntheticUltrasound(num_samples=50, seed=7, image_size=48)
     other = SyntheticUltrasound(num_samples=5, seed=8, image_size=48)
     for i in range(5):
         assert torch.equal(a[i]["image"], b[i]["image"])  # does not depend on num_samples
@@ -61,7 +62,8 @@ def test_class_probs_are_followed():
 def test_class_probs_are_relative_weights():
     """class_probs need not sum to 1 (only to be non-negative, not all zero): (2, 1, 1) is (0.5, 0.25, 0.25)."""
     weights = SyntheticUltrasound(num_samples=300, class_probs=(2, 1, 1), seed=3).labels
-    assert weights.tolist() == SyntheticUltrasound(num_samples=300, class_probs=(0.5, 0.25, 0.25), seed=3).labels.tolist()
+    shares = SyntheticUltrasound(num_samples=300, class_probs=(0.5, 0.25, 0.25), seed=3).labels
+    assert weights.tolist() == shares.tolist()
     assert set(weights.tolist()) == {0, 1, 2}
 
 

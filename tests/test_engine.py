@@ -252,7 +252,8 @@ def test_resume_with_a_damaged_best_pt_says_how_to_go_on_from_last_pt(tmp_path):
     train, val = _loaders()
     _fit(ToyNet(), train, val, epochs=1, out_dir=tmp_path)
     (tmp_path / "best.pt").write_bytes(b"half a checkpoint")  # last.pt is intact
-    with pytest.raises(ValueError, match=r"cannot read .*best.pt.*\. To resume from last.pt anyway, move best.pt aside"):
+    with pytest.raises(ValueError,
+                       match=r"cannot read .*best.pt.*\. To resume from last.pt anyway, move best.pt aside"):
         _fit(ToyNet(), train, val, epochs=2, out_dir=tmp_path, resume=True)
     (tmp_path / "best.pt").rename(tmp_path / "best.pt.bad")
     assert len(_fit(ToyNet(), train, val, epochs=2, out_dir=tmp_path, resume=True)) == 2  # as the message says

@@ -90,7 +90,8 @@ def test_one_vs_rest_scores_are_the_log_odds_of_the_softmax():
     assert scores[:2] == pytest.approx(np.log(p / (1 - p)))
     assert scores[2, 0] == pytest.approx(200 - np.log(1 + np.exp(-5.0)))  # finite where p rounds to 1
     binary = one_vs_rest_scores(logits[:, :2])  # two classes: the logit gap, with either sign
-    assert binary[:, 1] == pytest.approx((logits[:, 1] - logits[:, 0]).numpy()) and (binary[:, 0] == -binary[:, 1]).all()
+    assert binary[:, 1] == pytest.approx((logits[:, 1] - logits[:, 0]).numpy())
+    assert (binary[:, 0] == -binary[:, 1]).all()
     with pytest.raises(ValueError, match="K >= 2"):
         one_vs_rest_scores(torch.zeros(3, 1))
     raw = logits[:2].float().requires_grad_()  # a model's output as it comes

@@ -93,7 +93,8 @@ BAD_ARGUMENTS = [
     ("monai size", lambda: monai_baseline("swinunetr", image_size=48, feature_size=12), "stride 32"),
     ("monai no channels", lambda: monai_baseline("unet", in_channels=0), "in_channels must be an integer >= 1"),
     ("monai one class", lambda: monai_baseline("unet", seg_classes=1), "seg_classes must be an integer >= 2"),
-    ("monai strides", lambda: monai_baseline("unet", channels=(16, 32)), r"one stride per downsampling.*strides=\(2, 2, 2, 2\)"),
+    ("monai strides", lambda: monai_baseline("unet", channels=(16, 32)),
+     r"one stride per downsampling.*strides=\(2, 2, 2, 2\)"),
 ]
 
 

@@ -93,7 +93,8 @@ def test_overlay_outlines_the_mask_solid_green_and_the_prediction_dashed_magenta
     plots.overlay(ax, torch.rand(1, 16, 16), mask=torch.from_numpy(_square(2))[None],
                   prediction=_square(8, size=6), title="case 1")
     truth, predicted = ax.collections
-    assert tuple(truth.get_edgecolor()[0]) == to_rgba("lime") and tuple(predicted.get_edgecolor()[0]) == to_rgba("magenta")
+    assert tuple(truth.get_edgecolor()[0]) == to_rgba("lime")
+    assert tuple(predicted.get_edgecolor()[0]) == to_rgba("magenta")
     # told apart by the line too (red-green colour blindness): solid truth, dashed prediction
     assert truth.get_linestyle()[0][1] is None and predicted.get_linestyle()[0][1] is not None
     # each outline sits around its own square (contour at 0.5: half a pixel outside)

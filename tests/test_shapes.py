@@ -188,7 +188,8 @@ def test_bad_split_message_lists_valid_splits():
 def test_labels_of_label_are_the_shapes():
     """labels("label") gives the items' "label", the shape: what a classifier's sampler or metric reads."""
     data = ShapesBackground("train", SMALL)
-    assert data.labels("label").tolist() == data.labels("shape").tolist() == [data[i]["label"] for i in range(len(data))]
+    each = [data[i]["label"] for i in range(len(data))]
+    assert data.labels("label").tolist() == data.labels("shape").tolist() == each
     assert data.labels("label").tolist() != data.labels("background").tolist()
 
 

@@ -61,7 +61,8 @@ def test_pick_device_names_a_gpu_number_the_machine_lacks(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     assert pick_device("cuda:0") == torch.device("cuda:0")
     assert pick_device("cpu:0") == torch.device("cpu:0")  # a tensor's .device, passed on as it is
-    with pytest.raises(ValueError, match=r"device 'cuda:7': there is no GPU 7, this machine has 1 \(cuda:0 to cuda:0\)"):
+    with pytest.raises(ValueError,
+                       match=r"device 'cuda:7': there is no GPU 7, this machine has 1 \(cuda:0 to cuda:0\)"):
         pick_device("cuda:7")
     with pytest.raises(ValueError, match=r"there is no GPU 1"):  # one past the last: numbered from 0
         pick_device("cuda:1")
@@ -235,7 +236,8 @@ def test_check_options_names_the_unknown_and_the_valid():
         epochs: int = 1
 
     check_options(Config, {"lr": 0.1})  # known fields pass
-    with pytest.raises(ValueError, match=r"unknown option\(s\) \['learning_rate'\]; valid options are \['epochs', 'lr'\]"):
+    with pytest.raises(ValueError,
+                       match=r"unknown option\(s\) \['learning_rate'\]; valid options are \['epochs', 'lr'\]"):
         check_options(Config, {"learning_rate": 0.1, "lr": 0.1})
 
 

@@ -14,6 +14,6 @@ from mtlearn.data.shapes import ShapesBackground
 from mtlearn.data.synthetic import SyntheticUltrasound
 
 __all__ = [
-    "DATASETS", "SPLITS", "DamagedFileError", "LayoutError", "ShapesBackground", "SyntheticUltrasound", "UltrasoundDataset",
-    "default_data_dir", "load_dataset",
+    "DATASETS", "SPLITS", "DamagedFileError", "LayoutError", "ShapesBackground", "SyntheticUltrasound",
+    "UltrasoundDataset", "default_data_dir", "load_dataset",
 ]

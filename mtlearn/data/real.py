@@ -1,13 +1,13 @@
 """Every dataset of the course behind one function: `load_dataset(name, split=...)`.
 
-    name         what                                          labels                      split
-    synthetic    SyntheticUltrasound, generated on the fly     normal/benign/malignant     fixed index ranges
-    shapes       ShapesBackground (Meng et al. 2019)           circle/bar (+ background)   the paper's
-    busi         BUSI, 780 PNGs                                normal/benign/malignant     ours, by duplicate cluster
-    busi_npz     BUSI pre-resized by MedSegBench (128/256 px)  benign/malignant            official
-    bus_bra      BUS-BRA, 1,875 PNGs of 1,064 patients         benign/malignant            official test fold, ours by patient
-    bus_uclm     BUS-UCLM, 683 PNGs of 38 patients             normal/benign/malignant     ours, by patient
-    breastmnist  BreastMNIST, 28 or 224 px, no masks           normal-or-benign/malignant  official
+  name         what                                          labels                      split
+  synthetic    SyntheticUltrasound, generated on the fly     normal/benign/malignant     fixed index ranges
+  shapes       ShapesBackground (Meng et al. 2019)           circle/bar (+ background)   the paper's
+  busi         BUSI, 780 PNGs                                normal/benign/malignant     ours, by duplicate cluster
+  busi_npz     BUSI pre-resized by MedSegBench (128/256 px)  benign/malignant            official
+  bus_bra      BUS-BRA, 1,875 PNGs of 1,064 patients         benign/malignant            official test, ours by patient
+  bus_uclm     BUS-UCLM, 683 PNGs of 38 patients             normal/benign/malignant     ours, by patient
+  breastmnist  BreastMNIST, 28 or 224 px, no masks           normal-or-benign/malignant  official
 
 Real datasets are downloaded by `python -m data_fetch NAME` into `data_fetch.default_data_dir()`;
 `root` points elsewhere. Items are dicts: "image" (C, H, W) float32 in [0, 1], "mask" (1, H, W)
