@@ -62,6 +62,19 @@ def test_dicefocal_uses_the_configured_focal_gamma(gamma):
     torch.testing.assert_close(loss(logits, mask), dice + focal, rtol=1e-5, atol=1e-6)
 
 
+def test_the_defaults_are_the_published_ones():
+    """Focal gamma 2 (Lin et al. 2017) wherever a student leaves it out (LossConfig, SegmentationLoss), and
+    ReconstructionLoss() is the L1 loss its docstring and LossConfig.recon promise."""
+    torch.manual_seed(0)
+    logits, mask = torch.randn(2, 3, 6, 6), torch.randint(0, 3, (2, 1, 6, 6))
+    by_config = build_losses(("seg",), LossConfig(seg="dicefocal"))["seg"](logits, mask)
+    torch.testing.assert_close(by_config, SegmentationLoss("dicefocal", focal_gamma=2.0)(logits, mask))
+    torch.testing.assert_close(SegmentationLoss("dicefocal")(logits, mask), by_config)
+    assert (LossConfig().seg, LossConfig().recon, LossConfig().class_weights) == ("dicece", "l1", None)
+    output, clean = torch.rand(2, 1, 4, 4), torch.rand(2, 1, 4, 4)
+    torch.testing.assert_close(ReconstructionLoss()(output, clean), torch.nn.functional.l1_loss(output, clean))
+
+
 def _dice_plus_ce_by_hand(logits, mask):
     """Soft Dice (per image and class, background included, smoothing 1e-5) + pixel-mean cross-entropy."""
     p = logits.softmax(1)
@@ -296,6 +309,9 @@ def test_a_one_hot_or_nan_seg_target_is_named_with_the_fix():
     one_hot = r"got \(2, 3, 8, 8\); a one-hot mask .* needs mask\.argmax\(1, keepdim=True\)"
     with pytest.raises(ValueError, match=one_hot):
         SegmentationLoss()(logits, torch.zeros(2, 3, 8, 8))
+    # one channel per class but another batch size: the batch is what is wrong, so no one-hot advice
+    with pytest.raises(ValueError, match=r"matching logits \(2, 3, 8, 8\), got \(4, 3, 8, 8\)$"):
+        SegmentationLoss()(logits, torch.zeros(4, 3, 8, 8))
     mask = torch.zeros(2, 1, 8, 8)
     mask[1, 0, 3, 3] = float("nan")
     with pytest.raises(ValueError, match=r"class indices 0\.\.2, got NaN or inf values"):

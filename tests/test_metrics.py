@@ -6,7 +6,7 @@ import torch
 import torch.distributed as dist
 from sklearn.metrics import balanced_accuracy_score, recall_score, roc_auc_score
 
-from mtlearn.metrics import MetricAccumulator, classification_metrics, one_vs_rest_scores, roc_auc
+from mtlearn.metrics import MetricAccumulator, class_labels, classification_metrics, one_vs_rest_scores, roc_auc
 
 
 def test_three_class_metrics_by_hand():
@@ -96,6 +96,16 @@ def test_one_vs_rest_scores_are_the_log_odds_of_the_softmax():
         one_vs_rest_scores(torch.zeros(3, 1))
     raw = logits[:2].float().requires_grad_()  # a model's output as it comes
     assert one_vs_rest_scores(raw) == pytest.approx(scores[:2], abs=1e-5)
+    # float64 throughout, as documented: logits 1e-12 apart keep their order (float32 would tie them)
+    close = one_vs_rest_scores(np.array([[0.0, 1.0], [0.0, 1.0 + 1e-12]]))
+    assert close.dtype == np.float64 and close[1, 1] > close[0, 1]
+
+
+def test_class_labels_name_three_wrong_labels_and_say_when_there_are_more():
+    with pytest.raises(ValueError, match=r"got \[0\.5, 1\.5, 2\.5\]; probabilities"):  # all three, nothing more
+        class_labels(torch.tensor([0.5, 1.5, 2.5, 1.0]))
+    with pytest.raises(ValueError, match=r"got \[0\.5, 1\.5, 2\.5\] and more; probabilities"):
+        class_labels(torch.tensor([0.5, 1.5, 2.5, 0.25]))
 
 
 def test_a_nan_loss_in_one_batch_makes_the_mean_loss_nan():

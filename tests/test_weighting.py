@@ -464,6 +464,11 @@ def test_fixed_weights_survive_a_weights_only_round_trip():
     assert restored.weights() == weighting.weights() != FixedWeights(TASKS).weights()
 
 
+def test_fixed_weights_are_recorded_as_given():
+    # options() goes into a run's options.json and the resume check: 0.1, not float32's 0.10000000149
+    assert FixedWeights(TASKS, {"seg": 1.0, "cls": 0.1}).options() == {"weights": {"seg": 1.0, "cls": 0.1}}
+
+
 def test_pcgrad_generator_survives_a_weights_only_round_trip():
     # PCGrad's weights are always 1: its state is the generator that orders the projections
     torch.manual_seed(0)
