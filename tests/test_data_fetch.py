@@ -1,5 +1,6 @@
 """data_fetch against a local HTTP server: resume, retries, checksums, markers, unsafe archives."""
 
+import dataclasses
 import errno
 import gzip
 import hashlib
@@ -13,6 +14,7 @@ import stat
 import subprocess
 import sys
 import threading
+import urllib.request
 import zipfile
 import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -319,6 +321,7 @@ def test_corrupted_download_names_both_hashes_and_is_kept_aside(server, tmp_path
     message = str(error.value)
     assert expected in message and "md5:" + hashlib.md5(PAYLOAD).hexdigest() in message
     assert "run again to retry" in message and "not official" not in message  # an official pin: retrying is right
+    assert f"(downloaded from {server.url}/busi_128.npz)" in message  # which host (or mirror) sent the bad bytes
     kept = tmp_path / "busi_128.npz.mismatch"
     assert list(tmp_path.iterdir()) == [kept] and f"kept as {kept}" in message  # no final file, .part or marker
 
@@ -1069,6 +1072,8 @@ def test_manually_placed_file_with_wrong_hash_is_reported_not_deleted(tmp_path):
         (lambda d: fetch("breastmnist", dest=d, url="notaurl"), r"url 'notaurl' is not a web address; .*https://"),
         (lambda d: fetch("breastmnist", dest=d, url="zenodo.org/records/1/breastmnist.npz"), "not a web address"),
         (lambda d: fetch("breastmnist", dest=d, url="https:/zenodo.org/records/1/breastmnist.npz"), "not a web addr"),
+        # no path: refused up front, not read as the current folder
+        (lambda d: fetch("breastmnist", dest=d, url="file://"), r"url 'file://' is not a web address; .*file://"),
         # urllib's InvalidURL was retried five times (about 30 s), then blamed on the host
         (lambda d: fetch("breastmnist", dest=d, url="http://127.0.0.1:80a/x.npz"), "port that is no number"),
         (lambda d: fetch("breastmnist", dest=d, url="https://h.org/Dataset BUSI.zip"), r"holds a space.*%20"),
@@ -1140,10 +1145,32 @@ def test_default_data_dir_follows_the_environment(tmp_path, monkeypatch):
     assert data_fetch.default_data_dir().name == "mtlearn"
 
 
+def test_a_home_folder_in_mtlearn_data_or_dest_is_expanded(server, tmp_path, monkeypatch):
+    # "~" is written in a shell profile or a notebook, where no shell expands it: a folder named "~" would appear
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("MTLEARN_DATA", "~/data")
+    assert data_fetch.default_data_dir() == tmp_path / "data"
+    server.files["/breastmnist.npz"] = PAYLOAD
+    monkeypatch.chdir(tmp_path)  # a "~" folder would land here
+    folder = fetch("breastmnist", dest="~/d", url=server.url + "/breastmnist.npz", known_hash=sha256(PAYLOAD),
+                   progress=False)
+    assert folder == tmp_path / "d" and (tmp_path / "d" / "breastmnist.npz").read_bytes() == PAYLOAD
+    assert not (tmp_path / "~").exists()
+
+
+def test_an_empty_mtlearn_data_means_the_default_not_the_current_folder(monkeypatch):
+    # `export MTLEARN_DATA=` (unset by hand) must not scatter datasets into whatever folder Python runs in
+    monkeypatch.setenv("MTLEARN_DATA", "")
+    assert data_fetch.default_data_dir().name == "mtlearn" and data_fetch.default_data_dir().is_absolute()
+
+
 def test_command_line_list_and_help(capsys):
     assert main(["list"]) == 0
     out = capsys.readouterr().out
     assert all(name in out for name in data_fetch.SOURCES) and "md5:1f8b2be6476d58fc97bfb5e5a1ea9bab" in out
+    # BUSI's checksum is not the publisher's (SPEC): the listing says so, and only for BUSI
+    busi = data_fetch.SOURCES["busi"].known_hash
+    assert f"{busi} (pinned by another project, not by the publisher)" in out and out.count("pinned by another") == 1
     result = subprocess.run([sys.executable, "-m", "data_fetch", "--help"], capture_output=True, text=True, check=True)
     assert "--dest" in result.stdout and "--hash" in result.stdout and "bus_uclm" in result.stdout
 
@@ -1238,6 +1265,14 @@ def test_links_and_files_that_are_also_folders_are_refused_before_anything_is_wr
     assert not (tmp_path / "out").exists()
 
 
+def test_a_zip_with_folder_entries_is_unpacked(tmp_path):
+    # most zip tools write "d/" before "d/a.png": a folder entry is no file that is also a folder
+    path = tmp_path / "BUSBRA.zip"
+    path.write_bytes(zip_bytes({"BUSBRA/": b"", "BUSBRA/Images/": b"", "BUSBRA/Images/a.png": b"png"}))
+    data_fetch.extract_zip(path, tmp_path / "out")
+    assert (tmp_path / "out" / "BUSBRA" / "Images" / "a.png").read_bytes() == b"png"
+
+
 def test_partial_content_from_the_middle_is_dropped_and_asked_for_again(server, tmp_path):
     """A 206 starting neither where the .part file ends nor at 0 was saved as the whole file, failed its
     checksum and was kept as .mismatch with the advice to run again."""
@@ -1281,3 +1316,35 @@ def test_a_local_copy_with_another_checksum_is_not_blamed_on_the_transfer(tmp_pa
         fetch("breastmnist", dest=tmp_path / "data", url=copy.as_uri(), known_hash="sha256:" + "0" * 64,
               progress=False)
     assert "point --url at the right file" in str(error.value) and "run again" not in str(error.value)
+
+
+def test_every_request_asks_for_the_files_own_bytes(server, tmp_path, monkeypatch):
+    # http.client adds "Accept-Encoding: identity" on its own, so the server alone cannot tell: the request must
+    # say it (a proxy or another handler would otherwise be free to ask for gzip)
+    asked, urlopen = [], urllib.request.urlopen
+
+    def recording(request, **kwargs):
+        asked.append(request)
+        return urlopen(request, **kwargs)
+
+    monkeypatch.setattr(urllib.request, "urlopen", recording)
+    server.files["/data.npz"] = PAYLOAD
+    server.drops = 1  # and the resumed request too
+    download_file(server.url + "/data.npz", tmp_path / "data.npz", sha256(PAYLOAD), progress=False)
+    assert len(asked) == 2 and all(r.get_header("Accept-encoding") == "identity" for r in asked)
+
+
+def test_a_corrupted_repair_download_under_the_official_pin_says_to_run_again(server, tmp_path, monkeypatch):
+    # the marker records the pinned (official) checksum: a bad download is a broken transfer, not a mirror's archive
+    pinned = dataclasses.replace(data_fetch.get_source("bus_bra"), known_hash=sha256(ARCHIVE))
+    monkeypatch.setitem(data_fetch.SOURCES, "bus_bra", pinned)
+    server.files["/BUSBRA.zip"] = ARCHIVE
+    url = server.url + "/BUSBRA.zip"
+    fetch("bus_bra", dest=tmp_path, url=url, progress=False)
+    (tmp_path / "BUSBRA" / "bus_data.csv").unlink()
+    (tmp_path / "BUSBRA.zip").unlink()
+    server.files["/BUSBRA.zip"] = zip_bytes({"BUSBRA/bus_data.csv": b"garbled"})
+    with pytest.raises(HashMismatchError) as error:
+        fetch("bus_bra", dest=tmp_path, url=url, progress=False)
+    message = str(error.value)
+    assert "run again to retry" in message and "recorded in" not in message and "--url" not in message
