@@ -5,6 +5,7 @@ import pickle
 import random
 import re
 import traceback
+import types
 import warnings
 
 import numpy as np
@@ -292,6 +293,14 @@ def test_save_replaces_the_file_instead_of_writing_into_it(tmp_path):
     save_checkpoint({"epoch": 2, "weights": torch.zeros(3)}, path)
     assert load_checkpoint(path)["epoch"] == 2
     assert load_checkpoint(tmp_path / "reader.pt")["epoch"] == 1
+
+
+def test_any_mapping_is_saved_as_a_plain_dict(tmp_path):
+    # a read-only view (or a user's own Mapping class) would otherwise be pickled as its class, which
+    # weights_only loading refuses
+    path = save_checkpoint(types.MappingProxyType({"epoch": 3, "weights": torch.ones(2)}), tmp_path / "last.pt")
+    state = load_checkpoint(path)
+    assert type(state) is dict and state["epoch"] == 3 and torch.equal(state["weights"], torch.ones(2))
 
 
 def test_load_checkpoint_honours_map_location(tmp_path):

@@ -281,6 +281,9 @@ def test_extract_features_takes_functions_and_stage_lists():
     assert features.shape == (20, 64)
     features, _ = extract_features(lambda x: [x, x.mean(dim=(2, 3))], loader, device="cpu", label_keys=("coded",))
     assert features.shape == (20, 1)
+    for dtype in (torch.float64, torch.float16):  # an encoder run in double or half: float32 for sklearn, always
+        features, _ = extract_features(lambda x: x.to(dtype).flatten(1), loader, device="cpu", label_keys=("coded",))
+        assert features.dtype == np.float32
     with pytest.raises(ValueError, match="not in the batch"):
         extract_features(lambda x: x.flatten(1), loader, device="cpu", label_keys=("artifact",))
 
