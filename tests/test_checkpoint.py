@@ -303,6 +303,35 @@ def test_any_mapping_is_saved_as_a_plain_dict(tmp_path):
     assert type(state) is dict and state["epoch"] == 3 and torch.equal(state["weights"], torch.ones(2))
 
 
+def test_a_cuda_error_on_a_machine_with_a_gpu_is_not_blamed_on_a_missing_gpu(tmp_path, monkeypatch):
+    # "this machine has no CUDA GPU" is the advice only where there is none; an out-of-memory error while
+    # loading onto a GPU that exists must come through as itself. The load goes to the CPU unless told.
+    path = save_checkpoint({"epoch": 1}, tmp_path / "last.pt")
+    asked = []
+
+    def out_of_memory(*args, map_location=None, **kwargs):
+        asked.append(map_location)
+        raise RuntimeError("CUDA error: out of memory")
+
+    monkeypatch.setattr(torch, "load", out_of_memory)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(RuntimeError, match="CUDA error: out of memory"):
+        load_checkpoint(path)
+    assert asked == ["cpu"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match=r"onto 'cuda': this machine has no CUDA GPU; use map_location='cpu'"):
+        load_checkpoint(path, map_location="cuda")
+
+
+def test_an_empty_dict_or_folder_is_named_as_such(tmp_path):
+    torch.save({}, tmp_path / "empty.pt")  # no weights at all: not "a plain state_dict"
+    with pytest.raises(ValueError, match="it is not an mtlearn checkpoint"):
+        load_checkpoint(tmp_path / "empty.pt", nn.Linear(2, 2))
+    (tmp_path / "run").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"is a folder, not a checkpoint; .*\(it holds no \.pt file\)"):
+        load_checkpoint(tmp_path / "run")
+
+
 def test_load_checkpoint_honours_map_location(tmp_path):
     path = save_checkpoint({"epoch": 1, "weights": torch.ones(3)}, tmp_path / "last.pt")
     assert load_checkpoint(path, map_location="meta")["weights"].device.type == "meta"

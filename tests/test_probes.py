@@ -476,6 +476,8 @@ def test_adversary_plot_has_whole_epochs_and_its_legend_off_the_curves(epochs):
     ax = fig.axes[0]
     ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
     assert ticks and all(float(t).is_integer() for t in ticks)  # no epoch 2.5 (or 0.96)
+    assert ax.get_xlim() == (0.5, epochs + 0.5)  # half an epoch either side: one epoch is no empty range
+    assert ax.get_ylim()[0] == 0  # a chance level of 1/3 (three classes) and a failing adversary stay in view
     fig.canvas.draw()
     assert ax.get_legend().get_window_extent().y1 < ax.get_window_extent().y0  # below the axes
 
@@ -486,6 +488,7 @@ def test_plot_probe_matrix_annotates_every_cell():
     ax = fig.axes[0]
     assert ax.get_title() == "probes" and ax.get_xlabel() and ax.get_ylabel()
     assert [t.get_text() for t in ax.texts] == ["1.00", "1.00", "0.98", "0.55"]  # row by row
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["shape", "background"]  # columns: labels
     assert [t.get_text() for t in ax.get_yticklabels()] == ["shared", "disentangle A"]
     with pytest.raises(ValueError, match="non-empty"):
         plot_probe_matrix(pd.DataFrame())
