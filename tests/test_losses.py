@@ -312,6 +312,13 @@ def test_a_one_hot_or_nan_seg_target_is_named_with_the_fix():
     # one channel per class but another batch size: the batch is what is wrong, so no one-hot advice
     with pytest.raises(ValueError, match=r"matching logits \(2, 3, 8, 8\), got \(4, 3, 8, 8\)$"):
         SegmentationLoss()(logits, torch.zeros(4, 3, 8, 8))
+    # a soft mask (resized with interpolation) is read rounded: -0.2 is background, 1.6 is class 2 of two
+    soft = torch.zeros(2, 1, 8, 8)
+    soft[0, 0, :2] = -0.2
+    torch.testing.assert_close(SegmentationLoss()(logits, soft), SegmentationLoss()(logits, torch.zeros(2, 1, 8, 8)))
+    soft[1, 0, 4:] = 1.6
+    with pytest.raises(ValueError, match=r"class indices 0\.\.1, got max 1\.6"):
+        SegmentationLoss()(logits[:, :2], soft)
     mask = torch.zeros(2, 1, 8, 8)
     mask[1, 0, 3, 3] = float("nan")
     with pytest.raises(ValueError, match=r"class indices 0\.\.2, got NaN or inf values"):

@@ -342,6 +342,8 @@ def test_reset_forgets_the_classification_batches_too():
     logits, labels = torch.tensor([[2.0, 0.0], [0.0, 2.0], [1.0, 0.0]]), np.array([0, 1, 1])
     acc.update({"cls": logits}, {"label": torch.tensor(labels)})
     assert (acc.confusion_matrix() == [[1, 0], [1, 1]]).all() and (acc.labels == labels).all()
+    acc.confusion_matrix()[:] = 0  # a copy: a caller normalising it in place changes nothing here
+    assert acc.confusion_matrix().sum() == 3
     m = acc.compute()
     assert m["cls/specificity"] == 1.0 and m["cls/sensitivity"] == 0.5
     assert m["cls/auc"] == pytest.approx(roc_auc_score(labels, (logits[:, 1] - logits[:, 0]).numpy()))
@@ -568,7 +570,8 @@ def test_roc_auc_takes_tensors_that_need_grad_and_names_bad_shapes_and_labels():
 def test_an_empty_seg_batch_adds_nothing_as_an_empty_cls_batch_does():
     """MONAI's Dice failed on it: "stack expects a non-empty TensorList"."""
     acc = MetricAccumulator(("seg",))
-    acc.update({"seg": torch.zeros(0, 2, 8, 8)}, {"mask": torch.zeros(0, 1, 8, 8)})
+    acc.update({"seg": torch.zeros(0, 2, 8, 8)}, {"mask": torch.zeros(0, 1, 8, 8)}, losses={"seg": torch.tensor(0.3)})
+    assert math.isnan(acc.compute()["seg/loss"])  # a mean over no image is undefined, not a perfect 0
     mask = torch.zeros(1, 1, 8, 8)
     mask[..., 2:5, 2:5] = 1
     acc.update({"seg": torch.cat([-mask, mask], 1) * 5}, {"mask": mask})

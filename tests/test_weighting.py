@@ -123,6 +123,23 @@ def test_dwa_keeps_equal_weights_after_one_epoch_even_with_unequal_losses():
     assert weighting.weights() == {"seg": 1.0, "cls": 1.0}
 
 
+def test_a_task_loss_of_zero_keeps_the_weights_finite():
+    # a task solved exactly (loss 0: e.g. a tiny classification set memorised) must not make the ratios 0/0
+    dwa = DynamicWeightAverage(TASKS)
+    dwa.end_epoch({"seg": 0.0, "cls": 1.0})
+    dwa.end_epoch({"seg": 1.0, "cls": 1.0})
+    assert all(math.isfinite(w) for w in dwa.weights().values())
+    torch.manual_seed(0)
+    net, gradnorm = TwoTaskNet(), GradNorm(TASKS)
+    x, targets = _regression_problem(n=32)
+    gradnorm.backward(_losses(net, x, targets, {"seg": 0.0, "cls": 1.0}), list(net.encoder.parameters()))
+    gradnorm.after_step()  # its first batch is GradNorm's L_t(0), the denominator of every later ratio
+    gradnorm.backward(_losses(net, x, targets), list(net.encoder.parameters()))
+    gradnorm.after_step()  # L_t / 0 was inf, its ratio NaN: the task dropped out of the balancing unnoticed
+    assert torch.isfinite(gradnorm.last_ratios).all()
+    assert all(math.isfinite(w) for w in gradnorm.weights().values())
+
+
 def _weighted_grad_norms(net, losses, weighting):
     layer = net.encoder.weight
     return [torch.autograd.grad(w * losses[t], layer, retain_graph=True)[0].norm().item()
@@ -540,6 +557,9 @@ def test_delta_m_relative_change_of_a_negative_baseline_keeps_its_sign():
     (lambda: DynamicWeightAverage(TASKS, temperature=0), "temperature"),
     (lambda: GradNorm(TASKS, alpha=-1), "alpha"),
     (lambda: FixedWeights(TASKS).combine({"seg": torch.tensor(1.0)}), "expected losses for tasks"),
+    # one loss too many (a recon loss beside a seg/cls weighting) would be dropped without a word
+    (lambda: FixedWeights(TASKS).combine({t: torch.tensor(1.0) for t in ("seg", "cls", "recon")}),
+     r"expected losses for tasks \('seg', 'cls'\), got \('seg', 'cls', 'recon'\)"),
     (lambda: PCGrad(TASKS).backward({t: torch.tensor(1.0, requires_grad=True) for t in TASKS}), "shared parameters"),
     (lambda: delta_m({}, {"seg/dice": 0.5}), "missing from mtl_metrics"),
     (lambda: delta_m({"seg/dice": 0.5}, {"seg/dice": 0.0}), "is 0"),
