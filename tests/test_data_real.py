@@ -1,6 +1,7 @@
 """load_dataset on fake copies of each real dataset (tests/fixtures_real.py): quirks, splits, errors."""
 
 import math
+import os
 import re
 import warnings
 
@@ -139,6 +140,54 @@ def test_busi_duplicate_distance_option_sets_the_groups(busi):
     root, _ = busi
     records = load_dataset("busi", root=root, split="all", duplicate_distance=64).records
     assert len(records) == 30 and len({r.group for r in records}) == 1
+
+
+def test_busi_groups_near_duplicates_up_to_the_default_distance(tmp_path, monkeypatch):
+    """Without duplicate_distance, hashes DUPLICATE_MAX_DISTANCE bits apart share a group and one bit more do not
+    (a looser default would merge images that are no duplicates, and the splits would follow)."""
+    d = DUPLICATE_MAX_DISTANCE
+    lesion = np.zeros((40, 48), np.uint8)
+    lesion[6:20, 10:30] = 255
+    make_small_busi(tmp_path, {f"benign ({n})": lesion for n in (1, 2, 3)})
+    # hashes 0, d and d + 1 bits from the first (the last two 2d + 1 apart: no chain joins them)
+    hashes = {"benign (1)": np.zeros(64, bool), "benign (2)": np.arange(64) < d, "benign (3)": np.arange(64) >= 63 - d}
+    monkeypatch.setattr(real, "_file_hash", lambda path, modified: hashes[path.stem])
+    group = {r.id: r.group for r in load_dataset("busi", root=tmp_path, split="all").records}
+    assert group["benign (1)"] == group["benign (2)"] != group["benign (3)"]
+
+
+def test_busi_near_duplicates_follow_an_image_replaced_on_disk(tmp_path):
+    """The hashes are remembered per file and modification time: an image overwritten in the same session
+    (here with a copy of another) is hashed again, and joins that one's group."""
+    lesion = np.zeros((40, 48), np.uint8)
+    lesion[6:20, 10:30] = 255
+    make_small_busi(tmp_path, {"benign (1)": lesion, "benign (2)": lesion})
+    folder = tmp_path / "Dataset_BUSI_with_GT" / "benign"
+
+    def groups():
+        records = load_dataset("busi", root=tmp_path, split="all").records
+        return len({r.group for r in records if r.id in ("benign (1)", "benign (2)")})
+
+    assert groups() == 2  # two random images
+    replaced = folder / "benign (2).png"
+    modified = replaced.stat().st_mtime_ns
+    replaced.write_bytes((folder / "benign (1).png").read_bytes())
+    os.utime(replaced, ns=(modified + 10**9, modified + 10**9))  # a second later, whatever the clock's resolution
+    assert groups() == 1
+
+
+def test_busi_an_image_without_its_mask_is_skipped_in_both_lesion_classes(tmp_path):
+    """Only normal images may lack a mask (no lesion); a benign or malignant one without it would train the
+    segmentation on an empty mask for an image with a lesion."""
+    lesion = np.zeros((40, 48), np.uint8)
+    lesion[6:20, 10:30] = 255
+    make_small_busi(tmp_path, {f"{c} ({n})": lesion for c in ("benign", "malignant") for n in (1, 2)})
+    base = tmp_path / "Dataset_BUSI_with_GT"
+    (base / "benign" / "benign (2)_mask.png").unlink()
+    (base / "malignant" / "malignant (2)_mask.png").unlink()
+    dataset = load_dataset("busi", root=tmp_path, split="all")
+    assert sorted(r.id for r in dataset.records) == ["benign (1)", "malignant (1)"]
+    assert {"benign (2): no mask file, skipped", "malignant (2): no mask file, skipped"} <= set(dataset.problems)
 
 
 def test_busi_extra_mask_of_another_size_is_a_size_mismatch(tmp_path):
@@ -766,6 +815,11 @@ def test_masks_are_read_by_their_brightest_channel_and_two_levels_need_a_zero(tm
     save_png(red, np.stack([soft, np.zeros_like(soft), np.zeros_like(soft)], axis=-1))
     (from_white,), (from_red,) = real._read_masks((white,)), real._read_masks((red,))
     assert np.array_equal(from_red, from_white) and from_white.sum() == 16 + 4
+    for channel in (1, 2):  # green or blue on black: the brightest channel, not the red one
+        coloured = np.zeros((8, 8, 3), np.uint8)
+        coloured[..., channel] = soft
+        save_png(tmp_path / "coloured.png", coloured)
+        assert np.array_equal(real._read_masks((tmp_path / "coloured.png",))[0], from_white)
     faint = tmp_path / "faint.png"
     save_png(faint, np.where(soft == 255, 255, 40).astype(np.uint8))
     assert real._read_masks((faint,))[0].sum() == 16
@@ -1124,13 +1178,16 @@ def _breastmnist_with_images(folder, images):
 
 def test_npz_colour_images_load_as_their_grey_luminance_as_pngs_do(tmp_path):
     """The weights PIL's convert("L") gives a PNG (ITU-R 601), rounded: pure red 255 is 76, as in
-    test_colour_images_load_as_their_grey_luminance; (1, 1, 2) is 1.11, so 1."""
+    test_colour_images_load_as_their_grey_luminance; (1, 1, 2) is 1.11, so 1; yellow (255, 255, 0) is 225.93, so 226
+    (not 225: rounded, not cut)."""
     images = np.zeros((3, 28, 28, 3), np.uint8)
     images[:, :14, :, 0] = 255  # red top half
-    images[:, 14:] = (1, 1, 2)
+    images[:, 14:20] = (1, 1, 2)
+    images[:, 20:] = (255, 255, 0)
     _breastmnist_with_images(tmp_path, images)
     image = load_dataset("breastmnist", root=tmp_path, split="test", image_size=28)[0]["image"][0]
-    assert torch.allclose(image[:14], torch.tensor(76 / 255)) and torch.allclose(image[14:], torch.tensor(1 / 255))
+    assert torch.allclose(image[:14], torch.tensor(76 / 255)) and torch.allclose(image[14:20], torch.tensor(1 / 255))
+    assert torch.allclose(image[20:], torch.tensor(226 / 255))
     _breastmnist_with_images(tmp_path, images[..., :1])  # (N, H, W, 1): the one channel
     image = load_dataset("breastmnist", root=tmp_path, split="test", image_size=28)[0]["image"][0]
     assert torch.allclose(image[:14], torch.tensor(1.0))
