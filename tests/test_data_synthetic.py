@@ -307,6 +307,21 @@ def test_calipers_mark_the_lesions_two_ends(monkeypatch):
         assert marks[row, ends.min() + 1 : ends.max() - 1].sum() == 0  # the arms reach its ends, not its middle
 
 
+@pytest.mark.parametrize("kind", ["calipers", "text"])
+def test_overlays_are_drawn_near_white(monkeypatch, kind):
+    """Scanners burn marks and text in near-white (0.85..1), visible on dark tissue: a dark overlay would be a
+    cue the shortcut experiment's model could hardly see. render(artifact=True) says so as the int 1."""
+    from mtlearn.data import synthetic
+
+    monkeypatch.setattr(synthetic, "_pick_kinds", lambda rng: (kind,))
+    ds = SyntheticUltrasound(num_samples=6, image_size=48, seed=2)
+    for i in range(len(ds)):
+        item = ds.render(i, artifact=True)
+        marks = item["artifact_mask"] == 1
+        assert marks.any() and item["artifact"] == 1 and type(item["artifact"]) is int
+        assert item["image"][marks].min() >= 0.85 and item["clean"][marks].min() >= 0.85
+
+
 def test_overlays_are_burnt_into_the_clean_image_too():
     """Calipers and text are part of the display: without speckle, image and clean agree on them as well."""
     ds = SyntheticUltrasound(num_samples=12, image_size=48, seed=9, noise_level=0.0)
