@@ -273,6 +273,14 @@ def test_swin_block_matches_explicit_window_rule(height, width, window_size, shi
     assert torch.allclose(block(x), _reference_swin(block, x), atol=1e-5)
 
 
+def test_swin_mlp_is_linear_gelu_linear():
+    # the reference above reuses block.mlp: its activation is checked here (GELU, as in Swin)
+    block = SwinBlock(16, 2, 4).eval()
+    tokens = torch.randn(3, 16)
+    fc1, fc2 = [m for m in block.mlp if isinstance(m, torch.nn.Linear)]
+    assert torch.allclose(block.mlp(tokens), fc2(F.gelu(fc1(tokens))), atol=1e-6)
+
+
 def _changed_by_corner(block, height, width, channels=16):
     """Which outputs change when the token at (0, 0) changes: a (H, W) bool map."""
     x = torch.randn(1, height, width, channels)
@@ -318,6 +326,20 @@ def test_shift_mask_is_a_buffer_for_the_training_size_and_computed_for_others():
     assert torch.allclose(block(x), _reference_swin(block, x), atol=1e-5)
     unshifted = SwinBlock(16, 2, window_size=4, input_resolution=(8, 8))
     assert unshifted.attn_mask is None  # aligned, unshifted windows need no mask
+
+
+def test_a_non_square_training_size_uses_its_stored_mask_and_the_transposed_size_its_own(monkeypatch):
+    block = SwinBlock(16, 2, window_size=4, shift=True, input_resolution=(8, 12)).eval()
+    stored = block.attn_mask
+    x = torch.randn(1, 12, 8, 16)  # the transposed size: its own mask (the stored one is of other windows)
+    assert torch.allclose(block(x), _reference_swin(block, x), atol=1e-5)
+
+    def recomputed(*args, **kwargs):
+        raise AssertionError("the mask of the training size is stored, not computed again")
+
+    monkeypatch.setattr(block, "attention_mask", recomputed)
+    x = torch.randn(1, 8, 12, 16)
+    assert stored is not None and torch.allclose(block(x), _reference_swin(block, x), atol=1e-5)
 
 
 def test_attention_dropout_only_in_training():

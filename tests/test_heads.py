@@ -133,6 +133,20 @@ def test_classification_head_is_bn_relu_average_pool_then_two_linear_layers():
     assert torch.allclose(head(maps), expected, atol=1e-5)
 
 
+def test_classification_head_rectifies_after_batchnorm_not_before():
+    # trained statistics and affine terms (a negative shift), where BN is far from the identity: relu(bn(x))
+    torch.manual_seed(0)
+    head = MultiScaleClassificationHead((32, 64), 3).eval()
+    for norm in head.norms:
+        for name in ("running_mean", "weight", "bias"):
+            getattr(norm, name).data = torch.randn(norm.num_features)
+        norm.running_var.data = torch.rand(norm.num_features) + 0.5
+    maps = features(2)
+    pooled = torch.cat([F.relu(norm(f)).mean(dim=(2, 3)) for norm, f in zip(head.norms, maps[2:])], dim=1)
+    expected = head.fc2(head.fc1(pooled))
+    assert torch.allclose(head(maps), expected, atol=1e-5)
+
+
 def test_reconstruction_head_rectifies_its_hidden_layer():
     # up-convolution -> ReLU -> 1x1 convolution: a hidden layer pushed below zero leaves only the output bias
     head = ReconstructionHead(8, 1)

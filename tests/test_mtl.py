@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from mtlearn.blocks import DFE, DropPath
+from mtlearn.blocks import DFE, DropPath, WindowAttention
 from mtlearn.mtl import (PRESETS, TASKS, MultiTaskConfig, MultiTaskUNet, build_model, monai_baseline,
                          single_task_model)
 from mtlearn.utils import count_parameters
@@ -77,6 +77,7 @@ BAD_ARGUMENTS = [
     ("no task", lambda: tiny_model(tasks=()), "tasks"),
     ("repeated task", lambda: tiny_model(tasks=("seg", "seg")), "tasks must not repeat"),
     ("unknown dfe", lambda: tiny_model(dfe="five"), "DFE mode"),
+    ("unknown dfe, no decoder", lambda: tiny_model(tasks=("cls",), dfe="five"), "unknown DFE mode 'five'"),
     ("unknown cls head", lambda: tiny_model(cls_head="first"), "cls_head"),
     ("one class", lambda: tiny_model(num_classes=1), "num_classes"),
     ("bad dilations", lambda: tiny_model(dilations=(6, 0)), "dilations"),
@@ -210,6 +211,15 @@ def test_stochastic_depth_rises_to_the_presets_rate():
     for preset, last in (("paper", 0.1), ("course", 0.05), ("tiny", 0.0)):
         rates = [m.drop_prob for m in build_model(preset, image_size=64).modules() if isinstance(m, DropPath)]
         assert (rates[-1] if rates else 0.0) == pytest.approx(last), preset
+
+
+@pytest.mark.parametrize("preset, head_dim", [("paper", 32), ("course", 32), ("tiny", 16)])
+def test_every_attention_head_of_a_preset_has_the_documented_width(preset, head_dim):
+    """SPEC: head dim 32 (heads 2/4/8/16 at widths 64..512). Heads change no parameter count, so the counts
+    above cannot see a wrong head number."""
+    attentions = [m for m in build_model(preset, image_size=64).modules() if isinstance(m, WindowAttention)]
+    assert attentions and {m.qkv.in_features // m.num_heads for m in attentions} == {head_dim}
+    assert all(m.qkv.in_features % m.num_heads == 0 for m in attentions)
 
 
 def test_monai_unet_is_the_documented_network_and_its_stride_follows_its_strides():
