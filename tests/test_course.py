@@ -450,6 +450,30 @@ def test_a_lock_left_by_a_killed_run_is_taken_over_and_released(tmp_path):
     assert "another run is writing" in run_notebook(nb, tmp_path / "out", {"profile": "smoke"}).error
 
 
+def test_a_lock_of_another_users_live_process_is_kept(tmp_path, monkeypatch):
+    """os.kill(pid, 0) raises PermissionError for another user's process (a shared machine): it lives."""
+    import socket
+
+    def not_ours(pid, signal):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(course.os, "kill", not_ours)
+    nb = write_notebook(tmp_path / "01_good.ipynb", GOOD)
+    lock = tmp_path / "out.lock"
+    lock.write_text(f"{os.getpid() + 1} on {socket.gethostname()}\n")
+    result = run_notebook(nb, tmp_path / "out", {"profile": "smoke"})
+    assert not result.ok and "another run is writing" in result.error and lock.is_file()
+
+
+def test_only_runs_the_chosen_notebooks_in_course_order_and_leaves_an_empty_data_root_alone():
+    available = [Path(f"{n}.ipynb") for n in ("00_setup", "01_resformer", "02_loss")]
+    chosen, unmatched = course.select_notebooks(available, ["02", "00"])
+    assert [nb.stem for nb in chosen] == ["00_setup", "02_loss"] and unmatched == []
+    # "" is the default data folder: made absolute it would become the caller's folder
+    assert course.injected_parameters({"data_root": ""})["data_root"] == ""
+    assert course.injected_parameters({"data_root": "data"})["data_root"] == str(Path("data").absolute())
+
+
 def _take_over_slowly(lock, stale_pid, delay, results):
     """A run that finds `lock` and takes `delay` seconds to learn that process `stale_pid` is gone."""
     real = course._alive

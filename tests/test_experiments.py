@@ -102,6 +102,11 @@ json.dump({"profile": profile, "seed": seed, "metrics": {"x": 1}}, open(pathlib.
     as_path = replace(specs[0], parameters=tuple((k, Path("data")) if k == "data_root" else (k, v)
                                                  for k, v in specs[0].parameters))
     assert as_path.is_complete(tmp_path / "grid")
+    # the whole relative path must match, not its last folder: "a_b/data" and "a/b/data" share a run folder
+    # (data_root=a_b_data), and a run of the one is not a run of the other
+    recorded = str(tmp_path / "a_b" / "data")
+    assert experiments._same_relative_path("a_b/data", recorded) and experiments._same_relative_path("data", recorded)
+    assert not experiments._same_relative_path("a/b/data", recorded)
 
 
 def test_a_failing_run_is_recorded_and_the_rest_go_on(notebooks, tmp_path):
@@ -554,6 +559,9 @@ def test_command_line_fails_when_a_run_fails(notebooks, tmp_path, monkeypatch, c
     monkeypatch.setenv("MTLEARN_PROFILE", "smoke")  # the environment's profile, as for the notebooks
     assert main(["--notebooks", "01", "--set", "scale=-2", "--out", str(tmp_path / "grid")]) == 1
     assert (tmp_path / "grid" / "01_a" / "profile=smoke,scale=-2,seed=0.partial" / "error.txt").exists()
+    # one failed run among good ones fails the grid too: make and CI must not call it a success
+    assert main(["--notebooks", "01", "--set", "scale=-3,1", "--out", str(tmp_path / "grid")]) == 1
+    assert (tmp_path / "grid" / "01_a" / "profile=smoke,scale=1,seed=0" / "metrics.json").exists()
 
 
 def test_command_line_refuses_a_repeated_set(notebooks, tmp_path, monkeypatch, capsys):
