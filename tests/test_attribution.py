@@ -158,6 +158,13 @@ def test_occlusion_fills_each_patch_with_the_baseline(explainer, images):
     assert not torch.allclose(maps["mean"], maps["black"])
 
 
+def test_the_mean_baseline_is_grey_in_every_channel():
+    """For an RGB model the reference is one flat grey (the image's mean over all channels), not a tint."""
+    images = torch.stack([torch.full((4, 4), v) for v in (0.2, 0.5, 0.8)]).unsqueeze(0)  # (1, 3, 4, 4)
+    reference = A._baseline(images, "mean")
+    assert reference.shape == images.shape and torch.allclose(reference, torch.full_like(images, 0.5))
+
+
 def test_other_models_through_keys_and_layer(images):
     """A DisentangleNet names its outputs differently and has no encoder.stages: say which to use."""
     from mtlearn.disentangle import DisentangleNet
@@ -247,6 +254,8 @@ POINTING_CASES = [
     (_map([0, 0, 0, 0, 0, 9, 9, 0, 0, 9, 9, 0, 0, 0, 0, 0]), 0, "positive", 0.0),  # plateau, 1 of 4 inside
     (_map([9, 9, 9, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]), 0, "positive", 1.0),  # plateau, 2 of 3 inside
     (_map([0, 9, 0, 9, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]), 0, "positive", 1.0),  # plateau, 1 of 2: half counts
+    # one true peak outside beats a near-peak patch inside: only ties to within rounding form a plateau
+    (_map([8.95, 8.95, 0, 0, 8.95, 8.95, 0, 0, 0, 0, 0, 0, 0, 0, 0, 9]), 0, "positive", 0.0),
 ]
 
 
@@ -951,6 +960,9 @@ def test_integrated_gradients_takes_its_number_of_steps(explainer):
     one, many = (explainer._ig(score, images, (), n_steps=n, baseline="black") for n in (1, 16))
     assert not torch.allclose(one, many, atol=1e-3)
     assert torch.allclose(many.flatten(1).sum(1), score(images) - score(torch.zeros_like(images)), atol=1e-3)
+    seen = []  # and exactly that many: each step is one pass of the whole batch along the path
+    explainer._ig(lambda x: (seen.append(len(x)), score(x))[1], images, (), n_steps=5, baseline="black")
+    assert sum(seen) == 5 * len(images)
 
 
 def test_smoothgrad_averages_over_the_noisy_copies(explainer):
@@ -1088,6 +1100,10 @@ def test_default_seg_region_of_a_single_channel_head_is_where_its_logit_is_posit
     images = torch.rand(2, 1, 6, 6)
     (region,) = A.Explainer(SigmoidSeg()).forward_args(images, "seg")
     assert torch.equal(region, (images > 0.5).float())
+    # its score is the summed logit, which is the log-odds (negative where p < 0.5), not a probability
+    torch.testing.assert_close(A.LesionScore(SigmoidSeg())(images, region), ((images - 0.5) * region).sum((1, 2, 3)))
+    everywhere = torch.ones_like(region)
+    assert (A.LesionScore(SigmoidSeg())(torch.full_like(images, 0.25), everywhere) < 0).all()
 
 
 def test_randomise_resets_a_layer_to_pytorchs_default_scale_not_its_trained_one():
