@@ -20,6 +20,8 @@ from mtlearn.notebook import PROFILES, resolve_profile, start
 def test_profile_defaults_to_course(monkeypatch):
     monkeypatch.delenv("MTLEARN_PROFILE", raising=False)
     assert resolve_profile(None) == "course"
+    monkeypatch.setenv("MTLEARN_PROFILE", "")  # `export MTLEARN_PROFILE=`, a CI variable left blank: unset
+    assert resolve_profile(None) == "course"
 
 
 def test_profile_environment_variable_sets_the_default(monkeypatch):

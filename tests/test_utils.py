@@ -50,6 +50,7 @@ def test_pick_device_auto_prefers_cuda_then_mps_then_the_cpu(cuda, mps, expected
 @pytest.mark.parametrize("bad, message", [("gpu", "unknown device"), (3, "device must be a string"),
                                           ("cuda:x", "unknown device 'cuda:x'"), ("auto:0", "unknown device 'auto:0'"),
                                           ("cpu:7", "'cpu:7': there is one CPU device; use 'cpu'"),
+                                          ("cpu:1", "'cpu:1': there is one CPU device; use 'cpu'"),
                                           ("cuda:\u00b2", "unknown device")])  # '²'.isdigit(), but int('²') fails
 def test_pick_device_rejects_bad_names(bad, message):
     with pytest.raises(ValueError, match=message):
@@ -325,6 +326,17 @@ def test_synchronize_waits_for_the_gpu_it_is_given(monkeypatch, device, waited):
     monkeypatch.setattr(torch.mps, "synchronize", lambda: calls.append("mps"))
     synchronize(torch.device(device))
     assert calls == waited
+
+
+def test_numpy_integers_and_bools_become_python_ones_too():
+    """Counts and flags are NumPy integers and bools as often as metrics are floats: a np.int64 in metrics.json
+    is a TypeError, in a checkpoint a refused file; a NumPy switch is a switch."""
+    from mtlearn.utils import check_bool, python_numbers, to_jsonable
+
+    converted = to_jsonable({"n": np.int64(3), "ok": np.bool_(True)})
+    assert converted == {"n": 3, "ok": True} and type(converted["n"]) is int and type(converted["ok"]) is bool
+    assert type(python_numbers(np.int64(3))) is int and type(python_numbers(np.bool_(False))) is bool
+    assert check_bool("augment", np.True_) is True and check_bool("augment", np.False_) is False
 
 
 def test_python_numbers_turns_numpy_arrays_into_lists_of_python_numbers():
