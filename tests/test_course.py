@@ -454,7 +454,10 @@ def test_a_lock_of_another_users_live_process_is_kept(tmp_path, monkeypatch):
     """os.kill(pid, 0) raises PermissionError for another user's process (a shared machine): it lives."""
     import socket
 
+    asked = []
+
     def not_ours(pid, signal):
+        asked.append(pid)
         raise PermissionError(1, "Operation not permitted")
 
     monkeypatch.setattr(course.os, "kill", not_ours)
@@ -463,6 +466,7 @@ def test_a_lock_of_another_users_live_process_is_kept(tmp_path, monkeypatch):
     lock.write_text(f"{os.getpid() + 1} on {socket.gethostname()}\n")
     result = run_notebook(nb, tmp_path / "out", {"profile": "smoke"})
     assert not result.ok and "another run is writing" in result.error and lock.is_file()
+    assert asked == ([os.getpid() + 1] if os.name == "posix" else [])  # the process was asked, and answered
 
 
 def test_only_runs_the_chosen_notebooks_in_course_order_and_leaves_an_empty_data_root_alone():

@@ -320,6 +320,7 @@ def test_overlays_are_drawn_near_white(monkeypatch, kind):
         marks = item["artifact_mask"] == 1
         assert marks.any() and item["artifact"] == 1 and type(item["artifact"]) is int
         assert item["image"][marks].min() >= 0.85 and item["clean"][marks].min() >= 0.85
+        assert item["image"][marks].max() <= 1 and item["clean"][marks].max() <= 1
 
 
 def test_overlays_are_burnt_into_the_clean_image_too():

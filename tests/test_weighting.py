@@ -124,7 +124,7 @@ def test_dwa_keeps_equal_weights_after_one_epoch_even_with_unequal_losses():
 
 
 def test_a_task_loss_of_zero_keeps_the_weights_finite():
-    # a task solved exactly (loss 0: e.g. a tiny classification set memorised) must not make the ratios 0/0
+    # a task solved exactly (loss 0: e.g. a tiny classification set memorised) must not make a ratio 1/0 (inf, then NaN)
     dwa = DynamicWeightAverage(TASKS)
     dwa.end_epoch({"seg": 0.0, "cls": 1.0})
     dwa.end_epoch({"seg": 1.0, "cls": 1.0})
