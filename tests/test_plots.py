@@ -27,6 +27,10 @@ def test_confusion_matrix_counts():
     assert ax.get_xlabel() == "predicted" and ax.get_ylabel() == "true"
     written = {tuple(t.get_position()): t.get_text() for t in ax.texts}  # (column, row) = (predicted, true)
     assert written[(1, 0)] == "1" and written[(0, 1)] == "0"  # true a, predicted b: one; not the other way
+    # columns and rows named in class order; the more images, the darker ("Blues", not reversed)
+    names = [t.get_text() for t in ax.get_xticklabels()], [t.get_text() for t in ax.get_yticklabels()]
+    assert names == (["a", "b", "c"], ["a", "b", "c"])
+    assert ax.images[0].get_cmap().name == "Blues"
 
 
 @pytest.mark.parametrize("labels, predictions, match", [
@@ -110,6 +114,7 @@ def test_roc_curve_axes_are_false_then_true_positive_rate():
     fig = plots.roc_curves(labels, np.stack([1 - p1, p1], axis=1), ["a", "b"])
     ax = fig.axes[0]
     assert ax.get_xlabel() == "false positive rate" and ax.get_ylabel() == "true positive rate"
+    assert ax.get_xscale() == ax.get_yscale() == "linear"  # the chance diagonal stays straight
     curve_b = ax.lines[1]
     assert curve_b.get_label() == "b (AUC 0.75)"
     x, y = curve_b.get_xdata(), curve_b.get_ydata()

@@ -26,6 +26,8 @@ def fake_items(n=3):
 def test_explorer_redraws_on_control_changes():
     explorer = DatasetExplorer(fake_items(), class_names=("normal", "benign", "malignant"))
     assert explorer.state["index"] == 0 and "normal" in explorer.state["title"]
+    assert explorer.index.continuous_update is False  # one redraw where the slider stops, not one per step
+    assert not explorer.figure.axes[0].axison  # an image, not a plot: no pixel ticks or frame
     explorer.index.value = 2
     assert explorer.state["index"] == 2 and "malignant" in explorer.state["title"]
     assert "item-2" in explorer.state["title"] and "artifact=0" in explorer.state["title"]
