@@ -83,7 +83,7 @@ def pick_device(device: str | torch.device = "auto") -> torch.device:
     if kind in ("cpu", "mps") and index and int(index) != 0:  # torch ignores the number: "cpu:7" is the CPU
         raise ValueError(f"device {device!r}: there is one {kind.upper()} device; use {kind!r} (numbers are for GPUs, "
                          "'cuda:N')")
-    # else torch fails at the first tensor moved there
+    # a GPU number this machine lacks: torch would fail only at the first tensor moved there
     if kind == "cuda" and index and int(index) >= torch.cuda.device_count():
         raise ValueError(f"device {device!r}: there is no GPU {index}, this machine has "
                          f"{torch.cuda.device_count()} (cuda:0 to cuda:{torch.cuda.device_count() - 1})")
