@@ -1148,6 +1148,7 @@ def test_default_data_dir_follows_the_environment(tmp_path, monkeypatch):
 def test_a_home_folder_in_mtlearn_data_or_dest_is_expanded(server, tmp_path, monkeypatch):
     # "~" is written in a shell profile or a notebook, where no shell expands it: a folder named "~" would appear
     monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("USERPROFILE", str(tmp_path))  # where Windows looks for "~"
     monkeypatch.setenv("MTLEARN_DATA", "~/data")
     assert data_fetch.default_data_dir() == tmp_path / "data"
     server.files["/breastmnist.npz"] = PAYLOAD

@@ -265,7 +265,9 @@ def test_show_items_titles_each_column_with_its_class_and_labels_each_row():
     assert [ax.get_title() for ax in axes[0, :3]] == ["m", "b +artifact", "n"]
     assert [ax.get_ylabel() for ax in axes[:, 0]] == ["image", "mask"]
     assert axes[1, 0].images[0].get_clim() == (0, 1)  # an all-lesion mask shows white, not mid-grey
+    assert axes[1, 0].images[0].get_cmap().name == "gray"  # white lesion on black, as the images' grey
     assert fig._suptitle.get_text() == "train"
+    assert fig.get_size_inches() == pytest.approx((8 * 1.9, 2 * 1.9))  # 8 columns, not 12 or 3
 
 
 def test_an_rgb_image_is_shown_in_colour():
@@ -360,6 +362,10 @@ def test_bar_table_draws_no_bar_but_an_n_a_mark_where_a_value_is_missing():
     marks = [t for t in dice.texts if t.get_text() == "n/a"]
     assert len(marks) == 1 and marks[0].get_position()[0] == 2  # at the run without a Dice ("cls only")
     assert [t.get_position()[0] for t in acc.texts if t.get_text() == "n/a"] == [1]
+    # a panel per metric, each as wide as before; every run's slot in view, half a slot either side
+    assert dice.figure.get_size_inches() == pytest.approx((2 * 3.2, 3.4))
+    assert plots.bar_table(TEST_TABLE, ["seg/dice"]).get_size_inches() == pytest.approx((3.2, 3.4))
+    assert dice.get_xlim() == acc.get_xlim() == pytest.approx((-0.6, 3.6))
 
 
 def test_bar_table_writes_each_value_on_its_bar():
@@ -518,6 +524,7 @@ def test_bar_table_names_a_missing_column_before_opening_a_figure():
     import matplotlib.pyplot as plt
 
     plt.close("all")
+    mine = plt.figure()  # a student's own figure stays open
     table = pd.DataFrame({"dice": [0.9, 0.8]}, index=["mtl", "seg"])
     with pytest.raises(ValueError, match=r"table has no column \['acc'\]; its columns are \['dice'\]"):
         plots.bar_table(table, ["dice", "acc"])
@@ -525,7 +532,8 @@ def test_bar_table_names_a_missing_column_before_opening_a_figure():
         plots.bar_table(table, ["dice"], errors=pd.DataFrame({"acc": [0.1, 0.1]}, index=["mtl", "seg"]))
     with pytest.raises(ValueError, match="metrics is empty"):
         plots.bar_table(table, [])
-    assert plt.get_fignums() == []
+    assert plt.get_fignums() == [mine.number]
+    plt.close(mine)
     fig = plots.bar_table(table, "dice")  # one name, not the letters d, i, c, e
     assert [ax.get_title() for ax in fig.axes] == ["dice"]
 

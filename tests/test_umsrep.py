@@ -210,6 +210,16 @@ def test_transfer_encoder_refuses_another_image_size():
         transfer_encoder(larger_windows, tiny())
 
 
+def test_transfer_encoder_refuses_another_preset_by_its_first_differing_tensors():
+    """course has two Swin blocks per stage where tiny has one: the keys differ before any shape does."""
+    course = build_model("course", tasks=("recon",), image_size=SIZE)
+    with pytest.raises(ValueError, match=re.escape(
+            "the encoder of the two models differ (e.g. ['stages.0.transformer.1.attn.proj.bias', "
+            "'stages.0.transformer.1.attn.proj.weight', 'stages.0.transformer.1.attn.qkv.bias']); build both with "
+            "the same preset, in_channels and image_size")):
+        transfer_encoder(course, tiny())
+
+
 # ---------------------------------------------------------------------------------------------- compute
 
 
@@ -369,6 +379,11 @@ def test_joint_vs_single_task_charges_a_pretrained_baseline_its_pretraining_too(
     assert check["flops_share_total"] == pytest.approx((100 + 200) / (300 + 200))
     assert check["time_share_total"] == pytest.approx((3.0 + 4.0) / (9.0 + 4.0))
     assert check["passed_with_pretraining"]
+    with pytest.raises(ValueError, match=re.escape("the table has no 'scratch' row (rows: ['pretrain', 'joint', "
+                                                   "'full']); run both strategies")):
+        joint_vs_single_task(strategy_table(runs, UMSRepConfig()))  # the default baseline is scratch
+    with pytest.raises(ValueError, match=re.escape("the table has no 'joint' row")):
+        joint_vs_single_task(strategy_table(runs[2:], UMSRepConfig()), baseline="full")
 
 
 def test_joint_vs_single_task_needs_the_cpu_time_share_too():
@@ -730,7 +745,8 @@ def test_a_finished_comparison_reloads_and_refuses_other_options(tmp_path, monke
     first = run_comparison(config, out_dir=tmp_path)
     calls = count_fits(monkeypatch, tmp_path)
     # the acceptance thresholds and the progress bars may change: nothing is retrained
-    again = run_comparison(replace(config, tolerance={"seg/dice": 0.1}, progress=True), out_dir=tmp_path, resume=True)
+    again = run_comparison(replace(config, tolerance={"seg/dice": 0.1}, max_compute_share=0.5, progress=True),
+                           out_dir=tmp_path, resume=True)
     assert calls == [] and again.table[list(METRICS)].equals(first.table[list(METRICS)])
     assert not any(run.model.training for run in again.runs)  # reloaded models come back in eval mode too
     assert first.runs[0].metrics and not [k for r in first.runs for k in r.metrics if k.endswith("loss")]  # no losses
