@@ -834,9 +834,9 @@ def compare_strategies(config: UMSRepConfig | str = "course", out_dir: str | os.
                        resume: bool = False):
     """The strategy table of `config` (a UMSRepConfig or a profile name): one row per strategy.
 
-    Columns: strategy, description, models, the test metrics (recon/psnr, recon/ssim, seg/dice,
-    cls/acc, cls/auc), trainable_params (summed over the strategy's models), train_gflops and
-    wall_time_s (its own training), pretrain_gflops / pretrain_wall_time_s (the representation,
+    Indexed by strategy. Columns: description, models, the test metrics (recon/psnr, recon/ssim, seg/dice,
+    cls/acc, cls/auc), trainable_params (summed over the strategy's models), train_gflops,
+    wall_time_s and cpu_time_s (its own training), pretrain_gflops / pretrain_wall_time_s (the representation,
     for strategies that use it), total_* (own + all of the pre-training) and amortised_* (own +
     the pre-training divided among the strategies of this comparison that reuse it), memory_mb
     (largest model's training-memory estimate), cuda_peak_mb, images_seen, pretrain_images_seen and
