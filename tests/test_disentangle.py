@@ -254,8 +254,9 @@ def test_main_step_pushes_each_adversary_towards_its_own_target(shapes_batch):
                 + D.adversarial_term(adv_b, y_b, "confusion", second)).item()
 
     optimizer = torch.optim.Adam(model.main_parameters(), lr=1e-2)
-    record = D.main_step(model, optimizer, features_a, features_b, y_a, y_b, w_adv=1.0, target_a=target_a,
+    record = D.main_step(model, optimizer, features_a, features_b, y_a, y_b, w_adv=3.0, target_a=target_a,
                          target_b=target_b)
+    # the term as such, not times w_adv: a ramp or another weight must not change what the history reports
     assert record["adv_term"] == pytest.approx(term(target_a, target_b), rel=1e-5)
     assert term(target_a, target_b) != pytest.approx(term(target_b, target_a), rel=1e-3)  # a swap would show
 
@@ -438,14 +439,25 @@ def test_a_snapshot_of_the_game_is_a_copy_that_restores_it():
     assert torch.equal(leakage[0].covariance, torch.eye(2)) and leakage[1].covariance is None
 
 
-def test_history_averages_each_key_over_the_steps_that_recorded_it(tiny_loaders):
+def test_history_averages_each_key_over_the_steps_that_recorded_it(tiny_loaders, monkeypatch):
     """adv_term exists only once w_adv > 0: a warm-up epoch has none (NaN), and no zeros dilute the next."""
     train, _ = tiny_loaders  # 4 steps per epoch
+    terms, real_main_step = [], D.main_step
+
+    def recording(*args, **kwargs):
+        record = real_main_step(*args, **kwargs)
+        terms.append(record.get("adv_term"))
+        return record
+
+    monkeypatch.setattr(D, "main_step", recording)
     history = D.train_disentangle(tiny_model(), train, epochs=3, adv_steps=2, w_adv=1.0, warmup_epochs=1.5,
                                   device="cpu", progress=False)
     assert all(len(v) == 3 for v in history.values())
     assert np.isnan(history["adv_term"][0]) and np.isfinite(history["adv_term"][1:]).all()
     assert history["w_adv"] == [0.0, 0.5, 1.0]  # 2 of epoch 2's 4 steps are past the warm-up
+    assert terms[:6] == [None] * 6 and None not in terms[6:]  # epoch 2: its last 2 steps only
+    assert history["adv_term"][1] == pytest.approx(np.mean(terms[6:8]))  # over 2 steps, not 4
+    assert history["adv_term"][2] == pytest.approx(np.mean(terms[8:]))
 
 
 def test_adversary_accuracy_is_scored_before_it_fits_the_batch():

@@ -231,6 +231,7 @@ def test_nan_guard_stops_and_keeps_the_last_good_checkpoint(where, tmp_path):
         assert len(history) == 3
     else:
         assert not last.exists()  # no epoch finished, so there is nothing to trust
+        assert "checkpoint" not in str(error)  # nor a last.pt named that is not there
     if where == "data":  # the NaN image went through BatchNorm in train mode; its statistics must not stay
         assert all(torch.isfinite(b).all() for b in model.buffers() if b.is_floating_point())
 
@@ -1650,6 +1651,14 @@ def test_an_interruption_after_the_first_checkpoint_leaves_the_model_trained(tmp
         _fit(model, *_loaders(), epochs=2, out_dir=tmp_path)
     assert load_checkpoint(tmp_path / "last.pt")["epoch"] == 1
     assert not all(torch.equal(v, start[k]) for k, v in model.state_dict().items())
+    # a resumed call starts from last.pt: Ctrl-C in its first epoch keeps the steps it took, as above
+    saved = load_checkpoint(tmp_path / "last.pt")["model"]
+    steps.clear()
+    steps.extend([1] * 4)  # the next call raises after its first step
+    with pytest.raises(KeyboardInterrupt):
+        _fit(model, *_loaders(), epochs=2, out_dir=tmp_path, resume=True)
+    assert len(steps) == 5 and load_checkpoint(tmp_path / "last.pt")["epoch"] == 1
+    assert not all(torch.equal(v, saved[k]) for k, v in model.state_dict().items())
 
 
 def test_a_misspelt_monitor_is_refused_without_a_val_loader_too():
