@@ -1653,8 +1653,7 @@ def test_an_interruption_after_the_first_checkpoint_leaves_the_model_trained(tmp
     assert not all(torch.equal(v, start[k]) for k, v in model.state_dict().items())
     # a resumed call starts from last.pt: Ctrl-C in its first epoch keeps the steps it took, as above
     saved = load_checkpoint(tmp_path / "last.pt")["model"]
-    steps.clear()
-    steps.extend([1] * 4)  # the next call raises after its first step
+    steps[:] = [1] * 4  # the next call raises after its first step
     with pytest.raises(KeyboardInterrupt):
         _fit(model, *_loaders(), epochs=2, out_dir=tmp_path, resume=True)
     assert len(steps) == 5 and load_checkpoint(tmp_path / "last.pt")["epoch"] == 1
