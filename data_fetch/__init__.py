@@ -12,6 +12,8 @@ and `mtlearn.data.load_dataset(name, root=...)` reads that same folder. A fetch 
 leaves a marker file there (checksum and file list); fetching again then downloads nothing, unless
 files were deleted since or another checksum is asked for. Files deleted since are restored from the
 archive, checked against the marker's checksum: the one a user accepted with --hash stays accepted.
+Unpacking never replaces a file it did not write (one of the marker's, or of an unpacking cut short)
+with other contents: a `dest` that already holds a user's files is refused, naming them.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 from urllib.request import url2pathname
 
-from data_fetch.archive import UnsafeArchiveError, extract_zip
+from data_fetch.archive import UnsafeArchiveError, WouldReplaceError, extract_zip
 from data_fetch.download import (
     RETRIES, DownloadError, FetchError, HashMismatchError, check_hash, check_retries, download_file, file_hash,
     parse_hash,
@@ -33,7 +35,7 @@ from data_fetch.sources import SOURCES, Source, get_source
 
 __all__ = [
     "SOURCES", "DownloadError", "FetchError", "HashMismatchError", "Source", "UnsafeArchiveError",
-    "completion_marker", "dataset_dir", "default_data_dir", "fetch", "missing_files",
+    "WouldReplaceError", "completion_marker", "dataset_dir", "default_data_dir", "fetch", "missing_files",
 ]
 
 DATA_ENV = "MTLEARN_DATA"  # environment variable that overrides the default data root
@@ -143,7 +145,15 @@ def fetch(
     # The archive is verified: from here the folder's files change, so the marker of an earlier fetch goes
     # first. An unpacking cut short then leaves no marker over half-written files (the loaders say to fetch).
     marker.unlink(missing_ok=True)
-    files = extract_zip(target, folder) if source.extract else [source.filename]
+    # Files already there are replaced only if this dataset's unpacking wrote them: the marker's, or any after
+    # an unpacking cut short (its checks had passed, so what differs now is its own half-written work).
+    unpacking = folder / f".{source.name}.unpacking"
+    listed = record.get("files") if record is not None else None
+    replaceable = None if unpacking.exists() else listed if isinstance(listed, list) else []
+    if source.extract:
+        files = extract_zip(target, folder, replaceable=replaceable, started=unpacking.touch)
+    else:
+        files = [source.filename]
     files = [name for name in files if not name.endswith("/")]  # directories are implied by their files
     if known_hash is None:
         # Only after unpacking: a host's error page saved under the archive's name must not be pinned.
@@ -158,6 +168,7 @@ def fetch(
     # Written last: a folder without the marker is not finished, whatever else it holds.
     record = {"name": source.name, "url": url, "known_hash": known_hash, "files": files}
     marker.write_text(json.dumps(record, indent=1))
+    unpacking.unlink(missing_ok=True)
     return folder
 
 

@@ -7,7 +7,10 @@ Some hosts (Mendeley Data, for BUS-UCLM) wrap the dataset's own zip inside the d
 found in the archive are unpacked next to themselves, one level deep, and their names are checked
 too, before the outer archive is unpacked. The `._*` files a Mac adds under `__MACOSX/` are not
 zips, whatever their names end with, and are left as they are. An archive that would not fit on
-the disk (its members' sizes, nested zips included, against the free space) is refused up front.
+the disk (its members' sizes, nested zips included, against the free space) is refused up front, and
+so is one that would replace a file already in the folder with other contents, unless the caller
+names it as replaceable (a file an earlier unpacking of the same dataset wrote): `--dest` may point
+at a folder that holds a user's own files.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import shutil
 import stat
 import zipfile
 import zlib
+from collections.abc import Callable, Collection
 from pathlib import Path, PurePosixPath
 
 from data_fetch.download import FetchError
@@ -31,14 +35,25 @@ class UnsafeArchiveError(FetchError, ValueError):
     link, or is a file where other members need a folder."""
 
 
-def extract_zip(archive: Path, target: Path, nested: bool = True) -> list[str]:
+class WouldReplaceError(FetchError, FileExistsError):
+    """Unpacking would replace files already in the target folder that hold something else."""
+
+
+def extract_zip(archive: Path, target: Path, nested: bool = True, replaceable: Collection[str] | None = (),
+                started: Callable[[], None] | None = None) -> list[str]:
     """Unpack `archive` into `target` (created if needed); return the member names, relative to
     `target` (those of nested zips included).
+
+    replaceable: the files in `target` (names relative to it) that may be replaced although their
+    contents differ from the archive's, e.g. those an earlier unpacking of the same archive wrote;
+    None: any file. A file the same as its member (size and CRC-32) is always replaced: nothing is lost.
+    started: called once every check has passed, before the first byte is written.
 
     Raises UnsafeArchiveError, before extracting anything, if a member name (of the archive or of a
     zip inside it) is absolute, climbs out of its folder with "..", or would overwrite its own
     archive, or if a member of the archive is a symbolic link or a file that other members need as
-    their folder; FetchError if the archive, or a zip inside it, cannot be read.
+    their folder; WouldReplaceError, before extracting anything, if members would replace other
+    files; FetchError if the archive, or a zip inside it, cannot be read.
     """
     archive, target = Path(archive), Path(target)
     inner_zips = []
@@ -50,9 +65,19 @@ def extract_zip(archive: Path, target: Path, nested: bool = True) -> list[str]:
             _check_kinds(zf.infolist(), archive)
             inner_zips = [name for name in names if _is_wrapped_zip(name)] if nested else []
             needed = sum(info.file_size for info in zf.infolist())
+            clashes = _clashes(zf.infolist(), target, None, replaceable)
             for name in inner_zips:
-                needed += _check_inner_zip(zf, name, archive, target)
+                size, inner_clashes = _check_inner_zip(zf, name, archive, target, replaceable)
+                needed, clashes = needed + size, clashes + inner_clashes
+            if clashes:
+                shown = ", ".join(clashes[:3]) + (f" and {len(clashes) - 3} more" if len(clashes) > 3 else "")
+                raise WouldReplaceError(
+                    f"refusing to unpack {archive.name} into {target}: it would replace {len(clashes)} file(s) "
+                    f"there that hold something else ({shown}); nothing was extracted. Fetch into an empty "
+                    "folder or the default one (leave out --dest), or move those files away first")
             _check_free_space(needed, archive, target)
+            if started is not None:
+                started()
             target.mkdir(parents=True, exist_ok=True)
             zf.extractall(target)
     except (zipfile.BadZipFile, EOFError, zlib.error) as error:
@@ -61,8 +86,34 @@ def extract_zip(archive: Path, target: Path, nested: bool = True) -> list[str]:
         inner = target / name
         # where it was written: a name with backslashes (a Windows tool's) is one file in `target` on POSIX
         parent = PurePosixPath(inner.parent.relative_to(target).as_posix())
-        names += [str(parent / member) for member in extract_zip(inner, inner.parent, nested=False)]
+        unpacked = extract_zip(inner, inner.parent, nested=False, replaceable=None)  # checked with the outer one
+        names += [str(parent / member) for member in unpacked]
     return names
+
+
+def _clashes(infos: list[zipfile.ZipInfo], target: Path, parent: PurePosixPath | None,
+             replaceable: Collection[str] | None) -> list[str]:
+    """The names of the file members that would replace a file in `target` holding something else, unless
+    `replaceable` lists them; named as extract_zip returns them (under `parent` for a nested zip's)."""
+    if replaceable is None:
+        return []
+    allowed, found = set(replaceable), []
+    for info in infos:
+        name = info.filename if parent is None else str(parent / info.filename)
+        path = target / info.filename  # as zipfile writes it: a name with backslashes is one file on POSIX
+        if info.is_dir() or name in allowed or not path.is_file():
+            continue
+        if path.stat().st_size != info.file_size or _crc32(path) != info.CRC:
+            found.append(name)
+    return found
+
+
+def _crc32(path: Path) -> int:
+    crc = 0
+    with path.open("rb") as file:
+        while chunk := file.read(1 << 20):
+            crc = zlib.crc32(chunk, crc)
+    return crc
 
 
 def _is_wrapped_zip(name: str) -> bool:
@@ -90,10 +141,11 @@ def _size(count: int) -> str:
     return f"{count / 1e6:.1f} MB" if count < 1e9 else f"{count / 1e9:.2f} GB"
 
 
-def _check_inner_zip(zf: zipfile.ZipFile, name: str, archive: Path, target: Path) -> int:
+def _check_inner_zip(zf: zipfile.ZipFile, name: str, archive: Path, target: Path,
+                     replaceable: Collection[str] | None) -> tuple[int, list[str]]:
     """Check the member names of the zip `name` inside `zf` where it will be unpacked, without
     writing it out first (ZipFile reads its directory from the compressed stream); return the
-    bytes its members will take once unpacked."""
+    bytes its members will take once unpacked, and those that would replace other files (`_clashes`)."""
     inner_path = target / name
     try:
         with zf.open(name) as stream, zipfile.ZipFile(stream) as inner:
@@ -106,7 +158,9 @@ def _check_inner_zip(zf: zipfile.ZipFile, name: str, archive: Path, target: Path
                         f"overwrite {archive.name}, the archive it came in; the archive is damaged or malicious, "
                         "nothing was extracted")
             _check_kinds(inner.infolist(), inner_path, within=archive.name)
-            return sum(info.file_size for info in inner.infolist())
+            parent = PurePosixPath(inner_path.parent.relative_to(target).as_posix())
+            return (sum(info.file_size for info in inner.infolist()),
+                    _clashes(inner.infolist(), inner_path.parent, parent, replaceable))
     except (zipfile.BadZipFile, EOFError, zlib.error) as error:
         raise FetchError(
             f"{name} inside {archive} is not a readable zip archive ({error}); nothing was extracted. Delete "

@@ -1225,7 +1225,8 @@ def test_a_repair_cut_short_leaves_no_completion_marker(server, tmp_path, monkey
     fetch("bus_bra", **kwargs)
     (tmp_path / "BUSBRA" / "bus_data.csv").unlink()
 
-    def cut_short(archive, target):
+    def cut_short(archive, target, replaceable, started):
+        started()  # its checks passed
         (target / "BUSBRA" / "Images" / "bus_0001-l.png").write_bytes(b"p")  # half of "png"
         raise KeyboardInterrupt
 
@@ -1238,6 +1239,71 @@ def test_a_repair_cut_short_leaves_no_completion_marker(server, tmp_path, monkey
     fetch("bus_bra", **kwargs)  # unpacks again
     assert (tmp_path / "BUSBRA" / "Images" / "bus_0001-l.png").read_bytes() == b"png"
     assert (tmp_path / ".bus_bra.complete").exists()
+
+
+def test_unpacking_never_replaces_a_users_own_file_with_other_contents(server, tmp_path, capsys):
+    """--dest may name a folder that holds other things: a file there with a member's name was overwritten."""
+    server.files["/BUSBRA.zip"] = ARCHIVE
+    kwargs = {"dest": tmp_path, "url": server.url + "/BUSBRA.zip", "known_hash": sha256(ARCHIVE), "progress": False}
+    (tmp_path / "BUSBRA").mkdir()
+    (tmp_path / "BUSBRA" / "bus_data.csv").write_bytes(b"my own notes")
+    with pytest.raises(data_fetch.WouldReplaceError, match=r"would replace 1 file\(s\) there that hold something "
+                                                          r"else \(BUSBRA/bus_data.csv\); nothing was extracted"):
+        fetch("bus_bra", **kwargs)
+    assert (tmp_path / "BUSBRA" / "bus_data.csv").read_bytes() == b"my own notes"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["BUSBRA", "BUSBRA.zip"]  # no image, marker or record
+    assert main(["bus_bra", "--dest", str(tmp_path), "--url", kwargs["url"], "--hash", kwargs["known_hash"],
+                 "--quiet"]) == 1
+    assert "move those files away first" in capsys.readouterr().err
+    (tmp_path / "BUSBRA" / "bus_data.csv").write_bytes(b"ID,Case,Pathology\n")  # the archive's own contents:
+    fetch("bus_bra", **kwargs)  # nothing to lose
+    assert (tmp_path / ".bus_bra.complete").is_file() and not (tmp_path / ".bus_bra.unpacking").exists()
+
+
+def test_a_zip_inside_the_download_does_not_replace_a_users_file_either(tmp_path):
+    outer = tmp_path / "outer.zip"
+    outer.write_bytes(zip_bytes({"data/inner.zip": zip_bytes({"a.png": b"png"}), "data/b.png": b"png"}))
+    (tmp_path / "dest" / "data").mkdir(parents=True)
+    (tmp_path / "dest" / "data" / "a.png").write_bytes(b"pnG")  # the member's size, not its contents
+    started = []  # whether b.png was there when `started` was called
+    with pytest.raises(data_fetch.WouldReplaceError, match=r"\(data/a.png\)"):
+        data_fetch.extract_zip(outer, tmp_path / "dest", started=lambda: started.append(None))
+    assert [p.name for p in (tmp_path / "dest" / "data").iterdir()] == ["a.png"] and started == []
+    assert (tmp_path / "dest" / "data" / "a.png").read_bytes() == b"pnG"
+    names = data_fetch.extract_zip(outer, tmp_path / "dest", replaceable=["data/a.png"],  # as its own unpacking
+                                   started=lambda: started.append((tmp_path / "dest" / "data" / "b.png").exists()))
+    assert "data/a.png" in names and (tmp_path / "dest" / "data" / "a.png").read_bytes() == b"png"
+    assert started == [False]  # once, before the first byte was written
+
+
+def test_a_repair_replaces_the_dataset_files_of_the_last_fetch_and_a_first_unpacking_cut_short_its_own(
+        server, tmp_path, monkeypatch):
+    server.files["/BUSBRA.zip"] = ARCHIVE
+    kwargs = {"dest": tmp_path, "url": server.url + "/BUSBRA.zip", "known_hash": sha256(ARCHIVE), "progress": False}
+    fetch("bus_bra", **kwargs)
+    (tmp_path / "BUSBRA" / "bus_data.csv").write_bytes(b"edited")  # a file of the dataset, changed
+    (tmp_path / "BUSBRA" / "Images" / "bus_0001-l.png").unlink()
+    fetch("bus_bra", **kwargs)  # the marker lists both: restored
+    assert (tmp_path / "BUSBRA" / "bus_data.csv").read_bytes() == b"ID,Case,Pathology\n"
+    assert (tmp_path / "BUSBRA" / "Images" / "bus_0001-l.png").read_bytes() == b"png"
+
+    fresh = tmp_path / "fresh"
+    extract_zip = data_fetch.extract_zip
+
+    def cut_short(archive, target, replaceable, started):
+        started()
+        (target / "BUSBRA").mkdir(parents=True)
+        (target / "BUSBRA" / "bus_data.csv").write_bytes(b"ID,")  # half written; no marker yet
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(data_fetch, "extract_zip", cut_short)
+    with pytest.raises(KeyboardInterrupt):
+        fetch("bus_bra", **{**kwargs, "dest": fresh})
+    assert (fresh / ".bus_bra.unpacking").exists() and not (fresh / ".bus_bra.complete").exists()
+    monkeypatch.setattr(data_fetch, "extract_zip", extract_zip)
+    fetch("bus_bra", **{**kwargs, "dest": fresh})  # its own half-written file: replaced, not refused
+    assert (fresh / "BUSBRA" / "bus_data.csv").read_bytes() == b"ID,Case,Pathology\n"
+    assert (fresh / ".bus_bra.complete").is_file() and not (fresh / ".bus_bra.unpacking").exists()
 
 
 def _link_zip() -> bytes:
