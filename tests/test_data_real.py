@@ -1364,6 +1364,19 @@ def test_partial_copies_are_refused_not_loaded(busi, tmp_path):
         load_dataset("busi", root=tmp_path / "unpacking")
 
 
+def test_an_empty_split_of_a_partial_copy_is_refused_naming_the_fix(tmp_path):
+    """Three usable images (one per class; the fixture skips its masked-less ones) give a train split of three
+    and empty val and test splits, which loaded with a warning only and failed later, or scored nothing."""
+    make_busi(tmp_path, per_class=1)
+    with pytest.warns(UserWarning, match=r"split\(s\) \['val', 'test'\] got no items"):
+        assert len(load_dataset("busi", root=tmp_path, split="train")) == 3
+    for split in ("val", "test"):
+        says = (rf"busi's '{split}' split in .* is empty: the folder holds 3 usable image\(s\) in all, too few for "
+                rf"a {split} split.*python -m data_fetch busi --dest .*, or load split='all'")
+        with pytest.warns(UserWarning, match="got no items"), pytest.raises(LayoutError, match=says):
+            load_dataset("busi", root=tmp_path, split=split)
+
+
 def cut_short(data: bytes) -> bytes:
     return data[: len(data) // 2]
 

@@ -110,6 +110,10 @@ def load_dataset(
         **kwargs: dataset options. synthetic: those of SyntheticUltrasound, plus `num_samples`
             per split; busi: `duplicate_distance`; bus_bra: `fold` (official test fold);
             busi_npz / breastmnist: `resolution` (128/256; 28/224).
+
+    Raises FileNotFoundError (a LayoutError when the folder is there) naming the data_fetch command
+    when the dataset is not downloaded, its files are not where they should be, or `split` would
+    be empty (a partial copy); DamagedFileError when a file cannot be read.
     """
     if name not in DATASETS:
         npz = [(dataset, resolution) for dataset, (_, names) in NPZ_RESOLUTIONS.items()
@@ -174,6 +178,12 @@ def load_dataset(
     if missing:
         warnings.warn(f"{name}: {len(missing)} file(s) of the download are missing from {folder} (e.g. "
                       f"{missing[0]}); `{command}` restores them", stacklevel=2)
+    if not records:  # a partial copy: an empty split would fail later, in a sampler or a mean, or score nothing
+        usable = len(READERS[name](folder, "all", seed, **kwargs)[0]) if split != "all" else 0
+        why = (f"the folder holds {usable} usable image(s) in all, too few for a {split} split"
+               if usable else f"the folder holds no usable image ({problems[0] if problems else 'none found'})")
+        raise LayoutError(f"{name}'s {split!r} split in {folder} is empty: {why}. A partial copy? Fetch the "
+                          f"whole dataset with `{command}`" + (", or load split='all'" if usable else ""))
     return UltrasoundDataset(
         name, split, records, class_names, size, in_channels, augment, cache, seed, on_size_mismatch, problems,
         fetch_command=command,
