@@ -113,7 +113,8 @@ def load_dataset(
 
     Raises FileNotFoundError (a LayoutError when the folder is there) naming the data_fetch command
     when the dataset is not downloaded, its files are not where they should be, or `split` would
-    be empty (a partial copy); DamagedFileError when a file cannot be read.
+    be empty (a partial copy); DamagedFileError when a file it needs whole (a CSV, an npz) cannot be
+    read. Unreadable images are skipped, with a warning naming them.
     """
     if name not in DATASETS:
         npz = [(dataset, resolution) for dataset, (_, names) in NPZ_RESOLUTIONS.items()
