@@ -356,7 +356,11 @@ def start(
     resolved = pick_device(device)
     out = out_dir.expanduser() if out_dir is not None else Path("outputs") / notebook / profile
     check_folder(out, "out_dir", "metrics.json and the figures")
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:  # no permission, a read-only disk, a place the system keeps (/proc)
+        raise OSError(error.errno, f"out_dir {out} cannot be created ({error.strerror or error}); choose another "
+                      "out_dir, one you can write to (it receives metrics.json and the figures)") from None
     run = Run(notebook, profile, dataset, root, int(seed), resolved, out)
     if verbose:
         env = environment_report(resolved)

@@ -263,6 +263,20 @@ def test_an_out_dir_that_is_a_file_is_named(tmp_path, below):
     assert file.read_text() == "mine"
 
 
+def test_an_out_dir_that_cannot_be_created_is_named_with_the_fix(tmp_path, monkeypatch):
+    """mkdir's own error (no permission, a read-only disk) named neither the parameter nor what to do."""
+    import errno
+    import pathlib
+
+    def refused(self, *args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", str(self))
+
+    monkeypatch.setattr(pathlib.Path, "mkdir", refused)
+    with pytest.raises(PermissionError, match=re.escape(f"out_dir {tmp_path / 'run'} cannot be created (Permission "
+                                                        "denied); choose another out_dir, one you can write to")):
+        start_here(tmp_path, out_dir=tmp_path / "run")
+
+
 def test_names_takes_a_list_of_distinct_known_names_and_names_each_mistake(tmp_path):
     run = start_here(tmp_path)
     choices = ("ig", "saliency", "gradcam")
