@@ -57,6 +57,7 @@ from mtlearn.checkpoint import (
 from mtlearn.losses import LossConfig, build_losses, check_tasks, task_losses
 from mtlearn.metrics import METRIC_KEYS, MetricAccumulator
 from mtlearn.utils import (
+    check_adamw,
     check_bool,
     check_int,
     check_loader,
@@ -64,7 +65,6 @@ from mtlearn.utils import (
     eval_mode,
     is_distributed,
     is_main_process,
-    is_number,
     pick_device,
     python_numbers,
     seed_everything,
@@ -361,12 +361,7 @@ def _make_config(config: TrainConfig | None, overrides: Mapping[str, Any]) -> Tr
     for f in dataclasses.fields(config):
         setattr(config, f.name, python_numbers(getattr(config, f.name)))
     check_int("epochs", config.epochs, 1)
-    check_number("lr", config.lr, 0, above=True, advice="e.g. 1e-4")  # inf passes `> 0` and trains a NaN model
-    check_number("weight_decay", config.weight_decay, 0, advice="0: no decay")
-    if config.lr * config.weight_decay >= 1:  # AdamW multiplies every weight by 1 - lr * weight_decay per step
-        raise ValueError(f"weight_decay {config.weight_decay:g} with lr {config.lr:g} would shrink every weight by "
-                         f"lr x weight_decay = {config.lr * config.weight_decay:g} (>= 1) each step, flipping its "
-                         "sign; weight decays are small, e.g. 3e-5 (ResFormer) or 1e-2")
+    check_adamw(config.lr, config.weight_decay, config.betas)
     if config.grad_clip is not None:
         check_number("grad_clip", config.grad_clip, 0, above=True, advice="the largest gradient norm, e.g. 1.0; "
                      "or None: no clipping")
@@ -374,10 +369,6 @@ def _make_config(config: TrainConfig | None, overrides: Mapping[str, Any]) -> Tr
     # checked here, not by the validation metrics after a whole epoch (or, without a val_loader, not at all)
     check_number("data_range", config.data_range, 0, above=True, advice="max - min of the clean images: 1.0 for "
                  "images scaled to 0..1, 255 for raw 8-bit ones")
-    betas = config.betas
-    if (not isinstance(betas, Sequence) or isinstance(betas, str) or len(betas) != 2
-            or not all(is_number(b) and 0 <= b < 1 for b in betas)):  # NaN fails the comparison
-        raise ValueError(f"betas must be a pair of numbers in [0, 1), e.g. (0.9, 0.999), got {betas!r}")
     if not isinstance(config.monitor, str):  # None read as "no monitor" failed in removeprefix
         raise ValueError(f"monitor must be a validation metric's name, e.g. 'seg/dice' or 'cls/auc', or 'auto' (the "
                          f"first task's headline metric), got {config.monitor!r}")

@@ -65,6 +65,7 @@ from mtlearn.checkpoint import (
 )
 from mtlearn.losses import build_losses, check_tasks, task_losses
 from mtlearn.utils import (
+    check_adamw,
     check_int,
     check_number,
     check_options,
@@ -241,6 +242,7 @@ def build_optimizer(model: nn.Module, lr: float = 1e-3, weight_decay: float = 3e
     a pass over them each step, and weight decay would then be the one thing moving them in
     optimisers that apply decay without a gradient.
     """
+    lr, weight_decay, betas = check_adamw(lr, weight_decay, betas)
     parameters = [p for p in model.parameters() if p.requires_grad]
     if not parameters:
         raise ValueError("the model has no trainable parameters; unfreeze something (freeze_encoder(model, 4))")

@@ -17,7 +17,7 @@ import random
 import secrets
 import sys
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -383,6 +383,20 @@ def check_folder(path: str | os.PathLike, option: str, receives: str) -> None:
     if existing is not None and not existing.is_dir():
         raise ValueError(f"{option} {path} cannot be a folder: {existing} is a file. Choose another {option} "
                          f"(it receives {receives})")
+
+
+def check_adamw(lr, weight_decay, betas) -> tuple[float, float, tuple[float, float]]:
+    """AdamW's lr, weight_decay and betas as Python floats, or a ValueError naming the one that is wrong and the fix."""
+    lr = check_number("lr", lr, 0, above=True, advice="e.g. 1e-4")  # inf passes `> 0` and trains a NaN model
+    weight_decay = check_number("weight_decay", weight_decay, 0, advice="0: no decay")
+    if lr * weight_decay >= 1:  # AdamW multiplies every weight by 1 - lr * weight_decay per step
+        raise ValueError(f"weight_decay {weight_decay:g} with lr {lr:g} would shrink every weight by "
+                         f"lr x weight_decay = {lr * weight_decay:g} (>= 1) each step, flipping its "
+                         "sign; weight decays are small, e.g. 3e-5 (ResFormer) or 1e-2")
+    if (not isinstance(betas, Sequence) or isinstance(betas, str) or len(betas) != 2
+            or not all(is_number(b) and 0 <= b < 1 for b in betas)):  # NaN fails the comparison
+        raise ValueError(f"betas must be a pair of numbers in [0, 1), e.g. (0.9, 0.999), got {betas!r}")
+    return lr, weight_decay, (float(betas[0]), float(betas[1]))
 
 
 def check_size(image_size, minimum: int = 1) -> tuple[int, int]:

@@ -156,6 +156,18 @@ def test_build_optimizer_refuses_a_model_with_nothing_to_train():
         build_optimizer(model)
 
 
+@pytest.mark.parametrize("kwargs, says", [
+    (dict(lr=-1), r"lr must be a finite number > 0 \(e.g. 1e-4\), got -1"),  # was torch's "Invalid learning rate"
+    (dict(lr=float("inf")), r"lr must be a finite number > 0"),  # torch took it, and trained NaN weights
+    (dict(weight_decay=-0.1), r"weight_decay must be a finite number >= 0 \(0: no decay\)"),
+    (dict(lr=1.0, weight_decay=2.0), r"would shrink every weight by lr x weight_decay = 2 \(>= 1\)"),
+    (dict(betas=(0.9, 1.0)), r"betas must be a pair of numbers in \[0, 1\), e.g. \(0.9, 0.999\), got \(0.9, 1.0\)"),
+])
+def test_build_optimizer_names_a_bad_hyperparameter_as_fit_does(kwargs, says):
+    with pytest.raises(ValueError, match=says):
+        build_optimizer(tiny(), **kwargs)
+
+
 # ---------------------------------------------------------------------------------------------- transfer
 
 
