@@ -622,6 +622,9 @@ def _check_classes(labels: tuple[torch.Tensor, torch.Tensor], task_keys: tuple[s
 
 def adversary_weight(step: int, w_adv: float, warmup_steps: int = 0, ramp_steps: int = 0) -> float:
     """w_adv schedule: 0 for `warmup_steps`, then a linear ramp over `ramp_steps`, then w_adv."""
+    for name, value in (("step", step), ("warmup_steps", warmup_steps), ("ramp_steps", ramp_steps)):
+        if not is_number(value) or value < 0:  # a negative ramp returned w_adv at once, a negative step 0
+            raise ValueError(f"adversary_weight's {name} must be a number >= 0, got {value!r}")
     if step < warmup_steps:
         return 0.0
     if ramp_steps <= 0:
@@ -1170,6 +1173,9 @@ def balanced_sampler(*labels: np.ndarray, seed: int = 0) -> torch.utils.data.Wei
     """
     if not labels or len({len(y) for y in labels}) != 1:
         raise ValueError("balanced_sampler needs one or more label arrays of the same length")
+    if len(labels[0]) == 0:  # torch's own error named num_samples, not the empty dataset behind it
+        raise ValueError("balanced_sampler got empty label arrays: the training set has no items; check the "
+                         "dataset (its split, limit or folder)")
     _, combo = np.unique(np.stack([np.asarray(y) for y in labels], axis=1), axis=0, return_inverse=True)
     combo = combo.reshape(-1)
     weights = 1.0 / np.bincount(combo)[combo]

@@ -181,6 +181,19 @@ def test_adversary_weight_schedule(step, warmup, ramp, expected):
     assert D.adversary_weight(step, 2.0, warmup, ramp) == pytest.approx(expected)
 
 
+@pytest.mark.parametrize("step, warmup, ramp, name", [(-5, 10, 10, "step"), (5, -1, 0, "warmup_steps"),
+                                                      (5, 0, -1, "ramp_steps"), (5, None, 0, "warmup_steps")])
+def test_adversary_weight_refuses_a_negative_count(step, warmup, ramp, name):
+    """A negative ramp gave the full weight at once, a negative step none: numbers, not an error."""
+    with pytest.raises(ValueError, match=rf"adversary_weight's {name} must be a number >= 0"):
+        D.adversary_weight(step, 2.0, warmup, ramp)
+
+
+def test_balanced_sampler_names_an_empty_training_set():
+    with pytest.raises(ValueError, match=r"empty label arrays: the training set has no items"):
+        D.balanced_sampler(np.array([], dtype=int), np.array([], dtype=int))
+
+
 def _snapshot(module):
     return [p.detach().clone() for p in module.parameters()]
 
