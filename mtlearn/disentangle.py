@@ -45,7 +45,7 @@ from mtlearn.checkpoint import (
     set_rng_state,
 )
 from mtlearn.encoder import check_image
-from mtlearn.engine import NonFiniteLossError
+from mtlearn.engine import NonFiniteLossError, NonFiniteWeightsError, non_finite_names
 from mtlearn.utils import (
     check_bool,
     check_int,
@@ -319,6 +319,7 @@ ADV_LOSSES = ("confusion", "negative_ce")
 ADV_TARGETS = ("prior", "uniform")
 NON_FINITE_CAUSES = ("lr or adv_lr too high, w_adv or w_leak too large (adv_loss='negative_ce' is unbounded "
                      "below), or NaN in the images")
+WEIGHT_CAUSES = "lr or adv_lr too high, or w_adv or w_leak too large (adv_loss='negative_ce' is unbounded below)"
 
 
 def adversarial_term(logits: torch.Tensor, labels: torch.Tensor, loss: str, target: torch.Tensor) -> torch.Tensor:
@@ -684,7 +685,8 @@ def train_disentangle(
     batch had changed (BatchNorm statistics, the adversaries and their momentum after earlier
     adversary steps, the label counts, the leakage statistics) is put back: `model` keeps the state
     it had after the last finite step (with out_dir, before the first last.pt: its starting state,
-    see below).
+    see below). Weights (or leakage statistics) that turn NaN or inf although every loss was finite
+    raise NonFiniteWeightsError at the end of that epoch, before its last.pt would replace the good one.
 
     out_dir: after every epoch, `out_dir/last.pt` holds the whole game (weights, both optimisers,
     the schedule, the label counts, the leakage statistics, the random states), written
@@ -823,6 +825,14 @@ def train_disentangle(
                     sums[k] = sums.get(k, 0.0) + v
                     counts[k] = counts.get(k, 0) + 1
                 step += 1
+            # finite losses do not guarantee finite weights (the epoch's last update can overflow): stop
+            # before its last.pt would replace the good one of the previous epoch, as fit does
+            bad = non_finite_names([*model.state_dict().items(),
+                                    *((f"leak_{side}.covariance", leak.covariance)
+                                      for side, leak in zip("ab", leakage or ()))])
+            if bad:
+                last = checkpoint if checkpoint is not None and checkpoint.is_file() else None
+                raise NonFiniteWeightsError(epoch + 1, bad, last, causes=WEIGHT_CAUSES)
             done = len(next(iter(history.values()), []))  # epochs already recorded
             for k in sorted({k for k in history if not k.startswith("val_")} | set(sums)):
                 # each key over the steps that recorded it; NaN for an epoch without any (adv_term in a warm-up)

@@ -30,7 +30,7 @@ import math
 import os
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -101,14 +101,16 @@ class NonFiniteWeightsError(RuntimeError):
     Raised before that epoch's checkpoints are written, so last.pt and best.pt keep the previous epoch.
     """
 
-    def __init__(self, epoch: int, names: Sequence[str], checkpoint: Path | None = None):
+    CAUSES = "a learning rate too high (lower lr, or set grad_clip), or fp16 overflow (try amp='bf16' or 'off')"
+
+    def __init__(self, epoch: int, names: Sequence[str], checkpoint: Path | None = None, causes: str = CAUSES):
+        """causes: the usual causes named in the message (the default is fit's; other loops name theirs)."""
         self.epoch, self.names = epoch, list(names)
         where = f"; the last good checkpoint is {checkpoint}" if checkpoint else ""
         shown = ", ".join(self.names[:3]) + (f" and {len(self.names) - 3} more" if len(self.names) > 3 else "")
         super().__init__(
             f"the weights became non-finite (NaN or inf) in epoch {epoch} ({shown}) although every loss was "
-            f"finite{where}; this epoch was not saved. Usual cause: a learning rate too high (lower lr, or set "
-            "grad_clip), or fp16 overflow (try amp='bf16' or 'off')."
+            f"finite{where}; this epoch was not saved. Usual cause: {causes}."
         )
 
 
@@ -777,7 +779,12 @@ def _weighting_as_settings(plain: Mapping) -> dict:
 
 def _non_finite_tensors(model: nn.Module, weighting: LossWeighting) -> list[str]:
     """Names of the floating-point parameters and buffers (what a checkpoint saves) holding NaN or inf."""
-    named = [*model.state_dict().items(), *((f"weighting.{k}", v) for k, v in weighting.state_dict().items())]
+    return non_finite_names([*model.state_dict().items(),
+                             *((f"weighting.{k}", v) for k, v in weighting.state_dict().items())])
+
+
+def non_finite_names(named: Iterable[tuple[str, Any]]) -> list[str]:
+    """The names of the floating-point tensors among (name, value) pairs that hold NaN or inf."""
     named = [(name, t) for name, t in named if torch.is_tensor(t) and t.is_floating_point()]
     if not named:
         return []

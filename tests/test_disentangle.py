@@ -709,6 +709,52 @@ def test_a_nan_loss_names_the_last_checkpoint(shapes_batch, tmp_path):
     assert load_checkpoint(tmp_path / "last.pt")["epoch"] == 1  # epoch 1, kept
 
 
+@pytest.mark.parametrize("epoch, blown", [(2, "weight"), (1, "weight"), (2, "leakage")])
+def test_weights_that_blow_up_stop_before_last_pt_is_overwritten(shapes_batch, tmp_path, monkeypatch, epoch, blown):
+    """Every loss finite, but the epoch's last update overflowed: last.pt was written with inf weights, and
+    named as the last good checkpoint when the next epoch's loss turned NaN (as fit's check does)."""
+    from mtlearn.engine import NonFiniteWeightsError, load_checkpoint
+
+    keys = ("image", "shape", "background")
+    batches = [{k: shapes_batch[k][i * 16:(i + 1) * 16] for k in keys} for i in range(2)]  # two per epoch
+    torch.manual_seed(0)
+    model = tiny_model()
+    start = copy.deepcopy(model.state_dict())
+    calls, main_step, leakage_call = [], D.main_step, D.LinearLeakage.__call__
+
+    def overflowing_step(*args, **kwargs):
+        record = main_step(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == 2 * epoch and blown == "weight":
+            with torch.no_grad():
+                model.encoder_a.stem.weight.fill_(float("inf"))
+        return record
+
+    def overflowing_leakage(self, *args):
+        value = leakage_call(self, *args)
+        if len(calls) == 2 * epoch - 1 and blown == "leakage":  # within the epoch's last main step
+            self.covariance = torch.full_like(self.covariance, float("nan"))
+        return value
+
+    monkeypatch.setattr(D, "main_step", overflowing_step)
+    monkeypatch.setattr(D.LinearLeakage, "__call__", overflowing_leakage)
+    with pytest.raises(NonFiniteWeightsError) as caught:
+        D.train_disentangle(model, batches, epochs=3, adv_steps=1, w_leak=1.0, device="cpu", progress=False,
+                            out_dir=tmp_path, recalibrate_bn=False)
+    error = caught.value
+    assert error.epoch == epoch and "lr or adv_lr too high" in str(error) and "grad_clip" not in str(error)
+    assert error.names == (["encoder_a.stem.weight"] if blown == "weight" else
+                           ["leak_a.covariance", "leak_b.covariance"])
+    if epoch == 1:  # nothing saved yet: none named, and the model is given its starting state back
+        assert not (tmp_path / "last.pt").exists() and "checkpoint" not in str(error)
+        assert all(torch.equal(v, start[k]) for k, v in model.state_dict().items())
+        return
+    assert f"the last good checkpoint is {tmp_path / 'last.pt'}" in str(error)
+    state = load_checkpoint(tmp_path / "last.pt")
+    assert state["epoch"] == 1 and all(torch.isfinite(v).all() for v in state["model"].values()
+                                       if v.is_floating_point())
+
+
 @pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
 def test_an_infinite_loss_stops_the_step_as_a_nan_one_does(value):
     """An overflowing loss is inf (not NaN) until the backward pass spreads it: it is caught as it is."""
