@@ -167,7 +167,12 @@ def fetch(
         )
     # Written last: a folder without the marker is not finished, whatever else it holds.
     record = {"name": source.name, "url": url, "known_hash": known_hash, "files": files}
-    marker.write_text(json.dumps(record, indent=1))
+    partial = marker.with_name(marker.name + ".tmp")  # then renamed: a full disk leaves no half-written marker
+    try:
+        partial.write_text(json.dumps(record, indent=1))
+        os.replace(partial, marker)
+    finally:
+        partial.unlink(missing_ok=True)
     unpacking.unlink(missing_ok=True)
     return folder
 

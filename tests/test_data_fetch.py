@@ -158,6 +158,27 @@ def test_archive_is_extracted_once_with_a_marker(server, tmp_path):
     assert len(server.requests) == count
 
 
+def test_a_marker_cut_short_by_a_full_disk_is_not_left_behind(server, tmp_path, monkeypatch):
+    """The marker vouches for the whole folder: half of one (the disk full while writing it) passed the
+    loader's check, and switched off the warning about files deleted since."""
+    import pathlib
+
+    server.files["/BUSBRA.zip"] = ARCHIVE
+    write_text = pathlib.Path.write_text
+
+    def full_disk(self, text, *args, **kwargs):
+        if self.name.startswith(".bus_bra.complete"):
+            write_text(self, text[:10])
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return write_text(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(pathlib.Path, "write_text", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        fetch("bus_bra", dest=tmp_path, url=server.url + "/BUSBRA.zip", known_hash=sha256(ARCHIVE), progress=False)
+    assert (tmp_path / "BUSBRA" / "bus_data.csv").is_file()  # unpacked, but not vouched for
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".bus_bra.complete")]
+
+
 def test_deleted_files_or_another_checksum_make_the_next_fetch_check_again(server, tmp_path, capsys):
     server.files["/BUSBRA.zip"] = ARCHIVE
     kwargs = {"dest": tmp_path, "url": server.url + "/BUSBRA.zip", "progress": False}
