@@ -40,12 +40,41 @@ def save_checkpoint(state: Mapping, path: str | os.PathLike) -> Path:
 
     state: tensors, numbers, strings, lists and dicts only, so that `load_checkpoint` (weights_only)
     reads it back. The rename is atomic, so `path` holds either the previous file or the new one;
-    the temporary file is removed whatever happens. Returns `path`.
+    the temporary file is removed whatever happens. Returns `path`. Anything else (a module, a NumPy
+    number, a lambda) raises TypeError naming where it is, before anything is written.
     """
     path = Path(path)
+    if isinstance(state, nn.Module):
+        raise TypeError(f"save_checkpoint takes a dict, not a {type(state).__name__}; pass e.g. "
+                        "{'model': model.state_dict()}")
+    if not isinstance(state, Mapping):
+        raise TypeError(f"save_checkpoint takes a dict of tensors, numbers and strings, got a {type(state).__name__}")
+    if path.is_dir():  # the rename would fail with the temporary file's name in the message
+        raise IsADirectoryError(f"{path} is a folder; give the checkpoint's file name, e.g. {path / 'last.pt'}")
+    _check_loadable(state, "state")  # now: torch.save takes anything, and only load_checkpoint would refuse it
     with atomic_file(path, binary=True) as f:
         torch.save(dict(state), f)
     return path
+
+
+_PLAIN = (Tensor, bool, int, float, complex, str, bytes, type(None), torch.Size, torch.dtype, torch.device)
+
+
+def _check_loadable(value, where: str) -> None:
+    """Raise TypeError naming the first value under `where` that torch.load(weights_only=True) would refuse."""
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            if not isinstance(key, (str, int, float, bool, type(None))):
+                raise TypeError(f"{where} has a key of type {type(key).__name__} ({key!r}); use strings or numbers")
+            _check_loadable(item, f"{where}[{key!r}]")
+    elif isinstance(value, (list, tuple, set)):
+        for i, item in enumerate(value):
+            _check_loadable(item, f"{where}[{i}]")
+    elif not isinstance(value, _PLAIN):
+        fix = ("save its state_dict() instead" if hasattr(value, "state_dict") else
+               "convert it to a tensor or a Python number (torch.as_tensor, float(), .item())")
+        raise TypeError(f"{where} is a {type(value).__module__}.{type(value).__qualname__}, which load_checkpoint "
+                        f"(torch.load with weights_only=True, which runs no code) cannot read back; {fix}")
 
 
 def load_checkpoint(path: str | os.PathLike, model: nn.Module | None = None,

@@ -33,10 +33,34 @@ def small_model(num_classes=3):
 
 def test_atomic_save_keeps_the_old_file_on_failure(tmp_path):
     path = save_checkpoint({"epoch": 1, "weights": torch.ones(3)}, tmp_path / "last.pt")
-    with pytest.raises((pickle.PicklingError, AttributeError)):  # which one depends on the object
+    with pytest.raises(TypeError, match=r"state\['broken'\] is a builtins.function, which load_checkpoint"):
         save_checkpoint({"epoch": 2, "broken": lambda: None}, path)  # a lambda cannot be pickled
     assert load_checkpoint(path)["epoch"] == 1
     assert os.listdir(tmp_path) == ["last.pt"]
+
+
+@pytest.mark.parametrize("state, says", [
+    ({"model": nn.Linear(2, 2)}, r"state\['model'\] is a torch.nn.modules.linear.Linear, .*cannot read back; save "
+                                 r"its state_dict\(\) instead"),
+    (nn.Linear(2, 2), r"save_checkpoint takes a dict, not a Linear; pass e.g. \{'model': model.state_dict\(\)\}"),
+    ({"rng": {"numpy": [np.float32(0.5)]}}, r"state\['rng'\]\['numpy'\]\[0\] is a numpy.float32, .*convert it to a "
+                                            r"tensor or a Python number"),
+    ({"history": {("val", "dice"): [0.5]}}, r"state\['history'\] has a key of type tuple"),
+])
+def test_what_load_checkpoint_could_not_read_back_is_refused_when_saving(tmp_path, state, says):
+    """torch.save took a module or a NumPy number, and load_checkpoint (weights_only) then called the file
+    corrupt: the run's checkpoints were all unreadable, found only at the resume."""
+    with pytest.raises(TypeError, match=says):
+        save_checkpoint(state, tmp_path / "last.pt")
+    assert os.listdir(tmp_path) == []
+    plain = {"a": [torch.ones(1), (1, 2.5, "x", None, True)], "b": {3, 4}, "c": {1: torch.float16}, "d": 1 + 2j}
+    assert load_checkpoint(save_checkpoint(plain, tmp_path / "ok.pt")) == plain  # what it does read back
+
+
+def test_a_folder_given_as_the_checkpoint_is_named_with_the_fix(tmp_path):
+    with pytest.raises(IsADirectoryError, match=rf"{tmp_path} is a folder; give the checkpoint's file name, e.g. "
+                                                rf"{tmp_path / 'last.pt'}"):
+        save_checkpoint({"epoch": 1}, tmp_path)
 
 
 def test_a_save_that_fails_midway_keeps_the_old_file_and_leaves_no_partial_one(tmp_path, monkeypatch):
