@@ -66,6 +66,13 @@ def _draw_image(ax, picture: np.ndarray, low: float | None = None, high: float |
     return ax.imshow(np.clip(np.nan_to_num(picture), 0.0, 1.0))
 
 
+def _kind(x) -> str:
+    """What `x` is, for an error message: "a Tensor of shape (1, 8, 8)", "a tuple", "an int"."""
+    name, shape = type(x).__name__, getattr(x, "shape", None)
+    article = "an" if name[0] in "aeiouAEIOU" else "a"
+    return f"{article} {name}" + (f" of shape {tuple(shape)}" if shape is not None else "")
+
+
 def _outline(x, name: str, size: tuple[int, int]) -> np.ndarray:
     """A mask or predicted mask, (H, W) or (1, H, W), as the (H, W) array an outline is drawn from."""
     x = _array(x)
@@ -145,7 +152,7 @@ def show_items(items: Sequence[dict], keys: Sequence[str] = ("image", "mask"), c
     """
     if not is_int(max_items) or max_items < 1:
         raise ValueError(f"max_items must be an int >= 1, got {max_items!r}")
-    keys = tuple(keys)
+    keys = (keys,) if isinstance(keys, str) else tuple(keys)  # "image" is one row, not five
     if not keys:
         raise ValueError("keys is empty: name the rows to draw, e.g. keys=('image', 'mask')")
     if isinstance(items, Mapping):  # one item: iterating over it would give its keys
@@ -154,6 +161,9 @@ def show_items(items: Sequence[dict], keys: Sequence[str] = ("image", "mask"), c
     if not items:
         raise ValueError("there are no items to show (an empty list or dataset)")
     for index, item in enumerate(items):
+        if not isinstance(item, Mapping):  # a batch or list of image tensors: `key in tensor` raised a RuntimeError
+            raise ValueError(f"item {index} is {_kind(item)}, not a dict: pass a dataset, or items such as dataset[i]: "
+                             "dicts with an 'image' tensor")
         missing = [key for key in keys if key not in item]
         if missing:  # e.g. the default "mask" row for a classification-only dataset (BreastMNIST)
             raise ValueError(f"item {index} has no {missing}; its keys are {sorted(item)}: pass keys=, "
@@ -203,7 +213,22 @@ def learning_curves(histories: dict[str, "object"], metric: str, title: str = ""
     ylabel: the y axis' label; None: the metric, its "val/" or "train/" prefix spelled out
     ("val/seg/dice" -> "seg/dice (validation)").
     """
+    if not isinstance(histories, Mapping):  # one History or its records: .items() raised an AttributeError
+        raise ValueError(f"histories must be {{run name: History or records}}, got {_kind(histories)}; name the run, "
+                         "e.g. learning_curves({'mtl': history}, metric)")
+    if not isinstance(metric, str):  # a list of metrics: `metric in record` raised "unhashable type"
+        raise ValueError(f"metric must be one record key (a str), e.g. 'val/seg/dice', got {metric!r}: draw one "
+                         "figure per metric")
     records = {name: getattr(rows, "records", rows) for name, rows in histories.items()}
+    for name, rows in records.items():
+        # a dict's keys were read as records (its letters listed as keys), a list of numbers raised a TypeError
+        if isinstance(rows, (str, Mapping)) or not isinstance(rows, Sequence):
+            got = _kind(rows)
+        else:
+            got = next((f"a list holding {_kind(r)}" for r in rows if not isinstance(r, Mapping)), None)
+        if got is not None:
+            raise ValueError(f"histories[{name!r}] must be a History or a list of per-epoch records (dicts), "
+                             f"got {got}")
     if not any(rows for rows in records.values()):
         raise ValueError("histories holds no records: pass {run name: History or records} of runs that trained")
     if not any(metric in r for rows in records.values() for r in rows):  # a misspelt key: empty axes

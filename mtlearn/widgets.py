@@ -11,7 +11,7 @@ from collections.abc import Mapping
 import ipywidgets as widgets
 import matplotlib.pyplot as plt
 
-from mtlearn.plots import _class_index, _draw_image, _flag, _image, _outline
+from mtlearn.plots import _class_index, _draw_image, _flag, _image, _kind, _outline
 from mtlearn.utils import find_class_names
 
 
@@ -45,6 +45,10 @@ class DatasetExplorer:
     LAYERS = ("image", "clean", "mask", "artifact_mask")
 
     def __init__(self, dataset, class_names=None):
+        if not (hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")):  # a DataLoader: dataset[0] raised
+            fix = ": pass the loader's dataset, DatasetExplorer(loader.dataset)" if hasattr(dataset, "dataset") else ""
+            raise ValueError(f"DatasetExplorer needs a dataset (items read by index, dataset[i]), got "
+                             f"{_kind(dataset)}{fix}")
         if len(dataset) == 0:
             raise ValueError("DatasetExplorer needs a non-empty dataset")
         self.dataset = dataset
@@ -54,6 +58,9 @@ class DatasetExplorer:
             class_names = find_class_names(dataset)
         self.class_names = class_names if class_names is None or isinstance(class_names, Mapping) else list(class_names)
         first = dataset[0]
+        if not isinstance(first, Mapping):  # a batch or list of image tensors: `"image" in tensor` raised
+            raise ValueError(f"DatasetExplorer draws dataset items, dicts with an 'image' tensor, but item 0 is "
+                             f"{_kind(first)}: pass a dataset, or a list of items such as dataset[i]")
         layers = [k for k in ("image", "clean") if k in first]
         if not layers:  # an empty dropdown drew item[None]: a bare KeyError: None
             raise ValueError(f"DatasetExplorer draws an item's 'image' (or 'clean'), but the first item has only "

@@ -572,3 +572,44 @@ def test_show_items_with_no_class_names_names_the_label_it_cannot_name():
     with pytest.raises(ValueError, match=r"item 0 has label 1, but class_names \[\] name labels"):  # an IndexError
         plots.show_items([{"image": torch.rand(1, 8, 8), "label": 1}], keys=("image",), class_names=[])
     plt.close("all")
+
+
+@pytest.mark.parametrize("histories, metric, match", [
+    ({"a": {"loss": [1, 2]}}, "dice",  # its keys were read as records: "the records hold ['l', 'o', 's']"
+     r"histories\['a'\] must be a History or a list of per-epoch records \(dicts\), got a dict$"),
+    ({"a": [1, 2, 3]}, "dice", r"histories\['a'\] must be .*, got a list holding an int$"),  # was a TypeError
+    ({"a": "loss"}, "dice", r"histories\['a'\] must be .*, got a str$"),
+    ([{"epoch": 1, "dice": 0.5}], "dice",  # one run's records, unnamed: an AttributeError on .items()
+     r"histories must be \{run name: History or records\}, got a list; name the run, e.g. learning_curves\("),
+    ({"a": [{"epoch": 1, "dice": 0.5}]}, ["dice"], r"metric must be one record key \(a str\).*got \['dice'\]"),
+])
+def test_learning_curves_refuse_histories_of_another_shape_before_opening_a_figure(histories, metric, match):
+    with pytest.raises(ValueError, match=match):
+        plots.learning_curves(histories, metric)
+    assert not plt.get_fignums()
+
+
+def test_learning_curves_name_a_bare_history_that_is_not_in_a_dict():
+    from mtlearn.engine import History
+
+    history = History()
+    history.append({"epoch": 1, "val/seg/dice": 0.5})
+    with pytest.raises(ValueError, match=r"got a History; name the run, e.g. learning_curves\(\{'mtl': history\}"):
+        plots.learning_curves(history, "val/seg/dice")
+
+
+@pytest.mark.parametrize("items, match", [
+    ([torch.rand(1, 8, 8)], r"item 0 is a Tensor of shape \(1, 8, 8\), not a dict"),  # a RuntimeError of torch's
+    (torch.rand(2, 1, 8, 8), r"item 0 is a Tensor of shape \(1, 8, 8\), not a dict"),  # a batch of images
+    ([(torch.rand(1, 8, 8), 0)], r"item 0 is a tuple, not a dict"),  # (image, label), as torchvision's datasets
+])
+def test_show_items_refuses_items_that_are_not_dicts(items, match):
+    with pytest.raises(ValueError, match=match + r": pass a dataset, or items such as dataset\[i\]: dicts with an "
+                                                 r"'image' tensor"):
+        plots.show_items(items)
+    assert not plt.get_fignums()
+
+
+def test_show_items_takes_one_key_as_a_str():
+    fig = plots.show_items([{"image": torch.rand(1, 8, 8)}], keys="image")  # was the rows 'i', 'm', 'a', ...
+    assert [ax.get_ylabel() for ax in fig.axes] == ["image"]

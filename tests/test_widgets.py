@@ -317,3 +317,21 @@ def test_items_without_an_image_are_refused_naming_the_keys():
     items = [{"mask": torch.zeros(1, 8, 8), "label": 0}]
     with pytest.raises(ValueError, match=r"'image' \(or 'clean'\), but the first item has only \['label', 'mask'\]"):
         DatasetExplorer(items)  # was a bare KeyError: None
+
+
+@pytest.mark.parametrize("dataset, match", [
+    ([torch.zeros(1, 8, 8)], r"item 0 is a Tensor of shape \(1, 8, 8\): pass a dataset"),  # a RuntimeError of torch's
+    (torch.zeros(2, 1, 8, 8), r"item 0 is a Tensor of shape \(1, 8, 8\)"),  # a batch of images
+    ([(torch.zeros(1, 8, 8), 0)], r"item 0 is a tuple"),  # (image, label), as torchvision's datasets
+])
+def test_items_that_are_not_dicts_are_refused_naming_what_they_are(dataset, match):
+    with pytest.raises(ValueError, match=r"DatasetExplorer draws dataset items, dicts with an 'image' tensor, but "
+                                         + match):
+        DatasetExplorer(dataset)
+
+
+def test_a_data_loader_is_refused_with_the_fix():
+    loader = torch.utils.data.DataLoader(fake_items(), batch_size=2)
+    with pytest.raises(ValueError, match=r"needs a dataset \(items read by index, dataset\[i\]\), got a DataLoader: "
+                                         r"pass the loader's dataset, DatasetExplorer\(loader.dataset\)"):
+        DatasetExplorer(loader)  # was "TypeError: 'DataLoader' object is not subscriptable"
