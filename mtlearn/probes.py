@@ -111,6 +111,20 @@ def _class_indices(values: np.ndarray, name: str) -> np.ndarray:
     return class_labels(torch.from_numpy(values), f"label {name!r}").numpy()
 
 
+def _check_features(features: np.ndarray, name: str) -> None:
+    """Raise ValueError if `features` (N, D) has no column or holds NaN or inf: sklearn's own message
+    advises another estimator, when the encoder that made them is what went wrong."""
+    if features.shape[1] == 0:
+        raise ValueError(f"{name} have no columns (shape {features.shape}); pass the encoder's features, (N, D) "
+                         "with D >= 1")
+    if not (np.issubdtype(features.dtype, np.number) or features.dtype == bool):  # text, objects: sklearn's error
+        raise ValueError(f"{name} must be numbers, got an array of {features.dtype}")
+    bad = int(np.size(features) - np.isfinite(features).sum())
+    if bad:
+        raise ValueError(f"{name} hold {bad} NaN or inf value(s) of {np.size(features)}: the encoder that made them "
+                         "diverged (or its images held NaN); retrain it, e.g. with a lower lr, before probing")
+
+
 def _is_int_labels(value) -> bool:
     return isinstance(value, torch.Tensor) and value.ndim == 1 and not value.is_floating_point()
 
@@ -141,6 +155,7 @@ def linear_probe(
     for name, f, y in (("train", features_train, y_train), ("test", features_test, y_test)):
         if f.ndim != 2 or y.ndim != 1 or len(f) != len(y):
             raise ValueError(f"{name}: expected features (N, D) and labels (N,), got {f.shape} and {y.shape}")
+        _check_features(f, f"{name} features")
     y_train, y_test = _class_indices(y_train, "y_train"), _class_indices(y_test, "y_test")
     if features_train.shape[1] != features_test.shape[1]:
         raise ValueError(f"train and test features differ in width: {features_train.shape[1]} vs "
@@ -213,6 +228,7 @@ def cross_validated_probe(features: np.ndarray, y: np.ndarray, folds: int = 5, s
     if features.ndim != 2 or y.ndim != 1 or len(features) != len(y):
         raise ValueError(f"expected features (N, D) and labels (N,) with the same N, got features {features.shape} "
                          f"and labels {y.shape}")
+    _check_features(features, "features")
     y = _class_indices(y, "y")  # NaN labels were "class nan has 0 item(s)": y == nan is never true
     if not is_int(folds) or folds < 2:
         raise ValueError(f"folds must be an int >= 2, got {folds!r}")
@@ -307,6 +323,7 @@ def embed_2d(features: np.ndarray, method: str = "pca", seed: int = 0) -> np.nda
     if features.ndim != 2 or len(features) < 3 or features.shape[1] < 2:  # 2-D needs 2 columns to come from
         raise ValueError(f"features must be (N, D) with N >= 3 and D >= 2, got {features.shape}; one feature "
                          "per image is a 1-D picture already: plot it against the labels")
+    _check_features(features, "features")
     scaled = StandardScaler().fit_transform(features)
     if method == "pca":
         return PCA(n_components=2, random_state=seed).fit_transform(scaled)

@@ -133,6 +133,33 @@ def test_linear_probe_bad_arguments(args, match):
         linear_probe(*args)
 
 
+def _diverged(n=20, bad=float("nan")):
+    features = np.random.default_rng(0).normal(size=(n, 4))
+    features[3, 1] = bad
+    return features
+
+
+@pytest.mark.parametrize("call, says", [
+    (lambda: linear_probe(np.ones((10, 4)), np.r_[np.zeros(5), np.ones(5)], _diverged(), np.r_[np.zeros(10),
+                                                                                                np.ones(10)]),
+     r"test features hold 1 NaN or inf value\(s\) of 80: the encoder that made them diverged"),
+    (lambda: cross_validated_probe(_diverged(bad=float("inf")), np.r_[np.zeros(10), np.ones(10)]),
+     r"features hold 1 NaN or inf value\(s\) of 80: .*retrain it, e.g. with a lower lr, before probing"),
+    (lambda: embed_2d(_diverged()), r"features hold 1 NaN or inf"),
+    (lambda: cross_validated_probe(np.zeros((20, 0)), np.r_[np.zeros(10), np.ones(10)]),
+     r"features have no columns \(shape \(20, 0\)\)"),
+    (lambda: linear_probe(np.full((10, 2), "a"), np.r_[np.zeros(5), np.ones(5)], np.zeros((4, 2)), [0, 1, 0, 1]),
+     r"train features must be numbers, got an array of <U1"),
+])
+def test_features_a_diverged_encoder_made_are_blamed_on_it(call, says):
+    """sklearn said "Input X contains NaN ... consider HistGradientBoostingClassifier": another estimator, when
+    the encoder that made the features is what went wrong."""
+    with pytest.raises(ValueError, match=says):
+        call()
+    linear_probe(np.r_[np.zeros((5, 2)), np.ones((5, 2))] > 0, np.r_[np.zeros(5), np.ones(5)],  # booleans are numbers
+                 np.eye(2, dtype=bool), [0, 1])
+
+
 def _patients(n_patients=38, per_patient=18, seed=0):
     """Features that say who the patient is (a centre each, plus noise) and a flag drawn per patient that no
     feature direction encodes: only a probe that sees a patient on both sides of a fold can read it."""
