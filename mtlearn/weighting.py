@@ -28,6 +28,7 @@ import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
@@ -63,7 +64,15 @@ class LossWeighting(nn.Module):
     def _stack(self, losses: Mapping[str, Tensor]) -> Tensor:
         """Task losses in self.tasks order: dict -> (T,)."""
         self._check_tasks(losses)
-        return torch.stack([losses[task].float() for task in self.tasks])
+        for task in self.tasks:
+            loss = losses[task]
+            if not isinstance(loss, Tensor):  # .float() failed on a float: "'float' object has no attribute"
+                raise ValueError(f"the {task!r} loss must be a tensor (the batch's mean loss, with its graph), got a "
+                                 f"{type(loss).__name__}: pass the loss tensor itself, not .item()")
+            if loss.numel() != 1:  # torch.stack's "expects each tensor to be equal size" otherwise
+                raise ValueError(f"the {task!r} loss must be one number (the batch's mean loss), got a tensor of shape "
+                                 f"{tuple(loss.shape)}; reduce per-item losses with .mean()")
+        return torch.stack([losses[task].float().reshape(()) for task in self.tasks])
 
     def _check_tasks(self, losses: Mapping[str, Any]) -> None:
         if set(losses) != set(self.tasks):
@@ -183,7 +192,10 @@ class DynamicWeightAverage(LossWeighting):
 
     def end_epoch(self, epoch_losses):
         self._check_tasks(epoch_losses)
-        current = torch.tensor([float(epoch_losses[t]) for t in self.tasks], device=self.loss_history.device)
+        current = torch.tensor([_as_float(epoch_losses[t], f"the {t!r} epoch loss") for t in self.tasks],
+                               device=self.loss_history.device)
+        if not torch.isfinite(current).all():  # the ratios would make every weight NaN
+            raise ValueError(f"DWA needs each task's finite mean training loss, got {dict(epoch_losses)}")
         self.loss_history = torch.stack([self.loss_history[1], current])  # (2, T)
         self.epochs_seen += 1
         if self.epochs_seen >= 2:
@@ -458,13 +470,33 @@ def delta_m(mtl_metrics: Mapping[str, float], single_task_metrics: Mapping[str, 
         if name not in mtl_metrics:
             raise ValueError(f"metric {name!r} of the single-task baseline is missing from mtl_metrics "
                              f"(which has {sorted(mtl_metrics)})")
+        # text read from a file: a "0.5" was taken as it came, a "0.4" baseline failed in a comparison
+        baseline = _as_float(baseline, f"baseline metric {name!r}")
+        value = _as_float(mtl_metrics[name], f"multi-task metric {name!r}")
         if baseline == 0 or not math.isfinite(baseline):
             raise ValueError(f"baseline metric {name!r} is {baseline}; the relative change is undefined")
+        if not math.isfinite(value):  # NaN made Delta_m NaN without a word
+            raise ValueError(f"multi-task metric {name!r} is {value}: the run diverged or the metric could not be "
+                             "computed; Delta_m is undefined")
         if higher_is_better is not None and name in higher_is_better:
             higher = bool(higher_is_better[name])
         else:
             lowered = name.lower()
             higher = not (lowered.endswith("loss") or any(k in lowered for k in ("error", "mse", "mae")))
         sign = 1.0 if higher else -1.0
-        total += sign * (float(mtl_metrics[name]) - float(baseline)) / abs(float(baseline))
+        total += sign * (value - baseline) / abs(baseline)
     return 100.0 * total / len(single_task_metrics)
+
+
+def _as_float(value, what: str) -> float:
+    """`value` (a Python or NumPy number, or a one-element tensor) as a float; a ValueError naming `what` for
+    text, a bool or anything else."""
+    if isinstance(value, Tensor):
+        ok = value.numel() == 1
+    elif isinstance(value, np.ndarray):
+        ok = value.size == 1
+    else:
+        ok = is_number(value)  # False for text and bools
+    if not ok:
+        raise ValueError(f"{what} must be a number, got {value!r}")
+    return float(value)

@@ -1,6 +1,7 @@
 import io
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -521,6 +522,45 @@ def test_the_published_defaults():
     with its weights' learning rate: what build_weighting("dwa") or ("gradnorm") gives a student."""
     assert build_weighting("dwa", TASKS).options() == {"temperature": 2.0}
     assert build_weighting("gradnorm", TASKS).options() == {"alpha": 1.5, "lr": 0.025}
+
+
+@pytest.mark.parametrize("mtl, single, says", [
+    ({"dice": float("nan")}, {"dice": 0.4}, r"multi-task metric 'dice' is nan: the run diverged"),  # was nan
+    ({"dice": "0.5"}, {"dice": 0.4}, r"multi-task metric 'dice' must be a number, got '0.5'"),  # was 25.0
+    ({"dice": 0.5}, {"dice": "0.4"}, r"baseline metric 'dice' must be a number, got '0.4'"),  # was a TypeError
+    ({"dice": True}, {"dice": 0.4}, r"multi-task metric 'dice' must be a number, got True"),
+])
+def test_delta_m_refuses_what_is_not_a_finite_number(mtl, single, says):
+    with pytest.raises(ValueError, match=says):
+        delta_m(mtl, single)
+    assert delta_m({"dice": np.float32(0.5)}, {"dice": torch.tensor(0.4)}) == pytest.approx(25.0, abs=1e-4)
+
+
+@pytest.mark.parametrize("losses, says", [
+    ({"seg": torch.ones(3), "cls": torch.tensor(1.0)},  # per-item losses: torch.stack's "equal size" error
+     r"the 'seg' loss must be one number \(the batch's mean loss\), got a tensor of shape \(3,\); reduce per-item "
+     r"losses with .mean\(\)"),
+    ({"seg": torch.tensor(1.0), "cls": 2.0},  # .item(): "'float' object has no attribute 'float'"
+     r"the 'cls' loss must be a tensor \(the batch's mean loss, with its graph\), got a float: pass the loss "
+     r"tensor itself"),
+])
+def test_combine_names_a_loss_that_is_not_one_tensor_number(losses, says):
+    for name in ("fixed", "uncertainty", "dwa"):
+        with pytest.raises(ValueError, match=says):
+            build_weighting(name, tasks=("seg", "cls")).combine(losses)
+    fixed = build_weighting("fixed", tasks=("seg", "cls"))
+    total = fixed.combine({"seg": torch.ones(1), "cls": torch.tensor(2.0)})  # a (1,) loss is one number too
+    assert total.shape == () and total.item() == fixed.weights()["seg"] + 2 * fixed.weights()["cls"]
+
+
+def test_dwa_refuses_a_non_finite_epoch_loss():
+    dwa = build_weighting("dwa", tasks=("seg", "cls"))
+    with pytest.raises(ValueError, match=r"DWA needs each task's finite mean training loss, got \{'seg': nan"):
+        dwa.end_epoch({"seg": float("nan"), "cls": 1.0})
+    with pytest.raises(ValueError, match=r"the 'cls' epoch loss must be a number, got 'x'"):
+        dwa.end_epoch({"seg": 1.0, "cls": "x"})
+    dwa.end_epoch({"seg": torch.tensor(1.0), "cls": np.float64(2.0)})  # what fit passes, or a tensor
+    assert dwa.epochs_seen == 1
 
 
 def test_delta_m_by_hand():
