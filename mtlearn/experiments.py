@@ -23,6 +23,7 @@ import argparse
 import ast
 import itertools
 import json
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -161,15 +162,20 @@ def _injectable(value: Any, where: str) -> Any:
                      "it as text); give it as one of those, e.g. a list for a set")
 
 
-def grid(notebooks: list[Path], parameters: dict[str, list[Any]], seeds: list[int], profile: str) -> list[RunSpec]:
+def grid(notebooks: list[str | Path] | str | Path, parameters: dict[str, list[Any]], seeds: list[int],
+         profile: str) -> list[RunSpec]:
     """Every combination of notebook, parameter values and seed, in a stable order: notebook by notebook;
     within one, the parameters' values with the names sorted (the first name changes slowest), then the seeds.
 
+    notebooks: the notebooks' paths, e.g. [Path("notebooks/02_loss_weighting.ipynb")]; one path is one notebook.
     parameters: name -> a list of the values to sweep, e.g. {"lr": [1e-3, 1e-4]}; one value is [1e-3].
     The notebooks receive tuples as lists and NumPy numbers as Python ones (see _injectable).
     """
+    if isinstance(notebooks, (str, os.PathLike)):  # one notebook: iterated, a path would be its letters
+        notebooks = [notebooks]
     if not notebooks:
         raise ValueError("the grid needs at least one notebook")
+    _check_notebook_paths(notebooks)
     stems = [Path(nb).stem.casefold() for nb in notebooks]  # its runs' folders are out_root/<stem>/...
     if len(set(stems)) != len(stems):
         twice = sorted({str(nb) for nb, stem in zip(notebooks, stems) if stems.count(stem) > 1})
@@ -232,6 +238,30 @@ def grid(notebooks: list[Path], parameters: dict[str, list[Any]], seeds: list[in
         raise ValueError(f"two runs of the grid would share the folder {shared[0]!r}; give values that do not "
                          "hold ',' or '=' in their text")
     return specs
+
+
+def _check_notebook_paths(notebooks: list) -> None:
+    """Raise ValueError unless every notebook is the path of a file.
+
+    Why: a missing one failed only in papermill, as FileNotFoundError '02' after a warning about its extension,
+    and "02" is how the command line names a notebook (--notebooks 02), not how grid() does.
+    """
+    not_paths = [nb for nb in notebooks if not isinstance(nb, (str, os.PathLike))]
+    if not_paths:  # Path(2) is a TypeError deep inside pathlib
+        raise ValueError(f"notebooks must be paths of notebooks, e.g. [Path('notebooks/02_loss_weighting.ipynb')], "
+                         f"got {not_paths}; mtlearn.course.course_notebooks() lists the course's")
+    missing = [str(nb) for nb in notebooks if not Path(nb).is_file()]
+    if not missing:
+        return
+    try:  # the course notebook a number or a name stands for, as --notebooks 02 finds it
+        available = course_notebooks()
+    except FileNotFoundError:
+        available = []
+    first = Path(missing[0])
+    matches, _ = select_notebooks(available, [first.stem]) if first.stem else ([], [])
+    example = str(matches[0]) if len(matches) == 1 else "notebooks/02_loss_weighting.ipynb"
+    raise ValueError(f"notebooks {missing} are not notebook files (no such file, or a folder); give each one's "
+                     f"path, e.g. {example!r}; mtlearn.course.course_notebooks() lists the course's")
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -318,8 +348,12 @@ def collect(out_root: str | Path, specs: list[RunSpec] | None = None) -> pd.Data
     list or dict value as its text, e.g. "['pcgrad']", so that the table can be grouped by it).
     None: every finished run there, without the swept parameters (the folder name, column "run",
     holds them). A metric named like one of the other columns is put under "metrics/<name>".
+    An out_root that is not a folder is an error; a folder with no finished run gives an empty table.
     """
     out_root = Path(out_root)
+    if not out_root.is_dir():  # a typo gave an empty table, and only summarise said something: "available: []"
+        raise ValueError(f"out_root {out_root} {'is a file' if out_root.exists() else 'does not exist'}; give the "
+                         "folder run_grid wrote the runs to (its out_root; --out on the command line)")
     if specs is None:  # staging (.partial) and set-aside (.old) folders are not runs
         runs = [(m.parent, None, _recorded(m.parent)) for m in sorted(out_root.glob(f"*/*/{DONE}"))
                 if not m.parent.name.endswith((".partial", ".old"))]
@@ -347,28 +381,31 @@ def summarise(table: pd.DataFrame, by: str | list[str], metrics: str | list[str]
     """Mean and standard deviation of `metrics` across seeds for each group in `by` (a name or a list)."""
     by = [by] if isinstance(by, str) else list(by)  # list("weighting") would be its letters
     metrics = [metrics] if isinstance(metrics, str) else list(metrics)
-    missing = [m for m in [*by, *metrics] if m not in table.columns]
-    if missing:
-        raise ValueError(f"columns {missing} are not in the table; available: {list(table.columns)}")
+    if not by:  # pandas: "No group keys passed!"
+        raise ValueError("summarise needs a column to group the runs by, e.g. by='weighting'")
+    if not metrics:  # pandas: "No objects to concatenate"
+        raise ValueError("summarise needs at least one metric column, e.g. metrics=['delta_m']")
+    _check_columns(table, [*by, *metrics])
     _check_numeric(table, metrics)
     # dropna=False: a run whose group could not be read (NaN) stays in the table, under NaN
     return table.groupby(by, dropna=False)[metrics].agg(["mean", "std", "count"])
 
 
-def plot_spread(table: pd.DataFrame, by: str, metric: str, title: str = "", ylabel: str | None = None):
+def plot_spread(table: pd.DataFrame, by: str | list[str], metric: str | list[str], title: str = "",
+                ylabel: str | None = None):
     """Each run as a dot and the mean per group as a short line: the spread across seeds at a glance.
 
     With a few seeds a bar up to the mean would describe no run; the dots are the runs, the line
     only marks their mean. A group's dots are set side by side (deterministically, in table order:
     when every group holds the same seeds, listed seed by seed, a seed sits at the same place in
     every group), so equal values do not hide each other.
+    by, metric: one column each, a name or a one-item list (as summarise takes them).
     ylabel: the y-axis label; default `metric`, "Δm (%)" for "delta_m" (weighting.delta_m is in percent).
     """
     import matplotlib.pyplot as plt
 
-    missing = [m for m in (by, metric) if m not in table.columns]
-    if missing:
-        raise ValueError(f"columns {missing} are not in the table; available: {list(table.columns)}")
+    by, metric = _one_column("by", by, "weighting"), _one_column("metric", metric, "delta_m")
+    _check_columns(table, [by, metric])
     _check_numeric(table, [metric])
     # in table order; a run whose group is missing (NaN, never equal to itself) is its own "nan" group
     grouped = list(table.groupby(by, sort=False, dropna=False)[metric])
@@ -395,6 +432,27 @@ def plot_spread(table: pd.DataFrame, by: str, metric: str, title: str = "", ylab
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)  # beside, off the dots
     fig.tight_layout()
     return fig
+
+
+def _one_column(argument: str, name: str | list[str], example: str) -> str:
+    """The column `name` names: a name, or a list of one as summarise takes it (a list was a TypeError,
+    "unhashable type: 'list'"); one axis shows one column."""
+    if isinstance(name, (list, tuple)) and len(name) == 1:
+        return name[0]
+    if isinstance(name, (list, tuple)):
+        raise ValueError(f"plot_spread draws one column per axis; give {argument} one name, e.g. {example!r}, got "
+                         f"{list(name)} (summarise groups by several)")
+    return name
+
+
+def _check_columns(table: pd.DataFrame, columns: list[str]) -> None:
+    """Raise ValueError naming the columns the table lacks (pandas says only KeyError 'nope')."""
+    missing = [c for c in columns if c not in table.columns]
+    if missing and table.columns.empty:  # collect found no finished run: its table has no columns at all
+        raise ValueError(f"columns {missing} are not in the table: it is empty (collect found no finished run); "
+                         "run the grid first, or check the folder given to collect")
+    if missing:
+        raise ValueError(f"columns {missing} are not in the table; available: {list(table.columns)}")
 
 
 def _check_numeric(table: pd.DataFrame, metrics: list[str]) -> None:
@@ -480,7 +538,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(error))
     status = run_grid(specs, args.out, cell_timeout=cell_timeout)
     print(status.to_string(index=False))
-    table = collect(args.out, specs)  # this grid's runs only, not those of earlier grids in --out
+    # this grid's runs only, not those of earlier grids in --out (absent when no run could make its folder)
+    table = collect(args.out, specs) if args.out.is_dir() else pd.DataFrame()
     path = args.out / "results.csv"
     if not table.empty:
         write_text(table.to_csv(index=False), path)  # atomic: a crash while writing keeps the previous file

@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import re
 import statistics
 from dataclasses import replace
 from pathlib import Path
@@ -736,3 +737,65 @@ def test_grid_refuses_a_value_papermill_would_pass_as_text(notebooks, value, kin
     with pytest.raises(ValueError, match=rf"a value of parameter 'scale': .* \({kind}\) cannot be passed to a "
                                          r"notebook, which takes None, True/False, numbers, strings, lists and dicts"):
         grid(notebooks[:1], {"scale": [1, value]}, seeds=[0], profile="smoke")
+
+
+def test_grid_takes_one_notebook_path_as_a_list_of_one(notebooks):
+    """A str was iterated letter by letter: "notebooks ['.', '/', '_', ...] share a name"."""
+    expected = grid(notebooks[:1], {}, seeds=[0], profile="smoke")
+    assert grid(str(notebooks[0]), {}, seeds=[0], profile="smoke") == expected
+    assert grid(notebooks[0], {}, seeds=[0], profile="smoke") == expected
+
+
+def test_grid_names_a_notebook_that_is_not_a_file_and_the_path_a_number_stands_for(notebooks, tmp_path, monkeypatch):
+    """`02`, as --notebooks takes it, failed in papermill: a warning, then FileNotFoundError '02'."""
+    monkeypatch.setattr(experiments, "course_notebooks", lambda: notebooks)
+    suggestion = re.escape(repr(str(notebooks[1])))  # the path, as course.select_notebooks finds "02"
+    with pytest.raises(ValueError, match=r"notebooks \['02'\] are not notebook files .*e\.g\. " + suggestion):
+        grid(["02"], {}, seeds=[0], profile="smoke")
+    for missing in (tmp_path / "09_typo.ipynb", tmp_path):  # nothing there; a folder
+        with pytest.raises(ValueError, match=r"are not notebook files .*e\.g\. 'notebooks/02_loss_weighting\.ipynb'"):
+            grid([notebooks[0], missing], {}, seeds=[0], profile="smoke")
+    with pytest.raises(ValueError, match=r"notebooks must be paths of notebooks, .*got \[2\]"):
+        grid([2], {}, seeds=[0], profile="smoke")  # TypeError inside pathlib
+
+
+def test_collect_names_a_folder_that_does_not_exist_or_is_a_file(tmp_path):
+    """Was an empty table, and then summarise said only "available: []"."""
+    with pytest.raises(ValueError, match=r"out_root .*typo does not exist; give the folder run_grid wrote"):
+        collect(tmp_path / "typo")
+    (tmp_path / "results.csv").write_text("")
+    with pytest.raises(ValueError, match=r"out_root .*results\.csv is a file; give the folder run_grid wrote"):
+        collect(tmp_path / "results.csv", [])
+    assert collect(tmp_path).empty  # a folder with no finished run: nothing yet, not an error
+    with pytest.raises(ValueError, match=r"not in the table: it is empty \(collect found no finished run\)"):
+        summarise(collect(tmp_path), "weighting", "score")
+
+
+def test_plot_spread_takes_one_column_as_a_list_like_summarise():
+    """`by=["weighting"]` was TypeError: unhashable type: 'list'."""
+    table = _runs().dropna()
+    ax = plot_spread(table, ["weighting"], ["score"]).axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["pcgrad", "fixed"] and ax.get_xlabel() == "weighting"
+    with pytest.raises(ValueError, match=r"plot_spread draws one column per axis; give by one name, .*'seed'\]"):
+        plot_spread(table, ["weighting", "seed"], "score")
+    plt.close("all")
+
+
+def test_summarise_needs_a_group_and_a_metric():
+    """Raw pandas errors: "No group keys passed!" and "No objects to concatenate"."""
+    with pytest.raises(ValueError, match=r"summarise needs a column to group the runs by, e\.g\. by='weighting'"):
+        summarise(_runs(), [], "score")
+    with pytest.raises(ValueError, match=r"summarise needs at least one metric column, e\.g\. metrics="):
+        summarise(_runs(), "weighting", [])
+
+
+def test_command_line_reports_a_grid_whose_runs_could_not_make_their_folders(notebooks, tmp_path, monkeypatch,
+                                                                            capsys):
+    """No run made --out: collect() refuses a missing folder, so the command line must not ask it."""
+    from mtlearn.course import NotebookResult
+
+    monkeypatch.setattr(experiments, "course_notebooks", lambda: notebooks)
+    monkeypatch.setattr(experiments, "run_notebook", lambda notebook, folder, parameters, cell_timeout: NotebookResult(
+        notebook.stem, folder, False, 0.0, "the notebook could not run: PermissionError"))
+    assert main(["--notebooks", "01", "--profile", "smoke", "--out", str(tmp_path / "grid")]) == 1
+    assert "failed: the notebook could not run" in capsys.readouterr().out and not (tmp_path / "grid").exists()
