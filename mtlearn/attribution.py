@@ -376,6 +376,8 @@ class Explainer:
         if not isinstance(images, Tensor) or images.dim() != 4:
             shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
             raise ValueError(f"images must be a (B, C, H, W) tensor, got {shape}; add a batch axis with images[None]")
+        if len(images) == 0:  # Captum's IndexError otherwise
+            raise ValueError(f"images is an empty batch {tuple(images.shape)}; pass at least one image")
         check_floating(images)  # a bare .float() of uint8 would explain the model on 0..255, which it refuses
         finite = torch.isfinite(images).flatten(1).all(1)
         if not bool(finite.all()):  # the map of a NaN pixel is NaN, and silently so before any score is taken

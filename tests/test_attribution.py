@@ -1476,6 +1476,11 @@ def test_nan_images_are_named_not_explained(explainer, images):
         explainer.attribute(bad, "cls", method="saliency")
 
 
+def test_an_empty_batch_is_named_not_passed_to_captum(explainer, images):
+    with pytest.raises(ValueError, match=r"images is an empty batch \(0, 1, \d+, \d+\); pass at least one image"):
+        explainer.attribute(images[:0], "cls", method="saliency")  # was an IndexError from inside Captum
+
+
 def test_the_explorer_says_what_it_cannot_draw_and_takes_one_method_as_text(model, data, monkeypatch):
     viewer = A.AttributionExplorer(model, data, methods="saliency", tolerance=np.int64(1))
     assert list(viewer.method.options) == ["saliency"]  # not ['s', 'a', 'l', ...]
