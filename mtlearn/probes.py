@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from mtlearn.utils import check_label_pair, is_int
+from mtlearn.utils import check_int, check_label_pair, check_number, is_int
 
 EMBEDDINGS = ("pca", "tsne")
 
@@ -150,6 +150,8 @@ def linear_probe(
     from sklearn.preprocessing import StandardScaler
     from threadpoolctl import threadpool_limits
 
+    C = check_number("C", C, 0, above=True, advice="the inverse regularisation strength; 1.0 is sklearn's default")
+    check_int("max_iter", max_iter, 1)
     features_train, features_test = np.asarray(features_train), np.asarray(features_test)
     y_train, y_test = np.asarray(y_train), np.asarray(y_test)
     for name, f, y in (("train", features_train, y_train), ("test", features_test, y_test)):

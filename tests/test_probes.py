@@ -133,6 +133,15 @@ def test_linear_probe_bad_arguments(args, match):
         linear_probe(*args)
 
 
+@pytest.mark.parametrize("options, says", [
+    (dict(C=0), r"C must be a finite number > 0 \(the inverse regularisation strength"),  # was sklearn's own error
+    (dict(max_iter=0), r"max_iter must be"),
+])
+def test_linear_probe_checks_its_options(options, says):
+    with pytest.raises(ValueError, match=says):
+        linear_probe(np.ones((4, 2)), [0, 1, 0, 1], np.ones((2, 2)), [0, 1], **options)
+
+
 def _diverged(n=20, bad=float("nan")):
     features = np.random.default_rng(0).normal(size=(n, 4))
     features[3, 1] = bad
