@@ -272,7 +272,8 @@ def check_item_index(index, length: int) -> int:
         raise TypeError(f"index must be an integer, got {index!r}")
     if not 0 <= index < length:
         valid = f"0 to {length - 1}" if length else "it is empty"
-        raise IndexError(f"index {index} out of range for a dataset of {length} items ({valid})")
+        counted = "; count from the start: len(dataset) - 1 is the last item" if index < 0 and length else ""
+        raise IndexError(f"index {index} out of range for a dataset of {length} items ({valid}){counted}")
     return int(index)
 
 

@@ -7,7 +7,7 @@ from scipy import ndimage
 from skimage.measure import regionprops
 from torch.utils.data import DataLoader
 
-from mtlearn.data import SyntheticUltrasound
+from mtlearn.data import SyntheticUltrasound, load_dataset
 
 
 @pytest.mark.parametrize(
@@ -441,6 +441,22 @@ def test_negative_index_is_refused():
     """ds[-1] would seed item first_index - 1 of the stream, another dataset's item: an IndexError instead."""
     with pytest.raises(IndexError, match=r"index -1 out of range for a dataset of 3 items \(0 to 2\)"):
         SyntheticUltrasound(num_samples=3, first_index=5)[-1]
+
+
+@pytest.mark.parametrize("artifact", ["no", 2, 0.0])
+def test_render_takes_true_false_or_none_for_the_artifact(artifact):
+    """"no" and 2 are truthy: the artifact was drawn, silently."""
+    with pytest.raises(ValueError, match=rf"artifact must be True \(drawn\), False \(not drawn\) or None \(the item's "
+                                         rf"own\), got {artifact!r}"):
+        SyntheticUltrasound(num_samples=3).render(0, artifact=artifact)
+    assert SyntheticUltrasound(num_samples=3).render(0, artifact=np.bool_(False))["artifact"] == 0
+
+
+@pytest.mark.parametrize("size", [8, 16, (32, 16)])
+def test_load_dataset_names_the_generated_datas_own_minimum_size(size):
+    """load_dataset said "ints >= 8" for 7, then "ints >= 32" for 8."""
+    with pytest.raises(ValueError, match=r"image_size must be an int or \(H, W\) of ints >= 32"):
+        load_dataset("synthetic", split="train", image_size=size)
 
 
 @pytest.mark.parametrize("index", [1.5, True, "1"])

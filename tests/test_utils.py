@@ -285,8 +285,12 @@ def test_check_item_index_takes_item_numbers_only():
         check_item_index(0, 0)
     with pytest.raises(TypeError, match="index must be an integer, got 2.0"):
         check_item_index(2.0, 3)
-    with pytest.raises(IndexError, match=r"index -1 out of range for a dataset of 3 items"):  # not the last item
+    with pytest.raises(IndexError, match=r"index -1 out of range for a dataset of 3 items \(0 to 2\); count from "
+                                         r"the start: len\(dataset\) - 1 is the last item"):  # not the last item
         check_item_index(-1, 3)
+    with pytest.raises(IndexError) as caught:
+        check_item_index(3, 3)
+    assert "count from the start" not in str(caught.value)  # only a negative index gets that advice
 
 
 @pytest.mark.parametrize("keys", [None, "shape", ("shape",), ("shape", "shape"), ("shape", 1),

@@ -43,7 +43,7 @@ from data_fetch import SOURCES, completion_marker, default_data_dir, get_source,
 from mtlearn.data.splits import (
     DUPLICATE_MAX_DISTANCE, SPLIT_FRACTIONS, difference_hash, duplicate_groups, split_by_group,
 )
-from mtlearn.data.synthetic import SyntheticUltrasound
+from mtlearn.data.synthetic import MIN_SIZE as SYNTHETIC_MIN_SIZE, SyntheticUltrasound
 from mtlearn.data.transforms import augment_item, augmentation, random_states, reseed, resize_image, resize_mask
 from mtlearn.utils import (
     check_bool,
@@ -129,7 +129,9 @@ def load_dataset(
         return _shapes(split, image_size, seed, augment, in_channels, **kwargs)
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
-    size = _size_pair(DEFAULT_IMAGE_SIZE if image_size is None else image_size)
+    # the generated data's own minimum for it, else "ints >= 8" and then, for 8, "ints >= 32"
+    size = check_size(DEFAULT_IMAGE_SIZE if image_size is None else image_size,
+                      minimum=SYNTHETIC_MIN_SIZE if name == "synthetic" else 8)
     if name == "synthetic":
         if augment:
             raise ValueError("augment=True applies to real datasets; every synthetic item is already new")

@@ -190,7 +190,10 @@ class SyntheticUltrasound(Dataset):
         """
         rng, label, has_artifact = self._item_rng(index)
         if artifact is not None:
-            has_artifact = int(bool(artifact))
+            if not isinstance(artifact, (bool, np.bool_)):  # "no" and 2 are truthy: the artifact was drawn
+                raise ValueError(f"artifact must be True (drawn), False (not drawn) or None (the item's own), "
+                                 f"got {artifact!r}")
+            has_artifact = int(artifact)
         H, W = self.height, self.width
         texture = self._texture(rng)  # (H, W), unit variance
         db = self._tissue_db(rng, texture)  # (H, W) echo level in dB
@@ -447,8 +450,11 @@ def _class_probs(class_probs) -> np.ndarray:
     return probs.astype(np.float64)
 
 
+MIN_SIZE = 32  # px: smaller, a lesion, the shadow band and the artifact no longer fit side by side
+
+
 def _image_size(image_size) -> tuple[int, int]:
-    """128 -> (128, 128); (96, 160) -> (96, 160); anything smaller than 32 px (or a float) is refused."""
-    return check_size(image_size, minimum=32)
+    """128 -> (128, 128); (96, 160) -> (96, 160); anything smaller than MIN_SIZE px (or a float) is refused."""
+    return check_size(image_size, minimum=MIN_SIZE)
 
 
