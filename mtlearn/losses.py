@@ -134,6 +134,8 @@ class SegmentationLoss(nn.Module):
         if kind not in SEG_LOSSES:
             raise ValueError(f"unknown segmentation loss {kind!r}; expected one of {SEG_LOSSES}")
         self.kind = kind
+        # checked whichever loss is chosen: one config may switch seg to "dicefocal" later
+        check_number("focal_gamma", focal_gamma, 0, advice="2 as published; 0: plain cross-entropy")
         if kind == "dicece":
             self.loss = DiceCELoss(softmax=True, to_onehot_y=True)
         else:
@@ -154,12 +156,21 @@ class SegmentationLoss(nn.Module):
         return self.loss(logits.float(), mask)
 
 
+def check_tensors(**named) -> None:
+    """Refuse a loss input that is not a torch tensor (a NumPy mask, a list of labels), naming it."""
+    for name, value in named.items():
+        if not isinstance(value, Tensor):  # else an AttributeError: "'numpy.ndarray' object has no attribute"
+            raise ValueError(f"{name} must be a torch tensor, got a {type(value).__name__}; convert it with "
+                             "torch.as_tensor(...)")
+
+
 def check_seg_pair(logits: Tensor, mask: Tensor) -> None:
     """Refuse segmentation logits that are not (B, K >= 2, H, W), or a mask that is not (B, 1, H, W) beside them.
 
     One channel cannot be a softmax over classes (its argmax is always background, and MONAI's loss
     only warns); a mask of another batch size or size fails later in MONAI with a bare AssertionError.
     """
+    check_tensors(**{"segmentation logits": logits, "segmentation mask": mask})
     if logits.dim() != 4:
         raise ValueError(f"segmentation logits must be (B, K, H, W), got shape {tuple(logits.shape)}")
     if logits.shape[1] < 2:
@@ -220,6 +231,7 @@ class ClassificationLoss(nn.Module):
 
     def forward(self, logits: Tensor, label: Tensor) -> Tensor:
         """logits: (B, num_classes), label: (B,) int in 0..num_classes-1 -> scalar."""
+        check_tensors(**{"classification logits": logits, "classification labels": label})
         check_class_logits(logits)
         if self.weight is not None:
             check_class_weight_count(self.weight.numel(), logits.shape[1])
@@ -262,6 +274,7 @@ class ReconstructionLoss(nn.Module):
 
     def forward(self, output: Tensor, clean: Tensor) -> Tensor:
         """output, clean: (B, C, H, W) -> scalar."""
+        check_tensors(**{"reconstruction output": output, "reconstruction target": clean})
         if output.shape != clean.shape:
             raise ValueError(f"reconstruction output {tuple(output.shape)} and target {tuple(clean.shape)} differ")
         if self.kind == "l1":

@@ -204,6 +204,15 @@ def test_a_single_task_may_be_named_by_a_bare_string():
     (lambda: SegmentationLoss("dicefocal", focal_gamma=-1),
      r"focal_gamma must be a finite number >= 0 \(2 as published.*got -1"),
     (lambda: SegmentationLoss("dicefocal", focal_gamma=float("nan")), r"focal_gamma must be a finite number >= 0"),
+    # refused with the default Dice + CE too: a config that switches to dicefocal later holds the same value
+    (lambda: build_losses(("seg",), LossConfig(focal_gamma=-1)), r"focal_gamma must be a finite number >= 0"),
+    # not tensors: "'numpy.ndarray' object has no attribute 'numel'", "'list' object has no attribute 'dtype'"
+    (lambda: SegmentationLoss()(torch.randn(2, 2, 8, 8), _mask().numpy()),
+     r"segmentation mask must be a torch tensor, got a ndarray; convert it with torch.as_tensor\(...\)"),
+    (lambda: ClassificationLoss()(torch.randn(4, 3), [0, 1, 2, 0]), r"classification labels must be a torch tensor, "
+                                                                     r"got a list"),
+    (lambda: ReconstructionLoss()(torch.rand(2, 1, 8, 8).numpy(), torch.rand(2, 1, 8, 8)),
+     r"reconstruction output must be a torch tensor"),
     (lambda: check_tasks(("seg", "depth")), "unknown task 'depth'"),
     (lambda: check_tasks(()), "at least one"),
     (lambda: check_tasks(("seg", "seg")), "must not repeat"),
