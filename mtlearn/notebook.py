@@ -208,7 +208,8 @@ class Run:
         """Save a matplotlib figure as `out_dir/<name>.png` (and leave it displayed inline).
 
         fig: a Figure (an Axes stands for its figure). name: a file name, ".png" optional ("dice_0.5"
-        stays whole, not "dice_0"). Saving a name again (a cell run twice) replaces that figure.
+        stays whole, not "dice_0"; "roc.pdf" is refused: figures are PNG). Saving a name again (a cell run
+        twice) replaces that figure.
         """
         from matplotlib.axes import Axes
         from matplotlib.figure import Figure
@@ -221,7 +222,13 @@ class Run:
         if not isinstance(name, str):
             raise ValueError(f"figure name must be text such as 'loss_curves', got {name!r}")
         stem = name[:-len(".png")] if name.lower().endswith(".png") else name
-        if not stem or Path(stem).name != stem:
+        other = Path(stem).suffix.lower()
+        if other in (".pdf", ".svg", ".jpg", ".jpeg", ".eps", ".tif", ".tiff"):  # "a.pdf" was saved as a.pdf.png
+            raise ValueError(f"figures are saved as PNG (out_dir/<name>.png); give the name without {other}, "
+                             f"e.g. {stem[:-len(other)]!r}, or call fig.savefig yourself for another format")
+        # "." and ".." are folders, a name with a NUL or a line break no file: "...png", or PIL's "embedded null byte"
+        if (not stem or Path(stem).name != stem or stem.startswith(".")
+                or any(ord(c) < 32 for c in stem)):
             raise ValueError(f"figure name must be a plain file name such as 'loss_curves', got {name!r} "
                              f"(figures go to out_dir: {self.out_dir})")
         path = self.out_dir / f"{stem}.png"

@@ -163,10 +163,14 @@ def test_a_figure_needs_a_name(tmp_path):
     """A name of "" or ".png" would save a hidden `out_dir/.png` that no listing of the figures shows."""
     run = start_here(tmp_path)
     fig, ax = plt.subplots()
-    for name in ("", ".png"):
+    for name in ("", ".png", "..", ".", ".hidden", "a\x00b", "two\nlines"):  # "..": a file "...png"
         with pytest.raises(ValueError, match="figure name must be a plain file name"):
             run.save_figure(fig, name)
+    with pytest.raises(ValueError, match=r"figures are saved as PNG \(out_dir/<name>.png\); give the name without "
+                                         r"\.pdf, e.g. 'roc'"):
+        run.save_figure(fig, "roc.pdf")  # was saved as roc.pdf.png
     assert run.figures == [] and list((tmp_path / "out").iterdir()) == []
+    plt.close(fig)
 
 
 def test_save_figure_names_what_it_was_given_and_takes_an_axes_and_png_in_capitals(tmp_path):
