@@ -91,6 +91,7 @@ STRATEGIES = {  # name -> description; the letters (a)-(e) label them in noteboo
     "joint_scratch": "joint multi-task model from scratch (ablation)",
 }
 PRETRAINED = ("frozen", "partial", "full", "joint")  # strategies that start from the representation
+DENSE_TASKS = ("recon", "seg")  # the tasks with a decoder (mtl.MultiTaskModel): what transfer_decoders can copy
 NUM_STAGES = 4  # encoder stages of the ResFormer encoder (H/2 ... H/16)
 
 
@@ -140,6 +141,10 @@ class DenoisingPairs(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         item = self.dataset[index]
+        if not isinstance(item, Mapping) or "image" not in item:  # else "argument of type 'int' is not iterable"
+            got = f"has keys {list(item)}" if isinstance(item, Mapping) else f"is of type {type(item).__name__}"
+            raise ValueError(f"DenoisingPairs needs a dataset whose items are dicts with an 'image' (C, H, W) "
+                             f"tensor, e.g. mtlearn.data.load_dataset(...); item {index} {got}")
         if self.fixed_noise:
             rng = np.random.default_rng([self.seed, int(index)])
         else:  # drawn from torch's generator, so seed_everything makes a run repeatable
@@ -158,10 +163,29 @@ class DenoisingPairs(Dataset):
 
 
 class InMemory(Dataset):
-    """Every item of `dataset` drawn once and kept (only `keys`): training then times the model, not the data."""
+    """Every item of `dataset` drawn once and kept (only `keys`): training then times the model, not the data.
 
-    def __init__(self, dataset: Dataset, keys: Sequence[str] = ("image", "clean", "mask", "label")):
-        self.items = [{k: v for k, v in dataset[i].items() if k in keys} for i in range(len(dataset))]
+    keys: the items' keys to keep, each of which the items must have; None (the default): whichever of
+    "image", "clean", "mask" and "label" they have (real images have no "clean").
+    """
+
+    def __init__(self, dataset: Dataset, keys: Sequence[str] | None = None):
+        self.items = []
+        if len(dataset):
+            first = dataset[0]  # checked, then kept: drawing it again would draw other noise
+            if not isinstance(first, Mapping):
+                raise ValueError(f"InMemory needs a dataset whose items are dicts, e.g. {{'image': ...}}; "
+                                 f"item 0 is of type {type(first).__name__}")
+            if keys is None:
+                keys = [k for k in ("image", "clean", "mask", "label") if k in first]
+            keys = (keys,) if isinstance(keys, str) else tuple(keys)
+            # an unknown key was dropped without a word, and training then failed on the missing target
+            missing = [k for k in keys if k not in first]
+            if missing:
+                raise ValueError(f"the dataset's items have no {missing} (they have {list(first)}); "
+                                 "keep only keys they have")
+            self.items = [{k: v for k, v in item.items() if k in keys}
+                          for item in (first, *(dataset[i] for i in range(1, len(dataset))))]
         self.class_names = getattr(dataset, "class_names", None)
 
     def __len__(self) -> int:
@@ -278,6 +302,8 @@ def transfer_decoders(pretrained: nn.Module, model: nn.Module, source: str = "re
     to 0.86. Decoders are copied, not shared: each task fine-tunes its own copy.
     A decoder whose layout differs from the denoiser's (e.g. dfe="three") is left as it is.
     """
+    if source not in DENSE_TASKS:  # advice to pre-train "cls" or a typo would lead nowhere
+        raise ValueError(f"source must be a task with a decoder, one of {DENSE_TASKS}, got {source!r}")
     if source not in getattr(pretrained, "decoders", {}):
         raise ValueError(f"the pretrained model has no {source!r} decoder to copy; "
                          f"pre-train it with tasks=({source!r},)")
@@ -611,7 +637,8 @@ def load_strategy_data(config: UMSRepConfig) -> StrategyData:
     # training sets is drawn anew each epoch
     return StrategyData(
         unlabeled=DenoisingPairs(InMemory(pool, ("image",)), labels=False, **noise),
-        train=DenoisingPairs(InMemory(train, keep), labels=True, **noise),
+        # no "clean" in a real image until DenoisingPairs makes it the target
+        train=DenoisingPairs(InMemory(train, ("image", "mask", "label")), labels=True, **noise),
         test=InMemory(DenoisingPairs(test, labels=True, fixed_noise=True, **noise), keep),
         class_names=tuple(find_class_names(test)))
 
@@ -748,6 +775,13 @@ def _run_dir(out_dir: str | os.PathLike | None, strategy: str, tasks: Sequence[s
     return None if out_dir is None else Path(out_dir) / strategy / "+".join(tasks)
 
 
+def _check_data(data: StrategyData) -> None:
+    """A ValueError unless `data` is a StrategyData (None failed on "no attribute 'class_names'")."""
+    if not isinstance(data, StrategyData):
+        raise ValueError(f"data must be the comparison's StrategyData (load_strategy_data(config)), "
+                         f"got {type(data).__name__}")
+
+
 def pretrain_representation(config: UMSRepConfig, data: StrategyData, out_dir: str | os.PathLike | None = None,
                             resume: bool = False) -> tuple[nn.Module, TrainedModel]:
     """Learn the representation: a denoising encoder-decoder trained on `data.unlabeled` only.
@@ -756,6 +790,7 @@ def pretrain_representation(config: UMSRepConfig, data: StrategyData, out_dir: s
     metrics are its denoising scores on the test set (no fine-tuning).
     out_dir, resume: the comparison's folder (the run goes to out_dir/pretrain/recon), see run_comparison.
     """
+    _check_data(data)
     model = _new_model(config, ("recon",), len(data.class_names), data.in_channels)
     record = train_and_measure(model, "pretrain", data.unlabeled, data.test, config, config.pretrain_epochs,
                                out_dir=_run_dir(out_dir, "pretrain", ("recon",)), resume=resume)
@@ -774,6 +809,7 @@ def run_strategy(strategy: str, config: UMSRepConfig, data: StrategyData, repres
     if strategy in PRETRAINED and representation is None:
         raise ValueError(f"strategy {strategy!r} starts from the representation; pass the pretrained denoiser "
                          "(pretrain_representation(config, data)[0])")
+    _check_data(data)
     num_classes = len(data.class_names)
     if strategy in ("joint", "joint_scratch"):
         groups, epochs = [TASKS], config.joint_epochs if strategy == "joint" else config.scratch_epochs
@@ -869,6 +905,15 @@ def strategy_table(runs: Sequence[TrainedModel], config: UMSRepConfig):
     """
     import pandas as pd
 
+    # [] failed inside pandas ("None of ['strategy'] are in the columns"), None on "not iterable"
+    if not isinstance(runs, (list, tuple)) or not runs:
+        got = "none" if runs is None or isinstance(runs, (list, tuple)) else f"a {type(runs).__name__}"
+        raise ValueError("strategy_table needs the runs' TrainedModel records (run_strategy's results or "
+                         f"run_comparison(...).runs), got {got}")
+    wrong = [type(r).__name__ for r in runs if not isinstance(r, TrainedModel)]
+    if wrong:
+        raise ValueError(f"strategy_table needs TrainedModel records (run_strategy's results), "
+                         f"got an item of type {wrong[0]}")
     pretrain = next((r for r in runs if r.strategy == "pretrain"), None)
     users = sorted({r.strategy for r in runs if r.strategy in PRETRAINED})
     rows = []
@@ -949,9 +994,14 @@ def joint_vs_single_task(table, max_compute_share: float = 0.35, tolerance: Mapp
     and `unmeasured` lists it (e.g. ["cpu_share_train", ...]; [] when every share was measured), so
     that a resumed comparison gets the verdict of an uninterrupted one, short of its unknown shares.
     """
+    import pandas as pd
+
     tolerance = UMSRepConfig().tolerance if tolerance is None else tolerance
     _check_acceptance(max_compute_share, tolerance)
     tolerance = dict(tolerance)
+    if not isinstance(table, pd.DataFrame):  # a dict failed on "'dict' object has no attribute 'index'"
+        raise ValueError(f"table must be the strategy table, a DataFrame indexed by strategy (compare_strategies("
+                         f"...) or strategy_table(runs, config)), got {type(table).__name__}")
     for name in (joint, baseline):
         if name not in table.index:
             raise ValueError(f"the table has no {name!r} row (rows: {list(table.index)}); run both strategies")

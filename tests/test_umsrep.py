@@ -20,6 +20,7 @@ from mtlearn.umsrep import (
     METRICS,
     NUM_STAGES,
     DenoisingPairs,
+    InMemory,
     StepCost,
     TrainedModel,
     UMSRepConfig,
@@ -30,6 +31,7 @@ from mtlearn.umsrep import (
     joint_vs_single_task,
     load_strategy_data,
     measure_training_step,
+    pretrain_representation,
     run_comparison,
     run_strategy,
     strategy_config,
@@ -195,6 +197,14 @@ def test_a_decoder_of_another_layout_is_left_alone():
         transfer_decoders(tiny(("cls",)), with_dfe)
 
 
+@pytest.mark.parametrize("source", ["clsx", "cls"])
+def test_transfer_decoders_refuses_an_unknown_source_before_advising_pre_training(source):
+    """source="clsx" advised "pre-train it with tasks=('clsx',)", a task that does not exist."""
+    with pytest.raises(ValueError, match=rf"source must be a task with a decoder, one of \('recon', 'seg'\), "
+                                         rf"got '{source}'$"):
+        transfer_decoders(tiny(("recon",)), tiny(TASKS), source=source)
+
+
 def test_transfer_encoder_refuses_another_architecture():
     other = build_model("tiny", tasks=("recon",), image_size=SIZE, in_channels=3)
     with pytest.raises(ValueError, match="in_channels"):
@@ -338,6 +348,21 @@ def test_table_sums_models_and_amortises_the_pretraining():
     assert table.loc["joint", "amortised_wall_time_s"] == pytest.approx(3.0 + 4.0 / 2)  # 2 strategies reuse it
     assert table.loc["scratch", "pretrain_gflops"] == 0 and table.loc["scratch", "total_wall_time_s"] == 15.0
     assert table.loc["full", "seg/dice"] == 0.8 and math.isnan(table.loc["joint", "seg/dice"])
+
+
+@pytest.mark.parametrize("runs, got", [([], "none"), (None, "none"), ((), "none"), ([1], "an item of type int")])
+def test_table_names_missing_records(runs, got):
+    """[] failed inside pandas ("None of ['strategy'] are in the columns"), None on "not iterable"."""
+    with pytest.raises(ValueError, match=rf"strategy_table needs .*TrainedModel records \(run_strategy's results.*"
+                                         rf"got {got}$"):
+        strategy_table(runs, strategy_config("smoke"))
+
+
+def test_joint_vs_single_task_names_a_table_of_the_wrong_kind():
+    """{"joint": 1} failed on "'dict' object has no attribute 'index'"."""
+    with pytest.raises(ValueError, match=r"table must be the strategy table, a DataFrame indexed by strategy "
+                                         r"\(compare_strategies\(\.\.\.\) or strategy_table.*got dict"):
+        joint_vs_single_task({"joint": 1})
 
 
 def scores(psnr, dice):
@@ -495,6 +520,25 @@ def test_denoising_pairs_reject_bad_noise(kwargs, match):
         DenoisingPairs([], **kwargs)
 
 
+def test_denoising_pairs_name_items_that_are_not_dicts_with_an_image():
+    """DenoisingPairs([1, 2, 3])[0] failed on "argument of type 'int' is not iterable"."""
+    with pytest.raises(ValueError, match=r"items are dicts with an 'image' \(C, H, W\) tensor.*item 0 is of type int"):
+        DenoisingPairs([1, 2, 3])[0]
+    with pytest.raises(ValueError, match=r"item 1 has keys \['label'\]"):
+        DenoisingPairs([{"image": torch.zeros(1, 4, 4)}, {"label": 0}])[1]
+
+
+def test_in_memory_refuses_a_key_the_items_lack_and_by_default_keeps_those_they_have():
+    """keys=("image", "bogus") dropped "bogus" without a word."""
+    items = [{"image": torch.zeros(1, 4, 4), "label": 0, "id": "a"}]
+    with pytest.raises(ValueError, match=r"have no \['bogus'\] \(they have \['image', 'label', 'id'\]\); keep only"):
+        InMemory(items, keys=("image", "bogus"))
+    with pytest.raises(ValueError, match=r"InMemory needs a dataset whose items are dicts.*item 0 is of type int"):
+        InMemory([1, 2])
+    assert set(InMemory(items)[0]) == {"image", "label"} and set(InMemory(items, "image")[0]) == {"image"}
+    assert len(InMemory([])) == 0
+
+
 def test_a_few_denoising_steps_lower_the_reconstruction_error():
     pairs = DenoisingPairs(SyntheticUltrasound(8, image_size=SIZE, seed=0), gaussian_std=0.02, fixed_noise=True)
     data = {k: torch.stack([pairs[i][k] for i in range(len(pairs))]) for k in ("image", "clean")}
@@ -590,6 +634,15 @@ def test_an_empty_training_set_is_named_before_training():
     model = _new_model(config, ("seg",), num_classes=3, in_channels=1)
     with pytest.raises(ValueError, match="'scratch': the training set is empty"):
         train_and_measure(model, "scratch", [], None, config, epochs=1)
+
+
+def test_strategies_and_the_representation_name_data_of_the_wrong_kind():
+    """run_strategy("scratch", config, None) failed on "'NoneType' object has no attribute 'class_names'"."""
+    match = r"data must be the comparison's StrategyData \(load_strategy_data\(config\)\), got NoneType"
+    with pytest.raises(ValueError, match=match):
+        run_strategy("scratch", strategy_config("smoke"), None)
+    with pytest.raises(ValueError, match=match):
+        pretrain_representation(strategy_config("smoke"), None)
 
 
 def test_a_pretrained_strategy_needs_the_representation():
