@@ -1012,6 +1012,8 @@ def evaluate_disentangle(model: nn.Module, loader, *, task_keys: tuple[str, str]
 
     check_loader("loader", loader, "torch.utils.data.DataLoader(dataset, batch_size=100)")
     check_label_pair(task_keys)
+    if not callable(getattr(model, "encode", None)):  # else torch's own error from running it, e.g. "mat1 and mat2"
+        raise _not_a_two_task_model(model)
     device = pick_device(device)
     key_a, key_b = task_keys
     outputs = (("acc_a", "logits_a", key_a), ("acc_b", "logits_b", key_b),
@@ -1022,7 +1024,8 @@ def evaluate_disentangle(model: nn.Module, loader, *, task_keys: tuple[str, str]
         for batch in loader:
             y = _batch_labels(batch, task_keys)  # checked before the model runs on it
             out = model(batch["image"].to(device))
-            if not (isinstance(out, Mapping) and {"logits_a", "logits_b"} <= set(out)):  # else it would score nothing
+            # a model with an encode() of its own can still return something else: it would score nothing
+            if not (isinstance(out, Mapping) and {"logits_a", "logits_b"} <= set(out)):
                 raise _not_a_two_task_model(model)
             _check_classes(y, task_keys, (out["logits_a"].shape[1], out["logits_b"].shape[1]))
             labels = dict(zip(task_keys, y))
@@ -1364,9 +1367,10 @@ def ultrasound_datasets(image_size: tuple[int, int] = (64, 64), *, seed: int = 0
     """
     from mtlearn.data.synthetic import SyntheticUltrasound
 
-    if not 0.0 < train_correlation <= 1.0:
-        raise ValueError(f"train_correlation must lie in (0, 1] (the artifact marks malignancy), "
-                         f"got {train_correlation!r}")
+    # checked here by their own names: SyntheticUltrasound would name num_train and num_test "num_samples"
+    num_train, num_test = check_int("num_train", num_train, 1), check_int("num_test", num_test, 1)
+    train_correlation = check_number("train_correlation", train_correlation, 0, 1, above=True,
+                                     advice="the share of malignant training images with the artifact")
     settings = {  # split: (artifact_correlation, artifact_rate, number of items)
         "train": (train_correlation, 0.0, num_train),
         "shortcut": (train_correlation, 0.0, num_test),

@@ -835,6 +835,9 @@ def square_loader():  # 32 x 32: a size mtlearn.build_model's networks accept
      r"model must be one of MODELS .*got a MultiTaskUNet; build one with mtlearn.disentangle.build_model"),
     (lambda train, square: D.evaluate_disentangle(mtlearn.build_model("tiny", image_size=32), square, device="cpu"),
      TypeError, r"model must be one of MODELS .*got a MultiTaskUNet"),
+    # refused before it runs: this was torch's "mat1 and mat2 shapes cannot be multiplied"
+    (lambda train, square: D.evaluate_disentangle(torch.nn.Linear(3, 3), train, device="cpu"), TypeError,
+     r"model must be one of MODELS .*\(DisentangleNet, SharedEncoderNet, TwoEncoderNet\), got a Linear; build one"),
 ])
 def test_train_and_evaluate_refuse_bad_input(call, error, match, tiny_loaders, square_loader):
     with pytest.raises(error, match=match):
@@ -938,6 +941,18 @@ class AlwaysCircleOnWhite(torch.nn.Module):
     def forward(self, x):
         logits = torch.tensor([[5.0, -5.0]]).expand(len(x), 2)
         return {"logits_a": logits, "logits_b": logits.flip(1)}
+
+
+class EncodesButReturnsATensor(AlwaysCircleOnWhite):
+    """Passes evaluate_disentangle's check before the forward pass (it has encode()), but returns no dict."""
+
+    def forward(self, x):
+        return super().forward(x)["logits_a"]
+
+
+def test_evaluate_disentangle_refuses_a_model_that_returns_no_task_logits(tiny_loaders):
+    with pytest.raises(TypeError, match=r"model must be one of MODELS .*got a EncodesButReturnsATensor"):
+        D.evaluate_disentangle(EncodesButReturnsATensor(), tiny_loaders[1], device="cpu")
 
 
 def test_evaluate_disentangle_scores_exactly_what_a_model_predicts():
@@ -1166,6 +1181,20 @@ def test_ultrasound_datasets_make_the_artifact_a_training_only_shortcut(ultrasou
 def test_ultrasound_datasets_bad_correlation(correlation):
     with pytest.raises(ValueError, match="train_correlation"):
         D.ultrasound_datasets((24, 24), num_train=4, num_test=4, train_correlation=correlation)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    # these named num_samples, an argument of SyntheticUltrasound the caller never passed
+    (dict(num_train=0), r"num_train must be an integer >= 1, got 0"),
+    (dict(num_test=0), r"num_test must be an integer >= 1, got 0"),
+    (dict(num_train=2.0), r"num_train must be an integer >= 1, got 2.0; pass an int"),
+    # this was "'<' not supported between instances of 'float' and 'str'"
+    (dict(train_correlation="0.8"), r"train_correlation must be a number in \(0, 1\] .*got '0.8'; pass it unquoted"),
+    (dict(train_correlation=float("nan")), r"train_correlation must be a number in \(0, 1\] .*got nan"),
+])
+def test_ultrasound_datasets_name_each_bad_argument(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        D.ultrasound_datasets((32, 32), **{"num_train": 4, "num_test": 4, **kwargs})
 
 
 @pytest.mark.parametrize("kind", ["shared", "disentangle"])
@@ -1568,6 +1597,9 @@ def test_training_ends_with_batchnorm_statistics_of_the_final_weights():
 
 class FixedAdversaries(torch.nn.Module):
     """A stub: the heads always answer class 0; adv_a (task A) always 1, adv_b (task B) always 0."""
+
+    def encode(self, x):  # what evaluate_disentangle checks for before it runs a model
+        return x, x
 
     def forward(self, x):
         def answer(k):
