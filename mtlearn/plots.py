@@ -270,6 +270,8 @@ def _classes(name: str, values, k: int) -> np.ndarray:
     A -1 (an "ignore" label) would otherwise be counted silently: in the last class of a confusion
     matrix, as a negative of every class in a ROC curve.
     """
+    if k == 0:  # else "classes in 0..-1"
+        raise ValueError("class_names is empty; give one name per class, e.g. ['normal', 'benign', 'malignant']")
     values = values.detach().cpu().numpy() if isinstance(values, torch.Tensor) else np.asarray(values)  # a GPU's too
     malformed = values.ndim != 1 or values.size == 0 or values.dtype.kind not in "iu"
     if malformed or not 0 <= values.min() <= values.max() < k:

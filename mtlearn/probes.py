@@ -326,6 +326,9 @@ def embed_2d(features: np.ndarray, method: str = "pca", seed: int = 0) -> np.nda
         raise ValueError(f"features must be (N, D) with N >= 3 and D >= 2, got {features.shape}; one feature "
                          "per image is a 1-D picture already: plot it against the labels")
     _check_features(features, "features")
+    if not np.ptp(features, axis=0).any():  # PCA divided 0 by 0 (zeros, with a warning), t-SNE failed on the NaN
+        raise ValueError("the features are the same for every image, so there is nothing to embed (a collapsed or "
+                         "untrained encoder?)")
     scaled = StandardScaler().fit_transform(features)
     if method == "pca":
         return PCA(n_components=2, random_state=seed).fit_transform(scaled)

@@ -45,6 +45,14 @@ def test_confusion_matrix_refuses_labels_it_cannot_count(labels, predictions, ma
         plots.confusion_matrix(labels, predictions, ["a", "b", "c"])
 
 
+def test_no_class_names_are_named_as_such():
+    """The message read "integer classes in 0..-1 (0 class names)"."""
+    for draw in (lambda: plots.confusion_matrix([0, 1], [0, 1], []), lambda: plots.roc_curves([0, 1], np.eye(2), [])):
+        with pytest.raises(ValueError, match=r"class_names is empty; give one name per class"):
+            draw()
+    assert not plt.get_fignums()
+
+
 def test_roc_curves_one_line_per_present_class():
     labels = np.array([0, 1, 0, 1])
     probs = np.array([[0.9, 0.1, 0.0], [0.2, 0.8, 0.0], [0.7, 0.3, 0.0], [0.4, 0.6, 0.0]])

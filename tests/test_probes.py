@@ -12,6 +12,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from mtlearn.probes import (
+    EMBEDDINGS,
     cross_validated_probe,
     embed_2d,
     extract_features,
@@ -456,6 +457,10 @@ def test_embed_2d_bad_arguments():
         embed_2d(np.zeros((2, 3)))
     with pytest.raises(ValueError, match=r"D >= 2, got \(10, 1\)"):  # was scikit-learn's n_components error
         embed_2d(np.random.default_rng(0).normal(size=(10, 1)))
+    for method in EMBEDDINGS:  # PCA gave zeros with a warning, t-SNE "array must not contain infs or NaNs"
+        with pytest.raises(ValueError, match=r"the features are the same for every image, so there is nothing to "
+                                             r"embed \(a collapsed or untrained encoder\?\)"):
+            embed_2d(np.ones((10, 4)), method)
 
 
 def test_plots_have_titles_and_axis_labels():
