@@ -1,5 +1,6 @@
 """Checkpoint plumbing: atomic files, weights_only reading, random-state round trips, folder and option checks."""
 
+import collections
 import os
 import pickle
 import random
@@ -33,27 +34,27 @@ def small_model(num_classes=3):
 
 def test_atomic_save_keeps_the_old_file_on_failure(tmp_path):
     path = save_checkpoint({"epoch": 1, "weights": torch.ones(3)}, tmp_path / "last.pt")
-    with pytest.raises(TypeError, match=r"state\['broken'\] is a builtins.function, which load_checkpoint"):
+    with pytest.raises((pickle.PicklingError, AttributeError)):  # which one depends on the object
         save_checkpoint({"epoch": 2, "broken": lambda: None}, path)  # a lambda cannot be pickled
     assert load_checkpoint(path)["epoch"] == 1
     assert os.listdir(tmp_path) == ["last.pt"]
 
 
 @pytest.mark.parametrize("state, says", [
-    ({"model": nn.Linear(2, 2)}, r"state\['model'\] is a torch.nn.modules.linear.Linear, .*cannot read back; save "
-                                 r"its state_dict\(\) instead"),
+    ({"model": nn.Linear(2, 2)}, r"state holds torch.nn.modules.linear.Linear, which load_checkpoint \(torch.load "
+                                 r"with weights_only=True, which runs no code\) cannot read back; nothing was written"),
+    ({"rng": {"numpy": [np.float32(0.5)]}}, r"state holds numpy\..*utils.python_numbers turns NumPy numbers into"),
+    ({"counts": collections.defaultdict(int)}, r"state holds .*collections.defaultdict"),
     (nn.Linear(2, 2), r"save_checkpoint takes a dict, not a Linear; pass e.g. \{'model': model.state_dict\(\)\}"),
-    ({"rng": {"numpy": [np.float32(0.5)]}}, r"state\['rng'\]\['numpy'\]\[0\] is a numpy.float32, .*convert it to a "
-                                            r"tensor or a Python number"),
-    ({"history": {("val", "dice"): [0.5]}}, r"state\['history'\] has a key of type tuple"),
 ])
 def test_what_load_checkpoint_could_not_read_back_is_refused_when_saving(tmp_path, state, says):
     """torch.save took a module or a NumPy number, and load_checkpoint (weights_only) then called the file
     corrupt: the run's checkpoints were all unreadable, found only at the resume."""
+    path = save_checkpoint({"epoch": 1}, tmp_path / "last.pt")
     with pytest.raises(TypeError, match=says):
-        save_checkpoint(state, tmp_path / "last.pt")
-    assert os.listdir(tmp_path) == []
-    plain = {"a": [torch.ones(1), (1, 2.5, "x", None, True)], "b": {3, 4}, "c": {1: torch.float16}, "d": 1 + 2j}
+        save_checkpoint(state, path)
+    assert os.listdir(tmp_path) == ["last.pt"] and load_checkpoint(path) == {"epoch": 1}  # the previous file stays
+    plain = {"a": [torch.ones(1), (1, 2.5, "x", None, True)], "b": {3, 4}, "c": {(1, 2): torch.float16}, "d": 1 + 2j}
     assert load_checkpoint(save_checkpoint(plain, tmp_path / "ok.pt")) == plain  # what it does read back
 
 
