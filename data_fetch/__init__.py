@@ -142,17 +142,22 @@ def fetch(
             # would then report a missing file instead of "not downloaded" and the command that fetches it.
             if created and folder.is_dir() and not any(folder.iterdir()):
                 folder.rmdir()
-    # The archive is verified: from here the folder's files change, so the marker of an earlier fetch goes
-    # first. An unpacking cut short then leaves no marker over half-written files (the loaders say to fetch).
-    marker.unlink(missing_ok=True)
     # Files already there are replaced only if this dataset's unpacking wrote them: the marker's, or any after
     # an unpacking cut short (its checks had passed, so what differs now is its own half-written work).
     unpacking = folder / f".{source.name}.unpacking"
     listed = record.get("files") if record is not None else None
     replaceable = None if unpacking.exists() else listed if isinstance(listed, list) else []
+
+    def started() -> None:
+        # The archive passed every check: from here the folder's files change, so the marker of an earlier fetch
+        # goes first (an unpacking cut short leaves no marker over half-written files: the loaders say to fetch),
+        # and the record of this unpacking stays until the new marker is written. A refusal keeps the old marker.
+        marker.unlink(missing_ok=True)
+        unpacking.touch()
+
     if source.extract:
-        files = extract_zip(target, folder, replaceable=replaceable, started=unpacking.touch)
-    else:
+        files = extract_zip(target, folder, replaceable=replaceable, started=started)
+    else:  # a single file, checked and in place: the marker is replaced below, atomically
         files = [source.filename]
     files = [name for name in files if not name.endswith("/")]  # directories are implied by their files
     if known_hash is None:

@@ -1281,6 +1281,25 @@ def test_unpacking_never_replaces_a_users_own_file_with_other_contents(server, t
     assert (tmp_path / ".bus_bra.complete").is_file() and not (tmp_path / ".bus_bra.unpacking").exists()
 
 
+def test_a_refused_unpacking_keeps_the_marker_of_the_last_fetch(server, tmp_path):
+    """The marker went before the checks: refused, the folder lost the record of which files were the dataset's,
+    and the next fetch then refused the dataset's own files as a user's."""
+    server.files["/BUSBRA.zip"] = ARCHIVE
+    url = server.url + "/BUSBRA.zip"
+    fetch("bus_bra", dest=tmp_path, url=url, known_hash=sha256(ARCHIVE), progress=False)
+    (tmp_path / "BUSBRA" / "bus_data.csv").write_bytes(b"edited")  # the dataset's own file, changed
+    (tmp_path / "BUSBRA" / "notes.txt").write_bytes(b"mine")  # and a file of the user's
+    newer = zip_bytes({"BUSBRA/bus_data.csv": b"ID,Case,Pathology,Histology\n", "BUSBRA/notes.txt": b"readme"})
+    server.files["/BUSBRA.zip"] = newer
+    (tmp_path / "BUSBRA.zip").unlink()  # so that the newer archive is downloaded
+    with pytest.raises(data_fetch.WouldReplaceError, match=r"\(BUSBRA/notes.txt\)"):  # not bus_data.csv
+        fetch("bus_bra", dest=tmp_path, url=url, known_hash=sha256(newer), progress=False)
+    assert (tmp_path / ".bus_bra.complete").is_file() and not (tmp_path / ".bus_bra.unpacking").exists()
+    (tmp_path / "BUSBRA" / "notes.txt").unlink()  # moved away, as the message says
+    fetch("bus_bra", dest=tmp_path, url=url, known_hash=sha256(newer), progress=False)
+    assert (tmp_path / "BUSBRA" / "bus_data.csv").read_bytes() == b"ID,Case,Pathology,Histology\n"
+
+
 def test_a_zip_inside_the_download_does_not_replace_a_users_file_either(tmp_path):
     outer = tmp_path / "outer.zip"
     outer.write_bytes(zip_bytes({"data/inner.zip": zip_bytes({"a.png": b"png"}), "data/b.png": b"png"}))
