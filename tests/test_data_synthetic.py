@@ -446,10 +446,13 @@ def test_negative_index_is_refused():
 @pytest.mark.parametrize("artifact", ["no", 2, 0.0])
 def test_render_takes_true_false_or_none_for_the_artifact(artifact):
     """"no" and 2 are truthy: the artifact was drawn, silently."""
-    with pytest.raises(ValueError, match=rf"artifact must be True \(drawn\), False \(not drawn\) or None \(the item's "
-                                         rf"own\), got {artifact!r}"):
+    with pytest.raises(ValueError, match=rf"artifact must be True or 1 \(drawn\), False or 0 \(not drawn\), or None "
+                                         rf"\(the item's own\), got {artifact!r}"):
         SyntheticUltrasound(num_samples=3).render(0, artifact=artifact)
-    assert SyntheticUltrasound(num_samples=3).render(0, artifact=np.bool_(False))["artifact"] == 0
+    data = SyntheticUltrasound(num_samples=3)
+    assert data.render(0, artifact=np.bool_(False))["artifact"] == 0
+    for flag in (0, 1):  # an item's own flag, as data[i]["artifact"] holds it
+        assert data.render(0, artifact=flag)["artifact"] == flag
 
 
 @pytest.mark.parametrize("size", [8, 16, (32, 16)])

@@ -914,7 +914,3 @@ def _grey_stack(array: np.ndarray, path: Path, key: str) -> np.ndarray:
     red, green, blue = (array[..., c].astype(np.float32) for c in range(3))
     grey = np.float32(0.299) * red + np.float32(0.587) * green + np.float32(0.114) * blue
     return (np.rint(grey) if np.issubdtype(array.dtype, np.integer) else grey).astype(array.dtype)
-
-
-def _size_pair(image_size) -> tuple[int, int]:
-    return check_size(image_size, minimum=8)

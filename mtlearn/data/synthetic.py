@@ -190,9 +190,10 @@ class SyntheticUltrasound(Dataset):
         """
         rng, label, has_artifact = self._item_rng(index)
         if artifact is not None:
-            if not isinstance(artifact, (bool, np.bool_)):  # "no" and 2 are truthy: the artifact was drawn
-                raise ValueError(f"artifact must be True (drawn), False (not drawn) or None (the item's own), "
-                                 f"got {artifact!r}")
+            # True/False, or 1/0 as an item's "artifact" holds them; "no" and 2 are truthy: the artifact was drawn
+            if not (isinstance(artifact, (bool, np.bool_)) or is_int(artifact) and artifact in (0, 1)):
+                raise ValueError(f"artifact must be True or 1 (drawn), False or 0 (not drawn), or None (the item's "
+                                 f"own), got {artifact!r}")
             has_artifact = int(artifact)
         H, W = self.height, self.width
         texture = self._texture(rng)  # (H, W), unit variance
