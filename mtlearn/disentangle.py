@@ -47,6 +47,7 @@ from mtlearn.checkpoint import (
 from mtlearn.encoder import check_image
 from mtlearn.engine import NonFiniteLossError, NonFiniteWeightsError, non_finite_names
 from mtlearn.utils import (
+    check_betas,
     check_bool,
     check_int,
     check_int_sequence,
@@ -553,10 +554,7 @@ def _check_training(*, epochs, adv_steps, w_adv, w_leak, adv_loss, adv_target, l
         raise ValueError(f"unknown adv_loss {adv_loss!r}; expected one of {ADV_LOSSES}")
     if adv_target not in ADV_TARGETS:
         raise ValueError(f"unknown adv_target {adv_target!r}; expected one of {ADV_TARGETS}")
-    if (not isinstance(betas, (tuple, list)) or len(betas) != 2
-            or not all(is_number(b) and 0 <= b < 1 for b in betas)):
-        raise ValueError(f"betas must be a pair of numbers in [0, 1) (Adam's beta1, beta2), e.g. (0.0, 0.9); "
-                         f"got {betas!r}")
+    check_betas(betas, example=(0.0, 0.9))
     if w_adv > 0 and warmup_epochs >= epochs:  # the adversarial term would never be switched on
         raise ValueError(f"warmup_epochs ({warmup_epochs}) must be below epochs ({epochs}) when w_adv > 0, or "
                          "DisentangleNet trains without its adversaries; for that baseline set w_adv=0")

@@ -524,15 +524,14 @@ class UMSRepConfig:
 
     def _check_choices(self) -> None:
         """Names and numbers that would otherwise fail only after the data is loaded (BUSI: every image read)."""
-        from mtlearn.engine import AMP_CHOICES
+        from mtlearn.engine import AMP_CHOICES, TrainConfig
         from mtlearn.mtl import PRESETS
 
         for name, value, choices in (("dataset", self.dataset, ("synthetic", "busi")),
                                      ("preset", self.preset, tuple(PRESETS)), ("amp", self.amp, AMP_CHOICES)):
             if value not in choices:
                 raise ValueError(f"{name} must be one of {choices}, got {value!r}")
-        check_number("lr", self.lr, 0, above=True, advice="e.g. 1e-3")
-        check_number("weight_decay", self.weight_decay, 0, advice="e.g. 3e-5")
+        check_adamw(self.lr, self.weight_decay, TrainConfig.betas)  # fit's check (its betas), before any data loads
         check_number("gaussian_std", self.gaussian_std, 0, advice="intensity units, e.g. 0.02")
         check_number("speckle_looks", self.speckle_looks, 0, above=True, advice="more looks = milder speckle, e.g. 4")
         check_int("seed", self.seed, 0)

@@ -394,10 +394,16 @@ def check_adamw(lr, weight_decay, betas) -> tuple[float, float, tuple[float, flo
         raise ValueError(f"weight_decay {weight_decay:g} with lr {lr:g} would shrink every weight by "
                          f"lr x weight_decay = {lr * weight_decay:g} (>= 1) each step, flipping its "
                          "sign; weight decays are small, e.g. 3e-5 (ResFormer) or 1e-2")
+    return lr, weight_decay, check_betas(betas)
+
+
+def check_betas(betas, example: tuple[float, float] = (0.9, 0.999)) -> tuple[float, float]:
+    """Adam's (beta1, beta2) as Python floats, or a ValueError naming the rule and `example`."""
     if (not isinstance(betas, Sequence) or isinstance(betas, str) or len(betas) != 2
             or not all(is_number(b) and 0 <= b < 1 for b in betas)):  # NaN fails the comparison
-        raise ValueError(f"betas must be a pair of numbers in [0, 1), e.g. (0.9, 0.999), got {betas!r}")
-    return lr, weight_decay, (float(betas[0]), float(betas[1]))
+        raise ValueError(f"betas must be a pair of numbers in [0, 1), e.g. {example}, got {betas!r}; they are Adam's "
+                         "beta1 and beta2")
+    return float(betas[0]), float(betas[1])
 
 
 def check_size(image_size, minimum: int = 1) -> tuple[int, int]:
