@@ -578,6 +578,7 @@ def test_a_few_denoising_steps_lower_the_reconstruction_error():
     # these failed only after the data was loaded (with BUSI: after every image was read and resized)
     (dict(lr=-1), "lr must be a finite number > 0"),
     (dict(weight_decay=float("inf")), "weight_decay must be a finite number >= 0"),
+    (dict(lr=1.0, weight_decay=2.0), r"would shrink every weight by lr x weight_decay = 2"),  # fit's rule, at once
     (dict(speckle_looks=-1), "speckle_looks must be a finite number > 0"),
     (dict(gaussian_std=-0.1), "gaussian_std must be a finite number >= 0"),
     (dict(seed=-3), "seed must be"),
