@@ -451,7 +451,7 @@ def test_render_takes_true_false_or_none_for_the_artifact(artifact):
         SyntheticUltrasound(num_samples=3).render(0, artifact=artifact)
     data = SyntheticUltrasound(num_samples=3)
     assert data.render(0, artifact=np.bool_(False))["artifact"] == 0
-    for flag in (0, 1):  # an item's own flag, as data[i]["artifact"] holds it
+    for flag in (0, 1, torch.tensor(1)):  # an item's own flag, as data[i]["artifact"] holds it (or a batch's)
         assert data.render(0, artifact=flag)["artifact"] == flag
 
 

@@ -190,7 +190,10 @@ class SyntheticUltrasound(Dataset):
         """
         rng, label, has_artifact = self._item_rng(index)
         if artifact is not None:
-            # True/False, or 1/0 as an item's "artifact" holds them; "no" and 2 are truthy: the artifact was drawn
+            # True/False, or 1/0 as an item's "artifact" holds them (a batch's, collated, a one-element tensor);
+            # "no" and 2 are truthy: the artifact was drawn
+            if isinstance(artifact, torch.Tensor) and artifact.numel() == 1 and not artifact.is_floating_point():
+                artifact = artifact.item()
             if not (isinstance(artifact, (bool, np.bool_)) or is_int(artifact) and artifact in (0, 1)):
                 raise ValueError(f"artifact must be True or 1 (drawn), False or 0 (not drawn), or None (the item's "
                                  f"own), got {artifact!r}")
