@@ -46,7 +46,8 @@ class DatasetExplorer:
 
     def __init__(self, dataset, class_names=None):
         if not (hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")):  # a DataLoader: dataset[0] raised
-            fix = ": pass the loader's dataset, DatasetExplorer(loader.dataset)" if hasattr(dataset, "dataset") else ""
+            fix = (": pass the loader's dataset, DatasetExplorer(loader.dataset)" if hasattr(dataset, "dataset") else
+                   ": pass a list of its items, DatasetExplorer(list(items))" if hasattr(dataset, "__iter__") else "")
             raise ValueError(f"DatasetExplorer needs a dataset (items read by index, dataset[i]), got "
                              f"{_kind(dataset)}{fix}")
         if len(dataset) == 0:

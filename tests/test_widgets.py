@@ -335,3 +335,11 @@ def test_a_data_loader_is_refused_with_the_fix():
     with pytest.raises(ValueError, match=r"needs a dataset \(items read by index, dataset\[i\]\), got a DataLoader: "
                                          r"pass the loader's dataset, DatasetExplorer\(loader.dataset\)"):
         DatasetExplorer(loader)  # was "TypeError: 'DataLoader' object is not subscriptable"
+
+
+def test_a_generator_of_items_is_refused_with_the_fix():
+    items = (item for item in fake_items())
+    with pytest.raises(ValueError, match=r"got a generator: pass a list of its items, "
+                                         r"DatasetExplorer\(list\(items\)\)"):
+        DatasetExplorer(items)
+    assert len(DatasetExplorer(list(fake_items())).dataset) == len(fake_items())  # the fix works
