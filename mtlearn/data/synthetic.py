@@ -69,6 +69,9 @@ class SyntheticUltrasound(Dataset):
       P(artifact | malignant) = (1 - c) * rate + c for c >= 0, (1 - |c|) * rate for c < 0, and
       symmetrically for the other classes (see `artifact_probabilities`).
 
+    `class_probs`: the relative frequencies of normal, benign and malignant, normalised to sum to 1
+    ((1, 1, 1) is (1/3, 1/3, 1/3)).
+
     Every item is deterministic given (seed, first_index + index); nothing is stored, so any
     `num_samples` costs no memory. The scene is drawn before the artifact, so forcing the artifact
     on or off (`render(i, artifact=...)`) gives the same scene with and without it.
