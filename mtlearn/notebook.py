@@ -223,7 +223,7 @@ class Run:
             raise ValueError(f"figure name must be text such as 'loss_curves', got {name!r}")
         stem = name[:-len(".png")] if name.lower().endswith(".png") else name
         other = Path(stem).suffix.lower()
-        if other in (".pdf", ".svg", ".jpg", ".jpeg", ".eps", ".tif", ".tiff"):  # "a.pdf" was saved as a.pdf.png
+        if other[1:] in fig.canvas.get_supported_filetypes():  # matplotlib's formats: "a.pdf" was saved as a.pdf.png
             raise ValueError(f"figures are saved as PNG (out_dir/<name>.png); give the name without {other}, "
                              f"e.g. {stem[:-len(other)]!r}, or call fig.savefig yourself for another format")
         # "." and ".." are folders, a name with a NUL or a line break no file: "...png", or PIL's "embedded null byte"
