@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mtlearn.utils import check_int_sequence, is_int
+from mtlearn.utils import check_int, check_int_sequence, is_int
 
 # Additive attention mask value for token pairs that must not attend to each other.
 MASKED = float("-inf")
@@ -92,6 +92,7 @@ class BasicBlock(nn.Module):
         super().__init__()
         if stride not in (1, 2):
             raise ValueError(f"BasicBlock stride must be 1 or 2, got {stride}")
+        in_channels, out_channels = check_int("in_channels", in_channels, 1), check_int("out_channels", out_channels, 1)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(out_channels)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False)
@@ -497,6 +498,7 @@ class DFE(nn.Module):
 
     def __init__(self, channels: int, dilations: Sequence[int] = (6, 12, 18)):
         super().__init__()
+        channels = check_int("channels", channels, 1)  # 0 built empty convolutions with only a UserWarning
         self.dilations = check_dilations(dilations)
         self.branches = nn.ModuleList(
             nn.Sequential(
@@ -529,6 +531,7 @@ class ASPPDFE(nn.Module):
 
     def __init__(self, channels: int, dilations: Sequence[int] = (6, 12, 18), residual: bool = True):
         super().__init__()
+        channels = check_int("channels", channels, 1)  # 0 built empty convolutions with only a UserWarning
         self.dilations = check_dilations(dilations)
 
         def conv_bn_relu(kernel_size: int, dilation: int) -> nn.Sequential:

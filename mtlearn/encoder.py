@@ -54,8 +54,9 @@ class ResFormerConfig:
         if not is_int(self.in_channels) or self.in_channels < 1:
             raise ValueError(f"in_channels must be a positive integer (1 grey, 3 RGB), got {self.in_channels!r}")
         if len(self.image_size) != 2 or any(s < STRIDE or s % STRIDE for s in self.image_size):
+            nearest = tuple(STRIDE * max(1, round(side / STRIDE)) for side in self.image_size)
             raise ValueError(f"image_size must be a multiple of the network stride {STRIDE} (e.g. 128 or 224), "
-                             f"got {self.image_size}")
+                             f"got {self.image_size}" + (f"; the nearest: {nearest}" if len(nearest) == 2 else ""))
         lengths = {name: len(getattr(self, name)) for name in ("widths", "cnn_depths", "attn_depths", "num_heads")}
         if set(lengths.values()) != {4}:
             raise ValueError(f"widths, cnn_depths, attn_depths and num_heads need one entry per stage (4), "
@@ -113,7 +114,8 @@ def check_image(x: Tensor, in_channels: int, stride: int = STRIDE, dtype: torch.
         raise TypeError(f"the model takes a batch of images, a tensor (B, C, H, W); got a {type(x).__name__}"
                         + (f"; {fix}" if fix else ""))
     if x.dim() != 4:
-        raise ValueError(f"expected a batch of images (B, C, H, W), got a tensor of shape {tuple(x.shape)}")
+        fix = "; one image (C, H, W) becomes a batch of one with image[None]" if x.dim() == 3 else ""
+        raise ValueError(f"expected a batch of images (B, C, H, W), got a tensor of shape {tuple(x.shape)}{fix}")
     check_floating(x)
     # under autocast the layers cast for themselves; outside it, conv layers fail with "expected scalar
     # type Half but found Float" or "Input type (CPUBFloat16Type) and weight type ... should be the same"
@@ -122,6 +124,9 @@ def check_image(x: Tensor, in_channels: int, stride: int = STRIDE, dtype: torch.
                    torch.bfloat16: ".bfloat16()"}.get(dtype, f".to({dtype})")
         raise ValueError(f"images are {x.dtype} but the model's weights are {dtype}; convert with {convert}, or "
                          "run the model under torch.autocast for mixed precision")
+    if x.shape[1] != in_channels and x.shape[-1] == in_channels:  # (B, H, W, C), as NumPy and PIL store pictures
+        raise ValueError(f"the images have their channels last (shape {tuple(x.shape)}); the model takes (B, C, H, W): "
+                         "use x.permute(0, 3, 1, 2)")
     if x.shape[1] != in_channels:
         raise ValueError(f"the model was built for {in_channels} input channel(s), got {x.shape[1]} "
                          f"(shape {tuple(x.shape)}); build it with in_channels={x.shape[1]}")

@@ -23,7 +23,7 @@ from mtlearn.encoder import ResFormerConfig, ResFormerEncoder, check_image, init
 from mtlearn.heads import (DFE_MODES, MultiScaleClassificationHead, ReconstructionHead, SegmentationHead,
                            UNetDecoder)
 from mtlearn.losses import check_tasks
-from mtlearn.utils import check_int, check_options, check_size
+from mtlearn.utils import check_int, check_options, check_size, is_int
 
 TASKS = ("seg", "cls", "recon")  # segmentation, classification, reconstruction (denoising)
 CLS_HEADS = ("multiscale", "last")  # classifier reads the last two encoder stages, or the last one only
@@ -49,6 +49,9 @@ class MultiTaskConfig(ResFormerConfig):
         if self.cls_head not in CLS_HEADS:
             raise ValueError(f"unknown cls_head {self.cls_head!r}; expected one of {CLS_HEADS}")
         for name in ("num_classes", "seg_classes"):  # >= 2: softmax logits; a float (3.5) fails inside nn.Linear
+            if is_int(getattr(self, name)) and getattr(self, name) == 1:
+                raise ValueError(f"{name} must be >= 2, got 1: the head gives one softmax logit per class, so a "
+                                 "yes/no task has 2 classes (e.g. background and lesion)")
             setattr(self, name, check_int(name, getattr(self, name), 2))  # np.int64(3) from a sweep: a plain int
         self.cls_hidden = check_int("cls_hidden", self.cls_hidden, 1)  # 32.0 failed inside torch.empty
         self.dilations = check_dilations(self.dilations)
@@ -142,7 +145,7 @@ def build_model(preset: str = "course", tasks: Sequence[str] = ("seg", "cls"), i
     build_model("course", tasks=("seg", "cls", "recon"), dfe="three")
     build_model("paper", in_channels=3, image_size=224)
     """
-    if preset not in PRESETS:
+    if not isinstance(preset, str) or preset not in PRESETS:  # ["tiny"]: "unhashable type: 'list'"
         raise ValueError(f"unknown preset {preset!r}; expected one of {tuple(PRESETS)}")
     check_options(MultiTaskConfig, overrides, "model option(s)")
     settings = {**PRESETS[preset], **overrides}

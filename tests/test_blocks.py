@@ -58,6 +58,9 @@ BAD_ARGUMENTS = [
     ("eca even kernel", lambda: ECA(kernel_size=2), "odd"),
     ("spatial attention even kernel", lambda: SpatialAttention(kernel_size=4), "odd"),
     ("basic block stride 3", lambda: BasicBlock(8, 8, stride=3), "stride"),
+    ("basic block no channels", lambda: BasicBlock(0, 4), "in_channels must be an integer >= 1, got 0"),
+    ("dfe no channels", lambda: DFE(0), "channels must be an integer >= 1, got 0"),  # built, with a UserWarning
+    ("aspp no channels", lambda: ASPPDFE(0), "channels must be an integer >= 1, got 0"),
     ("drop path 1", lambda: DropPath(1.0), "drop_prob"),
     ("attention head dim", lambda: WindowAttention(10, 3), "divisible"),
     ("attention float heads", lambda: WindowAttention(16, 2.0), r"num_heads 2\.0 .*pass an int that divides dim"),

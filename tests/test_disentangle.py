@@ -1818,6 +1818,14 @@ def test_a_training_batch_of_one_image_is_refused_with_the_fix():
         _train(tiny_model(), _batches([(0, 1)], size=1))  # torch: "Expected more than 1 value per channel"
 
 
+def test_one_image_through_a_model_in_training_mode_is_refused_with_the_fix():
+    model = tiny_model().train()
+    with pytest.raises(ValueError, match=r"one image in training mode.*batches of 2 or more.*model\.eval\(\)"):
+        model(torch.randn(1, 1, 32, 40))  # torch: "Expected more than 1 value per channel when training"
+    assert model(torch.randn(2, 1, 32, 40))["logits_a"].shape == (2, 2)
+    assert model.eval()(torch.randn(1, 1, 32, 40))["logits_a"].shape == (1, 2)  # eval: running statistics
+
+
 def test_train_disentangle_refuses_a_string_for_a_switch(tiny_loaders):
     for name in ("recalibrate_bn", "cosine", "progress"):
         with pytest.raises(ValueError, match=rf"{name} must be True or False, got 'False'"):

@@ -70,7 +70,10 @@ BAD_INPUTS = [
     ("smaller than the stride", (1, 1, 8, 32), r"8x32.*stride 16.*the nearest: 16x32\)"),
     ("empty image", (1, 1, 0, 64), r"the images are empty \(size 0x64"),
     ("wrong channel count", (1, 3, 32, 32), r"got 3 \(shape \(1, 3, 32, 32\)\); build it with in_channels=3"),
-    ("not a batch", (1, 32, 32), "B, C, H, W"),
+    ("one image, not a batch", (1, 32, 32), r"shape \(1, 32, 32\); one image \(C, H, W\) becomes a batch of one "
+     r"with image\[None\]"),
+    ("a 5-D tensor", (1, 1, 1, 32, 32), r"B, C, H, W\), got a tensor of shape \(1, 1, 1, 32, 32\)$"),
+    ("channels last", (2, 32, 32, 1), r"channels last \(shape \(2, 32, 32, 1\)\).*x\.permute\(0, 3, 1, 2\)"),
 ]
 
 
