@@ -266,6 +266,44 @@ def test_images_shrunk_by_four_average_each_block():
     assert np.allclose(resized, grey.reshape(10, 4, 12, 4).mean(axis=(1, 3)), atol=1e-5)
 
 
+BAD_RESIZES = [
+    ("resize_image", np.zeros((40, 48, 3)), (32, 32), r"resize_image needs a grey \(H, W\) image, got shape "
+     r"\(40, 48, 3\): convert it to grey"),  # MONAI: "len(spatial_size) must be greater or equal to ..."
+    ("resize_mask", np.zeros((40, 48, 3)), (32, 32), r"resize_mask needs a grey \(H, W\) image"),
+    ("resize_image", np.zeros((0, 48)), (32, 32), r"resize_image got an empty image \(shape \(0, 48\)\)"),
+    ("resize_mask", np.full((40, 48), 255), (32, 32), r"needs a 0/1 mask, got values \[255\.0\]: pass mask > 0"),
+    ("resize_image", np.zeros((40, 48)), (0, 32), r"each of image_size must be an integer >= 1, got 0"),  # kept 40
+    ("resize_image", np.zeros((40, 48)), (32, 32, 32), r"image_size must be \(H, W\), two sizes"),  # a volume
+]
+
+
+@pytest.mark.parametrize("function, picture, size, match", BAD_RESIZES)
+def test_resizing_refuses_what_it_cannot_resize(function, picture, size, match):
+    from mtlearn.data import transforms
+
+    with pytest.raises(ValueError, match=match):
+        getattr(transforms, function)(picture, size)
+
+
+def test_resizing_takes_an_int_as_a_square_size_as_build_model_does():
+    from mtlearn.data.transforms import resize_image, resize_mask
+
+    assert resize_image(np.zeros((40, 48)), 32).shape == resize_mask(np.ones((40, 48), bool), 32).shape == (1, 32, 32)
+
+
+def test_augment_item_refuses_an_image_and_a_mask_of_other_sizes():
+    from mtlearn.data.transforms import augment_item, augmentation
+
+    image = torch.rand(1, 32, 32)
+    for mask in (torch.ones(1, 16, 16), torch.ones(32, 32)):  # returned unaligned / MONAI's "applying transform"
+        shape = re.escape(str(tuple(mask.shape)))
+        with pytest.raises(ValueError, match=rf"same H, W; got image \(1, 32, 32\) and mask {shape}"):
+            augment_item(augmentation(0), image, mask)
+    with pytest.raises(ValueError, match=r"seed must be an integer >= 0, got None"):  # a new stream on every run
+        augmentation(None)
+    assert [t.shape for t in augment_item(augmentation(0), image, torch.ones(1, 32, 32))] == [(1, 32, 32)] * 2
+
+
 def make_small_busi(root, masks: dict[str, np.ndarray], images: dict[str, np.ndarray] | None = None) -> None:
     """Dataset_BUSI_with_GT with the three class folders and the given "<stem>": mask arrays, saved as is."""
     rng = np.random.default_rng(1)
@@ -1006,6 +1044,11 @@ def test_split_by_group_deals_7_1_2_of_each_class_and_keeps_groups_whole(seed):
     (["a", "b"], [0, 1], {}, r"fractions must be a sequence of \(name, share\) pairs"),
     (["a", "b"], [0, 1], "", r"fractions must be a sequence of \(name, share\) pairs"),
     (["a", "b"], [0, 1], [("train", 0.8, 1), ("test", 0.2)], r"fractions must be a sequence of \(name, share\)"),
+    (["a", "b"], [0, 1], ((0.7, 0.3),), r"distinct names \(non-empty str\)"),  # every item in a split named 0.7
+    (["a", "b"], [0, 1], (("", 0.7), ("test", 0.3)), r"distinct names \(non-empty str\)"),
+    (["a", "b", "c"], [0, math.nan, 1], SPLIT_FRACTIONS, r"item 1 has nan: give every item its class"),  # KeyError
+    (["a", "b", "c"], [0, None, 1], SPLIT_FRACTIONS, r"item 1 has None"),  # '<' not supported
+    (["a", "b"], [0.0, 1.0], SPLIT_FRACTIONS, r"labels must be class indices \(integers\).*item 0 has 0\.0"),
 ])
 def test_split_by_group_refuses_what_it_cannot_split(groups, labels, fractions, match):
     with pytest.raises(ValueError, match=match):
@@ -1090,6 +1133,17 @@ def test_difference_hash_refuses_a_colour_image():
     """An (H, W, 3) image gave 192 bits, against which DUPLICATE_MAX_DISTANCE means something else."""
     with pytest.raises(ValueError, match=r"grey \(H, W\) image, got shape \(32, 32, 3\)"):
         difference_hash(np.zeros((32, 32, 3)))
+
+
+def test_hashing_refuses_what_it_cannot_hash():
+    with pytest.raises(ValueError, match=r"difference_hash got an empty image"):
+        difference_hash(np.zeros((0, 3)))
+    with pytest.raises(ValueError, match=r"hash_size must be an integer >= 1, got 0"):
+        difference_hash(np.zeros((30, 30)), 0)
+    hashes = [difference_hash(np.eye(20)), difference_hash(np.eye(20)[::-1])]
+    assert duplicate_groups(hashes).tolist() == [0, 1]  # a list of hashes is stacked (was: no attribute 'astype')
+    with pytest.raises(ValueError, match=r"\(N, B\) bool array.*got bool of shape \(64,\): stack them"):
+        duplicate_groups(hashes[0])  # scipy: "graph should have two dimensions"
 
 
 def test_difference_hash_compares_each_pixel_with_its_right_neighbour():

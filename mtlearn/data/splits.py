@@ -19,7 +19,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from mtlearn.utils import check_int, is_finite
+from mtlearn.data.transforms import check_grey
+from mtlearn.utils import check_int, is_finite, is_int
 
 # Split names and their share of the data, in this order (7:1:2, as BreastMNIST splits BUSI).
 SPLIT_FRACTIONS = (("train", 0.7), ("val", 0.1), ("test", 0.2))
@@ -53,6 +54,12 @@ def split_by_group(
         shown = f"{missing[:5]}{' ...' if len(missing) > 5 else ''}"
         raise ValueError(f"groups must name a group for every item; items {shown} have {values[missing[0]]!r} (e.g. "
                          "an empty CSV cell): give each such item its own id as its group")
+    if not np.issubdtype(labels.dtype, np.integer):  # NaN: a bare KeyError; None: "'<' not supported"
+        values = labels.tolist()
+        bad = [i for i, label in enumerate(values) if label is None or (isinstance(label, float) and label != label)]
+        bad = bad or [i for i, label in enumerate(values) if not is_int(label)]  # a missing label first, then e.g. 1.0
+        raise ValueError(f"labels must be class indices (integers), one per item; item {bad[0]} has "
+                         f"{values[bad[0]]!r}: give every item its class as an int (0, 1, ...)")
     check_int("seed", seed, 0)  # None would draw a new split on every call
     if (isinstance(fractions, (str, Mapping)) or not isinstance(fractions, Sequence)
             or not all(isinstance(pair, (tuple, list)) and len(pair) == 2 for pair in fractions)):
@@ -61,9 +68,10 @@ def split_by_group(
     names = [name for name, _ in fractions]
     shares = [share for _, share in fractions]
     if (not all(is_finite(share) and share >= 0 for share in shares) or sum(shares) <= 0
-            or len(set(names)) != len(names)):
-        raise ValueError(f"fractions must be (name, share) pairs with distinct names and finite shares >= 0, "
-                         f"not all 0, got {fractions!r}")
+            or len(set(names)) != len(names) or not all(isinstance(name, str) and name for name in names)):
+        # ((0.7, 0.3),) named a split "0.7" and put every item in it
+        raise ValueError(f"fractions must be (name, share) pairs with distinct names (non-empty str) and finite "
+                         f"shares >= 0, not all 0, got {fractions!r}")
     edges = np.cumsum(shares) / sum(shares)
     group_label = {g: _majority(labels[groups == g].tolist()) for g in np.unique(groups)}
     rng = np.random.default_rng(seed)
@@ -97,10 +105,9 @@ def difference_hash(grey: np.ndarray, hash_size: int = HASH_SIZE) -> np.ndarray:
     """
     from PIL import Image
 
-    grey = np.asarray(grey, dtype=np.float32)
-    if grey.ndim != 2:  # an (H, W, 3) image would give 3 x 64 bits, and its distances would mean something else
-        raise ValueError(f"difference_hash needs a grey (H, W) image, got shape {grey.shape}: convert it to "
-                         f"grey first (e.g. PIL's .convert('L'))")
+    # an (H, W, 3) image would give 3 x 64 bits, and its distances would mean something else
+    grey = check_grey(grey, "difference_hash")
+    hash_size = check_int("hash_size", hash_size, 1)
     scaled = (255 * (grey - grey.min()) / max(float(np.ptp(grey)), 1e-6)).astype(np.uint8)
     thumbnail = Image.fromarray(scaled).resize((hash_size + 1, hash_size), Image.Resampling.BOX)  # (W, H)
     thumbnail = np.asarray(thumbnail, dtype=np.int16)
@@ -115,6 +122,10 @@ def duplicate_groups(hashes: np.ndarray, max_distance: int = DUPLICATE_MAX_DISTA
     """
     from scipy.sparse.csgraph import connected_components
 
+    hashes = np.asarray(hashes)  # a list of difference_hash(...) results
+    if hashes.ndim != 2 or hashes.dtype != bool:
+        raise ValueError(f"hashes must be an (N, B) bool array, one difference_hash(...) per image, got "
+                         f"{hashes.dtype} of shape {hashes.shape}: stack them, np.stack([...])")
     bits = hashes.astype(np.float32)
     distance = bits @ (1 - bits).T + (1 - bits) @ bits.T  # (N, N) Hamming distances
     _, group = connected_components(distance <= max_distance, directed=False)

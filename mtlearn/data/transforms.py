@@ -14,6 +14,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from mtlearn.utils import check_int, check_int_sequence
+
 MAX_ROTATION_DEGREES = 25.0  # the paper's rotation range
 AUGMENT_PROBABILITY = 0.5  # chance of a flip, and independently of a rotation
 
@@ -27,7 +29,8 @@ def resize_image(image: np.ndarray, image_size: tuple[int, int]) -> torch.Tensor
     from monai.transforms import Resize
     from monai.utils import convert_to_tensor
 
-    resized = Resize(image_size, mode="area")(np.asarray(image, dtype=np.float32)[None])
+    image = check_grey(image, "resize_image")
+    resized = Resize(_check_size(image_size), mode="area")(image[None])
     return convert_to_tensor(resized, dtype=torch.float32, track_meta=False)
 
 
@@ -42,8 +45,33 @@ def resize_mask(mask: np.ndarray, image_size: tuple[int, int]) -> torch.Tensor:
     from monai.transforms import Resize
     from monai.utils import convert_to_tensor
 
-    resized = Resize(image_size, mode="nearest-exact")(np.asarray(mask, dtype=np.float32)[None])
+    mask = check_grey(mask, "resize_mask")
+    if not np.isin(mask, (0, 1)).all():  # a PNG's 0/255 came back as 0/255, not the 0/1 promised
+        raise ValueError(f"resize_mask needs a 0/1 mask, got values {np.unique(mask)[:6].tolist()}: pass mask > 0")
+    resized = Resize(_check_size(image_size), mode="nearest-exact")(mask[None])
     return convert_to_tensor(resized, dtype=torch.float32, track_meta=False)
+
+
+def check_grey(image, what: str) -> np.ndarray:
+    """`image` as an (H, W) float32 array with pixels, or a ValueError naming `what` and the fix."""
+    image = np.asarray(image, dtype=np.float32)
+    if image.ndim != 2:  # an (H, W, 3) picture failed inside MONAI ("len(spatial_size) must be greater...")
+        raise ValueError(f"{what} needs a grey (H, W) image, got shape {image.shape}: convert it to grey first "
+                         "(e.g. PIL's .convert('L'))")
+    if image.size == 0:
+        raise ValueError(f"{what} got an empty image (shape {image.shape})")
+    return image
+
+
+def _check_size(image_size) -> tuple[int, int]:
+    """(H, W) ints >= 1; an int n is (n, n), as build_model takes it (MONAI read 32 as a 1-D size, and 0 or
+    -1 as "keep this side")."""
+    if isinstance(image_size, (int, np.integer)) and not isinstance(image_size, bool):
+        image_size = (image_size, image_size)
+    size = check_int_sequence("image_size", image_size, "the output size (H, W), e.g. (64, 64)", minimum=2)
+    if len(size) != 2:
+        raise ValueError(f"image_size must be (H, W), two sizes, got {image_size!r}")
+    return size
 
 
 def augmentation(seed: int = 0):
@@ -54,6 +82,7 @@ def augmentation(seed: int = 0):
     """
     from monai.transforms import Compose, RandFlipd, RandRotated
 
+    check_int("seed", seed, 0)  # None drew a new random stream on every run
     keys = ("image", "mask")
     return Compose(
         [
@@ -90,6 +119,7 @@ def reseed(states: list, seed: int) -> None:
     Why not MONAI's set_random_state: it builds new RandomState objects, about 0.3 ms for this
     pipeline, paid on every item; re-seeding the existing ones costs microseconds.
     """
+    check_int("seed", seed, 0)
     for k, state in enumerate(states):
         state.seed((seed + 7919 * k) % 2**32)
 
@@ -98,6 +128,11 @@ def augment_item(augment, image: torch.Tensor, mask: torch.Tensor | None):
     """Apply `augment` to an image (C, H, W) and optional mask (1, H, W); return plain tensors."""
     from monai.utils import convert_to_tensor
 
+    if image.dim() != 3 or (mask is not None and (mask.dim() != 3 or mask.shape[-2:] != image.shape[-2:])):
+        # else MONAI's "applying transform <RandFlipd ...>", or a mask flipped but no longer on its image
+        got = "" if mask is None else f" and mask {tuple(mask.shape)}"
+        raise ValueError(f"augment_item needs an image (C, H, W) and a mask (1, H, W) of the same H, W; got image "
+                         f"{tuple(image.shape)}{got} (add a channel with x[None])")
     data = augment({"image": image} if mask is None else {"image": image, "mask": mask})
     image = convert_to_tensor(data["image"], dtype=torch.float32, track_meta=False)
     mask = None if mask is None else convert_to_tensor(data["mask"], dtype=torch.float32, track_meta=False)
