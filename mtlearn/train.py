@@ -122,6 +122,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.task_weights = _parse_task_weights(parser, args.task_weights, args.tasks)
     if args.task_weights is not None and args.weighting != "fixed":
         parser.error("--task-weights only applies to --weighting fixed")
+    if args.out_dir is not None and not args.out_dir.strip():  # "" is the working folder: a run's files all over it
+        parser.error("--out-dir is empty; name a folder for the run, or leave the option out for the default")
+    if args.data_root is not None and not args.data_root.strip():  # "" would read the working folder
+        parser.error("--data-root is empty; name the data folder, or leave the option out for the default")
     if args.out_dir is None:
         args.out_dir = (f"outputs/train/{args.dataset}_{args.image_size}px_{args.preset}_{'+'.join(args.tasks)}_"
                         f"{args.weighting}_s{args.seed}")
@@ -242,7 +246,7 @@ def run(args: argparse.Namespace) -> dict:
     started = time.perf_counter()
     device = setup_distributed(args.device)
     try:
-        _check_run_options(args)  # before the data are read
+        options = _check_run_options(args)  # before the data are read
         seed_everything(args.seed)
         splits, info = _datasets(args)
         class_names = getattr(info, "class_names", None)
@@ -250,6 +254,8 @@ def run(args: argparse.Namespace) -> dict:
         in_channels = splits["train"][0]["image"].shape[0]
         model = build_model(args.preset, tasks=tuple(args.tasks), in_channels=in_channels,
                             num_classes=num_classes, image_size=args.image_size)
+        if options is not None:  # once the data and the model are there: a refused run leaves no folder behind
+            write_json(options, Path(args.out_dir) / "options.json")
         loaders = {s: make_loader(d, args.batch_size, s == "train", args.seed, args.num_workers, device)
                    for s, d in splits.items()}
         config = TrainConfig(
@@ -279,6 +285,7 @@ def run(args: argparse.Namespace) -> dict:
         }
         if is_main_process():
             write_json(record, Path(args.out_dir) / "metrics.json")
+        if is_main_process() and history.best_epoch is not None:  # else the error below, not a finished run's line
             summary = ", ".join(f"{k} {v:.3f}" for k, v in test.items() if not k.endswith("loss"))
             print(f"best epoch {history.best_epoch} ({history.monitor}); test: {summary}; "
                   f"{record['wall_time_s']:.0f} s on {record['world_size']} x {device}; wrote {args.out_dir}")
@@ -301,8 +308,9 @@ class NoGoodEpochError(RuntimeError):
     """Training ended without one epoch whose validation numbers could be trusted."""
 
 
-def _check_run_options(args: argparse.Namespace) -> None:
-    """Refuse --resume with other data or model options than the run in --out-dir; record them for a new run."""
+def _check_run_options(args: argparse.Namespace) -> dict | None:
+    """Refuse --resume with other data or model options than the run in --out-dir; for a new run, return the
+    options to record in its options.json (on the main process; None when there is nothing to write)."""
     from mtlearn.checkpoint import check_out_dir, check_resume_options
 
     out_dir = Path(args.out_dir)
@@ -315,7 +323,8 @@ def _check_run_options(args: argparse.Namespace) -> None:
         check_resume_options(path, {flags[k]: v for k, v in saved.items() if k in flags},
                              {flags[k]: v for k, v in options.items()}, list(flags.values()))
     elif not resuming and is_main_process():  # (a run saved before options.json existed: not known, not written)
-        write_json(options, path)
+        return options
+    return None
 
 
 def main(argv: list[str] | None = None) -> dict:

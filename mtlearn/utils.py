@@ -75,11 +75,12 @@ def pick_device(device: str | torch.device = "auto") -> torch.device:
         return torch.device("cpu")
     if kind == "cuda" and not torch.cuda.is_available():
         raise ValueError(
-            "device 'cuda' was requested but no CUDA GPU is visible; use device='auto' or 'cpu' "
+            f"device {device!r} was requested but no CUDA GPU is visible; use device='auto' or 'cpu' "
             "(on Colab: Runtime > Change runtime type > GPU)"
         )
     if kind == "mps" and not torch.backends.mps.is_available():
-        raise ValueError("device 'mps' was requested but Apple's MPS backend is not available; use 'auto' or 'cpu'")
+        raise ValueError(f"device {device!r} was requested but Apple's MPS backend is not available; use 'auto' or "
+                         "'cpu'")
     if kind in ("cpu", "mps") and index and int(index) != 0:  # torch ignores the number: "cpu:7" is the CPU
         raise ValueError(f"device {device!r}: there is one {kind.upper()} device; use {kind!r} (numbers are for GPUs, "
                          "'cuda:N')")
@@ -391,9 +392,9 @@ def check_adamw(lr, weight_decay, betas) -> tuple[float, float, tuple[float, flo
     lr = check_number("lr", lr, 0, above=True, advice="e.g. 1e-4")  # inf passes `> 0` and trains a NaN model
     weight_decay = check_number("weight_decay", weight_decay, 0, advice="0: no decay")
     if lr * weight_decay >= 1:  # AdamW multiplies every weight by 1 - lr * weight_decay per step
-        raise ValueError(f"weight_decay {weight_decay:g} with lr {lr:g} would shrink every weight by "
-                         f"lr x weight_decay = {lr * weight_decay:g} (>= 1) each step, flipping its "
-                         "sign; weight decays are small, e.g. 3e-5 (ResFormer) or 1e-2")
+        raise ValueError(f"lr {lr:g} with weight_decay {weight_decay:g} would shrink every weight by "
+                         f"lr x weight_decay = {lr * weight_decay:g} (>= 1) each step, flipping its sign; lower lr "
+                         "(usually 1e-4 to 1e-3) or weight_decay (small, e.g. 3e-5 (ResFormer) or 1e-2)")
     return lr, weight_decay, check_betas(betas)
 
 

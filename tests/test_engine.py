@@ -804,6 +804,7 @@ def test_progress_bar_only_when_asked(capsys):
     (dict(poly_power=-1.0), r"poly_power must be a finite number >= 0 \(0\.9 as published"),
     (dict(poly_power="0.9"), "poly_power must be a finite number >= 0"),
     (dict(betas=(0.9,)), r"betas must be a pair of numbers in \[0, 1\)"),  # IndexError inside Adam before
+    (dict(betas=(0.9, 0.999, 0.5)), r"betas must be a pair of numbers in \[0, 1\)"),  # the third one dropped
     (dict(betas=(0.9, 1.5)), r"betas must be a pair of numbers in \[0, 1\)"),
     (dict(betas=(0.9, 1.0)), r"betas must be a pair of numbers in \[0, 1\)"),  # 1: the moments never forget
     (dict(task_weights=[1, 0.25]), "task_weights must map task names to weights"),
@@ -815,7 +816,8 @@ def test_progress_bar_only_when_asked(capsys):
     (dict(weighting_kwargs=[1]), r"weighting_kwargs must map option names to values"),
     (dict(out_dir=5), r"out_dir must be a folder path \(or None: no checkpoints\), got 5"),
     (dict(tasks=5), r"tasks must name some of \('seg', 'cls', 'recon'\), .*got 5"),
-    (dict(lr=1e-2, weight_decay=1e9), r"weight_decay 1e\+09 with lr 0.01 would shrink every weight by .* \(>= 1\)"),
+    (dict(lr=1e-2, weight_decay=1e9),
+     r"lr 0.01 with weight_decay 1e\+09 would shrink every weight by .* \(>= 1\).*; lower lr \(usually"),
     (dict(lr=1.0, weight_decay=1.0), r"would shrink every weight by lr x weight_decay = 1 \(>= 1\)"),  # to 0
 ])
 def test_bad_fit_arguments(kwargs, match):

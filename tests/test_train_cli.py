@@ -12,6 +12,7 @@ from mtlearn.data import load_dataset
 from mtlearn.engine import evaluate, load_checkpoint
 from mtlearn.mtl import build_model
 from mtlearn.train import main, parse_args
+from mtlearn.utils import write_json
 
 SMOKE = ["--preset", "tiny", "--image-size", "32", "--batch-size", "4", "--no-progress"]
 
@@ -60,6 +61,9 @@ def test_defaults_name_the_output_folder():
     (["--num-workers", "-1"], "--num-workers must be >= 0"),
     (["--augment"], "--augment applies to real datasets"),
     (["--device", "cdua"], "unknown device 'cdua'"),
+    # "" is the working folder: the run's last.pt, best.pt, metrics.json and options.json landed in it
+    (["--out-dir", ""], "--out-dir is empty; name a folder for the run, or leave the option out"),
+    (["--data-root", " "], "--data-root is empty; name the data folder, or leave the option out"),
     (["--dataset", "breastmnist"], "breastmnist has no lesion masks, so it cannot train seg; use --tasks cls"),
     (["--dataset", "breastmnist", "--tasks", "seg"], "use --tasks cls, or a dataset with masks"),
     # refused once running (after options.json was written), without naming the option
@@ -121,6 +125,7 @@ def test_errors_found_while_running_are_messages_not_tracebacks(tmp_path, capsys
     with pytest.raises(SystemExit) as exit_:  # a real dataset that was never fetched
         main([*SMOKE, "--dataset", "busi", "--data-root", str(tmp_path / "nowhere"), "--out-dir", str(tmp_path / "a")])
     assert exit_.value.code == 2 and "python -m data_fetch busi" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists()  # a refused run leaves nothing behind (its options.json was written)
     out = tmp_path / "run"
     main([*SMOKE, "--epochs", "1", "--limit", "8", "--out-dir", str(out)])
     with pytest.raises(SystemExit):  # the same command again would overwrite the run
@@ -197,6 +202,7 @@ def test_a_data_root_that_is_a_file_is_named_as_one(tmp_path, capsys):
     assert exit_.value.code == 2
     data = tmp_path / "data"
     assert f"--data-root {data} cannot be a folder: {data} is a file" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists()
 
 
 def test_a_run_that_diverges_ends_with_a_message_not_a_traceback(tmp_path, capsys):
@@ -226,8 +232,9 @@ def test_a_run_without_one_finite_validation_epoch_fails_with_a_message(tmp_path
     said = [str(w.message) for w in caught if "validation loss is not finite" in str(w.message)]
     assert [re.match(r"epoch (\d): the validation loss is not finite \(val/cls/loss, .*val/seg/loss\)", text)[1]
             for text in said] == ["1", "2"]
-    err = capsys.readouterr().err
+    printed, err = capsys.readouterr()
     assert exit_.value.code == 1 and "training stopped: no epoch had a finite validation loss" in err
+    assert "best epoch" not in printed  # "best epoch None ...; wrote <out>" read like a finished run
     assert "lower --lr (now 0.003)" in err and "Traceback" not in err
     record = json.loads((out / "metrics.json").read_text())
     assert record["best_epoch"] is None and record["epochs"] == 2  # written, for a look at what went wrong
@@ -537,11 +544,13 @@ def test_resume_refuses_a_change_of_any_run_option(tmp_path, flag, changed):
 
     out = tmp_path / "run"
     base = [*SMOKE, "--dataset", "busi", "--data-root", str(tmp_path), "--out-dir", str(out)]
-    train._check_run_options(parse_args(base))  # a new run records its options
+    options = train._check_run_options(parse_args(base))  # a new run: the options its options.json records
+    assert options["seed"] == 0 and not out.exists()  # written by run() once the data and the model are there
+    write_json(options, out / "options.json")
     (out / "last.pt").write_bytes(b"")  # as if it had trained an epoch
     with pytest.raises(ValueError, match=f"cannot resume .*with other options \\({flag}: "):
         train._check_run_options(parse_args([*base, *changed, "--resume"]))
-    train._check_run_options(parse_args([*base, "--resume"]))  # the same options resume
+    assert train._check_run_options(parse_args([*base, "--resume"])) is None  # the same options resume
 
 
 def test_the_loaders_follow_seed_and_num_workers(tmp_path, monkeypatch):

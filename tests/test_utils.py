@@ -77,6 +77,8 @@ def test_pick_device_mps_without_apples_backend_says_so(monkeypatch):
 
 def test_pick_device_cuda_without_gpu_says_so(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match=r"device 'cuda:5' was requested but no CUDA GPU"):  # as asked, not 'cuda'
+        pick_device("cuda:5")
     with pytest.raises(ValueError, match="no CUDA GPU"):
         pick_device("cuda")
 
