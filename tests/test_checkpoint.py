@@ -46,6 +46,8 @@ def test_atomic_save_keeps_the_old_file_on_failure(tmp_path):
     ({"rng": {"numpy": [np.float32(0.5)]}}, r"state holds numpy\..*utils.python_numbers turns NumPy numbers into"),
     ({"counts": collections.defaultdict(int)}, r"state holds .*collections.defaultdict"),
     (nn.Linear(2, 2), r"save_checkpoint takes a dict, not a Linear; pass e.g. \{'model': model.state_dict\(\)\}"),
+    # a list of pairs was saved, then read back as no dict
+    ([("model", torch.zeros(1))], r"save_checkpoint takes a dict of tensors, numbers and strings, got a list"),
 ])
 def test_what_load_checkpoint_could_not_read_back_is_refused_when_saving(tmp_path, state, says):
     """torch.save took a module or a NumPy number, and load_checkpoint (weights_only) then called the file

@@ -177,6 +177,7 @@ def test_a_marker_cut_short_by_a_full_disk_is_not_left_behind(server, tmp_path, 
         fetch("bus_bra", dest=tmp_path, url=server.url + "/BUSBRA.zip", known_hash=sha256(ARCHIVE), progress=False)
     assert (tmp_path / "BUSBRA" / "bus_data.csv").is_file()  # unpacked, but not vouched for
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".bus_bra.complete")]
+    assert (tmp_path / ".bus_bra.unpacking").is_file()  # kept until the marker is: the next fetch may replace all
 
 
 def test_deleted_files_or_another_checksum_make_the_next_fetch_check_again(server, tmp_path, capsys):

@@ -709,7 +709,7 @@ def test_a_nan_loss_names_the_last_checkpoint(shapes_batch, tmp_path):
     assert load_checkpoint(tmp_path / "last.pt")["epoch"] == 1  # epoch 1, kept
 
 
-@pytest.mark.parametrize("epoch, blown", [(2, "weight"), (1, "weight"), (2, "leakage")])
+@pytest.mark.parametrize("epoch, blown", [(2, "weight"), (1, "weight"), (2, "leakage"), (2, "buffer")])
 def test_weights_that_blow_up_stop_before_last_pt_is_overwritten(shapes_batch, tmp_path, monkeypatch, epoch, blown):
     """Every loss finite, but the epoch's last update overflowed: last.pt was written with inf weights, and
     named as the last good checkpoint when the next epoch's loss turned NaN (as fit's check does)."""
@@ -728,6 +728,8 @@ def test_weights_that_blow_up_stop_before_last_pt_is_overwritten(shapes_batch, t
         if len(calls) == 2 * epoch and blown == "weight":
             with torch.no_grad():
                 model.encoder_a.stem.weight.fill_(float("inf"))
+        if len(calls) == 2 * epoch and blown == "buffer":  # BatchNorm's statistics are saved too: checked as well
+            model.encoder_a.units[0].main[0].running_var.fill_(float("inf"))
         return record
 
     def overflowing_leakage(self, *args):
@@ -743,8 +745,8 @@ def test_weights_that_blow_up_stop_before_last_pt_is_overwritten(shapes_batch, t
                             out_dir=tmp_path, recalibrate_bn=False)
     error = caught.value
     assert error.epoch == epoch and "lr or adv_lr too high" in str(error) and "grad_clip" not in str(error)
-    assert error.names == (["encoder_a.stem.weight"] if blown == "weight" else
-                           ["leak_a.covariance", "leak_b.covariance"])
+    assert error.names == {"weight": ["encoder_a.stem.weight"], "buffer": ["encoder_a.units.0.main.0.running_var"],
+                           "leakage": ["leak_a.covariance", "leak_b.covariance"]}[blown]
     if epoch == 1:  # nothing saved yet: none named, and the model is given its starting state back
         assert not (tmp_path / "last.pt").exists() and "checkpoint" not in str(error)
         assert all(torch.equal(v, start[k]) for k, v in model.state_dict().items())

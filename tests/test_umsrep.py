@@ -8,11 +8,13 @@ from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader
 
 from mtlearn.checkpoint import load_checkpoint as load_checkpoint_file
+from mtlearn.checkpoint import save_checkpoint
 from mtlearn.data import SyntheticUltrasound, load_dataset
 from mtlearn.losses import build_losses, task_losses
 from mtlearn.mtl import build_model
@@ -168,6 +170,15 @@ def test_build_optimizer_refuses_a_model_with_nothing_to_train():
 def test_build_optimizer_names_a_bad_hyperparameter_as_fit_does(kwargs, says):
     with pytest.raises(ValueError, match=says):
         build_optimizer(tiny(), **kwargs)
+
+
+def test_build_optimizer_keeps_numpy_hyperparameters_out_of_its_checkpoints(tmp_path):
+    """A sweep's NumPy numbers went into the optimiser's state as they were, and weights_only loading refuses them."""
+    optimizer = build_optimizer(tiny(), lr=np.float64(2e-3), weight_decay=np.float32(0.1),
+                                betas=(np.float64(0.8), 0.95))
+    group = optimizer.param_groups[0]
+    assert [type(v) for v in (group["lr"], group["weight_decay"], *group["betas"])] == [float] * 4
+    assert load_checkpoint_file(save_checkpoint({"optimizer": optimizer.state_dict()}, tmp_path / "o.pt"))
 
 
 # ---------------------------------------------------------------------------------------------- transfer
@@ -754,7 +765,7 @@ def without_times(records):
 @pytest.mark.slow
 def test_an_interrupted_comparison_resumes_to_the_same_result_without_retraining(tmp_path, monkeypatch):
     from mtlearn import engine, umsrep
-    from mtlearn.checkpoint import load_checkpoint, save_checkpoint
+    from mtlearn.checkpoint import load_checkpoint
 
     config = handful(strategies=("frozen", "joint"), joint_epochs=2)
     expected = run_comparison(config)  # no out_dir: nothing written, nothing resumed
