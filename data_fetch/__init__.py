@@ -75,6 +75,8 @@ def fetch(
     """
     retries = check_retries(retries)  # now, not after the folder was made
     source = get_source(name)
+    if isinstance(dest, str) and not dest.strip():  # Path("") is the working folder: the dataset all over it
+        raise ValueError("dest is empty; name a folder for the dataset, or leave it out for the default")
     folder = Path(dest).expanduser() if dest is not None else dataset_dir(name)
     url = url or source.url
     parts = urlsplit(url)  # urllib's own error would be "unknown url type"

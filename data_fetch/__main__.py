@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("name", choices=[*SOURCES, "list"], metavar="NAME", help="dataset to fetch, or 'list'")
     parser.add_argument(
-        "--dest", type=Path, default=None, help="folder for this dataset (default: <data root>/<folder>)"
+        "--dest", default=None, help="folder for this dataset (default: <data root>/<folder>)"
     )
     parser.add_argument("--url", default=None, help="download from this URL (a mirror) instead of the pinned one")
     parser.add_argument(

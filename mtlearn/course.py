@@ -434,7 +434,7 @@ def main(argv: list[str] | None = None) -> int:
     from mtlearn.utils import check_folder, pick_device, seed_everything
 
     try:
-        profile = resolve_profile(args.profile)
+        profile = resolve_profile(args.profile, name="--profile")
         pick_device(args.device)  # a typo fails here, once, not inside every notebook's kernel
         if args.seed is not None:  # the check each notebook's start() makes; seeding this process is harmless
             seed_everything(args.seed)

@@ -514,7 +514,7 @@ def main(argv: list[str] | None = None) -> int:
                              "profile; 0: no limit)")
     args = parser.parse_args(argv)
     try:
-        profile = resolve_profile(args.profile)
+        profile = resolve_profile(args.profile, name="--profile")
         cell_timeout = resolve_cell_timeout(args.cell_timeout, profile)  # every run of a grid has its profile
     except ValueError as error:
         parser.error(str(error))

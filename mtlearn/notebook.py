@@ -60,9 +60,10 @@ MASKED_DATASETS = ("busi", "bus_bra", "bus_uclm")  # with lesion masks: what a n
 def resolve_profile(profile: str | None = None, name: str = "profile") -> str:
     """`profile`, or $MTLEARN_PROFILE when it is None, or "course"; anything else is an error.
 
-    name: the parameter the value came from, for the message (notebook 06's grid_profile).
+    name: the parameter the value came from, for the message (notebook 06's grid_profile; "--profile" for a
+    command line's option).
     """
-    source = f"the {name} parameter"
+    source = f"the {name} {'option' if name.startswith('--') else 'parameter'}"
     if profile is None:
         profile = os.environ.get("MTLEARN_PROFILE") or "course"
         source = "$MTLEARN_PROFILE" if os.environ.get("MTLEARN_PROFILE") else source

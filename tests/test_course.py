@@ -195,8 +195,11 @@ def test_command_line_profile_and_device(monkeypatch, capsys):
     monkeypatch.setenv("MTLEARN_PROFILE", "bogus")  # the default profile comes from the environment ...
     with pytest.raises(SystemExit):
         main(["--only", "00"])
-    assert "bogus" in capsys.readouterr().err
+    assert "unknown profile 'bogus' (from $MTLEARN_PROFILE)" in capsys.readouterr().err
     monkeypatch.delenv("MTLEARN_PROFILE")
+    with pytest.raises(SystemExit):  # named as the option it came from, not as a notebook's parameter
+        main(["--profile", "fast", "--only", "00"])
+    assert "unknown profile 'fast' (from the --profile option)" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # ... and a misspelt device fails before any notebook starts
         main(["--device", "cdua", "--only", "00"])
     assert "unknown device 'cdua'" in capsys.readouterr().err

@@ -908,6 +908,15 @@ def test_a_zip_python_cannot_read_is_refused_before_unpacking(tmp_path, method, 
     assert not (tmp_path / "dest").exists()
 
 
+def test_an_empty_dest_is_refused_not_taken_for_the_working_folder(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["busi", "--dest", "", "--quiet"]) == 1  # it unpacked into "." (and its advice said --dest ".")
+    assert "dest is empty; name a folder for the dataset, or leave it out for the default" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="dest is empty"):
+        fetch("busi", dest=" ", progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_command_line_says_to_fix_mtlearn_data_when_no_dest_was_given(tmp_path, capsys, monkeypatch):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")

@@ -579,7 +579,7 @@ def test_command_line_refuses_a_bad_profile_and_notebooks_that_match_nothing(not
     monkeypatch.setattr(experiments, "run_notebook", lambda *a, **k: pytest.fail("a run started"))
     with pytest.raises(SystemExit) as stop:
         main(["--notebooks", "01", "--profile", "fast", "--out", str(tmp_path / "grid")])
-    assert stop.value.code == 2 and "unknown profile 'fast'" in capsys.readouterr().err
+    assert stop.value.code == 2 and "unknown profile 'fast' (from the --profile option)" in capsys.readouterr().err
     with pytest.raises(SystemExit) as stop:  # "1" is not the start of 01_a's name
         main(["--notebooks", "1", "--out", str(tmp_path / "grid")])
     assert stop.value.code == 2
