@@ -234,6 +234,9 @@ def _datasets(args):
               for split in ("train", "val", "test")}
     info = splits["train"]
     if args.limit is not None:
+        if args.limit > len(splits["train"]) and is_main_process():  # else a run on less data than asked, silently
+            print(f"note: --limit {args.limit} is more than the {len(splits['train'])} training images of "
+                  f"{args.dataset}; all of them are used", file=sys.stderr)
         sizes = {"train": args.limit, "val": max(args.limit // 4, 1), "test": max(args.limit // 4, 1)}
         splits = {s: Subset(d, range(min(sizes[s], len(d)))) for s, d in splits.items()}
     return splits, info

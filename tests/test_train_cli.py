@@ -78,12 +78,17 @@ def test_bad_arguments_exit_with_a_message(argv, message, capsys):
     assert exit_.value.code == 2 and message in capsys.readouterr().err
 
 
-def test_limit_keeps_that_many_training_images_and_a_quarter_of_it_to_validate_and_test():
+def test_limit_keeps_that_many_training_images_and_a_quarter_of_it_to_validate_and_test(capsys):
     from mtlearn.train import _datasets
 
     splits, _ = _datasets(parse_args(["--image-size", "32", "--limit", "10"]))
     assert {name: len(split) for name, split in splits.items()} == {"train": 10, "val": 2, "test": 2}
     assert list(splits["train"].indices) == list(range(10))  # the first ones, as the help says
+    assert "note" not in capsys.readouterr().err
+    splits, _ = _datasets(parse_args(["--image-size", "32", "--limit", "100000"]))  # more than there is: said
+    train = len(splits["train"])
+    assert f"note: --limit 100000 is more than the {train} training images of synthetic; all of them are used" in \
+        capsys.readouterr().err
 
 
 def test_train_writes_metrics_and_resumes(tmp_path, capsys):
