@@ -10,7 +10,8 @@
     "cls/auc"            ROC AUC, one-vs-rest, averaged over the classes present       monai.metrics.compute_roc_auc
     "recon/psnr"         mean per-image PSNR in dB, each capped at 100 dB              monai.metrics.PSNRMetric
     "recon/ssim"         mean per-image SSIM (2-D)                                     monai.metrics.SSIMMetric
-    "<task>/loss"        mean loss per image (when the losses are given)
+    "<task>/loss"        mean loss per image (when the losses are given; cls with class weights: weighted by
+                         the labels' class weights, as the loss itself is)
 
 Choices worth knowing:
 - An image whose ground-truth mask is empty (a "normal" scan) scores Dice/IoU 1 when the prediction

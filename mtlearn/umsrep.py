@@ -91,7 +91,7 @@ STRATEGIES = {  # name -> description; the letters (a)-(e) label them in noteboo
     "joint_scratch": "joint multi-task model from scratch (ablation)",
 }
 PRETRAINED = ("frozen", "partial", "full", "joint")  # strategies that start from the representation
-DENSE_TASKS = ("recon", "seg")  # the tasks with a decoder (mtl.MultiTaskModel): what transfer_decoders can copy
+DENSE_TASKS = ("recon", "seg")  # the tasks with a decoder (mtl.MultiTaskUNet): what transfer_decoders can copy
 NUM_STAGES = 4  # encoder stages of the ResFormer encoder (H/2 ... H/16)
 
 

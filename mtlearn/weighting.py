@@ -452,7 +452,7 @@ def delta_m(mtl_metrics: Mapping[str, float], single_task_metrics: Mapping[str, 
             higher_is_better: Mapping[str, bool] | None = None) -> float:
     """Multi-task gain in percent (Maninis et al. 2019; Vandenhende et al. 2021, eq. 11):
 
-        Delta_m = 100 / M * sum_i (-1)^{l_i} (M_mtl,i - M_single,i) / M_single,i,
+        Delta_m = 100 / M * sum_i (-1)^{l_i} (M_mtl,i - M_single,i) / |M_single,i|,
 
     over the M metrics in `single_task_metrics`, with l_i = 1 when lower is better. Positive: the
     multi-task model beats the single-task models on average. `higher_is_better` maps metric name
