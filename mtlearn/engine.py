@@ -479,7 +479,7 @@ def fit(model: nn.Module, train_loader, val_loader=None, config: TrainConfig | N
     # refused for a best.pt "chosen by" the typo
     if monitor.removeprefix("val/") not in expected:
         raise ValueError(f"monitor {config.monitor!r} is not a validation metric; choose one of {expected}")
-    out_dir = Path(config.out_dir) if config.out_dir is not None else None
+    out_dir = Path(config.out_dir).expanduser() if config.out_dir is not None else None  # "~/runs" as start() takes it
     if out_dir is not None:
         check_out_dir(out_dir, config.resume)
         if getattr(train_loader, "persistent_workers", False):
@@ -954,6 +954,12 @@ def evaluate(model: nn.Module, loader, tasks: Sequence[str] | None = None, *,
     if accumulator is None:
         accumulator = MetricAccumulator(tasks, data_range=data_range,
                                         class_weights=losses.class_weights if losses is not None else None)
+    elif not accumulator.empty:  # a second evaluate() into it averaged both passes together, without a word
+        raise ValueError("the accumulator already holds an earlier pass; call accumulator.reset() first, or pass a "
+                         "new MetricAccumulator")
+    elif set(accumulator.tasks) != set(tasks):  # its tasks decide the metrics: the others' would be missing
+        raise ValueError(f"the accumulator was built for tasks {accumulator.tasks}, but evaluate runs {tasks}; "
+                         f"build it with MetricAccumulator({tasks})")
     with eval_mode(model):  # each submodule gets its own mode back (a frozen BatchNorm stays frozen)
         for batch in tqdm(loader, desc="evaluate", disable=not (progress and is_main_process()), leave=False):
             batch = _to_device(batch, device, channels_last)

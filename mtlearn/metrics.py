@@ -190,6 +190,11 @@ class MetricAccumulator:
         self._labels: list[np.ndarray] = []
         self.synced = False  # sync() has added the other processes' totals in: a second one would again
 
+    @property
+    def empty(self) -> bool:
+        """True until the first update() (and again after reset())."""
+        return not self.counts and not self._labels
+
     def _add(self, key: str, values: Tensor, skip_nan: bool = True) -> None:
         """Add per-image values; skip_nan drops undefined ones (Dice of an image with nothing to find)."""
         values = values.detach().cpu().double().flatten()  # .cpu() first: MPS has no float64

@@ -372,6 +372,12 @@ def check_loader(name: str, loader, wrap: str) -> None:
 
     if isinstance(loader, Dataset):
         raise TypeError(f"{name} is a Dataset ({type(loader).__name__}), not a DataLoader; wrap it: {wrap}")
+    if loader is not None and (isinstance(loader, (Mapping, str)) or dataclasses.is_dataclass(loader)
+                               or not hasattr(loader, "__iter__")):
+        # fit(model, train, config) took the config for val_loader: a whole epoch trained on the defaults first
+        options = isinstance(loader, Mapping) or dataclasses.is_dataclass(loader)
+        raise TypeError(f"{name} must be a DataLoader (or a list of batch dicts), got a {type(loader).__name__}"
+                        + ("; options go by keyword: config=... or e.g. epochs=5" if options else ""))
 
 
 def check_folder(path: str | os.PathLike, option: str, receives: str) -> None:

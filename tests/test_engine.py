@@ -684,6 +684,27 @@ def test_evaluate_returns_metrics_and_keeps_predictions():
     assert model.training  # the mode is restored
 
 
+def test_fit_writes_into_the_home_folder_for_a_tilde(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    _fit_on_cpu(ToyNet(), *_loaders(), epochs=1, out_dir="~/run")  # was a folder "~" in the working folder
+    assert (tmp_path / "run" / "last.pt").is_file()
+
+
+def test_evaluate_refuses_an_accumulator_it_would_not_fill_afresh():
+    """A second evaluate() into the same accumulator averaged both passes together; one built for other tasks
+    dropped the metrics of the tasks it lacked."""
+    model, val, accumulator = ToyNet(), _loaders()[1], MetricAccumulator(TASKS)
+    evaluate(model, val, accumulator=accumulator)
+    with pytest.raises(ValueError, match=r"already holds an earlier pass; call accumulator\.reset\(\) first"):
+        evaluate(model, val, accumulator=accumulator)
+    assert accumulator.confusion_matrix().sum() == 8  # the refused call added nothing
+    accumulator.reset()
+    evaluate(model, val, accumulator=accumulator)
+    assert accumulator.confusion_matrix().sum() == 8  # one pass, not two
+    with pytest.raises(ValueError, match=r"built for tasks \('cls',\), but evaluate runs \('seg', 'cls', 'recon'\)"):
+        evaluate(ToyNet(), _loaders()[1], accumulator=MetricAccumulator(("cls",)))
+
+
 def test_evaluate_builds_no_graph():
     """Under no_grad: validation keeps no activations for a backward that never comes (GPU memory)."""
     model, grad_enabled = ToyNet(), []
@@ -906,6 +927,19 @@ def test_dataset_instead_of_a_loader_is_named():
     items = [train.dataset[i] for i in range(4)]  # a plain list: not a Dataset, but just as unbatched
     with pytest.raises(TypeError, match=r"batch\['image'\] has shape \(1, 16, 16\): the loader yields single items"):
         _fit(ToyNet(), items, None)
+
+
+@pytest.mark.parametrize("third, options", [(TrainConfig(epochs=1), True), ({"epochs": 1}, True), (5, False),
+                                            ("val", False)])
+def test_options_in_the_place_of_val_loader_are_named_before_training(third, options):
+    """fit(model, train, config) took the config for val_loader: a whole epoch trained on the defaults (10
+    epochs, a progress bar) before "'TrainConfig' object is not iterable"."""
+    model = ToyNet()
+    options = r"; options go by keyword: config=\.\.\. or e\.g\. epochs=5" if options else ""
+    with pytest.raises(TypeError, match=rf"val_loader must be a DataLoader \(or a list of batch dicts\), got a "
+                                        rf"{type(third).__name__}{options}$"):
+        fit(model, _loaders()[0], third)
+    assert model.calls == 0
 
 
 def test_tuple_batches_are_named():
