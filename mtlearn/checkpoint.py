@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import pickle
 import random
+import re
 import warnings
 import zipfile
 from collections.abc import Mapping, Sequence
@@ -43,7 +44,7 @@ def save_checkpoint(state: Mapping, path: str | os.PathLike) -> Path:
     the temporary file is removed whatever happens. Returns `path`. What load_checkpoint could not read
     back (a module, a NumPy number) raises TypeError naming it, and `path` keeps its previous file.
     """
-    path = Path(path)
+    path = Path(path).expanduser()
     if isinstance(state, nn.Module):
         raise TypeError(f"save_checkpoint takes a dict, not a {type(state).__name__}; pass e.g. "
                         "{'model': model.state_dict()}")
@@ -77,7 +78,7 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module | None = None,
     "weighting", "scaler", "rng", "history" (a dict; `History.from_state_dict` turns it back),
     "epoch" (epochs completed), "steps_per_epoch" (batches per epoch), "config".
     """
-    path = Path(path)
+    path = Path(path).expanduser()
     if path.is_dir():  # the run's folder rather than a file in it
         inside = sorted(p.name for p in path.glob("*.pt"))
         raise FileNotFoundError(f"{path} is a folder, not a checkpoint; load one in it, e.g. {path / 'best.pt'} "
@@ -99,6 +100,11 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module | None = None,
         reader = "PytorchStreamReader" in str(error)  # torch's zip reader: a header Python's zipfile accepts
         if not (refused or reader) and _intact_archive(path):
             raise
+        pickled = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(error)) if refused else None
+        if pickled and _intact_archive(path):  # torch.save(model): readable, but only by running the code it names
+            raise ValueError(f"{path} holds a pickled Python object ({pickled[1]}; e.g. a whole model saved with "
+                             "torch.save(model)), which load_checkpoint does not unpickle, as that runs code from the "
+                             "file. Where it was made, save model.state_dict() instead") from None
         # `from None`: torch's text advises weights_only=False, i.e. running code from an unknown file
         raise ValueError(not_ours) from None
     if not isinstance(state, Mapping) or (model is not None and "model" not in state):
@@ -257,7 +263,7 @@ def check_out_dir(out_dir: str | os.PathLike, resume: bool, writes: str = "last.
     other files a new run would overwrite, refused too when last.pt is gone (e.g. deleted to save
     space while best.pt was kept).
     """
-    out_dir = Path(out_dir)
+    out_dir = Path(out_dir).expanduser()
     check_folder(out_dir, "out_dir", writes)  # else a whole epoch trains, then FileExistsError
     last = out_dir / "last.pt"
     if not resume and last.is_file():  # training on would overwrite last.pt and mix best.pt of two runs

@@ -152,14 +152,25 @@ def run_notebook(
     the staging folder (the result's `out_dir`), until the next run of the same notebook.
     cell_timeout: seconds one cell may run before the notebook is stopped as failed (a fraction is
     rounded up to whole seconds); None: no limit.
-    Raises ValueError for an out_dir that holds the notebook (publishing would replace it).
+    Raises ValueError for an out_dir that holds the notebook (publishing would replace it), and for a
+    parameter its parameters cell does not have (papermill would only log it and run the defaults).
     """
     import papermill as pm
     from nbclient.exceptions import CellTimeoutError, DeadKernelError  # papermill's executor
 
     if cell_timeout is not None:
         check_number("cell_timeout", cell_timeout, 0, above=True, advice="seconds; None: no limit")
-    out_dir = Path(out_dir)
+    notebook, out_dir = Path(notebook), Path(out_dir).expanduser()  # a str path; "~/out" as start() takes it
+    if not isinstance(parameters, dict):
+        raise TypeError(f"parameters must be a dict of the notebook's parameters, e.g. {{'profile': 'smoke'}}, got "
+                        f"{type(parameters).__name__}")
+    try:  # {} without a parameters cell: papermill then injects at the top
+        known = pm.inspect_notebook(_literal_path(notebook))
+    except Exception:  # a missing or unreadable notebook: the run below fails and says so, as for any failure
+        known = {}
+    unknown = sorted(name for name in parameters if known and name not in known)
+    if unknown:  # "epoch" for "epochs": a run of the defaults, ok, with one line in papermill's log
+        raise ValueError(f"{notebook.stem} has no parameter {unknown}; its parameters: {sorted(known)}")
     final = out_dir.resolve()
     if notebook.resolve().parent.is_relative_to(final):  # publishing would replace the notebook's own folder
         raise ValueError(f"out_dir {out_dir} holds the notebook {notebook.name} itself; a finished run replaces "

@@ -750,7 +750,8 @@ def train_disentangle(
     history: dict[str, list[float]] = {}
     step = start = 0
     image_shape = None  # (C, H, W) of the training images, saved with the game: a resume must use the same
-    checkpoint = Path(out_dir) / "last.pt" if out_dir is not None else None
+    out_dir = Path(out_dir).expanduser() if out_dir is not None else None  # "~/runs": the home folder, as in fit
+    checkpoint = out_dir / "last.pt" if out_dir is not None else None
     options = dict(model=type(model).__name__, weightless_layers=_weightless_layers(model),
                    task_keys=list(task_keys), epochs=epochs, lr=lr, betas=list(betas),
                    weight_decay=weight_decay, w_adv=w_adv, adv_loss=adv_loss, adv_target=adv_target,
@@ -763,7 +764,7 @@ def train_disentangle(
     game = dict(model=model, optimizer=optimizer, schedule=schedule, leakage=leakage,
                 adv_optimizer=adv_optimizer if adversarial else None, joint=joint if adversarial else None)
     if checkpoint is not None:
-        check_out_dir(Path(out_dir), resume, writes="last.pt", cli=False, also_kept=())
+        check_out_dir(out_dir, resume, writes="last.pt", cli=False, also_kept=())
         if resume and checkpoint.is_file():
             history, step, start, image_shape = _load_game(checkpoint, game, options, train_loader)
     bar = tqdm(range(start, epochs), initial=start, total=epochs, desc=f"train {type(model).__name__}",

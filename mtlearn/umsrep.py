@@ -704,7 +704,7 @@ def train_and_measure(model: nn.Module, strategy: str, train: Dataset, test: Dat
     model.to(device)
     done = 0  # epochs an interrupted earlier session trained
     if out_dir is not None:
-        out_dir = Path(out_dir)
+        out_dir = Path(out_dir).expanduser()
         options = {**_run_options(config), "strategy": strategy, "tasks": list(tasks), "epochs": epochs,
                    "task_weights": to_jsonable(dict(task_weights)) if task_weights else None}
         check_out_dir(out_dir, resume, writes="options.json, last.pt and result.pt", cli=False,
@@ -771,7 +771,7 @@ def _run_options(config: UMSRepConfig) -> dict:
 
 def _run_dir(out_dir: str | os.PathLike | None, strategy: str, tasks: Sequence[str]) -> Path | None:
     """The folder of one network of a comparison: out_dir/<strategy>/<tasks> (e.g. joint/recon+seg+cls)."""
-    return None if out_dir is None else Path(out_dir) / strategy / "+".join(tasks)
+    return None if out_dir is None else Path(out_dir).expanduser() / strategy / "+".join(tasks)
 
 
 def _check_data(data: StrategyData) -> None:

@@ -32,6 +32,16 @@ def small_model(num_classes=3):
 # ---------------------------------------------------------------------------------------------- files
 
 
+def test_a_path_from_the_home_folder_is_expanded_as_notebook_start_does(tmp_path, monkeypatch):
+    """"~/x.pt" was a folder named "~" in the working folder, and load_checkpoint then found no checkpoint."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path / "..")
+    save_checkpoint({"epoch": 1}, "~/x.pt")
+    assert (tmp_path / "x.pt").is_file() and load_checkpoint("~/x.pt") == {"epoch": 1}
+    with pytest.raises(ValueError, match=rf"out_dir {re.escape(str(tmp_path))} already holds x.pt of an earlier run"):
+        check_out_dir("~", resume=False, writes="x.pt", cli=False, also_kept=("x.pt",))
+
+
 def test_atomic_save_keeps_the_old_file_on_failure(tmp_path):
     path = save_checkpoint({"epoch": 1, "weights": torch.ones(3)}, tmp_path / "last.pt")
     with pytest.raises((pickle.PicklingError, AttributeError)):  # which one depends on the object
@@ -85,8 +95,8 @@ class _Foreign:
     """An object torch.load(weights_only=True) refuses to build."""
 
 
-@pytest.mark.parametrize("content", ["empty", "text", "truncated", "foreign object", "plain state_dict",
-                                     "tensors and other values"])
+@pytest.mark.parametrize("content", ["empty", "text", "truncated", "foreign object", "whole model",
+                                     "plain state_dict", "tensors and other values"])
 def test_load_checkpoint_refuses_a_corrupt_or_foreign_file(content, tmp_path):
     path = tmp_path / "model.pt"
     if content == "empty":
@@ -98,6 +108,8 @@ def test_load_checkpoint_refuses_a_corrupt_or_foreign_file(content, tmp_path):
         path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     elif content == "foreign object":
         torch.save({"model": _Foreign()}, path)
+    elif content == "whole model":  # torch.save(model): a pickled module, not "corrupt or truncated"
+        torch.save(small_model(), path)
     elif content == "plain state_dict":  # torch.save(model.state_dict()): weights, but not in an mtlearn checkpoint
         torch.save(small_model().state_dict(), path)
     else:  # one tensor does not make a state_dict: {"w": ..., "epoch": 1} is someone else's checkpoint
@@ -108,6 +120,12 @@ def test_load_checkpoint_refuses_a_corrupt_or_foreign_file(content, tmp_path):
     if content == "plain state_dict":  # readable weights: say how to load them, not "corrupt"
         assert message == (f"{path} holds a plain state_dict (torch.save(model.state_dict())), not an mtlearn "
                            "checkpoint; load it with model.load_state_dict(torch.load(path, weights_only=True))")
+    elif content in ("foreign object", "whole model"):  # readable, but only by running the code it names
+        kind = {"foreign object": "tests.test_checkpoint._Foreign",
+                "whole model": "torch.nn.modules.container.Sequential"}[content]
+        assert message == (f"{path} holds a pickled Python object ({kind}; e.g. a whole model saved with "
+                           "torch.save(model)), which load_checkpoint does not unpickle, as that runs code from the "
+                           "file. Where it was made, save model.state_dict() instead")
     else:
         assert message.startswith(f"cannot read {path}: it is not an mtlearn checkpoint") and "corrupt" in message
     # torch's advice to unpickle untrusted code is passed on neither in the message nor in the traceback
@@ -174,7 +192,8 @@ def test_loading_runs_no_code_from_the_file(tmp_path):
     mark = tmp_path / "ran.txt"
     path = tmp_path / "last.pt"
     torch.save({"model": {}, "epoch": 1, "payload": _RunsCodeWhenUnpickled(str(mark))}, path)
-    with pytest.raises(ValueError, match="not an mtlearn checkpoint"):
+    with pytest.raises(ValueError, match=r"holds a pickled Python object \(tests\.test_checkpoint\._leave_mark; .*"
+                                         r"does not unpickle, as that runs code from the file"):
         load_checkpoint(path)
     assert not mark.exists()
 

@@ -73,6 +73,18 @@ def test_a_run_folder_that_cannot_be_made_fails_that_run_only(tmp_path):
     assert not result.ok and "cannot make the run's folder" in result.error  # was a raw NotADirectoryError
 
 
+def test_run_notebook_refuses_a_parameter_the_notebook_does_not_have(tmp_path):
+    """papermill logged "Passed unknown parameter: epoch" and ran the defaults: a run labelled epochs=3 that was not."""
+    nb = write_notebook(tmp_path / "01_good.ipynb", GOOD)
+    with pytest.raises(ValueError, match=r"01_good has no parameter \['epoch'\]; its parameters: \['out_dir', "
+                                         r"'profile', 'seed'\]"):
+        run_notebook(nb, tmp_path / "out", {"profile": "smoke", "epoch": 3})
+    with pytest.raises(TypeError, match=r"parameters must be a dict of the notebook's parameters.*got NoneType"):
+        run_notebook(nb, tmp_path / "out", None)
+    assert not (tmp_path / "out").exists()
+    assert run_notebook(str(nb), str(tmp_path / "out"), {"profile": "smoke"}).ok  # paths as text, as typed
+
+
 def test_run_notebook_refuses_an_out_dir_that_holds_the_notebook(tmp_path):
     """Publishing replaces out_dir: the notebook's own folder (and every other notebook in it) was deleted."""
     (tmp_path / "nbs").mkdir()

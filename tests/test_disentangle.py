@@ -1828,6 +1828,13 @@ def test_one_image_through_a_model_in_training_mode_is_refused_with_the_fix():
     assert model.eval()(torch.randn(1, 1, 32, 40))["logits_a"].shape == (1, 2)  # eval: running statistics
 
 
+def test_train_disentangle_writes_into_the_home_folder_for_a_tilde(tiny_loaders, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    D.train_disentangle(tiny_model(), tiny_loaders[0], epochs=1, adv_steps=1, device="cpu", progress=False,
+                        out_dir="~/run")  # was a folder named "~" in the working folder
+    assert (tmp_path / "run" / "last.pt").is_file()
+
+
 def test_train_disentangle_refuses_a_string_for_a_switch(tiny_loaders):
     for name in ("recalibrate_bn", "cosine", "progress"):
         with pytest.raises(ValueError, match=rf"{name} must be True or False, got 'False'"):
