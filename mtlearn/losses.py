@@ -241,7 +241,8 @@ class ClassificationLoss(nn.Module):
             raise ValueError(
                 f"classification labels must be (B,) integer class indices 0..{num_classes - 1}, got "
                 f"{label.dtype} of shape {tuple(label.shape)} for {len(logits)} predictions; "
-                f"one-hot labels need label.argmax(1), float ones label.long()"
+                f"one-hot labels need label.argmax(1), whole-number float ones label.long() (a fraction such as "
+                f"0.5 is no class index: check where the labels come from)"
             )
         label = label.long().view(-1)
         extremes = _index_range(label, self)

@@ -256,7 +256,8 @@ def test_segmentation_loss_names_bad_mask_values(kind, mask, match):
     (torch.tensor([0, -1]), r"got min -1; map the labels to 0\.\.2"),
     (torch.eye(3)[:2], r"\(B,\) integer class indices.*shape \(2, 3\).*label\.argmax\(1\)"),  # one-hot
     (torch.eye(3, dtype=torch.long)[:2], r"shape \(2, 3\).*label\.argmax\(1\)"),
-    (torch.tensor([0.0, 1.0]), r"torch\.float32.*label\.long\(\)"),
+    (torch.tensor([0.0, 1.0]), r"torch\.float32.*whole-number float ones label\.long\(\)"),
+    (torch.tensor([0.5, 1.0]), r"a fraction such as 0\.5 is no class index"),  # .long() alone would truncate it
 ])
 def test_classification_loss_names_bad_labels(label, match):
     # torch's own errors were "Target 5 is out of bounds" (a device-side assert on CUDA) and a batch-size mismatch
