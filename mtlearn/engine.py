@@ -54,7 +54,7 @@ from mtlearn.checkpoint import (
     set_rng_state,
     trainable_names,
 )
-from mtlearn.losses import LossConfig, build_losses, check_tasks, task_losses
+from mtlearn.losses import TASK_TARGETS, LossConfig, build_losses, check_tasks, task_losses
 from mtlearn.metrics import METRIC_KEYS, MetricAccumulator
 from mtlearn.utils import (
     check_adamw,
@@ -258,6 +258,28 @@ def resolve_amp(amp: str | bool | None, device: torch.device) -> torch.dtype | N
         raise ValueError("this GPU has no native bfloat16 (it would be emulated, slowly); use amp='fp16' "
                          "(with loss scaling) or 'auto'")
     return torch.bfloat16 if amp == "bf16" else torch.float16
+
+
+def _check_val_targets(val_loader, tasks: Sequence[str]) -> None:
+    """Refuse, before any training, validation items without a task's target: else an epoch trains first.
+
+    Reads one item of the loader's dataset (not a batch: a batch would start the loader's workers), so only
+    map-style datasets of dict items are checked; the training batches are checked by the first step.
+    """
+    dataset = getattr(val_loader, "dataset", None)
+    state = rng_state()  # a dataset may draw from the global generators: the run must draw as without the check
+    try:
+        item = dataset[0] if dataset is not None and len(dataset) else None
+    except Exception:  # an IterableDataset or a dataset that cannot be read by index: the first evaluation will say
+        return
+    finally:
+        set_rng_state(state)
+    if isinstance(item, Mapping):
+        missing = {task: TASK_TARGETS[task] for task in tasks if TASK_TARGETS[task] not in item}
+        if missing:
+            raise ValueError(f"the validation items have no {sorted(set(missing.values()))} for task(s) "
+                             f"{list(missing)} (their keys: {sorted(item)}); validate on a dataset with those targets, "
+                             "or train only the tasks it has (tasks=...)")
 
 
 def _native_bf16(device: torch.device) -> bool:
@@ -473,6 +495,7 @@ def fit(model: nn.Module, train_loader, val_loader=None, config: TrainConfig | N
     if val_loader is not None and not is_distributed() and _length(val_loader) == 0:
         raise ValueError("val_loader yields no batches; check the dataset size and batch_size/drop_last (or pass "
                          "val_loader=None: no validation, no best.pt)")
+    _check_val_targets(val_loader, tasks)
     monitor, mode = _monitor(config, tasks)
     expected = sorted(k for t in tasks for k in (*METRIC_KEYS[t], f"{t}/loss"))  # what evaluate will return
     # before any work, not after an epoch; without a val_loader too: a resume that adds one would be

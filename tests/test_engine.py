@@ -684,6 +684,24 @@ def test_evaluate_returns_metrics_and_keeps_predictions():
     assert model.training  # the mode is restored
 
 
+def test_validation_items_without_a_target_are_refused_before_training():
+    """A validation set without labels failed only after a whole epoch of training, in the first evaluation."""
+    model, train = ToyNet(), _loaders()[0]
+    val = DataLoader(ToyData(n=8, keys=("image", "mask", "clean")), batch_size=4)
+    with pytest.raises(ValueError, match=r"the validation items have no \['label'\] for task\(s\) \['cls'\] \(their "
+                                         r"keys: \['clean', 'image', 'mask'\]\); .*or train only the tasks it has"):
+        _fit(model, train, val)
+    assert model.calls == 0
+    _fit(model, train, val, epochs=1, tasks=("seg", "recon"))  # the tasks it has targets for
+    from mtlearn.engine import _check_val_targets
+
+    random.seed(0), np.random.seed(0)
+    expected = random.random(), np.random.rand()
+    random.seed(0), np.random.seed(0)
+    _check_val_targets(val, ("seg",))  # ToyData's items draw from both: the run draws as without the check
+    assert (random.random(), np.random.rand()) == expected
+
+
 def test_fit_writes_into_the_home_folder_for_a_tilde(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
     _fit_on_cpu(ToyNet(), *_loaders(), epochs=1, out_dir="~/run")  # was a folder "~" in the working folder
