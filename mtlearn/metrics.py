@@ -222,6 +222,9 @@ class MetricAccumulator:
             if task not in outputs or key not in batch:
                 raise ValueError(f"task {task!r} needs outputs[{task!r}] and batch[{key!r}]")
             prediction = outputs[task].detach().float()
+            if not isinstance(batch[key], Tensor):  # a list of labels: "'list' object has no attribute 'to'"
+                raise TypeError(f"batch[{key!r}] must be a tensor, got a {type(batch[key]).__name__}; convert it with "
+                                f"torch.as_tensor(...) (a DataLoader's batches already are)")
             target = batch[key].to(prediction.device)
             if task == "seg":
                 self._update_seg(prediction, target)
@@ -302,6 +305,9 @@ class MetricAccumulator:
         self._labels.append(label.cpu().numpy())
 
     def _update_recon(self, output: Tensor, clean: Tensor) -> None:
+        if output.shape != clean.shape or output.dim() != 4:  # else MONAI's y_pred/y error, ten frames down
+            raise ValueError(f"recon outputs and clean images must both be (B, C, H, W) of one shape, got "
+                             f"{tuple(output.shape)} and {tuple(clean.shape)}")
         if not len(clean):  # an empty batch adds nothing (MONAI's PSNR fails on it: "index 0 is out of bounds")
             return
         top = float(clean.detach().amax())  # the PSNR below reads its values anyway: no extra stall

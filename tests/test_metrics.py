@@ -1,4 +1,5 @@
 import math
+import re
 
 import numpy as np
 import pytest
@@ -585,6 +586,21 @@ def test_an_empty_recon_batch_adds_nothing():
     clean = torch.rand(2, 1, 16, 16)
     acc.update({"recon": clean}, {"clean": clean})
     assert acc.counts["recon/psnr"] == 2 and acc.compute()["recon/ssim"] == pytest.approx(1.0)
+
+
+def test_targets_of_the_wrong_kind_or_shape_are_named():
+    """A list of labels failed with "'list' object has no attribute 'to'"; recon outputs of another shape than
+    the clean images inside MONAI, ten frames down."""
+    acc = MetricAccumulator(("cls",))
+    with pytest.raises(TypeError, match=r"batch\['label'\] must be a tensor, got a list; convert it with "
+                                        r"torch\.as_tensor"):
+        acc.update({"cls": torch.randn(4, 3)}, {"label": [0, 1, 2, 0]})
+    recon = MetricAccumulator(("recon",))
+    for output in (torch.rand(2, 3, 16, 16), torch.rand(2, 16, 16)):
+        shape = re.escape(str(tuple(output.shape)))
+        with pytest.raises(ValueError, match=rf"both be \(B, C, H, W\) of one shape, got {shape} and \(2, 1, 16, 16\)"):
+            recon.update({"recon": output}, {"clean": torch.rand(2, 1, 16, 16)})
+    assert recon.empty
 
 
 def test_clean_images_far_beyond_the_data_range_are_named():
