@@ -8,7 +8,7 @@
 Each module in this folder exposes `run(quick: bool, ...) -> list[dict]`; the rows of one module
 are measured in the same process, so their ratios are comparable. --threads and --rounds go only
 to the groups whose `run` takes them (threads: models, disentangle, umsrep; rounds: models,
-engine); left out, every group keeps its own default (`python -m benchmarks.bench_<group> --help`
+engine; the others' headings say the option does not apply); left out, every group keeps its own default (`python -m benchmarks.bench_<group> --help`
 and benchmarks/README.md say which). The models group runs last: on a CPU it changes how the
 process allocates memory (see bench_models).
 """
@@ -63,11 +63,12 @@ def main(argv: list[str] | None = None) -> None:
     for name in sorted(dict.fromkeys(args.only), key=lambda group: group == "models"):  # each group once
         module = importlib.import_module(f"benchmarks.bench_{name}")
         accepted = inspect.signature(module.run).parameters
-        options = {k: v for k, v in (("threads", args.threads), ("rounds", args.rounds))
-                   if v is not None and k in accepted}
+        given = {k: v for k, v in (("threads", args.threads), ("rounds", args.rounds)) if v is not None}
+        options = {k: v for k, v in given.items() if k in accepted}
         started = time.perf_counter()
         rows = module.run(quick=args.quick, **options)
         settings = "".join(f", {k} {v}" for k, v in options.items())
+        settings += "".join(f"; --{k} does not apply" for k in given if k not in options)  # not silently dropped
         print(f"\n## {name}  ({time.perf_counter() - started:.0f} s{settings})\n")
         print(format_table(rows))
 

@@ -376,7 +376,10 @@ def test_main_passes_threads_and_rounds_only_to_the_groups_that_take_them(monkey
     assert calls == {"data": {"quick": False}, "models": {"quick": False, "threads": 1, "rounds": 3},
                      "engine": {"quick": False, "rounds": 3}, "umsrep": {"quick": False, "threads": 1}}
     assert list(calls) == ["data", "engine", "umsrep", "models"]  # models last: it changes the allocator
-    assert "## models  (0 s, threads 1, rounds 3)" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "## models  (0 s, threads 1, rounds 3)" in printed
+    assert "## data  (0 s; --threads does not apply; --rounds does not apply)" in printed  # not dropped silently
+    assert "## engine  (0 s, rounds 3; --threads does not apply)" in printed
     benchmarks_main(["--only", "data", "data"])  # a group named twice runs once
     assert capsys.readouterr().out.count("## data") == 1
     monkeypatch.setattr(bench_disentangle, "run", _must_not_run)  # the one group not faked above
