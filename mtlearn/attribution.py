@@ -1062,6 +1062,9 @@ def plot_attributions(images: Tensor, maps: Mapping[str, Tensor], masks: Tensor 
         shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
         raise ValueError(f"images must be a (B, C, H, W) tensor of at least one image, got {shape}")
     B = images.shape[0]
+    if not isinstance(maps, Mapping):  # attribute(...)'s tensor as it comes: "tensors used as indices must be long"
+        raise TypeError(f"maps must be a dict of method (or model/method) -> (B, 1, H, W) maps, got a "
+                        f"{type(maps).__name__}; name it, e.g. plot_attributions(images, {{'ig': maps}})")
     keys = list(maps)
     expected = (B, 1, *images.shape[-2:])  # checked before the figure opens, so a bad call leaves none behind
     for key in keys:
@@ -1267,6 +1270,11 @@ class AttributionExplorer:
             outputs = self.explainer.model(self.explainer._check_images(dataset[0]["image"][None]))
         if heads is None:
             heads = [h for h in HEADS if isinstance(outputs, dict) and self.explainer.keys[h] in outputs]
+            if not heads:  # e.g. a DisentangleNet, whose outputs are logits_a / logits_b
+                given = sorted(outputs) if isinstance(outputs, dict) else type(outputs).__name__
+                raise ValueError(f"the model has none of the outputs {dict(self.explainer.keys)} the heads read "
+                                 f"(it gives {given}); say which one each head reads, e.g. keys={{'cls': 'logits_a'}} "
+                                 "(and layer='encoder_a' for Grad-CAM)")
         if not heads or any(h not in HEADS for h in heads):
             raise ValueError(f"heads must be a non-empty subset of {HEADS}, got {heads}")
         self.num_classes = int(_head_output(outputs, self.explainer.keys["cls"]).shape[1]) if "cls" in heads else 0

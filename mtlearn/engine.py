@@ -203,7 +203,8 @@ class History:
         axes = fig.subplots(1, 4)
         panels = [
             ("Training loss", "loss", [c for c in frame if c.startswith("train/")]),
-            ("Validation metrics", "value", list(metrics) if metrics is not None
+            ("Validation metrics", "value", ([metrics] if isinstance(metrics, str) else list(metrics))
+             if metrics is not None
              else [f"val/{m}" for m in HEADLINE_METRICS if f"val/{m}" in frame]),
             ("Task weights", "weight", [c for c in frame if c.startswith("weight/")]),
             ("Learning rate", "learning rate", ["lr"] if "lr" in frame else []),

@@ -204,11 +204,21 @@ def show_items(items: Sequence[dict], keys: Sequence[str] = ("image", "mask"), c
     return fig
 
 
+def _per_epoch_records(rows):
+    """train_disentangle's {"acc_a": [epoch 1, epoch 2, ...], ...} as records with their epoch; else rows as given."""
+    if (isinstance(rows, Mapping) and rows and all(isinstance(v, Sequence) and not isinstance(v, str)
+                                                   for v in rows.values())
+            and len({len(v) for v in rows.values()}) == 1):
+        return [{"epoch": i + 1, **{k: v[i] for k, v in rows.items()}} for i in range(len(next(iter(rows.values()))))]
+    return rows
+
+
 def learning_curves(histories: dict[str, "object"], metric: str, title: str = "", ylabel: str | None = None):
     """Plot `metric` per epoch for several runs.
 
     histories: {run name: a `History` from `fit`, or its `.records` (a list of per-epoch dicts with
-    "epoch")}; epochs without `metric` are left out. A run with no finite value of `metric` (it
+    "epoch"), or a dict of per-epoch lists as `train_disentangle` returns (epochs counted from 1)};
+    epochs without `metric` are left out. A run with no finite value of `metric` (it
     diverged, or never recorded it) keeps its legend entry, marked "(no finite values)".
     ylabel: the y axis' label; None: the metric, its "val/" or "train/" prefix spelled out
     ("val/seg/dice" -> "seg/dice (validation)").
@@ -219,7 +229,7 @@ def learning_curves(histories: dict[str, "object"], metric: str, title: str = ""
     if not isinstance(metric, str):  # a list of metrics: `metric in record` raised "unhashable type"
         raise ValueError(f"metric must be one record key (a str), e.g. 'val/seg/dice', got {metric!r}: draw one "
                          "figure per metric")
-    records = {name: getattr(rows, "records", rows) for name, rows in histories.items()}
+    records = {name: _per_epoch_records(getattr(rows, "records", rows)) for name, rows in histories.items()}
     for name, rows in records.items():
         # a dict's keys were read as records (its letters listed as keys), a list of numbers raised a TypeError
         if isinstance(rows, (str, Mapping)) or not isinstance(rows, Sequence):
@@ -227,8 +237,8 @@ def learning_curves(histories: dict[str, "object"], metric: str, title: str = ""
         else:
             got = next((f"a list holding {_kind(r)}" for r in rows if not isinstance(r, Mapping)), None)
         if got is not None:
-            raise ValueError(f"histories[{name!r}] must be a History or a list of per-epoch records (dicts), "
-                             f"got {got}")
+            raise ValueError(f"histories[{name!r}] must be a History, a list of per-epoch records (dicts) or a dict "
+                             f"of per-epoch lists, got {got}")
     if not any(rows for rows in records.values()):
         raise ValueError("histories holds no records: pass {run name: History or records} of runs that trained")
     if not any(metric in r for rows in records.values() for r in rows):  # a misspelt key: empty axes
@@ -386,9 +396,25 @@ def bar_table(table, metrics: Sequence[str], title: str = "", errors=None, fmt: 
     ("dice (axis from 0.85)"); compare the written values, not the bar heights. Negative values
     (e.g. a relative change) keep 0 and the lowest bar in view.
     errors: a DataFrame like `table` (e.g. the std over seeds), drawn as error bars.
+    A table of `mtlearn.experiments.summarise` (columns (metric, "mean" / "std" / "count")) draws the
+    means, with the standard deviations as error bars unless `errors` is given. A dict of runs'
+    metrics ({"mtl": evaluate(...), ...}) is a table with one row per run.
     """
     from matplotlib.transforms import blended_transform_factory
 
+    import pandas as pd
+
+    if isinstance(table, Mapping) and table and all(isinstance(row, Mapping) for row in table.values()):
+        table = pd.DataFrame.from_dict(table, orient="index")  # {"mtl": {"seg/dice": ...}, ...}: a row per run
+    if isinstance(table, pd.Series):  # one run's metrics, e.g. a row of a table
+        table = table.to_frame().T
+    if not isinstance(table, pd.DataFrame):
+        raise TypeError(f"table must be a pandas DataFrame with a row per run (or a dict of runs' metrics), got a "
+                        f"{type(table).__name__}")
+    if isinstance(table.columns, pd.MultiIndex) and "mean" in table.columns.get_level_values(-1):
+        if errors is None and "std" in table.columns.get_level_values(-1):  # summarise's (metric, statistic)
+            errors = table.xs("std", axis=1, level=-1)
+        table = table.xs("mean", axis=1, level=-1)
     metrics = [metrics] if isinstance(metrics, str) else list(metrics)  # "dice" is one metric, not four
     if not metrics:
         raise ValueError("metrics is empty: name the columns to draw, e.g. metrics=['dice', 'accuracy']")

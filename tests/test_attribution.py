@@ -178,6 +178,12 @@ def test_other_models_through_keys_and_layer(images):
     groups = A.randomisation_groups(explainer, images, "cls")
     assert groups[0].startswith("head_a.") and any(name.startswith("encoder_a.") for name in groups)
     assert not any(name.startswith(("encoder_b", "head_b", "adv")) for name in groups)
+    data = [{"image": image, "label": 0} for image in images]
+    with pytest.raises(ValueError, match=r"the model has none of the outputs .* \(it gives \[.*'logits_a'"
+                                         r".*\]\); say which one each head reads, e\.g\. keys=\{'cls': 'logits_a'\}"):
+        A.AttributionExplorer(net, data, methods="saliency")  # was "heads must be a non-empty subset of ..., got []"
+    viewer = A.AttributionExplorer(net, data, methods="saliency", keys={"cls": "logits_a"})
+    assert viewer.num_classes == 3
 
 
 # ------------------------------------------------------------------------------------------ in-place
@@ -1436,6 +1442,9 @@ def test_plot_attributions_checks_percentile_and_masks_before_the_figure(images)
         A.plot_attributions(images, maps, percentile=0)
     with pytest.raises(ValueError, match=r"masks must be a non-empty \(C, H, W\) array with 1 or 3 channels"):
         A.plot_attributions(images, maps, masks=torch.zeros(2, 2, *images.shape[-2:]))
+    with pytest.raises(TypeError, match=r"maps must be a dict of method .* got a Tensor; name it, e\.g\. "
+                                        r"plot_attributions\(images, \{'ig': maps\}\)"):
+        A.plot_attributions(images, maps["saliency"])  # attribute()'s tensor as it comes: an IndexError
     assert plt.get_fignums() == []
 
 

@@ -796,6 +796,11 @@ def test_history_plot_marks_the_best_epoch_among_the_validation_metrics():
     assert history.best_epoch == 3 and len(best) == 1 and list(best[0].get_xdata()) == [3, 3]
 
 
+def test_history_plot_takes_one_metric_as_text():
+    metrics = _review_history().plot("val/seg/dice").axes[1]  # was read letter by letter: KeyError 'v'
+    assert [line.get_label() for line in metrics.get_lines()][0] == "seg/dice"
+
+
 def test_history_plot_legends_sit_outside_the_panels():
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 

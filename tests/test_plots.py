@@ -153,6 +153,13 @@ def test_learning_curves_take_a_history_from_fit_as_well_as_its_records():
     assert [line.get_ydata().tolist() for line in fig.axes[0].lines] == [[0.4, 0.6], [0.4, 0.6]]
 
 
+def test_learning_curves_take_the_per_epoch_lists_of_train_disentangle():
+    """Its history is {"acc_a": [epoch 1, epoch 2, ...], ...}: refused as "a dict" next to a History of fit."""
+    fig = plots.learning_curves({"disentangle": {"acc_a": [0.5, 0.7, 0.9], "loss_a": [1.0, 0.6, 0.3]}}, "acc_a")
+    line = fig.axes[0].lines[0]
+    assert line.get_xdata().tolist() == [1, 2, 3] and line.get_ydata().tolist() == [0.5, 0.7, 0.9]
+
+
 def test_bar_table_zooms_in_on_close_scores_and_draws_the_error_bars():
     table = pd.DataFrame({"dice": [0.8, 0.9]}, index=["a", "b"])
     errors = pd.DataFrame({"dice": [0.05, 0.01]}, index=["a", "b"])
@@ -165,6 +172,32 @@ def test_bar_table_zooms_in_on_close_scores_and_draws_the_error_bars():
     spans = [sorted(segment[:, 1].tolist()) for segment in bars.lines[2][0].get_segments()]
     assert spans == [pytest.approx([0.75, 0.85]), pytest.approx([0.89, 0.91])]
     assert [t.get_text() for t in ax.get_xticklabels()] == ["a", "b"] and ax.get_ylabel() == "dice (axis from 0.4)"
+
+
+def test_bar_table_draws_a_summary_of_seeds_as_means_with_their_spread():
+    """summarise's (metric, "mean"/"std"/"count") columns failed with "too many indices for array"."""
+    from matplotlib.container import ErrorbarContainer
+
+    from mtlearn.experiments import summarise
+
+    runs = pd.DataFrame({"weighting": ["fixed", "fixed", "dwa", "dwa"], "dice": [0.7, 0.9, 0.6, 0.6]})
+    ax = plots.bar_table(summarise(runs, "weighting", ["dice"]), "dice").axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["dwa", "fixed"]  # summarise sorts the groups
+    assert [bar.get_height() for bar in ax.patches] == pytest.approx([0.6, 0.8])
+    (bars,) = [c for c in ax.containers if isinstance(c, ErrorbarContainer)]
+    spans = [sorted(segment[:, 1].tolist()) for segment in bars.lines[2][0].get_segments()]
+    assert spans == [pytest.approx([0.6, 0.6]), pytest.approx([0.8 - 0.1414, 0.8 + 0.1414], abs=1e-4)]
+
+
+def test_bar_table_takes_a_dict_of_runs_metrics_and_one_run_as_a_series():
+    ax = plots.bar_table({"mtl": {"dice": 0.8, "acc": 0.7}, "seg": {"dice": 0.75}}, ["dice"]).axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["mtl", "seg"]  # was: no attribute 'columns'
+    assert [bar.get_height() for bar in ax.patches] == pytest.approx([0.8, 0.75])
+    ax = plots.bar_table(pd.Series({"dice": 0.8}, name="mtl"), "dice").axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["mtl"]
+    with pytest.raises(TypeError, match=r"table must be a pandas DataFrame with a row per run .*got a list"):
+        plots.bar_table([0.8, 0.75], "dice")
+    plt.close("all")
 
 
 def test_bar_table_matches_the_error_bars_to_the_rows_by_name():
@@ -583,8 +616,10 @@ def test_show_items_with_no_class_names_names_the_label_it_cannot_name():
 
 
 @pytest.mark.parametrize("histories, metric, match", [
-    ({"a": {"loss": [1, 2]}}, "dice",  # its keys were read as records: "the records hold ['l', 'o', 's']"
-     r"histories\['a'\] must be a History or a list of per-epoch records \(dicts\), got a dict$"),
+    ({"a": {"loss": 1.0}}, "dice",  # its keys were read as records: "the records hold ['l', 'o', 's']"
+     r"histories\['a'\] must be a History, a list of per-epoch records \(dicts\) or a dict of per-epoch lists, "
+     r"got a dict$"),
+    ({"a": {"loss": [1, 2], "acc": [0.5]}}, "dice", r"got a dict$"),  # lists of different lengths: no epochs
     ({"a": [1, 2, 3]}, "dice", r"histories\['a'\] must be .*, got a list holding an int$"),  # was a TypeError
     ({"a": "loss"}, "dice", r"histories\['a'\] must be .*, got a str$"),
     ([{"epoch": 1, "dice": 0.5}], "dice",  # one run's records, unnamed: an AttributeError on .items()
