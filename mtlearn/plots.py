@@ -156,6 +156,10 @@ def show_items(items: Sequence[dict], keys: Sequence[str] = ("image", "mask"), c
     if not keys:
         raise ValueError("keys is empty: name the rows to draw, e.g. keys=('image', 'mask')")
     if isinstance(items, Mapping):  # one item: iterating over it would give its keys
+        image = items.get("image")
+        if isinstance(image, torch.Tensor) and image.dim() == 4:  # a DataLoader's batch: one dict of (B, ...) tensors
+            raise ValueError(f"items is a batch (a dict of {image.shape[0]} images); pass the dataset, or items such "
+                             "as [dataset[i] for i in range(8)]")
         raise ValueError("items is one item (a dict); pass a list of items, e.g. show_items([item])")
     items = list(itertools.islice(items, max_items))  # a whole dataset is not rendered to show 8 items
     if not items:

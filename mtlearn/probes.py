@@ -17,6 +17,7 @@ Generic over labels: any integer key of the data items ("shape", "background", "
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Mapping
 from typing import Callable
 
 import numpy as np
@@ -351,6 +352,9 @@ def plot_embedding(embedding: np.ndarray, labels: dict[str, np.ndarray], title: 
     embedding = np.asarray(embedding)
     if embedding.ndim != 2 or embedding.shape[1] != 2:
         raise ValueError(f"embedding must be (N, 2), got {embedding.shape}")
+    if not isinstance(labels, Mapping):  # one label's array: "'numpy.ndarray' object has no attribute 'items'"
+        raise TypeError(f"labels must be a dict {{label name: (N,) ints}}, got a {type(labels).__name__}; name it, "
+                        "e.g. plot_embedding(points, {'shape': labels['shape']})")
     labels = {key: np.asarray(y) for key, y in labels.items()}
     wrong = {key: len(y) for key, y in labels.items() if y.shape != (len(embedding),)}
     if wrong:  # else NumPy's "boolean index did not match", or points coloured by another item's label
@@ -377,7 +381,13 @@ def plot_probe_matrix(table, title: str = "Linear probes (balanced accuracy)", c
     Returns the matplotlib Figure.
     """
     import matplotlib.pyplot as plt
+    import pandas as pd
 
+    if isinstance(table, Mapping):  # {"encoder": {"label": accuracy}}: float() of a dict failed
+        table = pd.DataFrame.from_dict(table, orient="index")
+    if not isinstance(table, pd.DataFrame):  # its row and column names label the heatmap
+        raise TypeError(f"table must be a DataFrame as probe_matrix returns (or a dict of dicts), got a "
+                        f"{type(table).__name__}")
     values = np.asarray(table, dtype=float)
     if values.ndim != 2 or values.size == 0:
         raise ValueError(f"table must be a non-empty (encoders x labels) table, got shape {values.shape}")

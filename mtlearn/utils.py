@@ -474,6 +474,8 @@ def to_jsonable(value: Any, digits: int | None = None) -> Any:
         return to_jsonable(value.tolist(), digits)
     if callable(getattr(value, "to_dict", None)):  # a pandas Series or DataFrame: by its index (and columns)
         return to_jsonable(value.to_dict(), digits)
+    if isinstance(getattr(value, "records", None), list):  # fit's History: its per-epoch records
+        return to_jsonable(value.records, digits)
     if hasattr(value, "item") and callable(value.item):  # NumPy scalars
         value = value.item()
     if isinstance(value, float):
@@ -484,7 +486,8 @@ def to_jsonable(value: Any, digits: int | None = None) -> Any:
         return round(value, max(digits, digits - 1 - math.floor(math.log10(abs(value)))))
     if value is None or isinstance(value, (bool, int, str)):
         return value
-    raise TypeError(f"metrics must be numbers, strings, lists or dicts; got {type(value).__name__}: {value!r}")
+    shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."  # not a whole model's repr
+    raise TypeError(f"metrics must be numbers, strings, lists or dicts; got {type(value).__name__}: {shown}")
 
 
 @contextlib.contextmanager

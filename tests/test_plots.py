@@ -260,6 +260,8 @@ def test_show_items_checks_every_item_before_drawing_and_refuses_a_single_item()
     assert plt.get_fignums() == []  # no empty grid left behind under the error
     with pytest.raises(ValueError, match=r"one item \(a dict\); pass a list of items, e.g. show_items\(\[item\]\)"):
         plots.show_items(good)
+    with pytest.raises(ValueError, match=r"items is a batch \(a dict of 4 images\); pass the dataset, or items such"):
+        plots.show_items({"image": torch.rand(4, 1, 8, 8), "label": torch.zeros(4)})  # next(iter(loader))
 
 
 def test_grey_repeated_over_three_channels_is_drawn_grey_on_the_shared_scale():

@@ -533,6 +533,10 @@ def test_plot_probe_matrix_annotates_every_cell():
     assert [t.get_text() for t in ax.get_yticklabels()] == ["shared", "disentangle A"]
     with pytest.raises(ValueError, match="non-empty"):
         plot_probe_matrix(pd.DataFrame())
+    ax = plot_probe_matrix({"shared": {"shape": 1.0, "background": 0.9}}).axes[0]  # a dict of dicts: a TypeError
+    assert [t.get_text() for t in ax.texts] == ["1.00", "0.90"] and ax.get_yticklabels()[0].get_text() == "shared"
+    with pytest.raises(TypeError, match=r"table must be a DataFrame as probe_matrix returns .*got a ndarray"):
+        plot_probe_matrix(np.ones((2, 2)))  # no names for its rows and columns
 
 
 # ------------------------------------------------------------------------------------------ pinned by mutation
@@ -642,6 +646,8 @@ def test_plot_embedding_refuses_labels_of_another_length():
 
     with pytest.raises(ValueError, match=r"labels must be one \(N,\) array per name with N = 5 .*\{'shape': 4\}"):
         plot_embedding(np.zeros((5, 2)), {"background": np.zeros(5, int), "shape": np.zeros(4, int)})
+    with pytest.raises(TypeError, match=r"labels must be a dict \{label name: \(N,\) ints\}, got a ndarray; name it"):
+        plot_embedding(np.zeros((5, 2)), np.zeros(5, int))  # "'numpy.ndarray' object has no attribute 'items'"
     import matplotlib.pyplot as plt
 
     plt.close("all")

@@ -345,6 +345,20 @@ def test_numpy_integers_and_bools_become_python_ones_too():
     assert check_bool("augment", np.True_) is True and check_bool("augment", np.False_) is False
 
 
+def test_a_history_is_written_as_its_records_and_other_objects_are_named_briefly():
+    """run.finish({"history": history}) raised a TypeError that printed the whole History."""
+    from mtlearn.engine import History
+    from mtlearn.utils import to_jsonable
+
+    history = History(monitor="val/dice")
+    history.append({"epoch": 1, "val/dice": np.float32(0.5)})
+    assert to_jsonable({"history": history}) == {"history": [{"epoch": 1, "val/dice": 0.5}]}
+    with pytest.raises(TypeError, match=r"got Linear: Linear\(in_features=2, out_features=2, bias=True\)$"):
+        to_jsonable(nn.Linear(2, 2))
+    with pytest.raises(TypeError, match=r"got set: \{.{76}\.\.\.$"):  # cut at 80 characters
+        to_jsonable(set(range(100)))
+
+
 def test_python_numbers_turns_numpy_arrays_into_lists_of_python_numbers():
     """sklearn's compute_class_weight returns an array; one NumPy object in a checkpoint makes
     torch.load(weights_only=True) refuse the whole file."""
