@@ -289,10 +289,11 @@ def test_resizing_takes_an_int_as_a_square_size_as_build_model_does():
     from mtlearn.data.transforms import resize_image, resize_mask
 
     assert resize_image(np.zeros((40, 48)), 32).shape == resize_mask(np.ones((40, 48), bool), 32).shape == (1, 32, 32)
+    assert resize_image(np.zeros((40, 48)), np.int64(32)).shape == (1, 32, 32)  # a NumPy int, as from a sweep
 
 
 def test_augment_item_refuses_an_image_and_a_mask_of_other_sizes():
-    from mtlearn.data.transforms import augment_item, augmentation
+    from mtlearn.data.transforms import augment_item, augmentation, random_states, reseed
 
     image = torch.rand(1, 32, 32)
     for mask in (torch.ones(1, 16, 16), torch.ones(32, 32)):  # returned unaligned / MONAI's "applying transform"
@@ -301,6 +302,11 @@ def test_augment_item_refuses_an_image_and_a_mask_of_other_sizes():
             augment_item(augmentation(0), image, mask)
     with pytest.raises(ValueError, match=r"seed must be an integer >= 0, got None"):  # a new stream on every run
         augmentation(None)
+    with pytest.raises(ValueError, match=r"seed must be an integer >= 0, got -1"):
+        reseed(random_states(augmentation(0)), -1)
+    for mask in (torch.ones(1, 32, 32), None):  # an image without its channel axis
+        with pytest.raises(ValueError, match=r"needs an image \(C, H, W\).*got image \(32, 32\)"):
+            augment_item(augmentation(0), torch.rand(32, 32), mask)
     assert [t.shape for t in augment_item(augmentation(0), image, torch.ones(1, 32, 32))] == [(1, 32, 32)] * 2
 
 

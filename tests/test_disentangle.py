@@ -1829,10 +1829,16 @@ def test_one_image_through_a_model_in_training_mode_is_refused_with_the_fix():
 
 
 def test_train_disentangle_writes_into_the_home_folder_for_a_tilde(tiny_loaders, tmp_path, monkeypatch):
+    from mtlearn.checkpoint import load_checkpoint
+
     monkeypatch.setenv("HOME", str(tmp_path))
     D.train_disentangle(tiny_model(), tiny_loaders[0], epochs=1, adv_steps=1, device="cpu", progress=False,
                         out_dir="~/run")  # was a folder named "~" in the working folder
     assert (tmp_path / "run" / "last.pt").is_file()
+    monkeypatch.setattr(D, "main_step", lambda *a, **k: pytest.fail("trained again: ~/run/last.pt not found"))
+    history = D.train_disentangle(tiny_model(), tiny_loaders[0], epochs=1, adv_steps=1, device="cpu", progress=False,
+                                  out_dir="~/run", resume=True)  # the finished run, found and given back
+    assert len(history["acc_a"]) == 1 and load_checkpoint(tmp_path / "run" / "last.pt")["epoch"] == 1
 
 
 def test_train_disentangle_refuses_a_string_for_a_switch(tiny_loaders):

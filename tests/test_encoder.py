@@ -84,6 +84,11 @@ def test_bad_input(name, shape, message):
         encoder(torch.randn(shape))
 
 
+def test_as_many_channels_as_the_width_is_not_taken_for_channels_last():
+    encoder = ResFormerEncoder(tiny_config(in_channels=16))
+    assert encoder(torch.randn(2, 16, 32, 16))[-1].shape[0] == 2  # W == C: still (B, C, H, W)
+
+
 def test_one_image_of_one_stride_in_training_mode_is_named():
     encoder = ResFormerEncoder(tiny_config())
     with pytest.raises(ValueError, match=r"one 16x16 image in training mode.*batches of 2 or more.*model\.eval\(\)"):

@@ -706,6 +706,9 @@ def test_fit_writes_into_the_home_folder_for_a_tilde(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
     _fit_on_cpu(ToyNet(), *_loaders(), epochs=1, out_dir="~/run")  # was a folder "~" in the working folder
     assert (tmp_path / "run" / "last.pt").is_file()
+    model = ToyNet()
+    history = _fit_on_cpu(model, *_loaders(), epochs=2, out_dir="~/run", resume=True)
+    assert [r["epoch"] for r in history.records] == [1, 2] and model.calls == 4  # epoch 2 only: 4 batches
 
 
 def test_evaluate_refuses_an_accumulator_it_would_not_fill_afresh():
@@ -719,6 +722,10 @@ def test_evaluate_refuses_an_accumulator_it_would_not_fill_afresh():
     accumulator.reset()
     evaluate(model, val, accumulator=accumulator)
     assert accumulator.confusion_matrix().sum() == 8  # one pass, not two
+    labels_only = MetricAccumulator(("cls",))  # updated without losses: labels and logits, no sums yet
+    labels_only.update({"cls": torch.randn(4, 3)}, {"label": torch.tensor([0, 1, 2, 0])})
+    with pytest.raises(ValueError, match=r"already holds an earlier pass"):
+        evaluate(model, val, ("cls",), accumulator=labels_only)
     with pytest.raises(ValueError, match=r"built for tasks \('cls',\), but evaluate runs \('seg', 'cls', 'recon'\)"):
         evaluate(ToyNet(), _loaders()[1], accumulator=MetricAccumulator(("cls",)))
 

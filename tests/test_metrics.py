@@ -596,6 +596,8 @@ def test_targets_of_the_wrong_kind_or_shape_are_named():
                                         r"torch\.as_tensor"):
         acc.update({"cls": torch.randn(4, 3)}, {"label": [0, 1, 2, 0]})
     recon = MetricAccumulator(("recon",))
+    with pytest.raises(ValueError, match=r"both be \(B, C, H, W\) of one shape, got \(2, 16, 16\) and \(2, 16, 16\)"):
+        recon.update({"recon": torch.rand(2, 16, 16)}, {"clean": torch.rand(2, 16, 16)})  # same shape, no channels
     for output in (torch.rand(2, 3, 16, 16), torch.rand(2, 16, 16)):
         shape = re.escape(str(tuple(output.shape)))
         with pytest.raises(ValueError, match=rf"both be \(B, C, H, W\) of one shape, got {shape} and \(2, 1, 16, 16\)"):

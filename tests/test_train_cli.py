@@ -63,6 +63,7 @@ def test_defaults_name_the_output_folder():
     (["--device", "cdua"], "unknown device 'cdua'"),
     # "" is the working folder: the run's last.pt, best.pt, metrics.json and options.json landed in it
     (["--out-dir", ""], "--out-dir is empty; name a folder for the run, or leave the option out"),
+    (["--out-dir", " "], "--out-dir is empty"),
     (["--data-root", " "], "--data-root is empty; name the data folder, or leave the option out"),
     (["--dataset", "breastmnist"], "breastmnist has no lesion masks, so it cannot train seg; use --tasks cls"),
     (["--dataset", "breastmnist", "--tasks", "seg"], "use --tasks cls, or a dataset with masks"),
@@ -89,6 +90,8 @@ def test_limit_keeps_that_many_training_images_and_a_quarter_of_it_to_validate_a
     train = len(splits["train"])
     assert f"note: --limit 100000 is more than the {train} training images of synthetic; all of them are used" in \
         capsys.readouterr().err
+    _datasets(parse_args(["--image-size", "32", "--limit", str(train)]))  # all of them, as asked: nothing to say
+    assert "note" not in capsys.readouterr().err
 
 
 def test_train_writes_metrics_and_resumes(tmp_path, capsys):

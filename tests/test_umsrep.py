@@ -817,6 +817,16 @@ def test_an_interrupted_comparison_resumes_to_the_same_result_without_retraining
     assert list(resumed.table["resumed_epochs"]) == [0, 0, 1]
 
 
+def test_a_comparison_in_a_folder_from_the_home_folder_reloads(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    config = handful(strategies=("joint",))
+    run_comparison(config, out_dir="~/u")  # was a folder named "~" in the working folder
+    assert (tmp_path / "u" / "joint").is_dir()
+    calls = count_fits(monkeypatch, tmp_path)
+    run_comparison(config, out_dir="~/u", resume=True)
+    assert calls == []  # every run found finished under the home folder: nothing retrained
+
+
 def test_a_finished_comparison_reloads_and_refuses_other_options(tmp_path, monkeypatch):
     config = handful(strategies=("joint",))
     first = run_comparison(config, out_dir=tmp_path)
