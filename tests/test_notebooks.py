@@ -160,3 +160,14 @@ def test_notebook_06_ends_with_an_error_naming_the_failed_grid_runs(tmp_path):
     errors = list((result.out_dir / "grid").rglob("error.txt"))
     assert len(errors) == 1 and "bogus" in errors[0].read_text()
     assert not (tmp_path / "out").exists()  # a failed run never takes the final folder
+
+
+@pytest.mark.slow
+def test_notebook_06_stops_at_the_grid_when_no_run_finished(tmp_path):
+    """With nothing to tabulate the next cells failed with a pandas KeyError: 'run', far from the cause."""
+    from mtlearn.course import run_notebook
+
+    result = run_notebook(NOTEBOOK_DIR / "06_experiments.ipynb", tmp_path / "out",
+                          {"profile": "smoke", "grid_values": {"weightings": [["bogus"]], "num_seeds": [1]}})
+    assert not result.ok and "RuntimeError: none of the 1 grid runs finished; the first: failed: " in result.error
+    assert "bogus" in result.error and "KeyError" not in result.error
