@@ -1052,13 +1052,22 @@ def test_split_by_group_deals_7_1_2_of_each_class_and_keeps_groups_whole(seed):
     (["a", "b"], [0, 1], [("train", 0.8, 1), ("test", 0.2)], r"fractions must be a sequence of \(name, share\)"),
     (["a", "b"], [0, 1], ((0.7, 0.3),), r"distinct names \(non-empty str\)"),  # every item in a split named 0.7
     (["a", "b"], [0, 1], (("", 0.7), ("test", 0.3)), r"distinct names \(non-empty str\)"),
-    (["a", "b", "c"], [0, math.nan, 1], SPLIT_FRACTIONS, r"item 1 has nan: give every item its class"),  # KeyError
+    (["a", "b", "c"], [0, math.nan, 1], SPLIT_FRACTIONS,  # a KeyError
+     r"labels must give every item its class; item 1 has nan \(e\.g\. an empty CSV cell\)"),
     (["a", "b", "c"], [0, None, 1], SPLIT_FRACTIONS, r"item 1 has None"),  # '<' not supported
-    (["a", "b"], [0.0, 1.0], SPLIT_FRACTIONS, r"labels must be class indices \(integers\).*item 0 has 0\.0"),
 ])
 def test_split_by_group_refuses_what_it_cannot_split(groups, labels, fractions, match):
     with pytest.raises(ValueError, match=match):
         split_by_group(groups, labels, seed=0, fractions=fractions)
+
+
+def test_split_by_group_stratifies_by_any_label_that_names_a_class():
+    """Whole-number floats (a CSV column that once held a blank), bools and class names are classes too."""
+    groups = [f"g{k}" for k in range(20)]
+    ints = split_by_group(groups, [k % 2 for k in range(20)], seed=0).tolist()
+    for labels in ([float(k % 2) for k in range(20)], [bool(k % 2) for k in range(20)],
+                   [("benign", "malignant")[k % 2] for k in range(20)]):
+        assert split_by_group(groups, labels, seed=0).tolist() == ints
 
 
 def test_split_by_group_warns_when_a_split_gets_nothing():

@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from mtlearn.data.transforms import check_grey
-from mtlearn.utils import check_int, is_finite, is_int
+from mtlearn.utils import check_int, is_finite
 
 # Split names and their share of the data, in this order (7:1:2, as BreastMNIST splits BUSI).
 SPLIT_FRACTIONS = (("train", 0.7), ("val", 0.1), ("test", 0.2))
@@ -54,12 +54,11 @@ def split_by_group(
         shown = f"{missing[:5]}{' ...' if len(missing) > 5 else ''}"
         raise ValueError(f"groups must name a group for every item; items {shown} have {values[missing[0]]!r} (e.g. "
                          "an empty CSV cell): give each such item its own id as its group")
-    if not np.issubdtype(labels.dtype, np.integer):  # NaN: a bare KeyError; None: "'<' not supported"
-        values = labels.tolist()
-        bad = [i for i, label in enumerate(values) if label is None or (isinstance(label, float) and label != label)]
-        bad = bad or [i for i, label in enumerate(values) if not is_int(label)]  # a missing label first, then e.g. 1.0
-        raise ValueError(f"labels must be class indices (integers), one per item; item {bad[0]} has "
-                         f"{values[bad[0]]!r}: give every item its class as an int (0, 1, ...)")
+    given = labels.tolist()
+    unlabelled = [i for i, label in enumerate(given) if label is None or (isinstance(label, float) and label != label)]
+    if unlabelled:  # NaN: a bare KeyError; None: "'<' not supported" (ints, bools, names all stratify)
+        raise ValueError(f"labels must give every item its class; item {unlabelled[0]} has {given[unlabelled[0]]!r} "
+                         "(e.g. an empty CSV cell): label it, or leave it out")
     check_int("seed", seed, 0)  # None would draw a new split on every call
     if (isinstance(fractions, (str, Mapping)) or not isinstance(fractions, Sequence)
             or not all(isinstance(pair, (tuple, list)) and len(pair) == 2 for pair in fractions)):
