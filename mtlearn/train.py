@@ -126,6 +126,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--out-dir is empty; name a folder for the run, or leave the option out for the default")
     if args.data_root is not None and not args.data_root.strip():  # "" would read the working folder
         parser.error("--data-root is empty; name the data folder, or leave the option out for the default")
+    if args.out_dir is not None:  # "--out-dir=~/runs" reaches us unexpanded: fit's checkpoints and options.json
+        args.out_dir = str(Path(args.out_dir).expanduser())  # would land in two folders
     if args.out_dir is None:
         args.out_dir = (f"outputs/train/{args.dataset}_{args.image_size}px_{args.preset}_{'+'.join(args.tasks)}_"
                         f"{args.weighting}_s{args.seed}")

@@ -26,6 +26,13 @@ def test_help_lists_the_options(capsys):
         assert option in text
 
 
+def test_an_out_dir_from_the_home_folder_is_expanded_for_every_file_of_the_run(monkeypatch):
+    """Bash leaves --out-dir=~/runs as typed: fit put the checkpoints in $HOME/runs, options.json and
+    metrics.json went to ./~/runs, and --resume never found the run's last.pt."""
+    monkeypatch.setenv("HOME", "/home/student")
+    assert parse_args(["--out-dir=~/runs"]).out_dir == "/home/student/runs"
+
+
 def test_defaults_name_the_output_folder():
     args = parse_args(["--tasks", "seg", "cls", "recon", "--weighting", "pcgrad", "--seed", "3"])
     assert args.out_dir == "outputs/train/synthetic_64px_tiny_seg+cls+recon_pcgrad_s3"
