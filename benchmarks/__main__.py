@@ -9,8 +9,8 @@ Each module in this folder exposes `run(quick: bool, ...) -> list[dict]`; the ro
 are measured in the same process, so their ratios are comparable. --threads and --rounds go only
 to the groups whose `run` takes them (threads: models, disentangle, umsrep; rounds: models,
 engine; the others' headings say the option does not apply); left out, every group keeps its own
-default (`python -m benchmarks.bench_<group> --help` and benchmarks/README.md say which). The models group runs last: on a CPU it changes how the
-process allocates memory (see bench_models).
+default (`python -m benchmarks.bench_<group> --help` and benchmarks/README.md say which). The models
+group runs last: on a CPU it changes how the process allocates memory (see bench_models).
 """
 
 from __future__ import annotations

@@ -457,8 +457,9 @@ class Explainer:
         per patch, (ceil((H - window) / stride) + 1) x (the same for W) per image (the last patch of a
         row or column may hang over the edge), `perturbations_per_eval` of them batched together.
         The default stride = window (patches side by side) keeps it affordable: 8 x 8 = 64 passes for
-        a square image whose side is a multiple of 8 (9 x 9 = 81 at 100 px, where the window rounds down to
-        12); more for an oblong one, as the window is 1/8 of the shorter side (48 x 80: 8 x 14 = 112). A stride of window / 2 gives smoother maps for about four times the cost.
+        a square image whose side is a multiple of 8 (9 x 9 = 81 at 100 px, where the window rounds down
+        to 12); more for an oblong one, as the window is 1/8 of the shorter side (48 x 80: 8 x 14 = 112).
+        A stride of window / 2 gives smoother maps for about four times the cost.
         The maps come back in float32 even for a float64 model (Captum 0.9 casts them).
         """
         from captum.attr import Occlusion

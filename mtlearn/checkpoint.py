@@ -21,6 +21,7 @@ import os
 import pickle
 import random
 import re
+import sys
 import warnings
 import zipfile
 from collections.abc import Mapping, Sequence
@@ -102,9 +103,9 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module | None = None,
             raise
         pickled = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(error)) if refused else None
         if pickled and _intact_archive(path):  # torch.save(model): readable, but only by running the code it names
-            raise ValueError(f"{path} holds a pickled Python object ({pickled[1]}; e.g. a whole model saved with "
-                             "torch.save(model)), which load_checkpoint does not unpickle, as that runs code from the "
-                             "file. Where it was made, save model.state_dict() instead") from None
+            fix = _save_instead(pickled[1])
+            raise ValueError(f"{path} holds a pickled Python object ({pickled[1]}), which load_checkpoint does not "
+                             f"unpickle, as that runs code from the file. Where it was made, {fix}") from None
         # `from None`: torch's text advises weights_only=False, i.e. running code from an unknown file
         raise ValueError(not_ours) from None
     if not isinstance(state, Mapping) or (model is not None and "model" not in state):
@@ -117,6 +118,17 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module | None = None,
                      "another model (another preset, task list, channel count or class count?). Build the model "
                      "with the options of that run.")
     return state
+
+
+def _save_instead(name: str) -> str:
+    """What to save in place of the pickled object `name` (a dotted class name from torch's refusal)."""
+    module, _, attribute = name.rpartition(".")
+    found = getattr(sys.modules.get(module), attribute, None)  # only modules already imported: no import runs
+    if isinstance(found, type) and issubclass(found, nn.Module):
+        return "save model.state_dict() instead of the model (a whole model saved with torch.save(model))"
+    if module.split(".")[0] == "numpy":
+        return "turn NumPy numbers and arrays into Python ones first (mtlearn.utils.python_numbers)"
+    return "save only tensors, numbers, strings, lists and dicts (e.g. model.state_dict())"
 
 
 def load_weights(model: nn.Module, weights: Mapping, message: str) -> None:

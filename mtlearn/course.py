@@ -160,7 +160,7 @@ def run_notebook(
 
     if cell_timeout is not None:
         check_number("cell_timeout", cell_timeout, 0, above=True, advice="seconds; None: no limit")
-    notebook, out_dir = Path(notebook), Path(out_dir).expanduser()  # a str path; "~/out" as start() takes it
+    notebook, out_dir = Path(notebook).expanduser(), Path(out_dir).expanduser()  # "~/out" as start() takes it
     if not isinstance(parameters, dict):
         raise TypeError(f"parameters must be a dict of the notebook's parameters, e.g. {{'profile': 'smoke'}}, got "
                         f"{type(parameters).__name__}")

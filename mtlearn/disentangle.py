@@ -181,7 +181,8 @@ class Classifier(nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """features: (B, C, h, w) -> logits (B, num_classes)"""
-        if self.training and features.shape[0] == 1:  # torch: "Expected more than 1 value per channel when training"
+        # torch: "Expected more than 1 value per channel when training" (a BatchNorm frozen with .eval() is fine)
+        if features.shape[0] == 1 and any(m.training for m in self.net if isinstance(m, nn.BatchNorm1d)):
             raise ValueError("one image in training mode leaves the classifier's BatchNorm a single value per "
                              "feature; train on batches of 2 or more images, or call model.eval() to run it on one")
         return self.net(self.pool(features))

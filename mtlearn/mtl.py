@@ -50,8 +50,9 @@ class MultiTaskConfig(ResFormerConfig):
             raise ValueError(f"unknown cls_head {self.cls_head!r}; expected one of {CLS_HEADS}")
         for name in ("num_classes", "seg_classes"):  # >= 2: softmax logits; a float (3.5) fails inside nn.Linear
             if is_int(getattr(self, name)) and getattr(self, name) == 1:
+                example = "background and lesion" if name == "seg_classes" else "benign and malignant"
                 raise ValueError(f"{name} must be >= 2, got 1: the head gives one softmax logit per class, so a "
-                                 "yes/no task has 2 classes (e.g. background and lesion)")
+                                 f"yes/no task has 2 classes (e.g. {example})")
             setattr(self, name, check_int(name, getattr(self, name), 2))  # np.int64(3) from a sweep: a plain int
         self.cls_hidden = check_int("cls_hidden", self.cls_hidden, 1)  # 32.0 failed inside torch.empty
         self.dilations = check_dilations(self.dilations)

@@ -377,7 +377,7 @@ def check_loader(name: str, loader, wrap: str) -> None:
         # fit(model, train, config) took the config for val_loader: a whole epoch trained on the defaults first
         options = isinstance(loader, Mapping) or dataclasses.is_dataclass(loader)
         raise TypeError(f"{name} must be a DataLoader (or a list of batch dicts), got a {type(loader).__name__}"
-                        + ("; options go by keyword: config=... or e.g. epochs=5" if options else ""))
+                        + ("; options go by keyword, e.g. epochs=5" if options else ""))
 
 
 def check_folder(path: str | os.PathLike, option: str, receives: str) -> None:

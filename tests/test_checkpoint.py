@@ -95,7 +95,7 @@ class _Foreign:
     """An object torch.load(weights_only=True) refuses to build."""
 
 
-@pytest.mark.parametrize("content", ["empty", "text", "truncated", "foreign object", "whole model",
+@pytest.mark.parametrize("content", ["empty", "text", "truncated", "foreign object", "whole model", "numpy number",
                                      "plain state_dict", "tensors and other values"])
 def test_load_checkpoint_refuses_a_corrupt_or_foreign_file(content, tmp_path):
     path = tmp_path / "model.pt"
@@ -110,6 +110,8 @@ def test_load_checkpoint_refuses_a_corrupt_or_foreign_file(content, tmp_path):
         torch.save({"model": _Foreign()}, path)
     elif content == "whole model":  # torch.save(model): a pickled module, not "corrupt or truncated"
         torch.save(small_model(), path)
+    elif content == "numpy number":  # saved without save_checkpoint's check: np.float64(0.9) for a best score
+        torch.save({"model": small_model().state_dict(), "best": np.float64(0.9)}, path)
     elif content == "plain state_dict":  # torch.save(model.state_dict()): weights, but not in an mtlearn checkpoint
         torch.save(small_model().state_dict(), path)
     else:  # one tensor does not make a state_dict: {"w": ..., "epoch": 1} is someone else's checkpoint
@@ -120,12 +122,12 @@ def test_load_checkpoint_refuses_a_corrupt_or_foreign_file(content, tmp_path):
     if content == "plain state_dict":  # readable weights: say how to load them, not "corrupt"
         assert message == (f"{path} holds a plain state_dict (torch.save(model.state_dict())), not an mtlearn "
                            "checkpoint; load it with model.load_state_dict(torch.load(path, weights_only=True))")
-    elif content in ("foreign object", "whole model"):  # readable, but only by running the code it names
-        kind = {"foreign object": "tests.test_checkpoint._Foreign",
-                "whole model": "torch.nn.modules.container.Sequential"}[content]
-        assert message == (f"{path} holds a pickled Python object ({kind}; e.g. a whole model saved with "
-                           "torch.save(model)), which load_checkpoint does not unpickle, as that runs code from the "
-                           "file. Where it was made, save model.state_dict() instead")
+    elif content in ("foreign object", "whole model", "numpy number"):  # readable only by running the code it names
+        kind, fix = {"foreign object": ("tests.test_checkpoint._Foreign", "save only tensors, numbers, strings"),
+                     "whole model": ("torch.nn.modules.container.Sequential", "save model.state_dict() instead of"),
+                     "numpy number": ("numpy.", "turn NumPy numbers and arrays into Python ones first")}[content]
+        assert message.startswith(f"{path} holds a pickled Python object ({kind}") and fix in message
+        assert "which load_checkpoint does not unpickle, as that runs code from the file" in message
     else:
         assert message.startswith(f"cannot read {path}: it is not an mtlearn checkpoint") and "corrupt" in message
     # torch's advice to unpickle untrusted code is passed on neither in the message nor in the traceback
@@ -192,8 +194,8 @@ def test_loading_runs_no_code_from_the_file(tmp_path):
     mark = tmp_path / "ran.txt"
     path = tmp_path / "last.pt"
     torch.save({"model": {}, "epoch": 1, "payload": _RunsCodeWhenUnpickled(str(mark))}, path)
-    with pytest.raises(ValueError, match=r"holds a pickled Python object \(tests\.test_checkpoint\._leave_mark; .*"
-                                         r"does not unpickle, as that runs code from the file"):
+    with pytest.raises(ValueError, match=r"holds a pickled Python object \(tests\.test_checkpoint\._leave_mark\), "
+                                         r"which load_checkpoint does not unpickle, as that runs code from the file"):
         load_checkpoint(path)
     assert not mark.exists()
 

@@ -1825,6 +1825,9 @@ def test_one_image_through_a_model_in_training_mode_is_refused_with_the_fix():
     with pytest.raises(ValueError, match=r"one image in training mode.*batches of 2 or more.*model\.eval\(\)"):
         model(torch.randn(1, 1, 32, 40))  # torch: "Expected more than 1 value per channel when training"
     assert model(torch.randn(2, 1, 32, 40))["logits_a"].shape == (2, 2)
+    for norm in (m for m in model.modules() if isinstance(m, torch.nn.BatchNorm1d)):
+        norm.eval()  # the classifiers' BatchNorm frozen (the encoders' sees 4 x 5 values): one image is fine
+    assert model(torch.randn(1, 1, 32, 40))["logits_a"].shape == (1, 2)
     assert model.eval()(torch.randn(1, 1, 32, 40))["logits_a"].shape == (1, 2)  # eval: running statistics
 
 
