@@ -1317,13 +1317,16 @@ def probe_within_groups(model: nn.Module, loader, target: str, group: str, group
     return scores
 
 
+PROBE_FOLDS = 5  # the folds of probe_encoders' cross-validated probes
+
+
 def probe_encoders(model: nn.Module, loader, label_keys: tuple[str, str], *, seed: int = 0,
                    device: str | torch.device = "auto", patients: np.ndarray | None = None) -> dict[str, float]:
     """Balanced accuracy of a linear probe for every (encoder side, label) pair, cross-validated.
 
     Reads the pooled features of model.encode (task-A side "a", task-B side "b"; the same features
     twice for SharedEncoderNet) on `loader`, in eval mode (BatchNorm's running statistics), and
-    fits a 5-fold cross-validated logistic regression per label.
+    fits a PROBE_FOLDS-fold (5) cross-validated logistic regression per label.
     patients: the patient of every image in `loader`'s order, or None (generated data): the folds
         then keep each patient's images on one side (cross_validated_probe).
     Returns {"probe_<label>_<side>": balanced accuracy}, e.g. "probe_background_a": the nuisance
@@ -1339,7 +1342,7 @@ def probe_encoders(model: nn.Module, loader, label_keys: tuple[str, str], *, see
         encode = (lambda x, side=side: model.encode(x)[0 if side == "a" else 1])
         features, labels = extract_features(encode, loader, device, label_keys, model=model)  # in eval mode
         for key in label_keys:
-            probe = cross_validated_probe(features, labels[key], seed=seed, groups=patients)
+            probe = cross_validated_probe(features, labels[key], PROBE_FOLDS, seed=seed, groups=patients)
             scores[f"probe_{key}_{side}"] = probe["balanced_accuracy"]
     return scores
 
@@ -1459,6 +1462,8 @@ def ultrasound_experiment(kind: str, config: DisentangleConfig | None = None, *,
     from mtlearn.utils import seed_everything
 
     config = _config_or_course(config)
+    from mtlearn.probes import too_few_for_folds
+
     data = data if data is not None else ultrasound_datasets(config.image_size, seed=seed)
     real = "test" in data
     tests = ("test",) if real else ULTRASOUND_TESTS
@@ -1467,6 +1472,17 @@ def ultrasound_experiment(kind: str, config: DisentangleConfig | None = None, *,
         raise ValueError(f"data lacks the split(s) {sorted(missing)}; build it with ultrasound_datasets "
                          "or real_ultrasound_datasets")
     train = data["train"]
+    keys = ("label", "artifact")
+    probed = data["train"] + data["test"] if real else data["independent"]
+    # a patient's images look alike: on both sides of a fold, a probe would read the flag through the patient
+    patients = np.array([bus_uclm_patient(item["id"]) for item in probed]) if real else None
+    for key in keys:  # before training, not after it: the probes' folds need every class often enough
+        problem = too_few_for_folds(np.array([item[key] for item in probed]), PROBE_FOLDS, patients)
+        if problem is not None:
+            raise ValueError(f"the images the probes read ({'train and test' if real else 'the independent test set'}, "
+                             f"{len(probed)}) are too few for {PROBE_FOLDS}-fold probes of {key!r}: "
+                             f"{problem.split(':')[0]}; build the data with more test images, e.g. "
+                             "ultrasound_datasets(..., num_test=60) as notebook 04's smoke profile does")
     if config.balance:
         labels = np.array([item["label"] for item in train]), np.array([item["artifact"] for item in train])
         train_loader = DataLoader(train, batch_size=config.batch_size, sampler=balanced_sampler(*labels, seed=seed),
@@ -1476,7 +1492,6 @@ def ultrasound_experiment(kind: str, config: DisentangleConfig | None = None, *,
                                   generator=torch.Generator().manual_seed(seed))
     seed_everything(seed)  # the model's initial weights
     model = build_model(kind, config, num_classes_a=3)
-    keys = ("label", "artifact")
     started = time.perf_counter()
     history = train_disentangle(model, train_loader, task_keys=keys, **config.train_kwargs(), device=device,
                                 seed=seed, progress=progress, out_dir=out_dir, resume=resume)
@@ -1495,10 +1510,7 @@ def ultrasound_experiment(kind: str, config: DisentangleConfig | None = None, *,
                 evaluate_disentangle(model, DataLoader(chosen, batch_size=100), task_keys=keys, device=device)["acc_a"]
                 if chosen else float("nan"))
     metrics["false_malignant_with_artifact"] = _false_malignant(model, data[scored], device)
-    probed = data["train"] + data["test"] if real else data["independent"]
     probe_loader = DataLoader(probed, batch_size=100)  # in order: `patients` lines up with it
-    # a patient's images look alike: on both sides of a fold, a probe would read the flag through the patient
-    patients = np.array([bus_uclm_patient(item["id"]) for item in probed]) if real else None
     metrics.update(probe_encoders(model, probe_loader, keys, seed=seed, device=device, patients=patients))
     class_names = SyntheticUltrasound.class_names  # BUS-UCLM's too: normal, benign, malignant
     metrics.update(probe_within_groups(model, probe_loader, "artifact", "label", class_names, seed=seed, device=device,

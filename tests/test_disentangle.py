@@ -1844,6 +1844,17 @@ def test_train_disentangle_writes_into_the_home_folder_for_a_tilde(tiny_loaders,
     assert len(history["acc_a"]) == 1 and load_checkpoint(tmp_path / "run" / "last.pt")["epoch"] == 1
 
 
+def test_ultrasound_experiment_refuses_too_few_images_for_its_probes_before_training(monkeypatch):
+    """The probes failed after the whole training, advising a folds= option the experiment does not have."""
+    data = D.ultrasound_datasets((32, 32), num_train=24, num_test=12)
+    monkeypatch.setattr(D, "train_disentangle", lambda *a, **k: pytest.fail("trained before the check"))
+    with pytest.raises(ValueError, match=r"the images the probes read \(the independent test set, 12\) are too few for "
+                                         r"5-fold probes of 'label': class \d has \d item\(s\), fewer than folds=5; "
+                                         r"build the data with more test images, e\.g\. ultrasound_datasets\("):
+        D.ultrasound_experiment("shared", D.disentangle_config("smoke", image_size=(32, 32)), data=data, device="cpu",
+                                progress=False)
+
+
 def test_train_disentangle_refuses_a_string_for_a_switch(tiny_loaders):
     for name in ("recalibrate_bn", "cosine", "progress"):
         with pytest.raises(ValueError, match=rf"{name} must be True or False, got 'False'"):
