@@ -224,6 +224,9 @@ class History:
                         markersize=4, markerfacecolor=colours[task] if k == 0 else "white", label=name)
             if title == "Validation metrics" and self.best_epoch is not None:
                 ax.axvline(self.best_epoch, color="grey", linestyle=":", label=f"best epoch ({self.monitor})")
+            if not columns:  # an empty panel must not read as a plotting failure
+                ax.text(0.5, 0.5, "no validation\n(fit without val_loader)" if title == "Validation metrics"
+                        else "not recorded", transform=ax.transAxes, ha="center", va="center", color="dimgrey")
             ax.set(title=title, xlabel="epoch", ylabel=ylabel)
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             if columns and columns != ["lr"]:  # the learning rate is named by its axis label
@@ -626,6 +629,14 @@ def fit(model: nn.Module, train_loader, val_loader=None, config: TrainConfig | N
 
     if config.restore_best and best_state is not None:
         model.load_state_dict(best_state)
+    monitor = history.monitor  # (a non-finite validation loss has been named epoch by epoch above)
+    if (val_loader is not None and history.records and is_main_process()
+            and not any(math.isfinite(r.get(monitor, math.nan)) for r in history.records)):
+        # e.g. the AUC of a validation set holding one class: NaN every epoch, and no best.pt, without a word
+        warnings.warn(f"no epoch could be the best one: {monitor} was not finite in any epoch (last: "
+                      f"{history.records[-1].get(monitor)}), so there is no best.pt and the model keeps its last "
+                      f"epoch's weights; monitor another metric, e.g. monitor='{tasks[0]}/loss', or (an AUC or a "
+                      "specificity) validate on a set with every class", stacklevel=2)
     if is_distributed():
         dist.barrier()  # rank 0 has finished writing before anyone moves on
     return history

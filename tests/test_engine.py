@@ -803,6 +803,14 @@ def test_history_plot_marks_the_best_epoch_among_the_validation_metrics():
     assert history.best_epoch == 3 and len(best) == 1 and list(best[0].get_xdata()) == [3, 3]
 
 
+def test_history_plot_says_what_a_panel_lacks():
+    history = History(monitor="val/seg/dice")
+    history.append({"epoch": 1, "train/seg": 0.5, "train/loss": 0.5, "lr": 1e-3})  # fit without val_loader
+    _, metrics, weights, _ = history.plot().axes
+    assert [t.get_text() for t in metrics.texts] == ["no validation\n(fit without val_loader)"]
+    assert [t.get_text() for t in weights.texts] == ["not recorded"] and not metrics.get_lines()
+
+
 def test_history_plot_takes_one_metric_as_text():
     metrics = _review_history().plot("val/seg/dice").axes[1]  # was read letter by letter: KeyError 'v'
     assert [line.get_label() for line in metrics.get_lines()][0] == "seg/dice"
@@ -1408,6 +1416,21 @@ def test_evaluate_averages_over_images_not_batches():
     assert set(whole) == set(uneven)
     for key, value in whole.items():
         assert uneven[key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
+
+
+def test_a_fit_whose_monitor_is_nan_in_every_epoch_says_there_is_no_best_epoch(tmp_path, monkeypatch):
+    """One class in the validation set: cls/auc is NaN every epoch, and best.pt was never written, without a word."""
+    import mtlearn.engine as engine
+
+    real_evaluate = engine.evaluate
+    monkeypatch.setattr(engine, "evaluate", lambda *a, **k: dict(real_evaluate(*a, **k), **{"cls/auc": math.nan}))
+    with pytest.warns(UserWarning, match=r"no epoch could be the best one: val/cls/auc was not finite in any epoch "
+                                         r"\(last: nan\), so there is no best\.pt.*monitor='seg/loss'"):
+        history = _fit(ToyNet(), *_loaders(), epochs=2, monitor="cls/auc", out_dir=tmp_path)
+    assert history.best_epoch is None and not (tmp_path / "best.pt").exists()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a monitor with a value in some epoch: nothing to say
+        _fit(ToyNet(), *_loaders(), epochs=1)
 
 
 def test_a_nan_validation_metric_never_becomes_the_best():
