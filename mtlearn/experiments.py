@@ -25,6 +25,7 @@ import itertools
 import json
 import os
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,7 @@ import pandas as pd
 from mtlearn.course import (CELL_TIMEOUT_S, DONE, course_notebooks, injected_parameters, resolve_cell_timeout,
                             run_notebook, select_notebooks)
 from mtlearn.notebook import flatten_metrics, resolve_profile
-from mtlearn.utils import check_folder, check_number, is_int, write_text
+from mtlearn.utils import check_folder, check_number, is_finite, is_int, write_text
 
 
 UNSAFE_IN_NAMES = str.maketrans({c: "_" for c in '/\\:*?"<>|'})  # separators, and what Windows refuses
@@ -227,6 +228,10 @@ def grid(notebooks: list[str | Path] | str | Path, parameters: dict[str, list[An
                 params = dict(zip(names, values), seed=seed, profile=profile)
                 specs.append(RunSpec(Path(nb), tuple(sorted(params.items()))))
     for spec in specs:  # the folder and its staging twin must be names the file system takes
+        if spec.name.endswith((".partial", ".old", ".lock")):  # another run's staging, set-aside or lock folder
+            raise ValueError(f"the run folder {spec.name!r} would end like another run's staging, set-aside or lock "
+                             "folder (.partial, .old, .lock), and that run would delete or block it; give the last "
+                             "parameter a value that does not end so")
         staging = f"{spec.name}.partial"
         if len(staging.encode()) > MAX_NAME_BYTES:
             raise ValueError(f"the run folder {spec.name[:60]!r}... would be {len(staging.encode())} bytes with its "
@@ -278,11 +283,15 @@ def _check_parameters(notebook: Path, parameters: dict[str, list[Any]]) -> None:
     Why: papermill only logs a warning for an unknown parameter and runs the notebook with its
     defaults, so a misspelt name would give a grid of identical runs with different labels. And a
     string where the notebook has a list ("pcgrad" for ["pcgrad"]) would fail in every run, after
-    the first had already started; a number or a switch given as text, too.
+    the first had already started; a number or a switch given as text, too, and NaN or inf for a number.
     """
     import papermill
 
-    known = papermill.inspect_notebook(str(notebook))
+    try:
+        known = papermill.inspect_notebook(str(notebook))
+    except Exception as error:  # nbformat's NotJSONError named no file: with --notebooks 0, which one?
+        raise ValueError(f"cannot read the notebook {notebook}: {type(error).__name__}: {str(error)[:200]}; is it a "
+                         "notebook (.ipynb), and whole (a merge conflict, a half-written copy)?") from None
     unknown = [name for name in parameters if name not in known]
     if unknown:
         raise ValueError(f"{notebook.stem} has no parameter {unknown}; its parameters: {sorted(known)}")
@@ -300,9 +309,12 @@ def _check_parameters(notebook: Path, parameters: dict[str, list[Any]]) -> None:
         else:
             continue
         wrong = [v for v in values if isinstance(v, str)]
+        if not isinstance(default, (list, tuple, bool)):  # a number: NaN or inf (1e400 on the command line) sets nothing
+            wrong += [v for v in values if isinstance(v, (float, np.floating)) and not is_finite(v)]
         if wrong:
+            got = f"{wrong[0]!r} is text" if isinstance(wrong[0], str) else f"got {wrong[0]!r}"
             raise ValueError(f"{notebook.stem}'s parameter {name!r} takes {kind} (its default: {default!r}); "
-                             f"{wrong[0]!r} is text. Give one such value per run, e.g. --set \"{name}={example}\"")
+                             f"{got}. Give one such value per run, e.g. --set \"{name}={example}\"")
 
 
 def run_grid(specs: list[RunSpec], out_root: str | Path, *, progress: bool = True,
@@ -359,6 +371,11 @@ def collect(out_root: str | Path, specs: list[RunSpec] | None = None) -> pd.Data
                 if not m.parent.name.endswith((".partial", ".old"))]
     else:  # only runs of the spec's parameters (a copied-in folder, or another grid's, may hold others)
         runs = [(spec.folder(out_root), spec, spec.record(out_root)) for spec in specs]
+    unread = [folder.name for folder, _, record in runs if record is None]
+    if unread:  # a run not (yet) finished, failed, or with a damaged metrics.json: left out, but not silently
+        warnings.warn(f"{len(unread)} of {len(runs)} runs have no finished, readable result and are not in the table "
+                      f"(not run yet, failed, or a damaged metrics.json): {unread[:3]}{' ...' if len(unread) > 3 else ''}"
+                      "; run_grid runs them (again)", stacklevel=2)
     rows = []
     for folder, spec, record in runs:
         if record is None:

@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import math
 import re
 import statistics
 from dataclasses import replace
@@ -267,6 +268,31 @@ if scale < 0:
     raise ValueError("failed after writing metrics.json")"""
 
 
+def test_grid_refuses_a_run_folder_named_like_another_runs_staging_folder(notebooks, tmp_path):
+    """{"tag": ["x.partial", "x"]}: the run "tag=x" staged in "...tag=x.partial" and deleted the other run's folder."""
+    nb = notebooks[0]
+    nb.write_text(write_notebook(tmp_path / "tmp.ipynb", WRITES_METRICS).read_text()
+                  .replace("out_dir = None", "out_dir = None\\ntag = 'x'"))
+    for suffix in (".partial", ".old", ".lock"):
+        with pytest.raises(ValueError, match=r"would end like another run's staging, set-aside or lock folder"):
+            grid([nb], {"tag": [f"x{suffix}", "x"]}, seeds=[0], profile="smoke")
+    assert len(grid([nb], {"tag": ["x.partial.y", "x"]}, seeds=[0], profile="smoke")) == 2
+
+
+def test_a_broken_notebook_is_named_by_its_path(tmp_path):
+    broken = tmp_path / "07_conflict.ipynb"
+    broken.write_text('{"cells": [ <<<<<<< HEAD')
+    with pytest.raises(ValueError, match=rf"cannot read the notebook {re.escape(str(broken))}: NotJSONError"):
+        grid([broken], {"tag": ["a"]}, seeds=[0], profile="smoke")
+
+
+def test_grid_refuses_nan_and_inf_for_a_number(notebooks):
+    nb = notebooks[0]  # scale = 1
+    for value in (math.nan, math.inf):  # 1e400 on the command line reads as inf
+        with pytest.raises(ValueError, match=rf"parameter 'scale' takes a number \(its default: 1\); got {value}"):
+            grid([nb], {"scale": [value]}, seeds=[0], profile="smoke")
+
+
 def test_only_a_successful_run_counts_as_done(notebooks, tmp_path):
     """metrics.json alone is no proof: a notebook can fail (or be stopped) after run.finish wrote it."""
     nb = notebooks[0]
@@ -276,7 +302,10 @@ def test_only_a_successful_run_counts_as_done(notebooks, tmp_path):
     root = tmp_path / "grid"
     assert list(run_grid(specs, root, progress=False)["status"].str[:6]) == ["failed", "ok"]
     assert list(run_grid(specs, root, progress=False)["status"].str[:6]) == ["failed", "skippe"]
-    assert list(collect(root, specs)["run"]) == [specs[1].name]
+    left_out = re.escape(specs[0].name)
+    with pytest.warns(UserWarning, match=rf"1 of 2 runs have no finished, readable result and are not in the table "
+                                         rf"\(not run yet, failed, or a damaged metrics\.json\): \['{left_out}'\]"):
+        assert list(collect(root, specs)["run"]) == [specs[1].name]  # left out, but not silently
     folder = specs[1].folder(root)
     assert (specs[0].folder(root).with_name(specs[0].folder(root).name + ".partial") / "error.txt").exists()
     (folder / "done").unlink()  # without the marker (stopped before the notebook's last save): not done
