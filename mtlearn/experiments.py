@@ -309,7 +309,7 @@ def _check_parameters(notebook: Path, parameters: dict[str, list[Any]]) -> None:
         else:
             continue
         wrong = [v for v in values if isinstance(v, str)]
-        if not isinstance(default, (list, tuple, bool)):  # a number: NaN or inf (1e400 on the command line) sets nothing
+        if not isinstance(default, (list, tuple, bool)):  # a number: NaN or inf (1e400 as typed) sets nothing
             wrong += [v for v in values if isinstance(v, (float, np.floating)) and not is_finite(v)]
         if wrong:
             got = f"{wrong[0]!r} is text" if isinstance(wrong[0], str) else f"got {wrong[0]!r}"
@@ -373,9 +373,10 @@ def collect(out_root: str | Path, specs: list[RunSpec] | None = None) -> pd.Data
         runs = [(spec.folder(out_root), spec, spec.record(out_root)) for spec in specs]
     unread = [folder.name for folder, _, record in runs if record is None]
     if unread:  # a run not (yet) finished, failed, or with a damaged metrics.json: left out, but not silently
+        shown = f"{unread[:3]}{' ...' if len(unread) > 3 else ''}"
         warnings.warn(f"{len(unread)} of {len(runs)} runs have no finished, readable result and are not in the table "
-                      f"(not run yet, failed, or a damaged metrics.json): {unread[:3]}{' ...' if len(unread) > 3 else ''}"
-                      "; run_grid runs them (again)", stacklevel=2)
+                      f"(not run yet, failed, or a damaged metrics.json): {shown}; run_grid runs them (again)",
+                      stacklevel=2)
     rows = []
     for folder, spec, record in runs:
         if record is None:
