@@ -1853,6 +1853,11 @@ def test_ultrasound_experiment_refuses_too_few_images_for_its_probes_before_trai
                                          r"build the data with more test images, e\.g\. ultrasound_datasets\("):
         D.ultrasound_experiment("shared", D.disentangle_config("smoke", image_size=(32, 32)), data=data, device="cpu",
                                 progress=False)
+    data = D.ultrasound_datasets((32, 32), num_train=24, num_test=60)  # every class often enough, but the flag:
+    data["independent"] = [dict(item, artifact=int(i < 2)) for i, item in enumerate(data["independent"])]
+    with pytest.raises(ValueError, match=r"5-fold probes of 'artifact': class 1 has 2 item\(s\), fewer than folds=5"):
+        D.ultrasound_experiment("shared", D.disentangle_config("smoke", image_size=(32, 32)), data=data, device="cpu",
+                                progress=False)
 
 
 def test_train_disentangle_refuses_a_string_for_a_switch(tiny_loaders):

@@ -1429,8 +1429,14 @@ def test_a_fit_whose_monitor_is_nan_in_every_epoch_says_there_is_no_best_epoch(t
         history = _fit(ToyNet(), *_loaders(), epochs=2, monitor="cls/auc", out_dir=tmp_path)
     assert history.best_epoch is None and not (tmp_path / "best.pt").exists()
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # a monitor with a value in some epoch: nothing to say
+        warnings.simplefilter("error")  # a monitor with a value in some epoch, or no validation: nothing to say
         _fit(ToyNet(), *_loaders(), epochs=1)
+        _fit(ToyNet(), _loaders()[0], None, epochs=1)
+    epochs = iter([math.nan, 0.7])  # NaN in epoch 1 only: epoch 2 is the best, and nothing to warn of
+    monkeypatch.setattr(engine, "evaluate", lambda *a, **k: dict(real_evaluate(*a, **k), **{"cls/auc": next(epochs)}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _fit(ToyNet(), *_loaders(), epochs=2, monitor="cls/auc").best_epoch == 2
 
 
 def test_a_nan_validation_metric_never_becomes_the_best():

@@ -353,6 +353,8 @@ def test_a_history_is_written_as_its_records_and_other_objects_are_named_briefly
     history = History(monitor="val/dice")
     history.append({"epoch": 1, "val/dice": np.float32(0.5)})
     assert to_jsonable({"history": history}) == {"history": [{"epoch": 1, "val/dice": 0.5}]}
+    history.append({"epoch": 2, "val/dice": 0.123456789, "val/auc": float("nan")})  # rounded, NaN as null: JSON
+    assert to_jsonable(history, digits=3)[1] == {"epoch": 2, "val/dice": 0.123, "val/auc": None}
     with pytest.raises(TypeError, match=r"got Linear: Linear\(in_features=2, out_features=2, bias=True\)$"):
         to_jsonable(nn.Linear(2, 2))
     with pytest.raises(TypeError, match=r"got set: \{.{76}\.\.\.$"):  # cut at 80 characters
