@@ -473,10 +473,20 @@ def main(argv: list[str] | None = None) -> int:
 
     results = []
     bar = tqdm(notebooks, desc=f"course notebooks ({profile})", unit="notebook")
-    for nb in bar:
+    for index, nb in enumerate(bar):
         bar.set_postfix_str(nb.stem)
-        result = run_notebook(nb, args.out / nb.stem / profile, notebook_parameters(profile, args.seed, args.device),
-                              cell_timeout=cell_timeout)
+        try:
+            result = run_notebook(nb, args.out / nb.stem / profile,
+                                  notebook_parameters(profile, args.seed, args.device), cell_timeout=cell_timeout)
+        except KeyboardInterrupt:  # Ctrl-C: what is kept, not a traceback from inside the kernel client
+            bar.close()
+            if results:
+                print(headline_table(results))
+            rest = " ".join(n.stem.split("_")[0] for n in notebooks[index:])
+            print(f"interrupted during {nb.stem}: the notebooks before it are finished in {args.out}, and {nb.stem} "
+                  f"keeps its previous results, if any; run the same command with --only {rest} for the rest",
+                  file=sys.stderr)
+            return 130
         if not result.ok:
             executed = result.out_dir / nb.name
             where = (f" (executed copy: {executed}; the previous run, if any, is kept in "

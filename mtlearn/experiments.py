@@ -554,7 +554,12 @@ def main(argv: list[str] | None = None) -> int:
         specs = grid(notebooks, dict(args.sets), args.seeds, profile)
     except ValueError as error:  # e.g. --set seed=5, or a name the notebook lacks: a usage error, not a traceback
         parser.error(str(error))
-    status = run_grid(specs, args.out, cell_timeout=cell_timeout)
+    try:
+        status = run_grid(specs, args.out, cell_timeout=cell_timeout)
+    except KeyboardInterrupt:  # Ctrl-C: what is kept, not a traceback from inside the kernel client
+        print(f"interrupted: the finished runs are kept in {args.out}; run the same command again to go on (they "
+              "are skipped, the interrupted one runs again)", file=sys.stderr)
+        return 130
     print(status.to_string(index=False))
     # this grid's runs only, not those of earlier grids in --out (absent when no run could make its folder)
     table = collect(args.out, specs) if args.out.is_dir() else pd.DataFrame()

@@ -346,6 +346,22 @@ def test_command_line_runs_each_notebook_into_its_profile_folder_and_fails_on_a_
     assert main(["--out", str(out), "--only", "00", "--cell-timeout", "0"]) == 0 and timeouts[-1] is None
 
 
+def test_command_line_ctrl_c_says_what_is_kept_and_how_to_go_on(tmp_path, monkeypatch, capsys):
+    from mtlearn.course import NotebookResult, main
+
+    def interrupted_in_01(nb, out_dir, parameters, cell_timeout):
+        if nb.stem.startswith("01"):
+            raise KeyboardInterrupt
+        return NotebookResult(nb.stem, out_dir, True, 1.0, "", {"metrics": {"dice": 0.5}})
+
+    monkeypatch.setattr(course, "run_notebook", interrupted_in_01)
+    assert main(["--profile", "smoke", "--out", str(tmp_path), "--only", "00", "01", "02"]) == 130
+    printed, err = capsys.readouterr()
+    assert "dice=0.5" in printed  # the finished notebook's line, not a traceback
+    assert f"interrupted during 01_resformer_mtl: the notebooks before it are finished in {tmp_path}" in err
+    assert "run the same command with --only 01 02 for the rest" in err
+
+
 def test_command_line_goes_on_after_a_failing_notebook(tmp_path, monkeypatch, capsys):
     from mtlearn.course import NotebookResult, main
 

@@ -594,6 +594,17 @@ def test_command_line_fails_when_a_run_fails(notebooks, tmp_path, monkeypatch, c
     assert (tmp_path / "grid" / "01_a" / "profile=smoke,scale=1,seed=0" / "metrics.json").exists()
 
 
+def test_command_line_ctrl_c_says_what_is_kept_and_how_to_go_on(notebooks, tmp_path, monkeypatch, capsys):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(experiments, "course_notebooks", lambda: notebooks)
+    monkeypatch.setattr(experiments, "run_grid", interrupted)
+    assert main(["--notebooks", "01", "--set", "scale=1", "--profile", "smoke", "--out", str(tmp_path / "g")]) == 130
+    assert (f"interrupted: the finished runs are kept in {tmp_path / 'g'}; run the same command again to go on"
+            in capsys.readouterr().err)
+
+
 def test_command_line_refuses_a_repeated_set(notebooks, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(experiments, "course_notebooks", lambda: notebooks)
     with pytest.raises(SystemExit) as stop:
