@@ -1452,6 +1452,8 @@ def ultrasound_experiment(kind: str, config: DisentangleConfig | None = None, *,
             set, or the real test split
         train_seconds (of this call: a resumed run counts only what it trained)
     out_dir, resume: checkpoints of the training, as in shapes_experiment.
+    Raises ValueError before training when the probed images hold some class (or artifact flag) fewer than
+    PROBE_FOLDS times (patients, for real data): the probes could not be cross-validated.
     """
     import time
 
@@ -1459,11 +1461,10 @@ def ultrasound_experiment(kind: str, config: DisentangleConfig | None = None, *,
 
     from mtlearn.data.real import bus_uclm_patient
     from mtlearn.data.synthetic import SyntheticUltrasound
+    from mtlearn.probes import too_few_for_folds
     from mtlearn.utils import seed_everything
 
     config = _config_or_course(config)
-    from mtlearn.probes import too_few_for_folds
-
     data = data if data is not None else ultrasound_datasets(config.image_size, seed=seed)
     real = "test" in data
     tests = ("test",) if real else ULTRASOUND_TESTS
@@ -1479,10 +1480,12 @@ def ultrasound_experiment(kind: str, config: DisentangleConfig | None = None, *,
     for key in keys:  # before training, not after it: the probes' folds need every class often enough
         problem = too_few_for_folds(np.array([item[key] for item in probed]), PROBE_FOLDS, patients)
         if problem is not None:
+            fix = ("the probes need more patients of every class and flag: use the whole dataset (python -m "
+                   "data_fetch bus_uclm)" if real else "build the data with more test images, e.g. "
+                   "ultrasound_datasets(..., num_test=60) as notebook 04's smoke profile does")
             raise ValueError(f"the images the probes read ({'train and test' if real else 'the independent test set'}, "
                              f"{len(probed)}) are too few for {PROBE_FOLDS}-fold probes of {key!r}: "
-                             f"{problem.split(':')[0]}; build the data with more test images, e.g. "
-                             "ultrasound_datasets(..., num_test=60) as notebook 04's smoke profile does")
+                             f"{problem.split(':')[0]}; {fix}")
     if config.balance:
         labels = np.array([item["label"] for item in train]), np.array([item["artifact"] for item in train])
         train_loader = DataLoader(train, batch_size=config.batch_size, sampler=balanced_sampler(*labels, seed=seed),

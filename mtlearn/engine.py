@@ -225,8 +225,9 @@ class History:
             if title == "Validation metrics" and self.best_epoch is not None:
                 ax.axvline(self.best_epoch, color="grey", linestyle=":", label=f"best epoch ({self.monitor})")
             if not columns:  # an empty panel must not read as a plotting failure
-                ax.text(0.5, 0.5, "no validation\n(fit without val_loader)" if title == "Validation metrics"
-                        else "not recorded", transform=ax.transAxes, ha="center", va="center", color="dimgrey")
+                empty = ("no validation\n(fit without val_loader)" if title == "Validation metrics" and metrics is None
+                         else "not recorded")
+                ax.text(0.5, 0.5, empty, transform=ax.transAxes, ha="center", va="center", color="dimgrey")
             ax.set(title=title, xlabel="epoch", ylabel=ylabel)
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             if columns and columns != ["lr"]:  # the learning rate is named by its axis label
@@ -630,13 +631,14 @@ def fit(model: nn.Module, train_loader, val_loader=None, config: TrainConfig | N
     if config.restore_best and best_state is not None:
         model.load_state_dict(best_state)
     monitor = history.monitor  # (a non-finite validation loss has been named epoch by epoch above)
-    if (val_loader is not None and history.records and is_main_process()
-            and not any(math.isfinite(r.get(monitor, math.nan)) for r in history.records)):
+    validated = [r[monitor] for r in history.records if monitor in r]  # a resume may add validation to a run
+    if val_loader is not None and validated and is_main_process() and not any(map(math.isfinite, validated)):
         # e.g. the AUC of a validation set holding one class: NaN every epoch, and no best.pt, without a word
-        warnings.warn(f"no epoch could be the best one: {monitor} was not finite in any epoch (last: "
-                      f"{history.records[-1].get(monitor)}), so there is no best.pt and the model keeps its last "
-                      f"epoch's weights; monitor another metric, e.g. monitor='{tasks[0]}/loss', or (an AUC or a "
-                      "specificity) validate on a set with every class", stacklevel=2)
+        other = next((f"{t}/loss" for t in tasks if f"val/{t}/loss" != monitor), None)
+        warnings.warn(f"no epoch could be the best one: {monitor} was not finite in any epoch (last: {validated[-1]}), "
+                      "so there is no best.pt and the model keeps its last epoch's weights; "
+                      + (f"monitor another metric, e.g. monitor='{other}', or (an AUC or a specificity) validate on "
+                         "a set with every class" if other else f"lower lr (now {config.lr:g})"), stacklevel=2)
     if is_distributed():
         dist.barrier()  # rank 0 has finished writing before anyone moves on
     return history

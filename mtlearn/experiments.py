@@ -229,9 +229,10 @@ def grid(notebooks: list[str | Path] | str | Path, parameters: dict[str, list[An
                 specs.append(RunSpec(Path(nb), tuple(sorted(params.items()))))
     for spec in specs:  # the folder and its staging twin must be names the file system takes
         if spec.name.endswith((".partial", ".old", ".lock")):  # another run's staging, set-aside or lock folder
+            last = spec.parameters[-1][0]  # the folder name lists the parameters sorted by name
             raise ValueError(f"the run folder {spec.name!r} would end like another run's staging, set-aside or lock "
-                             "folder (.partial, .old, .lock), and that run would delete or block it; give the last "
-                             "parameter a value that does not end so")
+                             f"folder (.partial, .old, .lock), and that run would delete or block it; give {last!r} "
+                             "a value that does not end so")
         staging = f"{spec.name}.partial"
         if len(staging.encode()) > MAX_NAME_BYTES:
             raise ValueError(f"the run folder {spec.name[:60]!r}... would be {len(staging.encode())} bytes with its "
@@ -375,7 +376,8 @@ def collect(out_root: str | Path, specs: list[RunSpec] | None = None) -> pd.Data
     if unread:  # a run not (yet) finished, failed, or with a damaged metrics.json: left out, but not silently
         shown = f"{unread[:3]}{' ...' if len(unread) > 3 else ''}"
         warnings.warn(f"{len(unread)} of {len(runs)} runs have no finished, readable result and are not in the table "
-                      f"(not run yet, failed, or a damaged metrics.json): {shown}; run_grid runs them (again)",
+                      f"(not run yet, failed, or a damaged metrics.json): {shown}; run the grid again (the same "
+                      "command, or run_grid) to run them",
                       stacklevel=2)
     rows = []
     for folder, spec, record in runs:

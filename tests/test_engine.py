@@ -1431,7 +1431,10 @@ def test_a_fit_whose_monitor_is_nan_in_every_epoch_says_there_is_no_best_epoch(t
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a monitor with a value in some epoch, or no validation: nothing to say
         _fit(ToyNet(), *_loaders(), epochs=1)
-        _fit(ToyNet(), _loaders()[0], None, epochs=1)
+        _fit(ToyNet(), _loaders()[0], None, epochs=1, out_dir=tmp_path / "no_val")
+        # resumed with a val_loader but no epoch left: none was validated, which is no NaN monitor
+        warnings.filterwarnings("ignore", message=r"the run in .* already has 1 epochs")  # said, and not this
+        _fit(ToyNet(), *_loaders(), epochs=1, out_dir=tmp_path / "no_val", resume=True)
     epochs = iter([math.nan, 0.7])  # NaN in epoch 1 only: epoch 2 is the best, and nothing to warn of
     monkeypatch.setattr(engine, "evaluate", lambda *a, **k: dict(real_evaluate(*a, **k), **{"cls/auc": next(epochs)}))
     with warnings.catch_warnings():

@@ -274,7 +274,8 @@ def test_grid_refuses_a_run_folder_named_like_another_runs_staging_folder(notebo
     nb.write_text(write_notebook(tmp_path / "tmp.ipynb", WRITES_METRICS).read_text()
                   .replace("out_dir = None", "out_dir = None\\ntag = 'x'"))
     for suffix in (".partial", ".old", ".lock"):
-        with pytest.raises(ValueError, match=r"would end like another run's staging, set-aside or lock folder"):
+        with pytest.raises(ValueError, match=r"would end like another run's staging, set-aside or lock folder .*; "
+                                             r"give 'tag' a value that does not end so"):
             grid([nb], {"tag": [f"x{suffix}", "x"]}, seeds=[0], profile="smoke")
     assert len(grid([nb], {"tag": ["x.partial.y", "x"]}, seeds=[0], profile="smoke")) == 2
 
