@@ -272,8 +272,8 @@ BAD_RESIZES = [
     ("resize_mask", np.zeros((40, 48, 3)), (32, 32), r"resize_mask needs a grey \(H, W\) image"),
     ("resize_image", np.zeros((0, 48)), (32, 32), r"resize_image got an empty image \(shape \(0, 48\)\)"),
     ("resize_mask", np.full((40, 48), 255), (32, 32), r"needs a 0/1 mask, got values \[255\.0\]: pass mask > 0"),
-    ("resize_image", np.zeros((40, 48)), (0, 32), r"each of image_size must be an integer >= 1, got 0"),  # kept 40
-    ("resize_image", np.zeros((40, 48)), (32, 32, 32), r"image_size must be \(H, W\), two sizes"),  # a volume
+    ("resize_image", np.zeros((40, 48)), (0, 32), r"image_size must be an int or \(H, W\) of ints >= 1, got \(0, 32\)"),
+    ("resize_image", np.zeros((40, 48)), (32, 32, 32), r"image_size must be an int or \(H, W\)"),  # a volume
 ]
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from mtlearn.utils import check_int, check_int_sequence
+from mtlearn.utils import check_int, check_size
 
 MAX_ROTATION_DEGREES = 25.0  # the paper's rotation range
 AUGMENT_PROBABILITY = 0.5  # chance of a flip, and independently of a rotation
@@ -30,7 +30,7 @@ def resize_image(image: np.ndarray, image_size: tuple[int, int]) -> torch.Tensor
     from monai.utils import convert_to_tensor
 
     image = check_grey(image, "resize_image")
-    resized = Resize(_check_size(image_size), mode="area")(image[None])
+    resized = Resize(check_size(image_size), mode="area")(image[None])
     return convert_to_tensor(resized, dtype=torch.float32, track_meta=False)
 
 
@@ -48,7 +48,7 @@ def resize_mask(mask: np.ndarray, image_size: tuple[int, int]) -> torch.Tensor:
     mask = check_grey(mask, "resize_mask")
     if not np.isin(mask, (0, 1)).all():  # a PNG's 0/255 came back as 0/255, not the 0/1 promised
         raise ValueError(f"resize_mask needs a 0/1 mask, got values {np.unique(mask)[:6].tolist()}: pass mask > 0")
-    resized = Resize(_check_size(image_size), mode="nearest-exact")(mask[None])
+    resized = Resize(check_size(image_size), mode="nearest-exact")(mask[None])
     return convert_to_tensor(resized, dtype=torch.float32, track_meta=False)
 
 
@@ -61,17 +61,6 @@ def check_grey(image, what: str) -> np.ndarray:
     if image.size == 0:
         raise ValueError(f"{what} got an empty image (shape {image.shape})")
     return image
-
-
-def _check_size(image_size) -> tuple[int, int]:
-    """(H, W) ints >= 1; an int n is (n, n), as build_model takes it (MONAI read 32 as a 1-D size, and 0 or
-    -1 as "keep this side")."""
-    if isinstance(image_size, (int, np.integer)) and not isinstance(image_size, bool):
-        image_size = (image_size, image_size)
-    size = check_int_sequence("image_size", image_size, "the output size (H, W), e.g. (64, 64)", minimum=2)
-    if len(size) != 2:
-        raise ValueError(f"image_size must be (H, W), two sizes, got {image_size!r}")
-    return size
 
 
 def augmentation(seed: int = 0):
