@@ -140,6 +140,20 @@ def test_busi_duplicate_distance_option_sets_the_groups(busi):
     root, _ = busi
     records = load_dataset("busi", root=root, split="all", duplicate_distance=64).records
     assert len(records) == 30 and len({r.group for r in records}) == 1
+    # one group lands whole in one split: the others are empty, and the message names the option, not only a copy
+    with pytest.raises(LayoutError, match=r"or duplicate_distance=64 joined them into too few groups of "
+                                          r"near-duplicates: the default is 5\)"), \
+            pytest.warns(UserWarning, match=r"split\(s\) \['val', 'test'\] got no items"):
+        load_dataset("busi", root=root, split="val", duplicate_distance=64)
+
+
+def test_load_dataset_checks_on_size_mismatch_for_every_dataset_and_warns_of_augmented_evaluation(busi):
+    with pytest.raises(ValueError, match=r"on_size_mismatch must be one of .*, got 'bogus'"):
+        load_dataset("synthetic", split="train", on_size_mismatch="bogus")  # was accepted without a word
+    root, _ = busi
+    with pytest.warns(UserWarning, match=r"augment=True on the 'test' split: its metrics would be those of randomly "
+                                         r"flipped and turned images"):
+        load_dataset("busi", root=root, split="test", augment=True)
 
 
 def test_busi_groups_near_duplicates_up_to_the_default_distance(tmp_path, monkeypatch):
@@ -1392,7 +1406,7 @@ def test_datasets_pickle_for_dataloader_workers(busi):
     import pickle
 
     root, _ = busi
-    dataset = load_dataset("busi", root=root, split="val", image_size=SIZE, augment=True)
+    dataset = load_dataset("busi", root=root, split="train", image_size=SIZE, augment=True)
     copy = pickle.loads(pickle.dumps(dataset))
     assert copy[0]["id"] == dataset[0]["id"] and copy[0]["image"].shape == (1, SIZE, SIZE)
 

@@ -132,13 +132,16 @@ def load_dataset(
     # the generated data's own minimum for it, else "ints >= 8" and then, for 8, "ints >= 32"
     size = check_size(DEFAULT_IMAGE_SIZE if image_size is None else image_size,
                       minimum=SYNTHETIC_MIN_SIZE if name == "synthetic" else 8)
+    if on_size_mismatch not in SIZE_MISMATCH_POLICIES:  # for every dataset: a typo must not pass unseen
+        raise ValueError(f"on_size_mismatch must be one of {SIZE_MISMATCH_POLICIES}, got {on_size_mismatch!r}")
     if name == "synthetic":
         if augment:
             raise ValueError("augment=True applies to real datasets; every synthetic item is already new")
         _check_options(name, SyntheticUltrasound, kwargs, fixed=("image_size", "seed", "in_channels", "first_index"))
         return _synthetic(split, size, seed, in_channels, **kwargs)
-    if on_size_mismatch not in SIZE_MISMATCH_POLICIES:
-        raise ValueError(f"on_size_mismatch must be one of {SIZE_MISMATCH_POLICIES}, got {on_size_mismatch!r}")
+    if augment and split in ("val", "test"):  # metrics of flipped, turned images: not the data's own
+        warnings.warn(f"augment=True on the {split!r} split: its metrics would be those of randomly flipped and "
+                      "turned images, different on every pass; augment the training split only", stacklevel=2)
 
     _check_options(name, READERS[name], kwargs)
     fetch_name = _fetch_name(name, kwargs.get("resolution"))
@@ -185,6 +188,9 @@ def load_dataset(
         usable = len(READERS[name](folder, "all", seed, **kwargs)[0]) if split != "all" else 0
         why = (f"the folder holds {usable} usable image(s) in all, too few for a {split} split"
                if usable else f"the folder holds no usable image ({problems[0] if problems else 'none found'})")
+        if usable and "duplicate_distance" in kwargs:  # a large one joins every image into one group, one split
+            why += (f" (or duplicate_distance={kwargs['duplicate_distance']} joined them into too few groups of "
+                    f"near-duplicates: the default is {DUPLICATE_MAX_DISTANCE})")
         raise LayoutError(f"{name}'s {split!r} split in {folder} is empty: {why}. A partial copy? Fetch the "
                           f"whole dataset with `{command}`" + (", or load split='all'" if usable else ""))
     return UltrasoundDataset(
