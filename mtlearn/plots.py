@@ -213,7 +213,7 @@ def _per_epoch_records(rows):
     if (isinstance(rows, Mapping) and rows and all(isinstance(v, Sequence) and not isinstance(v, str)
                                                    for v in rows.values())
             and len({len(v) for v in rows.values()}) == 1):
-        return [{"epoch": i + 1, **{k: v[i] for k, v in rows.items()}} for i in range(len(next(iter(rows.values()))))]
+        return [{"epoch": epoch, **dict(zip(rows, values))} for epoch, values in enumerate(zip(*rows.values()), 1)]
     return rows
 
 

@@ -372,10 +372,9 @@ def check_loader(name: str, loader, wrap: str) -> None:
 
     if isinstance(loader, Dataset):
         raise TypeError(f"{name} is a Dataset ({type(loader).__name__}), not a DataLoader; wrap it: {wrap}")
-    if loader is not None and (isinstance(loader, (Mapping, str)) or dataclasses.is_dataclass(loader)
-                               or not hasattr(loader, "__iter__")):
-        # fit(model, train, config) took the config for val_loader: a whole epoch trained on the defaults first
-        options = isinstance(loader, Mapping) or dataclasses.is_dataclass(loader)
+    # fit(model, train, config) took the config for val_loader: a whole epoch trained on the defaults first
+    options = isinstance(loader, Mapping) or dataclasses.is_dataclass(loader)
+    if loader is not None and (options or isinstance(loader, str) or not hasattr(loader, "__iter__")):
         raise TypeError(f"{name} must be a DataLoader (or a list of batch dicts), got a {type(loader).__name__}"
                         + ("; options go by keyword, e.g. epochs=5" if options else ""))
 
@@ -486,7 +485,8 @@ def to_jsonable(value: Any, digits: int | None = None) -> Any:
         return round(value, max(digits, digits - 1 - math.floor(math.log10(abs(value)))))
     if value is None or isinstance(value, (bool, int, str)):
         return value
-    shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."  # not a whole model's repr
+    shown = repr(value)
+    shown = shown if len(shown) <= 80 else shown[:77] + "..."  # not a whole model's repr
     raise TypeError(f"metrics must be numbers, strings, lists or dicts; got {type(value).__name__}: {shown}")
 
 
