@@ -1284,6 +1284,44 @@ def test_npz_images_of_another_layout_are_named_not_resized_into_noise(tmp_path,
         load_dataset("breastmnist", root=tmp_path, split="train", image_size=28)
 
 
+@pytest.mark.parametrize("labels", [[0, 2, 1], [0, 1, -1]])
+def test_breastmnist_labels_other_than_0_and_1_are_named(tmp_path, labels):
+    """1 - label made class -1 (or 2 of 2): an error only when the dataset was printed, long after loading."""
+    path = make_breastmnist(tmp_path, counts=(3, 3, 3))
+    arrays = dict(np.load(path))
+    arrays["val_labels"] = np.array(labels, np.int64)[:, None]
+    np.savez(path, **arrays)
+    assert len(load_dataset("breastmnist", root=tmp_path, split="test", image_size=28)) == 3
+    bad = [label for label in labels if label not in (0, 1)]
+    with pytest.raises(LayoutError, match=re.escape(f"breastmnist.npz: val_labels holds {bad}; BreastMNIST's labels "
+                                                    "are 0 (malignant) and 1 (normal or benign)")):
+        load_dataset("breastmnist", root=tmp_path, split="val", image_size=28)
+
+
+@pytest.mark.parametrize("name, maker, key, cut", [
+    ("breastmnist", make_breastmnist, "test_labels", "test_images (6,), test_labels (4,)"),
+    ("breastmnist", make_breastmnist, "test_images", "test_images (4,), test_labels (6,)"),
+    ("busi_npz", make_busi_npz, "test_label_C2", "test_images_C2 (7, 128, 128), test_label_C2 (5, 128, 128)"),
+])
+def test_npz_arrays_cut_short_are_named_not_dropped_or_an_index_error(tmp_path, name, maker, key, cut):
+    """Images without labels were dropped silently (BreastMNIST), masks missing failed with IndexError (BUSI npz)."""
+    path = maker(tmp_path, counts=(6, 6, 6))
+    arrays = dict(np.load(path))
+    arrays[key] = arrays[key][:-2]
+    np.savez(path, **arrays)
+    with pytest.raises(LayoutError, match=re.escape(f"{path.name} is inconsistent: {cut} should match")):
+        load_dataset(name, root=tmp_path, split="test", image_size=28)
+
+
+def test_busi_npz_masks_of_another_size_than_their_images_are_named(tmp_path):
+    path = make_busi_npz(tmp_path, counts=(2, 2, 2))
+    arrays = dict(np.load(path))
+    arrays["val_label_C1"] = arrays["val_label_C1"][:, :64]
+    np.savez(path, **arrays)
+    with pytest.raises(LayoutError, match=re.escape("val_images_C1 (2, 128, 128), val_label_C1 (2, 64, 128) should")):
+        load_dataset("busi_npz", root=tmp_path, split="val", image_size=64)
+
+
 @pytest.mark.parametrize("dtype, top", [(np.uint16, 4000), (np.float32, 37.5)])
 def test_npz_images_of_other_types_are_scaled_to_0_1_by_their_maximum(tmp_path, dtype, top):
     """A hand-converted npz (16-bit or float grey levels): brightness relative to the image, never above 1."""

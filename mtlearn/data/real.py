@@ -509,6 +509,11 @@ def _read_breastmnist(folder: Path, split: str, seed: int, resolution: int = 28)
         for part in _official_parts(split):
             key = f"{part}_images"
             images, labels = _grey_stack(data[key], path, key), data[f"{part}_labels"].reshape(-1)
+            _check_counts(path, {key: images, f"{part}_labels": labels})
+            if not np.isin(labels, (0, 1)).all():  # 1 - label would make a class -1, or 2 a class 2 of 2
+                raise LayoutError(f"{path.name}: {part}_labels holds {np.setdiff1d(labels, (0, 1)).tolist()}; "
+                                  "BreastMNIST's labels are 0 (malignant) and 1 (normal or benign), so it may be "
+                                  "another MedMNIST set's file saved under this name")
             records += [
                 Record(f"breastmnist-{part}-{i:04d}", 1 - int(labels[i]), images[i], None, group="")
                 for i in range(len(labels))
@@ -527,8 +532,9 @@ def _read_busi_npz(folder: Path, split: str, seed: int, resolution: int = 128):
         _require_keys(path, data, [f"{s}_{k}_C{c}" for s in SPLITS[:3] for k in ("images", "label") for c in (1, 2)])
         for part in _official_parts(split):
             for label, code in enumerate(("C1", "C2")):
-                images, masks = (_grey_stack(data[key], path, key) for key in (f"{part}_images_{code}",
-                                                                               f"{part}_label_{code}"))
+                keys = (f"{part}_images_{code}", f"{part}_label_{code}")
+                images, masks = (_grey_stack(data[key], path, key) for key in keys)
+                _check_counts(path, dict(zip(keys, (images, masks))), same_size=True)
                 masks = masks > masks.max() / 2  # 0/1 or 0/255: binary either way
                 records += [
                     Record(f"busi_npz-{part}-{code}-{i:04d}", label, images[i], masks[i], group="")
@@ -904,6 +910,15 @@ def _sizes_differ(record: Record) -> bool:
             if img.size != size:
                 return True
     return False
+
+
+def _check_counts(path: Path, arrays: dict[str, np.ndarray], same_size: bool = False) -> None:
+    """LayoutError unless the arrays of `path` hold as many items each (and, `same_size`, images of one size):
+    one cut short would drop its partner's last items silently, or fail on the first missing one."""
+    shapes = {key: array.shape[:3] if same_size else array.shape[:1] for key, array in arrays.items()}
+    if len(set(shapes.values())) > 1:
+        listed = ", ".join(f"{key} {shape}" for key, shape in shapes.items())
+        raise LayoutError(f"{path.name} is inconsistent: {listed} should match")
 
 
 def _grey_stack(array: np.ndarray, path: Path, key: str) -> np.ndarray:
