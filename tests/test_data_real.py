@@ -3,6 +3,7 @@
 import math
 import os
 import re
+import shutil
 import warnings
 
 import numpy as np
@@ -1437,6 +1438,21 @@ def test_wrong_layout_names_the_expected_files(tmp_path):
                            ("breastmnist", "breastmnist.npz")]:
         with pytest.raises(LayoutError, match=expected):
             load_dataset(name, root=tmp_path)
+
+
+@pytest.mark.parametrize("name, maker, inner", [("busi", make_busi, "Dataset_BUSI_with_GT"),
+                                                ("bus_bra", make_bus_bra, "BUSBRA"),
+                                                ("bus_uclm", make_bus_uclm, "dataset/BUS-UCLM")])
+def test_two_copies_of_a_dataset_are_named_not_one_picked(tmp_path, name, maker, inner):
+    """An archive extracted twice (or a copy kept beside an edited one) loaded whichever sorted first."""
+    maker(tmp_path / "extracted")
+    maker(tmp_path / "extracted (1)", seed=1)
+    copies = f"extracted/{inner}, extracted (1)/{inner}"
+    with pytest.raises(LayoutError, match=re.escape(f"{tmp_path} holds 2 copies of the dataset ({copies}); move all "
+                                                    f"but one out of {tmp_path}")):
+        load_dataset(name, root=tmp_path)
+    shutil.rmtree(tmp_path / "extracted (1)")
+    assert len(load_dataset(name, root=tmp_path, split="all")) > 0
 
 
 def test_datasets_pickle_for_dataloader_workers(busi):

@@ -161,6 +161,8 @@ def load_dataset(
         )
     try:
         records, class_names, problems = READERS[name](folder, split, seed, **kwargs)
+    except _TwoCopiesError as error:
+        raise LayoutError(str(error)) from None
     except LayoutError as error:
         others = [n for n in SOURCES if get_source(n).folder != source.folder and completion_marker(folder, n).exists()]
         if others:  # fetching `name` into another dataset's folder would only mix the two
@@ -201,6 +203,10 @@ def load_dataset(
 
 class LayoutError(FileNotFoundError):
     """The dataset folder exists but does not hold the files the loader expects."""
+
+
+class _TwoCopiesError(LayoutError):
+    """The dataset folder holds the dataset twice: fetching it again would not help."""
 
 
 class DamagedFileError(ValueError):
@@ -676,12 +682,18 @@ def _locate_npz(folder: Path, name: str, resolution: int) -> Path:
 
 
 def _locate(folder: Path, is_base: Callable[[Path], bool], expected: str, depth: int = 3) -> Path:
-    """`folder` or the first folder below it (up to `depth` levels) for which `is_base` holds."""
+    """`folder` or the folder below it (up to `depth` levels) for which `is_base` holds; LayoutError
+    when two at the same depth do (two copies, e.g. an archive extracted twice): picking one would load
+    whichever sorts first, and a half-deleted or edited copy could be the one."""
     candidates = [folder]
     for _ in range(depth + 1):
-        for candidate in candidates:
-            if is_base(candidate):
-                return candidate
+        found = [candidate for candidate in candidates if is_base(candidate)]
+        if len(found) > 1:
+            listed = ", ".join(str(f.relative_to(folder)) for f in found)
+            raise _TwoCopiesError(f"{folder} holds {len(found)} copies of the dataset ({listed}); "
+                              f"move all but one out of {folder}")
+        if found:
+            return found[0]
         candidates = sorted(  # hidden folders and macOS zip debris (__MACOSX) are never the dataset
             d for c in candidates for d in c.iterdir() if d.is_dir() and not d.name.startswith((".", "__MACOSX"))
         )
