@@ -1184,7 +1184,7 @@ def build_model(kind: str, config: DisentangleConfig | None = None, in_channels:
 def balanced_sampler(*labels: np.ndarray, seed: int = 0) -> torch.utils.data.WeightedRandomSampler:
     """Draw every combination of label values equally often (with replacement), one epoch long.
 
-    labels: one (N,) int array per task, e.g. shapes' labels("shape"), labels("background").
+    labels: one (N,) int array per task, e.g. shapes' labels and backgrounds.
     Reweighting only: combinations absent from the data (circle on black) stay absent.
     """
     if not labels or len({len(y) for y in labels}) != 1:
@@ -1209,7 +1209,7 @@ def shapes_loaders(config: DisentangleConfig, seed: int = 0) -> dict:
     data = {split: ShapesBackground(split, config.image_size, seed=0) for split in ("train", "val", "test", "unseen")}
     train = data["train"]
     if config.balance:
-        sampler = balanced_sampler(train.labels("shape"), train.labels("background"), seed=seed)
+        sampler = balanced_sampler(train.labels, train.backgrounds, seed=seed)
         loaders = {"train": DataLoader(train, batch_size=config.batch_size, sampler=sampler, drop_last=True)}
     else:
         generator = torch.Generator().manual_seed(seed)

@@ -269,8 +269,11 @@ def check_item_index(index, length: int) -> int:
     ds[True] and ds[1.5] would otherwise read item 1, and ds[-1] a list's last item (or, for a
     generated dataset, another dataset's); a DataLoader never asks for any of them.
     """
+    given = index
+    if getattr(index, "ndim", None) == 0:  # torch.tensor(3) or np.array(3), as a list takes them
+        index = index.item()
     if not is_int(index):
-        raise TypeError(f"index must be an integer, got {index!r}")
+        raise TypeError(f"index must be an integer, got {given!r}")
     if not 0 <= index < length:
         valid = f"0 to {length - 1}" if length else "it is empty"
         counted = "; count from the start: len(dataset) - 1 is the last item" if index < 0 and length else ""

@@ -151,6 +151,8 @@ def test_busi_duplicate_distance_option_sets_the_groups(busi):
 def test_load_dataset_checks_on_size_mismatch_for_every_dataset_and_warns_of_augmented_evaluation(busi):
     with pytest.raises(ValueError, match=r"on_size_mismatch must be one of .*, got 'bogus'"):
         load_dataset("synthetic", split="train", on_size_mismatch="bogus")  # was accepted without a word
+    with pytest.raises(ValueError, match=r"on_size_mismatch must be one of .*, got 'bogus'"):
+        load_dataset("shapes", split="unseen", image_size=16, on_size_mismatch="bogus")  # and still was for shapes
     root, _ = busi
     with pytest.warns(UserWarning, match=r"augment=True on the 'test' split: its metrics would be those of randomly "
                                          r"flipped and turned images"):
@@ -1174,6 +1176,12 @@ def test_hashing_refuses_what_it_cannot_hash():
     assert duplicate_groups(hashes).tolist() == [0, 1]  # a list of hashes is stacked (was: no attribute 'astype')
     with pytest.raises(ValueError, match=r"\(N, B\) bool array.*got bool of shape \(64,\): stack them"):
         duplicate_groups(hashes[0])  # scipy: "graph should have two dimensions"
+    with pytest.raises(ValueError, match=r"max_distance must be an integer >= 0, got '5'"):
+        duplicate_groups(hashes, "5")  # numpy: "ufunc 'less_equal' did not contain a loop"
+    image = np.eye(20)
+    image[3, 4] = np.nan  # made the hash all False, so unrelated images with a NaN were all "duplicates"
+    with pytest.raises(ValueError, match=r"difference_hash got an image with 1 NaN or infinite pixels; fill them"):
+        difference_hash(image)
 
 
 def test_difference_hash_compares_each_pixel_with_its_right_neighbour():

@@ -462,6 +462,23 @@ def test_load_dataset_names_the_generated_datas_own_minimum_size(size):
         load_dataset("synthetic", split="train", image_size=size)
 
 
+def test_the_split_all_indexes_counts_and_prints_as_each_split_does():
+    """A bare ConcatDataset had no labels or artifacts, took -1, said "list index out of range" and printed as
+    <... object at 0x...>."""
+    data = load_dataset("synthetic", split="all", num_samples=3, image_size=32)
+    parts = [load_dataset("synthetic", split=s, num_samples=3, image_size=32) for s in ("train", "val", "test")]
+    assert data.labels.tolist() == [label for part in parts for label in part.labels.tolist()]
+    assert data.artifacts.tolist() == [flag for part in parts for flag in part.artifacts.tolist()]
+    assert [data[i]["label"] for i in range(9)] == data.labels.tolist() and data[4]["id"] == parts[1][1]["id"]
+    for index, message in [(9, r"index 9 out of range for a dataset of 9 items \(0 to 8\)$"),
+                           (-1, "count from the start")]:
+        with pytest.raises(IndexError, match=message):
+            data[index]
+    assert repr(data) == "9 items, split 'all' = " + " + ".join(map(repr, parts))
+    assert repr(parts[1]) == ("SyntheticUltrasound(num_samples=3, image_size=(32, 32), seed=0, first_index=1000000, "
+                              "artifact_correlation=0.0, artifact_rate=0.5, noise_level=1.0, in_channels=1)")
+
+
 @pytest.mark.parametrize("index", [1.5, True, "1"])
 def test_an_index_that_is_not_an_integer_is_refused_before_drawing(index):
     with pytest.raises(TypeError, match="index must be an integer, got "):

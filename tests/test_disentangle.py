@@ -369,14 +369,14 @@ def test_main_step_without_adversary_is_plain_multitask(shapes_batch):
 
 def test_balanced_sampler_equalises_seen_combinations():
     data = ShapesBackground("train", (32, 40))
-    sampler = D.balanced_sampler(data.labels("shape"), data.labels("background"), seed=0)
+    sampler = D.balanced_sampler(data.labels, data.backgrounds, seed=0)
     drawn = list(sampler)
     assert len(drawn) == len(data)
-    combos = Counter(zip(data.labels("shape")[drawn].tolist(), data.labels("background")[drawn].tolist()))
+    combos = Counter(zip(data.labels[drawn].tolist(), data.backgrounds[drawn].tolist()))
     assert set(combos) == {(0, 1), (1, 1), (1, 0)}  # circle on black stays absent
     assert all(300 < n < 500 for n in combos.values())  # about 400 each instead of 600 / 100 / 500
-    assert drawn == list(D.balanced_sampler(data.labels("shape"), data.labels("background"), seed=0))
-    assert drawn != list(D.balanced_sampler(data.labels("shape"), data.labels("background"), seed=1))
+    assert drawn == list(D.balanced_sampler(data.labels, data.backgrounds, seed=0))
+    assert drawn != list(D.balanced_sampler(data.labels, data.backgrounds, seed=1))
 
 
 def test_shapes_loaders_balance_the_seen_combinations_of_both_labels():
@@ -386,10 +386,10 @@ def test_shapes_loaders_balance_the_seen_combinations_of_both_labels():
     train = D.shapes_loaders(config)["train"]
     data = train.dataset
     weights = train.sampler.weights.numpy()
-    combos = Counter(zip(data.labels("shape").tolist(), data.labels("background").tolist()))
+    combos = Counter(zip(data.labels.tolist(), data.backgrounds.tolist()))
     assert len(combos) == 3 and len(set(combos.values())) > 1  # the data itself is unbalanced
     mass = Counter()
-    for shape, background, weight in zip(data.labels("shape"), data.labels("background"), weights):
+    for shape, background, weight in zip(data.labels, data.backgrounds, weights):
         mass[int(shape), int(background)] += weight
     assert all(value == pytest.approx(sum(mass.values()) / 3) for value in mass.values())
     unbalanced = D.shapes_loaders(D.disentangle_config("smoke", balance=False))["train"]

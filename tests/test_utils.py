@@ -1,4 +1,5 @@
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -281,6 +282,11 @@ def test_check_item_index_takes_item_numbers_only():
     from mtlearn.utils import check_item_index
 
     assert check_item_index(np.int64(2), 3) == 2 and type(check_item_index(np.int64(2), 3)) is int
+    for index in (torch.tensor(2), np.array(2)):  # as a list takes them
+        assert check_item_index(index, 3) == 2 and type(check_item_index(index, 3)) is int
+    for index in (torch.tensor(2.0), torch.tensor(True), torch.tensor([2])):
+        with pytest.raises(TypeError, match=rf"index must be an integer, got {re.escape(repr(index))}"):
+            check_item_index(index, 3)
     with pytest.raises(IndexError, match=r"index 3 out of range for a dataset of 3 items \(0 to 2\)"):
         check_item_index(3, 3)
     with pytest.raises(IndexError, match=r"index 0 out of range for a dataset of 0 items \(it is empty\)"):

@@ -13,7 +13,9 @@ Real datasets are downloaded by `python -m data_fetch NAME` into `data_fetch.def
 `root` points elsewhere. Items are dicts: "image" (C, H, W) float32 in [0, 1], "mask" (1, H, W)
 0/1 (not for BreastMNIST), "label" int, "id" str (the source file's stem; for the .npz releases
 `breastmnist-<split>-<index>` and `busi_npz-<split>-<C1|C2>-<index>`), and "artifact" 0/1
-where the data say so (BUS-UCLM: Doppler overlay or caliper marks).
+where the data say so (BUS-UCLM: Doppler overlay or caliper marks). Shapes differs, as in its
+paper: (1, H, W) images z-scored per image (mean 0, std 1), and "shape" and "background" labels
+(see ShapesBackground). Every dataset has `labels`, the (N,) class of every item.
 
 Splits are deterministic for a seed and never split a group: a patient (BUS-BRA, BUS-UCLM) or a
 cluster of near-duplicate images (BUSI, which does not identify patients).
@@ -101,7 +103,7 @@ def load_dataset(
             checkpoints carry.
         augment: random left-right flips and +-25 degree rotations of image and mask (real data).
         cache: keep resized images in memory after their first use (real data).
-        in_channels: 1 (grey) or 3 (grey repeated, for ImageNet-style encoders).
+        in_channels: 1 (grey) or 3 (grey repeated, for ImageNet-style encoders); shapes: 1.
         on_size_mismatch: what to do with images whose mask has another size: "skip" them, or
             "resize" both to `image_size` anyway. Either way they are listed in `size_mismatches`.
             A mask of another size was drawn on another crop (BUS-UCLM), so a resized one does not
@@ -125,6 +127,8 @@ def load_dataset(
     # seed=None would draw a new split at every call: the train and test splits of two calls would overlap
     seed = check_int("seed", seed, 0)
     augment, cache = check_bool("augment", augment), check_bool("cache", cache)
+    if on_size_mismatch not in SIZE_MISMATCH_POLICIES:  # for every dataset: a typo must not pass unseen
+        raise ValueError(f"on_size_mismatch must be one of {SIZE_MISMATCH_POLICIES}, got {on_size_mismatch!r}")
     if name == "shapes":
         return _shapes(split, image_size, seed, augment, in_channels, **kwargs)
     if split not in SPLITS:
@@ -132,8 +136,6 @@ def load_dataset(
     # the generated data's own minimum for it, else "ints >= 8" and then, for 8, "ints >= 32"
     size = check_size(DEFAULT_IMAGE_SIZE if image_size is None else image_size,
                       minimum=SYNTHETIC_MIN_SIZE if name == "synthetic" else 8)
-    if on_size_mismatch not in SIZE_MISMATCH_POLICIES:  # for every dataset: a typo must not pass unseen
-        raise ValueError(f"on_size_mismatch must be one of {SIZE_MISMATCH_POLICIES}, got {on_size_mismatch!r}")
     if name == "synthetic":
         if augment:
             raise ValueError("augment=True applies to real datasets; every synthetic item is already new")
@@ -560,11 +562,28 @@ READERS: dict[str, Callable] = {
 
 
 class _Concatenated(ConcatDataset):
-    """ConcatDataset that keeps the class names and tasks of its parts."""
+    """ConcatDataset that keeps the class names, tasks, labels and artifact flags of its parts, and indexes as
+    they do (no negative indices, a message naming the range)."""
 
     def __init__(self, datasets):
         super().__init__(datasets)
         self.class_names, self.tasks = datasets[0].class_names, datasets[0].tasks
+
+    @property
+    def labels(self) -> np.ndarray:
+        """(N,) class of every item."""
+        return np.concatenate([d.labels for d in self.datasets])
+
+    @property
+    def artifacts(self) -> np.ndarray:
+        """(N,) artifact flag of every item."""
+        return np.concatenate([d.artifacts for d in self.datasets])
+
+    def __getitem__(self, index: int) -> dict:
+        return super().__getitem__(check_item_index(index, len(self)))
+
+    def __repr__(self) -> str:
+        return f"{len(self)} items, split 'all' = " + " + ".join(repr(d) for d in self.datasets)
 
 
 def _synthetic(split: str, image_size, seed: int, in_channels: int, num_samples: int | None = None, **kwargs):

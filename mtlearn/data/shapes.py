@@ -117,12 +117,15 @@ class ShapesBackground(Dataset):
             "id": item["id"],
         }
 
-    def labels(self, key: str = "shape") -> np.ndarray:
-        """All values of one integer label ("shape", "background" or "label") without drawing images."""
-        key = "shape" if key == "label" else key
-        if key not in ("shape", "background"):
-            raise ValueError(f"unknown label {key!r}; expected 'shape', 'background' or 'label'")
-        return np.array([item[key] for item in self.items], dtype=np.int64)
+    @property
+    def labels(self) -> np.ndarray:
+        """(N,) shape of every item (its "label", as every dataset's `labels` is), without drawing images."""
+        return np.array([item["shape"] for item in self.items], dtype=np.int64)
+
+    @property
+    def backgrounds(self) -> np.ndarray:
+        """(N,) background of every item, without drawing images."""
+        return np.array([item["background"] for item in self.items], dtype=np.int64)
 
     def __repr__(self) -> str:
         return f"ShapesBackground(split={self.split!r}, image_size={self.image_size}, seed={self.seed}, n={len(self)})"

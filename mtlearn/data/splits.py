@@ -106,6 +106,9 @@ def difference_hash(grey: np.ndarray, hash_size: int = HASH_SIZE) -> np.ndarray:
 
     # an (H, W, 3) image would give 3 x 64 bits, and its distances would mean something else
     grey = check_grey(grey, "difference_hash")
+    if not np.isfinite(grey).all():  # one NaN pixel made the hash all False: unrelated images would be duplicates
+        raise ValueError(f"difference_hash got an image with {int((~np.isfinite(grey)).sum())} NaN or infinite "
+                         "pixels; fill them first, e.g. np.nan_to_num(image)")
     hash_size = check_int("hash_size", hash_size, 1)
     scaled = (255 * (grey - grey.min()) / max(float(np.ptp(grey)), 1e-6)).astype(np.uint8)
     thumbnail = Image.fromarray(scaled).resize((hash_size + 1, hash_size), Image.Resampling.BOX)  # (W, H)
@@ -125,6 +128,7 @@ def duplicate_groups(hashes: np.ndarray, max_distance: int = DUPLICATE_MAX_DISTA
     if hashes.ndim != 2 or hashes.dtype != bool:
         raise ValueError(f"hashes must be an (N, B) bool array, one difference_hash(...) per image, got "
                          f"{hashes.dtype} of shape {hashes.shape}: stack them, np.stack([...])")
+    max_distance = check_int("max_distance", max_distance, 0)
     bits = hashes.astype(np.float32)
     distance = bits @ (1 - bits).T + (1 - bits) @ bits.T  # (N, N) Hamming distances
     _, group = connected_components(distance <= max_distance, directed=False)

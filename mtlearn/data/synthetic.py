@@ -135,6 +135,11 @@ class SyntheticUltrasound(Dataset):
     def __len__(self) -> int:
         return self.num_samples
 
+    def __repr__(self) -> str:
+        return (f"SyntheticUltrasound(num_samples={self.num_samples}, image_size={(self.height, self.width)}, "
+                f"seed={self.seed}, first_index={self.first_index}, artifact_correlation={self.artifact_correlation}, "
+                f"artifact_rate={self.artifact_rate}, noise_level={self.noise_level}, in_channels={self.in_channels})")
+
     def __getitem__(self, index: int) -> dict:
         """Item `index` as the dict of tensors described in the class docstring."""
         scene = self.render(index)
