@@ -48,7 +48,7 @@ import os
 import time
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -66,7 +66,9 @@ from mtlearn.checkpoint import (
 from mtlearn.losses import build_losses, check_tasks, task_losses
 from mtlearn.utils import (
     check_adamw,
+    check_bool,
     check_int,
+    check_item_index,
     check_number,
     check_options,
     count_parameters,
@@ -131,8 +133,8 @@ class DenoisingPairs(Dataset):
         self.speckle_looks = check_number("speckle_looks", speckle_looks, 0, above=True,
                                           advice="more looks = milder speckle, e.g. 4")
         self.dataset = dataset
-        self.labels = labels
-        self.fixed_noise = fixed_noise
+        self.labels = check_bool("labels", labels)  # "no" kept them
+        self.fixed_noise = check_bool("fixed_noise", fixed_noise)
         self.seed = check_int("seed", seed, 0)  # now, not NumPy's message at the first item
         self.class_names = getattr(dataset, "class_names", None)
 
@@ -140,6 +142,7 @@ class DenoisingPairs(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> dict:
+        index = check_item_index(index, len(self))  # -1 was NumPy's "expected non-negative integer" (fixed noise)
         item = self.dataset[index]
         if not isinstance(item, Mapping) or "image" not in item:  # else "argument of type 'int' is not iterable"
             got = f"has keys {list(item)}" if isinstance(item, Mapping) else f"is of type {type(item).__name__}"
@@ -179,6 +182,8 @@ class InMemory(Dataset):
             if keys is None:
                 keys = [k for k in ("image", "clean", "mask", "label") if k in first]
             keys = (keys,) if isinstance(keys, str) else tuple(keys)
+            if not keys:  # kept empty items, {}
+                raise ValueError("keys is empty; name the items' keys to keep, e.g. ('image', 'clean'), or pass None")
             # an unknown key was dropped without a word, and training then failed on the missing target
             missing = [k for k in keys if k not in first]
             if missing:
@@ -192,7 +197,7 @@ class InMemory(Dataset):
         return len(self.items)
 
     def __getitem__(self, index: int) -> dict:
-        return self.items[index]
+        return self.items[check_item_index(index, len(self.items))]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -296,6 +301,8 @@ def transfer_decoders(pretrained: nn.Module, model: nn.Module, source: str = "re
       constructing the representation, so the denoising task starts where pre-training ended);
     - "seg": its UNet decoder starts from the denoising decoder (same architecture when the seg
       decoder has no DFE); only the 1x1 mask head starts from random weights.
+    (That is `source="recon"`, UMS-Rep's. Another source, e.g. a model pre-trained for "seg", lends its
+    decoder to every dense task alike and its head to the same task of `model` only.)
     Why the seg decoder too: a decoder that already turns encoder features back into the image
     (tissue layers, the dark lesion and its outline) is a much better start for a mask than random
     weights: in one course-profile run it lifted the joint model's Dice after 5 epochs from 0.78
@@ -308,29 +315,35 @@ def transfer_decoders(pretrained: nn.Module, model: nn.Module, source: str = "re
         raise ValueError(f"the pretrained model has no {source!r} decoder to copy; "
                          f"pre-train it with tasks=({source!r},)")
     source_decoder = pretrained.decoders[source]
-    copied = []
-    for task, decoder in getattr(model, "decoders", {}).items():
-        if decoder.state_dict().keys() == source_decoder.state_dict().keys():
-            _copy_state(source_decoder, decoder, f"decoders.{task}")
-            copied.append(f"decoders.{task}")
+    pairs = [(source_decoder, decoder, f"decoders.{task}") for task, decoder in getattr(model, "decoders", {}).items()
+             if decoder.state_dict().keys() == source_decoder.state_dict().keys()]
     if source in getattr(model, "heads", {}) and source in pretrained.heads:
-        _copy_state(pretrained.heads[source], model.heads[source], f"heads.{source}")
-        copied.append(f"heads.{source}")
-    return copied
+        pairs.append((pretrained.heads[source], model.heads[source], f"heads.{source}"))
+    for pair in pairs:  # all of them before copying any: a head of another shape left the decoders copied
+        _check_same_layout(*pair)
+    for source_part, target_part, where in pairs:
+        _copy_state(source_part, target_part, where)
+    return [where for _, _, where in pairs]
 
 
-def _copy_state(source: nn.Module, target: nn.Module, where: str) -> int:
+def _check_same_layout(source: nn.Module, target: nn.Module, where: str) -> None:
+    """A ValueError naming the first tensor of `source` that `target` lacks or holds in another shape."""
     source_state, target_state = source.state_dict(), target.state_dict()
     if source_state.keys() != target_state.keys():
         missing = sorted(set(source_state) ^ set(target_state))[:3]
         raise ValueError(f"the {where} of the two models differ (e.g. {missing}); build both with the same "
                          "preset, in_channels and image_size")
+    same = "preset, in_channels and seg_classes" if where.startswith("heads.") else "preset and in_channels"
     for key, value in source_state.items():
         if value.shape != target_state[key].shape:
             raise ValueError(f"{where}.{key} has shape {tuple(value.shape)} in the pretrained model but "
-                             f"{tuple(target_state[key].shape)} here; build both with the same preset and in_channels")
-    target.load_state_dict(source_state)
-    return len(source_state)
+                             f"{tuple(target_state[key].shape)} here; build both with the same {same}")
+
+
+def _copy_state(source: nn.Module, target: nn.Module, where: str) -> int:
+    _check_same_layout(source, target, where)
+    target.load_state_dict(source.state_dict())
+    return len(source.state_dict())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -356,7 +369,7 @@ class StepCost:
     def memory_bytes(self, batch_size: int | None = None) -> float:
         """Training memory estimate at `batch_size` (default: the measured one): weights + gradients
         + AdamW's two moments + saved tensors (the activations grow with the batch, the rest does not)."""
-        batch_size = self.batch_size if batch_size is None else batch_size
+        batch_size = self.batch_size if batch_size is None else check_int("batch_size", batch_size, 1)
         per_image = (self.activation_bytes - self.fixed_saved_bytes) / self.batch_size
         return self.parameter_bytes + 3 * self.trainable_bytes + self.fixed_saved_bytes + per_image * batch_size
 
@@ -457,7 +470,8 @@ class TrainedModel:
 class UMSRepConfig:
     """Everything one comparison needs; PROFILES holds the three course settings."""
 
-    profile: str = "course"  # name of the profile these settings came from (for the record)
+    profile: str = "course"  # name of the profile these settings came from, for the record: setting it here applies
+    # none of that profile's settings, strategy_config(profile) does
     dataset: str = "synthetic"  # "synthetic", or "busi" (fine-tune on BUSI, representation from BUS-BRA + BUS-UCLM)
     data_root: str | None = None  # folder holding the real datasets (None: data_fetch's default)
     unlabeled_datasets: tuple[str, ...] = ("bus_bra", "bus_uclm")  # real data only: the representation's images
@@ -500,6 +514,9 @@ class UMSRepConfig:
         if unknown or not self.strategies:
             problem = f"unknown strategies {unknown}" if unknown else "strategies is empty: name at least one"
             raise ValueError(f"{problem}; choose from {tuple(STRATEGIES)}")
+        if self.profile not in PROFILES:
+            raise ValueError(f"profile must be one of {tuple(PROFILES)}, got {self.profile!r}; "
+                             "strategy_config(profile) gives a profile's settings")
         self._check_choices()
         size = self.image_size
         if not is_int(size) or size % 16 or size < 32:
@@ -535,12 +552,8 @@ class UMSRepConfig:
         check_number("gaussian_std", self.gaussian_std, 0, advice="intensity units, e.g. 0.02")
         check_number("speckle_looks", self.speckle_looks, 0, above=True, advice="more looks = milder speckle, e.g. 4")
         check_int("seed", self.seed, 0)
-        if self.device != "auto":
-            try:
-                torch.device(self.device)
-            except (RuntimeError, TypeError):
-                raise ValueError(f"device must be 'auto' or a torch device such as 'cpu' or 'cuda', "
-                                 f"got {self.device!r}") from None
+        check_bool("progress", self.progress)
+        pick_device(self.device)  # the trainer's check ('xpu', or 'cuda' without a GPU), before any data loads
 
 
 PROFILES: dict[str, dict] = {
@@ -561,10 +574,21 @@ PROFILES: dict[str, dict] = {
 
 def strategy_config(profile: str = "course", **overrides) -> UMSRepConfig:
     """The settings of `profile` ("smoke", "course", "paper"), with any field replaced by `overrides`."""
-    if profile not in PROFILES:
+    if not isinstance(profile, str) or profile not in PROFILES:
         raise ValueError(f"unknown profile {profile!r}; expected one of {tuple(PROFILES)}")
     check_options(UMSRepConfig, overrides)
     return UMSRepConfig(**{"profile": profile, **PROFILES[profile], **overrides})
+
+
+def _checked_config(config: UMSRepConfig | str) -> UMSRepConfig:
+    """`config` as a UMSRepConfig checked now: a profile name becomes its settings, and a config is built again, so
+    a field changed after it was made (config.batch_size = 0) is refused here, not by torch once the data loaded."""
+    if isinstance(config, str):
+        return strategy_config(config)
+    if not isinstance(config, UMSRepConfig):
+        raise ValueError(f"config must be a profile name {tuple(PROFILES)} or a UMSRepConfig (strategy_config(...)), "
+                         f"got {config!r}")
+    return replace(config)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -597,6 +621,7 @@ def load_strategy_data(config: UMSRepConfig) -> StrategyData:
     from mtlearn.data import load_dataset
     from mtlearn.data.real import SYNTHETIC_SIZES
 
+    config = _checked_config(config)
     size, seed = config.image_size, config.seed
     keep = ("image", "clean", "mask", "label")
     if config.dataset == "synthetic":
@@ -789,7 +814,9 @@ def pretrain_representation(config: UMSRepConfig, data: StrategyData, out_dir: s
     metrics are its denoising scores on the test set (no fine-tuning).
     out_dir, resume: the comparison's folder (the run goes to out_dir/pretrain/recon), see run_comparison.
     """
+    config = _checked_config(config)
     _check_data(data)
+    check_run_folder(out_dir, resume, "the comparison's runs")
     model = _new_model(config, ("recon",), len(data.class_names), data.in_channels)
     record = train_and_measure(model, "pretrain", data.unlabeled, data.test, config, config.pretrain_epochs,
                                out_dir=_run_dir(out_dir, "pretrain", ("recon",)), resume=resume)
@@ -805,10 +832,13 @@ def run_strategy(strategy: str, config: UMSRepConfig, data: StrategyData, repres
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; expected one of {tuple(STRATEGIES)}")
-    if strategy in PRETRAINED and representation is None:
+    if strategy in PRETRAINED and not isinstance(representation, nn.Module):
+        given = "" if representation is None else f", not a {type(representation).__name__}"
         raise ValueError(f"strategy {strategy!r} starts from the representation; pass the pretrained denoiser "
-                         "(pretrain_representation(config, data)[0])")
+                         f"(pretrain_representation(config, data)[0]{given})")
+    config = _checked_config(config)
     _check_data(data)
+    check_run_folder(out_dir, resume, "the comparison's runs")
     num_classes = len(data.class_names)
     if strategy in ("joint", "joint_scratch"):
         groups, epochs = [TASKS], config.joint_epochs if strategy == "joint" else config.scratch_epochs
@@ -855,10 +885,7 @@ def run_comparison(config: UMSRepConfig | str = "course", out_dir: str | os.Path
     out_dir holding a comparison is refused. None (the default): nothing is written.
     """
     check_run_folder(out_dir, resume, "the comparison's runs")  # before the data are loaded
-    config = strategy_config(config) if isinstance(config, str) else config
-    if not isinstance(config, UMSRepConfig):
-        raise ValueError(f"config must be a profile name {tuple(PROFILES)} or a UMSRepConfig (strategy_config(...)), "
-                         f"got {config!r}")
+    config = _checked_config(config)
     data = load_strategy_data(config)
     representation, pretrain = pretrain_representation(config, data, out_dir, resume)
     runs = [pretrain]
@@ -913,6 +940,11 @@ def strategy_table(runs: Sequence[TrainedModel], config: UMSRepConfig):
     if wrong:
         raise ValueError(f"strategy_table needs TrainedModel records (run_strategy's results), "
                          f"got an item of type {wrong[0]}")
+    trained = [(r.strategy, tuple(r.tasks)) for r in runs]
+    repeated = next((run for i, run in enumerate(trained) if run in trained[:i]), None)
+    if repeated is not None:  # its metrics would be the first one's, its compute counted twice
+        raise ValueError(f"the runs hold {repeated[0]!r} on {'+'.join(repeated[1])} twice; pass each trained network "
+                         "once (run_strategy's records of one comparison)")
     pretrain = next((r for r in runs if r.strategy == "pretrain"), None)
     users = sorted({r.strategy for r in runs if r.strategy in PRETRAINED})
     rows = []
@@ -1004,6 +1036,9 @@ def joint_vs_single_task(table, max_compute_share: float = 0.35, tolerance: Mapp
     for name in (joint, baseline):
         if name not in table.index:
             raise ValueError(f"the table has no {name!r} row (rows: {list(table.index)}); run both strategies")
+    if joint == baseline:  # every share 1 and every delta 0: a check of nothing that can only pass the metrics
+        raise ValueError(f"joint and baseline are both {joint!r}; compare two strategies, e.g. joint='joint', "
+                         "baseline='scratch'")
     d, e = table.loc[joint], table.loc[baseline]
     result = {}
     for kind in ("train", "amortised", "total"):

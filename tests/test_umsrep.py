@@ -208,6 +208,19 @@ def test_a_decoder_of_another_layout_is_left_alone():
         transfer_decoders(tiny(("cls",)), with_dfe)
 
 
+def test_transfer_decoders_checks_every_part_before_copying_any():
+    """A mask head of another size failed after the decoders were copied (the model left half changed), advising
+    "the same preset and in_channels", which both had."""
+    pretrained_seg = build_model("tiny", tasks=("seg",), image_size=SIZE)
+    model = build_model("tiny", tasks=("seg",), seg_classes=3, image_size=SIZE)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"heads.seg.conv.weight has shape \(2, 16, 1, 1\) in the pretrained model but "
+                                         r"\(3, 16, 1, 1\) here; build both with the same preset, in_channels and "
+                                         r"seg_classes$"):
+        transfer_decoders(pretrained_seg, model, source="seg")
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
 @pytest.mark.parametrize("source", ["clsx", "cls"])
 def test_transfer_decoders_refuses_an_unknown_source_before_advising_pre_training(source):
     """source="clsx" advised "pre-train it with tasks=('clsx',)", a task that does not exist."""
@@ -359,6 +372,19 @@ def test_table_sums_models_and_amortises_the_pretraining():
     assert table.loc["joint", "amortised_wall_time_s"] == pytest.approx(3.0 + 4.0 / 2)  # 2 strategies reuse it
     assert table.loc["scratch", "pretrain_gflops"] == 0 and table.loc["scratch", "total_wall_time_s"] == 15.0
     assert table.loc["full", "seg/dice"] == 0.8 and math.isnan(table.loc["joint", "seg/dice"])
+
+
+def test_table_refuses_a_network_passed_twice():
+    """joint's records passed twice read models=2 and twice its compute: the repeat UMSRepConfig refuses in
+    strategies."""
+    joint = record("joint", TASKS)
+    with pytest.raises(ValueError, match=r"the runs hold 'joint' on seg\+cls\+recon twice; pass each trained network "
+                                         r"once"):
+        strategy_table([record("pretrain", ("recon",)), joint, joint, record("scratch", ("seg",))], UMSRepConfig())
+    table = strategy_table([joint, record("scratch", ("seg",)), record("scratch", ("cls",))], UMSRepConfig())
+    assert table.loc["scratch", "models"] == 2  # one strategy's networks for other tasks are no repeat
+    with pytest.raises(ValueError, match=r"joint and baseline are both 'scratch'; compare two strategies"):
+        joint_vs_single_task(table, joint="scratch", baseline="scratch")
 
 
 @pytest.mark.parametrize("runs, got", [([], "none"), (None, "none"), ((), "none"), ([1], "an item of type int")])
@@ -539,6 +565,20 @@ def test_denoising_pairs_name_items_that_are_not_dicts_with_an_image():
         DenoisingPairs([{"image": torch.zeros(1, 4, 4)}, {"label": 0}])[1]
 
 
+def test_denoising_pairs_and_in_memory_check_their_switches_keys_and_indices():
+    items = [{"image": torch.zeros(1, 4, 4), "label": 0}, {"image": torch.ones(1, 4, 4), "label": 1}]
+    with pytest.raises(ValueError, match=r"labels must be True or False, got 'no'"):
+        DenoisingPairs(items, labels="no")  # kept the labels
+    with pytest.raises(ValueError, match=r"fixed_noise must be True or False, got 1"):
+        DenoisingPairs(items, fixed_noise=1)
+    for dataset in (DenoisingPairs(items, fixed_noise=True), InMemory(items)):
+        assert dataset[1]["label" if isinstance(dataset, InMemory) else "image"] is not None
+        with pytest.raises(IndexError, match=r"index -1 out of range for a dataset of 2 items"):
+            dataset[-1]  # DenoisingPairs: NumPy's "expected non-negative integer"; InMemory: the last item
+    with pytest.raises(ValueError, match=r"keys is empty; name the items' keys to keep"):
+        InMemory(items, keys=[])  # kept empty items, {}
+
+
 def test_in_memory_refuses_a_key_the_items_lack_and_by_default_keeps_those_they_have():
     """keys=("image", "bogus") dropped "bogus" without a word."""
     items = [{"image": torch.zeros(1, 4, 4), "label": 0, "id": "a"}]
@@ -596,7 +636,12 @@ def test_a_few_denoising_steps_lower_the_reconstruction_error():
     (dict(preset="huge"), r"preset must be one of \('paper', 'course', 'tiny'\), got 'huge'"),
     (dict(dataset="isic"), r"dataset must be one of \('synthetic', 'busi'\), got 'isic'"),
     (dict(amp="fp8"), r"amp must be one of \('auto', 'bf16', 'fp16', 'off'\), got 'fp8'"),
-    (dict(device="gpu0"), r"device must be 'auto' or a torch device such as 'cpu' or 'cuda', got 'gpu0'"),
+    (dict(device="gpu0"), r"unknown device 'gpu0'; expected one of \('auto', 'cpu', 'cuda', 'mps'\)"),
+    (dict(device="xpu"), r"unknown device 'xpu'"),  # a torch device, which pre-training refused after the data loaded
+    (dict(device="cpu:3"), r"device 'cpu:3': there is one CPU device; use 'cpu'"),
+    (dict(profile="nonsense"), r"profile must be one of \('smoke', 'course', 'paper'\), got 'nonsense'; "
+                               r"strategy_config\(profile\) gives"),
+    (dict(progress="no"), r"progress must be True or False, got 'no'; pass it unquoted"),
     (dict(tolerance={"seg/dice": -0.1}), "allowed drops >= 0"),
     (dict(tolerance={"seg/dice": 10**400}), "allowed drops >= 0"),  # was math.isfinite's OverflowError
     (dict(tolerance={"dice": 0.02}), "tolerance maps metrics"),
@@ -741,6 +786,32 @@ def handful(**overrides):
     """The smoke profile on four images, one batch per epoch, quietly on the CPU."""
     return strategy_config("smoke", **{"num_unlabeled": 4, "num_train": 4, "num_test": 4, "batch_size": 4,
                                        "progress": False, "device": "cpu", **overrides})
+
+
+def test_each_step_of_a_comparison_takes_a_profile_name_and_checks_a_config_edited_after_it_was_built(tmp_path):
+    """load_strategy_data("smoke") failed on "'str' object has no attribute 'image_size'"; config.batch_size = 0
+    set afterwards reached torch's DataLoader, and a strategy name after pre-training ("unknown strategy 'j'")."""
+    assert len(load_strategy_data("smoke").train) == strategy_config("smoke").num_train
+    config = handful()
+    config.batch_size = 0
+    for step in (load_strategy_data, run_comparison):
+        with pytest.raises(ValueError, match=r"batch_size must be an integer >= 1, got 0"):
+            step(config)
+    config = handful()
+    config.strategies = "joint"  # one name, as the constructor takes it
+    assert load_strategy_data(config).train is not None
+    with pytest.raises(ValueError, match=r"config must be a profile name .* or a UMSRepConfig"):
+        load_strategy_data(None)
+    data = load_strategy_data(handful())
+    with pytest.raises(ValueError, match=r"out_dir must be a folder path \(or None: no checkpoints\), got 5"):
+        pretrain_representation(handful(), data, out_dir=5)  # was Path()'s TypeError
+    with pytest.raises(ValueError, match=r"out_dir must be a folder path"):
+        run_strategy("scratch", handful(), data, out_dir=5)
+    pair = (tiny(("recon",)), None)  # pretrain_representation's result, not unpacked
+    # was: "tuple has no ResFormer encoder; build it with mtlearn.build_model(...)"
+    with pytest.raises(ValueError, match=r"pass the pretrained denoiser "
+                                         r"\(pretrain_representation\(config, data\)\[0\], not a tuple\)"):
+        run_strategy("frozen", handful(), data, pair)
 
 
 def count_fits(monkeypatch, root):
@@ -1007,6 +1078,8 @@ def test_memory_estimate_by_hand():
                     fixed_saved_bytes=200)
     assert cost.memory_bytes() == 300 + 3 * 100 + 1000
     assert cost.memory_bytes(8) == 300 + 3 * 100 + 200 + 2 * 800
+    with pytest.raises(ValueError, match=r"batch_size must be an integer >= 1, got -5"):
+        cost.memory_bytes(-5)  # was a positive size
 
 
 def test_step_cost_holds_every_weight_and_buffer_and_only_trainable_weights_for_the_optimiser():
