@@ -386,6 +386,9 @@ class LinearLeakage:
         self.covariance: torch.Tensor | None = None  # (C, C) running within-combination covariance
 
     def __call__(self, features: torch.Tensor, group: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if features.ndim != 4 or group.shape != (len(features),) or target.shape != group.shape:
+            raise ValueError(f"LinearLeakage needs features (B, C, h, w) and group, target (B,), got features "
+                             f"{tuple(features.shape)}, group {tuple(group.shape)}, target {tuple(target.shape)}")
         pooled = features.mean(dim=(2, 3))  # (B, C)
         z = (pooled - pooled.mean(0)) / (pooled.std(0) + 1e-5)  # (B, C) standardised over the batch
         cells = [(group == g) & (target == t) for g in group.unique() for t in target.unique()]
@@ -590,6 +593,10 @@ def _batch_labels(batch, task_keys: tuple[str, str], training: bool = False) -> 
         names = ", ".join(map(repr, missing))
         raise ValueError(f"task_keys {tuple(task_keys)}: the batches have no {names}; they hold {sorted(batch)}, "
                          "pass two of these as task_keys")
+    for key in task_keys:  # the default collate keeps strings as a list: class names, not indices
+        if isinstance(batch[key], (list, tuple)) and batch[key] and isinstance(batch[key][0], str):
+            raise TypeError(f"batch[{key!r}] holds strings (e.g. {batch[key][0]!r}), not class indices; make the "
+                            "dataset return an int label per item (e.g. class_names.index(name))")
     for key in ("image", *task_keys):
         if not isinstance(batch[key], torch.Tensor):  # e.g. a list of items: single images, int labels
             raise TypeError(f"batch[{key!r}] is not a tensor (got {type(batch[key]).__name__}): the loader yields "
@@ -616,7 +623,10 @@ def _check_classes(labels: tuple[torch.Tensor, torch.Tensor], task_keys: tuple[s
     """Refuse labels outside 0..num_classes - 1 of their head (torch: "Target 2 is out of bounds" in
     training; in evaluation, an impossible label silently counted as a miss)."""
     for side, (y, key, k) in enumerate(zip(labels, task_keys, num_classes)):
-        if len(y) and (y.min() < 0 or y.max() >= k):
+        if len(y) and y.min() < 0:  # e.g. -1 for "unknown": no number of classes makes it one
+            raise ValueError(f"batch[{key!r}] holds labels {sorted(set(y.tolist()))}; labels are class indices 0, 1, "
+                             "...: leave out the images whose label is unknown (-1), or give them a class")
+        if len(y) and y.max() >= k:
             name = "ab"[side]
             raise ValueError(f"batch[{key!r}] holds labels {sorted(set(y.tolist()))}, but the model's task-{name} "
                              f"head has {k} classes (0..{k - 1}): build it with num_classes_{name}="
@@ -963,7 +973,11 @@ def recalibrate_batchnorm(model: nn.Module, loader, device: str | torch.device =
     from mtlearn.utils import pick_device
 
     device = pick_device(device)
-    check_loader("loader", loader, "torch.utils.data.DataLoader(train_set, batch_size=100)")
+    check_loader("loader", loader, "torch.utils.data.DataLoader(train_set, batch_size=100)", reused=False)
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:  # update_bn returns at once, and "the loader yielded no batches" named the wrong cause
+        warnings.warn(f"{type(model).__name__} has no BatchNorm layer: nothing to recalibrate", stacklevel=2)
+        return
     seen = 0
 
     def images():
@@ -972,24 +986,33 @@ def recalibrate_batchnorm(model: nn.Module, loader, device: str | torch.device =
             if not isinstance(batch, Mapping) or "image" not in batch:
                 raise ValueError(f"each batch must be a dict with an 'image' tensor, got "
                                  f"{sorted(batch) if isinstance(batch, Mapping) else type(batch).__name__}")
+            if len(batch["image"]) < 2:  # BatchNorm in training mode: "Expected more than 1 value per channel"
+                raise ValueError(f"batch {seen + 1} holds {len(batch['image'])} image: BatchNorm's statistics need 2 "
+                                 "or more per batch; pass a DataLoader with drop_last=True (or another batch_size)")
             seen += 1
             yield batch["image"].to(device)
 
     buffers = {name: buffer.clone() for name, buffer in model.named_buffers()}  # all update_bn changes
+    momenta = [(m, m.momentum) for m in norms]  # update_bn sets them to None and restores them only if it finishes
     modes = [(module, module.training) for module in model.modules()]
     home = next(itertools.chain(model.parameters(), model.buffers()), None)
     home = home.device if home is not None else None  # now: .to() moves the parameters in place
     model.to(device)  # where the images go: a CPU model with device "auto" on a GPU machine failed
+    finished = False
     try:
         update_bn(images(), model)
+        finished = bool(seen)
     finally:
         for module, training in modes:
             module.training = training
+        for module, momentum in momenta:
+            module.momentum = momentum
         if home is not None:
             model.to(home)
-    if not seen:  # update_bn reset every running mean to 0 and variance to 1, then saw nothing
-        for name, buffer in model.named_buffers():
-            buffer.copy_(buffers[name])
+        if not finished:  # update_bn reset every running mean to 0 and variance to 1: put the old ones back
+            for name, buffer in model.named_buffers():
+                buffer.copy_(buffers[name])
+    if not seen:
         raise ValueError("the loader yielded no batches, so BatchNorm's statistics could not be recomputed (they "
                          "are unchanged); check the dataset is not empty")
 
@@ -1013,7 +1036,7 @@ def evaluate_disentangle(model: nn.Module, loader, *, task_keys: tuple[str, str]
     """
     from mtlearn.utils import pick_device
 
-    check_loader("loader", loader, "torch.utils.data.DataLoader(dataset, batch_size=100)")
+    check_loader("loader", loader, "torch.utils.data.DataLoader(dataset, batch_size=100)", reused=False)
     check_label_pair(task_keys)
     if not callable(getattr(model, "encode", None)):  # else torch's own error from running it, e.g. "mat1 and mat2"
         raise _not_a_two_task_model(model)
@@ -1151,7 +1174,10 @@ PRESETS = {
 
 def disentangle_config(profile: str = "course", **overrides) -> DisentangleConfig:
     """The preset for `profile` ("smoke" | "course" | "paper"), with fields replaced by `overrides`."""
-    if profile not in PRESETS:
+    if isinstance(profile, DisentangleConfig):  # was "unhashable type: 'DisentangleConfig'"
+        raise TypeError("profile must be a profile name; to change a DisentangleConfig, use "
+                        "dataclasses.replace(config, field=value)")
+    if not isinstance(profile, str) or profile not in PRESETS:
         raise ValueError(f"unknown profile {profile!r}; expected one of {tuple(PRESETS)}")
     check_options(DisentangleConfig, overrides, "DisentangleConfig fields")
     return replace(PRESETS[profile], **overrides)
@@ -1187,6 +1213,7 @@ def balanced_sampler(*labels: np.ndarray, seed: int = 0) -> torch.utils.data.Wei
     labels: one (N,) int array per task, e.g. shapes' labels and backgrounds.
     Reweighting only: combinations absent from the data (circle on black) stay absent.
     """
+    seed = check_int("seed", seed, 0)  # np.int64 (a sweep's) failed in manual_seed; None in torch
     if not labels or len({len(y) for y in labels}) != 1:
         raise ValueError("balanced_sampler needs one or more label arrays of the same length")
     if len(labels[0]) == 0:  # torch's own error named num_samples, not the empty dataset behind it
@@ -1206,6 +1233,7 @@ def shapes_loaders(config: DisentangleConfig, seed: int = 0) -> dict:
 
     from mtlearn.data.shapes import ShapesBackground
 
+    config, seed = _config_or_course(config), check_int("seed", seed, 0)
     data = {split: ShapesBackground(split, config.image_size, seed=0) for split in ("train", "val", "test", "unseen")}
     train = data["train"]
     if config.balance:
@@ -1291,7 +1319,7 @@ def probe_within_groups(model: nn.Module, loader, target: str, group: str, group
     check_int("folds", folds, 2)  # 0 or 1 made every score NaN, as if each group were too small
     if not callable(getattr(model, "encode", None)):  # else "'Conv2d' object has no attribute 'encode'"
         raise _not_a_two_task_model(model)
-    if isinstance(group_names, str) or not group_names:
+    if isinstance(group_names, (str, Mapping)) or not group_names:  # a dict's keys were taken as the names
         raise ValueError(f"group_names must name each value of {group!r} (0, 1, ...), e.g. ['bar', 'circle']; "
                          f"got {group_names!r}")
     # model=model: eval mode meanwhile (BatchNorm's running statistics), as in probe_encoders
@@ -1320,13 +1348,15 @@ def probe_within_groups(model: nn.Module, loader, target: str, group: str, group
 PROBE_FOLDS = 5  # the folds of probe_encoders' cross-validated probes
 
 
-def probe_encoders(model: nn.Module, loader, label_keys: tuple[str, str], *, seed: int = 0,
-                   device: str | torch.device = "auto", patients: np.ndarray | None = None) -> dict[str, float]:
+def probe_encoders(model: nn.Module, loader, label_keys: tuple[str, ...], *, seed: int = 0,
+                   device: str | torch.device = "auto", patients: np.ndarray | None = None,
+                   folds: int = PROBE_FOLDS) -> dict[str, float]:
     """Balanced accuracy of a linear probe for every (encoder side, label) pair, cross-validated.
 
     Reads the pooled features of model.encode (task-A side "a", task-B side "b"; the same features
     twice for SharedEncoderNet) on `loader`, in eval mode (BatchNorm's running statistics), and
-    fits a PROBE_FOLDS-fold (5) cross-validated logistic regression per label.
+    fits a `folds`-fold (PROBE_FOLDS, 5) cross-validated logistic regression per label of `label_keys`
+    (one name or several).
     patients: the patient of every image in `loader`'s order, or None (generated data): the folds
         then keep each patient's images on one side (cross_validated_probe).
     Returns {"probe_<label>_<side>": balanced accuracy}, e.g. "probe_background_a": the nuisance
@@ -1336,13 +1366,18 @@ def probe_encoders(model: nn.Module, loader, label_keys: tuple[str, str], *, see
 
     if not callable(getattr(model, "encode", None)):  # else "'Conv2d' object has no attribute 'encode'"
         raise _not_a_two_task_model(model)
+    label_keys = (label_keys,) if isinstance(label_keys, str) else tuple(label_keys)  # "cls" was read as c, l, s
+    folds = check_int("folds", folds, 2)
 
     scores = {}
     for side in ("a", "b"):
         encode = (lambda x, side=side: model.encode(x)[0 if side == "a" else 1])
         features, labels = extract_features(encode, loader, device, label_keys, model=model)  # in eval mode
         for key in label_keys:
-            probe = cross_validated_probe(features, labels[key], PROBE_FOLDS, seed=seed, groups=patients)
+            try:
+                probe = cross_validated_probe(features, labels[key], folds, seed=seed, groups=patients)
+            except ValueError as error:  # say which probe could not be fitted
+                raise ValueError(f"the probe of {key!r} on the task-{side.upper()} features: {error}") from None
             scores[f"probe_{key}_{side}"] = probe["balanced_accuracy"]
     return scores
 
@@ -1486,6 +1521,10 @@ def ultrasound_experiment(kind: str, config: DisentangleConfig | None = None, *,
             raise ValueError(f"the images the probes read ({'train and test' if real else 'the independent test set'}, "
                              f"{len(probed)}) are too few for {PROBE_FOLDS}-fold probes of {key!r}: "
                              f"{problem.split(':')[0]}; {fix}")
+    if len(train) < config.batch_size:  # with drop_last, no batch at all: "train_loader yields no batches"
+        raise ValueError(f"the training set holds {len(train)} images, fewer than one batch (config.batch_size "
+                         f"{config.batch_size}); build the data with more, e.g. ultrasound_datasets(num_train=...), "
+                         "or a config with a smaller batch_size")
     if config.balance:
         labels = np.array([item["label"] for item in train]), np.array([item["artifact"] for item in train])
         train_loader = DataLoader(train, batch_size=config.batch_size, sampler=balanced_sampler(*labels, seed=seed),

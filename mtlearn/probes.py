@@ -60,6 +60,10 @@ def extract_features(
         if module is not None:  # on `device` meanwhile; afterwards its own device, every submodule its own mode
             stack.enter_context(eval_mode(module, device))
         for batch in loader:
+            if not isinstance(batch, Mapping) or "image" not in batch:  # KeyError 'image', or a TensorDataset's list
+                got = f"keys {sorted(batch)}" if isinstance(batch, Mapping) else f"a {type(batch).__name__}"
+                raise TypeError(f"every batch must be a dict with an 'image' tensor and the labels, got {got}; make "
+                                "the dataset's __getitem__ return such a dict (a TensorDataset yields tuples)")
             features = encoder_or_fn(batch["image"].to(device))
             if isinstance(features, list):  # an encoder that returns every stage: keep the last
                 features = features[-1]
@@ -80,7 +84,10 @@ def extract_features(
             for key in keys:
                 if key not in batch:
                     raise ValueError(f"label {key!r} is not in the batch; available keys: {sorted(batch)}")
-                labels.setdefault(key, []).append(_class_indices(torch.as_tensor(batch[key]).cpu().numpy(), key))
+                values = batch[key]  # class names stay a list of strings through the default collate
+                is_list = isinstance(values, (list, tuple))
+                values = np.asarray(values) if is_list else torch.as_tensor(values).cpu().numpy()
+                labels.setdefault(key, []).append(_class_indices(values, key))
     if not chunks:
         raise ValueError("the loader yielded no batches; check the dataset is not empty")
     return np.concatenate(chunks), {k: np.concatenate(v) for k, v in labels.items()}

@@ -368,13 +368,18 @@ def check_label_pair(task_keys) -> None:
                          f"'background'); got {task_keys!r}")
 
 
-def check_loader(name: str, loader, wrap: str) -> None:
+def check_loader(name: str, loader, wrap: str, reused: bool = True) -> None:
     """Refuse a Dataset where a DataLoader is due: it would yield single, unbatched items (int labels,
-    images without a batch axis) and fail later with a cryptic shape error. wrap: the call to suggest."""
+    images without a batch axis) and fail later with a cryptic shape error. wrap: the call to suggest.
+    reused: the loader is read more than once (every epoch), so a one-shot iterator (iter(loader), a
+    generator) is refused too: it would be empty after the first pass, and later epochs train on nothing."""
     from torch.utils.data import Dataset
 
     if isinstance(loader, Dataset):
         raise TypeError(f"{name} is a Dataset ({type(loader).__name__}), not a DataLoader; wrap it: {wrap}")
+    if reused and hasattr(loader, "__next__"):
+        raise TypeError(f"{name} is a one-shot iterator ({type(loader).__name__}), empty after its first pass, and "
+                        "it is read every epoch; pass the DataLoader itself (or a list of batch dicts)")
     # fit(model, train, config) took the config for val_loader: a whole epoch trained on the defaults first
     options = isinstance(loader, Mapping) or dataclasses.is_dataclass(loader)
     if loader is not None and (options or isinstance(loader, str) or not hasattr(loader, "__iter__")):

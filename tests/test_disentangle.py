@@ -4,6 +4,7 @@ import copy
 import inspect
 import math
 from collections import Counter
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -892,6 +893,56 @@ def test_recalibrate_batchnorm_refuses_an_empty_loader_and_keeps_the_statistics(
         assert torch.equal(value, before[name]), name
 
 
+def test_recalibrate_batchnorm_that_fails_on_a_one_image_batch_puts_the_model_back(tiny_loaders):
+    """A last batch of one image failed inside update_bn with advice that could not help ("call model.eval()"),
+    leaving every BatchNorm with momentum None and half-recomputed statistics."""
+    model = tiny_model("shared")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    odd = DataLoader(Subset(tiny_loaders[0].dataset, range(17)), batch_size=4)  # 4 x 4 + 1
+    with pytest.raises(ValueError, match=r"batch 5 holds 1 image: BatchNorm's statistics need 2 or more per batch; "
+                                         r"pass a DataLoader with drop_last=True"):
+        D.recalibrate_batchnorm(model, odd, device="cpu")
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, before[name]), name
+    assert {m.momentum for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)} == {0.1}
+
+
+def test_recalibrate_batchnorm_of_a_model_without_batchnorm_says_so(tiny_loaders):
+    """It said "the loader yielded no batches; check the dataset is not empty" (update_bn returns at once)."""
+    with pytest.warns(UserWarning, match=r"Linear has no BatchNorm layer: nothing to recalibrate"):
+        D.recalibrate_batchnorm(torch.nn.Linear(2, 2), tiny_loaders[0], device="cpu")
+
+
+def test_one_shot_iterators_are_refused_where_a_loader_is_read_every_epoch(tiny_loaders):
+    """iter(loader) trained epoch 1 only (acc_a [0.36, nan, nan]) without a word; a generator failed on len()."""
+    train = tiny_loaders[0]
+    for one_shot in (iter(train), (batch for batch in train)):
+        with pytest.raises(TypeError, match=r"train_loader is a one-shot iterator \(\w+\), empty after its first "
+                                             r"pass, and it is read every epoch; pass the DataLoader itself"):
+            _train(tiny_model(), one_shot)
+    # read once: an iterator does
+    assert set(D.evaluate_disentangle(tiny_model(), iter(tiny_loaders[1]), device="cpu")) >= {"acc_a", "acc_b"}
+
+
+def test_string_labels_are_named_as_such():
+    """Class names through a DataLoader are a list of strings: training said "the loader yields single items, not
+    batches; wrap the data in a DataLoader" (it was one), the probes "too many dimensions 'str'"."""
+    (batch,) = _batches([(0, 1), (1, 0)])
+    named = [{**batch, "shape": ["circle", "bar", "circle", "bar"]}]
+    with pytest.raises(TypeError, match=r"batch\['shape'\] holds strings \(e.g. 'circle'\), not class indices"):
+        _train(tiny_model(), named)
+    features, labels = mtlearn.probes.extract_features(lambda x: x.flatten(1), named, "cpu", ("shape",))
+    assert labels["shape"].tolist() == ["circle", "bar", "circle", "bar"] and features.shape == (4, 32 * 40)
+
+
+def test_extract_features_names_batches_that_are_not_dicts_with_an_image():
+    images = torch.rand(4, 1, 8, 8)
+    for batch, got in [([images, torch.zeros(4)], "a list"), ({"img": images}, r"keys \['img'\]")]:
+        with pytest.raises(TypeError, match=rf"every batch must be a dict with an 'image' tensor and the labels, got "
+                                            rf"{got}"):  # KeyError: 'image', or "list indices must be integers"
+            mtlearn.probes.extract_features(lambda x: x.flatten(1), [batch], "cpu")
+
+
 def test_evaluate_disentangle_refuses_nan_logits(tiny_loaders):
     """argmax of NaN logits is class 0: a diverged model scored near chance (or 1.0 on class-0 labels)."""
     model = tiny_model()
@@ -1130,8 +1181,9 @@ def test_probe_within_groups_refuses_too_few_folds_or_names():
         D.probe_within_groups(model, loader, "background", "shape", ("circle", "bar"), folds=0, device="cpu")
     with pytest.raises(ValueError, match=r"'shape' takes the values \[0, 1\], but group_names \['circle'\] name 0..0"):
         D.probe_within_groups(model, loader, "background", "shape", ["circle"], device="cpu")
-    with pytest.raises(ValueError, match="group_names must name each value of 'shape'"):
-        D.probe_within_groups(model, loader, "background", "shape", "circle", device="cpu")
+    for names in ("circle", {0: "circle", 1: "bar"}):  # a dict's keys were the names: probe_background_a_0
+        with pytest.raises(ValueError, match="group_names must name each value of 'shape'"):
+            D.probe_within_groups(model, loader, "background", "shape", names, device="cpu")
     with pytest.raises(ValueError, match=r"patients has 3 entries but the loader gives \d+ images"):
         D.probe_within_groups(model, loader, "background", "shape", ("circle", "bar"), device="cpu",
                               patients=np.array(["p1", "p2", "p3"]))  # NumPy's "boolean index did not match"
@@ -1150,6 +1202,43 @@ def test_probe_encoders_reads_both_sides():
     assert scores["probe_shape_a"] > 0.95 and scores["probe_background_b"] > 0.95
     assert scores["probe_background_a"] < 0.7 and scores["probe_shape_b"] < 0.7  # noise only: chance is 0.5
     assert model.training  # the mode is restored
+
+
+def test_probe_encoders_takes_one_label_name_and_says_which_probe_has_too_few_images():
+    """"shape" was read letter by letter (KeyError: 's'); too few images advised "pass folds=4", an option
+    probe_encoders lacked, without naming the probe."""
+    model = CodedEncoders(side_a=lambda shape, background: shape, side_b=lambda shape, background: background)
+    loader = DataLoader(_coded_items(), batch_size=50)
+    assert set(D.probe_encoders(model, loader, "shape", device="cpu")) == {"probe_shape_a", "probe_shape_b"}
+    few = DataLoader(_coded_items(per_combination=2), batch_size=50)  # 4 images of each shape
+    with pytest.raises(ValueError, match=r"the probe of 'shape' on the task-A features: class 0 has 4 item\(s\), "
+                                         r"fewer than folds=5.*pass folds=4 or fewer"):
+        D.probe_encoders(model, few, ("shape",), device="cpu")
+    assert D.probe_encoders(model, few, ("shape",), device="cpu", folds=4)["probe_shape_a"] > 0.75  # chance: 0.5
+    with pytest.raises(ValueError, match=r"folds must be an integer >= 2, got 1"):
+        D.probe_encoders(model, few, ("shape",), device="cpu", folds=1)
+
+
+def test_samplers_and_loaders_take_numpy_seeds_and_name_a_profile():
+    """A sweep's np.int64 seed failed in Generator.manual_seed ("an integer is required")."""
+    labels = np.array([0, 1, 0, 1]), np.array([0, 0, 1, 1])
+    assert list(D.balanced_sampler(*labels, seed=np.int64(3))) == list(D.balanced_sampler(*labels, seed=3))
+    with pytest.raises(ValueError, match=r"seed must be an integer >= 0, got None"):
+        D.balanced_sampler(*labels, seed=None)
+    config = D.disentangle_config("smoke", image_size=(32, 40))
+    assert len(D.shapes_loaders(config, seed=np.int64(1))["train"]) == len(D.shapes_loaders(config, seed=1)["train"])
+    with pytest.raises(TypeError, match=r"config must be a DisentangleConfig or None .*disentangle_config\('smoke'\)"):
+        D.shapes_loaders("smoke")  # was: 'str' object has no attribute 'image_size'
+    with pytest.raises(TypeError, match=r"profile must be a profile name; to change a DisentangleConfig, use "
+                                        r"dataclasses.replace"):
+        D.disentangle_config(config)  # was: unhashable type: 'DisentangleConfig'
+
+
+def test_linear_leakage_names_features_or_labels_of_the_wrong_shape():
+    leak, labels = D.LinearLeakage(), torch.tensor([0, 1, 0, 1])
+    for features, group in [(torch.randn(4, 3), labels), (torch.randn(4, 3, 2, 2), labels[:3])]:
+        with pytest.raises(ValueError, match=r"LinearLeakage needs features \(B, C, h, w\) and group, target \(B,\)"):
+            leak(features, group, labels)  # IndexError: Dimension out of range, or torch's size mismatch
 
 
 # ---------------------------------------------------------------------------------------------- ultrasound
@@ -1220,6 +1309,11 @@ def test_ultrasound_experiment_smoke(kind, ultrasound_data):
     with pytest.raises(ValueError, match="reversed"):
         D.ultrasound_experiment(kind, config, data={k: v for k, v in ultrasound_data.items() if k != "reversed"},
                                 device="cpu", progress=False)
+    # was "train_loader yields no batches; check ... batch_size/drop_last": the caller built no loader
+    with pytest.raises(ValueError, match=r"the training set holds 60 images, fewer than one batch \(config.batch_size "
+                                         r"100\); build the data with more"):
+        D.ultrasound_experiment(kind, replace(config, batch_size=100), data=ultrasound_data, device="cpu",
+                                progress=False)
 
 
 class PredictsFromPixel(torch.nn.Module):
@@ -1810,7 +1904,9 @@ def test_labels_beyond_a_head_are_refused_naming_the_head_and_the_fix():
         _train(tiny_model(), loader)
     with pytest.raises(ValueError, match=message):
         D.evaluate_disentangle(tiny_model(), loader, device="cpu")
-    with pytest.raises(ValueError, match=r"batch\['background'\] holds labels \[-1, 0\].*task-b head"):
+    # was "build it with num_classes_b=2", which it was
+    with pytest.raises(ValueError, match=r"batch\['background'\] holds labels \[-1, 0\]; labels are class indices 0, "
+                                         r"1, \.\.\.: leave out the images whose label is unknown \(-1\)"):
         _train(tiny_model("shared"), _batches([(0, -1), (1, 0)]))
     assert set(_train(tiny_model(num_classes_a=3), loader)) >= {"acc_a", "acc_b"}
 

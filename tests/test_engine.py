@@ -965,6 +965,9 @@ def test_dataset_instead_of_a_loader_is_named():
     items = [train.dataset[i] for i in range(4)]  # a plain list: not a Dataset, but just as unbatched
     with pytest.raises(TypeError, match=r"batch\['image'\] has shape \(1, 16, 16\): the loader yields single items"):
         _fit(ToyNet(), items, None)
+    for name, loaders in [("train_loader", (iter(train), val)), ("val_loader", (train, iter(val)))]:
+        with pytest.raises(TypeError, match=rf"{name} is a one-shot iterator \(\w+\), empty after its first pass"):
+            _fit(ToyNet(), *loaders)  # trained (or validated) the first epoch only, without a word
 
 
 @pytest.mark.parametrize("third, options", [(TrainConfig(epochs=1), True), ({"epochs": 1}, True), (5, False),
