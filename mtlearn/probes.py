@@ -367,10 +367,19 @@ def plot_embedding(embedding: np.ndarray, labels: dict[str, np.ndarray], title: 
     if wrong:  # else NumPy's "boolean index did not match", or points coloured by another item's label
         raise ValueError(f"labels must be one (N,) array per name with N = {len(embedding)} (the embedding's points, "
                          f"in its order); got lengths {wrong}")
+    if class_names is not None and not isinstance(class_names, Mapping):
+        raise TypeError(f"class_names must be a dict {{label name: class names}}, got a {type(class_names).__name__}; "
+                        f"e.g. {{{next(iter(labels), 'shape')!r}: ['circle', 'bar']}}")
+    for key, names in (class_names or {}).items():  # else an IndexError while drawing
+        values = labels.get(key, np.array([]))
+        if values.dtype.kind in "iu" and len(values) and (values.min() < 0 or values.max() >= len(names)):
+            raise ValueError(f"class_names[{key!r}] names {len(names)} classes, but {key!r} holds the classes "
+                             f"{np.unique(values).tolist()}; give one name per class 0, 1, ...")
     fig, axes = plt.subplots(1, len(labels), figsize=(4.2 * len(labels), 3.8), squeeze=False)
     for ax, (key, y) in zip(axes[0], labels.items()):
         for value in np.unique(y):
-            name = class_names[key][value] if class_names and key in class_names else str(value)
+            named = class_names and key in class_names and y.dtype.kind in "iu"  # string labels name themselves
+            name = class_names[key][value] if named else str(value)
             points = embedding[y == value]
             ax.scatter(points[:, 0], points[:, 1], s=8, alpha=0.7, label=f"{key} = {name}")
         ax.set_title(f"{title} coloured by {key}".strip())

@@ -653,6 +653,24 @@ def test_plot_embedding_refuses_labels_of_another_length():
     plt.close("all")
 
 
+def test_plot_embedding_names_classes_it_cannot_name_and_lets_string_labels_name_themselves():
+    """Two names for three classes was an IndexError while drawing; string labels a TypeError ("list indices")."""
+    import matplotlib.pyplot as plt
+
+    from mtlearn.probes import plot_embedding
+
+    points = np.zeros((3, 2))
+    with pytest.raises(ValueError, match=r"class_names\['label'\] names 2 classes, but 'label' holds the classes "
+                                         r"\[0, 1, 2\]; give one name per class"):
+        plot_embedding(points, {"label": np.array([0, 1, 2])}, class_names={"label": ["benign", "malignant"]})
+    with pytest.raises(TypeError, match=r"class_names must be a dict \{label name: class names\}, got a list"):
+        plot_embedding(points, {"label": np.array([0, 1, 0])}, class_names=["benign", "malignant"])
+    fig = plot_embedding(points, {"label": np.array(["benign", "malignant", "benign"])},
+                         class_names={"label": ["benign", "malignant"]})
+    assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == ["label = benign", "label = malignant"]
+    plt.close("all")
+
+
 def test_a_label_named_twice_is_refused_not_collected_twice():
     loader = DataLoader(TinyData(40), batch_size=20)
     with pytest.raises(ValueError, match=r"label_keys names \['coded'\] more than once"):
