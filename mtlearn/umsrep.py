@@ -606,8 +606,9 @@ class StrategyData:
     in_channels: int = 1
 
 
-def load_strategy_data(config: UMSRepConfig) -> StrategyData:
-    """The data of a comparison (see UMSRepConfig.dataset); held in memory once drawn.
+def load_strategy_data(config: UMSRepConfig | str) -> StrategyData:
+    """The data of a comparison (see UMSRepConfig.dataset); held in memory once drawn. config: a UMSRepConfig
+    or a profile name, as for every step of a comparison.
 
     Synthetic: one deterministic stream, so the unlabeled images (items num_train onwards of the
     train split) never overlap the labelled ones (the first num_train) or the test split.
@@ -806,7 +807,7 @@ def _check_data(data: StrategyData) -> None:
                          f"got {type(data).__name__}")
 
 
-def pretrain_representation(config: UMSRepConfig, data: StrategyData, out_dir: str | os.PathLike | None = None,
+def pretrain_representation(config: UMSRepConfig | str, data: StrategyData, out_dir: str | os.PathLike | None = None,
                             resume: bool = False) -> tuple[nn.Module, TrainedModel]:
     """Learn the representation: a denoising encoder-decoder trained on `data.unlabeled` only.
 
@@ -823,7 +824,7 @@ def pretrain_representation(config: UMSRepConfig, data: StrategyData, out_dir: s
     return model, record
 
 
-def run_strategy(strategy: str, config: UMSRepConfig, data: StrategyData, representation: nn.Module | None = None,
+def run_strategy(strategy: str, config: UMSRepConfig | str, data: StrategyData, representation: nn.Module | None = None,
                  out_dir: str | os.PathLike | None = None, resume: bool = False) -> list[TrainedModel]:
     """Train the model(s) of one strategy and return one TrainedModel per network trained.
 

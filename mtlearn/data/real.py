@@ -710,7 +710,7 @@ def _locate(folder: Path, is_base: Callable[[Path], bool], expected: str, depth:
         if len(found) > 1:
             listed = ", ".join(str(f.relative_to(folder)) for f in found)
             raise _TwoCopiesError(f"{folder} holds {len(found)} copies of the dataset ({listed}); "
-                              f"move all but one out of {folder}")
+                                  f"move all but one out of {folder}")
         if found:
             return found[0]
         candidates = sorted(  # hidden folders and macOS zip debris (__MACOSX) are never the dataset
