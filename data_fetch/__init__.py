@@ -13,7 +13,8 @@ leaves a marker file there (checksum and file list); fetching again then downloa
 files were deleted since or another checksum is asked for. Files deleted since are restored from the
 archive, checked against the marker's checksum: the one a user accepted with --hash stays accepted.
 Unpacking never replaces a file it did not write (one of the marker's, or of an unpacking cut short)
-with other contents: a `dest` that already holds a user's files is refused, naming them.
+with other contents: a `dest` that already holds a user's files is refused, naming them. One fetch
+fills a folder at a time: a second one is refused while the first holds the folder's lock file.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from data_fetch.download import (
     RETRIES, DownloadError, FetchError, HashMismatchError, check_hash, check_retries, download_file, file_hash,
     parse_hash,
 )
+from data_fetch.locking import take_lock
 from data_fetch.sources import SOURCES, Source, get_source
 
 __all__ = [
@@ -93,12 +95,39 @@ def fetch(
         problem = "has a port that is no number from 0 to 65535" if bad_port else "holds a space or a control character"
         raise ValueError(f"url {url!r} {problem}; copy the address again (a space is written %20)")
     parse_hash(known_hash)  # a malformed checksum fails now, not after a long download
-    given_hash = known_hash
-    target = folder / source.filename
     marker = completion_marker(folder, source.name)
     record = _read_marker(marker)
     if record is not None and _still_complete(record, folder, source, known_hash):
         return folder  # fetched before: nothing to do
+    created = not folder.exists()
+    folder.mkdir(parents=True, exist_ok=True)
+    # Two fetches into one folder at once wrote one .part file from both ends (then offered a --hash that
+    # accepted the spliced file) and unpacked over each other's files: the second one is refused.
+    lock = folder / f".{source.name}.lock"
+    holder = take_lock(lock)
+    if holder is not None:
+        raise FetchError(f"another data_fetch ({holder}) is fetching {source.name} into {folder}; wait for it to "
+                         f"finish, then run this again (it will find the dataset ready); if none is running (a "
+                         f"crashed machine), delete {lock}")
+    try:
+        return _fetch_locked(source, folder, url, parts.scheme, known_hash, progress, retries)
+    finally:
+        lock.unlink(missing_ok=True)
+        # An empty folder left by a failed download would look downloaded: mtlearn.data.load_dataset
+        # would then report a missing file instead of "not downloaded" and the command that fetches it.
+        if created and folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+
+
+def _fetch_locked(source: Source, folder: Path, url: str, scheme: str, known_hash: str | None, progress: bool,
+                  retries: int) -> Path:
+    """fetch's work, under its lock: download, verify, unpack, write the marker."""
+    given_hash = known_hash
+    target = folder / source.filename
+    marker = completion_marker(folder, source.name)
+    record = _read_marker(marker)  # again, under the lock: another fetch may have finished since fetch read it
+    if record is not None and _still_complete(record, folder, source, known_hash):
+        return folder
     # (a stale marker stays until the archive is verified below: a wrong --hash must not undo a good fetch)
     recorded = record is not None and known_hash is None and record.get("known_hash") is not None
     if recorded:
@@ -115,8 +144,6 @@ def fetch(
             advice = mismatch_advice(source, known_hash, folder, error, recorded)
             raise HashMismatchError(f"{error}; delete {target} and fetch again.\n{advice}", error.actual) from None
     else:
-        created = not folder.exists()
-        folder.mkdir(parents=True, exist_ok=True)
         try:
             download_file(url, target, known_hash, progress=progress, retries=retries)
             if known_hash is None and source.extract and not zipfile.is_zipfile(target):
@@ -131,19 +158,14 @@ def fetch(
                 raise DownloadError(f"what the host sent is not a zip archive but begins {start!r}, an error or "
                                     f"login page?; it was kept as {kept}, not as {target.name}")
         except DownloadError as error:
-            if parts.scheme == "file":  # a copy on this machine: a browser or curl would not do better
+            if scheme == "file":  # a copy on this machine: a browser or curl would not do better
                 raise DownloadError(local_copy_problem(source, url, folder, error)) from error
             raise DownloadError(manual_instructions(source, url, known_hash, folder, reason=str(error))) from error
         except HashMismatchError as error:
             if error.kept is not None:
                 _refuse_a_wrong_given_hash(error.kept, given_hash, source, record, error)
-            advice = mismatch_advice(source, known_hash, folder, error, recorded, local=parts.scheme == "file")
+            advice = mismatch_advice(source, known_hash, folder, error, recorded, local=scheme == "file")
             raise HashMismatchError(f"{error}.\n{advice}", error.actual, error.kept) from None
-        finally:
-            # An empty folder left by a failed download would look downloaded: mtlearn.data.load_dataset
-            # would then report a missing file instead of "not downloaded" and the command that fetches it.
-            if created and folder.is_dir() and not any(folder.iterdir()):
-                folder.rmdir()
     # Files already there are replaced only if this dataset's unpacking wrote them: the marker's, or any after
     # an unpacking cut short (its checks had passed, so what differs now is its own half-written work).
     unpacking = folder / f".{source.name}.unpacking"

@@ -177,6 +177,7 @@ def _check_kinds(infos: list[zipfile.ZipInfo], archive: Path, within: str | None
     """
     label = archive.name + (f" (inside {within})" if within else "")
     folders = {str(parent) for info in infos for parent in PurePosixPath(info.filename.replace("\\", "/")).parents}
+    folders |= {info.filename.replace("\\", "/").rstrip("/") for info in infos if info.is_dir()}  # "x/" beside "x"
     for info in infos:
         # what Python's zipfile cannot read failed halfway through unpacking (NotImplementedError, RuntimeError)
         if info.flag_bits & 0x1:

@@ -151,10 +151,14 @@ def download_file(
     path = Path(path)
     part = path.with_name(path.name + ".part")
     expected = parse_hash(known_hash)
-    if expected and part.exists() and file_hash(part, expected[0]) == expected[1]:
-        # An earlier run died between the download and the rename: no request needed.
-        os.replace(part, path)
-        return
+    mismatch = path.with_name(path.name + ".mismatch")
+    for earlier in (part, mismatch):
+        # An earlier run died between the download and the rename, or kept a file that did not match the checksum
+        # it had, which the one asked for now accepts (--hash after checking that copy): no request needed.
+        if expected and earlier.exists() and file_hash(earlier, expected[0]) == expected[1]:
+            os.replace(earlier, path)
+            part.unlink(missing_ok=True)
+            return
     for attempt in range(retries + 1):
         try:
             _transfer(url, part, progress)
@@ -174,13 +178,14 @@ def download_file(
     except HashMismatchError as error:
         # Kept rather than deleted: if the host re-packed the file, every retry gets these same bytes,
         # and a user who checks this copy can accept it without downloading it again.
-        kept = path.with_name(path.name + ".mismatch")
+        kept = mismatch
         os.replace(part, kept)
         raise HashMismatchError(
             f"{error} (downloaded from {url}); it was kept as {kept}, not as {path.name}",
             actual=error.actual, kept=kept,
         ) from None
     os.replace(part, path)  # atomic: `path` appears complete or not at all
+    mismatch.unlink(missing_ok=True)  # an earlier attempt's file that failed the check: this one passed it
 
 
 def _transfer(url: str, part: Path, progress: bool) -> None:
@@ -222,27 +227,50 @@ def _transfer(url: str, part: Path, progress: bool) -> None:
             part.unlink()
             raise ConnectionError("the server compressed the rest of the file (Content-Encoding) in answer to a "
                                   "range request; the partial download was dropped, the next attempt starts afresh")
-        if resumed and _read_exactly(response, OVERLAP_BYTES) != _tail(part, OVERLAP_BYTES):
+        overlap = _read_exactly(response, OVERLAP_BYTES) if resumed else b""
+        promised = [_content_length(response.headers.get("Content-Length")),
+                    _range_total(response.headers.get("Content-Range"))]
+        promised = [promised[0], None if promised[1] is None else promised[1] - asked]  # bytes from `asked` on
+        if resumed and any(p is not None and len(overlap) < min(p, OVERLAP_BYTES) for p in promised):
+            # cut off before the new bytes (the server had promised more): the .part file is kept for a retry
+            raise ConnectionError(f"connection closed after {len(overlap)} of the {OVERLAP_BYTES} bytes the partial "
+                                  "download is checked with")
+        if resumed and overlap != _tail(part, OVERLAP_BYTES):
             part.unlink()  # appending would splice two versions of the file; without a checksum, unnoticed
             raise ConnectionError(f"the file on the server is not the one the partial download began (bytes "
                                   f"{asked}-{offset - 1} differ): the partial download was dropped, the next "
                                   "attempt starts afresh")
+        if offset and not resumed and "html" in (response.headers.get("Content-Type") or "").lower():
+            # a web page (a rate-limit or error page) in answer to a range request: not the file, so the partial
+            # download it would replace is kept for the next attempt
+            raise ConnectionError(f"the server answered the range request with a web page "
+                                  f"({response.headers.get('Content-Type')}), not the file")
         if not resumed:
             offset = 0  # the server sent the whole file
-        length = response.headers.get("Content-Length")  # of what is sent: the compressed bytes, if compressed
-        total = (asked if resumed else 0) + int(length) if length is not None else None
+        length = _content_length(response.headers.get("Content-Length"))  # what is sent: compressed, if compressed
+        total = (asked if resumed else 0) + length if length is not None else None
+        whole = _range_total(response.headers.get("Content-Range")) if resumed and decoder is None else None
+        if whole is not None:  # a host that caps its range answers sends less than the rest: the next attempt resumes
+            total = whole
         received = offset
         bar = tqdm(total=total, initial=offset, unit="B", unit_scale=True, desc=part.stem, disable=not progress)
         with open(part, "ab" if resumed else "wb") as f, bar:
-            while chunk := response.read(CHUNK_BYTES):
-                received += len(chunk)
-                f.write(chunk if decoder is None else decoder.decompress(chunk))
-                bar.update(len(chunk))
-            if decoder is not None:
-                f.write(decoder.flush())
-    if (total is not None and received < total) or (decoder is not None and not decoder.eof):
-        sent = f"{received} of {total} bytes" if total is not None else f"{received} bytes, mid-stream"
-        raise ConnectionError(f"connection closed after {sent}")
+            try:
+                while chunk := response.read(CHUNK_BYTES):
+                    received += len(chunk)
+                    f.write(chunk if decoder is None else decoder.decompress(chunk))
+                    bar.update(len(chunk))
+                if decoder is not None:
+                    f.write(decoder.flush())
+            except zlib.error as error:  # a body labelled gzip that is not: a server fault, like a dropped connection
+                f.close()
+                part.unlink(missing_ok=True)
+                raise ConnectionError(f"the server's {response.headers.get('Content-Encoding')} body could not be "
+                                      f"decoded ({error}); the next attempt starts afresh") from None
+    if total is not None and received < total:
+        raise ConnectionError(f"connection closed after {received} of {total} bytes")
+    if decoder is not None and not decoder.eof:
+        raise ConnectionError(f"connection closed after {received} bytes, before the end of the compressed body")
 
 
 def _retry_after(error: Exception) -> float | None:
@@ -281,6 +309,19 @@ def _tail(path: Path, count: int) -> bytes:
     with open(path, "rb") as f:
         f.seek(-count, os.SEEK_END)
         return f.read()
+
+
+def _content_length(value: str | None) -> int | None:
+    """Content-Length as a number; a header sent twice ("300000, 300000") counts when both agree, and one that
+    is no number, or two that disagree, as missing (the body is then read to its end)."""
+    values = {v.strip() for v in (value or "").split(",")}
+    return int(values.pop()) if len(values) == 1 and next(iter(values)).isdigit() else None
+
+
+def _range_total(content_range: str | None) -> int | None:
+    """'bytes 100-199/300' -> 300 (the whole file's size); None when unknown ('/*') or malformed."""
+    match = re.match(r"bytes \d+-\d+/(\d+)", content_range or "")
+    return int(match.group(1)) if match else None
 
 
 def _range_start(content_range: str | None) -> int | None:

@@ -511,9 +511,11 @@ def test_only_runs_the_chosen_notebooks_in_course_order_and_leaves_an_empty_data
 
 def _take_over_slowly(lock, stale_pid, delay, results):
     """A run that finds `lock` and takes `delay` seconds to learn that process `stale_pid` is gone."""
-    real = course._alive
-    course._alive = lambda pid: (time.sleep(delay), pid != stale_pid and real(pid))[1]
-    results.put((delay, course._take_lock(lock)))
+    from data_fetch import locking
+
+    real = locking._alive
+    locking._alive = lambda pid: (time.sleep(delay), pid != stale_pid and real(pid))[1]
+    results.put((delay, locking.take_lock(lock)))
     time.sleep(1.5)  # hold it (alive) while the other run looks
 
 

@@ -1369,6 +1369,9 @@ def _link_zip() -> bytes:
 @pytest.mark.parametrize("archive, says", [
     (_link_zip(), "member 'BUSBRA/link' is a symbolic link"),
     (zip_bytes({"BUSBRA/a": b"file", "BUSBRA/a/b.png": b"png"}), "member 'BUSBRA/a' is a file and also the folder"),
+    # a folder entry of the file's name, before or after it: failed halfway, blaming the destination
+    (zip_bytes({"BUSBRA/a": b"file", "BUSBRA/a/": b""}), "member 'BUSBRA/a' is a file and also the folder"),
+    (zip_bytes({"BUSBRA/a/": b"", "BUSBRA/a": b"file"}), "member 'BUSBRA/a' is a file and also the folder"),
     # inside a wrapped zip: caught only after the outer archive was unpacked
     (zip_bytes({"data/inner.zip": _link_zip()}), r"inner.zip \(inside BUSBRA.zip\): member 'BUSBRA/link' is a"),
 ])
@@ -1465,3 +1468,150 @@ def test_a_corrupted_repair_download_under_the_official_pin_says_to_run_again(se
         fetch("bus_bra", dest=tmp_path, url=url, progress=False)
     message = str(error.value)
     assert "run again to retry" in message and "recorded in" not in message and "--url" not in message
+
+
+class Scripted(BaseHTTPRequestHandler):
+    """Answers the n-th request with server.answers[n] (the last one for every later request): a function
+    (handler, data, start) -> None that writes the whole response; `start` is where the Range header asks."""
+
+    def do_GET(self):
+        server = self.server
+        server.requests.append(self.headers.get("Range"))
+        answer = server.answers[min(len(server.requests), len(server.answers)) - 1]
+        start = int((self.headers.get("Range") or "bytes=0-").removeprefix("bytes=").split("-")[0])
+        answer(self, server.data, start)
+
+    def log_message(self, *args):
+        pass
+
+
+def _send(handler, status, body, headers=(), cut=None):
+    handler.send_response(status)
+    for name, value in headers:
+        handler.send_header(name, value)
+    handler.end_headers()
+    handler.wfile.write(body[:cut])
+    handler.wfile.flush()
+    handler.close_connection = True
+
+
+def honest(handler, data, start):
+    """A server that does ranges right."""
+    if start:
+        _send(handler, 206, data[start:], [("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}"),
+                                           ("Content-Length", str(len(data) - start))])
+    else:
+        _send(handler, 200, data, [("Content-Length", str(len(data)))])
+
+
+@pytest.fixture
+def scripted():
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Scripted)
+    httpd.requests, httpd.data, httpd.answers = [], PAYLOAD, [honest]
+    httpd.url = f"http://127.0.0.1:{httpd.server_address[1]}/data.npz"
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
+    thread.start()
+    yield httpd
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def _half_downloaded(tmp_path) -> int:
+    (tmp_path / "data.npz.part").write_bytes(PAYLOAD[:60_000])
+    return 60_000
+
+
+def test_a_resume_cut_off_within_its_check_bytes_keeps_the_partial_download(scripted, tmp_path):
+    """Dropped after 1,000 of the 4,096 bytes compared with the .part file's end: taken for another version of
+    the file, the partial download was deleted and everything fetched again."""
+    size = _half_downloaded(tmp_path)
+
+    def cut(handler, data, start):
+        _send(handler, 206, data[start:], [("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}"),
+                                           ("Content-Length", str(len(data) - start))], cut=1000)
+
+    scripted.answers = [cut, honest]
+    download_file(scripted.url, tmp_path / "data.npz", sha256(PAYLOAD), progress=False, retries=1)
+    assert scripted.requests == [resume_at(size), resume_at(size)]  # resumed again, not from the start
+    assert (tmp_path / "data.npz").read_bytes() == PAYLOAD
+
+
+def test_a_web_page_in_answer_to_a_range_request_keeps_the_partial_download(scripted, tmp_path):
+    """A 200 page (a rate-limit notice) replaced the .part file, which then failed its checksum as .mismatch."""
+    size = _half_downloaded(tmp_path)
+    page = b"<html>Too many requests, try later</html>"
+    scripted.answers = [lambda h, d, s: _send(h, 200, page, [("Content-Type", "text/html; charset=utf-8"),
+                                                             ("Content-Length", str(len(page)))]), honest]
+    download_file(scripted.url, tmp_path / "data.npz", sha256(PAYLOAD), progress=False, retries=1)
+    assert scripted.requests == [resume_at(size), resume_at(size)]
+    assert (tmp_path / "data.npz").read_bytes() == PAYLOAD and not (tmp_path / "data.npz.mismatch").exists()
+
+
+def test_range_answers_capped_by_the_host_are_resumed_until_the_file_is_whole(scripted, tmp_path):
+    """bytes 55904-105903/... of a 102,400-byte file was taken as the whole rest: a .mismatch with a checksum, a
+    file cut short without one."""
+    size = _half_downloaded(tmp_path)
+
+    def capped(handler, data, start):
+        end = min(start + 30_000, len(data)) - 1
+        _send(handler, 206, data[start:end + 1], [("Content-Range", f"bytes {start}-{end}/{len(data)}"),
+                                                  ("Content-Length", str(end + 1 - start))])
+
+    scripted.answers = [capped]
+    download_file(scripted.url, tmp_path / "data.npz", None, progress=False, retries=3)
+    assert scripted.requests == [resume_at(size), resume_at(size + 30_000 - OVERLAP_BYTES)]
+    assert (tmp_path / "data.npz").read_bytes() == PAYLOAD
+
+
+def test_odd_headers_and_bodies_are_host_failures_not_tracebacks(scripted, tmp_path):
+    """A doubled Content-Length was int()'s "invalid literal"; a body labelled gzip that is not, zlib.error;
+    both without the manual-download instructions."""
+    doubled = [("Content-Length", f"{len(PAYLOAD)}, {len(PAYLOAD)}")]
+    scripted.answers = [lambda h, d, s: _send(h, 200, d, doubled)]
+    download_file(scripted.url, tmp_path / "data.npz", sha256(PAYLOAD), progress=False, retries=0)
+    assert (tmp_path / "data.npz").read_bytes() == PAYLOAD
+    scripted.answers = [lambda h, d, s: _send(h, 200, b"not gzip at all", [("Content-Encoding", "gzip")])]
+    with pytest.raises(DownloadError, match=r"the server's gzip body could not be decoded \(Error -3"):
+        download_file(scripted.url, tmp_path / "other.npz", None, progress=False, retries=0)
+    assert not (tmp_path / "other.npz.part").exists()
+    cut = gzip.compress(PAYLOAD)[:500]
+    scripted.answers = [lambda h, d, s: _send(h, 200, cut, [("Content-Encoding", "gzip"),
+                                                             ("Content-Length", str(len(cut)))])]
+    with pytest.raises(DownloadError, match=r"connection closed after 500 bytes, before the end of the compressed"):
+        download_file(scripted.url, tmp_path / "other.npz", None, progress=False, retries=0)  # was "500 of 500"
+
+
+def test_a_kept_mismatch_is_used_once_its_checksum_is_given_and_dropped_after_a_verified_download(scripted,
+                                                                                                     tmp_path):
+    """A .mismatch that the user checked and accepted with --hash was downloaded again; one left from an earlier
+    attempt stayed beside the verified file for good (a second copy of a dataset archive)."""
+    other = PAYLOAD[::-1]
+    scripted.data = other  # the host re-packed the file
+    with pytest.raises(HashMismatchError):
+        download_file(scripted.url, tmp_path / "data.npz", sha256(PAYLOAD), progress=False, retries=0)
+    assert (tmp_path / "data.npz.mismatch").read_bytes() == other
+    download_file(scripted.url, tmp_path / "data.npz", sha256(other), progress=False, retries=0)
+    assert (tmp_path / "data.npz").read_bytes() == other and len(scripted.requests) == 1  # no request
+    (tmp_path / "data.npz").unlink()
+    (tmp_path / "data.npz.mismatch").write_bytes(b"an earlier attempt's bytes")
+    download_file(scripted.url, tmp_path / "data.npz", sha256(other), progress=False, retries=0)
+    assert (tmp_path / "data.npz").read_bytes() == other and not (tmp_path / "data.npz.mismatch").exists()
+
+
+def test_a_second_fetch_into_the_same_folder_is_refused_while_the_first_runs(server, tmp_path):
+    """Two at once wrote one .part file from both ends, and the second offered a --hash that accepted the
+    spliced file; unpacking twice at once refused the other's half-written files as a user's."""
+    server.files["/BUSBRA.zip"] = ARCHIVE
+    url = server.url + "/BUSBRA.zip"
+    tmp_path.mkdir(exist_ok=True)
+    lock = tmp_path / ".bus_bra.lock"
+    lock.write_text(f"{os.getppid()} on {socket.gethostname()}\n")  # a live process: this one's parent
+    with pytest.raises(data_fetch.FetchError, match=rf"another data_fetch \(process {os.getppid()} on .*\) is "
+                                                    rf"fetching bus_bra into {tmp_path}; wait for it to finish"):
+        fetch("bus_bra", dest=tmp_path, url=url, known_hash=sha256(ARCHIVE), progress=False)
+    assert server.requests == [] and lock.is_file()
+    if os.name == "posix":  # a killed fetch's lock is taken over
+        gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+        lock.write_text(f"{gone.stdout.strip()} on {socket.gethostname()}\n")
+        fetch("bus_bra", dest=tmp_path, url=url, known_hash=sha256(ARCHIVE), progress=False)
+        assert (tmp_path / "BUSBRA" / "bus_data.csv").is_file() and not lock.exists()
