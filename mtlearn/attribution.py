@@ -15,7 +15,8 @@ then handed to one of five methods (`Explainer.attribute`, or the one-call `attr
     "smoothgrad"  SmoothGrad (Smilkov et al. 2017): |gradient| averaged over noisy copies, written out
                   (noise scaled to each image's own range; Captum's NoiseTunnel uses one for the batch)
     "gradcam"     LayerGradCam (Selvaraju et al. 2017) on the last encoder stage, upsampled to the input
-                  (`upsample_cells`: where each coarse cell is placed)
+                  (`upsample_cells`: where each coarse cell is placed); one cell covers the stage's stride
+                  (16 or 32 px), so it spreads over pixels the model ignores, which the others leave at 0
     "occlusion"   Occlusion (Zeiler & Fergus 2014): score drop when a square patch is greyed out, signed
 
 Every map comes back as (B, 1, H, W): input channels are summed. Two quantitative checks ask
@@ -48,7 +49,7 @@ from tqdm.auto import tqdm
 from mtlearn.encoder import ResFormerEncoder, check_floating, init_weights
 from mtlearn.mtl import MultiTaskUNet
 from mtlearn.plots import _array, _draw_image, _image
-from mtlearn.utils import check_number, find_class_names, is_finite, is_number
+from mtlearn.utils import check_int, check_number, find_class_names, is_finite, is_number
 from mtlearn.widgets import say_in, show_in
 
 HEADS = ("cls", "seg", "recon")
@@ -356,6 +357,8 @@ class Explainer:
         for name in ("n_steps", "internal_batch_size", "nt_samples", "perturbations_per_eval"):
             if name in method_kw:
                 _check_count(name, method_kw[name])
+        if method_kw.get("seed") is not None:
+            check_int("seed", method_kw["seed"], 0)
         stdev = method_kw.get("stdev", 0.15)
         check_number("stdev", stdev, 0, above=True, advice="a fraction of the image's value range, e.g. 0.15")
         window = method_kw.get("window")
@@ -411,21 +414,26 @@ class Explainer:
 
         return Saliency(forward).attribute(images, additional_forward_args=args, abs=True)
 
-    def _smoothgrad(self, forward, images, args, nt_samples: int = 8, stdev: float = 0.15):
+    def _smoothgrad(self, forward, images, args, nt_samples: int = 8, stdev: float = 0.15, seed: int | None = None):
         """SmoothGrad (Smilkov et al. 2017): |gradient| averaged over `nt_samples` noisy copies.
 
         stdev is a fraction of each image's own value range (Smilkov et al. suggest 10-20 %).
         Written out rather than with Captum's NoiseTunnel, whose noise level is one number for the
         whole batch: an image's map would then depend on the other images it is explained with.
+        seed: None draws the noise from torch's generator (another map at every call, unless you
+        torch.manual_seed first; later draws move on with it); an int draws it from a generator of its
+        own, so the same call gives the same map and torch's generator is left where it was.
         """
         from captum.attr import Saliency
 
         value_range = (images.amax(dim=(1, 2, 3)) - images.amin(dim=(1, 2, 3))).clamp_min(1e-6)  # (B,)
         sigma = (stdev * value_range).detach().view(-1, 1, 1, 1)
         saliency = Saliency(forward)
+        generator = None if seed is None else torch.Generator(images.device).manual_seed(seed)
         total = torch.zeros_like(images)
         for _ in range(nt_samples):
-            noisy = (images + sigma * torch.randn_like(images)).detach().requires_grad_(True)
+            noise = torch.randn(images.shape, generator=generator, device=images.device, dtype=images.dtype)
+            noisy = (images + sigma * noise).detach().requires_grad_(True)
             total += saliency.attribute(noisy, additional_forward_args=args, abs=True)
         return total / nt_samples
 
@@ -446,7 +454,8 @@ class Explainer:
             name = self.layer_name or default_layer(self.model)
             raise ValueError(f"Grad-CAM needs a layer with (B, C, h, w) output; {name!r} gives {cam.dim()} "
                              "dimensions. Pass layer= a convolutional stage")
-        return upsample_cells(cam, images.shape[-2:], interpolate_mode, anchor)
+        # bicubic overshoots between cells (a ring below 0 around a peak): clamped, Grad-CAM's maps are >= 0
+        return upsample_cells(cam, images.shape[-2:], interpolate_mode, anchor).clamp_min(0)
 
     def _occlusion(self, forward, images, args, window: int | None = None, stride: int | None = None,
                    baseline: str | float = "mean", perturbations_per_eval: int = 16):
@@ -667,6 +676,9 @@ def localisation_scores(explainer: Explainer, images: Tensor, mask: Tensor, head
     Returns {method: {"mask_share": ..., "pointing_game": ..., "chance": ..., "pointing_chance": ...}}:
     "chance" is the mean area fraction of the mask (the share a map blind to the image gets),
     "pointing_chance" that of the mask grown by `tolerance` (how often a peak at a random pixel hits).
+    A map with no mass counts as a miss in both scores (see `mask_share`), which can put them below
+    chance: e.g. the seg head with target None where the model predicts no lesion explains an empty
+    region, and every method's map is 0 there; pass the masks as the target to explain the lesion itself.
     """
     method_kw = method_kw or {}
     for method in methods:  # all of them before the first map: a typo in the last must not wait for the others
@@ -1077,6 +1089,7 @@ def plot_attributions(images: Tensor, maps: Mapping[str, Tensor], masks: Tensor 
     if row_labels is not None and len(row_labels) != B:
         raise ValueError(f"row_labels needs one label per image ({B}), got {len(row_labels)}")
     colour_limit([], percentile)  # its checks too, before the figure
+    _image(images[0], "images")  # 2 channels: the figure was made, then left open by the error
     if masks is not None:
         _image(masks[0], "masks")  # one channel: (B, 2, H, W) class scores were named as "image"
     columns = 1 + (masks is not None) + len(keys)
@@ -1209,6 +1222,8 @@ def plot_randomisation(result: RandomisationResult, index: int = 0, method: str 
     if image is not None and tuple(image.shape[-2:]) != size:  # else the map covered a corner of the image
         raise ValueError(f"image is {tuple(image.shape[-2:])} but the maps are {size}: pass the image the maps "
                          "were computed on")
+    if image is not None:
+        _image(image)  # a (1, C, H, W) batch: the figure was made, then left open by the error
     original = result.maps[0][index:index + 1]
     absolute = result.absolute
     columns = min(n, 6)

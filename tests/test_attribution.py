@@ -914,6 +914,10 @@ def test_gradcam_by_hand_relu_then_bilinear_upsampling():
     assert torch.allclose(explainer.attribute(x, "cls", 0, "gradcam")[0, 0], block)
     assert torch.allclose(explainer.attribute(x, "cls", 0, "gradcam", anchor="corner")[0, 0], corner)
     assert torch.equal(explainer.attribute(x, "cls", 1, "gradcam"), torch.zeros(1, 1, 4, 4))
+    # bicubic overshoots around the peak (a ring below 0), which made the unsigned map read as signed
+    bicubic = explainer.attribute(x, "cls", 0, "gradcam", interpolate_mode="bicubic")[0, 0]
+    raw = A.upsample_cells(torch.tensor([[[[1.0, 0.0], [0.0, 2.0]]]]), (4, 4), "bicubic")[0, 0]
+    assert raw.min() < 0 and torch.allclose(bicubic, raw.clamp_min(0))
 
 
 def test_upsample_cells_block_is_a_plain_resize_and_corner_puts_cell_j_on_pixel_stride_times_j():
@@ -969,6 +973,20 @@ def test_integrated_gradients_takes_its_number_of_steps(explainer):
     seen = []  # and exactly that many: n_steps copies of the batch go through the model in all
     explainer._ig(lambda x: (seen.append(len(x)), score(x))[1], images, (), n_steps=5, baseline="black")
     assert sum(seen) == 5 * len(images)
+
+
+def test_smoothgrad_with_a_seed_gives_one_map_and_leaves_the_global_generator_alone(explainer):
+    """Two identical calls differed by 40 % of the map's maximum, and each moved torch's generator."""
+    images, score = torch.rand(2, 1, 8, 8), (lambda x: x.square().flatten(1).sum(1))
+    torch.manual_seed(1)
+    first = explainer._smoothgrad(score, images, (), nt_samples=4, seed=3)
+    after = torch.rand(3)
+    torch.manual_seed(1)
+    assert torch.equal(explainer._smoothgrad(score, images, (), nt_samples=4, seed=3), first)
+    assert torch.equal(torch.rand(3), after)  # as if SmoothGrad had not run
+    assert not torch.equal(explainer._smoothgrad(score, images, (), nt_samples=4, seed=4), first)
+    with pytest.raises(ValueError, match=r"seed must be an integer >= 0, got -1"):
+        explainer.check_options("smoothgrad", (8, 8), seed=-1)
 
 
 def test_smoothgrad_averages_over_the_noisy_copies(explainer):
@@ -1392,6 +1410,9 @@ def test_plots_refuse_bad_input_before_opening_a_figure(images):
         (lambda: A.plot_attributions(images[:0], {"ig": maps[:0]}), r"images must be .*at least one image, got \(0, "),
         (lambda: A.plot_attributions(images[0], {"ig": maps[0]}), r"images must be a \(B, C, H, W\) tensor"),
         (lambda: A.plot_randomisation(result, index=2), r"index must be an image of the result, an int in 0\.\.1"),
+        # these opened the figure first and left it open
+        (lambda: A.plot_randomisation(result, image=images[:1]), r"image must be a non-empty \(C, H, W\) array"),
+        (lambda: A.plot_attributions(torch.rand(2, 2, SIZE, SIZE), {"ig": maps}), r"images must be a non-empty"),
         (lambda: A.plot_scores([]), "at least one row"),
     ]:
         with pytest.raises(ValueError, match=message):
