@@ -70,7 +70,14 @@ from mtlearn.utils import (
     seed_everything,
     synchronize,
 )
-from mtlearn.weighting import GradNorm, LossWeighting, build_weighting, find_shared_parameters, weighting_settings
+from mtlearn.weighting import (
+    GradNorm,
+    LossWeighting,
+    build_weighting,
+    find_shared_parameters,
+    has_trained,
+    weighting_settings,
+)
 
 CHECKPOINT_FORMAT = 1
 AMP_CHOICES = ("auto", "bf16", "fp16", "off")
@@ -442,8 +449,9 @@ def _make_weighting(config: TrainConfig, tasks: tuple[str, ...]) -> LossWeightin
             raise ValueError(f"{' and '.join(given)} only apply to a weighting given by name (e.g. weighting="
                              f"'fixed'), not to the {type(config.weighting).__name__} instance passed as weighting, "
                              f"which is already built; pass them to the constructor instead: {' or '.join(fixes)}")
-        if tuple(config.weighting.tasks) != tasks:
-            raise ValueError(f"the weighting was built for tasks {config.weighting.tasks}, training uses {tasks}")
+        if set(config.weighting.tasks) != set(tasks):  # the losses go by name: another order is the same weighting
+            raise ValueError(f"the weighting was built for tasks {config.weighting.tasks}, training uses {tasks}; "
+                             f"build it with tasks={tasks}")
         return config.weighting
     kwargs = dict(config.weighting_kwargs)
     if config.task_weights is not None:
@@ -514,6 +522,14 @@ def fit(model: nn.Module, train_loader, val_loader=None, config: TrainConfig | N
             warnings.warn("train_loader keeps its workers between epochs (persistent_workers=True): their random "
                           "generators (augmentation) are in no checkpoint, so a resumed run will not repeat an "
                           "uninterrupted one; for resumable runs use persistent_workers=False", stacklevel=2)
+    resuming = config.resume and out_dir is not None and (out_dir / "last.pt").is_file()
+    if isinstance(config.weighting, LossWeighting) and not resuming and has_trained(config.weighting):
+        # one instance passed to several runs (a loop over seeds): the next would start from the last one's
+        # learned weights, loss history or optimiser state, and differ from the same run started alone
+        name = type(config.weighting).__name__
+        raise ValueError(f"the {name} passed as weighting has trained already (its state is not a new {name}'s), "
+                         "so this run would start where another ended; pass a new one for every run (build it "
+                         "inside the loop), or the weighting's name, e.g. weighting='dwa'")
     if config.seed is not None:
         seed_everything(config.seed)
     run = _prepare(model, config, tasks, total_steps=config.epochs * steps_per_epoch)

@@ -80,7 +80,9 @@ class LossWeighting(nn.Module):
 
     def combine(self, losses: Mapping[str, Tensor]) -> Tensor:
         """Weighted sum of the task losses -> scalar (differentiable)."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} changes the gradients in backward() and has no weighted sum "
+                                  "of its own; to weigh losses yourself, use its current weights(), e.g. "
+                                  "sum(w * losses[t] for t, w in weighting.weights().items())")
 
     def backward(self, losses: Mapping[str, Tensor], shared_parameters: Sequence[nn.Parameter] | None = None,
                  scale: Scale | None = None) -> Tensor:
@@ -103,6 +105,26 @@ class LossWeighting(nn.Module):
     def options(self) -> dict[str, Any]:
         """The constructor's settings other than `tasks` (what a resumed run must share with the saved one)."""
         return {}
+
+
+def has_trained(weighting: LossWeighting) -> bool:
+    """Whether `weighting` has left the state a new one of its kind starts in (learned weights, a loss history, a
+    random generator that drew, an optimiser's moments): a run given it starts where the last one ended."""
+    try:
+        fresh = type(weighting)(weighting.tasks, **weighting.options())
+    except Exception:  # noqa: BLE001 (a user's own class with another constructor: nothing to compare with)
+        return False
+    return not _same_state(weighting.state_dict(), fresh.state_dict())
+
+
+def _same_state(a, b) -> bool:
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+        return a.keys() == b.keys() and all(_same_state(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same_state(x, y) for x, y in zip(a, b))
+    if isinstance(a, Tensor) and isinstance(b, Tensor):
+        return a.shape == b.shape and torch.equal(a.detach().cpu(), b.detach().cpu())
+    return type(a) is type(b) and a == b
 
 
 def check_task_weights(weights, tasks: Sequence[str], name: str = "weights") -> None:
@@ -199,7 +221,9 @@ class DynamicWeightAverage(LossWeighting):
         self.loss_history = torch.stack([self.loss_history[1], current])  # (2, T)
         self.epochs_seen += 1
         if self.epochs_seen >= 2:
-            ratio = self.loss_history[1] / self.loss_history[0].clamp_min(1e-12)  # (T,)
+            earlier, last = self.loss_history
+            # a task at 0 two epochs ago has no rate: 1 (as if it held), not 0.01 / 1e-12, which gave it every weight
+            ratio = torch.where(earlier > 0, last / earlier.clamp_min(1e-12), torch.ones_like(last))  # (T,)
             self.task_weights = len(self.tasks) * torch.softmax(ratio / self.temperature, dim=0)
 
     def weights(self):
@@ -258,6 +282,10 @@ class GradNorm(LossWeighting):
         if not self.initialised:
             self.initial_losses = _average_across_processes(task_losses.detach().clone())
             self.initialised.fill_(True)
+        elif not (self.initial_losses > 0).all():  # a task at 0 on the first batch (a batch of one class) would have
+            # a ratio of 0 / 1e-12 for good, and so almost no weight: its L(0) is its first loss above 0
+            now = _average_across_processes(task_losses.detach().clone())
+            self.initial_losses = torch.where(self.initial_losses > 0, self.initial_losses, now)
         # G_t: graph kept (create_graph) so that the norm can be differentiated w.r.t. w_t. Under fp16
         # everything here is S times larger (S: the loss scale; 1 without a GradScaler): the gradients
         # are taken of the scaled loss, as the network's are, and the objective is differentiated in

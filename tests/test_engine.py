@@ -479,6 +479,32 @@ def test_a_weighting_instance_resumes_by_its_settings(tmp_path):
         _fit(ToyNet(), train, val, epochs=3, out_dir=tmp_path / "b", resume=True, weighting=FixedWeights(TASKS))
 
 
+def test_a_weighting_instance_that_trained_is_refused_for_a_new_run_and_its_task_order_does_not_matter(tmp_path):
+    """One DWA passed to runs of several seeds started the second from the first's loss history (its epoch-2 weights
+    [0.997, 1.027] instead of [1, 1]); a weighting built for the tasks in another order was refused."""
+    def run(weighting):
+        torch.manual_seed(0)
+        return _fit(ToyNet(), *_loaders(), epochs=3, weighting=weighting, seed=0)
+
+    reused = DynamicWeightAverage(TASKS)
+    first = run(reused)
+    train, val = _loaders()
+    with pytest.raises(ValueError, match=r"the DynamicWeightAverage passed as weighting has trained already .* pass "
+                                         r"a new one for every run \(build it inside the loop\)"):
+        _fit(ToyNet(), train, val, epochs=3, weighting=reused, seed=0)
+    again = run(DynamicWeightAverage(TASKS[::-1]))
+    for key in ("train/total", "weight/seg", "weight/cls", "weight/recon"):  # by name (sums differ in rounding)
+        assert [r[key] for r in again.records] == pytest.approx([r[key] for r in first.records], rel=1e-5)
+    fixed = FixedWeights(TASKS)  # nothing to learn: one instance serves every run
+    _fit(ToyNet(), train, val, epochs=1, weighting=fixed)
+    _fit(ToyNet(), train, val, epochs=1, weighting=fixed)
+    with pytest.raises(ValueError, match=r"built for tasks \('seg', 'cls'\), training uses .*; build it with tasks="):
+        _fit(ToyNet(), train, val, epochs=1, weighting=FixedWeights(("seg", "cls")))
+    # resuming is what carries a weighting's state on: its checkpoint, not a trained instance
+    _fit(ToyNet(), train, val, epochs=1, out_dir=tmp_path, weighting=DynamicWeightAverage(TASKS))
+    _fit(ToyNet(), train, val, epochs=2, out_dir=tmp_path, resume=True, weighting=DynamicWeightAverage(TASKS))
+
+
 def test_bf16_autocast_on_cpu():
     model = ToyNet()
     history = _fit_on_cpu(model, *_loaders(), epochs=1, amp="bf16")

@@ -141,6 +141,34 @@ def test_a_task_loss_of_zero_keeps_the_weights_finite():
     assert all(math.isfinite(w) for w in gradnorm.weights().values())
 
 
+def test_a_task_at_zero_at_first_gets_its_rate_from_its_first_loss_above_zero():
+    """DWA: a loss 0 two epochs ago made the ratio 0.01 / 1e-12 and gave that task every weight (the other 0);
+    GradNorm: a first batch of one class (loss 0) kept L(0) = 0, so the ratio stayed ~0 and the weight fell to
+    0.001 for the rest of the run."""
+    dwa = DynamicWeightAverage(TASKS)
+    dwa.end_epoch({"seg": 0.0, "cls": 1.0})
+    dwa.end_epoch({"seg": 0.01, "cls": 1.0})
+    assert dwa.weights() == {"seg": 1.0, "cls": 1.0}  # no rate for seg yet: as if it held, like cls
+    torch.manual_seed(0)
+    net, gradnorm = TwoTaskNet(), GradNorm(TASKS)
+    x, targets = _regression_problem(n=32)
+    first = _losses(net, x, targets, {"seg": 0.0, "cls": 1.0})
+    gradnorm.backward(first, list(net.encoder.parameters()))
+    gradnorm.after_step()
+    second = _losses(net, x, targets)
+    gradnorm.backward(second, list(net.encoder.parameters()))
+    seg, cls = second["seg"].item(), first["cls"].item()  # seg's L(0) is its first loss above 0; cls's stays
+    assert seg > 0 and gradnorm.initial_losses.tolist() == pytest.approx([seg, cls])
+    drop = second["cls"].item() / cls  # cls's rate; seg's is 1
+    assert gradnorm.last_ratios.tolist() == pytest.approx([2 / (1 + drop), 2 * drop / (1 + drop)])
+
+
+@pytest.mark.parametrize("make", [lambda: GradNorm(TASKS), lambda: PCGrad(TASKS)])
+def test_gradient_weightings_say_why_they_have_no_combine(make):
+    with pytest.raises(NotImplementedError, match=r"changes the gradients in backward\(\) and has no weighted sum"):
+        make().combine({"seg": torch.tensor(1.0), "cls": torch.tensor(1.0)})  # was NotImplementedError('')
+
+
 def _weighted_grad_norms(net, losses, weighting):
     layer = net.encoder.weight
     return [torch.autograd.grad(w * losses[t], layer, retain_graph=True)[0].norm().item()
