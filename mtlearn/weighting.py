@@ -294,10 +294,13 @@ class GradNorm(LossWeighting):
         # moving on a T4). S overflowing gives inf, see after_step.
         scale = scale or (lambda t: t)
         loss_scale = scale(torch.ones((), device=task_losses.device))  # S
-        scaled_norms = torch.stack([
-            torch.autograd.grad(scale(w * loss), layer, retain_graph=True, create_graph=True)[0].norm()
-            for w, loss in zip(self.task_weights, task_losses)
-        ])  # (T,) S * G_t
+        grads = [torch.autograd.grad(scale(w * loss), layer, retain_graph=True, create_graph=True, allow_unused=True)[0]
+                 for w, loss in zip(self.task_weights, task_losses)]
+        if any(g is None for g in grads):  # torch: "One of the differentiated Tensors appears to not have been used"
+            raise ValueError(f"GradNorm measures gradient norms at the last shared layer with 2 or more dimensions "
+                             f"(a weight of shape {tuple(layer.shape)}), which the task losses do not reach (an unused "
+                             "layer among the shared parameters?); pass the parameters every task uses, the encoder's")
+        scaled_norms = torch.stack([g.norm() for g in grads])  # (T,) S * G_t
         current = _average_across_processes(task_losses.detach().clone())  # L_t over every process, as L_t(0)
         ratio = current / self.initial_losses.clamp_min(1e-12)
         ratio = ratio / ratio.mean()

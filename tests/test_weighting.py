@@ -206,6 +206,10 @@ def test_gradnorm_measures_the_gradient_at_the_last_shared_layer():
     weighting = GradNorm(TASKS)
     weighting.backward(losses, list(encoder.parameters()))
     torch.testing.assert_close(weighting.last_grad_norms, torch.stack(expected))
+    unused = nn.Linear(8, 3)  # e.g. a backbone's classifier that no task uses, last among the shared parameters
+    losses = {t: nn.functional.mse_loss(heads[t](encoder(x)).squeeze(1), targets[t]) for t in TASKS}
+    with pytest.raises(ValueError, match=r"a weight of shape \(3, 8\)\), which the task losses do not reach"):
+        GradNorm(TASKS).backward(losses, [*encoder.parameters(), *unused.parameters()])  # torch's "not been used"
 
 
 def test_gradnorm_weight_gradient_by_hand_with_its_target_held_constant():
