@@ -868,13 +868,14 @@ class Comparison:
 
     table: "object"  # pandas DataFrame, one row per strategy (see `strategy_table`)
     runs: list[TrainedModel]  # one per network trained, pre-training first
-    representation: nn.Module  # the pretrained denoiser
+    representation: nn.Module | None  # the pretrained denoiser (None: no strategy of the comparison uses one)
     config: UMSRepConfig
 
 
 def run_comparison(config: UMSRepConfig | str = "course", out_dir: str | os.PathLike | None = None,
                    resume: bool = False) -> Comparison:
-    """Pre-train the representation, run every strategy of `config`, and tabulate them.
+    """Pre-train the representation, run every strategy of `config`, and tabulate them. Without a strategy
+    that starts from the representation (PRETRAINED; e.g. strategies=("scratch",)) nothing is pre-trained.
 
     out_dir: keep every network's run there, so that an interrupted comparison loses at most an
     epoch: one folder per network, out_dir/<strategy>/<tasks> (pretrain/recon, frozen/seg, ...,
@@ -888,8 +889,10 @@ def run_comparison(config: UMSRepConfig | str = "course", out_dir: str | os.Path
     check_run_folder(out_dir, resume, "the comparison's runs")  # before the data are loaded
     config = _checked_config(config)
     data = load_strategy_data(config)
-    representation, pretrain = pretrain_representation(config, data, out_dir, resume)
-    runs = [pretrain]
+    representation, runs = None, []
+    if any(strategy in PRETRAINED for strategy in config.strategies):  # else its compute would be spent for nothing
+        representation, pretrain = pretrain_representation(config, data, out_dir, resume)
+        runs.append(pretrain)
     for strategy in config.strategies:
         runs += run_strategy(strategy, config, data, representation, out_dir, resume)
     return Comparison(strategy_table(runs, config), runs, representation, config)

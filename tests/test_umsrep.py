@@ -829,6 +829,15 @@ def count_fits(monkeypatch, root):
     return calls
 
 
+def test_a_comparison_without_a_pretrained_strategy_pre_trains_nothing(tmp_path, monkeypatch):
+    """strategies=("scratch",) pre-trained the representation anyway: its compute spent, its row in the table."""
+    calls = count_fits(monkeypatch, tmp_path)
+    result = run_comparison(handful(strategies="scratch"), out_dir=tmp_path)
+    assert result.representation is None and [r.strategy for r in result.runs] == ["scratch"] * 3
+    assert list(result.table.index) == ["scratch"] and result.table.loc["scratch", "pretrain_gflops"] == 0
+    assert sorted(folder for folder, _ in calls) == ["scratch/cls", "scratch/recon", "scratch/seg"]  # no pretrain/
+
+
 def without_times(records):
     return [{k: v for k, v in r.items() if k not in ("epoch_time", "data_time", "data_share")} for r in records]
 
