@@ -14,7 +14,7 @@ files were deleted since or another checksum is asked for. Files deleted since a
 archive, checked against the marker's checksum: the one a user accepted with --hash stays accepted.
 Unpacking never replaces a file it did not write (one of the marker's, or of an unpacking cut short)
 with other contents: a `dest` that already holds a user's files is refused, naming them. One fetch
-fills a folder at a time: a second one is refused while the first holds the folder's lock file.
+of a dataset into a folder at a time: a second one is refused while the first holds its lock file.
 """
 
 from __future__ import annotations
@@ -107,8 +107,8 @@ def fetch(
     holder = take_lock(lock)
     if holder is not None:
         raise FetchError(f"another data_fetch ({holder}) is fetching {source.name} into {folder}; wait for it to "
-                         f"finish, then run this again (it will find the dataset ready); if none is running (a "
-                         f"crashed machine), delete {lock}")
+                         f"finish, then run this again (it will find the dataset ready); if none is running (one "
+                         f"killed on another machine, or on Windows), delete {lock}")
     try:
         return _fetch_locked(source, folder, url, parts.scheme, known_hash, progress, retries)
     finally:
@@ -225,7 +225,7 @@ def _refuse_a_wrong_given_hash(path: Path, given_hash: str | None, source: Sourc
         raise HashMismatchError(
             f"{path} does not match the --hash you gave ({given_hash}) but matches {which} ({checksum}): "
             f"the file is good and the --hash looks wrong. Run again without --hash (or with --hash {checksum})"
-            + (f", after renaming {path.name} to {source.filename}" if path.name != source.filename else ""),
+            + (f": it uses {path.name}, without downloading it again" if path.name != source.filename else ""),
             error.actual, error.kept)
 
 
@@ -314,8 +314,8 @@ def mismatch_advice(
     else:
         cause = ""  # a file put there by hand: the caller says to delete it
     accept = f"python -m data_fetch {source.name} --dest \"{folder}\" --hash {error.actual}"
-    if error.kept is not None:  # use the kept copy instead of downloading it again
-        accept = f"rename {error.kept} to {source.filename}, then run `{accept}`"
+    if error.kept is not None:  # download_file takes the kept copy once it matches the checksum asked for
+        accept += f" (it uses the kept {error.kept.name}, without downloading it again)"
     return (cause + "\n" if cause else "") + (
         f"If you checked the file (it unpacks, the images look right) and want to use it: {accept}"
     )

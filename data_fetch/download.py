@@ -143,7 +143,8 @@ def download_file(
 
     Raises DownloadError when the host fails after `retries` retries (the `.part` file is kept,
     so the next call resumes) and HashMismatchError when the checksum differs (the `.part` file
-    is moved to `<path>.mismatch`, so the next call starts afresh). Nothing is ever left at `path`
+    is moved to `<path>.mismatch`: the next call starts afresh, or takes that file if it matches the
+    checksum asked for then, e.g. one the user accepted with --hash). Nothing is ever left at `path`
     unless verified; with no `known_hash` there is nothing to verify against, and the caller checks
     what it can (`data_fetch.fetch`: that an archive is a zip). Each retry is announced on stderr.
     """

@@ -10,6 +10,9 @@ import time
 from pathlib import Path
 
 
+EMPTY_LOCK_SECONDS = 60  # an empty lock this old was never finished (its process was killed in between)
+
+
 def take_lock(lock: Path) -> str | None:
     """Create `lock` holding this process's id; None when taken, else who holds it. A lock left by a
     process of this machine that is gone (a killed run) is taken over; on Windows, where a process
@@ -21,6 +24,9 @@ def take_lock(lock: Path) -> str | None:
             try:
                 text, since = lock.read_text(errors="replace").strip(), time.ctime(lock.stat().st_mtime)
             except FileNotFoundError:  # released in the meantime
+                continue
+            if not text and time.time() - lock.stat().st_mtime > EMPTY_LOCK_SECONDS:
+                _remove_stale(lock, text)  # made, then killed before it wrote its id: nobody holds it
                 continue
             pid, _, host = text.partition(" on ")
             # our own id: a lock of an earlier process that had it (a container restarted), never ours
@@ -39,7 +45,7 @@ def _remove_stale(lock: Path, text: str) -> None:
     """Delete `lock` if it still holds `text`, the id of a process that is gone.
 
     Two runs that found the same stale lock must not both take it over: the later one would delete
-    the lock the first had just made (and then its staging folder). So the removal is guarded by a
+    the lock the first had just made (and then work over it). So the removal is guarded by a
     file of its own, made exclusively, and the lock is read again under it: a lock that changed
     (taken by another run meanwhile) is left alone.
     """

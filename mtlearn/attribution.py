@@ -429,7 +429,7 @@ class Explainer:
         value_range = (images.amax(dim=(1, 2, 3)) - images.amin(dim=(1, 2, 3))).clamp_min(1e-6)  # (B,)
         sigma = (stdev * value_range).detach().view(-1, 1, 1, 1)
         saliency = Saliency(forward)
-        generator = None if seed is None else torch.Generator(images.device).manual_seed(seed)
+        generator = None if seed is None else torch.Generator(images.device).manual_seed(check_int("seed", seed, 0))
         total = torch.zeros_like(images)
         for _ in range(nt_samples):
             noise = torch.randn(images.shape, generator=generator, device=images.device, dtype=images.dtype)

@@ -77,7 +77,8 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module | None = None,
     weights_only builds tensors and plain containers only, so a foreign or tampered file raises
     a ValueError instead. Returns the whole dict; fit's holds "model", "optimizer", "scheduler",
     "weighting", "scaler", "rng", "history" (a dict; `History.from_state_dict` turns it back),
-    "epoch" (epochs completed), "steps_per_epoch" (batches per epoch), "config".
+    "epoch" (epochs completed), "steps_per_epoch", "batch_size" and "train_items" (the training loader's
+    batches per epoch, batch size and dataset size), "config".
     """
     path = Path(path).expanduser()
     if path.is_dir():  # the run's folder rather than a file in it

@@ -140,6 +140,10 @@ def _check_widths(widths) -> tuple[int, ...]:
 READOUTS = ("pooled", "spatial")
 
 
+class OneImageBatchError(ValueError):
+    """A batch of one image through a classifier whose BatchNorm is in training mode."""
+
+
 class Classifier(nn.Module):
     """The paper's classifier, dense 256 -> BN -> ReLU -> dense (Meng et al. 2019), after a readout.
 
@@ -183,7 +187,7 @@ class Classifier(nn.Module):
         """features: (B, C, h, w) -> logits (B, num_classes)"""
         # torch: "Expected more than 1 value per channel when training" (a BatchNorm frozen with .eval() is fine)
         if features.shape[0] == 1 and any(m.training for m in self.net if isinstance(m, nn.BatchNorm1d)):
-            raise ValueError("one image in training mode leaves the classifier's BatchNorm a single value per "
+            raise OneImageBatchError("one image in training mode leaves the classifier's BatchNorm a single value per "
                              "feature; train on batches of 2 or more images, or call model.eval() to run it on one")
         return self.net(self.pool(features))
 
@@ -986,9 +990,6 @@ def recalibrate_batchnorm(model: nn.Module, loader, device: str | torch.device =
             if not isinstance(batch, Mapping) or "image" not in batch:
                 raise ValueError(f"each batch must be a dict with an 'image' tensor, got "
                                  f"{sorted(batch) if isinstance(batch, Mapping) else type(batch).__name__}")
-            if len(batch["image"]) < 2:  # BatchNorm in training mode: "Expected more than 1 value per channel"
-                raise ValueError(f"batch {seen + 1} holds {len(batch['image'])} image: BatchNorm's statistics need 2 "
-                                 "or more per batch; pass a DataLoader with drop_last=True (or another batch_size)")
             seen += 1
             yield batch["image"].to(device)
 
@@ -1002,6 +1003,9 @@ def recalibrate_batchnorm(model: nn.Module, loader, device: str | torch.device =
     try:
         update_bn(images(), model)
         finished = bool(seen)
+    except OneImageBatchError:  # update_bn runs the model in training mode: a classifier's BatchNorm1d sees 1 value
+        raise ValueError(f"batch {seen} holds one image, from which the classifiers' BatchNorm cannot take "
+                         "statistics; pass a DataLoader with drop_last=True (or another batch_size)") from None
     finally:
         for module, training in modes:
             module.training = training

@@ -449,7 +449,7 @@ def _make_weighting(config: TrainConfig, tasks: tuple[str, ...]) -> LossWeightin
             raise ValueError(f"{' and '.join(given)} only apply to a weighting given by name (e.g. weighting="
                              f"'fixed'), not to the {type(config.weighting).__name__} instance passed as weighting, "
                              f"which is already built; pass them to the constructor instead: {' or '.join(fixes)}")
-        if set(config.weighting.tasks) != set(tasks):  # the losses go by name: another order is the same weighting
+        if tuple(config.weighting.tasks) != tasks:  # in order: its state (and a checkpoint's) is kept by position
             raise ValueError(f"the weighting was built for tasks {config.weighting.tasks}, training uses {tasks}; "
                              f"build it with tasks={tasks}")
         return config.weighting
@@ -625,7 +625,7 @@ def fit(model: nn.Module, train_loader, val_loader=None, config: TrainConfig | N
             if out_dir is not None:
                 rng = rng_state(train_loader, run.device)  # on every rank: it gathers each GPU's random state
                 if is_main_process():
-                    state = _run_state(run, epoch + 1, history, config, tasks, rng, steps_per_epoch)
+                    state = _run_state(run, epoch + 1, history, config, tasks, rng, _loader_facts(train_loader))
                     # last.pt first: stopped between the two, best.pt is an improvement behind, and a resume
                     # takes the best weights from last.pt (whose history says so); the other way round, best.pt
                     # would hold an epoch that the resumed history does not have
@@ -755,13 +755,14 @@ def _warn_if_probabilities(outputs: Mapping[str, Tensor]) -> bool:
 
 
 def _run_state(run: _Run, epoch: int, history: History, config: TrainConfig, tasks, rng: dict,
-               steps_per_epoch: int) -> dict:
+               loader_facts: dict) -> dict:
     """A checkpoint: tensors, numbers, strings, lists and dicts only, so that weights_only=True loads it.
 
-    steps_per_epoch: len(train_loader), which a resumed run must match (see RESUME_NOTES).
+    loader_facts: the training loader's length, batch size and items (_loader_facts), which a resumed run must
+    match (see RESUME_NOTES).
     """
     return {
-        "format": CHECKPOINT_FORMAT, "epoch": epoch, "steps_per_epoch": steps_per_epoch,
+        "format": CHECKPOINT_FORMAT, "epoch": epoch, **loader_facts,
         "model": run.model.state_dict(), "trainable": trainable_names(run.model),
         "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
         "weighting": run.weighting.state_dict(), "scaler": run.scaler.state_dict() if run.scaler else {},
@@ -774,12 +775,25 @@ def _run_state(run: _Run, epoch: int, history: History, config: TrainConfig, tas
 # no option but the training loader's length: the restored scheduler has counted steps of the old loader,
 # while the schedule's total is recomputed as epochs * len(new loader), so with another length the
 # learning rate would jump, or reach 0 long before the last epoch, without a word.
+# batch_size and train_items: the same number of batches from other batches (3 of 4 images from 9, then 3 of 3)
+# would resume without a word into a run that no uninterrupted one matches.
+LOADER_FACTS = ("steps_per_epoch", "batch_size", "train_items")
 RESUME_FIELDS = ("tasks", "lr", "weight_decay", "betas", "poly_power", "weighting", "task_weights",
-                 "weighting_kwargs", "losses", "grad_clip", "steps_per_epoch")
+                 "weighting_kwargs", "losses", "grad_clip", *LOADER_FACTS)
+_KEEP_LOADER = ("keep the batch size, the training set and the number of torchrun processes of that run (CLI: "
+                "--batch-size, --limit, --nproc_per_node)")
 RESUME_NOTES = {"steps_per_epoch": "steps_per_epoch is the training loader's number of batches, which the "
-                                   "learning-rate schedule counts: keep the batch size, the training set and the "
-                                   "number of torchrun processes of that run (CLI: --batch-size, --limit, "
-                                   "--nproc_per_node)"}
+                                   f"learning-rate schedule counts: {_KEEP_LOADER}",
+                "batch_size": f"batch_size is the training loader's: {_KEEP_LOADER}",
+                "train_items": f"train_items is the size of the training loader's dataset: {_KEEP_LOADER}"}
+
+
+def _loader_facts(loader) -> dict:
+    """The training loader's number of batches, batch size and dataset size (None where it has none: a list of
+    batches), as a checkpoint records them."""
+    dataset = getattr(loader, "dataset", None)
+    items = len(dataset) if dataset is not None and hasattr(dataset, "__len__") else None
+    return {"steps_per_epoch": len(loader), "batch_size": getattr(loader, "batch_size", None), "train_items": items}
 
 
 # what _load_run reads from a checkpoint ("scaler" may be {}, "trainable" and "config" may be absent)
@@ -794,9 +808,9 @@ def _load_run(run: _Run, path: Path, train_loader, config: TrainConfig, tasks) -
     check_checkpoint_keys(path, state, FIT_KEYS, "fit")
     check_trainable(path, state.get("trainable"), run.model, state["model"])  # before the model is changed
     saved = dict(state.get("config", {}))
-    if "steps_per_epoch" in state:  # not in a checkpoint written before it was saved: not compared then
-        saved["steps_per_epoch"] = state["steps_per_epoch"]
-    current = {**_plain_config(config, tasks), "steps_per_epoch": len(train_loader)}
+    # not in a checkpoint written before they were saved: not compared then
+    saved.update({name: state[name] for name in LOADER_FACTS if name in state})
+    current = {**_plain_config(config, tasks), **_loader_facts(train_loader)}
     check_resume_options(path, _weighting_as_settings(saved), _weighting_as_settings(current), RESUME_FIELDS,
                          RESUME_NOTES)
     load_weights(run.model, state["model"], f"cannot resume from {path}: its weights do not fit this model (another "

@@ -514,9 +514,6 @@ class UMSRepConfig:
         if unknown or not self.strategies:
             problem = f"unknown strategies {unknown}" if unknown else "strategies is empty: name at least one"
             raise ValueError(f"{problem}; choose from {tuple(STRATEGIES)}")
-        if self.profile not in PROFILES:
-            raise ValueError(f"profile must be one of {tuple(PROFILES)}, got {self.profile!r}; "
-                             "strategy_config(profile) gives a profile's settings")
         self._check_choices()
         size = self.image_size
         if not is_int(size) or size % 16 or size < 32:
@@ -553,7 +550,12 @@ class UMSRepConfig:
         check_number("speckle_looks", self.speckle_looks, 0, above=True, advice="more looks = milder speckle, e.g. 4")
         check_int("seed", self.seed, 0)
         check_bool("progress", self.progress)
-        pick_device(self.device)  # the trainer's check ('xpu', or 'cuda' without a GPU), before any data loads
+        if self.device != "auto":  # the form here; whether this machine has it, when a step starts (_checked_config)
+            try:
+                torch.device(self.device)
+            except (RuntimeError, TypeError):
+                raise ValueError(f"device must be 'auto' or a torch device such as 'cpu' or 'cuda', "
+                                 f"got {self.device!r}") from None
 
 
 PROFILES: dict[str, dict] = {
@@ -588,7 +590,9 @@ def _checked_config(config: UMSRepConfig | str) -> UMSRepConfig:
     if not isinstance(config, UMSRepConfig):
         raise ValueError(f"config must be a profile name {tuple(PROFILES)} or a UMSRepConfig (strategy_config(...)), "
                          f"got {config!r}")
-    return replace(config)
+    config = replace(config)
+    pick_device(config.device)  # the trainer's check ('xpu', 'cpu:3', 'cuda' without a GPU), before any data loads
+    return config
 
 
 # ----------------------------------------------------------------------------------------------

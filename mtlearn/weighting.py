@@ -80,9 +80,8 @@ class LossWeighting(nn.Module):
 
     def combine(self, losses: Mapping[str, Tensor]) -> Tensor:
         """Weighted sum of the task losses -> scalar (differentiable)."""
-        raise NotImplementedError(f"{type(self).__name__} changes the gradients in backward() and has no weighted sum "
-                                  "of its own; to weigh losses yourself, use its current weights(), e.g. "
-                                  "sum(w * losses[t] for t, w in weighting.weights().items())")
+        raise NotImplementedError(f"{type(self).__name__} defines no combine(): a weighting overrides combine "
+                                  "(a weighted sum of the losses) or backward (if it changes the gradients)")
 
     def backward(self, losses: Mapping[str, Tensor], shared_parameters: Sequence[nn.Parameter] | None = None,
                  scale: Scale | None = None) -> Tensor:
@@ -105,6 +104,12 @@ class LossWeighting(nn.Module):
     def options(self) -> dict[str, Any]:
         """The constructor's settings other than `tasks` (what a resumed run must share with the saved one)."""
         return {}
+
+
+def _no_weighted_sum(weighting: LossWeighting) -> NotImplementedError:
+    return NotImplementedError(f"{type(weighting).__name__} changes the gradients in backward() and has no weighted "
+                               "sum of its own; to weigh losses yourself, use its current weights(), e.g. "
+                               "sum(w * losses[t] for t, w in weighting.weights().items())")
 
 
 def has_trained(weighting: LossWeighting) -> bool:
@@ -316,6 +321,9 @@ class GradNorm(LossWeighting):
         self.last_grad_norms = grad_norms.detach().cpu()
         return total.detach()
 
+    def combine(self, losses):
+        raise _no_weighted_sum(self)
+
     def after_step(self):
         if self.task_weights.grad is None:
             return
@@ -381,6 +389,9 @@ class PCGrad(LossWeighting):
         self.seed = check_int("seed", seed, 0)
         self.generator = torch.Generator().manual_seed(self.seed)
         self.last_cosine = float("nan")  # cosine between the first two task gradients, for inspection
+
+    def combine(self, losses):
+        raise _no_weighted_sum(self)
 
     def backward(self, losses, shared_parameters=None, scale=None):
         if not shared_parameters:

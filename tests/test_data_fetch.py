@@ -357,10 +357,9 @@ def test_mismatch_with_an_unofficial_pin_says_so_and_how_to_accept_the_file(serv
     message, kept, actual = str(error.value), tmp_path / "Dataset_BUSI.zip.mismatch", sha256(archive)
     assert message.startswith("Dataset_BUSI.zip is")  # the dataset's file, not its .part
     assert "pinned by another project" in message and "run again to retry" not in message
-    assert kept.read_bytes() == archive and f"rename {kept} to Dataset_BUSI.zip" in message
+    assert kept.read_bytes() == archive and "it uses the kept Dataset_BUSI.zip.mismatch, without downloading" in message
     assert f"--hash {actual}" in message and error.value.actual == actual
-    # following the advice uses the kept copy: no second download
-    kept.rename(tmp_path / "Dataset_BUSI.zip")
+    # following the advice uses the kept copy: no second download (it was renamed by hand before)
     assert main(["busi", "--dest", str(tmp_path), "--hash", actual, "--quiet"]) == 0
     assert len(server.requests) == 1 and (tmp_path / "Dataset_BUSI_with_GT/normal/normal (1).png").is_file()
 
@@ -424,9 +423,11 @@ def test_a_mistyped_hash_is_blamed_not_a_good_archive(server, tmp_path, monkeypa
     # downloaded afresh: the pinned checksum holds, the kept copy is named with how to use it
     pinned = dataclasses.replace(data_fetch.get_source("bus_bra"), known_hash=sha256(ARCHIVE))
     monkeypatch.setitem(data_fetch.SOURCES, "bus_bra", pinned)
-    with pytest.raises(HashMismatchError, match=r"matches the pinned checksum \(.*Run again without --hash .*after "
-                                                r"renaming BUSBRA.zip.mismatch to BUSBRA.zip"):
+    with pytest.raises(HashMismatchError, match=r"matches the pinned checksum \(.*Run again without --hash .*: it "
+                                                r"uses BUSBRA.zip.mismatch, without downloading it again"):
         fetch("bus_bra", dest=tmp_path / "fresh", url=url, known_hash=wrong, progress=False)
+    fetch("bus_bra", dest=tmp_path / "fresh", url=url, progress=False)  # as it says: no second download
+    assert len(server.requests) == 2 and (tmp_path / "fresh" / "BUSBRA" / "bus_data.csv").is_file()
 
 
 def test_mismatch_with_your_own_checksum_does_not_blame_the_unofficial_pin(server, tmp_path):
@@ -1610,6 +1611,13 @@ def test_a_second_fetch_into_the_same_folder_is_refused_while_the_first_runs(ser
                                                     rf"fetching bus_bra into {tmp_path}; wait for it to finish"):
         fetch("bus_bra", dest=tmp_path, url=url, known_hash=sha256(ARCHIVE), progress=False)
     assert server.requests == [] and lock.is_file()
+    lock.write_text("")  # made, then killed before it wrote its id: held while it may be a live fetch's, then not
+    with pytest.raises(data_fetch.FetchError, match=r"another data_fetch \(process unknown"):
+        fetch("bus_bra", dest=tmp_path, url=url, known_hash=sha256(ARCHIVE), progress=False)
+    os.utime(lock, (lock.stat().st_atime, lock.stat().st_mtime - 61))
+    fetch("bus_bra", dest=tmp_path, url=url, known_hash=sha256(ARCHIVE), progress=False)
+    assert not lock.exists()
+    (tmp_path / ".bus_bra.complete").unlink()
     if os.name == "posix":  # a killed fetch's lock is taken over
         gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
         lock.write_text(f"{gone.stdout.strip()} on {socket.gethostname()}\n")

@@ -899,12 +899,14 @@ def test_recalibrate_batchnorm_that_fails_on_a_one_image_batch_puts_the_model_ba
     model = tiny_model("shared")
     before = {k: v.clone() for k, v in model.state_dict().items()}
     odd = DataLoader(Subset(tiny_loaders[0].dataset, range(17)), batch_size=4)  # 4 x 4 + 1
-    with pytest.raises(ValueError, match=r"batch 5 holds 1 image: BatchNorm's statistics need 2 or more per batch; "
-                                         r"pass a DataLoader with drop_last=True"):
+    with pytest.raises(ValueError, match=r"batch 5 holds one image, from which the classifiers' BatchNorm cannot "
+                                         r"take statistics; pass a DataLoader with drop_last=True"):
         D.recalibrate_batchnorm(model, odd, device="cpu")
     for name, value in model.state_dict().items():
         assert torch.equal(value, before[name]), name
     assert {m.momentum for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)} == {0.1}
+    encoders = torch.nn.Sequential(model.encoder)  # BatchNorm2d only: one image still has values per channel
+    D.recalibrate_batchnorm(encoders, odd, device="cpu")  # as torch's update_bn takes it
 
 
 def test_recalibrate_batchnorm_of_a_model_without_batchnorm_says_so(tiny_loaders):
