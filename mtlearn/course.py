@@ -216,8 +216,10 @@ def run_notebook(
                 # nbclient takes whole seconds only (1.5 failed every notebook before its first cell)
                 execution_timeout=math.ceil(cell_timeout) if cell_timeout is not None else None,
                 # The kernel's own log (e.g. "Kernel is running over TCP") would land in the caller's
-                # cell output when a notebook runs a grid of notebooks: keep only its errors.
-                extra_arguments=["--IPKernelApp.log_level=ERROR"],
+                # cell output when a notebook runs a grid of notebooks, and so would the "KeyboardInterrupt
+                # caught in kernel" it logs as an error when it is shut down after a run that succeeded:
+                # cell errors reach papermill by the kernel's messages, not its log.
+                extra_arguments=["--IPKernelApp.log_level=CRITICAL"],
             )
         except Exception as error:  # papermill raises PapermillExecutionError, kernels may raise others
             if isinstance(error, CellTimeoutError):

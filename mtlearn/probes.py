@@ -459,6 +459,7 @@ def plot_adversary_accuracy(history: dict[str, list[float]], chance: float = 0.5
         fitted = history.get(fitted_key)
         if fitted is not None:
             ax.plot(range(1, len(fitted) + 1), fitted, ls=":", color=line.get_color(),
+                    marker="." if len(fitted) == 1 else None,  # one epoch: a dotted line of one point shows nothing
                     label=f"   same, on the batch it was fitted to ({fitted_key})")
     ax.axhline(chance, color="grey", ls="--", label=chance_label)
     ax.set_ylim(0, 1.02)

@@ -45,6 +45,15 @@ def test_run_notebook_passes_parameters_and_reads_metrics(tmp_path, monkeypatch)
     assert "01_good" in headline_table([result]) and "dice=2.5" in headline_table([result])
 
 
+def test_the_kernels_own_error_log_stays_out_of_the_callers_output(tmp_path, capfd):
+    """A grid run's kernel logs "KeyboardInterrupt caught in kernel" as an error when it is shut down after a run
+    that succeeded; it landed in notebook 06's output, where it read like a failure."""
+    body = GOOD + "\nget_ipython().kernel.log.error('a line of the kernel log, not of the notebook')"
+    assert run_notebook(write_notebook(tmp_path / "01_log.ipynb", body), tmp_path / "out", {"profile": "smoke"}).ok
+    captured = capfd.readouterr()
+    assert "a line of the kernel log" not in captured.out + captured.err
+
+
 def test_run_notebook_keeps_braces_in_its_paths_literal(tmp_path):
     """papermill formats its paths with the parameters: "{seed}" in a folder name became the seed, and
     "{'a': 1}" (a grid's dict value) failed with "Missing parameter"."""

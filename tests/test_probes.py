@@ -488,7 +488,9 @@ def test_adversary_plot_labels_its_reference_line():
     fig = plot_adversary_accuracy({"adv_acc_b": [0.6, 0.6], "adv_fit_acc_b": [1.0, 1.0]})
     scored, fitted = fig.axes[0].get_lines()[:2]  # the fit drawn beside its curve, dotted, same colour
     assert list(fitted.get_ydata()) == [1.0, 1.0] and fitted.get_linestyle() == ":"
-    assert fitted.get_color() == scored.get_color()
+    assert fitted.get_color() == scored.get_color() and fitted.get_marker() in (None, "None", "")  # lines join them
+    fig = plot_adversary_accuracy({"adv_acc_b": [0.6], "adv_fit_acc_b": [1.0]})  # one epoch (smoke)
+    assert fig.axes[0].get_lines()[1].get_marker() == "."  # a dotted line of one point was not drawn at all
 
 
 def test_adversary_plot_says_in_words_which_label_each_adversary_reads_from_which_features():
