@@ -985,6 +985,8 @@ def test_smoothgrad_with_a_seed_gives_one_map_and_leaves_the_global_generator_al
     assert torch.equal(explainer._smoothgrad(score, images, (), nt_samples=4, seed=3), first)
     assert torch.equal(torch.rand(3), after)  # as if SmoothGrad had not run
     assert not torch.equal(explainer._smoothgrad(score, images, (), nt_samples=4, seed=4), first)
+    # without reseeding torch between calls, and with a NumPy seed (a sweep's), as Generator.manual_seed refuses
+    assert torch.equal(explainer._smoothgrad(score, images, (), nt_samples=4, seed=np.int64(3)), first)
     with pytest.raises(ValueError, match=r"seed must be an integer >= 0, got -1"):
         explainer.check_options("smoothgrad", (8, 8), seed=-1)
 

@@ -1582,6 +1582,13 @@ def test_odd_headers_and_bodies_are_host_failures_not_tracebacks(scripted, tmp_p
         download_file(scripted.url, tmp_path / "other.npz", None, progress=False, retries=0)  # was "500 of 500"
 
 
+def test_content_length_counts_only_when_its_values_agree():
+    from data_fetch.download import _content_length
+
+    assert _content_length("300") == 300 and _content_length("300, 300") == 300
+    assert _content_length("5, 6") is None and _content_length("abc") is None and _content_length(None) is None
+
+
 def test_a_kept_mismatch_is_used_once_its_checksum_is_given_and_dropped_after_a_verified_download(scripted,
                                                                                                      tmp_path):
     """A .mismatch that the user checked and accepted with --hash was downloaded again; one left from an earlier
@@ -1593,6 +1600,11 @@ def test_a_kept_mismatch_is_used_once_its_checksum_is_given_and_dropped_after_a_
     assert (tmp_path / "data.npz.mismatch").read_bytes() == other
     download_file(scripted.url, tmp_path / "data.npz", sha256(other), progress=False, retries=0)
     assert (tmp_path / "data.npz").read_bytes() == other and len(scripted.requests) == 1  # no request
+    (tmp_path / "data.npz").unlink()
+    (tmp_path / "data.npz.mismatch").write_bytes(other)
+    (tmp_path / "data.npz.part").write_bytes(other[:5000])  # a later attempt's, cut short: not kept beside the file
+    download_file(scripted.url, tmp_path / "data.npz", sha256(other), progress=False, retries=0)
+    assert (tmp_path / "data.npz").read_bytes() == other and not (tmp_path / "data.npz.part").exists()
     (tmp_path / "data.npz").unlink()
     (tmp_path / "data.npz.mismatch").write_bytes(b"an earlier attempt's bytes")
     download_file(scripted.url, tmp_path / "data.npz", sha256(other), progress=False, retries=0)
@@ -1623,3 +1635,27 @@ def test_a_second_fetch_into_the_same_folder_is_refused_while_the_first_runs(ser
         lock.write_text(f"{gone.stdout.strip()} on {socket.gethostname()}\n")
         fetch("bus_bra", dest=tmp_path, url=url, known_hash=sha256(ARCHIVE), progress=False)
         assert (tmp_path / "BUSBRA" / "bus_data.csv").is_file() and not lock.exists()
+
+
+def test_a_lock_released_while_it_was_read_is_taken_and_an_old_one_of_a_live_process_kept(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from data_fetch.locking import take_lock
+
+    lock = tmp_path / ".bus_bra.lock"
+    lock.write_text("1 on another-machine\n")
+    real = Path.read_text
+
+    def released_meanwhile(self, *args, **kwargs):  # its holder finished between our attempt and our look
+        if self == lock and lock.exists():
+            lock.unlink()
+            raise FileNotFoundError(str(lock))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", released_meanwhile)
+    assert take_lock(lock) is None
+    monkeypatch.undo()
+    assert lock.read_text().startswith(f"{os.getpid()} on ")
+    lock.write_text(f"{os.getppid()} on {socket.gethostname()}\n")  # a live process's, however old
+    os.utime(lock, (lock.stat().st_atime, lock.stat().st_mtime - 3600))
+    assert take_lock(lock).startswith(f"process {os.getppid()} on ")

@@ -1238,9 +1238,10 @@ def test_samplers_and_loaders_take_numpy_seeds_and_name_a_profile():
 
 def test_linear_leakage_names_features_or_labels_of_the_wrong_shape():
     leak, labels = D.LinearLeakage(), torch.tensor([0, 1, 0, 1])
-    for features, group in [(torch.randn(4, 3), labels), (torch.randn(4, 3, 2, 2), labels[:3])]:
+    for features, group, target in [(torch.randn(4, 3), labels, labels), (torch.randn(4, 3, 2, 2), labels[:3], labels),
+                                    (torch.randn(4, 3, 2, 2), labels, labels[:3])]:
         with pytest.raises(ValueError, match=r"LinearLeakage needs features \(B, C, h, w\) and group, target \(B,\)"):
-            leak(features, group, labels)  # IndexError: Dimension out of range, or torch's size mismatch
+            leak(features, group, target)  # IndexError: Dimension out of range, or torch's size mismatch
 
 
 # ---------------------------------------------------------------------------------------------- ultrasound
@@ -1313,8 +1314,8 @@ def test_ultrasound_experiment_smoke(kind, ultrasound_data):
                                 device="cpu", progress=False)
     # was "train_loader yields no batches; check ... batch_size/drop_last": the caller built no loader
     with pytest.raises(ValueError, match=r"the training set holds 60 images, fewer than one batch \(config.batch_size "
-                                         r"100\); build the data with more"):
-        D.ultrasound_experiment(kind, replace(config, batch_size=100), data=ultrasound_data, device="cpu",
+                                         r"61\); build the data with more"):
+        D.ultrasound_experiment(kind, replace(config, batch_size=61), data=ultrasound_data, device="cpu",
                                 progress=False)
 
 

@@ -502,9 +502,12 @@ def test_a_weighting_instance_that_trained_is_refused_for_a_new_run(tmp_path):
         with pytest.raises(ValueError, match=r"built for tasks .*, training uses \('seg', 'cls', 'recon'\); build "
                                              r"it with tasks=\('seg', 'cls', 'recon'\)"):
             _fit(ToyNet(), train, val, epochs=1, weighting=FixedWeights(other))
-    # resuming is what carries a weighting's state on: its checkpoint, not a trained instance
-    _fit(ToyNet(), train, val, epochs=1, out_dir=tmp_path, weighting=DynamicWeightAverage(TASKS))
+    # resuming is what carries a weighting's state on: its checkpoint (into a new instance, or the same one,
+    # trained, as a notebook cell run again holds it)
+    trained = DynamicWeightAverage(TASKS)
+    _fit(ToyNet(), train, val, epochs=1, out_dir=tmp_path, weighting=trained)
     _fit(ToyNet(), train, val, epochs=2, out_dir=tmp_path, resume=True, weighting=DynamicWeightAverage(TASKS))
+    _fit(ToyNet(), train, val, epochs=3, out_dir=tmp_path, resume=True, weighting=trained)
 
 
 def test_bf16_autocast_on_cpu():

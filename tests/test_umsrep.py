@@ -798,6 +798,8 @@ def test_each_step_of_a_comparison_takes_a_profile_name_and_checks_a_config_edit
     assert load_strategy_data(config).train is not None
     with pytest.raises(ValueError, match=r"config must be a profile name .* or a UMSRepConfig"):
         load_strategy_data(None)
+    with pytest.raises(ValueError, match=r"unknown profile \['course'\]; expected one of"):
+        strategy_config(["course"])  # was "unhashable type: 'list'"
     # torch devices the trainer refuses, checked when a step starts (before the data loads), not when the config is
     # built: pre-training refused 'xpu' only after the data had loaded
     for device, says in [("xpu", r"unknown device 'xpu'"), ("cpu:3", r"device 'cpu:3': there is one CPU device")]:

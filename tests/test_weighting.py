@@ -155,12 +155,22 @@ def test_a_task_at_zero_at_first_gets_its_rate_from_its_first_loss_above_zero():
     first = _losses(net, x, targets, {"seg": 0.0, "cls": 1.0})
     gradnorm.backward(first, list(net.encoder.parameters()))
     gradnorm.after_step()
-    second = _losses(net, x, targets)
+    second = _losses(net, x, targets, {"seg": 1.0, "cls": 2.0})  # cls moved: its L(0) must not follow
     gradnorm.backward(second, list(net.encoder.parameters()))
     seg, cls = second["seg"].item(), first["cls"].item()  # seg's L(0) is its first loss above 0; cls's stays
     assert seg > 0 and gradnorm.initial_losses.tolist() == pytest.approx([seg, cls])
-    drop = second["cls"].item() / cls  # cls's rate; seg's is 1
+    drop = second["cls"].item() / cls  # cls's rate (2: its loss doubled); seg's is 1
     assert gradnorm.last_ratios.tolist() == pytest.approx([2 / (1 + drop), 2 * drop / (1 + drop)])
+
+
+def test_states_are_the_same_only_with_the_same_keys_lengths_and_values():
+    from mtlearn.weighting import _same_state
+
+    assert _same_state({"a": [1, torch.ones(2)]}, {"a": [1, torch.ones(2)]})
+    for other in ({"a": [1, torch.ones(2)], "b": 2}, {"a": [1, torch.ones(2), 3]}, {"a": [1, torch.zeros(2)]},
+                  {"a": [1.0, torch.ones(2)]}, {"a": [1, torch.ones(3)]}):
+        assert not _same_state({"a": [1, torch.ones(2)]}, other)
+        assert not _same_state(other, {"a": [1, torch.ones(2)]})
 
 
 @pytest.mark.parametrize("make", [lambda: GradNorm(TASKS), lambda: PCGrad(TASKS)])
