@@ -1,5 +1,6 @@
 """data_fetch against a local HTTP server: resume, retries, checksums, markers, unsafe archives."""
 
+import contextlib
 import dataclasses
 import errno
 import gzip
@@ -113,18 +114,27 @@ class Handler(BaseHTTPRequestHandler):
         pass
 
 
-@pytest.fixture
-def server():
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    httpd.files, httpd.requests, httpd.drops, httpd.ignore_range, httpd.errors = {}, [], 0, False, []
-    httpd.range_from_zero, httpd.range_start, httpd.retry_after, httpd.bare_206 = False, None, None, False
-    httpd.encoding, httpd.encoded_ranges, httpd.accept_encodings, httpd.no_length = None, False, [], False
+@contextlib.contextmanager
+def serving(handler):
+    """A ThreadingHTTPServer of `handler` on 127.0.0.1 (any free port), serving in a thread until the block ends."""
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     httpd.url = f"http://127.0.0.1:{httpd.server_address[1]}"
     thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
     thread.start()
-    yield httpd
-    httpd.shutdown()
-    httpd.server_close()
+    try:
+        yield httpd
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+@pytest.fixture
+def server():
+    with serving(Handler) as httpd:
+        httpd.files, httpd.requests, httpd.drops, httpd.ignore_range, httpd.errors = {}, [], 0, False, []
+        httpd.range_from_zero, httpd.range_start, httpd.retry_after, httpd.bare_206 = False, None, None, False
+        httpd.encoding, httpd.encoded_ranges, httpd.accept_encodings, httpd.no_length = None, False, [], False
+        yield httpd
 
 
 @pytest.fixture(autouse=True)
@@ -1507,14 +1517,10 @@ def honest(handler, data, start):
 
 @pytest.fixture
 def scripted():
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Scripted)
-    httpd.requests, httpd.data, httpd.answers = [], PAYLOAD, [honest]
-    httpd.url = f"http://127.0.0.1:{httpd.server_address[1]}/data.npz"
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
-    thread.start()
-    yield httpd
-    httpd.shutdown()
-    httpd.server_close()
+    with serving(Scripted) as httpd:
+        httpd.requests, httpd.data, httpd.answers = [], PAYLOAD, [honest]
+        httpd.url += "/data.npz"
+        yield httpd
 
 
 def _half_downloaded(tmp_path) -> int:
