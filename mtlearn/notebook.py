@@ -217,6 +217,8 @@ class Run:
 
         if isinstance(fig, Axes):
             fig = fig.figure
+        elif hasattr(fig, "flat") and len(fig.flat) and all(isinstance(a, Axes) for a in fig.flat):
+            fig = fig.flat[0].figure  # plt.subplots(1, 2)'s array of Axes stands for its figure too
         if not isinstance(fig, Figure):
             hint = " (plt.subplots() returns (fig, ax): write fig, ax = plt.subplots())" * isinstance(fig, tuple)
             raise ValueError(f"save_figure needs a matplotlib Figure, got {type(fig).__name__}{hint}")
@@ -233,6 +235,7 @@ class Run:
             raise ValueError(f"figure name must be a plain file name such as 'loss_curves', got {name!r} "
                              f"(figures go to out_dir: {self.out_dir})")
         path = self.out_dir / f"{stem}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)  # deleted since start (a clean-up cell): made, as by finish
         fig.savefig(path, dpi=110, bbox_inches="tight")
         if path.name not in self.figures:
             self.figures.append(path.name)
@@ -251,6 +254,7 @@ class Run:
             raise ValueError(f"run.finish needs a dict of headline numbers, e.g. {{'dice': 0.9}}, got "
                              f"{type(metrics).__name__}")
         metrics = dict(metrics)  # any Mapping: the JSON writer takes dicts
+        flatten_metrics(to_jsonable(metrics))  # a name given twice: said now, not by the course's or a grid's table
         record = {
             "notebook": self.notebook,
             "profile": self.profile,

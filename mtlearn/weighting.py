@@ -162,7 +162,8 @@ class FixedWeights(LossWeighting):
         return (self.task_weights * self._stack(losses)).sum()
 
     def weights(self):
-        return dict(zip(self.tasks, self.task_weights.tolist()))
+        # the shortest decimal of each float32 weight: History's weight/cls 0.1, not 0.10000000149011612
+        return {t: float(str(np.float32(w))) for t, w in zip(self.tasks, self.task_weights.tolist())}
 
     def options(self):
         return {"weights": dict(self.given)}

@@ -1,6 +1,7 @@
 """The notebook contract: parameter checks, metrics.json, figures."""
 
 import json
+import shutil
 import re
 from pathlib import Path
 from types import SimpleNamespace
@@ -183,9 +184,11 @@ def test_save_figure_names_what_it_was_given_and_takes_an_axes_and_png_in_capita
         run.save_figure(fig, 3)
     run.save_figure(ax, "from_axes")  # an Axes stands for its figure
     run.save_figure(fig, "capitals.PNG")
+    shutil.rmtree(tmp_path / "out")  # a clean-up cell ran: FileNotFoundError, where finish made the folder again
+    run.save_figure(plt.subplots(1, 2)[1], "pair")  # the array of Axes: "got ndarray", without a hint
     plt.close("all")
-    assert run.figures == ["from_axes.png", "capitals.png"]
-    assert sorted(p.name for p in (tmp_path / "out").glob("*")) == ["capitals.png", "from_axes.png"]
+    assert run.figures == ["from_axes.png", "capitals.png", "pair.png"]
+    assert sorted(p.name for p in (tmp_path / "out").glob("*")) == ["pair.png"]
 
 
 @pytest.mark.parametrize("metrics", [None, [1, 2], 0.9])
@@ -432,6 +435,14 @@ def test_folder_parameters_of_the_wrong_kind_are_named(option, value, message, t
     with pytest.raises(ValueError, match=message):
         start_here(tmp_path, **{option: value})
     assert not (tmp_path / "runs ").exists()
+
+
+def test_finish_names_a_metric_given_twice_before_writing(tmp_path):
+    """It was written, and the course's and the grid's tables failed on it later (flatten_metrics)."""
+    run = start_here(tmp_path)
+    with pytest.raises(ValueError, match=r"the metric 'seg/dice' is given twice .*rename one of them in run.finish"):
+        run.finish({"seg": {"dice": 0.1}, "seg/dice": 0.9})
+    assert not (tmp_path / "out" / "metrics.json").exists()
 
 
 def test_finish_takes_any_mapping(tmp_path):

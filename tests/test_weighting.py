@@ -527,6 +527,10 @@ def test_fixed_weights_survive_a_weights_only_round_trip():
 def test_fixed_weights_are_recorded_as_given():
     # options() goes into a run's options.json and the resume check: 0.1, not float32's 0.10000000149
     assert FixedWeights(TASKS, {"seg": 1.0, "cls": 0.1}).options() == {"weights": {"seg": 1.0, "cls": 0.1}}
+    weighting = FixedWeights(TASKS, {"seg": 1.0, "cls": 0.1})
+    assert weighting.weights() == {"seg": 1.0, "cls": 0.1}  # History's weight/cls was 0.10000000149011612
+    weighting.load_state_dict({"task_weights": torch.tensor([2.0, 0.5])})  # a state loaded by hand: what it holds
+    assert weighting.weights() == {"seg": 2.0, "cls": 0.5}
 
 
 def test_pcgrad_generator_survives_a_weights_only_round_trip():
