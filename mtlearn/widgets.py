@@ -45,6 +45,9 @@ class DatasetExplorer:
     LAYERS = ("image", "clean", "mask", "artifact_mask")
 
     def __init__(self, dataset, class_names=None):
+        if isinstance(dataset, Mapping):  # {"train": ..., "test": ...}: dataset[0] was a bare KeyError: 0
+            raise ValueError(f"DatasetExplorer needs one dataset, got a dict of {len(dataset)} ({list(dataset)[:4]}): "
+                             f"pass one of them, e.g. DatasetExplorer(data[{next(iter(dataset), 'train')!r}])")
         if not (hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")):  # a DataLoader: dataset[0] raised
             fix = (": pass the loader's dataset, DatasetExplorer(loader.dataset)" if hasattr(dataset, "dataset") else
                    ": pass a list of its items, DatasetExplorer(list(items))" if hasattr(dataset, "__iter__") else "")
@@ -111,6 +114,8 @@ class DatasetExplorer:
 
     def draw(self) -> None:
         item = self.dataset[self.index.value]
+        # the layers this item has (the first one's set them for all: a later item's mask could never be shown)
+        self.outline.disabled, self.artifact.disabled = "mask" not in item, "artifact_mask" not in item
         title = self.describe(item)
         # every picture before the figure: a bad one raises without leaving a figure open
         picture = _image(item[self.show.value])

@@ -185,6 +185,18 @@ def test_an_item_without_the_masks_of_the_first_is_drawn_without_them():
     explorer.artifact.value = True
     explorer.index.value = 1
     assert "error" not in explorer.state and explorer.figure is not None
+    assert explorer.outline.disabled and explorer.artifact.disabled  # this item has neither
+
+
+def test_each_items_masks_can_be_shown_when_the_first_has_none():
+    """The boxes followed item 0 only: a later item's lesion could never be outlined."""
+    items = [{"image": torch.rand(1, 8, 8)}, {"image": torch.rand(1, 8, 8), "mask": torch.ones(1, 8, 8)}]
+    explorer = DatasetExplorer(items)
+    assert explorer.outline.disabled
+    explorer.index.value = 1
+    assert not explorer.outline.disabled and explorer.artifact.disabled
+    explorer.outline.value = True
+    assert explorer.state["outline"] is True and "error" not in explorer.state
 
 
 def test_explorer_finds_the_class_names_through_a_subset():
@@ -335,6 +347,12 @@ def test_a_data_loader_is_refused_with_the_fix():
     with pytest.raises(ValueError, match=r"needs a dataset \(items read by index, dataset\[i\]\), got a DataLoader: "
                                          r"pass the loader's dataset, DatasetExplorer\(loader.dataset\)"):
         DatasetExplorer(loader)  # was "TypeError: 'DataLoader' object is not subscriptable"
+
+
+def test_a_dict_of_splits_is_refused_naming_one_to_pass():
+    with pytest.raises(ValueError, match=r"needs one dataset, got a dict of 2 \(\['train', 'test'\]\): pass one of "
+                                         r"them, e.g. DatasetExplorer\(data\['train'\]\)"):
+        DatasetExplorer({"train": fake_items(), "test": fake_items()})  # was a bare KeyError: 0
 
 
 def test_a_generator_of_items_is_refused_with_the_fix():
