@@ -69,7 +69,9 @@ def resolve_profile(profile: str | None = None, name: str = "profile") -> str:
         source = "$MTLEARN_PROFILE" if os.environ.get("MTLEARN_PROFILE") else source
     if profile not in PROFILES:
         choices = "; ".join(f"{p!r}: {PROFILE_HELP[p]}" for p in PROFILES)
-        raise ValueError(f"unknown profile {profile!r} (from {source}); valid profiles are {choices}")
+        near = str(profile).strip().lower() if isinstance(profile, str) else None
+        hint = f" (did you mean {near!r}? profiles are lower case, without spaces)" if near in PROFILES else ""
+        raise ValueError(f"unknown profile {profile!r} (from {source}){hint}; valid profiles are {choices}")
     return profile
 
 
@@ -230,8 +232,8 @@ class Run:
             raise ValueError(f"figures are saved as PNG (out_dir/<name>.png); give the name without {other}, "
                              f"e.g. {stem[:-len(other)]!r}, or call fig.savefig yourself for another format")
         # "." and ".." are folders, a name with a NUL or a line break no file: "...png", or PIL's "embedded null byte"
-        if (not stem or Path(stem).name != stem or stem.startswith(".")
-                or any(ord(c) < 32 for c in stem)):
+        if (not stem or Path(stem).name != stem or stem.startswith(".") or stem != stem.strip()
+                or any(ord(c) < 32 for c in stem)):  # " x ": a file " x .png", where out_dir refuses such spaces
             raise ValueError(f"figure name must be a plain file name such as 'loss_curves', got {name!r} "
                              f"(figures go to out_dir: {self.out_dir})")
         path = self.out_dir / f"{stem}.png"

@@ -467,7 +467,7 @@ def to_jsonable(value: Any, digits: int | None = None) -> Any:
     digits: round floats to this many decimals, and smaller ones to this many significant digits
     (metrics.json of a notebook: 6, so a learning rate of 3e-7 is not written as 0.0); None keeps them.
     """
-    if isinstance(value, dict):
+    if isinstance(value, Mapping):  # any mapping (a MappingProxyType too), as run.finish takes at the top
         keys = [str(k) for k in value]
         twice = sorted(k for k, n in Counter(keys).items() if n > 1)
         if twice:  # {1: 0.5, "1": 0.7} would keep one of them, silently

@@ -446,12 +446,31 @@ def test_finish_names_a_metric_given_twice_before_writing(tmp_path):
 
 
 def test_finish_takes_any_mapping(tmp_path):
-    """A MappingProxyType passed the check, then the JSON writer refused it, after all the training."""
+    """A MappingProxyType passed the check, then the JSON writer refused it, after all the training; nested, it
+    was refused ("metrics must be numbers, strings, lists or dicts; got mappingproxy")."""
     import types
 
     run = start_here(tmp_path)
-    run.finish(types.MappingProxyType({"dice": 0.5}))
-    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["metrics"] == {"dice": 0.5}
+    run.finish(types.MappingProxyType({"dice": 0.5, "per_class": types.MappingProxyType({"benign": 0.4})}))
+    written = json.loads((tmp_path / "out" / "metrics.json").read_text())["metrics"]
+    assert written == {"dice": 0.5, "per_class": {"benign": 0.4}}
+
+
+@pytest.mark.parametrize("given", ["Smoke", "smoke ", " COURSE"])
+def test_a_profile_in_capitals_or_with_spaces_is_named_with_the_one_meant(given, monkeypatch):
+    monkeypatch.delenv("MTLEARN_PROFILE", raising=False)
+    meant = given.strip().lower()
+    with pytest.raises(ValueError, match=rf"unknown profile '{given}' \(from the profile parameter\) \(did you "
+                                         rf"mean '{meant}'\? profiles are lower case, without spaces\)"):
+        resolve_profile(given)
+
+
+def test_a_figure_name_with_spaces_around_it_is_refused(tmp_path):
+    run = start_here(tmp_path)
+    fig, _ = plt.subplots()
+    with pytest.raises(ValueError, match=r"figure name must be a plain file name such as 'loss_curves', got ' x '"):
+        run.save_figure(fig, " x ")  # was written as " x .png"
+    plt.close(fig)
 
 
 def test_a_crash_while_writing_metrics_keeps_the_previous_file(tmp_path, monkeypatch, disk_full_midway):
