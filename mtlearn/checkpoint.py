@@ -88,8 +88,9 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module | None = None,
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}; train with fit(..., out_dir=...) first "
                                 "(it writes last.pt every epoch and best.pt on validation improvement)")
-    not_ours = (f"cannot read {path}: it is not an mtlearn checkpoint (fit(..., out_dir=...) writes last.pt and "
-                "best.pt), or it is corrupt or truncated (an interrupted copy?). Use another checkpoint or retrain")
+    not_ours = (f"cannot read {path}: it is not an mtlearn checkpoint (as fit, train_disentangle and a UMS-Rep "
+                "comparison write into their out_dir), or it is corrupt or truncated (an interrupted copy?). Use "
+                "another checkpoint, or delete it and retrain that run")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:

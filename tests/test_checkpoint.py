@@ -130,6 +130,8 @@ def test_load_checkpoint_refuses_a_corrupt_or_foreign_file(content, tmp_path):
         assert "which load_checkpoint does not unpickle, as that runs code from the file" in message
     else:
         assert message.startswith(f"cannot read {path}: it is not an mtlearn checkpoint") and "corrupt" in message
+        # every writer named, not fit's last.pt and best.pt alone (a comparison's result.pt was told of those)
+        assert "fit, train_disentangle and a UMS-Rep comparison" in message
     # torch's advice to unpickle untrusted code is passed on neither in the message nor in the traceback
     assert "weights_only=False" not in "".join(traceback.format_exception(caught.value))
     assert "weights_only" not in "".join(traceback.format_exception(caught.value)).replace("weights_only=True", "")
