@@ -256,7 +256,8 @@ class Run:
             raise ValueError(f"run.finish needs a dict of headline numbers, e.g. {{'dice': 0.9}}, got "
                              f"{type(metrics).__name__}")
         metrics = dict(metrics)  # any Mapping: the JSON writer takes dicts
-        flatten_metrics(to_jsonable(metrics))  # a name given twice: said now, not by the course's or a grid's table
+        written = to_jsonable(metrics, digits=6)
+        flatten_metrics(written)  # a name given twice: said now, not by the course's or a grid's table
         record = {
             "notebook": self.notebook,
             "profile": self.profile,
@@ -265,7 +266,7 @@ class Run:
             "device": str(self.device),
             "wall_time_s": round(self.wall_time, 1),
             "figures": self.figures,
-            "metrics": to_jsonable(metrics, digits=6),
+            "metrics": written,
         }
         not_finite = _not_finite_names(metrics)
         if not_finite:  # JSON has no NaN: they are written as null, which a table would silently drop
