@@ -735,7 +735,7 @@ def train_and_measure(model: nn.Module, strategy: str, train: Dataset, test: Dat
     done = 0  # epochs an interrupted earlier session trained
     if out_dir is not None:
         out_dir = Path(out_dir).expanduser()
-        options = {**_run_options(config), "strategy": strategy, "tasks": list(tasks), "epochs": epochs,
+        options = {**_run_options(config, strategy), "strategy": strategy, "tasks": list(tasks), "epochs": epochs,
                    "task_weights": to_jsonable(dict(task_weights)) if task_weights else None}
         check_out_dir(out_dir, resume, writes="options.json, last.pt and result.pt", cli=False,
                       also_kept=("result.pt",))
@@ -794,9 +794,16 @@ def train_and_measure(model: nn.Module, strategy: str, train: Dataset, test: Dat
 RESUME_FREE = ("profile", "data_root", "device", "amp", "progress", "strategies", "max_compute_share", "tolerance")
 
 
-def _run_options(config: UMSRepConfig) -> dict:
-    """The options of `config` that shape what a run trains and measures, as JSON values."""
-    return {k: v for k, v in to_jsonable(asdict(config)).items() if k not in RESUME_FREE}
+# options that shape some runs only: each run records its own epochs and task weights, and the stages of (b)
+# and (d) shape those strategies alone; so changing scratch_epochs leaves the finished pre-training resumable
+ONLY_FOR = {"pretrain_epochs": (), "finetune_epochs": (), "joint_epochs": (), "scratch_epochs": (),
+            "joint_task_weights": (), "partial_stages": ("partial",), "joint_stages": ("joint",)}
+
+
+def _run_options(config: UMSRepConfig, strategy: str) -> dict:
+    """The options of `config` that shape what a run of `strategy` trains and measures, as JSON values."""
+    return {k: v for k, v in to_jsonable(asdict(config)).items()
+            if k not in RESUME_FREE and strategy in ONLY_FOR.get(k, (strategy,))}
 
 
 def _run_dir(out_dir: str | os.PathLike | None, strategy: str, tasks: Sequence[str]) -> Path | None:
@@ -887,7 +894,8 @@ def run_comparison(config: UMSRepConfig | str = "course", out_dir: str | os.Path
     train_and_measure). resume=True continues the comparison in out_dir: finished networks are
     loaded, not retrained, the interrupted one continues from its last epoch, and the metrics are
     those of an uninterrupted comparison (bit for bit on the CPU). A resumed comparison may change
-    the options of RESUME_FREE (device, strategies, ...), not what it trains; without resume an
+    the options of RESUME_FREE (device, strategies, ...), and those of the networks it does not load or
+    continue (e.g. scratch_epochs: the pre-training stays), not what they train; without resume an
     out_dir holding a comparison is refused. None (the default): nothing is written.
     """
     check_run_folder(out_dir, resume, "the comparison's runs")  # before the data are loaded

@@ -926,6 +926,15 @@ def test_a_finished_comparison_reloads_and_refuses_other_options(tmp_path, monke
         run_comparison(replace(config, seed=1), out_dir=tmp_path, resume=True)
     with pytest.raises(ValueError, match=re.escape("with other options (lr: 0.001 then, 0.002 now)")):
         run_comparison(replace(config, lr=2e-3), out_dir=tmp_path, resume=True)  # finished runs of another lr
+    # options of the runs it does not load: each run is compared on its own (scratch_epochs refused pretrain/recon)
+    reloaded = run_comparison(replace(config, scratch_epochs=5, finetune_epochs=3, partial_stages=1),
+                              out_dir=tmp_path, resume=True)
+    assert calls == [] and reloaded.table[list(METRICS)].equals(first.table[list(METRICS)])
+    with pytest.raises(ValueError, match=re.escape("joint/recon+seg+cls/options.json with other options (epochs: 1 "
+                                                   "then, 2 now)")):
+        run_comparison(replace(config, joint_epochs=2), out_dir=tmp_path, resume=True)  # its own: refused
+    with pytest.raises(ValueError, match=re.escape("with other options (joint_stages: 4 then, 2 now)")):
+        run_comparison(replace(config, joint_stages=2), out_dir=tmp_path, resume=True)
     with pytest.raises(ValueError, match=re.escape(f"out_dir {tmp_path / 'pretrain' / 'recon'} already holds a run "
                                                    "(last.pt, epoch 1 of 1): for a new run choose another out_dir or "
                                                    "delete this one; to continue that run pass resume=True")):
