@@ -228,11 +228,11 @@ def _transfer(url: str, part: Path, progress: bool) -> None:
             part.unlink()
             raise ConnectionError("the server compressed the rest of the file (Content-Encoding) in answer to a "
                                   "range request; the partial download was dropped, the next attempt starts afresh")
+        length = _content_length(response.headers.get("Content-Length"))  # what is sent: compressed, if compressed
+        whole = _range_total(response.headers.get("Content-Range")) if resumed else None  # the file's size
         overlap = _read_exactly(response, OVERLAP_BYTES) if resumed else b""
-        promised = [_content_length(response.headers.get("Content-Length")),
-                    _range_total(response.headers.get("Content-Range"))]
-        promised = [promised[0], None if promised[1] is None else promised[1] - asked]  # bytes from `asked` on
-        if resumed and any(p is not None and len(overlap) < min(p, OVERLAP_BYTES) for p in promised):
+        promised = [n for n in (length, None if whole is None else whole - asked) if n is not None]  # from `asked`
+        if resumed and any(len(overlap) < min(n, OVERLAP_BYTES) for n in promised):
             # cut off before the new bytes (the server had promised more): the .part file is kept for a retry
             raise ConnectionError(f"connection closed after {len(overlap)} of the {OVERLAP_BYTES} bytes the partial "
                                   "download is checked with")
@@ -248,9 +248,7 @@ def _transfer(url: str, part: Path, progress: bool) -> None:
                                   f"({response.headers.get('Content-Type')}), not the file")
         if not resumed:
             offset = 0  # the server sent the whole file
-        length = _content_length(response.headers.get("Content-Length"))  # what is sent: compressed, if compressed
         total = (asked if resumed else 0) + length if length is not None else None
-        whole = _range_total(response.headers.get("Content-Range")) if resumed and decoder is None else None
         if whole is not None:  # a host that caps its range answers sends less than the rest: the next attempt resumes
             total = whole
         received = offset

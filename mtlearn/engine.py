@@ -575,6 +575,7 @@ def fit(model: nn.Module, train_loader, val_loader=None, config: TrainConfig | N
     # starts afresh, as it does without a last.pt, and repeats the uninterrupted run instead of going on
     # from what the interrupted call had already moved (the same objects, in a notebook).
     # (Not under torchrun, whose processes all end with an error: nothing would be there to restore into.)
+    loader_facts = _loader_facts(train_loader)  # what every checkpoint records of the loader, the same each epoch
     start_state = start_rng = None
     if out_dir is not None and start_epoch == 0 and not is_distributed():
         start_state = {"model": {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()},
@@ -625,7 +626,7 @@ def fit(model: nn.Module, train_loader, val_loader=None, config: TrainConfig | N
             if out_dir is not None:
                 rng = rng_state(train_loader, run.device)  # on every rank: it gathers each GPU's random state
                 if is_main_process():
-                    state = _run_state(run, epoch + 1, history, config, tasks, rng, _loader_facts(train_loader))
+                    state = _run_state(run, epoch + 1, history, config, tasks, rng, loader_facts)
                     # last.pt first: stopped between the two, best.pt is an improvement behind, and a resume
                     # takes the best weights from last.pt (whose history says so); the other way round, best.pt
                     # would hold an epoch that the resumed history does not have
