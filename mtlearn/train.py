@@ -36,6 +36,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 from mtlearn.data import DATASETS
 from mtlearn.engine import NonFiniteLossError, NonFiniteWeightsError, TrainConfig, evaluate, fit
 from mtlearn.losses import TASKS
+from mtlearn.metrics import METRIC_KEYS
 from mtlearn.utils import is_distributed, is_main_process, pick_device, seed_everything, write_json
 from mtlearn.weighting import WEIGHTINGS
 
@@ -73,6 +74,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        help="weights of --weighting fixed, e.g. seg=1 cls=0.25")
     train.add_argument("--seed", type=int, default=0, help="seeds the weights, the data and its order (default: 0)")
     train.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes (default: 0)")
+    train.add_argument("--monitor", default="auto", metavar="METRIC",
+                       help="validation metric that picks the best epoch, e.g. seg/dice, cls/auc or cls/loss (a loss "
+                            "is minimised) (default: auto: seg/dice, else cls/auc, else recon/psnr)")
     run = parser.add_argument_group("run")
     run.add_argument("--out-dir", default=None,
                      help="default: outputs/train/<dataset>_<image-size>px_<preset>_<tasks>_<weighting>_s<seed> "
@@ -95,6 +99,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--image-size must be >= 32 for the synthetic data (its smallest size), got {args.image_size}")
     if len(set(args.tasks)) != len(args.tasks):
         parser.error(f"--tasks lists a task twice ({' '.join(args.tasks)}); give each once")
+    metrics = [k for t in args.tasks for k in (*METRIC_KEYS[t], f"{t}/loss")]  # what evaluate returns
+    if args.monitor != "auto" and args.monitor.removeprefix("val/") not in metrics:  # before any data loads
+        parser.error(f"--monitor {args.monitor} is not a validation metric of --tasks {' '.join(args.tasks)}; "
+                     f"choose one of {', '.join(metrics)} (or auto)")
     if args.image_size % 16:  # the synthetic data is at least 32 px: never suggest a size it refuses
         parser.error(f"--image-size must be a multiple of 16 (the network's stride), got {args.image_size}; "
                      f"try {max(32 if args.dataset == 'synthetic' else 16, round(args.image_size / 16) * 16)}")
@@ -267,6 +275,7 @@ def run(args: argparse.Namespace) -> dict:
             tasks=tuple(args.tasks), epochs=args.epochs, lr=args.lr, weighting=args.weighting,
             task_weights=args.task_weights, device=str(device), amp=args.amp, channels_last=args.channels_last,
             compile=args.compile, out_dir=args.out_dir, resume=args.resume, seed=args.seed, progress=args.progress,
+            monitor=args.monitor,
         )
         history = fit(model, loaders["train"], loaders["val"], config)  # ends with the best-validation weights
         test = evaluate(model, loaders["test"], tuple(args.tasks), device=device, amp=args.amp,
@@ -300,10 +309,7 @@ def run(args: argparse.Namespace) -> dict:
             # rank that failed must not wait here for a peer stuck in a collective.
             dist.barrier()
         if history.best_epoch is None:  # every rank: the validation metrics are reduced over all of them
-            raise NoGoodEpochError(f"no epoch had a finite validation loss and {history.monitor}, so there is "
-                                   f"no best epoch and the test metrics are the last epoch's (in "
-                                   f"{Path(args.out_dir) / 'metrics.json'}): the run diverged; lower --lr "
-                                   f"(now {args.lr:g})")
+            raise NoGoodEpochError(_no_good_epoch(history, args))
         return record
     finally:
         cleanup_distributed()
@@ -311,6 +317,23 @@ def run(args: argparse.Namespace) -> dict:
 
 class NoGoodEpochError(RuntimeError):
     """Training ended without one epoch whose validation numbers could be trusted."""
+
+
+def _no_good_epoch(history, args: argparse.Namespace) -> str:
+    """Why no epoch could be the best one, and what to change: a diverged run (a validation loss that was
+    never finite) needs a lower --lr; a metric that is NaN on finite losses (an AUC on a validation split
+    holding one class) needs another --monitor or more validation images, and no --lr would help."""
+    where = (f"so there is no best epoch and the test metrics are the last epoch's (in "
+             f"{Path(args.out_dir) / 'metrics.json'})")
+    losses_finite = [all(math.isfinite(v) for k, v in r.items() if k.startswith("val/") and k.endswith("/loss"))
+                     for r in history.records]
+    if history.monitor.endswith("/loss") or not any(losses_finite):
+        return f"no epoch had a finite validation loss, {where}: the run diverged; lower --lr (now {args.lr:g})"
+    metric = history.monitor.removeprefix("val/")
+    more = f"a larger --limit, now {args.limit}" if args.limit is not None else "another dataset"
+    return (f"{metric} was not finite in any epoch whose validation loss was, {where}: an AUC, a specificity or a "
+            "balanced accuracy is undefined on a validation split that lacks a class; validate on more images "
+            f"({more}) or choose another metric (e.g. --monitor {metric.split('/')[0]}/loss)")
 
 
 def _check_run_options(args: argparse.Namespace) -> dict | None:

@@ -79,6 +79,10 @@ def test_defaults_name_the_output_folder():
     (["--seed", str(2**32)], "--seed must be an integer from 0 to 2**32 - 1, got 4294967296"),
     # fit's message named its keyword: "use amp='bf16'", which the command line does not take
     (["--amp", "fp16", "--device", "cpu"], "--amp fp16 needs a CUDA GPU (device is cpu); use --amp bf16 or --amp off"),
+    # before any data loads, in the command line's words (fit's says "monitor=")
+    (["--tasks", "cls", "--monitor", "seg/dice"], "--monitor seg/dice is not a validation metric of --tasks cls; "
+                                                  "choose one of cls/acc, "),
+    (["--monitor", "dice"], "--monitor dice is not a validation metric of --tasks seg cls"),
 ])
 def test_bad_arguments_exit_with_a_message(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_:
@@ -256,6 +260,22 @@ def test_a_run_without_one_finite_validation_epoch_fails_with_a_message(tmp_path
     last = record["history"][-1]  # no best epoch: the validation numbers are the last epoch's, as the test's
     assert record["metrics"]["val"] == {k.removeprefix("val/"): v for k, v in last.items() if k.startswith("val/")}
     assert record["history"][0]["val/seg/dice"] != last["val/seg/dice"]  # (so epoch 1's would not pass)
+
+
+def test_a_metric_undefined_on_the_validation_split_is_told_apart_from_a_diverged_run(tmp_path, capsys):
+    """--limit 4 validates on one image, one class: its AUC is NaN every epoch on finite losses. The message
+    said "the run diverged; lower --lr", which changed nothing, and the fit warning's advice (monitor=...)
+    had no command-line option."""
+    argv = [*SMOKE, "--tasks", "cls", "--epochs", "1", "--limit", "4"]
+    with warnings.catch_warnings(), pytest.raises(SystemExit) as exit_:
+        warnings.simplefilter("ignore")  # fit's own warning says the same in its API's words
+        main([*argv, "--out-dir", str(tmp_path / "auc")])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 1 and "training stopped: cls/auc was not finite in any epoch whose validation" in err
+    assert "lower --lr" not in err and "(a larger --limit, now 4) or choose another metric (e.g. --monitor cls/loss)" in err
+    record = main([*argv, "--monitor", "cls/loss", "--out-dir", str(tmp_path / "loss")])  # the advice, followed
+    assert (record["monitor"], record["best_epoch"]) == ("val/cls/loss", 1)
+    assert load_checkpoint(tmp_path / "loss" / "last.pt")["config"]["monitor"] == "cls/loss"
 
 
 @pytest.mark.slow
