@@ -969,6 +969,20 @@ def test_a_root_holding_another_fetched_dataset_says_so_not_to_fetch_into_it(tmp
     assert "It holds" not in str(error.value)
 
 
+def test_a_root_holding_an_npz_download_names_the_load_call_that_reads_it(tmp_path):
+    """It advised to "load 'busi_128' from this one", and load_dataset('busi_128') is refused: busi_128 is
+    data_fetch's name of busi_npz at resolution 128."""
+    from data_fetch import completion_marker
+
+    make_busi_npz(tmp_path, resolution=128, counts=(2, 2, 2))
+    completion_marker(tmp_path, "busi_128").write_text("{}")
+    with pytest.raises(LayoutError, match=r"It holds data_fetch's download of 'busi_128', not busi: pass busi's own "
+                                          r"folder as root \(or load that one from it: "
+                                          r"load_dataset\('busi_npz', resolution=128\)\)"):
+        load_dataset("busi", root=tmp_path)
+    assert len(load_dataset("busi_npz", root=tmp_path, resolution=128, split="val", image_size=64)) == 2 + 3  # C1, C2
+
+
 @pytest.mark.parametrize("encoding", ["utf-8", "cp1252"])
 def test_bus_uclm_flags_in_words_are_read(tmp_path, encoding):
     """INFO.csv flags may be words, in any case and in Spanish: "Yes", "TRUE", "Sí" mark an artifact. A

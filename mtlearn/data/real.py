@@ -119,10 +119,8 @@ def load_dataset(
     read. Unreadable images are skipped, with a warning naming them.
     """
     if name not in DATASETS:
-        npz = [(dataset, resolution) for dataset, (_, names) in NPZ_RESOLUTIONS.items()
-               for resolution, fetched in names.items() if fetched == name and fetched != dataset]
-        hint = (f" ({name} is data_fetch's name for it; load it with load_dataset({npz[0][0]!r}, "
-                f"resolution={npz[0][1]}))" if npz else "")
+        call = _load_call(name)
+        hint = f" ({name} is data_fetch's name for it; load it with {call})" if call else ""
         raise ValueError(f"unknown dataset {name!r}; expected one of {DATASETS}{hint}")
     # seed=None would draw a new split at every call: the train and test splits of two calls would overlap
     seed = check_int("seed", seed, 0)
@@ -169,7 +167,8 @@ def load_dataset(
         others = [n for n in SOURCES if get_source(n).folder != source.folder and completion_marker(folder, n).exists()]
         if others:  # fetching `name` into another dataset's folder would only mix the two
             raise LayoutError(f"{error}. It holds data_fetch's download of {others[0]!r}, not {name}: pass "
-                              f"{name}'s own folder as root (or load {others[0]!r} from this one)") from None
+                              f"{name}'s own folder as root (or load that one from it: "
+                              f"{_load_call(others[0]) or f'load_dataset({others[0]!r})'})") from None
         raise LayoutError(f"{error}. If the download is incomplete, fetch it again with `{command}`") from None
     except DamagedFileError as error:  # fetching again alone would keep it: data_fetch only checks files exist
         raise DamagedFileError(f"{error}; delete it and run `{command}` again") from None
@@ -672,6 +671,13 @@ def dataset_folder(name: str, data_root: str | Path | None = None, option: str =
             f"{option} {root} holds the {name!r} dataset itself (its {marker.name}), not a folder per dataset; "
             f"rename {root} to {root.parent / folder.name} and pass {given}, or move its contents into {folder}")
     return folder
+
+
+def _load_call(fetch_name: str) -> str | None:
+    """The load_dataset call of a data_fetch name that is not a dataset's own name (busi_128 ->
+    "load_dataset('busi_npz', resolution=128)"); None for every other name."""
+    return next((f"load_dataset({dataset!r}, resolution={resolution})" for dataset, (_, names) in NPZ_RESOLUTIONS.items()
+                 for resolution, fetched in names.items() if fetched == fetch_name and fetched != dataset), None)
 
 
 def _fetch_name(name: str, resolution: int | None) -> str:
