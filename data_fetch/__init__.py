@@ -97,7 +97,8 @@ def fetch(
     parse_hash(known_hash)  # a malformed checksum fails now, not after a long download
     marker = completion_marker(folder, source.name)
     record = _read_marker(marker)
-    if record is not None and _still_complete(record, folder, source, known_hash):
+    # quiet: when it no longer holds, _fetch_locked checks again under the lock and says why, once
+    if record is not None and _still_complete(record, folder, source, known_hash, quiet=True):
         return folder  # fetched before: nothing to do
     created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
@@ -246,20 +247,20 @@ def _read_marker(marker: Path) -> dict | None:
     return record
 
 
-def _still_complete(record: dict, folder: Path, source: Source, known_hash: str | None) -> bool:
+def _still_complete(record: dict, folder: Path, source: Source, known_hash: str | None, quiet: bool = False) -> bool:
     """Whether a fetch that once completed (its marker's `record`) still holds: no other checksum asked for,
-    no file deleted since."""
+    no file deleted since. Prints why not, unless `quiet`."""
     recorded = parse_hash(record.get("known_hash"))
     # Compared as read: "md5:ABC..." and a bare "abc..." are the same checksum, not a reason to check again.
     if known_hash is not None and recorded is not None and parse_hash(known_hash) != recorded:
-        print(f"{source.name}: a different checksum than the one of the last fetch was given; checking again")
+        if not quiet:
+            print(f"{source.name}: a different checksum than the one of the last fetch was given; checking again")
         return False
     missing = _missing(record, folder, source)
-    if missing:
+    if missing and not quiet:
         print(f"{source.name}: {len(missing)} file(s) of the last fetch are missing (e.g. {missing[0]}); "
               "fetching again")
-        return False
-    return True
+    return not missing
 
 
 def _missing(record: dict, folder: Path, source: Source) -> list[str]:

@@ -676,7 +676,8 @@ def dataset_folder(name: str, data_root: str | Path | None = None, option: str =
 def _load_call(fetch_name: str) -> str | None:
     """The load_dataset call of a data_fetch name that is not a dataset's own name (busi_128 ->
     "load_dataset('busi_npz', resolution=128)"); None for every other name."""
-    return next((f"load_dataset({dataset!r}, resolution={resolution})" for dataset, (_, names) in NPZ_RESOLUTIONS.items()
+    return next((f"load_dataset({dataset!r}, resolution={resolution})"
+                 for dataset, (_, names) in NPZ_RESOLUTIONS.items()
                  for resolution, fetched in names.items() if fetched == fetch_name and fetched != dataset), None)
 
 
