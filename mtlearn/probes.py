@@ -73,8 +73,12 @@ def extract_features(
                     "not one feature tensor: pick one, e.g. lambda x: net.encode(x)[0] for encoder A")
             if not isinstance(features, torch.Tensor):
                 got = f"a dict with keys {sorted(features)}" if isinstance(features, dict) else type(features).__name__
+                # the encoder of the model passed, when it has one (a MultiTaskUNet has no encoder_a)
+                part = next((f"model.{name}" for name in ("encoder_a", "encoder")
+                             if isinstance(getattr(module, name, None), nn.Module)),
+                            "model.encoder_a of a DisentangleNet, model.encoder of a MultiTaskUNet")
                 raise TypeError(f"the probe needs a module that returns a feature tensor (B, C, ...), e.g. "
-                                f"model.encoder_a (not the whole model), or a function that picks one; got {got}")
+                                f"{part} (not the whole model), or a function that picks one; got {got}")
             if features.ndim == 4:
                 features = features.mean(dim=(2, 3))  # (B, C, h, w) -> (B, C)
             elif features.ndim != 2:

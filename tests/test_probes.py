@@ -411,6 +411,18 @@ def test_probe_matrix_names_a_model_that_returns_a_dict():
     assert table.shape == (1, 1)  # the encoder itself is what the probe takes
 
 
+def test_a_whole_multitask_unet_is_pointed_to_its_own_encoder():
+    """The advice named model.encoder_a for every model; a MultiTaskUNet has none: its encoder is model.encoder."""
+    from mtlearn.mtl import build_model
+
+    model = build_model("tiny", tasks=("seg", "cls"), image_size=32)
+    loader = DataLoader([{"image": torch.randn(1, 32, 32), "label": i % 2} for i in range(4)], batch_size=4)
+    with pytest.raises(TypeError, match=r"e\.g\. model\.encoder \(not the whole model\)"):
+        extract_features(model, loader, device="cpu")
+    features, labels = extract_features(model.encoder, loader, device="cpu")
+    assert features.shape[0] == 4 and labels["label"].tolist() == [0, 1, 0, 1]  # the advice, followed
+
+
 @pytest.mark.parametrize("method", ["pca", "tsne"])
 def test_embed_2d_shapes(method):
     features, _, _ = synthetic_features(n=60)
