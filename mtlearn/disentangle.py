@@ -688,6 +688,7 @@ def train_disentangle(
          of each side (DisentangleNet only; main_step)
     w follows adversary_weight (warm-up, ramp). The defaults are the "course" preset, whose
     training loader also balances the task-label combinations (balanced_sampler, shapes_loaders).
+    `seed` seeds Python's, NumPy's and torch's global generators first (seed_everything), as fit does.
 
     Returns per-epoch means: "loss_a", "loss_b", "acc_a", "acc_b", "w_adv" and, for DisentangleNet,
     "adv_loss_a", "adv_loss_b", "adv_acc_a", "adv_acc_b" (each batch scored before the adversaries'
@@ -1272,6 +1273,8 @@ def shapes_experiment(kind: str, config: DisentangleConfig | None = None, *, see
         train_seconds (of this call: a resumed run counts only what it trained)
     out_dir, resume: checkpoints of the training, see train_disentangle (long runs, e.g. the paper
         profile on a GPU, survive an interruption).
+    `seed` draws the data and the initial weights; it reseeds Python's, NumPy's and torch's global
+    generators (seed_everything), so a call leaves them in a state that follows from it.
     """
     import time
 
@@ -1490,7 +1493,8 @@ def ultrasound_experiment(kind: str, config: DisentangleConfig | None = None, *,
         adv_acc_a, adv_acc_b (DisentangleNet): the adversaries' accuracy on the independent test
             set, or the real test split
         train_seconds (of this call: a resumed run counts only what it trained)
-    out_dir, resume: checkpoints of the training, as in shapes_experiment.
+    out_dir, resume: checkpoints of the training, as in shapes_experiment; `seed` too reseeds the global
+        generators, as there.
     Raises ValueError before training when the probed images hold some class (or artifact flag) fewer than
     PROBE_FOLDS times (patients, for real data): the probes could not be cross-validated.
     """

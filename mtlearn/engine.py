@@ -145,7 +145,7 @@ class TrainConfig:
     out_dir: str | os.PathLike | None = None  # where last.pt and best.pt go (None: no checkpoints)
     resume: bool = False  # continue from out_dir/last.pt when it exists
     restore_best: bool = True  # load the best-validation weights into the model at the end
-    seed: int | None = None  # seed everything first (None: leave the random generators as they are)
+    seed: int | None = None  # seed_everything first: Python's, NumPy's, torch's global generators (None: leave them)
     progress: bool = True  # one tqdm bar per epoch
 
 

@@ -495,7 +495,8 @@ class UMSRepConfig:
     joint_stages: int = 4  # (d): encoder stages fine-tuned (4: all)
     joint_task_weights: dict[str, float] | None = None  # (d) loss weights (None: seg 1, cls 0.25, recon 1, as engine)
     strategies: tuple[str, ...] = ("frozen", "partial", "full", "joint", "scratch")  # which to run, in this order
-    seed: int = 0  # seeds data order and weight initialisation: identical for every strategy
+    seed: int = 0  # seeds data order and weight initialisation: identical for every strategy (each network's
+    # build reseeds Python's, NumPy's and torch's global generators with it: seed_everything)
     device: str = "auto"  # "auto", "cpu", "cuda", ...
     amp: str = "auto"  # mixed precision (engine.fit): bf16/fp16 on CUDA, off on the CPU
     progress: bool = True  # tqdm bars
