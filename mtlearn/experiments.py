@@ -428,7 +428,9 @@ def plot_spread(table: pd.DataFrame, by: str | list[str], metric: str | list[str
     _check_columns(table, [by, metric])
     _check_numeric(table, [metric])
     # in table order; a run whose group is missing (NaN, never equal to itself) is its own "nan" group
-    grouped = list(table.groupby(by, sort=False, dropna=False)[metric])
+    # (iterated, not list(): pandas 2 takes its len(), which fails for a NaN group with "Categorical categories
+    # cannot be null")
+    grouped = [(group, column) for group, column in table.groupby(by, sort=False, dropna=False)[metric]]
     groups = [group for group, _ in grouped]
     fig, ax = plt.subplots(figsize=(1.2 * len(groups) + 3.5, 3.2))
     means = 0  # mean lines drawn: the first one names the line in the legend
