@@ -224,6 +224,31 @@ def too_few_for_folds(y: np.ndarray, folds: int, groups: np.ndarray | None = Non
             f"of it and score the other classes alone; {fix}")
 
 
+GROUPED_SHUFFLES = 20  # shuffles of the groups cross_validated_probe tries for folds that all hold every class
+
+
+def _grouped_folds(y: np.ndarray, groups: np.ndarray, folds: int, seed: int) -> list:
+    """StratifiedGroupKFold's (train, test) index pairs shuffled with `seed`, or with the next seed whose test
+    folds all hold every class (see cross_validated_probe). Its assignment of a few uneven groups is greedy,
+    and which shuffles leave a class out depends on the scikit-learn version (1.7 and 1.8 split the same
+    groups differently), so one seed alone made a probe fail on one version and pass on the next."""
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    classes, first = np.unique(y), None
+    for attempt in range(GROUPED_SHUFFLES):
+        splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=(seed + attempt) % 2**32)
+        splits = list(splitter.split(np.zeros((len(y), 1)), y, groups))
+        gaps = [(fold, np.setdiff1d(classes, y[te])) for fold, (_, te) in enumerate(splits)]
+        gap = next(((fold, missing) for fold, missing in gaps if len(missing)), None)
+        if gap is None:
+            return splits
+        first = first or gap
+    fold, missing = first
+    raise UnevenFoldsError(f"test fold {fold + 1} of {folds} holds no item of class {missing[0]} (nor did the folds of "
+                           f"the next {GROUPED_SHUFFLES - 1} seeds hold every class): its groups are too few or too "
+                           f"uneven to split {folds} ways; pass fewer folds, or probe more groups")
+
+
 def cross_validated_probe(features: np.ndarray, y: np.ndarray, folds: int = 5, seed: int = 0,
                           groups: np.ndarray | None = None) -> dict[str, float]:
     """linear_probe averaged over stratified K folds of one set (features (N, D), y (N,)).
@@ -233,10 +258,12 @@ def cross_validated_probe(features: np.ndarray, y: np.ndarray, folds: int = 5, s
     the probe read a label through who the patient is, and score well on features that do not
     encode the label at all. Every class needs items in `folds` groups (`folds` items without
     groups) or more, else the folds mislead (too_few_for_folds) and a ValueError says so. With
-    groups that is not always enough (a class spread unevenly over a few patients can still miss a
-    test fold, whose balanced accuracy would then be one class's recall): a ValueError says so too.
+    groups that is not always enough: a class spread unevenly over a few patients can still miss a
+    test fold, whose balanced accuracy would then be one class's recall. The folds shuffled with
+    `seed` are then replaced by those of seed + 1, seed + 2, ... (GROUPED_SHUFFLES in all), the first
+    whose test folds all hold every class; when none does, an UnevenFoldsError (a ValueError) says so.
     """
-    from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
+    from sklearn.model_selection import StratifiedKFold
 
     features, y = np.asarray(features), np.asarray(y)
     if features.ndim != 2 or y.ndim != 1 or len(features) != len(y):
@@ -253,17 +280,10 @@ def cross_validated_probe(features: np.ndarray, y: np.ndarray, folds: int = 5, s
     problem = too_few_for_folds(y, folds, groups)
     if problem:
         raise ValueError(problem)
-    if groups is None:
-        splits = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed).split(features, y)
+    if groups is None:  # StratifiedKFold puts every class in every fold
+        splits = list(StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed).split(features, y))
     else:
-        splits = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed).split(features, y, groups)
-    splits, classes = list(splits), np.unique(y)
-    for fold, (_, te) in enumerate(splits):
-        missing = np.setdiff1d(classes, y[te])
-        if len(missing):  # only possible with groups: StratifiedKFold puts every class in every fold
-            raise UnevenFoldsError(f"test fold {fold + 1} of {folds} holds no item of class {missing[0]}: its groups "
-                                   f"are too few or too uneven to split {folds} ways; pass fewer folds, or probe more "
-                                   "groups")
+        splits = _grouped_folds(y, groups, folds, seed)
     scores = [linear_probe(features[tr], y[tr], features[te], y[te]) for tr, te in splits]
     return {k: float(np.mean([s[k] for s in scores])) for k in scores[0]}
 

@@ -205,16 +205,65 @@ def test_cross_validated_probe_checks_its_groups():
     assert 0 <= cross_validated_probe(features, flags, folds=2, groups=patients)["balanced_accuracy"] <= 1
 
 
-def test_grouped_folds_that_miss_a_class_are_refused():
-    """Class 1 is spread over 5 of 7 patients (enough by count), but unevenly: StratifiedGroupKFold then
-    left one test fold without it, whose balanced accuracy was class 0's recall alone."""
-    sizes = [4, 1, 7, 3, 10, 7, 1]
-    y = np.array([0, 0, 0, 0, 0, 1, 1, 1, 0, 0, 1, 1, 1, 0, 1, 0, 0, 1, 1, 0, 1, 0, 0, 0, 1, 0, 1, 1, 0, 1, 0, 0, 1])
-    groups = np.repeat(np.arange(7), sizes)
-    features = np.random.default_rng(1).normal(size=(len(y), 4))
-    assert len(np.unique(groups[y == 1])) == 5  # too_few_for_folds passes it
-    with pytest.raises(ValueError, match=r"test fold 1 of 5 holds no item of class 1: .*pass fewer folds"):
-        cross_validated_probe(features, y, folds=5, seed=0, groups=groups)
+class LopsidedFolds:
+    """A stand-in for StratifiedGroupKFold: below `good_from` as random_state, its first test fold holds class
+    0's items only (y sorted); from it on, fold k tests the items k, k + n_splits, ... (y alternating)."""
+
+    good_from = None  # None: never a good split
+    tried = []
+
+    def __init__(self, n_splits, shuffle, random_state):
+        self.n_splits, self.random_state = n_splits, random_state
+        LopsidedFolds.tried.append(random_state)
+
+    def split(self, features, y, groups):
+        good = self.good_from is not None and self.random_state >= self.good_from
+        order = np.arange(len(y)) if good else np.argsort(y, kind="stable")
+        for fold in range(self.n_splits):
+            te = order[fold::self.n_splits] if good else np.array_split(order, self.n_splits)[fold]
+            yield np.setdiff1d(np.arange(len(y)), te), te
+
+
+def test_grouped_folds_that_miss_a_class_are_shuffled_again(monkeypatch):
+    """A class spread unevenly over a few patients can leave a test fold without it (its balanced accuracy is
+    then the other class's recall alone), and which shuffles do depends on the scikit-learn version: the
+    probe of the same patients failed on one version and passed on the next. The next seeds are tried."""
+    import sklearn.model_selection
+
+    from mtlearn.probes import _grouped_folds
+
+    monkeypatch.setattr(sklearn.model_selection, "StratifiedGroupKFold", LopsidedFolds)
+    monkeypatch.setattr(LopsidedFolds, "good_from", 5)
+    monkeypatch.setattr(LopsidedFolds, "tried", [])
+    y = np.array([0, 1] * 10)
+    splits = _grouped_folds(y, np.arange(20), 5, seed=3)
+    assert LopsidedFolds.tried == [3, 4, 5]  # the first seed whose folds all hold both classes is taken
+    assert [te.tolist() for _, te in splits] == [list(range(k, 20, 5)) for k in range(5)]
+
+
+def test_grouped_folds_keep_patients_apart_and_hold_every_class():
+    """scikit-learn's own splitter, through cross_validated_probe's choice: 10 patients of 3 images each."""
+    from mtlearn.probes import _grouped_folds
+
+    groups = np.repeat(np.arange(10), 3)
+    y = np.repeat(np.arange(10) % 2, 3)  # a patient's images share the label
+    splits = _grouped_folds(y, groups, 5, seed=0)
+    assert len(splits) == 5 and all(set(y[te]) == {0, 1} for _, te in splits)
+    assert all(not set(groups[tr]) & set(groups[te]) for tr, te in splits)  # no patient on both sides
+    assert sorted(np.concatenate([te for _, te in splits]).tolist()) == list(range(30))  # each image tested once
+
+
+def test_grouped_folds_that_always_miss_a_class_are_refused(monkeypatch):
+    """When no shuffle gives every test fold every class, the probe is refused, naming the first gap."""
+    import sklearn.model_selection
+
+    monkeypatch.setattr(sklearn.model_selection, "StratifiedGroupKFold", LopsidedFolds)
+    monkeypatch.setattr(LopsidedFolds, "tried", [])
+    y = np.array([0, 1] * 10)
+    with pytest.raises(ValueError, match=r"test fold 1 of 5 holds no item of class 1 \(nor did the folds of the next "
+                                         r"19 seeds hold every class\): .*pass fewer folds"):
+        cross_validated_probe(np.random.default_rng(0).normal(size=(20, 3)), y, folds=5, seed=7, groups=np.arange(20))
+    assert LopsidedFolds.tried == list(range(7, 27))
 
 
 def test_cross_validated_probe_names_a_length_mismatch():
