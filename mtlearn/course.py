@@ -381,12 +381,12 @@ def main(argv: list[str] | None = None) -> int:
                              "paper profile; 0: no limit)")
     args = parser.parse_args(argv)
 
-    from mtlearn.notebook import resolve_profile
+    from mtlearn.notebook import PAPER_ON_CPU, resolve_profile
     from mtlearn.utils import check_folder, pick_device, seed_everything
 
     try:
         profile = resolve_profile(args.profile, name="--profile")
-        pick_device(args.device)  # a typo fails here, once, not inside every notebook's kernel
+        device = pick_device(args.device)  # a typo fails here, once, not inside every notebook's kernel
         if args.seed is not None:  # the check each notebook's start() makes; seeding this process is harmless
             seed_everything(args.seed)
     except (ValueError, RuntimeError) as error:
@@ -411,6 +411,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from tqdm.auto import tqdm
 
+    if profile == "paper" and device.type == "cpu":  # each notebook warns too, but inside its kernel, unseen here
+        print("note: " + PAPER_ON_CPU.replace("profile='course'", "--profile course"), file=sys.stderr)
     results = []
     bar = tqdm(notebooks, desc=f"course notebooks ({profile})", unit="notebook")
     for index, nb in enumerate(bar):

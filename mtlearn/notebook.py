@@ -50,8 +50,13 @@ PROFILES = ("smoke", "course", "paper")
 PROFILE_HELP = {
     "smoke": "seconds on a CPU; checks that the notebook runs (CI)",
     "course": "minutes on 2 CPU cores or a Colab GPU; the numbers the course discusses",
-    "paper": "paper-scale settings for a GPU: real data, 224 px and more, the papers' schedules",
+    "paper": "paper-scale settings for a GPU: the papers' models, image sizes and schedules (real data when "
+             "`dataset` names it; the synthetic data stays the default)",
 }
+# what start() says when the paper profile runs on a CPU (the README's "The `paper` profile on a GPU")
+PAPER_ON_CPU = ("the paper profile is sized for a GPU: on a CPU its trainings take days to weeks (each of notebook "
+                "01's six models about two weeks on 2 cores with the generated data, two days with BUSI). Run it on "
+                "a GPU (on Colab: Runtime > Change runtime type), or use profile='course' on this machine")
 SYNTHETIC_DATASETS = ("synthetic", "shapes")
 REAL_DATASETS = ("busi", "bus_bra", "bus_uclm", "breastmnist")
 MASKED_DATASETS = ("busi", "bus_bra", "bus_uclm")  # with lesion masks: what a notebook training `seg` accepts
@@ -377,6 +382,8 @@ def start(
         raise OSError(error.errno, f"out_dir {out} cannot be created ({error.strerror or error}); choose another "
                       "out_dir, one you can write to (it receives metrics.json and the figures)") from None
     run = Run(notebook, profile, dataset, root, int(seed), resolved, out)
+    if profile == "paper" and resolved.type == "cpu":  # before hours of work, not after
+        warnings.warn(PAPER_ON_CPU, stacklevel=2)
     if verbose:
         env = environment_report(resolved)
         print(f"{notebook}: profile={profile} dataset={dataset} seed={seed} out_dir={out}")

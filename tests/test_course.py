@@ -2,6 +2,7 @@
 
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -405,6 +406,24 @@ def test_command_line_defaults_to_the_course_profile_with_an_hour_per_cell(tmp_p
     assert main(["--out", str(tmp_path), "--only", "00"]) == 0
     [(out_dir, parameters, cell_timeout)] = calls
     assert out_dir.name == "course" and parameters["profile"] == "course" and cell_timeout == 3600
+
+
+def test_command_line_says_before_the_first_notebook_that_the_paper_profile_wants_a_gpu(tmp_path, monkeypatch, capsys):
+    """Each notebook warns inside its kernel, where `python -m mtlearn.course` shows nothing: the paper profile
+    on a CPU went straight into weeks of training without a word."""
+    from mtlearn.course import NotebookResult, main
+
+    def fake_run(nb, out_dir, parameters, cell_timeout):
+        print("notebook ran", file=sys.stderr)
+        return NotebookResult(nb.stem, out_dir, True, 1.0, metrics={"metrics": {"dice": 0.5}})
+
+    monkeypatch.setattr(course, "run_notebook", fake_run)
+    assert main(["--profile", "paper", "--device", "cpu", "--out", str(tmp_path), "--only", "00"]) == 0
+    err = capsys.readouterr().err
+    assert err.index("note: the paper profile is sized for a GPU") < err.index("notebook ran")
+    assert "or use --profile course on this machine" in err
+    assert main(["--profile", "smoke", "--device", "cpu", "--out", str(tmp_path), "--only", "00"]) == 0
+    assert "sized for a GPU" not in capsys.readouterr().err
 
 
 def test_command_line_only_matches_the_start_of_a_name_and_names_a_miss(tmp_path, monkeypatch, capsys):

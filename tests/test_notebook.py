@@ -381,6 +381,22 @@ def test_an_explicit_profile_wins_over_the_environment_in_start(tmp_path, monkey
     assert start_here(tmp_path, profile=None).profile == "paper"
 
 
+def test_the_paper_profile_on_a_cpu_warns_before_any_work(tmp_path, monkeypatch):
+    """It went straight into weeks of training (notebook 01: 150 epochs of the paper preset at 224 px)."""
+    import warnings
+
+    from mtlearn import notebook
+
+    with pytest.warns(UserWarning, match=r"the paper profile is sized for a GPU: on a CPU its trainings take days "
+                                         r"to weeks .* or use profile='course' on this machine"):
+        start_here(tmp_path, profile="paper", out_dir=tmp_path / "paper")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        start_here(tmp_path, profile="course", out_dir=tmp_path / "course")  # the profiles meant for a CPU
+        monkeypatch.setattr(notebook, "pick_device", lambda device: torch.device("cuda"))
+        start_here(tmp_path, profile="paper", out_dir=tmp_path / "gpu", device="cuda")  # what it is sized for
+
+
 def test_metrics_json_records_the_device_and_wall_time_and_the_message_says_them(tmp_path, capsys, monkeypatch):
     from mtlearn import notebook
 
