@@ -398,7 +398,11 @@ def collect(out_root: str | Path, specs: list[RunSpec] | None = None) -> pd.Data
 
 
 def summarise(table: pd.DataFrame, by: str | list[str], metrics: str | list[str]) -> pd.DataFrame:
-    """Mean and standard deviation of `metrics` across seeds for each group in `by` (a name or a list)."""
+    """Mean and standard deviation of `metrics` across seeds for each group in `by` (a name or a list).
+
+    Runs without a value of a metric (NaN: failed or diverged) are left out of its mean and standard
+    deviation, with a warning; "count" is how many runs each figure is of.
+    """
     by = [by] if isinstance(by, str) else list(by)  # list("weighting") would be its letters
     metrics = [metrics] if isinstance(metrics, str) else list(metrics)
     if not by:  # pandas: "No group keys passed!"
@@ -407,6 +411,11 @@ def summarise(table: pd.DataFrame, by: str | list[str], metrics: str | list[str]
         raise ValueError("summarise needs at least one metric column, e.g. metrics=['delta_m']")
     _check_columns(table, [*by, *metrics])
     _check_numeric(table, metrics)
+    empty = {m: int(table[m].isna().sum()) for m in metrics}
+    said = [f"{n} of {len(table)} runs have no {m}" for m, n in empty.items() if n]
+    if said:  # a mean of the runs that worked read like a mean of all of them
+        warnings.warn(f"{'; '.join(said)} (NaN: a failed or diverged run); the mean and std are of the other "
+                      "runs, and the 'count' column says how many", stacklevel=2)
     # dropna=False: a run whose group could not be read (NaN) stays in the table, under NaN
     return table.groupby(by, dropna=False)[metrics].agg(["mean", "std", "count"])
 
@@ -418,7 +427,8 @@ def plot_spread(table: pd.DataFrame, by: str | list[str], metric: str | list[str
     With a few seeds a bar up to the mean would describe no run; the dots are the runs, the line
     only marks their mean. A group's dots are set side by side (deterministically, in table order:
     when every group holds the same seeds, listed seed by seed, a seed sits at the same place in
-    every group), so equal values do not hide each other.
+    every group), so equal values do not hide each other. Runs without a value (NaN) are counted at
+    the foot of their group ("1 of 3: no value"); its line is the mean of the others.
     by, metric: one column each, a name or a one-item list (as summarise takes them).
     ylabel: the y-axis label; default `metric`, "Δm (%)" for "delta_m" (weighting.delta_m is in percent).
     """
@@ -438,10 +448,14 @@ def plot_spread(table: pd.DataFrame, by: str | list[str], metric: str | list[str
         values = column.to_numpy(dtype=float)
         offsets = np.linspace(-0.15, 0.15, len(values)) if len(values) > 1 else np.zeros(len(values))
         ax.scatter(i + offsets, values, color="tab:blue", zorder=3, s=16, label="a run (seed)" if i == 0 else None)
-        if np.isfinite(values).any():  # a group of failed runs (NaN) has no mean
-            ax.hlines(np.nanmean(values), i - 0.28, i + 0.28, color="black", lw=1.8, zorder=2,
+        finite = np.isfinite(values)
+        if finite.any():  # a group of failed runs (NaN) has no mean
+            ax.hlines(values[finite].mean(), i - 0.28, i + 0.28, color="black", lw=1.8, zorder=2,
                       label="mean of the runs" if means == 0 else None)
             means += 1
+            if not finite.all():  # the mean of the others: say so where the missing dots would be
+                ax.text(i, 0.02, f"{(~finite).sum()} of {len(values)}:\nno value", transform=ax.get_xaxis_transform(),
+                        ha="center", va="bottom", fontsize=7, color="tab:red")
         else:  # said where its dots would be, rather than a blank column
             ax.text(i, 0.5, f"{len(values)} run(s),\nno value", transform=ax.get_xaxis_transform(), ha="center",
                     va="center", fontsize=8, color="tab:red")

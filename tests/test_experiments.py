@@ -352,7 +352,9 @@ def _runs():
 
 
 def test_summarise_gives_mean_sample_std_and_count_across_seeds():
-    summary = summarise(_runs(), ["weighting"], ["score", "dice"])
+    with pytest.warns(UserWarning, match=r"^1 of 6 runs have no score \(NaN: a failed or diverged run\); the mean and "
+                                         r"std are of the other runs, and the 'count' column says how many$"):
+        summary = summarise(_runs(), ["weighting"], ["score", "dice"])
     expected = {  # sample standard deviation (n - 1), as for a spread over a few seeds
         ("fixed", "score"): [0.25, 0.5, 1.0], ("pcgrad", "score"): [0.5, 0.75],  # the missing score is no run
         ("fixed", "dice"): [2.0, 4.0, 6.0], ("pcgrad", "dice"): [1.0, 3.0, 5.0],
@@ -493,6 +495,15 @@ def test_plot_spread_says_when_every_run_of_a_group_has_no_value():
     table = pd.DataFrame({"weighting": ["fixed", "fixed", "dwa", "dwa"], "score": [0.5, 0.6, np.nan, np.nan]})
     ax = plot_spread(table, "weighting", "score").axes[0]
     assert [(t.get_text(), t.get_position()[0]) for t in ax.texts] == [("2 run(s),\nno value", 1)]
+    plt.close("all")
+
+
+def test_plot_spread_counts_the_runs_of_a_group_without_a_value():
+    """The mean line of two runs out of three was drawn as if of all three, with nothing to say one was missing."""
+    table = pd.DataFrame({"weighting": ["fixed"] * 3 + ["dwa"] * 2, "score": [0.5, np.nan, 0.7, 0.4, 0.6]})
+    ax = plot_spread(table, "weighting", "score").axes[0]
+    assert [(t.get_text(), t.get_position()[0]) for t in ax.texts] == [("1 of 3:\nno value", 0)]
+    assert ax.collections[1].get_segments()[0][0][1] == pytest.approx(0.6)  # fixed's line: the mean of 0.5 and 0.7
     plt.close("all")
 
 
