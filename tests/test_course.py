@@ -9,6 +9,7 @@ from pathlib import Path
 import nbformat
 import numpy as np
 import pytest
+import torch
 from nbformat.v4 import new_code_cell, new_notebook
 
 from mtlearn import course
@@ -423,6 +424,11 @@ def test_command_line_says_before_the_first_notebook_that_the_paper_profile_want
     assert err.index("note: the paper profile is sized for a GPU") < err.index("notebook ran")
     assert "or use --profile course on this machine" in err
     assert main(["--profile", "smoke", "--device", "cpu", "--out", str(tmp_path), "--only", "00"]) == 0
+    assert "sized for a GPU" not in capsys.readouterr().err
+    import mtlearn.utils
+
+    monkeypatch.setattr(mtlearn.utils, "pick_device", lambda device: torch.device("cuda"))  # what it is sized for
+    assert main(["--profile", "paper", "--device", "cuda", "--out", str(tmp_path), "--only", "00"]) == 0
     assert "sized for a GPU" not in capsys.readouterr().err
 
 

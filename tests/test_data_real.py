@@ -960,6 +960,7 @@ def test_a_root_holding_another_fetched_dataset_says_so_not_to_fetch_into_it(tmp
                                           r"folder as root") as error:
         load_dataset("busi", root=tmp_path)
     assert "data_fetch busi" not in str(error.value)
+    assert "(or load that one from it: load_dataset('bus_uclm'))" in str(error.value)
     for marker in tmp_path.glob(".*.complete"):
         marker.unlink()
     completion_marker(tmp_path, "busi").write_text("{}")  # its own download, unpacked and since damaged

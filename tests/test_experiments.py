@@ -500,10 +500,10 @@ def test_plot_spread_says_when_every_run_of_a_group_has_no_value():
 
 def test_plot_spread_counts_the_runs_of_a_group_without_a_value():
     """The mean line of two runs out of three was drawn as if of all three, with nothing to say one was missing."""
-    table = pd.DataFrame({"weighting": ["fixed"] * 3 + ["dwa"] * 2, "score": [0.5, np.nan, 0.7, 0.4, 0.6]})
+    table = pd.DataFrame({"weighting": ["dwa"] * 2 + ["fixed"] * 3, "score": [0.4, 0.6, 0.5, np.nan, 0.7]})
     ax = plot_spread(table, "weighting", "score").axes[0]
-    assert [(t.get_text(), t.get_position()[0]) for t in ax.texts] == [("1 of 3:\nno value", 0)]
-    assert ax.collections[1].get_segments()[0][0][1] == pytest.approx(0.6)  # fixed's line: the mean of 0.5 and 0.7
+    assert [(t.get_text(), t.get_position()[0]) for t in ax.texts] == [("1 of 3:\nno value", 1)]  # under fixed
+    assert ax.collections[1].get_segments()[1][0][1] == pytest.approx(0.6)  # fixed's line: the mean of 0.5 and 0.7
     plt.close("all")
 
 
@@ -668,6 +668,12 @@ def test_a_switch_and_a_count_are_two_values_and_folders_that_differ_only_in_cas
     with pytest.raises(ValueError, match=r"two runs of the grid would share the folder"):  # across two parameters
         grid(notebooks[:1], {"note": ["a", "A,profile=smoke,seed=0,tag=b"], "tag": ["b,profile=smoke,seed=0,tag=c",
                                                                                     "c"]}, seeds=[0], profile="smoke")
+
+
+def test_summarise_names_every_metric_with_runs_without_a_value():
+    table = _runs().assign(dice=[1.0, np.nan, 3.0, np.nan, 5.0, 6.0])
+    with pytest.warns(UserWarning, match=r"^1 of 6 runs have no score; 2 of 6 runs have no dice \(NaN: "):
+        summarise(table, "weighting", ["score", "dice"])
 
 
 def test_summarise_takes_a_metric_no_run_recorded():

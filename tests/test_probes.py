@@ -210,6 +210,7 @@ class LopsidedFolds:
     0's items only (y sorted); from it on, fold k tests the items k, k + n_splits, ... (y alternating)."""
 
     good_from = None  # None: never a good split
+    flip_odd = False  # True: an odd random_state sorts y the other way (its first test fold then lacks class 0)
     tried = []
 
     def __init__(self, n_splits, shuffle, random_state):
@@ -218,7 +219,8 @@ class LopsidedFolds:
 
     def split(self, features, y, groups):
         good = self.good_from is not None and self.random_state >= self.good_from
-        order = np.arange(len(y)) if good else np.argsort(y, kind="stable")
+        flip = self.flip_odd and self.random_state % 2
+        order = np.arange(len(y)) if good else np.argsort(-y if flip else y, kind="stable")
         for fold in range(self.n_splits):
             te = order[fold::self.n_splits] if good else np.array_split(order, self.n_splits)[fold]
             yield np.setdiff1d(np.arange(len(y)), te), te
@@ -264,6 +266,14 @@ def test_grouped_folds_that_always_miss_a_class_are_refused(monkeypatch):
                                          r"19 seeds hold every class\): .*pass fewer folds"):
         cross_validated_probe(np.random.default_rng(0).normal(size=(20, 3)), y, folds=5, seed=7, groups=np.arange(20))
     assert LopsidedFolds.tried == list(range(7, 27))
+    monkeypatch.setattr(LopsidedFolds, "flip_odd", True)  # the gap of the caller's own seed is the one named
+    with pytest.raises(ValueError, match=r"test fold 1 of 5 holds no item of class 0 \(nor did"):
+        cross_validated_probe(np.random.default_rng(0).normal(size=(20, 3)), y, folds=5, seed=7, groups=np.arange(20))
+    monkeypatch.setattr(LopsidedFolds, "tried", [])
+    with pytest.raises(ValueError, match=r"holds no item"):  # scikit-learn takes random states below 2**32 only
+        cross_validated_probe(np.random.default_rng(0).normal(size=(20, 3)), y, folds=5, seed=2**32 - 1,
+                              groups=np.arange(20))
+    assert LopsidedFolds.tried[:3] == [2**32 - 1, 0, 1]
 
 
 def test_cross_validated_probe_names_a_length_mismatch():
@@ -470,6 +480,9 @@ def test_a_whole_multitask_unet_is_pointed_to_its_own_encoder():
         extract_features(model, loader, device="cpu")
     features, labels = extract_features(model.encoder, loader, device="cpu")
     assert features.shape[0] == 4 and labels["label"].tolist() == [0, 1, 0, 1]  # the advice, followed
+    with pytest.raises(TypeError, match=r"e\.g\. model\.encoder_a of a DisentangleNet, model\.encoder of a "
+                                        r"MultiTaskUNet \(not the whole model\)"):  # a function, no model to look at
+        extract_features(lambda x: {"features": x}, loader, device="cpu")
 
 
 @pytest.mark.parametrize("method", ["pca", "tsne"])

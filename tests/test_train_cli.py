@@ -254,7 +254,7 @@ def test_a_run_without_one_finite_validation_epoch_fails_with_a_message(tmp_path
     printed, err = capsys.readouterr()
     assert exit_.value.code == 1 and "training stopped: no epoch had a finite validation loss" in err
     assert "best epoch" not in printed  # "best epoch None ...; wrote <out>" read like a finished run
-    assert "lower --lr (now 0.003)" in err and "Traceback" not in err
+    assert "lower --lr (now 0.003)" in err and "Traceback" not in err and str(out / "metrics.json") in err
     record = json.loads((out / "metrics.json").read_text())
     assert record["best_epoch"] is None and record["epochs"] == 2  # written, for a look at what went wrong
     last = record["history"][-1]  # no best epoch: the validation numbers are the last epoch's, as the test's
@@ -272,11 +272,30 @@ def test_a_metric_undefined_on_the_validation_split_is_told_apart_from_a_diverge
         main([*argv, "--out-dir", str(tmp_path / "auc")])
     err = capsys.readouterr().err
     assert exit_.value.code == 1 and "training stopped: cls/auc was not finite in any epoch whose validation" in err
-    assert "lower --lr" not in err
+    assert "lower --lr" not in err and f"the last epoch's (in {tmp_path / 'auc' / 'metrics.json'})" in err
     assert "(a larger --limit, now 4) or choose another metric (e.g. --monitor cls/loss)" in err
     record = main([*argv, "--monitor", "cls/loss", "--out-dir", str(tmp_path / "loss")])  # the advice, followed
     assert (record["monitor"], record["best_epoch"]) == ("val/cls/loss", 1)
     assert load_checkpoint(tmp_path / "loss" / "last.pt")["config"]["monitor"] == "cls/loss"
+    assert parse_args(["--monitor", "val/cls/loss"]).monitor == "val/cls/loss"  # fit's own spelling, taken too
+
+
+def test_an_undefined_metric_is_named_even_when_some_epochs_also_diverged():
+    """One epoch with a NaN validation loss, the others with finite losses and a NaN AUC: the AUC is why no
+    epoch could be the best, and no lower --lr would give it a value."""
+    from mtlearn.engine import History
+    from mtlearn.train import _no_good_epoch
+
+    history = History(monitor="val/cls/auc")
+    for epoch, loss in enumerate([math.nan, 0.7, 0.6], start=1):
+        history.append({"epoch": epoch, "val/cls/loss": loss, "val/cls/auc": math.nan})
+    args = parse_args(["--tasks", "cls", "--out-dir", "runs/x"])
+    said = _no_good_epoch(history, args)
+    assert said.startswith("cls/auc was not finite in any epoch whose validation loss was") and "lower --lr" not in said
+    assert "(another dataset) or choose another metric (e.g. --monitor cls/loss)" in said  # no --limit given
+    diverged = History(monitor="val/cls/auc")
+    diverged.append({"epoch": 1, "val/cls/loss": math.nan, "val/cls/auc": 0.5})
+    assert _no_good_epoch(diverged, args).endswith("the run diverged; lower --lr (now 0.0001)")
 
 
 @pytest.mark.slow
