@@ -85,6 +85,22 @@ HEADLINE_METRICS = ("seg/dice", "seg/iou", "cls/acc", "cls/balanced_acc", "cls/a
 DEFAULT_MONITOR = {"seg": "seg/dice", "cls": "cls/auc", "recon": "recon/psnr"}  # first task present wins
 
 
+def default_monitor(tasks: Sequence[str]) -> str:
+    """The validation metric monitor="auto" picks: seg/dice, else cls/auc, else recon/psnr."""
+    return next(DEFAULT_MONITOR[t] for t in ("seg", "cls", "recon") if t in tasks)
+
+
+def validation_metrics(tasks: Sequence[str]) -> list[str]:
+    """What evaluate() returns for `tasks` (each task's METRIC_KEYS, then its loss): what a monitor may name."""
+    return [k for t in tasks for k in (*METRIC_KEYS[t], f"{t}/loss")]
+
+
+def validation_losses_finite(record: Mapping[str, float]) -> bool:
+    """Whether every validation loss of an epoch's record is finite; a NaN or inf one (bad data, overflow)
+    makes the epoch's validation numbers untrustworthy, whatever the monitored metric says."""
+    return all(math.isfinite(v) for k, v in record.items() if k.startswith("val/") and k.endswith("/loss"))
+
+
 class NonFiniteLossError(RuntimeError):
     """A task loss became NaN or inf; training stopped before the bad step touched the weights."""
 
@@ -175,9 +191,7 @@ class History:
         record = {k: int(v) if k == "epoch" else float(v) for k, v in record.items()}  # plain numbers only
         self.records.append(record)
         value = record.get(self.monitor)
-        # a NaN/inf validation loss (bad data, overflow) makes the epoch untrustworthy, whatever the monitor says
-        broken = any(k.startswith("val/") and k.endswith("/loss") and not math.isfinite(v) for k, v in record.items())
-        if value is None or math.isnan(value) or broken:
+        if value is None or math.isnan(value) or not validation_losses_finite(record):
             return False
         better = (self.best_value is None or math.isnan(self.best_value)
                   or (value > self.best_value if self.mode == "max" else value < self.best_value))
@@ -462,9 +476,7 @@ def _make_weighting(config: TrainConfig, tasks: tuple[str, ...]) -> LossWeightin
 
 
 def _monitor(config: TrainConfig, tasks: tuple[str, ...]) -> tuple[str, str]:
-    key = next(DEFAULT_MONITOR[t] for t in ("seg", "cls", "recon") if t in tasks) \
-        if config.monitor == "auto" else config.monitor
-    key = key.removeprefix("val/")
+    key = (default_monitor(tasks) if config.monitor == "auto" else config.monitor).removeprefix("val/")
     return f"val/{key}", "min" if key.endswith("loss") else "max"
 
 
@@ -510,7 +522,7 @@ def fit(model: nn.Module, train_loader, val_loader=None, config: TrainConfig | N
                          "val_loader=None: no validation, no best.pt)")
     _check_val_targets(val_loader, tasks)
     monitor, mode = _monitor(config, tasks)
-    expected = sorted(k for t in tasks for k in (*METRIC_KEYS[t], f"{t}/loss"))  # what evaluate will return
+    expected = sorted(validation_metrics(tasks))
     # before any work, not after an epoch; without a val_loader too: a resume that adds one would be
     # refused for a best.pt "chosen by" the typo
     if monitor.removeprefix("val/") not in expected:

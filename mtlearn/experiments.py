@@ -400,8 +400,9 @@ def collect(out_root: str | Path, specs: list[RunSpec] | None = None) -> pd.Data
 def summarise(table: pd.DataFrame, by: str | list[str], metrics: str | list[str]) -> pd.DataFrame:
     """Mean and standard deviation of `metrics` across seeds for each group in `by` (a name or a list).
 
-    Runs without a value of a metric (NaN: failed or diverged) are left out of its mean and standard
-    deviation, with a warning; "count" is how many runs each figure is of.
+    Runs without a value of a metric (NaN: undefined for that run, e.g. an AUC on a validation set of
+    one class, or not recorded) are left out of its mean and standard deviation, with a warning;
+    "count" is how many runs each figure is of.
     """
     by = [by] if isinstance(by, str) else list(by)  # list("weighting") would be its letters
     metrics = [metrics] if isinstance(metrics, str) else list(metrics)
@@ -414,8 +415,8 @@ def summarise(table: pd.DataFrame, by: str | list[str], metrics: str | list[str]
     empty = {m: int(table[m].isna().sum()) for m in metrics}
     said = [f"{n} of {len(table)} runs have no {m}" for m, n in empty.items() if n]
     if said:  # a mean of the runs that worked read like a mean of all of them
-        warnings.warn(f"{'; '.join(said)} (NaN: a failed or diverged run); the mean and std are of the other "
-                      "runs, and the 'count' column says how many", stacklevel=2)
+        warnings.warn(f"{'; '.join(said)} (NaN: undefined for that run, or not recorded); the mean and std are of "
+                      "the other runs, and the 'count' column says how many", stacklevel=2)
     # dropna=False: a run whose group could not be read (NaN) stays in the table, under NaN
     return table.groupby(by, dropna=False)[metrics].agg(["mean", "std", "count"])
 

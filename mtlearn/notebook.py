@@ -55,7 +55,7 @@ PROFILE_HELP = {
 }
 # what start() says when the paper profile runs on a CPU (the README's "The `paper` profile on a GPU")
 PAPER_ON_CPU = ("the paper profile is sized for a GPU: on a CPU its trainings take days to weeks (each of notebook "
-                "01's six models about two weeks on 2 cores with the generated data, two days with BUSI). Run it on "
+                "01's six models about a week on 2 cores with the generated data, a day with BUSI). Run it on "
                 "a GPU (on Colab: Runtime > Change runtime type), or use profile='course' on this machine")
 SYNTHETIC_DATASETS = ("synthetic", "shapes")
 REAL_DATASETS = ("busi", "bus_bra", "bus_uclm", "breastmnist")

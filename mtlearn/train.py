@@ -34,16 +34,17 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from mtlearn.data import DATASETS
-from mtlearn.engine import NonFiniteLossError, NonFiniteWeightsError, TrainConfig, evaluate, fit
+from mtlearn.engine import (NonFiniteLossError, NonFiniteWeightsError, TrainConfig, default_monitor, evaluate, fit,
+                            validation_losses_finite, validation_metrics)
 from mtlearn.losses import TASKS
-from mtlearn.metrics import METRIC_KEYS
 from mtlearn.utils import is_distributed, is_main_process, pick_device, seed_everything, write_json
 from mtlearn.weighting import WEIGHTINGS
 
 PRESETS = ("tiny", "course", "paper")
 # what the checkpoint cannot tell: the same weights shapes fit another image size, and other data or
 # another seed (which draws the synthetic data) would train the rest of the run on other images
-RUN_OPTIONS = ("preset", "dataset", "image_size", "augment", "limit", "seed", "batch_size")
+# --monitor: best.pt so far was chosen by it (recorded as the metric it names, "auto" resolved)
+RUN_OPTIONS = ("preset", "dataset", "image_size", "augment", "limit", "seed", "batch_size", "monitor")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -99,10 +100,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--image-size must be >= 32 for the synthetic data (its smallest size), got {args.image_size}")
     if len(set(args.tasks)) != len(args.tasks):
         parser.error(f"--tasks lists a task twice ({' '.join(args.tasks)}); give each once")
-    metrics = [k for t in args.tasks for k in (*METRIC_KEYS[t], f"{t}/loss")]  # what evaluate returns
+    metrics = validation_metrics(args.tasks)
     if args.monitor != "auto" and args.monitor.removeprefix("val/") not in metrics:  # before any data loads
         parser.error(f"--monitor {args.monitor} is not a validation metric of --tasks {' '.join(args.tasks)}; "
                      f"choose one of {', '.join(metrics)} (or auto)")
+    # the metric itself, as options.json records it: `auto` and `val/seg/dice` resume a `seg/dice` run
+    args.monitor = (default_monitor(args.tasks) if args.monitor == "auto" else args.monitor).removeprefix("val/")
     if args.image_size % 16:  # the synthetic data is at least 32 px: never suggest a size it refuses
         parser.error(f"--image-size must be a multiple of 16 (the network's stride), got {args.image_size}; "
                      f"try {max(32 if args.dataset == 'synthetic' else 16, round(args.image_size / 16) * 16)}")
@@ -325,14 +328,12 @@ def _no_good_epoch(history, args: argparse.Namespace) -> str:
     holding one class) needs another --monitor or more validation images, and no --lr would help."""
     where = (f"so there is no best epoch and the test metrics are the last epoch's (in "
              f"{Path(args.out_dir) / 'metrics.json'})")
-    losses_finite = [all(math.isfinite(v) for k, v in r.items() if k.startswith("val/") and k.endswith("/loss"))
-                     for r in history.records]
-    if history.monitor.endswith("/loss") or not any(losses_finite):
+    if history.monitor.endswith("/loss") or not any(map(validation_losses_finite, history.records)):
         return f"no epoch had a finite validation loss, {where}: the run diverged; lower --lr (now {args.lr:g})"
     metric = history.monitor.removeprefix("val/")
     more = f"a larger --limit, now {args.limit}" if args.limit is not None else "another dataset"
-    return (f"{metric} was not finite in any epoch whose validation loss was, {where}: an AUC, a specificity or a "
-            "balanced accuracy is undefined on a validation split that lacks a class; validate on more images "
+    return (f"{metric} was not finite in any epoch whose validation loss was, {where}: an AUC, a sensitivity or a "
+            "specificity is undefined on a validation split that lacks a class; validate on more images "
             f"({more}) or choose another metric (e.g. --monitor {metric.split('/')[0]}/loss)")
 
 

@@ -352,8 +352,9 @@ def _runs():
 
 
 def test_summarise_gives_mean_sample_std_and_count_across_seeds():
-    with pytest.warns(UserWarning, match=r"^1 of 6 runs have no score \(NaN: a failed or diverged run\); the mean and "
-                                         r"std are of the other runs, and the 'count' column says how many$"):
+    said = (r"^1 of 6 runs have no score \(NaN: undefined for that run, or not recorded\); the mean and std are of "
+            r"the other runs, and the 'count' column says how many$")
+    with pytest.warns(UserWarning, match=said):
         summary = summarise(_runs(), ["weighting"], ["score", "dice"])
     expected = {  # sample standard deviation (n - 1), as for a spread over a few seeds
         ("fixed", "score"): [0.25, 0.5, 1.0], ("pcgrad", "score"): [0.5, 0.75],  # the missing score is no run
@@ -503,7 +504,7 @@ def test_plot_spread_counts_the_runs_of_a_group_without_a_value():
     table = pd.DataFrame({"weighting": ["dwa"] * 2 + ["fixed"] * 3, "score": [0.4, 0.6, 0.5, np.nan, 0.7]})
     ax = plot_spread(table, "weighting", "score").axes[0]
     assert [(t.get_text(), t.get_position()[0]) for t in ax.texts] == [("1 of 3:\nno value", 1)]  # under fixed
-    assert ax.collections[1].get_segments()[1][0][1] == pytest.approx(0.6)  # fixed's line: the mean of 0.5 and 0.7
+    assert ax.collections[3].get_segments()[0][0][1] == pytest.approx(0.6)  # fixed's line, after dwa's
     plt.close("all")
 
 

@@ -277,7 +277,8 @@ def test_a_metric_undefined_on_the_validation_split_is_told_apart_from_a_diverge
     record = main([*argv, "--monitor", "cls/loss", "--out-dir", str(tmp_path / "loss")])  # the advice, followed
     assert (record["monitor"], record["best_epoch"]) == ("val/cls/loss", 1)
     assert load_checkpoint(tmp_path / "loss" / "last.pt")["config"]["monitor"] == "cls/loss"
-    assert parse_args(["--monitor", "val/cls/loss"]).monitor == "val/cls/loss"  # fit's own spelling, taken too
+    assert parse_args(["--monitor", "val/cls/loss"]).monitor == "cls/loss"  # fit's own spelling, taken too
+    assert parse_args(["--tasks", "cls", "recon"]).monitor == "cls/auc"  # auto, as fit resolves it
 
 
 def test_an_undefined_metric_is_named_even_when_some_epochs_also_diverged():
@@ -584,7 +585,9 @@ def test_a_resume_into_an_empty_folder_records_its_options(tmp_path, capsys):
 CHANGED_RUN_OPTIONS = [("--preset", ["--preset", "course"]), ("--dataset", ["--dataset", "bus_bra"]),
                        ("--image-size", ["--image-size", "64"]), ("--augment", ["--augment"]),
                        ("--limit", ["--limit", "8"]), ("--seed", ["--seed", "5"]),
-                       ("--batch-size", ["--batch-size", "8"])]
+                       ("--batch-size", ["--batch-size", "8"]),
+                       # fit refused it too, but after the data loaded, advising its keyword monitor=
+                       ("--monitor", ["--monitor", "seg/loss"])]
 
 
 def test_every_run_option_has_a_resume_check_below():
@@ -606,6 +609,8 @@ def test_resume_refuses_a_change_of_any_run_option(tmp_path, flag, changed):
     with pytest.raises(ValueError, match=f"cannot resume .*with other options \\({flag}: "):
         train._check_run_options(parse_args([*base, *changed, "--resume"]))
     assert train._check_run_options(parse_args([*base, "--resume"])) is None  # the same options resume
+    # ... however the monitor is spelt (options.json holds the metric auto picks)
+    assert train._check_run_options(parse_args([*base, "--resume", "--monitor", "val/seg/dice"])) is None
 
 
 def test_the_loaders_follow_seed_and_num_workers(tmp_path, monkeypatch):
