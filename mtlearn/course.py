@@ -20,6 +20,7 @@ once) would otherwise hang the whole run without a word.
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import math
 import os
@@ -121,6 +122,13 @@ def _timed_out(error: Exception, cell_timeout: float | None) -> str:
     text = str(error)
     parts = text.split("-------------------\n")  # nbclient's layout: the cell's source between two rules
     lines = parts[1].strip().splitlines() if len(parts) > 2 else []
+    if lines and lines[0].startswith("["):  # a cell of 11 lines or more: its first 5 as a Python list, "...", its last
+        try:
+            quoted = ast.literal_eval(lines[0])
+        except (ValueError, SyntaxError, TypeError):  # a cell that does begin with "[": its own first line
+            quoted = None
+        if isinstance(quoted, list) and all(isinstance(line, str) for line in quoted):
+            lines = [line for line in quoted if line.strip()] or lines
     cell = f"the cell starting {lines[0]!r}" if lines else "a cell"
     if cell_timeout is not None and "Cell execution timed out" in text:
         return (f"{cell} ran longer than the cell timeout ({cell_timeout:g} s) and was stopped; if it was "

@@ -616,6 +616,37 @@ def test_output_arriving_late_is_not_reported_as_the_cell_timeout(cell_timeout, 
     assert result.error == "the cell starting 'train(model)' timed out: Timeout waiting for IOPub output"
 
 
+def test_a_long_cell_past_the_timeout_is_named_by_its_first_line_not_a_list(tmp_path, monkeypatch):
+    """nbclient quotes a cell of 11 lines or more as two Python lists (its first and last 5 lines): the message
+    read 'the cell starting "['import time', '', 'import numpy as np', ...]"'."""
+    import papermill
+    from nbclient.exceptions import CellTimeoutError
+    from nbformat.v4 import new_code_cell
+
+    def hung(*args, **kwargs):
+        source = "\n".join(["", "import time", "", *[f"step_{i}()" for i in range(12)]])
+        raise CellTimeoutError.error_from_timeout_and_cell("Cell execution timed out", 3, new_code_cell(source))
+
+    monkeypatch.setattr(papermill, "execute_notebook", hung)
+    nb = write_notebook(tmp_path / "01_good.ipynb", GOOD)
+    result = run_notebook(nb, tmp_path / "out", {"profile": "smoke"}, cell_timeout=3)
+    assert result.error.startswith("the cell starting 'import time' ran longer than the cell timeout (3 s)")
+
+    def hung_on_a_list(*args, **kwargs):  # a short cell that begins with "[" is quoted as written
+        raise CellTimeoutError.error_from_timeout_and_cell("Cell execution timed out", 3, new_code_cell("[wait()]"))
+
+    monkeypatch.setattr(papermill, "execute_notebook", hung_on_a_list)
+    result = run_notebook(nb, tmp_path / "out", {"profile": "smoke"}, cell_timeout=3)
+    assert result.error.startswith("the cell starting '[wait()]' ran longer")
+
+    def hung_on_numbers(*args, **kwargs):
+        raise CellTimeoutError.error_from_timeout_and_cell("Cell execution timed out", 3, new_code_cell("[1, 2]"))
+
+    monkeypatch.setattr(papermill, "execute_notebook", hung_on_numbers)
+    result = run_notebook(nb, tmp_path / "out", {"profile": "smoke"}, cell_timeout=3)
+    assert result.error.startswith("the cell starting '[1, 2]' ran longer")
+
+
 @pytest.mark.parametrize("value", [0, -1, float("nan"), float("inf"), True, "60"])
 def test_run_notebook_refuses_a_bad_cell_timeout(value, tmp_path):
     nb = write_notebook(tmp_path / "01_good.ipynb", GOOD)
