@@ -906,6 +906,10 @@ def run_comparison(config: UMSRepConfig | str = "course", out_dir: str | os.Path
     """
     check_run_folder(out_dir, resume, "the comparison's runs")  # before the data are loaded
     config = _checked_config(config)
+    if config.preset == "paper" and pick_device(config.device).type == "cpu":  # before weeks of work, not after
+        warnings.warn(f"the paper preset at {config.image_size} px is sized for a GPU: on a CPU a comparison of its "
+                      "networks (one per strategy and task) takes weeks. Run it on a GPU, or use "
+                      "strategy_config('course') on this machine", stacklevel=2)
     data = load_strategy_data(config)
     representation, runs = None, []
     if any(strategy in PRETRAINED for strategy in config.strategies):  # else its compute would be spent for nothing

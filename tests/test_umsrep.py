@@ -661,6 +661,27 @@ def test_config_rejects_bad_values(kwargs, match):
         UMSRepConfig(**kwargs)
 
 
+def test_a_paper_comparison_on_a_cpu_warns_before_the_data_load(monkeypatch):
+    """The docstring's compare_strategies("paper", ...) went straight into weeks of training on a CPU."""
+    import warnings
+
+    from mtlearn import umsrep
+
+    class Loaded(Exception):
+        pass
+
+    def stop(config):
+        raise Loaded
+
+    monkeypatch.setattr(umsrep, "load_strategy_data", stop)
+    with pytest.warns(UserWarning, match=r"the paper preset at 224 px is sized for a GPU: on a CPU a comparison .* "
+                                         r"takes weeks. .*strategy_config\('course'\)"), pytest.raises(Loaded):
+        umsrep.run_comparison(strategy_config("paper", device="cpu"))
+    with warnings.catch_warnings(), pytest.raises(Loaded):
+        warnings.simplefilter("error")
+        umsrep.run_comparison(strategy_config("course", device="cpu"))  # the profile meant for a CPU
+
+
 def test_run_comparison_and_the_check_name_a_config_or_tolerance_of_the_wrong_kind():
     """run_comparison(123) failed on 'int' object has no attribute 'image_size'; tolerance=5 in dict()."""
     with pytest.raises(ValueError, match=r"config must be a profile name \('smoke', .* or a UMSRepConfig"):
