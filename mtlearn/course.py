@@ -122,10 +122,11 @@ def _timed_out(error: Exception, cell_timeout: float | None) -> str:
     text = str(error)
     parts = text.split("-------------------\n")  # nbclient's layout: the cell's source between two rules
     lines = parts[1].strip().splitlines() if len(parts) > 2 else []
-    if lines and lines[0].startswith("["):  # a cell of 11 lines or more: its first 5 as a Python list, "...", its last
+    # a cell of 11 lines or more is quoted as its first 5 lines as a Python list, "...", and its last 5
+    if len(lines) == 3 and lines[1] == "..." and lines[0].startswith("["):
         try:
             quoted = ast.literal_eval(lines[0])
-        except (ValueError, SyntaxError, TypeError):  # a cell that does begin with "[": its own first line
+        except (ValueError, SyntaxError, TypeError):  # a cell whose own lines look so: its first line
             quoted = None
         if isinstance(quoted, list) and all(isinstance(line, str) for line in quoted):
             lines = [line for line in quoted if line.strip()] or lines

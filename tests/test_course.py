@@ -639,8 +639,9 @@ def test_a_long_cell_past_the_timeout_is_named_by_its_first_line_not_a_list(tmp_
     result = run_notebook(nb, tmp_path / "out", {"profile": "smoke"}, cell_timeout=3)
     assert result.error.startswith("the cell starting '[wait()]' ran longer")
 
-    def hung_on_numbers(*args, **kwargs):
-        raise CellTimeoutError.error_from_timeout_and_cell("Cell execution timed out", 3, new_code_cell("[1, 2]"))
+    def hung_on_numbers(*args, **kwargs):  # a list of numbers, then "...", is no quote of nbclient's
+        raise CellTimeoutError.error_from_timeout_and_cell("Cell execution timed out", 3,
+                                                           new_code_cell("[1, 2]\n...\n[3]"))
 
     monkeypatch.setattr(papermill, "execute_notebook", hung_on_numbers)
     result = run_notebook(nb, tmp_path / "out", {"profile": "smoke"}, cell_timeout=3)
