@@ -85,9 +85,11 @@ HEADLINE_METRICS = ("seg/dice", "seg/iou", "cls/acc", "cls/balanced_acc", "cls/a
 DEFAULT_MONITOR = {"seg": "seg/dice", "cls": "cls/auc", "recon": "recon/psnr"}  # first task present wins
 
 
-def default_monitor(tasks: Sequence[str]) -> str:
-    """The validation metric monitor="auto" picks: seg/dice, else cls/auc, else recon/psnr."""
-    return next(DEFAULT_MONITOR[t] for t in ("seg", "cls", "recon") if t in tasks)
+def resolve_monitor(monitor: str, tasks: Sequence[str]) -> str:
+    """The validation metric `monitor` names, without the "val/" prefix; "auto": seg/dice, else cls/auc,
+    else recon/psnr (the first of the tasks present)."""
+    chosen = next(DEFAULT_MONITOR[t] for t in ("seg", "cls", "recon") if t in tasks) if monitor == "auto" else monitor
+    return chosen.removeprefix("val/")
 
 
 def validation_metrics(tasks: Sequence[str]) -> list[str]:
@@ -476,7 +478,7 @@ def _make_weighting(config: TrainConfig, tasks: tuple[str, ...]) -> LossWeightin
 
 
 def _monitor(config: TrainConfig, tasks: tuple[str, ...]) -> tuple[str, str]:
-    key = (default_monitor(tasks) if config.monitor == "auto" else config.monitor).removeprefix("val/")
+    key = resolve_monitor(config.monitor, tasks)
     return f"val/{key}", "min" if key.endswith("loss") else "max"
 
 

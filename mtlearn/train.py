@@ -34,7 +34,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from mtlearn.data import DATASETS
-from mtlearn.engine import (NonFiniteLossError, NonFiniteWeightsError, TrainConfig, default_monitor, evaluate, fit,
+from mtlearn.engine import (NonFiniteLossError, NonFiniteWeightsError, TrainConfig, evaluate, fit, resolve_monitor,
                             validation_losses_finite, validation_metrics)
 from mtlearn.losses import TASKS
 from mtlearn.utils import is_distributed, is_main_process, pick_device, seed_everything, write_json
@@ -105,7 +105,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--monitor {args.monitor} is not a validation metric of --tasks {' '.join(args.tasks)}; "
                      f"choose one of {', '.join(metrics)} (or auto)")
     # the metric itself, as options.json records it: `auto` and `val/seg/dice` resume a `seg/dice` run
-    args.monitor = (default_monitor(args.tasks) if args.monitor == "auto" else args.monitor).removeprefix("val/")
+    args.monitor = resolve_monitor(args.monitor, args.tasks)
     if args.image_size % 16:  # the synthetic data is at least 32 px: never suggest a size it refuses
         parser.error(f"--image-size must be a multiple of 16 (the network's stride), got {args.image_size}; "
                      f"try {max(32 if args.dataset == 'synthetic' else 16, round(args.image_size / 16) * 16)}")
