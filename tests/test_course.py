@@ -647,6 +647,17 @@ def test_a_long_cell_past_the_timeout_is_named_by_its_first_line_not_a_list(tmp_
     result = run_notebook(nb, tmp_path / "out", {"profile": "smoke"}, cell_timeout=3)
     assert result.error.startswith("the cell starting '[1, 2]' ran longer")
 
+    def hung_on(source):
+        def execute(*args, **kwargs):
+            raise CellTimeoutError.error_from_timeout_and_cell("Cell execution timed out", 3, new_code_cell(source))
+        return execute
+
+    for source, first in [("['a']\nx()\ny()", "\"['a']\""),  # not the quote's layout: a list, then code
+                          ("[a,\n...\n]", "'[a,'")]:  # the layout, but no Python literal
+        monkeypatch.setattr(papermill, "execute_notebook", hung_on(source))
+        result = run_notebook(nb, tmp_path / "out", {"profile": "smoke"}, cell_timeout=3)
+        assert result.error.startswith(f"the cell starting {first} ran longer"), result.error
+
 
 @pytest.mark.parametrize("value", [0, -1, float("nan"), float("inf"), True, "60"])
 def test_run_notebook_refuses_a_bad_cell_timeout(value, tmp_path):

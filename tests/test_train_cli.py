@@ -293,6 +293,7 @@ def test_an_undefined_metric_is_named_even_when_some_epochs_also_diverged():
     args = parse_args(["--tasks", "cls", "--out-dir", "runs/x"])
     said = _no_good_epoch(history, args)
     assert said.startswith("cls/auc was not finite in any epoch whose validation loss was") and "lower --lr" not in said
+    assert "an AUC, a sensitivity or a specificity is undefined" in said and "balanced accuracy" not in said
     assert "(another dataset) or choose another metric (e.g. --monitor cls/loss)" in said  # no --limit given
     diverged = History(monitor="val/cls/auc")
     diverged.append({"epoch": 1, "val/cls/loss": math.nan, "val/cls/auc": 0.5})

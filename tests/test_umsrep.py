@@ -680,6 +680,10 @@ def test_a_paper_comparison_on_a_cpu_warns_before_the_data_load(monkeypatch):
     with warnings.catch_warnings(), pytest.raises(Loaded):
         warnings.simplefilter("error")
         umsrep.run_comparison(strategy_config("course", device="cpu"))  # the profile meant for a CPU
+    monkeypatch.setattr(umsrep, "pick_device", lambda device: torch.device("cuda"))
+    with warnings.catch_warnings(), pytest.raises(Loaded):
+        warnings.simplefilter("error")
+        umsrep.run_comparison(strategy_config("paper", device="cpu"))  # on a GPU: what it is sized for
 
 
 def test_run_comparison_and_the_check_name_a_config_or_tolerance_of_the_wrong_kind():
