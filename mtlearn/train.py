@@ -328,7 +328,8 @@ def _no_good_epoch(history, args: argparse.Namespace) -> str:
     holding one class) needs another --monitor or more validation images, and no --lr would help."""
     where = (f"so there is no best epoch and the test metrics are the last epoch's (in "
              f"{Path(args.out_dir) / 'metrics.json'})")
-    if history.monitor.endswith("/loss") or not any(map(validation_losses_finite, history.records)):
+    # (a monitored loss needs no case of its own: never finite, it fails validation_losses_finite too)
+    if not any(map(validation_losses_finite, history.records)):
         return f"no epoch had a finite validation loss, {where}: the run diverged; lower --lr (now {args.lr:g})"
     metric = history.monitor.removeprefix("val/")
     more = f"a larger --limit, now {args.limit}" if args.limit is not None else "another dataset"
