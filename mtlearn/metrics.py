@@ -19,6 +19,9 @@ Choices worth knowing:
 - With more than two segmentation classes, an image's Dice/IoU is the mean over the foreground classes
   present in its true mask or its prediction (a class absent from both is skipped, not counted as a
   perfect 1); an image whose whole foreground is empty in both scores 1, as in the binary case.
+- SSIM uses an 11 x 11 Gaussian window (sigma 1.5, as scikit-image's gaussian_weights=True); on an
+  image smaller than 11 pixels the window shrinks to the largest odd size that fits (a 2-pixel side
+  gives a 1 x 1 window: SSIM of single pixels), where scikit-image refuses the image.
 - A perfect reconstruction has infinite PSNR; each image's PSNR is capped at PSNR_CEILING_DB (100 dB)
   so that one such image cannot make the mean inf.
 - Sensitivity and specificity are those of the last class against all the others: malignant, in
@@ -96,10 +99,14 @@ def one_vs_rest_scores(logits: np.ndarray | Tensor) -> np.ndarray:
 
     The log-odds of each class against the rest: they rank the images exactly as p_k does, but
     computed as logit_k - logsumexp(other logits) they do not round to a tie where p_k rounds to 1.
+    Each row is shifted by its largest logit first (when finite), so rows with the same softmax (logits
+    that differ by a constant) get the same scores, a tie, rather than ones a rounding apart.
     """
     logits = torch.as_tensor(logits).detach().cpu().double()  # a model's output as it comes, or an array
     if logits.ndim != 2 or logits.shape[1] < 2:
         raise ValueError(f"logits must have shape (N, K) with K >= 2 classes, got {tuple(logits.shape)}")
+    shift = logits.amax(dim=1, keepdim=True)
+    logits = logits - shift.nan_to_num(0.0, posinf=0.0, neginf=0.0)  # an infinite logit keeps its own sign
     others = logits.unsqueeze(1).expand(-1, logits.shape[1], -1)  # (N, K, K): row k holds every logit
     own = torch.eye(logits.shape[1], dtype=torch.bool)  # ... of which class k's own is masked out
     return (logits - torch.logsumexp(others.masked_fill(own, float("-inf")), dim=2)).numpy()

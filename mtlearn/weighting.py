@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -499,8 +500,9 @@ def delta_m(mtl_metrics: Mapping[str, float], single_task_metrics: Mapping[str, 
 
     over the M metrics in `single_task_metrics`, with l_i = 1 when lower is better. Positive: the
     multi-task model beats the single-task models on average. `higher_is_better` maps metric name
-    -> bool; when omitted, names ending in "loss" (or containing "error", "mse", "mae") are
-    lower-is-better and the rest higher-is-better.
+    -> bool; for a name it omits, the name decides: losses, errors and distances are lower-is-better
+    (names containing "loss", "error", "mse", "mae" or "distance", or with a part such as "hd95",
+    "hausdorff", "asd", "assd", "nll" or "ece"), everything else higher-is-better.
     """
     if not single_task_metrics:
         raise ValueError("single_task_metrics is empty; give at least one baseline metric")
@@ -524,11 +526,22 @@ def delta_m(mtl_metrics: Mapping[str, float], single_task_metrics: Mapping[str, 
         if higher_is_better is not None and name in higher_is_better:
             higher = bool(higher_is_better[name])
         else:
-            lowered = name.lower()
-            higher = not (lowered.endswith("loss") or any(k in lowered for k in ("error", "mse", "mae")))
+            higher = not _lower_is_better(name)
         sign = 1.0 if higher else -1.0
         total += sign * (value - baseline) / abs(baseline)
     return 100.0 * total / len(single_task_metrics)
+
+
+# what a metric's name says about its direction (delta_m): a Hausdorff distance taken as higher-is-better
+# flipped its term's sign without a word
+_LOWER_IS_BETTER_WORDS = ("loss", "error", "mse", "mae", "distance")
+_LOWER_IS_BETTER_PARTS = {"hd", "hd95", "hausdorff", "asd", "assd", "msd", "nll", "ece"}
+
+
+def _lower_is_better(name: str) -> bool:
+    lowered = name.lower()
+    return (any(word in lowered for word in _LOWER_IS_BETTER_WORDS)
+            or not _LOWER_IS_BETTER_PARTS.isdisjoint(re.split(r"[^a-z0-9]+", lowered)))
 
 
 def _as_float(value, what: str) -> float:

@@ -102,6 +102,19 @@ def test_one_vs_rest_scores_are_the_log_odds_of_the_softmax():
     assert close.dtype == np.float64 and close[1, 1] > close[0, 1]
 
 
+def test_logits_with_the_same_softmax_tie_in_the_scores_and_in_the_auc():
+    # [0, 1, 1] and [1, 2, 2] differ by a constant: the same probabilities, so a tie for every class; unshifted,
+    # their log-odds came out one rounding apart and the AUC counted the pair as ordered (0.806, not 0.694)
+    logits = np.array([[0.0, 1.0, 1.0], [1.0, 2.0, 2.0], [0.0, 1.0, 1.0], [5.0, 0.0, 0.0]])
+    labels = np.array([1, 0, 2, 0])
+    scores = one_vs_rest_scores(logits)
+    assert (scores[0] == scores[1]).all()
+    assert roc_auc(scores, labels) == pytest.approx(25 / 36)  # sklearn's one-vs-rest AUC of the softmax
+    # an infinite logit is no shift: that class's score stays +inf, the others -inf, nothing turns NaN
+    infinite = one_vs_rest_scores(np.array([[np.inf, 0.0, 1.0], [0.0, 1.0, 2.0]]))
+    assert infinite[0, 0] == np.inf and (infinite[0, 1:] == -np.inf).all() and np.isfinite(infinite[1]).all()
+
+
 def test_class_labels_name_three_wrong_labels_and_say_when_there_are_more():
     with pytest.raises(ValueError, match=r"got \[0\.5, 1\.5, 2\.5\]; probabilities"):  # all three, nothing more
         class_labels(torch.tensor([0.5, 1.5, 2.5, 1.0]))

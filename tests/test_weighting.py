@@ -618,13 +618,15 @@ def test_delta_m_by_hand():
     assert delta_m(mtl, single, {"cls/acc": False}) == pytest.approx(flipped)
 
 
-@pytest.mark.parametrize("name", ["recon/loss", "recon/mse", "recon/MAE", "depth/abs_error"])
-def test_delta_m_counts_losses_and_errors_as_lower_is_better(name):
-    # halving an error or a loss is a +50 % gain
+@pytest.mark.parametrize("name", ["recon/loss", "recon/mse", "recon/MAE", "depth/abs_error", "loss_seg", "seg/hd95",
+                                  "seg/Hausdorff", "seg/asd", "seg/surface_distance", "cls/nll", "cls/ece"])
+def test_delta_m_counts_losses_errors_and_distances_as_lower_is_better(name):
+    # halving an error, a loss or a boundary distance is a +50 % gain
     assert delta_m({name: 0.1}, {name: 0.2}) == pytest.approx(50.0)
 
 
-@pytest.mark.parametrize("name", ["seg/dice", "recon/psnr", "cls/auc"])
+@pytest.mark.parametrize("name", ["seg/dice", "recon/psnr", "cls/auc", "cls/balanced_acc", "recon/ms_ssim",
+                                  "seg/threshold_dice"])
 def test_delta_m_counts_other_metrics_as_higher_is_better(name):
     assert delta_m({name: 0.3}, {name: 0.2}) == pytest.approx(50.0)
 
