@@ -164,7 +164,7 @@ class TrainConfig:
     resume: bool = False  # continue from out_dir/last.pt when it exists
     restore_best: bool = True  # load the best-validation weights into the model at the end
     seed: int | None = None  # seed_everything first: Python's, NumPy's, torch's global generators (None: leave them)
-    progress: bool = True  # one tqdm bar per epoch
+    progress: bool = True  # one tqdm bar for the run, naming the epoch
 
 
 # ----------------------------------------------------------------------------- history
@@ -595,38 +595,39 @@ def fit(model: nn.Module, train_loader, val_loader=None, config: TrainConfig | N
         start_state = {"model": {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()},
                        "weighting": copy.deepcopy(run.weighting.state_dict())}  # an instance passed in, too
         start_rng = rng_state(train_loader, run.device)
+    # one bar for the whole run (a bar per epoch filled a notebook cell that trains several models with
+    # screens of finished bars): its description names the epoch, its figures the last validation metrics
+    bar = tqdm(total=config.epochs * steps_per_epoch, initial=start_epoch * steps_per_epoch, leave=True,
+               desc=f"epoch {min(start_epoch + 1, config.epochs)}/{config.epochs}",
+               disable=not (config.progress and is_main_process()) or start_epoch >= config.epochs)
     try:
         for epoch in range(start_epoch, config.epochs):
             sampler = getattr(train_loader, "sampler", None)
             if hasattr(sampler, "set_epoch"):  # DistributedSampler: a new shuffle every epoch
                 sampler.set_epoch(epoch)
-            bar = tqdm(total=len(train_loader), desc=f"epoch {epoch + 1}/{config.epochs}", leave=True,
-                       disable=not (config.progress and is_main_process()))
-            try:
-                record = {"epoch": epoch + 1, "lr": run.optimizer.param_groups[0]["lr"]}
-                record.update(_train_one_epoch(run, train_loader, epoch, tasks, bar, out_dir,
-                                               first=epoch == start_epoch))
-                # fixed and DWA: the weights used this epoch; learned ones (uncertainty, GradNorm): after its last step
-                record.update({f"weight/{t}": w for t, w in run.weighting.weights().items()})
-                run.weighting.end_epoch({t: record[f"train/{t}"] for t in tasks})
-                _broadcast_buffers(model)  # e.g. BatchNorm statistics: every rank keeps rank 0's, as DDP does
-                # finite losses do not guarantee finite weights (the last step's update can overflow);
-                # stop before this epoch's checkpoints would overwrite the good ones of the previous epoch
-                bad = _non_finite_tensors(model, run.weighting)
-                if _any_across_processes(bool(bad), run.device):
-                    last = out_dir / "last.pt" if out_dir is not None and (out_dir / "last.pt").is_file() else None
-                    raise NonFiniteWeightsError(epoch + 1, bad, last)
-                if val_loader is not None:
-                    metrics = evaluate(model, val_loader, tasks, device=run.device, amp=config.amp,
-                                       channels_last=run.channels_last, losses=config.losses,
-                                       data_range=config.data_range)
-                    record.update({f"val/{k}": v for k, v in metrics.items()})
-                    if monitor not in record:  # a typo would otherwise mean: no best.pt, silently
-                        raise ValueError(f"monitor {config.monitor!r} is not a validation metric; choose one of "
-                                         f"{sorted(k.removeprefix('val/') for k in record if k.startswith('val/'))}")
-                    bar.set_postfix({k: f"{v:.3f}" for k, v in metrics.items() if not k.endswith("loss")})
-            finally:
-                bar.close()
+            bar.set_description(f"epoch {epoch + 1}/{config.epochs}", refresh=False)
+            record = {"epoch": epoch + 1, "lr": run.optimizer.param_groups[0]["lr"]}
+            record.update(_train_one_epoch(run, train_loader, epoch, tasks, bar, out_dir,
+                                           first=epoch == start_epoch))
+            # fixed and DWA: the weights used this epoch; learned ones (uncertainty, GradNorm): after its last step
+            record.update({f"weight/{t}": w for t, w in run.weighting.weights().items()})
+            run.weighting.end_epoch({t: record[f"train/{t}"] for t in tasks})
+            _broadcast_buffers(model)  # e.g. BatchNorm statistics: every rank keeps rank 0's, as DDP does
+            # finite losses do not guarantee finite weights (the last step's update can overflow);
+            # stop before this epoch's checkpoints would overwrite the good ones of the previous epoch
+            bad = _non_finite_tensors(model, run.weighting)
+            if _any_across_processes(bool(bad), run.device):
+                last = out_dir / "last.pt" if out_dir is not None and (out_dir / "last.pt").is_file() else None
+                raise NonFiniteWeightsError(epoch + 1, bad, last)
+            if val_loader is not None:
+                metrics = evaluate(model, val_loader, tasks, device=run.device, amp=config.amp,
+                                   channels_last=run.channels_last, losses=config.losses,
+                                   data_range=config.data_range)
+                record.update({f"val/{k}": v for k, v in metrics.items()})
+                if monitor not in record:  # a typo would otherwise mean: no best.pt, silently
+                    raise ValueError(f"monitor {config.monitor!r} is not a validation metric; choose one of "
+                                     f"{sorted(k.removeprefix('val/') for k in record if k.startswith('val/'))}")
+                bar.set_postfix({k: f"{v:.3f}" for k, v in metrics.items() if not k.endswith("loss")})
             improved = history.append(record)  # best epoch: judged on the validation split only
             broken = sorted(k for k, v in record.items() if k.startswith("val/") and k.endswith("/loss")
                             and not math.isfinite(v))
@@ -658,6 +659,8 @@ def fit(model: nn.Module, train_loader, val_loader=None, config: TrainConfig | N
                 warnings.warn(f"could not give the model its starting state back ({error}); rebuild it before "
                               "fitting again", stacklevel=2)
         raise
+    finally:
+        bar.close()
 
     if config.restore_best and best_state is not None:
         model.load_state_dict(best_state)

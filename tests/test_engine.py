@@ -869,6 +869,22 @@ def test_progress_bar_only_when_asked(capsys):
     assert "epoch 1/1" in err and "4/4" in err  # a step per batch: 16 images in batches of 4
 
 
+def test_one_progress_bar_for_the_whole_run_naming_the_epoch(capsys, tmp_path):
+    # a bar per epoch filled notebook cells that train several models with screens of finished bars
+    _fit(ToyNet(), *_loaders(), epochs=3, progress=True)
+    err = capsys.readouterr().err
+    assert "12/12" in err and "epoch 3/3" in err and "/4 [" not in err  # 3 epochs of 4 steps, in one bar
+    assert re.search(r"epoch 2/3: +\d+%.* [5-8]/12 ", err)  # the description follows the epoch
+    model = ToyNet()
+    _fit(model, *_loaders(), epochs=1, out_dir=tmp_path, progress=False)
+    _fit(model, *_loaders(), epochs=3, out_dir=tmp_path, resume=True, progress=True)
+    err = capsys.readouterr().err
+    assert "epoch 2/3" in err and " 4/12 " in err and " 0/12 " not in err  # a resumed run starts where it was
+    with pytest.warns(UserWarning, match="already has 3 epochs"):
+        _fit(model, *_loaders(), epochs=3, out_dir=tmp_path, resume=True, progress=True)
+    assert capsys.readouterr().err == ""  # nothing trained: no bar
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(epochs=0), "epochs must be an integer >= 1"),
     (dict(epochs=1.5), "epochs must be an integer >= 1"),
