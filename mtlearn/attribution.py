@@ -50,7 +50,7 @@ from mtlearn.encoder import ResFormerEncoder, check_floating, init_weights
 from mtlearn.mtl import MultiTaskUNet
 from mtlearn.plots import _array, _draw_image, _image
 from mtlearn.utils import check_int, check_number, find_class_names, is_finite, is_number
-from mtlearn.widgets import say_in, show_in
+from mtlearn.widgets import Explorer, say_in, show_in
 
 HEADS = ("cls", "seg", "recon")
 METHODS = ("ig", "saliency", "smoothgrad", "gradcam", "occlusion")
@@ -1248,7 +1248,7 @@ def plot_randomisation(result: RandomisationResult, index: int = 0, method: str 
 # the viewer
 
 
-class AttributionExplorer:
+class AttributionExplorer(Explorer):
     """Pick an image, a head, a target and a method; the attribution overlay is redrawn.
 
     Like mtlearn.widgets.DatasetExplorer it builds without a browser: the figure goes into an
@@ -1258,7 +1258,7 @@ class AttributionExplorer:
     pass the tolerance your scores use so that the viewer agrees with them (default: that of
     `localisation_scores`, 1).
 
-    explorer = AttributionExplorer(model, test_set); display(explorer.widget)
+    explorer = AttributionExplorer(model, test_set); display(explorer)
     """
 
     def __init__(self, model: nn.Module, dataset, heads: Sequence[str] | None = None,

@@ -6,6 +6,8 @@ an explorer, move its controls programmatically and read what was drawn (`explor
 
 from __future__ import annotations
 
+import base64
+import io
 from collections.abc import Mapping
 
 import ipywidgets as widgets
@@ -26,6 +28,10 @@ def show_in(output: widgets.Output, fig) -> None:
     from IPython.core.interactiveshell import InteractiveShell
 
     data, metadata = InteractiveShell.instance().display_formatter.format(fig)  # PNG under the inline backend
+    if "image/png" not in data:  # no inline backend (a script, a test): the picture all the same, as the
+        buffer = io.BytesIO()    # explorer's static view (Explorer) shows it
+        fig.savefig(buffer, format="png", bbox_inches="tight")
+        data = {**data, "image/png": base64.b64encode(buffer.getvalue()).decode("ascii")}
     output.outputs = ({"output_type": "display_data", "data": data, "metadata": metadata},)
     plt.close(fig)
 
@@ -36,10 +42,31 @@ def say_in(output: widgets.Output, text: str) -> None:
     output.outputs = ({"output_type": "stream", "name": "stderr", "text": text + "\n"},)
 
 
-class DatasetExplorer:
+class Explorer:
+    """What an explorer is when displayed (`explorer` as a cell's last line, or `display(explorer)`): its
+    widget where widgets run (Jupyter, Colab, VS Code), and for viewers without them (GitHub, a notebook
+    whose widget state was not saved) a picture of its current view and a line saying what it is, where
+    the widget alone leaves its repr, "VBox(children=(HBox(children=(IntSlider(...".
+
+    A subclass sets `widget` (the controls and the Output) and `output` (where its figure is drawn).
+    """
+
+    widget: widgets.Widget
+    output: widgets.Output
+
+    def _repr_mimebundle_(self, include=None, exclude=None) -> dict:
+        data = dict(self.widget._repr_mimebundle_())
+        data["text/plain"] = f"{type(self).__name__}: interactive, run the notebook to use its controls"
+        for shown in self.output.outputs:  # the current figure (none after an item it could not draw)
+            if "image/png" in shown.get("data", {}):
+                data["image/png"] = shown["data"]["image/png"]
+        return data
+
+
+class DatasetExplorer(Explorer):
     """Browse a dataset of dict items: image, mask outline, clean target, artifact region, labels.
 
-    explorer = DatasetExplorer(train); display(explorer.widget)
+    explorer = DatasetExplorer(train); display(explorer)
     """
 
     LAYERS = ("image", "clean", "mask", "artifact_mask")

@@ -619,6 +619,15 @@ def test_viewer_draws_its_map_with_a_colourbar(model, data, monkeypatch):
     assert shown == [1]
 
 
+def test_viewer_displays_as_an_explorer_with_a_static_picture(model, data):
+    from mtlearn.widgets import Explorer
+
+    viewer = A.AttributionExplorer(model, data, methods=("saliency",))
+    bundle = viewer._repr_mimebundle_()
+    assert isinstance(viewer, Explorer) and bundle["text/plain"].startswith("AttributionExplorer: interactive")
+    assert bundle["image/png"] == viewer.output.outputs[0]["data"]["image/png"]
+
+
 def test_viewer_redraws_on_control_changes(model, data):
     viewer = A.AttributionExplorer(model, data, methods=("saliency", "gradcam"), method_kw=FAST)
     assert viewer.head.options == ("cls", "seg", "recon")
