@@ -1175,7 +1175,12 @@ def plot_scores(rows: Sequence[Mapping], group: str = "model", chance: float | N
     methods = list(dict.fromkeys(r["method"] for r in rows))
     groups = list(dict.fromkeys(r[group] for r in rows))
     width = 0.8 / len(groups)
-    fig, axes = plt.subplots(1, 2, figsize=(4.2 + 0.9 * len(methods), 3.6), squeeze=False, layout="constrained")
+    # up to three groups, each method gets room for its bars' values written upright (rotated 90 degrees,
+    # at the size that fitted, they were barely legible); more groups than that keep a slot and turn them
+    upright = len(groups) <= 3
+    slot = max(0.55, 0.34 * len(groups)) if upright else 0.75  # inches per method, per panel
+    fig, axes = plt.subplots(1, 2, figsize=(1.6 + 2 * slot * len(methods), 3.6), squeeze=False,
+                             layout="constrained")
     for ax, score in zip(axes[0], ("mask_share", "pointing_game")):
         level = chance if score == "mask_share" else pointing_chance
         found = [float(r[score]) for r in rows if np.isfinite(float(r[score]))]
@@ -1188,7 +1193,7 @@ def plot_scores(rows: Sequence[Mapping], group: str = "model", chance: float | N
             heights = [values.get(m, float("nan")) for m in methods]
             bars = ax.bar(xs, heights, width, label=str(name))
             ax.bar_label(bars, [f"{v:.{digits}f}" if np.isfinite(v) else "" for v in heights], padding=1,
-                         fontsize=6, rotation=90 if len(groups) > 2 else 0)
+                         fontsize=6.5 if upright else 6, rotation=0 if upright else 90)
         name = score.replace("_", " ")
         if level is not None:
             ax.axhline(level, color="k", ls=":", lw=1, label="chance")

@@ -884,6 +884,21 @@ def test_plot_scores_y_axis_follows_the_bars_and_chance_and_each_bar_shows_its_v
     plt.close(fig)
 
 
+@pytest.mark.parametrize("groups, upright", [(3, True), (5, False)])
+def test_plot_scores_writes_values_upright_and_apart_up_to_three_groups(groups, upright):
+    # three groups used to get their values turned 90 degrees at 6 pt, barely legible; level bars of three
+    # decimals are the widest labels side by side
+    rows = [{"model": f"m{g}", "method": k, "mask_share": 0.123, "pointing_game": 0.5}
+            for g in range(groups) for k in ("ig", "saliency", "smoothgrad", "gradcam", "occlusion")]
+    fig = A.plot_scores(rows)
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    for ax in fig.axes[:2]:
+        assert {t.get_rotation() for t in ax.texts} == {0.0 if upright else 90.0}
+        boxes = [t.get_window_extent(renderer).shrunk(0.9, 1) for t in ax.texts]  # glyphs, not side bearings
+        assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+    plt.close(fig)
+
 # ------------------------------------------------------------------------------------------ by hand, on stubs
 
 
