@@ -69,6 +69,10 @@ def save_checkpoint(state: Mapping, path: str | os.PathLike) -> Path:
     return path
 
 
+class UnreadableCheckpointError(ValueError):
+    """A file load_checkpoint cannot read: corrupt, truncated, or not a checkpoint at all."""
+
+
 def load_checkpoint(path: str | os.PathLike, model: nn.Module | None = None,
                     map_location: str | torch.device = "cpu") -> dict:
     """Read a checkpoint with torch.load(weights_only=True); load its weights into `model` if given.
@@ -109,12 +113,14 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module | None = None,
             raise ValueError(f"{path} holds a pickled Python object ({pickled[1]}), which load_checkpoint does not "
                              f"unpickle, as that runs code from the file. Where it was made, {fix}") from None
         # `from None`: torch's text advises weights_only=False, i.e. running code from an unknown file
-        raise ValueError(not_ours) from None
+        raise UnreadableCheckpointError(not_ours) from None
+    if zipfile.is_zipfile(path) and not _intact_archive(path):  # torch checks no CRC: a byte changed inside a
+        raise UnreadableCheckpointError(not_ours)                 # tensor loaded as a wrong weight, silently
     if not isinstance(state, Mapping) or (model is not None and "model" not in state):
         if isinstance(state, Mapping) and state and all(isinstance(v, Tensor) for v in state.values()):
             raise ValueError(f"{path} holds a plain state_dict (torch.save(model.state_dict())), not an mtlearn "
                              "checkpoint; load it with model.load_state_dict(torch.load(path, weights_only=True))")
-        raise ValueError(not_ours)
+        raise UnreadableCheckpointError(not_ours)
     if model is not None:
         load_weights(model, state["model"], f"cannot load {path} into this model: the checkpoint was written for "
                      "another model (another preset, task list, channel count or class count?). Build the model "
@@ -133,16 +139,43 @@ def _save_instead(name: str) -> str:
     return "save only tensors, numbers, strings, lists and dicts (e.g. model.state_dict())"
 
 
+# what wrappers put before every parameter name: torch.compile's module, and DistributedDataParallel's
+# (or DataParallel's) "module."
+WRAPPER_PREFIXES = ("_orig_mod.", "module.")
+
+
+def unwrapped_weights(model: nn.Module, weights: Mapping) -> Mapping:
+    """`weights` with a wrapper's prefix taken off every name when the model's own names have none: the
+    state_dict of torch.compile(model) or DistributedDataParallel(model) loads into the plain model."""
+    own = model.state_dict().keys()
+    for prefix in WRAPPER_PREFIXES:
+        if weights and all(isinstance(k, str) and k.startswith(prefix) for k in weights) and \
+                not any(k.startswith(prefix) for k in own):
+            weights = {k.removeprefix(prefix): v for k, v in weights.items()}
+    return weights
+
+
 def load_weights(model: nn.Module, weights: Mapping, message: str) -> None:
-    """model.load_state_dict(weights), or a ValueError: `message` (what went wrong, and the fix) and the
-    first mismatch load_state_dict found (its first line only names the model class)."""
+    """model.load_state_dict(weights), or a ValueError: `message` (what went wrong, and the fix) and what
+    does not match, a few names of each kind (load_state_dict lists every one, hundreds for a ResFormer).
+    The names of a torch.compile'd or DistributedDataParallel-wrapped model load as the plain model's."""
     if not isinstance(weights, Mapping):  # a foreign file with a "model" entry of its own
         raise ValueError(f"{message} (its weights are a {type(weights).__name__}, not a state_dict)")
+    weights = unwrapped_weights(model, weights)
+    own = model.state_dict().keys()
+    differences = [(what, sorted(names)) for what, names in (("missing", set(own) - set(weights)),
+                                                             ("unexpected", set(weights) - set(own))) if names]
+    if differences:  # another architecture wrote it
+        raise ValueError(f"{message} (" + "; ".join(
+            f"{len(names)} {what} key(s), e.g. {', '.join(names[:3])}" for what, names in differences)
+            + ")")
     try:
         model.load_state_dict(weights)
-    except RuntimeError as error:  # missing keys, size mismatches: another architecture wrote it
+    except RuntimeError as error:  # the same names with other sizes: another width, channel or class count
         lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-        raise ValueError(f"{message} ({lines[1] if len(lines) > 1 else lines[0]})") from None
+        mismatches = lines[1:] or lines
+        more = f"; and {len(mismatches) - 2} more" if len(mismatches) > 2 else ""
+        raise ValueError(f"{message} ({'; '.join(mismatches[:2])}{more})") from None
 
 
 # ----------------------------------------------------------------------------- random states

@@ -42,6 +42,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from mtlearn.checkpoint import (
+    UnreadableCheckpointError,
     check_checkpoint_keys,
     check_out_dir,
     check_resume_options,
@@ -339,6 +340,19 @@ def _to_device(batch: Mapping[str, Any], device: torch.device, channels_last: bo
 # ----------------------------------------------------------------------------- distributed plumbing
 
 
+def _check_plain_model(model: nn.Module) -> None:
+    """fit wraps the model itself (DistributedDataParallel under torchrun, torch.compile with compile=True) and
+    saves the plain model's state_dict; a model wrapped before fit saved its wrapper's names ("_orig_mod.",
+    "module." before every one), which the plain model of a resume, or of load_checkpoint, did not know."""
+    if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        raise ValueError(f"fit got a {type(model).__name__}-wrapped model; pass the model itself "
+                         f"({type(model).__name__}(model).module): under torchrun fit wraps it in "
+                         "DistributedDataParallel, and it saves the model's own parameter names")
+    if isinstance(getattr(model, "_orig_mod", None), nn.Module):  # what torch.compile(model) returns
+        raise ValueError("fit got a torch.compile'd model; pass the model itself and compile=True: fit compiles it "
+                         "for training, and saves the model's own parameter names, which the plain model loads")
+
+
 def _wrap_for_training(model: nn.Module, device: torch.device, compile_model: bool,
                        untrained_heads: bool = False) -> nn.Module:
     """DistributedDataParallel under torchrun, then torch.compile if asked; the plain model otherwise.
@@ -505,6 +519,7 @@ def fit(model: nn.Module, train_loader, val_loader=None, config: TrainConfig | N
     refused, never overwritten.
     """
     config = _make_config(config, overrides)
+    _check_plain_model(model)
     tasks = check_tasks(config.tasks if config.tasks is not None else _model_tasks(model))
     check_loader("train_loader", train_loader, "torch.utils.data.DataLoader(dataset, batch_size=8, shuffle=True)")
     check_loader("val_loader", val_loader, "torch.utils.data.DataLoader(dataset, batch_size=8)")
@@ -814,6 +829,18 @@ def _loader_facts(loader) -> dict:
     return {"steps_per_epoch": len(loader), "batch_size": getattr(loader, "batch_size", None), "train_items": items}
 
 
+def _best_instead(last: Path) -> str:
+    """The way on when `last` (last.pt) cannot be read but its best.pt can: a whole checkpoint, of an earlier
+    epoch (deleting last.pt, as the message advises, left a run folder that --resume refuses: only best.pt)."""
+    best = last.with_name("best.pt")
+    try:
+        epoch = int(load_checkpoint(best, map_location="cpu")["epoch"])
+    except Exception:  # noqa: BLE001 (no best.pt, or none readable: nothing to offer)
+        return ""
+    return (f". Or go on from the best epoch so far: {best} is readable and a whole checkpoint (epoch {epoch}); "
+            f"copy it over last.pt (cp {best} {last}) and resume")
+
+
 # what _load_run reads from a checkpoint ("scaler" may be {}, "trainable" and "config" may be absent)
 FIT_KEYS = ("epoch", "model", "optimizer", "scheduler", "weighting", "rng", "history")
 
@@ -822,7 +849,10 @@ def _load_run(run: _Run, path: Path, train_loader, config: TrainConfig, tasks) -
     """Restore a run from a checkpoint; returns the checkpoint (its history, epochs done, weights)."""
     # map_location "cpu": the random states must stay CPU tensors (torch.set_rng_state refuses others);
     # load_state_dict below copies weights and optimiser moments onto the parameters' device
-    state = load_checkpoint(path, map_location="cpu")
+    try:
+        state = load_checkpoint(path, map_location="cpu")
+    except UnreadableCheckpointError as error:
+        raise UnreadableCheckpointError(f"{error}{_best_instead(path)}") from None
     check_checkpoint_keys(path, state, FIT_KEYS, "fit")
     check_trainable(path, state.get("trainable"), run.model, state["model"])  # before the model is changed
     saved = dict(state.get("config", {}))

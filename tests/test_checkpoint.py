@@ -16,6 +16,7 @@ from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler
 
 from mtlearn.checkpoint import (
+    UnreadableCheckpointError,
     check_out_dir,
     check_resume_options,
     load_checkpoint,
@@ -164,9 +165,51 @@ def test_every_kind_of_damage_is_named_as_such(tmp_path):
                 check_out_dir(run, resume=False)
         except Exception as error:  # noqa: BLE001 - the test is that nothing else comes out
             escaped.append(f"{type(error).__name__}: {error}"[:120])
-        else:  # a change inside a tensor's bytes is not found (torch checks no CRC): the file still loads
-            assert isinstance(state, dict)
+        else:  # only a change that alters nothing read (the zip's alignment padding) may load, and unchanged
+            assert torch.equal(state["model"]["w"], torch.load(good, weights_only=True)["model"]["w"])
     assert not escaped, escaped
+
+
+def test_a_byte_changed_inside_a_tensor_is_found(tmp_path):
+    """torch checks no CRC: a flipped byte in a weight loaded silently as another weight (a copy to Drive cut
+    off and resumed, a bad disk sector)."""
+    path = tmp_path / "last.pt"
+    save_checkpoint({"model": {"w": torch.zeros(1000)}}, path)
+    raw = bytearray(path.read_bytes())
+    position = bytes(raw).index(bytes(4000))  # the tensor's 4000 zero bytes
+    raw[position + 2000] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    with pytest.raises(UnreadableCheckpointError, match="corrupt or truncated"):
+        load_checkpoint(path)
+
+
+@pytest.mark.parametrize("prefix", ["_orig_mod.", "module."])
+def test_the_weights_of_a_compiled_or_ddp_wrapped_model_load_into_the_plain_model(prefix, tmp_path):
+    """torch.compile(model).state_dict() names every weight "_orig_mod.<name>", DistributedDataParallel's
+    "module.<name>": load_checkpoint(path, plain_model) said the file was "written for another model"."""
+    trained = small_model()
+    weights = (torch.compile(trained) if prefix == "_orig_mod." else types.SimpleNamespace(
+        state_dict=lambda: {f"module.{k}": v for k, v in trained.state_dict().items()})).state_dict()
+    assert all(k.startswith(prefix) for k in weights)
+    save_checkpoint({"model": weights}, tmp_path / "best.pt")
+    plain = small_model()
+    load_checkpoint(tmp_path / "best.pt", plain)
+    assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), trained.state_dict().values()))
+
+
+def test_weights_of_another_model_are_refused_with_a_few_names_and_counts(tmp_path):
+    """load_state_dict lists every missing name (about 190 for a ResFormer, several kB in one message)."""
+    big = nn.Sequential(*[nn.Linear(4, 4) for _ in range(50)])
+    save_checkpoint({"model": big.state_dict()}, tmp_path / "big.pt")
+    with pytest.raises(ValueError) as caught:
+        load_checkpoint(tmp_path / "big.pt", small_model())
+    message = str(caught.value)
+    assert "(3 missing key(s), e.g. 1.num_batches_tracked, 1.running_mean, 1.running_var; " in message
+    assert "; 94 unexpected key(s), e.g. 10.bias, 10.weight, 11.bias)" in message and len(message) < 500
+    save_checkpoint({"model": small_model(num_classes=5).state_dict()}, tmp_path / "five.pt")
+    with pytest.raises(ValueError, match=r"another model .*\(size mismatch for 2\.weight: .*; size mismatch for "
+                                         r"2\.bias: .*\)$"):
+        load_checkpoint(tmp_path / "five.pt", small_model())
 
 
 def _leave_mark(path):

@@ -1858,3 +1858,36 @@ def test_a_restore_that_fails_does_not_hide_the_error_that_stopped_the_run(tmp_p
     with pytest.warns(UserWarning, match=r"could not give the model its starting state back \(division by zero\)"):
         with pytest.raises(KeyboardInterrupt):
             _fit(model, *_loaders(), epochs=1, out_dir=tmp_path)
+
+
+@pytest.mark.parametrize("wrap", ["compile", "DataParallel"])
+def test_a_model_wrapped_before_fit_is_refused_naming_the_plain_way(wrap, tmp_path):
+    """Its checkpoints held the wrapper's names ("_orig_mod.", "module." before each), which the plain model of a
+    resume did not know: "written for another model"."""
+    model = ToyNet()
+    wrapped = torch.compile(model) if wrap == "compile" else nn.DataParallel(model)
+    fix = "pass the model itself and compile=True" if wrap == "compile" else r"pass the model itself \(DataParallel"
+    with pytest.raises(ValueError, match=fix):
+        _fit(wrapped, *_loaders(), epochs=1, out_dir=tmp_path)
+    assert model.calls == 0 and not any(tmp_path.iterdir())
+
+
+def test_an_unreadable_last_pt_points_to_a_readable_best_pt(tmp_path):
+    """Deleting last.pt, as the message said, left a folder --resume refused (only best.pt); best.pt is a whole
+    checkpoint of the best epoch, from which the run can go on."""
+    train, val = _loaders()
+    _fit(ToyNet(), train, val, epochs=2, out_dir=tmp_path)
+    best_epoch = int(load_checkpoint(tmp_path / "best.pt")["epoch"])
+    last = tmp_path / "last.pt"
+    last.write_bytes(last.read_bytes()[:1000])  # an interrupted copy
+    with pytest.raises(ValueError, match=re.escape(
+            f"Or go on from the best epoch so far: {tmp_path / 'best.pt'} is readable and a whole checkpoint (epoch "
+            f"{best_epoch}); copy it over last.pt (cp {tmp_path / 'best.pt'} {last}) and resume")):
+        _fit(ToyNet(), train, val, epochs=3, out_dir=tmp_path, resume=True)
+    last.write_bytes((tmp_path / "best.pt").read_bytes())
+    history = _fit(ToyNet(), train, val, epochs=3, out_dir=tmp_path, resume=True)
+    assert [r["epoch"] for r in history.records] == [*range(1, best_epoch + 1), *range(best_epoch + 1, 4)]
+    (tmp_path / "best.pt").write_bytes(b"")  # both unreadable: nothing to offer
+    last.write_bytes(b"")
+    with pytest.raises(ValueError, match=r"retrain that run$"):
+        _fit(ToyNet(), train, val, epochs=4, out_dir=tmp_path, resume=True)
