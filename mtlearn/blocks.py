@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mtlearn.utils import check_int, check_int_sequence, is_int
+from mtlearn.utils import check_int, check_int_sequence, check_number, is_int
 
 # Additive attention mask value for token pairs that must not attend to each other.
 MASKED = float("-inf")
@@ -43,8 +43,8 @@ class ECA(nn.Module):
 
     def __init__(self, kernel_size: int = 3):
         super().__init__()
-        if kernel_size < 1 or kernel_size % 2 == 0:
-            raise ValueError(f"ECA kernel_size must be a positive odd integer, got {kernel_size}")
+        if not is_int(kernel_size) or kernel_size < 1 or kernel_size % 2 == 0:  # 3.0 failed inside Conv1d
+            raise ValueError(f"ECA kernel_size must be a positive odd integer, got {kernel_size!r}")
         self.conv = nn.Conv1d(1, 1, kernel_size, padding=kernel_size // 2, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -64,8 +64,8 @@ class SpatialAttention(nn.Module):
 
     def __init__(self, kernel_size: int = 7):
         super().__init__()
-        if kernel_size < 1 or kernel_size % 2 == 0:
-            raise ValueError(f"SpatialAttention kernel_size must be a positive odd integer, got {kernel_size}")
+        if not is_int(kernel_size) or kernel_size < 1 or kernel_size % 2 == 0:  # 7.0 failed inside Conv2d
+            raise ValueError(f"SpatialAttention kernel_size must be a positive odd integer, got {kernel_size!r}")
         self.conv = nn.Conv2d(2, 1, kernel_size, padding=kernel_size // 2, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -126,9 +126,7 @@ class DropPath(nn.Module):
 
     def __init__(self, drop_prob: float = 0.0):
         super().__init__()
-        if not 0.0 <= drop_prob < 1.0:
-            raise ValueError(f"drop_prob must be in [0, 1), got {drop_prob}")
-        self.drop_prob = drop_prob
+        self.drop_prob = check_number("drop_prob", drop_prob, 0.0, 1.0, below=True)
 
     def forward(self, x: Tensor) -> Tensor:
         """x: (B, ...) -> (B, ...), whole samples zeroed (training only)."""
@@ -211,6 +209,7 @@ class WindowAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, attn_dropout: float = 0.0,
                  dropout: float = 0.0):
         super().__init__()
+        dim = check_int("dim", dim, 1)  # 64.0 failed inside nn.Linear
         if not is_int(num_heads) or num_heads < 1 or dim % num_heads != 0:  # 2.0 heads passed, then failed in reshape
             raise ValueError(f"dim {dim} must be divisible by num_heads {num_heads!r} (integer head dimension); "
                              "pass an int that divides dim, e.g. dim // 32 for 32-channel heads")
@@ -276,6 +275,8 @@ class SwinBlock(nn.Module):
                  input_resolution: tuple[int, int] | None = None):
         super().__init__()
         check_window_size(window_size)
+        dim = check_int("dim", dim, 1)
+        drop_path = check_number("drop_path", drop_path, 0.0, 1.0, below=True)  # -0.1 built a block without it
         hidden = mlp_hidden(dim, mlp_ratio)
         self.window_size = window_size
         self.shift = shift
@@ -352,6 +353,7 @@ class PatchEmbed(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int):
         super().__init__()
+        in_channels, out_channels = check_int("in_channels", in_channels, 1), check_int("out_channels", out_channels, 1)
         if out_channels % 8 != 0:
             raise ValueError(f"PatchEmbed out_channels must be a multiple of 8 (split 4/2/1/1 eighths), "
                              f"got {out_channels}")
@@ -393,6 +395,7 @@ class PatchMerging(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int):
         super().__init__()
+        in_channels, out_channels = check_int("in_channels", in_channels, 1), check_int("out_channels", out_channels, 1)
         if out_channels % 2 != 0:
             raise ValueError(f"PatchMerging out_channels must be even (two halves), got {out_channels}")
         self.conv2 = nn.Conv2d(in_channels, out_channels // 2, 2, stride=2)
@@ -431,8 +434,9 @@ class ResFormerStage(nn.Module):
                  dropout: float = 0.0, attn_dropout: float = 0.0, drop_path: Sequence[float] = (),
                  input_resolution: tuple[int, int] | None = None):
         super().__init__()
-        if cnn_depth < 1:
-            raise ValueError(f"cnn_depth must be >= 1 (the CNN path carries the stage), got {cnn_depth}")
+        if not is_int(cnn_depth) or cnn_depth < 1:  # 2.0 failed in range()
+            raise ValueError(f"cnn_depth must be an integer >= 1 (the CNN path carries the stage), got {cnn_depth!r}")
+        attn_depth = check_int("attn_depth", attn_depth, 0)
         if len(drop_path) not in (0, attn_depth):
             raise ValueError(f"drop_path needs one rate per transformer block ({attn_depth}), got {len(drop_path)}")
         drop_path = list(drop_path) or [0.0] * attn_depth

@@ -79,6 +79,22 @@ BAD_ARGUMENTS = [
      "drop_path"),
     ("stage width change at stride 1",
      lambda: ResFormerStage(8, 16, 1, cnn_depth=1, attn_depth=1, num_heads=2, window_size=4), "stride-1"),
+    # floats for counts failed inside torch with a TypeError naming no argument; zeros and a negative rate built
+    ("eca float kernel", lambda: ECA(3.0), r"ECA kernel_size must be a positive odd integer, got 3\.0"),
+    ("spatial attention float kernel", lambda: SpatialAttention(7.0), r"kernel_size .* got 7\.0"),
+    ("attention float dim", lambda: WindowAttention(64.0, 2), r"dim must be an integer >= 1, got 64\.0; pass an int"),
+    ("swin negative drop path", lambda: SwinBlock(16, 2, window_size=4, drop_path=-0.1),
+     r"drop_path must be a number in \[0, 1\), got -0\.1"),
+    ("drop path nan", lambda: DropPath(float("nan")), "drop_prob must be a number"),
+    ("patch embed float width", lambda: PatchEmbed(1, 64.0), r"out_channels must be an integer >= 1, got 64\.0"),
+    ("patch embed no input", lambda: PatchEmbed(0, 64), "in_channels must be an integer >= 1, got 0"),
+    ("patch merging no output", lambda: PatchMerging(64, 0), "out_channels must be an integer >= 1, got 0"),
+    ("patch merging float width", lambda: PatchMerging(64, 128.0), r"got 128\.0"),
+    ("stage float cnn depth",
+     lambda: ResFormerStage(8, 8, 1, cnn_depth=2.0, attn_depth=1, num_heads=2, window_size=4), r"cnn_depth .*got 2\.0"),
+    ("stage float attention depth",
+     lambda: ResFormerStage(8, 8, 1, cnn_depth=1, attn_depth=1.0, num_heads=2, window_size=4),
+     r"attn_depth must be an integer >= 0, got 1\.0"),
 ]
 
 
