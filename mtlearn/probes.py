@@ -400,15 +400,21 @@ def plot_embedding(embedding: np.ndarray, labels: dict[str, np.ndarray], title: 
             raise ValueError(f"class_names[{key!r}] names {len(names)} classes, but {key!r} holds the classes "
                              f"{np.unique(values).tolist()}; give one name per class 0, 1, ...")
     fig, axes = plt.subplots(1, len(labels), figsize=(4.2 * len(labels), 3.8), squeeze=False)
+    # each label its own colours (the next ones of the cycle): with the same blue and orange for "circle / bar"
+    # and "black / white", a reader matched the panels' colours as if they meant the same classes
+    colours = iter(plt.rcParams["axes.prop_cycle"].by_key()["color"] * len(embedding))
     for ax, (key, y) in zip(axes[0], labels.items()):
         for value in np.unique(y):
             named = class_names and key in class_names and y.dtype.kind in "iu"  # string labels name themselves
             name = class_names[key][value] if named else str(value)
             points = embedding[y == value]
-            ax.scatter(points[:, 0], points[:, 1], s=8, alpha=0.7, label=f"{key} = {name}")
+            ax.scatter(points[:, 0], points[:, 1], s=8, alpha=0.7, color=next(colours), label=f"{key} = {name}")
         ax.set_title(f"{title} coloured by {key}".strip())
         ax.set_xlabel(f"{method} 1")
         ax.set_ylabel(f"{method} 2")
+        if method.lower().replace("-", "") == "tsne":  # t-SNE's coordinates mean nothing: only who sits together
+            ax.set_xticks([])
+            ax.set_yticks([])
         ax.legend(fontsize=8)
     fig.tight_layout()
     return fig

@@ -555,6 +555,21 @@ def test_plots_have_titles_and_axis_labels():
         plot_embedding(features, {"coded": coded})
 
 
+def test_each_label_of_an_embedding_plot_has_its_own_colours_and_tsne_no_coordinates():
+    """Shape and background were both blue and orange, read as if "circle" and "black" were one class."""
+    import matplotlib.colors as mcolors
+    import matplotlib.pyplot as plt
+
+    features, coded, random = synthetic_features(n=60)
+    fig = plot_embedding(embed_2d(features), {"coded": coded, "random": random}, method="t-SNE")
+    colours = [{mcolors.to_hex(c.get_facecolor()[0]) for c in ax.collections} for ax in fig.axes]
+    assert len(colours[0]) == 2 and len(colours[1]) == 2 and not colours[0] & colours[1]
+    assert all(not ax.get_xticks().size and not ax.get_yticks().size for ax in fig.axes)  # t-SNE: no scale
+    pca = plot_embedding(embed_2d(features), {"coded": coded})
+    assert pca.axes[0].get_xticks().size  # PCA's axes are directions of variance: keep their scale
+    plt.close("all")
+
+
 def test_adversary_plot_labels_its_reference_line():
     fig = plot_adversary_accuracy({"adv_acc_b": [0.9, 0.7]}, chance=2 / 3, chance_label="label prior")
     reference = fig.axes[0].get_lines()[-1]
