@@ -1040,6 +1040,16 @@ def _show_map(ax, image, attribution, method: str, mask=None, limit: float | Non
     return shown
 
 
+def _tick_label(value: float, _position=None) -> str:
+    """A colourbar's end as two significant digits: plain from 0.01 to 100 ("0.36", "12"), whole above,
+    and below always in the same exponent form ("5.7e-05", "1.1e-04"; .2g wrote "0.00011" beside "7.2e-06")."""
+    if value == 0:
+        return "0"
+    if abs(value) >= 100:
+        return f"{value:.0f}"
+    return f"{value:.2g}" if abs(value) >= 0.01 else f"{value:.1e}"
+
+
 def _colourbar(fig, shown, axes, values=None, location: str = "bottom"):
     """A colourbar for `shown` (from `_show_map`) under `axes`, with an arrow where `values` were clipped."""
     lower, limit = shown.get_clim()
@@ -1048,8 +1058,8 @@ def _colourbar(fig, shown, axes, values=None, location: str = "bottom"):
     bar = fig.colorbar(shown, ax=axes, location=location, extend=extend, shrink=0.85, aspect=16, pad=0.01)
     bar.set_ticks([lower, 0.0, limit] if lower < 0 else [0.0, limit])
     bar.ax.tick_params(labelsize=8)
-    for axis in (bar.ax.xaxis, bar.ax.yaxis):  # two significant digits, no exponent before 1e5
-        axis.set_major_formatter(lambda x, _pos: f"{x:.2g}" if abs(x) < 100 else f"{x:.0f}")
+    for axis in (bar.ax.xaxis, bar.ax.yaxis):
+        axis.set_major_formatter(_tick_label)
     bar.set_label("blue: against, red: for" if lower < 0 else "weak → strong", fontsize=8)
     return bar
 

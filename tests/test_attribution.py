@@ -6,6 +6,7 @@ import matplotlib
 matplotlib.use("Agg")
 import copy
 import math
+import re
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -522,6 +523,18 @@ def test_plot_attributions_grid(images):
     assert len(_panels(fig)) == 2 * 4
     assert [ax.get_title() for ax in fig.axes[:4]] == ["image", "lesion mask", "ig", "gradcam"]
     assert len(_colourbars(fig)) == 2  # one under each map column
+    plt.close(fig)
+
+
+def test_colourbar_ends_are_written_alike_at_every_scale(images):
+    """.2g wrote 0.00011 beside 7.2e-06 and -5.7e-05 (notebook 05's recon-head colourbars)."""
+    assert [A._tick_label(v) for v in (0.0, 1.1e-4, 7.2e-6, -5.7e-5, 0.36, 12.0, 1234.5)] == \
+        ["0", "1.1e-04", "7.2e-06", "-5.7e-05", "0.36", "12", "1234"]
+    maps = {"ig": 1e-4 * torch.randn(2, 1, SIZE, SIZE), "saliency": 1e-4 * torch.rand(2, 1, SIZE, SIZE)}
+    fig = A.plot_attributions(images, maps)
+    fig.canvas.draw()
+    written = [t.get_text() for bar in _colourbars(fig) for t in bar.get_xticklabels() if t.get_text() != "0"]
+    assert written and all(re.fullmatch(r"-?\d\.\de-0\d", t) for t in written), written
     plt.close(fig)
 
 
