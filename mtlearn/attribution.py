@@ -1043,11 +1043,12 @@ def _show_map(ax, image, attribution, method: str, mask=None, limit: float | Non
 def _tick_label(value: float, _position=None) -> str:
     """A colourbar's end as two significant digits: plain from 0.01 to 100 ("0.36", "12"), whole above,
     and below always in the same exponent form ("5.7e-05", "1.1e-04"; .2g wrote "0.00011" beside "7.2e-06")."""
-    if value == 0:
+    rounded = float(f"{value:.2g}")  # judged after rounding: 99.5 is "100", 0.00999 is "0.01"
+    if rounded == 0:
         return "0"
-    if abs(value) >= 100:
+    if abs(rounded) >= 100:
         return f"{value:.0f}"
-    return f"{value:.2g}" if abs(value) >= 0.01 else f"{value:.1e}"
+    return f"{rounded:g}" if abs(rounded) >= 0.01 else f"{value:.1e}"
 
 
 def _colourbar(fig, shown, axes, values=None, location: str = "bottom"):

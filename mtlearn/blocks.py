@@ -116,6 +116,14 @@ class BasicBlock(nn.Module):
 # ---------------------------------------------------------------------------------------------
 
 
+def drop_rate(name: str, value) -> float:
+    """A drop(-path) probability in [0, 1) as a float, or a ValueError naming `name`; a one-element tensor is
+    taken as its number (the items of torch.linspace(0, 0.1, depth), as timm builds the rates)."""
+    if isinstance(value, Tensor) and value.numel() == 1:
+        value = value.item()
+    return check_number(name, value, 0.0, 1.0, below=True)
+
+
 class DropPath(nn.Module):
     """Stochastic depth (Huang et al., ECCV 2016): drop a residual branch for whole samples.
 
@@ -126,7 +134,7 @@ class DropPath(nn.Module):
 
     def __init__(self, drop_prob: float = 0.0):
         super().__init__()
-        self.drop_prob = check_number("drop_prob", drop_prob, 0.0, 1.0, below=True)
+        self.drop_prob = drop_rate("drop_prob", drop_prob)
 
     def forward(self, x: Tensor) -> Tensor:
         """x: (B, ...) -> (B, ...), whole samples zeroed (training only)."""
@@ -276,7 +284,7 @@ class SwinBlock(nn.Module):
         super().__init__()
         check_window_size(window_size)
         dim = check_int("dim", dim, 1)
-        drop_path = check_number("drop_path", drop_path, 0.0, 1.0, below=True)  # -0.1 built a block without it
+        drop_path = drop_rate("drop_path", drop_path)  # -0.1 built a block without it
         hidden = mlp_hidden(dim, mlp_ratio)
         self.window_size = window_size
         self.shift = shift

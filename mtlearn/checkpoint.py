@@ -140,19 +140,45 @@ def _save_instead(name: str) -> str:
 
 
 # what wrappers put before every parameter name: torch.compile's module, and DistributedDataParallel's
-# (or DataParallel's) "module."
+# (or DataParallel's) "module."; wrapped in each other, both ("module._orig_mod.")
 WRAPPER_PREFIXES = ("_orig_mod.", "module.")
 
 
+def unwrapped_model(model: nn.Module) -> nn.Module:
+    """The model inside torch.compile's and DistributedDataParallel's (or DataParallel's) wrappers."""
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif is_compiled(model):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def is_compiled(model) -> bool:
+    """Whether `model` is what torch.compile(module) returns (a model that merely has an `_orig_mod` is not)."""
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")  # not imported: nothing was compiled
+    return eval_frame is not None and isinstance(model, eval_frame.OptimizedModule)
+
+
+def wrapper_prefix(names, own) -> str:
+    """What wrappers put before every one of `names` (e.g. "module._orig_mod.") and the `own` names lack;
+    "" when nothing is to be taken off."""
+    names, own = list(names), list(own)
+    prefix = ""
+    while names and all(isinstance(n, str) for n in names):
+        step = next((p for p in WRAPPER_PREFIXES if all(n.startswith(prefix + p) for n in names)), None)
+        if step is None or any(n.startswith(prefix + step) for n in own):  # the model's own names have it too
+            break
+        prefix += step
+    return prefix
+
+
 def unwrapped_weights(model: nn.Module, weights: Mapping) -> Mapping:
-    """`weights` with a wrapper's prefix taken off every name when the model's own names have none: the
+    """`weights` with the wrappers' prefixes taken off every name when the model's own names have none: the
     state_dict of torch.compile(model) or DistributedDataParallel(model) loads into the plain model."""
-    own = model.state_dict().keys()
-    for prefix in WRAPPER_PREFIXES:
-        if weights and all(isinstance(k, str) and k.startswith(prefix) for k in weights) and \
-                not any(k.startswith(prefix) for k in own):
-            weights = {k.removeprefix(prefix): v for k, v in weights.items()}
-    return weights
+    prefix = wrapper_prefix(weights.keys(), model.state_dict().keys())
+    return {k.removeprefix(prefix): v for k, v in weights.items()} if prefix else weights
 
 
 def load_weights(model: nn.Module, weights: Mapping, message: str) -> None:
@@ -161,6 +187,7 @@ def load_weights(model: nn.Module, weights: Mapping, message: str) -> None:
     The names of a torch.compile'd or DistributedDataParallel-wrapped model load as the plain model's."""
     if not isinstance(weights, Mapping):  # a foreign file with a "model" entry of its own
         raise ValueError(f"{message} (its weights are a {type(weights).__name__}, not a state_dict)")
+    model = unwrapped_model(model)  # the same parameters, under their own names
     weights = unwrapped_weights(model, weights)
     own = model.state_dict().keys()
     differences = [(what, sorted(names)) for what, names in (("missing", set(own) - set(weights)),
@@ -279,9 +306,13 @@ def _loader_generators(loader) -> dict[str, torch.Generator]:
 
 
 def _intact_archive(path: Path) -> bool:
-    """Whether `path` is a zip archive (torch.save's format) whose every member matches its CRC."""
+    """Whether `path` is a zip archive (torch.save's format) whose every member matches its CRC. An archive
+    written without CRCs (torch's serialization config save.compute_crc32 = False: every CRC 0) is taken as
+    intact: there is nothing to check it against."""
     try:
         with zipfile.ZipFile(path) as archive:
+            if all(member.CRC == 0 for member in archive.infolist()):
+                return True
             return archive.testzip() is None
     except Exception:  # BadZipFile, OSError, or a damaged header (NotImplementedError: "compression method")
         return False

@@ -48,12 +48,14 @@ from mtlearn.checkpoint import (
     check_resume_options,
     check_run_folder,
     check_trainable,
+    is_compiled,
     load_checkpoint,
     load_weights,
     rng_state,
     save_checkpoint,
     set_rng_state,
     trainable_names,
+    wrapper_prefix,
 )
 from mtlearn.losses import TASK_TARGETS, LossConfig, build_losses, check_tasks, task_losses
 from mtlearn.metrics import METRIC_KEYS, MetricAccumulator
@@ -348,7 +350,7 @@ def _check_plain_model(model: nn.Module) -> None:
         raise ValueError(f"fit got a {type(model).__name__}-wrapped model; pass the model itself "
                          f"({type(model).__name__}(model).module): under torchrun fit wraps it in "
                          "DistributedDataParallel, and it saves the model's own parameter names")
-    if isinstance(getattr(model, "_orig_mod", None), nn.Module):  # what torch.compile(model) returns
+    if is_compiled(model):
         raise ValueError("fit got a torch.compile'd model; pass the model itself and compile=True: fit compiles it "
                          "for training, and saves the model's own parameter names, which the plain model loads")
 
@@ -611,7 +613,8 @@ def fit(model: nn.Module, train_loader, val_loader=None, config: TrainConfig | N
                        "weighting": copy.deepcopy(run.weighting.state_dict())}  # an instance passed in, too
         start_rng = rng_state(train_loader, run.device)
     # one bar for the whole run (a bar per epoch filled a notebook cell that trains several models with
-    # screens of finished bars): its description names the epoch, its figures the last validation metrics
+    # screens of finished bars): its description names the epoch; its figures are the training losses while
+    # an epoch runs, and the validation metrics once it has ended
     bar = tqdm(total=config.epochs * steps_per_epoch, initial=start_epoch * steps_per_epoch, leave=True,
                desc=f"epoch {min(start_epoch + 1, config.epochs)}/{config.epochs}",
                disable=not (config.progress and is_main_process()) or start_epoch >= config.epochs)
@@ -854,6 +857,12 @@ def _load_run(run: _Run, path: Path, train_loader, config: TrainConfig, tasks) -
     except UnreadableCheckpointError as error:
         raise UnreadableCheckpointError(f"{error}{_best_instead(path)}") from None
     check_checkpoint_keys(path, state, FIT_KEYS, "fit")
+    # a run saved before fit refused wrapped models may name everything "_orig_mod.<name>": its own names
+    prefix = wrapper_prefix(state["model"], run.model.state_dict()) if isinstance(state["model"], Mapping) else ""
+    if prefix:
+        state["model"] = {k.removeprefix(prefix): v for k, v in state["model"].items()}
+        if isinstance(state.get("trainable"), list):
+            state["trainable"] = [n.removeprefix(prefix) if isinstance(n, str) else n for n in state["trainable"]]
     check_trainable(path, state.get("trainable"), run.model, state["model"])  # before the model is changed
     saved = dict(state.get("config", {}))
     # not in a checkpoint written before they were saved: not compared then

@@ -378,6 +378,7 @@ def plot_embedding(embedding: np.ndarray, labels: dict[str, np.ndarray], title: 
     labels: {label name: (N,) ints}; class_names: optional {label name: sequence of class names}.
     Returns the matplotlib Figure (one panel per label).
     """
+    import matplotlib
     import matplotlib.pyplot as plt
 
     embedding = np.asarray(embedding)
@@ -402,7 +403,10 @@ def plot_embedding(embedding: np.ndarray, labels: dict[str, np.ndarray], title: 
     fig, axes = plt.subplots(1, len(labels), figsize=(4.2 * len(labels), 3.8), squeeze=False)
     # each label its own colours (the next ones of the cycle): with the same blue and orange for "circle / bar"
     # and "black / white", a reader matched the panels' colours as if they meant the same classes
-    colours = iter(plt.rcParams["axes.prop_cycle"].by_key()["color"] * len(embedding))
+    palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    if sum(len(np.unique(y)) for y in labels.values()) > len(palette):  # more classes than the cycle's colours
+        palette = [matplotlib.colors.to_hex(c) for c in plt.get_cmap("tab20").colors]
+    colours = iter(palette * len(embedding))
     for ax, (key, y) in zip(axes[0], labels.items()):
         for value in np.unique(y):
             named = class_names and key in class_names and y.dtype.kind in "iu"  # string labels name themselves

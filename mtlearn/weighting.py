@@ -501,8 +501,10 @@ def delta_m(mtl_metrics: Mapping[str, float], single_task_metrics: Mapping[str, 
     over the M metrics in `single_task_metrics`, with l_i = 1 when lower is better. Positive: the
     multi-task model beats the single-task models on average. `higher_is_better` maps metric name
     -> bool; for a name it omits, the name decides: losses, errors and distances are lower-is-better
-    (names containing "loss", "error", "mse", "mae" or "distance", or with a part such as "hd95",
-    "hausdorff", "asd", "assd", "nll" or "ece"), everything else higher-is-better.
+    (names containing "loss", "error", "mse", "mae", "distance", "hausdorff", "entropy", "brier" or
+    "lpips", or with a part such as "hd95", "asd", "nll", "ece", "fid", "fpr" or "fnr"), unless the
+    name says it is a reduction, an improvement or a gain, or a normalised surface Dice ("nsd");
+    everything else is higher-is-better. Say it with `higher_is_better` when in doubt.
     """
     if not single_task_metrics:
         raise ValueError("single_task_metrics is empty; give at least one baseline metric")
@@ -533,15 +535,20 @@ def delta_m(mtl_metrics: Mapping[str, float], single_task_metrics: Mapping[str, 
 
 
 # what a metric's name says about its direction (delta_m): a Hausdorff distance taken as higher-is-better
-# flipped its term's sign without a word
-_LOWER_IS_BETTER_WORDS = ("loss", "error", "mse", "mae", "distance")
-_LOWER_IS_BETTER_PARTS = {"hd", "hd95", "hausdorff", "asd", "assd", "msd", "nll", "ece"}
+# flipped its term's sign without a word. Words match anywhere in the name, parts between "/", "_", ...;
+# the higher-is-better ones win (an error *reduction*, the normalised surface *Dice*).
+_HIGHER_IS_BETTER_WORDS = ("reduction", "improvement", "gain", "normalized_surface", "normalised_surface")
+_HIGHER_IS_BETTER_PARTS = {"nsd"}
+_LOWER_IS_BETTER_WORDS = ("loss", "error", "mse", "mae", "distance", "hausdorff", "entropy", "brier", "lpips")
+_LOWER_IS_BETTER_PARTS = {"hd", "hd95", "asd", "assd", "msd", "nll", "ece", "mce", "fid", "fpr", "fnr", "voe", "rvd"}
 
 
 def _lower_is_better(name: str) -> bool:
     lowered = name.lower()
-    return (any(word in lowered for word in _LOWER_IS_BETTER_WORDS)
-            or not _LOWER_IS_BETTER_PARTS.isdisjoint(re.split(r"[^a-z0-9]+", lowered)))
+    parts = set(re.split(r"[^a-z0-9]+", lowered))
+    if any(word in lowered for word in _HIGHER_IS_BETTER_WORDS) or parts & _HIGHER_IS_BETTER_PARTS:
+        return False
+    return any(word in lowered for word in _LOWER_IS_BETTER_WORDS) or bool(parts & _LOWER_IS_BETTER_PARTS)
 
 
 def _as_float(value, what: str) -> float:

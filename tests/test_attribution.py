@@ -528,8 +528,8 @@ def test_plot_attributions_grid(images):
 
 def test_colourbar_ends_are_written_alike_at_every_scale(images):
     """.2g wrote 0.00011 beside 7.2e-06 and -5.7e-05 (notebook 05's recon-head colourbars)."""
-    assert [A._tick_label(v) for v in (0.0, 1.1e-4, 7.2e-6, -5.7e-5, 0.36, 12.0, 1234.5)] == \
-        ["0", "1.1e-04", "7.2e-06", "-5.7e-05", "0.36", "12", "1234"]
+    assert [A._tick_label(v) for v in (0.0, 1.1e-4, 7.2e-6, -5.7e-5, 0.36, 12.0, 1234.5, 99.5, 0.00999, 0.5)] == \
+        ["0", "1.1e-04", "7.2e-06", "-5.7e-05", "0.36", "12", "1234", "100", "0.01", "0.5"]
     maps = {"ig": 1e-4 * torch.randn(2, 1, SIZE, SIZE), "saliency": 1e-4 * torch.rand(2, 1, SIZE, SIZE)}
     fig = A.plot_attributions(images, maps)
     fig.canvas.draw()

@@ -1,8 +1,10 @@
 """Tests for mtlearn.blocks: shapes, bad arguments, what each block promises."""
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from mtlearn.blocks import (ASPPDFE, DFE, ECA, BasicBlock, DropPath, PatchEmbed, PatchMerging, ResFormerStage,
                             SpatialAttention, SwinBlock, WindowAttention, window_partition, window_reverse)
@@ -96,6 +98,16 @@ BAD_ARGUMENTS = [
      lambda: ResFormerStage(8, 8, 1, cnn_depth=1, attn_depth=1.0, num_heads=2, window_size=4),
      r"attn_depth must be an integer >= 0, got 1\.0"),
 ]
+
+
+def test_drop_path_rates_may_be_one_element_tensors():
+    """The items of torch.linspace(0, 0.1, depth), as timm builds the rates, worked before the rates were checked."""
+    stage = ResFormerStage(8, 16, 2, cnn_depth=1, attn_depth=2, num_heads=2, window_size=4,
+                           drop_path=torch.linspace(0, 0.1, 2))
+    assert isinstance(stage.transformer[0].drop_path, nn.Identity)
+    assert stage.transformer[1].drop_path.drop_prob == pytest.approx(0.1) and \
+        type(stage.transformer[1].drop_path.drop_prob) is float
+    assert DropPath(np.float32(0.2)).drop_prob == pytest.approx(0.2)
 
 
 @pytest.mark.parametrize("name, factory, message", BAD_ARGUMENTS, ids=[b[0] for b in BAD_ARGUMENTS])

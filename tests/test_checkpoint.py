@@ -197,6 +197,31 @@ def test_the_weights_of_a_compiled_or_ddp_wrapped_model_load_into_the_plain_mode
     assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), trained.state_dict().values()))
 
 
+def test_a_checkpoint_written_without_crcs_is_not_called_corrupt(tmp_path):
+    """torch can be told not to compute CRCs (save.compute_crc32 = False): every CRC 0, and the file loads."""
+    serialization = pytest.importorskip("torch.utils.serialization", reason="torch < 2.6 has no save config")
+
+    with serialization.config.patch({"save.compute_crc32": False}):
+        save_checkpoint({"model": small_model().state_dict(), "epoch": 2}, tmp_path / "last.pt")
+    assert load_checkpoint(tmp_path / "last.pt", small_model())["epoch"] == 2
+
+
+def test_weights_of_compile_inside_ddp_load_and_plain_weights_load_into_a_wrapped_model(tmp_path):
+    trained = small_model()
+    both = {f"module._orig_mod.{k}": v for k, v in trained.state_dict().items()}  # DDP(torch.compile(model))
+    save_checkpoint({"model": both}, tmp_path / "both.pt")
+    plain = small_model()
+    load_checkpoint(tmp_path / "both.pt", plain)
+    assert torch.equal(plain[0].weight, trained[0].weight)
+    save_checkpoint({"model": trained.state_dict()}, tmp_path / "plain.pt")
+    inner = small_model()
+    load_checkpoint(tmp_path / "plain.pt", torch.compile(inner))  # "written for another model" before
+    assert torch.equal(inner[0].weight, trained[0].weight)
+    named = nn.Sequential(collections.OrderedDict(module=small_model()))  # a model whose own names start "module."
+    save_checkpoint({"model": named.state_dict()}, tmp_path / "named.pt")
+    load_checkpoint(tmp_path / "named.pt", nn.Sequential(collections.OrderedDict(module=small_model())))
+
+
 def test_weights_of_another_model_are_refused_with_a_few_names_and_counts(tmp_path):
     """load_state_dict lists every missing name (about 190 for a ResFormer, several kB in one message)."""
     big = nn.Sequential(*[nn.Linear(4, 4) for _ in range(50)])

@@ -1891,3 +1891,29 @@ def test_an_unreadable_last_pt_points_to_a_readable_best_pt(tmp_path):
     last.write_bytes(b"")
     with pytest.raises(ValueError, match=r"retrain that run$"):
         _fit(ToyNet(), train, val, epochs=4, out_dir=tmp_path, resume=True)
+
+
+def test_a_model_that_merely_has_an_orig_mod_attribute_is_not_taken_for_a_compiled_one(tmp_path):
+    """An EMA-style wrapper keeps the original as `_orig_mod`: only torch.compile's OptimizedModule is refused."""
+    model = ToyNet()
+    model._orig_mod = nn.Linear(1, 1)  # a submodule of that name, trained along
+    _fit(model, *_loaders(), epochs=1)
+    assert model.calls > 0
+
+
+def test_a_run_saved_with_wrapped_names_resumes_into_the_plain_model(tmp_path):
+    """fit saved torch.compile(model)'s names ("_orig_mod.<name>") before it refused wrapped models: such a
+    last.pt resumes with the plain model, its frozen-parameter check included."""
+    train, val = _loaders()
+    _fit(ToyNet(), train, val, epochs=1, out_dir=tmp_path)
+    state = load_checkpoint(tmp_path / "last.pt")
+    state["model"] = {f"_orig_mod.{k}": v for k, v in state["model"].items()}
+    state["trainable"] = [f"_orig_mod.{n}" for n in state["trainable"]]
+    save_checkpoint(state, tmp_path / "last.pt")
+    frozen = ToyNet()
+    frozen.encoder[0].weight.requires_grad_(False)  # the saved names are compared, not skipped for their prefix
+    with pytest.raises(ValueError, match=r"other parameters train now than in that run \(frozen now: encoder\.0\."
+                                         r"weight; training now: none\)"):
+        _fit(frozen, train, val, epochs=2, out_dir=tmp_path, resume=True)
+    history = _fit(ToyNet(), train, val, epochs=2, out_dir=tmp_path, resume=True)
+    assert [r["epoch"] for r in history.records] == [1, 2]
