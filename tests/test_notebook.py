@@ -372,13 +372,15 @@ def test_default_out_dir_is_outputs_notebook_profile(tmp_path, monkeypatch):
     assert run.out_dir == Path("outputs") / "99_test" / "smoke"
     assert (tmp_path / "outputs" / "99_test" / "smoke").is_dir()
     monkeypatch.setenv("MTLEARN_PROFILE", "paper")  # the profile from the environment names the folder too
-    assert start_here(tmp_path, out_dir=None, profile=None).out_dir == Path("outputs") / "99_test" / "paper"
+    with pytest.warns(UserWarning, match="the paper profile is sized for a GPU"):  # device="cpu"
+        assert start_here(tmp_path, out_dir=None, profile=None).out_dir == Path("outputs") / "99_test" / "paper"
 
 
 def test_an_explicit_profile_wins_over_the_environment_in_start(tmp_path, monkeypatch):
     monkeypatch.setenv("MTLEARN_PROFILE", "paper")
     assert start_here(tmp_path, profile="smoke").profile == "smoke"
-    assert start_here(tmp_path, profile=None).profile == "paper"
+    with pytest.warns(UserWarning, match="the paper profile is sized for a GPU"):  # device="cpu"
+        assert start_here(tmp_path, profile=None).profile == "paper"
 
 
 def test_the_paper_profile_on_a_cpu_warns_before_any_work(tmp_path, monkeypatch):
