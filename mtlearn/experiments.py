@@ -580,8 +580,14 @@ def main(argv: list[str] | None = None) -> int:
               "are skipped, the interrupted one runs again)", file=sys.stderr)
         return 130
     print(status.to_string(index=False))
-    # this grid's runs only, not those of earlier grids in --out (absent when no run could make its folder)
-    table = collect(args.out, specs) if args.out.is_dir() else pd.DataFrame()
+    # this grid's runs only, not those of earlier grids in --out (absent when no run could make its folder);
+    # what collect warns of (runs left out) is said as a line of this command's output, not as a Python
+    # warning naming a line of experiments.py
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        table = collect(args.out, specs) if args.out.is_dir() else pd.DataFrame()
+    for warning in said:
+        print(f"note: {warning.message}")
     path = args.out / "results.csv"
     if not table.empty:
         write_text(table.to_csv(index=False), path)  # atomic: a crash while writing keeps the previous file
