@@ -85,6 +85,8 @@ BAD_ARGUMENTS = [
     ("eca float kernel", lambda: ECA(3.0), r"ECA kernel_size must be a positive odd integer, got 3\.0"),
     ("spatial attention float kernel", lambda: SpatialAttention(7.0), r"kernel_size .* got 7\.0"),
     ("attention float dim", lambda: WindowAttention(64.0, 2), r"dim must be an integer >= 1, got 64\.0; pass an int"),
+    ("swin float dim", lambda: SwinBlock(64.0, 2, window_size=4), r"dim must be an integer >= 1, got 64\.0"),
+    ("swin bool dim", lambda: SwinBlock(True, 1, window_size=4), r"dim must be an integer >= 1, got True"),
     ("swin negative drop path", lambda: SwinBlock(16, 2, window_size=4, drop_path=-0.1),
      r"drop_path must be a number in \[0, 1\), got -0\.1"),
     ("drop path nan", lambda: DropPath(float("nan")), "drop_prob must be a number"),

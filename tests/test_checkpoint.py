@@ -131,6 +131,7 @@ def test_load_checkpoint_refuses_a_corrupt_or_foreign_file(content, tmp_path):
         assert "which load_checkpoint does not unpickle, as that runs code from the file" in message
     else:
         assert message.startswith(f"cannot read {path}: it is not an mtlearn checkpoint") and "corrupt" in message
+        assert isinstance(caught.value, UnreadableCheckpointError)  # what a resume catches to offer best.pt
         # every writer named, not fit's last.pt and best.pt alone (a comparison's result.pt was told of those)
         assert "fit, train_disentangle and a UMS-Rep comparison" in message
     # torch's advice to unpickle untrusted code is passed on neither in the message nor in the traceback
@@ -174,7 +175,7 @@ def test_a_byte_changed_inside_a_tensor_is_found(tmp_path):
     """torch checks no CRC: a flipped byte in a weight loaded silently as another weight (a copy to Drive cut
     off and resumed, a bad disk sector)."""
     path = tmp_path / "last.pt"
-    save_checkpoint({"model": {"w": torch.zeros(1000)}}, path)
+    save_checkpoint({"model": {"w": torch.zeros(1000), "empty": torch.zeros(0)}}, path)  # CRC 0: still checked
     raw = bytearray(path.read_bytes())
     position = bytes(raw).index(bytes(4000))  # the tensor's 4000 zero bytes
     raw[position + 2000] ^= 0xFF
@@ -217,6 +218,9 @@ def test_weights_of_compile_inside_ddp_load_and_plain_weights_load_into_a_wrappe
     inner = small_model()
     load_checkpoint(tmp_path / "plain.pt", torch.compile(inner))  # "written for another model" before
     assert torch.equal(inner[0].weight, trained[0].weight)
+    nested = small_model()
+    load_checkpoint(tmp_path / "plain.pt", nn.DataParallel(torch.compile(nested)))  # every wrapper taken off
+    assert torch.equal(nested[0].weight, trained[0].weight)
     named = nn.Sequential(collections.OrderedDict(module=small_model()))  # a model whose own names start "module."
     save_checkpoint({"model": named.state_dict()}, tmp_path / "named.pt")
     load_checkpoint(tmp_path / "named.pt", nn.Sequential(collections.OrderedDict(module=small_model())))

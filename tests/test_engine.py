@@ -874,12 +874,14 @@ def test_one_progress_bar_for_the_whole_run_naming_the_epoch(capsys, tmp_path):
     _fit(ToyNet(), *_loaders(), epochs=3, progress=True)
     err = capsys.readouterr().err
     assert "12/12" in err and "epoch 3/3" in err and "/4 [" not in err  # 3 epochs of 4 steps, in one bar
+    assert err.lstrip("\r").startswith("epoch 1/3:") and "epoch 0/3" not in err  # from its first render on
     assert re.search(r"epoch 2/3: +\d+%.* [5-8]/12 ", err)  # the description follows the epoch
     model = ToyNet()
     _fit(model, *_loaders(), epochs=1, out_dir=tmp_path, progress=False)
     _fit(model, *_loaders(), epochs=3, out_dir=tmp_path, resume=True, progress=True)
     err = capsys.readouterr().err
     assert "epoch 2/3" in err and " 4/12 " in err and " 0/12 " not in err  # a resumed run starts where it was
+    assert "epoch 1/3" not in err
     with pytest.warns(UserWarning, match="already has 3 epochs"):
         _fit(model, *_loaders(), epochs=3, out_dir=tmp_path, resume=True, progress=True)
     assert capsys.readouterr().err == ""  # nothing trained: no bar
@@ -1917,3 +1919,24 @@ def test_a_run_saved_with_wrapped_names_resumes_into_the_plain_model(tmp_path):
         _fit(frozen, train, val, epochs=2, out_dir=tmp_path, resume=True)
     history = _fit(ToyNet(), train, val, epochs=2, out_dir=tmp_path, resume=True)
     assert [r["epoch"] for r in history.records] == [1, 2]
+
+
+def test_the_progress_bar_is_closed_after_a_run_and_after_an_error(monkeypatch):
+    """A bar left open stays in tqdm's list, and in a notebook a failed run is not marked as such. (The bars are
+    held here, so that only fit's own close(), not the garbage collector, can close them.)"""
+    import mtlearn.engine
+
+    bars = []
+
+    class Held(mtlearn.engine.tqdm):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            if getattr(self, "desc", "").startswith("epoch"):  # fit's bar (a disabled one has no desc)
+                bars.append(self)
+
+    monkeypatch.setattr(mtlearn.engine, "tqdm", Held)
+    _fit(ToyNet(), *_loaders(), epochs=1, progress=True)
+    with pytest.raises(NonFiniteLossError):  # stopped inside the first epoch, at its second step
+        _fit(ToyNet(nan_at_call=2), *_loaders(), epochs=1, progress=True)
+    assert [bar.n for bar in bars] == [4, 1]  # the first after its 4 steps, the second after its one good step
+    assert all(bar.disable for bar in bars)  # tqdm's mark of a closed bar

@@ -629,7 +629,7 @@ def test_delta_m_counts_losses_errors_and_distances_as_lower_is_better(name):
 
 @pytest.mark.parametrize("name", ["seg/dice", "recon/psnr", "cls/auc", "cls/balanced_acc", "recon/ms_ssim",
                                   "seg/threshold_dice", "seg/nsd", "seg/normalized_surface_distance",
-                                  "error_reduction", "loss_improvement"])
+                                  "error_reduction", "loss_improvement", "entropy_gain"])
 def test_delta_m_counts_other_metrics_as_higher_is_better(name):
     assert delta_m({name: 0.3}, {name: 0.2}) == pytest.approx(50.0)
 
