@@ -142,12 +142,13 @@ def _save_instead(name: str) -> str:
 # what wrappers put before every parameter name: torch.compile's module, and DistributedDataParallel's
 # (or DataParallel's) "module."; wrapped in each other, both ("module._orig_mod.")
 WRAPPER_PREFIXES = ("_orig_mod.", "module.")
+PARALLEL_WRAPPERS = (nn.parallel.DistributedDataParallel, nn.DataParallel)  # the model is their .module
 
 
 def unwrapped_model(model: nn.Module) -> nn.Module:
     """The model inside torch.compile's and DistributedDataParallel's (or DataParallel's) wrappers."""
     while True:
-        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        if isinstance(model, PARALLEL_WRAPPERS):
             model = model.module
         elif is_compiled(model):
             model = model._orig_mod
@@ -174,13 +175,6 @@ def wrapper_prefix(names, own) -> str:
     return prefix
 
 
-def unwrapped_weights(model: nn.Module, weights: Mapping) -> Mapping:
-    """`weights` with the wrappers' prefixes taken off every name when the model's own names have none: the
-    state_dict of torch.compile(model) or DistributedDataParallel(model) loads into the plain model."""
-    prefix = wrapper_prefix(weights.keys(), model.state_dict().keys())
-    return {k.removeprefix(prefix): v for k, v in weights.items()} if prefix else weights
-
-
 def load_weights(model: nn.Module, weights: Mapping, message: str) -> None:
     """model.load_state_dict(weights), or a ValueError: `message` (what went wrong, and the fix) and what
     does not match, a few names of each kind (load_state_dict lists every one, hundreds for a ResFormer).
@@ -188,8 +182,9 @@ def load_weights(model: nn.Module, weights: Mapping, message: str) -> None:
     if not isinstance(weights, Mapping):  # a foreign file with a "model" entry of its own
         raise ValueError(f"{message} (its weights are a {type(weights).__name__}, not a state_dict)")
     model = unwrapped_model(model)  # the same parameters, under their own names
-    weights = unwrapped_weights(model, weights)
     own = model.state_dict().keys()
+    prefix = wrapper_prefix(weights, own)  # the weights of a wrapped model, under their wrapper's names
+    weights = {k.removeprefix(prefix): v for k, v in weights.items()} if prefix else weights
     differences = [(what, sorted(names)) for what, names in (("missing", set(own) - set(weights)),
                                                              ("unexpected", set(weights) - set(own))) if names]
     if differences:  # another architecture wrote it

@@ -42,6 +42,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from mtlearn.checkpoint import (
+    PARALLEL_WRAPPERS,
     UnreadableCheckpointError,
     check_checkpoint_keys,
     check_out_dir,
@@ -346,7 +347,7 @@ def _check_plain_model(model: nn.Module) -> None:
     """fit wraps the model itself (DistributedDataParallel under torchrun, torch.compile with compile=True) and
     saves the plain model's state_dict; a model wrapped before fit saved its wrapper's names ("_orig_mod.",
     "module." before every one), which the plain model of a resume, or of load_checkpoint, did not know."""
-    if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+    if isinstance(model, PARALLEL_WRAPPERS):
         raise ValueError(f"fit got a {type(model).__name__}-wrapped model; pass the model itself "
                          f"({type(model).__name__}(model).module): under torchrun fit wraps it in "
                          "DistributedDataParallel, and it saves the model's own parameter names")
