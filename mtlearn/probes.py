@@ -17,6 +17,7 @@ Generic over labels: any integer key of the data items ("shape", "background", "
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import Mapping
 from typing import Callable
 
@@ -371,6 +372,11 @@ def embed_2d(features: np.ndarray, method: str = "pca", seed: int = 0) -> np.nda
     return tsne.fit_transform(scaled)
 
 
+# Okabe & Ito (2008), "Color Universal Design": told apart with every common colour-vision deficiency;
+# ordered so that neighbours contrast (orange / blue, green / purple, ...), yellow (faint on white) last
+OKABE_ITO = ("#E69F00", "#0072B2", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#F0E442")
+
+
 def plot_embedding(embedding: np.ndarray, labels: dict[str, np.ndarray], title: str = "",
                    class_names: dict | None = None, method: str = "PCA"):
     """Scatter a (N, 2) embedding once per label, points coloured by that label's classes.
@@ -401,18 +407,21 @@ def plot_embedding(embedding: np.ndarray, labels: dict[str, np.ndarray], title: 
             raise ValueError(f"class_names[{key!r}] names {len(names)} classes, but {key!r} holds the classes "
                              f"{np.unique(values).tolist()}; give one name per class 0, 1, ...")
     fig, axes = plt.subplots(1, len(labels), figsize=(4.2 * len(labels), 3.8), squeeze=False)
-    # each label its own colours (the next ones of the cycle): with the same blue and orange for "circle / bar"
-    # and "black / white", a reader matched the panels' colours as if they meant the same classes
-    palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    if sum(len(np.unique(y)) for y in labels.values()) > len(palette):  # more classes than the cycle's colours
+    # each label its own colours: with the same blue and orange for "circle / bar" and "black / white", a
+    # reader matched the panels' colours as if they meant the same classes. Okabe and Ito's palette stays
+    # distinguishable to colour-blind readers (tab10's next pair is green and red), and each class has its own
+    # marker too; past its 7 colours, tab20's 20
+    palette = OKABE_ITO
+    if sum(len(np.unique(y)) for y in labels.values()) > len(palette):
         palette = [matplotlib.colors.to_hex(c) for c in plt.get_cmap("tab20").colors]
     colours = iter(palette * len(embedding))
     for ax, (key, y) in zip(axes[0], labels.items()):
-        for value in np.unique(y):
+        for value, marker in zip(np.unique(y), itertools.cycle("os^Dv<>P*X")):
             named = class_names and key in class_names and y.dtype.kind in "iu"  # string labels name themselves
             name = class_names[key][value] if named else str(value)
             points = embedding[y == value]
-            ax.scatter(points[:, 0], points[:, 1], s=8, alpha=0.7, color=next(colours), label=f"{key} = {name}")
+            ax.scatter(points[:, 0], points[:, 1], s=10, alpha=0.7, color=next(colours), marker=marker,
+                       label=f"{key} = {name}")
         ax.set_title(f"{title} coloured by {key}".strip())
         ax.set_xlabel(f"{method} 1")
         ax.set_ylabel(f"{method} 2")

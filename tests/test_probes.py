@@ -18,6 +18,7 @@ from mtlearn.probes import (
     extract_features,
     linear_probe,
     plot_adversary_accuracy,
+    OKABE_ITO,
     plot_embedding,
     plot_probe_matrix,
     probe_matrix,
@@ -564,6 +565,9 @@ def test_each_label_of_an_embedding_plot_has_its_own_colours_and_tsne_no_coordin
     fig = plot_embedding(embed_2d(features), {"coded": coded, "random": random}, method="t-SNE")
     colours = [{mcolors.to_hex(c.get_facecolor()[0]) for c in ax.collections} for ax in fig.axes]
     assert len(colours[0]) == 2 and len(colours[1]) == 2 and not colours[0] & colours[1]
+    assert colours[0] | colours[1] <= {c.lower() for c in OKABE_ITO}  # not tab10's green and red, for instance
+    shapes = [[c.get_paths()[0].vertices.shape for c in ax.collections] for ax in fig.axes]
+    assert all(len(set(panel)) == 2 for panel in shapes)  # each class its own marker as well
     assert all(not ax.get_xticks().size and not ax.get_yticks().size for ax in fig.axes)  # t-SNE: no scale
     pca = plot_embedding(embed_2d(features), {"coded": coded})
     assert pca.axes[0].get_xticks().size  # PCA's axes are directions of variance: keep their scale
