@@ -398,13 +398,20 @@ def check_trainable(path: str | os.PathLike, saved: Sequence[str] | None, model:
     """Refuse to resume when other parameters of `model` train now than in the run saved at `path`.
 
     saved: that run's `trainable_names` (None: a checkpoint written before they were saved; not
-    compared); weights: its state_dict. Why: the optimiser's state is a list in parameter order, so
-    with another part frozen the saved moments fail to load, or worse, load onto the wrong
-    parameters when the counts agree. Another architecture (parameters the weights do not name) is
-    left to load_weights, whose message says so.
+    compared); weights: its state_dict (a wrapped model's names, "_orig_mod." or "module." before each,
+    are compared as the plain model's, as load_weights loads them). Why: the optimiser's state is a
+    list in parameter order, so with another part frozen the saved moments fail to load, or worse,
+    load onto the wrong parameters when the counts agree. Another architecture (parameters the
+    weights do not name) is left to load_weights, whose message says so.
     """
+    if saved is None or not isinstance(weights, Mapping):
+        return
+    prefix = wrapper_prefix(weights, model.state_dict())  # saved by a wrapped model: compared by its own names
+    if prefix:
+        weights = {k.removeprefix(prefix): v for k, v in weights.items()}
+        saved = [n.removeprefix(prefix) if isinstance(n, str) else n for n in saved]
     now = trainable_names(model)
-    if saved is None or list(saved) == now or not isinstance(weights, Mapping):
+    if list(saved) == now:
         return
     own = dict(model.named_parameters())
     if any(name not in weights for name in own) or any(name not in own for name in saved):

@@ -56,7 +56,6 @@ from mtlearn.checkpoint import (
     save_checkpoint,
     set_rng_state,
     trainable_names,
-    wrapper_prefix,
 )
 from mtlearn.losses import TASK_TARGETS, LossConfig, build_losses, check_tasks, task_losses
 from mtlearn.metrics import METRIC_KEYS, MetricAccumulator
@@ -858,12 +857,6 @@ def _load_run(run: _Run, path: Path, train_loader, config: TrainConfig, tasks) -
     except UnreadableCheckpointError as error:
         raise UnreadableCheckpointError(f"{error}{_best_instead(path)}") from None
     check_checkpoint_keys(path, state, FIT_KEYS, "fit")
-    # a run saved before fit refused wrapped models may name everything "_orig_mod.<name>": its own names
-    prefix = wrapper_prefix(state["model"], run.model.state_dict()) if isinstance(state["model"], Mapping) else ""
-    if prefix:
-        state["model"] = {k.removeprefix(prefix): v for k, v in state["model"].items()}
-        if isinstance(state.get("trainable"), list):
-            state["trainable"] = [n.removeprefix(prefix) if isinstance(n, str) else n for n in state["trainable"]]
     check_trainable(path, state.get("trainable"), run.model, state["model"])  # before the model is changed
     saved = dict(state.get("config", {}))
     # not in a checkpoint written before they were saved: not compared then
