@@ -72,6 +72,7 @@ from mtlearn.utils import (
     python_numbers,
     seed_everything,
     synchronize,
+    warnings_above,
 )
 from mtlearn.weighting import (
     GradNorm,
@@ -618,67 +619,69 @@ def fit(model: nn.Module, train_loader, val_loader=None, config: TrainConfig | N
     bar = tqdm(total=config.epochs * steps_per_epoch, initial=start_epoch * steps_per_epoch, leave=True,
                desc=f"epoch {min(start_epoch + 1, config.epochs)}/{config.epochs}",
                disable=not (config.progress and is_main_process()) or start_epoch >= config.epochs)
-    try:
-        for epoch in range(start_epoch, config.epochs):
-            sampler = getattr(train_loader, "sampler", None)
-            if hasattr(sampler, "set_epoch"):  # DistributedSampler: a new shuffle every epoch
-                sampler.set_epoch(epoch)
-            bar.set_description(f"epoch {epoch + 1}/{config.epochs}", refresh=False)
-            record = {"epoch": epoch + 1, "lr": run.optimizer.param_groups[0]["lr"]}
-            record.update(_train_one_epoch(run, train_loader, epoch, tasks, bar, out_dir,
-                                           first=epoch == start_epoch))
-            # fixed and DWA: the weights used this epoch; learned ones (uncertainty, GradNorm): after its last step
-            record.update({f"weight/{t}": w for t, w in run.weighting.weights().items()})
-            run.weighting.end_epoch({t: record[f"train/{t}"] for t in tasks})
-            _broadcast_buffers(model)  # e.g. BatchNorm statistics: every rank keeps rank 0's, as DDP does
-            # finite losses do not guarantee finite weights (the last step's update can overflow);
-            # stop before this epoch's checkpoints would overwrite the good ones of the previous epoch
-            bad = _non_finite_tensors(model, run.weighting)
-            if _any_across_processes(bool(bad), run.device):
-                last = out_dir / "last.pt" if out_dir is not None and (out_dir / "last.pt").is_file() else None
-                raise NonFiniteWeightsError(epoch + 1, bad, last)
-            if val_loader is not None:
-                metrics = evaluate(model, val_loader, tasks, device=run.device, amp=config.amp,
-                                   channels_last=run.channels_last, losses=config.losses,
-                                   data_range=config.data_range)
-                record.update({f"val/{k}": v for k, v in metrics.items()})
-                if monitor not in record:  # a typo would otherwise mean: no best.pt, silently
-                    raise ValueError(f"monitor {config.monitor!r} is not a validation metric; choose one of "
-                                     f"{sorted(k.removeprefix('val/') for k in record if k.startswith('val/'))}")
-                bar.set_postfix({k: f"{v:.3f}" for k, v in metrics.items() if not k.endswith("loss")})
-            improved = history.append(record)  # best epoch: judged on the validation split only
-            broken = sorted(k for k, v in record.items() if k.startswith("val/") and k.endswith("/loss")
-                            and not math.isfinite(v))
-            if broken and is_main_process():  # finite training losses and weights, yet NaN on unseen images
-                warnings.warn(f"epoch {epoch + 1}: the validation loss is not finite ({', '.join(broken)}), so this "
-                              "epoch cannot be the best one; the training losses were finite, which points to a model "
-                              "that diverged on new images (overflowing activations or BatchNorm statistics): lower "
-                              f"lr (now {config.lr:g}) or check the validation data", stacklevel=2)
-            if improved:
-                best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-            if out_dir is not None:
-                rng = rng_state(train_loader, run.device)  # on every rank: it gathers each GPU's random state
-                if is_main_process():
-                    state = _run_state(run, epoch + 1, history, config, tasks, rng, loader_facts)
-                    # last.pt first: stopped between the two, best.pt is an improvement behind, and a resume
-                    # takes the best weights from last.pt (whose history says so); the other way round, best.pt
-                    # would hold an epoch that the resumed history does not have
-                    save_checkpoint(state, out_dir / "last.pt")
-                    if improved:
-                        save_checkpoint(state, out_dir / "best.pt")
-            start_state = None  # last.pt holds the run from here on
-    except BaseException:
-        if start_state is not None:
-            try:
-                model.load_state_dict(start_state["model"])
-                run.weighting.load_state_dict(start_state["weighting"])
-                set_rng_state(start_rng, train_loader, run.device)
-            except Exception as error:  # noqa: BLE001 (the original error is the one to see)
-                warnings.warn(f"could not give the model its starting state back ({error}); rebuild it before "
-                              "fitting again", stacklevel=2)
-        raise
-    finally:
-        bar.close()
+    with warnings_above(bar):  # a warning on its own lines, not on the end of the bar's
+        try:
+            for epoch in range(start_epoch, config.epochs):
+                sampler = getattr(train_loader, "sampler", None)
+                if hasattr(sampler, "set_epoch"):  # DistributedSampler: a new shuffle every epoch
+                    sampler.set_epoch(epoch)
+                bar.set_description(f"epoch {epoch + 1}/{config.epochs}", refresh=False)
+                record = {"epoch": epoch + 1, "lr": run.optimizer.param_groups[0]["lr"]}
+                record.update(_train_one_epoch(run, train_loader, epoch, tasks, bar, out_dir,
+                                               first=epoch == start_epoch))
+                # fixed and DWA: the weights used this epoch; learned ones (uncertainty, GradNorm): after its last step
+                record.update({f"weight/{t}": w for t, w in run.weighting.weights().items()})
+                run.weighting.end_epoch({t: record[f"train/{t}"] for t in tasks})
+                _broadcast_buffers(model)  # e.g. BatchNorm statistics: every rank keeps rank 0's, as DDP does
+                # finite losses do not guarantee finite weights (the last step's update can overflow);
+                # stop before this epoch's checkpoints would overwrite the good ones of the previous epoch
+                bad = _non_finite_tensors(model, run.weighting)
+                if _any_across_processes(bool(bad), run.device):
+                    last = out_dir / "last.pt" if out_dir is not None and (out_dir / "last.pt").is_file() else None
+                    raise NonFiniteWeightsError(epoch + 1, bad, last)
+                if val_loader is not None:
+                    metrics = evaluate(model, val_loader, tasks, device=run.device, amp=config.amp,
+                                       channels_last=run.channels_last, losses=config.losses,
+                                       data_range=config.data_range)
+                    record.update({f"val/{k}": v for k, v in metrics.items()})
+                    if monitor not in record:  # a typo would otherwise mean: no best.pt, silently
+                        raise ValueError(f"monitor {config.monitor!r} is not a validation metric; choose one of "
+                                         f"{sorted(k.removeprefix('val/') for k in record if k.startswith('val/'))}")
+                    bar.set_postfix({k: f"{v:.3f}" for k, v in metrics.items() if not k.endswith("loss")})
+                improved = history.append(record)  # best epoch: judged on the validation split only
+                broken = sorted(k for k, v in record.items() if k.startswith("val/") and k.endswith("/loss")
+                                and not math.isfinite(v))
+                if broken and is_main_process():  # finite training losses and weights, yet NaN on unseen images
+                    warnings.warn(f"epoch {epoch + 1}: the validation loss is not finite ({', '.join(broken)}), so "
+                                  "this epoch cannot be the best one; the training losses were finite, which points "
+                                  "to a model that diverged on new images (overflowing activations or BatchNorm "
+                                  f"statistics): lower lr (now {config.lr:g}) or check the validation data",
+                                  stacklevel=2)
+                if improved:
+                    best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+                if out_dir is not None:
+                    rng = rng_state(train_loader, run.device)  # on every rank: it gathers each GPU's random state
+                    if is_main_process():
+                        state = _run_state(run, epoch + 1, history, config, tasks, rng, loader_facts)
+                        # last.pt first: stopped between the two, best.pt is an improvement behind, and a resume
+                        # takes the best weights from last.pt (whose history says so); the other way round, best.pt
+                        # would hold an epoch that the resumed history does not have
+                        save_checkpoint(state, out_dir / "last.pt")
+                        if improved:
+                            save_checkpoint(state, out_dir / "best.pt")
+                start_state = None  # last.pt holds the run from here on
+        except BaseException:
+            if start_state is not None:
+                try:
+                    model.load_state_dict(start_state["model"])
+                    run.weighting.load_state_dict(start_state["weighting"])
+                    set_rng_state(start_rng, train_loader, run.device)
+                except Exception as error:  # noqa: BLE001 (the original error is the one to see)
+                    warnings.warn(f"could not give the model its starting state back ({error}); rebuild it before "
+                                  "fitting again", stacklevel=2)
+            raise
+        finally:
+            bar.close()
 
     if config.restore_best and best_state is not None:
         model.load_state_dict(best_state)

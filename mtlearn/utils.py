@@ -14,8 +14,11 @@ import math
 import os
 import platform
 import random
+import re
 import secrets
 import sys
+import time
+import warnings
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from importlib import metadata
@@ -507,12 +510,14 @@ def atomic_file(path: str | os.PathLike, binary: bool = False):
     which is atomic on POSIX and Windows. The temporary file has a unique name (two writers cannot
     trip over each other's) and is removed whatever happens; a new file gets the usual mode (0o666
     less the umask), a replaced one keeps its own. Text is written as UTF-8, whatever the locale.
+    A process killed while writing (kill -9, a power cut) runs no cleanup and leaves its hidden
+    temporary file; the next successful write of `path` removes it (see _remove_stale_temporaries).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # the name's first 200 bytes: a name near the 255 a file system allows would not take the suffix
     stem = path.name.encode()[:200].decode(errors="ignore")
-    tmp = path.with_name(f".{stem}.{secrets.token_hex(8)}.tmp")
+    tmp = path.with_name(f".{stem}.{os.getpid()}-{secrets.token_hex(8)}.tmp")  # the writer's pid: see below
     try:
         # "x": created here and only here, with the mode any new file gets
         with open(tmp, "xb" if binary else "x", **({} if binary else {"encoding": "utf-8"})) as f:
@@ -524,6 +529,78 @@ def atomic_file(path: str | os.PathLike, binary: bool = False):
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+    _remove_stale_temporaries(path, stem)
+
+
+STALE_AFTER_S = 3600  # a temporary file nobody has written to for an hour belongs to no live write
+
+
+def _remove_stale_temporaries(path: Path, stem: str) -> None:
+    """Remove the temporary files that killed writes of `path` left beside it.
+
+    One is stale when the process named in it is gone (POSIX: on this machine) or when nobody has
+    written to it for STALE_AFTER_S (a folder shared between machines, where another's process
+    looks gone from here; Windows, where asking about a process by its id is no harmless question).
+    Files that only look alike, and any that cannot be removed, are left as they are.
+    """
+    pattern = re.compile(rf"\.{re.escape(stem)}\.(\d+)-[0-9a-f]{{16}}\.tmp")
+    try:
+        names = os.listdir(path.parent)
+    except OSError:
+        return
+    for name in names:
+        found = pattern.fullmatch(name)
+        if found is None:
+            continue
+        other = path.parent / name
+        try:
+            idle = time.time() - other.stat().st_mtime
+            if idle > STALE_AFTER_S or not _process_alive(int(found[1])):
+                other.unlink()
+        except OSError:  # gone meanwhile (its writer finished), or not ours to remove
+            continue
+
+
+def _process_alive(pid: int) -> bool:
+    """Whether process `pid` runs on this machine (True where that cannot be asked: off POSIX)."""
+    if pid == os.getpid() or os.name != "posix":
+        return True
+    try:
+        os.kill(pid, 0)  # signal 0: only asks
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):  # another user's process; an id past any process's
+        return pid < 2**31  # overflow: no such process
+    return True
+
+
+@contextlib.contextmanager
+def warnings_above(bar):
+    """While `bar` (a tqdm bar) is open, print each warning on lines of its own above it.
+
+    A warning goes to the same stream as a terminal bar, which stands on an unfinished line: the
+    warning was written onto the end of the bar's line and the bar went on below it. Here the bar is
+    cleared first and drawn again after, around whatever prints warnings now (pytest's or a
+    notebook's recorder too); a disabled bar changes nothing.
+    """
+    if getattr(bar, "disable", True):
+        yield
+        return
+    previous = warnings.showwarning
+
+    def show(*args, **kwargs):
+        bar.clear()
+        try:
+            previous(*args, **kwargs)
+        finally:
+            bar.refresh()
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        if warnings.showwarning is show:  # not if someone replaced it meanwhile (theirs stays)
+            warnings.showwarning = previous
 
 
 def write_text(text: str, path: Path) -> None:

@@ -1167,6 +1167,23 @@ def test_fit_warns_once_when_the_images_look_like_unscaled_8_bit(low, high, opti
         assert (ours[0].filename, ours[0].lineno) == (__file__, line)  # it points at the call of fit
 
 
+def test_fit_prints_a_warning_above_its_bar_not_on_the_end_of_its_line(capsys, monkeypatch):
+    """A terminal bar stands on an unfinished line: a warning went onto its end, the bar on below it."""
+    def show(message, category, filename, lineno, file=None, line=None):  # as Python prints one, to the bar's stream
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        monkeypatch.setattr(warnings, "showwarning", show)
+        fit(ToyNet(tasks=("cls",)), DataLoader(Scaled(0, 255), batch_size=4), None, epochs=1, device="cpu")
+        assert warnings.showwarning is show  # given back
+    err = capsys.readouterr().err
+    before = err[:err.index("UserWarning: the first training batch")]
+    assert "epoch 1/1" in before  # the bar was drawn,
+    assert "epoch" not in re.split("[\r\n]", before)[-1]  # cleared before the warning
+    assert "epoch 1/1" in err[err.index("unscaled intensities"):]  # and drawn again below it
+
+
 def test_a_resumed_fit_looks_at_its_own_first_batch_too(tmp_path):
     """The check runs on the first batch of each call of fit, a resumed one included (it starts at epoch 2)."""
     train = DataLoader(Scaled(0, 255), batch_size=4)

@@ -125,7 +125,8 @@ def test_count_flops_counts_torchs_own_attention_layers():
 
 
 def test_a_file_whose_name_is_near_the_limit_is_written_atomically(tmp_path):
-    """The temporary name adds a dot, 16 hex digits and ".tmp": a 244-byte name failed ("File name too long")."""
+    """The temporary name adds dots, the pid, 16 hex digits and ".tmp": a 244-byte name failed ("File name too
+    long")."""
     from mtlearn.utils import write_text
 
     path = tmp_path / ("é" * 100 + "x" * 40 + ".json")  # 244 bytes in UTF-8
@@ -142,6 +143,56 @@ def test_an_atomic_write_reaches_the_disk_before_it_takes_the_name(tmp_path, mon
     monkeypatch.setattr(os, "replace", lambda a, b: (calls.append("replace"), real_replace(a, b))[1])
     write_text("{}", tmp_path / "metrics.json")
     assert calls == ["fsync", "replace"] and (tmp_path / "metrics.json").read_text() == "{}"
+
+
+def test_warnings_above_clears_the_bar_before_a_warning_and_draws_it_again_after(monkeypatch):
+    import io
+    import warnings
+
+    from tqdm import tqdm
+
+    from mtlearn.utils import warnings_above
+
+    stream = io.StringIO()
+
+    def show(message, category, filename, lineno, file=None, line=None):  # the bar's own stream, as a terminal
+        stream.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+    monkeypatch.setattr(warnings, "showwarning", show)
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        with warnings_above(tqdm(total=4, desc="epoch 1/2", disable=True)):
+            assert warnings.showwarning is show  # a disabled bar changes nothing
+        bar = tqdm(total=4, desc="epoch 1/2", file=stream, mininterval=0)
+        with warnings_above(bar):
+            warnings.warn("the loss is high", stacklevel=1)
+        assert warnings.showwarning is show  # given back
+        text = stream.getvalue()  # before close() draws the bar once more
+        bar.close()
+    before, after = text.split("UserWarning: the loss is high")
+    assert "epoch 1/2" in before and "epoch" not in re.split("[\r\n]", before)[-1]  # cleared first
+    assert "epoch 1/2" in after  # drawn again
+
+
+def test_an_atomic_write_removes_what_killed_writes_of_the_same_file_left(tmp_path):
+    """kill -9 (or a power cut) while writing runs no cleanup: each left a hidden temporary file for good."""
+    import subprocess
+    import time
+
+    path = tmp_path / "last.pt"
+    child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    gone = int(child.stdout)  # a process that has ended
+    killed = tmp_path / f".last.pt.{gone}-0123456789abcdef.tmp"
+    alive = tmp_path / f".last.pt.{os.getppid()}-0123456789abcdef.tmp"  # a live process, writing now
+    forgotten = tmp_path / f".last.pt.{os.getppid()}-fedcba9876543210.tmp"  # untouched for two hours
+    other_file = tmp_path / f".best.pt.{gone}-0123456789abcdef.tmp"  # another file's: its own writes clean it
+    look_alike = tmp_path / f".last.pt.{gone}-notours.tmp"
+    for leftover in (killed, alive, forgotten, other_file, look_alike):
+        leftover.write_bytes(b"half a checkpoint")
+    hours_ago = time.time() - 2 * 3600
+    os.utime(forgotten, (hours_ago, hours_ago))
+    write_text("{}", path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in (path, alive, other_file, look_alike))
 
 
 def test_environment_report_names_device_and_versions():
