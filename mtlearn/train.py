@@ -63,7 +63,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     model.add_argument("--image-size", type=int, default=64, help="square image size in pixels (default: 64)")
     model.add_argument("--augment", action="store_true", help="random flips and rotations on the training split")
     model.add_argument("--limit", type=int, default=None, metavar="N",
-                       help="use only the first N training images and N // 4 validation and test images")
+                       help="use only N training images and N // 4 validation and test images, drawn at "
+                            "random with --seed")
     train = parser.add_argument_group("training")
     train.add_argument("--epochs", type=int, default=10, help="passes over the training set (default: 10)")
     train.add_argument("--batch-size", type=int, default=8, help="images per step and process (default: 8)")
@@ -236,6 +237,7 @@ def _gather(value) -> list:
 
 def _datasets(args):
     from mtlearn.data import load_dataset  # imported here: `--help` stays fast
+    from mtlearn.data.splits import random_subset
 
     root = None
     if args.dataset != "synthetic" and args.data_root is not None:
@@ -251,7 +253,7 @@ def _datasets(args):
             print(f"note: --limit {args.limit} is more than the {len(splits['train'])} training images of "
                   f"{args.dataset}; all of them are used", file=sys.stderr)
         sizes = {"train": args.limit, "val": max(args.limit // 4, 1), "test": max(args.limit // 4, 1)}
-        splits = {s: Subset(d, range(min(sizes[s], len(d)))) for s, d in splits.items()}
+        splits = {s: random_subset(d, sizes[s], args.seed) for s, d in splits.items()}  # not the first: by class
     return splits, info
 
 

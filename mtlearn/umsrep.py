@@ -631,6 +631,7 @@ def load_strategy_data(config: UMSRepConfig | str) -> StrategyData:
     """
     from mtlearn.data import load_dataset
     from mtlearn.data.real import SYNTHETIC_SIZES
+    from mtlearn.data.splits import random_subset
 
     config = _checked_config(config)
     size, seed = config.image_size, config.seed
@@ -666,7 +667,7 @@ def load_strategy_data(config: UMSRepConfig | str) -> StrategyData:
     train = load_dataset("busi", root=root("busi"), split="train", image_size=size, seed=seed)
     test = load_dataset("busi", root=root("busi"), split="test", image_size=size, seed=seed)
     # a seeded random subset: the split is ordered by file name, so its first N would all be benign
-    train, test = _random_subset(train, config.num_train, seed), _random_subset(test, config.num_test, seed)
+    train, test = random_subset(train, config.num_train, seed), random_subset(test, config.num_test, seed)
     noise = dict(gaussian_std=config.gaussian_std, speckle_looks=config.speckle_looks, seed=seed)
     # real images are read and resized once, here, before any clock starts; the noise of the
     # training sets is drawn anew each epoch
@@ -676,14 +677,6 @@ def load_strategy_data(config: UMSRepConfig | str) -> StrategyData:
         train=DenoisingPairs(InMemory(train, ("image", "mask", "label")), labels=True, **noise),
         test=InMemory(DenoisingPairs(test, labels=True, fixed_noise=True, **noise), keep),
         class_names=tuple(find_class_names(test)))
-
-
-def _random_subset(dataset: Dataset, size: int | None, seed: int) -> Dataset:
-    """`size` items of `dataset` drawn at random with `seed` (all of them when size is None or larger)."""
-    if size is None or size >= len(dataset):
-        return dataset
-    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:size]
-    return torch.utils.data.Subset(dataset, sorted(order.tolist()))
 
 
 def _loader(dataset: Dataset, config: UMSRepConfig, shuffle: bool) -> DataLoader:

@@ -25,6 +25,7 @@ from mtlearn.data.splits import (
     SPLIT_FRACTIONS,
     difference_hash,
     duplicate_groups,
+    random_subset,
     split_by_group,
 )
 from tests.fixtures_real import (
@@ -1091,6 +1092,58 @@ def test_split_by_group_deals_7_1_2_of_each_class_and_keeps_groups_whole(seed):
 def test_split_by_group_refuses_what_it_cannot_split(groups, labels, fractions, match):
     with pytest.raises(ValueError, match=match):
         split_by_group(groups, labels, seed=0, fractions=fractions)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_split_by_group_keeps_its_splits_when_a_group_is_added(seed):
+    """A shuffle of all groups dealt them anew when one more came (a new patient, a new image): 10 of 72
+    BUSI-like images changed split, test images went to train, and a model trained before the update
+    was tested on images it had trained on."""
+    groups, labels = [f"patient-{k}" for k in range(60)], [k % 3 for k in range(60)]
+    before = dict(zip(groups, split_by_group(groups, labels, seed=seed)))
+    after = dict(zip(groups + ["patient-new"], split_by_group(groups + ["patient-new"], labels + [0], seed=seed)))
+    moved = [g for g in groups if before[g] != after[g]]
+    assert len(moved) <= 2  # at most the one beside each edge between two splits
+    assert all(int(g.split("-")[1]) % 3 == 0 for g in moved)  # of the new group's class; the others stay
+
+
+def test_busi_keeps_its_splits_when_an_image_is_added(tmp_path):
+    """Its near-duplicate clusters were numbered in the order the files were found: an image added renamed
+    every cluster after it."""
+    make_busi(tmp_path, per_class=10)
+
+    def ids(split):
+        return set(by_id(load_dataset("busi", root=tmp_path, split=split, image_size=SIZE)))
+
+    before = {split: ids(split) for split in ("train", "val", "test")}
+    benign = tmp_path / "Dataset_BUSI_with_GT" / "benign"
+    image = np.random.default_rng(5).integers(0, 256, (40, 48, 3), dtype=np.uint8)
+    Image.fromarray(image).save(benign / "benign (0).png")  # first by name: before every cluster
+    Image.fromarray(np.zeros((40, 48), np.uint8)).save(benign / "benign (0)_mask.png")
+    moved = sum(len(kept - ids(split)) for split, kept in before.items())
+    assert moved <= 2
+
+
+def test_random_subset_draws_from_the_whole_split():
+    ordered = list(range(100))  # a split sorted by file name: "benign (N)" before every "malignant"
+    subset = random_subset(ordered, 30, seed=0)
+    picked = [subset[i] for i in range(len(subset))]
+    assert len(picked) == 30 and max(picked) > 60 and picked == sorted(picked)
+    assert random_subset(ordered, 30, seed=0).indices == subset.indices and random_subset(ordered, None, 0) is ordered
+    assert random_subset(ordered, 100, seed=0) is ordered  # all of them: no Subset
+    assert random_subset(ordered, 30, seed=1).indices != subset.indices
+
+
+def test_random_subset_keeps_each_classs_share_when_the_dataset_names_the_classes():
+    class Listed(list):  # sorted by class, as a real split is listed
+        labels = np.array([0] * 60 + [1] * 30 + [2] * 10)
+
+    ordered = Listed(range(100))
+    for size, counts in ((2, [1, 1, 0]), (10, [6, 3, 1]), (50, [30, 15, 5])):
+        subset = random_subset(ordered, size, seed=0)
+        assert np.bincount(Listed.labels[subset.indices], minlength=3).tolist() == counts
+        assert subset.indices == sorted(subset.indices)
+    assert random_subset(ordered, 10, seed=1).indices != random_subset(ordered, 10, seed=0).indices
 
 
 def test_split_by_group_stratifies_by_any_label_that_names_a_class():

@@ -6,9 +6,10 @@ import sys
 import warnings
 
 import pytest
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader
 
 from mtlearn.data import load_dataset
+from mtlearn.data.splits import random_subset
 from mtlearn.engine import evaluate, load_checkpoint
 from mtlearn.mtl import build_model
 from mtlearn.train import main, parse_args
@@ -90,12 +91,27 @@ def test_bad_arguments_exit_with_a_message(argv, message, capsys):
     assert exit_.value.code == 2 and message in capsys.readouterr().err
 
 
+def test_limit_draws_every_class_of_a_dataset_listed_by_class(tmp_path):
+    """A real dataset lists its images by name, so by class (BUSI: benign, malignant, normal); the first
+    --limit of each split were all benign, and a quick run scored a one-class test set."""
+    from mtlearn.train import _datasets
+    from tests.fixtures_real import make_busi
+
+    make_busi(tmp_path / "busi", per_class=12)
+    args = ["--dataset", "busi", "--data-root", str(tmp_path), "--image-size", "32", "--limit", "12"]
+    with pytest.warns(UserWarning, match="no mask file, skipped"):  # the fixture's quirk, said
+        splits, _ = _datasets(parse_args(args))
+    assert len(splits["train"]) == 12
+    assert len({int(splits["train"][i]["label"]) for i in range(12)}) == 3
+
+
 def test_limit_keeps_that_many_training_images_and_a_quarter_of_it_to_validate_and_test(capsys):
     from mtlearn.train import _datasets
 
     splits, _ = _datasets(parse_args(["--image-size", "32", "--limit", "10"]))
     assert {name: len(split) for name, split in splits.items()} == {"train": 10, "val": 2, "test": 2}
-    assert list(splits["train"].indices) == list(range(10))  # the first ones, as the help says
+    assert list(splits["train"].indices) != list(range(10))  # drawn at random (see below), not the first
+    assert splits["train"].indices == _datasets(parse_args(["--image-size", "32", "--limit", "10"]))[0]["train"].indices
     assert "note" not in capsys.readouterr().err
     splits, _ = _datasets(parse_args(["--image-size", "32", "--limit", "100000"]))  # more than there is: said
     train = len(splits["train"])
@@ -302,7 +318,7 @@ def test_an_undefined_metric_is_named_even_when_some_epochs_also_diverged():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("weighting", ["uncertainty", "pcgrad"])
-def test_torchrun_two_processes_stay_in_sync(weighting, tmp_path):
+def test_torchrun_two_processes_stay_in_sync(weighting, tmp_path, capsys):
     out = tmp_path / "ddp"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                "-m", "mtlearn.train", *SMOKE, "--epochs", "2", "--limit", "32", "--weighting", weighting,
@@ -319,7 +335,7 @@ def test_torchrun_two_processes_stay_in_sync(weighting, tmp_path):
     # metrics summed over the two ranks equal one process evaluating the whole test subset
     model = build_model("tiny", tasks=("seg", "cls"), image_size=32)
     load_checkpoint(out / "best.pt", model)
-    test = Subset(load_dataset("synthetic", split="test", image_size=32, seed=0), range(32 // 4))
+    test = random_subset(load_dataset("synthetic", split="test", image_size=32, seed=0), 32 // 4, seed=0)  # --limit's
     expected = evaluate(model, DataLoader(test, batch_size=4), device="cpu")
     for key, value in expected.items():
         assert record["metrics"]["test"][key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
@@ -405,8 +421,8 @@ def test_metrics_are_those_of_the_best_validation_epoch(tmp_path, monkeypatch):
                                         if k.startswith("val/")}
     model = build_model("tiny", tasks=("seg", "cls"), image_size=32)
     load_checkpoint(out / "best.pt", model)
-    for split in ("val", "test"):  # --limit 8: the first 8 // 4 = 2 images of each split, data seeded with --seed
-        data = Subset(load_dataset("synthetic", split=split, image_size=32, seed=3), range(2))
+    for split in ("val", "test"):  # --limit 8: 8 // 4 = 2 images of each split, drawn and seeded with --seed
+        data = random_subset(load_dataset("synthetic", split=split, image_size=32, seed=3), 2, seed=3)
         expected = evaluate(model, DataLoader(data, batch_size=4), device="cpu")
         measured = record["metrics"][split]
         for key, value in expected.items():

@@ -501,16 +501,6 @@ def test_joint_vs_single_task_leaves_unmeasured_shares_out_of_the_verdict():
     assert measured["unmeasured"] == []
 
 
-def test_random_subset_draws_from_the_whole_split():
-    from mtlearn.umsrep import _random_subset
-
-    ordered = list(range(100))  # a split sorted by file name: "benign (N)" before every "malignant"
-    subset = _random_subset(ordered, 30, seed=0)
-    picked = [subset[i] for i in range(len(subset))]
-    assert len(picked) == 30 and max(picked) > 60 and picked == sorted(picked)
-    assert _random_subset(ordered, 30, seed=0).indices == subset.indices and _random_subset(ordered, None, 0) is ordered
-
-
 # ---------------------------------------------------------------------------------------------- data
 
 

@@ -378,7 +378,12 @@ def _read_busi(folder: Path, split: str, seed: int, duplicate_distance: int = DU
         )
     hashes = np.stack([hash_of[r.id] for r in records])  # (N, 64)
     groups = duplicate_groups(hashes, duplicate_distance)
-    records = [Record(r.id, r.label, r.image, r.masks, group=f"cluster-{g}") for r, g in zip(records, groups)]
+    # a cluster is named after its first image, not numbered: the numbers follow the order of the files
+    # found, so one image added renamed every cluster after it (and the split dealt them anew)
+    first = {}
+    for r, g in zip(records, groups):
+        first[g] = min(first.get(g, r.id), r.id)
+    records = [Record(r.id, r.label, r.image, r.masks, group=f"cluster-{first[g]}") for r, g in zip(records, groups)]
     return _take_split(records, split, seed), BUSI_CLASSES, problems
 
 

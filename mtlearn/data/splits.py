@@ -36,9 +36,13 @@ def split_by_group(
     """Split name for every item, (N,) array of str; each group lands whole in one split.
 
     Stratified: the groups of each class (a group's class is its most common label, the smallest of
-    those tied) are shuffled with `seed` and dealt out in order, a group joining the split in which
-    its middle item falls (train for the first 70 % of the class's items, and so on). Deterministic
-    for a given seed, whatever the order of the items.
+    those tied) are put in an order that `seed` chooses and dealt out in it, a group joining the split
+    in which its middle item falls (train for the first 70 % of the class's items, and so on).
+    Deterministic for a given seed, whatever the order of the items. Stable as the data grow: a
+    group's place in the order is a hash of the seed and its own id, not a shuffle of all of them, so
+    a group added (a new image, a new patient) leaves the order of the others as it was and moves
+    only the odd group beside an edge between two splits into the next; a shuffle reshuffled them all,
+    and a model trained before the update was then tested on images it had trained on.
 
     `fractions`: (name, share) pairs in the order the splits are dealt. Shares are relative, divided by
     their sum: (("train", 7), ("val", 1), ("test", 2)) splits as the 0.7 / 0.1 / 0.2 default does, and
@@ -73,10 +77,9 @@ def split_by_group(
                          f"shares >= 0, not all 0, got {fractions!r}")
     edges = np.cumsum(shares) / sum(shares)
     group_label = {g: _majority(labels[groups == g].tolist()) for g in np.unique(groups)}
-    rng = np.random.default_rng(seed)
     split_of_group = {}
     for label in sorted(set(group_label.values())):
-        members = rng.permutation([g for g, l in group_label.items() if l == label])
+        members = sorted((g for g, l in group_label.items() if l == label), key=lambda g: _place(seed, g))
         sizes = np.array([np.sum(groups == g) for g in members])
         middle = (np.cumsum(sizes) - sizes / 2) / sizes.sum()  # where each group's middle item falls
         for g, position in zip(members, middle):
@@ -86,6 +89,45 @@ def split_by_group(
         warnings.warn(f"split(s) {empty} got no items: {len(group_label)} group(s) are too few to give every split "
                       f"its share {dict(fractions)}; use more data, or other shares", stacklevel=2)
     return np.array([split_of_group[g] for g in groups])
+
+
+def _place(seed: int, group) -> tuple[bytes, str]:
+    """Where `group` comes in the order `seed` chooses: a hash of the two (its id breaks the tie that
+    a 64-bit hash all but never has)."""
+    import hashlib
+
+    name = str(group)
+    return hashlib.blake2b(f"{seed}:{name}".encode(), digest_size=8).digest(), name
+
+
+def random_subset(dataset, size: int | None, seed: int):
+    """`size` items of `dataset` drawn at random with `seed`, in their order (all of them: `dataset` itself,
+    when size is None or not smaller).
+
+    At random, not the first `size`: the real datasets list their items sorted by name, and so by class
+    (BUSI: benign, then malignant, then normal), so the first few hundred would all be benign. Stratified
+    when the dataset says its items' classes (a `labels` array, as the course's datasets have): each
+    class keeps its share, rounded, so two images of three classes are of two classes, never one.
+    """
+    import torch
+
+    if size is None or size >= len(dataset):
+        return dataset
+    generator = torch.Generator().manual_seed(seed)
+    labels = getattr(dataset, "labels", None)
+    if labels is None or len(labels) != len(dataset):
+        chosen = torch.randperm(len(dataset), generator=generator)[:size].tolist()
+    else:
+        # each class's items in a random order, the k-th of a class of n placed at (k + 1/2) / n: the
+        # first `size` places hold every class in proportion (largest remainders), in random order within
+        labels = np.asarray(labels)
+        places = np.empty(len(labels))
+        for label in np.unique(labels):
+            members = np.flatnonzero(labels == label)
+            shuffled = members[torch.randperm(len(members), generator=generator).numpy()]
+            places[shuffled] = (np.arange(len(members)) + 0.5) / len(members)
+        chosen = np.lexsort((torch.rand(len(labels), generator=generator).numpy(), places))[:size].tolist()
+    return torch.utils.data.Subset(dataset, sorted(chosen))
 
 
 def _majority(labels: list[int]) -> int:
