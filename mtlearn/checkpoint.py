@@ -244,8 +244,9 @@ def set_rng_state(state: Mapping, loader=None, device: str | torch.device | None
     world, rank = world_and_rank()
     saved_world = len(state.get("ranks", [None]))
     if saved_world != world:
-        warnings.warn(f"the checkpoint holds the random states of {saved_world} process(es), this run has {world}: "
-                      "dropout and drop-path will differ from an uninterrupted run", stacklevel=3)
+        if rank == 0:  # once, not once per process
+            warnings.warn(f"the checkpoint holds the random states of {saved_world} process(es), this run has {world}: "
+                          "dropout and drop-path will differ from an uninterrupted run", stacklevel=3)
     elif world > 1:
         state = {**state, **state["ranks"][rank]}  # this process's own CPU, NumPy and Python generators
     torch.set_rng_state(state["torch"])

@@ -73,6 +73,7 @@ from mtlearn.utils import (
     seed_everything,
     synchronize,
     warnings_above,
+    world_and_rank,
 )
 from mtlearn.weighting import (
     GradNorm,
@@ -533,7 +534,9 @@ def fit(model: nn.Module, train_loader, val_loader=None, config: TrainConfig | N
                          "the number of batches per epoch for its learning-rate schedule: give the dataset a "
                          "__len__, or use a map-style Dataset")
     if steps_per_epoch == 0:
-        raise ValueError("train_loader yields no batches; check the dataset size and batch_size/drop_last")
+        shared = (f" ({world_and_rank()[0]} torchrun processes share the training set, each taking an equal part of "
+                  "it: fewer processes, or a larger training set)") if is_distributed() else ""
+        raise ValueError(f"train_loader yields no batches; check the dataset size and batch_size/drop_last{shared}")
     # an empty validation loader: else one epoch trains, then "monitor ... choose one of []". Not under
     # torchrun, where one process's evaluation shard may be empty (evaluate sums over all of them), and
     # not for a loader without a length (an IterableDataset)
@@ -591,11 +594,11 @@ def fit(model: nn.Module, train_loader, val_loader=None, config: TrainConfig | N
             best_state = last["model"]
             if is_main_process():
                 save_checkpoint(last, out_dir / "best.pt")
-        elif history.best_epoch is not None and best_state is None:
+        elif history.best_epoch is not None and best_state is None and is_main_process():  # once, not per process
             warnings.warn(f"{out_dir / 'best.pt'} is missing, so the weights of the best epoch so far "
                           f"({history.best_epoch}) are lost: unless a later epoch does better, the model ends with "
                           "its last epoch's weights, not those of history.best_epoch", stacklevel=2)
-        if start_epoch >= config.epochs:  # nothing to train: say so rather than return the old run silently
+        if start_epoch >= config.epochs and is_main_process():  # nothing to train: say so (once, under torchrun)
             warnings.warn(f"the run in {out_dir} already has {start_epoch} epochs; pass a larger epochs "
                           f"(got {config.epochs}) to train further", stacklevel=2)
     # heads for tasks this run does not train, e.g. fit(tasks=("seg",)) of a seg+cls model
@@ -815,8 +818,9 @@ def _run_state(run: _Run, epoch: int, history: History, config: TrainConfig, tas
 # while the schedule's total is recomputed as epochs * len(new loader), so with another length the
 # learning rate would jump, or reach 0 long before the last epoch, without a word.
 # batch_size and train_items: the same number of batches from other batches (3 of 4 images from 9, then 3 of 3)
-# would resume without a word into a run that no uninterrupted one matches.
-LOADER_FACTS = ("steps_per_epoch", "batch_size", "train_items")
+# would resume without a word into a run that no uninterrupted one matches; so would processes, the number of
+# torchrun processes among which each epoch's images are dealt (2 processes of batch 4 then 3: batches of 12).
+LOADER_FACTS = ("steps_per_epoch", "batch_size", "train_items", "processes")
 RESUME_FIELDS = ("tasks", "lr", "weight_decay", "betas", "poly_power", "weighting", "task_weights",
                  "weighting_kwargs", "losses", "grad_clip", *LOADER_FACTS)
 _KEEP_LOADER = ("keep the batch size, the training set and the number of torchrun processes of that run (CLI: "
@@ -824,15 +828,17 @@ _KEEP_LOADER = ("keep the batch size, the training set and the number of torchru
 RESUME_NOTES = {"steps_per_epoch": "steps_per_epoch is the training loader's number of batches, which the "
                                    f"learning-rate schedule counts: {_KEEP_LOADER}",
                 "batch_size": f"batch_size is the training loader's: {_KEEP_LOADER}",
-                "train_items": f"train_items is the size of the training loader's dataset: {_KEEP_LOADER}"}
+                "train_items": f"train_items is the size of the training loader's dataset: {_KEEP_LOADER}",
+                "processes": f"processes is the number of torchrun processes that trained it (1: none): {_KEEP_LOADER}"}
 
 
 def _loader_facts(loader) -> dict:
     """The training loader's number of batches, batch size and dataset size (None where it has none: a list of
-    batches), as a checkpoint records them."""
+    batches), and the number of processes it is dealt to (torchrun; 1 without), as a checkpoint records them."""
     dataset = getattr(loader, "dataset", None)
     items = len(dataset) if dataset is not None and hasattr(dataset, "__len__") else None
-    return {"steps_per_epoch": len(loader), "batch_size": getattr(loader, "batch_size", None), "train_items": items}
+    return {"steps_per_epoch": len(loader), "batch_size": getattr(loader, "batch_size", None), "train_items": items,
+            "processes": world_and_rank()[0]}
 
 
 def _best_instead(last: Path) -> str:

@@ -1641,6 +1641,20 @@ def test_resume_with_other_batches_of_the_same_number_is_refused(tmp_path, batch
         _fit(ToyNet(), _loaders(batch_size=batch_size, n=images)[0], None, epochs=2, out_dir=tmp_path, resume=True)
 
 
+def test_resume_by_another_number_of_processes_is_refused(tmp_path, monkeypatch):
+    """2 torchrun processes of batch 4 resumed by 3 (or by 1) trained on other batches (12 images a step, not 8),
+    under a warning about dropout from each process; the run's own number is recorded and compared."""
+    import mtlearn.engine
+
+    train = _loaders(batch_size=4)[0]
+    _fit(ToyNet(), train, None, epochs=1, out_dir=tmp_path)
+    assert load_checkpoint(tmp_path / "last.pt")["processes"] == 1
+    monkeypatch.setattr(mtlearn.engine, "world_and_rank", lambda: (3, 0))  # what a 3-process run would count
+    with pytest.raises(ValueError, match=r"cannot resume .*\(processes: 1 then, 3 now\)\. processes is the number "
+                                         r"of torchrun processes .*--nproc_per_node"):
+        _fit(ToyNet(), train, None, epochs=2, out_dir=tmp_path, resume=True)
+
+
 def test_a_checkpoint_without_steps_per_epoch_still_resumes(tmp_path):
     """Checkpoints written before steps_per_epoch was saved resume as before, unchecked."""
     from mtlearn.checkpoint import save_checkpoint

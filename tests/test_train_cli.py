@@ -339,6 +339,11 @@ def test_torchrun_two_processes_stay_in_sync(weighting, tmp_path, capsys):
     expected = evaluate(model, DataLoader(test, batch_size=4), device="cpu")
     for key, value in expected.items():
         assert record["metrics"]["test"][key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+    if weighting == "uncertainty":  # resumed by one process: other batches (of 4, not 2 x 4), so refused
+        with pytest.raises(SystemExit):
+            main([*SMOKE, "--epochs", "3", "--limit", "32", "--weighting", weighting, "--out-dir", str(out),
+                  "--resume"])
+        assert "processes: 2 then, 1 now" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------- mutation audit
