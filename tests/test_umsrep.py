@@ -529,8 +529,23 @@ def test_real_images_become_their_own_target_with_added_noise():
     pairs = DenoisingPairs(real, gaussian_std=0.02, speckle_looks=4.0, labels=True, fixed_noise=True, seed=3)
     item = pairs[0]
     assert torch.equal(item["clean"], real[0]["image"]) and item["label"] == 1 and "mask" in item
-    assert 0.05 < (item["image"] - item["clean"]).std() < 0.5  # speckle std 0.5 / sqrt(4) at grey 0.5: 0.25
+    # speckle of 4 looks on a 50 dB display: 10 / ln 10 * sqrt(trigamma(4)) / 50 = 0.0463; Gaussian 0.02 beside it
+    assert (item["image"] - item["clean"]).std().item() == pytest.approx(math.hypot(0.0463, 0.02), rel=0.1)
     assert torch.equal(pairs[0]["image"], item["image"])  # fixed noise: the same each time
+
+
+@pytest.mark.parametrize("grey", [0.2, 0.5, 0.8])
+def test_speckle_on_a_real_image_is_added_as_its_log_compressed_display_shows_it(grey):
+    """The displayed image is log-compressed, so speckle (multiplicative in intensity) is added to it, alike at
+    every grey level and zero-mean; multiplying the displayed value gave std 0.05 at 0.2 and 0.25 at 0.8 (a
+    quarter of the bright pixels clipped at 1), and the target's mean moved."""
+    from scipy.special import polygamma
+
+    real = [{"image": torch.full((1, 128, 128), grey)}]
+    noise = DenoisingPairs(real, gaussian_std=0.0, speckle_looks=4.0, fixed_noise=True)[0]["image"] - grey
+    expected = 10 / math.log(10) * math.sqrt(polygamma(1, 4.0)) / 50  # 0.0463
+    assert noise.std().item() == pytest.approx(expected, rel=0.05)
+    assert abs(noise.mean().item()) < 0.002
 
 
 @pytest.mark.parametrize("kwargs, match", [
