@@ -101,6 +101,16 @@ def test_data_root_given_as_the_dataset_folder_names_its_parent(tmp_path):
         start_here(tmp_path, dataset="busi", data_root=own)
 
 
+def test_data_root_inside_the_dataset_folder_names_the_folder_above_it(tmp_path):
+    """data_root .../busi/Dataset_BUSI_with_GT (where the images are) asked to download BUSI again, into
+    .../Dataset_BUSI_with_GT/busi."""
+    inner = tmp_path / "data" / "busi" / "Dataset_BUSI_with_GT"
+    (inner / "benign").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match=rf"data_root {re.escape(str(inner))} lies inside the 'busi' folder "
+                                                rf".*pass data_root={re.escape(repr(str(tmp_path / 'data')))}$"):
+        start_here(tmp_path, dataset="busi", data_root=inner)
+
+
 def test_data_root_that_holds_a_dataset_itself_says_so(tmp_path):
     """`python -m data_fetch bus_uclm --dest ~/data` fills ~/data itself; data_root ~/data then used to
     read as "not downloaded", with a command that downloads it again."""

@@ -670,6 +670,13 @@ def dataset_folder(name: str, data_root: str | Path | None = None, option: str =
     if root.name == folder.name and root.is_dir() and any(root.iterdir()) and not folder.is_dir():
         raise FileNotFoundError(f"{option} {root} looks like the {name!r} folder itself; {option} is the folder "
                                 f"that holds one folder per dataset: pass {given}")
+    # deeper inside it, e.g. ~/data/busi/Dataset_BUSI_with_GT: "not found in .../Dataset_BUSI_with_GT/busi", and a
+    # data_fetch command that downloaded the dataset again into a folder nested in its own
+    inside = next((parent for parent in root.parents if parent.name == folder.name), None)
+    if inside is not None and not folder.is_dir():
+        given = f'{option} "{inside.parent}"' if option.startswith("--") else f"{option}={str(inside.parent)!r}"
+        raise FileNotFoundError(f"{option} {root} lies inside the {name!r} folder {inside}; {option} is the folder "
+                                f"that holds one folder per dataset: pass {given}")
     marker = completion_marker(root, fetch_name)
     if marker.is_file() and not folder.is_dir():  # e.g. fetched with --dest ~/data instead of --dest ~/data/busi
         raise FileNotFoundError(
