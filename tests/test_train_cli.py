@@ -124,9 +124,12 @@ def test_limit_keeps_that_many_training_images_and_a_quarter_of_it_to_validate_a
 def test_train_writes_metrics_and_resumes(tmp_path, capsys):
     out = tmp_path / "run"
     first = main([*SMOKE, "--epochs", "1", "--limit", "8", "--out-dir", str(out)])
-    assert "it/s" not in capsys.readouterr().err  # --no-progress: no bars
+    said = capsys.readouterr()
+    assert "it/s" not in said.err  # --no-progress: no bars
+    assert "; test (2 images): " in said.out  # what the numbers rest on
     record = json.loads((out / "metrics.json").read_text())
     assert record["world_size"] == 1 and record["best_epoch"] == 1 and len(record["history"]) == 1
+    assert record["images"] == {"train": 8, "val": 2, "test": 2}
     assert {"seg/dice", "cls/acc", "cls/auc"} <= set(record["metrics"]["test"])
     assert record["metrics"]["val"]["seg/dice"] == pytest.approx(first["history"][0]["val/seg/dice"])
     assert (out / "last.pt").is_file() and (out / "best.pt").is_file()
