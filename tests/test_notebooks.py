@@ -122,6 +122,28 @@ def test_notebook_04_runs_its_ultrasound_section_on_bus_uclm_flags(tmp_path):
 
 
 @pytest.mark.slow
+def test_notebook_00_records_a_real_dataset_under_its_own_name(tmp_path):
+    """Its metrics.json said "dataset": "busi" beside the synthetic set's item and class counts."""
+    import warnings
+
+    from mtlearn.course import run_notebook
+    from mtlearn.data import load_dataset
+    from tests.fixtures_real import make_busi
+
+    make_busi(tmp_path / "data" / "busi")
+    result = run_notebook(NOTEBOOK_DIR / "00_setup_and_data.ipynb", tmp_path / "out",
+                          {"profile": "smoke", "dataset": "busi", "data_root": str(tmp_path / "data")})
+    assert result.ok, result.error
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())["metrics"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the fixture's quirks, said by the notebook
+        busi = load_dataset("busi", root=tmp_path / "data" / "busi", split="train", image_size=32)
+    assert metrics["busi"]["train_items"] == len(busi)
+    assert metrics["busi"]["class_counts"] == {"benign": 7, "malignant": 7, "normal": 7}
+    assert set(metrics["synthetic"]) >= {"train_items", "class_counts", "artifact_phi"}
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("model_preset", ["", ["tiny"]])
 def test_notebook_01_names_a_model_preset_that_is_no_preset(model_preset, tmp_path):
     """"" (or 0) silently meant the profile's default, a list failed with "unhashable type" (about 10 s)."""
