@@ -1530,9 +1530,10 @@ def ultrasound_experiment(kind: str, config: DisentangleConfig | None = None, *,
                              f"{len(probed)}) are too few for {PROBE_FOLDS}-fold probes of {key!r}: "
                              f"{problem.split(':')[0]}; {fix}")
     if len(train) < config.batch_size:  # with drop_last, no batch at all: "train_loader yields no batches"
+        more = ("use the whole dataset (python -m data_fetch bus_uclm)" if real else
+                "build the data with more, e.g. ultrasound_datasets(num_train=...)")
         raise ValueError(f"the training set holds {len(train)} images, fewer than one batch (config.batch_size "
-                         f"{config.batch_size}); build the data with more, e.g. ultrasound_datasets(num_train=...), "
-                         "or a config with a smaller batch_size")
+                         f"{config.batch_size}); {more}, or a config with a smaller batch_size")
     if config.balance:
         labels = np.array([item["label"] for item in train]), np.array([item["artifact"] for item in train])
         train_loader = DataLoader(train, batch_size=config.batch_size, sampler=balanced_sampler(*labels, seed=seed),

@@ -1828,6 +1828,9 @@ def test_ultrasound_experiment_on_real_flags(kind, uclm_root):
     groups = (metrics["class_acc_test_artifact"] if with_flag else 0.0) * with_flag
     groups += (metrics["class_acc_test_no_artifact"] if with_flag < 1 else 0.0) * (1 - with_flag)
     assert metrics["class_acc_test"] == pytest.approx(groups)
+    with pytest.raises(ValueError, match=r"fewer than one batch \(config.batch_size 1000\); use the whole dataset "
+                                         r"\(python -m data_fetch bus_uclm\)"):  # not the synthetic builder's advice
+        D.ultrasound_experiment(kind, replace(config, batch_size=1000), data=data, device="cpu", progress=False)
     assert 0.0 <= metrics["probe_artifact_a"] <= 1.0 and 0.0 <= metrics["probe_label_a"] <= 1.0
 
 
