@@ -41,10 +41,11 @@ from mtlearn.utils import is_distributed, is_main_process, pick_device, seed_eve
 from mtlearn.weighting import WEIGHTINGS
 
 PRESETS = ("tiny", "course", "paper")
+DFE_MODES = ("none", "three", "four")  # mtlearn.heads.DFE_MODES, without importing the models for --help
 # what the checkpoint cannot tell: the same weights shapes fit another image size, and other data or
 # another seed (which draws the synthetic data) would train the rest of the run on other images
 # --monitor: best.pt so far was chosen by it (recorded as the metric it names, "auto" resolved)
-RUN_OPTIONS = ("preset", "dataset", "image_size", "augment", "limit", "seed", "batch_size", "monitor")
+RUN_OPTIONS = ("preset", "dfe", "dataset", "image_size", "augment", "limit", "seed", "batch_size", "monitor")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -52,6 +53,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     model = parser.add_argument_group("model and data")
     model.add_argument("--preset", choices=PRESETS, default="tiny",
                        help="model size, see mtlearn.mtl.PRESETS (default: tiny)")
+    model.add_argument("--dfe", choices=DFE_MODES, default="none",
+                       help="dilated feature enhancement on the skip connections: three (Bui et al.'s network, "
+                            "with --preset paper), four (ASPP-like) or none (default: none, as build_model)")
     model.add_argument("--tasks", nargs="+", choices=TASKS, default=["seg", "cls"],
                        help="tasks to train (default: seg cls)")
     model.add_argument("--dataset", default="synthetic", choices=[d for d in DATASETS if d != "shapes"],
@@ -81,8 +85,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                             "is minimised) (default: auto: seg/dice, else cls/auc, else recon/psnr)")
     run = parser.add_argument_group("run")
     run.add_argument("--out-dir", default=None,
-                     help="default: outputs/train/<dataset>_<image-size>px_<preset>_<tasks>_<weighting>_s<seed> "
-                     "(no epochs: --resume --epochs N continues a run); a folder holding a run is refused "
+                     help="default: outputs/train/<dataset>_<image-size>px_<preset>[_dfe-<dfe>]_<tasks>_<weighting>_"
+                     "s<seed> (no epochs: --resume --epochs N continues a run); a folder holding a run is refused "
                      "unless --resume")
     run.add_argument("--device", default="auto",
                      help="auto, cpu, cuda or mps; under torchrun one GPU per process (default: auto)")
@@ -141,7 +145,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.out_dir is not None:  # "--out-dir=~/runs" reaches us unexpanded: fit's checkpoints and options.json
         args.out_dir = str(Path(args.out_dir).expanduser())  # would land in two folders
     if args.out_dir is None:
-        args.out_dir = (f"outputs/train/{args.dataset}_{args.image_size}px_{args.preset}_{'+'.join(args.tasks)}_"
+        dfe = "" if args.dfe == "none" else f"_dfe-{args.dfe}"  # a run with DFE is another model: its own folder
+        args.out_dir = (f"outputs/train/{args.dataset}_{args.image_size}px_{args.preset}{dfe}_{'+'.join(args.tasks)}_"
                         f"{args.weighting}_s{args.seed}")
     return args
 
@@ -271,7 +276,7 @@ def run(args: argparse.Namespace) -> dict:
         num_classes = len(class_names) if class_names is not None else 3
         in_channels = splits["train"][0]["image"].shape[0]
         model = build_model(args.preset, tasks=tuple(args.tasks), in_channels=in_channels,
-                            num_classes=num_classes, image_size=args.image_size)
+                            num_classes=num_classes, image_size=args.image_size, dfe=args.dfe)
         if options is not None:  # once the data and the model are there: a refused run leaves no folder behind
             write_json(options, Path(args.out_dir) / "options.json")
         loaders = {s: make_loader(d, args.batch_size, s == "train", args.seed, args.num_workers, device)

@@ -41,6 +41,8 @@ def test_defaults_name_the_output_folder():
     # not (--resume --epochs N continues the same run)
     other = parse_args(["--dataset", "busi", "--data-root", "data", "--image-size", "128", "--epochs", "9"])
     assert other.out_dir == "outputs/train/busi_128px_tiny_seg+cls_fixed_s0"
+    assert parse_args(["--preset", "paper", "--dfe", "three"]).out_dir == \
+        "outputs/train/synthetic_64px_paper_dfe-three_seg+cls_fixed_s0"  # another model: another folder
     assert parse_args(["--task-weights", "seg=1", "cls=0.5"]).task_weights == {"seg": 1.0, "cls": 0.5}
 
 
@@ -89,6 +91,24 @@ def test_bad_arguments_exit_with_a_message(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_:
         parse_args(argv)
     assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_dfe_builds_the_papers_skip_refinement_and_a_resume_keeps_it(tmp_path, capsys):
+    """Without --dfe the command line could not train Bui et al.'s network (DFE on every skip connection):
+    --preset paper was always the variant without it."""
+    from mtlearn.heads import DFE_MODES
+    from mtlearn.train import DFE_MODES as OFFERED
+
+    assert OFFERED == DFE_MODES  # the options --help offers are the models'
+    out = tmp_path / "run"
+    main([*SMOKE, "--dfe", "three", "--epochs", "1", "--limit", "8", "--out-dir", str(out)])
+    expected = build_model("tiny", tasks=("seg", "cls"), image_size=32, dfe="three")
+    plain = build_model("tiny", tasks=("seg", "cls"), image_size=32)
+    saved = set(load_checkpoint(out / "best.pt")["model"])
+    assert saved == set(expected.state_dict()) and saved != set(plain.state_dict())
+    with pytest.raises(SystemExit):
+        main([*SMOKE, "--epochs", "2", "--limit", "8", "--out-dir", str(out), "--resume"])  # --dfe forgotten
+    assert "--dfe: 'three' then, 'none' now" in capsys.readouterr().err
 
 
 def test_limit_draws_every_class_of_a_dataset_listed_by_class(tmp_path):
