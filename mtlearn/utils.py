@@ -517,7 +517,8 @@ def atomic_file(path: str | os.PathLike, binary: bool = False):
     path.parent.mkdir(parents=True, exist_ok=True)
     # the name's first 200 bytes: a name near the 255 a file system allows would not take the suffix
     stem = path.name.encode()[:200].decode(errors="ignore")
-    tmp = path.with_name(f".{stem}.{os.getpid()}-{secrets.token_hex(8)}.tmp")  # the writer's pid: see below
+    # the writer's machine and process: see _remove_stale_temporaries
+    tmp = path.with_name(f".{stem}.{_host_tag()}-{os.getpid()}-{secrets.token_hex(8)}.tmp")
     try:
         # "x": created here and only here, with the mode any new file gets
         with open(tmp, "xb" if binary else "x", **({} if binary else {"encoding": "utf-8"})) as f:
@@ -538,12 +539,13 @@ STALE_AFTER_S = 3600  # a temporary file nobody has written to for an hour belon
 def _remove_stale_temporaries(path: Path, stem: str) -> None:
     """Remove the temporary files that killed writes of `path` left beside it.
 
-    One is stale when the process named in it is gone (POSIX: on this machine) or when nobody has
-    written to it for STALE_AFTER_S (a folder shared between machines, where another's process
-    looks gone from here; Windows, where asking about a process by its id is no harmless question).
-    Files that only look alike, and any that cannot be removed, are left as they are.
+    One is stale when it was written on this machine by a process that is gone (POSIX), or when
+    nobody has written to it for STALE_AFTER_S: another machine's (a shared folder), whose process
+    this one cannot see, and any on Windows, where asking about a process by its id is no harmless
+    question. Files that only look alike, and any that cannot be removed, are left as they are.
     """
-    pattern = re.compile(rf"\.{re.escape(stem)}\.(\d+)-[0-9a-f]{{16}}\.tmp")
+    pattern = re.compile(rf"\.{re.escape(stem)}\.([0-9a-f]{{8}})-(\d+)-[0-9a-f]{{16}}\.tmp")
+    here = _host_tag()
     try:
         names = os.listdir(path.parent)
     except OSError:
@@ -555,10 +557,18 @@ def _remove_stale_temporaries(path: Path, stem: str) -> None:
         other = path.parent / name
         try:
             idle = time.time() - other.stat().st_mtime
-            if idle > STALE_AFTER_S or not _process_alive(int(found[1])):
+            if idle > STALE_AFTER_S or (found[1] == here and not _process_alive(int(found[2]))):
                 other.unlink()
         except OSError:  # gone meanwhile (its writer finished), or not ours to remove
             continue
+
+
+def _host_tag() -> str:
+    """8 hex digits naming this machine in a temporary file's name (a hash of its host name)."""
+    import hashlib
+    import socket
+
+    return hashlib.blake2b(socket.gethostname().encode(), digest_size=4).hexdigest()
 
 
 def _process_alive(pid: int) -> bool:

@@ -125,8 +125,8 @@ def test_count_flops_counts_torchs_own_attention_layers():
 
 
 def test_a_file_whose_name_is_near_the_limit_is_written_atomically(tmp_path):
-    """The temporary name adds dots, the pid, 16 hex digits and ".tmp": a 244-byte name failed ("File name too
-    long")."""
+    """The temporary name adds dots, a machine tag, the pid, 16 hex digits and ".tmp": a 244-byte name failed
+    ("File name too long")."""
     from mtlearn.utils import write_text
 
     path = tmp_path / ("é" * 100 + "x" * 40 + ".json")  # 244 bytes in UTF-8
@@ -179,20 +179,27 @@ def test_an_atomic_write_removes_what_killed_writes_of_the_same_file_left(tmp_pa
     import subprocess
     import time
 
-    path = tmp_path / "last.pt"
+    from mtlearn.utils import _host_tag
+
+    path, here = tmp_path / "last.pt", _host_tag()
     child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     gone = int(child.stdout)  # a process that has ended
-    killed = tmp_path / f".last.pt.{gone}-0123456789abcdef.tmp"
-    alive = tmp_path / f".last.pt.{os.getppid()}-0123456789abcdef.tmp"  # a live process, writing now
-    forgotten = tmp_path / f".last.pt.{os.getppid()}-fedcba9876543210.tmp"  # untouched for two hours
-    other_file = tmp_path / f".best.pt.{gone}-0123456789abcdef.tmp"  # another file's: its own writes clean it
-    look_alike = tmp_path / f".last.pt.{gone}-notours.tmp"
-    for leftover in (killed, alive, forgotten, other_file, look_alike):
+    killed = tmp_path / f".last.pt.{here}-{gone}-0123456789abcdef.tmp"
+    alive = tmp_path / f".last.pt.{here}-{os.getppid()}-0123456789abcdef.tmp"  # a live process, writing now
+    forgotten = tmp_path / f".last.pt.{here}-{os.getppid()}-fedcba9876543210.tmp"  # untouched for two hours
+    elsewhere = tmp_path / f".last.pt.0badc0de-{gone}-0123456789abcdef.tmp"  # another machine's: its pids unknown
+    other_file = tmp_path / f".best.pt.{here}-{gone}-0123456789abcdef.tmp"  # another file's: its own writes clean it
+    look_alike = tmp_path / f".last.pt.{here}-{gone}-notours.tmp"
+    for leftover in (killed, alive, forgotten, elsewhere, other_file, look_alike):
         leftover.write_bytes(b"half a checkpoint")
     hours_ago = time.time() - 2 * 3600
     os.utime(forgotten, (hours_ago, hours_ago))
     write_text("{}", path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in (path, alive, other_file, look_alike))
+    kept = (path, alive, elsewhere, other_file, look_alike)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in kept)
+    os.utime(elsewhere, (hours_ago, hours_ago))  # nobody has written to it for two hours: stale there too
+    write_text("{}", path)
+    assert not elsewhere.exists()
 
 
 def test_environment_report_names_device_and_versions():

@@ -121,7 +121,8 @@ def random_subset(dataset, size: int | None, seed: int):
         chosen = torch.randperm(len(dataset), generator=generator)[:size].tolist()
     else:
         # each class's items in a random order, the k-th of a class of n placed at (k + 1/2) / n: the
-        # first `size` places hold every class in proportion (largest remainders), in random order within
+        # first `size` places hold every class in proportion, rounded as Webster's (Sainte-Lague's)
+        # apportionment rounds seats, and in random order within it
         labels = np.asarray(labels)
         places = np.empty(len(labels))
         for label in np.unique(labels):
