@@ -352,6 +352,7 @@ def _check_run_options(args: argparse.Namespace) -> dict | None:
     """Refuse --resume with other data or model options than the run in --out-dir; for a new run, return the
     options to record in its options.json (on the main process; None when there is nothing to write)."""
     from mtlearn.checkpoint import check_out_dir, check_resume_options
+    from mtlearn.data.splits import DRAW_VERSION
 
     out_dir = Path(args.out_dir)
     check_out_dir(out_dir, args.resume)  # as fit will: before options.json could replace an earlier run's
@@ -362,8 +363,15 @@ def _check_run_options(args: argparse.Namespace) -> dict | None:
         saved = json.loads(path.read_text())
         check_resume_options(path, {flags[k]: v for k, v in saved.items() if k in flags},
                              {flags[k]: v for k, v in options.items()}, list(flags.values()))
+        drawn = saved.get("data_draw", 1)  # not recorded: drawn the first way
+        if drawn != DRAW_VERSION and (args.dataset != "synthetic" or args.limit is not None):
+            # the same options now draw other images (the synthetic splits are fixed index ranges: unchanged)
+            raise ValueError(f"cannot resume the run in {out_dir}: it was started when mtlearn drew a real "
+                             f"dataset's splits and --limit's images another way (data draw {drawn} then, "
+                             f"{DRAW_VERSION} now), so it would go on with other images, some of them its test "
+                             "images; start it again: another --out-dir, without --resume")
     elif not resuming and is_main_process():  # (a run saved before options.json existed: not known, not written)
-        return options
+        return {**options, "data_draw": DRAW_VERSION}
     return None
 
 

@@ -1145,6 +1145,11 @@ def test_random_subset_keeps_each_classs_share_when_the_dataset_names_the_classe
         assert subset.indices == sorted(subset.indices)
     assert random_subset(ordered, 10, seed=1).indices != random_subset(ordered, 10, seed=0).indices
 
+    class Flagged(list):  # DenoisingPairs.labels says whether it keeps the labels: no len() (a TypeError)
+        labels = True
+
+    assert len(random_subset(Flagged(range(100)), 10, seed=0)) == 10
+
 
 def test_split_by_group_stratifies_by_any_label_that_names_a_class():
     """Whole-number floats (a CSV column that once held a blank), bools and class names are classes too."""

@@ -106,8 +106,10 @@ def test_data_root_inside_the_dataset_folder_names_the_folder_above_it(tmp_path)
     .../Dataset_BUSI_with_GT/busi."""
     inner = tmp_path / "data" / "busi" / "Dataset_BUSI_with_GT"
     (inner / "benign").mkdir(parents=True)
-    with pytest.raises(FileNotFoundError, match=rf"data_root {re.escape(str(inner))} lies inside the 'busi' folder "
-                                                rf".*pass data_root={re.escape(repr(str(tmp_path / 'data')))}$"):
+    with pytest.raises(FileNotFoundError, match=rf"data_root {re.escape(str(inner))} lies inside a folder named "
+                                                rf"'busi' .*If that folder is the dataset, pass "
+                                                rf"data_root={re.escape(repr(str(tmp_path / 'data')))} .*if not, "
+                                                r"download it with python -m data_fetch busi --dest"):
         start_here(tmp_path, dataset="busi", data_root=inner)
 
 

@@ -627,7 +627,8 @@ def test_a_resume_into_an_empty_folder_records_its_options(tmp_path, capsys):
     assert "--seed: 0 then, 5 now" in capsys.readouterr().err
 
 
-CHANGED_RUN_OPTIONS = [("--preset", ["--preset", "course"]), ("--dataset", ["--dataset", "bus_bra"]),
+CHANGED_RUN_OPTIONS = [("--preset", ["--preset", "course"]), ("--dfe", ["--dfe", "three"]),
+                       ("--dataset", ["--dataset", "bus_bra"]),
                        ("--image-size", ["--image-size", "64"]), ("--augment", ["--augment"]),
                        ("--limit", ["--limit", "8"]), ("--seed", ["--seed", "5"]),
                        ("--batch-size", ["--batch-size", "8"]),
@@ -656,6 +657,29 @@ def test_resume_refuses_a_change_of_any_run_option(tmp_path, flag, changed):
     assert train._check_run_options(parse_args([*base, "--resume"])) is None  # the same options resume
     # ... however the monitor is spelt (options.json holds the metric auto picks)
     assert train._check_run_options(parse_args([*base, "--resume", "--monitor", "val/seg/dice"])) is None
+
+
+@pytest.mark.parametrize("dataset, limit, refused", [("busi", None, True), ("synthetic", "8", True),
+                                                     ("synthetic", None, False)])
+def test_resume_refuses_a_run_whose_images_are_now_drawn_another_way(tmp_path, dataset, limit, refused):
+    """A run started before the real datasets' splits and --limit's images were drawn anew would go on with other
+    images, some of them its test images; the synthetic splits (fixed index ranges) did not change."""
+    from mtlearn import train
+
+    out = tmp_path / "run"
+    base = [*SMOKE, "--dataset", dataset, "--data-root", str(tmp_path), "--out-dir", str(out)]
+    base += ["--limit", limit] if limit else []
+    options = train._check_run_options(parse_args(base))
+    assert options["data_draw"] == 2
+    del options["data_draw"]  # as an options.json of such a run reads
+    write_json(options, out / "options.json")
+    (out / "last.pt").write_bytes(b"")
+    if refused:
+        with pytest.raises(ValueError, match=r"cannot resume the run in .*drew a real dataset's splits and --limit's "
+                                             r"images another way \(data draw 1 then, 2 now\)"):
+            train._check_run_options(parse_args([*base, "--resume"]))
+    else:
+        assert train._check_run_options(parse_args([*base, "--resume"])) is None
 
 
 def test_the_loaders_follow_seed_and_num_workers(tmp_path, monkeypatch):

@@ -671,12 +671,15 @@ def dataset_folder(name: str, data_root: str | Path | None = None, option: str =
         raise FileNotFoundError(f"{option} {root} looks like the {name!r} folder itself; {option} is the folder "
                                 f"that holds one folder per dataset: pass {given}")
     # deeper inside it, e.g. ~/data/busi/Dataset_BUSI_with_GT: "not found in .../Dataset_BUSI_with_GT/busi", and a
-    # data_fetch command that downloaded the dataset again into a folder nested in its own
+    # data_fetch command that downloaded the dataset again into a folder nested in its own. A folder of that
+    # name may also be something else (a project called busi): both ways on are named
     inside = next((parent for parent in root.parents if parent.name == folder.name), None)
     if inside is not None and not folder.is_dir():
         given = f'{option} "{inside.parent}"' if option.startswith("--") else f"{option}={str(inside.parent)!r}"
-        raise FileNotFoundError(f"{option} {root} lies inside the {name!r} folder {inside}; {option} is the folder "
-                                f"that holds one folder per dataset: pass {given}")
+        raise FileNotFoundError(f"dataset {name!r} was not found in {folder}, and {option} {root} lies inside a "
+                                f"folder named {folder.name!r} ({inside}). If that folder is the dataset, pass "
+                                f"{given} ({option} is the folder that holds one folder per dataset); if not, "
+                                f"download it with python -m data_fetch {fetch_name} --dest \"{folder}\"")
     marker = completion_marker(root, fetch_name)
     if marker.is_file() and not folder.is_dir():  # e.g. fetched with --dest ~/data instead of --dest ~/data/busi
         raise FileNotFoundError(

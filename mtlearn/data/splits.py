@@ -28,6 +28,10 @@ HASH_SIZE = 8  # difference hash on an 8 x 9 thumbnail: 64 bits
 # Hashes at most this many bits apart count as near-duplicates. 5 of 64 is the usual "same picture"
 # convention for difference hashes; it was not tuned on BUSI (lower it if groups grow too large).
 DUPLICATE_MAX_DISTANCE = 5
+# How split_by_group and random_subset draw, for runs that must resume on the images they started with
+# (python -m mtlearn.train records it). 2 (2026-12-07): groups in a hashed order, dealt by their rarest
+# label; random_subset stratified. 1: a shuffle, the most common label; the first N images for --limit.
+DRAW_VERSION = 2
 
 
 def split_by_group(
@@ -43,7 +47,9 @@ def split_by_group(
     of them, so a group added (a new image, a new patient) leaves the order of the others as it was
     and moves only the odd group beside an edge between two splits into the next; a shuffle
     reshuffled them all, and a model trained before the update was then tested on images it had
-    trained on.
+    trained on. Two changes still move a group anywhere: a new image that renames its group (a BUSI
+    near-duplicate cluster is named by its first image), and new images that change which of two
+    classes is the rarer (the class of every group holding both, see _stratum).
 
     `fractions`: (name, share) pairs in the order the splits are dealt. Shares are relative, divided by
     their sum: (("train", 7), ("val", 1), ("test", 2)) splits as the 0.7 / 0.1 / 0.2 default does, and
@@ -108,22 +114,23 @@ def random_subset(dataset, size: int | None, seed: int):
 
     At random, not the first `size`: the real datasets list their items sorted by name, and so by class
     (BUSI: benign, then malignant, then normal), so the first few hundred would all be benign. Stratified
-    when the dataset says its items' classes (a `labels` array, as the course's datasets have): each
-    class keeps its share, rounded, so two images of three classes are of two classes, never one.
+    when the dataset says its items' classes (a `labels` array, one per item, as the course's datasets
+    have): each class keeps its share, rounded (so 2 of 50 benign, 30 malignant and 20 normal images are
+    a benign and a malignant one); other datasets (a Subset, a view such as DenoisingPairs, whose
+    `labels` is a flag) are drawn from plainly.
     """
     import torch
 
     if size is None or size >= len(dataset):
         return dataset
     generator = torch.Generator().manual_seed(seed)
-    labels = getattr(dataset, "labels", None)
-    if labels is None or len(labels) != len(dataset):
+    labels = np.asarray(getattr(dataset, "labels", None))
+    if labels.ndim != 1 or len(labels) != len(dataset):  # none, a flag (DenoisingPairs.labels), or not one each
         chosen = torch.randperm(len(dataset), generator=generator)[:size].tolist()
     else:
         # each class's items in a random order, the k-th of a class of n placed at (k + 1/2) / n: the
         # first `size` places hold every class in proportion, rounded as Webster's (Sainte-Lague's)
         # apportionment rounds seats, and in random order within it
-        labels = np.asarray(labels)
         places = np.empty(len(labels))
         for label in np.unique(labels):
             members = np.flatnonzero(labels == label)
