@@ -114,8 +114,9 @@ class DenoisingPairs(Dataset):
       (Gamma-distributed, `speckle_looks` looks, mean 1, variance 1 / looks), and a B-mode image
       shows intensity log-compressed, so on the image it is added: 10 log10 of that factor, made
       zero-mean, in units of the display's 50 dB range (as `SyntheticUltrasound` draws it, and
-      notebook 00 shows). The model then learns to remove the noise we add, not the speckle already
-      in the image: the usual self-supervised substitute.
+      notebook 00 shows); black pixels, below the display's floor, get none. The model then learns
+      to remove the noise we add, not the speckle already in the image: the usual self-supervised
+      substitute.
 
     With `labels=False` (pre-training) the items hold only "image", "clean" and "id": labels and
     masks cannot leak into the representation because they are not there. With `labels=True`
@@ -159,7 +160,9 @@ class DenoisingPairs(Dataset):
             clean, noisy = item["clean"], item["image"]
         else:  # real: the acquired image is the target; add speckle as the log-compressed display shows it
             clean = item["image"]
-            noisy = clean + torch.from_numpy(_displayed_speckle(rng, self.speckle_looks, tuple(clean.shape)))
+            speckle = torch.from_numpy(_displayed_speckle(rng, self.speckle_looks, tuple(clean.shape)))
+            # black is below the display's floor (outside the scan sector, say): no echo there to speckle
+            noisy = torch.where(clean > 0, clean + speckle, clean)
         noise = torch.from_numpy(rng.standard_normal(tuple(clean.shape), dtype=np.float32)) * self.gaussian_std
         pair = {"image": (noisy + noise).clamp(0.0, 1.0), "clean": clean, "id": item.get("id", str(index))}
         if self.labels:

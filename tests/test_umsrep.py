@@ -546,6 +546,10 @@ def test_speckle_on_a_real_image_is_added_as_its_log_compressed_display_shows_it
     expected = 10 / math.log(10) * math.sqrt(polygamma(1, 4.0)) / 50  # 0.0463
     assert noise.std().item() == pytest.approx(expected, rel=0.05)
     assert abs(noise.mean().item()) < 0.002
+    sector = torch.full((1, 64, 64), grey)
+    sector[:, :, :16] = 0.0  # black outside the scan sector: below the display's floor, no echo to speckle
+    noisy = DenoisingPairs([{"image": sector}], gaussian_std=0.0, fixed_noise=True)[0]["image"]
+    assert (noisy[:, :, :16] == 0).all() and (noisy[:, :, 16:] != grey).all()
 
 
 @pytest.mark.parametrize("kwargs, match", [
