@@ -1031,6 +1031,9 @@ def test_presets_and_config_helpers():
     paper = D.PRESETS["paper"]
     paper_values = (paper.lr, paper.w_adv, paper.adv_loss, paper.adv_steps, paper.image_size)
     assert paper_values == (1e-5, 0.01, "negative_ce", 3, (224, 288))
+    # the paper preset's own choices (not published) are named, by fields it has
+    assert set(D.PAPER_NOTES) == {"adv_hidden", "adv_lr", "adv_target"}
+    assert all(hasattr(paper, name) for name in D.PAPER_NOTES)
     config = D.disentangle_config("smoke", epochs=3)
     assert config.epochs == 3 and D.PRESETS["smoke"].epochs == 1
     # every field train_disentangle takes is passed on (a field left out would train with the default silently)
