@@ -185,6 +185,22 @@ def test_notebook_06_ends_with_an_error_naming_the_failed_grid_runs(tmp_path):
 
 
 @pytest.mark.slow
+def test_notebook_06_passes_data_root_on_and_keeps_datasets_apart(tmp_path):
+    """A grid over datasets: data_root was dropped ("unused here"), so a real dataset was looked for in the
+    default folder; given in grid_values, the runs of both datasets were averaged as seeds of one weighting."""
+    from mtlearn.course import run_notebook
+    from tests.fixtures_real import make_busi
+
+    make_busi(tmp_path / "data" / "busi")
+    grid_values = {"weightings": [["fixed"]], "num_seeds": [1], "dataset": ["synthetic", "busi"]}
+    result = run_notebook(NOTEBOOK_DIR / "06_experiments.ipynb", tmp_path / "out",
+                          {"profile": "smoke", "grid_values": grid_values, "data_root": str(tmp_path / "data")})
+    assert result.ok, result.error
+    record = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert set(record["metrics"]["delta_m_by_weighting_smoke_grid"]) == {"busi · fixed", "synthetic · fixed"}
+
+
+@pytest.mark.slow
 def test_notebook_06_stops_at_the_grid_when_no_run_finished(tmp_path):
     """With nothing to tabulate the next cells failed with a pandas KeyError: 'run', far from the cause."""
     from mtlearn.course import run_notebook
