@@ -1268,11 +1268,17 @@ def test_the_representation_learns_from_the_unlabeled_images_only(monkeypatch):
 
 @pytest.mark.parametrize("looks", [4.0, 16.0])
 def test_speckle_has_mean_one_and_variance_one_over_looks(looks):
-    grey = {"image": torch.full((1, 64, 64), 0.1), "label": 0}  # dark: no clamping at 1
+    """The intensity factor behind the displayed speckle: Gamma(looks, 1 / looks), read back from the decibels."""
+    from scipy.special import digamma
+
+    from mtlearn.data.synthetic import DYNAMIC_RANGE_DB
+
+    grey = {"image": torch.full((1, 64, 64), 0.5), "label": 0}  # mid-grey: no clamping at 0 or 1
     item = DenoisingPairs([grey], gaussian_std=0.0, speckle_looks=looks, fixed_noise=True)[0]
-    ratio = item["image"] / item["clean"]
-    assert ratio.mean() == pytest.approx(1.0, abs=0.03)
-    assert ratio.var() == pytest.approx(1 / looks, rel=0.15)
+    mean_db = 10 / math.log(10) * (digamma(looks) - math.log(looks))  # taken away to make it zero-mean
+    factor = 10 ** (((item["image"] - item["clean"]).double() * DYNAMIC_RANGE_DB + mean_db) / 10)
+    assert factor.mean().item() == pytest.approx(1.0, abs=0.03)
+    assert factor.var().item() == pytest.approx(1 / looks, rel=0.15)
 
 
 def test_training_noise_is_new_at_every_read_but_follows_torchs_seed():
