@@ -482,6 +482,18 @@ def test_an_unreadable_run_in_the_out_dir_is_still_refused_and_named(tmp_path):
         check_out_dir(tmp_path, resume=False)
 
 
+def test_only_rank_0_warns_that_the_random_states_are_another_runs(monkeypatch):
+    """Each process of a resumed torchrun run printed the warning; rank 0 says it once."""
+    import mtlearn.checkpoint as checkpoint
+
+    state = rng_state()
+    state["ranks"] = [dict(state), dict(state)]  # saved by 2 processes
+    monkeypatch.setattr(checkpoint, "world_and_rank", lambda: (3, 1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        set_rng_state(state)
+
+
 @pytest.mark.parametrize("saved_by, world, rank, applied", [(1, 1, 0, 0), (2, 2, 1, 1), (2, 1, 0, None)])
 def test_each_process_restores_its_own_cuda_state_or_warns(saved_by, world, rank, applied, monkeypatch):
     """GPU-only code, run on the CPU with a fake GPU: rank k takes the k-th saved CUDA state; a checkpoint of

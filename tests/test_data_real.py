@@ -395,6 +395,7 @@ def test_busi_splits_deterministic_disjoint_and_duplicate_aware(busi, seed):
     assert [("benign (3)" in p) for p in parts] == [("benign (4)" in p) for p in parts]
     groups = {r.id: r.group for r in load_dataset("busi", root=root, split="all").records}
     assert groups["benign (3)"] == groups["benign (4)"] and len(set(groups.values())) == len(groups) - 1
+    assert groups["benign (4)"] == "cluster-benign (3)"  # named by its first image: later copies do not rename it
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -1149,6 +1150,29 @@ def test_random_subset_keeps_each_classs_share_when_the_dataset_names_the_classe
         labels = True
 
     assert len(random_subset(Flagged(range(100)), 10, seed=0)) == 10
+
+    class Short(list):  # labels that are not one per item: not used to stratify
+        labels = np.arange(3)
+
+    assert len(random_subset(Short(range(100)), 10, seed=0)) == 10
+
+    class Unequal(list):  # shares that do not divide evenly (1.5, 0.9, 0.6 of 3): Webster rounds them to 1, 1, 1
+        labels = np.array([0] * 50 + [1] * 30 + [2] * 20)
+
+    assert np.bincount(Unequal.labels[random_subset(Unequal(range(100)), 3, seed=0).indices]).tolist() == [1, 1, 1]
+
+
+def test_split_by_group_draws_as_draw_version_2():
+    """Pinned: a change of the draw (the hash, its size, the dealing) changes every split of every real dataset,
+    and must come with a new DRAW_VERSION, which python -m mtlearn.train's --resume checks."""
+    from mtlearn.data.splits import DRAW_VERSION
+
+    assert DRAW_VERSION == 2
+    groups = [f"g{k}" for k in range(10)]
+    assert split_by_group(groups, [0] * 10, 0).tolist() == \
+        ["train", "val", "train", "test", "train", "train", "test", "train", "train", "train"]
+    assert split_by_group(groups, [0] * 5 + [1] * 5, 3).tolist() == \
+        ["train", "val", "test", "train", "train", "train", "train", "test", "val", "train"]
 
 
 def test_split_by_group_stratifies_by_any_label_that_names_a_class():

@@ -1118,6 +1118,30 @@ def test_resume_without_more_epochs_warns(tmp_path):
     assert again.records == first.records
 
 
+def test_resume_warnings_come_from_rank_0_only(tmp_path, monkeypatch):
+    """Under torchrun every process resumes: the warnings were printed once per process."""
+    import mtlearn.engine
+
+    train, val = _loaders()
+    _fit(ToyNet(), train, val, epochs=2, out_dir=tmp_path)
+    (tmp_path / "best.pt").unlink()
+    monkeypatch.setattr(mtlearn.engine, "is_main_process", lambda: False)  # as rank 1 sees it
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # neither "already has 2 epochs" nor "best.pt is missing"
+        _fit(ToyNet(), train, val, epochs=2, out_dir=tmp_path, resume=True)
+
+
+def test_no_batches_under_torchrun_says_the_processes_share_the_training_set(monkeypatch):
+    import mtlearn.engine
+
+    monkeypatch.setattr(mtlearn.engine, "is_distributed", lambda: True)
+    monkeypatch.setattr(mtlearn.engine, "world_and_rank", lambda: (5, 0))
+    empty = DataLoader(ToyData(n=4), batch_size=2, sampler=[], drop_last=True)  # this process's share: none
+    with pytest.raises(ValueError, match=r"train_loader yields no batches; .* \(5 torchrun processes share the "
+                                         r"training set"):
+        _fit(ToyNet(), empty, None, epochs=1)
+
+
 def test_persistent_workers_with_checkpoints_warn_that_resume_will_differ(tmp_path):
     """Persistent workers carry their Python and NumPy generators from epoch to epoch, and no checkpoint
     holds them: a resumed run differed from an uninterrupted one without a word."""

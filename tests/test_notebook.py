@@ -113,6 +113,15 @@ def test_data_root_inside_the_dataset_folder_names_the_folder_above_it(tmp_path)
         start_here(tmp_path, dataset="busi", data_root=inner)
 
 
+def test_a_data_root_under_a_folder_named_like_the_dataset_still_finds_it(tmp_path):
+    """A project folder called busi holding data/busi/...: the dataset is where data_root says; no advice."""
+    from mtlearn.data.real import dataset_folder
+
+    data = tmp_path / "busi" / "data"
+    (data / "busi" / "benign").mkdir(parents=True)
+    assert dataset_folder("busi", data) == data / "busi"
+
+
 def test_data_root_that_holds_a_dataset_itself_says_so(tmp_path):
     """`python -m data_fetch bus_uclm --dest ~/data` fills ~/data itself; data_root ~/data then used to
     read as "not downloaded", with a command that downloads it again."""

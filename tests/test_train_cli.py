@@ -177,6 +177,9 @@ def test_data_root_holds_one_folder_per_dataset_as_in_the_notebooks(tmp_path, ca
         main([*SMOKE, "--dataset", "busi", "--data-root", str(data / "busi"), "--out-dir", str(tmp_path / "a")])
     assert (f"--data-root {data / 'busi'} looks like the 'busi' folder itself; --data-root is the folder that holds "
             f'one folder per dataset: pass --data-root "{data}"') in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # deeper inside it: the folder above the dataset's, in the option's own words
+        main([*SMOKE, "--dataset", "busi", "--data-root", str(data / "busi" / "benign"), "--out-dir", str(tmp_path)])
+    assert f'If that folder is the dataset, pass --data-root "{data}"' in capsys.readouterr().err
 
 
 def test_errors_found_while_running_are_messages_not_tracebacks(tmp_path, capsys):

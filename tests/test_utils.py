@@ -172,6 +172,10 @@ def test_warnings_above_clears_the_bar_before_a_warning_and_draws_it_again_after
     before, after = text.split("UserWarning: the loss is high")
     assert "epoch 1/2" in before and "epoch" not in re.split("[\r\n]", before)[-1]  # cleared first
     assert "epoch 1/2" in after  # drawn again
+    with warnings.catch_warnings():  # a handler installed while the bar is open is not taken away at its end
+        with warnings_above(tqdm(total=1, file=io.StringIO())):
+            warnings.showwarning = print
+        assert warnings.showwarning is print
 
 
 def test_an_atomic_write_removes_what_killed_writes_of_the_same_file_left(tmp_path):
@@ -190,16 +194,30 @@ def test_an_atomic_write_removes_what_killed_writes_of_the_same_file_left(tmp_pa
     elsewhere = tmp_path / f".last.pt.0badc0de-{gone}-0123456789abcdef.tmp"  # another machine's: its pids unknown
     other_file = tmp_path / f".best.pt.{here}-{gone}-0123456789abcdef.tmp"  # another file's: its own writes clean it
     look_alike = tmp_path / f".last.pt.{here}-{gone}-notours.tmp"
-    for leftover in (killed, alive, forgotten, elsewhere, other_file, look_alike):
+    backup = tmp_path / f".last.pt.{here}-{gone}-0123456789abcdef.tmp~"  # an editor's copy of one: not ours
+    for leftover in (killed, alive, forgotten, elsewhere, other_file, look_alike, backup):
         leftover.write_bytes(b"half a checkpoint")
     hours_ago = time.time() - 2 * 3600
     os.utime(forgotten, (hours_ago, hours_ago))
     write_text("{}", path)
-    kept = (path, alive, elsewhere, other_file, look_alike)
+    kept = (path, alive, elsewhere, other_file, look_alike, backup)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in kept)
     os.utime(elsewhere, (hours_ago, hours_ago))  # nobody has written to it for two hours: stale there too
     write_text("{}", path)
     assert not elsewhere.exists()
+
+
+def test_another_users_process_counts_as_alive(monkeypatch):
+    """os.kill(pid, 0) on another user's process raises PermissionError: it runs, and its temporary file stays."""
+    from mtlearn.utils import _process_alive
+
+    def refuse(pid, signal):
+        raise PermissionError("not yours")
+
+    monkeypatch.setattr(os, "kill", refuse)
+    assert _process_alive(12345)
+    monkeypatch.undo()
+    assert not _process_alive(2**40)  # past any process id (OverflowError)
 
 
 def test_environment_report_names_device_and_versions():
