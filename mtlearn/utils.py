@@ -579,8 +579,10 @@ def _process_alive(pid: int) -> bool:
         os.kill(pid, 0)  # signal 0: only asks
     except ProcessLookupError:
         return False
-    except (PermissionError, OverflowError):  # another user's process; an id past any process's
-        return pid < 2**31  # overflow: no such process
+    except PermissionError:  # another user's process: it runs
+        return True
+    except OverflowError:  # an id past any process's
+        return False
     return True
 
 

@@ -666,7 +666,11 @@ def dataset_folder(name: str, data_root: str | Path | None = None, option: str =
     check_folder(root, option, "one folder per dataset, from python -m data_fetch")
     fetch_name = _fetch_name(name, None)
     folder = root / get_source(fetch_name).folder
-    given = f'{option} "{root.parent}"' if option.startswith("--") else f"{option}={str(root.parent)!r}"
+
+    def passing(value: Path) -> str:  # how the caller writes the option: --data-root "PATH" or data_root='PATH'
+        return f'{option} "{value}"' if option.startswith("--") else f"{option}={str(value)!r}"
+
+    given = passing(root.parent)
     if root.name == folder.name and root.is_dir() and any(root.iterdir()) and not folder.is_dir():
         raise FileNotFoundError(f"{option} {root} looks like the {name!r} folder itself; {option} is the folder "
                                 f"that holds one folder per dataset: pass {given}")
@@ -675,11 +679,11 @@ def dataset_folder(name: str, data_root: str | Path | None = None, option: str =
     # name may also be something else (a project called busi): both ways on are named
     inside = next((parent for parent in root.parents if parent.name == folder.name), None)
     if inside is not None and not folder.is_dir():
-        given = f'{option} "{inside.parent}"' if option.startswith("--") else f"{option}={str(inside.parent)!r}"
         raise FileNotFoundError(f"dataset {name!r} was not found in {folder}, and {option} {root} lies inside a "
                                 f"folder named {folder.name!r} ({inside}). If that folder is the dataset, pass "
-                                f"{given} ({option} is the folder that holds one folder per dataset); if not, "
-                                f"download it with python -m data_fetch {fetch_name} --dest \"{folder}\"")
+                                f"{passing(inside.parent)} ({option} is the folder that holds one folder per "
+                                f"dataset); if not, download it with python -m data_fetch {fetch_name} --dest "
+                                f"\"{folder}\"")
     marker = completion_marker(root, fetch_name)
     if marker.is_file() and not folder.is_dir():  # e.g. fetched with --dest ~/data instead of --dest ~/data/busi
         raise FileNotFoundError(
