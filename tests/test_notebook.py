@@ -122,6 +122,20 @@ def test_a_data_root_under_a_folder_named_like_the_dataset_still_finds_it(tmp_pa
     assert dataset_folder("busi", data) == data / "busi"
 
 
+def test_an_archive_downloaded_into_data_root_is_named_with_the_way_to_unpack_it(tmp_path):
+    """The zip beside where its folder should be was met with "Download it first"."""
+    from data_fetch import get_source
+
+    archive = tmp_path / "data" / get_source("busi").filename
+    archive.parent.mkdir()
+    archive.write_bytes(b"PK\x03\x04")
+    folder = tmp_path / "data" / "busi"
+    with pytest.raises(FileNotFoundError, match=rf"holds {re.escape(archive.name)}, the 'busi' archive, but no busi/ "
+                                                rf"folder: move the archive into {re.escape(str(folder))} .*python -m "
+                                                r"data_fetch busi --dest .*without downloading"):
+        start_here(tmp_path, dataset="busi", data_root=tmp_path / "data")
+
+
 def test_data_root_that_holds_a_dataset_itself_says_so(tmp_path):
     """`python -m data_fetch bus_uclm --dest ~/data` fills ~/data itself; data_root ~/data then used to
     read as "not downloaded", with a command that downloads it again."""

@@ -684,6 +684,12 @@ def dataset_folder(name: str, data_root: str | Path | None = None, option: str =
                                 f"{passing(inside.parent)} ({option} is the folder that holds one folder per "
                                 f"dataset); if not, download it with python -m data_fetch {fetch_name} --dest "
                                 f"\"{folder}\"")
+    archive = root / get_source(fetch_name).filename
+    if archive.is_file() and not folder.is_dir():  # downloaded by hand into data_root: "download it first" misled
+        raise FileNotFoundError(
+            f"{option} {root} holds {archive.name}, the {name!r} archive, but no {folder.name}/ folder: move the "
+            f"archive into {folder} (make the folder) and run python -m data_fetch {fetch_name} --dest \"{folder}\", "
+            "which checks it and unpacks it without downloading")
     marker = completion_marker(root, fetch_name)
     if marker.is_file() and not folder.is_dir():  # e.g. fetched with --dest ~/data instead of --dest ~/data/busi
         raise FileNotFoundError(
