@@ -36,12 +36,12 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 from mtlearn.data import DATASETS
 from mtlearn.engine import (NonFiniteLossError, NonFiniteWeightsError, TrainConfig, evaluate, fit, resolve_monitor,
                             validation_losses_finite, validation_metrics)
+from mtlearn.heads import DFE_MODES  # a few milliseconds: mtl's model classes stay unimported
 from mtlearn.losses import TASKS
 from mtlearn.utils import is_distributed, is_main_process, pick_device, seed_everything, write_json
 from mtlearn.weighting import WEIGHTINGS
 
 PRESETS = ("tiny", "course", "paper")
-DFE_MODES = ("none", "three", "four")  # mtlearn.heads.DFE_MODES, without importing the models for --help
 # what the checkpoint cannot tell: the same weights shapes fit another image size, and other data or
 # another seed (which draws the synthetic data) would train the rest of the run on other images
 # --monitor: best.pt so far was chosen by it (recorded as the metric it names, "auto" resolved)
