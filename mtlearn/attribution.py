@@ -979,6 +979,9 @@ def _seed_forked(device: torch.device, seed: int) -> None:
 SHARES = ("method", "column", "panel")
 OPACITY = 0.85  # of the strongest colour; a value at fraction t of the limit gets OPACITY * t ** 1.5
 _NEGATIVE, _POSITIVE = (0.10, 0.35, 0.95), (0.90, 0.10, 0.05)  # blue against, red for
+# what a colourbar's partly transparent colours are drawn over: mid-grey tissue, as in the panels (on
+# white the faint end read pink, where the panels show it as a dark purple haze)
+BAR_BACKGROUND = "0.5"
 
 
 def colour_limit(maps: Sequence, percentile: float = 99.0) -> float:
@@ -1021,7 +1024,8 @@ def _show_map(ax, image, attribution, method: str, mask=None, limit: float | Non
     """Draw one map over its grey `image` (None: on white); returns the map's AxesImage for a colourbar.
 
     limit: colour limit (None: this map's own `colour_limit`); signed: None decides from `method` and
-    the values. An all-zero map is labelled "map = 0" (it would otherwise look like a plain image).
+    the values. An all-zero map is labelled "map = 0" in a corner (it would otherwise look like a plain
+    image; in the middle the label covered the lesion being judged).
     """
     values = _image(attribution)
     signed = _is_signed(method, [values]) if signed is None else signed
@@ -1031,7 +1035,7 @@ def _show_map(ax, image, attribution, method: str, mask=None, limit: float | Non
     lower = -limit if signed else 0.0
     shown = ax.imshow(values, cmap=_overlay_cmap(signed), vmin=lower, vmax=limit, interpolation="nearest")
     if not np.any(values):
-        ax.text(0.5, 0.5, "map = 0", transform=ax.transAxes, ha="center", va="center", fontsize=8,
+        ax.text(0.03, 0.03, "map = 0", transform=ax.transAxes, ha="left", va="bottom", fontsize=8,
                 bbox=dict(boxstyle="round", facecolor="white", alpha=0.8, linewidth=0))
     if mask is not None and float(mask.max()) > 0:  # an empty mask has no outline to draw
         ax.contour(_image(mask), levels=[0.5], colors="lime", linewidths=0.8)
@@ -1052,11 +1056,13 @@ def _tick_label(value: float, _position=None) -> str:
 
 
 def _colourbar(fig, shown, axes, values=None, location: str = "bottom"):
-    """A colourbar for `shown` (from `_show_map`) under `axes`, with an arrow where `values` were clipped."""
+    """A colourbar for `shown` (from `_show_map`) under `axes`, with an arrow where `values` were clipped,
+    its colours over the grey of BAR_BACKGROUND as the panels' are over the image."""
     lower, limit = shown.get_clim()
     clipped = values is not None and any(float(np.abs(_image(v)).max()) > limit for v in values)
     extend = ("both" if lower < 0 else "max") if clipped else "neither"
     bar = fig.colorbar(shown, ax=axes, location=location, extend=extend, shrink=0.85, aspect=16, pad=0.01)
+    bar.ax.set_facecolor(BAR_BACKGROUND)
     bar.set_ticks([lower, 0.0, limit] if lower < 0 else [0.0, limit])
     bar.ax.tick_params(labelsize=8)
     for axis in (bar.ax.xaxis, bar.ax.yaxis):

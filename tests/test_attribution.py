@@ -582,6 +582,7 @@ def test_an_all_zero_map_is_labelled_and_low_values_are_transparent(images):
     panels = _panels(fig)  # row 0: image, gradcam, ig; row 1: the same
     labels = [[t.get_text() for t in ax.texts] for ax in panels]
     assert labels == [[], [], [], [], ["map = 0"], []]
+    assert max(panels[4].texts[0].get_position()) < 0.1  # in a corner: in the middle it covered the lesion
     for ax in (panels[1], panels[2]):
         overlay = ax.get_images()[-1]
         low, high = overlay.get_clim()
@@ -589,6 +590,26 @@ def test_an_all_zero_map_is_labelled_and_low_values_are_transparent(images):
         assert overlay.cmap(overlay.norm(high))[3] > 0.5  # strong attribution: clearly coloured
         if low < 0:  # signed (IG): strong negative too, transparent at 0 in the middle
             assert overlay.cmap(overlay.norm(low))[3] > 0.5
+    plt.close(fig)
+
+
+def test_colourbars_show_the_colours_the_panels_show_over_grey_tissue(images):
+    """The overlay's colours are partly transparent: on a white bar the faint end read pink, where the
+    panels (over the grey image) show a dark haze."""
+    maps = {"saliency": torch.rand(2, 1, SIZE, SIZE), "ig": torch.randn(2, 1, SIZE, SIZE)}
+    fig = A.plot_attributions(images, maps)
+    fig.canvas.draw()
+    pixels = np.asarray(fig.canvas.buffer_rgba())[..., :3] / 255.0  # (H, W, 3), top row first
+    grey = matplotlib.colors.to_rgb(A.BAR_BACKGROUND)
+    for bar in _colourbars(fig):
+        image = next(c for c in bar.collections if isinstance(c, matplotlib.collections.QuadMesh))  # its colours
+        (x0, y0), (x1, y1) = bar.get_window_extent().get_points()
+        low, high = image.get_clim()
+        for fraction in (0.3, 0.6):  # along the bar, which runs from low (left) to high
+            colour = image.cmap(image.norm(low + fraction * (high - low)))
+            expected = np.array(colour[:3]) * colour[3] + np.array(grey) * (1 - colour[3])
+            row, column = int(pixels.shape[0] - (y0 + y1) / 2), int(x0 + fraction * (x1 - x0))
+            np.testing.assert_allclose(pixels[row, column], expected, atol=0.03)
     plt.close(fig)
 
 
