@@ -35,6 +35,7 @@ from __future__ import annotations
 import copy
 import inspect
 import numbers
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -46,9 +47,9 @@ from matplotlib.colors import ListedColormap
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from mtlearn.encoder import ResFormerEncoder, check_floating, init_weights
+from mtlearn.encoder import ResFormerEncoder, check_floating, init_weights, unscaled_range
 from mtlearn.mtl import MultiTaskUNet
-from mtlearn.plots import _array, _draw_image, _image
+from mtlearn.plots import _array, _draw_image, _image, _kind
 from mtlearn.utils import check_int, check_number, find_class_names, is_finite, is_number
 from mtlearn.widgets import Explorer, say_in, show_in
 
@@ -376,12 +377,20 @@ class Explainer:
             raise ValueError(f"unknown anchor {method_kw['anchor']!r}; expected one of {ANCHORS}")
 
     def _check_images(self, images: Tensor) -> Tensor:
-        if not isinstance(images, Tensor) or images.dim() != 4:
-            shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
-            raise ValueError(f"images must be a (B, C, H, W) tensor, got {shape}; add a batch axis with images[None]")
+        if not isinstance(images, Tensor):  # "add a batch axis" was no advice for a NumPy batch
+            raise TypeError(f"images must be a (B, C, H, W) tensor, got {_kind(images)}; convert it with "
+                            "torch.as_tensor(images).float()")
+        if images.dim() != 4:
+            raise ValueError(f"images must be a (B, C, H, W) tensor, got shape {tuple(images.shape)}; add a batch "
+                             "axis with images[None]")
         if len(images) == 0:  # Captum's IndexError otherwise
             raise ValueError(f"images is an empty batch {tuple(images.shape)}; pass at least one image")
         check_floating(images)  # a bare .float() of uint8 would explain the model on 0..255, which it refuses
+        found = unscaled_range(images)
+        if found is not None:  # float 0..255: the maps would explain the model on inputs it never saw
+            warnings.warn(f"the images range from {found[0]:g} to {found[1]:g}, which looks like raw, unscaled "
+                          "intensities (e.g. 0..255), but the course's models learn on images scaled to 0..1: "
+                          "explain images as the model saw them in training (8-bit: image / 255)", stacklevel=3)
         finite = torch.isfinite(images).flatten(1).all(1)
         if not bool(finite.all()):  # the map of a NaN pixel is NaN, and silently so before any score is taken
             raise ValueError(f"images {torch.nonzero(~finite).flatten().tolist()} hold NaN or infinite values; "
@@ -527,6 +536,20 @@ def upsample_cells(cells: Tensor, size: Sequence[int], mode: str = "bilinear", a
 def _default_window(image_size: Sequence[int]) -> int:
     """Occlusion's patch side when none is given: 1/8 of the image side, at least 2 pixels."""
     return max(2, min(image_size) // 8)
+
+
+def _methods_and_options(methods, method_kw) -> tuple[list[str], dict[str, Mapping]]:
+    """`methods` as a list ("ig" is one method, not the methods "i" and "g") and `method_kw` as the
+    {method: {option: value}} the loops over several methods take: options given flat, as
+    Explainer.attribute takes them, were silently left unused."""
+    methods = [methods] if isinstance(methods, str) else list(methods)
+    method_kw = dict(method_kw or {})
+    flat = [key for key, options in method_kw.items() if key not in METHODS or not isinstance(options, Mapping)]
+    if flat:
+        raise ValueError(f"method_kw maps each method to its options, e.g. {{'ig': {{'n_steps': 16}}}}, but "
+                         f"{flat} {'is' if len(flat) == 1 else 'are'} not a method with a dict of options (methods: "
+                         f"{METHODS})")
+    return methods, method_kw
 
 
 def _check_count(name: str, value, most: int | None = None, hint: str = "") -> int:
@@ -680,7 +703,7 @@ def localisation_scores(explainer: Explainer, images: Tensor, mask: Tensor, head
     chance: e.g. the seg head with target None where the model predicts no lesion explains an empty
     region, and every method's map is 0 there; pass the masks as the target to explain the lesion itself.
     """
-    method_kw = method_kw or {}
+    methods, method_kw = _methods_and_options(methods, method_kw)
     for method in methods:  # all of them before the first map: a typo in the last must not wait for the others
         explainer.check_options(method, images.shape[-2:], **method_kw.get(method, {}))
     # per-sample targets (labels, regions), masks and references given as lists or NumPy arrays become
@@ -1283,13 +1306,17 @@ class AttributionExplorer(Explorer):
     explorer = AttributionExplorer(model, test_set); display(explorer)
     """
 
+    ARGUMENTS = "model, "
+
     def __init__(self, model: nn.Module, dataset, heads: Sequence[str] | None = None,
                  methods: Sequence[str] = METHODS, class_names: Sequence[str] | None = None,
                  layer: str | nn.Module | None = None, keys: Mapping[str, str] | None = None,
                  method_kw: Mapping[str, Mapping] | None = None, tolerance: int = 1):
-        if len(dataset) == 0:
-            raise ValueError("AttributionExplorer needs a non-empty dataset")
-        methods = [methods] if isinstance(methods, str) else list(methods)  # "ig" is one method, not two letters
+        first = self._check_dataset(dataset)  # a DataLoader, a batch tensor, an empty set: said here
+        if "image" not in first:
+            raise ValueError(f"AttributionExplorer explains an item's 'image', but the first item has only "
+                             f"{sorted(first)}; pass a dataset of dict items with an 'image'")
+        methods, self.method_kw = _methods_and_options(methods, method_kw)
         unknown = [m for m in methods if m not in METHODS]
         if unknown or not methods:
             raise ValueError(f"methods must be a non-empty subset of {METHODS}, got {list(methods)}")
@@ -1301,11 +1328,10 @@ class AttributionExplorer(Explorer):
         # a NumPy array of names has no truth value: `class_names or ...` raised
         names = class_names if class_names is not None else find_class_names(dataset)  # through Subsets too
         self.class_names = list(names) if names is not None else None  # the dataset's own may be an array too
-        self.method_kw = dict(method_kw or {})
         for method in methods:  # now, not when a student first picks the method in the widget
-            self.explainer.check_options(method, dataset[0]["image"].shape[-2:], **self.method_kw.get(method, {}))
+            self.explainer.check_options(method, first["image"].shape[-2:], **self.method_kw.get(method, {}))
         with torch.no_grad(), self.explainer._exact():  # one pass tells which heads there are, how many classes
-            outputs = self.explainer.model(self.explainer._check_images(dataset[0]["image"][None]))
+            outputs = self.explainer.model(self.explainer._check_images(first["image"][None]))
         if heads is None:
             heads = [h for h in HEADS if isinstance(outputs, dict) and self.explainer.keys[h] in outputs]
             if not heads:  # e.g. a DisentangleNet, whose outputs are logits_a / logits_b

@@ -357,6 +357,8 @@ def label_prior(joint: torch.Tensor, given: torch.Tensor, axis: int) -> torch.Te
     Asking the adversary to be *uniform* then fights the task-A loss; asking it to be no better
     than p(b | a) only removes what B-information goes beyond the A label.
     """
+    if axis not in (0, 1):  # any other value read the table as axis=0 without a word
+        raise ValueError(f"axis must be 1 (p(b | a = given)) or 0 (p(a | b = given)), got {axis!r}")
     table = joint if axis == 1 else joint.T
     return (table / table.sum(dim=1, keepdim=True).clamp_min(1))[given]
 

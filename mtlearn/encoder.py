@@ -10,6 +10,7 @@ heads.py and read the list it returns (features separate from heads, like timm's
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -92,6 +93,22 @@ def check_floating(x: Tensor, name: str = "images") -> None:
     if not x.is_floating_point():
         fix = ".float() / 255 (0..255 -> 0..1)" if x.dtype == torch.uint8 else ".float()"
         raise ValueError(f"{name} must be a floating-point tensor, got {x.dtype}; convert with {fix}")
+
+
+def unscaled_range(x, data_range: float = 1.0) -> tuple[float, float] | None:
+    """(lowest, highest) of a float image batch that looks like raw, unscaled intensities, else None.
+
+    Images here are scaled to 0..1 (or z-scored, as the shapes benchmark is). Floats that are all
+    >= 0 and reach past twice `data_range` are most likely raw pixel values (0..255 for 8-bit scans)
+    that nobody divided by the scale's maximum: the networks run on them without a word. Anything
+    else is None: uint8 (refused by check_floating), an empty batch, NaN or infinities (their own errors).
+    """
+    if not isinstance(x, Tensor) or not x.is_floating_point() or x.numel() == 0:
+        return None
+    low, high = (float(v) for v in torch.aminmax(x.detach()))
+    if not (math.isfinite(low) and math.isfinite(high)) or low < 0 or not high > 2 * data_range:
+        return None
+    return low, high
 
 
 def _autocasting(x: Tensor) -> bool:

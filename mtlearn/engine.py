@@ -57,6 +57,7 @@ from mtlearn.checkpoint import (
     set_rng_state,
     trainable_names,
 )
+from mtlearn.encoder import unscaled_range
 from mtlearn.losses import TASK_TARGETS, LossConfig, build_losses, check_tasks, task_losses
 from mtlearn.metrics import METRIC_KEYS, MetricAccumulator
 from mtlearn.utils import (
@@ -335,7 +336,7 @@ def _to_device(batch: Mapping[str, Any], device: torch.device, channels_last: bo
     if isinstance(moved["image"], Tensor) and moved["image"].dim() == 3:  # e.g. fit(model, [item, item, ...])
         raise TypeError(f"batch['image'] has shape {tuple(moved['image'].shape)}: the loader yields single items, "
                         "not batches; wrap the data in a DataLoader, e.g. torch.utils.data.DataLoader(data, "
-                        "batch_size=8, shuffle=True)")
+                        "batch_size=8) (and shuffle=True for training)")
     if channels_last and moved["image"].dim() == 4:
         moved["image"] = moved["image"].contiguous(memory_format=torch.channels_last)
     return moved
@@ -746,19 +747,15 @@ def _prepare(model: nn.Module, config: TrainConfig, tasks: tuple[str, ...], tota
 
 
 def _warn_if_unscaled(image, data_range: float = 1.0) -> bool:
-    """Warn (and return True) when a float image batch looks like raw, unscaled intensities.
-
-    Images here are scaled to 0..1 (or z-scored, as the shapes benchmark is). Floats that are all
-    >= 0 and reach past twice `data_range` are most likely raw pixel values (0..255 for 8-bit
-    scans) that nobody divided by the scale's maximum: the networks run on them, but a
-    reconstruction loss is 65,025 times larger and PSNR/SSIM read the wrong range, without a word.
+    """Warn (and return True) when a float image batch looks like raw, unscaled intensities (see
+    encoder.unscaled_range): the networks run on them, but a reconstruction loss is 65,025 times larger
+    and PSNR/SSIM read the wrong range, without a word.
     Called on the first batch of fit, on the main process only (torchrun: one warning, not one per GPU).
     """
-    if not isinstance(image, Tensor) or not image.is_floating_point() or image.numel() == 0:
-        return False  # uint8 is refused by the models themselves, with the fix
-    low, high = (float(v) for v in torch.aminmax(image.detach()))
-    if not (math.isfinite(low) and math.isfinite(high)) or low < 0 or not high > 2 * data_range:
-        return False  # NaN/inf stop training anyway, with their own message
+    found = unscaled_range(image, data_range)  # uint8 is refused by the models themselves, NaN stops training
+    if found is None:
+        return False
+    low, high = found
     warnings.warn(f"the first training batch's images range from {low:g} to {high:g}, which looks like raw, "
                   f"unscaled intensities (e.g. 0..255): scale them to 0..1 in the dataset (8-bit: image / 255), "
                   f"as the course's datasets do, or, if this range is meant, pass fit the scale's full range "
@@ -1069,6 +1066,7 @@ def evaluate(model: nn.Module, loader, tasks: Sequence[str] | None = None, *,
     evaluates its shard and the sums are added (all_reduce) before averaging.
     """
     tasks = check_tasks(tasks if tasks is not None else _model_tasks(model))
+    check_loader("loader", loader, "torch.utils.data.DataLoader(dataset, batch_size=8)", reused=False)
     if device is None:  # where the model is (left there); a model without parameters or buffers: "auto"
         home = next(itertools.chain(model.parameters(), model.buffers()), None)
         device = home.device if home is not None else pick_device("auto")

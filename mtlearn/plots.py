@@ -121,6 +121,9 @@ def _flag(value, where: str, name: str) -> int:
 def overlay(ax, image, mask=None, prediction=None, title: str = "") -> None:
     """Draw `image` in grey with the true `mask` outline (green, solid) and a `prediction` outline
     (magenta, dashed): told apart by the line as well as the colour, for red-green colour blindness."""
+    if not hasattr(ax, "imshow"):  # overlay(image, mask): "'Tensor' object has no attribute 'imshow'"
+        raise TypeError(f"overlay draws on the Axes given first, got {_kind(ax)}; e.g. fig, ax = plt.subplots(); "
+                        "overlay(ax, image, mask)")
     picture = _image(image)
     size = picture.shape[:2]
     outlines = {key: _outline(value, key, size) for key, value in (("mask", mask), ("prediction", prediction))

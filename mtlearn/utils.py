@@ -123,8 +123,18 @@ def environment_report(device: str | torch.device = "auto") -> dict[str, str]:
     return report
 
 
+def _check_module(model, function: str) -> None:
+    """A TypeError unless `model` is a built network: count_parameters("tiny") said "'str' object has no
+    attribute 'parameters'"."""
+    if not isinstance(model, nn.Module):
+        example = f"build_model({model!r})" if isinstance(model, str) else "build_model('tiny')"
+        raise TypeError(f"{function} takes a model (an nn.Module), got a {type(model).__name__}; build it first, "
+                        f"e.g. {function}(mtlearn.{example})")
+
+
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
     """Number of parameters in `model` (only those with requires_grad when `trainable_only`)."""
+    _check_module(model, "count_parameters")
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
@@ -139,6 +149,7 @@ def count_flops(model: nn.Module, *inputs: torch.Tensor) -> int:
     """
     from torch.utils.flop_counter import FlopCounterMode
 
+    _check_module(model, "count_flops")
     with eval_mode(model), torch.no_grad(), countable_attention(), _no_mha_fastpath(), \
             FlopCounterMode(display=False) as counter:
         model(*inputs)

@@ -53,6 +53,7 @@ class Explorer:
 
     widget: widgets.Widget
     output: widgets.Output
+    ARGUMENTS = ""  # what comes before the dataset in a call, for the advice in errors: "model, "
 
     def _repr_mimebundle_(self, include=None, exclude=None) -> dict:
         data = dict(self.widget._repr_mimebundle_())
@@ -61,6 +62,25 @@ class Explorer:
             if "image/png" in shown.get("data", {}):
                 data["image/png"] = shown["data"]["image/png"]
         return data
+
+    def _check_dataset(self, dataset) -> Mapping:
+        """Refuse what an explorer cannot browse (it reads dict items by index); returns item 0."""
+        name, arguments = type(self).__name__, self.ARGUMENTS
+        if isinstance(dataset, Mapping):  # {"train": ..., "test": ...}: dataset[0] was a bare KeyError: 0
+            raise ValueError(f"{name} needs one dataset, got a dict of {len(dataset)} ({list(dataset)[:4]}): "
+                             f"pass one of them, e.g. {name}({arguments}data[{next(iter(dataset), 'train')!r}])")
+        if not (hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")):  # a DataLoader: dataset[0] raised
+            fix = (f": pass the loader's dataset, {name}({arguments}loader.dataset)" if hasattr(dataset, "dataset")
+                   else f": pass a list of its items, {name}({arguments}list(items))" if hasattr(dataset, "__iter__")
+                   else "")
+            raise ValueError(f"{name} needs a dataset (items read by index, dataset[i]), got {_kind(dataset)}{fix}")
+        if len(dataset) == 0:
+            raise ValueError(f"{name} needs a non-empty dataset")
+        first = dataset[0]
+        if not isinstance(first, Mapping):  # a batch or list of image tensors: `"image" in tensor` raised
+            raise ValueError(f"{name} draws dataset items, dicts with an 'image' tensor, but item 0 is "
+                             f"{_kind(first)}: pass a dataset, or a list of items such as dataset[i]")
+        return first
 
 
 class DatasetExplorer(Explorer):
@@ -72,26 +92,13 @@ class DatasetExplorer(Explorer):
     LAYERS = ("image", "clean", "mask", "artifact_mask")
 
     def __init__(self, dataset, class_names=None):
-        if isinstance(dataset, Mapping):  # {"train": ..., "test": ...}: dataset[0] was a bare KeyError: 0
-            raise ValueError(f"DatasetExplorer needs one dataset, got a dict of {len(dataset)} ({list(dataset)[:4]}): "
-                             f"pass one of them, e.g. DatasetExplorer(data[{next(iter(dataset), 'train')!r}])")
-        if not (hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")):  # a DataLoader: dataset[0] raised
-            fix = (": pass the loader's dataset, DatasetExplorer(loader.dataset)" if hasattr(dataset, "dataset") else
-                   ": pass a list of its items, DatasetExplorer(list(items))" if hasattr(dataset, "__iter__") else "")
-            raise ValueError(f"DatasetExplorer needs a dataset (items read by index, dataset[i]), got "
-                             f"{_kind(dataset)}{fix}")
-        if len(dataset) == 0:
-            raise ValueError("DatasetExplorer needs a non-empty dataset")
+        first = self._check_dataset(dataset)
         self.dataset = dataset
         # a NumPy array of names has no truth value: `class_names or ...` raised; a dict {0: "benign", ...}
         # is looked up by label as it is (list() would keep its keys, not its names)
         if class_names is None:
             class_names = find_class_names(dataset)
         self.class_names = class_names if class_names is None or isinstance(class_names, Mapping) else list(class_names)
-        first = dataset[0]
-        if not isinstance(first, Mapping):  # a batch or list of image tensors: `"image" in tensor` raised
-            raise ValueError(f"DatasetExplorer draws dataset items, dicts with an 'image' tensor, but item 0 is "
-                             f"{_kind(first)}: pass a dataset, or a list of items such as dataset[i]")
         layers = [k for k in ("image", "clean") if k in first]
         if not layers:  # an empty dropdown drew item[None]: a bare KeyError: None
             raise ValueError(f"DatasetExplorer draws an item's 'image' (or 'clean'), but the first item has only "

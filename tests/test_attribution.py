@@ -733,6 +733,14 @@ def test_viewer_points_with_its_tolerance_and_closes_its_figures(model, data):
 def test_viewer_rejects_bad_arguments(model, data):
     with pytest.raises(ValueError, match="non-empty"):
         A.AttributionExplorer(model, [])
+    loader = torch.utils.data.DataLoader(data, batch_size=2)  # "'DataLoader' object is not subscriptable"
+    with pytest.raises(ValueError, match=r"got a DataLoader: pass the loader's dataset, AttributionExplorer\(model, "
+                                         r"loader\.dataset\)"):
+        A.AttributionExplorer(model, loader)
+    with pytest.raises(ValueError, match="item 0 is a Tensor of shape"):  # a batch: "too many indices for tensor"
+        A.AttributionExplorer(model, torch.rand(2, 1, SIZE, SIZE))
+    with pytest.raises(ValueError, match=r"method_kw maps each method to its options.*\['n_steps'\] is not a method"):
+        A.AttributionExplorer(model, data, method_kw={"n_steps": 2})  # flat, as attribute() takes them: unused
     with pytest.raises(ValueError, match="methods"):
         A.AttributionExplorer(model, data, methods=("lime",))
     with pytest.raises(ValueError, match="tolerance"):
@@ -842,6 +850,15 @@ def test_a_bad_setting_of_any_method_stops_the_loops_before_the_first_map(explai
     assert calls == []  # neither computed a single map first
 
 
+def test_localisation_scores_takes_one_method_by_name_and_refuses_options_given_flat(explainer, images):
+    mask = torch.ones(len(images), 1, SIZE, SIZE)
+    assert list(A.localisation_scores(explainer, images, mask, methods="saliency")) == ["saliency"]  # not "s", "a"...
+    with pytest.raises(ValueError, match=r"e\.g\. \{'ig': \{'n_steps': 16\}\}, but \['n_steps'\] is not a method"):
+        A.localisation_scores(explainer, images, mask, methods=["ig"], method_kw={"n_steps": 2})  # ran 32 steps
+    with pytest.raises(ValueError, match=r"\['ig'\] is not a method with a dict of options"):
+        A.localisation_scores(explainer, images, mask, methods=["ig"], method_kw={"ig": 2})
+
+
 @pytest.mark.parametrize("target, message", BAD_TARGET_TYPES)
 def test_bad_cls_target_types_are_named(explainer, images, target, message):
     with pytest.raises(TypeError, match=message):
@@ -874,6 +891,10 @@ def test_default_options_still_accepted(explainer, images):
 def test_bad_inputs_are_named(model, explainer, images):
     with pytest.raises(ValueError, match=r"\(B, C, H, W\)"):
         explainer.attribute(images[0], "cls", method="saliency")
+    with pytest.raises(TypeError, match=r"got a ndarray of shape \(2, 1, 32, 32\); convert it with torch\.as_tensor"):
+        explainer.attribute(images.numpy(), "cls", method="saliency")  # "add a batch axis" was the advice
+    with pytest.warns(UserWarning, match="range from 0 to 255, which looks like raw, unscaled intensities"):
+        explainer.attribute((images * 255).round().clamp(0, 255), "cls", method="saliency")
     with pytest.raises(ValueError, match="no module named"):
         A.Explainer(model, layer="encoder.nothing").attribute(images, "cls", method="gradcam")
     with pytest.raises(ValueError, match="pass layer="):

@@ -1730,6 +1730,9 @@ def test_root_that_is_a_file_is_named_as_such(tmp_path):
     stray.write_text("x")
     with pytest.raises(ValueError, match=r"root .*notes\.txt is a file, not a folder"):  # was "does not exist"
         load_dataset("busi", root=stray)
+    with pytest.raises(TypeError, match=r"root must be the dataset's folder, a str or pathlib\.Path, got 5; e\.g\. "
+                                        r"root='data/busi'"):
+        load_dataset("busi", root=5)  # "expected str, bytes or os.PathLike object, not int"
     path = make_breastmnist(tmp_path)  # the dataset's file itself: its folder is meant
     with pytest.raises(ValueError, match=r"is a file, not a folder.*" + re.escape(f"root={str(tmp_path)!r}")):
         load_dataset("breastmnist", root=path)

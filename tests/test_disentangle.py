@@ -160,6 +160,8 @@ def test_label_prior_reads_conditional_frequencies():
     assert torch.allclose(p_b_given_a, torch.tensor([[0.0, 1.0], [5 / 6, 1 / 6]]))
     p_a_given_b = D.label_prior(joint, torch.tensor([0, 1]), axis=0)
     assert torch.allclose(p_a_given_b, torch.tensor([[0.0, 1.0], [6 / 7, 1 / 7]]))
+    with pytest.raises(ValueError, match=r"axis must be 1 \(p\(b \| a = given\)\) or 0 .*got 2"):
+        D.label_prior(joint, torch.tensor([0, 1]), axis=2)  # was read as axis=0
 
 
 def test_adversarial_term_forms():

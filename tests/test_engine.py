@@ -1019,6 +1019,17 @@ def test_dataset_instead_of_a_loader_is_named():
             _fit(ToyNet(), *loaders)  # trained (or validated) the first epoch only, without a word
 
 
+def test_evaluate_names_a_dataset_given_for_its_loader_without_training_advice():
+    """evaluate(model, test_set) was told to wrap it in DataLoader(data, batch_size=8, shuffle=True)."""
+    _, val = _loaders()
+    with pytest.raises(TypeError, match=r"loader is a Dataset \(ToyData\), not a DataLoader; wrap it: "
+                                        r"torch\.utils\.data\.DataLoader\(dataset, batch_size=8\)$"):
+        evaluate(ToyNet(), val.dataset, TASKS)
+    items = [val.dataset[i] for i in range(4)]  # a list of items reaches the batch check
+    with pytest.raises(TypeError, match=r"single items.*batch_size=8\) \(and shuffle=True for training\)"):
+        evaluate(ToyNet(), items, TASKS)
+
+
 @pytest.mark.parametrize("third, options", [(TrainConfig(epochs=1), True), ({"epochs": 1}, True), (5, False),
                                             ("val", False)])
 def test_options_in_the_place_of_val_loader_are_named_before_training(third, options):

@@ -515,6 +515,9 @@ def test_overlay_refuses_an_outline_of_another_size_or_the_seg_scores():
     with pytest.raises(ValueError, match=r"mask is 16x12"):
         plots.overlay(ax, image, torch.zeros(16, 12))
     assert len(ax.images) == 0 and len(ax.collections) == 0  # nothing half drawn
+    with pytest.raises(TypeError, match=r"overlay draws on the Axes given first, got a Tensor of shape \(1, 16, 16\); "
+                                        r"e\.g\. fig, ax = plt\.subplots\(\); overlay\(ax, image, mask\)"):
+        plots.overlay(image, mask)  # "'Tensor' object has no attribute 'imshow'"
     plt.close(fig)
 
 

@@ -91,6 +91,15 @@ def test_count_parameters_trainable_only():
     assert count_parameters(model, trainable_only=True) == 10
 
 
+def test_counting_a_preset_name_instead_of_a_model_is_named():
+    """count_parameters("tiny") said "'str' object has no attribute 'parameters'"."""
+    with pytest.raises(TypeError, match=r"count_parameters takes a model \(an nn\.Module\), got a str; build it "
+                                        r"first, e\.g\. count_parameters\(mtlearn\.build_model\('tiny'\)\)"):
+        count_parameters("tiny")
+    with pytest.raises(TypeError, match=r"count_flops takes a model .*got a OrderedDict"):
+        count_flops(nn.Linear(2, 2).state_dict(), torch.zeros(1, 2))
+
+
 def test_count_flops_linear_layer():
     model = nn.Linear(8, 5, bias=False)
     assert count_flops(model, torch.zeros(3, 8)) == 2 * 3 * 8 * 5

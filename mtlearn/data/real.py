@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 import re
 import warnings
 import zipfile
@@ -145,6 +146,9 @@ def load_dataset(
 
     _check_options(name, READERS[name], kwargs)
     fetch_name = _fetch_name(name, kwargs.get("resolution"))
+    if root is not None and not isinstance(root, (str, os.PathLike)):  # Path(5): "expected str, bytes or os.PathLike"
+        raise TypeError(f"root must be the dataset's folder, a str or pathlib.Path, got {root!r}; e.g. "
+                        f"root='data/{get_source(fetch_name).folder}', or None for the default")
     folder = Path(root).expanduser() if root is not None else default_data_dir() / get_source(fetch_name).folder
     command = f"python -m data_fetch {fetch_name}" + (f' --dest "{folder}"' if root is not None else "")
     if folder.is_file():  # e.g. root="data/breastmnist.npz": the file, not the folder that holds it
