@@ -963,38 +963,50 @@ def _train_one_epoch(run: _Run, loader, epoch: int, tasks: tuple[str, ...], bar,
     started, steps = time.perf_counter(), 0
     batches = iter(loader)  # starts the loader's worker processes: waiting for data as much as next() is
     data_time = time.perf_counter() - started
-    while True:
-        waited = time.perf_counter()
-        batch = next(batches, None)
-        data_time += time.perf_counter() - waited
-        if batch is None:
-            break
-        steps += 1
-        look = first and steps == 1 and is_main_process()  # the first batch: common mistakes, warned once
-        if look and isinstance(batch, Mapping):
-            _warn_if_unscaled(batch.get("image"), run.data_range)
-        buffers = [b.detach().clone() for b in run.model.buffers()]  # BatchNorm statistics, before this batch
-        losses, values = _forward(run, batch, tasks, look=look)
-        # checked before backward, so weights and checkpoints stay good; under torchrun every process
-        # stops when any one sees a bad loss (the others would wait in backward's all-reduce for ever)
-        if _any_across_processes(not np.isfinite(values).all(), run.device):
-            with torch.no_grad():  # the forward pass already fed the bad batch into the running statistics
-                for buffer, saved in zip(run.model.buffers(), buffers):
-                    buffer.copy_(saved)
-            last = out_dir / "last.pt" if out_dir is not None and (out_dir / "last.pt").is_file() else None
-            bad = [(task, float(value)) for task, value in zip(tasks, values) if not np.isfinite(value)]
-            task, value = bad[0] if bad else (None, float("nan"))
-            raise NonFiniteLossError(epoch + 1, steps, task, value, last)
-        total = _update(run, losses)
-        sums += np.append(values, total)
-        bar.update(1)
-        bar.set_postfix({t: f"{v:.3f}" for t, v in zip((*tasks, "total"), (*values, total))}, refresh=False)
+    try:
+        while True:
+            waited = time.perf_counter()
+            batch = next(batches, None)
+            data_time += time.perf_counter() - waited
+            if batch is None:
+                break
+            steps += 1
+            look = first and steps == 1 and is_main_process()  # the first batch: common mistakes, warned once
+            if look and isinstance(batch, Mapping):
+                _warn_if_unscaled(batch.get("image"), run.data_range)
+            buffers = [b.detach().clone() for b in run.model.buffers()]  # BatchNorm statistics, before this batch
+            losses, values = _forward(run, batch, tasks, look=look)
+            # checked before backward, so weights and checkpoints stay good; under torchrun every process
+            # stops when any one sees a bad loss (the others would wait in backward's all-reduce for ever)
+            if _any_across_processes(not np.isfinite(values).all(), run.device):
+                with torch.no_grad():  # the forward pass already fed the bad batch into the running statistics
+                    for buffer, saved in zip(run.model.buffers(), buffers):
+                        buffer.copy_(saved)
+                last = out_dir / "last.pt" if out_dir is not None and (out_dir / "last.pt").is_file() else None
+                bad = [(task, float(value)) for task, value in zip(tasks, values) if not np.isfinite(value)]
+                task, value = bad[0] if bad else (None, float("nan"))
+                raise NonFiniteLossError(epoch + 1, steps, task, value, last)
+            total = _update(run, losses)
+            sums += np.append(values, total)
+            bar.update(1)
+            bar.set_postfix({t: f"{v:.3f}" for t, v in zip((*tasks, "total"), (*values, total))}, refresh=False)
+    except BaseException:  # an error, Ctrl-C: Jupyter keeps the traceback, and with it this frame and the
+        _stop_workers(batches)  # iterator, whose worker processes then ran on until the next error
+        raise
     synchronize(run.device)  # the last step's backward and update may still be queued on the GPU
     epoch_time = time.perf_counter() - started
     means = _mean_across_processes(list(sums / max(steps, 1)) + [epoch_time, data_time], run.device)
     record = {f"train/{t}": v for t, v in zip((*tasks, "total"), means)}
     record.update(epoch_time=means[-2], data_time=means[-1], data_share=means[-1] / max(means[-2], 1e-12))
     return record
+
+
+def _stop_workers(batches) -> None:
+    """Stop the worker processes of a DataLoader iterator now, not when it is garbage (a kept traceback
+    keeps it). A loader with persistent_workers keeps its workers by design, for its next pass."""
+    stop = getattr(batches, "_shutdown_workers", None)  # torch's multi-process iterator has it (private API)
+    if stop is not None and not getattr(batches, "_persistent_workers", False):
+        stop()
 
 
 def _forward(run: _Run, batch: Mapping[str, Any], tasks: tuple[str, ...],

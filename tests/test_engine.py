@@ -1030,6 +1030,31 @@ def test_evaluate_names_a_dataset_given_for_its_loader_without_training_advice()
         evaluate(ToyNet(), items, TASKS)
 
 
+def test_an_interrupted_fit_stops_its_loader_workers_though_the_traceback_is_kept(monkeypatch):
+    """Jupyter keeps the last traceback, which holds fit's frames and so the loader's iterator: after a
+    Ctrl-C its worker processes ran on until the next error replaced it."""
+    import multiprocessing
+
+    import mtlearn.engine as engine
+
+    update, steps = engine._update, []
+
+    def interrupt_at_the_third_step(run, losses):
+        steps.append(1)
+        if len(steps) == 3:
+            raise KeyboardInterrupt
+        return update(run, losses)
+
+    train = DataLoader(ToyData(), batch_size=4, shuffle=True, num_workers=2, generator=torch.Generator().manual_seed(0))
+    monkeypatch.setattr(engine, "_update", interrupt_at_the_third_step)
+    try:
+        _fit_on_cpu(ToyNet(), train, None, epochs=1)
+    except KeyboardInterrupt as error:
+        kept = error  # as IPython keeps sys.last_exc, with its traceback and every frame in it
+    assert len(steps) == 3 and kept.__traceback__ is not None
+    assert multiprocessing.active_children() == []
+
+
 @pytest.mark.parametrize("third, options", [(TrainConfig(epochs=1), True), ({"epochs": 1}, True), (5, False),
                                             ("val", False)])
 def test_options_in_the_place_of_val_loader_are_named_before_training(third, options):
