@@ -1,4 +1,4 @@
-"""Command line: python -m data_fetch NAME [--dest DIR] [--url URL] [--hash HASH] [--quiet], or `list`."""
+"""Command line: python -m data_fetch NAME [--dest DIR] [--url URL] [--hash HASH] [--quiet], or `list` (--list)."""
 
 from __future__ import annotations
 
@@ -25,13 +25,24 @@ def listing() -> str:
     return "\n".join(lines)
 
 
+def unknown_name(name: str) -> str:
+    """Why `name` is not one to fetch, and what to type instead."""
+    stored = [source.name for source in SOURCES.values() if source.folder == name]
+    if stored:  # busi_npz: load_dataset's name (and the folder) of one download per resolution
+        return f"{name!r} is the folder (and load_dataset's name) of {' and '.join(stored)}: fetch one of those"
+    return f"unknown dataset {name!r}; choose one of {', '.join(SOURCES)} (or 'list' to describe them)"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m data_fetch",
         description="Download a public breast ultrasound dataset once, check its checksum and unpack it.",
-        epilog=f"datasets: {', '.join(SOURCES)}. Data root: $MTLEARN_DATA, else the user cache.",
+        epilog="Data root: $MTLEARN_DATA, else the user cache.",
     )
-    parser.add_argument("name", choices=[*SOURCES, "list"], metavar="NAME", help="dataset to fetch, or 'list'")
+    # checked below, not by argparse's choices: its "invalid choice" could not say that busi_npz is fetched as
+    # busi_128 or busi_256; and --list, which people type, is taken too
+    parser.add_argument("name", nargs="?", metavar="NAME", help=f"dataset to fetch ({', '.join(SOURCES)}), or 'list'")
+    parser.add_argument("--list", action="store_true", help="describe the datasets (the same as NAME 'list')")
     parser.add_argument(
         "--dest", default=None, help="folder for this dataset (default: <data root>/<folder>)"
     )
@@ -41,7 +52,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
-    if args.name == "list":
+    if args.name is None and not args.list:
+        parser.error("the following argument is required: NAME (a dataset, or 'list')")
+    if args.name not in (*SOURCES, "list", None):
+        parser.error(unknown_name(args.name))
+    if args.list or args.name == "list":
         print(listing())
         return 0
     try:

@@ -1256,7 +1256,14 @@ def test_command_line_unknown_dataset_is_a_usage_error_naming_the_choices(capsys
     with pytest.raises(SystemExit) as exit_:
         main(["isic"])
     err = capsys.readouterr().err
-    assert exit_.value.code == 2 and "invalid choice" in err and all(name in err for name in data_fetch.SOURCES)
+    assert exit_.value.code == 2 and "unknown dataset 'isic'" in err and all(name in err for name in data_fetch.SOURCES)
+    with pytest.raises(SystemExit) as exit_:  # load_dataset's name: argparse's "invalid choice" named no way on
+        main(["busi_npz"])
+    assert exit_.value.code == 2 and "of busi_128 and busi_256: fetch one of those" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        main([])
+    assert exit_.value.code == 2 and "required: NAME (a dataset, or 'list')" in capsys.readouterr().err
+    assert main(["--list"]) == 0 and "busi_128" in capsys.readouterr().out  # as `list`
 
 
 # ------------------------------------------------------------------------------------------ review of 2026-12-04
