@@ -691,6 +691,10 @@ def test_viewer_redraws_on_control_changes(model, data):
     item, shown = viewer.compute(1, "recon", "image", "saliency")
     expected = viewer.explainer.attribute(item["image"][None], "recon", None, "saliency", reference=item["clean"][None])
     assert torch.allclose(shown, expected.cpu())
+    viewer.CACHE_SIZE = 3  # it grew with every view clicked through (about 1 MiB per view at 128 px)
+    for index in range(4):  # views not seen before (class 1)
+        viewer.compute(index, "cls", 1, "saliency")
+    assert list(viewer._cache) == [(index, "cls", 1, "saliency") for index in (1, 2, 3)]  # the oldest went
 
 
 def test_viewer_offers_lesion_targets_only_where_the_data_has_masks(model, data):
