@@ -410,13 +410,15 @@ def plot_embedding(embedding: np.ndarray, labels: dict[str, np.ndarray], title: 
     # each label its own colours: with the same blue and orange for "circle / bar" and "black / white", a
     # reader matched the panels' colours as if they meant the same classes. Okabe and Ito's palette stays
     # distinguishable to colour-blind readers (tab10's next pair is green and red), and each class has its own
-    # marker too; past its 7 colours, tab20's 20
+    # marker too, not reused by another label's classes (o for both "circle" and "black" invited the same
+    # match); past its 7 colours, tab20's 20
     palette = OKABE_ITO
     if sum(len(np.unique(y)) for y in labels.values()) > len(palette):
         palette = [matplotlib.colors.to_hex(c) for c in plt.get_cmap("tab20").colors]
     colours = iter(palette * len(embedding))
+    markers = itertools.cycle("os^Dv<>P*X")
     for ax, (key, y) in zip(axes[0], labels.items()):
-        for value, marker in zip(np.unique(y), itertools.cycle("os^Dv<>P*X")):
+        for value, marker in zip(np.unique(y), markers):
             named = class_names and key in class_names and y.dtype.kind in "iu"  # string labels name themselves
             name = class_names[key][value] if named else str(value)
             points = embedding[y == value]
