@@ -646,7 +646,8 @@ def load_strategy_data(config: UMSRepConfig | str) -> StrategyData:
     Synthetic: one deterministic stream, so the unlabeled images (items num_train onwards of the
     train split) never overlap the labelled ones (the first num_train) or the test split.
     Real: the representation learns from every image of `unlabeled_datasets` (their labels and
-    masks are dropped), and the tasks are fine-tuned and tested on BUSI's train and test splits.
+    masks are dropped; BUSI, if listed, gives its train split only), and the tasks are fine-tuned
+    and tested on BUSI's train and test splits.
     A real image has no clean version, so it becomes the denoising target and the input is that
     image with speckle and Gaussian noise added: the input of *every* task, since one batch feeds all
     (like the synthetic "image", which carries its speckle too). The BUSI Dice and accuracy are

@@ -203,7 +203,9 @@ class DynamicWeightAverage(LossWeighting):
     """Dynamic Weight Average (Liu, Johns, Davison, "End-to-End Multi-Task Learning with Attention", CVPR 2019).
 
     Weights follow each task's rate of improvement over the last two epochs:
-        r_t = L_t(e-1) / L_t(e-2),   w_t(e) = T exp(r_t / temperature) / sum_k exp(r_k / temperature).
+        r_t = L_t(e-1) / L_t(e-2),   w_t(e) = T exp(r_t / temperature) / sum_k exp(r_k / temperature),
+    with T the number of tasks, as in the shape comments, so that the weights sum to T (the paper
+    writes K for the number of tasks and T for the temperature).
     A task whose loss falls slowly (r_t near 1) gets more weight than one falling fast. The first
     two epochs use w_t = 1. It needs only the losses, no gradients, so it costs nothing.
     """

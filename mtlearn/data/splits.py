@@ -156,8 +156,8 @@ def _stratum(labels: list, frequency: Counter):
 def difference_hash(grey: np.ndarray, hash_size: int = HASH_SIZE) -> np.ndarray:
     """Perceptual hash of an image, (hash_size**2,) bool: is each thumbnail pixel darker than its right neighbour?
 
-    `grey`: (H, W) array. Small crops, rescaling, compression and overlays change few bits, so
-    near-duplicates have nearby hashes.
+    `grey`: (H, W) array. Rescaling, compression, noise and overlays change few bits, so such copies
+    have nearby hashes; a crop of a few percent does not (see the module docstring).
     """
     from PIL import Image
 
