@@ -494,6 +494,10 @@ class TrainedModel:
 # 4. configuration and profiles
 
 
+# resized copies of BUSI's images (SPEC.md section 4), none of them split as load_dataset splits BUSI
+MADE_FROM_BUSI = ("busi_npz", "breastmnist")
+
+
 @dataclass
 class UMSRepConfig:
     """Everything one comparison needs; PROFILES holds the three course settings."""
@@ -539,6 +543,11 @@ class UMSRepConfig:
         names = self.unlabeled_datasets
         if not names or len(set(names)) != len(names):  # () failed inside torch; a repeat doubled the images
             raise ValueError(f"unlabeled_datasets must name one or more datasets, each once, got {names}")
+        copies = [name for name in names if name in MADE_FROM_BUSI]
+        if self.dataset == "busi" and copies:  # "busi" itself gives its train split only; these hold all of it
+            raise ValueError(f"unlabeled_datasets {copies} are made from BUSI's own images, its test images included, "
+                             f"which the representation would then have seen before the tasks are scored on them; "
+                             f"leave them out (BUSI's train split may be listed as 'busi')")
         unknown = [s for s in self.strategies if s not in STRATEGIES]
         if unknown or not self.strategies:
             problem = f"unknown strategies {unknown}" if unknown else "strategies is empty: name at least one"
