@@ -119,7 +119,7 @@ class ClassLogit(nn.Module):
     def forward(self, images: Tensor, target: Tensor) -> Tensor:
         """images: (B, C, H, W), target: (B,) class indices -> (B,) class scores"""
         logits = _head_output(self.model(images), self.key)  # (B, num_classes)
-        return logits.gather(1, target.view(-1, 1)).squeeze(1)
+        return logits.gather(1, target.view(-1, 1)).squeeze(1)  # (B, 1) picked, then (B,)
 
 
 class LesionScore(nn.Module):
@@ -436,7 +436,7 @@ class Explainer:
         from captum.attr import Saliency
 
         value_range = (images.amax(dim=(1, 2, 3)) - images.amin(dim=(1, 2, 3))).clamp_min(1e-6)  # (B,)
-        sigma = (stdev * value_range).detach().view(-1, 1, 1, 1)
+        sigma = (stdev * value_range).detach().view(-1, 1, 1, 1)  # (B, 1, 1, 1): each image its own noise level
         saliency = Saliency(forward)
         generator = None if seed is None else torch.Generator(images.device).manual_seed(check_int("seed", seed, 0))
         total = torch.zeros_like(images)

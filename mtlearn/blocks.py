@@ -230,7 +230,7 @@ class WindowAttention(nn.Module):
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         """x: (B * nW, N, C) tokens of nW windows per image, mask: (nW, 1, N, N) additive or None -> (B * nW, N, C)."""
         BW, N, C = x.shape
-        qkv = self.qkv(x).reshape(BW, N, 3, self.num_heads, C // self.num_heads)
+        qkv = self.qkv(x).reshape(BW, N, 3, self.num_heads, C // self.num_heads)  # (B * nW, N, 3, heads, head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B * nW, heads, N, head_dim)
         if mask is not None:
             # one mask per window, the same for every image: (nW, 1, N, N) -> (B * nW, 1, N, N)
@@ -377,7 +377,7 @@ class PatchEmbed(nn.Module):
         """x: (B, C_in, H, W) -> (B, C_out, H/2, W/2)."""
         x = torch.cat([conv(x) for conv in self.convs], dim=1)  # (B, C_out, H/2, W/2)
         x = x + self.eca(x)
-        return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # LayerNorm over channels
+        return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # (B, H/2, W/2, C) for LayerNorm over channels
 
 
 class _ContiguousConv2d(nn.Conv2d):

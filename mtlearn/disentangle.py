@@ -1231,7 +1231,7 @@ def balanced_sampler(*labels: np.ndarray, seed: int = 0) -> torch.utils.data.Wei
         raise ValueError("balanced_sampler got empty label arrays: the training set has no items; check the "
                          "dataset (its split, limit or folder)")
     _, combo = np.unique(np.stack([np.asarray(y) for y in labels], axis=1), axis=0, return_inverse=True)
-    combo = combo.reshape(-1)
+    combo = combo.reshape(-1)  # (N,): one combination index per item, whatever shape this NumPy returns
     weights = 1.0 / np.bincount(combo)[combo]
     generator = torch.Generator().manual_seed(seed)
     return torch.utils.data.WeightedRandomSampler(torch.as_tensor(weights, dtype=torch.double), len(combo),
