@@ -50,7 +50,7 @@ from tqdm.auto import tqdm
 from mtlearn.encoder import ResFormerEncoder, check_floating, init_weights, unscaled_range
 from mtlearn.mtl import MultiTaskUNet
 from mtlearn.plots import _array, _draw_image, _image, _kind
-from mtlearn.utils import check_int, check_number, find_class_names, is_finite, is_number
+from mtlearn.utils import check_int, check_number, find_class_names, is_finite, is_number, user_stacklevel
 from mtlearn.widgets import Explorer, say_in, show_in
 
 HEADS = ("cls", "seg", "recon")
@@ -235,6 +235,7 @@ class Explainer:
         self.layer_name = layer
         self.keys = {head: head for head in HEADS} | dict(keys or {})
         self.device, self.dtype = weights[0].device, weights[0].dtype  # the images are cast to both
+        self.warned_unscaled = False  # the 0..255 warning comes once per explainer, not once per batch
         self._num_classes: int | None = None  # of the cls head, read from its first output
 
     def head(self, head: str) -> nn.Module:
@@ -328,6 +329,13 @@ class Explainer:
         """
         checked = self._check_images(images)
         self.check_options(method, checked.shape[-2:], **method_kw)
+        found = unscaled_range(checked)
+        if found is not None and not self.warned_unscaled:  # the maps would explain inputs the model never saw
+            self.warned_unscaled = True
+            warnings.warn(f"the images range from {found[0]:g} to {found[1]:g}, which looks like raw, unscaled "
+                          "intensities (e.g. 0..255), but the course's models learn on images scaled to 0..1: "
+                          "explain images as the model saw them in training (8-bit: image / 255; a model trained "
+                          "on this range on purpose: ignore this warning)", stacklevel=user_stacklevel())
         run = getattr(self, f"_{method}")
         device = images.device  # the maps go back where the images came from
         images = checked
@@ -378,19 +386,19 @@ class Explainer:
 
     def _check_images(self, images: Tensor) -> Tensor:
         if not isinstance(images, Tensor):  # "add a batch axis" was no advice for a NumPy batch
-            raise TypeError(f"images must be a (B, C, H, W) tensor, got {_kind(images)}; convert it with "
-                            "torch.as_tensor(images).float()")
+            if isinstance(images, (list, tuple)) and images and all(isinstance(x, Tensor) for x in images):
+                fix = "stack the images into one, torch.stack(images)"
+            elif getattr(getattr(images, "dtype", None), "kind", "") in ("i", "u"):  # a NumPy array of 8-bit values
+                fix = "convert it with torch.as_tensor(images).float() / 255 (8-bit: 0..255 -> 0..1)"
+            else:
+                fix = "convert it with torch.as_tensor(images).float()"
+            raise TypeError(f"images must be a (B, C, H, W) tensor, got {_kind(images)}; {fix}")
         if images.dim() != 4:
             raise ValueError(f"images must be a (B, C, H, W) tensor, got shape {tuple(images.shape)}; add a batch "
                              "axis with images[None]")
         if len(images) == 0:  # Captum's IndexError otherwise
             raise ValueError(f"images is an empty batch {tuple(images.shape)}; pass at least one image")
         check_floating(images)  # a bare .float() of uint8 would explain the model on 0..255, which it refuses
-        found = unscaled_range(images)
-        if found is not None:  # float 0..255: the maps would explain the model on inputs it never saw
-            warnings.warn(f"the images range from {found[0]:g} to {found[1]:g}, which looks like raw, unscaled "
-                          "intensities (e.g. 0..255), but the course's models learn on images scaled to 0..1: "
-                          "explain images as the model saw them in training (8-bit: image / 255)", stacklevel=3)
         finite = torch.isfinite(images).flatten(1).all(1)
         if not bool(finite.all()):  # the map of a NaN pixel is NaN, and silently so before any score is taken
             raise ValueError(f"images {torch.nonzero(~finite).flatten().tolist()} hold NaN or infinite values; "
@@ -1394,12 +1402,15 @@ class AttributionExplorer(Explorer):
         """The item and its (1, 1, H, W) map, cached together per (index, head, target, method).
 
         Together: an augmented dataset returns another view of the item on every read, and the map
-        must stay on the image (and mask) it was computed from. The cache keeps the last CACHE_SIZE.
+        must stay on the image (and mask) it was computed from. The cache keeps the CACHE_SIZE views
+        seen last (a view seen again moves to the end; the one unseen longest goes first).
         """
         key = (index, head, target, method)
-        if key not in self._cache:
+        if key in self._cache:
+            self._cache[key] = self._cache.pop(key)  # seen again: now the newest
+        else:
             while len(self._cache) >= self.CACHE_SIZE:
-                del self._cache[next(iter(self._cache))]  # the oldest
+                del self._cache[next(iter(self._cache))]  # the view unseen longest
             item = self.dataset[index]
             image = item["image"][None]
             value = item["mask"][None] if target == "mask" else None if isinstance(target, str) else target

@@ -47,6 +47,7 @@ from mtlearn.checkpoint import (
 from mtlearn.encoder import check_image
 from mtlearn.engine import NonFiniteLossError, NonFiniteWeightsError, non_finite_names
 from mtlearn.utils import (
+    batches_from,
     check_betas,
     check_bool,
     check_int,
@@ -795,56 +796,57 @@ def train_disentangle(
             model.train()
             sums: dict[str, float] = {}
             counts: dict[str, int] = {}
-            for index, batch in enumerate(train_loader, 1):
-                y_a, y_b = _batch_labels(batch, task_keys, training=True)
-                _check_classes((y_a, y_b), task_keys, classes)
-                if image_shape is None:
-                    image_shape = list(batch["image"].shape[1:])
-                elif list(batch["image"].shape[1:]) != image_shape:
-                    raise ValueError(f"the training images are {tuple(batch['image'].shape[1:])} (C, H, W), but "
-                                     f"this run trained on {tuple(image_shape)}: resume with the data of that run, "
-                                     "or start a new run in another out_dir")
-                x = batch["image"].to(device)
-                y_a, y_b = y_a.to(device), y_b.to(device)
-                w = adversary_weight(step, w_adv, warmup_steps, ramp_steps) if adversarial else 0.0
-                record = {"w_adv": w}
-                before = _snapshot(game)  # what a NaN in this batch's adversary or main phase must not keep
+            with batches_from(train_loader) as batches:  # its workers stop at once on an error or Ctrl-C
+                for index, batch in enumerate(batches, 1):
+                    y_a, y_b = _batch_labels(batch, task_keys, training=True)
+                    _check_classes((y_a, y_b), task_keys, classes)
+                    if image_shape is None:
+                        image_shape = list(batch["image"].shape[1:])
+                    elif list(batch["image"].shape[1:]) != image_shape:
+                        raise ValueError(f"the training images are {tuple(batch['image'].shape[1:])} (C, H, W), but "
+                                         f"this run trained on {tuple(image_shape)}: resume with the data of that run, "
+                                         "or start a new run in another out_dir")
+                    x = batch["image"].to(device)
+                    y_a, y_b = y_a.to(device), y_b.to(device)
+                    w = adversary_weight(step, w_adv, warmup_steps, ramp_steps) if adversarial else 0.0
+                    record = {"w_adv": w}
+                    before = _snapshot(game)  # what a NaN in this batch's adversary or main phase must not keep
 
-                # 1. the encoders run once; both phases use these features
-                features_a, features_b = model.encode(x)
+                    # 1. the encoders run once; both phases use these features
+                    features_a, features_b = model.encode(x)
 
-                if adversarial:
-                    # 2. adversary phase. detach(): the adversaries learn from the features as they
-                    #    are; their loss must not send gradients into the encoders.
-                    detached_a, detached_b = features_a.detach(), features_b.detach()
-                    for i in range(adv_steps):
-                        fitted = adversary_step(model, adv_optimizer, detached_a, detached_b, y_a, y_b)
-                        if i == 0:  # scored before any step on this batch (not yet fitted to it)
-                            record.update(fitted)
-                            once = _adversary_buffers(model)
-                    # BatchNorm's running statistics take this batch once, not once per step: 100 steps at
-                    # momentum 0.1 would leave them this one batch's (0.9 ** 100 of everything before)
-                    _restore_buffers(model, once)
-                    # after the steps: how well they fit this one batch (50 images, 64 features: easily)
-                    record.update(fit_accuracy(model, detached_a, detached_b, y_a, y_b))
-                    joint.index_put_((y_a, y_b), torch.ones_like(y_a, dtype=joint.dtype), accumulate=True)
-                    if adv_target == "prior":
-                        target_a, target_b = label_prior(joint, y_b, axis=0), label_prior(joint, y_a, axis=1)
+                    if adversarial:
+                        # 2. adversary phase. detach(): the adversaries learn from the features as they
+                        #    are; their loss must not send gradients into the encoders.
+                        detached_a, detached_b = features_a.detach(), features_b.detach()
+                        for i in range(adv_steps):
+                            fitted = adversary_step(model, adv_optimizer, detached_a, detached_b, y_a, y_b)
+                            if i == 0:  # scored before any step on this batch (not yet fitted to it)
+                                record.update(fitted)
+                                once = _adversary_buffers(model)
+                        # BatchNorm's running statistics take this batch once, not once per step: 100 steps at
+                        # momentum 0.1 would leave them this one batch's (0.9 ** 100 of everything before)
+                        _restore_buffers(model, once)
+                        # after the steps: how well they fit this one batch (50 images, 64 features: easily)
+                        record.update(fit_accuracy(model, detached_a, detached_b, y_a, y_b))
+                        joint.index_put_((y_a, y_b), torch.ones_like(y_a, dtype=joint.dtype), accumulate=True)
+                        if adv_target == "prior":
+                            target_a, target_b = label_prior(joint, y_b, axis=0), label_prior(joint, y_a, axis=1)
+                        else:
+                            target_a, target_b = torch.full((len(x), k_a), 1 / k_a), torch.full((len(x), k_b), 1 / k_b)
+                            target_a, target_b = target_a.to(device), target_b.to(device)
                     else:
-                        target_a, target_b = torch.full((len(x), k_a), 1 / k_a), torch.full((len(x), k_b), 1 / k_b)
-                        target_a, target_b = target_a.to(device), target_b.to(device)
-                else:
-                    target_a = target_b = None
+                        target_a = target_b = None
 
-                # 3. main phase: encoders + task heads (+ the adversarial terms)
-                record.update(main_step(model, optimizer, features_a, features_b, y_a, y_b, w, adv_loss,
-                                        target_a, target_b, w_leak, leakage))
-                if schedule is not None:
-                    schedule.step()
-                for k, v in record.items():
-                    sums[k] = sums.get(k, 0.0) + v
-                    counts[k] = counts.get(k, 0) + 1
-                step += 1
+                    # 3. main phase: encoders + task heads (+ the adversarial terms)
+                    record.update(main_step(model, optimizer, features_a, features_b, y_a, y_b, w, adv_loss,
+                                            target_a, target_b, w_leak, leakage))
+                    if schedule is not None:
+                        schedule.step()
+                    for k, v in record.items():
+                        sums[k] = sums.get(k, 0.0) + v
+                        counts[k] = counts.get(k, 0) + 1
+                    step += 1
             # finite losses do not guarantee finite weights (the epoch's last update can overflow): stop
             # before its last.pt would replace the good one of the previous epoch, as fit does
             bad = non_finite_names([*model.state_dict().items(),

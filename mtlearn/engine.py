@@ -61,6 +61,7 @@ from mtlearn.encoder import unscaled_range
 from mtlearn.losses import TASK_TARGETS, LossConfig, build_losses, check_tasks, task_losses
 from mtlearn.metrics import METRIC_KEYS, MetricAccumulator
 from mtlearn.utils import (
+    batches_from,
     check_adamw,
     check_bool,
     check_int,
@@ -961,9 +962,8 @@ def _train_one_epoch(run: _Run, loader, epoch: int, tasks: tuple[str, ...], bar,
     run.train_model.train()
     sums = np.zeros(len(tasks) + 1)  # per-task losses, then the total
     started, steps = time.perf_counter(), 0
-    batches = iter(loader)  # starts the loader's worker processes: waiting for data as much as next() is
-    data_time = time.perf_counter() - started
-    try:
+    with batches_from(loader) as batches:  # starts the loader's workers: waiting for data as much as next() is
+        data_time = time.perf_counter() - started
         while True:
             waited = time.perf_counter()
             batch = next(batches, None)
@@ -990,23 +990,12 @@ def _train_one_epoch(run: _Run, loader, epoch: int, tasks: tuple[str, ...], bar,
             sums += np.append(values, total)
             bar.update(1)
             bar.set_postfix({t: f"{v:.3f}" for t, v in zip((*tasks, "total"), (*values, total))}, refresh=False)
-    except BaseException:  # an error, Ctrl-C: Jupyter keeps the traceback, and with it this frame and the
-        _stop_workers(batches)  # iterator, whose worker processes then ran on until the next error
-        raise
     synchronize(run.device)  # the last step's backward and update may still be queued on the GPU
     epoch_time = time.perf_counter() - started
     means = _mean_across_processes(list(sums / max(steps, 1)) + [epoch_time, data_time], run.device)
     record = {f"train/{t}": v for t, v in zip((*tasks, "total"), means)}
     record.update(epoch_time=means[-2], data_time=means[-1], data_share=means[-1] / max(means[-2], 1e-12))
     return record
-
-
-def _stop_workers(batches) -> None:
-    """Stop the worker processes of a DataLoader iterator now, not when it is garbage (a kept traceback
-    keeps it). A loader with persistent_workers keeps its workers by design, for its next pass."""
-    stop = getattr(batches, "_shutdown_workers", None)  # torch's multi-process iterator has it (private API)
-    if stop is not None and not getattr(batches, "_persistent_workers", False):
-        stop()
 
 
 def _forward(run: _Run, batch: Mapping[str, Any], tasks: tuple[str, ...],
@@ -1097,8 +1086,10 @@ def evaluate(model: nn.Module, loader, tasks: Sequence[str] | None = None, *,
     elif set(accumulator.tasks) != set(tasks):  # its tasks decide the metrics: the others' would be missing
         raise ValueError(f"the accumulator was built for tasks {accumulator.tasks}, but evaluate runs {tasks}; "
                          f"build it with MetricAccumulator({tasks})")
-    with eval_mode(model):  # each submodule gets its own mode back (a frozen BatchNorm stays frozen)
-        for batch in tqdm(loader, desc="evaluate", disable=not (progress and is_main_process()), leave=False):
+    # eval_mode: each submodule gets its own mode back (a frozen BatchNorm stays frozen)
+    with eval_mode(model), batches_from(loader) as batches:
+        for batch in tqdm(batches, total=_length(loader), desc="evaluate", leave=False,
+                          disable=not (progress and is_main_process())):
             batch = _to_device(batch, device, channels_last)
             with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
                 outputs = model(batch["image"])

@@ -14,7 +14,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from mtlearn.utils import is_int
+from mtlearn.utils import _kind, is_int
 
 TASK_COLOURS = {"seg": "tab:blue", "cls": "tab:orange", "recon": "tab:green", "total": "black"}  # in every panel
 SPARE_COLOURS = ("tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan")  # other names, in order
@@ -64,13 +64,6 @@ def _draw_image(ax, picture: np.ndarray, low: float | None = None, high: float |
     if low < 0 or high > 1:
         picture = (picture - low) / (high - low if high > low else 1.0)
     return ax.imshow(np.clip(np.nan_to_num(picture), 0.0, 1.0))
-
-
-def _kind(x) -> str:
-    """What `x` is, for an error message: "a Tensor of shape (1, 8, 8)", "a tuple", "an int"."""
-    name, shape = type(x).__name__, getattr(x, "shape", None)
-    article = "an" if name[0] in "aeiouAEIOU" else "a"
-    return f"{article} {name}" + (f" of shape {tuple(shape)}" if shape is not None else "")
 
 
 def _outline(x, name: str, size: tuple[int, int]) -> np.ndarray:

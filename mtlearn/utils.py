@@ -123,13 +123,20 @@ def environment_report(device: str | torch.device = "auto") -> dict[str, str]:
     return report
 
 
+def _kind(x) -> str:
+    """What `x` is, for an error message: "a Tensor of shape (1, 8, 8)", "a tuple", "an int"."""
+    name, shape = type(x).__name__, getattr(x, "shape", None)
+    article = "an" if name[0] in "aeiouAEIOU" else "a"
+    return f"{article} {name}" + (f" of shape {tuple(shape)}" if shape is not None else "")
+
+
 def _check_module(model, function: str) -> None:
     """A TypeError unless `model` is a built network: count_parameters("tiny") said "'str' object has no
     attribute 'parameters'"."""
     if not isinstance(model, nn.Module):
         example = f"build_model({model!r})" if isinstance(model, str) else "build_model('tiny')"
-        raise TypeError(f"{function} takes a model (an nn.Module), got a {type(model).__name__}; build it first, "
-                        f"e.g. {function}(mtlearn.{example})")
+        raise TypeError(f"{function} takes a model (an nn.Module), got {_kind(model)}; build it first, e.g. "
+                        f"{function}(mtlearn.{example})")
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
@@ -397,8 +404,11 @@ def check_loader(name: str, loader, wrap: str, reused: bool = True) -> None:
     # fit(model, train, config) took the config for val_loader: a whole epoch trained on the defaults first
     options = isinstance(loader, Mapping) or dataclasses.is_dataclass(loader)
     if loader is not None and (options or isinstance(loader, str) or not hasattr(loader, "__iter__")):
-        raise TypeError(f"{name} must be a DataLoader (or a list of batch dicts), got a {type(loader).__name__}"
-                        + ("; options go by keyword, e.g. epochs=5" if options else ""))
+        hint = ""
+        if options:  # evaluate(model, batch) has no epochs: a dict there is one batch
+            hint = ("; options go by keyword, e.g. epochs=5" if reused else
+                    "; one batch goes in a list, [batch]" if isinstance(loader, Mapping) else "; options go by keyword")
+        raise TypeError(f"{name} must be a DataLoader (or a list of batch dicts), got a {type(loader).__name__}{hint}")
 
 
 def check_folder(path: str | os.PathLike, option: str, receives: str) -> None:
@@ -595,6 +605,36 @@ def _process_alive(pid: int) -> bool:
     except OverflowError:  # an id past any process's
         return False
     return True
+
+
+def user_stacklevel() -> int:
+    """The stacklevel at which warnings.warn names the first frame outside mtlearn, torch and contextlib:
+    the user's own line, however many of our functions and torch's decorators (no_grad, inference_mode)
+    lie between. Call it in the function that warns."""
+    internal = (str(Path(__file__).parent), str(Path(torch.__file__).parent), contextlib.__file__)
+    frame, level = sys._getframe(1), 1  # 1: the function that warns
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(internal):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+@contextlib.contextmanager
+def batches_from(loader):
+    """iter(loader), for a `with` block; should the block end by an exception (an error, Ctrl-C), the
+    iterator's worker processes are stopped at once.
+
+    Why: Jupyter keeps the last traceback, and with it the frames that hold the iterator, so after an
+    interrupted loop its DataLoader workers (and their file handles) ran on until the next error
+    replaced it. A loader with persistent_workers keeps its workers by design, for its next pass.
+    """
+    batches = iter(loader)
+    try:
+        yield batches
+    except BaseException:
+        stop = getattr(batches, "_shutdown_workers", None)  # torch's multi-process iterator (a private method)
+        if stop is not None and not getattr(batches, "_persistent_workers", False):
+            stop()
+        raise
 
 
 @contextlib.contextmanager

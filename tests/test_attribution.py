@@ -7,6 +7,7 @@ matplotlib.use("Agg")
 import copy
 import math
 import re
+import warnings
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -695,6 +696,9 @@ def test_viewer_redraws_on_control_changes(model, data):
     for index in range(4):  # views not seen before (class 1)
         viewer.compute(index, "cls", 1, "saliency")
     assert list(viewer._cache) == [(index, "cls", 1, "saliency") for index in (1, 2, 3)]  # the oldest went
+    viewer.compute(1, "cls", 1, "saliency")  # seen again: kept over 2, unseen longer
+    viewer.compute(0, "cls", 1, "saliency")
+    assert list(viewer._cache) == [(index, "cls", 1, "saliency") for index in (3, 1, 0)]
 
 
 def test_viewer_offers_lesion_targets_only_where_the_data_has_masks(model, data):
@@ -895,10 +899,26 @@ def test_default_options_still_accepted(explainer, images):
 def test_bad_inputs_are_named(model, explainer, images):
     with pytest.raises(ValueError, match=r"\(B, C, H, W\)"):
         explainer.attribute(images[0], "cls", method="saliency")
-    with pytest.raises(TypeError, match=r"got a ndarray of shape \(2, 1, 32, 32\); convert it with torch\.as_tensor"):
+    with pytest.raises(TypeError, match=r"got a ndarray of shape \(2, 1, 32, 32\); convert it with torch\.as_tensor"
+                                        r"\(images\)\.float\(\)$"):
         explainer.attribute(images.numpy(), "cls", method="saliency")  # "add a batch axis" was the advice
-    with pytest.warns(UserWarning, match="range from 0 to 255, which looks like raw, unscaled intensities"):
-        explainer.attribute((images * 255).round().clamp(0, 255), "cls", method="saliency")
+    with pytest.raises(TypeError, match=r"\.float\(\) / 255 \(8-bit: 0\.\.255 -> 0\.\.1\)"):
+        explainer.attribute((images.numpy() * 255).astype(np.uint8), "cls", method="saliency")
+    with pytest.raises(TypeError, match=r"got a list; stack the images into one, torch\.stack\(images\)"):
+        explainer.attribute(list(images), "cls", method="saliency")  # as_tensor fails on a list of tensors
+
+
+def test_images_in_0_to_255_are_warned_about_once_at_the_callers_line(model, images):
+    explainer = A.Explainer(model)
+    raw = (images * 255).round().clamp(0, 255)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        explainer.attribute(raw, "cls", method="saliency")  # through torch's decorators: named torch's file
+        explainer.attribute(raw, "cls", method="saliency")  # once per explainer, not per call or batch
+        A.localisation_scores(A.Explainer(model), raw, torch.ones(2, 1, SIZE, SIZE), methods=["saliency"])
+    said = [(str(w.message), w.filename) for w in caught]
+    assert len(said) == 2 and all(filename == __file__ for _, filename in said)
+    assert "range from 0 to 255, which looks like raw, unscaled intensities" in said[0][0]
     with pytest.raises(ValueError, match="no module named"):
         A.Explainer(model, layer="encoder.nothing").attribute(images, "cls", method="gradcam")
     with pytest.raises(ValueError, match="pass layer="):

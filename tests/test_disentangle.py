@@ -409,6 +409,34 @@ def tiny_loaders():
     return DataLoader(train, batch_size=16, shuffle=True, drop_last=True), DataLoader(test, batch_size=20)
 
 
+class _BreaksAt(torch.utils.data.Dataset):
+    """The items of `data` up to index `at`, then an error, as a damaged file would raise."""
+
+    def __init__(self, data, at: int):
+        self.data, self.at = data, at
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, index):
+        if index >= self.at:
+            raise OSError("simulated unreadable image")
+        return self.data[index]
+
+
+def test_train_disentangle_stopped_by_an_error_in_the_data_stops_the_loader_workers(tiny_loaders):
+    """The error comes out of the loader's own next(), whose frames (holding the iterator) the traceback
+    keeps, and Jupyter keeps the last traceback: the other worker ran on."""
+    import multiprocessing
+
+    data = _BreaksAt(tiny_loaders[0].dataset, at=16)
+    before = {process.pid for process in multiprocessing.active_children()}
+    with pytest.raises(OSError, match="simulated unreadable image") as kept:
+        D.train_disentangle(tiny_model(), DataLoader(data, batch_size=8, num_workers=2), epochs=1, adv_steps=1,
+                            device="cpu", progress=False)
+    assert kept.tb is not None and {process.pid for process in multiprocessing.active_children()} <= before
+
+
 @pytest.mark.parametrize("kind", list(D.MODELS))
 def test_train_disentangle_runs_every_model(kind, tiny_loaders):
     train, val = tiny_loaders

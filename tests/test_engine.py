@@ -1025,16 +1025,24 @@ def test_evaluate_names_a_dataset_given_for_its_loader_without_training_advice()
     with pytest.raises(TypeError, match=r"loader is a Dataset \(ToyData\), not a DataLoader; wrap it: "
                                         r"torch\.utils\.data\.DataLoader\(dataset, batch_size=8\)$"):
         evaluate(ToyNet(), val.dataset, TASKS)
+    batch = next(iter(val))  # fit's "options go by keyword, e.g. epochs=5": evaluate has no epochs
+    with pytest.raises(TypeError, match=r"loader must be a DataLoader \(or a list of batch dicts\), got a dict; one "
+                                        r"batch goes in a list, \[batch\]$"):
+        evaluate(ToyNet(), batch, TASKS)
     items = [val.dataset[i] for i in range(4)]  # a list of items reaches the batch check
     with pytest.raises(TypeError, match=r"single items.*batch_size=8\) \(and shuffle=True for training\)"):
         evaluate(ToyNet(), items, TASKS)
 
 
+def _children() -> set[int]:
+    import multiprocessing
+
+    return {process.pid for process in multiprocessing.active_children()}
+
+
 def test_an_interrupted_fit_stops_its_loader_workers_though_the_traceback_is_kept(monkeypatch):
     """Jupyter keeps the last traceback, which holds fit's frames and so the loader's iterator: after a
     Ctrl-C its worker processes ran on until the next error replaced it."""
-    import multiprocessing
-
     import mtlearn.engine as engine
 
     update, steps = engine._update, []
@@ -1046,13 +1054,22 @@ def test_an_interrupted_fit_stops_its_loader_workers_though_the_traceback_is_kep
         return update(run, losses)
 
     train = DataLoader(ToyData(), batch_size=4, shuffle=True, num_workers=2, generator=torch.Generator().manual_seed(0))
+    before = _children()
     monkeypatch.setattr(engine, "_update", interrupt_at_the_third_step)
-    try:
+    with pytest.raises(KeyboardInterrupt) as kept:  # as IPython keeps sys.last_exc: its traceback, every frame
         _fit_on_cpu(ToyNet(), train, None, epochs=1)
-    except KeyboardInterrupt as error:
-        kept = error  # as IPython keeps sys.last_exc, with its traceback and every frame in it
-    assert len(steps) == 3 and kept.__traceback__ is not None
-    assert multiprocessing.active_children() == []
+    assert len(steps) == 3 and kept.tb is not None
+    assert _children() <= before
+
+
+def test_evaluate_stopped_by_an_error_in_the_data_stops_the_loader_workers():
+    """The error comes out of the loader's own next(), whose frames (holding the iterator) the traceback
+    keeps: the other worker ran on."""
+    data = DataLoader(ToyData(crash_after=2), batch_size=4, num_workers=2)
+    before = _children()
+    with pytest.raises(RuntimeError, match="simulated crash") as kept:
+        evaluate(ToyNet(), data, TASKS, device="cpu")
+    assert kept.tb is not None and _children() <= before
 
 
 @pytest.mark.parametrize("third, options", [(TrainConfig(epochs=1), True), ({"epochs": 1}, True), (5, False),

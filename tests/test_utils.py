@@ -91,12 +91,38 @@ def test_count_parameters_trainable_only():
     assert count_parameters(model, trainable_only=True) == 10
 
 
+def test_batches_from_stops_the_workers_when_its_block_fails_but_not_persistent_ones():
+    import multiprocessing
+
+    from torch.utils.data import DataLoader
+
+    from mtlearn.utils import batches_from
+
+    def children():
+        return {process.pid for process in multiprocessing.active_children()}
+
+    data = list(range(32))
+    for persistent in (False, True):
+        loader = DataLoader(data, batch_size=4, num_workers=2, persistent_workers=persistent)
+        before = children()
+        with pytest.raises(KeyboardInterrupt) as kept:
+            with batches_from(loader) as batches:
+                assert next(batches).tolist() == [0, 1, 2, 3]
+                raise KeyboardInterrupt
+        assert kept.tb is not None  # the traceback, and the frames holding the iterator, are kept
+        left = children() - before
+        assert len(left) == (2 if persistent else 0)  # persistent workers wait for the loader's next pass
+        if persistent:
+            assert [b.tolist() for b in loader][0] == [0, 1, 2, 3]  # and serve it
+            del kept, batches, loader  # their owner gone, they stop
+
+
 def test_counting_a_preset_name_instead_of_a_model_is_named():
     """count_parameters("tiny") said "'str' object has no attribute 'parameters'"."""
     with pytest.raises(TypeError, match=r"count_parameters takes a model \(an nn\.Module\), got a str; build it "
                                         r"first, e\.g\. count_parameters\(mtlearn\.build_model\('tiny'\)\)"):
         count_parameters("tiny")
-    with pytest.raises(TypeError, match=r"count_flops takes a model .*got a OrderedDict"):
+    with pytest.raises(TypeError, match=r"count_flops takes a model .*got an OrderedDict"):
         count_flops(nn.Linear(2, 2).state_dict(), torch.zeros(1, 2))
 
 
