@@ -41,6 +41,22 @@ def test_the_course_has_its_numbered_notebooks():
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_the_notebook_validates_under_nbformat_with_a_unique_id_per_cell(path):
+    """A cell added by hand without an id made every reader of the notebook warn MissingIDFieldWarning,
+    which future nbformat versions will make an error."""
+    import warnings
+
+    import nbformat
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the missing id is only a warning today
+        notebook = nbformat.read(path, as_version=nbformat.NO_CONVERT)
+        nbformat.validate(notebook)
+    ids = [cell.get("id") for cell in notebook.cells]
+    assert None not in ids and len(set(ids)) == len(ids)
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_setup_cell_comes_first_and_installs_only_when_needed(path):
     first = load(path)[0]
     assert first["cell_type"] == "code"
