@@ -213,7 +213,7 @@ def rng_state(loader=None, device: str | torch.device | None = None) -> dict:
     rank 0 writes the checkpoint), and "loader_generator" / "sampler_generator" /
     "batch_sampler_generator" when `loader` (a DataLoader) shuffles with its own generator.
     device: the GPU training runs on, whose generator dropout draws from (None: the current one;
-    fit(device="cuda:1") does not make GPU 1 the current one).
+    fit(device="cuda:1") does not make GPU 1 the current one); a CPU device saves no GPU's state.
     Collective under torchrun (it gathers every process's state): every rank must call it.
     """
     np_state = np.random.get_state()
@@ -269,11 +269,12 @@ def _cuda_device(device: str | torch.device | None) -> str | torch.device:
 
 def _cuda_rng_states(device: str | torch.device | None = None) -> list[Tensor]:
     """The random state of the GPU `device` (None: the current one), one per process under torchrun
-    (rank k restores its own).
+    (rank k restores its own). A `device` that is no GPU (a run on the CPU) draws from no GPU's
+    generator: [] (reading GPU 0's would start CUDA there, a context per process under torchrun).
 
     Collective under torchrun: every rank must call it, so it runs before the rank-0-only save.
     """
-    if not torch.cuda.is_available():
+    if not torch.cuda.is_available() or (device is not None and torch.device(device).type != "cuda"):
         return []
     state = torch.cuda.get_rng_state(_cuda_device(device))
     world, _ = world_and_rank()

@@ -302,7 +302,9 @@ def _check_val_targets(val_loader, tasks: Sequence[str]) -> None:
     map-style datasets of dict items are checked; the training batches are checked by the first step.
     """
     dataset = getattr(val_loader, "dataset", None)
-    state = rng_state()  # a dataset may draw from the global generators: the run must draw as without the check
+    # a dataset may draw from the global generators: the run must draw as without the check (the CPU's
+    # generators: reading an item draws from no GPU's, and asking one for its state would start CUDA)
+    state = rng_state(device="cpu")
     try:
         item = dataset[0] if dataset is not None and len(dataset) else None
     except Exception:  # an IterableDataset or a dataset that cannot be read by index: the first evaluation will say

@@ -1019,6 +1019,21 @@ def test_dataset_instead_of_a_loader_is_named():
             _fit(ToyNet(), *loaders)  # trained (or validated) the first epoch only, without a word
 
 
+def test_the_check_of_the_validation_items_does_not_start_cuda(monkeypatch):
+    """It keeps the generators a dataset may draw from while it reads an item; it read GPU 0's too, which
+    started CUDA there even for a run on the CPU (a context per torchrun process on a GPU machine)."""
+    import mtlearn.engine as engine
+
+    def touched(*args, **kwargs):
+        raise AssertionError("CUDA was asked for its random state")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", touched)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", touched)
+    _, val = _loaders()
+    engine._check_val_targets(val, TASKS)  # reads one item, and puts the CPU's generators back
+
+
 def test_evaluate_names_a_dataset_given_for_its_loader_without_training_advice():
     """evaluate(model, test_set) was told to wrap it in DataLoader(data, batch_size=8, shuffle=True)."""
     _, val = _loaders()
