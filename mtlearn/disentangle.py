@@ -431,18 +431,23 @@ class LossNotFiniteError(FloatingPointError):
 
 def _stop_if_not_finite(**losses: torch.Tensor) -> None:
     """Raise LossNotFiniteError for the first loss that is NaN or inf (call it before backward)."""
+    if bool(torch.isfinite(torch.stack([loss.detach().float() for loss in losses.values()])).all()):
+        return  # one read from the device for all of them: on a GPU each read waits for the queued work
     for name, loss in losses.items():
         if not torch.isfinite(loss):
             raise LossNotFiniteError(name, loss.item())
 
 
 def adversary_step(model: DisentangleNet, optimizer: torch.optim.Optimizer, features_a: torch.Tensor,
-                   features_b: torch.Tensor, y_a: torch.Tensor, y_b: torch.Tensor) -> dict[str, float]:
+                   features_b: torch.Tensor, y_a: torch.Tensor, y_b: torch.Tensor,
+                   scores: bool = True) -> dict[str, float]:
     """The adversary phase (step 2 of train_disentangle's loop): one optimiser step of both adversaries.
 
     The encoders are not touched.
 
     features_*: (B, C, h, w) encoder features, detached by the caller; y_*: (B,) labels.
+    scores: return the step's losses and accuracies (False: {}). Each is read from the device, which on
+    a GPU waits for the queued work, so train_disentangle asks only on the first of its adv_steps steps.
     Raises LossNotFiniteError, before the optimiser step, if a loss is NaN or inf.
     """
     adv_a, adv_b = model.adversaries(features_a, features_b)
@@ -451,6 +456,8 @@ def adversary_step(model: DisentangleNet, optimizer: torch.optim.Optimizer, feat
     optimizer.zero_grad(set_to_none=True)
     (loss_a + loss_b).backward()
     optimizer.step()
+    if not scores:
+        return {}
     return {"adv_loss_a": loss_a.item(), "adv_loss_b": loss_b.item(),
             "adv_acc_a": _accuracy(adv_a, y_a), "adv_acc_b": _accuracy(adv_b, y_b)}
 
@@ -820,8 +827,9 @@ def train_disentangle(
                         #    are; their loss must not send gradients into the encoders.
                         detached_a, detached_b = features_a.detach(), features_b.detach()
                         for i in range(adv_steps):
-                            fitted = adversary_step(model, adv_optimizer, detached_a, detached_b, y_a, y_b)
-                            if i == 0:  # scored before any step on this batch (not yet fitted to it)
+                            # scored on the first step only: before any step on this batch (not yet fitted to it)
+                            fitted = adversary_step(model, adv_optimizer, detached_a, detached_b, y_a, y_b, i == 0)
+                            if i == 0:
                                 record.update(fitted)
                                 once = _adversary_buffers(model)
                         # BatchNorm's running statistics take this batch once, not once per step: 100 steps at

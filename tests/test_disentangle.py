@@ -221,6 +221,27 @@ def test_adversary_step_learns_and_leaves_the_rest_frozen(shapes_batch):
         assert all(p.grad is None for p in getattr(model, name).parameters()), f"{name} got gradients"
 
 
+def test_an_adversary_step_without_scores_takes_the_same_step_and_reads_nothing_back(shapes_batch, monkeypatch):
+    """train_disentangle keeps the scores of the first of its 100 steps a batch: the others read four numbers
+    back each (and two for the NaN check), every read a wait for the GPU's queue."""
+    torch.manual_seed(0)
+    model = tiny_model()
+    x, y_a, y_b = shapes_batch["image"], shapes_batch["shape"], shapes_batch["background"]
+    features_a, features_b = (f.detach() for f in model.encode(x))
+    quiet = copy.deepcopy(model)
+    D.adversary_step(model, torch.optim.SGD(model.adversary_parameters(), lr=0.05), features_a, features_b, y_a, y_b)
+    reads = []
+    for method in ("item", "__bool__"):
+        original = getattr(torch.Tensor, method)
+        monkeypatch.setattr(torch.Tensor, method, lambda self, original=original: reads.append(1) or original(self))
+    scores = D.adversary_step(quiet, torch.optim.SGD(quiet.adversary_parameters(), lr=0.05), features_a, features_b,
+                              y_a, y_b, scores=False)
+    monkeypatch.undo()
+    assert scores == {} and len(reads) == 1  # the NaN check, once for both losses
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, quiet.state_dict()[key]), key
+
+
 @pytest.mark.parametrize("adv_loss", ["negative_ce", "confusion"])
 def test_main_step_makes_the_frozen_adversary_worse(shapes_batch, adv_loss):
     torch.manual_seed(0)
@@ -2054,11 +2075,11 @@ def test_a_nan_after_some_adversary_steps_leaves_the_adversaries_as_they_were(mo
     D.train_disentangle(reference, good, **kwargs)
     adversary_step, calls = D.adversary_step, []
 
-    def fails_on_the_second_step_of_batch_two(*args):
+    def fails_on_the_second_step_of_batch_two(*args, **kwargs):
         calls.append(1)
         if len(calls) == 5:  # 3 steps on batch 1, then one real step on batch 2 before this one
             raise D.LossNotFiniteError("adv_loss_a", float("nan"))
-        return adversary_step(*args)
+        return adversary_step(*args, **kwargs)
 
     monkeypatch.setattr(D, "adversary_step", fails_on_the_second_step_of_batch_two)
     with pytest.raises(NonFiniteLossError, match=r"epoch 1, step 2"):
