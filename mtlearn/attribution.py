@@ -49,8 +49,8 @@ from tqdm.auto import tqdm
 
 from mtlearn.encoder import ResFormerEncoder, check_floating, init_weights, unscaled_range
 from mtlearn.mtl import MultiTaskUNet
-from mtlearn.plots import _array, _draw_image, _image, _kind
-from mtlearn.utils import check_int, check_number, find_class_names, is_finite, is_number, user_stacklevel
+from mtlearn.plots import _array, _draw_image, _image
+from mtlearn.utils import _kind, check_int, check_number, find_class_names, is_finite, is_number, user_stacklevel
 from mtlearn.widgets import Explorer, say_in, show_in
 
 HEADS = ("cls", "seg", "recon")
@@ -388,7 +388,7 @@ class Explainer:
         if not isinstance(images, Tensor):  # "add a batch axis" was no advice for a NumPy batch
             if isinstance(images, (list, tuple)) and images and all(isinstance(x, Tensor) for x in images):
                 fix = "stack the images into one, torch.stack(images)"
-            elif getattr(getattr(images, "dtype", None), "kind", "") in ("i", "u"):  # a NumPy array of 8-bit values
+            elif getattr(images, "dtype", None) == np.uint8:  # an 8-bit NumPy batch
                 fix = "convert it with torch.as_tensor(images).float() / 255 (8-bit: 0..255 -> 0..1)"
             else:
                 fix = "convert it with torch.as_tensor(images).float()"

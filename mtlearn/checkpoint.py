@@ -255,11 +255,18 @@ def set_rng_state(state: Mapping, loader=None, device: str | torch.device | None
                          numpy["has_gauss"], numpy["cached_gaussian"]))
     version, internal, gauss_next = state["python"]
     random.setstate((version, tuple(internal), gauss_next))
-    if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == world:
+    if state["cuda"] and _draws_from_a_gpu(device) and len(state["cuda"]) == world:
         torch.cuda.set_rng_state(state["cuda"][rank], _cuda_device(device))
     for name, generator in _loader_generators(loader).items():
         if name in state:
             generator.set_state(state[name])
+
+
+def _draws_from_a_gpu(device: str | torch.device | None) -> bool:
+    """Whether a run on `device` draws from a GPU's generator (None: the current GPU, if there is one).
+    A run on the CPU does not, and reading or setting GPU 0's state would start CUDA there (a context
+    per process under torchrun)."""
+    return torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda")
 
 
 def _cuda_device(device: str | torch.device | None) -> str | torch.device:
@@ -269,12 +276,11 @@ def _cuda_device(device: str | torch.device | None) -> str | torch.device:
 
 def _cuda_rng_states(device: str | torch.device | None = None) -> list[Tensor]:
     """The random state of the GPU `device` (None: the current one), one per process under torchrun
-    (rank k restores its own). A `device` that is no GPU (a run on the CPU) draws from no GPU's
-    generator: [] (reading GPU 0's would start CUDA there, a context per process under torchrun).
+    (rank k restores its own); [] for a run that draws from none (_draws_from_a_gpu).
 
     Collective under torchrun: every rank must call it, so it runs before the rank-0-only save.
     """
-    if not torch.cuda.is_available() or (device is not None and torch.device(device).type != "cuda"):
+    if not _draws_from_a_gpu(device):
         return []
     state = torch.cuda.get_rng_state(_cuda_device(device))
     world, _ = world_and_rank()

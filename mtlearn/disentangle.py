@@ -828,7 +828,8 @@ def train_disentangle(
                         detached_a, detached_b = features_a.detach(), features_b.detach()
                         for i in range(adv_steps):
                             # scored on the first step only: before any step on this batch (not yet fitted to it)
-                            fitted = adversary_step(model, adv_optimizer, detached_a, detached_b, y_a, y_b, i == 0)
+                            fitted = adversary_step(model, adv_optimizer, detached_a, detached_b, y_a, y_b,
+                                                    scores=i == 0)
                             if i == 0:
                                 record.update(fitted)
                                 once = _adversary_buffers(model)
@@ -997,9 +998,9 @@ def recalibrate_batchnorm(model: nn.Module, loader, device: str | torch.device =
         return
     seen = 0
 
-    def images():
+    def images(batches):
         nonlocal seen
-        for batch in loader:
+        for batch in batches:
             if not isinstance(batch, Mapping) or "image" not in batch:
                 raise ValueError(f"each batch must be a dict with an 'image' tensor, got "
                                  f"{sorted(batch) if isinstance(batch, Mapping) else type(batch).__name__}")
@@ -1014,7 +1015,8 @@ def recalibrate_batchnorm(model: nn.Module, loader, device: str | torch.device =
     model.to(device)  # where the images go: a CPU model with device "auto" on a GPU machine failed
     finished = False
     try:
-        update_bn(images(), model)
+        with batches_from(loader) as batches:  # the loader's workers stop at once on an error or Ctrl-C
+            update_bn(images(batches), model)
         finished = bool(seen)
     except OneImageBatchError:  # update_bn runs the model in training mode: a classifier's BatchNorm1d sees 1 value
         raise ValueError(f"batch {seen} holds one image, from which the classifiers' BatchNorm cannot take "
@@ -1063,8 +1065,10 @@ def evaluate_disentangle(model: nn.Module, loader, *, task_keys: tuple[str, str]
                ("adv_acc_a", "adv_a", key_a), ("adv_acc_b", "adv_b", key_b))
     correct: dict[str, float] = {}
     total = 0
-    with eval_mode(model, device):  # the caller's model goes back to its device
-        for batch in loader:
+    # eval_mode: the caller's model goes back to its device; batches_from: the loader's workers stop at once
+    # on an error or Ctrl-C
+    with eval_mode(model, device), batches_from(loader) as batches:
+        for batch in batches:
             y = _batch_labels(batch, task_keys)  # checked before the model runs on it
             out = model(batch["image"].to(device))
             # a model with an encode() of its own can still return something else: it would score nothing

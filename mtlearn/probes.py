@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from mtlearn.utils import check_int, check_label_pair, check_number, is_int
+from mtlearn.utils import batches_from, check_int, check_label_pair, check_number, is_int
 
 EMBEDDINGS = ("pca", "tsne")
 
@@ -60,7 +60,8 @@ def extract_features(
     with contextlib.ExitStack() as stack:
         if module is not None:  # on `device` meanwhile; afterwards its own device, every submodule its own mode
             stack.enter_context(eval_mode(module, device))
-        for batch in loader:
+        batches = stack.enter_context(batches_from(loader))  # its workers stop at once on an error or Ctrl-C
+        for batch in batches:
             if not isinstance(batch, Mapping) or "image" not in batch:  # KeyError 'image', or a TensorDataset's list
                 got = f"keys {sorted(batch)}" if isinstance(batch, Mapping) else f"a {type(batch).__name__}"
                 raise TypeError(f"every batch must be a dict with an 'image' tensor and the labels, got {got}; make "

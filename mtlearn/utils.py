@@ -408,7 +408,7 @@ def check_loader(name: str, loader, wrap: str, reused: bool = True) -> None:
         if options:  # evaluate(model, batch) has no epochs: a dict there is one batch
             hint = ("; options go by keyword, e.g. epochs=5" if reused else
                     "; one batch goes in a list, [batch]" if isinstance(loader, Mapping) else "; options go by keyword")
-        raise TypeError(f"{name} must be a DataLoader (or a list of batch dicts), got a {type(loader).__name__}{hint}")
+        raise TypeError(f"{name} must be a DataLoader (or a list of batch dicts), got {_kind(loader)}{hint}")
 
 
 def check_folder(path: str | os.PathLike, option: str, receives: str) -> None:
@@ -611,7 +611,8 @@ def user_stacklevel() -> int:
     """The stacklevel at which warnings.warn names the first frame outside mtlearn, torch and contextlib:
     the user's own line, however many of our functions and torch's decorators (no_grad, inference_mode)
     lie between. Call it in the function that warns."""
-    internal = (str(Path(__file__).parent), str(Path(torch.__file__).parent), contextlib.__file__)
+    # each folder with its separator: "torch" alone would take torchvision's frames for torch's
+    internal = (str(Path(__file__).parent) + os.sep, str(Path(torch.__file__).parent) + os.sep, contextlib.__file__)
     frame, level = sys._getframe(1), 1  # 1: the function that warns
     while frame.f_back is not None and frame.f_code.co_filename.startswith(internal):
         frame, level = frame.f_back, level + 1

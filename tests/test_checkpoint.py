@@ -540,6 +540,9 @@ def test_the_cuda_state_is_that_of_the_gpu_training_runs_on(device, used, monkey
     monkeypatch.setattr(checkpoint, "world_and_rank", lambda: (1, 0))
     set_rng_state(rng_state(device=device), device=device)
     assert asked == ([used, used] if used is not None else [])
+    asked.clear()  # a GPU run's checkpoint resumed on the CPU: it set GPU 0's state, starting CUDA there
+    set_rng_state({**rng_state(device="cpu"), "cuda": [torch.zeros(8)]}, device=device)
+    assert asked == ([used] if used is not None else [])
 
 
 @pytest.mark.parametrize("error", [RuntimeError("PytorchStreamReader failed reading zip archive: too many files"),

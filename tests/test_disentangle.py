@@ -445,6 +445,20 @@ class _BreaksAt(torch.utils.data.Dataset):
         return self.data[index]
 
 
+def test_train_disentangle_asks_for_the_adversaries_scores_on_the_first_step_of_each_batch(tiny_loaders,
+                                                                                         monkeypatch):
+    adversary_step, asked = D.adversary_step, []
+
+    def records(*args, scores=True, **kwargs):
+        asked.append(scores)
+        return adversary_step(*args, scores=scores, **kwargs)
+
+    monkeypatch.setattr(D, "adversary_step", records)
+    D.train_disentangle(tiny_model(), tiny_loaders[0], epochs=1, adv_steps=3, device="cpu", progress=False,
+                        recalibrate_bn=False)
+    assert asked == [True, False, False] * len(tiny_loaders[0])  # only the first step's scores are recorded
+
+
 def test_train_disentangle_stopped_by_an_error_in_the_data_stops_the_loader_workers(tiny_loaders):
     """The error comes out of the loader's own next(), whose frames (holding the iterator) the traceback
     keeps, and Jupyter keeps the last traceback: the other worker ran on."""
@@ -455,6 +469,21 @@ def test_train_disentangle_stopped_by_an_error_in_the_data_stops_the_loader_work
     with pytest.raises(OSError, match="simulated unreadable image") as kept:
         D.train_disentangle(tiny_model(), DataLoader(data, batch_size=8, num_workers=2), epochs=1, adv_steps=1,
                             device="cpu", progress=False)
+    assert kept.tb is not None and {process.pid for process in multiprocessing.active_children()} <= before
+
+
+@pytest.mark.parametrize("call", [
+    lambda model, loader: D.evaluate_disentangle(model, loader, device="cpu"),
+    lambda model, loader: D.recalibrate_batchnorm(model, loader, device="cpu"),
+    lambda model, loader: mtlearn.probes.extract_features(model.encoder_a, loader, device="cpu"),
+], ids=["evaluate_disentangle", "recalibrate_batchnorm", "extract_features"])
+def test_the_other_loops_over_a_loader_stop_its_workers_on_an_error(call, tiny_loaders):
+    import multiprocessing
+
+    data = _BreaksAt(tiny_loaders[0].dataset, at=16)
+    before = {process.pid for process in multiprocessing.active_children()}
+    with pytest.raises(OSError, match="simulated unreadable image") as kept:
+        call(tiny_model(), DataLoader(data, batch_size=8, num_workers=2))
     assert kept.tb is not None and {process.pid for process in multiprocessing.active_children()} <= before
 
 
@@ -1810,8 +1839,8 @@ def test_adv_fit_accuracy_is_scored_after_the_last_adversary_step(monkeypatch):
     must be the batch's share of background 0, whatever it scored before."""
     step = D.adversary_step
 
-    def step_then_always_zero(model, *args):
-        record = step(model, *args)
+    def step_then_always_zero(model, *args, **kwargs):
+        record = step(model, *args, **kwargs)
         with torch.no_grad():
             model.adv_b.net[-1].weight.zero_()
             model.adv_b.net[-1].bias.copy_(torch.tensor([10.0, -10.0]))

@@ -1094,7 +1094,8 @@ def test_options_in_the_place_of_val_loader_are_named_before_training(third, opt
     epochs, a progress bar) before "'TrainConfig' object is not iterable"."""
     model = ToyNet()
     options = r"; options go by keyword, e\.g\. epochs=5" if options else ""
-    with pytest.raises(TypeError, match=rf"val_loader must be a DataLoader \(or a list of batch dicts\), got a "
+    article = "an" if isinstance(third, int) else "a"
+    with pytest.raises(TypeError, match=rf"val_loader must be a DataLoader \(or a list of batch dicts\), got {article} "
                                         rf"{type(third).__name__}{options}$"):
         fit(model, _loaders()[0], third)
     assert model.calls == 0

@@ -47,9 +47,11 @@ def test_the_notebook_validates_under_nbformat_with_a_unique_id_per_cell(path):
     import warnings
 
     import nbformat
+    from nbformat.warnings import DuplicateCellId, MissingIDFieldWarning
 
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # the missing id is only a warning today
+        for warning in (MissingIDFieldWarning, DuplicateCellId):  # only warnings today
+            warnings.simplefilter("error", warning)
         notebook = nbformat.read(path, as_version=nbformat.NO_CONVERT)
         nbformat.validate(notebook)
     ids = [cell.get("id") for cell in notebook.cells]
