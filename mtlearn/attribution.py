@@ -329,8 +329,8 @@ class Explainer:
         """
         checked = self._check_images(images)
         self.check_options(method, checked.shape[-2:], **method_kw)
-        found = unscaled_range(checked)
-        if found is not None and not self.warned_unscaled:  # the maps would explain inputs the model never saw
+        found = None if self.warned_unscaled else unscaled_range(checked)
+        if found is not None:  # the maps would explain inputs the model never saw
             self.warned_unscaled = True
             warnings.warn(f"the images range from {found[0]:g} to {found[1]:g}, which looks like raw, unscaled "
                           "intensities (e.g. 0..255), but the course's models learn on images scaled to 0..1: "

@@ -13,8 +13,8 @@ from collections.abc import Mapping
 import ipywidgets as widgets
 import matplotlib.pyplot as plt
 
-from mtlearn.plots import _class_index, _draw_image, _flag, _image, _kind, _outline
-from mtlearn.utils import find_class_names
+from mtlearn.plots import _class_index, _draw_image, _flag, _image, _outline
+from mtlearn.utils import _kind, find_class_names
 
 
 def show_in(output: widgets.Output, fig) -> None:
