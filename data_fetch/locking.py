@@ -68,11 +68,14 @@ def _remove_stale(lock: Path, text: str) -> None:
 
 
 def _alive(pid: int) -> bool:
-    """Whether process `pid` of this (POSIX) machine exists; signal 0 asks without sending anything."""
+    """Whether process `pid` of this (POSIX) machine exists; signal 0 asks without sending anything.
+    Also mtlearn.utils' question about the writers of temporary files."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:  # exists, another user's
         return True
+    except OverflowError:  # an id past any process's (a damaged lock or file name)
+        return False
     return True

@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import itertools
 import json
+import functools
 import math
 import os
 import platform
@@ -584,6 +585,7 @@ def _remove_stale_temporaries(path: Path, stem: str) -> None:
             continue
 
 
+@functools.lru_cache(maxsize=1)  # asked twice on every atomic write; the machine's name does not change
 def _host_tag() -> str:
     """8 hex digits naming this machine in a temporary file's name (a hash of its host name)."""
     import hashlib
@@ -593,18 +595,11 @@ def _host_tag() -> str:
 
 
 def _process_alive(pid: int) -> bool:
-    """Whether process `pid` runs on this machine (True where that cannot be asked: off POSIX)."""
-    if pid == os.getpid() or os.name != "posix":
-        return True
-    try:
-        os.kill(pid, 0)  # signal 0: only asks
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process: it runs
-        return True
-    except OverflowError:  # an id past any process's
-        return False
-    return True
+    """Whether process `pid` runs on this machine (True where that cannot be asked: off POSIX, and for
+    this process itself, which may be writing another temporary file of the same path right now)."""
+    from data_fetch.locking import _alive  # the lock files' own question, asked the same way
+
+    return pid == os.getpid() or os.name != "posix" or _alive(pid)
 
 
 def user_stacklevel() -> int:
