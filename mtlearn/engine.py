@@ -80,6 +80,7 @@ from mtlearn.utils import (
 from mtlearn.weighting import (
     GradNorm,
     LossWeighting,
+    PCGrad,
     build_weighting,
     find_shared_parameters,
     has_trained,
@@ -164,7 +165,7 @@ class TrainConfig:
     device: str = "auto"  # "auto" (CUDA, then MPS, then CPU), "cpu", "cuda", "cuda:1", "mps"
     amp: str | bool = "auto"  # "auto" (bf16/fp16 on CUDA, off elsewhere), "bf16", "fp16", "off"
     channels_last: bool | None = None  # NHWC memory layout (None: on CUDA only)
-    compile: bool = False  # torch.compile the model for training
+    compile: bool = False  # torch.compile the model for training (its first steps compile: a minute or more)
     monitor: str = "auto"  # validation metric that selects best.pt ("auto": seg/dice, else cls/auc, else recon/psnr)
     data_range: float = 1.0  # max - min of the clean images, for PSNR/SSIM
     out_dir: str | os.PathLike | None = None  # where last.pt and best.pt go (None: no checkpoints)
@@ -457,10 +458,13 @@ def _make_config(config: TrainConfig | None, overrides: Mapping[str, Any]) -> Tr
     if config.channels_last is not None:
         check_bool("channels_last (or None: on CUDA only)", config.channels_last)
     check_run_folder(config.out_dir, config.resume)
-    if config.compile and (config.weighting == "gradnorm" or isinstance(config.weighting, GradNorm)):
-        raise ValueError("weighting='gradnorm' cannot train with compile=True: GradNorm differentiates gradient "
-                         "norms (a double backward), which torch.compile does not support. Use compile=False "
-                         "or another weighting")
+    for name, kind, why in (("gradnorm", GradNorm, "GradNorm differentiates gradient norms (a double backward)"),
+                            ("pcgrad", PCGrad, "PCGrad back-propagates each task's loss on its own through the "
+                             "shared encoder (retain_graph)")):
+        # each failed only at the first step, after minutes of compiling
+        if config.compile and (config.weighting == name or isinstance(config.weighting, kind)):
+            raise ValueError(f"weighting={name!r} cannot train with compile=True: {why}, which a compiled "
+                             "backward does not support. Use compile=False or another weighting")
     return config
 
 
@@ -626,6 +630,8 @@ def fit(model: nn.Module, train_loader, val_loader=None, config: TrainConfig | N
     bar = tqdm(total=config.epochs * steps_per_epoch, initial=start_epoch * steps_per_epoch, leave=True,
                desc=f"epoch {min(start_epoch + 1, config.epochs)}/{config.epochs}",
                disable=not (config.progress and is_main_process()) or start_epoch >= config.epochs)
+    if config.compile:  # else the bar stands at 0 for minutes, then reports minutes per step
+        bar.set_postfix_str("compiling the model: the first steps take a minute or more")
     with warnings_above(bar):  # a warning on its own lines, not on the end of the bar's
         try:
             for epoch in range(start_epoch, config.epochs):
@@ -677,15 +683,19 @@ def fit(model: nn.Module, train_loader, val_loader=None, config: TrainConfig | N
                         if improved:
                             save_checkpoint(state, out_dir / "best.pt")
                 start_state = None  # last.pt holds the run from here on
-        except BaseException:
+        except BaseException as error:
             if start_state is not None:
                 try:
                     model.load_state_dict(start_state["model"])
                     run.weighting.load_state_dict(start_state["weighting"])
                     set_rng_state(start_rng, train_loader, run.device)
-                except Exception as error:  # noqa: BLE001 (the original error is the one to see)
-                    warnings.warn(f"could not give the model its starting state back ({error}); rebuild it before "
+                except Exception as failed:  # noqa: BLE001 (the original error is the one to see)
+                    warnings.warn(f"could not give the model its starting state back ({failed}); rebuild it before "
                                   "fitting again", stacklevel=2)
+            if config.compile and _compile_failure(error):  # torch's message ends with its own debug flags
+                raise RuntimeError(f"torch.compile could not build the model ({_compile_failure(error)}); train with "
+                                   "compile=False (on the command line: without --compile), the same training "
+                                   "without the compiler") from error
             raise
         finally:
             bar.close()
@@ -704,6 +714,19 @@ def fit(model: nn.Module, train_loader, val_loader=None, config: TrainConfig | N
     if is_distributed():
         dist.barrier()  # rank 0 has finished writing before anyone moves on
     return history
+
+
+def _compile_failure(error: BaseException) -> str | None:
+    """What went wrong, when `error` is torch.compile's backend failing to build the model (no C++
+    compiler for the CPU, no Triton for the GPU, ...); None for any other error."""
+    try:
+        from torch._dynamo.exc import BackendCompilerFailed  # private, so looked up, not relied on
+    except ImportError:
+        return None
+    if not isinstance(error, BackendCompilerFailed):
+        return None
+    inner = getattr(error, "inner_exception", None)
+    return f"{type(inner).__name__}: {inner}" if inner is not None else str(error).splitlines()[-1]
 
 
 @dataclass

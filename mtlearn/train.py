@@ -94,7 +94,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                      help="mixed precision; auto: bf16 or fp16 on CUDA, off elsewhere (default: auto)")
     run.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                      help="NHWC memory layout (default: on CUDA)")
-    run.add_argument("--compile", action="store_true", help="torch.compile the model")
+    run.add_argument("--compile", action="store_true", help="torch.compile the model (its first steps compile: a "
+                     "minute or more; not with --weighting gradnorm or pcgrad)")
     run.add_argument("--resume", action="store_true", help="continue from <out-dir>/last.pt if it exists")
     run.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     args = parser.parse_args(argv)

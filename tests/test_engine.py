@@ -31,7 +31,7 @@ from mtlearn.engine import (
 )
 from mtlearn.losses import LossConfig
 from mtlearn.metrics import MetricAccumulator
-from mtlearn.weighting import WEIGHTINGS, DynamicWeightAverage, FixedWeights, GradNorm, UncertaintyWeighting
+from mtlearn.weighting import WEIGHTINGS, DynamicWeightAverage, FixedWeights, GradNorm, PCGrad, UncertaintyWeighting
 
 TASKS = ("seg", "cls", "recon")
 
@@ -905,6 +905,10 @@ def test_one_progress_bar_for_the_whole_run_naming_the_epoch(capsys, tmp_path):
     (dict(weighting="dwa", task_weights={"seg": 1, "cls": 1, "recon": 1}), "task_weights only applies"),
     (dict(grad_clip=-1.0), r"grad_clip must be a finite number > 0 .*got -1\.0"),
     (dict(weighting="gradnorm", compile=True), "'gradnorm' cannot train with compile=True"),  # double backward
+    # retain_graph per task: failed at the first step, after minutes of compiling
+    (dict(weighting="pcgrad", compile=True), "'pcgrad' cannot train with compile=True: PCGrad back-propagates"),
+    (dict(weighting=PCGrad(("seg", "cls", "recon")), compile=True), "'pcgrad' cannot train with compile=True"),
+    (dict(weighting=GradNorm(("seg", "cls", "recon")), compile=True), "'gradnorm' cannot train with compile=True"),
     (dict(monitor="seg/dcie"), "monitor 'seg/dcie' is not a validation metric; choose one of .*'seg/dice'"),
     # a raw TypeError before
     (dict(grad_clip="1"), r"grad_clip must be a finite number > 0 .*or None: no clipping\), got '1'"),
@@ -1996,6 +2000,40 @@ def test_a_model_wrapped_before_fit_is_refused_naming_the_plain_way(wrap, tmp_pa
     with pytest.raises(ValueError, match=fix):
         _fit(wrapped, *_loaders(), epochs=1, out_dir=tmp_path)
     assert model.calls == 0 and not any(tmp_path.iterdir())
+
+
+class _Uncompilable(nn.Module):
+    """What torch.compile returns on a machine where its backend cannot build the model: a wrapper whose first
+    call fails (here at once, without minutes of tracing first)."""
+
+    def __init__(self, model, error: Exception):
+        super().__init__()
+        self.model, self.error = model, error
+
+    def forward(self, x):
+        raise self.error
+
+
+def test_a_model_torch_compile_cannot_build_is_named_with_the_fix(monkeypatch, capsys):
+    # without a C++ compiler, torch said InvalidCxxCompiler and how to debug it, not how to train without compiling
+    from torch._dynamo.exc import BackendCompilerFailed
+    from torch._inductor.exc import InvalidCxxCompiler
+
+    failure = BackendCompilerFailed(lambda: None, InvalidCxxCompiler(), None)
+    monkeypatch.setattr(torch, "compile", lambda model: _Uncompilable(model, failure))
+    model = ToyNet()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(RuntimeError, match=r"torch\.compile could not build the model \(InvalidCxxCompiler: No working "
+                       r"C\+\+ compiler .*\); train with compile=False \(on the command line: without --compile\)"
+                       ) as caught:
+        _fit(model, *_loaders(), compile=True, progress=True, device="cpu")
+    assert caught.value.__cause__ is failure  # torch's own error stays in the traceback
+    assert "compiling the model: the first steps take a minute or more" in capsys.readouterr().err  # not a frozen 0
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    # any other error of a compiled run is left as it is
+    monkeypatch.setattr(torch, "compile", lambda model: _Uncompilable(model, ValueError("a bad batch")))
+    with pytest.raises(ValueError, match="^a bad batch$"):
+        _fit(ToyNet(), *_loaders(), compile=True, device="cpu")
 
 
 def test_an_unreadable_last_pt_points_to_a_readable_best_pt(tmp_path):
