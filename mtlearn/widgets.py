@@ -27,7 +27,10 @@ def show_in(output: widgets.Output, fig) -> None:
     """
     from IPython.core.interactiveshell import InteractiveShell
 
-    data, metadata = InteractiveShell.instance().display_formatter.format(fig)  # PNG under the inline backend
+    if InteractiveShell.initialized():  # Jupyter, IPython: their formatters (PNG under the inline backend)
+        data, metadata = InteractiveShell.instance().display_formatter.format(fig)
+    else:  # a script, a test: .instance() would make a shell, writing ~/.ipython and starting its history thread
+        data, metadata = {"text/plain": repr(fig)}, {}
     if "image/png" not in data:  # no inline backend (a script, a test): the picture all the same, as the
         buffer = io.BytesIO()    # explorer's static view (Explorer) shows it
         fig.savefig(buffer, format="png", bbox_inches="tight")

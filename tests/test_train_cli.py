@@ -193,10 +193,10 @@ def test_errors_found_while_running_are_messages_not_tracebacks(tmp_path, capsys
         main([*SMOKE, "--epochs", "1", "--limit", "8", "--out-dir", str(out)])
     err = capsys.readouterr().err
     assert "already holds a run (last.pt, epoch 1 of 1): for a new run choose another out_dir" in err
-    with pytest.raises(SystemExit):  # refused too, before its options could replace the run's own
+    with pytest.raises(SystemExit) as exit_:  # refused too, before its options could replace the run's own
         main([*SMOKE, "--epochs", "1", "--limit", "8", "--seed", "5", "--out-dir", str(out)])
+    assert exit_.value.code == 2 and "already holds a run" in capsys.readouterr().err  # refused for that reason
     assert json.loads((out / "options.json").read_text())["seed"] == 0
-    capsys.readouterr()
     with pytest.raises(SystemExit):  # resuming a tiny run with another preset
         main([*SMOKE, "--preset", "course", "--epochs", "2", "--limit", "8", "--out-dir", str(out), "--resume"])
     assert (f"cannot resume from {out / 'options.json'} with other options (--preset: 'tiny' then, 'course' now)"

@@ -363,23 +363,37 @@ def test_a_generator_of_items_is_refused_with_the_fix():
     assert len(DatasetExplorer(list(fake_items())).dataset) == len(fake_items())  # the fix works
 
 
+def test_explorers_outside_ipython_make_no_shell(tmp_path, monkeypatch):
+    # InteractiveShell.instance() made one in a script or a test: it wrote ~/.ipython (history.sqlite) and left
+    # its history-saving thread running
+    from IPython.core.interactiveshell import InteractiveShell
+
+    assert not InteractiveShell.initialized()  # pytest runs no IPython
+    monkeypatch.setenv("IPYTHONDIR", str(tmp_path / "ipython"))
+    explorer = DatasetExplorer(fake_items())
+    explorer.index.value = 1
+    assert not InteractiveShell.initialized() and not (tmp_path / "ipython").exists()
+    assert explorer.output.outputs[0]["data"]["image/png"]  # the picture all the same
+
+
 def test_a_displayed_explorer_is_its_widget_with_a_picture_for_viewers_without_widgets():
     """GitHub showed the widget's repr, "VBox(children=(HBox(children=(IntSlider(...", where the explorer was."""
     import base64
     import io
 
-    from IPython.core.interactiveshell import InteractiveShell
+    from IPython.core.formatters import DisplayFormatter
     from PIL import Image
 
     explorer = DatasetExplorer(fake_items())
-    data, _ = InteractiveShell.instance().display_formatter.format(explorer)  # what display(explorer) sends
+    formatter = DisplayFormatter()  # display(explorer)'s, without an IPython shell (which writes ~/.ipython)
+    data, _ = formatter.format(explorer)  # what display(explorer) sends
     assert data["application/vnd.jupyter.widget-view+json"]["model_id"] == explorer.widget.model_id
     assert data["text/plain"].startswith("DatasetExplorer: interactive") and "VBox" not in data["text/plain"]
     picture = Image.open(io.BytesIO(base64.b64decode(data["image/png"])))  # the figure the widget shows
     assert picture.width > 100 and picture.height > 100
     explorer.index.value = 2  # the picture follows the controls
-    again, _ = InteractiveShell.instance().display_formatter.format(explorer)
+    again, _ = formatter.format(explorer)
     assert again["image/png"] != data["image/png"]
     explorer.dataset = [{"id": "broken"}] * 3  # an item it cannot draw: no picture, the widget says why
     explorer.index.value = 1
-    assert "image/png" not in InteractiveShell.instance().display_formatter.format(explorer)[0]
+    assert "image/png" not in formatter.format(explorer)[0]
