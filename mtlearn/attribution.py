@@ -43,7 +43,9 @@ import ipywidgets as widgets
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
-from matplotlib.colors import ListedColormap
+from matplotlib import patheffects
+from matplotlib.artist import Artist
+from matplotlib.colors import ListedColormap, to_hex
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
@@ -1069,10 +1071,21 @@ def _show_map(ax, image, attribution, method: str, mask=None, limit: float | Non
         ax.text(0.03, 0.03, "map = 0", transform=ax.transAxes, ha="left", va="bottom", fontsize=8,
                 bbox=dict(boxstyle="round", facecolor="white", alpha=0.8, linewidth=0))
     if mask is not None and float(mask.max()) > 0:  # an empty mask has no outline to draw
-        ax.contour(_image(mask), levels=[0.5], colors="lime", linewidths=0.8)
+        # a dark halo: for a colour-blind reader lime is the yellow of the map's strongest values
+        _halo(ax.contour(_image(mask), levels=[0.5], colors="lime", linewidths=0.8))
     ax.set_xticks([])
     ax.set_yticks([])
     return shown
+
+
+def _halo(contours) -> None:
+    """Draw a contour set's lines over a thin black stroke, so they stand out on any colour under them."""
+    effect = [patheffects.withStroke(linewidth=2.2, foreground="black")]
+    if isinstance(contours, Artist):  # Matplotlib >= 3.8: one artist
+        contours.set_path_effects(effect)
+    else:  # 3.7: one collection per level
+        for collection in contours.collections:
+            collection.set_path_effects(effect)
 
 
 def _tick_label(value: float, _position=None) -> str:
@@ -1191,7 +1204,7 @@ def _is_score(value) -> bool:
 
 
 def plot_scores(rows: Sequence[Mapping], group: str = "model", chance: float | None = None, title: str = "",
-                pointing_chance: float | None = None):
+                pointing_chance: float | None = None, colours: Mapping | None = None):
     """Grouped bars: one panel per score ("mask_share", "pointing_game"), methods along x, one colour per group.
 
     rows: dicts with "method", `group` (e.g. "model"), "mask_share" and "pointing_game", as built
@@ -1200,7 +1213,11 @@ def plot_scores(rows: Sequence[Mapping], group: str = "model", chance: float | N
     titles). Each panel's y-axis runs from 0 to 1.3 x the larger of its highest bar and its chance
     line, so small shares are not squashed at the bottom of a 0-1 axis and each can be read against
     chance; every bar carries its value. One legend, under both panels, keeps the bars clear.
+    colours: {group name: a Matplotlib colour}, to keep one model's colour across figures (names
+    not shown are ignored); the other groups take the default cycle's colours, skipping those given.
     """
+    if colours is not None and not isinstance(colours, Mapping):  # a list was matched to groups by position
+        raise ValueError(f"colours must be {{group name: colour}}, e.g. {{'mtl': 'C0'}}, got {_kind(colours)}")
     if isinstance(rows, Mapping) or len(rows) == 0:
         raise ValueError("plot_scores needs a list of at least one row, one dict per (group, method) with "
                          "'method', the group key, 'mask_share' and 'pointing_game', e.g. [dict(model='mtl', "
@@ -1222,6 +1239,9 @@ def plot_scores(rows: Sequence[Mapping], group: str = "model", chance: float | N
                          "repeated runs first)")
     methods = list(dict.fromkeys(r["method"] for r in rows))
     groups = list(dict.fromkeys(r[group] for r in rows))
+    given = {name: to_hex(colours[name]) for name in groups if name in (colours or {})}  # to_hex: a clear error
+    spare = (c for c in plt.rcParams["axes.prop_cycle"].by_key().get("color", []) if to_hex(c) not in given.values())
+    fill = {name: given.get(name) or next(spare, None) for name in groups}  # None: Matplotlib's next colour
     width = 0.8 / len(groups)
     # up to three groups, each method gets room for its bars' values written upright (rotated 90 degrees,
     # at the size that fitted, they were barely legible); more groups than that keep a slot and turn them
@@ -1239,7 +1259,7 @@ def plot_scores(rows: Sequence[Mapping], group: str = "model", chance: float | N
             values = {r["method"]: float(r[score]) for r in rows if r[group] == name}
             xs = [m + (g - (len(groups) - 1) / 2) * width for m in range(len(methods))]
             heights = [values.get(m, float("nan")) for m in methods]
-            bars = ax.bar(xs, heights, width, label=str(name))
+            bars = ax.bar(xs, heights, width, label=str(name), color=fill[name])
             ax.bar_label(bars, [f"{v:.{digits}f}" if np.isfinite(v) else "" for v in heights], padding=1,
                          fontsize=6.5 if upright else 6, rotation=0 if upright else 90)
         name = score.replace("_", " ")
@@ -1306,7 +1326,8 @@ class AttributionExplorer(Explorer):
 
     Like mtlearn.widgets.DatasetExplorer it builds without a browser: the figure goes into an
     Output widget and what was drawn is recorded in `.state` (index, head, target, method,
-    title, the map's in-mask share and whether its peak lies in the lesion).
+    title, the map's in-mask share and whether its peak lies in the lesion); `.figure` is the last
+    figure drawn (closed after display, still readable, e.g. to save).
     tolerance: pixels by which the lesion is grown before the "peak in lesion" check (`pointing_game`);
     pass the tolerance your scores use so that the viewer agrees with them (default: that of
     `localisation_scores`, 1).
@@ -1361,6 +1382,7 @@ class AttributionExplorer(Explorer):
         self.method = widgets.Dropdown(options=list(methods), description="method")
         self.output = widgets.Output()
         self.state: dict = {}
+        self.figure = None
         self._cache: dict = {}
         self._redraw = True
         for control in (self.index, self.target, self.method):
@@ -1396,7 +1418,7 @@ class AttributionExplorer(Explorer):
         except Exception as error:  # noqa: BLE001 (shown to the user, not swallowed)
             text = f"item {self.index.value} cannot be drawn: {type(error).__name__}: {error}"
             say_in(self.output, text)
-            self.state = {"index": self.index.value, "error": text}
+            self.figure, self.state = None, {"index": self.index.value, "error": text}
 
     def compute(self, index: int, head: str, target, method: str) -> tuple[dict, Tensor]:
         """The item and its (1, 1, H, W) map, cached together per (index, head, target, method).
@@ -1438,8 +1460,9 @@ class AttributionExplorer(Explorer):
             if "mask" in item and item["mask"].sum() > 0:
                 axes[0].contour(_image(item["mask"]), levels=[0.5], colors="lime", linewidths=1)
             if "artifact_mask" in item and item["artifact_mask"].sum() > 0:
-                axes[0].contour(_image(item["artifact_mask"]), levels=[0.5], colors="orange", linewidths=1)
-            axes[0].set_title("image (lesion green, artifact orange)", fontsize=8)
+                axes[0].contour(_image(item["artifact_mask"]), levels=[0.5], colors="orange", linewidths=1,
+                                linestyles="--")  # not by colour alone: lime and orange merge for the colour-blind
+            axes[0].set_title("image (lesion: green, solid; artifact: orange, dashed)", fontsize=8)
             axes[0].set_axis_off()
             shown = _show_map(axes[1], item["image"], maps[0], method, item.get("mask"))
             _colourbar(fig, shown, axes[1], [maps[0]])  # one map: its own scale
@@ -1449,6 +1472,7 @@ class AttributionExplorer(Explorer):
             plt.close(fig)  # not left open behind the error
             raise
         show_in(self.output, fig)
+        self.figure = fig
         peak = divmod(int(maps[0, 0].argmax()), maps.shape[-1])
         self.state = {"index": index, "head": head, "target": label, "method": method, "title": title,
                       "map_shape": tuple(maps.shape), "peak": peak, "mask_share": share, "pointing_game": hit}

@@ -219,15 +219,17 @@ class History:
         """Figure with four panels: training losses, validation metrics, task weights, learning rate.
 
         metrics: validation columns to draw (e.g. ["val/recon/psnr"]); default: those on a 0-1 scale.
-        A task has one colour in every panel (mtlearn.plots.TASK_COLOURS: seg blue, cls orange, recon
-        green, total black); the metrics of one task share it and differ by line style and marker
-        (every one after the first with open markers), so cls/acc and cls/balanced_acc stay apart where they coincide.
+        A task has one colour and one marker in every panel (mtlearn.plots.TASK_COLOURS and TASK_MARKERS:
+        seg blue circles, cls orange squares, recon green triangles, total black diamonds: the markers tell
+        tasks apart where colours merge for a colour-blind reader); the metrics of one task differ by line
+        style (every one after the first with open markers), so cls/acc and cls/balanced_acc stay apart
+        where they coincide.
         Legends sit below their panels, off the curves.
         """
         from matplotlib.figure import Figure
         from matplotlib.ticker import MaxNLocator
 
-        from mtlearn.plots import task_colours
+        from mtlearn.plots import TASK_MARKERS, task_colours
 
         frame = self.to_frame()
         fig = Figure(figsize=(16, 4.4), layout="constrained")
@@ -243,16 +245,16 @@ class History:
         # "train/seg" -> "seg", "val/seg/dice" -> "seg/dice"; its task is the part before the next "/"
         names = {column: column.split("/", 1)[-1] for _, _, columns in panels for column in columns}
         colours = task_colours([name.split("/")[0] for name in names.values()])
-        styles = [("-", "o"), ("--", "s"), (":", "^"), ("-.", "D")]  # 1st, 2nd, ... metric of a task
+        linestyles = ["-", "--", ":", "-."]  # 1st, 2nd, ... metric of a task
         for ax, (title, ylabel, columns) in zip(axes, panels):
             drawn: dict[str, int] = {}  # task -> lines drawn in this panel
             for column in columns:
                 name = names[column]
                 task = name.split("/")[0]
                 k = drawn[task] = drawn.get(task, -1) + 1
-                linestyle, marker = styles[k % len(styles)]
-                ax.plot(frame.index, frame[column], color=colours[task], linestyle=linestyle, marker=marker,
-                        markersize=4, markerfacecolor=colours[task] if k == 0 else "white", label=name)
+                ax.plot(frame.index, frame[column], color=colours[task], linestyle=linestyles[k % len(linestyles)],
+                        marker=TASK_MARKERS.get(task, "v"), markersize=4,
+                        markerfacecolor=colours[task] if k == 0 else "white", label=name)
             if title == "Validation metrics" and self.best_epoch is not None:
                 ax.axvline(self.best_epoch, color="grey", linestyle=":", label=f"best epoch ({self.monitor})")
             if not columns:  # an empty panel must not read as a plotting failure

@@ -18,6 +18,10 @@ from mtlearn.utils import _kind, is_int
 
 TASK_COLOURS = {"seg": "tab:blue", "cls": "tab:orange", "recon": "tab:green", "total": "black"}  # in every panel
 SPARE_COLOURS = ("tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan")  # other names, in order
+# Colour alone fails readers with a colour-vision deficiency (orange and green merge in protanopia, blue and
+# purple in deuteranopia): each task also has its own marker, and each run of a comparison its own line style
+TASK_MARKERS = {"seg": "o", "cls": "s", "recon": "^", "total": "D"}
+RUN_STYLES = [(ls, m) for m, ls in zip("osD^vP*X", ["-", "--", "-.", ":"] * 2)]  # (line style, marker) per run
 
 
 def task_colours(names: Sequence[str]) -> dict[str, str]:
@@ -213,7 +217,8 @@ def _per_epoch_records(rows):
     return rows
 
 
-def learning_curves(histories: dict[str, "object"], metric: str, title: str = "", ylabel: str | None = None):
+def learning_curves(histories: dict[str, "object"], metric: str, title: str = "", ylabel: str | None = None,
+                    zoom_last: int = 0):
     """Plot `metric` per epoch for several runs.
 
     histories: {run name: a `History` from `fit`, or its `.records` (a list of per-epoch dicts with
@@ -222,7 +227,11 @@ def learning_curves(histories: dict[str, "object"], metric: str, title: str = ""
     diverged, or never recorded it) keeps its legend entry, marked "(no finite values)".
     ylabel: the y axis' label; None: the metric, its "val/" or "train/" prefix spelled out
     ("val/seg/dice" -> "seg/dice (validation)").
+    zoom_last: if > 0, a second panel shows the last `zoom_last` epochs on their own y range, where
+    the first epochs' large changes no longer squash the differences between runs; 0: no zoom.
     """
+    if not is_int(zoom_last) or zoom_last < 0:
+        raise ValueError(f"zoom_last must be a number of epochs >= 0 (0: no zoomed panel), got {zoom_last!r}")
     if not isinstance(histories, Mapping):  # one History or its records: .items() raised an AttributeError
         raise ValueError(f"histories must be {{run name: History or records}}, got {_kind(histories)}; name the run, "
                          "e.g. learning_curves({'mtl': history}, metric)")
@@ -256,21 +265,37 @@ def learning_curves(histories: dict[str, "object"], metric: str, title: str = ""
             twice = sorted({e for e in epochs if epochs.count(e) > 1})
             raise ValueError(f"run {name!r} records epoch(s) {twice} more than once (two fits joined?); pass one "
                              "fit's History per run, or number the epochs of the second fit on")
-    fig, ax = plt.subplots(figsize=(5.5, 3.5))
-    for name, pairs in points.items():
-        xs, ys = [epoch for epoch, _ in pairs], [value for _, value in pairs]
-        drawn = any(y is not None and math.isfinite(y) for y in ys)
-        ax.plot(xs, ys, marker="o", ms=3, label=name if drawn else f"{name} (no finite values)")
-    ax.set_xlabel("epoch")
     if ylabel is None:  # a readable default: "val/seg/dice" -> "seg/dice (validation)"
         split, _, rest = metric.partition("/")
         spelled = {"val": "validation", "train": "training"}.get(split)
         ylabel = f"{rest} ({spelled})" if spelled and rest else metric
-    ax.set_ylabel(ylabel)
-    ax.set_title(title or metric)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
+    last = max(epoch for pairs in points.values() for epoch, _ in pairs)
+    zoom = zoom_last > 0 and any(epoch <= last - zoom_last for pairs in points.values() for epoch, _ in pairs)
+    fig, axes = plt.subplots(1, 2 if zoom else 1, figsize=(10, 3.8) if zoom else (5.5, 3.5), squeeze=False,
+                             layout="constrained" if zoom else None)
+    for ax, since in zip(axes[0], (-math.inf, last - zoom_last)):  # the zoomed panel: epochs after `since`
+        for k, (name, pairs) in enumerate(points.items()):
+            xs, ys = [epoch for epoch, _ in pairs if epoch > since], [value for epoch, value in pairs if epoch > since]
+            drawn = any(y is not None and math.isfinite(y) for y in ys)
+            linestyle, marker = RUN_STYLES[k % len(RUN_STYLES)]  # not colour alone: runs end close together
+            ax.plot(xs, ys, linestyle=linestyle, marker=marker, ms=3.5,
+                    label=name if drawn else f"{name} (no finite values)")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    if not zoom:
+        axes[0, 0].set_title(title or metric)
+        axes[0, 0].legend(fontsize=8)
+        fig.tight_layout()
+        return fig
+    axes[0, 0].set_title("every epoch")
+    axes[0, 0].axvspan(last - zoom_last + 0.5, last + 0.5, color="k", alpha=0.06, lw=0)  # where the zoom looks
+    axes[0, 1].set_title(f"the last {zoom_last} epoch{'s' if zoom_last > 1 else ''}, zoomed")
+    axes[0, 1].xaxis.get_major_locator().set_params(integer=True)  # epochs, not 6.5
+    fig.suptitle(title or metric)
+    # one legend under both panels, where no line runs
+    fig.legend(handles=axes[0, 0].lines, loc="outside lower center", ncols=min(len(points), 5), fontsize=8,
+               frameon=False)
     return fig
 
 
@@ -335,13 +360,15 @@ def roc_curves(labels, scores, class_names: Sequence[str], title: str = "ROC (on
         raise ValueError(f"{int((~np.isfinite(scores)).any(axis=1).sum())} of {len(scores)} rows of scores are not "
                          "finite (NaN or inf): the model's outputs diverged; evaluate a checkpoint with finite weights")
     fig, ax = plt.subplots(figsize=(4, 3.6))
+    linestyles = ["-", "--", "-."]  # not colour alone; dotted is the chance diagonal
     for c, name in enumerate(class_names):
         positive = labels == c
         if positive.all() or not positive.any():  # AUC is undefined: say so rather than drop the class
             ax.plot([], [], " ", label=f"{name} (no AUC: {'every' if positive.all() else 'no'} label)")
             continue
         fpr, tpr, _ = roc_curve(positive, scores[:, c])
-        ax.plot(fpr, tpr, label=f"{name} (AUC {roc_auc_score(positive, scores[:, c]):.2f})")
+        ax.plot(fpr, tpr, linestyle=linestyles[c % len(linestyles)],
+                label=f"{name} (AUC {roc_auc_score(positive, scores[:, c]):.2f})")
     ax.plot([0, 1], [0, 1], "k:", lw=1)
     ax.set_xlabel("false positive rate")
     ax.set_ylabel("true positive rate")

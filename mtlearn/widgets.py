@@ -166,7 +166,7 @@ class DatasetExplorer(Explorer):
             if outline is not None:
                 ax.contour(outline, levels=[0.5], colors="lime", linewidths=1)
             if region is not None:
-                ax.contour(region, levels=[0.5], colors="orange", linewidths=1)
+                ax.contour(region, levels=[0.5], colors="orange", linewidths=1, linestyles="--")  # not colour alone
             ax.set_title(title, fontsize=9)
             ax.set_axis_off()
         except Exception:

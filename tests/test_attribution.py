@@ -13,6 +13,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 import torch
+from matplotlib.colors import to_hex
 from torch import nn
 
 from mtlearn import attribution as A
@@ -663,6 +664,25 @@ def test_viewer_displays_as_an_explorer_with_a_static_picture(model, data):
     assert bundle["image/png"] == viewer.output.outputs[0]["data"]["image/png"]
 
 
+def test_outlines_are_not_told_apart_by_colour_alone(model, data):
+    # for a colour-blind reader lime is the yellow of a map's strongest values, and lime and orange merge
+    from matplotlib import patheffects
+    from matplotlib.contour import ContourSet
+
+    mask = torch.zeros(2, 1, SIZE, SIZE)
+    mask[..., 8:16, 8:16] = 1
+    fig = A.plot_attributions(torch.rand(2, 1, SIZE, SIZE), {"saliency": torch.rand(2, 1, SIZE, SIZE)}, mask)
+    on_maps = [c for ax in fig.axes for c in ax.collections if isinstance(c, ContourSet)]
+    assert len(on_maps) == 2  # one per image, on the saliency column
+    for outline in on_maps:  # a black stroke under the lime line
+        assert any(isinstance(e, patheffects.withStroke) for e in outline.get_path_effects())
+    viewer = A.AttributionExplorer(model, data, methods=("saliency",))  # every item has a lesion and an artifact
+    lesion, artifact = viewer.figure.axes[0].collections
+    assert lesion.get_linestyle()[0][1] is None and artifact.get_linestyle()[0][1] is not None  # solid, dashed
+    assert "artifact: orange, dashed" in viewer.figure.axes[0].get_title()
+    plt.close("all")
+
+
 def test_viewer_redraws_on_control_changes(model, data):
     viewer = A.AttributionExplorer(model, data, methods=("saliency", "gradcam"), method_kw=FAST)
     assert viewer.head.options == ("cls", "seg", "recon")
@@ -976,6 +996,22 @@ def test_plot_scores_writes_values_upright_and_apart_up_to_three_groups(groups, 
         boxes = [t.get_window_extent(renderer).shrunk(0.9, 1) for t in ax.texts]  # glyphs, not side bearings
         assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
     plt.close(fig)
+
+
+def test_plot_scores_keeps_a_group_its_colour_across_figures():
+    # by order, orange was "single" in notebook 05's lesion figure and "shortcut" in its artifact figure
+    colours = {"mtl": "tab:blue", "single": "tab:green", "shortcut": "tab:red"}  # one dict for every figure
+    for models in (["mtl", "single"], ["shortcut", "mtl"], ["other", "mtl", "more"]):
+        rows = [{"model": m, "method": k, "mask_share": 0.2, "pointing_game": 0.5}
+                for m in models for k in ("ig", "gradcam")]
+        fig = A.plot_scores(rows, colours=colours)
+        for ax in fig.axes[:2]:
+            drawn = {bars.get_label(): to_hex(bars.patches[0].get_facecolor()) for bars in ax.containers}
+            given = {m: to_hex(colours[m]) for m in models if m in colours}
+            assert {m: drawn[m] for m in given} == given
+            # a group without a colour takes the cycle's next one, and none repeats another's
+            assert len(set(drawn.values())) == len(models)
+        plt.close(fig)
 
 # ------------------------------------------------------------------------------------------ by hand, on stubs
 
@@ -1518,6 +1554,8 @@ def test_plots_refuse_bad_input_before_opening_a_figure(images):
         (lambda: A.plot_randomisation(result, image=images[:1]), r"image must be a non-empty \(C, H, W\) array"),
         (lambda: A.plot_attributions(torch.rand(2, 2, SIZE, SIZE), {"ig": maps}), r"images must be a non-empty"),
         (lambda: A.plot_scores([]), "at least one row"),
+        (lambda: A.plot_scores([{"model": "a", "method": "ig", "mask_share": 0.1, "pointing_game": 1.0}],
+                               colours=["C0"]), r"colours must be \{group name: colour\}"),
     ]:
         with pytest.raises(ValueError, match=message):
             call()
@@ -1626,8 +1664,10 @@ def test_the_explorer_says_what_it_cannot_draw_and_takes_one_method_as_text(mode
 
     monkeypatch.setattr(viewer, "compute", fails)
     plt.close("all")
+    assert viewer.figure is not None  # item 0's
     viewer.index.value = 1
     assert viewer.state == {"index": 1, "error": "item 1 cannot be drawn: RuntimeError: window larger than the image"}
+    assert viewer.figure is None  # not item 0's figure, as if it were item 1's
     assert viewer.output.outputs[0]["text"].startswith("item 1 cannot be drawn: RuntimeError")
     assert plt.get_fignums() == []
 

@@ -827,6 +827,21 @@ def test_history_plot_gives_each_task_one_colour_in_every_panel():
     assert {faces[m] for m in ("seg/iou", "cls/balanced_acc", "cls/auc")} == {to_hex("white")}
 
 
+def test_history_plot_tells_tasks_apart_by_marker_too():
+    # a colour-blind reader: cls's orange and recon's green merge in protanopia, where only the colour differed
+    history = History(monitor="val/recon/psnr")
+    for epoch in (1, 2):
+        history.append({"epoch": epoch, "train/seg": 1.0, "train/cls": 1.0, "train/recon": 1.0, "train/total": 3.0,
+                        "val/seg/dice": 0.5, "val/cls/acc": 0.5, "val/recon/ssim": 0.5, "lr": 1e-3})
+    losses, metrics, _, _ = history.plot().axes
+    for ax in (losses, metrics):
+        markers = {line.get_label().split("/")[0]: line.get_marker() for line in ax.get_lines()
+                   if not line.get_label().startswith("best")}
+        assert len(set(markers.values())) == len(markers) >= 3  # seg, cls, recon (and total): one marker each
+    assert {line.get_marker() for line in losses.get_lines() if line.get_label() == "cls"} == {
+        line.get_marker() for line in metrics.get_lines() if line.get_label() == "cls/acc"}  # the same in each panel
+
+
 def test_history_plot_marks_the_best_epoch_among_the_validation_metrics():
     history = _review_history()  # val/seg/dice rises: epoch 3 is the best
     metrics = history.plot().axes[1]

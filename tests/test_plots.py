@@ -3,6 +3,8 @@
 import matplotlib
 
 matplotlib.use("Agg")
+import re
+
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
@@ -158,6 +160,46 @@ def test_learning_curves_take_the_per_epoch_lists_of_train_disentangle():
     fig = plots.learning_curves({"disentangle": {"acc_a": [0.5, 0.7, 0.9], "loss_a": [1.0, 0.6, 0.3]}}, "acc_a")
     line = fig.axes[0].lines[0]
     assert line.get_xdata().tolist() == [1, 2, 3] and line.get_ydata().tolist() == [0.5, 0.7, 0.9]
+
+
+def test_learning_curves_and_roc_curves_tell_their_lines_apart_without_colour():
+    # colour alone: in notebook 01, runs ending near Dice 0.9 merged for colour-blind readers (blue and purple in
+    # deuteranopia, orange and green in protanopia), as did the ROC curves of two classes
+    histories = {f"run {k}": [{"epoch": e, "val/dice": 0.9} for e in (1, 2, 3)] for k in range(8)}
+    fig = plots.learning_curves(histories, "val/dice", zoom_last=2)
+    every, zoomed = fig.axes
+    styles = [(line.get_linestyle(), line.get_marker()) for line in every.lines]
+    assert len(set(styles)) == 8
+    assert [(line.get_linestyle(), line.get_marker()) for line in zoomed.lines] == styles  # a run keeps its style
+    labels = np.repeat([0, 1, 2], 4)
+    fig = plots.roc_curves(labels, np.eye(3)[labels] + 0.1 * np.arange(12)[:, None], ["normal", "benign", "malignant"])
+    *classes, chance = fig.axes[0].lines  # one curve per class, then the chance diagonal
+    drawn = {line.get_linestyle() for line in classes}
+    assert len(drawn) == 3 and chance.get_linestyle() == ":" and ":" not in drawn
+    plt.close("all")
+
+
+def test_learning_curves_zoom_on_the_last_epochs_in_a_second_panel():
+    # notebook 01's validation Dice spans 0.1-0.95 over its first epochs, which squashed the last epochs' gaps
+    histories = {"mtl": [{"epoch": e, "val/dice": d} for e, d in enumerate([0.1, 0.8, 0.90, 0.91, 0.92], start=1)],
+                 "single": [{"epoch": e, "val/dice": d} for e, d in enumerate([0.2, 0.7, 0.88, 0.89], start=1)]}
+    fig = plots.learning_curves(histories, "val/dice", title="Dice", zoom_last=3)
+    every, zoomed = fig.axes
+    assert [line.get_xdata().tolist() for line in every.lines] == [[1, 2, 3, 4, 5], [1, 2, 3, 4]]
+    assert [line.get_xdata().tolist() for line in zoomed.lines] == [[3, 4, 5], [3, 4]]  # epochs after the 2nd
+    assert [a.get_color() for a in every.lines] == [z.get_color() for z in zoomed.lines]  # a run keeps its colour
+    low, high = zoomed.get_ylim()
+    assert 0.8 < low < 0.88 and 0.92 < high < 0.95  # its own range, not the first epochs'
+    assert fig.get_suptitle() == "Dice" and "last 3 epochs" in zoomed.get_title()
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["mtl", "single"]  # one legend for both
+    plt.close(fig)
+    # nothing before the window (one epoch of a smoke run): one panel, as without zoom_last
+    assert len(plots.learning_curves(histories, "val/dice", zoom_last=5).axes) == 1
+    for bad in (-1, 1.5, "3"):
+        message = rf"zoom_last must be a number of epochs >= 0 .* got {re.escape(repr(bad))}"
+        with pytest.raises(ValueError, match=message):
+            plots.learning_curves(histories, "val/dice", zoom_last=bad)
+    plt.close("all")
 
 
 def test_bar_table_zooms_in_on_close_scores_and_draws_the_error_bars():

@@ -49,6 +49,9 @@ def test_explorer_draws_the_chosen_layer_and_outlines():
     assert len(ax.collections) == 1  # one contour: the lesion outline
     explorer.artifact.value = True
     assert len(explorer.figure.axes[0].collections) == 2  # ... and the artifact's
+    # solid and dashed, not green and orange alone (they merge for a colour-blind reader)
+    lesion, artifact = explorer.figure.axes[0].collections
+    assert lesion.get_linestyle()[0][1] is None and artifact.get_linestyle()[0][1] is not None
     explorer.outline.value = False
     assert len(explorer.figure.axes[0].collections) == 1  # the artifact's alone
 
