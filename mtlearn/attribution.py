@@ -45,7 +45,7 @@ import numpy as np
 import torch
 from matplotlib import patheffects
 from matplotlib.artist import Artist
-from matplotlib.colors import ListedColormap, to_hex
+from matplotlib.colors import ListedColormap, is_color_like, to_hex
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
@@ -1239,9 +1239,7 @@ def plot_scores(rows: Sequence[Mapping], group: str = "model", chance: float | N
                          "repeated runs first)")
     methods = list(dict.fromkeys(r["method"] for r in rows))
     groups = list(dict.fromkeys(r[group] for r in rows))
-    given = {name: to_hex(colours[name]) for name in groups if name in (colours or {})}  # to_hex: a clear error
-    spare = (c for c in plt.rcParams["axes.prop_cycle"].by_key().get("color", []) if to_hex(c) not in given.values())
-    fill = {name: given.get(name) or next(spare, None) for name in groups}  # None: Matplotlib's next colour
+    fill = _group_colours(groups, colours or {})
     width = 0.8 / len(groups)
     # up to three groups, each method gets room for its bars' values written upright (rotated 90 degrees,
     # at the size that fitted, they were barely legible); more groups than that keep a slot and turn them
@@ -1276,6 +1274,25 @@ def plot_scores(rows: Sequence[Mapping], group: str = "model", chance: float | N
     fig.legend(handles=handles, loc="outside lower center", ncols=len(handles), fontsize=7, frameon=False)
     fig.suptitle(title)
     return fig
+
+
+def _group_colours(groups: list, colours: Mapping) -> dict:
+    """A distinct colour per group: those `colours` gives, then the default cycle's and tab20's others."""
+    given = {}
+    for name in groups:
+        if name in colours:
+            if not is_color_like(colours[name]):  # Matplotlib's "Invalid RGBA argument" named no group
+                raise ValueError(f"colours[{name!r}] = {colours[name]!r} is not a Matplotlib colour; use a name "
+                                 "('tab:blue', 'red'), 'C0', or '#1f77b4'")
+            given[name] = colours[name]
+    seen = {}
+    for name, colour in given.items():
+        if (twin := seen.setdefault(to_hex(colour), name)) != name:  # two groups drawn the same: indistinguishable
+            raise ValueError(f"colours gives {twin!r} and {name!r} the same colour ({colour!r}); give each group "
+                             "shown its own")
+    palette = [*plt.rcParams["axes.prop_cycle"].by_key().get("color", []), *plt.get_cmap("tab20").colors]
+    spare = iter(dict.fromkeys(to_hex(c) for c in palette if to_hex(c) not in seen))  # ten and more groups too
+    return {name: given[name] if name in given else next(spare, "grey") for name in groups}
 
 
 def plot_randomisation(result: RandomisationResult, index: int = 0, method: str = "gradcam",

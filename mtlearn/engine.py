@@ -147,6 +147,14 @@ class NonFiniteWeightsError(RuntimeError):
         )
 
 
+class CompileError(RuntimeError):
+    """torch.compile's backend could not build the model (no C++ compiler on the CPU, no Triton on the GPU...)."""
+
+    def __init__(self, what: str):
+        super().__init__(f"torch.compile could not build the model ({what}); train with compile=False (on the command "
+                         "line: without --compile), the same training without the compiler")
+
+
 @dataclass
 class TrainConfig:
     """The options of `fit`, given as a TrainConfig or as keyword arguments of the same names."""
@@ -219,7 +227,7 @@ class History:
         """Figure with four panels: training losses, validation metrics, task weights, learning rate.
 
         metrics: validation columns to draw (e.g. ["val/recon/psnr"]); default: those on a 0-1 scale.
-        A task has one colour and one marker in every panel (mtlearn.plots.TASK_COLOURS and TASK_MARKERS:
+        A task has one colour and one marker in every panel (mtlearn.plots.task_colours and task_markers:
         seg blue circles, cls orange squares, recon green triangles, total black diamonds: the markers tell
         tasks apart where colours merge for a colour-blind reader); the metrics of one task differ by line
         style (every one after the first with open markers), so cls/acc and cls/balanced_acc stay apart
@@ -229,7 +237,7 @@ class History:
         from matplotlib.figure import Figure
         from matplotlib.ticker import MaxNLocator
 
-        from mtlearn.plots import TASK_MARKERS, task_colours
+        from mtlearn.plots import task_colours, task_markers
 
         frame = self.to_frame()
         fig = Figure(figsize=(16, 4.4), layout="constrained")
@@ -245,6 +253,7 @@ class History:
         # "train/seg" -> "seg", "val/seg/dice" -> "seg/dice"; its task is the part before the next "/"
         names = {column: column.split("/", 1)[-1] for _, _, columns in panels for column in columns}
         colours = task_colours([name.split("/")[0] for name in names.values()])
+        markers = task_markers([name.split("/")[0] for name in names.values()])
         linestyles = ["-", "--", ":", "-."]  # 1st, 2nd, ... metric of a task
         for ax, (title, ylabel, columns) in zip(axes, panels):
             drawn: dict[str, int] = {}  # task -> lines drawn in this panel
@@ -253,7 +262,7 @@ class History:
                 task = name.split("/")[0]
                 k = drawn[task] = drawn.get(task, -1) + 1
                 ax.plot(frame.index, frame[column], color=colours[task], linestyle=linestyles[k % len(linestyles)],
-                        marker=TASK_MARKERS.get(task, "v"), markersize=4,
+                        marker=markers[task], markersize=4,
                         markerfacecolor=colours[task] if k == 0 else "white", label=name)
             if title == "Validation metrics" and self.best_epoch is not None:
                 ax.axvline(self.best_epoch, color="grey", linestyle=":", label=f"best epoch ({self.monitor})")
@@ -694,10 +703,8 @@ def fit(model: nn.Module, train_loader, val_loader=None, config: TrainConfig | N
                 except Exception as failed:  # noqa: BLE001 (the original error is the one to see)
                     warnings.warn(f"could not give the model its starting state back ({failed}); rebuild it before "
                                   "fitting again", stacklevel=2)
-            if config.compile and _compile_failure(error):  # torch's message ends with its own debug flags
-                raise RuntimeError(f"torch.compile could not build the model ({_compile_failure(error)}); train with "
-                                   "compile=False (on the command line: without --compile), the same training "
-                                   "without the compiler") from error
+            if config.compile and (failure := _compile_failure(error)):  # torch's says only how to debug it
+                raise CompileError(failure) from error
             raise
         finally:
             bar.close()
@@ -719,16 +726,16 @@ def fit(model: nn.Module, train_loader, val_loader=None, config: TrainConfig | N
 
 
 def _compile_failure(error: BaseException) -> str | None:
-    """What went wrong, when `error` is torch.compile's backend failing to build the model (no C++
-    compiler for the CPU, no Triton for the GPU, ...); None for any other error."""
+    """What went wrong, when `error` is torch.compile's backend failing to build the model; None for
+    any other error."""
     try:
         from torch._dynamo.exc import BackendCompilerFailed  # private, so looked up, not relied on
     except ImportError:
         return None
     if not isinstance(error, BackendCompilerFailed):
         return None
-    inner = getattr(error, "inner_exception", None)
-    return f"{type(inner).__name__}: {inner}" if inner is not None else str(error).splitlines()[-1]
+    inner = getattr(error, "inner_exception", error)  # e.g. InvalidCxxCompiler
+    return f"{type(inner).__name__}: {inner}"
 
 
 @dataclass

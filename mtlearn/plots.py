@@ -21,6 +21,7 @@ SPARE_COLOURS = ("tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:olive", 
 # Colour alone fails readers with a colour-vision deficiency (orange and green merge in protanopia, blue and
 # purple in deuteranopia): each task also has its own marker, and each run of a comparison its own line style
 TASK_MARKERS = {"seg": "o", "cls": "s", "recon": "^", "total": "D"}
+SPARE_MARKERS = ("v", "P", "X", "*", "h", "<", ">", "p")  # other names, in order
 RUN_STYLES = [(ls, m) for m, ls in zip("osD^vP*X", ["-", "--", "-.", ":"] * 2)]  # (line style, marker) per run
 
 
@@ -32,6 +33,12 @@ def task_colours(names: Sequence[str]) -> dict[str, str]:
     for name in dict.fromkeys(names):
         colours[name] = TASK_COLOURS.get(name) or next(spare, "tab:gray")
     return colours
+
+
+def task_markers(names: Sequence[str]) -> dict[str, str]:
+    """One marker per task name, as task_colours: TASK_MARKERS, then SPARE_MARKERS in order."""
+    spare = iter(SPARE_MARKERS)
+    return {name: TASK_MARKERS.get(name) or next(spare, ".") for name in dict.fromkeys(names)}
 
 
 def _array(x) -> np.ndarray:
@@ -227,8 +234,10 @@ def learning_curves(histories: dict[str, "object"], metric: str, title: str = ""
     diverged, or never recorded it) keeps its legend entry, marked "(no finite values)".
     ylabel: the y axis' label; None: the metric, its "val/" or "train/" prefix spelled out
     ("val/seg/dice" -> "seg/dice (validation)").
-    zoom_last: if > 0, a second panel shows the last `zoom_last` epochs on their own y range, where
-    the first epochs' large changes no longer squash the differences between runs; 0: no zoom.
+    zoom_last: if > 0, a second panel shows the last `zoom_last` epochs (of the longest run) on their
+    own y range, where the first epochs' large changes no longer squash the differences between runs;
+    a run with no finite value there is named so in the legend. 0, or at least as many epochs as the
+    longest run has: one panel.
     """
     if not is_int(zoom_last) or zoom_last < 0:
         raise ValueError(f"zoom_last must be a number of epochs >= 0 (0: no zoomed panel), got {zoom_last!r}")
@@ -273,13 +282,18 @@ def learning_curves(histories: dict[str, "object"], metric: str, title: str = ""
     zoom = zoom_last > 0 and any(epoch <= last - zoom_last for pairs in points.values() for epoch, _ in pairs)
     fig, axes = plt.subplots(1, 2 if zoom else 1, figsize=(10, 3.8) if zoom else (5.5, 3.5), squeeze=False,
                              layout="constrained" if zoom else None)
+    window = "the last epoch" if zoom_last == 1 else f"the last {zoom_last} epochs"
+    labels = {}  # the legend's (the first panel's): a run without a finite value in a panel says so
     for ax, since in zip(axes[0], (-math.inf, last - zoom_last)):  # the zoomed panel: epochs after `since`
         for k, (name, pairs) in enumerate(points.items()):
             xs, ys = [epoch for epoch, _ in pairs if epoch > since], [value for epoch, value in pairs if epoch > since]
-            drawn = any(y is not None and math.isfinite(y) for y in ys)
+            if not any(y is not None and math.isfinite(y) for y in ys):
+                missing = "no finite values" if since < 0 else f"not in {window}"
+                labels.setdefault(name, f"{name} ({missing})")
             linestyle, marker = RUN_STYLES[k % len(RUN_STYLES)]  # not colour alone: runs end close together
-            ax.plot(xs, ys, linestyle=linestyle, marker=marker, ms=3.5,
-                    label=name if drawn else f"{name} (no finite values)")
+            ax.plot(xs, ys, linestyle=linestyle, marker=marker, ms=3.5, label=name)
+    for line, name in zip(axes[0, 0].lines, points):
+        line.set_label(labels.get(name, name))
         ax.set_xlabel("epoch")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
@@ -290,7 +304,7 @@ def learning_curves(histories: dict[str, "object"], metric: str, title: str = ""
         return fig
     axes[0, 0].set_title("every epoch")
     axes[0, 0].axvspan(last - zoom_last + 0.5, last + 0.5, color="k", alpha=0.06, lw=0)  # where the zoom looks
-    axes[0, 1].set_title(f"the last {zoom_last} epoch{'s' if zoom_last > 1 else ''}, zoomed")
+    axes[0, 1].set_title(f"{window}, zoomed")
     axes[0, 1].xaxis.get_major_locator().set_params(integer=True)  # epochs, not 6.5
     fig.suptitle(title or metric)
     # one legend under both panels, where no line runs

@@ -34,8 +34,8 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from mtlearn.data import DATASETS
-from mtlearn.engine import (NonFiniteLossError, NonFiniteWeightsError, TrainConfig, evaluate, fit, resolve_monitor,
-                            validation_losses_finite, validation_metrics)
+from mtlearn.engine import (CompileError, NonFiniteLossError, NonFiniteWeightsError, TrainConfig, evaluate, fit,
+                            resolve_monitor, validation_losses_finite, validation_metrics)
 from mtlearn.heads import DFE_MODES  # a few milliseconds: mtl's model classes stay unimported
 from mtlearn.losses import TASKS
 from mtlearn.utils import is_distributed, is_main_process, pick_device, seed_everything, write_json
@@ -380,7 +380,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     try:
         return run(args)
-    except (ValueError, FileNotFoundError) as error:  # bad data or options found once running: no traceback
+    except (ValueError, FileNotFoundError, CompileError) as error:  # found once running: a message, no traceback
         print(f"python -m mtlearn.train: error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
     except (NonFiniteLossError, NonFiniteWeightsError, NoGoodEpochError) as error:  # diverged; the message says how

@@ -712,6 +712,7 @@ def test_viewer_redraws_on_control_changes(model, data):
     item, shown = viewer.compute(1, "recon", "image", "saliency")
     expected = viewer.explainer.attribute(item["image"][None], "recon", None, "saliency", reference=item["clean"][None])
     assert torch.allclose(shown, expected.cpu())
+    assert viewer.CACHE_SIZE == 64  # the documented default (views seen last)
     viewer.CACHE_SIZE = 3  # it grew with every view clicked through (about 1 MiB per view at 128 px)
     for index in range(4):  # views not seen before (class 1)
         viewer.compute(index, "cls", 1, "saliency")
@@ -1012,6 +1013,16 @@ def test_plot_scores_keeps_a_group_its_colour_across_figures():
             # a group without a colour takes the cycle's next one, and none repeats another's
             assert len(set(drawn.values())) == len(models)
         plt.close(fig)
+    many = [{"model": f"m{g}", "method": "ig", "mask_share": 0.2, "pointing_game": 0.5} for g in range(12)]
+    fig = A.plot_scores(many, colours={"m0": "black"})  # the cycle has ten colours: it started again at blue
+    assert len({to_hex(bars.patches[0].get_facecolor()) for bars in fig.axes[0].containers}) == 12
+    plt.close(fig)
+    row = [{"model": "a", "method": "ig", "mask_share": 0.1, "pointing_game": 1.0}]
+    with pytest.raises(ValueError, match=r"colours\['a'\] = 'blu' is not a Matplotlib colour; use a name"):
+        A.plot_scores(row, colours={"a": "blu"})  # Matplotlib's "Invalid RGBA argument" named no group
+    with pytest.raises(ValueError, match=r"colours gives 'a' and 'b' the same colour \('#ff0000'\)"):
+        A.plot_scores([*row, dict(row[0], model="b")], colours={"a": "red", "b": "#ff0000"})
+    plt.close(A.plot_scores(row, colours={"a": "red", "unshown": "red"}))  # a shared dict: names not drawn count not
 
 # ------------------------------------------------------------------------------------------ by hand, on stubs
 

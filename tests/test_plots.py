@@ -169,7 +169,7 @@ def test_learning_curves_and_roc_curves_tell_their_lines_apart_without_colour():
     fig = plots.learning_curves(histories, "val/dice", zoom_last=2)
     every, zoomed = fig.axes
     styles = [(line.get_linestyle(), line.get_marker()) for line in every.lines]
-    assert len(set(styles)) == 8
+    assert len(set(styles)) == 8 and len({style for style, _ in styles}) == 4  # line styles and markers both vary
     assert [(line.get_linestyle(), line.get_marker()) for line in zoomed.lines] == styles  # a run keeps its style
     labels = np.repeat([0, 1, 2], 4)
     fig = plots.roc_curves(labels, np.eye(3)[labels] + 0.1 * np.arange(12)[:, None], ["normal", "benign", "malignant"])
@@ -191,7 +191,14 @@ def test_learning_curves_zoom_on_the_last_epochs_in_a_second_panel():
     low, high = zoomed.get_ylim()
     assert 0.8 < low < 0.88 and 0.92 < high < 0.95  # its own range, not the first epochs'
     assert fig.get_suptitle() == "Dice" and "last 3 epochs" in zoomed.get_title()
+    assert [(p.get_x(), p.get_width()) for p in every.patches] == [(2.5, 3)]  # the whole panel marks the window
+    assert plots.learning_curves(histories, "val/dice", zoom_last=1).axes[1].get_title() == "the last epoch, zoomed"
     assert [t.get_text() for t in fig.legends[0].get_texts()] == ["mtl", "single"]  # one legend for both
+    plt.close(fig)
+    # a run stopped early has nothing in the window of the longest run's last epochs: the legend says so
+    short = {**histories, "stopped": [{"epoch": 1, "val/dice": 0.3}]}
+    fig = plots.learning_curves(short, "val/dice", zoom_last=3)
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["mtl", "single", "stopped (not in the last 3 epochs)"]
     plt.close(fig)
     # nothing before the window (one epoch of a smoke run): one panel, as without zoom_last
     assert len(plots.learning_curves(histories, "val/dice", zoom_last=5).axes) == 1
@@ -507,6 +514,12 @@ def test_show_items_gives_the_intensity_rows_of_an_item_one_grey_scale():
     image_ax, artifact_ax = fig.axes  # artifact_mask is a mask too: 0/1, outside the image's grey scale
     assert image_ax.images[0].get_clim() == (pytest.approx(0.05), pytest.approx(0.45))
     assert artifact_ax.images[0].get_clim() == (0, 1)
+
+
+def test_task_markers_are_fixed_for_the_course_tasks_and_distinct_for_others():
+    # every other task had the same marker, "v", where markers are what tells tasks apart without colour
+    assert plots.task_markers(["cls", "seg", "recon", "total"]) == {"cls": "s", "seg": "o", "recon": "^", "total": "D"}
+    assert plots.task_markers(["depth", "seg", "lr", "depth"]) == {"depth": "v", "seg": "o", "lr": "P"}
 
 
 def test_task_colours_are_fixed_for_the_course_tasks():

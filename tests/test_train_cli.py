@@ -405,6 +405,21 @@ def test_compile_reaches_the_run(tmp_path, capsys):
     assert exit_.value.code == 2 and "cannot train with compile=True" in capsys.readouterr().err
 
 
+def test_a_model_the_compiler_cannot_build_is_one_line_not_a_traceback(tmp_path, capsys, monkeypatch):
+    # torch's error printed dynamo's whole traceback above the advice to drop --compile
+    from mtlearn.engine import CompileError
+
+    def cannot_build(*args, **kwargs):
+        raise CompileError("InvalidCxxCompiler: No working C++ compiler found")
+
+    monkeypatch.setattr("mtlearn.train.fit", cannot_build)
+    with pytest.raises(SystemExit) as exit_:
+        main([*SMOKE, "--epochs", "1", "--limit", "8", "--compile", "--out-dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "Traceback" not in err
+    assert "error: torch.compile could not build the model (InvalidCxxCompiler" in err and "without --compile" in err
+
+
 def test_the_recorded_task_weights_are_the_last_epochs(tmp_path):
     record = main([*SMOKE, "--epochs", "2", "--limit", "8", "--weighting", "uncertainty", "--lr", "0.05",
                    "--out-dir", str(tmp_path / "run")])

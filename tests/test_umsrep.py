@@ -661,6 +661,7 @@ def test_a_few_denoising_steps_lower_the_reconstruction_error():
     (dict(unlabeled_datasets=("busi", "busi")), r"each once, got \('busi', 'busi'\)"),  # doubled the images
     # BUSI's test images would reach the representation
     (dict(dataset="busi", unlabeled_datasets=("bus_bra", "breastmnist")), r"\['breastmnist'\] are made from BUSI's"),
+    (dict(dataset="busi", unlabeled_datasets=("busi_npz",)), r"\['busi_npz'\] are made from BUSI's"),
     # TypeError: 'NoneType' object is not iterable
     (dict(strategies=None), r"strategies must be a name or a tuple of names, e.g. \('frozen', 'joint'\); got None"),
     (dict(unlabeled_datasets=None), "unlabeled_datasets must be a name or a tuple of names"),
