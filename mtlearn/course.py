@@ -90,7 +90,8 @@ def _failing_cell(error: Exception) -> str:
     if not isinstance(error, PapermillExecutionError):
         text = f"the notebook could not run: {type(error).__name__}: {error}"
         if type(error).__name__ == "NoSuchKernel":
-            text += ("; install this environment's kernel with "
+            text += ("; install a kernel for this environment (ipykernel comes with the dev extra, not with "
+                     "mtlearn itself): pip install ipykernel && "
                      "python -m ipykernel install --sys-prefix --name python3")
         return text
     cell = error.exec_count
