@@ -49,6 +49,7 @@ from matplotlib.colors import ListedColormap, is_color_like, to_hex
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from mtlearn.checkpoint import unwrapped_model
 from mtlearn.encoder import ResFormerEncoder, check_floating, init_weights, unscaled_range
 from mtlearn.mtl import MultiTaskUNet
 from mtlearn.plots import _array, _draw_image, _image
@@ -208,6 +209,10 @@ class Explainer:
     statistics fixed, dropout off: the map must explain the deterministic model) and does not track
     gradients for its parameters (Captum only needs input gradients; this saves memory and time).
 
+    A model inside torch.compile's (or DistributedDataParallel's) wrapper is explained through the model
+    itself: a compiled graph skips hooks added after it was traced (Grad-CAM's), and its module names
+    gain a prefix ("_orig_mod.") that the randomisation test would count as a level.
+
     layer: Grad-CAM layer, a module name or a module of `model` (None: `default_layer`).
     keys: which model output each head reads, e.g. {"cls": "logits_a"} for a DisentangleNet.
 
@@ -219,6 +224,7 @@ class Explainer:
             raise TypeError(f"Explainer expects the model, an nn.Module, got {type(model).__name__}; for saved "
                             "weights build the model and load_state_dict first: model = mtlearn.build_model(...); "
                             "model.load_state_dict(state)")
+        model = unwrapped_model(model)
         unknown = sorted(set(keys or {}) - set(HEADS))
         if unknown:
             raise ValueError(f"keys name unknown head(s) {unknown}; the heads are {HEADS}, "
@@ -877,9 +883,10 @@ def model_init(model: nn.Module) -> Callable[[nn.Module], None] | None:
 
     mtlearn's MultiTaskUNet and ResFormerEncoder run `mtlearn.encoder.init_weights` over every module
     (Kaiming-normal convolutions, truncated-normal linear layers with std 0.02): that function.
-    Anything else (MONAI networks, DisentangleNet) keeps PyTorch's per-layer defaults: None.
+    Anything else (MONAI networks, DisentangleNet) keeps PyTorch's per-layer defaults: None. A
+    compiled (or DDP-wrapped) model is judged by the model inside.
     """
-    return init_weights if isinstance(model, (MultiTaskUNet, ResFormerEncoder)) else None
+    return init_weights if isinstance(unwrapped_model(model), (MultiTaskUNet, ResFormerEncoder)) else None
 
 
 def randomise_(module: nn.Module, init: Callable[[nn.Module], None] | None = None) -> None:

@@ -43,6 +43,7 @@ from mtlearn.checkpoint import (
     rng_state,
     save_checkpoint,
     set_rng_state,
+    unwrapped_model,
 )
 from mtlearn.encoder import check_image
 from mtlearn.engine import NonFiniteLossError, NonFiniteWeightsError, non_finite_names
@@ -583,6 +584,11 @@ def _check_training(*, epochs, adv_steps, w_adv, w_leak, adv_loss, adv_target, l
 
 def _not_a_two_task_model(model) -> TypeError:
     """The error for a model without encode(), classify() and the two-task outputs (e.g. mtlearn.build_model's)."""
+    inner = unwrapped_model(model)
+    if inner is not model and isinstance(inner, _TwoTaskNet):  # "build one with build_model" misled here
+        return TypeError(f"got a {inner.__class__.__name__} inside a {type(model).__name__} (torch.compile's or "
+                         "DistributedDataParallel's wrapper); pass the model itself: model._orig_mod for a compiled "
+                         "one, model.module for DDP")
     return TypeError(f"model must be one of MODELS {tuple(MODELS)} (DisentangleNet, SharedEncoderNet, "
                      f"TwoEncoderNet), got a {type(model).__name__}; build one with "
                      "mtlearn.disentangle.build_model(kind, config)")
