@@ -44,6 +44,9 @@ def save_checkpoint(state: Mapping, path: str | os.PathLike) -> Path:
     reads it back. The rename is atomic, so `path` holds either the previous file or the new one;
     the temporary file is removed whatever happens. Returns `path`. What load_checkpoint could not read
     back (a module, a NumPy number) raises TypeError naming it, and `path` keeps its previous file.
+    A compiled model's state_dict names every weight "_orig_mod.<name>": `load_checkpoint(path, model)`
+    takes that off, a bare `model.load_state_dict(torch.load(path)["model"])` does not;
+    save `unwrapped_model(model).state_dict()` for a file any loader reads.
     """
     path = Path(path).expanduser()
     if isinstance(state, nn.Module):
