@@ -49,7 +49,7 @@ from matplotlib.colors import ListedColormap, is_color_like, to_hex
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from mtlearn.checkpoint import unwrapped_model
+from mtlearn.checkpoint import WRAPPER_PREFIXES, unwrapped_model
 from mtlearn.encoder import ResFormerEncoder, check_floating, init_weights, unscaled_range
 from mtlearn.mtl import MultiTaskUNet
 from mtlearn.plots import _array, _draw_image, _image
@@ -224,7 +224,10 @@ class Explainer:
             raise TypeError(f"Explainer expects the model, an nn.Module, got {type(model).__name__}; for saved "
                             "weights build the model and load_state_dict first: model = mtlearn.build_model(...); "
                             "model.load_state_dict(state)")
-        model = unwrapped_model(model)
+        inner = unwrapped_model(model)
+        while inner is not model and isinstance(layer, str) and layer.startswith(WRAPPER_PREFIXES):
+            layer = layer.split(".", 1)[1]  # "_orig_mod.encoder.stages.3", as the wrapper names it: the model's own
+        model = inner
         unknown = sorted(set(keys or {}) - set(HEADS))
         if unknown:
             raise ValueError(f"keys name unknown head(s) {unknown}; the heads are {HEADS}, "
@@ -1284,7 +1287,7 @@ def plot_scores(rows: Sequence[Mapping], group: str = "model", chance: float | N
 
 
 def _group_colours(groups: list, colours: Mapping) -> dict:
-    """A distinct colour per group: those `colours` gives, then the default cycle's and tab20's others."""
+    """A distinct colour per group: those `colours` gives, then the default cycle's and tab20(b, c)'s others."""
     given = {}
     for name in groups:
         if name in colours:
@@ -1294,12 +1297,17 @@ def _group_colours(groups: list, colours: Mapping) -> dict:
             given[name] = colours[name]
     seen = {}
     for name, colour in given.items():
-        if (twin := seen.setdefault(to_hex(colour), name)) != name:  # two groups drawn the same: indistinguishable
+        if (twin := seen.setdefault(to_hex(colour, keep_alpha=True), name)) != name:  # indistinguishable bars
             raise ValueError(f"colours gives {twin!r} and {name!r} the same colour ({colour!r}); give each group "
                              "shown its own")
-    palette = [*plt.rcParams["axes.prop_cycle"].by_key().get("color", []), *plt.get_cmap("tab20").colors]
-    spare = iter(dict.fromkeys(to_hex(c) for c in palette if to_hex(c) not in seen))  # ten and more groups too
-    return {name: given[name] if name in given else next(spare, "grey") for name in groups}
+    palette = [*plt.rcParams["axes.prop_cycle"].by_key().get("color", []),
+               *(c for cmap in ("tab20", "tab20b", "tab20c") for c in plt.get_cmap(cmap).colors)]
+    spare = [c for c in dict.fromkeys(to_hex(c, keep_alpha=True) for c in palette) if c not in seen]
+    others = [name for name in groups if name not in given]
+    if len(others) > len(spare):  # they went grey, all alike
+        raise ValueError(f"{len(groups)} groups are more than plot_scores can colour apart ({len(spare) + len(given)}"
+                         "); plot fewer at a time")
+    return {**dict(zip(others, spare)), **given}
 
 
 def plot_randomisation(result: RandomisationResult, index: int = 0, method: str = "gradcam",

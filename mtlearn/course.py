@@ -91,7 +91,7 @@ def _failing_cell(error: Exception) -> str:
         text = f"the notebook could not run: {type(error).__name__}: {error}"
         if type(error).__name__ == "NoSuchKernel":
             text += ("; install a kernel for this environment (ipykernel comes with the dev extra, not with "
-                     "mtlearn itself): pip install ipykernel && "
+                     "mtlearn itself): python -m pip install ipykernel && "
                      "python -m ipykernel install --sys-prefix --name python3")
         return text
     cell = error.exec_count

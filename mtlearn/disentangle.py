@@ -586,9 +586,9 @@ def _not_a_two_task_model(model) -> TypeError:
     """The error for a model without encode(), classify() and the two-task outputs (e.g. mtlearn.build_model's)."""
     inner = unwrapped_model(model)
     if inner is not model and isinstance(inner, _TwoTaskNet):  # "build one with build_model" misled here
-        return TypeError(f"got a {inner.__class__.__name__} inside a {type(model).__name__} (torch.compile's or "
-                         "DistributedDataParallel's wrapper); pass the model itself: model._orig_mod for a compiled "
-                         "one, model.module for DDP")
+        return TypeError(f"got a {type(inner).__name__} inside a wrapper ({type(model).__name__}, torch.compile's or "
+                         "DistributedDataParallel's); pass the model itself: model._orig_mod for a compiled one, "
+                         "model.module for DDP")
     return TypeError(f"model must be one of MODELS {tuple(MODELS)} (DisentangleNet, SharedEncoderNet, "
                      f"TwoEncoderNet), got a {type(model).__name__}; build one with "
                      "mtlearn.disentangle.build_model(kind, config)")

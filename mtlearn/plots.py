@@ -215,6 +215,11 @@ def show_items(items: Sequence[dict], keys: Sequence[str] = ("image", "mask"), c
     return fig
 
 
+def _finite(value) -> bool:
+    """A number to draw: not None, NaN or infinite."""
+    return value is not None and math.isfinite(value)
+
+
 def _per_epoch_records(rows):
     """train_disentangle's {"acc_a": [epoch 1, epoch 2, ...], ...} as records with their epoch; else rows as given."""
     if (isinstance(rows, Mapping) and rows and all(isinstance(v, Sequence) and not isinstance(v, str)
@@ -236,8 +241,8 @@ def learning_curves(histories: dict[str, "object"], metric: str, title: str = ""
     ("val/seg/dice" -> "seg/dice (validation)").
     zoom_last: if > 0, a second panel shows the last `zoom_last` epochs (of the longest run) on their
     own y range, where the first epochs' large changes no longer squash the differences between runs;
-    a run with no finite value there is named so in the legend. 0, or at least as many epochs as the
-    longest run has: one panel.
+    a run with no finite value there is named so in the legend. 0, at least as many epochs as the
+    longest run has, or a window without a finite value: one panel.
     """
     if not is_int(zoom_last) or zoom_last < 0:
         raise ValueError(f"zoom_last must be a number of epochs >= 0 (0: no zoomed panel), got {zoom_last!r}")
@@ -279,7 +284,9 @@ def learning_curves(histories: dict[str, "object"], metric: str, title: str = ""
         spelled = {"val": "validation", "train": "training"}.get(split)
         ylabel = f"{rest} ({spelled})" if spelled and rest else metric
     last = max(epoch for pairs in points.values() for epoch, _ in pairs)
-    zoom = zoom_last > 0 and any(epoch <= last - zoom_last for pairs in points.values() for epoch, _ in pairs)
+    # a second panel when the window leaves epochs out and holds something to draw
+    zoom = zoom_last > 0 and any(epoch <= last - zoom_last for pairs in points.values() for epoch, _ in pairs) and any(
+        epoch > last - zoom_last and _finite(value) for pairs in points.values() for epoch, value in pairs)
     fig, axes = plt.subplots(1, 2 if zoom else 1, figsize=(10, 3.8) if zoom else (5.5, 3.5), squeeze=False,
                              layout="constrained" if zoom else None)
     window = "the last epoch" if zoom_last == 1 else f"the last {zoom_last} epochs"
@@ -287,16 +294,15 @@ def learning_curves(histories: dict[str, "object"], metric: str, title: str = ""
     for ax, since in zip(axes[0], (-math.inf, last - zoom_last)):  # the zoomed panel: epochs after `since`
         for k, (name, pairs) in enumerate(points.items()):
             xs, ys = [epoch for epoch, _ in pairs if epoch > since], [value for epoch, value in pairs if epoch > since]
-            if not any(y is not None and math.isfinite(y) for y in ys):
-                missing = "no finite values" if since < 0 else f"not in {window}"
-                labels.setdefault(name, f"{name} ({missing})")
+            if not any(map(_finite, ys)):  # never, or not in the window (stopped early, or diverged late)
+                labels.setdefault(name, f"{name} (no finite values{'' if since < 0 else f' in {window}'})")
             linestyle, marker = RUN_STYLES[k % len(RUN_STYLES)]  # not colour alone: runs end close together
             ax.plot(xs, ys, linestyle=linestyle, marker=marker, ms=3.5, label=name)
-    for line, name in zip(axes[0, 0].lines, points):
-        line.set_label(labels.get(name, name))
         ax.set_xlabel("epoch")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
+    for line, name in zip(axes[0, 0].lines, points):
+        line.set_label(labels.get(name, name))
     if not zoom:
         axes[0, 0].set_title(title or metric)
         axes[0, 0].legend(fontsize=8)

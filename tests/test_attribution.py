@@ -378,6 +378,11 @@ def test_a_compiled_model_is_explained_through_the_model_inside(model, explainer
     gradcam = wrapped.attribute(images, "cls", 1, "gradcam")
     assert torch.allclose(gradcam, explainer.attribute(images, "cls", 1, "gradcam"))
     assert A.Explainer(compiled, layer=model.encoder.stages[2]).layer_name == "encoder.stages.2"
+    # a name as the wrapper's named_modules() lists it, and DataParallel's (DDP's) wrapper too
+    assert A.Explainer(compiled, layer="_orig_mod.encoder.stages.2").layer_name == "encoder.stages.2"
+    parallel = A.Explainer(torch.nn.DataParallel(model), layer="module.encoder.stages.2")
+    assert parallel.layer_name == "encoder.stages.2" and not isinstance(parallel.model, torch.nn.DataParallel)
+    assert torch.allclose(parallel.attribute(images, "cls", 1, "saliency"), saliency)
 
 
 def test_randomisation_groups_follow_the_head_from_the_top(explainer, images):
@@ -1029,10 +1034,15 @@ def test_plot_scores_keeps_a_group_its_colour_across_figures():
             # a group without a colour takes the cycle's next one, and none repeats another's
             assert len(set(drawn.values())) == len(models)
         plt.close(fig)
-    many = [{"model": f"m{g}", "method": "ig", "mask_share": 0.2, "pointing_game": 0.5} for g in range(12)]
+    many = [{"model": f"m{g}", "method": "ig", "mask_share": 0.2, "pointing_game": 0.5} for g in range(24)]
     fig = A.plot_scores(many, colours={"m0": "black"})  # the cycle has ten colours: it started again at blue
-    assert len({to_hex(bars.patches[0].get_facecolor()) for bars in fig.axes[0].containers}) == 12
+    assert len({to_hex(bars.patches[0].get_facecolor()) for bars in fig.axes[0].containers}) == 24  # then grey
     plt.close(fig)
+    too_many = [dict(many[0], model=f"m{g}") for g in range(80)]
+    with pytest.raises(ValueError, match="80 groups are more than plot_scores can colour apart"):
+        A.plot_scores(too_many)
+    # alpha counts: a faint red and a red are told apart
+    plt.close(A.plot_scores(many[:2], colours={"m0": (1, 0, 0, 0.3), "m1": (1, 0, 0, 1)}))
     row = [{"model": "a", "method": "ig", "mask_share": 0.1, "pointing_game": 1.0}]
     with pytest.raises(ValueError, match=r"colours\['a'\] = 'blu' is not a Matplotlib colour; use a name"):
         A.plot_scores(row, colours={"a": "blu"})  # Matplotlib's "Invalid RGBA argument" named no group

@@ -708,7 +708,7 @@ def test_a_notebook_that_cannot_start_is_not_reported_as_a_failing_cell(tmp_path
     assert not result.ok
     assert result.error.startswith("the notebook could not run: NoSuchKernel")
     # from a plain install of the wheel: ipykernel is the dev extra's, so the command alone failed too
-    assert "pip install ipykernel && python -m ipykernel install --sys-prefix --name python3" in result.error
+    assert "python -m pip install ipykernel && python -m ipykernel install --sys-prefix --name python3" in result.error
     missing = run_notebook(tmp_path / "01_missing.ipynb", tmp_path / "out", {})
     assert missing.error.startswith("the notebook could not run: FileNotFoundError")
 

@@ -920,8 +920,10 @@ def square_loader():  # 32 x 32: a size mtlearn.build_model's networks accept
      TypeError, r"model must be one of MODELS .*got a MultiTaskUNet"),
     # a compiled DisentangleNet was told to build one with build_model
     (lambda train, square: _train(torch.compile(tiny_model()), train), TypeError,
-     r"got a DisentangleNet inside a OptimizedModule \(torch.compile's or DistributedDataParallel's wrapper\); pass "
-     r"the model itself: model._orig_mod"),
+     r"got a DisentangleNet inside a wrapper \(OptimizedModule, torch.compile's or DistributedDataParallel's\); "
+     r"pass the model itself: model._orig_mod"),
+    (lambda train, square: _train(torch.nn.DataParallel(tiny_model()), train), TypeError,
+     r"got a DisentangleNet inside a wrapper \(DataParallel, .*model.module for DDP"),
     # refused before it runs: this was torch's "mat1 and mat2 shapes cannot be multiplied"
     (lambda train, square: D.evaluate_disentangle(torch.nn.Linear(3, 3), train, device="cpu"), TypeError,
      r"model must be one of MODELS .*\(DisentangleNet, SharedEncoderNet, TwoEncoderNet\), got a Linear; build one"),

@@ -833,12 +833,13 @@ def test_history_plot_tells_tasks_apart_by_marker_too():
     history = History(monitor="val/recon/psnr")
     for epoch in (1, 2):
         history.append({"epoch": epoch, "train/seg": 1.0, "train/cls": 1.0, "train/recon": 1.0, "train/total": 3.0,
+                        "train/depth": 1.0, "train/edges": 1.0,  # a user's own tasks: all had "v"
                         "val/seg/dice": 0.5, "val/cls/acc": 0.5, "val/recon/ssim": 0.5, "lr": 1e-3})
     losses, metrics, _, _ = history.plot().axes
     for ax in (losses, metrics):
         markers = {line.get_label().split("/")[0]: line.get_marker() for line in ax.get_lines()
                    if not line.get_label().startswith("best")}
-        assert len(set(markers.values())) == len(markers) >= 3  # seg, cls, recon (and total): one marker each
+        assert len(set(markers.values())) == len(markers) >= 3  # seg, cls, recon (total, depth...): one each
     assert {line.get_marker() for line in losses.get_lines() if line.get_label() == "cls"} == {
         line.get_marker() for line in metrics.get_lines() if line.get_label() == "cls/acc"}  # the same in each panel
 

@@ -3,6 +3,7 @@
 import matplotlib
 
 matplotlib.use("Agg")
+import math
 import re
 
 import matplotlib.pyplot as plt
@@ -185,6 +186,8 @@ def test_learning_curves_zoom_on_the_last_epochs_in_a_second_panel():
                  "single": [{"epoch": e, "val/dice": d} for e, d in enumerate([0.2, 0.7, 0.88, 0.89], start=1)]}
     fig = plots.learning_curves(histories, "val/dice", title="Dice", zoom_last=3)
     every, zoomed = fig.axes
+    assert all(ax.get_xlabel() == "epoch" and ax.get_ylabel() == "dice (validation)" and ax.xaxis.get_gridlines()[0]
+               .get_visible() for ax in (every, zoomed))  # both panels labelled and gridded
     assert [line.get_xdata().tolist() for line in every.lines] == [[1, 2, 3, 4, 5], [1, 2, 3, 4]]
     assert [line.get_xdata().tolist() for line in zoomed.lines] == [[3, 4, 5], [3, 4]]  # epochs after the 2nd
     assert [a.get_color() for a in every.lines] == [z.get_color() for z in zoomed.lines]  # a run keeps its colour
@@ -198,8 +201,14 @@ def test_learning_curves_zoom_on_the_last_epochs_in_a_second_panel():
     # a run stopped early has nothing in the window of the longest run's last epochs: the legend says so
     short = {**histories, "stopped": [{"epoch": 1, "val/dice": 0.3}]}
     fig = plots.learning_curves(short, "val/dice", zoom_last=3)
-    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["mtl", "single", "stopped (not in the last 3 epochs)"]
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == [
+        "mtl", "single", "stopped (no finite values in the last 3 epochs)"]
     plt.close(fig)
+    late = {"fine": histories["mtl"], "diverged": [{"epoch": e, "val/dice": d} for e, d in
+                                                   enumerate([0.1, 0.5, math.nan, math.nan, math.nan], start=1)]}
+    assert plots.learning_curves(late, "val/dice", zoom_last=3).legends[0].get_texts()[1].get_text() == (
+        "diverged (no finite values in the last 3 epochs)")  # it did reach the window
+    assert len(plots.learning_curves({"diverged": late["diverged"]}, "val/dice", zoom_last=3).axes) == 1  # empty
     # nothing before the window (one epoch of a smoke run): one panel, as without zoom_last
     assert len(plots.learning_curves(histories, "val/dice", zoom_last=5).axes) == 1
     for bad in (-1, 1.5, "3"):
