@@ -220,6 +220,9 @@ class Explainer:
     """
 
     def __init__(self, model: nn.Module, layer: str | nn.Module | None = None, keys: Mapping[str, str] | None = None):
+        if isinstance(model, Explainer):  # e.g. cascading_randomisation(explainer, ...): "build the model" misled
+            raise TypeError("got an Explainer where the model goes; pass the model it explains (a new Explainer is "
+                            "made from it)")
         if not isinstance(model, nn.Module):
             raise TypeError(f"Explainer expects the model, an nn.Module, got {type(model).__name__}; for saved "
                             "weights build the model and load_state_dict first: model = mtlearn.build_model(...); "
@@ -817,7 +820,7 @@ def spearman(a: Tensor, b: Tensor, absolute: bool = True) -> Tensor:
 
 
 @torch.inference_mode(False)  # as Explainer.attribute: the blocks are found by their gradients
-def randomisation_groups(explainer: Explainer, images: Tensor, head: str = "cls", target=None,
+def randomisation_groups(explainer: Explainer | nn.Module, images: Tensor, head: str = "cls", target=None,
                          depth: int = 2) -> list[str]:
     """The model's blocks that `head` depends on, ordered from the output back to the input.
 
@@ -825,10 +828,13 @@ def randomisation_groups(explainer: Explainer, images: Tensor, head: str = "cls"
     do not count as a level), or a shallower leaf with parameters. Only blocks whose parameters
     receive a gradient from the head's score are kept (randomising the segmentation decoder cannot
     change a classification map), and the order is the reverse of the order the forward pass first
-    uses them in: "from the top", heads first, as in Adebayo et al. (2018).
+    uses them in: "from the top", heads first, as in Adebayo et al. (2018). explainer: an Explainer,
+    or the model (cascading_randomisation takes the model).
     """
     if depth < 1:
         raise ValueError(f"depth must be >= 1, got {depth!r}")
+    if isinstance(explainer, nn.Module):  # a bare AttributeError: 'MultiTaskUNet' has no 'model'
+        explainer = Explainer(explainer)
     model = explainer.model
     groups = _blocks(model, depth)
     first_use: dict[str, int] = {}

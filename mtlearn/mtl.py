@@ -147,7 +147,10 @@ def build_model(preset: str = "course", tasks: Sequence[str] = ("seg", "cls"), i
     build_model("paper", in_channels=3, image_size=224)
     """
     if not isinstance(preset, str) or preset not in PRESETS:  # ["tiny"]: "unhashable type: 'list'"
-        raise ValueError(f"unknown preset {preset!r}; expected one of {tuple(PRESETS)}")
+        # a notebook's profile is not a preset (the course profile trains "tiny"): build_model(run.profile)
+        hint = ("; 'smoke' is a notebook profile, not a model size (its notebooks use 'tiny')"
+                if preset == "smoke" else "")
+        raise ValueError(f"unknown preset {preset!r}; expected one of {tuple(PRESETS)}{hint}")
     check_options(MultiTaskConfig, overrides, "model option(s)")
     settings = {**PRESETS[preset], **overrides}
     tasks = check_tasks(tasks)

@@ -383,6 +383,7 @@ def plot_embedding(embedding: np.ndarray, labels: dict[str, np.ndarray], title: 
     """Scatter a (N, 2) embedding once per label, points coloured by that label's classes.
 
     labels: {label name: (N,) ints}; class_names: optional {label name: sequence of class names}.
+    method: what made the embedding, for the axes: embed_2d's name ("pca", "tsne") or any text.
     Returns the matplotlib Figure (one panel per label).
     """
     import matplotlib
@@ -407,6 +408,7 @@ def plot_embedding(embedding: np.ndarray, labels: dict[str, np.ndarray], title: 
         if values.dtype.kind in "iu" and len(values) and (values.min() < 0 or values.max() >= len(names)):
             raise ValueError(f"class_names[{key!r}] names {len(names)} classes, but {key!r} holds the classes "
                              f"{np.unique(values).tolist()}; give one name per class 0, 1, ...")
+    method = {"pca": "PCA", "tsne": "t-SNE"}.get(method, method)  # embed_2d's names, as the axes spell them
     fig, axes = plt.subplots(1, len(labels), figsize=(4.2 * len(labels), 3.8), squeeze=False)
     # each label its own colours: with the same blue and orange for "circle / bar" and "black / white", a
     # reader matched the panels' colours as if they meant the same classes. Okabe and Ito's palette stays

@@ -530,7 +530,7 @@ class UMSRepConfig:
     seed: int = 0  # seeds data order and weight initialisation: identical for every strategy (each network's
     # build reseeds Python's, NumPy's and torch's global generators with it: seed_everything)
     device: str = "auto"  # "auto", "cpu", "cuda", ...
-    amp: str = "auto"  # mixed precision (engine.fit): bf16/fp16 on CUDA, off on the CPU
+    amp: str | bool = "auto"  # mixed precision (engine.fit): bf16/fp16 on CUDA, off on the CPU; True/False as fit
     progress: bool = True  # tqdm bars
     max_compute_share: float = 0.35  # acceptance: (d) may use at most this share of (e)'s compute
     tolerance: dict[str, float] = field(default_factory=lambda: {  # acceptance: allowed drop below (e)
@@ -581,8 +581,9 @@ class UMSRepConfig:
 
         for name, value, choices in (("dataset", self.dataset, ("synthetic", "busi")),
                                      ("preset", self.preset, tuple(PRESETS)), ("amp", self.amp, AMP_CHOICES)):
-            if value not in choices:
-                raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+            if value not in choices and not (name == "amp" and isinstance(value, bool)):  # True/False as fit takes
+                raise ValueError(f"{name} must be one of {choices}" + (" (or True/False)" if name == "amp" else "")
+                                 + f", got {value!r}")
         check_adamw(self.lr, self.weight_decay, TrainConfig.betas)  # fit's check (its betas), before any data loads
         check_number("gaussian_std", self.gaussian_std, 0, advice="intensity units, e.g. 0.02")
         check_number("speckle_looks", self.speckle_looks, 0, above=True, advice="more looks = milder speckle, e.g. 4")

@@ -385,6 +385,14 @@ def test_a_compiled_model_is_explained_through_the_model_inside(model, explainer
     assert torch.allclose(parallel.attribute(images, "cls", 1, "saliency"), saliency)
 
 
+def test_randomisation_takes_the_model_or_its_explainer_where_each_belongs(model, explainer, images):
+    # notebook 05 passes an explainer to one and the model to the other: swapped, a bare AttributeError, and
+    # "build the model and load_state_dict first" for an Explainer
+    assert A.randomisation_groups(model, images, "cls") == A.randomisation_groups(explainer, images, "cls")
+    with pytest.raises(TypeError, match="got an Explainer where the model goes; pass the model it explains"):
+        A.cascading_randomisation(explainer, images, "cls", 1, "saliency", progress=False)
+
+
 def test_randomisation_groups_follow_the_head_from_the_top(explainer, images):
     cls_groups = A.randomisation_groups(explainer, images, "cls")
     assert cls_groups[0].startswith("heads.cls")

@@ -90,6 +90,9 @@ BAD_ARGUMENTS = [
     ("heads do not divide widths", lambda: tiny_model(num_heads=(3, 2, 2, 4)), "num_heads"),
     ("unknown preset", lambda: build_model("huge"), "paper.*course.*tiny"),
     ("preset in a list", lambda: build_model(["tiny"]), r"unknown preset \['tiny'\]"),  # unhashable type: 'list'
+    # build_model(run.profile) in the smoke profile: a profile is not a model size
+    ("a profile", lambda: build_model("smoke"), r"'smoke' is a notebook profile, not a model size \(its notebooks "
+     r"use 'tiny'\)"),
     ("unknown option", lambda: build_model("tiny", image_size=32, depth=3), "unknown model option"),
     ("size not divisible", lambda: build_model("tiny", image_size=100), r"stride 16.*the nearest: \(96, 96\)"),
     ("a side too small", lambda: build_model("tiny", image_size=(50, 8)), r"the nearest: \(48, 16\)"),

@@ -572,6 +572,10 @@ def test_each_label_of_an_embedding_plot_has_its_own_colours_and_tsne_no_coordin
     assert all(not ax.get_xticks().size and not ax.get_yticks().size for ax in fig.axes)  # t-SNE: no scale
     pca = plot_embedding(embed_2d(features), {"coded": coded})
     assert pca.axes[0].get_xticks().size  # PCA's axes are directions of variance: keep their scale
+    # embed_2d's own names: notebook 04 translated them with a dict of its own ("pca 1" otherwise)
+    tsne = plot_embedding(embed_2d(features), {"coded": coded}, method="tsne")
+    assert tsne.axes[0].get_xlabel() == "t-SNE 1" and not tsne.axes[0].get_xticks().size
+    assert plot_embedding(embed_2d(features), {"coded": coded}, method="pca").axes[0].get_xlabel() == "PCA 1"
     six = np.arange(60) % 6  # 12 classes in all: more than the 10 colours of the cycle, still none repeated
     many = plot_embedding(embed_2d(features), {"a": six, "b": (six + 1) % 6})
     colours = [{mcolors.to_hex(c.get_facecolor()[0]) for c in ax.collections} for ax in many.axes]

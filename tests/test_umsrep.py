@@ -644,7 +644,8 @@ def test_a_few_denoising_steps_lower_the_reconstruction_error():
     (dict(seed=-3), "seed must be"),
     (dict(preset="huge"), r"preset must be one of \('paper', 'course', 'tiny'\), got 'huge'"),
     (dict(dataset="isic"), r"dataset must be one of \('synthetic', 'busi'\), got 'isic'"),
-    (dict(amp="fp8"), r"amp must be one of \('auto', 'bf16', 'fp16', 'off'\), got 'fp8'"),
+    (dict(amp="fp8"), r"amp must be one of \('auto', 'bf16', 'fp16', 'off'\) \(or True/False\), got 'fp8'"),
+    (dict(amp=1), r"amp must be one of .* \(or True/False\), got 1"),
     (dict(device="gpu0"), r"device must be 'auto' or a torch device such as 'cpu' or 'cuda', got 'gpu0'"),
     (dict(progress="no"), r"progress must be True or False, got 'no'; pass it unquoted"),
     (dict(tolerance={"seg/dice": -0.1}), "allowed drops >= 0"),
@@ -671,6 +672,11 @@ def test_a_few_denoising_steps_lower_the_reconstruction_error():
 def test_config_rejects_bad_values(kwargs, match):
     with pytest.raises(ValueError, match=match):
         UMSRepConfig(**kwargs)
+
+
+def test_config_takes_amp_as_fit_does():
+    # fit(amp=False) and evaluate(amp=False) work; UMSRepConfig(amp=False) was refused
+    assert UMSRepConfig(amp=False).amp is False and UMSRepConfig(amp=True).amp is True
 
 
 def test_a_paper_comparison_on_a_cpu_warns_before_the_data_load(monkeypatch):
