@@ -972,6 +972,23 @@ def test_a_root_holding_another_fetched_dataset_says_so_not_to_fetch_into_it(tmp
     assert "It holds" not in str(error.value)
 
 
+def test_a_root_one_level_off_names_the_dataset_folder(tmp_path):
+    # notebook.start's data_root holds one folder per dataset, load_dataset's root is one of them: passed the
+    # holding folder it said to fetch BUSI into it, passed busi/busi to fetch into the nested folder
+    from data_fetch import completion_marker
+
+    make_breastmnist(tmp_path / "breastmnist")
+    completion_marker(tmp_path / "breastmnist", "breastmnist").write_text("{}")
+    own = str(tmp_path / "breastmnist")
+    load_dataset("breastmnist", root=own, split="all", resolution=28)  # the dataset's own folder
+    with pytest.raises(LayoutError, match=rf"{re.escape(str(tmp_path))} holds the datasets' folders, breastmnist's "
+                                          rf"among them: pass root='{re.escape(own)}'"):
+        load_dataset("breastmnist", root=tmp_path, resolution=28)  # (the image folders' readers search below root)
+    with pytest.raises(FileNotFoundError, match=rf"breastmnist{re.escape(os.sep)}breastmnist does not exist, but .* "
+                                                rf"holds breastmnist: pass root='{re.escape(own)}'"):
+        load_dataset("breastmnist", root=tmp_path / "breastmnist" / "breastmnist", resolution=28)
+
+
 def test_a_root_holding_an_npz_download_names_the_load_call_that_reads_it(tmp_path):
     """It advised to "load 'busi_128' from this one", and load_dataset('busi_128') is refused: busi_128 is
     data_fetch's name of busi_npz at resolution 128."""

@@ -155,9 +155,14 @@ def load_dataset(
         hint = f", here root={str(folder.parent)!r}" if folder.name == get_source(fetch_name).filename else ""
         raise ValueError(f"root {folder} is a file, not a folder; pass the dataset's folder (what "
                          f"`python -m data_fetch {fetch_name} --dest DIR` fills){hint}")
+    source = get_source(fetch_name)
     if not folder.is_dir():
+        if root is not None and folder.name == folder.parent.name == source.folder and (
+                completion_marker(folder.parent, fetch_name).exists()):  # data/busi/busi: its folder named twice
+            raise FileNotFoundError(f"{folder} does not exist, but {folder.parent} holds {name}: pass "
+                                    f"root={str(folder.parent)!r}, the dataset's own folder")
         raise FileNotFoundError(f"{name} is not downloaded: {folder} does not exist. Fetch it with `{command}`")
-    source, marker = get_source(fetch_name), completion_marker(folder, fetch_name)
+    marker = completion_marker(folder, fetch_name)
     if source.extract and (folder / source.filename).exists() and not marker.exists():
         raise LayoutError(
             f"{folder} holds {source.filename} but its unpacking did not finish (no {marker.name}). "
@@ -168,6 +173,10 @@ def load_dataset(
     except _TwoCopiesError as error:
         raise LayoutError(str(error)) from None
     except LayoutError as error:
+        inside = folder / source.folder
+        if root is not None and completion_marker(inside, fetch_name).exists():  # the folder holding the datasets
+            raise LayoutError(f"{error}. {folder} holds the datasets' folders, {name}'s among them: pass "
+                              f"root={str(inside)!r}, the dataset's own folder") from None
         others = [n for n in SOURCES if get_source(n).folder != source.folder and completion_marker(folder, n).exists()]
         if others:  # fetching `name` into another dataset's folder would only mix the two
             raise LayoutError(f"{error}. It holds data_fetch's download of {others[0]!r}, not {name}: pass "
