@@ -664,7 +664,7 @@ def load_strategy_data(config: UMSRepConfig | str) -> StrategyData:
     therefore measured on noise-added images (fixed noise on the test split), for every strategy alike.
     """
     from mtlearn.data import load_dataset
-    from mtlearn.data.real import SYNTHETIC_SIZES
+    from mtlearn.data.real import SYNTHETIC_SIZES, dataset_folder
     from mtlearn.data.splits import random_subset
 
     config = _checked_config(config)
@@ -687,8 +687,8 @@ def load_strategy_data(config: UMSRepConfig | str) -> StrategyData:
         raise ValueError(f"dataset {config.dataset!r} is not supported here; use 'synthetic' or 'busi' "
                          f"(with {config.unlabeled_datasets} for the representation)")
 
-    def root(name: str):
-        return None if config.data_root is None else Path(config.data_root) / name
+    def root(name: str):  # data_root holds one folder per dataset; given one of them, dataset_folder says so
+        return None if config.data_root is None else dataset_folder(name, config.data_root)
 
     # on_size_mismatch="resize": only the images are used here, so a mask of another size (BUS-UCLM
     # has a few) is no reason to drop its image

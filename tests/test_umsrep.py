@@ -793,6 +793,15 @@ def test_real_data_uses_every_unlabeled_image_and_random_busi_subsets(tmp_path, 
 
     monkeypatch.setattr(mtlearn.data, "load_dataset", renamed)
     assert load_strategy_data(config).class_names == ("N", "B", "M")
+    monkeypatch.undo()
+    # the dataset's own folder where the folder holding them goes: was told to fetch BUS-BRA into busi/bus_bra
+    from data_fetch import completion_marker
+
+    completion_marker(tmp_path / "busi", "busi").write_text("{}")  # as data_fetch leaves a download
+    nested = strategy_config("smoke", dataset="busi", data_root=str(tmp_path / "busi"), num_train=6, num_test=4)
+    with pytest.raises(FileNotFoundError, match=r"data_root .*busi is the 'busi' dataset's own folder, not the folder "
+                                                r"that holds one folder per dataset .*: pass data_root="):
+        load_strategy_data(nested)
 
 
 @pytest.mark.filterwarnings(QUIRK_REPORTS)

@@ -708,6 +708,11 @@ def dataset_folder(name: str, data_root: str | Path | None = None, option: str =
         raise FileNotFoundError(
             f"{option} {root} holds the {name!r} dataset itself (its {marker.name}), not a folder per dataset; "
             f"rename {root} to {root.parent / folder.name} and pass {given}, or move its contents into {folder}")
+    # another dataset's own folder (UMS-Rep reads BUS-BRA first from a data_root meant for BUSI's folder)
+    other = next((n for n in SOURCES if completion_marker(root, n).is_file()), None)
+    if other is not None and not folder.is_dir():
+        raise FileNotFoundError(f"{option} {root} is the {other!r} dataset's own folder, not the folder that holds "
+                                f"one folder per dataset (where {name!r} would be {folder.name}/): pass {given}")
     return folder
 
 
