@@ -213,7 +213,8 @@ class Explainer:
     itself: a compiled graph skips hooks added after it was traced (Grad-CAM's), and its module names
     gain a prefix ("_orig_mod.") that the randomisation test would count as a level.
 
-    layer: Grad-CAM layer, a module name or a module of `model` (None: `default_layer`).
+    layer: Grad-CAM layer, a module name (the model's own, or as its wrapper lists it) or a module of
+    `model` (None: `default_layer`).
     keys: which model output each head reads, e.g. {"cls": "logits_a"} for a DisentangleNet.
 
     explainer = Explainer(model); maps = explainer.attribute(images, head="seg", method="ig")
@@ -228,7 +229,8 @@ class Explainer:
                             "weights build the model and load_state_dict first: model = mtlearn.build_model(...); "
                             "model.load_state_dict(state)")
         inner = unwrapped_model(model)
-        while inner is not model and isinstance(layer, str) and layer.startswith(WRAPPER_PREFIXES):
+        own = {name for name, _ in inner.named_modules()}  # a module of the model may itself be called "module"
+        while inner is not model and isinstance(layer, str) and layer not in own and layer.startswith(WRAPPER_PREFIXES):
             layer = layer.split(".", 1)[1]  # "_orig_mod.encoder.stages.3", as the wrapper names it: the model's own
         model = inner
         unknown = sorted(set(keys or {}) - set(HEADS))
@@ -1230,7 +1232,8 @@ def plot_scores(rows: Sequence[Mapping], group: str = "model", chance: float | N
     line, so small shares are not squashed at the bottom of a 0-1 axis and each can be read against
     chance; every bar carries its value. One legend, under both panels, keeps the bars clear.
     colours: {group name: a Matplotlib colour}, to keep one model's colour across figures (names
-    not shown are ignored); the other groups take the default cycle's colours, skipping those given.
+    not shown are ignored); the other groups take the default cycle's colours, then tab20's, tab20b's
+    and tab20c's, skipping those given: 60 groups at most.
     """
     if colours is not None and not isinstance(colours, Mapping):  # a list was matched to groups by position
         raise ValueError(f"colours must be {{group name: colour}}, e.g. {{'mtl': 'C0'}}, got {_kind(colours)}")

@@ -537,6 +537,8 @@ class UMSRepConfig:
         "recon/psnr": 0.5, "recon/ssim": 0.02, "seg/dice": 0.02, "cls/acc": 0.02, "cls/auc": 0.02})
 
     def __post_init__(self):
+        if isinstance(self.amp, np.bool_):  # a NumPy bool, as check_bool takes one; resolve_amp asks `is True`
+            self.amp = bool(self.amp)
         # one name is a one-element tuple ("busi" is one dataset, not four letters), as build_model's tasks
         self.strategies = _names("strategies", self.strategies, "('frozen', 'joint')")
         self.unlabeled_datasets = _names("unlabeled_datasets", self.unlabeled_datasets, "('synthetic',)")

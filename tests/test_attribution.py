@@ -380,6 +380,12 @@ def test_a_compiled_model_is_explained_through_the_model_inside(model, explainer
     assert A.Explainer(compiled, layer=model.encoder.stages[2]).layer_name == "encoder.stages.2"
     # a name as the wrapper's named_modules() lists it, and DataParallel's (DDP's) wrapper too
     assert A.Explainer(compiled, layer="_orig_mod.encoder.stages.2").layer_name == "encoder.stages.2"
+    both = torch.compile(torch.nn.DataParallel(model))  # wrapped twice: both prefixes go
+    assert A.Explainer(both, layer="_orig_mod.module.encoder.stages.2").layer_name == "encoder.stages.2"
+    own = nn.Sequential()  # a model whose own module is called "module": its names are kept, wrapped or not
+    own.module = nn.Sequential(nn.Linear(2, 2))
+    assert A.Explainer(own, layer="module.0").layer_name == "module.0"
+    assert A.Explainer(torch.nn.DataParallel(own), layer="module.0").layer_name == "module.0"
     parallel = A.Explainer(torch.nn.DataParallel(model), layer="module.encoder.stages.2")
     assert parallel.layer_name == "encoder.stages.2" and not isinstance(parallel.model, torch.nn.DataParallel)
     assert torch.allclose(parallel.attribute(images, "cls", 1, "saliency"), saliency)
@@ -1044,11 +1050,13 @@ def test_plot_scores_keeps_a_group_its_colour_across_figures():
         plt.close(fig)
     many = [{"model": f"m{g}", "method": "ig", "mask_share": 0.2, "pointing_game": 0.5} for g in range(24)]
     fig = A.plot_scores(many, colours={"m0": "black"})  # the cycle has ten colours: it started again at blue
-    assert len({to_hex(bars.patches[0].get_facecolor()) for bars in fig.axes[0].containers}) == 24  # then grey
+    assert len({to_hex(bars.patches[0].get_facecolor()) for bars in fig.axes[0].containers}) == 24  # past 20: grey
     plt.close(fig)
-    too_many = [dict(many[0], model=f"m{g}") for g in range(80)]
-    with pytest.raises(ValueError, match="80 groups are more than plot_scores can colour apart"):
-        A.plot_scores(too_many)
+    sixty = [dict(many[0], model=f"m{g}") for g in range(60)]
+    assert len(A._group_colours([r["model"] for r in sixty], {})) == 60
+    assert len(set(A._group_colours([r["model"] for r in sixty], {}).values())) == 60
+    with pytest.raises(ValueError, match="61 groups are more than plot_scores can colour apart"):
+        A.plot_scores([*sixty, dict(many[0], model="one more")])
     # alpha counts: a faint red and a red are told apart
     plt.close(A.plot_scores(many[:2], colours={"m0": (1, 0, 0, 0.3), "m1": (1, 0, 0, 1)}))
     row = [{"model": "a", "method": "ig", "mask_share": 0.1, "pointing_game": 1.0}]

@@ -976,6 +976,7 @@ def test_a_root_one_level_off_names_the_dataset_folder(tmp_path):
     # notebook.start's data_root holds one folder per dataset, load_dataset's root is one of them: passed the
     # holding folder it said to fetch BUSI into it, passed busi/busi to fetch into the nested folder
     from data_fetch import completion_marker
+    from mtlearn.data.real import dataset_folder
 
     make_breastmnist(tmp_path / "breastmnist")
     completion_marker(tmp_path / "breastmnist", "breastmnist").write_text("{}")
@@ -987,6 +988,13 @@ def test_a_root_one_level_off_names_the_dataset_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match=rf"breastmnist{re.escape(os.sep)}breastmnist does not exist, but .* "
                                                 rf"holds breastmnist: pass root='{re.escape(own)}'"):
         load_dataset("breastmnist", root=tmp_path / "breastmnist" / "breastmnist", resolution=28)
+    with pytest.raises(FileNotFoundError, match="breastmnist is not downloaded"):  # no download there: no hint
+        load_dataset("breastmnist", root=tmp_path / "elsewhere" / "breastmnist" / "breastmnist", resolution=28)
+    # a folder holding the datasets' folders, with a stray marker of one fetched into it directly: still that
+    (tmp_path / "busi").mkdir()
+    completion_marker(tmp_path, "busi_128").write_text("{}")
+    assert dataset_folder("breastmnist", tmp_path) == tmp_path / "breastmnist"
+    assert dataset_folder("bus_uclm", tmp_path) == tmp_path / "bus_uclm"  # load_dataset: "is not downloaded"
 
 
 def test_a_root_holding_an_npz_download_names_the_load_call_that_reads_it(tmp_path):

@@ -677,6 +677,7 @@ def test_config_rejects_bad_values(kwargs, match):
 def test_config_takes_amp_as_fit_does():
     # fit(amp=False) and evaluate(amp=False) work; UMSRepConfig(amp=False) was refused
     assert UMSRepConfig(amp=False).amp is False and UMSRepConfig(amp=True).amp is True
+    assert UMSRepConfig(amp=np.True_).amp is True  # resolve_amp asks `amp is True`
 
 
 def test_a_paper_comparison_on_a_cpu_warns_before_the_data_load(monkeypatch):

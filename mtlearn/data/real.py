@@ -710,7 +710,8 @@ def dataset_folder(name: str, data_root: str | Path | None = None, option: str =
             f"rename {root} to {root.parent / folder.name} and pass {given}, or move its contents into {folder}")
     # another dataset's own folder (UMS-Rep reads BUS-BRA first from a data_root meant for BUSI's folder)
     other = next((n for n in SOURCES if completion_marker(root, n).is_file()), None)
-    if other is not None and not folder.is_dir():
+    holds_folders = any((root / get_source(n).folder).is_dir() for n in SOURCES)  # a stray marker beside them
+    if other is not None and not folder.is_dir() and not holds_folders:
         raise FileNotFoundError(f"{option} {root} is the {other!r} dataset's own folder, not the folder that holds "
                                 f"one folder per dataset (where {name!r} would be {folder.name}/): pass {given}")
     return folder
