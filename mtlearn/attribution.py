@@ -229,9 +229,10 @@ class Explainer:
                             "weights build the model and load_state_dict first: model = mtlearn.build_model(...); "
                             "model.load_state_dict(state)")
         inner = unwrapped_model(model)
-        own = {name for name, _ in inner.named_modules()}  # a module of the model may itself be called "module"
-        while inner is not model and isinstance(layer, str) and layer not in own and layer.startswith(WRAPPER_PREFIXES):
-            layer = layer.split(".", 1)[1]  # "_orig_mod.encoder.stages.3", as the wrapper names it: the model's own
+        if inner is not model and isinstance(layer, str):  # named as the wrapper lists it: "_orig_mod.encoder..."
+            own = {name for name, _ in inner.named_modules()}  # the model may have a module called "module" itself
+            while layer not in own and layer.startswith(WRAPPER_PREFIXES):
+                layer = layer.split(".", 1)[1]
         model = inner
         unknown = sorted(set(keys or {}) - set(HEADS))
         if unknown:

@@ -582,10 +582,11 @@ class UMSRepConfig:
         from mtlearn.mtl import PRESETS
 
         for name, value, choices in (("dataset", self.dataset, ("synthetic", "busi")),
-                                     ("preset", self.preset, tuple(PRESETS)), ("amp", self.amp, AMP_CHOICES)):
-            if value not in choices and not (name == "amp" and isinstance(value, bool)):  # True/False as fit takes
-                raise ValueError(f"{name} must be one of {choices}" + (" (or True/False)" if name == "amp" else "")
-                                 + f", got {value!r}")
+                                     ("preset", self.preset, tuple(PRESETS))):
+            if value not in choices:
+                raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+        if not (isinstance(self.amp, bool) or self.amp in AMP_CHOICES):  # True/False too, as fit takes them
+            raise ValueError(f"amp must be one of {AMP_CHOICES} (or True/False), got {self.amp!r}")
         check_adamw(self.lr, self.weight_decay, TrainConfig.betas)  # fit's check (its betas), before any data loads
         check_number("gaussian_std", self.gaussian_std, 0, advice="intensity units, e.g. 0.02")
         check_number("speckle_looks", self.speckle_looks, 0, above=True, advice="more looks = milder speckle, e.g. 4")
