@@ -28,17 +28,18 @@ RUN_STYLES = [(ls, m) for m, ls in zip("osD^vP*X", ["-", "--", "-.", ":"] * 2)] 
 def task_colours(names: Sequence[str]) -> dict[str, str]:
     """One colour per task name, the same in every panel of a figure: TASK_COLOURS for the course's
     tasks, then SPARE_COLOURS for other names in the order they come."""
-    colours = {}
-    spare = iter(SPARE_COLOURS)
-    for name in dict.fromkeys(names):
-        colours[name] = TASK_COLOURS.get(name) or next(spare, "tab:gray")
-    return colours
+    return _per_name(names, TASK_COLOURS, SPARE_COLOURS, "tab:gray")
 
 
 def task_markers(names: Sequence[str]) -> dict[str, str]:
     """One marker per task name, as task_colours: TASK_MARKERS, then SPARE_MARKERS in order."""
-    spare = iter(SPARE_MARKERS)
-    return {name: TASK_MARKERS.get(name) or next(spare, ".") for name in dict.fromkeys(names)}
+    return _per_name(names, TASK_MARKERS, SPARE_MARKERS, ".")
+
+
+def _per_name(names: Sequence[str], fixed: dict[str, str], spare: Sequence[str], last: str) -> dict[str, str]:
+    """`fixed`'s style for the names it has, `spare`'s in order for the others (then `last`), each name once."""
+    spare = iter(spare)
+    return {name: fixed.get(name) or next(spare, last) for name in dict.fromkeys(names)}
 
 
 def _array(x) -> np.ndarray:
