@@ -429,6 +429,10 @@ class LossNotFiniteError(FloatingPointError):
         self.name, self.value = name, value
         super().__init__(f"the {name} loss is {value}; the step stopped before changing any weight")
 
+    def __reduce__(self):
+        # Rebuilt from the arguments, not the message, so it crosses process boundaries (a process pool's result)
+        return type(self), (self.name, self.value)
+
 
 def _stop_if_not_finite(**losses: torch.Tensor) -> None:
     """Raise LossNotFiniteError for the first loss that is NaN or inf (call it before backward)."""

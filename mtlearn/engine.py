@@ -123,9 +123,14 @@ class NonFiniteLossError(RuntimeError):
         causes: the usual causes named in the message (the default is fit's; other loops name theirs).
         """
         self.epoch, self.step, self.task, self.value = epoch, step, task, value
+        self.checkpoint, self.causes = checkpoint, causes
         where = f"; the last good checkpoint is {checkpoint}" if checkpoint else ""
         what = f"the {task!r} loss is {value}" if task is not None else "a loss is not finite in another process"
         super().__init__(f"{what} at epoch {epoch}, step {step}{where}. Usual causes: {causes}.")
+
+    def __reduce__(self):
+        # Rebuilt from the arguments, not the message, so it crosses process boundaries (a process pool's result)
+        return type(self), (self.epoch, self.step, self.task, self.value, self.checkpoint, self.causes)
 
 
 class NonFiniteWeightsError(RuntimeError):
@@ -138,7 +143,7 @@ class NonFiniteWeightsError(RuntimeError):
 
     def __init__(self, epoch: int, names: Sequence[str], checkpoint: Path | None = None, causes: str = CAUSES):
         """causes: the usual causes named in the message (the default is fit's; other loops name theirs)."""
-        self.epoch, self.names = epoch, list(names)
+        self.epoch, self.names, self.checkpoint, self.causes = epoch, list(names), checkpoint, causes
         where = f"; the last good checkpoint is {checkpoint}" if checkpoint else ""
         shown = ", ".join(self.names[:3]) + (f" and {len(self.names) - 3} more" if len(self.names) > 3 else "")
         super().__init__(
@@ -146,13 +151,20 @@ class NonFiniteWeightsError(RuntimeError):
             f"finite{where}; this epoch was not saved. Usual cause: {causes}."
         )
 
+    def __reduce__(self):
+        return type(self), (self.epoch, self.names, self.checkpoint, self.causes)
+
 
 class CompileError(RuntimeError):
     """torch.compile's backend could not build the model (no C++ compiler on the CPU, no Triton on the GPU...)."""
 
     def __init__(self, what: str):
+        self.what = what
         super().__init__(f"torch.compile could not build the model ({what}); train with compile=False (on the command "
                          "line: without --compile), the same training without the compiler")
+
+    def __reduce__(self):
+        return type(self), (self.what,)
 
 
 @dataclass

@@ -3,10 +3,12 @@ import copy
 import inspect
 import math
 import os
+import pickle
 import random
 import re
 import sys
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,6 +21,7 @@ from torch.optim.optimizer import (
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from mtlearn.checkpoint import save_checkpoint
+from mtlearn.disentangle import LossNotFiniteError
 from mtlearn.engine import (
     CompileError,
     History,
@@ -235,6 +238,21 @@ def test_nan_guard_stops_and_keeps_the_last_good_checkpoint(where, tmp_path):
         assert "checkpoint" not in str(error)  # nor a last.pt named that is not there
     if where == "data":  # the NaN image went through BatchNorm in train mode; its statistics must not stay
         assert all(torch.isfinite(b).all() for b in model.buffers() if b.is_floating_point())
+
+
+@pytest.mark.parametrize("error", [
+    NonFiniteLossError(3, 7, "seg", float("nan"), Path("runs/last.pt")),
+    NonFiniteLossError(1, 2, None, float("inf"), causes="a learning rate too high"),
+    NonFiniteWeightsError(2, [f"w{i}" for i in range(5)], Path("last.pt")),
+    CompileError("InvalidCxxCompiler: No working C++ compiler found"),
+    LossNotFiniteError("adv_loss_a", float("nan")),
+], ids=lambda error: type(error).__name__)
+def test_the_training_errors_survive_a_trip_between_processes(error):
+    """A process pool (a grid run in parallel) pickles the worker's error: it must come back whole, not as a
+    TypeError from an __init__ that takes other arguments than the message (which breaks the pool)."""
+    back = pickle.loads(pickle.dumps(error))
+    assert type(back) is type(error) and str(back) == str(error)
+    assert {k: str(v) for k, v in vars(back).items()} == {k: str(v) for k, v in vars(error).items()}
 
 
 def test_a_nan_batch_leaves_batchnorm_as_it_found_it_without_a_checkpoint_to_go_back_to():
