@@ -9,7 +9,13 @@ from torch import nn
 from mtlearn.blocks import (ASPPDFE, DFE, ECA, BasicBlock, DropPath, PatchEmbed, PatchMerging, ResFormerStage,
                             SpatialAttention, SwinBlock, WindowAttention, window_partition, window_reverse)
 
-torch.manual_seed(0)
+
+@pytest.fixture(autouse=True)
+def seeded():
+    """Each test draws its random inputs from seed 0, whatever ran before it (a seed at import set the generator
+    once, at collection, so a test's inputs depended on the tests run before it)."""
+    torch.manual_seed(0)
+
 
 SHAPES = [
     # (name, block factory, input shape, expected output shape)
