@@ -143,6 +143,10 @@ def build_model(preset: str = "course", tasks: Sequence[str] = ("seg", "cls"), i
                 **overrides) -> MultiTaskUNet:
     """A MultiTaskUNet from a named preset; `overrides` replace any MultiTaskConfig field.
 
+    preset: a model size from PRESETS, not a notebook profile: "tiny" (0.83M parameters; what the notebooks
+    train in their smoke and course profiles, and `python -m mtlearn.train`'s default), "course" (4.33M, the
+    default here: twice the width, five times the parameters) or "paper" (33.65M, Bui et al.'s network).
+
     build_model("course", tasks=("seg", "cls", "recon"), dfe="three")
     build_model("paper", in_channels=3, image_size=224)
     """
