@@ -412,17 +412,30 @@ def check_loader(name: str, loader, wrap: str, reused: bool = True) -> None:
         raise TypeError(f"{name} must be a DataLoader (or a list of batch dicts), got {_kind(loader)}{hint}")
 
 
-def check_folder(path: str | os.PathLike, option: str, receives: str) -> None:
-    """Raise ValueError if `path` cannot become a folder because it, or a folder above it, is a file.
+class FolderNotWritableError(PermissionError, ValueError):
+    """A folder given for output that its user cannot write to: a PermissionError, and a ValueError like every
+    other unusable option (the command lines report it in one line)."""
 
-    Checked before any work: mkdir would fail with FileExistsError or NotADirectoryError, and only
-    after a notebook ran or an epoch trained if the folder is first needed then.
+
+def check_folder(path: str | os.PathLike, option: str, receives: str, write: bool = True) -> None:
+    """Raise ValueError if `path` cannot become a folder because it, or a folder above it, is a file, and
+    (write=True) FolderNotWritableError if files cannot be created in it, or in the nearest folder above it
+    that exists (no permission, a read-only disk).
+
+    Checked before any work: mkdir would fail with FileExistsError or NotADirectoryError, the first
+    file written with PermissionError, and only after a notebook ran or an epoch trained if the folder
+    is first needed then.
     """
     path = Path(path)
     existing = next((p for p in (path, *path.parents) if p.exists()), None)
     if existing is not None and not existing.is_dir():
         raise ValueError(f"{option} {path} cannot be a folder: {existing} is a file. Choose another {option} "
                          f"(it receives {receives})")
+    if write and existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+        where = "" if existing == path else f" ({existing}, the folder it would be made in)"
+        raise FolderNotWritableError(
+            f"{option} {path} is not writable{where}: no permission to create files there, or a read-only disk. "
+            f"Choose another {option}, one you can write to (it receives {receives})")
 
 
 def check_adamw(lr, weight_decay, betas) -> tuple[float, float, tuple[float, float]]:
@@ -542,8 +555,12 @@ def atomic_file(path: str | os.PathLike, binary: bool = False):
     # the writer's machine and process: see _remove_stale_temporaries
     tmp = path.with_name(f".{stem}.{_host_tag()}-{os.getpid()}-{secrets.token_hex(8)}.tmp")
     try:
-        # "x": created here and only here, with the mode any new file gets
-        with open(tmp, "xb" if binary else "x", **({} if binary else {"encoding": "utf-8"})) as f:
+        try:  # "x": created here and only here, with the mode any new file gets
+            f = open(tmp, "xb" if binary else "x", **({} if binary else {"encoding": "utf-8"}))
+        except PermissionError as error:  # named after the file asked for, not the hidden temporary one
+            raise PermissionError(error.errno, f"cannot write {path}: no permission to create files in "
+                                  f"{path.parent}; write it to a folder you can write to") from None
+        with f:
             yield f
             f.flush()
             os.fsync(f.fileno())

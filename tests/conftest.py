@@ -51,3 +51,21 @@ def disk_full_midway(monkeypatch):
         return HalfWritten(builtins.open(*args, **kwargs))
 
     return lambda: monkeypatch.setattr(utils, "open", half_written, raising=False)
+
+
+@pytest.fixture
+def unwritable(monkeypatch):
+    """Call it with folders to make os.access say no one may write to them, as for a folder of mode 555 (which
+    the tests cannot make by chmod when they run as root, whom the file system lets write anyway)."""
+    import os
+
+    denied = set()
+    access = os.access
+
+    def refusing(path, mode, *args, **kwargs):
+        if mode & os.W_OK and os.path.realpath(path) in denied:
+            return False
+        return access(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(os, "access", refusing)
+    return lambda *folders: denied.update(os.path.realpath(folder) for folder in folders)

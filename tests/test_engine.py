@@ -1043,6 +1043,15 @@ def test_out_dir_that_is_a_file_is_refused_before_training(below, tmp_path):
     assert file.read_text() == "not a folder"
 
 
+def test_out_dir_no_one_may_write_to_is_refused_before_training(tmp_path, unwritable):
+    unwritable(tmp_path)
+    model = ToyNet()
+    with pytest.raises(PermissionError, match=re.escape(f"out_dir {tmp_path / 'run'} is not writable ({tmp_path}, the "
+                                                        "folder it would be made in)")):
+        _fit(model, *_loaders(), epochs=1, out_dir=tmp_path / "run")
+    assert model.calls == 0  # it trained an epoch, then failed naming a hidden temporary file
+
+
 def test_dataset_instead_of_a_loader_is_named():
     train, val = _loaders()
     with pytest.raises(TypeError, match=r"train_loader is a Dataset \(ToyData\), not a DataLoader; wrap it: "

@@ -319,6 +319,16 @@ def test_an_out_dir_that_cannot_be_created_is_named_with_the_fix(tmp_path, monke
         start_here(tmp_path, out_dir=tmp_path / "run")
 
 
+def test_an_existing_out_dir_no_one_may_write_to_is_refused_at_the_start(tmp_path, unwritable):
+    """mkdir(exist_ok=True) passed, and the notebook ran to its end before finish() could not write metrics.json."""
+    (tmp_path / "run").mkdir()
+    unwritable(tmp_path / "run")
+    with pytest.raises(PermissionError, match=re.escape(f"out_dir {tmp_path / 'run'} is not writable: no permission "
+                                                        "to create files there, or a read-only disk. Choose another "
+                                                        "out_dir")):
+        start_here(tmp_path, out_dir=tmp_path / "run")
+
+
 def test_names_takes_a_list_of_distinct_known_names_and_names_each_mistake(tmp_path):
     run = start_here(tmp_path)
     choices = ("ig", "saliency", "gradcam")

@@ -255,6 +255,17 @@ def test_ctrl_c_says_what_was_kept_and_how_to_go_on(tmp_path, capsys, monkeypatc
     assert capsys.readouterr().err == ""
 
 
+def test_an_out_dir_no_one_may_write_to_is_one_line_before_training(tmp_path, capsys, unwritable):
+    unwritable(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        main([*SMOKE, "--out-dir", str(tmp_path / "a")])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err == (f"python -m mtlearn.train: error: out_dir {tmp_path / 'a'} is not writable "
+                                       f"({tmp_path}, the folder it would be made in): no permission to create files "
+                                       "there, or a read-only disk. Choose another out_dir, one you can write to (it "
+                                       "receives last.pt and best.pt)\n")
+
+
 def test_a_data_root_that_is_a_file_is_named_as_one(tmp_path, capsys):
     """It read "FILE/busi does not exist" with a data_fetch command into that path, which could not succeed."""
     (tmp_path / "data").write_text("")

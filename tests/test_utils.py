@@ -13,6 +13,8 @@ import torch.distributed as dist
 from torch import nn
 
 from mtlearn.utils import (
+    FolderNotWritableError,
+    check_folder,
     count_flops,
     count_parameters,
     environment_report,
@@ -211,6 +213,37 @@ def test_warnings_above_clears_the_bar_before_a_warning_and_draws_it_again_after
         with warnings_above(tqdm(total=1, file=io.StringIO())):
             warnings.showwarning = print
         assert warnings.showwarning is print
+
+
+def test_a_folder_no_one_may_write_to_is_refused_naming_it_and_the_fix(tmp_path, unwritable):
+    """Found when the first file was written, after the work: a notebook's finish(), fit's first epoch."""
+    folder = tmp_path / "shared"
+    folder.mkdir()
+    unwritable(folder)
+    for path, named in [(folder, f"--out {folder} is not writable: "),
+                        (folder / "a" / "b", f"--out {folder / 'a' / 'b'} is not writable ({folder}, the folder it "
+                                             "would be made in): ")]:
+        with pytest.raises(FolderNotWritableError, match=re.escape(
+                f"{named}no permission to create files there, or a read-only disk. Choose another --out, one you "
+                "can write to (it receives results)")) as caught:
+            check_folder(path, "--out", "results")
+        assert isinstance(caught.value, PermissionError) and isinstance(caught.value, ValueError)
+    check_folder(folder, "data_root", "datasets", write=False)  # read only: fetched datasets in a shared folder
+    check_folder(tmp_path / "other", "--out", "results")  # its parent is writable
+
+
+def test_an_atomic_write_refused_by_its_folder_names_the_file_not_the_temporary_one(tmp_path, monkeypatch):
+    from mtlearn import utils
+
+    def refused(name, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(name))
+
+    monkeypatch.setattr(utils, "open", refused, raising=False)
+    with pytest.raises(PermissionError, match=re.escape(f"cannot write {tmp_path / 'last.pt'}: no permission to "
+                                                        f"create files in {tmp_path}; write it to a folder you can "
+                                                        "write to")) as caught:
+        write_text("x", tmp_path / "last.pt")
+    assert ".tmp" not in str(caught.value)
 
 
 def test_an_atomic_write_removes_what_killed_writes_of_the_same_file_left(tmp_path):

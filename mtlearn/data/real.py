@@ -676,7 +676,7 @@ def dataset_folder(name: str, data_root: str | Path | None = None, option: str =
     """
     root = Path(data_root).expanduser() if data_root is not None else default_data_dir()
     # a file there: "not found in FILE/busi" with a data_fetch command into that path could not succeed
-    check_folder(root, option, "one folder per dataset, from python -m data_fetch")
+    check_folder(root, option, "one folder per dataset, from python -m data_fetch", write=False)
     fetch_name = _fetch_name(name, None)
     folder = root / get_source(fetch_name).folder
 
