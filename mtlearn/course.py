@@ -258,10 +258,15 @@ def run_notebook(
 def _publish(staging: Path, final: Path, notebook_name: str) -> None:
     """Move a successful run from `staging` to `final`, replacing the previous run there."""
     # The executed copy shows the folder it ran in (injected parameters, printed paths): point it at
-    # the folder its files are about to be in. Paths are JSON-escaped, as in the .ipynb text.
+    # the folder its files are about to be in. Paths are JSON-escaped, as in the .ipynb text; in the
+    # injected cell papermill writes them as Python literals, with \xe9 for é (its own escaping).
+    from papermill.translators import PythonTranslator
+
     executed = staging / notebook_name
-    escaped = [json.dumps(str(p), ensure_ascii=False)[1:-1] for p in (staging, final)]
-    executed.write_text(executed.read_text(encoding="utf-8").replace(*escaped), encoding="utf-8")
+    text = executed.read_text(encoding="utf-8")
+    for form in (str, lambda path: PythonTranslator.translate_str(str(path))[1:-1]):
+        text = text.replace(*(json.dumps(form(p), ensure_ascii=False)[1:-1] for p in (staging, final)))
+    executed.write_text(text, encoding="utf-8")
     freeze_progress_bars(executed)
     (staging / DONE).write_text(f"{notebook_name} finished {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
     # Two renames, not a copy: at every moment one whole run (old or new) is on disk. An interruption

@@ -179,6 +179,22 @@ def test_a_rerun_replaces_the_old_results_only_when_it_succeeds(tmp_path):
     assert not (tmp_path / "out.partial").exists() and not (tmp_path / "out.old").exists()
 
 
+@pytest.mark.parametrize("name", ["out é 日本", 'out "quoted" \\ back'])
+def test_the_published_notebook_names_its_folder_whatever_characters_it_has(tmp_path, name):
+    """papermill writes the injected out_dir as a Python literal (é as \\xe9): the staging folder stayed there."""
+    nb = write_notebook(tmp_path / "01_names.ipynb", FIGURE_THEN_METRICS)
+    nb.write_text(nb.read_text().replace("out_dir = None", "out_dir = None\\nname = 'first'"))
+    out = tmp_path / name
+    assert run_notebook(nb, out, {"name": "first"}).ok
+    executed = nbformat.read(str(out / "01_names.ipynb"), as_version=4)
+    injected = next(c for c in executed.cells if "injected-parameters" in c.metadata.get("tags", []))
+    namespace = {}
+    exec(injected.source, namespace)  # the cell as the kernel read it
+    assert namespace["out_dir"] == str(out)
+    assert f"out_dir {out}" in executed.cells[-1].outputs[0]["text"]
+    assert ".partial" not in (out / "01_names.ipynb").read_text(encoding="utf-8")
+
+
 def test_failing_notebook_is_reported_with_its_cell(tmp_path):
     nb = write_notebook(tmp_path / "02_bad.ipynb", "raise RuntimeError('boom in cell two')")
     result = run_notebook(nb, tmp_path / "out", {"profile": "smoke"})
