@@ -52,6 +52,7 @@ class NotebookResult:
     seconds: float
     error: str = ""
     metrics: dict[str, Any] | None = None
+    busy: bool = False  # another run held the folder: this one ran nothing (error says which run)
 
 
 def select_notebooks(available: list[Path], prefixes: list[str]) -> tuple[list[Path], list[str]]:
@@ -201,7 +202,7 @@ def run_notebook(
         # out_dir: the lock, not a folder of the other run's (a grid writes error.txt into a failed run's folder)
         return NotebookResult(notebook.stem, lock, False, 0.0, f"another run is writing {out_dir} ({holder}); "
                               f"wait for it to finish or pass another out folder; if none is running (a crashed "
-                              f"machine), delete {lock}")
+                              f"machine), delete {lock}", busy=True)
     try:
         shutil.rmtree(staging, ignore_errors=True)  # an earlier failed attempt: its files are not this run's
         try:

@@ -320,7 +320,9 @@ def _check_parameters(notebook: Path, parameters: dict[str, list[Any]]) -> None:
 
 def run_grid(specs: list[RunSpec], out_root: str | Path, *, progress: bool = True,
              cell_timeout: float | None | str = "auto") -> pd.DataFrame:
-    """Run every spec not yet complete; return a status table (one row per run).
+    """Run every spec not yet complete; return a status table (one row per run): "ok", "skipped (done)",
+    "failed: <error>" (error.txt beside it), or "running elsewhere: <holder>" for a run another grid is
+    writing at that moment (the same grid started twice): not run here, and not a failure.
 
     cell_timeout: seconds one cell may run before its run is stopped as failed (a kernel whose reply
     was lost would otherwise hang the whole grid); "auto": the course runner's default for each
@@ -333,7 +335,7 @@ def run_grid(specs: list[RunSpec], out_root: str | Path, *, progress: bool = Tru
             raise ValueError(f"cell_timeout must be 'auto', None (no limit) or seconds > 0, got {cell_timeout!r}")
         check_number("cell_timeout", cell_timeout, 0, above=True, advice="seconds; None: no limit, 'auto': the "
                      "profile's default")
-    out_root = Path(out_root)
+    out_root = Path(out_root).expanduser()  # as run_notebook takes it: else "~/exp" never counted as done
     rows = []
     for spec in tqdm(specs, desc="experiment grid", unit="run", disable=not progress):
         folder = spec.folder(out_root)
@@ -347,8 +349,11 @@ def run_grid(specs: list[RunSpec], out_root: str | Path, *, progress: bool = Tru
             # UTF-8, not the locale's: Windows' cp1252 cannot write a path or message in another script,
             # and the UnicodeEncodeError ended the whole grid
             (result.out_dir / "error.txt").write_text(result.error + "\n", encoding="utf-8")
-        rows.append({"notebook": spec.notebook.stem, "run": spec.name,
-                     "status": "ok" if result.ok else f"failed: {result.error}", "seconds": round(result.seconds, 1)})
+        # another grid writing the same run (the same command twice): not a failure, and no error.txt of its own
+        status = ("ok" if result.ok else f"running elsewhere: {result.error}" if result.busy
+                  else f"failed: {result.error}")
+        rows.append({"notebook": spec.notebook.stem, "run": spec.name, "status": status,
+                     "seconds": round(result.seconds, 1)})
     return pd.DataFrame(rows, columns=["notebook", "run", "status", "seconds"])
 
 
@@ -363,7 +368,7 @@ def collect(out_root: str | Path, specs: list[RunSpec] | None = None) -> pd.Data
     holds them). A metric named like one of the other columns is put under "metrics/<name>".
     An out_root that is not a folder is an error; a folder with no finished run gives an empty table.
     """
-    out_root = Path(out_root)
+    out_root = Path(out_root).expanduser()
     if not out_root.is_dir():  # a typo gave an empty table, and only summarise said something: "available: []"
         raise ValueError(f"out_root {out_root} {'is a file' if out_root.exists() else 'does not exist'}; give the "
                          "folder run_grid wrote the runs to (its out_root; --out on the command line)")
@@ -568,6 +573,7 @@ def main(argv: list[str] | None = None) -> int:
     if repeated:  # dict() would keep the last one silently
         parser.error(f"--set {', '.join(repeated)} given more than once; list the values in one --set, "
                      "e.g. --set lr=1e-3,1e-4")
+    args.out = args.out.expanduser()  # --out=~/exp: the shell leaves a "~" after "=" as it is
     try:
         check_folder(args.out, "--out", "one folder per run and results.csv")
         specs = grid(notebooks, dict(args.sets), args.seeds, profile)
@@ -595,6 +601,10 @@ def main(argv: list[str] | None = None) -> int:
     elif path.exists():  # an earlier grid's: left in place, it would pass for this one's
         path.unlink()
         print(f"\nno run of this grid finished; removed the earlier grid's {path}")
+    elsewhere = status["status"].str.startswith("running elsewhere")
+    if elsewhere.any():  # this table lacks them; the other grid's, or the same command later, has them
+        print(f"\n{elsewhere.sum()} run(s) were being written by another grid: run the same command again once it "
+              "has ended, to collect them (the finished runs are skipped)")
     return 0 if not status["status"].str.startswith("failed").any() else 1
 
 

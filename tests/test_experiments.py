@@ -3,6 +3,7 @@
 import argparse
 import json
 import math
+import os
 import re
 import statistics
 from dataclasses import replace
@@ -718,6 +719,43 @@ def test_command_line_removes_an_earlier_grids_results_when_no_run_finished(note
     assert (out / "results.csv").exists()
     assert main(["--notebooks", "01", "--set", "scale=-1", "--out", str(out)]) == 1
     assert not (out / "results.csv").exists() and "removed the earlier grid's" in capsys.readouterr().out
+
+
+def test_a_run_another_grid_is_writing_is_running_elsewhere_not_a_failure(notebooks, tmp_path, monkeypatch, capsys):
+    """The same grid started twice: each listed the run the other was writing as failed, pointed at an error.txt
+    that was never written, and exited 1 although every run finished."""
+    import socket
+
+    monkeypatch.setattr(experiments, "course_notebooks", lambda: notebooks)
+    out = tmp_path / "grid"
+    specs = grid(notebooks[:1], {}, seeds=[0, 1], profile="smoke")
+    held = specs[0].folder(out)
+    held.parent.mkdir(parents=True)
+    lock = held.with_name(held.name + ".lock")
+    lock.write_text(f"{os.getppid()} on {socket.gethostname()}\n")  # a live process: this one's parent
+    assert main(["--notebooks", "01", "--seeds", "0", "1", "--profile", "smoke", "--out", str(out)]) == 0
+    said = capsys.readouterr().out
+    assert f"running elsewhere: another run is writing {held}" in said and "failed: " not in said
+    assert "1 run(s) were being written by another grid: run the same command again once it has ended" in said
+    assert not any(out.rglob("error.txt")) and lock.is_file()
+    assert len(pd.read_csv(out / "results.csv")) == 1  # the run it ran
+    lock.unlink()  # the other grid ended (without finishing that run): the same command runs it
+    assert main(["--notebooks", "01", "--seeds", "0", "1", "--profile", "smoke", "--out", str(out)]) == 0
+    assert len(pd.read_csv(out / "results.csv")) == 2
+
+
+def test_an_out_folder_in_the_home_folder_is_the_same_grid_each_time(notebooks, tmp_path, monkeypatch, capsys):
+    """--out=~/exp (no shell expands a "~" after "="): the runs went to the home folder, were never found done
+    there, so every run ran again, and no results.csv was written."""
+    monkeypatch.setattr(experiments, "course_notebooks", lambda: notebooks)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for status in ("ok", "skipped (done)"):
+        assert main(["--notebooks", "01", "--profile", "smoke", "--out=~/exp"]) == 0
+        assert status in capsys.readouterr().out
+    assert len(pd.read_csv(tmp_path / "exp" / "results.csv")) == 1 and not (tmp_path / "~").exists()
+    specs = grid(notebooks[:1], {}, seeds=[0], profile="smoke")
+    assert list(run_grid(specs, "~/exp", progress=False)["status"]) == ["skipped (done)"]
+    assert len(collect("~/exp", specs)) == 1
 
 
 def test_every_run_of_a_grid_has_its_profiles_cell_timeout(notebooks, tmp_path, monkeypatch):
