@@ -19,7 +19,7 @@ def take_lock(lock: Path) -> str | None:
     cannot be asked whether it lives without risk, and for another machine's, it is kept."""
     for _ in range(3):
         try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)  # not executable (0o777 by default)
         except FileExistsError:
             try:
                 text, since = lock.read_text(errors="replace").strip(), time.ctime(lock.stat().st_mtime)
@@ -51,7 +51,7 @@ def _remove_stale(lock: Path, text: str) -> None:
     """
     guard = lock.with_name(f"{lock.name}.{text.partition(' ')[0]}.takeover")
     try:
-        fd = os.open(guard, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        fd = os.open(guard, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
     except FileExistsError:  # another run is taking it over right now
         time.sleep(0.05)
         return

@@ -1653,6 +1653,17 @@ def test_a_second_fetch_into_the_same_folder_is_refused_while_the_first_runs(ser
         assert (tmp_path / "BUSBRA" / "bus_data.csv").is_file() and not lock.exists()
 
 
+def test_a_lock_file_is_an_ordinary_file_not_an_executable_one(tmp_path):
+    from data_fetch.locking import take_lock
+
+    old = os.umask(0o022)
+    try:
+        assert take_lock(tmp_path / ".busi.lock") is None
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / ".busi.lock").stat().st_mode) == 0o644  # was 0o755 (os.open's default 0o777)
+
+
 def test_a_lock_released_while_it_was_read_is_taken_and_an_old_one_of_a_live_process_kept(tmp_path, monkeypatch):
     from pathlib import Path
 
