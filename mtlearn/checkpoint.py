@@ -5,6 +5,7 @@
     state["rng"] = rng_state(train_loader)                # torch, NumPy, Python, CUDA, loader shuffling
     set_rng_state(state["rng"], train_loader)             # ... and back: the next epoch draws the same
     check_out_dir("runs/a", resume=False)                 # refuses a folder that already holds a run
+    with out_dir_lock("runs/a"): ...                      # refuses a second run into it while this one lives
     check_resume_options(path, state["config"], now, ("lr", "tasks"))  # refuses a resume with other options
 
 Why a module of its own: `engine.fit` and `disentangle.train_disentangle` each write their own
@@ -12,11 +13,12 @@ checkpoint (their own keys), and `umsrep.run_comparison` keeps each finished run
 fit's, but the rules that make resuming safe are the same for all of them: a crash while writing
 keeps the previous file, a checkpoint is read without unpickling code, every random generator is
 saved so that a resumed run draws what an uninterrupted one would have, and a folder holding a
-finished run is never silently overwritten.
+finished run is never silently overwritten, nor written by two runs at once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import random
@@ -32,7 +34,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from mtlearn.utils import atomic_file, check_bool, check_folder, world_and_rank
+from data_fetch.locking import take_lock
+from mtlearn.utils import atomic_file, check_bool, check_folder, is_main_process, world_and_rank
 
 # ----------------------------------------------------------------------------- files
 
@@ -366,6 +369,56 @@ def check_out_dir(out_dir: str | os.PathLike, resume: bool, writes: str = "last.
         raise ValueError(f"out_dir {out_dir} {problem} {kept} of an earlier run (without its last.pt), which a new "
                          f"run would overwrite: choose another out_dir{' (CLI: --out-dir)' if cli else ''} or move "
                          f"{kept} away first")
+
+
+class OutDirInUseError(ValueError):
+    """Another run, still alive, is writing to the out_dir given."""
+
+
+_HELD: set[Path] = set()  # the out_dirs this process holds: the command line's run holds it, then fit inside it
+
+
+@contextlib.contextmanager
+def out_dir_lock(out_dir: str | os.PathLike | None, option: str = "out_dir", writes: str = "last.pt and best.pt"):
+    """Hold `out_dir` for one run: a second run into it while this one lives is refused (OutDirInUseError
+    naming the first), as `python -m mtlearn.course` refuses a second run into its folder.
+
+    Without it, two runs into one folder (two notebooks, two terminals, a --resume in a second one) both
+    passed check_out_dir before either had written last.pt, trained side by side, and left a mix of their
+    checkpoints. The lock is the file out_dir/.lock holding this process's id; one left by a killed run is
+    taken over. Held once per process (the command line's run, then fit inside it), and by the main
+    process alone under torchrun (the others do not write; a refused main process ends them all).
+    out_dir None, or not a path (refused by the caller's own checks): nothing is held. A folder made here
+    for a run that ended without writing anything is removed again. option, writes: how the caller names
+    out_dir, and what the run writes there (for the message on a folder that cannot be one).
+    """
+    if out_dir is None or not isinstance(out_dir, (str, os.PathLike)) or not is_main_process():
+        yield
+        return
+    folder = Path(out_dir).expanduser()
+    if folder.resolve() in _HELD:
+        yield
+        return
+    check_folder(folder, option, writes)  # a file in the way, no permission: named, before mkdir
+    made = [p for p in (folder, *folder.parents) if not p.exists()]  # the folder first, then those above it
+    folder.mkdir(parents=True, exist_ok=True)
+    folder, lock = folder.resolve(), folder / ".lock"
+    holder = take_lock(lock)
+    if holder is not None:
+        raise OutDirInUseError(f"another run is writing to {option} {out_dir} ({holder}): wait for it to end, or "
+                               f"choose another {option}. If no run is writing there (one stopped on another "
+                               f"machine), delete {lock}")
+    _HELD.add(folder)
+    try:
+        yield
+    finally:
+        _HELD.discard(folder)
+        lock.unlink(missing_ok=True)
+        for path in made:  # refused before it wrote anything: no empty folder left behind
+            try:
+                path.rmdir()
+            except OSError:  # not empty
+                break
 
 
 def check_resume_options(path: str | os.PathLike, saved: Mapping, current: Mapping, names: Sequence[str],

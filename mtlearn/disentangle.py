@@ -21,6 +21,7 @@ Learning with application to Fetal Ultrasound", MICCAI PIPPI/SUSI 2019, arXiv 19
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 import warnings
@@ -40,6 +41,7 @@ from mtlearn.checkpoint import (
     check_run_folder,
     load_checkpoint,
     load_weights,
+    out_dir_lock,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -799,16 +801,19 @@ def train_disentangle(
                    sampler=type(getattr(train_loader, "sampler", None)).__name__)
     game = dict(model=model, optimizer=optimizer, schedule=schedule, leakage=leakage,
                 adv_optimizer=adv_optimizer if adversarial else None, joint=joint if adversarial else None)
-    if checkpoint is not None:
-        check_out_dir(out_dir, resume, writes="last.pt", cli=False, also_kept=())
-        if resume and checkpoint.is_file():
-            history, step, start, image_shape = _load_game(checkpoint, game, options, train_loader)
-    bar = tqdm(range(start, epochs), initial=start, total=epochs, desc=f"train {type(model).__name__}",
-               disable=not progress)
-    # before the first last.pt a resume starts afresh: an interruption until then gives the model (and the
-    # loader's generators) their starting state back, so that the fresh start repeats this run (as fit does)
-    starting = (_snapshot(game), rng_state(train_loader, device)) if checkpoint is not None and start == 0 else None
+    held, starting = contextlib.ExitStack(), None
     try:
+        if checkpoint is not None:
+            held.enter_context(out_dir_lock(out_dir, writes="last.pt"))  # a second run into it is refused, as in fit
+            check_out_dir(out_dir, resume, writes="last.pt", cli=False, also_kept=())
+            if resume and checkpoint.is_file():
+                history, step, start, image_shape = _load_game(checkpoint, game, options, train_loader)
+        bar = tqdm(range(start, epochs), initial=start, total=epochs, desc=f"train {type(model).__name__}",
+                   disable=not progress)
+        # before the first last.pt a resume starts afresh: an interruption until then gives the model (and the
+        # loader's generators) their starting state back, so that the fresh start repeats this run (as fit does)
+        if checkpoint is not None and start == 0:
+            starting = (_snapshot(game), rng_state(train_loader, device))
         for epoch in bar:
             model.train()
             sums: dict[str, float] = {}
@@ -905,6 +910,8 @@ def train_disentangle(
                 warnings.warn(f"could not give the model its starting state back ({error}); rebuild it before "
                               "training again", stacklevel=2)
         raise
+    finally:
+        held.close()
     if recalibrate_bn:
         recalibrate_batchnorm(model, train_loader, device)
     return history

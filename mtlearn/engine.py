@@ -52,6 +52,7 @@ from mtlearn.checkpoint import (
     is_compiled,
     load_checkpoint,
     load_weights,
+    out_dir_lock,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -582,159 +583,163 @@ def fit(model: nn.Module, train_loader, val_loader=None, config: TrainConfig | N
     if monitor.removeprefix("val/") not in expected:
         raise ValueError(f"monitor {config.monitor!r} is not a validation metric; choose one of {expected}")
     out_dir = Path(config.out_dir).expanduser() if config.out_dir is not None else None  # "~/runs" as start() takes it
-    if out_dir is not None:
-        check_out_dir(out_dir, config.resume)
-        if getattr(train_loader, "persistent_workers", False):
-            warnings.warn("train_loader keeps its workers between epochs (persistent_workers=True): their random "
-                          "generators (augmentation) are in no checkpoint, so a resumed run will not repeat an "
-                          "uninterrupted one; for resumable runs use persistent_workers=False", stacklevel=2)
-    resuming = config.resume and out_dir is not None and (out_dir / "last.pt").is_file()
-    if isinstance(config.weighting, LossWeighting) and not resuming and has_trained(config.weighting):
-        # one instance passed to several runs (a loop over seeds): the next would start from the last one's
-        # learned weights, loss history or optimiser state, and differ from the same run started alone
-        name = type(config.weighting).__name__
-        raise ValueError(f"the {name} passed as weighting has trained already (its state is not a new {name}'s), "
-                         "so this run would start where another ended; pass a new one for every run (build it "
-                         "inside the loop), or the weighting's name, e.g. weighting='dwa'")
-    if config.seed is not None:
-        seed_everything(config.seed)
-    run = _prepare(model, config, tasks, total_steps=config.epochs * steps_per_epoch)
-    if config.seed is not None and is_distributed():
-        # dropout and drop-path draw from the generator of the device: one stream per rank, or every rank
-        # would drop the same units (rank 0's checkpoint holds every rank's states, so a resume keeps this).
-        # Only torch's generators: the data order is the sampler's, which must stay the same on every rank.
-        torch.manual_seed(config.seed + dist.get_rank())  # the CPU's generator and every GPU's
-    history, start_epoch, best_state = History(monitor=monitor, mode=mode), 0, None
-    if config.resume and (out_dir / "last.pt").is_file():
-        last = _load_run(run, out_dir / "last.pt", train_loader, config, tasks)
-        history, start_epoch = History.from_state_dict(last["history"]), int(last["epoch"])
-        if (history.monitor, history.mode) != (monitor, mode):  # best.pt so far was chosen by the old one
-            raise ValueError(f"cannot resume from {out_dir / 'last.pt'} with monitor {monitor!r}: its best.pt was "
-                             f"chosen by {history.monitor!r} ({history.mode}). Resume with "
-                             f"monitor={history.monitor.removeprefix('val/')!r}, or start a new run in another out_dir")
-        best_epoch = None
-        if (out_dir / "best.pt").is_file():
-            try:
-                best = load_checkpoint(out_dir / "best.pt")
-            except ValueError as error:  # last.pt is fine: only the best weights are lost, and they can be set aside
-                raise ValueError(f"{error}. To resume from last.pt anyway, move best.pt aside (e.g. to best.pt.bad): "
-                                 "the run continues, and best.pt is written again at the next improvement") from None
-            best_state, best_epoch = best["model"], best.get("epoch")
-        if history.best_epoch is not None and history.best_epoch == start_epoch != best_epoch:
-            # the run stopped between writing last.pt and best.pt (in that order): last.pt is the best epoch
-            best_state = last["model"]
-            if is_main_process():
-                save_checkpoint(last, out_dir / "best.pt")
-        elif history.best_epoch is not None and best_state is None and is_main_process():  # once, not per process
-            warnings.warn(f"{out_dir / 'best.pt'} is missing, so the weights of the best epoch so far "
-                          f"({history.best_epoch}) are lost: unless a later epoch does better, the model ends with "
-                          "its last epoch's weights, not those of history.best_epoch", stacklevel=2)
-        if start_epoch >= config.epochs and is_main_process():  # nothing to train: say so (once, under torchrun)
-            warnings.warn(f"the run in {out_dir} already has {start_epoch} epochs; pass a larger epochs "
-                          f"(got {config.epochs}) to train further", stacklevel=2)
-    # heads for tasks this run does not train, e.g. fit(tasks=("seg",)) of a seg+cls model
-    untrained_heads = bool(set(getattr(model, "tasks", tasks)) - set(tasks))
-    run.train_model = _wrap_for_training(model, run.device, config.compile, untrained_heads)
-
-    # A fresh run with a folder to resume from: until its first last.pt, an interruption (Ctrl-C, an
-    # error) gives the model its starting weights, and the loader its generators, back. resume=True then
-    # starts afresh, as it does without a last.pt, and repeats the uninterrupted run instead of going on
-    # from what the interrupted call had already moved (the same objects, in a notebook).
-    # (Not under torchrun, whose processes all end with an error: nothing would be there to restore into.)
-    loader_facts = _loader_facts(train_loader)  # what every checkpoint records of the loader, the same each epoch
-    start_state = start_rng = None
-    if out_dir is not None and start_epoch == 0 and not is_distributed():
-        start_state = {"model": {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()},
-                       "weighting": copy.deepcopy(run.weighting.state_dict())}  # an instance passed in, too
-        start_rng = rng_state(train_loader, run.device)
-    # one bar for the whole run (a bar per epoch filled a notebook cell that trains several models with
-    # screens of finished bars): its description names the epoch; its figures are the training losses while
-    # an epoch runs, and the validation metrics once it has ended
-    bar = tqdm(total=config.epochs * steps_per_epoch, initial=start_epoch * steps_per_epoch, leave=True,
-               desc=f"epoch {min(start_epoch + 1, config.epochs)}/{config.epochs}",
-               disable=not (config.progress and is_main_process()) or start_epoch >= config.epochs)
-    if config.compile:  # else the bar stands at 0 for minutes, then reports minutes per step
-        bar.set_postfix_str("compiling the model: the first steps take a minute or more")
-    with warnings_above(bar):  # a warning on its own lines, not on the end of the bar's
-        try:
-            for epoch in range(start_epoch, config.epochs):
-                sampler = getattr(train_loader, "sampler", None)
-                if hasattr(sampler, "set_epoch"):  # DistributedSampler: a new shuffle every epoch
-                    sampler.set_epoch(epoch)
-                bar.set_description(f"epoch {epoch + 1}/{config.epochs}", refresh=False)
-                record = {"epoch": epoch + 1, "lr": run.optimizer.param_groups[0]["lr"]}
-                record.update(_train_one_epoch(run, train_loader, epoch, tasks, bar, out_dir,
-                                               first=epoch == start_epoch))
-                # fixed and DWA: the weights used this epoch; learned ones (uncertainty, GradNorm): after its last step
-                record.update({f"weight/{t}": w for t, w in run.weighting.weights().items()})
-                run.weighting.end_epoch({t: record[f"train/{t}"] for t in tasks})
-                _broadcast_buffers(model)  # e.g. BatchNorm statistics: every rank keeps rank 0's, as DDP does
-                # finite losses do not guarantee finite weights (the last step's update can overflow);
-                # stop before this epoch's checkpoints would overwrite the good ones of the previous epoch
-                bad = _non_finite_tensors(model, run.weighting)
-                if _any_across_processes(bool(bad), run.device):
-                    last = out_dir / "last.pt" if out_dir is not None and (out_dir / "last.pt").is_file() else None
-                    raise NonFiniteWeightsError(epoch + 1, bad, last)
-                if val_loader is not None:
-                    metrics = evaluate(model, val_loader, tasks, device=run.device, amp=config.amp,
-                                       channels_last=run.channels_last, losses=config.losses,
-                                       data_range=config.data_range)
-                    record.update({f"val/{k}": v for k, v in metrics.items()})
-                    if monitor not in record:  # a typo would otherwise mean: no best.pt, silently
-                        raise ValueError(f"monitor {config.monitor!r} is not a validation metric; choose one of "
-                                         f"{sorted(k.removeprefix('val/') for k in record if k.startswith('val/'))}")
-                    bar.set_postfix({k: f"{v:.3f}" for k, v in metrics.items() if not k.endswith("loss")})
-                improved = history.append(record)  # best epoch: judged on the validation split only
-                broken = sorted(k for k, v in record.items() if k.startswith("val/") and k.endswith("/loss")
-                                and not math.isfinite(v))
-                if broken and is_main_process():  # finite training losses and weights, yet NaN on unseen images
-                    warnings.warn(f"epoch {epoch + 1}: the validation loss is not finite ({', '.join(broken)}), so "
-                                  "this epoch cannot be the best one; the training losses were finite, which points "
-                                  "to a model that diverged on new images (overflowing activations or BatchNorm "
-                                  f"statistics): lower lr (now {config.lr:g}) or check the validation data",
-                                  stacklevel=2)
-                if improved:
-                    best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-                if out_dir is not None:
-                    rng = rng_state(train_loader, run.device)  # on every rank: it gathers each GPU's random state
-                    if is_main_process():
-                        state = _run_state(run, epoch + 1, history, config, tasks, rng, loader_facts)
-                        # last.pt first: stopped between the two, best.pt is an improvement behind, and a resume
-                        # takes the best weights from last.pt (whose history says so); the other way round, best.pt
-                        # would hold an epoch that the resumed history does not have
-                        save_checkpoint(state, out_dir / "last.pt")
-                        if improved:
-                            save_checkpoint(state, out_dir / "best.pt")
-                start_state = None  # last.pt holds the run from here on
-        except BaseException as error:
-            if start_state is not None:
+    with out_dir_lock(out_dir):  # a second run into it, while this one lives, is refused
+        if out_dir is not None:
+            check_out_dir(out_dir, config.resume)
+            if getattr(train_loader, "persistent_workers", False):
+                warnings.warn("train_loader keeps its workers between epochs (persistent_workers=True): their random "
+                              "generators (augmentation) are in no checkpoint, so a resumed run will not repeat an "
+                              "uninterrupted one; for resumable runs use persistent_workers=False", stacklevel=2)
+        resuming = config.resume and out_dir is not None and (out_dir / "last.pt").is_file()
+        if isinstance(config.weighting, LossWeighting) and not resuming and has_trained(config.weighting):
+            # one instance passed to several runs (a loop over seeds): the next would start from the last one's
+            # learned weights, loss history or optimiser state, and differ from the same run started alone
+            name = type(config.weighting).__name__
+            raise ValueError(f"the {name} passed as weighting has trained already (its state is not a new {name}'s), "
+                             "so this run would start where another ended; pass a new one for every run (build it "
+                             "inside the loop), or the weighting's name, e.g. weighting='dwa'")
+        if config.seed is not None:
+            seed_everything(config.seed)
+        run = _prepare(model, config, tasks, total_steps=config.epochs * steps_per_epoch)
+        if config.seed is not None and is_distributed():
+            # dropout and drop-path draw from the generator of the device: one stream per rank, or every rank
+            # would drop the same units (rank 0's checkpoint holds every rank's states, so a resume keeps this).
+            # Only torch's generators: the data order is the sampler's, which must stay the same on every rank.
+            torch.manual_seed(config.seed + dist.get_rank())  # the CPU's generator and every GPU's
+        history, start_epoch, best_state = History(monitor=monitor, mode=mode), 0, None
+        if config.resume and (out_dir / "last.pt").is_file():
+            last = _load_run(run, out_dir / "last.pt", train_loader, config, tasks)
+            history, start_epoch = History.from_state_dict(last["history"]), int(last["epoch"])
+            if (history.monitor, history.mode) != (monitor, mode):  # best.pt so far was chosen by the old one
+                raise ValueError(f"cannot resume from {out_dir / 'last.pt'} with monitor {monitor!r}: its best.pt was "
+                                 f"chosen by {history.monitor!r} ({history.mode}). Resume with monitor="
+                                 f"{history.monitor.removeprefix('val/')!r}, or start a new run in another out_dir")
+            best_epoch = None
+            if (out_dir / "best.pt").is_file():
                 try:
-                    model.load_state_dict(start_state["model"])
-                    run.weighting.load_state_dict(start_state["weighting"])
-                    set_rng_state(start_rng, train_loader, run.device)
-                except Exception as failed:  # noqa: BLE001 (the original error is the one to see)
-                    warnings.warn(f"could not give the model its starting state back ({failed}); rebuild it before "
-                                  "fitting again", stacklevel=2)
-            if config.compile and (failure := _compile_failure(error)):  # torch's says only how to debug it
-                raise CompileError(failure) from error
-            raise
-        finally:
-            bar.close()
+                    best = load_checkpoint(out_dir / "best.pt")
+                except ValueError as error:  # last.pt is fine: only the best weights are lost, which can be set aside
+                    raise ValueError(f"{error}. To resume from last.pt anyway, move best.pt aside (e.g. to "
+                                     "best.pt.bad): the run continues, and best.pt is written again at the next "
+                                     "improvement") from None
+                best_state, best_epoch = best["model"], best.get("epoch")
+            if history.best_epoch is not None and history.best_epoch == start_epoch != best_epoch:
+                # the run stopped between writing last.pt and best.pt (in that order): last.pt is the best epoch
+                best_state = last["model"]
+                if is_main_process():
+                    save_checkpoint(last, out_dir / "best.pt")
+            elif history.best_epoch is not None and best_state is None and is_main_process():  # once, not per process
+                warnings.warn(f"{out_dir / 'best.pt'} is missing, so the weights of the best epoch so far "
+                              f"({history.best_epoch}) are lost: unless a later epoch does better, the model ends with "
+                              "its last epoch's weights, not those of history.best_epoch", stacklevel=2)
+            if start_epoch >= config.epochs and is_main_process():  # nothing to train: say so (once, under torchrun)
+                warnings.warn(f"the run in {out_dir} already has {start_epoch} epochs; pass a larger epochs "
+                              f"(got {config.epochs}) to train further", stacklevel=2)
+        # heads for tasks this run does not train, e.g. fit(tasks=("seg",)) of a seg+cls model
+        untrained_heads = bool(set(getattr(model, "tasks", tasks)) - set(tasks))
+        run.train_model = _wrap_for_training(model, run.device, config.compile, untrained_heads)
 
-    if config.restore_best and best_state is not None:
-        model.load_state_dict(best_state)
-    monitor = history.monitor  # (a non-finite validation loss has been named epoch by epoch above)
-    validated = [r[monitor] for r in history.records if monitor in r]  # a resume may add validation to a run
-    if val_loader is not None and validated and is_main_process() and not any(map(math.isfinite, validated)):
-        # e.g. the AUC of a validation set holding one class: NaN every epoch, and no best.pt, without a word
-        other = next((f"{t}/loss" for t in tasks if f"val/{t}/loss" != monitor), None)
-        warnings.warn(f"no epoch could be the best one: {monitor} was not finite in any epoch (last: {validated[-1]}), "
-                      "so there is no best.pt and the model keeps its last epoch's weights; "
-                      + (f"monitor another metric, e.g. monitor='{other}', or (an AUC or a specificity) validate on "
-                         "a set with every class" if other else f"lower lr (now {config.lr:g})"), stacklevel=2)
-    if is_distributed():
-        dist.barrier()  # rank 0 has finished writing before anyone moves on
-    return history
+        # A fresh run with a folder to resume from: until its first last.pt, an interruption (Ctrl-C, an
+        # error) gives the model its starting weights, and the loader its generators, back. resume=True then
+        # starts afresh, as it does without a last.pt, and repeats the uninterrupted run instead of going on
+        # from what the interrupted call had already moved (the same objects, in a notebook).
+        # (Not under torchrun, whose processes all end with an error: nothing would be there to restore into.)
+        loader_facts = _loader_facts(train_loader)  # what every checkpoint records of the loader, the same each epoch
+        start_state = start_rng = None
+        if out_dir is not None and start_epoch == 0 and not is_distributed():
+            start_state = {"model": {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()},
+                           "weighting": copy.deepcopy(run.weighting.state_dict())}  # an instance passed in, too
+            start_rng = rng_state(train_loader, run.device)
+        # one bar for the whole run (a bar per epoch filled a notebook cell that trains several models with
+        # screens of finished bars): its description names the epoch; its figures are the training losses while
+        # an epoch runs, and the validation metrics once it has ended
+        bar = tqdm(total=config.epochs * steps_per_epoch, initial=start_epoch * steps_per_epoch, leave=True,
+                   desc=f"epoch {min(start_epoch + 1, config.epochs)}/{config.epochs}",
+                   disable=not (config.progress and is_main_process()) or start_epoch >= config.epochs)
+        if config.compile:  # else the bar stands at 0 for minutes, then reports minutes per step
+            bar.set_postfix_str("compiling the model: the first steps take a minute or more")
+        with warnings_above(bar):  # a warning on its own lines, not on the end of the bar's
+            try:
+                for epoch in range(start_epoch, config.epochs):
+                    sampler = getattr(train_loader, "sampler", None)
+                    if hasattr(sampler, "set_epoch"):  # DistributedSampler: a new shuffle every epoch
+                        sampler.set_epoch(epoch)
+                    bar.set_description(f"epoch {epoch + 1}/{config.epochs}", refresh=False)
+                    record = {"epoch": epoch + 1, "lr": run.optimizer.param_groups[0]["lr"]}
+                    record.update(_train_one_epoch(run, train_loader, epoch, tasks, bar, out_dir,
+                                                   first=epoch == start_epoch))
+                    # fixed, DWA: the weights used this epoch; learned ones (uncertainty, GradNorm): after its last step
+                    record.update({f"weight/{t}": w for t, w in run.weighting.weights().items()})
+                    run.weighting.end_epoch({t: record[f"train/{t}"] for t in tasks})
+                    _broadcast_buffers(model)  # e.g. BatchNorm statistics: every rank keeps rank 0's, as DDP does
+                    # finite losses do not guarantee finite weights (the last step's update can overflow);
+                    # stop before this epoch's checkpoints would overwrite the good ones of the previous epoch
+                    bad = _non_finite_tensors(model, run.weighting)
+                    if _any_across_processes(bool(bad), run.device):
+                        last = out_dir / "last.pt" if out_dir is not None and (out_dir / "last.pt").is_file() else None
+                        raise NonFiniteWeightsError(epoch + 1, bad, last)
+                    if val_loader is not None:
+                        metrics = evaluate(model, val_loader, tasks, device=run.device, amp=config.amp,
+                                           channels_last=run.channels_last, losses=config.losses,
+                                           data_range=config.data_range)
+                        record.update({f"val/{k}": v for k, v in metrics.items()})
+                        if monitor not in record:  # a typo would otherwise mean: no best.pt, silently
+                            known = sorted(k.removeprefix("val/") for k in record if k.startswith("val/"))
+                            raise ValueError(f"monitor {config.monitor!r} is not a validation metric; choose one of "
+                                             f"{known}")
+                        bar.set_postfix({k: f"{v:.3f}" for k, v in metrics.items() if not k.endswith("loss")})
+                    improved = history.append(record)  # best epoch: judged on the validation split only
+                    broken = sorted(k for k, v in record.items() if k.startswith("val/") and k.endswith("/loss")
+                                    and not math.isfinite(v))
+                    if broken and is_main_process():  # finite training losses and weights, yet NaN on unseen images
+                        warnings.warn(f"epoch {epoch + 1}: the validation loss is not finite ({', '.join(broken)}), "
+                                      "so this epoch cannot be the best one; the training losses were finite, which "
+                                      "points to a model that diverged on new images (overflowing activations or "
+                                      f"BatchNorm statistics): lower lr (now {config.lr:g}) or check the validation "
+                                      "data",
+                                      stacklevel=2)
+                    if improved:
+                        best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+                    if out_dir is not None:
+                        rng = rng_state(train_loader, run.device)  # on every rank: it gathers each GPU's random state
+                        if is_main_process():
+                            state = _run_state(run, epoch + 1, history, config, tasks, rng, loader_facts)
+                            # last.pt first: stopped between the two, best.pt is an improvement behind, and a resume
+                            # takes the best weights from last.pt (whose history says so); the other way round, best.pt
+                            # would hold an epoch that the resumed history does not have
+                            save_checkpoint(state, out_dir / "last.pt")
+                            if improved:
+                                save_checkpoint(state, out_dir / "best.pt")
+                    start_state = None  # last.pt holds the run from here on
+            except BaseException as error:
+                if start_state is not None:
+                    try:
+                        model.load_state_dict(start_state["model"])
+                        run.weighting.load_state_dict(start_state["weighting"])
+                        set_rng_state(start_rng, train_loader, run.device)
+                    except Exception as failed:  # noqa: BLE001 (the original error is the one to see)
+                        warnings.warn(f"could not give the model its starting state back ({failed}); rebuild it before "
+                                      "fitting again", stacklevel=2)
+                if config.compile and (failure := _compile_failure(error)):  # torch's says only how to debug it
+                    raise CompileError(failure) from error
+                raise
+            finally:
+                bar.close()
+
+        if config.restore_best and best_state is not None:
+            model.load_state_dict(best_state)
+        monitor = history.monitor  # (a non-finite validation loss has been named epoch by epoch above)
+        validated = [r[monitor] for r in history.records if monitor in r]  # a resume may add validation to a run
+        if val_loader is not None and validated and is_main_process() and not any(map(math.isfinite, validated)):
+            # e.g. the AUC of a validation set holding one class: NaN every epoch, and no best.pt, without a word
+            other = next((f"{t}/loss" for t in tasks if f"val/{t}/loss" != monitor), None)
+            warnings.warn(f"no epoch could be the best one: {monitor} was not finite in any epoch (last: "
+                          f"{validated[-1]}), so there is no best.pt and the model keeps its last epoch's weights; "
+                          + (f"monitor another metric, e.g. monitor='{other}', or (an AUC or a specificity) validate "
+                             "on a set with every class" if other else f"lower lr (now {config.lr:g})"), stacklevel=2)
+        if is_distributed():
+            dist.barrier()  # rank 0 has finished writing before anyone moves on
+        return history
 
 
 def _compile_failure(error: BaseException) -> str | None:

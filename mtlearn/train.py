@@ -20,6 +20,7 @@ already holds a run is refused: pass another one, or --resume to continue it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import math
@@ -33,6 +34,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
+from mtlearn.checkpoint import out_dir_lock
 from mtlearn.data import DATASETS
 from mtlearn.engine import (CompileError, NonFiniteLossError, NonFiniteWeightsError, TrainConfig, evaluate, fit,
                             resolve_monitor, validation_losses_finite, validation_metrics)
@@ -269,7 +271,9 @@ def run(args: argparse.Namespace) -> dict:
 
     started = time.perf_counter()
     device = setup_distributed(args.device)
+    held = contextlib.ExitStack()
     try:
+        held.enter_context(out_dir_lock(args.out_dir, "--out-dir"))  # from options.json to metrics.json, as fit
         options = _check_run_options(args)  # before the data are read
         seed_everything(args.seed)
         splits, info = _datasets(args)
@@ -326,6 +330,7 @@ def run(args: argparse.Namespace) -> dict:
             raise NoGoodEpochError(_no_good_epoch(history, args))
         return record
     finally:
+        held.close()
         cleanup_distributed()
 
 

@@ -61,6 +61,7 @@ from mtlearn.checkpoint import (
     check_resume_options,
     check_run_folder,
     load_checkpoint,
+    out_dir_lock,
     save_checkpoint,
 )
 from mtlearn.losses import build_losses, check_tasks, task_losses
@@ -736,6 +737,9 @@ def _cuda_bytes(model: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()) if t.is_cuda)
 
 
+RUN_WRITES = "options.json, last.pt and result.pt"  # what train_and_measure writes in its out_dir
+
+
 def train_and_measure(model: nn.Module, strategy: str, train: Dataset, test: Dataset | None, config: UMSRepConfig,
                       epochs: int, task_weights: Mapping[str, float] | None = None,
                       out_dir: str | os.PathLike | None = None, resume: bool = False) -> TrainedModel:
@@ -757,8 +761,16 @@ def train_and_measure(model: nn.Module, strategy: str, train: Dataset, test: Dat
     time fit recorded for each (History's "epoch_time"; that session's set-up, checkpoint writes and
     the epoch it was interrupted in are not counted). History records no CPU time, so cpu_time_s is
     NaN (unknown) rather than the resumed session's alone, and resumed_epochs says how many epochs
-    came from the earlier session.
+    came from the earlier session. A second run into out_dir while this one lives is refused (as fit's).
     """
+    with out_dir_lock(out_dir, writes=RUN_WRITES):  # from options.json to result.pt
+        return _train_and_measure(model, strategy, train, test, config, epochs, task_weights, out_dir, resume)
+
+
+def _train_and_measure(model: nn.Module, strategy: str, train: Dataset, test: Dataset | None, config: UMSRepConfig,
+                       epochs: int, task_weights: Mapping[str, float] | None, out_dir: str | os.PathLike | None,
+                       resume: bool) -> TrainedModel:
+    """train_and_measure's work, while it holds out_dir."""
     from mtlearn.engine import evaluate, fit, resolve_amp
 
     if len(train) == 0:  # else torch's sampler fails with "num_samples should be a positive integer"
@@ -773,8 +785,7 @@ def train_and_measure(model: nn.Module, strategy: str, train: Dataset, test: Dat
         out_dir = Path(out_dir).expanduser()
         options = {**_run_options(config, strategy), "strategy": strategy, "tasks": list(tasks), "epochs": epochs,
                    "task_weights": to_jsonable(dict(task_weights)) if task_weights else None}
-        check_out_dir(out_dir, resume, writes="options.json, last.pt and result.pt", cli=False,
-                      also_kept=("result.pt",))
+        check_out_dir(out_dir, resume, writes=RUN_WRITES, cli=False, also_kept=("result.pt",))
         if resume and (out_dir / "options.json").is_file():
             saved = json.loads((out_dir / "options.json").read_text())
             check_resume_options(out_dir / "options.json", saved, options, list(options))

@@ -69,3 +69,25 @@ def unwritable(monkeypatch):
 
     monkeypatch.setattr(os, "access", refusing)
     return lambda *folders: denied.update(os.path.realpath(folder) for folder in folders)
+
+
+@pytest.fixture
+def held_by_another_run():
+    """Call it with a folder to make it held by another live run, as out_dir_lock leaves it: its .lock names a
+    process of this machine that is alive (a sleeping child, ended after the test)."""
+    import socket
+    import subprocess
+
+    children = []
+
+    def hold(folder):
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+        children.append(child)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / ".lock").write_text(f"{child.pid} on {socket.gethostname()}\n")
+        return child.pid
+
+    yield hold
+    for child in children:
+        child.kill()
+        child.wait()

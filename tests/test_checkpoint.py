@@ -1,10 +1,12 @@
 """Checkpoint plumbing: atomic files, weights_only reading, random-state round trips, folder and option checks."""
 
 import collections
+import contextlib
 import os
 import pickle
 import random
 import re
+import sys
 import traceback
 import types
 import warnings
@@ -16,10 +18,12 @@ from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler
 
 from mtlearn.checkpoint import (
+    OutDirInUseError,
     UnreadableCheckpointError,
     check_out_dir,
     check_resume_options,
     load_checkpoint,
+    out_dir_lock,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -370,6 +374,63 @@ def test_a_best_checkpoint_kept_without_its_last_pt_is_not_overwritten(tmp_path)
     with pytest.raises(ValueError, match=r"already holds result.pt .* or move result.pt away first$"):
         save_checkpoint({"record": {}}, tmp_path / "result.pt")
         check_out_dir(tmp_path, resume=False, cli=False, also_kept=("result.pt",))
+
+
+def test_an_out_dir_another_live_run_holds_is_refused_naming_it(tmp_path, held_by_another_run):
+    """Two runs into one folder both passed check_out_dir before either wrote last.pt, and mixed their files."""
+    pid = held_by_another_run(tmp_path / "run")
+    with pytest.raises(OutDirInUseError, match=re.escape(f"another run is writing to --out-dir {tmp_path / 'run'} "
+                                                         f"(process {pid} on ")) as caught:
+        with out_dir_lock(tmp_path / "run", "--out-dir"):
+            pytest.fail("entered a folder another run holds")
+    assert "wait for it to end, or choose another --out-dir" in str(caught.value)
+    assert str(tmp_path / "run" / ".lock") in str(caught.value)  # to delete when the holder is on another machine
+    assert isinstance(caught.value, ValueError)  # the command lines' one-line errors
+    assert (tmp_path / "run" / ".lock").read_text().startswith(f"{pid} on ")  # the holder's lock is left alone
+
+
+def test_out_dir_lock_is_held_while_a_run_lives_and_gone_after(tmp_path):
+    folder = tmp_path / "runs" / "a"
+    with out_dir_lock(folder):
+        assert (folder / ".lock").read_text().startswith(f"{os.getpid()} on ")
+        with out_dir_lock(folder / ".." / "a"):  # the command line holds it, then fit inside it: the same path
+            (folder / "last.pt").write_text("")
+        assert (folder / ".lock").is_file()  # the inner run does not release the outer one's lock
+    assert sorted(p.name for p in folder.iterdir()) == ["last.pt"]
+    with out_dir_lock(folder):  # released: the next run takes it
+        pass
+
+
+@pytest.mark.parametrize("failing", [False, True])
+def test_out_dir_lock_leaves_no_folder_it_made_for_a_run_that_wrote_nothing(tmp_path, failing):
+    """A refused run (bad options found after the lock) left an empty folder, where it had left none."""
+    (tmp_path / "kept").mkdir()
+    for folder in (tmp_path / "new" / "deeper", tmp_path / "kept"):
+        with contextlib.suppress(ValueError), out_dir_lock(folder):
+            assert folder.is_dir()
+            if failing:
+                raise ValueError("refused")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept"] and not any((tmp_path / "kept").iterdir())
+
+
+def test_out_dir_lock_takes_over_a_killed_runs_lock(tmp_path):
+    import socket
+    import subprocess
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    tmp_path.joinpath(".lock").write_text(f"{gone.stdout.strip()} on {socket.gethostname()}\n")
+    with out_dir_lock(tmp_path):
+        assert tmp_path.joinpath(".lock").read_text().startswith(f"{os.getpid()} on ")
+    assert not tmp_path.joinpath(".lock").exists()
+
+
+def test_out_dir_lock_holds_nothing_without_a_folder_or_outside_the_main_process(tmp_path, monkeypatch):
+    with out_dir_lock(None), out_dir_lock(5):  # 5: refused by the caller's own check, with its own message
+        pass
+    from mtlearn import checkpoint
+    monkeypatch.setattr(checkpoint, "is_main_process", lambda: False)  # torchrun's other processes write nothing
+    with out_dir_lock(tmp_path / "run"):
+        assert not (tmp_path / "run").exists()
 
 
 def test_an_out_dir_below_a_file_is_refused(tmp_path):

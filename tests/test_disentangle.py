@@ -3,6 +3,7 @@
 import copy
 import inspect
 import math
+import re
 from collections import Counter
 from dataclasses import replace
 
@@ -748,6 +749,15 @@ def test_a_run_resumed_with_a_val_loader_it_did_not_have_keeps_its_epochs_in_lin
     history = D.train_disentangle(tiny_model(), train, resume=True, **kwargs)  # validation dropped
     assert {len(values) for values in history.values()} == {3}
     assert not math.isnan(history["val_acc_a"][0]) and all(math.isnan(v) for v in history["val_acc_a"][1:])
+
+
+def test_a_second_game_into_an_out_dir_in_use_is_refused_before_training(tiny_loaders, tmp_path, monkeypatch,
+                                                                         held_by_another_run):
+    pid = held_by_another_run(tmp_path)
+    monkeypatch.setattr(D, "main_step", lambda *args, **kwargs: pytest.fail("trained in a folder in use"))
+    with pytest.raises(ValueError, match=re.escape(f"another run is writing to out_dir {tmp_path} (process {pid} ")):
+        D.train_disentangle(tiny_model(), tiny_loaders[0], out_dir=tmp_path, epochs=1, device="cpu", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock"]
 
 
 def test_a_checkpointed_run_is_not_overwritten_or_resumed_with_other_options(tiny_loaders, tmp_path):

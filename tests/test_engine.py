@@ -1052,6 +1052,14 @@ def test_out_dir_no_one_may_write_to_is_refused_before_training(tmp_path, unwrit
     assert model.calls == 0  # it trained an epoch, then failed naming a hidden temporary file
 
 
+def test_an_out_dir_another_live_run_writes_to_is_refused_before_training(tmp_path, held_by_another_run):
+    pid = held_by_another_run(tmp_path)
+    model = ToyNet()
+    with pytest.raises(ValueError, match=re.escape(f"another run is writing to out_dir {tmp_path} (process {pid} on ")):
+        _fit(model, *_loaders(), epochs=1, out_dir=tmp_path)
+    assert model.calls == 0 and sorted(p.name for p in tmp_path.iterdir()) == [".lock"]
+
+
 def test_dataset_instead_of_a_loader_is_named():
     train, val = _loaders()
     with pytest.raises(TypeError, match=r"train_loader is a Dataset \(ToyData\), not a DataLoader; wrap it: "

@@ -260,10 +260,24 @@ def test_an_out_dir_no_one_may_write_to_is_one_line_before_training(tmp_path, ca
     with pytest.raises(SystemExit) as exit_:
         main([*SMOKE, "--out-dir", str(tmp_path / "a")])
     assert exit_.value.code == 2
-    assert capsys.readouterr().err == (f"python -m mtlearn.train: error: out_dir {tmp_path / 'a'} is not writable "
+    assert capsys.readouterr().err == (f"python -m mtlearn.train: error: --out-dir {tmp_path / 'a'} is not writable "
                                        f"({tmp_path}, the folder it would be made in): no permission to create files "
-                                       "there, or a read-only disk. Choose another out_dir, one you can write to (it "
+                                       "there, or a read-only disk. Choose another --out-dir, one you can write to (it "
                                        "receives last.pt and best.pt)\n")
+
+
+def test_a_second_run_into_an_out_dir_in_use_is_one_line_and_changes_nothing(tmp_path, capsys, held_by_another_run):
+    """It trained beside the first, replaced its options.json, and the folder ended with a mix of both runs."""
+    pid = held_by_another_run(tmp_path)
+    write_json({"seed": 0}, tmp_path / "options.json")  # the first run's, written before its first last.pt
+    with pytest.raises(SystemExit) as exit_:
+        main([*SMOKE, "--epochs", "1", "--limit", "8", "--seed", "5", "--out-dir", str(tmp_path)])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"python -m mtlearn.train: error: another run is writing to --out-dir {tmp_path} (process "
+                          f"{pid} on ") and err.count("\n") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", "options.json"]
+    assert json.loads((tmp_path / "options.json").read_text()) == {"seed": 0}
 
 
 def test_a_data_root_that_is_a_file_is_named_as_one(tmp_path, capsys):

@@ -733,6 +733,16 @@ def test_an_empty_training_set_is_named_before_training():
         train_and_measure(model, "scratch", [], None, config, epochs=1)
 
 
+def test_a_second_run_into_an_out_dir_in_use_is_refused_before_its_options_are_written(tmp_path,
+                                                                                        held_by_another_run):
+    pid = held_by_another_run(tmp_path)
+    config = strategy_config("smoke", device="cpu", progress=False)
+    model = _new_model(config, ("seg",), num_classes=3, in_channels=1)
+    with pytest.raises(ValueError, match=re.escape(f"another run is writing to out_dir {tmp_path} (process {pid} ")):
+        train_and_measure(model, "scratch", load_strategy_data(config).train, None, config, epochs=1, out_dir=tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock"]
+
+
 def test_strategies_and_the_representation_name_data_of_the_wrong_kind():
     """run_strategy("scratch", config, None) failed on "'NoneType' object has no attribute 'class_names'"."""
     match = r"data must be the comparison's StrategyData \(load_strategy_data\(config\)\), got NoneType"
