@@ -25,6 +25,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import sys
 import time
 import traceback
@@ -386,7 +387,7 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         return run(args)
     except (ValueError, FileNotFoundError, CompileError) as error:  # found once running: a message, no traceback
-        print(f"python -m mtlearn.train: error: {error}", file=sys.stderr)
+        print(f"python -m mtlearn.train: error: {_own_message(error)}", file=sys.stderr)
         raise SystemExit(2) from None
     except (NonFiniteLossError, NonFiniteWeightsError, NoGoodEpochError) as error:  # diverged; the message says how
         print(f"python -m mtlearn.train: training stopped: {error}", file=sys.stderr)
@@ -395,6 +396,17 @@ def main(argv: list[str] | None = None) -> dict:
         if os.environ.get("RANK", "0") == "0":  # torchrun's; run() has already taken the process group down
             print(f"python -m mtlearn.train: interrupted. {_how_to_go_on(args)}", file=sys.stderr)
         raise SystemExit(130) from None
+
+
+def _own_message(error: BaseException) -> str:
+    """The error's message; for one raised by a dataset in a DataLoader worker (--num-workers), the message it
+    was raised with, not torch's "Caught ... in DataLoader worker process 1" with the worker's traceback."""
+    text = str(error)
+    if not text.startswith("Caught ") or "\nOriginal Traceback" not in text:
+        return text
+    # the traceback's last unindented line naming the error's class starts its own message
+    starts = list(re.finditer(rf"^(?:[\w.]+\.)?{type(error).__name__}: ", text, re.MULTILINE))
+    return text[starts[-1].end():].strip() if starts else text
 
 
 def _how_to_go_on(args: argparse.Namespace) -> str:

@@ -6,7 +6,7 @@ import sys
 import warnings
 
 import pytest
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from mtlearn.data import load_dataset
 from mtlearn.data.splits import random_subset
@@ -278,6 +278,32 @@ def test_a_second_run_into_an_out_dir_in_use_is_one_line_and_changes_nothing(tmp
                           f"{pid} on ") and err.count("\n") == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", "options.json"]
     assert json.loads((tmp_path / "options.json").read_text()) == {"seed": 0}
+
+
+class _DamagedImages(Dataset):
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, index):
+        from mtlearn.data.real import DamagedFileError
+        raise DamagedFileError("busi/benign (11).png is not a readable image (cut short);\ndelete it and fetch again")
+
+
+def test_a_dataset_error_in_a_loader_worker_is_its_own_message_too(tmp_path, capsys, monkeypatch):
+    """--num-workers 2: the error came with torch's "Caught DamagedFileError in DataLoader worker process 1." and
+    the worker's traceback, its own message last."""
+    from mtlearn import train
+    from mtlearn.data.real import DamagedFileError
+
+    with pytest.raises(DamagedFileError) as caught:
+        next(iter(DataLoader(_DamagedImages(), num_workers=1)))
+    assert str(caught.value).startswith("Caught DamagedFileError in DataLoader worker process 0")
+    monkeypatch.setattr(train, "run", lambda args: (_ for _ in ()).throw(caught.value))
+    with pytest.raises(SystemExit) as exit_:
+        main([*SMOKE, "--num-workers", "1", "--out-dir", str(tmp_path / "a")])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err == ("python -m mtlearn.train: error: busi/benign (11).png is not a readable image "
+                                       "(cut short);\ndelete it and fetch again\n")
 
 
 def test_a_data_root_that_is_a_file_is_named_as_one(tmp_path, capsys):
