@@ -101,9 +101,13 @@ def load_dataset(
         image_size: int or (H, W); default 128 px, and (224, 288) for shapes.
         seed: chooses our splits (not the official ones) and the generated data; augmentations
             follow torch's random generator (torch.manual_seed), which DataLoader workers and
-            checkpoints carry.
+            checkpoints carry. With workers, each draws from its own generator, so another
+            num_workers draws other augmentations (the same again for the same num_workers).
         augment: random left-right flips and +-25 degree rotations of image and mask (real data).
-        cache: keep resized images in memory after their first use (real data).
+        cache: keep resized images in memory after their first use (real data). A DataLoader
+            worker holds its own copy of the dataset, gone when the worker ends (every epoch unless
+            persistent_workers=True, which a resumable fit warns against): with workers every epoch
+            reads the images again, in parallel.
         in_channels: 1 (grey) or 3 (grey repeated, for ImageNet-style encoders); shapes: 1.
         on_size_mismatch: what to do with images whose mask has another size: "skip" them, or
             "resize" both to `image_size` anyway. Either way they are listed in `size_mismatches`.
