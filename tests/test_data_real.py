@@ -1761,6 +1761,10 @@ def test_root_that_is_a_file_is_named_as_such(tmp_path):
     path = make_breastmnist(tmp_path)  # the dataset's file itself: its folder is meant
     with pytest.raises(ValueError, match=r"is a file, not a folder.*" + re.escape(f"root={str(tmp_path)!r}")):
         load_dataset("breastmnist", root=path)
+    with pytest.raises(ValueError, match=re.escape(f"root {stray / 'busi'} cannot be a folder: {stray} is a file. "
+                                                   "Choose another root (it receives the dataset, from `python -m "
+                                                   "data_fetch busi --dest DIR`)")):
+        load_dataset("busi", root=stray / "busi")  # was "not downloaded", with a --dest that could not succeed
 
 
 @pytest.mark.parametrize("text, says", [

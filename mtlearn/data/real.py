@@ -159,6 +159,8 @@ def load_dataset(
         hint = f", here root={str(folder.parent)!r}" if folder.name == get_source(fetch_name).filename else ""
         raise ValueError(f"root {folder} is a file, not a folder; pass the dataset's folder (what "
                          f"`python -m data_fetch {fetch_name} --dest DIR` fills){hint}")
+    # a file above it (root="notes.txt/busi"): else the advice would be a data_fetch --dest that cannot succeed
+    check_folder(folder, "root", f"the dataset, from `python -m data_fetch {fetch_name} --dest DIR`", write=False)
     source = get_source(fetch_name)
     if not folder.is_dir():
         if root is not None and folder.name == folder.parent.name == source.folder and (
