@@ -336,11 +336,15 @@ def _first_bytes(path: Path, count: int = 40) -> bytes:
 
 def local_copy_problem(source: Source, url: str, folder: Path, error: DownloadError) -> str:
     """Why the local copy `url` (file://) could not be read, and how to point data_fetch at the right one."""
-    path = Path(url2pathname(urlsplit(url).path))
+    parts = urlsplit(url)
+    path = Path(url2pathname(parts.path))
     if path.is_dir():
         problem = f"{path} is a folder; give the path of the file itself, e.g. {(path / source.filename).as_uri()}"
     elif not path.exists():
         problem = f"there is no such file: {path}; check the path (the URL holds the file's absolute path)"
+        if parts.fragment:  # "file:///Course #1/x.zip": the path ends at the "#"
+            problem += ("; in a URL a '#' of the path is written %23 (pathlib.Path(PATH).as_uri() writes the URL of "
+                        "a path)")
     else:
         problem = str(error)  # say, no permission to read it
     return (

@@ -9,6 +9,7 @@ import io
 import json
 import os
 import random
+import re
 import socket
 import ssl
 import stat
@@ -1053,6 +1054,20 @@ def test_a_wrong_local_copy_is_not_retried_and_says_what_is_wrong(tmp_path, monk
     assert slept == [] and says in message and "browser" not in message and "curl" not in message
     assert f"copy the file to {tmp_path / 'data' / 'breastmnist.npz'}" in message
     assert not (tmp_path / "data").exists()
+
+
+def test_a_local_copy_whose_path_holds_a_hash_is_told_how_to_write_it(tmp_path):
+    """file:///.../Course #1/x.npz said only "no such file: .../Course " (the rest was read as a fragment)."""
+    (tmp_path / "Course #1").mkdir()
+    (tmp_path / "Course #1" / "breastmnist.npz").write_bytes(b"a copy")
+    with pytest.raises(DownloadError, match=re.escape(f"no such file: {tmp_path}/Course ; check the path (the URL "
+                                                      "holds the file's absolute path); in a URL a '#' of the path is "
+                                                      "written %23")):
+        fetch("breastmnist", dest=tmp_path / "data", url=f"file://{tmp_path}/Course #1/breastmnist.npz",
+              progress=False)
+    folder = fetch("breastmnist", dest=tmp_path / "data", url=(tmp_path / "Course #1" / "breastmnist.npz").as_uri(),
+                   known_hash=f"sha256:{hashlib.sha256(b'a copy').hexdigest()}", progress=False)
+    assert (folder / "breastmnist.npz").read_bytes() == b"a copy"  # written so, the same path is read
 
 
 def test_a_certificate_that_fails_verification_is_not_retried(tmp_path, monkeypatch):
