@@ -32,7 +32,7 @@ from data_fetch.download import (
     RETRIES, DownloadError, FetchError, HashMismatchError, check_hash, check_retries, download_file, file_hash,
     parse_hash,
 )
-from data_fetch.locking import take_lock
+from data_fetch.locking import make_and_lock
 from data_fetch.sources import SOURCES, Source, get_source
 
 __all__ = [
@@ -101,11 +101,10 @@ def fetch(
     if record is not None and _still_complete(record, folder, source, known_hash, quiet=True):
         return folder  # fetched before: nothing to do
     created = not folder.exists()
-    folder.mkdir(parents=True, exist_ok=True)
     # Two fetches into one folder at once wrote one .part file from both ends (then offered a --hash that
     # accepted the spliced file) and unpacked over each other's files: the second one is refused.
     lock = folder / f".{source.name}.lock"
-    holder = take_lock(lock)
+    holder = make_and_lock(folder, lock)
     if holder is not None:
         raise FetchError(f"another data_fetch ({holder}) is fetching {source.name} into {folder}; wait for it to "
                          f"finish, then run this again (it will find the dataset ready); if none is running (one "

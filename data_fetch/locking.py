@@ -41,6 +41,23 @@ def take_lock(lock: Path) -> str | None:
     return "another run, which took it at the same moment"
 
 
+def make_and_lock(folder: Path, lock: Path) -> str | None:
+    """Make `folder` (with the folders above it) and take_lock(`lock`) in it.
+
+    Between the two, another run that made the same folder may fail and remove it, empty, again (so
+    that an empty folder does not pass for a download or a run): the lock then cannot be created
+    (FileNotFoundError), and the folder is made once more.
+    """
+    for attempt in range(3):
+        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            return take_lock(lock)
+        except FileNotFoundError:
+            if attempt == 2:
+                raise
+    return None  # not reached
+
+
 def _remove_stale(lock: Path, text: str) -> None:
     """Delete `lock` if it still holds `text`, the id of a process that is gone.
 

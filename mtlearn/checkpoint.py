@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from data_fetch.locking import take_lock
+from data_fetch.locking import make_and_lock
 from mtlearn.utils import atomic_file, check_bool, check_folder, is_main_process, world_and_rank
 
 # ----------------------------------------------------------------------------- files
@@ -401,9 +401,9 @@ def out_dir_lock(out_dir: str | os.PathLike | None, option: str = "out_dir", wri
         return
     check_folder(folder, option, writes)  # a file in the way, no permission: named, before mkdir
     made = [p for p in (folder, *folder.parents) if not p.exists()]  # the folder first, then those above it
-    folder.mkdir(parents=True, exist_ok=True)
-    folder, lock = folder.resolve(), folder / ".lock"
-    holder = take_lock(lock)
+    lock = folder / ".lock"
+    holder = make_and_lock(folder, lock)
+    folder = folder.resolve()
     if holder is not None:
         raise OutDirInUseError(f"another run is writing to {option} {out_dir} ({holder}): wait for it to end, or "
                                f"choose another {option}. If no run is writing there (one stopped on another "
