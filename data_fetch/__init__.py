@@ -179,8 +179,9 @@ def _fetch_locked(source: Source, folder: Path, url: str, scheme: str, known_has
         marker.unlink(missing_ok=True)
         unpacking.touch()
 
-    if source.extract:
-        files = extract_zip(target, folder, replaceable=replaceable, started=started)
+    if source.extract:  # the files that record this fetch are its own: a member named so is refused
+        own = [marker.name, marker.name + ".tmp", unpacking.name, f".{source.name}.lock", source.filename + ".part"]
+        files = extract_zip(target, folder, replaceable=replaceable, started=started, reserved=own)
     else:  # a single file, checked and in place: the marker is replaced below, atomically
         files = [source.filename]
     files = [name for name in files if not name.endswith("/")]  # directories are implied by their files

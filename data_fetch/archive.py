@@ -20,7 +20,7 @@ import shutil
 import stat
 import zipfile
 import zlib
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path, PurePosixPath
 
 from data_fetch.download import FetchError
@@ -40,7 +40,7 @@ class WouldReplaceError(FetchError, FileExistsError):
 
 
 def extract_zip(archive: Path, target: Path, nested: bool = True, replaceable: Collection[str] | None = (),
-                started: Callable[[], None] | None = None) -> list[str]:
+                started: Callable[[], None] | None = None, reserved: Collection[str] = ()) -> list[str]:
     """Unpack `archive` into `target` (created if needed); return the member names, relative to
     `target` (those of nested zips included).
 
@@ -48,12 +48,13 @@ def extract_zip(archive: Path, target: Path, nested: bool = True, replaceable: C
     contents differ from the archive's, e.g. those an earlier unpacking of the same archive wrote;
     None: any file. A file the same as its member (size and CRC-32) is always replaced: nothing is lost.
     started: called once every check has passed, before the first byte is written.
+    reserved: names in `target` no member may write (data_fetch's own marker and lock files).
 
     Raises UnsafeArchiveError, before extracting anything, if a member name (of the archive or of a
     zip inside it) is absolute, climbs out of its folder with "..", or would overwrite its own
-    archive, or if a member of the archive is a symbolic link or a file that other members need as
-    their folder; WouldReplaceError, before extracting anything, if members would replace other
-    files; FetchError if the archive, or a zip inside it, cannot be read.
+    archive, a zip inside it or a reserved name, or if a member of the archive is a symbolic link or
+    a file that other members need as their folder; WouldReplaceError, before extracting anything,
+    if members would replace other files; FetchError if the archive, or a zip inside it, cannot be read.
     """
     archive, target = Path(archive), Path(target)
     inner_zips = []
@@ -64,10 +65,21 @@ def extract_zip(archive: Path, target: Path, nested: bool = True, replaceable: C
                 _check_member(name, archive, target)
             _check_kinds(zf.infolist(), archive)
             inner_zips = [name for name in names if _is_wrapped_zip(name)] if nested else []
+            # each inner zip is checked as it is now and unpacked later: one replaced in between would not be
+            # the zip checked; and an archive must not write the files that say how far its fetch got
+            protected = {(target / name).resolve(): "a zip inside it before that one is unpacked"
+                         for name in inner_zips}
+            protected.update({(target / name).resolve(): "a file of data_fetch's own" for name in reserved})
+            for name in names:
+                if (target / name).resolve() in protected and name not in inner_zips:
+                    raise UnsafeArchiveError(
+                        f"refusing to unpack {archive.name}: member {name!r} would replace "
+                        f"{protected[(target / name).resolve()]}; the archive is damaged or malicious, nothing "
+                        "was extracted")
             needed = sum(info.file_size for info in zf.infolist())
             clashes = _clashes(zf.infolist(), target, None, replaceable)
             for name in inner_zips:
-                size, inner_clashes = _check_inner_zip(zf, name, archive, target, replaceable)
+                size, inner_clashes = _check_inner_zip(zf, name, archive, target, replaceable, protected)
                 needed, clashes = needed + size, clashes + inner_clashes
             if clashes:
                 shown = ", ".join(clashes[:3]) + (f" and {len(clashes) - 3} more" if len(clashes) > 3 else "")
@@ -142,10 +154,11 @@ def _size(count: int) -> str:
 
 
 def _check_inner_zip(zf: zipfile.ZipFile, name: str, archive: Path, target: Path,
-                     replaceable: Collection[str] | None) -> tuple[int, list[str]]:
+                     replaceable: Collection[str] | None, protected: Mapping[Path, str]) -> tuple[int, list[str]]:
     """Check the member names of the zip `name` inside `zf` where it will be unpacked, without
     writing it out first (ZipFile reads its directory from the compressed stream); return the
-    bytes its members will take once unpacked, and those that would replace other files (`_clashes`)."""
+    bytes its members will take once unpacked, and those that would replace other files (`_clashes`).
+    protected: paths (resolved) no member may write -> what they are, for the message."""
     inner_path = target / name
     try:
         with zf.open(name) as stream, zipfile.ZipFile(stream) as inner:
@@ -157,6 +170,12 @@ def _check_inner_zip(zf: zipfile.ZipFile, name: str, archive: Path, target: Path
                         f"refusing to unpack {inner_path.name} (inside {archive.name}): member {member!r} would "
                         f"overwrite {archive.name}, the archive it came in; the archive is damaged or malicious, "
                         "nothing was extracted")
+                written = (inner_path.parent / member.replace("\\", "/")).resolve()
+                if written in protected:
+                    what = protected[written].replace("a zip inside it", "another zip inside it")
+                    raise UnsafeArchiveError(
+                        f"refusing to unpack {archive.name}: member {member!r} of {name}, a zip inside it, would "
+                        f"replace {what}; the archive is damaged or malicious, nothing was extracted")
             _check_kinds(inner.infolist(), inner_path, within=archive.name)
             parent = PurePosixPath(inner_path.parent.relative_to(target).as_posix())
             return (sum(info.file_size for info in inner.infolist()),

@@ -341,6 +341,38 @@ def test_member_of_a_nested_zip_that_would_overwrite_the_outer_archive_is_refuse
     assert archive.read_bytes().startswith(b"PK") and sorted(p.name for p in tmp_path.iterdir()) == ["outer.zip"]
 
 
+def test_a_nested_zip_that_would_replace_another_nested_zip_is_refused(tmp_path):
+    """Each inner zip is checked as it is in the archive, and unpacked later: a.zip wrote another b.zip over the
+    checked one, whose member then replaced a file of the user's in --dest (.bashrc) unchecked."""
+    from data_fetch.archive import extract_zip
+
+    (tmp_path / ".bashrc").write_text("mine")
+    archive = tmp_path / "outer.zip"
+    archive.write_bytes(zip_bytes({"a.zip": zip_bytes({"b.zip": zip_bytes({".bashrc": b"echo PWNED"})}),
+                                   "b.zip": zip_bytes({"readme.txt": b"harmless"})}))
+    with pytest.raises(UnsafeArchiveError, match=re.escape("member 'b.zip' of a.zip, a zip inside it, would replace "
+                                                           "another zip inside it before that one is unpacked")):
+        extract_zip(archive, tmp_path, replaceable=[])
+    assert (tmp_path / ".bashrc").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".bashrc", "outer.zip"]  # nothing extracted
+
+
+@pytest.mark.parametrize("nested", [False, True])
+def test_an_archive_that_would_write_data_fetchs_own_marker_is_refused(server, tmp_path, nested):
+    """A member .bus_bra.complete (listing no files), with a later member cut short: the fetch failed, and the next
+    one found the planted marker and said the half-unpacked dataset was ready."""
+    planted = {".bus_bra.complete": b'{"name": "bus_bra", "known_hash": null, "files": []}'}
+    members = {"BUSBRA/Images/bus_0001-l.png": b"png"}
+    members.update({"inner.zip": zip_bytes(planted)} if nested else planted)
+    archive = zip_bytes(members)
+    server.files["/BUSBRA.zip"] = archive
+    with pytest.raises(UnsafeArchiveError, match=r"member '\.bus_bra\.complete' (of inner\.zip, a zip inside it, )?"
+                                                 r"would replace a file of data_fetch's own; the archive is damaged or "
+                                                 r"malicious, nothing was extracted"):
+        fetch("bus_bra", dest=tmp_path, url=server.url + "/BUSBRA.zip", known_hash=sha256(archive), progress=False)
+    assert not (tmp_path / ".bus_bra.complete").exists() and not (tmp_path / "BUSBRA").exists()
+
+
 def test_half_extracted_folder_is_not_done(server, tmp_path):
     """Archive on disk but no marker (say, the machine died while unpacking): unpack again, no download."""
     server.files["/BUSBRA.zip"] = ARCHIVE
@@ -1292,7 +1324,7 @@ def test_a_repair_cut_short_leaves_no_completion_marker(server, tmp_path, monkey
     fetch("bus_bra", **kwargs)
     (tmp_path / "BUSBRA" / "bus_data.csv").unlink()
 
-    def cut_short(archive, target, replaceable, started):
+    def cut_short(archive, target, replaceable, started, reserved):
         started()  # its checks passed
         (target / "BUSBRA" / "Images" / "bus_0001-l.png").write_bytes(b"p")  # half of "png"
         raise KeyboardInterrupt
@@ -1376,7 +1408,7 @@ def test_a_repair_replaces_the_dataset_files_of_the_last_fetch_and_a_first_unpac
     fresh = tmp_path / "fresh"
     extract_zip = data_fetch.extract_zip
 
-    def cut_short(archive, target, replaceable, started):
+    def cut_short(archive, target, replaceable, started, reserved):
         started()
         (target / "BUSBRA").mkdir(parents=True)
         (target / "BUSBRA" / "bus_data.csv").write_bytes(b"ID,")  # half written; no marker yet
