@@ -208,6 +208,8 @@ class Explainer:
     The copy has in-place activations switched off (`without_inplace`), is in eval mode (BatchNorm
     statistics fixed, dropout off: the map must explain the deterministic model) and does not track
     gradients for its parameters (Captum only needs input gradients; this saves memory and time).
+    It is taken when the Explainer is built: after training the model further (a training cell run
+    again), build a new Explainer, or its maps explain the weights the model had before.
 
     A model inside torch.compile's (or DistributedDataParallel's) wrapper is explained through the model
     itself: a compiled graph skips hooks added after it was traced (Grad-CAM's), and its module names
