@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import os
 import sys
 from pathlib import Path
 
@@ -57,7 +58,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.name not in (*SOURCES, "list", None):
         parser.error(unknown_name(args.name))
     if args.list or args.name == "list":
-        print(listing())
+        try:
+            print(listing(), flush=True)
+        except BrokenPipeError:  # `python -m data_fetch list | head`: the reader stopped early, as it may
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # else the flush at exit fails again
         return 0
     try:
         folder = fetch(args.name, dest=args.dest, url=args.url, known_hash=args.known_hash, progress=not args.quiet)

@@ -1268,6 +1268,18 @@ def test_command_line_list_and_help(capsys):
     assert "--dest" in result.stdout and "--hash" in result.stdout and "bus_uclm" in result.stdout
 
 
+def test_the_listing_read_only_in_part_ends_quietly():
+    """`python -m data_fetch list | head` ended with a BrokenPipeError traceback once head had what it wanted."""
+    read, write = os.pipe()
+    os.close(read)  # the reader has gone before anything is written
+    try:
+        result = subprocess.run([sys.executable, "-m", "data_fetch", "list"], stdout=write, stderr=subprocess.PIPE,
+                                text=True, timeout=60)
+    finally:
+        os.close(write)
+    assert result.returncode == 0 and result.stderr == ""
+
+
 def test_command_line_names_an_unwritable_destination(tmp_path, capsys):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
