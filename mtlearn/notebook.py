@@ -130,7 +130,8 @@ class Run:
         return per_profile[self.profile]
 
     def names(self, name: str, value: Any, choices: Sequence[str]) -> list[str]:
-        """A knob that lists names (methods, weightings, strategies): a non-empty list of distinct `choices`.
+        """A knob that lists names (methods, weightings, strategies): a non-empty list of distinct `choices`,
+        or a ValueError naming the problem (None too: the parameters cell holds the list itself).
 
             methods = run.names("methods", methods, A.METHODS)
 

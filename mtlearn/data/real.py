@@ -116,7 +116,8 @@ def load_dataset(
             denoising).
         **kwargs: dataset options. synthetic: those of SyntheticUltrasound, plus `num_samples`
             per split; busi: `duplicate_distance`; bus_bra: `fold` (official test fold);
-            busi_npz / breastmnist: `resolution` (128/256; 28/224).
+            busi_npz / breastmnist: `resolution` (128/256; 28/224), which file is read; the images
+            are resized to `image_size` all the same (pass both for the file's own size).
 
     Raises FileNotFoundError (a LayoutError when the folder is there) naming the data_fetch command
     when the dataset is not downloaded, its files are not where they should be, or `split` would
