@@ -153,6 +153,9 @@ def download_file(
     part = path.with_name(path.name + ".part")
     expected = parse_hash(known_hash)
     mismatch = path.with_name(path.name + ".mismatch")
+    for link in (part, mismatch):  # ours are plain files: a link (in a folder others write) would send the
+        if link.is_symlink():      # download into, or take it from, the file it points at
+            link.unlink()
     for earlier in (part, mismatch):
         # An earlier run died between the download and the rename, or kept a file that did not match the checksum
         # it had, which the one asked for now accepts (--hash after checking that copy): no request needed.

@@ -506,6 +506,19 @@ def test_partial_content_from_another_offset_is_not_appended(server, tmp_path):
     assert (tmp_path / "data.npz").read_bytes() == PAYLOAD and not list(tmp_path.glob("*.mismatch"))
 
 
+def test_a_partial_download_that_is_a_link_is_not_written_through(server, tmp_path):
+    """In a data folder others can write, a planted data.npz.part linking to another file of the user's had that
+    file overwritten with the download (appended to, in fact: it was taken for a partial download)."""
+    server.files["/data.npz"] = PAYLOAD
+    victim = tmp_path / "notes.txt"
+    victim.write_bytes(b"mine")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "data.npz.part").symlink_to(victim)
+    download_file(server.url + "/data.npz", tmp_path / "data" / "data.npz", sha256(PAYLOAD), progress=False)
+    assert victim.read_bytes() == b"mine" and (tmp_path / "data" / "data.npz").read_bytes() == PAYLOAD
+    assert [r for _, r, _ in server.requests] == [None]  # the whole file, not a resume from the link's length
+
+
 def test_server_without_range_support_restarts_cleanly(server, tmp_path):
     server.files["/data.npz"] = PAYLOAD
     server.drops, server.ignore_range = 1, True
