@@ -91,3 +91,23 @@ def held_by_another_run():
     for child in children:
         child.kill()
         child.wait()
+
+
+@pytest.fixture
+def folder_removed_before_its_lock(monkeypatch):
+    """Make the first lock file created (data_fetch.locking's) find its folder gone, removed empty in between by
+    another run that made it and failed; returns the list of folders so removed."""
+    import os
+
+    from data_fetch import locking
+
+    create, removed = os.open, []
+
+    def after_a_failed_run(path, *args, **kwargs):
+        if str(path).endswith(".lock") and not removed:
+            removed.append(os.path.dirname(path))
+            os.rmdir(os.path.dirname(path))  # between this run's mkdir and its lock
+        return create(path, *args, **kwargs)
+
+    monkeypatch.setattr(locking.os, "open", after_a_failed_run)
+    return removed

@@ -413,23 +413,13 @@ def test_out_dir_lock_leaves_no_folder_it_made_for_a_run_that_wrote_nothing(tmp_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["kept"] and not any((tmp_path / "kept").iterdir())
 
 
-def test_out_dir_lock_makes_the_folder_again_when_another_run_removed_it_empty(tmp_path, monkeypatch):
+def test_out_dir_lock_makes_the_folder_again_when_another_run_removed_it_empty(tmp_path,
+                                                                             folder_removed_before_its_lock):
     """Another run that made the folder and failed removes it, empty, on its way out; this one's lock then had no
     folder to be made in."""
-    from data_fetch import locking
-
-    create, removed = os.open, []
-
-    def after_a_failed_run(path, *args, **kwargs):
-        if str(path).endswith(".lock") and not removed:
-            removed.append(os.path.dirname(path))
-            os.rmdir(os.path.dirname(path))  # between this run's mkdir and its lock
-        return create(path, *args, **kwargs)
-
-    monkeypatch.setattr(locking.os, "open", after_a_failed_run)
     with out_dir_lock(tmp_path / "run"):
         assert (tmp_path / "run" / ".lock").is_file()
-    assert removed == [str(tmp_path / "run")]
+    assert folder_removed_before_its_lock == [str(tmp_path / "run")]
 
 
 def test_out_dir_lock_takes_over_a_killed_runs_lock(tmp_path):

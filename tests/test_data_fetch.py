@@ -1725,25 +1725,14 @@ def test_a_second_fetch_into_the_same_folder_is_refused_while_the_first_runs(ser
         assert (tmp_path / "BUSBRA" / "bus_data.csv").is_file() and not lock.exists()
 
 
-def test_a_folder_removed_by_another_fetch_before_the_lock_is_made_again(tmp_path, monkeypatch):
+def test_a_folder_removed_by_another_fetch_before_the_lock_is_made_again(tmp_path, folder_removed_before_its_lock):
     """Fetch B made the folder (it existed); fetch A, failing, removed it empty; B's lock then could not be created:
     a bare FileNotFoundError naming the lock."""
-    from data_fetch import locking
-
-    create, removed = os.open, []
-
-    def after_a_failed_fetch(path, *args, **kwargs):
-        if str(path).endswith(".lock") and not removed:
-            removed.append(os.path.dirname(path))
-            os.rmdir(os.path.dirname(path))  # between this run's mkdir and its lock
-        return create(path, *args, **kwargs)
-
-    monkeypatch.setattr(locking.os, "open", after_a_failed_fetch)
     copy = tmp_path / "breastmnist.npz"
     copy.write_bytes(b"a copy")
     folder = fetch("breastmnist", dest=tmp_path / "data", url=copy.as_uri(),
                    known_hash=f"sha256:{hashlib.sha256(b'a copy').hexdigest()}", progress=False)
-    assert removed == [str(folder)] and (folder / "breastmnist.npz").read_bytes() == b"a copy"
+    assert folder_removed_before_its_lock == [str(folder)] and (folder / "breastmnist.npz").read_bytes() == b"a copy"
 
 
 def test_a_lock_file_is_an_ordinary_file_not_an_executable_one(tmp_path):
