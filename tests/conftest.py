@@ -74,23 +74,16 @@ def unwritable(monkeypatch):
 @pytest.fixture
 def held_by_another_run():
     """Call it with a folder to make it held by another live run, as out_dir_lock leaves it: its .lock names a
-    process of this machine that is alive (a sleeping child, ended after the test)."""
+    process of this machine that is alive (this one's parent); returns that process's id."""
+    import os
     import socket
-    import subprocess
-
-    children = []
 
     def hold(folder):
-        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
-        children.append(child)
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / ".lock").write_text(f"{child.pid} on {socket.gethostname()}\n")
-        return child.pid
+        (folder / ".lock").write_text(f"{os.getppid()} on {socket.gethostname()}\n")
+        return os.getppid()
 
-    yield hold
-    for child in children:
-        child.kill()
-        child.wait()
+    return hold
 
 
 @pytest.fixture
