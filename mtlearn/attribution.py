@@ -1436,6 +1436,10 @@ class AttributionExplorer(Explorer):
                                     widgets.HBox([self.target, self.method]), self.output])
         self.draw()
 
+    def _release(self) -> None:
+        super()._release()
+        self.explainer, self._cache = None, {}  # the model's copy, and the views drawn with it
+
     def _targets(self, head: str) -> list[tuple[str, object]]:
         """(label, value) choices of the target dropdown for `head`."""
         if head == "cls":

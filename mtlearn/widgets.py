@@ -66,6 +66,28 @@ class Explorer:
                 data["image/png"] = shown["data"]["image/png"]
         return data
 
+    def close(self) -> None:
+        """Close the explorer's widgets and let go of what it holds (the data; AttributionExplorer's copy of
+        the model and its cached views). Before building an explorer again, e.g. at the top of its cell:
+
+            if "explorer" in globals(): explorer.close()
+
+        Why: ipywidgets keeps every widget until it is closed, and each control keeps its explorer through
+        the function it calls on a change, so an explorer built again (its cell run again) left the earlier
+        one in memory, with all it holds (6-8 MB each for AttributionExplorer and the notebooks' model).
+        """
+        stack = [self.widget]
+        while stack:  # the controls, the rows that hold them, the output: every widget the explorer made
+            widget = stack.pop()
+            stack.extend(getattr(widget, "children", ()))
+            widget.close()
+        self._release()
+
+    def _release(self) -> None:
+        """Drop what the explorer holds besides its widgets (a subclass adds its own)."""
+        self.dataset = None
+        self.figure = None
+
     def _check_dataset(self, dataset) -> Mapping:
         """Refuse what an explorer cannot browse (it reads dict items by index); returns item 0."""
         name, arguments = type(self).__name__, self.ARGUMENTS

@@ -699,6 +699,19 @@ def test_viewer_displays_as_an_explorer_with_a_static_picture(model, data):
     assert bundle["image/png"] == viewer.output.outputs[0]["data"]["image/png"]
 
 
+def test_a_closed_viewer_lets_go_of_its_model_copy(model, data):
+    import gc
+    import weakref
+
+    viewer = A.AttributionExplorer(model, data, methods=("saliency",))
+    copy = weakref.ref(viewer.explainer.model)  # the explainer's own copy of the model, 6-8 MB in the notebooks
+    assert viewer._cache
+    viewer.close()
+    gc.collect()
+    assert copy() is None and viewer.explainer is None and not viewer._cache
+    assert all(widget.comm is None for widget in (viewer.widget, viewer.head, viewer.method, viewer.output))
+
+
 def test_outlines_are_not_told_apart_by_colour_alone(model, data):
     # for a colour-blind reader lime is the yellow of a map's strongest values, and lime and orange merge
     from matplotlib import patheffects

@@ -38,6 +38,24 @@ def test_explorer_redraws_on_control_changes():
     assert explorer.index.max == 2
 
 
+def test_a_closed_explorer_closes_every_widget_and_is_let_go():
+    """ipywidgets keeps every widget until it is closed, and each control kept its explorer: built again (its cell
+    run again), an explorer left the earlier one in memory with all it held."""
+    import gc
+    import weakref
+
+    explorer = DatasetExplorer(fake_items())
+    made = [explorer.widget, *explorer.widget.children, explorer.index, explorer.show, explorer.outline,
+            explorer.artifact, explorer.output]
+    assert all(widget.comm is not None for widget in made)
+    gone = weakref.ref(explorer)
+    explorer.close()
+    assert all(widget.comm is None for widget in made) and explorer.dataset is None
+    del explorer, made
+    gc.collect()
+    assert gone() is None
+
+
 def test_explorer_draws_the_chosen_layer_and_outlines():
     items = fake_items()
     items[1]["artifact_mask"][:, 10:14, 10:14] = 1
