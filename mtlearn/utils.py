@@ -427,7 +427,15 @@ def check_folder(path: str | os.PathLike, option: str, receives: str, write: boo
     is first needed then.
     """
     path = Path(path)
-    existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    existing = None
+    for folder in (path, *path.parents):
+        try:
+            if folder.exists():
+                existing = folder
+                break
+        except PermissionError:  # the folder above it may not be searched (mode 700, another user's): it exists,
+            existing = folder.parent  # and nothing can be made in it (os.access says so below)
+            break
     if existing is not None and not existing.is_dir():
         raise ValueError(f"{option} {path} cannot be a folder: {existing} is a file. Choose another {option} "
                          f"(it receives {receives})")

@@ -56,19 +56,23 @@ def disk_full_midway(monkeypatch):
 @pytest.fixture
 def unwritable(monkeypatch):
     """Call it with folders to make os.access say no one may write to them, as for a folder of mode 555 (which
-    the tests cannot make by chmod when they run as root, whom the file system lets write anyway)."""
+    the tests cannot make by chmod when they run as root, whom the file system lets write anyway); with
+    searchable=False, that no one may enter them either (mode 666: os.access denies X_OK alone too)."""
     import os
 
-    denied = set()
+    denied = {}  # folder -> the access bits denied
     access = os.access
 
     def refusing(path, mode, *args, **kwargs):
-        if mode & os.W_OK and os.path.realpath(path) in denied:
+        if mode & denied.get(os.path.realpath(path), 0):
             return False
         return access(path, mode, *args, **kwargs)
 
+    def deny(*folders, searchable=True):
+        denied.update({os.path.realpath(folder): os.X_OK if not searchable else os.W_OK for folder in folders})
+
     monkeypatch.setattr(os, "access", refusing)
-    return lambda *folders: denied.update(os.path.realpath(folder) for folder in folders)
+    return deny
 
 
 @pytest.fixture

@@ -232,6 +232,29 @@ def test_a_folder_no_one_may_write_to_is_refused_naming_it_and_the_fix(tmp_path,
     check_folder(tmp_path / "other", "--out", "results")  # its parent is writable
 
 
+def test_a_folder_below_one_that_may_not_be_entered_is_not_writable_either(tmp_path, monkeypatch, unwritable):
+    """Below a folder of mode 700 of another user, Path.exists raises PermissionError (Python 3.11): a traceback
+    on the command line where the one-line refusal belongs. A folder that may be written but not entered
+    (mode 666) takes no new file either."""
+    import pathlib
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    exists = pathlib.Path.exists
+
+    def not_searchable(self, *args, **kwargs):
+        if self.parent == locked:
+            raise PermissionError(13, "Permission denied", str(self))
+        return exists(self, *args, **kwargs)
+
+    monkeypatch.setattr(pathlib.Path, "exists", not_searchable)
+    unwritable(locked, searchable=False)
+    with pytest.raises(FolderNotWritableError, match=re.escape(f"--out {locked / 'run' / 'a'} is not writable "
+                                                               f"({locked}, the folder it would be made in)")):
+        check_folder(locked / "run" / "a", "--out", "results")
+    check_folder(locked / "run", "data_root", "datasets", write=False)  # only read: the loader says more
+
+
 def test_an_atomic_write_refused_by_its_folder_names_the_file_not_the_temporary_one(tmp_path, monkeypatch):
     from mtlearn import utils
 
