@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -406,9 +407,12 @@ def _own_message(error: BaseException) -> str:
     text = str(error)
     if not text.startswith("Caught ") or "\nOriginal Traceback" not in text:
         return text
-    # the traceback's last unindented line naming the error's class starts its own message
-    starts = list(re.finditer(rf"^(?:[\w.]+\.)?{type(error).__name__}: ", text, re.MULTILINE))
-    return text[starts[-1].end():].strip() if starts else text
+    # the last traceback (the error's own, after those of its causes): its frames are indented, then
+    # "<module>.<Class>: <message>" runs to the end (the message's own lines and notes included)
+    frames = text[text.rindex("Traceback (most recent call last):\n"):].splitlines()[1:]
+    own = "\n".join(itertools.dropwhile(lambda line: line.startswith((" ", "\t")), frames))
+    named = re.match(rf"(?:[\w.]+\.)?{type(error).__name__}: ", own)
+    return own[named.end():].strip() if named and own[named.end():].strip() else text
 
 
 def _how_to_go_on(args: argparse.Namespace) -> str:

@@ -306,6 +306,34 @@ def test_a_dataset_error_in_a_loader_worker_is_its_own_message_too(tmp_path, cap
                                        "(cut short);\ndelete it and fetch again\n")
 
 
+class _BadLabels(Dataset):
+    def __init__(self, chained):
+        self.chained = chained
+
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, index):
+        if not self.chained:  # a message with a line that looks like the end of a traceback
+            raise ValueError("could not parse labels.csv:\nValueError: invalid literal for int() with base 10: 'x'")
+        try:
+            int("x")
+        except ValueError as error:
+            raise ValueError("labels.csv row 3 is not a number") from error
+
+
+@pytest.mark.parametrize("chained, message", [
+    (False, "could not parse labels.csv:\nValueError: invalid literal for int() with base 10: 'x'"),
+    (True, "labels.csv row 3 is not a number"),  # the error's own, not its cause's with the traceback between
+])
+def test_a_worker_error_is_told_by_its_whole_message_and_not_its_causes(chained, message):
+    from mtlearn.train import _own_message
+
+    with pytest.raises(ValueError) as caught:
+        next(iter(DataLoader(_BadLabels(chained), num_workers=1)))
+    assert _own_message(caught.value) == message
+
+
 def test_a_data_root_that_is_a_file_is_named_as_one(tmp_path, capsys):
     """It read "FILE/busi does not exist" with a data_fetch command into that path, which could not succeed."""
     (tmp_path / "data").write_text("")
