@@ -198,6 +198,8 @@ def test_a_single_task_may_be_named_by_a_bare_string():
     (lambda: ReconstructionLoss("huber"), "unknown reconstruction loss"),
     (lambda: ClassificationLoss([[1.0, 2.0]]), "class_weights"),
     (lambda: ClassificationLoss([1.0, -1.0]), "class_weights"),
+    # negative with a positive sum: its class's loss would reward wrong answers (the sum alone let it through)
+    (lambda: ClassificationLoss([1.0, -0.5]), r"class_weights must be a flat list of finite, non-negative numbers"),
     # each of these passed the old `< 0` check and made the loss NaN
     (lambda: ClassificationLoss([1.0, float("nan")]), r"class_weights must be .*finite.*got \[1.0, nan\]"),
     (lambda: ClassificationLoss([0.0, 0.0]), r"class_weights must be .*not all 0"),

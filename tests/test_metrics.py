@@ -207,6 +207,9 @@ def test_non_finite_class_logits_make_every_classification_metric_nan():
     metrics = acc.compute()
     assert {"cls/acc", "cls/auc", "cls/balanced_acc"} <= set(metrics)
     assert all(math.isnan(v) for k, v in metrics.items() if k.startswith("cls/"))
+    one_row = MetricAccumulator(("cls",))  # one NaN row beside finite ones in a batch: NaN as well (not 1.0)
+    one_row.update({"cls": torch.tensor([[2.0, 0.0], [float("nan")] * 2])}, {"label": torch.tensor([0, 0])})
+    assert all(math.isnan(v) for k, v in one_row.compute().items() if k.startswith("cls/"))
 
 
 def test_non_finite_segmentation_logits_make_dice_and_iou_nan():
@@ -220,6 +223,11 @@ def test_non_finite_segmentation_logits_make_dice_and_iou_nan():
     nan_logits = torch.full_like(logits, float("nan"))
     acc.update({"seg": nan_logits}, {"mask": mask})
     metrics = acc.compute()
+    assert math.isnan(metrics["seg/dice"]) and math.isnan(metrics["seg/iou"])
+    one_pixel = MetricAccumulator(("seg",))  # a single NaN logit: argmax calls it lesion (Dice 18/19, not NaN)
+    logits[0, 1, 0, 0] = float("nan")
+    one_pixel.update({"seg": logits[:1]}, {"mask": mask[:1]})
+    metrics = one_pixel.compute()
     assert math.isnan(metrics["seg/dice"]) and math.isnan(metrics["seg/iou"])
 
 

@@ -185,6 +185,21 @@ def _weighted_grad_norms(net, losses, weighting):
             for t, w in weighting.weights().items()]
 
 
+def test_gradnorm_steps_its_weights_on_the_gradient_averaged_over_torchrun_processes(monkeypatch):
+    """Each process measures the gradient norms on its own share of the batch: stepped on its own gradient, the
+    task weights of the processes drift apart and each trains on a different weighted loss."""
+    from mtlearn import weighting as W
+
+    other_process = torch.tensor([0.0, 1.0])  # the other rank's weight gradient, where this one has [1, 0]
+    monkeypatch.setattr(W, "is_distributed", lambda: True)
+    monkeypatch.setattr(W.dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(W.dist, "all_reduce", lambda tensor: tensor.add_(other_process))
+    gradnorm = GradNorm(TASKS)
+    gradnorm.task_weights.grad = torch.tensor([1.0, 0.0])
+    gradnorm.after_step()  # the mean, [0.5, 0.5], moves both weights alike: renormalised, they stay 1 and 1
+    assert torch.allclose(gradnorm.task_weights.detach(), torch.ones(2))
+
+
 def test_gradnorm_equalises_gradient_norms():
     torch.manual_seed(0)
     net, weighting = TwoTaskNet(), GradNorm(TASKS, alpha=0.0, lr=0.02)
