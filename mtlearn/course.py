@@ -346,7 +346,8 @@ def headline_table(results: list[NotebookResult]) -> str:
         else:  # one line per notebook: a multi-line error (the missing-dataset advice) is in the failure report
             lines_of_error = r.error.strip().splitlines() or [""]
             shown = lines_of_error[0] + (" ..." if len(lines_of_error) > 1 else "")
-        lines.append(f"{r.notebook:<28} {'ok' if r.ok else 'FAIL':<6} {r.seconds:>6.0f}s  {shown}")
+        status = "ok" if r.ok else "BUSY" if r.busy else "FAIL"  # BUSY: another run held its folder
+        lines.append(f"{r.notebook:<28} {status:<6} {r.seconds:>6.0f}s  {shown}")
     return "\n".join(lines)
 
 
@@ -415,6 +416,7 @@ def main(argv: list[str] | None = None) -> int:
         notebooks = course_notebooks()
     except FileNotFoundError as error:
         parser.error(str(error))
+    args.out = args.out.expanduser()  # --out=~/runs: the shell leaves a "~" after "=" as it is
     try:
         check_folder(args.out, "--out", "one folder per notebook")
     except ValueError as error:
@@ -449,7 +451,7 @@ def main(argv: list[str] | None = None) -> int:
             executed = result.out_dir / nb.name
             where = (f" (executed copy: {executed}; the previous run, if any, is kept in "
                      f"{args.out / nb.stem / profile})") if executed.is_file() else ""
-            tqdm.write(f"{nb.stem} failed: {result.error}{where}")
+            tqdm.write(f"{nb.stem} {'not run' if result.busy else 'failed'}: {result.error}{where}")
         results.append(result)
     print()
     print(headline_table(results))

@@ -264,6 +264,29 @@ def test_command_line_names_an_out_that_is_a_file(tmp_path, monkeypatch, capsys)
     assert f"--out {tmp_path / 'results'} cannot be a folder: {tmp_path / 'results'} is a file" in said
 
 
+def test_command_line_takes_an_out_in_the_home_folder_and_says_a_held_notebook_was_not_run(tmp_path, monkeypatch,
+                                                                                          capsys):
+    """--out=~/runs (the shell leaves "~" after "=" as it is) was checked as ./~/runs; and a notebook another run
+    was writing was reported as failed, like one whose cell raised."""
+    from mtlearn.course import NotebookResult, main
+
+    seen = []
+
+    def held(nb, out_dir, parameters, cell_timeout):
+        seen.append(out_dir)
+        return NotebookResult(nb.stem, out_dir, False, 0.0, f"another run is writing {out_dir} (process 1 on x)",
+                              busy=True)
+
+    monkeypatch.setattr(course, "run_notebook", held)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    assert main(["--profile", "smoke", "--only", "00", "--out=~/runs"]) == 1  # this pass did not run it
+    assert seen == [tmp_path / "runs" / seen[0].parent.name / "smoke"] and not (tmp_path / "~").exists()
+    said = capsys.readouterr()
+    assert f"{seen[0].parent.name} not run: another run is writing" in said.err + said.out
+    assert any(line.startswith(seen[0].parent.name) and " BUSY " in line for line in said.out.splitlines())
+
+
 def test_the_repository_notebooks_are_the_course_in_order():
     """The seven the README lists, in course order (a renamed or lost notebook would drop out of the run)."""
     assert [p.name for p in course_notebooks()] == [
