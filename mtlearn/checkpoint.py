@@ -385,9 +385,11 @@ def out_dir_lock(out_dir: str | os.PathLike | None, option: str = "out_dir", wri
 
     Without it, two runs into one folder (two notebooks, two terminals, a --resume in a second one) both
     passed check_out_dir before either had written last.pt, trained side by side, and left a mix of their
-    checkpoints. The lock is the file out_dir/.lock holding this process's id; one left by a killed run is
-    taken over. Held once per process (the command line's run, then fit inside it), and by the main
-    process alone under torchrun (the others do not write; a refused main process ends them all).
+    checkpoints. The lock is the file out_dir/.lock holding this process's id and machine; one left by a run
+    killed on this machine is taken over (on POSIX: Windows cannot ask whether a process lives, and another
+    machine's processes are not seen, so such a lock stays until deleted, as the refusal says). Held once
+    per process (the command line's run, then fit inside it), and by the main process alone under
+    torchrun (the others do not write; a refused main process ends them all).
     out_dir None, or not a path (refused by the caller's own checks): nothing is held. A folder made here
     for a run that ended without writing anything is removed again. option, writes: how the caller names
     out_dir, and what the run writes there (for the message on a folder that cannot be one).
@@ -407,7 +409,7 @@ def out_dir_lock(out_dir: str | os.PathLike | None, option: str = "out_dir", wri
     if holder is not None:
         raise OutDirInUseError(f"another run is writing to {option} {out_dir} ({holder}): wait for it to end, or "
                                f"choose another {option}. If no run is writing there (one stopped on another "
-                               f"machine), delete {lock}")
+                               f"machine, or on Windows), delete {lock}")
     _HELD.add(folder)
     try:
         yield

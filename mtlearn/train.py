@@ -269,6 +269,9 @@ def _datasets(args):
     return splits, info
 
 
+CLI_WRITES = "options.json, last.pt, best.pt and metrics.json"  # what a run of the command writes in --out-dir
+
+
 def run(args: argparse.Namespace) -> dict:
     """Train and evaluate as configured; returns (and on rank 0 writes) the metrics.json record."""
     from mtlearn.mtl import build_model
@@ -277,7 +280,7 @@ def run(args: argparse.Namespace) -> dict:
     device = setup_distributed(args.device)
     held = contextlib.ExitStack()
     try:
-        held.enter_context(out_dir_lock(args.out_dir, "--out-dir"))  # from options.json to metrics.json, as fit
+        held.enter_context(out_dir_lock(args.out_dir, "--out-dir", writes=CLI_WRITES))  # options.json to metrics.json
         options = _check_run_options(args)  # before the data are read
         seed_everything(args.seed)
         splits, info = _datasets(args)

@@ -263,7 +263,7 @@ def test_an_out_dir_no_one_may_write_to_is_one_line_before_training(tmp_path, ca
     assert capsys.readouterr().err == (f"python -m mtlearn.train: error: --out-dir {tmp_path / 'a'} is not writable "
                                        f"({tmp_path}, the folder it would be made in): no permission to create files "
                                        "there, or a read-only disk. Choose another --out-dir, one you can write to (it "
-                                       "receives last.pt and best.pt)\n")
+                                       "receives options.json, last.pt, best.pt and metrics.json)\n")
 
 
 def test_a_second_run_into_an_out_dir_in_use_is_one_line_and_changes_nothing(tmp_path, capsys, held_by_another_run):
