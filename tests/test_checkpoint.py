@@ -398,7 +398,21 @@ def test_out_dir_lock_is_held_while_a_run_lives_and_gone_after(tmp_path):
         assert (folder / ".lock").is_file()  # the inner run does not release the outer one's lock
     assert sorted(p.name for p in folder.iterdir()) == ["last.pt"]
     with out_dir_lock(folder):  # released: the next run takes it
-        pass
+        assert (folder / ".lock").is_file()
+
+
+def test_out_dir_lock_holds_one_folder_however_it_is_named(tmp_path, monkeypatch):
+    """Relative, absolute, from the home folder: one folder, one lock (the inner run took the outer's lock over,
+    its own process's, and released it, leaving the folder unheld while the outer run still wrote)."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    with out_dir_lock("runs/a"):
+        for name in (tmp_path / "runs" / "a", "~/runs/a"):
+            with out_dir_lock(name):
+                pass
+            assert (tmp_path / "runs" / "a" / ".lock").is_file()
+    with out_dir_lock("~/b"):
+        assert (tmp_path / "b" / ".lock").is_file() and not (tmp_path / "~").exists()
 
 
 @pytest.mark.parametrize("failing", [False, True])

@@ -764,6 +764,7 @@ def test_a_checkpointed_run_is_not_overwritten_or_resumed_with_other_options(tin
     train, _ = tiny_loaders
     kwargs = dict(epochs=1, adv_steps=2, device="cpu", progress=False)
     D.train_disentangle(tiny_model(), train, out_dir=tmp_path, **kwargs)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]  # its lock released
     with pytest.raises(ValueError, match=r"already holds a run \(last.pt, epoch 1 of 1\)") as caught:
         D.train_disentangle(tiny_model(), train, out_dir=tmp_path, **kwargs)
     assert "CLI" not in str(caught.value)  # train_disentangle has no command line
