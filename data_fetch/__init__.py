@@ -180,7 +180,8 @@ def _fetch_locked(source: Source, folder: Path, url: str, scheme: str, known_has
         unpacking.touch()
 
     if source.extract:  # the files that record this fetch are its own: a member named so is refused
-        own = [marker.name, marker.name + ".tmp", unpacking.name, f".{source.name}.lock", source.filename + ".part"]
+        own = [marker.name, marker.name + ".tmp", unpacking.name, f".{source.name}.lock",
+               *(source.filename + suffix for suffix in (".part", ".mismatch", ".not-a-zip"))]
         files = extract_zip(target, folder, replaceable=replaceable, started=started, reserved=own)
     else:  # a single file, checked and in place: the marker is replaced below, atomically
         files = [source.filename]

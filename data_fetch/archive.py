@@ -67,14 +67,14 @@ def extract_zip(archive: Path, target: Path, nested: bool = True, replaceable: C
             inner_zips = [name for name in names if _is_wrapped_zip(name)] if nested else []
             # each inner zip is checked as it is now and unpacked later: one replaced in between would not be
             # the zip checked; and an archive must not write the files that say how far its fetch got
-            protected = {(target / name).resolve(): "a zip inside it before that one is unpacked"
-                         for name in inner_zips}
-            protected.update({(target / name).resolve(): "a file of data_fetch's own" for name in reserved})
+            # (compared without case: on macOS and Windows .BUS_BRA.COMPLETE is the marker)
+            protected = {_where(target / name): "a zip inside it before that one is unpacked" for name in inner_zips}
+            protected.update({_where(target / name): "a file of data_fetch's own" for name in reserved})
             for name in names:
-                if (target / name).resolve() in protected and name not in inner_zips:
+                if _where(target / name) in protected and name not in inner_zips:
                     raise UnsafeArchiveError(
                         f"refusing to unpack {archive.name}: member {name!r} would replace "
-                        f"{protected[(target / name).resolve()]}; the archive is damaged or malicious, nothing "
+                        f"{protected[_where(target / name)]}; the archive is damaged or malicious, nothing "
                         "was extracted")
             needed = sum(info.file_size for info in zf.infolist())
             clashes = _clashes(zf.infolist(), target, None, replaceable)
@@ -153,12 +153,17 @@ def _size(count: int) -> str:
     return f"{count / 1e6:.1f} MB" if count < 1e9 else f"{count / 1e9:.2f} GB"
 
 
+def _where(path: Path) -> str:
+    """Where `path` is on disk, as one text for every spelling (.., letter case) of it."""
+    return str(path.resolve()).casefold()
+
+
 def _check_inner_zip(zf: zipfile.ZipFile, name: str, archive: Path, target: Path,
-                     replaceable: Collection[str] | None, protected: Mapping[Path, str]) -> tuple[int, list[str]]:
+                     replaceable: Collection[str] | None, protected: Mapping[str, str]) -> tuple[int, list[str]]:
     """Check the member names of the zip `name` inside `zf` where it will be unpacked, without
     writing it out first (ZipFile reads its directory from the compressed stream); return the
     bytes its members will take once unpacked, and those that would replace other files (`_clashes`).
-    protected: paths (resolved) no member may write -> what they are, for the message."""
+    protected: the places (`_where`) no member may write -> what they are, for the message."""
     inner_path = target / name
     try:
         with zf.open(name) as stream, zipfile.ZipFile(stream) as inner:
@@ -170,7 +175,7 @@ def _check_inner_zip(zf: zipfile.ZipFile, name: str, archive: Path, target: Path
                         f"refusing to unpack {inner_path.name} (inside {archive.name}): member {member!r} would "
                         f"overwrite {archive.name}, the archive it came in; the archive is damaged or malicious, "
                         "nothing was extracted")
-                written = (inner_path.parent / member.replace("\\", "/")).resolve()
+                written = _where(inner_path.parent / member.replace("\\", "/"))
                 if written in protected:
                     what = protected[written].replace("a zip inside it", "another zip inside it")
                     raise UnsafeArchiveError(

@@ -358,19 +358,23 @@ def test_a_nested_zip_that_would_replace_another_nested_zip_is_refused(tmp_path)
 
 
 @pytest.mark.parametrize("nested", [False, True])
-def test_an_archive_that_would_write_data_fetchs_own_marker_is_refused(server, tmp_path, nested):
+@pytest.mark.parametrize("name", [".bus_bra.complete", ".BUS_BRA.COMPLETE", ".bus_bra.complete.tmp",
+                                  ".bus_bra.unpacking", ".bus_bra.lock", "BUSBRA.zip.part", "BUSBRA.zip.mismatch",
+                                  "BUSBRA.zip.not-a-zip"])
+def test_an_archive_that_would_write_data_fetchs_own_files_is_refused(server, tmp_path, nested, name):
     """A member .bus_bra.complete (listing no files), with a later member cut short: the fetch failed, and the next
-    one found the planted marker and said the half-unpacked dataset was ready."""
-    planted = {".bus_bra.complete": b'{"name": "bus_bra", "known_hash": null, "files": []}'}
+    one found the planted marker and said the half-unpacked dataset was ready. The letter case aside: on macOS
+    and Windows .BUS_BRA.COMPLETE is that file."""
+    planted = {name: b'{"name": "bus_bra", "known_hash": null, "files": []}'}
     members = {"BUSBRA/Images/bus_0001-l.png": b"png"}
     members.update({"inner.zip": zip_bytes(planted)} if nested else planted)
     archive = zip_bytes(members)
     server.files["/BUSBRA.zip"] = archive
-    with pytest.raises(UnsafeArchiveError, match=r"member '\.bus_bra\.complete' (of inner\.zip, a zip inside it, )?"
+    with pytest.raises(UnsafeArchiveError, match=rf"member '{re.escape(name)}' (of inner\.zip, a zip inside it, )?"
                                                  r"would replace a file of data_fetch's own; the archive is damaged or "
                                                  r"malicious, nothing was extracted"):
         fetch("bus_bra", dest=tmp_path, url=server.url + "/BUSBRA.zip", known_hash=sha256(archive), progress=False)
-    assert not (tmp_path / ".bus_bra.complete").exists() and not (tmp_path / "BUSBRA").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["BUSBRA.zip"]  # nothing extracted
 
 
 def test_half_extracted_folder_is_not_done(server, tmp_path):
@@ -517,6 +521,18 @@ def test_a_partial_download_that_is_a_link_is_not_written_through(server, tmp_pa
     download_file(server.url + "/data.npz", tmp_path / "data" / "data.npz", sha256(PAYLOAD), progress=False)
     assert victim.read_bytes() == b"mine" and (tmp_path / "data" / "data.npz").read_bytes() == PAYLOAD
     assert [r for _, r, _ in server.requests] == [None]  # the whole file, not a resume from the link's length
+
+
+def test_a_kept_mismatch_that_is_a_link_is_not_taken(server, tmp_path):
+    """A planted data.npz.mismatch linking to a file with the expected bytes elsewhere would be renamed in as the
+    download: the link, not a file data_fetch kept."""
+    server.files["/data.npz"] = PAYLOAD
+    elsewhere = tmp_path / "elsewhere.npz"
+    elsewhere.write_bytes(PAYLOAD)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "data.npz.mismatch").symlink_to(elsewhere)
+    download_file(server.url + "/data.npz", tmp_path / "data" / "data.npz", sha256(PAYLOAD), progress=False)
+    assert not (tmp_path / "data" / "data.npz").is_symlink() and server.requests  # downloaded, not linked in
 
 
 def test_server_without_range_support_restarts_cleanly(server, tmp_path):
@@ -1097,6 +1113,7 @@ def test_a_wrong_local_copy_is_not_retried_and_says_what_is_wrong(tmp_path, monk
         fetch("breastmnist", dest=tmp_path / "data", url=url, progress=False)
     message = str(error.value)
     assert slept == [] and says in message and "browser" not in message and "curl" not in message
+    assert "%23" not in message  # the hint on '#' is for a path that holds one
     assert f"copy the file to {tmp_path / 'data' / 'breastmnist.npz'}" in message
     assert not (tmp_path / "data").exists()
 
