@@ -433,9 +433,8 @@ def check_folder(path: str | os.PathLike, option: str, receives: str, write: boo
             if folder.exists():
                 existing = folder
                 break
-        except PermissionError:  # the folder above it may not be searched (mode 700, another user's): it exists,
-            existing = folder.parent  # and nothing can be made in it (os.access says so below)
-            break
+        except PermissionError:  # a folder above it may not be searched (mode 700, another user's): the first
+            continue             # that can be seen is that one, in which nothing can be made (os.access below)
     if existing is not None and not existing.is_dir():
         raise ValueError(f"{option} {path} cannot be a folder: {existing} is a file. Choose another {option} "
                          f"(it receives {receives})")

@@ -243,16 +243,17 @@ def test_a_folder_below_one_that_may_not_be_entered_is_not_writable_either(tmp_p
     exists = pathlib.Path.exists
 
     def not_searchable(self, *args, **kwargs):
-        if self.parent == locked:
+        if locked in self.parents:  # whatever lies below it, however deep
             raise PermissionError(13, "Permission denied", str(self))
         return exists(self, *args, **kwargs)
 
     monkeypatch.setattr(pathlib.Path, "exists", not_searchable)
     unwritable(locked, searchable=False)
-    with pytest.raises(FolderNotWritableError, match=re.escape(f"--out {locked / 'run' / 'a'} is not writable "
-                                                               f"({locked}, the folder it would be made in)")):
-        check_folder(locked / "run" / "a", "--out", "results")
-    check_folder(locked / "run", "data_root", "datasets", write=False)  # only read: the loader says more
+    for below in (locked / "run", locked / "run" / "a" / "b"):
+        with pytest.raises(FolderNotWritableError, match=re.escape(f"--out {below} is not writable ({locked}, the "
+                                                                   "folder it would be made in)")):
+            check_folder(below, "--out", "results")
+    check_folder(locked / "run" / "a", "data_root", "datasets", write=False)  # only read: the loader says more
 
 
 def test_an_atomic_write_refused_by_its_folder_names_the_file_not_the_temporary_one(tmp_path, monkeypatch):
