@@ -404,18 +404,32 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(130) from None
 
 
+_TRACEBACK = "Traceback (most recent call last):\n"
+_CHAINED = ("\n\nThe above exception was the direct cause of the following exception:\n\n" + _TRACEBACK,
+            "\n\nDuring handling of the above exception, another exception occurred:\n\n" + _TRACEBACK)
+
+
 def _own_message(error: BaseException) -> str:
     """The error's message; for one raised by a dataset in a DataLoader worker (--num-workers), the message it
     was raised with, not torch's "Caught ... in DataLoader worker process 1" with the worker's traceback."""
     text = str(error)
-    if not text.startswith("Caught ") or "\nOriginal Traceback" not in text:
+    if not text.startswith("Caught ") or "\nOriginal " + _TRACEBACK not in text:
         return text
-    # the last traceback (the error's own, after those of its causes): its frames are indented, then
-    # "<module>.<Class>: <message>" runs to the end (the message's own lines and notes included)
-    frames = text[text.rindex("Traceback (most recent call last):\n"):].splitlines()[1:]
-    own = "\n".join(itertools.dropwhile(lambda line: line.startswith((" ", "\t")), frames))
-    named = re.match(rf"(?:[\w.]+\.)?{type(error).__name__}: ", own)
-    return own[named.end():].strip() if named and own[named.end():].strip() else text
+    # read from the start: each traceback's frames are indented, then "<module>.<Class>: <message>", then the
+    # next traceback of the chain, if any; the last one's message runs to the end (whatever it quotes)
+    rest = text[text.index(_TRACEBACK) + len(_TRACEBACK):]
+    while True:
+        lines = rest.split("\n")
+        own = "\n".join(itertools.dropwhile(lambda line: line.startswith((" ", "\t")), lines))
+        cuts = [(own.find(chained), chained) for chained in _CHAINED if chained in own]
+        if not cuts:
+            break
+        at, chained = min(cuts)
+        rest = own[at + len(chained):]
+    named = re.match(rf"(?:[\w.]+\.)?{type(error).__name__}(: |$)", own)
+    message = own[named.end():].strip() if named else ""
+    return message or (f"{type(error).__name__} without a message, raised in a DataLoader worker (--num-workers 0 "
+                       "shows where, in the traceback)")
 
 
 def _how_to_go_on(args: argparse.Namespace) -> str:

@@ -307,14 +307,19 @@ def test_a_dataset_error_in_a_loader_worker_is_its_own_message_too(tmp_path, cap
 
 
 class _BadLabels(Dataset):
-    def __init__(self, chained):
-        self.chained = chained
+    def __init__(self, kind):
+        self.kind = kind
 
     def __len__(self):
         return 2
 
     def __getitem__(self, index):
-        if not self.chained:  # a message with a line that looks like the end of a traceback
+        if self.kind == "empty":
+            raise ValueError()
+        if self.kind == "quoting":  # a message that quotes a traceback of its own
+            raise ValueError("converter failed:\nTraceback (most recent call last):\n  File \"x.py\", line 1\n"
+                             "ValueError: bad pixel spacing")
+        if self.kind == "line":  # a message with a line that looks like the end of a traceback
             raise ValueError("could not parse labels.csv:\nValueError: invalid literal for int() with base 10: 'x'")
         try:
             int("x")
@@ -322,15 +327,19 @@ class _BadLabels(Dataset):
             raise ValueError("labels.csv row 3 is not a number") from error
 
 
-@pytest.mark.parametrize("chained, message", [
-    (False, "could not parse labels.csv:\nValueError: invalid literal for int() with base 10: 'x'"),
-    (True, "labels.csv row 3 is not a number"),  # the error's own, not its cause's with the traceback between
+@pytest.mark.parametrize("kind, message", [
+    ("line", "could not parse labels.csv:\nValueError: invalid literal for int() with base 10: 'x'"),
+    ("chained", "labels.csv row 3 is not a number"),  # the error's own, not its cause's with the traceback between
+    ("quoting", "converter failed:\nTraceback (most recent call last):\n  File \"x.py\", line 1\nValueError: bad "
+                "pixel spacing"),
+    ("empty", "ValueError without a message, raised in a DataLoader worker (--num-workers 0 shows where, in the "
+              "traceback)"),  # not torch's whole report in the command line's one-line error
 ])
-def test_a_worker_error_is_told_by_its_whole_message_and_not_its_causes(chained, message):
+def test_a_worker_error_is_told_by_its_whole_message_and_not_its_causes(kind, message):
     from mtlearn.train import _own_message
 
     with pytest.raises(ValueError) as caught:
-        next(iter(DataLoader(_BadLabels(chained), num_workers=1)))
+        next(iter(DataLoader(_BadLabels(kind), num_workers=1)))
     assert _own_message(caught.value) == message
 
 
