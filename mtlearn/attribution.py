@@ -1491,6 +1491,7 @@ class AttributionExplorer(Explorer):
         return self._cache[key]
 
     def draw(self) -> None:
+        self._check_open()
         if not self._redraw:
             return
         index, head, target, method = self.index.value, self.head.value, self.target.value, self.method.value

@@ -202,7 +202,7 @@ def run_notebook(
         # out_dir: the lock, not a folder of the other run's (a grid writes error.txt into a failed run's folder)
         return NotebookResult(notebook.stem, lock, False, 0.0, f"another run is writing {out_dir} ({holder}); "
                               f"wait for it to finish or pass another out folder; if none is running (a crashed "
-                              f"machine), delete {lock}", busy=True)
+                              f"machine, or on Windows), delete {lock}", busy=True)
     try:
         shutil.rmtree(staging, ignore_errors=True)  # an earlier failed attempt: its files are not this run's
         try:
@@ -416,9 +416,11 @@ def main(argv: list[str] | None = None) -> int:
         notebooks = course_notebooks()
     except FileNotFoundError as error:
         parser.error(str(error))
-    args.out = args.out.expanduser()  # --out=~/runs: the shell leaves a "~" after "=" as it is
     try:
+        args.out = args.out.expanduser()  # --out=~/runs: the shell leaves a "~" after "=" as it is
         check_folder(args.out, "--out", "one folder per notebook")
+    except RuntimeError as error:  # ~name of no such user
+        parser.error(f"--out {args.out}: its home folder cannot be found ({error}); give the folder's path")
     except ValueError as error:
         parser.error(str(error))
     if args.only:

@@ -573,10 +573,12 @@ def main(argv: list[str] | None = None) -> int:
     if repeated:  # dict() would keep the last one silently
         parser.error(f"--set {', '.join(repeated)} given more than once; list the values in one --set, "
                      "e.g. --set lr=1e-3,1e-4")
-    args.out = args.out.expanduser()  # --out=~/exp: the shell leaves a "~" after "=" as it is
     try:
+        args.out = args.out.expanduser()  # --out=~/exp: the shell leaves a "~" after "=" as it is
         check_folder(args.out, "--out", "one folder per run and results.csv")
         specs = grid(notebooks, dict(args.sets), args.seeds, profile)
+    except RuntimeError as error:  # ~name of no such user
+        parser.error(f"--out {args.out}: its home folder cannot be found ({error}); give the folder's path")
     except ValueError as error:  # e.g. --set seed=5, or a name the notebook lacks: a usage error, not a traceback
         parser.error(str(error))
     try:

@@ -57,8 +57,11 @@ class Explorer:
     widget: widgets.Widget
     output: widgets.Output
     ARGUMENTS = ""  # what comes before the dataset in a call, for the advice in errors: "model, "
+    closed = False
 
     def _repr_mimebundle_(self, include=None, exclude=None) -> dict:
+        if self.closed:
+            return {"text/plain": f"{type(self).__name__}: closed; build a new one to explore again"}
         data = dict(self.widget._repr_mimebundle_())
         data["text/plain"] = f"{type(self).__name__}: interactive, run the notebook to use its controls"
         for shown in self.output.outputs:  # the current figure (none after an item it could not draw)
@@ -70,18 +73,26 @@ class Explorer:
         """Close the explorer's widgets and let go of what it holds (the data; AttributionExplorer's copy of
         the model and its cached views). Before building an explorer again, e.g. at the top of its cell:
 
-            if "explorer" in globals(): explorer.close()
+            if "explorer" in globals(): explorer.close()   # (notebook 05's is called `viewer`)
 
         Why: ipywidgets keeps every widget until it is closed, and each control keeps its explorer through
         the function it calls on a change, so an explorer built again (its cell run again) left the earlier
         one in memory, with all it holds (6-8 MB each for AttributionExplorer and the notebooks' model).
         """
         stack = [self.widget]
-        while stack:  # the controls, the rows that hold them, the output: every widget the explorer made
+        while stack:  # the controls, the rows that hold them, the output, and the layout and style of each
             widget = stack.pop()
             stack.extend(getattr(widget, "children", ()))
+            stack.extend(part for part in (getattr(widget, "layout", None), getattr(widget, "style", None))
+                         if isinstance(part, widgets.Widget))
             widget.close()
         self._release()
+        self.closed = True
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise RuntimeError(f"this {type(self).__name__} was closed (close() let go of its data); build a new "
+                               "one to explore again")
 
     def _release(self) -> None:
         """Drop what the explorer holds besides its widgets (a subclass adds its own)."""
@@ -172,6 +183,7 @@ class DatasetExplorer(Explorer):
             self.figure, self.state = None, {"index": self.index.value, "error": text}
 
     def draw(self) -> None:
+        self._check_open()
         item = self.dataset[self.index.value]
         # the layers this item has (the first one's set them for all: a later item's mask could never be shown)
         self.outline.disabled, self.artifact.disabled = "mask" not in item, "artifact_mask" not in item

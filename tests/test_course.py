@@ -285,6 +285,9 @@ def test_command_line_takes_an_out_in_the_home_folder_and_says_a_held_notebook_w
     said = capsys.readouterr()
     assert f"{seen[0].parent.name} not run: another run is writing" in said.err + said.out
     assert any(line.startswith(seen[0].parent.name) and " BUSY " in line for line in said.out.splitlines())
+    with pytest.raises(SystemExit) as exit_:  # a user who does not exist: a usage error, not a traceback
+        main(["--profile", "smoke", "--only", "00", "--out=~no_such_user_here/runs"])
+    assert exit_.value.code == 2 and "--out ~no_such_user_here/" in capsys.readouterr().err
 
 
 def test_the_repository_notebooks_are_the_course_in_order():

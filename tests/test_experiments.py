@@ -753,6 +753,9 @@ def test_an_out_folder_in_the_home_folder_is_the_same_grid_each_time(notebooks, 
         assert main(["--notebooks", "01", "--profile", "smoke", "--out=~/exp"]) == 0
         assert status in capsys.readouterr().out
     assert len(pd.read_csv(tmp_path / "exp" / "results.csv")) == 1 and not (tmp_path / "~").exists()
+    with pytest.raises(SystemExit) as exit_:  # a user who does not exist: a usage error, not a traceback
+        main(["--notebooks", "01", "--profile", "smoke", "--out=~no_such_user_here/exp"])
+    assert exit_.value.code == 2 and "--out ~no_such_user_here/" in capsys.readouterr().err
     specs = grid(notebooks[:1], {}, seeds=[0], profile="smoke")
     assert list(run_grid(specs, "~/exp", progress=False)["status"]) == ["skipped (done)"]
     assert len(collect("~/exp", specs)) == 1

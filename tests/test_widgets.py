@@ -45,13 +45,19 @@ def test_a_closed_explorer_closes_every_widget_and_is_let_go():
     import weakref
 
     explorer = DatasetExplorer(fake_items())
-    made = [explorer.widget, *explorer.widget.children, explorer.index, explorer.show, explorer.outline,
-            explorer.artifact, explorer.output]
+    controls = [explorer.widget, *explorer.widget.children, explorer.index, explorer.show, explorer.outline,
+                explorer.artifact, explorer.output]
+    made = [*controls, *(c.layout for c in controls), *(c.style for c in controls if hasattr(c, "style"))]
     assert all(widget.comm is not None for widget in made)
     gone = weakref.ref(explorer)
     explorer.close()
-    assert all(widget.comm is None for widget in made) and explorer.dataset is None
-    del explorer, made
+    explorer.close()  # twice: nothing more to do
+    assert all(widget.comm is None for widget in made)  # every widget it made, their layouts and styles too
+    assert explorer.dataset is None
+    assert explorer._repr_mimebundle_() == {"text/plain": "DatasetExplorer: closed; build a new one to explore again"}
+    with pytest.raises(RuntimeError, match="this DatasetExplorer was closed"):  # not a TypeError of None[index]
+        explorer.draw()
+    del explorer, controls, made
     gc.collect()
     assert gone() is None
 
