@@ -406,11 +406,12 @@ def test_out_dir_lock_holds_one_folder_however_it_is_named(tmp_path, monkeypatch
     its own process's, and released it, leaving the folder unheld while the outer run still wrote)."""
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.chdir(tmp_path)
-    with out_dir_lock("runs/a"):
-        for name in (tmp_path / "runs" / "a", "~/runs/a"):
-            with out_dir_lock(name):
-                pass
-            assert (tmp_path / "runs" / "a" / ".lock").is_file()
+    for outer, inners in [("runs/a", (tmp_path / "runs" / "a", "~/runs/a")), (tmp_path / "runs" / "a", ("runs/a",))]:
+        with out_dir_lock(outer):
+            for name in inners:
+                with out_dir_lock(name):
+                    pass
+                assert (tmp_path / "runs" / "a" / ".lock").is_file()
     with out_dir_lock("~/b"):
         assert (tmp_path / "b" / ".lock").is_file() and not (tmp_path / "~").exists()
 
