@@ -68,14 +68,15 @@ def extract_zip(archive: Path, target: Path, nested: bool = True, replaceable: C
             # each inner zip is checked as it is now and unpacked later: one replaced in between would not be
             # the zip checked; and an archive must not write the files that say how far its fetch got
             # (compared without case: on macOS and Windows .BUS_BRA.COMPLETE is the marker)
-            protected = {_where(target / name): "a zip inside it before that one is unpacked" for name in inner_zips}
+            protected = {_where(target / name): "another zip inside it before that one is unpacked"
+                         for name in inner_zips}
             protected.update({_where(target / name): "a file of data_fetch's own" for name in reserved})
+            zips = set(inner_zips)
             for name in names:
-                if _where(target / name) in protected and name not in inner_zips:
-                    raise UnsafeArchiveError(
-                        f"refusing to unpack {archive.name}: member {name!r} would replace "
-                        f"{protected[_where(target / name)]}; the archive is damaged or malicious, nothing "
-                        "was extracted")
+                what = protected.get(_where(target / name)) if name not in zips else None
+                if what is not None:
+                    raise UnsafeArchiveError(f"refusing to unpack {archive.name}: member {name!r} would replace "
+                                             f"{what}; the archive is damaged or malicious, nothing was extracted")
             needed = sum(info.file_size for info in zf.infolist())
             clashes = _clashes(zf.infolist(), target, None, replaceable)
             for name in inner_zips:
@@ -175,9 +176,8 @@ def _check_inner_zip(zf: zipfile.ZipFile, name: str, archive: Path, target: Path
                         f"refusing to unpack {inner_path.name} (inside {archive.name}): member {member!r} would "
                         f"overwrite {archive.name}, the archive it came in; the archive is damaged or malicious, "
                         "nothing was extracted")
-                written = _where(inner_path.parent / member.replace("\\", "/"))
-                if written in protected:
-                    what = protected[written].replace("a zip inside it", "another zip inside it")
+                what = protected.get(_where(inner_path.parent / member.replace("\\", "/")))
+                if what is not None:
                     raise UnsafeArchiveError(
                         f"refusing to unpack {archive.name}: member {member!r} of {name}, a zip inside it, would "
                         f"replace {what}; the archive is damaged or malicious, nothing was extracted")

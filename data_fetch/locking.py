@@ -48,14 +48,14 @@ def make_and_lock(folder: Path, lock: Path) -> str | None:
     that an empty folder does not pass for a download or a run): the lock then cannot be created
     (FileNotFoundError), and the folder is made once more.
     """
-    for attempt in range(3):
+    for _ in range(2):
         folder.mkdir(parents=True, exist_ok=True)
         try:
             return take_lock(lock)
         except FileNotFoundError:
-            if attempt == 2:
-                raise
-    return None  # not reached
+            continue
+    folder.mkdir(parents=True, exist_ok=True)  # a third time: removed again now is not a race but a fault
+    return take_lock(lock)
 
 
 def _remove_stale(lock: Path, text: str) -> None:

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from data_fetch.locking import take_lock
+from data_fetch.locking import make_and_lock
 from mtlearn.notebook import flatten_metrics
 from mtlearn.utils import check_number
 
@@ -194,8 +194,7 @@ def run_notebook(
 
     lock = final.with_name(final.name + ".lock")
     try:
-        final.parent.mkdir(parents=True, exist_ok=True)
-        holder = take_lock(lock)
+        holder = make_and_lock(final.parent, lock)
     except OSError as error:  # e.g. a file where a folder of the path should be: this run fails, the rest go on
         return failed(f"cannot make the run's folder {staging}: {error}")
     if holder is not None:  # a second run into the same folder would delete the first one's staging folder
