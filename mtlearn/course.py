@@ -398,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from mtlearn.notebook import PAPER_ON_CPU, resolve_profile
-    from mtlearn.utils import check_folder, pick_device, seed_everything
+    from mtlearn.utils import check_folder, home_expanded, pick_device, seed_everything
 
     try:
         profile = resolve_profile(args.profile, name="--profile")
@@ -416,10 +416,8 @@ def main(argv: list[str] | None = None) -> int:
     except FileNotFoundError as error:
         parser.error(str(error))
     try:
-        args.out = args.out.expanduser()  # --out=~/runs: the shell leaves a "~" after "=" as it is
+        args.out = home_expanded(args.out, "--out")
         check_folder(args.out, "--out", "one folder per notebook")
-    except RuntimeError as error:  # ~name of no such user
-        parser.error(f"--out {args.out}: its home folder cannot be found ({error}); give the folder's path")
     except ValueError as error:
         parser.error(str(error))
     if args.only:

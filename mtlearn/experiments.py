@@ -36,7 +36,7 @@ import pandas as pd
 from mtlearn.course import (CELL_TIMEOUT_S, DONE, course_notebooks, injected_parameters, resolve_cell_timeout,
                             run_notebook, select_notebooks)
 from mtlearn.notebook import flatten_metrics, resolve_profile
-from mtlearn.utils import check_folder, check_number, is_finite, is_int, write_text
+from mtlearn.utils import check_folder, check_number, home_expanded, is_finite, is_int, write_text
 
 
 UNSAFE_IN_NAMES = str.maketrans({c: "_" for c in '/\\:*?"<>|'})  # separators, and what Windows refuses
@@ -574,11 +574,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--set {', '.join(repeated)} given more than once; list the values in one --set, "
                      "e.g. --set lr=1e-3,1e-4")
     try:
-        args.out = args.out.expanduser()  # --out=~/exp: the shell leaves a "~" after "=" as it is
+        args.out = home_expanded(args.out, "--out")
         check_folder(args.out, "--out", "one folder per run and results.csv")
         specs = grid(notebooks, dict(args.sets), args.seeds, profile)
-    except RuntimeError as error:  # ~name of no such user
-        parser.error(f"--out {args.out}: its home folder cannot be found ({error}); give the folder's path")
     except ValueError as error:  # e.g. --set seed=5, or a name the notebook lacks: a usage error, not a traceback
         parser.error(str(error))
     try:

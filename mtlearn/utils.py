@@ -417,6 +417,16 @@ class FolderNotWritableError(PermissionError, ValueError):
     other unusable option (the command lines report it in one line)."""
 
 
+def home_expanded(path: str | os.PathLike, option: str) -> Path:
+    """`path` with a leading ~ or ~name expanded (a command line's --out=~/x: the shell leaves a "~" after "="
+    as it is), or a ValueError naming `option` when that home folder cannot be found (~name of no such user)."""
+    try:
+        return Path(path).expanduser()
+    except RuntimeError as error:
+        raise ValueError(f"{option} {path}: its home folder cannot be found ({error}); give the folder's "
+                         "path") from None
+
+
 def check_folder(path: str | os.PathLike, option: str, receives: str, write: bool = True) -> None:
     """Raise ValueError if `path` cannot become a folder because it, or a folder above it, is a file, and
     (write=True) FolderNotWritableError if files cannot be created in it, or in the nearest folder above it
