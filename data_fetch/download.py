@@ -256,7 +256,9 @@ def _transfer(url: str, part: Path, progress: bool) -> None:
             total = whole
         received = offset
         bar = tqdm(total=total, initial=offset, unit="B", unit_scale=True, desc=part.stem, disable=not progress)
-        with open(part, "ab" if resumed else "wb") as f, bar:
+        # not through a link (one planted after download_file removed any: the check and the open are apart)
+        flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if resumed else os.O_TRUNC) | getattr(os, "O_NOFOLLOW", 0)
+        with os.fdopen(os.open(part, flags, 0o666), "ab" if resumed else "wb") as f, bar:
             try:
                 while chunk := response.read(CHUNK_BYTES):
                     received += len(chunk)

@@ -523,6 +523,22 @@ def test_a_partial_download_that_is_a_link_is_not_written_through(server, tmp_pa
     assert [r for _, r, _ in server.requests] == [None]  # the whole file, not a resume from the link's length
 
 
+def test_a_link_planted_after_the_check_is_not_written_through_either(server, tmp_path, monkeypatch):
+    """The check for a link and the opening of the partial download are apart: a link planted in between (here:
+    one the check did not see) must still not receive the download."""
+    import pathlib
+
+    server.files["/data.npz"] = PAYLOAD
+    victim = tmp_path / "notes.txt"
+    victim.write_bytes(b"mine")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "data.npz.part").symlink_to(victim)
+    monkeypatch.setattr(pathlib.Path, "is_symlink", lambda self: False)  # planted just after the check
+    with pytest.raises(DownloadError, match="symbolic link"):  # refused, not followed
+        download_file(server.url + "/data.npz", tmp_path / "data" / "data.npz", sha256(PAYLOAD), progress=False)
+    assert victim.read_bytes() == b"mine" and not (tmp_path / "data" / "data.npz").exists()
+
+
 def test_a_kept_mismatch_that_is_a_link_is_not_taken(server, tmp_path):
     """A planted data.npz.mismatch linking to a file with the expected bytes elsewhere would be renamed in as the
     download: the link, not a file data_fetch kept."""
