@@ -344,8 +344,8 @@ def local_copy_problem(source: Source, url: str, folder: Path, error: DownloadEr
     elif not path.exists():
         problem = f"there is no such file: {path}; check the path (the URL holds the file's absolute path)"
         if parts.fragment:  # "file:///Course #1/x.zip": the path ends at the "#"
-            problem += ("; in a URL a '#' of the path is written %23 (pathlib.Path(PATH).as_uri() writes the URL of "
-                        "a path)")
+            meant = Path(url2pathname(parts.path) + "#" + parts.fragment).as_uri()
+            problem += f"; in a URL '#' ends the path: write it %23, e.g. {meant}"
     else:
         problem = str(error)  # say, no permission to read it
     return (

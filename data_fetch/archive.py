@@ -68,7 +68,7 @@ def extract_zip(archive: Path, target: Path, nested: bool = True, replaceable: C
             # each inner zip is checked as it is now and unpacked later: one replaced in between would not be
             # the zip checked; and an archive must not write the files that say how far its fetch got
             # (compared without case: on macOS and Windows .BUS_BRA.COMPLETE is the marker)
-            protected = {_where(target / name): "another zip inside it before that one is unpacked"
+            protected = {_where(target / name): f"{name}, another zip in {archive.name}, before {name} is unpacked"
                          for name in inner_zips}
             protected.update({_where(target / name): "a file of data_fetch's own" for name in reserved})
             zips = set(inner_zips)
@@ -179,8 +179,8 @@ def _check_inner_zip(zf: zipfile.ZipFile, name: str, archive: Path, target: Path
                 what = protected.get(_where(inner_path.parent / member.replace("\\", "/")))
                 if what is not None:
                     raise UnsafeArchiveError(
-                        f"refusing to unpack {archive.name}: member {member!r} of {name}, a zip inside it, would "
-                        f"replace {what}; the archive is damaged or malicious, nothing was extracted")
+                        f"refusing to unpack {archive.name}: member {member!r} of {name} (a zip in it) would replace "
+                        f"{what}; the archive is damaged or malicious, nothing was extracted")
             _check_kinds(inner.infolist(), inner_path, within=archive.name)
             parent = PurePosixPath(inner_path.parent.relative_to(target).as_posix())
             return (sum(info.file_size for info in inner.infolist()),

@@ -200,8 +200,8 @@ def run_notebook(
     if holder is not None:  # a second run into the same folder would delete the first one's staging folder
         # out_dir: the lock, not a folder of the other run's (a grid writes error.txt into a failed run's folder)
         return NotebookResult(notebook.stem, lock, False, 0.0, f"another run is writing {out_dir} ({holder}); "
-                              f"wait for it to finish or pass another out folder; if none is running (a crashed "
-                              f"machine, or on Windows), delete {lock}", busy=True)
+                              f"wait for it to finish, or write elsewhere; if no run is writing there (one killed "
+                              f"on another machine, or on Windows), delete {lock}", busy=True)
     try:
         shutil.rmtree(staging, ignore_errors=True)  # an earlier failed attempt: its files are not this run's
         try:

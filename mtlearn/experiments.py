@@ -595,16 +595,17 @@ def main(argv: list[str] | None = None) -> int:
     for warning in said:
         print(f"note: {warning.message}")
     path = args.out / "results.csv"
+    elsewhere = int(status["status"].str.startswith("running elsewhere").sum())
     if not table.empty:
         write_text(table.to_csv(index=False), path)  # atomic: a crash while writing keeps the previous file
         print(f"\n{len(table)} results collected into {path}")
-    elif path.exists():  # an earlier grid's: left in place, it would pass for this one's
-        path.unlink()
+    elif path.exists() and not elsewhere:  # an earlier grid's: left in place, it would pass for this one's
+        path.unlink()                      # (with another grid running, it is that one's to replace)
         print(f"\nno run of this grid finished; removed the earlier grid's {path}")
-    elsewhere = status["status"].str.startswith("running elsewhere")
-    if elsewhere.any():  # this table lacks them; the other grid's, or the same command later, has them
-        print(f"\n{elsewhere.sum()} run(s) were being written by another grid: run the same command again once it "
-              "has ended, to collect them (the finished runs are skipped)")
+    if elsewhere:  # this table lacks them; the other grid's, or the same command later, has them
+        runs = "1 run was" if elsewhere == 1 else f"{elsewhere} runs were"
+        print(f"\n{runs} being written by another grid (the same command running twice?): run this command again "
+              "once that grid has ended, to collect them (the finished runs are skipped)")
     return 0 if not status["status"].str.startswith("failed").any() else 1
 
 

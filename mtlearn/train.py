@@ -42,7 +42,7 @@ from mtlearn.engine import (CompileError, NonFiniteLossError, NonFiniteWeightsEr
                             resolve_monitor, validation_losses_finite, validation_metrics)
 from mtlearn.heads import DFE_MODES  # a few milliseconds: mtl's model classes stay unimported
 from mtlearn.losses import TASKS
-from mtlearn.utils import is_distributed, is_main_process, pick_device, seed_everything, write_json
+from mtlearn.utils import home_expanded, is_distributed, is_main_process, pick_device, seed_everything, write_json
 from mtlearn.weighting import WEIGHTINGS
 
 PRESETS = ("tiny", "course", "paper")
@@ -149,8 +149,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--out-dir is empty; name a folder for the run, or leave the option out for the default")
     if args.data_root is not None and not args.data_root.strip():  # "" would read the working folder
         parser.error("--data-root is empty; name the data folder, or leave the option out for the default")
-    if args.out_dir is not None:  # "--out-dir=~/runs" reaches us unexpanded: fit's checkpoints and options.json
-        args.out_dir = str(Path(args.out_dir).expanduser())  # would land in two folders
+    try:  # "--out-dir=~/runs" reaches us unexpanded: fit's checkpoints and options.json would land in two folders
+        args.out_dir = str(home_expanded(args.out_dir, "--out-dir")) if args.out_dir is not None else None
+    except ValueError as error:
+        parser.error(str(error))
     if args.out_dir is None:
         dfe = "" if args.dfe == "none" else f"_dfe-{args.dfe}"  # a run with DFE is another model: its own folder
         args.out_dir = (f"outputs/train/{args.dataset}_{args.image_size}px_{args.preset}{dfe}_{'+'.join(args.tasks)}_"
@@ -420,7 +422,8 @@ def _own_message(error: BaseException) -> str:
     rest = text[text.index(_TRACEBACK) + len(_TRACEBACK):]
     while True:
         lines = rest.split("\n")
-        own = "\n".join(itertools.dropwhile(lambda line: line.startswith((" ", "\t")), lines))
+        frames = list(itertools.takewhile(lambda line: line.startswith((" ", "\t")), lines))
+        own = "\n".join(lines[len(frames):])
         cuts = [(own.find(chained), chained) for chained in _CHAINED if chained in own]
         if not cuts:
             break
@@ -428,8 +431,8 @@ def _own_message(error: BaseException) -> str:
         rest = own[at + len(chained):]
     named = re.match(rf"(?:[\w.]+\.)?{type(error).__name__}(: |$)", own)
     message = own[named.end():].strip() if named else ""
-    return message or (f"{type(error).__name__} without a message, raised in a DataLoader worker (--num-workers 0 "
-                       "shows where, in the traceback)")
+    where = next((line.strip() for line in reversed(frames) if line.lstrip().startswith("File ")), "")
+    return message or f"{type(error).__name__} without a message, raised in a DataLoader worker ({where})"
 
 
 def _how_to_go_on(args: argparse.Namespace) -> str:

@@ -422,9 +422,10 @@ def home_expanded(path: str | os.PathLike, option: str) -> Path:
     as it is), or a ValueError naming `option` when that home folder cannot be found (~name of no such user)."""
     try:
         return Path(path).expanduser()
-    except RuntimeError as error:
-        raise ValueError(f"{option} {path}: its home folder cannot be found ({error}); give the folder's "
-                         "path") from None
+    except RuntimeError:
+        home = Path(path).parts[0]
+        raise ValueError(f"{option} {path}: {home} cannot be expanded (no such user, or no home folder); give the "
+                         "folder's full path") from None
 
 
 def check_folder(path: str | os.PathLike, option: str, receives: str, write: bool = True) -> None:
@@ -575,8 +576,10 @@ def atomic_file(path: str | os.PathLike, binary: bool = False):
         try:  # "x": created here and only here, with the mode any new file gets
             f = open(tmp, "xb" if binary else "x", **({} if binary else {"encoding": "utf-8"}))
         except PermissionError as error:  # named after the file asked for, not the hidden temporary one
-            raise PermissionError(error.errno, f"cannot write {path}: no permission to create files in "
-                                  f"{path.parent}; write it to a folder you can write to") from None
+            refused = PermissionError(f"cannot write {path}: no permission to create files in {path.parent}; "
+                                      "give a path in a folder you can write to")
+            refused.errno = error.errno  # (given as an argument, it would start the message with "[Errno 13]")
+            raise refused from None
         with f:
             yield f
             f.flush()

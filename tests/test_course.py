@@ -530,8 +530,8 @@ def test_a_second_run_into_the_same_folder_is_refused_and_leaves_the_first_alone
     result = run_notebook(nb, tmp_path / "out", {"profile": "smoke"})
     assert not result.ok and result.out_dir == lock
     assert result.error.startswith(f"another run is writing {tmp_path / 'out'} (process {os.getppid()} on ")
-    assert (f"pass another out folder; if none is running (a crashed machine, or on Windows), delete {lock}"
-            in result.error)
+    assert (f"wait for it to finish, or write elsewhere; if no run is writing there (one killed on another "
+            f"machine, or on Windows), delete {lock}" in result.error)
     assert (tmp_path / "out.partial" / "figure.png").read_bytes() == b"the first run's" and lock.is_file()
 
 

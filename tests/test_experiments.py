@@ -5,6 +5,7 @@ import json
 import math
 import os
 import re
+import shutil
 import statistics
 from dataclasses import replace
 from pathlib import Path
@@ -736,9 +737,18 @@ def test_a_run_another_grid_is_writing_is_running_elsewhere_not_a_failure(notebo
     assert main(["--notebooks", "01", "--seeds", "0", "1", "--profile", "smoke", "--out", str(out)]) == 0
     said = capsys.readouterr().out
     assert f"running elsewhere: another run is writing {held}" in said and "failed: " not in said
-    assert "1 run(s) were being written by another grid: run the same command again once it has ended" in said
+    assert ("1 run was being written by another grid (the same command running twice?): run this command again "
+            "once that grid has ended") in said
     assert not any(out.rglob("error.txt")) and lock.is_file()
     assert len(pd.read_csv(out / "results.csv")) == 1  # the run it ran
+    other = grid(notebooks[:1], {}, seeds=[1], profile="smoke")[0].folder(out)  # both runs elsewhere now
+    other_lock = other.with_name(other.name + ".lock")
+    shutil.rmtree(specs[1].folder(out))
+    other_lock.write_text(f"{os.getppid()} on {socket.gethostname()}\n")
+    assert main(["--notebooks", "01", "--seeds", "0", "1", "--profile", "smoke", "--out", str(out)]) == 0
+    assert (out / "results.csv").is_file()  # the other grid's to replace: kept, not removed as an earlier one's
+    assert "2 runs were being written by another grid" in capsys.readouterr().out
+    other_lock.unlink()
     lock.unlink()  # the other grid ended (without finishing that run): the same command runs it
     assert main(["--notebooks", "01", "--seeds", "0", "1", "--profile", "smoke", "--out", str(out)]) == 0
     assert len(pd.read_csv(out / "results.csv")) == 2
