@@ -12,6 +12,20 @@ import torch
 torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def caches_in_the_sessions_folder(tmp_path_factory):
+    """What the tests' kernels and compilers would keep for the user, kept in pytest's own folder instead: the
+    IPython profile papermill's kernels make (~/.ipython), torch.compile's cache (/tmp/torchinductor_<user>) and
+    torchrun's per-run folders (/tmp/torchelastic_*, never removed): nothing outside the tests' folders."""
+    caches = tmp_path_factory.mktemp("caches")
+    patch = pytest.MonkeyPatch()
+    patch.setenv("IPYTHONDIR", str(caches / "ipython"))
+    patch.setenv("TORCHINDUCTOR_CACHE_DIR", str(caches / "inductor"))
+    patch.setenv("TMPDIR", str(caches))  # for the processes the tests start (kernels, torchrun)
+    yield
+    patch.undo()
+
+
 @pytest.fixture(autouse=True)
 def close_figures():
     """pyplot keeps every figure until it is closed (a test that draws 20 warned): close them after each test."""
