@@ -92,13 +92,15 @@ def unwritable(monkeypatch):
 @pytest.fixture
 def held_by_another_run():
     """Call it with a folder to make it held by another live run, as out_dir_lock leaves it: its .lock names a
-    process of this machine that is alive (this one's parent); returns that process's id."""
+    process of this machine that is alive (this one's parent); returns that process's id. lock=: that lock file
+    instead (the course runner's and a grid's are beside their folder)."""
     import os
     import socket
 
-    def hold(folder):
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / ".lock").write_text(f"{os.getppid()} on {socket.gethostname()}\n")
+    def hold(folder=None, *, lock=None):
+        lock = lock if lock is not None else folder / ".lock"
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        lock.write_text(f"{os.getppid()} on {socket.gethostname()}\n")
         return os.getppid()
 
     return hold

@@ -3,7 +3,6 @@
 import argparse
 import json
 import math
-import os
 import re
 import shutil
 import statistics
@@ -722,18 +721,16 @@ def test_command_line_removes_an_earlier_grids_results_when_no_run_finished(note
     assert not (out / "results.csv").exists() and "removed the earlier grid's" in capsys.readouterr().out
 
 
-def test_a_run_another_grid_is_writing_is_running_elsewhere_not_a_failure(notebooks, tmp_path, monkeypatch, capsys):
+def test_a_run_another_grid_is_writing_is_running_elsewhere_not_a_failure(notebooks, tmp_path, monkeypatch, capsys,
+                                                                           held_by_another_run):
     """The same grid started twice: each listed the run the other was writing as failed, pointed at an error.txt
     that was never written, and exited 1 although every run finished."""
-    import socket
-
     monkeypatch.setattr(experiments, "course_notebooks", lambda: notebooks)
     out = tmp_path / "grid"
     specs = grid(notebooks[:1], {}, seeds=[0, 1], profile="smoke")
     held = specs[0].folder(out)
-    held.parent.mkdir(parents=True)
     lock = held.with_name(held.name + ".lock")
-    lock.write_text(f"{os.getppid()} on {socket.gethostname()}\n")  # a live process: this one's parent
+    held_by_another_run(lock=lock)
     assert main(["--notebooks", "01", "--seeds", "0", "1", "--profile", "smoke", "--out", str(out)]) == 0
     said = capsys.readouterr().out
     assert f"running elsewhere: another run is writing {held}" in said and "failed: " not in said
@@ -741,10 +738,10 @@ def test_a_run_another_grid_is_writing_is_running_elsewhere_not_a_failure(notebo
             "once that grid has ended") in said
     assert not any(out.rglob("error.txt")) and lock.is_file()
     assert len(pd.read_csv(out / "results.csv")) == 1  # the run it ran
-    other = grid(notebooks[:1], {}, seeds=[1], profile="smoke")[0].folder(out)  # both runs elsewhere now
+    other = specs[1].folder(out)  # both runs elsewhere now
     other_lock = other.with_name(other.name + ".lock")
-    shutil.rmtree(specs[1].folder(out))
-    other_lock.write_text(f"{os.getppid()} on {socket.gethostname()}\n")
+    shutil.rmtree(other)
+    held_by_another_run(lock=other_lock)
     assert main(["--notebooks", "01", "--seeds", "0", "1", "--profile", "smoke", "--out", str(out)]) == 0
     assert (out / "results.csv").is_file()  # the other grid's to replace: kept, not removed as an earlier one's
     assert "2 runs were being written by another grid" in capsys.readouterr().out
