@@ -140,6 +140,9 @@ def _timed_out(error: Exception, cell_timeout: float | None) -> str:
     return f"{cell} timed out: {reason.group(1) if reason else text.splitlines()[0]}"
 
 
+MAX_NAME_BYTES = 255  # a file name's limit on ext4, APFS and NTFS: a run folder's name must fit
+
+
 def _literal_path(path: Path) -> str:
     """`path` for papermill, which formats its paths with the parameters (str.format): a folder named after
     a dict value, `flags={'a': 1}`, was read as a placeholder and the run failed with "Missing parameter"."""
@@ -163,8 +166,9 @@ def run_notebook(
     the staging folder (the result's `out_dir`), until the next run of the same notebook.
     cell_timeout: seconds one cell may run before the notebook is stopped as failed (a fraction is
     rounded up to whole seconds); None: no limit.
-    Raises ValueError for an out_dir that holds the notebook (publishing would replace it), and for a
-    parameter its parameters cell does not have (papermill would only log it and run the defaults).
+    Raises ValueError for an out_dir that holds the notebook (publishing would replace it) or whose name is
+    too long for its staging twin, and for a parameter its parameters cell does not have (papermill would
+    only log it and run the defaults).
     """
     import papermill as pm
     from nbclient.exceptions import CellTimeoutError, DeadKernelError  # papermill's executor
@@ -187,6 +191,9 @@ def run_notebook(
         raise ValueError(f"out_dir {out_dir} holds the notebook {notebook.name} itself; a finished run replaces "
                          "its out_dir, so give a folder outside the notebooks' one, e.g. outputs/<notebook>")
     staging = final.with_name(final.name + ".partial")
+    if len(staging.name.encode()) > MAX_NAME_BYTES:  # the run would fail with "File name too long" on its lock
+        raise ValueError(f"out_dir's name {final.name[:60]!r}... would be {len(staging.name.encode())} bytes with its "
+                         f"'.partial' suffix, over the {MAX_NAME_BYTES} a file name may have; give a shorter name")
     started = time.perf_counter()
 
     def failed(error: str) -> NotebookResult:

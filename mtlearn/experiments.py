@@ -33,8 +33,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from mtlearn.course import (CELL_TIMEOUT_S, DONE, course_notebooks, injected_parameters, resolve_cell_timeout,
-                            run_notebook, select_notebooks)
+from mtlearn.course import (CELL_TIMEOUT_S, DONE, MAX_NAME_BYTES, course_notebooks, injected_parameters,
+                            resolve_cell_timeout, run_notebook, select_notebooks)
 from mtlearn.notebook import flatten_metrics, resolve_profile
 from mtlearn.utils import check_folder, check_number, home_expanded, is_finite, is_int, write_text
 
@@ -130,8 +130,6 @@ def _finished(folder: Path) -> bool:
     """
     return (folder / DONE).exists()
 
-
-MAX_NAME_BYTES = 255  # a file name's limit on ext4, APFS and NTFS: a run folder's name must fit
 
 # Parameters the grid sets itself: a swept value would be silently replaced (or nest folders).
 GRID_PARAMETERS = {"seed": "give the seeds as seeds=[...] (--seeds)", "profile": "give it as profile= (--profile)",

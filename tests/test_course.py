@@ -106,6 +106,18 @@ def test_run_notebook_refuses_an_out_dir_that_holds_the_notebook(tmp_path):
     assert nb.is_file() and sorted(p.name for p in tmp_path.iterdir()) == ["nbs"]
 
 
+def test_run_notebook_refuses_an_out_dir_name_too_long_for_its_staging_twin(tmp_path):
+    """A folder name of 248 to 255 bytes is one the file system takes, but not with '.partial' after it: the
+    run failed on its lock file with "File name too long", naming neither the folder nor the fix."""
+    nb = write_notebook(tmp_path / "01_good.ipynb", GOOD)
+    longest = "r" * (255 - len(".partial"))
+    with pytest.raises(ValueError, match=r"out_dir's name 'r{60}'... would be 256 bytes with its '.partial' suffix, "
+                                         r"over the 255 a file name may have; give a shorter name"):
+        run_notebook(nb, tmp_path / (longest + "r"), {"profile": "smoke"})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["01_good.ipynb"]
+    assert run_notebook(nb, tmp_path / longest, {"profile": "smoke"}).ok  # the longest name that fits
+
+
 def test_headline_table_keeps_one_line_per_notebook_for_a_multi_line_error():
     error = "cell [4] raised FileNotFoundError: dataset 'busi' was not found in /d/busi. Download it first with\n" \
             "    python -m data_fetch busi --dest \"/d/busi\""
