@@ -69,6 +69,23 @@ def test_attribute_function_passes_its_layer_target_and_options_on(model, explai
     assert not torch.allclose(once, nearest)
 
 
+def test_gradcam_rectifies_the_layer_map_before_resampling_it(explainer, images):
+    """Grad-CAM keeps positive evidence: ReLU on the coarse map, then the upsampling. Clamping only after it
+    (as the upsampled map is anyway, for bicubic's overshoot) lets negative cells pull down their positive
+    neighbours; a layer map of one sign cannot tell the two apart, this one has both."""
+    from captum.attr import LayerGradCam
+
+    with torch.autocast("cpu", enabled=False):
+        args = explainer.forward_args(images, "cls", 1)
+        cam = LayerGradCam(explainer.head("cls"), explainer.layer).attribute(
+            images.clone().requires_grad_(True), additional_forward_args=args, relu_attributions=False).detach()
+    assert (cam < 0).any() and (cam > 0).any()
+    expected = A.upsample_cells(cam.clamp_min(0), images.shape[-2:]).sum(1, keepdim=True)
+    assert torch.allclose(explainer.attribute(images, "cls", 1, "gradcam"), expected, atol=1e-6)
+    clamped_after = A.upsample_cells(cam, images.shape[-2:]).clamp_min(0).sum(1, keepdim=True)
+    assert not torch.allclose(clamped_after, expected, atol=1e-6)
+
+
 def test_explainer_explains_a_training_model_in_eval_mode(images):
     """In train mode BatchNorm normalises with the batch's statistics, so an image's map would depend on
     the images it is explained with: the explainer's copy is in eval mode, the user's model stays in train."""

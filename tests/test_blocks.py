@@ -241,6 +241,15 @@ def test_drop_path_drops_whole_samples_in_training_only():
     assert torch.equal(drop(x), x)
 
 
+def test_drop_path_keeps_a_sample_with_probability_one_minus_p():
+    """At p = 0.5, as above, keeping with probability p or 1 - p is the same draw: at 0.2 most samples stay."""
+    torch.manual_seed(0)
+    out = DropPath(0.2)(torch.ones(4000, 1))
+    kept = out[:, 0] > 0
+    assert kept.float().mean().item() == pytest.approx(0.8, abs=0.03)
+    assert torch.allclose(out[kept], torch.tensor(1.25))  # rescaled by 1 / (1 - p)
+
+
 def test_swin_block_drops_both_residual_branches_in_training():
     # stochastic depth on the attention and on the MLP branch, drawn independently: with p = 0.5 about a
     # quarter of the samples lose both and come out unchanged; in eval none does
@@ -308,6 +317,10 @@ def test_window_layouts(height, width, window_size, shift, layout):
 def test_swin_block_matches_explicit_window_rule(height, width, window_size, shift):
     # covers shifted windows, padding to a multiple of the window (masked out) and global windows
     block = SwinBlock(16, 2, window_size, shift=shift).eval()
+    with torch.no_grad():  # two different LayerNorms: as built they are equal, and either could stand for the other
+        for norm in (block.norm1, block.norm2):
+            norm.weight.uniform_(0.5, 1.5)
+            norm.bias.normal_(0.0, 0.5)
     x = torch.randn(2, height, width, 16)
     assert torch.allclose(block(x), _reference_swin(block, x), atol=1e-5)
 

@@ -127,6 +127,27 @@ def test_without_attention_is_a_plain_resnet():
                      *(f"stages.{i}.merge" for i in (1, 2, 3))}
 
 
+def test_every_attention_setting_of_the_config_reaches_each_stages_blocks():
+    """num_heads per stage, qkv_bias, attn_dropout, dropout and mlp_ratio: a setting the encoder dropped on the way
+    would build the defaults without a word."""
+    config = tiny_config(attn_depths=(2, 1, 1, 1), qkv_bias=False, attn_dropout=0.1, dropout=0.2, mlp_ratio=2.0)
+    encoder = ResFormerEncoder(config)
+    for i, stage in enumerate(encoder.stages):
+        for block in stage.transformer:
+            assert block.attn.num_heads == config.num_heads[i], i
+            assert block.attn.qkv.bias is None and block.attn.attn_dropout == 0.1
+            assert block.attn.proj_drop.p == 0.2
+            assert block.mlp[0].out_features == 2 * config.widths[i]
+    default = [b for b in ResFormerEncoder(tiny_config()).modules() if isinstance(b, SwinBlock)]
+    assert all(b.attn.qkv.bias is not None for b in default)
+
+
+def test_the_stem_is_resnets_7x7_convolution_then_a_stride_2_max_pool():
+    conv, _, _, pool = ResFormerEncoder(tiny_config()).stem
+    assert (conv.kernel_size, conv.stride, conv.padding) == ((7, 7), (1, 1), (3, 3))
+    assert (pool.kernel_size, pool.stride, pool.padding) == (3, 2, 1)
+
+
 def test_shifted_windows_in_every_second_block_and_drop_path_rising_linearly():
     encoder = ResFormerEncoder(tiny_config(attn_depths=(2, 2, 2, 2), drop_path=0.1))
     blocks = [m for m in encoder.modules() if isinstance(m, SwinBlock)]

@@ -161,13 +161,17 @@ class _Zero(torch.nn.Module):
         return torch.zeros_like(x)
 
 
-def test_decoder_input_is_the_refined_deepest_map():
-    # the H/16 map is refined like every skip before the decoder starts from it
+@pytest.mark.parametrize("level", [0, 1, 2, 3])
+def test_decoder_uses_each_refined_map_not_the_raw_one(level):
+    """The H/16 map (level 3) is refined like every skip before the decoder starts from it, and each level
+    fuses its refined skip: a decoder that concatenated the raw map there would throw the DFE's work away."""
     decoder = UNetDecoder(WIDTHS).eval()
-    decoder.refine[3] = _Zero()
     maps = features(1)
-    deepest_zero = maps[:3] + [torch.zeros_like(maps[3])]
-    assert torch.equal(decoder(maps), decoder(deepest_zero))
+    unrefined = decoder(maps)  # dfe "none": each refiner passes its map on
+    decoder.refine[level] = _Zero()
+    zeroed = [torch.zeros_like(m) if i == level else m for i, m in enumerate(maps)]
+    assert torch.equal(decoder(maps), decoder(zeroed))
+    assert not torch.equal(decoder(maps), unrefined)  # and the level's map counts at all
 
 
 def test_classification_head_dropout_acts_on_the_hidden_layer_not_the_logits():
