@@ -208,13 +208,14 @@ def test_busi_an_image_without_its_mask_is_skipped_in_both_lesion_classes(tmp_pa
     assert {"benign (2): no mask file, skipped", "malignant (2): no mask file, skipped"} <= set(dataset.problems)
 
 
-def test_busi_extra_mask_of_another_size_is_a_size_mismatch(tmp_path):
+@pytest.mark.parametrize("mask_shape", [(20, 24), (20, 48), (40, 24)], ids=["both", "height", "width"])
+def test_busi_extra_mask_of_another_size_is_a_size_mismatch(tmp_path, mask_shape):
     """Every mask of an image is checked against it, not only the first: an extra _mask_1.png of another size
-    would be stretched onto the image."""
+    would be stretched onto the image (a size that differs in one side only, too)."""
     lesion = np.zeros((40, 48), np.uint8)
     lesion[6:20, 10:30] = 255
     make_small_busi(tmp_path, {"benign (1)": lesion, "malignant (1)": lesion})
-    save_png(tmp_path / "Dataset_BUSI_with_GT" / "benign" / "benign (1)_mask_1.png", np.zeros((20, 24), np.uint8))
+    save_png(tmp_path / "Dataset_BUSI_with_GT" / "benign" / "benign (1)_mask_1.png", np.zeros(mask_shape, np.uint8))
     with pytest.warns(UserWarning, match="differ in size"):
         dataset = load_dataset("busi", root=tmp_path, split="all")
     assert dataset.size_mismatches == ["benign (1)"] and [r.id for r in dataset.records] == ["malignant (1)"]
