@@ -430,6 +430,21 @@ def test_probe_matrix_rows_encoders_columns_labels():
         probe_matrix({}, train)
 
 
+def test_probe_matrix_gives_one_encoder_under_two_names_one_row_twice():
+    """Two rows differ by their encoders only: one encoder under two names gets one row twice, the one
+    cross_validated_probe gives with the same folds and seed (other folds per row would add split noise
+    of a few points, on the noise label here, to every gap the table shows)."""
+    train = DataLoader(TinyData(60, seed=0), batch_size=20)
+
+    def flat(x):
+        return x.flatten(1)
+
+    table = probe_matrix({"one": flat, "again": flat}, train, label_keys=("noise",), device="cpu", folds=3, seed=4)
+    features, labels = extract_features(flat, train, device="cpu", label_keys=("noise",))
+    expected = cross_validated_probe(features, labels["noise"], 3, 4)["balanced_accuracy"]
+    assert table["noise"].tolist() == pytest.approx([expected, expected])
+
+
 def test_probe_matrix_errors_name_the_encoder_and_the_label():
     train = DataLoader(TinyData(16), batch_size=8)
     with pytest.raises(ValueError, match=r"^probing encoder 'mean' for 'coded': .*fewer than folds=12"):

@@ -1217,6 +1217,23 @@ def test_train_and_measure_records_memory_at_the_batch_size_cpu_time_and_an_eval
     assert result.model is model and not model.training
 
 
+def test_train_and_measure_scores_the_test_set_not_the_training_set():
+    """Every number of the strategy table is a test score: scored on the training images, scratch and full
+    fine-tuning (which fit them best) would look better than they generalise."""
+    from mtlearn.engine import evaluate
+
+    config = handful()
+    data = load_strategy_data(config)
+    model = _new_model(config, ("seg", "cls"), num_classes=3, in_channels=1)
+    result = train_and_measure(model, "scratch", data.train, data.test, config, epochs=1)
+
+    def scores(dataset):
+        found = evaluate(model, DataLoader(dataset, batch_size=config.batch_size), ("seg", "cls"))
+        return {k: v for k, v in found.items() if not k.endswith("loss")}
+
+    assert result.metrics == pytest.approx(scores(data.test)) and result.metrics != pytest.approx(scores(data.train))
+
+
 def test_table_takes_the_largest_measured_cuda_peak_whatever_the_order():
     """A comparison started on the CPU and resumed on a GPU mixes unmeasured (NaN) and measured peaks."""
     peaks = {"seg": float("nan"), "cls": 3.0, "recon": 2.0}
