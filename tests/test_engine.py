@@ -399,6 +399,19 @@ def test_torchrun_trains_a_subset_of_the_model_heads(tmp_path):
     torch.testing.assert_close(states[0]["heads.recon.weight"], untouched.heads["recon"].weight.detach())
 
 
+def test_validation_losses_are_the_configured_ones():
+    """val/<task>/loss is what monitor="seg/loss" picks best.pt by: with Dice + focal and class weights
+    configured, validating with the default losses would pick the epoch by a loss nobody trained with."""
+    train, _ = _loaders()
+    val = DataLoader(ToyData(n=8, seed=1).items, batch_size=4)  # without ToyData's random flips: the same each pass
+    model = ToyNet()
+    losses = LossConfig(seg="dicefocal", class_weights=[1.0, 5.0, 1.0])
+    last = _fit_on_cpu(model, train, val, epochs=1, losses=losses, restore_best=False).records[-1]
+    configured, default = evaluate(model, val, losses=losses), evaluate(model, val)
+    for key in ("seg/loss", "cls/loss"):
+        assert last[f"val/{key}"] == pytest.approx(configured[key]) and configured[key] != pytest.approx(default[key])
+
+
 def test_resume_into_a_longer_run_follows_the_longer_schedule(tmp_path):
     train, val = _loaders()  # 4 steps per epoch
     _fit(ToyNet(), train, val, epochs=1, lr=1e-2, out_dir=tmp_path)  # its schedule ends at lr 0
@@ -410,7 +423,14 @@ def test_resume_into_a_longer_run_follows_the_longer_schedule(tmp_path):
                                             (dict(lr=1e-3), "lr: 0.01 then, 0.001 now"),
                                             (dict(tasks=("seg", "cls")), "tasks"),
                                             (dict(monitor="seg/loss"),
-                                             "with monitor 'val/seg/loss': its best.pt was chosen by 'val/seg/dice'")])
+                                             "with monitor 'val/seg/loss': its best.pt was chosen by 'val/seg/dice'"),
+                                            # the optimiser's and the losses' settings: each changes every later step
+                                            (dict(grad_clip=1.0), "grad_clip: None then, 1.0 now"),
+                                            (dict(weight_decay=0.1), "weight_decay: 3e-05 then, 0.1 now"),
+                                            (dict(betas=(0.8, 0.99)), r"betas: \[0.9, 0.999\] then, \[0.8, 0.99\] now"),
+                                            (dict(poly_power=2.0), "poly_power: 0.9 then, 2.0 now"),
+                                            (dict(losses=LossConfig(seg="dicefocal")),
+                                             "losses: None then, {'seg': 'dicefocal', .*} now")])
 def test_resume_with_other_options_is_refused_by_name(changed, named, tmp_path):
     train, val = _loaders()
     _fit(ToyNet(), train, val, epochs=1, lr=1e-2, out_dir=tmp_path)
