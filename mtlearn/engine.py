@@ -920,8 +920,7 @@ def _load_run(run: _Run, path: Path, train_loader, config: TrainConfig, tasks) -
     # not in a checkpoint written before they were saved: not compared then
     saved.update({name: state[name] for name in LOADER_FACTS if name in state})
     current = {**_plain_config(config, tasks), **_loader_facts(train_loader)}
-    check_resume_options(path, _weighting_as_settings(saved), _weighting_as_settings(current), RESUME_FIELDS,
-                         RESUME_NOTES)
+    check_resume_options(path, _as_compared(saved), _as_compared(current), RESUME_FIELDS, RESUME_NOTES)
     load_weights(run.model, state["model"], f"cannot resume from {path}: its weights do not fit this model (another "
                  "preset, task list, channel count or class count?). Resume with the model of that run, or start a "
                  "new run in another out_dir.")
@@ -938,6 +937,15 @@ def _load_run(run: _Run, path: Path, train_loader, config: TrainConfig, tasks) -
         run.scaler.load_state_dict(state["scaler"])
     set_rng_state(state["rng"], train_loader, run.device)
     return state
+
+
+def _as_compared(plain: Mapping) -> dict:
+    """`plain` (a _plain_config) as a resume compares it: its weighting as the settings it amounts to, and
+    losses=None as the LossConfig() it stands for (either resumes the other; a refusal names the losses)."""
+    compared = _weighting_as_settings(plain)
+    if "losses" in compared and compared["losses"] is None:
+        compared["losses"] = python_numbers(dataclasses.asdict(LossConfig()))
+    return compared
 
 
 def _weighting_as_settings(plain: Mapping) -> dict:

@@ -430,13 +430,23 @@ def test_resume_into_a_longer_run_follows_the_longer_schedule(tmp_path):
                                             (dict(betas=(0.8, 0.99)), r"betas: \[0.9, 0.999\] then, \[0.8, 0.99\] now"),
                                             (dict(poly_power=2.0), "poly_power: 0.9 then, 2.0 now"),
                                             (dict(losses=LossConfig(seg="dicefocal")),
-                                             "losses: None then, {'seg': 'dicefocal', .*} now")])
+                                             "losses: {'seg': 'dicece', .*} then, {'seg': 'dicefocal', .*} now")])
 def test_resume_with_other_options_is_refused_by_name(changed, named, tmp_path):
     train, val = _loaders()
     _fit(ToyNet(), train, val, epochs=1, lr=1e-2, out_dir=tmp_path)
     options = {"epochs": 2, "lr": 1e-2, **changed}
     with pytest.raises(ValueError, match=f"cannot resume .*{named}.*another out_dir"):
         _fit(ToyNet(), train, val, out_dir=tmp_path, resume=True, **options)
+
+
+def test_resume_takes_the_default_losses_given_either_way(tmp_path):
+    """losses=None means LossConfig(): a run started with one resumes with the other (it was refused, the
+    message reading "losses: None then")."""
+    train, val = _loaders()
+    _fit(ToyNet(), train, val, epochs=1, out_dir=tmp_path / "none")
+    assert len(_fit(ToyNet(), train, val, out_dir=tmp_path / "none", resume=True, losses=LossConfig()).records) == 2
+    _fit(ToyNet(), train, val, epochs=1, out_dir=tmp_path / "default", losses=LossConfig())
+    assert len(_fit(ToyNet(), train, val, out_dir=tmp_path / "default", resume=True).records) == 2
 
 
 def _frozen(model, *prefixes):
