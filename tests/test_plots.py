@@ -726,3 +726,120 @@ def test_show_items_refuses_items_that_are_not_dicts(items, match):
 def test_show_items_takes_one_key_as_a_str():
     fig = plots.show_items([{"image": torch.rand(1, 8, 8)}], keys="image")  # was the rows 'i', 'm', 'a', ...
     assert [ax.get_ylabel() for ax in fig.axes] == ["image"]
+
+
+# ---------------------------------------------------------------- found unpinned by a mutation sweep
+
+
+def _extent(collection):
+    """(x min, x max, y min, y max) of a contour's outline, in pixels: x the column, y the row."""
+    xy = np.concatenate([path.vertices for path in collection.get_paths()])
+    return xy[:, 0].min(), xy[:, 0].max(), xy[:, 1].min(), xy[:, 1].max()
+
+
+def _off_diagonal_mask(shape=(16, 16)):
+    mask = np.zeros(shape, dtype=np.float32)
+    mask[2:5, 8:13] = 1  # rows 2-4, columns 8-12: transposed, it would sit at rows 8-12, columns 2-4
+    return mask
+
+
+def test_bar_table_names_each_bar_by_its_own_row_in_the_tables_order():
+    """The tick labels were sorted while the bars kept the table's order: "mtl" stood under seg's bar."""
+    ax = plots.bar_table(pd.DataFrame({"dice": [0.8, 0.9]}, index=["seg", "mtl"]), "dice").axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["seg", "mtl"]
+    assert ax.get_xticks().tolist() == pytest.approx(_bar_centres(ax))  # each name under its bar
+    assert [bar.get_height() for bar in ax.patches] == pytest.approx([0.8, 0.9])
+
+
+def test_overlay_outlines_a_mask_where_it_is_not_transposed():
+    """A mask off the diagonal was outlined at its mirror image (rows for columns)."""
+    _, ax = plt.subplots()
+    mask = _off_diagonal_mask()
+    plots.overlay(ax, torch.rand(1, 16, 16), mask=mask, prediction=torch.from_numpy(mask)[None])
+    for outline in ax.collections:  # the truth and the prediction
+        assert _extent(outline) == pytest.approx((7.5, 12.5, 1.5, 4.5))
+
+
+def test_overlay_draws_the_image_as_it_is_not_transposed():
+    image = torch.rand(1, 6, 10)  # 6 rows, 10 columns
+    _, ax = plt.subplots()
+    plots.overlay(ax, image, mask=np.zeros((6, 10)))
+    assert np.array_equal(np.asarray(ax.images[0].get_array()), image[0].numpy())
+
+
+def test_show_items_draws_a_mask_the_same_way_up_as_its_image():
+    """A mask drawn from the bottom up (origin="lower") showed the lesion of the top row at the bottom."""
+    image, mask = torch.zeros(1, 8, 8), torch.zeros(1, 8, 8)
+    image[:, 0], mask[:, 0] = 1, 1  # the top row bright in both
+    fig = plots.show_items([{"image": image, "mask": mask}], keys=("image", "mask"))
+    fig.canvas.draw()
+    pixels = np.asarray(fig.canvas.buffer_rgba())[..., :3].mean(axis=-1)
+    for ax in fig.axes:
+        box = ax.get_window_extent()
+        column = int((box.x0 + box.x1) / 2)
+        top, bottom = (int(pixels.shape[0] - (box.y1 - f * box.height)) for f in (1 / 16, 15 / 16))
+        assert pixels[top, column] > 200 and pixels[bottom, column] < 50, ax.get_ylabel()  # white on top
+
+
+def test_learning_curves_spell_out_a_training_metric_as_training():
+    histories = {"mtl": [{"epoch": 1, "train/seg/dice": 0.5}, {"epoch": 2, "train/seg/dice": 0.6}]}
+    assert plots.learning_curves(histories, "train/seg/dice").axes[0].get_ylabel() == "seg/dice (training)"
+
+
+def test_bar_table_draws_the_errors_given_over_a_summarys_standard_deviations():
+    """errors= is documented to replace summarise's std; the std was drawn all the same."""
+    from matplotlib.container import ErrorbarContainer
+
+    from mtlearn.experiments import summarise
+
+    runs = pd.DataFrame({"weighting": ["fixed", "fixed", "dwa", "dwa"], "dice": [0.7, 0.9, 0.6, 0.6]})
+    errors = pd.DataFrame({"dice": [0.05, 0.02]}, index=["dwa", "fixed"])  # e.g. a confidence interval
+    ax = plots.bar_table(summarise(runs, "weighting", ["dice"]), "dice", errors=errors).axes[0]
+    (bars,) = [c for c in ax.containers if isinstance(c, ErrorbarContainer)]
+    spans = [sorted(segment[:, 1].tolist()) for segment in bars.lines[2][0].get_segments()]
+    assert spans == [pytest.approx([0.55, 0.65]), pytest.approx([0.78, 0.82])]  # not the std's 0 and 0.14
+
+
+@pytest.mark.parametrize("low, high, scaled", [
+    (-0.5, 0.9, True),  # below 0 only: was clipped to black below 0, not scaled
+    (0.2, 1.0, False),  # in [0, 1] up to exactly 1: drawn as it is, not stretched to [0, 1]
+])
+def test_a_colour_image_is_scaled_exactly_when_it_leaves_zero_one(low, high, scaled):
+    x = torch.linspace(low, high, 3 * 4 * 4).reshape(3, 4, 4)  # three different channels: colour
+    _, ax = plt.subplots()
+    plots.overlay(ax, x)
+    drawn, x = np.asarray(ax.images[0].get_array()), x.permute(1, 2, 0).numpy()
+    assert np.allclose(drawn, (x - low) / (high - low) if scaled else x)
+
+
+@pytest.mark.parametrize("values, errors", [([0.5, 0.6], [0.3, 0.3]), ([100.0, 200.0], [50.0, 80.0])])
+def test_bar_table_keeps_every_error_bar_and_its_value_in_view(values, errors):
+    """The top was set from the bars alone: a long error bar and the value written above it were cut off."""
+    table = pd.DataFrame({"m": values}, index=["a", "b"])
+    ax = plots.bar_table(table, "m", errors=pd.DataFrame({"m": errors}, index=["a", "b"])).axes[0]
+    top = ax.get_ylim()[1]
+    assert all(top > value + error for value, error in zip(values, errors))
+    assert all(text.get_position()[1] < top for text in ax.texts)
+
+
+def test_bar_table_zooms_in_on_close_scores_that_reach_one():
+    """An accuracy of exactly 1.0 is a score too: 0.97 vs 1.0 was drawn from 0, where they look equal."""
+    ax = plots.bar_table(pd.DataFrame({"acc": [0.97, 1.0]}, index=["a", "b"]), "acc").axes[0]
+    low = ax.get_ylim()[0]
+    assert 0 < low < 0.97 and ax.get_ylabel() == f"acc (axis from {low:g})"
+
+
+def test_bar_table_writes_the_value_of_a_zero_bar_above_the_axis():
+    """A value of exactly 0 was written hanging below 0, under the axis' foot, among the tick labels."""
+    ax = plots.bar_table(pd.DataFrame({"gain": [0.0, 0.5]}, index=["none", "some"]), "gain").axes[0]
+    zero = ax.texts[0]
+    assert zero.get_text() == "0.000" and zero.get_va() == "bottom" and zero.get_position()[1] == 0
+
+
+def test_learning_curves_zoomed_say_a_run_with_no_finite_value_at_all_has_none():
+    """A run that never had a finite value was said to have none "in the last 3 epochs", as if it had before."""
+    histories = {"fine": [{"epoch": e, "val/dice": 0.5 + e / 100} for e in range(1, 6)],
+                 "diverged": [{"epoch": e, "val/dice": math.nan} for e in range(1, 6)]}
+    fig = plots.learning_curves(histories, "val/dice", zoom_last=3)
+    assert len(fig.axes) == 2
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["fine", "diverged (no finite values)"]

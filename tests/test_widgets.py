@@ -424,3 +424,18 @@ def test_a_displayed_explorer_is_its_widget_with_a_picture_for_viewers_without_w
     explorer.dataset = [{"id": "broken"}] * 3  # an item it cannot draw: no picture, the widget says why
     explorer.index.value = 1
     assert "image/png" not in formatter.format(explorer)[0]
+
+
+def test_outlines_sit_where_the_masks_are_not_transposed():
+    """Off the diagonal, the lesion and artifact outlines were drawn at their mirror images (rows for columns)."""
+    items = fake_items()
+    items[0]["mask"].zero_()
+    items[0]["mask"][:, 2:5, 8:13] = 1  # rows 2-4, columns 8-12
+    items[0]["artifact_mask"][:, 10:12, 2:7] = 1  # rows 10-11, columns 2-6
+    explorer = DatasetExplorer(items)
+    explorer.artifact.value = True
+    lesion, artifact = explorer.figure.axes[0].collections
+    for outline, (columns, rows) in ((lesion, ((7.5, 12.5), (1.5, 4.5))), (artifact, ((1.5, 6.5), (9.5, 11.5)))):
+        xy = np.concatenate([path.vertices for path in outline.get_paths()])  # x the column, y the row
+        assert (xy[:, 0].min(), xy[:, 0].max()) == pytest.approx(columns)
+        assert (xy[:, 1].min(), xy[:, 1].max()) == pytest.approx(rows)
