@@ -596,6 +596,7 @@ def test_only_runs_the_chosen_notebooks_in_course_order_and_leaves_an_empty_data
     # "" is the default data folder: made absolute it would become the caller's folder
     assert course.injected_parameters({"data_root": ""})["data_root"] == ""
     assert course.injected_parameters({"data_root": "data"})["data_root"] == str(Path("data").absolute())
+    assert course.injected_parameters({"data_root": Path("data")})["data_root"] == str(Path("data").absolute())
 
 
 def _take_over_slowly(lock, stale_pid, delay, results):

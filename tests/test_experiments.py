@@ -527,6 +527,8 @@ def test_a_finished_run_of_other_parameters_in_the_folder_is_not_complete(notebo
     assert not spec.is_complete(tmp_path)
     (folder / "metrics.json").write_text(json.dumps(RECORD))
     assert spec.is_complete(tmp_path)
+    (folder / spec.notebook.name).unlink()  # what the run's parameters were is then unknown: run it again
+    assert not spec.is_complete(tmp_path)
 
 
 def test_a_finished_run_whose_notebook_recorded_no_swept_parameter_is_not_complete(notebooks, tmp_path):
@@ -842,6 +844,9 @@ json.dump(record, open(pathlib.Path(out_dir) / "metrics.json", "w"))"""
     parameters = {"scale": [np.int64(2), np.float32(0.5)], "size": [(32, 32)], "flags": [{"a": (np.bool_(True),)}]}
     specs = grid([nb], parameters, seeds=np.arange(1), profile="smoke")
     assert parameters["size"] == [(32, 32)]  # the caller's dict is left as it was
+    # a list of NumPy integers too, not only an array (whose tolist() gives ints): papermill wrote "0"
+    listed = grid([nb], parameters, seeds=list(np.arange(1)), profile="smoke")
+    assert [type(dict(spec.parameters)["seed"]) for spec in listed] == [int, int]
     status = run_grid(specs, tmp_path / "grid", progress=False)
     assert list(status["status"]) == ["ok", "ok"], status["status"].tolist()
     kinds = [json.loads((spec.folder(tmp_path / "grid") / "metrics.json").read_text())["kinds"] for spec in specs]

@@ -167,7 +167,7 @@ def test_generated_datasets_need_no_data_folder(tmp_path, monkeypatch):
 
 
 def test_run_writes_metrics_and_figures(tmp_path):
-    run = start_here(tmp_path, seed=5)
+    run = start_here(tmp_path, seed=5, dataset="shapes", datasets=("synthetic", "shapes"))
     fig, ax = plt.subplots()
     ax.plot([0, 1])
     run.save_figure(fig, "curve")
@@ -179,6 +179,7 @@ def test_run_writes_metrics_and_figures(tmp_path):
     assert record["metrics"] == {"dice": 0.5, "acc": None, "per_class": [1, 2], "confusion": [[3, 1], [0, 4]],
                                  "auc": 0.75, "seg": {"auc": None}}
     assert record["profile"] == "smoke" and record["seed"] == 5 and record["figures"] == ["curve.png"]
+    assert record["dataset"] == "shapes"  # a grid compares it before it skips a finished run
     assert (tmp_path / "out" / "curve.png").stat().st_size > 0
 
 
@@ -623,6 +624,14 @@ def test_up_to_six_non_finite_metrics_are_all_named(tmp_path):
 def test_a_nan_numpy_float32_metric_is_warned_about(tmp_path):
     with pytest.warns(RuntimeWarning, match=r"\['iou'\] are NaN or inf"):
         start_here(tmp_path).finish({"iou": np.float32("nan"), "dice": np.float32(0.5)})
+
+
+def test_a_nan_in_metrics_given_as_another_mapping_is_warned_about(tmp_path):
+    """finish takes any Mapping: its NaN was written as null without the warning a dict's gets."""
+    from types import MappingProxyType
+
+    with pytest.warns(RuntimeWarning, match=r"\['iou'\] are NaN or inf"):
+        start_here(tmp_path).finish(MappingProxyType({"iou": float("nan"), "dice": 0.5}))
 
 
 def test_an_empty_dataset_folder_counts_as_missing(tmp_path):
