@@ -4,6 +4,8 @@ Their arithmetic is checked with a fake clock or a fake timed function that take
 which rounds count, images per second, scaling, ratios and their direction.
 """
 
+import contextlib
+import copy
 import functools
 import math
 import os
@@ -620,3 +622,177 @@ def test_disentangle_passes_its_seed_epochs_and_threads_on_and_restores_the_thre
     kinds = list(bench_disentangle.MODELS)
     assert seen == [(kind, 3, 7, 3) for kind in kinds] + [(kind, 1, 5, 4) for kind in kinds]
     assert rows[0]["criterion"] == "pass" and "pass" in capsys.readouterr().out
+
+
+class _DictConv(nn.Conv2d):
+    """A tiny real model with the presets' output: a dict of task outputs."""
+
+    def __init__(self):
+        super().__init__(3, 2, 3)
+
+    def forward(self, images):
+        return {"seg": super().forward(images)}
+
+
+def test_models_train_step_backpropagates_and_steps_the_optimizer():
+    """Every timing test stubs _train_step: one without backward or step would time a forward pass only."""
+    torch.manual_seed(0)
+    model = _DictConv()
+    before = copy.deepcopy(model.state_dict())
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    bench_models._train_step(model, optimizer, torch.randn(2, 3, 8, 8))
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())  # gradients left
+    assert all(not torch.equal(before[k], v) for k, v in model.state_dict().items())  # and every weight moved
+    assert optimizer.state  # AdamW took its step
+
+
+def test_models_build_the_named_presets_and_swinunetr_48(monkeypatch):
+    """The paper row built from the course preset, or SwinUNETR at feature size 24, would time other models
+    under the paper's names (the table's point is the paper preset beside SwinUNETR-48)."""
+    built = {}
+
+    def builder(kind):
+        def build(*args, **kwargs):
+            built[kind, args[0]] = (args, kwargs)
+            return (kind, args[0])
+        return build
+
+    monkeypatch.setattr(bench_models, "build_model", builder("preset"))
+    monkeypatch.setattr(bench_models, "monai_baseline", builder("monai"))
+    names = ["tiny", "course", "paper", "monai unet", "monai swinunetr"]
+    models = bench_models._models(96, 1, names)
+    assert models == {"tiny": ("preset", "tiny"), "course": ("preset", "course"), "paper": ("preset", "paper"),
+                      "monai unet": ("monai", "unet"), "monai swinunetr": ("monai", "swinunetr")}
+    for preset in ("tiny", "course", "paper"):
+        assert built["preset", preset] == ((preset,), {"in_channels": 1, "image_size": 96})
+    assert built["monai", "unet"] == (("unet", 1, 2, 96), {})
+    assert built["monai", "swinunetr"] == (("swinunetr", 1, 2, 96), {"feature_size": 48})
+
+
+@pytest.mark.parametrize("quick", [False, True])
+def test_models_paper_group_passes_the_rounds_asked_for(monkeypatch, quick):
+    """rounds=3 replaced by the paper group's default (2; quick 1) would time fewer rounds than asked."""
+    rounds = []
+    monkeypatch.setattr(bench_models, "keep_freed_memory", lambda: True)
+    monkeypatch.setattr(bench_models, "measure", lambda size, names, **kwargs: rounds.append(
+        kwargs["rounds"]) or [{"model": names[0]}])
+    bench_models.run(quick=quick, groups=("paper",), device="cpu", threads=1, rounds=3)
+    assert rounds == [3] * (1 if quick else 2)  # every batch of the group
+
+
+def test_models_compare_with_swinunetr_in_its_faster_layout_channels_last(monkeypatch):
+    """With SwinUNETR faster in channels_last, its contiguous rate as the reference would flatter every row."""
+    seconds = {("paper", "contiguous"): [0.001, 2.0], ("paper", "channels_last"): [0.001, 4.0],
+               ("monai swinunetr", "contiguous"): [0.001, 8.0],
+               ("monai swinunetr", "channels_last"): [0.001, 4.0]}
+    clock = _Clock()
+
+    def step(model, optimizer, images, amp_dtype):
+        clock.wall += seconds[model.name, _layout(images)].pop(0)
+
+    monkeypatch.setattr(bench_models, "_models", lambda size, channels, names: {n: _StubModel(n) for n in names})
+    monkeypatch.setattr(bench_models, "_train_step", step)
+    monkeypatch.setattr(bench_models, "time", clock)
+    paper, swin = bench_models.measure(8, ["paper", "monai swinunetr"], batch_size=4, rounds=1, device="cpu")
+    assert (swin["layout"], swin["train_img_per_s"]) == ("channels_last", pytest.approx(1.0))
+    # 2.0 / 1.0, each in its faster layout (against SwinUNETR's contiguous 0.5 it would read 4.0)
+    assert (paper["vs_swinunetr"], swin["vs_swinunetr"]) == pytest.approx((2.0, 1.0))
+
+
+def test_models_train_step_autocasts_on_the_images_device(monkeypatch):
+    """autocast fixed to "cpu" would leave a CUDA forward pass in float32 under --amp bf16. The images here
+    only claim to be on CUDA (no GPU is needed): the fake autocast records the device type it is given."""
+    seen = []
+
+    def autocast(device_type, dtype=None, enabled=True, cache_enabled=None):
+        seen.append((device_type, dtype, enabled))
+        return contextlib.nullcontext()
+
+    class Images:
+        device = torch.device("cuda")
+
+    weight = nn.Parameter(torch.ones(2))
+    model = lambda images: {"seg": weight * 2}
+    optimizer = torch.optim.AdamW([weight], lr=1e-2)
+    monkeypatch.setattr(torch, "autocast", autocast)
+    bench_models._train_step(model, optimizer, Images(), torch.bfloat16)
+    bench_models._train_step(model, optimizer, Images())
+    assert seen == [("cuda", torch.bfloat16, True), ("cuda", torch.float32, False)]
+
+
+def test_models_run_turns_cudnn_benchmark_on_for_cuda_only_and_restores_it(monkeypatch):
+    """As mtlearn's trainer runs on CUDA: cuDNN autotuning off would time slower convolutions than training uses.
+    measure is faked and the device claims to be CUDA, so no GPU is needed."""
+    seen = []
+    monkeypatch.setattr(bench_models, "measure", lambda *args, **kwargs: seen.append(
+        (kwargs["device"].type, torch.backends.cudnn.benchmark)) or [{"model": "tiny"}])
+    monkeypatch.setattr(bench_models, "keep_freed_memory", lambda: True)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    monkeypatch.setattr(bench_models, "_device", lambda name: torch.device("cuda"))
+    rows = bench_models.run(quick=True, groups=("course",), device="cuda", threads=torch.get_num_threads())
+    assert seen == [("cuda", True)] and torch.backends.cudnn.benchmark is False  # on while measuring; restored
+    assert rows[0]["malloc"] == ""  # no allocator setting on a GPU
+    torch.backends.cudnn.benchmark = True
+    monkeypatch.setattr(bench_models, "_device", lambda name: torch.device("cpu"))
+    bench_models.run(quick=True, groups=("course",), device="cpu", threads=torch.get_num_threads())
+    assert seen[1:] == [("cpu", False)] and torch.backends.cudnn.benchmark is True
+
+
+def test_models_accept_one_round(monkeypatch, capsys):
+    """--rounds 1 is the fewest rounds there can be, not a usage error."""
+    calls = []
+    monkeypatch.setattr(bench_models, "run", lambda **kwargs: calls.append(kwargs) or [{"model": "tiny"}])
+    bench_models.main(["--rounds", "1", "--group", "course"])
+    assert [call["rounds"] for call in calls] == [1] and "tiny" in capsys.readouterr().out
+
+
+def test_engine_loads_the_data_at_the_image_size_of_its_rows(monkeypatch, two_threads):
+    """Images twice the size would time another workload than the rows' image_size column says."""
+    loads = []
+    monkeypatch.setattr(bench_engine, "pick_device", lambda device: torch.device("cpu"))
+    monkeypatch.setattr(bench_engine, "load_dataset", lambda *args, **kwargs: loads.append(
+        (args, kwargs)) or list(range(1000)))
+    monkeypatch.setattr(bench_engine, "_build", lambda config, dataset, device: (None, None))
+    monkeypatch.setattr(bench_engine, "_epoch", lambda *args: {"epoch_time": 1.0, "data_share": 0.0})
+    rows = bench_engine.run(quick=True)
+    assert loads == [(("synthetic",), {"split": "train", "image_size": bench_engine.IMAGE_SIZE})]
+    assert all(row["image_size"] == bench_engine.IMAGE_SIZE == 64 for row in rows)
+
+
+def test_engine_every_configuration_starts_from_the_same_weights():
+    """Without a seed per build each configuration would train other initial weights, so the rows'
+    differences would mix in the initialisation."""
+    configs = bench_engine._configs(torch.device("cpu"), quick=False)
+    models = [bench_engine._build(config, list(range(16)), torch.device("cpu"))[0] for config in configs[:3]]
+    first = models[0].state_dict()
+    for model in models[1:]:
+        assert all(torch.equal(first[key], value) for key, value in model.state_dict().items())
+
+
+def test_engine_only_a_compile_failure_becomes_a_note(monkeypatch, two_threads):
+    """A failing fp32 or bf16 row must stop the benchmark (a bug), not be reported as a failed torch.compile."""
+    def epoch(config, model, loader, device):
+        if config["name"] == failing:
+            raise RuntimeError("broken")
+        return {"epoch_time": 1.0, "data_share": 0.0}
+
+    monkeypatch.setattr(bench_engine, "pick_device", lambda device: torch.device("cpu"))
+    monkeypatch.setattr(bench_engine, "load_dataset", lambda *args, **kwargs: list(range(1000)))
+    monkeypatch.setattr(bench_engine, "_build", lambda config, dataset, device: (None, None))
+    monkeypatch.setattr(bench_engine, "_epoch", epoch)
+    failing = "fp32 + torch.compile"  # no compiler tool chain: a note, the other rows timed
+    rows = {row["config"]: row for row in bench_engine.run(quick=False, rounds=1)}
+    assert rows[failing]["note"] == "torch.compile failed: RuntimeError: broken" and "images_per_s" not in rows[failing]
+    assert all("note" not in row and row["rounds"] == 1 for name, row in rows.items() if name != failing)
+    for failing in ("bf16 autocast", "fp32"):
+        with pytest.raises(RuntimeError, match="broken"):
+            bench_engine.run(quick=False, rounds=1)
+        assert torch.get_num_threads() == 2  # restored all the same
+
+
+@pytest.mark.parametrize("capability", [(7, 5), (8, 0)])
+def test_engine_quick_times_torch_compile_on_a_gpu(monkeypatch, capability):
+    """--quick skips compiling on a CPU only (minutes there); on CUDA it is part of the quick table."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    compile_row = bench_engine._configs(torch.device("cuda"), quick=True)[-1]
+    assert compile_row["compile"] and compile_row["skip"] is None
