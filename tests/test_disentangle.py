@@ -418,7 +418,7 @@ def test_shapes_loaders_balance_the_seen_combinations_of_both_labels():
         mass[int(shape), int(background)] += weight
     assert all(value == pytest.approx(sum(mass.values()) / 3) for value in mass.values())
     unbalanced = D.shapes_loaders(D.disentangle_config("smoke", balance=False))["train"]
-    assert not isinstance(unbalanced.sampler, torch.utils.data.WeightedRandomSampler)
+    assert isinstance(unbalanced.sampler, torch.utils.data.RandomSampler)  # shuffled, as the paper preset trains
 
 
 # ---------------------------------------------------------------------------------------------- training
@@ -1425,6 +1425,10 @@ def test_ultrasound_experiment_smoke(kind, ultrasound_data):
         flags = Counter(it["artifact"] for it in ultrasound_data["independent"] if it["label"] == label)
         score = metrics[f"probe_artifact_a_{name}"]
         assert math.isnan(score) if min(flags[0], flags[1]) < 5 else 0.0 <= score <= 1.0, (name, flags, score)
+    if kind == "disentangle":  # the adversaries read where class and artifact are unrelated, not the last split
+        independent = D.evaluate_disentangle(model, DataLoader(ultrasound_data["independent"], batch_size=100),
+                                             task_keys=("label", "artifact"), device="cpu")
+        assert (metrics["adv_acc_a"], metrics["adv_acc_b"]) == (independent["adv_acc_a"], independent["adv_acc_b"])
     with pytest.raises(ValueError, match="reversed"):
         D.ultrasound_experiment(kind, config, data={k: v for k, v in ultrasound_data.items() if k != "reversed"},
                                 device="cpu", progress=False)
@@ -1433,6 +1437,46 @@ def test_ultrasound_experiment_smoke(kind, ultrasound_data):
                                          r"61\); build the data with more"):
         D.ultrasound_experiment(kind, replace(config, batch_size=61), data=ultrasound_data, device="cpu",
                                 progress=False)
+
+
+@pytest.mark.parametrize("experiment", ["shapes", "ultrasound"])
+def test_experiments_start_from_the_seeds_weights_whatever_ran_before(experiment, ultrasound_data, monkeypatch):
+    """train_disentangle seeds the batches only, after the model is built: the starting weights would
+    follow whatever drew from torch's generator before (another cell of the notebook)."""
+    started = []
+
+    def train(model, loader, **kwargs):  # the weights it would start from; no training
+        started.append({k: v.clone() for k, v in model.state_dict().items()})
+        return {}
+
+    monkeypatch.setattr(D, "train_disentangle", train)
+    config = D.disentangle_config("smoke", image_size=(32, 32), batch_size=20)
+    for draws in (0, 1000):
+        torch.rand(draws)
+        if experiment == "shapes":
+            D.shapes_experiment("shared", D.disentangle_config("smoke"), seed=3, device="cpu", progress=False)
+        else:
+            D.ultrasound_experiment("shared", config, seed=3, data=ultrasound_data, device="cpu", progress=False)
+    assert all(torch.equal(value, started[1][key]) for key, value in started[0].items())
+
+
+def test_ultrasound_experiment_balances_class_and_artifact_together(ultrasound_data, monkeypatch):
+    """Balanced by class alone, the artifact-bearing malignant images stay a minority of the malignant draws."""
+    given = []
+    sampler = D.balanced_sampler
+
+    def recording(*labels, seed):
+        given.append(labels)
+        return sampler(*labels, seed=seed)
+
+    monkeypatch.setattr(D, "balanced_sampler", recording)
+    monkeypatch.setattr(D, "train_disentangle", lambda model, loader, **kwargs: {})
+    config = D.disentangle_config("smoke", image_size=(32, 32), batch_size=20)
+    assert config.balance
+    D.ultrasound_experiment("shared", config, seed=0, data=ultrasound_data, device="cpu", progress=False)
+    (labels,) = given
+    train = ultrasound_data["train"]
+    assert [list(values) for values in labels] == [[it["label"] for it in train], [it["artifact"] for it in train]]
 
 
 class PredictsFromPixel(torch.nn.Module):
