@@ -1803,3 +1803,66 @@ def test_a_lock_released_while_it_was_read_is_taken_and_an_old_one_of_a_live_pro
     lock.write_text(f"{os.getppid()} on {socket.gethostname()}\n")  # a live process's, however old
     os.utime(lock, (lock.stat().st_atime, lock.stat().st_mtime - 3600))
     assert take_lock(lock).startswith(f"process {os.getppid()} on ")
+
+
+# ---------------------------------------------------------------- found unpinned by a mutation sweep
+
+
+def test_a_repair_refused_for_lack_of_space_keeps_the_last_fetchs_marker(server, tmp_path, monkeypatch):
+    """The space is checked before the folder changes: refused there, the old marker went all the same (and an
+    .unpacking marker stayed), so a folder nothing was written to read as a fetch cut short."""
+    import collections
+
+    from data_fetch import archive as archive_module
+
+    server.files["/BUSBRA.zip"] = ARCHIVE
+    kwargs = {"dest": tmp_path, "url": server.url + "/BUSBRA.zip", "known_hash": sha256(ARCHIVE), "progress": False}
+    fetch("bus_bra", **kwargs)
+    marker = (tmp_path / ".bus_bra.complete").read_text()
+    (tmp_path / "BUSBRA" / "bus_data.csv").unlink()  # a repair: unpacked again
+    full = collections.namedtuple("usage", "total used free")(10**9, 10**9, 0)
+    monkeypatch.setattr(archive_module.shutil, "disk_usage", lambda path: full)
+    with pytest.raises(data_fetch.FetchError, match="has 0.0 MB free; nothing was extracted"):
+        fetch("bus_bra", **kwargs)
+    assert (tmp_path / ".bus_bra.complete").is_file() and (tmp_path / ".bus_bra.complete").read_text() == marker
+    assert not (tmp_path / ".bus_bra.unpacking").exists()
+
+
+def test_the_listing_names_each_datasets_own_folder(monkeypatch, capsys):
+    """`list` is where a user finds the folder to pass to load_dataset: the data root alone would send every
+    dataset's reader to the same, wrong, place."""
+    from pathlib import Path
+
+    root = Path("/data/root")
+    monkeypatch.setenv("MTLEARN_DATA", str(root))
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    for name, source in data_fetch.SOURCES.items():
+        assert f"    folder:   {root / source.folder}\n" in out, name
+    assert f"data root: {root} " in out
+
+
+def test_resolutions_sharing_a_folder_are_fetched_at_the_same_time(server, tmp_path, monkeypatch):
+    """busi_128 and busi_256 share busi_npz but no file (own .part, marker and lock): one lock per folder refused
+    the second while the first downloaded, though neither touches the other's files."""
+    server.files["/busi_128.npz"], server.files["/busi_256.npz"] = PAYLOAD, PAYLOAD[::-1]
+    download_file, during = data_fetch.download_file, []
+
+    def with_busi_256_meanwhile(url, target, *args, **kwargs):
+        if target.name == "busi_128.npz":
+            locks = list(tmp_path.glob("*.lock"))  # busi_128's: held as if by another process, alive
+            for lock in locks:
+                lock.write_text(f"{os.getppid()} on {socket.gethostname()}\n")
+            try:
+                during.append(fetch("busi_256", dest=tmp_path, url=server.url + "/busi_256.npz",
+                                    known_hash=sha256(PAYLOAD[::-1]), progress=False))
+            except data_fetch.FetchError as refused:
+                during.append(str(refused))
+            assert all(lock.is_file() for lock in locks) and locks  # still busi_128's
+        return download_file(url, target, *args, **kwargs)
+
+    monkeypatch.setattr(data_fetch, "download_file", with_busi_256_meanwhile)
+    fetch("busi_128", dest=tmp_path, url=server.url + "/busi_128.npz", known_hash=sha256(PAYLOAD), progress=False)
+    assert during == [tmp_path] and (tmp_path / "busi_256.npz").read_bytes() == PAYLOAD[::-1]
+    assert (tmp_path / "busi_128.npz").read_bytes() == PAYLOAD and not list(tmp_path.glob("*.lock"))
+    assert (tmp_path / ".busi_128.complete").is_file() and (tmp_path / ".busi_256.complete").is_file()
