@@ -191,7 +191,7 @@ def run_notebook(
         raise ValueError(f"out_dir {out_dir} holds the notebook {notebook.name} itself; a finished run replaces "
                          "its out_dir, so give a folder outside the notebooks' one, e.g. outputs/<notebook>")
     staging = final.with_name(final.name + ".partial")
-    if len(staging.name.encode()) > MAX_NAME_BYTES:  # the run would fail with "File name too long" on its lock
+    if len(staging.name.encode()) > MAX_NAME_BYTES:  # "File name too long" at its lock or staging folder
         raise ValueError(f"out_dir's name {final.name[:60]!r}... would be {len(staging.name.encode())} bytes with its "
                          f"'.partial' suffix, over the {MAX_NAME_BYTES} a file name may have; give a shorter name")
     started = time.perf_counter()

@@ -114,6 +114,8 @@ def test_run_notebook_refuses_an_out_dir_name_too_long_for_its_staging_twin(tmp_
     with pytest.raises(ValueError, match=r"out_dir's name 'r{60}'... would be 256 bytes with its '.partial' suffix, "
                                          r"over the 255 a file name may have; give a shorter name"):
         run_notebook(nb, tmp_path / (longest + "r"), {"profile": "smoke"})
+    with pytest.raises(ValueError, match=r"would be 256 bytes with its '.partial' suffix"):  # bytes, not characters
+        run_notebook(nb, tmp_path / ("é" * 124), {"profile": "smoke"})  # 124 characters, 248 bytes
     assert sorted(p.name for p in tmp_path.iterdir()) == ["01_good.ipynb"]
     assert run_notebook(nb, tmp_path / longest, {"profile": "smoke"}).ok  # the longest name that fits
 
