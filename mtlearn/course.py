@@ -143,6 +143,15 @@ def _timed_out(error: Exception, cell_timeout: float | None) -> str:
 MAX_NAME_BYTES = 255  # a file name's limit on ext4, APFS and NTFS: a run folder's name must fit
 
 
+def check_staging_fits(name: str, what: str, fix: str) -> None:
+    """Refuse a run folder's `name` whose staging twin `<name>.partial` is longer than a file name may be: the
+    run would fail with "File name too long" at its lock or staging folder. what: how the message names it."""
+    size = len(f"{name}.partial".encode())
+    if size > MAX_NAME_BYTES:
+        raise ValueError(f"{what} {name[:60]!r}... would be {size} bytes with its '.partial' suffix, over the "
+                         f"{MAX_NAME_BYTES} a file name may have; {fix}")
+
+
 def _literal_path(path: Path) -> str:
     """`path` for papermill, which formats its paths with the parameters (str.format): a folder named after
     a dict value, `flags={'a': 1}`, was read as a placeholder and the run failed with "Missing parameter"."""
@@ -190,10 +199,8 @@ def run_notebook(
     if notebook.resolve().parent.is_relative_to(final):  # publishing would replace the notebook's own folder
         raise ValueError(f"out_dir {out_dir} holds the notebook {notebook.name} itself; a finished run replaces "
                          "its out_dir, so give a folder outside the notebooks' one, e.g. outputs/<notebook>")
+    check_staging_fits(final.name, "out_dir's name", "give a shorter name")
     staging = final.with_name(final.name + ".partial")
-    if len(staging.name.encode()) > MAX_NAME_BYTES:  # "File name too long" at its lock or staging folder
-        raise ValueError(f"out_dir's name {final.name[:60]!r}... would be {len(staging.name.encode())} bytes with its "
-                         f"'.partial' suffix, over the {MAX_NAME_BYTES} a file name may have; give a shorter name")
     started = time.perf_counter()
 
     def failed(error: str) -> NotebookResult:

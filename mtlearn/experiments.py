@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from mtlearn.course import (CELL_TIMEOUT_S, DONE, MAX_NAME_BYTES, course_notebooks, injected_parameters,
+from mtlearn.course import (CELL_TIMEOUT_S, DONE, check_staging_fits, course_notebooks, injected_parameters,
                             resolve_cell_timeout, run_notebook, select_notebooks)
 from mtlearn.notebook import flatten_metrics, resolve_profile
 from mtlearn.utils import check_folder, check_number, home_expanded, is_finite, is_int, write_text
@@ -231,11 +231,8 @@ def grid(notebooks: list[str | Path] | str | Path, parameters: dict[str, list[An
             raise ValueError(f"the run folder {spec.name!r} would end like another run's staging, set-aside or lock "
                              f"folder (.partial, .old, .lock), and that run would delete or block it; give {last!r} "
                              "a value that does not end so")
-        staging = f"{spec.name}.partial"
-        if len(staging.encode()) > MAX_NAME_BYTES:
-            raise ValueError(f"the run folder {spec.name[:60]!r}... would be {len(staging.encode())} bytes with its "
-                             f"'.partial' suffix, over the {MAX_NAME_BYTES} a file name may have; sweep fewer or "
-                             "shorter values per parameter (e.g. one run per weighting, not lists of five)")
+        check_staging_fits(spec.name, "the run folder", "sweep fewer or shorter values per parameter (e.g. one run "
+                           "per weighting, not lists of five)")
     folders = [str(spec.folder(Path("."))).casefold() for spec in specs]  # as case-blind file systems see them
     shared = sorted({f for f in folders if folders.count(f) > 1})
     if shared:  # values that print like ",name=...": two runs of one name, one taken for the other

@@ -737,8 +737,8 @@ def _extent(collection):
     return xy[:, 0].min(), xy[:, 0].max(), xy[:, 1].min(), xy[:, 1].max()
 
 
-def _off_diagonal_mask(shape=(16, 16)):
-    mask = np.zeros(shape, dtype=np.float32)
+def _off_diagonal_mask():
+    mask = np.zeros((16, 16), dtype=np.float32)
     mask[2:5, 8:13] = 1  # rows 2-4, columns 8-12: transposed, it would sit at rows 8-12, columns 2-4
     return mask
 
