@@ -103,7 +103,7 @@ def fetch(
     created = not folder.exists()
     # Two fetches into one folder at once wrote one .part file from both ends (then offered a --hash that
     # accepted the spliced file) and unpacked over each other's files: the second one is refused.
-    lock = folder / f".{source.name}.lock"
+    lock = _lock_file(folder, source)
     holder = make_and_lock(folder, lock)
     if holder is not None:
         raise FetchError(f"another data_fetch ({holder}) is fetching {source.name} into {folder}; wait for it to "
@@ -180,7 +180,7 @@ def _fetch_locked(source: Source, folder: Path, url: str, scheme: str, known_has
         unpacking.touch()
 
     if source.extract:  # the files that record this fetch are its own: a member named so is refused
-        own = [marker.name, marker.name + ".tmp", unpacking.name, f".{source.name}.lock",
+        own = [marker.name, marker.name + ".tmp", unpacking.name, _lock_file(folder, source).name,
                *(source.filename + suffix for suffix in (".part", ".mismatch", ".not-a-zip"))]
         files = extract_zip(target, folder, replaceable=replaceable, started=started, reserved=own)
     else:  # a single file, checked and in place: the marker is replaced below, atomically
@@ -234,6 +234,11 @@ def _refuse_a_wrong_given_hash(path: Path, given_hash: str | None, source: Sourc
 def completion_marker(folder: str | Path, name: str) -> Path:
     """The file a finished fetch of dataset `name` leaves in `folder` (its hash and file list)."""
     return Path(folder) / f".{get_source(name).name}.complete"
+
+
+def _lock_file(folder: Path, source: Source) -> Path:
+    """The lock a fetch of `source` holds in `folder` (one per dataset: resolutions sharing a folder share no file)."""
+    return folder / f".{source.name}.lock"
 
 
 def _read_marker(marker: Path) -> dict | None:
