@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import inspect
 import itertools
 import math
 import os
@@ -81,6 +82,7 @@ from mtlearn.utils import (
 from mtlearn.weighting import (
     GradNorm,
     LossWeighting,
+    WEIGHTINGS,
     PCGrad,
     build_weighting,
     find_shared_parameters,
@@ -192,7 +194,9 @@ class TrainConfig:
     out_dir: str | os.PathLike | None = None  # where last.pt and best.pt go (None: no checkpoints)
     resume: bool = False  # continue from out_dir/last.pt when it exists
     restore_best: bool = True  # load the best-validation weights into the model at the end
-    seed: int | None = None  # seed_everything first: Python's, NumPy's, torch's global generators (None: leave them)
+    # seed_everything first: Python's, NumPy's, torch's global generators, and PCGrad's task order when it is
+    # given by name (None: leave them)
+    seed: int | None = None
     progress: bool = True  # one tqdm bar for the run, naming the epoch
 
 
@@ -524,7 +528,17 @@ def _make_weighting(config: TrainConfig, tasks: tuple[str, ...]) -> LossWeightin
         if config.weighting != "fixed":
             raise ValueError(f"task_weights only applies to weighting='fixed', not {config.weighting!r}")
         kwargs["weights"] = config.task_weights
-    return build_weighting(config.weighting, tasks, **kwargs)
+    return build_weighting(config.weighting, tasks, **{**_run_seed(config), **kwargs})
+
+
+def _run_seed(config: TrainConfig) -> dict:
+    """{"seed": config.seed} for a weighting given by name that draws at random (PCGrad's task order), else {}:
+    it follows the run's seed unless weighting_kwargs give it its own (with its default, every run of a loop
+    over seeds would project in the same order)."""
+    cls = WEIGHTINGS.get(config.weighting) if isinstance(config.weighting, str) else None
+    if cls is None or config.seed is None or "seed" not in inspect.signature(cls).parameters:
+        return {}
+    return {"seed": config.seed}
 
 
 def _monitor(config: TrainConfig, tasks: tuple[str, ...]) -> tuple[str, str]:
@@ -958,6 +972,9 @@ def _weighting_as_settings(plain: Mapping) -> dict:
     if plain.get("task_weights") is not None:
         kwargs["weights"] = plain["task_weights"]
     name, settings = weighting_settings(plain["weighting"], kwargs, plain.get("tasks", ()))
+    # a seed (PCGrad's) only starts the random generator whose state the checkpoint restores: no difference
+    # in the resumed run, which may name it or not (by name, the weighting takes the run's seed)
+    settings.pop("seed", None)
     return {**plain, "weighting": name, "weighting_kwargs": python_numbers(settings), "task_weights": None}
 
 

@@ -384,6 +384,7 @@ class PCGrad(LossWeighting):
     gradient. Costs one gradient pass per task (for the shared parameters) on top of the usual
     backward. Task weights stay 1. Under torchrun each task's gradient is averaged over the
     processes first (one all-reduce per task), so the update is PCGrad's of the whole batch.
+    `seed` seeds the task order; fit(weighting="pcgrad", seed=s) passes s unless weighting_kwargs give one.
     """
 
     needs_shared_parameters = True

@@ -528,6 +528,28 @@ def test_a_weighting_instance_resumes_by_its_settings(tmp_path):
         _fit(ToyNet(), train, val, epochs=3, out_dir=tmp_path / "b", resume=True, weighting=FixedWeights(TASKS))
 
 
+def test_pcgrad_by_name_draws_its_task_order_from_the_runs_seed(tmp_path):
+    """fit(weighting="pcgrad", seed=s) built PCGrad(seed=0) whatever s was: every run of a loop over seeds
+    projected the three tasks' gradients in the same order."""
+    def run(name, **options):
+        torch.manual_seed(0)
+        model = ToyNet()
+        _fit_on_cpu(model, *_loaders(), epochs=1, seed=1, out_dir=tmp_path / name, **options)
+        return model.state_dict(), load_checkpoint(tmp_path / name / "last.pt")["weighting"]
+
+    by_name, by_name_state = run("by_name", weighting="pcgrad")
+    own_seed, own_seed_state = run("own_seed", weighting=PCGrad(TASKS, seed=1))
+    default, default_state = run("default", weighting="pcgrad", weighting_kwargs={"seed": 0})
+    torch.testing.assert_close(by_name_state, own_seed_state, rtol=0, atol=0)
+    assert all(torch.equal(by_name[k], own_seed[k]) for k in by_name)
+    assert not all(torch.equal(by_name[k], default[k]) for k in by_name)  # the order changes the update
+
+    # the seed only starts the generator the checkpoint restores: a resume need not repeat it either way
+    resumed = _fit_on_cpu(ToyNet(), *_loaders(), epochs=2, seed=1, out_dir=tmp_path / "by_name", resume=True,
+                          weighting=PCGrad(TASKS, seed=1))
+    assert [r["epoch"] for r in resumed.records] == [1, 2]
+
+
 def test_a_weighting_instance_that_trained_is_refused_for_a_new_run(tmp_path):
     """One DWA passed to runs of several seeds started the second from the first's loss history (its epoch-2 weights
     [0.997, 1.027] instead of [1, 1])."""
