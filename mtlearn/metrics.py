@@ -21,7 +21,9 @@ Choices worth knowing:
   perfect 1); an image whose whole foreground is empty in both scores 1, as in the binary case.
 - SSIM uses an 11 x 11 Gaussian window (sigma 1.5, as scikit-image's gaussian_weights=True); on an
   image smaller than 11 pixels the window shrinks to the largest odd size that fits (a 2-pixel side
-  gives a 1 x 1 window: SSIM of single pixels), where scikit-image refuses the image.
+  gives a 1 x 1 window: SSIM of single pixels), where scikit-image refuses the image. MONAI computes it in
+  float32, as E[x^2] - E[x]^2 for the variances, which cancels on large flat bright regions: there it can
+  read up to about 1e-3 below scikit-image's float64 value (a flat 1.0 against a flat 1.25: 0.9745, not 0.9756).
 - A perfect reconstruction has infinite PSNR; each image's PSNR is capped at PSNR_CEILING_DB (100 dB)
   so that one such image cannot make the mean inf.
 - Sensitivity and specificity are those of the last class against all the others: malignant, in
