@@ -212,6 +212,7 @@ def _transfer(url: str, part: Path, progress: bool) -> None:
     try:
         response = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=TIMEOUT_SECONDS)
     except urllib.error.HTTPError as error:
+        error.close()  # its body goes unread: the connection closes now, not whenever the error is collected
         if error.code == 416:  # the file is shorter than our partial one: another file, start again
             part.unlink()
         raise
@@ -256,8 +257,10 @@ def _transfer(url: str, part: Path, progress: bool) -> None:
             total = whole
         received = offset
         bar = tqdm(total=total, initial=offset, unit="B", unit_scale=True, desc=part.stem, disable=not progress)
-        # not through a link (one planted after download_file removed any: the check and the open are apart)
+        # not through a link (one planted after download_file removed any: the check and the open are apart);
+        # O_BINARY on Windows, where a descriptor opened without it writes each byte 10 as 13, 10
         flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if resumed else os.O_TRUNC) | getattr(os, "O_NOFOLLOW", 0)
+        flags |= getattr(os, "O_BINARY", 0)
         with os.fdopen(os.open(part, flags, 0o666), "ab" if resumed else "wb") as f, bar:
             try:
                 while chunk := response.read(CHUNK_BYTES):

@@ -16,6 +16,7 @@ import stat
 import subprocess
 import sys
 import threading
+import urllib.error
 import urllib.request
 import zipfile
 import zlib
@@ -539,6 +540,24 @@ def test_a_link_planted_after_the_check_is_not_written_through_either(server, tm
     assert victim.read_bytes() == b"mine" and not (tmp_path / "data" / "data.npz").exists()
 
 
+def test_the_partial_download_is_opened_in_binary_mode_where_the_platform_has_one(server, tmp_path, monkeypatch):
+    """On Windows a descriptor from os.open without O_BINARY is in text mode: every byte 10 of a download was
+    written as 13, 10, and every fetch ended in a checksum mismatch. (O_BINARY is faked here: POSIX has none.)"""
+    fake_binary, opened, real_open = 1 << 30, [], os.open
+
+    def recording_open(path, flags, *args, **kwargs):
+        if str(path).endswith(".part"):
+            opened.append(flags)
+        return real_open(path, flags & ~fake_binary, *args, **kwargs)
+
+    monkeypatch.setattr(os, "O_BINARY", fake_binary, raising=False)
+    monkeypatch.setattr(os, "open", recording_open)
+    server.files["/data.npz"] = PAYLOAD
+    download_file(server.url + "/data.npz", tmp_path / "data.npz", sha256(PAYLOAD), progress=False)
+    assert opened and all(flags & fake_binary for flags in opened)
+    assert (tmp_path / "data.npz").read_bytes() == PAYLOAD
+
+
 def test_a_kept_mismatch_that_is_a_link_is_not_taken(server, tmp_path):
     """A planted data.npz.mismatch linking to a file with the expected bytes elsewhere would be renamed in as the
     download: the link, not a file data_fetch kept."""
@@ -774,6 +793,18 @@ def test_a_host_that_never_answers_times_out(tmp_path, monkeypatch):
         thread.start()
         thread.join(timeout=10)
         assert not thread.is_alive() and outcome and "timed out" in outcome[0]
+
+
+@pytest.mark.parametrize("errors", [[404], [503, 503]])
+def test_an_error_answer_closes_its_connection(server, tmp_path, errors):
+    """urllib's HTTPError holds the answer's open connection; it was left to the garbage collector (a
+    ResourceWarning when a reference cycle freed the socket before its file)."""
+    server.errors = list(errors)
+    with pytest.raises(DownloadError, match=str(errors[-1])) as raised:
+        download_file(server.url + "/data.npz", tmp_path / "data.npz", progress=False, retries=len(errors) - 1)
+    answer = raised.value.__cause__
+    assert isinstance(answer, urllib.error.HTTPError) and answer.fp.closed
+    assert answer.headers is not None  # still read for Retry-After after the close
 
 
 def test_not_found_is_not_retried(server, tmp_path):
