@@ -263,7 +263,14 @@ def run_notebook(
         if not isinstance(metrics, dict) or not isinstance(metrics.get("metrics", {}), dict):  # the tables read both
             return failed("metrics.json must hold a dict whose 'metrics' is a dict of headline numbers; write it with "
                           "run.finish({'dice': ...})")
-        _publish(staging, final, notebook.name)
+        try:
+            _publish(staging, final, notebook.name)
+        except OSError as error:  # the previous run's folder cannot be moved aside: a file in it held open (Windows)
+            where = staging if staging.exists() else final
+            return NotebookResult(notebook.stem, where, False, time.perf_counter() - started,
+                                  f"the notebook ran, but its folder could not replace the previous run's ({error}); "
+                                  f"close any program using files in {final} or {final.name}.old and run it again "
+                                  f"(this run is kept in {where})")
         return NotebookResult(notebook.stem, out_dir, True, time.perf_counter() - started, metrics=metrics)
     finally:
         lock.unlink(missing_ok=True)
@@ -271,16 +278,20 @@ def run_notebook(
 
 def _publish(staging: Path, final: Path, notebook_name: str) -> None:
     """Move a successful run from `staging` to `final`, replacing the previous run there."""
-    # The executed copy shows the folder it ran in (injected parameters, printed paths): point it at
-    # the folder its files are about to be in. Paths are JSON-escaped, as in the .ipynb text; in the
-    # injected cell papermill writes them as Python literals, with \xe9 for é (its own escaping).
+    # The executed copy shows the folder it ran in (injected parameters, printed paths), and so does every
+    # notebook the run wrote inside it (notebook 06's grid runs): point them at the folder their files are about
+    # to be in. Paths are JSON-escaped, as in the .ipynb text; in the injected cell papermill writes them as
+    # Python literals, with \xe9 for é (its own escaping).
     from papermill.translators import PythonTranslator
 
     executed = staging / notebook_name
-    text = executed.read_text(encoding="utf-8")
-    for form in (str, lambda path: PythonTranslator.translate_str(str(path))[1:-1]):
-        text = text.replace(*(json.dumps(form(p), ensure_ascii=False)[1:-1] for p in (staging, final)))
-    executed.write_text(text, encoding="utf-8")
+    for written in [executed, *sorted(p for p in staging.rglob("*.ipynb") if p != executed and not p.is_symlink())]:
+        # surrogateescape: a file that is not UTF-8 (not the run's own notebook) keeps its bytes
+        text = original = written.read_text(encoding="utf-8", errors="surrogateescape")
+        for form in (str, lambda path: PythonTranslator.translate_str(str(path))[1:-1]):
+            text = text.replace(*(json.dumps(form(p), ensure_ascii=False)[1:-1] for p in (staging, final)))
+        if text != original:
+            written.write_text(text, encoding="utf-8", errors="surrogateescape")
     freeze_progress_bars(executed)
     (staging / DONE).write_text(f"{notebook_name} finished {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
     # Two renames, not a copy: at every moment one whole run (old or new) is on disk. An interruption

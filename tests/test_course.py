@@ -209,6 +209,40 @@ def test_the_published_notebook_names_its_folder_whatever_characters_it_has(tmp_
     assert ".partial" not in (out / "01_names.ipynb").read_text(encoding="utf-8")
 
 
+def test_notebooks_a_run_wrote_inside_its_folder_name_the_published_folder_too(tmp_path):
+    """Notebook 06's grid runs are notebooks inside its out_dir: they kept naming the staging folder
+    (<out>.partial/grid/...), gone once the run was published."""
+    body = GOOD + """
+import nbformat
+from nbformat.v4 import new_code_cell, new_notebook
+inner = pathlib.Path(out_dir) / "grid" / "run_a"
+inner.mkdir(parents=True)
+nbformat.write(new_notebook(cells=[new_code_cell(f"print({str(inner)!r})")]), str(inner / "run.ipynb"))
+(inner / "other.ipynb").write_bytes(b"\\xff not UTF-8 " + str(inner).encode())  # not a notebook: bytes kept"""
+    out = tmp_path / "out"
+    assert run_notebook(write_notebook(tmp_path / "06_outer.ipynb", body), out, {}).ok
+    inner_out = out / "grid" / "run_a"
+    inner = nbformat.read(str(inner_out / "run.ipynb"), as_version=4)
+    assert inner.cells[0].source == f"print({str(inner_out)!r})"
+    assert (out / "grid" / "run_a" / "other.ipynb").read_bytes() == b"\xff not UTF-8 " + str(inner_out).encode()
+
+
+def test_a_previous_run_that_cannot_be_moved_aside_fails_the_run_without_raising(tmp_path, monkeypatch):
+    """On Windows a file held open (a figure in a viewer) keeps rmtree from removing <out>.old, and the rename
+    that follows raised out of run_notebook, which promises to report failures; the new run is kept."""
+    nb = write_notebook(tmp_path / "01_good.ipynb", GOOD)
+    out = tmp_path / "out"
+    assert run_notebook(nb, out, {"seed": 0}).ok
+    (tmp_path / "out.old").mkdir()
+    (tmp_path / "out.old" / "held.png").write_bytes(b"open elsewhere")
+    monkeypatch.setattr(course.shutil, "rmtree", lambda path, ignore_errors=False: None)  # it could remove nothing
+    result = run_notebook(nb, out, {"seed": 1})
+    assert not result.ok and "could not replace the previous run's" in result.error
+    assert "close any program using files in" in result.error
+    assert json.loads((result.out_dir / "metrics.json").read_text())["metrics"] == {"dice": 1.5}  # the new run, kept
+    assert json.loads((out / "metrics.json").read_text())["metrics"] == {"dice": 0.5}  # the previous one, untouched
+
+
 def test_failing_notebook_is_reported_with_its_cell(tmp_path):
     nb = write_notebook(tmp_path / "02_bad.ipynb", "raise RuntimeError('boom in cell two')")
     result = run_notebook(nb, tmp_path / "out", {"profile": "smoke"})
