@@ -592,7 +592,13 @@ def main(argv: list[str] | None = None) -> int:
     path = args.out / "results.csv"
     elsewhere = int(status["status"].str.startswith("running elsewhere").sum())
     if not table.empty:
-        write_text(table.to_csv(index=False), path)  # atomic: a crash while writing keeps the previous file
+        try:
+            write_text(table.to_csv(index=False), path)  # atomic: a crash while writing keeps the previous file
+        except PermissionError as error:  # e.g. open in Excel, which locks it on Windows: the runs are all kept
+            print(f"\ncannot write {path} ({error}); close any program that has it open (Excel locks it on Windows) "
+                  "and run this command again: the finished runs are skipped, only the table is written",
+                  file=sys.stderr)
+            return 1
         print(f"\n{len(table)} results collected into {path}")
     elif path.exists() and not elsewhere:  # an earlier grid's: left in place, it would pass for this one's
         path.unlink()                      # (with another grid running, it is that one's to replace)

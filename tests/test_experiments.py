@@ -619,6 +619,28 @@ def test_command_line_fails_when_a_run_fails(notebooks, tmp_path, monkeypatch, c
     assert (tmp_path / "grid" / "01_a" / "profile=smoke,scale=1,seed=0" / "metrics.json").exists()
 
 
+def test_command_line_says_to_close_a_results_csv_it_may_not_replace(notebooks, tmp_path, monkeypatch, capsys):
+    """Excel locks an open results.csv on Windows: the grid ended in a PermissionError traceback after every run
+    had finished."""
+    monkeypatch.setattr(experiments, "course_notebooks", lambda: notebooks)
+    monkeypatch.delenv("MTLEARN_PROFILE", raising=False)
+    out = tmp_path / "grid"
+    assert main(["--notebooks", "01", "--set", "scale=1", "--out", str(out)]) == 0
+    before = (out / "results.csv").read_text()
+
+    def locked(text, path):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(experiments, "write_text", locked)
+    capsys.readouterr()
+    assert main(["--notebooks", "01", "--set", "scale=1,2", "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert f"cannot write {out / 'results.csv'}" in err and "close any program that has it open" in err
+    assert "run this command again: the finished runs are skipped" in err
+    assert (out / "results.csv").read_text() == before
+    assert (out / "01_a" / "profile=course,scale=2,seed=0" / "metrics.json").exists()  # the new run is kept
+
+
 def test_command_line_ctrl_c_says_what_is_kept_and_how_to_go_on(notebooks, tmp_path, monkeypatch, capsys):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
