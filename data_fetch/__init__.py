@@ -104,7 +104,13 @@ def fetch(
     # Two fetches into one folder at once wrote one .part file from both ends (then offered a --hash that
     # accepted the spliced file) and unpacked over each other's files: the second one is refused.
     lock = _lock_file(folder, source)
-    holder = make_and_lock(folder, lock)
+    try:
+        holder = make_and_lock(folder, lock)
+    except PermissionError as error:  # named after the folder asked for, not the hidden lock file
+        refused = PermissionError(f"cannot write to {folder}: no permission to create files there; pass dest= a "
+                                  f"folder you can write to, or set {DATA_ENV} to one")
+        refused.errno = error.errno  # (given as arguments, errno and strerror would start the message "[Errno 13]")
+        raise refused from None
     if holder is not None:
         raise FetchError(f"another data_fetch ({holder}) is fetching {source.name} into {folder}; wait for it to "
                          f"finish, then run this again (it will find the dataset ready); if none is running (one "

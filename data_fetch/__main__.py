@@ -78,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
         elsewhere = "choose another --dest" if args.dest else f"set {DATA_ENV} to a folder, or pass --dest"
         remedy = f"free some space or {elsewhere}" if error.errno in (errno.ENOSPC, errno.EDQUOT) else elsewhere
         blocker = next((p for p in (Path(where), *Path(where).parents) if p.exists() and not p.is_dir()), None)
-        problem = f"{blocker} is a file, not a folder" if blocker is not None else error.strerror or error
+        reason = error.strerror or (os.strerror(error.errno) if error.errno else error)  # fetch's own have no strerror
+        problem = f"{blocker} is a file, not a folder" if blocker is not None else reason
         print(f"data_fetch: cannot write to {where} ({problem}); {remedy}", file=sys.stderr)
         return 1
     print(f"{args.name} is ready in {folder}")

@@ -855,6 +855,24 @@ def test_command_line_says_the_disk_is_full_and_what_to_do(code, tmp_path, monke
     assert "free some space or choose another --dest" in err and "by hand" not in err
 
 
+def test_a_folder_without_write_permission_is_named_with_the_way_out(tmp_path, monkeypatch, capsys):
+    """A read-only data folder (an instructor's, shared) refused the fetch with a bare PermissionError naming the
+    hidden lock file."""
+    def read_only(folder, lock):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(lock))
+
+    monkeypatch.setattr(data_fetch, "make_and_lock", read_only)  # root may write anywhere: the refusal is faked
+    with pytest.raises(PermissionError, match=rf"^cannot write to {re.escape(str(tmp_path / 'busi'))}: no permission "
+                                              r"to create files there; pass dest= a folder you can write to, or set "
+                                              r"MTLEARN_DATA to one$") as error:
+        fetch("busi", dest=tmp_path / "busi", progress=False)
+    assert error.value.errno == errno.EACCES
+    assert main(["busi", "--dest", str(tmp_path / "busi"), "--quiet"]) == 1
+    said = capsys.readouterr().err
+    assert f"cannot write to {tmp_path / 'busi'} ({os.strerror(errno.EACCES)}); choose another --dest" in said
+    assert ".lock" not in said
+
+
 @pytest.mark.parametrize("code", [403, 404])
 def test_client_errors_are_not_retried_even_after_a_server_error(server, tmp_path, code):
     server.errors = [503, code, 503]  # the third would only be seen by a retry that should not happen
