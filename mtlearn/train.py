@@ -85,7 +85,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     train.add_argument("--seed", type=int, default=0, help="seeds the weights, the data and its order (default: 0)")
     train.add_argument("--num-workers", type=int, default=0,
                        help="DataLoader worker processes (default: 0); with --augment each worker draws its own "
-                            "augmentations, so another count trains on other ones (the same count repeats a run)")
+                            "augmentations, so another count trains on other ones (the same count repeats a run). "
+                            "They start afresh every epoch, which on macOS and Windows (spawned processes) takes "
+                            "seconds: there 0 is often faster for small images")
     train.add_argument("--monitor", default="auto", metavar="METRIC",
                        help="validation metric that picks the best epoch, e.g. seg/dice, cls/auc or cls/loss (a loss "
                             "is minimised) (default: auto: seg/dice, else cls/auc, else recon/psnr)")
