@@ -80,9 +80,9 @@ from mtlearn.utils import (
     world_and_rank,
 )
 from mtlearn.weighting import (
+    WEIGHTINGS,
     GradNorm,
     LossWeighting,
-    WEIGHTINGS,
     PCGrad,
     build_weighting,
     find_shared_parameters,
