@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import itertools
 import json
 import functools
@@ -576,20 +577,35 @@ def atomic_file(path: str | os.PathLike, binary: bool = False):
         try:  # "x": created here and only here, with the mode any new file gets
             f = open(tmp, "xb" if binary else "x", **({} if binary else {"encoding": "utf-8"}))
         except PermissionError as error:  # named after the file asked for, not the hidden temporary one
-            refused = PermissionError(f"cannot write {path}: no permission to create files in {path.parent}; "
-                                      "give a path in a folder you can write to")
-            refused.errno = error.errno  # (given as an argument, it would start the message with "[Errno 13]")
-            raise refused from None
+            raise _cannot_write(error, f"cannot write {path}: no permission to create files in {path.parent}; "
+                                       "give a path in a folder you can write to") from None
         with f:
             yield f
             f.flush()
             os.fsync(f.fileno())
         if path.exists():
             os.chmod(tmp, path.stat().st_mode & 0o7777)
-        os.replace(tmp, path)
+        try:
+            os.replace(tmp, path)
+        except PermissionError as error:  # Windows: the file is open in another program, which locks it
+            raise _cannot_write(error, f"cannot replace {path} ({error.strerror}); close any program that has it "
+                                       "open, or give a path in a folder you can write to") from None
+    except OSError as error:
+        if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        # a bare "[Errno 28] No space left on device" (after torch's "unexpected pos" for a checkpoint) named no file
+        raise _cannot_write(error, f"cannot write {path}: the disk is full ({error.strerror}); free some space, or "
+                                   "write to a folder on another disk (the previous file, if any, is kept)") from None
     finally:
         tmp.unlink(missing_ok=True)
     _remove_stale_temporaries(path, stem)
+
+
+def _cannot_write(error: OSError, message: str) -> OSError:
+    """An error of `error`'s kind and errno that says `message` (the file asked for and the way out)."""
+    refused = type(error)(message)
+    refused.errno = error.errno  # (given as an argument, it would start the message with "[Errno 13]")
+    return refused
 
 
 STALE_AFTER_S = 3600  # a temporary file nobody has written to for an hour belongs to no live write

@@ -1,3 +1,5 @@
+import errno
+import io
 import os
 import re
 import stat
@@ -268,6 +270,62 @@ def test_an_atomic_write_refused_by_its_folder_names_the_file_not_the_temporary_
     assert str(caught.value) == (f"cannot write {tmp_path / 'last.pt'}: no permission to create files in {tmp_path}; "
                                  "give a path in a folder you can write to")  # no "[Errno 13]" first, no .tmp name
     assert caught.value.errno == 13
+
+
+class _FullDisk(io.BytesIO):
+    """A file on a full disk: every write is refused with ENOSPC."""
+
+    def write(self, data):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def _full_disk(monkeypatch):
+    """Every atomic write of mtlearn.utils goes to a full disk."""
+    from mtlearn import utils
+
+    def opened(name, mode, **kwargs):
+        return _FullDisk() if "b" in mode else io.TextIOWrapper(_FullDisk(), encoding=kwargs.get("encoding"))
+
+    monkeypatch.setattr(utils, "open", opened, raising=False)
+
+
+def test_a_full_disk_names_the_file_and_keeps_the_previous_one(tmp_path, monkeypatch):
+    """A full disk surfaced as a bare "[Errno 28] No space left on device", chained for a checkpoint to torch's
+    "unexpected pos 64 vs 0": neither named the file nor the way out."""
+    from mtlearn.checkpoint import load_checkpoint, save_checkpoint
+
+    save_checkpoint({"epoch": 1}, tmp_path / "last.pt")
+    write_text("earlier", tmp_path / "metrics.json")
+    _full_disk(monkeypatch)
+    for write, path in ((lambda p: save_checkpoint({"epoch": 2}, p), tmp_path / "last.pt"),
+                        (lambda p: write_text("later", p), tmp_path / "metrics.json")):
+        with pytest.raises(OSError) as caught:
+            write(path)
+        assert str(caught.value) == (f"cannot write {path}: the disk is full ({os.strerror(errno.ENOSPC)}); free "
+                                     "some space, or write to a folder on another disk (the previous file, if any, is "
+                                     "kept)")
+        assert caught.value.errno == errno.ENOSPC and caught.value.__suppress_context__
+    monkeypatch.undo()
+    assert load_checkpoint(tmp_path / "last.pt")["epoch"] == 1
+    assert (tmp_path / "metrics.json").read_text() == "earlier"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt", "metrics.json"]  # no temporary file left
+
+
+def test_a_file_another_program_holds_open_is_named_with_the_way_out(tmp_path, monkeypatch):
+    """On Windows os.replace onto a file open elsewhere (results.csv in Excel) raises PermissionError: it was bare."""
+    from mtlearn import utils
+
+    def locked(src, dst):
+        raise PermissionError(13, "Permission denied")
+
+    write_text("earlier", tmp_path / "results.csv")
+    monkeypatch.setattr(utils.os, "replace", locked)
+    with pytest.raises(PermissionError) as caught:
+        write_text("later", tmp_path / "results.csv")
+    monkeypatch.undo()
+    assert str(caught.value) == (f"cannot replace {tmp_path / 'results.csv'} (Permission denied); close any program "
+                                 "that has it open, or give a path in a folder you can write to")
+    assert (tmp_path / "results.csv").read_text() == "earlier" and len(list(tmp_path.iterdir())) == 1
 
 
 def test_an_atomic_write_removes_what_killed_writes_of_the_same_file_left(tmp_path):
