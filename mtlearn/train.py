@@ -399,6 +399,9 @@ def main(argv: list[str] | None = None) -> dict:
     except (ValueError, FileNotFoundError, CompileError) as error:  # found once running: a message, no traceback
         print(f"python -m mtlearn.train: error: {_own_message(error)}", file=sys.stderr)
         raise SystemExit(2) from None
+    except OSError as error:  # a full disk, no permission: the message names the file; what was saved is kept
+        print(f"python -m mtlearn.train: error: {error}. {_how_to_go_on(args)}", file=sys.stderr)
+        raise SystemExit(1) from None
     except (NonFiniteLossError, NonFiniteWeightsError, NoGoodEpochError) as error:  # diverged; the message says how
         print(f"python -m mtlearn.train: training stopped: {error}", file=sys.stderr)
         raise SystemExit(1) from None
@@ -438,7 +441,8 @@ def _own_message(error: BaseException) -> str:
 
 
 def _how_to_go_on(args: argparse.Namespace) -> str:
-    """After Ctrl-C: the epoch last.pt holds and the --resume that continues from it, or that none was saved."""
+    """After Ctrl-C (or a full disk): the epoch last.pt holds and the --resume that continues from it, or that none
+    was saved."""
     from mtlearn.checkpoint import load_checkpoint
 
     last = Path(args.out_dir) / "last.pt"
