@@ -22,6 +22,7 @@ wall time.
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import time
@@ -35,6 +36,7 @@ import numpy as np
 import torch
 
 from mtlearn.utils import (
+    atomic_file,
     check_folder,
     environment_report,
     is_finite,
@@ -243,8 +245,12 @@ class Run:
             raise ValueError(f"figure name must be a plain file name such as 'loss_curves', got {name!r} "
                              f"(figures go to out_dir: {self.out_dir})")
         path = self.out_dir / f"{stem}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)  # deleted since start (a clean-up cell): made, as by finish
-        fig.savefig(path, dpi=110, bbox_inches="tight")
+        rendered = io.BytesIO()
+        fig.savefig(rendered, format="png", dpi=110, bbox_inches="tight")
+        # atomic, as finish's metrics.json: a failed save (a full disk) keeps the figure saved before, where
+        # savefig cut it short; out_dir deleted since start (a clean-up cell) is made again
+        with atomic_file(path, binary=True) as f:
+            f.write(rendered.getvalue())
         if path.name not in self.figures:
             self.figures.append(path.name)
         return path

@@ -68,6 +68,26 @@ def disk_full_midway(monkeypatch):
 
 
 @pytest.fixture
+def full_disk(monkeypatch):
+    """Call it to make every file written through mtlearn.utils.atomic_file refuse every byte, as on a full disk
+    (OSError ENOSPC; disk_full_midway's error carries no errno)."""
+    import errno
+    import io
+    import os
+
+    from mtlearn import utils
+
+    class Full(io.BytesIO):
+        def write(self, data):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def opened(name, mode, **kwargs):
+        return Full() if "b" in mode else io.TextIOWrapper(Full(), encoding=kwargs.get("encoding"))
+
+    return lambda: monkeypatch.setattr(utils, "open", opened, raising=False)
+
+
+@pytest.fixture
 def unwritable(monkeypatch):
     """Call it with folders to make os.access say no one may write to them, as for a folder of mode 555 (which
     the tests cannot make by chmod when they run as root, whom the file system lets write anyway); with

@@ -560,6 +560,21 @@ def test_figures_are_png_files_in_out_dir(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.rglob("*.png")) == ["curve.png"]  # nowhere else
 
 
+def test_a_figure_that_cannot_be_saved_keeps_the_one_saved_before(tmp_path, full_disk):
+    """savefig wrote straight into curve.png: a full disk left a broken PNG in place of the earlier figure."""
+    run = start_here(tmp_path)
+    fig, ax = plt.subplots()
+    ax.plot([0, 1])
+    before = run.save_figure(fig, "curve").read_bytes()
+    ax.plot([1, 0])
+    full_disk()
+    with pytest.raises(OSError, match=f"cannot write {re.escape(str(tmp_path / 'out' / 'curve.png'))}: the disk is "
+                                      "full"):
+        run.save_figure(fig, "curve")
+    plt.close(fig)
+    assert (tmp_path / "out" / "curve.png").read_bytes() == before
+
+
 def test_start_seeds_every_generator(tmp_path):
     import random
 

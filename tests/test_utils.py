@@ -1,5 +1,4 @@
 import errno
-import io
 import os
 import re
 import stat
@@ -272,31 +271,14 @@ def test_an_atomic_write_refused_by_its_folder_names_the_file_not_the_temporary_
     assert caught.value.errno == 13
 
 
-class _FullDisk(io.BytesIO):
-    """A file on a full disk: every write is refused with ENOSPC."""
-
-    def write(self, data):
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-
-def _full_disk(monkeypatch):
-    """Every atomic write of mtlearn.utils goes to a full disk."""
-    from mtlearn import utils
-
-    def opened(name, mode, **kwargs):
-        return _FullDisk() if "b" in mode else io.TextIOWrapper(_FullDisk(), encoding=kwargs.get("encoding"))
-
-    monkeypatch.setattr(utils, "open", opened, raising=False)
-
-
-def test_a_full_disk_names_the_file_and_keeps_the_previous_one(tmp_path, monkeypatch):
+def test_a_full_disk_names_the_file_and_keeps_the_previous_one(tmp_path, monkeypatch, full_disk):
     """A full disk surfaced as a bare "[Errno 28] No space left on device", chained for a checkpoint to torch's
     "unexpected pos 64 vs 0": neither named the file nor the way out."""
     from mtlearn.checkpoint import load_checkpoint, save_checkpoint
 
     save_checkpoint({"epoch": 1}, tmp_path / "last.pt")
     write_text("earlier", tmp_path / "metrics.json")
-    _full_disk(monkeypatch)
+    full_disk()
     for write, path in ((lambda p: save_checkpoint({"epoch": 2}, p), tmp_path / "last.pt"),
                         (lambda p: write_text("later", p), tmp_path / "metrics.json")):
         with pytest.raises(OSError) as caught:
