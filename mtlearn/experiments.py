@@ -342,8 +342,12 @@ def run_grid(specs: list[RunSpec], out_root: str | Path, *, progress: bool = Tru
         if not result.ok and result.out_dir.is_dir():  # the failed run's staging folder (`folder` keeps any
             # earlier run); not there when it could not be made, and the error says why
             # UTF-8, not the locale's: Windows' cp1252 cannot write a path or message in another script,
-            # and the UnicodeEncodeError ended the whole grid
-            (result.out_dir / "error.txt").write_text(result.error + "\n", encoding="utf-8")
+            # and the UnicodeEncodeError ended the whole grid; nor may a full disk (when runs fail), which the
+            # status row then says
+            try:
+                (result.out_dir / "error.txt").write_text(result.error + "\n", encoding="utf-8")
+            except OSError as error:
+                result.error += f" (error.txt not written: {error.strerror or error})"
         # another grid writing the same run (the same command twice): not a failure, and no error.txt of its own
         status = ("ok" if result.ok else f"running elsewhere: {result.error}" if result.busy
                   else f"failed: {result.error}")
@@ -594,10 +598,10 @@ def main(argv: list[str] | None = None) -> int:
     if not table.empty:
         try:
             write_text(table.to_csv(index=False), path)  # atomic: a crash while writing keeps the previous file
-        except PermissionError as error:  # e.g. open in Excel, which locks it on Windows: the runs are all kept
-            print(f"\ncannot write {path} ({error}); close any program that has it open (Excel locks it on Windows) "
-                  "and run this command again: the finished runs are skipped, only the table is written",
-                  file=sys.stderr)
+        except OSError as error:  # open in Excel, which locks it on Windows, or a full disk: the runs are all kept
+            # (atomic_file's message names the file and the way out)
+            print(f"\n{error}; then run this command again: the finished runs are skipped, only the table is "
+                  "written", file=sys.stderr)
             return 1
         print(f"\n{len(table)} results collected into {path}")
     elif path.exists() and not elsewhere:  # an earlier grid's: left in place, it would pass for this one's

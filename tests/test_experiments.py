@@ -3,6 +3,7 @@
 import argparse
 import json
 import math
+import os
 import re
 import shutil
 import statistics
@@ -145,6 +146,26 @@ def test_the_error_of_a_failed_run_is_written_as_utf8_whatever_the_locale(notebo
     assert ("error.txt", "utf-8") in written
     (error,) = (tmp_path / "grid").rglob("error.txt")
     assert error.read_text(encoding="utf-8") == "cannot read C:/用户/数据.png\n"
+
+
+def test_a_full_disk_at_error_txt_fails_that_run_not_the_grid(notebooks, tmp_path, monkeypatch):
+    """A full disk is when runs fail: error.txt's write raised out of run_grid, and the runs after it never ran."""
+    import errno
+    import pathlib
+
+    real = pathlib.Path.write_text
+
+    def full(self, text, *args, **kwargs):
+        if self.name == "error.txt":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(pathlib.Path, "write_text", full)
+    table = run_grid(grid(notebooks[:1], {"scale": [-1, 2]}, seeds=[0], profile="smoke"), tmp_path / "grid",
+                     progress=False)
+    assert table["status"].iloc[0].startswith("failed: ") and "negative scale" in table["status"].iloc[0]
+    assert table["status"].iloc[0].endswith(f"(error.txt not written: {os.strerror(errno.ENOSPC)})")
+    assert list(table["status"].iloc[1:]) == ["ok"]
 
 
 def test_bad_grid_arguments():
@@ -338,8 +359,9 @@ def test_command_line_tables_only_its_own_runs_and_keeps_results_on_a_crash(note
     assert list(pd.read_csv(out / "results.csv")["score"]) == [20]  # not the earlier grid's 10
 
     disk_full_midway()  # the disk fills half-way through the file
-    with pytest.raises(OSError, match="disk full"):
-        main(["--notebooks", "01", "--set", "scale=2", "--out", str(out)])
+    capsys.readouterr()
+    assert main(["--notebooks", "01", "--set", "scale=2", "--out", str(out)]) == 1  # said, not a traceback
+    assert "disk full; then run this command again" in capsys.readouterr().err
     assert (out / "results.csv").read_text() == results
 
 
@@ -619,24 +641,32 @@ def test_command_line_fails_when_a_run_fails(notebooks, tmp_path, monkeypatch, c
     assert (tmp_path / "grid" / "01_a" / "profile=smoke,scale=1,seed=0" / "metrics.json").exists()
 
 
-def test_command_line_says_to_close_a_results_csv_it_may_not_replace(notebooks, tmp_path, monkeypatch, capsys):
-    """Excel locks an open results.csv on Windows: the grid ended in a PermissionError traceback after every run
-    had finished."""
+@pytest.mark.parametrize("refusal", ["locked", "full"])
+def test_command_line_says_what_keeps_it_from_writing_results_csv(notebooks, tmp_path, monkeypatch, capsys,
+                                                                   full_disk, refusal):
+    """Excel locks an open results.csv on Windows (os.replace: PermissionError), and a disk fills up: the grid
+    ended in a traceback after every run had finished."""
+    from mtlearn import utils
+
     monkeypatch.setattr(experiments, "course_notebooks", lambda: notebooks)
     monkeypatch.delenv("MTLEARN_PROFILE", raising=False)
     out = tmp_path / "grid"
     assert main(["--notebooks", "01", "--set", "scale=1", "--out", str(out)]) == 0
     before = (out / "results.csv").read_text()
+    replace = os.replace
 
-    def locked(text, path):
-        raise PermissionError(13, "Permission denied", str(path))
+    def locked(src, dst):
+        if str(dst).endswith("results.csv"):
+            raise PermissionError(13, "Permission denied")
+        return replace(src, dst)
 
-    monkeypatch.setattr(experiments, "write_text", locked)
+    monkeypatch.setattr(utils.os, "replace", locked) if refusal == "locked" else full_disk()
     capsys.readouterr()
     assert main(["--notebooks", "01", "--set", "scale=1,2", "--out", str(out)]) == 1
     err = capsys.readouterr().err
-    assert f"cannot write {out / 'results.csv'}" in err and "close any program that has it open" in err
-    assert "run this command again: the finished runs are skipped" in err
+    said = (f"cannot replace {out / 'results.csv'} (Permission denied); close any program that has it open"
+            if refusal == "locked" else f"cannot write {out / 'results.csv'}: the disk is full")
+    assert said in err and "; then run this command again: the finished runs are skipped" in err
     assert (out / "results.csv").read_text() == before
     assert (out / "01_a" / "profile=course,scale=2,seed=0" / "metrics.json").exists()  # the new run is kept
 
