@@ -35,8 +35,12 @@ def take_lock(lock: Path) -> str | None:
                 _remove_stale(lock, text)  # its process is gone
                 continue
             return f"process {text or 'unknown'}, since {since}"
-        with os.fdopen(fd, "w") as f:
-            f.write(f"{os.getpid()} on {socket.gethostname()}\n")
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(f"{os.getpid()} on {socket.gethostname()}\n")
+        except OSError:  # a full disk: an empty lock would turn the next run away for a minute, as held by "unknown"
+            lock.unlink(missing_ok=True)
+            raise
         return None
     return "another run, which took it at the same moment"
 

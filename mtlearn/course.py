@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import errno
 import json
 import math
 import os
@@ -265,12 +266,13 @@ def run_notebook(
                           "run.finish({'dice': ...})")
         try:
             _publish(staging, final, notebook.name)
-        except OSError as error:  # the previous run's folder cannot be moved aside: a file in it held open (Windows)
+        except OSError as error:  # a file of the previous run held open (Windows), or a full disk
             where = staging if staging.exists() else final
+            fix = ("free some space" if error.errno in (errno.ENOSPC, errno.EDQUOT)
+                   else f"close any program using files in {final} or {final.name}.old")
             return NotebookResult(notebook.stem, where, False, time.perf_counter() - started,
                                   f"the notebook ran, but its folder could not replace the previous run's ({error}); "
-                                  f"close any program using files in {final} or {final.name}.old and run it again "
-                                  f"(this run is kept in {where})")
+                                  f"{fix} and run it again (this run is kept in {where})")
         return NotebookResult(notebook.stem, out_dir, True, time.perf_counter() - started, metrics=metrics)
     finally:
         lock.unlink(missing_ok=True)

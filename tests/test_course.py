@@ -243,6 +243,21 @@ def test_a_previous_run_that_cannot_be_moved_aside_fails_the_run_without_raising
     assert json.loads((out / "metrics.json").read_text())["metrics"] == {"dice": 0.5}  # the previous one, untouched
 
 
+def test_a_full_disk_while_publishing_says_to_free_space(tmp_path, monkeypatch):
+    """The advice to close programs holding files open is no help on a full disk."""
+    import errno
+
+    nb = write_notebook(tmp_path / "01_good.ipynb", GOOD)
+
+    def full(staging, final, notebook_name):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(course, "_publish", full)
+    result = run_notebook(nb, tmp_path / "out", {"seed": 0})
+    assert not result.ok and "free some space and run it again" in result.error
+    assert "close any program" not in result.error and result.out_dir == tmp_path / "out.partial"
+
+
 def test_failing_notebook_is_reported_with_its_cell(tmp_path):
     nb = write_notebook(tmp_path / "02_bad.ipynb", "raise RuntimeError('boom in cell two')")
     result = run_notebook(nb, tmp_path / "out", {"profile": "smoke"})

@@ -1830,6 +1830,27 @@ def test_a_lock_file_is_an_ordinary_file_not_an_executable_one(tmp_path):
     assert stat.S_IMODE((tmp_path / ".busi.lock").stat().st_mode) == 0o644  # was 0o755 (os.open's default 0o777)
 
 
+def test_a_lock_whose_id_cannot_be_written_is_not_left_behind(tmp_path, monkeypatch):
+    """A full disk while the lock's process id was written left an empty lock: the next run (of fit, the course,
+    data_fetch) was turned away for a minute as held by "process unknown"."""
+    from data_fetch import locking
+    from data_fetch.locking import take_lock
+
+    real = os.fdopen
+
+    def full(fd, *args, **kwargs):
+        f = real(fd, *args, **kwargs)
+        f.write = lambda text: (_ for _ in ()).throw(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
+        return f
+
+    monkeypatch.setattr(locking.os, "fdopen", full)
+    with pytest.raises(OSError) as error:
+        take_lock(tmp_path / ".busi.lock")
+    monkeypatch.undo()
+    assert error.value.errno == errno.ENOSPC and not (tmp_path / ".busi.lock").exists()
+    assert take_lock(tmp_path / ".busi.lock") is None  # the next run takes it
+
+
 def test_a_lock_released_while_it_was_read_is_taken_and_an_old_one_of_a_live_process_kept(tmp_path, monkeypatch):
     from pathlib import Path
 
