@@ -35,7 +35,7 @@ from typing import Any
 
 from data_fetch.locking import make_and_lock
 from mtlearn.notebook import flatten_metrics
-from mtlearn.utils import check_number
+from mtlearn.utils import atomic_file, check_number
 
 NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"  # in a clone (and an editable install)
 DONE = "done"  # marker file: the folder holds a whole successful run (written last, before it is moved in)
@@ -271,7 +271,7 @@ def run_notebook(
             fix = ("free some space" if error.errno in (errno.ENOSPC, errno.EDQUOT)
                    else f"close any program using files in {final} or {final.name}.old")
             return NotebookResult(notebook.stem, where, False, time.perf_counter() - started,
-                                  f"the notebook ran, but its folder could not replace the previous run's ({error}); "
+                                  f"the notebook ran, but its folder could not be put in place of {final} ({error}); "
                                   f"{fix} and run it again (this run is kept in {where})")
         return NotebookResult(notebook.stem, out_dir, True, time.perf_counter() - started, metrics=metrics)
     finally:
@@ -292,8 +292,9 @@ def _publish(staging: Path, final: Path, notebook_name: str) -> None:
         text = original = written.read_text(encoding="utf-8", errors="surrogateescape")
         for form in (str, lambda path: PythonTranslator.translate_str(str(path))[1:-1]):
             text = text.replace(*(json.dumps(form(p), ensure_ascii=False)[1:-1] for p in (staging, final)))
-        if text != original:
-            written.write_text(text, encoding="utf-8", errors="surrogateescape")
+        if text != original:  # atomic: a full disk keeps the file as it was, not an empty one
+            with atomic_file(written, binary=True) as f:
+                f.write(text.encode("utf-8", errors="surrogateescape"))
     freeze_progress_bars(executed)
     (staging / DONE).write_text(f"{notebook_name} finished {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
     # Two renames, not a copy: at every moment one whole run (old or new) is on disk. An interruption

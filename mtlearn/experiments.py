@@ -600,12 +600,17 @@ def main(argv: list[str] | None = None) -> int:
             write_text(table.to_csv(index=False), path)  # atomic: a crash while writing keeps the previous file
         except OSError as error:  # open in Excel, which locks it on Windows, or a full disk: the runs are all kept
             # (atomic_file's message names the file and the way out)
-            print(f"\n{error}; then run this command again: the finished runs are skipped, only the table is "
-                  "written", file=sys.stderr)
+            print(f"\n{error}\nThe finished runs are kept: once {path.name} can be written, run this command again "
+                  "(the same --out), which skips them and writes only the table", file=sys.stderr)
             return 1
         print(f"\n{len(table)} results collected into {path}")
     elif path.exists() and not elsewhere:  # an earlier grid's: left in place, it would pass for this one's
-        path.unlink()                      # (with another grid running, it is that one's to replace)
+        try:                               # (with another grid running, it is that one's to replace)
+            path.unlink()
+        except OSError as error:  # open in Excel (Windows)
+            print(f"\nno run of this grid finished, and the earlier grid's {path} could not be removed ({error}): "
+                  "it is not this grid's table", file=sys.stderr)
+            return 1
         print(f"\nno run of this grid finished; removed the earlier grid's {path}")
     if elsewhere:  # this table lacks them; the other grid's, or the same command later, has them
         runs = "1 run was" if elsewhere == 1 else f"{elsewhere} runs were"

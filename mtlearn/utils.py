@@ -576,13 +576,20 @@ def atomic_file(path: str | os.PathLike, binary: bool = False):
     try:
         try:  # "x": created here and only here, with the mode any new file gets
             f = open(tmp, "xb" if binary else "x", **({} if binary else {"encoding": "utf-8"}))
-        except PermissionError as error:  # named after the file asked for, not the hidden temporary one
-            raise _cannot_write(error, f"cannot write {path}: no permission to create files in {path.parent}; "
-                                       "give a path in a folder you can write to") from None
-        with f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
+        except OSError as error:  # named after the file asked for, not the hidden temporary one
+            raise _cannot_write(error, _refusal(path, error)) from None
+        try:
+            with f:
+                yield f
+                f.flush()
+                os.fsync(f.fileno())
+        except Exception as error:
+            # a bare "[Errno 28] No space left on device", for a checkpoint inside torch's RuntimeError "unexpected
+            # pos", named no file; an error of the caller's own about another file is left as it is
+            full = _disk_full(error, tmp)
+            if full is None:
+                raise
+            raise _cannot_write(full, _refusal(path, full)) from None
         if path.exists():
             os.chmod(tmp, path.stat().st_mode & 0o7777)
         try:
@@ -590,15 +597,33 @@ def atomic_file(path: str | os.PathLike, binary: bool = False):
         except PermissionError as error:  # Windows: the file is open in another program, which locks it
             raise _cannot_write(error, f"cannot replace {path} ({error.strerror}); close any program that has it "
                                        "open, or give a path in a folder you can write to") from None
-    except OSError as error:
-        if error.errno not in (errno.ENOSPC, errno.EDQUOT):
-            raise
-        # a bare "[Errno 28] No space left on device" (after torch's "unexpected pos" for a checkpoint) named no file
-        raise _cannot_write(error, f"cannot write {path}: the disk is full ({error.strerror}); free some space, or "
-                                   "write to a folder on another disk (the previous file, if any, is kept)") from None
     finally:
         tmp.unlink(missing_ok=True)
     _remove_stale_temporaries(path, stem)
+
+
+def _refusal(path: Path, error: OSError) -> str:
+    """What atomic_file says when `path` cannot be written for `error` (raised by its temporary file)."""
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return (f"cannot write {path}: the disk is full ({error.strerror}); free some space, or write to a folder on "
+                "another disk (the previous file, if any, is kept)")
+    if isinstance(error, PermissionError):
+        return (f"cannot write {path}: no permission to create files in {path.parent}; give a path in a folder you "
+                "can write to")
+    return f"cannot write {path}: {error.strerror or error}; give a path in a folder you can write to"
+
+
+def _disk_full(error: BaseException, tmp: Path) -> OSError | None:
+    """The full-disk OSError behind `error` (itself, or one it was raised from or during) that concerns the file
+    `tmp` (no file name: a write to an open file), else None."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if (isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
+                and error.filename in (None, str(tmp))):
+            return error
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def _cannot_write(error: OSError, message: str) -> OSError:

@@ -68,23 +68,45 @@ def disk_full_midway(monkeypatch):
 
 
 @pytest.fixture
-def full_disk(monkeypatch):
-    """Call it to make every file written through mtlearn.utils.atomic_file refuse every byte, as on a full disk
-    (OSError ENOSPC; disk_full_midway's error carries no errno)."""
+def full_disk(monkeypatch, request):
+    """Call it to put every file written through mtlearn.utils.atomic_file on a full disk: buffered as a real file,
+    its first `room` bytes reach the disk (a write is cut short there, as by a real one) and the next is refused
+    with OSError ENOSPC, when the buffer (of `buffer` bytes) spills or is flushed. (disk_full_midway's error
+    carries no errno.)"""
     import errno
     import io
     import os
+    import tempfile
 
     from mtlearn import utils
 
-    class Full(io.BytesIO):
-        def write(self, data):
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    synced = tempfile.TemporaryFile()
+    request.addfinalizer(synced.close)
 
-    def opened(name, mode, **kwargs):
-        return Full() if "b" in mode else io.TextIOWrapper(Full(), encoding=kwargs.get("encoding"))
+    def fill(room=0, buffer=io.DEFAULT_BUFFER_SIZE):
+        class Disk(io.RawIOBase):
+            written = 0
 
-    return lambda: monkeypatch.setattr(utils, "open", opened, raising=False)
+            def writable(self):
+                return True
+
+            def fileno(self):  # for atomic_file's fsync: a real file's descriptor
+                return synced.fileno()
+
+            def write(self, data):  # as a disk does: what still fits, then ENOSPC
+                taken = min(len(data), room - self.written)
+                if taken <= 0:
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                self.written += taken
+                return taken
+
+        def opened(name, mode, **kwargs):
+            file = io.BufferedWriter(Disk(), buffer_size=buffer)
+            return file if "b" in mode else io.TextIOWrapper(file, encoding=kwargs.get("encoding"))
+
+        monkeypatch.setattr(utils, "open", opened, raising=False)
+
+    return fill
 
 
 @pytest.fixture

@@ -361,7 +361,8 @@ def test_command_line_tables_only_its_own_runs_and_keeps_results_on_a_crash(note
     disk_full_midway()  # the disk fills half-way through the file
     capsys.readouterr()
     assert main(["--notebooks", "01", "--set", "scale=2", "--out", str(out)]) == 1  # said, not a traceback
-    assert "disk full; then run this command again" in capsys.readouterr().err
+    assert "disk full\nThe finished runs are kept: once results.csv can be written, run this command again" in \
+        capsys.readouterr().err
     assert (out / "results.csv").read_text() == results
 
 
@@ -666,9 +667,10 @@ def test_command_line_says_what_keeps_it_from_writing_results_csv(notebooks, tmp
     err = capsys.readouterr().err
     said = (f"cannot replace {out / 'results.csv'} (Permission denied); close any program that has it open"
             if refusal == "locked" else f"cannot write {out / 'results.csv'}: the disk is full")
-    assert said in err and "; then run this command again: the finished runs are skipped" in err
+    assert said in err and "\nThe finished runs are kept: once results.csv can be written, run this command" in err
     assert (out / "results.csv").read_text() == before
-    assert (out / "01_a" / "profile=course,scale=2,seed=0" / "metrics.json").exists()  # the new run is kept
+    run = out / "01_a" / "profile=course,scale=2,seed=0"  # the new run is kept (on the full disk, unpublished)
+    assert (run if refusal == "locked" else run.with_name(run.name + ".partial")).joinpath("metrics.json").exists()
 
 
 def test_command_line_ctrl_c_says_what_is_kept_and_how_to_go_on(notebooks, tmp_path, monkeypatch, capsys):
@@ -773,6 +775,20 @@ def test_command_line_removes_an_earlier_grids_results_when_no_run_finished(note
     assert (out / "results.csv").exists()
     assert main(["--notebooks", "01", "--set", "scale=-1", "--out", str(out)]) == 1
     assert not (out / "results.csv").exists() and "removed the earlier grid's" in capsys.readouterr().out
+    # held open in Excel (Windows): said, not a traceback
+    assert main(["--notebooks", "01", "--set", "scale=1", "--out", str(out)]) == 0
+    real_unlink = Path.unlink
+
+    def held(self, *args, **kwargs):
+        if self.name == "results.csv":
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_unlink(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "unlink", held)
+    capsys.readouterr()
+    assert main(["--notebooks", "01", "--set", "scale=-2", "--out", str(out)]) == 1
+    assert (f"no run of this grid finished, and the earlier grid's {out / 'results.csv'} could not be removed "
+            in capsys.readouterr().err)
 
 
 def test_a_run_another_grid_is_writing_is_running_elsewhere_not_a_failure(notebooks, tmp_path, monkeypatch, capsys,

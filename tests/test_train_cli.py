@@ -1,6 +1,7 @@
 import errno
 import json
 import math
+import os
 import re
 import subprocess
 import sys
@@ -219,24 +220,19 @@ def test_errors_found_while_running_are_messages_not_tracebacks(tmp_path, capsys
     assert [r["epoch"] for r in history] == [1, 2]  # the same options resume
 
 
-def test_a_full_disk_ends_the_run_with_a_message_and_the_way_on(tmp_path, capsys, monkeypatch):
+def test_a_full_disk_ends_the_run_with_a_message_and_the_way_on(tmp_path, capsys, full_disk):
     """A full disk (or no permission) while writing a checkpoint or metrics.json ended in a traceback."""
-    from mtlearn import train
-
     out = tmp_path / "run"
     main([*SMOKE, "--epochs", "1", "--limit", "8", "--out-dir", str(out)])
     capsys.readouterr()
-
-    def full(*args, **kwargs):
-        raise OSError(errno.ENOSPC, f"cannot write {out / 'last.pt'}: the disk is full")
-
-    monkeypatch.setattr(train, "fit", full)
+    full_disk()  # epoch 2's last.pt finds the disk full
     with pytest.raises(SystemExit) as exit_:
         main([*SMOKE, "--epochs", "2", "--limit", "8", "--out-dir", str(out), "--resume"])
     assert exit_.value.code == 1
-    assert capsys.readouterr().err == (f"python -m mtlearn.train: error: [Errno {errno.ENOSPC}] cannot write "
-                                       f"{out / 'last.pt'}: the disk is full. {out / 'last.pt'} holds epoch 1 of 2: "
-                                       "run the same command with --resume to continue from there\n")
+    assert capsys.readouterr().err == (f"python -m mtlearn.train: error: cannot write {out / 'last.pt'}: the disk is "
+                                       f"full ({os.strerror(errno.ENOSPC)}); free some space, or write to a folder on "
+                                       f"another disk (the previous file, if any, is kept). {out / 'last.pt'} holds "
+                                       "epoch 1 of 2: run the same command with --resume to continue from there\n")
 
 
 def test_ctrl_c_says_what_was_kept_and_how_to_go_on(tmp_path, capsys, monkeypatch):

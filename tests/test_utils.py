@@ -271,16 +271,17 @@ def test_an_atomic_write_refused_by_its_folder_names_the_file_not_the_temporary_
     assert caught.value.errno == 13
 
 
-def test_a_full_disk_names_the_file_and_keeps_the_previous_one(tmp_path, monkeypatch, full_disk):
-    """A full disk surfaced as a bare "[Errno 28] No space left on device", chained for a checkpoint to torch's
-    "unexpected pos 64 vs 0": neither named the file nor the way out."""
+@pytest.mark.parametrize("room, buffer", [(0, 8192), (100, 16)])  # refused at the flush; inside torch.save
+def test_a_full_disk_names_the_file_and_keeps_the_previous_one(tmp_path, monkeypatch, full_disk, room, buffer):
+    """A full disk surfaced as a bare "[Errno 28] No space left on device", or, refused while torch.save was
+    writing, as torch's RuntimeError "unexpected pos 64 vs 0": neither named the file nor the way out."""
     from mtlearn.checkpoint import load_checkpoint, save_checkpoint
 
     save_checkpoint({"epoch": 1}, tmp_path / "last.pt")
     write_text("earlier", tmp_path / "metrics.json")
-    full_disk()
-    for write, path in ((lambda p: save_checkpoint({"epoch": 2}, p), tmp_path / "last.pt"),
-                        (lambda p: write_text("later", p), tmp_path / "metrics.json")):
+    full_disk(room, buffer)
+    for write, path in ((lambda p: save_checkpoint({"epoch": 2, "w": torch.zeros(100)}, p), tmp_path / "last.pt"),
+                        (lambda p: write_text("later" * 2000, p), tmp_path / "metrics.json")):
         with pytest.raises(OSError) as caught:
             write(path)
         assert str(caught.value) == (f"cannot write {path}: the disk is full ({os.strerror(errno.ENOSPC)}); free "
@@ -291,6 +292,18 @@ def test_a_full_disk_names_the_file_and_keeps_the_previous_one(tmp_path, monkeyp
     assert load_checkpoint(tmp_path / "last.pt")["epoch"] == 1
     assert (tmp_path / "metrics.json").read_text() == "earlier"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt", "metrics.json"]  # no temporary file left
+
+
+def test_a_full_disk_met_by_the_callers_own_code_about_another_file_is_not_renamed(tmp_path):
+    from mtlearn.utils import atomic_file
+
+    other = str(tmp_path / "elsewhere" / "big.bin")
+    with pytest.raises(OSError) as caught:
+        with atomic_file(tmp_path / "notes.txt") as f:
+            f.write("x")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), other)
+    assert caught.value.filename == other and "notes.txt" not in str(caught.value)
+    assert not (tmp_path / "notes.txt").exists() and list(tmp_path.iterdir()) == []
 
 
 def test_a_file_another_program_holds_open_is_named_with_the_way_out(tmp_path, monkeypatch):
