@@ -35,7 +35,7 @@ from typing import Any
 
 from data_fetch.locking import make_and_lock
 from mtlearn.notebook import flatten_metrics
-from mtlearn.utils import atomic_file, check_number
+from mtlearn.utils import atomic_file, check_number, write_text
 
 NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"  # in a clone (and an editable install)
 DONE = "done"  # marker file: the folder holds a whole successful run (written last, before it is moved in)
@@ -334,7 +334,7 @@ def freeze_progress_bars(path: Path) -> int:
                 changed += 1
     if changed:
         trailing = "\n" if text.endswith("\n") else ""
-        Path(path).write_text(json.dumps(notebook, indent=1, ensure_ascii=False) + trailing, encoding="utf-8")
+        write_text(json.dumps(notebook, indent=1, ensure_ascii=False) + trailing, Path(path))  # atomic, UTF-8
     return changed
 
 

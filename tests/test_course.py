@@ -852,7 +852,7 @@ def test_a_runs_progress_bars_are_saved_at_their_end_for_viewers_without_widgets
     assert course.freeze_progress_bars(tmp_path / "out" / "01_bar.ipynb") == 0  # nothing left to do
 
 
-def test_freeze_progress_bars_rewrites_only_bars_whose_state_was_saved(tmp_path):
+def test_freeze_progress_bars_rewrites_only_bars_whose_state_was_saved(tmp_path, monkeypatch, full_disk):
     def bar(prefix, value, most, suffix):
         return {"b": {"model_name": "HBoxModel", "state": {"children": ["IPY_MODEL_p", "IPY_MODEL_f", "IPY_MODEL_s"]}},
                 "p": {"model_name": "HTMLModel", "state": {"value": prefix}},
@@ -870,6 +870,11 @@ def test_freeze_progress_bars_rewrites_only_bars_whose_state_was_saved(tmp_path)
                 "metadata": {"widgets": {course.WIDGET_STATE: {"state": state}}}, "nbformat": 4}
     path = tmp_path / "nb.ipynb"
     path.write_text(json.dumps(notebook, indent=1))
+    full_disk()  # the notebook is kept as it was (rewritten in place, it was emptied)
+    with pytest.raises(OSError, match="the disk is full"):
+        course.freeze_progress_bars(path)
+    assert json.loads(path.read_text()) == notebook
+    monkeypatch.undo()
     assert course.freeze_progress_bars(path) == 1
     outputs = json.loads(path.read_text())["cells"][0]["outputs"]
     assert outputs[0]["data"]["text/plain"] == ["train:  50%|█████     | 2/4 [00:01<00:01]"]
