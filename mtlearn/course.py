@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import errno
 import json
 import math
 import os
@@ -35,7 +34,7 @@ from typing import Any
 
 from data_fetch.locking import make_and_lock
 from mtlearn.notebook import flatten_metrics
-from mtlearn.utils import atomic_file, check_number, write_text
+from mtlearn.utils import DISK_FULL, atomic_file, check_number, write_text
 
 NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"  # in a clone (and an editable install)
 DONE = "done"  # marker file: the folder holds a whole successful run (written last, before it is moved in)
@@ -268,7 +267,7 @@ def run_notebook(
             _publish(staging, final, notebook.name)
         except OSError as error:  # a file of the previous run held open (Windows), or a full disk
             where = staging if staging.exists() else final
-            fix = ("free some space" if error.errno in (errno.ENOSPC, errno.EDQUOT)
+            fix = ("free some space" if error.errno in DISK_FULL
                    else f"close any program using files in {final} or {final.name}.old")
             return NotebookResult(notebook.stem, where, False, time.perf_counter() - started,
                                   f"the notebook ran, but its folder could not be put in place of {final} ({error}); "

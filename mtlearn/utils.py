@@ -602,9 +602,12 @@ def atomic_file(path: str | os.PathLike, binary: bool = False):
     _remove_stale_temporaries(path, stem)
 
 
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)  # the errno of a full disk, and of a user's quota used up
+
+
 def _refusal(path: Path, error: OSError) -> str:
     """What atomic_file says when `path` cannot be written for `error` (raised by its temporary file)."""
-    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+    if error.errno in DISK_FULL:
         return (f"cannot write {path}: the disk is full ({error.strerror}); free some space, or write to a folder on "
                 "another disk (the previous file, if any, is kept)")
     if isinstance(error, PermissionError):
@@ -619,8 +622,7 @@ def _disk_full(error: BaseException, tmp: Path) -> OSError | None:
     seen = set()
     while error is not None and id(error) not in seen:
         seen.add(id(error))
-        if (isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
-                and error.filename in (None, str(tmp))):
+        if isinstance(error, OSError) and error.errno in DISK_FULL and error.filename in (None, str(tmp)):
             return error
         error = error.__cause__ or error.__context__
     return None
