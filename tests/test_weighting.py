@@ -678,6 +678,10 @@ def test_delta_m_relative_change_of_a_negative_baseline_keeps_its_sign():
     (lambda: build_weighting("uncertainty", TASKS, foo=1), r"its options are none"),
     # a loss of 0 trains nothing; an IndexError; a KeyError
     (lambda: FixedWeights(TASKS, {"seg": 0, "cls": 0.0}), r"weights are all 0, so the loss would be 0"),
+    # float32 holds 1e-50 as 0 (past the all-0 check: a loss of 0) and 1e39 as inf
+    (lambda: FixedWeights(TASKS, {"seg": 1e-50, "cls": 0}), r"weights are kept as float32, which holds 1e-50 as 0\.0; "
+                                                            r"give weights between about 1e-38 and 1e38"),
+    (lambda: FixedWeights(TASKS, {"seg": 1.0, "cls": 1e39}), r"which holds 1e\+39 as inf"),
     (lambda: GradNorm(TASKS).backward({t: torch.tensor(1.0, requires_grad=True) for t in TASKS},
                                       [nn.Parameter(torch.ones(3))]),
      r"GradNorm measures gradient norms at the last shared convolution or linear layer, but .* hold none"),
