@@ -1115,6 +1115,9 @@ def test_split_by_group_deals_7_1_2_of_each_class_and_keeps_groups_whole(seed):
     (["a", "b", "c"], [0, math.nan, 1], SPLIT_FRACTIONS,  # a KeyError
      r"labels must give every item its class; item 1 has nan \(e\.g\. an empty CSV cell\)"),
     (["a", "b", "c"], [0, None, 1], SPLIT_FRACTIONS, r"item 1 has None"),  # '<' not supported
+    # a pandas column of patient ids read partly as numbers: numpy's "'<' not supported between 'int' and 'str'"
+    (np.array(["p1", 2, "p3"], dtype=object), [0, 1, 0], SPLIT_FRACTIONS,
+     r"groups must be ids of one kind \(all numbers, or all text\), got a mix of \['int', 'str'\]"),
 ])
 def test_split_by_group_refuses_what_it_cannot_split(groups, labels, fractions, match):
     with pytest.raises(ValueError, match=match):

@@ -84,7 +84,13 @@ def split_by_group(
                          f"shares >= 0, not all 0, got {fractions!r}")
     edges = np.cumsum(shares) / sum(shares)
     frequency = Counter(labels.tolist())
-    group_label = {g: _stratum(labels[groups == g].tolist(), frequency) for g in np.unique(groups)}
+    try:
+        ids = np.unique(groups)
+    except TypeError:  # numpy's bare "'<' not supported between instances of 'str' and 'int'"
+        kinds = sorted({type(g).__name__ for g in values})
+        raise ValueError(f"groups must be ids of one kind (all numbers, or all text), got a mix of {kinds}, e.g. from "
+                         "a CSV column read partly as numbers: convert them, e.g. [str(g) for g in groups]") from None
+    group_label = {g: _stratum(labels[groups == g].tolist(), frequency) for g in ids}
     split_of_group = {}
     for label in sorted(set(group_label.values())):
         members = sorted((g for g, l in group_label.items() if l == label), key=lambda g: _place(seed, g))
