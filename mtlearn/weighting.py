@@ -141,15 +141,24 @@ def check_task_weights(weights, tasks: Sequence[str], name: str = "weights") -> 
     if not all(is_number(w) and 0 <= w < math.inf for w in weights.values()):  # NaN fails the comparison
         raise ValueError(f"{name} must be finite and non-negative numbers, e.g. {example}; got {weights!r}")
     # kept as float32 (a buffer): 1e-50 became 0 and 1e39 inf, past the checks above
-    with np.errstate(over="ignore"):
-        kept = {w: np.float32(w) for w in weights.values()}
+    kept = {w: _as_float32(w) for w in weights.values()}
     lost = [w for w, f in kept.items() if (w > 0) != (f > 0) or not np.isfinite(f)]
     if lost:
-        raise ValueError(f"{name} are kept as float32, which holds {lost[0]!r} as {float(kept[lost[0]])}; give "
+        shown = repr(lost[0]) if len(repr(lost[0])) <= 20 else repr(lost[0])[:17] + "..."  # 10**400: 401 digits
+        raise ValueError(f"{name} are kept as float32, which holds {shown} as {float(kept[lost[0]])}; give "
                          f"weights between about 1e-38 and 1e38 (only their ratios matter), e.g. {example}")
     if not any(weights.values()):  # a total loss of 0: the network would get no gradient and train nothing
         raise ValueError(f"{name} are all 0, so the loss would be 0 and nothing would train; give at least one "
                          f"task a weight > 0, e.g. {example}")
+
+
+def _as_float32(value) -> np.float32:
+    """`value` as float32 holds it (inf past its range, where NumPy warns, or raises for a huge int)."""
+    try:
+        with np.errstate(over="ignore"):
+            return np.float32(value)
+    except OverflowError:  # 10**400: an int no float holds
+        return np.float32(np.inf)
 
 
 class FixedWeights(LossWeighting):

@@ -682,6 +682,7 @@ def test_delta_m_relative_change_of_a_negative_baseline_keeps_its_sign():
     (lambda: FixedWeights(TASKS, {"seg": 1e-50, "cls": 0}), r"weights are kept as float32, which holds 1e-50 as 0\.0; "
                                                             r"give weights between about 1e-38 and 1e38"),
     (lambda: FixedWeights(TASKS, {"seg": 1.0, "cls": 1e39}), r"which holds 1e\+39 as inf"),
+    (lambda: FixedWeights(TASKS, {"seg": 1.0, "cls": 10**400}), r"which holds 1000.* as inf"),  # an OverflowError
     (lambda: GradNorm(TASKS).backward({t: torch.tensor(1.0, requires_grad=True) for t in TASKS},
                                       [nn.Parameter(torch.ones(3))]),
      r"GradNorm measures gradient norms at the last shared convolution or linear layer, but .* hold none"),
