@@ -584,12 +584,13 @@ def atomic_file(path: str | os.PathLike, binary: bool = False):
                 f.flush()
                 os.fsync(f.fileno())
         except Exception as error:
-            # a bare "[Errno 28] No space left on device", for a checkpoint inside torch's RuntimeError "unexpected
-            # pos", named no file; an error of the caller's own about another file is left as it is
-            full = _disk_full(error, tmp)
-            if full is None:
+            # a bare "[Errno 28] No space left on device" (or "[Errno 5] Input/output error"), for a checkpoint
+            # inside torch's RuntimeError "unexpected pos", named no file; an error of the caller's own about
+            # another file is left as it is
+            failed = _write_error(error, tmp)
+            if failed is None:
                 raise
-            raise _cannot_write(full, _refusal(path, full)) from None
+            raise _cannot_write(failed, _refusal(path, failed)) from None
         if path.exists():
             os.chmod(tmp, path.stat().st_mode & 0o7777)
         try:
@@ -616,13 +617,13 @@ def _refusal(path: Path, error: OSError) -> str:
     return f"cannot write {path}: {error.strerror or error}; give a path in a folder you can write to"
 
 
-def _disk_full(error: BaseException, tmp: Path) -> OSError | None:
-    """The full-disk OSError behind `error` (itself, or one it was raised from or during) that concerns the file
-    `tmp` (no file name: a write to an open file), else None."""
+def _write_error(error: BaseException, tmp: Path) -> OSError | None:
+    """The OSError behind `error` (itself, or one it was raised from or during) that concerns the file `tmp` (no
+    file name: a write to an open file; a full disk, a failing one), else None."""
     seen = set()
     while error is not None and id(error) not in seen:
         seen.add(id(error))
-        if isinstance(error, OSError) and error.errno in DISK_FULL and error.filename in (None, str(tmp)):
+        if isinstance(error, OSError) and error.errno is not None and error.filename in (None, str(tmp)):
             return error
         error = error.__cause__ or error.__context__
     return None

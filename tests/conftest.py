@@ -71,8 +71,8 @@ def disk_full_midway(monkeypatch):
 def full_disk(monkeypatch, request):
     """Call it to put every file written through mtlearn.utils.atomic_file on a full disk: buffered as a real file,
     its first `room` bytes reach the disk (a write is cut short there, as by a real one) and the next is refused
-    with OSError ENOSPC, when the buffer (of `buffer` bytes) spills or is flushed. (disk_full_midway's error
-    carries no errno.)"""
+    with OSError ENOSPC (or the errno given as `error`: EIO for a failing disk), when the buffer (of `buffer`
+    bytes) spills or is flushed. (disk_full_midway's error carries no errno.)"""
     import errno
     import io
     import os
@@ -83,7 +83,7 @@ def full_disk(monkeypatch, request):
     synced = tempfile.TemporaryFile()
     request.addfinalizer(synced.close)
 
-    def fill(room=0, buffer=io.DEFAULT_BUFFER_SIZE):
+    def fill(room=0, buffer=io.DEFAULT_BUFFER_SIZE, error=errno.ENOSPC):
         class Disk(io.RawIOBase):
             written = 0
 
@@ -96,7 +96,7 @@ def full_disk(monkeypatch, request):
             def write(self, data):  # as a disk does: what still fits, then ENOSPC
                 taken = min(len(data), room - self.written)
                 if taken <= 0:
-                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                    raise OSError(error, os.strerror(error))
                 self.written += taken
                 return taken
 

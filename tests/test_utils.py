@@ -294,6 +294,23 @@ def test_a_full_disk_names_the_file_and_keeps_the_previous_one(tmp_path, monkeyp
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt", "metrics.json"]  # no temporary file left
 
 
+@pytest.mark.parametrize("room, buffer", [(0, 8192), (100, 16)])
+def test_a_failing_disk_names_the_file_and_keeps_the_previous_one(tmp_path, monkeypatch, full_disk, room, buffer):
+    """An I/O error while writing (a failing disk or USB stick, a network share gone) was a bare "[Errno 5]",
+    or torch's "unexpected pos", naming no file."""
+    from mtlearn.checkpoint import load_checkpoint, save_checkpoint
+
+    save_checkpoint({"epoch": 1}, tmp_path / "last.pt")
+    full_disk(room, buffer, error=errno.EIO)
+    with pytest.raises(OSError) as caught:
+        save_checkpoint({"epoch": 2, "w": torch.zeros(100)}, tmp_path / "last.pt")
+    assert str(caught.value) == (f"cannot write {tmp_path / 'last.pt'}: {os.strerror(errno.EIO)}; give a path in a "
+                                 "folder you can write to")
+    assert caught.value.errno == errno.EIO
+    monkeypatch.undo()
+    assert load_checkpoint(tmp_path / "last.pt")["epoch"] == 1 and len(list(tmp_path.iterdir())) == 1
+
+
 def test_a_full_disk_met_by_the_callers_own_code_about_another_file_is_not_renamed(tmp_path):
     from mtlearn.utils import atomic_file
 
