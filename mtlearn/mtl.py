@@ -13,6 +13,7 @@ smoke and course profiles (six trainings in minutes on two CPU cores) and what t
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -189,12 +190,13 @@ class MonaiBaseline(nn.Module):
 
     tasks = ("seg",)
 
-    def __init__(self, name: str, net: nn.Module, in_channels: int, stride: int):
+    def __init__(self, name: str, net: nn.Module, in_channels: int, stride: int, instance_norm: bool = True):
         super().__init__()
         self.name = name
         self.net = net
         self.in_channels = in_channels
         self.stride = stride
+        self.instance_norm = instance_norm  # which cannot normalise a 1x1 map at the bottom
 
     @property
     def encoder(self) -> nn.ModuleList:
@@ -220,7 +222,18 @@ class MonaiBaseline(nn.Module):
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         """x: (B, in_channels, H, W), H and W divisible by the stride -> {"seg": (B, seg_classes, H, W)}."""
         check_image(x, self.in_channels, self.stride, dtype=next(self.net.parameters()).dtype)
+        if self.instance_norm:
+            _check_bottom(tuple(x.shape[-2:]), self.name, self.stride, "image size")
         return {"seg": self.net(x)}
+
+
+def _check_bottom(size: tuple[int, int], name: str, stride: int, what: str) -> None:
+    """Refuse a size that leaves one pixel at the bottom of the network, where instance normalisation fails with
+    torch's "Expected more than 1 spatial element when training" (in eval mode as well)."""
+    if size[0] * size[1] <= stride * stride:
+        raise ValueError(f"{what} {size[0]}x{size[1]} would leave MONAI's {name} a 1x1 map at its bottom (stride "
+                         f"{stride}), which instance normalisation cannot normalise; use at least {2 * stride} on a "
+                         "side")
 
 
 def monai_baseline(name: str = "unet", in_channels: int = 1, seg_classes: int = 2,
@@ -228,8 +241,10 @@ def monai_baseline(name: str = "unet", in_channels: int = 1, seg_classes: int = 
     """MONAI's 2-D UNet or SwinUNETR wrapped to return {"seg": logits}; kwargs go to the MONAI class.
 
     "unet": channels (16, 32, 64, 128, 256), strides 2, two residual units (MONAI's tutorial
-    network, 1.6M params); inputs divisible by 16.
+    network, 1.6M params); inputs divisible by 16 (the product of `strides`).
     "swinunetr": spatial_dims=2, feature_size=48 (25.1M params); inputs divisible by 32. Needs einops.
+    With instance normalisation (both networks' default), a side must be at least twice the stride:
+    one pixel at the bottom cannot be normalised.
     seg_classes >= 2: softmax logits with a background channel, as the ResFormer's.
     """
     if name not in MONAI_MODELS:
@@ -243,7 +258,12 @@ def monai_baseline(name: str = "unet", in_channels: int = 1, seg_classes: int = 
         if len(options["channels"]) != len(options["strides"]) + 1:  # MONAI would only warn, and build another net
             raise ValueError(f"MONAI's UNet needs one stride per downsampling, one fewer than channels; got "
                              f"channels={tuple(options['channels'])} and strides={tuple(options['strides'])}")
-        stride = 2 ** len(options["strides"])
+        strides = tuple(options["strides"])
+        if not all(is_int(s) and s >= 1 for s in strides):
+            raise ValueError(f"MONAI's UNet takes whole-number strides >= 1, one per downsampling; got "
+                             f"strides={strides}")
+        stride = math.prod(int(s) for s in strides)  # the inputs' sides must divide by it, not by 2 ** levels
+        norm = options.get("norm", "instance")
         net = UNet(spatial_dims=2, in_channels=in_channels, out_channels=seg_classes, **options)
     else:  # "swinunetr"
         try:
@@ -252,7 +272,11 @@ def monai_baseline(name: str = "unet", in_channels: int = 1, seg_classes: int = 
             raise ImportError("monai_baseline('swinunetr') needs einops: pip install einops") from error
         stride = 32
         options = dict(feature_size=48) | kwargs
+        norm = options.get("norm_name", "instance")
         net = SwinUNETR(in_channels=in_channels, out_channels=seg_classes, spatial_dims=2, **options)
     if any(s % stride for s in size):
         raise ValueError(f"image_size {size} is not divisible by {name}'s stride {stride}; use a multiple of {stride}")
-    return MonaiBaseline(name, net, in_channels, stride)
+    instance_norm = "instance" in str(norm[0] if isinstance(norm, tuple) else norm).lower()  # MONAI's default
+    if instance_norm:
+        _check_bottom(size, name, stride, "image_size")
+    return MonaiBaseline(name, net, in_channels, stride, instance_norm)

@@ -103,6 +103,13 @@ BAD_ARGUMENTS = [
     ("monai one class", lambda: monai_baseline("unet", seg_classes=1), "seg_classes must be an integer >= 2"),
     ("monai strides", lambda: monai_baseline("unet", channels=(16, 32)),
      r"one stride per downsampling.*strides=\(2, 2, 2, 2\)"),
+    ("monai fractional stride", lambda: monai_baseline("unet", strides=(2, 2, 1.5, 2)),
+     r"whole-number strides >= 1.*strides=\(2, 2, 1\.5, 2\)"),
+    # each built, then failed in its first forward with torch's "Expected more than 1 spatial element when training"
+    ("monai unet 1x1 bottom", lambda: monai_baseline("unet", image_size=16),
+     r"image_size 16x16 would leave MONAI's unet a 1x1 map at its bottom \(stride 16\).*at least 32 on a side"),
+    ("monai swinunetr 1x1 bottom", lambda: monai_baseline("swinunetr", image_size=32, feature_size=12),
+     r"image_size 32x32 would leave MONAI's swinunetr a 1x1 map.*at least 64 on a side"),
 ]
 
 
@@ -236,6 +243,22 @@ def test_monai_unet_is_the_documented_network_and_its_stride_follows_its_strides
     assert count_parameters(monai_baseline("unet", image_size=64)) == pytest.approx(1.6e6, rel=0.03)  # 2 res units
     shallow = monai_baseline("unet", image_size=36, channels=(4, 8, 16), strides=(2, 2))  # 36: divisible by 4
     assert shallow.stride == 4 and shallow(torch.randn(1, 1, 36, 36))["seg"].shape == (1, 2, 36, 36)
+    # the product of the strides, not 2 per level: (3, 2) built at 36 failed with "Sizes of tensors must match",
+    # and (2, 1) refused 34 as "not divisible by stride 4"
+    for strides, side, stride in (((3, 2), 36, 6), ((2, 1), 34, 2)):
+        model = monai_baseline("unet", image_size=side, channels=(4, 8, 16), strides=strides)
+        assert model.stride == stride and model(torch.randn(1, 1, side, side))["seg"].shape == (1, 2, side, side)
+
+
+def test_a_monai_baseline_refuses_images_that_leave_one_pixel_at_its_bottom_unless_its_norm_takes_them():
+    model = monai_baseline("unet", image_size=32, channels=(4, 8, 16), strides=(2, 2))
+    model(torch.randn(1, 1, 4, 8))  # a 1x2 map at the bottom: normalised
+    for mode in (model.train, model.eval):  # torch's "when training" came in eval mode too
+        mode()
+        with pytest.raises(ValueError, match=r"image size 4x4 would leave MONAI's unet a 1x1 map.*at least 8 on"):
+            model(torch.randn(2, 1, 4, 4))
+    batch_norm = monai_baseline("unet", image_size=16, norm="batch")  # a batch of 2 gives batch norm 2 values
+    assert batch_norm(torch.randn(2, 1, 16, 16))["seg"].shape == (2, 2, 16, 16)
 
 
 def test_paper_preset_matches_the_published_size():
