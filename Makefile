@@ -7,6 +7,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+COLAB_WIDGETS := $(VENV)/colab-ipywidgets
 # torch first, pinned to the version CI uses. Which *build* pip takes depends on where it looks:
 # on Linux, PyPI's torch wheel bundles CUDA (several GB); TORCH_INDEX=https://download.pytorch.org/whl/cpu
 # takes the CPU build instead. (The project's own machines carry a local CPU wheel of 2.13.0.)
@@ -38,10 +39,21 @@ course: setup
 
 # The notebooks' smoke outputs of an earlier run go first: notebook 06 reuses finished grid runs,
 # which would then be checked instead of this code's.
-test: setup
+test: setup $(COLAB_WIDGETS)/.installed
 	$(PY) -m pytest -q tests
+	PYTHONPATH=$(COLAB_WIDGETS) $(PY) -c 'import ipywidgets as w, sys; sys.exit(None if w.__version__ == "7.7.1" \
+	else f"$(COLAB_WIDGETS) holds no ipywidgets 7.7.1: {w.__version__} came from {w.__file__}; run make clean")'
+	PYTHONPATH=$(COLAB_WIDGETS) $(PY) -m pytest -q -p no:cacheprovider tests/test_widgets.py \
+		tests/test_attribution.py -k "viewer or explorer"
 	rm -rf notebooks/outputs/*/smoke notebooks/outputs/*/smoke.partial notebooks/outputs/*/smoke.old
 	MTLEARN_PROFILE=smoke $(PY) -m pytest -q --nbval-lax --nbval-current-env -p no:cacheprovider notebooks/[0-9][0-9]_*.ipynb
+
+# The explorers are tested again under Colab's ipywidgets (7.7.1, which pyproject.toml allows), beside the
+# venv's 8: a folder put first on PYTHONPATH for the tests of the widgets alone
+$(COLAB_WIDGETS)/.installed: $(VENV)/.installed
+	rm -rf $(COLAB_WIDGETS)
+	$(PY) -m pip install --quiet --no-deps --target $(COLAB_WIDGETS) ipywidgets==7.7.1 ipython_genutils==0.2.0
+	touch $@
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow" tests

@@ -45,6 +45,15 @@ def say_in(output: widgets.Output, text: str) -> None:
     output.outputs = ({"output_type": "stream", "name": "stderr", "text": text + "\n"},)
 
 
+def _widget_bundle(widget: widgets.Widget) -> dict:
+    """What displays `widget`: ipywidgets 8 gives it as `_repr_mimebundle_`; 7 (Colab's, 7.7.1) publishes
+    the same bundle from `_ipython_display_`, which leaves nothing to add a picture to."""
+    if hasattr(widget, "_repr_mimebundle_"):
+        return dict(widget._repr_mimebundle_())
+    view = {"version_major": 2, "version_minor": 0, "model_id": widget.model_id}
+    return {"text/plain": repr(widget), "application/vnd.jupyter.widget-view+json": view}
+
+
 class Explorer:
     """What an explorer is when displayed (`explorer` as a cell's last line, or `display(explorer)`): its
     widget where widgets run (Jupyter, Colab, VS Code), and for viewers without them (GitHub, a notebook
@@ -62,7 +71,7 @@ class Explorer:
     def _repr_mimebundle_(self, include=None, exclude=None) -> dict:
         if self.closed:
             return {"text/plain": f"{type(self).__name__}: closed; build a new one to explore again"}
-        data = dict(self.widget._repr_mimebundle_())
+        data = _widget_bundle(self.widget)
         data["text/plain"] = f"{type(self).__name__}: interactive, run the notebook to use its controls"
         for shown in self.output.outputs:  # the current figure (none after an item it could not draw)
             if "image/png" in shown.get("data", {}):
