@@ -352,6 +352,30 @@ def test_masks_stored_as_0_1_are_binarised_like_0_255(tmp_path):
     assert items["normal (1)"]["mask"].sum() == 0
 
 
+def test_16_bit_masks_are_read_on_their_own_range_not_clipped_to_8_bits(tmp_path):
+    """Pillow's 8-bit conversion clipped every level over 255 to 255 before the threshold: a faint blob (600 of
+    65535) and an anti-aliased edge (20000) became lesion."""
+    lesion = np.zeros((40, 48), np.uint16)
+    lesion[6:20, 10:30] = 65535
+    mask = lesion.copy()
+    mask[30:34, 30:34] = 600
+    mask[20, 10:30] = 20000
+    make_small_busi(tmp_path, {"benign (1)": mask, "malignant (1)": (lesion > 0).astype(np.uint16)})
+    items = by_id(load_dataset("busi", root=tmp_path, split="all", image_size=(40, 48)))
+    for stem in ("benign (1)", "malignant (1)"):  # and 0/1 saved in 16 bits is the same lesion
+        assert torch.equal(items[stem]["mask"][0], torch.from_numpy((lesion > 0).astype(np.float32))), stem
+
+
+def test_an_image_larger_than_pillow_opens_is_named_with_the_way_out(tmp_path, monkeypatch):
+    """Pillow's DecompressionBombError came bare: "Image size (182250000 pixels) exceeds limit", no file."""
+    make_small_busi(tmp_path, {"benign (1)": np.zeros((40, 48), np.uint8)})
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 40 * 48 // 3)  # over twice the limit: an error, not a warning
+    path = tmp_path / "Dataset_BUSI_with_GT" / "benign" / "benign (1).png"
+    with pytest.raises(DamagedFileError, match=re.escape(f"{path} is larger than Pillow opens (Image size (1920 "
+                                                         "pixels) exceeds limit") + r".*MAX_IMAGE_PIXELS = None"):
+        real._read_image(path)
+
+
 def test_16_bit_images_keep_their_grey_levels(tmp_path):
     """A 16-bit PNG (values beyond 255) comes out in [0, 1] with its grey levels in order, not clipped
     to white by an 8-bit conversion."""

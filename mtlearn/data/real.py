@@ -864,6 +864,11 @@ def _opened(path: Path) -> Iterator[Image.Image]:
     try:
         with Image.open(path) as img:  # pixels are decoded when used: the errors can come from the body
             yield img
+    except Image.DecompressionBombError as error:  # Pillow's message names no file
+        raise DamagedFileError(
+            f"{path} is larger than Pillow opens ({error}); if the file is yours and meant to be that large, set "
+            "PIL.Image.MAX_IMAGE_PIXELS = None before loading, or downscale it (the datasets here are ~500 px)"
+        ) from None
     except (OSError, SyntaxError) as error:
         if isinstance(error, IsADirectoryError):  # a folder where the dataset's layout has an image file
             raise DamagedFileError(f"{path} is a folder, not an image file") from None
@@ -919,7 +924,8 @@ def _read_masks(masks: tuple[Path, ...] | np.ndarray, colour_coded: bool = False
     RGBA files, come out alike. A mask of two levels, 0 and one other (0/255, 0/1 saved unscaled, 0/2
     as a class index), is that level's lesion. Any other mask (anti-aliased edges, compression noise)
     is lesion above half the 8-bit range (MASK_THRESHOLD), not above half its own maximum: that read
-    the faint noise of a normal scan's mask (a few grey levels) as a lesion. Colour-coded masks
+    the faint noise of a normal scan's mask (a few grey levels) as a lesion; 16-bit masks are brought to
+    the 8-bit range first (65535 -> 255) when a level exceeds 255. Colour-coded masks
     (BUS-UCLM) give their lesion pixels by `_lesion_colours`, the rule that gives the class.
     """
     if isinstance(masks, np.ndarray):
@@ -931,7 +937,11 @@ def _read_masks(masks: tuple[Path, ...] | np.ndarray, colour_coded: bool = False
             binary.append((red | green).astype(np.float32))
             continue
         with _opened(path) as img:
-            levels = np.asarray(img.convert("RGB")).max(axis=-1)  # (H, W): the brightest channel, 0..255
+            if img.mode.startswith("I"):  # 16 or 32 bits: convert() would clip every value over 255 to 255 first
+                levels = np.asarray(img, dtype=np.float64)
+                levels = levels / 257 if levels.max() > 255 else levels  # 65535 -> 255; 0/1, 0/255 as they are
+            else:
+                levels = np.asarray(img.convert("RGB")).max(axis=-1)  # (H, W): the brightest channel, 0..255
         values = np.unique(levels)
         two_levels = len(values) == 2 and values[0] == 0
         threshold = 0 if two_levels or values[-1] <= 1 else MASK_THRESHOLD
