@@ -53,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
+    if hasattr(sys.stdout, "reconfigure"):  # a path cp1252 cannot spell (Windows, to a file): \u0141, not an error
+        sys.stdout.reconfigure(errors="backslashreplace")
     if args.name is None and not args.list:
         parser.error("the following argument is required: NAME (a dataset, or 'list')")
     if args.name not in (*SOURCES, "list", None):

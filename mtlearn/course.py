@@ -34,7 +34,7 @@ from typing import Any
 
 from data_fetch.locking import make_and_lock
 from mtlearn.notebook import flatten_metrics
-from mtlearn.utils import DISK_FULL, atomic_file, check_number, write_text
+from mtlearn.utils import DISK_FULL, atomic_file, check_number, printable_stdout, write_text
 
 NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"  # in a clone (and an editable install)
 DONE = "done"  # marker file: the folder holds a whole successful run (written last, before it is moved in)
@@ -423,6 +423,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="stop a notebook whose cell runs longer than this (default: 3600, none for the "
                              "paper profile; 0: no limit)")
     args = parser.parse_args(argv)
+    printable_stdout()
 
     from mtlearn.notebook import PAPER_ON_CPU, resolve_profile
     from mtlearn.utils import check_folder, home_expanded, pick_device, seed_everything

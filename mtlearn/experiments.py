@@ -36,7 +36,8 @@ import pandas as pd
 from mtlearn.course import (CELL_TIMEOUT_S, DONE, check_staging_fits, course_notebooks, injected_parameters,
                             resolve_cell_timeout, run_notebook, select_notebooks)
 from mtlearn.notebook import flatten_metrics, resolve_profile
-from mtlearn.utils import check_folder, check_number, home_expanded, is_finite, is_int, write_text
+from mtlearn.utils import (check_folder, check_number, home_expanded, is_finite, is_int, printable_stdout,
+                           write_text)
 
 
 UNSAFE_IN_NAMES = str.maketrans({c: "_" for c in '/\\:*?"<>|'})  # separators, and what Windows refuses
@@ -554,6 +555,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="stop a run whose cell runs longer than this (default: 3600, none for the paper "
                              "profile; 0: no limit)")
     args = parser.parse_args(argv)
+    printable_stdout()
     try:
         profile = resolve_profile(args.profile, name="--profile")
         cell_timeout = resolve_cell_timeout(args.cell_timeout, profile)  # every run of a grid has its profile

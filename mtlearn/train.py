@@ -42,7 +42,8 @@ from mtlearn.engine import (CompileError, NonFiniteLossError, NonFiniteWeightsEr
                             resolve_monitor, validation_losses_finite, validation_metrics)
 from mtlearn.heads import DFE_MODES  # a few milliseconds: mtl's model classes stay unimported
 from mtlearn.losses import TASKS
-from mtlearn.utils import home_expanded, is_distributed, is_main_process, pick_device, seed_everything, write_json
+from mtlearn.utils import (home_expanded, is_distributed, is_main_process, pick_device, printable_stdout,
+                           seed_everything, write_json)
 from mtlearn.weighting import WEIGHTINGS
 
 PRESETS = ("tiny", "course", "paper")
@@ -394,6 +395,7 @@ def _check_run_options(args: argparse.Namespace) -> dict | None:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    printable_stdout()
     try:
         return run(args)
     except (ValueError, FileNotFoundError, CompileError) as error:  # found once running: a message, no traceback

@@ -743,6 +743,15 @@ def warnings_above(bar):
             warnings.showwarning = previous
 
 
+def printable_stdout() -> None:
+    """Let a command-line tool print any path: where stdout's encoding cannot spell a character (Windows writes
+    cp1252 to a file or pipe, and the user folder may be "C:\\Users\\Łukasz"), it comes out as an escape
+    (\\u0141) instead of a UnicodeEncodeError once the work is done. stderr does so already."""
+    reconfigure = getattr(sys.stdout, "reconfigure", None)  # absent on a stream replaced by something else
+    if reconfigure is not None:
+        reconfigure(errors="backslashreplace")
+
+
 def write_text(text: str, path: Path) -> None:
     """Write `text` to `path` atomically (see atomic_file), as UTF-8."""
     with atomic_file(path) as f:

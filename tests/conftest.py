@@ -110,6 +110,28 @@ def full_disk(monkeypatch, request):
 
 
 @pytest.fixture
+def cp1252_stdout(monkeypatch):
+    """Call it (in the test: pytest sets its own sys.stdout again once setup is over) to make sys.stdout what a
+    Windows console redirected to a file or pipe is: cp1252, strict (it cannot spell "Ł", and a path holding
+    one raised UnicodeEncodeError). It returns a function giving what was printed."""
+    import io
+    import sys
+
+    def install():
+        raw = io.BytesIO()
+        stream = io.TextIOWrapper(raw, encoding="cp1252", errors="strict")
+        monkeypatch.setattr(sys, "stdout", stream)
+
+        def printed():
+            stream.flush()
+            return raw.getvalue().decode("cp1252")
+
+        return printed
+
+    return install
+
+
+@pytest.fixture
 def unwritable(monkeypatch):
     """Call it with folders to make os.access say no one may write to them, as for a folder of mode 555 (which
     the tests cannot make by chmod when they run as root, whom the file system lets write anyway); with

@@ -499,6 +499,18 @@ def test_command_line_goes_on_after_a_failing_notebook(tmp_path, monkeypatch, ca
     assert any(line.startswith(calls[1]) and "dice=0.5" in line for line in table)
 
 
+def test_a_failure_naming_a_path_the_console_cannot_spell_is_printed_escaped(tmp_path, monkeypatch, cp1252_stdout):
+    """Windows writes cp1252 to a file or pipe: a report naming a folder of Łukasz's ended in a traceback."""
+    from mtlearn.course import NotebookResult, main
+
+    missing = tmp_path / "Łukasz" / "data"
+    monkeypatch.setattr(course, "run_notebook", lambda nb, out_dir, parameters, cell_timeout: NotebookResult(
+        nb.stem, out_dir, False, 1.0, error=f"no dataset in {missing}"))
+    printed = cp1252_stdout()
+    assert main(["--profile", "smoke", "--out", str(tmp_path / "out"), "--only", "00"]) == 1
+    assert f"no dataset in {tmp_path}{os.sep}\\u0141ukasz" in printed()
+
+
 def test_command_line_defaults_to_the_course_profile_with_an_hour_per_cell(tmp_path, monkeypatch):
     """The main job with no options: the course profile, its folder, and a cell limit that stops a hung kernel."""
     from mtlearn.course import NotebookResult, main

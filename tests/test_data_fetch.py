@@ -1354,6 +1354,14 @@ def test_an_empty_mtlearn_data_means_the_default_not_the_current_folder(monkeypa
     assert data_fetch.default_data_dir().name == "mtlearn" and data_fetch.default_data_dir().is_absolute()
 
 
+def test_command_line_prints_a_path_the_console_cannot_spell_escaped(tmp_path, monkeypatch, cp1252_stdout):
+    """Windows writes cp1252 to a file or pipe: `list` under a data root named Łukasz ended in a traceback."""
+    monkeypatch.setenv("MTLEARN_DATA", str(tmp_path / "Łukasz"))
+    printed = cp1252_stdout()
+    assert main(["list"]) == 0
+    assert f"{tmp_path}{os.sep}\\u0141ukasz" in printed()
+
+
 def test_command_line_list_and_help(capsys):
     assert main(["list"]) == 0
     out = capsys.readouterr().out

@@ -346,6 +346,16 @@ def test_collect_keeps_to_the_grid_it_is_given(notebooks, tmp_path):
     assert sorted(collect(root)["score"]) == [10, 20]  # specs=None: every finished run in the folder
 
 
+def test_command_line_prints_a_path_the_console_cannot_spell_escaped(notebooks, tmp_path, monkeypatch, cp1252_stdout):
+    """Windows writes cp1252 to a file or pipe: a grid run into a folder of Łukasz's ended in a traceback after
+    every run had finished."""
+    monkeypatch.setattr(experiments, "course_notebooks", lambda: notebooks)
+    out = tmp_path / "Łukasz" / "grid"
+    printed = cp1252_stdout()
+    assert main(["--notebooks", "01", "--set", "scale=1", "--out", str(out)]) == 0
+    assert f"1 results collected into {tmp_path}{os.sep}\\u0141ukasz{os.sep}grid{os.sep}results.csv" in printed()
+
+
 def test_command_line_tables_only_its_own_runs_and_keeps_results_on_a_crash(notebooks, tmp_path, monkeypatch, capsys,
                                                                              disk_full_midway):
     monkeypatch.setattr(experiments, "course_notebooks", lambda: notebooks)

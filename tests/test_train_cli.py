@@ -145,6 +145,15 @@ def test_limit_keeps_that_many_training_images_and_a_quarter_of_it_to_validate_a
     assert "note" not in capsys.readouterr().err
 
 
+def test_a_path_the_console_cannot_spell_is_printed_escaped_not_an_error(tmp_path, cp1252_stdout):
+    """Windows writes cp1252 to a file or pipe: the summary of a finished run raised UnicodeEncodeError for a user
+    folder named Łukasz, which main then reported as a usage error (exit 2)."""
+    out = tmp_path / "Łukasz" / "run"
+    printed = cp1252_stdout()
+    main([*SMOKE, "--epochs", "1", "--limit", "8", "--out-dir", str(out)])
+    assert f"wrote {tmp_path}{os.sep}\\u0141ukasz{os.sep}run" in printed()
+
+
 def test_train_writes_metrics_and_resumes(tmp_path, capsys):
     out = tmp_path / "run"
     first = main([*SMOKE, "--epochs", "1", "--limit", "8", "--out-dir", str(out)])
