@@ -8,7 +8,7 @@ Submodules load on first use (`mt.data`, `mt.engine`, ...), so `import mtlearn` 
 notebook only pays for what it touches.
 """
 
-from importlib import import_module
+from importlib import import_module as _import_module
 
 from mtlearn.utils import count_flops, count_parameters, environment_report, pick_device, seed_everything
 
@@ -29,7 +29,12 @@ __all__ = [
 
 def __getattr__(name: str):
     if name in _SUBMODULES:
-        return import_module(f"mtlearn.{name}")
+        return _import_module(f"mtlearn.{name}")
     if name in _SHORTCUTS:
-        return getattr(import_module(f"mtlearn.{_SHORTCUTS[name]}"), name)
+        return getattr(_import_module(f"mtlearn.{_SHORTCUTS[name]}"), name)
     raise AttributeError(f"module 'mtlearn' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    """What `mt.<Tab>` offers: the submodules and shortcuts that load on first use, not only what is loaded."""
+    return sorted([*__all__, "__version__"])

@@ -937,7 +937,7 @@ class RandomisationResult:
 
     steps: list[str] = field(default_factory=list)  # "original", then each randomised block, top first
     spearman: list[float] = field(default_factory=list)  # mean over samples; 1.0 for "original"
-    maps: list[Tensor] = field(default_factory=list)  # (B, 1, H, W) per step
+    maps: list[Tensor] = field(default_factory=list, repr=False)  # (B, 1, H, W) per step (not printed: images)
     absolute: bool = True  # whether the correlations compare |maps| (see `spearman`)
 
     def as_dict(self) -> dict[str, float]:

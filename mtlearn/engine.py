@@ -221,6 +221,12 @@ class History:
     def __len__(self) -> int:
         return len(self.records)
 
+    def __repr__(self) -> str:  # the dataclass's printed every record on one line (~600 characters an epoch)
+        best = (f"best {self.monitor} {self.best_value:.4g} at epoch {self.best_epoch}" if self.best_epoch is not None
+                else f"no best epoch on {self.monitor}")
+        epochs = "1 epoch" if len(self) == 1 else f"{len(self)} epochs"
+        return f"History({epochs}, {best}, mode={self.mode!r}; .to_frame() for the table, .plot() to see it)"
+
     def append(self, record: dict[str, float]) -> bool:
         """Add an epoch; return True when it is the new best on the monitored key."""
         record = {k: int(v) if k == "epoch" else float(v) for k, v in record.items()}  # plain numbers only

@@ -146,6 +146,11 @@ class DenoisingPairs(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
+    def __repr__(self) -> str:  # was "<mtlearn.umsrep.DenoisingPairs object at 0x...>" (in StrategyData's too)
+        return (f"DenoisingPairs({len(self)} pairs from {type(self.dataset).__name__}, "
+                f"gaussian_std={self.gaussian_std}, speckle_looks={self.speckle_looks}, labels={self.labels}, "
+                f"fixed_noise={self.fixed_noise}, seed={self.seed})")
+
     def __getitem__(self, index: int) -> dict:
         index = check_item_index(index, len(self))  # -1 was NumPy's "expected non-negative integer" (fixed noise)
         item = self.dataset[index]
@@ -219,6 +224,9 @@ class InMemory(Dataset):
 
     def __len__(self) -> int:
         return len(self.items)
+
+    def __repr__(self) -> str:
+        return f"InMemory({len(self)} items, keys={list(self.items[0]) if self.items else []})"
 
     def __getitem__(self, index: int) -> dict:
         return self.items[check_item_index(index, len(self.items))]
@@ -926,7 +934,8 @@ class Comparison:
 
     table: "object"  # pandas DataFrame, one row per strategy (see `strategy_table`)
     runs: list[TrainedModel]  # one per network trained, pre-training first
-    representation: nn.Module | None  # the pretrained denoiser (None: no strategy of the comparison uses one)
+    # the pretrained denoiser (None: no strategy of the comparison uses one); not in the repr, as TrainedModel's model
+    representation: nn.Module | None = field(repr=False)
     config: UMSRepConfig
 
 

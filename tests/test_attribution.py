@@ -436,6 +436,13 @@ def test_cascading_randomisation_lowers_the_rank_correlation(model, images):
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # on a copy
 
 
+def test_a_randomisation_result_shows_its_steps_and_correlations_not_its_maps():
+    """Its repr printed every map's tensor: 325 lines for two images."""
+    maps = [torch.rand(2, 1, 32, 32)] * 2
+    result = A.RandomisationResult(["original", "heads.cls"], [1.0, 0.25], maps)
+    assert repr(result) == "RandomisationResult(steps=['original', 'heads.cls'], spearman=[1.0, 0.25], absolute=True)"
+
+
 def test_cascading_randomisation_is_seeded_and_leaves_the_callers_random_state(model, images):
     torch.manual_seed(123)
     state = torch.get_rng_state()

@@ -476,7 +476,10 @@ def test_the_split_all_indexes_counts_and_prints_as_each_split_does():
             data[index]
     assert repr(data) == "9 items, split 'all' = " + " + ".join(map(repr, parts))
     assert repr(parts[1]) == ("SyntheticUltrasound(num_samples=3, image_size=(32, 32), seed=0, first_index=1000000, "
-                              "artifact_correlation=0.0, artifact_rate=0.5, noise_level=1.0, in_channels=1)")
+                              "class_probs=(0.333, 0.333, 0.333), artifact_correlation=0.0, artifact_rate=0.5, "
+                              "noise_level=1.0, in_channels=1)")
+    # the classes' frequencies change the data: two datasets drawing other labels printed alike
+    assert "class_probs=(0.9, 0.05, 0.05)," in repr(SyntheticUltrasound(num_samples=3, class_probs=(18, 1, 1)))
 
 
 @pytest.mark.parametrize("index", [1.5, True, "1"])

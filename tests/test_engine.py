@@ -856,6 +856,17 @@ def test_evaluate_leaves_a_frozen_batchnorm_frozen():
     assert model.training and not model.encoder[1].training
 
 
+def test_a_history_shows_as_a_line_that_says_where_the_rest_is():
+    """The dataclass's repr printed every record on one line: ~600 characters an epoch, ~90 kB for the paper's 150."""
+    history = History(monitor="val/seg/dice")
+    assert repr(history) == ("History(0 epochs, no best epoch on val/seg/dice, mode='max'; .to_frame() for the "
+                             "table, .plot() to see it)")
+    for epoch in range(1, 151):
+        history.append({"epoch": epoch, "val/seg/dice": 0.5 + 0.1 * (epoch == 97), "train/seg": 1.0})
+    assert repr(history) == ("History(150 epochs, best val/seg/dice 0.6 at epoch 97, mode='max'; .to_frame() for "
+                             "the table, .plot() to see it)")
+
+
 def test_history_frame_and_plot():
     history = _fit(ToyNet(), *_loaders(), epochs=2)
     frame = history.to_frame()

@@ -123,6 +123,16 @@ def test_ci_runs_the_readme_test_command():
     assert re.search(r"^make course\s*(#.*)?$", readme, re.M)
 
 
+def test_tab_completion_offers_the_submodules_and_shortcuts_that_load_on_first_use():
+    """`mt.<Tab>` offered only what `import mtlearn` had loaded (count_parameters, ..., and importlib's
+    import_module), not build_model, fit or data: the module had __getattr__ but no __dir__."""
+    import mtlearn
+
+    listed = dir(mtlearn)
+    assert set(mtlearn.__all__) <= set(listed) and {"build_model", "fit", "evaluate", "data", "plots"} <= set(listed)
+    assert "import_module" not in listed and "__version__" in listed
+
+
 def test_every_submodule_loads_from_the_package_attribute():
     """`mt.<module>` works for every module of the package (the lazy list must not fall behind)."""
     import mtlearn

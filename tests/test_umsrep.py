@@ -574,6 +574,20 @@ def test_denoising_pairs_name_items_that_are_not_dicts_with_an_image():
         DenoisingPairs([{"image": torch.zeros(1, 4, 4)}, {"label": 0}])[1]
 
 
+def test_denoising_pairs_in_memory_and_a_comparison_show_what_they_hold():
+    """DenoisingPairs and InMemory printed as <... object at 0x...> (in notebook 03's StrategyData too), and a
+    Comparison printed the whole pretrained network."""
+    pairs = DenoisingPairs(SyntheticUltrasound(num_samples=4, image_size=32), gaussian_std=0.05)
+    assert repr(pairs) == ("DenoisingPairs(4 pairs from SyntheticUltrasound, gaussian_std=0.05, speckle_looks=4.0, "
+                           "labels=False, fixed_noise=False, seed=0)")
+    assert repr(InMemory(pairs)) == "InMemory(4 items, keys=['image', 'clean'])"
+    from mtlearn.umsrep import Comparison
+
+    comparison = Comparison(table=None, runs=[], representation=build_model("tiny", image_size=32),
+                            config=strategy_config("smoke"))
+    assert "representation" not in repr(comparison) and "Conv2d" not in repr(comparison)
+
+
 def test_denoising_pairs_and_in_memory_check_their_switches_keys_and_indices():
     items = [{"image": torch.zeros(1, 4, 4), "label": 0}, {"image": torch.ones(1, 4, 4), "label": 1}]
     with pytest.raises(ValueError, match=r"labels must be True or False, got 'no'"):

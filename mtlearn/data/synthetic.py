@@ -112,6 +112,7 @@ class SyntheticUltrasound(Dataset):
         self.num_samples = int(num_samples)
         self.seed = int(seed)
         self.first_index = int(first_index)
+        self.class_probs = tuple(float(p) for p in probs / probs.sum())
         self.class_cdf = np.cumsum(probs / probs.sum())
         self.artifact_correlation = float(artifact_correlation)
         self.artifact_rate = float(artifact_rate)
@@ -137,7 +138,9 @@ class SyntheticUltrasound(Dataset):
 
     def __repr__(self) -> str:
         return (f"SyntheticUltrasound(num_samples={self.num_samples}, image_size={(self.height, self.width)}, "
-                f"seed={self.seed}, first_index={self.first_index}, artifact_correlation={self.artifact_correlation}, "
+                f"seed={self.seed}, first_index={self.first_index}, "
+                f"class_probs=({', '.join(f'{p:.3g}' for p in self.class_probs)}), "
+                f"artifact_correlation={self.artifact_correlation}, "
                 f"artifact_rate={self.artifact_rate}, noise_level={self.noise_level}, in_channels={self.in_channels})")
 
     def __getitem__(self, index: int) -> dict:
