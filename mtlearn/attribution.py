@@ -257,6 +257,15 @@ class Explainer:
         self.warned_unscaled = False  # the 0..255 warning comes once per explainer, not once per batch
         self._num_classes: int | None = None  # of the cls head, read from its first output
 
+    def __repr__(self) -> str:  # was "<mtlearn.attribution.Explainer object at 0x...>"
+        layer = self.layer_name
+        if layer is None:
+            try:
+                layer = f"{default_layer(self.model)} (the default)"
+            except ValueError:  # no encoder.stages: Grad-CAM needs layer=
+                layer = "none (give layer= for Grad-CAM)"
+        return f"Explainer({type(self.model).__name__}: a copy in eval mode on {self.device}; Grad-CAM layer {layer})"
+
     def head(self, head: str) -> nn.Module:
         """The scalar-per-sample wrapper of `head` around the prepared copy."""
         if head not in WRAPPERS:

@@ -189,6 +189,11 @@ class MetricAccumulator:
                                        advice="max - min of the clean images, e.g. 1.0")
         self.reset()
 
+    def __repr__(self) -> str:  # was "<mtlearn.metrics.MetricAccumulator object at 0x...>"
+        seen = int(max(*self.counts.values(), sum(len(labels) for labels in self._labels), 0))  # cls: kept labels
+        return (f"MetricAccumulator(tasks={self.tasks}, num_classes={self.num_classes}, {seen} images so far; "
+                ".compute() for the metrics)")
+
     def reset(self) -> None:
         """Forget every batch, and a class count read from the logits: the next pass may have another."""
         self.num_classes = self._given_classes

@@ -436,6 +436,14 @@ def test_cascading_randomisation_lowers_the_rank_correlation(model, images):
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # on a copy
 
 
+def test_an_explainer_shows_its_model_and_layer(model):
+    """It printed as <mtlearn.attribution.Explainer object at 0x...>."""
+    assert repr(A.Explainer(model)) == ("Explainer(MultiTaskUNet: a copy in eval mode on cpu; Grad-CAM layer "
+                                        f"{A.default_layer(model)} (the default))")
+    assert repr(A.Explainer(model, layer=model.encoder.stages[0])).endswith("Grad-CAM layer encoder.stages.0)")
+    assert repr(A.Explainer(nn.Conv2d(1, 2, 3))).endswith("Grad-CAM layer none (give layer= for Grad-CAM))")
+
+
 def test_a_randomisation_result_shows_its_steps_and_correlations_not_its_maps():
     """Its repr printed every map's tensor: 325 lines for two images."""
     maps = [torch.rand(2, 1, 32, 32)] * 2

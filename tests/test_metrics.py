@@ -20,6 +20,15 @@ def test_three_class_metrics_by_hand():
     assert m["cls/specificity"] == pytest.approx(7 / 8)
 
 
+def test_an_accumulator_shows_its_tasks_and_how_many_images_it_has_seen():
+    """It printed as <mtlearn.metrics.MetricAccumulator object at 0x...>."""
+    acc = MetricAccumulator(tasks=("cls",))
+    assert repr(acc) == ("MetricAccumulator(tasks=('cls',), num_classes=None, 0 images so far; .compute() for the "
+                         "metrics)")
+    acc.update({"cls": torch.tensor([[2.0, 0.0], [0.0, 2.0], [1.0, 0.0]])}, {"label": torch.tensor([0, 1, 1])})
+    assert repr(acc) == "MetricAccumulator(tasks=('cls',), num_classes=2, 3 images so far; .compute() for the metrics)"
+
+
 def test_three_class_sensitivity_is_malignant_against_the_rest_as_sklearn_reads_it():
     rng = np.random.default_rng(1)
     labels, predicted = rng.integers(0, 3, 60), rng.integers(0, 3, 60)
