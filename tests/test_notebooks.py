@@ -174,6 +174,23 @@ def test_notebook_01_names_a_model_preset_that_is_no_preset(model_preset, tmp_pa
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("notebook, parameters, message", [
+    # passed the set-up cell's multiple-of-16 check, then failed in the data cell on the synthetic images' minimum
+    ("01_resformer_mtl", {"image_size": 16}, "image_size must be a multiple of 16 (the network's stride) and at "
+                                             "least 32 (the smallest synthetic image), got 16"),
+    # allowed by the comment (0..4), they made partial frozen or full, and the check "frozen < partial < full" False
+    *[("03_ums_rep_finetuning", {"partial_stages": n}, f"parameter partial_stages must be an integer >= 1 and <= 3, "
+                                                       f"got {n}") for n in (0, 4)],
+])
+def test_a_knob_value_a_later_cell_cannot_take_is_refused_by_the_set_up_cell(notebook, parameters, message, tmp_path):
+    from mtlearn.course import run_notebook
+
+    result = run_notebook(NOTEBOOK_DIR / f"{notebook}.ipynb", tmp_path / "out", {"profile": "smoke", **parameters})
+    assert not result.ok and message in result.error
+    assert not (tmp_path / "out" / "metrics.json").exists()
+
+
+@pytest.mark.slow
 def test_notebook_02_refuses_seeds_past_numpys_limit_before_training(tmp_path):
     """The third of three seeds from 2**32 - 2 used to fail only after the first two had trained."""
     from mtlearn.course import run_notebook
