@@ -14,7 +14,8 @@ Writes to --out-dir: options.json (the data and model options, which --resume mu
 and best.pt (see mtlearn.engine) and metrics.json: the configuration, the best epoch's validation
 metrics, the test metrics of the best-validation weights, the history, and every process's final
 weight digest and task weights (all equal when the processes stayed in sync). An --out-dir that
-already holds a run is refused: pass another one, or --resume to continue it.
+already holds a run is refused: pass another one, or --resume to continue it. Stopped by Ctrl-C or SIGTERM (a
+scheduler pre-empting the job), it says which epoch last.pt holds and exits with 130 or 143.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import json
 import math
 import os
 import re
+import signal
 import sys
 import time
 import traceback
@@ -397,7 +399,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     printable_stdout()
     try:
-        return run(args)
+        with _sigterm_as_interrupt():
+            return run(args)
     except (ValueError, FileNotFoundError, CompileError) as error:  # found once running: a message, no traceback
         print(f"python -m mtlearn.train: error: {_own_message(error)}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -407,10 +410,37 @@ def main(argv: list[str] | None = None) -> dict:
     except (NonFiniteLossError, NonFiniteWeightsError, NoGoodEpochError) as error:  # diverged; the message says how
         print(f"python -m mtlearn.train: training stopped: {error}", file=sys.stderr)
         raise SystemExit(1) from None
-    except KeyboardInterrupt:  # Ctrl-C: what is kept and how to go on, not a traceback from inside backward()
+    except KeyboardInterrupt as stop:  # Ctrl-C or SIGTERM: what is kept and how to go on, not a traceback
+        terminated = isinstance(stop, Terminated)
         if os.environ.get("RANK", "0") == "0":  # torchrun's; run() has already taken the process group down
-            print(f"python -m mtlearn.train: interrupted. {_how_to_go_on(args)}", file=sys.stderr)
-        raise SystemExit(130) from None
+            print(f"python -m mtlearn.train: {'terminated (SIGTERM)' if terminated else 'interrupted'}. "
+                  f"{_how_to_go_on(args)}", file=sys.stderr)
+        raise SystemExit(128 + signal.SIGTERM if terminated else 130) from None
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM while training (a scheduler pre-empting the job, a Colab runtime stopped, `kill`), handled as
+    Ctrl-C is: the process ended without a word, where the epoch kept and the --resume to go on are wanted most.
+    A KeyboardInterrupt, so that DataLoader workers, which inherit the handler, leave quietly too."""
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """For the duration, SIGTERM raises Terminated in the main thread (elsewhere, a thread, nothing changes)."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():  # signal.signal works in the main thread only
+        yield
+        return
+
+    def terminated(signum, frame):
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 _TRACEBACK = "Traceback (most recent call last):\n"

@@ -244,6 +244,53 @@ def test_a_full_disk_ends_the_run_with_a_message_and_the_way_on(tmp_path, capsys
                                        "epoch 1 of 2: run the same command with --resume to continue from there\n")
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="no SIGTERM to send to a process on Windows")
+def test_sigterm_says_what_was_kept_and_how_to_go_on_and_leaves_nothing_behind(tmp_path):
+    """SIGTERM (a scheduler pre-empting the job, a Colab runtime stopped) ended training without a word, where Ctrl-C
+    says which epoch is kept and how to resume; its lock and any half-written file were left too."""
+    import signal
+    import subprocess
+    import time
+
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "mtlearn.train", *SMOKE, "--epochs", "200", "--limit", "8", "--out-dir", str(out)]
+    training = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env=os.environ | {"OMP_NUM_THREADS": "1"})
+    deadline = time.monotonic() + 120
+    while not (out / "last.pt").exists() and training.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    training.send_signal(signal.SIGTERM)
+    _, err = training.communicate(timeout=60)
+    assert training.returncode == 128 + signal.SIGTERM, err
+    assert re.fullmatch(rf"python -m mtlearn\.train: terminated \(SIGTERM\)\. {re.escape(str(out / 'last.pt'))} holds "
+                        r"epoch \d+ of 200: run the same command with --resume to continue from there\n", err), err
+    assert sorted(p.name for p in out.iterdir()) == ["best.pt", "last.pt", "options.json"]  # no lock, no temporary
+
+
+def test_sigterm_is_handled_only_while_training_and_from_the_main_thread(monkeypatch):
+    import signal
+    import threading
+
+    from mtlearn import train
+
+    before = signal.getsignal(signal.SIGTERM)
+    with train._sigterm_as_interrupt():
+        assert signal.getsignal(signal.SIGTERM) is not before
+        with pytest.raises(train.Terminated):
+            signal.raise_signal(signal.SIGTERM)
+    assert signal.getsignal(signal.SIGTERM) is before  # main() called from a notebook gives the kernel its own back
+    seen = []
+
+    def in_a_thread():  # signal.signal would raise "signal only works in main thread of the main interpreter"
+        with train._sigterm_as_interrupt():
+            seen.append(signal.getsignal(signal.SIGTERM))
+
+    thread = threading.Thread(target=in_a_thread)
+    thread.start()
+    thread.join()
+    assert seen == [before]
+
+
 def test_ctrl_c_says_what_was_kept_and_how_to_go_on(tmp_path, capsys, monkeypatch):
     """Ctrl-C printed a traceback from inside backward() and nothing about --resume."""
     from mtlearn import train
