@@ -36,5 +36,5 @@ def __getattr__(name: str):
 
 
 def __dir__() -> list[str]:
-    """What `mt.<Tab>` offers: the submodules and shortcuts that load on first use, not only what is loaded."""
-    return sorted([*__all__, "__version__"])
+    """What `mt.<Tab>` offers: also the submodules and shortcuts that load on first use, not only what is loaded."""
+    return sorted({*globals(), *__all__})

@@ -15,7 +15,8 @@ and best.pt (see mtlearn.engine) and metrics.json: the configuration, the best e
 metrics, the test metrics of the best-validation weights, the history, and every process's final
 weight digest and task weights (all equal when the processes stayed in sync). An --out-dir that
 already holds a run is refused: pass another one, or --resume to continue it. Stopped by Ctrl-C or SIGTERM (a
-scheduler pre-empting the job), it says which epoch last.pt holds and exits with 130 or 143.
+scheduler pre-empting the job), it says which epoch last.pt holds and exits with 130 or 143 (under torchrun
+rank 0 says it, and torchrun reports the stopped processes as it does).
 """
 
 from __future__ import annotations
@@ -421,7 +422,8 @@ def main(argv: list[str] | None = None) -> dict:
 class Terminated(KeyboardInterrupt):
     """SIGTERM while training (a scheduler pre-empting the job, a Colab runtime stopped, `kill`), handled as
     Ctrl-C is: the process ended without a word, where the epoch kept and the --resume to go on are wanted most.
-    A KeyboardInterrupt, so that DataLoader workers, which inherit the handler, leave quietly too."""
+    A KeyboardInterrupt, so that DataLoader workers forked with the handler leave quietly too (spawned ones, on
+    macOS and Windows, end as SIGTERM ends a process)."""
 
 
 @contextlib.contextmanager

@@ -584,6 +584,9 @@ def atomic_file(path: str | os.PathLike, binary: bool = False):
                 f.flush()
                 os.fsync(f.fileno())
         except Exception as error:
+            interrupt = _interrupt_behind(error)
+            if interrupt is not None:  # Ctrl-C or SIGTERM in torch.save, which raised "unexpected pos" over it
+                raise interrupt from None
             # a bare "[Errno 28] No space left on device" (or "[Errno 5] Input/output error"), for a checkpoint
             # inside torch's RuntimeError "unexpected pos", named no file; an error of the caller's own about
             # another file is left as it is
@@ -617,16 +620,25 @@ def _refusal(path: Path, error: OSError) -> str:
     return f"cannot write {path}: {error.strerror or error}; give a path in a folder you can write to"
 
 
-def _write_error(error: BaseException, tmp: Path) -> OSError | None:
-    """The OSError behind `error` (itself, or one it was raised from or during) that concerns the file `tmp` (no
-    file name: a write to an open file; a full disk, a failing one), else None."""
+def _chain(error: BaseException | None):
+    """`error`, then the errors it was raised from or during, each once."""
     seen = set()
     while error is not None and id(error) not in seen:
         seen.add(id(error))
-        if isinstance(error, OSError) and error.errno is not None and error.filename in (None, str(tmp)):
-            return error
+        yield error
         error = error.__cause__ or error.__context__
-    return None
+
+
+def _interrupt_behind(error: BaseException) -> KeyboardInterrupt | None:
+    """The KeyboardInterrupt (Ctrl-C, or the train CLI's SIGTERM) that `error` was raised during, else None."""
+    return next((e for e in _chain(error) if isinstance(e, KeyboardInterrupt)), None)
+
+
+def _write_error(error: BaseException, tmp: Path) -> OSError | None:
+    """The OSError behind `error` (itself, or one it was raised from or during) that concerns the file `tmp` (no
+    file name: a write to an open file; a full disk, a failing one), else None."""
+    return next((e for e in _chain(error)
+                 if isinstance(e, OSError) and e.errno is not None and e.filename in (None, str(tmp))), None)
 
 
 def _cannot_write(error: OSError, message: str) -> OSError:

@@ -130,7 +130,7 @@ def test_tab_completion_offers_the_submodules_and_shortcuts_that_load_on_first_u
 
     listed = dir(mtlearn)
     assert set(mtlearn.__all__) <= set(listed) and {"build_model", "fit", "evaluate", "data", "plots"} <= set(listed)
-    assert "import_module" not in listed and "__version__" in listed
+    assert "import_module" not in listed and {"__version__", "__file__", "__path__", "__all__"} <= set(listed)
 
 
 def test_every_submodule_loads_from_the_package_attribute():

@@ -311,6 +311,38 @@ def test_a_failing_disk_names_the_file_and_keeps_the_previous_one(tmp_path, monk
     assert load_checkpoint(tmp_path / "last.pt")["epoch"] == 1 and len(list(tmp_path.iterdir())) == 1
 
 
+def test_an_interrupt_inside_torch_save_stays_an_interrupt_and_keeps_the_previous_file(tmp_path, monkeypatch):
+    """torch.save turns Ctrl-C (or the train CLI's SIGTERM) met while writing into RuntimeError "unexpected pos":
+    the CLI printed that traceback with status 1, not its "interrupted ... --resume" and 130 or 143."""
+    import io
+
+    from mtlearn import utils
+    from mtlearn.checkpoint import load_checkpoint, save_checkpoint
+
+    class Stopped(KeyboardInterrupt):  # as train.Terminated: the kind must come through, not only the base
+        pass
+
+    class Interrupted(io.RawIOBase):  # takes 200 bytes, then the interrupt: inside torch's zip writer
+        written = 0
+
+        def writable(self):
+            return True
+
+        def write(self, data):
+            self.written += len(data)
+            if self.written > 200:
+                raise Stopped
+            return len(data)
+
+    save_checkpoint({"epoch": 1}, tmp_path / "last.pt")
+    monkeypatch.setattr(utils, "open", lambda name, mode, **kwargs: io.BufferedWriter(Interrupted(), 16),
+                        raising=False)
+    with pytest.raises(Stopped):
+        save_checkpoint({"epoch": 2, "w": torch.zeros(100)}, tmp_path / "last.pt")
+    monkeypatch.undo()
+    assert load_checkpoint(tmp_path / "last.pt")["epoch"] == 1 and len(list(tmp_path.iterdir())) == 1
+
+
 def test_a_full_disk_met_by_the_callers_own_code_about_another_file_is_not_renamed(tmp_path):
     from mtlearn.utils import atomic_file
 
