@@ -34,7 +34,8 @@ from typing import Any
 
 from data_fetch.locking import make_and_lock
 from mtlearn.notebook import flatten_metrics
-from mtlearn.utils import DISK_FULL, atomic_file, check_number, printable_stdout, write_text
+from mtlearn.utils import (DISK_FULL, atomic_file, check_number, printable_stdout, sigterm_as_interrupt, stop_status,
+                           write_text)
 
 NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"  # in a clone (and an editable install)
 DONE = "done"  # marker file: the folder holds a whole successful run (written last, before it is moved in)
@@ -463,17 +464,19 @@ def main(argv: list[str] | None = None) -> int:
     for index, nb in enumerate(bar):
         bar.set_postfix_str(nb.stem)
         try:
-            result = run_notebook(nb, args.out / nb.stem / profile,
-                                  notebook_parameters(profile, args.seed, args.device), cell_timeout=cell_timeout)
-        except KeyboardInterrupt:  # Ctrl-C: what is kept, not a traceback from inside the kernel client
+            with sigterm_as_interrupt():
+                result = run_notebook(nb, args.out / nb.stem / profile,
+                                      notebook_parameters(profile, args.seed, args.device), cell_timeout=cell_timeout)
+        except KeyboardInterrupt as stop:  # Ctrl-C or SIGTERM: what is kept, not a traceback from the kernel client
             bar.close()
             if results:
                 print(headline_table(results))
             rest = " ".join(n.stem.split("_")[0] for n in notebooks[index:])
-            print(f"interrupted during {nb.stem}: the notebooks before it are finished in {args.out}, and {nb.stem} "
+            what, status = stop_status(stop)
+            print(f"{what} during {nb.stem}: the notebooks before it are finished in {args.out}, and {nb.stem} "
                   f"keeps its previous results, if any; run the same command with --only {rest} for the rest",
                   file=sys.stderr)
-            return 130
+            return status
         if not result.ok:
             executed = result.out_dir / nb.name
             where = (f" (executed copy: {executed}; the previous run, if any, is kept in "

@@ -37,7 +37,7 @@ from mtlearn.course import (CELL_TIMEOUT_S, DONE, check_staging_fits, course_not
                             resolve_cell_timeout, run_notebook, select_notebooks)
 from mtlearn.notebook import flatten_metrics, resolve_profile
 from mtlearn.utils import (check_folder, check_number, home_expanded, is_finite, is_int, printable_stdout,
-                           write_text)
+                           sigterm_as_interrupt, stop_status, write_text)
 
 
 UNSAFE_IN_NAMES = str.maketrans({c: "_" for c in '/\\:*?"<>|'})  # separators, and what Windows refuses
@@ -581,11 +581,13 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:  # e.g. --set seed=5, or a name the notebook lacks: a usage error, not a traceback
         parser.error(str(error))
     try:
-        status = run_grid(specs, args.out, cell_timeout=cell_timeout)
-    except KeyboardInterrupt:  # Ctrl-C: what is kept, not a traceback from inside the kernel client
-        print(f"interrupted: the finished runs are kept in {args.out}; run the same command again to go on (they "
+        with sigterm_as_interrupt():
+            status = run_grid(specs, args.out, cell_timeout=cell_timeout)
+    except KeyboardInterrupt as stop:  # Ctrl-C or SIGTERM: what is kept, not a traceback from the kernel client
+        what, code = stop_status(stop)
+        print(f"{what}: the finished runs are kept in {args.out}; run the same command again to go on (they "
               "are skipped, the interrupted one runs again)", file=sys.stderr)
-        return 130
+        return code
     print(status.to_string(index=False))
     # this grid's runs only, not those of earlier grids in --out (absent when no run could make its folder);
     # what collect warns of (runs left out) is said as a line of this command's output, not as a Python

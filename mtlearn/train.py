@@ -29,7 +29,6 @@ import json
 import math
 import os
 import re
-import signal
 import sys
 import time
 import traceback
@@ -46,7 +45,7 @@ from mtlearn.engine import (CompileError, NonFiniteLossError, NonFiniteWeightsEr
 from mtlearn.heads import DFE_MODES  # a few milliseconds: mtl's model classes stay unimported
 from mtlearn.losses import TASKS
 from mtlearn.utils import (home_expanded, is_distributed, is_main_process, pick_device, printable_stdout,
-                           seed_everything, write_json)
+                           seed_everything, sigterm_as_interrupt, stop_status, write_json)
 from mtlearn.weighting import WEIGHTINGS
 
 PRESETS = ("tiny", "course", "paper")
@@ -400,7 +399,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     printable_stdout()
     try:
-        with _sigterm_as_interrupt():
+        with sigterm_as_interrupt():
             return run(args)
     except (ValueError, FileNotFoundError, CompileError) as error:  # found once running: a message, no traceback
         print(f"python -m mtlearn.train: error: {_own_message(error)}", file=sys.stderr)
@@ -412,37 +411,10 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"python -m mtlearn.train: training stopped: {error}", file=sys.stderr)
         raise SystemExit(1) from None
     except KeyboardInterrupt as stop:  # Ctrl-C or SIGTERM: what is kept and how to go on, not a traceback
-        terminated = isinstance(stop, Terminated)
+        what, status = stop_status(stop)
         if os.environ.get("RANK", "0") == "0":  # torchrun's; run() has already taken the process group down
-            print(f"python -m mtlearn.train: {'terminated (SIGTERM)' if terminated else 'interrupted'}. "
-                  f"{_how_to_go_on(args)}", file=sys.stderr)
-        raise SystemExit(128 + signal.SIGTERM if terminated else 130) from None
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM while training (a scheduler pre-empting the job, a Colab runtime stopped, `kill`), handled as
-    Ctrl-C is: the process ended without a word, where the epoch kept and the --resume to go on are wanted most.
-    A KeyboardInterrupt, so that DataLoader workers forked with the handler leave quietly too (spawned ones, on
-    macOS and Windows, end as SIGTERM ends a process)."""
-
-
-@contextlib.contextmanager
-def _sigterm_as_interrupt():
-    """For the duration, SIGTERM raises Terminated in the main thread (elsewhere, a thread, nothing changes)."""
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():  # signal.signal works in the main thread only
-        yield
-        return
-
-    def terminated(signum, frame):
-        raise Terminated
-
-    previous = signal.signal(signal.SIGTERM, terminated)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+            print(f"python -m mtlearn.train: {what}. {_how_to_go_on(args)}", file=sys.stderr)
+        raise SystemExit(status) from None
 
 
 _TRACEBACK = "Traceback (most recent call last):\n"

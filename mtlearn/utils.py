@@ -755,6 +755,38 @@ def warnings_above(bar):
             warnings.showwarning = previous
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler pre-empting the job, a Colab runtime stopped, `kill`) in a command-line tool, handled
+    as Ctrl-C is: the process ended without a word, where what is kept and how to go on are wanted most. A
+    KeyboardInterrupt, so that DataLoader workers forked with the handler leave quietly too (spawned ones, on
+    macOS and Windows, end as SIGTERM ends a process)."""
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """For the duration, SIGTERM raises Terminated in the main thread (elsewhere, a thread, nothing changes)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():  # signal.signal works in the main thread only
+        yield
+        return
+
+    def terminated(signum, frame):
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def stop_status(stop: KeyboardInterrupt) -> tuple[str, int]:
+    """What a command-line tool says it was, and its exit status: Ctrl-C 130, SIGTERM 143 (128 + the signal)."""
+    return ("terminated (SIGTERM)", 143) if isinstance(stop, Terminated) else ("interrupted", 130)
+
+
 def printable_stdout() -> None:
     """Let a command-line tool print any path: where stdout's encoding cannot spell a character (Windows writes
     cp1252 to a file or pipe, and the user folder may be "C:\\Users\\Łukasz"), it comes out as an escape

@@ -480,6 +480,26 @@ def test_command_line_ctrl_c_says_what_is_kept_and_how_to_go_on(tmp_path, monkey
     assert "run the same command with --only 01 02 for the rest" in err
 
 
+def test_command_line_sigterm_says_what_is_kept_and_how_to_go_on(tmp_path, monkeypatch, capsys):
+    """SIGTERM (a scheduler's pre-emption) ended the course without a word, exit status 143."""
+    import signal
+
+    from mtlearn.course import NotebookResult, main
+
+    def terminated_in_01(nb, out_dir, parameters, cell_timeout):
+        if nb.stem.startswith("01"):  # (with no handler, SIGTERM would end the test session)
+            assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, None), "SIGTERM ends the course silently"
+            signal.raise_signal(signal.SIGTERM)
+        return NotebookResult(nb.stem, out_dir, True, 1.0, "", {"metrics": {"dice": 0.5}})
+
+    monkeypatch.setattr(course, "run_notebook", terminated_in_01)
+    before = signal.getsignal(signal.SIGTERM)
+    assert main(["--profile", "smoke", "--out", str(tmp_path), "--only", "00", "01", "02"]) == 143
+    assert (f"terminated (SIGTERM) during 01_resformer_mtl: the notebooks before it are finished in {tmp_path}"
+            in capsys.readouterr().err)
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
 def test_command_line_goes_on_after_a_failing_notebook(tmp_path, monkeypatch, capsys):
     from mtlearn.course import NotebookResult, main
 

@@ -694,6 +694,22 @@ def test_command_line_ctrl_c_says_what_is_kept_and_how_to_go_on(notebooks, tmp_p
             in capsys.readouterr().err)
 
 
+def test_command_line_sigterm_says_what_is_kept_and_how_to_go_on(notebooks, tmp_path, monkeypatch, capsys):
+    """SIGTERM (a scheduler's pre-emption) ended the grid without a word, exit status 143."""
+    import signal
+
+    monkeypatch.setattr(experiments, "course_notebooks", lambda: notebooks)
+
+    def terminated(*args, **kwargs):  # (with no handler, SIGTERM would end the test session)
+        assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, None), "SIGTERM ends the grid silently"
+        signal.raise_signal(signal.SIGTERM)
+
+    monkeypatch.setattr(experiments, "run_grid", terminated)
+    assert main(["--notebooks", "01", "--set", "scale=1", "--profile", "smoke", "--out", str(tmp_path / "g")]) == 143
+    assert (f"terminated (SIGTERM): the finished runs are kept in {tmp_path / 'g'}; run the same command again to "
+            "go on" in capsys.readouterr().err)
+
+
 def test_command_line_refuses_a_repeated_set(notebooks, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(experiments, "course_notebooks", lambda: notebooks)
     with pytest.raises(SystemExit) as stop:

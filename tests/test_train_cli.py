@@ -267,30 +267,6 @@ def test_sigterm_says_what_was_kept_and_how_to_go_on_and_leaves_nothing_behind(t
     assert sorted(p.name for p in out.iterdir()) == ["best.pt", "last.pt", "options.json"]  # no lock, no temporary
 
 
-def test_sigterm_is_handled_only_while_training_and_from_the_main_thread(monkeypatch):
-    import signal
-    import threading
-
-    from mtlearn import train
-
-    before = signal.getsignal(signal.SIGTERM)
-    with train._sigterm_as_interrupt():
-        assert signal.getsignal(signal.SIGTERM) is not before
-        with pytest.raises(train.Terminated):
-            signal.raise_signal(signal.SIGTERM)
-    assert signal.getsignal(signal.SIGTERM) is before  # main() called from a notebook gives the kernel its own back
-    seen = []
-
-    def in_a_thread():  # signal.signal would raise "signal only works in main thread of the main interpreter"
-        with train._sigterm_as_interrupt():
-            seen.append(signal.getsignal(signal.SIGTERM))
-
-    thread = threading.Thread(target=in_a_thread)
-    thread.start()
-    thread.join()
-    assert seen == [before]
-
-
 def test_ctrl_c_says_what_was_kept_and_how_to_go_on(tmp_path, capsys, monkeypatch):
     """Ctrl-C printed a traceback from inside backward() and nothing about --resume."""
     from mtlearn import train

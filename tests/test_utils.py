@@ -311,6 +311,32 @@ def test_a_failing_disk_names_the_file_and_keeps_the_previous_one(tmp_path, monk
     assert load_checkpoint(tmp_path / "last.pt")["epoch"] == 1 and len(list(tmp_path.iterdir())) == 1
 
 
+def test_sigterm_is_an_interrupt_only_for_the_duration_and_only_from_the_main_thread():
+    import signal
+    import threading
+
+    from mtlearn.utils import Terminated, sigterm_as_interrupt, stop_status
+
+    before = signal.getsignal(signal.SIGTERM)
+    with sigterm_as_interrupt():
+        assert signal.getsignal(signal.SIGTERM) is not before
+        with pytest.raises(Terminated) as stopped:
+            signal.raise_signal(signal.SIGTERM)
+    assert signal.getsignal(signal.SIGTERM) is before  # main() called from a notebook gives the kernel its own back
+    assert stop_status(stopped.value) == ("terminated (SIGTERM)", 143)
+    assert stop_status(KeyboardInterrupt()) == ("interrupted", 130)
+    seen = []
+
+    def in_a_thread():  # signal.signal would raise "signal only works in main thread of the main interpreter"
+        with sigterm_as_interrupt():
+            seen.append(signal.getsignal(signal.SIGTERM))
+
+    thread = threading.Thread(target=in_a_thread)
+    thread.start()
+    thread.join()
+    assert seen == [before]
+
+
 def test_an_interrupt_inside_torch_save_stays_an_interrupt_and_keeps_the_previous_file(tmp_path, monkeypatch):
     """torch.save turns Ctrl-C (or the train CLI's SIGTERM) met while writing into RuntimeError "unexpected pos":
     the CLI printed that traceback with status 1, not its "interrupted ... --resume" and 130 or 143."""
