@@ -366,6 +366,24 @@ def test_16_bit_masks_are_read_on_their_own_range_not_clipped_to_8_bits(tmp_path
         assert torch.equal(items[stem]["mask"][0], torch.from_numpy((lesion > 0).astype(np.float32))), stem
 
 
+def test_a_16_bit_mask_of_8_bit_levels_keeps_the_8_bit_threshold_and_32_bit_masks_their_range(tmp_path):
+    """Levels within 0..255 saved in 16 bits (a mask written from a uint16 array) are read as 8-bit ones: the faint
+    level 3 is no lesion. A 32-bit mask (mode I, a TIFF) is brought to the 8-bit range as a 16-bit one is."""
+    lesion = np.zeros((40, 48), np.uint16)
+    lesion[6:20, 10:30] = 255
+    noisy = lesion.copy()
+    noisy[30:34, 30:34] = 3
+    make_small_busi(tmp_path, {"benign (1)": noisy, "malignant (1)": np.zeros((40, 48), np.uint8)})
+    wide = (lesion.astype(np.int32) * 257)  # 65535 in the lesion
+    wide[20, 10:30] = 20000  # an anti-aliased edge below half the range
+    folder = tmp_path / "Dataset_BUSI_with_GT" / "malignant"
+    Image.fromarray(wide, mode="I").save(folder / "malignant (1)_mask.png", format="TIFF")  # found by its content
+    assert Image.open(folder / "malignant (1)_mask.png").mode == "I"
+    items = by_id(load_dataset("busi", root=tmp_path, split="all", image_size=(40, 48)))
+    for stem in ("benign (1)", "malignant (1)"):
+        assert torch.equal(items[stem]["mask"][0], torch.from_numpy((lesion > 0).astype(np.float32))), stem
+
+
 def test_an_image_larger_than_pillow_opens_is_named_with_the_way_out(tmp_path, monkeypatch):
     """Pillow's DecompressionBombError came bare: "Image size (182250000 pixels) exceeds limit", no file."""
     make_small_busi(tmp_path, {"benign (1)": np.zeros((40, 48), np.uint8)})

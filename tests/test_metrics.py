@@ -27,6 +27,9 @@ def test_an_accumulator_shows_its_tasks_and_how_many_images_it_has_seen():
                          "metrics)")
     acc.update({"cls": torch.tensor([[2.0, 0.0], [0.0, 2.0], [1.0, 0.0]])}, {"label": torch.tensor([0, 1, 1])})
     assert repr(acc) == "MetricAccumulator(tasks=('cls',), num_classes=2, 3 images so far; .compute() for the metrics)"
+    seg = MetricAccumulator(tasks=("seg",))  # counted per metric, not by the kept labels
+    seg.update({"seg": torch.randn(2, 2, 8, 8)}, {"mask": torch.ones(2, 1, 8, 8)})
+    assert "2 images so far" in repr(seg)
 
 
 def test_three_class_sensitivity_is_malignant_against_the_rest_as_sklearn_reads_it():

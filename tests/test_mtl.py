@@ -105,6 +105,8 @@ BAD_ARGUMENTS = [
      r"one stride per downsampling.*strides=\(2, 2, 2, 2\)"),
     ("monai fractional stride", lambda: monai_baseline("unet", strides=(2, 2, 1.5, 2)),
      r"whole-number strides >= 1.*strides=\(2, 2, 1\.5, 2\)"),
+    ("monai stride 0", lambda: monai_baseline("unet", channels=(4, 8, 16), strides=(0, 2)),  # not ZeroDivisionError
+     r"whole-number strides >= 1.*strides=\(0, 2\)"),
     # each built, then failed in its first forward with torch's "Expected more than 1 spatial element when training"
     ("monai unet 1x1 bottom", lambda: monai_baseline("unet", image_size=16),
      r"image_size 16x16 would leave MONAI's unet a 1x1 map at its bottom \(stride 16\).*at least 32 on a side"),

@@ -369,6 +369,29 @@ def test_an_interrupt_inside_torch_save_stays_an_interrupt_and_keeps_the_previou
     assert load_checkpoint(tmp_path / "last.pt")["epoch"] == 1 and len(list(tmp_path.iterdir())) == 1
 
 
+def test_an_error_of_the_callers_own_without_an_errno_is_left_as_it_is(tmp_path):
+    from mtlearn.utils import atomic_file
+
+    with pytest.raises(OSError, match="^mine$"):  # not "cannot write notes.txt: ..."
+        with atomic_file(tmp_path / "notes.txt") as f:
+            f.write("x")
+            raise OSError("mine")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_printable_stdout_leaves_a_stream_that_cannot_be_reconfigured_alone(monkeypatch):
+    """A notebook's stdout (ipykernel's OutStream) has no reconfigure(): the CLIs' main() is called from notebooks."""
+    import io
+    import sys
+
+    from mtlearn.utils import printable_stdout
+
+    monkeypatch.setattr(sys, "stdout", io.StringIO())
+    printable_stdout()
+    print("Łukasz")
+    assert sys.stdout.getvalue() == "Łukasz\n"
+
+
 def test_a_full_disk_met_by_the_callers_own_code_about_another_file_is_not_renamed(tmp_path):
     from mtlearn.utils import atomic_file
 

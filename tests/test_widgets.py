@@ -403,6 +403,25 @@ def test_explorers_outside_ipython_make_no_shell(tmp_path, monkeypatch):
     assert explorer.output.outputs[0]["data"]["image/png"]  # the picture all the same
 
 
+def test_under_ipywidgets_7_an_explorer_displays_the_bundle_its_widget_would():
+    """ipywidgets 7 (Colab's 7.7.1) has no _repr_mimebundle_: the explorer builds the bundle its widget's
+    _ipython_display_ publishes, which is ipywidgets 8's _repr_mimebundle_ (make test also runs these tests
+    under 7.7.1)."""
+    import ipywidgets
+
+    from mtlearn.widgets import _widget_bundle
+
+    widget = ipywidgets.IntSlider()
+
+    class Seven:  # a widget as ipywidgets 7 makes it: a model id, no _repr_mimebundle_
+        model_id = widget.model_id
+
+    view = "application/vnd.jupyter.widget-view+json"
+    expected = ({"version_major": 2, "version_minor": 0, "model_id": widget.model_id}
+                if not hasattr(widget, "_repr_mimebundle_") else widget._repr_mimebundle_()[view])
+    assert _widget_bundle(Seven())[view] == expected == _widget_bundle(widget)[view]
+
+
 def test_a_displayed_explorer_is_its_widget_with_a_picture_for_viewers_without_widgets():
     """GitHub showed the widget's repr, "VBox(children=(HBox(children=(IntSlider(...", where the explorer was."""
     import base64
