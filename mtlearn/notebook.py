@@ -82,15 +82,19 @@ def resolve_profile(profile: str | None = None, name: str = "profile") -> str:
     return profile
 
 
-def check_dataset(dataset: str, data_root: str | os.PathLike | None, allowed: tuple[str, ...]) -> Path | None:
+def check_dataset(dataset: str, data_root: str | os.PathLike | None, allowed: tuple[str, ...],
+                  why: str = "") -> Path | None:
     """Fail early when `dataset` is unknown here or its files are missing (with the fetch command).
 
     `data_root` holds one folder per dataset (as `$MTLEARN_DATA` does); returns the dataset's own
     folder, the `root` that `mtlearn.data.load_dataset` takes, or None for the generated datasets.
+    why: the reason a notebook takes only `allowed`, said when another dataset is asked for.
     """
     if dataset not in allowed:
         unmasked = dataset in REAL_DATASETS and dataset not in MASKED_DATASETS and set(MASKED_DATASETS) <= set(allowed)
-        why = " (it has no lesion masks, and this notebook trains segmentation)" if unmasked else ""
+        if not why and unmasked:
+            why = "it has no lesion masks, and this notebook trains segmentation"
+        why = f" ({why})" if why else ""
         raise ValueError(f"dataset {dataset!r} is not used by this notebook{why}; choose one of {allowed}")
     if dataset in SYNTHETIC_DATASETS:
         return None
@@ -373,12 +377,15 @@ def start(
     out_dir: str | os.PathLike | None,
     datasets: tuple[str, ...] = ("synthetic",) + REAL_DATASETS,
     verbose: bool = True,
+    why: str = "",
 ) -> Run:
-    """Check a notebook's parameters, seed, pick the device and create `out_dir`; see module doc."""
+    """Check a notebook's parameters, seed, pick the device and create `out_dir`; see module doc.
+
+    datasets: those the notebook takes; why: the reason, said when another one is asked for."""
     profile = resolve_profile(profile)
     data_root = _folder_parameter("data_root", data_root, "None for $MTLEARN_DATA or the user cache")
     out_dir = _folder_parameter("out_dir", out_dir, "None for outputs/<notebook>/<profile>")
-    root = check_dataset(dataset, data_root, datasets)
+    root = check_dataset(dataset, data_root, datasets, why)
     seed_everything(seed)
     resolved = pick_device(device)
     out = out_dir.expanduser() if out_dir is not None else Path("outputs") / notebook / profile

@@ -409,6 +409,13 @@ def test_a_dataset_without_masks_is_refused_where_segmentation_is_trained(tmp_pa
         start_here(tmp_path, dataset="breastmnist", datasets=("synthetic", *MASKED_DATASETS))
 
 
+def test_a_refused_dataset_is_told_the_notebooks_reason(tmp_path):
+    """Notebook 05 refused BUSI with "choose one of ('synthetic',)" alone: the reason was only in a comment."""
+    with pytest.raises(ValueError, match=r"^dataset 'busi' is not used by this notebook \(it needs artifact masks\); "
+                                         r"choose one of \('synthetic',\)$"):
+        start_here(tmp_path, dataset="busi", datasets=("synthetic",), why="it needs artifact masks")
+
+
 # --- behaviour pinned down by the mutation audit of mtlearn/notebook.py ---
 
 

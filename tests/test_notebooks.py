@@ -162,6 +162,24 @@ def test_notebook_00_records_a_real_dataset_under_its_own_name(tmp_path):
 
 
 @pytest.mark.slow
+def test_notebook_03_looks_for_the_representations_datasets_before_it_loads_busi(tmp_path):
+    """With BUSI fetched alone, the set-up cell passed and the data cell failed a minute later on BUS-BRA; and
+    bus_bra itself was refused without the reason (it is used, inside dataset='busi')."""
+    from mtlearn.course import run_notebook
+    from tests.fixtures_real import make_busi
+
+    make_busi(tmp_path / "data" / "busi")
+    notebook = NOTEBOOK_DIR / "03_ums_rep_finetuning.ipynb"
+    result = run_notebook(notebook, tmp_path / "out", {"profile": "smoke", "dataset": "busi",
+                                                       "data_root": str(tmp_path / "data")})
+    assert not result.ok and "dataset 'bus_bra' was not found in" in result.error
+    assert "python -m data_fetch bus_bra --dest" in result.error
+    assert "load_strategy_data" not in result.error  # the set-up cell's check, not the data cell's failure
+    result = run_notebook(notebook, tmp_path / "out", {"profile": "smoke", "dataset": "bus_bra"})
+    assert "'busi' runs the tasks on BUSI and learns the representation from BUS-BRA and BUS-UCLM" in result.error
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("model_preset", ["", ["tiny"]])
 def test_notebook_01_names_a_model_preset_that_is_no_preset(model_preset, tmp_path):
     """"" (or 0) silently meant the profile's default, a list failed with "unhashable type" (about 10 s)."""
