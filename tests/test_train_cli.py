@@ -264,7 +264,8 @@ def test_sigterm_says_what_was_kept_and_how_to_go_on_and_leaves_nothing_behind(t
     assert training.returncode == 128 + signal.SIGTERM, err
     assert re.fullmatch(rf"python -m mtlearn\.train: terminated \(SIGTERM\)\. {re.escape(str(out / 'last.pt'))} holds "
                         r"epoch \d+ of 200: run the same command with --resume to continue from there\n", err), err
-    assert sorted(p.name for p in out.iterdir()) == ["best.pt", "last.pt", "options.json"]  # no lock, no temporary
+    # no lock, no temporary file (best.pt may be missing: stopped between last.pt and it)
+    assert {p.name for p in out.iterdir()} - {"best.pt"} == {"last.pt", "options.json"}
 
 
 def test_ctrl_c_says_what_was_kept_and_how_to_go_on(tmp_path, capsys, monkeypatch):
