@@ -447,8 +447,8 @@ def _own_message(error: BaseException) -> str:
 
 
 def _how_to_go_on(args: argparse.Namespace) -> str:
-    """After Ctrl-C (or a full disk): the epoch last.pt holds and the --resume that continues from it, or that none
-    was saved."""
+    """After Ctrl-C, SIGTERM or a full disk: the epoch last.pt holds and the --resume that continues from it, or
+    that none was saved."""
     from mtlearn.checkpoint import load_checkpoint
 
     last = Path(args.out_dir) / "last.pt"

@@ -630,7 +630,7 @@ def _chain(error: BaseException | None):
 
 
 def _interrupt_behind(error: BaseException) -> KeyboardInterrupt | None:
-    """The KeyboardInterrupt (Ctrl-C, or the train CLI's SIGTERM) that `error` was raised during, else None."""
+    """The KeyboardInterrupt (Ctrl-C, or a command-line tool's SIGTERM) that `error` was raised during, else None."""
     return next((e for e in _chain(error) if isinstance(e, KeyboardInterrupt)), None)
 
 
