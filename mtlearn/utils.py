@@ -778,8 +778,8 @@ def sigterm_as_interrupt():
     previous = signal.signal(signal.SIGTERM, terminated)
     try:
         yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    finally:  # None: a handler set outside Python, which cannot be put back (nor could it run)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 def stop_status(stop: KeyboardInterrupt) -> tuple[str, int]:

@@ -10,6 +10,7 @@ import json
 import os
 import random
 import re
+import signal
 import socket
 import ssl
 import stat
@@ -1144,6 +1145,38 @@ def test_ctrl_c_says_how_to_resume(monkeypatch, capsys):
     monkeypatch.setattr(data_fetch.__main__, "fetch", interrupted)
     assert main(["bus_bra", "--quiet"]) == 130
     assert "interrupted; run the same command again to resume" in capsys.readouterr().err
+
+
+def test_sigterm_says_how_to_resume(monkeypatch, capsys):
+    """SIGTERM (a scheduler's pre-emption, `kill`) ended a download without a word: now as Ctrl-C, status 143."""
+    def terminated(*args, **kwargs):
+        assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, None), "SIGTERM ends data_fetch silently"
+        signal.raise_signal(signal.SIGTERM)  # (with no handler, SIGTERM would end the test session)
+
+    monkeypatch.setattr(data_fetch.__main__, "fetch", terminated)
+    before = signal.getsignal(signal.SIGTERM)
+    assert main(["bus_bra", "--quiet"]) == 143
+    assert "data_fetch: terminated (SIGTERM); run the same command again to resume" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) is before  # put back: main() is called in-process (tests, a notebook)
+
+
+def test_a_sigterm_handler_set_outside_python_gives_way_to_the_default_after_a_fetch(monkeypatch, tmp_path):
+    """signal.signal answers None for a handler that C code set; handing None back raised TypeError at the end."""
+    real, installed = signal.signal, []
+
+    def as_if_set_in_c(signum, handler):
+        installed.append(handler)
+        previous = real(signum, handler)
+        return None if len(installed) == 1 else previous
+
+    before = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(data_fetch.__main__, "fetch", lambda *args, **kwargs: tmp_path)
+    monkeypatch.setattr(signal, "signal", as_if_set_in_c)
+    try:
+        assert main(["bus_bra", "--quiet"]) == 0
+    finally:
+        real(signal.SIGTERM, before)
+    assert installed[-1] is signal.SIG_DFL and len(installed) == 2
 
 
 @pytest.mark.parametrize("name, url, suggested", [("busi", None, True), ("busi", "https://mirror.example/b.zip", False),
