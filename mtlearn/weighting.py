@@ -19,6 +19,12 @@ strategies that change gradients (GradNorm, PCGrad) override `backward`.
 
 Its state (learned weights, loss history, random generator) is in `state_dict()` and therefore in
 every checkpoint, so a resumed run continues with the same weights.
+
+A weighting of your own subclasses LossWeighting and keeps whatever changes during training in
+`state_dict()` too: as parameters, as buffers (`register_buffer`, as DWA's loss history) or through
+`get_extra_state`/`set_extra_state` (as PCGrad's random generator); a plain attribute is not saved, and
+a resumed run would start it afresh. Pass an instance to `fit(weighting=...)`, or add the class to
+`WEIGHTINGS` to choose it by name (in `fit`, the train CLI's `--weighting` and notebook 02's `weightings`).
 """
 
 from __future__ import annotations
@@ -465,8 +471,13 @@ WEIGHTINGS = {
 
 def build_weighting(name: str, tasks: Sequence[str] = ("seg", "cls"), **kwargs) -> LossWeighting:
     """A weighting strategy by name, e.g. build_weighting("dwa", ("seg", "cls"), temperature=2.0)."""
-    if name not in WEIGHTINGS:
-        raise ValueError(f"unknown weighting {name!r}; expected one of {tuple(WEIGHTINGS)}")
+    if isinstance(name, type) and issubclass(name, LossWeighting):  # the class of one's own, not an instance
+        raise ValueError(f"weighting is the class {name.__name__}, not an instance of it: pass "
+                         f"{name.__name__}({tuple(tasks)!r}), or add it to mtlearn.weighting.WEIGHTINGS to use it "
+                         "by name")
+    if not isinstance(name, str) or name not in WEIGHTINGS:
+        raise ValueError(f"unknown weighting {name!r}; expected one of {tuple(WEIGHTINGS)}, or a LossWeighting "
+                         "instance (one of your own: see the module docstring of mtlearn.weighting)")
     options = [p for p in inspect.signature(WEIGHTINGS[name]).parameters if p != "tasks"]
     unknown = sorted(set(kwargs) - set(options))
     if unknown:  # rather than __init__'s "got an unexpected keyword argument" without the valid names

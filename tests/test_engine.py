@@ -996,6 +996,11 @@ def test_one_progress_bar_for_the_whole_run_naming_the_epoch(capsys, tmp_path):
     (dict(weight_decay=float("inf")), "weight_decay must be a finite number >= 0"),
     (dict(learning_rate=1e-3), "unknown fit\\(\\) option 'learning_rate'"),
     (dict(weighting="magic"), "unknown weighting 'magic'; expected one of \\('fixed'"),
+    # a weighting of one's own passed as its class: "unknown weighting <class ...>" said nothing of the instance
+    (dict(weighting=DynamicWeightAverage), r"weighting is the class DynamicWeightAverage, not an instance of it: "
+                                           r"pass DynamicWeightAverage\(\('seg', 'cls', 'recon'\)\), or add it to "
+                                           r"mtlearn\.weighting\.WEIGHTINGS"),
+    (dict(weighting=3), r"unknown weighting 3; .*, or a LossWeighting instance"),
     (dict(tasks=("seg", "depth")), "unknown task 'depth'"),
     (dict(resume=True), "resume=True needs out_dir"),
     (dict(amp="fp16", device="cpu"), "amp='fp16' needs a CUDA GPU"),  # pinned: on a GPU it is valid
