@@ -62,6 +62,15 @@ SIGNED_METHODS = ("ig", "occlusion")  # the others return non-negative maps
 MASS_MODES = ("positive", "absolute")
 
 
+def _unknown_head(head) -> ValueError:
+    """The error for a head that is none of HEADS; an array (labels passed where the head goes) by its shape only."""
+    if isinstance(head, str):
+        return ValueError(f"unknown head {head!r}; expected one of {HEADS}")
+    shape = f" of shape {tuple(head.shape)}" if hasattr(head, "shape") else ""
+    return ValueError(f"the head must be one of {HEADS}, got {type(head).__name__}{shape} (the head is the "
+                      "argument after the images, the target the one after it)")
+
+
 # ----------------------------------------------------------------------------------------------
 # in-place activations
 
@@ -268,8 +277,8 @@ class Explainer:
 
     def head(self, head: str) -> nn.Module:
         """The scalar-per-sample wrapper of `head` around the prepared copy."""
-        if head not in WRAPPERS:
-            raise ValueError(f"unknown head {head!r}; expected one of {HEADS}")
+        if not isinstance(head, str) or head not in WRAPPERS:
+            raise _unknown_head(head)
         return WRAPPERS[head](self.model, self.keys[head])
 
     @property
@@ -296,6 +305,8 @@ class Explainer:
 
     @torch.no_grad()
     def _forward_args(self, images: Tensor, head: str, target=None, reference: Tensor | None = None) -> tuple:
+        if not isinstance(head, str) or head not in HEADS:
+            raise _unknown_head(head)
         images = self._check_images(images)
         B, _, H, W = images.shape
         if head == "cls":
@@ -313,8 +324,6 @@ class Explainer:
                 raise ValueError(f"cls target must be class indices in 0..{self._num_classes - 1}, "
                                  f"got {target.tolist()}")
             return (target,)
-        if head not in ("seg", "recon"):
-            raise ValueError(f"unknown head {head!r}; expected one of {HEADS}")
         if target is None and head == "seg":
             logits = self.head_output(images, "seg")
             lesion = logits[:, :1] > 0 if logits.shape[1] == 1 else logits.argmax(1, keepdim=True) == 1
