@@ -95,6 +95,11 @@ def check_dataset(dataset: str, data_root: str | os.PathLike | None, allowed: tu
         if not why and unmasked:
             why = "it has no lesion masks, and this notebook trains segmentation"
         why = f" ({why})" if why else ""
+        from mtlearn.data.real import DATASETS
+
+        if dataset not in DATASETS:  # a name of one's own: "not used by this notebook" suggested another would
+            raise ValueError(f"unknown dataset {dataset!r}; this notebook takes one of {allowed} (images of your "
+                             "own train with mt.fit outside the notebooks: README, \"Your own images\")")
         raise ValueError(f"dataset {dataset!r} is not used by this notebook{why}; choose one of {allowed}")
     if dataset in SYNTHETIC_DATASETS:
         return None

@@ -1,10 +1,13 @@
 """load_dataset on fake copies of each real dataset (tests/fixtures_real.py): quirks, splits, errors."""
 
+import dataclasses
 import math
 import os
 import re
 import shutil
+import textwrap
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -30,6 +33,7 @@ from mtlearn.data.splits import (
 )
 from tests.fixtures_real import (
     QUIRK_REPORTS,
+    box_mask,
     make_breastmnist,
     make_bus_bra,
     make_bus_uclm,
@@ -1908,3 +1912,37 @@ def test_a_folder_named_like_an_image_is_no_image(tmp_path):
     assert list(by_id(dataset)) == ["normal (1)"] and not dataset.problems
     with pytest.raises(DamagedFileError, match=r"normal \(2\)\.png is a folder, not an image file"):
         real._read_image(folder)
+
+
+def test_the_readmes_own_images_example_makes_patient_level_splits_of_masked_items(tmp_path):
+    """README, "Your own images": the example runs as printed, on a folder laid out as it says."""
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    example = readme.split("**Your own images**", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(40):
+        row = {"id": f"case{i:02d}", "label": ("benign", "malignant")[i % 2], "patient": f"p{i // 2}"}
+        save_png(tmp_path / "images" / f"{row['id']}.png", random_image(rng))
+        save_png(tmp_path / "masks" / f"{row['id']}.png", box_mask(5, 5 + i % 9, 12, 14).astype(np.uint8) * 255)
+        rows.append(row)
+    names = {"folder": tmp_path, "rows": rows}
+    exec(textwrap.dedent(example), names)
+    train, val, test = names["train"], names["val"], names["test"]
+    assert len(train) + len(val) + len(test) == 40 and min(len(train), len(val), len(test)) > 0
+    assert train.tasks == ("seg", "cls") and train.class_names == ("benign", "malignant")
+    patients = [{row["patient"] for row in rows if row["id"] in {r.id for r in d.records}} for d in (train, val, test)]
+    assert not (patients[0] & patients[1] or patients[0] & patients[2] or patients[1] & patients[2])
+    item = train[0]
+    assert item["image"].shape == item["mask"].shape == (1, 128, 128) and set(item["mask"].unique().tolist()) <= {0, 1}
+
+
+def test_records_with_and_without_masks_in_one_dataset_are_refused(tmp_path):
+    """Items with a "mask" and items without it: the DataLoader failed later in default_collate's KeyError."""
+    save_png(tmp_path / "a.png", random_image(np.random.default_rng(0)))
+    records = [real.Record(id=f"{i}", label=0, image=tmp_path / "a.png", masks=masks, group=f"{i}")
+               for i, masks in enumerate([(), None, ()])]
+    with pytest.raises(ValueError, match=r"mine: 1 of 3 records have masks=None \(e\.g\. \['1'\]\) and the others "
+                                         r"have masks; give every record its mask files \(\(\) for an image without"):
+        real.UltrasoundDataset("mine", "train", records, ("benign",), image_size=(SIZE, SIZE))
+    unmasked = [dataclasses.replace(r, masks=None) for r in records]
+    assert real.UltrasoundDataset("mine", "train", unmasked, ("benign",), image_size=(SIZE, SIZE)).tasks == ("cls",)

@@ -416,6 +416,14 @@ def test_a_refused_dataset_is_told_the_notebooks_reason(tmp_path):
         start_here(tmp_path, dataset="busi", datasets=("synthetic",), why="it needs artifact masks")
 
 
+def test_a_dataset_no_loader_knows_is_called_unknown_with_where_own_images_go(tmp_path):
+    """"'mylesions' is not used by this notebook" suggested that another notebook would take it."""
+    with pytest.raises(ValueError, match=r"^unknown dataset 'mylesions'; this notebook takes one of \('synthetic', "
+                                         r"'busi'\) \(images of your own train with mt\.fit outside the notebooks: "
+                                         r"README, \"Your own images\"\)$"):
+        start_here(tmp_path, dataset="mylesions", datasets=("synthetic", "busi"))
+
+
 # --- behaviour pinned down by the mutation audit of mtlearn/notebook.py ---
 
 

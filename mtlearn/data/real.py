@@ -280,7 +280,12 @@ class UltrasoundDataset(Dataset):
                 stacklevel=3,
             )
         self.records = list(records)
-        self.tasks = ("cls",) if self.records and self.records[0].masks is None else ("seg", "cls")
+        unmasked = [r.id for r in self.records if r.masks is None]
+        if 0 < len(unmasked) < len(self.records):  # items with and without "mask": the batches would not collate
+            raise ValueError(f"{name}: {len(unmasked)} of {len(self.records)} records have masks=None (e.g. "
+                             f"{unmasked[:3]}) and the others have masks; give every record its mask files (() for "
+                             "an image without a lesion), or none of them (a classification-only dataset)")
+        self.tasks = ("cls",) if unmasked else ("seg", "cls")
         self._augment = augmentation() if augment else None  # reseeded per item: _reseed_augmentation
         self._random_states = random_states(self._augment) if augment else []
         self._cache: dict[int, tuple] | None = {} if cache else None
