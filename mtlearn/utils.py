@@ -39,7 +39,9 @@ def seed_everything(seed: int) -> None:
     """Seed Python, NumPy, PyTorch (all devices) and MONAI's transform randomness.
 
     Results are then repeatable on the same machine and library versions; GPUs add their own
-    non-determinism unless `torch.use_deterministic_algorithms(True)` is also set.
+    non-determinism unless `torch.use_deterministic_algorithms(True)` is also set. cuDNN keeps the
+    kernels asked for: deterministic ones after `torch.backends.cudnn.deterministic = True`, else the
+    fastest its autotuner finds on CUDA (`cudnn.benchmark`, which can differ from run to run).
     """
     if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or not 0 <= seed < 2**32:
         # 2**32: NumPy's legacy seeds stop there (torch's at 2**64, with a bare "Overflow" error)
@@ -52,11 +54,13 @@ def seed_everything(seed: int) -> None:
         from monai.utils import set_determinism
     except ImportError:  # MONAI is a dependency; this only guards odd installs
         return
+    deterministic, benchmark = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
     set_determinism(seed=seed % 2**32)
-    # set_determinism also switches cuDNN to deterministic kernels; training speed matters more
-    # than bit-exact GPU runs in a course, so keep the fast autotuner on CUDA.
-    torch.backends.cudnn.deterministic = False
-    torch.backends.cudnn.benchmark = torch.cuda.is_available()
+    # set_determinism also switches cuDNN to deterministic kernels, and had silently undone a user's own
+    # choice: their flags are put back. Unless deterministic kernels were asked for, training speed matters
+    # more than bit-exact GPU runs in a course, so the fast autotuner is on for CUDA.
+    torch.backends.cudnn.deterministic = deterministic
+    torch.backends.cudnn.benchmark = benchmark or (torch.cuda.is_available() and not deterministic)
 
 
 def pick_device(device: str | torch.device = "auto") -> torch.device:

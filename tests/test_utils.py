@@ -37,6 +37,20 @@ def test_seed_everything_repeats_torch_and_numpy():
     assert torch.equal(a[0], b[0]) and np.array_equal(a[1], b[1])
 
 
+@pytest.mark.parametrize("cuda, deterministic, benchmark, expected", [
+    (True, True, False, (True, False)),  # asked for bit-exact GPU runs: set to False by every seeding (fit, start)
+    (True, False, False, (False, True)),  # torch's defaults: the autotuner, for speed, on CUDA
+    (False, False, False, (False, False)),  # nothing to autotune without CUDA
+    (False, False, True, (False, True)),  # a user's own autotuner stays on
+])
+def test_seed_everything_keeps_the_cudnn_kernels_asked_for(monkeypatch, cuda, deterministic, benchmark, expected):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", deterministic)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", benchmark)
+    seed_everything(0)
+    assert (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark) == expected
+
+
 @pytest.mark.parametrize("bad", [-1, 1.5, "7", None, True, 2**32, 2**64])  # 2**64: torch's bare "Overflow"
 def test_seed_everything_rejects_bad_seeds(bad):
     with pytest.raises(ValueError, match="seed"):
