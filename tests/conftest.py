@@ -188,3 +188,22 @@ def folder_removed_before_its_lock(monkeypatch):
 
     monkeypatch.setattr(locking.os, "open", after_a_failed_run)
     return removed
+
+
+@pytest.fixture
+def sigterm_handler_set_in_c(monkeypatch):
+    """As if C code had set SIGTERM's handler: the first signal.signal answers None (Python cannot give it back).
+    Yields the handlers installed since, in order; SIGTERM's own is put back afterwards."""
+    import signal
+
+    real, installed = signal.signal, []
+
+    def as_if_set_in_c(signum, handler):
+        installed.append(handler)
+        previous = real(signum, handler)
+        return None if len(installed) == 1 else previous
+
+    before = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(signal, "signal", as_if_set_in_c)
+    yield installed
+    real(signal.SIGTERM, before)

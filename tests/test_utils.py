@@ -351,27 +351,15 @@ def test_sigterm_is_an_interrupt_only_for_the_duration_and_only_from_the_main_th
     assert seen == [before]
 
 
-def test_a_sigterm_handler_set_outside_python_gives_way_to_the_default_afterwards(monkeypatch):
+def test_a_sigterm_handler_set_outside_python_gives_way_to_the_default_afterwards(sigterm_handler_set_in_c):
     """signal.signal answers None for a handler that C code set; handing None back raised TypeError on the way out."""
     import signal
 
     from mtlearn.utils import sigterm_as_interrupt
 
-    real, installed = signal.signal, []
-
-    def as_if_set_in_c(signum, handler):
-        installed.append(handler)
-        previous = real(signum, handler)
-        return None if len(installed) == 1 else previous
-
-    before = signal.getsignal(signal.SIGTERM)
-    monkeypatch.setattr(signal, "signal", as_if_set_in_c)
-    try:
-        with sigterm_as_interrupt():
-            pass
-    finally:
-        real(signal.SIGTERM, before)
-    assert installed[-1] is signal.SIG_DFL and len(installed) == 2
+    with sigterm_as_interrupt():
+        pass
+    assert sigterm_handler_set_in_c == [sigterm_handler_set_in_c[0], signal.SIG_DFL]  # not None: TypeError
 
 
 def test_an_interrupt_inside_torch_save_stays_an_interrupt_and_keeps_the_previous_file(tmp_path, monkeypatch):
