@@ -328,6 +328,7 @@ MODELS = {"disentangle": DisentangleNet, "shared": SharedEncoderNet, "two_encode
 # ----------------------------------------------------------------------------------------------
 # training: the min-max loop, written out
 
+RUN_FILES = "last.pt and final.pt"  # what train_disentangle writes in its out_dir
 ADV_LOSSES = ("confusion", "negative_ce")
 ADV_TARGETS = ("prior", "uniform")
 NON_FINITE_CAUSES = ("lr or adv_lr too high, w_adv or w_leak too large (adv_loss='negative_ce' is unbounded "
@@ -735,7 +736,9 @@ def train_disentangle(
     so that this new run is the same run too); other
     options, another architecture (weightless layers such as dropout included), another number of
     batches, batch size or sampler, or images of another size are refused. Without resume an
-    out_dir holding a run is refused.
+    out_dir holding a run is refused. Once trained, `out_dir/final.pt` holds the model as returned, its
+    BatchNorm recalibrated (recalibrate_bn): `load_checkpoint(out_dir / "final.pt", model)` gives the trained
+    model back, whereas last.pt keeps the statistics from before the recalibration, to train on from.
     """
     from tqdm.auto import tqdm
 
@@ -804,8 +807,8 @@ def train_disentangle(
     held, starting = contextlib.ExitStack(), None
     try:
         if checkpoint is not None:
-            held.enter_context(out_dir_lock(out_dir, writes="last.pt"))  # a second run into it is refused, as in fit
-            check_out_dir(out_dir, resume, writes="last.pt", cli=False, also_kept=())
+            held.enter_context(out_dir_lock(out_dir, writes=RUN_FILES))  # a second run into it is refused, as in fit
+            check_out_dir(out_dir, resume, writes=RUN_FILES, cli=False, also_kept=("final.pt",))
             if resume and checkpoint.is_file():
                 history, step, start, image_shape = _load_game(checkpoint, game, options, train_loader)
         bar = tqdm(range(start, epochs), initial=start, total=epochs, desc=f"train {type(model).__name__}",
@@ -892,6 +895,11 @@ def train_disentangle(
             if checkpoint is not None:  # the state the next epoch starts from, random states included
                 _save_game(checkpoint, game, options, train_loader, history, step, epoch + 1, image_shape)
                 starting = None  # last.pt holds the run from here on
+        if recalibrate_bn:
+            recalibrate_batchnorm(model, train_loader, device)
+        if checkpoint is not None:  # the model returned, where last.pt holds the state before the recalibration
+            save_checkpoint({"model": model.state_dict(), "epoch": epochs, "recalibrated_bn": recalibrate_bn},
+                            out_dir / "final.pt")
     except LossNotFiniteError as error:
         # the bad batch already went through BatchNorm, and the adversary steps before the bad one
         # moved the adversaries (and their momentum, the label counts, the leakage statistics);
@@ -912,8 +920,6 @@ def train_disentangle(
         raise
     finally:
         held.close()
-    if recalibrate_bn:
-        recalibrate_batchnorm(model, train_loader, device)
     return history
 
 
