@@ -5,12 +5,11 @@ from __future__ import annotations
 import argparse
 import errno
 import os
-import signal
 import sys
-import threading
 from pathlib import Path
 
 from data_fetch import DATA_ENV, SOURCES, FetchError, dataset_dir, default_data_dir, fetch
+from data_fetch.interrupts import sigterm_as_interrupt, stop_status
 
 
 def listing() -> str:
@@ -34,15 +33,6 @@ def unknown_name(name: str) -> str:
     if stored:  # busi_npz: load_dataset's name (and the folder) of one download per resolution
         return f"{name!r} is the folder (and load_dataset's name) of {' and '.join(stored)}: fetch one of those"
     return f"unknown dataset {name!r}; choose one of {', '.join(SOURCES)} (or 'list' to describe them)"
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (a scheduler pre-empting the job, `kill`), met as Ctrl-C is, so that the user hears what is kept and
-    how to go on instead of nothing (mtlearn's command-line tools do the same; this package imports none of mtlearn)."""
-
-
-def _terminated(signum, frame):
-    raise Terminated
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -76,15 +66,15 @@ def main(argv: list[str] | None = None) -> int:
         except BrokenPipeError:  # `python -m data_fetch list | head`: the reader stopped early, as it may
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # else the flush at exit fails again
         return 0
-    in_main_thread = threading.current_thread() is threading.main_thread()  # signal.signal works there only
-    previous = signal.signal(signal.SIGTERM, _terminated) if in_main_thread else None
     try:
-        folder = fetch(args.name, dest=args.dest, url=args.url, known_hash=args.known_hash, progress=not args.quiet)
+        with sigterm_as_interrupt():  # a scheduler's or `kill`'s SIGTERM, said as Ctrl-C is
+            folder = fetch(args.name, dest=args.dest, url=args.url, known_hash=args.known_hash,
+                           progress=not args.quiet)
     except (FetchError, ValueError) as error:
         print(f"data_fetch: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as stop:  # the transfer keeps its .part file; an unpacking starts over next time
-        what, status = ("terminated (SIGTERM)", 143) if isinstance(stop, Terminated) else ("interrupted", 130)
+        what, status = stop_status(stop)
         print(f"\ndata_fetch: {what}; run the same command again to resume ({args.name} is not marked "
               "ready until it finishes)", file=sys.stderr)
         return status
@@ -98,9 +88,6 @@ def main(argv: list[str] | None = None) -> int:
         problem = f"{blocker} is a file, not a folder" if blocker is not None else reason
         print(f"data_fetch: cannot write to {where} ({problem}); {remedy}", file=sys.stderr)
         return 1
-    finally:
-        if in_main_thread:  # None: a handler set outside Python, which cannot be put back (nor could it run)
-            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
     print(f"{args.name} is ready in {folder}")
     return 0
 

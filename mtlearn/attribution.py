@@ -62,13 +62,15 @@ SIGNED_METHODS = ("ig", "occlusion")  # the others return non-negative maps
 MASS_MODES = ("positive", "absolute")
 
 
-def _unknown_head(head) -> ValueError:
-    """The error for a head that is none of HEADS; an array (labels passed where the head goes) by its shape only."""
+def _check_head(head) -> None:
+    """Refuse a head that is none of HEADS; an array (labels passed where the head goes) by its shape only."""
+    if isinstance(head, str) and head in HEADS:
+        return
     if isinstance(head, str):
-        return ValueError(f"unknown head {head!r}; expected one of {HEADS}")
+        raise ValueError(f"unknown head {head!r}; expected one of {HEADS}")
     shape = f" of shape {tuple(head.shape)}" if hasattr(head, "shape") else ""
-    return ValueError(f"the head must be one of {HEADS}, got {type(head).__name__}{shape} (the head is the "
-                      "argument after the images, the target the one after it)")
+    raise ValueError(f"the head must be one of {HEADS}, got {type(head).__name__}{shape} (class labels or a region "
+                     "go in target=)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -277,8 +279,7 @@ class Explainer:
 
     def head(self, head: str) -> nn.Module:
         """The scalar-per-sample wrapper of `head` around the prepared copy."""
-        if not isinstance(head, str) or head not in WRAPPERS:
-            raise _unknown_head(head)
+        _check_head(head)
         return WRAPPERS[head](self.model, self.keys[head])
 
     @property
@@ -305,8 +306,7 @@ class Explainer:
 
     @torch.no_grad()
     def _forward_args(self, images: Tensor, head: str, target=None, reference: Tensor | None = None) -> tuple:
-        if not isinstance(head, str) or head not in HEADS:
-            raise _unknown_head(head)
+        _check_head(head)
         images = self._check_images(images)
         B, _, H, W = images.shape
         if head == "cls":

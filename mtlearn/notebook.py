@@ -57,7 +57,7 @@ PROFILE_HELP = {
 }
 # what start() says when the paper profile runs on a CPU (the README's "The `paper` profile on a GPU")
 PAPER_ON_CPU = ("the paper profile is sized for a GPU: on a CPU its trainings take days to weeks (each of notebook "
-                "01's six models about a week on 2 cores with the generated data, a day with BUSI). Run it on "
+                "01's six models a day or two on 2 cores, on BUSI or the generated data alike). Run it on "
                 "a GPU (on Colab: Runtime > Change runtime type), or use profile='course' on this machine")
 SYNTHETIC_DATASETS = ("synthetic", "shapes")
 REAL_DATASETS = ("busi", "bus_bra", "bus_uclm", "breastmnist")
@@ -98,8 +98,8 @@ def check_dataset(dataset: str, data_root: str | os.PathLike | None, allowed: tu
         from mtlearn.data.real import DATASETS
 
         if dataset not in DATASETS:  # a name of one's own: "not used by this notebook" suggested another would
-            raise ValueError(f"unknown dataset {dataset!r}; this notebook takes one of {allowed} (images of your "
-                             "own train with mt.fit outside the notebooks: README, \"Your own images\")")
+            raise ValueError(f"unknown dataset {dataset!r}; this notebook takes one of {allowed} (to train on images "
+                             "of your own, build an UltrasoundDataset and call mt.fit: README, \"Your own images\")")
         raise ValueError(f"dataset {dataset!r} is not used by this notebook{why}; choose one of {allowed}")
     if dataset in SYNTHETIC_DATASETS:
         return None

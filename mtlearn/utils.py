@@ -32,6 +32,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+# the command-line tools' SIGTERM, shared with data_fetch (which imports nothing of mtlearn); used from here
+from data_fetch.interrupts import Terminated, sigterm_as_interrupt, stop_status  # noqa: F401
+
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
 
 
@@ -40,8 +43,9 @@ def seed_everything(seed: int) -> None:
 
     Results are then repeatable on the same machine and library versions; GPUs add their own
     non-determinism unless `torch.use_deterministic_algorithms(True)` is also set. cuDNN keeps the
-    kernels asked for: deterministic ones after `torch.backends.cudnn.deterministic = True`, else the
-    fastest its autotuner finds on CUDA (`cudnn.benchmark`, which can differ from run to run).
+    kernels asked for: deterministic ones after `torch.backends.cudnn.deterministic = True` (and then
+    no autotuner), else the fastest its autotuner finds on CUDA (`cudnn.benchmark`, which can differ
+    from run to run).
     """
     if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or not 0 <= seed < 2**32:
         # 2**32: NumPy's legacy seeds stop there (torch's at 2**64, with a bare "Overflow" error)
@@ -59,8 +63,8 @@ def seed_everything(seed: int) -> None:
     # set_determinism also switches cuDNN to deterministic kernels, and had silently undone a user's own
     # choice: their flags are put back. Unless deterministic kernels were asked for, training speed matters
     # more than bit-exact GPU runs in a course, so the fast autotuner is on for CUDA.
-    torch.backends.cudnn.deterministic = deterministic
-    torch.backends.cudnn.benchmark = benchmark or (torch.cuda.is_available() and not deterministic)
+    torch.backends.cudnn.deterministic = deterministic  # (the autotuner would choose kernels by their timings)
+    torch.backends.cudnn.benchmark = not deterministic and (benchmark or torch.cuda.is_available())
 
 
 def pick_device(device: str | torch.device = "auto") -> torch.device:
@@ -757,38 +761,6 @@ def warnings_above(bar):
     finally:
         if warnings.showwarning is show:  # not if someone replaced it meanwhile (theirs stays)
             warnings.showwarning = previous
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (a scheduler pre-empting the job, a Colab runtime stopped, `kill`) in a command-line tool, handled
-    as Ctrl-C is: the process ended without a word, where what is kept and how to go on are wanted most. A
-    KeyboardInterrupt, so that DataLoader workers forked with the handler leave quietly too (spawned ones, on
-    macOS and Windows, end as SIGTERM ends a process)."""
-
-
-@contextlib.contextmanager
-def sigterm_as_interrupt():
-    """For the duration, SIGTERM raises Terminated in the main thread (elsewhere, a thread, nothing changes)."""
-    import signal
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():  # signal.signal works in the main thread only
-        yield
-        return
-
-    def terminated(signum, frame):
-        raise Terminated
-
-    previous = signal.signal(signal.SIGTERM, terminated)
-    try:
-        yield
-    finally:  # None: a handler set outside Python, which cannot be put back (nor could it run)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
-
-
-def stop_status(stop: KeyboardInterrupt) -> tuple[str, int]:
-    """What a command-line tool says it was, and its exit status: Ctrl-C 130, SIGTERM 143 (128 + the signal)."""
-    return ("terminated (SIGTERM)", 143) if isinstance(stop, Terminated) else ("interrupted", 130)
 
 
 def printable_stdout() -> None:

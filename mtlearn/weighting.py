@@ -24,7 +24,8 @@ A weighting of your own subclasses LossWeighting and keeps whatever changes duri
 `state_dict()` too: as parameters, as buffers (`register_buffer`, as DWA's loss history) or through
 `get_extra_state`/`set_extra_state` (as PCGrad's random generator); a plain attribute is not saved, and
 a resumed run would start it afresh. Pass an instance to `fit(weighting=...)`, or add the class to
-`WEIGHTINGS` to choose it by name (in `fit`, the train CLI's `--weighting` and notebook 02's `weightings`).
+`WEIGHTINGS` to choose it by name in the same Python process (in `fit`, and in notebook 02's `weightings`
+when a cell before its set-up cell adds it; `python -m mtlearn.train` is a process of its own, which does not).
 """
 
 from __future__ import annotations
@@ -471,10 +472,11 @@ WEIGHTINGS = {
 
 def build_weighting(name: str, tasks: Sequence[str] = ("seg", "cls"), **kwargs) -> LossWeighting:
     """A weighting strategy by name, e.g. build_weighting("dwa", ("seg", "cls"), temperature=2.0)."""
-    if isinstance(name, type) and issubclass(name, LossWeighting):  # the class of one's own, not an instance
+    if isinstance(name, type) and issubclass(name, LossWeighting):  # a class, not an instance of it
+        known = [key for key, kind in WEIGHTINGS.items() if kind is name]
+        by_name = f"weighting={known[0]!r}" if known else "add it to mtlearn.weighting.WEIGHTINGS to use it by name"
         raise ValueError(f"weighting is the class {name.__name__}, not an instance of it: pass "
-                         f"{name.__name__}({tuple(tasks)!r}), or add it to mtlearn.weighting.WEIGHTINGS to use it "
-                         "by name")
+                         f"{name.__name__}({tuple(tasks)!r}), or {by_name}")
     if not isinstance(name, str) or name not in WEIGHTINGS:
         raise ValueError(f"unknown weighting {name!r}; expected one of {tuple(WEIGHTINGS)}, or a LossWeighting "
                          "instance (one of your own: see the module docstring of mtlearn.weighting)")

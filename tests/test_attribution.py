@@ -900,8 +900,8 @@ def test_an_unknown_randomisation_group_is_named_before_any_map(model, images, m
 BAD = [
     (dict(head="depth"), r"unknown head 'depth'; expected one of \('cls', 'seg', 'recon'\)$"),
     # labels where the head goes: the message printed the whole tensor; a NumPy array raised "ambiguous"
-    (dict(head=torch.tensor([0, 1])), r"the head must be one of .*, got Tensor of shape \(2,\) \(the head is the "
-                                      r"argument after the images, the target the one after it\)"),
+    (dict(head=torch.tensor([0, 1])), r"the head must be one of .*, got Tensor of shape \(2,\) \(class labels or a "
+                                      r"region go in target=\)"),
     (dict(head=np.array([0, 1])), r"got ndarray of shape \(2,\)"),
     (dict(method="lime"), "unknown method"),
     (dict(method="ig", steps=3), "takes no option"),

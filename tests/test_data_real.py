@@ -1914,26 +1914,31 @@ def test_a_folder_named_like_an_image_is_no_image(tmp_path):
         real._read_image(folder)
 
 
-def test_the_readmes_own_images_example_makes_patient_level_splits_of_masked_items(tmp_path):
-    """README, "Your own images": the example runs as printed, on a folder laid out as it says."""
+def test_the_readmes_own_images_example_trains_on_patient_level_splits(tmp_path):
+    """README, "Your own images": the example runs as printed (its folder here, one epoch) on the layout it names."""
     readme = (Path(__file__).parents[1] / "README.md").read_text()
-    example = readme.split("**Your own images**", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    example = textwrap.dedent(readme.split("**Your own images**", 1)[1].split("```python\n", 1)[1].split("```", 1)[0])
+    folder_line = 'folder = Path("~/data/mine").expanduser()'
+    assert folder_line in example and "epochs=20)" in example
+    example = example.replace(folder_line, f"folder = Path({str(tmp_path)!r})").replace("epochs=20)", "epochs=1, "
+                                                                                        "progress=False)")
     rng = np.random.default_rng(0)
-    rows = []
+    rows = ["id,label,patient"]
     for i in range(40):
-        row = {"id": f"case{i:02d}", "label": ("benign", "malignant")[i % 2], "patient": f"p{i // 2}"}
-        save_png(tmp_path / "images" / f"{row['id']}.png", random_image(rng))
-        save_png(tmp_path / "masks" / f"{row['id']}.png", box_mask(5, 5 + i % 9, 12, 14).astype(np.uint8) * 255)
-        rows.append(row)
-    names = {"folder": tmp_path, "rows": rows}
-    exec(textwrap.dedent(example), names)
-    train, val, test = names["train"], names["val"], names["test"]
-    assert len(train) + len(val) + len(test) == 40 and min(len(train), len(val), len(test)) > 0
-    assert train.tasks == ("seg", "cls") and train.class_names == ("benign", "malignant")
-    patients = [{row["patient"] for row in rows if row["id"] in {r.id for r in d.records}} for d in (train, val, test)]
+        save_png(tmp_path / "images" / f"case{i:02d}.png", random_image(rng))
+        save_png(tmp_path / "masks" / f"case{i:02d}.png", box_mask(5, 5 + i % 9, 12, 14).astype(np.uint8) * 255)
+        rows.append(f"case{i:02d},{('benign', 'malignant')[i % 2]},p{i // 2}")
+    (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
+    names = {}
+    exec(example, names)
+    data = names["data"]
+    assert sum(len(d) for d in data.values()) == 40 and min(len(d) for d in data.values()) > 0
+    assert data["train"].tasks == ("seg", "cls") and data["train"].class_names == ("benign", "malignant")
+    patients = [{int(r.id[4:]) // 2 for r in d.records} for d in data.values()]  # p{i // 2}
     assert not (patients[0] & patients[1] or patients[0] & patients[2] or patients[1] & patients[2])
-    item = train[0]
+    item = data["train"][0]
     assert item["image"].shape == item["mask"].shape == (1, 128, 128) and set(item["mask"].unique().tolist()) <= {0, 1}
+    assert len(names["history"]) == 1
 
 
 def test_records_with_and_without_masks_in_one_dataset_are_refused(tmp_path):

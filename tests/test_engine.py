@@ -998,8 +998,10 @@ def test_one_progress_bar_for_the_whole_run_naming_the_epoch(capsys, tmp_path):
     (dict(weighting="magic"), "unknown weighting 'magic'; expected one of \\('fixed'"),
     # a weighting of one's own passed as its class: "unknown weighting <class ...>" said nothing of the instance
     (dict(weighting=DynamicWeightAverage), r"weighting is the class DynamicWeightAverage, not an instance of it: "
-                                           r"pass DynamicWeightAverage\(\('seg', 'cls', 'recon'\)\), or add it to "
-                                           r"mtlearn\.weighting\.WEIGHTINGS"),
+                                           r"pass DynamicWeightAverage\(\('seg', 'cls', 'recon'\)\), or "
+                                           r"weighting='dwa'$"),
+    (dict(weighting=type("Mine", (FixedWeights,), {})), r"pass Mine\(\('seg', 'cls', 'recon'\)\), or add it to "
+                                                        r"mtlearn\.weighting\.WEIGHTINGS to use it by name$"),
     (dict(weighting=3), r"unknown weighting 3; .*, or a LossWeighting instance"),
     (dict(tasks=("seg", "depth")), "unknown task 'depth'"),
     (dict(resume=True), "resume=True needs out_dir"),

@@ -419,8 +419,8 @@ def test_a_refused_dataset_is_told_the_notebooks_reason(tmp_path):
 def test_a_dataset_no_loader_knows_is_called_unknown_with_where_own_images_go(tmp_path):
     """"'mylesions' is not used by this notebook" suggested that another notebook would take it."""
     with pytest.raises(ValueError, match=r"^unknown dataset 'mylesions'; this notebook takes one of \('synthetic', "
-                                         r"'busi'\) \(images of your own train with mt\.fit outside the notebooks: "
-                                         r"README, \"Your own images\"\)$"):
+                                         r"'busi'\) \(to train on images of your own, build an UltrasoundDataset and "
+                                         r"call mt\.fit: README, \"Your own images\"\)$"):
         start_here(tmp_path, dataset="mylesions", datasets=("synthetic", "busi"))
 
 

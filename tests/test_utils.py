@@ -42,12 +42,15 @@ def test_seed_everything_repeats_torch_and_numpy():
     (True, False, False, (False, True)),  # torch's defaults: the autotuner, for speed, on CUDA
     (False, False, False, (False, False)),  # nothing to autotune without CUDA
     (False, False, True, (False, True)),  # a user's own autotuner stays on
+    (True, True, True, (True, False)),  # on from an earlier seeding (a notebook's start), then deterministic asked for
 ])
 def test_seed_everything_keeps_the_cudnn_kernels_asked_for(monkeypatch, cuda, deterministic, benchmark, expected):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
     monkeypatch.setattr(torch.backends.cudnn, "deterministic", deterministic)
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", benchmark)
     seed_everything(0)
+    assert (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark) == expected
+    seed_everything(0)  # a second seeding (the next fit) changes nothing
     assert (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark) == expected
 
 
