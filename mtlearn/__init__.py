@@ -19,7 +19,8 @@ _SUBMODULES = (
     "heads", "losses", "metrics", "mtl", "notebook", "plots", "probes", "train", "umsrep", "utils",
     "weighting", "widgets",
 )
-_SHORTCUTS = {"build_model": "mtl", "single_task_model": "mtl", "fit": "engine", "evaluate": "engine"}
+_SHORTCUTS = {"build_model": "mtl", "single_task_model": "mtl", "load_model": "mtl", "fit": "engine",
+              "evaluate": "engine"}
 
 __all__ = [
     "count_flops", "count_parameters", "environment_report", "pick_device", "seed_everything",

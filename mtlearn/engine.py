@@ -58,6 +58,7 @@ from mtlearn.checkpoint import (
     save_checkpoint,
     set_rng_state,
     trainable_names,
+    unwrapped_model,
 )
 from mtlearn.encoder import unscaled_range
 from mtlearn.losses import TASK_TARGETS, LossConfig, build_losses, check_tasks, task_losses
@@ -70,6 +71,7 @@ from mtlearn.utils import (
     check_loader,
     check_number,
     eval_mode,
+    find_class_names,
     is_distributed,
     is_main_process,
     pick_device,
@@ -878,7 +880,16 @@ def _run_state(run: _Run, epoch: int, history: History, config: TrainConfig, tas
         "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
         "weighting": run.weighting.state_dict(), "scaler": run.scaler.state_dict() if run.scaler else {},
         "rng": rng, "history": history.state_dict(), "config": _plain_config(config, tasks),
+        **_model_settings(run.model),
     }
+
+
+def _model_settings(model: nn.Module) -> dict:
+    """What rebuilds a MultiTaskUNet (mtlearn.load_model): its config; {} for a model of another kind."""
+    from mtlearn.mtl import MultiTaskUNet
+
+    model = unwrapped_model(model)
+    return {"model_config": dataclasses.asdict(model.config)} if isinstance(model, MultiTaskUNet) else {}
 
 
 # what a resumed run must share with the run that wrote the checkpoint (epochs may grow; device,
@@ -903,11 +914,13 @@ RESUME_NOTES = {"steps_per_epoch": "steps_per_epoch is the training loader's num
 
 def _loader_facts(loader) -> dict:
     """The training loader's number of batches, batch size and dataset size (None where it has none: a list of
-    batches), and the number of processes it is dealt to (torchrun; 1 without), as a checkpoint records them."""
+    batches), and the number of processes it is dealt to (torchrun; 1 without), as a checkpoint records them;
+    with the dataset's class names (None without), which a model loaded for use reports its classes by."""
     dataset = getattr(loader, "dataset", None)
     items = len(dataset) if dataset is not None and hasattr(dataset, "__len__") else None
+    names = find_class_names(dataset)
     return {"steps_per_epoch": len(loader), "batch_size": getattr(loader, "batch_size", None), "train_items": items,
-            "processes": world_and_rank()[0]}
+            "processes": world_and_rank()[0], "class_names": list(names) if names is not None else None}
 
 
 def _best_instead(last: Path) -> str:

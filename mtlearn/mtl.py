@@ -14,9 +14,11 @@ smoke and course profiles (six trainings in minutes on two CPU cores) and what t
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor, nn
 
 from mtlearn.blocks import check_dilations
@@ -170,6 +172,29 @@ def single_task_model(task: str, preset: str = "course", in_channels: int = 1, n
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
     return build_model(preset, (task,), in_channels, num_classes, seg_classes, image_size, **overrides)
+
+
+def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> MultiTaskUNet:
+    """The MultiTaskUNet a checkpoint of `fit` holds (best.pt, last.pt), built again from the settings it
+    records (preset, image size, tasks, classes, DFE ...) and returned in eval mode.
+
+        model = mt.load_model("runs/a/best.pt")
+        class_names = mt.checkpoint.load_checkpoint("runs/a/best.pt")["class_names"]  # None if the data had none
+
+    Its inputs are prepared as in training: (B, in_channels, H, W) floats scaled to 0..1, at the recorded
+    `model.config.image_size` (the attention windows follow it).
+    """
+    from mtlearn.checkpoint import load_checkpoint, load_weights
+
+    state = load_checkpoint(path, map_location=map_location)
+    settings = state.get("model_config")
+    if not isinstance(settings, Mapping):
+        raise ValueError(f"{path} records no model settings (written by fit before they were saved, or a model other "
+                         "than build_model's): build the model as it was trained, e.g. build_model(preset, "
+                         "image_size=..., num_classes=...), and load it with load_checkpoint(path, model)")
+    model = MultiTaskUNet(MultiTaskConfig(**settings))
+    load_weights(model, state["model"], f"cannot load {path} into the model its settings describe")
+    return model.to(map_location).eval()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -386,3 +386,81 @@ def test_integer_and_float64_images_are_refused_by_both_model_kinds(dtype, match
     for model in (tiny_model(), monai_baseline("unet", image_size=32)):
         with pytest.raises(ValueError, match=match):
             model(images)
+
+
+# ------------------------------------------------------------------------------- a trained model, used later
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """A tiny model trained for an epoch by fit into a run folder (options no preset holds: dfe, cls_head)."""
+    from torch.utils.data import DataLoader, Subset
+
+    import mtlearn as mt
+
+    folder = tmp_path_factory.mktemp("run")
+    data = Subset(mt.data.load_dataset("synthetic", split="train", image_size=32), range(16))
+    model = build_model("tiny", image_size=32, dfe="three", cls_head="last")
+    mt.fit(model, DataLoader(data, batch_size=8), DataLoader(data, batch_size=8), epochs=1, out_dir=folder,
+           progress=False)
+    return folder, model.eval()
+
+
+def test_load_model_builds_the_trained_network_again_from_its_checkpoint(trained_run):
+    from mtlearn.checkpoint import load_checkpoint
+    from mtlearn.mtl import load_model
+
+    folder, trained = trained_run
+    loaded = load_model(folder / "best.pt")
+    assert loaded.config == trained.config and not loaded.training
+    x = torch.rand(2, 1, 32, 32)
+    assert all(torch.equal(v, trained(x)[k]) for k, v in loaded(x).items())
+    assert load_checkpoint(folder / "best.pt")["class_names"] == ["normal", "benign", "malignant"]
+
+
+def test_load_model_refuses_a_checkpoint_without_model_settings_and_says_what_to_do(tmp_path):
+    from mtlearn.checkpoint import save_checkpoint
+    from mtlearn.mtl import load_model
+
+    save_checkpoint({"model": build_model("tiny", image_size=32).state_dict()}, tmp_path / "old.pt")
+    with pytest.raises(ValueError, match=r"old\.pt records no model settings .* build the model as it was trained, "
+                                         r"e\.g\. build_model\(preset, image_size=\.\.\., num_classes=\.\.\.\), and "
+                                         r"load it with load_checkpoint\(path, model\)"):
+        load_model(tmp_path / "old.pt")
+
+
+def test_the_readmes_trained_model_example_predicts_on_an_image_file(trained_run, tmp_path, monkeypatch):
+    """README, "Using a trained model": the example runs as printed on a PNG of another size."""
+    from pathlib import Path
+
+    from PIL import Image
+
+    import mtlearn as mt
+
+    folder, trained = trained_run
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    section = readme.split("**Using a trained model.**", 1)[1]
+    example = section.split("```python\n", 1)[1].split("```", 1)[0]
+    Image.fromarray((np.random.default_rng(0).random((70, 90)) * 255).astype(np.uint8)).save(tmp_path / "scan.png")
+    monkeypatch.chdir(tmp_path)
+    names = {"mt": mt, "torch": torch, "model": mt.load_model(folder / "best.pt")}
+    exec(example, names)
+    assert names["x"].shape == (1, 32, 32) and 0 <= names["x"].min() and names["x"].max() <= 1
+    assert names["probabilities"].shape == (3,) and torch.isclose(names["probabilities"].sum(), torch.tensor(1.0))
+    assert names["lesion"].shape == (1, 1, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(names["outputs"]["cls"], trained(names["x"][None])["cls"])
+
+
+def test_read_image_prepares_a_file_as_the_datasets_prepare_theirs(tmp_path):
+    from PIL import Image
+
+    from mtlearn.data import read_image
+    from mtlearn.data.real import Record, UltrasoundDataset
+
+    rng = np.random.default_rng(1)
+    Image.fromarray((rng.random((50, 60, 3)) * 255).astype(np.uint8)).save(tmp_path / "rgb.png")
+    dataset = UltrasoundDataset("mine", "all", [Record(id="rgb", label=0, image=tmp_path / "rgb.png", masks=None,
+                                                       group="rgb")], ("benign",), image_size=(32, 40), in_channels=3)
+    assert torch.equal(read_image(tmp_path / "rgb.png", (32, 40), in_channels=3), dataset[0]["image"])
+    with pytest.raises(ValueError, match=r"in_channels must be 1 \(grey\) or 3 \(grey repeated\), got 2"):
+        read_image(tmp_path / "rgb.png", 32, in_channels=2)

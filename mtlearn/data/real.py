@@ -900,6 +900,22 @@ def _unreadable(paths: Sequence[Path], problems: list[str]) -> bool:
     return False
 
 
+def read_image(image: str | os.PathLike | np.ndarray, image_size: int | Sequence[int], in_channels: int = 1
+               ) -> torch.Tensor:
+    """One image prepared as the datasets here prepare theirs, for a model to predict on: a file (PNG, JPEG ...;
+    colour and alpha dropped) or an (H, W) array -> (in_channels, *image_size) float32 in [0, 1] ("area"
+    resizing; 8-bit divided by 255, 16-bit by its own maximum: see _read_image).
+
+        model = mt.load_model("runs/a/best.pt")
+        x = read_image("scan.png", model.config.image_size, model.config.in_channels)
+        outputs = model(x[None])  # a batch of one
+    """
+    if not is_int(in_channels) or in_channels not in (1, 3):
+        raise ValueError(f"in_channels must be 1 (grey) or 3 (grey repeated), got {in_channels!r}")
+    image = image if isinstance(image, np.ndarray) else Path(image).expanduser()
+    return resize_image(_read_image(image), check_size(image_size, minimum=8)).repeat(int(in_channels), 1, 1)
+
+
 def _read_image(image: Path | np.ndarray) -> np.ndarray:
     """A file or an array -> (H, W) float32 grey in [0, 1]. Colour and alpha are dropped.
 
