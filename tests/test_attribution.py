@@ -929,6 +929,15 @@ BAD = [
 ]
 
 
+@pytest.mark.parametrize("head, message", [("depth", r"unknown head 'depth'; expected one of"),
+                                           (torch.tensor([0, 1]), r"got Tensor of shape \(2,\) \(class labels"),
+                                           (np.array([0, 1]), r"got ndarray of shape \(2,\)")])
+def test_the_public_head_wrapper_names_a_wrong_head_too(explainer, head, message):
+    """Explainer.head is public (Captum on one head): a bare KeyError, or a tensor printed whole, before."""
+    with pytest.raises(ValueError, match=message):
+        explainer.head(head)
+
+
 @pytest.mark.parametrize("kwargs, message", BAD)
 def test_bad_arguments_are_named(explainer, images, kwargs, message):
     kwargs = {"method": "saliency"} | kwargs

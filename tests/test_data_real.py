@@ -1949,5 +1949,8 @@ def test_records_with_and_without_masks_in_one_dataset_are_refused(tmp_path):
     with pytest.raises(ValueError, match=r"mine: 1 of 3 records have masks=None \(e\.g\. \['1'\]\) and the others "
                                          r"have masks; give every record its mask files \(\(\) for an image without"):
         real.UltrasoundDataset("mine", "train", records, ("benign",), image_size=(SIZE, SIZE))
+    many = records + [dataclasses.replace(r, id=f"{i}", masks=None) for i, r in enumerate(records * 2, 3)]
+    with pytest.raises(ValueError, match=r"mine: 7 of 9 records have masks=None \(e\.g\. \['1', '3', '4'\]\) and"):
+        real.UltrasoundDataset("mine", "train", many, ("benign",), image_size=(SIZE, SIZE))
     unmasked = [dataclasses.replace(r, masks=None) for r in records]
     assert real.UltrasoundDataset("mine", "train", unmasked, ("benign",), image_size=(SIZE, SIZE)).tasks == ("cls",)

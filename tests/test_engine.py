@@ -1002,7 +1002,10 @@ def test_one_progress_bar_for_the_whole_run_naming_the_epoch(capsys, tmp_path):
                                            r"weighting='dwa'$"),
     (dict(weighting=type("Mine", (FixedWeights,), {})), r"pass Mine\(\('seg', 'cls', 'recon'\)\), or add it to "
                                                         r"mtlearn\.weighting\.WEIGHTINGS to use it by name$"),
-    (dict(weighting=3), r"unknown weighting 3; .*, or a LossWeighting instance"),
+    (dict(weighting=3), r"unknown weighting 3; .*, or a LossWeighting instance \(one of your own: see the module "
+                        r"docstring of mtlearn\.weighting\)$"),
+    (dict(weighting=dict), r"unknown weighting <class 'dict'>"),  # a class, but no weighting's
+    (dict(weighting=["dwa"]), r"unknown weighting \['dwa'\]"),  # not "unhashable type: 'list'"
     (dict(tasks=("seg", "depth")), "unknown task 'depth'"),
     (dict(resume=True), "resume=True needs out_dir"),
     (dict(amp="fp16", device="cpu"), "amp='fp16' needs a CUDA GPU"),  # pinned: on a GPU it is valid

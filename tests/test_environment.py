@@ -1,7 +1,9 @@
-"""pyproject.toml and environment.yml describe the same environment, and torch's range is safe."""
+"""pyproject.toml and environment.yml describe the same environment, torch's range is safe, and the tests'
+warning policy holds."""
 
 import re
 import tomllib
+import warnings
 from pathlib import Path
 
 import pytest
@@ -170,3 +172,19 @@ def test_make_test_removes_earlier_smoke_outputs_before_the_notebooks_run():
     clean = next(i for i, line in enumerate(lines) if line.startswith("rm -rf notebooks/outputs/*/smoke "))
     nbval = next(i for i, line in enumerate(lines) if "--nbval-lax" in line)
     assert clean < nbval
+
+
+@pytest.mark.parametrize("category", [DeprecationWarning, PendingDeprecationWarning, FutureWarning])
+@pytest.mark.parametrize("module", ["mtlearn", "mtlearn.data.real", "data_fetch.download", "benchmarks.bench_models",
+                                    "tests.test_utils"])
+def test_a_deprecated_call_in_the_projects_own_code_fails_its_test(category, module):
+    """pyproject's filterwarnings: the warning attributed to one of the project's modules is an error."""
+    with pytest.raises(category):
+        warnings.warn_explicit("deprecated", category, "x.py", 1, module=module)
+
+
+@pytest.mark.parametrize("module", ["numpy.core", "torch.nn", "testsuite", "mtlearnx"])
+def test_other_packages_deprecations_stay_theirs(module):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.warn_explicit("deprecated", DeprecationWarning, "x.py", 1, module=module)
+    assert caught == []

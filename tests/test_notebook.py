@@ -422,6 +422,9 @@ def test_a_dataset_no_loader_knows_is_called_unknown_with_where_own_images_go(tm
                                          r"'busi'\) \(to train on images of your own, build an UltrasoundDataset and "
                                          r"call mt\.fit: README, \"Your own images\"\)$"):
         start_here(tmp_path, dataset="mylesions", datasets=("synthetic", "busi"))
+    for known in ("shapes", "busi_npz"):  # names the loaders know, but not this notebook: not "unknown"
+        with pytest.raises(ValueError, match=rf"^dataset '{known}' is not used by this notebook; choose one of"):
+            start_here(tmp_path, dataset=known, datasets=("synthetic", "busi"))
 
 
 # --- behaviour pinned down by the mutation audit of mtlearn/notebook.py ---

@@ -334,12 +334,18 @@ def test_sigterm_is_an_interrupt_only_for_the_duration_and_only_from_the_main_th
 
     from mtlearn.utils import Terminated, sigterm_as_interrupt, stop_status
 
-    before = signal.getsignal(signal.SIGTERM)
-    with sigterm_as_interrupt():
-        assert signal.getsignal(signal.SIGTERM) is not before
-        with pytest.raises(Terminated) as stopped:
-            signal.raise_signal(signal.SIGTERM)
-    assert signal.getsignal(signal.SIGTERM) is before  # main() called from a notebook gives the kernel its own back
+    def kernels_own(signum, frame):  # a handler of the caller's (a kernel's), not the default
+        pass
+
+    before = signal.signal(signal.SIGTERM, kernels_own)
+    try:
+        with sigterm_as_interrupt():
+            assert signal.getsignal(signal.SIGTERM) is not kernels_own
+            with pytest.raises(Terminated) as stopped:
+                signal.raise_signal(signal.SIGTERM)
+        assert signal.getsignal(signal.SIGTERM) is kernels_own  # main() called in a notebook gives the kernel its own
+    finally:
+        signal.signal(signal.SIGTERM, before)
     assert stop_status(stopped.value) == ("terminated (SIGTERM)", 143)
     assert stop_status(KeyboardInterrupt()) == ("interrupted", 130)
     seen = []
