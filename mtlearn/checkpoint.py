@@ -19,6 +19,7 @@ finished run is never silently overwritten, nor written by two runs at once.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import pickle
 import random
@@ -128,10 +129,33 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module | None = None,
                              "checkpoint; load it with model.load_state_dict(torch.load(path, weights_only=True))")
         raise UnreadableCheckpointError(not_ours)
     if model is not None:
+        rebuild = " (mt.load_model(path) builds it from the settings the checkpoint records)" if isinstance(
+            state.get("model_config"), Mapping) else ""
         load_weights(model, state["model"], f"cannot load {path} into this model: the checkpoint was written for "
-                     "another model (another preset, task list, channel count or class count?). Build the model "
-                     "with the options of that run.")
+                     "another model (another preset, task list, channel or class count, DFE, classifier head or "
+                     f"attention path?). Build the model with the options of that run{rebuild}.")
+        _warn_if_built_otherwise(model, state.get("model_config"), path)
     return state
+
+
+def _warn_if_built_otherwise(model: nn.Module, recorded, path: Path) -> None:
+    """Warn when weights that fit were loaded into a model built with other settings that hold no weights: the image
+    size sets the attention windows (and a window size of its own can be given), dropout and drop_path their rates."""
+    config = getattr(unwrapped_model(model), "config", None)
+    if not isinstance(recorded, Mapping) or not dataclasses.is_dataclass(config):
+        return
+    now = dataclasses.asdict(config)
+    differ = [f"{k} {_plain(recorded[k])} then, {_plain(now[k])} now" for k in recorded if k in now
+              and _plain(recorded[k]) != _plain(now[k])]
+    if differ:
+        warnings.warn(f"{path} was trained in a model built with other settings ({'; '.join(differ)}): its weights "
+                      "load, but the network does not compute what it computed in training (the image size sets the "
+                      "attention windows). mt.load_model(path) builds it as trained", stacklevel=3)
+
+
+def _plain(value):
+    """A setting as compared: tuples and lists alike."""
+    return list(value) if isinstance(value, (tuple, list)) else value
 
 
 def _save_instead(name: str) -> str:

@@ -1,5 +1,7 @@
 """Tests for mtlearn.mtl: the multi-task UNet, presets, single-task and MONAI baselines."""
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -464,3 +466,23 @@ def test_read_image_prepares_a_file_as_the_datasets_prepare_theirs(tmp_path):
     assert torch.equal(read_image(tmp_path / "rgb.png", (32, 40), in_channels=3), dataset[0]["image"])
     with pytest.raises(ValueError, match=r"in_channels must be 1 \(grey\) or 3 \(grey repeated\), got 2"):
         read_image(tmp_path / "rgb.png", 32, in_channels=2)
+
+
+def test_weights_loaded_into_a_model_built_for_another_image_size_are_warned_about(trained_run):
+    """The weights fit (their shapes do not depend on the image size), so load_state_dict said nothing, and the
+    model computed with other attention windows (a 64 px model read at 32 px: accuracy 0.656 against 0.641)."""
+    from mtlearn.checkpoint import load_checkpoint
+
+    folder, _ = trained_run
+    with pytest.warns(UserWarning, match=r"best\.pt was trained in a model built with other settings \(image_size "
+                                         r"\[32, 32\] then, \[64, 64\] now; window_size 2 then, 4 now\): .* "
+                                         r"mt\.load_model\(path\) builds it as trained"):
+        load_checkpoint(folder / "best.pt", build_model("tiny", image_size=64, dfe="three", cls_head="last"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # built as trained: nothing to say
+        load_checkpoint(folder / "best.pt", build_model("tiny", image_size=32, dfe="three", cls_head="last"))
+    with pytest.raises(ValueError, match=r"\(another preset, task list, channel or class count, DFE, classifier head "
+                                         r"or attention path\?\)\. Build the model with the options of that run "
+                                         r"\(mt\.load_model\(path\) builds it from the settings the checkpoint "
+                                         r"records\)"):
+        load_checkpoint(folder / "best.pt", build_model("tiny", image_size=32))  # without its DFE
