@@ -1155,7 +1155,8 @@ def evaluate(model: nn.Module, loader, tasks: Sequence[str] | None = None, *,
     """Metrics of `model` over `loader`: {"seg/dice": ..., "cls/acc": ..., "seg/loss": ...}.
 
     tasks: None reads the model's `tasks` attribute. device: None keeps the model where it is;
-    otherwise the model is moved there.
+    otherwise the model is moved there. channels_last (None: on CUDA) converts the model as well as the
+    images, as fit does, so that a model evaluated after loading scores exactly what fit recorded.
     Pass your own MetricAccumulator to keep the class probabilities, labels and confusion matrix
     for ROC curves and confusion-matrix plots (with class-weighted losses, give it their
     class_weights, so that cls/loss does not depend on the batch size). Under torchrun every rank
@@ -1171,6 +1172,8 @@ def evaluate(model: nn.Module, loader, tasks: Sequence[str] | None = None, *,
         model.to(device)
     amp_dtype = resolve_amp(amp, device)
     channels_last = device.type == "cuda" if channels_last is None else channels_last
+    if channels_last:  # the weights too, as fit has them: with NCHW weights the convolutions add in another order
+        model.to(memory_format=torch.channels_last)
     loss_fns = build_losses(tasks, losses).to(device)
     if accumulator is None:
         accumulator = MetricAccumulator(tasks, data_range=data_range,

@@ -486,3 +486,20 @@ def test_weights_loaded_into_a_model_built_for_another_image_size_are_warned_abo
                                          r"\(mt\.load_model\(path\) builds it from the settings the checkpoint "
                                          r"records\)"):
         load_checkpoint(folder / "best.pt", build_model("tiny", image_size=32))  # without its DFE
+
+
+def test_a_loaded_model_evaluated_channels_last_scores_exactly_what_fit_recorded(tmp_path):
+    """evaluate(channels_last=True) converted the images only: fit's channels_last weights add in another order
+    (seg/loss 2.7616551 against 2.7616550 recorded)."""
+    from torch.utils.data import DataLoader, Subset
+
+    import mtlearn as mt
+
+    data = DataLoader(Subset(mt.data.load_dataset("synthetic", split="train", image_size=32), range(32)), batch_size=8)
+    mt.seed_everything(0)  # weights whose sums show the order (at some, the two orders round alike)
+    history = mt.fit(build_model("tiny", image_size=32), data, data, epochs=1, out_dir=tmp_path, progress=False,
+                     channels_last=True, amp="off")
+    recorded = history.to_frame().iloc[-1]
+    scored = mt.evaluate(mt.load_model(tmp_path / "best.pt"), data, channels_last=True, amp="off")
+    assert {k: scored[k] for k in ("seg/loss", "cls/loss", "seg/dice")} == {
+        k: float(recorded[f"val/{k}"]) for k in ("seg/loss", "cls/loss", "seg/dice")}
