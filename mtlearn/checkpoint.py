@@ -88,8 +88,11 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module | None = None,
     weights_only builds tensors and plain containers only, so a foreign or tampered file raises
     a ValueError instead. Returns the whole dict; fit's holds "model", "optimizer", "scheduler",
     "weighting", "scaler", "rng", "history" (a dict; `History.from_state_dict` turns it back),
-    "epoch" (epochs completed), "steps_per_epoch", "batch_size" and "train_items" (the training loader's
-    batches per epoch, batch size and dataset size), "config".
+    "epoch" (epochs completed), "steps_per_epoch", "batch_size", "train_items" and "processes" (the training
+    loader's batches per epoch, batch size, dataset size and torchrun processes), "class_names" (the training
+    data's, or None), "trainable" (the names of the parameters it trained), "config" (fit's options) and, for a
+    build_model network, "model_config" (what mt.load_model builds it from). Given `model`, its weights are
+    loaded into it, with a warning when fit recorded other settings for it (image size, window size, heads).
     """
     path = Path(path).expanduser()
     if path.is_dir():  # the run's folder rather than a file in it
@@ -138,15 +141,18 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module | None = None,
     return state
 
 
+TRAINING_ONLY = ("dropout", "attn_dropout", "drop_path")  # rates that change nothing in eval mode
+
+
 def _warn_if_built_otherwise(model: nn.Module, recorded, path: Path) -> None:
-    """Warn when weights that fit were loaded into a model built with other settings that hold no weights: the image
-    size sets the attention windows (and a window size of its own can be given), dropout and drop_path their rates."""
+    """Warn when weights that fit were loaded into a model built with other settings that hold no weights and change
+    what it computes: the image size (the attention windows), the window size, the heads, the DFE dilations."""
     config = getattr(unwrapped_model(model), "config", None)
     if not isinstance(recorded, Mapping) or not dataclasses.is_dataclass(config):
         return
     now = dataclasses.asdict(config)
-    differ = [f"{k} {_plain(recorded[k])} then, {_plain(now[k])} now" for k in recorded if k in now
-              and _plain(recorded[k]) != _plain(now[k])]
+    differ = [f"{k} {_plain(recorded[k])} then, {_plain(now[k])} now" for k in recorded
+              if k in now and k not in TRAINING_ONLY and _plain(recorded[k]) != _plain(now[k])]
     if differ:
         warnings.warn(f"{path} was trained in a model built with other settings ({'; '.join(differ)}): its weights "
                       "load, but the network does not compute what it computed in training (the image size sets the "

@@ -954,6 +954,11 @@ def _load_run(run: _Run, path: Path, train_loader, config: TrainConfig, tasks) -
     saved.update({name: state[name] for name in LOADER_FACTS if name in state})
     current = {**_plain_config(config, tasks), **_loader_facts(train_loader)}
     check_resume_options(path, _as_compared(saved), _as_compared(current), RESUME_FIELDS, RESUME_NOTES)
+    then, now = state.get("class_names"), current["class_names"]
+    if then is not None and now is not None and list(then) != list(now):  # a checkpoint before them: not compared
+        raise ValueError(f"cannot resume from {path}: it trained on the classes {list(then)}, the training data now "
+                         f"has {list(now)} (the classifier's outputs follow that order); resume with the data of that "
+                         "run, or start a new run in another out_dir")
     load_weights(run.model, state["model"], f"cannot resume from {path}: its weights do not fit this model (another "
                  "preset, task list, channel count or class count?). Resume with the model of that run, or start a "
                  "new run in another out_dir.")

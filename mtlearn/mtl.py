@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 from torch import Tensor, nn
@@ -192,6 +192,10 @@ def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"
         raise ValueError(f"{path} records no model settings (written by fit before they were saved, or a model other "
                          "than build_model's): build the model as it was trained, e.g. build_model(preset, "
                          "image_size=..., num_classes=...), and load it with load_checkpoint(path, model)")
+    unknown = sorted(set(settings) - {f.name for f in fields(MultiTaskConfig)})
+    if unknown:  # a checkpoint of a later version, whose networks have settings this one cannot build
+        raise ValueError(f"{path} records model settings this version of mtlearn does not know ({unknown}): update "
+                         "mtlearn to the version that trained it")
     model = MultiTaskUNet(MultiTaskConfig(**settings))
     load_weights(model, state["model"], f"cannot load {path} into the model its settings describe")
     return model.to(map_location).eval()

@@ -1919,9 +1919,9 @@ def test_the_readmes_own_images_example_trains_on_patient_level_splits(tmp_path)
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     example = textwrap.dedent(readme.split("**Your own images**", 1)[1].split("```python\n", 1)[1].split("```", 1)[0])
     folder_line = 'folder = Path("~/data/mine").expanduser()'
-    assert folder_line in example and "epochs=20)" in example
-    example = example.replace(folder_line, f"folder = Path({str(tmp_path)!r})").replace("epochs=20)", "epochs=1, "
-                                                                                        "progress=False)")
+    assert folder_line in example and 'epochs=20, out_dir="runs/mine")' in example
+    example = example.replace(folder_line, f"folder = Path({str(tmp_path)!r})").replace(
+        'epochs=20, out_dir="runs/mine")', f"epochs=1, out_dir={str(tmp_path / 'run')!r}, progress=False)")
     rng = np.random.default_rng(0)
     rows = ["id,label,patient"]
     for i in range(40):
@@ -1938,7 +1938,7 @@ def test_the_readmes_own_images_example_trains_on_patient_level_splits(tmp_path)
     assert not (patients[0] & patients[1] or patients[0] & patients[2] or patients[1] & patients[2])
     item = data["train"][0]
     assert item["image"].shape == item["mask"].shape == (1, 128, 128) and set(item["mask"].unique().tolist()) <= {0, 1}
-    assert len(names["history"]) == 1
+    assert len(names["history"]) == 1 and (tmp_path / "run" / "best.pt").is_file()  # for mt.load_model
 
 
 def test_records_with_and_without_masks_in_one_dataset_are_refused(tmp_path):

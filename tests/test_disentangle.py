@@ -793,9 +793,23 @@ def test_final_pt_holds_the_model_returned_with_its_batchnorm_recalibrated(tiny_
     assert D.evaluate_disentangle(loaded, test, device="cpu") == expected
     stale = load_checkpoint(tmp_path / "last.pt")["model"]
     assert not all(torch.equal(v, stale[k]) for k, v in trained.state_dict().items() if "running_" in k)
+    assert load_checkpoint(tmp_path / "final.pt")["epoch"] == 1
+    (tmp_path / "final.pt").unlink()  # a finished run resumed: nothing trains, and final.pt is written again
+    again = tiny_model()
+    D.train_disentangle(again, train, out_dir=tmp_path, resume=True, **kwargs)
+    written = load_checkpoint(tmp_path / "final.pt")["model"]
+    assert all(torch.equal(v, written[k]) for k, v in again.state_dict().items())
     (tmp_path / "last.pt").unlink()  # a new run would overwrite final.pt: refused, as fit's best.pt is
     with pytest.raises(ValueError, match=r"already holds final\.pt of an earlier run \(without its last\.pt\)"):
         D.train_disentangle(tiny_model(), train, out_dir=tmp_path, **kwargs)
+
+
+def test_final_pt_says_whether_its_batchnorm_was_recalibrated(tiny_loaders, tmp_path):
+    from mtlearn.checkpoint import load_checkpoint
+
+    D.train_disentangle(tiny_model(), tiny_loaders[0], epochs=1, adv_steps=1, device="cpu", progress=False,
+                        out_dir=tmp_path, recalibrate_bn=False)
+    assert load_checkpoint(tmp_path / "final.pt")["recalibrated_bn"] is False
 
 
 def test_a_nan_loss_names_the_last_checkpoint(shapes_batch, tmp_path):

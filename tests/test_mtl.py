@@ -419,6 +419,38 @@ def test_load_model_builds_the_trained_network_again_from_its_checkpoint(trained
     assert load_checkpoint(folder / "best.pt")["class_names"] == ["normal", "benign", "malignant"]
 
 
+def test_load_model_names_the_settings_of_a_later_version(trained_run, tmp_path):
+    from mtlearn.checkpoint import load_checkpoint, save_checkpoint
+    from mtlearn.mtl import load_model
+
+    folder, _ = trained_run
+    state = load_checkpoint(folder / "best.pt")
+    state["model_config"] = {**state["model_config"], "gated_skips": True}
+    save_checkpoint(state, tmp_path / "newer.pt")
+    with pytest.raises(ValueError, match=r"newer\.pt records model settings this version of mtlearn does not know "
+                                         r"\(\['gated_skips'\]\): update mtlearn"):  # not a bare TypeError
+        load_model(tmp_path / "newer.pt")
+
+
+def test_a_resume_with_the_classes_in_another_order_is_refused(trained_run, tmp_path):
+    """The recorded class names were overwritten by the new data's, and the classifier trained on the old order."""
+    import shutil
+
+    from torch.utils.data import DataLoader, Subset
+
+    import mtlearn as mt
+
+    folder, _ = trained_run
+    shutil.copy(folder / "last.pt", tmp_path / "last.pt")
+    data = mt.data.load_dataset("synthetic", split="train", image_size=32)
+    data.class_names = ("malignant", "benign", "normal")
+    loader = DataLoader(Subset(data, range(16)), batch_size=8)
+    with pytest.raises(ValueError, match=r"it trained on the classes \['normal', 'benign', 'malignant'\], the "
+                                         r"training data now has \['malignant', 'benign', 'normal'\]"):
+        mt.fit(build_model("tiny", image_size=32, dfe="three", cls_head="last"), loader, epochs=2,
+               out_dir=tmp_path, resume=True, progress=False)
+
+
 def test_load_model_refuses_a_checkpoint_without_model_settings_and_says_what_to_do(tmp_path):
     from mtlearn.checkpoint import save_checkpoint
     from mtlearn.mtl import load_model
@@ -464,8 +496,11 @@ def test_read_image_prepares_a_file_as_the_datasets_prepare_theirs(tmp_path):
     dataset = UltrasoundDataset("mine", "all", [Record(id="rgb", label=0, image=tmp_path / "rgb.png", masks=None,
                                                        group="rgb")], ("benign",), image_size=(32, 40), in_channels=3)
     assert torch.equal(read_image(tmp_path / "rgb.png", (32, 40), in_channels=3), dataset[0]["image"])
-    with pytest.raises(ValueError, match=r"in_channels must be 1 \(grey\) or 3 \(grey repeated\), got 2"):
-        read_image(tmp_path / "rgb.png", 32, in_channels=2)
+    for channels in (2, True, 3.0):
+        with pytest.raises(ValueError, match=rf"in_channels must be 1 \(grey\) or 3 \(grey repeated\), got {channels}"):
+            read_image(tmp_path / "rgb.png", 32, in_channels=channels)
+    with pytest.raises(ValueError, match=r"image_size"):
+        read_image(tmp_path / "rgb.png", 4)  # smaller than the datasets allow
 
 
 def test_weights_loaded_into_a_model_built_for_another_image_size_are_warned_about(trained_run):
@@ -474,13 +509,17 @@ def test_weights_loaded_into_a_model_built_for_another_image_size_are_warned_abo
     from mtlearn.checkpoint import load_checkpoint
 
     folder, _ = trained_run
+    wider = torch.nn.DataParallel(build_model("tiny", image_size=64, dfe="three", cls_head="last"))  # wrapped too
     with pytest.warns(UserWarning, match=r"best\.pt was trained in a model built with other settings \(image_size "
                                          r"\[32, 32\] then, \[64, 64\] now; window_size 2 then, 4 now\): .* "
-                                         r"mt\.load_model\(path\) builds it as trained"):
-        load_checkpoint(folder / "best.pt", build_model("tiny", image_size=64, dfe="three", cls_head="last"))
+                                         r"mt\.load_model\(path\) builds it as trained") as caught:
+        load_checkpoint(folder / "best.pt", wider)
+    assert caught[0].filename == __file__  # the line that loaded, not mtlearn's
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # built as trained: nothing to say
+        warnings.simplefilter("error")  # built as trained, or other rates that eval mode does not use: nothing to say
         load_checkpoint(folder / "best.pt", build_model("tiny", image_size=32, dfe="three", cls_head="last"))
+        load_checkpoint(folder / "best.pt", build_model("tiny", image_size=32, dfe="three", cls_head="last",
+                                                        drop_path=0.2, dropout=0.1))
     with pytest.raises(ValueError, match=r"\(another preset, task list, channel or class count, DFE, classifier head "
                                          r"or attention path\?\)\. Build the model with the options of that run "
                                          r"\(mt\.load_model\(path\) builds it from the settings the checkpoint "
