@@ -47,7 +47,15 @@ from mtlearn.data.splits import (
     DUPLICATE_MAX_DISTANCE, SPLIT_FRACTIONS, difference_hash, duplicate_groups, split_by_group,
 )
 from mtlearn.data.synthetic import MIN_SIZE as SYNTHETIC_MIN_SIZE, SyntheticUltrasound
-from mtlearn.data.transforms import augment_item, augmentation, random_states, reseed, resize_image, resize_mask
+from mtlearn.data.transforms import (
+    augment_item,
+    augmentation,
+    check_in_channels,
+    random_states,
+    reseed,
+    resize_image,
+    resize_mask,
+)
 from mtlearn.utils import (
     check_bool,
     check_folder,
@@ -258,9 +266,8 @@ class UltrasoundDataset(Dataset):
         problems: Sequence[str] = (),
         fetch_command: str | None = None,  # said with the fix when a file turns out damaged while loading
     ):
-        if not is_int(in_channels) or in_channels not in (1, 3):  # 3.0 would pass `in` and fail in repeat()
-            raise ValueError(f"in_channels must be 1 (grey) or 3 (grey repeated), got {in_channels!r}")
-        in_channels, augment, cache = int(in_channels), check_bool("augment", augment), check_bool("cache", cache)
+        in_channels, augment = check_in_channels(in_channels), check_bool("augment", augment)
+        cache = check_bool("cache", cache)
         self.name, self.split, self.class_names = name, split, tuple(class_names)
         self.image_size, self.in_channels = check_size(image_size, minimum=8), in_channels
         self.problems, self.fetch_command = list(problems), fetch_command
@@ -910,10 +917,9 @@ def read_image(image: str | os.PathLike | np.ndarray, image_size: int | Sequence
         x = read_image("scan.png", model.config.image_size, model.config.in_channels)
         outputs = model(x[None])  # a batch of one
     """
-    if not is_int(in_channels) or in_channels not in (1, 3):
-        raise ValueError(f"in_channels must be 1 (grey) or 3 (grey repeated), got {in_channels!r}")
+    in_channels = check_in_channels(in_channels)
     image = image if isinstance(image, np.ndarray) else Path(image).expanduser()
-    return resize_image(_read_image(image), check_size(image_size, minimum=8)).repeat(int(in_channels), 1, 1)
+    return resize_image(_read_image(image), check_size(image_size, minimum=8)).repeat(in_channels, 1, 1)
 
 
 def _read_image(image: Path | np.ndarray) -> np.ndarray:

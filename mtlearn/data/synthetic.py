@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from mtlearn.data.transforms import check_in_channels
 from mtlearn.utils import check_int, check_item_index, check_number, check_size, is_int
 
 CLASS_NAMES = ("normal", "benign", "malignant")
@@ -107,8 +108,6 @@ class SyntheticUltrasound(Dataset):
         check_number("artifact_correlation", artifact_correlation, -1, 1)
         check_number("artifact_rate", artifact_rate, 0, 1)
         check_number("noise_level", noise_level, 0, advice="1.0 = fully developed speckle")
-        if not is_int(in_channels) or in_channels not in (1, 3):  # True is 1 and 3.0 is 3 to `in`
-            raise ValueError(f"in_channels must be 1 (grey) or 3 (grey repeated), got {in_channels!r}")
         self.num_samples = int(num_samples)
         self.seed = int(seed)
         self.first_index = int(first_index)
@@ -117,7 +116,7 @@ class SyntheticUltrasound(Dataset):
         self.artifact_correlation = float(artifact_correlation)
         self.artifact_rate = float(artifact_rate)
         self.noise_level = float(noise_level)
-        self.in_channels = int(in_channels)
+        self.in_channels = check_in_channels(in_channels)
 
         # Precomputed grids: depth runs 0 (skin) -> 1 (bottom), x runs 0 -> 1 (left to right).
         H, W = self.height, self.width

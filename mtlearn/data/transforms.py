@@ -14,10 +14,17 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from mtlearn.utils import check_int, check_size
+from mtlearn.utils import check_int, check_size, is_int
 
 MAX_ROTATION_DEGREES = 25.0  # the paper's rotation range
 AUGMENT_PROBABILITY = 0.5  # chance of a flip, and independently of a rotation
+
+
+def check_in_channels(in_channels) -> int:
+    """The channels a dataset gives its grey images: 1, or 3 (the grey repeated, for networks made for RGB)."""
+    if not is_int(in_channels) or in_channels not in (1, 3):  # True is 1 and 3.0 is 3 to `in`
+        raise ValueError(f"in_channels must be 1 (grey) or 3 (grey repeated), got {in_channels!r}")
+    return int(in_channels)
 
 
 def resize_image(image: np.ndarray, image_size: tuple[int, int]) -> torch.Tensor:
