@@ -542,3 +542,15 @@ def test_a_loaded_model_evaluated_channels_last_scores_exactly_what_fit_recorded
     scored = mt.evaluate(mt.load_model(tmp_path / "best.pt"), data, channels_last=True, amp="off")
     assert {k: scored[k] for k in ("seg/loss", "cls/loss", "seg/dice")} == {
         k: float(recorded[f"val/{k}"]) for k in ("seg/loss", "cls/loss", "seg/dice")}
+
+
+def test_a_loaded_model_exports_with_torch_export_and_computes_the_same(trained_run):
+    """README, "Using a trained model": torch.export captures the network, dict of outputs and all."""
+    from mtlearn.mtl import load_model
+
+    folder, _ = trained_run
+    model = load_model(folder / "best.pt")
+    x = torch.rand(2, 1, 32, 32)
+    exported = torch.export.export(model, (x,)).module()
+    with torch.no_grad():
+        assert all(torch.allclose(v, exported(x)[k], atol=1e-6) for k, v in model(x).items())
