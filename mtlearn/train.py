@@ -384,8 +384,9 @@ def _check_run_options(args: argparse.Namespace) -> dict | None:
         check_resume_options(path, {flags[k]: v for k, v in saved.items() if k in flags},
                              {flags[k]: v for k, v in options.items()}, list(flags.values()))
         drawn = saved.get("data_draw", 1)  # not recorded: drawn the first way
-        if drawn != DRAW_VERSION and (args.dataset != "synthetic" or args.limit is not None):
-            # the same options now draw other images (the synthetic splits are fixed index ranges: unchanged)
+        # the same options now draw other images (the synthetic splits are fixed index ranges: unchanged;
+        # --limit's draw, random_subset, last changed in draw 2)
+        if drawn != DRAW_VERSION and (args.dataset != "synthetic" or (args.limit is not None and drawn < 2)):
             raise ValueError(f"cannot resume the run in {out_dir}: it was started when mtlearn drew a real "
                              f"dataset's splits and --limit's images another way (data draw {drawn} then, "
                              f"{DRAW_VERSION} now), so it would go on with other images, some of them its test "

@@ -1237,12 +1237,16 @@ def test_random_subset_keeps_each_classs_share_when_the_dataset_names_the_classe
     assert np.bincount(Unequal.labels[random_subset(Unequal(range(100)), 3, seed=0).indices]).tolist() == [1, 1, 1]
 
 
-def test_split_by_group_draws_as_draw_version_2():
+def test_split_by_group_draws_as_draw_version_3():
     """Pinned: a change of the draw (the hash, its size, the dealing) changes every split of every real dataset,
     and must come with a new DRAW_VERSION, which python -m mtlearn.train's --resume checks."""
     from mtlearn.data.splits import DRAW_VERSION
 
-    assert DRAW_VERSION == 2
+    assert DRAW_VERSION == 3
+    # draw 3: the malignant patients' middles all fell outside validation's 70-80 %; one of them is moved there
+    groups, labels = [f"p{k}" for k in range(8) for _ in range(11)], [1] * 88
+    split = split_by_group(groups, labels, 0).reshape(8, 11)[:, 0].tolist()
+    assert split == ["train", "train", "train", "val", "train", "train", "test", "test"]
     groups = [f"g{k}" for k in range(10)]
     assert split_by_group(groups, [0] * 10, 0).tolist() == \
         ["train", "val", "train", "test", "train", "train", "test", "train", "train", "train"]
@@ -1260,13 +1264,64 @@ def test_split_by_group_stratifies_by_any_label_that_names_a_class():
 
 
 def test_split_by_group_warns_when_a_split_gets_nothing():
-    """Three patients cannot fill 7:1:2: val came out empty, and only an empty loader or NaN metrics said so."""
-    with pytest.warns(UserWarning, match=r"split\(s\) \['val'\] got no items: 3 group\(s\) are too few"):
-        split = split_by_group(["a", "b", "c"], [0, 0, 0], seed=0)
-    assert sorted(split) == ["test", "train", "train"]
+    """Two patients cannot fill 7:1:2: a split came out empty, and only an empty loader or NaN metrics said so."""
+    with pytest.warns(UserWarning, match=r"split\(s\) \['test'\] got no items: 2 group\(s\) are too few"):
+        split = split_by_group(["a", "b"], [0, 0], seed=0)
+    assert sorted(split) == ["train", "val"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # three can: one each (dealt by their middles, val got none)
+        assert sorted(split_by_group(["a", "b", "c"], [0, 0, 0], seed=0)) == ["test", "train", "val"]
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a split asked for with share 0 is empty on purpose
         split_by_group(["a", "b", "c"], [0, 0, 0], seed=0, fractions=(("train", 0.7), ("val", 0), ("test", 0.3)))
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_split_by_group_gives_every_split_a_group_of_a_class_with_few_large_groups(seed):
+    """8 malignant patients of 11 images each among 22 others of 20: every malignant patient's middle fell
+    outside validation's 70-80 %, for every seed, so a best epoch was chosen on a validation split without a
+    malignant image (its sensitivity NaN, its AUC over the benign class alone), and nothing said so."""
+    groups = [f"b{k}" for k in range(22) for _ in range(20)] + [f"m{k}" for k in range(8) for _ in range(11)]
+    labels = np.array([0] * 440 + [1] * 88)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        split = split_by_group(groups, labels, seed)
+    for name in ("train", "val", "test"):
+        assert set(labels[split == name]) == {0, 1}, name
+    assert all(len(set(split[np.asarray(groups) == g])) == 1 for g in set(groups))  # groups stay whole
+    assert (split[labels == 1] == "train").sum() == 55  # 5 of the 8 patients: train keeps most, as 7:1:2 asks
+
+
+def test_split_by_group_fills_an_empty_split_with_the_group_that_keeps_the_shares_best():
+    from mtlearn.data.splits import _fill_empty_splits
+
+    edges = np.array([0.7, 0.8, 1.0])
+    # three patients of 50 images and one of 1: middles 0.17, 0.50, 0.83, 1.00 -> train, train, test, test.
+    # Moving the 1-image patient into validation keeps 100 / 1 / 50 (near 106 / 15 / 30); moving a 50-image one
+    # from test (its middle the nearest) would leave the test split one image, and one from train halve train
+    sizes = np.array([50, 50, 50, 1])
+    middle = (np.cumsum(sizes) - sizes / 2) / sizes.sum()
+    assert _fill_empty_splits([0, 0, 2, 2], middle, sizes, edges) == [0, 0, 2, 1]
+    # equal patients, 6 in train and 2 in test: moving one from either costs the same; the middle nearest
+    # validation's (0.6875 and 0.8125 are as near) and then the first in the seed's order decide
+    sizes = np.full(8, 11)
+    middle = (np.cumsum(sizes) - sizes / 2) / sizes.sum()
+    assert _fill_empty_splits([0] * 6 + [2] * 2, middle, sizes, edges) == [0] * 5 + [1] + [2] * 2
+    # fewer groups than splits: nothing to move (split_by_group warns instead)
+    assert _fill_empty_splits([0, 2], np.array([0.25, 0.75]), np.array([1, 1]), edges) == [0, 2]
+    # a split with share 0 is not filled
+    edges = np.array([0.7, 0.7, 1.0])
+    assert _fill_empty_splits([0, 0, 2], np.array([0.17, 0.5, 0.83]), np.array([1, 1, 1]), edges) == [0, 0, 2]
+
+
+def test_split_by_group_warns_when_a_split_lacks_a_class():
+    """Two malignant patients cannot be in three splits: a class metric would be undefined where they are not."""
+    groups = [f"b{k}" for k in range(20)] + ["m0", "m1"]
+    labels = [0] * 20 + [1, 1]
+    with pytest.warns(UserWarning, match=r"split\(s\) without an item of some class, \{'test': \[1\]\}: "
+                                         "the class is in too few groups"):
+        split = split_by_group(groups, labels, 0)
+    assert sorted(split[-2:]) == ["train", "val"]
 
 
 def test_split_by_group_needs_a_seed():
@@ -1302,7 +1357,8 @@ def test_a_tied_group_is_dealt_with_the_rarest_of_its_labels():
     falls in train for every seed; dealt with the ten class-1 groups it would land in val or test for some."""
     groups, labels = ["tie", "tie"] + [f"g{k}" for k in range(10)], [1, 0] + [1] * 10
     for seed in range(10):
-        split_of = split_by_group(groups, labels, seed=seed)
+        with pytest.warns(UserWarning, match=r"without an item of some class, \{'val': \[0\], 'test': \[0\]\}"):
+            split_of = split_by_group(groups, labels, seed=seed)
         assert split_of[:2].tolist() == ["train"] * 2
         assert [np.sum(split_of[2:] == name) for name in ("train", "val", "test")] == [7, 1, 2]
 
@@ -1390,7 +1446,8 @@ def test_a_group_counts_as_its_rarest_label():
     """
     groups, labels = ["mixed"] * 3 + [f"g{k}" for k in range(10)], [0, 1, 1] + [0] * 10
     for seed in range(10):
-        split_of = split_by_group(groups, labels, seed=seed)
+        with pytest.warns(UserWarning, match=r"without an item of some class, \{'val': \[1\], 'test': \[1\]\}"):
+            split_of = split_by_group(groups, labels, seed=seed)
         assert split_of[:3].tolist() == ["train"] * 3
         assert [np.sum(split_of[3:] == name) for name in ("train", "val", "test")] == [7, 1, 2]
 

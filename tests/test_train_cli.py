@@ -819,24 +819,30 @@ def test_resume_refuses_a_change_of_any_run_option(tmp_path, flag, changed):
     assert train._check_run_options(parse_args([*base, "--resume", "--monitor", "val/seg/dice"])) is None
 
 
-@pytest.mark.parametrize("dataset, limit, refused", [("busi", None, True), ("synthetic", "8", True),
-                                                     ("synthetic", None, False)])
-def test_resume_refuses_a_run_whose_images_are_now_drawn_another_way(tmp_path, dataset, limit, refused):
+@pytest.mark.parametrize("dataset, limit, drawn, refused", [
+    ("busi", None, None, True), ("synthetic", "8", None, True), ("synthetic", None, None, False),
+    ("busi", None, 2, True), ("synthetic", "8", 2, False)])
+def test_resume_refuses_a_run_whose_images_are_now_drawn_another_way(tmp_path, dataset, limit, drawn, refused):
     """A run started before the real datasets' splits and --limit's images were drawn anew would go on with other
-    images, some of them its test images; the synthetic splits (fixed index ranges) did not change."""
+    images, some of them its test images; the synthetic splits (fixed index ranges) did not change, and --limit's
+    draw not since draw 2 (draw 3 changed how split_by_group deals a real dataset's groups)."""
     from mtlearn import train
+    from mtlearn.data.splits import DRAW_VERSION
 
     out = tmp_path / "run"
     base = [*SMOKE, "--dataset", dataset, "--data-root", str(tmp_path), "--out-dir", str(out)]
     base += ["--limit", limit] if limit else []
     options = train._check_run_options(parse_args(base))
-    assert options["data_draw"] == 2
-    del options["data_draw"]  # as an options.json of such a run reads
+    assert options["data_draw"] == DRAW_VERSION == 3
+    if drawn is None:
+        del options["data_draw"]  # as an options.json of a run before draws were recorded reads
+    else:
+        options["data_draw"] = drawn
     write_json(options, out / "options.json")
     (out / "last.pt").write_bytes(b"")
     if refused:
         with pytest.raises(ValueError, match=r"cannot resume the run in .*drew a real dataset's splits and --limit's "
-                                             r"images another way \(data draw 1 then, 2 now\)"):
+                                             rf"images another way \(data draw {drawn or 1} then, 3 now\)"):
             train._check_run_options(parse_args([*base, "--resume"]))
     else:
         assert train._check_run_options(parse_args([*base, "--resume"])) is None

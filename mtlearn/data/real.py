@@ -18,7 +18,8 @@ paper: (1, H, W) images z-scored per image (mean 0, std 1), and "shape" and "bac
 (see ShapesBackground). Every dataset has `labels`, the (N,) class of every item.
 
 Splits are deterministic for a seed and never split a group: a patient (BUS-BRA, BUS-UCLM) or a
-cluster of near-duplicate images (BUSI, which does not identify patients).
+cluster of near-duplicate images (BUSI, which does not identify patients). BreastMNIST and busi_npz
+come with their publishers' splits, drawn image by image from BUSI: near-duplicates can straddle them.
 """
 
 from __future__ import annotations

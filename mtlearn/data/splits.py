@@ -29,9 +29,10 @@ HASH_SIZE = 8  # difference hash on an 8 x 9 thumbnail: 64 bits
 # convention for difference hashes; it was not tuned on BUSI (lower it if groups grow too large).
 DUPLICATE_MAX_DISTANCE = 5
 # How split_by_group and random_subset draw, for runs that must resume on the images they started with
-# (python -m mtlearn.train records it). 2 (2026-12-07): groups in a hashed order, dealt by their rarest
-# label; random_subset stratified. 1: a shuffle, the most common label; the first N images for --limit.
-DRAW_VERSION = 2
+# (python -m mtlearn.train records it). 3 (2026-12-08): a class's group moved into a split that got none
+# of them. 2 (2026-12-07): groups in a hashed order, dealt by their rarest label; random_subset stratified.
+# 1: a shuffle, the most common label; the first N images for --limit.
+DRAW_VERSION = 3
 
 
 def split_by_group(
@@ -50,6 +51,11 @@ def split_by_group(
     trained on. Two changes still move a group anywhere: a new image that renames its group (a BUSI
     near-duplicate cluster is named by its first image), and new images that change which of two
     classes is the rarer (the class of every group holding both, see _stratum).
+
+    A class whose groups are few and large can leave a split without one of them (8 patients of 11 images:
+    no middle falls in validation's 70-80 %); then the group whose move keeps the shares best is moved
+    there (_fill_empty_splits), when the class has a group for every split. A class in fewer groups than
+    that is missing from some split, and a warning says so: its sensitivity or AUC is undefined there.
 
     `fractions`: (name, share) pairs in the order the splits are dealt. Shares are relative, divided by
     their sum: (("train", 7), ("val", 1), ("test", 2)) splits as the 0.7 / 0.1 / 0.2 default does, and
@@ -96,13 +102,53 @@ def split_by_group(
         members = sorted((g for g, l in group_label.items() if l == label), key=lambda g: _place(seed, g))
         sizes = np.array([np.sum(groups == g) for g in members])
         middle = (np.cumsum(sizes) - sizes / 2) / sizes.sum()  # where each group's middle item falls
-        for g, position in zip(members, middle):
-            split_of_group[g] = names[int(np.searchsorted(edges, position, side="right").clip(max=len(names) - 1))]
+        dealt = [int(np.searchsorted(edges, position, side="right").clip(max=len(names) - 1)) for position in middle]
+        for g, k in zip(members, _fill_empty_splits(dealt, middle, sizes, edges)):
+            split_of_group[g] = names[k]
+    split = np.array([split_of_group[g] for g in groups])
     empty = [name for name, share in fractions if share > 0 and name not in split_of_group.values()]
     if empty:  # else an empty loader, or NaN metrics, far from the cause
         warnings.warn(f"split(s) {empty} got no items: {len(group_label)} group(s) are too few to give every split "
                       f"its share {dict(fractions)}; use more data, or other shares", stacklevel=2)
-    return np.array([split_of_group[g] for g in groups])
+    lacking = {name: sorted(set(frequency) - set(labels[split == name].tolist()), key=str)
+               for name, share in fractions if share > 0 and name not in empty}
+    lacking = {name: classes for name, classes in lacking.items() if classes}
+    if lacking:  # a class in fewer groups than there are splits: its sensitivity, AUC are undefined there
+        warnings.warn(f"split(s) without an item of some class, {lacking}: the class is in too few groups to give "
+                      f"every split one, so a metric of that class (sensitivity, AUC) is undefined there and a best "
+                      "epoch chosen on validation ignores it; use more data of that class, or other shares",
+                      stacklevel=2)
+    return split
+
+
+def _fill_empty_splits(dealt: list[int], middle: np.ndarray, sizes: np.ndarray, edges: np.ndarray) -> list[int]:
+    """`dealt` (the split index of each group of one class, in their order) with a group moved into each
+    split of a share > 0 that got none, when the class has a group for each such split.
+
+    Dealing by middles leaves a split out whenever the class's groups are larger than its share (8 patients
+    of 11 malignant images each: every middle falls outside validation's 70-80 %, whatever the seed), and a
+    best epoch is then chosen on a validation split without that class. The group moved comes from a split
+    that keeps another, and is the one whose move brings the splits' sizes nearest their shares (the sum
+    of (size - share)^2 / share), then the one whose middle is nearest the empty split's, then the first
+    in the seed's order.
+    """
+    shares = np.diff(edges, prepend=0.0)
+    wanted = [k for k, share in enumerate(shares) if share > 0]
+    if len(dealt) < len(wanted):
+        return dealt
+    dealt, target = list(dealt), shares * sizes.sum()
+    for empty in (k for k in wanted if k not in dealt):
+        counts = Counter(dealt)
+        centre = edges[empty] - shares[empty] / 2
+
+        def cost(i: int) -> tuple[float, float, int]:
+            moved = dealt[:i] + [empty] + dealt[i + 1:]
+            size = np.bincount(moved, weights=sizes, minlength=len(edges))
+            spread = float(np.sum((size[wanted] - target[wanted]) ** 2 / target[wanted]))
+            return spread, abs(float(middle[i]) - centre), i
+
+        dealt[min((i for i, k in enumerate(dealt) if counts[k] > 1), key=cost)] = empty
+    return dealt
 
 
 def _place(seed: int, group) -> tuple[bytes, str]:
