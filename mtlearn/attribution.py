@@ -59,6 +59,9 @@ from mtlearn.widgets import Explorer, say_in, show_in
 HEADS = ("cls", "seg", "recon")
 METHODS = ("ig", "saliency", "smoothgrad", "gradcam", "occlusion")
 SIGNED_METHODS = ("ig", "occlusion")  # the others return non-negative maps
+# IG's maps should add up to score(image) - score(baseline); off by more than this share, a warning says so
+# (the course's grey baseline at 32 steps: within 0.1-5 % for every head; from black, up to 31 % seen)
+COMPLETENESS_TOLERANCE = 0.1
 MASS_MODES = ("positive", "absolute")
 
 
@@ -266,6 +269,7 @@ class Explainer:
         self.keys = {head: head for head in HEADS} | dict(keys or {})
         self.device, self.dtype = weights[0].device, weights[0].dtype  # the images are cast to both
         self.warned_unscaled = False  # the 0..255 warning comes once per explainer, not once per batch
+        self.warned_incomplete = False  # so does IG's completeness warning (see _ig)
         self._num_classes: int | None = None  # of the cls head, read from its first output
 
     def __repr__(self) -> str:  # was "<mtlearn.attribution.Explainer object at 0x...>"
@@ -455,12 +459,30 @@ class Explainer:
         score(image) - score(baseline) (IG's completeness). A flat grey image has no such singularity.
         internal_batch_size bounds how many interpolated images go through the model at once: the
         n_steps * B images of the path integral do not need to fit in GPU memory together.
+
+        Completeness is checked on every call (Captum's convergence delta: the maps' sum minus
+        score(image) - score(baseline)); a map off by more than COMPLETENESS_TOLERANCE of that change
+        is warned about, once per explainer, with the fix (more steps; the grey baseline).
         """
         from captum.attr import IntegratedGradients
 
-        return IntegratedGradients(forward).attribute(
+        maps, delta = IntegratedGradients(forward).attribute(
             images, baselines=_baseline(images, baseline), additional_forward_args=args, n_steps=n_steps,
-            internal_batch_size=internal_batch_size)
+            internal_batch_size=internal_batch_size, return_convergence_delta=True)
+        if not self.warned_incomplete:
+            change = maps.detach().flatten(1).sum(1) - delta  # score(image) - score(baseline)
+            off = delta.abs() > COMPLETENESS_TOLERANCE * change.abs() + 1e-4  # (+ 1e-4: a flat image's change is 0)
+            if bool(off.any()):
+                self.warned_incomplete = True
+                worst = float((delta.abs() / change.abs().clamp_min(1e-12))[off].max())
+                advice = f"more steps (n_steps={n_steps} now, e.g. {4 * n_steps})"
+                if not (isinstance(baseline, str) and baseline == "mean"):
+                    advice += ", or the default baseline 'mean' (a flat grey image)"
+                warnings.warn(f"Integrated Gradients' maps of images {torch.nonzero(off).flatten().tolist()} miss "
+                              f"score(image) - score(baseline) by up to {worst:.0%} (completeness: they should add up "
+                              f"to it): the path integral is too coarse for this model; use {advice}",
+                              stacklevel=user_stacklevel())
+        return maps
 
     def _saliency(self, forward, images, args):
         """Absolute input gradient."""
@@ -1012,6 +1034,7 @@ def cascading_randomisation(model: nn.Module, images: Tensor, head: str = "cls",
 
     with torch.random.fork_rng(**forked):
         original = explain()
+        explainer.warned_incomplete = True  # the randomised models' IG maps: their completeness is not the question
         result = RandomisationResult(["original"], [1.0], [original], absolute=absolute)
         for k, name in enumerate(tqdm(groups, desc="randomise", disable=not progress, leave=False)):
             _seed_forked(device, seed + 1 + k)  # this block's new weights
