@@ -17,7 +17,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
-from monai.losses import DiceCELoss, DiceLoss, FocalLoss
 from torch import Tensor, nn
 
 from mtlearn.utils import check_number
@@ -80,6 +79,8 @@ class DiceSoftmaxFocal(nn.Module):
         super().__init__()
         # < 0 gives NaN on confident pixels
         check_number("focal_gamma", gamma, 0, advice="2 as published; 0: plain cross-entropy")
+        from monai.losses import DiceLoss, FocalLoss  # here: MONAI takes ~3 s to import (train --help waited)
+
         self.dice = DiceLoss(softmax=True, to_onehot_y=True)
         self.focal = FocalLoss(to_onehot_y=True, gamma=gamma, use_softmax=True)
 
@@ -137,6 +138,8 @@ class SegmentationLoss(nn.Module):
         # checked whichever loss is chosen: one config may switch seg to "dicefocal" later
         check_number("focal_gamma", focal_gamma, 0, advice="2 as published; 0: plain cross-entropy")
         if kind == "dicece":
+            from monai.losses import DiceCELoss  # here, not at the top: see DiceSoftmaxFocal
+
             self.loss = DiceCELoss(softmax=True, to_onehot_y=True)
         else:
             self.loss = DiceSoftmaxFocal(focal_gamma)

@@ -47,7 +47,6 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 import torch.distributed as dist
-from monai.metrics import PSNRMetric, SSIMMetric, compute_dice, compute_iou, compute_roc_auc
 from torch import Tensor
 
 from mtlearn.losses import (TASK_TARGETS, check_class_logits, check_class_weight_count, check_class_weights,
@@ -150,6 +149,8 @@ def roc_auc(scores: np.ndarray | Tensor, labels: np.ndarray | Tensor) -> float:
                          f"got values {int(labels.min())}..{int(labels.max())}")
     if scores.isnan().any():
         return float("nan")
+    from monai.metrics import compute_roc_auc  # MONAI is imported where used: it takes ~3 s (mtlearn.train --help)
+
     onehot = torch.nn.functional.one_hot(labels, scores.shape[1])  # (N, K)
     with warnings.catch_warnings():  # MONAI warns for a class with no positives (or no negatives)
         warnings.simplefilter("ignore", UserWarning)
@@ -279,6 +280,8 @@ class MetricAccumulator:
             if bad is not None:
                 raise ValueError(f"segmentation mask values must be class indices 0..{num_seg - 1}, got {bad}; a "
                                  "0/255 mask needs mask / 255 (or > 0), and the logits need one channel per mask value")
+        from monai.metrics import compute_dice, compute_iou
+
         indices = class_indices(mask[:, 0])  # (B, H, W)
         pred = torch.nn.functional.one_hot(logits.argmax(1), num_seg).permute(0, 3, 1, 2)  # (B, K, H, W)
         true = torch.nn.functional.one_hot(indices, num_seg).permute(0, 3, 1, 2)
@@ -328,6 +331,8 @@ class MetricAccumulator:
         if top > 2 * self.data_range:  # a 0..255 image scored against data_range 1: PSNR -43 dB, SSIM ~0
             raise ValueError(f"the clean images reach {top:g}, but data_range is {self.data_range:g}: scale them "
                              f"to [0, {self.data_range:g}] (e.g. / 255) or pass data_range= their full range")
+        from monai.metrics import PSNRMetric, SSIMMetric
+
         side = min(11, *output.shape[2:])
         win_size = side if side % 2 else side - 1  # SSIM needs an odd window no larger than the image
         psnr = PSNRMetric(max_val=self.data_range)(output, clean)  # (B, 1), inf at zero error

@@ -29,6 +29,18 @@ def test_help_lists_the_options(capsys):
         assert option in text
 
 
+def test_help_and_building_a_model_do_not_wait_for_monai():
+    """MONAI took ~3 of the ~5 s that `python -m mtlearn.train --help` (or a typo'd option, or mt.build_model)
+    waited: losses and metrics imported it at the top. It is imported where a loss or metric is built."""
+    code = ("import sys, mtlearn as mt, mtlearn.train as t, mtlearn.engine\n"
+            "mt.build_model('tiny', tasks=('seg', 'cls', 'recon'), image_size=32)\n"
+            "try:\n    t.parse_args(['--help'])\nexcept SystemExit:\n    pass\n"
+            "print('monai' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1] == "False"
+
+
 def test_an_out_dir_from_the_home_folder_is_expanded_for_every_file_of_the_run(monkeypatch):
     """Bash leaves --out-dir=~/runs as typed: fit put the checkpoints in $HOME/runs, options.json and
     metrics.json went to ./~/runs, and --resume never found the run's last.pt."""
