@@ -19,7 +19,14 @@ PROFILE =
 # SEED empty: each notebook keeps its own default seed (those of the committed runs)
 SEED =
 
-.PHONY: setup course test test-fast bench clean clean-outputs
+.PHONY: help setup course test test-fast bench clean clean-outputs
+# A bare `make` prints the commands above; it used to start setup, a venv and a torch install, unasked.
+.DEFAULT_GOAL := help
+
+help:
+	@sed -n '1,5s/^# \{0,1\}//p' $(firstword $(MAKEFILE_LIST))
+	@echo "Also: make setup (the venv alone), make test-fast (the tests not marked slow), make bench (benchmarks/),"
+	@echo "      make clean (the venv; outputs/ stays), make clean-outputs"
 
 setup: $(VENV)/.installed
 

@@ -118,6 +118,17 @@ def test_make_refuses_a_python_older_than_the_package_before_making_the_venv(tmp
     assert not venv.exists()
 
 
+def test_a_bare_make_lists_the_commands_and_installs_nothing(tmp_path):
+    """A bare `make` ran its first target, setup: a venv and a several-GB torch install, unasked."""
+    import subprocess
+
+    venv = tmp_path / "venv"
+    done = subprocess.run(["make", "-C", str(ROOT), f"VENV={venv}"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "make course   run the course notebooks" in done.stdout and "make test     run the test suite" in done.stdout
+    assert not done.stdout.startswith("#") and not venv.exists()
+
+
 def test_ci_runs_the_readme_test_command():
     readme, ci = (ROOT / "README.md").read_text(), (ROOT / ".ci" / "run").read_text()
     # whole lines: "make test" in ci would also accept "make test-fast" (no slow tests, no notebooks)
