@@ -406,7 +406,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"python -m mtlearn.train: error: {_own_message(error)}", file=sys.stderr)
         raise SystemExit(2) from None
     except OSError as error:  # a full disk, no permission: the message names the file; what was saved is kept
-        print(f"python -m mtlearn.train: error: {error}. {_how_to_go_on(args)}", file=sys.stderr)
+        print(f"python -m mtlearn.train: error: {error}. {_how_to_go_on(args, error)}", file=sys.stderr)
         raise SystemExit(1) from None
     except (NonFiniteLossError, NonFiniteWeightsError, NoGoodEpochError) as error:  # diverged; the message says how
         print(f"python -m mtlearn.train: training stopped: {error}", file=sys.stderr)
@@ -447,13 +447,19 @@ def _own_message(error: BaseException) -> str:
     return message or f"{type(error).__name__} without a message, raised in a DataLoader worker ({where})"
 
 
-def _how_to_go_on(args: argparse.Namespace) -> str:
+def _how_to_go_on(args: argparse.Namespace, error: OSError | None = None) -> str:
     """After Ctrl-C, SIGTERM or a full disk: the epoch last.pt holds and the --resume that continues from it, or
-    that none was saved."""
+    that none was saved (and, refused a path, that running again will not help)."""
+    import errno
+
     from mtlearn.checkpoint import load_checkpoint
 
     last = Path(args.out_dir) / "last.pt"
     if not last.is_file():
+        if error is not None and error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):  # "run it again" won't do
+            return (f"No epoch had finished, so nothing was saved in {args.out_dir}; the same command would be "
+                    "refused again: choose an --out-dir (or --data-root) you may write to, or change the permissions "
+                    "of the path named")
         return f"No epoch had finished, so nothing was saved in {args.out_dir}: run the command again to start over"
     try:
         epoch = int(load_checkpoint(last)["epoch"])

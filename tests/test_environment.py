@@ -118,6 +118,13 @@ def test_make_refuses_a_python_older_than_the_package_before_making_the_venv(tmp
     assert not venv.exists()
 
 
+def test_the_package_version_is_pyprojects():
+    """mtlearn.__version__ is written beside pyproject.toml's, not read from it: the two must not drift apart."""
+    import mtlearn
+
+    assert mtlearn.__version__ == tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+
+
 def test_a_bare_make_lists_the_commands_and_installs_nothing(tmp_path):
     """A bare `make` ran its first target, setup: a venv and a several-GB torch install, unasked."""
     import subprocess

@@ -256,6 +256,24 @@ def test_a_full_disk_ends_the_run_with_a_message_and_the_way_on(tmp_path, capsys
                                        "epoch 1 of 2: run the same command with --resume to continue from there\n")
 
 
+@pytest.mark.parametrize("code", [errno.EACCES, errno.EPERM, errno.EROFS])
+def test_a_path_refused_says_to_choose_another_not_to_run_again(tmp_path, capsys, monkeypatch, code):
+    """--out-dir /sys/x: "[Errno 1] Operation not permitted ... run the command again to start over", which
+    would be refused again the same way."""
+    from mtlearn import train
+
+    def refused(args):
+        raise OSError(code, os.strerror(code), str(tmp_path / "run"))
+
+    monkeypatch.setattr(train, "run", refused)
+    with pytest.raises(SystemExit) as exit_:
+        main([*SMOKE, "--out-dir", str(tmp_path / "run")])
+    assert exit_.value.code == 1
+    err = capsys.readouterr().err
+    assert f"[Errno {code}] {os.strerror(code)}: '{tmp_path / 'run'}'. No epoch had finished" in err
+    assert "choose an --out-dir (or --data-root) you may write to" in err and "run the command again" not in err
+
+
 @pytest.mark.skipif(sys.platform == "win32", reason="no SIGTERM to send to a process on Windows")
 def test_sigterm_says_what_was_kept_and_how_to_go_on_and_leaves_nothing_behind(tmp_path):
     """SIGTERM (a scheduler pre-empting the job, a Colab runtime stopped) ended training without a word, where Ctrl-C
