@@ -118,6 +118,23 @@ def test_make_refuses_a_python_older_than_the_package_before_making_the_venv(tmp
     assert not venv.exists()
 
 
+def test_python_m_mtlearn_lists_commands_that_each_answer_help():
+    """A bare `python -m mtlearn` said "No module named mtlearn.__main__"; it lists the commands, and each exists."""
+    import subprocess
+    import sys
+
+    from mtlearn.__main__ import COMMANDS
+
+    done = subprocess.run([sys.executable, "-m", "mtlearn"], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert done.returncode == 0 and done.stderr == ""
+    for command, _ in COMMANDS:
+        assert command in done.stdout
+        module = command.removeprefix("python -m ")
+        helped = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, cwd=ROOT,
+                                timeout=120)
+        assert helped.returncode == 0 and "usage:" in helped.stdout, (command, helped.stderr)
+
+
 def test_the_package_version_is_pyprojects():
     """mtlearn.__version__ is written beside pyproject.toml's, not read from it: the two must not drift apart."""
     import mtlearn
