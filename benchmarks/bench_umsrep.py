@@ -25,8 +25,8 @@ from mtlearn.umsrep import compare_strategies, joint_vs_single_task, strategy_co
 
 COLUMNS = ("models", "recon/psnr", "recon/ssim", "seg/dice", "cls/acc", "cls/auc", "trainable_params",
            "train_gflops", "total_gflops", "wall_time_s", "total_wall_time_s", "cpu_time_s", "total_cpu_time_s",
-           "memory_est_mb", "cuda_peak_mb", "images_seen")
-RENAMED = {"memory_est_mb": "memory_mb"}  # column here -> column of compare_strategies' table
+           "memory_est_mib", "cuda_peak_mib", "images_seen")
+RENAMED = {"memory_est_mib": "memory_mib"}  # column here -> column of compare_strategies' table
 
 
 def run(quick: bool = False, seed: int = 0, threads: int | None = 1) -> list[dict]:
@@ -57,8 +57,8 @@ def strategy_rows(table, config) -> list[dict]:
 
     flops_vs_e / time_vs_e / cpu_vs_e: the strategy's own training FLOPs, wall time and CPU time as
     a fraction of the three single-task models from scratch; *_with_pretraining adds all of the
-    representation's cost. memory_est_mb: the training-memory estimate of the largest model (not
-    measured); cuda_peak_mb: the measured peak on CUDA (NaN on a CPU).
+    representation's cost. memory_est_mib: the training-memory estimate of the largest model (not
+    measured); cuda_peak_mib: the measured peak on CUDA (NaN on a CPU).
     criterion: for (d), without and with the pre-training counted, joint_vs_single_task's verdict:
     "pass", or "fail (<reasons>)" naming each share above max_compute_share and "metrics" when a
     metric fell below tolerance.

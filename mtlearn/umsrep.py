@@ -403,8 +403,9 @@ class StepCost:
         + AdamW's two moments + saved tensors (the activations grow with the batch, the rest does not).
 
         A lower bound, for comparing strategies: the temporaries of backward, the allocator's caching
-        and fragmentation, the data and the framework itself are not in it (a CPU step of the paper
-        preset at 224 px, batch 8, estimated at 3.6 GiB, raised the process's peak memory by 4.9 GiB).
+        and fragmentation, the data and the framework itself are not in it. On a CPU it comes close: a
+        step of the paper preset (seg + cls, DFE off) at 224 px, batch 8, estimated at 3.3 GiB with the
+        weights, raised the peak resident memory of a process that held the weights by 3.1 GiB (2026-12-08).
         """
         batch_size = self.batch_size if batch_size is None else check_int("batch_size", batch_size, 1)
         per_image = (self.activation_bytes - self.fixed_saved_bytes) / self.batch_size
@@ -487,8 +488,8 @@ class TrainedModel:
     images_seen: int  # training images processed (epochs x dataset size)
     wall_time_s: float  # training wall time (fit: data loading and, with out_dir, checkpoint writes included)
     cpu_time_s: float  # CPU time of this process during training, all threads (less sensitive to other jobs)
-    memory_mb: float  # training memory estimate (StepCost.memory_bytes) for one batch
-    cuda_peak_mb: float = float("nan")  # torch.cuda.max_memory_allocated in training, this model's weights
+    memory_mib: float  # training memory estimate (StepCost.memory_bytes) for one batch, in MiB (2**20 bytes)
+    cuda_peak_mib: float = float("nan")  # torch.cuda.max_memory_allocated in training (MiB), this model's weights
     # included, other models on the GPU not (CUDA only)
     resumed_epochs: int = 0  # epochs trained before an interruption, then resumed (see train_and_measure)
     history: list[dict] = field(default_factory=list)  # engine History records, one per epoch
@@ -746,6 +747,8 @@ def _cuda_bytes(model: nn.Module) -> int:
 
 
 RUN_WRITES = "options.json, last.pt and result.pt"  # what train_and_measure writes in its out_dir
+# TrainedModel's memory fields were named *_mb until 2026-12-08, though they held MiB (2**20 bytes)
+MIB_FIELDS = {"memory_mb": "memory_mib", "cuda_peak_mb": "cuda_peak_mib"}
 
 
 def train_and_measure(model: nn.Module, strategy: str, train: Dataset, test: Dataset | None, config: UMSRepConfig,
@@ -799,7 +802,11 @@ def _train_and_measure(model: nn.Module, strategy: str, train: Dataset, test: Da
             check_resume_options(out_dir / "options.json", saved, options, list(options))
         if resume and (out_dir / "result.pt").is_file():  # trained and tested in an earlier session
             load_checkpoint(out_dir / "last.pt", model)
-            return TrainedModel(**load_checkpoint(out_dir / "result.pt")["record"], model=model.eval())
+            record = load_checkpoint(out_dir / "result.pt")["record"]
+            for old, new in MIB_FIELDS.items():  # a result.pt written before the fields said their unit
+                if old in record:
+                    record[new] = record.pop(old)
+            return TrainedModel(**record, model=model.eval())
         if resume and (out_dir / "last.pt").is_file():
             done = int(load_checkpoint(out_dir / "last.pt")["epoch"])
         write_json(options, out_dir / "options.json")
@@ -813,7 +820,7 @@ def _train_and_measure(model: nn.Module, strategy: str, train: Dataset, test: Da
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         # earlier strategies' models still on the GPU are not this run's; this model's own weights are (they
-        # are in memory_mb too), so they are not subtracted with the rest
+        # are in memory_mib too), so they are not subtracted with the rest
         resident = torch.cuda.memory_allocated(device) - _cuda_bytes(model)
     started, cpu_started = time.perf_counter(), time.process_time()
     with warnings.catch_warnings():  # interrupted after its last epoch, before result.pt: nothing left to train
@@ -835,8 +842,8 @@ def _train_and_measure(model: nn.Module, strategy: str, train: Dataset, test: Da
         strategy=strategy, tasks=tasks, metrics={k: v for k, v in metrics.items() if not k.endswith("loss")},
         trainable_parameters=count_parameters(model, trainable_only=True), flops_per_image=cost.flops_per_image,
         images_seen=epochs * len(train), wall_time_s=wall_time, cpu_time_s=cpu_time,
-        memory_mb=cost.memory_bytes(config.batch_size) / 2**20,
-        cuda_peak_mb=cuda_peak, resumed_epochs=done, history=list(history.records), model=model.eval())
+        memory_mib=cost.memory_bytes(config.batch_size) / 2**20,
+        cuda_peak_mib=cuda_peak, resumed_epochs=done, history=list(history.records), model=model.eval())
     if out_dir is not None:  # plain values only (NumPy scalars become floats), so that weights_only reads it
         saved = {f.name: getattr(record, f.name) for f in fields(record) if f.name != "model"}
         saved["metrics"] = {k: float(v) for k, v in record.metrics.items()}
@@ -978,8 +985,8 @@ def compare_strategies(config: UMSRepConfig | str = "course", out_dir: str | os.
     cls/acc, cls/auc), trainable_params (summed over the strategy's models), train_gflops,
     wall_time_s and cpu_time_s (its own training), pretrain_gflops / pretrain_wall_time_s (the representation,
     for strategies that use it), total_* (own + all of the pre-training) and amortised_* (own +
-    the pre-training divided among the strategies of this comparison that reuse it), memory_mb
-    (largest model's training-memory estimate), cuda_peak_mb, images_seen, pretrain_images_seen and
+    the pre-training divided among the strategies of this comparison that reuse it), memory_mib
+    (largest model's training-memory estimate, MiB), cuda_peak_mib, images_seen, pretrain_images_seen and
     resumed_epochs (epochs trained before an interruption; its models' CPU times are then NaN, which
     joint_vs_single_task reports as unmeasured rather than failed).
     out_dir, resume: keep the runs there and continue an interrupted comparison (run_comparison).
@@ -1054,8 +1061,8 @@ def strategy_table(runs: Sequence[TrainedModel], config: UMSRepConfig):
             "cpu_time_s": cpu,
             "total_cpu_time_s": cpu + pre_cpu,
             "amortised_cpu_time_s": cpu + share * pre_cpu,
-            "memory_mb": max(r.memory_mb for r in group),
-            "cuda_peak_mb": _largest_measured(r.cuda_peak_mb for r in group),
+            "memory_mib": max(r.memory_mib for r in group),
+            "cuda_peak_mib": _largest_measured(r.cuda_peak_mib for r in group),
             "images_seen": sum(r.images_seen for r in group),
             "pretrain_images_seen": pretrain.images_seen if uses else 0,
             "resumed_epochs": sum(r.resumed_epochs for r in group),

@@ -447,7 +447,7 @@ def _strategy_table(joint_dice: float, joint_cpu: float = 2.0) -> pd.DataFrame:
     table = pd.DataFrame.from_dict(rows, orient="index")
     for column in ("trainable_params", "images_seen"):
         table[column] = 1
-    table["memory_mb"], table["cuda_peak_mb"] = [7.0, 9.0], float("nan")  # an estimate; not measured on a CPU
+    table["memory_mib"], table["cuda_peak_mib"] = [7.0, 9.0], float("nan")  # an estimate; not measured on a CPU
     return table
 
 
@@ -459,8 +459,8 @@ def test_umsrep_rows_give_shares_of_single_task_training_and_the_verdict():
     assert (joint["flops_vs_e"], joint["time_vs_e"], joint["cpu_vs_e"]) == pytest.approx((0.3, 0.2, 0.2))
     assert (joint["flops_vs_e_with_pretraining"], joint["time_vs_e_with_pretraining"],
             joint["cpu_vs_e_with_pretraining"]) == pytest.approx((0.8, 0.6, 0.6))
-    assert (joint["memory_est_mb"], scratch["memory_est_mb"]) == (7.0, 9.0) and "memory_mb" not in joint
-    assert math.isnan(joint["cuda_peak_mb"])
+    assert (joint["memory_est_mib"], scratch["memory_est_mib"]) == (7.0, 9.0) and "memory_mib" not in joint
+    assert math.isnan(joint["cuda_peak_mib"])
     # within 35 % of (e) on its own training, not once all of the pre-training is counted
     assert joint["criterion"] == "pass"
     assert joint["criterion_with_pretraining"] == "fail (flops 0.80, time 0.60, cpu 0.60)"

@@ -348,7 +348,7 @@ def test_measuring_does_not_touch_the_model():
 def record(strategy, tasks, flops_per_image=1e6, images=100, wall=1.0, cpu=None, **metrics):
     return TrainedModel(strategy, tasks, dict(metrics), trainable_parameters=10, flops_per_image=flops_per_image,
                         images_seen=images, wall_time_s=wall, cpu_time_s=2 * wall if cpu is None else cpu,
-                        memory_mb=1.0)
+                        memory_mib=1.0)
 
 
 def test_training_flops_are_per_image_flops_times_images_seen():
@@ -951,6 +951,12 @@ def test_an_interrupted_comparison_resumes_to_the_same_result_without_retraining
     state = load_checkpoint(last)
     state["history"]["records"][0]["epoch_time"] = 1000.0
     save_checkpoint(state, last)
+    # a finished run's result.pt from before the memory fields said their unit (*_mb, which held MiB)
+    result = tmp_path / "frozen" / "cls" / "result.pt"
+    state = load_checkpoint(result)
+    state["record"]["memory_mb"] = state["record"].pop("memory_mib")
+    state["record"]["cuda_peak_mb"] = state["record"].pop("cuda_peak_mib")
+    save_checkpoint(state, result)
     monkeypatch.setattr(engine, "_update", update)
     ticks = itertools.count(0.0, 5.0)  # this session's clock: its training takes 5 s (start 0, end 5)
     monkeypatch.setattr(umsrep, "time", SimpleNamespace(perf_counter=lambda: next(ticks),
@@ -965,14 +971,14 @@ def test_an_interrupted_comparison_resumes_to_the_same_result_without_retraining
         assert without_times(run.history) == without_times(reference.history), run.strategy
         for key, value in reference.model.state_dict().items():
             assert torch.equal(value, run.model.state_dict()[key]), (run.strategy, key)
-        assert (run.flops_per_image, run.trainable_parameters, run.memory_mb) == \
-               (reference.flops_per_image, reference.trainable_parameters, reference.memory_mb)
+        assert (run.flops_per_image, run.trainable_parameters, run.memory_mib) == \
+               (reference.flops_per_image, reference.trainable_parameters, reference.memory_mib)
     joint = resumed.runs[-1]
     assert joint.resumed_epochs == 1 and [r.resumed_epochs for r in resumed.runs[:-1]] == [0] * 4
     assert joint.wall_time_s == 1000.0 + 5.0  # epoch 1 from the checkpoint, plus this session's work
     assert math.isnan(joint.cpu_time_s)  # not recorded per epoch: unknown rather than too small
     assert all(r.cpu_time_s > 0 for r in resumed.runs[:-1])  # finished runs keep the times they measured
-    columns = [*METRICS, "trainable_params", "train_gflops", "images_seen", "memory_mb"]
+    columns = [*METRICS, "trainable_params", "train_gflops", "images_seen", "memory_mib"]
     assert resumed.table[columns].equals(expected.table[columns])
     assert list(resumed.table["resumed_epochs"]) == [0, 0, 1]
 
@@ -1050,14 +1056,15 @@ def test_build_optimizer_is_adamw_with_the_given_hyperparameters():
 
 def test_table_amortises_flops_and_cpu_time_and_reports_the_largest_memory():
     runs = [record("pretrain", ("recon",), images=200, wall=4.0),  # 0.2 GFLOP, 8 s CPU
-            *(replace(record("full", (t,), wall=2.0), memory_mb=m) for t, m in zip(("seg", "cls", "recon"), (3, 7, 5))),
+            *(replace(record("full", (t,), wall=2.0), memory_mib=m)
+              for t, m in zip(("seg", "cls", "recon"), (3, 7, 5))),
             record("joint", TASKS, wall=3.0)]
     table = strategy_table(runs, UMSRepConfig())  # two strategies reuse the representation: half each
     assert table.loc["joint", "amortised_gflops"] == pytest.approx(0.1 + 0.2 / 2)
     assert table.loc["full", "amortised_gflops"] == pytest.approx(0.3 + 0.2 / 2)
     assert table.loc["joint", "cpu_time_s"] == 6.0 and table.loc["joint", "total_cpu_time_s"] == pytest.approx(6 + 8)
     assert table.loc["joint", "amortised_cpu_time_s"] == pytest.approx(6.0 + 8.0 / 2)
-    assert table.loc["full", "memory_mb"] == 7  # the models train one after another: the largest, not the sum
+    assert table.loc["full", "memory_mib"] == 7  # the models train one after another: the largest, not the sum
 
 
 def test_joint_vs_single_task_shares_by_hand_and_passed_amortised():
@@ -1226,7 +1233,7 @@ def test_train_and_measure_records_memory_at_the_batch_size_cpu_time_and_an_eval
     result = train_and_measure(model, "scratch", train, None, config, epochs=1)
     cost = measure_training_step(model, next(iter(DataLoader(train, batch_size=4))), ("seg",))
     assert cost.memory_bytes(8) > cost.memory_bytes()
-    assert result.memory_mb == pytest.approx(cost.memory_bytes(8) / 2**20)
+    assert result.memory_mib == pytest.approx(cost.memory_bytes(8) / 2**20)
     assert result.wall_time_s == pytest.approx(0.3) and result.cpu_time_s == pytest.approx(0.05)
     assert result.model is model and not model.training
 
@@ -1252,10 +1259,10 @@ def test_table_takes_the_largest_measured_cuda_peak_whatever_the_order():
     """A comparison started on the CPU and resumed on a GPU mixes unmeasured (NaN) and measured peaks."""
     peaks = {"seg": float("nan"), "cls": 3.0, "recon": 2.0}
     for order in (("seg", "cls", "recon"), ("cls", "recon", "seg")):
-        runs = [replace(record("full", (t,)), cuda_peak_mb=peaks[t]) for t in order]
-        assert strategy_table(runs, UMSRepConfig()).loc["full", "cuda_peak_mb"] == 3.0, order
+        runs = [replace(record("full", (t,)), cuda_peak_mib=peaks[t]) for t in order]
+        assert strategy_table(runs, UMSRepConfig()).loc["full", "cuda_peak_mib"] == 3.0, order
     unmeasured = [record("full", (t,)) for t in peaks]  # the CPU: NaN for every model
-    assert math.isnan(strategy_table(unmeasured, UMSRepConfig()).loc["full", "cuda_peak_mb"])
+    assert math.isnan(strategy_table(unmeasured, UMSRepConfig()).loc["full", "cuda_peak_mib"])
 
 
 def test_table_sums_the_epochs_each_model_had_trained_before_a_resume():
