@@ -1297,11 +1297,17 @@ def test_split_by_group_fills_an_empty_split_with_the_group_that_keeps_the_share
 
     edges = np.array([0.7, 0.8, 1.0])
     # three patients of 50 images and one of 1: middles 0.17, 0.50, 0.83, 1.00 -> train, train, test, test.
-    # Moving the 1-image patient into validation keeps 100 / 1 / 50 (near 106 / 15 / 30); moving a 50-image one
-    # from test (its middle the nearest) would leave the test split one image, and one from train halve train
+    # Only the groups beside validation's empty place may move (the 1-image patient, at the far end of test's
+    # run, would keep the shares best but jump over a neighbour): test's first (100 / 50 / 1 against shares of
+    # 106 / 15 / 30) beats train's last (50 / 50 / 51)
     sizes = np.array([50, 50, 50, 1])
     middle = (np.cumsum(sizes) - sizes / 2) / sizes.sum()
-    assert _fill_empty_splits([0, 0, 2, 2], middle, sizes, edges) == [0, 0, 2, 1]
+    assert _fill_empty_splits([0, 0, 2, 2], middle, sizes, edges) == [0, 0, 1, 2]
+    # the last split empty and its neighbour holding one group: the runs shift by one group each (train's last
+    # into val, val's one into test), no group jumping a split
+    sizes = np.array([30, 30, 30, 9])
+    middle = (np.cumsum(sizes) - sizes / 2) / sizes.sum()
+    assert _fill_empty_splits([0, 0, 0, 1], middle, sizes, edges) == [0, 0, 1, 2]
     # equal patients, 6 in train and 2 in test: moving one from either costs the same; the middle nearest
     # validation's (0.6875 and 0.8125 are as near) and then the first in the seed's order decide
     sizes = np.full(8, 11)
@@ -1314,14 +1320,50 @@ def test_split_by_group_fills_an_empty_split_with_the_group_that_keeps_the_share
     assert _fill_empty_splits([0, 0, 2], np.array([0.17, 0.5, 0.83]), np.array([1, 1, 1]), edges) == [0, 0, 2]
 
 
+def test_filling_an_empty_split_moves_no_group_across_a_split_when_the_data_grow(monkeypatch):
+    """A group dealt to train must not land in test after a data update (a model trained before it would then be
+    tested on a patient it trained on). A fill that picked any group by the shares it gave did that: one class
+    of groups of 2, 5, 7 and 15 images (seed 65), then a fifth of 7: a train group moved to test. The fill moves
+    only groups beside the empty split's place, so over many updates it adds no such jump to the few that the
+    dealing itself makes (a large new group shifts every later middle)."""
+    from mtlearn.data import splits
+
+    def dealt(sizes, seed):
+        groups = [f"g{k}" for k, n in enumerate(sizes) for _ in range(n)]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # splits left empty by the smallest classes
+            return dict(zip(groups, split_by_group(groups, [0] * len(groups), seed)))
+
+    def jumps(cases):
+        count = 0
+        for sizes, extra, seed in cases:
+            before, after = dealt(sizes, seed), dealt([*sizes, extra], seed)
+            count += sum({before[g], after[g]} == {"train", "test"} for g in before)
+        return count
+
+    assert jumps([([2, 5, 7, 15], 7, 65)]) == 0
+    rng = np.random.default_rng(0)
+    cases = [(rng.integers(1, 20, rng.integers(6, 15)).tolist(), int(rng.integers(1, 20)), int(rng.integers(1000)))
+             for _ in range(300)]
+    filled = jumps(cases)
+    monkeypatch.setattr(splits, "_fill_empty_splits", lambda dealt, *_: dealt)
+    assert filled <= jumps(cases)
+
+
 def test_split_by_group_warns_when_a_split_lacks_a_class():
     """Two malignant patients cannot be in three splits: a class metric would be undefined where they are not."""
     groups = [f"b{k}" for k in range(20)] + ["m0", "m1"]
     labels = [0] * 20 + [1, 1]
     with pytest.warns(UserWarning, match=r"split\(s\) without an item of some class, \{'test': \[1\]\}: "
-                                         "the class is in too few groups"):
+                                         "the class is in too few groups") as caught:
         split = split_by_group(groups, labels, 0)
     assert sorted(split[-2:]) == ["train", "val"]
+    assert "best epoch" not in str(caught[0].message)  # validation has the class: the choice of epoch sees it
+    # a patient of 1 malignant image and one of 5, in the order m1, m0: middles 5/12 and 11/12, train and test
+    groups, labels = [f"b{k}" for k in range(20)] + ["m0"] + ["m1"] * 5, [0] * 20 + [1] * 6
+    with pytest.warns(UserWarning, match=r"\{'val': \[1\]\}.* undefined there and a best epoch "
+                                         "chosen on validation ignores it"):
+        split_by_group(groups, labels, 0)
 
 
 def test_split_by_group_needs_a_seed():

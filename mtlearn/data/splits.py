@@ -114,41 +114,57 @@ def split_by_group(
                for name, share in fractions if share > 0 and name not in empty}
     lacking = {name: classes for name, classes in lacking.items() if classes}
     if lacking:  # a class in fewer groups than there are splits: its sensitivity, AUC are undefined there
+        selection = " and a best epoch chosen on validation ignores it" if "val" in lacking else ""
         warnings.warn(f"split(s) without an item of some class, {lacking}: the class is in too few groups to give "
-                      f"every split one, so a metric of that class (sensitivity, AUC) is undefined there and a best "
-                      "epoch chosen on validation ignores it; use more data of that class, or other shares",
-                      stacklevel=2)
+                      "every split one (a group holding two classes is dealt with the rarer), so a metric of that "
+                      f"class (sensitivity, AUC) is undefined there{selection}; use more data of that class, or "
+                      "other shares", stacklevel=2)
     return split
 
 
 def _fill_empty_splits(dealt: list[int], middle: np.ndarray, sizes: np.ndarray, edges: np.ndarray) -> list[int]:
-    """`dealt` (the split index of each group of one class, in their order) with a group moved into each
+    """`dealt` (the split index of each group of one class, in the seed's order) with a group moved into each
     split of a share > 0 that got none, when the class has a group for each such split.
 
     Dealing by middles leaves a split out whenever the class's groups are larger than its share (8 patients
     of 11 malignant images each: every middle falls outside validation's 70-80 %, whatever the seed), and a
-    best epoch is then chosen on a validation split without that class. The group moved comes from a split
-    that keeps another, and is the one whose move brings the splits' sizes nearest their shares (the sum
-    of (size - share)^2 / share), then the one whose middle is nearest the empty split's, then the first
-    in the seed's order.
+    best epoch is then chosen on a validation split without that class.
+
+    Dealt in order, each split holds a run of the order (train's groups, then val's, then test's). A group
+    moves only across the edge of such a run, into the next split, as the groups beside an edge do when
+    the data grow: the last group of the run before the empty split, or the first after it (from a split
+    that keeps another; where the neighbour has only one, the runs beyond it shift by one group each).
+    Between the two, the move that brings the splits' sizes nearest their shares (the sum of
+    (size - share)^2 / share) wins, then the shorter shift, then the group whose middle is nearer the
+    empty split's, then the earlier. So no group jumps a split: one dealt to train never lands in test.
     """
     shares = np.diff(edges, prepend=0.0)
     wanted = [k for k, share in enumerate(shares) if share > 0]
-    if len(dealt) < len(wanted):
+    if len(dealt) < len(wanted) or all(k in dealt for k in wanted):
         return dealt
-    dealt, target = list(dealt), shares * sizes.sum()
-    for empty in (k for k in wanted if k not in dealt):
-        counts = Counter(dealt)
-        centre = edges[empty] - shares[empty] / 2
+    runs = [dealt.count(k) for k in wanted]  # dealt never decreases: each split's groups are one run
+    target = shares[wanted] * sizes.sum()
 
-        def cost(i: int) -> tuple[float, float, int]:
-            moved = dealt[:i] + [empty] + dealt[i + 1:]
-            size = np.bincount(moved, weights=sizes, minlength=len(edges))
-            spread = float(np.sum((size[wanted] - target[wanted]) ** 2 / target[wanted]))
-            return spread, abs(float(middle[i]) - centre), i
+    def spread(counts: list[int]) -> float:
+        ends = np.cumsum(counts)
+        size = np.array([sizes[end - count:end].sum() for count, end in zip(counts, ends)])
+        return float(np.sum((size - target) ** 2 / target))
 
-        dealt[min((i for i, k in enumerate(dealt) if counts[k] > 1), key=cost)] = empty
-    return dealt
+    while 0 in runs:
+        empty = runs.index(0)
+        centre = edges[wanted[empty]] - shares[wanted[empty]] / 2
+        start = sum(runs[:empty])  # the order's index of the first group after the empty split's place
+        moves = []
+        for step, entering in ((-1, start - 1), (1, start)):
+            donors = range(empty + step, -1 if step < 0 else len(runs), step)
+            donor = next((i for i in donors if runs[i] > 1), None)
+            if donor is not None:
+                counts = list(runs)
+                counts[donor] -= 1
+                counts[empty] += 1
+                moves.append((spread(counts), abs(donor - empty), abs(float(middle[entering]) - centre), step, counts))
+        runs = min(moves)[-1]
+    return [k for k, count in zip(wanted, runs) for _ in range(count)]
 
 
 def _place(seed: int, group) -> tuple[bytes, str]:
