@@ -476,14 +476,16 @@ class Explainer:
             off = delta.abs() > COMPLETENESS_TOLERANCE * change.abs() + 1e-3
             if bool(off.any()):
                 self.warned_incomplete = True
-                worst = float((delta.abs() / change.abs().clamp_min(1e-12))[off].max())
+                worst = int((delta.abs() - COMPLETENESS_TOLERANCE * change.abs()).argmax())  # the furthest off
                 advice = f"more steps (n_steps={n_steps} now, e.g. {4 * n_steps})"
                 if not (isinstance(baseline, str) and baseline == "mean"):
                     advice += ", or the default baseline 'mean' (a flat grey image)"
-                warnings.warn(f"Integrated Gradients' maps of images {torch.nonzero(off).flatten().tolist()} miss "
-                              f"score(image) - score(baseline) by up to {worst:.0%} (completeness: they should add up "
-                              f"to it): the path integral is too coarse for this model; use {advice}",
-                              stacklevel=user_stacklevel())
+                shown = torch.nonzero(off).flatten().tolist()
+                warnings.warn(f"Integrated Gradients' maps of images {shown} do not add up to score(image) - "
+                              f"score(baseline) (completeness): image {worst}'s map sums to "
+                              f"{float(change[worst] + delta[worst]):.4g} where the score changes by "
+                              f"{float(change[worst]):.4g}. The path integral is too coarse for this model; use "
+                              f"{advice}", stacklevel=user_stacklevel())
         return maps
 
     def _saliency(self, forward, images, args):
