@@ -402,10 +402,12 @@ class StepCost:
         """Training memory estimate at `batch_size` (default: the measured one): weights + gradients
         + AdamW's two moments + saved tensors (the activations grow with the batch, the rest does not).
 
-        A lower bound, for comparing strategies: the temporaries of backward, the allocator's caching
-        and fragmentation, the data and the framework itself are not in it. On a CPU it comes close: a
-        step of the paper preset (seg + cls, DFE off) at 224 px, batch 8, estimated at 3.3 GiB with the
-        weights, raised the peak resident memory of a process that held the weights by 3.1 GiB (2026-12-08).
+        An estimate for comparing strategies, not a bound: the temporaries of backward, the allocator's
+        caching and fragmentation, the data and the framework itself are not in it, and backward frees the
+        saved tensors as it goes, so a process's peak can be higher or lower. On a CPU it came close: a step
+        of the paper preset (seg + cls, DFE off) at 224 px, batch 8, estimated at 3.3 GiB (3.2 without the
+        weights), raised the peak resident memory of a process that already held the weights by 3.1 GiB
+        (2026-12-08).
         """
         batch_size = self.batch_size if batch_size is None else check_int("batch_size", batch_size, 1)
         per_image = (self.activation_bytes - self.fixed_saved_bytes) / self.batch_size
@@ -494,6 +496,20 @@ class TrainedModel:
     resumed_epochs: int = 0  # epochs trained before an interruption, then resumed (see train_and_measure)
     history: list[dict] = field(default_factory=list)  # engine History records, one per epoch
     model: nn.Module | None = field(default=None, repr=False)  # the trained network, in eval mode
+
+    @property
+    def memory_mb(self) -> float:
+        """The old name of memory_mib (MiB all along); it warns, and goes in a later version."""
+        warnings.warn("TrainedModel.memory_mb is now memory_mib (the value was always MiB, 2**20 bytes)",
+                      FutureWarning, stacklevel=2)
+        return self.memory_mib
+
+    @property
+    def cuda_peak_mb(self) -> float:
+        """The old name of cuda_peak_mib (MiB all along); it warns, and goes in a later version."""
+        warnings.warn("TrainedModel.cuda_peak_mb is now cuda_peak_mib (the value was always MiB, 2**20 bytes)",
+                      FutureWarning, stacklevel=2)
+        return self.cuda_peak_mib
 
     @property
     def train_flops(self) -> float:
@@ -805,7 +821,7 @@ def _train_and_measure(model: nn.Module, strategy: str, train: Dataset, test: Da
             record = load_checkpoint(out_dir / "result.pt")["record"]
             for old, new in MIB_FIELDS.items():  # a result.pt written before the fields said their unit
                 if old in record:
-                    record[new] = record.pop(old)
+                    record.setdefault(new, record.pop(old))
             return TrainedModel(**record, model=model.eval())
         if resume and (out_dir / "last.pt").is_file():
             done = int(load_checkpoint(out_dir / "last.pt")["epoch"])

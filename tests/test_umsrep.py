@@ -951,11 +951,16 @@ def test_an_interrupted_comparison_resumes_to_the_same_result_without_retraining
     state = load_checkpoint(last)
     state["history"]["records"][0]["epoch_time"] = 1000.0
     save_checkpoint(state, last)
-    # a finished run's result.pt from before the memory fields said their unit (*_mb, which held MiB)
+    # finished runs' result.pt from before the memory fields said their unit (*_mb, which held MiB): one with the
+    # old names, one with both (the new ones win)
     result = tmp_path / "frozen" / "cls" / "result.pt"
     state = load_checkpoint(result)
     state["record"]["memory_mb"] = state["record"].pop("memory_mib")
     state["record"]["cuda_peak_mb"] = state["record"].pop("cuda_peak_mib")
+    save_checkpoint(state, result)
+    result = tmp_path / "frozen" / "seg" / "result.pt"
+    state = load_checkpoint(result)
+    state["record"].update(memory_mb=-1.0, cuda_peak_mb=-1.0)
     save_checkpoint(state, result)
     monkeypatch.setattr(engine, "_update", update)
     ticks = itertools.count(0.0, 5.0)  # this session's clock: its training takes 5 s (start 0, end 5)
@@ -973,6 +978,10 @@ def test_an_interrupted_comparison_resumes_to_the_same_result_without_retraining
             assert torch.equal(value, run.model.state_dict()[key]), (run.strategy, key)
         assert (run.flops_per_image, run.trainable_parameters, run.memory_mib) == \
                (reference.flops_per_image, reference.trainable_parameters, reference.memory_mib)
+    with pytest.warns(FutureWarning, match="memory_mb is now memory_mib"):  # the old attribute names still read
+        assert resumed.runs[0].memory_mb == resumed.runs[0].memory_mib
+    with pytest.warns(FutureWarning, match="cuda_peak_mb is now cuda_peak_mib"):
+        assert math.isnan(resumed.runs[0].cuda_peak_mb)
     joint = resumed.runs[-1]
     assert joint.resumed_epochs == 1 and [r.resumed_epochs for r in resumed.runs[:-1]] == [0] * 4
     assert joint.wall_time_s == 1000.0 + 5.0  # epoch 1 from the checkpoint, plus this session's work
