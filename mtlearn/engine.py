@@ -78,6 +78,7 @@ from mtlearn.utils import (
     python_numbers,
     seed_everything,
     synchronize,
+    user_stacklevel,
     warnings_above,
     world_and_rank,
 )
@@ -570,8 +571,9 @@ def fit(model: nn.Module, train_loader, val_loader=None, config: TrainConfig | N
     resume=True continues from out_dir/last.pt (a fresh start when there is none yet: so that it
     repeats the uninterrupted run, a run with an out_dir interrupted before its first last.pt gives the
     model, a weighting instance passed in and the loader's generators their starting state back;
-    without out_dir an interrupted model keeps the weights it had reached); with a
-    larger `epochs` than before, the learning-rate schedule is recomputed for the new length. The
+    without out_dir an interrupted model keeps the weights it had reached); with another `epochs`
+    than before, the learning-rate schedule is recomputed for the new length (the rate jumps, and a
+    warning says from what to what: not the run that `epochs` would have trained from the start). The
     other training options, and the number of batches per epoch, must be those of that run.
     Without resume=True, an out_dir that already holds a run (last.pt, or a best.pt kept without it) is
     refused, never overwritten.
@@ -970,6 +972,14 @@ def _load_run(run: _Run, path: Path, train_loader, config: TrainConfig, tasks) -
                           for base, decay in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
     for group, lr in zip(run.optimizer.param_groups, scheduler._last_lr):
         group["lr"] = lr
+    before, started = state["scheduler"].get("_last_lr"), saved.get("epochs")
+    changed = before and not math.isclose(before[0], scheduler._last_lr[0], rel_tol=1e-6, abs_tol=1e-12)
+    if started is not None and started != config.epochs and changed and is_main_process():
+        # the rate jumps where the schedule changes length (no warm-up): say so, with the two values
+        warnings.warn(f"resuming {path} with epochs={config.epochs}, where the run was started with {started}: the "
+                      f"learning-rate schedule is recomputed for the new length, so the rate goes from {before[0]:.3g} "
+                      f"to {scheduler._last_lr[0]:.3g} at once and the run will not match one started with "
+                      f"epochs={config.epochs}", stacklevel=user_stacklevel())
     run.weighting.load_state_dict(state["weighting"])
     if run.scaler is not None and state.get("scaler"):
         run.scaler.load_state_dict(state["scaler"])

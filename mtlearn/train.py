@@ -107,7 +107,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                      help="NHWC memory layout (default: on CUDA)")
     run.add_argument("--compile", action="store_true", help="torch.compile the model (its first steps compile: a "
                      "minute or more; not with --weighting gradnorm or pcgrad)")
-    run.add_argument("--resume", action="store_true", help="continue from <out-dir>/last.pt if it exists")
+    run.add_argument("--resume", action="store_true", help="continue from <out-dir>/last.pt if it exists (with "
+                     "another --epochs: the learning-rate schedule is stretched to it, and the rate jumps)")
     run.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     args = parser.parse_args(argv)
     for name in ("epochs", "batch_size", "image_size"):

@@ -38,6 +38,9 @@ from mtlearn.metrics import MetricAccumulator
 from mtlearn.weighting import WEIGHTINGS, DynamicWeightAverage, FixedWeights, GradNorm, PCGrad, UncertaintyWeighting
 
 TASKS = ("seg", "cls", "recon")
+# Many tests continue a finished run for more epochs; the warning that the learning rate then jumps is
+# tested where it is the point (test_resume_into_a_longer_run_follows_the_longer_schedule).
+pytestmark = pytest.mark.filterwarnings("ignore:resuming .* with epochs=")
 
 
 class ToyNet(nn.Module):
@@ -413,10 +416,20 @@ def test_validation_losses_are_the_configured_ones():
 
 
 def test_resume_into_a_longer_run_follows_the_longer_schedule(tmp_path):
+    """... and says that the rate jumps (from where the old schedule was to where the new one is): the run
+    then differs from one started with the longer `epochs`, which the README's "resume reproduces" suggested."""
     train, val = _loaders()  # 4 steps per epoch
     _fit(ToyNet(), train, val, epochs=1, lr=1e-2, out_dir=tmp_path)  # its schedule ends at lr 0
-    history = _fit(ToyNet(), train, val, epochs=2, lr=1e-2, out_dir=tmp_path, resume=True)
-    assert history.records[1]["lr"] == pytest.approx(1e-2 * (1 - 4 / 8) ** 0.9)  # step 4 of 8, not 0
+    new = 1e-2 * (1 - 4 / 8) ** 0.9  # step 4 of 8, not 0
+    with pytest.warns(UserWarning, match=rf"resuming .*last\.pt with epochs=2, where the run was started with 1: the "
+                                         rf"learning-rate schedule is recomputed for the new length, so the rate goes "
+                                         rf"from 0 to {new:.3g} at once"):
+        history = _fit(ToyNet(), train, val, epochs=2, lr=1e-2, out_dir=tmp_path, resume=True)
+    assert history.records[1]["lr"] == pytest.approx(new)
+    _fit(ToyNet(), train, val, epochs=1, lr=1e-2, poly_power=0, out_dir=tmp_path / "constant")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a constant rate does not jump: the longer run is the uninterrupted one
+        _fit(ToyNet(), train, val, epochs=2, lr=1e-2, poly_power=0, out_dir=tmp_path / "constant", resume=True)
 
 
 @pytest.mark.parametrize("changed, named", [(dict(weighting="dwa"), "weighting: 'fixed' then, 'dwa' now"),

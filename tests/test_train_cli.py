@@ -18,6 +18,9 @@ from mtlearn.train import main, parse_args
 from mtlearn.utils import write_json
 
 SMOKE = ["--preset", "tiny", "--image-size", "32", "--batch-size", "4", "--no-progress"]
+# Many tests continue a finished run for more epochs; the warning that the learning rate then jumps is
+# tested where it is the point (test_resume_into_a_longer_run_follows_the_longer_schedule).
+pytestmark = pytest.mark.filterwarnings("ignore:resuming .* with epochs=")
 
 
 def test_help_lists_the_options(capsys):
