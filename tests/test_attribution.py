@@ -189,6 +189,8 @@ def test_integrated_gradients_warn_once_when_the_maps_are_incomplete(model, imag
     if baseline == "black":
         with pytest.warns(UserWarning, match="or the default baseline 'mean'"):
             A.Explainer(model).attribute(images, "seg", method="ig", n_steps=n_steps, baseline=baseline)
+    else:  # already on it: only the steps are advised
+        assert "default baseline" not in str(caught[0].message)
 
 
 def test_occlusion_fills_each_patch_with_the_baseline(explainer, images):
@@ -1258,6 +1260,24 @@ def test_integrated_gradients_do_not_warn_about_a_score_change_near_zero(model):
     assert (one.flatten(1).sum(1) - change).abs().max() > 0.1 * change.abs().min()  # it is off, relatively
     with pytest.warns(UserWarning, match="do not add up"):  # the same integral, 10,000 times larger: warned
         explainer._ig(lambda x: 1e4 * tiny(x), images, (), n_steps=1, baseline="black")
+
+
+@pytest.mark.parametrize("score, n_steps, warned", [
+    (lambda x: (x ** 3).flatten(1).sum(1), 1, "sums to 3 where the score changes by 4"),  # 25 % off
+    (lambda x: 0.01 * (x ** 3).flatten(1).sum(1), 1, "sums to 0.03 where the score changes by 0.04"),  # above 0.001
+    (lambda x: torch.exp(4 * x).flatten(1).sum(1), 2, None),  # 206.2 of 214.4: 4 % off, within the 10 %
+])
+def test_integrated_gradients_warn_by_the_tolerance_and_the_floor(model, score, n_steps, warned):
+    """Worked cases on four white pixels from black: one midpoint step gives a cube 0.75 of its rise per pixel."""
+    explainer = A.Explainer(model)
+    images = torch.ones(1, 1, 2, 2)
+    if warned is None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            explainer._ig(score, images, (), n_steps=n_steps, baseline="black")
+    else:
+        with pytest.warns(UserWarning, match=warned):
+            explainer._ig(score, images, (), n_steps=n_steps, baseline="black")
 
 
 def test_cascading_randomisation_does_not_warn_about_the_randomised_models_maps(model, images, monkeypatch):

@@ -1247,6 +1247,11 @@ def test_split_by_group_draws_as_draw_version_3():
     groups, labels = [f"p{k}" for k in range(8) for _ in range(11)], [1] * 88
     split = split_by_group(groups, labels, 0).reshape(8, 11)[:, 0].tolist()
     assert split == ["train", "train", "train", "val", "train", "train", "test", "test"]
+    for sizes, seed, expected in [([25, 1, 1, 4], 0, ["train", "val", "train", "test"]),  # test's first moves
+                                  ([9, 2, 12, 3, 8], 5, ["test", "train", "train", "train", "val"])]:  # train's last
+        groups = [f"p{k}" for k, n in enumerate(sizes) for _ in range(n)]
+        split = split_by_group(groups, [1] * len(groups), seed)
+        assert [split[groups.index(f"p{k}")] for k in range(len(sizes))] == expected
     groups = [f"g{k}" for k in range(10)]
     assert split_by_group(groups, [0] * 10, 0).tolist() == \
         ["train", "val", "train", "test", "train", "train", "test", "train", "train", "train"]
@@ -1265,8 +1270,9 @@ def test_split_by_group_stratifies_by_any_label_that_names_a_class():
 
 def test_split_by_group_warns_when_a_split_gets_nothing():
     """Two patients cannot fill 7:1:2: a split came out empty, and only an empty loader or NaN metrics said so."""
-    with pytest.warns(UserWarning, match=r"split\(s\) \['test'\] got no items: 2 group\(s\) are too few"):
+    with pytest.warns(UserWarning, match=r"split\(s\) \['test'\] got no items: 2 group\(s\) are too few") as caught:
         split = split_by_group(["a", "b"], [0, 0], seed=0)
+    assert len(caught) == 1  # not also "without an item of some class" for the split that has none at all
     assert sorted(split) == ["train", "val"]
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # three can: one each (dealt by their middles, val got none)

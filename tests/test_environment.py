@@ -125,6 +125,8 @@ def test_python_m_mtlearn_lists_commands_that_each_answer_help():
 
     from mtlearn.__main__ import COMMANDS
 
+    assert [command for command, _ in COMMANDS] == [f"python -m {module}" for module in (
+        "mtlearn.course", "mtlearn.train", "mtlearn.experiments", "data_fetch", "benchmarks")]
     done = subprocess.run([sys.executable, "-m", "mtlearn"], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert done.returncode == 0 and done.stderr == ""
     for command, _ in COMMANDS:

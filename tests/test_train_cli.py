@@ -277,6 +277,20 @@ def test_a_path_refused_says_to_choose_another_not_to_run_again(tmp_path, capsys
     assert "choose an --out-dir (or --data-root) you may write to" in err and "run the command again" not in err
 
 
+def test_a_full_disk_before_the_first_epoch_says_to_run_again_not_to_change_permissions(tmp_path, capsys,
+                                                                                        monkeypatch):
+    from mtlearn import train
+
+    def full(args):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "run" / "last.pt"))
+
+    monkeypatch.setattr(train, "run", full)
+    with pytest.raises(SystemExit):
+        main([*SMOKE, "--out-dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert "run the command again to start over" in err and "permissions" not in err
+
+
 @pytest.mark.skipif(sys.platform == "win32", reason="no SIGTERM to send to a process on Windows")
 def test_sigterm_says_what_was_kept_and_how_to_go_on_and_leaves_nothing_behind(tmp_path):
     """SIGTERM (a scheduler pre-empting the job, a Colab runtime stopped) ended training without a word, where Ctrl-C
