@@ -162,14 +162,17 @@ class DenoisingPairs(Dataset):
             rng = np.random.default_rng([self.seed, int(index)])
         else:  # drawn from torch's generator, so seed_everything makes a run repeatable
             rng = np.random.default_rng(int(torch.randint(0, 2**62, ()).item()))
+        # one channel's noise, the same in every channel: a grey image repeated for a 3-channel model got
+        # other noise in each, which a network averages away (a third of the noise's std), as grey input cannot
+        plane = (1, *item["image"].shape[1:])
         if "clean" in item:  # synthetic: the speckle is already in "image"
             clean, noisy = item["clean"], item["image"]
         else:  # real: the acquired image is the target; add speckle as the log-compressed display shows it
             clean = item["image"]
-            speckle = torch.from_numpy(_displayed_speckle(rng, self.speckle_looks, tuple(clean.shape)))
+            speckle = torch.from_numpy(_displayed_speckle(rng, self.speckle_looks, plane))
             # black is below the display's floor (outside the scan sector, say): no echo there to speckle
             noisy = torch.where(clean > 0, clean + speckle, clean)
-        noise = torch.from_numpy(rng.standard_normal(tuple(clean.shape), dtype=np.float32)) * self.gaussian_std
+        noise = torch.from_numpy(rng.standard_normal(plane, dtype=np.float32)) * self.gaussian_std
         pair = {"image": (noisy + noise).clamp(0.0, 1.0), "clean": clean, "id": item.get("id", str(index))}
         if self.labels:
             pair.update({k: item[k] for k in ("mask", "label") if k in item})

@@ -534,6 +534,17 @@ def test_real_images_become_their_own_target_with_added_noise():
     assert torch.equal(pairs[0]["image"], item["image"])  # fixed noise: the same each time
 
 
+def test_a_grey_image_in_three_channels_gets_the_same_noise_in_each():
+    """A grey image repeated for a 3-channel model got other speckle and noise in every channel: a network could
+    average them away (std 0.051 -> 0.029), so denoising was easier with 3 channels than with 1."""
+    real = [{"image": torch.full((3, SIZE, SIZE), 0.5)}]
+    item = DenoisingPairs(real, gaussian_std=0.05, speckle_looks=4.0, fixed_noise=True)[0]
+    assert item["image"].shape == (3, SIZE, SIZE) and (item["image"] - item["clean"]).std() > 0.03
+    assert torch.equal(item["image"][0], item["image"][1]) and torch.equal(item["image"][0], item["image"][2])
+    one = DenoisingPairs([{"image": real[0]["image"][:1]}], gaussian_std=0.05, speckle_looks=4.0, fixed_noise=True)[0]
+    assert torch.equal(one["image"][0], item["image"][0])  # and the one channel's noise is the grey image's
+
+
 @pytest.mark.parametrize("grey", [0.2, 0.5, 0.8])
 def test_speckle_on_a_real_image_is_added_as_its_log_compressed_display_shows_it(grey):
     """The displayed image is log-compressed, so speckle (multiplicative in intensity) is added to it, alike at
