@@ -107,7 +107,9 @@ def load_dataset(
         root: the dataset's folder (what `python -m data_fetch NAME --dest DIR` filled); default
             `default_data_dir() / <folder>`. Ignored by the generated datasets.
         split: "train", "val", "test" or "all" (shapes also has "unseen").
-        image_size: int or (H, W); default 128 px, and (224, 288) for shapes.
+        image_size: int or (H, W); default 128 px, and (224, 288) for shapes. Every image is resized to
+            it whatever its own shape (a non-square scan is stretched: pass (H, W) near its ratio to keep
+            a lesion's height-to-width ratio).
         seed: chooses our splits (not the official ones) and the generated data; augmentations
             follow torch's random generator (torch.manual_seed), which DataLoader workers and
             checkpoints carry. With workers, each draws from its own generator, so another
