@@ -92,6 +92,22 @@ def test_a_resized_mask_stays_on_its_lesion(side):
     assert np.mean(errors) < 0.4 and min(dices) >= 0.9, (errors, dices)
 
 
+def test_an_enlarged_image_is_interpolated_not_repeated_in_uneven_blocks():
+    """BreastMNIST's 28 px at 128: "area" repeated each pixel 4 or 5 times with an averaged seam between blocks. A
+    ramp stays a ramp now (even steps), its mask on the lesion the image shows; shrinking still averages."""
+    from mtlearn.data.transforms import resize_image, resize_mask
+
+    ramp = np.tile(np.linspace(0.0, 1.0, 28, dtype=np.float32), (28, 1))
+    steps = np.diff(resize_image(ramp, (128, 128))[0, 0].numpy())[16:-16]  # away from the borders
+    assert steps.min() > 0 and steps.max() < 1.5 * steps.mean()  # "area": 0 inside a block, a jump at its seam
+    lesion = np.zeros((28, 28), np.float32)
+    lesion[9:15, 13:21] = 1
+    image, mask = resize_image(lesion, (128, 128))[0], resize_mask(lesion, (128, 128))[0]
+    assert float(((image >= 0.5).float() != mask).float().mean()) < 0.01  # the mask lies where the image shows it
+    speckle = np.random.default_rng(0).random((500, 500)).astype(np.float32)
+    assert float(resize_image(speckle, (128, 128)).std()) < 0.1  # area-averaged: 500/128 ~ 4 px per pixel, std/4
+
+
 def iou(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a * b).sum() / ((a + b) > 0).sum())
 
