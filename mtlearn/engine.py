@@ -974,7 +974,8 @@ def _load_run(run: _Run, path: Path, train_loader, config: TrainConfig, tasks) -
         group["lr"] = lr
     before, started = state["scheduler"].get("_last_lr"), saved.get("epochs")
     changed = before and not math.isclose(before[0], scheduler._last_lr[0], rel_tol=1e-6, abs_tol=1e-12)
-    if started is not None and started != config.epochs and changed and is_main_process():
+    trains = int(state["epoch"]) < config.epochs  # else nothing is trained, and fit says so
+    if started is not None and started != config.epochs and changed and trains and is_main_process():
         # the rate jumps where the schedule changes length (no warm-up): say so, with the two values
         warnings.warn(f"resuming {path} with epochs={config.epochs}, where the run was started with {started}: the "
                       f"learning-rate schedule is recomputed for the new length, so the rate goes from {before[0]:.3g} "

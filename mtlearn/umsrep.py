@@ -164,7 +164,8 @@ class DenoisingPairs(Dataset):
             rng = np.random.default_rng(int(torch.randint(0, 2**62, ()).item()))
         # one channel's noise, the same in every channel: a grey image repeated for a 3-channel model got
         # other noise in each, which a network averages away (a third of the noise's std), as grey input cannot
-        plane = (1, *item["image"].shape[1:])
+        shape = tuple(item["image"].shape)
+        plane = (1, *shape[1:]) if len(shape) == 3 else shape  # (C, H, W); an (H, W) item keeps its own
         if "clean" in item:  # synthetic: the speckle is already in "image"
             clean, noisy = item["clean"], item["image"]
         else:  # real: the acquired image is the target; add speckle as the log-compressed display shows it

@@ -104,8 +104,16 @@ def test_an_enlarged_image_is_interpolated_not_repeated_in_uneven_blocks():
     lesion[9:15, 13:21] = 1
     image, mask = resize_image(lesion, (128, 128))[0], resize_mask(lesion, (128, 128))[0]
     assert float(((image >= 0.5).float() != mask).float().mean()) < 0.01  # the mask lies where the image shows it
-    speckle = np.random.default_rng(0).random((500, 500)).astype(np.float32)
-    assert float(resize_image(speckle, (128, 128)).std()) < 0.1  # area-averaged: 500/128 ~ 4 px per pixel, std/4
+    assert 0 <= float(image.min()) and float(image.max()) <= 1  # no overshoot (bicubic would)
+    speckle = np.random.default_rng(0).random((512, 256)).astype(np.float32)
+    blocks = speckle.reshape(128, 4, 64, 4).mean((1, 3))  # shrinking: exactly the 4 x 4 block means, rows and columns
+    assert np.allclose(resize_image(speckle, (128, 64))[0].numpy(), blocks, atol=1e-6)
+    # one side grows, the other shrinks (28 x 200 at 128 x 128): a flat image stays flat to its edges (a blur
+    # padded with zeros darkened them), a ramp along the growing side stays a ramp
+    assert np.allclose(resize_image(np.full((28, 200), 0.7, np.float32), (128, 128)).numpy(), 0.7, atol=1e-5)
+    ramp = np.tile(np.linspace(0.0, 1.0, 28, dtype=np.float32)[:, None], (1, 200))
+    steps = np.diff(resize_image(ramp, (128, 128))[0, :, 64].numpy())[16:-16]
+    assert steps.min() > 0 and steps.max() < 1.5 * steps.mean()
 
 
 def iou(a: torch.Tensor, b: torch.Tensor) -> float:

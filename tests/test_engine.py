@@ -426,6 +426,19 @@ def test_resume_into_a_longer_run_follows_the_longer_schedule(tmp_path):
                                          rf"from 0 to {new:.3g} at once"):
         history = _fit(ToyNet(), train, val, epochs=2, lr=1e-2, out_dir=tmp_path, resume=True)
     assert history.records[1]["lr"] == pytest.approx(new)
+    # a small change in the middle of a schedule is a jump too (cut at epoch 2 of 4, resumed for 5)
+    _fit(ToyNet(), train, val, epochs=2, lr=1e-2, out_dir=tmp_path / "middle")
+    state = load_checkpoint(tmp_path / "middle" / "last.pt")
+    state["config"]["epochs"] = 4  # as if started for 4 and cut after 2: the rate at step 8 of 16
+    state["scheduler"]["_last_lr"] = [1e-2 * (1 - 8 / 16) ** 0.9]
+    save_checkpoint(state, tmp_path / "middle" / "last.pt")
+    with pytest.warns(UserWarning, match=rf"epochs=5, where the run was started with 4: .* from "
+                                         rf"{1e-2 * (1 - 8 / 16) ** 0.9:.3g} to {1e-2 * (1 - 8 / 20) ** 0.9:.3g}"):
+        _fit(ToyNet(), train, val, epochs=5, lr=1e-2, out_dir=tmp_path / "middle", resume=True)
+    with warnings.catch_warnings():  # shorter than the epochs done: nothing trains, so no jump to speak of
+        warnings.simplefilter("ignore", UserWarning)
+        warnings.filterwarnings("error", message="resuming .* with epochs=")
+        _fit(ToyNet(), train, val, epochs=1, lr=1e-2, out_dir=tmp_path / "middle", resume=True)
     _fit(ToyNet(), train, val, epochs=1, lr=1e-2, poly_power=0, out_dir=tmp_path / "constant")
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a constant rate does not jump: the longer run is the uninterrupted one
@@ -1340,6 +1353,8 @@ def test_resume_warnings_come_from_rank_0_only(tmp_path, monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # neither "already has 2 epochs" nor "best.pt is missing"
         _fit(ToyNet(), train, val, epochs=2, out_dir=tmp_path, resume=True)
+        # nor that a longer run's learning rate jumps (warned on rank 0: test_resume_into_a_longer_run...)
+        _fit(ToyNet(), train, val, epochs=3, out_dir=tmp_path, resume=True)
 
 
 def test_no_batches_under_torchrun_says_the_processes_share_the_training_set(monkeypatch):

@@ -482,6 +482,8 @@ def test_the_readmes_trained_model_example_predicts_on_an_image_file(trained_run
     assert names["probabilities"].shape == (3,) and torch.isclose(names["probabilities"].sum(), torch.tensor(1.0))
     assert names["lesion"].shape == (1, 1, 32, 32)
     assert names["on_scan"].shape == (1, 1, 70, 90)  # (height, width) of the 90 x 70 scan, not transposed
+    smooth = torch.nn.functional.interpolate(names["outputs"]["seg"].softmax(1), size=(70, 90), mode="bilinear")
+    assert torch.equal(names["on_scan"], smooth.argmax(1, keepdim=True))  # the probabilities resized, not the mask
     resized = torch.nn.functional.interpolate(names["on_scan"].float(), size=(32, 32), mode="nearest-exact")
     assert (resized == names["lesion"]).float().mean() > 0.9  # the same mask, at the scan's size
     with torch.no_grad():

@@ -543,6 +543,9 @@ def test_a_grey_image_in_three_channels_gets_the_same_noise_in_each():
     assert torch.equal(item["image"][0], item["image"][1]) and torch.equal(item["image"][0], item["image"][2])
     one = DenoisingPairs([{"image": real[0]["image"][:1]}], gaussian_std=0.05, speckle_looks=4.0, fixed_noise=True)[0]
     assert torch.equal(one["image"][0], item["image"][0])  # and the one channel's noise is the grey image's
+    synthetic = [{"image": torch.full((3, SIZE, SIZE), 0.5), "clean": torch.full((3, SIZE, SIZE), 0.5)}]
+    noisy = DenoisingPairs(synthetic, gaussian_std=0.05, fixed_noise=True)[0]["image"]  # speckle already in it
+    assert torch.equal(noisy[0], noisy[1]) and torch.equal(noisy[0], noisy[2]) and noisy.std() > 0.03
 
 
 @pytest.mark.parametrize("grey", [0.2, 0.5, 0.8])

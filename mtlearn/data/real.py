@@ -913,8 +913,9 @@ def _unreadable(paths: Sequence[Path], problems: list[str]) -> bool:
 def read_image(image: str | os.PathLike | np.ndarray, image_size: int | Sequence[int], in_channels: int = 1
                ) -> torch.Tensor:
     """One image prepared as the datasets here prepare theirs, for a model to predict on: a file (PNG, JPEG ...;
-    colour and alpha dropped) or an (H, W) array -> (in_channels, *image_size) float32 in [0, 1] ("area"
-    resizing; 8-bit divided by 255, 16-bit by its own maximum: see _read_image).
+    colour and alpha dropped) or an (H, W) array -> (in_channels, *image_size) float32 in [0, 1] (resized
+    as resize_image does: area-averaged when shrinking, bilinear when enlarging; 8-bit divided by 255,
+    16-bit by its own maximum: see _read_image).
 
         model = mt.load_model("runs/a/best.pt")
         x = read_image("scan.png", model.config.image_size, model.config.in_channels)

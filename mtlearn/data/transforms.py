@@ -33,18 +33,20 @@ def resize_image(image: np.ndarray, image_size: tuple[int, int]) -> torch.Tensor
     Shrinking, "area" interpolation averages the pixels that fall into each output pixel, so the
     speckle does not alias. Enlarging (BreastMNIST's 28 px at 128), "area" repeats each pixel 4 or 5
     times with averaged seams between: uneven blocks. Bilinear interpolation is used then, on pixel
-    centres (align_corners=False, as the masks' "nearest-exact"), smoothed first along a side that
-    shrinks (a 28 x 200 image at 128 x 128).
+    centres (align_corners=False, as the masks' "nearest-exact"); a side that shrinks while the other
+    grows (28 x 200 at 128 x 128) is area-averaged first.
     """
     from monai.transforms import Resize
     from monai.utils import convert_to_tensor
 
     image = check_grey(image, "resize_image")
     size = check_size(image_size)
-    if size[0] <= image.shape[0] and size[1] <= image.shape[1]:
-        resized = Resize(size, mode="area")(image[None])
-    else:
-        resized = Resize(size, mode="bilinear", anti_aliasing=True)(image[None])
+    smaller = (min(size[0], image.shape[0]), min(size[1], image.shape[1]))
+    resized = image[None]
+    if smaller != image.shape:
+        resized = Resize(smaller, mode="area")(resized)
+    if smaller != size:
+        resized = Resize(size, mode="bilinear")(resized)
     return convert_to_tensor(resized, dtype=torch.float32, track_meta=False)
 
 
@@ -52,9 +54,9 @@ def resize_mask(mask: np.ndarray, image_size: tuple[int, int]) -> torch.Tensor:
     """(H, W) 0/1 mask -> (1, *image_size) float32 0/1 (nearest neighbour keeps it binary).
 
     "nearest-exact" takes the source pixel at each output pixel's centre, so the mask stays on the
-    lesion of the "area"-resized image; torch's plain "nearest" takes each block's top-left pixel
-    and shifts the mask by up to half an output pixel, which costs small lesions Dice that no model
-    could earn back.
+    lesion of the resized image (area-averaged or bilinear, both on pixel centres); torch's plain
+    "nearest" takes each block's top-left pixel and shifts the mask by up to half an output pixel,
+    which costs small lesions Dice that no model could earn back.
     """
     from monai.transforms import Resize
     from monai.utils import convert_to_tensor
