@@ -403,7 +403,8 @@ def collect(out_root: str | Path, specs: list[RunSpec] | None = None) -> pd.Data
 
 
 def summarise(table: pd.DataFrame, by: str | list[str], metrics: str | list[str]) -> pd.DataFrame:
-    """Mean and standard deviation of `metrics` across seeds for each group in `by` (a name or a list).
+    """Mean and sample standard deviation (n - 1) of `metrics` across seeds for each group in `by` (a name or
+    a list). A group holding two runs of one seed (another swept value pooled) is warned about.
 
     Runs without a value of a metric (NaN: undefined for that run, e.g. an AUC on a validation set of
     one class, or not recorded) are left out of its mean and standard deviation, with a warning;
@@ -422,6 +423,14 @@ def summarise(table: pd.DataFrame, by: str | list[str], metrics: str | list[str]
     if said:  # a mean of the runs that worked read like a mean of all of them
         warnings.warn(f"{'; '.join(said)} (NaN: undefined for that run, or not recorded); the mean and std are of "
                       "the other runs, and the 'count' column says how many", stacklevel=2)
+    if "seed" in table.columns and "seed" not in by:  # the spread is meant to be across seeds
+        repeated = [group[0] if len(by) == 1 else group  # pandas gives one-column groups as 1-tuples
+                    for group, seeds in table.groupby(by, dropna=False)["seed"] if seeds.duplicated().any()]
+        if repeated:  # two learning rates x three seeds read as six seeds: std and count of a mixture
+            shown = f"{repeated[:3]}{' ...' if len(repeated) > 3 else ''}"
+            warnings.warn(f"group(s) {shown} hold several runs of one seed: a parameter that differs between them "
+                          f"(another swept value) is pooled as if it were a seed, so the std and count are not "
+                          f"across seeds; add it to by (now {by})", stacklevel=2)
     # dropna=False: a run whose group could not be read (NaN) stays in the table, under NaN
     return table.groupby(by, dropna=False)[metrics].agg(["mean", "std", "count"])
 

@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import statistics
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -65,7 +66,9 @@ def test_grid_runs_once_then_skips_and_collects(notebooks, tmp_path):
     assert list(second["status"]) == ["skipped (done)"] * 4
     table = collect(tmp_path / "grid")
     assert sorted(table["score"]) == [10, 10, 11, 11]
-    summary = summarise(table, ["notebook"], ["score"])
+    # both notebooks record the name "nb": grouped by it, two runs of each seed (said), by run one each
+    with pytest.warns(UserWarning, match=r"group\(s\) \['nb'\] hold several runs of one seed"):
+        summary = summarise(table, ["notebook"], ["score"])
     assert summary.loc["nb", ("score", "mean")] == 10.5
 
 
@@ -404,6 +407,21 @@ def test_summarise_gives_mean_sample_std_and_count_across_seeds():
     # one name, as plot_spread takes it, is one column (it was split into letters: "columns ['w', 'e', ...")
     with pytest.warns(UserWarning, match="1 of 6 runs have no score"):
         assert summarise(_runs(), "weighting", "score").equals(summarise(_runs(), ["weighting"], ["score"]))
+
+
+def test_summarise_warns_when_a_group_pools_another_swept_value_as_seeds():
+    """Two learning rates x three seeds grouped by weighting came out as count 6 and the std of a mixture,
+    read as a spread across seeds, without a word."""
+    table = pd.concat([_runs().assign(lr=1e-3), _runs().assign(lr=1e-4)], ignore_index=True)
+    with pytest.warns(UserWarning, match=r"group\(s\) \['fixed', 'pcgrad'\] hold several runs of one seed: .* add it "
+                                         r"to by \(now \['weighting'\]\)"):
+        pooled = summarise(table, "weighting", "dice")
+    assert pooled.loc["fixed", ("dice", "count")] == 6
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        split = summarise(table, ["weighting", "lr"], "dice")  # grouped by it too: three seeds each
+        summarise(_runs(), "weighting", "dice")  # one run per seed: as before
+    assert split.loc[("fixed", 1e-3), ("dice", "count")] == 3
 
 
 def test_plot_spread_draws_every_run_side_by_side_and_the_mean_as_a_line():
