@@ -531,10 +531,13 @@ def delta_m(mtl_metrics: Mapping[str, float], single_task_metrics: Mapping[str, 
         Delta_m = 100 / M * sum_i (-1)^{l_i} (M_mtl,i - M_single,i) / |M_single,i|,
 
     over the M metrics in `single_task_metrics`, with l_i = 1 when lower is better. Positive: the
-    multi-task model beats the single-task models on average. `higher_is_better` maps metric name
-    -> bool; for a name it omits, the name decides: losses, errors and distances are lower-is-better
-    (names containing "loss", "error", "mse", "mae", "distance", "hausdorff", "entropy", "brier" or
-    "lpips", or with a part such as "hd95", "asd", "nll", "ece", "fid", "fpr" or "fnr"), unless the
+    multi-task model beats the single-task models on average. The papers average over tasks (and over
+    each task's metrics within it); over metrics it is the same when each task has one, as here
+    (seg/dice, cls/acc): give one metric per task, or a task with three metrics weighs three times.
+    `higher_is_better` maps metric name -> bool; for a name it omits, the name decides: losses, errors
+    and distances are lower-is-better (names containing "loss", "error", "mse", "mae", "distance",
+    "hausdorff", "entropy", "brier", "lpips", depth's "abs_rel" and "sq_rel", a normal's "mean_angle",
+    or with a part such as "hd95", "asd", "nll", "ece", "fid", "fpr", "fnr" or "log10"), unless the
     name says it is a reduction, an improvement or a gain, or a normalised surface Dice ("nsd");
     everything else is higher-is-better. Say it with `higher_is_better` when in doubt.
     """
@@ -571,8 +574,10 @@ def delta_m(mtl_metrics: Mapping[str, float], single_task_metrics: Mapping[str, 
 # the higher-is-better ones win (an error *reduction*, the normalised surface *Dice*).
 _HIGHER_IS_BETTER_WORDS = ("reduction", "improvement", "gain", "normalized_surface", "normalised_surface")
 _HIGHER_IS_BETTER_PARTS = {"nsd"}
-_LOWER_IS_BETTER_WORDS = ("loss", "error", "mse", "mae", "distance", "hausdorff", "entropy", "brier", "lpips")
-_LOWER_IS_BETTER_PARTS = {"hd", "hd95", "asd", "assd", "msd", "nll", "ece", "mce", "fid", "fpr", "fnr", "voe", "rvd"}
+_LOWER_IS_BETTER_WORDS = ("loss", "error", "mse", "mae", "distance", "hausdorff", "entropy", "brier", "lpips",
+                          "abs_rel", "sq_rel", "mean_angle", "median_angle")  # depth and surface-normal errors
+_LOWER_IS_BETTER_PARTS = {"hd", "hd95", "asd", "assd", "msd", "nll", "ece", "mce", "fid", "fpr", "fnr", "voe", "rvd",
+                          "log10", "rmse"}
 
 
 def _lower_is_better(name: str) -> bool:

@@ -636,7 +636,8 @@ def test_delta_m_by_hand():
 @pytest.mark.parametrize("name", ["recon/loss", "recon/mse", "recon/MAE", "depth/abs_error", "loss_seg", "seg/hd95",
                                   "seg/Hausdorff", "seg/hausdorff95", "seg/asd", "seg/surface_distance", "cls/nll",
                                   "cls/ece", "cls/cross_entropy", "cls/brier", "cls/log_loss", "recon/lpips", "fid",
-                                  "cls/fpr", "seg/voe"])
+                                  "cls/fpr", "seg/voe", "depth/abs_rel", "depth/sq_rel", "depth/log10", "depth/rmse",
+                                  "normal/mean_angle", "normal/median_angle"])
 def test_delta_m_counts_losses_errors_and_distances_as_lower_is_better(name):
     # halving an error, a loss or a boundary distance is a +50 % gain
     assert delta_m({name: 0.1}, {name: 0.2}) == pytest.approx(50.0)
@@ -644,7 +645,7 @@ def test_delta_m_counts_losses_errors_and_distances_as_lower_is_better(name):
 
 @pytest.mark.parametrize("name", ["seg/dice", "recon/psnr", "cls/auc", "cls/balanced_acc", "recon/ms_ssim",
                                   "seg/threshold_dice", "seg/nsd", "seg/normalized_surface_distance",
-                                  "error_reduction", "loss_improvement", "entropy_gain"])
+                                  "error_reduction", "loss_improvement", "entropy_gain", "normal/angle_11.25"])
 def test_delta_m_counts_other_metrics_as_higher_is_better(name):
     assert delta_m({name: 0.3}, {name: 0.2}) == pytest.approx(50.0)
 
