@@ -459,9 +459,15 @@ def bar_table(table, metrics: Sequence[str], title: str = "", errors=None, fmt: 
     if not isinstance(table, pd.DataFrame):
         raise TypeError(f"table must be a pandas DataFrame with a row per run (or a dict of runs' metrics), got a "
                         f"{type(table).__name__}")
+    said = ""  # what the error bars are, when bar_table knows (a bar of 2 runs looked like one of 3)
     if isinstance(table.columns, pd.MultiIndex) and "mean" in table.columns.get_level_values(-1):
         if errors is None and "std" in table.columns.get_level_values(-1):  # summarise's (metric, statistic)
             errors = table.xs("std", axis=1, level=-1)
+            said = "error bars: ±1 sample standard deviation"
+            if "count" in table.columns.get_level_values(-1):
+                counts = table.xs("count", axis=1, level=-1).to_numpy(dtype=float)
+                low, high = int(np.nanmin(counts)), int(np.nanmax(counts))
+                said += f" over {low} runs" if low == high else f" over {low}-{high} runs"
         table = table.xs("mean", axis=1, level=-1)
     metrics = [metrics] if isinstance(metrics, str) else list(metrics)  # "dice" is one metric, not four
     if not metrics:
@@ -515,6 +521,6 @@ def bar_table(table, metrics: Sequence[str], title: str = "", errors=None, fmt: 
         if zoomed:
             _break_mark(ax)
         ax.grid(axis="y", alpha=0.3)
-    fig.suptitle(title)
+    fig.suptitle("\n".join(part for part in (title, said) if part), fontsize="medium" if said else None)
     fig.tight_layout()
     return fig

@@ -246,6 +246,13 @@ def test_bar_table_draws_a_summary_of_seeds_as_means_with_their_spread():
     (bars,) = [c for c in ax.containers if isinstance(c, ErrorbarContainer)]
     spans = [sorted(segment[:, 1].tolist()) for segment in bars.lines[2][0].get_segments()]
     assert spans == [pytest.approx([0.6, 0.6]), pytest.approx([0.8 - 0.1414, 0.8 + 0.1414], abs=1e-4)]
+    # and it says what the bars are, and over how many runs (they looked like any error bars, of any count)
+    assert ax.figure._suptitle.get_text() == "error bars: ±1 sample standard deviation over 2 runs"
+    uneven = pd.concat([runs, pd.DataFrame({"weighting": ["dwa"], "dice": [0.9]})], ignore_index=True)
+    fig = plots.bar_table(summarise(uneven, "weighting", ["dice"]), "dice", title="Dice")
+    assert fig._suptitle.get_text() == "Dice\nerror bars: ±1 sample standard deviation over 2-3 runs"
+    plain = plots.bar_table(pd.DataFrame({"dice": [0.8]}, index=["mtl"]), "dice", title="Dice")
+    assert plain._suptitle.get_text() == "Dice"  # no error bars, nothing said about them
 
 
 def test_bar_table_takes_a_dict_of_runs_metrics_and_one_run_as_a_series():
