@@ -53,8 +53,9 @@ def split_by_group(
     classes is the rarer (the class of every group holding both, see _stratum).
 
     A class whose groups are few and large can leave a split without one of them (8 patients of 11 images:
-    no middle falls in validation's 70-80 %); then the group whose move keeps the shares best is moved
-    there (_fill_empty_splits), when the class has a group for every split. A class in fewer groups than
+    no middle falls in validation's 70-80 %); then a group beside that split's place in the order moves
+    into it (_fill_empty_splits: never one from two splits away), when the class has a group for every
+    split. A class in fewer groups than
     that is missing from some split, and a warning says so: its sensitivity or AUC is undefined there.
 
     `fractions`: (name, share) pairs in the order the splits are dealt. Shares are relative, divided by
