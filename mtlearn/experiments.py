@@ -384,10 +384,13 @@ def collect(out_root: str | Path, specs: list[RunSpec] | None = None) -> pd.Data
                       f"(not run yet, failed, or a damaged metrics.json): {shown}; run the grid again (the same "
                       "command, or run_grid) to run them",
                       stacklevel=2)
-    rows = []
+    rows, averaged = [], {}
     for folder, spec, record in runs:
         if record is None:
             continue
+        seeds = record.get("metrics", {}).get("seeds") if isinstance(record.get("metrics"), dict) else None
+        if isinstance(seeds, list) and len(seeds) > 1:  # a run that averages several seeds (notebook 02's num_seeds)
+            averaged[folder.name] = seeds
         row = {"notebook": record.get("notebook", folder.parent.name), "run": folder.name}
         row.update({k: record.get(k) for k in ("profile", "seed", "dataset", "device", "wall_time_s")})
         if spec is not None:
@@ -399,6 +402,12 @@ def collect(out_root: str | Path, specs: list[RunSpec] | None = None) -> pd.Data
             raise ValueError(f"{folder / 'metrics.json'}: {error}") from None
         row.update({(k if k not in row else f"metrics/{k}"): v for k, v in metrics.items()})
         rows.append(row)
+    shared = sorted({s for a, b in itertools.combinations(averaged.values(), 2) for s in set(a) & set(b)})
+    if shared:  # grid seeds 0, 1, 2 of runs of 3 seeds each: {0,1,2}, {1,2,3}, {2,3,4}, not three seeds
+        shown = dict(list(averaged.items())[:3])
+        warnings.warn(f"runs average overlapping seeds {shared} (e.g. {shown}): their results share runs and are not "
+                      "independent, so a spread across them is not one across seeds; give each run one seed (notebook "
+                      "02: num_seeds=1 in the grid's values) and let the grid's seeds vary", stacklevel=2)
     return pd.DataFrame(rows)
 
 

@@ -409,6 +409,29 @@ def test_summarise_gives_mean_sample_std_and_count_across_seeds():
         assert summarise(_runs(), "weighting", "score").equals(summarise(_runs(), ["weighting"], ["score"]))
 
 
+def test_collect_warns_when_runs_average_overlapping_seeds(tmp_path):
+    """Notebook 06 with num_seeds left at the course's 3: grid seeds 0, 1, 2 ran seeds {0,1,2}, {1,2,3} and
+    {2,3,4}, whose means share runs; summarise then gave the spread of overlapping means as one across seeds."""
+    def finished(name, seeds):
+        folder = tmp_path / "grid" / "02_loss_weighting" / name
+        folder.mkdir(parents=True)
+        record = {"notebook": "02_loss_weighting", "seed": seeds[0], "metrics": {"seeds": seeds, "score": 1.0}}
+        (folder / "metrics.json").write_text(json.dumps(record))
+        (folder / "done").write_text("")
+
+    for first in (0, 1):
+        finished(f"seed={first}", [first, first + 1, first + 2])
+    with pytest.warns(UserWarning, match=r"runs average overlapping seeds \[1, 2\] .* not independent"):
+        assert len(collect(tmp_path / "grid")) == 2
+    finished("seed=5", [5, 6, 7])  # apart from the others: overlap still said, for the runs that have it
+    for name in ("seed=0", "seed=1"):
+        shutil.rmtree(tmp_path / "grid" / "02_loss_weighting" / name)
+    finished("seed=0", [0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # one seed each, or several that no other run shares: nothing to say
+        assert len(collect(tmp_path / "grid")) == 2
+
+
 def test_summarise_warns_when_a_group_pools_another_swept_value_as_seeds():
     """Two learning rates x three seeds grouped by weighting came out as count 6 and the std of a mixture,
     read as a spread across seeds, without a word."""
