@@ -411,7 +411,7 @@ class StepCost:
         saved tensors as it goes, so a process's peak can be higher or lower. On a CPU it came close: a step
         of the paper preset (seg + cls, DFE off) at 224 px, batch 8, estimated at 3.3 GiB (3.2 without the
         weights), raised the peak resident memory of a process that already held the weights by 3.1 GiB
-        (2026-12-08).
+        (2026-12-07).
         """
         batch_size = self.batch_size if batch_size is None else check_int("batch_size", batch_size, 1)
         per_image = (self.activation_bytes - self.fixed_saved_bytes) / self.batch_size
@@ -767,7 +767,7 @@ def _cuda_bytes(model: nn.Module) -> int:
 
 
 RUN_WRITES = "options.json, last.pt and result.pt"  # what train_and_measure writes in its out_dir
-# TrainedModel's memory fields were named *_mb until 2026-12-08, though they held MiB (2**20 bytes)
+# TrainedModel's memory fields were named *_mb until 2026-12-07, though they held MiB (2**20 bytes)
 MIB_FIELDS = {"memory_mb": "memory_mib", "cuda_peak_mb": "cuda_peak_mib"}
 
 

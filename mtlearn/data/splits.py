@@ -29,7 +29,7 @@ HASH_SIZE = 8  # difference hash on an 8 x 9 thumbnail: 64 bits
 # convention for difference hashes; it was not tuned on BUSI (lower it if groups grow too large).
 DUPLICATE_MAX_DISTANCE = 5
 # How split_by_group and random_subset draw, for runs that must resume on the images they started with
-# (python -m mtlearn.train records it). 3 (2026-12-08): a class's group moved into a split that got none
+# (python -m mtlearn.train records it). 3 (2026-12-07): a class's group moved into a split that got none
 # of them. 2 (2026-12-07): groups in a hashed order, dealt by their rarest label; random_subset stratified.
 # 1: a shuffle, the most common label; the first N images for --limit.
 DRAW_VERSION = 3
