@@ -703,9 +703,9 @@ def fit(model: nn.Module, train_loader, val_loader=None, config: TrainConfig | N
                         last = out_dir / "last.pt" if out_dir is not None and (out_dir / "last.pt").is_file() else None
                         raise NonFiniteWeightsError(epoch + 1, bad, last)
                     if val_loader is not None:
-                        metrics = evaluate(model, val_loader, tasks, device=run.device, amp=config.amp,
-                                           channels_last=run.channels_last, losses=config.losses,
-                                           data_range=config.data_range)
+                        metrics = _evaluate(model, val_loader, tasks, device=run.device, amp=config.amp,
+                                            channels_last=run.channels_last, losses=config.losses,
+                                            data_range=config.data_range)
                         record.update({f"val/{k}": v for k, v in metrics.items()})
                         if monitor not in record:  # a typo would otherwise mean: no best.pt, silently
                             known = sorted(k.removeprefix("val/") for k in record if k.startswith("val/"))
@@ -822,21 +822,23 @@ def _prepare(model: nn.Module, config: TrainConfig, tasks: tuple[str, ...], tota
                 device, amp_dtype, channels_last, config.grad_clip, data_range=config.data_range)
 
 
-def _warn_if_unscaled(image, data_range: float = 1.0) -> bool:
+def _warn_if_unscaled(image, data_range: float = 1.0, caller: str = "fit") -> bool:
     """Warn (and return True) when a float image batch looks like raw, unscaled intensities (see
-    encoder.unscaled_range): the networks run on them, but a reconstruction loss is 65,025 times larger
-    and PSNR/SSIM read the wrong range, without a word.
-    Called on the first batch of fit, on the main process only (torchrun: one warning, not one per GPU).
+    encoder.unscaled_range): the networks run on them, but a reconstruction loss is 65,025 times larger,
+    PSNR/SSIM read the wrong range and a model trained on 0..1 answers with confident nonsense, without a word.
+    Called on the first batch of fit (and of evaluate), on the main process only (torchrun: one warning, not
+    one per GPU).
     """
     found = unscaled_range(image, data_range)  # uint8 is refused by the models themselves, NaN stops training
     if found is None:
         return False
     low, high = found
-    warnings.warn(f"the first training batch's images range from {low:g} to {high:g}, which looks like raw, "
+    which = "training" if caller == "fit" else "evaluated"
+    warnings.warn(f"the first {which} batch's images range from {low:g} to {high:g}, which looks like raw, "
                   f"unscaled intensities (e.g. 0..255): scale them to 0..1 in the dataset (8-bit: image / 255), "
-                  f"as the course's datasets do, or, if this range is meant, pass fit the scale's full range "
+                  f"as the course's datasets do, or, if this range is meant, pass {caller} the scale's full range "
                   f"as data_range (e.g. data_range=255; now {data_range:g})",
-                  stacklevel=4)  # the caller of fit
+                  stacklevel=user_stacklevel())
     return True
 
 
@@ -1176,8 +1178,19 @@ def evaluate(model: nn.Module, loader, tasks: Sequence[str] | None = None, *,
     Pass your own MetricAccumulator to keep the class probabilities, labels and confusion matrix
     for ROC curves and confusion-matrix plots (with class-weighted losses, give it their
     class_weights, so that cls/loss does not depend on the batch size). Under torchrun every rank
-    evaluates its shard and the sums are added (all_reduce) before averaging.
+    evaluates its shard and the sums are added (all_reduce) before averaging. Images that look like raw
+    0..255 intensities (with data_range 1) are warned about, as fit warns about its training batches.
     """
+    return _evaluate(model, loader, tasks, device=device, amp=amp, channels_last=channels_last, losses=losses,
+                     data_range=data_range, accumulator=accumulator, progress=progress, check_scale=True)
+
+
+def _evaluate(model: nn.Module, loader, tasks: Sequence[str] | None = None, *,
+              device: str | torch.device | None = None, amp: str | bool = "auto", channels_last: bool | None = None,
+              losses: LossConfig | None = None, data_range: float = 1.0, accumulator: MetricAccumulator | None = None,
+              progress: bool = False, check_scale: bool = False) -> dict[str, float]:
+    """evaluate(); check_scale: warn about raw intensities in the first batch (fit, which warned about its own
+    training batches already, passes False for its validation passes)."""
     tasks = check_tasks(tasks if tasks is not None else _model_tasks(model))
     check_loader("loader", loader, "torch.utils.data.DataLoader(dataset, batch_size=8)", reused=False)
     if device is None:  # where the model is (left there); a model without parameters or buffers: "auto"
@@ -1205,6 +1218,8 @@ def evaluate(model: nn.Module, loader, tasks: Sequence[str] | None = None, *,
         for batch in tqdm(batches, total=_length(loader), desc="evaluate", leave=False,
                           disable=not (progress and is_main_process())):
             batch = _to_device(batch, device, channels_last)
+            if check_scale and is_main_process():
+                check_scale = not _warn_if_unscaled(batch.get("image"), data_range, "evaluate")
             with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
                 outputs = model(batch["image"])
                 batch_losses = task_losses(outputs, batch, loss_fns)

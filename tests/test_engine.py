@@ -1309,12 +1309,12 @@ class NaNClassifierInEval(ToyNet):
 def test_an_infinite_validation_loss_is_named_as_a_nan_one_is(monkeypatch):
     import mtlearn.engine as engine
 
-    real_evaluate = engine.evaluate
+    real_evaluate = engine._evaluate  # fit's validation pass
 
     def overflowing(*args, **kwargs):  # an fp16 loss past 65504: inf, not NaN
         return dict(real_evaluate(*args, **kwargs), **{"cls/loss": math.inf})
 
-    monkeypatch.setattr(engine, "evaluate", overflowing)
+    monkeypatch.setattr(engine, "_evaluate", overflowing)
     train, val = _loaders()
     with pytest.warns(UserWarning, match=r"epoch 1: the validation loss is not finite \(val/cls/loss\)"):
         history = _fit(ToyNet(), train, val, epochs=1)
@@ -1415,6 +1415,28 @@ def test_fit_warns_once_when_the_images_look_like_unscaled_8_bit(low, high, opti
         message = str(ours[0].message)
         assert "from 0 to 255" in message and "image / 255" in message and "data_range=255" in message
         assert (ours[0].filename, ours[0].lineno) == (__file__, line)  # it points at the call of fit
+
+
+def test_evaluate_warns_once_when_the_images_look_like_unscaled_8_bit_and_fit_warns_only_for_training():
+    """A trained model evaluated on raw 0..255 images scored nonsense without a word (fit warned, evaluate did
+    not); fit's own validation passes on such images must not repeat its warning every epoch."""
+    model, raw = ToyNet(tasks=("cls",)), DataLoader(Scaled(0, 255), batch_size=4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        evaluate(model, raw)  # the line below
+        line = inspect.currentframe().f_lineno - 1
+    ours = [w for w in caught if "unscaled intensities" in str(w.message)]
+    assert len(ours) == 1 and "the first evaluated batch's images range from 0 to 255" in str(ours[0].message)
+    assert "pass evaluate the scale's full range as data_range" in str(ours[0].message)
+    assert (ours[0].filename, ours[0].lineno) == (__file__, line)  # it points at the call of evaluate
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        evaluate(model, DataLoader(Scaled(0, 1), batch_size=4))
+        evaluate(model, raw, data_range=255.0)  # the range is meant, and said
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit(ToyNet(tasks=("cls",)), raw, raw, epochs=2, progress=False, device="cpu")
+    assert len([w for w in caught if "unscaled intensities" in str(w.message)]) == 1  # training's, once
 
 
 def test_fit_prints_a_warning_above_its_bar_not_on_the_end_of_its_line(capsys, monkeypatch):
@@ -1690,8 +1712,8 @@ def test_a_run_stopped_between_its_two_checkpoints_resumes_with_the_right_best_w
 
     # epoch 2 beats epoch 1 whatever the global generator left ToyNet's first weights at (another test order
     # drew weights whose epoch 2 was no better: no best.pt to stop at)
-    real_evaluate, dice = engine.evaluate, iter([0.5, 0.6])
-    monkeypatch.setattr(engine, "evaluate", lambda *a, **k: dict(real_evaluate(*a, **k), **{"seg/dice": next(dice)}))
+    real_evaluate, dice = engine._evaluate, iter([0.5, 0.6])
+    monkeypatch.setattr(engine, "_evaluate", lambda *a, **k: dict(real_evaluate(*a, **k), **{"seg/dice": next(dice)}))
     train, val = _loaders()
     _fit_on_cpu(ToyNet(), train, val, epochs=1, out_dir=tmp_path)
     monkeypatch.setattr(engine, "save_checkpoint", stop_at_best_of_epoch_2)
@@ -1745,8 +1767,8 @@ def test_a_fit_whose_monitor_is_nan_in_every_epoch_says_there_is_no_best_epoch(t
     """One class in the validation set: cls/auc is NaN every epoch, and best.pt was never written, without a word."""
     import mtlearn.engine as engine
 
-    real_evaluate = engine.evaluate
-    monkeypatch.setattr(engine, "evaluate", lambda *a, **k: dict(real_evaluate(*a, **k), **{"cls/auc": math.nan}))
+    real_evaluate = engine._evaluate  # fit's validation pass
+    monkeypatch.setattr(engine, "_evaluate", lambda *a, **k: dict(real_evaluate(*a, **k), **{"cls/auc": math.nan}))
     with pytest.warns(UserWarning, match=r"no epoch could be the best one: val/cls/auc was not finite in any epoch "
                                          r"\(last: nan\), so there is no best\.pt.*monitor='seg/loss'"):
         history = _fit(ToyNet(), *_loaders(), epochs=2, monitor="cls/auc", out_dir=tmp_path)
@@ -1759,7 +1781,7 @@ def test_a_fit_whose_monitor_is_nan_in_every_epoch_says_there_is_no_best_epoch(t
         warnings.filterwarnings("ignore", message=r"the run in .* already has 1 epochs")  # said, and not this
         _fit(ToyNet(), *_loaders(), epochs=1, out_dir=tmp_path / "no_val", resume=True)
     epochs = iter([math.nan, 0.7])  # NaN in epoch 1 only: epoch 2 is the best, and nothing to warn of
-    monkeypatch.setattr(engine, "evaluate", lambda *a, **k: dict(real_evaluate(*a, **k), **{"cls/auc": next(epochs)}))
+    monkeypatch.setattr(engine, "_evaluate", lambda *a, **k: dict(real_evaluate(*a, **k), **{"cls/auc": next(epochs)}))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert _fit(ToyNet(), *_loaders(), epochs=2, monitor="cls/auc").best_epoch == 2

@@ -469,12 +469,12 @@ def test_a_run_without_one_finite_validation_epoch_fails_with_a_message(tmp_path
     exit status 0, NaN test metrics and no word of why."""
     import mtlearn.engine
 
-    real_evaluate = mtlearn.engine.evaluate
+    real_evaluate = mtlearn.engine._evaluate
 
     def nan_validation(*args, **kwargs):
         return {k: math.nan if k.endswith("loss") else v for k, v in real_evaluate(*args, **kwargs).items()}
 
-    monkeypatch.setattr(mtlearn.engine, "evaluate", nan_validation)  # fit's validation, not the test split's
+    monkeypatch.setattr(mtlearn.engine, "_evaluate", nan_validation)  # fit's validation, not the test split's
     out = tmp_path / "run"
     with warnings.catch_warnings(record=True) as caught, pytest.raises(SystemExit) as exit_:
         warnings.simplefilter("always")
