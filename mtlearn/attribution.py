@@ -460,16 +460,18 @@ class Explainer:
         internal_batch_size bounds how many interpolated images go through the model at once: the
         n_steps * B images of the path integral do not need to fit in GPU memory together.
 
-        Completeness is checked on every call (Captum's convergence delta: the maps' sum minus
-        score(image) - score(baseline)); a map off by more than COMPLETENESS_TOLERANCE of that change
-        is warned about, once per explainer, with the fix (more steps; the grey baseline).
+        Completeness is checked (Captum's convergence delta: the maps' sum minus score(image) -
+        score(baseline)) until a map is off by more than COMPLETENESS_TOLERANCE of that change; that is
+        warned about, once per explainer, with the fix (more steps; the grey baseline).
         """
         from captum.attr import IntegratedGradients
 
-        maps, delta = IntegratedGradients(forward).attribute(
+        check = not self.warned_incomplete  # the delta costs two more forward passes: only while it may warn
+        found = IntegratedGradients(forward).attribute(
             images, baselines=_baseline(images, baseline), additional_forward_args=args, n_steps=n_steps,
-            internal_batch_size=internal_batch_size, return_convergence_delta=True)
-        if not self.warned_incomplete:
+            internal_batch_size=internal_batch_size, return_convergence_delta=check)
+        maps, delta = found if check else (found, None)
+        if check:
             change = maps.detach().flatten(1).sum(1) - delta  # score(image) - score(baseline)
             # + 0.001: a change near 0 (a flat image; an untrained head's logit, ~0.003) is not
             # missed by a share of itself

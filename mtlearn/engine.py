@@ -1218,8 +1218,9 @@ def _evaluate(model: nn.Module, loader, tasks: Sequence[str] | None = None, *,
         for batch in tqdm(batches, total=_length(loader), desc="evaluate", leave=False,
                           disable=not (progress and is_main_process())):
             batch = _to_device(batch, device, channels_last)
-            if check_scale and is_main_process():
-                check_scale = not _warn_if_unscaled(batch.get("image"), data_range, "evaluate")
+            if check_scale and is_main_process():  # the first batch only, as fit: not a min/max sync per batch
+                _warn_if_unscaled(batch.get("image"), data_range, "evaluate")
+            check_scale = False
             with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
                 outputs = model(batch["image"])
                 batch_losses = task_losses(outputs, batch, loss_fns)

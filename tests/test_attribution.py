@@ -1307,9 +1307,13 @@ def test_integrated_gradients_takes_its_number_of_steps(model):
     assert not torch.allclose(one, many, atol=1e-3)
     assert torch.allclose(many.flatten(1).sum(1), score(images) - score(torch.zeros_like(images)), atol=1e-3)
     seen = []  # and exactly that many: n_steps copies of the batch go through the model for the integral, and
-    # the images and their baselines once each for the completeness check
-    explainer._ig(lambda x: (seen.append(len(x)), score(x))[1], images, (), n_steps=5, baseline="black")
+    # the images and their baselines once each for the completeness check (while it has not yet warned)
+    fresh = A.Explainer(model)
+    fresh._ig(lambda x: (seen.append(len(x)), score(x))[1], images, (), n_steps=5, baseline="black")
     assert sum(seen) == (5 + 2) * len(images)
+    seen.clear()  # once it has warned, no more: the integral alone
+    explainer._ig(lambda x: (seen.append(len(x)), score(x))[1], images, (), n_steps=5, baseline="black")
+    assert sum(seen) == 5 * len(images)
 
 
 def test_smoothgrad_with_a_seed_gives_one_map_and_leaves_the_global_generator_alone(explainer):

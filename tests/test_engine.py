@@ -1429,6 +1429,20 @@ def test_evaluate_warns_once_when_the_images_look_like_unscaled_8_bit_and_fit_wa
     assert len(ours) == 1 and "the first evaluated batch's images range from 0 to 255" in str(ours[0].message)
     assert "pass evaluate the scale's full range as data_range" in str(ours[0].message)
     assert (ours[0].filename, ours[0].lineno) == (__file__, line)  # it points at the call of evaluate
+    looked = []  # the first batch only: not a min/max (a GPU sync) per batch of a long evaluation
+
+    def spy(image, data_range):
+        looked.append(1)
+        return None
+
+    import mtlearn.engine as engine
+    real = engine.unscaled_range
+    engine.unscaled_range = spy
+    try:
+        evaluate(model, DataLoader(Scaled(0, 1), batch_size=4))  # 4 batches
+    finally:
+        engine.unscaled_range = real
+    assert len(looked) == 1
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         evaluate(model, DataLoader(Scaled(0, 1), batch_size=4))
