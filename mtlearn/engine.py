@@ -180,7 +180,7 @@ class TrainConfig:
     tasks: Sequence[str] | None = None  # tasks to train; None: the model's `tasks` attribute
     epochs: int = 10  # passes over the training set
     lr: float = 1e-4  # peak learning rate (ResFormer: 1e-4; 7e-5 on ISIC)
-    weight_decay: float = 3e-5  # AdamW decoupled weight decay (ResFormer)
+    weight_decay: float = 3e-5  # AdamW decoupled weight decay on every weight, norms and biases too (ResFormer)
     betas: tuple[float, float] = (0.9, 0.999)  # AdamW momentum coefficients (ResFormer)
     poly_power: float = 0.9  # lr = base_lr * (1 - iteration / total_iterations) ** poly_power
     weighting: str | LossWeighting = "fixed"  # "fixed", "uncertainty", "dwa", "gradnorm", "pcgrad" or an instance

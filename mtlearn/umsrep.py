@@ -303,6 +303,9 @@ def build_optimizer(model: nn.Module, lr: float = 1e-3, weight_decay: float = 3e
                     betas: tuple[float, float] = (0.9, 0.999)) -> torch.optim.AdamW:
     """AdamW over the trainable parameters only (requires_grad): frozen ones get no state and no decay.
 
+    Every trainable parameter decays alike, norms and biases included (the ResFormer recipe names no
+    exemption; many codebases exempt them, which matters little at 3e-5).
+
     Holding frozen parameters would not change them (their .grad stays None) but would still cost
     a pass over them each step, and weight decay would then be the one thing moving them in
     optimisers that apply decay without a gradient.
