@@ -124,6 +124,13 @@ def drop_rate(name: str, value) -> float:
     return check_number(name, value, 0.0, 1.0, below=True)
 
 
+def dropout_layer(name: str, p) -> nn.Module:
+    """nn.Dropout(p), or nn.Identity() when p is 0 (the default): a disabled part is not built, so a
+    printed model shows only the dropout it uses. `p` is checked as `drop_rate` does, naming `name`."""
+    p = drop_rate(name, p)
+    return nn.Dropout(p) if p > 0 else nn.Identity()
+
+
 class DropPath(nn.Module):
     """Stochastic depth (Huang et al., ECCV 2016): drop a residual branch for whole samples.
 
@@ -222,10 +229,10 @@ class WindowAttention(nn.Module):
             raise ValueError(f"dim {dim} must be divisible by num_heads {num_heads!r} (integer head dimension); "
                              "pass an int that divides dim, e.g. dim // 32 for 32-channel heads")
         self.num_heads = num_heads
-        self.attn_dropout = attn_dropout
+        self.attn_dropout = drop_rate("attn_dropout", attn_dropout)  # 1.5 built, then failed in the first forward
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
-        self.proj_drop = nn.Dropout(dropout)
+        self.proj_drop = dropout_layer("dropout", dropout)
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         """x: (B * nW, N, C) tokens of nW windows per image, mask: (nW, 1, N, N) additive or None -> (B * nW, N, C)."""
@@ -293,7 +300,8 @@ class SwinBlock(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = nn.Sequential(
-            nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, dim), nn.Dropout(dropout)
+            nn.Linear(dim, hidden), nn.GELU(), dropout_layer("dropout", dropout), nn.Linear(hidden, dim),
+            dropout_layer("dropout", dropout),
         )
         # the shift/padding mask for the training resolution, computed once (None: not needed there)
         self.mask_resolution = input_resolution
@@ -390,6 +398,7 @@ class _ContiguousConv2d(nn.Conv2d):
     """
 
     def forward(self, x: Tensor) -> Tensor:
+        """x: (B, C_in, H, W), any memory format -> (B, C_out, H', W') contiguous, as nn.Conv2d computes."""
         return F.conv2d(x.contiguous(), self.weight.contiguous(), self.bias, self.stride, self.padding)
 
 

@@ -46,13 +46,13 @@ CELL_TIMEOUT_S = {"smoke": 3600.0, "course": 3600.0, "paper": None}  # --cell-ti
 class NotebookResult:
     """What one papermill execution left behind."""
 
-    notebook: str
+    notebook: str  # the notebook's name, e.g. "01_resformer_mtl"
     out_dir: Path  # where the executed copy is: the requested folder, or on failure its kept `.partial` staging
     # (or the folder's `.lock` when another run held it: nothing of this run was written)
-    ok: bool
-    seconds: float
-    error: str = ""
-    metrics: dict[str, Any] | None = None
+    ok: bool  # the notebook ran to its end
+    seconds: float  # wall time of the execution
+    error: str = ""  # why it failed and what to do ("" when ok)
+    metrics: dict[str, Any] | None = None  # its metrics.json, when it wrote one
     busy: bool = False  # another run held the folder: this one ran nothing (error says which run)
 
 

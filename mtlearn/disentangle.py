@@ -83,6 +83,8 @@ class ResidualUnit(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, negative_slope: float = 0.01):
         super().__init__()
+        in_channels, out_channels = check_int("in_channels", in_channels, 1), check_int("out_channels", out_channels, 1)
+        check_number("negative_slope", negative_slope, 0, advice="the LeakyReLU slope below 0; 0.01 as in torch")
         self.main = nn.Sequential(
             nn.BatchNorm2d(in_channels),
             nn.LeakyReLU(negative_slope),

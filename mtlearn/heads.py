@@ -17,7 +17,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mtlearn.blocks import ASPPDFE, DFE
+from mtlearn.blocks import (
+    ASPPDFE,
+    DFE,
+    dropout_layer,
+)
 from mtlearn.utils import check_int, check_int_sequence
 
 DFE_MODES = ("none", "three", "four")  # no DFE, the paper's three-branch DFE, the four-branch ASPP-like one
@@ -153,7 +157,7 @@ class MultiScaleClassificationHead(nn.Module):
         num_classes, hidden = check_int("num_classes", num_classes, 1), check_int("hidden", hidden, 1)
         self.norms = nn.ModuleList(nn.BatchNorm2d(c) for c in in_channels)
         self.fc1 = nn.Linear(sum(in_channels), hidden)
-        self.drop = nn.Dropout(dropout)
+        self.drop = dropout_layer("dropout", dropout)
         self.fc2 = nn.Linear(hidden, num_classes)
 
     def forward(self, features: Sequence[Tensor]) -> Tensor:

@@ -65,7 +65,7 @@ def check_tasks(tasks: Sequence[str]) -> tuple[str, ...]:
 class DiceSoftmaxFocal(nn.Module):
     """Dice + focal loss, both on the softmax of the logits.
 
-    focal = mean over pixels of -(1 - p_t)^gamma log p_t, p_t the softmax probability of the true
+    focal = mean over pixels of -(1 - p_t)^focal_gamma log p_t, p_t the softmax probability of the true
     class (Lin et al. 2017).
     Why not MONAI's DiceFocalLoss: (in MONAI 1.6) its focal part applies a sigmoid to each channel
     separately, which is not the multi-class focal loss of the paper and is not even invariant to
@@ -75,14 +75,14 @@ class DiceSoftmaxFocal(nn.Module):
     logits: (B, K, H, W), mask: (B, 1, H, W) class indices -> scalar
     """
 
-    def __init__(self, gamma: float = 2.0):
+    def __init__(self, focal_gamma: float = 2.0):
         super().__init__()
         # < 0 gives NaN on confident pixels
-        check_number("focal_gamma", gamma, 0, advice="2 as published; 0: plain cross-entropy")
+        check_number("focal_gamma", focal_gamma, 0, advice="2 as published; 0: plain cross-entropy")
         from monai.losses import DiceLoss, FocalLoss  # here: MONAI takes ~3 s to import (train --help waited)
 
         self.dice = DiceLoss(softmax=True, to_onehot_y=True)
-        self.focal = FocalLoss(to_onehot_y=True, gamma=gamma, use_softmax=True)
+        self.focal = FocalLoss(to_onehot_y=True, gamma=focal_gamma, use_softmax=True)
 
     def forward(self, logits: Tensor, mask: Tensor) -> Tensor:
         """logits: (B, K, H, W), mask: (B, 1, H, W) class indices -> scalar"""

@@ -284,7 +284,7 @@ class MetricAccumulator:
 
         indices = class_indices(mask[:, 0])  # (B, H, W)
         pred = torch.nn.functional.one_hot(logits.argmax(1), num_seg).permute(0, 3, 1, 2)  # (B, K, H, W)
-        true = torch.nn.functional.one_hot(indices, num_seg).permute(0, 3, 1, 2)
+        true = torch.nn.functional.one_hot(indices, num_seg).permute(0, 3, 1, 2)  # (B, K, H, W)
         dice = compute_dice(pred, true, include_background=False, ignore_empty=False)  # (B, K-1)
         iou = compute_iou(pred, true, include_background=False, ignore_empty=False)
         # ignore_empty=False scores a class empty in both masks 1: right for the one foreground class of
@@ -316,8 +316,8 @@ class MetricAccumulator:
             raise ValueError(f"class labels must lie in 0..{self.num_classes - 1}, got {sorted(set(label.tolist()))}")
         pred = logits.argmax(1)
         pairs = (label * self.num_classes + pred).cpu()  # index of each (true, predicted) cell
-        self.confusion += torch.bincount(pairs, minlength=self.num_classes**2).view(
-            self.num_classes, self.num_classes).numpy()
+        self.confusion += torch.bincount(pairs, minlength=self.num_classes**2).view(  # (K * K,) -> (K, K)
+            self.num_classes, self.num_classes).numpy()  # rows: true class, columns: predicted
         self._logits.append(logits.detach().cpu().double().numpy())  # .cpu() first: MPS has no float64
         self._labels.append(label.cpu().numpy())
 

@@ -105,7 +105,8 @@ class MultiTaskUNet(nn.Module):
         return self.encoder(x)
 
     def forward_heads(self, features: list[Tensor]) -> dict[str, Tensor]:
-        """Encoder maps -> {task: output}, one entry per task the model was built with."""
+        """Encoder maps (B, C_i, H/2^i, W/2^i), i = 1..4 -> {task: output}, one entry per task the model
+        was built with: "seg" (B, seg_classes, H, W), "cls" (B, num_classes), "recon" (B, in_channels, H, W)."""
         outputs = {}
         for task in self.tasks:
             if task in self.decoders:

@@ -121,15 +121,15 @@ def check_dataset(dataset: str, data_root: str | os.PathLike | None, allowed: tu
 class Run:
     """One execution of a notebook: where it writes, on what device, and since when."""
 
-    notebook: str
-    profile: str
-    dataset: str
+    notebook: str  # the notebook's name, e.g. "01_resformer_mtl"
+    profile: str  # "smoke", "course" or "paper": what `pick` chooses by
+    dataset: str  # a name of mtlearn.data.DATASETS
     data_root: Path | None  # the dataset's folder (load_dataset's `root`); None for generated data
-    seed: int
-    device: torch.device
-    out_dir: Path
-    started: float = field(default_factory=time.perf_counter)
-    figures: list[str] = field(default_factory=list)
+    seed: int  # seeded into Python, NumPy and torch when the run starts
+    device: torch.device  # where models and batches go ("auto" resolved)
+    out_dir: Path  # metrics.json and the figures go here
+    started: float = field(default_factory=time.perf_counter)  # perf_counter at the start: the wall time
+    figures: list[str] = field(default_factory=list)  # file names of the figures saved so far
 
     def pick(self, **per_profile: Any) -> Any:
         """Choose a setting by profile: `run.pick(smoke=64, course=1200, paper=8000)`."""

@@ -96,6 +96,12 @@ BAD_ARGUMENTS = [
     ("swin negative drop path", lambda: SwinBlock(16, 2, window_size=4, drop_path=-0.1),
      r"drop_path must be a number in \[0, 1\), got -0\.1"),
     ("drop path nan", lambda: DropPath(float("nan")), "drop_prob must be a number"),
+    # attn_dropout 1.5 built, then failed in the first training forward with torch's "dropout probability"
+    ("attention dropout above 1", lambda: WindowAttention(16, 2, attn_dropout=1.5),
+     r"attn_dropout must be a number in \[0, 1\), got 1\.5"),
+    ("attention negative dropout", lambda: WindowAttention(16, 2, attn_dropout=-1),
+     r"attn_dropout must be a number in \[0, 1\), got -1"),
+    ("swin dropout 1", lambda: SwinBlock(16, 2, window_size=4, dropout=1.0), r"dropout must be a number in \[0, 1\)"),
     ("patch embed float width", lambda: PatchEmbed(1, 64.0), r"out_channels must be an integer >= 1, got 64\.0"),
     ("patch embed no input", lambda: PatchEmbed(0, 64), "in_channels must be an integer >= 1, got 0"),
     ("patch merging no output", lambda: PatchMerging(64, 0), "out_channels must be an integer >= 1, got 0"),
@@ -392,6 +398,15 @@ def test_a_non_square_training_size_uses_its_stored_mask_and_the_transposed_size
     monkeypatch.setattr(block, "attention_mask", recomputed)
     x = torch.randn(1, 8, 12, 16)
     assert stored is not None and torch.allclose(block(x), _reference_swin(block, x), atol=1e-5)
+
+
+def test_disabled_dropout_is_not_built():
+    """Dropout at 0 (every default) is nn.Identity: a printed model shows only the dropout it uses."""
+    plain = SwinBlock(16, 2, window_size=4)
+    assert not any(isinstance(m, nn.Dropout) for m in plain.modules())
+    used = SwinBlock(16, 2, window_size=4, dropout=0.25)
+    assert [m.p for m in used.modules() if isinstance(m, nn.Dropout)] == [0.25] * 3  # attention output, MLP twice
+    assert dict(plain.named_parameters()).keys() == dict(used.named_parameters()).keys()  # checkpoints still load
 
 
 def test_attention_dropout_only_in_training():

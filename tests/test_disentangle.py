@@ -106,6 +106,11 @@ def test_disentangle_parameter_groups_split_the_model():
         (lambda: D.Classifier(8, 2, dropout=1.0), "dropout"),
         (lambda: D.Classifier(8, 2, readout="spatial", grid=0), "grid must be an integer >= 1"),
         (lambda: D.Classifier(0, 2), "in_channels must be an integer >= 1"),
+        # a unit of 0 channels built silently, 8.0 failed with torch's TypeError, -1 with a RuntimeError
+        (lambda: D.ResidualUnit(0, 8), "in_channels must be an integer >= 1, got 0"),
+        (lambda: D.ResidualUnit(8.0, 16), r"in_channels must be an integer >= 1, got 8\.0"),
+        (lambda: D.ResidualUnit(8, -1), "out_channels must be an integer >= 1, got -1"),
+        (lambda: D.ResidualUnit(8, 16, negative_slope=float("nan")), "negative_slope must be a finite number >= 0"),
         (lambda: D.DisentangleNet(num_classes_a=1), "num_classes_a"),
         (lambda: D.SharedEncoderNet(num_classes_b=True), "num_classes_b"),
         (lambda: D.DisentangleNet(adv_readout="grid"), "unknown readout"),

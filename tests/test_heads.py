@@ -57,6 +57,8 @@ BAD_ARGUMENTS = [
     ("cls nothing read", lambda: MultiScaleClassificationHead((), 3), r"in_channels must list .*, at least 1, "
                                                                       r"got \(\)"),
     ("cls no classes", lambda: MultiScaleClassificationHead((64,), 0), "num_classes"),
+    ("cls dropout 1", lambda: MultiScaleClassificationHead((64,), 3, dropout=1.0),
+     r"dropout must be a number in \[0, 1\)"),
     # each failed inside torch ("empty(): argument 'size'", "'int' object is not iterable") or built silently
     ("seg float classes", lambda: SegmentationHead(16, 2.0), r"num_classes must be an integer >= 1, got 2.0"),
     ("seg bool classes", lambda: SegmentationHead(16, True), r"num_classes must be an integer >= 1, got True"),
