@@ -12,9 +12,10 @@ default is None, "the profile's value", is checked by the notebook itself, in ea
 Each run gets its own folder, named after its parameters. A run whose folder holds the `done`
 marker of a successful run with the same parameters (those papermill recorded in its executed
 notebook) is skipped, so an interrupted grid picks up where it stopped and a finished grid does no
-work. A failing run is recorded (`error.txt` beside the executed notebook, in the run's `.partial`
-folder; an earlier successful run stays as it was) and the grid goes on. `collect(out_root, specs)`
-reads the grid's finished runs into one table.
+work; a run whose notebook's code cells have been edited since (its parameters cell included) is
+done again, as a run of the new code. A failing run is recorded (`error.txt` beside the executed
+notebook, in the run's `.partial` folder; an earlier successful run stays as it was) and the grid
+goes on. `collect(out_root, specs)` reads the grid's finished runs into one table.
 """
 
 from __future__ import annotations
@@ -92,6 +93,23 @@ class RunSpec:
                 return None
         return recorded
 
+    def code_changed(self, out_root: Path) -> bool:
+        """True when the notebook's code cells (its parameters cell included) differ from those of the run
+        executed in this spec's folder: the run is of older code. False when either cannot be read."""
+        try:
+            executed = json.loads((self.folder(out_root) / self.notebook.name).read_text(encoding="utf-8"))
+            current = json.loads(self.notebook.read_text(encoding="utf-8"))
+            return _code_cells(executed) != _code_cells(current)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError):
+            return False
+
+
+def _code_cells(notebook: dict) -> list[str]:
+    """The source of each code cell, as text, leaving out the cell papermill injects (tag injected-parameters)."""
+    return ["".join(cell["source"]) if isinstance(cell["source"], list) else cell["source"]
+            for cell in notebook["cells"] if cell["cell_type"] == "code"
+            and "injected-parameters" not in cell.get("metadata", {}).get("tags", [])]
+
 
 def _as_json(value: Any) -> str:
     """`value` as JSON text, as papermill recorded it: a tuple as a list, a NumPy number as a Python one, a path
@@ -100,12 +118,17 @@ def _as_json(value: Any) -> str:
 
 
 def _same_relative_path(given: Any, recorded: Any) -> bool:
-    """True when `given` is a relative path and the `recorded` absolute one ends with it."""
+    """True when `given` is a relative path, the `recorded` absolute one ends with it, and `given` does not
+    name another existing folder from here: `data` seen from a sub-folder is the run's data, but from
+    another course folder that has its own `data` it is other data, and the run is not this one."""
     if not isinstance(given, (str, Path)) or not isinstance(recorded, str) or not str(given):
         return False
     relative = Path(given).expanduser()
     parts = relative.parts
-    return not relative.is_absolute() and Path(recorded).parts[-len(parts):] == parts
+    if relative.is_absolute() or Path(recorded).parts[-len(parts):] != parts:
+        return False
+    here = relative.absolute()
+    return not here.exists() or here == Path(recorded)
 
 
 def _recorded(folder: Path) -> dict | None:
@@ -317,8 +340,10 @@ def _check_parameters(notebook: Path, parameters: dict[str, list[Any]]) -> None:
 def run_grid(specs: list[RunSpec], out_root: str | Path, *, progress: bool = True,
              cell_timeout: float | None | str = "auto") -> pd.DataFrame:
     """Run every spec not yet complete; return a status table (one row per run): "ok", "skipped (done)",
-    "failed: <error>" (error.txt beside it), or "running elsewhere: <holder>" for a run another grid is
-    writing at that moment (the same grid started twice): not run here, and not a failure.
+    "ok (again: the notebook's code had changed)" for a finished run whose notebook was edited since
+    (an edited default in its parameters cell included), "failed: <error>" (error.txt beside it), or
+    "running elsewhere: <holder>" for a run another grid is writing at that moment (the same grid
+    started twice): not run here, and not a failure.
 
     cell_timeout: seconds one cell may run before its run is stopped as failed (a kernel whose reply
     was lost would otherwise hang the whole grid); "auto": the course runner's default for each
@@ -335,7 +360,8 @@ def run_grid(specs: list[RunSpec], out_root: str | Path, *, progress: bool = Tru
     rows = []
     for spec in tqdm(specs, desc="experiment grid", unit="run", disable=not progress):
         folder = spec.folder(out_root)
-        if spec.is_complete(out_root):
+        done = spec.is_complete(out_root)
+        if done and not spec.code_changed(out_root):
             rows.append({"notebook": spec.notebook.stem, "run": spec.name, "status": "skipped (done)", "seconds": 0.0})
             continue
         timeout = CELL_TIMEOUT_S.get(dict(spec.parameters)["profile"]) if cell_timeout == "auto" else cell_timeout
@@ -350,8 +376,8 @@ def run_grid(specs: list[RunSpec], out_root: str | Path, *, progress: bool = Tru
             except OSError as error:
                 result.error += f" (error.txt not written: {error.strerror or error})"
         # another grid writing the same run (the same command twice): not a failure, and no error.txt of its own
-        status = ("ok" if result.ok else f"running elsewhere: {result.error}" if result.busy
-                  else f"failed: {result.error}")
+        status = ("ok (again: the notebook's code had changed)" if result.ok and done else "ok" if result.ok
+                  else f"running elsewhere: {result.error}" if result.busy else f"failed: {result.error}")
         rows.append({"notebook": spec.notebook.stem, "run": spec.name, "status": status,
                      "seconds": round(result.seconds, 1)})
     return pd.DataFrame(rows, columns=["notebook", "run", "status", "seconds"])

@@ -72,6 +72,43 @@ def test_grid_runs_once_then_skips_and_collects(notebooks, tmp_path):
     assert summary.loc["nb", ("score", "mean")] == 10.5
 
 
+def test_a_finished_run_of_an_edited_notebook_is_done_again(notebooks, tmp_path):
+    """A grid re-run after the notebook's code changed (here the default of a parameter it does not sweep)
+    skipped the run as done: the table then showed the old code's result as the new one's."""
+    specs = grid(notebooks[:1], {}, seeds=[0], profile="smoke")
+    assert list(run_grid(specs, tmp_path / "grid", progress=False)["status"]) == ["ok"]
+    notebook = notebooks[0]
+    notebook.write_text(notebook.read_text().replace("scale = 1", "scale = 2"))
+    assert specs[0].code_changed(tmp_path / "grid")
+    assert list(run_grid(specs, tmp_path / "grid", progress=False)["status"]) == [
+        "ok (again: the notebook's code had changed)"]
+    assert collect(tmp_path / "grid", specs)["score"].tolist() == [20]
+    # the run is now of the current code; an edit of the prose alone is no reason to run it again
+    cells = json.loads(notebook.read_text())
+    cells["cells"].append({"cell_type": "markdown", "metadata": {}, "source": ["An added note."]})
+    notebook.write_text(json.dumps(cells))
+    assert list(run_grid(specs, tmp_path / "grid", progress=False)["status"]) == ["skipped (done)"]
+
+
+def test_a_relative_data_root_naming_other_data_here_is_not_the_recorded_run(tmp_path, monkeypatch):
+    """The same grid command in two course folders, each with its own `data`, into one out_root: the second
+    skipped its run as done and reported the first folder's results as its own."""
+    body = """import json, pathlib
+json.dump({"profile": profile, "seed": seed, "metrics": {"x": 1}}, open(pathlib.Path(out_dir) / "metrics.json", "w"))"""
+    nb = write_notebook(tmp_path / "01_root.ipynb", body)
+    nb.write_text(nb.read_text().replace("out_dir = None", "out_dir = None\\ndata_root = None"))
+    for course in ("a", "b"):
+        (tmp_path / course / "data").mkdir(parents=True)
+    specs = grid([nb], {"data_root": ["data"]}, seeds=[0], profile="smoke")
+    monkeypatch.chdir(tmp_path / "a")
+    assert list(run_grid(specs, tmp_path / "grid", progress=False)["status"]) == ["ok"]
+    monkeypatch.chdir(tmp_path / "b")
+    assert not specs[0].is_complete(tmp_path / "grid")
+    assert list(run_grid(specs, tmp_path / "grid", progress=False)["status"]) == ["ok"]
+    executed = json.loads((specs[0].folder(tmp_path / "grid") / nb.name).read_text())
+    assert executed["metadata"]["papermill"]["parameters"]["data_root"] == str(tmp_path / "b" / "data")
+
+
 def test_two_grids_whose_values_share_a_folder_name_do_not_take_each_others_runs(tmp_path):
     """"a/b" and "a_b" both make the folder tag=a_b (and "PCGrad" and "pcgrad" share one where case is ignored):
     the second grid skipped its run as done and collect showed the first grid's result under its name."""
