@@ -277,6 +277,46 @@ def _datasets(args):
     return splits, info
 
 
+def _item_facts(dataset) -> list | None:
+    """(id, label, bytes of its image and mask files or arrays) of each item of a real dataset, in order (a
+    Subset's chosen ones); None for generated data, whose seed and options already say what it is."""
+    if isinstance(dataset, Subset):
+        facts = _item_facts(dataset.dataset)
+        return None if facts is None else [facts[i] for i in dataset.indices]
+    records = getattr(dataset, "records", None)
+    if records is None:
+        return None
+
+    def size(source) -> int:
+        return source.stat().st_size if isinstance(source, Path) else int(getattr(source, "nbytes", 0))
+
+    return [[str(r.id), int(r.label), size(r.image),
+             sum(map(size, r.masks)) if isinstance(r.masks, tuple) else size(r.masks)] for r in records]
+
+
+def data_fingerprint(splits: dict) -> str | None:
+    """A digest of what the splits hold (each item's id, label and file sizes), recorded in options.json so
+    that --resume can tell another folder's data under the same options; None for generated data."""
+    facts = {split: _item_facts(data) for split, data in splits.items()}
+    if any(f is None for f in facts.values()):
+        return None
+    return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _check_same_data(args: argparse.Namespace, fingerprint: str | None) -> None:
+    """Refuse --resume onto other images than the run's: the options match, but --data-root (or
+    $MTLEARN_DATA) now names another copy of the dataset, or its files changed."""
+    path = Path(args.out_dir) / "options.json"
+    if not (args.resume and (Path(args.out_dir) / "last.pt").is_file() and path.is_file()):
+        return
+    recorded = json.loads(path.read_text()).get("data_fingerprint")  # None: a run from before it was recorded
+    if recorded is not None and fingerprint is not None and recorded != fingerprint:
+        raise ValueError(f"cannot resume the run in {args.out_dir}: the {args.dataset} images found now (--data-root "
+                         f"{args.data_root or 'default'}) are not the ones it was trained on (other files, or files "
+                         "of other sizes), so it would go on with other training images and test on others; resume "
+                         "with the run's own data folder, or start again (another --out-dir, without --resume)")
+
+
 CLI_WRITES = "options.json, last.pt, best.pt and metrics.json"  # what a run of the command writes in --out-dir
 
 
@@ -292,13 +332,15 @@ def run(args: argparse.Namespace) -> dict:
         options = _check_run_options(args)  # before the data are read
         seed_everything(args.seed)
         splits, info = _datasets(args)
+        fingerprint = data_fingerprint(splits)
+        _check_same_data(args, fingerprint)
         class_names = getattr(info, "class_names", None)
         num_classes = len(class_names) if class_names is not None else 3
         in_channels = splits["train"][0]["image"].shape[0]
         model = build_model(args.preset, tasks=tuple(args.tasks), in_channels=in_channels,
                             num_classes=num_classes, image_size=args.image_size, dfe=args.dfe)
         if options is not None:  # once the data and the model are there: a refused run leaves no folder behind
-            write_json(options, Path(args.out_dir) / "options.json")
+            write_json({**options, "data_fingerprint": fingerprint}, Path(args.out_dir) / "options.json")
         loaders = {s: make_loader(d, args.batch_size, s == "train", args.seed, args.num_workers, device)
                    for s, d in splits.items()}
         config = TrainConfig(

@@ -910,3 +910,29 @@ def test_the_loaders_follow_seed_and_num_workers(tmp_path, monkeypatch):
                               "--out-dir", str(tmp_path / "run")]))
     assert seen == {"seed": 3, "workers": 1}
     assert parse_args(["--task-weights", "seg=0", "cls=1"]).task_weights == {"seg": 0.0, "cls": 1.0}  # 0 is a weight
+
+
+def test_resume_refuses_another_copy_of_the_dataset_under_the_same_options(tmp_path, capsys):
+    """--resume with --data-root naming another BUSI folder went on silently: epoch 1 trained on the one, epoch 2
+    on the other, the test set was the other's, and best.pt was chosen across both."""
+    from tests.fixtures_real import make_busi
+
+    for name, seed in (("a", 0), ("b", 1)):  # the same file names, other pictures
+        make_busi(tmp_path / name / "busi", per_class=12, seed=seed)
+    out = tmp_path / "run"
+    base = [*SMOKE, "--dataset", "busi", "--limit", "8", "--out-dir", str(out)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the fixture's quirks, said by the loader
+        main([*base, "--data-root", str(tmp_path / "a"), "--epochs", "1"])
+        recorded = json.loads((out / "options.json").read_text())["data_fingerprint"]
+        assert isinstance(recorded, str) and len(recorded) == 16
+        with pytest.raises(SystemExit) as stop:
+            main([*base, "--data-root", str(tmp_path / "b"), "--epochs", "2", "--resume"])
+        assert stop.value.code == 2
+        assert "the busi images found now (--data-root " in capsys.readouterr().err
+        assert json.loads((out / "metrics.json").read_text())["epochs"] == 1  # the run is as it was
+        main([*base, "--data-root", str(tmp_path / "a"), "--epochs", "2", "--resume"])  # its own data: goes on
+    assert json.loads((out / "metrics.json").read_text())["epochs"] == 2
+    # generated data has no files to fingerprint: its seed and options say what it is
+    main([*SMOKE, "--limit", "8", "--epochs", "1", "--out-dir", str(tmp_path / "synthetic")])
+    assert json.loads((tmp_path / "synthetic" / "options.json").read_text())["data_fingerprint"] is None
