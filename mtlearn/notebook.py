@@ -17,14 +17,18 @@ knobs that list names go through `run.names("methods", methods, A.METHODS)` and 
 numbers through `run.number("tolerance", tolerance, minimum=0, integer=True)`, so that a bad value
 fails in the first cell, not after the models have trained. The notebook saves figures with `run.save_figure(fig, name)`
 and ends with `run.finish(metrics)`, which writes `out_dir/metrics.json` and prints device and
-wall time.
+wall time. A run into an out_dir that holds an earlier run first moves that run's metrics.json and
+figures into `out_dir/previous/`: the folder then holds one run, and a run that fails leaves no
+metrics.json that looks like its own.
 """
 
 from __future__ import annotations
 
 import io
+import json
 import math
 import os
+import shutil
 import time
 import warnings
 from collections.abc import Mapping, Sequence
@@ -400,6 +404,7 @@ def start(
     except OSError as error:  # no permission, a read-only disk, a place the system keeps (/proc)
         raise OSError(error.errno, f"out_dir {out} cannot be created ({error.strerror or error}); choose another "
                       "out_dir, one you can write to (it receives metrics.json and the figures)") from None
+    earlier = set_aside_earlier_run(out)
     run = Run(notebook, profile, dataset, root, int(seed), resolved, out)
     if profile == "paper" and resolved.type == "cpu":  # before hours of work, not after
         warnings.warn(PAPER_ON_CPU, stacklevel=2)
@@ -407,4 +412,40 @@ def start(
         env = environment_report(resolved)
         print(f"{notebook}: profile={profile} dataset={dataset} seed={seed} out_dir={out}")
         print(" | ".join(f"{k} {v}" for k, v in env.items()))
+        if earlier:
+            print(earlier)
     return run
+
+
+def set_aside_earlier_run(out: Path) -> str:
+    """Move an earlier run's metrics.json and the figures it lists from `out` into `out/previous/` (replacing
+    the run kept there before); what was moved, as a line to print, or "" when `out` holds no earlier run.
+
+    Without it a run with other parameters (in Jupyter, a new seed shares the default out_dir) left the
+    earlier run's figures beside its own, and a run that failed left the earlier metrics.json looking current.
+    Only files the earlier run recorded as its own move; anything else in `out` stays where it is."""
+    record = out / "metrics.json"
+    if not record.is_file():
+        return ""
+    try:
+        earlier = json.loads(record.read_text(encoding="utf-8"))
+        figures = [name for name in earlier.get("figures", []) if isinstance(name, str)]
+        facts = ", ".join(f"{k} {earlier[k]}" for k in ("profile", "dataset", "seed") if k in earlier)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError, TypeError):
+        figures, facts = [], "its metrics.json unreadable"
+    previous = out / "previous"
+    try:
+        if previous.is_dir() and not previous.is_symlink():
+            shutil.rmtree(previous)  # one earlier run is kept, not a pile of them
+        previous.mkdir()
+        moved = 0
+        for name in figures:  # plain PNG names only: a hand-edited record must not move files from elsewhere
+            if name == Path(name).name and name.endswith(".png") and (out / name).is_file():
+                os.replace(out / name, previous / name)
+                moved += 1
+        os.replace(record, previous / "metrics.json")
+    except OSError as error:
+        raise OSError(error.errno, f"out_dir {out} holds an earlier run, which could not be moved into {previous} "
+                      f"({error.strerror or error}); remove that folder, or give another out_dir") from None
+    return (f"out_dir held an earlier run ({facts}): its metrics.json and {moved} figure(s) moved to {previous} "
+            "(give another out_dir to keep runs side by side)")

@@ -578,6 +578,39 @@ def test_figures_are_png_files_in_out_dir(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.rglob("*.png")) == ["curve.png"]  # nowhere else
 
 
+def test_a_run_into_an_out_dir_of_an_earlier_run_sets_that_run_aside(tmp_path, capsys):
+    """A second run with other parameters left the first run's figures beside its own, and one that failed left
+    the first run's metrics.json, which looked current."""
+    first = start_here(tmp_path, seed=3)
+    for name in ("curve", "examples"):
+        fig, ax = plt.subplots()
+        first.save_figure(fig, name)
+        plt.close(fig)
+    first.finish({"dice": 0.5})
+    out = tmp_path / "out"
+    (out / "checkpoint.pt").write_bytes(b"kept")  # not the run's record: stays where it is
+    (out / "previous").mkdir()
+    (out / "previous" / "metrics.json").write_text("{}")  # the run kept before: replaced
+    second = start_here(tmp_path, seed=5, verbose=True)
+    assert f"out_dir held an earlier run (profile smoke, dataset synthetic, seed 3): its metrics.json and 2 " \
+           f"figure(s) moved to {out / 'previous'}" in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "previous"]
+    assert sorted(p.name for p in (out / "previous").iterdir()) == ["curve.png", "examples.png", "metrics.json"]
+    assert json.loads((out / "previous" / "metrics.json").read_text())["seed"] == 3
+    fig, ax = plt.subplots()
+    second.save_figure(fig, "curve")
+    plt.close(fig)
+    second.finish({"dice": 0.75})
+    assert json.loads((out / "metrics.json").read_text())["figures"] == ["curve.png"]
+    # a hand-edited record moves nothing from outside the folder; a folder without a record: nothing to say
+    (out / "metrics.json").write_text(json.dumps({"figures": ["../elsewhere.png", "curve.png"]}))
+    (tmp_path / "elsewhere.png").write_bytes(b"x")
+    start_here(tmp_path)
+    assert (tmp_path / "elsewhere.png").is_file() and (out / "previous" / "curve.png").is_file()
+    start_here(tmp_path, verbose=True)
+    assert "earlier run" not in capsys.readouterr().out
+
+
 def test_a_figure_that_cannot_be_saved_keeps_the_one_saved_before(tmp_path, full_disk):
     """savefig wrote straight into curve.png: a full disk left a broken PNG in place of the earlier figure."""
     run = start_here(tmp_path)
