@@ -165,7 +165,7 @@ class LesionScore(nn.Module):
         else:
             others = torch.cat([logits[:, :self.lesion_class], logits[:, self.lesion_class + 1:]], dim=1)
             log_odds = logits[:, self.lesion_class] - others.logsumexp(dim=1)  # (B, H, W)
-        return (log_odds * region[:, 0]).flatten(1).sum(1)
+        return (log_odds.float() * region[:, 0]).flatten(1).sum(1)  # float32: a float16 sum overflowed to inf
 
 
 class ReconstructionError(nn.Module):

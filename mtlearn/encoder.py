@@ -134,9 +134,10 @@ def check_image(x: Tensor, in_channels: int, stride: int = STRIDE, dtype: torch.
         fix = "; one image (C, H, W) becomes a batch of one with image[None]" if x.dim() == 3 else ""
         raise ValueError(f"expected a batch of images (B, C, H, W), got a tensor of shape {tuple(x.shape)}{fix}")
     check_floating(x)
-    # under autocast the layers cast for themselves; outside it, conv layers fail with "expected scalar
-    # type Half but found Float" or "Input type (CPUBFloat16Type) and weight type ... should be the same"
-    if dtype is not None and x.dtype != dtype and not _autocasting(x):
+    # under autocast the layers cast for themselves (float32, not float64: "expected scalar type Double but
+    # found BFloat16"); outside it, conv layers fail with "expected scalar type Half but found Float" or
+    # "Input type (CPUBFloat16Type) and weight type ... should be the same"
+    if dtype is not None and x.dtype != dtype and (x.dtype == torch.float64 or not _autocasting(x)):
         convert = {torch.float32: ".float()", torch.float64: ".double()", torch.float16: ".half()",
                    torch.bfloat16: ".bfloat16()"}.get(dtype, f".to({dtype})")
         raise ValueError(f"images are {x.dtype} but the model's weights are {dtype}; convert with {convert}, or "

@@ -579,6 +579,11 @@ def fit(model: nn.Module, train_loader, val_loader=None, config: TrainConfig | N
     refused, never overwritten.
     """
     config = _make_config(config, overrides)
+    if torch.is_inference_mode_enabled() or not torch.is_grad_enabled():  # else torch's "element 0 of tensors
+        # does not require grad" from deep in the weighting's backward, after the data had loaded
+        inside = "torch.inference_mode()" if torch.is_inference_mode_enabled() else "torch.no_grad()"
+        raise RuntimeError(f"fit was called inside {inside}, where nothing can learn; call it outside that block "
+                           "(a notebook cell decorated or wrapped for evaluation, perhaps)")
     _check_plain_model(model)
     tasks = check_tasks(config.tasks if config.tasks is not None else _model_tasks(model))
     check_loader("train_loader", train_loader, "torch.utils.data.DataLoader(dataset, batch_size=8, shuffle=True)")
@@ -822,19 +827,19 @@ def _prepare(model: nn.Module, config: TrainConfig, tasks: tuple[str, ...], tota
                 device, amp_dtype, channels_last, config.grad_clip, data_range=config.data_range)
 
 
-def _warn_if_unscaled(image, data_range: float = 1.0, caller: str = "fit") -> bool:
+def _warn_if_unscaled(image, data_range: float = 1.0, caller: str = "fit", name: str = "images") -> bool:
     """Warn (and return True) when a float image batch looks like raw, unscaled intensities (see
     encoder.unscaled_range): the networks run on them, but a reconstruction loss is 65,025 times larger,
     PSNR/SSIM read the wrong range and a model trained on 0..1 answers with confident nonsense, without a word.
     Called on the first batch of fit (and of evaluate), on the main process only (torchrun: one warning, not
-    one per GPU).
+    one per GPU); name: what the tensor is, "images" or the reconstruction target's "clean images".
     """
     found = unscaled_range(image, data_range)  # uint8 is refused by the models themselves, NaN stops training
     if found is None:
         return False
     low, high = found
     which = "training" if caller == "fit" else "evaluated"
-    warnings.warn(f"the first {which} batch's images range from {low:g} to {high:g}, which looks like raw, "
+    warnings.warn(f"the first {which} batch's {name} range from {low:g} to {high:g}, which looks like raw, "
                   f"unscaled intensities (e.g. 0..255): scale them to 0..1 in the dataset (8-bit: image / 255), "
                   f"as the course's datasets do, or, if this range is meant, pass {caller} the scale's full range "
                   f"as data_range (e.g. data_range=255; now {data_range:g})",
@@ -1087,6 +1092,9 @@ def _train_one_epoch(run: _Run, loader, epoch: int, tasks: tuple[str, ...], bar,
             look = first and steps == 1 and is_main_process()  # the first batch: common mistakes, warned once
             if look and isinstance(batch, Mapping):
                 _warn_if_unscaled(batch.get("image"), run.data_range)
+                if "recon" in tasks:  # the target too: trained toward 0..255 (validation's metric refuses it,
+                    # but only after an epoch, and never without a val_loader)
+                    _warn_if_unscaled(batch.get("clean"), run.data_range, name="clean images")
             buffers = [b.detach().clone() for b in run.model.buffers()]  # BatchNorm statistics, before this batch
             losses, values = _forward(run, batch, tasks, look=look)
             # checked before backward, so weights and checkpoints stay good; under torchrun every process

@@ -281,6 +281,9 @@ class ReconstructionLoss(nn.Module):
         check_tensors(**{"reconstruction output": output, "reconstruction target": clean})
         if output.shape != clean.shape:
             raise ValueError(f"reconstruction output {tuple(output.shape)} and target {tuple(clean.shape)} differ")
+        if not clean.is_floating_point():  # a uint8 target trained toward 0..255: a loss 255 times too large
+            raise ValueError(f"the reconstruction target is {clean.dtype}; give the clean image as floats on the "
+                             "input images' scale (8-bit: clean.float() / 255)")
         if self.kind == "l1":
             return nn.functional.l1_loss(output.float(), clean.float())
         return nn.functional.mse_loss(output.float(), clean.float())

@@ -139,6 +139,17 @@ def _check_features(features: np.ndarray, name: str) -> None:
                          "diverged (or its images held NaN); retrain it, e.g. with a lower lr, before probing")
 
 
+def as_array(values) -> np.ndarray:
+    """`values` as a NumPy array; a tensor detached and on the CPU first, a bfloat16 or float16 one as float32
+    (np.asarray refused a bf16 tensor, "unsupported ScalarType BFloat16", and one that requires grad)."""
+    if isinstance(values, torch.Tensor):
+        values = values.detach()
+        if values.is_floating_point() and values.dtype not in (torch.float32, torch.float64):
+            values = values.float()
+        return values.cpu().numpy()
+    return np.asarray(values)
+
+
 def _is_int_labels(value) -> bool:
     return isinstance(value, torch.Tensor) and value.ndim == 1 and not value.is_floating_point()
 
@@ -166,8 +177,8 @@ def linear_probe(
 
     C = check_number("C", C, 0, above=True, advice="the inverse regularisation strength; 1.0 is sklearn's default")
     check_int("max_iter", max_iter, 1)
-    features_train, features_test = np.asarray(features_train), np.asarray(features_test)
-    y_train, y_test = np.asarray(y_train), np.asarray(y_test)
+    features_train, features_test = as_array(features_train), as_array(features_test)
+    y_train, y_test = as_array(y_train), as_array(y_test)
     for name, f, y in (("train", features_train, y_train), ("test", features_test, y_test)):
         if f.ndim != 2 or y.ndim != 1 or len(f) != len(y):
             raise ValueError(f"{name}: expected features (N, D) and labels (N,), got {f.shape} and {y.shape}")
@@ -267,7 +278,7 @@ def cross_validated_probe(features: np.ndarray, y: np.ndarray, folds: int = 5, s
     """
     from sklearn.model_selection import StratifiedKFold
 
-    features, y = np.asarray(features), np.asarray(y)
+    features, y = as_array(features), as_array(y)
     if features.ndim != 2 or y.ndim != 1 or len(features) != len(y):
         raise ValueError(f"expected features (N, D) and labels (N,) with the same N, got features {features.shape} "
                          f"and labels {y.shape}")
@@ -355,7 +366,7 @@ def embed_2d(features: np.ndarray, method: str = "pca", seed: int = 0) -> np.nda
 
     if method not in EMBEDDINGS:
         raise ValueError(f"unknown method {method!r}; expected one of {EMBEDDINGS}")
-    features = np.asarray(features, dtype=np.float64)
+    features = as_array(features).astype(np.float64)
     if features.ndim != 2 or len(features) < 3 or features.shape[1] < 2:  # 2-D needs 2 columns to come from
         raise ValueError(f"features must be (N, D) with N >= 3 and D >= 2, got {features.shape}; one feature "
                          "per image is a 1-D picture already: plot it against the labels")

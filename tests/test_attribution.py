@@ -127,6 +127,17 @@ def test_lesion_score_sums_log_odds_over_the_region(model, images):
     log_odds = logits[:, 1] - logits[:, 0]  # two classes: logsumexp of the others is the background logit
     assert scores.shape == (2,)
     assert torch.allclose(scores, (log_odds * region[:, 0]).sum((1, 2)), rtol=1e-4, atol=1e-4)
+    # a half-precision model's log-odds summed in float16 overflowed to inf at 128 px (65,504 is its largest)
+    logits = torch.full((1, 2, 128, 128), 0.0, dtype=torch.float16)
+    logits[:, 1] = 8.0
+
+    class Constant(nn.Module):
+        def forward(self, x):
+            return {"seg": logits}
+
+    half = dict(dtype=torch.float16)  # the images and region of a model cast with .half()
+    score = A.LesionScore(Constant())(torch.zeros(1, 1, 128, 128, **half), torch.ones(1, 1, 128, 128, **half))
+    assert score.item() == pytest.approx(128 * 128 * 8.0)  # log-odds 8 - 0 on every pixel, not inf
 
 
 def test_reconstruction_error_is_the_mean_over_the_region(model, images):

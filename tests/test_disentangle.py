@@ -168,6 +168,13 @@ def test_label_prior_reads_conditional_frequencies():
     assert torch.allclose(p_a_given_b, torch.tensor([[0.0, 1.0], [6 / 7, 1 / 7]]))
     with pytest.raises(ValueError, match=r"axis must be 1 \(p\(b \| a = given\)\) or 0 .*got 2"):
         D.label_prior(joint, torch.tensor([0, 1]), axis=2)  # was read as axis=0
+    # a uint8 or bool tensor indexes as a mask: [1, 1] gave the rows of classes 0 and 1, not class 1 twice
+    for dtype in (torch.uint8, torch.int32):
+        torch.testing.assert_close(D.label_prior(joint, torch.tensor([1, 1], dtype=dtype), axis=1),
+                                   torch.tensor([[5 / 6, 1 / 6]] * 2))
+    for given in (torch.tensor([True, False]), torch.tensor([1.0, 0.0])):
+        with pytest.raises(ValueError, match=rf"given must hold class indices .*got {given.dtype}; pass labels\.long"):
+            D.label_prior(joint, given, axis=1)
 
 
 def test_adversarial_term_forms():
@@ -383,6 +390,16 @@ def test_linear_leakage_needs_a_combination_seen_twice():
     features = torch.randn(4, 8, 2, 2, requires_grad=True)
     assert leak(features, torch.tensor([0, 0, 1, 1]), torch.tensor([0, 1, 0, 1])).item() == 0.0  # one per cell
     assert leak.covariance is None
+
+
+def test_linear_leakage_takes_half_precision_features():
+    """bf16 or fp16 features (a model trained under autocast) failed: "expected m1 and m2 to have the same dtype"."""
+    features = torch.randn(8, 4, 2, 2)
+    group, target = torch.tensor([0, 0, 1, 1] * 2), torch.tensor([0, 1] * 4)
+    reference = D.LinearLeakage()(features, group, target)
+    for dtype in (torch.bfloat16, torch.float16):
+        half = D.LinearLeakage()(features.to(dtype), group, target)
+        assert half.dtype == torch.float32 and torch.isclose(half, reference, rtol=0.05)
 
 
 def test_main_step_without_adversary_is_plain_multitask(shapes_batch):

@@ -228,6 +228,14 @@ def test_half_precision_images_run_under_autocast():
     encoder = ResFormerEncoder(tiny_config()).eval()
     with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
         assert encoder(torch.rand(1, 1, 32, 32, dtype=torch.bfloat16))[0].dtype == torch.bfloat16
+    # autocast casts float32 only: a float64 batch failed in the first convolution ("expected scalar type
+    # Double but found BFloat16"); a float64 encoder still takes it there
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        with pytest.raises(ValueError, match=r"images are torch\.float64 but the model's weights are torch\.float32; "
+                                             r"convert with \.float\(\)"):
+            encoder(torch.rand(1, 1, 32, 32, dtype=torch.float64))
+        double = ResFormerEncoder(tiny_config()).double().eval()
+        assert double(torch.rand(1, 1, 32, 32, dtype=torch.float64))[0].dtype == torch.float64
 
 
 @pytest.mark.parametrize("image_size", [128.0, (128, 128.0)])

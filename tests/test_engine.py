@@ -1417,6 +1417,49 @@ def test_fit_warns_once_when_the_images_look_like_unscaled_8_bit(low, high, opti
         assert (ours[0].filename, ours[0].lineno) == (__file__, line)  # it points at the call of fit
 
 
+class RawClean(Dataset):
+    """ToyData's items with the denoising target in 0..255 (the input scaled, the target not)."""
+
+    def __init__(self):
+        self.data = ToyData()
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, i):
+        item = self.data[i]
+        return dict(item, clean=item["clean"] * 255)
+
+
+def test_fit_warns_when_the_denoising_target_looks_unscaled():
+    """A 0..255 "clean" trained the recon head toward raw intensities (train/recon 121 instead of 0.67) without a
+    word (without a val_loader; with one, its metric refused the target after the first epoch): only the input
+    images were looked at. (evaluate's metric refuses such a target at once.)"""
+    loader = DataLoader(RawClean(), batch_size=4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit(ToyNet(tasks=("recon",)), loader, None, epochs=1, progress=False, device="cpu")
+    ours = [str(w.message) for w in caught if "unscaled intensities" in str(w.message)]
+    assert len(ours) == 1 and "the first training batch's clean images range from" in ours[0], ours
+    with pytest.raises(ValueError, match="the clean images reach"):
+        evaluate(ToyNet(tasks=("recon",)), loader)
+    with warnings.catch_warnings():  # without the recon task the target is not read: nothing to say
+        warnings.simplefilter("error")
+        fit(ToyNet(tasks=("cls",)), loader, None, epochs=1, progress=False, device="cpu")
+
+
+@pytest.mark.parametrize("block", [torch.no_grad, torch.inference_mode])
+def test_fit_inside_no_grad_is_refused_at_once(block):
+    """Under no_grad, fit loaded the data and failed in the weighting's backward with torch's "element 0 of
+    tensors does not require grad"."""
+    model = ToyNet(tasks=("cls",))
+    before = [p.detach().clone() for p in model.parameters()]
+    with block(), pytest.raises(RuntimeError, match=rf"fit was called inside torch\.{block.__name__}\(\), where "
+                                                    "nothing can learn; call it outside"):
+        fit(model, DataLoader(ToyData(), batch_size=4), None, epochs=1, progress=False, device="cpu")
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
 def test_evaluate_warns_once_when_the_images_look_like_unscaled_8_bit_and_fit_warns_only_for_training():
     """A trained model evaluated on raw 0..255 images scored nonsense without a word (fit warned, evaluate did
     not); fit's own validation passes on such images must not repeat its warning every epoch."""

@@ -335,3 +335,13 @@ def test_a_one_hot_or_nan_seg_target_is_named_with_the_fix():
     mask[1, 0, 3, 3] = float("nan")
     with pytest.raises(ValueError, match=r"class indices 0\.\.2, got NaN or inf values"):
         SegmentationLoss()(logits, mask)
+
+
+def test_an_integer_reconstruction_target_is_refused():
+    """A uint8 clean image was turned into floats 0..255 and trained toward: an L1 loss 131 higher, silently."""
+    output = torch.rand(2, 1, 8, 8)
+    clean = (torch.rand(2, 1, 8, 8) * 255).to(torch.uint8)
+    with pytest.raises(ValueError, match=r"reconstruction target is torch\.uint8; .*clean\.float\(\) / 255"):
+        ReconstructionLoss()(output, clean)
+    torch.testing.assert_close(ReconstructionLoss("mse")(output, clean.float() / 255),
+                               torch.nn.functional.mse_loss(output, clean.float() / 255))

@@ -559,3 +559,12 @@ def test_a_loaded_model_exports_with_torch_export_and_computes_the_same(trained_
     exported = torch.export.export(model, (x,)).module()
     with torch.no_grad():
         assert all(torch.allclose(v, exported(x)[k], atol=1e-6) for k, v in model(x).items())
+
+
+def test_read_image_names_a_tensor_as_the_wrong_input():
+    """Path(tensor) said "expected str, bytes or os.PathLike object, not Tensor": neither problem nor fix."""
+    from mtlearn.data import read_image
+
+    with pytest.raises(TypeError, match=r"read_image takes a file or an \(H, W\) NumPy array; a tensor is already"):
+        read_image(torch.rand(32, 32), 32)
+    assert read_image(np.full((32, 32), 0.5, np.float32), 16).shape == (1, 16, 16)

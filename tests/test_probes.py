@@ -828,3 +828,15 @@ def test_probes_name_nan_labels():
     assert cross_validated_probe(features, names, folds=2)["balanced_accuracy"] > 0.9
     whole = cross_validated_probe(features, coded.astype(float), folds=2)
     assert whole == cross_validated_probe(features, coded, folds=2)
+
+
+def test_probes_and_embeddings_take_tensors_as_a_model_returns_them():
+    """bf16 features ("unsupported ScalarType BFloat16") and features that require grad failed in np.asarray."""
+    features, coded, _ = synthetic_features(n=120)
+    x, y = torch.as_tensor(features, dtype=torch.float32), torch.as_tensor(coded)
+    reference = linear_probe(x[:80].numpy(), y[:80].numpy(), x[80:].numpy(), y[80:].numpy())
+    for tensor in (x.bfloat16(), x.clone().requires_grad_()):
+        probed = linear_probe(tensor[:80], y[:80], tensor[80:], y[80:])
+        assert probed["balanced_accuracy"] == pytest.approx(reference["balanced_accuracy"], abs=0.05)
+        assert cross_validated_probe(tensor, y, folds=3)["balanced_accuracy"] > 0.9
+        assert embed_2d(tensor).shape == (120, 2)

@@ -922,6 +922,9 @@ def read_image(image: str | os.PathLike | np.ndarray, image_size: int | Sequence
         outputs = model(x[None])  # a batch of one
     """
     in_channels = check_in_channels(in_channels)
+    if isinstance(image, torch.Tensor):  # Path() said "expected str, bytes or os.PathLike object, not Tensor"
+        raise TypeError("read_image takes a file or an (H, W) NumPy array; a tensor is already an image: give it "
+                        "to the model as it is, or as image.numpy() to be prepared (scaled and resized) here")
     image = image if isinstance(image, np.ndarray) else Path(image).expanduser()
     return resize_image(_read_image(image), check_size(image_size, minimum=8)).repeat(in_channels, 1, 1)
 
