@@ -105,6 +105,15 @@ def count_inplace(model: nn.Module) -> int:
 # heads as scalar-per-sample functions
 
 
+def _task_output(model: nn.Module, images: Tensor, key: str) -> Tensor:
+    """The `key` output of `model` on `images`. A multi-task model that can compute one task alone
+    (MultiTaskUNet.forward_task) does so: explaining the classifier then skips both decoders, which
+    made occlusion and IG up to 1.5 times slower for outputs thrown away; the numbers are the same."""
+    if callable(getattr(model, "forward_task", None)) and key in getattr(model, "tasks", ()):
+        return model.forward_task(images, key)
+    return _head_output(model(images), key)
+
+
 def _head_output(outputs, key: str) -> Tensor:
     """Pick `key` from a dict of outputs; a model that returns one tensor is its own head."""
     if isinstance(outputs, Tensor):
@@ -135,7 +144,7 @@ class ClassLogit(nn.Module):
 
     def forward(self, images: Tensor, target: Tensor) -> Tensor:
         """images: (B, C, H, W), target: (B,) class indices -> (B,) class scores"""
-        logits = _head_output(self.model(images), self.key)  # (B, num_classes)
+        logits = _task_output(self.model, images, self.key)  # (B, num_classes)
         return logits.gather(1, target.view(-1, 1)).squeeze(1)  # (B, 1) picked, then (B,)
 
 
@@ -159,7 +168,7 @@ class LesionScore(nn.Module):
 
     def forward(self, images: Tensor, region: Tensor) -> Tensor:
         """images: (B, C, H, W), region: (B, 1, H, W) 0/1 -> (B,) summed lesion log-odds"""
-        logits = _head_output(self.model(images), self.key)  # (B, seg_classes, H, W)
+        logits = _task_output(self.model, images, self.key)  # (B, seg_classes, H, W)
         if logits.shape[1] == 1:
             log_odds = logits[:, 0]
         else:
@@ -185,7 +194,7 @@ class ReconstructionError(nn.Module):
 
     def forward(self, images: Tensor, region: Tensor, reference: Tensor) -> Tensor:
         """images: (B, C, H, W), region: (B, 1, H, W) 0/1, reference: (B, C, H, W) -> (B,) mean squared error"""
-        recon = _head_output(self.model(images), self.key)  # (B, C, H, W)
+        recon = _task_output(self.model, images, self.key)  # (B, C, H, W)
         squared = ((recon - reference) ** 2).mean(dim=1)  # (B, H, W)
         area = region[:, 0].flatten(1).sum(1).clamp_min(1.0)
         return (squared * region[:, 0]).flatten(1).sum(1) / area
@@ -354,7 +363,7 @@ class Explainer:
     def head_output(self, images: Tensor, head: str) -> Tensor:
         """The raw output of `head` for `images` (no gradients)."""
         with self._exact():
-            return _head_output(self.model(self._check_images(images)), self.keys[head])
+            return _task_output(self.model, self._check_images(images), self.keys[head])
 
     @torch.inference_mode(False)  # a caller's inference_mode or no_grad block: gradients are needed here
     @torch.enable_grad()

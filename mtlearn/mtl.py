@@ -107,13 +107,19 @@ class MultiTaskUNet(nn.Module):
     def forward_heads(self, features: list[Tensor]) -> dict[str, Tensor]:
         """Encoder maps (B, C_i, H/2^i, W/2^i), i = 1..4 -> {task: output}, one entry per task the model
         was built with: "seg" (B, seg_classes, H, W), "cls" (B, num_classes), "recon" (B, in_channels, H, W)."""
-        outputs = {}
-        for task in self.tasks:
-            if task in self.decoders:
-                outputs[task] = self.heads[task](self.decoders[task](features))
-            else:
-                outputs[task] = self.heads[task](features)
-        return outputs
+        return {task: self._task_head(task, features) for task in self.tasks}
+
+    def forward_task(self, x: Tensor, task: str) -> Tensor:
+        """x: (B, in_channels, H, W) -> one task's output (as in forward's dict), computing that task's decoder
+        and head only: what explaining one head needs (attribution), without the other decoders' work."""
+        if task not in self.heads:
+            raise ValueError(f"the model has no task {task!r}; its tasks: {self.tasks}")
+        return self._task_head(task, self.forward_features(x))
+
+    def _task_head(self, task: str, features: list[Tensor]) -> Tensor:
+        """Encoder maps -> the output of `task`: through its decoder when it has one (dense tasks)."""
+        head = self.heads[task]
+        return head(self.decoders[task](features)) if task in self.decoders else head(features)
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         """x: (B, in_channels, H, W), H and W divisible by 16 -> {task: output} (see the class docstring)."""

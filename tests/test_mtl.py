@@ -568,3 +568,18 @@ def test_read_image_names_a_tensor_as_the_wrong_input():
     with pytest.raises(TypeError, match=r"read_image takes a file or an \(H, W\) NumPy array; a tensor is already"):
         read_image(torch.rand(32, 32), 32)
     assert read_image(np.full((32, 32), 0.5, np.float32), 16).shape == (1, 16, 16)
+
+
+def test_forward_task_is_one_entry_of_forward_computed_alone():
+    model = tiny_model(tasks=("seg", "cls", "recon")).eval()
+    x = torch.rand(2, 1, 32, 32)
+    outputs = model(x)
+    ran = []
+    for task in ("seg", "recon"):
+        model.decoders[task].register_forward_hook(lambda module, args, out, task=task: ran.append(task))
+    for task in ("seg", "cls", "recon"):
+        ran.clear()
+        assert torch.equal(model.forward_task(x, task), outputs[task])
+        assert ran == ([task] if task != "cls" else [])  # the other tasks' decoders do not run
+    with pytest.raises(ValueError, match=r"the model has no task 'depth'; its tasks: \('seg', 'cls', 'recon'\)"):
+        model.forward_task(x, "depth")
