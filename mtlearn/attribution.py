@@ -174,7 +174,9 @@ class LesionScore(nn.Module):
         else:
             others = torch.cat([logits[:, :self.lesion_class], logits[:, self.lesion_class + 1:]], dim=1)
             log_odds = logits[:, self.lesion_class] - others.logsumexp(dim=1)  # (B, H, W)
-        return (log_odds.float() * region[:, 0]).flatten(1).sum(1)  # float32: a float16 sum overflowed to inf
+        if log_odds.dtype in (torch.float16, torch.bfloat16):  # a float16 sum overflowed to inf at 128 px
+            log_odds = log_odds.float()
+        return (log_odds * region[:, 0]).flatten(1).sum(1)
 
 
 class ReconstructionError(nn.Module):

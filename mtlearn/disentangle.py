@@ -366,6 +366,7 @@ def label_prior(joint: torch.Tensor, given: torch.Tensor, axis: int) -> torch.Te
     """
     if axis not in (0, 1):  # any other value read the table as axis=0 without a word
         raise ValueError(f"axis must be 1 (p(b | a = given)) or 0 (p(a | b = given)), got {axis!r}")
+    given = torch.as_tensor(given, device=joint.device)  # a list or NumPy array of labels, as before
     # indexing with a bool or uint8 tensor selects rows as a mask, not by label: [1, 1] gave rows 0 and 1
     if given.dtype == torch.bool or given.is_floating_point() or given.is_complex():
         raise ValueError(f"given must hold class indices (an integer tensor), got {given.dtype}; pass labels.long()")
@@ -405,7 +406,9 @@ class LinearLeakage:
         if features.ndim != 4 or group.shape != (len(features),) or target.shape != group.shape:
             raise ValueError(f"LinearLeakage needs features (B, C, h, w) and group, target (B,), got features "
                              f"{tuple(features.shape)}, group {tuple(group.shape)}, target {tuple(target.shape)}")
-        pooled = features.float().mean(dim=(2, 3))  # (B, C); float32: a half-precision inverse fails on the CPU
+        pooled = features.mean(dim=(2, 3))  # (B, C)
+        if pooled.dtype in (torch.float16, torch.bfloat16):  # a half-precision inverse fails on the CPU
+            pooled = pooled.float()
         z = (pooled - pooled.mean(0)) / (pooled.std(0) + 1e-5)  # (B, C) standardised over the batch
         cells = [(group == g) & (target == t) for g in group.unique() for t in target.unique()]
         cells = [m for m in cells if m.sum() > 1]

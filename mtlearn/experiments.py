@@ -22,10 +22,12 @@ from __future__ import annotations
 
 import argparse
 import ast
+import io
 import itertools
 import json
 import os
 import sys
+import tokenize
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,8 +96,9 @@ class RunSpec:
         return recorded
 
     def code_changed(self, out_root: Path) -> bool:
-        """True when the notebook's code cells (its parameters cell included) differ from those of the run
-        executed in this spec's folder: the run is of older code. False when either cannot be read."""
+        """True when the notebook's code cells (its parameters cell included; comments and blank lines aside)
+        differ from those of the run executed in this spec's folder: the run is of older code. False when
+        either cannot be read."""
         try:
             executed = json.loads((self.folder(out_root) / self.notebook.name).read_text(encoding="utf-8"))
             current = json.loads(self.notebook.read_text(encoding="utf-8"))
@@ -104,11 +107,24 @@ class RunSpec:
             return False
 
 
-def _code_cells(notebook: dict) -> list[str]:
-    """The source of each code cell, as text, leaving out the cell papermill injects (tag injected-parameters)."""
-    return ["".join(cell["source"]) if isinstance(cell["source"], list) else cell["source"]
+def _code_cells(notebook: dict) -> list[list[str]]:
+    """The code of each code cell, comments and blank lines left out (an added comment is no reason to run a grid
+    again), leaving out the cell papermill injects (tag injected-parameters)."""
+    return [_code(cell["source"] if isinstance(cell["source"], str) else "".join(cell["source"]))
             for cell in notebook["cells"] if cell["cell_type"] == "code"
             and "injected-parameters" not in cell.get("metadata", {}).get("tags", [])]
+
+
+def _code(source: str) -> list[str]:
+    """Python's tokens of `source` without comments and line breaks that end no statement; a cell Python cannot
+    tokenize (IPython's `!pip` or `%magic` lines) as its lines, stripped, without blank ones."""
+    try:
+        # a statement's end is "\n", or "" at the end of a cell without a final line break: the same end
+        return ["\n" if token.type == tokenize.NEWLINE else token.string
+                for token in tokenize.generate_tokens(io.StringIO(source).readline)
+                if token.type not in (tokenize.COMMENT, tokenize.NL, tokenize.ENCODING)]
+    except (tokenize.TokenError, SyntaxError):  # IndentationError is a SyntaxError
+        return [line.strip() for line in source.splitlines() if line.strip()]
 
 
 def _as_json(value: Any) -> str:
@@ -409,6 +425,14 @@ def collect(out_root: str | Path, specs: list[RunSpec] | None = None) -> pd.Data
         warnings.warn(f"{len(unread)} of {len(runs)} runs have no finished, readable result and are not in the table "
                       f"(not run yet, failed, or a damaged metrics.json): {shown}; run the grid again (the same "
                       "command, or run_grid) to run them",
+                      stacklevel=2)
+    older = [folder.name for folder, spec, record in runs
+             if record is not None and spec is not None and spec.code_changed(out_root)]
+    if older:  # in the table, but not the current notebook's results (an edit since, or a re-run that failed)
+        shown = f"{older[:3]}{' ...' if len(older) > 3 else ''}"
+        warnings.warn(f"{len(older)} of {len(runs)} runs in the table were made by an earlier version of their "
+                      f"notebook's code: {shown}; run the grid again (the same command, or run_grid) to replace "
+                      "them with runs of the current code",
                       stacklevel=2)
     rows, averaged = [], {}
     for folder, spec, record in runs:

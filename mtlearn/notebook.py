@@ -28,7 +28,6 @@ import io
 import json
 import math
 import os
-import shutil
 import time
 import warnings
 from collections.abc import Mapping, Sequence
@@ -418,8 +417,9 @@ def start(
 
 
 def set_aside_earlier_run(out: Path) -> str:
-    """Move an earlier run's metrics.json and the figures it lists from `out` into `out/previous/` (replacing
-    the run kept there before); what was moved, as a line to print, or "" when `out` holds no earlier run.
+    """Move an earlier run's metrics.json and the figures it lists from `out` into `out/previous/`, in place
+    of the run set aside there before (its metrics.json and figures; other files there stay); what was
+    moved, as a line to print, or "" when `out` holds no earlier run.
 
     Without it a run with other parameters (in Jupyter, a new seed shares the default out_dir) left the
     earlier run's figures beside its own, and a run that failed left the earlier metrics.json looking current.
@@ -429,23 +429,35 @@ def set_aside_earlier_run(out: Path) -> str:
         return ""
     try:
         earlier = json.loads(record.read_text(encoding="utf-8"))
-        figures = [name for name in earlier.get("figures", []) if isinstance(name, str)]
         facts = ", ".join(f"{k} {earlier[k]}" for k in ("profile", "dataset", "seed") if k in earlier)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError, TypeError):
-        figures, facts = [], "its metrics.json unreadable"
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, TypeError):
+        facts = "its metrics.json unreadable"
     previous = out / "previous"
     try:
-        if previous.is_dir() and not previous.is_symlink():
-            shutil.rmtree(previous)  # one earlier run is kept, not a pile of them
-        previous.mkdir()
-        moved = 0
-        for name in figures:  # plain PNG names only: a hand-edited record must not move files from elsewhere
-            if name == Path(name).name and name.endswith(".png") and (out / name).is_file():
-                os.replace(out / name, previous / name)
-                moved += 1
+        if previous.is_dir():
+            for name in [*_own_figures(previous / "metrics.json"), "metrics.json"]:
+                (previous / name).unlink(missing_ok=True)
+        else:
+            previous.mkdir()
+        figures = [name for name in _own_figures(record) if (out / name).is_file()]
+        for name in figures:
+            os.replace(out / name, previous / name)
         os.replace(record, previous / "metrics.json")
     except OSError as error:
         raise OSError(error.errno, f"out_dir {out} holds an earlier run, which could not be moved into {previous} "
                       f"({error.strerror or error}); remove that folder, or give another out_dir") from None
-    return (f"out_dir held an earlier run ({facts}): its metrics.json and {moved} figure(s) moved to {previous} "
-            "(give another out_dir to keep runs side by side)")
+    return (f"out_dir held an earlier run ({facts or 'not a run of a course notebook'}): its metrics.json and "
+            f"{len(figures)} figure(s) moved to {previous}, in place of the run kept there before (give another "
+            "out_dir to keep runs side by side)")
+
+
+def _own_figures(record: Path) -> list[str]:
+    """The figures a run's metrics.json lists as its own: plain PNG file names only, so that a hand-edited
+    record cannot make files elsewhere move ([] when the record cannot be read)."""
+    try:
+        figures = json.loads(record.read_text(encoding="utf-8")).get("figures", [])
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        return []
+    if not isinstance(figures, list):
+        return []
+    return [name for name in figures if isinstance(name, str) and name == Path(name).name and name.endswith(".png")]

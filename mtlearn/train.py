@@ -32,8 +32,10 @@ import re
 import sys
 import time
 import traceback
+import zlib
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler, Subset
@@ -278,8 +280,10 @@ def _datasets(args):
 
 
 def _item_facts(dataset) -> list | None:
-    """(id, label, bytes of its image and mask files or arrays) of each item of a real dataset, in order (a
-    Subset's chosen ones); None for generated data, whose seed and options already say what it is."""
+    """(id, label, what its image and mask are) of each item of a real dataset, in order (a Subset's chosen
+    ones): a file by its size (reading every file would take longer than a resume should), an array of an npz
+    dataset by a checksum of its pixels (its size is every item's); None for generated data, whose seed and
+    options already say what it is."""
     if isinstance(dataset, Subset):
         facts = _item_facts(dataset.dataset)
         return None if facts is None else [facts[i] for i in dataset.indices]
@@ -288,14 +292,16 @@ def _item_facts(dataset) -> list | None:
         return None
 
     def size(source) -> int:
-        return source.stat().st_size if isinstance(source, Path) else int(getattr(source, "nbytes", 0))
+        if isinstance(source, Path):
+            return source.stat().st_size
+        return zlib.crc32(np.ascontiguousarray(source).tobytes()) if source is not None else 0
 
     return [[str(r.id), int(r.label), size(r.image),
              sum(map(size, r.masks)) if isinstance(r.masks, tuple) else size(r.masks)] for r in records]
 
 
 def data_fingerprint(splits: dict) -> str | None:
-    """A digest of what the splits hold (each item's id, label and file sizes), recorded in options.json so
+    """A digest of what the splits hold (each item's id, label and file sizes or pixels), recorded in options.json so
     that --resume can tell another folder's data under the same options; None for generated data."""
     facts = {split: _item_facts(data) for split, data in splits.items()}
     if any(f is None for f in facts.values()):

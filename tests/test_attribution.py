@@ -166,6 +166,11 @@ def test_lesion_score_sums_log_odds_over_the_region(model, images):
     half = dict(dtype=torch.float16)  # the images and region of a model cast with .half()
     score = A.LesionScore(Constant())(torch.zeros(1, 1, 128, 128, **half), torch.ones(1, 1, 128, 128, **half))
     assert score.item() == pytest.approx(128 * 128 * 8.0)  # log-odds 8 - 0 on every pixel, not inf
+    logits = torch.full((1, 2, 4, 4), 0.0, dtype=torch.float64)  # float64 (checking the maths) stays float64
+    logits[0, 1, 0, 0] = 3e-8
+    double = dict(dtype=torch.float64)
+    score = A.LesionScore(Constant())(torch.zeros(1, 1, 4, 4, **double), torch.ones(1, 1, 4, 4, **double))
+    assert score.dtype == torch.float64 and score.item() == pytest.approx(3e-8, rel=1e-6)
 
 
 def test_reconstruction_error_is_the_mean_over_the_region(model, images):

@@ -169,6 +169,7 @@ def test_label_prior_reads_conditional_frequencies():
     with pytest.raises(ValueError, match=r"axis must be 1 \(p\(b \| a = given\)\) or 0 .*got 2"):
         D.label_prior(joint, torch.tensor([0, 1]), axis=2)  # was read as axis=0
     # a uint8 or bool tensor indexes as a mask: [1, 1] gave the rows of classes 0 and 1, not class 1 twice
+    torch.testing.assert_close(D.label_prior(joint, [1, 1], axis=1), torch.tensor([[5 / 6, 1 / 6]] * 2))  # a list
     for dtype in (torch.uint8, torch.int32):
         torch.testing.assert_close(D.label_prior(joint, torch.tensor([1, 1], dtype=dtype), axis=1),
                                    torch.tensor([[5 / 6, 1 / 6]] * 2))

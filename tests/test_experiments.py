@@ -80,14 +80,25 @@ def test_a_finished_run_of_an_edited_notebook_is_done_again(notebooks, tmp_path)
     notebook = notebooks[0]
     notebook.write_text(notebook.read_text().replace("scale = 1", "scale = 2"))
     assert specs[0].code_changed(tmp_path / "grid")
+    with pytest.warns(UserWarning, match=r"1 of 1 runs in the table were made by an earlier version of their "
+                                         r"notebook's code: \['profile=smoke,seed=0'\]; run the grid again"):
+        assert collect(tmp_path / "grid", specs)["score"].tolist() == [10]  # the old code's, said
     assert list(run_grid(specs, tmp_path / "grid", progress=False)["status"]) == [
         "ok (again: the notebook's code had changed)"]
-    assert collect(tmp_path / "grid", specs)["score"].tolist() == [20]
-    # the run is now of the current code; an edit of the prose alone is no reason to run it again
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert collect(tmp_path / "grid", specs)["score"].tolist() == [20]
+    # the run is now of the current code; an edit of the prose or a comment is no reason to run it again
     cells = json.loads(notebook.read_text())
     cells["cells"].append({"cell_type": "markdown", "metadata": {}, "source": ["An added note."]})
+    code = next(c for c in cells["cells"] if c["cell_type"] == "code" and "scale = 2" in "".join(c["source"]))
+    code["source"] = "".join(code["source"]).replace("scale = 2", "scale = 2  # a note\n\n")
     notebook.write_text(json.dumps(cells))
+    assert not specs[0].code_changed(tmp_path / "grid")
     assert list(run_grid(specs, tmp_path / "grid", progress=False)["status"]) == ["skipped (done)"]
+    # IPython's lines, which Python cannot tokenize, are compared as lines
+    assert experiments._code("!pip install x  # y\n\n") != experiments._code("!pip install z\n")
+    assert experiments._code("!pip install x\n\n") == experiments._code("!pip install x")
 
 
 def test_a_relative_data_root_naming_other_data_here_is_not_the_recorded_run(tmp_path, monkeypatch):

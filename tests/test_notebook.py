@@ -590,12 +590,15 @@ def test_a_run_into_an_out_dir_of_an_earlier_run_sets_that_run_aside(tmp_path, c
     out = tmp_path / "out"
     (out / "checkpoint.pt").write_bytes(b"kept")  # not the run's record: stays where it is
     (out / "previous").mkdir()
-    (out / "previous" / "metrics.json").write_text("{}")  # the run kept before: replaced
+    (out / "previous" / "metrics.json").write_text('{"figures": ["old.png"]}')  # the run kept before: replaced
+    (out / "previous" / "old.png").write_bytes(b"old")
+    (out / "previous" / "notes.txt").write_text("mine")  # not a run's file: stays
     second = start_here(tmp_path, seed=5, verbose=True)
     assert f"out_dir held an earlier run (profile smoke, dataset synthetic, seed 3): its metrics.json and 2 " \
-           f"figure(s) moved to {out / 'previous'}" in capsys.readouterr().out
+           f"figure(s) moved to {out / 'previous'}, in place of the run kept there before" in capsys.readouterr().out
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "previous"]
-    assert sorted(p.name for p in (out / "previous").iterdir()) == ["curve.png", "examples.png", "metrics.json"]
+    assert sorted(p.name for p in (out / "previous").iterdir()) == ["curve.png", "examples.png", "metrics.json",
+                                                                    "notes.txt"]
     assert json.loads((out / "previous" / "metrics.json").read_text())["seed"] == 3
     fig, ax = plt.subplots()
     second.save_figure(fig, "curve")

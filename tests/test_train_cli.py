@@ -936,3 +936,17 @@ def test_resume_refuses_another_copy_of_the_dataset_under_the_same_options(tmp_p
     # generated data has no files to fingerprint: its seed and options say what it is
     main([*SMOKE, "--limit", "8", "--epochs", "1", "--out-dir", str(tmp_path / "synthetic")])
     assert json.loads((tmp_path / "synthetic" / "options.json").read_text())["data_fingerprint"] is None
+
+
+def test_the_data_fingerprint_tells_npz_datasets_apart_by_their_pixels(tmp_path):
+    """An npz dataset's items are arrays of one size: file sizes alone gave two copies with other pictures (and
+    the same ids and labels) one fingerprint."""
+    from mtlearn.train import _datasets, data_fingerprint
+    from tests.fixtures_real import make_busi_npz
+
+    prints = []
+    for name, seed in (("a", 0), ("b", 1), ("c", 0)):
+        make_busi_npz(tmp_path / name / "busi_npz", resolution=128, seed=seed)
+        args = parse_args(["--dataset", "busi_npz", "--data-root", str(tmp_path / name), "--image-size", "32"])
+        prints.append(data_fingerprint(_datasets(args)[0]))
+    assert prints[0] != prints[1] and prints[0] == prints[2]  # other pixels; the same data in another folder
