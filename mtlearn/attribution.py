@@ -515,17 +515,22 @@ class Explainer:
         whole batch: an image's map would then depend on the other images it is explained with.
         seed: None draws the noise from torch's generator (another map at every call, unless you
         torch.manual_seed first; later draws move on with it); an int draws it from a generator of its
-        own, so the same call gives the same map and torch's generator is left where it was.
+        own, so the same call gives the same map and torch's generator is left where it was, and every
+        image gets the same noise sequence, so its map is the same alone or in any batch (a pointing
+        game over a test set then does not depend on batch_size).
         """
         from captum.attr import Saliency
 
         value_range = (images.amax(dim=(1, 2, 3)) - images.amin(dim=(1, 2, 3))).clamp_min(1e-6)  # (B,)
         sigma = (stdev * value_range).detach().view(-1, 1, 1, 1)  # (B, 1, 1, 1): each image its own noise level
         saliency = Saliency(forward)
-        generator = None if seed is None else torch.Generator(images.device).manual_seed(check_int("seed", seed, 0))
+        like = dict(device=images.device, dtype=images.dtype)
+        if seed is not None:  # one (C, H, W) draw per sample, shared by the images: none depends on its batch
+            generator = torch.Generator(images.device).manual_seed(check_int("seed", seed, 0))
+            draws = torch.randn((nt_samples, *images.shape[1:]), generator=generator, **like)
         total = torch.zeros_like(images)
-        for _ in range(nt_samples):
-            noise = torch.randn(images.shape, generator=generator, device=images.device, dtype=images.dtype)
+        for k in range(nt_samples):
+            noise = torch.randn(images.shape, **like) if seed is None else draws[k].expand_as(images)
             noisy = (images + sigma * noise).detach().requires_grad_(True)
             total += saliency.attribute(noisy, additional_forward_args=args, abs=True)
         return total / nt_samples

@@ -1372,7 +1372,8 @@ def probe_within_groups(model: nn.Module, loader, target: str, group: str, group
     of some target value, or whose patients cannot be split into folds that each hold every value
     (too few to cross-validate).
     """
-    from mtlearn.probes import UnevenFoldsError, cross_validated_probe, extract_features, too_few_for_folds
+    from mtlearn.probes import UnevenFoldsError, cross_validated_probe, extract_features, refuse_shuffling
+    from mtlearn.probes import too_few_for_folds
 
     check_int("folds", folds, 2)  # 0 or 1 made every score NaN, as if each group were too small
     if not callable(getattr(model, "encode", None)):  # else "'Conv2d' object has no attribute 'encode'"
@@ -1380,6 +1381,8 @@ def probe_within_groups(model: nn.Module, loader, target: str, group: str, group
     if isinstance(group_names, (str, Mapping)) or not group_names:  # a dict's keys were taken as the names
         raise ValueError(f"group_names must name each value of {group!r} (0, 1, ...), e.g. ['bar', 'circle']; "
                          f"got {group_names!r}")
+    # the folds follow the items' order: 0.86-0.87 where an ordered loader reads 0.89, and `patients` mismatched
+    refuse_shuffling(loader, "loader", "the probes would depend on the order it happened to draw")
     # model=model: eval mode meanwhile (BatchNorm's running statistics), as in probe_encoders
     features, labels = extract_features(lambda x: model.encode(x)[0], loader, device, (target, group), model=model)
     if patients is not None and len(patients) != len(labels[group]):  # else NumPy's "boolean index did not match"
@@ -1420,12 +1423,14 @@ def probe_encoders(model: nn.Module, loader, label_keys: tuple[str, ...], *, see
     Returns {"probe_<label>_<side>": balanced accuracy}, e.g. "probe_background_a": the nuisance
     read from the task-A features; 1 / number of classes = nothing readable.
     """
-    from mtlearn.probes import cross_validated_probe, extract_features
+    from mtlearn.probes import cross_validated_probe, extract_features, refuse_shuffling
 
     if not callable(getattr(model, "encode", None)):  # else "'Conv2d' object has no attribute 'encode'"
         raise _not_a_two_task_model(model)
     label_keys = (label_keys,) if isinstance(label_keys, str) else tuple(label_keys)  # "cls" was read as c, l, s
     folds = check_int("folds", folds, 2)
+    # the folds follow the items' order, and side b's pass would draw another one than side a's
+    refuse_shuffling(loader, "loader", "the probes would depend on the order it happened to draw")
 
     scores = {}
     for side in ("a", "b"):

@@ -150,6 +150,15 @@ def as_array(values) -> np.ndarray:
     return np.asarray(values)
 
 
+def refuse_shuffling(loader, name: str, consequence: str) -> None:
+    """A ValueError for a loader that shuffles, where cross-validated probes read its items: the folds follow
+    the items' order, so each pass would score other folds (and a list of patients, given in the loader's
+    order, would no longer match its images)."""
+    if isinstance(getattr(loader, "sampler", None), torch.utils.data.RandomSampler):
+        raise ValueError(f"{name} shuffles (shuffle=True), so {consequence}; pass a loader with shuffle=False "
+                         "(the folds are shuffled with `seed`)")
+
+
 def _is_int_labels(value) -> bool:
     return isinstance(value, torch.Tensor) and value.ndim == 1 and not value.is_floating_point()
 
@@ -326,9 +335,8 @@ def probe_matrix(
     if not encoders:
         raise ValueError("encoders is empty; pass e.g. {'encoder A': model.encoder_a}")
     label_keys = _as_keys(label_keys)
-    if test_loader is None and isinstance(getattr(train_loader, "sampler", None), torch.utils.data.RandomSampler):
-        raise ValueError("train_loader shuffles (shuffle=True), so every encoder would be probed on other folds of "
-                         "the data; pass a loader with shuffle=False (the folds are shuffled with `seed`)")
+    if test_loader is None:
+        refuse_shuffling(train_loader, "train_loader", "every encoder would be probed on other folds of the data")
     table, first_labels = {}, None
     for name, encoder in encoders.items():
         f_train, y_train = extract_features(encoder, train_loader, device, label_keys, model=model)

@@ -1333,6 +1333,19 @@ def test_probe_within_groups_reports_an_error_that_is_not_about_too_few_patients
         D.probe_within_groups(model, loader, "background", "shape", ("circle", "bar"), device="cpu")
 
 
+def test_the_probes_refuse_a_shuffling_loader():
+    """Their folds follow the items' order: a shuffled loader moved probe_shape_a from 0.894 to 0.861 or 0.872, and
+    the patients, given in the loader's order, no longer matched the images."""
+    model = CodedEncoders(side_a=lambda shape, background: background, side_b=lambda shape, background: shape)
+    shuffled = DataLoader(_coded_items(), batch_size=50, shuffle=True)
+    for call in (lambda: D.probe_encoders(model, shuffled, ("shape",), device="cpu"),
+                 lambda: D.probe_within_groups(model, shuffled, "background", "shape", ("circle", "bar"),
+                                               device="cpu")):
+        with pytest.raises(ValueError, match=r"loader shuffles \(shuffle=True\), so the probes would depend on the "
+                                             r"order it happened to draw; pass a loader with shuffle=False"):
+            call()
+
+
 def test_probe_within_groups_refuses_too_few_folds_or_names():
     """folds=0 gave NaN for every group, as if each were too small; one name for two groups left one out."""
     model = CodedEncoders(side_a=lambda shape, background: background, side_b=lambda shape, background: shape)

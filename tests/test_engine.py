@@ -856,6 +856,39 @@ def test_evaluate_refuses_an_accumulator_it_would_not_fill_afresh():
         evaluate(model, val, ("cls",), accumulator=labels_only)
     with pytest.raises(ValueError, match=r"built for tasks \('cls',\), but evaluate runs \('seg', 'cls', 'recon'\)"):
         evaluate(ToyNet(), _loaders()[1], accumulator=MetricAccumulator(("cls",)))
+    # built with other class weights (cls/loss then moved with batch_size: 1.096 at 1, 1.111 at 15) or range
+    weighted = LossConfig(class_weights=[1.0, 2.0, 3.0])
+    with pytest.raises(ValueError, match=r"built with class_weights=None, data_range=1, but evaluate runs with "
+                                         r"class_weights=\[1\.0, 2\.0, 3\.0\], data_range=1; build it with the same"):
+        evaluate(ToyNet(), _loaders()[1], losses=weighted, accumulator=MetricAccumulator(TASKS))
+    with pytest.raises(ValueError, match=r"data_range=255, but evaluate runs with class_weights=None, data_range=1"):
+        evaluate(ToyNet(), _loaders()[1], accumulator=MetricAccumulator(TASKS, data_range=255.0))
+    matching, net, results = MetricAccumulator(TASKS, class_weights=[1.0, 2.0, 3.0]), ToyNet(), []
+    for given in (matching, None):
+        random.seed(0)  # ToyData flips and shifts its items at random
+        np.random.seed(0)
+        results.append(evaluate(net, _loaders()[1], losses=weighted, accumulator=given))
+    assert results[0] == results[1]
+
+
+def test_a_loader_that_would_not_score_each_image_once_is_warned_about():
+    """A padding DistributedSampler counted an image twice (AUC moved by 0.03), drop_last left one out: silently."""
+    data = ToyData(n=15)
+    sampler = torch.utils.data.DistributedSampler(data, num_replicas=4, rank=0, shuffle=False)
+    dropping, padding = DataLoader(data, batch_size=4, drop_last=True), DataLoader(data, batch_size=4, sampler=sampler)
+    for loader, said in ((dropping, r"drops its last 3 image\(s\) \(drop_last=True, 15 images in batches of 4\)"),
+                         (padding, r"counts 1 image\(s\) twice \(a DistributedSampler pads 15 images to a multiple of "
+                                   r"4 processes\)")):
+        with pytest.warns(UserWarning, match=rf"the loader {said}, so the metrics are not those of the whole set"):
+            evaluate(ToyNet(), loader)
+        with pytest.warns(UserWarning, match=rf"the val_loader {said}"):
+            fit(ToyNet(), DataLoader(data, batch_size=4), loader, epochs=1, progress=False, device="cpu")
+    with warnings.catch_warnings():  # each image once: nothing to say (16 images on 4 processes, or 16 in 4s)
+        warnings.simplefilter("error")
+        evaluate(ToyNet(), DataLoader(ToyData(n=16), batch_size=4, drop_last=True))
+        evaluate(ToyNet(), DataLoader(data, batch_size=4))
+        even = torch.utils.data.DistributedSampler(ToyData(n=16), num_replicas=4, rank=0)
+        evaluate(ToyNet(), DataLoader(ToyData(n=16), batch_size=4, sampler=even))
 
 
 def test_evaluate_builds_no_graph():
