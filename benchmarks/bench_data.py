@@ -48,11 +48,13 @@ def run(quick: bool = False) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from benchmarks import run_header
     from benchmarks.__main__ import format_table
 
     parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_data", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a tenth of the items, scaled up")
     args = parser.parse_args(argv)
+    print(run_header())
     print(format_table(run(quick=args.quick)))
 
 

@@ -71,6 +71,7 @@ def add_criterion(rows: list[dict]) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from benchmarks import run_header
     from benchmarks.__main__ import format_table
 
     description = __doc__.split("\n\n")[0]
@@ -87,6 +88,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--seed must be in 0 .. 2**32 - 1, got {args.seed}")
     if args.epochs is not None and args.epochs < 1:
         parser.error(f"--epochs must be >= 1, got {args.epochs}")
+    print(run_header())
     print(format_table(run(args.quick, args.seed, args.threads or None, args.epochs)))
 
 

@@ -138,6 +138,7 @@ def run(quick: bool = False, rounds: int | None = None) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from benchmarks import run_header
     from benchmarks.__main__ import format_table
 
     parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_engine", description=__doc__.split("\n\n")[0])
@@ -150,6 +151,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--rounds must be >= 1, got {args.rounds}")
     started = time.perf_counter()
     rows = run(quick=args.quick, rounds=args.rounds)
+    print(run_header())
     print(format_table(rows))
     print(f"\n{time.perf_counter() - started:.0f} s")
 

@@ -100,6 +100,7 @@ def verdict(check: dict, kind: str, max_share: float) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from benchmarks import run_header
     from benchmarks.__main__ import format_table
 
     parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_umsrep", description=__doc__.split("\n\n")[0])
@@ -113,6 +114,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--seed must be in 0 .. 2**32 - 1, got {args.seed}")
     config = strategy_config("smoke" if args.quick else "course", seed=args.seed)
     table = compare(config, args.threads or None)
+    print(run_header())
     print(format_table(strategy_rows(table, config)))
     print("\n(d) joint vs (e) single-task from scratch:")
     for key, value in joint_vs_single_task(table, config.max_compute_share, config.tolerance).items():
