@@ -173,7 +173,7 @@ def test_label_prior_reads_conditional_frequencies():
     for dtype in (torch.uint8, torch.int32):
         torch.testing.assert_close(D.label_prior(joint, torch.tensor([1, 1], dtype=dtype), axis=1),
                                    torch.tensor([[5 / 6, 1 / 6]] * 2))
-    for given in (torch.tensor([True, False]), torch.tensor([1.0, 0.0])):
+    for given in (torch.tensor([True, False]), torch.tensor([1.0, 0.0]), torch.tensor([1 + 0j, 0j])):
         with pytest.raises(ValueError, match=rf"given must hold class indices .*got {given.dtype}; pass labels\.long"):
             D.label_prior(joint, given, axis=1)
 

@@ -3,6 +3,7 @@ import torch
 
 from mtlearn.losses import (
     ClassificationLoss,
+    DiceSoftmaxFocal,
     LossConfig,
     ReconstructionLoss,
     SegmentationLoss,
@@ -60,6 +61,8 @@ def test_dicefocal_uses_the_configured_focal_gamma(gamma):
     dice = (1 - (2 * intersection + 1e-5) / (total + 1e-5)).mean()
     loss = build_losses(("seg",), LossConfig(seg="dicefocal", focal_gamma=gamma))["seg"]
     torch.testing.assert_close(loss(logits, mask), dice + focal, rtol=1e-5, atol=1e-6)
+    # the module itself takes the one name used everywhere else (it was `gamma`)
+    torch.testing.assert_close(DiceSoftmaxFocal(focal_gamma=gamma)(logits, mask), dice + focal, rtol=1e-5, atol=1e-6)
 
 
 def test_the_defaults_are_the_published_ones():
@@ -343,5 +346,7 @@ def test_an_integer_reconstruction_target_is_refused():
     clean = (torch.rand(2, 1, 8, 8) * 255).to(torch.uint8)
     with pytest.raises(ValueError, match=r"reconstruction target is torch\.uint8; .*clean\.float\(\) / 255"):
         ReconstructionLoss()(output, clean)
+    with pytest.raises(ValueError, match=r"reconstruction target is torch\.int64"):  # torch.randint's, say
+        ReconstructionLoss()(output, clean.long())
     torch.testing.assert_close(ReconstructionLoss("mse")(output, clean.float() / 255),
                                torch.nn.functional.mse_loss(output, clean.float() / 255))

@@ -612,6 +612,16 @@ def test_a_run_into_an_out_dir_of_an_earlier_run_sets_that_run_aside(tmp_path, c
     assert (tmp_path / "elsewhere.png").is_file() and (out / "previous" / "curve.png").is_file()
     start_here(tmp_path, verbose=True)
     assert "earlier run" not in capsys.readouterr().out
+    # only PNG files move (a record listing notes.txt does not take it along); a listed figure the user deleted,
+    # or a damaged record, is no reason to fail
+    (out / "notes.txt").write_text("mine")
+    (out / "metrics.json").write_text(json.dumps({"figures": ["notes.txt", "gone.png"]}))
+    start_here(tmp_path, verbose=True)
+    assert (out / "notes.txt").read_text() == "mine" and not (out / "metrics.json").exists()
+    (out / "metrics.json").write_text("{")
+    start_here(tmp_path, verbose=True)
+    assert "(its metrics.json unreadable): its metrics.json and 0 figure(s) moved" in capsys.readouterr().out
+    assert (out / "previous" / "metrics.json").read_text() == "{"
 
 
 def test_a_figure_that_cannot_be_saved_keeps_the_one_saved_before(tmp_path, full_disk):

@@ -840,3 +840,13 @@ def test_probes_and_embeddings_take_tensors_as_a_model_returns_them():
         assert probed["balanced_accuracy"] == pytest.approx(reference["balanced_accuracy"], abs=0.05)
         assert cross_validated_probe(tensor, y, folds=3)["balanced_accuracy"] > 0.9
         assert embed_2d(tensor).shape == (120, 2)
+
+
+def test_as_array_widens_half_precision_only_and_embed_2d_works_in_float64():
+    from mtlearn.probes import as_array
+
+    assert as_array(torch.zeros(2, dtype=torch.float64)).dtype == np.float64  # not cut to float32
+    assert as_array(torch.zeros(2, dtype=torch.bfloat16)).dtype == np.float32
+    assert as_array(torch.zeros(2, dtype=torch.int64)).dtype == np.int64
+    features, _, _ = synthetic_features(n=30)
+    assert embed_2d(torch.as_tensor(features).bfloat16()).dtype == np.float64

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import warnings
 
+import numpy as np
 import pytest
 from torch.utils.data import DataLoader, Dataset
 
@@ -950,3 +951,61 @@ def test_the_data_fingerprint_tells_npz_datasets_apart_by_their_pixels(tmp_path)
         args = parse_args(["--dataset", "busi_npz", "--data-root", str(tmp_path / name), "--image-size", "32"])
         prints.append(data_fingerprint(_datasets(args)[0]))
     assert prints[0] != prints[1] and prints[0] == prints[2]  # other pixels; the same data in another folder
+
+
+def test_the_data_fingerprint_reads_which_items_each_split_holds_and_what_they_are(tmp_path):
+    """Each part of an item's facts tells two datasets apart: the items a Subset chose, a label (a corrected
+    label file), an image file's or a mask file's size (re-annotated masks); generated data has none."""
+    from torch.utils.data import Subset
+
+    from mtlearn.data.real import Record
+    from mtlearn.train import data_fingerprint
+
+    for name, size in (("a.png", 10), ("a_mask.png", 20), ("b.png", 30), ("b_mask.png", 40)):
+        (tmp_path / name).write_bytes(b"x" * size)
+
+    class Listed:
+        def __init__(self, records):
+            self.records = records
+
+    def dataset(label_a=0, mask_a="a_mask.png"):
+        return Listed([Record("a", label_a, tmp_path / "a.png", (tmp_path / mask_a,), "a"),
+                       Record("b", 1, tmp_path / "b.png", (tmp_path / "b_mask.png",), "b"),
+                       Record("c", 1, np.zeros((4, 4), np.uint8), np.ones((4, 4), np.uint8), "c")])
+
+    def printed(data):
+        return data_fingerprint({"train": data})
+
+    reference = printed(dataset())
+    assert printed(dataset()) == reference  # the same facts: the same print
+    assert printed(Subset(dataset(), [0, 1])) != printed(Subset(dataset(), [1, 2]))  # which items were chosen
+    assert printed(dataset(label_a=1)) != reference  # a label
+    assert printed(dataset(mask_a="b_mask.png")) != reference  # a mask file of another size
+    arrays = dataset()
+    arrays.records[2] = Record("c", 1, np.full((4, 4), 7, np.uint8), np.ones((4, 4), np.uint8), "c")
+    assert printed(arrays) != reference  # an npz item's pixels
+    assert data_fingerprint({"train": dataset(), "test": [{"image": 0}]}) is None  # a generated split: none
+
+
+def test_resume_of_a_run_recorded_before_fingerprints_goes_on(tmp_path, capsys):
+    """A run whose options.json has no fingerprint (started before it was recorded) must still resume; and a new
+    run into a folder that holds only options.json (the first died before last.pt) is no resume at all."""
+    from tests.fixtures_real import make_busi
+
+    make_busi(tmp_path / "a" / "busi", per_class=12, seed=0)
+    make_busi(tmp_path / "b" / "busi", per_class=12, seed=1)
+    out = tmp_path / "run"
+    base = [*SMOKE, "--dataset", "busi", "--limit", "8", "--out-dir", str(out), "--data-root", str(tmp_path / "a")]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the fixture's quirks, said by the loader
+        main([*base, "--epochs", "1"])
+        options = json.loads((out / "options.json").read_text())
+        del options["data_fingerprint"]
+        write_json(options, out / "options.json")
+        main([*base, "--epochs", "2", "--resume"])
+        assert json.loads((out / "metrics.json").read_text())["epochs"] == 2
+        fresh = tmp_path / "fresh"
+        write_json({**options, "data_fingerprint": "0" * 16}, fresh / "options.json")  # no last.pt beside it
+        main([*SMOKE, "--dataset", "busi", "--limit", "8", "--epochs", "1", "--out-dir", str(fresh),
+              "--data-root", str(tmp_path / "b")])
+    assert json.loads((fresh / "metrics.json").read_text())["epochs"] == 1
