@@ -8,13 +8,17 @@ import subprocess
 from pathlib import Path
 
 
-def run_header() -> str:
-    """One line saying when, on what code and with what a run measured: the date, the commit (with "+" when
-    the checkout has uncommitted changes), Python and library versions, threads and the machine's load, so
-    that a table copied into benchmarks/README.md carries what it needs to be compared with a later one."""
+def run_header(device: str = "auto", threads: int | str | None = None) -> str:
+    """One line saying when, on what code and with what a run measures: the date, the commit (with "+" when
+    the checkout has uncommitted changes), Python and library versions, the device and threads it measures
+    on, and the machine's load before it starts, so that a table copied into benchmarks/README.md carries
+    what it needs to be compared with a later one. threads: those the run sets (None: the process's)."""
+    import torch
+
     from mtlearn.utils import environment_report
 
-    report = environment_report("auto")
+    report = environment_report(device)
+    report["cpu_threads"] = str(threads if threads is not None else torch.get_num_threads())
     commit = "unknown"
     try:
         here = Path(__file__).resolve().parent

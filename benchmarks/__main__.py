@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(f"--{option} must be >= 1, got {getattr(args, option)}")
     from benchmarks import run_header
 
-    print(run_header())
+    print(run_header(threads=args.threads or "each group's own"))
     # models last: on a CPU it makes the process keep its freed memory (bench_models.keep_freed_memory),
     # which would hold for every group measured after it
     for name in sorted(dict.fromkeys(args.only), key=lambda group: group == "models"):  # each group once

@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--seed must be in 0 .. 2**32 - 1, got {args.seed}")
     if args.epochs is not None and args.epochs < 1:
         parser.error(f"--epochs must be >= 1, got {args.epochs}")
-    print(run_header())
+    print(run_header("auto", args.threads or None))
     print(format_table(run(args.quick, args.seed, args.threads or None, args.epochs)))
 
 

@@ -149,9 +149,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.rounds is not None and args.rounds < 1:
         parser.error(f"--rounds must be >= 1, got {args.rounds}")
+    on_cpu = pick_device("auto").type == "cpu"
+    print(run_header("auto", 1 if on_cpu else None))  # run() measures with one thread on a CPU
     started = time.perf_counter()
     rows = run(quick=args.quick, rounds=args.rounds)
-    print(run_header())
     print(format_table(rows))
     print(f"\n{time.perf_counter() - started:.0f} s")
 

@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None) -> None:
         _device(args.device)  # an unknown or missing device is refused before anything is measured
     except ValueError as error:
         parser.error(str(error))
-    print(run_header())
+    print(run_header(args.device, args.threads))
     print(format_table(run(quick=args.quick, threads=args.threads, groups=tuple(args.group), rounds=args.rounds,
                            device=args.device, default_malloc=args.default_malloc, amp=args.amp)))
 

@@ -113,8 +113,8 @@ def main(argv: list[str] | None = None) -> None:
     if not 0 <= args.seed < 2**32:  # refused now, not by the first training after minutes of data generation
         parser.error(f"--seed must be in 0 .. 2**32 - 1, got {args.seed}")
     config = strategy_config("smoke" if args.quick else "course", seed=args.seed)
+    print(run_header(config.device, args.threads or None))
     table = compare(config, args.threads or None)
-    print(run_header())
     print(format_table(strategy_rows(table, config)))
     print("\n(d) joint vs (e) single-task from scratch:")
     for key, value in joint_vs_single_task(table, config.max_compute_share, config.tolerance).items():

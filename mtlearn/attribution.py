@@ -108,8 +108,11 @@ def count_inplace(model: nn.Module) -> int:
 def _task_output(model: nn.Module, images: Tensor, key: str) -> Tensor:
     """The `key` output of `model` on `images`. A multi-task model that can compute one task alone
     (MultiTaskUNet.forward_task) does so: explaining the classifier then skips both decoders, which
-    made occlusion and IG up to 1.5 times slower for outputs thrown away; the numbers are the same."""
-    if callable(getattr(model, "forward_task", None)) and key in getattr(model, "tasks", ()):
+    made occlusion and IG up to 1.5 times slower for outputs thrown away; the numbers are the same. Not when
+    hooks sit on the model itself (forward_task would pass them by), nor through a wrapper such as
+    torch.compile's, whose forward is the compiled one."""
+    hooked = bool(getattr(model, "_forward_hooks", None) or getattr(model, "_forward_pre_hooks", None))
+    if hasattr(type(model), "forward_task") and key in getattr(model, "tasks", ()) and not hooked:
         return model.forward_task(images, key)
     return _head_output(model(images), key)
 

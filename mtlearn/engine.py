@@ -1201,25 +1201,59 @@ def evaluate(model: nn.Module, loader, tasks: Sequence[str] | None = None, *,
 def warn_if_not_each_once(loader, name: str) -> bool:
     """Warn (and return True) when an evaluation loader would not score each image exactly once: drop_last
     leaves the last partial batch out, and torch's DistributedSampler repeats images to give every process
-    as many (15 images on 4 processes: one counted twice, AUC moved by 0.03). mtlearn.train shards without
-    either. Only what the loader says of itself is read: its dataset is not touched."""
-    sampler, batch_size = getattr(loader, "sampler", None), getattr(loader, "batch_size", None)
-    size = _length(getattr(loader, "dataset", None))
+    as many (15 images on 4 processes: one counted twice, AUC moved by 0.03) or, with drop_last, leaves
+    some out. mtlearn.train shards without either. Only what the loader says of itself is read (its batch
+    sampler's batch_size and drop_last, its sampler's length): its dataset is not touched."""
+    batch_sampler = getattr(loader, "batch_sampler", None)
+    sampler = getattr(batch_sampler, "sampler", None) or getattr(loader, "sampler", None)
+    batch_size, size = getattr(batch_sampler, "batch_size", None), _length(sampler)
     problem = None
-    if getattr(loader, "drop_last", False) and size is not None and batch_size and size % batch_size:
-        problem = (f"drops its last {size % batch_size} image(s) (drop_last=True, {size} images in batches of "
-                   f"{batch_size})")
-    elif isinstance(sampler, torch.utils.data.DistributedSampler) and not sampler.drop_last and size is not None:
-        extra = -size % sampler.num_replicas
-        if extra:
-            problem = (f"counts {extra} image(s) twice (a DistributedSampler pads {size} images to a multiple of "
-                       f"{sampler.num_replicas} processes)")
+    if isinstance(sampler, torch.utils.data.DistributedSampler):
+        total, dealt = _length(sampler.dataset), sampler.num_replicas * len(sampler)
+        if total is not None and dealt > total:
+            problem = (f"counts {dealt - total} image(s) twice (a DistributedSampler pads {total} images to a "
+                       f"multiple of {sampler.num_replicas} processes)")
+        elif total is not None and dealt < total:
+            problem = (f"leaves {total - dealt} image(s) out (a DistributedSampler with drop_last=True, {total} "
+                       f"images on {sampler.num_replicas} processes)")
+    if problem is None and getattr(batch_sampler, "drop_last", False) and size and batch_size and size % batch_size:
+        where = " on each process" if isinstance(sampler, torch.utils.data.DistributedSampler) else ""
+        problem = (f"drops its last {size % batch_size} image(s){where} (drop_last=True, {size} images in batches "
+                   f"of {batch_size})")
     if problem is None:
         return False
     warnings.warn(f"the {name} {problem}, so the metrics are not those of the whole set; evaluate on a loader "
                   "with drop_last=False and, under torchrun, mtlearn.train.make_loader's shards (no padding)",
                   stacklevel=user_stacklevel())
     return True
+
+
+def _check_accumulator(accumulator: MetricAccumulator, tasks: tuple[str, ...], losses: LossConfig | None,
+                       data_range: float) -> None:
+    """Refuse an accumulator evaluate would not fill afresh, or would fill on other terms than its losses."""
+    if not accumulator.empty:  # a second evaluate() into it averaged both passes together, without a word
+        raise ValueError("the accumulator already holds an earlier pass; call accumulator.reset() first, or pass a "
+                         "new MetricAccumulator")
+    if set(accumulator.tasks) != set(tasks):  # its tasks decide the metrics: the others' would be missing
+        raise ValueError(f"the accumulator was built for tasks {accumulator.tasks}, but evaluate runs {tasks}; "
+                         f"build it with MetricAccumulator({tasks})")
+    # the mean of a class-weighted loss divides by the batch's weights: other ones made cls/loss depend on
+    # batch_size (1.096 at 1, 1.111 at 15); another data_range reads PSNR/SSIM on another scale. Weights that
+    # differ by a factor only give the same weighted mean.
+    given = losses.class_weights if losses is not None else None
+    ours = None if given is None else torch.as_tensor(np.asarray(given, dtype=np.float64))
+    theirs = accumulator.class_weights
+    same_weights = (ours is None) == (theirs is None) and (ours is None or (
+        ours.shape == theirs.shape and torch.allclose(ours / ours.sum(), theirs.double() / theirs.sum())))
+    if "cls" in tasks and not same_weights:
+        raise ValueError(f"the accumulator was built with class_weights="
+                         f"{None if theirs is None else theirs.tolist()}, but evaluate's losses have "
+                         f"{None if ours is None else ours.tolist()}; build it with the same: "
+                         "MetricAccumulator(tasks, class_weights=losses.class_weights)")
+    if "recon" in tasks and accumulator.data_range != data_range:
+        raise ValueError(f"the accumulator was built with data_range={accumulator.data_range:g}, but evaluate runs "
+                         f"with data_range={data_range:g}; build it with the same: MetricAccumulator(tasks, "
+                         "data_range=...)")
 
 
 def _evaluate(model: nn.Module, loader, tasks: Sequence[str] | None = None, *,
@@ -1230,6 +1264,8 @@ def _evaluate(model: nn.Module, loader, tasks: Sequence[str] | None = None, *,
     training batches already, passes False for its validation passes)."""
     tasks = check_tasks(tasks if tasks is not None else _model_tasks(model))
     check_loader("loader", loader, "torch.utils.data.DataLoader(dataset, batch_size=8)", reused=False)
+    if accumulator is not None:  # before the model is moved or converted: a refused call changes nothing
+        _check_accumulator(accumulator, tasks, losses, data_range)
     if device is None:  # where the model is (left there); a model without parameters or buffers: "auto"
         home = next(itertools.chain(model.parameters(), model.buffers()), None)
         device = home.device if home is not None else pick_device("auto")
@@ -1244,22 +1280,6 @@ def _evaluate(model: nn.Module, loader, tasks: Sequence[str] | None = None, *,
     if accumulator is None:
         accumulator = MetricAccumulator(tasks, data_range=data_range,
                                         class_weights=losses.class_weights if losses is not None else None)
-    elif not accumulator.empty:  # a second evaluate() into it averaged both passes together, without a word
-        raise ValueError("the accumulator already holds an earlier pass; call accumulator.reset() first, or pass a "
-                         "new MetricAccumulator")
-    elif set(accumulator.tasks) != set(tasks):  # its tasks decide the metrics: the others' would be missing
-        raise ValueError(f"the accumulator was built for tasks {accumulator.tasks}, but evaluate runs {tasks}; "
-                         f"build it with MetricAccumulator({tasks})")
-    else:  # the mean of a class-weighted loss divides by the batch's weights: other ones made cls/loss depend on
-        # batch_size (1.096 at 1, 1.111 at 15); another data_range reads PSNR/SSIM on another scale
-        weights = losses.class_weights if losses is not None else None
-        ours = None if weights is None else [float(w) for w in weights]
-        theirs = None if accumulator.class_weights is None else accumulator.class_weights.tolist()
-        if ours != theirs or accumulator.data_range != data_range:
-            raise ValueError(f"the accumulator was built with class_weights={theirs}, data_range="
-                             f"{accumulator.data_range:g}, but evaluate runs with class_weights={ours}, data_range="
-                             f"{data_range:g}; build it with the same: MetricAccumulator(tasks, data_range=..., "
-                             "class_weights=losses.class_weights)")
     # eval_mode: each submodule gets its own mode back (a frozen BatchNorm stays frozen)
     with eval_mode(model), batches_from(loader) as batches:
         for batch in tqdm(batches, total=_length(loader), desc="evaluate", leave=False,

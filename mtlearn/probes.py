@@ -154,9 +154,18 @@ def refuse_shuffling(loader, name: str, consequence: str) -> None:
     """A ValueError for a loader that shuffles, where cross-validated probes read its items: the folds follow
     the items' order, so each pass would score other folds (and a list of patients, given in the loader's
     order, would no longer match its images)."""
-    if isinstance(getattr(loader, "sampler", None), torch.utils.data.RandomSampler):
-        raise ValueError(f"{name} shuffles (shuffle=True), so {consequence}; pass a loader with shuffle=False "
-                         "(the folds are shuffled with `seed`)")
+    if shuffles(loader):
+        raise ValueError(f"{name} shuffles (shuffle=True, or a random sampler), so {consequence}; pass a loader "
+                         "with shuffle=False (the folds are shuffled with `seed`)")
+
+
+def shuffles(loader) -> bool:
+    """True when a DataLoader draws its items in a random order: shuffle=True, a random or weighted sampler, a
+    shuffling DistributedSampler, or a batch_sampler built on one of them."""
+    data = torch.utils.data
+    sampler = getattr(getattr(loader, "batch_sampler", None), "sampler", None) or getattr(loader, "sampler", None)
+    random = (data.RandomSampler, data.SubsetRandomSampler, data.WeightedRandomSampler)
+    return isinstance(sampler, random) or (isinstance(sampler, data.DistributedSampler) and sampler.shuffle)
 
 
 def _is_int_labels(value) -> bool:

@@ -144,6 +144,14 @@ def test_explaining_one_head_runs_only_that_head_and_gives_the_same_map(model, e
     finally:
         for hook in hooks:
             hook.remove()
+    # a hook on the model itself (an input normalisation, say) runs: the whole forward is taken then
+    calls = []
+    hook = explainer.model.register_forward_pre_hook(lambda module, args: calls.append(1))
+    try:
+        explainer.head_output(images, "cls")
+    finally:
+        hook.remove()
+    assert calls == [1]
 
 
 def test_lesion_score_sums_log_odds_over_the_region(model, images):

@@ -817,3 +817,16 @@ def test_engine_quick_times_torch_compile_on_a_gpu(monkeypatch):
     on_gpu, on_cpu = (bench_engine._configs(torch.device(kind), quick=True)[-1] for kind in ("cuda", "cpu"))
     assert on_gpu["compile"] and on_gpu["skip"] is None
     assert on_cpu["compile"] and on_cpu["skip"] is not None
+
+
+def test_run_header_names_the_device_and_threads_the_run_measures_with(monkeypatch):
+    """It read the process's threads and the "auto" device: 16 threads and a GPU printed over a 2-thread CPU
+    table."""
+    from benchmarks import run_header
+
+    before = torch.get_num_threads()
+    line = run_header("cpu", 2)
+    assert " | device cpu | " in line and " | cpu_threads 2 | " in line and torch.get_num_threads() == before
+    assert f" | cpu_threads {before} | " in run_header("cpu")  # nothing set: the process's own
+    monkeypatch.setattr(subprocess, "run", lambda *args, **kwargs: (_ for _ in ()).throw(OSError("no git")))
+    assert " | commit unknown | " in run_header("cpu", 1)  # an unpacked copy without git still gets its line

@@ -1337,13 +1337,23 @@ def test_the_probes_refuse_a_shuffling_loader():
     """Their folds follow the items' order: a shuffled loader moved probe_shape_a from 0.894 to 0.861 or 0.872, and
     the patients, given in the loader's order, no longer matched the images."""
     model = CodedEncoders(side_a=lambda shape, background: background, side_b=lambda shape, background: shape)
-    shuffled = DataLoader(_coded_items(), batch_size=50, shuffle=True)
-    for call in (lambda: D.probe_encoders(model, shuffled, ("shape",), device="cpu"),
-                 lambda: D.probe_within_groups(model, shuffled, "background", "shape", ("circle", "bar"),
-                                               device="cpu")):
-        with pytest.raises(ValueError, match=r"loader shuffles \(shuffle=True\), so the probes would depend on the "
-                                             r"order it happened to draw; pass a loader with shuffle=False"):
-            call()
+    items = _coded_items()
+    data = torch.utils.data
+    samplers = [data.RandomSampler(items), data.SubsetRandomSampler(range(len(items))),
+                data.WeightedRandomSampler([1.0] * len(items), len(items)),
+                data.DistributedSampler(items, num_replicas=1, rank=0)]  # shuffles by default
+    loaders = [DataLoader(items, batch_size=50, shuffle=True)]
+    loaders += [DataLoader(items, batch_size=50, sampler=sampler) for sampler in samplers]
+    loaders.append(DataLoader(items, batch_sampler=data.BatchSampler(data.RandomSampler(items), 50, False)))
+    for shuffled in loaders:
+        for call in (lambda: D.probe_encoders(model, shuffled, ("shape",), device="cpu"),
+                     lambda: D.probe_within_groups(model, shuffled, "background", "shape", ("circle", "bar"),
+                                                   device="cpu")):
+            with pytest.raises(ValueError, match=r"loader shuffles \(shuffle=True, or a random sampler\), so the "
+                                                 r"probes would depend on the order it happened to draw"):
+                call()
+    ordered = data.DistributedSampler(items, num_replicas=1, rank=0, shuffle=False)
+    assert D.probe_encoders(model, DataLoader(items, batch_size=50, sampler=ordered), ("shape",), device="cpu")
 
 
 def test_probe_within_groups_refuses_too_few_folds_or_names():

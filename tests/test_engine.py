@@ -858,11 +858,19 @@ def test_evaluate_refuses_an_accumulator_it_would_not_fill_afresh():
         evaluate(ToyNet(), _loaders()[1], accumulator=MetricAccumulator(("cls",)))
     # built with other class weights (cls/loss then moved with batch_size: 1.096 at 1, 1.111 at 15) or range
     weighted = LossConfig(class_weights=[1.0, 2.0, 3.0])
-    with pytest.raises(ValueError, match=r"built with class_weights=None, data_range=1, but evaluate runs with "
-                                         r"class_weights=\[1\.0, 2\.0, 3\.0\], data_range=1; build it with the same"):
-        evaluate(ToyNet(), _loaders()[1], losses=weighted, accumulator=MetricAccumulator(TASKS))
-    with pytest.raises(ValueError, match=r"data_range=255, but evaluate runs with class_weights=None, data_range=1"):
-        evaluate(ToyNet(), _loaders()[1], accumulator=MetricAccumulator(TASKS, data_range=255.0))
+    net = ToyNet()
+    before = copy.deepcopy(net.state_dict())
+    with pytest.raises(ValueError, match=r"built with class_weights=None, but evaluate's losses have \[1\.0, 2\.0, "
+                                         r"3\.0\]; build it with the same"):
+        evaluate(net, _loaders()[1], losses=weighted, accumulator=MetricAccumulator(TASKS), device="cpu")
+    with pytest.raises(ValueError, match=r"built with data_range=255, but evaluate runs with data_range=1"):
+        evaluate(net, _loaders()[1], accumulator=MetricAccumulator(TASKS, data_range=255.0))
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())  # refused before anything was done
+    # what cannot change a number is not refused: weights that differ by a factor, a range without recon,
+    # weights without cls
+    evaluate(ToyNet(), _loaders()[1], losses=weighted, accumulator=MetricAccumulator(TASKS, class_weights=[2, 4, 6]))
+    evaluate(ToyNet(tasks=("cls",)), _loaders()[1], accumulator=MetricAccumulator(("cls",), data_range=255.0))
+    evaluate(ToyNet(tasks=("seg",)), _loaders()[1], losses=weighted, accumulator=MetricAccumulator(("seg",)))
     matching, net, results = MetricAccumulator(TASKS, class_weights=[1.0, 2.0, 3.0]), ToyNet(), []
     for given in (matching, None):
         random.seed(0)  # ToyData flips and shifts its items at random
@@ -883,7 +891,20 @@ def test_a_loader_that_would_not_score_each_image_once_is_warned_about():
             evaluate(ToyNet(), loader)
         with pytest.warns(UserWarning, match=rf"the val_loader {said}"):
             fit(ToyNet(), DataLoader(data, batch_size=4), loader, epochs=1, progress=False, device="cpu")
+    # what the batch sampler holds, not the dataset: 8 of 10 items chosen, in batches of 4, drop nothing; 6 drop 2
+    chosen = [0, 1, 2, 3, 4, 5, 6, 7]
+    with pytest.warns(UserWarning, match=r"drops its last 2 image\(s\) \(drop_last=True, 6 images in batches of 4\)"):
+        evaluate(ToyNet(), DataLoader(data, batch_size=4, sampler=chosen[:6], drop_last=True))
+    batches = torch.utils.data.BatchSampler(chosen[:6], batch_size=4, drop_last=True)
+    with pytest.warns(UserWarning, match=r"drops its last 2 image\(s\)"):
+        evaluate(ToyNet(), DataLoader(data, batch_sampler=batches))
+    dropping = torch.utils.data.DistributedSampler(data, num_replicas=4, rank=0, shuffle=False, drop_last=True)
+    with pytest.warns(UserWarning, match=r"leaves 3 image\(s\) out \(a DistributedSampler with drop_last=True, 15 "
+                                         r"images on 4 processes\)"):
+        evaluate(ToyNet(), DataLoader(data, batch_size=4, sampler=dropping))
     with warnings.catch_warnings():  # each image once: nothing to say (16 images on 4 processes, or 16 in 4s)
+        warnings.simplefilter("error")
+        evaluate(ToyNet(), DataLoader(data, batch_size=4, sampler=chosen, drop_last=True))
         warnings.simplefilter("error")
         evaluate(ToyNet(), DataLoader(ToyData(n=16), batch_size=4, drop_last=True))
         evaluate(ToyNet(), DataLoader(data, batch_size=4))
