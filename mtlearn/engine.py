@@ -1204,6 +1204,8 @@ def warn_if_not_each_once(loader, name: str) -> bool:
     as many (15 images on 4 processes: one counted twice, AUC moved by 0.03) or, with drop_last, leaves
     some out. mtlearn.train shards without either. Only what the loader says of itself is read (its batch
     sampler's batch_size and drop_last, its sampler's length): its dataset is not touched."""
+    if _length(loader) == 0:  # no batch at all: its own error says so
+        return False
     batch_sampler = getattr(loader, "batch_sampler", None)
     sampler = getattr(batch_sampler, "sampler", None) or getattr(loader, "sampler", None)
     batch_size, size = getattr(batch_sampler, "batch_size", None), _length(sampler)
