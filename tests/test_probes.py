@@ -739,7 +739,8 @@ def test_probe_matrix_cross_validates_every_encoder_on_the_same_folds():
     """A shuffling loader gave every row other items in each fold: the rows were not comparable."""
     data = TinyData(60)
     encoders = {"mean": lambda x: x.mean(dim=(2, 3)), "flat": lambda x: x.flatten(1)}
-    with pytest.raises(ValueError, match=r"train_loader shuffles \(shuffle=True\).*pass a loader with shuffle=False"):
+    with pytest.raises(ValueError, match=r"train_loader shuffles \(shuffle=True, or a random sampler\).*pass a "
+                                          r"loader with shuffle=False"):
         probe_matrix(encoders, DataLoader(data, batch_size=20, shuffle=True), label_keys="coded", device="cpu")
 
     class Reshuffled:  # a loader that hides its sampler: caught by its labels' order
