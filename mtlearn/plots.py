@@ -14,7 +14,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from mtlearn.utils import _kind, is_int
+from mtlearn.utils import _kind, as_array, is_int
 
 TASK_COLOURS = {"seg": "tab:blue", "cls": "tab:orange", "recon": "tab:green", "total": "black"}  # in every panel
 SPARE_COLOURS = ("tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan")  # other names, in order
@@ -328,7 +328,7 @@ def _classes(name: str, values, k: int) -> np.ndarray:
     """
     if k == 0:  # else "classes in 0..-1"
         raise ValueError("class_names is empty; give one name per class, e.g. ['normal', 'benign', 'malignant']")
-    values = values.detach().cpu().numpy() if isinstance(values, torch.Tensor) else np.asarray(values)  # a GPU's too
+    values = as_array(values)  # a GPU's tensor too
     malformed = values.ndim != 1 or values.size == 0 or values.dtype.kind not in "iu"
     if malformed or not 0 <= values.min() <= values.max() < k:
         raise ValueError(f"{name} must be a non-empty 1-D array of integer classes in 0..{k - 1} "
@@ -373,7 +373,7 @@ def roc_curves(labels, scores, class_names: Sequence[str], title: str = "ROC (on
     from sklearn.metrics import roc_auc_score, roc_curve
 
     labels = _classes("labels", labels, len(class_names))
-    scores = scores.detach().float().cpu().numpy() if isinstance(scores, torch.Tensor) else np.asarray(scores)
+    scores = as_array(scores)
     if scores.shape != (len(labels), len(class_names)):  # e.g. a binary model's (N,) scores
         raise ValueError(f"scores must be (N, K) = ({len(labels)}, {len(class_names)}): one column per class "
                          f"name, one row per label; got shape {scores.shape}")

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from mtlearn.utils import batches_from, check_int, check_label_pair, check_number, is_int
+from mtlearn.utils import as_array, batches_from, check_int, check_label_pair, check_number, is_int
 
 EMBEDDINGS = ("pca", "tsne")
 
@@ -137,17 +137,6 @@ def _check_features(features: np.ndarray, name: str) -> None:
     if bad:
         raise ValueError(f"{name} hold {bad} NaN or inf value(s) of {np.size(features)}: the encoder that made them "
                          "diverged (or its images held NaN); retrain it, e.g. with a lower lr, before probing")
-
-
-def as_array(values) -> np.ndarray:
-    """`values` as a NumPy array; a tensor detached and on the CPU first, a bfloat16 or float16 one as float32
-    (np.asarray refused a bf16 tensor, "unsupported ScalarType BFloat16", and one that requires grad)."""
-    if isinstance(values, torch.Tensor):
-        values = values.detach()
-        if values.is_floating_point() and values.dtype not in (torch.float32, torch.float64):
-            values = values.float()
-        return values.cpu().numpy()
-    return np.asarray(values)
 
 
 def refuse_shuffling(loader, name: str, consequence: str) -> None:

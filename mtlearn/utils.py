@@ -133,6 +133,17 @@ def environment_report(device: str | torch.device = "auto") -> dict[str, str]:
     return report
 
 
+def as_array(values) -> np.ndarray:
+    """`values` as a NumPy array; a tensor detached and on the CPU first, a bfloat16 or float16 one as float32
+    (np.asarray refused a bf16 tensor, "unsupported ScalarType BFloat16", and one that requires grad)."""
+    if isinstance(values, torch.Tensor):
+        values = values.detach()
+        if values.is_floating_point() and values.dtype not in (torch.float32, torch.float64):
+            values = values.float()
+        return values.cpu().numpy()
+    return np.asarray(values)
+
+
 def _kind(x) -> str:
     """What `x` is, for an error message: "a Tensor of shape (1, 8, 8)", "a tuple", "an int"."""
     name, shape = type(x).__name__, getattr(x, "shape", None)
